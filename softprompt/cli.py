@@ -1,0 +1,288 @@
+"""Command line: ``softprompt train | eval | generate``; each subcommand is a plain function.
+
+Flags come from the dataclasses in :mod:`softprompt.config`; ``--config file.yaml`` supplies the same
+fields grouped by section, and flags given on the command line win.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+from softprompt.config import SECTIONS, ConfigError, build_args, field_type, flag, load_yaml, to_yaml
+
+log = logging.getLogger("softprompt")
+
+
+def _add_section(parser: argparse.ArgumentParser, section: str) -> None:
+    cls = SECTIONS[section]
+    group = parser.add_argument_group(f"{section} ({cls.__doc__.strip()})")
+    for f in dataclasses.fields(cls):
+        typ = field_type(cls, f)
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_ = f"default: {default!r}"
+        if typ is bool:
+            group.add_argument(flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                               help=help_)
+        elif typ is list:
+            group.add_argument(flag(f.name), dest=f.name, default=None, help=help_ + " (comma-separated)")
+        else:
+            group.add_argument(flag(f.name), dest=f.name, type=typ, default=None, help=help_)
+
+
+def _resolve(ns: argparse.Namespace, sections: list[str]) -> dict:
+    """Build the section dataclasses from defaults < --config YAML < flags."""
+    yaml_cfg = load_yaml(ns.config) if getattr(ns, "config", None) else {}
+    problems, out = [], {}
+    for s in sections:
+        cli_vals = {f.name: getattr(ns, f.name) for f in dataclasses.fields(SECTIONS[s])}
+        where = f"{ns.config} {s}: " if s in yaml_cfg else ""
+        try:
+            out[s] = build_args(SECTIONS[s], yaml_cfg.get(s, {}), cli_vals, where=where)
+        except (ConfigError, ValueError) as e:
+            problems.append(str(e).replace("invalid arguments:\n  ", ""))
+    if problems:
+        raise ConfigError("invalid arguments:\n  " + "\n  ".join(problems))
+    return out
+
+
+def _task_meta(data_args, fmt) -> dict:
+    return {"dataset": data_args.dataset, "template": fmt.template, "target_field": fmt.target_field,
+            "verbalizer": fmt.verbalizer, "target_prefix": fmt.target_prefix}
+
+
+def _load_task(data_args, stored_task: dict | None = None):
+    """Load the task; unset data flags fall back to the stored prompt's task, then to rotten_tomatoes."""
+    from softprompt.data import load_task, parse_verbalizer
+
+    stored_task = stored_task or {}
+    dataset = data_args.dataset
+    if dataset is None and not data_args.uses_files():
+        dataset = stored_task.get("dataset") or "rotten_tomatoes"
+        data_args.dataset = dataset
+    verbalizer = parse_verbalizer(data_args.verbalizer) if data_args.verbalizer else stored_task.get("verbalizer")
+    return load_task(
+        dataset=dataset, train_file=data_args.train_file, validation_file=data_args.validation_file,
+        test_file=data_args.test_file, template=data_args.template or stored_task.get("template"),
+        target_field=data_args.target_field or stored_task.get("target_field"),
+        verbalizer=verbalizer, max_samples=data_args.max_samples(), seed=data_args.data_seed)
+
+
+def _baselines(model, tokenizer, task, args, prompt_text: str, examples, kv_tuned=None) -> dict:
+    """Evaluate the tuned prompt (if given) and the requested baselines on ``examples``."""
+    from softprompt.evaluate import evaluate_prompt, hard_prompt_kv, k_shot_text
+
+    ev, data = args["eval"], args["data"]
+    candidates: dict[str, object] = {}
+    if "no_prompt" in ev.baselines:
+        candidates["no soft prompt (template only)"] = None
+    if "hard_prompt" in ev.baselines and prompt_text.strip():
+        candidates["init text as hard prompt"] = hard_prompt_kv(model, tokenizer, prompt_text.strip() + "\n")
+    if "k_shot" in ev.baselines and task.splits.get("train"):
+        shots = k_shot_text(task.examples("train"), task.format, ev.k_shot, seed=data.data_seed)
+        candidates[f"{ev.k_shot}-shot prompting"] = hard_prompt_kv(model, tokenizer, shots)
+    if kv_tuned is not None:
+        candidates["tuned soft prompt"] = kv_tuned
+    report = {}
+    for name, kv in candidates.items():
+        t0 = time.perf_counter()
+        report[name], _ = evaluate_prompt(model, tokenizer, kv, examples, task.format, ev.eval_batch_size,
+                                          ev.max_new_tokens, data.max_length)
+        log.info("evaluated %s in %.1fs", name, time.perf_counter() - t0)
+    return report
+
+
+def cmd_train(ns: argparse.Namespace) -> int:
+    """Train a prompt, evaluate it against the baselines on the test split, save it."""
+    import torch
+
+    from softprompt import inject
+    from softprompt.evaluate import format_report
+    from softprompt.methods import build_method
+    from softprompt.model import load_base_model
+    from softprompt.plots import plot_curves
+    from softprompt.store import load_prompt, save_prompt
+    from softprompt.train import train
+
+    args = _resolve(ns, ["model", "data", "prompt", "train", "eval"])
+    if ns.print_config:
+        print(to_yaml(args), end="")
+        return 0
+    out = Path(args["train"].output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(to_yaml(args))
+    t0 = time.perf_counter()
+    model, tok = load_base_model(args["model"].model, args["model"].device, args["model"].dtype)
+    log.info("loaded %s in %.1fs", args["model"].model, time.perf_counter() - t0)
+    task = _load_task(args["data"])
+    fmt = task.format
+    print(f"task: {args['data'].dataset or args['data'].train_file}  "
+          + "  ".join(f"{k}={len(v)}" for k, v in task.splits.items()))
+    counts = Counter(t for ex in task.examples("train")
+                     for t in tok(ex.source, add_special_tokens=False)["input_ids"])
+    method = build_method(args["prompt"].method, args["prompt"].method_config(args["train"].seed), model, tok,
+                          label_texts=fmt.label_texts if fmt.is_classification else None, token_counts=counts)
+    print(f"method: {method.name}, {method.num_trainable():,} trainable parameters "
+          f"(base model {sum(p.numel() for p in model.parameters()):,}, frozen)")
+    meta = _task_meta(args["data"], fmt)
+    train_cfg = {k: dataclasses.asdict(v) for k, v in args.items()}
+
+    def save_best(m, metrics):
+        save_prompt(out / "best", m, model, task=meta, train_config=train_cfg, metrics=metrics, overwrite=True)
+
+    result = train(model, tok, method, task, args["train"], save_best=save_best,
+                   eval_batch_size=args["eval"].eval_batch_size, max_length=args["data"].max_length)
+    print(f"trained {result.steps} steps in {result.seconds:.0f}s"
+          + (f"; best validation {result.best_metric:.4f} at step {result.best_step}"
+             if result.best_metric is not None else ""))
+    save_prompt(out / "last", method, model, task=meta, train_config=train_cfg, overwrite=True)
+    chosen = load_prompt(out / "best", model) if (out / "best").exists() else load_prompt(out / "last", model)
+    tuned = chosen.build_method().to(model.device).eval()
+    plot_curves(out / "metrics.jsonl", out / "curves.png")
+    split = args["eval"].split
+    report: dict = {}
+    if task.splits.get(split):
+        with torch.no_grad():
+            kv = inject.compute_prompt_kv(model, tuned())
+        report = _baselines(model, tok, task, args, args["prompt"].init_text, task.examples(split), kv)
+        print(f"\n{split} split ({len(task.examples(split))} examples):")
+        print(format_report(report))
+        (out / "eval.json").write_text(json.dumps(report, indent=2))
+    save_prompt(out / "prompt", tuned, model, task=meta, train_config=train_cfg,
+                metrics={"validation": chosen.meta.get("metrics"), split: report.get("tuned soft prompt")},
+                overwrite=True)
+    print(f"\nsaved prompt to {out / 'prompt'}  (curves: {out / 'curves.png'}, log: {out / 'metrics.jsonl'})")
+    return 0
+
+
+def cmd_eval(ns: argparse.Namespace) -> int:
+    """Evaluate a stored prompt (and baselines) on a split of its task."""
+    import torch
+
+    from softprompt import inject
+    from softprompt.evaluate import format_report
+    from softprompt.model import load_base_model
+    from softprompt.store import load_prompt
+
+    args = _resolve(ns, ["model", "data", "eval"])
+    model, tok = load_base_model(args["model"].model, args["model"].device, args["model"].dtype)
+    stored = load_prompt(ns.prompt, model, check_fingerprint=not ns.no_fingerprint_check)
+    task = _load_task(args["data"], stored.task)
+    method = stored.build_method().to(model.device).eval()
+    with torch.no_grad():
+        kv = inject.compute_prompt_kv(model, method())
+    split = args["eval"].split
+    init_text = stored.method_config.get("init_text", "") if stored.method_config.get("init") == "text" else ""
+    report = _baselines(model, tok, task, {**args}, init_text, task.examples(split), kv)
+    print(f"{split} split ({len(task.examples(split))} examples), prompt {ns.prompt}:")
+    print(format_report(report))
+    if ns.report:
+        Path(ns.report).write_text(json.dumps(report, indent=2))
+    return 0
+
+
+def cmd_generate(ns: argparse.Namespace) -> int:
+    """Generate with a stored prompt (or none) for one or more inputs."""
+    import torch
+
+    from softprompt import inject
+    from softprompt.data import DataError
+    from softprompt.evaluate import generate_texts
+    from softprompt.model import load_base_model
+    from softprompt.store import load_prompt
+
+    args = _resolve(ns, ["model"])
+    model, tok = load_base_model(args["model"].model, args["model"].device, args["model"].dtype)
+    kv, template = None, None
+    if ns.prompt:
+        stored = load_prompt(ns.prompt, model, check_fingerprint=not ns.no_fingerprint_check)
+        with torch.no_grad():
+            kv = inject.compute_prompt_kv(model, stored.build_method().to(model.device).eval()())
+        template = (stored.task or {}).get("template")
+    sources = []
+    for text in ns.input:
+        if template and not ns.raw:
+            from softprompt.data import TaskFormat
+
+            fields = TaskFormat(template, "_").fields
+            if len(fields) != 1:
+                raise DataError(f"the prompt's template {template!r} has fields {fields}; pass --raw with the "
+                                "full text instead of --input values")
+            sources.append(template.format(**{fields[0]: text}))
+        else:
+            sources.append(text)
+    gen = torch.Generator().manual_seed(ns.seed) if ns.temperature > 0 else None
+    texts = generate_texts(model, tok, kv, sources, ns.max_new_tokens, batch_size=16, stop=ns.stop or None,
+                           temperature=ns.temperature, top_k=ns.top_k, top_p=ns.top_p, generator=gen)
+    for src, text in zip(sources, texts, strict=True):
+        print(json.dumps({"input": src, "output": text}, ensure_ascii=False))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="softprompt", description="Prompt tuning for frozen language models.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a soft prompt, evaluate it against baselines, save it")
+    p.add_argument("--config", help="YAML file with model/data/prompt/train/eval sections")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    for s in ("model", "data", "prompt", "train", "eval"):
+        _add_section(p, s)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a stored prompt and baselines on its task")
+    p.add_argument("--prompt", required=True, help="stored prompt folder")
+    p.add_argument("--config", help="YAML file with model/data/eval sections")
+    p.add_argument("--report", help="write the metrics as JSON here")
+    p.add_argument("--no-fingerprint-check", action="store_true", help="load a prompt saved for another model")
+    for s in ("model", "data", "eval"):
+        _add_section(p, s)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("generate", help="generate text with a stored prompt")
+    p.add_argument("--prompt", help="stored prompt folder (omit for the plain base model)")
+    p.add_argument("--input", action="append", required=True,
+                   help="input text, filled into the prompt's template (repeatable)")
+    p.add_argument("--raw", action="store_true", help="use --input as the whole text, without the template")
+    p.add_argument("--config", help="YAML file with a model section")
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop", default="\n", help="cut the output at this string ('' to keep all)")
+    p.add_argument("--no-fingerprint-check", action="store_true", help="load a prompt saved for another model")
+    _add_section(p, "model")
+    p.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``softprompt`` command; returns the exit status."""
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if ns.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from softprompt.assets import AssetError
+    from softprompt.data import DataError
+    from softprompt.model import ModelLoadError
+    from softprompt.store import StoreError
+
+    try:
+        return ns.func(ns)
+    except (ConfigError, DataError, StoreError, ModelLoadError, AssetError) as e:
+        print(f"softprompt {ns.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

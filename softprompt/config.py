@@ -1,0 +1,266 @@
+"""Typed arguments for every command, their validation, and YAML config files.
+
+Each dataclass field is also a CLI flag (``num_virtual_tokens`` -> ``--num-virtual-tokens``) and a key in
+a YAML config file, where fields are grouped by section (``model:``, ``data:``, ``prompt:``, ``train:``,
+``eval:``). Precedence: defaults < YAML file < flags given on the command line. ``__post_init__`` checks
+every field and reports all problems at once, each naming its flag.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from softprompt.model import DEFAULT_MODEL
+
+
+class ConfigError(ValueError):
+    """Invalid arguments; the message names every offending flag or config key."""
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _raise(problems: list[str]) -> None:
+    if problems:
+        raise ConfigError("invalid arguments:\n  " + "\n  ".join(problems))
+
+
+@dataclass
+class ModelArgs:
+    """Which frozen base model to load, and where."""
+
+    model: str = DEFAULT_MODEL
+    device: str = "auto"
+    dtype: str = "auto"
+
+    def __post_init__(self):
+        problems = []
+        if self.dtype not in ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"):
+            problems.append(f"--dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if not (self.device in ("auto", "cpu", "mps") or self.device.startswith("cuda")):
+            problems.append(f"--device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
+        _raise(problems)
+
+
+@dataclass
+class DataArgs:
+    """The task: a built-in dataset or files, its template and verbalizer.
+
+    With neither ``--dataset`` nor files, ``train`` uses ``rotten_tomatoes`` and ``eval`` the dataset the
+    stored prompt was trained on.
+    """
+
+    dataset: str | None = None
+    train_file: str | None = None
+    validation_file: str | None = None
+    test_file: str | None = None
+    template: str | None = None
+    target_field: str | None = None
+    verbalizer: str | None = None
+    max_length: int = 256
+    max_train_samples: int | None = None
+    max_validation_samples: int | None = 300
+    max_test_samples: int | None = None
+    data_seed: int = 13
+
+    def __post_init__(self):
+        problems = []
+        for name in ("train_file", "validation_file", "test_file"):
+            path = getattr(self, name)
+            if path and not Path(path).is_file():
+                problems.append(f"{flag(name)} {path}: no such file")
+        if self.max_length < 8:
+            problems.append(f"--max-length must be >= 8, got {self.max_length}")
+        for name in ("max_train_samples", "max_validation_samples", "max_test_samples"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                problems.append(f"{flag(name)} must be >= 1, got {v}")
+        _raise(problems)
+
+    def uses_files(self) -> bool:
+        return bool(self.train_file or self.validation_file or self.test_file)
+
+    def max_samples(self) -> dict[str, int]:
+        caps = {"train": self.max_train_samples, "validation": self.max_validation_samples,
+                "test": self.max_test_samples}
+        return {k: v for k, v in caps.items() if v is not None}
+
+
+@dataclass
+class PromptArgs:
+    """The prompt-learning method and its initialisation."""
+
+    method: str = "prompt_tuning"
+    num_virtual_tokens: int = 20
+    init: str = "text"
+    init_text: str = "Classify the sentiment of this movie review as positive or negative."
+    init_scale: float = 0.5
+    vocab_sample_size: int = 5000
+    prompt_dropout: float = 0.0
+
+    def __post_init__(self):
+        from softprompt.methods import METHODS
+
+        problems = []
+        if self.method not in METHODS:
+            problems.append(f"--method must be one of {sorted(METHODS)}, got {self.method!r}")
+        if self.num_virtual_tokens < 1:
+            problems.append(f"--num-virtual-tokens must be >= 1, got {self.num_virtual_tokens}")
+        if self.init not in ("random", "text", "sample_vocab", "class_labels"):
+            problems.append(f"--init must be random, text, sample_vocab or class_labels, got {self.init!r}")
+        if self.init == "text" and not self.init_text.strip():
+            problems.append("--init text needs a non-empty --init-text")
+        if not self.init_scale > 0:
+            problems.append(f"--init-scale must be > 0, got {self.init_scale}")
+        if not 0 <= self.prompt_dropout < 1:
+            problems.append(f"--prompt-dropout must be in [0, 1), got {self.prompt_dropout}")
+        _raise(problems)
+
+    def method_config(self, seed: int) -> dict[str, Any]:
+        return {"num_virtual_tokens": self.num_virtual_tokens, "init": self.init, "init_text": self.init_text,
+                "init_scale": self.init_scale, "vocab_sample_size": self.vocab_sample_size,
+                "dropout": self.prompt_dropout, "seed": seed}
+
+
+@dataclass
+class TrainArgs:
+    """The training loop."""
+
+    output_dir: str = "runs/rotten_tomatoes"
+    epochs: int = 1
+    max_steps: int = 0
+    batch_size: int = 16
+    grad_accum: int = 1
+    optimizer: str = "adafactor"
+    lr: float = 0.3
+    weight_decay: float = 1e-5
+    warmup_steps: int = 10
+    schedule: str = "linear"
+    max_grad_norm: float = 1.0
+    eval_every: int = 50
+    early_stopping_patience: int = 0
+    metric: str = "auto"
+    checkpoint_every: int = 25
+    resume: bool = False
+    seed: int = 0
+
+    def __post_init__(self):
+        problems = []
+        for name in ("epochs", "batch_size", "grad_accum", "eval_every", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                problems.append(f"{flag(name)} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_steps", "warmup_steps", "early_stopping_patience"):
+            if getattr(self, name) < 0:
+                problems.append(f"{flag(name)} must be >= 0, got {getattr(self, name)}")
+        if self.optimizer not in ("adafactor", "adamw"):
+            problems.append(f"--optimizer must be adafactor or adamw, got {self.optimizer!r}")
+        if self.schedule not in ("linear", "cosine", "constant"):
+            problems.append(f"--schedule must be linear, cosine or constant, got {self.schedule!r}")
+        if not self.lr > 0:
+            problems.append(f"--lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            problems.append(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        if not self.max_grad_norm > 0:
+            problems.append(f"--max-grad-norm must be > 0, got {self.max_grad_norm}")
+        if self.metric not in ("auto", "accuracy", "macro_f1", "exact_match", "f1", "loss"):
+            problems.append(f"--metric must be auto, accuracy, macro_f1, exact_match, f1 or loss, "
+                            f"got {self.metric!r}")
+        _raise(problems)
+
+
+@dataclass
+class EvalArgs:
+    """Evaluation and baselines."""
+
+    split: str = "test"
+    eval_batch_size: int = 32
+    baselines: list[str] = field(default_factory=lambda: ["no_prompt", "hard_prompt", "k_shot"])
+    k_shot: int = 4
+    max_new_tokens: int = 16
+
+    def __post_init__(self):
+        problems = []
+        known = ("no_prompt", "hard_prompt", "k_shot")
+        bad = [b for b in self.baselines if b not in known]
+        if bad:
+            problems.append(f"--baselines: unknown {bad}; known: {', '.join(known)}")
+        if self.split not in ("train", "validation", "test"):
+            problems.append(f"--split must be train, validation or test, got {self.split!r}")
+        for name in ("eval_batch_size", "k_shot", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                problems.append(f"{flag(name)} must be >= 1, got {getattr(self, name)}")
+        _raise(problems)
+
+
+SECTIONS: dict[str, type] = {"model": ModelArgs, "data": DataArgs, "prompt": PromptArgs, "train": TrainArgs,
+                             "eval": EvalArgs}
+
+
+def field_type(cls: type, f: dataclasses.Field) -> type:
+    """The scalar type behind a field annotation (``int | None`` -> ``int``, ``list[str]`` -> ``list``)."""
+    hint = typing.get_type_hints(cls)[f.name]
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    return typing.get_origin(hint) or hint
+
+
+def load_yaml(path: str | Path) -> dict[str, dict[str, Any]]:
+    """Read a YAML config file into ``{section: {field: value}}``, rejecting unknown sections/keys."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--config {path}: no such file")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--config {path}: not valid YAML ({e})") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"--config {path}: top level must be a mapping of sections {sorted(SECTIONS)}")
+    problems = []
+    out: dict[str, dict[str, Any]] = {}
+    for section, values in raw.items():
+        if section not in SECTIONS:
+            problems.append(f"{path}: unknown section {section!r} (known: {', '.join(SECTIONS)})")
+            continue
+        if not isinstance(values, dict):
+            problems.append(f"{path}: section {section!r} must be a mapping")
+            continue
+        names = {f.name for f in dataclasses.fields(SECTIONS[section])}
+        for key in values:
+            if key not in names:
+                problems.append(f"{path}: {section}.{key} is not a known field (known: {', '.join(sorted(names))})")
+        out[section] = {k: v for k, v in values.items() if k in names}
+    _raise(problems)
+    return out
+
+
+def build_args(cls: type, *layers: dict[str, Any], where: str = "") -> Any:
+    """Instantiate ``cls`` from layered dicts (later wins), type-checking scalar values."""
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        merged.update({k: v for k, v in layer.items() if v is not None})
+    problems = []
+    for f in dataclasses.fields(cls):
+        if f.name not in merged:
+            continue
+        want, value = field_type(cls, f), merged[f.name]
+        if want is float and isinstance(value, int) and not isinstance(value, bool):
+            merged[f.name] = float(value)
+        elif want is list and isinstance(value, str):
+            merged[f.name] = [v for v in value.split(",") if v]
+        elif want is not typing.Any and not isinstance(value, want) or (want is int and isinstance(value, bool)):
+            problems.append(f"{where}{flag(f.name)}: expected {want.__name__}, got {value!r}")
+    _raise(problems)
+    return cls(**merged)
+
+
+def to_yaml(args: dict[str, Any]) -> str:
+    """Write ``{section: dataclass instance}`` as a YAML config file text."""
+    return yaml.safe_dump({k: dataclasses.asdict(v) for k, v in args.items()}, sort_keys=False)

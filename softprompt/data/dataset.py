@@ -1,0 +1,155 @@
+"""One entry point from command-line data flags to rendered examples: :func:`load_task`."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from softprompt.data.builtin import DEFAULT_SEED, SPLITS, builtin_spec, load_builtin
+from softprompt.data.formats import DataError, load_records_with_lines
+from softprompt.data.template import Example, TaskFormat
+
+SPLIT_FLAGS = {"train": "--train-file", "validation": "--validation-file", "test": "--test-file"}
+
+
+@dataclass
+class TaskData:
+    """A task's format and its rendered splits (``train``/``validation``/``test``, whichever exist)."""
+
+    format: TaskFormat
+    splits: dict[str, list[Example]]
+
+    def examples(self, split: str) -> list[Example]:
+        """Examples of one split.
+
+        Raises:
+            DataError: the split is absent (the message names the flag that provides it).
+        """
+        if split not in self.splits:
+            flag = SPLIT_FLAGS.get(split, "a data file")
+            raise DataError(f"no {split!r} split (have: {', '.join(self.splits) or 'none'}); "
+                            f"pass {flag} or a --dataset that has it")
+        return self.splits[split]
+
+
+def parse_verbalizer(spec: str | dict) -> dict[str, str]:
+    """Parse a verbalizer given as ``"positive=great,negative=terrible"`` or as a dict.
+
+    Whitespace around labels is dropped; the texts are kept as written apart from surrounding
+    whitespace (the task's ``target_prefix`` supplies the separating space).
+
+    Raises:
+        DataError: bad syntax, empty labels or texts, or a repeated label; the message names --verbalizer.
+    """
+    if isinstance(spec, dict):
+        out = {str(k).strip(): str(v).strip() for k, v in spec.items()}
+        bad = [k for k, v in out.items() if not k or not v]
+        if not out or bad:
+            raise DataError(f"--verbalizer {spec!r}: every label and text must be non-empty")
+        return out
+    if not isinstance(spec, str):
+        raise DataError("--verbalizer must be 'label=text,label=text' or a mapping, "
+                        f"got {type(spec).__name__}")
+    out: dict[str, str] = {}
+    problems: list[str] = []
+    for part in spec.split(","):
+        label, sep, text = part.partition("=")
+        label, text = label.strip(), text.strip()
+        if not sep or not label or not text:
+            problems.append(f"{part.strip()!r} is not label=text")
+        elif label in out:
+            problems.append(f"label {label!r} appears twice")
+        else:
+            out[label] = text
+    if problems:
+        raise DataError(f"--verbalizer {spec!r}: {'; '.join(problems)} "
+                        "(expected e.g. 'positive=great,negative=terrible')")
+    return out
+
+
+def _cap(examples: list[Example], limit: int, seed: int, split: str) -> list[Example]:
+    if len(examples) <= limit:
+        return examples
+    # a seeded random subset, kept in the original order; the split name in the seed makes the
+    # subsets of different splits independent of each other
+    keep = sorted(random.Random(f"{seed}:{split}").sample(range(len(examples)), limit))
+    return [examples[i] for i in keep]
+
+
+def load_task(
+    dataset: str | None = None,
+    train_file: str | Path | None = None,
+    validation_file: str | Path | None = None,
+    test_file: str | Path | None = None,
+    template: str | None = None,
+    target_field: str | None = None,
+    verbalizer: dict[str, str] | str | None = None,
+    max_samples: dict[str, int] | None = None,
+    seed: int = DEFAULT_SEED,
+) -> TaskData:
+    """Load and render a task from a built-in dataset and/or data files.
+
+    Args:
+        dataset: built-in dataset name (``rotten_tomatoes``, ``capitals``); provides splits and a
+            default format.
+        train_file: records for the ``train`` split (replaces the built-in one).
+        validation_file: records for the ``validation`` split.
+        test_file: records for the ``test`` split.
+        template: prompt template; overrides the built-in default, required for files alone.
+        target_field: answer field; overrides the built-in default, required for files alone.
+        verbalizer: label -> text (or ``"a=x,b=y"``); makes the task classification.
+        max_samples: per-split cap, e.g. ``{"train": 1000}``; a seeded random subset is kept.
+        seed: seed of the built-in split and of the ``max_samples`` subsets.
+
+    Returns:
+        The task format and rendered examples of every available split.
+
+    Raises:
+        DataError: missing/unknown dataset or flags, unreadable files, or invalid records (all listed).
+    """
+    files = {"train": train_file, "validation": validation_file, "test": test_file}
+    files = {split: Path(f) for split, f in files.items() if f is not None}
+    verb = parse_verbalizer(verbalizer) if verbalizer is not None else None
+    problems: list[str] = []
+    if max_samples:
+        for split, n in max_samples.items():
+            if split not in SPLITS:
+                problems.append(f"--max-samples names unknown split {split!r} (splits: {', '.join(SPLITS)})")
+            elif not isinstance(n, int) or n < 1:
+                problems.append(f"--max-samples for {split!r} must be a positive integer, got {n!r}")
+
+    if dataset is not None:
+        spec = builtin_spec(dataset)
+        base = spec.format
+        fmt_args = {"template": template if template is not None else base.template,
+                    "target_field": target_field if target_field is not None else base.target_field,
+                    "verbalizer": verb if verb is not None else base.verbalizer,
+                    "target_prefix": base.target_prefix}
+        if fmt_args["verbalizer"] is not None:
+            fmt_args["verbalizer"] = dict(fmt_args["verbalizer"])
+    else:
+        if not files:
+            problems.append("no data: pass --dataset or --train-file/--validation-file/--test-file")
+        for value, flag in ((template, "--template"), (target_field, "--target-field")):
+            if value is None:
+                problems.append(f"{flag} is required for data files without a built-in --dataset")
+        fmt_args = {"template": template, "target_field": target_field, "verbalizer": verb}
+    if problems:
+        raise DataError("; ".join(problems))
+    fmt = TaskFormat(**fmt_args)
+
+    splits: dict[str, list[Example]] = {}
+    if dataset is not None:
+        for split, records in load_builtin(dataset, seed).items():
+            if split not in files:
+                splits[split] = fmt.validate_records(records, f"{dataset}/{split}")
+    for split in SPLITS:  # file splits in canonical order
+        if split in files:
+            records, lines = load_records_with_lines(files[split])
+            splits[split] = fmt.validate_records(records, files[split].name, lines)
+    splits = {s: splits[s] for s in SPLITS if s in splits}
+    for split, limit in (max_samples or {}).items():
+        if split in splits:
+            splits[split] = _cap(splits[split], limit, seed, split)
+    return TaskData(format=fmt, splits=splits)

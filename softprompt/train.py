@@ -1,0 +1,243 @@
+"""One readable training loop for every prompt-learning method.
+
+Per optimizer step: ``grad_accum`` micro-batches (prompt keys/values computed once per micro-batch, loss on
+target tokens only), gradient clipping, optimizer and schedule step, a line in ``metrics.jsonl`` (loss, lr,
+prompt gradient norm in total and per virtual token, tokens/s). Every ``eval_every`` steps the primary
+metric is measured on the validation split; the best prompt is saved to ``best/``, early stopping stops
+after ``early_stopping_patience`` evaluations without improvement. ``checkpoint/`` holds what a resumed
+run needs to continue exactly where it stopped: the data order is a pure function of (seed, epoch), so only
+the step, method/optimizer/scheduler state and the torch RNG state are saved.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from softprompt import inject
+from softprompt.config import TrainArgs
+from softprompt.data import Encoded, TaskData, collate, encode
+from softprompt.evaluate import evaluate_prompt, primary_metric
+from softprompt.methods import PromptMethod
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    """Outcome of :func:`train`."""
+
+    steps: int
+    best_metric: float | None
+    best_step: int | None
+    stopped_early: bool
+    history: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def build_optimizer(params, args: TrainArgs) -> torch.optim.Optimizer:
+    """AdamW or Adafactor (the paper's choice, lr 0.3) over the method's parameters."""
+    if args.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    return torch.optim.Adafactor(params, lr=args.lr, weight_decay=args.weight_decay)
+
+
+def lr_lambda(args: TrainArgs, total_steps: int) -> Callable[[int], float]:
+    """Linear warmup, then linear or cosine decay to 0, or constant."""
+    def fn(step: int) -> float:
+        if step < args.warmup_steps:
+            return (step + 1) / args.warmup_steps
+        if args.schedule == "constant":
+            return 1.0
+        progress = (step - args.warmup_steps) / max(1, total_steps - args.warmup_steps)
+        progress = min(1.0, progress)
+        return 1.0 - progress if args.schedule == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
+    return fn
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """Example order of one epoch: a pure function of (seed, epoch), so resuming needs no RNG state."""
+    order = list(range(n))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return order
+
+
+def micro_batches(encoded: list[Encoded], args: TrainArgs, pad_id: int, steps_per_epoch: int):
+    """Yield ``(step, epoch, [micro-batches])`` for every optimizer step, forever over epochs."""
+    per_step = args.batch_size * args.grad_accum
+    epoch = 0
+    while True:
+        order = epoch_order(len(encoded), args.seed, epoch)
+        for s in range(steps_per_epoch):
+            idx = order[s * per_step:(s + 1) * per_step]
+            group = [collate([encoded[i] for i in idx[j:j + args.batch_size]], pad_id)
+                     for j in range(0, len(idx), args.batch_size)]
+            yield epoch * steps_per_epoch + s, epoch, group
+        epoch += 1
+
+
+def _save_checkpoint(out: Path, step: int, method: PromptMethod, opt, sched, state: dict) -> None:
+    """Write ``checkpoint/`` atomically (temp folder, then rename)."""
+    tmp = Path(tempfile.mkdtemp(dir=out, prefix=".checkpoint-"))
+    save_file({k: v.detach().cpu().contiguous() for k, v in method.state_dict().items()},
+              str(tmp / "method.safetensors"))
+    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "torch_rng": torch.get_rng_state()}, tmp / "optimizer.pt")
+    (tmp / "state.json").write_text(json.dumps({**state, "step": step}))
+    final = out / "checkpoint"
+    old = out / ".checkpoint-old"
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _load_checkpoint(out: Path, method: PromptMethod, opt, sched) -> dict:
+    ck = out / "checkpoint"
+    method.load_state_dict(load_file(str(ck / "method.safetensors")))
+    # our own file, written by _save_checkpoint; weights_only keeps it to tensors and plain containers
+    blob = torch.load(ck / "optimizer.pt", weights_only=True)
+    opt.load_state_dict(blob["optimizer"])
+    sched.load_state_dict(blob["scheduler"])
+    torch.set_rng_state(blob["torch_rng"])
+    return json.loads((ck / "state.json").read_text())
+
+
+def train(model, tokenizer, method: PromptMethod, task: TaskData, args: TrainArgs,
+          save_best: Callable[[PromptMethod, dict], None] | None = None,
+          eval_batch_size: int = 32, max_length: int = 256,
+          on_step: Callable[[int], None] | None = None) -> TrainResult:
+    """Train ``method``'s parameters against the frozen ``model``.
+
+    Args:
+        model: frozen base model.
+        tokenizer: its tokenizer.
+        method: the prompt method (its parameters are the only ones updated).
+        task: data with ``train`` (and optionally ``validation``) splits.
+        args: loop settings; ``args.output_dir`` receives metrics.jsonl and checkpoint/.
+        save_best: called with (method, metrics) whenever validation improves.
+        eval_batch_size: batch size for validation.
+        max_length: token budget per example.
+        on_step: called after every optimizer step with the step number (tests use it to simulate a kill).
+    """
+    t_start = time.perf_counter()
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
+    method.to(model.device).train()
+    fmt = task.format
+    train_enc = encode(tokenizer, task.examples("train"), max_length=max_length, append_eos=not fmt.is_classification)
+    valid = task.splits.get("validation") or []
+    per_step = args.batch_size * args.grad_accum
+    steps_per_epoch = max(1, len(train_enc) // per_step)
+    total = args.max_steps or steps_per_epoch * args.epochs
+    params = [p for p in method.parameters() if p.requires_grad]
+    opt = build_optimizer(params, args)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args, total))
+    metric_name, higher = primary_metric(fmt, args.metric)
+    state = {"best_metric": None, "best_step": None, "bad_evals": 0}
+    start = 0
+    metrics_path = out / "metrics.jsonl"
+    if args.resume and (out / "checkpoint" / "state.json").exists():
+        state = _load_checkpoint(out, method, opt, sched)
+        start = state.pop("step")
+        _truncate_log(metrics_path, start)
+        log.info("resumed from %s at step %d", out / "checkpoint", start)
+    elif metrics_path.exists():
+        metrics_path.unlink()
+    history: list[dict] = []
+    stopped = False
+    bar = tqdm(total=total, initial=start, desc="train", unit="step", disable=None)
+    with open(metrics_path, "a") as logf:
+        for step, epoch, group in micro_batches(train_enc, args, tokenizer.pad_token_id, steps_per_epoch):
+            if step < start:
+                continue
+            if step >= total:
+                break
+            t0 = time.perf_counter()
+            loss_sum, tokens = 0.0, 0
+            for mb in group:
+                mb = mb.to(model.device)
+                kv = inject.compute_prompt_kv(model, method())
+                loss = inject.target_loss(model, mb, kv) / len(group)
+                loss.backward()
+                loss_sum += float(loss.detach())
+                tokens += mb.num_tokens
+            grads = [p.grad for p in params if p.grad is not None]
+            per_token = _per_token_grad_norm(method)
+            gnorm = float(torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)) if grads else 0.0
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            row = {"step": step + 1, "epoch": epoch, "loss": loss_sum, "lr": sched.get_last_lr()[0],
+                   "grad_norm": gnorm, "grad_norm_per_token": per_token,
+                   "tokens_per_s": tokens / (time.perf_counter() - t0)}
+            if valid and ((step + 1) % args.eval_every == 0 or step + 1 == total):
+                method.eval()
+                with torch.no_grad():
+                    kv = inject.compute_prompt_kv(model, method())
+                m, _ = evaluate_prompt(model, tokenizer, kv, valid, fmt, eval_batch_size, max_length=max_length,
+                                       with_loss=True)
+                method.train()
+                row.update({f"val_{k}": v for k, v in m.items() if k != "n"})
+                value = m[metric_name]
+                best = state["best_metric"]
+                if best is None or (value > best if higher else value < best):
+                    state.update(best_metric=value, best_step=step + 1, bad_evals=0)
+                    if save_best:
+                        save_best(method, {f"val_{k}": v for k, v in m.items()})
+                else:
+                    state["bad_evals"] += 1
+                    stopped = 0 < args.early_stopping_patience <= state["bad_evals"]
+            logf.write(json.dumps(row) + "\n")
+            logf.flush()
+            history.append(row)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_sum:.3f}", **({f"val_{metric_name}": f"{row[f'val_{metric_name}']:.3f}"}
+                                                         if f"val_{metric_name}" in row else {}))
+            if (step + 1) % args.checkpoint_every == 0 or step + 1 == total or stopped:
+                _save_checkpoint(out, step + 1, method, opt, sched, state)
+            if on_step:
+                on_step(step + 1)
+            if stopped:
+                log.info("early stopping at step %d (best %s %.4f at step %s)", step + 1, metric_name,
+                         state["best_metric"], state["best_step"])
+                break
+    bar.close()
+    method.eval()
+    (out / "train_args.json").write_text(json.dumps(asdict(args), indent=2))
+    return TrainResult(steps=(history[-1]["step"] if history else start), best_metric=state["best_metric"],
+                       best_step=state["best_step"], stopped_early=stopped, history=history,
+                       seconds=time.perf_counter() - t_start)
+
+
+def _per_token_grad_norm(method: PromptMethod) -> list[float] | None:
+    """Gradient norm of each virtual token's embedding (methods exposing ``embeddings`` (P, H))."""
+    emb = getattr(method, "embeddings", None)
+    if emb is None or emb.grad is None:
+        return None
+    return [round(float(x), 6) for x in emb.grad.norm(dim=-1)]
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log lines written after the checkpoint we resume from, so the log has no duplicates."""
+    if not path.exists():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(ln + "\n" for ln in keep))
+    os.replace(tmp, path)

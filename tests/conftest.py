@@ -1,0 +1,109 @@
+"""Shared fixtures: tiny random causal LMs built from configs and an in-memory tokenizer (no downloads)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+from softprompt.model import prepare_frozen
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+VOCAB = 64
+WORDS = ["[PAD]", "[EOS]", "[UNK]", "Review", ":", "Sentiment", "positive", "negative", "good", "bad", "great",
+         "awful", "movie", "film", "plot", "the", "a", "was", "is", "very", "not", "Country", "Capital",
+         "France", "Paris", "Spain", "Madrid", "Italy", "Rome", "Classify", "sentiment", "."]
+WORD_IDS = {w: i for i, w in enumerate(WORDS)}
+
+
+def make_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over :data:`WORDS`; ids < :data:`VOCAB`."""
+    inner = Tokenizer(models.WordLevel(WORD_IDS, unk_token="[UNK]"))
+    inner.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=inner, pad_token="[PAD]", eos_token="[EOS]",
+                                   unk_token="[UNK]")
+
+
+def make_model(kind: str = "llama", seed: int = 0):
+    """A tiny random frozen causal LM of the given architecture."""
+    torch.manual_seed(seed)
+    if kind == "llama":
+        cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                          pad_token_id=0, bos_token_id=None, eos_token_id=1)
+        model = LlamaForCausalLM(cfg)
+    elif kind == "gpt2":
+        cfg = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=256, bos_token_id=1,
+                         eos_token_id=1, pad_token_id=0)
+        model = GPT2LMHeadModel(cfg)
+    elif kind == "qwen2":
+        cfg = Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                          pad_token_id=0, bos_token_id=None, eos_token_id=1)
+        model = Qwen2ForCausalLM(cfg)
+    else:
+        raise ValueError(kind)
+    prepare_frozen(model)
+    return model
+
+
+ARCHS = ["llama", "gpt2", "qwen2"]
+
+
+@pytest.fixture(params=ARCHS)
+def arch_model(request):
+    return make_model(request.param)
+
+
+@pytest.fixture
+def model():
+    return make_model("llama")
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return make_tokenizer()
+
+
+def sentiment_records(n: int, seed: int = 0) -> list[dict]:
+    """A learnable toy sentiment task over the tiny vocabulary."""
+    import random
+
+    rng = random.Random(seed)
+    pos, neg = ["good", "great"], ["bad", "awful"]
+    fill = ["the", "movie", "film", "plot", "was", "is", "very", "a"]
+    out = []
+    for i in range(n):
+        label = "positive" if i % 2 == 0 else "negative"
+        words = rng.sample(fill, 3) + [rng.choice(pos if label == "positive" else neg)] + rng.sample(fill, 2)
+        out.append({"text": " ".join(words), "label": label})
+    return out
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path_factory):
+    """A tiny llama + tokenizer saved as a local model folder (what a user passes as --model DIR)."""
+    d = tmp_path_factory.mktemp("tiny-llama")
+    model = make_model("llama")
+    model.save_pretrained(d)
+    make_tokenizer().save_pretrained(d)
+    return d

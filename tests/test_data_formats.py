@@ -1,0 +1,207 @@
+"""File formats, templates/verbalizers and load_task with data files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from softprompt.data import (
+    DataError,
+    Example,
+    TaskFormat,
+    load_records,
+    load_records_with_lines,
+    load_task,
+    parse_verbalizer,
+)
+
+SENTIMENT = TaskFormat("Review: {text}\nSentiment:", "label", {"pos": "great", "neg": "terrible"})
+
+
+def write(path, text: str):
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+# --- load_records ---------------------------------------------------------------------------------
+
+
+def test_jsonl_skips_blank_lines_and_keeps_line_numbers(tmp_path):
+    f = write(tmp_path / "train.jsonl", '{"text": "a", "label": "pos"}\n\n  \n{"text": "b", "label": 1}\n')
+    records, lines = load_records_with_lines(f)
+    assert records == [{"text": "a", "label": "pos"}, {"text": "b", "label": 1}]
+    assert lines == [1, 4]
+    assert load_records(str(f)) == records
+
+
+def test_json_array_file(tmp_path):
+    f = write(tmp_path / "d.json", json.dumps([{"a": 1}, {"a": 2}], indent=2))
+    assert load_records(f) == [{"a": 1}, {"a": 2}]
+
+
+def test_jsonl_bad_json_names_file_and_line(tmp_path):
+    f = write(tmp_path / "train.jsonl", '{"text": "a"}\n\n{"text": "b",}\n')
+    with pytest.raises(DataError, match=r"^train\.jsonl line 3: invalid JSON"):
+        load_records(f)
+
+
+def test_jsonl_non_object_line(tmp_path):
+    f = write(tmp_path / "x.jsonl", '{"a": 1}\n[1, 2]\n')
+    with pytest.raises(DataError, match=r"x\.jsonl line 2: expected a JSON object, got list"):
+        load_records(f)
+
+
+def test_csv_and_tsv(tmp_path):
+    f = write(tmp_path / "d.csv", 'text,label\n"hello, world",pos\n"two\nlines",neg\n\nlast,pos\n')
+    records, lines = load_records_with_lines(f)
+    assert records == [{"text": "hello, world", "label": "pos"}, {"text": "two\nlines", "label": "neg"},
+                       {"text": "last", "label": "pos"}]
+    assert lines == [2, 3, 6]  # the quoted field spans lines 3-4; line 5 is blank
+    t = write(tmp_path / "d.tsv", "text\tlabel\na, b\tpos\n")
+    assert load_records(t) == [{"text": "a, b", "label": "pos"}]
+
+
+def test_csv_ragged_row_names_line(tmp_path):
+    f = write(tmp_path / "dev.csv", "text,label\nok,pos\ntoo,many,fields\n")
+    with pytest.raises(DataError) as e:
+        load_records(f)
+    assert str(e.value) == "dev.csv line 3: expected 2 fields (text, label), got 3"
+
+
+def test_csv_bad_header(tmp_path):
+    f = write(tmp_path / "d.csv", "text,text,\n1,2,3\n")
+    with pytest.raises(DataError, match=r"d\.csv line 1: bad header: empty column name at position 3; "
+                                        r"duplicate column name\(s\) text"):
+        load_records(f)
+
+
+def test_unsupported_missing_and_empty_files(tmp_path):
+    supported = r"supported: \.jsonl, \.json, \.csv, \.tsv"
+    with pytest.raises(DataError, match=r"unsupported file type '\.txt'; " + supported):
+        load_records(tmp_path / "a.txt")
+    with pytest.raises(DataError, match="no such file"):
+        load_records(tmp_path / "missing.jsonl")
+    with pytest.raises(DataError, match=r"empty\.jsonl: contains no records"):
+        load_records(write(tmp_path / "empty.jsonl", "\n\n"))
+
+
+# --- TaskFormat -----------------------------------------------------------------------------------
+
+
+def test_format_properties():
+    assert SENTIMENT.fields == ["text"]
+    assert SENTIMENT.is_classification
+    assert SENTIMENT.labels == ["pos", "neg"]
+    assert SENTIMENT.label_texts == [" great", " terrible"]
+    gen = TaskFormat("Q: {a} {b} {a} {{literal}}", "answer")
+    assert gen.fields == ["a", "b"] and not gen.is_classification and gen.labels == []
+
+
+def test_render_classification_and_generation():
+    assert SENTIMENT.render({"text": "Fun.", "label": "pos", "id": 3}) == \
+        Example("Review: Fun.\nSentiment:", " great", "pos")
+    gen = TaskFormat("Country: {country}\nCapital:", "capital", target_prefix="")
+    assert gen.render({"country": "France", "capital": " Paris \n"}) == \
+        Example("Country: France\nCapital:", "Paris", None)
+    numeric = TaskFormat("{text}", "label", {"1": "yes", "0": "no"})
+    assert numeric.render({"text": "x", "label": 1}).label == "1"  # JSON ints match string labels
+
+
+def test_render_errors_name_where_and_field():
+    with pytest.raises(DataError) as e:
+        SENTIMENT.render({"text": "x", "id": 1}, "train.jsonl line 7")
+    assert str(e.value) == "train.jsonl line 7: field 'label' is missing (have: text, id)"
+    with pytest.raises(DataError) as e:
+        SENTIMENT.render({"text": "x", "label": "neutral"}, "dev.csv line 2")
+    assert str(e.value) == ("dev.csv line 2: field 'label' has label 'neutral', which the verbalizer does "
+                            "not know (known: pos, neg)")
+    with pytest.raises(DataError, match="field 'text' is null"):
+        SENTIMENT.render({"text": None, "label": "pos"})
+    with pytest.raises(DataError, match="field 'capital' is empty"):
+        TaskFormat("{country}", "capital").render({"country": "X", "capital": "  "})
+
+
+def test_format_validation_reports_all_problems():
+    with pytest.raises(DataError) as e:
+        TaskFormat("no placeholder", "", {"a": "", "b": "x", "c": "x"})
+    msg = str(e.value)
+    assert "has no {field} placeholder" in msg
+    assert "--target-field must be a non-empty field name" in msg
+    assert "--verbalizer text for label 'a' is empty" in msg
+    assert "several labels to the same text: 'x'" in msg
+    with pytest.raises(DataError, match="must be a field name"):
+        TaskFormat("{0} {x.y}", "label")
+    with pytest.raises(DataError, match="uses the target field {label}"):
+        TaskFormat("{text} {label}", "label")
+    with pytest.raises(DataError, match="malformed"):
+        TaskFormat("{text", "label")
+
+
+def test_validate_records_lists_problems_with_lines():
+    records = [{"text": "a", "label": "pos"}, {"text": "b"}, {"text": "c", "label": "meh"}]
+    with pytest.raises(DataError) as e:
+        SENTIMENT.validate_records(records, "train.jsonl", lines=[1, 3, 4])
+    assert str(e.value).splitlines() == [
+        "train.jsonl: 2 of 3 records are invalid:",
+        "  train.jsonl line 3: field 'label' is missing (have: text)",
+        "  train.jsonl line 4: field 'label' has label 'meh', which the verbalizer does not know "
+        "(known: pos, neg)",
+    ]
+    many = [{"text": str(i)} for i in range(25)]
+    with pytest.raises(DataError) as e:
+        SENTIMENT.validate_records(many, "rt/train")
+    lines = str(e.value).splitlines()
+    assert lines[0] == "rt/train: 25 of 25 records are invalid:"
+    assert lines[1] == "  rt/train record 1: field 'label' is missing (have: text)"
+    assert len(lines) == 1 + 20 + 1 and lines[-1] == "  ... and 5 more"
+    assert SENTIMENT.validate_records(records[:1], "x") == [Example("Review: a\nSentiment:", " great", "pos")]
+
+
+# --- parse_verbalizer / load_task with files --------------------------------------------------------
+
+
+def test_parse_verbalizer():
+    assert parse_verbalizer("positive=great, negative = terrible") == {"positive": "great",
+                                                                      "negative": "terrible"}
+    assert parse_verbalizer({"a": "x"}) == {"a": "x"}
+    with pytest.raises(DataError, match=r"--verbalizer 'pos=great,neg': 'neg' is not label=text"):
+        parse_verbalizer("pos=great,neg")
+    with pytest.raises(DataError, match="label 'a' appears twice"):
+        parse_verbalizer("a=x,a=y")
+
+
+def test_load_task_files_need_template_and_target_field(tmp_path):
+    f = write(tmp_path / "train.jsonl", '{"q": "2+2", "a": "4"}\n')
+    with pytest.raises(DataError) as e:
+        load_task(train_file=f)
+    assert "--template is required" in str(e.value) and "--target-field is required" in str(e.value)
+    with pytest.raises(DataError, match="no data: pass --dataset"):
+        load_task(template="{q}", target_field="a")
+
+
+def test_load_task_from_files(tmp_path):
+    rows = [{"text": f"t{i}", "label": "pos" if i % 2 else "neg"} for i in range(10)]
+    train = write(tmp_path / "train.jsonl", "\n".join(json.dumps(r) for r in rows))
+    dev = write(tmp_path / "dev.csv", "text,label\nx,pos\ny,neg\n")
+    task = load_task(train_file=train, validation_file=dev, template="{text} ->", target_field="label",
+                     verbalizer="pos=good,neg=bad", max_samples={"train": 4})
+    assert task.format.is_classification and task.format.label_texts == [" good", " bad"]
+    assert list(task.splits) == ["train", "validation"]
+    assert task.examples("validation") == [Example("x ->", " good", "pos"), Example("y ->", " bad", "neg")]
+    train_ex = task.examples("train")
+    again = load_task(train_file=train, template="{text} ->", target_field="label",
+                      verbalizer="pos=good,neg=bad", max_samples={"train": 4}).examples("train")
+    assert len(train_ex) == 4 and train_ex == again  # seeded subset, deterministic
+    sources = [e.source for e in train_ex]
+    assert sources == sorted(sources, key=lambda s: int(s[1:-3]))  # original order kept
+    with pytest.raises(DataError, match=r"no 'test' split \(have: train, validation\); pass --test-file"):
+        task.examples("test")
+
+
+def test_load_task_reports_file_errors(tmp_path):
+    f = write(tmp_path / "train.jsonl", '{"text": "a", "label": "pos"}\n\n{"text": "b", "label": "??"}\n')
+    with pytest.raises(DataError, match=r"train\.jsonl line 3: field 'label' has label '\?\?'"):
+        load_task(train_file=f, template="{text}", target_field="label", verbalizer={"pos": "good"})
+    with pytest.raises(DataError, match="--max-samples names unknown split 'valid'"):
+        load_task(train_file=f, template="{text}", target_field="label", max_samples={"valid": 3})

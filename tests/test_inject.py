@@ -1,0 +1,144 @@
+"""The shared prompt-KV forward equals prepending the prompt to every row's inputs_embeds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from softprompt import inject
+from softprompt.data import Encoded, collate
+from tests.conftest import make_model
+
+P = 5
+
+
+def concat_logits(model, prompt, ids, mask):
+    """Reference: the plain HF forward with the prompt prepended to inputs_embeds (right padding only)."""
+    b = ids.shape[0]
+    embeds = torch.cat([prompt[None].expand(b, -1, -1), model.get_input_embeddings()(ids)], 1)
+    full_mask = torch.cat([torch.ones(b, prompt.shape[0], dtype=mask.dtype), mask], 1)
+    return model(inputs_embeds=embeds, attention_mask=full_mask).logits[:, prompt.shape[0]:]
+
+
+def right_padded_batch():
+    items = [Encoded([5, 6, 7, 8, 9, 10, 11], 5), Encoded([12, 13, 14, 15, 16], 3), Encoded([17, 18, 19, 20], 3)]
+    return collate(items, pad_id=0)
+
+
+def test_logits_match_concatenated_forward(arch_model):
+    torch.manual_seed(1)
+    prompt = torch.randn(P, 32)
+    batch = right_padded_batch()
+    ours = inject.text_logits(arch_model, batch.input_ids, batch.attention_mask,
+                              inject.compute_prompt_kv(arch_model, prompt))
+    ref = concat_logits(arch_model, prompt, batch.input_ids, batch.attention_mask)
+    real = batch.attention_mask.bool()
+    torch.testing.assert_close(ours[real], ref[real], atol=1e-5, rtol=1e-4)
+
+
+def test_loss_and_gradients_match_hf_labels(arch_model):
+    torch.manual_seed(2)
+    prompt = torch.randn(P, 32, requires_grad=True)
+    batch = right_padded_batch()
+    loss = inject.target_loss(arch_model, batch, inject.compute_prompt_kv(arch_model, prompt))
+    (grad,) = torch.autograd.grad(loss, prompt)
+
+    ref_prompt = prompt.detach().clone().requires_grad_(True)
+    b = batch.input_ids.shape[0]
+    embeds = torch.cat([ref_prompt[None].expand(b, -1, -1), arch_model.get_input_embeddings()(batch.input_ids)], 1)
+    mask = torch.cat([torch.ones(b, P, dtype=torch.long), batch.attention_mask], 1)
+    labels = torch.cat([torch.full((b, P), -100), batch.input_ids.masked_fill(~batch.target_mask, -100)], 1)
+    ref_loss = arch_model(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
+    (ref_grad,) = torch.autograd.grad(ref_loss, ref_prompt)
+    torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grad, ref_grad, atol=1e-6, rtol=1e-4)
+
+
+def test_left_and_right_padding_agree(arch_model):
+    torch.manual_seed(3)
+    kv = inject.compute_prompt_kv(arch_model, torch.randn(P, 32))
+    items = [Encoded([5, 6, 7, 8, 9, 10], 4), Encoded([11, 12, 13], 2)]
+    right, left = collate(items, 0, "right"), collate(items, 0, "left")
+    lr = inject.target_logprobs(arch_model, right, kv)
+    ll = inject.target_logprobs(arch_model, left, kv)
+    torch.testing.assert_close(lr, ll, atol=1e-5, rtol=1e-5)
+    assert inject.text_position_ids(left.attention_mask, P)[1].tolist() == [P, P, P, P, P + 1, P + 2]
+
+
+def test_target_logprobs_sums_per_row(model):
+    torch.manual_seed(4)
+    kv = inject.compute_prompt_kv(model, torch.randn(P, 32))
+    batch = right_padded_batch()
+    lp = inject.target_logprobs(model, batch, kv)
+    logits = inject.text_logits(model, batch.input_ids, batch.attention_mask, kv).log_softmax(-1)
+    expected = []
+    for r in range(3):
+        pos = torch.nonzero(batch.target_mask[r]).flatten().tolist()
+        expected.append(sum(float(logits[r, t - 1, batch.input_ids[r, t]]) for t in pos))
+    torch.testing.assert_close(lp, torch.tensor(expected), atol=1e-5, rtol=1e-5)
+
+
+def test_no_prompt_matches_plain_model(model):
+    batch = right_padded_batch()
+    ours = inject.text_logits(model, batch.input_ids, batch.attention_mask, None)
+    ref = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    real = batch.attention_mask.bool()
+    torch.testing.assert_close(ours[real], ref[real], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_greedy_generation_matches_step_by_step_reference(kind):
+    model = make_model(kind, seed=5)
+    torch.manual_seed(5)
+    prompt = torch.randn(P, 32)
+    kv = inject.compute_prompt_kv(model, prompt)
+    rows = [[5, 6, 7, 8], [9, 10]]
+    batch = collate([Encoded(r, len(r)) for r in rows], 0, "left")
+    new = inject.generate(model, batch.input_ids, batch.attention_mask, kv, max_new_tokens=6, eos_token_id=None)
+    for r, got in zip(rows, new, strict=True):
+        ids = list(r)
+        for _ in range(6):  # reference: full recomputation with the prompt prepended, no cache, no padding
+            logits = concat_logits(model, prompt, torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long))
+            ids.append(int(logits[0, -1].argmax()))
+        assert got == ids[len(r):]
+
+
+def test_generation_stops_at_eos(model):
+    batch = collate([Encoded([5, 6, 7], 3)], 0)
+    free = inject.generate(model, batch.input_ids, batch.attention_mask, None, 4, eos_token_id=None)[0]
+    stopped = inject.generate(model, batch.input_ids, batch.attention_mask, None, 4, eos_token_id=free[1])[0]
+    assert stopped == free[:1] if free[0] != free[1] else stopped == []
+
+
+def test_sampling_is_seeded_and_respects_top_k():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 50)
+    a = inject.sample_next(logits, 1.0, 3, 1.0, torch.Generator().manual_seed(7))
+    b = inject.sample_next(logits, 1.0, 3, 1.0, torch.Generator().manual_seed(7))
+    assert torch.equal(a, b)
+    top3 = logits.topk(3, dim=-1).indices
+    assert all(int(a[i]) in top3[i].tolist() for i in range(4))
+    # top_p tiny keeps only the most likely token
+    c = inject.sample_next(logits, 1.0, 0, 1e-6, torch.Generator().manual_seed(1))
+    assert torch.equal(c, logits.argmax(-1))
+    assert torch.equal(inject.sample_next(logits, 0.0, 0, 1.0, None), logits.argmax(-1))
+
+
+def test_bad_prompt_shape_names_expected_shape(model):
+    with pytest.raises(inject.InjectionError, match=r"shape \(5, 16\), expected \(P, 32\)"):
+        inject.compute_prompt_kv(model, torch.randn(5, 16))
+
+
+def test_target_at_position_zero_is_refused(model):
+    batch = collate([Encoded([5, 6], 0)], 0)
+    with pytest.raises(inject.InjectionError, match="position 0"):
+        inject.target_loss(model, batch, None)
+
+
+def test_loss_uses_fp32_cross_entropy_over_targets_only(model):
+    batch = right_padded_batch()
+    h = inject.final_hidden(model, batch.input_ids, batch.attention_mask, None)
+    sel = batch.target_mask[:, 1:]
+    expected = F.cross_entropy(model.lm_head(h[:, :-1][sel]).float(), batch.input_ids[:, 1:][sel])
+    torch.testing.assert_close(inject.target_loss(model, batch, None), expected)

@@ -1,0 +1,139 @@
+"""The training loop on a tiny model: learning, determinism, resume, logging, early stopping."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from softprompt import inject
+from softprompt.config import TrainArgs
+from softprompt.data import TaskData, TaskFormat
+from softprompt.evaluate import evaluate_prompt
+from softprompt.methods import build_method
+from softprompt.train import epoch_order, lr_lambda, train
+from tests.conftest import make_model, sentiment_records
+
+FMT = TaskFormat("Review: {text}\nSentiment:", "label", {"positive": "positive", "negative": "negative"})
+
+
+def task(n_train=64, n_valid=16) -> TaskData:
+    recs = sentiment_records(n_train + n_valid, seed=1)
+    return TaskData(FMT, {"train": [FMT.render(r) for r in recs[:n_train]],
+                          "validation": [FMT.render(r) for r in recs[n_train:]]})
+
+
+def fresh(tokenizer, seed=0):
+    model = make_model("llama", seed=seed)
+    method = build_method("prompt_tuning", {"num_virtual_tokens": 4, "init": "random", "init_scale": 0.1},
+                          model, tokenizer)
+    return model, method
+
+
+def args(tmp_path, **kw):
+    base = dict(output_dir=str(tmp_path), max_steps=12, batch_size=8, lr=0.3, warmup_steps=2, eval_every=6,
+                checkpoint_every=4, seed=3)
+    base.update(kw)
+    return TrainArgs(**base)
+
+
+def test_training_lowers_loss_and_logs(tmp_path, tokenizer):
+    model, method = fresh(tokenizer)
+    data = task()
+    before, _ = evaluate_prompt(model, tokenizer, inject.compute_prompt_kv(model, method().embeds.detach()),
+                                data.examples("validation"), FMT)
+    result = train(model, tokenizer, method, data, args(tmp_path, max_steps=30, optimizer="adamw", lr=0.1))
+    with torch.no_grad():
+        after, _ = evaluate_prompt(model, tokenizer, inject.compute_prompt_kv(model, method()),
+                                   data.examples("validation"), FMT)
+    assert after["loss"] < before["loss"] - 0.1
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 31)) and result.steps == 30
+    first = rows[0]
+    assert {"loss", "lr", "grad_norm", "grad_norm_per_token", "tokens_per_s", "epoch"} <= set(first)
+    assert len(first["grad_norm_per_token"]) == 4
+    assert "val_accuracy" in rows[5] and "val_loss" in rows[5] and "val_accuracy" not in rows[4]
+    assert result.best_metric is not None and (tmp_path / "checkpoint" / "state.json").exists()
+    # the base model did not move
+    assert all(not p.requires_grad for p in model.parameters())
+    assert torch.equal(model.lm_head.weight, make_model("llama").lm_head.weight)
+
+
+def test_same_seed_same_prompt(tmp_path, tokenizer):
+    outs = []
+    for i in range(2):
+        model, method = fresh(tokenizer)
+        train(model, tokenizer, method, task(), args(tmp_path / str(i), max_steps=5))
+        outs.append(method.embeddings.detach().clone())
+    assert torch.equal(outs[0], outs[1])
+
+
+class Killed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_resume_after_kill_gives_identical_result(tmp_path, tokenizer, dropout):
+    def run(out, kill_at=None, resume=False):
+        model = make_model("llama")
+        method = build_method("prompt_tuning", {"num_virtual_tokens": 4, "init": "random", "dropout": dropout},
+                              model, tokenizer)
+        if resume:  # a resumed process starts from a fresh init; the checkpoint must restore everything
+            torch.manual_seed(999)
+
+        def on_step(step):
+            if step == kill_at:
+                raise Killed
+
+        try:
+            train(model, tokenizer, method, task(), args(out, resume=resume), on_step=on_step)
+        except Killed:
+            return None
+        return method.embeddings.detach().clone()
+
+    straight = run(tmp_path / "a")
+    assert run(tmp_path / "b", kill_at=10) is None  # killed after step 10, last checkpoint at step 8
+    resumed = run(tmp_path / "b", resume=True)
+    assert torch.equal(straight, resumed)
+    log_a = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    log_b = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log_b] == list(range(1, 13))
+    assert [r["loss"] for r in log_a] == [r["loss"] for r in log_b]
+
+
+def test_early_stopping(tmp_path, tokenizer):
+    model, method = fresh(tokenizer)
+    # a tiny lr cannot improve accuracy after the first evaluation; patience 1 stops at the second
+    result = train(model, tokenizer, method, task(), args(tmp_path, max_steps=40, eval_every=2, lr=1e-9,
+                                                          early_stopping_patience=1, metric="accuracy"))
+    assert result.stopped_early and result.steps == 4 and result.best_step == 2
+
+
+def test_save_best_called_on_improvement(tmp_path, tokenizer):
+    model, method = fresh(tokenizer)
+    seen = []
+    train(model, tokenizer, method, task(), args(tmp_path, metric="loss"), save_best=lambda m, met: seen.append(met))
+    assert seen and all("val_loss" in m for m in seen)
+    losses = [m["val_loss"] for m in seen]
+    assert losses == sorted(losses, reverse=True)
+
+
+def test_grad_accumulation_matches_big_batch(tmp_path, tokenizer):
+    results = []
+    for bs, acc in ((8, 1), (4, 2)):
+        model, method = fresh(tokenizer)
+        train(model, tokenizer, method, task(), args(tmp_path / f"{bs}", max_steps=3, batch_size=bs, grad_accum=acc,
+                                                     optimizer="adamw", lr=0.01))
+        results.append(method.embeddings.detach().clone())
+    torch.testing.assert_close(results[0], results[1], atol=1e-5, rtol=1e-4)
+
+
+def test_schedule_and_epoch_order():
+    a = TrainArgs(warmup_steps=4, schedule="linear")
+    f = lr_lambda(a, 14)
+    assert [round(f(s), 3) for s in (0, 3, 4, 9, 14)] == [0.25, 1.0, 1.0, 0.5, 0.0]
+    c = lr_lambda(TrainArgs(warmup_steps=0, schedule="cosine"), 10)
+    assert round(c(5), 6) == 0.5
+    assert epoch_order(10, 1, 0) == epoch_order(10, 1, 0) != epoch_order(10, 1, 1)
+    assert sorted(epoch_order(10, 1, 0)) == list(range(10))
