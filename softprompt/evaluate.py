@@ -88,19 +88,41 @@ def token_f1(expected: str, predicted: str) -> float:
     return 2 * prec * rec / (prec + rec)
 
 
+def _by_length(encoded: list[Encoded], batch_size: int, pad_id: int, padding_side: str, fn) -> torch.Tensor:
+    """Apply ``fn(batch) -> (B, ...)`` over batches of similar length; results in the original order."""
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))
+    parts = [fn(b) for b in batches([encoded[i] for i in order], batch_size, pad_id, padding_side=padding_side)]
+    out = torch.empty_like(torch.cat(parts))
+    out[torch.tensor(order)] = torch.cat(parts)
+    return out
+
+
 @torch.no_grad()
 def label_scores(model, tokenizer, prompt_kv, examples: list[Example], fmt: TaskFormat, batch_size: int,
                  max_length: int = 256) -> torch.Tensor:
     """Log-likelihood of every label for every example: ``(N, num_labels)``.
 
-    Each (example, label) pair is one row; a label's score is the summed log-probability of its tokens.
+    A label's score is the summed log-probability of its tokens after the source. When every label is a
+    single distinct token, one forward per example gives all scores at the last source position; otherwise
+    each (example, label) pair is one row.
     """
+    label_ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in fmt.label_texts]
+    if all(len(ids) == 1 for ids in label_ids) and len({ids[0] for ids in label_ids}) == len(label_ids):
+        enc = encode(tokenizer, [Example(ex.source, fmt.label_texts[0]) for ex in examples], max_length=max_length)
+        sources = [Encoded(e.input_ids[:e.target_start], e.target_start) for e in enc]
+        cols = torch.tensor([ids[0] for ids in label_ids], device=model.device)
+
+        def first_token(batch):
+            batch = batch.to(model.device)
+            lp = inject.last_token_logprobs(model, batch.input_ids, batch.attention_mask, prompt_kv)  # (B, V)
+            return lp[:, cols].float().cpu()  # (B, L)
+
+        return _by_length(sources, batch_size, tokenizer.pad_token_id, "left", first_token)
     rows = [Example(ex.source, text) for ex in examples for text in fmt.label_texts]
     enc = encode(tokenizer, rows, max_length=max_length)
-    scores = []
-    for batch in batches(enc, batch_size, tokenizer.pad_token_id):
-        scores.append(inject.target_logprobs(model, batch.to(model.device), prompt_kv).float().cpu())
-    return torch.cat(scores).view(len(examples), len(fmt.label_texts))
+    scores = _by_length(enc, batch_size, tokenizer.pad_token_id, "right",
+                        lambda b: inject.target_logprobs(model, b.to(model.device), prompt_kv).float().cpu())
+    return scores.view(len(examples), len(fmt.label_texts))
 
 
 @torch.no_grad()

@@ -141,6 +141,14 @@ def target_logprobs(model, batch, prompt_kv: PromptKV | None) -> torch.Tensor:
     return out.index_add_(0, rows, tok)
 
 
+def last_token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                        prompt_kv: PromptKV | None) -> torch.Tensor:
+    """Log-probabilities of the token following each row's last real token: ``(B, V)``."""
+    h = final_hidden(model, input_ids, attention_mask, prompt_kv)  # (B, T, H)
+    last = attention_mask.long().cumsum(-1).argmax(-1)  # (B,) index of the last real token
+    return torch.log_softmax(logits_from_hidden(model, h[torch.arange(h.shape[0]), last]), dim=-1)
+
+
 def text_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 prompt_kv: PromptKV | None = None) -> torch.Tensor:
     """Full logits over the text positions ``(B, T, V)`` (interop tests and small inputs only)."""

@@ -113,7 +113,7 @@ def materialize_alias(alias: str) -> Path:
     return target
 
 
-def load_base_model(name_or_path: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto"):
+def load_base_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto"):
     """Load a frozen causal LM and its tokenizer.
 
     Args:
@@ -127,6 +127,7 @@ def load_base_model(name_or_path: str = DEFAULT_MODEL, device: str = "auto", dty
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    name_or_path = os.fspath(name_or_path)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     try:

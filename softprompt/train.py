@@ -16,8 +16,6 @@ import logging
 import math
 import os
 import random
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -28,10 +26,11 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from softprompt import inject
-from softprompt.config import TrainArgs
+from softprompt.config import ConfigError, TrainArgs
 from softprompt.data import Encoded, TaskData, collate, encode
 from softprompt.evaluate import evaluate_prompt, primary_metric
 from softprompt.methods import PromptMethod
+from softprompt.store.atomic import write_folder_atomically
 
 log = logging.getLogger(__name__)
 
@@ -75,14 +74,29 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return order
 
 
+def step_groups(encoded: list[Encoded], args: TrainArgs, epoch: int, steps: int) -> list[list[int]]:
+    """Example indices of each optimizer step of one epoch.
+
+    With ``group_by_length``, each window of 32 steps' worth of shuffled examples is sorted by length before
+    it is cut into steps (less padding), and the steps are shuffled again; all seeded by (seed, epoch).
+    """
+    per_step = args.batch_size * args.grad_accum
+    order = epoch_order(len(encoded), args.seed, epoch)[: steps * per_step]
+    if args.group_by_length:
+        window = per_step * 32
+        order = [i for w in range(0, len(order), window)
+                 for i in sorted(order[w:w + window], key=lambda i: len(encoded[i].input_ids))]
+    groups = [order[s * per_step:(s + 1) * per_step] for s in range(steps)]
+    if args.group_by_length:
+        random.Random(args.seed * 7_919 + epoch).shuffle(groups)
+    return groups
+
+
 def micro_batches(encoded: list[Encoded], args: TrainArgs, pad_id: int, steps_per_epoch: int):
     """Yield ``(step, epoch, [micro-batches])`` for every optimizer step, forever over epochs."""
-    per_step = args.batch_size * args.grad_accum
     epoch = 0
     while True:
-        order = epoch_order(len(encoded), args.seed, epoch)
-        for s in range(steps_per_epoch):
-            idx = order[s * per_step:(s + 1) * per_step]
+        for s, idx in enumerate(step_groups(encoded, args, epoch, steps_per_epoch)):
             group = [collate([encoded[i] for i in idx[j:j + args.batch_size]], pad_id)
                      for j in range(0, len(idx), args.batch_size)]
             yield epoch * steps_per_epoch + s, epoch, group
@@ -90,25 +104,30 @@ def micro_batches(encoded: list[Encoded], args: TrainArgs, pad_id: int, steps_pe
 
 
 def _save_checkpoint(out: Path, step: int, method: PromptMethod, opt, sched, state: dict) -> None:
-    """Write ``checkpoint/`` atomically (temp folder, then rename)."""
-    tmp = Path(tempfile.mkdtemp(dir=out, prefix=".checkpoint-"))
-    save_file({k: v.detach().cpu().contiguous() for k, v in method.state_dict().items()},
-              str(tmp / "method.safetensors"))
-    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "torch_rng": torch.get_rng_state()}, tmp / "optimizer.pt")
-    (tmp / "state.json").write_text(json.dumps({**state, "step": step}))
-    final = out / "checkpoint"
-    old = out / ".checkpoint-old"
-    if final.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+    """Write ``checkpoint/`` atomically: a crash mid-save leaves the previous checkpoint intact."""
+    def write(tmp: Path) -> None:
+        save_file({k: v.detach().cpu().contiguous() for k, v in method.state_dict().items()},
+                  str(tmp / "method.safetensors"))
+        torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                    "torch_rng": torch.get_rng_state()}, tmp / "optimizer.pt")
+        (tmp / "state.json").write_text(json.dumps({**state, "step": step}))
+
+    write_folder_atomically(out / "checkpoint", write, overwrite=True,
+                            replaceable=lambda p: (p / "state.json").exists() or not any(p.iterdir()))
 
 
 def _load_checkpoint(out: Path, method: PromptMethod, opt, sched) -> dict:
     ck = out / "checkpoint"
-    method.load_state_dict(load_file(str(ck / "method.safetensors")))
+    saved = load_file(str(ck / "method.safetensors"))
+    current = method.state_dict()
+    problems = [f"{k}: checkpoint {tuple(saved[k].shape) if k in saved else 'missing'}, "
+                f"now {tuple(current[k].shape) if k in current else 'missing'}"
+                for k in sorted(set(saved) | set(current))
+                if k not in saved or k not in current or saved[k].shape != current[k].shape]
+    if problems:
+        raise ConfigError(f"--resume: {ck} was written for other prompt settings ({'; '.join(problems)}); "
+                          "use the original --method/--num-virtual-tokens or another --output-dir")
+    method.load_state_dict(saved)
     # our own file, written by _save_checkpoint; weights_only keeps it to tensors and plain containers
     blob = torch.load(ck / "optimizer.pt", weights_only=True)
     opt.load_state_dict(blob["optimizer"])

@@ -57,3 +57,11 @@ def test_build_args_type_checks_and_converts():
         build_args(TrainArgs, {"batch_size": "big"})
     with pytest.raises(ConfigError, match=r"--resume: expected bool"):
         build_args(TrainArgs, {"resume": 1})
+
+
+def test_yaml_exponent_floats_are_accepted(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr: 3e-1\n")  # PyYAML reads this as the string '3e-1'
+    assert build_args(TrainArgs, load_yaml(path)["train"]).lr == 0.3
+    with pytest.raises(ConfigError, match=r"--lr: expected float, got 'fast'"):
+        build_args(TrainArgs, {"lr": "fast"})

@@ -142,3 +142,14 @@ def test_loss_uses_fp32_cross_entropy_over_targets_only(model):
     sel = batch.target_mask[:, 1:]
     expected = F.cross_entropy(model.lm_head(h[:, :-1][sel]).float(), batch.input_ids[:, 1:][sel])
     torch.testing.assert_close(inject.target_loss(model, batch, None), expected)
+
+
+def test_last_token_logprobs_left_and_right_padding(model):
+    kv = inject.compute_prompt_kv(model, torch.randn(P, 32))
+    items = [Encoded([5, 6, 7, 8], 4), Encoded([9, 10], 2)]
+    left, right = collate(items, 0, "left"), collate(items, 0, "right")
+    a = inject.last_token_logprobs(model, left.input_ids, left.attention_mask, kv)
+    b = inject.last_token_logprobs(model, right.input_ids, right.attention_mask, kv)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    full = inject.text_logits(model, right.input_ids, right.attention_mask, kv).log_softmax(-1)
+    torch.testing.assert_close(b[1], full[1, 1], atol=1e-5, rtol=1e-5)

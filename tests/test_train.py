@@ -137,3 +137,19 @@ def test_schedule_and_epoch_order():
     assert round(c(5), 6) == 0.5
     assert epoch_order(10, 1, 0) == epoch_order(10, 1, 0) != epoch_order(10, 1, 1)
     assert sorted(epoch_order(10, 1, 0)) == list(range(10))
+
+
+def test_step_groups_cover_each_example_once_and_group_lengths(tokenizer):
+    from softprompt.data import Encoded
+    from softprompt.train import step_groups
+
+    enc = [Encoded(list(range(3 + (i * 7) % 23)), 2) for i in range(64)]
+    a = TrainArgs(batch_size=4, group_by_length=True, seed=1)
+    groups = step_groups(enc, a, 0, 16)
+    flat = [i for g in groups for i in g]
+    assert sorted(flat) == list(range(64))
+    assert groups == step_groups(enc, a, 0, 16) != step_groups(enc, a, 1, 16)
+    spread = sum(max(len(enc[i].input_ids) for i in g) - min(len(enc[i].input_ids) for i in g) for g in groups)
+    plain = step_groups(enc, TrainArgs(batch_size=4, group_by_length=False, seed=1), 0, 16)
+    plain_spread = sum(max(len(enc[i].input_ids) for i in g) - min(len(enc[i].input_ids) for i in g) for g in plain)
+    assert spread < plain_spread / 3

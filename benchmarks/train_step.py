@@ -1,0 +1,169 @@
+"""Training-step throughput and peak memory: softprompt vs PEFT PromptTuning, side by side.
+
+Same base model, same batches (batch 16 of Rotten Tomatoes reviews cut to <= 48 tokens, one-token targets),
+20 virtual tokens, same optimizer (Adafactor, lr 0.3). Steps alternate between the two implementations so
+that machine noise hits both alike. Before timing, both compute the loss of one batch from the same prompt
+and the two losses are printed: the comparison is only fair if they agree.
+
+Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` around each side's steps. On CPU, each side runs
+a few steps in a fresh subprocess that resets the kernel's peak-RSS counter (``/proc/self/clear_refs``)
+after warm-up and reads ``VmHWM`` afterwards: the extra resident memory a training step needs.
+
+    python benchmarks/train_step.py                 # default embedded model, 20 timed steps per side
+    python benchmarks/train_step.py --steps 40 --model path/or/hub-id
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from softprompt import inject
+from softprompt.data import collate, encode, load_task
+from softprompt.methods import build_method
+from softprompt.model import DEFAULT_MODEL, load_base_model
+
+P = 20
+MAX_TOKENS = 48
+
+
+def make_batches(tok, n_batches: int, batch_size: int, device) -> list:
+    """``n_batches`` right-padded batches of reviews (source cut from the left to fit MAX_TOKENS)."""
+    task = load_task("rotten_tomatoes")
+    enc = encode(tok, task.examples("train")[: n_batches * batch_size], max_length=MAX_TOKENS)
+    return [collate(enc[i * batch_size:(i + 1) * batch_size], tok.pad_token_id).to(device) for i in range(n_batches)]
+
+
+class Ours:
+    name = "softprompt"
+
+    def __init__(self, model, tok):
+        self.model = model
+        self.method = build_method("prompt_tuning", {"num_virtual_tokens": P, "init": "random"}, model, tok)
+        self.method.to(model.device).train()
+        self.opt = torch.optim.Adafactor(self.method.parameters(), lr=0.3)
+
+    def set_prompt(self, emb):
+        self.method.embeddings.data.copy_(emb)
+
+    def loss(self, batch):
+        return inject.target_loss(self.model, batch, inject.compute_prompt_kv(self.model, self.method()))
+
+    def step(self, batch):
+        self.loss(batch).backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+
+class Peft:
+    name = "peft"
+
+    def __init__(self, model, tok):
+        from peft import PromptTuningConfig, get_peft_model
+
+        self.model = get_peft_model(model, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P))
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt = torch.optim.Adafactor(self.params, lr=0.3)
+
+    def set_prompt(self, emb):
+        self.params[0].data.copy_(emb)
+
+    def loss(self, batch):
+        labels = batch.input_ids.masked_fill(~batch.target_mask, -100)  # PEFT prepends -100 for the prompt
+        return self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=labels).loss
+
+    def step(self, batch):
+        self.loss(batch).backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+
+SIDES = {"softprompt": Ours, "peft": Peft}
+
+
+def rss_kib(field: str) -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(field)
+
+
+def memory_child(side: str, args) -> None:
+    """Run in a fresh process: warm up, reset the peak-RSS counter, run steps, print the peak increase."""
+    model, tok = load_base_model(args.model, args.device, args.dtype)
+    batches = make_batches(tok, 4, args.batch_size, model.device)
+    impl = SIDES[side](model, tok)
+    impl.step(batches[0])
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current RSS
+    base = rss_kib("VmRSS")
+    for b in batches[1:]:
+        impl.step(b)
+    print(json.dumps({"side": side, "peak_extra_mib": (rss_kib("VmHWM") - base) / 1024}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=DEFAULT_MODEL)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--steps", type=int, default=20, help="timed steps per side")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--memory-child", choices=list(SIDES), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.memory_child:
+        memory_child(args.memory_child, args)
+        return
+
+    model_a, tok = load_base_model(args.model, args.device, args.dtype)
+    model_b, _ = load_base_model(args.model, args.device, args.dtype)  # PEFT wraps its model in place
+    dev = model_a.device
+    batches = make_batches(tok, args.steps + args.warmup, args.batch_size, dev)
+    ours, peft = Ours(model_a, tok), Peft(model_b, tok)
+    peft.set_prompt(ours.method.embeddings.detach())
+    la, lb = float(ours.loss(batches[0])), float(peft.loss(batches[0]))
+    print(f"model {args.model} on {dev} ({model_a.dtype}); batch {args.batch_size}, <= {MAX_TOKENS} tokens, "
+          f"{P} virtual tokens")
+    print(f"same-prompt loss on batch 0: softprompt {la:.6f}  peft {lb:.6f}  (|diff| {abs(la - lb):.2e})")
+
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    times: dict[str, list[float]] = {"softprompt": [], "peft": []}
+    mem: dict[str, float] = {}
+    tokens = [int(b.attention_mask.sum()) for b in batches]
+    for i, batch in enumerate(batches):
+        for impl in ((ours, peft) if i % 2 == 0 else (peft, ours)):  # alternate who goes first
+            if dev.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            sync()
+            t0 = time.perf_counter()
+            impl.step(batch)
+            sync()
+            if i >= args.warmup:
+                times[impl.name].append(time.perf_counter() - t0)
+            if dev.type == "cuda":
+                mem[impl.name] = max(mem.get(impl.name, 0.0), torch.cuda.max_memory_allocated() / 2**20)
+    timed_tokens = sum(tokens[args.warmup:])
+    tps = {k: timed_tokens / sum(v) for k, v in times.items()}
+    if dev.type != "cuda":
+        for side in SIDES:
+            out = subprocess.run([sys.executable, __file__, "--memory-child", side, "--model", args.model,
+                                  "--device", args.device, "--dtype", args.dtype,
+                                  "--batch-size", str(args.batch_size)], capture_output=True, text=True, check=True)
+            mem[side] = json.loads(out.stdout.strip().splitlines()[-1])["peak_extra_mib"]
+    label = "peak GPU memory allocated" if dev.type == "cuda" else "peak extra RSS during steps"
+    print(f"\n{'':12}{'tok/s':>10}{'median step s':>15}{label + ' (MiB)':>40}")
+    for k in times:
+        print(f"{k:12}{tps[k]:>10.1f}{statistics.median(times[k]):>15.3f}{mem[k]:>40.1f}")
+    print(f"\nthroughput ratio softprompt/peft: {tps['softprompt'] / tps['peft']:.2f}x")
+    print(f"memory ratio softprompt/peft:     {mem['softprompt'] / mem['peft']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,26 @@
+"""The benchmark scripts run end to end on a tiny model (a smoke test: no timing is asserted)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_train_step_benchmark_runs_on_tiny_model(tiny_model_dir, monkeypatch):
+    pytest.importorskip("peft")
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "train_step.py"), "--model", str(tiny_model_dir),
+                           "--steps", "2", "--warmup", "1", "--batch-size", "4", "--device", "cpu"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert "throughput ratio softprompt/peft" in out and "memory ratio softprompt/peft" in out
+    line = next(ln for ln in out.splitlines() if ln.startswith("same-prompt loss"))
+    diff = float(line.split("|diff| ")[1].rstrip(")"))
+    assert diff < 1e-4  # both sides compute the same loss from the same prompt

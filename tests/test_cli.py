@@ -1,0 +1,294 @@
+"""End-to-end tests of the ``softprompt`` command on a tiny local model folder.
+
+Most runs call :func:`softprompt.cli.main` in-process (fast); one runs ``python -m softprompt`` as a real
+subprocess to check the exit status the shell sees.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+from softprompt.cli import main
+from softprompt.config import load_yaml
+from tests.conftest import make_model, make_tokenizer, sentiment_records, write_jsonl
+
+REPO = Path(__file__).resolve().parents[1]
+TEMPLATE = "Review: {text}\nSentiment:"
+# made of words of the tiny vocabulary (tests/conftest.py WORDS): unknown words would all become [UNK]
+INIT_TEXT = "Classify the sentiment positive negative ."
+TABLE_ROWS = ["no soft prompt (template only)", "init text as hard prompt", "4-shot prompting", "tuned soft prompt"]
+
+
+def run(argv: list[str]) -> tuple[int, str, str]:
+    """Run the CLI in-process; return (exit status, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main([str(a) for a in argv])
+    return rc, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory) -> dict[str, Path]:
+    """Two tiny model folders (different weights) and jsonl train/validation/test files."""
+    d = tmp_path_factory.mktemp("cli")
+    paths = {"model": d / "tiny", "other_model": d / "tiny-seed1"}
+    for key, seed in (("model", 0), ("other_model", 1)):
+        make_model("llama", seed=seed).save_pretrained(paths[key])
+        make_tokenizer().save_pretrained(paths[key])
+    paths["train"] = write_jsonl(d / "train.jsonl", sentiment_records(32, seed=0))
+    paths["validation"] = write_jsonl(d / "validation.jsonl", sentiment_records(8, seed=1))
+    paths["test"] = write_jsonl(d / "test.jsonl", sentiment_records(8, seed=2))
+    paths["root"] = d
+    return paths
+
+
+def train_argv(env: dict[str, Path], out: Path, *extra: str) -> list[str]:
+    return ["train", "--model", env["model"], "--train-file", env["train"], "--validation-file",
+            env["validation"], "--test-file", env["test"], "--template", TEMPLATE, "--target-field", "label",
+            "--verbalizer", "positive=positive,negative=negative", "--num-virtual-tokens", "4",
+            "--batch-size", "4", "--eval-every", "2", "--output-dir", out, *extra]
+
+
+@pytest.fixture(scope="module")
+def trained(env) -> tuple[Path, str]:
+    """One full ``train`` run (all baselines); returns (output dir, stdout)."""
+    out = env["root"] / "run"
+    rc, stdout, stderr = run(train_argv(env, out, "--max-steps", "4", "--init-text", INIT_TEXT))
+    assert rc == 0, stderr
+    return out, stdout
+
+
+def test_train_prints_report_and_writes_run_folder(trained):
+    out, stdout = trained
+    assert "task: " in stdout and "train=32  validation=8  test=8" in stdout
+    assert "trained 4 steps" in stdout
+    assert "test split (8 examples):" in stdout
+    for row in TABLE_ROWS:
+        assert row in stdout
+    for name in ("prompt", "best", "last"):
+        for f in ("adapter_model.safetensors", "adapter_config.json", "softprompt.json"):
+            assert (out / name / f).is_file(), f"{name}/{f}"
+    assert (out / "checkpoint").is_dir()
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert "val_accuracy" in rows[1] and "val_accuracy" not in rows[0]  # --eval-every 2
+    report = json.loads((out / "eval.json").read_text())
+    assert list(report) == TABLE_ROWS
+    assert all(report[k]["n"] == 8 for k in report)
+    cfg = load_yaml(out / "config.yaml")
+    assert cfg["train"]["max_steps"] == 4 and cfg["train"]["batch_size"] == 4
+    assert cfg["prompt"]["init_text"] == INIT_TEXT and cfg["data"]["template"] == TEMPLATE
+    weights = load_file(str(out / "prompt" / "adapter_model.safetensors"))
+    assert weights["prompt_embeddings"].shape == (4, 32)
+    meta = json.loads((out / "prompt" / "softprompt.json").read_text())
+    # the task is stored with the prompt, so eval/generate need no data flags
+    assert meta["task"]["template"] == TEMPLATE and meta["task"]["target_field"] == "label"
+    assert meta["task"]["verbalizer"] == {"positive": "positive", "negative": "negative"}
+    assert meta["metrics"]["test"] == report["tuned soft prompt"]
+
+
+def test_config_file_precedence_and_print_config(env, tmp_path):
+    out = tmp_path / "cfg-run"
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "model": {"model": str(env["model"])},
+        "data": {"train_file": str(env["train"]), "template": TEMPLATE, "target_field": "label"},
+        "prompt": {"init": "random", "num_virtual_tokens": 3},
+        "train": {"max_steps": 2, "batch_size": 4, "lr": 0.1, "output_dir": str(out)},
+        "eval": {"baselines": []},
+    }))
+    rc, stdout, stderr = run(["train", "--config", cfg, "--batch-size", "3", "--print-config"])
+    assert rc == 0, stderr
+    printed = tmp_path / "printed.yaml"
+    printed.write_text(stdout)
+    back = load_yaml(printed)
+    assert back["train"]["batch_size"] == 3  # the flag wins over the file
+    assert back["train"]["max_steps"] == 2 and back["train"]["lr"] == 0.1  # the file wins over defaults
+    assert back["prompt"]["num_virtual_tokens"] == 3 and back["train"]["epochs"] == 1  # default
+    assert not out.exists()  # --print-config does nothing else
+    # the printed config is itself a complete config file: it resolves to the same text
+    rc, stdout2, _ = run(["train", "--config", printed, "--print-config"])
+    assert rc == 0 and stdout2 == stdout
+    # and a real run follows it
+    rc, stdout, stderr = run(["train", "--config", cfg, "--batch-size", "3"])
+    assert rc == 0, stderr
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert load_yaml(out / "config.yaml")["train"]["batch_size"] == 3
+    assert "tuned soft prompt" not in stdout  # no test split given
+
+
+def test_eval_uses_stored_task_and_writes_report(env, trained, tmp_path):
+    out, _ = trained
+    report_path = tmp_path / "report.json"
+    rc, stdout, stderr = run(["eval", "--model", env["model"], "--prompt", out / "prompt", "--test-file",
+                              env["test"], "--report", report_path])
+    assert rc == 0, stderr
+    assert f"test split (8 examples), prompt {out / 'prompt'}:" in stdout
+    for row in ("no soft prompt (template only)", "init text as hard prompt", "tuned soft prompt"):
+        assert row in stdout
+    assert "4-shot prompting" not in stdout  # no train split, so no shots to draw
+    report = json.loads(report_path.read_text())
+    # same prompt, same test file, and the stored template/verbalizer: the numbers of the train run's report
+    train_report = json.loads((out / "eval.json").read_text())
+    assert set(report) == {"no soft prompt (template only)", "init text as hard prompt", "tuned soft prompt"}
+    for name, metrics in report.items():
+        assert metrics == pytest.approx(train_report[name], rel=1e-6, abs=1e-6)
+
+
+def _generate(env, prompt: Path, *extra) -> tuple[int, list[dict], str]:
+    rc, stdout, stderr = run(["generate", "--model", env["model"], "--prompt", prompt, *extra])
+    return rc, [json.loads(line) for line in stdout.splitlines() if line.strip()], stderr
+
+
+def test_generate_fills_template_raw_and_seeded_sampling(env, trained):
+    prompt = trained[0] / "prompt"
+    rc, rows, stderr = _generate(env, prompt, "--input", "good movie", "--input", "bad film", "--max-new-tokens", "4")
+    assert rc == 0, stderr
+    assert [r["input"] for r in rows] == ["Review: good movie\nSentiment:", "Review: bad film\nSentiment:"]
+    assert all(set(r) == {"input", "output"} and isinstance(r["output"], str) for r in rows)
+    rc, rows, _ = _generate(env, prompt, "--input", "good movie", "--raw", "--max-new-tokens", "4")
+    assert rc == 0 and [r["input"] for r in rows] == ["good movie"]
+    sampled = [_generate(env, prompt, "--input", "good movie", "--temperature", "1", "--seed", "3",
+                           "--max-new-tokens", "6")[1]
+               for _ in range(2)]
+    assert sampled[0] == sampled[1]
+    assert len(sampled[0]) == 1 and sampled[0][0]["output"]
+
+
+def test_generate_checks_fingerprint(env, trained):
+    prompt = trained[0] / "prompt"
+    rc, stdout, stderr = run(["generate", "--model", env["other_model"], "--prompt", prompt, "--input", "good"])
+    assert rc == 2 and stdout == ""
+    assert "different base model" in stderr and "embedding_sha256" in stderr
+    assert "--no-fingerprint-check" in stderr and "Traceback" not in stderr
+    rc, stdout, stderr = run(["generate", "--model", env["other_model"], "--prompt", prompt, "--input", "good",
+                              "--no-fingerprint-check", "--max-new-tokens", "2"])
+    assert rc == 0, stderr
+    assert json.loads(stdout)["input"] == "Review: good\nSentiment:"
+
+
+def _assert_usage_error(argv, *needles: str) -> str:
+    rc, stdout, stderr = run(argv)
+    assert rc == 2, (stdout, stderr)
+    assert "Traceback" not in stderr
+    for needle in needles:
+        assert needle in stderr, (needle, stderr)
+    return stderr
+
+
+def test_errors_name_the_flag_or_file(env, tmp_path):
+    base = ["train", "--model", env["model"], "--train-file", env["train"], "--output-dir", tmp_path / "o"]
+    _assert_usage_error([*base, "--optimizer", "sgd"], "--optimizer", "'sgd'")
+    err = _assert_usage_error([*base, "--batch-size", "0", "--lr", "-1"], "--batch-size must be >= 1, got 0",
+                              "--lr must be > 0")
+    assert err.count("softprompt train: error") == 1  # both problems in one message
+    missing = tmp_path / "missing.jsonl"
+    _assert_usage_error(["train", "--model", env["model"], "--train-file", missing], "--train-file", str(missing))
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("train:\n  max_stepz: 2\n")
+    _assert_usage_error([*base, "--config", bad_yaml], str(bad_yaml), "train.max_stepz")
+    _assert_usage_error(["eval", "--model", env["model"], "--prompt", tmp_path / "nope", "--test-file",
+                         env["test"]], str(tmp_path / "nope"))
+    assert not (tmp_path / "o").exists()  # argument errors stop before anything is written
+
+
+def test_no_train_split_and_bad_jsonl_line(env, tmp_path):
+    common = ["--model", env["model"], "--template", TEMPLATE, "--target-field", "label", "--init", "random",
+              "--output-dir", tmp_path / "o"]
+    _assert_usage_error(["train", "--test-file", env["test"], *common], "--train-file")
+    lines = env["train"].read_text().splitlines(keepends=True)
+    bad = tmp_path / "badline.jsonl"
+    bad.write_text("".join(lines[:3]) + "{not json\n" + "".join(lines[3:]))
+    _assert_usage_error(["train", "--train-file", bad, *common], "badline.jsonl", "line 4")
+
+
+def _resume_args(env, out: Path, *extra: str) -> list[str]:
+    return ["train", "--model", env["model"], "--train-file", env["train"], "--validation-file", env["validation"],
+            "--template", TEMPLATE, "--target-field", "label", "--num-virtual-tokens", "4", "--batch-size", "4",
+            "--eval-every", "3", "--init", "random", "--max-steps", "6", "--checkpoint-every", "2",
+            "--output-dir", out, *extra]
+
+
+def _tensors(folder: Path) -> dict:
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+def _assert_same_tensors(a: dict, b: dict, what: str) -> None:
+    assert a.keys() == b.keys(), what
+    for k in a:
+        assert a[k].dtype == b[k].dtype and a[k].equal(b[k]), (what, k)
+
+
+def test_resume(env, tmp_path, monkeypatch):
+    import softprompt.train as train_mod
+
+    # 1. an uninterrupted 6-step run
+    full = tmp_path / "full"
+    rc, _, stderr = run(_resume_args(env, full))
+    assert rc == 0, stderr
+    assert json.loads((full / "checkpoint" / "state.json").read_text())["step"] == 6
+    last = _tensors(full / "last")
+    best = (full / "best" / "adapter_model.safetensors").read_bytes()
+    log = (full / "metrics.jsonl").read_text()
+    assert [json.loads(line)["step"] for line in log.splitlines()] == [1, 2, 3, 4, 5, 6]
+
+    # 2. --resume of a finished run has nothing to do and changes nothing
+    rc, stdout, stderr = run(_resume_args(env, full, "--resume"))
+    assert rc == 0, stderr
+    assert "trained 6 steps" in stdout
+    _assert_same_tensors(_tensors(full / "last"), last, "last after resume")
+    assert (full / "best" / "adapter_model.safetensors").read_bytes() == best
+    assert (full / "metrics.jsonl").read_text() == log
+
+    # 3. a run killed right after its step-4 checkpoint, then resumed, ends where the uninterrupted run did
+    real_save = train_mod._save_checkpoint
+
+    def save_then_die(out, step, *args, **kwargs):
+        real_save(out, step, *args, **kwargs)
+        if step == 4:
+            raise KeyboardInterrupt
+
+    cut = tmp_path / "cut"
+    monkeypatch.setattr(train_mod, "_save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run(_resume_args(env, cut))
+    monkeypatch.setattr(train_mod, "_save_checkpoint", real_save)
+    assert json.loads((cut / "checkpoint" / "state.json").read_text())["step"] == 4
+    assert not (cut / "last").exists()
+    rc, _, stderr = run(_resume_args(env, cut, "--resume"))
+    assert rc == 0, stderr
+    for name in ("last", "best", "prompt"):
+        _assert_same_tensors(_tensors(cut / name), _tensors(full / name), name)
+    assert [json.loads(line)["step"] for line in (cut / "metrics.jsonl").read_text().splitlines()] == [
+        1, 2, 3, 4, 5, 6]
+
+
+def test_resume_with_incompatible_checkpoint_is_usage_error(env, tmp_path):
+    args = ["train", "--model", env["model"], "--train-file", env["train"], "--template", TEMPLATE,
+            "--target-field", "label", "--init", "random", "--batch-size", "4", "--max-steps", "1",
+            "--output-dir", tmp_path / "o"]
+    assert run([*args, "--num-virtual-tokens", "4"])[0] == 0
+    _assert_usage_error([*args, "--num-virtual-tokens", "5", "--max-steps", "2", "--resume"], "--resume",
+                        str(tmp_path / "o" / "checkpoint"))
+
+
+def test_subprocess_exit_code(env, tmp_path):
+    missing = tmp_path / "missing.jsonl"
+    pythonpath = str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-m", "softprompt", "train", "--model", str(env["model"]),
+                           "--train-file", str(missing), "--batch-size", "0"], capture_output=True, text=True,
+                          cwd=REPO, env={**os.environ, "PYTHONPATH": pythonpath}, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert f"--train-file {missing}: no such file" in proc.stderr and "--batch-size must be >= 1" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -1,0 +1,87 @@
+"""Metrics, rank classification (fast and general paths), baselines as hard prompts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from softprompt import inject
+from softprompt.data import Example, TaskFormat, collate, encode
+from softprompt.evaluate import (
+    evaluate_prompt,
+    format_report,
+    hard_prompt_kv,
+    k_shot_text,
+    label_scores,
+    macro_f1,
+    normalize_answer,
+    token_f1,
+)
+from tests.conftest import sentiment_records
+
+FMT = TaskFormat("Review: {text}\nSentiment:", "label", {"positive": "positive", "negative": "negative"})
+FMT2 = TaskFormat("Review: {text}\nSentiment:", "label", {"positive": "very good", "negative": "not good"})
+
+
+def test_macro_f1_and_answer_metrics():
+    assert macro_f1(["a", "a", "b", "b"], ["a", "b", "b", "b"], ["a", "b"]) == pytest.approx((2 / 3 + 0.8) / 2)
+    assert macro_f1(["a", "b"], ["a", "a"], ["a", "b"]) == pytest.approx((2 / 3 + 0) / 2)
+    assert normalize_answer(" The  Paris!") == "paris"
+    assert token_f1("New Delhi", "delhi") == pytest.approx(2 / 3)
+    assert token_f1("Paris", "Rome") == 0.0
+
+
+def test_single_token_fast_path_equals_row_per_label(model, tokenizer):
+    torch.manual_seed(0)
+    kv = inject.compute_prompt_kv(model, torch.randn(4, 32))
+    examples = [FMT.render(r) for r in sentiment_records(10)]
+    fast = label_scores(model, tokenizer, kv, examples, FMT, batch_size=3)
+    rows = [Example(ex.source, t) for ex in examples for t in FMT.label_texts]
+    batch = collate(encode(tokenizer, rows), tokenizer.pad_token_id)
+    slow = inject.target_logprobs(model, batch, kv).view(10, 2)
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+
+
+def test_multi_token_labels_sum_token_logprobs(model, tokenizer):
+    examples = [FMT2.render(r) for r in sentiment_records(5)]
+    scores = label_scores(model, tokenizer, None, examples, FMT2, batch_size=2)
+    enc = encode(tokenizer, [Example(examples[3].source, " not good")])
+    logits = inject.text_logits(model, collate(enc, 0).input_ids, collate(enc, 0).attention_mask).log_softmax(-1)
+    ids, start = enc[0].input_ids, enc[0].target_start
+    expected = float(logits[0, start - 1, ids[start]] + logits[0, start, ids[start + 1]])
+    assert scores.shape == (5, 2)
+    assert float(scores[3, 1]) == pytest.approx(expected, abs=1e-5)
+
+
+def test_hard_prompt_kv_equals_prepending_text(model, tokenizer):
+    ex = FMT.render({"text": "good movie", "label": "positive"})
+    kv = hard_prompt_kv(model, tokenizer, "Classify sentiment .")
+    with_kv = label_scores(model, tokenizer, kv, [ex], FMT, 1)
+    joined = Example("Classify sentiment ." + ex.source, ex.target, ex.label)
+    plain = label_scores(model, tokenizer, None, [joined], FMT, 1)
+    torch.testing.assert_close(with_kv, plain, atol=1e-5, rtol=1e-5)
+
+
+def test_k_shot_text_is_balanced_and_seeded():
+    examples = [FMT.render(r) for r in sentiment_records(20)]
+    text = k_shot_text(examples, FMT, 4, seed=1)
+    assert text.count(" positive\n\n") == 2 and text.count(" negative\n\n") == 2
+    assert text == k_shot_text(examples, FMT, 4, seed=1) != k_shot_text(examples, FMT, 4, seed=2)
+
+
+def test_evaluate_prompt_classification_and_generation(model, tokenizer):
+    examples = [FMT.render(r) for r in sentiment_records(8)]
+    m, preds = evaluate_prompt(model, tokenizer, None, examples, FMT, batch_size=4)
+    assert set(m) == {"n", "accuracy", "macro_f1", "loss", "perplexity"} and m["n"] == 8
+    assert m["accuracy"] == sum(p.expected == p.predicted for p in preds) / 8
+    gen_fmt = TaskFormat("Country: {country}\nCapital:", "capital")
+    gex = [gen_fmt.render({"country": "France", "capital": "Paris"})]
+    g, gp = evaluate_prompt(model, tokenizer, None, gex, gen_fmt, max_new_tokens=3)
+    assert {"exact_match", "f1", "loss"} <= set(g) and gp[0].expected == "Paris"
+    assert g["exact_match"] == float(normalize_answer(gp[0].predicted) == "paris")
+
+
+def test_format_report_aligns_rows():
+    text = format_report({"a": {"accuracy": 0.5, "n": 10}, "longer name": {"accuracy": 0.75, "n": 10}})
+    lines = text.splitlines()
+    assert "accuracy" in lines[0] and lines[2].startswith("longer name") and "0.7500" in lines[2]

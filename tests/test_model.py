@@ -1,0 +1,140 @@
+"""Loading the frozen base model (local folder, GGUF, embedded alias) and fingerprinting it."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from softprompt import inject
+from softprompt.model import (
+    ModelLoadError,
+    fingerprint,
+    fingerprint_mismatch,
+    load_base_model,
+    resolve_dtype,
+)
+from tests.conftest import WORD_IDS, make_model
+
+CPU = torch.device("cpu")
+
+
+def test_fingerprint_same_weights_same_fingerprint():
+    a, b = make_model("llama", seed=0), make_model("llama", seed=0)
+    fa = fingerprint(a)
+    assert fa == fingerprint(b)
+    assert fa["architecture"] == "LlamaForCausalLM" and fa["model_type"] == "llama"
+    assert (fa["hidden_size"], fa["vocab_size"], fa["num_layers"]) == (32, 64, 2)
+    assert len(fa["embedding_sha256"]) == 64
+    assert fingerprint_mismatch(fa, fingerprint(b)) == []
+
+
+def test_fingerprint_ignores_dtype():
+    fp32 = make_model("llama", seed=0)
+    bf16 = make_model("llama", seed=0).to(torch.bfloat16)
+    assert bf16.get_input_embeddings().weight.dtype == torch.bfloat16
+    assert fingerprint(fp32)["embedding_sha256"] == fingerprint(bf16)["embedding_sha256"]
+    assert fingerprint_mismatch(fingerprint(fp32), fingerprint(bf16)) == []
+
+
+def test_fingerprint_mismatch_other_weights():
+    a, b = fingerprint(make_model("llama", seed=0)), fingerprint(make_model("llama", seed=1))
+    problems = fingerprint_mismatch(a, b)
+    assert problems == [f"embedding_sha256: prompt has {a['embedding_sha256']!r}, model has "
+                        f"{b['embedding_sha256']!r}"]
+
+
+def test_fingerprint_mismatch_other_architecture():
+    a, b = fingerprint(make_model("llama")), fingerprint(make_model("gpt2"))
+    problems = fingerprint_mismatch(a, b)
+    assert [p.split(":")[0] for p in problems] == ["architecture", "embedding_sha256"]
+    assert "prompt has 'LlamaForCausalLM', model has 'GPT2LMHeadModel'" in problems[0]
+
+
+def test_fingerprint_mismatch_ignores_name_and_missing_keys():
+    fp = fingerprint(make_model("llama"))
+    assert fingerprint_mismatch({**fp, "name_or_path": "somewhere/else"}, fp) == []
+    # a prompt stored with fewer fields (an older file) is checked on the fields it has
+    assert fingerprint_mismatch({"hidden_size": 32}, fp) == []
+    assert fingerprint_mismatch({"hidden_size": 64}, fp) == ["hidden_size: prompt has 64, model has 32"]
+
+
+def test_load_local_folder(tiny_model_dir):
+    model, tok = load_base_model(str(tiny_model_dir), device="cpu")
+    assert not any(p.requires_grad for p in model.parameters())
+    assert not model.training and all(not m.training for m in model.modules())
+    assert model.dtype == torch.float32 and model.device == CPU
+    assert tok.pad_token == "[PAD]" and tok.pad_token_id == 0
+    assert model.config._name_or_path == str(tiny_model_dir)
+    # same weights as the in-memory model it was saved from
+    assert fingerprint_mismatch(fingerprint(make_model("llama")), fingerprint(model)) == []
+    assert fingerprint(model)["name_or_path"] == str(tiny_model_dir)
+
+
+def test_load_dtype_and_pad_fallback(tmp_path):
+    inner = Tokenizer(models.WordLevel(WORD_IDS, unk_token="[UNK]"))
+    inner.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=inner, eos_token="[EOS]", unk_token="[UNK]").save_pretrained(tmp_path)
+    make_model("llama").save_pretrained(tmp_path)
+    model, tok = load_base_model(str(tmp_path), device="cpu", dtype="bf16")
+    assert model.dtype == torch.bfloat16
+    assert tok.pad_token == "[EOS]" and tok.pad_token_id == 1  # no pad token saved: EOS stands in
+
+
+def test_load_accepts_pathlike(tiny_model_dir):
+    model, _ = load_base_model(tiny_model_dir, device="cpu")
+    assert model.config.hidden_size == 32
+
+
+@pytest.mark.parametrize("kind", ["missing", "not_a_model"])
+def test_bad_path_names_flag_and_path(tmp_path, kind):
+    path = tmp_path / "nope" if kind == "missing" else tmp_path
+    if kind == "not_a_model":
+        (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ModelLoadError) as exc:
+        load_base_model(str(path), device="cpu")
+    msg = str(exc.value)
+    assert msg.startswith(f"--model {path}: could not load")
+    assert "smollm2-135m-instruct" in msg  # points at what would work
+
+
+def test_missing_gguf():
+    with pytest.raises(ModelLoadError, match=r"^--model /no/such/x\.gguf: no such GGUF file$"):
+        load_base_model("/no/such/x.gguf", device="cpu")
+
+
+def test_resolve_dtype():
+    assert resolve_dtype("auto", CPU) == torch.float32
+    assert resolve_dtype("fp32", CPU) == torch.float32
+    assert resolve_dtype("bfloat16", CPU) == torch.bfloat16 == resolve_dtype("bf16", CPU)
+    assert resolve_dtype("fp16", CPU) == torch.float16
+    with pytest.raises(ModelLoadError, match=r"--dtype 'int8' is not one of auto, float32, fp32, bfloat16"):
+        resolve_dtype("int8", CPU)
+
+
+@pytest.mark.slow
+def test_embedded_default_model():
+    model, tok = load_base_model(device="cpu")
+    assert type(model).__name__ == "LlamaForCausalLM"
+    cfg = model.config
+    assert (cfg.hidden_size, cfg.vocab_size, cfg.num_hidden_layers) == (576, 49152, 30)
+    assert not any(p.requires_grad for p in model.parameters()) and not model.training
+    assert model.dtype == torch.float32
+    assert tok.pad_token_id is not None
+    fp = fingerprint(model)
+    assert fp["name_or_path"] == "smollm2-135m-instruct" and fp["vocab_size"] == 49152
+    enc = tok(["The capital of France is"], return_tensors="pt")
+    with torch.no_grad():
+        new = inject.generate(model, enc["input_ids"], enc["attention_mask"], None, max_new_tokens=3,
+                              eos_token_id=tok.eos_token_id)
+    text = tok.decode(new[0])
+    assert text.startswith(" Paris"), text  # observed greedy output: " Paris.\n\nThe answer is:"
+    del model
+    t0 = time.perf_counter()
+    again, _ = load_base_model(device="cpu")
+    seconds = time.perf_counter() - t0
+    assert seconds < 10, f"reloading the cached folder took {seconds:.1f}s"  # a sanity bound, not a benchmark
+    assert fingerprint(again) == fp

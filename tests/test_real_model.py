@@ -1,0 +1,93 @@
+"""Integration tests on the real embedded model (SmolLM2-135M-Instruct); marked slow, still run in CI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from softprompt import inject
+from softprompt.config import TrainArgs
+from softprompt.data import collate, encode, load_task
+from softprompt.evaluate import evaluate_prompt
+from softprompt.methods import build_method
+from softprompt.model import load_base_model
+from softprompt.train import train
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def real():
+    return load_base_model()
+
+
+@pytest.fixture(scope="module")
+def rt_task():
+    return load_task("rotten_tomatoes", max_samples={"train": 160, "validation": 64, "test": 64})
+
+
+def test_shared_prompt_kv_equals_concatenation_on_real_model(real, rt_task):
+    model, tok = real
+    method = build_method("prompt_tuning", {"num_virtual_tokens": 8, "init": "sample_vocab"}, model, tok)
+    prompt = method().embeds.detach()
+    batch = collate(encode(tok, rt_task.examples("test")[:4], max_length=48), tok.pad_token_id)
+    ours = inject.text_logits(model, batch.input_ids, batch.attention_mask, inject.compute_prompt_kv(model, prompt))
+    b, p = batch.input_ids.shape[0], prompt.shape[0]
+    embeds = torch.cat([prompt[None].expand(b, -1, -1), model.get_input_embeddings()(batch.input_ids)], 1)
+    mask = torch.cat([torch.ones(b, p, dtype=torch.long), batch.attention_mask], 1)
+    ref = model(inputs_embeds=embeds, attention_mask=mask).logits[:, p:]
+    real_tokens = batch.attention_mask.bool()
+    torch.testing.assert_close(ours[real_tokens], ref[real_tokens], atol=2e-4, rtol=1e-4)
+
+
+def test_peft_loads_our_prompt_with_identical_logits(real, tmp_path):
+    peft = pytest.importorskip("peft")
+    from softprompt.store import export_peft, save_prompt
+
+    model, tok = real
+    method = build_method("prompt_tuning", {"num_virtual_tokens": 6, "init": "text"}, model, tok)
+    save_prompt(tmp_path / "ours", method, model)
+    export_peft(tmp_path / "ours", tmp_path / "peft")
+    base, _ = load_base_model()
+    pm = peft.PeftModel.from_pretrained(base, tmp_path / "peft")
+    ids = torch.tensor([tok("A fine film, honestly.", add_special_tokens=False)["input_ids"]])
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        theirs = pm(input_ids=ids, attention_mask=mask).logits[:, 6:]
+        ours = inject.text_logits(model, ids, mask, inject.compute_prompt_kv(model, method()))
+    torch.testing.assert_close(ours, theirs, atol=2e-4, rtol=1e-4)
+
+
+def test_short_training_lowers_validation_loss(real, rt_task, tmp_path):
+    model, tok = real
+    method = build_method("prompt_tuning", {"num_virtual_tokens": 10, "init": "text"}, model, tok)
+    valid = rt_task.examples("validation")
+    with torch.no_grad():
+        before, _ = evaluate_prompt(model, tok, inject.compute_prompt_kv(model, method()), valid, rt_task.format)
+    train(model, tok, method, rt_task, TrainArgs(output_dir=str(tmp_path), max_steps=10, batch_size=8,
+                                                 eval_every=100, warmup_steps=2))
+    with torch.no_grad():
+        after, _ = evaluate_prompt(model, tok, inject.compute_prompt_kv(model, method()), valid, rt_task.format)
+    assert after["loss"] < before["loss"]
+
+
+def test_cli_train_then_generate(tmp_path, capsys):
+    from softprompt.cli import main
+
+    out = tmp_path / "run"
+    code = main(["train", "--output-dir", str(out), "--max-steps", "4", "--batch-size", "4", "--eval-every", "2",
+                 "--max-train-samples", "64", "--max-validation-samples", "16", "--max-test-samples", "16",
+                 "--num-virtual-tokens", "5", "--k-shot", "2"])
+    assert code == 0
+    text = capsys.readouterr().out
+    for row in ("no soft prompt (template only)", "init text as hard prompt", "2-shot prompting", "tuned soft prompt"):
+        assert row in text
+    report = json.loads((out / "eval.json").read_text())
+    assert report["tuned soft prompt"]["n"] == 16
+    code = main(["generate", "--prompt", str(out / "prompt"), "--input", "What a wonderful movie.",
+                 "--max-new-tokens", "3"])
+    assert code == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["input"] == "Review: What a wonderful movie.\nSentiment:" and isinstance(line["output"], str)
