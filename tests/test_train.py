@@ -153,3 +153,16 @@ def test_step_groups_cover_each_example_once_and_group_lengths(tokenizer):
     plain = step_groups(enc, TrainArgs(batch_size=4, group_by_length=False, seed=1), 0, 16)
     plain_spread = sum(max(len(enc[i].input_ids) for i in g) - min(len(enc[i].input_ids) for i in g) for g in plain)
     assert spread < plain_spread / 3
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "qwen2"])
+def test_training_works_on_each_architecture(tmp_path, tokenizer, kind):
+    model = make_model(kind)
+    method = build_method("prompt_tuning", {"num_virtual_tokens": 4, "init": "sample_vocab"}, model, tokenizer)
+    start = method.embeddings.detach().clone()
+    data = task(n_train=32, n_valid=8)
+    result = train(model, tokenizer, method, data, args(tmp_path, max_steps=4, eval_every=4, optimizer="adamw",
+                                                        lr=0.05))
+    assert result.steps == 4 and result.best_metric is not None
+    assert not torch.equal(start, method.embeddings.detach())
+    assert all(p.grad is None for p in model.parameters())
