@@ -3,7 +3,8 @@
 A soft prompt occupies the first ``P`` positions of every row. In a causal LM those positions attend only
 to each other, so their keys/values are identical for every row of a batch and for every request: we run
 the prompt through the model once (batch 1), keep the per-layer keys/values (:class:`PromptKV`) and let
-the text tokens attend to them through the public ``past_key_values`` argument. In training the keys/values
+the text tokens attend to them through the model's public cache argument (``cache`` from transformers 5.24,
+``past_key_values`` before; :func:`_base_forward` picks the one the installed version takes). In training the keys/values
 carry gradients back to the prompt; expanding them over the batch is a view, and autograd sums the rows'
 gradients. This gives the same result as prepending the prompt to ``inputs_embeds`` of every row (tests
 check logits and gradients) while computing the prompt once instead of ``B`` times.
@@ -15,6 +16,7 @@ materialising a ``(B, T, vocab)`` logits tensor.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +28,28 @@ from softprompt.methods.base import PromptOutput
 
 class InjectionError(RuntimeError):
     """A shape or model mismatch when injecting a prompt."""
+
+
+_CACHE_KWARG: dict[type, str] = {}
+
+
+def _base_forward(model, cache=None, **kwargs):
+    """Call the decoder stack (``model.base_model``) passing ``cache`` under the name this version uses.
+
+    transformers 5.24 renamed ``past_key_values`` to ``cache`` (the old name warns and goes in 5.40).
+    """
+    base = model.base_model
+    kind = type(base)
+    if kind not in _CACHE_KWARG:
+        params = inspect.signature(base.forward).parameters
+        _CACHE_KWARG[kind] = "cache" if "cache" in params else "past_key_values"
+    return base(**{_CACHE_KWARG[kind]: cache}, **kwargs)
+
+
+def _out_cache(out):
+    """The cache a forward returned, under either field name."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
 
 
 def _check_prompt(model, embeds: torch.Tensor) -> None:
@@ -68,9 +92,9 @@ def compute_prompt_kv(model, prompt: PromptOutput | torch.Tensor) -> PromptKV:
     _check_prompt(model, embeds)
     embeds = embeds.to(device=model.device, dtype=model.dtype)[None]  # (1, P, H)
     p = embeds.shape[1]
-    out = model.base_model(inputs_embeds=embeds, position_ids=torch.arange(p, device=model.device)[None],
-                           use_cache=True)
-    cache = out.past_key_values
+    out = _base_forward(model, inputs_embeds=embeds, position_ids=torch.arange(p, device=model.device)[None],
+                        use_cache=True)
+    cache = _out_cache(out)
     layers = [(layer.keys, layer.values) for layer in cache.layers]
     if len(layers) != model.config.num_hidden_layers:
         raise InjectionError(f"prompt cache has {len(layers)} layers, model config says "
@@ -98,8 +122,8 @@ def final_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
         ones = torch.ones(b, p, dtype=attention_mask.dtype, device=attention_mask.device)
         mask = torch.cat([ones, attention_mask], dim=1)  # (B, P+T)
         cache = prompt_kv.expand(model, b)
-    out = model.base_model(input_ids=input_ids, attention_mask=mask, past_key_values=cache,
-                           position_ids=text_position_ids(attention_mask, p), use_cache=False)
+    out = _base_forward(model, input_ids=input_ids, attention_mask=mask, cache=cache,
+                        position_ids=text_position_ids(attention_mask, p), use_cache=False)
     return out.last_hidden_state  # (B, T, H)
 
 
@@ -169,8 +193,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, promp
     mask = torch.cat([torch.ones(b, p, dtype=attention_mask.dtype, device=attention_mask.device),
                       attention_mask], dim=1)  # (B, P+T)
     pos = text_position_ids(attention_mask, p)  # (B, T)
-    out = model.base_model(input_ids=input_ids, attention_mask=mask, position_ids=pos,
-                           past_key_values=cache, use_cache=True)
+    out = _base_forward(model, input_ids=input_ids, attention_mask=mask, position_ids=pos, cache=cache,
+                        use_cache=True)
     # the next token follows each row's last real token; with right padding that is not column T-1
     last = attention_mask.long().cumsum(-1).argmax(-1)  # (B,) index of the last real token
     h = out.last_hidden_state[torch.arange(b), last]  # (B, H)
@@ -188,8 +212,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, promp
         if done.all():
             break
         mask = torch.cat([mask, torch.ones(b, 1, dtype=mask.dtype, device=mask.device)], dim=1)
-        out = model.base_model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos[:, None],
-                               past_key_values=out.past_key_values, use_cache=True)
+        out = _base_forward(model, input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos[:, None],
+                            cache=_out_cache(out), use_cache=True)
         h = out.last_hidden_state[:, -1]
         next_pos = next_pos + 1
     return new

@@ -153,3 +153,15 @@ def test_last_token_logprobs_left_and_right_padding(model):
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     full = inject.text_logits(model, right.input_ids, right.attention_mask, kv).log_softmax(-1)
     torch.testing.assert_close(b[1], full[1, 1], atol=1e-5, rtol=1e-5)
+
+
+def test_forward_and_generate_use_the_cache_argument_this_transformers_takes(arch_model):
+    """transformers 5.24 deprecated ``past_key_values`` (removed in 5.40): no deprecation warning may fire."""
+    import warnings
+
+    batch = right_padded_batch()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        kv = inject.compute_prompt_kv(arch_model, torch.randn(P, 32))
+        inject.text_logits(arch_model, batch.input_ids, batch.attention_mask, kv)
+        inject.generate(arch_model, batch.input_ids, batch.attention_mask, kv, max_new_tokens=2, eos_token_id=None)
