@@ -5,7 +5,8 @@ Same base model, same batches (batch 16 of Rotten Tomatoes reviews cut to <= 48 
 that machine noise hits both alike. Before timing, both compute the loss of one batch from the same prompt
 and the two losses are printed: the comparison is only fair if they agree.
 
-Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` around each side's steps. On CPU, each side runs
+Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` during each step minus what was allocated before
+it (weights and optimizer state excluded). On CPU, each side runs
 a few steps in a fresh subprocess that resets the kernel's peak-RSS counter (``/proc/self/clear_refs``)
 after warm-up and reads ``VmHWM`` afterwards: the extra resident memory a training step needs.
 
@@ -43,8 +44,9 @@ def make_batches(tok, n_batches: int, batch_size: int, device) -> list:
 class Ours:
     name = "softprompt"
 
-    def __init__(self, model, tok):
+    def __init__(self, model, tok, prompt_pass="auto"):
         self.model = model
+        self.prompt_pass = prompt_pass
         self.method = build_method("prompt_tuning", {"num_virtual_tokens": P, "init": "random"}, model, tok)
         self.method.to(model.device).train()
         self.opt = torch.optim.Adafactor(self.method.parameters(), lr=0.3)
@@ -53,7 +55,8 @@ class Ours:
         self.method.embeddings.data.copy_(emb)
 
     def loss(self, batch):
-        return inject.target_loss(self.model, batch, inject.compute_prompt_kv(self.model, self.method()))
+        prompt = inject.prompt_for_step(self.model, self.method(), self.prompt_pass)
+        return inject.target_loss(self.model, batch, prompt)
 
     def step(self, batch):
         self.loss(batch).backward()
@@ -98,7 +101,7 @@ def memory_child(side: str, args) -> None:
     """Run in a fresh process: warm up, reset the peak-RSS counter, run steps, print the peak increase."""
     model, tok = load_base_model(args.model, args.device, args.dtype)
     batches = make_batches(tok, 4, args.batch_size, model.device)
-    impl = SIDES[side](model, tok)
+    impl = Ours(model, tok, args.prompt_pass) if side == "softprompt" else Peft(model, tok)
     impl.step(batches[0])
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current RSS
@@ -116,6 +119,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20, help="timed steps per side")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--prompt-pass", default="auto", choices=["auto", "shared_kv", "concat"],
+                    help="softprompt's training pass (auto: concat on CUDA, shared_kv elsewhere)")
     ap.add_argument("--memory-child", choices=list(SIDES), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.memory_child:
@@ -126,11 +131,12 @@ def main() -> None:
     model_b, _ = load_base_model(args.model, args.device, args.dtype)  # PEFT wraps its model in place
     dev = model_a.device
     batches = make_batches(tok, args.steps + args.warmup, args.batch_size, dev)
-    ours, peft = Ours(model_a, tok), Peft(model_b, tok)
+    ours, peft = Ours(model_a, tok, args.prompt_pass), Peft(model_b, tok)
     peft.set_prompt(ours.method.embeddings.detach())
-    la, lb = float(ours.loss(batches[0])), float(peft.loss(batches[0]))
+    with torch.no_grad():
+        la, lb = float(ours.loss(batches[0])), float(peft.loss(batches[0]))
     print(f"model {args.model} on {dev} ({model_a.dtype}); batch {args.batch_size}, <= {MAX_TOKENS} tokens, "
-          f"{P} virtual tokens")
+          f"{P} virtual tokens; softprompt prompt pass: {args.prompt_pass}")
     print(f"same-prompt loss on batch 0: softprompt {la:.6f}  peft {lb:.6f}  (|diff| {abs(la - lb):.2e})")
 
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
@@ -141,6 +147,7 @@ def main() -> None:
         for impl in ((ours, peft) if i % 2 == 0 else (peft, ours)):  # alternate who goes first
             if dev.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
+                before = torch.cuda.memory_allocated()
             sync()
             t0 = time.perf_counter()
             impl.step(batch)
@@ -148,16 +155,17 @@ def main() -> None:
             if i >= args.warmup:
                 times[impl.name].append(time.perf_counter() - t0)
             if dev.type == "cuda":
-                mem[impl.name] = max(mem.get(impl.name, 0.0), torch.cuda.max_memory_allocated() / 2**20)
+                extra = (torch.cuda.max_memory_allocated() - before) / 2**20
+                mem[impl.name] = max(mem.get(impl.name, 0.0), extra)
     timed_tokens = sum(tokens[args.warmup:])
     tps = {k: timed_tokens / sum(v) for k, v in times.items()}
     if dev.type != "cuda":
         for side in SIDES:
             out = subprocess.run([sys.executable, __file__, "--memory-child", side, "--model", args.model,
                                   "--device", args.device, "--dtype", args.dtype,
-                                  "--batch-size", str(args.batch_size)], capture_output=True, text=True, check=True)
+                                  "--batch-size", str(args.batch_size), "--prompt-pass", args.prompt_pass], capture_output=True, text=True, check=True)
             mem[side] = json.loads(out.stdout.strip().splitlines()[-1])["peak_extra_mib"]
-    label = "peak GPU memory allocated" if dev.type == "cuda" else "peak extra RSS during steps"
+    label = "peak extra GPU memory in a step" if dev.type == "cuda" else "peak extra RSS during steps"
     print(f"\n{'':12}{'tok/s':>10}{'median step s':>15}{label + ' (MiB)':>40}")
     for k in times:
         print(f"{k:12}{tps[k]:>10.1f}{statistics.median(times[k]):>15.3f}{mem[k]:>40.1f}")

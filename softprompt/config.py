@@ -152,6 +152,7 @@ class TrainArgs:
     checkpoint_every: int = 25
     resume: bool = False
     seed: int = 0
+    prompt_pass: str = "auto"
 
     def __post_init__(self):
         problems = []
@@ -171,6 +172,8 @@ class TrainArgs:
             problems.append(f"--weight-decay must be >= 0, got {self.weight_decay}")
         if not self.max_grad_norm > 0:
             problems.append(f"--max-grad-norm must be > 0, got {self.max_grad_norm}")
+        if self.prompt_pass not in ("auto", "shared_kv", "concat"):
+            problems.append(f"--prompt-pass must be auto, shared_kv or concat, got {self.prompt_pass!r}")
         if self.metric not in ("auto", "accuracy", "macro_f1", "exact_match", "f1", "loss"):
             problems.append(f"--metric must be auto, accuracy, macro_f1, exact_match, f1 or loss, "
                             f"got {self.metric!r}")

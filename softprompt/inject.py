@@ -9,6 +9,10 @@ carry gradients back to the prompt; expanding them over the batch is a view, and
 gradients. This gives the same result as prepending the prompt to ``inputs_embeds`` of every row (tests
 check logits and gradients) while computing the prompt once instead of ``B`` times.
 
+That saving is compute. On a GPU with small batches a training step is bound by kernel launches instead,
+and the extra prompt pass costs as much as the text pass; there :func:`prompt_for_step` picks the
+``concat`` pass, which prepends the prompt embeddings to every row and runs one forward.
+
 Text positions continue after the prompt (``P + index among the row's real tokens``), so left and right
 padding give identical results. The training loss applies the LM head only at target positions instead of
 materialising a ``(B, T, vocab)`` logits tensor.
@@ -102,6 +106,28 @@ def compute_prompt_kv(model, prompt: PromptOutput | torch.Tensor) -> PromptKV:
     return PromptKV(layers=layers, length=p)
 
 
+PROMPT_PASSES = ("auto", "shared_kv", "concat")
+
+
+def prompt_for_step(model, prompt: PromptOutput | torch.Tensor, mode: str = "auto") -> PromptKV | torch.Tensor:
+    """The prompt as the forward functions take it for one training step.
+
+    ``shared_kv`` computes the prompt's keys/values once (batch 1) and shares them over the rows: less
+    compute, one more (small) forward. ``concat`` returns the ``(P, H)`` embeddings, which
+    :func:`final_hidden` prepends to every row in a single forward. ``auto`` takes ``concat`` on CUDA
+    (launch-bound at prompt-tuning batch sizes) and ``shared_kv`` elsewhere (compute-bound).
+    """
+    if mode not in PROMPT_PASSES:
+        raise InjectionError(f"prompt pass {mode!r} is not one of {', '.join(PROMPT_PASSES)}")
+    if mode == "auto":
+        mode = "concat" if model.device.type == "cuda" else "shared_kv"
+    if mode == "concat":
+        embeds = prompt.embeds if isinstance(prompt, PromptOutput) else prompt
+        _check_prompt(model, embeds)
+        return embeds
+    return compute_prompt_kv(model, prompt)
+
+
 def text_position_ids(attention_mask: torch.Tensor, offset: int) -> torch.Tensor:
     """Positions of text tokens after ``offset`` prompt tokens, skipping padding: ``(B, T)``."""
     pos = attention_mask.long().cumsum(-1) - 1 + offset  # (B, T)
@@ -109,12 +135,18 @@ def text_position_ids(attention_mask: torch.Tensor, offset: int) -> torch.Tensor
 
 
 def final_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 prompt_kv: PromptKV | None = None) -> torch.Tensor:
-    """Last-layer hidden states of the text tokens, with the prompt (if any) in front: ``(B, T, H)``."""
+                 prompt_kv: PromptKV | torch.Tensor | None = None) -> torch.Tensor:
+    """Last-layer hidden states of the text tokens, with the prompt (if any) in front: ``(B, T, H)``.
+
+    ``prompt_kv`` is a :class:`PromptKV` (shared keys/values) or a ``(P, H)`` embedding tensor, which is
+    prepended to every row's input embeddings (one forward; see :func:`prompt_for_step`).
+    """
     if input_ids.shape != attention_mask.shape:
         raise InjectionError(f"input_ids {tuple(input_ids.shape)} and attention_mask "
                              f"{tuple(attention_mask.shape)} differ")
     b = input_ids.shape[0]
+    if isinstance(prompt_kv, torch.Tensor):
+        return _concat_hidden(model, input_ids, attention_mask, prompt_kv)
     p = prompt_kv.length if prompt_kv is not None else 0
     mask = attention_mask
     cache = None
@@ -125,6 +157,19 @@ def final_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     out = _base_forward(model, input_ids=input_ids, attention_mask=mask, cache=cache,
                         position_ids=text_position_ids(attention_mask, p), use_cache=False)
     return out.last_hidden_state  # (B, T, H)
+
+
+def _concat_hidden(model, input_ids, attention_mask, embeds: torch.Tensor) -> torch.Tensor:
+    """The prompt prepended to every row's ``inputs_embeds``; positions as in the shared-KV pass."""
+    b, p = input_ids.shape[0], embeds.shape[0]
+    text = model.get_input_embeddings()(input_ids)  # (B, T, H)
+    prompt = embeds.to(device=text.device, dtype=text.dtype)[None].expand(b, -1, -1)  # (B, P, H)
+    ones = torch.ones(b, p, dtype=attention_mask.dtype, device=attention_mask.device)
+    pos = torch.cat([torch.arange(p, device=input_ids.device)[None].expand(b, -1),
+                     text_position_ids(attention_mask, p)], dim=1)  # (B, P+T)
+    out = _base_forward(model, inputs_embeds=torch.cat([prompt, text], dim=1),
+                        attention_mask=torch.cat([ones, attention_mask], dim=1), position_ids=pos, use_cache=False)
+    return out.last_hidden_state[:, p:]  # (B, T, H)
 
 
 def logits_from_hidden(model, hidden: torch.Tensor) -> torch.Tensor:
@@ -140,7 +185,7 @@ def logits_from_hidden(model, hidden: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-def _target_hidden(model, batch, prompt_kv: PromptKV | None):
+def _target_hidden(model, batch, prompt_kv: PromptKV | torch.Tensor | None):
     """Hidden states that predict each target token, the target ids, and each one's row index."""
     if batch.target_mask[:, 0].any():
         raise InjectionError("a target token sits at position 0: every example needs a non-empty source")
@@ -150,13 +195,13 @@ def _target_hidden(model, batch, prompt_kv: PromptKV | None):
     return h[:, :-1][sel], batch.input_ids[:, 1:][sel], rows  # (N, H), (N,), (N,)
 
 
-def target_loss(model, batch, prompt_kv: PromptKV | None) -> torch.Tensor:
+def target_loss(model, batch, prompt_kv: PromptKV | torch.Tensor | None) -> torch.Tensor:
     """Mean cross-entropy over all target tokens of the batch (logits only where targets are)."""
     hs, targets, _ = _target_hidden(model, batch, prompt_kv)
     return F.cross_entropy(logits_from_hidden(model, hs), targets)
 
 
-def target_logprobs(model, batch, prompt_kv: PromptKV | None) -> torch.Tensor:
+def target_logprobs(model, batch, prompt_kv: PromptKV | torch.Tensor | None) -> torch.Tensor:
     """Sum of log-probabilities of each row's target tokens: ``(B,)``."""
     hs, targets, rows = _target_hidden(model, batch, prompt_kv)
     lp = torch.log_softmax(logits_from_hidden(model, hs), dim=-1)  # (N, V)
@@ -166,7 +211,7 @@ def target_logprobs(model, batch, prompt_kv: PromptKV | None) -> torch.Tensor:
 
 
 def last_token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                        prompt_kv: PromptKV | None) -> torch.Tensor:
+                        prompt_kv: PromptKV | torch.Tensor | None) -> torch.Tensor:
     """Log-probabilities of the token following each row's last real token: ``(B, V)``."""
     h = final_hidden(model, input_ids, attention_mask, prompt_kv)  # (B, T, H)
     last = attention_mask.long().cumsum(-1).argmax(-1)  # (B,) index of the last real token
@@ -174,7 +219,7 @@ def last_token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Te
 
 
 def text_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                prompt_kv: PromptKV | None = None) -> torch.Tensor:
+                prompt_kv: PromptKV | torch.Tensor | None = None) -> torch.Tensor:
     """Full logits over the text positions ``(B, T, V)`` (interop tests and small inputs only)."""
     return logits_from_hidden(model, final_hidden(model, input_ids, attention_mask, prompt_kv))
 

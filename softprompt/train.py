@@ -191,8 +191,8 @@ def train(model, tokenizer, method: PromptMethod, task: TaskData, args: TrainArg
             loss_sum, tokens = 0.0, 0
             for mb in group:
                 mb = mb.to(model.device)
-                kv = inject.compute_prompt_kv(model, method())
-                loss = inject.target_loss(model, mb, kv) / len(group)
+                prompt = inject.prompt_for_step(model, method(), args.prompt_pass)
+                loss = inject.target_loss(model, mb, prompt) / len(group)
                 loss.backward()
                 loss_sum += float(loss.detach())
                 tokens += mb.num_tokens

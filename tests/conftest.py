@@ -107,3 +107,13 @@ def tiny_model_dir(tmp_path_factory):
     model.save_pretrained(d)
     make_tokenizer().save_pretrained(d)
     return d
+
+
+def pytest_collection_modifyitems(config, items):
+    """``gpu`` tests run only where CUDA is present (never in CI)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -37,11 +37,12 @@ def test_logits_match_concatenated_forward(arch_model):
     torch.testing.assert_close(ours[real], ref[real], atol=1e-5, rtol=1e-4)
 
 
-def test_loss_and_gradients_match_hf_labels(arch_model):
+@pytest.mark.parametrize("prompt_pass", ["shared_kv", "concat"])
+def test_loss_and_gradients_match_hf_labels(arch_model, prompt_pass):
     torch.manual_seed(2)
     prompt = torch.randn(P, 32, requires_grad=True)
     batch = right_padded_batch()
-    loss = inject.target_loss(arch_model, batch, inject.compute_prompt_kv(arch_model, prompt))
+    loss = inject.target_loss(arch_model, batch, inject.prompt_for_step(arch_model, prompt, prompt_pass))
     (grad,) = torch.autograd.grad(loss, prompt)
 
     ref_prompt = prompt.detach().clone().requires_grad_(True)
@@ -55,9 +56,10 @@ def test_loss_and_gradients_match_hf_labels(arch_model):
     torch.testing.assert_close(grad, ref_grad, atol=1e-6, rtol=1e-4)
 
 
-def test_left_and_right_padding_agree(arch_model):
+@pytest.mark.parametrize("prompt_pass", ["shared_kv", "concat"])
+def test_left_and_right_padding_agree(arch_model, prompt_pass):
     torch.manual_seed(3)
-    kv = inject.compute_prompt_kv(arch_model, torch.randn(P, 32))
+    kv = inject.prompt_for_step(arch_model, torch.randn(P, 32), prompt_pass)
     items = [Encoded([5, 6, 7, 8, 9, 10], 4), Encoded([11, 12, 13], 2)]
     right, left = collate(items, 0, "right"), collate(items, 0, "left")
     lr = inject.target_logprobs(arch_model, right, kv)
@@ -165,3 +167,13 @@ def test_forward_and_generate_use_the_cache_argument_this_transformers_takes(arc
         kv = inject.compute_prompt_kv(arch_model, torch.randn(P, 32))
         inject.text_logits(arch_model, batch.input_ids, batch.attention_mask, kv)
         inject.generate(arch_model, batch.input_ids, batch.attention_mask, kv, max_new_tokens=2, eos_token_id=None)
+
+
+def test_prompt_pass_auto_and_bad_name(model):
+    prompt = torch.randn(P, 32)
+    assert isinstance(inject.prompt_for_step(model, prompt, "auto"), inject.PromptKV)  # CPU: shared keys/values
+    assert inject.prompt_for_step(model, prompt, "concat") is prompt
+    with pytest.raises(inject.InjectionError, match="prompt pass 'fast'"):
+        inject.prompt_for_step(model, prompt, "fast")
+    with pytest.raises(inject.InjectionError, match=r"expected \(P, 32\)"):
+        inject.prompt_for_step(model, torch.randn(P, 8), "concat")

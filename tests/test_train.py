@@ -166,3 +166,13 @@ def test_training_works_on_each_architecture(tmp_path, tokenizer, kind):
     assert result.steps == 4 and result.best_metric is not None
     assert not torch.equal(start, method.embeddings.detach())
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_concat_and_shared_kv_passes_train_the_same_prompt(tmp_path, tokenizer):
+    finals = []
+    for prompt_pass in ("shared_kv", "concat"):
+        model, method = fresh(tokenizer)
+        train(model, tokenizer, method, task(), args(tmp_path / prompt_pass, max_steps=5, optimizer="adamw",
+                                                     lr=0.05, prompt_pass=prompt_pass))
+        finals.append(method.embeddings.detach().clone())
+    torch.testing.assert_close(finals[0], finals[1], atol=1e-4, rtol=1e-4)
