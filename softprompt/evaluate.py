@@ -97,6 +97,11 @@ def _by_length(encoded: list[Encoded], batch_size: int, pad_id: int, padding_sid
     return out
 
 
+def label_token_ids(tokenizer, fmt: TaskFormat) -> list[list[int]]:
+    """Token ids of each label's verbalizer text, tokenised as a target is (:func:`encode`)."""
+    return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in fmt.label_texts]
+
+
 @torch.no_grad()
 def label_scores(model, tokenizer, prompt_kv, examples: list[Example], fmt: TaskFormat, batch_size: int,
                  max_length: int = 256) -> torch.Tensor:
@@ -106,7 +111,7 @@ def label_scores(model, tokenizer, prompt_kv, examples: list[Example], fmt: Task
     single distinct token, one forward per example gives all scores at the last source position; otherwise
     each (example, label) pair is one row.
     """
-    label_ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in fmt.label_texts]
+    label_ids = label_token_ids(tokenizer, fmt)
     if all(len(ids) == 1 for ids in label_ids) and len({ids[0] for ids in label_ids}) == len(label_ids):
         enc = encode(tokenizer, [Example(ex.source, fmt.label_texts[0]) for ex in examples], max_length=max_length)
         sources = [Encoded(e.input_ids[:e.target_start], e.target_start) for e in enc]
@@ -180,7 +185,14 @@ def evaluate_prompt(model, tokenizer, prompt_kv, examples: list[Example], fmt: T
                                      for e, p in zip(expected, texts, strict=True)) / len(examples)
         metrics["f1"] = sum(token_f1(e, p) for e, p in zip(expected, texts, strict=True)) / len(examples)
         preds = [Prediction(ex.source, e, p.strip()) for ex, e, p in zip(examples, expected, texts, strict=True)]
-    if with_loss:
+    if with_loss and fmt.is_classification:
+        # the gold label's score is the summed log-probability of the target tokens: no second forward
+        gold = torch.tensor([fmt.labels.index(ex.label) for ex in examples])
+        lengths = torch.tensor([len(ids) for ids in label_token_ids(tokenizer, fmt)])
+        loss = float(-scores[torch.arange(len(examples)), gold].sum() / lengths[gold].sum())
+        metrics["loss"] = loss
+        metrics["perplexity"] = math.exp(min(loss, 50.0))
+    elif with_loss:
         enc = encode(tokenizer, examples, max_length=max_length)
         loss = mean_target_loss(model, enc, tokenizer.pad_token_id, prompt_kv, batch_size)
         metrics["loss"] = loss

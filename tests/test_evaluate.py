@@ -85,3 +85,17 @@ def test_format_report_aligns_rows():
     text = format_report({"a": {"accuracy": 0.5, "n": 10}, "longer name": {"accuracy": 0.75, "n": 10}})
     lines = text.splitlines()
     assert "accuracy" in lines[0] and lines[2].startswith("longer name") and "0.7500" in lines[2]
+
+
+@pytest.mark.parametrize("verbalizer", [{"positive": "positive", "negative": "negative"},
+                                        {"positive": "very good", "negative": "not good"}])
+def test_classification_loss_from_label_scores_equals_target_loss(model, tokenizer, verbalizer):
+    from softprompt.data import encode
+    from softprompt.evaluate import mean_target_loss
+
+    fmt = TaskFormat("Review: {text}\nSentiment:", "label", verbalizer)
+    examples = [fmt.render(r) for r in sentiment_records(10)]
+    kv = inject.compute_prompt_kv(model, torch.randn(3, 32))
+    m, _ = evaluate_prompt(model, tokenizer, kv, examples, fmt, batch_size=4)
+    direct = mean_target_loss(model, encode(tokenizer, examples), tokenizer.pad_token_id, kv, 4)
+    assert m["loss"] == pytest.approx(direct, rel=1e-5)
