@@ -3,11 +3,15 @@
 A soft prompt occupies the first ``P`` positions of every row. In a causal LM those positions attend only
 to each other, so their keys/values are identical for every row of a batch and for every request: we run
 the prompt through the model once (batch 1), keep the per-layer keys/values (:class:`PromptKV`) and let
-the text tokens attend to them through the model's public cache argument (``cache`` from transformers 5.24,
-``past_key_values`` before; :func:`_base_forward` picks the one the installed version takes). In training the keys/values
-carry gradients back to the prompt; expanding them over the batch is a view, and autograd sums the rows'
-gradients. This gives the same result as prepending the prompt to ``inputs_embeds`` of every row (tests
-check logits and gradients) while computing the prompt once instead of ``B`` times.
+the text tokens attend to them through the model's public cache argument (``cache`` from transformers
+5.24, ``past_key_values`` before; :func:`_base_forward` picks the one the installed version takes). In
+training the keys/values carry gradients back to the prompt; expanding them over the batch is a view, and
+autograd sums the rows' gradients. This gives the same result as prepending the prompt to ``inputs_embeds``
+of every row (tests check logits and gradients) while computing the prompt once instead of ``B`` times.
+
+A mixed-task batch (:class:`RowPrompts`) puts each row's prompt keys/values left-padded into one prefix;
+the padding slots are masked out and each row's text positions start after its own prompt, so every row
+gets exactly what it would get alone.
 
 That saving is compute. On a GPU with small batches a training step is bound by kernel launches instead,
 and the extra prompt pass costs as much as the text pass; there :func:`prompt_for_step` picks the
@@ -21,6 +25,7 @@ materialising a ``(B, T, vocab)`` logits tensor.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -106,6 +111,22 @@ def compute_prompt_kv(model, prompt: PromptOutput | torch.Tensor) -> PromptKV:
     return PromptKV(layers=layers, length=p)
 
 
+@dataclass
+class RowPrompts:
+    """A different prompt per row (mixed-task batch), as one left-padded key/value prefix.
+
+    Attributes:
+        layers: ``[(k, v), ...]`` per layer, each ``(B, kv_heads, L, head_dim)``; row ``i``'s prompt fills
+            its last ``lengths[i]`` slots, the slots before are zeros and masked out.
+        prefix_mask: ``(B, L)``, 1 where row ``i`` has a prompt token.
+        lengths: ``(B,)`` each row's prompt length; its text positions start there.
+    """
+
+    layers: list[tuple[torch.Tensor, torch.Tensor]]
+    prefix_mask: torch.Tensor
+    lengths: torch.Tensor
+
+
 PROMPT_PASSES = ("auto", "shared_kv", "concat")
 
 
@@ -128,18 +149,35 @@ def prompt_for_step(model, prompt: PromptOutput | torch.Tensor, mode: str = "aut
     return compute_prompt_kv(model, prompt)
 
 
-def text_position_ids(attention_mask: torch.Tensor, offset: int) -> torch.Tensor:
-    """Positions of text tokens after ``offset`` prompt tokens, skipping padding: ``(B, T)``."""
+def text_position_ids(attention_mask: torch.Tensor, offset: int | torch.Tensor) -> torch.Tensor:
+    """Positions of text tokens after ``offset`` prompt tokens (an int, or ``(B, 1)`` per row), skipping
+    padding: ``(B, T)``."""
     pos = attention_mask.long().cumsum(-1) - 1 + offset  # (B, T)
-    return pos.clamp(min=offset)
+    return pos.clamp(min=offset) if isinstance(offset, int) else torch.maximum(pos, offset)
+
+
+def _prefix(model, prompt, b: int, like: torch.Tensor):
+    """Cache, ``(B, L)`` prefix mask and text position offset for a prompt of any kind (or none)."""
+    if prompt is None:
+        return None, None, 0
+    if isinstance(prompt, PromptKV):
+        return prompt.expand(model, b), torch.ones(b, prompt.length, dtype=like.dtype, device=like.device), \
+            prompt.length
+    if prompt.prefix_mask.shape[0] != b:
+        raise InjectionError(f"row prompts are for {prompt.prefix_mask.shape[0]} rows, the batch has {b}")
+    cache = DynamicCache(config=model.config)
+    for i, (k, v) in enumerate(prompt.layers):
+        cache.update(k, v, i)
+    return cache, prompt.prefix_mask.to(like.dtype), prompt.lengths[:, None]
 
 
 def final_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 prompt_kv: PromptKV | torch.Tensor | None = None) -> torch.Tensor:
+                 prompt_kv: PromptKV | RowPrompts | torch.Tensor | None = None) -> torch.Tensor:
     """Last-layer hidden states of the text tokens, with the prompt (if any) in front: ``(B, T, H)``.
 
-    ``prompt_kv`` is a :class:`PromptKV` (shared keys/values) or a ``(P, H)`` embedding tensor, which is
-    prepended to every row's input embeddings (one forward; see :func:`prompt_for_step`).
+    ``prompt_kv`` is a :class:`PromptKV` (one prompt's keys/values shared by all rows), a
+    :class:`RowPrompts` (one prompt per row, from :meth:`PromptTable.rows`) or a ``(P, H)`` embedding
+    tensor, which is prepended to every row's input embeddings (one forward; see :func:`prompt_for_step`).
     """
     if input_ids.shape != attention_mask.shape:
         raise InjectionError(f"input_ids {tuple(input_ids.shape)} and attention_mask "
@@ -147,15 +185,10 @@ def final_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     b = input_ids.shape[0]
     if isinstance(prompt_kv, torch.Tensor):
         return _concat_hidden(model, input_ids, attention_mask, prompt_kv)
-    p = prompt_kv.length if prompt_kv is not None else 0
-    mask = attention_mask
-    cache = None
-    if prompt_kv is not None:
-        ones = torch.ones(b, p, dtype=attention_mask.dtype, device=attention_mask.device)
-        mask = torch.cat([ones, attention_mask], dim=1)  # (B, P+T)
-        cache = prompt_kv.expand(model, b)
+    cache, prefix_mask, offset = _prefix(model, prompt_kv, b, attention_mask)
+    mask = attention_mask if prefix_mask is None else torch.cat([prefix_mask, attention_mask], dim=1)  # (B, L+T)
     out = _base_forward(model, input_ids=input_ids, attention_mask=mask, cache=cache,
-                        position_ids=text_position_ids(attention_mask, p), use_cache=False)
+                        position_ids=text_position_ids(attention_mask, offset), use_cache=False)
     return out.last_hidden_state  # (B, T, H)
 
 
@@ -185,7 +218,7 @@ def logits_from_hidden(model, hidden: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-def _target_hidden(model, batch, prompt_kv: PromptKV | torch.Tensor | None):
+def _target_hidden(model, batch, prompt_kv: PromptKV | RowPrompts | torch.Tensor | None):
     """Hidden states that predict each target token, the target ids, and each one's row index."""
     if batch.target_mask[:, 0].any():
         raise InjectionError("a target token sits at position 0: every example needs a non-empty source")
@@ -195,13 +228,13 @@ def _target_hidden(model, batch, prompt_kv: PromptKV | torch.Tensor | None):
     return h[:, :-1][sel], batch.input_ids[:, 1:][sel], rows  # (N, H), (N,), (N,)
 
 
-def target_loss(model, batch, prompt_kv: PromptKV | torch.Tensor | None) -> torch.Tensor:
+def target_loss(model, batch, prompt_kv: PromptKV | RowPrompts | torch.Tensor | None) -> torch.Tensor:
     """Mean cross-entropy over all target tokens of the batch (logits only where targets are)."""
     hs, targets, _ = _target_hidden(model, batch, prompt_kv)
     return F.cross_entropy(logits_from_hidden(model, hs), targets)
 
 
-def target_logprobs(model, batch, prompt_kv: PromptKV | torch.Tensor | None) -> torch.Tensor:
+def target_logprobs(model, batch, prompt_kv: PromptKV | RowPrompts | torch.Tensor | None) -> torch.Tensor:
     """Sum of log-probabilities of each row's target tokens: ``(B,)``."""
     hs, targets, rows = _target_hidden(model, batch, prompt_kv)
     lp = torch.log_softmax(logits_from_hidden(model, hs), dim=-1)  # (N, V)
@@ -211,7 +244,7 @@ def target_logprobs(model, batch, prompt_kv: PromptKV | torch.Tensor | None) -> 
 
 
 def last_token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                        prompt_kv: PromptKV | torch.Tensor | None) -> torch.Tensor:
+                        prompt_kv: PromptKV | RowPrompts | torch.Tensor | None) -> torch.Tensor:
     """Log-probabilities of the token following each row's last real token: ``(B, V)``."""
     h = final_hidden(model, input_ids, attention_mask, prompt_kv)  # (B, T, H)
     last = attention_mask.long().cumsum(-1).argmax(-1)  # (B,) index of the last real token
@@ -219,25 +252,51 @@ def last_token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Te
 
 
 def text_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                prompt_kv: PromptKV | torch.Tensor | None = None) -> torch.Tensor:
+                prompt_kv: PromptKV | RowPrompts | torch.Tensor | None = None) -> torch.Tensor:
     """Full logits over the text positions ``(B, T, V)`` (interop tests and small inputs only)."""
     return logits_from_hidden(model, final_hidden(model, input_ids, attention_mask, prompt_kv))
 
 
-@torch.no_grad()
-def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_kv: PromptKV | None,
-             max_new_tokens: int, eos_token_id: int | None, temperature: float = 0.0, top_k: int = 0,
-             top_p: float = 1.0, generator: torch.Generator | None = None) -> list[list[int]]:
-    """Decode after left- or right-padded inputs; greedy when ``temperature == 0``.
+@dataclass
+class RowSampling:
+    """How one row is decoded: greedy when ``temperature == 0``, else sampled with its own generator."""
 
-    Returns the new token ids of each row, without the EOS token.
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    generator: torch.Generator | None = None
+
+
+@dataclass
+class Decoded:
+    """New token ids per row (EOS excluded) and why each row ended: ``eos``, ``length`` or ``stop``."""
+
+    tokens: list[list[int]]
+    finish: list[str]
+
+
+@torch.no_grad()
+def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+           prompt_kv: PromptKV | RowPrompts | None, rows: list[RowSampling], eos_token_id: int | None,
+           should_stop: Callable[[int, list[int]], bool] | None = None) -> Decoded:
+    """Decode after left- or right-padded inputs, each row with its own settings.
+
+    Args:
+        prompt_kv: one prompt for all rows, one per row, or none.
+        rows: decoding settings of each row.
+        eos_token_id: ends a row (not included in its tokens).
+        should_stop: called with (row, tokens so far) after each new token; True ends the row (e.g. a
+            stop string appeared).
     """
     b = input_ids.shape[0]
-    p = prompt_kv.length if prompt_kv is not None else 0
-    cache = prompt_kv.expand(model, b) if prompt_kv is not None else DynamicCache(config=model.config)
-    mask = torch.cat([torch.ones(b, p, dtype=attention_mask.dtype, device=attention_mask.device),
-                      attention_mask], dim=1)  # (B, P+T)
-    pos = text_position_ids(attention_mask, p)  # (B, T)
+    if len(rows) != b:
+        raise InjectionError(f"{len(rows)} sampling settings for a batch of {b} rows")
+    cache, prefix_mask, offset = _prefix(model, prompt_kv, b, attention_mask)
+    if cache is None:
+        cache = DynamicCache(config=model.config)
+    mask = attention_mask if prefix_mask is None else torch.cat([prefix_mask, attention_mask], dim=1)  # (B, L+T)
+    pos = text_position_ids(attention_mask, offset)  # (B, T)
     out = _base_forward(model, input_ids=input_ids, attention_mask=mask, position_ids=pos, cache=cache,
                         use_cache=True)
     # the next token follows each row's last real token; with right padding that is not column T-1
@@ -245,23 +304,51 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, promp
     h = out.last_hidden_state[torch.arange(b), last]  # (B, H)
     next_pos = pos[torch.arange(b), last] + 1  # (B,)
     # with right padding the pad columns stay in the cache but remain masked out for the new tokens
-    done = torch.zeros(b, dtype=torch.bool, device=input_ids.device)
+    finish: list[str | None] = [None if r.max_new_tokens > 0 else "length" for r in rows]
     new: list[list[int]] = [[] for _ in range(b)]
-    for _ in range(max_new_tokens):
-        tok = sample_next(logits_from_hidden(model, h), temperature, top_k, top_p, generator)  # (B,)
-        for i in torch.nonzero(~done, as_tuple=True)[0].tolist():
-            if eos_token_id is not None and tok[i].item() == eos_token_id:
-                done[i] = True
-            else:
-                new[i].append(int(tok[i]))
-        if done.all():
+    uniform = all((r.temperature, r.top_k, r.top_p, r.generator) == (rows[0].temperature, rows[0].top_k,
+                  rows[0].top_p, rows[0].generator) for r in rows)
+    for _ in range(max((r.max_new_tokens for r in rows), default=0)):
+        if all(f is not None for f in finish):
+            break
+        logits = logits_from_hidden(model, h)  # (B, V)
+        if uniform:
+            tok = sample_next(logits, rows[0].temperature, rows[0].top_k, rows[0].top_p, rows[0].generator)
+        else:  # per-row settings; each row draws from its own generator, whatever the batch holds
+            tok = torch.cat([sample_next(logits[i:i + 1], r.temperature, r.top_k, r.top_p, r.generator)
+                             for i, r in enumerate(rows)])
+        for i in range(b):
+            if finish[i] is not None:
+                continue
+            t = int(tok[i])
+            if eos_token_id is not None and t == eos_token_id:
+                finish[i] = "eos"
+                continue
+            new[i].append(t)
+            if should_stop is not None and should_stop(i, new[i]):
+                finish[i] = "stop"
+            elif len(new[i]) >= rows[i].max_new_tokens:
+                finish[i] = "length"
+        if all(f is not None for f in finish):
             break
         mask = torch.cat([mask, torch.ones(b, 1, dtype=mask.dtype, device=mask.device)], dim=1)
         out = _base_forward(model, input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos[:, None],
                             cache=_out_cache(out), use_cache=True)
         h = out.last_hidden_state[:, -1]
         next_pos = next_pos + 1
-    return new
+    return Decoded(tokens=new, finish=[f or "length" for f in finish])
+
+
+def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+             prompt_kv: PromptKV | RowPrompts | None, max_new_tokens: int, eos_token_id: int | None,
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+             generator: torch.Generator | None = None) -> list[list[int]]:
+    """Decode every row with the same settings; greedy when ``temperature == 0``.
+
+    Returns the new token ids of each row, without the EOS token.
+    """
+    rows = [RowSampling(max_new_tokens, temperature, top_k, top_p, generator)] * input_ids.shape[0]
+    return decode(model, input_ids, attention_mask, prompt_kv, rows, eos_token_id).tokens
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
@@ -280,4 +367,5 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits)
     probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+    gen_device = generator.device if generator is not None else probs.device
+    return torch.multinomial(probs.to(gen_device), 1, generator=generator)[:, 0].to(probs.device)
