@@ -1,0 +1,37 @@
+"""Batched multi-task inference: one frozen model, many cached prompts, mixed-task batches, ensembles."""
+
+from softprompt.engine.batching import MixedBatch, Row, mixed_batches
+from softprompt.engine.engine import Engine, Task, task_format
+from softprompt.engine.prompt_table import PromptTable
+from softprompt.engine.requests import (
+    ClassifyRequest,
+    ClassifyResult,
+    EngineError,
+    GenerateRequest,
+    GenerateResult,
+    RequestError,
+    ScoreRequest,
+    ScoreResult,
+    TooLongError,
+    UnknownTaskError,
+)
+
+__all__ = [
+    "ClassifyRequest",
+    "ClassifyResult",
+    "Engine",
+    "EngineError",
+    "GenerateRequest",
+    "GenerateResult",
+    "MixedBatch",
+    "PromptTable",
+    "RequestError",
+    "Row",
+    "ScoreRequest",
+    "ScoreResult",
+    "Task",
+    "TooLongError",
+    "UnknownTaskError",
+    "mixed_batches",
+    "task_format",
+]

@@ -1,0 +1,136 @@
+"""What the engine is asked and what it answers; errors map one-to-one to HTTP status codes in the server."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+class EngineError(Exception):
+    """Base class of engine errors (bad requests; the engine itself stays usable)."""
+
+
+class UnknownTaskError(EngineError):
+    """A request names a task the engine has not loaded (HTTP 404)."""
+
+
+class RequestError(EngineError):
+    """A request's fields are invalid (HTTP 422)."""
+
+
+class TooLongError(EngineError):
+    """A request has more tokens than the engine accepts (HTTP 400)."""
+
+
+Input = str | dict[str, str]
+
+
+@dataclass
+class ClassifyRequest:
+    """Pick a label of ``task``'s verbalizer for ``input``.
+
+    Attributes:
+        task: a loaded classification task (prompt or ensemble).
+        input: the text for the template's one field, or a dict of field values.
+        raw: use ``input`` (a string) as the whole text, without the template.
+    """
+
+    task: str
+    input: Input
+    raw: bool = False
+
+
+@dataclass
+class ClassifyResult:
+    """The chosen label, each label's probability, and each label's log-likelihood.
+
+    For an ensemble, ``probs`` is the mean of the members' probabilities, ``scores`` the members' mean
+    log-likelihood, and ``votes`` counts the members' picks.
+    """
+
+    task: str
+    label: str
+    probs: dict[str, float]
+    scores: dict[str, float]
+    votes: dict[str, int] | None = None
+
+
+@dataclass
+class GenerateRequest:
+    """Continue ``input`` with ``task``'s prompt.
+
+    Attributes:
+        max_tokens: most new tokens.
+        temperature: 0 is greedy; > 0 samples.
+        top_k: keep the k most likely tokens (0: all).
+        top_p: keep the smallest set of tokens whose probability reaches ``top_p``.
+        seed: seeds this request's own sampler (same seed, same text, whatever else is in the batch).
+        stop: strings that end the output (not included in it).
+    """
+
+    task: str
+    input: Input
+    raw: bool = False
+    max_tokens: int = 32
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+
+
+@dataclass
+class GenerateResult:
+    task: str
+    text: str
+    tokens: list[int]
+    finish_reason: str  # "stop" (a stop string or EOS) or "length"
+    prompt_tokens: int
+
+
+@dataclass
+class ScoreRequest:
+    """Log-probability of ``continuation`` after ``input`` under ``task``'s prompt."""
+
+    task: str
+    input: Input
+    continuation: str
+    raw: bool = False
+
+
+@dataclass
+class ScoreResult:
+    task: str
+    logprob: float
+    token_logprobs: list[float]
+    tokens: list[int]
+
+
+def check_request(req, kind: str) -> list[str]:
+    """Field problems of one request (all of them), for a :class:`RequestError`."""
+    problems = []
+    if not isinstance(req.task, str) or not req.task:
+        problems.append("task must be a non-empty string")
+    if isinstance(req.input, dict):
+        if req.raw:
+            problems.append("raw input must be a string, not a dict of fields")
+        bad = [k for k, v in req.input.items() if not isinstance(k, str) or not isinstance(v, str)]
+        if bad:
+            problems.append(f"input fields must map names to strings (bad: {bad[:3]})")
+    elif not isinstance(req.input, str):
+        problems.append(f"input must be a string or a dict of field values, got {type(req.input).__name__}")
+    if kind == "generate":
+        if not isinstance(req.max_tokens, int) or req.max_tokens < 1:
+            problems.append(f"max_tokens must be an integer >= 1, got {req.max_tokens!r}")
+        if not isinstance(req.temperature, int | float) or req.temperature < 0:
+            problems.append(f"temperature must be >= 0, got {req.temperature!r}")
+        if not isinstance(req.top_k, int) or req.top_k < 0:
+            problems.append(f"top_k must be an integer >= 0, got {req.top_k!r}")
+        if not isinstance(req.top_p, int | float) or not 0 < req.top_p <= 1:
+            problems.append(f"top_p must be in (0, 1], got {req.top_p!r}")
+        if req.seed is not None and not isinstance(req.seed, int):
+            problems.append(f"seed must be an integer, got {req.seed!r}")
+        if not isinstance(req.stop, list) or not all(isinstance(s, str) and s for s in req.stop):
+            problems.append("stop must be a list of non-empty strings")
+    if kind == "score" and (not isinstance(req.continuation, str) or not req.continuation):
+        problems.append("continuation must be a non-empty string")
+    return problems

@@ -1,0 +1,201 @@
+"""The engine: mixed-task batches with cached prompts equal one-row uncached runs; ensembles; errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from softprompt.engine import (
+    ClassifyRequest,
+    Engine,
+    GenerateRequest,
+    RequestError,
+    ScoreRequest,
+    TooLongError,
+    UnknownTaskError,
+)
+from softprompt.methods import build_method
+from softprompt.store import load_prompt, save_prompt
+from tests.conftest import make_model
+from tests.test_prompt_table import reference_logits
+
+SENT = {"template": "Review: {text}\nSentiment:", "target_field": "label",
+        "verbalizer": {"positive": "positive", "negative": "negative"}}
+SENT2 = {"template": "Classify sentiment . {text} :", "target_field": "label",
+         "verbalizer": {"negative": "not good", "positive": "very good"}}  # multi-token labels, other order
+CAPS = {"template": "Country : {country} Capital :", "target_field": "capital", "verbalizer": None}
+TEXTS = ["the movie was great", "a bad plot", "very awful film", "the film is good", "plot was not bad"]
+
+
+def stored(tmp_path, model, tok, name, n, task, seed):
+    torch.manual_seed(seed)
+    method = build_method("prompt_tuning", {"num_virtual_tokens": n, "init": "random", "init_scale": 1.0,
+                                            "seed": seed}, model, tok)
+    save_prompt(tmp_path / name, method, model, task=task)
+    return load_prompt(tmp_path / name, model)
+
+
+@pytest.fixture(params=["llama", "gpt2", "qwen2"])
+def setup(request, tmp_path, tokenizer):
+    model = make_model(request.param)
+    engine = Engine(model, tokenizer, max_batch_size=4)
+    prompts = {}
+    for name, n, task, seed in [("sent", 3, SENT, 1), ("sent2", 6, SENT2, 2), ("caps", 2, CAPS, 3),
+                                ("sent3", 5, SENT, 4)]:
+        prompts[name] = stored(tmp_path, model, tokenizer, name, n, task, seed)
+        engine.add_prompt(name, prompts[name])
+    engine.add_base("base")
+    return model, tokenizer, engine, {k: v.tensors["prompt_embeddings"] for k, v in prompts.items()}
+
+
+def ids_of(tok, text):
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def ref_logprob(model, prompt, ids, start):
+    """Uncached, unbatched: sum of log p(ids[t]) for t >= start, prompt prepended to inputs_embeds."""
+    with torch.no_grad():
+        lp = torch.log_softmax(reference_logits(model, prompt, ids).double(), -1)
+    return sum(float(lp[t - 1, ids[t]]) for t in range(start, len(ids)))
+
+
+def ref_label_scores(model, tok, prompt, task, text):
+    src = ids_of(tok, task["template"].format(text=text))
+    return {lab: ref_logprob(model, prompt, src + ids_of(tok, " " + v), len(src))
+            for lab, v in task["verbalizer"].items()}
+
+
+def test_mixed_classification_equals_single_uncached(setup):
+    model, tok, engine, prompts = setup
+    reqs = [ClassifyRequest(task, text) for text in TEXTS for task in ("sent", "sent2", "sent3")]
+    results = engine.classify(reqs)
+    for req, res in zip(reqs, results, strict=True):
+        task = SENT2 if req.task == "sent2" else SENT
+        ref = ref_label_scores(model, tok, prompts[req.task], task, req.input)
+        assert res.scores == pytest.approx(ref, abs=1e-4)
+        assert res.label == max(ref, key=ref.get)
+        assert sum(res.probs.values()) == pytest.approx(1.0)
+        assert res.votes is None
+
+
+def test_mixed_generation_equals_single_uncached_greedy(setup):
+    model, tok, engine, prompts = setup
+    reqs = [GenerateRequest("caps", {"country": "France"}, max_tokens=4),
+            GenerateRequest("sent", "the plot", max_tokens=3),
+            GenerateRequest("base", "Country : Spain", raw=True, max_tokens=5),
+            GenerateRequest("sent2", "a very bad movie", max_tokens=4)]
+    results = engine.generate(reqs)
+    templates = {"caps": CAPS, "sent": SENT, "sent2": SENT2}
+    for req, res in zip(reqs, results, strict=True):
+        text = req.input if req.raw else templates[req.task]["template"].format(
+            **(req.input if isinstance(req.input, dict) else {"text": req.input}))
+        ids = ids_of(tok, text)
+        prompt = prompts.get(req.task)
+        n = len(ids)
+        for _ in range(req.max_tokens):
+            with torch.no_grad():
+                nxt = int(reference_logits(model, prompt, ids)[-1].argmax())
+            if nxt == tok.eos_token_id:
+                break
+            ids.append(nxt)
+        assert res.tokens == ids[n:] and res.prompt_tokens == n
+        assert res.finish_reason == ("length" if len(res.tokens) == req.max_tokens else "stop")
+
+
+def test_score_equals_single_uncached(setup):
+    model, tok, engine, prompts = setup
+    reqs = [ScoreRequest("sent", "good film", " positive"), ScoreRequest("caps", {"country": "Italy"}, " Rome"),
+            ScoreRequest("base", "the movie", " was very good", raw=True)]
+    for req, res in zip(reqs, engine.score(reqs), strict=True):
+        text = req.input if req.raw else {"sent": SENT, "caps": CAPS}[req.task]["template"].format(
+            **(req.input if isinstance(req.input, dict) else {"text": req.input}))
+        src, cont = ids_of(tok, text), ids_of(tok, req.continuation)
+        assert res.logprob == pytest.approx(ref_logprob(model, prompts.get(req.task), src + cont, len(src)), abs=1e-4)
+        assert res.tokens == cont and len(res.token_logprobs) == len(cont)
+
+
+def test_ensemble_mean_and_vote_combine_members_in_one_call(setup):
+    _, _, engine, _ = setup
+    engine.add_ensemble("ens", ["sent", "sent2", "sent3"], "mean")
+    engine.add_ensemble("ens_vote", ["sent", "sent2", "sent3"], "vote")
+    singles = {t: engine.classify([ClassifyRequest(t, x) for x in TEXTS]) for t in ("sent", "sent2", "sent3")}
+    mixed = engine.classify([ClassifyRequest(t, x) for x in TEXTS for t in ("ens", "ens_vote")])
+    for i, text in enumerate(TEXTS):
+        mean_res, vote_res = mixed[2 * i], mixed[2 * i + 1]
+        members = [singles[t][i] for t in ("sent", "sent2", "sent3")]
+        for lab in ("positive", "negative"):
+            assert mean_res.probs[lab] == pytest.approx(sum(m.probs[lab] for m in members) / 3, abs=1e-6)
+        assert mean_res.label == max(mean_res.probs, key=mean_res.probs.get)
+        picks = [m.label for m in members]
+        assert vote_res.votes == {lab: picks.count(lab) for lab in ("positive", "negative")}
+        assert vote_res.label == max(set(picks), key=picks.count)
+
+
+def test_sampling_is_reproducible_per_request_whatever_the_batch(setup):
+    _, _, engine, _ = setup
+    req = GenerateRequest("caps", {"country": "Spain"}, max_tokens=6, temperature=1.0, top_k=20, seed=11)
+    alone = engine.generate([req])[0]
+    crowd = engine.generate([GenerateRequest("sent", "bad", max_tokens=2), req,
+                             GenerateRequest("caps", {"country": "Italy"}, max_tokens=6, temperature=0.7, seed=3)])
+    assert crowd[1].tokens == alone.tokens
+    other = engine.generate([GenerateRequest("caps", {"country": "Spain"}, max_tokens=6, temperature=1.0,
+                                             top_k=20, seed=12)])[0]
+    assert other.tokens != alone.tokens or len(set(alone.tokens)) == 1
+
+
+def test_stop_strings_cut_the_text(setup):
+    _, _, engine, _ = setup
+    free = engine.generate([GenerateRequest("base", "the movie was", raw=True, max_tokens=8)])[0]
+    words = free.text.split()
+    if len(words) < 2:
+        pytest.skip("greedy output too short on this random model")
+    stop = words[-1]
+    res = engine.generate([GenerateRequest("base", "the movie was", raw=True, max_tokens=8, stop=["zzz", stop])])[0]
+    assert res.finish_reason == "stop" and res.text == free.text[:free.text.index(stop)]
+    assert len(res.tokens) <= len(free.tokens)
+
+
+def test_errors_are_specific(setup):
+    _, _, engine, _ = setup
+    with pytest.raises(UnknownTaskError, match="unknown task 'nope'"):
+        engine.classify([ClassifyRequest("nope", "x")])
+    with pytest.raises(RequestError, match="not a classification task"):
+        engine.classify([ClassifyRequest("caps", {"country": "France"})])
+    with pytest.raises(RequestError, match="lacks fields"):
+        engine.generate([GenerateRequest("caps", {"land": "France"})])
+    with pytest.raises(RequestError, match="max_tokens must be"):
+        engine.generate([GenerateRequest("caps", "France", max_tokens=0)])
+    with pytest.raises(RequestError, match="top_p"):
+        engine.generate([GenerateRequest("caps", "France", top_p=0)])
+    with pytest.raises(TooLongError, match="tokens"):
+        engine.generate([GenerateRequest("sent", " ".join(["good"] * 300))])
+    engine.add_ensemble("ens", ["sent", "sent3"])
+    with pytest.raises(RequestError, match="ensemble"):
+        engine.generate([GenerateRequest("ens", "good")])
+    with pytest.raises(RequestError, match="same labels"):
+        engine.add_ensemble("bad", ["sent", "caps"])
+
+
+def test_unload_keeps_prompts_other_tasks_use(setup):
+    _, _, engine, _ = setup
+    engine.add_ensemble("ens", ["sent", "sent3"])
+    engine.unload("sent")
+    assert "sent" not in engine.task_names() and "sent" in engine.table  # still an ensemble member
+    assert engine.classify([ClassifyRequest("ens", "great")])[0].label in ("positive", "negative")
+    engine.unload("ens")
+    assert "sent" not in engine.table and "sent3" in engine.table
+    with pytest.raises(UnknownTaskError):
+        engine.classify([ClassifyRequest("sent", "great")])
+
+
+def test_truncation_only_when_asked(setup):
+    model, tok, engine, _ = setup
+    engine.max_input_tokens = 8
+    long = "the movie was very very good and the plot was great"
+    with pytest.raises(TooLongError, match="at most"):
+        engine.classify([ClassifyRequest("sent", long)])
+    engine.truncate = True
+    res = engine.classify([ClassifyRequest("sent", long)])[0]
+    assert math.isfinite(res.scores["positive"])
