@@ -1,4 +1,4 @@
-"""Command line: ``softprompt train | eval | generate``; each subcommand is a plain function.
+"""Command line: ``softprompt train | eval | generate | store | ensemble``; each subcommand is a plain function.
 
 Flags come from the dataclasses in :mod:`softprompt.config`; ``--config file.yaml`` supplies the same
 fields grouped by section, and flags given on the command line win.
@@ -15,6 +15,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from softprompt.cli_store import add_store_parsers
 from softprompt.config import SECTIONS, ConfigError, build_args, field_type, flag, load_yaml, to_yaml
 
 log = logging.getLogger("softprompt")
@@ -75,26 +76,31 @@ def _load_task(data_args, stored_task: dict | None = None):
 
 
 def _baselines(model, tokenizer, task, args, prompt_text: str, examples, kv_tuned=None) -> dict:
-    """Evaluate the tuned prompt (if given) and the requested baselines on ``examples``."""
-    from softprompt.evaluate import evaluate_prompt, hard_prompt_kv, k_shot_text
+    """Evaluate the tuned prompt (if given) and the requested baselines on ``examples``.
 
-    ev, data = args["eval"], args["data"]
-    candidates: dict[str, object] = {}
+    Every condition is a task of one :class:`Engine` (the hard-prompt and k-shot contexts become cached
+    keys/values like a soft prompt), so all of them run in shared, length-sorted batches.
+    """
+    from softprompt.engine import Engine
+    from softprompt.evaluate import evaluate_on_engine, hard_prompt_kv, k_shot_text
+
+    ev, data, fmt = args["eval"], args["data"], task.format
+    engine = Engine(model, tokenizer, max_batch_size=ev.eval_batch_size, max_input_tokens=data.max_length,
+                    truncate=True, progress=True)
+    runs: dict[str, str] = {}
     if "no_prompt" in ev.baselines:
-        candidates["no soft prompt (template only)"] = None
+        runs["no soft prompt (template only)"] = engine.add_base("no_prompt", fmt).name
     if "hard_prompt" in ev.baselines and prompt_text.strip():
-        candidates["init text as hard prompt"] = hard_prompt_kv(model, tokenizer, prompt_text.strip() + "\n")
+        kv = hard_prompt_kv(model, tokenizer, prompt_text.strip() + "\n")
+        runs["init text as hard prompt"] = engine.add_kv("hard_prompt", kv, fmt).name
     if "k_shot" in ev.baselines and task.splits.get("train"):
-        shots = k_shot_text(task.examples("train"), task.format, ev.k_shot, seed=data.data_seed)
-        candidates[f"{ev.k_shot}-shot prompting"] = hard_prompt_kv(model, tokenizer, shots)
+        shots = k_shot_text(task.examples("train"), fmt, ev.k_shot, seed=data.data_seed)
+        runs[f"{ev.k_shot}-shot prompting"] = engine.add_kv("k_shot", hard_prompt_kv(model, tokenizer, shots), fmt).name
     if kv_tuned is not None:
-        candidates["tuned soft prompt"] = kv_tuned
-    report = {}
-    for name, kv in candidates.items():
-        t0 = time.perf_counter()
-        report[name], _ = evaluate_prompt(model, tokenizer, kv, examples, task.format, ev.eval_batch_size,
-                                          ev.max_new_tokens, data.max_length)
-        log.info("evaluated %s in %.1fs", name, time.perf_counter() - t0)
+        runs["tuned soft prompt"] = engine.add_kv("tuned", kv_tuned, fmt).name
+    t0 = time.perf_counter()
+    report = evaluate_on_engine(engine, runs, examples, fmt, ev.max_new_tokens)
+    log.info("evaluated %d conditions x %d examples in %.1fs", len(runs), len(examples), time.perf_counter() - t0)
     return report
 
 
@@ -114,6 +120,12 @@ def cmd_train(ns: argparse.Namespace) -> int:
     if ns.print_config:
         print(to_yaml(args), end="")
         return 0
+    if bool(ns.store) != bool(ns.task):
+        raise ConfigError("--store and --task go together: --store DIR --task NAME")
+    if ns.task:
+        from softprompt.store import safe_task_name
+
+        safe_task_name(ns.task)
     task = _load_task(args["data"])
     task.examples("train")  # fail before anything is written or loaded if there is nothing to train on
     out = Path(args["train"].output_dir)
@@ -159,11 +171,16 @@ def cmd_train(ns: argparse.Namespace) -> int:
                 metrics={"validation": chosen.meta.get("metrics"), split: report.get("tuned soft prompt")},
                 overwrite=True)
     print(f"\nsaved prompt to {out / 'prompt'}  (curves: {out / 'curves.png'}, log: {out / 'metrics.jsonl'})")
+    if ns.store:
+        from softprompt.store import PromptStore
+
+        PromptStore(ns.store, create=not Path(ns.store).exists()).add(ns.task, out / "prompt", overwrite=True)
+        print(f"added to store {ns.store} as task {ns.task!r}")
     return 0
 
 
 def cmd_eval(ns: argparse.Namespace) -> int:
-    """Evaluate a stored prompt (and baselines) on a split of its task."""
+    """Evaluate a stored prompt and baselines on a split of its task, or several tasks of a store."""
     import torch
 
     from softprompt import inject
@@ -171,58 +188,98 @@ def cmd_eval(ns: argparse.Namespace) -> int:
     from softprompt.model import load_base_model
     from softprompt.store import load_prompt
 
+    if bool(ns.prompt) == bool(ns.store):
+        raise ConfigError("give either --prompt DIR or --store DIR [--task a,b,...]")
     args = _resolve(ns, ["model", "data", "eval"])
     model, tok = load_base_model(args["model"].model, args["model"].device, args["model"].dtype)
-    stored = load_prompt(ns.prompt, model, check_fingerprint=not ns.no_fingerprint_check)
-    task = _load_task(args["data"], stored.task)
-    method = stored.build_method().to(model.device).eval()
-    with torch.no_grad():
-        kv = inject.compute_prompt_kv(model, method())
     split = args["eval"].split
-    init_text = stored.method_config.get("init_text", "") if stored.method_config.get("init") == "text" else ""
-    report = _baselines(model, tok, task, {**args}, init_text, task.examples(split), kv)
-    print(f"{split} split ({len(task.examples(split))} examples), prompt {ns.prompt}:")
+    if ns.store:
+        report = _eval_store(ns, args, model, tok)
+        print(f"{split} split, store {ns.store}:")
+    else:
+        stored = load_prompt(ns.prompt, model, check_fingerprint=not ns.no_fingerprint_check)
+        task = _load_task(args["data"], stored.task)
+        method = stored.build_method().to(model.device).eval()
+        with torch.no_grad():
+            kv = inject.compute_prompt_kv(model, method())
+        init_text = stored.method_config.get("init_text", "") if stored.method_config.get("init") == "text" else ""
+        report = _baselines(model, tok, task, {**args}, init_text, task.examples(split), kv)
+        print(f"{split} split ({len(task.examples(split))} examples), prompt {ns.prompt}:")
     print(format_report(report))
     if ns.report:
         Path(ns.report).write_text(json.dumps(report, indent=2))
     return 0
 
 
+def _eval_store(ns, args, model, tok) -> dict:
+    """Each named store task (default: all) on its own recorded dataset, through one engine."""
+    from softprompt.engine import Engine
+    from softprompt.evaluate import evaluate_on_engine
+    from softprompt.store import PromptStore
+
+    store = PromptStore(ns.store)
+    names = [t.strip() for t in ns.task.split(",") if t.strip()] if ns.task else store.names()
+    ev, data = args["eval"], args["data"]
+    engine = Engine(model, tok, max_batch_size=ev.eval_batch_size, max_input_tokens=data.max_length,
+                    truncate=True, progress=True)
+    report = {}
+    for name in names:
+        t = engine.load_from_store(store, name, not ns.no_fingerprint_check)
+        meta = store.load(t.members[0]).meta if t.kind == "ensemble" else t.meta or {}
+        task_args = dataclasses.replace(data)
+        recorded = (meta.get("train_config") or {}).get("data") or {}
+        if task_args.dataset is None and not task_args.uses_files() and not (meta.get("task") or {}).get("dataset"):
+            for key in ("train_file", "validation_file", "test_file"):  # trained on files: use them again
+                setattr(task_args, key, recorded.get(key))
+        task = _load_task(task_args, meta.get("task"))
+        t0 = time.perf_counter()
+        report[name] = evaluate_on_engine(engine, {name: name}, task.examples(ev.split), task.format,
+                                          ev.max_new_tokens)[name]
+        log.info("evaluated %s in %.1fs", name, time.perf_counter() - t0)
+    return report
+
+
+def _engine_for(ns, model, tok, **kwargs):
+    """An engine serving what the flags name: ``--prompt DIR``, ``--store DIR --task NAME``, or the base model.
+
+    Returns the engine and the task name to send requests to.
+    """
+    from softprompt.engine import Engine
+    from softprompt.store import PromptStore, load_prompt
+
+    engine = Engine(model, tok, **kwargs)
+    check = not ns.no_fingerprint_check
+    if getattr(ns, "store", None):
+        if not ns.task:
+            raise ConfigError("--store needs --task NAME (see `softprompt store list --store DIR`)")
+        engine.load_from_store(PromptStore(ns.store), ns.task, check)
+        return engine, ns.task
+    if getattr(ns, "task", None):
+        raise ConfigError("--task needs --store DIR")
+    if ns.prompt:
+        engine.add_prompt("prompt", load_prompt(ns.prompt, model, check_fingerprint=check))
+        return engine, "prompt"
+    engine.add_base("base")
+    return engine, "base"
+
+
 def cmd_generate(ns: argparse.Namespace) -> int:
-    """Generate with a stored prompt (or none) for one or more inputs."""
-    import torch
-
-    from softprompt import inject
-    from softprompt.data import DataError
-    from softprompt.evaluate import generate_texts
+    """Generate with a stored prompt, a store's task, or the plain base model, for one or more inputs."""
+    from softprompt.engine import GenerateRequest
     from softprompt.model import load_base_model
-    from softprompt.store import load_prompt
 
+    if ns.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be >= 1, got {ns.max_new_tokens}")
     args = _resolve(ns, ["model"])
     model, tok = load_base_model(args["model"].model, args["model"].device, args["model"].dtype)
-    kv, template = None, None
-    if ns.prompt:
-        stored = load_prompt(ns.prompt, model, check_fingerprint=not ns.no_fingerprint_check)
-        with torch.no_grad():
-            kv = inject.compute_prompt_kv(model, stored.build_method().to(model.device).eval()())
-        template = (stored.task or {}).get("template")
-    sources = []
-    for text in ns.input:
-        if template and not ns.raw:
-            from softprompt.data import TaskFormat
-
-            fields = TaskFormat(template, "_").fields
-            if len(fields) != 1:
-                raise DataError(f"the prompt's template {template!r} has fields {fields}; pass --raw with the "
-                                "full text instead of --input values")
-            sources.append(template.format(**{fields[0]: text}))
-        else:
-            sources.append(text)
-    gen = torch.Generator().manual_seed(ns.seed) if ns.temperature > 0 else None
-    texts = generate_texts(model, tok, kv, sources, ns.max_new_tokens, batch_size=16, stop=ns.stop or None,
-                           temperature=ns.temperature, top_k=ns.top_k, top_p=ns.top_p, generator=gen)
-    for src, text in zip(sources, texts, strict=True):
-        print(json.dumps({"input": src, "output": text}, ensure_ascii=False))
+    engine, task = _engine_for(ns, model, tok)
+    reqs = [GenerateRequest(task, text, raw=ns.raw, max_tokens=ns.max_new_tokens, temperature=ns.temperature,
+                            top_k=ns.top_k, top_p=ns.top_p, seed=ns.seed + i if ns.temperature > 0 else None,
+                            stop=[ns.stop] if ns.stop else [])
+            for i, text in enumerate(ns.input)]
+    for res in engine.generate(reqs):
+        print(json.dumps({"task": task, "input": res.source, "output": res.text, "finish_reason": res.finish_reason},
+                         ensure_ascii=False))
     return 0
 
 
@@ -234,12 +291,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a soft prompt, evaluate it against baselines, save it")
     p.add_argument("--config", help="YAML file with model/data/prompt/train/eval sections")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    p.add_argument("--store", help="also add the trained prompt to this prompt store (created if missing)")
+    p.add_argument("--task", help="task name in --store")
     for s in ("model", "data", "prompt", "train", "eval"):
         _add_section(p, s)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a stored prompt and baselines on its task")
-    p.add_argument("--prompt", required=True, help="stored prompt folder")
+    p.add_argument("--prompt", help="stored prompt folder (evaluated with the baselines)")
+    p.add_argument("--store", help="prompt store folder: evaluate its tasks (or --task a,b) on their datasets")
+    p.add_argument("--task", help="comma-separated tasks of --store (default: all)")
     p.add_argument("--config", help="YAML file with model/data/eval sections")
     p.add_argument("--report", help="write the metrics as JSON here")
     p.add_argument("--no-fingerprint-check", action="store_true", help="load a prompt saved for another model")
@@ -249,6 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="generate text with a stored prompt")
     p.add_argument("--prompt", help="stored prompt folder (omit for the plain base model)")
+    p.add_argument("--store", help="prompt store folder (with --task)")
+    p.add_argument("--task", help="task in --store to generate with")
     p.add_argument("--input", action="append", required=True,
                    help="input text, filled into the prompt's template (repeatable)")
     p.add_argument("--raw", action="store_true", help="use --input as the whole text, without the template")
@@ -257,11 +320,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the first input's sampler (+1 per input)")
     p.add_argument("--stop", default="\n", help="cut the output at this string ('' to keep all)")
     p.add_argument("--no-fingerprint-check", action="store_true", help="load a prompt saved for another model")
     _add_section(p, "model")
     p.set_defaults(func=cmd_generate)
+
+    add_store_parsers(sub)
     return parser
 
 
@@ -275,12 +340,13 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from softprompt.assets import AssetError
     from softprompt.data import DataError
+    from softprompt.engine import EngineError
     from softprompt.model import ModelLoadError
     from softprompt.store import StoreError
 
     try:
         return ns.func(ns)
-    except (ConfigError, DataError, StoreError, ModelLoadError, AssetError) as e:
+    except (ConfigError, DataError, StoreError, ModelLoadError, AssetError, EngineError) as e:
         print(f"softprompt {ns.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -219,3 +219,53 @@ def format_report(report: dict[str, dict[str, float]]) -> str:
             cells.append("-".rjust(12) if v is None else (f"{int(v)}" if c == "n" else f"{v:.4f}").rjust(12))
         lines.append(row.ljust(width) + "".join(cells))
     return "\n".join(lines)
+
+
+def evaluate_on_engine(engine, runs: dict[str, str], examples: list[Example], fmt: TaskFormat,
+                       max_new_tokens: int = 16) -> dict[str, dict[str, float]]:
+    """Metrics of several engine tasks (tuned prompts, baselines) on the same examples, in shared batches.
+
+    Args:
+        engine: an :class:`softprompt.engine.Engine` holding the tasks.
+        runs: report row name -> engine task name.
+        examples: rendered examples (their sources are sent raw, so every task sees the same text).
+        fmt: the task format (labels, or free-text targets).
+
+    Returns:
+        Row name -> metrics, as :func:`evaluate_prompt` reports them.
+    """
+    from softprompt.engine import ClassifyRequest, GenerateRequest, ScoreRequest
+
+    if not examples:
+        raise ValueError("no examples to evaluate")
+    n = len(examples)
+    report: dict[str, dict[str, float]] = {}
+    if fmt.is_classification:
+        reqs = [ClassifyRequest(task, ex.source, raw=True) for task in runs.values() for ex in examples]
+        results = engine.classify(reqs)
+        lengths = dict(zip(fmt.labels, (len(ids) for ids in label_token_ids(engine.tok, fmt)), strict=True))
+        expected = [ex.label for ex in examples]
+        for k, row in enumerate(runs):
+            res = results[k * n:(k + 1) * n]
+            predicted = [r.label for r in res]
+            loss = -sum(r.scores[e] for r, e in zip(res, expected, strict=True)) / sum(lengths[e] for e in expected)
+            report[row] = {"n": float(n),
+                           "accuracy": sum(e == p for e, p in zip(expected, predicted, strict=True)) / n,
+                           "macro_f1": macro_f1(expected, predicted, fmt.labels),
+                           "loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+        return report
+    gens = engine.generate([GenerateRequest(task, ex.source, raw=True, max_tokens=max_new_tokens, stop=["\n"])
+                            for task in runs.values() for ex in examples])
+    scores = engine.score([ScoreRequest(task, ex.source, ex.target, raw=True)
+                           for task in runs.values() for ex in examples])
+    expected = [ex.target.strip() for ex in examples]
+    for k, row in enumerate(runs):
+        texts = [g.text for g in gens[k * n:(k + 1) * n]]
+        sc = scores[k * n:(k + 1) * n]
+        loss = -sum(s.logprob for s in sc) / sum(len(s.tokens) for s in sc)
+        report[row] = {"n": float(n),
+                       "exact_match": sum(normalize_answer(e) == normalize_answer(p)
+                                          for e, p in zip(expected, texts, strict=True)) / n,
+                       "f1": sum(token_f1(e, p) for e, p in zip(expected, texts, strict=True)) / n,
+                       "loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+    return report

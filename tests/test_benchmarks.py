@@ -24,3 +24,17 @@ def test_train_step_benchmark_runs_on_tiny_model(tiny_model_dir, monkeypatch):
     line = next(ln for ln in out.splitlines() if ln.startswith("same-prompt loss"))
     diff = float(line.split("|diff| ")[1].rstrip(")"))
     assert diff < 1e-4  # both sides compute the same loss from the same prompt
+
+
+def test_engine_benchmark_runs_on_tiny_model(tiny_model_dir):
+    pytest.importorskip("peft")
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "engine.py"), "--model", str(tiny_model_dir),
+                           "--tasks", "3", "--requests", "5", "--prompt-tokens", "4", "--batch-size", "4",
+                           "--new-tokens", "3", "--repeats", "1", "--device", "cpu"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert "throughput ratio softprompt/peft" in out and "ms/token" in out
+    agree = float(out.split("label agreement: ")[1].split()[0])
+    assert agree == 1.0  # same prompts, same labels, whichever implementation

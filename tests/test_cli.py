@@ -156,7 +156,8 @@ def test_generate_fills_template_raw_and_seeded_sampling(env, trained):
     rc, rows, stderr = _generate(env, prompt, "--input", "good movie", "--input", "bad film", "--max-new-tokens", "4")
     assert rc == 0, stderr
     assert [r["input"] for r in rows] == ["Review: good movie\nSentiment:", "Review: bad film\nSentiment:"]
-    assert all(set(r) == {"input", "output"} and isinstance(r["output"], str) for r in rows)
+    assert all(set(r) == {"task", "input", "output", "finish_reason"} and isinstance(r["output"], str) for r in rows)
+    assert all(r["finish_reason"] in ("stop", "length") and r["task"] == "prompt" for r in rows)
     rc, rows, _ = _generate(env, prompt, "--input", "good movie", "--raw", "--max-new-tokens", "4")
     assert rc == 0 and [r["input"] for r in rows] == ["good movie"]
     sampled = [_generate(env, prompt, "--input", "good movie", "--temperature", "1", "--seed", "3",
@@ -292,3 +293,48 @@ def test_subprocess_exit_code(env, tmp_path):
     assert proc.returncode == 2 and proc.stdout == ""
     assert f"--train-file {missing}: no such file" in proc.stderr and "--batch-size must be >= 1" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_store_ensemble_generate_and_eval_through_the_engine(env, tmp_path):
+    store = tmp_path / "store"
+    for name, seed in (("sent_a", "1"), ("sent_b", "2")):
+        rc, stdout, stderr = run(train_argv(env, tmp_path / name, "--max-steps", "2", "--seed", seed,
+                                            "--baselines", "no_prompt", "--store", store, "--task", name))
+        assert rc == 0, stderr
+        assert f"added to store {store} as task '{name}'" in stdout
+    rc, stdout, stderr = run(["ensemble", "--store", store, "--name", "sent_ens", "--members", "sent_a,sent_b",
+                              "--combine", "vote"])
+    assert rc == 0, stderr
+    rc, stdout, _ = run(["store", "list", "--store", store, "--json"])
+    listed = {e["name"]: e for e in json.loads(stdout)}
+    assert set(listed) == {"sent_a", "sent_b", "sent_ens"} and listed["sent_ens"]["kind"] == "ensemble"
+    rc, rows, stderr = _generate_store(env, store, "sent_b", "--input", "good movie", "--max-new-tokens", "3")
+    assert rc == 0, stderr
+    assert rows[0]["task"] == "sent_b" and rows[0]["input"] == "Review: good movie\nSentiment:"
+    # the same prompt from its run folder gives the same greedy text
+    _, direct, _ = _generate(env, tmp_path / "sent_b" / "prompt", "--input", "good movie", "--max-new-tokens", "3")
+    assert direct[0]["output"] == rows[0]["output"]
+    rc, _, stderr = _generate_store(env, store, "sent_ens", "--input", "good")
+    assert rc == 2 and "ensembles classify and score" in stderr
+    report = tmp_path / "report.json"
+    rc, stdout, stderr = run(["eval", "--model", env["model"], "--store", store, "--report", report])
+    assert rc == 0, stderr
+    metrics = json.loads(report.read_text())
+    assert set(metrics) == {"sent_a", "sent_b", "sent_ens"} and all(m["n"] == 8 for m in metrics.values())
+    # a task's store evaluation equals the run's own test report for the tuned prompt
+    own = json.loads((tmp_path / "sent_a" / "eval.json").read_text())["tuned soft prompt"]
+    assert metrics["sent_a"]["accuracy"] == own["accuracy"]
+    assert metrics["sent_a"]["loss"] == pytest.approx(own["loss"], rel=1e-5)
+
+
+def _generate_store(env, store, task, *extra):
+    rc, stdout, stderr = run(["generate", "--model", env["model"], "--store", store, "--task", task, *extra])
+    return rc, [json.loads(line) for line in stdout.splitlines() if line.strip()], stderr
+
+
+def test_store_and_task_flags_go_together(env, tmp_path):
+    _assert_usage_error(train_argv(env, tmp_path / "x", "--store", tmp_path / "s"), "--store and --task")
+    _assert_usage_error(train_argv(env, tmp_path / "x", "--store", tmp_path / "s", "--task", "../up"),
+                        "invalid task name")
+    _assert_usage_error(["generate", "--model", env["model"], "--task", "a", "--input", "x"], "--task needs --store")
+    _assert_usage_error(["eval", "--model", env["model"]], "either --prompt DIR or --store DIR")

@@ -122,7 +122,7 @@ def test_ensemble_mean_and_vote_combine_members_in_one_call(setup):
     engine.add_ensemble("ens_vote", ["sent", "sent2", "sent3"], "vote")
     singles = {t: engine.classify([ClassifyRequest(t, x) for x in TEXTS]) for t in ("sent", "sent2", "sent3")}
     mixed = engine.classify([ClassifyRequest(t, x) for x in TEXTS for t in ("ens", "ens_vote")])
-    for i, text in enumerate(TEXTS):
+    for i in range(len(TEXTS)):
         mean_res, vote_res = mixed[2 * i], mixed[2 * i + 1]
         members = [singles[t][i] for t in ("sent", "sent2", "sent3")]
         for lab in ("positive", "negative"):

@@ -99,3 +99,23 @@ def test_classification_loss_from_label_scores_equals_target_loss(model, tokeniz
     m, _ = evaluate_prompt(model, tokenizer, kv, examples, fmt, batch_size=4)
     direct = mean_target_loss(model, encode(tokenizer, examples), tokenizer.pad_token_id, kv, 4)
     assert m["loss"] == pytest.approx(direct, rel=1e-5)
+
+
+def test_engine_evaluation_equals_single_prompt_evaluation(model, tokenizer):
+    from softprompt.engine import Engine
+    from softprompt.evaluate import evaluate_on_engine, hard_prompt_kv
+
+    engine = Engine(model, tokenizer, max_batch_size=3)
+    tuned = inject.compute_prompt_kv(model, torch.randn(4, 32))
+    hard = hard_prompt_kv(model, tokenizer, "Classify sentiment .")
+    gen_fmt = TaskFormat("Country: {country}\nCapital:", "capital")
+    for f, examples in [(FMT, [FMT.render(r) for r in sentiment_records(9)]),
+                        (gen_fmt, [gen_fmt.render({"country": c, "capital": k})
+                                   for c, k in [("France", "Paris"), ("Spain", "Madrid"), ("Italy", "Rome")]])]:
+        engine.add_base("none", f)
+        engine.add_kv("tuned", tuned, f)
+        engine.add_kv("hard", hard, f)
+        report = evaluate_on_engine(engine, {"a": "none", "b": "tuned", "c": "hard"}, examples, f, max_new_tokens=3)
+        for row, kv in [("a", None), ("b", tuned), ("c", hard)]:
+            single, _ = evaluate_prompt(model, tokenizer, kv, examples, f, batch_size=2, max_new_tokens=3)
+            assert report[row] == pytest.approx(single, rel=1e-4, abs=1e-5), row

@@ -14,6 +14,7 @@ import threading
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 
 from softprompt import inject
 from softprompt.data import TaskFormat
@@ -78,15 +79,17 @@ class Engine:
         max_input_tokens: most tokens in a request's text (prompt excluded); default: the model's
             context length. Longer inputs raise :class:`TooLongError`, or are cut from the left when
             ``truncate`` is set (classification and scoring only).
+        progress: show a progress bar over batches (on a terminal).
     """
 
     def __init__(self, model, tokenizer, max_batch_size: int = 32, max_batch_tokens: int = 16384,
-                 max_input_tokens: int | None = None, truncate: bool = False):
+                 max_input_tokens: int | None = None, truncate: bool = False, progress: bool = False):
         if max_batch_size < 1 or max_batch_tokens < 1:
             raise EngineError(f"max_batch_size and max_batch_tokens must be >= 1, got {max_batch_size}, "
                               f"{max_batch_tokens}")
         self.model, self.tok = model, tokenizer
         self.max_batch_size, self.max_batch_tokens, self.truncate = max_batch_size, max_batch_tokens, truncate
+        self.progress = progress
         self.context = int(getattr(model.config, "max_position_embeddings", 0) or 2048)
         self.max_input_tokens = max_input_tokens or self.context
         self.table = PromptTable()
@@ -106,8 +109,7 @@ class Engine:
 
     def load_from_store(self, store, name: str, check_fingerprint: bool = True) -> Task:
         """Load (or reload) a store entry, prompt or ensemble, as task ``name``."""
-        entry = store.show(name)
-        if entry.get("kind") == "ensemble":
+        if store.kind(name) == "ensemble":
             spec = store.ensemble(name)
             for member in spec.members:
                 self._put_prompt(member, store.load(member, self.model, check_fingerprint))
@@ -153,10 +155,19 @@ class Engine:
             self.tasks[name] = task
         return task
 
-    def add_base(self, name: str = "base") -> Task:
-        """Serve the plain base model (no prompt, raw text) as task ``name``."""
-        task = Task(name, "base", [None], [None])
+    def add_base(self, name: str = "base", fmt: TaskFormat | None = None) -> Task:
+        """Serve the plain base model (no prompt) as task ``name``, raw text unless ``fmt`` is given."""
+        task = Task(name, "base", [None], [fmt])
         with self._lock:
+            self.tasks[name] = task
+        return task
+
+    def add_kv(self, name: str, prompt_kv: inject.PromptKV, fmt: TaskFormat | None = None) -> Task:
+        """Serve precomputed keys/values (a hard prompt, k-shot examples) as a prompt task ``name``."""
+        with self._lock:
+            self.table.add(name, prompt_kv)
+            self._formats[name] = fmt
+            task = Task(name, "prompt", [name], [fmt])
             self.tasks[name] = task
         return task
 
@@ -233,7 +244,8 @@ class Engine:
     def _score(self, rows: list[Row]) -> list[torch.Tensor]:
         """Per row: log-probs of its candidates at the next position, or of each of its target tokens."""
         out: list[torch.Tensor | None] = [None] * len(rows)
-        for batch in mixed_batches(rows, self.tok.pad_token_id, "right", self.max_batch_size, self.max_batch_tokens):
+        batches = mixed_batches(rows, self.tok.pad_token_id, "right", self.max_batch_size, self.max_batch_tokens)
+        for batch in tqdm(batches, desc="score", unit="batch", disable=None if self.progress else True):
             self._score_batch(batch.to(self.model.device), rows, out)
         return out
 
@@ -350,11 +362,12 @@ class Engine:
             rows.append(Row(task.members[0], self._fit(ids, 0, room, f"generate input for task {task.name!r}",
                                                        False), 0))
         results: list[GenerateResult | None] = [None] * len(requests)
-        for batch in mixed_batches(rows, self.tok.pad_token_id, "left", self.max_batch_size, self.max_batch_tokens):
-            self._generate_batch(batch.to(self.model.device), requests, tasks, rows, results)
+        batches = mixed_batches(rows, self.tok.pad_token_id, "left", self.max_batch_size, self.max_batch_tokens)
+        for batch in tqdm(batches, desc="generate", unit="batch", disable=None if self.progress else True):
+            self._generate_batch(batch.to(self.model.device), requests, tasks, rows, sources, results)
         return results
 
-    def _generate_batch(self, batch: MixedBatch, requests, tasks, rows, results) -> None:
+    def _generate_batch(self, batch: MixedBatch, requests, tasks, rows, sources, results) -> None:
         reqs = [requests[i] for i in batch.index]
         sampling = []
         for r in reqs:
@@ -378,4 +391,4 @@ class Engine:
             if cut:
                 text = text[:min(cut)]
             reason = "length" if out.finish[j] == "length" and not cut else "stop"
-            results[i] = GenerateResult(tasks[i].name, text, out.tokens[j], reason, len(rows[i].ids))
+            results[i] = GenerateResult(tasks[i].name, text, out.tokens[j], reason, len(rows[i].ids), sources[i])

@@ -80,11 +80,14 @@ class GenerateRequest:
 
 @dataclass
 class GenerateResult:
+    """The new text (cut at a stop string), its token ids, why it ended, and the text that was continued."""
+
     task: str
     text: str
     tokens: list[int]
     finish_reason: str  # "stop" (a stop string or EOS) or "length"
     prompt_tokens: int
+    source: str = ""
 
 
 @dataclass

@@ -1,5 +1,6 @@
-"""Stored prompts: the on-disk format (PEFT-compatible), PEFT import/export, safe task names."""
+"""Stored prompts: the on-disk format (PEFT-compatible), PEFT import/export, safe task names, PromptStore."""
 
+from softprompt.store.entries import EnsembleSpec, StoreEntry
 from softprompt.store.errors import StoreError
 from softprompt.store.format import (
     CONFIG_NAME,
@@ -17,6 +18,7 @@ from softprompt.store.format import (
 )
 from softprompt.store.names import safe_task_name
 from softprompt.store.peft_interop import export_peft, import_peft
+from softprompt.store.registry import PromptStore
 
 __all__ = [
     "CONFIG_NAME",
@@ -25,7 +27,10 @@ __all__ = [
     "PEFT_TYPES",
     "PEFT_TYPE_TO_METHOD",
     "WEIGHTS_NAME",
+    "EnsembleSpec",
     "PeftType",
+    "PromptStore",
+    "StoreEntry",
     "StoreError",
     "StoredPrompt",
     "check_model_compatible",

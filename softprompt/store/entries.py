@@ -1,0 +1,126 @@
+"""Entries of a :class:`~softprompt.store.registry.PromptStore`: listing rows, ensembles, label sets."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from softprompt.store.errors import StoreError
+from softprompt.store.format import META_NAME, StoredPrompt, _read_json
+from softprompt.store.names import safe_task_name
+
+ENSEMBLE_FILE = "ensemble.json"
+COMBINES = ("mean", "vote")
+
+__all__ = ["COMBINES", "ENSEMBLE_FILE", "EnsembleSpec", "StoreEntry", "label_problem", "prompt_labels",
+           "read_ensemble_file", "task_labels"]
+
+
+@dataclass
+class StoreEntry:
+    """One row of :meth:`PromptStore.list`.
+
+    Attributes:
+        name: entry (task) name.
+        kind: ``"prompt"``, ``"ensemble"`` or ``"broken"`` (see ``error``).
+        method: the prompt's method (prompts only).
+        num_virtual_tokens: prompt length (prompts only).
+        template: the task template, if recorded.
+        labels: label names of a classification task (verbalizer keys); ``None`` for generation.
+        members: member names (ensembles only).
+        combine: ``"mean"`` or ``"vote"`` (ensembles only).
+        metrics: recorded evaluation metrics.
+        created: ISO timestamp, if recorded.
+        path: the entry folder.
+        error: why the entry is broken.
+    """
+
+    name: str
+    kind: str
+    method: str | None = None
+    num_virtual_tokens: int | None = None
+    template: str | None = None
+    labels: list[str] | None = None
+    members: list[str] | None = None
+    combine: str | None = None
+    metrics: dict = field(default_factory=dict)
+    created: str | None = None
+    path: Path | None = None
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (``path`` as a string)."""
+        return {**asdict(self), "path": None if self.path is None else str(self.path)}
+
+
+@dataclass(frozen=True)
+class EnsembleSpec:
+    """An ensemble entry: combine the members' predictions by ``"mean"`` (scores) or ``"vote"``."""
+
+    name: str
+    members: list[str]
+    combine: str
+
+
+def task_labels(task: Any, where: Path) -> list[str] | None:
+    """Label names of a stored task: the verbalizer's keys, ``None`` for a generation task."""
+    verbalizer = task.get("verbalizer") if isinstance(task, dict) else None
+    if verbalizer is None:
+        return None
+    if isinstance(verbalizer, dict):
+        return [str(k) for k in verbalizer]
+    raise StoreError(f"{where}: task.verbalizer must be an object or null, got {type(verbalizer).__name__}")
+
+
+def prompt_labels(stored: StoredPrompt) -> list[str] | None:
+    """Label names of a loaded prompt's task (see :func:`task_labels`)."""
+    return task_labels(stored.task, stored.path / META_NAME if stored.path else Path("prompt"))
+
+
+def label_problem(labels: dict[str, list[str] | None]) -> str | None:
+    """A message naming the members whose label sets differ, or ``None`` when all agree."""
+    groups: dict[frozenset | None, list[str]] = {}
+    for name, lab in labels.items():
+        groups.setdefault(None if lab is None else frozenset(lab), []).append(name)
+    if len(groups) <= 1:
+        return None
+    parts = [f"{', '.join(names)}: " + ("generation (no verbalizer)" if key is None else str(sorted(key)))
+             for key, names in groups.items()]
+    return "members have different label sets (" + "; ".join(parts) + ")"
+
+
+def is_safe_task_name(name: str) -> bool:
+    """Whether ``name`` passes :func:`~softprompt.store.names.safe_task_name`."""
+    try:
+        safe_task_name(name)
+    except StoreError:
+        return False
+    return True
+
+
+def read_ensemble_file(path: Path) -> dict:
+    """Read and validate an ``ensemble.json`` (shape only; whether the members exist is the store's job).
+
+    Raises:
+        StoreError: naming the file and every problem found.
+    """
+    data = _read_json(path)
+    if not isinstance(data, dict):
+        raise StoreError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    members, problems = data.get("members"), []
+    if data.get("kind") != "ensemble":
+        problems.append(f"'kind' must be 'ensemble', got {data.get('kind')!r}")
+    if not isinstance(members, list) or len(members) < 2 or not all(isinstance(m, str) for m in members):
+        problems.append(f"'members' must be a list of at least 2 names, got {members!r}")
+    elif len(set(members)) != len(members):
+        problems.append(f"'members' has repeated names: {members!r}")
+    else:
+        bad = [m for m in members if not is_safe_task_name(m)]
+        if bad:
+            problems.append(f"'members' has invalid task names: {bad!r}")
+    if data.get("combine") not in COMBINES:
+        problems.append(f"'combine' must be one of {', '.join(COMBINES)}, got {data.get('combine')!r}")
+    if problems:
+        raise StoreError(f"{path}: " + "; ".join(problems))
+    return data
