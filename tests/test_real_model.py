@@ -91,3 +91,48 @@ def test_cli_train_then_generate(tmp_path, capsys):
     assert code == 0
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line["input"] == "Review: What a wonderful movie.\nSentiment:" and isinstance(line["output"], str)
+
+
+def test_engine_mixed_batches_equal_single_uncached_on_real_model(real, rt_task, tmp_path):
+    """Three prompts of different lengths in shared batches vs each request alone through the plain HF forward."""
+    from softprompt.engine import ClassifyRequest, Engine, GenerateRequest
+    from softprompt.store import load_prompt, save_prompt
+
+    model, tok = real
+    task_meta = {"template": "Review: {text}\nSentiment:", "target_field": "label",
+                 "verbalizer": {"positive": "positive", "negative": "negative"}}
+    engine = Engine(model, tok, max_batch_size=4)
+    prompts = {}
+    for name, n, seed in (("a", 5, 0), ("b", 12, 1), ("c", 20, 2)):
+        method = build_method("prompt_tuning", {"num_virtual_tokens": n, "init": "sample_vocab", "seed": seed},
+                              model, tok)
+        save_prompt(tmp_path / name, method, model, task=task_meta)
+        engine.add_prompt(name, load_prompt(tmp_path / name, model))
+        prompts[name] = method().embeds.detach()
+    texts = [ex.source for ex in rt_task.examples("test")[:6]]
+
+    def alone(name, text, extra):
+        ids = tok(text, add_special_tokens=False)["input_ids"] + extra
+        p = prompts[name]
+        embeds = torch.cat([p[None], model.get_input_embeddings()(torch.tensor([ids]))], 1)
+        with torch.no_grad():
+            return model(inputs_embeds=embeds).logits[0, p.shape[0]:], ids
+
+    reqs = [ClassifyRequest(name, text, raw=True) for text in texts for name in ("a", "b", "c")]
+    label_ids = [tok(" positive", add_special_tokens=False)["input_ids"][0],
+                 tok(" negative", add_special_tokens=False)["input_ids"][0]]
+    for req, res in zip(reqs, engine.classify(reqs), strict=True):
+        logits, _ = alone(req.task, req.input, [])
+        lp = torch.log_softmax(logits[-1].double(), -1)[label_ids]
+        assert [res.scores["positive"], res.scores["negative"]] == pytest.approx(lp.tolist(), abs=2e-3)
+    gens = engine.generate([GenerateRequest(name, text, raw=True, max_tokens=6)
+                            for text in texts[:2] for name in ("a", "c")])
+    for (text, name), res in zip([(t, n) for t in texts[:2] for n in ("a", "c")], gens, strict=True):
+        new = []
+        for _ in range(6):
+            logits, _ = alone(name, text, new)
+            nxt = int(logits[-1].argmax())
+            if nxt == tok.eos_token_id:
+                break
+            new.append(nxt)
+        assert res.tokens == new
