@@ -77,3 +77,25 @@ def test_concat_and_shared_kv_passes_agree_on_cuda():
     a = inject.target_logprobs(model, b, inject.prompt_for_step(model, prompt, "shared_kv"))
     c = inject.target_logprobs(model, b, inject.prompt_for_step(model, prompt, "concat"))
     torch.testing.assert_close(a, c, atol=1e-4, rtol=1e-4)
+
+
+def test_engine_mixed_batches_on_cuda_bf16_match_cpu_fp32(tmp_path, tokenizer):
+    from softprompt.engine import ClassifyRequest, Engine, GenerateRequest
+    from softprompt.store import load_prompt, save_prompt
+
+    task = {"template": "Review: {text}\nSentiment:", "target_field": "label",
+            "verbalizer": {"positive": "positive", "negative": "negative"}}
+    cpu, gpu = make_model("qwen2"), make_model("qwen2").to("cuda", torch.bfloat16)
+    engines = [Engine(cpu, tokenizer, max_batch_size=3), Engine(gpu, tokenizer, max_batch_size=3)]
+    for name, n in (("a", 3), ("b", 7)):
+        method = build_method("prompt_tuning", {"num_virtual_tokens": n, "init": "random", "seed": n}, cpu, tokenizer)
+        save_prompt(tmp_path / name, method, cpu, task=task)
+        for e in engines:
+            e.add_prompt(name, load_prompt(tmp_path / name, e.model))
+    reqs = [ClassifyRequest(t, x) for x in ("good movie", "bad plot", "the film was awful") for t in ("a", "b")]
+    ref, got = (e.classify(reqs) for e in engines)
+    for r, g in zip(ref, got, strict=True):
+        assert g.scores == pytest.approx(r.scores, abs=0.1)
+    gen = engines[1].generate([GenerateRequest("a", "good", max_tokens=3), GenerateRequest("b", "bad plot",
+                                                                                         max_tokens=3)])
+    assert all(len(g.tokens) <= 3 for g in gen)
