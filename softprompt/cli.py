@@ -1,4 +1,4 @@
-"""Command line: ``softprompt train | eval | generate | store | ensemble``; each subcommand is a plain function.
+"""Command line: ``softprompt train | eval | generate | serve | store | ensemble``; each subcommand is a plain function.
 
 Flags come from the dataclasses in :mod:`softprompt.config`; ``--config file.yaml`` supplies the same
 fields grouped by section, and flags given on the command line win.
@@ -283,6 +283,43 @@ def cmd_generate(ns: argparse.Namespace) -> int:
     return 0
 
 
+def build_app(args: dict):
+    """The server application for resolved ``model`` and ``serve`` sections (used by ``serve`` and tests)."""
+    import os
+
+    from softprompt.engine import Engine
+    from softprompt.model import load_base_model
+    from softprompt.server import Scheduler, ServerState, create_app
+    from softprompt.store import PromptStore
+
+    sv = args["serve"]
+    model, tok = load_base_model(args["model"].model, args["model"].device, args["model"].dtype)
+    store = PromptStore(sv.store) if sv.store else None
+    engine = Engine(model, tok, max_batch_size=sv.max_batch_size)
+    for name in (sv.tasks or (store.names() if store else [])):
+        engine.load_from_store(store, name)
+    if sv.base_task:
+        engine.add_base(sv.base_task)
+    token = sv.admin_token or os.environ.get("SOFTPROMPT_ADMIN_TOKEN")
+    state = ServerState(engine, Scheduler(engine, sv.max_batch_size, sv.max_wait_ms, sv.max_queue), store=store,
+                        admin_token=token, max_tokens=sv.max_tokens)
+    log.info("serving %d tasks: %s%s", len(engine.task_names()), ", ".join(engine.task_names()),
+             "" if token else " (admin endpoints disabled: no --admin-token / SOFTPROMPT_ADMIN_TOKEN)")
+    return create_app(state)
+
+
+def cmd_serve(ns: argparse.Namespace) -> int:
+    """Serve every task of a store (and the base model) over HTTP until interrupted."""
+    try:
+        import uvicorn
+    except ImportError as e:
+        raise ConfigError("softprompt serve needs the server extra: pip install -e '.[serve]'") from e
+    args = _resolve(ns, ["model", "serve"])
+    app = build_app(args)
+    uvicorn.run(app, host=args["serve"].host, port=args["serve"].port, log_level="info")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="softprompt", description="Prompt tuning for frozen language models.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -325,6 +362,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-fingerprint-check", action="store_true", help="load a prompt saved for another model")
     _add_section(p, "model")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("serve", help="serve a store's tasks over HTTP (OpenAI-compatible)")
+    p.add_argument("--config", help="YAML file with model/serve sections")
+    for s in ("model", "serve"):
+        _add_section(p, s)
+    p.set_defaults(func=cmd_serve)
 
     add_store_parsers(sub)
     return parser

@@ -204,8 +204,37 @@ class EvalArgs:
         _raise(problems)
 
 
+@dataclass
+class ServeArgs:
+    """The HTTP server."""
+
+    store: str | None = None
+    tasks: list[str] = field(default_factory=list)
+    base_task: str = "base"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_batch_size: int = 32
+    max_wait_ms: float = 5.0
+    max_queue: int = 1024
+    max_tokens: int = 512
+    admin_token: str | None = None
+
+    def __post_init__(self):
+        problems = []
+        for name in ("max_batch_size", "max_queue", "max_tokens"):
+            if getattr(self, name) < 1:
+                problems.append(f"{flag(name)} must be >= 1, got {getattr(self, name)}")
+        if self.max_wait_ms < 0:
+            problems.append(f"--max-wait-ms must be >= 0, got {self.max_wait_ms}")
+        if not 0 <= self.port <= 65535:
+            problems.append(f"--port must be in 0..65535, got {self.port}")
+        if self.store is None and not self.base_task:
+            problems.append("nothing to serve: give --store DIR (or keep --base-task)")
+        _raise(problems)
+
+
 SECTIONS: dict[str, type] = {"model": ModelArgs, "data": DataArgs, "prompt": PromptArgs, "train": TrainArgs,
-                             "eval": EvalArgs}
+                             "eval": EvalArgs, "serve": ServeArgs}
 
 
 def field_type(cls: type, f: dataclasses.Field) -> type:

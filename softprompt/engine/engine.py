@@ -11,6 +11,7 @@ request gets the same result whatever else is in its batch (tests compare with o
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -346,8 +347,14 @@ class Engine:
         return results
 
     @torch.no_grad()
-    def generate(self, requests: list[GenerateRequest]) -> list[GenerateResult]:
-        """Greedy or sampled continuations, each request with its own settings and seed."""
+    def generate(self, requests: list[GenerateRequest],
+                 on_token: Callable[[int, list[int]], None] | None = None) -> list[GenerateResult]:
+        """Greedy or sampled continuations, each request with its own settings and seed.
+
+        Args:
+            on_token: called as ``on_token(request_index, new_token_ids_so_far)`` after every new token
+                (streaming); EOS is not passed.
+        """
         tasks = self._check(requests, "generate")
         for task in tasks:
             if task.kind == "ensemble":
@@ -364,10 +371,10 @@ class Engine:
         results: list[GenerateResult | None] = [None] * len(requests)
         batches = mixed_batches(rows, self.tok.pad_token_id, "left", self.max_batch_size, self.max_batch_tokens)
         for batch in tqdm(batches, desc="generate", unit="batch", disable=None if self.progress else True):
-            self._generate_batch(batch.to(self.model.device), requests, tasks, rows, sources, results)
+            self._generate_batch(batch.to(self.model.device), requests, tasks, rows, sources, results, on_token)
         return results
 
-    def _generate_batch(self, batch: MixedBatch, requests, tasks, rows, sources, results) -> None:
+    def _generate_batch(self, batch: MixedBatch, requests, tasks, rows, sources, results, on_token) -> None:
         reqs = [requests[i] for i in batch.index]
         sampling = []
         for r in reqs:
@@ -378,6 +385,8 @@ class Engine:
             sampling.append(inject.RowSampling(r.max_tokens, float(r.temperature), r.top_k, float(r.top_p), gen))
 
         def hit_stop(j: int, toks: list[int]) -> bool:
+            if on_token is not None:
+                on_token(batch.index[j], toks)
             stops = reqs[j].stop
             return bool(stops) and any(s in self.tok.decode(toks, skip_special_tokens=True) for s in stops)
 

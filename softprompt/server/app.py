@@ -1,0 +1,251 @@
+"""HTTP routes: translate requests to engine calls through the scheduler, and results back to JSON.
+
+The routes never touch torch; the engine (behind :class:`Scheduler`) does. Errors go through
+:mod:`softprompt.server.errors`, the one place that maps exceptions to status codes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.responses import PlainTextResponse, StreamingResponse
+
+from softprompt.engine import ClassifyRequest, GenerateRequest, ScoreRequest
+from softprompt.server import errors
+from softprompt.server.metrics import Metrics
+from softprompt.server.scheduler import Scheduler
+from softprompt.server.schemas import ChatCompletionRequest, ClassifyBody, CompletionRequest, ScoreBody
+
+
+@dataclass
+class ServerState:
+    """What the routes need: the engine, its scheduler, the store for admin loads, and limits."""
+
+    engine: object
+    scheduler: Scheduler
+    store: object | None = None
+    admin_token: str | None = None
+    max_tokens: int = 512
+    default_max_tokens: int = 16
+    metrics: Metrics | None = None
+
+
+def create_app(state: ServerState) -> FastAPI:
+    """The FastAPI application serving ``state.engine``'s tasks."""
+    state.metrics = state.metrics or Metrics()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        state.scheduler.start()
+        yield
+        state.scheduler.stop()
+
+    app = FastAPI(title="softprompt", version="0.1", description="Many soft-prompt tasks on one frozen model.",
+                  lifespan=lifespan)
+
+    errors.install(app, lambda request, status: state.metrics.observe(request.url.path, status))
+
+    async def run(kind: str, reqs: list, on_token=None) -> list:
+        futures = [state.scheduler.submit(kind, r, on_token) for r in reqs]
+        return [await asyncio.wrap_future(f) for f in futures]
+
+    def done(request: Request, t0: float) -> None:
+        state.metrics.observe(request.url.path, 200, time.perf_counter() - t0)
+
+    def sampling(body, max_tokens: int | None) -> dict:
+        n = max_tokens or state.default_max_tokens
+        if n > state.max_tokens:
+            raise errors.LimitError(f"max_tokens {n} is over this server's limit of {state.max_tokens}")
+        return {"max_tokens": n, "temperature": body.temperature, "top_k": body.top_k, "top_p": body.top_p,
+                "seed": body.seed, "stop": body.stops()}
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "tasks": len(state.engine.task_names()), "queue": state.scheduler.depth()}
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def metrics() -> str:
+        st = state.scheduler.stats
+        return state.metrics.render({
+            "softprompt_tasks_loaded": ("Tasks being served.", len(state.engine.task_names())),
+            "softprompt_queue_depth": ("Requests waiting for a batch.", state.scheduler.depth()),
+            "softprompt_batches_total": ("Engine batches run.", st.batches),
+            "softprompt_batched_requests_total": ("Requests run in batches.", st.rows),
+            "softprompt_largest_batch": ("Most requests in one batch.", st.largest_batch),
+            "softprompt_failed_requests_total": ("Requests the engine rejected.", st.failed),
+        })
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        data = []
+        for name in state.engine.task_names():
+            d = state.engine.describe(name)
+            data.append({"id": name, "object": "model", "created": 0, "owned_by": "softprompt",
+                         "kind": d["kind"], "labels": d["labels"], "template": d["template"]})
+        return {"object": "list", "data": data}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        t0 = time.perf_counter()
+        texts = body.prompt if isinstance(body.prompt, list) else [body.prompt]
+        reqs = [GenerateRequest(body.model, t, raw=body.raw, **sampling(body, body.max_tokens)) for t in texts]
+        cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        if body.stream:
+            if len(reqs) != 1:
+                raise errors.LimitError("streaming takes one prompt, not a list")
+
+            def chunk(text: str, finish: str | None) -> dict:
+                return {"id": cid, "object": "text_completion", "created": created, "model": body.model,
+                        "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}]}
+
+            return _sse(stream_text(reqs[0], chunk), request, t0)
+        results = await run("generate", reqs)
+        state.metrics.add_tokens(sum(len(r.tokens) for r in results))
+        done(request, t0)
+        return {"id": cid, "object": "text_completion", "created": created, "model": body.model,
+                "choices": [{"text": r.text, "index": i, "logprobs": None, "finish_reason": r.finish_reason}
+                            for i, r in enumerate(results)],
+                "usage": _usage(results)}
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatCompletionRequest, request: Request):
+        t0 = time.perf_counter()
+        text, raw = chat_input(body)
+        req = GenerateRequest(body.model, text, raw=raw,
+                              **sampling(body, body.max_completion_tokens or body.max_tokens))
+        cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        if body.stream:
+            def chunk(delta: str, finish: str | None, first: bool = False) -> dict:
+                d = {"role": "assistant", "content": delta} if first else ({"content": delta} if delta else {})
+                return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": body.model,
+                        "choices": [{"index": 0, "delta": d, "logprobs": None, "finish_reason": finish}]}
+
+            return _sse(stream_text(req, chunk, role_first=True), request, t0)
+        (res,) = await run("generate", [req])
+        state.metrics.add_tokens(len(res.tokens))
+        done(request, t0)
+        return {"id": cid, "object": "chat.completion", "created": created, "model": body.model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": res.text},
+                             "logprobs": None, "finish_reason": res.finish_reason}],
+                "usage": _usage([res])}
+
+    def chat_input(body: ChatCompletionRequest) -> tuple[str, bool]:
+        """The last user message fills a prompt task's template; the base model gets the chat template."""
+        state.engine.describe(body.model)  # unknown task -> 404 before anything else
+        template = state.engine.describe(body.model)["template"]
+        users = [m for m in body.messages if m.role == "user"]
+        if template is not None:
+            if not users:
+                raise errors.RequestError("messages need a user message to fill the task's template")
+            return users[-1].text(), False
+        tok = state.engine.tok
+        msgs = [{"role": m.role, "content": m.text()} for m in body.messages]
+        if getattr(tok, "chat_template", None):
+            return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True), True
+        return "\n".join(f"{m['role']}: {m['content']}" for m in msgs) + "\nassistant:", True
+
+    async def stream_text(req: GenerateRequest, chunk, role_first: bool = False) -> AsyncIterator[dict]:
+        """Chunks of new text as tokens arrive; text after a stop string is never sent."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        hold = max((len(s) for s in req.stop), default=1) - 1  # a stop string may still be forming
+
+        def on_token(toks: list[int]) -> None:
+            text = state.engine.tok.decode(toks, skip_special_tokens=True)
+            cuts = [text.index(s) for s in req.stop if s in text]
+            visible = text[:min(cuts)] if cuts else text[:max(len(text) - hold, 0)]
+            loop.call_soon_threadsafe(queue.put_nowait, visible)
+
+        (future,) = [state.scheduler.submit("generate", req, on_token)]
+        future.add_done_callback(lambda f: loop.call_soon_threadsafe(queue.put_nowait, None))
+        sent = 0
+        if role_first:
+            yield chunk("", None, first=True)
+        while True:
+            item = await queue.get()
+            if item is None:
+                break
+            visible = item.rstrip("\ufffd")  # a multi-byte character not yet complete
+            if len(visible) > sent:
+                yield chunk(visible[sent:], None)
+                sent = len(visible)
+        res = await asyncio.wrap_future(future)
+        state.metrics.add_tokens(len(res.tokens))
+        if len(res.text) > sent:
+            yield chunk(res.text[sent:], None)
+        yield chunk("", res.finish_reason)
+
+    def _sse(chunks: AsyncIterator[dict], request: Request, t0: float) -> StreamingResponse:
+        async def body() -> AsyncIterator[str]:
+            try:
+                async for c in chunks:
+                    yield f"data: {json.dumps(c, ensure_ascii=False)}\n\n"
+            except Exception as e:  # noqa: BLE001 - headers are sent: report the error in the stream
+                status, kind = errors.status_of(e)
+                state.metrics.observe(request.url.path, status)
+                yield f"data: {json.dumps(errors.error_body(str(e), kind, status))}\n\n"
+                return
+            done(request, t0)
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(body(), media_type="text/event-stream")
+
+    @app.post("/v1/classify")
+    async def classify(body: ClassifyBody, request: Request) -> dict:
+        t0 = time.perf_counter()
+        results = await run("classify", [ClassifyRequest(body.model, x, raw=body.raw) for x in body.items()])
+        done(request, t0)
+        return {"object": "list", "model": body.model,
+                "data": [{"index": i, "label": r.label, "probs": r.probs, "scores": r.scores,
+                          **({"votes": r.votes} if r.votes is not None else {})} for i, r in enumerate(results)]}
+
+    @app.post("/v1/score")
+    async def score(body: ScoreBody, request: Request) -> dict:
+        t0 = time.perf_counter()
+        (r,) = await run("score", [ScoreRequest(body.model, body.input, body.continuation, raw=body.raw)])
+        done(request, t0)
+        return {"model": body.model, "logprob": r.logprob, "token_logprobs": r.token_logprobs, "tokens": r.tokens}
+
+    def admin(request: Request) -> None:
+        if not state.admin_token:
+            raise errors.AuthError("admin endpoints are disabled: start the server with --admin-token", 403)
+        if request.headers.get("authorization", "") != f"Bearer {state.admin_token}":
+            raise errors.AuthError("admin endpoints need 'Authorization: Bearer <admin token>'")
+        if state.store is None:
+            raise errors.LimitError("this server has no --store to load prompts from")
+
+    @app.post("/admin/tasks/{name}/load")
+    async def load(name: str, request: Request) -> dict:
+        admin(request)
+        await asyncio.to_thread(state.engine.load_from_store, state.store, name)
+        state.metrics.observe(request.url.path, 200)
+        return {"loaded": name, "task": state.engine.describe(name)}
+
+    @app.post("/admin/tasks/{name}/reload")
+    async def reload(name: str, request: Request) -> dict:
+        admin(request)
+        state.engine.describe(name)  # 404 unless it is being served
+        await asyncio.to_thread(state.engine.load_from_store, state.store, name)
+        state.metrics.observe(request.url.path, 200)
+        return {"reloaded": name, "task": state.engine.describe(name)}
+
+    @app.post("/admin/tasks/{name}/unload")
+    async def unload(name: str, request: Request) -> dict:
+        admin(request)
+        state.engine.unload(name)
+        state.metrics.observe(request.url.path, 200)
+        return {"unloaded": name}
+
+    return app
+
+
+def _usage(results) -> dict:
+    p, c = sum(r.prompt_tokens for r in results), sum(len(r.tokens) for r in results)
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}

@@ -1,0 +1,97 @@
+"""Request bodies of the HTTP API (pydantic). OpenAI-compatible where OpenAI has the endpoint.
+
+Unknown fields are ignored, as OpenAI clients send fields we have no use for (``user``, ``logit_bias``...);
+fields we cannot honour with another value than their default (``n``, ``echo``, ``logprobs``...) are
+refused with a 422 naming them.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+Stop = str | list[str] | None
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class _Sampling(_Body):
+    model: str = Field(min_length=1, description="the task to use (see /v1/models)")
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = Field(default=0, ge=0, description="softprompt extension: keep the k most likely tokens")
+    seed: int | None = None
+    stop: Stop = None
+    stream: bool = False
+    n: int = Field(default=1, ge=1, le=1, description="only 1 is supported")
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v: Stop) -> Stop:
+        items = [v] if isinstance(v, str) else (v or [])
+        if len(items) > 4 or any(not s for s in items):
+            raise ValueError("stop takes up to 4 non-empty strings")
+        return v
+
+    def stops(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] = Field(description="text (or texts) filled into the task's template")
+    raw: bool = Field(default=False, description="softprompt extension: send prompt as is, without the template")
+    echo: Literal[False] = False
+    logprobs: None = None
+    suffix: None = None
+    best_of: int | None = Field(default=None, ge=1, le=1)
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, v):
+        if isinstance(v, list) and not 1 <= len(v) <= 64:
+            raise ValueError("prompt lists take 1 to 64 texts")
+        return v
+
+
+class ChatMessage(_Body):
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | list[dict] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.get("text", "") for part in self.content
+                           if isinstance(part, dict) and part.get("type") == "text")
+        return self.content or ""
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: Literal[False] | None = None
+
+
+class ClassifyBody(_Body):
+    model: str = Field(min_length=1)
+    input: str | dict[str, str] | list[str | dict[str, str]]
+    raw: bool = False
+
+    @field_validator("input")
+    @classmethod
+    def _input(cls, v):
+        if isinstance(v, list) and not 1 <= len(v) <= 256:
+            raise ValueError("input lists take 1 to 256 items")
+        return v
+
+    def items(self) -> list[str | dict[str, str]]:
+        return v if isinstance(v := self.input, list) else [v]
+
+
+class ScoreBody(_Body):
+    model: str = Field(min_length=1)
+    input: str | dict[str, str]
+    continuation: str = Field(min_length=1)
+    raw: bool = False

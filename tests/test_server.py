@@ -1,0 +1,282 @@
+"""The HTTP server on a tiny model: OpenAI client, concurrency, errors, admin, schema fuzz."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+
+pytest.importorskip("fastapi")
+import uvicorn  # noqa: E402
+from fastapi.testclient import TestClient  # noqa: E402
+
+from softprompt.engine import ClassifyRequest, Engine, GenerateRequest  # noqa: E402
+from softprompt.methods import build_method  # noqa: E402
+from softprompt.server import Scheduler, ServerState, create_app  # noqa: E402
+from softprompt.store import PromptStore  # noqa: E402
+from tests.conftest import make_model  # noqa: E402
+
+SENT = {"template": "Review: {text}\nSentiment:", "target_field": "label",
+        "verbalizer": {"positive": "positive", "negative": "negative"}}
+CAPS = {"template": "Country : {country} Capital :", "target_field": "capital", "verbalizer": None}
+TOKEN = "s3cret"
+WORDS = ["good movie", "bad plot", "the film was great", "awful", "a very good film", "not bad"]
+
+
+def make_store(root, model, tok) -> PromptStore:
+    store = PromptStore(root, create=True)
+    for i in range(8):  # 8 tasks: classification and generation, prompts of 2..9 tokens
+        method = build_method("prompt_tuning", {"num_virtual_tokens": 2 + i, "init": "random", "init_scale": 1.0,
+                                                "seed": i}, model, tok)
+        store.save(f"t{i}", method, model, task=SENT if i % 2 == 0 else CAPS)
+    return store
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, tokenizer):
+    model = make_model("llama")
+    store = make_store(tmp_path_factory.mktemp("store"), model, tokenizer)
+    engine = Engine.from_store(store, model, tokenizer, max_batch_size=16)
+    engine.add_base("base")
+    state = ServerState(engine, Scheduler(engine, max_batch_size=16, max_wait_ms=20), store=store,
+                        admin_token=TOKEN, max_tokens=64)
+    return state, create_app(state)
+
+
+@pytest.fixture(scope="module")
+def live(served):
+    """The app under uvicorn on a free 127.0.0.1 port, in a thread."""
+    _, app = served
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    for _ in range(200):
+        if server.started:
+            break
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def direct(state, kind, reqs):
+    """The engine called directly, bypassing HTTP and the scheduler."""
+    return getattr(state.engine, kind)(reqs)
+
+
+def test_openai_client_completions_chat_and_streaming(served, live):
+    openai = pytest.importorskip("openai")
+    state, _ = served
+    client = openai.OpenAI(base_url=f"{live}/v1", api_key="unused")
+    assert {m.id for m in client.models.list().data} == {f"t{i}" for i in range(8)} | {"base"}
+    comp = client.completions.create(model="t1", prompt="France", max_tokens=5, temperature=0)
+    ref = direct(state, "generate", [GenerateRequest("t1", "France", max_tokens=5)])[0]
+    assert comp.choices[0].text == ref.text and comp.choices[0].finish_reason == ref.finish_reason
+    assert comp.usage.completion_tokens == len(ref.tokens)
+    chat = client.chat.completions.create(model="t3", messages=[{"role": "system", "content": "x"},
+                                                                {"role": "user", "content": "Spain"}],
+                                          max_tokens=4, temperature=0)
+    ref = direct(state, "generate", [GenerateRequest("t3", "Spain", max_tokens=4)])[0]
+    assert chat.choices[0].message.content == ref.text and chat.choices[0].message.role == "assistant"
+    stream = client.completions.create(model="t1", prompt="Italy", max_tokens=6, temperature=0, stream=True)
+    chunks = list(stream)
+    ref = direct(state, "generate", [GenerateRequest("t1", "Italy", max_tokens=6)])[0]
+    assert "".join(c.choices[0].text for c in chunks) == ref.text
+    assert chunks[-1].choices[0].finish_reason == ref.finish_reason and len(chunks) >= 1 + bool(ref.text)
+    cstream = client.chat.completions.create(model="t5", messages=[{"role": "user", "content": "Italy"}],
+                                             max_tokens=6, temperature=0, stream=True)
+    parts = list(cstream)
+    ref = direct(state, "generate", [GenerateRequest("t5", "Italy", max_tokens=6)])[0]
+    assert parts[0].choices[0].delta.role == "assistant"
+    assert "".join(p.choices[0].delta.content or "" for p in parts) == ref.text
+
+
+def test_streaming_never_sends_text_after_a_stop_string(served, live):
+    state, _ = served
+    free = direct(state, "generate", [GenerateRequest("base", "the movie was", raw=True, max_tokens=10)])[0]
+    words = free.text.split()
+    if len(words) < 2:
+        pytest.skip("greedy output too short on this random model")
+    body = {"model": "base", "prompt": "the movie was", "raw": True, "max_tokens": 10, "temperature": 0,
+            "stream": True, "stop": [words[1]]}
+    with httpx.stream("POST", f"{live}/v1/completions", json=body, timeout=60) as r:
+        lines = [ln[6:] for ln in r.iter_lines() if ln.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    text = "".join(json.loads(ln)["choices"][0]["text"] for ln in lines[:-1])
+    assert text == free.text[:free.text.index(words[1])]
+
+
+def test_200_concurrent_requests_over_8_tasks_equal_the_engine(served, live):
+    state, _ = served
+    jobs = []
+    for i in range(200):
+        task, text = f"t{i % 8}", WORDS[i % len(WORDS)]
+        if i % 8 % 2 == 0:
+            jobs.append(("classify", {"model": task, "input": text}, ClassifyRequest(task, text)))
+        else:
+            seed = i if i % 3 == 0 else None
+            temperature = 0.8 if seed is not None else 0.0
+            jobs.append(("completions", {"model": task, "prompt": text, "max_tokens": 4, "temperature": temperature,
+                                         "seed": seed},
+                         GenerateRequest(task, text, max_tokens=4, temperature=temperature, seed=seed)))
+
+    def call(job):
+        with httpx.Client(timeout=120) as c:
+            return c.post(f"{live}/v1/{job[0]}", json=job[1])
+
+    before = state.scheduler.stats.largest_batch
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        responses = list(pool.map(call, jobs))
+    assert [r.status_code for r in responses] == [200] * 200
+    for (kind, _, req), resp in zip(jobs, responses, strict=True):
+        if kind == "classify":
+            got, ref = resp.json()["data"][0], direct(state, "classify", [req])[0]
+            assert got["label"] == ref.label and got["probs"] == pytest.approx(ref.probs, abs=1e-5)
+        else:
+            assert resp.json()["choices"][0]["text"] == direct(state, "generate", [req])[0].text
+    assert max(before, state.scheduler.stats.largest_batch) > 1  # requests were batched together
+
+
+def test_error_statuses(served):
+    state, app = served
+    with TestClient(app) as client:
+        r = client.post("/v1/completions", json={"model": "nope", "prompt": "x"})
+        assert r.status_code == 404 and "unknown task 'nope'" in r.json()["error"]["message"]
+        r = client.post("/v1/completions", json={"model": "t1", "prompt": "x", "temperature": 5})
+        assert r.status_code == 422 and "temperature" in r.json()["error"]["message"]
+        assert client.post("/v1/completions", content=b"{not json").status_code == 422
+        r = client.post("/v1/completions", json={"model": "t1", "prompt": "x", "max_tokens": 1000})
+        assert r.status_code == 400 and "limit" in r.json()["error"]["message"]
+        r = client.post("/v1/completions", json={"model": "t1", "prompt": " ".join(["good"] * 400)})
+        assert r.status_code == 400 and "tokens" in r.json()["error"]["message"]
+        r = client.post("/v1/classify", json={"model": "t1", "input": "x"})
+        assert r.status_code == 422 and "not a classification task" in r.json()["error"]["message"]
+        r = client.post("/v1/completions", json={"model": "t1", "prompt": "x", "n": 2})
+        assert r.status_code == 422
+        assert client.get("/health").json()["status"] == "ok"  # still serving
+        ok = client.post("/v1/classify", json={"model": "t0", "input": ["good", "bad"]}).json()
+        assert [d["index"] for d in ok["data"]] == [0, 1] and set(ok["data"][0]["probs"]) == {"positive", "negative"}
+        metrics = client.get("/metrics").text
+        assert 'softprompt_requests_total{endpoint="/v1/completions",code="404"}' in metrics
+        assert "softprompt_request_seconds_bucket" in metrics and "softprompt_tasks_loaded 9" in metrics
+
+
+def test_queue_full_is_429(tokenizer):
+    engine = Engine(make_model("llama"), tokenizer)
+    engine.add_base("base")
+    state = ServerState(engine, Scheduler(engine, max_queue=0))
+    with TestClient(create_app(state)) as client:
+        r = client.post("/v1/completions", json={"model": "base", "prompt": "the", "max_tokens": 1})
+        assert r.status_code == 429 and r.headers["retry-after"] == "1"
+
+
+def test_admin_needs_the_bearer_token_and_loads_unloads_reloads(served):
+    state, app = served
+    with TestClient(app) as client:
+        assert client.post("/admin/tasks/t2/unload").status_code == 401
+        assert client.post("/admin/tasks/t2/unload", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        assert client.post("/admin/tasks/t2/unload", headers=auth).json() == {"unloaded": "t2"}
+        assert client.post("/v1/classify", json={"model": "t2", "input": "good"}).status_code == 404
+        # a new prompt saved into the store while serving
+        method = build_method("prompt_tuning", {"num_virtual_tokens": 3, "init": "random", "seed": 99},
+                              state.engine.model, state.engine.tok)
+        state.store.save("fresh", method, state.engine.model, task=SENT)
+        assert client.post("/admin/tasks/fresh/load", headers=auth).status_code == 200
+        assert client.post("/admin/tasks/t2/load", headers=auth).status_code == 200
+        assert client.post("/v1/classify", json={"model": "fresh", "input": "good"}).status_code == 200
+        assert client.post("/admin/tasks/missing/load", headers=auth).status_code == 400
+        assert client.post("/admin/tasks/t2/reload", headers=auth).status_code == 200
+        state.engine.unload("fresh")
+    engine = Engine(make_model("llama"), state.engine.tok)
+    engine.add_base("base")
+    with TestClient(create_app(ServerState(engine, Scheduler(engine)))) as client:
+        assert client.post("/admin/tasks/base/unload", headers={"Authorization": "Bearer x"}).status_code == 403
+
+
+def test_scheduler_isolates_a_bad_request_in_a_batch(served):
+    state, _ = served
+    sched = state.scheduler
+    sched.start()  # a TestClient leaving its block stops the scheduler with the app
+    futures = [sched.submit("classify", ClassifyRequest("t0", "good")),
+               sched.submit("classify", ClassifyRequest("t1", "bad")),  # a generation task: rejected
+               sched.submit("classify", ClassifyRequest("t2", "great"))]
+    assert futures[0].result(60).label in ("positive", "negative")
+    with pytest.raises(Exception, match="not a classification task"):
+        futures[1].result(60)
+    assert futures[2].result(60).label in ("positive", "negative")
+
+
+def test_schema_fuzz_finds_no_5xx(served):
+    hypothesis = pytest.importorskip("hypothesis")
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    _, app = served
+    scalars = st.one_of(st.none(), st.booleans(), st.integers(-5, 100), st.floats(-3, 3, allow_nan=False),
+                        st.text(max_size=12), st.sampled_from(["t0", "t1", "base", "nope", ""]))
+    values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=3),
+                                                           st.dictionaries(st.text(max_size=6), inner, max_size=3)),
+                          max_leaves=6)
+    keys = st.sampled_from(["model", "prompt", "messages", "input", "max_tokens", "temperature", "top_p", "top_k",
+                            "seed", "stop", "stream", "n", "raw", "continuation", "max_completion_tokens"])
+    bodies = st.dictionaries(keys, values, max_size=7)
+    paths = st.sampled_from(["/v1/completions", "/v1/chat/completions", "/v1/classify", "/v1/score"])
+    client = TestClient(app)
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+    @given(path=paths, body=bodies)
+    def fuzz(path, body):
+        if body.get("max_tokens") is not None and isinstance(body["max_tokens"], int):
+            body["max_tokens"] = min(body["max_tokens"], 3)  # keep generation short
+        r = client.post(path, json=body)
+        assert r.status_code < 500, (path, body, r.text)
+
+    with client:
+        fuzz()
+    assert hypothesis.__version__
+
+
+def test_serve_command_in_a_subprocess(tmp_path, tokenizer, tiny_model_dir):
+    import os
+    import subprocess
+    import sys
+
+    from softprompt.model import load_base_model
+
+    model, tok = load_base_model(tiny_model_dir, device="cpu")
+    make_store(tmp_path / "store", model, tok)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    env = {**os.environ, "SOFTPROMPT_ADMIN_TOKEN": TOKEN}
+    proc = subprocess.Popen([sys.executable, "-m", "softprompt", "serve", "--model", str(tiny_model_dir), "--store",
+                             str(tmp_path / "store"), "--tasks", "t0,t1", "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(300):
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        assert {m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]} == {"t0", "t1", "base"}
+        r = httpx.post(f"{url}/v1/classify", json={"model": "t0", "input": "good"})
+        assert r.status_code == 200 and r.json()["data"][0]["label"] in ("positive", "negative")
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        assert httpx.post(f"{url}/admin/tasks/t2/load", headers=auth, timeout=30).status_code == 200
+        assert httpx.post(f"{url}/v1/classify", json={"model": "t2", "input": "bad"}).status_code == 200
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=30)[0]
+    assert "serving 3 tasks" in out, out[-2000:]
