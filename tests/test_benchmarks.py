@@ -38,3 +38,14 @@ def test_engine_benchmark_runs_on_tiny_model(tiny_model_dir):
     assert "throughput ratio softprompt/peft" in out and "ms/token" in out
     agree = float(out.split("label agreement: ")[1].split()[0])
     assert agree == 1.0  # same prompts, same labels, whichever implementation
+
+
+def test_server_benchmark_runs_on_tiny_model(tiny_model_dir):
+    pytest.importorskip("fastapi")
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "server.py"), "--model", str(tiny_model_dir),
+                           "--requests", "24", "--tasks", "4", "--prompt-tokens", "3", "--new-tokens", "2",
+                           "--device", "cpu"], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "throughput ratio concurrent/one-at-a-time" in proc.stdout
+    assert "identical answers: 24/24" in proc.stdout
