@@ -105,6 +105,9 @@ class PromptArgs:
     init_scale: float = 0.5
     vocab_sample_size: int = 5000
     prompt_dropout: float = 0.0
+    projection: bool = False
+    encoder: str = "mlp"
+    encoder_hidden_size: int = 0
 
     def __post_init__(self):
         from softprompt.methods import METHODS
@@ -125,9 +128,23 @@ class PromptArgs:
         _raise(problems)
 
     def method_config(self, seed: int) -> dict[str, Any]:
-        return {"num_virtual_tokens": self.num_virtual_tokens, "init": self.init, "init_text": self.init_text,
-                "init_scale": self.init_scale, "vocab_sample_size": self.vocab_sample_size,
-                "dropout": self.prompt_dropout, "seed": seed}
+        """The flags the chosen method's config takes (others are left out), validated by that config."""
+        from dataclasses import fields as dc_fields
+
+        from softprompt.methods import get_method
+
+        values = {"num_virtual_tokens": self.num_virtual_tokens, "init": self.init, "init_text": self.init_text,
+                  "init_scale": self.init_scale, "vocab_sample_size": self.vocab_sample_size,
+                  "dropout": self.prompt_dropout, "seed": seed, "projection": self.projection,
+                  "encoder": self.encoder, "encoder_hidden_size": self.encoder_hidden_size}
+        config_class = get_method(self.method).config_class
+        known = {f.name for f in dc_fields(config_class)}
+        cfg = {k: v for k, v in values.items() if k in known}
+        try:
+            config_class.from_dict(cfg)
+        except ValueError as e:
+            raise ConfigError(f"--method {self.method}: {e}") from None
+        return cfg
 
 
 @dataclass

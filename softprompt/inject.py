@@ -97,6 +97,13 @@ def compute_prompt_kv(model, prompt: PromptOutput | torch.Tensor) -> PromptKV:
     Gradients flow through the result when the prompt requires grad (training); call under
     ``torch.no_grad()`` for inference.
     """
+    if isinstance(prompt, PromptOutput) and prompt.kv is not None:  # prefix methods: keys/values directly
+        layers = [(k.to(device=model.device, dtype=model.dtype), v.to(device=model.device, dtype=model.dtype))
+                  for k, v in prompt.kv]
+        if len(layers) != model.config.num_hidden_layers or any(k.ndim != 4 or k.shape[0] != 1 for k, _ in layers):
+            raise InjectionError(f"prefix has {len(layers)} layers of shape {tuple(layers[0][0].shape)}; expected "
+                                 f"{model.config.num_hidden_layers} of (1, kv_heads, P, head_dim)")
+        return PromptKV(layers=layers, length=prompt.length)
     embeds = prompt.embeds if isinstance(prompt, PromptOutput) else prompt
     _check_prompt(model, embeds)
     embeds = embeds.to(device=model.device, dtype=model.dtype)[None]  # (1, P, H)
@@ -140,6 +147,8 @@ def prompt_for_step(model, prompt: PromptOutput | torch.Tensor, mode: str = "aut
     """
     if mode not in PROMPT_PASSES:
         raise InjectionError(f"prompt pass {mode!r} is not one of {', '.join(PROMPT_PASSES)}")
+    if isinstance(prompt, PromptOutput) and prompt.kv is not None:
+        return compute_prompt_kv(model, prompt)  # a prefix has no embeddings to concatenate
     if mode == "auto":
         mode = "concat" if model.device.type == "cuda" else "shared_kv"
     if mode == "concat":

@@ -338,3 +338,23 @@ def test_store_and_task_flags_go_together(env, tmp_path):
                         "invalid task name")
     _assert_usage_error(["generate", "--model", env["model"], "--task", "a", "--input", "x"], "--task needs --store")
     _assert_usage_error(["eval", "--model", env["model"]], "either --prompt DIR or --store DIR")
+
+
+@pytest.mark.parametrize("extra", [["--method", "prefix_tuning", "--init-text", INIT_TEXT],
+                                   ["--method", "p_tuning", "--encoder", "lstm", "--encoder-hidden-size", "16"],
+                                   ["--method", "deep_prompt", "--init", "random", "--init-scale", "0.1"]])
+def test_train_other_methods_then_generate(env, tmp_path, extra):
+    out = tmp_path / "run"
+    rc, stdout, stderr = run(train_argv(env, out, "--max-steps", "2", "--baselines", "no_prompt", *extra))
+    assert rc == 0, stderr
+    meta = json.loads((out / "prompt" / "softprompt.json").read_text())
+    assert meta["method"] == extra[1] and "tuned soft prompt" in stdout
+    rc, rows, stderr = _generate(env, out / "prompt", "--input", "good movie", "--max-new-tokens", "2")
+    assert rc == 0, stderr
+
+
+def test_method_specific_flag_errors_name_the_method(env, tmp_path):
+    _assert_usage_error(train_argv(env, tmp_path / "x", "--method", "prefix_tuning", "--init", "sample_vocab"),
+                        "--method prefix_tuning", "init must be one of")
+    _assert_usage_error(train_argv(env, tmp_path / "x", "--method", "p_tuning", "--encoder", "gru"),
+                        "--method p_tuning", "encoder must be one of")

@@ -14,10 +14,18 @@ from softprompt.methods.base import (
     method_from_saved,
     register_method,
 )
+from softprompt.methods.p_tuning import PTuning, PTuningConfig
+from softprompt.methods.prefix_tuning import DeepPrompt, DeepPromptConfig, PrefixTuning, PrefixTuningConfig
 from softprompt.methods.prompt_tuning import PromptTuning, PromptTuningConfig
 
 __all__ = [
     "METHODS",
+    "DeepPrompt",
+    "DeepPromptConfig",
+    "PTuning",
+    "PTuningConfig",
+    "PrefixTuning",
+    "PrefixTuningConfig",
     "MethodConfig",
     "PromptMethod",
     "PromptOutput",

@@ -13,15 +13,22 @@ from torch import nn
 class PromptOutput:
     """What a method contributes to the forward pass; :mod:`softprompt.inject` consumes it.
 
+    Exactly one of ``embeds`` and ``kv`` is set.
+
     Attributes:
         embeds: ``(P, H)`` virtual-token embeddings prepended to the input (prompt tuning, P-tuning).
+        kv: per-layer ``(keys, values)``, each ``(1, kv_heads, P, head_dim)``, that the text attends to at
+            every layer (prefix tuning, deep prompts).
+        length: ``P`` when ``kv`` is given.
     """
 
-    embeds: torch.Tensor
+    embeds: torch.Tensor | None = None
+    kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    length: int = 0
 
     @property
     def num_virtual_tokens(self) -> int:
-        return int(self.embeds.shape[0])
+        return int(self.embeds.shape[0]) if self.embeds is not None else self.length
 
 
 @dataclass

@@ -57,6 +57,8 @@ class PeftType:
     method: str
     tensor_shapes: Callable[[dict], dict[str, tuple[int, int]]]
     method_config: Callable[[dict, dict[str, torch.Tensor]], dict[str, Any]]
+    token_dim: Callable[[Any], int] = lambda model: int(model.get_input_embeddings().weight.shape[1])
+    other_methods: tuple[str, ...] = ()  # more of our methods stored as this peft_type
 
 
 def _prompt_tuning_shapes(cfg: dict) -> dict[str, tuple[int, int]]:
@@ -87,6 +89,35 @@ def register_peft_type(peft_type: str, spec: PeftType) -> None:
 
 register_peft_type("PROMPT_TUNING",
                    PeftType("prompt_tuning", _prompt_tuning_shapes, _prompt_tuning_from_peft))
+register_peft_type("P_TUNING", PeftType(
+    "p_tuning", _prompt_tuning_shapes,
+    lambda cfg, tensors: {"num_virtual_tokens": int(tensors["prompt_embeddings"].shape[0]),
+                          "encoder": "lstm" if cfg.get("encoder_reparameterization_type") == "LSTM" else "mlp"}))
+
+
+def _prefix_shapes(cfg: dict) -> dict[str, tuple[int, int]]:
+    return {"prompt_embeddings": (cfg["num_virtual_tokens"], int(cfg.get("num_layers") or 0) * 2 * cfg["token_dim"])}
+
+
+def _prefix_from_peft(cfg: dict, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    heads = int(cfg.get("num_attention_heads") or 0)
+    if cfg.get("prefix_projection") and "prompt_embeddings" not in tensors:
+        raise ValueError("a PEFT prefix saved with prefix_projection=True stores its MLP, not the prefix: "
+                         "load it in PEFT and save with inference_mode, or retrain with softprompt")
+    return {"num_virtual_tokens": int(tensors["prompt_embeddings"].shape[0]), "init": "random",
+            "num_layers": int(cfg.get("num_layers") or 0), "kv_heads": heads,
+            "head_dim": cfg["token_dim"] // heads if heads else 0}
+
+
+def _prefix_token_dim(model) -> int:
+    from softprompt.methods.prefix_tuning import kv_geometry
+
+    _, kv_heads, head_dim = kv_geometry(model)
+    return kv_heads * head_dim
+
+
+register_peft_type("PREFIX_TUNING", PeftType("prefix_tuning", _prefix_shapes, _prefix_from_peft,
+                                             token_dim=_prefix_token_dim, other_methods=("deep_prompt",)))
 
 
 @dataclass
@@ -148,6 +179,8 @@ def _config_problems(cfg: Any) -> list[str]:
         return [f"unsupported peft_type {peft_type!r} (supported: {', '.join(sorted(PEFT_TYPES))})"]
     problems = [f"'{key}' must be a positive integer, got {cfg.get(key)!r}"
                 for key in ("num_virtual_tokens", "token_dim") if not _is_positive_int(cfg.get(key))]
+    if peft_type == "PREFIX_TUNING" and not _is_positive_int(cfg.get("num_layers")):
+        problems.append(f"'num_layers' must be a positive integer, got {cfg.get('num_layers')!r}")
     subs = cfg.get("num_transformer_submodules", 1)
     if subs not in (None, 1):
         problems.append(f"num_transformer_submodules is {subs!r}: only decoder-only (causal LM) prompts, "
@@ -176,10 +209,6 @@ def _tensor_problems(cfg: dict, tensors: dict[str, torch.Tensor]) -> list[str]:
     return problems
 
 
-def _model_hidden_size(model) -> int:
-    return int(model.get_input_embeddings().weight.shape[1])
-
-
 def check_model_compatible(stored: StoredPrompt, model, check_fingerprint: bool = True) -> None:
     """Check that ``stored`` fits ``model``: hidden size always, base-model fingerprint when recorded.
 
@@ -187,10 +216,15 @@ def check_model_compatible(stored: StoredPrompt, model, check_fingerprint: bool 
         StoreError: naming the folder and every differing field.
     """
     where = stored.path if stored.path is not None else "prompt"
-    token_dim, hidden = stored.peft_config.get("token_dim"), _model_hidden_size(model)
-    if token_dim != hidden:
+    spec = PEFT_TYPES[stored.peft_config["peft_type"]]
+    token_dim, expected = stored.peft_config.get("token_dim"), spec.token_dim(model)
+    if token_dim != expected:
         raise StoreError(f"{where}: {CONFIG_NAME} has token_dim {token_dim} but the model "
-                         f"({type(model).__name__}) has hidden size {hidden}; the prompt cannot work with it")
+                         f"({type(model).__name__}) needs {expected}; the prompt cannot work with it")
+    layers = stored.peft_config.get("num_layers")
+    if spec.method == "prefix_tuning" and layers != model.config.num_hidden_layers:
+        raise StoreError(f"{where}: {CONFIG_NAME} has num_layers {layers} but the model has "
+                         f"{model.config.num_hidden_layers}; the prefix cannot work with it")
     stored_fp = stored.fingerprint
     if check_fingerprint and stored_fp:
         diffs = fingerprint_mismatch(stored_fp, fingerprint(model))
@@ -237,7 +271,7 @@ def _method_from_meta(meta: Any, peft_type: str, path: Path) -> tuple[str, dict]
                          f"reads up to {FORMAT_VERSION}); upgrade softprompt")
     method, config = meta.get("method"), meta.get("method_config")
     problems = []
-    if method != PEFT_TYPE_TO_METHOD[peft_type]:
+    if method != PEFT_TYPE_TO_METHOD[peft_type] and method not in PEFT_TYPES[peft_type].other_methods:
         problems.append(f"'method' is {method!r} but {CONFIG_NAME} has peft_type {peft_type!r} "
                         f"(method {PEFT_TYPE_TO_METHOD[peft_type]!r})")
     if not isinstance(config, dict):
@@ -331,9 +365,9 @@ def save_prompt(path: str | Path, method: PromptMethod, model, task: dict | None
     peft_config = method.peft_config(model)
     problems = _config_problems(peft_config)
     problems = problems or _tensor_problems(peft_config, tensors)
-    if not problems and peft_config["token_dim"] != _model_hidden_size(model):
-        problems.append(f"token_dim {peft_config['token_dim']} differs from the model's hidden size "
-                        f"{_model_hidden_size(model)}")
+    if not problems and peft_config["token_dim"] != PEFT_TYPES[peft_config["peft_type"]].token_dim(model):
+        problems.append(f"token_dim {peft_config['token_dim']} differs from what the model needs "
+                        f"({PEFT_TYPES[peft_config['peft_type']].token_dim(model)})")
     if problems:
         raise StoreError(f"refusing to save {path}: " + "; ".join(problems))
     if task is not None and not isinstance(task, dict):

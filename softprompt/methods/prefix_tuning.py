@@ -1,0 +1,198 @@
+"""Prefix tuning (Li & Liang 2021) and deep prompts (P-tuning v2, Liu et al. 2022).
+
+Both learn ``P`` key/value vectors for every attention layer instead of input embeddings: the text attends
+to them at every layer. ``prefix_tuning`` may reparameterise the prefix through an MLP during training
+(``projection: true``, as in the paper); :meth:`saved_tensors` folds the MLP away and stores the prefix
+itself. ``deep_prompt`` is the same module without the MLP (P-tuning v2 trains the per-layer prompts
+directly).
+
+Stored as PEFT ``PREFIX_TUNING``: ``prompt_embeddings`` of shape ``(P, num_layers * 2 * kv_dim)`` where
+``kv_dim = kv_heads * head_dim``; for layer ``i`` the keys are slice ``2i`` and the values ``2i + 1``
+(PEFT's layout, so PEFT loads it as is).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from softprompt.methods.base import MethodConfig, PromptMethod, PromptOutput, register_method
+
+PREFIX_INITS = ("random", "text")
+
+
+def kv_geometry(model) -> tuple[int, int, int]:
+    """``(num_layers, kv_heads, head_dim)`` of a decoder's attention, from its config."""
+    cfg = model.config
+    layers = int(getattr(cfg, "num_hidden_layers", 0) or getattr(cfg, "n_layer", 0))
+    heads = int(getattr(cfg, "num_attention_heads", 0) or getattr(cfg, "n_head", 0))
+    kv_heads = int(getattr(cfg, "num_key_value_heads", 0) or heads)
+    hidden = int(model.get_input_embeddings().weight.shape[1])
+    head_dim = int(getattr(cfg, "head_dim", 0) or hidden // heads)
+    return layers, kv_heads, head_dim
+
+
+@dataclass
+class PrefixTuningConfig(MethodConfig):
+    """Configuration of prefix tuning.
+
+    Attributes:
+        num_virtual_tokens: prefix length ``P``.
+        projection: train through an MLP (``P x H`` embedding -> hidden -> per-layer keys/values).
+        encoder_hidden_size: the MLP's hidden width (0: the model's hidden size).
+        init: ``random`` (normal, ``init_scale``) or ``text`` (the frozen model's own keys/values of
+            ``init_text``, tiled to ``P``: the prefix starts as that hard prompt).
+    """
+
+    method: ClassVar[str] = "prefix_tuning"
+    num_virtual_tokens: int = 20
+    projection: bool = False
+    encoder_hidden_size: int = 0
+    init: str = "text"
+    init_text: str = "Classify the sentiment of this movie review as positive or negative."
+    init_scale: float = 0.02
+    dropout: float = 0.0
+    seed: int = 0
+    num_layers: int = 0  # the model's attention geometry, filled in by create()
+    kv_heads: int = 0
+    head_dim: int = 0
+
+    def __post_init__(self):
+        problems = []
+        if not isinstance(self.num_virtual_tokens, int) or self.num_virtual_tokens < 1:
+            problems.append(f"num_virtual_tokens must be >= 1, got {self.num_virtual_tokens!r}")
+        if self.init not in PREFIX_INITS:
+            problems.append(f"init must be one of {PREFIX_INITS}, got {self.init!r}")
+        if self.init == "text" and not str(self.init_text).strip():
+            problems.append("init text needs a non-empty init_text")
+        if not 0 <= self.dropout < 1:
+            problems.append(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.encoder_hidden_size < 0:
+            problems.append(f"encoder_hidden_size must be >= 0, got {self.encoder_hidden_size}")
+        if problems:
+            raise ValueError(f"{self.method} config: " + "; ".join(problems))
+
+
+@register_method
+class PrefixTuning(PromptMethod):
+    """Per-layer key/value prefixes, optionally produced by an MLP during training."""
+
+    name: ClassVar[str] = "prefix_tuning"
+    config_class: ClassVar[type[MethodConfig]] = PrefixTuningConfig
+
+    def __init__(self, config: PrefixTuningConfig, geometry: tuple[int, int, int], prefix: torch.Tensor,
+                 hidden_size: int = 0):
+        super().__init__(config)
+        self.geometry = geometry
+        layers, kv_heads, head_dim = geometry
+        width = layers * 2 * kv_heads * head_dim
+        if prefix.shape != (config.num_virtual_tokens, width):
+            raise ValueError(f"{self.name} prefix has shape {tuple(prefix.shape)}, expected "
+                             f"({config.num_virtual_tokens}, {width}) = (P, layers*2*kv_heads*head_dim)")
+        self.dropout = nn.Dropout(config.dropout)
+        if config.projection and hidden_size:
+            # trainable input embeddings through an MLP; the last layer starts at zero with the initial
+            # prefix as its bias, so training starts exactly from the initial prefix
+            enc = config.encoder_hidden_size or hidden_size
+            gen = torch.Generator().manual_seed(config.seed)
+            self.embedding = nn.Parameter(torch.randn(config.num_virtual_tokens, hidden_size, generator=gen) * 0.02)
+            self.mlp = nn.Sequential(nn.Linear(hidden_size, enc), nn.Tanh(), nn.Linear(enc, width))
+            with torch.no_grad():
+                self.mlp[2].weight.zero_()
+                self.mlp[2].bias.copy_(prefix.float().mean(0))
+            self.prefix_offset = nn.Parameter(prefix.detach().float() - prefix.float().mean(0))
+        else:
+            self.prefix = nn.Parameter(prefix.detach().to(torch.float32).clone())  # (P, L*2*kv_dim)
+
+    @classmethod
+    def create(cls, config: PrefixTuningConfig, model, tokenizer, **_ignored) -> PrefixTuning:
+        """Initialise randomly or from the frozen model's keys/values of ``init_text``."""
+        from softprompt import inject
+
+        geometry = kv_geometry(model)
+        layers, kv_heads, head_dim = geometry
+        config.num_layers, config.kv_heads, config.head_dim = geometry
+        p = config.num_virtual_tokens
+        if config.init == "random":
+            gen = torch.Generator().manual_seed(config.seed)
+            prefix = torch.randn(p, layers * 2 * kv_heads * head_dim, generator=gen) * config.init_scale
+        else:
+            ids = tokenizer(config.init_text, add_special_tokens=False)["input_ids"]
+            ids = (ids * (p // len(ids) + 1))[:p]
+            emb = model.get_input_embeddings().weight.detach()[torch.tensor(ids, device=model.device)]
+            with torch.no_grad():
+                kv = inject.compute_prompt_kv(model, emb)  # (1, kv_heads, P, head_dim) per layer
+            parts = []
+            for k, v in kv.layers:
+                parts += [k[0].permute(1, 0, 2).reshape(p, -1), v[0].permute(1, 0, 2).reshape(p, -1)]
+            prefix = torch.cat(parts, dim=1).float().cpu()  # (P, L*2*kv_dim)
+        hidden = int(model.get_input_embeddings().weight.shape[1])
+        return cls(config, geometry, prefix, hidden_size=hidden)
+
+    def _prefix(self) -> torch.Tensor:
+        if hasattr(self, "mlp"):
+            return self.mlp(self.embedding) + self.prefix_offset  # (P, L*2*kv_dim)
+        return self.prefix
+
+    def forward(self) -> PromptOutput:
+        layers, kv_heads, head_dim = self.geometry
+        p = self.config.num_virtual_tokens
+        flat = self.dropout(self._prefix()).view(p, layers * 2, kv_heads, head_dim).permute(1, 2, 0, 3)
+        kv = [(flat[2 * i][None], flat[2 * i + 1][None]) for i in range(layers)]  # (1, kv_heads, P, d) each
+        return PromptOutput(embeds=None, kv=kv, length=p)
+
+    def saved_tensors(self) -> dict[str, torch.Tensor]:
+        with torch.no_grad():  # the MLP, if any, is folded into the prefix it produces
+            return {"prompt_embeddings": self._prefix().detach().float().cpu().contiguous()}
+
+    def peft_config(self, model) -> dict[str, Any]:
+        layers, kv_heads, head_dim = self.geometry
+        return {
+            "peft_type": "PREFIX_TUNING",
+            "task_type": "CAUSAL_LM",
+            "num_virtual_tokens": self.config.num_virtual_tokens,
+            "token_dim": kv_heads * head_dim,
+            "num_transformer_submodules": 1,
+            "num_attention_heads": kv_heads,
+            "num_layers": layers,
+            "encoder_hidden_size": kv_heads * head_dim,
+            "prefix_projection": False,  # folded at save time
+            "base_model_name_or_path": str(getattr(model.config, "_name_or_path", "") or ""),
+            "revision": None,
+            "inference_mode": True,
+            "modules_to_save": None,
+        }
+
+    @classmethod
+    def from_saved(cls, config: PrefixTuningConfig, tensors: dict[str, torch.Tensor]) -> PrefixTuning:
+        if "prompt_embeddings" not in tensors:
+            raise ValueError(f"{cls.name} weights need key 'prompt_embeddings', found {sorted(tensors)}")
+        geometry = (config.num_layers, config.kv_heads, config.head_dim)
+        if min(geometry) < 1:
+            raise ValueError(f"{cls.name} config lacks the model geometry (num_layers, kv_heads, head_dim): "
+                             f"{geometry}")
+        folded = type(config).from_dict({**config.to_dict(), "projection": False})
+        out = cls(folded, geometry, tensors["prompt_embeddings"])  # the MLP was folded away at save time
+        out.config = config
+        return out
+
+
+@dataclass
+class DeepPromptConfig(PrefixTuningConfig):
+    """Deep prompts (P-tuning v2): trainable prompts at every layer, no reparameterisation."""
+
+    method: ClassVar[str] = "deep_prompt"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.projection:
+            raise ValueError("deep_prompt config: projection is not used (use prefix_tuning for an MLP)")
+
+
+@register_method
+class DeepPrompt(PrefixTuning):
+    name: ClassVar[str] = "deep_prompt"
+    config_class: ClassVar[type[MethodConfig]] = DeepPromptConfig
