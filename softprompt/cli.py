@@ -16,7 +16,7 @@ from collections import Counter
 from pathlib import Path
 
 from softprompt.cli_store import add_store_parsers
-from softprompt.config import SECTIONS, ConfigError, build_args, field_type, flag, load_yaml, to_yaml
+from softprompt.config import DEFAULT_MODEL, SECTIONS, ConfigError, build_args, field_type, flag, load_yaml, to_yaml
 
 log = logging.getLogger("softprompt")
 
@@ -320,6 +320,31 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(ns: argparse.Namespace) -> int:
+    """Train and evaluate every method with the same loop and budget; print and save the table and chart."""
+    from softprompt.compare import DEFAULT_SPECS, format_table, run_compare
+
+    specs = DEFAULT_SPECS
+    if ns.only:
+        kinds = {k.strip() for k in ns.only.split(",")}
+        unknown = kinds - {s.kind for s in DEFAULT_SPECS}
+        if unknown:
+            raise ConfigError(f"--only: unknown kinds {sorted(unknown)}; known: "
+                              f"{sorted({s.kind for s in DEFAULT_SPECS})}")
+        specs = [s for s in DEFAULT_SPECS if s.kind in kinds]
+    for name in ("steps", "batch_size", "test_samples"):
+        if getattr(ns, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(ns, name)}")
+    out = Path(ns.output_dir)
+    print(f"comparing {len(specs)} methods on {ns.dataset}, {ns.steps} steps of batch {ns.batch_size}, "
+          f"test on {ns.test_samples} examples")
+    rows = run_compare(specs, ns.model, ns.dataset, ns.steps, ns.batch_size, ns.test_samples, out,
+                       log=lambda line: print(line, flush=True))
+    print("\n" + format_table(rows))
+    print(f"saved {out / 'compare.json'}, {out / 'compare.md'}, {out / 'compare.png'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="softprompt", description="Prompt tuning for frozen language models.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -368,6 +393,16 @@ def build_parser() -> argparse.ArgumentParser:
     for s in ("model", "serve"):
         _add_section(p, s)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("compare", help="compare prompt methods, LoRA, BitFit and full fine-tuning")
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--dataset", default="rotten_tomatoes")
+    p.add_argument("--steps", type=int, default=60, help="training steps of every method")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--test-samples", type=int, default=400)
+    p.add_argument("--only", help="comma-separated kinds: prompt_tuning,prefix_tuning,p_tuning,lora,bitfit,full")
+    p.add_argument("--output-dir", default="runs/compare")
+    p.set_defaults(func=cmd_compare)
 
     add_store_parsers(sub)
     return parser

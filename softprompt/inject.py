@@ -91,12 +91,14 @@ class PromptKV:
         return cache
 
 
-def compute_prompt_kv(model, prompt: PromptOutput | torch.Tensor) -> PromptKV:
+def compute_prompt_kv(model, prompt: PromptOutput | torch.Tensor) -> PromptKV | None:
     """Run the prompt through the frozen model once and keep its keys/values.
 
     Gradients flow through the result when the prompt requires grad (training); call under
     ``torch.no_grad()`` for inference.
     """
+    if isinstance(prompt, PromptOutput) and prompt.kv is None and prompt.embeds is None:
+        return None  # a method without a prompt (weight tuning in the comparison harness)
     if isinstance(prompt, PromptOutput) and prompt.kv is not None:  # prefix methods: keys/values directly
         layers = [(k.to(device=model.device, dtype=model.dtype), v.to(device=model.device, dtype=model.dtype))
                   for k, v in prompt.kv]
@@ -147,8 +149,8 @@ def prompt_for_step(model, prompt: PromptOutput | torch.Tensor, mode: str = "aut
     """
     if mode not in PROMPT_PASSES:
         raise InjectionError(f"prompt pass {mode!r} is not one of {', '.join(PROMPT_PASSES)}")
-    if isinstance(prompt, PromptOutput) and prompt.kv is not None:
-        return compute_prompt_kv(model, prompt)  # a prefix has no embeddings to concatenate
+    if isinstance(prompt, PromptOutput) and prompt.embeds is None:
+        return compute_prompt_kv(model, prompt)  # a prefix (or no prompt): nothing to concatenate
     if mode == "auto":
         mode = "concat" if model.device.type == "cuda" else "shared_kv"
     if mode == "concat":
