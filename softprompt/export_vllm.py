@@ -1,0 +1,45 @@
+"""Use a stored soft prompt with vLLM, through its ``prompt_embeds`` input.
+
+vLLM (``vllm serve MODEL --enable-prompt-embeds``) accepts a ``(sequence_length, hidden_size)`` tensor in
+place of a prompt, base64-encoded ``torch.save`` bytes in the ``prompt_embeds`` field of a Completions
+request. A soft prompt is exactly that: its ``P`` embeddings followed by the embeddings of the text's
+tokens. Positions are ``0 .. P+T-1``, as softprompt uses them. Prefix methods have no embeddings (they act
+on keys/values at every layer), so they cannot be sent this way.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import torch
+
+
+class VllmExportError(ValueError):
+    """The prompt cannot be expressed as vLLM prompt embeddings."""
+
+
+@torch.no_grad()
+def prompt_embeds(model, tokenizer, method, text: str) -> torch.Tensor:
+    """``(P + T, H)`` embeddings of the soft prompt followed by ``text``'s tokens (no special tokens added)."""
+    out = method.eval()()
+    if out.embeds is None:
+        raise VllmExportError(f"method {method.name!r} has no input embeddings (it prefixes keys/values at every "
+                              "layer); vLLM's prompt_embeds input takes embedding-space prompts only "
+                              "(prompt_tuning, p_tuning)")
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    table = model.get_input_embeddings()
+    tokens = table(torch.tensor(ids, device=table.weight.device))  # (T, H)
+    return torch.cat([out.embeds.to(tokens), tokens]).float().cpu()  # (P+T, H)
+
+
+def encode(embeds: torch.Tensor) -> str:
+    """Base64 of the ``torch.save`` bytes: the string vLLM's ``prompt_embeds`` field takes."""
+    buf = io.BytesIO()
+    torch.save(embeds.contiguous(), buf)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def decode(data: str) -> torch.Tensor:
+    """Inverse of :func:`encode` (tensors only: ``weights_only``)."""
+    return torch.load(io.BytesIO(base64.b64decode(data)), weights_only=True)

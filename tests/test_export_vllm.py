@@ -1,0 +1,32 @@
+"""vLLM prompt_embeds export: the tensor is exactly what the model sees with the soft prompt."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from softprompt import inject
+from softprompt.export_vllm import VllmExportError, decode, encode, prompt_embeds
+from softprompt.methods import build_method
+
+
+@pytest.mark.parametrize("name", ["prompt_tuning", "p_tuning"])
+def test_prompt_embeds_reproduce_the_soft_prompt_forward(model, tokenizer, name):
+    method = build_method(name, {"num_virtual_tokens": 4}, model, tokenizer).eval()
+    text = "Review : good movie Sentiment :"
+    emb = prompt_embeds(model, tokenizer, method, text)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert emb.shape == (4 + len(ids), 32)
+    with torch.no_grad():
+        # what a server that takes prompt embeddings computes: the plain forward on them, positions 0..P+T-1
+        theirs = model(inputs_embeds=decode(encode(emb))[None]).logits[0, 4:]
+        ids_t = torch.tensor([ids])
+        ours = inject.text_logits(model, ids_t, torch.ones_like(ids_t), inject.compute_prompt_kv(model, method()))[0]
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-4)
+    assert isinstance(encode(emb), str) and torch.equal(decode(encode(emb)), emb)
+
+
+def test_prefix_methods_are_refused_with_a_reason(model, tokenizer):
+    method = build_method("prefix_tuning", {"num_virtual_tokens": 2, "init": "random"}, model, tokenizer)
+    with pytest.raises(VllmExportError, match="keys/values at every layer"):
+        prompt_embeds(model, tokenizer, method, "good")
