@@ -163,7 +163,8 @@ def main() -> None:
         for side in SIDES:
             out = subprocess.run([sys.executable, __file__, "--memory-child", side, "--model", args.model,
                                   "--device", args.device, "--dtype", args.dtype,
-                                  "--batch-size", str(args.batch_size), "--prompt-pass", args.prompt_pass], capture_output=True, text=True, check=True)
+                                  "--batch-size", str(args.batch_size), "--prompt-pass", args.prompt_pass],
+                                 capture_output=True, text=True, check=True)
             mem[side] = json.loads(out.stdout.strip().splitlines()[-1])["peak_extra_mib"]
     label = "peak extra GPU memory in a step" if dev.type == "cuda" else "peak extra RSS during steps"
     print(f"\n{'':12}{'tok/s':>10}{'median step s':>15}{label + ' (MiB)':>40}")

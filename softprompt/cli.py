@@ -1,4 +1,6 @@
-"""Command line: ``softprompt train | eval | generate | serve | store | ensemble``; each subcommand is a plain function.
+"""Command line: ``softprompt train | eval | generate | serve | compare | inspect | store | ensemble``.
+
+Each subcommand is a plain function.
 
 Flags come from the dataclasses in :mod:`softprompt.config`; ``--config file.yaml`` supplies the same
 fields grouped by section, and flags given on the command line win.
@@ -15,6 +17,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from softprompt.cli_inspect import add_inspect_parser
 from softprompt.cli_store import add_store_parsers
 from softprompt.config import DEFAULT_MODEL, SECTIONS, ConfigError, build_args, field_type, flag, load_yaml, to_yaml
 
@@ -405,6 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_compare)
 
     add_store_parsers(sub)
+    add_inspect_parser(sub)
     return parser
 
 

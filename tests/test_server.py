@@ -10,7 +10,6 @@ import time
 
 import httpx
 import pytest
-import torch
 
 pytest.importorskip("fastapi")
 import uvicorn  # noqa: E402
