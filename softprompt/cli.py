@@ -154,6 +154,10 @@ def cmd_train(ns: argparse.Namespace) -> int:
 
     result = train(model, tok, method, task, args["train"], save_best=save_best,
                    eval_batch_size=args["eval"].eval_batch_size, max_length=args["data"].max_length)
+    from softprompt.train import distributed
+
+    if distributed()[0] != 0:  # data-parallel run: the first process evaluates and saves
+        return 0
     print(f"trained {result.steps} steps in {result.seconds:.0f}s"
           + (f"; best validation {result.best_metric:.4f} at step {result.best_step}"
              if result.best_metric is not None else ""))

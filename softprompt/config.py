@@ -170,6 +170,7 @@ class TrainArgs:
     resume: bool = False
     seed: int = 0
     prompt_pass: str = "auto"
+    gradient_checkpointing: bool = False
 
     def __post_init__(self):
         problems = []

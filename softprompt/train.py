@@ -11,6 +11,7 @@ the step, method/optimizer/scheduler state and the torch RNG state are saved.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -92,15 +93,63 @@ def step_groups(encoded: list[Encoded], args: TrainArgs, epoch: int, steps: int)
     return groups
 
 
-def micro_batches(encoded: list[Encoded], args: TrainArgs, pad_id: int, steps_per_epoch: int):
-    """Yield ``(step, epoch, [micro-batches])`` for every optimizer step, forever over epochs."""
+def micro_batches(encoded: list[Encoded], args: TrainArgs, pad_id: int, steps_per_epoch: int,
+                  rank: int = 0, world: int = 1):
+    """Yield ``(step, epoch, [micro-batches])`` for every optimizer step, forever over epochs.
+
+    With ``world`` data-parallel processes, every process builds the same steps and takes every
+    ``world``-th example of each (its share of the global batch).
+    """
     epoch = 0
+    micro = max(1, args.batch_size // world)
     while True:
         for s, idx in enumerate(step_groups(encoded, args, epoch, steps_per_epoch)):
-            group = [collate([encoded[i] for i in idx[j:j + args.batch_size]], pad_id)
-                     for j in range(0, len(idx), args.batch_size)]
+            mine = idx[rank::world]
+            group = [collate([encoded[i] for i in mine[j:j + micro]], pad_id) for j in range(0, len(mine), micro)]
             yield epoch * steps_per_epoch + s, epoch, group
         epoch += 1
+
+
+def distributed() -> tuple[int, int]:
+    """``(rank, world_size)``; joins the process group when launched by torchrun / ``accelerate launch``.
+
+    Data parallelism for a prompt is plain: every process holds the frozen model and the same prompt, runs
+    its share of each batch, and the prompt gradients are averaged across processes before every step
+    (the all-reduce DDP does, on a few kilobytes), so all processes keep identical prompts.
+    """
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        return 0, 1
+    if not dist.is_initialized():
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            return 0, 1
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _enable_checkpointing(model) -> None:
+    """Recompute the frozen model's activations in the backward pass instead of keeping them.
+
+    transformers only checkpoints in training mode, so the model is switched to it; every dropout in it is
+    then set to 0 so the frozen model computes exactly what it computes in eval mode.
+    """
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    for name in ("attention_dropout", "attn_pdrop", "resid_pdrop", "embd_pdrop", "hidden_dropout"):
+        if hasattr(model.config, name):
+            setattr(model.config, name, 0.0)
+
+
+def _all_average(tensors: list[torch.Tensor], world: int) -> None:
+    import torch.distributed as dist
+
+    for t in tensors:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        t /= world
 
 
 def _save_checkpoint(out: Path, step: int, method: PromptMethod, opt, sched, state: dict) -> None:
@@ -154,10 +203,16 @@ def train(model, tokenizer, method: PromptMethod, task: TaskData, args: TrainArg
         on_step: called after every optimizer step with the step number (tests use it to simulate a kill).
     """
     t_start = time.perf_counter()
+    rank, world = distributed()
+    main = rank == 0  # only the first process writes logs, checkpoints and best prompts
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
     method.to(model.device).train()
+    # transformers turns the cache off under checkpointing: the prompt goes in with the text (one pass)
+    pass_mode = "concat" if args.gradient_checkpointing else args.prompt_pass
+    if args.gradient_checkpointing:
+        _enable_checkpointing(model)
     fmt = task.format
     train_enc = encode(tokenizer, task.examples("train"), max_length=max_length, append_eos=not fmt.is_classification)
     valid = task.splits.get("validation") or []
@@ -174,15 +229,17 @@ def train(model, tokenizer, method: PromptMethod, task: TaskData, args: TrainArg
     if args.resume and (out / "checkpoint" / "state.json").exists():
         state = _load_checkpoint(out, method, opt, sched)
         start = state.pop("step")
-        _truncate_log(metrics_path, start)
+        if main:
+            _truncate_log(metrics_path, start)
         log.info("resumed from %s at step %d", out / "checkpoint", start)
-    elif metrics_path.exists():
+    elif metrics_path.exists() and main:
         metrics_path.unlink()
     history: list[dict] = []
     stopped = False
-    bar = tqdm(total=total, initial=start, desc="train", unit="step", disable=None)
-    with open(metrics_path, "a") as logf:
-        for step, epoch, group in micro_batches(train_enc, args, tokenizer.pad_token_id, steps_per_epoch):
+    bar = tqdm(total=total, initial=start, desc="train", unit="step", disable=None if main else True)
+    with open(metrics_path, "a") if main else contextlib.nullcontext() as logf:
+        for step, epoch, group in micro_batches(train_enc, args, tokenizer.pad_token_id, steps_per_epoch,
+                                                rank, world):
             if step < start:
                 continue
             if step >= total:
@@ -191,11 +248,15 @@ def train(model, tokenizer, method: PromptMethod, task: TaskData, args: TrainArg
             loss_sum, tokens = 0.0, 0
             for mb in group:
                 mb = mb.to(model.device)
-                prompt = inject.prompt_for_step(model, method(), args.prompt_pass)
+                prompt = inject.prompt_for_step(model, method(), pass_mode)
                 loss = inject.target_loss(model, mb, prompt) / len(group)
                 loss.backward()
                 loss_sum += float(loss.detach())
                 tokens += mb.num_tokens
+            if world > 1:  # average the prompt gradients (and the logged loss) over the processes
+                stats = torch.tensor([loss_sum, tokens], dtype=torch.float64, device=model.device)
+                _all_average([p.grad for p in params if p.grad is not None] + [stats], world)
+                loss_sum, tokens = float(stats[0]), int(round(float(stats[1]) * world))  # tokens: all ranks
             grads = [p.grad for p in params if p.grad is not None]
             per_token = _per_token_grad_norm(method)
             gnorm = float(torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)) if grads else 0.0
@@ -207,28 +268,31 @@ def train(model, tokenizer, method: PromptMethod, task: TaskData, args: TrainArg
                    "tokens_per_s": tokens / (time.perf_counter() - t0)}
             if valid and ((step + 1) % args.eval_every == 0 or step + 1 == total):
                 method.eval()
+                model.eval()
                 with torch.no_grad():
                     kv = inject.compute_prompt_kv(model, method())
                 m, _ = evaluate_prompt(model, tokenizer, kv, valid, fmt, eval_batch_size, max_length=max_length,
                                        with_loss=True)
                 method.train()
+                model.train(args.gradient_checkpointing)
                 row.update({f"val_{k}": v for k, v in m.items() if k != "n"})
                 value = m[metric_name]
                 best = state["best_metric"]
                 if best is None or (value > best if higher else value < best):
                     state.update(best_metric=value, best_step=step + 1, bad_evals=0)
-                    if save_best:
+                    if save_best and main:
                         save_best(method, {f"val_{k}": v for k, v in m.items()})
                 else:
                     state["bad_evals"] += 1
                     stopped = 0 < args.early_stopping_patience <= state["bad_evals"]
-            logf.write(json.dumps(row) + "\n")
-            logf.flush()
+            if main:
+                logf.write(json.dumps(row) + "\n")
+                logf.flush()
             history.append(row)
             bar.update(1)
             bar.set_postfix(loss=f"{loss_sum:.3f}", **({f"val_{metric_name}": f"{row[f'val_{metric_name}']:.3f}"}
                                                          if f"val_{metric_name}" in row else {}))
-            if (step + 1) % args.checkpoint_every == 0 or step + 1 == total or stopped:
+            if main and ((step + 1) % args.checkpoint_every == 0 or step + 1 == total or stopped):
                 _save_checkpoint(out, step + 1, method, opt, sched, state)
             if on_step:
                 on_step(step + 1)
@@ -238,7 +302,9 @@ def train(model, tokenizer, method: PromptMethod, task: TaskData, args: TrainArg
                 break
     bar.close()
     method.eval()
-    (out / "train_args.json").write_text(json.dumps(asdict(args), indent=2))
+    model.eval()
+    if main:
+        (out / "train_args.json").write_text(json.dumps(asdict(args), indent=2))
     return TrainResult(steps=(history[-1]["step"] if history else start), best_metric=state["best_metric"],
                        best_step=state["best_step"], stopped_early=stopped, history=history,
                        seconds=time.perf_counter() - t_start)

@@ -176,3 +176,14 @@ def test_concat_and_shared_kv_passes_train_the_same_prompt(tmp_path, tokenizer):
                                                      lr=0.05, prompt_pass=prompt_pass))
         finals.append(method.embeddings.detach().clone())
     torch.testing.assert_close(finals[0], finals[1], atol=1e-4, rtol=1e-4)
+
+
+def test_gradient_checkpointing_trains_the_same_prompt(tmp_path, tokenizer):
+    finals = []
+    for ckpt in (False, True):
+        model, method = fresh(tokenizer)
+        train(model, tokenizer, method, task(), args(tmp_path / str(ckpt), max_steps=4, optimizer="adamw", lr=0.05,
+                                                     gradient_checkpointing=ckpt))
+        finals.append(method.embeddings.detach().clone())
+        assert model.is_gradient_checkpointing == ckpt
+    torch.testing.assert_close(finals[0], finals[1], atol=1e-5, rtol=1e-5)
