@@ -208,3 +208,10 @@ def test_on_token_sees_every_prefix_of_each_request(setup):
     results = engine.generate(reqs, on_token=lambda i, toks: seen.setdefault(i, []).append(list(toks)))
     for i, res in enumerate(results):
         assert seen.get(i, []) == [res.tokens[:k] for k in range(1, len(res.tokens) + 1)]
+
+
+def test_prompt_unloaded_after_the_check_is_an_unknown_task(setup):
+    _, _, engine, _ = setup
+    engine.table.remove("sent")  # as if an admin unload raced the request
+    with pytest.raises(UnknownTaskError, match="unloaded while its request waited"):
+        engine.classify([ClassifyRequest("sent", "good")])

@@ -193,7 +193,7 @@ class Engine:
         return {"name": t.name, "kind": t.kind, "members": [m for m in t.members if m is not None],
                 "combine": t.combine if t.kind == "ensemble" else None, "labels": t.labels,
                 "template": t.formats[0].template if t.formats[0] else None,
-                "prompt_tokens": [self.table.length(m) for m in t.members]}
+                "prompt_tokens": [self._length(m) for m in t.members]}
 
     def _task(self, name: str) -> Task:
         task = self.tasks.get(name)
@@ -250,9 +250,21 @@ class Engine:
             self._score_batch(batch.to(self.model.device), rows, out)
         return out
 
-    def _score_batch(self, batch: MixedBatch, rows: list[Row], out: list) -> None:
+    def _length(self, key) -> int:
+        if key not in self.table:
+            raise UnknownTaskError(f"a task was unloaded while its request waited: no prompt {key!r}")
+        return self.table.length(key)
+
+    def _rows(self, keys: list):
+        """The batch's prompts; a task unloaded since the request was checked is an unknown task."""
         with self._lock:
-            prompts = self.table.rows(batch.prompts)
+            try:
+                return self.table.rows(keys)
+            except inject.InjectionError as e:
+                raise UnknownTaskError(f"a task was unloaded while its request waited: {e}") from e
+
+    def _score_batch(self, batch: MixedBatch, rows: list[Row], out: list) -> None:
+        prompts = self._rows(batch.prompts)
         h = inject.final_hidden(self.model, batch.input_ids, batch.attention_mask, prompts)  # (B, T, H)
         pick_b, pick_t, spans = [], [], []
         for r, i in enumerate(batch.index):
@@ -297,7 +309,7 @@ class Engine:
                 _, member, fmt = where[k]
                 labels = label_cache.setdefault(id(fmt), self._encode(fmt.label_texts))
                 longest = max(len(x) for x in labels)
-                room = self.context - self.table.length(member)
+                room = self.context - self._length(member)
                 src = self._fit(ids_all[k], 0, room - longest, f"classify input for task {task.name!r}", True)
                 single = all(len(x) == 1 for x in labels) and len({x[0] for x in labels}) == len(labels)
                 if single:
@@ -332,7 +344,7 @@ class Engine:
             if not conts[i]:
                 raise RequestError(f"request {i}: continuation {req.continuation!r} has no tokens")
             for member in task.members:
-                room = self.context - self.table.length(member)
+                room = self.context - self._length(member)
                 ids = self._fit(ids_all[k] + conts[i], len(conts[i]), room, f"score input for task {task.name!r}",
                                 True)
                 rows.append(Row(member, ids, len(ids) - len(conts[i])))
@@ -365,7 +377,7 @@ class Engine:
         for req, task, ids in zip(requests, tasks, self._encode(sources), strict=True):
             if not ids:
                 raise RequestError(f"task {task.name!r}: the input has no tokens")
-            room = self.context - self.table.length(task.members[0]) - req.max_tokens
+            room = self.context - self._length(task.members[0]) - req.max_tokens
             rows.append(Row(task.members[0], self._fit(ids, 0, room, f"generate input for task {task.name!r}",
                                                        False), 0))
         results: list[GenerateResult | None] = [None] * len(requests)
@@ -390,8 +402,7 @@ class Engine:
             stops = reqs[j].stop
             return bool(stops) and any(s in self.tok.decode(toks, skip_special_tokens=True) for s in stops)
 
-        with self._lock:
-            prompts = self.table.rows(batch.prompts)
+        prompts = self._rows(batch.prompts)
         out = inject.decode(self.model, batch.input_ids, batch.attention_mask, prompts, sampling,
                             self.tok.eos_token_id, should_stop=hit_stop)
         for j, i in enumerate(batch.index):
