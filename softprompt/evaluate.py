@@ -112,7 +112,8 @@ def label_scores(model, tokenizer, prompt_kv, examples: list[Example], fmt: Task
     each (example, label) pair is one row.
     """
     label_ids = label_token_ids(tokenizer, fmt)
-    if all(len(ids) == 1 for ids in label_ids) and len({ids[0] for ids in label_ids}) == len(label_ids):
+    single = all(len(ids) == 1 for ids in label_ids) and len({ids[0] for ids in label_ids}) == len(label_ids)
+    if single and not inject.is_seq2seq(model):
         enc = encode(tokenizer, [Example(ex.source, fmt.label_texts[0]) for ex in examples], max_length=max_length)
         sources = [Encoded(e.input_ids[:e.target_start], e.target_start) for e in enc]
         cols = torch.tensor([ids[0] for ids in label_ids], device=model.device)

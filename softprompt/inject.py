@@ -108,6 +108,8 @@ def compute_prompt_kv(model, prompt: PromptOutput | torch.Tensor) -> PromptKV | 
         return PromptKV(layers=layers, length=prompt.length)
     embeds = prompt.embeds if isinstance(prompt, PromptOutput) else prompt
     _check_prompt(model, embeds)
+    if is_seq2seq(model):  # a bidirectional encoder: the prompt's states depend on the text, nothing to cache
+        return embeds
     embeds = embeds.to(device=model.device, dtype=model.dtype)[None]  # (1, P, H)
     p = embeds.shape[1]
     out = _base_forward(model, inputs_embeds=embeds, position_ids=torch.arange(p, device=model.device)[None],
@@ -136,6 +138,42 @@ class RowPrompts:
     lengths: torch.Tensor
 
 
+def is_seq2seq(model) -> bool:
+    """An encoder-decoder (T5 family): the prompt goes in front of the encoder input, as in the paper."""
+    return bool(getattr(model.config, "is_encoder_decoder", False))
+
+
+def _seq2seq_parts(model, batch, embeds: torch.Tensor):
+    """Encoder ``inputs_embeds`` (prompt + source) and mask, decoder labels, from a source+target batch."""
+    b = batch.input_ids.shape[0]
+    src_mask = batch.attention_mask.bool() & ~batch.target_mask  # (B, T)
+    sources = [batch.input_ids[i][src_mask[i]] for i in range(b)]
+    targets = [batch.input_ids[i][batch.target_mask[i]] for i in range(b)]
+    s_len, t_len = max(len(x) for x in sources), max(len(x) for x in targets)
+    dev = batch.input_ids.device
+    enc_ids = torch.zeros(b, s_len, dtype=torch.long, device=dev)
+    enc_mask = torch.zeros(b, s_len, dtype=torch.long, device=dev)
+    labels = torch.full((b, t_len), -100, dtype=torch.long, device=dev)
+    for i in range(b):
+        enc_ids[i, :len(sources[i])], enc_mask[i, :len(sources[i])] = sources[i], 1
+        labels[i, :len(targets[i])] = targets[i]
+    text = model.get_input_embeddings()(enc_ids)  # (B, S, H)
+    p = 0 if embeds is None else embeds.shape[0]
+    if p:
+        text = torch.cat([embeds.to(text)[None].expand(b, -1, -1), text], dim=1)  # (B, P+S, H)
+        enc_mask = torch.cat([torch.ones(b, p, dtype=torch.long, device=dev), enc_mask], dim=1)
+    return text, enc_mask, labels
+
+
+def _seq2seq_token_logprobs(model, batch, embeds):
+    """Log-probability of every target token ``(B, L)`` (0 at padding) and the mask of real targets."""
+    inputs, mask, labels = _seq2seq_parts(model, batch, embeds)
+    logits = model(inputs_embeds=inputs, attention_mask=mask, labels=labels).logits.float()  # (B, L, V)
+    real = labels != -100
+    lp = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]  # (B, L)
+    return lp * real, real
+
+
 PROMPT_PASSES = ("auto", "shared_kv", "concat")
 
 
@@ -151,6 +189,8 @@ def prompt_for_step(model, prompt: PromptOutput | torch.Tensor, mode: str = "aut
         raise InjectionError(f"prompt pass {mode!r} is not one of {', '.join(PROMPT_PASSES)}")
     if isinstance(prompt, PromptOutput) and prompt.embeds is None:
         return compute_prompt_kv(model, prompt)  # a prefix (or no prompt): nothing to concatenate
+    if is_seq2seq(model):
+        mode = "concat"
     if mode == "auto":
         mode = "concat" if model.device.type == "cuda" else "shared_kv"
     if mode == "concat":
@@ -240,13 +280,21 @@ def _target_hidden(model, batch, prompt_kv: PromptKV | RowPrompts | torch.Tensor
 
 
 def target_loss(model, batch, prompt_kv: PromptKV | RowPrompts | torch.Tensor | None) -> torch.Tensor:
-    """Mean cross-entropy over all target tokens of the batch (logits only where targets are)."""
+    """Mean cross-entropy over all target tokens of the batch (logits only where targets are).
+
+    For an encoder-decoder the source (after the prompt) is the encoder input and the target the labels.
+    """
+    if is_seq2seq(model):
+        lp, real = _seq2seq_token_logprobs(model, batch, prompt_kv)
+        return -lp.sum() / real.sum()
     hs, targets, _ = _target_hidden(model, batch, prompt_kv)
     return F.cross_entropy(logits_from_hidden(model, hs), targets)
 
 
 def target_logprobs(model, batch, prompt_kv: PromptKV | RowPrompts | torch.Tensor | None) -> torch.Tensor:
     """Sum of log-probabilities of each row's target tokens: ``(B,)``."""
+    if is_seq2seq(model):
+        return _seq2seq_token_logprobs(model, batch, prompt_kv)[0].sum(-1)
     hs, targets, rows = _target_hidden(model, batch, prompt_kv)
     lp = torch.log_softmax(logits_from_hidden(model, hs), dim=-1)  # (N, V)
     tok = lp.gather(1, targets[:, None])[:, 0]  # (N,)
@@ -303,6 +351,8 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     b = input_ids.shape[0]
     if len(rows) != b:
         raise InjectionError(f"{len(rows)} sampling settings for a batch of {b} rows")
+    if is_seq2seq(model):
+        return _seq2seq_decode(model, input_ids, attention_mask, prompt_kv, rows, eos_token_id)
     cache, prefix_mask, offset = _prefix(model, prompt_kv, b, attention_mask)
     if cache is None:
         cache = DynamicCache(config=model.config)
@@ -348,6 +398,27 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
         h = out.last_hidden_state[:, -1]
         next_pos = next_pos + 1
     return Decoded(tokens=new, finish=[f or "length" for f in finish])
+
+
+def _seq2seq_decode(model, input_ids, attention_mask, embeds, rows: list[RowSampling], eos_token_id) -> Decoded:
+    """Greedy decoding of an encoder-decoder with the prompt in front of the encoder input (one row at a time)."""
+    if any(r.temperature > 0 for r in rows):
+        raise InjectionError("sampling is implemented for decoder-only models; use greedy decoding with T5")
+    out_tokens, finish = [], []
+    for i, r in enumerate(rows):
+        ids = input_ids[i][attention_mask[i].bool()][None]  # (1, S)
+        text = model.get_input_embeddings()(ids)
+        if embeds is not None:
+            text = torch.cat([embeds.to(text)[None], text], dim=1)
+        gen = model.generate(inputs_embeds=text, attention_mask=torch.ones(text.shape[:2], dtype=torch.long,
+                                                                           device=text.device),
+                             max_new_tokens=r.max_new_tokens, do_sample=False, eos_token_id=eos_token_id)
+        toks = [int(t) for t in gen[0, 1:]]  # drop the decoder start token
+        done = eos_token_id is not None and eos_token_id in toks
+        toks = toks[:toks.index(eos_token_id)] if done else toks
+        out_tokens.append(toks)
+        finish.append("eos" if done else "length")
+    return Decoded(tokens=out_tokens, finish=finish)
 
 
 def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,

@@ -85,6 +85,9 @@ class Engine:
 
     def __init__(self, model, tokenizer, max_batch_size: int = 32, max_batch_tokens: int = 16384,
                  max_input_tokens: int | None = None, truncate: bool = False, progress: bool = False):
+        if inject.is_seq2seq(model):
+            raise EngineError(f"the engine serves decoder-only models (its cached prompt keys/values need a causal "
+                              f"model); {type(model).__name__} is an encoder-decoder: use evaluate/generate")
         if max_batch_size < 1 or max_batch_tokens < 1:
             raise EngineError(f"max_batch_size and max_batch_tokens must be >= 1, got {max_batch_size}, "
                               f"{max_batch_tokens}")

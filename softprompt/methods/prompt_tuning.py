@@ -139,7 +139,7 @@ class PromptTuning(PromptMethod):
         # would make it load a tokenizer from the hub) and then overwrites it with the stored weights.
         return {
             "peft_type": "PROMPT_TUNING",
-            "task_type": "CAUSAL_LM",
+            "task_type": "SEQ_2_SEQ_LM" if getattr(cfg, "is_encoder_decoder", False) else "CAUSAL_LM",
             "num_virtual_tokens": self.config.num_virtual_tokens,
             "token_dim": int(self.embeddings.shape[1]),
             "num_transformer_submodules": 1,

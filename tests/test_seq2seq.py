@@ -1,0 +1,96 @@
+"""Prompt tuning on an encoder-decoder (tiny random T5): the prompt goes in front of the encoder input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import T5Config, T5ForConditionalGeneration
+
+from softprompt import inject
+from softprompt.config import TrainArgs
+from softprompt.data import Encoded, collate
+from softprompt.evaluate import evaluate_prompt, label_scores
+from softprompt.methods import build_method
+from softprompt.model import prepare_frozen
+from softprompt.store import export_peft, load_prompt, save_prompt
+from softprompt.train import train
+from tests.conftest import VOCAB
+from tests.test_train import FMT, task
+
+
+def make_t5(seed=0):
+    torch.manual_seed(seed)
+    cfg = T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
+                   decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, dropout_rate=0.0)
+    model = T5ForConditionalGeneration(cfg)
+    prepare_frozen(model)
+    return model
+
+
+def reference_loss(model, prompt, src, tgt):
+    """HF's own forward: prompt embeddings + source embeddings as encoder input, target as labels."""
+    emb = torch.cat([prompt, model.get_input_embeddings()(torch.tensor(src))])[None]
+    return model(inputs_embeds=emb, labels=torch.tensor([tgt])).loss
+
+
+def test_loss_and_gradient_equal_hf_forward_with_prompt_on_the_encoder():
+    model = make_t5()
+    prompt = torch.randn(3, 32, requires_grad=True)
+    rows = [([5, 6, 7, 8], [9, 10]), ([11, 12], [13])]
+    batch = collate([Encoded(s + t, len(s)) for s, t in rows], 0)
+    loss = inject.target_loss(model, batch, inject.prompt_for_step(model, prompt, "auto"))
+    n = sum(len(t) for _, t in rows)
+    ref = sum(reference_loss(model, prompt, s, t) * len(t) for s, t in rows) / n  # token-weighted mean
+    torch.testing.assert_close(loss, ref, atol=1e-5, rtol=1e-5)
+    (g,) = torch.autograd.grad(loss, prompt)
+    (g_ref,) = torch.autograd.grad(ref, prompt)
+    torch.testing.assert_close(g, g_ref, atol=1e-6, rtol=1e-4)
+    lp = inject.target_logprobs(model, batch, prompt.detach())
+    assert lp.shape == (2,) and float(lp[1]) == pytest.approx(-float(reference_loss(model, prompt, *rows[1])),
+                                                            rel=1e-4)
+
+
+def test_t5_prompt_trains_evaluates_generates_and_round_trips(tmp_path, tokenizer):
+    model = make_t5()
+    method = build_method("prompt_tuning", {"num_virtual_tokens": 4, "init": "sample_vocab"}, model, tokenizer)
+    data = task(n_train=48, n_valid=16)
+    with torch.no_grad():
+        before, _ = evaluate_prompt(model, tokenizer, inject.compute_prompt_kv(model, method()),
+                                    data.examples("validation"), FMT)
+    train(model, tokenizer, method, data, TrainArgs(output_dir=str(tmp_path / "run"), max_steps=25, batch_size=8,
+                                                    optimizer="adamw", lr=0.1, eval_every=25, seed=0))
+    with torch.no_grad():
+        prompt = inject.compute_prompt_kv(model, method())
+        after, preds = evaluate_prompt(model, tokenizer, prompt, data.examples("validation"), FMT)
+        scores = label_scores(model, tokenizer, prompt, data.examples("validation")[:2], FMT, 2)
+    assert after["loss"] < before["loss"] and scores.shape == (2, 2)
+    save_prompt(tmp_path / "p", method, model, task={"template": FMT.template, "target_field": "label",
+                                                     "verbalizer": FMT.verbalizer})
+    stored = load_prompt(tmp_path / "p", model)
+    assert stored.peft_config["task_type"] == "SEQ_2_SEQ_LM"
+    batch = collate([Encoded([5, 6, 7], 3)], 0, "left")
+    new = inject.generate(model, batch.input_ids, batch.attention_mask,
+                          inject.compute_prompt_kv(model, stored.build_method()()), 3, None)
+    assert len(new[0]) == 3
+
+
+def test_peft_loads_exported_t5_prompt_with_identical_logits(tmp_path, tokenizer):
+    peft = pytest.importorskip("peft")
+    model = make_t5()
+    method = build_method("prompt_tuning", {"num_virtual_tokens": 3, "init": "random"}, model, tokenizer)
+    save_prompt(tmp_path / "ours", method, model)
+    export_peft(tmp_path / "ours", tmp_path / "peft")
+    pm = peft.PeftModel.from_pretrained(make_t5(), tmp_path / "peft")
+    src, tgt = [5, 6, 7, 8], [9, 10]
+    with torch.no_grad():
+        theirs = pm(input_ids=torch.tensor([src]), attention_mask=torch.ones(1, 4, dtype=torch.long),
+                    labels=torch.tensor([tgt])).loss
+        ours = inject.target_loss(model, collate([Encoded(src + tgt, 4)], 0), method().embeds)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_engine_refuses_encoder_decoder_clearly(tokenizer):
+    from softprompt.engine import Engine, EngineError
+
+    with pytest.raises(EngineError, match="encoder-decoder"):
+        Engine(make_t5(), tokenizer)
