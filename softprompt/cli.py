@@ -82,28 +82,39 @@ def _baselines(model, tokenizer, task, args, prompt_text: str, examples, kv_tune
     """Evaluate the tuned prompt (if given) and the requested baselines on ``examples``.
 
     Every condition is a task of one :class:`Engine` (the hard-prompt and k-shot contexts become cached
-    keys/values like a soft prompt), so all of them run in shared, length-sorted batches.
+    keys/values like a soft prompt), so all of them run in shared, length-sorted batches. An
+    encoder-decoder, which the engine does not serve, is evaluated condition by condition.
     """
+    from softprompt import inject
     from softprompt.engine import Engine
-    from softprompt.evaluate import evaluate_on_engine, hard_prompt_kv, k_shot_text
+    from softprompt.evaluate import evaluate_on_engine, evaluate_prompt, hard_prompt_kv, k_shot_text
 
     ev, data, fmt = args["eval"], args["data"], task.format
-    engine = Engine(model, tokenizer, max_batch_size=ev.eval_batch_size, max_input_tokens=data.max_length,
-                    truncate=True, progress=True)
-    runs: dict[str, str] = {}
+    conditions: dict[str, object] = {}
     if "no_prompt" in ev.baselines:
-        runs["no soft prompt (template only)"] = engine.add_base("no_prompt", fmt).name
+        conditions["no soft prompt (template only)"] = None
     if "hard_prompt" in ev.baselines and prompt_text.strip():
-        kv = hard_prompt_kv(model, tokenizer, prompt_text.strip() + "\n")
-        runs["init text as hard prompt"] = engine.add_kv("hard_prompt", kv, fmt).name
+        conditions["init text as hard prompt"] = hard_prompt_kv(model, tokenizer, prompt_text.strip() + "\n")
     if "k_shot" in ev.baselines and task.splits.get("train"):
         shots = k_shot_text(task.examples("train"), fmt, ev.k_shot, seed=data.data_seed)
-        runs[f"{ev.k_shot}-shot prompting"] = engine.add_kv("k_shot", hard_prompt_kv(model, tokenizer, shots), fmt).name
+        conditions[f"{ev.k_shot}-shot prompting"] = hard_prompt_kv(model, tokenizer, shots)
     if kv_tuned is not None:
-        runs["tuned soft prompt"] = engine.add_kv("tuned", kv_tuned, fmt).name
+        conditions["tuned soft prompt"] = kv_tuned
     t0 = time.perf_counter()
-    report = evaluate_on_engine(engine, runs, examples, fmt, ev.max_new_tokens)
-    log.info("evaluated %d conditions x %d examples in %.1fs", len(runs), len(examples), time.perf_counter() - t0)
+    if inject.is_seq2seq(model):
+        report = {name: evaluate_prompt(model, tokenizer, kv, examples, fmt, ev.eval_batch_size, ev.max_new_tokens,
+                                        data.max_length)[0] for name, kv in conditions.items()}
+    else:
+        engine = Engine(model, tokenizer, max_batch_size=ev.eval_batch_size, max_input_tokens=data.max_length,
+                        truncate=True, progress=True)
+        runs = {}
+        for i, (name, kv) in enumerate(conditions.items()):
+            task_name = f"condition{i}"
+            (engine.add_base(task_name, fmt) if kv is None else engine.add_kv(task_name, kv, fmt))
+            runs[name] = task_name
+        report = evaluate_on_engine(engine, runs, examples, fmt, ev.max_new_tokens)
+    log.info("evaluated %d conditions x %d examples in %.1fs", len(conditions), len(examples),
+             time.perf_counter() - t0)
     return report
 
 

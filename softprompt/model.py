@@ -141,7 +141,11 @@ def load_base_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, device: str
                 raise ModelLoadError(f"--model {name_or_path}: no such GGUF file")
             model, tok = _load_gguf(path, dt)
         else:
-            model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dt)
+            from transformers import AutoConfig, AutoModelForSeq2SeqLM
+
+            config = AutoConfig.from_pretrained(name_or_path)
+            auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+            model = auto.from_pretrained(name_or_path, dtype=dt)
             tok = AutoTokenizer.from_pretrained(name_or_path)
     except ModelLoadError:
         raise

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from transformers import T5Config, T5ForConditionalGeneration
@@ -94,3 +96,23 @@ def test_engine_refuses_encoder_decoder_clearly(tokenizer):
 
     with pytest.raises(EngineError, match="encoder-decoder"):
         Engine(make_t5(), tokenizer)
+
+
+def test_cli_trains_and_generates_with_a_t5_folder(tmp_path, tokenizer):
+    from softprompt.cli import main
+    from tests.conftest import sentiment_records, write_jsonl
+
+    make_t5().save_pretrained(tmp_path / "t5")
+    tokenizer.save_pretrained(tmp_path / "t5")
+    files = {s: write_jsonl(tmp_path / f"{s}.jsonl", sentiment_records(n, seed=i))
+             for i, (s, n) in enumerate((("train", 16), ("validation", 4), ("test", 4)))}
+    rc = main(["train", "--model", str(tmp_path / "t5"), "--train-file", str(files["train"]), "--validation-file",
+               str(files["validation"]), "--test-file", str(files["test"]), "--template", FMT.template,
+               "--target-field", "label", "--verbalizer", "positive=positive,negative=negative",
+               "--num-virtual-tokens", "3", "--batch-size", "4", "--max-steps", "2", "--eval-every", "2",
+               "--baselines", "no_prompt", "--output-dir", str(tmp_path / "run")])
+    assert rc == 0
+    report = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert set(report) == {"no soft prompt (template only)", "tuned soft prompt"}
+    assert main(["generate", "--model", str(tmp_path / "t5"), "--prompt", str(tmp_path / "run" / "prompt"),
+                 "--input", "good"]) == 2  # the engine (generate/serve) is for decoder-only models
