@@ -14,7 +14,8 @@ from tests.conftest import WORD_IDS
 
 def test_registry_holds_prompt_tuning_and_rejects_unknown():
     assert METHODS["prompt_tuning"] is PromptTuning
-    with pytest.raises(ValueError, match=r"--method 'lora' is not one of \['prompt_tuning'\]"):
+    with pytest.raises(ValueError, match=r"--method 'lora' is not one of \['deep_prompt', 'p_tuning', "
+                                         r"'prefix_tuning', 'prompt_tuning'\]"):
         get_method("lora")
 
 

@@ -241,9 +241,10 @@ def test_refuses_unsupported_peft_type(saved):
     cfg["peft_type"] = "LORA"
     (saved / CONFIG_NAME).write_text(json.dumps(cfg))
     with pytest.raises(StoreError, match=re.escape(f"{saved / CONFIG_NAME}: unsupported peft_type 'LORA' "
-                                                   "(supported: PROMPT_TUNING)")):
+                                                   "(supported: PREFIX_TUNING, PROMPT_TUNING, P_TUNING)")):
         load_prompt(saved)
-    assert PEFT_TYPE_TO_METHOD == {"PROMPT_TUNING": "prompt_tuning"}
+    assert PEFT_TYPE_TO_METHOD == {"PROMPT_TUNING": "prompt_tuning", "P_TUNING": "p_tuning",
+                                   "PREFIX_TUNING": "prefix_tuning"}
 
 
 @pytest.mark.parametrize(("text", "expected"), [

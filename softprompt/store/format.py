@@ -58,6 +58,7 @@ class PeftType:
     tensor_shapes: Callable[[dict], dict[str, tuple[int, int]]]
     method_config: Callable[[dict, dict[str, torch.Tensor]], dict[str, Any]]
     token_dim: Callable[[Any], int] = lambda model: int(model.get_input_embeddings().weight.shape[1])
+    token_dim_meaning: str = "hidden size"  # what token_dim is, for error messages
     other_methods: tuple[str, ...] = ()  # more of our methods stored as this peft_type
 
 
@@ -117,7 +118,9 @@ def _prefix_token_dim(model) -> int:
 
 
 register_peft_type("PREFIX_TUNING", PeftType("prefix_tuning", _prefix_shapes, _prefix_from_peft,
-                                             token_dim=_prefix_token_dim, other_methods=("deep_prompt",)))
+                                             token_dim=_prefix_token_dim,
+                                             token_dim_meaning="key/value width (kv_heads x head_dim)",
+                                             other_methods=("deep_prompt",)))
 
 
 @dataclass
@@ -220,7 +223,8 @@ def check_model_compatible(stored: StoredPrompt, model, check_fingerprint: bool 
     token_dim, expected = stored.peft_config.get("token_dim"), spec.token_dim(model)
     if token_dim != expected:
         raise StoreError(f"{where}: {CONFIG_NAME} has token_dim {token_dim} but the model "
-                         f"({type(model).__name__}) needs {expected}; the prompt cannot work with it")
+                         f"({type(model).__name__}) has {spec.token_dim_meaning} {expected}; the prompt cannot "
+                         "work with it")
     layers = stored.peft_config.get("num_layers")
     if spec.method == "prefix_tuning" and layers != model.config.num_hidden_layers:
         raise StoreError(f"{where}: {CONFIG_NAME} has num_layers {layers} but the model has "
