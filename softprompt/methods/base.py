@@ -83,6 +83,33 @@ class PromptMethod(nn.Module):
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
 
+def peft_config_common(model, peft_type: str, num_virtual_tokens: int, token_dim: int, num_attention_heads: int,
+                       **specific: Any) -> dict[str, Any]:
+    """The ``adapter_config.json`` fields every prompt-learning type shares, plus ``specific`` ones."""
+    cfg = model.config
+    return {
+        "peft_type": peft_type,
+        "task_type": "SEQ_2_SEQ_LM" if getattr(cfg, "is_encoder_decoder", False) else "CAUSAL_LM",
+        "num_virtual_tokens": num_virtual_tokens,
+        "token_dim": token_dim,
+        "num_transformer_submodules": 1,
+        "num_attention_heads": num_attention_heads,
+        "num_layers": int(getattr(cfg, "num_hidden_layers", 0) or getattr(cfg, "num_layers", 0) or 0),
+        "base_model_name_or_path": str(getattr(cfg, "_name_or_path", "") or ""),
+        "revision": None,
+        "inference_mode": True,
+        "modules_to_save": None,
+        **specific,
+    }
+
+
+def require_tensor(method: str, tensors: dict[str, torch.Tensor], key: str = "prompt_embeddings") -> torch.Tensor:
+    """``tensors[key]``, or a ValueError naming the method and the keys found."""
+    if key not in tensors:
+        raise ValueError(f"{method} weights need key {key!r}, found {sorted(tensors)}")
+    return tensors[key]
+
+
 METHODS: dict[str, type[PromptMethod]] = {}
 
 

@@ -15,7 +15,14 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from softprompt.methods.base import MethodConfig, PromptMethod, PromptOutput, register_method
+from softprompt.methods.base import (
+    MethodConfig,
+    PromptMethod,
+    PromptOutput,
+    peft_config_common,
+    register_method,
+    require_tensor,
+)
 
 ENCODERS = ("mlp", "lstm")
 
@@ -105,27 +112,15 @@ class PTuning(PromptMethod):
 
     def peft_config(self, model) -> dict[str, Any]:
         cfg = model.config
-        return {
-            "peft_type": "P_TUNING",
-            "task_type": "CAUSAL_LM",
-            "num_virtual_tokens": self.config.num_virtual_tokens,
-            "token_dim": self.hidden_size,
-            "num_transformer_submodules": 1,
-            "num_attention_heads": int(getattr(cfg, "num_attention_heads", 0) or 0),
-            "num_layers": int(getattr(cfg, "num_hidden_layers", 0) or 0),
-            "encoder_reparameterization_type": "MLP" if self.config.encoder == "mlp" else "LSTM",
-            "encoder_hidden_size": self.config.encoder_hidden_size or self.hidden_size,
-            "encoder_num_layers": self.config.encoder_num_layers,
-            "encoder_dropout": 0.0,
-            "base_model_name_or_path": str(getattr(cfg, "_name_or_path", "") or ""),
-            "revision": None,
-            "inference_mode": True,  # PEFT then reads prompt_embeddings directly, with no encoder
-            "modules_to_save": None,
-        }
+        return peft_config_common(
+            model, "P_TUNING", self.config.num_virtual_tokens, self.hidden_size,
+            int(getattr(cfg, "num_attention_heads", 0) or 0),
+            encoder_reparameterization_type="MLP" if self.config.encoder == "mlp" else "LSTM",
+            encoder_hidden_size=self.config.encoder_hidden_size or self.hidden_size,
+            encoder_num_layers=self.config.encoder_num_layers,
+            encoder_dropout=0.0)  # inference_mode: PEFT reads prompt_embeddings directly, with no encoder
 
     @classmethod
     def from_saved(cls, config: PTuningConfig, tensors: dict[str, torch.Tensor]) -> PTuning:
-        if "prompt_embeddings" not in tensors:
-            raise ValueError(f"p_tuning weights need key 'prompt_embeddings', found {sorted(tensors)}")
-        emb = tensors["prompt_embeddings"]
+        emb = require_tensor(cls.name, tensors)
         return cls(config, int(emb.shape[1]), folded=emb)

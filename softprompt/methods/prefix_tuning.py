@@ -19,7 +19,14 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from softprompt.methods.base import MethodConfig, PromptMethod, PromptOutput, register_method
+from softprompt.methods.base import (
+    MethodConfig,
+    PromptMethod,
+    PromptOutput,
+    peft_config_common,
+    register_method,
+    require_tensor,
+)
 
 PREFIX_INITS = ("random", "text")
 
@@ -150,26 +157,13 @@ class PrefixTuning(PromptMethod):
 
     def peft_config(self, model) -> dict[str, Any]:
         layers, kv_heads, head_dim = self.geometry
-        return {
-            "peft_type": "PREFIX_TUNING",
-            "task_type": "CAUSAL_LM",
-            "num_virtual_tokens": self.config.num_virtual_tokens,
-            "token_dim": kv_heads * head_dim,
-            "num_transformer_submodules": 1,
-            "num_attention_heads": kv_heads,
-            "num_layers": layers,
-            "encoder_hidden_size": kv_heads * head_dim,
-            "prefix_projection": False,  # folded at save time
-            "base_model_name_or_path": str(getattr(model.config, "_name_or_path", "") or ""),
-            "revision": None,
-            "inference_mode": True,
-            "modules_to_save": None,
-        }
+        return peft_config_common(model, "PREFIX_TUNING", self.config.num_virtual_tokens, kv_heads * head_dim,
+                                  kv_heads, encoder_hidden_size=kv_heads * head_dim,
+                                  prefix_projection=False)  # any MLP was folded at save time
 
     @classmethod
     def from_saved(cls, config: PrefixTuningConfig, tensors: dict[str, torch.Tensor]) -> PrefixTuning:
-        if "prompt_embeddings" not in tensors:
-            raise ValueError(f"{cls.name} weights need key 'prompt_embeddings', found {sorted(tensors)}")
+        require_tensor(cls.name, tensors)
         geometry = (config.num_layers, config.kv_heads, config.head_dim)
         if min(geometry) < 1:
             raise ValueError(f"{cls.name} config lacks the model geometry (num_layers, kv_heads, head_dim): "

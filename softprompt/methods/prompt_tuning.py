@@ -22,7 +22,14 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from softprompt.methods.base import MethodConfig, PromptMethod, PromptOutput, register_method
+from softprompt.methods.base import (
+    MethodConfig,
+    PromptMethod,
+    PromptOutput,
+    peft_config_common,
+    register_method,
+    require_tensor,
+)
 
 INITS = ("random", "text", "sample_vocab", "class_labels")
 
@@ -137,30 +144,14 @@ class PromptTuning(PromptMethod):
         cfg = model.config
         # prompt_tuning_init is written as RANDOM: PEFT re-runs the init when it builds the module (TEXT
         # would make it load a tokenizer from the hub) and then overwrites it with the stored weights.
-        return {
-            "peft_type": "PROMPT_TUNING",
-            "task_type": "SEQ_2_SEQ_LM" if getattr(cfg, "is_encoder_decoder", False) else "CAUSAL_LM",
-            "num_virtual_tokens": self.config.num_virtual_tokens,
-            "token_dim": int(self.embeddings.shape[1]),
-            "num_transformer_submodules": 1,
-            "num_attention_heads": int(getattr(cfg, "num_attention_heads", 0) or 0),
-            "num_layers": int(getattr(cfg, "num_hidden_layers", 0) or 0),
-            "prompt_tuning_init": "RANDOM",
-            "prompt_tuning_init_text": None,
-            "tokenizer_name_or_path": None,
-            "tokenizer_kwargs": None,
-            "base_model_name_or_path": str(getattr(cfg, "_name_or_path", "") or ""),
-            "revision": None,
-            "inference_mode": True,
-            "auto_mapping": None,
-            "modules_to_save": None,
-        }
+        return peft_config_common(
+            model, "PROMPT_TUNING", self.config.num_virtual_tokens, int(self.embeddings.shape[1]),
+            int(getattr(cfg, "num_attention_heads", 0) or 0), prompt_tuning_init="RANDOM",
+            prompt_tuning_init_text=None, tokenizer_name_or_path=None, tokenizer_kwargs=None, auto_mapping=None)
 
     @classmethod
     def from_saved(cls, config: PromptTuningConfig, tensors: dict[str, torch.Tensor]) -> PromptTuning:
-        if "prompt_embeddings" not in tensors:
-            raise ValueError(f"prompt_tuning weights need key 'prompt_embeddings', found {sorted(tensors)}")
-        emb = tensors["prompt_embeddings"]
+        emb = require_tensor(cls.name, tensors)
         if emb.ndim != 2 or emb.shape[0] != config.num_virtual_tokens:
             raise ValueError(f"prompt_embeddings has shape {tuple(emb.shape)}, expected "
                              f"({config.num_virtual_tokens}, hidden_size)")
