@@ -175,30 +175,41 @@ def evaluate_prompt(model, tokenizer, prompt_kv, examples: list[Example], fmt: T
         scores = label_scores(model, tokenizer, prompt_kv, examples, fmt, batch_size, max_length)
         predicted = [fmt.labels[i] for i in scores.argmax(-1).tolist()]
         expected = [ex.label for ex in examples]
-        metrics["accuracy"] = sum(e == p for e, p in zip(expected, predicted, strict=True)) / len(examples)
-        metrics["macro_f1"] = macro_f1(expected, predicted, fmt.labels)
+        metrics.update(classification_metrics(expected, predicted, fmt.labels))
         preds = [Prediction(ex.source, e, p) for ex, e, p in zip(examples, expected, predicted, strict=True)]
     else:
         texts = generate_texts(model, tokenizer, prompt_kv, [ex.source for ex in examples], max_new_tokens,
                                batch_size)
         expected = [ex.target.strip() for ex in examples]
-        metrics["exact_match"] = sum(normalize_answer(e) == normalize_answer(p)
-                                     for e, p in zip(expected, texts, strict=True)) / len(examples)
-        metrics["f1"] = sum(token_f1(e, p) for e, p in zip(expected, texts, strict=True)) / len(examples)
+        metrics.update(generation_metrics(expected, texts))
         preds = [Prediction(ex.source, e, p.strip()) for ex, e, p in zip(examples, expected, texts, strict=True)]
     if with_loss and fmt.is_classification:
         # the gold label's score is the summed log-probability of the target tokens: no second forward
         gold = torch.tensor([fmt.labels.index(ex.label) for ex in examples])
         lengths = torch.tensor([len(ids) for ids in label_token_ids(tokenizer, fmt)])
-        loss = float(-scores[torch.arange(len(examples)), gold].sum() / lengths[gold].sum())
-        metrics["loss"] = loss
-        metrics["perplexity"] = math.exp(min(loss, 50.0))
+        metrics.update(loss_metrics(float(-scores[torch.arange(len(examples)), gold].sum() / lengths[gold].sum())))
     elif with_loss:
         enc = encode(tokenizer, examples, max_length=max_length)
-        loss = mean_target_loss(model, enc, tokenizer.pad_token_id, prompt_kv, batch_size)
-        metrics["loss"] = loss
-        metrics["perplexity"] = math.exp(min(loss, 50.0))
+        metrics.update(loss_metrics(mean_target_loss(model, enc, tokenizer.pad_token_id, prompt_kv, batch_size)))
     return metrics, preds
+
+
+def classification_metrics(expected: list[str], predicted: list[str], labels: list[str]) -> dict[str, float]:
+    """Accuracy and macro-F1."""
+    accuracy = sum(e == p for e, p in zip(expected, predicted, strict=True)) / len(expected)
+    return {"accuracy": accuracy, "macro_f1": macro_f1(expected, predicted, labels)}
+
+
+def generation_metrics(expected: list[str], texts: list[str]) -> dict[str, float]:
+    """Exact match (normalised answers) and token F1."""
+    pairs = list(zip(expected, texts, strict=True))
+    return {"exact_match": sum(normalize_answer(e) == normalize_answer(p) for e, p in pairs) / len(pairs),
+            "f1": sum(token_f1(e, p) for e, p in pairs) / len(pairs)}
+
+
+def loss_metrics(loss: float) -> dict[str, float]:
+    """Mean target-token loss and its perplexity (capped to stay finite)."""
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
 
 
 def primary_metric(fmt: TaskFormat, requested: str = "auto") -> tuple[str, bool]:
@@ -250,10 +261,8 @@ def evaluate_on_engine(engine, runs: dict[str, str], examples: list[Example], fm
             res = results[k * n:(k + 1) * n]
             predicted = [r.label for r in res]
             loss = -sum(r.scores[e] for r, e in zip(res, expected, strict=True)) / sum(lengths[e] for e in expected)
-            report[row] = {"n": float(n),
-                           "accuracy": sum(e == p for e, p in zip(expected, predicted, strict=True)) / n,
-                           "macro_f1": macro_f1(expected, predicted, fmt.labels),
-                           "loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+            report[row] = {"n": float(n), **classification_metrics(expected, predicted, fmt.labels),
+                           **loss_metrics(loss)}
         return report
     gens = engine.generate([GenerateRequest(task, ex.source, raw=True, max_tokens=max_new_tokens, stop=["\n"])
                             for task in runs.values() for ex in examples])
@@ -264,9 +273,5 @@ def evaluate_on_engine(engine, runs: dict[str, str], examples: list[Example], fm
         texts = [g.text for g in gens[k * n:(k + 1) * n]]
         sc = scores[k * n:(k + 1) * n]
         loss = -sum(s.logprob for s in sc) / sum(len(s.tokens) for s in sc)
-        report[row] = {"n": float(n),
-                       "exact_match": sum(normalize_answer(e) == normalize_answer(p)
-                                          for e, p in zip(expected, texts, strict=True)) / n,
-                       "f1": sum(token_f1(e, p) for e, p in zip(expected, texts, strict=True)) / n,
-                       "loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+        report[row] = {"n": float(n), **generation_metrics(expected, texts), **loss_metrics(loss)}
     return report
