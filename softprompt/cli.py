@@ -313,9 +313,8 @@ def build_app(args: dict):
     sv = args["serve"]
     model, tok = load_base_model(args["model"].model, args["model"].device, args["model"].dtype)
     store = PromptStore(sv.store) if sv.store else None
-    engine = Engine(model, tok, max_batch_size=sv.max_batch_size)
-    for name in (sv.tasks or (store.names() if store else [])):
-        engine.load_from_store(store, name)
+    engine = (Engine.from_store(store, model, tok, names=sv.tasks or None, max_batch_size=sv.max_batch_size)
+              if store else Engine(model, tok, max_batch_size=sv.max_batch_size))
     if sv.base_task:
         engine.add_base(sv.base_task)
     token = sv.admin_token or os.environ.get("SOFTPROMPT_ADMIN_TOKEN")

@@ -248,6 +248,8 @@ class ServeArgs:
             problems.append(f"--port must be in 0..65535, got {self.port}")
         if self.store is None and not self.base_task:
             problems.append("nothing to serve: give --store DIR (or keep --base-task)")
+        if self.tasks and self.store is None:
+            problems.append("--tasks names tasks of a store: give --store DIR")
         _raise(problems)
 
 

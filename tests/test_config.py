@@ -65,3 +65,11 @@ def test_yaml_exponent_floats_are_accepted(tmp_path):
     assert build_args(TrainArgs, load_yaml(path)["train"]).lr == 0.3
     with pytest.raises(ConfigError, match=r"--lr: expected float, got 'fast'"):
         build_args(TrainArgs, {"lr": "fast"})
+
+
+def test_serve_tasks_need_a_store():
+    from softprompt.config import ServeArgs
+
+    with pytest.raises(ConfigError, match="--tasks names tasks of a store"):
+        ServeArgs(tasks=["a"])
+    assert ServeArgs(store="s", tasks=["a"]).tasks == ["a"]

@@ -138,8 +138,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     def chat_input(body: ChatCompletionRequest) -> tuple[str, bool]:
         """The last user message fills a prompt task's template; the base model gets the chat template."""
-        state.engine.describe(body.model)  # unknown task -> 404 before anything else
-        template = state.engine.describe(body.model)["template"]
+        template = state.engine.describe(body.model)["template"]  # unknown task -> 404 before anything else
         users = [m for m in body.messages if m.role == "user"]
         if template is not None:
             if not users:
