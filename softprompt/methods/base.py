@@ -49,6 +49,21 @@ class MethodConfig:
         return cls(**data)
 
 
+def common_config_problems(cfg, inits: tuple[str, ...] = ()) -> list[str]:
+    """Checks every method config shares: prompt length, dropout, and (for methods with ``inits``) the init."""
+    problems = []
+    if not isinstance(cfg.num_virtual_tokens, int) or cfg.num_virtual_tokens < 1:
+        problems.append(f"--num-virtual-tokens must be >= 1, got {cfg.num_virtual_tokens!r}")
+    if inits:
+        if cfg.init not in inits:
+            problems.append(f"--init must be one of {', '.join(inits)}, got {cfg.init!r}")
+        if cfg.init == "text" and not (cfg.init_text or "").strip():
+            problems.append("--init text needs a non-empty --init-text")
+    if not 0.0 <= cfg.dropout < 1.0:
+        problems.append(f"--prompt-dropout must be in [0, 1), got {cfg.dropout}")
+    return problems
+
+
 class PromptMethod(nn.Module):
     """Protocol of a prompt-learning method.
 

@@ -19,6 +19,7 @@ from softprompt.methods.base import (
     MethodConfig,
     PromptMethod,
     PromptOutput,
+    common_config_problems,
     peft_config_common,
     register_method,
     require_tensor,
@@ -48,15 +49,11 @@ class PTuningConfig(MethodConfig):
     seed: int = 0
 
     def __post_init__(self):
-        problems = []
-        if not isinstance(self.num_virtual_tokens, int) or self.num_virtual_tokens < 1:
-            problems.append(f"num_virtual_tokens must be >= 1, got {self.num_virtual_tokens!r}")
+        problems = common_config_problems(self)
         if self.encoder not in ENCODERS:
             problems.append(f"encoder must be one of {ENCODERS}, got {self.encoder!r}")
         if self.encoder_hidden_size < 0 or self.encoder_num_layers < 1:
             problems.append("encoder_hidden_size must be >= 0 and encoder_num_layers >= 1")
-        if not 0 <= self.dropout < 1:
-            problems.append(f"dropout must be in [0, 1), got {self.dropout}")
         if problems:
             raise ValueError(f"{self.method} config: " + "; ".join(problems))
 

@@ -23,6 +23,7 @@ from softprompt.methods.base import (
     MethodConfig,
     PromptMethod,
     PromptOutput,
+    common_config_problems,
     peft_config_common,
     register_method,
     require_tensor,
@@ -68,15 +69,7 @@ class PrefixTuningConfig(MethodConfig):
     head_dim: int = 0
 
     def __post_init__(self):
-        problems = []
-        if not isinstance(self.num_virtual_tokens, int) or self.num_virtual_tokens < 1:
-            problems.append(f"num_virtual_tokens must be >= 1, got {self.num_virtual_tokens!r}")
-        if self.init not in PREFIX_INITS:
-            problems.append(f"init must be one of {PREFIX_INITS}, got {self.init!r}")
-        if self.init == "text" and not str(self.init_text).strip():
-            problems.append("init text needs a non-empty init_text")
-        if not 0 <= self.dropout < 1:
-            problems.append(f"dropout must be in [0, 1), got {self.dropout}")
+        problems = common_config_problems(self, PREFIX_INITS)
         if self.encoder_hidden_size < 0:
             problems.append(f"encoder_hidden_size must be >= 0, got {self.encoder_hidden_size}")
         if problems:

@@ -26,6 +26,7 @@ from softprompt.methods.base import (
     MethodConfig,
     PromptMethod,
     PromptOutput,
+    common_config_problems,
     peft_config_common,
     register_method,
     require_tensor,
@@ -58,19 +59,11 @@ class PromptTuningConfig(MethodConfig):
     seed: int = 0
 
     def __post_init__(self):
-        problems = []
-        if self.num_virtual_tokens < 1:
-            problems.append(f"--num-virtual-tokens must be >= 1, got {self.num_virtual_tokens}")
-        if self.init not in INITS:
-            problems.append(f"--init must be one of {', '.join(INITS)}, got {self.init!r}")
-        if self.init == "text" and not (self.init_text or "").strip():
-            problems.append("--init text needs a non-empty --init-text")
+        problems = common_config_problems(self, INITS)
         if not self.init_scale > 0:
             problems.append(f"--init-scale must be > 0, got {self.init_scale}")
         if self.vocab_sample_size < 1:
             problems.append(f"--vocab-sample-size must be >= 1, got {self.vocab_sample_size}")
-        if not 0.0 <= self.dropout < 1.0:
-            problems.append(f"--prompt-dropout must be in [0, 1), got {self.dropout}")
         if problems:
             raise ValueError("; ".join(problems))
 
