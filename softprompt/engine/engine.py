@@ -295,35 +295,29 @@ class Engine:
         """Label log-likelihood over each task's verbalizer; all requests in shared mixed batches."""
         tasks = self._check(requests, "classify")
         rows: list[Row] = []
-        plan = []  # per request: per member, (labels in member order, row indices)
-        sources, where = [], []
-        for req, task in zip(requests, tasks, strict=True):
+        sources, where = [], []  # one entry per (request, member)
+        for i, (req, task) in enumerate(zip(requests, tasks, strict=True)):
             if task.labels is None:
                 raise RequestError(f"task {task.name!r} is not a classification task (no verbalizer)")
             for member, fmt in zip(task.members, task.formats, strict=True):
                 sources.append(self._source(task, fmt, req))
-                where.append((task, member, fmt))
-        ids_all = self._encode(sources)
-        label_cache: dict[int, list[list[int]]] = {}
-        k = 0
-        for task in tasks:
-            members = []
-            for _ in task.members:
-                _, member, fmt = where[k]
-                labels = label_cache.setdefault(id(fmt), self._encode(fmt.label_texts))
-                longest = max(len(x) for x in labels)
-                room = self.context - self._length(member)
-                src = self._fit(ids_all[k], 0, room - longest, f"classify input for task {task.name!r}", True)
+                where.append((i, member, fmt))
+        plan: list[list] = [[] for _ in requests]  # per request, per member: (labels in member order, rows)
+        label_ids: dict[int, tuple[list[list[int]], bool]] = {}  # per format: label token ids, all single?
+        for (i, member, fmt), ids in zip(where, self._encode(sources), strict=True):
+            if id(fmt) not in label_ids:
+                labels = self._encode(fmt.label_texts)
                 single = all(len(x) == 1 for x in labels) and len({x[0] for x in labels}) == len(labels)
-                if single:
-                    rows.append(Row(member, src, len(src), [x[0] for x in labels]))
-                    members.append((fmt.labels, [len(rows) - 1]))
-                else:
-                    start = len(rows)
-                    rows.extend(Row(member, src + lab, len(src)) for lab in labels)
-                    members.append((fmt.labels, list(range(start, len(rows)))))
-                k += 1
-            plan.append(members)
+                label_ids[id(fmt)] = labels, single
+            labels, single = label_ids[id(fmt)]
+            room = self.context - self._length(member) - max(len(x) for x in labels)
+            src = self._fit(ids, 0, room, f"classify input for task {tasks[i].name!r}", True)
+            start = len(rows)
+            if single:
+                rows.append(Row(member, src, len(src), [x[0] for x in labels]))
+            else:
+                rows.extend(Row(member, src + lab, len(src)) for lab in labels)
+            plan[i].append((fmt.labels, list(range(start, len(rows)))))
         scored = self._score(rows)
         results = []
         for task, members in zip(tasks, plan, strict=True):
