@@ -243,7 +243,7 @@ def _eval_store(ns, args, model, tok) -> dict:
     report = {}
     for name in names:
         t = engine.load_from_store(store, name, not ns.no_fingerprint_check)
-        meta = store.load(t.members[0]).meta if t.kind == "ensemble" else t.meta or {}
+        meta = t.meta or {}  # an ensemble's: its first member's (the members share their labels)
         task_args = dataclasses.replace(data)
         recorded = (meta.get("train_config") or {}).get("data") or {}
         if task_args.dataset is None and not task_args.uses_files() and not (meta.get("task") or {}).get("dataset"):

@@ -47,6 +47,7 @@ class Task:
         members: prompt keys in the table (``[None]`` for the base model).
         formats: each member's template/verbalizer (None: raw text only).
         combine: how an ensemble's members are combined when classifying (``mean`` or ``vote``).
+        meta: the stored prompt's metadata (an ensemble: its first member's); None for the base model.
     """
 
     name: str
@@ -99,6 +100,7 @@ class Engine:
         self.table = PromptTable()
         self.tasks: dict[str, Task] = {}
         self._formats: dict = {None: None}  # prompt key -> its TaskFormat
+        self._metas: dict = {}  # prompt key -> its stored metadata (softprompt.json)
         self._lock = threading.RLock()  # loads/unloads may come from other threads than the requests
 
     # ----------------------------------------------------------------------------------- loading
@@ -127,12 +129,13 @@ class Engine:
         with self._lock:
             self.table.add(key, kv)
             self._formats[key] = task_format(stored.task)
+            self._metas[key] = dict(stored.meta)
         return self._formats[key]
 
     def add_prompt(self, name: str, stored) -> Task:
         """Serve a :class:`StoredPrompt` (validated by ``load_prompt`` against this model) as ``name``."""
         fmt = self._put_prompt(name, stored)
-        task = Task(name, "prompt", [name], [fmt], meta=dict(stored.meta))
+        task = Task(name, "prompt", [name], [fmt], meta=self._metas[name])
         with self._lock:
             self.tasks[name] = task
         return task
@@ -154,7 +157,8 @@ class Engine:
                                 f"{ {m: sorted(v) for m, v in label_sets.items()} }")
         if problems:
             raise RequestError(f"ensemble {name!r}: " + "; ".join(problems))
-        task = Task(name, "ensemble", list(members), [self._formats[m] for m in members], combine_how)
+        task = Task(name, "ensemble", list(members), [self._formats[m] for m in members], combine_how,
+                    meta=self._metas.get(members[0]))
         with self._lock:
             self.tasks[name] = task
         return task
@@ -185,6 +189,7 @@ class Engine:
                 if key not in used:
                     self.table.remove(key)
                     self._formats.pop(key, None)
+                    self._metas.pop(key, None)
 
     def task_names(self) -> list[str]:
         with self._lock:
