@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from softprompt import inject
-from softprompt.data import load_task
+from softprompt.data.builtin import load_builtin
 from softprompt.engine import ClassifyRequest, Engine
 from softprompt.methods import build_method
 from softprompt.model import DEFAULT_MODEL, load_base_model
@@ -50,10 +50,8 @@ def make_prompts(model, tok, n_tasks: int, p: int, folder: Path) -> dict[str, ob
 
 
 def reviews(n: int, max_words: int = 40) -> list[str]:
-    texts = [ex.source for ex in load_task("rotten_tomatoes").examples("test")]
-    # the rendered source is the template filled in; take the review back out, capped in length
-    out = [t[len("Review: "):-len("\nSentiment:")] for t in texts]
-    return [" ".join(x.split()[:max_words]) for x in out][:n]
+    """The first ``n`` test reviews of Rotten Tomatoes, each cut to ``max_words`` words."""
+    return [" ".join(r["text"].split()[:max_words]) for r in load_builtin("rotten_tomatoes")["test"][:n]]
 
 
 class PeftSide:

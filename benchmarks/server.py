@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 import uvicorn
 
-from softprompt.data import load_task
+from softprompt.data.builtin import load_builtin
 from softprompt.engine import Engine
 from softprompt.methods import build_method
 from softprompt.model import DEFAULT_MODEL, load_base_model
@@ -37,7 +37,7 @@ GEN = {"template": "Review: {text}\nIn one word, the film is", "target_field": "
 
 
 def workload(n: int, tasks: int, new_tokens: int) -> list[tuple[str, dict]]:
-    texts = [ex.source[len("Review: "):-len("\nSentiment:")] for ex in load_task("rotten_tomatoes").examples("test")]
+    texts = [r["text"] for r in load_builtin("rotten_tomatoes")["test"]]
     out = []
     for i in range(n):
         task, text = f"task{i % tasks}", " ".join(texts[i].split()[:40])
