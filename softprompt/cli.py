@@ -57,12 +57,18 @@ def _resolve(ns: argparse.Namespace, sections: list[str]) -> dict:
 
 
 def _task_meta(data_args, fmt) -> dict:
+    # labels: the class order of a classification head (the verbalizer is stored as a JSON object, whose
+    # key order is not kept)
     return {"dataset": data_args.dataset, "template": fmt.template, "target_field": fmt.target_field,
-            "verbalizer": fmt.verbalizer, "target_prefix": fmt.target_prefix}
+            "verbalizer": fmt.verbalizer, "target_prefix": fmt.target_prefix, "labels": fmt.labels or None}
 
 
-def _load_task(data_args, stored_task: dict | None = None):
-    """Load the task; unset data flags fall back to the stored prompt's task, then to rotten_tomatoes."""
+def _load_task(data_args, stored_task: dict | None = None, classifier: bool = False):
+    """Load the task; unset data flags fall back to the stored prompt's task, then to rotten_tomatoes.
+
+    A stored prompt's recorded label order is kept; for a ``classifier`` prompt (its head's outputs are
+    those labels in that order) the task must have exactly those labels.
+    """
     from softprompt.data import load_task, parse_verbalizer
 
     stored_task = stored_task or {}
@@ -71,11 +77,47 @@ def _load_task(data_args, stored_task: dict | None = None):
         dataset = stored_task.get("dataset") or "rotten_tomatoes"
         data_args.dataset = dataset
     verbalizer = parse_verbalizer(data_args.verbalizer) if data_args.verbalizer else stored_task.get("verbalizer")
+    labels = stored_task.get("labels")
+    if verbalizer and isinstance(labels, list) and set(labels) == set(verbalizer):
+        verbalizer = {label: verbalizer[label] for label in labels}
+    elif classifier and isinstance(labels, list):
+        raise ConfigError(f"--verbalizer labels {sorted(verbalizer or {})} differ from the {len(labels)} classes "
+                          f"the prompt's head was trained on ({', '.join(labels)})")
     return load_task(
         dataset=dataset, train_file=data_args.train_file, validation_file=data_args.validation_file,
         test_file=data_args.test_file, template=data_args.template or stored_task.get("template"),
         target_field=data_args.target_field or stored_task.get("target_field"),
         verbalizer=verbalizer, max_samples=data_args.max_samples(), seed=data_args.data_seed)
+
+
+def _load_model(args: dict, stored=None, num_labels: int | None = None):
+    """The base model of the ``model`` section; ``--task-type auto`` follows a stored prompt's task type."""
+    from softprompt.model import load_base_model
+
+    m = args["model"]
+    task_type = m.task_type
+    if task_type == "auto" and stored is not None and stored.peft_config.get("task_type") == "SEQ_CLS":
+        task_type = "seq_cls"
+    return load_base_model(m.model, m.device, m.dtype, task_type=task_type, num_labels=num_labels)
+
+
+def _classifier_baselines(model, tokenizer, task, args, examples, tuned) -> dict:
+    """A sequence classifier's report: the tuned prompt with its head, and the head without the prompt.
+
+    Hard-prompt and k-shot baselines rank label words with an LM head, which an encoder classifier lacks.
+    """
+    from softprompt.evaluate import evaluate_prompt
+    from softprompt.methods import PromptOutput
+
+    ev, data = args["eval"], args["data"]
+    skipped = [b for b in ev.baselines if b != "no_prompt"]
+    if skipped:
+        log.info("baselines %s need an LM head; %s has a classification head: skipped", ", ".join(skipped),
+                 type(model).__name__)
+    conditions = {"tuned head, no prompt": PromptOutput(head=tuned.head)} if "no_prompt" in ev.baselines else {}
+    conditions["tuned soft prompt"] = tuned
+    return {name: evaluate_prompt(model, tokenizer, prompt, examples, task.format, ev.eval_batch_size,
+                                  max_length=data.max_length)[0] for name, prompt in conditions.items()}
 
 
 def _baselines(model, tokenizer, task, args, prompt_text: str, examples, kv_tuned=None) -> dict:
@@ -90,6 +132,8 @@ def _baselines(model, tokenizer, task, args, prompt_text: str, examples, kv_tune
     from softprompt.evaluate import evaluate_on_engine, evaluate_prompt, hard_prompt_kv, k_shot_text
 
     ev, data, fmt = args["eval"], args["data"], task.format
+    if inject.is_sequence_classifier(model):
+        return _classifier_baselines(model, tokenizer, task, args, examples, kv_tuned)
     conditions: dict[str, object] = {}
     if "no_prompt" in ev.baselines:
         conditions["no soft prompt (template only)"] = None
@@ -125,7 +169,6 @@ def cmd_train(ns: argparse.Namespace) -> int:
     from softprompt import inject
     from softprompt.evaluate import format_report
     from softprompt.methods import build_method
-    from softprompt.model import load_base_model
     from softprompt.plots import plot_curves
     from softprompt.store import load_prompt, save_prompt
     from softprompt.train import train
@@ -149,13 +192,21 @@ def cmd_train(ns: argparse.Namespace) -> int:
     print(f"task: {args['data'].dataset or args['data'].train_file}  "
           + "  ".join(f"{k}={len(v)}" for k, v in task.splits.items()))
     t0 = time.perf_counter()
-    model, tok = load_base_model(args["model"].model, args["model"].device, args["model"].dtype)
+    model, tok = _load_model(args, num_labels=len(fmt.labels) if fmt.is_classification else None)
     log.info("loaded %s in %.1fs", args["model"].model, time.perf_counter() - t0)
+    if inject.is_sequence_classifier(model) and not fmt.is_classification:
+        raise ConfigError(f"--model {args['model'].model} is loaded as a sequence classifier (--task-type "
+                          "seq_cls): the task needs labels (--verbalizer)")
     counts = Counter(t for ex in task.examples("train")
                      for t in tok(ex.source, add_special_tokens=False)["input_ids"])
-    method = build_method(args["prompt"].method, args["prompt"].method_config(args["train"].seed), model, tok,
-                          label_texts=fmt.label_texts if fmt.is_classification else None, token_counts=counts)
-    print(f"method: {method.name}, {method.num_trainable():,} trainable parameters "
+    try:
+        method = build_method(args["prompt"].method, args["prompt"].method_config(args["train"].seed), model, tok,
+                              label_texts=fmt.label_texts if fmt.is_classification else None, token_counts=counts)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    print(f"method: {method.name}" + (f" + {type(model).__name__} head ({method.classifier.num_labels} classes)"
+                                      if method.classifier is not None else "")
+          + f", {method.num_trainable():,} trainable parameters "
           f"(base model {sum(p.numel() for p in model.parameters()):,}, frozen)")
     meta = _task_meta(args["data"], fmt)
     train_cfg = {k: dataclasses.asdict(v) for k, v in args.items()}
@@ -203,20 +254,20 @@ def cmd_eval(ns: argparse.Namespace) -> int:
 
     from softprompt import inject
     from softprompt.evaluate import format_report
-    from softprompt.model import load_base_model
-    from softprompt.store import load_prompt
+    from softprompt.store import check_model_compatible, load_prompt
 
     if bool(ns.prompt) == bool(ns.store):
         raise ConfigError("give either --prompt DIR or --store DIR [--task a,b,...]")
     args = _resolve(ns, ["model", "data", "eval"])
-    model, tok = load_base_model(args["model"].model, args["model"].device, args["model"].dtype)
+    stored = load_prompt(ns.prompt) if ns.prompt else None
+    model, tok = _load_model(args, stored)
     split = args["eval"].split
     if ns.store:
         report = _eval_store(ns, args, model, tok)
         print(f"{split} split, store {ns.store}:")
     else:
-        stored = load_prompt(ns.prompt, model, check_fingerprint=not ns.no_fingerprint_check)
-        task = _load_task(args["data"], stored.task)
+        check_model_compatible(stored, model, check_fingerprint=not ns.no_fingerprint_check)
+        task = _load_task(args["data"], stored.task, classifier=stored.peft_config.get("task_type") == "SEQ_CLS")
         method = stored.build_method().to(model.device).eval()
         with torch.no_grad():
             kv = inject.compute_prompt_kv(model, method())
@@ -284,12 +335,11 @@ def _engine_for(ns, model, tok, **kwargs):
 def cmd_generate(ns: argparse.Namespace) -> int:
     """Generate with a stored prompt, a store's task, or the plain base model, for one or more inputs."""
     from softprompt.engine import GenerateRequest
-    from softprompt.model import load_base_model
 
     if ns.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be >= 1, got {ns.max_new_tokens}")
     args = _resolve(ns, ["model"])
-    model, tok = load_base_model(args["model"].model, args["model"].device, args["model"].dtype)
+    model, tok = _load_model(args)
     engine, task = _engine_for(ns, model, tok)
     reqs = [GenerateRequest(task, text, raw=ns.raw, max_tokens=ns.max_new_tokens, temperature=ns.temperature,
                             top_k=ns.top_k, top_p=ns.top_p, seed=ns.seed + i if ns.temperature > 0 else None,
@@ -306,16 +356,15 @@ def build_app(args: dict):
     import os
 
     from softprompt.engine import Engine
-    from softprompt.model import load_base_model
     from softprompt.server import Scheduler, ServerState, create_app
     from softprompt.store import PromptStore
 
     sv = args["serve"]
-    model, tok = load_base_model(args["model"].model, args["model"].device, args["model"].dtype)
+    model, tok = _load_model(args)
     store = PromptStore(sv.store) if sv.store else None
     engine = (Engine.from_store(store, model, tok, names=sv.tasks or None, max_batch_size=sv.max_batch_size)
               if store else Engine(model, tok, max_batch_size=sv.max_batch_size))
-    if sv.base_task:
+    if sv.base_task and not engine.encoder:  # an encoder classifier has nothing to serve without a prompt
         engine.add_base(sv.base_task)
     token = sv.admin_token or os.environ.get("SOFTPROMPT_ADMIN_TOKEN")
     state = ServerState(engine, Scheduler(engine, sv.max_batch_size, sv.max_wait_ms, sv.max_queue), store=store,

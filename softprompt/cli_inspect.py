@@ -97,7 +97,10 @@ def cmd_inspect(ns: argparse.Namespace) -> int:
     else:
         store, names, notes = None, [ns.prompt], []
     model_name = ns.model or DEFAULT_MODEL
-    model, tokenizer = load_base_model(model_name, "auto", "auto")
+    first = store.load(names[0]) if store is not None else load_prompt(ns.prompt) if names else None
+    # prompts trained with a classification head need the encoder loaded as a sequence classifier
+    seq_cls = first is not None and first.peft_config.get("task_type") == "SEQ_CLS"
+    model, tokenizer = load_base_model(model_name, "auto", "auto", task_type="seq_cls" if seq_cls else "auto")
     matrix = model.get_input_embeddings().weight.detach()  # (V, H)
     prompts, details = {}, {}
     for name in names:

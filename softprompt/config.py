@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from softprompt.model import DEFAULT_MODEL
+from softprompt.model import DEFAULT_MODEL, TASK_TYPES
 
 
 class ConfigError(ValueError):
@@ -40,9 +40,12 @@ class ModelArgs:
     model: str = DEFAULT_MODEL
     device: str = "auto"
     dtype: str = "auto"
+    task_type: str = "auto"
 
     def __post_init__(self):
         problems = []
+        if self.task_type not in TASK_TYPES:
+            problems.append(f"--task-type must be one of {', '.join(TASK_TYPES)}, got {self.task_type!r}")
         if self.dtype not in ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"):
             problems.append(f"--dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         if not (self.device in ("auto", "cpu", "mps") or self.device.startswith("cuda")):

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from softprompt import inject
-from softprompt.data import Batch, Encoded, Example, TaskFormat, batches, collate, encode
+from softprompt.data import Batch, Encoded, Example, TaskFormat, batches, collate, encode, encode_classes
 
 
 @dataclass
@@ -132,6 +132,19 @@ def label_scores(model, tokenizer, prompt_kv, examples: list[Example], fmt: Task
 
 
 @torch.no_grad()
+def class_scores(model, tokenizer, prompt, examples: list[Example], fmt: TaskFormat, batch_size: int,
+                 max_length: int = 256) -> torch.Tensor:
+    """Log-softmax of a sequence classifier's class logits for every example: ``(N, num_labels)``.
+
+    Rows are right-padded (an encoder's positions count from the first token, as in PEFT's ``SEQ_CLS``).
+    """
+    enc = encode_classes(tokenizer, examples, fmt.labels, max_length)
+    return _by_length(enc, batch_size, tokenizer.pad_token_id, "right",
+                      lambda b: torch.log_softmax(inject.class_logits(
+                          model, b.input_ids.to(model.device), b.attention_mask.to(model.device), prompt), -1).cpu())
+
+
+@torch.no_grad()
 def mean_target_loss(model, encoded: list[Encoded], pad_id: int, prompt_kv, batch_size: int) -> float:
     """Mean NLL per target token over a dataset."""
     total, count = 0.0, 0
@@ -171,6 +184,19 @@ def evaluate_prompt(model, tokenizer, prompt_kv, examples: list[Example], fmt: T
     if not examples:
         raise ValueError("no examples to evaluate")
     metrics: dict[str, float] = {"n": float(len(examples))}
+    if inject.is_sequence_classifier(model):
+        if not fmt.is_classification:
+            raise ValueError(f"{type(model).__name__} is a sequence classifier: the task needs labels (--verbalizer)")
+        scores = class_scores(model, tokenizer, prompt_kv, examples, fmt, batch_size, max_length)  # (N, C)
+        if scores.shape[1] != len(fmt.labels):
+            raise ValueError(f"the classifier head has {scores.shape[1]} classes, the task {len(fmt.labels)} labels")
+        predicted = [fmt.labels[i] for i in scores.argmax(-1).tolist()]
+        expected = [ex.label for ex in examples]
+        metrics.update(classification_metrics(expected, predicted, fmt.labels))
+        gold = torch.tensor([fmt.labels.index(e) for e in expected])
+        if with_loss:
+            metrics.update(loss_metrics(float(-scores[torch.arange(len(examples)), gold].mean())))
+        return metrics, [Prediction(ex.source, e, p) for ex, e, p in zip(examples, expected, predicted, strict=True)]
     if fmt.is_classification:
         scores = label_scores(model, tokenizer, prompt_kv, examples, fmt, batch_size, max_length)
         predicted = [fmt.labels[i] for i in scores.argmax(-1).tolist()]
@@ -255,7 +281,9 @@ def evaluate_on_engine(engine, runs: dict[str, str], examples: list[Example], fm
     if fmt.is_classification:
         reqs = [ClassifyRequest(task, ex.source, raw=True) for task in runs.values() for ex in examples]
         results = engine.classify(reqs)
-        lengths = dict(zip(fmt.labels, (len(ids) for ids in label_token_ids(engine.tok, fmt)), strict=True))
+        # the loss per target token; a classifier head's "target" is one class
+        lengths = (dict.fromkeys(fmt.labels, 1) if engine.encoder else
+                   dict(zip(fmt.labels, (len(ids) for ids in label_token_ids(engine.tok, fmt)), strict=True)))
         expected = [ex.label for ex in examples]
         for k, row in enumerate(runs):
             res = results[k * n:(k + 1) * n]

@@ -27,6 +27,9 @@ def prompt_embeds(model, tokenizer, method, text: str) -> torch.Tensor:
         raise VllmExportError(f"method {method.name!r} has no input embeddings (it prefixes keys/values at every "
                               "layer); vLLM's prompt_embeds input takes embedding-space prompts only "
                               "(prompt_tuning, p_tuning)")
+    if out.head is not None:
+        raise VllmExportError(f"method {method.name!r} carries a sequence-classification head: it classifies with an "
+                              "encoder, while vLLM's prompt_embeds input feeds a generating model")
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     table = model.get_input_embeddings()
     tokens = table(torch.tensor(ids, device=table.weight.device))  # (T, H)

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from softprompt.methods.base import PromptOutput
+from softprompt.methods.head import is_sequence_classifier
 
 
 class InjectionError(RuntimeError):
@@ -97,6 +98,8 @@ def compute_prompt_kv(model, prompt: PromptOutput | torch.Tensor) -> PromptKV | 
     Gradients flow through the result when the prompt requires grad (training); call under
     ``torch.no_grad()`` for inference.
     """
+    if is_sequence_classifier(model):  # bidirectional encoder: nothing to cache, the prompt goes in as is
+        return _classifier_prompt(model, prompt)
     if isinstance(prompt, PromptOutput) and prompt.kv is None and prompt.embeds is None:
         return None  # a method without a prompt (weight tuning in the comparison harness)
     if isinstance(prompt, PromptOutput) and prompt.kv is not None:  # prefix methods: keys/values directly
@@ -187,6 +190,8 @@ def prompt_for_step(model, prompt: PromptOutput | torch.Tensor, mode: str = "aut
     """
     if mode not in PROMPT_PASSES:
         raise InjectionError(f"prompt pass {mode!r} is not one of {', '.join(PROMPT_PASSES)}")
+    if is_sequence_classifier(model):
+        return _classifier_prompt(model, prompt)
     if isinstance(prompt, PromptOutput) and prompt.embeds is None:
         return compute_prompt_kv(model, prompt)  # a prefix (or no prompt): nothing to concatenate
     if is_seq2seq(model):
@@ -279,11 +284,57 @@ def _target_hidden(model, batch, prompt_kv: PromptKV | RowPrompts | torch.Tensor
     return h[:, :-1][sel], batch.input_ids[:, 1:][sel], rows  # (N, H), (N,), (N,)
 
 
+def _classifier_prompt(model, prompt) -> PromptOutput:
+    """A sequence classifier's prompt: embeddings (or none) and its head, checked against the model."""
+    if isinstance(prompt, torch.Tensor):
+        prompt = PromptOutput(embeds=prompt)
+    if prompt is None:
+        return PromptOutput()
+    if prompt.kv is not None:
+        raise InjectionError(f"{type(model).__name__} is an encoder sequence classifier: a key/value prefix "
+                             "needs a decoder's cache; use a prompt of embeddings (prompt_tuning, p_tuning)")
+    if prompt.embeds is not None:
+        _check_prompt(model, prompt.embeds)
+    return prompt
+
+
+def class_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 prompt: PromptOutput | None) -> torch.Tensor:
+    """Class logits ``(B, C)`` of a sequence classifier with the prompt in front of every row's input.
+
+    As PEFT does for ``SEQ_CLS``: the prompt embeddings are prepended to the (right-padded) input embeddings
+    and the model's own embedding layer adds positions from 0, so the pooled first position is the first
+    virtual token. The prompt's head tensors replace the model's head for this call only
+    (``functional_call``), so every task brings its own head and label count to the same frozen model.
+    """
+    prompt = _classifier_prompt(model, prompt)
+    text = model.get_input_embeddings()(input_ids)  # (B, T, H)
+    mask = attention_mask
+    if prompt.embeds is not None:
+        b, p = input_ids.shape[0], prompt.embeds.shape[0]
+        text = torch.cat([prompt.embeds.to(text)[None].expand(b, -1, -1), text], dim=1)  # (B, P+T, H)
+        mask = torch.cat([torch.ones(b, p, dtype=mask.dtype, device=mask.device), mask], dim=1)
+    limit = int(getattr(model.config, "max_position_embeddings", 0) or 0)
+    if limit and text.shape[1] > limit:
+        raise InjectionError(f"prompt + input is {text.shape[1]} tokens, more than the model's "
+                             f"{limit} positions: lower --max-length or --num-virtual-tokens")
+    params = prompt.head.overrides(text) if prompt.head is not None else {}
+    out = torch.func.functional_call(model, params, (), {"inputs_embeds": text, "attention_mask": mask})
+    return out.logits.float()
+
+
 def target_loss(model, batch, prompt_kv: PromptKV | RowPrompts | torch.Tensor | None) -> torch.Tensor:
     """Mean cross-entropy over all target tokens of the batch (logits only where targets are).
 
     For an encoder-decoder the source (after the prompt) is the encoder input and the target the labels.
+    For a sequence classifier it is the cross-entropy of the class logits against ``batch.class_labels``.
     """
+    if is_sequence_classifier(model):
+        if batch.class_labels is None:
+            raise InjectionError("a sequence classifier trains on class labels: encode the examples with "
+                                 "encode_classes")
+        return F.cross_entropy(class_logits(model, batch.input_ids, batch.attention_mask, prompt_kv),
+                               batch.class_labels)
     if is_seq2seq(model):
         lp, real = _seq2seq_token_logprobs(model, batch, prompt_kv)
         return -lp.sum() / real.sum()
@@ -351,6 +402,9 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     b = input_ids.shape[0]
     if len(rows) != b:
         raise InjectionError(f"{len(rows)} sampling settings for a batch of {b} rows")
+    if is_sequence_classifier(model):
+        raise InjectionError(f"{type(model).__name__} is a sequence classifier: it predicts classes, it does not "
+                             "generate text")
     if is_seq2seq(model):
         return _seq2seq_decode(model, input_ids, attention_mask, prompt_kv, rows, eos_token_id)
     cache, prefix_mask, offset = _prefix(model, prompt_kv, b, attention_mask)

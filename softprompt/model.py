@@ -6,6 +6,12 @@ A model is named by one of:
 - a path to a ``.gguf`` file;
 - a local folder or Hugging Face hub id, loaded with ``from_pretrained``.
 
+What the model is loaded as (``task_type``, PEFT's names): ``causal_lm`` (decoder-only, the default),
+``seq2seq_lm`` (T5 family; chosen automatically for encoder-decoders) or ``seq_cls``: an encoder (BERT,
+RoBERTa, DeBERTa, ...) with a sequence-classification head that trains with the prompt. ``auto`` picks
+``seq_cls`` for encoder families (BERT, RoBERTa, ...) unless the checkpoint records a causal-LM
+architecture (``BertLMHeadModel``, ``*ForCausalLM``).
+
 Whatever the source, the returned model is frozen (``requires_grad_(False)``) and in eval mode: prompt
 methods train only their own parameters.
 """
@@ -45,6 +51,40 @@ ALIASES: dict[str, GGUFAlias] = {
 
 class ModelLoadError(RuntimeError):
     """The base model could not be loaded."""
+
+
+TASK_TYPES = ("auto", "causal_lm", "seq2seq_lm", "seq_cls")
+CAUSAL_HEADS = ("ForCausalLM", "LMHeadModel")
+
+
+def resolve_task_type(config, requested: str = "auto") -> str:
+    """The task type a model is loaded as (see the module docstring); refuses impossible combinations.
+
+    Raises:
+        ModelLoadError: an unknown type, or one the architecture cannot take.
+    """
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    if requested not in TASK_TYPES:
+        raise ModelLoadError(f"--task-type {requested!r} is not one of {', '.join(TASK_TYPES)}")
+    seq2seq = bool(getattr(config, "is_encoder_decoder", False))
+    encoder = config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not seq2seq
+    if requested == "auto":
+        archs = getattr(config, "architectures", None) or []
+        if seq2seq:
+            return "seq2seq_lm"
+        causal = any(a.endswith(CAUSAL_HEADS) for a in archs)  # e.g. BertLMHeadModel, RobertaForCausalLM
+        return "seq_cls" if encoder and not causal else "causal_lm"
+    if requested == "seq_cls" and not encoder:
+        raise ModelLoadError(f"--task-type seq_cls takes an encoder model (BERT, RoBERTa, DeBERTa, ...); "
+                             f"{config.model_type!r} is not one: decoder-only models classify through their LM "
+                             "head with a --verbalizer (--task-type causal_lm)")
+    if requested == "seq2seq_lm" and not seq2seq:
+        raise ModelLoadError(f"--task-type seq2seq_lm takes an encoder-decoder (T5 family); {config.model_type!r} "
+                             "is not one")
+    if requested == "causal_lm" and seq2seq:
+        raise ModelLoadError(f"{config.model_type!r} is an encoder-decoder: use --task-type seq2seq_lm (or auto)")
+    return requested
 
 
 def resolve_device(device: str) -> torch.device:
@@ -113,13 +153,17 @@ def materialize_alias(alias: str) -> Path:
     return target
 
 
-def load_base_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto"):
-    """Load a frozen causal LM and its tokenizer.
+def load_base_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto",
+                    task_type: str = "auto", num_labels: int | None = None):
+    """Load a frozen base model and its tokenizer.
 
     Args:
         name_or_path: embedded alias, ``.gguf`` file, local folder or hub id.
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:1``...
         dtype: ``auto`` (bf16 on CUDA, fp32 on CPU), ``float32``, ``bfloat16``, ``float16``.
+        task_type: ``auto``, ``causal_lm``, ``seq2seq_lm`` or ``seq_cls`` (see the module docstring).
+        num_labels: classes of the head a ``seq_cls`` model is built with (default 2). Only its shape
+            matters: the trained head comes with the prompt and may have any number of classes.
 
     Returns:
         ``(model, tokenizer)``; the model is frozen, in eval mode, on ``device``; the tokenizer has a
@@ -130,6 +174,14 @@ def load_base_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, device: str
     name_or_path = os.fspath(name_or_path)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    if task_type not in TASK_TYPES:
+        raise ModelLoadError(f"--task-type {task_type!r} is not one of {', '.join(TASK_TYPES)}")
+    if num_labels is not None and num_labels < 2:
+        raise ModelLoadError(f"a sequence classifier needs at least 2 labels, got {num_labels}")
+    gguf = name_or_path in ALIASES or name_or_path.endswith(".gguf")
+    if gguf and task_type not in ("auto", "causal_lm"):
+        raise ModelLoadError(f"--model {name_or_path} is a decoder-only (GGUF) model: --task-type {task_type} "
+                             "does not apply to it")
     try:
         if name_or_path in ALIASES:
             folder = materialize_alias(name_or_path)
@@ -141,11 +193,17 @@ def load_base_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, device: str
                 raise ModelLoadError(f"--model {name_or_path}: no such GGUF file")
             model, tok = _load_gguf(path, dt)
         else:
-            from transformers import AutoConfig, AutoModelForSeq2SeqLM
+            from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
 
             config = AutoConfig.from_pretrained(name_or_path)
-            auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
-            model = auto.from_pretrained(name_or_path, dtype=dt)
+            kind = resolve_task_type(config, task_type)
+            if kind == "seq_cls":
+                # the checkpoint's own head (if any) is not used: the prompt brings its trained head
+                model = AutoModelForSequenceClassification.from_pretrained(
+                    name_or_path, dtype=dt, num_labels=num_labels or 2, ignore_mismatched_sizes=True)
+            else:
+                auto = AutoModelForSeq2SeqLM if kind == "seq2seq_lm" else AutoModelForCausalLM
+                model = auto.from_pretrained(name_or_path, dtype=dt)
             tok = AutoTokenizer.from_pretrained(name_or_path)
     except ModelLoadError:
         raise

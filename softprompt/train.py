@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from softprompt import inject
 from softprompt.config import ConfigError, TrainArgs
-from softprompt.data import Encoded, TaskData, collate, encode
+from softprompt.data import Encoded, TaskData, collate, encode, encode_classes
 from softprompt.evaluate import evaluate_prompt, primary_metric
 from softprompt.methods import PromptMethod
 from softprompt.store.atomic import write_folder_atomically
@@ -214,7 +214,14 @@ def train(model, tokenizer, method: PromptMethod, task: TaskData, args: TrainArg
     if args.gradient_checkpointing:
         _enable_checkpointing(model)
     fmt = task.format
-    train_enc = encode(tokenizer, task.examples("train"), max_length=max_length, append_eos=not fmt.is_classification)
+    if inject.is_sequence_classifier(model):  # class indices instead of target tokens
+        if not fmt.is_classification:
+            raise ConfigError(f"{type(model).__name__} is a sequence classifier: the task needs labels "
+                              "(--verbalizer)")
+        train_enc = encode_classes(tokenizer, task.examples("train"), fmt.labels, max_length)
+    else:
+        train_enc = encode(tokenizer, task.examples("train"), max_length=max_length,
+                           append_eos=not fmt.is_classification)
     valid = task.splits.get("validation") or []
     per_step = args.batch_size * args.grad_accum
     steps_per_epoch = max(1, len(train_enc) // per_step)

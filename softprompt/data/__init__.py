@@ -4,7 +4,7 @@ from softprompt.data.builtin import BUILTIN_DATASETS, BuiltinSpec, builtin_spec,
 from softprompt.data.dataset import TaskData, load_task, parse_verbalizer
 from softprompt.data.formats import DataError, load_records, load_records_with_lines
 from softprompt.data.template import Example, TaskFormat, template_fields
-from softprompt.data.tokenize import IGNORE_INDEX, Batch, Encoded, batches, collate, encode
+from softprompt.data.tokenize import IGNORE_INDEX, Batch, Encoded, batches, collate, encode, encode_classes
 
 __all__ = [
     "BUILTIN_DATASETS",
@@ -20,6 +20,7 @@ __all__ = [
     "builtin_spec",
     "collate",
     "encode",
+    "encode_classes",
     "load_builtin",
     "load_records",
     "load_records_with_lines",

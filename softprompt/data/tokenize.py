@@ -23,10 +23,15 @@ IGNORE_INDEX = -100
 
 @dataclass
 class Encoded:
-    """Token ids of one example: ``input_ids[:target_start]`` is the source, the rest the target."""
+    """Token ids of one example: ``input_ids[:target_start]`` is the source, the rest the target.
+
+    ``class_label`` is the label's index for sequence classification (:func:`encode_classes`), which has
+    no target tokens.
+    """
 
     input_ids: list[int]
     target_start: int
+    class_label: int | None = None
 
     @property
     def source_ids(self) -> list[int]:
@@ -83,6 +88,27 @@ def encode(tokenizer, examples: list[Example], max_length: int = 256,
     return out
 
 
+def encode_classes(tokenizer, examples: list[Example], labels: list[str], max_length: int = 256) -> list[Encoded]:
+    """Tokenise examples for a sequence classifier: the source with the tokenizer's special tokens
+    (``[CLS] ... [SEP]``), cut at ``max_length`` tokens, and the index of the label in ``labels``.
+
+    Raises:
+        DataError: an example without a label, or with a label not in ``labels``.
+    """
+    if max_length < 1:
+        raise DataError(f"--max-length must be >= 1, got {max_length}")
+    if not examples:
+        return []
+    index = {label: i for i, label in enumerate(labels)}
+    bad = [(i, e.label) for i, e in enumerate(examples) if e.label not in index]
+    if bad:
+        i, label = bad[0]
+        raise DataError(f"example {i}: label {label!r} is not one of the task's labels {labels} "
+                        f"({len(bad)} such examples)")
+    ids = tokenizer([e.source for e in examples], truncation=True, max_length=max_length)["input_ids"]
+    return [Encoded(list(x), len(x), index[e.label]) for x, e in zip(ids, examples, strict=True)]
+
+
 @dataclass
 class Batch:
     """A padded batch.
@@ -91,15 +117,18 @@ class Batch:
         input_ids: ``(B, T)`` long token ids, padding filled with the pad id.
         attention_mask: ``(B, T)`` long, 1 at real tokens.
         target_mask: ``(B, T)`` bool, True at target tokens (the positions whose tokens are predicted).
+        class_labels: ``(B,)`` long label indices (sequence classification), else None.
     """
 
     input_ids: Tensor
     attention_mask: Tensor
     target_mask: Tensor
+    class_labels: Tensor | None = None
 
     def to(self, device: torch.device | str) -> Batch:
         """A copy of the batch on ``device``."""
-        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.target_mask.to(device))
+        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.target_mask.to(device),
+                     None if self.class_labels is None else self.class_labels.to(device))
 
     @property
     def num_tokens(self) -> int:
@@ -142,7 +171,11 @@ def collate(items: list[Encoded], pad_id: int, padding_side: str = "right") -> B
         input_ids[row, start:start + n] = torch.tensor(item.input_ids, dtype=torch.long)
         attention_mask[row, start:start + n] = 1
         target_mask[row, start + item.target_start:start + n] = True
-    return Batch(input_ids, attention_mask, target_mask)
+    classes = [item.class_label for item in items]
+    if any(c is not None for c in classes) and None in classes:
+        raise DataError("cannot collate examples with and without class labels into one batch")
+    class_labels = None if classes[0] is None else torch.tensor(classes, dtype=torch.long)  # (B,)
+    return Batch(input_ids, attention_mask, target_mask, class_labels)
 
 
 def batches(encoded: list[Encoded], batch_size: int, pad_id: int, shuffle: bool = False, seed: int = 0,

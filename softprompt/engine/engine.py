@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from softprompt import inject
 from softprompt.data import TaskFormat
 from softprompt.engine.batching import MixedBatch, Row, mixed_batches
+from softprompt.engine.encoder import classify_encoder
 from softprompt.engine.ensemble import combine
 from softprompt.engine.prompt_table import PromptTable
 from softprompt.engine.requests import (
@@ -64,11 +65,17 @@ class Task:
 
 
 def task_format(task_meta: dict | None) -> TaskFormat | None:
-    """The :class:`TaskFormat` recorded with a stored prompt (None when it has no template)."""
+    """The :class:`TaskFormat` recorded with a stored prompt (None when it has no template).
+
+    Labels keep their recorded order (``labels``; a classification head's outputs are in that order).
+    """
     if not task_meta or not task_meta.get("template"):
         return None
+    verbalizer, order = task_meta.get("verbalizer"), task_meta.get("labels")
+    if verbalizer and isinstance(order, list) and set(order) == set(verbalizer):
+        verbalizer = {label: verbalizer[label] for label in order}
     return TaskFormat(task_meta["template"], task_meta.get("target_field") or "target",
-                      task_meta.get("verbalizer"), task_meta.get("target_prefix") or " ")
+                      verbalizer, task_meta.get("target_prefix") or " ")
 
 
 class Engine:
@@ -98,6 +105,9 @@ class Engine:
         self.context = int(getattr(model.config, "max_position_embeddings", 0) or 2048)
         self.max_input_tokens = max_input_tokens or self.context
         self.table = PromptTable()
+        # an encoder sequence classifier: prompts (embeddings + head) by key instead of cached keys/values
+        self.encoder = inject.is_sequence_classifier(model)
+        self._encoder_prompts: dict = {}
         self.tasks: dict[str, Task] = {}
         self._formats: dict = {None: None}  # prompt key -> its TaskFormat
         self._metas: dict = {}  # prompt key -> its stored metadata (softprompt.json)
@@ -127,7 +137,10 @@ class Engine:
         with torch.no_grad():
             kv = inject.compute_prompt_kv(self.model, method())
         with self._lock:
-            self.table.add(key, kv)
+            if self.encoder:
+                self._encoder_prompts[key] = kv
+            else:
+                self.table.add(key, kv)
             self._formats[key] = task_format(stored.task)
             self._metas[key] = dict(stored.meta)
         return self._formats[key]
@@ -147,7 +160,7 @@ class Engine:
             problems.append(f"combine must be one of {', '.join(COMBINES)}, got {combine_how!r}")
         if len(members) < 2 or len(set(members)) != len(members):
             problems.append(f"an ensemble needs >= 2 distinct members, got {members}")
-        missing = [m for m in members if m not in self.table or m is None]
+        missing = [m for m in members if m is None or (m not in self._encoder_prompts and m not in self.table)]
         if missing:
             problems.append(f"members not loaded: {missing}")
         if not problems:
@@ -165,6 +178,7 @@ class Engine:
 
     def add_base(self, name: str = "base", fmt: TaskFormat | None = None) -> Task:
         """Serve the plain base model (no prompt) as task ``name``, raw text unless ``fmt`` is given."""
+        self._language_model_only("a base-model task")
         task = Task(name, "base", [None], [fmt])
         with self._lock:
             self.tasks[name] = task
@@ -172,6 +186,7 @@ class Engine:
 
     def add_kv(self, name: str, prompt_kv: inject.PromptKV, fmt: TaskFormat | None = None) -> Task:
         """Serve precomputed keys/values (a hard prompt, k-shot examples) as a prompt task ``name``."""
+        self._language_model_only("precomputed keys/values")
         with self._lock:
             self.table.add(name, prompt_kv)
             self._formats[name] = fmt
@@ -185,6 +200,11 @@ class Engine:
             self._task(name)
             del self.tasks[name]
             used = {m for t in self.tasks.values() for m in t.members}
+            for key in list(self._encoder_prompts):
+                if key not in used:
+                    del self._encoder_prompts[key]
+                    self._formats.pop(key, None)
+                    self._metas.pop(key, None)
             for key in self.table.keys():
                 if key not in used:
                     self.table.remove(key)
@@ -258,7 +278,21 @@ class Engine:
             self._score_batch(batch.to(self.model.device), rows, out)
         return out
 
+    def _language_model_only(self, what: str) -> None:
+        if self.encoder:
+            raise RequestError(f"{type(self.model).__name__} is an encoder sequence classifier: it classifies with "
+                               f"a prompt and its head; {what} needs a language model")
+
+    def _encoder_prompt(self, key):
+        with self._lock:
+            if key not in self._encoder_prompts:
+                raise UnknownTaskError(f"a task was unloaded while its request waited: no prompt {key!r}")
+            return self._encoder_prompts[key]
+
     def _length(self, key) -> int:
+        if self.encoder:
+            embeds = self._encoder_prompt(key).embeds
+            return 0 if embeds is None else int(embeds.shape[0])
         if key not in self.table:
             raise UnknownTaskError(f"a task was unloaded while its request waited: no prompt {key!r}")
         return self.table.length(key)
@@ -297,8 +331,13 @@ class Engine:
 
     # ----------------------------------------------------------------------------------- operations
     def classify(self, requests: list[ClassifyRequest]) -> list[ClassifyResult]:
-        """Label log-likelihood over each task's verbalizer; all requests in shared mixed batches."""
+        """Label log-likelihood over each task's verbalizer; all requests in shared mixed batches.
+
+        On an encoder sequence classifier: each task's head's class probabilities (:mod:`.encoder`).
+        """
         tasks = self._check(requests, "classify")
+        if self.encoder:
+            return classify_encoder(self, requests, tasks)
         rows: list[Row] = []
         sources, where = [], []  # one entry per (request, member)
         for i, (req, task) in enumerate(zip(requests, tasks, strict=True)):
@@ -337,6 +376,7 @@ class Engine:
 
     def score(self, requests: list[ScoreRequest]) -> list[ScoreResult]:
         """Log-probability of each continuation (an ensemble: of the mean of its members' probabilities)."""
+        self._language_model_only("scoring a continuation")
         tasks = self._check(requests, "score")
         sources = [self._source(t, fmt, r) for r, t in zip(requests, tasks, strict=True) for fmt in t.formats]
         conts = self._encode([r.continuation for r in requests])
@@ -369,6 +409,7 @@ class Engine:
             on_token: called as ``on_token(request_index, new_token_ids_so_far)`` after every new token
                 (streaming); EOS is not passed.
         """
+        self._language_model_only("generating text")
         tasks = self._check(requests, "generate")
         for task in tasks:
             if task.kind == "ensemble":

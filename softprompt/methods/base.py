@@ -8,23 +8,28 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from softprompt.methods.head import ClassificationHead, is_head_key, is_sequence_classifier
+
 
 @dataclass
 class PromptOutput:
     """What a method contributes to the forward pass; :mod:`softprompt.inject` consumes it.
 
-    Exactly one of ``embeds`` and ``kv`` is set.
+    At most one of ``embeds`` and ``kv`` is set (neither: no prompt, e.g. a head evaluated alone).
 
     Attributes:
         embeds: ``(P, H)`` virtual-token embeddings prepended to the input (prompt tuning, P-tuning).
         kv: per-layer ``(keys, values)``, each ``(1, kv_heads, P, head_dim)``, that the text attends to at
             every layer (prefix tuning, deep prompts).
         length: ``P`` when ``kv`` is given.
+        head: for a sequence-classification model, the trained head's tensors by model parameter name
+            (:class:`~softprompt.methods.head.ClassificationHead`), used in place of the model's own.
     """
 
     embeds: torch.Tensor | None = None
     kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
     length: int = 0
+    head: ClassificationHead | None = None
 
     @property
     def num_virtual_tokens(self) -> int:
@@ -67,22 +72,51 @@ def common_config_problems(cfg, inits: tuple[str, ...] = ()) -> list[str]:
 class PromptMethod(nn.Module):
     """Protocol of a prompt-learning method.
 
-    Subclasses set ``name`` and ``config_class``, hold only trainable parameters, and implement:
-    - ``forward() -> PromptOutput``: the prompt for one training step / inference;
+    Subclasses set ``name``, ``config_class`` and ``injects`` (``embeds`` or ``kv``: what their prompt is),
+    hold only trainable parameters, and implement:
+    - ``prompt() -> PromptOutput``: the prompt for one training step / inference;
     - ``saved_tensors() -> dict[str, Tensor]``: what goes into ``adapter_model.safetensors``;
     - ``peft_config(model) -> dict``: PEFT-compatible ``adapter_config.json`` content;
     - ``from_saved(config, tensors) -> PromptMethod`` (classmethod): rebuild for inference.
+
+    Calling the module (``forward``) returns ``prompt()`` plus the classification head when one is attached
+    (:meth:`attach_head`; encoder sequence classification). The head's tensors train, checkpoint and
+    store with the prompt's (:meth:`stored_tensors`).
     """
 
     name: ClassVar[str] = ""
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
+    injects: ClassVar[str] = "embeds"
 
     def __init__(self, config: MethodConfig):
         super().__init__()
         self.config = config
+        self.classifier: ClassificationHead | None = None
 
-    def forward(self) -> PromptOutput:  # pragma: no cover - abstract
+    def prompt(self) -> PromptOutput:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def forward(self) -> PromptOutput:
+        out = self.prompt()
+        out.head = self.classifier
+        return out
+
+    @classmethod
+    def check_takes_head(cls) -> None:
+        """Raise ValueError unless this method's prompt can go in front of an encoder classifier's input."""
+        if cls.injects != "embeds":
+            raise ValueError(f"--method {cls.name} puts keys/values into a decoder's attention cache; encoder "
+                             "sequence classifiers take a prompt of embeddings: use prompt_tuning or p_tuning")
+
+    def attach_head(self, head: ClassificationHead) -> PromptMethod:
+        """Train/serve this prompt with a sequence-classification head (prompt-embedding methods only)."""
+        self.check_takes_head()
+        self.classifier = head
+        return self
+
+    def stored_tensors(self) -> dict[str, torch.Tensor]:
+        """``saved_tensors()`` plus the head's tensors under PEFT's keys, if a head is attached."""
+        return {**self.saved_tensors(), **(self.classifier.saved_tensors() if self.classifier is not None else {})}
 
     def saved_tensors(self) -> dict[str, torch.Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -156,10 +190,20 @@ def build_method(name: str, config: MethodConfig | dict, model, tokenizer, **ini
     cls = get_method(name)
     if isinstance(config, dict):
         config = cls.config_class.from_dict(config)
-    return cls.create(config, model, tokenizer, **init_kwargs)
+    classifier = is_sequence_classifier(model)
+    if classifier:  # before create: a prefix init would run the encoder as a decoder
+        cls.check_takes_head()
+    method = cls.create(config, model, tokenizer, **init_kwargs)
+    if classifier:
+        method.attach_head(ClassificationHead.create(model, seed=getattr(config, "seed", 0)))
+    return method
 
 
 def method_from_saved(name: str, config: dict, tensors: dict[str, torch.Tensor]) -> PromptMethod:
-    """Rebuild a stored method from its config dict and tensors."""
+    """Rebuild a stored method from its config dict and tensors (head tensors, if any, become its head)."""
     cls = get_method(name)
-    return cls.from_saved(cls.config_class.from_dict(config), tensors)
+    method = cls.from_saved(cls.config_class.from_dict(config),
+                            {k: v for k, v in tensors.items() if not is_head_key(k)})
+    if any(is_head_key(k) for k in tensors):
+        method.attach_head(ClassificationHead.from_saved(tensors))
+    return method

@@ -100,7 +100,7 @@ class PTuning(PromptMethod):
             x = self.lstm(x[None])[0][0]  # (P, 2 * width/2)
         return self.head(x)  # (P, H)
 
-    def forward(self) -> PromptOutput:
+    def prompt(self) -> PromptOutput:
         return PromptOutput(embeds=self.dropout(self._embeds()))
 
     def saved_tensors(self) -> dict[str, torch.Tensor]:

@@ -81,6 +81,7 @@ class PrefixTuning(PromptMethod):
     """Per-layer key/value prefixes, optionally produced by an MLP during training."""
 
     name: ClassVar[str] = "prefix_tuning"
+    injects: ClassVar[str] = "kv"
     config_class: ClassVar[type[MethodConfig]] = PrefixTuningConfig
 
     def __init__(self, config: PrefixTuningConfig, geometry: tuple[int, int, int], prefix: torch.Tensor,
@@ -137,7 +138,7 @@ class PrefixTuning(PromptMethod):
             return self.mlp(self.embedding) + self.prefix_offset  # (P, L*2*kv_dim)
         return self.prefix
 
-    def forward(self) -> PromptOutput:
+    def prompt(self) -> PromptOutput:
         layers, kv_heads, head_dim = self.geometry
         p = self.config.num_virtual_tokens
         flat = self.dropout(self._prefix()).view(p, layers * 2, kv_heads, head_dim).permute(1, 2, 0, 3)

@@ -127,7 +127,7 @@ class PromptTuning(PromptMethod):
             emb = torch.stack(rows)
         return cls(config, emb)
 
-    def forward(self) -> PromptOutput:
+    def prompt(self) -> PromptOutput:
         return PromptOutput(embeds=self.dropout(self.embeddings))
 
     def saved_tensors(self) -> dict[str, torch.Tensor]:

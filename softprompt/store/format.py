@@ -3,7 +3,8 @@
 ::
 
     <folder>/
-      adapter_model.safetensors   the method's saved_tensors() (prompt tuning: prompt_embeddings (P, H))
+      adapter_model.safetensors   the method's saved_tensors() (prompt tuning: prompt_embeddings (P, H)), and
+                                  for a sequence classifier its head under PEFT's keys (base_model.classifier.*)
       adapter_config.json         PEFT's config: PeftModel.from_pretrained(base, folder) reads the folder
       softprompt.json             method + config, base-model fingerprint, task, training config, metrics
 
@@ -26,6 +27,7 @@ import safetensors.torch
 import torch
 
 from softprompt.methods import PromptMethod, method_from_saved
+from softprompt.methods.head import HEAD_MODULE_NAMES, SAVED_PREFIX, head_problems, is_head_key, is_sequence_classifier
 from softprompt.methods.prompt_tuning import INITS as PROMPT_TUNING_INITS
 from softprompt.model import fingerprint, fingerprint_mismatch
 from softprompt.store.atomic import write_folder_atomically, write_json, write_safetensors
@@ -191,10 +193,26 @@ def _config_problems(cfg: Any) -> list[str]:
     return problems
 
 
+def _head_tensor_problems(cfg: dict, head: dict[str, torch.Tensor]) -> list[str]:
+    """Classification-head tensors (``base_model.*``) exist exactly for ``task_type`` SEQ_CLS, 1-D or 2-D."""
+    seq_cls = cfg.get("task_type") == "SEQ_CLS"
+    if seq_cls and not head:
+        return [f"task_type SEQ_CLS but no classification head tensors ({SAVED_PREFIX}classifier.* or "
+                f"{SAVED_PREFIX}score.*)"]
+    if head and not seq_cls:
+        return [f"head tensors {sorted(head)} but task_type is {cfg.get('task_type')!r}, not SEQ_CLS"]
+    return [f"head tensor {key!r} must be 1-D or 2-D, has shape {tuple(t.shape)}" for key, t in head.items()
+            if t.ndim not in (1, 2)]
+
+
 def _tensor_problems(cfg: dict, tensors: dict[str, torch.Tensor]) -> list[str]:
     """Everything wrong with the tensors given a valid ``adapter_config`` (empty when usable)."""
+    head = {k: v for k, v in tensors.items() if is_head_key(k)}
+    problems = _head_tensor_problems(cfg, head)
+    problems += _values_problems(head)
+    tensors = {k: v for k, v in tensors.items() if not is_head_key(k)}
     expected = PEFT_TYPES[cfg["peft_type"]].tensor_shapes(cfg)
-    problems = [f"missing tensor {key!r} (found {sorted(tensors)})" for key in expected if key not in tensors]
+    problems += [f"missing tensor {key!r} (found {sorted(tensors)})" for key in expected if key not in tensors]
     problems += [f"unexpected tensor {key!r} (expected {sorted(expected)})" for key in tensors
                  if key not in expected]
     for key, t in tensors.items():
@@ -204,6 +222,13 @@ def _tensor_problems(cfg: dict, tensors: dict[str, torch.Tensor]) -> list[str]:
             problems.append(f"tensor {key!r} has shape {tuple(t.shape)} but {CONFIG_NAME} "
                             f"(num_virtual_tokens={cfg['num_virtual_tokens']}, token_dim={cfg['token_dim']}) "
                             f"implies {expected[key]}")
+    return problems + _values_problems(tensors)
+
+
+def _values_problems(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Tensors that are not floating point or hold NaN/Inf."""
+    problems = []
+    for key, t in tensors.items():
         if not t.is_floating_point():
             problems.append(f"tensor {key!r} must be floating point, has dtype {t.dtype}")
         elif not bool(torch.isfinite(t).all()):
@@ -229,6 +254,17 @@ def check_model_compatible(stored: StoredPrompt, model, check_fingerprint: bool 
     if spec.method == "prefix_tuning" and layers != model.config.num_hidden_layers:
         raise StoreError(f"{where}: {CONFIG_NAME} has num_layers {layers} but the model has "
                          f"{model.config.num_hidden_layers}; the prefix cannot work with it")
+    head = {k: v for k, v in stored.tensors.items() if is_head_key(k)}
+    if head and not is_sequence_classifier(model):
+        raise StoreError(f"{where}: the prompt was trained with a classification head (task_type SEQ_CLS) but "
+                         f"{type(model).__name__} is not a sequence classifier: load the model with "
+                         "--task-type seq_cls")
+    if is_sequence_classifier(model) and not head:
+        raise StoreError(f"{where}: {type(model).__name__} is a sequence classifier but the prompt has no "
+                         f"classification head (task_type {stored.peft_config.get('task_type')!r})")
+    problems = head_problems(head, model) if head else []
+    if problems:
+        raise StoreError(f"{where}: the classification head does not fit the model: " + "; ".join(problems))
     stored_fp = stored.fingerprint
     if check_fingerprint and stored_fp:
         diffs = fingerprint_mismatch(stored_fp, fingerprint(model))
@@ -365,8 +401,10 @@ def save_prompt(path: str | Path, method: PromptMethod, model, task: dict | None
     Raises:
         StoreError: ``path`` exists (without ``overwrite``), or the tensors/config would not load back.
     """
-    tensors = method.saved_tensors()
+    tensors = method.stored_tensors()
     peft_config = method.peft_config(model)
+    if method.classifier is not None:  # what PeftModelForSequenceClassification writes and reads back
+        peft_config.update(task_type="SEQ_CLS", modules_to_save=list(HEAD_MODULE_NAMES))
     problems = _config_problems(peft_config)
     problems = problems or _tensor_problems(peft_config, tensors)
     if not problems and peft_config["token_dim"] != PEFT_TYPES[peft_config["peft_type"]].token_dim(model):

@@ -1,0 +1,123 @@
+"""The trainable classification head of encoder sequence classification (prompt + head).
+
+An encoder (BERT, RoBERTa, DeBERTa, ...) has no language-model head to rank label words with, so the task
+trains a soft prompt together with the model's sequence-classification head (as PEFT's ``SEQ_CLS`` task
+type does). The head's tensors are owned here, not by the frozen model: :mod:`softprompt.inject` runs the
+model with these tensors substituted for its own head (``torch.func.functional_call``), so one frozen
+model serves any number of tasks, each with its own head and number of labels.
+
+The head is the module PEFT trains for ``SEQ_CLS`` (a child named ``classifier`` or ``score``). Its
+tensors are stored in ``adapter_model.safetensors`` under PEFT's keys (``base_model.classifier.weight``),
+so the folder loads into ``PeftModelForSequenceClassification`` and back.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+HEAD_MODULE_NAMES = ("classifier", "score")  # what PEFT puts in modules_to_save for SEQ_CLS
+SAVED_PREFIX = "base_model."  # PEFT's key prefix of modules_to_save tensors
+
+
+def is_sequence_classifier(model) -> bool:
+    """A ``*ForSequenceClassification`` model: prompts train with a classification head, not label words."""
+    return type(model).__name__.endswith("ForSequenceClassification")
+
+
+def head_module_name(model) -> str:
+    """Name of the model's classification head child (``classifier`` or ``score``)."""
+    for name, _ in model.named_children():
+        if name in HEAD_MODULE_NAMES:
+            return name
+    raise ValueError(f"{type(model).__name__} has no classification head child named "
+                     f"{' or '.join(HEAD_MODULE_NAMES)}")
+
+
+def is_head_key(key: str) -> bool:
+    """A stored tensor key that belongs to the head (not to the prompt)."""
+    return key.startswith(SAVED_PREFIX)
+
+
+class ClassificationHead(nn.Module):
+    """Trainable tensors replacing a sequence classifier's head, by parameter name (``classifier.weight``).
+
+    Kept in fp32 whatever the model dtype (like the prompts); :meth:`overrides` casts them for the forward.
+    """
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        super().__init__()
+        if not tensors:
+            raise ValueError("a classification head needs at least one tensor")
+        self.names = sorted(tensors)
+        self.tensors = nn.ParameterList([nn.Parameter(tensors[n].detach().to(torch.float32).clone())
+                                         for n in self.names])
+
+    @classmethod
+    def create(cls, model, seed: int = 0) -> ClassificationHead:
+        """A freshly initialised head shaped like ``model``'s: weights ~ N(0, initializer_range), biases 0.
+
+        The shapes follow the model as loaded (its ``num_labels``); the init is seeded so that runs repeat
+        whether or not the checkpoint shipped a head.
+        """
+        name = head_module_name(model)
+        std = float(getattr(model.config, "initializer_range", 0.02) or 0.02)
+        gen = torch.Generator().manual_seed(seed)
+        tensors = {}
+        for key, p in getattr(model, name).named_parameters():
+            t = torch.randn(p.shape, generator=gen) * std if p.ndim > 1 else torch.zeros(p.shape)
+            tensors[f"{name}.{key}"] = t
+        return cls(tensors)
+
+    @property
+    def num_labels(self) -> int:
+        """Number of classes: the output size of the head's last layer."""
+        return int(self.tensors[self.names.index(self.output_key())].shape[0])
+
+    def output_key(self) -> str:
+        """Name of the last layer's weight (the one whose rows are the classes)."""
+        weights = [n for n in self.names if n.endswith("weight")]
+        # heads are named in forward order (classifier.dense, classifier.out_proj; classifier alone)
+        return (weights or self.names)[-1]
+
+    def overrides(self, like: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``{parameter name: tensor}`` for ``functional_call``, on ``like``'s device and dtype (differentiable)."""
+        return {n: t.to(device=like.device, dtype=like.dtype) for n, t in zip(self.names, self.tensors, strict=True)}
+
+    def saved_tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors under PEFT's ``modules_to_save`` keys (``base_model.classifier.weight``)."""
+        return {SAVED_PREFIX + n: t.detach().cpu().contiguous() for n, t in zip(self.names, self.tensors,
+                                                                                strict=True)}
+
+    @classmethod
+    def from_saved(cls, tensors: dict[str, torch.Tensor]) -> ClassificationHead:
+        """Rebuild from stored tensors (keys with :data:`SAVED_PREFIX`)."""
+        return cls({k[len(SAVED_PREFIX):]: v for k, v in tensors.items() if is_head_key(k)})
+
+
+def head_problems(tensors: dict[str, torch.Tensor], model) -> list[str]:
+    """Why stored head tensors cannot replace ``model``'s head (empty when they can).
+
+    Every tensor must name a parameter of the model's head and have its shape, except that the number of
+    classes (the first dimension of the output layer) may differ: one frozen model serves heads of any
+    label count.
+    """
+    params = dict(model.named_parameters())
+    head = ClassificationHead.from_saved(tensors)
+    out_key = head.output_key()
+    problems = []
+    for name, t in zip(head.names, head.tensors, strict=True):
+        if name not in params:
+            problems.append(f"head tensor {SAVED_PREFIX + name!r} names no parameter of {type(model).__name__} "
+                            f"(its head is {head_module_name(model)!r})")
+            continue
+        want = tuple(params[name].shape)
+        got = tuple(t.shape)
+        label_dim = name == out_key or (name.endswith("bias") and name[:-4] + "weight" == out_key)
+        if (got[1:] != want[1:] or len(got) != len(want)) if label_dim else got != want:
+            problems.append(f"head tensor {SAVED_PREFIX + name!r} has shape {got}, the model's has {want}")
+    bias = out_key[:-len("weight")] + "bias" if out_key.endswith("weight") else None
+    if bias in head.names and head.tensors[head.names.index(bias)].shape[0] != head.num_labels:
+        problems.append(f"head tensors {SAVED_PREFIX + out_key!r} and {SAVED_PREFIX + bias!r} disagree on the "
+                        "number of labels")
+    return problems
