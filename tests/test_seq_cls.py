@@ -372,3 +372,16 @@ def test_p_tuning_prompt_with_a_head_saves_folded_and_loads_with_the_same_logits
         a = inject.class_logits(model, batch.input_ids, batch.attention_mask, method())
         b = inject.class_logits(model, batch.input_ids, batch.attention_mask, stored.build_method()())
     torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+def test_gradient_checkpointing_trains_the_same_prompt_and_head(tmp_path, tokenizer):
+    outs = []
+    for gc in (False, True):
+        model = make_encoder("bert", init_range=0.4)
+        method = head_method(model, tokenizer)
+        train(model, tokenizer, method, task(64, 8), TrainArgs(output_dir=str(tmp_path / str(gc)), max_steps=4,
+                                                               batch_size=8, optimizer="adamw", lr=0.1,
+                                                               eval_every=4, gradient_checkpointing=gc))
+        outs.append([p.detach().clone() for p in method.parameters()])
+    for a, b in zip(*outs, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
