@@ -337,16 +337,17 @@ def test_cli_wrong_width_prompt_is_refused_clearly(tmp_path, tiny_model_dir, cap
         run(capsys, "--store", str(store.root), "--model", str(tiny_model_dir))
 
 
-def test_cli_default_model_is_the_embedded_alias(tmp_path, capsys, monkeypatch):
+def test_cli_default_model_is_the_embedded_alias(tmp_path, capsys, monkeypatch, model):
     import softprompt.model
 
     seen = []
 
-    def fake_load(name, device, dtype):
-        seen.append((name, device, dtype))
+    def fake_load(name, device, dtype, task_type="auto"):
+        seen.append((name, device, dtype, task_type))
         raise softprompt.model.ModelLoadError("stop here")
 
+    folder = save_prompt(tmp_path / "p", method_of(model), model)  # read first: the task type comes from it
     monkeypatch.setattr(softprompt.model, "load_base_model", fake_load)
     with pytest.raises(softprompt.model.ModelLoadError, match="stop here"):
-        run(capsys, str(tmp_path))
-    assert seen == [(softprompt.model.DEFAULT_MODEL, "auto", "auto")]
+        run(capsys, str(folder))
+    assert seen == [(softprompt.model.DEFAULT_MODEL, "auto", "auto", "auto")]
