@@ -3,6 +3,8 @@
 Every loaded prompt's keys/values are computed once (:class:`PromptTable`) and reused for every request.
 Requests of different tasks share batches; each row carries its own prompt, positions and mask, so a
 request gets the same result whatever else is in its batch (tests compare with one-row uncached runs).
+On an encoder sequence classifier the engine classifies only, each task with its prompt and head
+(:mod:`softprompt.engine.encoder`).
 
     engine = Engine.from_store(PromptStore("prompts"), model, tok)
     engine.classify([ClassifyRequest("sentiment", "A fine film."), ClassifyRequest("topic", "...")])
