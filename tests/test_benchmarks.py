@@ -49,3 +49,24 @@ def test_server_benchmark_runs_on_tiny_model(tiny_model_dir):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "throughput ratio concurrent/one-at-a-time" in proc.stdout
     assert "identical answers: 24/24" in proc.stdout
+
+
+def test_encoder_benchmark_runs_on_tiny_bert(tmp_path):
+    pytest.importorskip("peft")
+    from tests.conftest import make_tokenizer
+    from tests.test_seq_cls import make_encoder
+
+    make_encoder("bert").save_pretrained(tmp_path / "bert")
+    make_tokenizer().save_pretrained(tmp_path / "bert")
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "encoder.py"), "--model", str(tmp_path / "bert"),
+                           "--steps", "3", "--batch-size", "4", "--prompt-tokens", "3", "--tasks", "3",
+                           "--requests", "5", "--repeats", "1", "--device", "cpu"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert out.count("throughput ratio softprompt/peft") == 2
+    assert float(out.split("label agreement: ")[1].split()[0]) == 1.0
+    diff = float(out.split("(|diff| ")[1].split(")")[0])
+    drift = float(out.split("largest prompt difference after training ")[1].split()[0])
+    assert diff < 1e-5 and drift < 1e-4  # both sides train the same prompt and head
