@@ -69,7 +69,7 @@ def _load_task(data_args, stored_task: dict | None = None, classifier: bool = Fa
     A stored prompt's recorded label order is kept; for a ``classifier`` prompt (its head's outputs are
     those labels in that order) the task must have exactly those labels.
     """
-    from softprompt.data import load_task, parse_verbalizer
+    from softprompt.data import load_task, order_verbalizer, parse_verbalizer
 
     stored_task = stored_task or {}
     dataset = data_args.dataset
@@ -78,9 +78,8 @@ def _load_task(data_args, stored_task: dict | None = None, classifier: bool = Fa
         data_args.dataset = dataset
     verbalizer = parse_verbalizer(data_args.verbalizer) if data_args.verbalizer else stored_task.get("verbalizer")
     labels = stored_task.get("labels")
-    if verbalizer and isinstance(labels, list) and set(labels) == set(verbalizer):
-        verbalizer = {label: verbalizer[label] for label in labels}
-    elif classifier and isinstance(labels, list):
+    verbalizer = order_verbalizer(verbalizer, labels)
+    if classifier and isinstance(labels, list) and list(verbalizer or {}) != labels:
         raise ConfigError(f"--verbalizer labels {sorted(verbalizer or {})} differ from the {len(labels)} classes "
                           f"the prompt's head was trained on ({', '.join(labels)})")
     return load_task(

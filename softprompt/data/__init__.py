@@ -1,7 +1,7 @@
 """Task data: file formats, templates and verbalizers, built-in datasets, tokenisation and batching."""
 
 from softprompt.data.builtin import BUILTIN_DATASETS, BuiltinSpec, builtin_spec, load_builtin
-from softprompt.data.dataset import TaskData, load_task, parse_verbalizer
+from softprompt.data.dataset import TaskData, load_task, order_verbalizer, parse_verbalizer
 from softprompt.data.formats import DataError, load_records, load_records_with_lines
 from softprompt.data.template import Example, TaskFormat, template_fields
 from softprompt.data.tokenize import IGNORE_INDEX, Batch, Encoded, batches, collate, encode, encode_classes
@@ -25,6 +25,7 @@ __all__ = [
     "load_records",
     "load_records_with_lines",
     "load_task",
+    "order_verbalizer",
     "parse_verbalizer",
     "template_fields",
 ]

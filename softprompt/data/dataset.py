@@ -33,6 +33,17 @@ class TaskData:
         return self.splits[split]
 
 
+def order_verbalizer(verbalizer: dict[str, str] | None, labels) -> dict[str, str] | None:
+    """``verbalizer`` with its labels in the recorded order ``labels`` when both name the same labels.
+
+    A stored prompt records its label order separately (a classification head's outputs are in that order)
+    because the verbalizer is stored as a JSON object, whose key order is not kept. Otherwise unchanged.
+    """
+    if verbalizer and isinstance(labels, list) and set(labels) == set(verbalizer):
+        return {label: verbalizer[label] for label in labels}
+    return verbalizer
+
+
 def parse_verbalizer(spec: str | dict) -> dict[str, str]:
     """Parse a verbalizer given as ``"positive=great,negative=terrible"`` or as a dict.
 

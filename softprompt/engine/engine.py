@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from softprompt import inject
-from softprompt.data import TaskFormat
+from softprompt.data import TaskFormat, order_verbalizer
 from softprompt.engine.batching import MixedBatch, Row, mixed_batches
 from softprompt.engine.encoder import classify_encoder
 from softprompt.engine.ensemble import combine
@@ -73,11 +73,9 @@ def task_format(task_meta: dict | None) -> TaskFormat | None:
     """
     if not task_meta or not task_meta.get("template"):
         return None
-    verbalizer, order = task_meta.get("verbalizer"), task_meta.get("labels")
-    if verbalizer and isinstance(order, list) and set(order) == set(verbalizer):
-        verbalizer = {label: verbalizer[label] for label in order}
     return TaskFormat(task_meta["template"], task_meta.get("target_field") or "target",
-                      verbalizer, task_meta.get("target_prefix") or " ")
+                      order_verbalizer(task_meta.get("verbalizer"), task_meta.get("labels")),
+                      task_meta.get("target_prefix") or " ")
 
 
 class Engine:
