@@ -88,7 +88,7 @@ def cmd_inspect(ns: argparse.Namespace) -> int:
     _check_args(ns)
     from softprompt.interpret import format_inspect, inspect_report, token_space_embeddings
     from softprompt.model import DEFAULT_MODEL, load_base_model
-    from softprompt.store import PromptStore, StoreError, load_prompt
+    from softprompt.store import PromptStore, StoreError, check_model_compatible, load_prompt
 
     check = not ns.no_fingerprint_check
     if ns.store:
@@ -97,14 +97,15 @@ def cmd_inspect(ns: argparse.Namespace) -> int:
     else:
         store, names, notes = None, [ns.prompt], []
     model_name = ns.model or DEFAULT_MODEL
-    first = store.load(names[0]) if store is not None else load_prompt(ns.prompt) if names else None
+    # read first (bad folders fail before the model loads), then checked against the model
+    loaded = {name: store.load(name) if store is not None else load_prompt(name) for name in names}
     # prompts trained with a classification head need the encoder loaded as a sequence classifier
-    seq_cls = first is not None and first.peft_config.get("task_type") == "SEQ_CLS"
+    seq_cls = bool(names) and loaded[names[0]].peft_config.get("task_type") == "SEQ_CLS"
     model, tokenizer = load_base_model(model_name, "auto", "auto", task_type="seq_cls" if seq_cls else "auto")
     matrix = model.get_input_embeddings().weight.detach()  # (V, H)
     prompts, details = {}, {}
-    for name in names:
-        stored = store.load(name, model, check) if store is not None else load_prompt(name, model, check)
+    for name, stored in loaded.items():
+        check_model_compatible(stored, model, check)
         label = f"{name} ({stored.path})" if store is not None else str(stored.path)
         try:
             prompts[name] = token_space_embeddings(label, stored.tensors, int(matrix.shape[1]))  # (P, H)
