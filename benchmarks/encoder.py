@@ -19,13 +19,13 @@ the weights.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from bench_common import label_agreement, sync, time_side_by_side
 
 from softprompt import inject
 from softprompt.data import collate, encode_classes
@@ -62,10 +62,6 @@ def reviews(n: int, max_words: int) -> list[Example]:
     rows = load_builtin("rotten_tomatoes")["train"][:n]
     return [Example(TEMPLATE.format(text=" ".join(r["text"].split()[:max_words])), "", r["label"]) for r in rows]
 
-
-def sync(dev):
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def new_method(model, tok, p: int, seed: int, head_std: float = 0.0):
@@ -192,22 +188,9 @@ def bench_classify(args) -> None:
 
     tok.padding_side = "right"
     engine.classify(reqs[:args.batch_size])  # warm-up
-    ours_t, peft_t = [], []
-    for _ in range(args.repeats):
-        sync(dev)
-        t0 = time.perf_counter()
-        results = engine.classify(reqs)
-        sync(dev)
-        ours_t.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        peft_preds = peft_classify()
-        sync(dev)
-        peft_t.append(time.perf_counter() - t0)
-    ours_preds = {task: [] for task in by_task}
-    for req, res in zip(reqs, results, strict=True):
-        ours_preds[req.task].append(res.label)
-    agree = sum(a == b for t in by_task for a, b in zip(ours_preds[t], peft_preds[t], strict=True)) / len(reqs)
-    o, p = statistics.median(ours_t), statistics.median(peft_t)
+    o, p, results, peft_preds = time_side_by_side(lambda: engine.classify(reqs), lambda: peft_classify(),
+                                                  args.repeats, dev)
+    agree = label_agreement(reqs, results, peft_preds)
     n = len(reqs)
     print(f"\n(b) classify: {args.tasks} tasks x {args.requests} requests, each task its own "
           f"{args.prompt_tokens}-token prompt and head, batch <= {args.batch_size}, {dev} {model.dtype}")

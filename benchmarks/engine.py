@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+from bench_common import label_agreement, sync, time_side_by_side
 
 from softprompt import inject
 from softprompt.data.builtin import load_builtin
@@ -90,10 +91,6 @@ class PeftSide:
         return out
 
 
-def sync(dev):
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-
 
 def bench_classify(args) -> None:
     model, tok = load_base_model(args.model, args.device, args.dtype)
@@ -115,23 +112,10 @@ def bench_classify(args) -> None:
     peft = PeftSide(peft_model, tok, prompts)
     engine.classify(reqs[: args.batch_size])  # warm-up
     peft.classify({k: v[:2] for k, v in by_task.items()}, args.batch_size)
-    ours_t, peft_t = [], []
-    for _ in range(args.repeats):
-        sync(dev)
-        t0 = time.perf_counter()
-        results = engine.classify(reqs)
-        sync(dev)
-        ours_t.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        peft_preds = peft.classify(by_task, args.batch_size)
-        sync(dev)
-        peft_t.append(time.perf_counter() - t0)
-    ours_preds = {task: [] for task in by_task}
-    for req, res in zip(reqs, results, strict=True):
-        ours_preds[req.task].append(res.label)
-    agree = sum(a == b for t in by_task for a, b in zip(ours_preds[t], peft_preds[t], strict=True)) / len(reqs)
+    o, p, results, peft_preds = time_side_by_side(lambda: engine.classify(reqs),
+                                                  lambda: peft.classify(by_task, args.batch_size), args.repeats, dev)
+    agree = label_agreement(reqs, results, peft_preds)
     n = len(reqs)
-    o, p = statistics.median(ours_t), statistics.median(peft_t)
     print(f"\n(a) classify: {args.tasks} tasks x {args.requests} requests, {args.prompt_tokens}-token prompts, "
           f"batch <= {args.batch_size}, {model.device} {model.dtype}")
     print(f"    softprompt engine (mixed batches, cached prompt KV): {n / o:8.1f} req/s  ({o:.2f} s; prompt "
