@@ -492,7 +492,11 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
     """Pick one token per row from ``(B, V)`` logits: argmax, or temperature/top-k/top-p sampling."""
     if temperature <= 0:
         return logits.argmax(-1)
-    logits = logits / temperature
+    # shifted so the best token is 0 before dividing: a tiny temperature gives -inf to the others, never
+    # inf - inf = NaN (it then picks the argmax, as the limit of sampling at temperature -> 0 does)
+    # (a temperature below float32's smallest normal would round to 0 and give 0 / 0)
+    logits = logits.float()
+    logits = (logits - logits.amax(-1, keepdim=True)) / max(temperature, torch.finfo(torch.float32).tiny)
     if top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

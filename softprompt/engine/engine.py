@@ -24,6 +24,7 @@ from softprompt.data import TaskFormat, order_verbalizer
 from softprompt.engine.batching import MixedBatch, Row, mixed_batches
 from softprompt.engine.encoder import classify_encoder
 from softprompt.engine.ensemble import combine
+from softprompt.engine.prepare import KINDS, Prepared, encode, prepare
 from softprompt.engine.prompt_table import PromptTable
 from softprompt.engine.requests import (
     ClassifyRequest,
@@ -34,10 +35,9 @@ from softprompt.engine.requests import (
     RequestError,
     ScoreRequest,
     ScoreResult,
-    TooLongError,
     UnknownTaskError,
-    check_request,
 )
+from softprompt.store.errors import StoreError
 
 COMBINES = ("mean", "vote")
 
@@ -112,6 +112,10 @@ class Engine:
         self._formats: dict = {None: None}  # prompt key -> its TaskFormat
         self._metas: dict = {}  # prompt key -> its stored metadata (softprompt.json)
         self._lock = threading.RLock()  # loads/unloads may come from other threads than the requests
+        # held while a batch runs and while served prompts are swapped: a swap lands between batches
+        self._batch_lock = threading.RLock()
+        self._version: dict = {}  # prompt key -> times it was (re)loaded; a prepared request names these
+        self._label_cache: dict[tuple[str, ...], tuple[list[list[int]], bool]] = {}
 
     # ----------------------------------------------------------------------------------- loading
     @classmethod
@@ -124,79 +128,98 @@ class Engine:
         return engine
 
     def load_from_store(self, store, name: str, check_fingerprint: bool = True) -> Task:
-        """Load (or reload) a store entry, prompt or ensemble, as task ``name``."""
+        """Load (or reload) a store entry, prompt or ensemble, as task ``name``.
+
+        Everything is read, computed and checked before anything served changes, and the new prompts and
+        task replace the old ones between two batches: a failed (re)load leaves every task as it was.
+        """
         if store.kind(name) == "ensemble":
             spec = store.ensemble(name)
-            for member in spec.members:
-                self._put_prompt(member, store.load(member, self.model, check_fingerprint))
-            return self.add_ensemble(name, spec.members, spec.combine)
-        return self.add_prompt(name, store.load(name, self.model, check_fingerprint))
+            built = {m: self._build(m, store.load(m, self.model, check_fingerprint)) for m in spec.members}
+            return self._install(built, self._ensemble_task(name, spec.members, spec.combine, built))
+        built = {name: self._build(name, store.load(name, self.model, check_fingerprint))}
+        return self._install(built, Task(name, "prompt", [name], [built[name].fmt], meta=built[name].meta))
 
-    def _put_prompt(self, key: str, stored) -> TaskFormat | None:
+    def _build(self, key: str, stored) -> _Built:
+        """A stored prompt's keys/values (or encoder prompt), format and metadata, checked; nothing changes."""
+        where = stored.path if stored.path is not None else key
+        fmt = task_format(stored.task)
         method = stored.build_method().to(self.model.device).eval()
         with torch.no_grad():
             kv = inject.compute_prompt_kv(self.model, method())
-        with self._lock:
-            if self.encoder:
-                self._encoder_prompts[key] = kv
-            else:
-                self.table.add(key, kv)
-            self._formats[key] = task_format(stored.task)
-            self._metas[key] = dict(stored.meta)
-        return self._formats[key]
+        bad = _nonfinite(kv)
+        if bad:
+            raise StoreError(f"{where}: the prompt's {bad} are not finite in {self.model.dtype} on this model "
+                             "(values too large for the dtype?); refusing to serve it")
+        if not self.encoder:
+            with self._lock:
+                try:
+                    self.table.check(key, kv)
+                except inject.InjectionError as e:
+                    raise StoreError(f"{where}: {e}") from e
+        return _Built(kv, fmt, dict(stored.meta))
+
+    def _install(self, built: dict[str, _Built], task: Task) -> Task:
+        """Swap in checked prompts and their task at once, between batches."""
+        with self._batch_lock, self._lock:
+            for key, b in built.items():
+                if self.encoder:
+                    self._encoder_prompts[key] = b.kv
+                else:
+                    self.table.add(key, b.kv)
+                self._formats[key], self._metas[key] = b.fmt, b.meta
+                self._version[key] = self._version.get(key, 0) + 1
+            self.tasks[task.name] = task
+        return task
 
     def add_prompt(self, name: str, stored) -> Task:
         """Serve a :class:`StoredPrompt` (validated by ``load_prompt`` against this model) as ``name``."""
-        fmt = self._put_prompt(name, stored)
-        task = Task(name, "prompt", [name], [fmt], meta=self._metas[name])
-        with self._lock:
-            self.tasks[name] = task
-        return task
+        built = {name: self._build(name, stored)}
+        return self._install(built, Task(name, "prompt", [name], [built[name].fmt], meta=built[name].meta))
 
     def add_ensemble(self, name: str, members: list[str], combine_how: str = "mean") -> Task:
         """Serve the loaded prompts ``members`` as one classification task combined by mean or vote."""
+        return self._install({}, self._ensemble_task(name, members, combine_how, {}))
+
+    def _ensemble_task(self, name: str, members: list[str], combine_how: str, built: dict[str, _Built]) -> Task:
+        """The ensemble task over ``members``, loaded or about to be (``built``); checked, nothing changes."""
         problems = []
         if combine_how not in COMBINES:
             problems.append(f"combine must be one of {', '.join(COMBINES)}, got {combine_how!r}")
         if len(members) < 2 or len(set(members)) != len(members):
             problems.append(f"an ensemble needs >= 2 distinct members, got {members}")
-        missing = [m for m in members if m is None or (m not in self._encoder_prompts and m not in self.table)]
+        with self._lock:
+            formats = {m: built[m].fmt if m in built else self._formats.get(m) for m in members}
+            missing = [m for m in members if m is None or not (m in built or m in self._encoder_prompts
+                                                                or m in self.table)]
+            meta = built[members[0]].meta if members and members[0] in built else self._metas.get(
+                members[0] if members else None)
         if missing:
             problems.append(f"members not loaded: {missing}")
         if not problems:
-            label_sets = {m: set(self._formats[m].labels) if self._formats[m] else set() for m in members}
+            label_sets = {m: set(formats[m].labels) if formats[m] else set() for m in members}
             if not all(label_sets.values()) or len({frozenset(v) for v in label_sets.values()}) != 1:
                 problems.append(f"ensemble members must be classification prompts with the same labels: "
                                 f"{ {m: sorted(v) for m, v in label_sets.items()} }")
         if problems:
             raise RequestError(f"ensemble {name!r}: " + "; ".join(problems))
-        task = Task(name, "ensemble", list(members), [self._formats[m] for m in members], combine_how,
-                    meta=self._metas.get(members[0]))
-        with self._lock:
-            self.tasks[name] = task
-        return task
+        return Task(name, "ensemble", list(members), [formats[m] for m in members], combine_how, meta=meta)
 
     def add_base(self, name: str = "base", fmt: TaskFormat | None = None) -> Task:
         """Serve the plain base model (no prompt) as task ``name``, raw text unless ``fmt`` is given."""
         self._language_model_only("a base-model task")
-        task = Task(name, "base", [None], [fmt])
-        with self._lock:
-            self.tasks[name] = task
-        return task
+        return self._install({}, Task(name, "base", [None], [fmt]))
 
     def add_kv(self, name: str, prompt_kv: inject.PromptKV, fmt: TaskFormat | None = None) -> Task:
         """Serve precomputed keys/values (a hard prompt, k-shot examples) as a prompt task ``name``."""
         self._language_model_only("precomputed keys/values")
         with self._lock:
-            self.table.add(name, prompt_kv)
-            self._formats[name] = fmt
-            task = Task(name, "prompt", [name], [fmt])
-            self.tasks[name] = task
-        return task
+            self.table.check(name, prompt_kv)
+        return self._install({name: _Built(prompt_kv, fmt, {})}, Task(name, "prompt", [name], [fmt]))
 
     def unload(self, name: str) -> None:
         """Stop serving ``name``; prompts no other task uses are dropped from the table."""
-        with self._lock:
+        with self._batch_lock, self._lock:
             self._task(name)
             del self.tasks[name]
             used = {m for t in self.tasks.values() for m in t.members}
@@ -230,43 +253,38 @@ class Engine:
         return task
 
     # ----------------------------------------------------------------------------------- inputs
-    def _check(self, reqs, kind: str) -> list[Task]:
-        tasks = []
-        for i, r in enumerate(reqs):
-            problems = check_request(r, kind)
-            if problems:
-                raise RequestError(f"request {i}: " + "; ".join(problems))
-            tasks.append(self._task(r.task))
-        return tasks
+    def prepare(self, kind: str, request, index: int | None = None) -> Prepared:
+        """Check, render and tokenise one request (no tensors): see :mod:`softprompt.engine.prepare`.
 
-    def _source(self, task: Task, fmt: TaskFormat | None, req) -> str:
-        if req.raw or fmt is None:
-            if isinstance(req.input, dict):
-                raise RequestError(f"task {task.name!r} has no template: send the whole text as a string")
-            return req.input
-        fields = fmt.fields
-        if isinstance(req.input, str):
-            if len(fields) != 1:
-                raise RequestError(f"task {task.name!r}'s template has fields {fields}: send input as an "
-                                   "object with these fields, or raw text")
-            return fmt.template.format_map({fields[0]: req.input})
-        missing = [f for f in fields if f not in req.input]
-        if missing:
-            raise RequestError(f"task {task.name!r}: input lacks fields {missing} (template {fmt.template!r})")
-        return fmt.template.format_map(req.input)
+        Raises:
+            EngineError: the request is invalid, too long, or names an unknown task.
+        """
+        return prepare(self, kind, request, index)
 
-    def _encode(self, texts: list[str]) -> list[list[int]]:
-        return [list(ids) for ids in self.tok(texts, add_special_tokens=False)["input_ids"]] if texts else []
+    def _versions(self, members: list) -> tuple:
+        with self._lock:
+            return tuple((m, self._version.get(m, 0)) for m in members)
 
-    def _fit(self, ids: list[int], keep_after: int, room: int, what: str, allow_truncate: bool) -> list[int]:
-        """``ids`` (source + ``keep_after`` tokens that must stay) within ``room`` tokens."""
-        limit = min(room, self.max_input_tokens + keep_after)
-        if len(ids) <= limit:
-            return ids
-        if not (allow_truncate and self.truncate) or keep_after >= limit:
-            raise TooLongError(f"{what} has {len(ids)} tokens; at most {limit} fit "
-                               f"(max_input_tokens {self.max_input_tokens}, context {self.context})")
-        return ids[len(ids) - limit:]
+    def _label_ids(self, fmt: TaskFormat) -> tuple[list[list[int]], bool]:
+        """Token ids of a format's label texts, and whether each is one distinct token (cached)."""
+        key = tuple(fmt.label_texts)
+        cached = self._label_cache.get(key)
+        if cached is None:
+            labels = [encode(self, text) for text in key]
+            if not all(labels):
+                raise RequestError(f"a label text of {list(key)} has no tokens")
+            single = all(len(x) == 1 for x in labels) and len({x[0] for x in labels}) == len(labels)
+            if len(self._label_cache) >= 1024:
+                self._label_cache.clear()
+            cached = self._label_cache[key] = (labels, single)
+        return cached
+
+    def _current(self, kind: str, items: list[Prepared]) -> list[Prepared]:
+        """``items`` with every request whose task changed since it was prepared prepared again."""
+        with self._lock:
+            stale = [self.tasks.get(p.task.name) is not p.task or self._versions(p.task.members) != p.versions
+                     for p in items]
+        return [self.prepare(kind, p.request) if s else p for p, s in zip(items, stale, strict=True)]
 
     # ----------------------------------------------------------------------------------- forward
     @torch.no_grad()
@@ -330,77 +348,44 @@ class Engine:
                 out[i] = lp[torch.arange(a, b), torch.tensor(row.ids[row.target_start:])]  # (n_target,)
 
     # ----------------------------------------------------------------------------------- operations
+    def run(self, kind: str, items: list[Prepared], on_token: Callable[[int, list[int]], None] | None = None,
+            cancelled: Callable[[int], bool] | None = None) -> list:
+        """Run prepared requests of one kind in shared mixed batches.
+
+        Args:
+            on_token: generate: called as ``on_token(item_index, new_token_ids_so_far)`` after every new
+                token (streaming); EOS is not passed.
+            cancelled: generate: ``cancelled(item_index)`` True stops that row at its next token (its
+                client went away); the others go on.
+
+        Returns:
+            One result per item, in order.
+        """
+        if kind not in KINDS:
+            raise RequestError(f"unknown request kind {kind!r} (one of {', '.join(KINDS)})")
+        with self._batch_lock:  # no prompt is swapped while the batch runs
+            items = self._current(kind, items)
+            if kind == "classify":
+                return self._run_classify(items)
+            if kind == "score":
+                return self._run_score(items)
+            return self._run_generate(items, on_token, cancelled)
+
+    def _prepare_all(self, kind: str, requests: list) -> list[Prepared]:
+        return [self.prepare(kind, r, i) for i, r in enumerate(requests)]
+
     def classify(self, requests: list[ClassifyRequest]) -> list[ClassifyResult]:
         """Label log-likelihood over each task's verbalizer; all requests in shared mixed batches.
 
         On an encoder sequence classifier: each task's head's class probabilities (:mod:`.encoder`).
         """
-        tasks = self._check(requests, "classify")
-        if self.encoder:
-            return classify_encoder(self, requests, tasks)
-        rows: list[Row] = []
-        sources, where = [], []  # one entry per (request, member)
-        for i, (req, task) in enumerate(zip(requests, tasks, strict=True)):
-            if task.labels is None:
-                raise RequestError(f"task {task.name!r} is not a classification task (no verbalizer)")
-            for member, fmt in zip(task.members, task.formats, strict=True):
-                sources.append(self._source(task, fmt, req))
-                where.append((i, member, fmt))
-        plan: list[list] = [[] for _ in requests]  # per request, per member: (labels in member order, rows)
-        label_ids: dict[int, tuple[list[list[int]], bool]] = {}  # per format: label token ids, all single?
-        for (i, member, fmt), ids in zip(where, self._encode(sources), strict=True):
-            if id(fmt) not in label_ids:
-                labels = self._encode(fmt.label_texts)
-                single = all(len(x) == 1 for x in labels) and len({x[0] for x in labels}) == len(labels)
-                label_ids[id(fmt)] = labels, single
-            labels, single = label_ids[id(fmt)]
-            room = self.context - self._length(member) - max(len(x) for x in labels)
-            src = self._fit(ids, 0, room, f"classify input for task {tasks[i].name!r}", True)
-            start = len(rows)
-            if single:
-                rows.append(Row(member, src, len(src), [x[0] for x in labels]))
-            else:
-                rows.extend(Row(member, src + lab, len(src)) for lab in labels)
-            plan[i].append((fmt.labels, list(range(start, len(rows)))))
-        scored = self._score(rows)
-        results = []
-        for task, members in zip(tasks, plan, strict=True):
-            order = task.labels
-            per_member = []
-            for labels, idx in members:
-                s = scored[idx[0]] if len(idx) == 1 else torch.stack([scored[j].sum() for j in idx])  # (L,)
-                by_label = dict(zip(labels, s.tolist(), strict=True))
-                per_member.append(torch.tensor([by_label[lab] for lab in order], dtype=torch.float64))
-            results.append(combine(task.name, order, torch.stack(per_member), task.combine, task.kind == "ensemble"))
-        return results
+        return self.run("classify", self._prepare_all("classify", requests))
 
     def score(self, requests: list[ScoreRequest]) -> list[ScoreResult]:
         """Log-probability of each continuation (an ensemble: of the mean of its members' probabilities)."""
         self._language_model_only("scoring a continuation")
-        tasks = self._check(requests, "score")
-        sources = [self._source(t, fmt, r) for r, t in zip(requests, tasks, strict=True) for fmt in t.formats]
-        conts = self._encode([r.continuation for r in requests])
-        ids_all = self._encode(sources)
-        rows, owners, k = [], [[] for _ in requests], 0
-        for i, (req, task) in enumerate(zip(requests, tasks, strict=True)):
-            if not conts[i]:
-                raise RequestError(f"request {i}: continuation {req.continuation!r} has no tokens")
-            for member in task.members:
-                room = self.context - self._length(member)
-                ids = self._fit(ids_all[k] + conts[i], len(conts[i]), room, f"score input for task {task.name!r}",
-                                True)
-                rows.append(Row(member, ids, len(ids) - len(conts[i])))
-                owners[i].append(len(rows) - 1)
-                k += 1
-        scored = self._score(rows)
-        results = []
-        for i, task in enumerate(tasks):
-            per = torch.stack([scored[j] for j in owners[i]]).double()  # (M, n)
-            total = torch.logsumexp(per.sum(-1), 0) - torch.log(torch.tensor(float(per.shape[0])))
-            results.append(ScoreResult(task.name, float(total), per.mean(0).tolist(), conts[i]))
-        return results
+        return self.run("score", self._prepare_all("score", requests))
 
-    @torch.no_grad()
     def generate(self, requests: list[GenerateRequest],
                  on_token: Callable[[int, list[int]], None] | None = None) -> list[GenerateResult]:
         """Greedy or sampled continuations, each request with its own settings and seed.
@@ -410,38 +395,75 @@ class Engine:
                 (streaming); EOS is not passed.
         """
         self._language_model_only("generating text")
-        tasks = self._check(requests, "generate")
-        for task in tasks:
-            if task.kind == "ensemble":
-                raise RequestError(f"task {task.name!r} is an ensemble: ensembles classify and score; generate "
-                                   f"with one of its members ({', '.join(task.members)})")
-        sources = [self._source(t, t.formats[0], r) for r, t in zip(requests, tasks, strict=True)]
-        rows = []
-        for req, task, ids in zip(requests, tasks, self._encode(sources), strict=True):
-            if not ids:
-                raise RequestError(f"task {task.name!r}: the input has no tokens")
-            room = self.context - self._length(task.members[0]) - req.max_tokens
-            rows.append(Row(task.members[0], self._fit(ids, 0, room, f"generate input for task {task.name!r}",
-                                                       False), 0))
-        results: list[GenerateResult | None] = [None] * len(requests)
-        batches = mixed_batches(rows, self.tok.pad_token_id, "left", self.max_batch_size, self.max_batch_tokens)
-        for batch in tqdm(batches, desc="generate", unit="batch", disable=None if self.progress else True):
-            self._generate_batch(batch.to(self.model.device), requests, tasks, rows, sources, results, on_token)
+        return self.run("generate", self._prepare_all("generate", requests), on_token)
+
+    @staticmethod
+    def _joined(items: list[Prepared]) -> tuple[list[Row], list[int]]:
+        """All items' rows in one list, and where each item's rows start."""
+        rows, starts = [], []
+        for p in items:
+            starts.append(len(rows))
+            rows.extend(p.rows)
+        return rows, starts
+
+    def _run_classify(self, items: list[Prepared]) -> list[ClassifyResult]:
+        rows, starts = self._joined(items)
+        scored = classify_encoder(self, rows) if self.encoder else self._score(rows)
+        results = []
+        for p, start in zip(items, starts, strict=True):
+            task = p.task
+            per_member = []
+            for labels, idx in p.parts:
+                if self.encoder:
+                    s = scored[start + idx[0]]
+                    if s.shape[0] != len(labels):
+                        raise RequestError(f"task {task.name!r}: its head has {s.shape[0]} classes but "
+                                           f"{len(labels)} labels are recorded")
+                else:
+                    s = (scored[start + idx[0]] if len(idx) == 1
+                         else torch.stack([scored[start + j].sum() for j in idx]))  # (L,)
+                by_label = dict(zip(labels, s.tolist(), strict=True))
+                per_member.append(torch.tensor([by_label[lab] for lab in task.labels], dtype=torch.float64))
+            results.append(combine(task.name, task.labels, torch.stack(per_member), task.combine,
+                                   task.kind == "ensemble"))
         return results
 
-    def _generate_batch(self, batch: MixedBatch, requests, tasks, rows, sources, results, on_token) -> None:
-        reqs = [requests[i] for i in batch.index]
+    def _run_score(self, items: list[Prepared]) -> list[ScoreResult]:
+        rows, starts = self._joined(items)
+        scored = self._score(rows)
+        results = []
+        for p, start in zip(items, starts, strict=True):
+            per = torch.stack(scored[start:start + len(p.rows)]).double()  # (M, n)
+            total = torch.logsumexp(per.sum(-1), 0) - torch.log(torch.tensor(float(per.shape[0])))
+            results.append(ScoreResult(p.task.name, float(total), per.mean(0).tolist(), p.continuation))
+        return results
+
+    @torch.no_grad()
+    def _run_generate(self, items: list[Prepared], on_token, cancelled) -> list[GenerateResult]:
+        rows = [p.rows[0] for p in items]
+        results: list[GenerateResult | None] = [None] * len(items)
+        batches = mixed_batches(rows, self.tok.pad_token_id, "left", self.max_batch_size, self.max_batch_tokens)
+        for batch in tqdm(batches, desc="generate", unit="batch", disable=None if self.progress else True):
+            self._generate_batch(batch.to(self.model.device), items, results, on_token, cancelled)
+        return results
+
+    def _generate_batch(self, batch: MixedBatch, items: list[Prepared], results, on_token, cancelled) -> None:
+        reqs = [items[i].request for i in batch.index]
         sampling = []
-        for r in reqs:
+        for i, r in zip(batch.index, reqs, strict=True):
             gen = None
             if r.temperature > 0:
+                seed = r.seed if r.seed is not None else items[i].seed
                 gen = torch.Generator(device=self.model.device)
-                gen.manual_seed(r.seed if r.seed is not None else int(torch.randint(0, 2**62, (1,))))
+                gen.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, (1,))))
             sampling.append(inject.RowSampling(r.max_tokens, float(r.temperature), r.top_k, float(r.top_p), gen))
 
         def hit_stop(j: int, toks: list[int]) -> bool:
+            i = batch.index[j]
+            if cancelled is not None and cancelled(i):
+                return True
             if on_token is not None:
-                on_token(batch.index[j], toks)
+                on_token(i, toks)
             stops = reqs[j].stop
             return bool(stops) and any(s in self.tok.decode(toks, skip_special_tokens=True) for s in stops)
 
@@ -454,4 +476,31 @@ class Engine:
             if cut:
                 text = text[:min(cut)]
             reason = "length" if out.finish[j] == "length" and not cut else "stop"
-            results[i] = GenerateResult(tasks[i].name, text, out.tokens[j], reason, len(rows[i].ids), sources[i])
+            results[i] = GenerateResult(items[i].task.name, text, out.tokens[j], reason, len(items[i].rows[0].ids),
+                                        items[i].source)
+
+
+@dataclass
+class _Built:
+    """A prompt ready to be served: its keys/values (an encoder: embeddings and head), format, metadata."""
+
+    kv: object
+    fmt: TaskFormat | None
+    meta: dict
+
+
+def _nonfinite(kv) -> str | None:
+    """Which part of computed prompt keys/values (or an encoder prompt) holds NaN/Inf, or None."""
+    if kv is None:
+        return None
+    parts = {}
+    if isinstance(kv, inject.PromptKV):
+        for n, (k, v) in enumerate(kv.layers):
+            parts[f"keys/values of layer {n}"] = (k, v)
+    else:
+        parts["embeddings"] = (kv.embeds,) if kv.embeds is not None else ()
+        parts["head tensors"] = tuple(kv.head.parameters()) if kv.head is not None else ()
+    for what, tensors in parts.items():
+        if any(not bool(torch.isfinite(t).all()) for t in tensors if t is not None):
+            return what
+    return None

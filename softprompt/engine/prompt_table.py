@@ -35,18 +35,28 @@ class PromptTable:
 
     def add(self, key, prompt_kv: PromptKV) -> None:
         """Add or replace the prompt stored under ``key`` (its keys/values are detached)."""
-        if key is None:
-            raise InjectionError("the key None is reserved for 'no prompt'")
+        self.check(key, prompt_kv)
         layers = [(k.detach(), v.detach()) for k, v in prompt_kv.layers]
-        if self._kv:
-            ref = next(iter(self._kv.values())).layers
-            got = [(tuple(k.shape[1::2]), k.dtype, k.device) for k, _ in layers]
-            want = [(tuple(k.shape[1::2]), k.dtype, k.device) for k, _ in ref]
-            if len(layers) != len(ref) or got != want:
-                raise InjectionError(f"prompt {key!r}: keys/values do not match the table's model "
-                                     f"(layers {len(layers)} vs {len(ref)}; per layer {got[:1]} vs {want[:1]})")
         self._kv[key] = PromptKV(layers=layers, length=prompt_kv.length)
         self._stacked = None
+
+    def check(self, key, prompt_kv: PromptKV) -> None:
+        """Raise :class:`InjectionError` unless ``prompt_kv`` fits the table (changes nothing).
+
+        With other prompts in the table, its layer count, key/value shapes, dtype and device must match
+        theirs; replacing the only prompt may change them.
+        """
+        if key is None:
+            raise InjectionError("the key None is reserved for 'no prompt'")
+        others = [kv for k, kv in self._kv.items() if k != key]
+        if not others:
+            return
+        ref = others[0].layers
+        got = [(tuple(k.shape[1::2]), k.dtype, k.device) for k, _ in prompt_kv.layers]
+        want = [(tuple(k.shape[1::2]), k.dtype, k.device) for k, _ in ref]
+        if len(got) != len(want) or got != want:
+            raise InjectionError(f"prompt {key!r}: keys/values do not match the table's model "
+                                 f"(layers {len(got)} vs {len(want)}; per layer {got[:1]} vs {want[:1]})")
 
     def remove(self, key) -> None:
         del self._kv[key]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 
@@ -108,32 +109,65 @@ class ScoreResult:
     tokens: list[int]
 
 
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def unencodable(text: str) -> str | None:
+    """Why ``text`` cannot be tokenised (a lone surrogate has no UTF-8 form), or None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"it holds {text[e.start:e.end]!r} at character {e.start}, which has no UTF-8 form"
+    return None
+
+
 def check_request(req, kind: str) -> list[str]:
     """Field problems of one request (all of them), for a :class:`RequestError`."""
     problems = []
     if not isinstance(req.task, str) or not req.task:
         problems.append("task must be a non-empty string")
+    texts: list[tuple[str, str]] = []  # (what, text) to check for text the tokenizer cannot take
     if isinstance(req.input, dict):
         if req.raw:
             problems.append("raw input must be a string, not a dict of fields")
         bad = [k for k, v in req.input.items() if not isinstance(k, str) or not isinstance(v, str)]
         if bad:
             problems.append(f"input fields must map names to strings (bad: {bad[:3]})")
+        texts += [(f"input field {k!r}", v) for k, v in req.input.items() if isinstance(v, str)]
     elif not isinstance(req.input, str):
         problems.append(f"input must be a string or a dict of field values, got {type(req.input).__name__}")
+    else:
+        texts.append(("input", req.input))
     if kind == "generate":
-        if not isinstance(req.max_tokens, int) or req.max_tokens < 1:
+        if not _is_int(req.max_tokens) or req.max_tokens < 1:
             problems.append(f"max_tokens must be an integer >= 1, got {req.max_tokens!r}")
-        if not isinstance(req.temperature, int | float) or req.temperature < 0:
-            problems.append(f"temperature must be >= 0, got {req.temperature!r}")
-        if not isinstance(req.top_k, int) or req.top_k < 0:
+        if not _is_real(req.temperature) or req.temperature < 0:
+            problems.append(f"temperature must be a finite number >= 0, got {req.temperature!r}")
+        if not _is_int(req.top_k) or req.top_k < 0:
             problems.append(f"top_k must be an integer >= 0, got {req.top_k!r}")
-        if not isinstance(req.top_p, int | float) or not 0 < req.top_p <= 1:
+        if not _is_real(req.top_p) or not 0 < req.top_p <= 1:
             problems.append(f"top_p must be in (0, 1], got {req.top_p!r}")
-        if req.seed is not None and not isinstance(req.seed, int):
-            problems.append(f"seed must be an integer, got {req.seed!r}")
+        if req.seed is not None and (not _is_int(req.seed) or not SEED_RANGE[0] <= req.seed <= SEED_RANGE[1]):
+            problems.append(f"seed must be an integer from {SEED_RANGE[0]} to {SEED_RANGE[1]}, got {req.seed!r}")
         if not isinstance(req.stop, list) or not all(isinstance(s, str) and s for s in req.stop):
             problems.append("stop must be a list of non-empty strings")
-    if kind == "score" and (not isinstance(req.continuation, str) or not req.continuation):
-        problems.append("continuation must be a non-empty string")
+        else:
+            texts += [("stop string", s) for s in req.stop]
+    if kind == "score":
+        if not isinstance(req.continuation, str) or not req.continuation:
+            problems.append("continuation must be a non-empty string")
+        else:
+            texts.append(("continuation", req.continuation))
+    for what, text in texts:
+        why = unencodable(text)
+        if why:
+            problems.append(f"{what} cannot be tokenised: {why}")
     return problems

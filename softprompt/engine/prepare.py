@@ -1,0 +1,182 @@
+"""Preparing one request for a batch: check its fields, render its template, tokenise, fit the context.
+
+Preparation is per request and touches no tensors, so a server runs it outside the batch loop (a worker
+thread, never the event loop or the scheduler): one huge or malformed request then fails or waits alone,
+and the batch only runs requests that are already valid. :class:`Prepared` records the prompt versions
+its rows were built for; a request whose task was reloaded in between is prepared again at run time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from softprompt.data import TaskFormat
+from softprompt.engine.batching import Row
+from softprompt.engine.requests import (
+    ClassifyRequest,
+    GenerateRequest,
+    RequestError,
+    ScoreRequest,
+    TooLongError,
+    check_request,
+)
+
+KINDS = ("classify", "generate", "score")
+
+
+@dataclass
+class Prepared:
+    """One request, checked and tokenised, ready to join a batch of its kind.
+
+    Attributes:
+        kind: ``classify``, ``generate`` or ``score``.
+        request: the request as given.
+        task: the engine's :class:`~softprompt.engine.engine.Task` it was prepared against.
+        versions: ``(prompt key, version)`` of every member the rows were fitted to.
+        rows: the rows to run (classify: one per member, or one per member and label for multi-token
+            labels; score: one per member; generate: one).
+        parts: classify: per member, its labels in the member's order and the indices of its rows in
+            ``rows``.
+        source: the rendered text of the first member (what a generation continues).
+        continuation: score: the continuation's token ids.
+        seed: generate: the sampling seed when the request has none (set by a scheduler, so a batch run
+            again samples the same text); None draws a new one per run.
+    """
+
+    kind: str
+    request: object
+    task: object
+    versions: tuple
+    rows: list[Row]
+    parts: list = field(default_factory=list)
+    source: str = ""
+    continuation: list[int] | None = None
+    seed: int | None = None
+
+
+def render(task, fmt: TaskFormat | None, req) -> str:
+    """The text a request's input becomes under one member's template (raw text without one)."""
+    if req.raw or fmt is None:
+        if isinstance(req.input, dict):
+            raise RequestError(f"task {task.name!r} has no template: send the whole text as a string")
+        return req.input
+    fields = fmt.fields
+    if isinstance(req.input, str):
+        if len(fields) != 1:
+            raise RequestError(f"task {task.name!r}'s template has fields {fields}: send input as an "
+                               "object with these fields, or raw text")
+        return fmt.template.format_map({fields[0]: req.input})
+    missing = [f for f in fields if f not in req.input]
+    if missing:
+        raise RequestError(f"task {task.name!r}: input lacks fields {missing} (template {fmt.template!r})")
+    return fmt.template.format_map(req.input)
+
+
+def encode(engine, text: str) -> list[int]:
+    """Token ids of ``text`` without special tokens; text the tokenizer cannot take is a request error."""
+    try:
+        return list(engine.tok(text, add_special_tokens=False)["input_ids"])
+    except (TypeError, ValueError, UnicodeError) as e:
+        raise RequestError(f"the text cannot be tokenised ({type(e).__name__}: {e})") from e
+
+
+def fit(engine, ids: list[int], keep_after: int, room: int, what: str, allow_truncate: bool) -> list[int]:
+    """``ids`` (source + ``keep_after`` tokens that must stay) within ``room`` tokens."""
+    limit = min(room, engine.max_input_tokens + keep_after)
+    if len(ids) <= limit:
+        return ids
+    if not (allow_truncate and engine.truncate) or keep_after >= limit:
+        raise TooLongError(f"{what} has {len(ids)} tokens; at most {max(limit, 0)} fit "
+                           f"(max_input_tokens {engine.max_input_tokens}, context {engine.context})")
+    return ids[len(ids) - limit:]
+
+
+def prepare(engine, kind: str, req, index: int | None = None) -> Prepared:
+    """Check, render and tokenise one request of ``kind`` against the engine's current tasks.
+
+    Args:
+        index: the request's position in a list, named in field errors.
+
+    Raises:
+        EngineError: the request is invalid, too long, or names an unknown task.
+    """
+    if kind not in KINDS:
+        raise RequestError(f"unknown request kind {kind!r} (one of {', '.join(KINDS)})")
+    expected = {"classify": ClassifyRequest, "generate": GenerateRequest, "score": ScoreRequest}[kind]
+    if not isinstance(req, expected):
+        raise RequestError(f"a {kind} request must be a {expected.__name__}, got {type(req).__name__}")
+    problems = check_request(req, kind)
+    if problems:
+        raise RequestError(("" if index is None else f"request {index}: ") + "; ".join(problems))
+    task = engine._task(req.task)
+    versions = engine._versions(task.members)
+    if kind == "classify":
+        return _prepare_classify(engine, req, task, versions)
+    if kind == "score":
+        return _prepare_score(engine, req, task, versions)
+    return _prepare_generate(engine, req, task, versions)
+
+
+def _prepare_classify(engine, req: ClassifyRequest, task, versions) -> Prepared:
+    if task.labels is None:
+        raise RequestError(f"task {task.name!r} is not a classification task (no verbalizer)")
+    rows: list[Row] = []
+    parts = []
+    for member, fmt in zip(task.members, task.formats, strict=True):
+        source = render(task, fmt, req)
+        start = len(rows)
+        if engine.encoder:  # the encoder's own special tokens ([CLS] ... [SEP]); its head reads them
+            rows.append(Row(member, _encoder_ids(engine, source, member, task), 0))
+        else:
+            labels, single = engine._label_ids(fmt)
+            room = engine.context - engine._length(member) - max(len(x) for x in labels)
+            src = fit(engine, encode(engine, source), 0, room, f"classify input for task {task.name!r}", True)
+            if single:
+                rows.append(Row(member, src, len(src), [x[0] for x in labels]))
+            else:
+                rows.extend(Row(member, src + lab, len(src)) for lab in labels)
+        parts.append((fmt.labels, list(range(start, len(rows)))))
+    return Prepared("classify", req, task, versions, rows, parts)
+
+
+def _encoder_ids(engine, text: str, member, task) -> list[int]:
+    limit = min(engine.context - engine._length(member), engine.max_input_tokens)
+    try:
+        ids = list(engine.tok(text)["input_ids"])
+        if len(ids) > limit and engine.truncate:
+            ids = list(engine.tok(text, truncation=True, max_length=limit)["input_ids"])
+    except (TypeError, ValueError, UnicodeError) as e:
+        raise RequestError(f"the text cannot be tokenised ({type(e).__name__}: {e})") from e
+    if len(ids) > limit:
+        raise TooLongError(f"classify input for task {task.name!r} has {len(ids)} tokens; at most {limit} fit "
+                           f"(max_input_tokens {engine.max_input_tokens}, context {engine.context})")
+    return ids
+
+
+def _prepare_score(engine, req: ScoreRequest, task, versions) -> Prepared:
+    engine._language_model_only("scoring a continuation")
+    cont = encode(engine, req.continuation)
+    if not cont:
+        raise RequestError(f"continuation {req.continuation!r} has no tokens")
+    rows = []
+    for member, fmt in zip(task.members, task.formats, strict=True):
+        room = engine.context - engine._length(member)
+        ids = fit(engine, encode(engine, render(task, fmt, req)) + cont, len(cont), room,
+                  f"score input for task {task.name!r}", True)
+        rows.append(Row(member, ids, len(ids) - len(cont)))
+    return Prepared("score", req, task, versions, rows, continuation=cont)
+
+
+def _prepare_generate(engine, req: GenerateRequest, task, versions) -> Prepared:
+    engine._language_model_only("generating text")
+    if task.kind == "ensemble":
+        raise RequestError(f"task {task.name!r} is an ensemble: ensembles classify and score; generate "
+                           f"with one of its members ({', '.join(task.members)})")
+    member = task.members[0]
+    source = render(task, task.formats[0], req)
+    ids = encode(engine, source)
+    if not ids:
+        raise RequestError(f"task {task.name!r}: the input has no tokens")
+    room = engine.context - engine._length(member) - req.max_tokens
+    row = Row(member, fit(engine, ids, 0, room, f"generate input for task {task.name!r}", False), 0)
+    return Prepared("generate", req, task, versions, [row], source=source)
