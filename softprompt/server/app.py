@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
 import time
 import uuid
@@ -35,6 +36,9 @@ class ServerState:
     max_tokens: int = 512
     default_max_tokens: int = 16
     metrics: Metrics | None = None
+    max_body_bytes: int = 4 * 1024 * 1024
+    max_input_chars: int = 100_000
+    disconnect_poll_s: float = 0.2
 
 
 def create_app(state: ServerState) -> FastAPI:
@@ -50,14 +54,52 @@ def create_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="softprompt", version="0.1", description="Many soft-prompt tasks on one frozen model.",
                   lifespan=lifespan)
 
-    errors.install(app, lambda request, status: state.metrics.observe(request.url.path, status))
+    def on_error(scope, status: int) -> None:
+        state.metrics.observe(errors.route_label(app, scope), status)
 
-    async def run(kind: str, reqs: list, on_token=None) -> list:
-        futures = [state.scheduler.submit(kind, r, on_token) for r in reqs]
-        return [await asyncio.wrap_future(f) for f in futures]
+    errors.install(app, on_error)
+    app.add_middleware(errors.BodyLimit, max_bytes=state.max_body_bytes, on_error=on_error)
+
+    def check_chars(texts: list[str], what: str) -> None:
+        """Refuse text over the character limit before any of it is tokenised."""
+        longest = max((len(t) for t in texts), default=0)
+        if longest > state.max_input_chars:
+            raise errors.LimitError(f"{what} has {longest} characters, over this server's limit of "
+                                    f"{state.max_input_chars} per text")
+
+    def input_texts(inputs: list) -> list[str]:
+        return [v for x in inputs for v in ([x] if isinstance(x, str) else x.values())]
+
+    async def submit(kind: str, reqs: list, on_token=None) -> list:
+        """Prepare (tokenise) in a worker thread, never on the event loop; queue all or none."""
+        return await asyncio.to_thread(state.scheduler.submit_many, kind, reqs, on_token)
+
+    async def wait(jobs: list, request: Request) -> list:
+        """The jobs' results; when the client goes away, its remaining work is cancelled."""
+        gathered = asyncio.gather(*(asyncio.wrap_future(j.future) for j in jobs))
+        try:
+            while True:
+                done_, _ = await asyncio.wait({gathered}, timeout=state.disconnect_poll_s)
+                if done_:
+                    return gathered.result()
+                if await request.is_disconnected():
+                    raise errors.ClientGone("the client disconnected")
+        finally:
+            for j in jobs:
+                j.cancel()
+            if not gathered.done():
+                gathered.cancel()
+            with contextlib.suppress(BaseException):
+                await gathered
+
+    async def run(kind: str, reqs: list, request: Request) -> list:
+        return await wait(await submit(kind, reqs), request)
+
+    def label(request: Request) -> str:
+        return errors.route_label(app, request.scope)
 
     def done(request: Request, t0: float) -> None:
-        state.metrics.observe(request.url.path, 200, time.perf_counter() - t0)
+        state.metrics.observe(label(request), 200, time.perf_counter() - t0)
 
     def sampling(body, max_tokens: int | None) -> dict:
         n = max_tokens or state.default_max_tokens
@@ -95,6 +137,7 @@ def create_app(state: ServerState) -> FastAPI:
     async def completions(body: CompletionRequest, request: Request):
         t0 = time.perf_counter()
         texts = body.prompt if isinstance(body.prompt, list) else [body.prompt]
+        check_chars(texts, "prompt")
         reqs = [GenerateRequest(body.model, t, raw=body.raw, **sampling(body, body.max_tokens)) for t in texts]
         cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if body.stream:
@@ -105,8 +148,8 @@ def create_app(state: ServerState) -> FastAPI:
                 return {"id": cid, "object": "text_completion", "created": created, "model": body.model,
                         "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}]}
 
-            return _sse(stream_text(reqs[0], chunk), request, t0)
-        results = await run("generate", reqs)
+            return _sse(await stream_text(reqs[0], chunk, request), request, t0)
+        results = await run("generate", reqs, request)
         state.metrics.add_tokens(sum(len(r.tokens) for r in results))
         done(request, t0)
         return {"id": cid, "object": "text_completion", "created": created, "model": body.model,
@@ -117,7 +160,9 @@ def create_app(state: ServerState) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, request: Request):
         t0 = time.perf_counter()
-        text, raw = chat_input(body)
+        check_chars(["".join(m.text() for m in body.messages)], "messages")
+        template = state.engine.describe(body.model)["template"]  # unknown task -> 404 before anything else
+        text, raw = await asyncio.to_thread(chat_input, body, template)  # a chat template can be slow
         req = GenerateRequest(body.model, text, raw=raw,
                               **sampling(body, body.max_completion_tokens or body.max_tokens))
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
@@ -127,8 +172,8 @@ def create_app(state: ServerState) -> FastAPI:
                 return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": body.model,
                         "choices": [{"index": 0, "delta": d, "logprobs": None, "finish_reason": finish}]}
 
-            return _sse(stream_text(req, chunk, role_first=True), request, t0)
-        (res,) = await run("generate", [req])
+            return _sse(await stream_text(req, chunk, request, role_first=True), request, t0)
+        (res,) = await run("generate", [req], request)
         state.metrics.add_tokens(len(res.tokens))
         done(request, t0)
         return {"id": cid, "object": "chat.completion", "created": created, "model": body.model,
@@ -136,9 +181,8 @@ def create_app(state: ServerState) -> FastAPI:
                              "logprobs": None, "finish_reason": res.finish_reason}],
                 "usage": _usage([res])}
 
-    def chat_input(body: ChatCompletionRequest) -> tuple[str, bool]:
+    def chat_input(body: ChatCompletionRequest, template: str | None) -> tuple[str, bool]:
         """The last user message fills a prompt task's template; the base model gets the chat template."""
-        template = state.engine.describe(body.model)["template"]  # unknown task -> 404 before anything else
         users = [m for m in body.messages if m.role == "user"]
         if template is not None:
             if not users:
@@ -150,8 +194,14 @@ def create_app(state: ServerState) -> FastAPI:
             return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True), True
         return "\n".join(f"{m['role']}: {m['content']}" for m in msgs) + "\nassistant:", True
 
-    async def stream_text(req: GenerateRequest, chunk, role_first: bool = False) -> AsyncIterator[dict]:
-        """Chunks of new text as tokens arrive; text after a stop string is never sent."""
+    async def stream_text(req: GenerateRequest, chunk, request: Request,
+                          role_first: bool = False):
+        """Queue the generation (an invalid request raises here, before any response is sent), and return
+        chunks of new text as tokens arrive; text after a stop string is never sent.
+
+        The generation is cancelled when the client goes away (the stream is closed or the client is
+        seen disconnected while waiting for a token).
+        """
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         hold = max((len(s) for s in req.stop), default=1) - 1  # a stop string may still be forming
@@ -162,24 +212,35 @@ def create_app(state: ServerState) -> FastAPI:
             visible = text[:min(cuts)] if cuts else text[:max(len(text) - hold, 0)]
             loop.call_soon_threadsafe(queue.put_nowait, visible)
 
-        (future,) = [state.scheduler.submit("generate", req, on_token)]
-        future.add_done_callback(lambda f: loop.call_soon_threadsafe(queue.put_nowait, None))
-        sent = 0
-        if role_first:
-            yield chunk("", None, first=True)
-        while True:
-            item = await queue.get()
-            if item is None:
-                break
-            visible = item.rstrip("\ufffd")  # a multi-byte character not yet complete
-            if len(visible) > sent:
-                yield chunk(visible[sent:], None)
-                sent = len(visible)
-        res = await asyncio.wrap_future(future)
-        state.metrics.add_tokens(len(res.tokens))
-        if len(res.text) > sent:
-            yield chunk(res.text[sent:], None)
-        yield chunk("", res.finish_reason)
+        (job,) = await submit("generate", [req], on_token)
+        job.future.add_done_callback(lambda f: loop.call_soon_threadsafe(queue.put_nowait, None))
+        return chunks(job, queue, chunk, request, role_first)
+
+    async def chunks(job, queue: asyncio.Queue, chunk, request: Request, role_first: bool) -> AsyncIterator[dict]:
+        try:
+            sent = 0
+            if role_first:
+                yield chunk("", None, first=True)
+            while True:
+                try:
+                    item = await asyncio.wait_for(queue.get(), state.disconnect_poll_s)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        raise errors.ClientGone("the client disconnected") from None
+                    continue
+                if item is None:
+                    break
+                visible = item.rstrip("\ufffd")  # a multi-byte character not yet complete
+                if len(visible) > sent:
+                    yield chunk(visible[sent:], None)
+                    sent = len(visible)
+            res = await asyncio.wrap_future(job.future)
+            state.metrics.add_tokens(len(res.tokens))
+            if len(res.text) > sent:
+                yield chunk(res.text[sent:], None)
+            yield chunk("", res.finish_reason)
+        finally:
+            job.cancel()  # a no-op once it has finished
 
     def _sse(chunks: AsyncIterator[dict], request: Request, t0: float) -> StreamingResponse:
         async def body() -> AsyncIterator[str]:
@@ -188,8 +249,10 @@ def create_app(state: ServerState) -> FastAPI:
                     yield f"data: {json.dumps(c, ensure_ascii=False)}\n\n"
             except Exception as e:  # noqa: BLE001 - headers are sent: report the error in the stream
                 status, kind = errors.status_of(e)
-                state.metrics.observe(request.url.path, status)
-                yield f"data: {json.dumps(errors.error_body(str(e), kind, status))}\n\n"
+                state.metrics.observe(label(request), status)
+                if status == 500:
+                    errors.log.error("stream failed: %s: %s", type(e).__name__, e, exc_info=e)
+                yield f"data: {json.dumps(errors.error_body(errors.message_of(e, status), kind, status))}\n\n"
                 return
             done(request, t0)
             yield "data: [DONE]\n\n"
@@ -199,7 +262,9 @@ def create_app(state: ServerState) -> FastAPI:
     @app.post("/v1/classify")
     async def classify(body: ClassifyBody, request: Request) -> dict:
         t0 = time.perf_counter()
-        results = await run("classify", [ClassifyRequest(body.model, x, raw=body.raw) for x in body.items()])
+        check_chars(input_texts(body.items()), "input")
+        results = await run("classify", [ClassifyRequest(body.model, x, raw=body.raw) for x in body.items()],
+                            request)
         done(request, t0)
         return {"object": "list", "model": body.model,
                 "data": [{"index": i, "label": r.label, "probs": r.probs, "scores": r.scores,
@@ -208,14 +273,16 @@ def create_app(state: ServerState) -> FastAPI:
     @app.post("/v1/score")
     async def score(body: ScoreBody, request: Request) -> dict:
         t0 = time.perf_counter()
-        (r,) = await run("score", [ScoreRequest(body.model, body.input, body.continuation, raw=body.raw)])
+        check_chars([*input_texts([body.input]), body.continuation], "input")
+        (r,) = await run("score", [ScoreRequest(body.model, body.input, body.continuation, raw=body.raw)], request)
         done(request, t0)
         return {"model": body.model, "logprob": r.logprob, "token_logprobs": r.token_logprobs, "tokens": r.tokens}
 
     def admin(request: Request) -> None:
         if not state.admin_token:
             raise errors.AuthError("admin endpoints are disabled: start the server with --admin-token", 403)
-        if request.headers.get("authorization", "") != f"Bearer {state.admin_token}":
+        given = request.headers.get("authorization", "").encode("utf-8", "surrogateescape")
+        if not hmac.compare_digest(given, f"Bearer {state.admin_token}".encode()):  # constant time
             raise errors.AuthError("admin endpoints need 'Authorization: Bearer <admin token>'")
         if state.store is None:
             raise errors.LimitError("this server has no --store to load prompts from")
@@ -224,7 +291,7 @@ def create_app(state: ServerState) -> FastAPI:
     async def load(name: str, request: Request) -> dict:
         admin(request)
         await asyncio.to_thread(state.engine.load_from_store, state.store, name)
-        state.metrics.observe(request.url.path, 200)
+        state.metrics.observe(label(request), 200)
         return {"loaded": name, "task": state.engine.describe(name)}
 
     @app.post("/admin/tasks/{name}/reload")
@@ -232,14 +299,14 @@ def create_app(state: ServerState) -> FastAPI:
         admin(request)
         state.engine.describe(name)  # 404 unless it is being served
         await asyncio.to_thread(state.engine.load_from_store, state.store, name)
-        state.metrics.observe(request.url.path, 200)
+        state.metrics.observe(label(request), 200)
         return {"reloaded": name, "task": state.engine.describe(name)}
 
     @app.post("/admin/tasks/{name}/unload")
     async def unload(name: str, request: Request) -> dict:
         admin(request)
         state.engine.unload(name)
-        state.metrics.observe(request.url.path, 200)
+        state.metrics.observe(label(request), 200)
         return {"unloaded": name}
 
     return app

@@ -1,15 +1,19 @@
 """Dynamic batching: requests from any client and task are queued and run as mixed-task engine batches.
 
-One worker thread owns the engine calls. It waits for a first request, keeps collecting until the batch is
-full (``max_batch_size``) or ``max_wait_ms`` has passed, then runs each kind of request (classify, generate,
-score) as one engine call. A request the engine rejects fails alone: the batch is retried request by
-request so its neighbours still get their results.
+A request is prepared (checked, rendered, tokenised: :meth:`Engine.prepare`) in the submitting thread,
+never in the batch loop, and is queued only once it is valid; the requests of one HTTP request are
+admitted together or not at all. One worker thread owns the engine calls. It waits for a first request,
+keeps collecting until the batch is full (``max_batch_size``) or ``max_wait_ms`` has passed, then runs
+each kind of request (classify, generate, score) as one engine call. A batch that fails, whatever the
+exception, is split in halves and run again until the failing request fails alone. A cancelled request
+(its client went away) is skipped before it runs, and a generation stops at its next token.
 """
 
 from __future__ import annotations
 
 import logging
 import queue
+import random
 import threading
 import time
 from collections.abc import Callable
@@ -29,11 +33,19 @@ class QueueFullError(Exception):
 
 @dataclass
 class Job:
+    """One prepared request waiting for (or in) a batch; :meth:`cancel` when its client is gone."""
+
     kind: str
-    request: object
+    item: object  # the engine's Prepared request
     future: Future
     on_token: Callable[[list[int]], None] | None = None
     queued: float = field(default_factory=time.perf_counter)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def cancel(self) -> None:
+        """Drop the request: skipped if it has not run yet, stopped at its next token if generating."""
+        self.cancelled.set()
+        self.future.cancel()
 
 
 @dataclass
@@ -42,6 +54,7 @@ class SchedulerStats:
     rows: int = 0
     largest_batch: int = 0
     failed: int = 0
+    cancelled: int = 0
     batch_seconds: float = 0.0
 
 
@@ -59,6 +72,8 @@ class Scheduler:
         self.engine = engine
         self.max_batch_size, self.max_wait, self.max_queue = max_batch_size, max_wait_ms / 1000, max_queue
         self._q: queue.Queue[Job | None] = queue.Queue()
+        self._waiting = 0  # admitted requests not yet taken into a batch
+        self._admit_lock = threading.Lock()
         self.stats = SchedulerStats()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -79,26 +94,65 @@ class Scheduler:
             self._thread = None
 
     def depth(self) -> int:
-        return self._q.qsize()
+        """Requests admitted and not yet taken into a batch."""
+        return self._waiting
+
+    def _check_running(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            raise RuntimeError("the scheduler is not running: call start() first")
+
+    def _check_room(self, n: int) -> None:
+        if self._waiting + n > self.max_queue:
+            raise QueueFullError(f"queue full ({self._waiting} of {self.max_queue} requests waiting; this one "
+                                 f"brings {n}); retry later")
+
+    def submit_many(self, kind: str, requests: list, on_token: Callable[[list[int]], None] | None = None,
+                    ) -> list[Job]:
+        """Prepare ``requests`` here (the caller's thread), then queue all of them or none.
+
+        Raises:
+            QueueFullError: they do not all fit in the queue (nothing is queued).
+            EngineError: a request is invalid (nothing is queued).
+        """
+        if kind not in KINDS:
+            raise ValueError(f"unknown request kind {kind!r}")
+        self._check_running()
+        self._check_room(len(requests))  # before tokenising anything: an overloaded server answers at once
+        many = len(requests) > 1
+        items = [self.engine.prepare(kind, r, i if many else None) for i, r in enumerate(requests)]
+        for item in items:
+            _fix_seed(item)
+        jobs = [Job(kind, item, Future(), on_token) for item in items]
+        with self._admit_lock:
+            self._check_room(len(jobs))
+            self._waiting += len(jobs)
+        for job in jobs:
+            self._q.put(job)
+        return jobs
 
     def submit(self, kind: str, request, on_token: Callable[[list[int]], None] | None = None) -> Future:
         """Queue one request; the future resolves to the engine's result or raises its error."""
-        if kind not in KINDS:
-            raise ValueError(f"unknown request kind {kind!r}")
-        if self._thread is None or not self._thread.is_alive():
-            raise RuntimeError("the scheduler is not running: call start() first")
-        if self._q.qsize() >= self.max_queue:
-            raise QueueFullError(f"queue full ({self.max_queue} requests waiting); retry later")
-        job = Job(kind, request, Future(), on_token)
-        self._q.put(job)
+        try:
+            (job,) = self.submit_many(kind, [request], on_token)
+        except EngineError as e:
+            failed: Future = Future()
+            failed.set_exception(e)
+            return failed
         return job.future
+
+    def _take(self, block: bool, timeout: float | None = None) -> Job | None:
+        job = self._q.get(block, timeout)
+        if job is not None:
+            with self._admit_lock:
+                self._waiting -= 1
+        return job
 
     def _collect(self, first: Job) -> tuple[list[Job], bool]:
         jobs, deadline = [first], time.perf_counter() + self.max_wait
         while len(jobs) < self.max_batch_size:
             left = deadline - time.perf_counter()
             try:
-                job = self._q.get(timeout=max(left, 0)) if left > 0 else self._q.get_nowait()
+                job = self._take(True, left) if left > 0 else self._take(False)
             except queue.Empty:
                 break
             if job is None:
@@ -108,7 +162,7 @@ class Scheduler:
 
     def _run(self) -> None:
         while True:
-            first = self._q.get()
+            first = self._take(True)
             if first is None:
                 return
             jobs, stopping = self._collect(first)
@@ -125,38 +179,45 @@ class Scheduler:
                 return
 
     def _call(self, kind: str, jobs: list[Job]):
-        reqs = [j.request for j in jobs]
-        if kind == "generate":
-            streams = [j.on_token for j in jobs]
-            hook = (lambda i, toks: streams[i](toks) if streams[i] else None) if any(streams) else None
-            return self.engine.generate(reqs, on_token=hook)
-        return getattr(self.engine, kind)(reqs)
+        items = [j.item for j in jobs]
+        streams = [j.on_token for j in jobs]
+        hook = (lambda i, toks: streams[i](toks) if streams[i] else None) if any(streams) else None
+        return self.engine.run(kind, items, on_token=hook, cancelled=lambda i: jobs[i].cancelled.is_set())
 
     def _execute(self, kind: str, jobs: list[Job]) -> None:
-        live = [j for j in jobs if j.future.set_running_or_notify_cancel()]
-        if not live:
-            return
+        live = []
+        for j in jobs:
+            if not j.cancelled.is_set() and j.future.set_running_or_notify_cancel():
+                live.append(j)
+            else:
+                self.stats.cancelled += 1
+        if live:
+            self._isolate(kind, live)
+
+    def _isolate(self, kind: str, jobs: list[Job]) -> None:
+        """Run ``jobs``; if that fails, run each half again, so a failing request fails alone."""
         try:
-            results = self._call(kind, live)
-        except EngineError as e:
-            if len(live) == 1:
-                self._fail(live[0], e)
+            results = self._call(kind, jobs)
+        except Exception as e:  # noqa: BLE001 - whatever it is, it must not fail the other requests
+            if len(jobs) == 1:
+                if not isinstance(e, EngineError):
+                    log.error("engine %s request failed: %s: %s", kind, type(e).__name__, e, exc_info=e)
+                self._fail(jobs[0], e)
                 return
-            for job in live:  # isolate the bad request(s): each alone
-                try:
-                    job.future.set_result(self._call(kind, [job])[0])
-                except Exception as e:  # noqa: BLE001 - delivered to the waiting request
-                    self._fail(job, e)
+            half = len(jobs) // 2
+            self._isolate(kind, jobs[:half])
+            self._isolate(kind, jobs[half:])
             return
-        except Exception as e:  # noqa: BLE001 - an engine bug must not kill the worker thread
-            log.exception("engine %s batch of %d failed", kind, len(live))
-            for job in live:
-                self._fail(job, e)
-            return
-        for job, res in zip(live, results, strict=True):
+        for job, res in zip(jobs, results, strict=True):
             job.future.set_result(res)
 
     def _fail(self, job: Job, error: BaseException) -> None:
         self.stats.failed += 1
         job.future.set_exception(error)
 
+
+def _fix_seed(item) -> None:
+    """Give a sampled generation without a seed one now, so a batch run again gives the same text."""
+    req = getattr(item, "request", None)
+    if getattr(item, "kind", None) == "generate" and req.temperature > 0 and req.seed is None:
+        item.seed = random.getrandbits(62)

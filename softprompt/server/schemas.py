@@ -7,11 +7,24 @@ refused with a 422 naming them.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
-Stop = str | list[str] | None
+from softprompt.engine.requests import SEED_RANGE, unencodable
+
+
+def _encodable(text: str) -> str:
+    why = unencodable(text)
+    if why:
+        raise ValueError(f"text cannot be tokenised: {why}")
+    return text
+
+
+# text that reaches the tokenizer: valid Unicode that has a UTF-8 form (JSON can carry lone surrogates)
+Text = Annotated[str, AfterValidator(_encodable)]
+Stop = Text | list[Text] | None
+Input = Text | dict[str, Text]
 
 
 class _Body(BaseModel):
@@ -21,10 +34,11 @@ class _Body(BaseModel):
 class _Sampling(_Body):
     model: str = Field(min_length=1, description="the task to use (see /v1/models)")
     max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int = Field(default=0, ge=0, description="softprompt extension: keep the k most likely tokens")
-    seed: int | None = None
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0, allow_inf_nan=False)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0, allow_inf_nan=False)
+    top_k: int = Field(default=0, ge=0, le=2**31 - 1,
+                       description="softprompt extension: keep the k most likely tokens")
+    seed: int | None = Field(default=None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     stop: Stop = None
     stream: bool = False
     n: int = Field(default=1, ge=1, le=1, description="only 1 is supported")
@@ -42,7 +56,7 @@ class _Sampling(_Body):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] = Field(description="text (or texts) filled into the task's template")
+    prompt: Text | list[Text] = Field(description="text (or texts) filled into the task's template")
     raw: bool = Field(default=False, description="softprompt extension: send prompt as is, without the template")
     echo: Literal[False] = False
     logprobs: None = None
@@ -57,26 +71,32 @@ class CompletionRequest(_Sampling):
         return v
 
 
+class ContentPart(_Body):
+    """One part of a chat message's content; only text parts can reach a language model here."""
+
+    type: Literal["text"] = Field(description="only 'text' parts are supported (no images or audio)")
+    text: Text
+
+
 class ChatMessage(_Body):
     role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str | list[dict] | None = None
+    content: Text | list[ContentPart] | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
-            return "".join(part.get("text", "") for part in self.content
-                           if isinstance(part, dict) and part.get("type") == "text")
+            return "".join(part.text for part in self.content)
         return self.content or ""
 
 
 class ChatCompletionRequest(_Sampling):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=1024)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: Literal[False] | None = None
 
 
 class ClassifyBody(_Body):
     model: str = Field(min_length=1)
-    input: str | dict[str, str] | list[str | dict[str, str]]
+    input: Input | list[Input]
     raw: bool = False
 
     @field_validator("input")
@@ -92,6 +112,6 @@ class ClassifyBody(_Body):
 
 class ScoreBody(_Body):
     model: str = Field(min_length=1)
-    input: str | dict[str, str]
-    continuation: str = Field(min_length=1)
+    input: Input
+    continuation: Text = Field(min_length=1)
     raw: bool = False
