@@ -147,6 +147,11 @@ class Engine:
         method = stored.build_method().to(self.model.device).eval()
         with torch.no_grad():
             kv = inject.compute_prompt_kv(self.model, method())
+        self._check_kv(key, kv, where)
+        return _Built(kv, fmt, dict(stored.meta))
+
+    def _check_kv(self, key, kv, where) -> None:
+        """Refuse keys/values (an encoder: embeddings and head) that are not finite or do not fit the table."""
         bad = _nonfinite(kv)
         if bad:
             raise StoreError(f"{where}: the prompt's {bad} are not finite in {self.model.dtype} on this model "
@@ -157,7 +162,6 @@ class Engine:
                     self.table.check(key, kv)
                 except inject.InjectionError as e:
                     raise StoreError(f"{where}: {e}") from e
-        return _Built(kv, fmt, dict(stored.meta))
 
     def _install(self, built: dict[str, _Built], task: Task) -> Task:
         """Swap in checked prompts and their task at once, between batches."""
@@ -213,8 +217,7 @@ class Engine:
     def add_kv(self, name: str, prompt_kv: inject.PromptKV, fmt: TaskFormat | None = None) -> Task:
         """Serve precomputed keys/values (a hard prompt, k-shot examples) as a prompt task ``name``."""
         self._language_model_only("precomputed keys/values")
-        with self._lock:
-            self.table.check(name, prompt_kv)
+        self._check_kv(name, prompt_kv, name)
         return self._install({name: _Built(prompt_kv, fmt, {})}, Task(name, "prompt", [name], [fmt]))
 
     def unload(self, name: str) -> None:

@@ -1,0 +1,119 @@
+"""A failed (re)load changes nothing that is served; a reload swaps in between batches (issue 9, item 9)."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from softprompt import inject
+from softprompt.engine import ClassifyRequest, Engine, GenerateRequest
+from softprompt.engine import engine as engine_module
+from softprompt.methods import build_method
+from softprompt.store import PromptStore, StoreError
+from tests.conftest import make_model
+
+SENT = {"template": "Review: {text}\nSentiment:", "target_field": "label",
+        "verbalizer": {"positive": "positive", "negative": "negative"}}
+
+
+def save(store, model, tok, name: str, seed: int, n: int = 4, task=SENT):
+    method = build_method("prompt_tuning", {"num_virtual_tokens": n, "init": "random", "init_scale": 1.0,
+                                            "seed": seed}, model, tok)
+    store.save(name, method, model, task=task, overwrite=name in store)
+
+
+@pytest.fixture
+def served(tmp_path, tokenizer):
+    model = make_model("llama")
+    store = PromptStore(tmp_path / "store", create=True)
+    for i, name in enumerate(["a", "b"]):
+        save(store, model, tokenizer, name, seed=i)
+    store.add_ensemble("ab", ["a", "b"])
+    engine = Engine.from_store(store, model, tokenizer)
+    return engine, store, model, tokenizer
+
+
+def snapshot(engine: Engine) -> dict:
+    reqs = [ClassifyRequest(t, "good movie") for t in ("a", "b", "ab")]
+    return {"scores": [r.scores for r in engine.classify(reqs)],
+            "kv": {k: [t.clone() for pair in engine.table._kv[k].layers for t in pair] for k in engine.table.keys()},
+            "tasks": dict(engine.tasks), "formats": dict(engine._formats)}
+
+
+def same(a: dict, b: dict) -> bool:
+    return (a["scores"] == b["scores"] and a["tasks"] == b["tasks"] and a["formats"] == b["formats"]
+            and a["kv"].keys() == b["kv"].keys()
+            and all(torch.equal(x, y) for k in a["kv"] for x, y in zip(a["kv"][k], b["kv"][k], strict=True)))
+
+
+@pytest.mark.parametrize("fail_at", ["format", "keys/values", "table"])
+def test_a_failed_reload_leaves_the_served_task_unchanged(served, monkeypatch, fail_at):
+    engine, store, model, tok = served
+    before = snapshot(engine)
+    save(store, model, tok, "a", seed=7, n=6)  # the new version on disk
+    if fail_at == "format":
+        monkeypatch.setattr(engine_module, "task_format", lambda meta: (_ for _ in ()).throw(ValueError("bad")))
+    elif fail_at == "keys/values":
+        real = inject.compute_prompt_kv
+        monkeypatch.setattr(inject, "compute_prompt_kv",
+                            lambda m, p: inject.PromptKV([(k * float("nan"), v) for k, v in real(m, p).layers],
+                                                         p.embeds.shape[0]))
+    else:
+        monkeypatch.setattr(engine.table, "check", lambda key, kv: (_ for _ in ()).throw(
+            inject.InjectionError("does not fit")))
+    with pytest.raises((ValueError, StoreError)):
+        engine.load_from_store(store, "a")
+    with pytest.raises((ValueError, StoreError)):
+        engine.load_from_store(store, "ab")  # an ensemble reloads its members: none may change either
+    assert same(snapshot(engine), before)
+    monkeypatch.undo()
+    engine.load_from_store(store, "a")  # the same reload, now working, does change it
+    assert engine.describe("a")["prompt_tokens"] == [6]
+
+
+def test_add_kv_refuses_non_finite_keys_values(served):
+    engine, *_ = served
+    before = snapshot(engine)
+    kv = engine.table._kv["a"]
+    bad = inject.PromptKV([(k.clone().fill_(float("inf")), v) for k, v in kv.layers], kv.length)
+    with pytest.raises(StoreError, match="not finite"):
+        engine.add_kv("inf", bad)
+    assert "inf" not in engine.tasks and same(snapshot(engine), before)
+
+
+def test_a_reload_waits_for_the_running_batch(served, monkeypatch):
+    """The swap lands between batches: a batch that started with the old prompt finishes with it."""
+    engine, store, model, tok = served
+    old = engine.generate([GenerateRequest("a", "good", max_tokens=6)])[0]
+    save(store, model, tok, "a", seed=9, n=5)
+    started, swapped = threading.Event(), threading.Event()
+    real = inject.decode
+
+    def decode(*args, **kwargs):
+        started.set()
+        assert not swapped.wait(0.5)  # the reload cannot finish while this batch runs
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(inject, "decode", decode)
+    result = {}
+    runner = threading.Thread(target=lambda: result.update(r=engine.generate([GenerateRequest("a", "good",
+                                                                                              max_tokens=6)])[0]))
+    runner.start()
+    assert started.wait(30)
+    loader = threading.Thread(target=lambda: (engine.load_from_store(store, "a"), swapped.set()))
+    loader.start()
+    runner.join(60)
+    loader.join(60)
+    assert swapped.is_set() and result["r"].tokens == old.tokens
+    assert engine.describe("a")["prompt_tokens"] == [5]
+
+
+def test_a_request_prepared_before_a_reload_runs_against_the_new_prompt(served):
+    engine, store, model, tok = served
+    item = engine.prepare("classify", ClassifyRequest("a", "good"))
+    save(store, model, tok, "a", seed=11, n=7)
+    engine.load_from_store(store, "a")
+    fresh = engine.classify([ClassifyRequest("a", "good")])[0]
+    assert engine.run("classify", [item])[0].scores == fresh.scores

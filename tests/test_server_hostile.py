@@ -1,0 +1,357 @@
+"""Hostile requests against the server: each fails alone, with a clear 4xx, and harms nothing else (issue 9)."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import re
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+
+pytest.importorskip("fastapi")
+import uvicorn  # noqa: E402
+from fastapi.testclient import TestClient  # noqa: E402
+
+from softprompt.engine import ClassifyRequest, Engine, GenerateRequest  # noqa: E402
+from softprompt.server import Scheduler, ServerState, create_app  # noqa: E402
+from softprompt.server.scheduler import QueueFullError  # noqa: E402
+from tests.conftest import make_model  # noqa: E402
+from tests.test_server import TOKEN, make_store  # noqa: E402
+
+
+def serve(app):
+    """Run ``app`` under uvicorn on a free 127.0.0.1 port; returns (url, stop)."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="critical"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    for _ in range(200):
+        if server.started:
+            break
+        time.sleep(0.05)
+
+    def stop():
+        server.should_exit = True
+        thread.join(timeout=10)
+
+    return f"http://127.0.0.1:{sock.getsockname()[1]}", stop
+
+
+def post(url: str, body: dict) -> httpx.Response:
+    """POST ``body`` as ASCII JSON: lone surrogates travel as ``\\udXXX`` escapes, as a hostile client sends them."""
+    return httpx.post(url, content=json.dumps(body).encode(), headers={"content-type": "application/json"},
+                      timeout=60)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tokenizer):
+    model = make_model("llama")
+    store = make_store(tmp_path_factory.mktemp("store"), model, tokenizer)
+    engine = Engine.from_store(store, model, tokenizer, max_batch_size=16)
+    engine.add_base("base")
+    state = ServerState(engine, Scheduler(engine, max_batch_size=16, max_wait_ms=50), store=store,
+                        admin_token=TOKEN, max_tokens=64, max_body_bytes=64 * 1024, max_input_chars=2000)
+    app = create_app(state)
+    url, stop = serve(app)
+    yield state, app, url
+    stop()
+
+
+HOSTILE = [
+    ("/v1/completions", {"model": "t1", "prompt": "France", "temperature": 1, "seed": 18446744073709551616}),
+    ("/v1/completions", {"model": "t1", "prompt": "\ud800", "max_tokens": 3}),
+    ("/v1/chat/completions", {"model": "t1", "messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}),
+    ("/v1/chat/completions", {"model": "t1", "messages": [{"role": "user", "content": [{"type": "image_url",
+                                                                                        "image_url": "x"}]}]}),
+    ("/v1/classify", {"model": "t0", "input": {"text": "\udfff"}}),
+    ("/v1/score", {"model": "t1", "input": "France", "continuation": "\ud800x"}),
+    ("/v1/completions", {"model": "t1", "prompt": "France", "seed": -(2**63) - 1, "temperature": 1}),
+]
+
+
+@pytest.mark.parametrize("path,bad", HOSTILE)
+def test_one_hostile_request_fails_alone_among_15_good_ones(setup, path, bad):
+    state, _, url = setup
+    goods = [("/v1/classify", {"model": f"t{2 * (i % 4)}", "input": w}, ClassifyRequest(f"t{2 * (i % 4)}", w))
+             for i, w in enumerate(["good movie", "bad plot", "awful", "a very good film"] * 2)]
+    goods += [("/v1/completions", {"model": "t1", "prompt": w, "max_tokens": 3, "temperature": 0.7, "seed": i},
+               GenerateRequest("t1", w, max_tokens=3, temperature=0.7, seed=i))
+              for i, w in enumerate(["France", "Spain", "Italy", "France", "Spain", "Italy", "France"])]
+    jobs = goods[:8] + [(path, bad, None)] + goods[8:]
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        responses = list(pool.map(lambda j: post(url + j[0], j[1]), jobs))
+    assert responses[8].status_code == 422, responses[8].text
+    assert set(responses[8].json()["error"]) == {"message", "type", "code"}
+    for (p, _, ref), r in zip(jobs, responses, strict=True):
+        if ref is None:
+            continue
+        assert r.status_code == 200, (p, r.text)
+        if p == "/v1/classify":
+            assert r.json()["data"][0]["label"] == state.engine.classify([ref])[0].label
+        else:
+            assert r.json()["choices"][0]["text"] == state.engine.generate([ref])[0].text
+
+
+def test_a_tiny_temperature_samples_the_best_token_instead_of_failing(setup):
+    state, _, url = setup
+    r = httpx.post(url + "/v1/completions", json={"model": "t1", "prompt": "France", "temperature": 1e-300,
+                                                  "max_tokens": 4, "seed": 3}, timeout=60)
+    greedy = state.engine.generate([GenerateRequest("t1", "France", max_tokens=4)])[0]
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == greedy.text
+
+
+def test_engine_failure_of_one_row_fails_alone_whatever_the_exception(setup, monkeypatch):
+    state, _, _ = setup
+    engine = state.engine
+    real = engine.run
+
+    def run(kind, items, on_token=None, cancelled=None):
+        if any(p.request.input == "boom" for p in items):
+            raise RuntimeError("a row that breaks the forward")
+        return real(kind, items, on_token, cancelled)
+
+    monkeypatch.setattr(engine, "run", run)
+    sched = Scheduler(engine, max_batch_size=16, max_wait_ms=200)
+    sched.start()
+    try:
+        texts = ["good", "bad", "boom", "great", "awful", "the film", "a plot", "not bad"]
+        futures = [sched.submit("classify", ClassifyRequest("t0", t)) for t in texts]
+        for t, f in zip(texts, futures, strict=True):
+            if t == "boom":
+                with pytest.raises(RuntimeError, match="breaks the forward"):
+                    f.result(60)
+            else:
+                assert f.result(60).label == real("classify", [engine.prepare("classify",
+                                                                              ClassifyRequest("t0", t))])[0].label
+        assert sched.stats.failed == 1 and sched.stats.largest_batch > 1
+    finally:
+        sched.stop()
+
+
+def _raw_requests(url: str, requests: list[bytes]) -> list[tuple[int, bytes]]:
+    """Send HTTP/1.1 requests one after another on ONE connection; (status, body) of each."""
+    host, port = url.removeprefix("http://").split(":")
+    out = []
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        f = sock.makefile("rb")
+        for req in requests:
+            sock.sendall(req)
+            status_line = f.readline()
+            assert status_line, "the server closed the connection"
+            headers = {}
+            while (line := f.readline()) not in (b"\r\n", b""):
+                k, v = line.decode().split(":", 1)
+                headers[k.strip().lower()] = v.strip()
+            assert headers.get("connection") != "close", headers
+            out.append((int(status_line.split()[1]), f.read(int(headers["content-length"]))))
+    return out
+
+
+def _post(path: str, body: bytes) -> bytes:
+    return (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+def test_a_500_answers_json_and_keeps_the_connection(setup, monkeypatch):
+    state, _, url = setup
+    real = state.engine.task_names
+
+    def broken():
+        if threading.current_thread() is threading.main_thread():
+            return real()
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(state.engine, "task_names", broken)
+    get = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+    (s1, b1), (s2, b2), (s3, _) = _raw_requests(url, [get, get, _post("/v1/classify", b'{"model": "t0", '
+                                                                                     b'"input": "good"}')])
+    assert s1 == s2 == 500 and b"internal error: RuntimeError: a bug" in b1
+    assert httpx.Response(500, content=b1).json()["error"]["type"] == "server_error"
+    assert s3 == 200
+
+
+def test_framework_errors_use_the_openai_shape(setup):
+    _, _, url = setup
+    as_json = {"content-type": "application/json"}
+    cases = [httpx.get(url + "/nope"), httpx.get(url + "/v1/completions"),
+             httpx.post(url + "/v1/completions", content=b"{not json", headers=as_json),
+             httpx.post(url + "/v1/completions", content=b"x" * (70 * 1024), headers=as_json)]
+    assert [r.status_code for r in cases] == [404, 405, 422, 413]
+    for r in cases:
+        err = r.json()["error"]
+        assert set(err) == {"message", "type", "code"} and err["code"] == r.status_code and err["message"]
+
+
+def test_a_chunked_body_over_the_limit_is_413(setup):
+    _, _, url = setup
+
+    def chunks():
+        for _ in range(80):
+            yield b"x" * 1024
+
+    r = httpx.post(url + "/v1/completions", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "limit of 65536 bytes" in r.json()["error"]["message"]
+
+
+def test_character_limits_come_before_tokenising(setup, monkeypatch):
+    state, _, url = setup
+    monkeypatch.setattr(state.engine, "prepare", lambda *a, **k: pytest.fail("tokenised a text over the limit"))
+    for path, body in [("/v1/completions", {"model": "t1", "prompt": ["France", "good " * 500]}),
+                       ("/v1/classify", {"model": "t0", "input": [{"text": "a" * 2001}]}),
+                       ("/v1/score", {"model": "t1", "input": "x", "continuation": "y" * 2001}),
+                       ("/v1/chat/completions", {"model": "base", "messages": [{"role": "user",
+                                                                                "content": "z" * 2001}]})]:
+        r = httpx.post(url + path, json=body)
+        assert r.status_code == 400 and "limit of 2000" in r.json()["error"]["message"], (path, r.text)
+
+
+def test_metrics_label_routes_not_raw_paths(setup):
+    _, _, url = setup
+    for i in range(50):
+        httpx.post(f"{url}/admin/tasks/evil%22%7D%20{i}/load")
+        httpx.get(f"{url}/junk/{i}")
+    text = httpx.get(url + "/metrics").text
+    assert "evil" not in text and "junk" not in text
+    assert 'endpoint="/admin/tasks/{name}/load",code="401"' in text
+    assert 'endpoint="unmatched",code="404"' in text
+    sample = re.compile(r'^[a-z_]+(\{([a-z]+="[^"\\]*",?)+\})? -?[0-9.e+-]+$')
+    bad = [ln for ln in text.splitlines() if not ln.startswith("#") and not sample.match(ln)]
+    assert not bad, bad
+
+
+def test_preparing_a_request_blocks_neither_the_event_loop_nor_the_batches(setup, monkeypatch):
+    state, _, url = setup
+    engine = state.engine
+    release, entered = threading.Event(), threading.Event()
+    real = engine.prepare
+
+    def prepare(kind, req, index=None):
+        if req.input == "slow":
+            entered.set()
+            assert release.wait(60)
+        return real(kind, req, index)
+
+    monkeypatch.setattr(engine, "prepare", prepare)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        slow = pool.submit(httpx.post, url + "/v1/classify", json={"model": "t0", "input": "slow"}, timeout=60)
+        try:
+            assert entered.wait(30)
+            assert httpx.get(url + "/health", timeout=5).status_code == 200  # the event loop is free
+            fast = httpx.post(url + "/v1/classify", json={"model": "t2", "input": "good"}, timeout=30)
+            assert fast.status_code == 200 and not slow.done()  # the batch ran without the slow request
+        finally:
+            release.set()
+        assert slow.result().status_code == 200
+
+
+def _slow_decode(monkeypatch, engine, seen: list):
+    """Each new token takes 20 ms; ``seen`` gets the token counts of every generation that ran."""
+    real = engine.run
+
+    def run(kind, items, on_token=None, cancelled=None):
+        def slow_cancelled(i):
+            time.sleep(0.02)
+            return cancelled(i) if cancelled else False
+
+        results = real(kind, items, on_token, slow_cancelled)
+        seen.extend(len(r.tokens) for r in results if kind == "generate")
+        return results
+
+    monkeypatch.setattr(engine, "run", run)
+
+
+def _long_input(engine) -> str:
+    for text in ["the movie was", "good", "France", "a plot", "Italy Rome"]:
+        if engine.generate([GenerateRequest("base", text, raw=True, max_tokens=60)])[0].finish_reason == "length":
+            return text
+    pytest.skip("the random model ends every probe early")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_client_that_leaves_cancels_its_generation(setup, monkeypatch, stream):
+    state, _, url = setup
+    text = _long_input(state.engine)
+    seen: list[int] = []
+    _slow_decode(monkeypatch, state.engine, seen)
+    body = {"model": "base", "prompt": text, "raw": True, "max_tokens": 60, "temperature": 0, "stream": stream}
+    if stream:
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
+            next(r.iter_lines())  # one chunk, then hang up
+    else:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(url + "/v1/completions", json=body, timeout=0.4)
+    for _ in range(200):
+        if seen:
+            break
+        time.sleep(0.05)
+    assert seen and seen[0] < 60, seen
+
+
+def test_admission_is_all_or_nothing(setup, monkeypatch):
+    state, _, _ = setup
+    engine = state.engine
+    gate, ran = threading.Event(), []
+    real = engine.run
+
+    def run(kind, items, on_token=None, cancelled=None):
+        assert gate.wait(60)
+        ran.extend(items)
+        return real(kind, items, on_token, cancelled)
+
+    monkeypatch.setattr(engine, "run", run)
+    sched = Scheduler(engine, max_batch_size=16, max_wait_ms=5, max_queue=64)
+    sched.start()
+    try:
+        first = sched.submit_many("classify", [ClassifyRequest("t0", "good")] * 64)
+        with pytest.raises(QueueFullError):
+            sched.submit_many("classify", [ClassifyRequest("t2", "bad")] * 64)
+        gate.set()
+        assert all(j.future.result(60).label for j in first)
+        assert len(ran) == 64 and {p.task.name for p in ran} == {"t0"}
+    finally:
+        gate.set()
+        sched.stop()
+
+
+def test_two_64_prompt_requests_against_max_queue_64_run_only_the_admitted_one(tokenizer, monkeypatch):
+    engine = Engine(make_model("llama"), tokenizer)
+    engine.add_base("base")
+    gate, rows = threading.Event(), []
+    real = engine.run
+
+    def run(kind, items, on_token=None, cancelled=None):
+        assert gate.wait(60)
+        rows.extend(items)
+        return real(kind, items, on_token, cancelled)
+
+    monkeypatch.setattr(engine, "run", run)
+    state = ServerState(engine, Scheduler(engine, max_batch_size=16, max_queue=64))
+    body = {"model": "base", "prompt": ["the movie"] * 64, "raw": True, "max_tokens": 1}
+    with TestClient(create_app(state)) as client, concurrent.futures.ThreadPoolExecutor(2) as pool:
+        a = pool.submit(client.post, "/v1/completions", json=body)
+        for _ in range(200):
+            if state.scheduler.depth() or state.scheduler.stats.batches:
+                break
+            time.sleep(0.01)
+        b = client.post("/v1/completions", json=body)
+        gate.set()
+        assert b.status_code == 429 and b.json()["error"]["type"] == "rate_limit_error"
+        assert a.result().status_code == 200
+    assert len(rows) == 64
+
+
+def test_admin_token_is_compared_in_constant_time(setup, monkeypatch):
+    import hmac
+
+    _, _, url = setup
+    calls = []
+    real = hmac.compare_digest
+    monkeypatch.setattr(hmac, "compare_digest", lambda a, b: calls.append((a, b)) or real(a, b))
+    r = httpx.post(url + "/admin/tasks/t0/unload", headers={"Authorization": "Bearer wrong"})
+    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    assert calls == [(b"Bearer wrong", f"Bearer {TOKEN}".encode())]
