@@ -19,7 +19,21 @@ from pathlib import Path
 
 from softprompt.cli_inspect import add_inspect_parser
 from softprompt.cli_store import add_store_parsers
-from softprompt.config import DEFAULT_MODEL, SECTIONS, ConfigError, build_args, field_type, flag, load_yaml, to_yaml
+from softprompt.config import (
+    DEFAULT_MODEL,
+    SECTIONS,
+    ConfigError,
+    build_args,
+    check_file_to_write,
+    check_folder_to_create,
+    field_type,
+    fit_max_length,
+    flag,
+    generate_flag_problems,
+    given,
+    load_yaml,
+    to_yaml,
+)
 
 log = logging.getLogger("softprompt")
 
@@ -40,15 +54,17 @@ def _add_section(parser: argparse.ArgumentParser, section: str) -> None:
             group.add_argument(flag(f.name), dest=f.name, type=typ, default=None, help=help_)
 
 
-def _resolve(ns: argparse.Namespace, sections: list[str]) -> dict:
-    """Build the section dataclasses from defaults < --config YAML < flags."""
+def _resolve(ns: argparse.Namespace, sections: list[str], problems: list[str] | None = None) -> dict:
+    """Build the section dataclasses from defaults < --config YAML < flags.
+
+    ``problems`` already found with the command's other flags are reported in the same error.
+    """
     yaml_cfg = load_yaml(ns.config) if getattr(ns, "config", None) else {}
-    problems, out = [], {}
+    problems, out = list(problems or []), {}
     for s in sections:
         cli_vals = {f.name: getattr(ns, f.name) for f in dataclasses.fields(SECTIONS[s])}
-        where = f"{ns.config} {s}: " if s in yaml_cfg else ""
         try:
-            out[s] = build_args(SECTIONS[s], yaml_cfg.get(s, {}), cli_vals, where=where)
+            out[s] = build_args(SECTIONS[s], yaml_cfg.get(s, {}), cli_vals, origins=[f"{ns.config}: {s}.", None])
         except (ConfigError, ValueError) as e:
             problems.append(str(e).replace("invalid arguments:\n  ", ""))
     if problems:
@@ -161,6 +177,19 @@ def _baselines(model, tokenizer, task, args, prompt_text: str, examples, kv_tune
     return report
 
 
+def _fit_context(ns: argparse.Namespace, args: dict) -> None:
+    """Refuse a prompt too long for the model's context before any data or weights are loaded.
+
+    Only the model's config is read. A default ``--max-length`` is lowered to what fits beside the prompt.
+    """
+    from softprompt.model import context_length, load_model_config
+
+    name, data = args["model"].model, args["data"]
+    data.max_length = fit_max_length(context_length(load_model_config(name)), f"--model {name}",
+                                     args["prompt"].num_virtual_tokens, data.max_length,
+                                     given(ns, "data", "max_length"))
+
+
 def cmd_train(ns: argparse.Namespace) -> int:
     """Train a prompt, evaluate it against the baselines on the test split, save it."""
     import torch
@@ -172,16 +201,23 @@ def cmd_train(ns: argparse.Namespace) -> int:
     from softprompt.store import load_prompt, save_prompt
     from softprompt.train import train
 
-    args = _resolve(ns, ["model", "data", "prompt", "train", "eval"])
+    problems = []
+    if bool(ns.store) != bool(ns.task):
+        problems.append("--store and --task go together: --store DIR --task NAME")
+    if ns.store:
+        problems.append(check_folder_to_create("--store", ns.store))
+    if ns.task:
+        from softprompt.store import StoreError, safe_task_name
+
+        try:
+            safe_task_name(ns.task)
+        except StoreError as e:
+            problems.append(str(e))
+    args = _resolve(ns, ["model", "data", "prompt", "train", "eval"], [p for p in problems if p])
     if ns.print_config:
         print(to_yaml(args), end="")
         return 0
-    if bool(ns.store) != bool(ns.task):
-        raise ConfigError("--store and --task go together: --store DIR --task NAME")
-    if ns.task:
-        from softprompt.store import safe_task_name
-
-        safe_task_name(ns.task)
+    _fit_context(ns, args)
     task = _load_task(args["data"])
     task.examples("train")  # fail before anything is written or loaded if there is nothing to train on
     out = Path(args["train"].output_dir)
@@ -255,9 +291,10 @@ def cmd_eval(ns: argparse.Namespace) -> int:
     from softprompt.evaluate import format_report
     from softprompt.store import check_model_compatible, load_prompt
 
-    if bool(ns.prompt) == bool(ns.store):
-        raise ConfigError("give either --prompt DIR or --store DIR [--task a,b,...]")
-    args = _resolve(ns, ["model", "data", "eval"])
+    problems = ["give either --prompt DIR or --store DIR [--task a,b,...]"] if bool(ns.prompt) == bool(ns.store) else []
+    if ns.report:
+        problems.append(check_file_to_write("--report", ns.report))
+    args = _resolve(ns, ["model", "data", "eval"], [p for p in problems if p])
     stored = load_prompt(ns.prompt) if ns.prompt else None
     model, tok = _load_model(args, stored)
     split = args["eval"].split
@@ -275,6 +312,7 @@ def cmd_eval(ns: argparse.Namespace) -> int:
         print(f"{split} split ({len(task.examples(split))} examples), prompt {ns.prompt}:")
     print(format_report(report))
     if ns.report:
+        Path(ns.report).parent.mkdir(parents=True, exist_ok=True)
         Path(ns.report).write_text(json.dumps(report, indent=2))
     return 0
 
@@ -335,9 +373,8 @@ def cmd_generate(ns: argparse.Namespace) -> int:
     """Generate with a stored prompt, a store's task, or the plain base model, for one or more inputs."""
     from softprompt.engine import GenerateRequest
 
-    if ns.max_new_tokens < 1:
-        raise ConfigError(f"--max-new-tokens must be >= 1, got {ns.max_new_tokens}")
-    args = _resolve(ns, ["model"])
+    args = _resolve(ns, ["model"], generate_flag_problems(ns.max_new_tokens, ns.temperature, ns.top_k, ns.top_p,
+                                                          ns.seed))
     model, tok = _load_model(args)
     engine, task = _engine_for(ns, model, tok)
     reqs = [GenerateRequest(task, text, raw=ns.raw, max_tokens=ns.max_new_tokens, temperature=ns.temperature,
@@ -387,19 +424,23 @@ def cmd_serve(ns: argparse.Namespace) -> int:
 
 def cmd_compare(ns: argparse.Namespace) -> int:
     """Train and evaluate every method with the same loop and budget; print and save the table and chart."""
-    from softprompt.compare import DEFAULT_SPECS, format_table, run_compare
+    from softprompt.compare import DEFAULT_SPECS, context_problems, format_table, run_compare
 
-    specs = DEFAULT_SPECS
+    specs, problems = DEFAULT_SPECS, []
     if ns.only:
         kinds = {k.strip() for k in ns.only.split(",")}
         unknown = kinds - {s.kind for s in DEFAULT_SPECS}
         if unknown:
-            raise ConfigError(f"--only: unknown kinds {sorted(unknown)}; known: "
-                              f"{sorted({s.kind for s in DEFAULT_SPECS})}")
+            problems.append(f"--only: unknown kinds {sorted(unknown)}; known: "
+                            f"{sorted({s.kind for s in DEFAULT_SPECS})}")
         specs = [s for s in DEFAULT_SPECS if s.kind in kinds]
     for name in ("steps", "batch_size", "test_samples"):
         if getattr(ns, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(ns, name)}")
+            problems.append(f"{flag(name)} must be >= 1, got {getattr(ns, name)}")
+    problems.append(check_folder_to_create("--output-dir", ns.output_dir))
+    problems = [p for p in problems if p] or context_problems(specs, ns.model)
+    if problems:
+        raise ConfigError("invalid arguments:\n  " + "\n  ".join(problems))
     out = Path(ns.output_dir)
     print(f"comparing {len(specs)} methods on {ns.dataset}, {ns.steps} steps of batch {ns.batch_size}, "
           f"test on {ns.test_samples} examples")

@@ -99,6 +99,26 @@ def weight_method(model, spec: Spec) -> WeightTuning:
     return WeightTuning(model, chosen)
 
 
+def context_problems(specs: list[Spec], model_name: str) -> list[str]:
+    """The prompt specs that leave no room for text in the model's context (read from its config only)."""
+    from softprompt.config import MIN_MAX_LENGTH
+    from softprompt.model import context_length, load_model_config
+
+    context = context_length(load_model_config(model_name))
+    if context is None:
+        return []
+    limit, key = context
+    problems = []
+    for spec in specs:
+        p = spec.config.get("num_virtual_tokens")
+        if p is not None and limit - p < MIN_MAX_LENGTH:
+            problems.append(f"{spec.label}: {p} virtual tokens leave {max(limit - p, 0)} positions for text in "
+                            f"--model {model_name}'s context of {limit} positions ({key}); at least "
+                            f"{MIN_MAX_LENGTH} are needed: choose a model with a longer context, or --only "
+                            "kinds without prompts")
+    return problems
+
+
 def _peak_rss_mib() -> float | None:
     try:
         for line in open("/proc/self/status"):

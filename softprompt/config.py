@@ -9,8 +9,13 @@ every field and reports all problems at once, each naming its flag.
 from __future__ import annotations
 
 import dataclasses
+import logging
+import math
+import os
+import re
 import types
 import typing
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +23,11 @@ from typing import Any
 import yaml
 
 from softprompt.model import DEFAULT_MODEL, TASK_TYPES
+
+log = logging.getLogger(__name__)
+
+MAX_SEED = 2**32 - 1  # what every seeded generator (torch, random, numpy) accepts
+MIN_MAX_LENGTH = 8  # the smallest --max-length: room for a short source and its target
 
 
 class ConfigError(ValueError):
@@ -31,6 +41,57 @@ def flag(name: str) -> str:
 def _raise(problems: list[str]) -> None:
     if problems:
         raise ConfigError("invalid arguments:\n  " + "\n  ".join(problems))
+
+
+def check_real(name: str, value: float, ok: Callable[[float], bool], rule: str) -> str | None:
+    """The problem with a float flag ``name`` (``--lr``), if any: it must be finite and satisfy ``ok``.
+
+    NaN and infinities pass most comparisons the wrong way (``inf > 0``, ``not nan < 0``), so they are
+    refused before the range is checked.
+    """
+    if not math.isfinite(value):
+        return f"{name} must be a finite number, got {value}"
+    return None if ok(value) else f"{name} must be {rule}, got {value}"
+
+
+def check_seed(name: str, value: int) -> str | None:
+    """The problem with a seed flag, if any: it must be in ``0..MAX_SEED``."""
+    return None if 0 <= value <= MAX_SEED else f"{name} must be in 0..{MAX_SEED}, got {value}"
+
+
+def check_folder_to_create(name: str, path: str | os.PathLike) -> str | None:
+    """The problem with a flag naming a folder to create (or reuse), if any.
+
+    Refused: the path exists and is not a folder; the nearest existing ancestor is a file; that
+    ancestor (or the folder itself) is not writable.
+    """
+    p = Path(path)
+    if p.exists():
+        if not p.is_dir():
+            return f"{name} {path}: exists and is not a folder"
+        return None if os.access(p, os.W_OK | os.X_OK) else f"{name} {path}: the folder is not writable"
+    parent = p.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"{name} {path}: {parent} is not a folder"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"{name} {path}: cannot create it in {parent} (not writable)"
+    return None
+
+
+def check_file_to_write(name: str, path: str | os.PathLike) -> str | None:
+    """The problem with a flag naming a file to write (its folder is created if missing), if any."""
+    p = Path(path)
+    if p.is_dir():
+        return f"{name} {path}: is a folder"
+    if p.exists():
+        return None if os.access(p, os.W_OK) else f"{name} {path}: the file is not writable"
+    return check_folder_to_create(name, p)  # the same checks of the folders above it
+
+
+def _keep(problems: list[str], *found: str | None) -> None:
+    problems.extend(p for p in found if p)
 
 
 @dataclass
@@ -80,12 +141,13 @@ class DataArgs:
             path = getattr(self, name)
             if path and not Path(path).is_file():
                 problems.append(f"{flag(name)} {path}: no such file")
-        if self.max_length < 8:
-            problems.append(f"--max-length must be >= 8, got {self.max_length}")
+        if self.max_length < MIN_MAX_LENGTH:
+            problems.append(f"--max-length must be >= {MIN_MAX_LENGTH}, got {self.max_length}")
         for name in ("max_train_samples", "max_validation_samples", "max_test_samples"):
             v = getattr(self, name)
             if v is not None and v < 1:
                 problems.append(f"{flag(name)} must be >= 1, got {v}")
+        _keep(problems, check_seed("--data-seed", self.data_seed))
         _raise(problems)
 
     def uses_files(self) -> bool:
@@ -124,10 +186,12 @@ class PromptArgs:
             problems.append(f"--init must be random, text, sample_vocab or class_labels, got {self.init!r}")
         if self.init == "text" and not self.init_text.strip():
             problems.append("--init text needs a non-empty --init-text")
-        if not self.init_scale > 0:
-            problems.append(f"--init-scale must be > 0, got {self.init_scale}")
-        if not 0 <= self.prompt_dropout < 1:
-            problems.append(f"--prompt-dropout must be in [0, 1), got {self.prompt_dropout}")
+        if self.vocab_sample_size < 1:
+            problems.append(f"--vocab-sample-size must be >= 1, got {self.vocab_sample_size}")
+        if self.encoder_hidden_size < 0:
+            problems.append(f"--encoder-hidden-size must be >= 0, got {self.encoder_hidden_size}")
+        _keep(problems, check_real("--init-scale", self.init_scale, lambda v: v > 0, "> 0"),
+              check_real("--prompt-dropout", self.prompt_dropout, lambda v: 0 <= v < 1, "in [0, 1)"))
         _raise(problems)
 
     def method_config(self, seed: int) -> dict[str, Any]:
@@ -187,12 +251,10 @@ class TrainArgs:
             problems.append(f"--optimizer must be adafactor or adamw, got {self.optimizer!r}")
         if self.schedule not in ("linear", "cosine", "constant"):
             problems.append(f"--schedule must be linear, cosine or constant, got {self.schedule!r}")
-        if not self.lr > 0:
-            problems.append(f"--lr must be > 0, got {self.lr}")
-        if self.weight_decay < 0:
-            problems.append(f"--weight-decay must be >= 0, got {self.weight_decay}")
-        if not self.max_grad_norm > 0:
-            problems.append(f"--max-grad-norm must be > 0, got {self.max_grad_norm}")
+        _keep(problems, check_real("--lr", self.lr, lambda v: v > 0, "> 0"),
+              check_real("--weight-decay", self.weight_decay, lambda v: v >= 0, ">= 0"),
+              check_real("--max-grad-norm", self.max_grad_norm, lambda v: v > 0, "> 0"),
+              check_seed("--seed", self.seed), check_folder_to_create("--output-dir", self.output_dir))
         if self.prompt_pass not in ("auto", "shared_kv", "concat"):
             problems.append(f"--prompt-pass must be auto, shared_kv or concat, got {self.prompt_pass!r}")
         if self.metric not in ("auto", "accuracy", "macro_f1", "exact_match", "f1", "loss"):
@@ -245,8 +307,7 @@ class ServeArgs:
         for name in ("max_batch_size", "max_queue", "max_tokens"):
             if getattr(self, name) < 1:
                 problems.append(f"{flag(name)} must be >= 1, got {getattr(self, name)}")
-        if self.max_wait_ms < 0:
-            problems.append(f"--max-wait-ms must be >= 0, got {self.max_wait_ms}")
+        _keep(problems, check_real("--max-wait-ms", self.max_wait_ms, lambda v: v >= 0, ">= 0"))
         if not 0 <= self.port <= 65535:
             problems.append(f"--port must be in 0..65535, got {self.port}")
         if self.store is None and not self.base_task:
@@ -297,11 +358,30 @@ def load_yaml(path: str | Path) -> dict[str, dict[str, Any]]:
     return out
 
 
-def build_args(cls: type, *layers: dict[str, Any], where: str = "") -> Any:
-    """Instantiate ``cls`` from layered dicts (later wins), type-checking scalar values."""
+def build_args(cls: type, *layers: dict[str, Any], origins: Sequence[str | None] = ()) -> Any:
+    """Instantiate ``cls`` from layered dicts (later wins), type-checking scalar values.
+
+    Args:
+        cls: a section dataclass.
+        layers: field values, lowest precedence first; ``None`` values are ignored.
+        origins: per layer, how its values are named in messages: a prefix such as ``"run.yaml: train."``
+            (giving ``run.yaml: train.lr``), or ``None`` (or no entry) for the flag (``--lr``).
+
+    Raises:
+        ConfigError: every value of the wrong type, then every problem ``cls`` finds, each named after
+            where the value came from.
+    """
     merged: dict[str, Any] = {}
-    for layer in layers:
-        merged.update({k: v for k, v in layer.items() if v is not None})
+    source: dict[str, str | None] = {}
+    for i, layer in enumerate(layers):
+        for k, v in layer.items():
+            if v is not None:
+                merged[k], source[k] = v, origins[i] if i < len(origins) else None
+
+    def name(field_name: str) -> str:
+        prefix = source.get(field_name)
+        return flag(field_name) if prefix is None else prefix + field_name
+
     problems = []
     for f in dataclasses.fields(cls):
         if f.name not in merged:
@@ -311,13 +391,83 @@ def build_args(cls: type, *layers: dict[str, Any], where: str = "") -> Any:
             try:  # YAML reads 3e-1 (no dot) as a string
                 merged[f.name] = float(value)
             except ValueError:
-                problems.append(f"{where}{flag(f.name)}: expected float, got {value!r}")
+                problems.append(f"{name(f.name)}: expected float, got {value!r}")
         elif want is list and isinstance(value, str):
             merged[f.name] = [v for v in value.split(",") if v]
         elif want is not typing.Any and not isinstance(value, want) or (want is int and isinstance(value, bool)):
-            problems.append(f"{where}{flag(f.name)}: expected {want.__name__}, got {value!r}")
+            problems.append(f"{name(f.name)}: expected {want.__name__}, got {value!r}")
+    typed = {k: v for k, v in merged.items() if not any(p.startswith(f"{name(k)}: expected") for p in problems)}
+    try:  # the other values are still checked (ill-typed ones at their defaults), to report every problem
+        args = cls(**typed)
+    except ConfigError as e:
+        lines = str(e).removeprefix("invalid arguments:\n  ").split("\n  ")
+        problems += [_renamed(line, source) for line in lines]
     _raise(problems)
-    return cls(**merged)
+    return args
+
+
+def _renamed(problem: str, source: dict[str, str | None]) -> str:
+    """``problem`` (which starts with the flag it is about) naming the config key where that value came from."""
+    m = re.match(r"--([a-z0-9-]+)(?![\w-])", problem)
+    prefix = source.get(m.group(1).replace("-", "_")) if m else None
+    return problem if prefix is None else prefix + m.group(1).replace("-", "_") + problem[m.end():]
+
+
+def given(ns: Any, section: str, name: str) -> bool:
+    """Whether field ``name`` was set by a flag or by the ``--config`` file, rather than left at its default."""
+    if getattr(ns, name, None) is not None:
+        return True
+    config = getattr(ns, "config", None)
+    return bool(config) and name in load_yaml(config).get(section, {})
+
+
+def generate_flag_problems(max_new_tokens: int, temperature: float, top_k: int, top_p: float,
+                           seed: int) -> list[str]:
+    """Every problem with the sampling flags of ``generate``, each naming its flag."""
+    problems = [] if max_new_tokens >= 1 else [f"--max-new-tokens must be >= 1, got {max_new_tokens}"]
+    if top_k < 0:
+        problems.append(f"--top-k must be >= 0 (0: off), got {top_k}")
+    _keep(problems, check_real("--temperature", temperature, lambda v: v >= 0, ">= 0 (0: greedy)"),
+          check_real("--top-p", top_p, lambda v: 0 < v <= 1, "in (0, 1]"), check_seed("--seed", seed))
+    return problems
+
+
+def fit_max_length(context: tuple[int, str] | None, model: str, num_virtual_tokens: int, max_length: int,
+                   given: bool) -> int:
+    """The ``--max-length`` to train with, so that the prompt and every example fit the model's context.
+
+    Args:
+        context: the model's context length and the config key it comes from (see
+            :func:`softprompt.model.context_length`), or ``None`` for a model without a hard limit.
+        model: how to name the model in messages (``--model NAME``).
+        num_virtual_tokens: the prompt length ``P``.
+        max_length: the ``--max-length`` asked for or defaulted.
+        given: whether the user set ``--max-length`` (then it is refused if it does not fit; a default is
+            lowered to what fits instead).
+
+    Raises:
+        ConfigError: the prompt leaves fewer than ``MIN_MAX_LENGTH`` positions for text, or a given
+            ``--max-length`` does not fit beside it.
+    """
+    if context is None:
+        return max_length
+    limit, key = context
+    room = limit - num_virtual_tokens
+    if room < MIN_MAX_LENGTH:
+        left = f"only {room} are left" if room > 0 else "nothing is left"
+        _raise([f"--num-virtual-tokens {num_virtual_tokens} does not fit {model}: its context is {limit} positions "
+                f"({key}) and {left} for text; --num-virtual-tokens must be at most {limit - MIN_MAX_LENGTH} "
+                f"(the text needs --max-length >= {MIN_MAX_LENGTH})"])
+    if max_length <= room:
+        return max_length
+    if given:
+        _raise([f"--num-virtual-tokens {num_virtual_tokens} + --max-length {max_length} = "
+                f"{num_virtual_tokens + max_length} tokens do not fit {model}'s context of {limit} positions "
+                f"({key}): {room} are left for text; lower --max-length to {room} or --num-virtual-tokens to "
+                f"{limit - max_length}"])
+    log.info("--max-length %d (default) lowered to --max-length %d: %s has %d positions (%s) and the prompt "
+             "takes %d", max_length, room, model, limit, key, num_virtual_tokens)
+    return room
 
 
 def to_yaml(args: dict[str, Any]) -> str:

@@ -87,6 +87,45 @@ def resolve_task_type(config, requested: str = "auto") -> str:
     return requested
 
 
+# config keys under which model families record their maximum sequence length (the first present wins)
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
+
+
+def context_length(config) -> tuple[int, str] | None:
+    """The most positions a model takes (prompt + text), and the config key that says so.
+
+    Returns ``None`` for a model without a hard limit, such as T5 (relative position buckets).
+    """
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for key in CONTEXT_KEYS:
+        value = getattr(text_config, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value, key
+    return None
+
+
+def load_model_config(name_or_path: str | os.PathLike = DEFAULT_MODEL):
+    """The config of the model :func:`load_base_model` would load, without loading its weights.
+
+    Raises:
+        ModelLoadError: the config cannot be read.
+    """
+    from transformers import AutoConfig
+
+    name_or_path = os.fspath(name_or_path)
+    try:
+        if name_or_path in ALIASES:
+            return AutoConfig.from_pretrained(materialize_alias(name_or_path))
+        if name_or_path.endswith(".gguf"):
+            path = Path(name_or_path)
+            if not path.is_file():
+                raise ModelLoadError(f"--model {name_or_path}: no such GGUF file")
+            return AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+        return AutoConfig.from_pretrained(name_or_path)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"--model {name_or_path}: could not read its config ({e})") from e
+
+
 def resolve_device(device: str) -> torch.device:
     """``auto`` -> cuda when available else cpu; anything else is passed to ``torch.device``."""
     if device == "auto":

@@ -2,9 +2,28 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import pytest
 
-from softprompt.config import ConfigError, DataArgs, EvalArgs, PromptArgs, TrainArgs, build_args, load_yaml, to_yaml
+from softprompt.config import (
+    SECTIONS,
+    ConfigError,
+    DataArgs,
+    EvalArgs,
+    PromptArgs,
+    TrainArgs,
+    build_args,
+    check_folder_to_create,
+    field_type,
+    fit_max_length,
+    flag,
+    generate_flag_problems,
+    load_yaml,
+    to_yaml,
+)
+from softprompt.model import context_length
 
 
 def test_train_args_report_all_problems_with_flags():
@@ -73,3 +92,104 @@ def test_serve_tasks_need_a_store():
     with pytest.raises(ConfigError, match="--tasks names tasks of a store"):
         ServeArgs(tasks=["a"])
     assert ServeArgs(store="s", tasks=["a"]).tasks == ["a"]
+
+
+FLOAT_FIELDS = [(cls, f.name) for cls in SECTIONS.values() for f in dataclasses.fields(cls)
+                if field_type(cls, f) is float]
+
+
+def test_every_section_has_float_fields_to_check():
+    names = {name for _, name in FLOAT_FIELDS}
+    assert {"lr", "weight_decay", "max_grad_norm", "init_scale", "prompt_dropout", "max_wait_ms"} <= names
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize(("cls", "name"), FLOAT_FIELDS, ids=[n for _, n in FLOAT_FIELDS])
+def test_float_fields_must_be_finite(cls, name, bad):
+    with pytest.raises(ConfigError, match=rf"{flag(name)} must be a finite number, got {bad}"):
+        cls(**{name: bad})
+
+
+@pytest.mark.parametrize(("cls", "values", "needles"), [
+    (TrainArgs, {"seed": -1, "weight_decay": -0.1}, ["--seed must be in 0..4294967295, got -1",
+                                                     "--weight-decay must be >= 0"]),
+    (TrainArgs, {"seed": 2**64}, ["--seed must be in 0..4294967295"]),
+    (DataArgs, {"data_seed": -3}, ["--data-seed must be in 0..4294967295, got -3"]),
+    (PromptArgs, {"vocab_sample_size": 0, "encoder_hidden_size": -1},
+     ["--vocab-sample-size must be >= 1, got 0", "--encoder-hidden-size must be >= 0, got -1"]),
+])
+def test_int_fields_in_range_all_reported(cls, values, needles):
+    with pytest.raises(ConfigError) as err:
+        cls(**values)
+    for needle in needles:
+        assert needle in str(err.value)
+
+
+def test_output_dir_must_be_a_folder_to_create(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(ConfigError, match=rf"--output-dir {afile}: exists and is not a folder"):
+        TrainArgs(output_dir=str(afile))
+    with pytest.raises(ConfigError, match=rf"--output-dir {afile / 'run'}: {afile} is not a folder"):
+        TrainArgs(output_dir=str(afile / "run"))
+    assert TrainArgs(output_dir=str(tmp_path / "new" / "run")).output_dir  # to be created: fine
+    assert check_folder_to_create("--store", tmp_path) is None
+
+
+@pytest.mark.parametrize(("text", "needle"), [
+    ("lr: .inf", "train.lr must be a finite number, got inf"),
+    ("lr: .nan", "train.lr must be a finite number, got nan"),
+    ("lr: abc", "train.lr: expected float, got 'abc'"),
+    ("lr: [1]", "train.lr: expected float, got [1]"),
+    ("weight_decay: -1", "train.weight_decay must be >= 0"),
+])
+def test_yaml_values_are_checked_and_named_by_file_and_key(tmp_path, text, needle):
+    path = tmp_path / "c.yaml"
+    path.write_text(f"train:\n  {text}\n")
+    with pytest.raises(ConfigError) as err:
+        build_args(TrainArgs, load_yaml(path)["train"], {}, origins=[f"{path}: train.", None])
+    assert f"{path}: {needle}" in str(err.value)
+    assert "--lr" not in str(err.value) and "--weight-decay" not in str(err.value)
+
+
+def test_a_flag_overriding_a_bad_yaml_value_is_named_as_the_flag(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr: 0.1\n")
+    with pytest.raises(ConfigError) as err:
+        build_args(TrainArgs, load_yaml(path)["train"], {"lr": math.inf}, origins=[f"{path}: train.", None])
+    assert "--lr must be a finite number, got inf" in str(err.value) and "train.lr" not in str(err.value)
+
+
+def test_generate_flags_checked_together():
+    problems = generate_flag_problems(max_new_tokens=0, temperature=math.nan, top_k=-1, top_p=1.5, seed=-1)
+    text = "\n".join(problems)
+    for needle in ("--max-new-tokens must be >= 1", "--temperature must be a finite number, got nan",
+                   "--top-k must be >= 0", "--top-p must be in (0, 1]", "--seed must be in 0..4294967295"):
+        assert needle in text
+    assert generate_flag_problems(max_new_tokens=1, temperature=0.7, top_k=0, top_p=1.0, seed=0) == []
+
+
+def test_context_length_of_model_families():
+    from transformers import GPT2Config, LlamaConfig, T5Config
+
+    assert context_length(LlamaConfig(max_position_embeddings=256)) == (256, "max_position_embeddings")
+    assert context_length(GPT2Config(n_positions=128)) == (128, "max_position_embeddings")
+    assert context_length(T5Config()) is None  # relative positions: no hard limit
+
+
+def test_fit_max_length():
+    ctx = (256, "max_position_embeddings")
+    assert fit_max_length(None, "--model t5", 5000, 256, given=True) == 256  # no limit known: nothing to check
+    assert fit_max_length(ctx, "--model m", 4, 200, given=True) == 200
+    assert fit_max_length(ctx, "--model m", 100, 256, given=False) == 156  # a default length is lowered to fit
+    with pytest.raises(ConfigError) as err:
+        fit_max_length(ctx, "--model m", 100, 200, given=True)
+    msg = str(err.value)
+    assert "--num-virtual-tokens 100 + --max-length 200 = 300 tokens" in msg and "context of 256" in msg
+    assert "156 are left for text" in msg
+    for p in (300, 250):
+        with pytest.raises(ConfigError) as err:
+            fit_max_length(ctx, "--model m", p, 256, given=False)
+        msg = str(err.value)
+        assert f"--num-virtual-tokens {p}" in msg and "256 positions (max_position_embeddings)" in msg
+        assert "at most 248" in msg

@@ -29,7 +29,7 @@ import torch
 from softprompt.methods import PromptMethod, method_from_saved
 from softprompt.methods.head import HEAD_MODULE_NAMES, SAVED_PREFIX, head_problems, is_head_key, is_sequence_classifier
 from softprompt.methods.prompt_tuning import INITS as PROMPT_TUNING_INITS
-from softprompt.model import fingerprint, fingerprint_mismatch
+from softprompt.model import context_length, fingerprint, fingerprint_mismatch
 from softprompt.store.atomic import write_folder_atomically, write_json, write_safetensors
 from softprompt.store.errors import StoreError
 
@@ -238,7 +238,7 @@ def _values_problems(tensors: dict[str, torch.Tensor]) -> list[str]:
 
 
 def check_model_compatible(stored: StoredPrompt, model, check_fingerprint: bool = True) -> None:
-    """Check that ``stored`` fits ``model``: hidden size always, base-model fingerprint when recorded.
+    """Check that ``stored`` fits ``model``: hidden size and context length always, fingerprint when recorded.
 
     Raises:
         StoreError: naming the folder and every differing field.
@@ -250,6 +250,11 @@ def check_model_compatible(stored: StoredPrompt, model, check_fingerprint: bool 
         raise StoreError(f"{where}: {CONFIG_NAME} has token_dim {token_dim} but the model "
                          f"({type(model).__name__}) has {spec.token_dim_meaning} {expected}; the prompt cannot "
                          "work with it")
+    p, context = stored.peft_config.get("num_virtual_tokens"), context_length(model.config)
+    if context is not None and isinstance(p, int) and p >= context[0]:
+        raise StoreError(f"{where}: the prompt has {p} virtual tokens but the model ({type(model).__name__}) has a "
+                         f"context of {context[0]} positions ({context[1]}): no room is left for text; the prompt "
+                         "cannot work with it")
     layers = stored.peft_config.get("num_layers")
     if spec.method == "prefix_tuning" and layers != model.config.num_hidden_layers:
         raise StoreError(f"{where}: {CONFIG_NAME} has num_layers {layers} but the model has "

@@ -1,0 +1,153 @@
+"""Hostile flags (issue 9): bad numbers, paths and prompt lengths are refused up front with exit status 2."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from softprompt.cli import main
+from tests import test_cli
+from tests.conftest import make_model, make_tokenizer
+from tests.test_cli import TEMPLATE, _assert_usage_error, run, train_argv
+
+env = test_cli.env  # the tiny model folders and jsonl files (a module fixture)
+
+
+def _no_work(monkeypatch):
+    """Make building a method (and so any training) fail loudly: a refusal must come before it."""
+    import softprompt.methods as methods
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a method was built: the arguments were not refused up front")
+
+    monkeypatch.setattr(methods, "build_method", refuse)
+
+
+@pytest.mark.parametrize(("extra", "needles"), [
+    (["--lr", "inf"], ["--lr must be a finite number, got inf"]),
+    (["--weight-decay", "nan"], ["--weight-decay must be a finite number, got nan"]),
+    (["--max-grad-norm=-inf", "--init-scale", "inf", "--prompt-dropout", "nan"],
+     ["--max-grad-norm must be a finite number", "--init-scale must be a finite number",
+      "--prompt-dropout must be a finite number"]),
+    (["--seed", "-1", "--data-seed", "99999999999"], ["--seed must be in 0..4294967295",
+                                                       "--data-seed must be in 0..4294967295"]),
+])
+def test_train_refuses_non_finite_and_out_of_range_numbers(env, tmp_path, monkeypatch, extra, needles):
+    _no_work(monkeypatch)
+    err = _assert_usage_error(train_argv(env, tmp_path / "o", *extra), *needles)
+    assert err.count("softprompt train: error") == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_train_refuses_output_dir_and_store_that_are_files(env, tmp_path, monkeypatch):
+    _no_work(monkeypatch)
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    err = _assert_usage_error(train_argv(env, afile, "--store", afile / "store", "--task", "t"),
+                              f"--output-dir {afile}: exists and is not a folder",
+                              f"--store {afile / 'store'}: {afile} is not a folder")
+    assert err.count("softprompt train: error") == 1  # both in one message
+    assert afile.read_text() == "x"
+
+
+def test_yaml_values_are_refused_naming_the_file_and_key(env, tmp_path, monkeypatch):
+    _no_work(monkeypatch)
+    cfg = tmp_path / "run.yaml"
+    for text, needle in ((".inf", "train.lr must be a finite number, got inf"),
+                         ("abc", "train.lr: expected float, got 'abc'"),
+                         ("[1]", "train.lr: expected float, got [1]")):
+        cfg.write_text(f"train:\n  lr: {text}\n  weight_decay: .nan\n")
+        _assert_usage_error([*train_argv(env, tmp_path / "o"), "--config", cfg], f"{cfg}: {needle}",
+                            f"{cfg}: train.weight_decay must be a finite number, got nan")
+    assert not (tmp_path / "o").exists()
+
+
+def test_malformed_numbers_stay_argparse_usage_errors(env, tmp_path, capsys):
+    for extra in (["--lr", "fast"], ["--batch-size", "1.5"], ["--num-virtual-tokens", "1e9"]):
+        with pytest.raises(SystemExit) as exc:
+            main([str(a) for a in train_argv(env, tmp_path / "o", *extra)])
+        assert exc.value.code == 2
+        assert extra[0] in capsys.readouterr().err
+
+
+def test_prompt_longer_than_the_context_is_refused_before_any_work(env, tmp_path, monkeypatch):
+    _no_work(monkeypatch)
+    for p in ("300", "100000"):
+        _assert_usage_error(train_argv(env, tmp_path / "o", "--num-virtual-tokens", p),
+                            f"--num-virtual-tokens {p}", "256 positions (max_position_embeddings)",
+                            "--num-virtual-tokens must be at most 248")
+    _assert_usage_error(train_argv(env, tmp_path / "o", "--num-virtual-tokens", "100", "--max-length", "200"),
+                        "--num-virtual-tokens 100 + --max-length 200 = 300 tokens", "context of 256",
+                        "156 are left for text")
+    assert not (tmp_path / "o").exists()  # nothing written either
+
+
+def test_default_max_length_is_lowered_to_what_fits(env, tmp_path):
+    out = tmp_path / "o"
+    rc, _, stderr = run(train_argv(env, out, "--num-virtual-tokens", "200", "--init", "random", "--max-steps", "1",
+                                   "--baselines", "no_prompt"))
+    assert rc == 0, stderr
+    assert "--max-length 56" in stderr
+    from softprompt.config import load_yaml
+
+    assert load_yaml(out / "config.yaml")["data"]["max_length"] == 56
+
+
+@pytest.fixture(scope="module")
+def long_prompt(tmp_path_factory) -> Path:
+    """A stored 300-token prompt for the tiny 256-position model (as if trained on a longer-context sibling)."""
+    from softprompt.methods import build_method
+    from softprompt.store import save_prompt
+
+    model = make_model("llama")
+    method = build_method("prompt_tuning", {"num_virtual_tokens": 300, "init": "random"}, model, make_tokenizer())
+    task = {"template": TEMPLATE, "target_field": "label", "verbalizer": {"positive": "positive",
+                                                                          "negative": "negative"}}
+    return save_prompt(tmp_path_factory.mktemp("long") / "prompt", method, model, task=task)
+
+
+def test_stored_prompt_too_long_for_the_model_is_refused(env, long_prompt, tmp_path):
+    needles = [str(long_prompt), "300 virtual tokens", "context of 256 positions (max_position_embeddings)"]
+    _assert_usage_error(["generate", "--model", env["model"], "--prompt", long_prompt, "--input", "good"], *needles)
+    _assert_usage_error(["eval", "--model", env["model"], "--prompt", long_prompt, "--test-file", env["test"]],
+                        *needles)
+    store = tmp_path / "store"
+    assert run(["store", "add", "--store", store, "long", long_prompt])[0] == 0
+    _assert_usage_error(["generate", "--model", env["model"], "--store", store, "--task", "long", "--input", "x"],
+                        "300 virtual tokens", "context of 256")
+
+
+def test_eval_report_path_checked_before_work(env, tmp_path, monkeypatch):
+    import softprompt.cli as cli
+
+    monkeypatch.setattr(cli, "_load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    _assert_usage_error(["eval", "--model", env["model"], "--prompt", tmp_path, "--report", afile / "r.json"],
+                        f"--report {afile / 'r.json'}: {afile} is not a folder")
+    _assert_usage_error(["eval", "--model", env["model"], "--prompt", tmp_path, "--report", tmp_path],
+                        f"--report {tmp_path}: is a folder")
+
+
+def test_generate_sampling_flags_checked_together(env, tmp_path):
+    err = _assert_usage_error(["generate", "--model", env["model"], "--input", "good", "--temperature", "nan",
+                               "--top-p", "0", "--top-k", "-2", "--max-new-tokens", "0", "--seed", "-5"],
+                              "--temperature must be a finite number", "--top-p must be in (0, 1]",
+                              "--top-k must be >= 0", "--max-new-tokens must be >= 1", "--seed must be in")
+    assert err.count("softprompt generate: error") == 1
+
+
+def test_compare_refuses_bad_flags_and_too_short_context(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    _assert_usage_error(["compare", "--model", tmp_path, "--steps", "0", "--output-dir", afile],
+                        "--steps must be >= 1", f"--output-dir {afile}: exists and is not a folder")
+    short = tmp_path / "short"
+    model = make_model("llama")
+    model.config.max_position_embeddings = 24
+    model.save_pretrained(short)
+    make_tokenizer().save_pretrained(short)
+    _assert_usage_error(["compare", "--model", short, "--only", "prompt_tuning", "--output-dir", tmp_path / "c"],
+                        "P=20", "20 virtual tokens", "context of 24 positions")
+    assert not (tmp_path / "c").exists()
