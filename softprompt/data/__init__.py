@@ -3,7 +3,7 @@
 from softprompt.data.builtin import BUILTIN_DATASETS, BuiltinSpec, builtin_spec, load_builtin
 from softprompt.data.dataset import TaskData, load_task, order_verbalizer, parse_verbalizer
 from softprompt.data.formats import DataError, load_records, load_records_with_lines
-from softprompt.data.template import Example, TaskFormat, template_fields
+from softprompt.data.template import Example, TaskFormat, placeholder_problems, template_fields
 from softprompt.data.tokenize import IGNORE_INDEX, Batch, Encoded, batches, collate, encode, encode_classes
 
 __all__ = [
@@ -27,5 +27,6 @@ __all__ = [
     "load_task",
     "order_verbalizer",
     "parse_verbalizer",
+    "placeholder_problems",
     "template_fields",
 ]

@@ -44,6 +44,33 @@ def template_fields(template: str) -> list[str]:
     return fields
 
 
+def placeholder_problems(template: str) -> list[str]:
+    """Why ``template`` is not text with at least one plain ``{field}`` placeholder (empty when it is).
+
+    A placeholder is filled with a record's text, so a format spec (``{n:d}``) or conversion (``{x!r}``)
+    could only fail at render time or show the value's ``repr``; positions, attributes and indexes would
+    reach into the value. Only plain field names are accepted.
+    """
+    if not isinstance(template, str):
+        return [f"must be a string, got {type(template).__name__}"]
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as e:
+        return [f"is malformed: {e} (write literal braces as {{{{ and }}}})"]
+    problems: list[str] = []
+    names = [(name, spec, conversion) for _, name, spec, conversion in parsed if name is not None]
+    if not names:
+        problems.append("has no {field} placeholder")
+    for name, spec, conversion in names:
+        text = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+        if not name.isidentifier():
+            problems.append(f"placeholder {text} must be a field name (letters, digits, underscores; no "
+                            "positions, attributes or indexes)")
+        elif spec or conversion:
+            problems.append(f"placeholder {text} has a format spec or conversion: write {{{name}}}")
+    return problems
+
+
 def _fmt_keys(record: dict) -> str:
     return ", ".join(str(k) for k in record) or "no fields"
 
@@ -65,19 +92,8 @@ class TaskFormat:
     target_prefix: str = " "
 
     def __post_init__(self) -> None:
-        problems: list[str] = []
-        fields: list[str] = []
-        try:
-            fields = template_fields(self.template)
-        except DataError as e:
-            problems.append(str(e))
-        else:
-            if not fields:
-                problems.append(f"--template {self.template!r} has no {{field}} placeholder")
-            for name in fields:
-                if not name.isidentifier():
-                    problems.append(f"--template placeholder {{{name}}} must be a field name "
-                                    "(letters, digits, underscores; no positions, attributes or indexes)")
+        problems = [f"--template {self.template!r} {p}" for p in placeholder_problems(self.template)]
+        fields = [] if problems else template_fields(self.template)
         if not isinstance(self.target_field, str) or not self.target_field.strip():
             problems.append("--target-field must be a non-empty field name")
         elif self.target_field in fields:
@@ -128,7 +144,7 @@ class TaskFormat:
             values[name] = record[name]
         try:
             source = self.template.format_map(values)
-        except (ValueError, TypeError) as e:  # a format spec that does not fit the value, e.g. {n:d}
+        except (ValueError, TypeError) as e:  # defensive: placeholders are plain names (no format specs)
             raise DataError(f"{prefix}cannot fill --template: {e}") from None
         raw = str(values[self.target_field]).strip()
         if self.verbalizer is not None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import typing
 from dataclasses import asdict, dataclass, fields
 from typing import Any, ClassVar
 
@@ -54,8 +56,41 @@ class MethodConfig:
         return cls(**data)
 
 
+def _type_problem(name: str, value: Any, typ: Any) -> str | None:
+    """Why ``value`` is not of the field type ``typ`` (bool, int, float, str), or ``None``."""
+    if typ is bool:
+        ok = isinstance(value, bool)
+    elif typ is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif typ is float:  # an int is a fine float (JSON writes 0.0 back as 0 in some tools)
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    elif typ is str:
+        ok = isinstance(value, str)
+    else:
+        return None
+    return None if ok else f"{name} must be {'a finite ' if typ is float else 'a '}{typ.__name__}, got {value!r}"
+
+
+def check_field_types(cfg) -> None:
+    """Raise ValueError naming every field of a method config whose value has the wrong type.
+
+    Configs are also read from stored, untrusted ``softprompt.json`` files: a ``null`` dropout or a string
+    prompt length must be a message naming the field, not a TypeError in a later comparison.
+    """
+    hints = typing.get_type_hints(type(cfg))
+    problems = [p for f in fields(cfg) if (p := _type_problem(f.name, getattr(cfg, f.name), hints.get(f.name)))]
+    if problems:
+        raise ValueError(f"{cfg.method} config: " + "; ".join(problems))
+
+
 def common_config_problems(cfg, inits: tuple[str, ...] = ()) -> list[str]:
-    """Checks every method config shares: prompt length, dropout, and (for methods with ``inits``) the init."""
+    """Checks every method config shares: prompt length, dropout, and (for methods with ``inits``) the init.
+
+    Raises:
+        ValueError: a field has the wrong type (see :func:`check_field_types`); the value checks here and
+            in each config's ``__post_init__`` then compare values of the right types only.
+    """
+    check_field_types(cfg)
     problems = []
     if not isinstance(cfg.num_virtual_tokens, int) or cfg.num_virtual_tokens < 1:
         problems.append(f"--num-virtual-tokens must be >= 1, got {cfg.num_virtual_tokens!r}")
