@@ -157,6 +157,7 @@ def test_failure_writing_metadata_keeps_old_folder(saved, model, monkeypatch):
 
 def test_failure_during_swap_restores_old_folder(saved, model, monkeypatch):
     """The old folder is already renamed aside when moving the new one in fails: it must come back."""
+    monkeypatch.setattr("softprompt.store.atomic.exchange", lambda a, b: False)  # the two-rename fallback
     before = snapshot(saved)
     real_replace, calls = os.replace, []
 

@@ -378,15 +378,15 @@ def test_interrupted_add_leaves_no_partial_entry(store, model, tokenizer, tmp_pa
     if overwrite:
         store.save("task", prompt(model, tokenizer, 1), model, task=TASK)
         before = files(store.root / "task")
-    real_copy, copied = shutil.copyfile, []
+    real_copy, copied = registry_mod.write_bytes, []
 
-    def copy_then_fail(a, b, *args, **kwargs):
+    def copy_then_fail(b, data):
         if copied:
             raise OSError("disk full")
         copied.append(b)
-        return real_copy(a, b, *args, **kwargs)
+        return real_copy(b, data)
 
-    monkeypatch.setattr(registry_mod.shutil, "copyfile", copy_then_fail)
+    monkeypatch.setattr(registry_mod, "write_bytes", copy_then_fail)
     with pytest.raises(OSError, match="disk full"):
         store.add("task", src, overwrite=overwrite)
     assert len(copied) == 1 and not Path(copied[0]).exists()  # the partial copy was written, then removed
@@ -398,14 +398,14 @@ def test_interrupted_add_leaves_no_partial_entry(store, model, tokenizer, tmp_pa
 def test_add_validates_the_copy(store, model, tokenizer, tmp_path, monkeypatch):
     """What lands in the store is validated, not only the source (which may change while being copied)."""
     src = save_prompt(tmp_path / "src", prompt(model, tokenizer), model, task=TASK)
-    real_copy = shutil.copyfile
+    real_copy = registry_mod.write_bytes
 
-    def corrupting_copy(a, b, *args, **kwargs):
-        real_copy(a, b, *args, **kwargs)
+    def corrupting_copy(b, data):
+        real_copy(b, data)
         if Path(b).name == WEIGHTS_NAME:
             Path(b).write_bytes(b"\xff" * 16)
 
-    monkeypatch.setattr(registry_mod.shutil, "copyfile", corrupting_copy)
+    monkeypatch.setattr(registry_mod, "write_bytes", corrupting_copy)
     with pytest.raises(StoreError, match="not a readable safetensors file"):
         store.add("task", src)
     assert listing(store.root) == ["store.json"]

@@ -1,9 +1,13 @@
-"""Atomic folder writes: a stored prompt appears complete or not at all.
+"""Atomic folder writes: a stored prompt appears complete or not at all, and never goes missing.
 
-Files are written into a hidden temporary folder next to the target (same filesystem, so the final
-rename is atomic), flushed to disk, then renamed into place. Replacing an existing folder renames the old
-one aside first and deletes it only once the new one is in place; any failure restores the old folder and
-removes every temporary folder.
+Files are written into a hidden temporary folder next to the target (same filesystem), flushed to disk,
+then moved into place. Replacing an existing folder swaps the two in one step where the platform can
+(Linux ``renameat2(RENAME_EXCHANGE)``, see :mod:`softprompt.store.swap`): a reader always finds either
+the old or the new complete folder, and a crash at any point leaves one of them in place. Elsewhere the
+old folder is renamed aside, the new one renamed in; a reader that finds the folder missing waits for the
+swap to finish, and a crash between the two renames is undone by the next reader or store open
+(:func:`~softprompt.store.swap.settle`). Leftover temporary folders are hidden, never entries, and are
+removed once no writer holds them (:func:`~softprompt.store.swap.remove_leftovers`).
 """
 
 from __future__ import annotations
@@ -20,7 +24,12 @@ from typing import Any
 import safetensors.torch
 import torch
 
+from softprompt.store import swap
 from softprompt.store.errors import StoreError
+from softprompt.store.swap import exchange, exchange_supported
+
+__all__ = ["exchange", "exchange_supported", "fsync_path", "write_bytes", "write_folder_atomically", "write_json",
+           "write_safetensors"]
 
 
 def fsync_path(path: Path) -> None:
@@ -65,12 +74,43 @@ def write_json(path: Path, data: dict) -> None:
         os.fsync(f.fileno())
 
 
+def write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to a new file and fsync it."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     """Write tensors with PEFT's metadata (``{"format": "pt"}``) and fsync the file."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     # called through the module so tests can monkeypatch safetensors.torch.save_file
     safetensors.torch.save_file(tensors, str(path), metadata={"format": "pt"})
     fsync_path(path)
+
+
+def _swap_by_renames(tmp: Path, target: Path) -> None:
+    """Replace ``target`` by ``tmp`` with two renames (where no atomic exchange exists)."""
+    aside = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
+    # the old folder is locked before it moves aside: a reader finding the target missing waits for this
+    # writer instead of putting the old folder back under it (settle())
+    lock = swap.lock_folder(target)
+    try:
+        try:
+            os.replace(target, aside)  # the old folder takes the place of the empty placeholder
+        except BaseException:
+            os.rmdir(aside)
+            raise
+        try:
+            os.replace(tmp, target)
+        except BaseException:
+            os.replace(aside, target)  # put the old folder back
+            raise
+        fsync_path(target.parent)
+        shutil.rmtree(aside, ignore_errors=True)
+    finally:
+        swap.unlock(lock)
 
 
 def write_folder_atomically(target: str | os.PathLike, write: Callable[[Path], None], overwrite: bool,
@@ -91,6 +131,7 @@ def write_folder_atomically(target: str | os.PathLike, write: Callable[[Path], N
         StoreError: the target exists and may not be replaced.
     """
     target = Path(target).expanduser().absolute()
+    swap.settle(target)  # a crashed overwrite's old folder is put back before deciding anything
     if target.exists() or target.is_symlink():
         if not overwrite:
             raise StoreError(f"{target} already exists; pass overwrite=True (CLI --overwrite) to replace it")
@@ -102,26 +143,17 @@ def write_folder_atomically(target: str | os.PathLike, write: Callable[[Path], N
     parent = target.parent
     parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{target.name}.tmp-"))
-    aside: Path | None = None  # where the old folder waits while the new one moves in
-    old_moved = placed = False
+    lock = swap.lock_folder(tmp)  # marks the temporary folder as in use (remove_leftovers() skips it)
     try:
         write(tmp)
         os.chmod(tmp, 0o755)  # mkdtemp makes it owner-only; a stored prompt is an ordinary folder
         fsync_path(tmp)
-        if target.exists():
-            aside = Path(tempfile.mkdtemp(dir=parent, prefix=f".{target.name}.old-"))
-            os.replace(target, aside)  # the old folder takes the place of the empty placeholder
-            old_moved = True
-        os.replace(tmp, target)
-        placed = True
+        if not target.exists():
+            os.replace(tmp, target)
+        elif not exchange(tmp, target):  # after an exchange tmp holds the old folder
+            _swap_by_renames(tmp, target)
         fsync_path(parent)
     finally:
-        if not placed:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if old_moved:
-                os.replace(aside, target)  # put the old folder back
-            elif aside is not None:
-                os.rmdir(aside)  # the unused empty placeholder
-        elif aside is not None:
-            shutil.rmtree(aside, ignore_errors=True)
+        swap.unlock(lock)
+        shutil.rmtree(tmp, ignore_errors=True)  # the new folder if it was not placed, or the old one
     return target

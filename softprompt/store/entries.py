@@ -7,14 +7,15 @@ from pathlib import Path
 from typing import Any
 
 from softprompt.store.errors import StoreError
-from softprompt.store.format import META_NAME, StoredPrompt, _read_json
+from softprompt.store.format import StoredPrompt, _read_json
 from softprompt.store.names import safe_task_name
+from softprompt.store.task_record import TaskRecord
 
 ENSEMBLE_FILE = "ensemble.json"
 COMBINES = ("mean", "vote")
 
 __all__ = ["COMBINES", "ENSEMBLE_FILE", "EnsembleSpec", "StoreEntry", "label_problem", "prompt_labels",
-           "read_ensemble_file", "task_labels"]
+           "prompt_template", "read_ensemble_file", "task_labels"]
 
 
 @dataclass
@@ -63,19 +64,24 @@ class EnsembleSpec:
     combine: str
 
 
-def task_labels(task: Any, where: Path) -> list[str] | None:
-    """Label names of a stored task: the verbalizer's keys, ``None`` for a generation task."""
-    verbalizer = task.get("verbalizer") if isinstance(task, dict) else None
-    if verbalizer is None:
-        return None
-    if isinstance(verbalizer, dict):
-        return [str(k) for k in verbalizer]
-    raise StoreError(f"{where}: task.verbalizer must be an object or null, got {type(verbalizer).__name__}")
+def task_labels(task: Any, where: Path | str) -> list[str] | None:
+    """Label names of a task dict about to be stored; ``None`` for a generation task.
+
+    Raises:
+        StoreError: the task is malformed (see :class:`~softprompt.store.task_record.TaskRecord`).
+    """
+    record = TaskRecord.parse(task, where)
+    return None if record is None else record.label_names
 
 
 def prompt_labels(stored: StoredPrompt) -> list[str] | None:
-    """Label names of a loaded prompt's task (see :func:`task_labels`)."""
-    return task_labels(stored.task, stored.path / META_NAME if stored.path else Path("prompt"))
+    """Label names of a loaded prompt's task in recorded order; ``None`` for a generation task."""
+    return None if stored.task_record is None else stored.task_record.label_names
+
+
+def prompt_template(stored: StoredPrompt) -> str | None:
+    """The template a loaded prompt was trained with, if recorded."""
+    return None if stored.task_record is None else stored.task_record.template
 
 
 def label_problem(labels: dict[str, list[str] | None]) -> str | None:

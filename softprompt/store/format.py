@@ -32,6 +32,8 @@ from softprompt.methods.prompt_tuning import INITS as PROMPT_TUNING_INITS
 from softprompt.model import context_length, fingerprint, fingerprint_mismatch
 from softprompt.store.atomic import write_folder_atomically, write_json, write_safetensors
 from softprompt.store.errors import StoreError
+from softprompt.store.snapshot import read_file, read_folder
+from softprompt.store.task_record import TASK_KEYS, TaskRecord
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -39,7 +41,6 @@ META_NAME = "softprompt.json"
 FORMAT_VERSION = 1
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 MAX_JSON_BYTES = 1 << 20  # a config/metadata file is a few KiB; refuse to parse anything huge
-TASK_KEYS = ("template", "target_field", "verbalizer", "target_prefix")
 
 __all__ = ["CONFIG_NAME", "FORMAT_VERSION", "META_NAME", "PEFT_TYPES", "PEFT_TYPE_TO_METHOD", "WEIGHTS_NAME",
            "PeftType", "StoreError", "StoredPrompt", "check_model_compatible", "load_prompt",
@@ -136,6 +137,11 @@ class StoredPrompt:
         tensors: the safetensors content, e.g. ``{"prompt_embeddings": (P, H)}``.
         peft_config: ``adapter_config.json``.
         meta: ``softprompt.json`` (empty for plain PEFT folders).
+        task_record: ``meta["task"]`` parsed and validated (``None`` when not recorded); every reader of
+            the stored task uses it.
+
+    Raises:
+        StoreError: ``meta["task"]`` is malformed (naming ``softprompt.json`` and the field).
     """
 
     path: Path | None
@@ -144,6 +150,11 @@ class StoredPrompt:
     tensors: dict[str, torch.Tensor]
     peft_config: dict
     meta: dict = field(default_factory=dict)
+    task_record: TaskRecord | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        where = self.path / META_NAME if self.path is not None else "prompt"
+        self.task_record = TaskRecord.parse(self.meta.get("task"), where)
 
     def build_method(self) -> PromptMethod:
         """A fresh method module holding the stored tensors, in eval mode (call ``.train()`` to tune on)."""
@@ -151,7 +162,7 @@ class StoredPrompt:
 
     @property
     def task(self) -> dict | None:
-        """Template / target field / verbalizer / target prefix the prompt was trained with, if recorded."""
+        """The recorded ``task`` object as stored (see :attr:`task_record` for the validated form)."""
         return self.meta.get("task")
 
     @property
@@ -237,6 +248,18 @@ def _values_problems(tensors: dict[str, torch.Tensor]) -> list[str]:
     return problems
 
 
+def _dtype_problems(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> list[str]:
+    """Tensors finite in float32 that overflow to Inf in the model's dtype (they are cast to it to run)."""
+    if not dtype.is_floating_point or dtype == torch.float32:
+        return []
+    problems = []
+    for key, t in tensors.items():
+        if not bool(torch.isfinite(t.to(dtype)).all()):
+            problems.append(f"tensor {key!r} has values up to {float(t.abs().max()):.4g} that overflow to Inf in "
+                            f"the model's dtype {dtype} (largest finite {torch.finfo(dtype).max:.4g})")
+    return problems
+
+
 def check_model_compatible(stored: StoredPrompt, model, check_fingerprint: bool = True) -> None:
     """Check that ``stored`` fits ``model``: hidden size and context length always, fingerprint when recorded.
 
@@ -270,6 +293,9 @@ def check_model_compatible(stored: StoredPrompt, model, check_fingerprint: bool 
     problems = head_problems(head, model) if head else []
     if problems:
         raise StoreError(f"{where}: the classification head does not fit the model: " + "; ".join(problems))
+    problems = _dtype_problems(stored.tensors, getattr(model, "dtype", torch.float32))
+    if problems:
+        raise StoreError(f"{where}: " + "; ".join(problems))
     stored_fp = stored.fingerprint
     if check_fingerprint and stored_fp:
         diffs = fingerprint_mismatch(stored_fp, fingerprint(model))
@@ -279,29 +305,30 @@ def check_model_compatible(stored: StoredPrompt, model, check_fingerprint: bool 
                              "(CLI --no-fingerprint-check) to use it anyway.")
 
 
-def _read_json(path: Path) -> Any:
-    if not path.is_file():
-        raise StoreError(f"{path}: missing")
-    if path.stat().st_size > MAX_JSON_BYTES:
-        raise StoreError(f"{path}: {path.stat().st_size} bytes, larger than the {MAX_JSON_BYTES} allowed")
+def _parse_json(data: bytes, path: Path) -> Any:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise StoreError(f"{path}: not valid JSON ({e})") from e
 
 
-def _read_tensors(folder: Path) -> dict[str, torch.Tensor]:
+def _read_json(path: Path) -> Any:
+    """A stored JSON file (a regular file, not a symlink, at most :data:`MAX_JSON_BYTES`)."""
+    return _parse_json(read_file(path, MAX_JSON_BYTES), path)
+
+
+def _read_tensors(folder: Path, names: frozenset[str], data: bytes | None) -> dict[str, torch.Tensor]:
     path = folder / WEIGHTS_NAME
-    if not path.is_file():
-        pickles = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+    if data is None:
+        pickles = sorted(n for n in names if Path(n).suffix.lower() in PICKLE_SUFFIXES)
         if pickles:
             raise StoreError(f"{folder}: pickle weights are refused ({', '.join(pickles)}): loading pickle "
                              f"can run arbitrary code. Only {WEIGHTS_NAME} is accepted; convert the weights "
                              "to safetensors where you trust their source.")
         raise StoreError(f"{folder}: missing {WEIGHTS_NAME}")
     try:
-        return safetensors.torch.load_file(str(path), device="cpu")
-    except Exception as e:  # safetensors raises its own SafetensorError and OSError subclasses
+        return safetensors.torch.load(data)
+    except Exception as e:  # safetensors raises its own SafetensorError
         raise StoreError(f"{path}: not a readable safetensors file ({e})") from e
 
 
@@ -344,11 +371,14 @@ def load_prompt(path: str | Path, model=None, check_fingerprint: bool = True) ->
         StoreError: naming the folder or file and every problem found.
     """
     folder = Path(path).expanduser()
-    if not folder.is_dir():
-        raise StoreError(f"{folder}: no such prompt folder")
-    tensors = _read_tensors(folder)
+    # one version of the folder even while it is being overwritten; symlinked files are refused
+    snap = read_folder(folder, (WEIGHTS_NAME, CONFIG_NAME, META_NAME),
+                       {CONFIG_NAME: MAX_JSON_BYTES, META_NAME: MAX_JSON_BYTES})
+    tensors = _read_tensors(folder, snap.names, snap.files.get(WEIGHTS_NAME))
     cfg_path = folder / CONFIG_NAME
-    cfg = _read_json(cfg_path)
+    if CONFIG_NAME not in snap.files:
+        raise StoreError(f"{cfg_path}: missing")
+    cfg = _parse_json(snap.files[CONFIG_NAME], cfg_path)
     problems = _config_problems(cfg)
     if problems:
         raise StoreError(f"{cfg_path}: " + "; ".join(problems))
@@ -356,17 +386,20 @@ def load_prompt(path: str | Path, model=None, check_fingerprint: bool = True) ->
     if problems:
         raise StoreError(f"{folder / WEIGHTS_NAME}: " + "; ".join(problems))
     meta_path = folder / META_NAME
-    if meta_path.exists():
-        meta = _read_json(meta_path)
+    if META_NAME in snap.files:
+        meta = _parse_json(snap.files[META_NAME], meta_path)
         method, method_config = _method_from_meta(meta, cfg["peft_type"], meta_path)
     else:  # written by PEFT
         meta, meta_path = {}, cfg_path
         method = PEFT_TYPE_TO_METHOD[cfg["peft_type"]]
-        method_config = PEFT_TYPES[cfg["peft_type"]].method_config(cfg, tensors)
+        try:
+            method_config = PEFT_TYPES[cfg["peft_type"]].method_config(cfg, tensors)
+        except (ValueError, TypeError, KeyError) as e:  # e.g. a string num_attention_heads
+            raise StoreError(f"{cfg_path}: {e}") from e
     stored = StoredPrompt(path=folder, method=method, method_config=method_config, tensors=tensors,
-                          peft_config=cfg, meta=meta)
+                          peft_config=cfg, meta=meta)  # parses and validates meta["task"]
     try:
-        stored.build_method()  # the method's own config and tensor checks
+        stored.build_method()  # the method's own config (field types included) and tensor checks
     except ValueError as e:
         raise StoreError(f"{meta_path}: {e}") from e
     if model is not None:
@@ -417,8 +450,7 @@ def save_prompt(path: str | Path, method: PromptMethod, model, task: dict | None
                         f"({PEFT_TYPES[peft_config['peft_type']].token_dim(model)})")
     if problems:
         raise StoreError(f"refusing to save {path}: " + "; ".join(problems))
-    if task is not None and not isinstance(task, dict):
-        raise StoreError(f"refusing to save {path}: task must be a dict, got {type(task).__name__}")
+    TaskRecord.parse(task, f"refusing to save {path}")  # what load_prompt would refuse is not written
     meta = {
         "format_version": FORMAT_VERSION,
         "method": method.name,

@@ -35,7 +35,8 @@ def import_peft(src: str | Path, dst: str | Path, model, task: dict | None = Non
     if Path(src).expanduser().absolute() == Path(dst).expanduser().absolute():
         raise StoreError(f"{dst}: import source and destination are the same folder")
     meta = stored.meta
-    task = task if task is not None else stored.task
+    record = stored.task_record
+    task = task if task is not None else (None if record is None else record.to_dict())
     return save_prompt(dst, stored.build_method(), model, task=task, train_config=meta.get("train_config"),
                        metrics=meta.get("metrics"), overwrite=overwrite)
 

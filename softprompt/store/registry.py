@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from softprompt.methods import PromptMethod
-from softprompt.store.atomic import fsync_path, write_folder_atomically, write_json
+from softprompt.store.atomic import fsync_path, write_bytes, write_folder_atomically, write_json
 from softprompt.store.entries import (
     COMBINES,
     ENSEMBLE_FILE,
@@ -31,6 +31,7 @@ from softprompt.store.entries import (
     StoreEntry,
     label_problem,
     prompt_labels,
+    prompt_template,
     read_ensemble_file,
     task_labels,
 )
@@ -47,6 +48,8 @@ from softprompt.store.format import (
 )
 from softprompt.store.names import safe_task_name
 from softprompt.store.peft_interop import export_peft
+from softprompt.store.snapshot import READ_TRIES, read_folder
+from softprompt.store.swap import remove_leftovers, settle
 
 STORE_FILE = "store.json"
 STORE_FORMAT = "softprompt-store"
@@ -57,11 +60,12 @@ __all__ = ["COMBINES", "ENSEMBLE_FILE", "STORE_FILE", "EnsembleSpec", "PromptSto
 
 
 def _copy_prompt_files(src: Path, dst: Path) -> None:
-    """Copy the known prompt files of ``src`` into ``dst`` (nothing else: no pickles, no stray files)."""
-    for name in PROMPT_FILES:
-        if (src / name).is_file():
-            shutil.copyfile(src / name, dst / name)
-            fsync_path(dst / name)
+    """Copy the known prompt files of ``src`` into ``dst`` (nothing else: no pickles, no stray files).
+
+    The files are read as one version of ``src`` (it may be overwritten meanwhile); symlinks are refused.
+    """
+    for name, data in read_folder(src, PROMPT_FILES).files.items():
+        write_bytes(dst / name, data)
 
 
 class PromptStore:
@@ -80,6 +84,7 @@ class PromptStore:
         marker = self.root / STORE_FILE
         if marker.is_file():
             self._check_marker(marker)
+            remove_leftovers(self.root)  # what crashed writers left: put back or deleted
             return
         if not create:
             raise StoreError(f"{self.root}: not a prompt store (no {STORE_FILE}); create it with "
@@ -141,13 +146,17 @@ class PromptStore:
             StoreError: invalid name or no such entry (the message lists the entries).
         """
         folder = self._dir(name)
-        if name not in self:
-            raise StoreError(f"{self.root}: no entry {name!r} (entries: {', '.join(self.names()) or 'none'})")
-        return folder
+        for _ in range(READ_TRIES):
+            if name in self:
+                return folder
+            # missing only while an overwrite renames (or a crashed one left it aside)? then look again
+            if not settle(folder) and not folder.exists():
+                break
+        raise StoreError(f"{self.root}: no entry {name!r} (entries: {', '.join(self.names()) or 'none'})")
 
     def kind(self, name: str) -> str:
         """``"ensemble"`` or ``"prompt"`` (by the presence of ``ensemble.json``; not validated)."""
-        return "ensemble" if (self.path(name) / ENSEMBLE_FILE).exists() else "prompt"
+        return "ensemble" if os.path.lexists(self.path(name) / ENSEMBLE_FILE) else "prompt"
 
     def _read_ensemble(self, name: str) -> dict:
         return read_ensemble_file(self.path(name) / ENSEMBLE_FILE)
@@ -201,14 +210,14 @@ class PromptStore:
             if missing:
                 raise StoreError(f"{folder / ENSEMBLE_FILE}: member(s) {', '.join(missing)} missing from the store")
             first = self.load(members[0])
-            return StoreEntry(name=name, kind="ensemble", template=(first.task or {}).get("template"),
+            return StoreEntry(name=name, kind="ensemble", template=prompt_template(first),
                               labels=prompt_labels(first), members=members, combine=data["combine"],
                               created=data.get("created"), path=folder)
         stored = self.load(name)
         metrics = stored.meta.get("metrics")
         return StoreEntry(name=name, kind="prompt", method=stored.method,
                           num_virtual_tokens=stored.peft_config.get("num_virtual_tokens"),
-                          template=(stored.task or {}).get("template"), labels=prompt_labels(stored),
+                          template=prompt_template(stored), labels=prompt_labels(stored),
                           metrics=metrics if isinstance(metrics, dict) else {},
                           created=stored.meta.get("created"), path=folder)
 

@@ -1,0 +1,146 @@
+"""Reading stored files safely: regular files only (never symlinks), a folder as one consistent snapshot.
+
+A prompt folder is several files read one after the other while another process may replace the folder
+(:mod:`softprompt.store.atomic`). :func:`read_folder` opens the folder once and reads its files through
+that handle, then checks the path still names the same folder: an overwrite deletes a folder only after
+swapping it out, so an unchanged folder means every file came from one complete version. Otherwise it
+reads again. Files are opened with ``O_NOFOLLOW``: a symlink inside a prompt folder (to
+``/etc/shadow`` or another user's file) is refused. Every failure is a :class:`StoreError` naming the path.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from softprompt.store.errors import StoreError
+from softprompt.store.swap import settle
+
+READ_TRIES = 100  # a folder replaced this many times during one read is reported instead of read again
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
+_DIR_FD = os.open in os.supports_dir_fd
+
+__all__ = ["FolderSnapshot", "read_file", "read_folder"]
+
+
+@dataclass(frozen=True)
+class FolderSnapshot:
+    """The files of one version of a folder.
+
+    Attributes:
+        path: the folder.
+        names: every name in the folder.
+        files: the content of each wanted file that exists.
+    """
+
+    path: Path
+    names: frozenset[str]
+    files: dict[str, bytes]
+
+
+class _Changed(Exception):
+    """The folder was replaced while being read."""
+
+
+def _refusal(path: Path, err: OSError) -> StoreError:
+    if err.errno == errno.ELOOP or path.is_symlink():
+        return StoreError(f"{path}: is a symbolic link; stored files must be regular files in the prompt folder "
+                          "(refused: a link could point at any file on this machine)")
+    return StoreError(f"{path}: cannot be read ({err.strerror or err})")
+
+
+def _read_fd(fd: int, path: Path, limit: int | None) -> bytes:
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        raise StoreError(f"{path}: not a regular file")
+    if limit is not None and st.st_size > limit:
+        raise StoreError(f"{path}: {st.st_size} bytes, larger than the {limit} allowed")
+    chunks = []
+    while chunk := os.read(fd, 1 << 22):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def read_file(path: Path, limit: int | None = None) -> bytes:
+    """The bytes of one stored file.
+
+    Raises:
+        StoreError: missing, a symlink, not a regular file, larger than ``limit``, or unreadable.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | _NOFOLLOW)
+    except FileNotFoundError:
+        raise StoreError(f"{path}: missing") from None
+    except OSError as e:
+        raise _refusal(path, e) from None
+    try:
+        return _read_fd(fd, path, limit)
+    except OSError as e:
+        raise _refusal(path, e) from None
+    finally:
+        os.close(fd)
+
+
+def _read_once(folder: Path, wanted: tuple[str, ...], limits: dict[str, int]) -> FolderSnapshot:
+    try:
+        dfd = os.open(folder, os.O_RDONLY | _DIRECTORY)
+    except (FileNotFoundError, NotADirectoryError):
+        if settle(folder) or folder.exists():  # an overwrite was under way, or a crashed one was undone
+            raise _Changed from None
+        raise StoreError(f"{folder}: no such prompt folder") from None
+    except OSError as e:
+        raise StoreError(f"{folder}: cannot be read ({e.strerror or e})") from None
+    try:
+        before = os.fstat(dfd)
+        names = frozenset(os.listdir(dfd if _DIR_FD else folder))
+        files = {}
+        for name in wanted:
+            if name not in names:
+                continue
+            try:
+                fd = (os.open(name, os.O_RDONLY | _NOFOLLOW, dir_fd=dfd) if _DIR_FD
+                      else os.open(folder / name, os.O_RDONLY | _NOFOLLOW))
+            except FileNotFoundError:  # deleted after listing: the folder was replaced
+                raise _Changed from None
+            except OSError as e:
+                raise _refusal(folder / name, e) from None
+            try:
+                files[name] = _read_fd(fd, folder / name, limits.get(name))
+            finally:
+                os.close(fd)
+        try:
+            after = os.stat(folder)
+        except OSError:
+            raise _Changed from None
+        if (after.st_dev, after.st_ino) != (before.st_dev, before.st_ino):
+            raise _Changed
+        return FolderSnapshot(folder, names, files)
+    except OSError as e:
+        raise StoreError(f"{folder}: cannot be read ({e.strerror or e})") from None
+    finally:
+        os.close(dfd)
+
+
+def read_folder(folder: Path, wanted: tuple[str, ...], limits: dict[str, int] | None = None) -> FolderSnapshot:
+    """Read the ``wanted`` files of ``folder`` (those that exist) from one version of it.
+
+    Args:
+        folder: the folder (a symlinked folder given by the caller is followed; files inside it are not).
+        wanted: file names to read.
+        limits: largest size in bytes allowed per file name.
+
+    Raises:
+        StoreError: the folder is missing, a wanted file is a symlink or not a regular file or too large,
+            or the folder kept being replaced during :data:`READ_TRIES` reads.
+    """
+    for attempt in range(READ_TRIES):
+        try:
+            return _read_once(folder, wanted, limits or {})
+        except _Changed:
+            time.sleep(min(0.0005 * (attempt + 1), 0.02))
+    raise StoreError(f"{folder}: replaced {READ_TRIES} times while being read; try again")
