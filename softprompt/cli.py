@@ -73,35 +73,37 @@ def _resolve(ns: argparse.Namespace, sections: list[str], problems: list[str] | 
 
 
 def _task_meta(data_args, fmt) -> dict:
-    # labels: the class order of a classification head (the verbalizer is stored as a JSON object, whose
-    # key order is not kept)
-    return {"dataset": data_args.dataset, "template": fmt.template, "target_field": fmt.target_field,
-            "verbalizer": fmt.verbalizer, "target_prefix": fmt.target_prefix, "labels": fmt.labels or None}
+    """The ``task`` record stored with a prompt trained on ``fmt`` (labels: a classification head's order)."""
+    from softprompt.store.task_record import TaskRecord
+
+    return TaskRecord.from_format(fmt, data_args.dataset).to_dict()
 
 
-def _load_task(data_args, stored_task: dict | None = None, classifier: bool = False):
+def _load_task(data_args, stored_task=None, classifier: bool = False):
     """Load the task; unset data flags fall back to the stored prompt's task, then to rotten_tomatoes.
 
+    ``stored_task`` is the prompt's validated :class:`~softprompt.store.task_record.TaskRecord` (or None).
     A stored prompt's recorded label order is kept; for a ``classifier`` prompt (its head's outputs are
     those labels in that order) the task must have exactly those labels.
     """
     from softprompt.data import load_task, order_verbalizer, parse_verbalizer
+    from softprompt.store.task_record import TaskRecord
 
-    stored_task = stored_task or {}
+    stored_task = stored_task or TaskRecord()
     dataset = data_args.dataset
     if dataset is None and not data_args.uses_files():
-        dataset = stored_task.get("dataset") or "rotten_tomatoes"
+        dataset = stored_task.dataset or "rotten_tomatoes"
         data_args.dataset = dataset
-    verbalizer = parse_verbalizer(data_args.verbalizer) if data_args.verbalizer else stored_task.get("verbalizer")
-    labels = stored_task.get("labels")
+    verbalizer = parse_verbalizer(data_args.verbalizer) if data_args.verbalizer else stored_task.verbalizer
+    labels = None if stored_task.labels is None else list(stored_task.labels)
     verbalizer = order_verbalizer(verbalizer, labels)
-    if classifier and isinstance(labels, list) and list(verbalizer or {}) != labels:
+    if classifier and labels is not None and list(verbalizer or {}) != labels:
         raise ConfigError(f"--verbalizer labels {sorted(verbalizer or {})} differ from the {len(labels)} classes "
                           f"the prompt's head was trained on ({', '.join(labels)})")
     return load_task(
         dataset=dataset, train_file=data_args.train_file, validation_file=data_args.validation_file,
-        test_file=data_args.test_file, template=data_args.template or stored_task.get("template"),
-        target_field=data_args.target_field or stored_task.get("target_field"),
+        test_file=data_args.test_file, template=data_args.template or stored_task.template,
+        target_field=data_args.target_field or stored_task.target_field,
         verbalizer=verbalizer, max_samples=data_args.max_samples(), seed=data_args.data_seed)
 
 
@@ -303,7 +305,8 @@ def cmd_eval(ns: argparse.Namespace) -> int:
         print(f"{split} split, store {ns.store}:")
     else:
         check_model_compatible(stored, model, check_fingerprint=not ns.no_fingerprint_check)
-        task = _load_task(args["data"], stored.task, classifier=stored.peft_config.get("task_type") == "SEQ_CLS")
+        task = _load_task(args["data"], stored.task_record,
+                          classifier=stored.peft_config.get("task_type") == "SEQ_CLS")
         method = stored.build_method().to(model.device).eval()
         with torch.no_grad():
             kv = inject.compute_prompt_kv(model, method())
@@ -322,6 +325,7 @@ def _eval_store(ns, args, model, tok) -> dict:
     from softprompt.engine import Engine
     from softprompt.evaluate import evaluate_on_engine
     from softprompt.store import PromptStore
+    from softprompt.store.task_record import TaskRecord
 
     store = PromptStore(ns.store)
     names = [t.strip() for t in ns.task.split(",") if t.strip()] if ns.task else store.names()
@@ -334,10 +338,11 @@ def _eval_store(ns, args, model, tok) -> dict:
         meta = t.meta or {}  # an ensemble's: its first member's (the members share their labels)
         task_args = dataclasses.replace(data)
         recorded = (meta.get("train_config") or {}).get("data") or {}
-        if task_args.dataset is None and not task_args.uses_files() and not (meta.get("task") or {}).get("dataset"):
+        record = TaskRecord.parse(meta.get("task"), name)  # validated when the entry was loaded
+        if task_args.dataset is None and not task_args.uses_files() and not (record and record.dataset):
             for key in ("train_file", "validation_file", "test_file"):  # trained on files: use them again
                 setattr(task_args, key, recorded.get(key))
-        task = _load_task(task_args, meta.get("task"))
+        task = _load_task(task_args, record)
         t0 = time.perf_counter()
         report[name] = evaluate_on_engine(engine, {name: name}, task.examples(ev.split), task.format,
                                           ev.max_new_tokens)[name]
@@ -398,7 +403,9 @@ def build_app(args: dict):
     sv = args["serve"]
     model, tok = _load_model(args)
     store = PromptStore(sv.store) if sv.store else None
-    engine = (Engine.from_store(store, model, tok, names=sv.tasks or None, max_batch_size=sv.max_batch_size)
+    # serving the whole store, one broken entry is skipped (logged); a broken entry named by --tasks is an error
+    engine = (Engine.from_store(store, model, tok, names=sv.tasks or None, skip_broken=not sv.tasks,
+                                max_batch_size=sv.max_batch_size)
               if store else Engine(model, tok, max_batch_size=sv.max_batch_size))
     if sv.base_task and not engine.encoder:  # an encoder classifier has nothing to serve without a prompt
         engine.add_base(sv.base_task)

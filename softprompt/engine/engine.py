@@ -12,6 +12,7 @@ On an encoder sequence classifier the engine classifies only, each task with its
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from softprompt import inject
-from softprompt.data import TaskFormat, order_verbalizer
+from softprompt.data import TaskFormat
 from softprompt.engine.batching import MixedBatch, Row, mixed_batches
 from softprompt.engine.encoder import classify_encoder
 from softprompt.engine.ensemble import combine
@@ -38,8 +39,10 @@ from softprompt.engine.requests import (
     UnknownTaskError,
 )
 from softprompt.store.errors import StoreError
+from softprompt.store.task_record import TaskRecord
 
 COMBINES = ("mean", "vote")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -66,16 +69,19 @@ class Task:
         return fmt.labels if fmt is not None and fmt.is_classification else None
 
 
-def task_format(task_meta: dict | None) -> TaskFormat | None:
+def task_format(task: TaskRecord | dict | None) -> TaskFormat | None:
     """The :class:`TaskFormat` recorded with a stored prompt (None when it has no template).
 
-    Labels keep their recorded order (``labels``; a classification head's outputs are in that order).
+    Args:
+        task: the prompt's validated ``stored.task_record``, or a raw ``task`` object (parsed by the same
+            :class:`~softprompt.store.task_record.TaskRecord` rules). Labels keep their recorded order (a
+            classification head's outputs are in that order).
+
+    Raises:
+        StoreError: a raw ``task`` object is malformed.
     """
-    if not task_meta or not task_meta.get("template"):
-        return None
-    return TaskFormat(task_meta["template"], task_meta.get("target_field") or "target",
-                      order_verbalizer(task_meta.get("verbalizer"), task_meta.get("labels")),
-                      task_meta.get("target_prefix") or " ")
+    record = task if isinstance(task, TaskRecord) else TaskRecord.parse(task, "task")
+    return None if record is None else record.format()
 
 
 class Engine:
@@ -120,11 +126,24 @@ class Engine:
     # ----------------------------------------------------------------------------------- loading
     @classmethod
     def from_store(cls, store, model, tokenizer, names: list[str] | None = None, check_fingerprint: bool = True,
-                   **kwargs) -> Engine:
-        """An engine serving ``names`` (default: every entry) of a :class:`PromptStore`."""
+                   skip_broken: bool = False, **kwargs) -> Engine:
+        """An engine serving ``names`` (default: every entry) of a :class:`PromptStore`.
+
+        Args:
+            skip_broken: an entry that cannot be served (malformed, or not fitting the model) is skipped
+                with a logged warning naming it and the error, and the rest are served; otherwise it raises.
+
+        Raises:
+            StoreError, EngineError: an entry cannot be served (without ``skip_broken``).
+        """
         engine = cls(model, tokenizer, **kwargs)
         for name in names if names is not None else store.names():
-            engine.load_from_store(store, name, check_fingerprint)
+            try:
+                engine.load_from_store(store, name, check_fingerprint)
+            except (StoreError, EngineError) as e:
+                if not skip_broken:
+                    raise
+                log.warning("not serving store entry %r: %s", name, e)
         return engine
 
     def load_from_store(self, store, name: str, check_fingerprint: bool = True) -> Task:
