@@ -1,0 +1,387 @@
+"""One bad stored file never hurts anything else (issue 9, store part).
+
+Malformed ``softprompt.json`` fields, overwrites racing readers and crashes mid-overwrite, prompts that
+overflow in the model's dtype, and symlinked files inside prompt folders: each is refused with a
+:class:`StoreError` naming the file (and field), and the rest of the store keeps working.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import re
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from softprompt import cli
+from softprompt.data import DataError, TaskFormat
+from softprompt.engine import ClassifyRequest, Engine
+from softprompt.methods import METHODS, build_method
+from softprompt.store import (
+    CONFIG_NAME,
+    META_NAME,
+    WEIGHTS_NAME,
+    PromptStore,
+    StoreError,
+    atomic,
+    check_model_compatible,
+    load_prompt,
+    save_prompt,
+    snapshot,
+)
+from softprompt.store.entries import ENSEMBLE_FILE
+from tests.conftest import make_model
+
+P = 4
+TASK = {"template": "Review: {text}\nSentiment:", "target_field": "label",
+        "verbalizer": {"positive": "good", "negative": "bad"}}
+OTHER_TASK = {"template": "Country: {text}\nCapital:", "target_field": "label",
+              "verbalizer": {"positive": "great", "negative": "awful"}}
+
+
+def prompt(model, tokenizer, seed: int = 0):
+    return build_method("prompt_tuning", {"num_virtual_tokens": P, "init": "random", "seed": seed}, model,
+                        tokenizer)
+
+
+def edit_json(path: Path, change) -> None:
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+def run_cli(*argv) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = cli.main([str(a) for a in argv])
+    return rc, out.getvalue(), err.getvalue()
+
+
+def set_in(section: str | None, key: str, value):
+    def change(meta: dict) -> None:
+        (meta[section] if section else meta)[key] = value
+    return change
+
+
+# (what is wrong, edit of softprompt.json, text the StoreError must contain after the file name)
+MALFORMED = [
+    ("dropout null", set_in("method_config", "dropout", None), "dropout"),
+    ("vocab_sample_size string", set_in("method_config", "vocab_sample_size", "5"), "vocab_sample_size"),
+    ("init_scale string", set_in("method_config", "init_scale", "big"), "init_scale"),
+    ("seed float", set_in("method_config", "seed", 1.5), "seed"),
+    ("template int", set_in("task", "template", 123),
+     "task.template must be a string with at least one {field}, got 123"),
+    ("template without field", set_in("task", "template", "Review: nothing"), "task.template"),
+    ("template format spec", set_in("task", "template", "Review: {text:d}"), "task.template"),
+    ("template conversion", set_in("task", "template", "Review: {text!r}"), "task.template"),
+    ("template attribute", set_in("task", "template", "Review: {text.upper}"), "task.template"),
+    ("template bad braces", set_in("task", "template", "Review: {text"), "task.template"),
+    ("template uses target", set_in("task", "template", "Review: {label}"), "task.template"),
+    ("target_prefix int", set_in("task", "target_prefix", 5), "task.target_prefix"),
+    ("target_field list", set_in("task", "target_field", ["label"]), "task.target_field"),
+    ("verbalizer list", set_in("task", "verbalizer", ["good", "bad"]), "task.verbalizer"),
+    ("verbalizer text int", set_in("task", "verbalizer", {"positive": 1, "negative": "bad"}), "task.verbalizer"),
+    ("verbalizer same texts", set_in("task", "verbalizer", {"positive": "ok", "negative": "ok"}),
+     "task.verbalizer"),
+    ("labels other set", set_in("task", "labels", ["yes", "no"]), "task.labels"),
+    ("labels string", set_in("task", "labels", "positive"), "task.labels"),
+    ("dataset int", set_in("task", "dataset", 7), "task.dataset"),
+]
+MALFORMED_IDS = [m[0] for m in MALFORMED]
+
+
+@pytest.fixture
+def store(tmp_path, model, tokenizer) -> PromptStore:
+    """Entries good (classification) and bad (to be broken by a test), both valid when written."""
+    s = PromptStore(tmp_path / "store", create=True)
+    s.save("good", prompt(model, tokenizer, 1), model, task=TASK)
+    s.save("bad", prompt(model, tokenizer, 2), model, task=TASK)
+    return s
+
+
+# ----- item 8: malformed softprompt.json ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("what", "change", "expected"), MALFORMED, ids=MALFORMED_IDS)
+def test_malformed_meta_is_a_store_error_naming_file_and_field(store, what, change, expected):
+    meta = store.path("bad") / META_NAME
+    edit_json(meta, change)
+    with pytest.raises(StoreError, match=re.escape(f"{meta}: ") + ".*" + re.escape(expected)):
+        store.load("bad")
+    listed = {e.name: e for e in store.list()}
+    assert listed["bad"].kind == "broken" and str(meta) in listed["bad"].error and expected in listed["bad"].error
+    assert listed["good"].kind == "prompt" and sorted(listed["good"].labels) == ["negative", "positive"]
+
+
+def test_store_list_cli_lists_broken_and_the_rest(store):
+    edit_json(store.path("bad") / META_NAME, set_in("task", "template", 123))
+    rc, out, err = run_cli("store", "list", "--store", store.root)
+    assert rc == 0 and "Traceback" not in err
+    rows = {line.split()[0]: line.split()[1] for line in out.splitlines()[1:] if not line.startswith("broken")}
+    assert rows == {"bad": "broken", "good": "prompt"}
+    assert f"broken bad: {store.path('bad') / META_NAME}: task.template must be a string" in out
+
+
+def test_engine_from_store_skips_broken_entries_when_asked(store, model, tokenizer, caplog):
+    meta = store.path("bad") / META_NAME
+    edit_json(meta, set_in("task", "template", "Review: {text:d}"))
+    with pytest.raises(StoreError, match=re.escape(f"{meta}: task.template")):
+        Engine.from_store(store, model, tokenizer)
+    with caplog.at_level(logging.WARNING):
+        engine = Engine.from_store(store, model, tokenizer, skip_broken=True)
+    assert engine.task_names() == ["good"]
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and "'bad'" in warned[0] and f"{meta}: task.template" in warned[0]
+    assert engine.classify([ClassifyRequest("good", "a good film")])[0].label in ("positive", "negative")
+
+
+def test_serve_skips_broken_entries_but_not_named_ones(store, tiny_model_dir, monkeypatch):
+    import uvicorn
+
+    from softprompt import server
+
+    meta = store.path("bad") / META_NAME
+    edit_json(meta, set_in("method_config", "dropout", None))
+    states, served = [], []
+    monkeypatch.setattr(server, "create_app", lambda state: states.append(state) or "app")
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: served.append(app))
+    rc, _, err = run_cli("serve", "--model", tiny_model_dir, "--store", store.root)
+    assert rc == 0 and served == ["app"] and "Traceback" not in err
+    assert sorted(states[0].engine.task_names()) == ["base", "good"]
+    rc, _, err = run_cli("serve", "--model", tiny_model_dir, "--store", store.root, "--tasks", "good,bad")
+    assert rc == 2 and served == ["app"]
+    assert f"{meta}: " in err and "dropout" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("change", [set_in("task", "template", "Review: {text:d}"),
+                                    set_in("task", "verbalizer", ["good", "bad"]),
+                                    set_in("method_config", "vocab_sample_size", "5")])
+def test_eval_and_generate_report_malformed_files(store, tiny_model_dir, change):
+    meta = store.path("bad") / META_NAME
+    edit_json(meta, change)
+    rc, _, err = run_cli("eval", "--prompt", store.path("bad"), "--model", tiny_model_dir)
+    assert rc == 2 and err.startswith(f"softprompt eval: error: {meta}: ")
+    rc, out, err = run_cli("generate", "--store", store.root, "--task", "bad", "--input", "a film",
+                           "--model", tiny_model_dir)
+    assert rc == 2 and out == "" and f"softprompt generate: error: {meta}: " in err
+
+
+@pytest.mark.parametrize("template", ["Review: {text:d}", "Review: {text!r}", "Review: {text:>10}",
+                                      "Review: {text!s:x}"])
+def test_task_format_refuses_format_specs_and_conversions(template):
+    with pytest.raises(DataError, match="placeholder"):
+        TaskFormat(template, "label")
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_method_configs_reject_wrong_types_with_a_message(method):
+    cls = METHODS[method].config_class
+    for name, value in cls().to_dict().items():
+        bad = None if not isinstance(value, str) else 5
+        with pytest.raises(ValueError, match=re.escape(name)):
+            cls.from_dict({**cls().to_dict(), name: bad})
+    assert cls.from_dict({**cls().to_dict(), "dropout": 0}).dropout == 0  # an int is a fine float
+
+
+def test_old_valid_task_records_still_load(tmp_path, model, tokenizer):
+    out = save_prompt(tmp_path / "p", prompt(model, tokenizer), model, task={"template": "{text}"})
+    stored = load_prompt(out)
+    assert stored.task_record.template == "{text}" and stored.task_record.verbalizer is None
+    fmt = stored.task_record.format()
+    assert (fmt.template, fmt.target_field, fmt.target_prefix, fmt.verbalizer) == ("{text}", "target", " ", None)
+    edit_json(out / META_NAME, lambda m: m.__setitem__("task", {**TASK, "labels": ["negative", "positive"],
+                                                                "dataset": "rotten_tomatoes", "note": 1}))
+    record = load_prompt(out).task_record
+    assert record.labels == ("negative", "positive") and list(record.verbalizer) == ["negative", "positive"]
+    assert record.format().labels == ["negative", "positive"] and record.dataset == "rotten_tomatoes"
+    assert save_prompt(tmp_path / "q", prompt(model, tokenizer), model, task=TASK)  # writers validate too
+    with pytest.raises(StoreError, match=re.escape("task.template must be a string with at least one {field}")):
+        save_prompt(tmp_path / "r", prompt(model, tokenizer), model, task={**TASK, "template": "no field"})
+
+
+# ----- item 10: overwrites racing readers, crashes mid-overwrite ----------------------------------------
+
+
+@pytest.fixture(params=["exchange", "two renames"])
+def swap_mode(request, monkeypatch):
+    """Run with the atomic exchange of the platform, and with the two-rename fallback."""
+    if request.param == "two renames":
+        monkeypatch.setattr(atomic, "exchange", lambda a, b: False)
+    elif not atomic.exchange_supported():
+        pytest.skip("no atomic exchange on this platform")
+    return request.param
+
+
+def test_overwrite_while_loading_never_fails_or_tears(store, model, tokenizer, swap_mode):
+    methods = [prompt(model, tokenizer, 11), prompt(model, tokenizer, 12)]
+    tasks = [TASK, OTHER_TASK]
+    expected = [(m.saved_tensors()["prompt_embeddings"], t["template"]) for m, t in zip(methods, tasks, strict=True)]
+    store.save("t", methods[0], model, task=tasks[0])
+    stop, failures, loads = threading.Event(), [], [0]
+
+    def reader() -> None:
+        while not stop.is_set():
+            try:
+                got = store.load("t")
+            except Exception as e:  # noqa: BLE001 - every failure is collected and reported
+                failures.append(repr(e))
+                continue
+            pair = (got.tensors["prompt_embeddings"], got.task["template"])
+            if not any(torch.equal(pair[0], t) and pair[1] == tpl for t, tpl in expected):
+                failures.append(f"torn or unknown entry: template {pair[1]!r}")
+            loads[0] += 1
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        for i in range(60):
+            store.save("t", methods[(i + 1) % 2], model, task=tasks[(i + 1) % 2], overwrite=True)
+            time.sleep(0.001)
+    finally:
+        stop.set()
+        thread.join(30)
+    assert failures == [] and loads[0] > 0
+    assert sorted(p.name for p in store.root.iterdir()) == ["bad", "good", "store.json", "t"]
+
+
+class Crash(BaseException):
+    """The process dies here: nothing after it runs, not even clean-up."""
+
+
+def crash_at(monkeypatch, step: int) -> list[str]:
+    """From the ``step``-th filesystem change on, every change raises :class:`Crash` (a dead process)."""
+    calls: list[str] = []
+    dead = [False]
+
+    def hook(name, real):
+        def fake(*args, **kwargs):
+            if dead[0] or len(calls) == step:
+                dead[0] = True
+                raise Crash(name)
+            calls.append(name)
+            return real(*args, **kwargs)
+        return fake
+
+    for mod, name in ((os, "replace"), (os, "rename"), (os, "rmdir"), (shutil, "rmtree"), (atomic, "exchange")):
+        monkeypatch.setattr(mod, name, hook(name, getattr(mod, name)))
+    return calls
+
+
+def test_crash_at_any_step_of_an_overwrite_leaves_a_loadable_entry(store, model, tokenizer, monkeypatch,
+                                                                  swap_mode):
+    old, new = prompt(model, tokenizer, 21), prompt(model, tokenizer, 22)
+    old_t, new_t = (m.saved_tensors()["prompt_embeddings"] for m in (old, new))
+    step, outcomes = 0, set()
+    while True:
+        store.save("t", old, model, task=TASK, overwrite="t" in store)
+        with monkeypatch.context() as m:
+            if swap_mode == "two renames":
+                m.setattr(atomic, "exchange", lambda a, b: False)
+            calls = crash_at(m, step)
+            try:
+                store.save("t", new, model, task=TASK, overwrite=True)
+                finished = True
+            except Crash:
+                finished = False
+        reopened = PromptStore(store.root)  # the next process: no manual fix
+        got = reopened.load("t").tensors["prompt_embeddings"]
+        assert torch.equal(got, old_t) or torch.equal(got, new_t), f"crash at step {step} ({calls})"
+        outcomes.add("new" if torch.equal(got, new_t) else "old")
+        assert reopened.names() == ["bad", "good", "t"]
+        for leftover in store.root.glob(".*"):  # aged past any live writer: the next open removes them
+            os.utime(leftover, (time.time() - 3600, time.time() - 3600))
+        PromptStore(store.root)
+        assert sorted(p.name for p in store.root.iterdir()) == ["bad", "good", "store.json", "t"], step
+        if finished:
+            break
+        step += 1
+    assert step >= 2 and outcomes == {"old", "new"}
+
+
+def test_a_folder_replaced_while_being_read_is_read_again(store, model, tokenizer, monkeypatch):
+    """The overwrite lands after the reader opened the folder: its files are gone, the new version is read."""
+    new = prompt(model, tokenizer, 31)
+    real_listdir, overwrites = os.listdir, []
+
+    def overwrite_then_list(target):
+        if not overwrites:
+            overwrites.append("good")
+            store.save("good", new, model, task=OTHER_TASK, overwrite=True)
+        return real_listdir(target)
+
+    monkeypatch.setattr(os, "listdir", overwrite_then_list)
+    got = store.load("good")
+    assert overwrites and got.task["template"] == OTHER_TASK["template"]
+    assert torch.equal(got.tensors["prompt_embeddings"], new.saved_tensors()["prompt_embeddings"])
+
+
+def test_readers_never_see_raw_os_errors(store, monkeypatch):
+    real_open = os.open
+
+    def vanishing_open(path, *args, **kwargs):
+        if str(path).endswith(CONFIG_NAME):
+            raise FileNotFoundError(2, "No such file or directory", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", vanishing_open)
+    monkeypatch.setattr(snapshot, "READ_TRIES", 3)
+    with pytest.raises(StoreError, match=re.escape(str(store.path("good")))):
+        store.load("good")
+    assert {e.name: e.kind for e in store.list()}["good"] == "broken"
+
+
+# ----- item 11: finite in the model's dtype -------------------------------------------------------------
+
+
+def test_prompt_overflowing_the_model_dtype_is_refused(tmp_path, model, tokenizer):
+    method = prompt(model, tokenizer)
+    with torch.no_grad():
+        method.embeddings[0, 0] = 1e6  # finite in float32, inf in float16
+    out = save_prompt(tmp_path / "p", method, model, task=TASK)
+    assert load_prompt(out, model=model).tensors["prompt_embeddings"][0, 0] == 1e6  # fine for a float32 model
+    assert load_prompt(out, model=make_model("llama").to(torch.bfloat16))  # bfloat16 holds 1e6
+    half = make_model("llama").half()
+    expected = re.escape(f"{out}: tensor 'prompt_embeddings' ") + ".*" + re.escape("torch.float16")
+    with pytest.raises(StoreError, match=expected):
+        load_prompt(out, model=half)
+    with pytest.raises(StoreError, match=expected):
+        check_model_compatible(load_prompt(out), half)
+
+
+# ----- item 12: symlinked files inside prompt folders ---------------------------------------------------
+
+
+@pytest.mark.parametrize("name", [WEIGHTS_NAME, CONFIG_NAME, META_NAME])
+def test_symlinked_prompt_files_are_refused(store, tmp_path, name):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    entry = store.path("bad")
+    shutil.move(entry / name, elsewhere / name)
+    (entry / name).symlink_to(elsewhere / name)
+    expected = re.escape(str(entry / name)) + ".*symbolic link"
+    with pytest.raises(StoreError, match=expected):
+        load_prompt(entry)
+    with pytest.raises(StoreError, match=expected):
+        store.load("bad")
+    assert {e.name: e.kind for e in store.list()} == {"bad": "broken", "good": "prompt"}
+    with pytest.raises(StoreError, match=expected):
+        store.add("copy", entry)
+    assert "copy" not in store
+
+
+def test_symlinked_ensemble_file_is_refused(store, tmp_path):
+    store.add_ensemble("ens", ["good", "bad"])
+    path = store.path("ens") / ENSEMBLE_FILE
+    shutil.move(path, tmp_path / ENSEMBLE_FILE)
+    path.symlink_to(tmp_path / ENSEMBLE_FILE)
+    with pytest.raises(StoreError, match=re.escape(str(path)) + ".*symbolic link"):
+        store.ensemble("ens")
+    assert {e.name: e.kind for e in store.list()}["ens"] == "broken"
