@@ -392,6 +392,19 @@ def cmd_generate(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _read_token_file(path: str | None) -> str | None:
+    """The admin token kept in a file (first line, surrounding whitespace dropped), so no process list shows it."""
+    if path is None:
+        return None
+    try:
+        token = Path(path).read_text(encoding="utf-8").strip().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--admin-token-file {path!r}: cannot read it ({e})") from e
+    if not token or not token[0].strip():
+        raise ConfigError(f"--admin-token-file {path!r} is empty")
+    return token[0].strip()
+
+
 def build_app(args: dict):
     """The server application for resolved ``model`` and ``serve`` sections (used by ``serve`` and tests)."""
     import os
@@ -401,6 +414,7 @@ def build_app(args: dict):
     from softprompt.store import PromptStore
 
     sv = args["serve"]
+    token = sv.admin_token or _read_token_file(sv.admin_token_file) or os.environ.get("SOFTPROMPT_ADMIN_TOKEN")
     model, tok = _load_model(args)
     store = PromptStore(sv.store) if sv.store else None
     # serving the whole store, one broken entry is skipped (logged); a broken entry named by --tasks is an error
@@ -409,9 +423,9 @@ def build_app(args: dict):
               if store else Engine(model, tok, max_batch_size=sv.max_batch_size))
     if sv.base_task and not engine.encoder:  # an encoder classifier has nothing to serve without a prompt
         engine.add_base(sv.base_task)
-    token = sv.admin_token or os.environ.get("SOFTPROMPT_ADMIN_TOKEN")
     state = ServerState(engine, Scheduler(engine, sv.max_batch_size, sv.max_wait_ms, sv.max_queue), store=store,
-                        admin_token=token, max_tokens=sv.max_tokens)
+                        admin_token=token, max_tokens=sv.max_tokens, max_body_bytes=sv.max_body_bytes,
+                        max_input_chars=sv.max_input_chars)
     log.info("serving %d tasks: %s%s", len(engine.task_names()), ", ".join(engine.task_names()),
              "" if token else " (admin endpoints disabled: no --admin-token / SOFTPROMPT_ADMIN_TOKEN)")
     return create_app(state)

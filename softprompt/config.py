@@ -301,10 +301,17 @@ class ServeArgs:
     max_queue: int = 1024
     max_tokens: int = 512
     admin_token: str | None = None
+    admin_token_file: str | None = None
+    max_body_bytes: int = 4 * 1024 * 1024
+    max_input_chars: int = 100_000
 
     def __post_init__(self):
         problems = []
-        for name in ("max_batch_size", "max_queue", "max_tokens"):
+        if self.admin_token and self.admin_token_file:
+            problems.append("--admin-token and --admin-token-file both given: use one")
+        if self.admin_token_file is not None and not Path(self.admin_token_file).is_file():
+            problems.append(f"--admin-token-file {self.admin_token_file!r} is not a file")
+        for name in ("max_batch_size", "max_queue", "max_tokens", "max_body_bytes", "max_input_chars"):
             if getattr(self, name) < 1:
                 problems.append(f"{flag(name)} must be >= 1, got {getattr(self, name)}")
         _keep(problems, check_real("--max-wait-ms", self.max_wait_ms, lambda v: v >= 0, ">= 0"))

@@ -355,3 +355,25 @@ def test_admin_token_is_compared_in_constant_time(setup, monkeypatch):
     r = httpx.post(url + "/admin/tasks/t0/unload", headers={"Authorization": "Bearer wrong"})
     assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
     assert calls == [(b"Bearer wrong", f"Bearer {TOKEN}".encode())]
+
+
+def test_admin_token_from_a_file(tmp_path, tiny_model_dir):
+    from softprompt.cli import build_app
+    from softprompt.config import ConfigError, ModelArgs, ServeArgs
+
+    token = tmp_path / "token"
+    token.write_text("from-a-file\n")
+    app = build_app({"model": ModelArgs(model=str(tiny_model_dir), device="cpu"),
+                     "serve": ServeArgs(admin_token_file=str(token))})
+    with TestClient(app) as client:
+        assert client.post("/admin/tasks/base/unload", headers={"Authorization": "Bearer x"}).status_code == 401
+        r = client.post("/admin/tasks/base/unload", headers={"Authorization": "Bearer from-a-file"})
+        assert r.status_code == 400 and "no --store" in r.json()["error"]["message"]  # past the token check
+    with pytest.raises(ConfigError, match="--admin-token-file"):
+        ServeArgs(admin_token_file=str(tmp_path / "missing"))
+    with pytest.raises(ConfigError, match="both given"):
+        ServeArgs(admin_token="a", admin_token_file=str(token))
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(ConfigError, match="is empty"):
+        build_app({"model": ModelArgs(model=str(tiny_model_dir), device="cpu"),
+                   "serve": ServeArgs(admin_token_file=str(tmp_path / "empty"))})
