@@ -109,6 +109,31 @@ def tiny_model_dir(tmp_path_factory):
     return d
 
 
+def serve(app):
+    """Run an ASGI ``app`` under uvicorn on a free 127.0.0.1 port in a thread; returns ``(url, stop)``."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="critical"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    for _ in range(200):
+        if server.started:
+            break
+        time.sleep(0.05)
+
+    def stop():
+        server.should_exit = True
+        thread.join(timeout=10)
+
+    return f"http://127.0.0.1:{sock.getsockname()[1]}", stop
+
+
 def pytest_collection_modifyitems(config, items):
     """``gpu`` tests run only where CUDA is present (never in CI)."""
     if torch.cuda.is_available():

@@ -5,21 +5,19 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import socket
-import threading
 import time
 
 import httpx
 import pytest
 
 pytest.importorskip("fastapi")
-import uvicorn  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
 from softprompt.engine import ClassifyRequest, Engine, GenerateRequest  # noqa: E402
 from softprompt.methods import build_method  # noqa: E402
 from softprompt.server import Scheduler, ServerState, create_app  # noqa: E402
 from softprompt.store import PromptStore  # noqa: E402
-from tests.conftest import make_model  # noqa: E402
+from tests.conftest import make_model, serve  # noqa: E402
 
 SENT = {"template": "Review: {text}\nSentiment:", "target_field": "label",
         "verbalizer": {"positive": "positive", "negative": "negative"}}
@@ -51,19 +49,9 @@ def served(tmp_path_factory, tokenizer):
 @pytest.fixture(scope="module")
 def live(served):
     """The app under uvicorn on a free 127.0.0.1 port, in a thread."""
-    _, app = served
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    for _ in range(200):
-        if server.started:
-            break
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    url, stop = serve(served[1])
+    yield url
+    stop()
 
 
 def direct(state, kind, reqs):

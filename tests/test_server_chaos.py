@@ -22,9 +22,9 @@ pytest.importorskip("fastapi")
 from softprompt.engine import ClassifyRequest, Engine, GenerateRequest, ScoreRequest  # noqa: E402
 from softprompt.server import Scheduler, ServerState, create_app  # noqa: E402
 from softprompt.store import META_NAME, WEIGHTS_NAME, PromptStore  # noqa: E402
-from tests.conftest import make_model  # noqa: E402
+from tests.conftest import make_model, serve  # noqa: E402
 from tests.test_server import TOKEN, WORDS, make_store  # noqa: E402
-from tests.test_server_hostile import HOSTILE, post, serve  # noqa: E402
+from tests.test_server_hostile import HOSTILE, post  # noqa: E402
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 STABLE = [f"t{i}" for i in range(6)]  # always served: their answers must never change

@@ -13,33 +13,13 @@ import httpx
 import pytest
 
 pytest.importorskip("fastapi")
-import uvicorn  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
 from softprompt.engine import ClassifyRequest, Engine, GenerateRequest  # noqa: E402
 from softprompt.server import Scheduler, ServerState, create_app  # noqa: E402
 from softprompt.server.scheduler import QueueFullError  # noqa: E402
-from tests.conftest import make_model  # noqa: E402
+from tests.conftest import make_model, serve  # noqa: E402
 from tests.test_server import TOKEN, make_store  # noqa: E402
-
-
-def serve(app):
-    """Run ``app`` under uvicorn on a free 127.0.0.1 port; returns (url, stop)."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="critical"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    for _ in range(200):
-        if server.started:
-            break
-        time.sleep(0.05)
-
-    def stop():
-        server.should_exit = True
-        thread.join(timeout=10)
-
-    return f"http://127.0.0.1:{sock.getsockname()[1]}", stop
 
 
 def post(url: str, body: dict) -> httpx.Response:
@@ -292,9 +272,8 @@ def test_a_client_that_leaves_cancels_its_generation(setup, monkeypatch, stream)
     assert seen and seen[0] < 60, seen
 
 
-def test_admission_is_all_or_nothing(setup, monkeypatch):
-    state, _, _ = setup
-    engine = state.engine
+def gate_runs(monkeypatch, engine) -> tuple[threading.Event, list]:
+    """Engine batches wait until the returned event is set; the list collects every item that ran."""
     gate, ran = threading.Event(), []
     real = engine.run
 
@@ -304,6 +283,13 @@ def test_admission_is_all_or_nothing(setup, monkeypatch):
         return real(kind, items, on_token, cancelled)
 
     monkeypatch.setattr(engine, "run", run)
+    return gate, ran
+
+
+def test_admission_is_all_or_nothing(setup, monkeypatch):
+    state, _, _ = setup
+    engine = state.engine
+    gate, ran = gate_runs(monkeypatch, engine)
     sched = Scheduler(engine, max_batch_size=16, max_wait_ms=5, max_queue=64)
     sched.start()
     try:
@@ -321,15 +307,7 @@ def test_admission_is_all_or_nothing(setup, monkeypatch):
 def test_two_64_prompt_requests_against_max_queue_64_run_only_the_admitted_one(tokenizer, monkeypatch):
     engine = Engine(make_model("llama"), tokenizer)
     engine.add_base("base")
-    gate, rows = threading.Event(), []
-    real = engine.run
-
-    def run(kind, items, on_token=None, cancelled=None):
-        assert gate.wait(60)
-        rows.extend(items)
-        return real(kind, items, on_token, cancelled)
-
-    monkeypatch.setattr(engine, "run", run)
+    gate, rows = gate_runs(monkeypatch, engine)
     state = ServerState(engine, Scheduler(engine, max_batch_size=16, max_queue=64))
     body = {"model": "base", "prompt": ["the movie"] * 64, "raw": True, "max_tokens": 1}
     with TestClient(create_app(state)) as client, concurrent.futures.ThreadPoolExecutor(2) as pool:
