@@ -162,7 +162,7 @@ class Engine:
     def _build(self, key: str, stored) -> _Built:
         """A stored prompt's keys/values (or encoder prompt), format and metadata, checked; nothing changes."""
         where = stored.path if stored.path is not None else key
-        fmt = task_format(stored.task)
+        fmt = task_format(stored.task_record)  # validated when the prompt was read
         method = stored.build_method().to(self.model.device).eval()
         with torch.no_grad():
             kv = inject.compute_prompt_kv(self.model, method())
