@@ -1,0 +1,109 @@
+"""PEFT interop for P-tuning, prefix tuning and deep prompts on the tiny llama, gpt2 and qwen2 models.
+
+Both directions, with equal text logits: folders PEFT itself writes (``get_peft_model`` +
+``save_pretrained``) load in ours, and folders we export load in ``PeftModel.from_pretrained``. PEFT
+stores what its prompt encoder produces (P-tuning: the ``(P, H)`` embeddings after the MLP or LSTM; prefix
+tuning: the ``(P, layers*2*kv_dim)`` prefix after the projection MLP, if any), as we do, so every variant
+is representable both ways.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from softprompt.inject import compute_prompt_kv, text_logits
+from softprompt.methods import PromptMethod, build_method
+from softprompt.store import export_peft, load_prompt, save_prompt
+from tests.conftest import ARCHS, VOCAB, make_model, make_tokenizer
+
+peft = pytest.importorskip("peft")
+pytestmark = [pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning"),
+              pytest.mark.filterwarnings("ignore:.*past_key_values.*:FutureWarning")]  # PEFT's prefix call
+
+P, B, T = 4, 2, 6
+
+
+def inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(2, VOCAB, (B, T), generator=torch.Generator().manual_seed(7))  # (B, T), no padding
+    return ids, torch.ones_like(ids)
+
+
+@torch.no_grad()
+def our_logits(base, method: PromptMethod | None) -> torch.Tensor:
+    ids, mask = inputs()
+    return text_logits(base, ids, mask, None if method is None else compute_prompt_kv(base, method()))  # (B, T, V)
+
+
+@torch.no_grad()
+def peft_logits(peft_model) -> torch.Tensor:
+    """The text positions' logits (P-tuning returns the virtual tokens' too, in front; prefix tuning does not)."""
+    ids, mask = inputs()
+    peft_model.eval()
+    return peft_model(input_ids=ids, attention_mask=mask).logits[:, -T:].float()  # (B, T, V)
+
+
+def assert_same_logits(ours: torch.Tensor, theirs: torch.Tensor, base) -> None:
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
+    assert (ours - our_logits(base, None)).abs().max() > 1e-2  # the prompt changes the logits
+
+
+PEFT_CONFIGS = {
+    "p_tuning_mlp": lambda: peft.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=P,
+                                                     encoder_reparameterization_type="MLP",
+                                                     encoder_hidden_size=16),
+    "p_tuning_lstm": lambda: peft.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=P,
+                                                      encoder_reparameterization_type="LSTM",
+                                                      encoder_hidden_size=16),
+    "prefix": lambda: peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P),
+    "prefix_projection": lambda: peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P,
+                                                         prefix_projection=True, encoder_hidden_size=16),
+}
+EXPECTED = {"p_tuning_mlp": ("p_tuning", {"encoder": "mlp"}), "p_tuning_lstm": ("p_tuning", {"encoder": "lstm"}),
+            "prefix": ("prefix_tuning", {}), "prefix_projection": ("prefix_tuning", {})}
+
+
+@pytest.mark.parametrize("variant", list(PEFT_CONFIGS))
+@pytest.mark.parametrize("arch", ARCHS)
+def test_peft_written_folder_loads_with_peft_logits(arch, variant, tmp_path):
+    torch.manual_seed(5)  # PEFT's own random init of its encoder (MLP / LSTM / projection) and embeddings
+    peft_model = peft.get_peft_model(make_model(arch), PEFT_CONFIGS[variant]())
+    peft_model.save_pretrained(tmp_path / "peft")
+
+    base = make_model(arch)
+    stored = load_prompt(tmp_path / "peft", model=base)
+    method, config = EXPECTED[variant]
+    assert stored.method == method and stored.method_config["num_virtual_tokens"] == P
+    assert config.items() <= stored.method_config.items()
+    assert_same_logits(our_logits(base, stored.build_method()), peft_logits(peft_model), base)
+
+
+def perturbed(method: PromptMethod) -> PromptMethod:
+    """Move every trainable tensor (a fresh projection MLP starts as a constant map) by seeded noise."""
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in method.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.5)
+    return method.eval()
+
+
+OUR_CONFIGS = {
+    "deep_prompt": ("deep_prompt", {"num_virtual_tokens": P, "init": "random", "init_scale": 1.0}),
+    "p_tuning_lstm": ("p_tuning", {"num_virtual_tokens": P, "encoder": "lstm", "init_scale": 1.0}),
+    "prefix_projection": ("prefix_tuning", {"num_virtual_tokens": P, "projection": True, "init": "random",
+                                            "init_scale": 1.0}),
+}
+
+
+@pytest.mark.parametrize("variant", list(OUR_CONFIGS))
+@pytest.mark.parametrize("arch", ARCHS)
+def test_our_export_loads_in_peft_with_our_logits(arch, variant, tmp_path):
+    base = make_model(arch)
+    name, config = OUR_CONFIGS[variant]
+    method = perturbed(build_method(name, config, base, make_tokenizer()))
+    folder = save_prompt(tmp_path / "ours", method, base)
+    dst = export_peft(folder, tmp_path / "peft")
+    peft_model = peft.PeftModel.from_pretrained(make_model(arch), dst)
+    assert peft_model.peft_config["default"].peft_type.value == ("P_TUNING" if name == "p_tuning"
+                                                                 else "PREFIX_TUNING")
+    assert_same_logits(our_logits(base, method), peft_logits(peft_model), base)
