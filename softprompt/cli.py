@@ -444,7 +444,11 @@ def cmd_serve(ns: argparse.Namespace) -> int:
 
 
 def cmd_compare(ns: argparse.Namespace) -> int:
-    """Train and evaluate every method with the same loop and budget; print and save the table and chart."""
+    """Train and evaluate every method with the same loop and budget; print and save the table and chart.
+
+    Returns 1 when a method failed (listed on stderr with its error; without ``--keep-going`` the methods
+    after it do not run), 0 when every method ran.
+    """
     from softprompt.compare import DEFAULT_SPECS, context_problems, format_table, run_compare
 
     specs, problems = DEFAULT_SPECS, []
@@ -466,10 +470,20 @@ def cmd_compare(ns: argparse.Namespace) -> int:
     print(f"comparing {len(specs)} methods on {ns.dataset}, {ns.steps} steps of batch {ns.batch_size}, "
           f"test on {ns.test_samples} examples")
     rows = run_compare(specs, ns.model, ns.dataset, ns.steps, ns.batch_size, ns.test_samples, out,
-                       log=lambda line: print(line, flush=True))
+                       log=lambda line: print(line, flush=True), keep_going=ns.keep_going)
     print("\n" + format_table(rows))
     print(f"saved {out / 'compare.json'}, {out / 'compare.md'}, {out / 'compare.png'}")
-    return 0
+    failed = [r for r in rows if "error" in r]
+    if not failed:
+        return 0
+    not_run = [s.label for s in specs[len(rows):]]
+    lines = [f"  {r['method']}: {r['error']}" for r in failed]
+    if not_run:
+        lines.append(f"  not run (the first failure stops the comparison; --keep-going runs them): "
+                     f"{', '.join(not_run)}")
+    print(f"softprompt compare: error: {len(failed)} of {len(specs)} methods failed:\n" + "\n".join(lines),
+          file=sys.stderr)
+    return 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -521,7 +535,12 @@ def build_parser() -> argparse.ArgumentParser:
         _add_section(p, s)
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("compare", help="compare prompt methods, LoRA, BitFit and full fine-tuning")
+    p = sub.add_parser(
+        "compare", help="compare prompt methods, LoRA, BitFit and full fine-tuning",
+        description="Train and evaluate every method with the same loop and budget; print and save the table "
+                    "(compare.md), its rows (compare.json) and a chart (compare.png).",
+        epilog="exit status: 0 when every method ran; 1 when a method failed (each failed method and its error "
+               "are listed on stderr; the files hold the rows that ran); 2 for invalid arguments.")
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--dataset", default="rotten_tomatoes")
     p.add_argument("--steps", type=int, default=60, help="training steps of every method")
@@ -529,6 +548,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-samples", type=int, default=400)
     p.add_argument("--only", help="comma-separated kinds: prompt_tuning,prefix_tuning,p_tuning,lora,bitfit,full")
     p.add_argument("--output-dir", default="runs/compare")
+    p.add_argument("--keep-going", action="store_true",
+                   help="after a method fails, run the others and write the whole table; the exit status is "
+                        "still 1, because the table lacks that method")
     p.set_defaults(func=cmd_compare)
 
     add_store_parsers(sub)

@@ -170,22 +170,42 @@ def run_one(spec: Spec, model_name: str, dataset: str, steps: int, batch_size: i
 
 
 def run_compare(specs: list[Spec], model_name: str, dataset: str, steps: int, batch_size: int,
-                test_samples: int, out_dir: Path, log=print) -> list[dict]:
-    """Each spec in a fresh subprocess; rows are written to ``out_dir/compare.json`` as they finish."""
+                test_samples: int, out_dir: Path, log=print, keep_going: bool = False) -> list[dict]:
+    """Run each spec in a fresh subprocess; write the table, ``compare.json`` and the chart to ``out_dir``.
+
+    Args:
+        specs: the methods to run, in order.
+        model_name: base model (hub id or folder).
+        dataset: dataset name or file.
+        steps: training steps of every method.
+        batch_size: training batch size.
+        test_samples: test examples to evaluate on.
+        out_dir: where ``compare.json`` (rewritten after every row), ``compare.md`` and ``compare.png`` go.
+        log: called with each row's table line as it finishes.
+        keep_going: run the specs after a failed one too; otherwise the first failure ends the run.
+
+    Returns:
+        One row per spec that ran; a failed run's row has ``error`` (the child's last stderr line) instead
+        of results. The files are written either way, with the rows that ran.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     for spec in specs:
         job = json.dumps({"spec": spec.__dict__, "model": model_name, "dataset": dataset, "steps": steps,
                           "batch_size": batch_size, "test_samples": test_samples})
         proc = subprocess.run([sys.executable, "-m", "softprompt.compare", job], capture_output=True, text=True)
-        if proc.returncode != 0:
-            tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
+        lines = proc.stdout.strip().splitlines()
+        if proc.returncode != 0 or not lines:
+            # a child killed by a signal (e.g. out of memory) may leave no message: name its exit status
+            tail = (proc.stderr.strip().splitlines() or [f"the run exited with status {proc.returncode}"])[-1]
             row = {"method": spec.label, "kind": spec.kind, "error": tail}
         else:
-            row = json.loads(proc.stdout.strip().splitlines()[-1])
+            row = json.loads(lines[-1])
         rows.append(row)
         log(format_row(row))
         (out_dir / "compare.json").write_text(json.dumps(rows, indent=2))
+        if "error" in row and not keep_going:
+            break
     (out_dir / "compare.md").write_text(format_table(rows))
     plot_compare(rows, out_dir / "compare.png")
     return rows
