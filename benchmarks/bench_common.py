@@ -15,6 +15,19 @@ def sync(dev: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def time_interleaved(fns: list[Callable[[], object]], repeats: int, dev: torch.device) -> list[float]:
+    """Median seconds of each function, run in turn ``repeats`` times so all see the same machine state."""
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for k, fn in enumerate(fns):
+            sync(dev)
+            t0 = time.perf_counter()
+            fn()
+            sync(dev)
+            times[k].append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]
+
+
 def time_side_by_side(ours: Callable[[], object], peft: Callable[[], object], repeats: int,
                       dev: torch.device) -> tuple[float, float, object, object]:
     """Run ``ours()`` then ``peft()`` ``repeats`` times, interleaved so both see the same machine state.
@@ -22,16 +35,13 @@ def time_side_by_side(ours: Callable[[], object], peft: Callable[[], object], re
     Returns:
         Median seconds of ours and of PEFT, and the last result of each.
     """
-    times: tuple[list[float], list[float]] = ([], [])
     last: list[object] = [None, None]
-    for _ in range(repeats):
-        for k, fn in enumerate((ours, peft)):
-            sync(dev)
-            t0 = time.perf_counter()
-            last[k] = fn()
-            sync(dev)
-            times[k].append(time.perf_counter() - t0)
-    return statistics.median(times[0]), statistics.median(times[1]), last[0], last[1]
+
+    def keep(k: int, fn: Callable[[], object]) -> Callable[[], None]:
+        return lambda: last.__setitem__(k, fn())
+
+    o, p = time_interleaved([keep(0, ours), keep(1, peft)], repeats, dev)
+    return o, p, last[0], last[1]
 
 
 def label_agreement(reqs: list, results: list, peft_preds: dict[str, list[str]]) -> float:
