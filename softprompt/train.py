@@ -6,7 +6,7 @@ prompt gradient norm in total and per virtual token, tokens/s). Every ``eval_eve
 metric is measured on the validation split; the best prompt is saved to ``best/``, early stopping stops
 after ``early_stopping_patience`` evaluations without improvement. ``checkpoint/`` holds what a resumed
 run needs to continue exactly where it stopped: the data order is a pure function of (seed, epoch), so only
-the step, method/optimizer/scheduler state and the torch RNG state are saved.
+the step, method/optimizer/scheduler state and the torch RNG states (CPU and CUDA) are saved.
 """
 
 from __future__ import annotations
@@ -157,8 +157,10 @@ def _save_checkpoint(out: Path, step: int, method: PromptMethod, opt, sched, sta
     def write(tmp: Path) -> None:
         save_file({k: v.detach().cpu().contiguous() for k, v in method.state_dict().items()},
                   str(tmp / "method.safetensors"))
+        # dropout on a GPU draws from the CUDA generators, not the CPU one: both are saved
+        cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []
         torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                    "torch_rng": torch.get_rng_state()}, tmp / "optimizer.pt")
+                    "torch_rng": torch.get_rng_state(), "cuda_rng": cuda_rng}, tmp / "optimizer.pt")
         (tmp / "state.json").write_text(json.dumps({**state, "step": step}))
 
     write_folder_atomically(out / "checkpoint", write, overwrite=True,
@@ -182,6 +184,13 @@ def _load_checkpoint(out: Path, method: PromptMethod, opt, sched) -> dict:
     opt.load_state_dict(blob["optimizer"])
     sched.load_state_dict(blob["scheduler"])
     torch.set_rng_state(blob["torch_rng"])
+    cuda_rng = blob.get("cuda_rng") or []  # absent in checkpoints written before it was saved
+    if cuda_rng and torch.cuda.is_available():
+        if len(cuda_rng) != torch.cuda.device_count():
+            log.warning("--resume: %s saved %d CUDA RNG states, this process sees %d devices; GPU dropout "
+                        "will not repeat the interrupted run's masks", ck, len(cuda_rng), torch.cuda.device_count())
+        else:
+            torch.cuda.set_rng_state_all(cuda_rng)
     return json.loads((ck / "state.json").read_text())
 
 
