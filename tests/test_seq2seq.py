@@ -82,13 +82,21 @@ def test_peft_loads_exported_t5_prompt_with_identical_logits(tmp_path, tokenizer
     method = build_method("prompt_tuning", {"num_virtual_tokens": 3, "init": "random"}, model, tokenizer)
     save_prompt(tmp_path / "ours", method, model)
     export_peft(tmp_path / "ours", tmp_path / "peft")
-    pm = peft.PeftModel.from_pretrained(make_t5(), tmp_path / "peft")
-    src, tgt = [5, 6, 7, 8], [9, 10]
+    pm = peft.PeftModel.from_pretrained(make_t5(), tmp_path / "peft").eval()
+    rows = [([5, 6, 7, 8], [9, 10, 11]), ([12, 13], [14])]  # sources and targets of different lengths
+    batch = collate([Encoded(s + t, len(s)) for s, t in rows], 0)
     with torch.no_grad():
-        theirs = pm(input_ids=torch.tensor([src]), attention_mask=torch.ones(1, 4, dtype=torch.long),
-                    labels=torch.tensor([tgt])).loss
-        ours = inject.target_loss(model, collate([Encoded(src + tgt, 4)], 0), method().embeds)
-    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+        embeds, mask, labels = inject._seq2seq_parts(model, batch, method().embeds)  # our encoder input
+        ours = model(inputs_embeds=embeds, attention_mask=mask, labels=labels)
+        src = torch.tensor([s + [0] * (4 - len(s)) for s, _ in rows])  # (B, S), padded on the right
+        theirs = pm(input_ids=src, attention_mask=(src != 0).long(), labels=labels)
+        plain = make_t5()(input_ids=src, attention_mask=(src != 0).long(), labels=labels)
+    assert ours.logits.shape == theirs.logits.shape == (2, 3, VOCAB)  # (B, L, V) decoder logits
+    torch.testing.assert_close(ours.logits, theirs.logits, atol=1e-5, rtol=1e-4)
+    assert (ours.logits - plain.logits).abs().max() > 1e-2  # the prompt changes them
+    torch.testing.assert_close(ours.loss, theirs.loss, atol=1e-5, rtol=1e-5)
+    # and the loss the training loop minimises is PEFT's
+    torch.testing.assert_close(inject.target_loss(model, batch, method().embeds), theirs.loss, atol=1e-5, rtol=1e-5)
 
 
 def test_engine_refuses_encoder_decoder_clearly(tokenizer):
