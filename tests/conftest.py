@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -132,6 +133,20 @@ def serve(app):
         thread.join(timeout=10)
 
     return f"http://127.0.0.1:{sock.getsockname()[1]}", stop
+
+
+def gate_runs(monkeypatch, engine) -> tuple[threading.Event, list]:
+    """Engine batches wait until the returned event is set; the list collects every item that ran."""
+    gate, ran = threading.Event(), []
+    real = engine.run
+
+    def run(kind, items, on_token=None, cancelled=None):
+        assert gate.wait(60)
+        ran.extend(items)
+        return real(kind, items, on_token, cancelled)
+
+    monkeypatch.setattr(engine, "run", run)
+    return gate, ran
 
 
 def pytest_collection_modifyitems(config, items):

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
+import dataclasses
 import json
 import socket
+import threading
 import time
 
 import httpx
@@ -17,7 +20,7 @@ from softprompt.engine import ClassifyRequest, Engine, GenerateRequest  # noqa: 
 from softprompt.methods import build_method  # noqa: E402
 from softprompt.server import Scheduler, ServerState, create_app  # noqa: E402
 from softprompt.store import PromptStore  # noqa: E402
-from tests.conftest import make_model, serve  # noqa: E402
+from tests.conftest import gate_runs, make_model, serve  # noqa: E402
 
 SENT = {"template": "Review: {text}\nSentiment:", "target_field": "label",
         "verbalizer": {"positive": "positive", "negative": "negative"}}
@@ -101,7 +104,7 @@ def test_streaming_never_sends_text_after_a_stop_string(served, live):
     assert text == free.text[:free.text.index(words[1])]
 
 
-def test_200_concurrent_requests_over_8_tasks_equal_the_engine(served, live):
+def test_200_concurrent_requests_over_8_tasks_equal_the_engine(served, live, monkeypatch):
     state, _ = served
     jobs = []
     for i in range(200):
@@ -115,13 +118,32 @@ def test_200_concurrent_requests_over_8_tasks_equal_the_engine(served, live):
                                          "seed": seed},
                          GenerateRequest(task, text, max_tokens=4, temperature=temperature, seed=seed)))
 
-    def call(job):
-        with httpx.Client(timeout=120) as c:
-            return c.post(f"{live}/v1/{job[0]}", json=job[1])
+    # The engine is held until the server has taken in all 200 requests (each one is prepared before it is
+    # queued, and none can finish while the engine is held): 200 really are in flight at once.
+    engine = state.engine
+    gate, _ = gate_runs(monkeypatch, engine)
+    prepared, real_prepare = [], engine.prepare
+    monkeypatch.setattr(engine, "prepare", lambda *a, **k: prepared.append(1) or real_prepare(*a, **k))
 
-    before = state.scheduler.stats.largest_batch
-    with concurrent.futures.ThreadPoolExecutor(32) as pool:
-        responses = list(pool.map(call, jobs))
+    async def call_all() -> list[httpx.Response]:
+        limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
+        async with httpx.AsyncClient(base_url=live, timeout=120, limits=limits) as client:
+            calls = [asyncio.ensure_future(client.post(f"/v1/{kind}", json=body)) for kind, body, _ in jobs]
+            deadline = time.monotonic() + 60
+            while len(prepared) < 200 and time.monotonic() < deadline and not any(c.done() for c in calls):
+                await asyncio.sleep(0.01)
+            in_flight = len(prepared)
+            gate.set()
+            responses = await asyncio.gather(*calls)
+        assert in_flight == 200
+        return responses
+
+    before = dataclasses.replace(state.scheduler.stats)
+    try:
+        responses = asyncio.run(asyncio.wait_for(call_all(), 180))
+    finally:
+        gate.set()
+    after = state.scheduler.stats
     assert [r.status_code for r in responses] == [200] * 200
     for (kind, _, req), resp in zip(jobs, responses, strict=True):
         if kind == "classify":
@@ -129,7 +151,10 @@ def test_200_concurrent_requests_over_8_tasks_equal_the_engine(served, live):
             assert got["label"] == ref.label and got["probs"] == pytest.approx(ref.probs, abs=1e-5)
         else:
             assert resp.json()["choices"][0]["text"] == direct(state, "generate", [req])[0].text
-    assert max(before, state.scheduler.stats.largest_batch) > 1  # requests were batched together
+    # this run's own counts: 200 rows in fewer batches, so some batch of this run held several requests
+    rows, batches = after.rows - before.rows, after.batches - before.batches
+    assert rows == 200 and batches < rows
+    assert batches <= 200 // 8  # held behind the engine, they queue up and go in (nearly) full batches of 16
 
 
 def test_error_statuses(served):
@@ -163,6 +188,42 @@ def test_queue_full_is_429(tokenizer):
     with TestClient(create_app(state)) as client:
         r = client.post("/v1/completions", json={"model": "base", "prompt": "the", "max_tokens": 1})
         assert r.status_code == 429 and r.headers["retry-after"] == "1"
+
+
+def test_requests_over_a_full_positive_queue_are_429_and_the_admitted_ones_succeed(tokenizer, monkeypatch):
+    engine = Engine(make_model("llama"), tokenizer)
+    engine.add_base("base")
+    gate, ran = gate_runs(monkeypatch, engine)  # the worker holds the first request; the rest wait in the queue
+    held, gated_run = threading.Event(), engine.run
+    monkeypatch.setattr(engine, "run", lambda *a, **k: held.set() or gated_run(*a, **k))
+    sched = Scheduler(engine, max_batch_size=16, max_wait_ms=1, max_queue=4)
+    body = {"model": "base", "prompt": "the movie", "raw": True, "max_tokens": 2, "temperature": 0}
+
+    def wait_for(condition) -> None:
+        deadline = time.monotonic() + 30
+        while not condition():
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+
+    with TestClient(create_app(ServerState(engine, sched))) as client, \
+            concurrent.futures.ThreadPoolExecutor(8) as pool:
+        try:
+            admitted = [pool.submit(client.post, "/v1/completions", json=body)]
+            assert held.wait(30) and sched.depth() == 0  # the worker took it and is held in the engine
+            for n in range(1, 5):
+                admitted.append(pool.submit(client.post, "/v1/completions", json=body))
+                wait_for(lambda n=n: sched.depth() == n)
+            over = [pool.submit(client.post, "/v1/completions", json=body) for _ in range(3)]  # queue at 4
+            refused = [f.result(30) for f in over]  # answered while the engine is still held
+        finally:
+            gate.set()
+        assert [r.status_code for r in refused] == [429] * 3
+        assert all(r.headers["retry-after"] == "1" and r.json()["error"]["type"] == "rate_limit_error"
+                   and "queue full (4 of 4 requests waiting" in r.json()["error"]["message"] for r in refused)
+        done = [f.result(60) for f in admitted]
+    assert [r.status_code for r in done] == [200] * 5
+    assert len({r.json()["choices"][0]["text"] for r in done}) == 1  # greedy: alone or batched, the same
+    assert len(ran) == 5  # the refused ones never reached the engine
 
 
 def test_admin_needs_the_bearer_token_and_loads_unloads_reloads(served):

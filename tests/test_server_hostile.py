@@ -18,7 +18,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 from softprompt.engine import ClassifyRequest, Engine, GenerateRequest  # noqa: E402
 from softprompt.server import Scheduler, ServerState, create_app  # noqa: E402
 from softprompt.server.scheduler import QueueFullError  # noqa: E402
-from tests.conftest import make_model, serve  # noqa: E402
+from tests.conftest import gate_runs, make_model, serve  # noqa: E402
 from tests.test_server import TOKEN, make_store  # noqa: E402
 
 
@@ -270,20 +270,6 @@ def test_a_client_that_leaves_cancels_its_generation(setup, monkeypatch, stream)
             break
         time.sleep(0.05)
     assert seen and seen[0] < 60, seen
-
-
-def gate_runs(monkeypatch, engine) -> tuple[threading.Event, list]:
-    """Engine batches wait until the returned event is set; the list collects every item that ran."""
-    gate, ran = threading.Event(), []
-    real = engine.run
-
-    def run(kind, items, on_token=None, cancelled=None):
-        assert gate.wait(60)
-        ran.extend(items)
-        return real(kind, items, on_token, cancelled)
-
-    monkeypatch.setattr(engine, "run", run)
-    return gate, ran
 
 
 def test_admission_is_all_or_nothing(setup, monkeypatch):
