@@ -229,6 +229,30 @@ def test_preparing_a_request_blocks_neither_the_event_loop_nor_the_batches(setup
         assert slow.result().status_code == 200
 
 
+def test_a_slow_chat_template_does_not_block_the_event_loop(setup, monkeypatch):
+    state, _, url = setup
+    tok = state.engine.tok
+    release, entered = threading.Event(), threading.Event()
+
+    def apply_chat_template(messages, **kwargs):
+        entered.set()
+        assert release.wait(60)
+        return "".join(m["content"] for m in messages)
+
+    monkeypatch.setattr(tok, "chat_template", "{{ messages }}", raising=False)
+    monkeypatch.setattr(tok, "apply_chat_template", apply_chat_template)
+    body = {"model": "base", "messages": [{"role": "user", "content": "good movie"}], "max_tokens": 2,
+            "temperature": 0}
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        chat = pool.submit(httpx.post, url + "/v1/chat/completions", json=body, timeout=60)
+        try:
+            assert entered.wait(30)
+            assert httpx.get(url + "/health", timeout=5).status_code == 200  # answered while the template runs
+        finally:
+            release.set()
+        assert chat.result().status_code == 200
+
+
 def _slow_decode(monkeypatch, engine, seen: list):
     """Each new token takes 20 ms; ``seen`` gets the token counts of every generation that ran."""
     real = engine.run
