@@ -222,6 +222,10 @@ def cmd_train(ns: argparse.Namespace) -> int:
     _fit_context(ns, args)
     task = _load_task(args["data"])
     task.examples("train")  # fail before anything is written or loaded if there is nothing to train on
+    if args["prompt"].init_text is None:  # fits the task being trained; config.yaml records the text used
+        from softprompt.data import default_init_text
+
+        args["prompt"].init_text = default_init_text(args["data"].dataset, task.format)
     out = Path(args["train"].output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(to_yaml(args))
@@ -244,7 +248,8 @@ def cmd_train(ns: argparse.Namespace) -> int:
     print(f"method: {method.name}" + (f" + {type(model).__name__} head ({method.classifier.num_labels} classes)"
                                       if method.classifier is not None else "")
           + f", {method.num_trainable():,} trainable parameters "
-          f"(base model {sum(p.numel() for p in model.parameters()):,}, frozen)")
+          f"(base model {sum(p.numel() for p in model.parameters()):,}, frozen)"
+          + (f"; init text {args['prompt'].init_text!r}" if args["prompt"].init == "text" else ""))
     meta = _task_meta(args["data"], fmt)
     train_cfg = {k: dataclasses.asdict(v) for k, v in args.items()}
 

@@ -166,7 +166,7 @@ class PromptArgs:
     method: str = "prompt_tuning"
     num_virtual_tokens: int = 20
     init: str = "text"
-    init_text: str = "Classify the sentiment of this movie review as positive or negative."
+    init_text: str | None = None  # None: from the task (softprompt.data.init_text.default_init_text)
     init_scale: float = 0.5
     vocab_sample_size: int = 5000
     prompt_dropout: float = 0.0
@@ -184,8 +184,8 @@ class PromptArgs:
             problems.append(f"--num-virtual-tokens must be >= 1, got {self.num_virtual_tokens}")
         if self.init not in ("random", "text", "sample_vocab", "class_labels"):
             problems.append(f"--init must be random, text, sample_vocab or class_labels, got {self.init!r}")
-        if self.init == "text" and not self.init_text.strip():
-            problems.append("--init text needs a non-empty --init-text")
+        if self.init_text is not None and not self.init_text.strip():
+            problems.append("--init-text must not be empty (leave it out to derive it from the task)")
         if self.vocab_sample_size < 1:
             problems.append(f"--vocab-sample-size must be >= 1, got {self.vocab_sample_size}")
         if self.encoder_hidden_size < 0:
@@ -206,7 +206,7 @@ class PromptArgs:
                   "encoder": self.encoder, "encoder_hidden_size": self.encoder_hidden_size}
         config_class = get_method(self.method).config_class
         known = {f.name for f in dc_fields(config_class)}
-        cfg = {k: v for k, v in values.items() if k in known}
+        cfg = {k: v for k, v in values.items() if k in known and v is not None}  # None: the method's default
         try:
             config_class.from_dict(cfg)
         except ValueError as e:

@@ -3,6 +3,7 @@
 from softprompt.data.builtin import BUILTIN_DATASETS, BuiltinSpec, builtin_spec, load_builtin
 from softprompt.data.dataset import TaskData, load_task, order_verbalizer, parse_verbalizer
 from softprompt.data.formats import DataError, load_records, load_records_with_lines
+from softprompt.data.init_text import default_init_text, task_init_text
 from softprompt.data.template import Example, TaskFormat, placeholder_problems, template_fields
 from softprompt.data.tokenize import IGNORE_INDEX, Batch, Encoded, batches, collate, encode, encode_classes
 
@@ -19,6 +20,7 @@ __all__ = [
     "batches",
     "builtin_spec",
     "collate",
+    "default_init_text",
     "encode",
     "encode_classes",
     "load_builtin",
@@ -28,5 +30,6 @@ __all__ = [
     "order_verbalizer",
     "parse_verbalizer",
     "placeholder_problems",
+    "task_init_text",
     "template_fields",
 ]

