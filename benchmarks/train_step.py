@@ -55,10 +55,10 @@ def make_batches(tok, n_batches: int, batch_size: int, device) -> list:
 class Ours:
     name = "softprompt"
 
-    def __init__(self, model, tok, prompt_pass="auto"):
+    def __init__(self, model, tok, prompt_pass="auto", p: int = P):
         self.model = model
         self.prompt_pass = prompt_pass
-        self.method = build_method("prompt_tuning", {"num_virtual_tokens": P, "init": "random"}, model, tok)
+        self.method = build_method("prompt_tuning", {"num_virtual_tokens": p, "init": "random"}, model, tok)
         self.method.to(model.device).train()
         self.opt = torch.optim.Adafactor(self.method.parameters(), lr=0.3)
 
@@ -78,10 +78,11 @@ class Ours:
 class Peft:
     name = "peft"
 
-    def __init__(self, model, tok=None):
+    def __init__(self, model, p: int = P):
         from peft import PromptTuningConfig, get_peft_model
 
-        self.model = get_peft_model(model, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P))
+        self.p = p
+        self.model = get_peft_model(model, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=p))
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.Adafactor(self.params, lr=0.3)
 
@@ -106,7 +107,7 @@ class PeftTargets(Peft):
     def loss(self, batch):
         rows, cols = batch.target_mask.nonzero(as_tuple=True)  # target tokens in the text
         # the logits at text position t-1 predict token t; PEFT's sequence starts with the P virtual tokens
-        keep, col = torch.unique(cols - 1 + P, return_inverse=True)  # (K,) positions kept for every row
+        keep, col = torch.unique(cols - 1 + self.p, return_inverse=True)  # (K,) positions kept for every row
         logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                             logits_to_keep=keep).logits  # (B, K, V)
         return torch.nn.functional.cross_entropy(logits[rows, col].float(), batch.input_ids[rows, cols])
@@ -126,7 +127,8 @@ def memory_child(side: str, args) -> None:
     """Run in a fresh process: warm up, reset the peak-RSS counter, run steps, print the peak increase."""
     model, tok = load_base_model(args.model, args.device, args.dtype)
     batches = make_batches(tok, 4, args.batch_size, model.device)
-    impl = Ours(model, tok, args.prompt_pass) if side == "softprompt" else SIDES[side](model)
+    impl = (Ours(model, tok, args.prompt_pass, args.prompt_tokens) if side == "softprompt"
+            else SIDES[side](model, args.prompt_tokens))
     impl.step(batches[0])
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current RSS
@@ -144,6 +146,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20, help="timed steps per side")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--prompt-tokens", type=int, default=P)
     ap.add_argument("--prompt-pass", default="auto", choices=["auto", "shared_kv", "concat"],
                     help="softprompt's training pass (auto: concat on CUDA, shared_kv elsewhere)")
     ap.add_argument("--memory-child", choices=list(SIDES), help=argparse.SUPPRESS)
@@ -155,15 +158,16 @@ def main() -> None:
     model_a, tok = load_base_model(args.model, args.device, args.dtype)
     dev = model_a.device
     batches = make_batches(tok, args.steps + args.warmup, args.batch_size, dev)
-    ours = Ours(model_a, tok, args.prompt_pass)
+    ours = Ours(model_a, tok, args.prompt_pass, args.prompt_tokens)
     # PEFT wraps its model in place: a model of its own for each PEFT side
-    sides = [ours] + [cls(load_base_model(args.model, args.device, args.dtype)[0]) for cls in (Peft, PeftTargets)]
+    sides = [ours] + [cls(load_base_model(args.model, args.device, args.dtype)[0], args.prompt_tokens)
+                      for cls in (Peft, PeftTargets)]
     for impl in sides[1:]:
         impl.set_prompt(ours.method.embeddings.detach())
     with torch.no_grad():
         losses = {impl.name: float(impl.loss(batches[0])) for impl in sides}
     print(f"model {args.model} on {dev} ({model_a.dtype}); batch {args.batch_size}, <= {MAX_TOKENS} tokens, "
-          f"{P} virtual tokens; softprompt prompt pass: {args.prompt_pass}")
+          f"{args.prompt_tokens} virtual tokens; softprompt prompt pass: {args.prompt_pass}")
     worst = max(abs(v - losses["softprompt"]) for v in losses.values())
     print("same-prompt loss on batch 0: " + "  ".join(f"{k} {v:.6f}" for k, v in losses.items())
           + f"  (|diff| {worst:.2e})")
@@ -197,7 +201,8 @@ def main() -> None:
         for side in SIDES:
             out = subprocess.run([sys.executable, __file__, "--memory-child", side, "--model", args.model,
                                   "--device", args.device, "--dtype", args.dtype,
-                                  "--batch-size", str(args.batch_size), "--prompt-pass", args.prompt_pass],
+                                  "--batch-size", str(args.batch_size), "--prompt-pass", args.prompt_pass,
+                                  "--prompt-tokens", str(args.prompt_tokens)],
                                  capture_output=True, text=True, check=True)
             mem[side] = json.loads(out.stdout.strip().splitlines()[-1])["peak_extra_mib"]
     label = "peak extra GPU memory in a step" if dev.type == "cuda" else "peak extra RSS during steps"

@@ -92,3 +92,18 @@ def test_train_step_benchmark_refuses_to_time_sides_that_disagree(tiny_model_dir
     assert stop.value.code == 1
     out = capsys.readouterr()
     assert "different losses" in out.err and "tok/s" not in out.out
+
+
+def test_random_model_folder_feeds_the_benchmarks(tiny_model_dir, tmp_path):
+    """benchmarks/random_model.py writes a loadable folder of the asked shape with the given tokenizer."""
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    out = tmp_path / "rand"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "random_model.py"), "--shape", "tiny",
+                           "--tokenizer", str(tiny_model_dir), "--out", str(out), "--dtype", "float32"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from softprompt.model import load_base_model
+    from tests.conftest import make_tokenizer
+
+    model, tok = load_base_model(out, device="cpu")
+    assert model.config.hidden_size == 64 and model.config.vocab_size == 49152 and len(tok) == len(make_tokenizer())

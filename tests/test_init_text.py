@@ -27,7 +27,8 @@ def test_a_generation_task_gets_its_template_words():
 def test_built_in_datasets_keep_their_sentence_only_in_their_own_format():
     rt = BUILTIN_DATASETS["rotten_tomatoes"]
     assert default_init_text("rotten_tomatoes", rt.format) == SENTIMENT
-    assert default_init_text("capitals", BUILTIN_DATASETS["capitals"].format) == "Name the capital city of this country."
+    capitals = BUILTIN_DATASETS["capitals"].format
+    assert default_init_text("capitals", capitals) == "Name the capital city of this country."
     other = TaskFormat("Text: {text}\nMood:", "label", {"positive": "happy", "negative": "sad"})
     assert default_init_text("rotten_tomatoes", other) == "Text: Mood: answer happy or sad."
     assert default_init_text(None, rt.format) == "Review: Sentiment: answer positive or negative."
