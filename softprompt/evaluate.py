@@ -19,6 +19,7 @@ import torch
 
 from softprompt import inject
 from softprompt.data import Batch, Encoded, Example, TaskFormat, batches, collate, encode, encode_classes
+from softprompt.embeddings import token_embeddings
 
 
 @dataclass
@@ -35,7 +36,7 @@ def hard_prompt_kv(model, tokenizer, text: str) -> inject.PromptKV:
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if not ids:
         raise ValueError("hard prompt text is empty after tokenisation")
-    emb = model.get_input_embeddings().weight[torch.tensor(ids, device=model.device)]  # (n, H)
+    emb = token_embeddings(model, ids)  # (n, H): the module's output, as for the text (scaled on Gemma)
     with torch.no_grad():
         return inject.compute_prompt_kv(model, emb)
 

@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from softprompt.embeddings import token_embeddings
 from softprompt.methods.base import (
     MethodConfig,
     PromptMethod,
@@ -123,7 +124,7 @@ class PrefixTuning(PromptMethod):
         else:
             ids = tokenizer(config.init_text, add_special_tokens=False)["input_ids"]
             ids = (ids * (p // len(ids) + 1))[:p]
-            emb = model.get_input_embeddings().weight.detach()[torch.tensor(ids, device=model.device)]
+            emb = token_embeddings(model, ids)  # (P, H) as the model consumes them (scaled on Gemma)
             with torch.no_grad():
                 kv = inject.compute_prompt_kv(model, emb)  # (1, kv_heads, P, head_dim) per layer
             parts = []

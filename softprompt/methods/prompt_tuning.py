@@ -1,7 +1,12 @@
 """Prompt tuning (Lester et al. 2021): ``P`` trainable virtual-token embeddings prepended to the input.
 
+Every init lives in the space the model consumes: the output of its input-embedding module
+(:mod:`softprompt.embeddings`), which is not the raw weight rows where the module scales them (Gemma).
+
 Initialisations:
-- ``random``: uniform in ``[-init_scale, init_scale]`` (the paper uses 0.5);
+- ``random``: uniform in ``[-init_scale * rms, init_scale * rms]`` where ``rms`` is the root-mean-square of
+  the embedding module's output over the vocabulary, so the prompt has the same size relative to the text
+  on every family (the paper's 0.5 on a model whose embeddings have RMS 1 is ``init_scale`` 0.5 here);
 - ``text``: embeddings of ``init_text``'s tokens, tiled or truncated to ``P``;
 - ``sample_vocab``: embeddings of ``P`` distinct tokens drawn from the ``vocab_sample_size`` (5,000)
   most frequent tokens. "Frequent" is decided by counts of the tokens in the training data when the
@@ -22,6 +27,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from softprompt.embeddings import embedding_rms, token_embeddings
 from softprompt.methods.base import (
     MethodConfig,
     PromptMethod,
@@ -43,7 +49,8 @@ class PromptTuningConfig(MethodConfig):
         num_virtual_tokens: prompt length ``P``.
         init: one of ``random``, ``text``, ``sample_vocab``, ``class_labels``.
         init_text: text for ``text`` init.
-        init_scale: half-width of the uniform ``random`` init.
+        init_scale: half-width of the uniform ``random`` init, in units of the RMS of the model's token
+            embeddings (the embedding module's output).
         vocab_sample_size: how many of the most frequent tokens ``sample_vocab`` draws from.
         dropout: dropout on the prompt embeddings during training (one mask per step).
         seed: seed for the random parts of the initialisation.
@@ -101,16 +108,18 @@ class PromptTuning(PromptMethod):
     @classmethod
     def create(cls, config: PromptTuningConfig, model, tokenizer, label_texts: list[str] | None = None,
                token_counts: Counter | None = None) -> PromptTuning:
-        """Initialise from the base model's embedding matrix as ``config.init`` says."""
-        table = model.get_input_embeddings().weight.detach().float().cpu()  # (V, H)
-        p, h = config.num_virtual_tokens, table.shape[1]
+        """Initialise in the space the model consumes (its embedding module's output) as ``config.init`` says."""
+        p = config.num_virtual_tokens
+        h = int(model.get_input_embeddings().weight.shape[1])
         gen = torch.Generator().manual_seed(config.seed)
         if config.init == "random":
-            emb = (torch.rand(p, h, generator=gen) * 2 - 1) * config.init_scale
+            # in units of the embedding RMS: the same size relative to the text on every family
+            rms = embedding_rms(model)
+            emb = (torch.rand(p, h, generator=gen) * 2 - 1) * (config.init_scale * rms)
         elif config.init == "text":
             ids = tokenizer(config.init_text, add_special_tokens=False)["input_ids"]
             ids = (ids * (p // len(ids) + 1))[:p]  # tile, then truncate to P
-            emb = table[ids]
+            emb = token_embeddings(model, ids)  # (P, H)
         else:
             rows: list[torch.Tensor] = []
             if config.init == "class_labels":
@@ -118,13 +127,14 @@ class PromptTuning(PromptMethod):
                     raise ValueError("--init class_labels needs a classification task with a --verbalizer")
                 for text in label_texts[:p]:
                     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-                    rows.append(table[ids].mean(0))
+                    rows.append(token_embeddings(model, ids).mean(0))
             pool = frequent_token_ids(tokenizer, config.vocab_sample_size, token_counts)
             rng = random.Random(config.seed)
             need = p - len(rows)
             picks = rng.sample(pool, need) if need <= len(pool) else rng.choices(pool, k=need)
-            rows.extend(table[t] for t in picks)
-            emb = torch.stack(rows)
+            if picks:
+                rows.extend(token_embeddings(model, picks))
+            emb = torch.stack(rows)  # (P, H)
         return cls(config, emb)
 
     def prompt(self) -> PromptOutput:
