@@ -86,6 +86,7 @@ def select_store_prompts(store: PromptStore, tasks: list[str] | None) -> tuple[l
 def cmd_inspect(ns: argparse.Namespace) -> int:
     """Print nearest tokens, norms and (store mode) similarity of stored prompts; ``--json`` for JSON."""
     _check_args(ns)
+    from softprompt.embeddings import vocab_embeddings
     from softprompt.interpret import format_inspect, inspect_report, token_space_embeddings
     from softprompt.model import DEFAULT_MODEL, load_base_model
     from softprompt.store import PromptStore, StoreError, check_model_compatible, load_prompt
@@ -102,7 +103,9 @@ def cmd_inspect(ns: argparse.Namespace) -> int:
     # prompts trained with a classification head need the encoder loaded as a sequence classifier
     seq_cls = bool(names) and loaded[names[0]].peft_config.get("task_type") == "SEQ_CLS"
     model, tokenizer = load_base_model(model_name, "auto", "auto", task_type="seq_cls" if seq_cls else "auto")
-    matrix = model.get_input_embeddings().weight.detach()  # (V, H)
+    # the vocabulary as the model consumes it (the embedding module's output, scaled on Gemma), the space
+    # the stored prompts live in: raw weight rows would put Gemma's norm ratios off by sqrt(hidden_size)
+    matrix = vocab_embeddings(model)  # (V, H)
     prompts, details = {}, {}
     for name, stored in loaded.items():
         check_model_compatible(stored, model, check)

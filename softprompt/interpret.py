@@ -1,9 +1,12 @@
 """Interpretability of stored soft prompts: nearest vocabulary tokens, norms, similarity between prompts.
 
 A prompt-tuning prompt is ``P`` vectors in the base model's input-embedding space, so each virtual token
-can be compared with the embeddings of real tokens. Trained prompts usually drift far from every real
-token (large norms, low cosines to the nearest token, Lester et al. 2021 sec. 7), so the nearest tokens
-are a hint about what a prompt encodes, not a translation of it.
+can be compared with the embeddings of real tokens. That space is the embedding module's output
+(:func:`softprompt.embeddings.vocab_embeddings`), which is what the callers pass as ``embedding_matrix``:
+on families that scale in the module (Gemma) the raw weight rows are ``sqrt(hidden_size)`` times smaller
+than what the model consumes, and norms compared with them would be off by that factor. Trained prompts
+usually drift far from every real token (large norms, low cosines to the nearest token, Lester et al. 2021
+sec. 7), so the nearest tokens are a hint about what a prompt encodes, not a translation of it.
 
 Only tensors living in token space can be read this way: a ``prompt_embeddings`` tensor of shape
 ``(P, hidden_size)``. Anything else (e.g. a prefix-tuning prompt of per-layer keys/values) is refused by
@@ -82,7 +85,8 @@ def nearest_tokens(embeds: torch.Tensor, embedding_matrix: torch.Tensor, tokeniz
 
     Args:
         embeds: prompt embeddings, shape ``(P, H)``.
-        embedding_matrix: the model's input embeddings, shape ``(V, H)`` (any device and float dtype).
+        embedding_matrix: the model's input embeddings as it consumes them (the embedding module's output
+            for every token id), shape ``(V, H)`` (any device and float dtype).
         tokenizer: the model's tokenizer (``convert_ids_to_tokens``, ``__len__``).
         k: tokens per virtual token (fewer when the vocabulary is smaller).
         chunk_rows: vocabulary rows compared per step.
@@ -128,7 +132,8 @@ def prompt_norms(embeds: torch.Tensor, embedding_matrix: torch.Tensor) -> dict[s
 
     Args:
         embeds: prompt embeddings, shape ``(P, H)``.
-        embedding_matrix: the model's input embeddings, shape ``(V, H)``.
+        embedding_matrix: the model's input embeddings as it consumes them (the embedding module's output
+            for every token id), shape ``(V, H)``.
 
     Returns:
         ``token_norms`` (list of P floats), their ``mean``/``min``/``max``, the vocabulary rows'
@@ -210,7 +215,8 @@ def inspect_report(prompts: Mapping[str, torch.Tensor], embedding_matrix: torch.
 
     Args:
         prompts: name -> embeddings ``(P_i, H)`` (see :func:`token_space_embeddings`).
-        embedding_matrix: the model's input embeddings, shape ``(V, H)``.
+        embedding_matrix: the model's input embeddings as it consumes them (the embedding module's output
+            for every token id), shape ``(V, H)``.
         tokenizer: the model's tokenizer.
         k: nearest tokens per virtual token.
         model_name: recorded as ``model``.
