@@ -11,6 +11,8 @@ import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
@@ -56,6 +58,15 @@ def make_model(kind: str = "llama", seed: int = 0):
                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                           pad_token_id=0, bos_token_id=None, eos_token_id=1)
         model = Qwen2ForCausalLM(cfg)
+    elif kind == "gemma3":
+        # its embedding module multiplies the rows by sqrt(hidden_size) (5.66 here): what the model consumes
+        # is not the raw weight rows; one sliding and one full attention layer, as the real family mixes them
+        cfg = Gemma3TextConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=8,
+                               max_position_embeddings=256, sliding_window=128,
+                               layer_types=["sliding_attention", "full_attention"], pad_token_id=0,
+                               bos_token_id=None, eos_token_id=1)
+        model = Gemma3ForCausalLM(cfg)
     else:
         raise ValueError(kind)
     prepare_frozen(model)

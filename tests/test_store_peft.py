@@ -12,7 +12,14 @@ import json
 import pytest
 import safetensors.torch
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
 from softprompt.inject import compute_prompt_kv, text_logits
 from softprompt.methods import PromptMethod, build_method
@@ -45,6 +52,11 @@ def tiny_model(arch: str, seed: int = 0):
         model = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64,
                                              num_hidden_layers=2, num_attention_heads=4,
                                              num_key_value_heads=2))
+    elif arch == "gemma3":  # its embedding module scales the rows by sqrt(32): PEFT prepends to that output
+        model = Gemma3ForCausalLM(Gemma3TextConfig(vocab_size=100, hidden_size=32, intermediate_size=64,
+                                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                                   head_dim=8, query_pre_attn_scalar=8, sliding_window=64,
+                                                   layer_types=["sliding_attention", "full_attention"]))
     else:
         model = GPT2LMHeadModel(GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_positions=64))
     prepare_frozen(model)
@@ -83,7 +95,7 @@ def test_fresh_base_models_are_identical(arch):
     assert fingerprint(tiny_model(arch)) == fingerprint(tiny_model(arch))
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma3"])
 def test_ours_to_peft(arch, tmp_path):
     base = tiny_model(arch)
     method = build_method("prompt_tuning", {"num_virtual_tokens": P, "init": "random", "seed": 3}, base,
@@ -116,7 +128,7 @@ def peft_prompt_folder(arch: str, folder, **config):
     return peft_model, weight.detach().clone()
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma3"])
 def test_peft_to_ours(arch, tmp_path):
     peft_model, weight = peft_prompt_folder(arch, tmp_path / "peft", prompt_tuning_init="RANDOM")
     written = json.loads((tmp_path / "peft" / CONFIG_NAME).read_text())
@@ -142,6 +154,25 @@ def test_peft_to_ours(arch, tmp_path):
     assert not torch.allclose(our_logits(base, method), no_prompt_logits(base), atol=1e-3)  # prompt matters
     torch.testing.assert_close(our_logits(base, direct.build_method()), our_logits(base, method),
                                rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_text_init_equals_peft_text_init(arch, tmp_path):
+    """PEFT's TEXT init calls the embedding module (scaled on Gemma); ours starts from the same prompt."""
+    from tests.conftest import make_tokenizer
+
+    make_tokenizer().save_pretrained(tmp_path / "tok")
+    text = "Classify the sentiment"  # 3 tokens, tiled to P
+    cfg = peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P, prompt_tuning_init="TEXT",
+                                  prompt_tuning_init_text=text, tokenizer_name_or_path=str(tmp_path / "tok"))
+    peft_model = peft.get_peft_model(tiny_model(arch), cfg)
+    base = tiny_model(arch)
+    assert peft_model.word_embeddings is peft_model.get_base_model().get_input_embeddings()
+    ours = build_method("prompt_tuning", {"num_virtual_tokens": P, "init": "text", "init_text": text}, base,
+                        make_tokenizer())
+    assert torch.equal(ours.embeddings.detach(), peft_model.prompt_encoder["default"].embedding.weight.detach())
+    peft_model.eval()
+    torch.testing.assert_close(peft_logits(peft_model), our_logits(base, ours), atol=1e-5, rtol=1e-4)
 
 
 def test_import_maps_text_init(tmp_path):
