@@ -238,13 +238,16 @@ class TrainArgs:
     seed: int = 0
     prompt_pass: str = "auto"
     gradient_checkpointing: bool = False
+    divergence_guard: bool = True
+    max_rollbacks: int = 5
+    spike_factor: float = 3.0
 
     def __post_init__(self):
         problems = []
         for name in ("epochs", "batch_size", "grad_accum", "eval_every", "checkpoint_every"):
             if getattr(self, name) < 1:
                 problems.append(f"{flag(name)} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_steps", "warmup_steps", "early_stopping_patience"):
+        for name in ("max_steps", "warmup_steps", "early_stopping_patience", "max_rollbacks"):
             if getattr(self, name) < 0:
                 problems.append(f"{flag(name)} must be >= 0, got {getattr(self, name)}")
         if self.optimizer not in ("adafactor", "adamw"):
@@ -254,6 +257,7 @@ class TrainArgs:
         _keep(problems, check_real("--lr", self.lr, lambda v: v > 0, "> 0"),
               check_real("--weight-decay", self.weight_decay, lambda v: v >= 0, ">= 0"),
               check_real("--max-grad-norm", self.max_grad_norm, lambda v: v > 0, "> 0"),
+              check_real("--spike-factor", self.spike_factor, lambda v: v > 1, "> 1"),
               check_seed("--seed", self.seed), check_folder_to_create("--output-dir", self.output_dir))
         if self.prompt_pass not in ("auto", "shared_kv", "concat"):
             problems.append(f"--prompt-pass must be auto, shared_kv or concat, got {self.prompt_pass!r}")

@@ -4,9 +4,12 @@ Per optimizer step: ``grad_accum`` micro-batches (prompt keys/values computed on
 target tokens only), gradient clipping, optimizer and schedule step, a line in ``metrics.jsonl`` (loss, lr,
 prompt gradient norm in total and per virtual token, tokens/s). Every ``eval_every`` steps the primary
 metric is measured on the validation split; the best prompt is saved to ``best/``, early stopping stops
-after ``early_stopping_patience`` evaluations without improvement. ``checkpoint/`` holds what a resumed
-run needs to continue exactly where it stopped: the data order is a pure function of (seed, epoch), so only
-the step, method/optimizer/scheduler state and the torch RNG states (CPU and CUDA) are saved.
+after ``early_stopping_patience`` evaluations without improvement. A divergence guard
+(:mod:`softprompt.guard`) skips a step with a non-finite loss or gradient and rolls the prompt and optimizer
+back, with a lower lr, when the loss rises and stays up; too many rollbacks end the run as diverged.
+``checkpoint/`` holds what a resumed run needs to continue exactly where it stopped: the data order is a
+pure function of (seed, epoch), so only the step, method/optimizer/scheduler state, the guard's state and
+the torch RNG states (CPU and CUDA) are saved.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from softprompt import inject
 from softprompt.config import ConfigError, TrainArgs
 from softprompt.data import Encoded, TaskData, collate, encode, encode_classes
 from softprompt.evaluate import evaluate_prompt, primary_metric
+from softprompt.guard import DivergenceGuard
 from softprompt.methods import PromptMethod
 from softprompt.store.atomic import write_folder_atomically
 
@@ -46,6 +50,9 @@ class TrainResult:
     stopped_early: bool
     history: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    diverged: bool = False  # the guard ended the run; the method holds the last good state
+    rollbacks: int = 0
+    lr_scale: float = 1.0  # the guard's multiplier on the schedule's lr at the end
 
 
 def build_optimizer(params, args: TrainArgs) -> torch.optim.Optimizer:
@@ -152,7 +159,8 @@ def _all_average(tensors: list[torch.Tensor], world: int) -> None:
         t /= world
 
 
-def _save_checkpoint(out: Path, step: int, method: PromptMethod, opt, sched, state: dict) -> None:
+def _save_checkpoint(out: Path, step: int, method: PromptMethod, opt, sched, state: dict,
+                     guard: DivergenceGuard) -> None:
     """Write ``checkpoint/`` atomically: a crash mid-save leaves the previous checkpoint intact."""
     def write(tmp: Path) -> None:
         save_file({k: v.detach().cpu().contiguous() for k, v in method.state_dict().items()},
@@ -160,14 +168,15 @@ def _save_checkpoint(out: Path, step: int, method: PromptMethod, opt, sched, sta
         # dropout on a GPU draws from the CUDA generators, not the CPU one: both are saved
         cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []
         torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                    "torch_rng": torch.get_rng_state(), "cuda_rng": cuda_rng}, tmp / "optimizer.pt")
-        (tmp / "state.json").write_text(json.dumps({**state, "step": step}))
+                    "torch_rng": torch.get_rng_state(), "cuda_rng": cuda_rng,
+                    "guard_snapshots": guard.snapshots}, tmp / "optimizer.pt")
+        (tmp / "state.json").write_text(json.dumps({**state, "guard": guard.state(), "step": step}))
 
     write_folder_atomically(out / "checkpoint", write, overwrite=True,
                             replaceable=lambda p: (p / "state.json").exists() or not any(p.iterdir()))
 
 
-def _load_checkpoint(out: Path, method: PromptMethod, opt, sched) -> dict:
+def _load_checkpoint(out: Path, method: PromptMethod, opt, sched, guard: DivergenceGuard) -> dict:
     ck = out / "checkpoint"
     saved = load_file(str(ck / "method.safetensors"))
     current = method.state_dict()
@@ -191,7 +200,9 @@ def _load_checkpoint(out: Path, method: PromptMethod, opt, sched) -> dict:
                         "will not repeat the interrupted run's masks", ck, len(cuda_rng), torch.cuda.device_count())
         else:
             torch.cuda.set_rng_state_all(cuda_rng)
-    return json.loads((ck / "state.json").read_text())
+    state = json.loads((ck / "state.json").read_text())
+    guard.load_state(state.pop("guard", None), blob.get("guard_snapshots"))
+    return state
 
 
 def train(model, tokenizer, method: PromptMethod, task: TaskData, args: TrainArgs,
@@ -237,13 +248,16 @@ def train(model, tokenizer, method: PromptMethod, task: TaskData, args: TrainArg
     total = args.max_steps or steps_per_epoch * args.epochs
     params = [p for p in method.parameters() if p.requires_grad]
     opt = build_optimizer(params, args)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args, total))
+    guard = DivergenceGuard(args.divergence_guard, args.spike_factor, args.max_rollbacks)
+    schedule = lr_lambda(args, total)
+    # the guard lowers the lr by a multiplier on the schedule, read at every step: the shape is kept
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: schedule(s) * guard.lr_scale)
     metric_name, higher = primary_metric(fmt, args.metric)
     state = {"best_metric": None, "best_step": None, "bad_evals": 0}
     start = 0
     metrics_path = out / "metrics.jsonl"
     if args.resume and (out / "checkpoint" / "state.json").exists():
-        state = _load_checkpoint(out, method, opt, sched)
+        state = _load_checkpoint(out, method, opt, sched, guard)
         start = state.pop("step")
         if main:
             _truncate_log(metrics_path, start)
@@ -251,7 +265,7 @@ def train(model, tokenizer, method: PromptMethod, task: TaskData, args: TrainArg
     elif metrics_path.exists() and main:
         metrics_path.unlink()
     history: list[dict] = []
-    stopped = False
+    stopped = diverged = False
     bar = tqdm(total=total, initial=start, desc="train", unit="step", disable=None if main else True)
     with open(metrics_path, "a") if main else contextlib.nullcontext() as logf:
         for step, epoch, group in micro_batches(train_enc, args, tokenizer.pad_token_id, steps_per_epoch,
@@ -260,6 +274,7 @@ def train(model, tokenizer, method: PromptMethod, task: TaskData, args: TrainArg
                 continue
             if step >= total:
                 break
+            guard.snapshot_if_due(step, method, opt)
             t0 = time.perf_counter()
             loss_sum, tokens = 0.0, 0
             for mb in group:
@@ -269,6 +284,7 @@ def train(model, tokenizer, method: PromptMethod, task: TaskData, args: TrainArg
                 loss.backward()
                 loss_sum += float(loss.detach())
                 tokens += mb.num_tokens
+            # the guard decides on these averaged values, identical on every process: all take the same decision
             if world > 1:  # average the prompt gradients (and the logged loss) over the processes
                 stats = torch.tensor([loss_sum, tokens], dtype=torch.float64, device=model.device)
                 _all_average([p.grad for p in params if p.grad is not None] + [stats], world)
@@ -276,12 +292,21 @@ def train(model, tokenizer, method: PromptMethod, task: TaskData, args: TrainArg
             grads = [p.grad for p in params if p.grad is not None]
             per_token = _per_token_grad_norm(method)
             gnorm = float(torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)) if grads else 0.0
-            opt.step()
+            fault = guard.check_step(step + 1, loss_sum, gnorm)
+            if fault is None:
+                opt.step()
+                fault = guard.check_params(step + 1, params)
+            alarm = guard.rollback(step + 1, fault, method, opt) if fault else None
             sched.step()
             opt.zero_grad(set_to_none=True)
             row = {"step": step + 1, "epoch": epoch, "loss": loss_sum, "lr": sched.get_last_lr()[0],
                    "grad_norm": gnorm, "grad_norm_per_token": per_token,
                    "tokens_per_s": tokens / (time.perf_counter() - t0)}
+            if alarm:
+                row.update(alarm.record())
+                diverged = alarm.stop
+                if main:
+                    log.warning("%s", alarm.message(args.max_rollbacks))
             if valid and ((step + 1) % args.eval_every == 0 or step + 1 == total):
                 method.eval()
                 model.eval()
@@ -308,10 +333,12 @@ def train(model, tokenizer, method: PromptMethod, task: TaskData, args: TrainArg
             bar.update(1)
             bar.set_postfix(loss=f"{loss_sum:.3f}", **({f"val_{metric_name}": f"{row[f'val_{metric_name}']:.3f}"}
                                                          if f"val_{metric_name}" in row else {}))
-            if main and ((step + 1) % args.checkpoint_every == 0 or step + 1 == total or stopped):
-                _save_checkpoint(out, step + 1, method, opt, sched, state)
+            if main and ((step + 1) % args.checkpoint_every == 0 or step + 1 == total or stopped or diverged):
+                _save_checkpoint(out, step + 1, method, opt, sched, state, guard)
             if on_step:
                 on_step(step + 1)
+            if diverged:
+                break
             if stopped:
                 log.info("early stopping at step %d (best %s %.4f at step %s)", step + 1, metric_name,
                          state["best_metric"], state["best_step"])
@@ -323,7 +350,8 @@ def train(model, tokenizer, method: PromptMethod, task: TaskData, args: TrainArg
         (out / "train_args.json").write_text(json.dumps(asdict(args), indent=2))
     return TrainResult(steps=(history[-1]["step"] if history else start), best_metric=state["best_metric"],
                        best_step=state["best_step"], stopped_early=stopped, history=history,
-                       seconds=time.perf_counter() - t_start)
+                       seconds=time.perf_counter() - t_start, diverged=diverged, rollbacks=guard.rollbacks,
+                       lr_scale=guard.lr_scale)
 
 
 def _per_token_grad_norm(method: PromptMethod) -> list[float] | None:

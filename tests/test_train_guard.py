@@ -1,0 +1,219 @@
+"""The divergence guard of the training loop: detection rule, rollback, stop, resume, flags.
+
+Tiny random models barely move their loss, so divergence is injected: ``faults`` wraps the loss of chosen
+steps (a NaN loss, a NaN gradient behind a finite loss, or the loss times a factor, which also scales its
+gradient), keyed by the step the loop is on, so a resumed run sees the same faults at the same steps.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import softprompt.train as train_mod
+from softprompt import inject
+from softprompt.config import ConfigError, TrainArgs
+from softprompt.guard import DivergenceGuard
+from softprompt.methods import build_method
+from softprompt.train import train
+from tests.conftest import make_model
+from tests.test_train import Killed, args, fresh, task
+
+# losses logged by two real runs of the default model (Rotten Tomatoes, batch 16, Adafactor lr 0.3):
+# the main command's 100 steps (healthy: 0.855 validation accuracy despite the spikes at steps 15 and 20),
+# and compare's prompt tuning with P=50 (60 steps), which collapsed to the majority class after steps 19-24
+MAIN = [2.681, 2.028, 1.817, 1.035, 0.885, 1.345, 0.822, 2.32, 1.879, 1.232, 1.186, 1.642, 0.723, 0.935, 9.051,
+        1.943, 0.997, 1.083, 1.133, 5.991, 0.806, 0.739, 0.921, 1.357, 0.896, 0.601, 0.704, 0.7, 0.536, 0.746,
+        1.184, 0.939, 0.567, 0.74, 1.039, 1.327, 0.62, 0.599, 0.486, 0.465, 0.698, 0.896, 0.52, 0.329, 0.54, 0.543,
+        0.36, 0.53, 0.338, 0.59, 0.494, 0.548, 0.51, 0.349, 0.513, 0.625, 0.477, 0.335, 0.509, 0.422, 0.586, 0.904,
+        0.546, 0.485, 0.462, 0.429, 0.197, 0.323, 0.356, 0.682, 0.506, 0.658, 0.68, 0.549, 0.559, 0.313, 0.312,
+        0.335, 0.395, 0.618, 0.229, 0.553, 0.504, 0.604, 0.199, 0.667, 0.28, 0.588, 0.505, 0.367, 0.445, 0.323,
+        0.29, 0.37, 0.403, 0.32, 0.209, 0.335, 0.411, 0.25]
+P50 = [2.481, 1.73, 1.443, 0.999, 1.501, 0.932, 0.859, 0.69, 0.831, 1.049, 0.724, 2.197, 0.746, 0.813, 1.128,
+       1.441, 1.198, 1.046, 8.791, 7.38, 2.324, 4.98, 0.894, 2.829, 1.366, 0.863, 2.365, 0.937, 1.465, 0.771,
+       0.957, 0.76, 0.874, 1.186, 1.599, 1.552, 0.663, 0.735, 0.587, 0.692, 0.68, 0.772, 0.732, 0.513, 0.834,
+       0.834, 0.764, 0.718, 0.697, 1.083, 0.697, 0.788, 0.679, 0.735, 0.695, 0.675, 0.698, 0.691, 0.688, 0.721]
+
+
+def replay(losses: list[float]) -> list[int]:
+    """Steps at which the default rule fires when fed a logged run (which goes on as logged)."""
+    guard, fired = DivergenceGuard(), []
+    for step, loss in enumerate(losses, 1):
+        if guard.check_step(step, loss, 1.0):
+            fired.append(step)
+            guard.losses.append((step, loss))
+    return fired
+
+
+def test_rule_is_quiet_on_the_healthy_run_and_fires_on_the_collapse():
+    assert replay(MAIN) == []  # single-batch spikes of 7x the running median do not fire
+    assert replay(P50)[0] == 22  # the spikes of steps 19-22 stay up: the median of 5 steps is 4.7x
+
+
+class NanGrad(torch.autograd.Function):
+    """Identity forward, NaN gradient backward: a finite loss whose gradient is not."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+@pytest.fixture
+def faults(monkeypatch):
+    """``{step: "nan" | "nan_grad" | factor}``: what happens to the loss of each listed (1-based) step."""
+    plan: dict[int, str | float] = {}
+    current = {"step": 0}
+    batches, loss_fn = train_mod.micro_batches, inject.target_loss
+
+    def tracked(*a, **kw):
+        for step, epoch, group in batches(*a, **kw):
+            current["step"] = step + 1
+            yield step, epoch, group
+
+    def faulty(*a, **kw):
+        loss = loss_fn(*a, **kw)
+        fault = plan.get(current["step"])
+        if fault == "nan":
+            return loss * float("nan")
+        if fault == "nan_grad":
+            return NanGrad.apply(loss)
+        return loss if fault is None else loss * fault
+
+    monkeypatch.setattr(train_mod, "micro_batches", tracked)
+    monkeypatch.setattr(inject, "target_loss", faulty)
+    return plan
+
+
+def rows_of(out) -> list[dict]:
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("kind", ["nan", "nan_grad"])
+def test_non_finite_step_restores_the_snapshot_exactly_and_halves_the_lr(tmp_path, tokenizer, faults, kind,
+                                                                         monkeypatch):
+    model, ref_method = fresh(tokenizer)
+    train(model, tokenizer, ref_method, task(), args(tmp_path / "ref", max_steps=12, optimizer="adamw",
+                                                     schedule="linear"))
+    optimizers, seen, build = [], {}, train_mod.build_optimizer
+    monkeypatch.setattr(train_mod, "build_optimizer", lambda *a: optimizers.append(build(*a)) or optimizers[-1])
+    model, method = fresh(tokenizer)
+
+    def on_step(step):
+        seen[step] = (method.embeddings.detach().clone(), copy.deepcopy(optimizers[0].state_dict()))
+
+    faults[8] = kind
+    result = train(model, tokenizer, method, task(), args(tmp_path / "run", max_steps=12, optimizer="adamw",
+                                                          schedule="linear"), on_step=on_step)
+    rows, ref = rows_of(tmp_path / "run"), rows_of(tmp_path / "ref")
+    # the state after step 8 is the copy taken after step 5 (the newest older than the state that gave the NaN)
+    assert rows[7]["event"] == "rollback" and rows[7]["rolled_back_to"] == 5 and rows[7]["lr_scale"] == 0.5
+    prompt5, opt5 = seen[5]
+    prompt8, opt8 = seen[8]
+    assert torch.equal(prompt8, prompt5)
+    assert opt8["state"].keys() == opt5["state"].keys()
+    for i in opt5["state"]:
+        for k in opt5["state"][i]:
+            assert torch.equal(opt8["state"][i][k], opt5["state"][i][k]), k
+    assert [r["loss"] for r in rows[:7]] == [r["loss"] for r in ref[:7]]
+    # from step 8 on, the lr is half the schedule's; before, it is the schedule's
+    assert [r["lr"] for r in rows[:7]] == [r["lr"] for r in ref[:7]]
+    assert [r["lr"] for r in rows[7:]] == pytest.approx([r["lr"] / 2 for r in ref[7:]], rel=1e-12)
+    assert [r.get("event") for r in rows].count("rollback") == 1
+    assert (result.rollbacks, result.lr_scale, result.diverged, result.steps) == (1, 0.5, False, 12)
+    assert torch.isfinite(method.embeddings).all()
+
+
+def test_sustained_rise_rolls_back_before_it_and_the_run_goes_on(tmp_path, tokenizer, faults):
+    model, method = fresh(tokenizer)
+    faults.update({13: 20.0, 14: 20.0, 15: 20.0})
+    result = train(model, tokenizer, method, task(), args(tmp_path, max_steps=20))
+    rows = rows_of(tmp_path)
+    events = [(r["step"], r["event"], r["rolled_back_to"]) for r in rows if "event" in r]
+    # the window 11-15 has 3 of 5 losses at 20x; its first loss came from the state after 10 updates
+    assert events == [(15, "rollback", 5)] and "the loss rose" in rows[14]["reason"]
+    assert (result.rollbacks, result.diverged, result.steps) == (1, False, 20)
+
+
+def test_persistent_divergence_stops_keeps_the_last_good_prompt_and_saves_no_nan(tmp_path, tokenizer, faults,
+                                                                                caplog):
+    model, method = fresh(tokenizer)
+    saved = []
+    good = {}
+    faults.update({s: "nan" for s in range(9, 40)})
+    result = train(model, tokenizer, method, task(), args(tmp_path, max_steps=30, eval_every=2, max_rollbacks=2),
+                   save_best=lambda m, metrics: saved.append(m.embeddings.detach().clone()),
+                   on_step=lambda s: good.setdefault(s, method.embeddings.detach().clone()))
+    rows = rows_of(tmp_path)
+    assert [(r["step"], r["event"]) for r in rows if "event" in r] == [(9, "rollback"), (10, "rollback"),
+                                                                      (11, "diverged")]
+    assert (result.diverged, result.steps, result.rollbacks, result.lr_scale) == (True, 11, 2, 0.25)
+    assert torch.equal(method.embeddings.detach(), good[5])  # the copy older than step 8's state
+    assert saved and all(torch.isfinite(p).all() for p in saved)
+    ck = tmp_path / "checkpoint"
+    assert torch.isfinite(load_file(str(ck / "method.safetensors"))["embeddings"]).all()
+    assert json.loads((ck / "state.json").read_text())["step"] == 11
+    assert "stopped: the run diverged again after 2 rollbacks" in caplog.text
+
+
+def test_single_batch_spikes_do_not_fire_and_change_nothing(tmp_path, tokenizer, faults):
+    """Spikes like the main command's (7x at step 15, 5x at step 20): the guard must not touch the run."""
+    finals = []
+    for guard in (False, True):
+        faults.update({15: 7.0, 20: 5.0, 27: 6.0})
+        model, method = fresh(tokenizer)
+        train(model, tokenizer, method, task(), args(tmp_path / str(guard), max_steps=30, divergence_guard=guard))
+        finals.append(method.embeddings.detach().clone())
+        assert not any("event" in r for r in rows_of(tmp_path / str(guard)))
+    assert torch.equal(finals[0], finals[1])
+
+
+def test_guard_state_survives_resume(tmp_path, tokenizer, faults):
+    """Rollbacks at steps 3 and 8, a checkpoint at 7, a kill at 9: the resume ends bit-identical.
+
+    The second rollback restores the copy from step 5, older than the checkpoint: a resume that loses the
+    copies or the lr multiplier ends elsewhere, one that loses the rollback count reports another.
+    """
+    def run(out, kill_at=None, resume=False, init_seed=0):
+        faults.clear()
+        faults.update({3: "nan", 8: "nan_grad"})
+        model = make_model("llama")
+        method = build_method("prompt_tuning", {"num_virtual_tokens": 4, "init": "random", "seed": init_seed},
+                              model, tokenizer)
+
+        def on_step(step):
+            if step == kill_at:
+                raise Killed
+
+        try:
+            result = train(model, tokenizer, method, task(), args(out, resume=resume, optimizer="adamw", lr=0.05,
+                                                                  checkpoint_every=7, max_steps=12),
+                           on_step=on_step)
+        except Killed:
+            return None, None
+        return method.embeddings.detach().clone(), result
+
+    straight, result = run(tmp_path / "a")
+    assert (result.rollbacks, result.lr_scale) == (2, 0.25)
+    assert run(tmp_path / "b", kill_at=9) == (None, None)
+    resumed, result_b = run(tmp_path / "b", resume=True, init_seed=1)
+    assert torch.equal(resumed, straight)
+    assert (result_b.rollbacks, result_b.lr_scale) == (2, 0.25)
+    log_a, log_b = rows_of(tmp_path / "a"), rows_of(tmp_path / "b")
+    for key in ("step", "lr", "loss", "event", "rolled_back_to"):
+        assert [r.get(key) for r in log_b] == [r.get(key) for r in log_a], key
+
+
+def test_guard_flags_are_validated():
+    with pytest.raises(ConfigError) as err:
+        TrainArgs(spike_factor=1.0, max_rollbacks=-1)
+    assert "--spike-factor must be > 1, got 1.0" in str(err.value)
+    assert "--max-rollbacks must be >= 0, got -1" in str(err.value)
+    assert TrainArgs().divergence_guard and TrainArgs().max_rollbacks == 5 and TrainArgs().spike_factor == 3.0
