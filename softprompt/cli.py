@@ -265,6 +265,9 @@ def cmd_train(ns: argparse.Namespace) -> int:
     print(f"trained {result.steps} steps in {result.seconds:.0f}s"
           + (f"; best validation {result.best_metric:.4f} at step {result.best_step}"
              if result.best_metric is not None else ""))
+    if result.rollbacks:
+        print(f"divergence guard: {result.rollbacks} rollback(s), lr lowered to x{result.lr_scale:g} of the schedule "
+              f"(events in {out / 'metrics.jsonl'})")
     save_prompt(out / "last", method, model, task=meta, train_config=train_cfg, overwrite=True)
     chosen = load_prompt(out / "best", model) if (out / "best").exists() else load_prompt(out / "last", model)
     tuned = chosen.build_method().to(model.device).eval()
@@ -282,12 +285,36 @@ def cmd_train(ns: argparse.Namespace) -> int:
                 metrics={"validation": chosen.meta.get("metrics"), split: report.get("tuned soft prompt")},
                 overwrite=True)
     print(f"\nsaved prompt to {out / 'prompt'}  (curves: {out / 'curves.png'}, log: {out / 'metrics.jsonl'})")
+    if result.diverged:
+        _report_divergence(ns, args, result, out)
+        return 1
     if ns.store:
         from softprompt.store import PromptStore
 
         PromptStore(ns.store, create=not Path(ns.store).exists()).add(ns.task, out / "prompt", overwrite=True)
         print(f"added to store {ns.store} as task {ns.task!r}")
     return 0
+
+
+def _report_divergence(ns: argparse.Namespace, args: dict, result, out: Path) -> None:
+    """Tell on stderr that the divergence guard ended the run, what was kept, and what to try."""
+    train_args = args["train"]
+    if result.best_step is not None:
+        kept = f"the best validation prompt (step {result.best_step})"
+    else:  # the guard restored the last good copy before stopping
+        kept = f"the last good prompt (step {result.history[-1]['rolled_back_to']})"
+    lines = [f"softprompt train: error: the training diverged: the divergence guard stopped it at step {result.steps} "
+             f"after {result.rollbacks} rollback(s) (--max-rollbacks {train_args.max_rollbacks}; lr lowered to "
+             f"x{result.lr_scale:g} of --lr {train_args.lr:g}); reasons: the \"event\" lines of "
+             f"{out / 'metrics.jsonl'}",
+             f"  kept: {kept}, evaluated above and saved to {out / 'prompt'}"]
+    if ns.store:
+        lines.append(f"  not added to --store {ns.store}: add it by hand if its evaluation suits you: "
+                     f"softprompt store add --store {ns.store} {ns.task} {out / 'prompt'} --overwrite")
+    lines.append(f"  try: a lower --lr (e.g. {train_args.lr / 2:g}), more --warmup-steps, fewer --num-virtual-tokens "
+                 f"or a smaller --max-grad-norm; --max-rollbacks {max(1, 2 * train_args.max_rollbacks)} lets "
+                 "the guard halve the lr more often")
+    print("\n".join(lines), file=sys.stderr)
 
 
 def cmd_eval(ns: argparse.Namespace) -> int:
@@ -496,7 +523,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train a soft prompt, evaluate it against baselines, save it")
+    p = sub.add_parser(
+        "train", help="train a soft prompt, evaluate it against baselines, save it",
+        epilog="exit status: 0 when the run finished; 1 when the divergence guard ended it (after --max-rollbacks "
+               "rollbacks: the best prompt seen is still evaluated and saved, but not added to --store); 2 for "
+               "invalid arguments or inputs")
     p.add_argument("--config", help="YAML file with model/data/prompt/train/eval sections")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     p.add_argument("--store", help="also add the trained prompt to this prompt store (created if missing)")

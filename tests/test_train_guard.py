@@ -20,7 +20,9 @@ from softprompt.config import ConfigError, TrainArgs
 from softprompt.guard import DivergenceGuard
 from softprompt.methods import build_method
 from softprompt.train import train
+from tests import test_cli
 from tests.conftest import make_model
+from tests.test_cli import run, train_argv
 from tests.test_train import Killed, args, fresh, task
 
 # losses logged by two real runs of the default model (Rotten Tomatoes, batch 16, Adafactor lr 0.3):
@@ -80,7 +82,7 @@ def faults(monkeypatch):
 
     def faulty(*a, **kw):
         loss = loss_fn(*a, **kw)
-        fault = plan.get(current["step"])
+        fault = plan.get(current["step"]) if torch.is_grad_enabled() else None  # validation runs without grad
         if fault == "nan":
             return loss * float("nan")
         if fault == "nan_grad":
@@ -217,3 +219,22 @@ def test_guard_flags_are_validated():
     assert "--spike-factor must be > 1, got 1.0" in str(err.value)
     assert "--max-rollbacks must be >= 0, got -1" in str(err.value)
     assert TrainArgs().divergence_guard and TrainArgs().max_rollbacks == 5 and TrainArgs().spike_factor == 3.0
+
+
+env = test_cli.env  # its tiny model folder and data files, for the CLI test
+
+
+def test_cli_train_that_diverges_exits_1_keeps_a_finite_prompt_and_leaves_the_store_alone(env, tmp_path, faults):
+    faults.update({s: "nan" for s in range(3, 40)})
+    out, store = tmp_path / "run", tmp_path / "store"
+    rc, stdout, stderr = run(train_argv(env, out, "--max-steps", "12", "--lr", "0.1", "--max-rollbacks", "1",
+                                        "--init", "random", "--store", store, "--task", "sentiment"))
+    assert rc == 1, stderr
+    assert "the training diverged: the divergence guard stopped it at step 4 after 1 rollback(s)" in stderr
+    assert "try: a lower --lr (e.g. 0.05)" in stderr and f"not added to --store {store}" in stderr
+    assert "tuned soft prompt" in stdout and (out / "eval.json").exists()  # still evaluated
+    prompt = load_file(str(out / "prompt" / "adapter_model.safetensors"))["prompt_embeddings"]
+    assert torch.isfinite(prompt).all()
+    assert not store.exists()
+    assert [json.loads(x).get("event") for x in (out / "metrics.jsonl").read_text().splitlines()][2:] == \
+        ["rollback", "diverged"]
