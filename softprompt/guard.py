@@ -11,20 +11,25 @@ both are the all-reduced values, identical on every process, so every process ta
 
 A single batch's loss or gradient-norm spike does not fire: healthy prompt-tuning runs have them (the main
 command's run logs a loss of 9.05 against a running median near 1.3 at step 15 and a gradient norm of 101
-against one near 6 at step 20, and still converges), and clipping already bounds what one batch can do to
+against one near 6.6 at step 20, and still converges), and clipping already bounds what one batch can do to
 the prompt. The median of a window ignores up to two such spikes in five steps; the gradient norm is not
 used beyond its finiteness for the same reason (clipped, its size is not the size of the update). Replayed
-on that run's log, the largest window-median/reference-median ratio is 1.35, so the default factor 3 leaves
-a wide margin; a run that fires has a loss that stayed high for most of five steps.
+on that run's log, the rule never fires (its largest window-median/reference-median ratio is 1.35, so the
+default factor 3 leaves a wide margin); on compare's prompt tuning with P=50 at lr 0.3, which collapsed to
+the majority class after losses of 8.8, 7.4, 2.3 and 5.0 at steps 19-22, it fires at step 22 (ratio 4.7),
+and that run then ends at 0.81 test accuracy instead of 0.5075.
 
-Recovery: the prompt and optimizer state are copied every ``SNAPSHOT_EVERY`` steps (the trainable tensors
-are small). On an alarm, the newest copy older than the evidence is restored (the loss of step ``s`` is
-measured on the state after ``s - 1`` updates: for a sustained rise, a copy older than the state that gave
-the window's first loss; for a non-finite value, older than the state that gave it), the offending update
-is not applied, and the lr is halved through a multiplier on the schedule (its shape is kept). The data
-order, step count and schedule go on. After ``max_rollbacks`` rollbacks, the next alarm restores the copy
-and ends the run as diverged. Everything the guard keeps (multiplier, counts, losses, copies) is part of
-the checkpoint, so a resumed run decides as the uninterrupted one would.
+Recovery: the prompt and optimizer state are copied every ``SNAPSHOT_EVERY`` steps (at most two copies are
+kept: for a prompt, a few hundred KiB; for methods that train model weights, two copies of those and of their
+optimizer state).
+On an alarm, the newest copy older than the evidence is restored (the loss of step ``s`` is measured on the
+state after ``s - 1`` updates: for a sustained rise, a copy older than the state that gave the window's
+first loss; for a non-finite value, older than the state that gave it), the offending update is not
+applied, and the lr is halved through a multiplier on the schedule (its shape is kept). The data order,
+step count and schedule go on; the evidence leaves the reference losses. After ``max_rollbacks``
+rollbacks, the next alarm restores the copy and ends the run as diverged. Everything the guard keeps
+(multiplier, counts, losses, copies) is part of the checkpoint, so a resumed run decides as the
+uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -101,12 +106,13 @@ class DivergenceGuard:
         """Copy the state after ``step`` updates when due (every ``SNAPSHOT_EVERY`` steps, and at the start)."""
         if not self.enabled or (self.snapshots and (step % SNAPSHOT_EVERY or self.snapshots[-1]["step"] == step)):
             return
+        # keep the newest copy a future alarm may roll back to (one older than its window) and the newer ones;
+        # dropped before copying, so at most two copies exist at any time
+        older = [i for i, s in enumerate(self.snapshots) if s["step"] < step + 1 - WINDOW]
+        del self.snapshots[:older[-1] if older else 0]
         self.snapshots.append({"step": step,
                                "method": {k: v.detach().clone() for k, v in method.state_dict().items()},
                                "optimizer": copy.deepcopy(opt.state_dict())})
-        # keep the newest copy a future alarm may roll back to (one older than its window) and the newer ones
-        keep = self._target_index(step + 1 - WINDOW)
-        del self.snapshots[:keep]
 
     def check_step(self, step: int, loss: float, grad_norm: float) -> Fault | None:
         """Why step ``step`` (1-based) must not be applied, or ``None`` (then its loss is recorded).
@@ -154,7 +160,8 @@ class DivergenceGuard:
         method.load_state_dict(snap["method"])
         # deep copies: the optimizer updates its state tensors in place, and the copy may be restored again
         opt.load_state_dict(copy.deepcopy(snap["optimizer"]))
-        self.losses = [(s, x) for s, x in self.losses if s <= snap["step"]]
+        # the evidence leaves the reference; losses of older states stay (they were healthy measurements)
+        self.losses = [(s, x) for s, x in self.losses if s <= fault.first_suspect]
         stop = self.rollbacks >= self.max_rollbacks
         if not stop:
             self.rollbacks += 1

@@ -1,0 +1,51 @@
+"""Run by torchrun in tests/test_train_guard.py: faults on rank 1 only; save each rank's prompt and guard result.
+
+Rank 1's loss is NaN-gradient at step 4 and 20x at steps 13-15; rank 0's is untouched. Every rank must see
+both (through the averaged gradients and loss) and take the same decisions.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import softprompt.train as train_mod  # noqa: E402
+from softprompt import inject  # noqa: E402
+from softprompt.train import distributed, train  # noqa: E402
+from tests.conftest import make_tokenizer  # noqa: E402
+from tests.test_train import args, fresh, task  # noqa: E402
+from tests.test_train_guard import NanGrad  # noqa: E402
+
+out = Path(sys.argv[1])
+rank, world = distributed()
+torch.set_num_threads(1)
+current = {"step": 0}
+batches, loss_fn = train_mod.micro_batches, inject.target_loss
+
+
+def tracked(*a, **kw):
+    for step, epoch, group in batches(*a, **kw):
+        current["step"] = step + 1
+        yield step, epoch, group
+
+
+def faulty(*a, **kw):
+    loss = loss_fn(*a, **kw)
+    if rank != 1 or not torch.is_grad_enabled():
+        return loss
+    if current["step"] == 4:
+        return NanGrad.apply(loss)
+    return loss * 20 if current["step"] in (13, 14, 15) else loss
+
+
+train_mod.micro_batches, inject.target_loss = tracked, faulty
+model, method = fresh(make_tokenizer())
+result = train(model, make_tokenizer(), method, task(), args(out / "run", max_steps=18, batch_size=8, eval_every=9))
+save_file({"prompt": method.embeddings.detach().contiguous()}, str(out / f"rank{rank}_of_{world}.safetensors"))
+(out / f"rank{rank}.json").write_text(json.dumps({"rollbacks": result.rollbacks, "lr_scale": result.lr_scale}))
