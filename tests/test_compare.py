@@ -113,3 +113,23 @@ def test_compare_help_documents_exit_status_and_keep_going(capsys):
         main(["compare", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "--keep-going" in text and "exit status: 0 when every method ran; 1 when a method failed" in text
+
+
+@pytest.mark.parametrize(("kind", "guarded"), [("prompt_tuning", True), ("lora", True), ("full", False)])
+def test_compare_runs_the_divergence_guard_except_for_full_fine_tuning(tiny_model_dir, kind, guarded, monkeypatch):
+    import softprompt.train
+
+    data = toy_task()
+    monkeypatch.setattr("softprompt.data.load_task", lambda *a, **k: data)
+    seen = []
+
+    def fake_train(model, tok, method, task, args, **kwargs):
+        seen.append(args.divergence_guard)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(softprompt.train, "train", fake_train)
+    cfg = {"prompt_tuning": {"num_virtual_tokens": 3, "init": "random"}, "lora": {"r": 2}}.get(kind, {})
+    with pytest.raises(RuntimeError, match="stop here"):
+        run_one(Spec(kind, kind, cfg, "adamw", 1e-2), str(tiny_model_dir), "x", steps=3, batch_size=8,
+                test_samples=16)
+    assert seen == [guarded]
