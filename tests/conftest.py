@@ -160,6 +160,24 @@ def gate_runs(monkeypatch, engine) -> tuple[threading.Event, list]:
     return gate, ran
 
 
+def torchrun(script: str, out: Path, processes: int = 2):
+    """Run ``tests/scripts/<script>`` under ``torch.distributed.run`` on 127.0.0.1 (a free port); the process."""
+    import socket
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+                           "--master_addr", "127.0.0.1", "--master_port", str(port),
+                           str(repo / "tests" / "scripts" / script), str(out)],
+                          capture_output=True, text=True, env=env, timeout=300)
+
+
 def pytest_collection_modifyitems(config, items):
     """``gpu`` tests run only where CUDA is present (never in CI)."""
     if torch.cuda.is_available():

@@ -2,31 +2,15 @@
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
-
 from safetensors.torch import load_file
 
 from softprompt.train import train
-from tests.conftest import make_tokenizer
+from tests.conftest import make_tokenizer, torchrun
 from tests.test_train import args, fresh, task
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def test_two_process_run_matches_on_both_ranks_and_a_single_process(tmp_path):
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_addr", "127.0.0.1", "--master_port", str(port),
-                           str(REPO / "tests" / "scripts" / "ddp_train.py"), str(tmp_path)],
-                          capture_output=True, text=True, env=env, timeout=300)
+    proc = torchrun("ddp_train.py", tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0 = load_file(str(tmp_path / "rank0_of_2.safetensors"))["prompt"]
     r1 = load_file(str(tmp_path / "rank1_of_2.safetensors"))["prompt"]

@@ -9,11 +9,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -26,11 +21,9 @@ from softprompt.guard import DivergenceGuard
 from softprompt.methods import build_method
 from softprompt.train import train
 from tests import test_cli
-from tests.conftest import make_model
+from tests.conftest import make_model, torchrun
 from tests.test_cli import run, train_argv
 from tests.test_train import Killed, args, fresh, task
-
-REPO = Path(__file__).resolve().parents[1]
 
 # losses logged by two real runs of the default model (Rotten Tomatoes, batch 16, Adafactor lr 0.3):
 # the main command's 100 steps (healthy: 0.855 validation accuracy despite the spikes at steps 15 and 20),
@@ -253,15 +246,7 @@ def test_data_parallel_ranks_take_the_same_decisions(tmp_path):
     Step 13's 20x loss (on rank 1: 10.5x averaged) is the third of the window at step 16, the first step with
     10 reference losses before its window (steps 1-3 and 5-11).
     """
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_addr", "127.0.0.1", "--master_port", str(port),
-                           str(REPO / "tests" / "scripts" / "ddp_guard.py"), str(tmp_path)],
-                          capture_output=True, text=True, env=env, timeout=300)
+    proc = torchrun("ddp_guard.py", tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert results[0] == results[1] == {"rollbacks": 2, "lr_scale": 0.25}
