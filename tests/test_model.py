@@ -138,3 +138,33 @@ def test_embedded_default_model():
     seconds = time.perf_counter() - t0
     assert seconds < 10, f"reloading the cached folder took {seconds:.1f}s"  # a sanity bound, not a benchmark
     assert fingerprint(again) == fp
+
+
+def test_a_user_gguf_file_is_converted_once_and_cached_by_content(tmp_path, monkeypatch):
+    """A .gguf path is de-quantised on its first load only; a copy loads from the cache, a changed file does not."""
+    import shutil
+
+    import softprompt.model as model_mod
+    from tests.conftest import make_tokenizer
+
+    monkeypatch.setenv("SOFTPROMPT_CACHE", str(tmp_path / "cache"))
+    conversions = []
+
+    def fake_load_gguf(path, dtype):  # stands in for transformers' slow GGUF de-quantisation
+        conversions.append(path.name)
+        return make_model("llama"), make_tokenizer()
+
+    monkeypatch.setattr(model_mod, "_load_gguf", fake_load_gguf)
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(range(200)))
+    first, tok = model_mod.load_base_model(gguf, device="cpu")
+    again, _ = model_mod.load_base_model(gguf, device="cpu")
+    shutil.copy(gguf, tmp_path / "copy.gguf")
+    model_mod.load_base_model(tmp_path / "copy.gguf", device="cpu")
+    assert conversions == ["m.gguf"]
+    ids = torch.tensor([[3, 4, 5]])
+    assert torch.equal(first(ids).logits, again(ids).logits)
+    assert first.config._name_or_path == str(gguf) and tok.pad_token is not None
+    gguf.write_bytes(b"GGUF" + bytes(range(201)))  # a new version of the file
+    model_mod.load_base_model(gguf, device="cpu")
+    assert conversions == ["m.gguf", "m.gguf"]
