@@ -68,10 +68,9 @@ class NanGrad(torch.autograd.Function):
         return grad * float("nan")
 
 
-@pytest.fixture
-def faults(monkeypatch):
-    """``{step: "nan" | "nan_grad" | factor}``: what happens to the loss of each listed (1-based) step."""
-    plan: dict[int, str | float] = {}
+def fault_hooks(plan: dict[int, str | float]):
+    """Replacements for ``train.micro_batches`` and ``inject.target_loss`` that apply ``plan``:
+    ``{step: "nan" | "nan_grad" | factor}``, what happens to the loss of each listed (1-based) step."""
     current = {"step": 0}
     batches, loss_fn = train_mod.micro_batches, inject.target_loss
 
@@ -89,6 +88,14 @@ def faults(monkeypatch):
             return NanGrad.apply(loss)
         return loss if fault is None else loss * fault
 
+    return tracked, faulty
+
+
+@pytest.fixture
+def faults(monkeypatch):
+    """The fault plan (see :func:`fault_hooks`), installed for the test; fill it in before training."""
+    plan: dict[int, str | float] = {}
+    tracked, faulty = fault_hooks(plan)
     monkeypatch.setattr(train_mod, "micro_batches", tracked)
     monkeypatch.setattr(inject, "target_loss", faulty)
     return plan

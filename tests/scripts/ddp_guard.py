@@ -20,30 +20,13 @@ from softprompt import inject  # noqa: E402
 from softprompt.train import distributed, train  # noqa: E402
 from tests.conftest import make_tokenizer  # noqa: E402
 from tests.test_train import args, fresh, task  # noqa: E402
-from tests.test_train_guard import NanGrad  # noqa: E402
+from tests.test_train_guard import fault_hooks  # noqa: E402
 
 out = Path(sys.argv[1])
 rank, world = distributed()
 torch.set_num_threads(1)
-current = {"step": 0}
-batches, loss_fn = train_mod.micro_batches, inject.target_loss
-
-
-def tracked(*a, **kw):
-    for step, epoch, group in batches(*a, **kw):
-        current["step"] = step + 1
-        yield step, epoch, group
-
-
-def faulty(*a, **kw):
-    loss = loss_fn(*a, **kw)
-    if rank != 1 or not torch.is_grad_enabled():
-        return loss
-    if current["step"] == 4:
-        return NanGrad.apply(loss)
-    return loss * 20 if current["step"] in (13, 14, 15) else loss
-
-
+plan = {4: "nan_grad", 13: 20.0, 14: 20.0, 15: 20.0} if rank == 1 else {}
+tracked, faulty = fault_hooks(plan)
 train_mod.micro_batches, inject.target_loss = tracked, faulty
 model, method = fresh(make_tokenizer())
 result = train(model, make_tokenizer(), method, task(), args(out / "run", max_steps=18, batch_size=8, eval_every=9))
