@@ -475,9 +475,8 @@ class Engine:
         for i, r in zip(batch.index, reqs, strict=True):
             gen = None
             if r.temperature > 0:
-                seed = r.seed if r.seed is not None else items[i].seed
                 gen = torch.Generator(device=self.model.device)
-                gen.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, (1,))))
+                gen.manual_seed(items[i].seed)
             sampling.append(inject.RowSampling(r.max_tokens, float(r.temperature), r.top_k, float(r.top_p), gen))
 
         def hit_stop(j: int, toks: list[int]) -> bool:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
 from softprompt.data import TaskFormat
 from softprompt.engine.batching import Row
 from softprompt.engine.requests import (
@@ -39,8 +41,9 @@ class Prepared:
             ``rows``.
         source: the rendered text of the first member (what a generation continues).
         continuation: score: the continuation's token ids.
-        seed: generate: the sampling seed when the request has none (set by a scheduler, so a batch run
-            again samples the same text); None draws a new one per run.
+        seed: generate: the request's sampling seed, or one drawn here for a sampled request without one,
+            so a batch that is run again (a scheduler isolating a failure) samples the same text; None
+            when greedy.
     """
 
     kind: str
@@ -179,4 +182,7 @@ def _prepare_generate(engine, req: GenerateRequest, task, versions) -> Prepared:
         raise RequestError(f"task {task.name!r}: the input has no tokens")
     room = engine.context - engine._length(member) - req.max_tokens
     row = Row(member, fit(engine, ids, 0, room, f"generate input for task {task.name!r}", False), 0)
-    return Prepared("generate", req, task, versions, [row], source=source)
+    seed = req.seed
+    if req.temperature > 0 and seed is None:
+        seed = int(torch.randint(0, 2**62, (1,)))
+    return Prepared("generate", req, task, versions, [row], source=source, seed=seed)

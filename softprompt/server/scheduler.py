@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import random
 import threading
 import time
 from collections.abc import Callable
@@ -120,8 +119,6 @@ class Scheduler:
         self._check_room(len(requests))  # before tokenising anything: an overloaded server answers at once
         many = len(requests) > 1
         items = [self.engine.prepare(kind, r, i if many else None) for i, r in enumerate(requests)]
-        for item in items:
-            _fix_seed(item)
         jobs = [Job(kind, item, Future(), on_token) for item in items]
         with self._admit_lock:
             self._check_room(len(jobs))
@@ -214,10 +211,3 @@ class Scheduler:
     def _fail(self, job: Job, error: BaseException) -> None:
         self.stats.failed += 1
         job.future.set_exception(error)
-
-
-def _fix_seed(item) -> None:
-    """Give a sampled generation without a seed one now, so a batch run again gives the same text."""
-    req = getattr(item, "request", None)
-    if getattr(item, "kind", None) == "generate" and req.temperature > 0 and req.seed is None:
-        item.seed = random.getrandbits(62)
