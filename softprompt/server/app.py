@@ -74,23 +74,29 @@ def create_app(state: ServerState) -> FastAPI:
         """Prepare (tokenise) in a worker thread, never on the event loop; queue all or none."""
         return await asyncio.to_thread(state.scheduler.submit_many, kind, reqs, on_token)
 
-    async def wait(jobs: list, request: Request) -> list:
-        """The jobs' results; when the client goes away, its remaining work is cancelled."""
-        gathered = asyncio.gather(*(asyncio.wrap_future(j.future) for j in jobs))
+    async def unless_gone(awaitable, request: Request):
+        """``awaitable``'s result, or :class:`ClientGone` once the client is seen disconnected (polled)."""
+        pending = asyncio.ensure_future(awaitable)
         try:
             while True:
-                done_, _ = await asyncio.wait({gathered}, timeout=state.disconnect_poll_s)
+                done_, _ = await asyncio.wait({pending}, timeout=state.disconnect_poll_s)
                 if done_:
-                    return gathered.result()
+                    return pending.result()
                 if await request.is_disconnected():
                     raise errors.ClientGone("the client disconnected")
         finally:
+            if not pending.done():
+                pending.cancel()
+                with contextlib.suppress(BaseException):
+                    await pending
+
+    async def wait(jobs: list, request: Request) -> list:
+        """The jobs' results; when the client goes away, its remaining work is cancelled."""
+        try:
+            return await unless_gone(asyncio.gather(*(asyncio.wrap_future(j.future) for j in jobs)), request)
+        finally:
             for j in jobs:
                 j.cancel()
-            if not gathered.done():
-                gathered.cancel()
-            with contextlib.suppress(BaseException):
-                await gathered
 
     async def run(kind: str, reqs: list, request: Request) -> list:
         return await wait(await submit(kind, reqs), request)
@@ -222,12 +228,7 @@ def create_app(state: ServerState) -> FastAPI:
             if role_first:
                 yield chunk("", None, first=True)
             while True:
-                try:
-                    item = await asyncio.wait_for(queue.get(), state.disconnect_poll_s)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        raise errors.ClientGone("the client disconnected") from None
-                    continue
+                item = await unless_gone(queue.get(), request)
                 if item is None:
                     break
                 visible = item.rstrip("\ufffd")  # a multi-byte character not yet complete
