@@ -213,10 +213,9 @@ class Engine:
             problems.append(f"an ensemble needs >= 2 distinct members, got {members}")
         with self._lock:
             formats = {m: built[m].fmt if m in built else self._formats.get(m) for m in members}
+            metas = {m: built[m].meta if m in built else self._metas.get(m) for m in members}
             missing = [m for m in members if m is None or not (m in built or m in self._encoder_prompts
                                                                 or m in self.table)]
-            meta = built[members[0]].meta if members and members[0] in built else self._metas.get(
-                members[0] if members else None)
         if missing:
             problems.append(f"members not loaded: {missing}")
         if not problems:
@@ -226,7 +225,8 @@ class Engine:
                                 f"{ {m: sorted(v) for m, v in label_sets.items()} }")
         if problems:
             raise RequestError(f"ensemble {name!r}: " + "; ".join(problems))
-        return Task(name, "ensemble", list(members), [formats[m] for m in members], combine_how, meta=meta)
+        return Task(name, "ensemble", list(members), [formats[m] for m in members], combine_how,
+                    meta=metas[members[0]])
 
     def add_base(self, name: str = "base", fmt: TaskFormat | None = None) -> Task:
         """Serve the plain base model (no prompt) as task ``name``, raw text unless ``fmt`` is given."""
