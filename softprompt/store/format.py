@@ -16,7 +16,6 @@ through :data:`PEFT_TYPES`. Stored prompts are untrusted input: only safetensors
 from __future__ import annotations
 
 import importlib.metadata
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -32,7 +31,7 @@ from softprompt.methods.prompt_tuning import INITS as PROMPT_TUNING_INITS
 from softprompt.model import context_length, fingerprint, fingerprint_mismatch
 from softprompt.store.atomic import write_folder_atomically, write_json, write_safetensors
 from softprompt.store.errors import StoreError
-from softprompt.store.snapshot import read_file, read_folder
+from softprompt.store.snapshot import MAX_JSON_BYTES, parse_json, read_folder
 from softprompt.store.task_record import TASK_KEYS, TaskRecord
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -40,7 +39,6 @@ CONFIG_NAME = "adapter_config.json"
 META_NAME = "softprompt.json"
 FORMAT_VERSION = 1
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-MAX_JSON_BYTES = 1 << 20  # a config/metadata file is a few KiB; refuse to parse anything huge
 
 __all__ = ["CONFIG_NAME", "FORMAT_VERSION", "META_NAME", "PEFT_TYPES", "PEFT_TYPE_TO_METHOD", "WEIGHTS_NAME",
            "PeftType", "StoreError", "StoredPrompt", "check_model_compatible", "load_prompt",
@@ -305,18 +303,6 @@ def check_model_compatible(stored: StoredPrompt, model, check_fingerprint: bool 
                              "(CLI --no-fingerprint-check) to use it anyway.")
 
 
-def _parse_json(data: bytes, path: Path) -> Any:
-    try:
-        return json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise StoreError(f"{path}: not valid JSON ({e})") from e
-
-
-def _read_json(path: Path) -> Any:
-    """A stored JSON file (a regular file, not a symlink, at most :data:`MAX_JSON_BYTES`)."""
-    return _parse_json(read_file(path, MAX_JSON_BYTES), path)
-
-
 def _read_tensors(folder: Path, names: frozenset[str], data: bytes | None) -> dict[str, torch.Tensor]:
     path = folder / WEIGHTS_NAME
     if data is None:
@@ -378,7 +364,7 @@ def load_prompt(path: str | Path, model=None, check_fingerprint: bool = True) ->
     cfg_path = folder / CONFIG_NAME
     if CONFIG_NAME not in snap.files:
         raise StoreError(f"{cfg_path}: missing")
-    cfg = _parse_json(snap.files[CONFIG_NAME], cfg_path)
+    cfg = parse_json(snap.files[CONFIG_NAME], cfg_path)
     problems = _config_problems(cfg)
     if problems:
         raise StoreError(f"{cfg_path}: " + "; ".join(problems))
@@ -387,7 +373,7 @@ def load_prompt(path: str | Path, model=None, check_fingerprint: bool = True) ->
         raise StoreError(f"{folder / WEIGHTS_NAME}: " + "; ".join(problems))
     meta_path = folder / META_NAME
     if META_NAME in snap.files:
-        meta = _parse_json(snap.files[META_NAME], meta_path)
+        meta = parse_json(snap.files[META_NAME], meta_path)
         method, method_config = _method_from_meta(meta, cfg["peft_type"], meta_path)
     else:  # written by PEFT
         meta, meta_path = {}, cfg_path
