@@ -1,4 +1,4 @@
-"""Entries of a :class:`~softprompt.store.registry.PromptStore`: listing rows, ensembles, label sets."""
+"""Entries of a :class:`~softprompt.store.prompt_store.PromptStore`: listing rows, ensembles, label sets."""
 
 from __future__ import annotations
 
