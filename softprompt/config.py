@@ -159,40 +159,58 @@ class DataArgs:
         return {k: v for k, v in caps.items() if v is not None}
 
 
+# PromptArgs fields that set a field of the method's config (flag -> config field); left unset, each takes the
+# chosen method's own default (its config dataclass), so the CLI trains a method as the Python API does
+METHOD_FIELDS = {"num_virtual_tokens": "num_virtual_tokens", "init": "init", "init_scale": "init_scale",
+                 "vocab_sample_size": "vocab_sample_size", "prompt_dropout": "dropout", "projection": "projection",
+                 "encoder": "encoder", "encoder_hidden_size": "encoder_hidden_size"}
+
+
 @dataclass
 class PromptArgs:
-    """The prompt-learning method and its initialisation."""
+    """The prompt-learning method and its initialisation (unset: the method's own default)."""
 
     method: str = "prompt_tuning"
-    num_virtual_tokens: int = 20
-    init: str = "text"
+    num_virtual_tokens: int | None = None
+    init: str | None = None
     init_text: str | None = None  # None: from the task (softprompt.data.init_text.default_init_text)
-    init_scale: float = 0.5
-    vocab_sample_size: int = 5000
-    prompt_dropout: float = 0.0
-    projection: bool = False
-    encoder: str = "mlp"
-    encoder_hidden_size: int = 0
+    init_scale: float | None = None
+    vocab_sample_size: int | None = None
+    prompt_dropout: float | None = None
+    projection: bool | None = None
+    encoder: str | None = None
+    encoder_hidden_size: int | None = None
 
     def __post_init__(self):
+        """Check the values given, then fill each unset field the method takes with the method's default.
+
+        A field the method does not take stays ``None`` (``null`` in ``--print-config``); ``init_text`` stays
+        ``None`` until the task is known.
+        """
         from softprompt.methods import METHODS
 
         problems = []
         if self.method not in METHODS:
             problems.append(f"--method must be one of {sorted(METHODS)}, got {self.method!r}")
-        if self.num_virtual_tokens < 1:
+        if self.num_virtual_tokens is not None and self.num_virtual_tokens < 1:
             problems.append(f"--num-virtual-tokens must be >= 1, got {self.num_virtual_tokens}")
-        if self.init not in ("random", "text", "sample_vocab", "class_labels"):
+        if self.init is not None and self.init not in ("random", "text", "sample_vocab", "class_labels"):
             problems.append(f"--init must be random, text, sample_vocab or class_labels, got {self.init!r}")
         if self.init_text is not None and not self.init_text.strip():
             problems.append("--init-text must not be empty (leave it out to derive it from the task)")
-        if self.vocab_sample_size < 1:
+        if self.vocab_sample_size is not None and self.vocab_sample_size < 1:
             problems.append(f"--vocab-sample-size must be >= 1, got {self.vocab_sample_size}")
-        if self.encoder_hidden_size < 0:
+        if self.encoder_hidden_size is not None and self.encoder_hidden_size < 0:
             problems.append(f"--encoder-hidden-size must be >= 0, got {self.encoder_hidden_size}")
-        _keep(problems, check_real("--init-scale", self.init_scale, lambda v: v > 0, "> 0"),
-              check_real("--prompt-dropout", self.prompt_dropout, lambda v: 0 <= v < 1, "in [0, 1)"))
+        if self.init_scale is not None:
+            _keep(problems, check_real("--init-scale", self.init_scale, lambda v: v > 0, "> 0"))
+        if self.prompt_dropout is not None:
+            _keep(problems, check_real("--prompt-dropout", self.prompt_dropout, lambda v: 0 <= v < 1, "in [0, 1)"))
         _raise(problems)
+        defaults = METHODS[self.method].config_class.defaults()
+        for name, config_field in METHOD_FIELDS.items():
+            if getattr(self, name) is None and config_field in defaults:
+                setattr(self, name, defaults[config_field])
 
     def method_config(self, seed: int) -> dict[str, Any]:
         """The flags the chosen method's config takes (others are left out), validated by that config."""
@@ -200,10 +218,8 @@ class PromptArgs:
 
         from softprompt.methods import get_method
 
-        values = {"num_virtual_tokens": self.num_virtual_tokens, "init": self.init, "init_text": self.init_text,
-                  "init_scale": self.init_scale, "vocab_sample_size": self.vocab_sample_size,
-                  "dropout": self.prompt_dropout, "seed": seed, "projection": self.projection,
-                  "encoder": self.encoder, "encoder_hidden_size": self.encoder_hidden_size}
+        values = {config_field: getattr(self, name) for name, config_field in METHOD_FIELDS.items()}
+        values.update(init_text=self.init_text, seed=seed)
         config_class = get_method(self.method).config_class
         known = {f.name for f in dc_fields(config_class)}
         cfg = {k: v for k, v in values.items() if k in known and v is not None}  # None: the method's default

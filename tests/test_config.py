@@ -47,6 +47,25 @@ def test_prompt_and_eval_args():
         EvalArgs(baselines=["zero"])
 
 
+@pytest.mark.parametrize("method", ["prompt_tuning", "p_tuning", "prefix_tuning", "deep_prompt"])
+def test_prompt_args_default_to_the_methods_own_config(method):
+    from softprompt.methods import get_method
+
+    defaults = get_method(method).config_class.defaults()
+    cfg = PromptArgs(method=method).method_config(seed=0)
+    assert cfg == {k: v for k, v in defaults.items() if k in cfg}  # the CLI trains as the Python API does
+    assert set(defaults) - set(cfg) <= {"init_text", "encoder_num_layers", "num_layers", "kv_heads", "head_dim"}
+    assert PromptArgs(method=method).init_scale == defaults["init_scale"]
+    assert build_args(PromptArgs, {"method": method}, {"init_scale": 0.25}).init_scale == 0.25  # given: kept
+
+
+def test_prompt_args_resolved_defaults_per_method():
+    assert PromptArgs().init_scale == 0.5 and PromptArgs().init == "text"  # prompt tuning: unchanged
+    p = PromptArgs(method="p_tuning")
+    assert (p.init_scale, p.encoder, p.init, p.vocab_sample_size) == (0.02, "mlp", None, None)  # None: not taken
+    assert PromptArgs(method="prefix_tuning").init_scale == 0.02 and PromptArgs().init_text is None
+
+
 def test_yaml_round_trip_and_precedence(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(to_yaml({"train": TrainArgs(lr=0.1, batch_size=4)}))

@@ -322,13 +322,13 @@ def test_cli_fingerprint_check(tmp_path, tiny_model_dir, capsys):
 def test_cli_wrong_width_prompt_is_refused_clearly(tmp_path, tiny_model_dir, capsys, monkeypatch):
     """A prompt whose tensor is not in token space (e.g. future prefix tuning) gets a clear error."""
     import softprompt.store
-    import softprompt.store.registry
+    import softprompt.store.prompt_store
 
     fake = StoredPrompt(path=tmp_path / "prefix", method="prefix_tuning", method_config={},
                         tensors={"prompt_embeddings": torch.zeros(4, 2 * 2 * H)},
                         # what a prefix for the tiny llama (2 layers, 2 kv heads x 8) records: it fits the model
                         peft_config={"peft_type": "PREFIX_TUNING", "token_dim": 16, "num_layers": 2})
-    for module in (softprompt.store, softprompt.store.registry):
+    for module in (softprompt.store, softprompt.store.prompt_store):
         monkeypatch.setattr(module, "load_prompt", lambda *a, **k: fake)
     with pytest.raises(StoreError, match=re.escape(f"{tmp_path / 'prefix'}: 'prompt_embeddings' has shape (4, 128), "
                                                    "not (P, 32)")):

@@ -12,12 +12,11 @@ import safetensors.torch
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from softprompt.methods import PromptTuning, build_method
+from softprompt.methods import PEFT_TYPE_TO_METHOD, PromptTuning, build_method
 from softprompt.model import fingerprint, prepare_frozen
 from softprompt.store import (
     CONFIG_NAME,
     META_NAME,
-    PEFT_TYPE_TO_METHOD,
     WEIGHTS_NAME,
     StoreError,
     load_prompt,
@@ -263,6 +262,12 @@ def test_refuses_bad_adapter_config(saved, text, expected):
     with pytest.raises(StoreError, match=expected) as e:
         load_prompt(saved)
     assert str(e.value).startswith(f"{saved / CONFIG_NAME}: ")
+
+
+def test_refuses_a_peft_type_that_is_not_a_string(saved):
+    (saved / CONFIG_NAME).write_text('{"peft_type": ["PROMPT_TUNING"], "num_virtual_tokens": 4, "token_dim": 32}')
+    with pytest.raises(StoreError, match=re.escape(f"{saved / CONFIG_NAME}: unsupported peft_type ['PROMPT_TUNING']")):
+        load_prompt(saved)
 
 
 def test_refuses_newer_format_and_missing_files(saved, tmp_path):

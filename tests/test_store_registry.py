@@ -27,7 +27,7 @@ from softprompt.store import (
     load_prompt,
     save_prompt,
 )
-from softprompt.store import registry as registry_mod
+from softprompt.store import prompt_store as prompt_store_mod
 from softprompt.store.entries import COMBINES
 from tests.conftest import make_model
 
@@ -279,7 +279,7 @@ def test_remove(filled, monkeypatch):
         seen.append((Path(path).parent, Path(path).name, filled.names()))
         return real_rmtree(path, *args, **kwargs)
 
-    monkeypatch.setattr(registry_mod.shutil, "rmtree", rmtree)
+    monkeypatch.setattr(prompt_store_mod.shutil, "rmtree", rmtree)
     filled.remove("ens")
     filled.remove("a")
     assert [(parent, name.startswith("."), names) for parent, name, names in seen] == \
@@ -313,7 +313,7 @@ def test_rename_updates_ensembles(filled, model, tokenizer):
 def test_rename_rolls_back_when_an_ensemble_cannot_be_rewritten(filled, model, tokenizer, monkeypatch):
     filled.add_ensemble("ens2", ["b", "a"])
     before = {n: files(filled.root / n) for n in filled.names()}
-    real_write, calls = registry_mod.write_json, []
+    real_write, calls = prompt_store_mod.write_json, []
 
     def flaky(path, data):
         calls.append(Path(path).parent.name)
@@ -321,7 +321,7 @@ def test_rename_rolls_back_when_an_ensemble_cannot_be_rewritten(filled, model, t
             raise OSError("disk full")
         return real_write(path, data)
 
-    monkeypatch.setattr(registry_mod, "write_json", flaky)
+    monkeypatch.setattr(prompt_store_mod, "write_json", flaky)
     with pytest.raises(OSError, match="disk full"):
         filled.rename("a", "a2")
     assert calls[:2] == ["ens", "ens2"]
@@ -378,7 +378,7 @@ def test_interrupted_add_leaves_no_partial_entry(store, model, tokenizer, tmp_pa
     if overwrite:
         store.save("task", prompt(model, tokenizer, 1), model, task=TASK)
         before = files(store.root / "task")
-    real_copy, copied = registry_mod.write_bytes, []
+    real_copy, copied = prompt_store_mod.write_bytes, []
 
     def copy_then_fail(b, data):
         if copied:
@@ -386,7 +386,7 @@ def test_interrupted_add_leaves_no_partial_entry(store, model, tokenizer, tmp_pa
         copied.append(b)
         return real_copy(b, data)
 
-    monkeypatch.setattr(registry_mod, "write_bytes", copy_then_fail)
+    monkeypatch.setattr(prompt_store_mod, "write_bytes", copy_then_fail)
     with pytest.raises(OSError, match="disk full"):
         store.add("task", src, overwrite=overwrite)
     assert len(copied) == 1 and not Path(copied[0]).exists()  # the partial copy was written, then removed
@@ -398,14 +398,14 @@ def test_interrupted_add_leaves_no_partial_entry(store, model, tokenizer, tmp_pa
 def test_add_validates_the_copy(store, model, tokenizer, tmp_path, monkeypatch):
     """What lands in the store is validated, not only the source (which may change while being copied)."""
     src = save_prompt(tmp_path / "src", prompt(model, tokenizer), model, task=TASK)
-    real_copy = registry_mod.write_bytes
+    real_copy = prompt_store_mod.write_bytes
 
     def corrupting_copy(b, data):
         real_copy(b, data)
         if Path(b).name == WEIGHTS_NAME:
             Path(b).write_bytes(b"\xff" * 16)
 
-    monkeypatch.setattr(registry_mod, "write_bytes", corrupting_copy)
+    monkeypatch.setattr(prompt_store_mod, "write_bytes", corrupting_copy)
     with pytest.raises(StoreError, match="not a readable safetensors file"):
         store.add("task", src)
     assert listing(store.root) == ["store.json"]

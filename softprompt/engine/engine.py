@@ -38,10 +38,10 @@ from softprompt.engine.requests import (
     ScoreResult,
     UnknownTaskError,
 )
+from softprompt.store.entries import COMBINES
 from softprompt.store.errors import StoreError
 from softprompt.store.task_record import TaskRecord
 
-COMBINES = ("mean", "vote")
 log = logging.getLogger(__name__)
 
 

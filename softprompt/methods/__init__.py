@@ -1,17 +1,21 @@
 """Prompt-learning methods behind one protocol and a registry.
 
 Each method lives in its own module, registers itself with :func:`register_method`, and is built through
-:func:`build_method` / :func:`method_from_saved`; no other code branches on a method's name.
+:func:`build_method` / :func:`method_from_saved`; no other code branches on a method's name. Each method
+owns its mapping to PEFT's format; the store finds it with :func:`method_for_peft_type`.
 """
 
 from softprompt.methods.base import (
     METHODS,
+    PEFT_TYPE_TO_METHOD,
     MethodConfig,
     PromptMethod,
     PromptOutput,
     build_method,
     get_method,
+    method_for_peft_type,
     method_from_saved,
+    methods_stored_as,
     register_method,
 )
 from softprompt.methods.p_tuning import PTuning, PTuningConfig
@@ -20,6 +24,7 @@ from softprompt.methods.prompt_tuning import PromptTuning, PromptTuningConfig
 
 __all__ = [
     "METHODS",
+    "PEFT_TYPE_TO_METHOD",
     "DeepPrompt",
     "DeepPromptConfig",
     "PTuning",
@@ -33,6 +38,8 @@ __all__ = [
     "PromptTuningConfig",
     "build_method",
     "get_method",
+    "method_for_peft_type",
     "method_from_saved",
+    "methods_stored_as",
     "register_method",
 ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import typing
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Any, ClassVar
 
 import torch
@@ -46,6 +46,12 @@ class MethodConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """Every field's default: what the method trains with when a field is not given (the CLI's defaults)."""
+        return {f.name: f.default if f.default is not MISSING else f.default_factory() for f in fields(cls)
+                if f.default is not MISSING or f.default_factory is not MISSING}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]):
@@ -114,6 +120,17 @@ class PromptMethod(nn.Module):
     - ``peft_config(model) -> dict``: PEFT-compatible ``adapter_config.json`` content;
     - ``from_saved(config, tensors) -> PromptMethod`` (classmethod): rebuild for inference.
 
+    Each method also owns its mapping to PEFT's on-disk format, which :mod:`softprompt.store.format` asks
+    for through :func:`method_for_peft_type` instead of knowing any method:
+    - ``peft_type``: the ``adapter_config.json`` ``peft_type`` it is stored as; ``reads_peft_folders``:
+      whether a plain PEFT folder of that type is read as this method (one method per type);
+    - ``peft_tensor_shapes(peft_config)``: the tensors and shapes a valid ``adapter_config`` implies;
+    - ``peft_config_problems(peft_config)``: type-specific ``adapter_config`` fields that are unusable;
+    - ``config_from_peft(peft_config, tensors)``: our config dict for a folder written by PEFT;
+    - ``peft_token_dim(model)`` / ``peft_token_dim_meaning``: the ``token_dim`` the model needs, and what it is;
+    - ``peft_model_mismatch(peft_config, model)``: anything else in ``adapter_config`` that the model lacks.
+    The defaults fit a prompt of ``(P, H)`` input embeddings stored as ``prompt_embeddings``.
+
     Calling the module (``forward``) returns ``prompt()`` plus the classification head when one is attached
     (:meth:`attach_head`; encoder sequence classification). The head's tensors train, checkpoint and
     store with the prompt's (:meth:`stored_tensors`).
@@ -122,6 +139,9 @@ class PromptMethod(nn.Module):
     name: ClassVar[str] = ""
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
     injects: ClassVar[str] = "embeds"
+    peft_type: ClassVar[str] = ""
+    reads_peft_folders: ClassVar[bool] = True
+    peft_token_dim_meaning: ClassVar[str] = "hidden size"  # what token_dim is, for error messages
 
     def __init__(self, config: MethodConfig):
         super().__init__()
@@ -163,6 +183,42 @@ class PromptMethod(nn.Module):
     def from_saved(cls, config: MethodConfig, tensors: dict[str, torch.Tensor]) -> PromptMethod:
         raise NotImplementedError  # pragma: no cover - abstract
 
+    @classmethod
+    def peft_tensor_shapes(cls, peft_config: dict[str, Any]) -> dict[str, tuple[int, int]]:
+        """``{key: (rows, cols)}`` of ``adapter_model.safetensors`` that a valid ``adapter_config`` implies.
+
+        ``num_virtual_tokens`` and ``token_dim`` are positive integers by then, and so is every field
+        :meth:`peft_config_problems` checks.
+        """
+        return {"prompt_embeddings": (peft_config["num_virtual_tokens"], peft_config["token_dim"])}
+
+    @classmethod
+    def peft_config_problems(cls, peft_config: dict[str, Any]) -> list[str]:
+        """What is wrong with this type's own ``adapter_config`` fields (the shared ones are checked by the store)."""
+        return []
+
+    @classmethod
+    def config_from_peft(cls, peft_config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """Our config dict for a folder written by PEFT, from its validated ``adapter_config`` and tensors.
+
+        Raises:
+            ValueError, TypeError, KeyError: a field PEFT wrote is unusable (the store names the file).
+        """
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    @classmethod
+    def peft_token_dim(cls, model) -> int:
+        """The ``token_dim`` a stored prompt of this type needs to work with ``model``."""
+        return int(model.get_input_embeddings().weight.shape[1])
+
+    @classmethod
+    def peft_model_mismatch(cls, peft_config: dict[str, Any], model) -> str | None:
+        """What else in ``adapter_config`` (besides ``token_dim``) does not fit ``model``, or ``None``.
+
+        The phrase completes "``adapter_config.json`` has ...", e.g. ``"num_layers 4 but the model has 2; ..."``.
+        """
+        return None
+
     def num_trainable(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
@@ -195,12 +251,21 @@ def require_tensor(method: str, tensors: dict[str, torch.Tensor], key: str = "pr
 
 
 METHODS: dict[str, type[PromptMethod]] = {}
+PEFT_TYPE_TO_METHOD: dict[str, str] = {}  # PEFT peft_type -> the method a plain PEFT folder of it is read as
 
 
 def register_method(cls: type[PromptMethod]) -> type[PromptMethod]:
-    """Class decorator adding a method to :data:`METHODS` under ``cls.name``."""
+    """Class decorator adding a method to :data:`METHODS` under ``cls.name``.
+
+    A method that ``reads_peft_folders`` is also entered in :data:`PEFT_TYPE_TO_METHOD` for its ``peft_type``.
+    """
     if not cls.name:
         raise ValueError(f"{cls.__name__} has no name")
+    if cls.peft_type and cls.reads_peft_folders:
+        reader = PEFT_TYPE_TO_METHOD.setdefault(cls.peft_type, cls.name)
+        if reader != cls.name:
+            raise ValueError(f"{cls.__name__}: plain PEFT {cls.peft_type} folders are already read as {reader!r}; "
+                             "set reads_peft_folders = False")
     METHODS[cls.name] = cls
     return cls
 
@@ -210,6 +275,23 @@ def get_method(name: str) -> type[PromptMethod]:
     if name not in METHODS:
         raise ValueError(f"--method {name!r} is not one of {sorted(METHODS)}")
     return METHODS[name]
+
+
+def method_for_peft_type(peft_type: Any) -> type[PromptMethod]:
+    """The method class a PEFT folder whose ``adapter_config.json`` has ``peft_type`` is read as.
+
+    Raises:
+        ValueError: ``peft_type`` is not one that a registered method reads (including a non-string value
+            from an untrusted file), naming the supported ones.
+    """
+    if not isinstance(peft_type, str) or peft_type not in PEFT_TYPE_TO_METHOD:
+        raise ValueError(f"unsupported peft_type {peft_type!r} (supported: {', '.join(sorted(PEFT_TYPE_TO_METHOD))})")
+    return METHODS[PEFT_TYPE_TO_METHOD[peft_type]]
+
+
+def methods_stored_as(peft_type: str) -> list[str]:
+    """Names of every registered method stored as ``peft_type`` (e.g. ``prefix_tuning`` and ``deep_prompt``)."""
+    return [name for name, cls in METHODS.items() if cls.peft_type == peft_type]
 
 
 def build_method(name: str, config: MethodConfig | dict, model, tokenizer, **init_kwargs) -> PromptMethod:

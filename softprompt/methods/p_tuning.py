@@ -64,6 +64,7 @@ class PTuning(PromptMethod):
 
     name: ClassVar[str] = "p_tuning"
     config_class: ClassVar[type[MethodConfig]] = PTuningConfig
+    peft_type: ClassVar[str] = "P_TUNING"
 
     def __init__(self, config: PTuningConfig, hidden_size: int, folded: torch.Tensor | None = None):
         super().__init__(config)
@@ -110,7 +111,7 @@ class PTuning(PromptMethod):
     def peft_config(self, model) -> dict[str, Any]:
         cfg = model.config
         return peft_config_common(
-            model, "P_TUNING", self.config.num_virtual_tokens, self.hidden_size,
+            model, self.peft_type, self.config.num_virtual_tokens, self.hidden_size,
             int(getattr(cfg, "num_attention_heads", 0) or 0),
             encoder_reparameterization_type="MLP" if self.config.encoder == "mlp" else "LSTM",
             encoder_hidden_size=self.config.encoder_hidden_size or self.hidden_size,
@@ -121,3 +122,9 @@ class PTuning(PromptMethod):
     def from_saved(cls, config: PTuningConfig, tensors: dict[str, torch.Tensor]) -> PTuning:
         emb = require_tensor(cls.name, tensors)
         return cls(config, int(emb.shape[1]), folded=emb)
+
+    @classmethod
+    def config_from_peft(cls, peft_config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """Prompt length from the tensor (PEFT stores the encoder's output, as we do) and the encoder kind."""
+        return {"num_virtual_tokens": int(tensors["prompt_embeddings"].shape[0]),
+                "encoder": "lstm" if peft_config.get("encoder_reparameterization_type") == "LSTM" else "mlp"}

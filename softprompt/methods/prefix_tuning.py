@@ -84,6 +84,8 @@ class PrefixTuning(PromptMethod):
     name: ClassVar[str] = "prefix_tuning"
     injects: ClassVar[str] = "kv"
     config_class: ClassVar[type[MethodConfig]] = PrefixTuningConfig
+    peft_type: ClassVar[str] = "PREFIX_TUNING"
+    peft_token_dim_meaning: ClassVar[str] = "key/value width (kv_heads x head_dim)"
 
     def __init__(self, config: PrefixTuningConfig, geometry: tuple[int, int, int], prefix: torch.Tensor,
                  hidden_size: int = 0):
@@ -152,7 +154,7 @@ class PrefixTuning(PromptMethod):
 
     def peft_config(self, model) -> dict[str, Any]:
         layers, kv_heads, head_dim = self.geometry
-        return peft_config_common(model, "PREFIX_TUNING", self.config.num_virtual_tokens, kv_heads * head_dim,
+        return peft_config_common(model, self.peft_type, self.config.num_virtual_tokens, kv_heads * head_dim,
                                   kv_heads, encoder_hidden_size=kv_heads * head_dim,
                                   prefix_projection=False)  # any MLP was folded at save time
 
@@ -167,6 +169,44 @@ class PrefixTuning(PromptMethod):
         out = cls(folded, geometry, tensors["prompt_embeddings"])  # the MLP was folded away at save time
         out.config = config
         return out
+
+    @classmethod
+    def peft_tensor_shapes(cls, peft_config: dict[str, Any]) -> dict[str, tuple[int, int]]:
+        """``prompt_embeddings`` ``(P, num_layers * 2 * token_dim)``: keys and values of every layer."""
+        return {"prompt_embeddings": (peft_config["num_virtual_tokens"],
+                                      int(peft_config.get("num_layers") or 0) * 2 * peft_config["token_dim"])}
+
+    @classmethod
+    def peft_config_problems(cls, peft_config: dict[str, Any]) -> list[str]:
+        layers = peft_config.get("num_layers")
+        if isinstance(layers, int) and not isinstance(layers, bool) and layers >= 1:
+            return []
+        return [f"'num_layers' must be a positive integer, got {layers!r}"]
+
+    @classmethod
+    def config_from_peft(cls, peft_config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """Prompt length from the tensor and the attention geometry from ``adapter_config``.
+
+        PEFT writes the prefix itself even when it trained through a projection MLP
+        (``prefix_projection``): its ``save_pretrained`` stores the MLP's output as ``prompt_embeddings``.
+        """
+        heads = int(peft_config.get("num_attention_heads") or 0)
+        return {"num_virtual_tokens": int(tensors["prompt_embeddings"].shape[0]), "init": "random",
+                "num_layers": int(peft_config.get("num_layers") or 0), "kv_heads": heads,
+                "head_dim": peft_config["token_dim"] // heads if heads else 0}
+
+    @classmethod
+    def peft_token_dim(cls, model) -> int:
+        """A prefix's ``token_dim`` is the model's key/value width, ``kv_heads * head_dim``."""
+        _, kv_heads, head_dim = kv_geometry(model)
+        return kv_heads * head_dim
+
+    @classmethod
+    def peft_model_mismatch(cls, peft_config: dict[str, Any], model) -> str | None:
+        layers, model_layers = peft_config.get("num_layers"), model.config.num_hidden_layers
+        if layers != model_layers:
+            return f"num_layers {layers} but the model has {model_layers}; the prefix cannot work with it"
+        return None
 
 
 @dataclass
@@ -183,5 +223,8 @@ class DeepPromptConfig(PrefixTuningConfig):
 
 @register_method
 class DeepPrompt(PrefixTuning):
+    """Stored exactly like prefix tuning (PEFT ``PREFIX_TUNING``); a plain PEFT prefix folder reads as prefix_tuning."""
+
     name: ClassVar[str] = "deep_prompt"
     config_class: ClassVar[type[MethodConfig]] = DeepPromptConfig
+    reads_peft_folders: ClassVar[bool] = False

@@ -97,6 +97,7 @@ class PromptTuning(PromptMethod):
 
     name: ClassVar[str] = "prompt_tuning"
     config_class: ClassVar[type[MethodConfig]] = PromptTuningConfig
+    peft_type: ClassVar[str] = "PROMPT_TUNING"
 
     def __init__(self, config: PromptTuningConfig, embeddings: torch.Tensor):
         super().__init__(config)
@@ -148,7 +149,7 @@ class PromptTuning(PromptMethod):
         # prompt_tuning_init is written as RANDOM: PEFT re-runs the init when it builds the module (TEXT
         # would make it load a tokenizer from the hub) and then overwrites it with the stored weights.
         return peft_config_common(
-            model, "PROMPT_TUNING", self.config.num_virtual_tokens, int(self.embeddings.shape[1]),
+            model, self.peft_type, self.config.num_virtual_tokens, int(self.embeddings.shape[1]),
             int(getattr(cfg, "num_attention_heads", 0) or 0), prompt_tuning_init="RANDOM",
             prompt_tuning_init_text=None, tokenizer_name_or_path=None, tokenizer_kwargs=None, auto_mapping=None)
 
@@ -159,3 +160,16 @@ class PromptTuning(PromptMethod):
             raise ValueError(f"prompt_embeddings has shape {tuple(emb.shape)}, expected "
                              f"({config.num_virtual_tokens}, hidden_size)")
         return cls(config, emb)
+
+    @classmethod
+    def config_from_peft(cls, peft_config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """Prompt length from the tensor; PEFT's init is recorded where it is one of ours."""
+        out: dict[str, Any] = {"num_virtual_tokens": int(tensors["prompt_embeddings"].shape[0])}
+        text = peft_config.get("prompt_tuning_init_text")
+        init = str(peft_config.get("prompt_tuning_init") or "random").lower()
+        if init not in INITS or (init == "text" and not (text or "").strip()):
+            init = "random"  # the tensors are what matters; init is only recorded
+        out["init"] = init
+        if isinstance(text, str) and text:
+            out["init_text"] = text
+        return out

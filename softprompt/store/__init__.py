@@ -6,29 +6,22 @@ from softprompt.store.format import (
     CONFIG_NAME,
     FORMAT_VERSION,
     META_NAME,
-    PEFT_TYPE_TO_METHOD,
-    PEFT_TYPES,
     WEIGHTS_NAME,
-    PeftType,
     StoredPrompt,
     check_model_compatible,
     load_prompt,
-    register_peft_type,
     save_prompt,
 )
 from softprompt.store.names import safe_task_name
 from softprompt.store.peft_interop import export_peft, import_peft
-from softprompt.store.registry import PromptStore
+from softprompt.store.prompt_store import PromptStore
 
 __all__ = [
     "CONFIG_NAME",
     "FORMAT_VERSION",
     "META_NAME",
-    "PEFT_TYPES",
-    "PEFT_TYPE_TO_METHOD",
     "WEIGHTS_NAME",
     "EnsembleSpec",
-    "PeftType",
     "PromptStore",
     "StoreEntry",
     "StoreError",
@@ -37,7 +30,6 @@ __all__ = [
     "export_peft",
     "import_peft",
     "load_prompt",
-    "register_peft_type",
     "safe_task_name",
     "save_prompt",
 ]

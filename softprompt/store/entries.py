@@ -1,4 +1,4 @@
-"""Entries of a :class:`~softprompt.store.registry.PromptStore`: listing rows, ensembles, label sets."""
+"""Entries of a :class:`~softprompt.store.prompt_store.PromptStore`: listing rows, ensembles, label sets."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from softprompt.store.errors import StoreError
-from softprompt.store.format import StoredPrompt, _read_json
+from softprompt.store.format import StoredPrompt
 from softprompt.store.names import safe_task_name
+from softprompt.store.snapshot import read_json
 from softprompt.store.task_record import TaskRecord
 
 ENSEMBLE_FILE = "ensemble.json"
@@ -111,7 +112,7 @@ def read_ensemble_file(path: Path) -> dict:
     Raises:
         StoreError: naming the file and every problem found.
     """
-    data = _read_json(path)
+    data = read_json(path)
     if not isinstance(data, dict):
         raise StoreError(f"{path}: expected a JSON object, got {type(data).__name__}")
     members, problems = data.get("members"), []

@@ -9,15 +9,14 @@
       softprompt.json             method + config, base-model fingerprint, task, training config, metrics
 
 A folder without ``softprompt.json`` is a plain PEFT folder; its ``peft_type`` is mapped to our method
-through :data:`PEFT_TYPES`. Stored prompts are untrusted input: only safetensors is read (never pickle /
+by :func:`softprompt.methods.method_for_peft_type`; that method owns the mapping (expected tensors, config
+fields, token_dim). Stored prompts are untrusted input: only safetensors is read (never pickle /
 ``torch.load``), and every config field and tensor is checked before a method is built from them.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
-import json
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -26,13 +25,12 @@ from typing import Any
 import safetensors.torch
 import torch
 
-from softprompt.methods import PromptMethod, method_from_saved
+from softprompt.methods import PromptMethod, method_for_peft_type, method_from_saved, methods_stored_as
 from softprompt.methods.head import HEAD_MODULE_NAMES, SAVED_PREFIX, head_problems, is_head_key, is_sequence_classifier
-from softprompt.methods.prompt_tuning import INITS as PROMPT_TUNING_INITS
 from softprompt.model import context_length, fingerprint, fingerprint_mismatch
 from softprompt.store.atomic import write_folder_atomically, write_json, write_safetensors
 from softprompt.store.errors import StoreError
-from softprompt.store.snapshot import read_file, read_folder
+from softprompt.store.snapshot import MAX_JSON_BYTES, parse_json, read_folder
 from softprompt.store.task_record import TASK_KEYS, TaskRecord
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -40,90 +38,9 @@ CONFIG_NAME = "adapter_config.json"
 META_NAME = "softprompt.json"
 FORMAT_VERSION = 1
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-MAX_JSON_BYTES = 1 << 20  # a config/metadata file is a few KiB; refuse to parse anything huge
 
-__all__ = ["CONFIG_NAME", "FORMAT_VERSION", "META_NAME", "PEFT_TYPES", "PEFT_TYPE_TO_METHOD", "WEIGHTS_NAME",
-           "PeftType", "StoreError", "StoredPrompt", "check_model_compatible", "load_prompt",
-           "register_peft_type", "save_prompt"]
-
-
-@dataclass(frozen=True)
-class PeftType:
-    """How one PEFT ``peft_type`` is stored and which of our methods reads it.
-
-    Attributes:
-        method: our registered method name.
-        tensor_shapes: ``adapter_config`` dict -> expected ``{key: (rows, cols)}`` of the safetensors file.
-        method_config: ``(adapter_config, tensors)`` -> our method config dict, for folders written by PEFT.
-    """
-
-    method: str
-    tensor_shapes: Callable[[dict], dict[str, tuple[int, int]]]
-    method_config: Callable[[dict, dict[str, torch.Tensor]], dict[str, Any]]
-    token_dim: Callable[[Any], int] = lambda model: int(model.get_input_embeddings().weight.shape[1])
-    token_dim_meaning: str = "hidden size"  # what token_dim is, for error messages
-    other_methods: tuple[str, ...] = ()  # more of our methods stored as this peft_type
-
-
-def _prompt_tuning_shapes(cfg: dict) -> dict[str, tuple[int, int]]:
-    return {"prompt_embeddings": (cfg["num_virtual_tokens"], cfg["token_dim"])}
-
-
-def _prompt_tuning_from_peft(cfg: dict, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
-    out: dict[str, Any] = {"num_virtual_tokens": int(tensors["prompt_embeddings"].shape[0])}
-    text = cfg.get("prompt_tuning_init_text")
-    init = str(cfg.get("prompt_tuning_init") or "random").lower()
-    if init not in PROMPT_TUNING_INITS or (init == "text" and not (text or "").strip()):
-        init = "random"  # the tensors are what matters; init is only recorded
-    out["init"] = init
-    if isinstance(text, str) and text:
-        out["init_text"] = text
-    return out
-
-
-PEFT_TYPES: dict[str, PeftType] = {}
-PEFT_TYPE_TO_METHOD: dict[str, str] = {}
-
-
-def register_peft_type(peft_type: str, spec: PeftType) -> None:
-    """Add a PEFT type to :data:`PEFT_TYPES` and :data:`PEFT_TYPE_TO_METHOD` (one call per method)."""
-    PEFT_TYPES[peft_type] = spec
-    PEFT_TYPE_TO_METHOD[peft_type] = spec.method
-
-
-register_peft_type("PROMPT_TUNING",
-                   PeftType("prompt_tuning", _prompt_tuning_shapes, _prompt_tuning_from_peft))
-register_peft_type("P_TUNING", PeftType(
-    "p_tuning", _prompt_tuning_shapes,
-    lambda cfg, tensors: {"num_virtual_tokens": int(tensors["prompt_embeddings"].shape[0]),
-                          "encoder": "lstm" if cfg.get("encoder_reparameterization_type") == "LSTM" else "mlp"}))
-
-
-def _prefix_shapes(cfg: dict) -> dict[str, tuple[int, int]]:
-    return {"prompt_embeddings": (cfg["num_virtual_tokens"], int(cfg.get("num_layers") or 0) * 2 * cfg["token_dim"])}
-
-
-def _prefix_from_peft(cfg: dict, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
-    heads = int(cfg.get("num_attention_heads") or 0)
-    if cfg.get("prefix_projection") and "prompt_embeddings" not in tensors:
-        raise ValueError("a PEFT prefix saved with prefix_projection=True stores its MLP, not the prefix: "
-                         "load it in PEFT and save with inference_mode, or retrain with softprompt")
-    return {"num_virtual_tokens": int(tensors["prompt_embeddings"].shape[0]), "init": "random",
-            "num_layers": int(cfg.get("num_layers") or 0), "kv_heads": heads,
-            "head_dim": cfg["token_dim"] // heads if heads else 0}
-
-
-def _prefix_token_dim(model) -> int:
-    from softprompt.methods.prefix_tuning import kv_geometry
-
-    _, kv_heads, head_dim = kv_geometry(model)
-    return kv_heads * head_dim
-
-
-register_peft_type("PREFIX_TUNING", PeftType("prefix_tuning", _prefix_shapes, _prefix_from_peft,
-                                             token_dim=_prefix_token_dim,
-                                             token_dim_meaning="key/value width (kv_heads x head_dim)",
-                                             other_methods=("deep_prompt",)))
+__all__ = ["CONFIG_NAME", "FORMAT_VERSION", "META_NAME", "WEIGHTS_NAME", "StoreError", "StoredPrompt",
+           "check_model_compatible", "load_prompt", "save_prompt"]
 
 
 @dataclass
@@ -191,12 +108,13 @@ def _config_problems(cfg: Any) -> list[str]:
     peft_type = cfg.get("peft_type")
     if peft_type is None:
         return ["has no 'peft_type'"]
-    if peft_type not in PEFT_TYPES:
-        return [f"unsupported peft_type {peft_type!r} (supported: {', '.join(sorted(PEFT_TYPES))})"]
+    try:
+        method = method_for_peft_type(peft_type)
+    except ValueError as e:
+        return [str(e)]
     problems = [f"'{key}' must be a positive integer, got {cfg.get(key)!r}"
                 for key in ("num_virtual_tokens", "token_dim") if not _is_positive_int(cfg.get(key))]
-    if peft_type == "PREFIX_TUNING" and not _is_positive_int(cfg.get("num_layers")):
-        problems.append(f"'num_layers' must be a positive integer, got {cfg.get('num_layers')!r}")
+    problems += method.peft_config_problems(cfg)
     subs = cfg.get("num_transformer_submodules", 1)
     if subs not in (None, 1):
         problems.append(f"num_transformer_submodules is {subs!r}: only decoder-only (causal LM) prompts, "
@@ -222,7 +140,7 @@ def _tensor_problems(cfg: dict, tensors: dict[str, torch.Tensor]) -> list[str]:
     problems = _head_tensor_problems(cfg, head)
     problems += _values_problems(head)
     tensors = {k: v for k, v in tensors.items() if not is_head_key(k)}
-    expected = PEFT_TYPES[cfg["peft_type"]].tensor_shapes(cfg)
+    expected = method_for_peft_type(cfg["peft_type"]).peft_tensor_shapes(cfg)
     problems += [f"missing tensor {key!r} (found {sorted(tensors)})" for key in expected if key not in tensors]
     problems += [f"unexpected tensor {key!r} (expected {sorted(expected)})" for key in tensors
                  if key not in expected]
@@ -267,21 +185,20 @@ def check_model_compatible(stored: StoredPrompt, model, check_fingerprint: bool 
         StoreError: naming the folder and every differing field.
     """
     where = stored.path if stored.path is not None else "prompt"
-    spec = PEFT_TYPES[stored.peft_config["peft_type"]]
-    token_dim, expected = stored.peft_config.get("token_dim"), spec.token_dim(model)
+    method = method_for_peft_type(stored.peft_config["peft_type"])
+    token_dim, expected = stored.peft_config.get("token_dim"), method.peft_token_dim(model)
     if token_dim != expected:
         raise StoreError(f"{where}: {CONFIG_NAME} has token_dim {token_dim} but the model "
-                         f"({type(model).__name__}) has {spec.token_dim_meaning} {expected}; the prompt cannot "
-                         "work with it")
+                         f"({type(model).__name__}) has {method.peft_token_dim_meaning} {expected}; the prompt "
+                         "cannot work with it")
     p, context = stored.peft_config.get("num_virtual_tokens"), context_length(model.config)
     if context is not None and isinstance(p, int) and p >= context[0]:
         raise StoreError(f"{where}: the prompt has {p} virtual tokens but the model ({type(model).__name__}) has a "
                          f"context of {context[0]} positions ({context[1]}): no room is left for text; the prompt "
                          "cannot work with it")
-    layers = stored.peft_config.get("num_layers")
-    if spec.method == "prefix_tuning" and layers != model.config.num_hidden_layers:
-        raise StoreError(f"{where}: {CONFIG_NAME} has num_layers {layers} but the model has "
-                         f"{model.config.num_hidden_layers}; the prefix cannot work with it")
+    mismatch = method.peft_model_mismatch(stored.peft_config, model)
+    if mismatch:
+        raise StoreError(f"{where}: {CONFIG_NAME} has {mismatch}")
     head = {k: v for k, v in stored.tensors.items() if is_head_key(k)}
     if head and not is_sequence_classifier(model):
         raise StoreError(f"{where}: the prompt was trained with a classification head (task_type SEQ_CLS) but "
@@ -303,18 +220,6 @@ def check_model_compatible(stored: StoredPrompt, model, check_fingerprint: bool 
             raise StoreError(f"{where}: the prompt was trained on a different base model "
                              f"({'; '.join(diffs)}). Pass check_fingerprint=False "
                              "(CLI --no-fingerprint-check) to use it anyway.")
-
-
-def _parse_json(data: bytes, path: Path) -> Any:
-    try:
-        return json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise StoreError(f"{path}: not valid JSON ({e})") from e
-
-
-def _read_json(path: Path) -> Any:
-    """A stored JSON file (a regular file, not a symlink, at most :data:`MAX_JSON_BYTES`)."""
-    return _parse_json(read_file(path, MAX_JSON_BYTES), path)
 
 
 def _read_tensors(folder: Path, names: frozenset[str], data: bytes | None) -> dict[str, torch.Tensor]:
@@ -343,9 +248,9 @@ def _method_from_meta(meta: Any, peft_type: str, path: Path) -> tuple[str, dict]
                          f"reads up to {FORMAT_VERSION}); upgrade softprompt")
     method, config = meta.get("method"), meta.get("method_config")
     problems = []
-    if method != PEFT_TYPE_TO_METHOD[peft_type] and method not in PEFT_TYPES[peft_type].other_methods:
+    if method not in methods_stored_as(peft_type):
         problems.append(f"'method' is {method!r} but {CONFIG_NAME} has peft_type {peft_type!r} "
-                        f"(method {PEFT_TYPE_TO_METHOD[peft_type]!r})")
+                        f"(method {method_for_peft_type(peft_type).name!r})")
     if not isinstance(config, dict):
         problems.append(f"'method_config' must be an object, got {config!r}")
     for key in ("fingerprint", "task"):
@@ -378,7 +283,7 @@ def load_prompt(path: str | Path, model=None, check_fingerprint: bool = True) ->
     cfg_path = folder / CONFIG_NAME
     if CONFIG_NAME not in snap.files:
         raise StoreError(f"{cfg_path}: missing")
-    cfg = _parse_json(snap.files[CONFIG_NAME], cfg_path)
+    cfg = parse_json(snap.files[CONFIG_NAME], cfg_path)
     problems = _config_problems(cfg)
     if problems:
         raise StoreError(f"{cfg_path}: " + "; ".join(problems))
@@ -387,13 +292,14 @@ def load_prompt(path: str | Path, model=None, check_fingerprint: bool = True) ->
         raise StoreError(f"{folder / WEIGHTS_NAME}: " + "; ".join(problems))
     meta_path = folder / META_NAME
     if META_NAME in snap.files:
-        meta = _parse_json(snap.files[META_NAME], meta_path)
+        meta = parse_json(snap.files[META_NAME], meta_path)
         method, method_config = _method_from_meta(meta, cfg["peft_type"], meta_path)
     else:  # written by PEFT
         meta, meta_path = {}, cfg_path
-        method = PEFT_TYPE_TO_METHOD[cfg["peft_type"]]
+        reader = method_for_peft_type(cfg["peft_type"])
+        method = reader.name
         try:
-            method_config = PEFT_TYPES[cfg["peft_type"]].method_config(cfg, tensors)
+            method_config = reader.config_from_peft(cfg, tensors)
         except (ValueError, TypeError, KeyError) as e:  # e.g. a string num_attention_heads
             raise StoreError(f"{cfg_path}: {e}") from e
     stored = StoredPrompt(path=folder, method=method, method_config=method_config, tensors=tensors,
@@ -445,9 +351,10 @@ def save_prompt(path: str | Path, method: PromptMethod, model, task: dict | None
         peft_config.update(task_type="SEQ_CLS", modules_to_save=list(HEAD_MODULE_NAMES))
     problems = _config_problems(peft_config)
     problems = problems or _tensor_problems(peft_config, tensors)
-    if not problems and peft_config["token_dim"] != PEFT_TYPES[peft_config["peft_type"]].token_dim(model):
-        problems.append(f"token_dim {peft_config['token_dim']} differs from what the model needs "
-                        f"({PEFT_TYPES[peft_config['peft_type']].token_dim(model)})")
+    if not problems:
+        needed = method_for_peft_type(peft_config["peft_type"]).peft_token_dim(model)
+        if peft_config["token_dim"] != needed:
+            problems.append(f"token_dim {peft_config['token_dim']} differs from what the model needs ({needed})")
     if problems:
         raise StoreError(f"refusing to save {path}: " + "; ".join(problems))
     TaskRecord.parse(task, f"refusing to save {path}")  # what load_prompt would refuse is not written

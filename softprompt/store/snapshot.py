@@ -11,21 +11,24 @@ reads again. Files are opened with ``O_NOFOLLOW``: a symlink inside a prompt fol
 from __future__ import annotations
 
 import errno
+import json
 import os
 import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from softprompt.store.errors import StoreError
 from softprompt.store.swap import settle
 
+MAX_JSON_BYTES = 1 << 20  # a config/metadata file is a few KiB; refuse to parse anything huge
 READ_TRIES = 100  # a folder replaced this many times during one read is reported instead of read again
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _DIRECTORY = getattr(os, "O_DIRECTORY", 0)
 _DIR_FD = os.open in os.supports_dir_fd
 
-__all__ = ["FolderSnapshot", "read_file", "read_folder"]
+__all__ = ["MAX_JSON_BYTES", "FolderSnapshot", "parse_json", "read_file", "read_folder", "read_json"]
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,27 @@ def read_file(path: Path, limit: int | None = None) -> bytes:
         raise _refusal(path, e) from None
     finally:
         os.close(fd)
+
+
+def parse_json(data: bytes, path: Path) -> Any:
+    """The JSON value in the bytes ``data`` read from ``path``.
+
+    Raises:
+        StoreError: naming ``path``, when ``data`` is not UTF-8 or not valid JSON.
+    """
+    try:
+        return json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise StoreError(f"{path}: not valid JSON ({e})") from e
+
+
+def read_json(path: Path) -> Any:
+    """The JSON value of one stored file (a regular file, not a symlink, at most :data:`MAX_JSON_BYTES`).
+
+    Raises:
+        StoreError: see :func:`read_file` and :func:`parse_json`.
+    """
+    return parse_json(read_file(path, MAX_JSON_BYTES), path)
 
 
 def _read_once(folder: Path, wanted: tuple[str, ...], limits: dict[str, int]) -> FolderSnapshot:

@@ -41,14 +41,13 @@ from softprompt.store.format import (
     META_NAME,
     WEIGHTS_NAME,
     StoredPrompt,
-    _read_json,
     load_prompt,
     replaceable_folder,
     save_prompt,
 )
 from softprompt.store.names import safe_task_name
 from softprompt.store.peft_interop import export_peft
-from softprompt.store.snapshot import READ_TRIES, read_folder
+from softprompt.store.snapshot import READ_TRIES, read_folder, read_json
 from softprompt.store.swap import remove_leftovers, settle
 
 STORE_FILE = "store.json"
@@ -102,7 +101,7 @@ class PromptStore:
 
     @staticmethod
     def _check_marker(marker: Path) -> None:
-        data = _read_json(marker)
+        data = read_json(marker)
         if not isinstance(data, dict) or data.get("format") != STORE_FORMAT:
             raise StoreError(f"{marker}: not a softprompt store marker (expected "
                              f'{{"format": "{STORE_FORMAT}", "version": {STORE_VERSION}}})')
