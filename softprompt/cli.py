@@ -1,6 +1,9 @@
 """Command line: ``softprompt train | eval | generate | serve | compare | inspect | store | ensemble``.
 
-Each subcommand is a plain function.
+Each subcommand is a plain function that checks its flags, resolves the config sections and calls what
+does the work: :mod:`softprompt.workflows` (train, eval, generate), :mod:`softprompt.server.assemble`
+(serve), :mod:`softprompt.compare`, or the store and inspect commands (:mod:`softprompt.cli_store`,
+:mod:`softprompt.cli_inspect`).
 
 Flags come from the dataclasses in :mod:`softprompt.config`; ``--config file.yaml`` supplies the same
 fields grouped by section, and flags given on the command line win.
