@@ -60,7 +60,7 @@ class TrainResult:
     diverged: bool = False  # the guard ended the run; the method holds the last good state
     rollbacks: int = 0
     lr_scale: float = 1.0  # the guard's multiplier on the schedule's lr at the end
-    best_state: dict[str, torch.Tensor] | None = None
+    best_state: dict[str, torch.Tensor] | None = field(default=None, repr=False)
     best_metrics: dict | None = None
 
 
