@@ -236,6 +236,19 @@ def format_table(rows: list[dict]) -> str:
     return head + "\n".join(format_row(r) for r in rows) + "\n"
 
 
+def format_failures(rows: list[dict], specs: list[Spec]) -> str | None:
+    """The failed methods of ``rows`` with their errors, then ``specs`` not run; ``None`` when all ran."""
+    failed = [r for r in rows if "error" in r]
+    if not failed:
+        return None
+    not_run = [s.label for s in specs[len(rows):]]
+    lines = [f"  {r['method']}: {r['error']}" for r in failed]
+    if not_run:
+        lines.append(f"  not run (the first failure stops the comparison; --keep-going runs them): "
+                     f"{', '.join(not_run)}")
+    return f"{len(failed)} of {len(specs)} methods failed:\n" + "\n".join(lines)
+
+
 def plot_compare(rows: list[dict], path: Path) -> None:
     import matplotlib
 

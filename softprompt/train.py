@@ -3,13 +3,14 @@
 Per optimizer step: ``grad_accum`` micro-batches (prompt keys/values computed once per micro-batch, loss on
 target tokens only), gradient clipping, optimizer and schedule step, a line in ``metrics.jsonl`` (loss, lr,
 prompt gradient norm in total and per virtual token, tokens/s). Every ``eval_every`` steps the primary
-metric is measured on the validation split; the best prompt is saved to ``best/``, early stopping stops
-after ``early_stopping_patience`` evaluations without improvement. A divergence guard
+metric is measured on the validation split; the best state is kept (a CPU copy, returned in
+:class:`TrainResult` and handed to ``save_best``), early stopping stops after ``early_stopping_patience``
+evaluations without improvement. A divergence guard
 (:mod:`softprompt.guard`) skips a step with a non-finite loss or gradient and rolls the prompt and optimizer
 back, with a lower lr, when the loss rises and stays up; too many rollbacks end the run as diverged.
 ``checkpoint/`` holds what a resumed run needs to continue exactly where it stopped: the data order is a
-pure function of (seed, epoch), so only the step, method/optimizer/scheduler state, the guard's state and
-the torch RNG states (CPU and CUDA) are saved.
+pure function of (seed, epoch), so only the step, method/optimizer/scheduler state, the best state so far,
+the guard's state and the torch RNG states (CPU and CUDA) are saved.
 """
 
 from __future__ import annotations
@@ -42,7 +43,13 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TrainResult:
-    """Outcome of :func:`train`."""
+    """Outcome of :func:`train`.
+
+    ``best_state`` is a CPU copy of the method's ``state_dict()`` at ``best_step`` (the best validation
+    step) and ``best_metrics`` its validation metrics (``val_``-prefixed, as given to ``save_best``); both
+    are ``None`` when no validation ran, and ``best_state`` also when resuming a checkpoint written before
+    checkpoints kept it (``best_step`` is then set).
+    """
 
     steps: int
     best_metric: float | None
@@ -53,6 +60,8 @@ class TrainResult:
     diverged: bool = False  # the guard ended the run; the method holds the last good state
     rollbacks: int = 0
     lr_scale: float = 1.0  # the guard's multiplier on the schedule's lr at the end
+    best_state: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+    best_metrics: dict | None = None
 
 
 def build_optimizer(params, args: TrainArgs) -> torch.optim.Optimizer:
@@ -159,12 +168,19 @@ def _all_average(tensors: list[torch.Tensor], world: int) -> None:
         t /= world
 
 
+def _cpu_copy(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Detached, contiguous CPU copies of ``state``'s tensors (sharing no storage with the live ones)."""
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
+
+
 def _save_checkpoint(out: Path, step: int, method: PromptMethod, opt, sched, state: dict,
-                     guard: DivergenceGuard) -> None:
+                     guard: DivergenceGuard, best_state: dict[str, torch.Tensor] | None = None) -> None:
     """Write ``checkpoint/`` atomically: a crash mid-save leaves the previous checkpoint intact."""
     def write(tmp: Path) -> None:
         save_file({k: v.detach().cpu().contiguous() for k, v in method.state_dict().items()},
                   str(tmp / "method.safetensors"))
+        if best_state is not None:  # a resumed run ends with the same best state as an uninterrupted one
+            save_file(best_state, str(tmp / "best.safetensors"))
         # dropout on a GPU draws from the CUDA generators, not the CPU one: both are saved
         cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []
         torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
@@ -176,7 +192,13 @@ def _save_checkpoint(out: Path, step: int, method: PromptMethod, opt, sched, sta
                             replaceable=lambda p: (p / "state.json").exists() or not any(p.iterdir()))
 
 
-def _load_checkpoint(out: Path, method: PromptMethod, opt, sched, guard: DivergenceGuard) -> dict:
+def _load_checkpoint(out: Path, method: PromptMethod, opt, sched,
+                     guard: DivergenceGuard) -> tuple[dict, dict[str, torch.Tensor] | None]:
+    """Restore ``checkpoint/`` into the method, optimizer, scheduler, guard and RNGs.
+
+    Returns:
+        The loop state (step, best metric and step, ...) and the best state (``None`` when none was saved).
+    """
     ck = out / "checkpoint"
     saved = load_file(str(ck / "method.safetensors"))
     current = method.state_dict()
@@ -202,7 +224,8 @@ def _load_checkpoint(out: Path, method: PromptMethod, opt, sched, guard: Diverge
             torch.cuda.set_rng_state_all(cuda_rng)
     state = json.loads((ck / "state.json").read_text())
     guard.load_state(state.pop("guard", None), blob.get("guard_snapshots"))
-    return state
+    best = ck / "best.safetensors"
+    return state, (load_file(str(best)) if best.exists() else None)
 
 
 def train(model, tokenizer, method: PromptMethod, task: TaskData, args: TrainArgs,
@@ -217,10 +240,13 @@ def train(model, tokenizer, method: PromptMethod, task: TaskData, args: TrainArg
         method: the prompt method (its parameters are the only ones updated).
         task: data with ``train`` (and optionally ``validation``) splits.
         args: loop settings; ``args.output_dir`` receives metrics.jsonl and checkpoint/.
-        save_best: called with (method, metrics) whenever validation improves.
+        save_best: called with (method, metrics) whenever validation improves (e.g. to write ``best/``).
         eval_batch_size: batch size for validation.
         max_length: token budget per example.
         on_step: called after every optimizer step with the step number (tests use it to simulate a kill).
+
+    Returns:
+        The :class:`TrainResult`; ``best_state`` holds the best validation step's method state.
     """
     t_start = time.perf_counter()
     rank, world = distributed()
@@ -253,11 +279,13 @@ def train(model, tokenizer, method: PromptMethod, task: TaskData, args: TrainArg
     # the guard lowers the lr by a multiplier on the schedule, read at every step: the shape is kept
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: schedule(s) * guard.lr_scale)
     metric_name, higher = primary_metric(fmt, args.metric)
-    state = {"best_metric": None, "best_step": None, "bad_evals": 0}
+    # best_metrics: the best step's validation metrics, in the checkpoint's state.json with the rest
+    state = {"best_metric": None, "best_step": None, "bad_evals": 0, "best_metrics": None}
+    best_state = None
     start = 0
     metrics_path = out / "metrics.jsonl"
     if args.resume and (out / "checkpoint" / "state.json").exists():
-        state = _load_checkpoint(out, method, opt, sched, guard)
+        state, best_state = _load_checkpoint(out, method, opt, sched, guard)
         start = state.pop("step")
         if main:
             _truncate_log(metrics_path, start)
@@ -320,9 +348,11 @@ def train(model, tokenizer, method: PromptMethod, task: TaskData, args: TrainArg
                 value = m[metric_name]
                 best = state["best_metric"]
                 if best is None or (value > best if higher else value < best):
-                    state.update(best_metric=value, best_step=step + 1, bad_evals=0)
+                    best_metrics = {f"val_{k}": v for k, v in m.items()}
+                    state.update(best_metric=value, best_step=step + 1, bad_evals=0, best_metrics=best_metrics)
+                    best_state = _cpu_copy(method.state_dict())
                     if save_best and main:
-                        save_best(method, {f"val_{k}": v for k, v in m.items()})
+                        save_best(method, best_metrics)
                 else:
                     state["bad_evals"] += 1
                     stopped = 0 < args.early_stopping_patience <= state["bad_evals"]
@@ -334,7 +364,7 @@ def train(model, tokenizer, method: PromptMethod, task: TaskData, args: TrainArg
             bar.set_postfix(loss=f"{loss_sum:.3f}", **({f"val_{metric_name}": f"{row[f'val_{metric_name}']:.3f}"}
                                                          if f"val_{metric_name}" in row else {}))
             if main and ((step + 1) % args.checkpoint_every == 0 or step + 1 == total or stopped or diverged):
-                _save_checkpoint(out, step + 1, method, opt, sched, state, guard)
+                _save_checkpoint(out, step + 1, method, opt, sched, state, guard, best_state)
             if on_step:
                 on_step(step + 1)
             if diverged:
@@ -351,7 +381,7 @@ def train(model, tokenizer, method: PromptMethod, task: TaskData, args: TrainArg
     return TrainResult(steps=(history[-1]["step"] if history else start), best_metric=state["best_metric"],
                        best_step=state["best_step"], stopped_early=stopped, history=history,
                        seconds=time.perf_counter() - t_start, diverged=diverged, rollbacks=guard.rollbacks,
-                       lr_scale=guard.lr_scale)
+                       lr_scale=guard.lr_scale, best_state=best_state, best_metrics=state.get("best_metrics"))
 
 
 def _per_token_grad_norm(method: PromptMethod) -> list[float] | None:

@@ -275,6 +275,25 @@ def test_resume(env, tmp_path, monkeypatch):
         1, 2, 3, 4, 5, 6]
 
 
+@pytest.mark.parametrize("legacy_checkpoint", [False, True])
+def test_prompt_is_the_best_validation_prompt(env, tmp_path, legacy_checkpoint):
+    """prompt/ holds best/'s tensors and validation metrics; so does a resume of a checkpoint without the best
+    state (written before checkpoints kept it), which takes them from best/."""
+    out = tmp_path / "run"
+    assert run(_resume_args(env, out))[0] == 0
+    if legacy_checkpoint:
+        (out / "checkpoint" / "best.safetensors").unlink()
+        (out / "prompt" / "adapter_model.safetensors").unlink()
+        rc, _, stderr = run(_resume_args(env, out, "--resume"))
+        assert rc == 0, stderr
+    _assert_same_tensors(_tensors(out / "prompt"), _tensors(out / "best"), "prompt")
+    # validation peaked before the last step (step 3 of 6): best/ is not last/
+    assert not _tensors(out / "best")["prompt_embeddings"].equal(_tensors(out / "last")["prompt_embeddings"])
+    best_meta = json.loads((out / "best" / "softprompt.json").read_text())
+    prompt_meta = json.loads((out / "prompt" / "softprompt.json").read_text())
+    assert prompt_meta["metrics"]["validation"] == best_meta["metrics"] and "val_loss" in best_meta["metrics"]
+
+
 def test_resume_with_incompatible_checkpoint_is_usage_error(env, tmp_path):
     args = ["train", "--model", env["model"], "--train-file", env["train"], "--template", TEMPLATE,
             "--target-field", "label", "--init", "random", "--batch-size", "4", "--max-steps", "1",

@@ -119,9 +119,10 @@ def test_stored_prompt_too_long_for_the_model_is_refused(env, long_prompt, tmp_p
 
 
 def test_eval_report_path_checked_before_work(env, tmp_path, monkeypatch):
-    import softprompt.cli as cli
+    import softprompt.workflows.evaluation as evaluation
 
-    monkeypatch.setattr(cli, "_load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    monkeypatch.setattr(evaluation, "load_model_from_args",
+                        lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
     afile = tmp_path / "afile"
     afile.write_text("x")
     _assert_usage_error(["eval", "--model", env["model"], "--prompt", tmp_path, "--report", afile / "r.json"],

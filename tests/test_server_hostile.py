@@ -346,8 +346,8 @@ def test_admin_token_is_compared_in_constant_time(setup, monkeypatch):
 
 
 def test_admin_token_from_a_file(tmp_path, tiny_model_dir):
-    from softprompt.cli import build_app
     from softprompt.config import ConfigError, ModelArgs, ServeArgs
+    from softprompt.server.assemble import build_app
 
     token = tmp_path / "token"
     token.write_text("from-a-file\n")

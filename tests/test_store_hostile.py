@@ -146,12 +146,12 @@ def test_engine_from_store_skips_broken_entries_when_asked(store, model, tokeniz
 def test_serve_skips_broken_entries_but_not_named_ones(store, tiny_model_dir, monkeypatch):
     import uvicorn
 
-    from softprompt import server
+    from softprompt.server import assemble
 
     meta = store.path("bad") / META_NAME
     edit_json(meta, set_in("method_config", "dropout", None))
     states, served = [], []
-    monkeypatch.setattr(server, "create_app", lambda state: states.append(state) or "app")
+    monkeypatch.setattr(assemble, "create_app", lambda state: states.append(state) or "app")
     monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: served.append(app))
     rc, _, err = run_cli("serve", "--model", tiny_model_dir, "--store", store.root)
     assert rc == 0 and served == ["app"] and "Traceback" not in err

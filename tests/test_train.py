@@ -139,6 +139,42 @@ def test_save_best_called_on_improvement(tmp_path, tokenizer):
     assert losses == sorted(losses, reverse=True)
 
 
+def test_result_keeps_the_best_state_also_across_a_resume(tmp_path, tokenizer):
+    model, method = fresh(tokenizer)
+    saved = []
+
+    def save_best(m, metrics):
+        saved.append(({k: v.detach().clone() for k, v in m.state_dict().items()}, metrics))
+
+    result = train(model, tokenizer, method, task(), args(tmp_path, max_steps=8, eval_every=2, metric="loss"),
+                   save_best=save_best)
+    state, metrics = saved[-1]
+    assert result.best_metrics == metrics and result.best_metric == metrics["val_loss"]
+    assert result.best_state.keys() == state.keys()
+    assert all(t.device.type == "cpu" and torch.equal(t, state[k]) for k, t in result.best_state.items())
+    with torch.no_grad():  # a copy: the live parameters moving on leave it alone
+        method.embeddings.add_(1.0)
+    assert torch.equal(result.best_state["embeddings"], state["embeddings"])
+    # resuming the finished run trains nothing and still returns the best state (kept in the checkpoint)
+    model, other = fresh(tokenizer, seed=1)
+    again = train(model, tokenizer, other, task(), args(tmp_path, max_steps=8, eval_every=2, metric="loss",
+                                                        resume=True))
+    assert again.history == [] and again.best_step == result.best_step and again.best_metrics == metrics
+    assert all(torch.equal(t, state[k]) for k, t in again.best_state.items())
+    # a checkpoint written before checkpoints kept the best state: the step is known, the state is not
+    (tmp_path / "checkpoint" / "best.safetensors").unlink()
+    legacy = train(model, tokenizer, other, task(), args(tmp_path, max_steps=8, eval_every=2, metric="loss",
+                                                         resume=True))
+    assert legacy.best_step == result.best_step and legacy.best_state is None
+
+
+def test_no_validation_no_best_state(tmp_path, tokenizer):
+    model, method = fresh(tokenizer)
+    result = train(model, tokenizer, method, task(n_valid=0), args(tmp_path, max_steps=2))
+    assert result.best_step is None and result.best_state is None and result.best_metrics is None
+    assert not (tmp_path / "checkpoint" / "best.safetensors").exists()
+
+
 def test_grad_accumulation_matches_big_batch(tmp_path, tokenizer):
     results = []
     for bs, acc in ((8, 1), (4, 2)):

@@ -1,0 +1,59 @@
+"""Assemble the server application from resolved config sections: base model, store, engine, scheduler."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from fastapi import FastAPI
+
+from softprompt.config import ConfigError
+from softprompt.engine import Engine
+from softprompt.server.app import ServerState, create_app
+from softprompt.server.scheduler import Scheduler
+from softprompt.store import PromptStore
+from softprompt.workflows import load_model_from_args
+
+log = logging.getLogger("softprompt")
+
+
+def read_token_file(path: str | None) -> str | None:
+    """The admin token kept in a file (first line, surrounding whitespace dropped), so no process list shows it.
+
+    Raises:
+        ConfigError: the file cannot be read or its first line is blank.
+    """
+    if path is None:
+        return None
+    try:
+        token = Path(path).read_text(encoding="utf-8").strip().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--admin-token-file {path!r}: cannot read it ({e})") from e
+    if not token or not token[0].strip():
+        raise ConfigError(f"--admin-token-file {path!r} is empty")
+    return token[0].strip()
+
+
+def build_app(args: dict) -> FastAPI:
+    """The server application for resolved ``model`` and ``serve`` sections (used by ``serve`` and tests).
+
+    The admin token comes from ``--admin-token``, else ``--admin-token-file``, else the
+    ``SOFTPROMPT_ADMIN_TOKEN`` environment variable; without one the admin endpoints are disabled.
+    """
+    sv = args["serve"]
+    token = sv.admin_token or read_token_file(sv.admin_token_file) or os.environ.get("SOFTPROMPT_ADMIN_TOKEN")
+    model, tok = load_model_from_args(args)
+    store = PromptStore(sv.store) if sv.store else None
+    # serving the whole store, one broken entry is skipped (logged); a broken entry named by --tasks is an error
+    engine = (Engine.from_store(store, model, tok, names=sv.tasks or None, skip_broken=not sv.tasks,
+                                max_batch_size=sv.max_batch_size)
+              if store else Engine(model, tok, max_batch_size=sv.max_batch_size))
+    if sv.base_task and not engine.encoder:  # an encoder classifier has nothing to serve without a prompt
+        engine.add_base(sv.base_task)
+    state = ServerState(engine, Scheduler(engine, sv.max_batch_size, sv.max_wait_ms, sv.max_queue), store=store,
+                        admin_token=token, max_tokens=sv.max_tokens, max_body_bytes=sv.max_body_bytes,
+                        max_input_chars=sv.max_input_chars)
+    log.info("serving %d tasks: %s%s", len(engine.task_names()), ", ".join(engine.task_names()),
+             "" if token else " (admin endpoints disabled: no --admin-token / SOFTPROMPT_ADMIN_TOKEN)")
+    return create_app(state)

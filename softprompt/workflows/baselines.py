@@ -1,0 +1,95 @@
+"""Evaluate a tuned prompt beside the baselines (no prompt, the init text as a hard prompt, k-shot prompting)."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from softprompt import inject
+from softprompt.data import Example, TaskData
+from softprompt.engine import Engine
+from softprompt.evaluate import evaluate_on_engine, evaluate_prompt, hard_prompt_kv, k_shot_text
+from softprompt.methods import PromptOutput
+
+log = logging.getLogger("softprompt")
+
+
+def classifier_baselines(model, tokenizer, task: TaskData, args: dict, examples: list[Example],
+                         tuned) -> dict:
+    """A sequence classifier's report: the tuned prompt with its head, and the head without the prompt.
+
+    Hard-prompt and k-shot baselines rank label words with an LM head, which an encoder classifier lacks.
+
+    Args:
+        model: the frozen sequence classifier.
+        tokenizer: its tokenizer.
+        task: the task (``task.format`` scores the examples).
+        args: resolved sections (``eval`` and ``data`` are used).
+        examples: the examples to evaluate on.
+        tuned: the tuned prompt, as ``compute_prompt_kv`` returns it (its ``head`` is the trained
+            classification head).
+
+    Returns:
+        Metrics per condition name, in report order.
+    """
+    ev, data = args["eval"], args["data"]
+    skipped = [b for b in ev.baselines if b != "no_prompt"]
+    if skipped:
+        log.info("baselines %s need an LM head; %s has a classification head: skipped", ", ".join(skipped),
+                 type(model).__name__)
+    conditions = {"tuned head, no prompt": PromptOutput(head=tuned.head)} if "no_prompt" in ev.baselines else {}
+    conditions["tuned soft prompt"] = tuned
+    return {name: evaluate_prompt(model, tokenizer, prompt, examples, task.format, ev.eval_batch_size,
+                                  max_length=data.max_length)[0] for name, prompt in conditions.items()}
+
+
+def evaluate_with_baselines(model, tokenizer, task: TaskData, args: dict, prompt_text: str,
+                            examples: list[Example], kv_tuned=None) -> dict:
+    """Evaluate the tuned prompt (if given) and the requested baselines on ``examples``.
+
+    Every condition is a task of one :class:`Engine` (the hard-prompt and k-shot contexts become cached
+    keys/values like a soft prompt), so all of them run in shared, length-sorted batches. An
+    encoder-decoder, which the engine does not serve, is evaluated condition by condition.
+
+    Args:
+        model: the frozen base model.
+        tokenizer: its tokenizer.
+        task: the task (its ``train`` split gives the k-shot examples).
+        args: resolved sections (``eval`` and ``data`` are used).
+        prompt_text: the hard-prompt baseline's text (the tuned prompt's init text; blank: no such baseline).
+        examples: the examples to evaluate on.
+        kv_tuned: the tuned prompt's keys/values, as ``compute_prompt_kv`` returns them (``None``: baselines
+            only).
+
+    Returns:
+        Metrics per condition name, in report order (the tuned prompt last, as ``"tuned soft prompt"``).
+    """
+    ev, data, fmt = args["eval"], args["data"], task.format
+    if inject.is_sequence_classifier(model):
+        return classifier_baselines(model, tokenizer, task, args, examples, kv_tuned)
+    conditions: dict[str, object] = {}
+    if "no_prompt" in ev.baselines:
+        conditions["no soft prompt (template only)"] = None
+    if "hard_prompt" in ev.baselines and prompt_text.strip():
+        conditions["init text as hard prompt"] = hard_prompt_kv(model, tokenizer, prompt_text.strip() + "\n")
+    if "k_shot" in ev.baselines and task.splits.get("train"):
+        shots = k_shot_text(task.examples("train"), fmt, ev.k_shot, seed=data.data_seed)
+        conditions[f"{ev.k_shot}-shot prompting"] = hard_prompt_kv(model, tokenizer, shots)
+    if kv_tuned is not None:
+        conditions["tuned soft prompt"] = kv_tuned
+    t0 = time.perf_counter()
+    if inject.is_seq2seq(model):
+        report = {name: evaluate_prompt(model, tokenizer, kv, examples, fmt, ev.eval_batch_size, ev.max_new_tokens,
+                                        data.max_length)[0] for name, kv in conditions.items()}
+    else:
+        engine = Engine(model, tokenizer, max_batch_size=ev.eval_batch_size, max_input_tokens=data.max_length,
+                        truncate=True, progress=True)
+        runs = {}
+        for i, (name, kv) in enumerate(conditions.items()):
+            task_name = f"condition{i}"
+            (engine.add_base(task_name, fmt) if kv is None else engine.add_kv(task_name, kv, fmt))
+            runs[name] = task_name
+        report = evaluate_on_engine(engine, runs, examples, fmt, ev.max_new_tokens)
+    log.info("evaluated %d conditions x %d examples in %.1fs", len(conditions), len(examples),
+             time.perf_counter() - t0)
+    return report

@@ -1,0 +1,82 @@
+"""``softprompt eval``: a stored prompt beside the baselines on its task, or a store's tasks on their datasets."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+
+import torch
+
+from softprompt import inject
+from softprompt.engine import Engine
+from softprompt.evaluate import evaluate_on_engine
+from softprompt.store import PromptStore, check_model_compatible, load_prompt
+from softprompt.store.task_record import TaskRecord
+from softprompt.workflows.baselines import evaluate_with_baselines
+from softprompt.workflows.loading import load_model_from_args, load_task_from_args
+
+log = logging.getLogger("softprompt")
+
+
+def evaluate_stored_prompt(args: dict, prompt: str, check_fingerprint: bool = True) -> tuple[dict, int]:
+    """Evaluate a stored prompt and the baselines on the ``eval.split`` split of its task.
+
+    Unset data flags fall back to the task recorded with the prompt; the hard-prompt baseline uses the
+    prompt's init text when it was initialised from text.
+
+    Args:
+        args: resolved ``model``, ``data`` and ``eval`` sections.
+        prompt: the stored prompt folder (ours or PEFT's).
+        check_fingerprint: refuse a prompt saved for another base model.
+
+    Returns:
+        The report (metrics per condition) and the number of examples evaluated.
+    """
+    stored = load_prompt(prompt)
+    model, tok = load_model_from_args(args, stored)
+    check_model_compatible(stored, model, check_fingerprint=check_fingerprint)
+    task = load_task_from_args(args["data"], stored.task_record,
+                               classifier=stored.peft_config.get("task_type") == "SEQ_CLS")
+    method = stored.build_method().to(model.device).eval()
+    with torch.no_grad():
+        kv = inject.compute_prompt_kv(model, method())
+    init_text = stored.method_config.get("init_text", "") if stored.method_config.get("init") == "text" else ""
+    examples = task.examples(args["eval"].split)
+    return evaluate_with_baselines(model, tok, task, {**args}, init_text, examples, kv), len(examples)
+
+
+def evaluate_store(args: dict, store: str, tasks: list[str] | None = None, check_fingerprint: bool = True) -> dict:
+    """Evaluate each named store task (default: all) on its own recorded dataset, through one engine.
+
+    Args:
+        args: resolved ``model``, ``data`` and ``eval`` sections; data flags that are set apply to every task.
+        store: the store folder.
+        tasks: entry names (prompts or ensembles); ``None``: every entry.
+        check_fingerprint: refuse entries saved for another base model.
+
+    Returns:
+        Metrics per task name.
+    """
+    model, tok = load_model_from_args(args)
+    prompt_store = PromptStore(store)
+    names = prompt_store.names() if tasks is None else tasks
+    ev, data = args["eval"], args["data"]
+    engine = Engine(model, tok, max_batch_size=ev.eval_batch_size, max_input_tokens=data.max_length,
+                    truncate=True, progress=True)
+    report = {}
+    for name in names:
+        t = engine.load_from_store(prompt_store, name, check_fingerprint)
+        meta = t.meta or {}  # an ensemble's: its first member's (the members share their labels)
+        task_args = dataclasses.replace(data)
+        recorded = (meta.get("train_config") or {}).get("data") or {}
+        record = TaskRecord.parse(meta.get("task"), name)  # validated when the entry was loaded
+        if task_args.dataset is None and not task_args.uses_files() and not (record and record.dataset):
+            for key in ("train_file", "validation_file", "test_file"):  # trained on files: use them again
+                setattr(task_args, key, recorded.get(key))
+        task = load_task_from_args(task_args, record)
+        t0 = time.perf_counter()
+        report[name] = evaluate_on_engine(engine, {name: name}, task.examples(ev.split), task.format,
+                                          ev.max_new_tokens)[name]
+        log.info("evaluated %s in %.1fs", name, time.perf_counter() - t0)
+    return report

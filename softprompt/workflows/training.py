@@ -1,0 +1,164 @@
+"""``softprompt train``: train a prompt, evaluate it against the baselines, save it (and add it to a store).
+
+A run folder holds ``config.yaml``, ``metrics.jsonl``, ``checkpoint/``, ``best/`` (written whenever validation
+improves), ``last/``, ``prompt/`` (the chosen prompt with its test metrics), ``eval.json`` and ``curves.png``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from softprompt import inject, methods
+from softprompt.config import ConfigError, to_yaml
+from softprompt.data import default_init_text
+from softprompt.evaluate import format_report
+from softprompt.methods import PromptMethod
+from softprompt.plots import plot_curves
+from softprompt.store import PromptStore, load_prompt, save_prompt
+from softprompt.train import TrainResult, distributed, train
+from softprompt.workflows.baselines import evaluate_with_baselines
+from softprompt.workflows.loading import load_model_from_args, load_task_from_args, task_meta
+
+log = logging.getLogger("softprompt")
+
+
+def tuned_method(method: PromptMethod, result: TrainResult, out: Path, model) -> tuple[PromptMethod, dict]:
+    """The prompt a run keeps, rebuilt in its stored (inference) form, and its validation metrics.
+
+    That is the best validation step's state when validation ran, else the trained method as it ended.
+    The module is built from the tensors a saved folder would hold, as loading ``best/`` or ``last/`` would
+    build it, without the round trip through the disk.
+
+    Args:
+        method: the trained method; it takes the best state back (after ``last/`` was saved from it).
+        result: what :func:`~softprompt.train.train` returned.
+        out: the run folder (read only to resume a checkpoint written before checkpoints kept the best state).
+        model: the frozen base model (the module is moved to its device).
+    """
+    if result.best_state is None and result.best_step is not None:  # such a checkpoint: its best/ has it
+        chosen = load_prompt(out / "best", model)
+        return chosen.build_method().to(model.device).eval(), chosen.meta.get("metrics")
+    if result.best_state is not None:
+        method.load_state_dict(result.best_state)
+    tensors = {k: v.clone() for k, v in method.stored_tensors().items()}  # no storage shared with ``method``
+    rebuilt = methods.method_from_saved(method.name, method.config.to_dict(), tensors)
+    return rebuilt.to(model.device).eval(), dict(result.best_metrics or {})
+
+
+def train_and_save(args: dict, store: str | None = None, store_task: str | None = None) -> TrainResult | None:
+    """Train a prompt, evaluate it against the baselines on the test split, save it; print the report.
+
+    Args:
+        args: resolved ``model``, ``data``, ``prompt``, ``train`` and ``eval`` sections (already checked).
+        store: also add the prompt to this store (created if missing), unless the divergence guard ended
+            the run.
+        store_task: its task name in ``store``.
+
+    Returns:
+        The training result (``result.diverged``: the guard ended the run, reported on stderr), or ``None``
+        on a data-parallel run's other processes (the first one evaluates and saves).
+    """
+    task = load_task_from_args(args["data"])
+    task.examples("train")  # fail before anything is written or loaded if there is nothing to train on
+    if args["prompt"].init_text is None:  # fits the task being trained; config.yaml records the text used
+        args["prompt"].init_text = default_init_text(args["data"].dataset, task.format)
+    out = Path(args["train"].output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(to_yaml(args))
+    fmt = task.format
+    print(f"task: {args['data'].dataset or args['data'].train_file}  "
+          + "  ".join(f"{k}={len(v)}" for k, v in task.splits.items()))
+    t0 = time.perf_counter()
+    model, tok = load_model_from_args(args, num_labels=len(fmt.labels) if fmt.is_classification else None)
+    log.info("loaded %s in %.1fs", args["model"].model, time.perf_counter() - t0)
+    if inject.is_sequence_classifier(model) and not fmt.is_classification:
+        raise ConfigError(f"--model {args['model'].model} is loaded as a sequence classifier (--task-type "
+                          "seq_cls): the task needs labels (--verbalizer)")
+    counts = Counter(t for ex in task.examples("train")
+                     for t in tok(ex.source, add_special_tokens=False)["input_ids"])
+    try:
+        method = methods.build_method(args["prompt"].method, args["prompt"].method_config(args["train"].seed),
+                                      model, tok, label_texts=fmt.label_texts if fmt.is_classification else None,
+                                      token_counts=counts)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    print(f"method: {method.name}" + (f" + {type(model).__name__} head ({method.classifier.num_labels} classes)"
+                                      if method.classifier is not None else "")
+          + f", {method.num_trainable():,} trainable parameters "
+          f"(base model {sum(p.numel() for p in model.parameters()):,}, frozen)"
+          + (f"; init text {args['prompt'].init_text!r}" if args["prompt"].init == "text" else ""))
+    meta = task_meta(args["data"], fmt)
+    train_cfg = {k: dataclasses.asdict(v) for k, v in args.items()}
+
+    def save_best(m, metrics):
+        save_prompt(out / "best", m, model, task=meta, train_config=train_cfg, metrics=metrics, overwrite=True)
+
+    result = train(model, tok, method, task, args["train"], save_best=save_best,
+                   eval_batch_size=args["eval"].eval_batch_size, max_length=args["data"].max_length)
+    if distributed()[0] != 0:  # data-parallel run: the first process evaluates and saves
+        return None
+    print(f"trained {result.steps} steps in {result.seconds:.0f}s"
+          + (f"; best validation {result.best_metric:.4f} at step {result.best_step}"
+             if result.best_metric is not None else ""))
+    if result.rollbacks:
+        print(f"divergence guard: {result.rollbacks} rollback(s), lr lowered to x{result.lr_scale:g} of the schedule "
+              f"(events in {out / 'metrics.jsonl'})")
+    save_prompt(out / "last", method, model, task=meta, train_config=train_cfg, overwrite=True)
+    tuned, validation = tuned_method(method, result, out, model)
+    plot_curves(out / "metrics.jsonl", out / "curves.png")
+    split = args["eval"].split
+    report: dict = {}
+    if task.splits.get(split):
+        with torch.no_grad():
+            kv = inject.compute_prompt_kv(model, tuned())
+        report = evaluate_with_baselines(model, tok, task, args, args["prompt"].init_text, task.examples(split), kv)
+        print(f"\n{split} split ({len(task.examples(split))} examples):")
+        print(format_report(report))
+        (out / "eval.json").write_text(json.dumps(report, indent=2))
+    save_prompt(out / "prompt", tuned, model, task=meta, train_config=train_cfg,
+                metrics={"validation": validation, split: report.get("tuned soft prompt")}, overwrite=True)
+    print(f"\nsaved prompt to {out / 'prompt'}  (curves: {out / 'curves.png'}, log: {out / 'metrics.jsonl'})")
+    if result.diverged:
+        report_divergence(args, result, out, store, store_task)
+    elif store:
+        PromptStore(store, create=not Path(store).exists()).add(store_task, out / "prompt", overwrite=True)
+        print(f"added to store {store} as task {store_task!r}")
+    return result
+
+
+def report_divergence(args: dict, result: TrainResult, out: Path, store: str | None = None,
+                      store_task: str | None = None) -> None:
+    """Tell on stderr that the divergence guard ended the run, what was kept, and what to try.
+
+    Args:
+        args: the run's resolved sections (``train`` is quoted).
+        result: the diverged run's result.
+        out: the run folder.
+        store: the ``--store`` the prompt was not added to (its ``store add`` command is suggested).
+        store_task: the task name it would have had there.
+    """
+    train_args = args["train"]
+    if result.best_step is not None:
+        kept = f"the best validation prompt (step {result.best_step})"
+    else:  # the guard restored the last good copy before stopping
+        kept = f"the last good prompt (step {result.history[-1]['rolled_back_to']})"
+    lines = [f"softprompt train: error: the training diverged: the divergence guard stopped it at step {result.steps} "
+             f"after {result.rollbacks} rollback(s) (--max-rollbacks {train_args.max_rollbacks}; lr lowered to "
+             f"x{result.lr_scale:g} of --lr {train_args.lr:g}); reasons: the \"event\" lines of "
+             f"{out / 'metrics.jsonl'}",
+             f"  kept: {kept}, evaluated above and saved to {out / 'prompt'}"]
+    if store:
+        lines.append(f"  not added to --store {store}: add it by hand if its evaluation suits you: "
+                     f"softprompt store add --store {store} {store_task} {out / 'prompt'} --overwrite")
+    lines.append(f"  try: a lower --lr (e.g. {train_args.lr / 2:g}), more --warmup-steps, fewer --num-virtual-tokens "
+                 f"or a smaller --max-grad-norm; --max-rollbacks {max(1, 2 * train_args.max_rollbacks)} lets "
+                 "the guard halve the lr more often")
+    print("\n".join(lines), file=sys.stderr)
