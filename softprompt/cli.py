@@ -21,7 +21,6 @@ from pathlib import Path
 from softprompt.cli_inspect import add_inspect_parser
 from softprompt.cli_store import add_store_parsers
 from softprompt.config import (
-    DEFAULT_MODEL,
     SECTIONS,
     ConfigError,
     build_args,
@@ -34,6 +33,7 @@ from softprompt.config import (
     load_yaml,
     to_yaml,
 )
+from softprompt.model import DEFAULT_MODEL
 
 
 def _add_section(parser: argparse.ArgumentParser, section: str) -> None:

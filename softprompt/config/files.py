@@ -1,0 +1,121 @@
+"""YAML config files and layered arguments: defaults < ``--config`` file < flags given on the command line."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from softprompt.config.checks import ConfigError, flag, raise_problems
+from softprompt.config.sections import SECTIONS
+
+
+def field_type(cls: type, f: dataclasses.Field) -> type:
+    """The scalar type behind a field annotation (``int | None`` -> ``int``, ``list[str]`` -> ``list``)."""
+    hint = typing.get_type_hints(cls)[f.name]
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    return typing.get_origin(hint) or hint
+
+
+def load_yaml(path: str | Path) -> dict[str, dict[str, Any]]:
+    """Read a YAML config file into ``{section: {field: value}}``, rejecting unknown sections/keys."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--config {path}: no such file")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--config {path}: not valid YAML ({e})") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"--config {path}: top level must be a mapping of sections {sorted(SECTIONS)}")
+    problems = []
+    out: dict[str, dict[str, Any]] = {}
+    for section, values in raw.items():
+        if section not in SECTIONS:
+            problems.append(f"{path}: unknown section {section!r} (known: {', '.join(SECTIONS)})")
+            continue
+        if not isinstance(values, dict):
+            problems.append(f"{path}: section {section!r} must be a mapping")
+            continue
+        names = {f.name for f in dataclasses.fields(SECTIONS[section])}
+        for key in values:
+            if key not in names:
+                problems.append(f"{path}: {section}.{key} is not a known field (known: {', '.join(sorted(names))})")
+        out[section] = {k: v for k, v in values.items() if k in names}
+    raise_problems(problems)
+    return out
+
+
+def build_args(cls: type, *layers: dict[str, Any], origins: Sequence[str | None] = ()) -> Any:
+    """Instantiate ``cls`` from layered dicts (later wins), type-checking scalar values.
+
+    Args:
+        cls: a section dataclass.
+        layers: field values, lowest precedence first; ``None`` values are ignored.
+        origins: per layer, how its values are named in messages: a prefix such as ``"run.yaml: train."``
+            (giving ``run.yaml: train.lr``), or ``None`` (or no entry) for the flag (``--lr``).
+
+    Raises:
+        ConfigError: every value of the wrong type, then every problem ``cls`` finds, each named after
+            where the value came from.
+    """
+    merged: dict[str, Any] = {}
+    source: dict[str, str | None] = {}
+    for i, layer in enumerate(layers):
+        for k, v in layer.items():
+            if v is not None:
+                merged[k], source[k] = v, origins[i] if i < len(origins) else None
+
+    def name(field_name: str) -> str:
+        prefix = source.get(field_name)
+        return flag(field_name) if prefix is None else prefix + field_name
+
+    problems = []
+    for f in dataclasses.fields(cls):
+        if f.name not in merged:
+            continue
+        want, value = field_type(cls, f), merged[f.name]
+        if want is float and isinstance(value, int | str) and not isinstance(value, bool):
+            try:  # YAML reads 3e-1 (no dot) as a string
+                merged[f.name] = float(value)
+            except ValueError:
+                problems.append(f"{name(f.name)}: expected float, got {value!r}")
+        elif want is list and isinstance(value, str):
+            merged[f.name] = [v for v in value.split(",") if v]
+        elif want is not typing.Any and not isinstance(value, want) or (want is int and isinstance(value, bool)):
+            problems.append(f"{name(f.name)}: expected {want.__name__}, got {value!r}")
+    typed = {k: v for k, v in merged.items() if not any(p.startswith(f"{name(k)}: expected") for p in problems)}
+    try:  # the other values are still checked (ill-typed ones at their defaults), to report every problem
+        args = cls(**typed)
+    except ConfigError as e:
+        lines = str(e).removeprefix("invalid arguments:\n  ").split("\n  ")
+        problems += [_renamed(line, source) for line in lines]
+    raise_problems(problems)
+    return args
+
+
+def _renamed(problem: str, source: dict[str, str | None]) -> str:
+    """``problem`` (which starts with the flag it is about) naming the config key where that value came from."""
+    m = re.match(r"--([a-z0-9-]+)(?![\w-])", problem)
+    prefix = source.get(m.group(1).replace("-", "_")) if m else None
+    return problem if prefix is None else prefix + m.group(1).replace("-", "_") + problem[m.end():]
+
+
+def given(ns: Any, section: str, name: str) -> bool:
+    """Whether field ``name`` was set by a flag or by the ``--config`` file, rather than left at its default."""
+    if getattr(ns, name, None) is not None:
+        return True
+    config = getattr(ns, "config", None)
+    return bool(config) and name in load_yaml(config).get(section, {})
+
+
+def to_yaml(args: dict[str, Any]) -> str:
+    """Write ``{section: dataclass instance}`` as a YAML config file text."""
+    return yaml.safe_dump({k: dataclasses.asdict(v) for k, v in args.items()}, sort_keys=False)
