@@ -33,6 +33,7 @@ from softprompt.config import (
     load_yaml,
     to_yaml,
 )
+from softprompt.config.sections import method_default_help
 from softprompt.model import DEFAULT_MODEL
 
 
@@ -42,7 +43,7 @@ def _add_section(parser: argparse.ArgumentParser, section: str) -> None:
     for f in dataclasses.fields(cls):
         typ = field_type(cls, f)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help_ = f"default: {default!r}" if section != "prompt" else _method_default_help(f.name, default)
+        help_ = f"default: {default!r}" if section != "prompt" else method_default_help(f.name, default)
         if typ is bool:
             group.add_argument(flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=None,
                                help=help_)
@@ -50,18 +51,6 @@ def _add_section(parser: argparse.ArgumentParser, section: str) -> None:
             group.add_argument(flag(f.name), dest=f.name, default=None, help=help_ + " (comma-separated)")
         else:
             group.add_argument(flag(f.name), dest=f.name, type=typ, default=None, help=help_)
-
-
-def _method_default_help(name: str, default) -> str:
-    """The help of a prompt flag whose default is each method's own (``PromptArgs`` fills it in)."""
-    from softprompt.config.sections import METHOD_FIELDS
-    from softprompt.methods import METHODS
-
-    if name not in METHOD_FIELDS:
-        return f"default: {default!r}"
-    per = {m: c.config_class.defaults()[METHOD_FIELDS[name]] for m, c in sorted(METHODS.items())
-           if METHOD_FIELDS[name] in c.config_class.defaults()}
-    return "default: the method's own (" + ", ".join(f"{m} {v!r}" for m, v in per.items()) + ")"
 
 
 def _resolve(ns: argparse.Namespace, sections: list[str], problems: list[str] | None = None) -> dict:

@@ -96,6 +96,17 @@ METHOD_FIELDS = {"num_virtual_tokens": "num_virtual_tokens", "init": "init", "in
                  "encoder": "encoder", "encoder_hidden_size": "encoder_hidden_size"}
 
 
+def method_default_help(name: str, default: Any) -> str:
+    """The ``--help`` text of a prompt flag: a field filled from each method's own default names them all."""
+    from softprompt.methods import METHODS
+
+    if name not in METHOD_FIELDS:
+        return f"default: {default!r}"
+    per = {m: c.config_class.defaults()[METHOD_FIELDS[name]] for m, c in sorted(METHODS.items())
+           if METHOD_FIELDS[name] in c.config_class.defaults()}
+    return "default: the method's own (" + ", ".join(f"{m} {v!r}" for m, v in per.items()) + ")"
+
+
 @dataclass
 class PromptArgs:
     """The prompt-learning method and its initialisation (unset: the method's own default)."""
