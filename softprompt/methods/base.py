@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from softprompt.methods.head import ClassificationHead, is_head_key, is_sequence_classifier
+from softprompt.methods.head import ClassificationHead, is_head_key
 
 
 @dataclass
@@ -170,10 +170,12 @@ class PromptMethod(nn.Module):
 def peft_config_common(model, peft_type: str, num_virtual_tokens: int, token_dim: int, num_attention_heads: int,
                        **specific: Any) -> dict[str, Any]:
     """The ``adapter_config.json`` fields every prompt-learning type shares, plus ``specific`` ones."""
+    from softprompt.forward import family_of  # it imports this module
+
     cfg = model.config
     return {
         "peft_type": peft_type,
-        "task_type": "SEQ_2_SEQ_LM" if getattr(cfg, "is_encoder_decoder", False) else "CAUSAL_LM",
+        "task_type": family_of(model).peft_task_type,
         "num_virtual_tokens": num_virtual_tokens,
         "token_dim": token_dim,
         "num_transformer_submodules": 1,
@@ -225,7 +227,9 @@ def build_method(name: str, config: MethodConfig | dict, model, tokenizer, **ini
     cls = get_method(name)
     if isinstance(config, dict):
         config = cls.config_class.from_dict(config)
-    classifier = is_sequence_classifier(model)
+    from softprompt.forward import family_of  # it imports this module
+
+    classifier = family_of(model).has_head
     if classifier:  # before create: a prefix init would run the encoder as a decoder
         cls.check_takes_head()
     method = cls.create(config, model, tokenizer, **init_kwargs)
