@@ -138,12 +138,14 @@ def evaluate_prompt(model, tokenizer, prompt_kv, examples: list[Example], fmt: T
                     with_loss: bool = True) -> tuple[dict[str, float], list[Prediction]]:
     """Metrics of one prompt on a list of examples.
 
-    Classification: accuracy and macro-F1 by label log-likelihood. Generation: exact match and token F1
-    of greedy output. Both: mean target loss and perplexity when ``with_loss``.
+    Classification: accuracy and macro-F1 by label log-likelihood (a classifier: its head's class
+    log-probabilities). Generation: exact match and token F1 of greedy output. Both: mean target loss and
+    perplexity when ``with_loss``.
     """
     if not examples:
         raise ValueError("no examples to evaluate")
-    problem = family_of(model).format_problem(model, fmt)
+    family = family_of(model)
+    problem = family.format_problem(model, fmt)
     if problem:
         raise ValueError(problem)
     metrics: dict[str, float] = {"n": float(len(examples))}
@@ -163,7 +165,7 @@ def evaluate_prompt(model, tokenizer, prompt_kv, examples: list[Example], fmt: T
         # the gold label's score is the summed log-probability of its target tokens (a head's: its one
         # class): no second forward
         gold = torch.tensor([fmt.labels.index(ex.label) for ex in examples])
-        lengths = torch.tensor(family_of(model).label_lengths(tokenizer, fmt))
+        lengths = torch.tensor(family.label_lengths(tokenizer, fmt))
         metrics.update(loss_metrics(float(-scores[torch.arange(len(examples)), gold].sum() / lengths[gold].sum())))
     elif with_loss:
         enc = encode(tokenizer, examples, max_length=max_length)
