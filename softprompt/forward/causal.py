@@ -301,10 +301,10 @@ class CausalLM(Family):
     def label_lengths(self, tokenizer, fmt):
         return [len(ids) for ids in label_token_ids(tokenizer, fmt)]
 
-    def inference_prompt(self, model, prompt):
+    def inference_prompt(self, model, prompt) -> PromptKV | None:
         return None if prompt is None else compute_prompt_kv(model, prompt)
 
-    def step_prompt(self, model, prompt, mode="auto"):
+    def step_prompt(self, model, prompt, mode="auto") -> PromptKV | torch.Tensor | None:
         return prompt_for_step(model, prompt, mode)
 
     def loss(self, model, batch, prompt):

@@ -28,16 +28,21 @@ def family_of(model) -> Family:
     label words); otherwise an encoder-decoder config (``is_encoder_decoder``) is a seq2seq LM; anything
     else is a causal LM.
     """
-    family = _CHOSEN.get(model)
+    try:
+        family = _CHOSEN.get(model)
+    except TypeError:  # not weak-referenceable (not an nn.Module): decided again on every call
+        return _decide(model)
     if family is None:
-        if type(model).__name__.endswith("ForSequenceClassification"):
-            family = SEQ_CLS
-        elif getattr(model.config, "is_encoder_decoder", False):
-            family = SEQ2SEQ_LM
-        else:
-            family = CAUSAL_LM
-        _CHOSEN[model] = family
+        family = _CHOSEN[model] = _decide(model)
     return family
+
+
+def _decide(model) -> Family:
+    if type(model).__name__.endswith("ForSequenceClassification"):
+        return SEQ_CLS
+    if getattr(model.config, "is_encoder_decoder", False):
+        return SEQ2SEQ_LM
+    return CAUSAL_LM
 
 
 def family_for_config(config, requested: str = "auto") -> Family:

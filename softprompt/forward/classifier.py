@@ -105,10 +105,10 @@ class EncoderClassifier(Family):
     def label_lengths(self, tokenizer, fmt):
         return [1] * len(fmt.labels)  # a head's "target" is one class
 
-    def inference_prompt(self, model, prompt):
+    def inference_prompt(self, model, prompt) -> PromptOutput:
         return classifier_prompt(model, prompt)
 
-    def step_prompt(self, model, prompt, mode="auto"):
+    def step_prompt(self, model, prompt, mode="auto") -> PromptOutput:
         check_pass(mode)
         return classifier_prompt(model, prompt)  # one pass: an encoder has no keys/values to share
 

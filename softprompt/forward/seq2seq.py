@@ -123,10 +123,10 @@ class Seq2SeqLM(Family):
     def label_lengths(self, tokenizer, fmt):
         return [len(ids) for ids in label_token_ids(tokenizer, fmt)]
 
-    def inference_prompt(self, model, prompt):
+    def inference_prompt(self, model, prompt) -> torch.Tensor | None:
         return encoder_prompt(model, prompt)
 
-    def step_prompt(self, model, prompt, mode="auto"):
+    def step_prompt(self, model, prompt, mode="auto") -> torch.Tensor | None:
         check_pass(mode)
         return encoder_prompt(model, prompt)  # always the one (concat) pass: there are no keys/values to share
 
