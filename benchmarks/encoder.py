@@ -27,11 +27,11 @@ from pathlib import Path
 import torch
 from bench_common import label_agreement, sync, time_side_by_side
 
-from softprompt import inject
 from softprompt.data import collate, encode_classes
 from softprompt.data.builtin import load_builtin
 from softprompt.data.template import Example
 from softprompt.engine import ClassifyRequest, Engine
+from softprompt.forward import family_of
 from softprompt.methods import build_method
 from softprompt.model import DEFAULT_MODEL, load_base_model, materialize_alias, prepare_frozen, resolve_device
 from softprompt.store import export_peft, load_prompt, save_prompt
@@ -119,7 +119,7 @@ def bench_train(args) -> None:
     peft_opt = torch.optim.AdamW(peft_params, lr=args.lr)
 
     def ours_step(batch):
-        loss = inject.target_loss(model, batch, inject.prompt_for_step(model, method()))
+        loss = family_of(model).loss(model, batch, family_of(model).step_prompt(model, method()))
         loss.backward()
         ours_opt.step()
         ours_opt.zero_grad(set_to_none=True)

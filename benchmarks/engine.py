@@ -37,9 +37,10 @@ from pathlib import Path
 import torch
 from bench_common import label_agreement, sync, time_interleaved
 
-from softprompt import inject
+from softprompt import forward
 from softprompt.data.builtin import load_builtin
 from softprompt.engine import ClassifyRequest, Engine
+from softprompt.forward import causal
 from softprompt.methods import build_method
 from softprompt.model import DEFAULT_MODEL, load_base_model
 from softprompt.store import load_prompt, save_prompt
@@ -260,7 +261,7 @@ def bench_generate(args) -> None:
     eos = tok.eos_token_id
 
     def ours(k, key="task0"):  # EOS is not special here: no row stops early
-        return inject.decode(model, x, mask, engine.table.rows([key]), [inject.RowSampling(k)], None).tokens[0]
+        return causal.decode(model, x, mask, engine.backend.table.rows([key]), [forward.RowSampling(k)], None).tokens[0]
 
     def hf_plain(k):
         return model.generate(input_ids=x, attention_mask=mask, max_new_tokens=k, min_new_tokens=k, do_sample=False,

@@ -36,8 +36,8 @@ import time
 
 import torch
 
-from softprompt import inject
 from softprompt.data import collate, encode, load_task
+from softprompt.forward import causal
 from softprompt.methods import build_method
 from softprompt.model import DEFAULT_MODEL, load_base_model
 
@@ -66,8 +66,8 @@ class Ours:
         self.method.embeddings.data.copy_(emb)
 
     def loss(self, batch):
-        prompt = inject.prompt_for_step(self.model, self.method(), self.prompt_pass)
-        return inject.target_loss(self.model, batch, prompt)
+        prompt = causal.prompt_for_step(self.model, self.method(), self.prompt_pass)
+        return causal.target_loss(self.model, batch, prompt)
 
     def step(self, batch):
         self.loss(batch).backward()

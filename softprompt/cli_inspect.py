@@ -87,6 +87,7 @@ def cmd_inspect(ns: argparse.Namespace) -> int:
     """Print nearest tokens, norms and (store mode) similarity of stored prompts; ``--json`` for JSON."""
     _check_args(ns)
     from softprompt.embeddings import vocab_embeddings
+    from softprompt.forward import task_type_for_stored
     from softprompt.interpret import format_inspect, inspect_report, token_space_embeddings
     from softprompt.model import DEFAULT_MODEL, load_base_model
     from softprompt.store import PromptStore, StoreError, check_model_compatible, load_prompt
@@ -101,8 +102,8 @@ def cmd_inspect(ns: argparse.Namespace) -> int:
     # read first (bad folders fail before the model loads), then checked against the model
     loaded = {name: store.load(name) if store is not None else load_prompt(name) for name in names}
     # prompts trained with a classification head need the encoder loaded as a sequence classifier
-    seq_cls = bool(names) and loaded[names[0]].peft_config.get("task_type") == "SEQ_CLS"
-    model, tokenizer = load_base_model(model_name, "auto", "auto", task_type="seq_cls" if seq_cls else "auto")
+    task_type = task_type_for_stored(loaded[names[0]].peft_config.get("task_type")) if names else "auto"
+    model, tokenizer = load_base_model(model_name, "auto", "auto", task_type=task_type)
     # the vocabulary as the model consumes it (the embedding module's output, scaled on Gemma), the space
     # the stored prompts live in: raw weight rows would put Gemma's norm ratios off by sqrt(hidden_size)
     matrix = vocab_embeddings(model)  # (V, H)

@@ -132,10 +132,10 @@ def _peak_rss_mib() -> float | None:
 def run_one(spec: Spec, model_name: str, dataset: str, steps: int, batch_size: int, test_samples: int,
             seed: int = 0) -> dict:
     """Train and evaluate one spec in this process; return its table row."""
-    from softprompt import inject
     from softprompt.config import TrainArgs
     from softprompt.data import load_task
     from softprompt.evaluate import evaluate_prompt
+    from softprompt.forward import family_of
     from softprompt.methods import build_method
     from softprompt.model import load_base_model
     from softprompt.store import save_prompt
@@ -165,7 +165,7 @@ def run_one(spec: Spec, model_name: str, dataset: str, steps: int, batch_size: i
     model.eval()
     method.eval()
     with torch.no_grad():
-        kv = inject.compute_prompt_kv(model, method()) if not isinstance(method, WeightTuning) else None
+        kv = family_of(model).inference_prompt(model, method()) if not isinstance(method, WeightTuning) else None
         metrics, _ = evaluate_prompt(model, tok, kv, task.examples("test"), task.format, with_loss=False)
     return {"method": spec.label, "kind": spec.kind, "trainable_params": method.num_trainable(),
             "bytes_per_task": disk, "peak_mib": _peak_rss_mib(), "train_s": round(train_s, 1),

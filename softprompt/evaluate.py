@@ -1,7 +1,8 @@
 """Evaluation: rank classification, generation exact match / F1, loss, and baselines.
 
-Every scored "prompt" is a :class:`~softprompt.inject.PromptKV`: the tuned soft prompt, the init text as a
-hard prompt, or ``k`` solved training examples (k-shot). Hard prompts are the embeddings of real tokens at
+Every scored "prompt" is prepared once by the model's family (:mod:`softprompt.forward`; on a causal LM a
+:class:`~softprompt.forward.PromptKV`): the tuned soft prompt, the init text as a hard prompt, or ``k``
+solved training examples (k-shot). Hard prompts are the embeddings of real tokens at
 positions ``0..n-1``, which is exactly prepending the text, and their keys/values are computed once for
 the whole evaluation rather than once per row.
 """
@@ -17,9 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
-from softprompt import inject
-from softprompt.data import Batch, Encoded, Example, TaskFormat, batches, collate, encode, encode_classes
+from softprompt.data import Batch, Encoded, Example, TaskFormat, batches, collate, encode
 from softprompt.embeddings import token_embeddings
+from softprompt.forward import InferencePrompt, family_of, generate
 
 
 @dataclass
@@ -31,14 +32,15 @@ class Prediction:
     predicted: str
 
 
-def hard_prompt_kv(model, tokenizer, text: str) -> inject.PromptKV:
-    """Keys/values of a text used as a hard prompt (token embeddings at positions 0..n-1)."""
+def hard_prompt_kv(model, tokenizer, text: str) -> InferencePrompt:
+    """A text used as a hard prompt (token embeddings at positions 0..n-1), prepared as a soft prompt is
+    (on a causal LM: its keys/values)."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if not ids:
         raise ValueError("hard prompt text is empty after tokenisation")
     emb = token_embeddings(model, ids)  # (n, H): the module's output, as for the text (scaled on Gemma)
     with torch.no_grad():
-        return inject.compute_prompt_kv(model, emb)
+        return family_of(model).inference_prompt(model, emb)
 
 
 def k_shot_text(examples: list[Example], fmt: TaskFormat, k: int, seed: int = 0) -> str:
@@ -89,70 +91,27 @@ def token_f1(expected: str, predicted: str) -> float:
     return 2 * prec * rec / (prec + rec)
 
 
-def _by_length(encoded: list[Encoded], batch_size: int, pad_id: int, padding_side: str, fn) -> torch.Tensor:
-    """Apply ``fn(batch) -> (B, ...)`` over batches of similar length; results in the original order."""
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))
-    parts = [fn(b) for b in batches([encoded[i] for i in order], batch_size, pad_id, padding_side=padding_side)]
-    out = torch.empty_like(torch.cat(parts))
-    out[torch.tensor(order)] = torch.cat(parts)
-    return out
-
-
-def label_token_ids(tokenizer, fmt: TaskFormat) -> list[list[int]]:
-    """Token ids of each label's verbalizer text, tokenised as a target is (:func:`encode`)."""
-    return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in fmt.label_texts]
-
-
 @torch.no_grad()
 def label_scores(model, tokenizer, prompt_kv, examples: list[Example], fmt: TaskFormat, batch_size: int,
                  max_length: int = 256) -> torch.Tensor:
-    """Log-likelihood of every label for every example: ``(N, num_labels)``.
+    """A score per label for every example: ``(N, num_labels)``.
 
-    A label's score is the summed log-probability of its tokens after the source. When every label is a
-    single distinct token, one forward per example gives all scores at the last source position; otherwise
-    each (example, label) pair is one row.
+    On a language model a label's score is the summed log-probability of its tokens after the source (when
+    every label is a single distinct token, a causal LM takes all scores from one forward per example); on
+    a sequence classifier it is the log-softmax of its head's class logits.
     """
-    label_ids = label_token_ids(tokenizer, fmt)
-    single = all(len(ids) == 1 for ids in label_ids) and len({ids[0] for ids in label_ids}) == len(label_ids)
-    if single and not inject.is_seq2seq(model):
-        enc = encode(tokenizer, [Example(ex.source, fmt.label_texts[0]) for ex in examples], max_length=max_length)
-        sources = [Encoded(e.input_ids[:e.target_start], e.target_start) for e in enc]
-        cols = torch.tensor([ids[0] for ids in label_ids], device=model.device)
-
-        def first_token(batch):
-            batch = batch.to(model.device)
-            lp = inject.last_token_logprobs(model, batch.input_ids, batch.attention_mask, prompt_kv)  # (B, V)
-            return lp[:, cols].float().cpu()  # (B, L)
-
-        return _by_length(sources, batch_size, tokenizer.pad_token_id, "left", first_token)
-    rows = [Example(ex.source, text) for ex in examples for text in fmt.label_texts]
-    enc = encode(tokenizer, rows, max_length=max_length)
-    scores = _by_length(enc, batch_size, tokenizer.pad_token_id, "right",
-                        lambda b: inject.target_logprobs(model, b.to(model.device), prompt_kv).float().cpu())
-    return scores.view(len(examples), len(fmt.label_texts))
-
-
-@torch.no_grad()
-def class_scores(model, tokenizer, prompt, examples: list[Example], fmt: TaskFormat, batch_size: int,
-                 max_length: int = 256) -> torch.Tensor:
-    """Log-softmax of a sequence classifier's class logits for every example: ``(N, num_labels)``.
-
-    Rows are right-padded (an encoder's positions count from the first token, as in PEFT's ``SEQ_CLS``).
-    """
-    enc = encode_classes(tokenizer, examples, fmt.labels, max_length)
-    return _by_length(enc, batch_size, tokenizer.pad_token_id, "right",
-                      lambda b: torch.log_softmax(inject.class_logits(
-                          model, b.input_ids.to(model.device), b.attention_mask.to(model.device), prompt), -1).cpu())
+    return family_of(model).label_scores(model, tokenizer, prompt_kv, examples, fmt, batch_size, max_length)
 
 
 @torch.no_grad()
 def mean_target_loss(model, encoded: list[Encoded], pad_id: int, prompt_kv, batch_size: int) -> float:
     """Mean NLL per target token over a dataset."""
+    family = family_of(model)
     total, count = 0.0, 0
     for batch in batches(encoded, batch_size, pad_id):
         batch = batch.to(model.device)
         n = int(batch.target_mask[:, 1:].sum())
-        total += float(inject.target_loss(model, batch, prompt_kv)) * n
+        total += float(family.loss(model, batch, prompt_kv)) * n
         count += n
     return total / max(count, 1)
 
@@ -166,8 +125,8 @@ def generate_texts(model, tokenizer, prompt_kv, sources: list[str], max_new_toke
         chunk = sources[i:i + batch_size]
         enc = [Encoded(tokenizer(s, add_special_tokens=False)["input_ids"], 10**9) for s in chunk]
         batch: Batch = collate(enc, tokenizer.pad_token_id, padding_side="left").to(model.device)
-        new = inject.generate(model, batch.input_ids, batch.attention_mask, prompt_kv, max_new_tokens,
-                              tokenizer.eos_token_id, **sampling)
+        new = generate(model, batch.input_ids, batch.attention_mask, prompt_kv, max_new_tokens,
+                       tokenizer.eos_token_id, **sampling)
         for ids in new:
             text = tokenizer.decode(ids, skip_special_tokens=True)
             out.append(text.split(stop)[0] if stop else text)
@@ -179,27 +138,19 @@ def evaluate_prompt(model, tokenizer, prompt_kv, examples: list[Example], fmt: T
                     with_loss: bool = True) -> tuple[dict[str, float], list[Prediction]]:
     """Metrics of one prompt on a list of examples.
 
-    Classification: accuracy and macro-F1 by label log-likelihood. Generation: exact match and token F1
-    of greedy output. Both: mean target loss and perplexity when ``with_loss``.
+    Classification: accuracy and macro-F1 by label log-likelihood (a classifier: its head's class
+    log-probabilities). Generation: exact match and token F1 of greedy output. Both: mean target loss and
+    perplexity when ``with_loss``.
     """
     if not examples:
         raise ValueError("no examples to evaluate")
+    family = family_of(model)
+    problem = family.format_problem(model, fmt)
+    if problem:
+        raise ValueError(problem)
     metrics: dict[str, float] = {"n": float(len(examples))}
-    if inject.is_sequence_classifier(model):
-        if not fmt.is_classification:
-            raise ValueError(f"{type(model).__name__} is a sequence classifier: the task needs labels (--verbalizer)")
-        scores = class_scores(model, tokenizer, prompt_kv, examples, fmt, batch_size, max_length)  # (N, C)
-        if scores.shape[1] != len(fmt.labels):
-            raise ValueError(f"the classifier head has {scores.shape[1]} classes, the task {len(fmt.labels)} labels")
-        predicted = [fmt.labels[i] for i in scores.argmax(-1).tolist()]
-        expected = [ex.label for ex in examples]
-        metrics.update(classification_metrics(expected, predicted, fmt.labels))
-        gold = torch.tensor([fmt.labels.index(e) for e in expected])
-        if with_loss:
-            metrics.update(loss_metrics(float(-scores[torch.arange(len(examples)), gold].mean())))
-        return metrics, [Prediction(ex.source, e, p) for ex, e, p in zip(examples, expected, predicted, strict=True)]
     if fmt.is_classification:
-        scores = label_scores(model, tokenizer, prompt_kv, examples, fmt, batch_size, max_length)
+        scores = label_scores(model, tokenizer, prompt_kv, examples, fmt, batch_size, max_length)  # (N, L)
         predicted = [fmt.labels[i] for i in scores.argmax(-1).tolist()]
         expected = [ex.label for ex in examples]
         metrics.update(classification_metrics(expected, predicted, fmt.labels))
@@ -211,9 +162,10 @@ def evaluate_prompt(model, tokenizer, prompt_kv, examples: list[Example], fmt: T
         metrics.update(generation_metrics(expected, texts))
         preds = [Prediction(ex.source, e, p.strip()) for ex, e, p in zip(examples, expected, texts, strict=True)]
     if with_loss and fmt.is_classification:
-        # the gold label's score is the summed log-probability of the target tokens: no second forward
+        # the gold label's score is the summed log-probability of its target tokens (a head's: its one
+        # class): no second forward
         gold = torch.tensor([fmt.labels.index(ex.label) for ex in examples])
-        lengths = torch.tensor([len(ids) for ids in label_token_ids(tokenizer, fmt)])
+        lengths = torch.tensor(family.label_lengths(tokenizer, fmt))
         metrics.update(loss_metrics(float(-scores[torch.arange(len(examples)), gold].sum() / lengths[gold].sum())))
     elif with_loss:
         enc = encode(tokenizer, examples, max_length=max_length)
@@ -283,8 +235,7 @@ def evaluate_on_engine(engine, runs: dict[str, str], examples: list[Example], fm
         reqs = [ClassifyRequest(task, ex.source, raw=True) for task in runs.values() for ex in examples]
         results = engine.classify(reqs)
         # the loss per target token; a classifier head's "target" is one class
-        lengths = (dict.fromkeys(fmt.labels, 1) if engine.encoder else
-                   dict(zip(fmt.labels, (len(ids) for ids in label_token_ids(engine.tok, fmt)), strict=True)))
+        lengths = dict(zip(fmt.labels, engine.family.label_lengths(engine.tok, fmt), strict=True))
         expected = [ex.label for ex in examples]
         for k, row in enumerate(runs):
             res = results[k * n:(k + 1) * n]

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from softprompt.assets import WHEELS, cache_dir, extract_member, sha256_file
+from softprompt.forward import FAMILIES, TASK_TYPES, FamilyError, family_for_config
 
 log = logging.getLogger(__name__)
 
@@ -54,38 +55,16 @@ class ModelLoadError(RuntimeError):
     """The base model could not be loaded."""
 
 
-TASK_TYPES = ("auto", "causal_lm", "seq2seq_lm", "seq_cls")
-CAUSAL_HEADS = ("ForCausalLM", "LMHeadModel")
-
-
 def resolve_task_type(config, requested: str = "auto") -> str:
     """The task type a model is loaded as (see the module docstring); refuses impossible combinations.
 
     Raises:
         ModelLoadError: an unknown type, or one the architecture cannot take.
     """
-    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
-
-    if requested not in TASK_TYPES:
-        raise ModelLoadError(f"--task-type {requested!r} is not one of {', '.join(TASK_TYPES)}")
-    seq2seq = bool(getattr(config, "is_encoder_decoder", False))
-    encoder = config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not seq2seq
-    if requested == "auto":
-        archs = getattr(config, "architectures", None) or []
-        if seq2seq:
-            return "seq2seq_lm"
-        causal = any(a.endswith(CAUSAL_HEADS) for a in archs)  # e.g. BertLMHeadModel, RobertaForCausalLM
-        return "seq_cls" if encoder and not causal else "causal_lm"
-    if requested == "seq_cls" and not encoder:
-        raise ModelLoadError(f"--task-type seq_cls takes an encoder model (BERT, RoBERTa, DeBERTa, ...); "
-                             f"{config.model_type!r} is not one: decoder-only models classify through their LM "
-                             "head with a --verbalizer (--task-type causal_lm)")
-    if requested == "seq2seq_lm" and not seq2seq:
-        raise ModelLoadError(f"--task-type seq2seq_lm takes an encoder-decoder (T5 family); {config.model_type!r} "
-                             "is not one")
-    if requested == "causal_lm" and seq2seq:
-        raise ModelLoadError(f"{config.model_type!r} is an encoder-decoder: use --task-type seq2seq_lm (or auto)")
-    return requested
+    try:
+        return family_for_config(config, requested).name
+    except FamilyError as e:
+        raise ModelLoadError(str(e)) from None
 
 
 # config keys under which model families record their maximum sequence length (the first present wins)
@@ -223,7 +202,7 @@ def load_base_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, device: str
         ``(model, tokenizer)``; the model is frozen, in eval mode, on ``device``; the tokenizer has a
         pad token.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     name_or_path = os.fspath(name_or_path)
     dev = resolve_device(device)
@@ -239,30 +218,25 @@ def load_base_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, device: str
     try:
         if name_or_path in ALIASES:
             folder = materialize_alias(name_or_path)
-            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dt)
+            model = FAMILIES["causal_lm"].from_pretrained(folder, dt)  # a GGUF model is decoder-only
             tok = AutoTokenizer.from_pretrained(folder)
         elif name_or_path.endswith(".gguf"):
             path = Path(name_or_path)
             if not path.is_file():
                 raise ModelLoadError(f"--model {name_or_path}: no such GGUF file")
             folder = materialize_gguf(path)
-            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dt)
+            model = FAMILIES["causal_lm"].from_pretrained(folder, dt)  # a GGUF model is decoder-only
             tok = AutoTokenizer.from_pretrained(folder)
         else:
-            from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
+            from transformers import AutoConfig
 
-            config = AutoConfig.from_pretrained(name_or_path)
-            kind = resolve_task_type(config, task_type)
-            if kind == "seq_cls":
-                # the checkpoint's own head (if any) is not used: the prompt brings its trained head
-                model = AutoModelForSequenceClassification.from_pretrained(
-                    name_or_path, dtype=dt, num_labels=num_labels or 2, ignore_mismatched_sizes=True)
-            else:
-                auto = AutoModelForSeq2SeqLM if kind == "seq2seq_lm" else AutoModelForCausalLM
-                model = auto.from_pretrained(name_or_path, dtype=dt)
+            family = family_for_config(AutoConfig.from_pretrained(name_or_path), task_type)
+            model = family.from_pretrained(name_or_path, dt, num_labels)  # the family's AutoModel* class
             tok = AutoTokenizer.from_pretrained(name_or_path)
     except ModelLoadError:
         raise
+    except FamilyError as e:
+        raise ModelLoadError(str(e)) from None
     except (OSError, ValueError) as e:
         raise ModelLoadError(
             f"--model {name_or_path}: could not load ({e}). Use an embedded alias ({', '.join(ALIASES)}), "

@@ -30,10 +30,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from softprompt import inject
 from softprompt.config import ConfigError, TrainArgs
-from softprompt.data import Encoded, TaskData, collate, encode, encode_classes
+from softprompt.data import Encoded, TaskData, collate
 from softprompt.evaluate import evaluate_prompt, primary_metric
+from softprompt.forward import family_of
 from softprompt.guard import DivergenceGuard
 from softprompt.methods import PromptMethod
 from softprompt.store.atomic import write_folder_atomically
@@ -260,14 +260,11 @@ def train(model, tokenizer, method: PromptMethod, task: TaskData, args: TrainArg
     if args.gradient_checkpointing:
         _enable_checkpointing(model)
     fmt = task.format
-    if inject.is_sequence_classifier(model):  # class indices instead of target tokens
-        if not fmt.is_classification:
-            raise ConfigError(f"{type(model).__name__} is a sequence classifier: the task needs labels "
-                              "(--verbalizer)")
-        train_enc = encode_classes(tokenizer, task.examples("train"), fmt.labels, max_length)
-    else:
-        train_enc = encode(tokenizer, task.examples("train"), max_length=max_length,
-                           append_eos=not fmt.is_classification)
+    family = family_of(model)
+    problem = family.format_problem(model, fmt)
+    if problem:
+        raise ConfigError(problem)
+    train_enc = family.encode_examples(tokenizer, task.examples("train"), fmt, max_length)  # targets or classes
     valid = task.splits.get("validation") or []
     per_step = args.batch_size * args.grad_accum
     steps_per_epoch = max(1, len(train_enc) // per_step)
@@ -307,8 +304,8 @@ def train(model, tokenizer, method: PromptMethod, task: TaskData, args: TrainArg
             loss_sum, tokens = 0.0, 0
             for mb in group:
                 mb = mb.to(model.device)
-                prompt = inject.prompt_for_step(model, method(), pass_mode)
-                loss = inject.target_loss(model, mb, prompt) / len(group)
+                prompt = family.step_prompt(model, method(), pass_mode)
+                loss = family.loss(model, mb, prompt) / len(group)
                 loss.backward()
                 loss_sum += float(loss.detach())
                 tokens += mb.num_tokens
@@ -339,7 +336,7 @@ def train(model, tokenizer, method: PromptMethod, task: TaskData, args: TrainArg
                 method.eval()
                 model.eval()
                 with torch.no_grad():
-                    kv = inject.compute_prompt_kv(model, method())
+                    kv = family.inference_prompt(model, method())
                 m, _ = evaluate_prompt(model, tokenizer, kv, valid, fmt, eval_batch_size, max_length=max_length,
                                        with_loss=True)
                 method.train()

@@ -12,11 +12,12 @@ import json
 import pytest
 import torch
 
-from softprompt import inject
+from softprompt import forward
 from softprompt.cli import main
 from softprompt.config import TrainArgs
 from softprompt.embeddings import embedding_rms, token_embeddings, vocab_embeddings
 from softprompt.evaluate import evaluate_prompt, hard_prompt_kv
+from softprompt.forward import causal
 from softprompt.methods import build_method
 from softprompt.store import save_prompt
 from softprompt.train import train
@@ -92,7 +93,7 @@ def test_prompt_goes_in_front_of_the_modules_output_unscaled(kind, prompt_pass):
     ids = torch.tensor([[3, 15, 12, 17, 8], [3, 16, 13, 18, 11]])  # (B, T)
     mask = torch.ones_like(ids)
     with torch.no_grad():
-        ours = inject.text_logits(model, ids, mask, inject.prompt_for_step(model, prompt, prompt_pass))
+        ours = causal.text_logits(model, ids, mask, causal.prompt_for_step(model, prompt, prompt_pass))
         embeds = torch.cat([prompt[None].expand(2, -1, -1), model.get_input_embeddings()(ids)], dim=1)
         theirs = model(inputs_embeds=embeds).logits[:, 3:].float()  # (B, T, V)
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
@@ -110,11 +111,11 @@ def test_text_init_and_hard_prompt_equal_the_text_itself(kind, source, tokenizer
         if source == "text_init":
             method = build_method("prompt_tuning", {"num_virtual_tokens": p, "init": "text",
                                                     "init_text": INIT_TEXT}, model, tokenizer)
-            prompt = inject.compute_prompt_kv(model, method())
+            prompt = forward.compute_prompt_kv(model, method())
         else:
             prompt = hard_prompt_kv(model, tokenizer, INIT_TEXT)
         plain = model(input_ids=torch.cat([torch.tensor([init_ids]), ids], dim=1)).logits[:, p:].float()
-        got = inject.text_logits(model, ids, torch.ones_like(ids), prompt)
+        got = causal.text_logits(model, ids, torch.ones_like(ids), prompt)
     torch.testing.assert_close(got, plain, atol=1e-5, rtol=1e-4)
 
 
@@ -165,12 +166,12 @@ def test_training_reaches_the_same_relative_scale_on_gemma3_as_on_llama(tmp_path
         data = task(n_train=32, n_valid=16)
         val = data.examples("validation")
         with torch.no_grad():
-            before, _ = evaluate_prompt(model, tokenizer, inject.compute_prompt_kv(model, method()), val, FMT)
+            before, _ = evaluate_prompt(model, tokenizer, forward.compute_prompt_kv(model, method()), val, FMT)
         train(model, tokenizer, method, data, TrainArgs(output_dir=str(tmp_path / kind), max_steps=24,
                                                         batch_size=8, lr=0.3, warmup_steps=2, eval_every=24,
                                                         checkpoint_every=100, seed=3))
         with torch.no_grad():
-            after, _ = evaluate_prompt(model, tokenizer, inject.compute_prompt_kv(model, method()), val, FMT)
+            after, _ = evaluate_prompt(model, tokenizer, forward.compute_prompt_kv(model, method()), val, FMT)
         text = module_out(model, list(range(3, 32))).norm(dim=1).mean()
         relative[kind] = float(method.embeddings.detach().norm(dim=1).mean() / text)
         learned[kind] = before["loss"] - after["loss"]

@@ -182,10 +182,10 @@ def test_unload_keeps_prompts_other_tasks_use(setup):
     _, _, engine, _ = setup
     engine.add_ensemble("ens", ["sent", "sent3"])
     engine.unload("sent")
-    assert "sent" not in engine.task_names() and "sent" in engine.table  # still an ensemble member
+    assert "sent" not in engine.task_names() and "sent" in engine.backend.table  # still an ensemble member
     assert engine.classify([ClassifyRequest("ens", "great")])[0].label in ("positive", "negative")
     engine.unload("ens")
-    assert "sent" not in engine.table and "sent3" in engine.table
+    assert "sent" not in engine.backend.table and "sent3" in engine.backend.table
     with pytest.raises(UnknownTaskError):
         engine.classify([ClassifyRequest("sent", "great")])
 
@@ -212,6 +212,6 @@ def test_on_token_sees_every_prefix_of_each_request(setup):
 
 def test_prompt_unloaded_after_the_check_is_an_unknown_task(setup):
     _, _, engine, _ = setup
-    engine.table.remove("sent")  # as if an admin unload raced the request
+    engine.backend.table.remove("sent")  # as if an admin unload raced the request
     with pytest.raises(UnknownTaskError, match="unloaded while its request waited"):
         engine.classify([ClassifyRequest("sent", "good")])

@@ -7,9 +7,10 @@ import threading
 import pytest
 import torch
 
-from softprompt import inject
+from softprompt import forward
 from softprompt.engine import ClassifyRequest, Engine, GenerateRequest
 from softprompt.engine import engine as engine_module
+from softprompt.forward import causal
 from softprompt.methods import build_method
 from softprompt.store import PromptStore, StoreError
 from tests.conftest import make_model
@@ -38,7 +39,8 @@ def served(tmp_path, tokenizer):
 def snapshot(engine: Engine) -> dict:
     reqs = [ClassifyRequest(t, "good movie") for t in ("a", "b", "ab")]
     return {"scores": [r.scores for r in engine.classify(reqs)],
-            "kv": {k: [t.clone() for pair in engine.table._kv[k].layers for t in pair] for k in engine.table.keys()},
+            "kv": {k: [t.clone() for pair in engine.backend.table._kv[k].layers for t in pair]
+                   for k in engine.backend.table.keys()},
             "tasks": dict(engine.tasks), "formats": dict(engine._formats)}
 
 
@@ -56,13 +58,13 @@ def test_a_failed_reload_leaves_the_served_task_unchanged(served, monkeypatch, f
     if fail_at == "format":
         monkeypatch.setattr(engine_module, "task_format", lambda meta: (_ for _ in ()).throw(ValueError("bad")))
     elif fail_at == "keys/values":
-        real = inject.compute_prompt_kv
-        monkeypatch.setattr(inject, "compute_prompt_kv",
-                            lambda m, p: inject.PromptKV([(k * float("nan"), v) for k, v in real(m, p).layers],
+        real = causal.compute_prompt_kv
+        monkeypatch.setattr(causal, "compute_prompt_kv",
+                            lambda m, p: forward.PromptKV([(k * float("nan"), v) for k, v in real(m, p).layers],
                                                          p.embeds.shape[0]))
     else:
-        monkeypatch.setattr(engine.table, "check", lambda key, kv: (_ for _ in ()).throw(
-            inject.InjectionError("does not fit")))
+        monkeypatch.setattr(engine.backend.table, "check", lambda key, kv: (_ for _ in ()).throw(
+            forward.InjectionError("does not fit")))
     with pytest.raises((ValueError, StoreError)):
         engine.load_from_store(store, "a")
     with pytest.raises((ValueError, StoreError)):
@@ -76,8 +78,8 @@ def test_a_failed_reload_leaves_the_served_task_unchanged(served, monkeypatch, f
 def test_add_kv_refuses_non_finite_keys_values(served):
     engine, *_ = served
     before = snapshot(engine)
-    kv = engine.table._kv["a"]
-    bad = inject.PromptKV([(k.clone().fill_(float("inf")), v) for k, v in kv.layers], kv.length)
+    kv = engine.backend.table._kv["a"]
+    bad = forward.PromptKV([(k.clone().fill_(float("inf")), v) for k, v in kv.layers], kv.length)
     with pytest.raises(StoreError, match="not finite"):
         engine.add_kv("inf", bad)
     assert "inf" not in engine.tasks and same(snapshot(engine), before)
@@ -89,14 +91,14 @@ def test_a_reload_waits_for_the_running_batch(served, monkeypatch):
     old = engine.generate([GenerateRequest("a", "good", max_tokens=6)])[0]
     save(store, model, tok, "a", seed=9, n=5)
     started, swapped = threading.Event(), threading.Event()
-    real = inject.decode
+    real = causal.decode
 
     def decode(*args, **kwargs):
         started.set()
         assert not swapped.wait(0.5)  # the reload cannot finish while this batch runs
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(inject, "decode", decode)
+    monkeypatch.setattr(causal, "decode", decode)
     result = {}
     runner = threading.Thread(target=lambda: result.update(r=engine.generate([GenerateRequest("a", "good",
                                                                                               max_tokens=6)])[0]))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from softprompt import inject
+from softprompt import forward
 from softprompt.data import Example, TaskFormat, collate, encode
 from softprompt.evaluate import (
     evaluate_prompt,
@@ -17,6 +17,7 @@ from softprompt.evaluate import (
     normalize_answer,
     token_f1,
 )
+from softprompt.forward import causal
 from tests.conftest import sentiment_records
 
 FMT = TaskFormat("Review: {text}\nSentiment:", "label", {"positive": "positive", "negative": "negative"})
@@ -33,12 +34,12 @@ def test_macro_f1_and_answer_metrics():
 
 def test_single_token_fast_path_equals_row_per_label(model, tokenizer):
     torch.manual_seed(0)
-    kv = inject.compute_prompt_kv(model, torch.randn(4, 32))
+    kv = forward.compute_prompt_kv(model, torch.randn(4, 32))
     examples = [FMT.render(r) for r in sentiment_records(10)]
     fast = label_scores(model, tokenizer, kv, examples, FMT, batch_size=3)
     rows = [Example(ex.source, t) for ex in examples for t in FMT.label_texts]
     batch = collate(encode(tokenizer, rows), tokenizer.pad_token_id)
-    slow = inject.target_logprobs(model, batch, kv).view(10, 2)
+    slow = causal.target_logprobs(model, batch, kv).view(10, 2)
     torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
 
 
@@ -46,7 +47,7 @@ def test_multi_token_labels_sum_token_logprobs(model, tokenizer):
     examples = [FMT2.render(r) for r in sentiment_records(5)]
     scores = label_scores(model, tokenizer, None, examples, FMT2, batch_size=2)
     enc = encode(tokenizer, [Example(examples[3].source, " not good")])
-    logits = inject.text_logits(model, collate(enc, 0).input_ids, collate(enc, 0).attention_mask).log_softmax(-1)
+    logits = causal.text_logits(model, collate(enc, 0).input_ids, collate(enc, 0).attention_mask).log_softmax(-1)
     ids, start = enc[0].input_ids, enc[0].target_start
     expected = float(logits[0, start - 1, ids[start]] + logits[0, start, ids[start + 1]])
     assert scores.shape == (5, 2)
@@ -95,7 +96,7 @@ def test_classification_loss_from_label_scores_equals_target_loss(model, tokeniz
 
     fmt = TaskFormat("Review: {text}\nSentiment:", "label", verbalizer)
     examples = [fmt.render(r) for r in sentiment_records(10)]
-    kv = inject.compute_prompt_kv(model, torch.randn(3, 32))
+    kv = forward.compute_prompt_kv(model, torch.randn(3, 32))
     m, _ = evaluate_prompt(model, tokenizer, kv, examples, fmt, batch_size=4)
     direct = mean_target_loss(model, encode(tokenizer, examples), tokenizer.pad_token_id, kv, 4)
     assert m["loss"] == pytest.approx(direct, rel=1e-5)
@@ -106,7 +107,7 @@ def test_engine_evaluation_equals_single_prompt_evaluation(model, tokenizer):
     from softprompt.evaluate import evaluate_on_engine, hard_prompt_kv
 
     engine = Engine(model, tokenizer, max_batch_size=3)
-    tuned = inject.compute_prompt_kv(model, torch.randn(4, 32))
+    tuned = forward.compute_prompt_kv(model, torch.randn(4, 32))
     hard = hard_prompt_kv(model, tokenizer, "Classify sentiment .")
     gen_fmt = TaskFormat("Country: {country}\nCapital:", "capital")
     for f, examples in [(FMT, [FMT.render(r) for r in sentiment_records(9)]),

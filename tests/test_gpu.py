@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from softprompt import inject
+from softprompt import forward
 from softprompt.config import TrainArgs
 from softprompt.data import Encoded, TaskData, TaskFormat, collate
+from softprompt.forward import causal
 from softprompt.methods import build_method
 from softprompt.model import load_base_model
 from softprompt.train import train
@@ -36,8 +37,8 @@ def test_bf16_cuda_logits_match_fp32_cpu(kind):
     cpu = make_model(kind)
     gpu = make_model(kind).to("cuda", torch.bfloat16)
     b_cpu, b_gpu = batch("cpu"), batch("cuda")
-    ref = inject.text_logits(cpu, b_cpu.input_ids, b_cpu.attention_mask, inject.compute_prompt_kv(cpu, prompt))
-    got = inject.text_logits(gpu, b_gpu.input_ids, b_gpu.attention_mask, inject.compute_prompt_kv(gpu, prompt))
+    ref = causal.text_logits(cpu, b_cpu.input_ids, b_cpu.attention_mask, forward.compute_prompt_kv(cpu, prompt))
+    got = causal.text_logits(gpu, b_gpu.input_ids, b_gpu.attention_mask, forward.compute_prompt_kv(gpu, prompt))
     real = b_cpu.attention_mask.bool()
     assert got.dtype == torch.float32  # the LM head output is upcast before any softmax
     torch.testing.assert_close(got.cpu()[real], ref[real], atol=0.1, rtol=0.05)
@@ -47,10 +48,10 @@ def test_fp32_cuda_greedy_generation_matches_cpu():
     cpu, gpu = make_model("llama"), make_model("llama").to("cuda")
     prompt = torch.randn(4, 32)
     b_cpu, b_gpu = batch("cpu"), batch("cuda")
-    a = inject.generate(cpu, b_cpu.input_ids, b_cpu.attention_mask, inject.compute_prompt_kv(cpu, prompt), 6, None)
+    a = forward.generate(cpu, b_cpu.input_ids, b_cpu.attention_mask, forward.compute_prompt_kv(cpu, prompt), 6, None)
     with torch.no_grad():
-        kv = inject.compute_prompt_kv(gpu, prompt)
-    b = inject.generate(gpu, b_gpu.input_ids, b_gpu.attention_mask, kv, 6, None)
+        kv = forward.compute_prompt_kv(gpu, prompt)
+    b = forward.generate(gpu, b_gpu.input_ids, b_gpu.attention_mask, kv, 6, None)
     assert a == b
 
 
@@ -74,8 +75,8 @@ def test_concat_and_shared_kv_passes_agree_on_cuda():
     model = make_model("qwen2").to("cuda")
     prompt = torch.randn(5, 32, device="cuda")
     b = batch("cuda")
-    a = inject.target_logprobs(model, b, inject.prompt_for_step(model, prompt, "shared_kv"))
-    c = inject.target_logprobs(model, b, inject.prompt_for_step(model, prompt, "concat"))
+    a = causal.target_logprobs(model, b, causal.prompt_for_step(model, prompt, "shared_kv"))
+    c = causal.target_logprobs(model, b, causal.prompt_for_step(model, prompt, "concat"))
     torch.testing.assert_close(a, c, atol=1e-4, rtol=1e-4)
 
 

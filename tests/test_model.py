@@ -9,7 +9,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from softprompt import inject
+from softprompt import forward
 from softprompt.model import (
     ModelLoadError,
     fingerprint,
@@ -128,7 +128,7 @@ def test_embedded_default_model():
     assert fp["name_or_path"] == "smollm2-135m-instruct" and fp["vocab_size"] == 49152
     enc = tok(["The capital of France is"], return_tensors="pt")
     with torch.no_grad():
-        new = inject.generate(model, enc["input_ids"], enc["attention_mask"], None, max_new_tokens=3,
+        new = forward.generate(model, enc["input_ids"], enc["attention_mask"], None, max_new_tokens=3,
                               eos_token_id=tok.eos_token_id)
     text = tok.decode(new[0])
     assert text.startswith(" Paris"), text  # observed greedy output: " Paris.\n\nThe answer is:"

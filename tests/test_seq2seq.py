@@ -8,10 +8,11 @@ import pytest
 import torch
 from transformers import T5Config, T5ForConditionalGeneration
 
-from softprompt import inject
+from softprompt import forward
 from softprompt.config import TrainArgs
 from softprompt.data import Encoded, collate
 from softprompt.evaluate import evaluate_prompt, label_scores
+from softprompt.forward import family_of, seq2seq
 from softprompt.methods import build_method
 from softprompt.model import prepare_frozen
 from softprompt.store import export_peft, load_prompt, save_prompt
@@ -40,14 +41,15 @@ def test_loss_and_gradient_equal_hf_forward_with_prompt_on_the_encoder():
     prompt = torch.randn(3, 32, requires_grad=True)
     rows = [([5, 6, 7, 8], [9, 10]), ([11, 12], [13])]
     batch = collate([Encoded(s + t, len(s)) for s, t in rows], 0)
-    loss = inject.target_loss(model, batch, inject.prompt_for_step(model, prompt, "auto"))
+    family = family_of(model)
+    loss = family.loss(model, batch, family.step_prompt(model, prompt, "auto"))
     n = sum(len(t) for _, t in rows)
     ref = sum(reference_loss(model, prompt, s, t) * len(t) for s, t in rows) / n  # token-weighted mean
     torch.testing.assert_close(loss, ref, atol=1e-5, rtol=1e-5)
     (g,) = torch.autograd.grad(loss, prompt)
     (g_ref,) = torch.autograd.grad(ref, prompt)
     torch.testing.assert_close(g, g_ref, atol=1e-6, rtol=1e-4)
-    lp = inject.target_logprobs(model, batch, prompt.detach())
+    lp = family.target_logprobs(model, batch, prompt.detach())
     assert lp.shape == (2,) and float(lp[1]) == pytest.approx(-float(reference_loss(model, prompt, *rows[1])),
                                                             rel=1e-4)
 
@@ -57,12 +59,12 @@ def test_t5_prompt_trains_evaluates_generates_and_round_trips(tmp_path, tokenize
     method = build_method("prompt_tuning", {"num_virtual_tokens": 4, "init": "sample_vocab"}, model, tokenizer)
     data = task(n_train=48, n_valid=16)
     with torch.no_grad():
-        before, _ = evaluate_prompt(model, tokenizer, inject.compute_prompt_kv(model, method()),
+        before, _ = evaluate_prompt(model, tokenizer, forward.compute_prompt_kv(model, method()),
                                     data.examples("validation"), FMT)
     train(model, tokenizer, method, data, TrainArgs(output_dir=str(tmp_path / "run"), max_steps=25, batch_size=8,
                                                     optimizer="adamw", lr=0.1, eval_every=25, seed=0))
     with torch.no_grad():
-        prompt = inject.compute_prompt_kv(model, method())
+        prompt = forward.compute_prompt_kv(model, method())
         after, preds = evaluate_prompt(model, tokenizer, prompt, data.examples("validation"), FMT)
         scores = label_scores(model, tokenizer, prompt, data.examples("validation")[:2], FMT, 2)
     assert after["loss"] < before["loss"] and scores.shape == (2, 2)
@@ -71,8 +73,8 @@ def test_t5_prompt_trains_evaluates_generates_and_round_trips(tmp_path, tokenize
     stored = load_prompt(tmp_path / "p", model)
     assert stored.peft_config["task_type"] == "SEQ_2_SEQ_LM"
     batch = collate([Encoded([5, 6, 7], 3)], 0, "left")
-    new = inject.generate(model, batch.input_ids, batch.attention_mask,
-                          inject.compute_prompt_kv(model, stored.build_method()()), 3, None)
+    new = forward.generate(model, batch.input_ids, batch.attention_mask,
+                          forward.compute_prompt_kv(model, stored.build_method()()), 3, None)
     assert len(new[0]) == 3
 
 
@@ -86,7 +88,7 @@ def test_peft_loads_exported_t5_prompt_with_identical_logits(tmp_path, tokenizer
     rows = [([5, 6, 7, 8], [9, 10, 11]), ([12, 13], [14])]  # sources and targets of different lengths
     batch = collate([Encoded(s + t, len(s)) for s, t in rows], 0)
     with torch.no_grad():
-        embeds, mask, labels = inject._seq2seq_parts(model, batch, method().embeds)  # our encoder input
+        embeds, mask, labels = seq2seq.encoder_inputs(model, batch, method().embeds)  # our encoder input
         ours = model(inputs_embeds=embeds, attention_mask=mask, labels=labels)
         src = torch.tensor([s + [0] * (4 - len(s)) for s, _ in rows])  # (B, S), padded on the right
         theirs = pm(input_ids=src, attention_mask=(src != 0).long(), labels=labels)
@@ -96,7 +98,7 @@ def test_peft_loads_exported_t5_prompt_with_identical_logits(tmp_path, tokenizer
     assert (ours.logits - plain.logits).abs().max() > 1e-2  # the prompt changes them
     torch.testing.assert_close(ours.loss, theirs.loss, atol=1e-5, rtol=1e-5)
     # and the loss the training loop minimises is PEFT's
-    torch.testing.assert_close(inject.target_loss(model, batch, method().embeds), theirs.loss, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(family_of(model).loss(model, batch, method().embeds), theirs.loss, atol=1e-5, rtol=1e-5)
 
 
 def test_engine_refuses_encoder_decoder_clearly(tokenizer):

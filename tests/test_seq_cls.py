@@ -16,11 +16,12 @@ from transformers import (
     RobertaForSequenceClassification,
 )
 
-from softprompt import inject
+from softprompt import forward
 from softprompt.config import TrainArgs
 from softprompt.data import DataError, Encoded, Example, collate, encode_classes
 from softprompt.engine import ClassifyRequest, Engine, GenerateRequest, RequestError, ScoreRequest
 from softprompt.evaluate import evaluate_prompt
+from softprompt.forward import classifier, family_of
 from softprompt.methods import PromptOutput, build_method
 from softprompt.methods.head import ClassificationHead
 from softprompt.model import ModelLoadError, load_base_model, prepare_frozen, resolve_task_type
@@ -78,12 +79,12 @@ def test_padded_batch_logits_and_grads_equal_hf_forward_per_row(kind, tokenizer)
     rows = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
     batch = collate([Encoded(r, len(r), i % 2) for i, r in enumerate(rows)], tokenizer.pad_token_id)
     out = method()
-    logits = inject.class_logits(model, batch.input_ids, batch.attention_mask, out)
+    logits = classifier.class_logits(model, batch.input_ids, batch.attention_mask, out)
     assert logits.shape == (3, 2)
     for i, r in enumerate(rows):
         torch.testing.assert_close(logits[i], reference_logits(model, out.embeds.detach(), method.classifier, r),
                                    atol=1e-5, rtol=1e-5)
-    loss = inject.target_loss(model, batch, inject.prompt_for_step(model, out))
+    loss = family_of(model).loss(model, batch, family_of(model).step_prompt(model, out))
     torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits, batch.class_labels))
     loss.backward()
     assert method.embeddings.grad.abs().sum() > 0 and all(t.grad.abs().sum() > 0 for t in method.classifier.tensors)
@@ -97,12 +98,12 @@ def test_prompt_and_head_learn_the_task_and_the_encoder_stays_frozen(tmp_path, t
     method = head_method(model, tokenizer)
     data = task(n_train=128, n_valid=32)
     with torch.no_grad():
-        before, _ = evaluate_prompt(model, tokenizer, inject.compute_prompt_kv(model, method()),
+        before, _ = evaluate_prompt(model, tokenizer, forward.compute_prompt_kv(model, method()),
                                     data.examples("validation"), FMT)
     result = train(model, tokenizer, method, data, TrainArgs(output_dir=str(tmp_path), max_steps=60, batch_size=16,
                                                              optimizer="adamw", lr=0.3, eval_every=30, seed=0))
     with torch.no_grad():
-        after, preds = evaluate_prompt(model, tokenizer, inject.compute_prompt_kv(model, method()),
+        after, preds = evaluate_prompt(model, tokenizer, forward.compute_prompt_kv(model, method()),
                                        data.examples("validation"), FMT)
     assert after["accuracy"] >= 0.9 > before["accuracy"] and after["loss"] < before["loss"]
     assert result.best_metric >= 0.9 and {p.predicted for p in preds} == {"positive", "negative"}
@@ -127,8 +128,8 @@ def test_store_round_trip_and_peft_layout(tmp_path, tokenizer):
     loaded = load_prompt(tmp_path / "p", model).build_method()
     batch = collate([Encoded([5, 6, 7], 3, 0), Encoded([8, 9], 2, 1)], 0)
     with torch.no_grad():
-        a = inject.class_logits(model, batch.input_ids, batch.attention_mask, method())
-        b = inject.class_logits(model, batch.input_ids, batch.attention_mask, loaded())
+        a = classifier.class_logits(model, batch.input_ids, batch.attention_mask, method())
+        b = classifier.class_logits(model, batch.input_ids, batch.attention_mask, loaded())
     assert torch.equal(a, b) and loaded.classifier.num_labels == 2
 
 
@@ -144,7 +145,7 @@ def test_peft_loads_our_export_and_we_load_peft_seq_cls_prompts_with_identical_l
     ids = torch.tensor([[5, 6, 7, 8], [9, 10, 0, 0]])
     mask = (ids != 0).long()
     with torch.no_grad():
-        ours = inject.class_logits(model, ids, mask, method())
+        ours = classifier.class_logits(model, ids, mask, method())
         pm = peft.PeftModel.from_pretrained(make_encoder("bert"), tmp_path / "peft").eval()
         torch.testing.assert_close(pm(input_ids=ids, attention_mask=mask).logits, ours, atol=1e-5, rtol=1e-5)
         # the other way: a prompt + head written by PEFT itself
@@ -159,7 +160,7 @@ def test_peft_loads_our_export_and_we_load_peft_seq_cls_prompts_with_identical_l
     stored = load_prompt(tmp_path / "from-peft", model)
     assert stored.method == "prompt_tuning" and stored.build_method().classifier is not None
     with torch.no_grad():
-        got = inject.class_logits(model, ids, mask, stored.build_method()())
+        got = classifier.class_logits(model, ids, mask, stored.build_method()())
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
@@ -171,8 +172,8 @@ def test_one_frozen_encoder_serves_heads_with_other_label_counts(tmp_path, token
     stored = load_prompt(tmp_path / "p3", two)
     batch = collate([Encoded([5, 6, 7], 3, 0)], 0)
     with torch.no_grad():
-        logits = inject.class_logits(two, batch.input_ids, batch.attention_mask, stored.build_method()())
-        expected = inject.class_logits(three, batch.input_ids, batch.attention_mask, method())
+        logits = classifier.class_logits(two, batch.input_ids, batch.attention_mask, stored.build_method()())
+        expected = classifier.class_logits(three, batch.input_ids, batch.attention_mask, method())
     assert logits.shape == (1, 3)
     torch.testing.assert_close(logits, expected)
 
@@ -197,8 +198,8 @@ def test_mismatches_are_clear_errors(tmp_path, tokenizer):
         encode_classes(tokenizer, [Example("good", " x", "neutral")], ["positive", "negative"])
     with pytest.raises(RequestError, match="needs a language model"):
         Engine(encoder, tokenizer).generate([GenerateRequest("x", "good")])
-    with pytest.raises(inject.InjectionError, match="does not generate"):
-        inject.generate(encoder, torch.tensor([[5, 6]]), torch.ones(1, 2, dtype=torch.long), None, 2, None)
+    with pytest.raises(forward.InjectionError, match="does not generate"):
+        forward.generate(encoder, torch.tensor([[5, 6]]), torch.ones(1, 2, dtype=torch.long), None, 2, None)
     with pytest.raises(ValueError, match="needs labels"):
         evaluate_prompt(encoder, tokenizer, PromptOutput(), [Example("good", " x")],
                         type(FMT)(FMT.template, "label"))
@@ -247,7 +248,7 @@ def test_engine_classifies_mixed_encoder_tasks_and_ensembles_like_one_row_runs(t
         for member in members:
             ids = tokenizer(f"Review: {req.input}")["input_ids"]
             with torch.no_grad():
-                logits = inject.class_logits(model, torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long),
+                logits = classifier.class_logits(model, torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long),
                                              methods[member]())
             per.append(torch.log_softmax(logits[0], -1))
         labels = list(verbalizers["three" if req.task == "three" else "two"])
@@ -264,7 +265,7 @@ def test_engine_classifies_mixed_encoder_tasks_and_ensembles_like_one_row_runs(t
         engine.add_base("base")
     engine.unload("both")
     engine.unload("two")
-    assert engine.task_names() == ["three", "two_b"] and set(engine._encoder_prompts) == {"three", "two_b"}
+    assert engine.task_names() == ["three", "two_b"] and set(engine.backend.keys()) == {"three", "two_b"}
 
 
 def test_task_type_resolution_and_loading(tmp_path):
@@ -361,7 +362,7 @@ def test_p_tuning_prompt_with_a_head_saves_folded_and_loads_with_the_same_logits
     method = build_method("p_tuning", {"num_virtual_tokens": 3, "encoder": "lstm"}, model, tokenizer)
     assert method.classifier is not None
     batch = collate([Encoded([5, 6, 7], 3, 0), Encoded([8, 9], 2, 1)], 0)
-    loss = inject.target_loss(model, batch, inject.prompt_for_step(model, method()))
+    loss = family_of(model).loss(model, batch, family_of(model).step_prompt(model, method()))
     loss.backward()
     assert all(p.grad is not None for p in method.parameters())
     method.eval()
@@ -369,8 +370,8 @@ def test_p_tuning_prompt_with_a_head_saves_folded_and_loads_with_the_same_logits
     stored = load_prompt(tmp_path / "p", model)
     assert stored.peft_config["peft_type"] == "P_TUNING" and stored.peft_config["task_type"] == "SEQ_CLS"
     with torch.no_grad():
-        a = inject.class_logits(model, batch.input_ids, batch.attention_mask, method())
-        b = inject.class_logits(model, batch.input_ids, batch.attention_mask, stored.build_method()())
+        a = classifier.class_logits(model, batch.input_ids, batch.attention_mask, method())
+        b = classifier.class_logits(model, batch.input_ids, batch.attention_mask, stored.build_method()())
     torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
 
 

@@ -21,7 +21,8 @@ from transformers import (
     LlamaForCausalLM,
 )
 
-from softprompt.inject import compute_prompt_kv, text_logits
+from softprompt.forward import compute_prompt_kv
+from softprompt.forward.causal import text_logits
 from softprompt.methods import PromptMethod, build_method
 from softprompt.model import fingerprint, prepare_frozen
 from softprompt.store import (

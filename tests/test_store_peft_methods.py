@@ -12,7 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from softprompt.inject import compute_prompt_kv, text_logits
+from softprompt.forward import compute_prompt_kv
+from softprompt.forward.causal import text_logits
 from softprompt.methods import PromptMethod, build_method
 from softprompt.store import export_peft, load_prompt, save_prompt
 from tests.conftest import ARCHS, VOCAB, make_model, make_tokenizer

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from softprompt import inject
+from softprompt import forward
 from softprompt.config import TrainArgs
 from softprompt.data import TaskData, TaskFormat
 from softprompt.evaluate import evaluate_prompt
@@ -41,11 +41,11 @@ def args(tmp_path, **kw):
 def test_training_lowers_loss_and_logs(tmp_path, tokenizer):
     model, method = fresh(tokenizer)
     data = task()
-    before, _ = evaluate_prompt(model, tokenizer, inject.compute_prompt_kv(model, method().embeds.detach()),
+    before, _ = evaluate_prompt(model, tokenizer, forward.compute_prompt_kv(model, method().embeds.detach()),
                                 data.examples("validation"), FMT)
     result = train(model, tokenizer, method, data, args(tmp_path, max_steps=30, optimizer="adamw", lr=0.1))
     with torch.no_grad():
-        after, _ = evaluate_prompt(model, tokenizer, inject.compute_prompt_kv(model, method()),
+        after, _ = evaluate_prompt(model, tokenizer, forward.compute_prompt_kv(model, method()),
                                    data.examples("validation"), FMT)
     assert after["loss"] < before["loss"] - 0.1
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]

@@ -15,8 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 import softprompt.train as train_mod
-from softprompt import inject
 from softprompt.config import ConfigError, TrainArgs
+from softprompt.forward import causal
 from softprompt.guard import DivergenceGuard
 from softprompt.methods import build_method
 from softprompt.train import train
@@ -69,10 +69,10 @@ class NanGrad(torch.autograd.Function):
 
 
 def fault_hooks(plan: dict[int, str | float]):
-    """Replacements for ``train.micro_batches`` and ``inject.target_loss`` that apply ``plan``:
+    """Replacements for ``train.micro_batches`` and ``causal.target_loss`` that apply ``plan``:
     ``{step: "nan" | "nan_grad" | factor}``, what happens to the loss of each listed (1-based) step."""
     current = {"step": 0}
-    batches, loss_fn = train_mod.micro_batches, inject.target_loss
+    batches, loss_fn = train_mod.micro_batches, causal.target_loss
 
     def tracked(*a, **kw):
         for step, epoch, group in batches(*a, **kw):
@@ -97,7 +97,7 @@ def faults(monkeypatch):
     plan: dict[int, str | float] = {}
     tracked, faulty = fault_hooks(plan)
     monkeypatch.setattr(train_mod, "micro_batches", tracked)
-    monkeypatch.setattr(inject, "target_loss", faulty)
+    monkeypatch.setattr(causal, "target_loss", faulty)
     return plan
 
 

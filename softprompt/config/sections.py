@@ -21,7 +21,8 @@ from softprompt.config.checks import (
     keep_problems,
     raise_problems,
 )
-from softprompt.model import DEFAULT_MODEL, TASK_TYPES
+from softprompt.forward import TASK_TYPES
+from softprompt.model import DEFAULT_MODEL
 
 
 @dataclass

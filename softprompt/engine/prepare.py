@@ -126,44 +126,20 @@ def _prepare_classify(engine, req: ClassifyRequest, task, versions) -> Prepared:
     rows: list[Row] = []
     parts = []
     for member, fmt in zip(task.members, task.formats, strict=True):
-        source = render(task, fmt, req)
         start = len(rows)
-        if engine.encoder:  # the encoder's own special tokens ([CLS] ... [SEP]); its head reads them
-            rows.append(Row(member, _encoder_ids(engine, source, member, task), 0))
-        else:
-            labels, single = engine._label_ids(fmt)
-            room = engine.context - engine._length(member) - max(len(x) for x in labels)
-            src = fit(engine, encode(engine, source), 0, room, f"classify input for task {task.name!r}", True)
-            if single:
-                rows.append(Row(member, src, len(src), [x[0] for x in labels]))
-            else:
-                rows.extend(Row(member, src + lab, len(src)) for lab in labels)
+        rows.extend(engine.backend.classify_rows(member, fmt, render(task, fmt, req), task))
         parts.append((fmt.labels, list(range(start, len(rows)))))
     return Prepared("classify", req, task, versions, rows, parts)
 
 
-def _encoder_ids(engine, text: str, member, task) -> list[int]:
-    limit = min(engine.context - engine._length(member), engine.max_input_tokens)
-    try:
-        ids = list(engine.tok(text)["input_ids"])
-        if len(ids) > limit and engine.truncate:
-            ids = list(engine.tok(text, truncation=True, max_length=limit)["input_ids"])
-    except (TypeError, ValueError, UnicodeError) as e:
-        raise RequestError(f"the text cannot be tokenised ({type(e).__name__}: {e})") from e
-    if len(ids) > limit:
-        raise TooLongError(f"classify input for task {task.name!r} has {len(ids)} tokens; at most {limit} fit "
-                           f"(max_input_tokens {engine.max_input_tokens}, context {engine.context})")
-    return ids
-
-
 def _prepare_score(engine, req: ScoreRequest, task, versions) -> Prepared:
-    engine._language_model_only("scoring a continuation")
+    engine.backend.require_language_model("scoring a continuation")
     cont = encode(engine, req.continuation)
     if not cont:
         raise RequestError(f"continuation {req.continuation!r} has no tokens")
     rows = []
     for member, fmt in zip(task.members, task.formats, strict=True):
-        room = engine.context - engine._length(member)
+        room = engine.context - engine.backend.length(member)
         ids = fit(engine, encode(engine, render(task, fmt, req)) + cont, len(cont), room,
                   f"score input for task {task.name!r}", True)
         rows.append(Row(member, ids, len(ids) - len(cont)))
@@ -171,7 +147,7 @@ def _prepare_score(engine, req: ScoreRequest, task, versions) -> Prepared:
 
 
 def _prepare_generate(engine, req: GenerateRequest, task, versions) -> Prepared:
-    engine._language_model_only("generating text")
+    engine.backend.require_language_model("generating text")
     if task.kind == "ensemble":
         raise RequestError(f"task {task.name!r} is an ensemble: ensembles classify and score; generate "
                            f"with one of its members ({', '.join(task.members)})")
@@ -180,7 +156,7 @@ def _prepare_generate(engine, req: GenerateRequest, task, versions) -> Prepared:
     ids = encode(engine, source)
     if not ids:
         raise RequestError(f"task {task.name!r}: the input has no tokens")
-    room = engine.context - engine._length(member) - req.max_tokens
+    room = engine.context - engine.backend.length(member) - req.max_tokens
     row = Row(member, fit(engine, ids, 0, room, f"generate input for task {task.name!r}", False), 0)
     seed = req.seed
     if req.temperature > 0 and seed is None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from softprompt.inject import InjectionError, PromptKV, RowPrompts
+from softprompt.forward import InjectionError, PromptKV, RowPrompts
 
 
 class PromptTable:

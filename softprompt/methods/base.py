@@ -10,32 +10,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from softprompt.methods.head import ClassificationHead, is_head_key, is_sequence_classifier
-
-
-@dataclass
-class PromptOutput:
-    """What a method contributes to the forward pass; :mod:`softprompt.inject` consumes it.
-
-    At most one of ``embeds`` and ``kv`` is set (neither: no prompt, e.g. a head evaluated alone).
-
-    Attributes:
-        embeds: ``(P, H)`` virtual-token embeddings prepended to the input (prompt tuning, P-tuning).
-        kv: per-layer ``(keys, values)``, each ``(1, kv_heads, P, head_dim)``, that the text attends to at
-            every layer (prefix tuning, deep prompts).
-        length: ``P`` when ``kv`` is given.
-        head: for a sequence-classification model, the trained head's tensors by model parameter name
-            (:class:`~softprompt.methods.head.ClassificationHead`), used in place of the model's own.
-    """
-
-    embeds: torch.Tensor | None = None
-    kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
-    length: int = 0
-    head: ClassificationHead | None = None
-
-    @property
-    def num_virtual_tokens(self) -> int:
-        return int(self.embeds.shape[0]) if self.embeds is not None else self.length
+from softprompt.forward.prompt import PromptOutput
+from softprompt.methods.head import ClassificationHead, is_head_key
 
 
 @dataclass
@@ -226,10 +202,12 @@ class PromptMethod(nn.Module):
 def peft_config_common(model, peft_type: str, num_virtual_tokens: int, token_dim: int, num_attention_heads: int,
                        **specific: Any) -> dict[str, Any]:
     """The ``adapter_config.json`` fields every prompt-learning type shares, plus ``specific`` ones."""
+    from softprompt.forward import family_of  # it imports this module
+
     cfg = model.config
     return {
         "peft_type": peft_type,
-        "task_type": "SEQ_2_SEQ_LM" if getattr(cfg, "is_encoder_decoder", False) else "CAUSAL_LM",
+        "task_type": family_of(model).peft_task_type,
         "num_virtual_tokens": num_virtual_tokens,
         "token_dim": token_dim,
         "num_transformer_submodules": 1,
@@ -307,7 +285,9 @@ def build_method(name: str, config: MethodConfig | dict, model, tokenizer, **ini
     cls = get_method(name)
     if isinstance(config, dict):
         config = cls.config_class.from_dict(config)
-    classifier = is_sequence_classifier(model)
+    from softprompt.forward import family_of  # it imports this module
+
+    classifier = family_of(model).has_head
     if classifier:  # before create: a prefix init would run the encoder as a decoder
         cls.check_takes_head()
     method = cls.create(config, model, tokenizer, **init_kwargs)

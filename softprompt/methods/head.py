@@ -20,11 +20,6 @@ HEAD_MODULE_NAMES = ("classifier", "score")  # what PEFT puts in modules_to_save
 SAVED_PREFIX = "base_model."  # PEFT's key prefix of modules_to_save tensors
 
 
-def is_sequence_classifier(model) -> bool:
-    """A ``*ForSequenceClassification`` model: prompts train with a classification head, not label words."""
-    return type(model).__name__.endswith("ForSequenceClassification")
-
-
 def head_module_name(model) -> str:
     """Name of the model's classification head child (``classifier`` or ``score``)."""
     for name, _ in model.named_children():

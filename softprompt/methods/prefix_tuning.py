@@ -114,7 +114,7 @@ class PrefixTuning(PromptMethod):
     @classmethod
     def create(cls, config: PrefixTuningConfig, model, tokenizer, **_ignored) -> PrefixTuning:
         """Initialise randomly or from the frozen model's keys/values of ``init_text``."""
-        from softprompt import inject
+        from softprompt.forward import compute_prompt_kv
 
         geometry = kv_geometry(model)
         layers, kv_heads, head_dim = geometry
@@ -128,7 +128,7 @@ class PrefixTuning(PromptMethod):
             ids = (ids * (p // len(ids) + 1))[:p]
             emb = token_embeddings(model, ids)  # (P, H) as the model consumes them (scaled on Gemma)
             with torch.no_grad():
-                kv = inject.compute_prompt_kv(model, emb)  # (1, kv_heads, P, head_dim) per layer
+                kv = compute_prompt_kv(model, emb)  # (1, kv_heads, P, head_dim) per layer
             parts = []
             for k, v in kv.layers:
                 parts += [k[0].permute(1, 0, 2).reshape(p, -1), v[0].permute(1, 0, 2).reshape(p, -1)]

@@ -49,7 +49,7 @@ def build_app(args: dict) -> FastAPI:
     engine = (Engine.from_store(store, model, tok, names=sv.tasks or None, skip_broken=not sv.tasks,
                                 max_batch_size=sv.max_batch_size)
               if store else Engine(model, tok, max_batch_size=sv.max_batch_size))
-    if sv.base_task and not engine.encoder:  # an encoder classifier has nothing to serve without a prompt
+    if sv.base_task and engine.family.generates:  # a classifier with a head has nothing to serve without a prompt
         engine.add_base(sv.base_task)
     state = ServerState(engine, Scheduler(engine, sv.max_batch_size, sv.max_wait_ms, sv.max_queue), store=store,
                         admin_token=token, max_tokens=sv.max_tokens, max_body_bytes=sv.max_body_bytes,

@@ -25,8 +25,9 @@ from typing import Any
 import safetensors.torch
 import torch
 
+from softprompt.forward import family_of
 from softprompt.methods import PromptMethod, method_for_peft_type, method_from_saved, methods_stored_as
-from softprompt.methods.head import HEAD_MODULE_NAMES, SAVED_PREFIX, head_problems, is_head_key, is_sequence_classifier
+from softprompt.methods.head import HEAD_MODULE_NAMES, SAVED_PREFIX, head_problems, is_head_key
 from softprompt.model import context_length, fingerprint, fingerprint_mismatch
 from softprompt.store.atomic import write_folder_atomically, write_json, write_safetensors
 from softprompt.store.errors import StoreError
@@ -200,11 +201,11 @@ def check_model_compatible(stored: StoredPrompt, model, check_fingerprint: bool 
     if mismatch:
         raise StoreError(f"{where}: {CONFIG_NAME} has {mismatch}")
     head = {k: v for k, v in stored.tensors.items() if is_head_key(k)}
-    if head and not is_sequence_classifier(model):
+    if head and not family_of(model).has_head:
         raise StoreError(f"{where}: the prompt was trained with a classification head (task_type SEQ_CLS) but "
                          f"{type(model).__name__} is not a sequence classifier: load the model with "
                          "--task-type seq_cls")
-    if is_sequence_classifier(model) and not head:
+    if family_of(model).has_head and not head:
         raise StoreError(f"{where}: {type(model).__name__} is a sequence classifier but the prompt has no "
                          f"classification head (task_type {stored.peft_config.get('task_type')!r})")
     problems = head_problems(head, model) if head else []

@@ -5,10 +5,10 @@ from __future__ import annotations
 import logging
 import time
 
-from softprompt import inject
 from softprompt.data import Example, TaskData
 from softprompt.engine import Engine
 from softprompt.evaluate import evaluate_on_engine, evaluate_prompt, hard_prompt_kv, k_shot_text
+from softprompt.forward import family_of
 from softprompt.methods import PromptOutput
 
 log = logging.getLogger("softprompt")
@@ -65,7 +65,8 @@ def evaluate_with_baselines(model, tokenizer, task: TaskData, args: dict, prompt
         Metrics per condition name, in report order (the tuned prompt last, as ``"tuned soft prompt"``).
     """
     ev, data, fmt = args["eval"], args["data"], task.format
-    if inject.is_sequence_classifier(model):
+    family = family_of(model)
+    if family.has_head:
         return classifier_baselines(model, tokenizer, task, args, examples, kv_tuned)
     conditions: dict[str, object] = {}
     if "no_prompt" in ev.baselines:
@@ -78,7 +79,7 @@ def evaluate_with_baselines(model, tokenizer, task: TaskData, args: dict, prompt
     if kv_tuned is not None:
         conditions["tuned soft prompt"] = kv_tuned
     t0 = time.perf_counter()
-    if inject.is_seq2seq(model):
+    if not family.served:
         report = {name: evaluate_prompt(model, tokenizer, kv, examples, fmt, ev.eval_batch_size, ev.max_new_tokens,
                                         data.max_length)[0] for name, kv in conditions.items()}
     else:

@@ -8,9 +8,9 @@ import time
 
 import torch
 
-from softprompt import inject
 from softprompt.engine import Engine
 from softprompt.evaluate import evaluate_on_engine
+from softprompt.forward import family_of
 from softprompt.store import PromptStore, check_model_compatible, load_prompt
 from softprompt.store.task_record import TaskRecord
 from softprompt.workflows.baselines import evaluate_with_baselines
@@ -40,7 +40,7 @@ def evaluate_stored_prompt(args: dict, prompt: str, check_fingerprint: bool = Tr
                                classifier=stored.peft_config.get("task_type") == "SEQ_CLS")
     method = stored.build_method().to(model.device).eval()
     with torch.no_grad():
-        kv = inject.compute_prompt_kv(model, method())
+        kv = family_of(model).inference_prompt(model, method())
     init_text = stored.method_config.get("init_text", "") if stored.method_config.get("init") == "text" else ""
     examples = task.examples(args["eval"].split)
     return evaluate_with_baselines(model, tok, task, {**args}, init_text, examples, kv), len(examples)

@@ -16,10 +16,11 @@ from pathlib import Path
 
 import torch
 
-from softprompt import inject, methods
+from softprompt import methods
 from softprompt.config import ConfigError, to_yaml
 from softprompt.data import default_init_text
 from softprompt.evaluate import format_report
+from softprompt.forward import family_of
 from softprompt.methods import PromptMethod
 from softprompt.plots import plot_curves
 from softprompt.store import PromptStore, load_prompt, save_prompt
@@ -79,7 +80,7 @@ def train_and_save(args: dict, store: str | None = None, store_task: str | None 
     t0 = time.perf_counter()
     model, tok = load_model_from_args(args, num_labels=len(fmt.labels) if fmt.is_classification else None)
     log.info("loaded %s in %.1fs", args["model"].model, time.perf_counter() - t0)
-    if inject.is_sequence_classifier(model) and not fmt.is_classification:
+    if family_of(model).format_problem(model, fmt):
         raise ConfigError(f"--model {args['model'].model} is loaded as a sequence classifier (--task-type "
                           "seq_cls): the task needs labels (--verbalizer)")
     counts = Counter(t for ex in task.examples("train")
@@ -118,7 +119,7 @@ def train_and_save(args: dict, store: str | None = None, store_task: str | None 
     report: dict = {}
     if task.splits.get(split):
         with torch.no_grad():
-            kv = inject.compute_prompt_kv(model, tuned())
+            kv = family_of(model).inference_prompt(model, tuned())
         report = evaluate_with_baselines(model, tok, task, args, args["prompt"].init_text, task.examples(split), kv)
         print(f"\n{split} split ({len(task.examples(split))} examples):")
         print(format_report(report))

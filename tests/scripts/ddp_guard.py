@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import softprompt.train as train_mod  # noqa: E402
-from softprompt import inject  # noqa: E402
+from softprompt.forward import causal  # noqa: E402
 from softprompt.train import distributed, train  # noqa: E402
 from tests.conftest import make_tokenizer  # noqa: E402
 from tests.test_train import args, fresh, task  # noqa: E402
@@ -27,7 +27,7 @@ rank, world = distributed()
 torch.set_num_threads(1)
 plan = {4: "nan_grad", 13: 20.0, 14: 20.0, 15: 20.0} if rank == 1 else {}
 tracked, faulty = fault_hooks(plan)
-train_mod.micro_batches, inject.target_loss = tracked, faulty
+train_mod.micro_batches, causal.target_loss = tracked, faulty
 model, method = fresh(make_tokenizer())
 result = train(model, make_tokenizer(), method, task(), args(out / "run", max_steps=18, batch_size=8, eval_every=9))
 save_file({"prompt": method.embeddings.detach().contiguous()}, str(out / f"rank{rank}_of_{world}.safetensors"))

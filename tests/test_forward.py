@@ -6,8 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from softprompt import inject
+from softprompt import forward
 from softprompt.data import Encoded, collate
+from softprompt.forward import causal
 from tests.conftest import make_model
 
 P = 5
@@ -30,8 +31,8 @@ def test_logits_match_concatenated_forward(arch_model):
     torch.manual_seed(1)
     prompt = torch.randn(P, 32)
     batch = right_padded_batch()
-    ours = inject.text_logits(arch_model, batch.input_ids, batch.attention_mask,
-                              inject.compute_prompt_kv(arch_model, prompt))
+    ours = causal.text_logits(arch_model, batch.input_ids, batch.attention_mask,
+                              forward.compute_prompt_kv(arch_model, prompt))
     ref = concat_logits(arch_model, prompt, batch.input_ids, batch.attention_mask)
     real = batch.attention_mask.bool()
     torch.testing.assert_close(ours[real], ref[real], atol=1e-5, rtol=1e-4)
@@ -42,7 +43,7 @@ def test_loss_and_gradients_match_hf_labels(arch_model, prompt_pass):
     torch.manual_seed(2)
     prompt = torch.randn(P, 32, requires_grad=True)
     batch = right_padded_batch()
-    loss = inject.target_loss(arch_model, batch, inject.prompt_for_step(arch_model, prompt, prompt_pass))
+    loss = causal.target_loss(arch_model, batch, causal.prompt_for_step(arch_model, prompt, prompt_pass))
     (grad,) = torch.autograd.grad(loss, prompt)
 
     ref_prompt = prompt.detach().clone().requires_grad_(True)
@@ -59,21 +60,21 @@ def test_loss_and_gradients_match_hf_labels(arch_model, prompt_pass):
 @pytest.mark.parametrize("prompt_pass", ["shared_kv", "concat"])
 def test_left_and_right_padding_agree(arch_model, prompt_pass):
     torch.manual_seed(3)
-    kv = inject.prompt_for_step(arch_model, torch.randn(P, 32), prompt_pass)
+    kv = causal.prompt_for_step(arch_model, torch.randn(P, 32), prompt_pass)
     items = [Encoded([5, 6, 7, 8, 9, 10], 4), Encoded([11, 12, 13], 2)]
     right, left = collate(items, 0, "right"), collate(items, 0, "left")
-    lr = inject.target_logprobs(arch_model, right, kv)
-    ll = inject.target_logprobs(arch_model, left, kv)
+    lr = causal.target_logprobs(arch_model, right, kv)
+    ll = causal.target_logprobs(arch_model, left, kv)
     torch.testing.assert_close(lr, ll, atol=1e-5, rtol=1e-5)
-    assert inject.text_position_ids(left.attention_mask, P)[1].tolist() == [P, P, P, P, P + 1, P + 2]
+    assert forward.text_position_ids(left.attention_mask, P)[1].tolist() == [P, P, P, P, P + 1, P + 2]
 
 
 def test_target_logprobs_sums_per_row(model):
     torch.manual_seed(4)
-    kv = inject.compute_prompt_kv(model, torch.randn(P, 32))
+    kv = forward.compute_prompt_kv(model, torch.randn(P, 32))
     batch = right_padded_batch()
-    lp = inject.target_logprobs(model, batch, kv)
-    logits = inject.text_logits(model, batch.input_ids, batch.attention_mask, kv).log_softmax(-1)
+    lp = causal.target_logprobs(model, batch, kv)
+    logits = causal.text_logits(model, batch.input_ids, batch.attention_mask, kv).log_softmax(-1)
     expected = []
     for r in range(3):
         pos = torch.nonzero(batch.target_mask[r]).flatten().tolist()
@@ -83,7 +84,7 @@ def test_target_logprobs_sums_per_row(model):
 
 def test_no_prompt_matches_plain_model(model):
     batch = right_padded_batch()
-    ours = inject.text_logits(model, batch.input_ids, batch.attention_mask, None)
+    ours = causal.text_logits(model, batch.input_ids, batch.attention_mask, None)
     ref = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     real = batch.attention_mask.bool()
     torch.testing.assert_close(ours[real], ref[real], atol=1e-5, rtol=1e-4)
@@ -94,10 +95,10 @@ def test_greedy_generation_matches_step_by_step_reference(kind):
     model = make_model(kind, seed=5)
     torch.manual_seed(5)
     prompt = torch.randn(P, 32)
-    kv = inject.compute_prompt_kv(model, prompt)
+    kv = forward.compute_prompt_kv(model, prompt)
     rows = [[5, 6, 7, 8], [9, 10]]
     batch = collate([Encoded(r, len(r)) for r in rows], 0, "left")
-    new = inject.generate(model, batch.input_ids, batch.attention_mask, kv, max_new_tokens=6, eos_token_id=None)
+    new = forward.generate(model, batch.input_ids, batch.attention_mask, kv, max_new_tokens=6, eos_token_id=None)
     for r, got in zip(rows, new, strict=True):
         ids = list(r)
         for _ in range(6):  # reference: full recomputation with the prompt prepended, no cache, no padding
@@ -108,52 +109,52 @@ def test_greedy_generation_matches_step_by_step_reference(kind):
 
 def test_generation_stops_at_eos(model):
     batch = collate([Encoded([5, 6, 7], 3)], 0)
-    free = inject.generate(model, batch.input_ids, batch.attention_mask, None, 4, eos_token_id=None)[0]
-    stopped = inject.generate(model, batch.input_ids, batch.attention_mask, None, 4, eos_token_id=free[1])[0]
+    free = forward.generate(model, batch.input_ids, batch.attention_mask, None, 4, eos_token_id=None)[0]
+    stopped = forward.generate(model, batch.input_ids, batch.attention_mask, None, 4, eos_token_id=free[1])[0]
     assert stopped == free[:1] if free[0] != free[1] else stopped == []
 
 
 def test_sampling_is_seeded_and_respects_top_k():
     torch.manual_seed(0)
     logits = torch.randn(4, 50)
-    a = inject.sample_next(logits, 1.0, 3, 1.0, torch.Generator().manual_seed(7))
-    b = inject.sample_next(logits, 1.0, 3, 1.0, torch.Generator().manual_seed(7))
+    a = forward.sample_next(logits, 1.0, 3, 1.0, torch.Generator().manual_seed(7))
+    b = forward.sample_next(logits, 1.0, 3, 1.0, torch.Generator().manual_seed(7))
     assert torch.equal(a, b)
     top3 = logits.topk(3, dim=-1).indices
     assert all(int(a[i]) in top3[i].tolist() for i in range(4))
     # top_p tiny keeps only the most likely token
-    c = inject.sample_next(logits, 1.0, 0, 1e-6, torch.Generator().manual_seed(1))
+    c = forward.sample_next(logits, 1.0, 0, 1e-6, torch.Generator().manual_seed(1))
     assert torch.equal(c, logits.argmax(-1))
-    assert torch.equal(inject.sample_next(logits, 0.0, 0, 1.0, None), logits.argmax(-1))
+    assert torch.equal(forward.sample_next(logits, 0.0, 0, 1.0, None), logits.argmax(-1))
 
 
 def test_bad_prompt_shape_names_expected_shape(model):
-    with pytest.raises(inject.InjectionError, match=r"shape \(5, 16\), expected \(P, 32\)"):
-        inject.compute_prompt_kv(model, torch.randn(5, 16))
+    with pytest.raises(forward.InjectionError, match=r"shape \(5, 16\), expected \(P, 32\)"):
+        forward.compute_prompt_kv(model, torch.randn(5, 16))
 
 
 def test_target_at_position_zero_is_refused(model):
     batch = collate([Encoded([5, 6], 0)], 0)
-    with pytest.raises(inject.InjectionError, match="position 0"):
-        inject.target_loss(model, batch, None)
+    with pytest.raises(forward.InjectionError, match="position 0"):
+        causal.target_loss(model, batch, None)
 
 
 def test_loss_uses_fp32_cross_entropy_over_targets_only(model):
     batch = right_padded_batch()
-    h = inject.final_hidden(model, batch.input_ids, batch.attention_mask, None)
+    h = causal.final_hidden(model, batch.input_ids, batch.attention_mask, None)
     sel = batch.target_mask[:, 1:]
     expected = F.cross_entropy(model.lm_head(h[:, :-1][sel]).float(), batch.input_ids[:, 1:][sel])
-    torch.testing.assert_close(inject.target_loss(model, batch, None), expected)
+    torch.testing.assert_close(causal.target_loss(model, batch, None), expected)
 
 
 def test_last_token_logprobs_left_and_right_padding(model):
-    kv = inject.compute_prompt_kv(model, torch.randn(P, 32))
+    kv = forward.compute_prompt_kv(model, torch.randn(P, 32))
     items = [Encoded([5, 6, 7, 8], 4), Encoded([9, 10], 2)]
     left, right = collate(items, 0, "left"), collate(items, 0, "right")
-    a = inject.last_token_logprobs(model, left.input_ids, left.attention_mask, kv)
-    b = inject.last_token_logprobs(model, right.input_ids, right.attention_mask, kv)
+    a = causal.last_token_logprobs(model, left.input_ids, left.attention_mask, kv)
+    b = causal.last_token_logprobs(model, right.input_ids, right.attention_mask, kv)
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-    full = inject.text_logits(model, right.input_ids, right.attention_mask, kv).log_softmax(-1)
+    full = causal.text_logits(model, right.input_ids, right.attention_mask, kv).log_softmax(-1)
     torch.testing.assert_close(b[1], full[1, 1], atol=1e-5, rtol=1e-5)
 
 
@@ -164,16 +165,16 @@ def test_forward_and_generate_use_the_cache_argument_this_transformers_takes(arc
     batch = right_padded_batch()
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
-        kv = inject.compute_prompt_kv(arch_model, torch.randn(P, 32))
-        inject.text_logits(arch_model, batch.input_ids, batch.attention_mask, kv)
-        inject.generate(arch_model, batch.input_ids, batch.attention_mask, kv, max_new_tokens=2, eos_token_id=None)
+        kv = forward.compute_prompt_kv(arch_model, torch.randn(P, 32))
+        causal.text_logits(arch_model, batch.input_ids, batch.attention_mask, kv)
+        forward.generate(arch_model, batch.input_ids, batch.attention_mask, kv, max_new_tokens=2, eos_token_id=None)
 
 
 def test_prompt_pass_auto_and_bad_name(model):
     prompt = torch.randn(P, 32)
-    assert isinstance(inject.prompt_for_step(model, prompt, "auto"), inject.PromptKV)  # CPU: shared keys/values
-    assert inject.prompt_for_step(model, prompt, "concat") is prompt
-    with pytest.raises(inject.InjectionError, match="prompt pass 'fast'"):
-        inject.prompt_for_step(model, prompt, "fast")
-    with pytest.raises(inject.InjectionError, match=r"expected \(P, 32\)"):
-        inject.prompt_for_step(model, torch.randn(P, 8), "concat")
+    assert isinstance(causal.prompt_for_step(model, prompt, "auto"), forward.PromptKV)  # CPU: shared keys/values
+    assert causal.prompt_for_step(model, prompt, "concat") is prompt
+    with pytest.raises(forward.InjectionError, match="prompt pass 'fast'"):
+        causal.prompt_for_step(model, prompt, "fast")
+    with pytest.raises(forward.InjectionError, match=r"expected \(P, 32\)"):
+        causal.prompt_for_step(model, torch.randn(P, 8), "concat")

@@ -1,0 +1,173 @@
+"""Serving a causal LM: every prompt's keys/values in one :class:`PromptTable`, mixed-task prefix batches.
+
+Each loaded prompt's keys/values are computed once and reused for every request. Requests of different
+tasks share batches; each row carries its own prompt, positions and mask (:class:`RowPrompts`), so a request
+gets the same result whatever else is in its batch. Classification ranks each label's tokens after the
+source: one row when every label is one distinct token, else one row per label.
+"""
+
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from softprompt.data import TaskFormat
+from softprompt.engine.backend import Backend
+from softprompt.engine.batching import MixedBatch, Row, mixed_batches
+from softprompt.engine.prepare import encode, fit
+from softprompt.engine.prompt_table import PromptTable
+from softprompt.engine.requests import GenerateResult, RequestError, UnknownTaskError
+from softprompt.forward import InjectionError, PromptKV, RowPrompts, RowSampling, causal, logits_from_hidden
+
+
+class PrefixBackend(Backend):
+    """A causal LM's prompts as cached keys/values (``table``), run in mixed-task batches."""
+
+    def __init__(self, engine):
+        super().__init__(engine)
+        self.table = PromptTable()
+        self._label_cache: dict[tuple[str, ...], tuple[list[list[int]], bool]] = {}
+
+    # ------------------------------------------------------------------------------ prompts by key
+    def __contains__(self, key) -> bool:
+        return key in self.table
+
+    def keys(self) -> list:
+        return self.table.keys()
+
+    def length(self, key) -> int:
+        if key not in self.table:
+            raise UnknownTaskError(f"a task was unloaded while its request waited: no prompt {key!r}")
+        return self.table.length(key)
+
+    def nonfinite(self, prompt: PromptKV | None) -> str | None:
+        for n, (k, v) in enumerate(prompt.layers if prompt is not None else []):
+            if not (bool(torch.isfinite(k).all()) and bool(torch.isfinite(v).all())):
+                return f"keys/values of layer {n}"
+        return None
+
+    def fits(self, key, prompt: PromptKV) -> None:
+        self.table.check(key, prompt)
+
+    def add(self, key, prompt: PromptKV) -> None:
+        with self._lock:
+            self.table.add(key, prompt)
+
+    def remove(self, key) -> None:
+        with self._lock:
+            self.table.remove(key)
+
+    def _rows(self, keys: list) -> PromptKV | RowPrompts | None:
+        """The batch's prompts; a task unloaded since the request was checked is an unknown task."""
+        with self._lock:
+            try:
+                return self.table.rows(keys)
+            except InjectionError as e:
+                raise UnknownTaskError(f"a task was unloaded while its request waited: {e}") from e
+
+    # ------------------------------------------------------------------------------ classify and score
+    def label_ids(self, fmt: TaskFormat) -> tuple[list[list[int]], bool]:
+        """Token ids of a format's label texts, and whether each is one distinct token (cached)."""
+        key = tuple(fmt.label_texts)
+        cached = self._label_cache.get(key)
+        if cached is None:
+            labels = [encode(self.engine, text) for text in key]
+            if not all(labels):
+                raise RequestError(f"a label text of {list(key)} has no tokens")
+            single = all(len(x) == 1 for x in labels) and len({x[0] for x in labels}) == len(labels)
+            if len(self._label_cache) >= 1024:
+                self._label_cache.clear()
+            cached = self._label_cache[key] = (labels, single)
+        return cached
+
+    def classify_rows(self, member, fmt, source, task) -> list[Row]:
+        engine = self.engine
+        labels, single = self.label_ids(fmt)
+        room = engine.context - self.length(member) - max(len(x) for x in labels)
+        src = fit(engine, encode(engine, source), 0, room, f"classify input for task {task.name!r}", True)
+        if single:
+            return [Row(member, src, len(src), [x[0] for x in labels])]
+        return [Row(member, src + lab, len(src)) for lab in labels]
+
+    def classify(self, rows: list[Row]) -> list[torch.Tensor]:
+        return self.score(rows)
+
+    def member_scores(self, task, labels, scores) -> torch.Tensor:
+        return scores[0] if len(scores) == 1 else torch.stack([s.sum() for s in scores])  # (L,)
+
+    @torch.no_grad()
+    def score(self, rows: list[Row]) -> list[torch.Tensor]:
+        """Per row: log-probs of its candidates at the next position, or of each of its target tokens."""
+        engine = self.engine
+        out: list[torch.Tensor | None] = [None] * len(rows)
+        batches = mixed_batches(rows, engine.tok.pad_token_id, "right", engine.max_batch_size, engine.max_batch_tokens)
+        for batch in tqdm(batches, desc="score", unit="batch", disable=None if engine.progress else True):
+            self._score_batch(batch.to(engine.model.device), rows, out)
+        return out
+
+    def _score_batch(self, batch: MixedBatch, rows: list[Row], out: list) -> None:
+        model = self.engine.model
+        h = causal.final_hidden(model, batch.input_ids, batch.attention_mask, self._rows(batch.prompts))  # (B, T, H)
+        pick_b, pick_t, spans = [], [], []
+        for r, i in enumerate(batch.index):
+            row = rows[i]
+            first = len(pick_b)
+            if row.candidates is not None:
+                pick_b.append(r)
+                pick_t.append(len(row.ids) - 1)  # right padding: the last real token
+            else:  # token t is predicted at position t-1
+                positions = range(row.target_start - 1, len(row.ids) - 1)
+                pick_b.extend([r] * len(positions))
+                pick_t.extend(positions)
+            spans.append((i, first, len(pick_b)))
+        lp = torch.log_softmax(logits_from_hidden(model, h[pick_b, pick_t]), dim=-1)  # (N, V)
+        lp = lp.cpu()
+        for i, a, b in spans:
+            row = rows[i]
+            if row.candidates is not None:
+                out[i] = lp[a, row.candidates]  # (L,)
+            else:
+                out[i] = lp[torch.arange(a, b), torch.tensor(row.ids[row.target_start:])]  # (n_target,)
+
+    # ------------------------------------------------------------------------------ generate
+    @torch.no_grad()
+    def generate(self, items, on_token, cancelled) -> list[GenerateResult]:
+        engine = self.engine
+        rows = [p.rows[0] for p in items]
+        results: list[GenerateResult | None] = [None] * len(items)
+        batches = mixed_batches(rows, engine.tok.pad_token_id, "left", engine.max_batch_size, engine.max_batch_tokens)
+        for batch in tqdm(batches, desc="generate", unit="batch", disable=None if engine.progress else True):
+            self._generate_batch(batch.to(engine.model.device), items, results, on_token, cancelled)
+        return results
+
+    def _generate_batch(self, batch: MixedBatch, items, results, on_token, cancelled) -> None:
+        model, tok = self.engine.model, self.engine.tok
+        reqs = [items[i].request for i in batch.index]
+        sampling = []
+        for i, r in zip(batch.index, reqs, strict=True):
+            gen = None
+            if r.temperature > 0:
+                gen = torch.Generator(device=model.device)
+                gen.manual_seed(items[i].seed)
+            sampling.append(RowSampling(r.max_tokens, float(r.temperature), r.top_k, float(r.top_p), gen))
+
+        def hit_stop(j: int, toks: list[int]) -> bool:
+            i = batch.index[j]
+            if cancelled is not None and cancelled(i):
+                return True
+            if on_token is not None:
+                on_token(i, toks)
+            stops = reqs[j].stop
+            return bool(stops) and any(s in tok.decode(toks, skip_special_tokens=True) for s in stops)
+
+        prompts = self._rows(batch.prompts)
+        out = causal.decode(model, batch.input_ids, batch.attention_mask, prompts, sampling, tok.eos_token_id,
+                            should_stop=hit_stop)
+        for j, i in enumerate(batch.index):
+            text = tok.decode(out.tokens[j], skip_special_tokens=True)
+            cut = [text.index(s) for s in reqs[j].stop if s in text]
+            if cut:
+                text = text[:min(cut)]
+            reason = "length" if out.finish[j] == "length" and not cut else "stop"
+            results[i] = GenerateResult(items[i].task.name, text, out.tokens[j], reason, len(items[i].rows[0].ids),
+                                        items[i].source)

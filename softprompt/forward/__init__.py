@@ -1,0 +1,67 @@
+"""The ONLY code that touches the Hugging Face forward pass: one module per model family behind one interface.
+
+:func:`family_of` chooses a loaded model's :class:`Family` once (:func:`family_for_config` chooses it from a
+config before loading); callers ask the family what to do (its capabilities and operations) instead of
+asking which family a model is:
+
+- :mod:`.causal`: decoder-only LMs, the prompt's keys/values computed once and shared by every row;
+- :mod:`.seq2seq`: encoder-decoders (T5), the prompt in front of the encoder input;
+- :mod:`.classifier`: encoder sequence classifiers, the prompt in front of the input and its own head;
+- :mod:`.common`: what they share (the cache-argument shim, :class:`PromptKV`, :class:`RowPrompts`,
+  positions, the LM head, per-row sampling).
+
+    family = family_of(model)
+    prompt = family.inference_prompt(model, method())   # under torch.no_grad()
+    scores = family.label_scores(model, tokenizer, prompt, examples, fmt, batch_size=32)
+"""
+
+from softprompt.forward.choose import (
+    FAMILIES,
+    TASK_TYPES,
+    FamilyError,
+    compute_prompt_kv,
+    family_for_config,
+    family_of,
+    generate,
+    task_type_for_stored,
+)
+from softprompt.forward.common import (
+    PROMPT_PASSES,
+    Decoded,
+    InjectionError,
+    PromptKV,
+    RowPrompts,
+    RowSampling,
+    label_token_ids,
+    logits_from_hidden,
+    sample_next,
+    text_position_ids,
+)
+from softprompt.forward.family import BatchPrompt, Family, InferencePrompt, StepPrompt
+from softprompt.forward.prompt import PromptOutput
+
+__all__ = [
+    "FAMILIES",
+    "PROMPT_PASSES",
+    "TASK_TYPES",
+    "BatchPrompt",
+    "Decoded",
+    "Family",
+    "FamilyError",
+    "InferencePrompt",
+    "InjectionError",
+    "PromptKV",
+    "PromptOutput",
+    "RowPrompts",
+    "RowSampling",
+    "StepPrompt",
+    "compute_prompt_kv",
+    "family_for_config",
+    "family_of",
+    "generate",
+    "label_token_ids",
+    "logits_from_hidden",
+    "sample_next",
+    "task_type_for_stored",
+    "text_position_ids",
+]

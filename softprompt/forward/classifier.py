@@ -1,0 +1,129 @@
+"""Encoder sequence classifiers (BERT, RoBERTa, DeBERTa, ...): a prompt plus its own trained head per task.
+
+As PEFT does for ``SEQ_CLS``: the prompt embeddings are prepended to the (right-padded) input embeddings and
+the model's own embedding layer adds positions from 0, so the pooled first position is the first virtual
+token. The encoder attends in both directions, so there are no prompt keys/values to cache: a prompt stays
+a :class:`PromptOutput` (embeddings, or none, and the head). The prompt's head tensors replace the model's
+head for each call only (``torch.func.functional_call``), so every task brings its own head and label count
+to the same frozen model. Rows are tokenised with the encoder's own special tokens (``[CLS] ... [SEP]``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from softprompt.data import encode_classes
+from softprompt.forward.common import InjectionError, by_length, check_pass, check_prompt
+from softprompt.forward.family import Family
+from softprompt.forward.prompt import PromptOutput
+
+
+def classifier_prompt(model, prompt: PromptOutput | torch.Tensor | None) -> PromptOutput:
+    """A sequence classifier's prompt: embeddings (or none) and its head, checked against the model."""
+    if isinstance(prompt, torch.Tensor):
+        prompt = PromptOutput(embeds=prompt)
+    if prompt is None:
+        return PromptOutput()
+    if prompt.kv is not None:
+        raise InjectionError(f"{type(model).__name__} is an encoder sequence classifier: a key/value prefix "
+                             "needs a decoder's cache; use a prompt of embeddings (prompt_tuning, p_tuning)")
+    if prompt.embeds is not None:
+        check_prompt(model, prompt.embeds)
+    return prompt
+
+
+def class_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 prompt: PromptOutput | torch.Tensor | None) -> torch.Tensor:
+    """Class logits ``(B, C)`` of a sequence classifier with the prompt in front of every row's input."""
+    prompt = classifier_prompt(model, prompt)
+    text = model.get_input_embeddings()(input_ids)  # (B, T, H)
+    mask = attention_mask
+    if prompt.embeds is not None:
+        b, p = input_ids.shape[0], prompt.embeds.shape[0]
+        text = torch.cat([prompt.embeds.to(text)[None].expand(b, -1, -1), text], dim=1)  # (B, P+T, H)
+        mask = torch.cat([torch.ones(b, p, dtype=mask.dtype, device=mask.device), mask], dim=1)
+    limit = int(getattr(model.config, "max_position_embeddings", 0) or 0)
+    if limit and text.shape[1] > limit:
+        raise InjectionError(f"prompt + input is {text.shape[1]} tokens, more than the model's "
+                             f"{limit} positions: lower --max-length or --num-virtual-tokens")
+    params = prompt.head.overrides(text) if prompt.head is not None else {}
+    out = torch.func.functional_call(model, params, (), {"inputs_embeds": text, "attention_mask": mask})
+    return out.logits.float()
+
+
+def target_loss(model, batch, prompt: PromptOutput | torch.Tensor | None) -> torch.Tensor:
+    """Cross-entropy of the class logits against ``batch.class_labels``."""
+    if batch.class_labels is None:
+        raise InjectionError("a sequence classifier trains on class labels: encode the examples with "
+                             "encode_classes")
+    return F.cross_entropy(class_logits(model, batch.input_ids, batch.attention_mask, prompt), batch.class_labels)
+
+
+@torch.no_grad()
+def class_scores(model, tokenizer, prompt, examples, fmt, batch_size: int, max_length: int = 256) -> torch.Tensor:
+    """Log-softmax of the class logits for every example: ``(N, num_labels)``.
+
+    Rows are right-padded (an encoder's positions count from the first token, as in PEFT's ``SEQ_CLS``).
+
+    Raises:
+        ValueError: the prompt's head has another number of classes than the task has labels.
+    """
+    enc = encode_classes(tokenizer, examples, fmt.labels, max_length)
+    scores = by_length(enc, batch_size, tokenizer.pad_token_id, "right",
+                       lambda b: torch.log_softmax(class_logits(
+                           model, b.input_ids.to(model.device), b.attention_mask.to(model.device), prompt), -1).cpu())
+    if scores.shape[1] != len(fmt.labels):
+        raise ValueError(f"the classifier head has {scores.shape[1]} classes, the task {len(fmt.labels)} labels")
+    return scores
+
+
+class EncoderClassifier(Family):
+    """An encoder with a sequence-classification head (``*ForSequenceClassification``): prompt + head per task."""
+
+    name = "seq_cls"
+    peft_task_type = "SEQ_CLS"
+    description = "an encoder sequence classifier"
+    generates = False
+    has_head = True
+
+    def from_pretrained(self, name_or_path, dtype, num_labels=None):
+        from transformers import AutoModelForSequenceClassification
+
+        # the checkpoint's own head (if any) is not used: the prompt brings its trained head
+        return AutoModelForSequenceClassification.from_pretrained(
+            name_or_path, dtype=dtype, num_labels=num_labels or 2, ignore_mismatched_sizes=True)
+
+    def format_problem(self, model, fmt):
+        if not fmt.is_classification:
+            return f"{type(model).__name__} is a sequence classifier: the task needs labels (--verbalizer)"
+        return None
+
+    def encode_examples(self, tokenizer, examples, fmt, max_length):
+        return encode_classes(tokenizer, examples, fmt.labels, max_length)  # class indices, no target tokens
+
+    def label_lengths(self, tokenizer, fmt):
+        return [1] * len(fmt.labels)  # a head's "target" is one class
+
+    def inference_prompt(self, model, prompt) -> PromptOutput:
+        return classifier_prompt(model, prompt)
+
+    def step_prompt(self, model, prompt, mode="auto") -> PromptOutput:
+        check_pass(mode)
+        return classifier_prompt(model, prompt)  # one pass: an encoder has no keys/values to share
+
+    def loss(self, model, batch, prompt):
+        return target_loss(model, batch, prompt)
+
+    def target_logprobs(self, model, batch, prompt):
+        raise InjectionError(f"{type(model).__name__} is a sequence classifier: it predicts classes, it has no "
+                             "target tokens to score")
+
+    def label_scores(self, model, tokenizer, prompt, examples, fmt, batch_size, max_length=256):
+        return class_scores(model, tokenizer, prompt, examples, fmt, batch_size, max_length)
+
+    def decode(self, model, input_ids, attention_mask, prompt, rows, eos_token_id, should_stop=None):
+        if len(rows) != input_ids.shape[0]:
+            raise InjectionError(f"{len(rows)} sampling settings for a batch of {input_ids.shape[0]} rows")
+        raise InjectionError(f"{type(model).__name__} is a sequence classifier: it predicts classes, it does not "
+                             "generate text")

@@ -1,0 +1,187 @@
+"""What every model family's forward code shares: the cache-argument shim, prompt key/value types, text
+positions, the LM head, per-row decoding settings and token sampling, and batching for label scores."""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+from softprompt.data import Encoded, Example, TaskFormat, batches, encode
+from softprompt.forward.prompt import PromptOutput
+
+
+class InjectionError(RuntimeError):
+    """A shape or model mismatch when injecting a prompt."""
+
+
+PROMPT_PASSES = ("auto", "shared_kv", "concat")
+
+
+def check_pass(mode: str) -> None:
+    """Raise :class:`InjectionError` unless ``mode`` is one of :data:`PROMPT_PASSES`."""
+    if mode not in PROMPT_PASSES:
+        raise InjectionError(f"prompt pass {mode!r} is not one of {', '.join(PROMPT_PASSES)}")
+
+_CACHE_KWARG: dict[type, str] = {}
+
+
+def base_forward(model, cache=None, **kwargs):
+    """Call the decoder stack (``model.base_model``) passing ``cache`` under the name this version uses.
+
+    transformers 5.24 renamed ``past_key_values`` to ``cache`` (the old name warns and goes in 5.40).
+    """
+    base = model.base_model
+    kind = type(base)
+    if kind not in _CACHE_KWARG:
+        params = inspect.signature(base.forward).parameters
+        _CACHE_KWARG[kind] = "cache" if "cache" in params else "past_key_values"
+    return base(**{_CACHE_KWARG[kind]: cache}, **kwargs)
+
+
+def out_cache(out):
+    """The cache a forward returned, under either field name."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
+def check_prompt(model, embeds: torch.Tensor) -> None:
+    """Raise :class:`InjectionError` unless ``embeds`` is ``(P, H)`` with the model's hidden size ``H``."""
+    hidden = model.get_input_embeddings().weight.shape[1]
+    if embeds.ndim != 2 or embeds.shape[1] != hidden:
+        raise InjectionError(f"prompt embeddings have shape {tuple(embeds.shape)}, expected (P, {hidden}) "
+                             f"for {type(model).__name__} (hidden size {hidden})")
+
+
+def prompt_embeds(prompt: PromptOutput | torch.Tensor) -> torch.Tensor | None:
+    """The ``(P, H)`` embeddings of a method's output or of a bare tensor (None: the method has none)."""
+    return prompt.embeds if isinstance(prompt, PromptOutput) else prompt
+
+
+@dataclass
+class PromptKV:
+    """Per-layer keys/values of a prompt computed with batch size 1.
+
+    Attributes:
+        layers: ``[(k, v), ...]`` one pair per layer, each ``(1, kv_heads, P, head_dim)``.
+        length: ``P``.
+    """
+
+    layers: list[tuple[torch.Tensor, torch.Tensor]]
+    length: int
+
+    def expand(self, model, batch_size: int) -> DynamicCache:
+        """A fresh cache holding the prompt for ``batch_size`` rows (views, no copy).
+
+        A new cache is built for each forward because the model appends the text's keys/values to it.
+        """
+        cache = DynamicCache(config=model.config)
+        for i, (k, v) in enumerate(self.layers):
+            cache.update(k.expand(batch_size, -1, -1, -1), v.expand(batch_size, -1, -1, -1), i)
+        return cache
+
+
+@dataclass
+class RowPrompts:
+    """A different prompt per row (mixed-task batch), as one left-padded key/value prefix.
+
+    Attributes:
+        layers: ``[(k, v), ...]`` per layer, each ``(B, kv_heads, L, head_dim)``; row ``i``'s prompt fills
+            its last ``lengths[i]`` slots, the slots before are zeros and masked out.
+        prefix_mask: ``(B, L)``, 1 where row ``i`` has a prompt token.
+        lengths: ``(B,)`` each row's prompt length; its text positions start there.
+    """
+
+    layers: list[tuple[torch.Tensor, torch.Tensor]]
+    prefix_mask: torch.Tensor
+    lengths: torch.Tensor
+
+
+def text_position_ids(attention_mask: torch.Tensor, offset: int | torch.Tensor) -> torch.Tensor:
+    """Positions of text tokens after ``offset`` prompt tokens (an int, or ``(B, 1)`` per row), skipping
+    padding: ``(B, T)``."""
+    pos = attention_mask.long().cumsum(-1) - 1 + offset  # (B, T)
+    return pos.clamp(min=offset) if isinstance(offset, int) else torch.maximum(pos, offset)
+
+
+def logits_from_hidden(model, hidden: torch.Tensor) -> torch.Tensor:
+    """Apply the LM head (and the model's logit scaling/soft-capping, if any), in fp32."""
+    logits = model.get_output_embeddings()(hidden).float()
+    cfg = model.config
+    scale = getattr(cfg, "logit_scale", None)
+    if isinstance(scale, int | float):
+        logits = logits * scale
+    cap = getattr(cfg, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+@dataclass
+class RowSampling:
+    """How one row is decoded: greedy when ``temperature == 0``, else sampled with its own generator."""
+
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    generator: torch.Generator | None = None
+
+
+@dataclass
+class Decoded:
+    """New token ids per row (EOS excluded) and why each row ended: ``eos``, ``length`` or ``stop``."""
+
+    tokens: list[list[int]]
+    finish: list[str]
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+                generator: torch.Generator | None) -> torch.Tensor:
+    """Pick one token per row from ``(B, V)`` logits: argmax, or temperature/top-k/top-p sampling."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    # shifted so the best token is 0 before dividing: a tiny temperature gives -inf to the others, never
+    # inf - inf = NaN (it then picks the argmax, as the limit of sampling at temperature -> 0 does)
+    # (a temperature below float32's smallest normal would round to 0 and give 0 / 0)
+    logits = logits.float()
+    logits = (logits - logits.amax(-1, keepdim=True)) / max(temperature, torch.finfo(torch.float32).tiny)
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, idx = torch.sort(logits, descending=True, dim=-1)
+        cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+        drop = cum - torch.softmax(sorted_logits, dim=-1) > top_p  # keep the smallest set reaching top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits)
+    probs = torch.softmax(logits, dim=-1)
+    gen_device = generator.device if generator is not None else probs.device
+    return torch.multinomial(probs.to(gen_device), 1, generator=generator)[:, 0].to(probs.device)
+
+
+def label_token_ids(tokenizer, fmt: TaskFormat) -> list[list[int]]:
+    """Token ids of each label's verbalizer text, tokenised as a target is (:func:`~softprompt.data.encode`)."""
+    return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in fmt.label_texts]
+
+
+def by_length(encoded: list[Encoded], batch_size: int, pad_id: int, padding_side: str, fn) -> torch.Tensor:
+    """Apply ``fn(batch) -> (B, ...)`` over batches of similar length; results in the original order."""
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))
+    parts = [fn(b) for b in batches([encoded[i] for i in order], batch_size, pad_id, padding_side=padding_side)]
+    out = torch.empty_like(torch.cat(parts))
+    out[torch.tensor(order)] = torch.cat(parts)
+    return out
+
+
+def rows_per_label(model, tokenizer, prompt, examples: list[Example], fmt, batch_size: int, max_length: int,
+                   logprobs) -> torch.Tensor:
+    """Label scores ``(N, L)`` with one row per (example, label) pair, scored by ``logprobs(model, batch,
+    prompt) -> (B,)`` (the general path of every language-model family)."""
+    rows = [Example(ex.source, text) for ex in examples for text in fmt.label_texts]
+    enc = encode(tokenizer, rows, max_length=max_length)
+    scores = by_length(enc, batch_size, tokenizer.pad_token_id, "right",
+                       lambda b: logprobs(model, b.to(model.device), prompt).float().cpu())
+    return scores.view(len(examples), len(fmt.label_texts))

@@ -1,0 +1,144 @@
+"""Encoder-decoder language models (T5 family): the prompt goes in front of the encoder input, as in the paper.
+
+The encoder attends in both directions, so the prompt's states depend on the text: there is nothing to
+cache, and the prompt is kept as its ``(P, H)`` embeddings. The source (after the prompt) is the encoder
+input and the target the decoder labels. The mixed-batch engine does not serve this family (its cached
+prompt keys/values need a causal model); evaluation and generation run here row by row.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from softprompt.data import encode
+from softprompt.forward.common import (
+    Decoded,
+    InjectionError,
+    RowSampling,
+    check_pass,
+    check_prompt,
+    label_token_ids,
+    prompt_embeds,
+    rows_per_label,
+)
+from softprompt.forward.family import Family
+from softprompt.forward.prompt import PromptOutput
+
+
+def encoder_prompt(model, prompt: PromptOutput | torch.Tensor | None) -> torch.Tensor | None:
+    """The checked ``(P, H)`` embeddings that go in front of the encoder input (None: no prompt)."""
+    if prompt is None or (isinstance(prompt, PromptOutput) and prompt.kv is None and prompt.embeds is None):
+        return None
+    if isinstance(prompt, PromptOutput) and prompt.kv is not None:
+        raise InjectionError(f"{type(model).__name__} is an encoder-decoder: a key/value prefix needs a decoder-only "
+                             "model's cache; use a prompt of embeddings (prompt_tuning, p_tuning)")
+    embeds = prompt_embeds(prompt)
+    check_prompt(model, embeds)
+    return embeds
+
+
+def encoder_inputs(model, batch, embeds: torch.Tensor | None):
+    """Encoder ``inputs_embeds`` (prompt + source) and mask, decoder labels, from a source+target batch."""
+    b = batch.input_ids.shape[0]
+    src_mask = batch.attention_mask.bool() & ~batch.target_mask  # (B, T)
+    sources = [batch.input_ids[i][src_mask[i]] for i in range(b)]
+    targets = [batch.input_ids[i][batch.target_mask[i]] for i in range(b)]
+    s_len, t_len = max(len(x) for x in sources), max(len(x) for x in targets)
+    dev = batch.input_ids.device
+    enc_ids = torch.zeros(b, s_len, dtype=torch.long, device=dev)
+    enc_mask = torch.zeros(b, s_len, dtype=torch.long, device=dev)
+    labels = torch.full((b, t_len), -100, dtype=torch.long, device=dev)
+    for i in range(b):
+        enc_ids[i, :len(sources[i])], enc_mask[i, :len(sources[i])] = sources[i], 1
+        labels[i, :len(targets[i])] = targets[i]
+    text = model.get_input_embeddings()(enc_ids)  # (B, S, H)
+    p = 0 if embeds is None else embeds.shape[0]
+    if p:
+        text = torch.cat([embeds.to(text)[None].expand(b, -1, -1), text], dim=1)  # (B, P+S, H)
+        enc_mask = torch.cat([torch.ones(b, p, dtype=torch.long, device=dev), enc_mask], dim=1)
+    return text, enc_mask, labels
+
+
+def token_logprobs(model, batch, embeds: torch.Tensor | None):
+    """Log-probability of every target token ``(B, L)`` (0 at padding) and the mask of real targets."""
+    inputs, mask, labels = encoder_inputs(model, batch, embeds)
+    logits = model(inputs_embeds=inputs, attention_mask=mask, labels=labels).logits.float()  # (B, L, V)
+    real = labels != -100
+    lp = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]  # (B, L)
+    return lp * real, real
+
+
+def target_loss(model, batch, embeds: torch.Tensor | None) -> torch.Tensor:
+    """Mean cross-entropy over all target tokens of the batch."""
+    lp, real = token_logprobs(model, batch, embeds)
+    return -lp.sum() / real.sum()
+
+
+def target_logprobs(model, batch, embeds: torch.Tensor | None) -> torch.Tensor:
+    """Sum of log-probabilities of each row's target tokens: ``(B,)``."""
+    return token_logprobs(model, batch, embeds)[0].sum(-1)
+
+
+@torch.no_grad()
+def decode(model, input_ids, attention_mask, embeds: torch.Tensor | None, rows: list[RowSampling],
+           eos_token_id) -> Decoded:
+    """Greedy decoding with the prompt in front of the encoder input (one row at a time)."""
+    if len(rows) != input_ids.shape[0]:
+        raise InjectionError(f"{len(rows)} sampling settings for a batch of {input_ids.shape[0]} rows")
+    if any(r.temperature > 0 for r in rows):
+        raise InjectionError("sampling is implemented for decoder-only models; use greedy decoding with T5")
+    out_tokens, finish = [], []
+    for i, r in enumerate(rows):
+        ids = input_ids[i][attention_mask[i].bool()][None]  # (1, S)
+        text = model.get_input_embeddings()(ids)
+        if embeds is not None:
+            text = torch.cat([embeds.to(text)[None], text], dim=1)
+        gen = model.generate(inputs_embeds=text, attention_mask=torch.ones(text.shape[:2], dtype=torch.long,
+                                                                           device=text.device),
+                             max_new_tokens=r.max_new_tokens, do_sample=False, eos_token_id=eos_token_id)
+        toks = [int(t) for t in gen[0, 1:]]  # drop the decoder start token
+        done = eos_token_id is not None and eos_token_id in toks
+        toks = toks[:toks.index(eos_token_id)] if done else toks
+        out_tokens.append(toks)
+        finish.append("eos" if done else "length")
+    return Decoded(tokens=out_tokens, finish=finish)
+
+
+class Seq2SeqLM(Family):
+    """An encoder-decoder (``*ForConditionalGeneration``, T5 family): the prompt in front of the encoder."""
+
+    name = "seq2seq_lm"
+    peft_task_type = "SEQ_2_SEQ_LM"
+    description = "an encoder-decoder"
+    served = False
+
+    def from_pretrained(self, name_or_path, dtype, num_labels=None):
+        from transformers import AutoModelForSeq2SeqLM
+
+        return AutoModelForSeq2SeqLM.from_pretrained(name_or_path, dtype=dtype)
+
+    def encode_examples(self, tokenizer, examples, fmt, max_length):
+        return encode(tokenizer, examples, max_length=max_length, append_eos=not fmt.is_classification)
+
+    def label_lengths(self, tokenizer, fmt):
+        return [len(ids) for ids in label_token_ids(tokenizer, fmt)]
+
+    def inference_prompt(self, model, prompt) -> torch.Tensor | None:
+        return encoder_prompt(model, prompt)
+
+    def step_prompt(self, model, prompt, mode="auto") -> torch.Tensor | None:
+        check_pass(mode)
+        return encoder_prompt(model, prompt)  # always the one (concat) pass: there are no keys/values to share
+
+    def loss(self, model, batch, prompt):
+        return target_loss(model, batch, prompt)
+
+    def target_logprobs(self, model, batch, prompt):
+        return target_logprobs(model, batch, prompt)
+
+    def label_scores(self, model, tokenizer, prompt, examples, fmt, batch_size, max_length=256):
+        with torch.no_grad():
+            return rows_per_label(model, tokenizer, prompt, examples, fmt, batch_size, max_length, target_logprobs)
+
+    def decode(self, model, input_ids, attention_mask, prompt, rows, eos_token_id, should_stop=None):
+        return decode(model, input_ids, attention_mask, prompt, rows, eos_token_id)
