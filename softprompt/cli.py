@@ -18,6 +18,7 @@ import logging
 import sys
 from pathlib import Path
 
+from softprompt.cli_compare import add_compare_parser
 from softprompt.cli_inspect import add_inspect_parser
 from softprompt.cli_store import add_store_parsers
 from softprompt.config import (
@@ -34,7 +35,6 @@ from softprompt.config import (
     to_yaml,
 )
 from softprompt.config.sections import method_default_help
-from softprompt.model import DEFAULT_MODEL
 
 
 def _add_section(parser: argparse.ArgumentParser, section: str) -> None:
@@ -153,43 +153,6 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_compare(ns: argparse.Namespace) -> int:
-    """Train and evaluate every method with the same loop and budget; print and save the table and chart.
-
-    Returns 1 when a method failed (listed on stderr with its error; without ``--keep-going`` the methods
-    after it do not run), 0 when every method ran.
-    """
-    from softprompt.compare import DEFAULT_SPECS, context_problems, format_failures, format_table, run_compare
-
-    specs, problems = DEFAULT_SPECS, []
-    if ns.only:
-        kinds = {k.strip() for k in ns.only.split(",")}
-        unknown = kinds - {s.kind for s in DEFAULT_SPECS}
-        if unknown:
-            problems.append(f"--only: unknown kinds {sorted(unknown)}; known: "
-                            f"{sorted({s.kind for s in DEFAULT_SPECS})}")
-        specs = [s for s in DEFAULT_SPECS if s.kind in kinds]
-    for name in ("steps", "batch_size", "test_samples"):
-        if getattr(ns, name) < 1:
-            problems.append(f"{flag(name)} must be >= 1, got {getattr(ns, name)}")
-    problems.append(check_folder_to_create("--output-dir", ns.output_dir))
-    problems = [p for p in problems if p] or context_problems(specs, ns.model)
-    if problems:
-        raise ConfigError("invalid arguments:\n  " + "\n  ".join(problems))
-    out = Path(ns.output_dir)
-    print(f"comparing {len(specs)} methods on {ns.dataset}, {ns.steps} steps of batch {ns.batch_size}, "
-          f"test on {ns.test_samples} examples")
-    rows = run_compare(specs, ns.model, ns.dataset, ns.steps, ns.batch_size, ns.test_samples, out,
-                       log=lambda line: print(line, flush=True), keep_going=ns.keep_going)
-    print("\n" + format_table(rows))
-    print(f"saved {out / 'compare.json'}, {out / 'compare.md'}, {out / 'compare.png'}")
-    failures = format_failures(rows, specs)
-    if failures is None:
-        return 0
-    print(f"softprompt compare: error: {failures}", file=sys.stderr)
-    return 1
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="softprompt", description="Prompt tuning for frozen language models.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -243,24 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_section(p, s)
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser(
-        "compare", help="compare prompt methods, LoRA, BitFit and full fine-tuning",
-        description="Train and evaluate every method with the same loop and budget; print and save the table "
-                    "(compare.md), its rows (compare.json) and a chart (compare.png).",
-        epilog="exit status: 0 when every method ran; 1 when a method failed (each failed method and its error "
-               "are listed on stderr; the files hold the rows that ran); 2 for invalid arguments.")
-    p.add_argument("--model", default=DEFAULT_MODEL)
-    p.add_argument("--dataset", default="rotten_tomatoes")
-    p.add_argument("--steps", type=int, default=60, help="training steps of every method")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--test-samples", type=int, default=400)
-    p.add_argument("--only", help="comma-separated kinds: prompt_tuning,prefix_tuning,p_tuning,lora,bitfit,full")
-    p.add_argument("--output-dir", default="runs/compare")
-    p.add_argument("--keep-going", action="store_true",
-                   help="after a method fails, run the others and write the whole table; the exit status is "
-                        "still 1, because the table lacks that method")
-    p.set_defaults(func=cmd_compare)
-
+    add_compare_parser(sub)
     add_store_parsers(sub)
     add_inspect_parser(sub)
     return parser

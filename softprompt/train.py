@@ -333,6 +333,7 @@ def train(model, tokenizer, method: PromptMethod, task: TaskData, args: TrainArg
                 if main:
                     log.warning("%s", alarm.message(args.max_rollbacks))
             if valid and ((step + 1) % args.eval_every == 0 or step + 1 == total):
+                t_val = time.perf_counter()
                 method.eval()
                 model.eval()
                 with torch.no_grad():
@@ -342,6 +343,7 @@ def train(model, tokenizer, method: PromptMethod, task: TaskData, args: TrainArg
                 method.train()
                 model.train(args.gradient_checkpointing)
                 row.update({f"val_{k}": v for k, v in m.items() if k != "n"})
+                row["val_s"] = time.perf_counter() - t_val  # so that a caller can tell training time from it
                 value = m[metric_name]
                 best = state["best_metric"]
                 if best is None or (value > best if higher else value < best):

@@ -1,47 +1,145 @@
-"""The comparison harness on a tiny model folder: every kind runs through the same loop and gets a row."""
+"""The comparison harness on tiny models: every kind trains through the same loop and gets a row; the lr search
+reads validation only; seeds give mean ± std; adapters and both BitFit variants train; curves reach the json."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
+import torch
 
 from softprompt.cli import main
-from softprompt.compare import Spec, run_one, weight_method
+from softprompt.compare import (
+    CompareSettings,
+    Job,
+    Spec,
+    add_adapters,
+    convergence,
+    ensure_validation,
+    format_row,
+    lr_grid,
+    run_compare,
+    run_in_subprocess,
+    run_method,
+    run_one,
+    search_lr,
+    weight_method,
+)
 from softprompt.data import TaskData, TaskFormat
 from softprompt.evaluate import evaluate_prompt
 from tests.conftest import make_model, make_tokenizer, sentiment_records
-
-
-def test_weight_methods_train_only_their_parameters():
-    model = make_model("gpt2")
-    bit = weight_method(model, Spec("b", "bitfit"))
-    assert bit.num_trainable() == sum(p.numel() for n, p in model.named_parameters() if n.endswith(".bias")) > 0
-    assert set(bit.state_dict()) == {n for n, _ in model.named_parameters() if n.endswith(".bias")}
-    with pytest.raises(ValueError, match="no parameters of that kind"):
-        weight_method(make_model("llama"), Spec("b", "bitfit"))  # llama has no biases
-    pytest.importorskip("peft")
-    lora_model = make_model("llama")
-    lora = weight_method(lora_model, Spec("l", "lora", {"r": 2}))
-    assert lora.num_trainable() > 0 and all("lora_" in n for n in lora.state_dict())
-
 
 FMT = TaskFormat("Review: {text}\nSentiment:", "label", {"positive": "positive", "negative": "negative"})
 
 
 def toy_task() -> TaskData:
-    """A learnable sentiment task (one word decides the label): 32 train, 16 test examples, half positive."""
-    recs = sentiment_records(48, seed=2)
-    return TaskData(FMT, {"train": [FMT.render(r) for r in recs[:32]], "test": [FMT.render(r) for r in recs[32:]]})
+    """A learnable sentiment task (one word decides the label): 32 train, 16 test, 16 validation examples.
+
+    No text is in two splits, so the texts an evaluation saw tell which split it read.
+    """
+    recs = sentiment_records(64, seed=2)
+    return TaskData(FMT, {"train": [FMT.render(r) for r in recs[:32]], "test": [FMT.render(r) for r in recs[32:48]],
+                          "validation": [FMT.render(r) for r in recs[48:]]})
 
 
-@pytest.mark.parametrize("kind", ["prompt_tuning", "prefix_tuning", "lora", "full"])
-def test_run_one_trains_and_evaluates_each_kind(tiny_model_dir, kind, monkeypatch):
+@pytest.fixture
+def toy(monkeypatch):
+    """Every run loads a fresh copy of :func:`toy_task` (a run edits its splits)."""
+    data = toy_task()
+    monkeypatch.setattr("softprompt.data.load_task", lambda *a, **k: copy.deepcopy(data))
+    return data
+
+
+def _model_dir(tmp_path_factory, kind: str):
+    d = tmp_path_factory.mktemp(f"tiny-{kind}")
+    make_model(kind).save_pretrained(d)
+    make_tokenizer().save_pretrained(d)
+    return d
+
+
+def job(model_dir, kind: str, cfg: dict, lr: float, steps: int = 3, **kw) -> Job:
+    return Job(Spec(kind, kind, cfg, "adamw", lr), str(model_dir), "x", steps, 8, lr, **{"test_samples": 16, **kw})
+
+
+def test_weight_methods_train_only_their_parameters():
+    model = make_model("gpt2")
+    bit = weight_method(model, Spec("BitFit", "bitfit"))
+    biases = {n for n, _ in model.named_parameters() if n.endswith(".bias")}
+    assert bit.label == "BitFit (biases)" and set(bit.state_dict()) == biases
+    assert bit.num_trainable() == sum(p.numel() for n, p in model.named_parameters() if n in biases) > 0
+    qwen = make_model("qwen2")  # biases on q, k, v only
+    assert weight_method(qwen, Spec("BitFit", "bitfit")).label == "BitFit (biases)"
+    pytest.importorskip("peft")
+    lora_model = make_model("llama")
+    lora = weight_method(lora_model, Spec("l", "lora", {"r": 2}))
+    assert lora.num_trainable() > 0 and all("lora_" in n for n in lora.state_dict())
+    with pytest.raises(ValueError, match="unknown comparison kind"):
+        weight_method(make_model("llama"), Spec("x", "dropout"))
+
+
+def test_bitfit_on_a_model_without_biases_trains_the_norm_gains_and_says_so():
+    model = make_model("llama")  # no bias vectors
+    bit = weight_method(model, Spec("BitFit", "bitfit"))
+    assert bit.label == "BitFit (norm gains; model has no biases)"
+    # 2 RMSNorms per layer and the final one, each a gain vector of the hidden size
+    assert sorted(bit.state_dict()) == sorted(["model.norm.weight"] + [
+        f"model.layers.{i}.{n}.weight" for i in range(2) for n in ("input_layernorm", "post_attention_layernorm")])
+    assert bit.num_trainable() == 5 * 32
+    assert all(p.requires_grad for p in bit.params) and sum(p.requires_grad for p in model.parameters()) == 5
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_adapters_start_as_identity_and_sit_on_attention_and_mlp(kind):
+    model = make_model(kind)
+    ids = torch.tensor([[3, 4, 5, 6, 7]])
+    before = model(ids).logits
+    adapters, handles = add_adapters(model, 4)
+    assert sorted(adapters) == ["0_attn", "0_mlp", "1_attn", "1_mlp"] and len(handles) == 4
+    assert adapters["0_attn"].down.weight.shape == (4, 32) and adapters["0_attn"].up.weight.shape == (32, 4)
+    assert torch.equal(model(ids).logits, before)  # up starts at zero: the model is unchanged
+    for name in ("0_attn", "1_mlp"):  # each hook changes the model's output once its adapter is not zero
+        with torch.no_grad():
+            adapters[name].up.bias.fill_(0.5)
+        assert not torch.allclose(model(ids).logits, before)
+        with torch.no_grad():
+            adapters[name].up.bias.zero_()
+    assert torch.equal(model(ids).logits, before)
+
+
+def test_adapter_row_trains(tiny_model_dir, toy, monkeypatch):
+    import softprompt.train
+
+    losses = []
+    real = softprompt.train.train
+
+    def spy(*args, **kwargs):
+        result = real(*args, **kwargs)
+        losses.extend(r["loss"] for r in result.history)
+        return result
+
+    monkeypatch.setattr(softprompt.train, "train", spy)
+    row = run_one(job(tiny_model_dir, "adapter", {"size": 8}, 0.1, steps=12, eval_every=4))
+    assert row["trainable_params"] == 4 * (32 * 8 + 8 + 8 * 32 + 32) and row["bytes_per_task"] > 0
+    assert sum(losses[-4:]) / 4 < 0.92 * losses[0]  # training loss: 4.11 at the first step, about 3.69 after 12
+    assert [p["step"] for p in row["curve"]] == [4, 8, 12]
+    assert row["curve"][-1]["loss"] < row["curve"][0]["loss"]
+
+
+@pytest.mark.parametrize(("arch", "label", "params"), [
+    ("llama", "BitFit (norm gains; model has no biases)", 5 * 32),
+    ("gpt2", "BitFit (biases)", 2 * (32 + 96 + 32 + 32 + 128 + 32) + 32)])
+def test_bitfit_row_trains_on_both_kinds_of_model(tmp_path_factory, toy, arch, label, params):
+    row = run_one(job(_model_dir(tmp_path_factory, arch), "bitfit", {}, 0.1, steps=8, eval_every=4))
+    assert row["method"] == label and row["trainable_params"] == params
+    assert row["curve"][-1]["loss"] < row["curve"][0]["loss"]
+
+
+@pytest.mark.parametrize("kind", ["prompt_tuning", "prefix_tuning", "lora", "adapter", "bitfit", "full"])
+def test_run_one_trains_and_evaluates_each_kind(tiny_model_dir, toy, kind, monkeypatch):
     import softprompt.evaluate
 
-    data = toy_task()
-    monkeypatch.setattr("softprompt.data.load_task", lambda *a, **k: data)
-    seen = []  # (prompt_kv, predictions) of every evaluation run_one makes
+    seen = []  # (prompt_kv, predictions) of every evaluation run_one makes itself (train's are not spied on)
 
     def spy(*args, **kwargs):
         metrics, preds = evaluate_prompt(*args, **kwargs)
@@ -50,77 +148,262 @@ def test_run_one_trains_and_evaluates_each_kind(tiny_model_dir, kind, monkeypatc
 
     monkeypatch.setattr(softprompt.evaluate, "evaluate_prompt", spy)
     cfg = {"prompt_tuning": {"num_virtual_tokens": 3, "init": "random"},
-           "prefix_tuning": {"num_virtual_tokens": 3, "init": "random"}}.get(kind, {"r": 2} if kind == "lora" else {})
-    row = run_one(Spec(kind, kind, cfg, "adamw", 1e-2), str(tiny_model_dir), "x", steps=3, batch_size=8,
-                  test_samples=16)
+           "prefix_tuning": {"num_virtual_tokens": 3, "init": "random"}, "lora": {"r": 2},
+           "adapter": {"size": 4}}.get(kind, {})
+    row = run_one(job(tiny_model_dir, kind, cfg, 1e-2, eval_every=1))
     assert row["trainable_params"] > 0 and row["bytes_per_task"] > 0
     # the reported accuracy is the test split's, recomputed here from the predictions it was made of
     (kv, preds), = seen
-    assert [p.expected for p in preds] == [ex.label for ex in data.examples("test")]
+    assert [p.expected for p in preds] == [ex.label for ex in toy.examples("test")]
     assert row["accuracy"] == sum(p.expected == p.predicted for p in preds) / 16
-    assert (kv is None) == (kind in ("lora", "full"))  # prompt methods are evaluated with their prompt
+    assert (kv is None) == (kind in ("lora", "adapter", "bitfit", "full"))  # prompts are evaluated with them
+    assert [p["step"] for p in row["curve"]] == [1, 2, 3] and row["guard"] == (kind != "full")
     if kind == "full":
         assert row["trainable_params"] == sum(p.numel() for p in make_model("llama").parameters())
 
 
 @pytest.mark.parametrize("kind", ["lora", "full"])
-def test_run_one_learns_the_toy_task_the_untrained_model_cannot(tiny_model_dir, kind, monkeypatch):
-    data = toy_task()
-    monkeypatch.setattr("softprompt.data.load_task", lambda *a, **k: data)
-    untrained, _ = evaluate_prompt(make_model("llama"), make_tokenizer(), None, data.examples("test"), FMT)
+def test_run_one_learns_the_toy_task_the_untrained_model_cannot(tiny_model_dir, toy, kind):
+    untrained, _ = evaluate_prompt(make_model("llama"), make_tokenizer(), None, toy.examples("test"), FMT)
     assert untrained["accuracy"] <= 9 / 16  # the random tiny model is at chance
     cfg, lr = ({"r": 2}, 0.1) if kind == "lora" else ({}, 1e-2)
-    row = run_one(Spec(kind, kind, cfg, "adamw", lr), str(tiny_model_dir), "x", steps=12, batch_size=8,
-                  test_samples=16)
-    assert row["accuracy"] == 1.0
+    assert run_one(job(tiny_model_dir, kind, cfg, lr, steps=16))["accuracy"] == 1.0
 
 
-def test_compare_command_keep_going_writes_table_json_and_chart_and_fails(tiny_model_dir, tmp_path, capsys):
+def test_lr_search_scores_on_validation_and_never_reads_test(tiny_model_dir, toy, monkeypatch):
+    import softprompt.evaluate
+    import softprompt.train
+
+    evaluated = []  # the source texts of every evaluation, wherever it is made
+
+    def spy(model, tok, kv, examples, *args, **kwargs):
+        evaluated.append([ex.source for ex in examples])
+        return evaluate_prompt(model, tok, kv, examples, *args, **kwargs)
+
+    monkeypatch.setattr(softprompt.evaluate, "evaluate_prompt", spy)
+    monkeypatch.setattr(softprompt.train, "evaluate_prompt", spy)
+    splits = []  # the splits of the task each run trained with
+    real_train = softprompt.train.train
+
+    def train_spy(model, tok, method, task, *args, **kwargs):
+        splits.append(sorted(task.splits))
+        return real_train(model, tok, method, task, *args, **kwargs)
+
+    monkeypatch.setattr(softprompt.train, "train", train_spy)
+    jobs, runs = [], []
+
+    def runner(j):
+        jobs.append(j)
+        runs.append(run_one(j))
+        return runs[-1]
+
+    settings = CompareSettings(str(tiny_model_dir), "x", steps=8, batch_size=8, val_samples=16, lr_grid=3)
+    lr, record = search_lr(Spec("lora", "lora", {"r": 2}, "adamw", 1e-2), settings, runner, log=lambda s: None)
+    assert [j.lr for j in jobs] == lr_grid(1e-2, 3) == [0.00316, 0.01, 0.0316]
+    assert all(j.test_samples == 0 and j.steps == 4 and j.seed == 0 for j in jobs)
+    assert all("accuracy" not in r for r in runs)  # no test score was made
+    assert splits == [["train", "validation"]] * 3  # the test split was dropped as soon as it was loaded
+    validation = sorted(ex.source for ex in toy.examples("validation"))
+    test = {ex.source for ex in toy.examples("test")}
+    assert not test & set(validation)
+    assert len(evaluated) == 3 and all(sorted(srcs) == validation for srcs in evaluated)
+    assert not any(s in test for srcs in evaluated for s in srcs)
+    cands = record["candidates"]
+    assert [c["val_accuracy"] for c in cands] == [r["curve"][-1]["accuracy"] for r in runs]
+    best = max(cands, key=lambda c: (c["val_accuracy"], -c["val_loss"]))
+    assert lr == record["chosen"] == best["lr"]
+
+
+def test_lr_search_ranks_failed_and_diverged_candidates_last_and_breaks_ties_by_loss(tmp_path):
+    def fake(j):  # validation (accuracy, loss, diverged) per lr
+        results = {0.1: None, 0.316: (0.8, 0.5, False), 1.0: (0.9, 0.3, True), 3.16: (0.8, 0.4, False),
+                   10.0: (0.8, 0.45, False)}
+        if results[j.lr] is None:
+            return {"lr": j.lr, "error": "RuntimeError: boom"}
+        acc, loss, diverged = results[j.lr]
+        return {"lr": j.lr, "metric": "accuracy", "higher_is_better": True, "curve": [{"step": 5, "loss": loss,
+                "accuracy": acc}], "rollbacks": 6 if diverged else 0, "diverged": diverged, "train_s": 1.0}
+
+    settings = CompareSettings("m", lr_grid=5)
+    lr, record = search_lr(Spec("x", "prompt_tuning", lr=1.0), settings, fake, log=lambda s: None)
+    assert lr == 3.16 and record["chosen"] == 3.16
+    assert record["candidates"][0] == {"lr": 0.1, "error": "RuntimeError: boom"}
+    assert record["candidates"][2]["diverged"] and record["candidates"][2]["rollbacks"] == 6
+    assert search_lr(Spec("x", "prompt_tuning"), settings, lambda j: {"lr": j.lr, "error": "E"},
+                     log=lambda s: None)[0] is None
+
+
+def _fake_seed_run(j):
+    return {"method": "pt", "kind": "prompt_tuning", "seed": j.seed, "lr": j.lr, "steps": j.steps,
+            "trainable_params": 96, "bytes_per_task": 1000, "train_s": 10.0 + j.seed, "metric": "accuracy",
+            "higher_is_better": True, "validation": "v", "accuracy": [0.5, 0.7, 0.9][j.seed],
+            "curve": [{"step": s, "loss": 2.0 - 0.1 * s - 0.01 * j.seed, "accuracy": 0.5} for s in (2, 4, 6)],
+            "rollbacks": [0, 2, 1][j.seed], "diverged": False, "lr_scale": 1.0, "guard": True, "peak_mib": 100.0}
+
+
+def test_seeds_give_mean_and_std_over_every_run():
+    jobs = []
+    settings = CompareSettings("m", steps=6, seeds=3, lr_search=False, eval_every=2)
+    row = run_method(Spec("pt", "prompt_tuning", lr=0.3), settings, lambda j: jobs.append(j) or _fake_seed_run(j),
+                     log=lambda s: None)
+    assert [(j.seed, j.lr, j.steps, j.eval_every, j.test_samples) for j in jobs] == [
+        (s, 0.3, 6, 2, 400) for s in range(3)]
+    assert row["n_seeds"] == 3 and row["accuracy"] == pytest.approx(0.7)
+    assert row["accuracy_std"] == pytest.approx(0.2)  # sample std of 0.5, 0.7, 0.9
+    assert [r["accuracy"] for r in row["seeds"]] == [0.5, 0.7, 0.9] and row["train_s"] == 11.0
+    assert row["rollbacks"] == 3 and row["lr_search"] is None
+    assert [p["loss"] for p in row["curve"]] == pytest.approx([1.79, 1.59, 1.39])  # mean over the seeds
+    assert "| 0.3 (fixed) | 0.7000 ± 0.2000 | 3 | 3 |" in format_row(row)
+    one = run_method(Spec("pt", "prompt_tuning"), CompareSettings("m", seeds=1, lr_search=False), _fake_seed_run,
+                     log=lambda s: None)
+    assert one["n_seeds"] == 1 and one["accuracy_std"] is None and "| 0.5000 | 1 |" in format_row(one)
+
+
+def test_data_without_a_validation_split_holds_out_the_same_train_examples_every_run():
+    def task():
+        data = toy_task()
+        del data.splits["validation"]
+        return data
+
+    first, second = task(), task()
+    assert ensure_validation(first, 200) == "6 train examples held out (the dataset has no validation split)"
+    ensure_validation(second, 200)
+    held = [ex.source for ex in first.splits["validation"]]
+    assert held == [ex.source for ex in second.splits["validation"]] and len(first.splits["train"]) == 26
+    assert not set(held) & {ex.source for ex in first.splits["train"]}
+    assert ensure_validation(toy_task(), 4) == "validation split (16 examples)"  # an existing split is kept
+
+
+def test_convergence_is_the_last_third_gain_of_the_validation_loss():
+    def curve(*losses):
+        return [{"step": 10 * (i + 1), "loss": v} for i, v in enumerate(losses)]
+
+    # 60 steps: the reference is the loss at step 40, the best after it is compared with it
+    assert convergence(curve(3, 2, 1.5, 1.0, 0.99, 0.995), 60, 0.02) == (True, 0.01)
+    assert convergence(curve(3, 2, 1.5, 1.0, 0.9, 0.8), 60, 0.02) == (False, 0.2)
+    assert convergence(curve(3, 2, 1.5, 1.0, 1.2, 1.5), 60, 0.02) == (True, -0.2)  # rising again: flat
+    assert convergence(curve(3, 2), 60, 0.02) == (None, None)  # no point in the last third
+    assert convergence(curve(3, 2, 1.5, 1.0, float("nan"), 1.0), 60, 0.02) == (False, None)
+
+
+def test_compare_keeps_curves_seeds_and_search_in_json(tiny_model_dir, toy, tmp_path):
+    settings = CompareSettings(str(tiny_model_dir), "x", steps=6, batch_size=8, test_samples=16, val_samples=16,
+                               eval_every=2, seeds=2, lr_grid=2, search_steps=2)
+    rows = run_compare([Spec("adapter", "adapter", {"size": 4}, "adamw", 1e-2),
+                        Spec("BitFit", "bitfit", {}, "adamw", 1e-2)], settings, tmp_path, log=lambda s: None,
+                       runner=run_one)
+    saved = json.loads((tmp_path / "compare.json").read_text())
+    assert saved["rows"] == json.loads(json.dumps(rows))
+    assert saved["settings"]["seeds"] == 2 and saved["settings"]["search_steps"] == 2
+    for row in saved["rows"]:
+        assert [c["lr"] for c in row["lr_search"]["candidates"]] == [0.00562, 0.0178]
+        assert row["lr"] == row["lr_search"]["chosen"] and row["n_seeds"] == 2
+        assert [s["seed"] for s in row["seeds"]] == [0, 1] and all(s["lr"] == row["lr"] for s in row["seeds"])
+        assert [[p["step"] for p in s["curve"]] for s in row["seeds"]] == [[2, 4, 6]] * 2
+        assert [p["step"] for p in row["curve"]] == [2, 4, 6] and all(p["n"] == 2 for p in row["curve"])
+        assert row["converged"] in (True, False) and row["rollbacks"] == 0
+    assert saved["rows"][1]["method"] == "BitFit (norm gains; model has no biases)"
+    assert (tmp_path / "compare_curves.png").stat().st_size > 0 and (tmp_path / "compare.png").stat().st_size > 0
+    assert "| BitFit (norm gains; model has no biases) |" in (tmp_path / "compare.md").read_text()
+
+
+def test_compare_command_runs_each_method_in_subprocesses(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "cmp"
-    rc = main(["compare", "--model", str(tiny_model_dir), "--dataset", "capitals", "--steps", "2",
-               "--batch-size", "4", "--test-samples", "4", "--only", "prompt_tuning,bitfit", "--output-dir", str(out),
-               "--keep-going"])
-    assert rc == 1  # BitFit cannot run on the tiny llama (no biases): the table lacks a method
-    rows = json.loads((out / "compare.json").read_text())
-    assert len(rows) == 6  # five prompt-tuning variants and BitFit
-    assert "error" in rows[-1] and "no parameters of that kind" in rows[-1]["error"]  # tiny llama: no biases
-    assert all("accuracy" in r for r in rows[:5])
+    rc = main(["compare", "--model", str(tiny_model_dir), "--dataset", "capitals", "--steps", "2", "--batch-size",
+               "4", "--test-samples", "4", "--val-samples", "4", "--eval-every", "1", "--seeds", "1", "--lr-grid",
+               "2", "--search-steps", "1", "--only", "bitfit", "--output-dir", str(out)])
+    assert rc == 0
+    row, = json.loads((out / "compare.json").read_text())["rows"]
+    assert row["method"] == "BitFit (norm gains; model has no biases)" and row["metric"] == "exact_match"
+    assert len(row["lr_search"]["candidates"]) == 2 and row["n_seeds"] == 1 and row["accuracy_std"] is None
+    assert all(s["peak_mib"] > 0 for s in row["seeds"]) and len(row["curve"]) == 2
+    assert (out / "compare_curves.png").stat().st_size > 0
+    text = capsys.readouterr().out
+    assert "lr searched over 2 values (1 steps each, on validation), seeds: 1" in text and "| guard rollbacks |" in text
+
+
+def test_a_failed_child_run_is_a_row_with_its_error(tiny_model_dir):
+    row = run_in_subprocess(Job(Spec("nope", "nope"), str(tiny_model_dir), "capitals", 1, 2, 0.1, test_samples=2))
+    assert row["method"] == "nope" and "nope" in row["error"]
+
+
+def _errors(err: str) -> list[str]:
+    """The command's error report (the runs made in this process also write progress bars to stderr)."""
+    lines = err.splitlines()
+    return lines[next(i for i, line in enumerate(lines) if line.startswith("softprompt compare: error")):]
+
+
+def _fail_bitfit(monkeypatch):
+    """Runs in this process; every BitFit run fails as a child would report it."""
+    import softprompt.compare.harness
+
+    def runner(j):
+        if j.spec.kind == "bitfit":
+            return {"method": j.spec.label, "kind": "bitfit", "error": "RuntimeError: out of luck"}
+        return run_one(j)
+
+    monkeypatch.setattr(softprompt.compare.harness, "run_in_subprocess", runner)
+
+
+def test_compare_command_keep_going_writes_table_json_and_chart_and_fails(tiny_model_dir, tmp_path, capsys,
+                                                                          monkeypatch):
+    _fail_bitfit(monkeypatch)
+    out = tmp_path / "cmp"
+    rc = main(["compare", "--model", str(tiny_model_dir), "--dataset", "capitals", "--steps", "2", "--batch-size",
+               "4", "--test-samples", "4", "--val-samples", "4", "--seeds", "1", "--no-lr-search", "--only",
+               "prompt_tuning,bitfit,adapter", "--output-dir", str(out), "--keep-going"])
+    assert rc == 1  # BitFit failed: the table lacks a method
+    rows = json.loads((out / "compare.json").read_text())["rows"]
+    assert len(rows) == 7  # five prompt-tuning variants, the adapter and BitFit
+    assert rows[5]["method"] == "Houlsby adapter, bottleneck 8" and "error" in rows[-1]
+    assert all("accuracy" in r and r["lr_search"] is None for r in rows[:6])
     assert (out / "compare.png").stat().st_size > 0 and "| method |" in (out / "compare.md").read_text()
     captured = capsys.readouterr()
     assert "trainable params" in captured.out
-    assert captured.err.splitlines() == [
-        "softprompt compare: error: 1 of 6 methods failed:",
-        "  BitFit (biases): ValueError: BitFit (biases): this model has no parameters of that kind"]
+    assert _errors(captured.err) == ["softprompt compare: error: 1 of 7 methods failed:",
+                                         "  BitFit: RuntimeError: out of luck"]
     assert main(["compare", "--only", "dropout"]) == 2
 
 
-def test_compare_command_stops_at_the_first_failed_method(tiny_model_dir, tmp_path, capsys):
+def test_compare_command_stops_at_the_first_failed_method(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    _fail_bitfit(monkeypatch)
     out = tmp_path / "cmp"
     rc = main(["compare", "--model", str(tiny_model_dir), "--dataset", "capitals", "--steps", "1",
                "--batch-size", "2", "--test-samples", "2", "--only", "bitfit,full", "--output-dir", str(out)])
     assert rc == 1
-    rows = json.loads((out / "compare.json").read_text())
-    assert [r["method"] for r in rows] == ["BitFit (biases)"] and "no parameters of that kind" in rows[0]["error"]
-    assert "| BitFit (biases) |" in (out / "compare.md").read_text()
-    err = capsys.readouterr().err.splitlines()
-    assert err == ["softprompt compare: error: 1 of 2 methods failed:",
-                   "  BitFit (biases): ValueError: BitFit (biases): this model has no parameters of that kind",
-                   "  not run (the first failure stops the comparison; --keep-going runs them): full fine-tuning"]
+    rows = json.loads((out / "compare.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["BitFit"] and "out of luck" in rows[0]["error"]
+    assert "every lr candidate failed" in rows[0]["error"] and "| BitFit |" in (out / "compare.md").read_text()
+    assert _errors(capsys.readouterr().err) == [
+        "softprompt compare: error: 1 of 2 methods failed:",
+        "  BitFit: every lr candidate failed; the last: RuntimeError: out of luck",
+        "  not run (the first failure stops the comparison; --keep-going runs them): full fine-tuning"]
 
 
-def test_compare_help_documents_exit_status_and_keep_going(capsys):
+def test_compare_help_documents_exit_status_keep_going_and_search(capsys):
     with pytest.raises(SystemExit):
         main(["compare", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "--keep-going" in text and "exit status: 0 when every method ran; 1 when a method failed" in text
+    for name in ("--seeds", "--lr-grid", "--search-steps", "--no-lr-search", "--adapter-size", "--converged-tol"):
+        assert name in text
 
 
-@pytest.mark.parametrize(("kind", "guarded"), [("prompt_tuning", True), ("lora", True), ("full", False)])
-def test_compare_runs_the_divergence_guard_except_for_full_fine_tuning(tiny_model_dir, kind, guarded, monkeypatch):
+def test_compare_refuses_bad_settings_together(tmp_path, capsys):
+    assert main(["compare", "--seeds", "0", "--lr-grid", "0", "--search-steps", "-1", "--converged-tol", "2",
+                 "--adapter-size", "0", "--only", "adapter,nope", "--output-dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    for needle in ("--seeds must be >= 1", "--lr-grid must be >= 1", "--search-steps must be >= 0",
+                   "--converged-tol must be in (0, 1)", "--adapter-size must be >= 1", "unknown kinds ['nope']"):
+        assert needle in err
+
+
+@pytest.mark.parametrize(("kind", "guarded"), [("prompt_tuning", True), ("lora", True), ("adapter", True),
+                                               ("full", False)])
+def test_compare_runs_the_divergence_guard_except_for_full_fine_tuning(tiny_model_dir, toy, kind, guarded,
+                                                                        monkeypatch):
     import softprompt.train
 
-    data = toy_task()
-    monkeypatch.setattr("softprompt.data.load_task", lambda *a, **k: data)
     seen = []
 
     def fake_train(model, tok, method, task, args, **kwargs):
@@ -130,6 +413,5 @@ def test_compare_runs_the_divergence_guard_except_for_full_fine_tuning(tiny_mode
     monkeypatch.setattr(softprompt.train, "train", fake_train)
     cfg = {"prompt_tuning": {"num_virtual_tokens": 3, "init": "random"}, "lora": {"r": 2}}.get(kind, {})
     with pytest.raises(RuntimeError, match="stop here"):
-        run_one(Spec(kind, kind, cfg, "adamw", 1e-2), str(tiny_model_dir), "x", steps=3, batch_size=8,
-                test_samples=16)
+        run_one(job(tiny_model_dir, kind, cfg, 1e-2))
     assert seen == [guarded]

@@ -1,0 +1,83 @@
+"""The ``compare`` subcommand: every method trained and scored the same way (:mod:`softprompt.compare`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from softprompt.config import ConfigError, check_folder_to_create
+from softprompt.model import DEFAULT_MODEL
+
+
+def cmd_compare(ns: argparse.Namespace) -> int:
+    """Train and evaluate every method with the same loop and budget; print and save the table and charts.
+
+    Returns 1 when a method failed (listed on stderr with its error; without ``--keep-going`` the methods
+    after it do not run), 0 when every method ran.
+    """
+    from softprompt.compare import (
+        CompareSettings,
+        context_problems,
+        format_failures,
+        format_table,
+        run_compare,
+        select_specs,
+    )
+
+    settings = CompareSettings(ns.model, ns.dataset, ns.steps, ns.batch_size, ns.test_samples, ns.val_samples,
+                               ns.eval_every, ns.seeds, not ns.no_lr_search, ns.lr_grid, ns.search_steps,
+                               ns.converged_tol, ns.adapter_size)
+    specs, problems = select_specs(ns.only, ns.adapter_size)
+    problems += settings.problems() + [check_folder_to_create("--output-dir", ns.output_dir)]
+    problems = [p for p in problems if p] or context_problems(specs, ns.model)
+    if problems:
+        raise ConfigError("invalid arguments:\n  " + "\n  ".join(problems))
+    out = Path(ns.output_dir)
+    search = (f"lr searched over {settings.lr_grid} values ({settings.search_budget} steps each, on validation)"
+              if settings.lr_search and settings.lr_grid > 1 else "fixed lr")
+    print(f"comparing {len(specs)} methods on {ns.dataset}, {ns.steps} steps of batch {ns.batch_size}, {search}, "
+          f"seeds: {ns.seeds}, test on {ns.test_samples} examples")
+    rows = run_compare(specs, settings, out, log=lambda line: print(line, flush=True), keep_going=ns.keep_going)
+    print("\n" + format_table(rows))
+    print(f"saved {out / 'compare.json'}, {out / 'compare.md'}, {out / 'compare.png'}, {out / 'compare_curves.png'}")
+    failures = format_failures(rows, specs)
+    if failures is None:
+        return 0
+    print(f"softprompt compare: error: {failures}", file=sys.stderr)
+    return 1
+
+
+def add_compare_parser(sub) -> None:
+    """Add ``compare`` to the subcommands ``sub``."""
+    p = sub.add_parser(
+        "compare", help="compare prompt methods, LoRA, adapters, BitFit and full fine-tuning",
+        description="Train and evaluate every method with the same loop and budget: each method's lr is picked "
+                    "by a short search scored on the validation split (never test), then it trains --seeds times; "
+                    "print and save the table (compare.md: test accuracy mean ± std, guard rollbacks, "
+                    "convergence), every run (compare.json) and charts (compare.png, compare_curves.png).",
+        epilog="exit status: 0 when every method ran; 1 when a method failed (each failed method and its error "
+               "are listed on stderr; the files hold the rows that ran); 2 for invalid arguments.")
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--dataset", default="rotten_tomatoes")
+    p.add_argument("--steps", type=int, default=60, help="training steps of every seed run")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--test-samples", type=int, default=400)
+    p.add_argument("--val-samples", type=int, default=200,
+                   help="validation examples (lr search and curves; held out of train if the data has none)")
+    p.add_argument("--eval-every", type=int, default=0, help="steps between validation points (0: steps/6)")
+    p.add_argument("--seeds", type=int, default=3, help="runs per method; the table shows mean ± std")
+    p.add_argument("--lr-grid", type=int, default=3,
+                   help="lr candidates per method, log-spaced by sqrt(10) around its default")
+    p.add_argument("--search-steps", type=int, default=0, help="steps of each lr candidate's run (0: steps/2)")
+    p.add_argument("--no-lr-search", action="store_true", help="train every method at its default lr")
+    p.add_argument("--converged-tol", type=float, default=0.02,
+                   help="converged: mean validation loss fell by less than this fraction over the last third")
+    p.add_argument("--adapter-size", type=int, default=8, help="bottleneck width of the Houlsby adapters")
+    p.add_argument("--only",
+                   help="comma-separated kinds: prompt_tuning,prefix_tuning,p_tuning,lora,adapter,bitfit,full")
+    p.add_argument("--output-dir", default="runs/compare")
+    p.add_argument("--keep-going", action="store_true",
+                   help="after a method fails, run the others and write the whole table; the exit status is "
+                        "still 1, because the table lacks that method")
+    p.set_defaults(func=cmd_compare)

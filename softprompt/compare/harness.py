@@ -1,0 +1,144 @@
+"""A row of the comparison: search its lr on validation, train its seeds, summarise them; then the whole table."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections.abc import Callable
+from pathlib import Path
+
+from softprompt.compare.report import convergence, format_row, format_table, mean_curve, plot_compare, plot_curves
+from softprompt.compare.run import Job, run_in_subprocess
+from softprompt.compare.specs import CompareSettings, Spec, lr_grid
+
+Runner = Callable[[Job], dict]
+
+
+def _candidate(lr: float, run: dict) -> dict:
+    """What the search keeps of one candidate's run: its last validation point, or its error."""
+    if "error" in run:
+        return {"lr": lr, "error": run["error"]}
+    last = run["curve"][-1] if run["curve"] else {}
+    return {"lr": lr, "val_loss": last.get("loss", math.nan), f"val_{run['metric']}": last.get(run["metric"],
+            math.nan), "rollbacks": run["rollbacks"], "diverged": run["diverged"], "train_s": run["train_s"]}
+
+
+def _score(candidate: dict, metric: str, higher: bool) -> tuple:
+    """Sort key of a candidate: a run that failed or diverged last; then the metric; ties by the lower loss."""
+    value, loss = candidate.get(f"val_{metric}", math.nan), candidate.get("val_loss", math.nan)
+    if "error" in candidate or candidate["diverged"] or not math.isfinite(value):
+        return (0, 0.0, 0.0)
+    return (1, value if higher else -value, -loss if math.isfinite(loss) else -math.inf)
+
+
+def search_lr(spec: Spec, settings: CompareSettings, runner: Runner, log=print) -> tuple[float | None, dict]:
+    """Pick ``spec``'s lr: one short run per candidate (the first seed), scored on validation only.
+
+    Each candidate trains ``settings.search_budget`` steps (its schedule scaled to them) and is measured once,
+    after its last step, on the validation split; the test split is not loaded (``test_samples=0``). The best
+    primary metric wins, a lower validation loss breaks ties; a candidate that failed or that the divergence
+    guard ended ranks last.
+
+    Returns:
+        The chosen lr (``None`` when every candidate failed) and the search's record for ``compare.json``.
+    """
+    candidates, metric, higher = [], None, True
+    for lr in lr_grid(spec.lr, settings.lr_grid):
+        run = runner(Job(spec, settings.model, settings.dataset, settings.search_budget, settings.batch_size, lr,
+                         seed=0, val_samples=settings.val_samples, eval_every=0, test_samples=0))
+        if "error" not in run:
+            metric, higher = run["metric"], run["higher_is_better"]
+        candidates.append(_candidate(lr, run))
+        log(f"  {spec.label}: lr {lr:.3g} -> " + (f"failed: {run['error']}" if "error" in run else
+            f"validation {metric} {run['curve'][-1][metric]:.4f}, loss {run['curve'][-1]['loss']:.4f}"))
+    record = {"steps": settings.search_budget, "metric": metric, "candidates": candidates}
+    if metric is None:
+        return None, record
+    best = max(candidates, key=lambda c: _score(c, metric, higher))
+    record["chosen"] = best["lr"]
+    return best["lr"], record
+
+
+def summarise(spec: Spec, runs: list[dict], search: dict | None, settings: CompareSettings) -> dict:
+    """One table row from a spec's seed runs: means (accuracy also its sample std), totals and the mean curve."""
+    first = runs[0]
+    accs = [r["accuracy"] for r in runs]
+    curve = mean_curve([r["curve"] for r in runs], first["metric"])
+    converged, gain = convergence(curve, settings.steps, settings.converged_tol)
+    for r in runs:
+        r["converged"], r["last_third_gain"] = convergence(r["curve"], settings.steps, settings.converged_tol)
+    peaks = [r["peak_mib"] for r in runs if r.get("peak_mib")]
+    return {"method": first["method"], "kind": spec.kind, "lr": first["lr"], "lr_search": search,
+            "trainable_params": first["trainable_params"], "bytes_per_task": first["bytes_per_task"],
+            "accuracy": statistics.fmean(accs), "accuracy_std": statistics.stdev(accs) if len(accs) > 1 else None,
+            "n_seeds": len(runs), "train_s": statistics.fmean(r["train_s"] for r in runs),
+            "peak_mib": statistics.fmean(peaks) if peaks else None, "steps": settings.steps,
+            "metric": first["metric"], "guard": first["guard"], "rollbacks": sum(r["rollbacks"] for r in runs),
+            "diverged_seeds": sum(r["diverged"] for r in runs), "curve": curve, "converged": converged,
+            "last_third_gain": gain, "validation": first["validation"], "seeds": runs}
+
+
+def run_method(spec: Spec, settings: CompareSettings, runner: Runner | None = None, log=print) -> dict:
+    """One row: the lr search (unless off or a grid of one), then ``settings.seeds`` runs at the chosen lr.
+
+    A failed seed run ends the row: it becomes ``{"method", "kind", "error", ...}`` with what had run.
+    ``runner`` runs one :class:`Job` (default: :func:`run_in_subprocess`).
+    """
+    runner = runner or run_in_subprocess
+    search = None
+    lr = spec.lr
+    if settings.lr_search and settings.lr_grid > 1:
+        lr, search = search_lr(spec, settings, runner, log)
+        if lr is None:
+            return {"method": spec.label, "kind": spec.kind, "lr_search": search,
+                    "error": f"every lr candidate failed; the last: {search['candidates'][-1]['error']}"}
+    runs = []
+    for seed in range(settings.seeds):
+        run = runner(Job(spec, settings.model, settings.dataset, settings.steps, settings.batch_size, lr, seed=seed,
+                         val_samples=settings.val_samples, eval_every=settings.eval_interval,
+                         test_samples=settings.test_samples))
+        if "error" in run:
+            return {"method": spec.label, "kind": spec.kind, "lr": lr, "lr_search": search, "seeds": runs,
+                    "error": run["error"]}
+        log(f"  {run['method']}: seed {seed} -> test accuracy {run['accuracy']:.4f}, {run['rollbacks']} rollbacks")
+        runs.append(run)
+    return summarise(spec, runs, search, settings)
+
+
+def run_compare(specs: list[Spec], settings: CompareSettings, out_dir: Path, log=print, keep_going: bool = False,
+                runner: Runner | None = None) -> list[dict]:
+    """Run each spec (every run in a fresh subprocess); write the table, ``compare.json`` and the charts.
+
+    Args:
+        specs: the methods to run, in order.
+        settings: model, data, budget, seeds, lr search and convergence tolerance shared by every row.
+        out_dir: where ``compare.json`` (rewritten after every row), ``compare.md``, ``compare.png`` (accuracy
+            against trainable parameters) and ``compare_curves.png`` (validation curves) go.
+        log: called with progress lines and with each row's table line as it finishes.
+        keep_going: run the specs after a failed one too; otherwise the first failure ends the run.
+        runner: runs one :class:`Job` (default: :func:`run_in_subprocess`; tests run them in-process).
+
+    Returns:
+        One row per spec that ran; a failed row has ``error`` (the child's last stderr line) instead of
+        results. The files are written either way, with the rows that ran. ``compare.json`` holds
+        ``{"settings": ..., "rows": [...]}``; a row keeps every seed's run (``seeds``: accuracy, curve,
+        rollbacks, time, memory) and the lr search's candidates with their validation scores (``lr_search``).
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+
+    def write() -> None:
+        (out_dir / "compare.json").write_text(json.dumps({"settings": settings.to_dict(), "rows": rows}, indent=2))
+
+    for spec in specs:
+        row = run_method(spec, settings, runner, log)
+        rows.append(row)
+        log(format_row(row))
+        write()
+        if "error" in row and not keep_going:
+            break
+    (out_dir / "compare.md").write_text(format_table(rows))
+    plot_compare(rows, out_dir / "compare.png")
+    plot_curves(rows, out_dir / "compare_curves.png")
+    return rows

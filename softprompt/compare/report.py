@@ -1,0 +1,136 @@
+"""The comparison's verdicts and outputs: convergence of a validation curve, the table, and the two charts."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+
+def convergence(curve: list[dict], steps: int, tol: float) -> tuple[bool | None, float | None]:
+    """Whether a validation-loss curve has flattened, and its relative gain over the last third of the steps.
+
+    The gain is ``(ref - best) / ref``: ``ref`` is the validation loss at the last evaluation at or before
+    2/3 of ``steps``, ``best`` the lowest loss evaluated after it. The curve is converged when the gain is
+    below ``tol`` (a loss that rises again, from over-fitting or a too large lr, counts as flat: more steps
+    would not help). Returns ``(None, None)`` when the curve has no point on one side of 2/3 (too few
+    evaluations, or a run the guard ended early), ``(False, None)`` when a loss is not finite.
+    """
+    cut = steps * 2 / 3
+    before = [p["loss"] for p in curve if p["step"] <= cut]
+    after = [p["loss"] for p in curve if p["step"] > cut]
+    if not before or not after:
+        return None, None
+    ref, best = before[-1], min(after)
+    if not (math.isfinite(ref) and math.isfinite(best)):
+        return False, None
+    gain = (ref - best) / abs(ref) if ref else 0.0
+    return gain < tol, round(gain, 4)
+
+
+def mean_curve(curves: list[list[dict]], metric: str) -> list[dict]:
+    """Pointwise mean of several runs' curves (a step that only some runs reached averages those runs)."""
+    by_step: dict[int, list[dict]] = {}
+    for curve in curves:
+        for p in curve:
+            by_step.setdefault(p["step"], []).append(p)
+    return [{"step": s, "loss": sum(p["loss"] for p in ps) / len(ps),
+             metric: sum(p[metric] for p in ps) / len(ps), "n": len(ps)} for s, ps in sorted(by_step.items())]
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+HEAD = ("| method | trainable params | bytes per task | peak memory (RSS) | train time | lr | test accuracy | seeds "
+        "| guard rollbacks | converged (val loss gain, last third) |\n|---|---|---|---|---|---|---|---|---|---|\n")
+
+
+def format_row(row: dict) -> str:
+    """One table line: means over the row's seeds, ``mean ± std`` accuracy, and its lr, rollbacks, convergence."""
+    if "error" in row:
+        return f"| {row['method']} | - | - | - | - | - | n/a: {row['error']} | - | - | - |"
+    peak = f"{row['peak_mib']:.0f} MiB" if row.get("peak_mib") else "-"
+    std = row.get("accuracy_std")
+    acc = f"{row['accuracy']:.4f}" + (f" ± {std:.4f}" if std is not None else "")
+    lr = f"{row['lr']:.3g}" + (" (search)" if row.get("lr_search") else " (fixed)")
+    rollbacks = str(row["rollbacks"]) if row.get("guard", True) else "off"
+    gain = row.get("last_third_gain")
+    converged = {True: "yes", False: "no", None: "?"}[row.get("converged")]
+    if gain is not None:
+        converged += f" ({gain:+.1%})"
+    return (f"| {row['method']} | {row['trainable_params']:,} | {_size(row['bytes_per_task'])} | {peak} | "
+            f"{row['train_s']:.0f} s | {lr} | {acc} | {row['n_seeds']} | {rollbacks} | {converged} |")
+
+
+def format_table(rows: list[dict]) -> str:
+    """The markdown table of ``rows`` (:func:`softprompt.compare.run_compare`'s rows)."""
+    return HEAD + "\n".join(format_row(r) for r in rows) + "\n"
+
+
+def format_failures(rows: list[dict], specs: list) -> str | None:
+    """The failed methods of ``rows`` with their errors, then ``specs`` not run; ``None`` when all ran."""
+    failed = [r for r in rows if "error" in r]
+    if not failed:
+        return None
+    not_run = [s.label for s in specs[len(rows):]]
+    lines = [f"  {r['method']}: {r['error']}" for r in failed]
+    if not_run:
+        lines.append(f"  not run (the first failure stops the comparison; --keep-going runs them): "
+                     f"{', '.join(not_run)}")
+    return f"{len(failed)} of {len(specs)} methods failed:\n" + "\n".join(lines)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_compare(rows: list[dict], path: Path) -> None:
+    """Test accuracy (mean over seeds, ± std as error bars) against trainable parameters."""
+    ok = [r for r in rows if "error" not in r]
+    if not ok:
+        return
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r in ok:
+        ax.errorbar(r["trainable_params"], r["accuracy"], yerr=r.get("accuracy_std") or 0, fmt="o", ms=6,
+                    capsize=3)
+        ax.annotate(r["method"], (r["trainable_params"], r["accuracy"]), fontsize=7, xytext=(4, 2),
+                    textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters (log)")
+    ax.set_ylabel(f"test accuracy (mean ± std over {ok[0]['n_seeds']} seeds)")
+    ax.set_title(f"same loop and budget ({ok[0]['steps']} steps)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_curves(rows: list[dict], path: Path) -> None:
+    """Each row's validation loss and metric against the step (mean over seeds), one line per method."""
+    ok = [r for r in rows if "error" not in r and r.get("curve")]
+    if not ok:
+        return
+    plt = _pyplot()
+    fig, (loss_ax, metric_ax) = plt.subplots(1, 2, figsize=(13, 5))
+    for r in ok:
+        steps = [p["step"] for p in r["curve"]]
+        loss_ax.plot(steps, [p["loss"] for p in r["curve"]], marker="o", ms=3, label=r["method"])
+        metric_ax.plot(steps, [p[r["metric"]] for p in r["curve"]], marker="o", ms=3, label=r["method"])
+    loss_ax.set_ylabel("validation loss")
+    metric_ax.set_ylabel(f"validation {ok[0]['metric']}")
+    for ax in (loss_ax, metric_ax):
+        ax.set_xlabel("step")
+    metric_ax.legend(fontsize=7, loc="best")
+    fig.suptitle(f"validation during training (mean over {ok[0]['n_seeds']} seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,158 @@
+"""One training run of the comparison (one row, one lr, one seed), in this process or in a fresh child process.
+
+A run trains with :func:`softprompt.train.train`, which measures the validation split every ``eval_every``
+steps (the row's curve). A run of the lr search has ``test_samples == 0``: the test split is dropped as soon
+as the data is loaded, so a search can neither score on it nor leak it into the choice.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from softprompt.compare.specs import WEIGHT_KINDS, Spec
+from softprompt.compare.weights import WeightTuning, weight_method
+
+HOLDOUT_SEED = 0  # every run of every row holds out the same train examples as validation
+
+
+@dataclass
+class Job:
+    """One run: what to train (``spec`` at ``lr`` with ``seed``), on what, for how long, and what to score.
+
+    ``eval_every`` 0 measures validation once, after the last step. ``test_samples`` 0: no test split at all.
+    """
+
+    spec: Spec
+    model: str
+    dataset: str
+    steps: int
+    batch_size: int
+    lr: float
+    seed: int = 0
+    val_samples: int = 200
+    eval_every: int = 0
+    test_samples: int = 0
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> Job:
+        data = json.loads(text)
+        return cls(**{**data, "spec": Spec(**data["spec"])})
+
+
+def _peak_rss_mib() -> float | None:
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def ensure_validation(task, n: int) -> str:
+    """Make sure ``task`` has a validation split; say where it came from.
+
+    An existing split is kept (the caller caps it, with ``load_task``'s ``max_samples``). A dataset without one
+    (a user's train/test files) gets ``min(n, len(train) // 5)`` train examples held out, chosen with a fixed
+    seed so that every run of every row holds out the same ones.
+    """
+    valid = task.splits.get("validation")
+    if valid:
+        return f"validation split ({len(valid)} examples)"
+    train = task.splits["train"]
+    k = min(n, len(train) // 5)
+    if k < 1:
+        raise ValueError(f"no validation split, and {len(train)} train examples are too few to hold some out")
+    order = list(range(len(train)))
+    random.Random(HOLDOUT_SEED).shuffle(order)
+    task.splits["validation"] = [train[i] for i in order[:k]]
+    task.splits["train"] = [train[i] for i in sorted(order[k:])]
+    return f"{k} train examples held out (the dataset has no validation split)"
+
+
+def run_one(job: Job) -> dict:
+    """Train and evaluate one run in this process; return its numbers (see :func:`softprompt.compare.run_compare`)."""
+    from softprompt.config import TrainArgs
+    from softprompt.data import load_task
+    from softprompt.evaluate import evaluate_prompt, primary_metric
+    from softprompt.forward import family_of
+    from softprompt.methods import build_method
+    from softprompt.model import load_base_model
+    from softprompt.store import save_prompt
+    from softprompt.train import train
+
+    spec = job.spec
+    model, tok = load_base_model(job.model)
+    caps = {"validation": job.val_samples, **({"test": job.test_samples} if job.test_samples else {})}
+    task = load_task(job.dataset, max_samples=caps)
+    if not job.test_samples:
+        task.splits.pop("test", None)
+    validation = ensure_validation(task, job.val_samples)
+    metric, higher = primary_metric(task.format)
+    torch.manual_seed(job.seed)  # the random init of LoRA and of the adapters
+    if spec.kind in WEIGHT_KINDS:
+        method = weight_method(model, spec)
+    else:
+        method = build_method(spec.kind, {**spec.config, "seed": job.seed}, model, tok)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as d:
+        # the divergence guard keeps two in-memory copies of the trained tensors and their optimizer state:
+        # a few KiB for a prompt, about 3 GiB for full fine-tuning, which would swamp its peak-memory column
+        result = train(model, tok, method, task,
+                       TrainArgs(output_dir=d, max_steps=job.steps, batch_size=job.batch_size,
+                                 optimizer=spec.optimizer, lr=job.lr, warmup_steps=min(10, job.steps),
+                                 eval_every=job.eval_every or job.steps, checkpoint_every=10**9, seed=job.seed,
+                                 weight_decay=0.0, divergence_guard=spec.kind != "full"))
+        train_s = time.perf_counter() - t0 - sum(r.get("val_s", 0.0) for r in result.history)
+        if isinstance(method, WeightTuning):
+            disk = sum(p.numel() * 4 for p in method.params)  # fp32 safetensors of the trained tensors
+        else:
+            folder = save_prompt(Path(d) / "saved", method, model)
+            disk = sum(f.stat().st_size for f in folder.iterdir())
+    curve = [{"step": r["step"], "loss": r["val_loss"], metric: r[f"val_{metric}"]}
+             for r in result.history if f"val_{metric}" in r]
+    row = {"method": getattr(method, "label", None) or spec.label, "kind": spec.kind, "seed": job.seed,
+           "lr": job.lr, "steps": job.steps, "trainable_params": method.num_trainable(), "bytes_per_task": disk,
+           "train_s": round(train_s, 1), "metric": metric, "higher_is_better": higher, "validation": validation,
+           "curve": curve, "rollbacks": result.rollbacks, "diverged": result.diverged,
+           "lr_scale": result.lr_scale, "guard": spec.kind != "full"}
+    if job.test_samples:
+        model.eval()
+        method.eval()
+        with torch.no_grad():
+            kv = family_of(model).inference_prompt(model, method()) if not isinstance(method, WeightTuning) else None
+            metrics, _ = evaluate_prompt(model, tok, kv, task.examples("test"), task.format, with_loss=False)
+        row["accuracy"] = metrics.get("accuracy", metrics.get("exact_match"))
+    row["peak_mib"] = _peak_rss_mib()
+    return row
+
+
+def run_in_subprocess(job: Job) -> dict:
+    """:func:`run_one` in a fresh Python process (its peak memory is its own); a failure is a row with ``error``.
+
+    The error is the child's last stderr line, or its exit status when it left none (killed by a signal).
+    """
+    proc = subprocess.run([sys.executable, "-m", "softprompt.compare", job.to_json()], capture_output=True,
+                          text=True)
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr.strip().splitlines() or [f"the run exited with status {proc.returncode}"])[-1]
+        return {"method": job.spec.label, "kind": job.spec.kind, "seed": job.seed, "lr": job.lr, "error": tail}
+    return json.loads(lines[-1])
+
+
+def child_main(argv: list[str]) -> None:
+    """One run in a child process: print its row as the last stdout line."""
+    print(json.dumps(run_one(Job.from_json(argv[0]))))

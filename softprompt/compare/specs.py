@@ -1,0 +1,141 @@
+"""What a comparison runs: the methods (rows), the shared settings, and the lr grid searched for each row."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+from softprompt.config import check_real, flag
+
+WEIGHT_KINDS = ("lora", "bitfit", "adapter", "full")  # trained inside the model; every other kind is a prompt
+LR_SPACING = math.sqrt(10)  # neighbouring lr candidates differ by half a decade
+
+
+@dataclass
+class Spec:
+    """One row of the comparison: a label, a kind (a registered prompt method, or a weight kind) and config."""
+
+    label: str
+    kind: str
+    config: dict = field(default_factory=dict)
+    optimizer: str = "adafactor"
+    lr: float = 0.3  # the default; the centre of the lr search
+
+
+DEFAULT_SPECS = [
+    Spec("prompt tuning, random init, P=20", "prompt_tuning", {"num_virtual_tokens": 20, "init": "random"}),
+    Spec("prompt tuning, sampled vocab, P=20", "prompt_tuning", {"num_virtual_tokens": 20, "init": "sample_vocab"}),
+    Spec("prompt tuning, text init, P=5", "prompt_tuning", {"num_virtual_tokens": 5, "init": "text"}),
+    Spec("prompt tuning, text init, P=20", "prompt_tuning", {"num_virtual_tokens": 20, "init": "text"}),
+    Spec("prompt tuning, text init, P=50", "prompt_tuning", {"num_virtual_tokens": 50, "init": "text"}),
+    Spec("prefix tuning, text init, P=10", "prefix_tuning", {"num_virtual_tokens": 10, "init": "text"},
+         "adamw", 1e-3),
+    Spec("P-tuning (MLP), P=20", "p_tuning", {"num_virtual_tokens": 20, "encoder": "mlp"}, "adamw", 1e-3),
+    Spec("LoRA r=8 (q,v) via PEFT", "lora", {"r": 8, "alpha": 16}, "adamw", 1e-3),
+    Spec("Houlsby adapter, bottleneck 8", "adapter", {"size": 8}, "adamw", 1e-3),
+    # the row's label names the variant the model allows: its biases, or its norm gains when it has none
+    Spec("BitFit", "bitfit", {}, "adamw", 1e-3),
+    Spec("full fine-tuning", "full", {}, "adamw", 1e-5),
+]
+
+
+def select_specs(only: str | None, adapter_size: int = 8) -> tuple[list[Spec], list[str]]:
+    """The default rows of the kinds in ``only`` (comma-separated; all when ``None``) and any problem with it.
+
+    Adapter rows get a bottleneck of ``adapter_size`` (their label says so).
+    """
+    specs = [Spec(f"Houlsby adapter, bottleneck {adapter_size}", s.kind, {**s.config, "size": adapter_size},
+                  s.optimizer, s.lr) if s.kind == "adapter" else s for s in DEFAULT_SPECS]
+    if not only:
+        return specs, []
+    kinds = {k.strip() for k in only.split(",")}
+    known = sorted({s.kind for s in specs})
+    unknown = sorted(kinds - set(known))
+    problems = [f"--only: unknown kinds {unknown}; known: {known}"] if unknown else []
+    return [s for s in specs if s.kind in kinds], problems
+
+
+@dataclass
+class CompareSettings:
+    """What every row shares: model, data, budget, seeds, the lr search and the convergence check.
+
+    Attributes:
+        model: base model (hub id or folder).
+        dataset: dataset name.
+        steps: training steps of every seed run.
+        batch_size: training batch size.
+        test_samples: test examples each seed run is scored on (the lr search never reads the test split).
+        val_samples: validation examples (the lr search's score and the curves); a dataset without a
+            validation split has this many train examples held out instead (at most a fifth of them).
+        eval_every: steps between validation evaluations of a seed run; 0: a sixth of ``steps``.
+        seeds: seed runs per row (seeds 0, 1, ...): the table shows their mean and standard deviation.
+        lr_search: search each row's lr on validation; otherwise every row trains at its default lr.
+        lr_grid: lr candidates per row, log-spaced by ``LR_SPACING`` around the default.
+        search_steps: steps of each candidate's run; 0: half of ``steps``.
+        converged_tol: a row is converged when its mean validation loss improved by less than this
+            fraction over the last third of the steps (see :func:`softprompt.compare.report.convergence`).
+        adapter_size: bottleneck width of the adapter rows.
+    """
+
+    model: str
+    dataset: str = "rotten_tomatoes"
+    steps: int = 60
+    batch_size: int = 16
+    test_samples: int = 400
+    val_samples: int = 200
+    eval_every: int = 0
+    seeds: int = 3
+    lr_search: bool = True
+    lr_grid: int = 3
+    search_steps: int = 0
+    converged_tol: float = 0.02
+    adapter_size: int = 8
+
+    def problems(self) -> list[str]:
+        """Every invalid setting, named by its flag."""
+        out = [f"{flag(n)} must be >= 1, got {getattr(self, n)}"
+               for n in ("steps", "batch_size", "test_samples", "val_samples", "seeds", "lr_grid", "adapter_size")
+               if getattr(self, n) < 1]
+        out += [f"{flag(n)} must be >= 0, got {getattr(self, n)}" for n in ("eval_every", "search_steps")
+                if getattr(self, n) < 0]
+        tol = check_real("--converged-tol", self.converged_tol, lambda v: 0 < v < 1, "in (0, 1)")
+        return out + ([tol] if tol else [])
+
+    @property
+    def eval_interval(self) -> int:
+        return self.eval_every or max(1, self.steps // 6)
+
+    @property
+    def search_budget(self) -> int:
+        return self.search_steps or max(1, self.steps // 2)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "eval_every": self.eval_interval, "search_steps": self.search_budget}
+
+
+def lr_grid(default: float, n: int) -> list[float]:
+    """``n`` learning rates log-spaced by :data:`LR_SPACING` and centred on ``default`` (ascending).
+
+    3 gives ``default`` x (0.32, 1, 3.2); 5 spans a decade either side; an even ``n`` straddles it.
+    """
+    return [float(f"{default * LR_SPACING ** (i - (n - 1) / 2):.3g}") for i in range(n)]
+
+
+def context_problems(specs: list[Spec], model_name: str) -> list[str]:
+    """The prompt specs that leave no room for text in the model's context (read from its config only)."""
+    from softprompt.config import MIN_MAX_LENGTH
+    from softprompt.model import context_length, load_model_config
+
+    context = context_length(load_model_config(model_name))
+    if context is None:
+        return []
+    limit, key = context
+    problems = []
+    for spec in specs:
+        p = spec.config.get("num_virtual_tokens")
+        if p is not None and limit - p < MIN_MAX_LENGTH:
+            problems.append(f"{spec.label}: {p} virtual tokens leave {max(limit - p, 0)} positions for text in "
+                            f"--model {model_name}'s context of {limit} positions ({key}); at least "
+                            f"{MIN_MAX_LENGTH} are needed: choose a model with a longer context, or --only "
+                            "kinds without prompts")
+    return problems

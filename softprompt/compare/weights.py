@@ -1,0 +1,156 @@
+"""Weight-tuning baselines of the comparison: LoRA (PEFT), Houlsby adapters, BitFit, full fine-tuning.
+
+Each is wrapped as a "method" whose parameters live inside (or are hooked into) the model and whose prompt is
+empty, so it trains with the same loop as the prompt methods.
+
+Bottleneck adapters: AdapterHub's ``adapters`` package (1.3.0) pins ``transformers~=4.57`` and PEFT 0.21 has
+no bottleneck adapter, so :class:`HoulsbyAdapter` is implemented here. As in Houlsby et al. (2019), each
+decoder layer gets two: one on the attention block's output and one on the MLP block's output, each applied
+before that output is added to the residual stream: ``h + up(gelu(down(h)))`` with ``down: H -> m`` and
+``up: m -> H``. They are attached with forward hooks on the layer's attention and MLP modules (a public
+PyTorch API; transformers is not edited). ``up`` starts at zero, so the model starts exactly as it was (the
+paper draws both projections from N(0, 1e-2) for a near-identity start); ``down`` keeps nn.Linear's default
+init, so ``up`` gets a gradient from the first step. Unlike the paper, the layer norms stay frozen: the row
+trains the adapters alone.
+
+BitFit trains the bias vectors. On a model without biases (Llama, SmolLM2, ...) it trains the norm layers'
+gains instead and the row says so ("BitFit (norm gains; model has no biases)"): the closest per-channel
+parameters such a model has.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from softprompt.compare.specs import Spec
+from softprompt.methods.base import PromptOutput
+
+ATTENTION_NAMES = ("self_attn", "attn", "attention", "self_attention")
+MLP_NAMES = ("mlp", "feed_forward", "ffn")
+
+
+class WeightTuning(nn.Module):
+    """Trains parameters inside the model (or hooked into it); no prompt. Fits the train loop's method interface.
+
+    Attributes:
+        label: the row's label when the model decides the variant (BitFit), else ``None``.
+    """
+
+    name = "weights"
+
+    def __init__(self, model, trainable: dict[str, nn.Parameter], owned: nn.Module | None = None,
+                 label: str | None = None):
+        super().__init__()
+        self._model = [model]  # not a submodule: state_dict holds only the trainable tensors
+        self._names = list(trainable)
+        self.params = nn.ParameterList(trainable.values())
+        self.owned = owned  # modules that exist only for this method (adapters): moved and switched with it
+        self.label = label
+
+    def forward(self) -> PromptOutput:
+        return PromptOutput()
+
+    def state_dict(self, *args, **kwargs):
+        return {n: p.detach() for n, p in zip(self._names, self.params, strict=True)}
+
+    def load_state_dict(self, state, strict: bool = True):
+        with torch.no_grad():
+            for n, p in zip(self._names, self.params, strict=True):
+                p.copy_(state[n])
+
+    def num_trainable(self) -> int:
+        return sum(p.numel() for p in self.params)
+
+
+class HoulsbyAdapter(nn.Module):
+    """``h + up(gelu(down(h)))``: a bottleneck of width ``size`` on a hidden state of width ``hidden``."""
+
+    def __init__(self, hidden: int, size: int):
+        super().__init__()
+        self.down = nn.Linear(hidden, size)
+        self.up = nn.Linear(size, hidden)
+        nn.init.zeros_(self.up.weight)  # identity at the start; down's output still gives up a gradient
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:  # (B, T, H) -> (B, T, H)
+        return h + self.up(nn.functional.gelu(self.down(h)))
+
+
+def decoder_layers(model) -> nn.ModuleList:
+    """The model's stack of ``config.num_hidden_layers`` blocks (the first ModuleList of that length)."""
+    n = model.config.num_hidden_layers
+    for _, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n:
+            return module
+    raise ValueError(f"no list of {n} layers (config.num_hidden_layers) in {type(model).__name__}")
+
+
+def _child(layer: nn.Module, names: tuple[str, ...], what: str) -> nn.Module:
+    for name in names:
+        if isinstance(getattr(layer, name, None), nn.Module):
+            return getattr(layer, name)
+    have = [n for n, _ in layer.named_children()]
+    raise ValueError(f"{type(layer).__name__} has no {what} module named one of {list(names)} (has {have})")
+
+
+def _hook(adapter: HoulsbyAdapter):
+    def apply(module, args, output):
+        if isinstance(output, tuple):  # attention: (hidden states, attention weights, ...)
+            return (adapter(output[0]), *output[1:])
+        return adapter(output)
+    return apply
+
+
+def add_adapters(model, size: int) -> tuple[nn.ModuleDict, list]:
+    """Hook a :class:`HoulsbyAdapter` onto every decoder layer's attention and MLP outputs.
+
+    Returns:
+        The adapters (keys ``"{layer}_attn"``, ``"{layer}_mlp"``) and the hook handles.
+    """
+    hidden = model.config.hidden_size
+    ref = next(model.parameters())
+    adapters, handles = nn.ModuleDict(), []
+    for i, layer in enumerate(decoder_layers(model)):
+        for part, names in (("attn", ATTENTION_NAMES), ("mlp", MLP_NAMES)):
+            adapter = HoulsbyAdapter(hidden, size).to(device=ref.device, dtype=ref.dtype)
+            adapters[f"{i}_{part}"] = adapter
+            handles.append(_child(layer, names, part).register_forward_hook(_hook(adapter)))
+    return adapters, handles
+
+
+def weight_method(model, spec: Spec) -> WeightTuning:
+    """Unfreeze (or add, for LoRA and adapters) the parameters ``spec`` trains.
+
+    Raises:
+        ValueError: an unknown kind, or a model without parameters of that kind.
+    """
+    kind, config = spec.kind, spec.config
+    owned, variant = None, None
+    if kind == "lora":
+        from peft import LoraConfig, inject_adapter_in_model
+
+        targets = [n for n in ("q_proj", "v_proj", "c_attn") if any(m.endswith(n) for m, _ in
+                                                                    model.named_modules())]
+        inject_adapter_in_model(LoraConfig(r=config.get("r", 8), lora_alpha=config.get("alpha", 16),
+                                           target_modules=targets, lora_dropout=0.0), model)
+        chosen = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    elif kind == "adapter":
+        owned, _ = add_adapters(model, config.get("size", 8))
+        chosen = {f"adapters.{n}": p for n, p in owned.named_parameters()}
+    elif kind == "bitfit":
+        chosen = {n: p for n, p in model.named_parameters() if n.endswith(".bias")}
+        variant = "BitFit (biases)"
+        if not chosen:
+            chosen = {f"{n}.weight": m.weight for n, m in model.named_modules()
+                      if "norm" in type(m).__name__.lower() and isinstance(getattr(m, "weight", None), nn.Parameter)}
+            variant = "BitFit (norm gains; model has no biases)"
+    elif kind == "full":
+        chosen = dict(model.named_parameters())
+    else:
+        raise ValueError(f"unknown comparison kind {kind!r}")
+    if not chosen:
+        raise ValueError(f"{spec.label}: this model has no parameters of that kind")
+    for p in chosen.values():
+        p.requires_grad_(True)
+    return WeightTuning(model, chosen, owned, variant)
