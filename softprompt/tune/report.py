@@ -1,0 +1,99 @@
+"""The search's files: ``trials.json`` (everything), ``trials.md`` (a table) and ``trials.png`` (curves)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+from softprompt.tune.halving import TuneResult
+
+
+def _json_safe(value):
+    """``value`` with non-finite floats as null (JSON has no NaN or infinity; e.g. the perplexity of a huge loss)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Replace ``path`` whole (a reader never sees half a file)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def format_table(result: TuneResult) -> str:
+    """A Markdown table of the trials in ranking order: settings, the metric at every rung, status."""
+    rungs = result.plan.rungs
+    head = ["rank", "trial", "method", "P", "init", "lr"] + [f"{result.metric} @{r}" for r in rungs] + [
+        "val loss", "steps", "status"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for rank, t in enumerate(result.ranking, 1):
+        by_rung = {r.rung: r for r in t.rungs}
+        cells = [str(rank), t.id, t.spec.method, str(t.spec.num_virtual_tokens), t.spec.init_shown, f"{t.spec.lr:.3g}"]
+        cells += [f"{by_rung[k].metric:.4f}" if k in by_rung else "" for k in range(len(rungs))]
+        cells += [f"{t.last.val_loss:.4f}" if t.last and t.last.val_loss is not None else "", str(t.steps)]
+        status = t.status + (" (best)" if result.best is t else "")
+        cells.append(status + (f": {t.note}" if t.note else ""))
+        lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
+    foot = (f"\n{len(result.trials)} trials, rungs {result.plan.describe()}; {result.steps_used} steps used in "
+            f"{result.seconds:.0f}s; ranked by validation {result.metric} "
+            f"({'higher' if result.higher_is_better else 'lower'} is better), ties by validation loss")
+    if result.stopped_by:
+        foot += f"; stopped early: {result.stopped_by} spent"
+    return "\n".join(lines) + "\n" + foot + "\n"
+
+
+def plot_trials(result: TuneResult, out_png: str | Path) -> Path:
+    """Validation metric (and loss) against steps, one line per trial; diverged trials end in a cross."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), squeeze=False)
+    best = result.best
+    for t in result.trials:
+        if not t.rungs and t.status != "diverged":
+            continue
+        steps = [r.steps for r in t.rungs]
+        style = {"lw": 2.5, "zorder": 3} if t is best else {"lw": 1, "alpha": 0.7}
+        label = f"{t.id} {t.spec.label()}" + (" (best)" if t is best else "")
+        for ax, values in ((axes[0][0], [r.metric for r in t.rungs]), (axes[0][1], [r.val_loss for r in t.rungs])):
+            (line,) = ax.plot(steps, values, "o-", label=label, **style)
+            if t.status == "diverged":
+                ax.plot([t.steps], [values[-1] if values else 0.0], "x", ms=10, color=line.get_color())
+    for ax, ylabel in ((axes[0][0], f"validation {result.metric}"), (axes[0][1], "validation loss")):
+        ax.set_xlabel("optimizer steps")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        for r in result.plan.rungs:
+            ax.axvline(r, color="grey", lw=0.5, ls=":")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7)
+    fig.suptitle(f"successive halving: {len(result.trials)} trials, rungs {result.plan.rungs}")
+    fig.tight_layout()
+    out_png = Path(out_png)
+    tmp = out_png.with_name(f".{out_png.name}.tmp.png")
+    fig.savefig(tmp, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, out_png)
+    return out_png
+
+
+def write_reports(result: TuneResult, out: str | Path) -> dict[str, Path]:
+    """Write ``trials.json``, ``trials.md`` and ``trials.png`` into ``out``; returns their paths."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "trials.json", "md": out / "trials.md", "png": out / "trials.png"}
+    _write_text(paths["json"], json.dumps(_json_safe(result.to_dict()), indent=2, allow_nan=False))
+    _write_text(paths["md"], format_table(result))
+    plot_trials(result, paths["png"])
+    return paths
