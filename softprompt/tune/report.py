@@ -57,19 +57,23 @@ def plot_trials(result: TuneResult, out_png: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), squeeze=False)
+    panels = [(f"validation {result.metric}", "metric")] + ([] if result.metric == "loss" else [
+        ("validation loss", "val_loss")])
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
     best = result.best
     for t in result.trials:
-        if not t.rungs and t.status != "diverged":
+        if not t.rungs:  # never run, or diverged in rung 0: named in the title instead
             continue
         steps = [r.steps for r in t.rungs]
         style = {"lw": 2.5, "zorder": 3} if t is best else {"lw": 1, "alpha": 0.7}
-        label = f"{t.id} {t.spec.label()}" + (" (best)" if t is best else "")
-        for ax, values in ((axes[0][0], [r.metric for r in t.rungs]), (axes[0][1], [r.val_loss for r in t.rungs])):
+        tag = " (best)" if t is best else " (diverged)" if t.status == "diverged" else ""
+        label = f"{t.id} {t.spec.label()}{tag}"
+        for ax, (_, key) in zip(axes[0], panels, strict=True):
+            values = [getattr(r, key) for r in t.rungs]
             (line,) = ax.plot(steps, values, "o-", label=label, **style)
-            if t.status == "diverged":
-                ax.plot([t.steps], [values[-1] if values else 0.0], "x", ms=10, color=line.get_color())
-    for ax, ylabel in ((axes[0][0], f"validation {result.metric}"), (axes[0][1], "validation loss")):
+            if t.status == "diverged":  # it went on training past its last evaluated rung, then diverged
+                ax.plot([steps[-1]], [values[-1]], "x", ms=12, mew=2, color=line.get_color())
+    for ax, (ylabel, _) in zip(axes[0], panels, strict=True):
         ax.set_xlabel("optimizer steps")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
@@ -78,7 +82,11 @@ def plot_trials(result: TuneResult, out_png: str | Path) -> Path:
     handles, labels = axes[0][0].get_legend_handles_labels()
     if handles:
         fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7)
-    fig.suptitle(f"successive halving: {len(result.trials)} trials, rungs {result.plan.rungs}")
+    title = f"successive halving: {len(result.trials)} trials, rungs {result.plan.rungs}"
+    early = [f"{t.id} (step {t.steps})" for t in result.trials if t.status == "diverged" and not t.rungs]
+    if early:
+        title += "\ndiverged before their first evaluation: " + ", ".join(early)
+    fig.suptitle(title)
     fig.tight_layout()
     out_png = Path(out_png)
     tmp = out_png.with_name(f".{out_png.name}.tmp.png")
