@@ -55,6 +55,24 @@ def search(out, tokenizer, tune: TuneArgs, data: TaskData | None = None, **train
                               tune)
 
 
+class CountSteps:
+    """Counts the training forward passes (one per optimizer step here: batch 8, no accumulation)."""
+
+    def __init__(self, real):
+        self.real, self.calls = real, 0
+
+    def __call__(self, model, batch, prompt):
+        self.calls += 1
+        return self.real(model, batch, prompt)
+
+
+@pytest.fixture
+def steps_trained(monkeypatch) -> CountSteps:
+    counter = CountSteps(inject.target_loss)
+    monkeypatch.setattr(inject, "target_loss", counter)
+    return counter
+
+
 def by_lr(result, lr: float) -> Trial:
     return next(t for t in result.trials if t.spec.lr == lr)
 
@@ -65,9 +83,14 @@ def prompt_tensor(folder) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def halved(tmp_path_factory, tokenizer):
-    """4 lrs, eta 2, 12 steps: rungs of 3, 6 and 12 steps for 4, 2 and 1 trials."""
+    """4 lrs, eta 2, 12 steps: rungs of 3, 6 and 12 steps for 4, 2 and 1 trials; and the steps really trained."""
     out = tmp_path_factory.mktemp("halved")
-    return out, search(out, tokenizer, TuneArgs(lrs=LRS, eta=2))
+    with pytest.MonkeyPatch.context() as mp:
+        counter = CountSteps(inject.target_loss)
+        mp.setattr(inject, "target_loss", counter)
+        result = search(out, tokenizer, TuneArgs(lrs=LRS, eta=2))
+    result.trained = counter.calls
+    return out, result
 
 
 # ----- the search ----------------------------------------------------------------------------------------
@@ -86,6 +109,7 @@ def test_halving_keeps_the_best_trials_and_gives_them_more_steps(halved):
     assert result.ranking[0] is result.best and result.ranking[-1].spec.lr in (1e-6, 1e-5)
     assert result.best.last.metric < by_lr(result, 1e-6).last.metric - 0.05
     assert result.steps_used == result.plan.cost == 4 * 3 + 2 * 3 + 1 * 6
+    assert result.trained == 24  # promoted trials continued: a restart would train 4 * 3 + 2 * 6 + 12 = 36
     assert "not promoted after rung 0" in by_lr(result, 1e-6).note
 
 
@@ -117,18 +141,18 @@ def test_promoted_trial_continues_exactly_like_an_uninterrupted_run(halved, tmp_
     assert best.rungs[-1].val_loss < best.rungs[0].val_loss
 
 
-def test_step_budget_derives_the_horizon_and_is_never_exceeded(tmp_path, tokenizer):
+def test_step_budget_derives_the_horizon_and_is_never_exceeded(tmp_path, tokenizer, steps_trained):
     result = search(tmp_path, tokenizer, TuneArgs(lrs=LRS, eta=2, budget_steps=41), max_steps=0)
     # 41 steps for 4 -> 2 -> 1 trials: r0 = 41 // (4 + 2 + 2) = 5, rungs 5, 10, 20 (40 steps), 1 left over
     assert (result.plan.rungs, result.plan.keep, result.plan.cost) == ([5, 10, 21], [4, 2, 1], 41)
-    assert result.steps_used == sum(t.steps for t in result.trials) <= 41
+    assert steps_trained.calls == result.steps_used == sum(t.steps for t in result.trials) <= 41
     assert result.best.steps == 21 and result.stopped_by is None
 
 
-def test_step_budget_smaller_than_the_plan_stops_promoting(tmp_path, tokenizer):
+def test_step_budget_smaller_than_the_plan_stops_promoting(tmp_path, tokenizer, steps_trained):
     # the plan of 12-step trials costs 24; 16 pays for rung 0 (12) and one promotion (3), not a second
     result = search(tmp_path, tokenizer, TuneArgs(lrs=LRS, eta=2, budget_steps=16))
-    assert result.steps_used == 15 <= 16 and result.stopped_by == "--budget-steps"
+    assert steps_trained.calls == result.steps_used == 15 <= 16 and result.stopped_by == "--budget-steps"
     assert sorted(t.steps for t in result.trials) == [3, 3, 3, 6]
     assert result.best.steps == 6  # the one trial that got further ranks first
     left = [t for t in result.trials if "--budget-steps spent before rung 1" in t.note]
@@ -228,6 +252,29 @@ def test_run_tune_writes_trials_best_prompt_and_a_top_k_ensemble_that_loads(tmp_
     assert any("ensemble 'sent'" in ln for ln in lines) and any(ln.startswith("best: ") for ln in lines)
     assert json.loads((out / "tune.json").read_text())["tune"]["top_k"] == 2
 
+    # the store entry 'sent' is now an ensemble: a top-1 search, which writes a prompt there, is refused up front
+    with pytest.raises(ConfigError, match="'sent' is an ensemble, tune writes a prompt there"):
+        run_tune(args, TuneArgs(lrs=[0.1], store=str(store_dir), task="sent"), model, tokenizer, task(64, 32),
+                 echo=lines.append)
+    assert (out / "trials" / "t02").is_dir()  # nothing was touched
+
+
+def test_a_search_where_every_trial_diverges_saves_nothing_and_leaves_no_older_prompt(tmp_path, tokenizer,
+                                                                                       monkeypatch):
+    out = tmp_path / "run"
+    args = {"model": ModelArgs(), "data": DataArgs(max_length=64), "prompt": PROMPT, "eval": EvalArgs(),
+            "train": base(out, max_steps=6, prompt_pass="concat", max_rollbacks=1)}
+    model, lines = make_model("llama"), []
+    first = run_tune(args, TuneArgs(lrs=[0.03, 0.1, 0.3], top_k=2), model, tokenizer, task(64, 32), echo=id)
+    assert first.best is not None and (out / "best_prompt").is_dir() and (out / "top" / "2").is_dir()
+    monkeypatch.setattr(inject, "target_loss", _Overflow(inject.target_loss))
+    result = run_tune(args, TuneArgs(lrs=[1e4]), model, tokenizer, task(64, 32), echo=lines.append)
+    assert result.best is None and [t.status for t in result.trials] == ["diverged"]
+    assert not (out / "best_prompt").exists() and not (out / "top" / "1").exists()  # the first search's: gone
+    assert sorted(p.name for p in (out / "trials").iterdir()) == ["t00"]  # its trials too
+    assert json.loads((out / "trials.json").read_text())["best"] is None
+    assert any("every trial diverged" in ln for ln in lines)
+
 
 # ----- the validation split -------------------------------------------------------------------------------
 
@@ -239,6 +286,10 @@ def test_a_task_without_validation_is_refused_or_split_deterministically_on_requ
         with_validation(no_val, TuneArgs(), seed=13)
     with pytest.raises(ConfigError, match="validation split and the task has none"):
         search(tmp_path, tokenizer, TuneArgs(lrs=[0.1]), data=no_val)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("WORLD_SIZE", "2")
+        with pytest.raises(ConfigError, match="runs in one process"):
+            search(tmp_path, tokenizer, TuneArgs(lrs=[0.1]))
     carved = with_validation(no_val, TuneArgs(validation_from_train=0.25), seed=13)
     again = with_validation(no_val, TuneArgs(validation_from_train=0.25), seed=13)
     other = with_validation(no_val, TuneArgs(validation_from_train=0.25), seed=14)

@@ -147,6 +147,42 @@ def with_validation(task: TaskData, tune: TuneArgs, seed: int) -> TaskData:
     return TaskData(task.format, splits)
 
 
+def check_store(tune: TuneArgs) -> None:
+    """Refuse, before any training, a ``--store`` that is not a store or whose ``--task`` entries are of the
+    other kind (a prompt where the top-k ensemble would go, or the reverse).
+
+    Raises:
+        StoreError: ``--store`` is a non-empty folder that is not a prompt store.
+        ConfigError: an entry to be written exists with the other kind.
+    """
+    if not tune.store or not Path(tune.store).is_dir() or not any(Path(tune.store).iterdir()):
+        return
+    from softprompt.store import PromptStore
+
+    store = PromptStore(tune.store)
+    wanted = {tune.task: "ensemble" if tune.top_k > 1 else "prompt"}
+    if tune.top_k > 1:
+        wanted.update(dict.fromkeys(member_names(tune.task, tune.top_k), "prompt"))
+    a = {"prompt": "a prompt", "ensemble": "an ensemble"}
+    clash = [f"{name!r} is {a.get(store.kind(name), store.kind(name))}, tune writes {a[kind]} there"
+             for name, kind in wanted.items() if name in store and store.kind(name) != kind]
+    if clash:
+        raise ConfigError(f"--store {tune.store} --task {tune.task} --top-k {tune.top_k}: {'; '.join(clash)}; "
+                          "remove those entries (softprompt store remove) or choose another --task")
+
+
+def _remove_stale_outputs(out: Path) -> None:
+    """Delete what an earlier search saved in ``out`` (``best_prompt/``, ``top/N/``), so that a search that
+    saves nothing (every trial diverged) leaves no older prompt looking like its result."""
+    import shutil
+
+    stale = [out / "best_prompt"] + (sorted(p for p in (out / "top").iterdir() if p.name.isdigit())
+                                     if (out / "top").is_dir() else [])
+    for p in stale:
+        if p.is_dir():
+            shutil.rmtree(p)
+
+
 def _copy_prompt(src: Path, dst: Path, model, extra_metrics: dict) -> Path:
     """Save the trial prompt at ``src`` again at ``dst`` (validated on the way), adding to its metrics."""
     from softprompt.store import load_prompt, save_prompt
@@ -209,11 +245,13 @@ def run_tune(args: dict[str, Any], tune: TuneArgs, model, tokenizer, task: TaskD
     from softprompt.store.task_record import TaskRecord
 
     data, prompt, train_args = args["data"], args["prompt"], args["train"]
+    check_store(tune)
     task = with_validation(task, tune, data.data_seed)
     if prompt.init_text is None:  # as softprompt train: fits the task; recorded with every prompt
         prompt = dataclasses.replace(prompt, init_text=default_init_text(data.dataset, task.format))
     out = Path(train_args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    _remove_stale_outputs(out)
     sections = {k: dataclasses.asdict(v) for k, v in args.items()}
     (out / "tune.json").write_text(json.dumps({"tune": dataclasses.asdict(tune), **sections,
                                                "prompt": dataclasses.asdict(prompt)}, indent=2, default=str))

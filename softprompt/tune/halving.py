@@ -19,6 +19,9 @@ import dataclasses
 import json
 import logging
 import math
+import os
+import re
+import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -141,6 +144,9 @@ class _Search:
                  tune: TuneArgs, out: Path, eval_batch_size: int, max_length: int, save_meta: dict):
         self.model, self.tok, self.prompt, self.base, self.tune = model, tokenizer, prompt, train_args, tune
         self.out, self.eval_batch_size, self.max_length, self.save_meta = out, eval_batch_size, max_length, save_meta
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ConfigError("softprompt tune runs in one process (its trials are sequential): launch it without "
+                              "torchrun / accelerate launch")
         self.fmt = task.format
         self.valid = task.splits.get("validation") or []
         if not self.valid:
@@ -161,6 +167,7 @@ class _Search:
         if any(s.method_config.get("init") == "sample_vocab" for s in specs):
             self.token_counts = Counter(t for ex in self.train_task.examples("train")
                                         for t in tokenizer(ex.source, add_special_tokens=False)["input_ids"])
+        _remove_stale_trials(out / "trials")
         self.steps_used, self.stopped_by = 0, None
         self.t0 = time.perf_counter()
         self.seconds_per_step: list[float] = []
@@ -305,6 +312,17 @@ class _Search:
             t.note = f"{self.stopped_by} spent before rung {rung}"
         log.warning("tune: %s spent (%d steps used, %.0fs): rung %d not run for %s", self.stopped_by,
                     self.steps_used, time.perf_counter() - self.t0, rung, ", ".join(t.id for t in left))
+
+
+def _remove_stale_trials(folder: Path) -> None:
+    """Delete the trial folders an earlier search left in ``folder`` (``tNN`` only: nothing else is touched),
+    so that every folder there belongs to this search."""
+    stale = sorted(p for p in folder.iterdir() if p.is_dir() and re.fullmatch(r"t\d{2,}", p.name)) \
+        if folder.is_dir() else []
+    if stale:
+        log.info("tune: removing %d trial folders of an earlier search in %s", len(stale), folder)
+    for p in stale:
+        shutil.rmtree(p)
 
 
 def _log_rows(path: Path) -> list[dict]:
