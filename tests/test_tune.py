@@ -210,6 +210,33 @@ def test_diverging_trial_ranks_last_without_crashing_and_no_nan_is_saved(tmp_pat
     assert result.steps_used == sum(t.steps for t in result.trials)
 
 
+def test_a_trial_that_raises_fails_alone_and_progress_is_reported_after_every_segment(tmp_path, tokenizer,
+                                                                                      monkeypatch):
+    real = inject.target_loss
+
+    def out_of_memory_with_8_tokens(model, batch, prompt):  # concat pass: prompt is (P, H)
+        if prompt.shape[0] == 8:
+            raise RuntimeError("out of memory (simulated)")
+        return real(model, batch, prompt)
+
+    monkeypatch.setattr(inject, "target_loss", out_of_memory_with_8_tokens)
+    snapshots = []
+    result = successive_halving(
+        make_model("llama"), tokenizer, task(64, 32), PROMPT, base(tmp_path, prompt_pass="concat"),
+        TuneArgs(lrs=[0.03, 0.1], search={"num_virtual_tokens": [8, 4]}, eta=2),
+        progress=lambda r: snapshots.append([(t.id, t.status, t.steps) for t in r.trials]))
+    failed = [t for t in result.trials if t.spec.num_virtual_tokens == 8]
+    assert [t.status for t in failed] == ["failed", "failed"] and all(t.steps == 0 for t in failed)
+    assert all("RuntimeError: out of memory (simulated)" in t.note for t in failed)
+    assert result.ranking[-2:] == failed and result.best.spec.num_virtual_tokens == 4
+    assert [t.status for t in result.trials if t.spec.num_virtual_tokens == 4] == ["ok", "ok"]
+    # rungs 3, 6, 12 for 4 -> 2 -> 1 trials: 4 + 2 + 1 segments, each followed by a snapshot
+    assert len(snapshots) == 7
+    assert snapshots[0] == [("t00", "failed", 0), ("t01", "pending", 0), ("t02", "pending", 0),
+                            ("t03", "pending", 0)]
+    assert snapshots[-1] == [(t.id, t.status, t.steps) for t in result.trials]
+
+
 # ----- the command: files, best prompt, store ensemble ----------------------------------------------------
 
 def test_run_tune_writes_trials_best_prompt_and_a_top_k_ensemble_that_loads(tmp_path, tokenizer):

@@ -260,13 +260,14 @@ def run_tune(args: dict[str, Any], tune: TuneArgs, model, tokenizer, task: TaskD
     result = successive_halving(
         model, tokenizer, task, prompt, train_args, tune, output_dir=out, eval_batch_size=args["eval"].eval_batch_size,
         max_length=data.max_length, task_meta=TaskRecord.from_format(task.format, data.dataset).to_dict(),
-        train_config={k: v for k, v in sections.items() if k in ("model", "data", "eval")})
+        train_config={k: v for k, v in sections.items() if k in ("model", "data", "eval")},
+        progress=lambda partial: write_reports(partial, out, png=False))
     paths = write_reports(result, out)
     save_results(result, out, model, tune, echo)
     echo("\n" + format_table(result))
     best = result.best
     if best is None:
-        echo(f"every trial diverged or none ran: no prompt saved (see {paths['md']})")
+        echo(f"every trial diverged, failed or did not run: no prompt saved (see {paths['md']})")
     else:
         echo(f"best: {best.id} {best.spec.label()}, validation {result.metric} {best.last.metric:.4f} after "
              f"{best.steps} steps; saved to {out / 'best_prompt'}")

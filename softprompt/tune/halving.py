@@ -24,6 +24,7 @@ import re
 import shutil
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,7 @@ from softprompt.tune.space import Plan, TrialSpec, TuneArgs, plan_rungs, trial_s
 
 log = logging.getLogger(__name__)
 
-STATUSES = ("ok", "diverged", "not_run")  # final ranking order of the statuses
+STATUSES = ("ok", "pending", "diverged", "failed", "not_run")  # ranking order of the statuses
 
 
 class _RungReached(Exception):
@@ -68,7 +69,7 @@ class Trial:
     folder: Path
     steps: int = 0  # optimizer steps trained so far
     rungs: list[RungResult] = field(default_factory=list)
-    status: str = "pending"  # then ok, diverged or not_run
+    status: str = "pending"  # then ok, diverged, failed (an error in train or evaluation) or not_run
     note: str = ""  # why it went no further
     rollbacks: int = 0
 
@@ -124,11 +125,11 @@ class TuneResult:
 
 
 def rank_key(trial: Trial, higher: bool) -> tuple:
-    """Sort key of the final ranking: finished before diverged before never run; then the highest rung
-    reached; then its metric (best first), validation loss and trial order."""
+    """Sort key of the ranking: finished trials first (by the highest rung reached, then its metric, best
+    first, then validation loss and trial order), then diverged, failed and never run ones (by trial order)."""
     last = trial.last
     if trial.status != "ok" or last is None:
-        return (STATUSES.index(trial.status) if trial.status in STATUSES else 0, 0, 0.0, 0.0, trial.index)
+        return (STATUSES.index(trial.status), 0, 0.0, 0.0, trial.index)
     metric = -last.metric if higher else last.metric
     return (0, -len(trial.rungs), metric, last.val_loss if last.val_loss is not None else math.inf, trial.index)
 
@@ -141,8 +142,10 @@ class _Search:
     """The state of one search (kept out of the public function so each step reads as a method)."""
 
     def __init__(self, model, tokenizer, task: TaskData, prompt: PromptArgs, train_args: TrainArgs,
-                 tune: TuneArgs, out: Path, eval_batch_size: int, max_length: int, save_meta: dict):
+                 tune: TuneArgs, out: Path, eval_batch_size: int, max_length: int, save_meta: dict,
+                 progress: Callable[[TuneResult], None] | None = None):
         self.model, self.tok, self.prompt, self.base, self.tune = model, tokenizer, prompt, train_args, tune
+        self.progress = progress
         self.out, self.eval_batch_size, self.max_length, self.save_meta = out, eval_batch_size, max_length, save_meta
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise ConfigError("softprompt tune runs in one process (its trials are sequential): launch it without "
@@ -211,8 +214,12 @@ class _Search:
             trial.steps, diverged = result.steps, result.diverged
         except _RungReached:
             trial.steps, diverged = stop_at, False
-        self.model.eval()
-        method.eval()
+        except RuntimeError as e:  # e.g. out of memory with the longest prompt: this trial fails, not the search
+            self._failed(trial, rung, start, e)
+            return
+        finally:
+            self.model.eval()
+            method.eval()
         rows = _log_rows(trial.folder / "metrics.jsonl")
         events = [r for r in rows if "event" in r]
         trial.rollbacks = len(events)
@@ -228,7 +235,11 @@ class _Search:
             self._diverged(trial, rung, f"non-finite prompt values at step {trial.steps}")
             return
         t1 = time.perf_counter()
-        metrics = self.evaluate(method)
+        try:
+            metrics = self.evaluate(method)
+        except RuntimeError as e:
+            self._failed(trial, rung, trial.steps, e)
+            return
         self.eval_seconds.append(time.perf_counter() - t1)
         value, loss = metrics.get(self.metric), metrics.get("loss")
         if not _finite(value) or (loss is not None and not math.isfinite(loss)):
@@ -251,6 +262,14 @@ class _Search:
     def _prompt_args(self, spec: TrialSpec) -> PromptArgs:
         return dataclasses.replace(self.prompt, method=spec.method, num_virtual_tokens=spec.num_virtual_tokens,
                                    init=spec.init)
+
+    def _failed(self, trial: Trial, rung: int, steps_before: int, error: Exception) -> None:
+        rows = _log_rows(trial.folder / "metrics.jsonl")  # the steps it trained before the error count
+        trial.steps = max([steps_before] + [r["step"] for r in rows])
+        self.steps_used += trial.steps - steps_before
+        trial.status, trial.note = "failed", f"rung {rung}: {type(error).__name__}: {error}"
+        log.warning("rung %d  %s  %s failed (%s: %s); ranked after the finished trials", rung, trial.id,
+                    trial.spec.label(), type(error).__name__, error)
 
     def _diverged(self, trial: Trial, rung: int, why: str) -> None:
         trial.status, trial.note = "diverged", f"rung {rung}: {why}"
@@ -296,15 +315,21 @@ class _Search:
                 if self.stopped_by:
                     break
                 self.run_segment(trial, rung)
+                if self.progress:
+                    self.progress(self.result())
             if self.stopped_by:
                 self._stop(rung, alive)
                 break
         for t in self.trials:
             if t.status == "pending":
                 t.status = "not_run"
+        return self.result()
+
+    def result(self) -> TuneResult:
+        """The search as it stands (trials not yet run are ``pending`` until it ends)."""
         ranking = sorted(self.trials, key=lambda t: rank_key(t, self.higher))
-        return TuneResult(self.trials, ranking, self.plan, self.metric, self.higher, self.steps_used,
-                          time.perf_counter() - self.t0, self.stopped_by, self.notes)
+        return TuneResult(list(self.trials), ranking, self.plan, self.metric, self.higher, self.steps_used,
+                          time.perf_counter() - self.t0, self.stopped_by, list(self.notes))
 
     def _stop(self, rung: int, alive: list[Trial]) -> None:
         left = [t for t in alive if len(t.rungs) == rung and t.status in ("pending", "ok")]
@@ -331,7 +356,8 @@ def _log_rows(path: Path) -> list[dict]:
 
 def successive_halving(model, tokenizer, task: TaskData, prompt: PromptArgs, train_args: TrainArgs, tune: TuneArgs,
                        *, output_dir: str | Path | None = None, eval_batch_size: int = 32, max_length: int = 256,
-                       task_meta: dict | None = None, train_config: dict | None = None) -> TuneResult:
+                       task_meta: dict | None = None, train_config: dict | None = None,
+                       progress: Callable[[TuneResult], None] | None = None) -> TuneResult:
     """Search the learning rate (and the ``--search`` settings) by successive halving on the validation split.
 
     Args:
@@ -348,6 +374,8 @@ def successive_halving(model, tokenizer, task: TaskData, prompt: PromptArgs, tra
         max_length: token budget per example.
         task_meta: the ``task`` record saved with each trial's prompt (default: from the task's format).
         train_config: extra sections to record with each trial's prompt (the model and data flags).
+        progress: called with the search as it stands after every trial segment (e.g. to rewrite
+            ``trials.json`` so that a long search can be followed, and read if it is interrupted).
 
     Returns:
         Every trial with its steps and validation numbers per rung, and the final ranking.
@@ -360,4 +388,5 @@ def successive_halving(model, tokenizer, task: TaskData, prompt: PromptArgs, tra
     out = Path(output_dir if output_dir is not None else train_args.output_dir)
     meta = {"task": task_meta if task_meta is not None else TaskRecord.from_format(task.format).to_dict(),
             "train_config": dict(train_config or {})}
-    return _Search(model, tokenizer, task, prompt, train_args, tune, out, eval_batch_size, max_length, meta).run()
+    return _Search(model, tokenizer, task, prompt, train_args, tune, out, eval_batch_size, max_length, meta,
+                   progress).run()

@@ -96,12 +96,13 @@ def plot_trials(result: TuneResult, out_png: str | Path) -> Path:
     return out_png
 
 
-def write_reports(result: TuneResult, out: str | Path) -> dict[str, Path]:
-    """Write ``trials.json``, ``trials.md`` and ``trials.png`` into ``out``; returns their paths."""
+def write_reports(result: TuneResult, out: str | Path, png: bool = True) -> dict[str, Path]:
+    """Write ``trials.json``, ``trials.md`` and (with ``png``) ``trials.png`` into ``out``; returns their paths."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "trials.json", "md": out / "trials.md", "png": out / "trials.png"}
     _write_text(paths["json"], json.dumps(_json_safe(result.to_dict()), indent=2, allow_nan=False))
     _write_text(paths["md"], format_table(result))
-    plot_trials(result, paths["png"])
+    if png:
+        plot_trials(result, paths["png"])
     return paths
