@@ -294,6 +294,8 @@ def test_a_search_where_every_trial_diverges_saves_nothing_and_leaves_no_older_p
     model, lines = make_model("llama"), []
     first = run_tune(args, TuneArgs(lrs=[0.03, 0.1, 0.3], top_k=2), model, tokenizer, task(64, 32), echo=id)
     assert first.best is not None and (out / "best_prompt").is_dir() and (out / "top" / "2").is_dir()
+    assert any("rung 0 ends at step 2, within --warmup-steps 2" in n for n in first.notes)  # 6 // 3 = 2
+    assert "- rung 0 ends at step 2" in (out / "trials.md").read_text()
     monkeypatch.setattr(inject, "target_loss", _Overflow(inject.target_loss))
     result = run_tune(args, TuneArgs(lrs=[1e4]), model, tokenizer, task(64, 32), echo=lines.append)
     assert result.best is None and [t.status for t in result.trials] == ["diverged"]

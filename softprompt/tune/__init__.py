@@ -13,9 +13,10 @@ from softprompt.tune.command import (
     tune_args_from_namespace,
     with_validation,
 )
-from softprompt.tune.halving import RungResult, Trial, TuneResult, rank_key, successive_halving
+from softprompt.tune.halving import successive_halving
 from softprompt.tune.report import format_table, plot_trials, write_reports
 from softprompt.tune.space import Plan, TrialSpec, TuneArgs, learning_rates, plan_rungs, trial_specs
+from softprompt.tune.trials import RungResult, Trial, TuneResult, rank_key
 
 __all__ = [
     "Plan",

@@ -20,9 +20,10 @@ from typing import Any
 
 from softprompt.config import ConfigError
 from softprompt.data import TaskData
-from softprompt.tune.halving import TuneResult, successive_halving
+from softprompt.tune.halving import successive_halving
 from softprompt.tune.report import format_table, write_reports
 from softprompt.tune.space import SEARCHABLE, TuneArgs, member_names
+from softprompt.tune.trials import TuneResult
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ import math
 import os
 from pathlib import Path
 
-from softprompt.tune.halving import TuneResult
+from softprompt.tune.trials import TuneResult
 
 
 def _json_safe(value):
@@ -41,13 +41,15 @@ def format_table(result: TuneResult) -> str:
         cells += [f"{t.last.val_loss:.4f}" if t.last and t.last.val_loss is not None else "", str(t.steps)]
         status = t.status + (" (best)" if result.best is t else "")
         cells.append(status + (f": {t.note}" if t.note else ""))
-        lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
+        lines.append("| " + " | ".join(c.replace("|", "/").replace("\n", " ") for c in cells) + " |")
     foot = (f"\n{len(result.trials)} trials, rungs {result.plan.describe()}; {result.steps_used} steps used in "
             f"{result.seconds:.0f}s; ranked by validation {result.metric} "
-            f"({'higher' if result.higher_is_better else 'lower'} is better), ties by validation loss")
+            f"({'higher' if result.higher_is_better else 'lower'} is better)"
+            + ("" if result.metric == "loss" else ", ties by validation loss"))
     if result.stopped_by:
         foot += f"; stopped early: {result.stopped_by} spent"
-    return "\n".join(lines) + "\n" + foot + "\n"
+    notes = "".join(f"\n- {n}" for n in result.notes)
+    return "\n".join(lines) + "\n" + foot + "\n" + (notes + "\n" if notes else "")
 
 
 def plot_trials(result: TuneResult, out_png: str | Path) -> Path:
