@@ -77,6 +77,9 @@ def plot_trials(result: TuneResult, out_png: str | Path) -> Path:
                 ax.plot([steps[-1]], [values[-1]], "x", ms=12, mew=2, color=line.get_color())
     for ax, (ylabel, _) in zip(axes[0], panels, strict=True):
         ax.set_xlabel("optimizer steps")
+        if result.plan.rungs[-1] >= 9 * result.plan.rungs[0]:  # geometric rungs: evenly spaced on a log axis
+            ax.set_xscale("log")
+            ax.set_xticks(result.plan.rungs, [str(r) for r in result.plan.rungs])
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         for r in result.plan.rungs:
