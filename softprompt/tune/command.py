@@ -116,7 +116,7 @@ def tune_args_from_namespace(ns: argparse.Namespace) -> tuple[TuneArgs | None, l
     return (None, problems) if problems else (tune, [])
 
 
-def with_validation(task: TaskData, tune: TuneArgs, seed: int) -> TaskData:
+def with_validation(task: TaskData, tune: TuneArgs, seed: int, echo: Callable[[str], None] = print) -> TaskData:
     """``task`` with a validation split to select on (see the module docstring for the policy).
 
     Raises:
@@ -139,7 +139,7 @@ def with_validation(task: TaskData, tune: TuneArgs, seed: int) -> TaskData:
     order = list(range(len(train)))
     random.Random(f"{seed}:tune-validation").shuffle(order)
     held = set(order[:n_val])
-    print(f"no validation split: held out {n_val} of the {len(train)} training examples as validation "
+    echo(f"no validation split: held out {n_val} of the {len(train)} training examples as validation "
           f"(--validation-from-train {tune.validation_from_train:g}, --data-seed {seed}); the prompt trains on "
           f"the other {len(train) - n_val}")
     splits = dict(task.splits)
@@ -237,7 +237,8 @@ def run_tune(args: dict[str, Any], tune: TuneArgs, model, tokenizer, task: TaskD
         echo: where the console lines go.
 
     Returns:
-        The search result; ``result.best`` is None when every trial diverged (the command should exit 1).
+        The search result; ``result.best`` is None when no trial finished (every one diverged or failed): the
+        command should then exit 1.
 
     Files in ``--output-dir``: ``trials.json``, ``trials.md``, ``trials.png``, ``tune.json`` (the flags),
     ``trials/tNN/`` (each trial's run), ``best_prompt/``, ``top/1..k/`` with ``--top-k`` > 1.
@@ -247,7 +248,7 @@ def run_tune(args: dict[str, Any], tune: TuneArgs, model, tokenizer, task: TaskD
 
     data, prompt, train_args = args["data"], args["prompt"], args["train"]
     check_store(tune)
-    task = with_validation(task, tune, data.data_seed)
+    task = with_validation(task, tune, data.data_seed, echo)
     if prompt.init_text is None:  # as softprompt train: fits the task; recorded with every prompt
         prompt = dataclasses.replace(prompt, init_text=default_init_text(data.dataset, task.format))
     out = Path(train_args.output_dir)
