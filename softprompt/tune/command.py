@@ -1,0 +1,277 @@
+"""What ``softprompt tune`` does once its arguments are resolved: flags, validation split, search, files, store.
+
+The command needs the validation split: a task without one is refused (naming ``--validation-file``), unless
+``--validation-from-train FRACTION`` asks to hold out part of the training data, which is done
+deterministically (seeded by ``--data-seed``) and said on the console. Refusing is the default because a
+silent hold-out would train the tuned prompt on less data than ``softprompt train`` uses, without the user
+having chosen it; the test split is never a fallback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import random
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from softprompt.config import ConfigError
+from softprompt.data import TaskData
+from softprompt.tune.halving import successive_halving
+from softprompt.tune.report import format_table, write_reports
+from softprompt.tune.space import SEARCHABLE, TuneArgs, member_names
+from softprompt.tune.trials import TuneResult
+
+log = logging.getLogger(__name__)
+
+
+def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the search flags of ``softprompt tune`` (the model/data/prompt/train/eval sections come from config)."""
+    g = parser.add_argument_group(
+        "tune (successive halving on the validation split; each trial is a normal training run, --lr searched)")
+    g.add_argument("--lrs", help="comma-separated learning rates to try (default: 9 values from --lr/27 to --lr*3)")
+    g.add_argument("--lr-range", nargs=2, metavar=("LOW", "HIGH"), help="try --num-trials learning rates in this range")
+    g.add_argument("--num-trials", type=int, help="how many learning rates --lr-range gives (default 9)")
+    g.add_argument("--lr-sampling", default="grid", help="grid (log-spaced, ends included) or random (log-uniform, "
+                                                         "seeded by --seed) over --lr-range; default grid")
+    g.add_argument("--search", action="append", default=[], metavar="KEY=V1,V2",
+                   help=f"also search these values (repeatable; KEY: {', '.join(SEARCHABLE)}), e.g. "
+                        "--search num_virtual_tokens=10,20,50 --search method=prompt_tuning,prefix_tuning")
+    g.add_argument("--budget-steps", type=int, help="total optimizer steps over all trials")
+    g.add_argument("--budget-minutes", type=float,
+                   help="wall clock for the search: no trial segment starts that would end past it")
+    g.add_argument("--eta", type=int, default=3, help="keep the best 1/eta of the trials at each rung (default 3)")
+    g.add_argument("--min-steps", type=int, help="steps every trial gets at rung 0 (default: from the budget or the "
+                                                 "run length)")
+    g.add_argument("--top-k", type=int, default=1, help="save the k best prompts (with --store: k > 1 adds them "
+                                                        "as TASK-1..TASK-k and an ensemble TASK)")
+    g.add_argument("--store", help="add the result to this prompt store (created if missing)")
+    g.add_argument("--task", help="entry name in --store")
+    g.add_argument("--validation-from-train", type=float, metavar="FRACTION",
+                   help="when the task has no validation split, hold out this fraction of train (seeded by "
+                        "--data-seed); without it such a task is refused")
+
+
+def _floats(flag: str, values: list[str], problems: list[str]) -> list[float] | None:
+    out = []
+    for v in values:
+        try:
+            out.append(float(v))
+        except ValueError:
+            problems.append(f"{flag}: {v!r} is not a number")
+    return out if len(out) == len(values) else None
+
+
+def _search_values(key: str, text: str, problems: list[str]) -> list[Any] | None:
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    if key != "num_virtual_tokens":
+        return values
+    try:
+        return [int(v) for v in values]
+    except ValueError:
+        problems.append(f"--search num_virtual_tokens={text}: every value must be an integer")
+        return None
+
+
+def tune_args_from_namespace(ns: argparse.Namespace) -> tuple[TuneArgs | None, list[str]]:
+    """The :class:`TuneArgs` of parsed flags, and every problem found (then the args are None).
+
+    The problems are meant to be reported together with the other sections' (``_resolve(ns, ..., problems)``).
+    """
+    problems: list[str] = []
+    fields: dict[str, Any] = {}
+    if ns.lrs is not None:
+        fields["lrs"] = _floats("--lrs", [v.strip() for v in ns.lrs.split(",") if v.strip()], problems)
+        if fields["lrs"] is None:
+            del fields["lrs"]
+    if ns.lr_range is not None:
+        pair = _floats("--lr-range", list(ns.lr_range), problems)
+        if pair is not None:
+            fields["lr_range"] = tuple(pair)
+    search: dict[str, list[Any]] = {}
+    for entry in ns.search:
+        key, sep, text = entry.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep:
+            problems.append(f"--search {entry!r}: expected KEY=V1,V2,... (KEY: {', '.join(SEARCHABLE)})")
+        elif key in search:
+            problems.append(f"--search {key} given twice: list all its values in one --search")
+        else:
+            values = _search_values(key, text, problems)
+            if values is not None:
+                search[key] = values
+    fields["search"] = search
+    for name in ("num_trials", "lr_sampling", "budget_steps", "budget_minutes", "eta", "min_steps", "top_k", "store",
+                 "task", "validation_from_train"):
+        if getattr(ns, name) is not None:
+            fields[name] = getattr(ns, name)
+    try:
+        tune = TuneArgs(**fields)
+    except ConfigError as e:
+        problems += str(e).removeprefix("invalid arguments:\n  ").split("\n  ")
+        return None, problems
+    return (None, problems) if problems else (tune, [])
+
+
+def with_validation(task: TaskData, tune: TuneArgs, seed: int, echo: Callable[[str], None] = print) -> TaskData:
+    """``task`` with a validation split to select on (see the module docstring for the policy).
+
+    Raises:
+        ConfigError: no validation split and no ``--validation-from-train``, or too little data to hold out.
+    """
+    if task.splits.get("validation"):
+        if tune.validation_from_train is not None:
+            log.info("--validation-from-train ignored: the task has a validation split (%d examples)",
+                     len(task.splits["validation"]))
+        return task
+    if tune.validation_from_train is None:
+        raise ConfigError("softprompt tune selects on the validation split and this task has none: pass "
+                          "--validation-file FILE, or --validation-from-train FRACTION to hold out part of the "
+                          "training data (the test split is never used for selection)")
+    train = task.examples("train")
+    n_val = max(1, round(len(train) * tune.validation_from_train))
+    if len(train) - n_val < 1:
+        raise ConfigError(f"--validation-from-train {tune.validation_from_train:g}: the {len(train)} training "
+                          "examples leave nothing to train on")
+    order = list(range(len(train)))
+    random.Random(f"{seed}:tune-validation").shuffle(order)
+    held = set(order[:n_val])
+    echo(f"no validation split: held out {n_val} of the {len(train)} training examples as validation "
+          f"(--validation-from-train {tune.validation_from_train:g}, --data-seed {seed}); the prompt trains on "
+          f"the other {len(train) - n_val}")
+    splits = dict(task.splits)
+    splits["train"] = [ex for i, ex in enumerate(train) if i not in held]
+    splits["validation"] = [ex for i, ex in enumerate(train) if i in held]
+    return TaskData(task.format, splits)
+
+
+def check_store(tune: TuneArgs) -> None:
+    """Refuse, before any training, a ``--store`` that is not a store or whose ``--task`` entries are of the
+    other kind (a prompt where the top-k ensemble would go, or the reverse).
+
+    Raises:
+        StoreError: ``--store`` is a non-empty folder that is not a prompt store.
+        ConfigError: an entry to be written exists with the other kind.
+    """
+    if not tune.store or not Path(tune.store).is_dir() or not any(Path(tune.store).iterdir()):
+        return
+    from softprompt.store import PromptStore
+
+    store = PromptStore(tune.store)
+    wanted = {tune.task: "ensemble" if tune.top_k > 1 else "prompt"}
+    if tune.top_k > 1:
+        wanted.update(dict.fromkeys(member_names(tune.task, tune.top_k), "prompt"))
+    a = {"prompt": "a prompt", "ensemble": "an ensemble"}
+    clash = [f"{name!r} is {a.get(store.kind(name), store.kind(name))}, tune writes {a[kind]} there"
+             for name, kind in wanted.items() if name in store and store.kind(name) != kind]
+    if clash:
+        raise ConfigError(f"--store {tune.store} --task {tune.task} --top-k {tune.top_k}: {'; '.join(clash)}; "
+                          "remove those entries (softprompt store remove) or choose another --task")
+
+
+def _remove_stale_outputs(out: Path) -> None:
+    """Delete what an earlier search saved in ``out`` (``best_prompt/``, ``top/N/``), so that a search that
+    saves nothing (every trial diverged) leaves no older prompt looking like its result."""
+    import shutil
+
+    stale = [out / "best_prompt"] + (sorted(p for p in (out / "top").iterdir() if p.name.isdigit())
+                                     if (out / "top").is_dir() else [])
+    for p in stale:
+        if p.is_dir():
+            shutil.rmtree(p)
+
+
+def _copy_prompt(src: Path, dst: Path, model, extra_metrics: dict) -> Path:
+    """Save the trial prompt at ``src`` again at ``dst`` (validated on the way), adding to its metrics."""
+    from softprompt.store import load_prompt, save_prompt
+
+    stored = load_prompt(src, model)
+    return save_prompt(dst, stored.build_method(), model, task=stored.task,
+                       train_config=stored.meta.get("train_config"),
+                       metrics={**stored.meta.get("metrics", {}), **extra_metrics}, overwrite=True)
+
+
+def save_results(result: TuneResult, out: Path, model, tune: TuneArgs, echo: Callable[[str], None] = print) -> None:
+    """``best_prompt/``, ``top/<rank>/`` (k > 1), and with ``--store`` the entry ``--task``."""
+    top = result.top(tune.top_k)
+    if not top:
+        return
+    _copy_prompt(top[0].prompt_dir, out / "best_prompt", model, {"tune": {"trial": top[0].id, "rank": 1}})
+    if tune.top_k > 1:
+        for rank, t in enumerate(top, 1):
+            _copy_prompt(t.prompt_dir, out / "top" / str(rank), model, {"tune": {"trial": t.id, "rank": rank}})
+        if len(top) < tune.top_k:
+            echo(f"--top-k {tune.top_k}: only {len(top)} trials finished; saved those")
+    if not tune.store:
+        return
+    from softprompt.store import PromptStore
+
+    store = PromptStore(tune.store, create=not Path(tune.store).exists())
+    if len(top) < 2:
+        store.add(tune.task, out / "best_prompt", overwrite=True)
+        echo(f"added the best prompt to store {tune.store} as {tune.task!r}")
+        return
+    members = member_names(tune.task, len(top))
+    for name, rank in zip(members, range(1, len(top) + 1), strict=True):
+        store.add(name, out / "top" / str(rank), overwrite=True)
+    store.add_ensemble(tune.task, members, "mean", overwrite=True)
+    echo(f"added the {len(top)} best prompts to store {tune.store} as {', '.join(members)} and the ensemble "
+         f"{tune.task!r} over them")
+
+
+def run_tune(args: dict[str, Any], tune: TuneArgs, model, tokenizer, task: TaskData,
+             echo: Callable[[str], None] = print) -> TuneResult:
+    """Do what ``softprompt tune`` does, given resolved sections and the loaded model, tokenizer and task.
+
+    Args:
+        args: ``{"model", "data", "prompt", "train", "eval"}`` dataclasses (as ``softprompt train`` resolves them;
+            ``data.max_length`` already fitted to the longest searched prompt, see
+            :meth:`TuneArgs.max_virtual_tokens`).
+        tune: the search flags.
+        model: the frozen base model.
+        tokenizer: its tokenizer.
+        task: the loaded task (a validation split is needed; see :func:`with_validation`).
+        echo: where the console lines go.
+
+    Returns:
+        The search result; ``result.best`` is None when no trial finished (every one diverged or failed): the
+        command should then exit 1.
+
+    Files in ``--output-dir``: ``trials.json``, ``trials.md``, ``trials.png``, ``tune.json`` (the flags),
+    ``trials/tNN/`` (each trial's run), ``best_prompt/``, ``top/1..k/`` with ``--top-k`` > 1.
+    """
+    from softprompt.data import default_init_text
+    from softprompt.store.task_record import TaskRecord
+
+    data, prompt, train_args = args["data"], args["prompt"], args["train"]
+    check_store(tune)
+    task = with_validation(task, tune, data.data_seed, echo)
+    if prompt.init_text is None:  # as softprompt train: fits the task; recorded with every prompt
+        prompt = dataclasses.replace(prompt, init_text=default_init_text(data.dataset, task.format))
+    out = Path(train_args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _remove_stale_outputs(out)
+    sections = {k: dataclasses.asdict(v) for k, v in args.items()}
+    (out / "tune.json").write_text(json.dumps({"tune": dataclasses.asdict(tune), **sections,
+                                               "prompt": dataclasses.asdict(prompt)}, indent=2, default=str))
+    echo(f"task: {data.dataset or data.train_file}  " + "  ".join(f"{k}={len(v)}" for k, v in task.splits.items()
+                                                               if k != "test"))
+    result = successive_halving(
+        model, tokenizer, task, prompt, train_args, tune, output_dir=out, eval_batch_size=args["eval"].eval_batch_size,
+        max_length=data.max_length, task_meta=TaskRecord.from_format(task.format, data.dataset).to_dict(),
+        train_config={k: v for k, v in sections.items() if k in ("model", "data", "eval")},
+        progress=lambda partial: write_reports(partial, out, png=False))
+    paths = write_reports(result, out)
+    save_results(result, out, model, tune, echo)
+    echo("\n" + format_table(result))
+    best = result.best
+    if best is None:
+        echo(f"every trial diverged, failed or did not run: no prompt saved (see {paths['md']})")
+    else:
+        echo(f"best: {best.id} {best.spec.label()}, validation {result.metric} {best.last.metric:.4f} after "
+             f"{best.steps} steps; saved to {out / 'best_prompt'}")
+    echo(f"trials: {paths['md']}, {paths['json']}, {paths['png']}")
+    return result

@@ -1,0 +1,308 @@
+"""Successive halving over prompt-training trials, on the validation split, with :func:`softprompt.train.train`.
+
+Each trial is a run of the ordinary training loop in its own folder (``trials/tNN``), with its lr schedule
+over the plan's horizon. A trial runs a rung as one segment: ``train`` from its checkpoint (``resume``) up to
+the rung's last step, where it is stopped right after the checkpoint of that step is written; the next
+segment resumes there, so a trial promoted through every rung trains exactly as one uninterrupted run.
+``train`` sees only the training split (no validation: it neither evaluates, saves a "best" prompt nor
+stops early); the search evaluates every trial itself at the end of each rung, on the validation split.
+The test split is never read.
+
+Ranking at a rung: the task's primary metric (``--metric``; accuracy for classification), ties broken by
+validation loss, then by trial order. A trial the divergence guard stops, or whose prompt or validation
+numbers are not finite, is marked ``diverged``, never promoted and ranked after every finished trial; one
+whose training or evaluation raises (out of memory with the longest prompt) is marked ``failed`` likewise.
+The search goes on in both cases.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from softprompt import inject
+from softprompt.config import ConfigError, PromptArgs, TrainArgs
+from softprompt.data import TaskData
+from softprompt.evaluate import evaluate_prompt, primary_metric
+from softprompt.methods import build_method
+from softprompt.train import train
+from softprompt.tune.space import TrialSpec, TuneArgs, plan_rungs, trial_specs
+from softprompt.tune.trials import RungResult, Trial, TuneResult, rank_key
+
+log = logging.getLogger(__name__)
+
+class _RungReached(Exception):
+    """Raised from ``train``'s step callback once a segment's last step is trained and checkpointed."""
+
+
+def _finite(x: float | None) -> bool:
+    return x is not None and math.isfinite(x)
+
+
+class _Search:
+    """The state of one search (kept out of the public function so each step reads as a method)."""
+
+    def __init__(self, model, tokenizer, task: TaskData, prompt: PromptArgs, train_args: TrainArgs,
+                 tune: TuneArgs, out: Path, eval_batch_size: int, max_length: int, save_meta: dict,
+                 progress: Callable[[TuneResult], None] | None = None):
+        self.model, self.tok, self.prompt, self.base, self.tune = model, tokenizer, prompt, train_args, tune
+        self.progress = progress
+        self.out, self.eval_batch_size, self.max_length, self.save_meta = out, eval_batch_size, max_length, save_meta
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ConfigError("softprompt tune runs in one process (its trials are sequential): launch it without "
+                              "torchrun / accelerate launch")
+        self.fmt = task.format
+        self.valid = task.splits.get("validation") or []
+        if not self.valid:
+            raise ConfigError("tune selects on the validation split and the task has none: pass --validation-file "
+                              "FILE, or --validation-from-train FRACTION to hold out part of the training data "
+                              "(the test split is never used for selection)")
+        # train() gets the training split alone: it must not evaluate, keep a "best" prompt or stop early
+        self.train_task = TaskData(task.format, {"train": task.examples("train")})
+        self.metric, self.higher = primary_metric(self.fmt, train_args.metric)
+        specs, self.notes = trial_specs(tune, prompt, train_args)
+        self.trials = [Trial(i, s, out / "trials" / f"t{i:02d}") for i, s in enumerate(specs)]
+        self.plan = plan_rungs(len(specs), tune.eta, self._horizon(), tune.min_steps, tune.budget_steps)
+        if tune.top_k > len(specs):
+            raise ConfigError(f"invalid arguments:\n  --top-k {tune.top_k} is more than the {len(specs)} trials")
+        # every rung but the last ends at a checkpoint (train always writes one at the horizon)
+        self.checkpoint_every = math.gcd(*self.plan.rungs[:-1]) if len(self.plan.rungs) > 1 else self.plan.horizon
+        self.token_counts = None
+        if any(s.method_config.get("init") == "sample_vocab" for s in specs):
+            self.token_counts = Counter(t for ex in self.train_task.examples("train")
+                                        for t in tokenizer(ex.source, add_special_tokens=False)["input_ids"])
+        _remove_stale_trials(out / "trials")
+        self.steps_used, self.stopped_by = 0, None
+        self.t0 = time.perf_counter()
+        self.seconds_per_step: list[float] = []
+        self.eval_seconds: list[float] = []
+
+    def _horizon(self) -> int | None:
+        """The trials' schedule length: --max-steps; else what --budget-steps pays for; else --epochs."""
+        if self.base.max_steps:
+            return self.base.max_steps
+        if self.tune.budget_steps is not None:
+            return None
+        per_step = self.base.batch_size * self.base.grad_accum
+        return max(1, len(self.train_task.examples("train")) // per_step) * self.base.epochs
+
+    # ----- one segment ---------------------------------------------------------------------------------
+
+    def _method(self, spec: TrialSpec):
+        return build_method(spec.method, spec.method_config, self.model, self.tok,
+                            label_texts=self.fmt.label_texts if self.fmt.is_classification else None,
+                            token_counts=self.token_counts)
+
+    def _train_args(self, trial: Trial) -> TrainArgs:
+        return dataclasses.replace(self.base, output_dir=str(trial.folder), lr=trial.spec.lr,
+                                   max_steps=self.plan.horizon, checkpoint_every=self.checkpoint_every,
+                                   early_stopping_patience=0, resume=trial.steps > 0)
+
+    def run_segment(self, trial: Trial, rung: int) -> None:
+        """Train ``trial`` up to the end of ``rung`` (from its checkpoint), then evaluate it on validation."""
+        stop_at = self.plan.rungs[rung]
+        t0 = time.perf_counter()
+        method = self._method(trial.spec)
+
+        def on_step(step: int) -> None:
+            if step == stop_at and stop_at < self.plan.horizon:  # the checkpoint of this step is written
+                raise _RungReached
+
+        start = trial.steps
+        try:
+            result = train(self.model, self.tok, method, self.train_task, self._train_args(trial),
+                           eval_batch_size=self.eval_batch_size, max_length=self.max_length, on_step=on_step)
+            trial.steps, diverged = result.steps, result.diverged
+        except _RungReached:
+            trial.steps, diverged = stop_at, False
+        except RuntimeError as e:  # e.g. out of memory with the longest prompt: this trial fails, not the search
+            self._failed(trial, rung, start, e)
+            return
+        finally:
+            self.model.eval()
+            method.eval()
+        rows = _log_rows(trial.folder / "metrics.jsonl")
+        events = [r for r in rows if "event" in r]
+        trial.rollbacks = len(events)
+        diverged = diverged or any(r["event"] == "diverged" for r in events)
+        self.steps_used += trial.steps - start
+        train_seconds = time.perf_counter() - t0
+        self.seconds_per_step.append(train_seconds / max(1, trial.steps - start))
+        if diverged:
+            self._diverged(trial, rung, f"the divergence guard stopped it at step {trial.steps}: "
+                                        f"{events[-1].get('reason', '') if events else ''}".rstrip(": "))
+            return
+        if not all(torch.isfinite(t).all() for t in method.state_dict().values()):
+            self._diverged(trial, rung, f"non-finite prompt values at step {trial.steps}")
+            return
+        t1 = time.perf_counter()
+        try:
+            metrics = self.evaluate(method)
+        except RuntimeError as e:
+            self._failed(trial, rung, trial.steps, e)
+            return
+        self.eval_seconds.append(time.perf_counter() - t1)
+        value, loss = metrics.get(self.metric), metrics.get("loss")
+        if not _finite(value) or (loss is not None and not math.isfinite(loss)):
+            self._diverged(trial, rung, f"non-finite validation {self.metric} {value} / loss {loss}")
+            return
+        trial.rungs.append(RungResult(rung, trial.steps, value, loss, metrics, round(time.perf_counter() - t0, 3)))
+        trial.status = "ok"
+        from softprompt.store import save_prompt
+
+        save_prompt(trial.prompt_dir, method, self.model, task=self.save_meta.get("task"),
+                    train_config={**self.save_meta.get("train_config", {}),
+                                  "tune": {"trial": trial.id, "rung": rung, "steps": trial.steps},
+                                  "prompt": dataclasses.asdict(self._prompt_args(trial.spec)),
+                                  "train": dataclasses.asdict(self._train_args(trial))},
+                    metrics={f"val_{k}": v for k, v in metrics.items()}, overwrite=True)
+        log.info("rung %d  %s  %s: %d steps, validation %s %.4f (loss %.4f) in %.1fs", rung, trial.id,
+                 trial.spec.label(), trial.steps, self.metric, value, loss if loss is not None else math.nan,
+                 time.perf_counter() - t0)
+
+    def _prompt_args(self, spec: TrialSpec) -> PromptArgs:
+        return dataclasses.replace(self.prompt, method=spec.method, num_virtual_tokens=spec.num_virtual_tokens,
+                                   init=spec.init)
+
+    def _failed(self, trial: Trial, rung: int, steps_before: int, error: Exception) -> None:
+        rows = _log_rows(trial.folder / "metrics.jsonl")  # the steps it trained before the error count
+        trial.steps = max([steps_before] + [r["step"] for r in rows])
+        self.steps_used += trial.steps - steps_before
+        trial.status, trial.note = "failed", f"rung {rung}: {type(error).__name__}: {error}"
+        log.warning("rung %d  %s  %s failed (%s: %s); ranked after the finished trials", rung, trial.id,
+                    trial.spec.label(), type(error).__name__, error)
+
+    def _diverged(self, trial: Trial, rung: int, why: str) -> None:
+        trial.status, trial.note = "diverged", f"rung {rung}: {why}"
+        log.warning("rung %d  %s  %s diverged (%s); ranked last", rung, trial.id, trial.spec.label(), why)
+
+    def evaluate(self, method) -> dict[str, float]:
+        """Validation metrics of the method's current prompt (what ``train`` computes at its evaluations)."""
+        with torch.no_grad():
+            kv = inject.compute_prompt_kv(self.model, method())
+            metrics, _ = evaluate_prompt(self.model, self.tok, kv, self.valid, self.fmt, self.eval_batch_size,
+                                         max_length=self.max_length, with_loss=True)
+        return {k: float(v) for k, v in metrics.items() if k != "n"}
+
+    # ----- the halving ---------------------------------------------------------------------------------
+
+    def affordable(self, trial: Trial, rung: int) -> str | None:
+        """The budget flag that forbids running ``trial``'s segment of ``rung``, if any."""
+        need = self.plan.rungs[rung] - trial.steps
+        if self.tune.budget_steps is not None and self.steps_used + need > self.tune.budget_steps:
+            return "--budget-steps"
+        if self.tune.budget_minutes is not None and self.seconds_per_step:
+            per_step = sum(self.seconds_per_step) / len(self.seconds_per_step)
+            evals = sum(self.eval_seconds) / len(self.eval_seconds) if self.eval_seconds else 0.0
+            if time.perf_counter() - self.t0 + per_step * need + evals > self.tune.budget_minutes * 60:
+                return "--budget-minutes"
+        return None
+
+    def run(self) -> TuneResult:
+        log.info("tune: %d trials, rungs %s; ranked by validation %s", len(self.trials), self.plan.describe(),
+                 self.metric)
+        if len(self.plan.rungs) > 1 and self.plan.rungs[0] <= self.base.warmup_steps:
+            self.notes.append(f"rung 0 ends at step {self.plan.rungs[0]}, within --warmup-steps "
+                              f"{self.base.warmup_steps}: the first cut compares trials still warming up "
+                              "(--min-steps sets rung 0's length)")
+        for note in self.notes:
+            log.info("tune: %s", note)
+        alive = list(self.trials)
+        for rung, n_keep in enumerate(self.plan.keep):
+            if rung > 0:
+                ranked = sorted((t for t in alive if t.status == "ok" and len(t.rungs) == rung),
+                                key=lambda t: rank_key(t, self.higher))
+                for t in ranked[n_keep:]:
+                    t.note = f"not promoted after rung {rung - 1}"
+                alive = ranked[:n_keep]
+            for trial in alive:
+                self.stopped_by = self.affordable(trial, rung)
+                if self.stopped_by:
+                    break
+                self.run_segment(trial, rung)
+                if self.progress:
+                    self.progress(self.result())
+            if self.stopped_by:
+                self._stop(rung, alive)
+                break
+        for t in self.trials:
+            if t.status == "pending":
+                t.status = "not_run"
+        return self.result()
+
+    def result(self) -> TuneResult:
+        """The search as it stands (trials not yet run are ``pending`` until it ends)."""
+        ranking = sorted(self.trials, key=lambda t: rank_key(t, self.higher))
+        return TuneResult(list(self.trials), ranking, self.plan, self.metric, self.higher, self.steps_used,
+                          time.perf_counter() - self.t0, self.stopped_by, list(self.notes))
+
+    def _stop(self, rung: int, alive: list[Trial]) -> None:
+        left = [t for t in alive if len(t.rungs) == rung and t.status in ("pending", "ok")]
+        for t in left:
+            t.note = f"{self.stopped_by} spent before rung {rung}"
+        log.warning("tune: %s spent (%d steps used, %.0fs): rung %d not run for %s", self.stopped_by,
+                    self.steps_used, time.perf_counter() - self.t0, rung, ", ".join(t.id for t in left))
+
+
+def _remove_stale_trials(folder: Path) -> None:
+    """Delete the trial folders an earlier search left in ``folder`` (``tNN`` only: nothing else is touched),
+    so that every folder there belongs to this search."""
+    stale = sorted(p for p in folder.iterdir() if p.is_dir() and re.fullmatch(r"t\d{2,}", p.name)) \
+        if folder.is_dir() else []
+    if stale:
+        log.info("tune: removing %d trial folders of an earlier search in %s", len(stale), folder)
+    for p in stale:
+        shutil.rmtree(p)
+
+
+def _log_rows(path: Path) -> list[dict]:
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.exists() else []
+
+
+def successive_halving(model, tokenizer, task: TaskData, prompt: PromptArgs, train_args: TrainArgs, tune: TuneArgs,
+                       *, output_dir: str | Path | None = None, eval_batch_size: int = 32, max_length: int = 256,
+                       task_meta: dict | None = None, train_config: dict | None = None,
+                       progress: Callable[[TuneResult], None] | None = None) -> TuneResult:
+    """Search the learning rate (and the ``--search`` settings) by successive halving on the validation split.
+
+    Args:
+        model: the frozen base model, loaded.
+        tokenizer: its tokenizer.
+        task: the task; needs a non-empty ``validation`` split (the ``test`` split is not read).
+        prompt: the prompt settings every trial starts from (``--search`` values replace some).
+        train_args: the loop settings of every trial; ``lr`` is searched, ``max_steps`` (if set) is each
+            trial's schedule length, ``resume``, ``eval_every`` and ``early_stopping_patience`` are the
+            search's business and ignored.
+        tune: the search space and budget.
+        output_dir: where ``trials/`` goes (default ``train_args.output_dir``).
+        eval_batch_size: validation batch size.
+        max_length: token budget per example.
+        task_meta: the ``task`` record saved with each trial's prompt (default: from the task's format).
+        train_config: extra sections to record with each trial's prompt (the model and data flags).
+        progress: called with the search as it stands after every trial segment (e.g. to rewrite
+            ``trials.json`` so that a long search can be followed, and read if it is interrupted).
+
+    Returns:
+        Every trial with its steps and validation numbers per rung, and the final ranking.
+
+    Raises:
+        ConfigError: no validation split, an invalid search space, or a budget that cannot pay for rung 0.
+    """
+    from softprompt.store.task_record import TaskRecord
+
+    out = Path(output_dir if output_dir is not None else train_args.output_dir)
+    meta = {"task": task_meta if task_meta is not None else TaskRecord.from_format(task.format).to_dict(),
+            "train_config": dict(train_config or {})}
+    return _Search(model, tokenizer, task, prompt, train_args, tune, out, eval_batch_size, max_length, meta,
+                   progress).run()

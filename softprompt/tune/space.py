@@ -1,0 +1,318 @@
+"""What ``softprompt tune`` searches and how its budget is spent: :class:`TuneArgs`, trials, the rung plan.
+
+The search space is the cartesian product of the learning rates (``--lrs``, or ``--num-trials`` values of
+``--lr-range`` on a log grid or drawn log-uniformly, or by default nine values around ``--lr``) and the value
+lists of ``--search KEY=V1,V2`` for the prompt length, init and method. Combinations a method refuses
+(``prefix_tuning`` with ``init=sample_vocab``) or that build the same trial (``p_tuning`` has no init) are
+dropped with a note.
+
+The plan is successive halving (Jamieson & Talwalkar 2016; Hyperband's inner loop): all ``n`` trials run
+``r0`` steps (rung 0), the best ``1/eta`` of them continue to ``r0 * eta`` steps, and so on until one is left;
+the last rung is the schedule's full length (the horizon), so the winner ends a complete run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+from softprompt.config import ConfigError, PromptArgs, TrainArgs, check_folder_to_create, check_real
+
+SEARCHABLE = ("num_virtual_tokens", "init", "method")  # --search keys (lr has --lrs / --lr-range)
+INITS = ("random", "text", "sample_vocab", "class_labels")
+DEFAULT_TRIALS = 9
+
+
+@dataclass
+class TuneArgs:
+    """The search: its space, its budget and what is kept (each field is a ``softprompt tune`` flag).
+
+    Attributes:
+        lrs: the learning rates to try (``--lrs``).
+        lr_range: ``(low, high)`` of ``--lr-range``; ``num_trials`` values in it.
+        num_trials: how many learning rates ``--lr-range`` gives (default 9).
+        lr_sampling: ``grid`` (log-spaced, both ends included) or ``random`` (log-uniform, seeded by --seed).
+        search: ``{key: values}`` of ``--search``; keys are :data:`SEARCHABLE`.
+        budget_steps: total optimizer steps over all trials (``--budget-steps``).
+        budget_minutes: wall clock for the search; no segment starts that would end past it.
+        eta: keep the best ``1/eta`` of the trials at each rung.
+        min_steps: steps of rung 0 (default: derived from the horizon or the budget).
+        top_k: how many of the best prompts to save (and, with ``store``, to ensemble).
+        store: a prompt store to add the result to (with ``task``).
+        task: the store entry name (``task-1 .. task-k`` members plus the ``task`` ensemble when k > 1).
+        validation_from_train: hold out this fraction of ``train`` as the validation split when the task has
+            none (opt-in; without it a task without a validation split is refused).
+    """
+
+    lrs: list[float] | None = None
+    lr_range: tuple[float, float] | None = None
+    num_trials: int | None = None
+    lr_sampling: str = "grid"
+    search: dict[str, list[Any]] = field(default_factory=dict)
+    budget_steps: int | None = None
+    budget_minutes: float | None = None
+    eta: int = 3
+    min_steps: int | None = None
+    top_k: int = 1
+    store: str | None = None
+    task: str | None = None
+    validation_from_train: float | None = None
+
+    def __post_init__(self):
+        problems = self.problems()
+        if problems:
+            raise ConfigError("invalid arguments:\n  " + "\n  ".join(problems))
+
+    def problems(self) -> list[str]:
+        """Every problem with the fields, each naming its flag."""
+        from softprompt.methods import METHODS
+        from softprompt.store import StoreError, safe_task_name
+
+        out: list[str] = []
+        if self.lrs is not None and self.lr_range is not None:
+            out.append("--lrs and --lr-range both given: use one")
+        if self.lrs is not None:
+            if not self.lrs:
+                out.append("--lrs must list at least one learning rate")
+            out += [p for v in self.lrs if (p := check_real("--lrs", v, lambda x: x > 0, "> 0 (every value)"))]
+            if len(set(self.lrs)) != len(self.lrs):
+                out.append(f"--lrs repeats a value: {self.lrs}")
+        if self.lr_range is not None:
+            lo, hi = self.lr_range
+            bad = [p for v in (lo, hi) if (p := check_real("--lr-range", v, lambda x: x > 0, "> 0 (both ends)"))]
+            out += bad
+            if not bad and lo >= hi:
+                out.append(f"--lr-range LOW HIGH needs LOW < HIGH, got {lo:g} {hi:g}")
+        if self.num_trials is not None:
+            if self.lr_range is None:
+                out.append("--num-trials sets how many learning rates --lr-range gives: add --lr-range LOW HIGH")
+            if self.num_trials < 1:
+                out.append(f"--num-trials must be >= 1, got {self.num_trials}")
+        if self.lr_sampling not in ("grid", "random"):
+            out.append(f"--lr-sampling must be grid or random, got {self.lr_sampling!r}")
+        elif self.lr_sampling == "random" and self.lr_range is None:
+            out.append("--lr-sampling random draws from --lr-range: add --lr-range LOW HIGH")
+        for key, values in self.search.items():
+            if key not in SEARCHABLE:
+                hint = " (learning rates: --lrs or --lr-range)" if key == "lr" else ""
+                out.append(f"--search {key}: unknown key; searchable: {', '.join(SEARCHABLE)}{hint}")
+                continue
+            if not values:
+                out.append(f"--search {key}= lists no values")
+            if len(set(values)) != len(values):
+                out.append(f"--search {key} repeats a value: {values}")
+            if key == "num_virtual_tokens":
+                out += [f"--search num_virtual_tokens: {v!r} is not an integer >= 1" for v in values
+                        if not isinstance(v, int) or isinstance(v, bool) or v < 1]
+            elif key == "init":
+                out += [f"--search init: {v!r} is not one of {', '.join(INITS)}" for v in values if v not in INITS]
+            elif key == "method":
+                out += [f"--search method: {v!r} is not one of {', '.join(sorted(METHODS))}" for v in values
+                        if v not in METHODS]
+        if self.budget_steps is not None and self.budget_steps < 1:
+            out.append(f"--budget-steps must be >= 1, got {self.budget_steps}")
+        if self.budget_minutes is not None:
+            out += [p for p in [check_real("--budget-minutes", self.budget_minutes, lambda x: x > 0, "> 0")] if p]
+        if self.eta < 2:
+            out.append(f"--eta must be an integer >= 2 (keep the best 1/eta at each rung), got {self.eta}")
+        if self.min_steps is not None and self.min_steps < 1:
+            out.append(f"--min-steps must be >= 1, got {self.min_steps}")
+        if self.top_k < 1:
+            out.append(f"--top-k must be >= 1, got {self.top_k}")
+        if bool(self.store) != bool(self.task):
+            out.append("--store and --task go together: --store DIR --task NAME")
+        if self.store:
+            out += [p for p in [check_folder_to_create("--store", self.store)] if p]
+        if self.task:
+            for name in [self.task] + member_names(self.task, self.top_k)[-1:] * (self.top_k > 1):
+                try:
+                    safe_task_name(name)
+                except StoreError as e:
+                    out.append(f"--task {self.task}: {e}")
+        if self.validation_from_train is not None:
+            out += [p for p in [check_real("--validation-from-train", self.validation_from_train,
+                                           lambda x: 0 < x < 1, "a fraction in (0, 1)")] if p]
+        return out
+
+    def max_virtual_tokens(self, default: int) -> int:
+        """The longest prompt any trial uses (what the model's context must fit); ``default``: --num-virtual-tokens."""
+        return max(self.search.get("num_virtual_tokens") or [default])
+
+
+def member_names(task: str, k: int) -> list[str]:
+    """Store names of the top-``k`` prompts when they form the ensemble ``task`` (``task-1`` is the best)."""
+    return [f"{task}-{i}" for i in range(1, k + 1)]
+
+
+@dataclass
+class TrialSpec:
+    """One point of the search space: a learning rate and the prompt settings it trains."""
+
+    lr: float
+    method: str
+    num_virtual_tokens: int
+    init: str
+    method_config: dict[str, Any]  # what build_method gets (the method's own fields only)
+
+    @property
+    def init_shown(self) -> str:
+        """The init as a table shows it: ``-`` for a method without one (p_tuning)."""
+        return self.init if "init" in self.method_config else "-"
+
+    def label(self) -> str:
+        return f"{self.method} P={self.num_virtual_tokens} init={self.init_shown} lr={self.lr:.3g}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"lr": self.lr, "method": self.method, "num_virtual_tokens": self.num_virtual_tokens,
+                "init": self.init, "method_config": self.method_config}
+
+
+def learning_rates(tune: TuneArgs, base_lr: float, seed: int) -> list[float]:
+    """The learning rates to try, in increasing order.
+
+    Default: ``base_lr * 3**(k/2)`` for ``k = -6..2``, nine values from ``base_lr/27`` to ``base_lr*3`` that
+    include ``base_lr`` itself (so the search contains the untuned run's learning rate).
+    """
+    if tune.lrs is not None:
+        return sorted(tune.lrs)
+    if tune.lr_range is None:
+        return [base_lr * 3 ** (k / 2) for k in range(-6, 3)]
+    (lo, hi), n = tune.lr_range, tune.num_trials or DEFAULT_TRIALS
+    if tune.lr_sampling == "random":
+        rng = random.Random(seed)
+        return sorted(math.exp(rng.uniform(math.log(lo), math.log(hi))) for _ in range(n))
+    if n == 1:
+        return [math.sqrt(lo * hi)]
+    return [lo * (hi / lo) ** (i / (n - 1)) for i in range(n)]
+
+
+def trial_specs(tune: TuneArgs, prompt: PromptArgs, train: TrainArgs) -> tuple[list[TrialSpec], list[str]]:
+    """Every distinct trial of the search space, and notes on the combinations dropped.
+
+    Order: method, prompt length, init, then learning rate (innermost), each in the order given.
+
+    Raises:
+        ConfigError: no combination is valid (the methods' reasons are listed).
+    """
+    axes = {"method": [prompt.method], "num_virtual_tokens": [prompt.num_virtual_tokens], "init": [prompt.init]}
+    axes.update({k: list(v) for k, v in tune.search.items()})
+    lrs = learning_rates(tune, train.lr, train.seed)
+    specs, seen, notes, refused = [], set(), [], []
+    for method, p, init in itertools.product(axes["method"], axes["num_virtual_tokens"], axes["init"]):
+        try:
+            cfg = dataclasses.replace(prompt, method=method, num_virtual_tokens=p, init=init).method_config(train.seed)
+        except ConfigError as e:
+            refused.append(f"method={method} num_virtual_tokens={p} init={init}: {str(e).splitlines()[-1].strip()}")
+            continue
+        key = json.dumps([method, cfg], sort_keys=True, default=str)
+        if key in seen:  # e.g. p_tuning takes no init: init=text and init=random build the same prompt
+            notes.append(f"method={method} num_virtual_tokens={p} init={init}: the same trial as an earlier "
+                         f"combination ({method} does not use every searched setting); skipped")
+            continue
+        seen.add(key)
+        specs += [TrialSpec(lr, method, p, init, cfg) for lr in lrs]
+    if not specs:
+        raise ConfigError("invalid arguments:\n  --search: no valid combination:\n    " + "\n    ".join(refused))
+    notes += [f"{r}; skipped" for r in refused]
+    return specs, notes
+
+
+@dataclass
+class Plan:
+    """The rungs of successive halving.
+
+    Attributes:
+        rungs: cumulative optimizer steps of a trial at the end of each rung (increasing).
+        keep: how many trials run in each rung (``keep[0]`` is every trial).
+        horizon: the trials' schedule length (``rungs[-1]``): every trial's lr schedule spans it, so a
+            trial continued from rung to rung follows the same schedule as one uninterrupted run.
+    """
+
+    rungs: list[int]
+    keep: list[int]
+
+    @property
+    def horizon(self) -> int:
+        return self.rungs[-1]
+
+    @property
+    def cost(self) -> int:
+        """Optimizer steps of the whole plan when no trial diverges."""
+        return sum(n * (r - prev) for n, r, prev in zip(self.keep, self.rungs, [0] + self.rungs[:-1], strict=True))
+
+    def describe(self) -> str:
+        rungs = ", ".join(f"{n} x {r}" for n, r in zip(self.keep, self.rungs, strict=True))
+        return f"{rungs} steps ({self.cost} in all)"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"rungs": self.rungs, "keep": self.keep, "horizon": self.horizon, "cost": self.cost}
+
+
+def halving_counts(n: int, eta: int) -> list[int]:
+    """Trials per rung: ``n``, then ``n // eta`` (at least one) until one is left."""
+    keep = [n]
+    while keep[-1] > 1:
+        keep.append(max(1, keep[-1] // eta))
+    return keep
+
+
+def plan_rungs(n: int, eta: int, horizon: int | None, min_steps: int | None = None,
+               budget_steps: int | None = None) -> Plan:
+    """The rungs for ``n`` trials.
+
+    With a ``horizon`` (the run length ``--max-steps`` or ``--epochs`` give), rung ``k`` ends at
+    ``r0 * eta**k`` steps and the last rung at the horizon; ``r0`` is ``min_steps`` or ``horizon //
+    eta**(rungs - 1)``. Without one, the horizon is the longest that ``budget_steps`` pays for: ``r0`` is as
+    large as fits (or ``min_steps``, with fewer rungs if the budget needs it), and what is left of the budget
+    lengthens the last rung.
+
+    Raises:
+        ConfigError: the budget cannot pay for rung 0, or ``min_steps`` exceeds the horizon.
+    """
+    keep = halving_counts(n, eta)
+    if horizon is None:
+        if budget_steps is None:
+            raise ValueError("plan_rungs: give a horizon or a step budget")
+        return _plan_from_budget(keep, eta, min_steps, budget_steps)
+    r0 = min_steps if min_steps is not None else max(1, horizon // eta ** (len(keep) - 1))
+    if r0 > horizon:
+        raise ConfigError(f"invalid arguments:\n  --min-steps {r0} is more than a whole trial ({horizon} steps: "
+                          "--max-steps, or --epochs of the training data)")
+    rungs = []
+    for k in range(len(keep)):
+        rungs.append(min(r0 * eta ** k, horizon))
+        if rungs[-1] == horizon:
+            break
+    rungs[-1] = horizon  # the survivors end a complete run
+    plan = Plan(rungs, keep[:len(rungs)])
+    _check_rung0(plan, budget_steps)
+    return plan
+
+
+def _plan_from_budget(keep: list[int], eta: int, min_steps: int | None, budget: int) -> Plan:
+    def plan(r0: int, rungs: int) -> Plan:
+        return Plan([r0 * eta ** k for k in range(rungs)], keep[:rungs])
+
+    r0 = min_steps
+    if r0 is None:
+        r0 = max(1, budget // plan(1, len(keep)).cost)
+    rungs = len(keep)
+    while rungs > 1 and plan(r0, rungs).cost > budget:
+        rungs -= 1
+    best = plan(r0, rungs)
+    _check_rung0(best, budget)
+    best.rungs[-1] += (budget - best.cost) // best.keep[-1]  # the rest of the budget: a longer last rung
+    return best
+
+
+def _check_rung0(plan: Plan, budget: int | None) -> None:
+    first = plan.keep[0] * plan.rungs[0]
+    if budget is not None and first > budget:
+        raise ConfigError(f"invalid arguments:\n  --budget-steps {budget} does not pay for rung 0: {plan.keep[0]} "
+                          f"trials x {plan.rungs[0]} steps = {first}; raise --budget-steps, lower --min-steps or "
+                          "try fewer values (--lrs, --num-trials, --search)")

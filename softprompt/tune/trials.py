@@ -1,0 +1,99 @@
+"""The records of a search: a trial's validation numbers per rung, the trial, the result, the ranking."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from softprompt.tune.space import Plan, TrialSpec
+
+STATUSES = ("ok", "pending", "diverged", "failed", "not_run")  # ranking order of the statuses
+
+
+@dataclass
+class RungResult:
+    """A trial at the end of one rung: its validation numbers."""
+
+    rung: int
+    steps: int
+    metric: float | None
+    val_loss: float | None
+    metrics: dict[str, float]
+    seconds: float  # training and evaluation of this segment
+
+
+@dataclass
+class Trial:
+    """One configuration's run through the rungs."""
+
+    index: int
+    spec: TrialSpec
+    folder: Path
+    steps: int = 0  # optimizer steps trained so far
+    rungs: list[RungResult] = field(default_factory=list)
+    status: str = "pending"  # then ok, diverged, failed (an error in train or evaluation) or not_run
+    note: str = ""  # why it went no further
+    rollbacks: int = 0
+
+    @property
+    def id(self) -> str:
+        return f"t{self.index:02d}"
+
+    @property
+    def last(self) -> RungResult | None:
+        return self.rungs[-1] if self.rungs else None
+
+    @property
+    def prompt_dir(self) -> Path:
+        """The trial's prompt at its last finished rung (saved with :func:`softprompt.store.save_prompt`)."""
+        return self.folder / "prompt"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "config": self.spec.to_dict(), "status": self.status, "note": self.note,
+                "steps": self.steps, "rollbacks": self.rollbacks,
+                "rungs": [dataclasses.asdict(r) for r in self.rungs]}
+
+
+@dataclass
+class TuneResult:
+    """Outcome of :func:`successive_halving`: every trial, their final ranking and the best one."""
+
+    trials: list[Trial]
+    ranking: list[Trial]
+    plan: Plan
+    metric: str
+    higher_is_better: bool
+    steps_used: int
+    seconds: float
+    stopped_by: str | None  # "--budget-steps" or "--budget-minutes" when the budget ended the search early
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def best(self) -> Trial | None:
+        """The winner: the best trial of the highest rung reached (None when every trial diverged)."""
+        top = self.ranking[0] if self.ranking else None
+        return top if top is not None and top.status == "ok" else None
+
+    def top(self, k: int) -> list[Trial]:
+        """The ``k`` best finished trials (fewer when fewer finished)."""
+        return [t for t in self.ranking if t.status == "ok"][:k]
+
+    def to_dict(self) -> dict[str, Any]:
+        best = self.best
+        return {"metric": self.metric, "higher_is_better": self.higher_is_better, "plan": self.plan.to_dict(),
+                "steps_used": self.steps_used, "seconds": round(self.seconds, 3), "stopped_by": self.stopped_by,
+                "best": best.id if best else None, "ranking": [t.id for t in self.ranking], "notes": self.notes,
+                "trials": [t.to_dict() for t in self.trials]}
+
+
+def rank_key(trial: Trial, higher: bool) -> tuple:
+    """Sort key of the ranking: finished trials first (by the highest rung reached, then its metric, best
+    first, then validation loss and trial order), then diverged, failed and never run ones (by trial order)."""
+    last = trial.last
+    if trial.status != "ok" or last is None:
+        return (STATUSES.index(trial.status), 0, 0.0, 0.0, trial.index)
+    metric = -last.metric if higher else last.metric
+    return (0, -len(trial.rungs), metric, last.val_loss if last.val_loss is not None else math.inf, trial.index)

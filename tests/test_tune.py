@@ -1,0 +1,446 @@
+"""``softprompt tune``: successive halving on the validation split, on the tiny model.
+
+The tiny random model's validation accuracy sits at chance whatever the lr, so the searches here rank by
+validation loss (``--metric loss``, which moves with the lr); the accuracy-then-loss ordering is checked on
+its own in ``test_ranking_*``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from softprompt import inject
+from softprompt.config import SECTIONS, ConfigError, DataArgs, EvalArgs, ModelArgs, PromptArgs, TrainArgs, flag
+from softprompt.data import TaskData
+from softprompt.methods import build_method
+from softprompt.store import PromptStore, load_prompt
+from softprompt.train import train
+from softprompt.tune import (
+    RungResult,
+    Trial,
+    TrialSpec,
+    TuneArgs,
+    add_tune_arguments,
+    learning_rates,
+    plan_rungs,
+    rank_key,
+    run_tune,
+    successive_halving,
+    trial_specs,
+    tune_args_from_namespace,
+    with_validation,
+)
+from tests.conftest import make_model
+from tests.test_train import task
+
+PROMPT = PromptArgs(num_virtual_tokens=4, init="random", init_scale=0.1)
+LRS = [1e-6, 1e-5, 0.03, 0.1]  # two that barely move the prompt, two that lower the validation loss
+
+
+def base(out, **kw) -> TrainArgs:
+    """Every trial's loop: 12 steps of 8 examples (adamw), ranked by validation loss."""
+    return TrainArgs(**{**dict(output_dir=str(out), max_steps=12, batch_size=8, optimizer="adamw", warmup_steps=2,
+                               seed=3, metric="loss"), **kw})
+
+
+def search(out, tokenizer, tune: TuneArgs, data: TaskData | None = None, **train_kw):
+    return successive_halving(make_model("llama"), tokenizer, data or task(64, 32), PROMPT, base(out, **train_kw),
+                              tune)
+
+
+class CountSteps:
+    """Counts the training forward passes (one per optimizer step here: batch 8, no accumulation)."""
+
+    def __init__(self, real):
+        self.real, self.calls = real, 0
+
+    def __call__(self, model, batch, prompt):
+        self.calls += 1
+        return self.real(model, batch, prompt)
+
+
+@pytest.fixture
+def steps_trained(monkeypatch) -> CountSteps:
+    counter = CountSteps(inject.target_loss)
+    monkeypatch.setattr(inject, "target_loss", counter)
+    return counter
+
+
+def by_lr(result, lr: float) -> Trial:
+    return next(t for t in result.trials if t.spec.lr == lr)
+
+
+def prompt_tensor(folder) -> torch.Tensor:
+    return load_file(str(folder / "adapter_model.safetensors"))["prompt_embeddings"]
+
+
+@pytest.fixture(scope="module")
+def halved(tmp_path_factory, tokenizer):
+    """4 lrs, eta 2, 12 steps: rungs of 3, 6 and 12 steps for 4, 2 and 1 trials; and the steps really trained."""
+    out = tmp_path_factory.mktemp("halved")
+    with pytest.MonkeyPatch.context() as mp:
+        counter = CountSteps(inject.target_loss)
+        mp.setattr(inject, "target_loss", counter)
+        result = search(out, tokenizer, TuneArgs(lrs=LRS, eta=2))
+    result.trained = counter.calls
+    return out, result
+
+
+# ----- the search ----------------------------------------------------------------------------------------
+
+def test_halving_keeps_the_best_trials_and_gives_them_more_steps(halved):
+    out, result = halved
+    assert (result.plan.rungs, result.plan.keep) == ([3, 6, 12], [4, 2, 1])
+    rung0 = sorted(result.trials, key=lambda t: t.rungs[0].metric)  # lower loss first
+    assert {t.spec.lr for t in rung0[:2]} == {0.03, 0.1}  # the lr makes the difference at 3 steps already
+    promoted = [t for t in result.trials if len(t.rungs) > 1]
+    assert promoted == sorted(rung0[:2], key=lambda t: t.index)  # exactly the 2 best of rung 0 went on
+    assert sorted(t.steps for t in result.trials) == [3, 3, 6, 12]
+    assert [r.steps for r in result.best.rungs] == [3, 6, 12]
+    assert result.best is min(promoted, key=lambda t: t.rungs[1].metric)  # and the better of those at rung 1
+    assert {by_lr(result, 1e-6).steps, by_lr(result, 1e-5).steps} == {3}  # the bad lrs stopped at rung 0
+    assert result.ranking[0] is result.best and result.ranking[-1].spec.lr in (1e-6, 1e-5)
+    assert result.best.last.metric < by_lr(result, 1e-6).last.metric - 0.05
+    assert result.steps_used == result.plan.cost == 4 * 3 + 2 * 3 + 1 * 6
+    assert result.trained == 24  # promoted trials continued: a restart would train 4 * 3 + 2 * 6 + 12 = 36
+    assert "not promoted after rung 0" in by_lr(result, 1e-6).note
+
+
+def test_same_seed_same_search(halved, tmp_path, tokenizer):
+    _, first = halved
+    again = search(tmp_path, tokenizer, TuneArgs(lrs=LRS, eta=2))
+
+    def numbers(result):
+        return [(t.id, t.status, t.steps, [(r.steps, r.metric, r.val_loss) for r in t.rungs]) for t in result.trials]
+
+    assert numbers(again) == numbers(first)
+    assert torch.equal(prompt_tensor(again.best.prompt_dir), prompt_tensor(first.best.prompt_dir))
+
+
+def test_promoted_trial_continues_exactly_like_an_uninterrupted_run(halved, tmp_path, tokenizer):
+    """The winner trained 3 + 3 + 6 steps in three train() calls, resuming twice from its checkpoints."""
+    out, result = halved
+    best = result.best
+    model = make_model("llama")
+    method = build_method(best.spec.method, best.spec.method_config, model, tokenizer)
+    train(model, tokenizer, method, TaskData(task().format, {"train": task(64, 32).examples("train")}),
+          base(tmp_path, lr=best.spec.lr))
+    torch.testing.assert_close(prompt_tensor(best.prompt_dir), method.embeddings.detach(), rtol=0, atol=1e-6)
+    rows = [json.loads(x) for x in (best.folder / "metrics.jsonl").read_text().splitlines()]
+    straight = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 13))  # each step once: continued, not restarted
+    assert [r["lr"] for r in rows] == [r["lr"] for r in straight]  # one schedule over the 12 steps
+    # what the continuation is for: a prompt of 12 steps, not the 3-step one restarted
+    assert best.rungs[-1].val_loss < best.rungs[0].val_loss
+
+
+def test_step_budget_derives_the_horizon_and_is_never_exceeded(tmp_path, tokenizer, steps_trained):
+    result = search(tmp_path, tokenizer, TuneArgs(lrs=LRS, eta=2, budget_steps=41), max_steps=0)
+    # 41 steps for 4 -> 2 -> 1 trials: r0 = 41 // (4 + 2 + 2) = 5, rungs 5, 10, 20 (40 steps), 1 left over
+    assert (result.plan.rungs, result.plan.keep, result.plan.cost) == ([5, 10, 21], [4, 2, 1], 41)
+    assert steps_trained.calls == result.steps_used == sum(t.steps for t in result.trials) <= 41
+    assert result.best.steps == 21 and result.stopped_by is None
+
+
+def test_step_budget_smaller_than_the_plan_stops_promoting(tmp_path, tokenizer, steps_trained):
+    # the plan of 12-step trials costs 24; 16 pays for rung 0 (12) and one promotion (3), not a second
+    result = search(tmp_path, tokenizer, TuneArgs(lrs=LRS, eta=2, budget_steps=16))
+    assert steps_trained.calls == result.steps_used == 15 <= 16 and result.stopped_by == "--budget-steps"
+    assert sorted(t.steps for t in result.trials) == [3, 3, 3, 6]
+    assert result.best.steps == 6  # the one trial that got further ranks first
+    left = [t for t in result.trials if "--budget-steps spent before rung 1" in t.note]
+    assert len(left) == 1 and left[0].steps == 3
+
+
+def test_step_budget_that_cannot_pay_for_rung_0_is_refused(tmp_path, tokenizer):
+    with pytest.raises(ConfigError, match=r"--budget-steps 11 does not pay for rung 0: 4 trials x 3 steps = 12"):
+        search(tmp_path, tokenizer, TuneArgs(lrs=LRS, eta=2, budget_steps=11))
+    assert not (tmp_path / "trials").exists()  # refused before any training
+
+
+def test_time_budget_stops_starting_segments(tmp_path, tokenizer):
+    result = search(tmp_path, tokenizer, TuneArgs(lrs=LRS, eta=2, budget_minutes=1e-4))  # 6 ms
+    assert result.stopped_by == "--budget-minutes"
+    assert [t.status for t in result.trials] == ["ok", "not_run", "not_run", "not_run"]  # the first always runs
+    assert result.best is result.trials[0] and result.steps_used == 3
+
+
+class _Overflow:
+    """A model that overflows once the prompt is huge: NaN loss when a prompt value exceeds 1e3.
+
+    The tiny model normalises its inputs, so a huge lr alone never makes it diverge; a real model's
+    activations do overflow. Needs ``prompt_pass="concat"`` (the raw embeddings reach the loss).
+    """
+
+    def __init__(self, real):
+        self.real = real
+
+    def __call__(self, model, batch, prompt):
+        loss = self.real(model, batch, prompt)
+        if isinstance(prompt, torch.Tensor) and prompt.detach().abs().max() > 1e3:
+            return loss * float("nan")
+        return loss
+
+
+@pytest.mark.parametrize(("guard", "rollbacks", "stop"), [(True, 1, 4), (True, 2, 6), (False, 2, 6)],
+                         ids=["guard-stops-mid-rung", "guard-stops-at-the-rung-end", "no-guard-nan-prompt"])
+def test_diverging_trial_ranks_last_without_crashing_and_no_nan_is_saved(tmp_path, tokenizer, monkeypatch, guard,
+                                                                         rollbacks, stop):
+    monkeypatch.setattr(inject, "target_loss", _Overflow(inject.target_loss))
+    # lr 1e4: every update takes the prompt to ~1e3+, so every second step has a NaN loss; the guard rolls back
+    # `rollbacks` times and stops the run at the next one (step 4, or step 6: the last step of rung 0, where
+    # the segment ends anyway); without the guard, the NaN reaches the prompt
+    result = search(tmp_path, tokenizer, TuneArgs(lrs=[0.03, 1e4, 0.1], eta=2), prompt_pass="concat",
+                    max_rollbacks=rollbacks, divergence_guard=guard)
+    assert result.plan.rungs == [6, 12]
+    bad = by_lr(result, 1e4)
+    assert bad.status == "diverged" and result.ranking[-1] is bad and not bad.rungs and bad.steps == stop
+    assert ("divergence guard stopped it at step" if guard else "non-finite prompt") in bad.note
+    assert result.best is not None and result.best.spec.lr in (0.03, 0.1)
+    assert not bad.prompt_dir.exists()  # never saved
+    saved = [t.prompt_dir for t in result.trials if t.prompt_dir.exists()]
+    assert len(saved) == 2 and all(torch.isfinite(prompt_tensor(d)).all() for d in saved)
+    assert result.steps_used == sum(t.steps for t in result.trials)
+
+
+def test_a_trial_that_raises_fails_alone_and_progress_is_reported_after_every_segment(tmp_path, tokenizer,
+                                                                                      monkeypatch):
+    real = inject.target_loss
+
+    def out_of_memory_with_8_tokens(model, batch, prompt):  # concat pass: prompt is (P, H)
+        if prompt.shape[0] == 8:
+            raise RuntimeError("out of memory (simulated)")
+        return real(model, batch, prompt)
+
+    monkeypatch.setattr(inject, "target_loss", out_of_memory_with_8_tokens)
+    snapshots = []
+    result = successive_halving(
+        make_model("llama"), tokenizer, task(64, 32), PROMPT, base(tmp_path, prompt_pass="concat"),
+        TuneArgs(lrs=[0.03, 0.1], search={"num_virtual_tokens": [8, 4]}, eta=2),
+        progress=lambda r: snapshots.append([(t.id, t.status, t.steps) for t in r.trials]))
+    failed = [t for t in result.trials if t.spec.num_virtual_tokens == 8]
+    assert [t.status for t in failed] == ["failed", "failed"] and all(t.steps == 0 for t in failed)
+    assert all("RuntimeError: out of memory (simulated)" in t.note for t in failed)
+    assert result.ranking[-2:] == failed and result.best.spec.num_virtual_tokens == 4
+    assert [t.status for t in result.trials if t.spec.num_virtual_tokens == 4] == ["ok", "ok"]
+    # rungs 3, 6, 12 for 4 -> 2 -> 1 trials: 4 + 2 + 1 segments, each followed by a snapshot
+    assert len(snapshots) == 7
+    assert snapshots[0] == [("t00", "failed", 0), ("t01", "pending", 0), ("t02", "pending", 0),
+                            ("t03", "pending", 0)]
+    assert snapshots[-1] == [(t.id, t.status, t.steps) for t in result.trials]
+
+
+# ----- the command: files, best prompt, store ensemble ----------------------------------------------------
+
+def test_run_tune_writes_trials_best_prompt_and_a_top_k_ensemble_that_loads(tmp_path, tokenizer):
+    from softprompt.engine import ClassifyRequest, Engine
+
+    out, store_dir = tmp_path / "run", tmp_path / "store"
+    args = {"model": ModelArgs(), "data": DataArgs(max_length=64), "prompt": PROMPT, "train": base(out),
+            "eval": EvalArgs(eval_batch_size=16)}
+    model = make_model("llama")
+    lines: list[str] = []
+    result = run_tune(args, TuneArgs(lrs=[1e-6, 0.03, 0.1], top_k=2, store=str(store_dir), task="sent"), model,
+                      tokenizer, task(64, 32), echo=lines.append)
+    # trials.json: every trial with its config, steps and metric per rung, status
+    doc = json.loads((out / "trials.json").read_text())
+    assert doc["metric"] == "loss" and doc["best"] == result.best.id and doc["plan"]["rungs"] == [4, 12]
+    assert [t["id"] for t in doc["trials"]] == ["t00", "t01", "t02"]
+    for t, trial in zip(doc["trials"], result.trials, strict=True):
+        assert t["config"]["lr"] == trial.spec.lr and t["status"] == "ok"
+        assert [(r["rung"], r["steps"]) for r in t["rungs"]] == [(r.rung, r.steps) for r in trial.rungs]
+        assert all(math.isfinite(r["metric"]) and r["metrics"]["loss"] == r["val_loss"] for r in t["rungs"])
+    table = (out / "trials.md").read_text().splitlines()
+    assert table[0].startswith("| rank | trial |") and "loss @4" in table[0] and "loss @12" in table[0]
+    assert len([ln for ln in table if ln.startswith("| ") and ln[2].isdigit()]) == 3
+    assert (out / "trials.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the best prompt and the top 2
+    best = load_prompt(out / "best_prompt", model)
+    assert torch.equal(best.tensors["prompt_embeddings"], prompt_tensor(result.best.prompt_dir))
+    assert best.meta["metrics"]["tune"] == {"trial": result.best.id, "rank": 1}
+    assert best.meta["train_config"]["train"]["lr"] == result.best.spec.lr
+    second = result.ranking[1]
+    assert torch.equal(prompt_tensor(out / "top" / "2"), prompt_tensor(second.prompt_dir))
+    # the store: sent-1, sent-2 and the ensemble sent over them, served by the engine
+    store = PromptStore(store_dir)
+    assert sorted(store.names()) == ["sent", "sent-1", "sent-2"]
+    assert store.kind("sent") == "ensemble" and store.ensemble("sent").members == ["sent-1", "sent-2"]
+    engine = Engine(model, tokenizer)
+    engine.load_from_store(store, "sent")
+    answers = engine.classify([ClassifyRequest("sent", "the movie was very good")])
+    assert answers[0].label in ("positive", "negative") and sum(answers[0].votes.values()) == 2  # both members
+    assert any("ensemble 'sent'" in ln for ln in lines) and any(ln.startswith("best: ") for ln in lines)
+    assert json.loads((out / "tune.json").read_text())["tune"]["top_k"] == 2
+
+    # the store entry 'sent' is now an ensemble: a top-1 search, which writes a prompt there, is refused up front
+    with pytest.raises(ConfigError, match="'sent' is an ensemble, tune writes a prompt there"):
+        run_tune(args, TuneArgs(lrs=[0.1], store=str(store_dir), task="sent"), model, tokenizer, task(64, 32),
+                 echo=lines.append)
+    assert (out / "trials" / "t02").is_dir()  # nothing was touched
+
+
+def test_a_search_where_every_trial_diverges_saves_nothing_and_leaves_no_older_prompt(tmp_path, tokenizer,
+                                                                                       monkeypatch):
+    out = tmp_path / "run"
+    args = {"model": ModelArgs(), "data": DataArgs(max_length=64), "prompt": PROMPT, "eval": EvalArgs(),
+            "train": base(out, max_steps=6, prompt_pass="concat", max_rollbacks=1)}
+    model, lines = make_model("llama"), []
+    first = run_tune(args, TuneArgs(lrs=[0.03, 0.1, 0.3], top_k=2), model, tokenizer, task(64, 32), echo=id)
+    assert first.best is not None and (out / "best_prompt").is_dir() and (out / "top" / "2").is_dir()
+    assert any("rung 0 ends at step 2, within --warmup-steps 2" in n for n in first.notes)  # 6 // 3 = 2
+    assert "- rung 0 ends at step 2" in (out / "trials.md").read_text()
+    monkeypatch.setattr(inject, "target_loss", _Overflow(inject.target_loss))
+    result = run_tune(args, TuneArgs(lrs=[1e4]), model, tokenizer, task(64, 32), echo=lines.append)
+    assert result.best is None and [t.status for t in result.trials] == ["diverged"]
+    assert not (out / "best_prompt").exists() and not (out / "top" / "1").exists()  # the first search's: gone
+    assert sorted(p.name for p in (out / "trials").iterdir()) == ["t00"]  # its trials too
+    assert json.loads((out / "trials.json").read_text())["best"] is None
+    assert any("every trial diverged" in ln for ln in lines)
+
+
+# ----- the validation split -------------------------------------------------------------------------------
+
+def test_a_task_without_validation_is_refused_or_split_deterministically_on_request(tmp_path, tokenizer):
+    full = task(40, 8)
+    test_split = full.examples("validation")  # stands for a test split: must stay as it is
+    no_val = TaskData(full.format, {"train": full.examples("train"), "test": test_split})
+    with pytest.raises(ConfigError, match="--validation-file FILE, or --validation-from-train"):
+        with_validation(no_val, TuneArgs(), seed=13)
+    with pytest.raises(ConfigError, match="validation split and the task has none"):
+        search(tmp_path, tokenizer, TuneArgs(lrs=[0.1]), data=no_val)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("WORLD_SIZE", "2")
+        with pytest.raises(ConfigError, match="runs in one process"):
+            search(tmp_path, tokenizer, TuneArgs(lrs=[0.1]))
+    carved = with_validation(no_val, TuneArgs(validation_from_train=0.25), seed=13)
+    again = with_validation(no_val, TuneArgs(validation_from_train=0.25), seed=13)
+    other = with_validation(no_val, TuneArgs(validation_from_train=0.25), seed=14)
+    assert len(carved.splits["validation"]) == 10 and len(carved.splits["train"]) == 30
+    assert carved.splits == again.splits and other.splits["validation"] != carved.splits["validation"]
+    train_src = [e.source for e in carved.splits["train"]]
+    assert not set(train_src) & {e.source for e in carved.splits["validation"]}
+    assert sorted(train_src + [e.source for e in carved.splits["validation"]]) == sorted(
+        e.source for e in full.examples("train"))
+    assert carved.splits["test"] is test_split
+    assert with_validation(full, TuneArgs(validation_from_train=0.25), seed=13) is full  # it has one: kept
+
+
+# ----- ranking, plan, space -------------------------------------------------------------------------------
+
+def _trial(i, status="ok", rungs=()):
+    t = Trial(i, TrialSpec(0.1, "prompt_tuning", 4, "random", {}), folder=None, status=status)
+    t.rungs = [RungResult(k, 3 ** (k + 1), acc, loss, {}, 0.0) for k, (acc, loss) in enumerate(rungs)]
+    return t
+
+
+def test_ranking_by_accuracy_then_validation_loss_diverged_and_not_run_last():
+    trials = [_trial(0, "diverged"), _trial(1, rungs=[(0.8, 0.5)]), _trial(2, rungs=[(0.8, 0.4)]),
+              _trial(3, rungs=[(0.9, 0.9)]), _trial(4, "not_run"), _trial(5, rungs=[(0.9, 0.3), (0.7, 0.6)]),
+              _trial(6, rungs=[(0.8, 0.4)])]
+    order = [t.index for t in sorted(trials, key=lambda t: rank_key(t, higher=True))]
+    # the highest rung reached first, then accuracy, then loss, then trial order; diverged, then never run
+    assert order == [5, 3, 2, 6, 1, 0, 4]
+    order = [t.index for t in sorted(trials, key=lambda t: rank_key(t, higher=False))]  # a loss-like metric
+    assert order == [5, 2, 6, 1, 3, 0, 4]
+
+
+def test_plan_rungs():
+    plan = plan_rungs(9, 3, horizon=90)
+    assert (plan.rungs, plan.keep, plan.cost) == ([10, 30, 90], [9, 3, 1], 9 * 10 + 3 * 20 + 60)
+    assert plan_rungs(9, 3, horizon=100, min_steps=5).rungs == [5, 15, 100]
+    assert plan_rungs(9, 3, horizon=20, min_steps=5).rungs == [5, 15, 20]
+    short = plan_rungs(9, 3, horizon=8, min_steps=5)
+    assert (short.rungs, short.keep) == ([5, 8], [9, 3])  # the horizon cuts the halving short
+    assert plan_rungs(10, 3, horizon=90).keep == [10, 3, 1]
+    assert plan_rungs(1, 3, horizon=50).rungs == [50]
+    budget = plan_rungs(9, 3, horizon=None, budget_steps=100)
+    assert budget.cost <= 100 and budget.keep == [9, 3, 1] and budget.rungs[:2] == [4, 12]
+    fewer = plan_rungs(9, 3, horizon=None, min_steps=10, budget_steps=100)
+    assert fewer.keep == [9] and fewer.cost <= 100 and fewer.rungs == [11]  # only rung 0 fits; it gets the rest
+    with pytest.raises(ConfigError, match="--min-steps 50 is more than a whole trial"):
+        plan_rungs(4, 2, horizon=40, min_steps=50)
+    with pytest.raises(ConfigError, match="--budget-steps 8 does not pay for rung 0"):
+        plan_rungs(9, 3, horizon=None, budget_steps=8)
+
+
+def test_search_space():
+    assert learning_rates(TuneArgs(), 0.3, seed=0)[6] == pytest.approx(0.3)  # the default grid holds --lr
+    assert len(learning_rates(TuneArgs(), 0.3, seed=0)) == 9
+    grid = learning_rates(TuneArgs(lr_range=(1e-3, 1e-1), num_trials=3), 0.3, seed=0)
+    assert grid == pytest.approx([1e-3, 1e-2, 1e-1])
+    draw = TuneArgs(lr_range=(1e-3, 1e-1), num_trials=5, lr_sampling="random")
+    assert learning_rates(draw, 0.3, seed=1) == learning_rates(draw, 0.3, seed=1) != learning_rates(draw, 0.3, 2)
+    assert all(1e-3 <= v <= 1e-1 for v in learning_rates(draw, 0.3, seed=1))
+    specs, notes = trial_specs(TuneArgs(lrs=[0.1, 0.3], search={"method": ["prompt_tuning", "p_tuning",
+                                                                          "prefix_tuning"],
+                                                               "init": ["text", "sample_vocab"]}),
+                               PromptArgs(), TrainArgs())
+    kinds = [(s.method, s.init_shown, s.lr) for s in specs]
+    assert kinds == [("prompt_tuning", "text", 0.1), ("prompt_tuning", "text", 0.3),
+                     ("prompt_tuning", "sample_vocab", 0.1), ("prompt_tuning", "sample_vocab", 0.3),
+                     ("p_tuning", "-", 0.1), ("p_tuning", "-", 0.3),
+                     ("prefix_tuning", "text", 0.1), ("prefix_tuning", "text", 0.3)]
+    assert any("p_tuning" in n and "same trial" in n for n in notes)
+    assert any("prefix_tuning" in n and "sample_vocab" in n for n in notes)
+
+
+# ----- flags ----------------------------------------------------------------------------------------------
+
+def parse(*argv):
+    parser = argparse.ArgumentParser()
+    add_tune_arguments(parser)
+    return tune_args_from_namespace(parser.parse_args(list(argv)))
+
+
+def test_tune_flags_parse_and_do_not_clash_with_the_train_flags(tmp_path):
+    parser = argparse.ArgumentParser()
+    add_tune_arguments(parser)
+    ours = {s for a in parser._actions for s in a.option_strings} - {"-h", "--help"}
+    sections = {flag(f.name) for s in ("model", "data", "prompt", "train", "eval")
+                for f in dataclasses.fields(SECTIONS[s])}
+    assert not ours & sections
+    tune, problems = parse("--lrs", "0.01, 0.1", "--search", "num-virtual-tokens=8,16", "--search",
+                           "method=prompt_tuning,p_tuning", "--budget-steps", "300", "--budget-minutes", "2.5",
+                           "--eta", "2", "--min-steps", "5", "--top-k", "3", "--store", str(tmp_path / "s"),
+                           "--task", "sent", "--validation-from-train", "0.1")
+    assert problems == []
+    assert tune == TuneArgs(lrs=[0.01, 0.1], search={"num_virtual_tokens": [8, 16],
+                                                     "method": ["prompt_tuning", "p_tuning"]},
+                            budget_steps=300, budget_minutes=2.5, eta=2, min_steps=5, top_k=3,
+                            store=str(tmp_path / "s"), task="sent", validation_from_train=0.1)
+    assert tune.max_virtual_tokens(20) == 16 and TuneArgs().max_virtual_tokens(20) == 20
+    assert parse("--lr-range", "1e-3", "1", "--num-trials", "4")[0].lr_range == (1e-3, 1.0)
+
+
+def test_every_bad_tune_flag_is_reported_at_once_naming_it(tmp_path):
+    (tmp_path / "file").write_text("x")
+    tune, problems = parse("--lrs", "0.1,abc,-1", "--lr-range", "1", "0.1", "--num-trials", "0", "--lr-sampling",
+                           "sobol", "--search", "lr=0.1", "--search", "init=text,bogus", "--search", "nope",
+                           "--search", "num_virtual_tokens=8,x", "--search", "method=magic", "--budget-steps", "0",
+                           "--budget-minutes", "nan", "--eta", "1", "--min-steps", "0", "--top-k", "0",
+                           "--store", str(tmp_path / "file"), "--validation-from-train", "1.5")
+    text = "\n".join(problems)
+    assert tune is None
+    for expected in ("--lrs: 'abc' is not a number", "--lr-range LOW HIGH needs LOW < HIGH",
+                     "--num-trials must be >= 1", "--lr-sampling must be grid or random",
+                     "--search lr: unknown key", "--lrs or --lr-range", "--search init: 'bogus'",
+                     "--search 'nope': expected KEY=V1,V2", "--search num_virtual_tokens=8,x",
+                     "--search method: 'magic'", "--budget-steps must be >= 1", "--budget-minutes must be a finite",
+                     "--eta must be an integer >= 2", "--min-steps must be >= 1", "--top-k must be >= 1",
+                     "--store and --task go together", "exists and is not a folder",
+                     "--validation-from-train must be a fraction"):
+        assert expected in text, expected
+    assert "--lrs and --lr-range both given" in "\n".join(parse("--lrs", "0.1", "--lr-range", "0.01", "1")[1])
+    assert "--lrs must be > 0" in "\n".join(parse("--lrs", "0.1,-1")[1])
+    assert "--num-trials sets how many" in "\n".join(parse("--num-trials", "3")[1])
+    assert "add --lr-range" in "\n".join(parse("--lr-sampling", "random")[1])
+    assert "--task ../x" in "\n".join(parse("--store", str(tmp_path / "s"), "--task", "../x")[1])
+    assert "given twice" in "\n".join(parse("--search", "init=text", "--search", "init=random")[1])
+    assert "repeats a value" in "\n".join(parse("--lrs", "0.1,0.1")[1])
