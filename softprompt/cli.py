@@ -1,4 +1,4 @@
-"""Command line: ``softprompt train | eval | generate | serve | compare | inspect | store | ensemble``.
+"""Command line: ``softprompt train | tune | eval | generate | serve | compare | inspect | store | ensemble``.
 
 Each subcommand is a plain function that checks its flags, resolves the config sections and calls what
 does the work: :mod:`softprompt.workflows` (train, eval, generate), :mod:`softprompt.server.assemble`
@@ -96,6 +96,20 @@ def cmd_train(ns: argparse.Namespace) -> int:
     return 1 if result is not None and result.diverged else 0
 
 
+def cmd_tune(ns: argparse.Namespace) -> int:
+    """Search the learning rate (and --search settings) by successive halving on validation; save the best."""
+    from softprompt.tune import tune_args_from_namespace
+
+    tune, problems = tune_args_from_namespace(ns)
+    args = _resolve(ns, ["model", "data", "prompt", "train", "eval"], problems)
+    if ns.print_config:
+        print(to_yaml(args), end="")
+        return 0
+    from softprompt.workflows import tune_and_save
+
+    return 0 if tune_and_save(args, tune, given(ns, "data", "max_length")).best is not None else 1
+
+
 def cmd_eval(ns: argparse.Namespace) -> int:
     """Evaluate a stored prompt and baselines on a split of its task, or several tasks of a store."""
     problems = ["give either --prompt DIR or --store DIR [--task a,b,...]"] if bool(ns.prompt) == bool(ns.store) else []
@@ -170,6 +184,22 @@ def build_parser() -> argparse.ArgumentParser:
     for s in ("model", "data", "prompt", "train", "eval"):
         _add_section(p, s)
     p.set_defaults(func=cmd_train)
+
+    from softprompt.tune import add_tune_arguments
+
+    p = sub.add_parser(
+        "tune", help="search the learning rate (and prompt length, init, method) by successive halving",
+        description="Train trials with different settings, keep the best third by validation metric after each "
+                    "rung and continue them from their checkpoints; write trials.md/json/png and save the best "
+                    "prompt (optionally the top-k as a store ensemble). The test split is never read.",
+        epilog="exit status: 0 with a best prompt saved; 1 when every trial diverged or failed; 2 for invalid "
+               "arguments")
+    p.add_argument("--config", help="YAML file with model/data/prompt/train/eval sections")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    for s in ("model", "data", "prompt", "train", "eval"):
+        _add_section(p, s)
+    add_tune_arguments(p)
+    p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("eval", help="evaluate a stored prompt and baselines on its task")
     p.add_argument("--prompt", help="stored prompt folder (evaluated with the baselines)")

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 from softprompt.cli import main
 from softprompt.config import load_yaml
+from softprompt.store import PromptStore, load_prompt
 from tests.conftest import make_model, make_tokenizer, sentiment_records, write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
@@ -377,3 +378,31 @@ def test_method_specific_flag_errors_name_the_method(env, tmp_path):
                         "--method prefix_tuning", "init must be one of")
     _assert_usage_error(train_argv(env, tmp_path / "x", "--method", "p_tuning", "--encoder", "gru"),
                         "--method p_tuning", "encoder must be one of")
+
+
+def test_tune_command_searches_on_validation_and_saves_the_best_prompt_into_a_store(env, tmp_path):
+    """``softprompt tune`` end to end: flags, the search, trials files, best prompt and the store entry."""
+    out, store = tmp_path / "tune", tmp_path / "store"
+    argv = train_argv(env, out, "--lrs", "1e-6,0.3,0.1", "--budget-steps", "12", "--eta", "3",
+                      "--store", store, "--task", "sentiment")
+    argv[0] = "tune"
+    rc, stdout, stderr = run(argv)
+    assert rc == 0, stderr
+    trials = json.loads((out / "trials.json").read_text())
+    assert len(trials["trials"]) == 3
+    assert (out / "trials.md").is_file() and (out / "trials.png").is_file()
+    assert 0 < sum(t["steps"] for t in trials["trials"]) == trials["steps_used"] <= 12
+    best_config = next(t["config"] for t in trials["trials"] if t["id"] == trials["best"])
+    assert best_config["lr"] != 1e-6  # a learning rate that cannot move the prompt never wins
+    best = load_prompt(out / "best_prompt")
+    assert best.meta["task"]["verbalizer"]
+    assert PromptStore(store).names() == ["sentiment"]
+    assert "best:" in stdout
+
+
+def test_tune_flags_are_checked_with_the_train_flags_at_once(env, tmp_path):
+    argv = train_argv(env, tmp_path / "t", "--lrs", "0.3,-1", "--eta", "1", "--lr", "nan")
+    argv[0] = "tune"
+    rc, _, stderr = run(argv)
+    assert rc == 2
+    assert "--lrs" in stderr and "--eta" in stderr and "--lr" in stderr

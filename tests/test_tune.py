@@ -16,9 +16,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from softprompt import inject
 from softprompt.config import SECTIONS, ConfigError, DataArgs, EvalArgs, ModelArgs, PromptArgs, TrainArgs, flag
 from softprompt.data import TaskData
+from softprompt.forward import causal
 from softprompt.methods import build_method
 from softprompt.store import PromptStore, load_prompt
 from softprompt.train import train
@@ -68,8 +68,8 @@ class CountSteps:
 
 @pytest.fixture
 def steps_trained(monkeypatch) -> CountSteps:
-    counter = CountSteps(inject.target_loss)
-    monkeypatch.setattr(inject, "target_loss", counter)
+    counter = CountSteps(causal.target_loss)
+    monkeypatch.setattr(causal, "target_loss", counter)
     return counter
 
 
@@ -86,8 +86,8 @@ def halved(tmp_path_factory, tokenizer):
     """4 lrs, eta 2, 12 steps: rungs of 3, 6 and 12 steps for 4, 2 and 1 trials; and the steps really trained."""
     out = tmp_path_factory.mktemp("halved")
     with pytest.MonkeyPatch.context() as mp:
-        counter = CountSteps(inject.target_loss)
-        mp.setattr(inject, "target_loss", counter)
+        counter = CountSteps(causal.target_loss)
+        mp.setattr(causal, "target_loss", counter)
         result = search(out, tokenizer, TuneArgs(lrs=LRS, eta=2))
     result.trained = counter.calls
     return out, result
@@ -193,7 +193,7 @@ class _Overflow:
                          ids=["guard-stops-mid-rung", "guard-stops-at-the-rung-end", "no-guard-nan-prompt"])
 def test_diverging_trial_ranks_last_without_crashing_and_no_nan_is_saved(tmp_path, tokenizer, monkeypatch, guard,
                                                                          rollbacks, stop):
-    monkeypatch.setattr(inject, "target_loss", _Overflow(inject.target_loss))
+    monkeypatch.setattr(causal, "target_loss", _Overflow(causal.target_loss))
     # lr 1e4: every update takes the prompt to ~1e3+, so every second step has a NaN loss; the guard rolls back
     # `rollbacks` times and stops the run at the next one (step 4, or step 6: the last step of rung 0, where
     # the segment ends anyway); without the guard, the NaN reaches the prompt
@@ -212,14 +212,14 @@ def test_diverging_trial_ranks_last_without_crashing_and_no_nan_is_saved(tmp_pat
 
 def test_a_trial_that_raises_fails_alone_and_progress_is_reported_after_every_segment(tmp_path, tokenizer,
                                                                                       monkeypatch):
-    real = inject.target_loss
+    real = causal.target_loss
 
     def out_of_memory_with_8_tokens(model, batch, prompt):  # concat pass: prompt is (P, H)
         if prompt.shape[0] == 8:
             raise RuntimeError("out of memory (simulated)")
         return real(model, batch, prompt)
 
-    monkeypatch.setattr(inject, "target_loss", out_of_memory_with_8_tokens)
+    monkeypatch.setattr(causal, "target_loss", out_of_memory_with_8_tokens)
     snapshots = []
     result = successive_halving(
         make_model("llama"), tokenizer, task(64, 32), PROMPT, base(tmp_path, prompt_pass="concat"),
@@ -296,7 +296,7 @@ def test_a_search_where_every_trial_diverges_saves_nothing_and_leaves_no_older_p
     assert first.best is not None and (out / "best_prompt").is_dir() and (out / "top" / "2").is_dir()
     assert any("rung 0 ends at step 2, within --warmup-steps 2" in n for n in first.notes)  # 6 // 3 = 2
     assert "- rung 0 ends at step 2" in (out / "trials.md").read_text()
-    monkeypatch.setattr(inject, "target_loss", _Overflow(inject.target_loss))
+    monkeypatch.setattr(causal, "target_loss", _Overflow(causal.target_loss))
     result = run_tune(args, TuneArgs(lrs=[1e4]), model, tokenizer, task(64, 32), echo=lines.append)
     assert result.best is None and [t.status for t in result.trials] == ["diverged"]
     assert not (out / "best_prompt").exists() and not (out / "top" / "1").exists()  # the first search's: gone

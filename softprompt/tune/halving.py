@@ -31,10 +31,10 @@ from pathlib import Path
 
 import torch
 
-from softprompt import inject
 from softprompt.config import ConfigError, PromptArgs, TrainArgs
 from softprompt.data import TaskData
 from softprompt.evaluate import evaluate_prompt, primary_metric
+from softprompt.forward import family_of
 from softprompt.methods import build_method
 from softprompt.train import train
 from softprompt.tune.space import TrialSpec, TuneArgs, plan_rungs, trial_specs
@@ -190,7 +190,7 @@ class _Search:
     def evaluate(self, method) -> dict[str, float]:
         """Validation metrics of the method's current prompt (what ``train`` computes at its evaluations)."""
         with torch.no_grad():
-            kv = inject.compute_prompt_kv(self.model, method())
+            kv = family_of(self.model).inference_prompt(self.model, method())
             metrics, _ = evaluate_prompt(self.model, self.tok, kv, self.valid, self.fmt, self.eval_batch_size,
                                          max_length=self.max_length, with_loss=True)
         return {k: float(v) for k, v in metrics.items() if k != "n"}

@@ -1,5 +1,5 @@
-"""What a command does, apart from parsing its flags: train-and-save, evaluate with baselines, evaluate a
-store, an engine for generation.
+"""What a command does, apart from parsing its flags: train-and-save, tune, evaluate with baselines, evaluate
+a store, an engine for generation.
 
 The command line (:mod:`softprompt.cli`) checks the flags, resolves the config sections and calls one of
 these; they load the task and the model, run the work and print the command's report.
@@ -10,6 +10,7 @@ from softprompt.workflows.evaluation import evaluate_store, evaluate_stored_prom
 from softprompt.workflows.generation import engine_for
 from softprompt.workflows.loading import fit_context, load_model_from_args, load_task_from_args, task_meta
 from softprompt.workflows.training import report_divergence, train_and_save, tuned_method
+from softprompt.workflows.tuning import tune_and_save
 
 __all__ = [
     "classifier_baselines",
@@ -23,5 +24,6 @@ __all__ = [
     "report_divergence",
     "task_meta",
     "train_and_save",
+    "tune_and_save",
     "tuned_method",
 ]

@@ -63,7 +63,7 @@ def load_model_from_args(args: dict, stored=None, num_labels: int | None = None)
     return load_base_model(m.model, m.device, m.dtype, task_type=task_type, num_labels=num_labels)
 
 
-def fit_context(args: dict, max_length_given: bool) -> None:
+def fit_context(args: dict, max_length_given: bool, num_virtual_tokens: int | None = None) -> None:
     """Refuse a prompt too long for the model's context before any data or weights are loaded.
 
     Only the model's config is read. A default ``--max-length`` (``max_length_given`` false) is lowered to
@@ -72,6 +72,8 @@ def fit_context(args: dict, max_length_given: bool) -> None:
     Args:
         args: resolved ``model``, ``data`` and ``prompt`` sections; ``data.max_length`` is updated.
         max_length_given: the user set ``--max-length`` (flag or config file).
+        num_virtual_tokens: the longest prompt that will run (``tune`` may search lengths); default: the
+            prompt section's.
 
     Raises:
         ConfigError: the prompt (with the given ``--max-length``) does not fit the model's context.
@@ -80,4 +82,5 @@ def fit_context(args: dict, max_length_given: bool) -> None:
 
     name, data = args["model"].model, args["data"]
     data.max_length = fit_max_length(context_length(load_model_config(name)), f"--model {name}",
-                                     args["prompt"].num_virtual_tokens, data.max_length, max_length_given)
+                                     num_virtual_tokens or args["prompt"].num_virtual_tokens, data.max_length,
+                                     max_length_given)
