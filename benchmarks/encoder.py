@@ -160,7 +160,7 @@ def bench_classify(args) -> None:
     texts = [ex.source for ex in reviews(args.tasks * args.requests, args.max_words)]
     with tempfile.TemporaryDirectory() as d:
         folders = {}
-        engine = Engine(model, tok, max_batch_size=args.batch_size)
+        engine = Engine(model, tok, max_batch_rows=args.batch_size)
         for t in range(args.tasks):
             name = f"task{t}"
             method = new_method(model, tok, args.prompt_tokens, seed=t, head_std=0.5)

@@ -153,7 +153,7 @@ def bench_classify(args) -> None:
     texts = reviews(args.tasks * args.requests)
     by_task = {f"task{t}": texts[t * args.requests:(t + 1) * args.requests] for t in range(args.tasks)}
     t0 = time.perf_counter()
-    engine = Engine(model, tok, max_batch_size=args.batch_size)
+    engine = Engine(model, tok, max_batch_rows=args.batch_size)
     for name, stored in prompts.items():
         engine.add_prompt(name, stored)
     sync(dev)

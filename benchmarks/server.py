@@ -7,7 +7,7 @@ concurrent clients, which the scheduler batches into mixed-task engine calls. Pr
 p99 latency of each, and the throughput ratio. Responses of both runs are compared.
 
     python benchmarks/server.py
-    python benchmarks/server.py --requests 200 --max-batch-size 32 --max-wait-ms 10
+    python benchmarks/server.py --requests 200 --max-batch-requests 32 --max-wait-ms 10
 """
 
 from __future__ import annotations
@@ -89,7 +89,8 @@ def main(argv=None) -> None:
     ap.add_argument("--tasks", type=int, default=8)
     ap.add_argument("--prompt-tokens", type=int, default=20)
     ap.add_argument("--new-tokens", type=int, default=8)
-    ap.add_argument("--max-batch-size", type=int, default=32)
+    ap.add_argument("--max-batch-requests", type=int, default=32, help="requests per scheduler batch")
+    ap.add_argument("--max-batch-rows", type=int, default=32, help="rows per engine forward")
     ap.add_argument("--max-wait-ms", type=float, default=10.0)
     args = ap.parse_args(argv)
 
@@ -100,8 +101,8 @@ def main(argv=None) -> None:
             method = build_method("prompt_tuning", {"num_virtual_tokens": args.prompt_tokens, "init": "sample_vocab",
                                                     "seed": t}, model, tok)
             store.save(f"task{t}", method, model, task=SENT if t % 2 == 0 else GEN)
-        engine = Engine.from_store(store, model, tok, max_batch_size=args.max_batch_size)
-    state = ServerState(engine, Scheduler(engine, args.max_batch_size, args.max_wait_ms, max_queue=10_000))
+        engine = Engine.from_store(store, model, tok, max_batch_rows=args.max_batch_rows)
+    state = ServerState(engine, Scheduler(engine, args.max_batch_requests, args.max_wait_ms, max_queue=10_000))
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(create_app(state), log_level="warning"))
@@ -118,8 +119,8 @@ def main(argv=None) -> None:
     same = sum(answer(a[1]) == answer(b[1]) for a, b in zip(seq, con, strict=True))
     n = len(jobs)
     print(f"{n} requests over {args.tasks} tasks ({args.prompt_tokens}-token prompts; half classify, half "
-          f"{args.new_tokens}-token completions), {model.device} {model.dtype}, max batch {args.max_batch_size}, "
-          f"max wait {args.max_wait_ms} ms")
+          f"{args.new_tokens}-token completions), {model.device} {model.dtype}, max batch "
+          f"{args.max_batch_requests} requests / {args.max_batch_rows} rows, max wait {args.max_wait_ms} ms")
     print(f"{'':14}{'req/s':>10}{'p50 s':>10}{'p99 s':>10}{'wall s':>10}")
     for name, wall, res in (("one at a time", seq_s, seq), ("concurrent", con_s, con)):
         lat = [r[0] for r in res]

@@ -234,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML file with model/serve sections")
     for s in ("model", "serve"):
         _add_section(p, s)
+    p.add_argument("--max-batch-size", dest="max_batch_requests", type=int, help=argparse.SUPPRESS)  # old name
     p.set_defaults(func=cmd_serve)
 
     add_compare_parser(sub)

@@ -40,7 +40,7 @@ def stored(tmp_path, model, tok, name, n, task, seed):
 @pytest.fixture(params=["llama", "gpt2", "qwen2"])
 def setup(request, tmp_path, tokenizer):
     model = make_model(request.param)
-    engine = Engine(model, tokenizer, max_batch_size=4)
+    engine = Engine(model, tokenizer, max_batch_rows=4)
     prompts = {}
     for name, n, task, seed in [("sent", 3, SENT, 1), ("sent2", 6, SENT2, 2), ("caps", 2, CAPS, 3),
                                 ("sent3", 5, SENT, 4)]:

@@ -106,7 +106,7 @@ def test_engine_evaluation_equals_single_prompt_evaluation(model, tokenizer):
     from softprompt.engine import Engine
     from softprompt.evaluate import evaluate_on_engine, hard_prompt_kv
 
-    engine = Engine(model, tokenizer, max_batch_size=3)
+    engine = Engine(model, tokenizer, max_batch_rows=3)
     tuned = forward.compute_prompt_kv(model, torch.randn(4, 32))
     hard = hard_prompt_kv(model, tokenizer, "Classify sentiment .")
     gen_fmt = TaskFormat("Country: {country}\nCapital:", "capital")

@@ -87,7 +87,7 @@ def test_engine_mixed_batches_on_cuda_bf16_match_cpu_fp32(tmp_path, tokenizer):
     task = {"template": "Review: {text}\nSentiment:", "target_field": "label",
             "verbalizer": {"positive": "positive", "negative": "negative"}}
     cpu, gpu = make_model("qwen2"), make_model("qwen2").to("cuda", torch.bfloat16)
-    engines = [Engine(cpu, tokenizer, max_batch_size=3), Engine(gpu, tokenizer, max_batch_size=3)]
+    engines = [Engine(cpu, tokenizer, max_batch_rows=3), Engine(gpu, tokenizer, max_batch_rows=3)]
     for name, n in (("a", 3), ("b", 7)):
         method = build_method("prompt_tuning", {"num_virtual_tokens": n, "init": "random", "seed": n}, cpu, tokenizer)
         save_prompt(tmp_path / name, method, cpu, task=task)

@@ -77,7 +77,7 @@ def test_peft_loads_exported_variant_with_identical_logits(tokenizer, tmp_path, 
 
 def test_engine_serves_all_methods_mixed_in_one_batch(tokenizer, tmp_path):
     model = make_model("qwen2")
-    engine = Engine(model, tokenizer, max_batch_size=8)
+    engine = Engine(model, tokenizer, max_batch_rows=8)
     singles = {}
     all_cfgs = [("prompt_tuning", {"num_virtual_tokens": 5, "init": "random"}), *VARIANTS]
     for i, (name, cfg) in enumerate(all_cfgs):

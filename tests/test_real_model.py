@@ -102,7 +102,7 @@ def test_engine_mixed_batches_equal_single_uncached_on_real_model(real, rt_task,
     model, tok = real
     task_meta = {"template": "Review: {text}\nSentiment:", "target_field": "label",
                  "verbalizer": {"positive": "positive", "negative": "negative"}}
-    engine = Engine(model, tok, max_batch_size=4)
+    engine = Engine(model, tok, max_batch_rows=4)
     prompts = {}
     for name, n, seed in (("a", 5, 0), ("b", 12, 1), ("c", 20, 2)):
         method = build_method("prompt_tuning", {"num_virtual_tokens": n, "init": "sample_vocab", "seed": seed},

@@ -238,7 +238,7 @@ def test_engine_classifies_mixed_encoder_tasks_and_ensembles_like_one_row_runs(t
                                                       "verbalizer": labels, "labels": list(labels)})
         store.add(name, tmp_path / name)
     store.add_ensemble("both", ["two", "two_b"], "mean")
-    engine = Engine.from_store(store, model, tokenizer, max_batch_size=3)
+    engine = Engine.from_store(store, model, tokenizer, max_batch_rows=3)
     texts = ["good movie", "the plot was very bad", "a film", "great great film is not awful", "bad"]
     reqs = [ClassifyRequest(task, text) for text in texts for task in ("two", "three", "both", "two_b")]
     results = engine.classify(reqs)

@@ -42,9 +42,9 @@ def make_store(root, model, tok) -> PromptStore:
 def served(tmp_path_factory, tokenizer):
     model = make_model("llama")
     store = make_store(tmp_path_factory.mktemp("store"), model, tokenizer)
-    engine = Engine.from_store(store, model, tokenizer, max_batch_size=16)
+    engine = Engine.from_store(store, model, tokenizer, max_batch_rows=16)
     engine.add_base("base")
-    state = ServerState(engine, Scheduler(engine, max_batch_size=16, max_wait_ms=20), store=store,
+    state = ServerState(engine, Scheduler(engine, max_batch_requests=16, max_wait_ms=20), store=store,
                         admin_token=TOKEN, max_tokens=64)
     return state, create_app(state)
 
@@ -196,7 +196,7 @@ def test_requests_over_a_full_positive_queue_are_429_and_the_admitted_ones_succe
     gate, ran = gate_runs(monkeypatch, engine)  # the worker holds the first request; the rest wait in the queue
     held, gated_run = threading.Event(), engine.run
     monkeypatch.setattr(engine, "run", lambda *a, **k: held.set() or gated_run(*a, **k))
-    sched = Scheduler(engine, max_batch_size=16, max_wait_ms=1, max_queue=4)
+    sched = Scheduler(engine, max_batch_requests=16, max_wait_ms=1, max_queue=4)
     body = {"model": "base", "prompt": "the movie", "raw": True, "max_tokens": 2, "temperature": 0}
 
     def wait_for(condition) -> None:

@@ -94,8 +94,8 @@ def test_chaos_mixed_good_hostile_and_admin(tmp_path, tokenizer):
     store = make_store(tmp_path / "store", model, tokenizer)
     broken = break_entries(store)
     before = fingerprint_store(store)
-    engine = Engine.from_store(store, model, tokenizer, names=STABLE + CHURN, max_batch_size=16)
-    state = ServerState(engine, Scheduler(engine, max_batch_size=16, max_wait_ms=10, max_queue=256), store=store,
+    engine = Engine.from_store(store, model, tokenizer, names=STABLE + CHURN, max_batch_rows=16)
+    state = ServerState(engine, Scheduler(engine, max_batch_requests=16, max_wait_ms=10, max_queue=256), store=store,
                         admin_token=TOKEN, max_tokens=16, max_body_bytes=64 * 1024, max_input_chars=2000)
     # what every good request answers alone, before any chaos
     rng = random.Random(0)

@@ -32,9 +32,9 @@ def post(url: str, body: dict) -> httpx.Response:
 def setup(tmp_path_factory, tokenizer):
     model = make_model("llama")
     store = make_store(tmp_path_factory.mktemp("store"), model, tokenizer)
-    engine = Engine.from_store(store, model, tokenizer, max_batch_size=16)
+    engine = Engine.from_store(store, model, tokenizer, max_batch_rows=16)
     engine.add_base("base")
-    state = ServerState(engine, Scheduler(engine, max_batch_size=16, max_wait_ms=50), store=store,
+    state = ServerState(engine, Scheduler(engine, max_batch_requests=16, max_wait_ms=50), store=store,
                         admin_token=TOKEN, max_tokens=64, max_body_bytes=64 * 1024, max_input_chars=2000)
     app = create_app(state)
     url, stop = serve(app)
@@ -96,7 +96,7 @@ def test_engine_failure_of_one_row_fails_alone_whatever_the_exception(setup, mon
         return real(kind, items, on_token, cancelled)
 
     monkeypatch.setattr(engine, "run", run)
-    sched = Scheduler(engine, max_batch_size=16, max_wait_ms=200)
+    sched = Scheduler(engine, max_batch_requests=16, max_wait_ms=200)
     sched.start()
     try:
         texts = ["good", "bad", "boom", "great", "awful", "the film", "a plot", "not bad"]
@@ -300,7 +300,7 @@ def test_admission_is_all_or_nothing(setup, monkeypatch):
     state, _, _ = setup
     engine = state.engine
     gate, ran = gate_runs(monkeypatch, engine)
-    sched = Scheduler(engine, max_batch_size=16, max_wait_ms=5, max_queue=64)
+    sched = Scheduler(engine, max_batch_requests=16, max_wait_ms=5, max_queue=64)
     sched.start()
     try:
         first = sched.submit_many("classify", [ClassifyRequest("t0", "good")] * 64)
@@ -318,7 +318,7 @@ def test_two_64_prompt_requests_against_max_queue_64_run_only_the_admitted_one(t
     engine = Engine(make_model("llama"), tokenizer)
     engine.add_base("base")
     gate, rows = gate_runs(monkeypatch, engine)
-    state = ServerState(engine, Scheduler(engine, max_batch_size=16, max_queue=64))
+    state = ServerState(engine, Scheduler(engine, max_batch_requests=16, max_queue=64))
     body = {"model": "base", "prompt": ["the movie"] * 64, "raw": True, "max_tokens": 1}
     with TestClient(create_app(state)) as client, concurrent.futures.ThreadPoolExecutor(2) as pool:
         a = pool.submit(client.post, "/v1/completions", json=body)
@@ -365,3 +365,22 @@ def test_admin_token_from_a_file(tmp_path, tiny_model_dir):
     with pytest.raises(ConfigError, match="is empty"):
         build_app({"model": ModelArgs(model=str(tiny_model_dir), device="cpu"),
                    "serve": ServeArgs(admin_token_file=str(tmp_path / "empty"))})
+
+
+def test_requests_per_batch_and_rows_per_forward_are_separate_limits(tiny_model_dir, monkeypatch):
+    """--max-batch-requests sizes the scheduler's batches, --max-batch-rows the engine's forwards (a request
+    can take several rows); --max-batch-size is still taken as the old name of the first."""
+    from softprompt.cli import build_parser
+    from softprompt.config import ConfigError, ModelArgs, ServeArgs
+    from softprompt.server import assemble
+
+    seen = {}
+    monkeypatch.setattr(assemble, "create_app", lambda state: seen.setdefault("state", state))
+    assemble.build_app({"model": ModelArgs(model=str(tiny_model_dir), device="cpu"),
+                        "serve": ServeArgs(max_batch_requests=5, max_batch_rows=3)})
+    state = seen["state"]
+    assert (state.scheduler.max_batch_requests, state.engine.max_batch_rows) == (5, 3)
+    ns = build_parser().parse_args(["serve", "--max-batch-size", "7", "--max-batch-rows", "2"])
+    assert (ns.max_batch_requests, ns.max_batch_rows) == (7, 2)
+    with pytest.raises(ConfigError, match="--max-batch-rows must be >= 1"):
+        ServeArgs(max_batch_rows=0)

@@ -259,7 +259,8 @@ class ServeArgs:
     base_task: str = "base"
     host: str = "127.0.0.1"
     port: int = 8000
-    max_batch_size: int = 32
+    max_batch_requests: int = 32  # requests the scheduler gathers into one engine call
+    max_batch_rows: int = 32  # rows per forward (an ensemble or multi-token labels give a request several)
     max_wait_ms: float = 5.0
     max_queue: int = 1024
     max_tokens: int = 512
@@ -274,7 +275,8 @@ class ServeArgs:
             problems.append("--admin-token and --admin-token-file both given: use one")
         if self.admin_token_file is not None and not Path(self.admin_token_file).is_file():
             problems.append(f"--admin-token-file {self.admin_token_file!r} is not a file")
-        for name in ("max_batch_size", "max_queue", "max_tokens", "max_body_bytes", "max_input_chars"):
+        for name in ("max_batch_requests", "max_batch_rows", "max_queue", "max_tokens", "max_body_bytes",
+                     "max_input_chars"):
             if getattr(self, name) < 1:
                 problems.append(f"{flag(name)} must be >= 1, got {getattr(self, name)}")
         keep_problems(problems, check_real("--max-wait-ms", self.max_wait_ms, lambda v: v >= 0, ">= 0"))

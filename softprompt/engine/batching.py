@@ -48,18 +48,18 @@ class MixedBatch:
                           self.lengths, self.padding_side)
 
 
-def mixed_batches(rows: list[Row], pad_id: int, padding_side: str, max_batch_size: int,
+def mixed_batches(rows: list[Row], pad_id: int, padding_side: str, max_rows: int,
                   max_batch_tokens: int) -> list[MixedBatch]:
     """Group rows of any tasks into padded batches, sorted by length so little padding is wasted.
 
-    A batch holds at most ``max_batch_size`` rows and ``max_batch_tokens`` padded tokens (at least one row).
+    A batch holds at most ``max_rows`` rows and ``max_batch_tokens`` padded tokens (at least one row).
     """
     order = sorted(range(len(rows)), key=lambda i: len(rows[i].ids))
     groups: list[list[int]] = []
     current: list[int] = []
     for i in order:
         width = len(rows[i].ids)  # sorted ascending: this row is the widest so far
-        if current and (len(current) >= max_batch_size or (len(current) + 1) * width > max_batch_tokens):
+        if current and (len(current) >= max_rows or (len(current) + 1) * width > max_batch_tokens):
             groups.append(current)
             current = []
         current.append(i)

@@ -88,7 +88,8 @@ class Engine:
 
     Args:
         model, tokenizer: the frozen base model (``load_base_model``).
-        max_batch_size: most rows per forward.
+        max_batch_rows: most rows per forward (a request may take several rows: one per ensemble member,
+            and one per label when labels have several tokens); the scheduler batches requests, not rows.
         max_batch_tokens: most padded tokens per forward (bounds memory).
         max_input_tokens: most tokens in a request's text (prompt excluded); default: the model's
             context length. Longer inputs raise :class:`TooLongError`, or are cut from the left when
@@ -96,17 +97,17 @@ class Engine:
         progress: show a progress bar over batches (on a terminal).
     """
 
-    def __init__(self, model, tokenizer, max_batch_size: int = 32, max_batch_tokens: int = 16384,
+    def __init__(self, model, tokenizer, max_batch_rows: int = 32, max_batch_tokens: int = 16384,
                  max_input_tokens: int | None = None, truncate: bool = False, progress: bool = False):
         self.family = family_of(model)
         if not self.family.served:
             raise EngineError(f"the engine serves decoder-only models (its cached prompt keys/values need a causal "
                               f"model); {type(model).__name__} is {self.family.description}: use evaluate/generate")
-        if max_batch_size < 1 or max_batch_tokens < 1:
-            raise EngineError(f"max_batch_size and max_batch_tokens must be >= 1, got {max_batch_size}, "
+        if max_batch_rows < 1 or max_batch_tokens < 1:
+            raise EngineError(f"max_batch_rows and max_batch_tokens must be >= 1, got {max_batch_rows}, "
                               f"{max_batch_tokens}")
         self.model, self.tok = model, tokenizer
-        self.max_batch_size, self.max_batch_tokens, self.truncate = max_batch_size, max_batch_tokens, truncate
+        self.max_batch_rows, self.max_batch_tokens, self.truncate = max_batch_rows, max_batch_tokens, truncate
         self.progress = progress
         self.context = int(getattr(model.config, "max_position_embeddings", 0) or 2048)
         self.max_input_tokens = max_input_tokens or self.context

@@ -91,8 +91,8 @@ class HeadBackend(Backend):
         for member, ks in by_member.items():
             prompt = self.get(member)
             ks = sorted(ks, key=lambda k: len(rows[k].ids))  # similar lengths share a batch: less padding
-            for a in range(0, len(ks), engine.max_batch_size):
-                chunk = ks[a:a + engine.max_batch_size]
+            for a in range(0, len(ks), engine.max_batch_rows):
+                chunk = ks[a:a + engine.max_batch_rows]
                 width = max(len(rows[k].ids) for k in chunk)
                 ids = torch.full((len(chunk), width), engine.tok.pad_token_id, dtype=torch.long)
                 mask = torch.zeros((len(chunk), width), dtype=torch.long)

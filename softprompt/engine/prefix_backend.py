@@ -100,7 +100,7 @@ class PrefixBackend(Backend):
         """Per row: log-probs of its candidates at the next position, or of each of its target tokens."""
         engine = self.engine
         out: list[torch.Tensor | None] = [None] * len(rows)
-        batches = mixed_batches(rows, engine.tok.pad_token_id, "right", engine.max_batch_size, engine.max_batch_tokens)
+        batches = mixed_batches(rows, engine.tok.pad_token_id, "right", engine.max_batch_rows, engine.max_batch_tokens)
         for batch in tqdm(batches, desc="score", unit="batch", disable=None if engine.progress else True):
             self._score_batch(batch.to(engine.model.device), rows, out)
         return out
@@ -135,7 +135,7 @@ class PrefixBackend(Backend):
         engine = self.engine
         rows = [p.rows[0] for p in items]
         results: list[GenerateResult | None] = [None] * len(items)
-        batches = mixed_batches(rows, engine.tok.pad_token_id, "left", engine.max_batch_size, engine.max_batch_tokens)
+        batches = mixed_batches(rows, engine.tok.pad_token_id, "left", engine.max_batch_rows, engine.max_batch_tokens)
         for batch in tqdm(batches, desc="generate", unit="batch", disable=None if engine.progress else True):
             self._generate_batch(batch.to(engine.model.device), items, results, on_token, cancelled)
         return results

@@ -3,7 +3,7 @@
 A request is prepared (checked, rendered, tokenised: :meth:`Engine.prepare`) in the submitting thread,
 never in the batch loop, and is queued only once it is valid; the requests of one HTTP request are
 admitted together or not at all. One worker thread owns the engine calls. It waits for a first request,
-keeps collecting until the batch is full (``max_batch_size``) or ``max_wait_ms`` has passed, then runs
+keeps collecting until the batch is full (``max_batch_requests``) or ``max_wait_ms`` has passed, then runs
 each kind of request (classify, generate, score) as one engine call. A batch that fails, whatever the
 exception, is split in halves and run again until the failing request fails alone. A cancelled request
 (its client went away) is skipped before it runs, and a generation stops at its next token.
@@ -62,14 +62,15 @@ class Scheduler:
 
     Args:
         engine: the engine to call (only this scheduler's thread calls it).
-        max_batch_size: most requests per engine call.
+        max_batch_requests: most requests per engine call (the engine splits their rows into forwards of
+            at most its ``max_batch_rows``).
         max_wait_ms: how long the first request of a batch may wait for company.
         max_queue: most requests waiting; more are refused with :class:`QueueFullError`.
     """
 
-    def __init__(self, engine, max_batch_size: int = 32, max_wait_ms: float = 5.0, max_queue: int = 1024):
+    def __init__(self, engine, max_batch_requests: int = 32, max_wait_ms: float = 5.0, max_queue: int = 1024):
         self.engine = engine
-        self.max_batch_size, self.max_wait, self.max_queue = max_batch_size, max_wait_ms / 1000, max_queue
+        self.max_batch_requests, self.max_wait, self.max_queue = max_batch_requests, max_wait_ms / 1000, max_queue
         self._q: queue.Queue[Job | None] = queue.Queue()
         self._waiting = 0  # admitted requests not yet taken into a batch
         self._admit_lock = threading.Lock()
@@ -146,7 +147,7 @@ class Scheduler:
 
     def _collect(self, first: Job) -> tuple[list[Job], bool]:
         jobs, deadline = [first], time.perf_counter() + self.max_wait
-        while len(jobs) < self.max_batch_size:
+        while len(jobs) < self.max_batch_requests:
             left = deadline - time.perf_counter()
             try:
                 job = self._take(True, left) if left > 0 else self._take(False)

@@ -83,7 +83,7 @@ def evaluate_with_baselines(model, tokenizer, task: TaskData, args: dict, prompt
         report = {name: evaluate_prompt(model, tokenizer, kv, examples, fmt, ev.eval_batch_size, ev.max_new_tokens,
                                         data.max_length)[0] for name, kv in conditions.items()}
     else:
-        engine = Engine(model, tokenizer, max_batch_size=ev.eval_batch_size, max_input_tokens=data.max_length,
+        engine = Engine(model, tokenizer, max_batch_rows=ev.eval_batch_size, max_input_tokens=data.max_length,
                         truncate=True, progress=True)
         runs = {}
         for i, (name, kv) in enumerate(conditions.items()):

@@ -62,7 +62,7 @@ def evaluate_store(args: dict, store: str, tasks: list[str] | None = None, check
     prompt_store = PromptStore(store)
     names = prompt_store.names() if tasks is None else tasks
     ev, data = args["eval"], args["data"]
-    engine = Engine(model, tok, max_batch_size=ev.eval_batch_size, max_input_tokens=data.max_length,
+    engine = Engine(model, tok, max_batch_rows=ev.eval_batch_size, max_input_tokens=data.max_length,
                     truncate=True, progress=True)
     report = {}
     for name in names:
