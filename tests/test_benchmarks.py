@@ -64,7 +64,7 @@ def test_encoder_benchmark_runs_on_tiny_bert(tmp_path):
     make_encoder("bert").save_pretrained(tmp_path / "bert")
     make_tokenizer().save_pretrained(tmp_path / "bert")
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "encoder.py"), "--model", str(tmp_path / "bert"),
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "seq_cls.py"), "--model", str(tmp_path / "bert"),
                            "--steps", "3", "--batch-size", "4", "--prompt-tokens", "3", "--tasks", "3",
                            "--requests", "5", "--repeats", "1", "--device", "cpu"],
                           capture_output=True, text=True, env=env, timeout=300)

@@ -12,8 +12,8 @@ Without ``--model`` the encoder is a BERT-base-shaped model (12 layers, hidden 7
 the default model's tokenizer: no encoder checkpoint can be downloaded here, and speed does not depend on
 the weights.
 
-    python benchmarks/encoder.py                       # both, CPU fp32
-    python benchmarks/encoder.py --model ./my-bert --device cuda
+    python benchmarks/seq_cls.py                       # both, CPU fp32
+    python benchmarks/seq_cls.py --model ./my-bert --device cuda
 """
 
 from __future__ import annotations
