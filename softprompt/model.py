@@ -55,18 +55,6 @@ class ModelLoadError(RuntimeError):
     """The base model could not be loaded."""
 
 
-def resolve_task_type(config, requested: str = "auto") -> str:
-    """The task type a model is loaded as (see the module docstring); refuses impossible combinations.
-
-    Raises:
-        ModelLoadError: an unknown type, or one the architecture cannot take.
-    """
-    try:
-        return family_for_config(config, requested).name
-    except FamilyError as e:
-        raise ModelLoadError(str(e)) from None
-
-
 # config keys under which model families record their maximum sequence length (the first present wins)
 CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
 

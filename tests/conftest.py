@@ -186,3 +186,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def text_logits(model, input_ids, attention_mask, prompt_kv=None):
+    """Full logits over the text positions ``(B, T, V)`` with the prompt in front: the reference the
+    equivalence tests compare against (the package applies the LM head only where it needs logits)."""
+    from softprompt.forward import logits_from_hidden
+    from softprompt.forward.causal import final_hidden
+
+    return logits_from_hidden(model, final_hidden(model, input_ids, attention_mask, prompt_kv))

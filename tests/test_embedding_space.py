@@ -21,7 +21,7 @@ from softprompt.forward import causal
 from softprompt.methods import build_method
 from softprompt.store import save_prompt
 from softprompt.train import train
-from tests.conftest import VOCAB, WORD_IDS, make_model, make_tokenizer
+from tests.conftest import VOCAB, WORD_IDS, make_model, make_tokenizer, text_logits
 from tests.test_train import FMT, task
 
 FAMILIES = ["gemma3", "llama"]
@@ -93,7 +93,7 @@ def test_prompt_goes_in_front_of_the_modules_output_unscaled(kind, prompt_pass):
     ids = torch.tensor([[3, 15, 12, 17, 8], [3, 16, 13, 18, 11]])  # (B, T)
     mask = torch.ones_like(ids)
     with torch.no_grad():
-        ours = causal.text_logits(model, ids, mask, causal.prompt_for_step(model, prompt, prompt_pass))
+        ours = text_logits(model, ids, mask, causal.prompt_for_step(model, prompt, prompt_pass))
         embeds = torch.cat([prompt[None].expand(2, -1, -1), model.get_input_embeddings()(ids)], dim=1)
         theirs = model(inputs_embeds=embeds).logits[:, 3:].float()  # (B, T, V)
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
@@ -115,7 +115,7 @@ def test_text_init_and_hard_prompt_equal_the_text_itself(kind, source, tokenizer
         else:
             prompt = hard_prompt_kv(model, tokenizer, INIT_TEXT)
         plain = model(input_ids=torch.cat([torch.tensor([init_ids]), ids], dim=1)).logits[:, p:].float()
-        got = causal.text_logits(model, ids, torch.ones_like(ids), prompt)
+        got = text_logits(model, ids, torch.ones_like(ids), prompt)
     torch.testing.assert_close(got, plain, atol=1e-5, rtol=1e-4)
 
 

@@ -18,7 +18,7 @@ from softprompt.evaluate import (
     token_f1,
 )
 from softprompt.forward import causal
-from tests.conftest import sentiment_records
+from tests.conftest import sentiment_records, text_logits
 
 FMT = TaskFormat("Review: {text}\nSentiment:", "label", {"positive": "positive", "negative": "negative"})
 FMT2 = TaskFormat("Review: {text}\nSentiment:", "label", {"positive": "very good", "negative": "not good"})
@@ -47,7 +47,7 @@ def test_multi_token_labels_sum_token_logprobs(model, tokenizer):
     examples = [FMT2.render(r) for r in sentiment_records(5)]
     scores = label_scores(model, tokenizer, None, examples, FMT2, batch_size=2)
     enc = encode(tokenizer, [Example(examples[3].source, " not good")])
-    logits = causal.text_logits(model, collate(enc, 0).input_ids, collate(enc, 0).attention_mask).log_softmax(-1)
+    logits = text_logits(model, collate(enc, 0).input_ids, collate(enc, 0).attention_mask).log_softmax(-1)
     ids, start = enc[0].input_ids, enc[0].target_start
     expected = float(logits[0, start - 1, ids[start]] + logits[0, start, ids[start + 1]])
     assert scores.shape == (5, 2)

@@ -7,8 +7,8 @@ import torch
 
 from softprompt import forward
 from softprompt.export_vllm import VllmExportError, decode, encode, prompt_embeds
-from softprompt.forward import causal
 from softprompt.methods import build_method
+from tests.conftest import text_logits
 
 
 @pytest.mark.parametrize("name", ["prompt_tuning", "p_tuning"])
@@ -22,7 +22,7 @@ def test_prompt_embeds_reproduce_the_soft_prompt_forward(model, tokenizer, name)
         # what a server that takes prompt embeddings computes: the plain forward on them, positions 0..P+T-1
         theirs = model(inputs_embeds=decode(encode(emb))[None]).logits[0, 4:]
         ids_t = torch.tensor([ids])
-        ours = causal.text_logits(model, ids_t, torch.ones_like(ids_t), forward.compute_prompt_kv(model, method()))[0]
+        ours = text_logits(model, ids_t, torch.ones_like(ids_t), forward.compute_prompt_kv(model, method()))[0]
     torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-4)
     assert isinstance(encode(emb), str) and torch.equal(decode(encode(emb)), emb)
 

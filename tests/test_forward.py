@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from softprompt import forward
 from softprompt.data import Encoded, collate
 from softprompt.forward import causal
-from tests.conftest import make_model
+from tests.conftest import make_model, text_logits
 
 P = 5
 
@@ -31,7 +31,7 @@ def test_logits_match_concatenated_forward(arch_model):
     torch.manual_seed(1)
     prompt = torch.randn(P, 32)
     batch = right_padded_batch()
-    ours = causal.text_logits(arch_model, batch.input_ids, batch.attention_mask,
+    ours = text_logits(arch_model, batch.input_ids, batch.attention_mask,
                               forward.compute_prompt_kv(arch_model, prompt))
     ref = concat_logits(arch_model, prompt, batch.input_ids, batch.attention_mask)
     real = batch.attention_mask.bool()
@@ -74,7 +74,7 @@ def test_target_logprobs_sums_per_row(model):
     kv = forward.compute_prompt_kv(model, torch.randn(P, 32))
     batch = right_padded_batch()
     lp = causal.target_logprobs(model, batch, kv)
-    logits = causal.text_logits(model, batch.input_ids, batch.attention_mask, kv).log_softmax(-1)
+    logits = text_logits(model, batch.input_ids, batch.attention_mask, kv).log_softmax(-1)
     expected = []
     for r in range(3):
         pos = torch.nonzero(batch.target_mask[r]).flatten().tolist()
@@ -84,7 +84,7 @@ def test_target_logprobs_sums_per_row(model):
 
 def test_no_prompt_matches_plain_model(model):
     batch = right_padded_batch()
-    ours = causal.text_logits(model, batch.input_ids, batch.attention_mask, None)
+    ours = text_logits(model, batch.input_ids, batch.attention_mask, None)
     ref = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     real = batch.attention_mask.bool()
     torch.testing.assert_close(ours[real], ref[real], atol=1e-5, rtol=1e-4)
@@ -154,7 +154,7 @@ def test_last_token_logprobs_left_and_right_padding(model):
     a = causal.last_token_logprobs(model, left.input_ids, left.attention_mask, kv)
     b = causal.last_token_logprobs(model, right.input_ids, right.attention_mask, kv)
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-    full = causal.text_logits(model, right.input_ids, right.attention_mask, kv).log_softmax(-1)
+    full = text_logits(model, right.input_ids, right.attention_mask, kv).log_softmax(-1)
     torch.testing.assert_close(b[1], full[1, 1], atol=1e-5, rtol=1e-5)
 
 
@@ -166,7 +166,7 @@ def test_forward_and_generate_use_the_cache_argument_this_transformers_takes(arc
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
         kv = forward.compute_prompt_kv(arch_model, torch.randn(P, 32))
-        causal.text_logits(arch_model, batch.input_ids, batch.attention_mask, kv)
+        text_logits(arch_model, batch.input_ids, batch.attention_mask, kv)
         forward.generate(arch_model, batch.input_ids, batch.attention_mask, kv, max_new_tokens=2, eos_token_id=None)
 
 

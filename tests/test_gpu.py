@@ -12,7 +12,7 @@ from softprompt.forward import causal
 from softprompt.methods import build_method
 from softprompt.model import load_base_model
 from softprompt.train import train
-from tests.conftest import ARCHS, make_model, sentiment_records
+from tests.conftest import ARCHS, make_model, sentiment_records, text_logits
 
 pytestmark = pytest.mark.gpu
 
@@ -37,8 +37,8 @@ def test_bf16_cuda_logits_match_fp32_cpu(kind):
     cpu = make_model(kind)
     gpu = make_model(kind).to("cuda", torch.bfloat16)
     b_cpu, b_gpu = batch("cpu"), batch("cuda")
-    ref = causal.text_logits(cpu, b_cpu.input_ids, b_cpu.attention_mask, forward.compute_prompt_kv(cpu, prompt))
-    got = causal.text_logits(gpu, b_gpu.input_ids, b_gpu.attention_mask, forward.compute_prompt_kv(gpu, prompt))
+    ref = text_logits(cpu, b_cpu.input_ids, b_cpu.attention_mask, forward.compute_prompt_kv(cpu, prompt))
+    got = text_logits(gpu, b_gpu.input_ids, b_gpu.attention_mask, forward.compute_prompt_kv(gpu, prompt))
     real = b_cpu.attention_mask.bool()
     assert got.dtype == torch.float32  # the LM head output is upcast before any softmax
     torch.testing.assert_close(got.cpu()[real], ref[real], atol=0.1, rtol=0.05)

@@ -8,11 +8,10 @@ import torch
 from softprompt import forward
 from softprompt.config import TrainArgs
 from softprompt.engine import ClassifyRequest, Engine
-from softprompt.forward import causal
 from softprompt.methods import build_method
 from softprompt.store import export_peft, load_prompt, save_prompt
 from softprompt.train import train
-from tests.conftest import make_model
+from tests.conftest import make_model, text_logits
 from tests.test_train import FMT, task
 
 VARIANTS = [("prefix_tuning", {"num_virtual_tokens": 4, "init": "text", "init_text": "Classify the sentiment ."}),
@@ -44,13 +43,13 @@ def test_variant_trains_saves_and_loads_back_identically(arch_model, tokenizer, 
     method.eval()
     b = batch()
     with torch.no_grad():
-        before = causal.text_logits(arch_model, b.input_ids, b.attention_mask, forward.compute_prompt_kv(arch_model,
+        before = text_logits(arch_model, b.input_ids, b.attention_mask, forward.compute_prompt_kv(arch_model,
                                                                                                        method()))
     save_prompt(tmp_path / "p", method, arch_model, task=SENT)
     stored = load_prompt(tmp_path / "p", arch_model)
     assert stored.method == name
     with torch.no_grad():
-        again = causal.text_logits(arch_model, b.input_ids, b.attention_mask,
+        again = text_logits(arch_model, b.input_ids, b.attention_mask,
                                    forward.compute_prompt_kv(arch_model, stored.build_method().eval()()))
     torch.testing.assert_close(again, before, atol=1e-5, rtol=1e-5)  # any MLP/LSTM was folded exactly
 
@@ -70,7 +69,7 @@ def test_peft_loads_exported_variant_with_identical_logits(tokenizer, tmp_path, 
     with torch.no_grad():
         theirs = pm(input_ids=ids, attention_mask=mask).logits
         theirs = theirs[:, -ids.shape[1]:] if theirs.shape[1] > ids.shape[1] else theirs
-        ours = causal.text_logits(model, ids, mask, forward.compute_prompt_kv(model, method()))
+        ours = text_logits(model, ids, mask, forward.compute_prompt_kv(model, method()))
     assert theirs.shape == ours.shape, (theirs.shape, p)
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
 

@@ -9,7 +9,7 @@ from softprompt import forward
 from softprompt.data import Encoded, collate
 from softprompt.engine.prompt_table import PromptTable
 from softprompt.forward import causal
-from tests.conftest import make_model
+from tests.conftest import make_model, text_logits
 from tests.test_forward import concat_logits
 
 LENGTHS = {"a": 3, "b": 6, "c": 1}
@@ -42,7 +42,7 @@ def test_mixed_rows_match_each_row_alone(arch_model, side):
     with torch.no_grad():
         rp = table.rows(keys)
         assert isinstance(rp, forward.RowPrompts) and rp.lengths.tolist() == [6, 3, 0, 1, 3, 6]
-        logits = causal.text_logits(arch_model, batch.input_ids, batch.attention_mask, rp)
+        logits = text_logits(arch_model, batch.input_ids, batch.attention_mask, rp)
         for i, (key, ids) in enumerate(zip(keys, rows, strict=True)):
             real = batch.attention_mask[i].bool()
             ref = reference_logits(arch_model, prompts.get(key), ids)

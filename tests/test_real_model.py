@@ -11,10 +11,10 @@ from softprompt import forward
 from softprompt.config import TrainArgs
 from softprompt.data import collate, encode, load_task
 from softprompt.evaluate import evaluate_prompt
-from softprompt.forward import causal
 from softprompt.methods import build_method
 from softprompt.model import load_base_model
 from softprompt.train import train
+from tests.conftest import text_logits
 
 pytestmark = pytest.mark.slow
 
@@ -34,7 +34,7 @@ def test_shared_prompt_kv_equals_concatenation_on_real_model(real, rt_task):
     method = build_method("prompt_tuning", {"num_virtual_tokens": 8, "init": "sample_vocab"}, model, tok)
     prompt = method().embeds.detach()
     batch = collate(encode(tok, rt_task.examples("test")[:4], max_length=48), tok.pad_token_id)
-    ours = causal.text_logits(model, batch.input_ids, batch.attention_mask, forward.compute_prompt_kv(model, prompt))
+    ours = text_logits(model, batch.input_ids, batch.attention_mask, forward.compute_prompt_kv(model, prompt))
     b, p = batch.input_ids.shape[0], prompt.shape[0]
     embeds = torch.cat([prompt[None].expand(b, -1, -1), model.get_input_embeddings()(batch.input_ids)], 1)
     mask = torch.cat([torch.ones(b, p, dtype=torch.long), batch.attention_mask], 1)
@@ -57,7 +57,7 @@ def test_peft_loads_our_prompt_with_identical_logits(real, tmp_path):
     mask = torch.ones_like(ids)
     with torch.no_grad():
         theirs = pm(input_ids=ids, attention_mask=mask).logits[:, 6:]
-        ours = causal.text_logits(model, ids, mask, forward.compute_prompt_kv(model, method()))
+        ours = text_logits(model, ids, mask, forward.compute_prompt_kv(model, method()))
     torch.testing.assert_close(ours, theirs, atol=2e-4, rtol=1e-4)
 
 

@@ -21,10 +21,10 @@ from softprompt.config import TrainArgs
 from softprompt.data import DataError, Encoded, Example, collate, encode_classes
 from softprompt.engine import ClassifyRequest, Engine, GenerateRequest, RequestError, ScoreRequest
 from softprompt.evaluate import evaluate_prompt
-from softprompt.forward import classifier, family_of
+from softprompt.forward import FamilyError, classifier, family_for_config, family_of
 from softprompt.methods import PromptOutput, build_method
 from softprompt.methods.head import ClassificationHead
-from softprompt.model import ModelLoadError, load_base_model, prepare_frozen, resolve_task_type
+from softprompt.model import ModelLoadError, load_base_model, prepare_frozen
 from softprompt.store import StoreError, export_peft, load_prompt, save_prompt
 from softprompt.train import train
 from tests.conftest import VOCAB, make_model, make_tokenizer, sentiment_records, write_jsonl
@@ -273,14 +273,18 @@ def test_task_type_resolution_and_loading(tmp_path):
     cfg = bert.config
     for archs in (["BertForMaskedLM"], ["BertModel"], None):
         cfg.architectures = archs
-        assert resolve_task_type(cfg, "auto") == "seq_cls"
+        assert family_for_config(cfg, "auto").name == "seq_cls"
     cfg.architectures = ["BertLMHeadModel"]
-    assert resolve_task_type(cfg, "auto") == "causal_lm"
-    assert resolve_task_type(make_model("llama").config, "auto") == "causal_lm"
-    with pytest.raises(ModelLoadError, match="seq_cls takes an encoder"):
-        resolve_task_type(make_model("llama").config, "seq_cls")
-    with pytest.raises(ModelLoadError, match="seq2seq_lm takes an encoder-decoder"):
-        resolve_task_type(cfg, "seq2seq_lm")
+    assert family_for_config(cfg, "auto").name == "causal_lm"
+    assert family_for_config(make_model("llama").config, "auto").name == "causal_lm"
+    with pytest.raises(FamilyError, match="seq_cls takes an encoder"):
+        family_for_config(make_model("llama").config, "seq_cls")
+    with pytest.raises(FamilyError, match="seq2seq_lm takes an encoder-decoder"):
+        family_for_config(cfg, "seq2seq_lm")
+    make_model("llama").save_pretrained(tmp_path / "llama")
+    make_tokenizer().save_pretrained(tmp_path / "llama")
+    with pytest.raises(ModelLoadError, match="seq_cls takes an encoder"):  # loading names the same problem
+        load_base_model(tmp_path / "llama", "cpu", "float32", task_type="seq_cls", num_labels=2)
     bert.save_pretrained(tmp_path / "bert")
     make_tokenizer().save_pretrained(tmp_path / "bert")
     model, _ = load_base_model(tmp_path / "bert", "cpu", "float32", task_type="seq_cls", num_labels=4)

@@ -22,7 +22,6 @@ from transformers import (
 )
 
 from softprompt.forward import compute_prompt_kv
-from softprompt.forward.causal import text_logits
 from softprompt.methods import PromptMethod, build_method
 from softprompt.model import fingerprint, prepare_frozen
 from softprompt.store import (
@@ -35,6 +34,7 @@ from softprompt.store import (
     load_prompt,
     save_prompt,
 )
+from tests.conftest import text_logits
 
 peft = pytest.importorskip("peft")
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")

@@ -13,10 +13,9 @@ import pytest
 import torch
 
 from softprompt.forward import compute_prompt_kv
-from softprompt.forward.causal import text_logits
 from softprompt.methods import PromptMethod, build_method
 from softprompt.store import export_peft, load_prompt, save_prompt
-from tests.conftest import ARCHS, VOCAB, make_model, make_tokenizer
+from tests.conftest import ARCHS, VOCAB, make_model, make_tokenizer, text_logits
 
 peft = pytest.importorskip("peft")
 pytestmark = [pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning"),

@@ -189,12 +189,6 @@ def last_token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Te
     return torch.log_softmax(logits_from_hidden(model, h[torch.arange(h.shape[0]), last]), dim=-1)
 
 
-def text_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                prompt_kv: CausalPrompt = None) -> torch.Tensor:
-    """Full logits over the text positions ``(B, T, V)`` (interop tests and small inputs only)."""
-    return logits_from_hidden(model, final_hidden(model, input_ids, attention_mask, prompt_kv))
-
-
 @torch.no_grad()
 def label_scores(model, tokenizer, prompt_kv: PromptKV | None, examples: list[Example], fmt, batch_size: int,
                  max_length: int = 256) -> torch.Tensor:
