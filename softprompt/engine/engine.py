@@ -223,7 +223,7 @@ class Engine:
     def unload(self, name: str) -> None:
         """Stop serving ``name``; prompts no other task uses are dropped from the backend."""
         with self._batch_lock, self._lock:
-            self._task(name)
+            self.task(name)
             del self.tasks[name]
             used = {m for t in self.tasks.values() for m in t.members}
             for key in self.backend.keys():
@@ -238,13 +238,18 @@ class Engine:
 
     def describe(self, name: str) -> dict:
         """Kind, members, labels, template and prompt lengths of a task."""
-        t = self._task(name)
+        t = self.task(name)
         return {"name": t.name, "kind": t.kind, "members": [m for m in t.members if m is not None],
                 "combine": t.combine if t.kind == "ensemble" else None, "labels": t.labels,
                 "template": t.formats[0].template if t.formats[0] else None,
                 "prompt_tokens": [self.backend.length(m) for m in t.members]}
 
-    def _task(self, name: str) -> Task:
+    def task(self, name: str) -> Task:
+        """The served task ``name``.
+
+        Raises:
+            UnknownTaskError: no task of that name is loaded.
+        """
         task = self.tasks.get(name)
         if task is None:
             raise UnknownTaskError(f"unknown task {name!r}; loaded: {', '.join(sorted(self.tasks)) or 'none'}")
@@ -259,14 +264,15 @@ class Engine:
         """
         return prepare(self, kind, request, index)
 
-    def _versions(self, members: list) -> tuple:
+    def versions(self, members: list) -> tuple:
+        """How many times each prompt key was (re)loaded; a request prepared against other versions is stale."""
         with self._lock:
             return tuple((m, self._version.get(m, 0)) for m in members)
 
     def _current(self, kind: str, items: list[Prepared]) -> list[Prepared]:
         """``items`` with every request whose task changed since it was prepared prepared again."""
         with self._lock:
-            stale = [self.tasks.get(p.task.name) is not p.task or self._versions(p.task.members) != p.versions
+            stale = [self.tasks.get(p.task.name) is not p.task or self.versions(p.task.members) != p.versions
                      for p in items]
         return [self.prepare(kind, p.request) if s else p for p, s in zip(items, stale, strict=True)]
 

@@ -111,8 +111,8 @@ def prepare(engine, kind: str, req, index: int | None = None) -> Prepared:
     problems = check_request(req, kind)
     if problems:
         raise RequestError(("" if index is None else f"request {index}: ") + "; ".join(problems))
-    task = engine._task(req.task)
-    versions = engine._versions(task.members)
+    task = engine.task(req.task)
+    versions = engine.versions(task.members)
     if kind == "classify":
         return _prepare_classify(engine, req, task, versions)
     if kind == "score":
