@@ -11,11 +11,11 @@ import json
 import math
 from typing import TYPE_CHECKING, Any
 
+from softprompt.store.entries import COMBINES
+
 if TYPE_CHECKING:
     from softprompt.store import StoreEntry
 
-# softprompt.store imports torch: it is imported inside the commands so that building the parser stays cheap
-COMBINES = ("mean", "vote")  # == softprompt.store.entries.COMBINES (a test checks)
 HEADLINE_METRICS = ("accuracy", "exact_match", "macro_f1", "f1", "loss", "perplexity")
 COLUMNS = ("NAME", "KIND", "METHOD", "TOKENS", "LABELS", "METRIC")
 
