@@ -110,5 +110,3 @@ class Family:
                should_stop: Callable[[int, list[int]], bool] | None = None) -> Decoded:
         """Decode after left- or right-padded inputs, each row with its own settings (see the causal family)."""
         raise NotImplementedError
-
-    # ------------------------------------------------------------------------------ serving
