@@ -5,6 +5,13 @@ Every scored "prompt" is prepared once by the model's family (:mod:`softprompt.f
 solved training examples (k-shot). Hard prompts are the embeddings of real tokens at
 positions ``0..n-1``, which is exactly prepending the text, and their keys/values are computed once for
 the whole evaluation rather than once per row.
+
+Where a causal LM's BOS goes (``bos`` arguments; :meth:`~softprompt.forward.Family.lead_ids` decides the
+ids): each condition is laid out as the model reads it. No prompt: ``[BOS, text]``, as in pre-training. A
+soft prompt: ``[prompt, BOS, text]``, PEFT's layout (``bos=True``; ``False`` for a prompt stored before
+softprompt put the BOS there). A hard prompt or k-shot context is text the model reads first, so the BOS
+opens it: ``[BOS, hard prompt, text]`` (:func:`hard_prompt_kv` with ``bos=True``, then the text with
+``bos=False``), exactly the no-prompt layout of the two texts joined.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from softprompt.data import Batch, Encoded, Example, TaskFormat, batches, collate, encode
+from softprompt.data import Batch, Encoded, Example, TaskFormat, batches, collate, encode, with_leading
 from softprompt.embeddings import token_embeddings
 from softprompt.forward import InferencePrompt, family_of, generate
 
@@ -32,12 +39,14 @@ class Prediction:
     predicted: str
 
 
-def hard_prompt_kv(model, tokenizer, text: str) -> InferencePrompt:
+def hard_prompt_kv(model, tokenizer, text: str, bos: bool = True) -> InferencePrompt:
     """A text used as a hard prompt (token embeddings at positions 0..n-1), prepared as a soft prompt is
-    (on a causal LM: its keys/values)."""
+    (on a causal LM: its keys/values). With ``bos`` it starts with the model's BOS (if its tokenizer adds
+    one): evaluate the text after it with ``bos=False``."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if not ids:
         raise ValueError("hard prompt text is empty after tokenisation")
+    ids = with_leading(ids, family_of(model).lead_ids(tokenizer, bos))
     emb = token_embeddings(model, ids)  # (n, H): the module's output, as for the text (scaled on Gemma)
     with torch.no_grad():
         return family_of(model).inference_prompt(model, emb)
@@ -93,14 +102,15 @@ def token_f1(expected: str, predicted: str) -> float:
 
 @torch.no_grad()
 def label_scores(model, tokenizer, prompt_kv, examples: list[Example], fmt: TaskFormat, batch_size: int,
-                 max_length: int = 256) -> torch.Tensor:
+                 max_length: int = 256, bos: bool = True) -> torch.Tensor:
     """A score per label for every example: ``(N, num_labels)``.
 
     On a language model a label's score is the summed log-probability of its tokens after the source (when
     every label is a single distinct token, a causal LM takes all scores from one forward per example); on
-    a sequence classifier it is the log-softmax of its head's class logits.
+    a sequence classifier it is the log-softmax of its head's class logits. ``bos``: the source starts with
+    the model's BOS (see the module docstring).
     """
-    return family_of(model).label_scores(model, tokenizer, prompt_kv, examples, fmt, batch_size, max_length)
+    return family_of(model).label_scores(model, tokenizer, prompt_kv, examples, fmt, batch_size, max_length, bos)
 
 
 @torch.no_grad()
@@ -118,12 +128,14 @@ def mean_target_loss(model, encoded: list[Encoded], pad_id: int, prompt_kv, batc
 
 @torch.no_grad()
 def generate_texts(model, tokenizer, prompt_kv, sources: list[str], max_new_tokens: int, batch_size: int,
-                   stop: str | None = "\n", **sampling) -> list[str]:
-    """Generate a continuation for each source (left-padded batches); cut at ``stop``."""
+                   stop: str | None = "\n", bos: bool = True, **sampling) -> list[str]:
+    """Generate a continuation for each source (left-padded batches); cut at ``stop``. ``bos``: each source
+    starts with the model's BOS (see the module docstring)."""
+    lead = family_of(model).lead_ids(tokenizer, bos)
     out: list[str] = []
     for i in range(0, len(sources), batch_size):
         chunk = sources[i:i + batch_size]
-        enc = [Encoded(tokenizer(s, add_special_tokens=False)["input_ids"], 10**9) for s in chunk]
+        enc = [Encoded(with_leading(tokenizer(s, add_special_tokens=False)["input_ids"], lead), 10**9) for s in chunk]
         batch: Batch = collate(enc, tokenizer.pad_token_id, padding_side="left").to(model.device)
         new = generate(model, batch.input_ids, batch.attention_mask, prompt_kv, max_new_tokens,
                        tokenizer.eos_token_id, **sampling)
@@ -135,12 +147,14 @@ def generate_texts(model, tokenizer, prompt_kv, sources: list[str], max_new_toke
 
 def evaluate_prompt(model, tokenizer, prompt_kv, examples: list[Example], fmt: TaskFormat,
                     batch_size: int = 32, max_new_tokens: int = 16, max_length: int = 256,
-                    with_loss: bool = True) -> tuple[dict[str, float], list[Prediction]]:
+                    with_loss: bool = True, bos: bool = True) -> tuple[dict[str, float], list[Prediction]]:
     """Metrics of one prompt on a list of examples.
 
     Classification: accuracy and macro-F1 by label log-likelihood (a classifier: its head's class
     log-probabilities). Generation: exact match and token F1 of greedy output. Both: mean target loss and
-    perplexity when ``with_loss``.
+    perplexity when ``with_loss``. ``bos``: every source starts with the model's BOS (see the module
+    docstring): True for a soft prompt trained by this version or by PEFT and for no prompt, False after a
+    hard prompt from :func:`hard_prompt_kv` and for a prompt stored without the BOS (``StoredPrompt.bos``).
     """
     if not examples:
         raise ValueError("no examples to evaluate")
@@ -150,14 +164,14 @@ def evaluate_prompt(model, tokenizer, prompt_kv, examples: list[Example], fmt: T
         raise ValueError(problem)
     metrics: dict[str, float] = {"n": float(len(examples))}
     if fmt.is_classification:
-        scores = label_scores(model, tokenizer, prompt_kv, examples, fmt, batch_size, max_length)  # (N, L)
+        scores = label_scores(model, tokenizer, prompt_kv, examples, fmt, batch_size, max_length, bos)  # (N, L)
         predicted = [fmt.labels[i] for i in scores.argmax(-1).tolist()]
         expected = [ex.label for ex in examples]
         metrics.update(classification_metrics(expected, predicted, fmt.labels))
         preds = [Prediction(ex.source, e, p) for ex, e, p in zip(examples, expected, predicted, strict=True)]
     else:
         texts = generate_texts(model, tokenizer, prompt_kv, [ex.source for ex in examples], max_new_tokens,
-                               batch_size)
+                               batch_size, bos=bos)
         expected = [ex.target.strip() for ex in examples]
         metrics.update(generation_metrics(expected, texts))
         preds = [Prediction(ex.source, e, p.strip()) for ex, e, p in zip(examples, expected, texts, strict=True)]
@@ -168,7 +182,7 @@ def evaluate_prompt(model, tokenizer, prompt_kv, examples: list[Example], fmt: T
         lengths = torch.tensor(family.label_lengths(tokenizer, fmt))
         metrics.update(loss_metrics(float(-scores[torch.arange(len(examples)), gold].sum() / lengths[gold].sum())))
     elif with_loss:
-        enc = encode(tokenizer, examples, max_length=max_length)
+        enc = encode(tokenizer, examples, max_length=max_length, lead=family.lead_ids(tokenizer, bos))
         metrics.update(loss_metrics(mean_target_loss(model, enc, tokenizer.pad_token_id, prompt_kv, batch_size)))
     return metrics, preds
 

@@ -14,14 +14,18 @@ import io
 
 import torch
 
+from softprompt.data import with_leading
+from softprompt.forward import family_of
+
 
 class VllmExportError(ValueError):
     """The prompt cannot be expressed as vLLM prompt embeddings."""
 
 
 @torch.no_grad()
-def prompt_embeds(model, tokenizer, method, text: str) -> torch.Tensor:
-    """``(P + T, H)`` embeddings of the soft prompt followed by ``text``'s tokens (no special tokens added)."""
+def prompt_embeds(model, tokenizer, method, text: str, bos: bool = True) -> torch.Tensor:
+    """``(P + T, H)`` embeddings of the soft prompt followed by ``text``'s tokens: after the model's BOS when
+    ``bos`` (the layout the prompt was trained with: ``StoredPrompt.bos``), no other special tokens."""
     out = method.eval()()
     if out.embeds is None:
         raise VllmExportError(f"method {method.name!r} has no input embeddings (it prefixes keys/values at every "
@@ -30,7 +34,8 @@ def prompt_embeds(model, tokenizer, method, text: str) -> torch.Tensor:
     if out.head is not None:
         raise VllmExportError(f"method {method.name!r} carries a sequence-classification head: it classifies with an "
                               "encoder, while vLLM's prompt_embeds input feeds a generating model")
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    lead = family_of(model).lead_ids(tokenizer, bos)
+    ids = with_leading(tokenizer(text, add_special_tokens=False)["input_ids"], lead)
     table = model.get_input_embeddings()
     tokens = table(torch.tensor(ids, device=table.weight.device))  # (T, H)
     return torch.cat([out.embeds.to(tokens), tokens]).float().cpu()  # (P+T, H)

@@ -5,7 +5,17 @@ from softprompt.data.dataset import TaskData, load_task, order_verbalizer, parse
 from softprompt.data.formats import DataError, load_records, load_records_with_lines
 from softprompt.data.init_text import default_init_text, task_init_text
 from softprompt.data.template import Example, TaskFormat, placeholder_problems, template_fields
-from softprompt.data.tokenize import IGNORE_INDEX, Batch, Encoded, batches, collate, encode, encode_classes
+from softprompt.data.tokenize import (
+    IGNORE_INDEX,
+    Batch,
+    Encoded,
+    batches,
+    collate,
+    encode,
+    encode_classes,
+    leading_special_ids,
+    with_leading,
+)
 
 __all__ = [
     "BUILTIN_DATASETS",
@@ -23,6 +33,7 @@ __all__ = [
     "default_init_text",
     "encode",
     "encode_classes",
+    "leading_special_ids",
     "load_builtin",
     "load_records",
     "load_records_with_lines",
@@ -32,4 +43,5 @@ __all__ = [
     "placeholder_problems",
     "task_init_text",
     "template_fields",
+    "with_leading",
 ]

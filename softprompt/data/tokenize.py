@@ -2,14 +2,17 @@
 
 Source and target are tokenised separately (no special tokens) and concatenated, so the target tokens
 of a classification example are exactly the tokens of its label text: the same ids that rank
-classification scores at evaluation time. Over-long examples lose tokens from the start of the source;
-the target is always kept whole.
+classification scores at evaluation time. A causal LM's source starts with the tokenizer's leading
+special tokens (its BOS, :func:`leading_special_ids`; the caller passes them as ``lead``), as the model
+saw text in pre-training and as PEFT lays it out after a prompt: ``[prompt, BOS, source, target]``.
+Over-long examples lose tokens from the start of the source, after the BOS; the target is always kept
+whole.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -44,23 +47,53 @@ class Encoded:
         return self.input_ids[self.target_start:]
 
 
-def encode(tokenizer, examples: list[Example], max_length: int = 256,
-           append_eos: bool = False) -> list[Encoded]:
+def leading_special_ids(tokenizer) -> list[int]:
+    """The special tokens ``tokenizer(text)`` puts before the text's own ids: ``[BOS]`` on Llama, Gemma and
+    Mistral tokenizers, ``[]`` on GPT-2, SmolLM2 and Qwen2 (which add none) and on T5 (EOS at the end only).
+
+    Found by comparing one text tokenised with and without special tokens, not from ``add_bos_token``,
+    which not every tokenizer class has (and some that add a BOS through their post-processor report False).
+    An encoder's ``[CLS]`` comes out here too; encoder classifiers tokenise with their special tokens
+    themselves (:func:`encode_classes`) and do not use this.
+    """
+    probe = "a"
+    with_special = list(tokenizer(probe, add_special_tokens=True)["input_ids"])
+    plain = list(tokenizer(probe, add_special_tokens=False)["input_ids"])
+    if not plain:
+        return []
+    for start in range(len(with_special) - len(plain) + 1):
+        if with_special[start:start + len(plain)] == plain:
+            return with_special[:start]
+    return []  # the text's ids change with special tokens: nothing we can safely put in front
+
+
+def with_leading(ids: Sequence[int], lead: Sequence[int]) -> list[int]:
+    """``lead + ids``, unless ``ids`` already start with ``lead`` (a chat template's rendered
+    ``<|begin_of_text|>``/``<bos>`` is tokenised to the BOS id: the text must not get a second one)."""
+    ids, lead = list(ids), list(lead)
+    return ids if ids[:len(lead)] == lead else lead + ids
+
+
+def encode(tokenizer, examples: list[Example], max_length: int = 256, append_eos: bool = False,
+           lead: Sequence[int] = ()) -> list[Encoded]:
     """Tokenise examples into source + target ids.
 
     Args:
         tokenizer: a Hugging Face tokenizer (fast ones are batched in Rust).
         examples: rendered examples.
-        max_length: most tokens per example; longer sources are cut from the start.
+        max_length: most tokens per example, ``lead`` included; longer sources are cut from the start,
+            after ``lead``.
         append_eos: end every target with ``tokenizer.eos_token_id`` (teaches the model to stop
             after a generated answer).
+        lead: ids every source starts with (a causal LM's BOS: the family's ``lead_ids``); a source whose
+            text already starts with them does not get them twice. Targets never get special tokens.
 
     Returns:
         One :class:`Encoded` per example, in order.
 
     Raises:
-        DataError: a target with no tokens, a target longer than ``max_length``, or ``append_eos``
-            without an EOS token.
+        DataError: a target with no tokens, a target (with ``lead``) longer than ``max_length``, or
+            ``append_eos`` without an EOS token.
     """
     if max_length < 1:
         raise DataError(f"--max-length must be >= 1, got {max_length}")
@@ -71,7 +104,9 @@ def encode(tokenizer, examples: list[Example], max_length: int = 256,
         if tokenizer.eos_token_id is None:
             raise DataError("append_eos needs a tokenizer with an EOS token; this one has none")
         eos = [int(tokenizer.eos_token_id)]
-    # one batched call per side; add_special_tokens=False keeps BOS/EOS out of the concatenation
+    lead = list(lead)
+    # one batched call per side; add_special_tokens=False keeps BOS/EOS out of the concatenation (the
+    # source's BOS is ``lead``, put in front here)
     sources = tokenizer([e.source for e in examples], add_special_tokens=False)["input_ids"]
     targets = tokenizer([e.target for e in examples], add_special_tokens=False)["input_ids"]
     out: list[Encoded] = []
@@ -79,11 +114,15 @@ def encode(tokenizer, examples: list[Example], max_length: int = 256,
         if not tgt:
             raise DataError(f"example {i}: target {example.target!r} has no tokens")
         tgt = list(tgt) + eos
-        if len(tgt) > max_length:
-            raise DataError(f"example {i}: target {example.target[:60]!r} has {len(tgt)} tokens, more "
-                            f"than --max-length {max_length}")
-        keep = max_length - len(tgt)
-        src = list(src)[len(src) - keep:] if len(src) > keep else list(src)
+        if len(tgt) + len(lead) > max_length:
+            raise DataError(f"example {i}: target {example.target[:60]!r} has {len(tgt)} tokens"
+                            + (f" (+{len(lead)} leading special)" if lead else "")
+                            + f", more than --max-length {max_length}")
+        body = list(src)
+        if lead and body[:len(lead)] == lead:  # the rendered text already starts with the BOS
+            body = body[len(lead):]
+        keep = max_length - len(tgt) - len(lead)
+        src = lead + (body[len(body) - keep:] if len(body) > keep else body)
         out.append(Encoded(input_ids=src + tgt, target_start=len(src)))
     return out
 

@@ -115,6 +115,10 @@ class Engine:
         self.tasks: dict[str, Task] = {}
         self._formats: dict = {None: None}  # prompt key -> its TaskFormat
         self._metas: dict = {}  # prompt key -> its stored metadata (softprompt.json)
+        # the ids a text starts with after a prompt (the BOS, if the tokenizer adds one); per prompt key,
+        # whether its text gets them (absent: the base model, which does)
+        self._lead = self.family.lead_ids(tokenizer, True)
+        self._bos: dict = {}
         self._lock = threading.RLock()  # loads/unloads may come from other threads than the requests
         # held while a batch runs and while served prompts are swapped: a swap lands between batches
         self._batch_lock = threading.RLock()
@@ -165,14 +169,14 @@ class Engine:
         with torch.no_grad():
             prompt = self.family.inference_prompt(self.model, method())
         self.backend.check(key, prompt, str(where))
-        return _Built(prompt, fmt, dict(stored.meta))
+        return _Built(prompt, fmt, dict(stored.meta), stored.bos)  # the layout it was trained with
 
     def _install(self, built: dict[str, _Built], task: Task) -> Task:
         """Swap in checked prompts and their task at once, between batches."""
         with self._batch_lock, self._lock:
             for key, b in built.items():
                 self.backend.add(key, b.prompt)
-                self._formats[key], self._metas[key] = b.fmt, b.meta
+                self._formats[key], self._metas[key], self._bos[key] = b.fmt, b.meta, b.bos
                 self._version[key] = self._version.get(key, 0) + 1
             self.tasks[task.name] = task
         return task
@@ -214,11 +218,13 @@ class Engine:
         self.backend.require_language_model("a base-model task")
         return self._install({}, Task(name, "base", [None], [fmt]))
 
-    def add_kv(self, name: str, prompt_kv: PromptKV, fmt: TaskFormat | None = None) -> Task:
-        """Serve precomputed keys/values (a hard prompt, k-shot examples) as a prompt task ``name``."""
+    def add_kv(self, name: str, prompt_kv: PromptKV, fmt: TaskFormat | None = None, bos: bool = True) -> Task:
+        """Serve precomputed keys/values (a soft prompt's, a hard prompt, k-shot examples) as a prompt task
+        ``name``; ``bos``: texts start with the model's BOS after them (a soft prompt's layout), False for a
+        hard prompt from :func:`~softprompt.evaluate.hard_prompt_kv`, which starts with the BOS itself."""
         self.backend.require_language_model("precomputed keys/values")
         self.backend.check(name, prompt_kv, name)
-        return self._install({name: _Built(prompt_kv, fmt, {})}, Task(name, "prompt", [name], [fmt]))
+        return self._install({name: _Built(prompt_kv, fmt, {}, bos)}, Task(name, "prompt", [name], [fmt]))
 
     def unload(self, name: str) -> None:
         """Stop serving ``name``; prompts no other task uses are dropped from the backend."""
@@ -231,6 +237,7 @@ class Engine:
                     self.backend.remove(key)
                     self._formats.pop(key, None)
                     self._metas.pop(key, None)
+                    self._bos.pop(key, None)
 
     def task_names(self) -> list[str]:
         with self._lock:
@@ -263,6 +270,13 @@ class Engine:
             EngineError: the request is invalid, too long, or names an unknown task.
         """
         return prepare(self, kind, request, index)
+
+    def lead_ids(self, member) -> list[int]:
+        """The ids a text starts with after prompt ``member`` (``None``: the base model): the model's BOS
+        (see :meth:`~softprompt.forward.Family.lead_ids`), unless the prompt was stored without it or is a
+        hard prompt that starts with it."""
+        with self._lock:
+            return list(self._lead) if self._bos.get(member, True) else []
 
     def versions(self, members: list) -> tuple:
         """How many times each prompt key was (re)loaded; a request prepared against other versions is stale."""
@@ -363,9 +377,11 @@ class Engine:
 
 @dataclass
 class _Built:
-    """A prompt ready to be served (as the family prepares it for inference), its format and metadata."""
+    """A prompt ready to be served (as the family prepares it for inference), its format and metadata, and
+    whether its texts start with the model's BOS."""
 
     prompt: InferencePrompt
     fmt: TaskFormat | None
     meta: dict
+    bos: bool = True
 

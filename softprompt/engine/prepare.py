@@ -4,6 +4,12 @@ Preparation is per request and touches no tensors, so a server runs it outside t
 thread, never the event loop or the scheduler): one huge or malformed request then fails or waits alone,
 and the batch only runs requests that are already valid. :class:`Prepared` records the prompt versions
 its rows were built for; a request whose task was reloaded in between is prepared again at run time.
+
+A rendered source starts with the ids its prompt expects before the text (:meth:`Engine.lead_ids`: the
+model's BOS after a soft prompt and with no prompt, as PEFT and pre-training lay them out; nothing after a
+hard prompt, which starts with the BOS itself, or for a prompt stored without it). A text that already
+starts with them (a chat template's ``<|begin_of_text|>``) keeps its own; a source cut from the left keeps
+them, and they count in every length budget. Labels and continuations never get special tokens.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from softprompt.data import TaskFormat
+from softprompt.data import TaskFormat, with_leading
 from softprompt.engine.batching import Row
 from softprompt.engine.requests import (
     ClassifyRequest,
@@ -83,15 +89,23 @@ def encode(engine, text: str) -> list[int]:
         raise RequestError(f"the text cannot be tokenised ({type(e).__name__}: {e})") from e
 
 
-def fit(engine, ids: list[int], keep_after: int, room: int, what: str, allow_truncate: bool) -> list[int]:
-    """``ids`` (source + ``keep_after`` tokens that must stay) within ``room`` tokens."""
+def encode_source(engine, member, text: str) -> list[int]:
+    """Token ids of a rendered source as prompt ``member`` reads it: :func:`encode`, after the ids the
+    prompt expects in front of the text (its BOS; none when the text already starts with them)."""
+    return with_leading(encode(engine, text), engine.lead_ids(member))
+
+
+def fit(engine, ids: list[int], keep_after: int, room: int, what: str, allow_truncate: bool,
+        keep_before: int = 0) -> list[int]:
+    """``ids`` (``keep_before`` tokens that must stay, e.g. the BOS, + source + ``keep_after`` tokens that
+    must stay) within ``room`` tokens; a cut takes tokens from the start of the source."""
     limit = min(room, engine.max_input_tokens + keep_after)
     if len(ids) <= limit:
         return ids
-    if not (allow_truncate and engine.truncate) or keep_after >= limit:
+    if not (allow_truncate and engine.truncate) or keep_before + keep_after >= limit:
         raise TooLongError(f"{what} has {len(ids)} tokens; at most {max(limit, 0)} fit "
                            f"(max_input_tokens {engine.max_input_tokens}, context {engine.context})")
-    return ids[len(ids) - limit:]
+    return ids[:keep_before] + ids[len(ids) - (limit - keep_before):]
 
 
 def prepare(engine, kind: str, req, index: int | None = None) -> Prepared:
@@ -140,8 +154,8 @@ def _prepare_score(engine, req: ScoreRequest, task, versions) -> Prepared:
     rows = []
     for member, fmt in zip(task.members, task.formats, strict=True):
         room = engine.context - engine.backend.length(member)
-        ids = fit(engine, encode(engine, render(task, fmt, req)) + cont, len(cont), room,
-                  f"score input for task {task.name!r}", True)
+        ids = fit(engine, encode_source(engine, member, render(task, fmt, req)) + cont, len(cont), room,
+                  f"score input for task {task.name!r}", True, len(engine.lead_ids(member)))
         rows.append(Row(member, ids, len(ids) - len(cont)))
     return Prepared("score", req, task, versions, rows, continuation=cont)
 
@@ -156,6 +170,7 @@ def _prepare_generate(engine, req: GenerateRequest, task, versions) -> Prepared:
     ids = encode(engine, source)
     if not ids:
         raise RequestError(f"task {task.name!r}: the input has no tokens")
+    ids = with_leading(ids, engine.lead_ids(member))
     room = engine.context - engine.backend.length(member) - req.max_tokens
     row = Row(member, fit(engine, ids, 0, room, f"generate input for task {task.name!r}", False), 0)
     seed = req.seed

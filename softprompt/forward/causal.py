@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from softprompt.data import Encoded, Example, encode
+from softprompt.data import Encoded, Example, encode, leading_special_ids
 from softprompt.forward.common import (
     Decoded,
     InjectionError,
@@ -191,17 +191,19 @@ def last_token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Te
 
 @torch.no_grad()
 def label_scores(model, tokenizer, prompt_kv: PromptKV | None, examples: list[Example], fmt, batch_size: int,
-                 max_length: int = 256) -> torch.Tensor:
+                 max_length: int = 256, lead: list[int] | tuple = ()) -> torch.Tensor:
     """Log-likelihood of every label for every example: ``(N, num_labels)``.
 
-    A label's score is the summed log-probability of its tokens after the source. When every label is a
-    single distinct token, one forward per example gives all scores at the last source position; otherwise
-    each (example, label) pair is one row.
+    A label's score is the summed log-probability of its tokens after the source (which starts with
+    ``lead``, see :func:`~softprompt.data.encode`). When every label is a single distinct token, one forward
+    per example gives all scores at the last source position; otherwise each (example, label) pair is one row.
     """
     label_ids = label_token_ids(tokenizer, fmt)
     if not (all(len(ids) == 1 for ids in label_ids) and len({ids[0] for ids in label_ids}) == len(label_ids)):
-        return rows_per_label(model, tokenizer, prompt_kv, examples, fmt, batch_size, max_length, target_logprobs)
-    enc = encode(tokenizer, [Example(ex.source, fmt.label_texts[0]) for ex in examples], max_length=max_length)
+        return rows_per_label(model, tokenizer, prompt_kv, examples, fmt, batch_size, max_length, target_logprobs,
+                              lead)
+    enc = encode(tokenizer, [Example(ex.source, fmt.label_texts[0]) for ex in examples], max_length=max_length,
+                 lead=lead)
     sources = [Encoded(e.input_ids[:e.target_start], e.target_start) for e in enc]
     cols = torch.tensor([ids[0] for ids in label_ids], device=model.device)
 
@@ -289,8 +291,13 @@ class CausalLM(Family):
 
         return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
 
-    def encode_examples(self, tokenizer, examples, fmt, max_length):
-        return encode(tokenizer, examples, max_length=max_length, append_eos=not fmt.is_classification)
+    def lead_ids(self, tokenizer, bos=True):
+        # PEFT's layout, [prompt, BOS, text]: the model reads text as in pre-training, right after the prompt
+        return leading_special_ids(tokenizer) if bos else []
+
+    def encode_examples(self, tokenizer, examples, fmt, max_length, bos=True):
+        return encode(tokenizer, examples, max_length=max_length, append_eos=not fmt.is_classification,
+                      lead=self.lead_ids(tokenizer, bos))
 
     def label_lengths(self, tokenizer, fmt):
         return [len(ids) for ids in label_token_ids(tokenizer, fmt)]
@@ -307,8 +314,9 @@ class CausalLM(Family):
     def target_logprobs(self, model, batch, prompt):
         return target_logprobs(model, batch, prompt)
 
-    def label_scores(self, model, tokenizer, prompt, examples, fmt, batch_size, max_length=256):
-        return label_scores(model, tokenizer, prompt, examples, fmt, batch_size, max_length)
+    def label_scores(self, model, tokenizer, prompt, examples, fmt, batch_size, max_length=256, bos=True):
+        return label_scores(model, tokenizer, prompt, examples, fmt, batch_size, max_length,
+                            self.lead_ids(tokenizer, bos))
 
     def decode(self, model, input_ids, attention_mask, prompt, rows, eos_token_id, should_stop=None):
         return decode(model, input_ids, attention_mask, prompt, rows, eos_token_id, should_stop)

@@ -99,7 +99,7 @@ class EncoderClassifier(Family):
             return f"{type(model).__name__} is a sequence classifier: the task needs labels (--verbalizer)"
         return None
 
-    def encode_examples(self, tokenizer, examples, fmt, max_length):
+    def encode_examples(self, tokenizer, examples, fmt, max_length, bos=True):
         return encode_classes(tokenizer, examples, fmt.labels, max_length)  # class indices, no target tokens
 
     def label_lengths(self, tokenizer, fmt):
@@ -119,7 +119,7 @@ class EncoderClassifier(Family):
         raise InjectionError(f"{type(model).__name__} is a sequence classifier: it predicts classes, it has no "
                              "target tokens to score")
 
-    def label_scores(self, model, tokenizer, prompt, examples, fmt, batch_size, max_length=256):
+    def label_scores(self, model, tokenizer, prompt, examples, fmt, batch_size, max_length=256, bos=True):
         return class_scores(model, tokenizer, prompt, examples, fmt, batch_size, max_length)
 
     def decode(self, model, input_ids, attention_mask, prompt, rows, eos_token_id, should_stop=None):

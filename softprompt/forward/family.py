@@ -69,8 +69,22 @@ class Family:
         """Why a task format cannot train or evaluate on ``model``, or None when it fits."""
         return None
 
-    def encode_examples(self, tokenizer, examples: list[Example], fmt: TaskFormat, max_length: int) -> list[Encoded]:
-        """Training examples as this family trains on them (target tokens, or class indices)."""
+    def lead_ids(self, tokenizer, bos: bool = True) -> list[int]:
+        """The ids a text starts with, right after the prompt (at position 0 without one): the one place
+        that decides where a model's BOS goes.
+
+        A causal LM's text starts with the tokenizer's leading special tokens (its BOS, as PEFT lays it
+        out: ``[prompt, BOS, text]``) when ``bos``; ``bos=False`` is the layout of a prompt stored before
+        softprompt put the BOS there, and of text after a hard prompt that starts with the BOS itself.
+        Other families keep their own layout: an encoder-decoder's input gets no special tokens in front
+        (T5 adds only an EOS at the end), a classifier tokenises with its own ``[CLS] ... [SEP]``.
+        """
+        return []
+
+    def encode_examples(self, tokenizer, examples: list[Example], fmt: TaskFormat, max_length: int,
+                        bos: bool = True) -> list[Encoded]:
+        """Training examples as this family trains on them (target tokens, or class indices); ``bos``: see
+        :meth:`lead_ids`."""
         raise NotImplementedError
 
     def label_lengths(self, tokenizer, fmt: TaskFormat) -> list[int]:
@@ -100,9 +114,9 @@ class Family:
         raise NotImplementedError
 
     def label_scores(self, model, tokenizer, prompt: InferencePrompt, examples: list[Example], fmt: TaskFormat,
-                     batch_size: int, max_length: int = 256) -> torch.Tensor:
+                     batch_size: int, max_length: int = 256, bos: bool = True) -> torch.Tensor:
         """A score per label for every example, ``(N, num_labels)``: summed label-token log-probabilities,
-        or a head's class log-probabilities."""
+        or a head's class log-probabilities; ``bos``: see :meth:`lead_ids`."""
         raise NotImplementedError
 
     def decode(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt: BatchPrompt,

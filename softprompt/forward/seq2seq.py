@@ -117,8 +117,10 @@ class Seq2SeqLM(Family):
 
         return AutoModelForSeq2SeqLM.from_pretrained(name_or_path, dtype=dtype)
 
-    def encode_examples(self, tokenizer, examples, fmt, max_length):
-        return encode(tokenizer, examples, max_length=max_length, append_eos=not fmt.is_classification)
+    def encode_examples(self, tokenizer, examples, fmt, max_length, bos=True):
+        # lead_ids is [] here: the encoder input is the source alone, as before (T5 adds no leading token)
+        return encode(tokenizer, examples, max_length=max_length, append_eos=not fmt.is_classification,
+                      lead=self.lead_ids(tokenizer, bos))
 
     def label_lengths(self, tokenizer, fmt):
         return [len(ids) for ids in label_token_ids(tokenizer, fmt)]
@@ -136,9 +138,10 @@ class Seq2SeqLM(Family):
     def target_logprobs(self, model, batch, prompt):
         return target_logprobs(model, batch, prompt)
 
-    def label_scores(self, model, tokenizer, prompt, examples, fmt, batch_size, max_length=256):
+    def label_scores(self, model, tokenizer, prompt, examples, fmt, batch_size, max_length=256, bos=True):
         with torch.no_grad():
-            return rows_per_label(model, tokenizer, prompt, examples, fmt, batch_size, max_length, target_logprobs)
+            return rows_per_label(model, tokenizer, prompt, examples, fmt, batch_size, max_length, target_logprobs,
+                                  self.lead_ids(tokenizer, bos))
 
     def decode(self, model, input_ids, attention_mask, prompt, rows, eos_token_id, should_stop=None):
         return decode(model, input_ids, attention_mask, prompt, rows, eos_token_id)

@@ -6,7 +6,8 @@
       adapter_model.safetensors   the method's saved_tensors() (prompt tuning: prompt_embeddings (P, H)), and
                                   for a sequence classifier its head under PEFT's keys (base_model.classifier.*)
       adapter_config.json         PEFT's config: PeftModel.from_pretrained(base, folder) reads the folder
-      softprompt.json             method + config, base-model fingerprint, task, training config, metrics
+      softprompt.json             method + config, base-model fingerprint, task, training config, metrics,
+                                  ``bos`` (the text after the prompt starts with the model's BOS)
 
 A folder without ``softprompt.json`` is a plain PEFT folder; its ``peft_type`` is mapped to our method
 by :func:`softprompt.methods.method_for_peft_type`; that method owns the mapping (expected tensors, config
@@ -82,6 +83,19 @@ class StoredPrompt:
     def task(self) -> dict | None:
         """The recorded ``task`` object as stored (see :attr:`task_record` for the validated form)."""
         return self.meta.get("task")
+
+    @property
+    def bos(self) -> bool:
+        """Whether the text after this prompt starts with the model's BOS, the layout it was trained with.
+
+        ``softprompt.json`` records it (``"bos": true`` since softprompt put the BOS there, as PEFT does).
+        A file written before has no ``bos``: those prompts were trained without the BOS and keep that
+        layout. A plain PEFT folder (no ``softprompt.json``, empty :attr:`meta`) was trained by PEFT on
+        text tokenised with special tokens: ``[prompt, BOS, text]``.
+        """
+        if "bos" in self.meta:
+            return bool(self.meta["bos"])  # checked to be a bool when read
+        return not self.meta
 
     @property
     def fingerprint(self) -> dict | None:
@@ -257,6 +271,8 @@ def _method_from_meta(meta: Any, peft_type: str, path: Path) -> tuple[str, dict]
     for key in ("fingerprint", "task"):
         if meta.get(key) is not None and not isinstance(meta[key], dict):
             problems.append(f"{key!r} must be an object or null, got {type(meta[key]).__name__}")
+    if "bos" in meta and not isinstance(meta["bos"], bool):
+        problems.append(f"'bos' must be true or false, got {meta['bos']!r}")
     if problems:
         raise StoreError(f"{path}: " + "; ".join(problems))
     return method, config
@@ -327,7 +343,7 @@ def write_peft_files(folder: Path, tensors: dict[str, torch.Tensor], peft_config
 
 def save_prompt(path: str | Path, method: PromptMethod, model, task: dict | None = None,
                 train_config: dict | None = None, metrics: dict | None = None,
-                overwrite: bool = False) -> Path:
+                overwrite: bool = False, bos: bool = True) -> Path:
     """Store ``method`` as a folder, atomically (complete or not at all; see :mod:`softprompt.store.atomic`).
 
     Args:
@@ -339,6 +355,8 @@ def save_prompt(path: str | Path, method: PromptMethod, model, task: dict | None
         train_config: training arguments to record.
         metrics: evaluation results to record.
         overwrite: replace an existing stored prompt at ``path``.
+        bos: the prompt was trained with the model's BOS starting the text (what training does); a prompt
+            saved again from a stored one passes its :attr:`StoredPrompt.bos`.
 
     Returns:
         The absolute folder path.
@@ -365,6 +383,7 @@ def save_prompt(path: str | Path, method: PromptMethod, model, task: dict | None
         "method_config": method.config.to_dict(),
         "fingerprint": fingerprint(model),
         "task": None if task is None else {**dict.fromkeys(TASK_KEYS), **task},
+        "bos": bool(bos),
         "train_config": dict(train_config or {}),
         "metrics": dict(metrics or {}),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

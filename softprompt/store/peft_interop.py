@@ -37,8 +37,9 @@ def import_peft(src: str | Path, dst: str | Path, model, task: dict | None = Non
     meta = stored.meta
     record = stored.task_record
     task = task if task is not None else (None if record is None else record.to_dict())
+    # a PEFT folder's prompt was trained on [prompt, BOS, text]; one of ours keeps its recorded layout
     return save_prompt(dst, stored.build_method(), model, task=task, train_config=meta.get("train_config"),
-                       metrics=meta.get("metrics"), overwrite=overwrite)
+                       metrics=meta.get("metrics"), overwrite=overwrite, bos=stored.bos)
 
 
 def export_peft(src: str | Path, dst: str | Path, overwrite: bool = False) -> Path:

@@ -241,7 +241,7 @@ class PromptStore:
         if self.kind(name) == "ensemble":
             return {**head, **self._read_ensemble(name)}
         stored = self.load(name)
-        return {**head, "kind": "prompt", **stored.meta, "method": stored.method,
+        return {**head, "kind": "prompt", **stored.meta, "bos": stored.bos, "method": stored.method,
                 "method_config": stored.method_config, "adapter_config": stored.peft_config}
 
     # ----- writing -------------------------------------------------------------------------------------

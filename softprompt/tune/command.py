@@ -191,7 +191,7 @@ def _copy_prompt(src: Path, dst: Path, model, extra_metrics: dict) -> Path:
     stored = load_prompt(src, model)
     return save_prompt(dst, stored.build_method(), model, task=stored.task,
                        train_config=stored.meta.get("train_config"),
-                       metrics={**stored.meta.get("metrics", {}), **extra_metrics}, overwrite=True)
+                       metrics={**stored.meta.get("metrics", {}), **extra_metrics}, overwrite=True, bos=stored.bos)
 
 
 def save_results(result: TuneResult, out: Path, model, tune: TuneArgs, echo: Callable[[str], None] = print) -> None:

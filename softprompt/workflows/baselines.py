@@ -44,7 +44,7 @@ def classifier_baselines(model, tokenizer, task: TaskData, args: dict, examples:
 
 
 def evaluate_with_baselines(model, tokenizer, task: TaskData, args: dict, prompt_text: str,
-                            examples: list[Example], kv_tuned=None) -> dict:
+                            examples: list[Example], kv_tuned=None, tuned_bos: bool = True) -> dict:
     """Evaluate the tuned prompt (if given) and the requested baselines on ``examples``.
 
     Every condition is a task of one :class:`Engine` (the hard-prompt and k-shot contexts become cached
@@ -60,6 +60,8 @@ def evaluate_with_baselines(model, tokenizer, task: TaskData, args: dict, prompt
         examples: the examples to evaluate on.
         kv_tuned: the tuned prompt's keys/values, as ``compute_prompt_kv`` returns them (``None``: baselines
             only).
+        tuned_bos: the tuned prompt's text starts with the model's BOS (its stored layout,
+            ``StoredPrompt.bos``; True for a prompt trained now).
 
     Returns:
         Metrics per condition name, in report order (the tuned prompt last, as ``"tuned soft prompt"``).
@@ -68,27 +70,30 @@ def evaluate_with_baselines(model, tokenizer, task: TaskData, args: dict, prompt
     family = family_of(model)
     if family.has_head:
         return classifier_baselines(model, tokenizer, task, args, examples, kv_tuned)
-    conditions: dict[str, object] = {}
+    # condition -> (prompt, whether the text after it starts with the model's BOS); each is laid out as the
+    # model expects (see softprompt.evaluate): no prompt [BOS, text]; a hard prompt or k-shot context is text
+    # read first, so the BOS opens it and the text gets none: [BOS, hard, text]; the soft prompt [P, BOS, text]
+    conditions: dict[str, tuple[object, bool]] = {}
     if "no_prompt" in ev.baselines:
-        conditions["no soft prompt (template only)"] = None
+        conditions["no soft prompt (template only)"] = (None, True)
     if "hard_prompt" in ev.baselines and prompt_text.strip():
-        conditions["init text as hard prompt"] = hard_prompt_kv(model, tokenizer, prompt_text.strip() + "\n")
+        conditions["init text as hard prompt"] = (hard_prompt_kv(model, tokenizer, prompt_text.strip() + "\n"), False)
     if "k_shot" in ev.baselines and task.splits.get("train"):
         shots = k_shot_text(task.examples("train"), fmt, ev.k_shot, seed=data.data_seed)
-        conditions[f"{ev.k_shot}-shot prompting"] = hard_prompt_kv(model, tokenizer, shots)
+        conditions[f"{ev.k_shot}-shot prompting"] = (hard_prompt_kv(model, tokenizer, shots), False)
     if kv_tuned is not None:
-        conditions["tuned soft prompt"] = kv_tuned
+        conditions["tuned soft prompt"] = (kv_tuned, tuned_bos)
     t0 = time.perf_counter()
     if not family.served:
         report = {name: evaluate_prompt(model, tokenizer, kv, examples, fmt, ev.eval_batch_size, ev.max_new_tokens,
-                                        data.max_length)[0] for name, kv in conditions.items()}
+                                        data.max_length, bos=bos)[0] for name, (kv, bos) in conditions.items()}
     else:
         engine = Engine(model, tokenizer, max_batch_rows=ev.eval_batch_size, max_input_tokens=data.max_length,
                         truncate=True, progress=True)
         runs = {}
-        for i, (name, kv) in enumerate(conditions.items()):
+        for i, (name, (kv, bos)) in enumerate(conditions.items()):
             task_name = f"condition{i}"
-            (engine.add_base(task_name, fmt) if kv is None else engine.add_kv(task_name, kv, fmt))
+            (engine.add_base(task_name, fmt) if kv is None else engine.add_kv(task_name, kv, fmt, bos=bos))
             runs[name] = task_name
         report = evaluate_on_engine(engine, runs, examples, fmt, ev.max_new_tokens)
     log.info("evaluated %d conditions x %d examples in %.1fs", len(conditions), len(examples),

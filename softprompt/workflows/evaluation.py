@@ -43,7 +43,8 @@ def evaluate_stored_prompt(args: dict, prompt: str, check_fingerprint: bool = Tr
         kv = family_of(model).inference_prompt(model, method())
     init_text = stored.method_config.get("init_text", "") if stored.method_config.get("init") == "text" else ""
     examples = task.examples(args["eval"].split)
-    return evaluate_with_baselines(model, tok, task, {**args}, init_text, examples, kv), len(examples)
+    # the prompt is evaluated with the layout it was trained with (BOS after it or not: StoredPrompt.bos)
+    return evaluate_with_baselines(model, tok, task, {**args}, init_text, examples, kv, stored.bos), len(examples)
 
 
 def evaluate_store(args: dict, store: str, tasks: list[str] | None = None, check_fingerprint: bool = True) -> dict:
