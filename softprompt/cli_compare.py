@@ -30,6 +30,11 @@ def cmd_compare(ns: argparse.Namespace) -> int:
                                ns.converged_tol, ns.adapter_size)
     specs, problems = select_specs(ns.only, ns.adapter_size)
     problems += settings.problems() + [check_folder_to_create("--output-dir", ns.output_dir)]
+    if ns.store:
+        from softprompt.compare.ensemble import store_problems
+
+        problem = check_folder_to_create("--store", ns.store)
+        problems += [problem] if problem else store_problems(specs, ns.seeds, ns.store)
     problems = [p for p in problems if p] or context_problems(specs, ns.model)
     if problems:
         raise ConfigError("invalid arguments:\n  " + "\n  ".join(problems))
@@ -38,7 +43,11 @@ def cmd_compare(ns: argparse.Namespace) -> int:
               if settings.lr_search and settings.lr_grid > 1 else "fixed lr")
     print(f"comparing {len(specs)} methods on {ns.dataset}, {ns.steps} steps of batch {ns.batch_size}, {search}, "
           f"seeds: {ns.seeds}, test on {ns.test_samples} examples")
-    rows = run_compare(specs, settings, out, log=lambda line: print(line, flush=True), keep_going=ns.keep_going)
+    if ns.store:
+        print(f"each prompt method's {ns.seeds} seed prompts and their mean ensemble go into store {ns.store} "
+              "(weight methods have no prompt); the ensembles are scored on the same test examples")
+    rows = run_compare(specs, settings, out, log=lambda line: print(line, flush=True), keep_going=ns.keep_going,
+                       store=ns.store)
     print("\n" + format_table(rows))
     print(f"saved {out / 'compare.json'}, {out / 'compare.md'}, {out / 'compare.png'}, {out / 'compare_curves.png'}")
     failures = format_failures(rows, specs)
@@ -77,6 +86,10 @@ def add_compare_parser(sub) -> None:
     p.add_argument("--only",
                    help="comma-separated kinds: prompt_tuning,prefix_tuning,p_tuning,lora,adapter,bitfit,full")
     p.add_argument("--output-dir", default="runs/compare")
+    p.add_argument("--store", metavar="DIR",
+                   help="add each prompt method's seed prompts to this prompt store as <method-slug>-seed<k>, with "
+                        "their mean ensemble <method-slug>; the table gains the ensemble's test accuracy and its "
+                        "gain over the mean single prompt (classification; needs --seeds >= 2)")
     p.add_argument("--keep-going", action="store_true",
                    help="after a method fails, run the others and write the whole table; the exit status is "
                         "still 1, because the table lacks that method")

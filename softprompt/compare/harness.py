@@ -8,9 +8,10 @@ import statistics
 from collections.abc import Callable
 from pathlib import Path
 
+from softprompt.compare.ensemble import Evaluator, method_slug, store_seed_ensemble
 from softprompt.compare.report import convergence, format_row, format_table, mean_curve, plot_compare, plot_curves
 from softprompt.compare.run import Job, run_in_subprocess
-from softprompt.compare.specs import CompareSettings, Spec, lr_grid
+from softprompt.compare.specs import WEIGHT_KINDS, CompareSettings, Spec, lr_grid
 
 Runner = Callable[[Job], dict]
 
@@ -79,11 +80,13 @@ def summarise(spec: Spec, runs: list[dict], search: dict | None, settings: Compa
             "last_third_gain": gain, "validation": first["validation"], "seeds": runs}
 
 
-def run_method(spec: Spec, settings: CompareSettings, runner: Runner | None = None, log=print) -> dict:
+def run_method(spec: Spec, settings: CompareSettings, runner: Runner | None = None, log=print,
+               prompts_dir: Path | None = None) -> dict:
     """One row: the lr search (unless off or a grid of one), then ``settings.seeds`` runs at the chosen lr.
 
     A failed seed run ends the row: it becomes ``{"method", "kind", "error", ...}`` with what had run.
-    ``runner`` runs one :class:`Job` (default: :func:`run_in_subprocess`).
+    ``runner`` runs one :class:`Job` (default: :func:`run_in_subprocess`). With ``prompts_dir``, a prompt
+    method's seed runs save their prompts in ``prompts_dir/<method slug>/seed<k>/`` (``prompt_dir`` in each).
     """
     runner = runner or run_in_subprocess
     search = None
@@ -94,10 +97,12 @@ def run_method(spec: Spec, settings: CompareSettings, runner: Runner | None = No
             return {"method": spec.label, "kind": spec.kind, "lr_search": search,
                     "error": f"every lr candidate failed; the last: {search['candidates'][-1]['error']}"}
     runs = []
+    save = prompts_dir is not None and spec.kind not in WEIGHT_KINDS
     for seed in range(settings.seeds):
         run = runner(Job(spec, settings.model, settings.dataset, settings.steps, settings.batch_size, lr, seed=seed,
                          val_samples=settings.val_samples, eval_every=settings.eval_interval,
-                         test_samples=settings.test_samples))
+                         test_samples=settings.test_samples,
+                         save_prompt_to=str(prompts_dir / method_slug(spec.label) / f"seed{seed}") if save else None))
         if "error" in run:
             return {"method": spec.label, "kind": spec.kind, "lr": lr, "lr_search": search, "seeds": runs,
                     "error": run["error"]}
@@ -107,7 +112,8 @@ def run_method(spec: Spec, settings: CompareSettings, runner: Runner | None = No
 
 
 def run_compare(specs: list[Spec], settings: CompareSettings, out_dir: Path, log=print, keep_going: bool = False,
-                runner: Runner | None = None) -> list[dict]:
+                runner: Runner | None = None, store: str | None = None,
+                evaluate: Evaluator | None = None) -> list[dict]:
     """Run each spec (every run in a fresh subprocess); write the table, ``compare.json`` and the charts.
 
     Args:
@@ -118,12 +124,16 @@ def run_compare(specs: list[Spec], settings: CompareSettings, out_dir: Path, log
         log: called with progress lines and with each row's table line as it finishes.
         keep_going: run the specs after a failed one too; otherwise the first failure ends the run.
         runner: runs one :class:`Job` (default: :func:`run_in_subprocess`; tests run them in-process).
+        store: a prompt store: each prompt method's seed prompts (saved in ``out_dir/prompts/``) go there with
+            their ensemble, scored on the test split (:mod:`softprompt.compare.ensemble`).
+        evaluate: scores a stored ensemble (default: :func:`evaluate_in_subprocess`).
 
     Returns:
         One row per spec that ran; a failed row has ``error`` (the child's last stderr line) instead of
         results. The files are written either way, with the rows that ran. ``compare.json`` holds
         ``{"settings": ..., "rows": [...]}``; a row keeps every seed's run (``seeds``: accuracy, curve,
-        rollbacks, time, memory) and the lr search's candidates with their validation scores (``lr_search``).
+        rollbacks, time, memory) and the lr search's candidates with their validation scores (``lr_search``);
+        with ``store``, a prompt method's row also has ``ensemble``, ``ensemble_accuracy`` and ``ensemble_gain``.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
@@ -132,9 +142,11 @@ def run_compare(specs: list[Spec], settings: CompareSettings, out_dir: Path, log
         (out_dir / "compare.json").write_text(json.dumps({"settings": settings.to_dict(), "rows": rows}, indent=2))
 
     for spec in specs:
-        row = run_method(spec, settings, runner, log)
+        row = run_method(spec, settings, runner, log, prompts_dir=out_dir / "prompts" if store else None)
+        if store and "error" not in row:
+            row.update(store_seed_ensemble(spec, row, settings, store, evaluate, log))
         rows.append(row)
-        log(format_row(row))
+        log(format_row(row, ensemble=bool(store)))
         write()
         if "error" in row and not keep_going:
             break

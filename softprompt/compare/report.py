@@ -49,10 +49,26 @@ HEAD = ("| method | trainable params | bytes per task | peak memory (RSS) | trai
         "| guard rollbacks | converged (val loss gain, last third) |\n|---|---|---|---|---|---|---|---|---|---|\n")
 
 
-def format_row(row: dict) -> str:
-    """One table line: means over the row's seeds, ``mean ± std`` accuracy, and its lr, rollbacks, convergence."""
+ENSEMBLE_HEAD = " ensemble accuracy | gain over mean single prompt |"
+
+
+def _ensemble_cells(row: dict) -> str:
+    """The two ensemble cells (``compare --store``): the ensemble's test accuracy and its gain, or why none."""
+    ens = row.get("ensemble")
+    if "ensemble_accuracy" in row:
+        return f" {row['ensemble_accuracy']:.4f} | {row['ensemble_gain']:+.4f} |"
+    if ens is None:
+        return " - (no prompt) | - |" if "error" not in row else " - | - |"
+    why = "generation task" if "skipped" in ens else f"error: {ens.get('error')}"
+    return f" n/a ({why}) | - |"
+
+
+def format_row(row: dict, ensemble: bool = False) -> str:
+    """One table line: means over the row's seeds, ``mean ± std`` accuracy, and its lr, rollbacks, convergence;
+    with ``ensemble``, the seed ensemble's test accuracy and its gain over the mean single prompt."""
+    tail = _ensemble_cells(row) if ensemble else ""
     if "error" in row:
-        return f"| {row['method']} | - | - | - | - | - | n/a: {row['error']} | - | - | - |"
+        return f"| {row['method']} | - | - | - | - | - | n/a: {row['error']} | - | - | - |" + tail
     peak = f"{row['peak_mib']:.0f} MiB" if row.get("peak_mib") else "-"
     std = row.get("accuracy_std")
     acc = f"{row['accuracy']:.4f}" + (f" ± {std:.4f}" if std is not None else "")
@@ -63,12 +79,18 @@ def format_row(row: dict) -> str:
     if gain is not None:
         converged += f" ({gain:+.1%})"
     return (f"| {row['method']} | {row['trainable_params']:,} | {_size(row['bytes_per_task'])} | {peak} | "
-            f"{row['train_s']:.0f} s | {lr} | {acc} | {row['n_seeds']} | {rollbacks} | {converged} |")
+            f"{row['train_s']:.0f} s | {lr} | {acc} | {row['n_seeds']} | {rollbacks} | {converged} |" + tail)
 
 
 def format_table(rows: list[dict]) -> str:
-    """The markdown table of ``rows`` (:func:`softprompt.compare.run_compare`'s rows)."""
-    return HEAD + "\n".join(format_row(r) for r in rows) + "\n"
+    """The markdown table of ``rows`` (:func:`softprompt.compare.run_compare`'s rows); the ensemble columns
+    appear when a row has an ensemble (``compare --store``)."""
+    ensemble = any("ensemble" in r for r in rows)
+    head = HEAD
+    if ensemble:
+        first, rule = HEAD.splitlines()
+        head = first + ENSEMBLE_HEAD + "\n" + rule + "---|---|\n"
+    return head + "\n".join(format_row(r, ensemble) for r in rows) + "\n"
 
 
 def format_failures(rows: list[dict], specs: list) -> str | None:

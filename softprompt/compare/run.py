@@ -29,6 +29,8 @@ class Job:
     """One run: what to train (``spec`` at ``lr`` with ``seed``), on what, for how long, and what to score.
 
     ``eval_every`` 0 measures validation once, after the last step. ``test_samples`` 0: no test split at all.
+    ``save_prompt_to``: a prompt method's run saves its trained prompt there (``save_prompt``'s folder, with
+    the task's template and verbalizer), so that the parent can add it to a store; weight methods save none.
     """
 
     spec: Spec
@@ -41,6 +43,7 @@ class Job:
     val_samples: int = 200
     eval_every: int = 0
     test_samples: int = 0
+    save_prompt_to: str | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -82,10 +85,22 @@ def ensure_validation(task, n: int) -> str:
     return f"{k} train examples held out (the dataset has no validation split)"
 
 
+def load_run_task(dataset: str, val_samples: int, test_samples: int):
+    """The task as every run of the comparison sees it: validation capped (or held out of train, see
+    :func:`ensure_validation`), test capped to ``test_samples`` (a seeded subset: the same examples in every
+    run), or dropped when ``test_samples`` is 0. Returns the task and where its validation split came from."""
+    from softprompt.data import load_task
+
+    caps = {"validation": val_samples, **({"test": test_samples} if test_samples else {})}
+    task = load_task(dataset, max_samples=caps)
+    if not test_samples:
+        task.splits.pop("test", None)
+    return task, ensure_validation(task, val_samples)
+
+
 def run_one(job: Job) -> dict:
     """Train and evaluate one run in this process; return its numbers (see :func:`softprompt.compare.run_compare`)."""
     from softprompt.config import TrainArgs
-    from softprompt.data import load_task
     from softprompt.evaluate import evaluate_prompt, primary_metric
     from softprompt.forward import family_of
     from softprompt.methods import build_method
@@ -95,11 +110,7 @@ def run_one(job: Job) -> dict:
 
     spec = job.spec
     model, tok = load_base_model(job.model)
-    caps = {"validation": job.val_samples, **({"test": job.test_samples} if job.test_samples else {})}
-    task = load_task(job.dataset, max_samples=caps)
-    if not job.test_samples:
-        task.splits.pop("test", None)
-    validation = ensure_validation(task, job.val_samples)
+    task, validation = load_run_task(job.dataset, job.val_samples, job.test_samples)
     metric, higher = primary_metric(task.format)
     torch.manual_seed(job.seed)  # the random init of LoRA and of the adapters
     if spec.kind in WEIGHT_KINDS:
@@ -135,24 +146,44 @@ def run_one(job: Job) -> dict:
             kv = family_of(model).inference_prompt(model, method()) if not isinstance(method, WeightTuning) else None
             metrics, _ = evaluate_prompt(model, tok, kv, task.examples("test"), task.format, with_loss=False)
         row["accuracy"] = metrics.get("accuracy", metrics.get("exact_match"))
+    if job.save_prompt_to and not isinstance(method, WeightTuning):
+        from softprompt.store.task_record import TaskRecord
+
+        folder = save_prompt(job.save_prompt_to, method, model,
+                             task=TaskRecord.from_format(task.format, job.dataset).to_dict(),
+                             train_config={"compare": {"method": row["method"], "seed": job.seed, "lr": job.lr,
+                                                       "steps": job.steps, "optimizer": spec.optimizer}},
+                             metrics={"test_accuracy": row["accuracy"]} if "accuracy" in row else {}, overwrite=True)
+        row["prompt_dir"] = str(folder)
     row["peak_mib"] = _peak_rss_mib()
     return row
 
 
-def run_in_subprocess(job: Job) -> dict:
-    """:func:`run_one` in a fresh Python process (its peak memory is its own); a failure is a row with ``error``.
-
-    The error is the child's last stderr line, or its exit status when it left none (killed by a signal).
-    """
-    proc = subprocess.run([sys.executable, "-m", "softprompt.compare", job.to_json()], capture_output=True,
-                          text=True)
+def in_child(payload: str) -> dict:
+    """Run ``python -m softprompt.compare PAYLOAD`` in a fresh process: the dict it printed last, or
+    ``{"error": ...}`` with the child's last stderr line (its exit status when it left none: killed by a signal)."""
+    proc = subprocess.run([sys.executable, "-m", "softprompt.compare", payload], capture_output=True, text=True)
     lines = proc.stdout.strip().splitlines()
     if proc.returncode != 0 or not lines:
-        tail = (proc.stderr.strip().splitlines() or [f"the run exited with status {proc.returncode}"])[-1]
-        return {"method": job.spec.label, "kind": job.spec.kind, "seed": job.seed, "lr": job.lr, "error": tail}
+        return {"error": (proc.stderr.strip().splitlines() or [f"the run exited with status {proc.returncode}"])[-1]}
     return json.loads(lines[-1])
 
 
+def run_in_subprocess(job: Job) -> dict:
+    """:func:`run_one` in a fresh Python process (its peak memory is its own); a failure is a row with ``error``."""
+    row = in_child(job.to_json())
+    if "error" in row:
+        return {"method": job.spec.label, "kind": job.spec.kind, "seed": job.seed, "lr": job.lr, **row}
+    return row
+
+
 def child_main(argv: list[str]) -> None:
-    """One run in a child process: print its row as the last stdout line."""
+    """One run in a child process (or, for ``{"ensemble": ...}``, a store ensemble's test evaluation): print its
+    result as the last stdout line."""
+    data = json.loads(argv[0])
+    if "ensemble" in data:
+        from softprompt.compare.ensemble import EnsembleEval, evaluate_ensemble
+
+        print(json.dumps(evaluate_ensemble(EnsembleEval(**data["ensemble"]))))
+        return
     print(json.dumps(run_one(Job.from_json(argv[0]))))

@@ -14,12 +14,14 @@ import dataclasses
 import json
 import logging
 import random
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from softprompt.config import ConfigError
 from softprompt.data import TaskData
+from softprompt.tune.ensemble import measure, not_built_reason, summary_line
 from softprompt.tune.halving import successive_halving
 from softprompt.tune.report import format_table, write_reports
 from softprompt.tune.space import SEARCHABLE, TuneArgs, member_names
@@ -48,6 +50,10 @@ def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
                                                  "run length)")
     g.add_argument("--top-k", type=int, default=1, help="save the k best prompts (with --store: k > 1 adds them "
                                                         "as TASK-1..TASK-k and an ensemble TASK)")
+    g.add_argument("--ensemble-seeds", type=int, metavar="N",
+                   help="after the search, train the winner's configuration with N seeds (its own run is one) and "
+                        "report the validation gain of their mean ensemble over the mean single prompt; with "
+                        "--store they are TASK-1..TASK-N and the ensemble TASK (classification tasks only)")
     g.add_argument("--store", help="add the result to this prompt store (created if missing)")
     g.add_argument("--task", help="entry name in --store")
     g.add_argument("--validation-from-train", type=float, metavar="FRACTION",
@@ -105,7 +111,7 @@ def tune_args_from_namespace(ns: argparse.Namespace) -> tuple[TuneArgs | None, l
                 search[key] = values
     fields["search"] = search
     for name in ("num_trials", "lr_sampling", "budget_steps", "budget_minutes", "eta", "min_steps", "top_k", "store",
-                 "task", "validation_from_train"):
+                 "task", "validation_from_train", "ensemble_seeds"):
         if getattr(ns, name) is not None:
             fields[name] = getattr(ns, name)
     try:
@@ -161,14 +167,16 @@ def check_store(tune: TuneArgs) -> None:
     from softprompt.store import PromptStore
 
     store = PromptStore(tune.store)
-    wanted = {tune.task: "ensemble" if tune.top_k > 1 else "prompt"}
-    if tune.top_k > 1:
-        wanted.update(dict.fromkeys(member_names(tune.task, tune.top_k), "prompt"))
+    k = tune.ensemble_seeds or tune.top_k
+    wanted = {tune.task: "ensemble" if k > 1 else "prompt"}
+    if k > 1:
+        wanted.update(dict.fromkeys(member_names(tune.task, k), "prompt"))
     a = {"prompt": "a prompt", "ensemble": "an ensemble"}
     clash = [f"{name!r} is {a.get(store.kind(name), store.kind(name))}, tune writes {a[kind]} there"
              for name, kind in wanted.items() if name in store and store.kind(name) != kind]
     if clash:
-        raise ConfigError(f"--store {tune.store} --task {tune.task} --top-k {tune.top_k}: {'; '.join(clash)}; "
+        flags = f"--ensemble-seeds {k}" if tune.ensemble_seeds else f"--top-k {tune.top_k}"
+        raise ConfigError(f"--store {tune.store} --task {tune.task} {flags}: {'; '.join(clash)}; "
                           "remove those entries (softprompt store remove) or choose another --task")
 
 
@@ -179,6 +187,8 @@ def _remove_stale_outputs(out: Path) -> None:
 
     stale = [out / "best_prompt"] + (sorted(p for p in (out / "top").iterdir() if p.name.isdigit())
                                      if (out / "top").is_dir() else [])
+    stale += sorted(p for p in (out / "seeds").iterdir() if re.fullmatch(r"seed\d+", p.name)) \
+        if (out / "seeds").is_dir() else []
     for p in stale:
         if p.is_dir():
             shutil.rmtree(p)
@@ -205,7 +215,7 @@ def save_results(result: TuneResult, out: Path, model, tune: TuneArgs, echo: Cal
             _copy_prompt(t.prompt_dir, out / "top" / str(rank), model, {"tune": {"trial": t.id, "rank": rank}})
         if len(top) < tune.top_k:
             echo(f"--top-k {tune.top_k}: only {len(top)} trials finished; saved those")
-    if not tune.store:
+    if not tune.store or tune.ensemble_seeds:  # --ensemble-seeds: the seed ensemble goes there instead
         return
     from softprompt.store import PromptStore
 
@@ -247,6 +257,14 @@ def run_tune(args: dict[str, Any], tune: TuneArgs, model, tokenizer, task: TaskD
     from softprompt.store.task_record import TaskRecord
 
     data, prompt, train_args = args["data"], args["prompt"], args["train"]
+    flags = tune  # as given (tune.json records them)
+    skipped = {}
+    reason = not_built_reason(task.format, model) if tune.ensemble_seeds else None
+    if reason:
+        echo(f"--ensemble-seeds {tune.ensemble_seeds}: no seed ensemble is built: {reason}; the search runs as "
+             "without the flag")
+        skipped["seeds"] = {"kind": "seeds", "skipped": reason}
+        tune = dataclasses.replace(tune, ensemble_seeds=None)
     check_store(tune)
     task = with_validation(task, tune, data.data_seed, echo)
     if prompt.init_text is None:  # as softprompt train: fits the task; recorded with every prompt
@@ -255,17 +273,22 @@ def run_tune(args: dict[str, Any], tune: TuneArgs, model, tokenizer, task: TaskD
     out.mkdir(parents=True, exist_ok=True)
     _remove_stale_outputs(out)
     sections = {k: dataclasses.asdict(v) for k, v in args.items()}
-    (out / "tune.json").write_text(json.dumps({"tune": dataclasses.asdict(tune), **sections,
-                                               "prompt": dataclasses.asdict(prompt)}, indent=2, default=str))
+    doc = {"tune": dataclasses.asdict(flags), **sections, "prompt": dataclasses.asdict(prompt)}
+    (out / "tune.json").write_text(json.dumps(doc, indent=2, default=str))
     echo(f"task: {data.dataset or data.train_file}  " + "  ".join(f"{k}={len(v)}" for k, v in task.splits.items()
                                                                if k != "test"))
     result = successive_halving(
         model, tokenizer, task, prompt, train_args, tune, output_dir=out, eval_batch_size=args["eval"].eval_batch_size,
         max_length=data.max_length, task_meta=TaskRecord.from_format(task.format, data.dataset).to_dict(),
         train_config={k: v for k, v in sections.items() if k in ("model", "data", "eval")},
-        progress=lambda partial: write_reports(partial, out, png=False))
+        progress=lambda partial: write_reports(partial, out, png=False), ensemble_seeds=tune.ensemble_seeds)
     paths = write_reports(result, out)
     save_results(result, out, model, tune, echo)
+    ensembles = {**skipped, **build_ensembles(result, out, model, tokenizer, task, tune, args, echo)}
+    if ensembles:
+        result.ensembles = ensembles
+        paths = write_reports(result, out)
+        (out / "tune.json").write_text(json.dumps({**doc, "ensembles": ensembles}, indent=2, default=str))
     echo("\n" + format_table(result))
     best = result.best
     if best is None:
@@ -273,5 +296,58 @@ def run_tune(args: dict[str, Any], tune: TuneArgs, model, tokenizer, task: TaskD
     else:
         echo(f"best: {best.id} {best.spec.label()}, validation {result.metric} {best.last.metric:.4f} after "
              f"{best.steps} steps; saved to {out / 'best_prompt'}")
+    for report in ensembles.values():
+        if "skipped" not in report:
+            echo(summary_line(report))
     echo(f"trials: {paths['md']}, {paths['json']}, {paths['png']}")
     return result
+
+
+def build_ensembles(result: TuneResult, out: Path, model, tokenizer, task: TaskData, tune: TuneArgs,
+                    args: dict[str, Any], echo: Callable[[str], None] = print) -> dict[str, dict]:
+    """The top-k ensemble (``--top-k`` > 1) and the seed ensemble (``--ensemble-seeds``), each scored on the
+    validation split through the engine (:mod:`softprompt.tune.ensemble`); with ``--store`` the seed ensemble
+    is added to it (the top-k one already is, by :func:`save_results`).
+
+    Returns:
+        ``{"top_k": report, "seeds": report}`` for those asked for; a report is ``{"kind", "skipped": why}``
+        when the ensemble could not be built.
+    """
+    reports: dict[str, dict] = {}
+    common = dict(model=model, tokenizer=tokenizer, examples=task.examples("validation"), fmt=task.format,
+                  metric=result.metric, higher=result.higher_is_better, batch_size=args["eval"].eval_batch_size,
+                  max_length=args["data"].max_length, store_dir=tune.store)
+    top = result.top(tune.top_k)
+    if tune.top_k > 1 and len(top) > 1:
+        reason = not_built_reason(task.format, model)
+        if reason:
+            echo(f"--top-k {tune.top_k}: the ensemble's gain over a single prompt is not measured: {reason}")
+            reports["top_k"] = {"kind": "top_k", "skipped": reason}
+        else:
+            name = tune.task or "top"
+            members = [{"name": m, "trial": t.id, "prompt_dir": out / "top" / str(rank)}
+                       for rank, (m, t) in enumerate(zip(member_names(name, len(top)), top, strict=True), 1)]
+            reports["top_k"] = measure("top_k", name, members, **common)
+    if not tune.ensemble_seeds:
+        return reports
+    runs, n = result.seed_runs, tune.ensemble_seeds
+    for t in runs:
+        if t.status != "ok":
+            echo(f"--ensemble-seeds: the seed run {t.id} {t.status} ({t.note}); left out of the ensemble")
+    ok = [t for t in runs if t.status == "ok"]
+    if len(ok) < 2:
+        why = ("no trial finished" if result.best is None else
+               f"only {len(ok)} of the {n} seed runs finished") + ": an ensemble needs two prompts"
+        echo(f"--ensemble-seeds {n}: no seed ensemble: {why}" + (
+            f"; nothing added to --store {tune.store}" if tune.store else ""))
+        reports["seeds"] = {"kind": "seeds", "skipped": why}
+        return reports
+    name = tune.task or "seeds"
+    seed = args["train"].seed
+    members = [{"name": m, "trial": t.id, "seed": seed if t.seed is None else t.seed, "prompt_dir": t.prompt_dir}
+               for m, t in zip(member_names(name, len(ok)), ok, strict=True)]
+    reports["seeds"] = {**measure("seeds", name, members, **common), "winner": result.best.id}
+    if tune.store:
+        echo(f"added the {len(ok)} seed prompts of {result.best.id} to store {tune.store} as "
+             f"{', '.join(m['name'] for m in members)} and the ensemble {name!r} over them")
+    return reports

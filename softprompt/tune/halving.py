@@ -107,7 +107,8 @@ class _Search:
     def _train_args(self, trial: Trial) -> TrainArgs:
         return dataclasses.replace(self.base, output_dir=str(trial.folder), lr=trial.spec.lr,
                                    max_steps=self.plan.horizon, checkpoint_every=self.checkpoint_every,
-                                   early_stopping_patience=0, resume=trial.steps > 0)
+                                   early_stopping_patience=0, resume=trial.steps > 0,
+                                   seed=self.base.seed if trial.seed is None else trial.seed)
 
     def run_segment(self, trial: Trial, rung: int) -> None:
         """Train ``trial`` up to the end of ``rung`` (from its checkpoint), then evaluate it on validation."""
@@ -241,6 +242,43 @@ class _Search:
                 t.status = "not_run"
         return self.result()
 
+    # ----- the winner's seed runs (--ensemble-seeds) -----------------------------------------------------
+
+    def retrain_seeds(self, n: int) -> list[Trial]:
+        """The winner's configuration trained with ``n`` seeds (``--seed``, ``--seed`` + 1, ...) for a whole run.
+
+        The winner's own run is seed ``--seed`` and counts as the first when it trained the whole horizon
+        (the search ended it at the last rung); when the budget stopped it earlier, every seed is a new run.
+        Each new run is one segment from step 0 to the horizon in ``seeds/seed<S>/`` (the same loop, lr and
+        schedule as a trial; the seed sets the prompt's init and the data order), evaluated on validation and
+        saved like a trial. A run that diverges or fails is kept with that status and ranks nowhere: the
+        caller ensembles the ``ok`` ones. These steps are not part of the search's budget.
+        """
+        best = self.result().best
+        if best is None:
+            return []
+        seeds = [self.base.seed + i for i in range(n)]
+        runs = []
+        if best.steps == self.plan.horizon:
+            runs.append(best)
+            seeds = seeds[1:]
+        else:
+            self.notes.append(f"--ensemble-seeds: the winner {best.id} stopped at step {best.steps} of "
+                              f"{self.plan.horizon}: all {n} seeds are new runs of {self.plan.horizon} steps")
+        log.info("tune: retraining the winner %s (%s) with seeds %s, %d steps each", best.id, best.spec.label(),
+                 ", ".join(map(str, seeds)), self.plan.horizon)
+        config = best.spec.method_config
+        for seed in seeds:
+            spec = dataclasses.replace(best.spec, method_config={**config, "seed": seed} if "seed" in config
+                                       else dict(config))
+            trial = Trial(best.index, spec, self.out / "seeds" / f"seed{seed}", seed=seed)
+            shutil.rmtree(trial.folder, ignore_errors=True)  # an earlier search's run of this seed
+            self.run_segment(trial, len(self.plan.rungs) - 1)
+            if trial.status == "pending":
+                trial.status = "not_run"
+            runs.append(trial)
+        return runs
+
     def result(self) -> TuneResult:
         """The search as it stands (trials not yet run are ``pending`` until it ends)."""
         ranking = sorted(self.trials, key=lambda t: rank_key(t, self.higher))
@@ -273,7 +311,8 @@ def _log_rows(path: Path) -> list[dict]:
 def successive_halving(model, tokenizer, task: TaskData, prompt: PromptArgs, train_args: TrainArgs, tune: TuneArgs,
                        *, output_dir: str | Path | None = None, eval_batch_size: int = 32, max_length: int = 256,
                        task_meta: dict | None = None, train_config: dict | None = None,
-                       progress: Callable[[TuneResult], None] | None = None) -> TuneResult:
+                       progress: Callable[[TuneResult], None] | None = None,
+                       ensemble_seeds: int | None = None) -> TuneResult:
     """Search the learning rate (and the ``--search`` settings) by successive halving on the validation split.
 
     Args:
@@ -292,6 +331,8 @@ def successive_halving(model, tokenizer, task: TaskData, prompt: PromptArgs, tra
         train_config: extra sections to record with each trial's prompt (the model and data flags).
         progress: called with the search as it stands after every trial segment (e.g. to rewrite
             ``trials.json`` so that a long search can be followed, and read if it is interrupted).
+        ensemble_seeds: after the search, train the winner's configuration with this many seeds
+            (:meth:`_Search.retrain_seeds`); they are ``result.seed_runs``.
 
     Returns:
         Every trial with its steps and validation numbers per rung, and the final ranking.
@@ -304,5 +345,10 @@ def successive_halving(model, tokenizer, task: TaskData, prompt: PromptArgs, tra
     out = Path(output_dir if output_dir is not None else train_args.output_dir)
     meta = {"task": task_meta if task_meta is not None else TaskRecord.from_format(task.format).to_dict(),
             "train_config": dict(train_config or {})}
-    return _Search(model, tokenizer, task, prompt, train_args, tune, out, eval_batch_size, max_length, meta,
-                   progress).run()
+    search = _Search(model, tokenizer, task, prompt, train_args, tune, out, eval_batch_size, max_length, meta,
+                     progress)
+    result = search.run()
+    if ensemble_seeds:
+        result.seed_runs = search.retrain_seeds(ensemble_seeds)
+        result.notes = list(search.notes)
+    return result

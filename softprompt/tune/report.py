@@ -7,6 +7,7 @@ import math
 import os
 from pathlib import Path
 
+from softprompt.tune.ensemble import format_ensembles
 from softprompt.tune.trials import TuneResult
 
 
@@ -49,7 +50,8 @@ def format_table(result: TuneResult) -> str:
     if result.stopped_by:
         foot += f"; stopped early: {result.stopped_by} spent"
     notes = "".join(f"\n- {n}" for n in result.notes)
-    return "\n".join(lines) + "\n" + foot + "\n" + (notes + "\n" if notes else "")
+    table = "\n".join(lines) + "\n" + foot + "\n" + (notes + "\n" if notes else "")
+    return table + format_ensembles(result.ensembles) if result.ensembles else table
 
 
 def plot_trials(result: TuneResult, out_png: str | Path) -> Path:

@@ -47,6 +47,9 @@ class TuneArgs:
         task: the store entry name (``task-1 .. task-k`` members plus the ``task`` ensemble when k > 1).
         validation_from_train: hold out this fraction of ``train`` as the validation split when the task has
             none (opt-in; without it a task without a validation split is refused).
+        ensemble_seeds: after the search, train the winner's configuration with this many seeds (its own run
+            is one) and report their mean ensemble's validation gain over the mean single prompt; with
+            ``store`` they are ``task-1 .. task-N`` and the ensemble ``task`` (classification only).
     """
 
     lrs: list[float] | None = None
@@ -62,6 +65,7 @@ class TuneArgs:
     store: str | None = None
     task: str | None = None
     validation_from_train: float | None = None
+    ensemble_seeds: int | None = None
 
     def __post_init__(self):
         problems = self.problems()
@@ -128,8 +132,15 @@ class TuneArgs:
             out.append("--store and --task go together: --store DIR --task NAME")
         if self.store:
             out += [p for p in [check_folder_to_create("--store", self.store)] if p]
+        if self.ensemble_seeds is not None and self.ensemble_seeds < 2:
+            out.append(f"--ensemble-seeds must be >= 2 (an ensemble needs two prompts), got {self.ensemble_seeds}")
+        if self.ensemble_seeds is not None and self.top_k > 1 and self.store:
+            out.append(f"--ensemble-seeds {self.ensemble_seeds} and --top-k {self.top_k} both write the members "
+                       f"{self.task}-1, {self.task}-2, ... and the ensemble {self.task} into --store: give one of "
+                       "them (without --store, both ensembles are reported)")
         if self.task:
-            for name in [self.task] + member_names(self.task, self.top_k)[-1:] * (self.top_k > 1):
+            k = max(self.top_k, self.ensemble_seeds or 1)
+            for name in [self.task] + member_names(self.task, k)[-1:] * (k > 1):
                 try:
                     safe_task_name(name)
                 except StoreError as e:

@@ -37,10 +37,11 @@ class Trial:
     status: str = "pending"  # then ok, diverged, failed (an error in train or evaluation) or not_run
     note: str = ""  # why it went no further
     rollbacks: int = 0
+    seed: int | None = None  # a seed run of the winner (--ensemble-seeds); None: a trial of the search (--seed)
 
     @property
     def id(self) -> str:
-        return f"t{self.index:02d}"
+        return f"t{self.index:02d}" + (f"-seed{self.seed}" if self.seed is not None else "")
 
     @property
     def last(self) -> RungResult | None:
@@ -52,9 +53,10 @@ class Trial:
         return self.folder / "prompt"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "config": self.spec.to_dict(), "status": self.status, "note": self.note,
-                "steps": self.steps, "rollbacks": self.rollbacks,
-                "rungs": [dataclasses.asdict(r) for r in self.rungs]}
+        out = {"id": self.id, "config": self.spec.to_dict(), "status": self.status, "note": self.note,
+               "steps": self.steps, "rollbacks": self.rollbacks,
+               "rungs": [dataclasses.asdict(r) for r in self.rungs]}
+        return out if self.seed is None else {**out, "seed": self.seed}
 
 
 @dataclass
@@ -70,6 +72,9 @@ class TuneResult:
     seconds: float
     stopped_by: str | None  # "--budget-steps" or "--budget-minutes" when the budget ended the search early
     notes: list[str] = field(default_factory=list)
+    # --ensemble-seeds: the winner's runs with other seeds (the winner itself first when its run counts)
+    seed_runs: list[Trial] = field(default_factory=list)
+    ensembles: dict[str, dict] = field(default_factory=dict)  # "seeds" / "top_k": see softprompt.tune.ensemble
 
     @property
     def best(self) -> Trial | None:
@@ -86,7 +91,9 @@ class TuneResult:
         return {"metric": self.metric, "higher_is_better": self.higher_is_better, "plan": self.plan.to_dict(),
                 "steps_used": self.steps_used, "seconds": round(self.seconds, 3), "stopped_by": self.stopped_by,
                 "best": best.id if best else None, "ranking": [t.id for t in self.ranking], "notes": self.notes,
-                "trials": [t.to_dict() for t in self.trials]}
+                "trials": [t.to_dict() for t in self.trials]} | (
+                    {"seed_runs": [t.to_dict() for t in self.seed_runs]} if self.seed_runs else {}) | (
+                    {"ensembles": self.ensembles} if self.ensembles else {})
 
 
 def rank_key(trial: Trial, higher: bool) -> tuple:
