@@ -102,7 +102,7 @@ def evaluate_ensemble(ev: EnsembleEval) -> dict:
     task, _ = load_run_task(ev.dataset, ev.val_samples, ev.test_samples)
     store = PromptStore(ev.store)
     members = store.ensemble(ev.name).members
-    engine = Engine.from_store(store, model, tok, names=[*members, ev.name], max_batch_size=ev.batch_size,
+    engine = Engine.from_store(store, model, tok, names=[*members, ev.name], max_batch_rows=ev.batch_size,
                                max_input_tokens=EVAL_MAX_LENGTH, truncate=True)
     examples = task.examples("test")
     report = evaluate_on_engine(engine, {m: m for m in [*members, ev.name]}, examples, task.format)

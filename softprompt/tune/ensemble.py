@@ -65,7 +65,7 @@ def evaluate_stored(store, name: str, model, tokenizer, examples: list[Example],
     from softprompt.evaluate import evaluate_on_engine
 
     members = store.ensemble(name).members
-    engine = Engine.from_store(store, model, tokenizer, names=[*members, name], max_batch_size=batch_size,
+    engine = Engine.from_store(store, model, tokenizer, names=[*members, name], max_batch_rows=batch_size,
                                max_input_tokens=max_length, truncate=True)
     scored = evaluate_on_engine(engine, {m: m for m in [*members, name]}, examples, fmt)
     n = int(scored[name]["n"])
