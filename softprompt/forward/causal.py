@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from softprompt.data import Encoded, Example, encode
+from softprompt.data import Encoded, Example, encode, encode_chat, is_chat
 from softprompt.forward.common import (
     Decoded,
     InjectionError,
@@ -290,6 +290,8 @@ class CausalLM(Family):
         return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
 
     def encode_examples(self, tokenizer, examples, fmt, max_length):
+        if is_chat(fmt):  # conversations: the chat template's tokens, targets on every assistant turn
+            return encode_chat(tokenizer, examples, fmt, max_length)
         return encode(tokenizer, examples, max_length=max_length, append_eos=not fmt.is_classification)
 
     def label_lengths(self, tokenizer, fmt):
