@@ -223,3 +223,12 @@ def test_eval_of_the_stored_chat_prompt_writes_the_metrics(chat_run):
     assert rc == 0, err
     report = json.loads((d / "eval.json").read_text())
     assert {"loss", "perplexity", "exact_match", "f1", "rouge_l"} <= set(report["tuned soft prompt"])
+
+
+def test_rouge_l_is_the_lcs_f_measure():
+    from softprompt.evaluate import rouge_l
+
+    assert rouge_l("the cat sat on the mat", "the cat sat on the mat") == 1.0
+    # normalised words: "cat sat on mat" vs "cat on big mat": LCS "cat on mat" = 3; P = R = 3/4
+    assert rouge_l("The cat sat on the mat.", "a cat on big mat") == pytest.approx(0.75)
+    assert rouge_l("good", "bad") == 0.0 and rouge_l("", "") == 1.0

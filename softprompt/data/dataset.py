@@ -96,7 +96,7 @@ def _chat_files(files: dict[str, Path]) -> bool:
         DataError: some files hold chat records and others do not.
     """
     kinds = {}
-    for split, path in files.items():
+    for path in files.values():
         records, _ = load_records_with_lines(path)
         kinds[path.name] = is_chat_record(records[0])
     if len(set(kinds.values())) > 1:

@@ -8,8 +8,8 @@ import time
 
 import torch
 
-from softprompt.engine import Engine
 from softprompt.data import is_chat
+from softprompt.engine import Engine
 from softprompt.evaluate import evaluate_on_engine, evaluate_prompt
 from softprompt.forward import family_of
 from softprompt.store import PromptStore, check_model_compatible, load_prompt
