@@ -210,6 +210,10 @@ def test_stored_chat_task_round_trips_through_store_engine_cli_and_server(chat_r
         assert r.status_code == 200, r.text
         assert r.json()["choices"][0]["message"]["content"] == direct.text
         assert r.json()["usage"]["completion_tokens"] == len(direct.tokens)
+        with client.stream("POST", "/v1/chat/completions", json={"model": "chat", "messages": msgs, "max_tokens": 5,
+                                                                "temperature": 0, "stream": True}) as r:
+            lines = [ln[6:] for ln in r.iter_lines() if ln.startswith("data: ") and ln != "data: [DONE]"]
+        assert "".join(json.loads(ln)["choices"][0]["delta"].get("content", "") for ln in lines) == direct.text
         bad = client.post("/v1/chat/completions", json={"model": "chat", "max_tokens": 5,
                                                         "messages": [{"role": "tool", "content": "x"}]})
         assert bad.status_code == 422 and "role 'tool'" in bad.text
