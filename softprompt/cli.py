@@ -136,18 +136,26 @@ def cmd_eval(ns: argparse.Namespace) -> int:
 
 def cmd_generate(ns: argparse.Namespace) -> int:
     """Generate with a stored prompt, a store's task, or the plain base model, for one or more inputs."""
-    args = _resolve(ns, ["model"], generate_flag_problems(ns.max_new_tokens, ns.temperature, ns.top_k, ns.top_p,
-                                                          ns.seed))
+    problems = [] if bool(ns.input) != bool(ns.messages) else ["give --input TEXT (repeatable) or --messages FILE|JSON"]
+    args = _resolve(ns, ["model"], problems + generate_flag_problems(ns.max_new_tokens, ns.temperature, ns.top_k,
+                                                                     ns.top_p, ns.seed))
+    from softprompt.data.chat import conversation_prompt, read_conversations
     from softprompt.engine import GenerateRequest
     from softprompt.workflows import engine_for, load_model_from_args
 
+    conversations = read_conversations(ns.messages) if ns.messages else []  # bad input fails before the model loads
     model, tok = load_model_from_args(args)
     engine, task = engine_for(model, tok, prompt=ns.prompt, store=ns.store, task=ns.task,
                               check_fingerprint=not ns.no_fingerprint_check)
-    reqs = [GenerateRequest(task, text, raw=ns.raw, max_tokens=ns.max_new_tokens, temperature=ns.temperature,
+    if conversations:  # the conversation so far, rendered with the task's chat format; the reply ends at EOS
+        fmt = engine.task(task).formats[0]
+        texts, raw, stop = [conversation_prompt(tok, fmt, c) for c in conversations], True, ns.stop or ""
+    else:
+        texts, raw, stop = ns.input, ns.raw, "\n" if ns.stop is None else ns.stop
+    reqs = [GenerateRequest(task, text, raw=raw, max_tokens=ns.max_new_tokens, temperature=ns.temperature,
                             top_k=ns.top_k, top_p=ns.top_p, seed=ns.seed + i if ns.temperature > 0 else None,
-                            stop=[ns.stop] if ns.stop else [])
-            for i, text in enumerate(ns.input)]
+                            stop=[stop] if stop else [])
+            for i, text in enumerate(texts)]
     for res in engine.generate(reqs):
         print(json.dumps({"task": task, "input": res.source, "output": res.text, "finish_reason": res.finish_reason},
                          ensure_ascii=False))
@@ -216,8 +224,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", help="stored prompt folder (omit for the plain base model)")
     p.add_argument("--store", help="prompt store folder (with --task)")
     p.add_argument("--task", help="task in --store to generate with")
-    p.add_argument("--input", action="append", required=True,
+    p.add_argument("--input", action="append",
                    help="input text, filled into the prompt's template (repeatable)")
+    p.add_argument("--messages", help="a chat conversation to continue as the assistant: JSON text or a file (a "
+                                      "messages list, {\"messages\": [...]}, or .jsonl with one per line)")
     p.add_argument("--raw", action="store_true", help="use --input as the whole text, without the template")
     p.add_argument("--config", help="YAML file with a model section")
     p.add_argument("--max-new-tokens", type=int, default=16)
@@ -225,7 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0, help="seed of the first input's sampler (+1 per input)")
-    p.add_argument("--stop", default="\n", help="cut the output at this string ('' to keep all)")
+    p.add_argument("--stop", default=None,
+                   help="cut the output at this string ('' to keep all; default: newline, none with --messages)")
     p.add_argument("--no-fingerprint-check", action="store_true", help="load a prompt saved for another model")
     _add_section(p, "model")
     p.set_defaults(func=cmd_generate)

@@ -1,4 +1,4 @@
-"""Evaluation: rank classification, generation exact match / F1, loss, and baselines.
+"""Evaluation: rank classification, generation exact match / F1 / ROUGE-L, loss, and baselines.
 
 Every scored "prompt" is prepared once by the model's family (:mod:`softprompt.forward`; on a causal LM a
 :class:`~softprompt.forward.PromptKV`): the tuned soft prompt, the init text as a hard prompt, or ``k``
@@ -25,7 +25,19 @@ from dataclasses import dataclass
 
 import torch
 
-from softprompt.data import Batch, Encoded, Example, TaskFormat, batches, collate, encode, with_leading
+from softprompt.data import (
+    Batch,
+    Encoded,
+    Example,
+    TaskFormat,
+    batches,
+    collate,
+    encode,
+    encode_chat,
+    is_chat,
+    with_leading,
+)
+from softprompt.data.chat import chat_prompt_ids
 from softprompt.embeddings import token_embeddings
 from softprompt.forward import InferencePrompt, family_of, generate
 
@@ -100,6 +112,28 @@ def token_f1(expected: str, predicted: str) -> float:
     return 2 * prec * rec / (prec + rec)
 
 
+def rouge_l(expected: str, predicted: str) -> float:
+    """ROUGE-L F-measure (beta 1) on normalised words: the longest common subsequence over both lengths.
+
+    Our own few lines rather than the ``rouge-score`` package (unmaintained since 2022, and it pulls nltk and
+    absl): the same LCS definition, with :func:`normalize_answer` words and no stemming.
+    """
+    e, p = normalize_answer(expected).split(), normalize_answer(predicted).split()
+    if not e or not p:
+        return float(e == p)
+    prev = [0] * (len(p) + 1)  # LCS lengths of e[:i] against every prefix of p, one row at a time
+    for a in e:
+        row = [0]
+        for j, b in enumerate(p):
+            row.append(prev[j] + 1 if a == b else max(prev[j + 1], row[j]))
+        prev = row
+    lcs = prev[-1]
+    if lcs == 0:
+        return 0.0
+    prec, rec = lcs / len(p), lcs / len(e)
+    return 2 * prec * rec / (prec + rec)
+
+
 @torch.no_grad()
 def label_scores(model, tokenizer, prompt_kv, examples: list[Example], fmt: TaskFormat, batch_size: int,
                  max_length: int = 256, bos: bool = True) -> torch.Tensor:
@@ -127,15 +161,20 @@ def mean_target_loss(model, encoded: list[Encoded], pad_id: int, prompt_kv, batc
 
 
 @torch.no_grad()
-def generate_texts(model, tokenizer, prompt_kv, sources: list[str], max_new_tokens: int, batch_size: int,
-                   stop: str | None = "\n", bos: bool = True, **sampling) -> list[str]:
-    """Generate a continuation for each source (left-padded batches); cut at ``stop``. ``bos``: each source
-    starts with the model's BOS (see the module docstring)."""
+def generate_texts(model, tokenizer, prompt_kv, sources: list[str] | list[list[int]], max_new_tokens: int,
+                   batch_size: int, stop: str | None = "\n", bos: bool = True, **sampling) -> list[str]:
+    """Generate a continuation for each source, text or token ids (left-padded batches); cut at ``stop``.
+
+    ``bos``: a text source starts with the model's BOS (see the module docstring); token ids (a rendered
+    conversation) are taken as they are.
+    """
     lead = family_of(model).lead_ids(tokenizer, bos)
     out: list[str] = []
     for i in range(0, len(sources), batch_size):
         chunk = sources[i:i + batch_size]
-        enc = [Encoded(with_leading(tokenizer(s, add_special_tokens=False)["input_ids"], lead), 10**9) for s in chunk]
+        enc = [Encoded(s if isinstance(s, list) else with_leading(tokenizer(s, add_special_tokens=False)["input_ids"],
+                                                                  lead), 10**9)
+               for s in chunk]
         batch: Batch = collate(enc, tokenizer.pad_token_id, padding_side="left").to(model.device)
         new = generate(model, batch.input_ids, batch.attention_mask, prompt_kv, max_new_tokens,
                        tokenizer.eos_token_id, **sampling)
@@ -151,10 +190,11 @@ def evaluate_prompt(model, tokenizer, prompt_kv, examples: list[Example], fmt: T
     """Metrics of one prompt on a list of examples.
 
     Classification: accuracy and macro-F1 by label log-likelihood (a classifier: its head's class
-    log-probabilities). Generation: exact match and token F1 of greedy output. Both: mean target loss and
-    perplexity when ``with_loss``. ``bos``: every source starts with the model's BOS (see the module
-    docstring): True for a soft prompt trained by this version or by PEFT and for no prompt, False after a
-    hard prompt from :func:`hard_prompt_kv` and for a prompt stored without the BOS (``StoredPrompt.bos``).
+    log-probabilities). Generation: exact match, token F1 and ROUGE-L of greedy output. Both: mean target
+    loss and perplexity when ``with_loss``. A chat task: :func:`evaluate_chat`. ``bos``: every source
+    starts with the model's BOS (see the module docstring): True for a soft prompt trained by this version
+    or by PEFT and for no prompt, False after a hard prompt from :func:`hard_prompt_kv` and for a prompt
+    stored without the BOS (``StoredPrompt.bos``).
     """
     if not examples:
         raise ValueError("no examples to evaluate")
@@ -162,6 +202,9 @@ def evaluate_prompt(model, tokenizer, prompt_kv, examples: list[Example], fmt: T
     problem = family.format_problem(model, fmt)
     if problem:
         raise ValueError(problem)
+    if is_chat(fmt):
+        return evaluate_chat(model, tokenizer, prompt_kv, examples, fmt, batch_size, max_new_tokens, max_length,
+                             with_loss)
     metrics: dict[str, float] = {"n": float(len(examples))}
     if fmt.is_classification:
         scores = label_scores(model, tokenizer, prompt_kv, examples, fmt, batch_size, max_length, bos)  # (N, L)
@@ -187,6 +230,31 @@ def evaluate_prompt(model, tokenizer, prompt_kv, examples: list[Example], fmt: T
     return metrics, preds
 
 
+def evaluate_chat(model, tokenizer, prompt_kv, examples: list[Example], fmt: TaskFormat, batch_size: int = 32,
+                  max_new_tokens: int = 64, max_length: int = 256,
+                  with_loss: bool = True) -> tuple[dict[str, float], list[Prediction]]:
+    """Metrics of one prompt on conversations (:class:`~softprompt.data.ChatExample`).
+
+    The greedy reply to the conversation before its last assistant turn (rendered with the generation
+    prompt; it ends at EOS or ``max_new_tokens``) is scored against that turn by exact match, token F1 and
+    ROUGE-L. The loss and perplexity are per token over every assistant turn, as training counts them.
+    """
+    prompts, expected = [], []
+    for ex in examples:
+        last = ex.last_assistant
+        ids = chat_prompt_ids(tokenizer, ex.messages[:last], fmt.chat_template)
+        prompts.append(ids[-max_length:])  # the end of the conversation, as training keeps it
+        expected.append(ex.messages[last]["content"].strip())
+    texts = [t.strip() for t in generate_texts(model, tokenizer, prompt_kv, prompts, max_new_tokens, batch_size,
+                                               stop=None)]
+    metrics: dict[str, float] = {"n": float(len(examples)), **generation_metrics(expected, texts)}
+    if with_loss:
+        enc = encode_chat(tokenizer, examples, fmt, max_length)
+        metrics.update(loss_metrics(mean_target_loss(model, enc, tokenizer.pad_token_id, prompt_kv, batch_size)))
+    preds = [Prediction(ex.source, e, p) for ex, e, p in zip(examples, expected, texts, strict=True)]
+    return metrics, preds
+
+
 def classification_metrics(expected: list[str], predicted: list[str], labels: list[str]) -> dict[str, float]:
     """Accuracy and macro-F1."""
     accuracy = sum(e == p for e, p in zip(expected, predicted, strict=True)) / len(expected)
@@ -194,10 +262,11 @@ def classification_metrics(expected: list[str], predicted: list[str], labels: li
 
 
 def generation_metrics(expected: list[str], texts: list[str]) -> dict[str, float]:
-    """Exact match (normalised answers) and token F1."""
+    """Exact match (normalised answers), token F1 and ROUGE-L."""
     pairs = list(zip(expected, texts, strict=True))
     return {"exact_match": sum(normalize_answer(e) == normalize_answer(p) for e, p in pairs) / len(pairs),
-            "f1": sum(token_f1(e, p) for e, p in pairs) / len(pairs)}
+            "f1": sum(token_f1(e, p) for e, p in pairs) / len(pairs),
+            "rouge_l": sum(rouge_l(e, p) for e, p in pairs) / len(pairs)}
 
 
 def loss_metrics(loss: float) -> dict[str, float]:
@@ -206,14 +275,16 @@ def loss_metrics(loss: float) -> dict[str, float]:
 
 
 def primary_metric(fmt: TaskFormat, requested: str = "auto") -> tuple[str, bool]:
-    """The metric used for model selection and whether higher is better."""
-    name = requested if requested != "auto" else ("accuracy" if fmt.is_classification else "exact_match")
+    """The metric used for model selection and whether higher is better (a chat task: the loss, since a
+    free-form reply rarely matches its reference exactly)."""
+    auto = "accuracy" if fmt.is_classification else ("loss" if is_chat(fmt) else "exact_match")
+    name = requested if requested != "auto" else auto
     return name, name != "loss"
 
 
 def format_report(report: dict[str, dict[str, float]]) -> str:
     """A plain-text table of ``{row: metrics}``."""
-    cols = [c for c in ("accuracy", "macro_f1", "exact_match", "f1", "loss", "perplexity", "n")
+    cols = [c for c in ("accuracy", "macro_f1", "exact_match", "f1", "rouge_l", "loss", "perplexity", "n")
             if any(c in m for m in report.values())]
     width = max(len(r) for r in report) + 2
     lines = ["".ljust(width) + "".join(c.rjust(12) for c in cols)]

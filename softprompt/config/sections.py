@@ -60,6 +60,7 @@ class DataArgs:
     template: str | None = None
     target_field: str | None = None
     verbalizer: str | None = None
+    chat_template: str | None = None  # a Jinja chat template file for chat records (default: the model's)
     max_length: int = 256
     max_train_samples: int | None = None
     max_validation_samples: int | None = 300
@@ -68,7 +69,7 @@ class DataArgs:
 
     def __post_init__(self):
         problems = []
-        for name in ("train_file", "validation_file", "test_file"):
+        for name in ("train_file", "validation_file", "test_file", "chat_template"):
             path = getattr(self, name)
             if path and not Path(path).is_file():
                 problems.append(f"{flag(name)} {path}: no such file")

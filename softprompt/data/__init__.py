@@ -1,6 +1,7 @@
 """Task data: file formats, templates and verbalizers, built-in datasets, tokenisation and batching."""
 
 from softprompt.data.builtin import BUILTIN_DATASETS, BuiltinSpec, builtin_spec, load_builtin
+from softprompt.data.chat import ChatExample, ChatFormat, encode_chat, is_chat, parse_messages
 from softprompt.data.dataset import TaskData, load_task, order_verbalizer, parse_verbalizer
 from softprompt.data.formats import DataError, load_records, load_records_with_lines
 from softprompt.data.init_text import default_init_text, task_init_text
@@ -22,6 +23,8 @@ __all__ = [
     "IGNORE_INDEX",
     "Batch",
     "BuiltinSpec",
+    "ChatExample",
+    "ChatFormat",
     "DataError",
     "Encoded",
     "Example",
@@ -32,13 +35,16 @@ __all__ = [
     "collate",
     "default_init_text",
     "encode",
+    "encode_chat",
     "encode_classes",
+    "is_chat",
     "leading_special_ids",
     "load_builtin",
     "load_records",
     "load_records_with_lines",
     "load_task",
     "order_verbalizer",
+    "parse_messages",
     "parse_verbalizer",
     "placeholder_problems",
     "task_init_text",

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from softprompt.data.builtin import DEFAULT_SEED, SPLITS, builtin_spec, load_builtin
+from softprompt.data.chat import ChatFormat, is_chat_record
 from softprompt.data.formats import DataError, load_records_with_lines
 from softprompt.data.template import Example, TaskFormat
 
@@ -88,6 +89,24 @@ def _cap(examples: list[Example], limit: int, seed: int, split: str) -> list[Exa
     return [examples[i] for i in keep]
 
 
+def _chat_files(files: dict[str, Path]) -> bool:
+    """True when the data files hold chat records (their first record has a ``messages`` list).
+
+    Raises:
+        DataError: some files hold chat records and others do not.
+    """
+    kinds = {}
+    for path in files.values():
+        records, _ = load_records_with_lines(path)
+        kinds[path.name] = is_chat_record(records[0])
+    if len(set(kinds.values())) > 1:
+        chat = [n for n, c in kinds.items() if c]
+        other = [n for n, c in kinds.items() if not c]
+        raise DataError(f"{', '.join(chat)} hold chat records (a 'messages' list) but {', '.join(other)} do not: "
+                        "give every split in one format")
+    return all(kinds.values())
+
+
 def load_task(
     dataset: str | None = None,
     train_file: str | Path | None = None,
@@ -98,6 +117,7 @@ def load_task(
     verbalizer: dict[str, str] | str | None = None,
     max_samples: dict[str, int] | None = None,
     seed: int = DEFAULT_SEED,
+    chat_template: str | None = None,
 ) -> TaskData:
     """Load and render a task from a built-in dataset and/or data files.
 
@@ -112,6 +132,10 @@ def load_task(
         verbalizer: label -> text (or ``"a=x,b=y"``); makes the task classification.
         max_samples: per-split cap, e.g. ``{"train": 1000}``; a seeded random subset is kept.
         seed: seed of the built-in split and of the ``max_samples`` subsets.
+        chat_template: Jinja chat template text for chat records (default: the tokenizer's own).
+
+    Data files whose records hold a ``messages`` list, given without ``--template``, are a chat task
+    (:class:`~softprompt.data.chat.ChatFormat`).
 
     Returns:
         The task format and rendered examples of every available split.
@@ -139,6 +163,8 @@ def load_task(
                     "target_prefix": base.target_prefix}
         if fmt_args["verbalizer"] is not None:
             fmt_args["verbalizer"] = dict(fmt_args["verbalizer"])
+    elif files and template is None and verb is None and _chat_files(files):
+        fmt_args = {"chat_template": chat_template}
     else:
         if not files:
             problems.append("no data: pass --dataset or --train-file/--validation-file/--test-file")
@@ -148,7 +174,7 @@ def load_task(
         fmt_args = {"template": template, "target_field": target_field, "verbalizer": verb}
     if problems:
         raise DataError("; ".join(problems))
-    fmt = TaskFormat(**fmt_args)
+    fmt = ChatFormat(**fmt_args) if "chat_template" in fmt_args else TaskFormat(**fmt_args)
 
     splits: dict[str, list[Example]] = {}
     if dataset is not None:

@@ -37,6 +37,10 @@ def task_init_text(fmt: TaskFormat) -> str:
     Returns:
         A one-line sentence, never empty.
     """
+    from softprompt.data.chat import CHAT_INIT_TEXT, is_chat
+
+    if is_chat(fmt):  # no template words: a generic assistant instruction
+        return CHAT_INIT_TEXT
     words = template_words(fmt.template)
     answers = list(dict.fromkeys(t.strip() for t in (fmt.verbalizer or {}).values() if t.strip()))
     if answers:

@@ -29,12 +29,15 @@ class Encoded:
     """Token ids of one example: ``input_ids[:target_start]`` is the source, the rest the target.
 
     ``class_label`` is the label's index for sequence classification (:func:`encode_classes`), which has
-    no target tokens.
+    no target tokens. ``target_mask`` (one bool per token) marks several target spans instead (a chat
+    conversation's assistant turns, :func:`softprompt.data.chat.encode_chat`); ``target_start`` is then the
+    first target token.
     """
 
     input_ids: list[int]
     target_start: int
     class_label: int | None = None
+    target_mask: list[bool] | None = None
 
     @property
     def source_ids(self) -> list[int]:
@@ -209,7 +212,10 @@ def collate(items: list[Encoded], pad_id: int, padding_side: str = "right") -> B
         start = width - n if padding_side == "left" else 0
         input_ids[row, start:start + n] = torch.tensor(item.input_ids, dtype=torch.long)
         attention_mask[row, start:start + n] = 1
-        target_mask[row, start + item.target_start:start + n] = True
+        if item.target_mask is not None:  # several target spans
+            target_mask[row, start:start + n] = torch.tensor(item.target_mask, dtype=torch.bool)
+        else:
+            target_mask[row, start + item.target_start:start + n] = True
     classes = [item.class_label for item in items]
     if any(c is not None for c in classes) and None in classes:
         raise DataError("cannot collate examples with and without class labels into one batch")

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from softprompt.data import TaskFormat, with_leading
+from softprompt.data import TaskFormat, is_chat, with_leading
 from softprompt.engine.batching import Row
 from softprompt.engine.requests import (
     ClassifyRequest,
@@ -69,6 +69,9 @@ def render(task, fmt: TaskFormat | None, req) -> str:
         if isinstance(req.input, dict):
             raise RequestError(f"task {task.name!r} has no template: send the whole text as a string")
         return req.input
+    if is_chat(fmt):
+        raise RequestError(f"task {task.name!r} is a chat task: send a conversation (/v1/chat/completions, "
+                           "generate --messages) or raw text")
     fields = fmt.fields
     if isinstance(req.input, str):
         if len(fields) != 1:

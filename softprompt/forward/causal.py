@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from softprompt.data import Encoded, Example, encode, leading_special_ids
+from softprompt.data import Encoded, Example, encode, encode_chat, is_chat, leading_special_ids
 from softprompt.forward.common import (
     Decoded,
     InjectionError,
@@ -296,6 +296,8 @@ class CausalLM(Family):
         return leading_special_ids(tokenizer) if bos else []
 
     def encode_examples(self, tokenizer, examples, fmt, max_length, bos=True):
+        if is_chat(fmt):  # conversations: the chat template's tokens (its own BOS), targets on assistant turns
+            return encode_chat(tokenizer, examples, fmt, max_length)
         return encode(tokenizer, examples, max_length=max_length, append_eos=not fmt.is_classification,
                       lead=self.lead_ids(tokenizer, bos))
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from softprompt.data import encode
+from softprompt.data import encode, is_chat
 from softprompt.forward.common import (
     Decoded,
     InjectionError,
@@ -116,6 +116,12 @@ class Seq2SeqLM(Family):
         from transformers import AutoModelForSeq2SeqLM
 
         return AutoModelForSeq2SeqLM.from_pretrained(name_or_path, dtype=dtype)
+
+    def format_problem(self, model, fmt):
+        if is_chat(fmt):
+            return (f"{type(model).__name__} is an encoder-decoder: chat records (messages) train decoder-only "
+                    "models, whose chat template writes the whole conversation as one sequence")
+        return None
 
     def encode_examples(self, tokenizer, examples, fmt, max_length, bos=True):
         # lead_ids is [] here: the encoder input is the source alone, as before (T5 adds no leading token)

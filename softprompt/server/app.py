@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from fastapi import FastAPI, Request
 from fastapi.responses import PlainTextResponse, StreamingResponse
 
+from softprompt.data import DataError, is_chat
+from softprompt.data.chat import conversation_prompt
 from softprompt.engine import ClassifyRequest, GenerateRequest, ScoreRequest
 from softprompt.server import errors
 from softprompt.server.metrics import Metrics
@@ -167,8 +169,8 @@ def create_app(state: ServerState) -> FastAPI:
     async def chat(body: ChatCompletionRequest, request: Request):
         t0 = time.perf_counter()
         check_chars(["".join(m.text() for m in body.messages)], "messages")
-        template = state.engine.describe(body.model)["template"]  # unknown task -> 404 before anything else
-        text, raw = await asyncio.to_thread(chat_input, body, template)  # a chat template can be slow
+        fmt = state.engine.task(body.model).formats[0]  # unknown task -> 404 before anything else
+        text, raw = await asyncio.to_thread(chat_input, body, fmt)  # a chat template can be slow
         req = GenerateRequest(body.model, text, raw=raw,
                               **sampling(body, body.max_completion_tokens or body.max_tokens))
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
@@ -187,9 +189,17 @@ def create_app(state: ServerState) -> FastAPI:
                              "logprobs": None, "finish_reason": res.finish_reason}],
                 "usage": _usage([res])}
 
-    def chat_input(body: ChatCompletionRequest, template: str | None) -> tuple[str, bool]:
-        """The last user message fills a prompt task's template; the base model gets the chat template."""
+    def chat_input(body: ChatCompletionRequest, fmt) -> tuple[str, bool]:
+        """A chat task renders the conversation with its chat format (the soft prompt goes before it); the last
+        user message fills a prompt task's template; the base model gets the chat template."""
         users = [m for m in body.messages if m.role == "user"]
+        if is_chat(fmt):
+            msgs = [{"role": m.role, "content": m.text()} for m in body.messages]
+            try:
+                return conversation_prompt(state.engine.tok, fmt, msgs), True
+            except DataError as e:
+                raise errors.RequestError(f"task {body.model!r}: {e}") from None
+        template = None if fmt is None else fmt.template
         if template is not None:
             if not users:
                 raise errors.RequestError("messages need a user message to fill the task's template")

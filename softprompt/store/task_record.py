@@ -6,6 +6,10 @@
              "verbalizer": {"positive": "good", "negative": "bad"}, "target_prefix": " ",
              "labels": ["positive", "negative"], "dataset": "rotten_tomatoes"}
 
+A chat task (records of ``messages``, :class:`~softprompt.data.chat.ChatFormat`) is recorded as
+``{"kind": "chat", "chat_template": null | "<jinja>", "template": null, ...}``: generate and serve render
+its conversations with the model's chat template (or the recorded one).
+
 Every key may be missing or null (older files); other keys are kept but not read. A stored file is
 untrusted input, so :meth:`TaskRecord.parse` checks every field's type and meaning and reports all
 problems at once; a parsed record always builds its :class:`~softprompt.data.TaskFormat` (no reader can
@@ -19,10 +23,12 @@ from pathlib import Path
 from typing import Any
 
 from softprompt.data import DataError, TaskFormat, placeholder_problems, template_fields
+from softprompt.data.chat import ChatFormat, is_chat
 from softprompt.store.errors import StoreError
 
 TASK_KEYS = ("template", "target_field", "verbalizer", "target_prefix")  # always written (null when unset)
-OPTIONAL_KEYS = ("labels", "dataset")
+OPTIONAL_KEYS = ("labels", "dataset", "kind", "chat_template")
+CHAT_KIND = "chat"
 DEFAULT_TARGET_FIELD = "target"
 DEFAULT_TARGET_PREFIX = " "
 
@@ -75,6 +81,8 @@ class TaskRecord:
         target_prefix: text before every target (``None``: not recorded, a space is used).
         labels: the recorded label order (a classification head's outputs), if recorded.
         dataset: the built-in dataset it was trained on, if any.
+        chat: a chat task (conversations rendered with a chat template).
+        chat_template: a chat task's own Jinja chat template (``None``: the model's).
         extra: other keys of the stored object, kept as they were.
     """
 
@@ -84,6 +92,8 @@ class TaskRecord:
     target_prefix: str | None = None
     labels: tuple[str, ...] | None = None
     dataset: str | None = None
+    chat: bool = False
+    chat_template: str | None = None
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -115,6 +125,14 @@ class TaskRecord:
         problems += _optional_str(task.get("target_prefix"), "target_prefix")
         problems += _labels_problems(task.get("labels"), verbalizer)
         problems += _optional_str(task.get("dataset"), "dataset", non_empty=True)
+        kind = task.get("kind")
+        if kind not in (None, CHAT_KIND):
+            problems.append(f"task.kind must be {CHAT_KIND!r} or null, got {kind!r}")
+        problems += _optional_str(task.get("chat_template"), "chat_template", non_empty=True)
+        if kind == CHAT_KIND and (template is not None or verbalizer is not None):
+            problems.append("a chat task (task.kind 'chat') has no task.template or task.verbalizer")
+        elif kind != CHAT_KIND and task.get("chat_template") is not None:
+            problems.append("task.chat_template needs task.kind 'chat'")
         if problems:
             raise StoreError(f"{where}: " + "; ".join(problems))
         labels = task.get("labels")
@@ -122,7 +140,7 @@ class TaskRecord:
             verbalizer = {label: verbalizer[label] for label in labels}
         record = cls(template=template, target_field=target_field, verbalizer=verbalizer,
                      target_prefix=task.get("target_prefix"), labels=None if labels is None else tuple(labels),
-                     dataset=task.get("dataset"),
+                     dataset=task.get("dataset"), chat=kind == CHAT_KIND, chat_template=task.get("chat_template"),
                      extra={k: v for k, v in task.items() if k not in TASK_KEYS + OPTIONAL_KEYS})
         try:  # the checks above are TaskFormat's; this guarantees format() can never fail later
             record.format()
@@ -133,6 +151,9 @@ class TaskRecord:
     @classmethod
     def from_format(cls, fmt: TaskFormat, dataset: str | None = None) -> TaskRecord:
         """The record of a task trained with ``fmt`` (the label order is recorded for classification)."""
+        if is_chat(fmt):
+            return cls(target_field=fmt.target_field, target_prefix=fmt.target_prefix, dataset=dataset, chat=True,
+                       chat_template=fmt.chat_template)
         return cls(template=fmt.template, target_field=fmt.target_field,
                    verbalizer=None if fmt.verbalizer is None else dict(fmt.verbalizer),
                    target_prefix=fmt.target_prefix, labels=tuple(fmt.labels) or None, dataset=dataset)
@@ -143,6 +164,8 @@ class TaskRecord:
                                "verbalizer": None if self.verbalizer is None else dict(self.verbalizer),
                                "target_prefix": self.target_prefix}
         out.update(labels=None if self.labels is None else list(self.labels), dataset=self.dataset)
+        if self.chat:  # written only for chat tasks: other records stay as they were
+            out.update(kind=CHAT_KIND, chat_template=self.chat_template)
         return {**out, **self.extra}
 
     @property
@@ -151,7 +174,10 @@ class TaskRecord:
         return None if self.verbalizer is None else list(self.verbalizer)
 
     def format(self) -> TaskFormat | None:
-        """The :class:`TaskFormat` to render inputs with; ``None`` when no template was recorded."""
+        """The :class:`TaskFormat` to render inputs with (a chat task's :class:`ChatFormat`); ``None`` when no
+        template was recorded."""
+        if self.chat:
+            return ChatFormat(target_prefix=self.target_prefix or "", chat_template=self.chat_template)
         if self.template is None:
             return None
         return TaskFormat(self.template, self.target_field or DEFAULT_TARGET_FIELD,

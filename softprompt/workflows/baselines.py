@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import time
 
-from softprompt.data import Example, TaskData
+from softprompt.data import Example, TaskData, is_chat
+from softprompt.data.chat import with_shots, with_system
 from softprompt.engine import Engine
 from softprompt.evaluate import evaluate_on_engine, evaluate_prompt, hard_prompt_kv, k_shot_text
 from softprompt.forward import family_of
@@ -70,6 +71,8 @@ def evaluate_with_baselines(model, tokenizer, task: TaskData, args: dict, prompt
     family = family_of(model)
     if family.has_head:
         return classifier_baselines(model, tokenizer, task, args, examples, kv_tuned)
+    if is_chat(fmt):
+        return chat_baselines(model, tokenizer, task, args, prompt_text, examples, kv_tuned)
     # condition -> (prompt, whether the text after it starts with the model's BOS); each is laid out as the
     # model expects (see softprompt.evaluate): no prompt [BOS, text]; a hard prompt or k-shot context is text
     # read first, so the BOS opens it and the text gets none: [BOS, hard, text]; the soft prompt [P, BOS, text]
@@ -97,5 +100,46 @@ def evaluate_with_baselines(model, tokenizer, task: TaskData, args: dict, prompt
             runs[name] = task_name
         report = evaluate_on_engine(engine, runs, examples, fmt, ev.max_new_tokens)
     log.info("evaluated %d conditions x %d examples in %.1fs", len(conditions), len(examples),
+             time.perf_counter() - t0)
+    return report
+
+
+SAMPLES = 3  # sample replies per condition in a chat report
+
+
+def chat_baselines(model, tokenizer, task: TaskData, args: dict, prompt_text: str, examples: list[Example],
+                   kv_tuned=None) -> dict:
+    """A chat task's report: no prompt, the prompt text as a system prompt, k-shot conversations, the tuned prompt.
+
+    Each condition is evaluated by :func:`~softprompt.evaluate.evaluate_chat` (loss over the assistant turns,
+    greedy reply to the last one); its metrics carry ``samples``: the first few replies beside their
+    references.
+
+    Args: as :func:`evaluate_with_baselines`.
+    """
+    ev, data, rng_seed = args["eval"], args["data"], args["data"].data_seed
+    conditions: dict[str, tuple] = {}
+    if "no_prompt" in ev.baselines:
+        conditions["no soft prompt (chat template only)"] = (None, examples)
+    if "hard_prompt" in ev.baselines and prompt_text.strip():
+        conditions["init text as system prompt"] = (None, [with_system(ex, prompt_text.strip()) for ex in examples])
+    if "k_shot" in ev.baselines and task.splits.get("train"):
+        import random
+
+        pool = list(task.examples("train"))
+        random.Random(rng_seed).shuffle(pool)
+        shots = pool[:ev.k_shot]
+        conditions[f"{len(shots)}-shot conversations"] = (None, [with_shots(ex, shots) for ex in examples])
+    if kv_tuned is not None:
+        conditions["tuned soft prompt"] = (kv_tuned, examples)
+    t0 = time.perf_counter()
+    report = {}
+    for name, (kv, exs) in conditions.items():
+        metrics, preds = evaluate_prompt(model, tokenizer, kv, exs, task.format, ev.eval_batch_size,
+                                         ev.max_new_tokens, data.max_length)
+        samples = [{"conversation": p.source, "expected": p.expected, "predicted": p.predicted}
+                   for p in preds[:SAMPLES]]
+        report[name] = {**metrics, "samples": samples}
+    log.info("evaluated %d chat conditions x %d examples in %.1fs", len(conditions), len(examples),
              time.perf_counter() - t0)
     return report

@@ -8,8 +8,9 @@ import time
 
 import torch
 
+from softprompt.data import is_chat
 from softprompt.engine import Engine
-from softprompt.evaluate import evaluate_on_engine
+from softprompt.evaluate import evaluate_on_engine, evaluate_prompt
 from softprompt.forward import family_of
 from softprompt.store import PromptStore, check_model_compatible, load_prompt
 from softprompt.store.task_record import TaskRecord
@@ -77,7 +78,14 @@ def evaluate_store(args: dict, store: str, tasks: list[str] | None = None, check
                 setattr(task_args, key, recorded.get(key))
         task = load_task_from_args(task_args, record)
         t0 = time.perf_counter()
-        report[name] = evaluate_on_engine(engine, {name: name}, task.examples(ev.split), task.format,
-                                          ev.max_new_tokens)[name]
+        if is_chat(task.format):  # conversations: evaluated on the model directly (ensembles are never chat)
+            stored = prompt_store.load(name, model, check_fingerprint)
+            with torch.no_grad():
+                kv = family_of(model).inference_prompt(model, stored.build_method().to(model.device).eval()())
+            report[name] = evaluate_prompt(model, tok, kv, task.examples(ev.split), task.format, ev.eval_batch_size,
+                                           ev.max_new_tokens, data.max_length)[0]
+        else:
+            report[name] = evaluate_on_engine(engine, {name: name}, task.examples(ev.split), task.format,
+                                              ev.max_new_tokens)[name]
         log.info("evaluated %s in %.1fs", name, time.perf_counter() - t0)
     return report

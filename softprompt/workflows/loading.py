@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from softprompt.config import ConfigError, DataArgs, fit_max_length
 from softprompt.data import TaskData, TaskFormat, load_task, order_verbalizer, parse_verbalizer
 from softprompt.store.task_record import TaskRecord
@@ -38,11 +40,18 @@ def load_task_from_args(data_args: DataArgs, stored_task: TaskRecord | None = No
     if classifier and labels is not None and list(verbalizer or {}) != labels:
         raise ConfigError(f"--verbalizer labels {sorted(verbalizer or {})} differ from the {len(labels)} classes "
                           f"the prompt's head was trained on ({', '.join(labels)})")
+    chat_template = stored_task.chat_template
+    if data_args.chat_template:
+        try:
+            chat_template = Path(data_args.chat_template).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"--chat-template {data_args.chat_template}: cannot read ({e})") from None
     return load_task(
         dataset=dataset, train_file=data_args.train_file, validation_file=data_args.validation_file,
         test_file=data_args.test_file, template=data_args.template or stored_task.template,
         target_field=data_args.target_field or stored_task.target_field,
-        verbalizer=verbalizer, max_samples=data_args.max_samples(), seed=data_args.data_seed)
+        verbalizer=verbalizer, max_samples=data_args.max_samples(), seed=data_args.data_seed,
+        chat_template=chat_template)
 
 
 def load_model_from_args(args: dict, stored=None, num_labels: int | None = None):

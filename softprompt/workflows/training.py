@@ -125,7 +125,7 @@ def train_and_save(args: dict, store: str | None = None, store_task: str | None 
         print(format_report(report))
         (out / "eval.json").write_text(json.dumps(report, indent=2))
     save_prompt(out / "prompt", tuned, model, task=meta, train_config=train_cfg,
-                metrics={"validation": validation, split: report.get("tuned soft prompt")}, overwrite=True)
+                metrics={"validation": validation, split: _numbers(report.get("tuned soft prompt"))}, overwrite=True)
     print(f"\nsaved prompt to {out / 'prompt'}  (curves: {out / 'curves.png'}, log: {out / 'metrics.jsonl'})")
     if result.diverged:
         report_divergence(args, result, out, store, store_task)
@@ -133,6 +133,11 @@ def train_and_save(args: dict, store: str | None = None, store_task: str | None 
         PromptStore(store, create=not Path(store).exists()).add(store_task, out / "prompt", overwrite=True)
         print(f"added to store {store} as task {store_task!r}")
     return result
+
+
+def _numbers(metrics: dict | None) -> dict | None:
+    """The metrics without a chat report's sample replies (the stored prompt records numbers only)."""
+    return None if metrics is None else {k: v for k, v in metrics.items() if k != "samples"}
 
 
 def report_divergence(args: dict, result: TrainResult, out: Path, store: str | None = None,

@@ -1,0 +1,321 @@
+"""Chat-format tasks: OpenAI-style ``messages`` records rendered with the model's own chat template.
+
+A record ``{"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}`` is one
+conversation. It is rendered with ``tokenizer.apply_chat_template`` (or a ``--chat-template`` file) and the
+loss covers the tokens of every assistant turn, found by rendering prefixes: for assistant message ``k``,
+the conversation before it with the generation prompt, then the conversation up to and including it; the
+tokens between the two are that turn's target (its text and the template's end-of-turn marker). Each
+rendered prefix must tokenise to a prefix of the whole conversation's tokens; a template for which it does
+not (one that rewrites earlier turns, say) is refused rather than guessed at.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from softprompt.data.formats import DataError
+from softprompt.data.template import MAX_LISTED_PROBLEMS, Example, TaskFormat
+
+ROLES = ("system", "user", "assistant")
+MESSAGES_FIELD = "messages"
+CHAT_INIT_TEXT = "You are a helpful assistant. Answer the user."
+
+
+@dataclass
+class ChatExample(Example):
+    """One conversation. ``source``/``target`` hold a plain-text view (the turns before the last assistant
+    turn, and that turn's content) for code that only counts words; training and evaluation use ``messages``.
+
+    Attributes:
+        messages: the validated messages (``role`` and ``content`` only).
+        scored_from: assistant turns before this message index are context, not target (k-shot shots).
+    """
+
+    messages: list[dict] = field(default_factory=list)
+    scored_from: int = 0
+
+    @property
+    def last_assistant(self) -> int:
+        """Index of the last assistant message (-1 when there is none)."""
+        return max((i for i, m in enumerate(self.messages) if m["role"] == "assistant"), default=-1)
+
+
+def parse_messages(messages, where: str = "", require_assistant: bool = True) -> list[dict]:
+    """Validate a conversation: a non-empty list of ``{"role", "content"}`` with known roles and string content.
+
+    Args:
+        messages: the ``messages`` value of a record or request.
+        where: location for the message, e.g. ``"train.jsonl line 7"``.
+        require_assistant: refuse a conversation without an assistant turn (training and evaluation need one).
+
+    Returns:
+        The messages reduced to ``role`` and ``content``.
+
+    Raises:
+        DataError: naming ``where`` and every problem found.
+    """
+    prefix = f"{where}: " if where else ""
+    if not isinstance(messages, list):
+        raise DataError(f"{prefix}field 'messages' must be a list of messages, got {type(messages).__name__}")
+    if not messages:
+        raise DataError(f"{prefix}empty conversation (field 'messages' has no messages)")
+    problems: list[str] = []
+    out: list[dict] = []
+    for i, m in enumerate(messages, start=1):
+        if not isinstance(m, dict):
+            problems.append(f"message {i} must be an object with role and content, got {type(m).__name__}")
+            continue
+        role, content = m.get("role"), m.get("content")
+        if role not in ROLES:
+            problems.append(f"message {i} has role {role!r}; expected one of {', '.join(ROLES)}")
+        if not isinstance(content, str):
+            problems.append(f"message {i} content must be a string, got {type(content).__name__}")
+        out.append({"role": role, "content": content})
+    if not problems and require_assistant and not any(m["role"] == "assistant" for m in out):
+        problems.append("no assistant message (the loss covers assistant turns: a record needs at least one)")
+    if problems:
+        raise DataError(prefix + "; ".join(problems))
+    return out
+
+
+def is_chat_record(record: dict) -> bool:
+    """True when a record holds a ``messages`` list (a chat record)."""
+    return isinstance(record, dict) and isinstance(record.get(MESSAGES_FIELD), list)
+
+
+def is_chat(fmt) -> bool:
+    """True for a :class:`ChatFormat`."""
+    return isinstance(fmt, ChatFormat)
+
+
+@dataclass
+class ChatFormat(TaskFormat):
+    """A chat task: records hold ``messages``; the model's chat template (or ``chat_template``) renders them.
+
+    It is a :class:`TaskFormat` without a template or verbalizer (a generation task), so code that asks a
+    format for its labels works unchanged.
+
+    Attributes:
+        chat_template: a Jinja chat template replacing the tokenizer's own (``--chat-template FILE``).
+    """
+
+    template: str | None = None
+    target_field: str = MESSAGES_FIELD
+    verbalizer: dict[str, str] | None = None
+    target_prefix: str = ""
+    chat_template: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.template is not None or self.verbalizer is not None:
+            raise DataError("a chat task takes no --template or --verbalizer (its records hold messages)")
+        if self.chat_template is not None and (not isinstance(self.chat_template, str)
+                                               or not self.chat_template.strip()):
+            raise DataError("--chat-template must be a non-empty Jinja template")
+
+    @property
+    def fields(self) -> list[str]:
+        return []
+
+    def render(self, record: dict, where: str = "") -> ChatExample:
+        """Validate one record's conversation (it needs an assistant turn)."""
+        prefix = f"{where}: " if where else ""
+        if not isinstance(record, dict) or MESSAGES_FIELD not in record:
+            keys = ", ".join(map(str, record)) if isinstance(record, dict) else type(record).__name__
+            raise DataError(f"{prefix}field 'messages' is missing (have: {keys or 'no fields'})")
+        messages = parse_messages(record[MESSAGES_FIELD], where)
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        source = "\n".join(m["content"] for m in messages[:last])
+        return ChatExample(source, messages[last]["content"], None, messages)
+
+    def validate_records(self, records: Sequence[dict], source_name: str,
+                         lines: Sequence[int] | None = None) -> list[Example]:
+        return _validate_all(self, records, source_name, lines)
+
+
+def _validate_all(fmt: ChatFormat, records, source_name, lines) -> list[Example]:
+    examples, problems, n_bad = [], [], 0
+    for i, record in enumerate(records):
+        where = f"{source_name} line {lines[i]}" if lines is not None else f"{source_name} record {i + 1}"
+        try:
+            examples.append(fmt.render(record, where))
+        except DataError as e:
+            n_bad += 1
+            if len(problems) < MAX_LISTED_PROBLEMS:
+                problems.append(str(e))
+    if n_bad:
+        more = f"\n  ... and {n_bad - len(problems)} more" if n_bad > len(problems) else ""
+        raise DataError(f"{source_name}: {n_bad} of {len(records)} records are invalid:\n  "
+                        + "\n  ".join(problems) + more)
+    return examples
+
+
+def _model_name(tokenizer) -> str:
+    return getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+
+
+def render_chat(tokenizer, messages: list[dict], chat_template: str | None = None,
+                add_generation_prompt: bool = False) -> str:
+    """The conversation as the chat template writes it.
+
+    Raises:
+        DataError: the tokenizer has no chat template and none is given, or the template fails.
+    """
+    if chat_template is None and not getattr(tokenizer, "chat_template", None):
+        raise DataError(f"the tokenizer of {_model_name(tokenizer)} has no chat template, so it cannot render "
+                        "chat records: pass --chat-template FILE (a Jinja chat template) or use a chat model")
+    try:
+        return tokenizer.apply_chat_template(messages, chat_template=chat_template, tokenize=False,
+                                             add_generation_prompt=add_generation_prompt)
+    except Exception as e:  # noqa: BLE001 - a Jinja template may raise anything (raise_exception, TypeError...)
+        raise DataError(f"the chat template of {_model_name(tokenizer)} cannot render this conversation "
+                        f"({type(e).__name__}: {e})") from None
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    # the template writes its own special tokens (BOS, turn markers) as text: add none
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def chat_prompt_ids(tokenizer, messages: list[dict], chat_template: str | None = None) -> list[int]:
+    """Token ids of a conversation followed by the generation prompt (what the assistant's reply continues)."""
+    return _ids(tokenizer, render_chat(tokenizer, messages, chat_template, add_generation_prompt=True))
+
+
+def assistant_spans(tokenizer, messages: list[dict], chat_template: str | None = None,
+                    scored_from: int = 0) -> tuple[list[int], list[tuple[int, int]]]:
+    """The conversation's token ids and the ``[start, end)`` token span of every assistant turn.
+
+    Args:
+        scored_from: assistant messages before this index get no span (context turns).
+
+    Raises:
+        DataError: the template renders a prefix of the conversation as something that is not a prefix of
+            the whole conversation's tokens (the turns cannot be told apart reliably).
+    """
+    full = _ids(tokenizer, render_chat(tokenizer, messages, chat_template))
+    spans: list[tuple[int, int]] = []
+    for k, m in enumerate(messages):
+        if m["role"] != "assistant" or k < scored_from:
+            continue
+        before = _ids(tokenizer, render_chat(tokenizer, messages[:k], chat_template, add_generation_prompt=True))
+        upto = _ids(tokenizer, render_chat(tokenizer, messages[:k + 1], chat_template))
+        if upto != full[:len(upto)] or before != upto[:len(before)] or len(before) >= len(upto):
+            raise DataError(f"the chat template of {_model_name(tokenizer)} does not render assistant turn "
+                            f"{k + 1} as a prefix of the whole conversation (it rewrites earlier turns or the "
+                            "generation prompt); the assistant tokens cannot be located: pass --chat-template "
+                            "FILE with a template that renders conversations incrementally")
+        spans.append((len(before), len(upto)))
+    return full, spans
+
+
+def encode_chat(tokenizer, examples: list[ChatExample], fmt: ChatFormat, max_length: int = 256) -> list:
+    """Tokenise conversations with a per-token target mask over their assistant turns.
+
+    A conversation over ``max_length`` tokens loses tokens from the start (the last turns are kept); one left
+    with no assistant token is refused.
+
+    Returns:
+        One :class:`~softprompt.data.tokenize.Encoded` per example, ``target_mask`` set and ``target_start``
+        at its first target token.
+
+    Raises:
+        DataError: no chat template, a template that is not incremental, or too long a conversation.
+    """
+    from softprompt.data.tokenize import Encoded
+
+    if max_length < 1:
+        raise DataError(f"--max-length must be >= 1, got {max_length}")
+    out = []
+    for i, ex in enumerate(examples):
+        if not isinstance(ex, ChatExample):
+            raise DataError(f"example {i}: a chat task needs chat examples (records with messages)")
+        ids, spans = assistant_spans(tokenizer, ex.messages, fmt.chat_template, ex.scored_from)
+        mask = [False] * len(ids)
+        for start, end in spans:
+            mask[start:end] = [True] * (end - start)
+        n = len(ids)
+        if n > max_length:
+            ids, mask = ids[-max_length:], mask[-max_length:]
+        mask[0] = False  # nothing before the first token predicts it (the soft prompt aside)
+        if not any(mask):
+            raise DataError(f"example {i}: no assistant token is left within --max-length {max_length} "
+                            f"(the conversation has {n} tokens)")
+        out.append(Encoded(input_ids=ids, target_start=mask.index(True), target_mask=mask))
+    return out
+
+
+def with_system(example: ChatExample, text: str) -> ChatExample:
+    """``example`` with ``text`` as its system prompt: a system turn first, or put before an existing one's
+    content (the hard-prompt baseline of a chat task)."""
+    messages = [dict(m) for m in example.messages]
+    if messages and messages[0]["role"] == "system":
+        messages[0]["content"] = f"{text}\n\n{messages[0]['content']}"
+        shift = 0
+    else:
+        messages.insert(0, {"role": "system", "content": text})
+        shift = 1
+    return ChatExample(example.source, example.target, None, messages, example.scored_from + shift)
+
+
+def with_shots(example: ChatExample, shots: list[ChatExample]) -> ChatExample:
+    """``example`` after the turns of the ``shots`` conversations (their system turns dropped; the example's
+    own system turn stays first); only the example's own assistant turns are scored (k-shot baseline)."""
+    head = [dict(m) for m in example.messages[:1] if m["role"] == "system"]
+    context = [dict(m) for shot in shots for m in shot.messages if m["role"] != "system"]
+    rest = [dict(m) for m in example.messages[len(head):]]
+    return ChatExample(example.source, example.target, None, head + context + rest, len(head) + len(context))
+
+
+def conversation_prompt(tokenizer, fmt: TaskFormat | None, messages, where: str = "messages") -> str:
+    """The text a served chat task (or the base model, ``fmt`` None) continues as the assistant: the
+    conversation so far rendered with the task's chat template and the generation prompt.
+
+    Raises:
+        DataError: malformed messages, a task with a ``--template`` (not a chat task), or no chat template.
+    """
+    msgs = parse_messages(messages, where, require_assistant=False)
+    if fmt is not None and not is_chat(fmt):
+        raise DataError("this task was trained with a --template, not on chat records: send its input as text")
+    return render_chat(tokenizer, msgs, None if fmt is None else fmt.chat_template, add_generation_prompt=True)
+
+
+def read_conversations(spec: str) -> list[list]:
+    """Conversations from ``--messages``: JSON text or a file (a messages list, ``{"messages": [...]}``, a JSON
+    array of those, or a ``.jsonl`` file of ``{"messages": [...]}`` records, one conversation per line).
+
+    Raises:
+        DataError: unreadable or malformed input, naming the file and line.
+    """
+    import json
+    from pathlib import Path
+
+    from softprompt.data.formats import load_records_with_lines
+
+    def one(value, where: str) -> list:
+        if isinstance(value, dict):
+            if MESSAGES_FIELD not in value:
+                raise DataError(f"{where}: expected a list of messages or an object with 'messages'")
+            value = value[MESSAGES_FIELD]
+        return parse_messages(value, where, require_assistant=False)
+
+    text = spec.lstrip()
+    if text.startswith(("[", "{")):
+        try:
+            value = json.loads(spec)
+        except json.JSONDecodeError as e:
+            raise DataError(f"--messages: invalid JSON ({e.msg} at column {e.colno})") from None
+    else:
+        path = Path(spec)
+        if path.suffix.lower() == ".jsonl":
+            records, lines = load_records_with_lines(path)
+            return [one(r, f"{path.name} line {n}") for r, n in zip(records, lines, strict=True)]
+        try:
+            value = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as e:
+            raise DataError(f"--messages {spec}: cannot read ({e})") from None
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path.name} line {e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+    if isinstance(value, list) and value and all(isinstance(v, dict) and MESSAGES_FIELD in v for v in value):
+        return [one(v, f"--messages item {i}") for i, v in enumerate(value, start=1)]
+    return [one(value, "--messages")]

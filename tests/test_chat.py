@@ -1,0 +1,238 @@
+"""Chat-format tasks: assistant-only target masks, malformed records, store/engine/server round trip, eval report."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from softprompt.cli import main
+from softprompt.data import ChatFormat, DataError, collate, load_task, parse_messages
+from softprompt.data.chat import assistant_spans, conversation_prompt, encode_chat
+from softprompt.engine import Engine, GenerateRequest
+from softprompt.forward import family_of
+from softprompt.store import PromptStore
+from tests.conftest import make_model, make_tokenizer, write_jsonl
+
+# a chat template written in words of the tiny vocabulary (tests/conftest.py WORDS); it has no BOS
+TEMPLATE = ("{% for m in messages %}{% if m.role == 'system' %}Classify {{ m.content }} ."
+            "{% elif m.role == 'user' %}Review {{ m.content }} .{% else %}Sentiment {{ m.content }} [EOS]{% endif %}"
+            "{% endfor %}{% if add_generation_prompt %}Sentiment{% endif %}")
+HEADS = {"system": ("Classify", "."), "user": ("Review", "."), "assistant": ("Sentiment", "[EOS]")}
+
+
+def chat_tokenizer():
+    tok = make_tokenizer()
+    tok.chat_template = TEMPLATE
+    return tok
+
+
+def conversation(system: bool, turns: int, seed: int = 0) -> list[dict]:
+    words = [("good movie", "positive"), ("the plot was bad", "negative"), ("a great film", "positive"),
+             ("awful", "negative")]
+    msgs = [{"role": "system", "content": "sentiment"}] if system else []
+    for i in range(turns):
+        text, label = words[(seed + i) % len(words)]
+        msgs += [{"role": "user", "content": text}, {"role": "assistant", "content": label}]
+    return msgs
+
+
+def independent_mask(tok, messages: list[dict]) -> tuple[list[int], list[bool]]:
+    """Token ids and target mask built piece by piece from what TEMPLATE writes (not by rendering prefixes):
+    an assistant turn's target is its content and the [EOS] closing it, never its "Sentiment" header."""
+    ids, mask = [], []
+    for m in messages:
+        head, tail = HEADS[m["role"]]
+        for part, target in ((head, False), (m["content"], m["role"] == "assistant"),
+                             (tail, m["role"] == "assistant")):
+            piece = tok(part, add_special_tokens=False)["input_ids"]
+            ids += piece
+            mask += [target] * len(piece)
+    return ids, mask
+
+
+@pytest.mark.parametrize("system", [False, True])
+@pytest.mark.parametrize("turns", [1, 3])
+def test_target_mask_is_exactly_the_assistant_tokens(system, turns):
+    tok = chat_tokenizer()
+    msgs = conversation(system, turns)
+    fmt = ChatFormat()
+    (enc,) = encode_chat(tok, [fmt.render({"messages": msgs})], fmt, max_length=256)
+    ids, mask = independent_mask(tok, msgs)
+    assert enc.input_ids == ids
+    assert enc.target_mask == mask
+    assert sum(mask) == 2 * turns  # each reply is one word + [EOS]
+    batch = collate([enc], pad_id=0, padding_side="left")
+    assert batch.target_mask[0].tolist() == mask
+
+
+def test_loss_is_the_cross_entropy_of_the_assistant_tokens_only():
+    tok, model = chat_tokenizer(), make_model("llama")
+    fmt = ChatFormat()
+    examples = [fmt.render({"messages": conversation(s, t, seed=t)}) for s, t in ((True, 2), (False, 1))]
+    batch = collate(encode_chat(tok, examples, fmt), pad_id=0)
+    with torch.no_grad():
+        loss = family_of(model).loss(model, batch, None)
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    want = []
+    for row, ex in enumerate(examples):
+        ids, mask = independent_mask(tok, ex.messages)
+        want += [F.cross_entropy(logits[row, t - 1], torch.tensor(ids[t]), reduction="none")
+                 for t in range(len(ids)) if mask[t]]
+    torch.testing.assert_close(loss, torch.stack(want).mean(), rtol=1e-5, atol=1e-6)
+
+
+def test_single_target_encoding_is_unchanged():
+    from softprompt.data import Example, encode
+
+    (enc,) = encode(make_tokenizer(), [Example("Review good", " positive")])
+    assert enc.target_mask is None
+    assert collate([enc], 0).target_mask[0].tolist() == [False, False, True]
+
+
+def test_template_that_rewrites_earlier_turns_is_refused():
+    tok = make_tokenizer()
+    # the first word depends on the conversation's length: a prefix renders differently from the whole
+    tok.chat_template = "{% if messages|length > 2 %}the{% else %}a{% endif %} " + TEMPLATE
+    with pytest.raises(DataError, match="does not render assistant turn 2 as a prefix"):
+        assistant_spans(tok, conversation(False, 2))
+
+
+def test_tokenizer_without_chat_template_is_named():
+    tok = make_tokenizer()
+    tok.name_or_path = "tiny/no-template"
+    with pytest.raises(DataError, match="tokenizer of tiny/no-template has no chat template.*--chat-template"):
+        assistant_spans(tok, conversation(False, 1))
+    (ids, spans) = assistant_spans(tok, conversation(False, 1), chat_template=TEMPLATE)
+    assert spans == [(5, 7)]  # Review good movie . Sentiment | positive [EOS]
+
+
+@pytest.mark.parametrize("record, problem", [
+    ({"messages": [{"role": "robot", "content": "hi"}, {"role": "assistant", "content": "good"}]},
+     "message 1 has role 'robot'"),
+    ({"messages": []}, "empty conversation"),
+    ({"messages": [{"role": "user", "content": "good"}]}, "no assistant message"),
+    ({"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "good"}]},
+     "message 1 content must be a string, got int"),
+    ({"messages": [{"role": "user", "content": "good"}, {"role": "assistant", "content": None}]},
+     "message 2 content must be a string, got NoneType"),
+    ({"messages": "good"}, "'messages' must be a list"),
+    ({"text": "good"}, "field 'messages' is missing"),
+])
+def test_malformed_records_are_refused_with_file_and_line(tmp_path, record, problem):
+    good = {"messages": conversation(False, 1)}
+    path = tmp_path / "train.jsonl"
+    path.write_text(json.dumps(good) + "\n\n" + json.dumps(record) + "\n")  # the bad record is on line 3
+    with pytest.raises(DataError, match=rf"train.jsonl line 3: .*{problem}"):
+        load_task(train_file=path)
+
+
+def test_chat_files_are_detected_and_mixed_formats_refused(tmp_path):
+    chat = write_jsonl(tmp_path / "chat.jsonl", [{"messages": conversation(True, 2)}])
+    task = load_task(train_file=chat)
+    assert isinstance(task.format, ChatFormat) and task.examples("train")[0].messages[0]["role"] == "system"
+    plain = write_jsonl(tmp_path / "plain.jsonl", [{"text": "good", "label": "positive"}])
+    with pytest.raises(DataError, match="chat.jsonl hold chat records .* plain.jsonl do not"):
+        load_task(train_file=chat, test_file=plain)
+    assert parse_messages([{"role": "user", "content": "x"}], require_assistant=False)
+
+
+def run(argv) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main([str(a) for a in argv])
+    return rc, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def chat_run(tmp_path_factory):
+    """``softprompt train`` on chat records with a --chat-template file (the tiny tokenizer has none), into a store."""
+    d = tmp_path_factory.mktemp("chat")
+    make_model("llama").save_pretrained(d / "tiny")
+    make_tokenizer().save_pretrained(d / "tiny")
+    records = [{"messages": conversation(i % 2 == 0, 1 + i % 3, seed=i)} for i in range(12)]
+    write_jsonl(d / "train.jsonl", records[:8])
+    write_jsonl(d / "test.jsonl", records[8:])
+    (d / "chat.jinja").write_text(TEMPLATE)
+    rc, out, err = run(["train", "--model", d / "tiny", "--train-file", d / "train.jsonl", "--test-file",
+                        d / "test.jsonl", "--chat-template", d / "chat.jinja", "--num-virtual-tokens", "3",
+                        "--batch-size", "4", "--max-steps", "2", "--k-shot", "2", "--max-new-tokens", "4",
+                        "--init-text", "Classify the sentiment .", "--output-dir", d / "run", "--store", d / "store",
+                        "--task", "chat"])
+    assert rc == 0, err
+    return d, out
+
+
+def test_train_report_has_generation_metrics_and_samples(chat_run):
+    d, out = chat_run
+    report = json.loads((d / "run" / "eval.json").read_text())
+    assert list(report) == ["no soft prompt (chat template only)", "init text as system prompt",
+                            "2-shot conversations", "tuned soft prompt"]
+    for metrics in report.values():
+        assert {"loss", "perplexity", "exact_match", "f1", "rouge_l", "n"} <= set(metrics)
+        assert metrics["n"] == 4 and len(metrics["samples"]) == 3
+        assert {"conversation", "expected", "predicted"} == set(metrics["samples"][0])
+    assert "rouge_l" in out
+
+
+def test_stored_chat_task_round_trips_through_store_engine_cli_and_server(chat_run):
+    d, _ = chat_run
+    store = PromptStore(d / "store")
+    record = store.load("chat").task_record
+    assert record.chat and record.chat_template == TEMPLATE
+    msgs = [{"role": "system", "content": "sentiment"}, {"role": "user", "content": "a good film"}]
+
+    tok, model = make_tokenizer(), make_model("llama")  # what --model tiny loads: no chat template of its own
+    engine = Engine(model, tok)
+    engine.load_from_store(store, "chat")
+    text = conversation_prompt(tok, engine.task("chat").formats[0], msgs)
+    assert text == "Classify sentiment .Review a good film .Sentiment"  # the stored template, prompt before it
+    (direct,) = engine.generate([GenerateRequest("chat", text, raw=True, max_tokens=5)])
+
+    rc, out, err = run(["generate", "--model", d / "tiny", "--store", d / "store", "--task", "chat",
+                        "--messages", json.dumps(msgs), "--max-new-tokens", "5"])
+    assert rc == 0, err
+    assert json.loads(out)["output"] == direct.text and json.loads(out)["input"] == text
+
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from softprompt.server import Scheduler, ServerState, create_app
+
+    state = ServerState(engine, Scheduler(engine), max_tokens=16)
+    with TestClient(create_app(state)) as client:
+        r = client.post("/v1/chat/completions", json={"model": "chat", "messages": msgs, "max_tokens": 5,
+                                                      "temperature": 0})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["message"]["content"] == direct.text
+        assert r.json()["usage"]["completion_tokens"] == len(direct.tokens)
+        with client.stream("POST", "/v1/chat/completions", json={"model": "chat", "messages": msgs, "max_tokens": 5,
+                                                                "temperature": 0, "stream": True}) as r:
+            lines = [ln[6:] for ln in r.iter_lines() if ln.startswith("data: ") and ln != "data: [DONE]"]
+        assert "".join(json.loads(ln)["choices"][0]["delta"].get("content", "") for ln in lines) == direct.text
+        bad = client.post("/v1/chat/completions", json={"model": "chat", "max_tokens": 5,
+                                                        "messages": [{"role": "tool", "content": "x"}]})
+        assert bad.status_code == 422 and "role 'tool'" in bad.text
+
+
+def test_eval_of_the_stored_chat_prompt_writes_the_metrics(chat_run):
+    d, _ = chat_run
+    rc, out, err = run(["eval", "--model", d / "tiny", "--prompt", d / "run" / "prompt", "--test-file",
+                        d / "test.jsonl", "--baselines", "no_prompt", "--max-new-tokens", "3", "--report",
+                        d / "eval.json"])
+    assert rc == 0, err
+    report = json.loads((d / "eval.json").read_text())
+    assert {"loss", "perplexity", "exact_match", "f1", "rouge_l"} <= set(report["tuned soft prompt"])
+
+
+def test_rouge_l_is_the_lcs_f_measure():
+    from softprompt.evaluate import rouge_l
+
+    assert rouge_l("the cat sat on the mat", "the cat sat on the mat") == 1.0
+    # normalised words: "cat sat on mat" vs "cat on big mat": LCS "cat on mat" = 3; P = R = 3/4
+    assert rouge_l("The cat sat on the mat.", "a cat on big mat") == pytest.approx(0.75)
+    assert rouge_l("good", "bad") == 0.0 and rouge_l("", "") == 1.0
