@@ -34,14 +34,14 @@ def test_encode_concatenates_source_and_target(tok):
     enc = encode(tok, examples)
     assert enc == [Encoded(ids("Review : good movie Sentiment : positive"), 6),
                    Encoded(ids("Review : bad Sentiment : negative"), 5)]
-    assert enc[0].source_ids == ids("Review : good movie Sentiment :")
-    assert enc[0].target_ids == [ID["positive"]]
+    assert enc[0].input_ids[:enc[0].target_start] == ids("Review : good movie Sentiment :")
+    assert enc[0].input_ids[enc[0].target_start:] == [ID["positive"]]
 
 
 def test_encode_appends_eos(tok):
     enc = encode(tok, [Example("Review: good", " positive")], append_eos=True)
     assert enc == [Encoded(ids("Review : good positive") + [EOS], 3)]
-    assert enc[0].target_ids == [ID["positive"], EOS]
+    assert enc[0].input_ids[enc[0].target_start:] == [ID["positive"], EOS]
 
 
 def test_truncation_drops_source_start_and_keeps_target(tok):
@@ -73,7 +73,7 @@ def test_collate_right_padding():
     assert b.attention_mask.tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
     assert b.target_mask.tolist() == [[False, False, False, True], [False, True, False, False]]
     assert b.labels.tolist() == [[IGNORE_INDEX] * 3 + [8], [IGNORE_INDEX, 10, IGNORE_INDEX, IGNORE_INDEX]]
-    assert b.num_tokens == 6 and b.num_target_tokens == 2
+    assert b.num_tokens == 6 and int(b.target_mask.sum()) == 2
 
 
 def test_collate_left_padding():
@@ -124,7 +124,7 @@ def test_smollm2_target_tokens_are_label_tokens():
     examples = task.examples("validation")
     enc = encode(tokenizer, examples, max_length=64, append_eos=True)
     for ex, e in zip(examples, enc, strict=True):
-        assert e.target_ids == label_ids[ex.target] + [tokenizer.eos_token_id]
+        assert e.input_ids[e.target_start:] == label_ids[ex.target] + [tokenizer.eos_token_id]
         assert len(e.input_ids) <= 64
     batch = collate(enc, tokenizer.pad_token_id or 0)
-    assert batch.num_target_tokens == 2 * len(examples)
+    assert int(batch.target_mask.sum()) == 2 * len(examples)

@@ -39,16 +39,6 @@ class Encoded:
     class_label: int | None = None
     target_mask: list[bool] | None = None
 
-    @property
-    def source_ids(self) -> list[int]:
-        """Token ids of the (possibly truncated) source."""
-        return self.input_ids[:self.target_start]
-
-    @property
-    def target_ids(self) -> list[int]:
-        """Token ids of the target, including an appended EOS."""
-        return self.input_ids[self.target_start:]
-
 
 def leading_special_ids(tokenizer) -> list[int]:
     """The special tokens ``tokenizer(text)`` puts before the text's own ids: ``[BOS]`` on Llama, Gemma and
@@ -177,10 +167,6 @@ class Batch:
         """Number of real (non-padding) tokens."""
         return int(self.attention_mask.sum())
 
-    @property
-    def num_target_tokens(self) -> int:
-        """Number of target tokens."""
-        return int(self.target_mask.sum())
 
     @property
     def labels(self) -> Tensor:
