@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from softprompt.config import ConfigError
 from softprompt.data import Batch, Encoded, Example, TaskFormat, batches, collate, encode
 from softprompt.embeddings import token_embeddings
 from softprompt.forward import InferencePrompt, family_of, generate
@@ -140,7 +141,8 @@ def evaluate_prompt(model, tokenizer, prompt_kv, examples: list[Example], fmt: T
 
     Classification: accuracy and macro-F1 by label log-likelihood (a classifier: its head's class
     log-probabilities). Generation: exact match and token F1 of greedy output. Both: mean target loss and
-    perplexity when ``with_loss``.
+    perplexity when ``with_loss``. The LM objective (``fmt.objective == "lm"``): loss and perplexity over
+    every scored token of the documents' chunks (``tokens``: how many), always.
     """
     if not examples:
         raise ValueError("no examples to evaluate")
@@ -149,6 +151,11 @@ def evaluate_prompt(model, tokenizer, prompt_kv, examples: list[Example], fmt: T
     if problem:
         raise ValueError(problem)
     metrics: dict[str, float] = {"n": float(len(examples))}
+    if fmt.objective == "lm":  # plain text (softprompt.data.corpus): the held-out loss is the metric
+        enc = family.encode_examples(tokenizer, examples, fmt, max_length)
+        metrics["tokens"] = float(sum(len(e.input_ids) - e.target_start for e in enc))
+        metrics.update(loss_metrics(mean_target_loss(model, enc, tokenizer.pad_token_id, prompt_kv, batch_size)))
+        return metrics, []
     if fmt.is_classification:
         scores = label_scores(model, tokenizer, prompt_kv, examples, fmt, batch_size, max_length)  # (N, L)
         predicted = [fmt.labels[i] for i in scores.argmax(-1).tolist()]
@@ -192,7 +199,16 @@ def loss_metrics(loss: float) -> dict[str, float]:
 
 
 def primary_metric(fmt: TaskFormat, requested: str = "auto") -> tuple[str, bool]:
-    """The metric used for model selection and whether higher is better."""
+    """The metric used for model selection and whether higher is better.
+
+    Raises:
+        ConfigError: a metric the LM objective does not measure (it has only loss/perplexity).
+    """
+    if fmt.objective == "lm":
+        if requested not in ("auto", "loss"):
+            raise ConfigError(f"--metric {requested} does not apply to --objective lm: it selects the prompt by "
+                             "held-out loss (--metric loss or auto)")
+        return "loss", False
     name = requested if requested != "auto" else ("accuracy" if fmt.is_classification else "exact_match")
     return name, name != "loss"
 

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from softprompt.data import Encoded, Example, encode
+from softprompt.data.corpus import encode_corpus
 from softprompt.forward.common import (
     Decoded,
     InjectionError,
@@ -283,6 +284,7 @@ class CausalLM(Family):
     peft_task_type = "CAUSAL_LM"
     description = "a decoder-only language model"
     caches_prompt = True
+    models_text = True
 
     def from_pretrained(self, name_or_path, dtype, num_labels=None):
         from transformers import AutoModelForCausalLM
@@ -290,6 +292,8 @@ class CausalLM(Family):
         return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
 
     def encode_examples(self, tokenizer, examples, fmt, max_length):
+        if fmt.objective == "lm":  # plain text: each example's target is one document, cut into chunks
+            return encode_corpus(tokenizer, [ex.target for ex in examples], max_length)
         return encode(tokenizer, examples, max_length=max_length, append_eos=not fmt.is_classification)
 
     def label_lengths(self, tokenizer, fmt):
