@@ -91,7 +91,8 @@ class TaskFormat:
     target_field: str
     verbalizer: dict[str, str] | None = None
     target_prefix: str = " "
-    #: what training optimises: ``task`` (targets after a source); ``lm`` is :class:`~softprompt.data.corpus.CorpusFormat`
+    #: what training optimises: ``task`` (targets after a source); ``lm``: plain text
+    #: (:class:`~softprompt.data.corpus.CorpusFormat`)
     objective: ClassVar[str] = "task"
 
     def __post_init__(self) -> None:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from softprompt.config import ConfigError, DataArgs, fit_max_length
-from softprompt.data.corpus import corpus_record, load_corpus_from_args
 from softprompt.data import TaskData, TaskFormat, load_task, order_verbalizer, parse_verbalizer
+from softprompt.data.corpus import corpus_record, load_corpus_from_args
 from softprompt.store.task_record import TaskRecord
 
 
