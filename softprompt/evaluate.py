@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from softprompt.config import ConfigError
 from softprompt.data import (
     Batch,
     Encoded,
@@ -191,10 +192,11 @@ def evaluate_prompt(model, tokenizer, prompt_kv, examples: list[Example], fmt: T
 
     Classification: accuracy and macro-F1 by label log-likelihood (a classifier: its head's class
     log-probabilities). Generation: exact match, token F1 and ROUGE-L of greedy output. Both: mean target
-    loss and perplexity when ``with_loss``. A chat task: :func:`evaluate_chat`. ``bos``: every source
-    starts with the model's BOS (see the module docstring): True for a soft prompt trained by this version
-    or by PEFT and for no prompt, False after a hard prompt from :func:`hard_prompt_kv` and for a prompt
-    stored without the BOS (``StoredPrompt.bos``).
+    loss and perplexity when ``with_loss``. A chat task: :func:`evaluate_chat`. The LM objective
+    (``fmt.objective == "lm"``): loss and perplexity over every scored token of the documents' chunks
+    (``tokens``: how many), always. ``bos``: every source starts with the model's BOS (see the module
+    docstring): True for a soft prompt trained by this version or by PEFT and for no prompt, False after a
+    hard prompt from :func:`hard_prompt_kv` and for a prompt stored without the BOS (``StoredPrompt.bos``).
     """
     if not examples:
         raise ValueError("no examples to evaluate")
@@ -206,6 +208,11 @@ def evaluate_prompt(model, tokenizer, prompt_kv, examples: list[Example], fmt: T
         return evaluate_chat(model, tokenizer, prompt_kv, examples, fmt, batch_size, max_new_tokens, max_length,
                              with_loss)
     metrics: dict[str, float] = {"n": float(len(examples))}
+    if fmt.objective == "lm":  # plain text (softprompt.data.corpus): the held-out loss is the metric
+        enc = family.encode_examples(tokenizer, examples, fmt, max_length)
+        metrics["tokens"] = float(sum(len(e.input_ids) - e.target_start for e in enc))
+        metrics.update(loss_metrics(mean_target_loss(model, enc, tokenizer.pad_token_id, prompt_kv, batch_size)))
+        return metrics, []
     if fmt.is_classification:
         scores = label_scores(model, tokenizer, prompt_kv, examples, fmt, batch_size, max_length, bos)  # (N, L)
         predicted = [fmt.labels[i] for i in scores.argmax(-1).tolist()]
@@ -276,7 +283,16 @@ def loss_metrics(loss: float) -> dict[str, float]:
 
 def primary_metric(fmt: TaskFormat, requested: str = "auto") -> tuple[str, bool]:
     """The metric used for model selection and whether higher is better (a chat task: the loss, since a
-    free-form reply rarely matches its reference exactly)."""
+    free-form reply rarely matches its reference exactly).
+
+    Raises:
+        ConfigError: a metric the LM objective does not measure (it has only loss/perplexity).
+    """
+    if fmt.objective == "lm":
+        if requested not in ("auto", "loss"):
+            raise ConfigError(f"--metric {requested} does not apply to --objective lm: it selects the prompt by "
+                             "held-out loss (--metric loss or auto)")
+        return "loss", False
     auto = "accuracy" if fmt.is_classification else ("loss" if is_chat(fmt) else "exact_match")
     name = requested if requested != "auto" else auto
     return name, name != "loss"

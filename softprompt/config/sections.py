@@ -49,8 +49,8 @@ class ModelArgs:
 class DataArgs:
     """The task: a built-in dataset or files, its template and verbalizer.
 
-    With neither ``--dataset`` nor files, ``train`` uses ``rotten_tomatoes`` and ``eval`` the dataset the
-    stored prompt was trained on.
+    With neither ``--dataset`` nor files, ``train`` uses ``rotten_tomatoes`` (``--objective lm``: the
+    ``hamlet`` corpus) and ``eval`` the dataset the stored prompt was trained on.
     """
 
     dataset: str | None = None
@@ -66,9 +66,11 @@ class DataArgs:
     max_validation_samples: int | None = 300
     max_test_samples: int | None = None
     data_seed: int = 13
+    objective: str = "task"  # "lm": plain text, every token a target (softprompt.data.corpus)
+    text_field: str | None = None  # --objective lm: the text field of .jsonl/.csv corpora
 
     def __post_init__(self):
-        problems = []
+        problems = objective_problems(self)
         for name in ("train_file", "validation_file", "test_file", "chat_template"):
             path = getattr(self, name)
             if path and not Path(path).is_file():
@@ -89,6 +91,35 @@ class DataArgs:
         caps = {"train": self.max_train_samples, "validation": self.max_validation_samples,
                 "test": self.max_test_samples}
         return {k: v for k, v in caps.items() if v is not None}
+
+
+def objective_problems(data: DataArgs) -> list[str]:
+    """Problems with ``--objective`` and the flags that depend on it (``--text-field``; the task flags)."""
+    from softprompt.data.builtin import BUILTIN_DATASETS
+    from softprompt.data.corpus import BUILTIN_CORPORA, OBJECTIVES
+    from softprompt.data.formats import SUPPORTED_SUFFIXES
+
+    if data.objective not in OBJECTIVES:
+        return [f"--objective must be one of {', '.join(OBJECTIVES)}, got {data.objective!r}"]
+    if data.objective == "task":
+        problems = [] if data.text_field is None else ["--text-field names the text of an --objective lm corpus; "
+                                                       "a task uses --template and --target-field"]
+        if data.dataset in BUILTIN_CORPORA:
+            problems.append(f"--dataset {data.dataset} is a text corpus: add --objective lm")
+        return problems
+    problems = [f"{flag(name)} does not apply to --objective lm (plain text: every token is a target)"
+                for name in ("template", "target_field", "verbalizer") if getattr(data, name) is not None]
+    if data.dataset is not None and data.dataset not in BUILTIN_CORPORA:
+        also = " (a task dataset: use --objective task)" if data.dataset in BUILTIN_DATASETS else ""
+        problems.append(f"--objective lm: --dataset {data.dataset} is not a built-in text corpus{also}; known: "
+                        f"{', '.join(BUILTIN_CORPORA)}")
+    for name in ("train_file", "validation_file", "test_file"):
+        path = getattr(data, name)
+        if path and Path(path).suffix.lower() in SUPPORTED_SUFFIXES and not data.text_field:
+            problems.append(f"{flag(name)} {path} holds records: name the field with the text, --text-field FIELD")
+    if data.text_field is not None and not data.text_field.strip():
+        problems.append("--text-field must not be empty")
+    return problems
 
 
 # PromptArgs fields that set a field of the method's config (flag -> config field); left unset, each takes the

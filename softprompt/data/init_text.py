@@ -56,7 +56,10 @@ def default_init_text(dataset: str | None, fmt: TaskFormat) -> str:
     :func:`task_init_text`.
     """
     from softprompt.data.builtin import BUILTIN_DATASETS
+    from softprompt.data.corpus import corpus_init_text
 
+    if fmt.objective == "lm":
+        return corpus_init_text(dataset)
     spec = BUILTIN_DATASETS.get(dataset or "")
     if spec is not None and fmt == spec.format:
         return spec.init_text

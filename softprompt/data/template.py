@@ -11,6 +11,7 @@ from __future__ import annotations
 import string
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 from softprompt.data.formats import DataError
 
@@ -90,6 +91,9 @@ class TaskFormat:
     target_field: str
     verbalizer: dict[str, str] | None = None
     target_prefix: str = " "
+    #: what training optimises: ``task`` (targets after a source); ``lm``: plain text
+    #: (:class:`~softprompt.data.corpus.CorpusFormat`)
+    objective: ClassVar[str] = "task"
 
     def __post_init__(self) -> None:
         problems = [f"--template {self.template!r} {p}" for p in placeholder_problems(self.template)]

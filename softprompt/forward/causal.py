@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from softprompt.data import Encoded, Example, encode, encode_chat, is_chat, leading_special_ids
+from softprompt.data.corpus import encode_corpus
 from softprompt.forward.common import (
     Decoded,
     InjectionError,
@@ -285,6 +286,7 @@ class CausalLM(Family):
     peft_task_type = "CAUSAL_LM"
     description = "a decoder-only language model"
     caches_prompt = True
+    models_text = True
 
     def from_pretrained(self, name_or_path, dtype, num_labels=None):
         from transformers import AutoModelForCausalLM
@@ -296,6 +298,8 @@ class CausalLM(Family):
         return leading_special_ids(tokenizer) if bos else []
 
     def encode_examples(self, tokenizer, examples, fmt, max_length, bos=True):
+        if fmt.objective == "lm":  # plain text: each example's target is one document, cut into chunks
+            return encode_corpus(tokenizer, [ex.target for ex in examples], max_length)
         if is_chat(fmt):  # conversations: the chat template's tokens (its own BOS), targets on assistant turns
             return encode_chat(tokenizer, examples, fmt, max_length)
         return encode(tokenizer, examples, max_length=max_length, append_eos=not fmt.is_classification,

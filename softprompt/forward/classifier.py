@@ -95,6 +95,9 @@ class EncoderClassifier(Family):
             name_or_path, dtype=dtype, num_labels=num_labels or 2, ignore_mismatched_sizes=True)
 
     def format_problem(self, model, fmt):
+        problem = super().format_problem(model, fmt)  # --objective lm
+        if problem:
+            return problem
         if not fmt.is_classification:
             return f"{type(model).__name__} is a sequence classifier: the task needs labels (--verbalizer)"
         return None

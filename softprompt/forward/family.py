@@ -47,6 +47,7 @@ class Family:
         generates: it has an LM head: it generates text, scores continuations and ranks label words.
         has_head: prompts train and serve with their own classification head (``PromptOutput.head``).
         served: the mixed-batch engine (:class:`~softprompt.engine.Engine`) serves it.
+        models_text: it trains on plain text (``--objective lm``, :mod:`softprompt.data.corpus`).
     """
 
     name: ClassVar[str]
@@ -56,6 +57,7 @@ class Family:
     generates: ClassVar[bool] = True
     has_head: ClassVar[bool] = False
     served: ClassVar[bool] = True
+    models_text: ClassVar[bool] = False
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} family {self.name!r}>"
@@ -67,6 +69,9 @@ class Family:
 
     def format_problem(self, model, fmt: TaskFormat) -> str | None:
         """Why a task format cannot train or evaluate on ``model``, or None when it fits."""
+        if fmt.objective == "lm" and not self.models_text:
+            return (f"--objective lm needs a decoder-only language model; {type(model).__name__} is "
+                    f"{self.description}")
         return None
 
     def lead_ids(self, tokenizer, bos: bool = True) -> list[int]:

@@ -44,6 +44,31 @@ def classifier_baselines(model, tokenizer, task: TaskData, args: dict, examples:
                                   max_length=data.max_length)[0] for name, prompt in conditions.items()}
 
 
+def lm_baselines(model, tokenizer, args: dict, prompt_text: str, examples: list[Example], kv_tuned,
+                 fmt) -> dict:
+    """The LM objective's report: held-out perplexity of the base model alone, of the init text as a hard
+    prompt and of the tuned prompt, all on the same tokens (every token after the first of each chunk).
+
+    k-shot prompting has no meaning for plain text and is skipped.
+    """
+    ev, data = args["eval"], args["data"]
+    conditions: dict[str, object] = {}
+    if "no_prompt" in ev.baselines:
+        conditions["base model (no prompt)"] = None
+    if "hard_prompt" in ev.baselines and prompt_text.strip():
+        conditions["init text as hard prompt"] = hard_prompt_kv(model, tokenizer, prompt_text.strip() + "\n")
+    if kv_tuned is not None:
+        conditions["tuned soft prompt"] = kv_tuned
+    if "k_shot" in ev.baselines:
+        log.info("--objective lm: the k-shot baseline does not apply to plain text: skipped")
+    t0 = time.perf_counter()
+    report = {name: evaluate_prompt(model, tokenizer, kv, examples, fmt, ev.eval_batch_size,
+                                    max_length=data.max_length)[0] for name, kv in conditions.items()}
+    log.info("evaluated %d conditions x %d documents in %.1fs", len(conditions), len(examples),
+             time.perf_counter() - t0)
+    return report
+
+
 def evaluate_with_baselines(model, tokenizer, task: TaskData, args: dict, prompt_text: str,
                             examples: list[Example], kv_tuned=None, tuned_bos: bool = True) -> dict:
     """Evaluate the tuned prompt (if given) and the requested baselines on ``examples``.
@@ -69,6 +94,8 @@ def evaluate_with_baselines(model, tokenizer, task: TaskData, args: dict, prompt
     """
     ev, data, fmt = args["eval"], args["data"], task.format
     family = family_of(model)
+    if fmt.objective == "lm":
+        return lm_baselines(model, tokenizer, args, prompt_text, examples, kv_tuned, fmt)
     if family.has_head:
         return classifier_baselines(model, tokenizer, task, args, examples, kv_tuned)
     if is_chat(fmt):

@@ -76,6 +76,10 @@ def evaluate_store(args: dict, store: str, tasks: list[str] | None = None, check
         if task_args.dataset is None and not task_args.uses_files() and not (record and record.dataset):
             for key in ("train_file", "validation_file", "test_file"):  # trained on files: use them again
                 setattr(task_args, key, recorded.get(key))
+        if record is not None and record.extra.get("objective") == "lm":
+            log.warning("%s was trained with --objective lm: its perplexity report is `softprompt eval --prompt "
+                        "DIR` (store evaluation runs tasks through the engine); skipped", name)
+            continue
         task = load_task_from_args(task_args, record)
         t0 = time.perf_counter()
         if is_chat(task.format):  # conversations: evaluated on the model directly (ensembles are never chat)

@@ -6,17 +6,23 @@ from pathlib import Path
 
 from softprompt.config import ConfigError, DataArgs, fit_max_length
 from softprompt.data import TaskData, TaskFormat, load_task, order_verbalizer, parse_verbalizer
+from softprompt.data.corpus import corpus_record, load_corpus_from_args
 from softprompt.store.task_record import TaskRecord
 
 
 def task_meta(data_args: DataArgs, fmt: TaskFormat) -> dict:
     """The ``task`` record stored with a prompt trained on ``fmt`` (labels: a classification head's order)."""
+    if fmt.objective == "lm":
+        return corpus_record(data_args, fmt)
     return TaskRecord.from_format(fmt, data_args.dataset).to_dict()
 
 
 def load_task_from_args(data_args: DataArgs, stored_task: TaskRecord | None = None,
                         classifier: bool = False) -> TaskData:
     """Load the task; unset data flags fall back to the stored prompt's task, then to rotten_tomatoes.
+
+    With ``--objective lm``, or a stored prompt trained with it, the task is a text corpus
+    (:func:`softprompt.data.corpus.load_corpus_from_args`: unset data flags take the recorded corpus and split).
 
     Args:
         data_args: the ``data`` section; a ``dataset`` taken from the stored task or the default is written
@@ -30,6 +36,8 @@ def load_task_from_args(data_args: DataArgs, stored_task: TaskRecord | None = No
         ConfigError: ``--verbalizer`` names other labels than a classifier prompt's head.
     """
     stored_task = stored_task or TaskRecord()
+    if data_args.objective == "lm" or stored_task.extra.get("objective") == "lm":  # plain text
+        return load_corpus_from_args(data_args, stored_task.extra.get("corpus"))
     dataset = data_args.dataset
     if dataset is None and not data_args.uses_files():
         dataset = stored_task.dataset or "rotten_tomatoes"

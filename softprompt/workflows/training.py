@@ -19,7 +19,7 @@ import torch
 from softprompt import methods
 from softprompt.config import ConfigError, to_yaml
 from softprompt.data import default_init_text
-from softprompt.evaluate import format_report
+from softprompt.evaluate import format_report, primary_metric
 from softprompt.forward import family_of
 from softprompt.methods import PromptMethod
 from softprompt.plots import plot_curves
@@ -68,6 +68,7 @@ def train_and_save(args: dict, store: str | None = None, store_task: str | None 
         on a data-parallel run's other processes (the first one evaluates and saves).
     """
     task = load_task_from_args(args["data"])
+    primary_metric(task.format, args["train"].metric)  # refuses a metric the objective does not measure
     task.examples("train")  # fail before anything is written or loaded if there is nothing to train on
     if args["prompt"].init_text is None:  # fits the task being trained; config.yaml records the text used
         args["prompt"].init_text = default_init_text(args["data"].dataset, task.format)
@@ -76,15 +77,16 @@ def train_and_save(args: dict, store: str | None = None, store_task: str | None 
     (out / "config.yaml").write_text(to_yaml(args))
     fmt = task.format
     print(f"task: {args['data'].dataset or args['data'].train_file}  "
-          + "  ".join(f"{k}={len(v)}" for k, v in task.splits.items()))
+          + "  ".join(f"{k}={len(v)}" for k, v in task.splits.items())
+          + (f" documents; {fmt.note}" if fmt.objective == "lm" else ""))
     t0 = time.perf_counter()
     model, tok = load_model_from_args(args, num_labels=len(fmt.labels) if fmt.is_classification else None)
     log.info("loaded %s in %.1fs", args["model"].model, time.perf_counter() - t0)
     if family_of(model).format_problem(model, fmt):
         raise ConfigError(f"--model {args['model'].model} is loaded as a sequence classifier (--task-type "
                           "seq_cls): the task needs labels (--verbalizer)")
-    counts = Counter(t for ex in task.examples("train")
-                     for t in tok(ex.source, add_special_tokens=False)["input_ids"])
+    counts = Counter(t for ex in task.examples("train")  # a corpus's documents are targets with no source
+                     for t in tok(ex.source or ex.target, add_special_tokens=False)["input_ids"])
     try:
         method = methods.build_method(args["prompt"].method, args["prompt"].method_config(args["train"].seed),
                                       model, tok, label_texts=fmt.label_texts if fmt.is_classification else None,
@@ -121,7 +123,8 @@ def train_and_save(args: dict, store: str | None = None, store_task: str | None 
         with torch.no_grad():
             kv = family_of(model).inference_prompt(model, tuned())
         report = evaluate_with_baselines(model, tok, task, args, args["prompt"].init_text, task.examples(split), kv)
-        print(f"\n{split} split ({len(task.examples(split))} examples):")
+        unit = "documents" if fmt.objective == "lm" else "examples"
+        print(f"\n{split} split ({len(task.examples(split))} {unit}):")
         print(format_report(report))
         (out / "eval.json").write_text(json.dumps(report, indent=2))
     save_prompt(out / "prompt", tuned, model, task=meta, train_config=train_cfg,
