@@ -11,11 +11,10 @@ not (one that rewrites earlier turns, say) is refused rather than guessed at.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from softprompt.data.formats import DataError
-from softprompt.data.template import MAX_LISTED_PROBLEMS, Example, TaskFormat
+from softprompt.data.template import Example, TaskFormat
 
 ROLES = ("system", "user", "assistant")
 MESSAGES_FIELD = "messages"
@@ -127,27 +126,6 @@ class ChatFormat(TaskFormat):
         last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
         source = "\n".join(m["content"] for m in messages[:last])
         return ChatExample(source, messages[last]["content"], None, messages)
-
-    def validate_records(self, records: Sequence[dict], source_name: str,
-                         lines: Sequence[int] | None = None) -> list[Example]:
-        return _validate_all(self, records, source_name, lines)
-
-
-def _validate_all(fmt: ChatFormat, records, source_name, lines) -> list[Example]:
-    examples, problems, n_bad = [], [], 0
-    for i, record in enumerate(records):
-        where = f"{source_name} line {lines[i]}" if lines is not None else f"{source_name} record {i + 1}"
-        try:
-            examples.append(fmt.render(record, where))
-        except DataError as e:
-            n_bad += 1
-            if len(problems) < MAX_LISTED_PROBLEMS:
-                problems.append(str(e))
-    if n_bad:
-        more = f"\n  ... and {n_bad - len(problems)} more" if n_bad > len(problems) else ""
-        raise DataError(f"{source_name}: {n_bad} of {len(records)} records are invalid:\n  "
-                        + "\n  ".join(problems) + more)
-    return examples
 
 
 def _model_name(tokenizer) -> str:
