@@ -2,7 +2,7 @@
 
 An encoder (BERT, RoBERTa, DeBERTa, ...) has no language-model head to rank label words with, so the task
 trains a soft prompt together with the model's sequence-classification head (as PEFT's ``SEQ_CLS`` task
-type does). The head's tensors are owned here, not by the frozen model: :mod:`softprompt.inject` runs the
+type does). The head's tensors are owned here, not by the frozen model: :mod:`softprompt.forward` runs the
 model with these tensors substituted for its own head (``torch.func.functional_call``), so one frozen
 model serves any number of tasks, each with its own head and number of labels.
 

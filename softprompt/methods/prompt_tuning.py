@@ -102,7 +102,7 @@ class PromptTuning(PromptMethod):
     def __init__(self, config: PromptTuningConfig, embeddings: torch.Tensor):
         super().__init__(config)
         # kept in fp32 whatever the model dtype: the update of a tiny parameter is cheap and bf16 would
-        # swallow small Adafactor/AdamW steps; inject.py casts to the model dtype.
+        # swallow small Adafactor/AdamW steps; softprompt.forward casts to the model dtype.
         self.embeddings = nn.Parameter(embeddings.detach().to(torch.float32).clone())  # (P, H)
         self.dropout = nn.Dropout(config.dropout)
 
