@@ -22,7 +22,8 @@ from tests.conftest import WORD_IDS, make_model, make_tokenizer
 from tests.test_seq2seq import make_t5
 from tests.test_seq_cls import make_encoder
 
-CONTEXT = "Review : the movie was very good . Sentiment : positive . Review : the film was awful . Sentiment : negative ."
+CONTEXT = ("Review : the movie was very good . Sentiment : positive . "
+           "Review : the film was awful . Sentiment : negative .")
 INPUTS = ["the plot was great", "a movie", "the film is bad", "the plot is not good", "very awful film",
           "the movie was great", "the film was not bad", "a plot", "the movie is very good", "Review : awful",
           "the film was very good", "a great plot", "the movie is not awful", "Sentiment : good"]
@@ -178,3 +179,13 @@ def test_other_model_families_are_refused(tiny_dirs, capsys, kind):
                  "--output-dir", str(tmp / "run")]) == 2
     err = capsys.readouterr().err
     assert "softprompt distill: error: softprompt distill needs a decoder-only language model" in err
+
+
+def test_inputs_from_a_record_file_need_their_field(tiny_dirs, capsys):
+    tmp = tiny_dirs
+    path = tmp / "inputs.jsonl"
+    path.write_text("".join(json.dumps({"q": s}) + "\n" for s in INPUTS))
+    assert run_distill(tmp, "--inputs-file", str(path), "--max-steps", "1") == 2
+    assert "holds records: name the input field, --text-field FIELD" in capsys.readouterr().err
+    assert run_distill(tmp, "--inputs-file", str(path), "--text-field", "q", "--max-steps", "1") == 0
+    assert json.loads((tmp / "run" / "distill.json").read_text())["train_inputs"] == 10

@@ -100,7 +100,8 @@ def read_inputs(path: str | Path, text_field: str | None = None) -> list[str]:
         bad = [str(line) for r, line in zip(records, lines, strict=True)
                if not isinstance(r.get(text_field), str) or not r[text_field].strip()]
         if bad:
-            raise DataError(f"--inputs-file {path.name}: no text in field {text_field!r} on line(s) {', '.join(bad[:10])}")
+            raise DataError(f"--inputs-file {path.name}: no text in field {text_field!r} on line(s) "
+                            f"{', '.join(bad[:10])}")
         texts = [r[text_field].strip() for r in records]
     else:
         try:
