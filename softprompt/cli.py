@@ -1,4 +1,4 @@
-"""Command line: ``softprompt train | tune | eval | generate | serve | compare | inspect | store | ensemble``.
+"""Command line: ``softprompt train | tune | eval | generate | serve | compare | distill | inspect | store``.
 
 Each subcommand is a plain function that checks its flags, resolves the config sections and calls what
 does the work: :mod:`softprompt.workflows` (train, eval, generate), :mod:`softprompt.server.assemble`
@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from softprompt.cli_compare import add_compare_parser
+from softprompt.cli_distill import add_distill_parser
 from softprompt.cli_inspect import add_inspect_parser
 from softprompt.cli_store import add_store_parsers
 from softprompt.config import (
@@ -249,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_serve)
 
     add_compare_parser(sub)
+    add_distill_parser(sub, _add_section, _resolve)
     add_store_parsers(sub)
     add_inspect_parser(sub)
     return parser

@@ -231,7 +231,8 @@ def _load_checkpoint(out: Path, method: PromptMethod, opt, sched,
 def train(model, tokenizer, method: PromptMethod, task: TaskData, args: TrainArgs,
           save_best: Callable[[PromptMethod, dict], None] | None = None,
           eval_batch_size: int = 32, max_length: int = 256,
-          on_step: Callable[[int], None] | None = None) -> TrainResult:
+          on_step: Callable[[int], None] | None = None,
+          loss_fn: Callable[..., torch.Tensor] | None = None) -> TrainResult:
     """Train ``method``'s parameters against the frozen ``model``.
 
     Args:
@@ -244,6 +245,8 @@ def train(model, tokenizer, method: PromptMethod, task: TaskData, args: TrainArg
         eval_batch_size: batch size for validation.
         max_length: token budget per example.
         on_step: called after every optimizer step with the step number (tests use it to simulate a kill).
+        loss_fn: ``loss_fn(model, batch, prompt)``, the loss of a micro-batch in place of the family's
+            (``family.loss``), e.g. a distillation loss; the batches are the family's encoding of ``task``.
 
     Returns:
         The :class:`TrainResult`; ``best_state`` holds the best validation step's method state.
@@ -269,6 +272,7 @@ def train(model, tokenizer, method: PromptMethod, task: TaskData, args: TrainArg
     per_step = args.batch_size * args.grad_accum
     steps_per_epoch = max(1, len(train_enc) // per_step)
     total = args.max_steps or steps_per_epoch * args.epochs
+    loss_fn = loss_fn or family.loss
     params = [p for p in method.parameters() if p.requires_grad]
     opt = build_optimizer(params, args)
     guard = DivergenceGuard(args.divergence_guard, args.spike_factor, args.max_rollbacks)
@@ -305,7 +309,7 @@ def train(model, tokenizer, method: PromptMethod, task: TaskData, args: TrainArg
             for mb in group:
                 mb = mb.to(model.device)
                 prompt = family.step_prompt(model, method(), pass_mode)
-                loss = family.loss(model, mb, prompt) / len(group)
+                loss = loss_fn(model, mb, prompt) / len(group)
                 loss.backward()
                 loss_sum += float(loss.detach())
                 tokens += mb.num_tokens

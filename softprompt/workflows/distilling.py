@@ -1,0 +1,244 @@
+"""``softprompt distill``: compress a long hard context into ``P`` virtual tokens (context distillation).
+
+The teacher is the frozen model with the context in front (its keys/values computed once,
+:mod:`softprompt.forward.distill`); the student is the model with the soft prompt. The prompt is trained
+with :func:`softprompt.train.train` (the one loop: optimizer, schedule, clipping, guard, checkpoints) whose
+loss is KL(teacher || student) of the next-token distributions at every input position.
+
+Inputs come from a file (one per line, or a field of a record file) or are sampled from the model itself
+after the context (``--sample-inputs N``: temperature 1, ``--sample-length`` tokens each, seeded by
+``--data-seed``). A seeded ``--held-out`` share of them is kept out of training for the report: the mean KL
+of the student at init and after training, of the base model without the context (a reference), greedy
+agreement with the teacher, and the tokens a request saves (context tokens - ``P``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from softprompt import methods
+from softprompt.config import ConfigError, check_real, keep_problems, raise_problems, to_yaml
+from softprompt.data import DataError, Encoded, Example, TaskData, collate
+from softprompt.data.corpus import CorpusFormat, encode_corpus
+from softprompt.data.formats import SUPPORTED_SUFFIXES, load_records_with_lines
+from softprompt.forward import family_of
+from softprompt.forward.distill import (
+    context_teacher,
+    distill_loss,
+    greedy_pair,
+    kl_per_position,
+    pair_logprobs,
+    sample_after_context,
+)
+from softprompt.store import PromptStore, save_prompt
+from softprompt.train import train
+from softprompt.workflows.loading import load_model_from_args
+
+
+@dataclass
+class DistillArgs:
+    """The context, the inputs and the report of ``softprompt distill``."""
+
+    context: str | None = None
+    context_file: str | None = None
+    inputs_file: str | None = None
+    text_field: str | None = None
+    sample_inputs: int = 0
+    sample_length: int = 24
+    held_out: float = 0.1
+    distill_temperature: float = 1.0
+    max_new_tokens: int = 8
+    max_length: int = 256
+    data_seed: int = 13
+
+    def __post_init__(self):
+        problems = []
+        if bool(self.context) == bool(self.context_file):
+            problems.append("give the context: --context TEXT or --context-file FILE (one of them)")
+        if self.context_file and not Path(self.context_file).is_file():
+            problems.append(f"--context-file {self.context_file}: no such file")
+        if bool(self.inputs_file) == bool(self.sample_inputs):
+            problems.append("give the inputs: --inputs-file FILE or --sample-inputs N (one of them)")
+        if self.inputs_file and not Path(self.inputs_file).is_file():
+            problems.append(f"--inputs-file {self.inputs_file}: no such file")
+        for name, least in (("sample_inputs", 0), ("sample_length", 1), ("max_new_tokens", 1), ("max_length", 2)):
+            if getattr(self, name) < least:
+                problems.append(f"--{name.replace('_', '-')} must be >= {least}, got {getattr(self, name)}")
+        keep_problems(problems, check_real("--held-out", self.held_out, lambda v: 0 < v < 1, "in (0, 1)"),
+                      check_real("--distill-temperature", self.distill_temperature, lambda v: v > 0, "> 0"))
+        raise_problems(problems)
+
+    def context_text(self) -> str:
+        """The context, read from ``--context-file`` or given by ``--context``."""
+        if self.context is not None:
+            return self.context
+        try:
+            return Path(self.context_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise DataError(f"cannot read --context-file {self.context_file}: {e}") from None
+
+
+def read_inputs(path: str | Path, text_field: str | None = None) -> list[str]:
+    """Inputs of a file: one per non-blank line of a text file, or ``text_field`` of each record of a
+    ``.jsonl``/``.json``/``.csv``/``.tsv`` file.
+
+    Raises:
+        DataError: unreadable file, a record file without ``text_field``, a record without that text, no input.
+    """
+    path = Path(path)
+    if path.suffix.lower() in SUPPORTED_SUFFIXES:
+        if not text_field:
+            raise DataError(f"--inputs-file {path.name} holds records: name the input field, --text-field FIELD")
+        records, lines = load_records_with_lines(path)
+        bad = [str(line) for r, line in zip(records, lines, strict=True)
+               if not isinstance(r.get(text_field), str) or not r[text_field].strip()]
+        if bad:
+            raise DataError(f"--inputs-file {path.name}: no text in field {text_field!r} on line(s) "
+                            f"{', '.join(bad[:10])}")
+        texts = [r[text_field].strip() for r in records]
+    else:
+        try:
+            texts = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise DataError(f"cannot read --inputs-file {path}: {e}") from None
+    if not texts:
+        raise DataError(f"--inputs-file {path.name}: no inputs")
+    return texts
+
+
+def split_held_out(items: list, share: float, seed: int) -> tuple[list, list]:
+    """``(train, held_out)``: a seeded ``share`` of ``items`` (at least one) held out; both keep their order."""
+    k = max(1, round(len(items) * share))
+    if len(items) < k + 1:
+        raise DataError(f"{len(items)} input(s): too few to hold out {k} for the report and train on the rest")
+    order = list(range(len(items)))
+    random.Random(f"{seed}:distill-held-out").shuffle(order)
+    held = set(order[:k])
+    return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
+
+
+def held_out_kl(model, teacher, encoded: list[Encoded], prompt, pad_id: int, batch_size: int = 16) -> float:
+    """Mean KL(teacher || ``prompt``) over every compared position of ``encoded`` (temperature 1)."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(encoded), batch_size):
+            batch = collate(encoded[i:i + batch_size], pad_id).to(model.device)
+            kl = kl_per_position(*pair_logprobs(model, teacher, batch.input_ids, batch.attention_mask, prompt))
+            total, count = total + float(kl.sum()), count + kl.numel()
+    return total / max(count, 1)
+
+
+def agreement(teacher_out: list[list[int]], other: list[list[int]]) -> dict:
+    """Exact (whole continuation) and token-level (same token at the same step) agreement with the teacher."""
+    tokens = sum(len(t) for t in teacher_out)
+    same = sum(a == b for t, o in zip(teacher_out, other, strict=True) for a, b in zip(t, o, strict=False))
+    exact = sum(t == o for t, o in zip(teacher_out, other, strict=True))
+    return {"greedy_exact": exact / len(teacher_out), "greedy_token": same / max(tokens, 1)}
+
+
+def distill_and_save(args: dict, distill: DistillArgs, store: str | None = None,
+                     store_task: str | None = None) -> dict:
+    """Distill the context into a prompt, report against the teacher on held-out inputs, save it.
+
+    Args:
+        args: resolved ``model``, ``prompt`` and ``train`` sections.
+        distill: the context, inputs and report settings.
+        store: also add the prompt to this store (created if missing).
+        store_task: its task name there.
+
+    Returns:
+        The report written to ``distill.json``.
+
+    Raises:
+        ConfigError: the model is not a decoder-only LM, or the method does not fit it.
+        DataError: unreadable context or inputs, too few inputs.
+    """
+    context = distill.context_text()
+    if not context.strip():
+        raise DataError("the context is empty")
+    texts = read_inputs(distill.inputs_file, distill.text_field) if distill.inputs_file else None
+    out = Path(args["train"].output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model, tok = load_model_from_args(args)
+    family = family_of(model)
+    if not (family.caches_prompt and family.models_text):
+        raise ConfigError(f"softprompt distill needs a decoder-only language model (the teacher reads the context "
+                          f"as cached keys/values); --model {args['model'].model} is loaded as {family.description}")
+    teacher = context_teacher(model, tok, context)
+    if texts is None:  # sampled from the model itself, after the context
+        samples = sample_after_context(model, teacher, distill.sample_inputs, distill.sample_length, distill.data_seed)
+        texts = [t for t in (tok.decode(s, skip_special_tokens=True).strip() for s in samples) if t]
+        source = (f"{len(texts)} continuations of the context sampled from the model (temperature 1, "
+                  f"{distill.sample_length} tokens, seed {distill.data_seed})")
+    else:
+        source = f"{len(texts)} inputs from {distill.inputs_file}"
+    train_texts, held_texts = split_held_out(texts, distill.held_out, distill.data_seed)
+    print(f"context: {teacher.num_tokens} tokens; inputs: {source}; {len(held_texts)} held out")
+    if args["prompt"].init_text is None:  # text init: the prompt starts as the context's first P tokens
+        first = tok(context, add_special_tokens=False)["input_ids"][:args["prompt"].num_virtual_tokens or None]
+        args["prompt"].init_text = tok.decode(first).strip() or context
+    (out / "config.yaml").write_text(to_yaml({**args, "distill": distill}))
+    try:
+        method = methods.build_method(args["prompt"].method, args["prompt"].method_config(args["train"].seed),
+                                      model, tok)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    p = method.config.num_virtual_tokens
+    fmt = CorpusFormat(note=source)
+    held = encode_corpus(tok, held_texts, distill.max_length)
+    if not held:
+        raise DataError("the held-out inputs have no text to compare on (each needs at least 2 tokens)")
+    held_ids = [e.input_ids for e in held]
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+
+    def measure(prompt) -> dict:
+        t_out, o_out = greedy_pair(model, teacher, held_ids, prompt, distill.max_new_tokens)
+        return {"kl": held_out_kl(model, teacher, held, prompt, pad), **agreement(t_out, o_out)}
+
+    method.to(model.device).eval()
+    with torch.no_grad():
+        rows = {"no context (base model)": measure(None),
+                "soft prompt at init": measure(family.inference_prompt(model, method()))}
+    temp = distill.distill_temperature
+    result = train(model, tok, method, TaskData(format=fmt, splits={"train": [Example("", t) for t in train_texts]}),
+                   args["train"], max_length=distill.max_length,
+                   loss_fn=lambda m, batch, prompt: distill_loss(m, teacher, batch, prompt, temp))
+    method.eval()
+    with torch.no_grad():
+        rows["distilled soft prompt"] = measure(family.inference_prompt(model, method()))
+    report = {"context_tokens": teacher.num_tokens, "num_virtual_tokens": p,
+              "tokens_saved_per_request": teacher.num_tokens - p, "inputs": source, "train_inputs": len(train_texts),
+              "held_out_inputs": len(held_texts), "max_new_tokens": distill.max_new_tokens, "steps": result.steps,
+              "diverged": result.diverged, "held_out": rows}
+    record = {"template": None, "target_field": None, "verbalizer": None, "target_prefix": None,
+              "objective": "distill",
+              "distilled_from": {"context_tokens": teacher.num_tokens,
+                                 "context_sha256": hashlib.sha256(context.encode("utf-8")).hexdigest(),
+                                 "inputs": source, "temperature": temp}}
+    train_cfg = {k: dataclasses.asdict(v) for k, v in {**args, "distill": distill}.items()}
+    save_prompt(out / "prompt", method, model, task=record, train_config=train_cfg, metrics=report, overwrite=True)
+    (out / "distill.json").write_text(json.dumps(report, indent=2))
+    print(format_distill_report(report))
+    print(f"saved prompt to {out / 'prompt'}  (report: {out / 'distill.json'}, log: {out / 'metrics.jsonl'})")
+    if store and not result.diverged:
+        PromptStore(store, create=not Path(store).exists()).add(store_task, out / "prompt", overwrite=True)
+        print(f"added to store {store} as task {store_task!r}")
+    return report
+
+
+def format_distill_report(report: dict) -> str:
+    """The report as a small table: one row per student, against the teacher on the held-out inputs."""
+    lines = [f"held-out inputs: {report['held_out_inputs']}; greedy: {report['max_new_tokens']} tokens",
+             f"{'':26} {'KL(teacher||.)':>14} {'greedy exact':>12} {'greedy tokens':>13}"]
+    for name, m in report["held_out"].items():
+        lines.append(f"{name:26} {m['kl']:14.4f} {m['greedy_exact']:12.3f} {m['greedy_token']:13.3f}")
+    lines.append(f"tokens saved per request: {report['tokens_saved_per_request']} "
+                 f"(context {report['context_tokens']} - prompt {report['num_virtual_tokens']})")
+    return "\n".join(lines)

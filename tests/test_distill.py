@@ -1,0 +1,191 @@
+"""softprompt distill: the cached-context teacher, the KL against a full-logits reference, a short distillation
+run, the stored result and the flag errors."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import PreTrainedTokenizerFast
+
+from softprompt.cli import main
+from softprompt.data import collate, leading_special_ids
+from softprompt.data.tokenize import Encoded
+from softprompt.forward import compute_prompt_kv
+from softprompt.forward.distill import context_teacher, distill_loss, pair_logprobs
+from softprompt.store import PromptStore, load_prompt
+from tests.conftest import WORD_IDS, make_model, make_tokenizer
+from tests.test_seq2seq import make_t5
+from tests.test_seq_cls import make_encoder
+
+CONTEXT = ("Review : the movie was very good . Sentiment : positive . "
+           "Review : the film was awful . Sentiment : negative .")
+INPUTS = ["the plot was great", "a movie", "the film is bad", "the plot is not good", "very awful film",
+          "the movie was great", "the film was not bad", "a plot", "the movie is very good", "Review : awful",
+          "the film was very good", "a great plot", "the movie is not awful", "Sentiment : good"]
+
+
+def bos_tokenizer() -> PreTrainedTokenizerFast:
+    """The test vocabulary with a BOS ([EOS]'s id stands in for it) put in front of every text."""
+    inner = Tokenizer(models.WordLevel(WORD_IDS, unk_token="[UNK]"))
+    inner.pre_tokenizer = pre_tokenizers.Whitespace()
+    inner.post_processor = processors.TemplateProcessing(single="[EOS] $A", special_tokens=[("[EOS]", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=inner, pad_token="[PAD]", eos_token="[EOS]", unk_token="[UNK]")
+
+
+def full_logprobs(model, embeds: torch.Tensor) -> torch.Tensor:
+    """HF's own forward over one row of input embeddings: ``(L, V)`` log-probabilities."""
+    return torch.log_softmax(model(inputs_embeds=embeds[None]).logits[0].float(), dim=-1)
+
+
+def reference(model, tok, prompt: torch.Tensor, x: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher (context ids concatenated in front of the input, one forward) and student (prompt embeddings,
+    BOS, input) log-probabilities after the context and after every input token, aligned: two ``(n, V)``."""
+    lead = leading_special_ids(tok)
+    ctx = lead + tok(CONTEXT, add_special_tokens=False)["input_ids"]
+    emb = model.get_input_embeddings()
+    t = full_logprobs(model, emb(torch.tensor(ctx + x)))  # (len(ctx)+len(x), V)
+    s = full_logprobs(model, torch.cat([prompt, emb(torch.tensor(lead + x))]))  # (P+len(lead)+len(x), V)
+    skip = 0 if lead else 1  # without a BOS the student has no position for "right after the context"
+    p, n = prompt.shape[0], len(x) + 1 - skip
+    return t[len(ctx) - 1 + skip:][:n], s[p + len(lead) - 1 + skip:][:n]
+
+
+@pytest.mark.parametrize("make_tok", [make_tokenizer, bos_tokenizer], ids=["no-bos", "bos"])
+def test_cached_context_teacher_equals_the_context_concatenated_into_the_input(make_tok):
+    model, tok = make_model("llama"), make_tok()
+    teacher = context_teacher(model, tok, CONTEXT)
+    assert teacher.num_tokens == len(CONTEXT.split())
+    xs = [tok(s, add_special_tokens=False)["input_ids"] for s in INPUTS[:3]]
+    batch = collate([Encoded(x, 1) for x in xs], pad_id=0)  # right-padded rows of different lengths
+    prompt = torch.randn(3, 32) * 0.5
+    with torch.no_grad():
+        t_lp, s_lp = pair_logprobs(model, teacher, batch.input_ids, batch.attention_mask, prompt)
+        refs = [reference(model, tok, prompt, x) for x in xs]
+    torch.testing.assert_close(t_lp, torch.cat([r[0] for r in refs]), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(s_lp, torch.cat([r[1] for r in refs]), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("make_tok", [make_tokenizer, bos_tokenizer], ids=["no-bos", "bos"])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_distill_loss_equals_a_full_logits_reference_kl_with_its_gradient(make_tok, temperature):
+    model, tok = make_model("llama"), make_tok()
+    teacher = context_teacher(model, tok, CONTEXT)
+    xs = [tok(s, add_special_tokens=False)["input_ids"] for s in INPUTS[3:6]]
+    batch = collate([Encoded(x, 1) for x in xs], pad_id=0)
+    prompt = (torch.randn(4, 32) * 0.5).requires_grad_()
+    loss = distill_loss(model, teacher, batch, compute_prompt_kv(model, prompt), temperature)  # shared-KV pass
+    (grad,) = torch.autograd.grad(loss, prompt)
+    ref_prompt = prompt.detach().clone().requires_grad_()
+    kls = []
+    for x in xs:  # independent: HF logits, temperature on the logits, torch's kl_div
+        t, s = reference(model, tok, ref_prompt, x)
+        t, s = torch.log_softmax(t / temperature, -1), torch.log_softmax(s / temperature, -1)
+        kls.append(F.kl_div(s, t.detach(), log_target=True, reduction="none").sum(-1))
+    ref = torch.cat(kls).mean() * temperature ** 2
+    (ref_grad,) = torch.autograd.grad(ref, ref_prompt)
+    torch.testing.assert_close(loss, ref, atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(grad, ref_grad, atol=1e-6, rtol=1e-3)
+    assert float(loss.detach()) > 0
+    concat = distill_loss(model, teacher, batch, prompt.detach(), temperature)  # the concat pass: same value
+    torch.testing.assert_close(concat, loss.detach(), atol=1e-6, rtol=1e-4)
+
+
+@pytest.fixture
+def tiny_dirs(tmp_path):
+    d = tmp_path / "llama"
+    make_model("llama").save_pretrained(d)
+    make_tokenizer().save_pretrained(d)
+    (tmp_path / "ctx.txt").write_text(CONTEXT + "\n")
+    (tmp_path / "inputs.txt").write_text("\n".join(INPUTS) + "\n")
+    return tmp_path
+
+
+def run_distill(tmp_path, *extra: str) -> int:
+    return main(["distill", "--model", str(tmp_path / "llama"), "--context-file", str(tmp_path / "ctx.txt"),
+                 "--num-virtual-tokens", "4", "--init", "random", "--init-scale", "0.5", "--batch-size", "4",
+                 "--optimizer", "adamw", "--lr", "0.02", "--warmup-steps", "0", "--schedule", "constant",
+                 "--held-out", "0.3", "--max-new-tokens", "4", "--output-dir", str(tmp_path / "run"), *extra])
+
+
+def test_distillation_lowers_held_out_kl_and_saves_a_stored_prompt(tiny_dirs, capsys):
+    tmp = tiny_dirs
+    rc = run_distill(tmp, "--inputs-file", str(tmp / "inputs.txt"), "--max-steps", "60",
+                     "--store", str(tmp / "store"), "--task", "reviews")
+    assert rc == 0
+    report = json.loads((tmp / "run" / "distill.json").read_text())
+    rows = report["held_out"]
+    init, after = rows["soft prompt at init"]["kl"], rows["distilled soft prompt"]["kl"]
+    assert after < 0.3 * init, rows  # a clear margin
+    assert after < rows["no context (base model)"]["kl"]
+    assert report["held_out_inputs"] == 4 and report["train_inputs"] == 10
+    assert report["context_tokens"] == len(CONTEXT.split()) and report["tokens_saved_per_request"] == 23 - 4
+    for m in rows.values():
+        assert 0 <= m["greedy_exact"] <= 1 and 0 <= m["greedy_token"] <= 1
+    out = capsys.readouterr().out
+    assert "distilled soft prompt" in out and "tokens saved per request: 19" in out
+    # a normal stored prompt: it loads, records where it came from, and serves from the store's engine
+    model = make_model("llama")
+    stored = load_prompt(tmp / "run" / "prompt", model)
+    source = stored.meta["task"]["distilled_from"]
+    assert source["context_tokens"] == 23
+    assert source["context_sha256"] == hashlib.sha256((CONTEXT + "\n").encode()).hexdigest()
+    assert stored.meta["metrics"]["held_out"]["distilled soft prompt"]["kl"] == after
+    assert "reviews" in PromptStore(tmp / "store").names()
+    assert main(["generate", "--model", str(tmp / "llama"), "--store", str(tmp / "store"), "--task", "reviews",
+                 "--input", "the movie", "--max-new-tokens", "3"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["task"] == "reviews"
+
+
+def test_sampled_inputs_are_seeded(tiny_dirs):
+    tmp = tiny_dirs
+    texts = []
+    for run in ("a", "b"):
+        assert run_distill(tmp, "--sample-inputs", "6", "--sample-length", "5", "--max-steps", "2",
+                           "--output-dir", str(tmp / run)) == 0
+        texts.append(json.loads((tmp / run / "distill.json").read_text()))
+    assert texts[0]["inputs"].startswith("6 continuations of the context sampled from the model")
+    assert texts[0]["held_out"]["soft prompt at init"] == texts[1]["held_out"]["soft prompt at init"]
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--inputs-file", "X"], "give the context: --context TEXT or --context-file FILE"),
+    (["--context", "a movie"], "give the inputs: --inputs-file FILE or --sample-inputs N"),
+    (["--context", "a movie", "--context-file", "X", "--sample-inputs", "4"], "one of them"),
+    (["--context", "a movie", "--sample-inputs", "4", "--held-out", "1.5"], "--held-out must be in (0, 1)"),
+])
+def test_flag_errors_are_clear(tmp_path, capsys, flags, message):
+    assert main(["distill", "--model", str(tmp_path), *flags]) == 2
+    err = capsys.readouterr().err
+    assert "softprompt distill: error:" in err and message in err
+
+
+@pytest.mark.parametrize("kind", ["seq2seq", "classifier"])
+def test_other_model_families_are_refused(tiny_dirs, capsys, kind):
+    tmp = tiny_dirs
+    if kind == "seq2seq":
+        make_t5().save_pretrained(tmp / "t5")
+        make_tokenizer().save_pretrained(tmp / "t5")
+        flags = ["--model", str(tmp / "t5")]
+    else:
+        make_encoder("bert").save_pretrained(tmp / "bert")
+        make_tokenizer().save_pretrained(tmp / "bert")
+        flags = ["--model", str(tmp / "bert"), "--task-type", "seq_cls"]
+    assert main(["distill", *flags, "--context-file", str(tmp / "ctx.txt"), "--sample-inputs", "4",
+                 "--output-dir", str(tmp / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "softprompt distill: error: softprompt distill needs a decoder-only language model" in err
+
+
+def test_inputs_from_a_record_file_need_their_field(tiny_dirs, capsys):
+    tmp = tiny_dirs
+    path = tmp / "inputs.jsonl"
+    path.write_text("".join(json.dumps({"q": s}) + "\n" for s in INPUTS))
+    assert run_distill(tmp, "--inputs-file", str(path), "--max-steps", "1") == 2
+    assert "holds records: name the input field, --text-field FIELD" in capsys.readouterr().err
+    assert run_distill(tmp, "--inputs-file", str(path), "--text-field", "q", "--max-steps", "1") == 0
+    assert json.loads((tmp / "run" / "distill.json").read_text())["train_inputs"] == 10
