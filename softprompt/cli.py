@@ -27,12 +27,12 @@ from softprompt.config import (
     ConfigError,
     build_args,
     check_file_to_write,
-    check_folder_to_create,
     field_type,
     flag,
     generate_flag_problems,
     given,
     load_yaml,
+    store_task_problems,
     to_yaml,
 )
 from softprompt.config.sections import method_default_help
@@ -74,19 +74,8 @@ def _resolve(ns: argparse.Namespace, sections: list[str], problems: list[str] | 
 
 def cmd_train(ns: argparse.Namespace) -> int:
     """Train a prompt, evaluate it against the baselines on the test split, save it."""
-    problems = []
-    if bool(ns.store) != bool(ns.task):
-        problems.append("--store and --task go together: --store DIR --task NAME")
-    if ns.store:
-        problems.append(check_folder_to_create("--store", ns.store))
-    if ns.task:
-        from softprompt.store import StoreError, safe_task_name
-
-        try:
-            safe_task_name(ns.task)
-        except StoreError as e:
-            problems.append(str(e))
-    args = _resolve(ns, ["model", "data", "prompt", "train", "eval"], [p for p in problems if p])
+    problems = store_task_problems(ns.store, ns.task)
+    args = _resolve(ns, ["model", "data", "prompt", "train", "eval"], problems)
     if ns.print_config:
         print(to_yaml(args), end="")
         return 0

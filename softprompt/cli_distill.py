@@ -7,7 +7,7 @@ import argparse
 import dataclasses
 from collections.abc import Callable
 
-from softprompt.config import ConfigError, check_folder_to_create, given
+from softprompt.config import ConfigError, given, store_task_problems
 
 DEFAULT_OUTPUT_DIR = "runs/distill"
 
@@ -16,18 +16,7 @@ def cmd_distill(ns: argparse.Namespace, resolve: Callable) -> int:
     """Distill the context into a prompt, report it against the teacher, save it; 1 if training diverged."""
     from softprompt.workflows.distilling import DistillArgs
 
-    problems = []
-    if bool(ns.store) != bool(ns.task):
-        problems.append("--store and --task go together: --store DIR --task NAME")
-    if ns.store:
-        problems.append(check_folder_to_create("--store", ns.store))
-    if ns.task:
-        from softprompt.store import StoreError, safe_task_name
-
-        try:
-            safe_task_name(ns.task)
-        except StoreError as e:
-            problems.append(str(e))
+    problems = store_task_problems(ns.store, ns.task)
     values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(DistillArgs) if getattr(ns, f.name) is not None}
     distill = None
     try:

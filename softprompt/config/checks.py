@@ -76,6 +76,24 @@ def check_file_to_write(name: str, path: str | os.PathLike) -> str | None:
     return check_folder_to_create(name, p)  # the same checks of the folders above it
 
 
+def store_task_problems(store: str | None, task: str | None) -> list[str]:
+    """The problems with a ``--store DIR --task NAME`` pair: both or neither, a folder that can be created,
+    a task name that is safe as a folder name."""
+    problems = []
+    if bool(store) != bool(task):
+        problems.append("--store and --task go together: --store DIR --task NAME")
+    if store:
+        keep_problems(problems, check_folder_to_create("--store", store))
+    if task:
+        from softprompt.store import StoreError, safe_task_name
+
+        try:
+            safe_task_name(task)
+        except StoreError as e:
+            problems.append(str(e))
+    return problems
+
+
 def keep_problems(problems: list[str], *found: str | None) -> None:
     """Append the problems that checks found (their ``None`` results mean "fine") to ``problems``."""
     problems.extend(p for p in found if p)
