@@ -51,6 +51,18 @@ def test_train_refuses_output_dir_and_store_that_are_files(env, tmp_path, monkey
     assert afile.read_text() == "x"
 
 
+@pytest.mark.parametrize("extra, needle", [
+    (["--store", "S"], "--store and --task go together"),
+    (["--task", "t"], "--store and --task go together"),
+    (["--store", "S", "--task", "../up"], "task name"),
+])
+def test_train_refuses_a_store_without_a_task_and_an_unsafe_task_name(env, tmp_path, monkeypatch, extra, needle):
+    _no_work(monkeypatch)
+    extra = [str(tmp_path / x) if x == "S" else x for x in extra]
+    _assert_usage_error(train_argv(env, tmp_path / "o", *extra), needle)
+    assert not (tmp_path / "o").exists()
+
+
 def test_yaml_values_are_refused_naming_the_file_and_key(env, tmp_path, monkeypatch):
     _no_work(monkeypatch)
     cfg = tmp_path / "run.yaml"
