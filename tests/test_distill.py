@@ -139,6 +139,9 @@ def test_distillation_lowers_held_out_kl_and_saves_a_stored_prompt(tiny_dirs, ca
     assert main(["generate", "--model", str(tmp / "llama"), "--store", str(tmp / "store"), "--task", "reviews",
                  "--input", "the movie", "--max-new-tokens", "3"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["task"] == "reviews"
+    # it has no task of its own: eval says so instead of scoring it on the default dataset
+    assert main(["eval", "--model", str(tmp / "llama"), "--prompt", str(tmp / "run" / "prompt")]) == 2
+    assert "distilled from a context" in capsys.readouterr().err
 
 
 def test_sampled_inputs_are_seeded(tiny_dirs):

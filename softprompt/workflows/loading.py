@@ -39,6 +39,10 @@ def load_task_from_args(data_args: DataArgs, stored_task: TaskRecord | None = No
     if data_args.objective == "lm" or stored_task.extra.get("objective") == "lm":  # plain text
         return load_corpus_from_args(data_args, stored_task.extra.get("corpus"))
     dataset = data_args.dataset
+    if dataset is None and not data_args.uses_files() and stored_task.extra.get("objective") == "distill":
+        raise ConfigError("the prompt was distilled from a context (softprompt distill): it has no task of its own "
+                          "to evaluate; its report against the teacher is the run's distill.json. To score it on a "
+                          "task, give --dataset or --train-file/--validation-file/--test-file")
     if dataset is None and not data_args.uses_files():
         dataset = stored_task.dataset or "rotten_tomatoes"
         data_args.dataset = dataset
