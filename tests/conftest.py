@@ -195,3 +195,18 @@ def text_logits(model, input_ids, attention_mask, prompt_kv=None):
     from softprompt.forward.causal import final_hidden
 
     return logits_from_hidden(model, final_hidden(model, input_ids, attention_mask, prompt_kv))
+
+
+@pytest.fixture
+def engine_sources(monkeypatch) -> list[list[str]]:
+    """The source texts of every ``evaluate_on_engine`` call made during the test (which split was read)."""
+    import softprompt.evaluate
+
+    seen, real = [], softprompt.evaluate.evaluate_on_engine
+
+    def spy(engine, runs, examples, fmt, *args, **kwargs):
+        seen.append([ex.source for ex in examples])
+        return real(engine, runs, examples, fmt, *args, **kwargs)
+
+    monkeypatch.setattr(softprompt.evaluate, "evaluate_on_engine", spy)
+    return seen

@@ -13,7 +13,6 @@ import statistics
 
 import pytest
 
-import softprompt.evaluate
 from softprompt.cli import main
 from softprompt.compare import CompareSettings, Spec, run_compare, run_one
 from softprompt.compare.ensemble import EnsembleEval, evaluate_ensemble, evaluate_in_subprocess, method_slug
@@ -28,18 +27,6 @@ PT = Spec("prompt tuning, random init, P=8", "prompt_tuning", {"num_virtual_toke
                                                                "init_scale": 4.0}, "adamw", 1e-3)
 SLUG = "prompt-tuning-random-init-p-8"
 
-
-@pytest.fixture
-def engine_sources(monkeypatch) -> list[list[str]]:
-    """The source texts of every engine evaluation."""
-    seen, real = [], evaluate_on_engine
-
-    def spy(engine, runs, examples, fmt, *args, **kwargs):
-        seen.append([ex.source for ex in examples])
-        return real(engine, runs, examples, fmt, *args, **kwargs)
-
-    monkeypatch.setattr(softprompt.evaluate, "evaluate_on_engine", spy)
-    return seen
 
 
 def settings(model_dir, seeds: int = 4, test_samples: int = 16) -> CompareSettings:

@@ -14,7 +14,6 @@ import statistics
 import pytest
 import torch
 
-import softprompt.evaluate
 from softprompt.config import ConfigError, DataArgs, EvalArgs, ModelArgs, PromptArgs
 from softprompt.data import TaskData, TaskFormat
 from softprompt.engine import Engine
@@ -46,21 +45,9 @@ def sections(out, **train_kw) -> dict:
             "train": base(out, **{"max_steps": 8, "seed": 0, **train_kw}), "eval": EvalArgs(eval_batch_size=16)}
 
 
-@pytest.fixture
-def evaluated(monkeypatch) -> list[list[str]]:
-    """The source texts of every engine evaluation."""
-    seen, real = [], evaluate_on_engine
-
-    def spy(engine, runs, examples, fmt, *args, **kwargs):
-        seen.append([ex.source for ex in examples])
-        return real(engine, runs, examples, fmt, *args, **kwargs)
-
-    monkeypatch.setattr(softprompt.evaluate, "evaluate_on_engine", spy)
-    return seen
-
 
 def test_ensemble_seeds_stores_the_members_and_ensemble_and_reports_the_validation_gain(tmp_path, tokenizer,
-                                                                                        evaluated):
+                                                                                        engine_sources):
     out, store_dir = tmp_path / "run", tmp_path / "store"
     model, lines = make_model("llama"), []
     data = with_test_split(task(64, 32))
@@ -100,8 +87,8 @@ def test_ensemble_seeds_stores_the_members_and_ensemble_and_reports_the_validati
     assert singles == [t.last.metrics["accuracy"] for t in result.seed_runs]
     assert report["n"] == len(valid) == 32 and report["split"] == "validation" and report["metric"] == "accuracy"
 
-    # only the validation split was evaluated (and the test split, which raises on any read, never touched)
-    assert evaluated and all(srcs == [ex.source for ex in valid] for srcs in evaluated)
+    # only the validation split was engine_sources (and the test split, which raises on any read, never touched)
+    assert engine_sources and all(srcs == [ex.source for ex in valid] for srcs in engine_sources)
 
     # files and console
     assert json.loads((out / "tune.json").read_text())["ensembles"]["seeds"]["gain"]["accuracy"] == \
@@ -115,7 +102,7 @@ def test_ensemble_seeds_stores_the_members_and_ensemble_and_reports_the_validati
     assert any("added the 3 seed prompts" in ln for ln in lines)
 
 
-def test_top_k_and_seed_ensembles_without_a_store_and_a_winner_cut_short(tmp_path, tokenizer, evaluated):
+def test_top_k_and_seed_ensembles_without_a_store_and_a_winner_cut_short(tmp_path, tokenizer, engine_sources):
     """No --store: both ensembles are measured in a temporary store; the budget stops the winner before the
     end of its schedule, so every seed is a new run of the whole schedule."""
     out, lines = tmp_path / "run", []
@@ -136,7 +123,8 @@ def test_top_k_and_seed_ensembles_without_a_store_and_a_winner_cut_short(tmp_pat
         assert report["gain"]["accuracy"] == pytest.approx(report["ensemble"]["accuracy"] - statistics.fmean(values))
     assert any(ln.startswith(f"top-2 ensemble ({result.top(2)[0].id}, ") for ln in lines)
     assert "## top-k ensemble (--top-k)" in (out / "trials.md").read_text()
-    assert len(evaluated) == 2 and all(s == [ex.source for ex in data.examples("validation")] for s in evaluated)
+    valid = [ex.source for ex in data.examples("validation")]
+    assert len(engine_sources) == 2 and all(s == valid for s in engine_sources)
 
 
 GEN = TaskFormat("Country: {country}\nCapital:", "capital")
