@@ -215,3 +215,20 @@ def test_prompt_unloaded_after_the_check_is_an_unknown_task(setup):
     engine.backend.table.remove("sent")  # as if an admin unload raced the request
     with pytest.raises(UnknownTaskError, match="unloaded while its request waited"):
         engine.classify([ClassifyRequest("sent", "good")])
+
+
+def test_logprobs_are_the_models_and_top_k_is_ranked(setup):
+    model, tok, engine, prompts = setup
+    req = GenerateRequest("caps", {"country": "France"}, max_tokens=4, logprobs=3)
+    res, plain = engine.generate([req, GenerateRequest("sent", "bad", max_tokens=3)])
+    assert plain.logprobs is None and len(res.logprobs) == len(res.tokens)
+    ids = ids_of(tok, CAPS["template"].format(country="France"))
+    for t, got in zip(res.tokens, res.logprobs, strict=True):
+        with torch.no_grad():
+            lp = torch.log_softmax(reference_logits(model, prompts["caps"], ids)[-1].double(), -1)
+        assert got.token == t and got.logprob == pytest.approx(float(lp[t]), abs=1e-4)
+        assert [i for i, _ in got.top] == lp.topk(3).indices.tolist()
+        assert got.top[0][0] == t  # greedy: the chosen token is the most likely
+        ids.append(t)
+    with pytest.raises(RequestError, match="logprobs must be"):
+        engine.generate([GenerateRequest("caps", "France", logprobs=21)])

@@ -4,6 +4,7 @@ from softprompt.engine.batching import MixedBatch, Row, mixed_batches
 from softprompt.engine.engine import Engine, Task, task_format
 from softprompt.engine.prompt_table import PromptTable
 from softprompt.engine.requests import (
+    MAX_TOP_LOGPROBS,
     ClassifyRequest,
     ClassifyResult,
     EngineError,
@@ -15,8 +16,10 @@ from softprompt.engine.requests import (
     TooLongError,
     UnknownTaskError,
 )
+from softprompt.forward import TokenLogprob
 
 __all__ = [
+    "MAX_TOP_LOGPROBS",
     "ClassifyRequest",
     "ClassifyResult",
     "Engine",
@@ -30,6 +33,7 @@ __all__ = [
     "ScoreRequest",
     "ScoreResult",
     "Task",
+    "TokenLogprob",
     "TooLongError",
     "UnknownTaskError",
     "mixed_batches",

@@ -150,7 +150,8 @@ class PrefixBackend(Backend):
             if r.temperature > 0:
                 gen = torch.Generator(device=model.device)
                 gen.manual_seed(items[i].seed)
-            sampling.append(RowSampling(r.max_tokens, float(r.temperature), r.top_k, float(r.top_p), gen))
+            sampling.append(RowSampling(r.max_tokens, float(r.temperature), r.top_k, float(r.top_p), gen,
+                                        r.logprobs))
 
         def hit_stop(j: int, toks: list[int]) -> bool:
             i = batch.index[j]
@@ -171,4 +172,4 @@ class PrefixBackend(Backend):
                 text = text[:min(cut)]
             reason = "length" if out.finish[j] == "length" and not cut else "stop"
             results[i] = GenerateResult(items[i].task.name, text, out.tokens[j], reason, len(items[i].rows[0].ids),
-                                        items[i].source)
+                                        items[i].source, out.logprobs[j] if out.logprobs else None)

@@ -5,6 +5,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from softprompt.forward import TokenLogprob
+
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit on top_logprobs
+
 
 class EngineError(Exception):
     """Base class of engine errors (bad requests; the engine itself stays usable)."""
@@ -66,6 +70,8 @@ class GenerateRequest:
         top_p: keep the smallest set of tokens whose probability reaches ``top_p``.
         seed: seeds this request's own sampler (same seed, same text, whatever else is in the batch).
         stop: strings that end the output (not included in it).
+        logprobs: None for none; ``k`` (0 to 20) for each new token's log-probability under the model and
+            the ``k`` most likely tokens at its place (:class:`~softprompt.forward.TokenLogprob`).
     """
 
     task: str
@@ -77,11 +83,13 @@ class GenerateRequest:
     top_p: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    logprobs: int | None = None
 
 
 @dataclass
 class GenerateResult:
-    """The new text (cut at a stop string), its token ids, why it ended, and the text that was continued."""
+    """The new text (cut at a stop string), its token ids, why it ended, and the text that was continued;
+    with ``logprobs`` asked, one :class:`~softprompt.forward.TokenLogprob` per token of ``tokens``."""
 
     task: str
     text: str
@@ -89,6 +97,7 @@ class GenerateResult:
     finish_reason: str  # "stop" (a stop string or EOS) or "length"
     prompt_tokens: int
     source: str = ""
+    logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass
@@ -157,6 +166,9 @@ def check_request(req, kind: str) -> list[str]:
             problems.append(f"top_p must be in (0, 1], got {req.top_p!r}")
         if req.seed is not None and (not _is_int(req.seed) or not SEED_RANGE[0] <= req.seed <= SEED_RANGE[1]):
             problems.append(f"seed must be an integer from {SEED_RANGE[0]} to {SEED_RANGE[1]}, got {req.seed!r}")
+        if req.logprobs is not None and (not _is_int(req.logprobs) or not 0 <= req.logprobs <= MAX_TOP_LOGPROBS):
+            problems.append(f"logprobs must be an integer from 0 to {MAX_TOP_LOGPROBS} (the top tokens to list), "
+                            f"got {req.logprobs!r}")
         if not isinstance(req.stop, list) or not all(isinstance(s, str) and s for s in req.stop):
             problems.append("stop must be a list of non-empty strings")
         else:

@@ -32,10 +32,12 @@ from softprompt.forward.common import (
     PromptKV,
     RowPrompts,
     RowSampling,
+    TokenLogprob,
     label_token_ids,
     logits_from_hidden,
     sample_next,
     text_position_ids,
+    token_logprobs,
 )
 from softprompt.forward.family import BatchPrompt, Family, InferencePrompt, StepPrompt
 from softprompt.forward.prompt import PromptOutput
@@ -54,6 +56,7 @@ __all__ = [
     "PromptOutput",
     "RowPrompts",
     "RowSampling",
+    "TokenLogprob",
     "StepPrompt",
     "compute_prompt_kv",
     "family_for_config",
@@ -64,4 +67,5 @@ __all__ = [
     "sample_next",
     "task_type_for_stored",
     "text_position_ids",
+    "token_logprobs",
 ]

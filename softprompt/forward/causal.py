@@ -39,6 +39,7 @@ from softprompt.forward.common import (
     PromptKV,
     RowPrompts,
     RowSampling,
+    TokenLogprob,
     base_forward,
     by_length,
     check_pass,
@@ -50,6 +51,7 @@ from softprompt.forward.common import (
     rows_per_label,
     sample_next,
     text_position_ids,
+    token_logprobs,
 )
 from softprompt.forward.family import Family
 from softprompt.forward.prompt import PromptOutput
@@ -246,6 +248,8 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_
     # with right padding the pad columns stay in the cache but remain masked out for the new tokens
     finish: list[str | None] = [None if r.max_new_tokens > 0 else "length" for r in rows]
     new: list[list[int]] = [[] for _ in range(b)]
+    want = [i for i, r in enumerate(rows) if r.logprobs is not None]
+    lps: list[list[TokenLogprob] | None] = [[] if r.logprobs is not None else None for r in rows]
     uniform = all((r.temperature, r.top_k, r.top_p, r.generator) == (rows[0].temperature, rows[0].top_k,
                   rows[0].top_p, rows[0].generator) for r in rows)
     for _ in range(max((r.max_new_tokens for r in rows), default=0)):
@@ -257,6 +261,11 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_
         else:  # per-row settings; each row draws from its own generator, whatever the batch holds
             tok = torch.cat([sample_next(logits[i:i + 1], r.temperature, r.top_k, r.top_p, r.generator)
                              for i, r in enumerate(rows)])
+        step_lp = {}
+        if want:
+            sel = torch.tensor(want, device=logits.device)
+            step_lp = dict(zip(want, token_logprobs(logits[sel], tok[sel], max(rows[i].logprobs for i in want)),
+                               strict=True))
         for i in range(b):
             if finish[i] is not None:
                 continue
@@ -265,6 +274,9 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_
                 finish[i] = "eos"
                 continue
             new[i].append(t)
+            if i in step_lp:
+                got = step_lp[i]
+                lps[i].append(TokenLogprob(got.token, got.logprob, got.top[:rows[i].logprobs]))
             if should_stop is not None and should_stop(i, new[i]):
                 finish[i] = "stop"
             elif len(new[i]) >= rows[i].max_new_tokens:
@@ -276,7 +288,7 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_
                             cache=out_cache(out), use_cache=True)
         h = out.last_hidden_state[:, -1]
         next_pos = next_pos + 1
-    return Decoded(tokens=new, finish=[f or "length" for f in finish])
+    return Decoded(tokens=new, finish=[f or "length" for f in finish], logprobs=lps)
 
 
 class CausalLM(Family):

@@ -128,14 +128,40 @@ class RowSampling:
     top_k: int = 0
     top_p: float = 1.0
     generator: torch.Generator | None = None
+    logprobs: int | None = None  # None: none; k >= 0: each new token's log-probability and the k most likely
+
+
+@dataclass
+class TokenLogprob:
+    """A generated token's log-probability under the model (the raw next-token distribution, before
+    temperature, top-k or top-p) and the ``k`` most likely tokens there with theirs (OpenAI's
+    ``top_logprobs``)."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+def token_logprobs(logits: torch.Tensor, chosen: torch.Tensor, k: int) -> list[TokenLogprob]:
+    """Per row of ``(B, V)`` logits: the ``chosen`` token's log-probability and the top ``k``."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    picked = lp.gather(-1, chosen.to(lp.device)[:, None])[:, 0].tolist()
+    if k > 0:
+        vals, idx = torch.topk(lp, min(k, lp.shape[-1]), dim=-1)
+        tops = [list(zip(i, v, strict=True)) for i, v in zip(idx.tolist(), vals.tolist(), strict=True)]
+    else:
+        tops = [[] for _ in picked]
+    return [TokenLogprob(int(t), p, top) for t, p, top in zip(chosen.tolist(), picked, tops, strict=True)]
 
 
 @dataclass
 class Decoded:
-    """New token ids per row (EOS excluded) and why each row ended: ``eos``, ``length`` or ``stop``."""
+    """New token ids per row (EOS excluded) and why each row ended: ``eos``, ``length`` or ``stop``; with
+    ``logprobs``, per row one :class:`TokenLogprob` per new token (None for rows that did not ask)."""
 
     tokens: list[list[int]]
     finish: list[str]
+    logprobs: list[list[TokenLogprob] | None] | None = None
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
