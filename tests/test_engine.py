@@ -205,7 +205,7 @@ def test_on_token_sees_every_prefix_of_each_request(setup):
     _, _, engine, _ = setup
     seen: dict[int, list[list[int]]] = {}
     reqs = [GenerateRequest("caps", {"country": "France"}, max_tokens=4), GenerateRequest("sent", "bad", max_tokens=3)]
-    results = engine.generate(reqs, on_token=lambda i, toks: seen.setdefault(i, []).append(list(toks)))
+    results = engine.generate(reqs, on_token=lambda i, toks, lps: seen.setdefault(i, []).append(list(toks)))
     for i, res in enumerate(results):
         assert seen.get(i, []) == [res.tokens[:k] for k in range(1, len(res.tokens) + 1)]
 

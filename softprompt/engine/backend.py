@@ -96,7 +96,15 @@ class Backend:
         """Per row: log-probs of each of its target tokens."""
         raise NotImplementedError
 
-    def generate(self, items: list, on_token: Callable[[int, list[int]], None] | None,
+    def continuous_problem(self) -> str | None:
+        """Why this backend cannot run generations in a :class:`~softprompt.engine.running.RunningBatch`."""
+        return "this model family does not generate"
+
+    def prompt(self, key):
+        """The prepared prompt held under ``key`` (None: no prompt); :class:`UnknownTaskError` when gone."""
+        raise NotImplementedError
+
+    def generate(self, items: list, on_token: Callable[[int, list[int], list | None], None] | None,
                  cancelled: Callable[[int], bool] | None) -> list:
         """Generate for prepared requests: a :class:`GenerateResult` per item."""
         raise NotImplementedError

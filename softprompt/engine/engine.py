@@ -95,20 +95,23 @@ class Engine:
             context length. Longer inputs raise :class:`TooLongError`, or are cut from the left when
             ``truncate`` is set (classification and scoring only).
         progress: show a progress bar over batches (on a terminal).
+        prefill_chunk: most input tokens a running batch reads per step (:mod:`.running`): a long input
+            joins over several steps instead of stalling the rows being generated for long.
     """
 
     def __init__(self, model, tokenizer, max_batch_rows: int = 32, max_batch_tokens: int = 16384,
-                 max_input_tokens: int | None = None, truncate: bool = False, progress: bool = False):
+                 max_input_tokens: int | None = None, truncate: bool = False, progress: bool = False,
+                 prefill_chunk: int = 256):
         self.family = family_of(model)
         if not self.family.served:
             raise EngineError(f"the engine serves decoder-only models (its cached prompt keys/values need a causal "
                               f"model); {type(model).__name__} is {self.family.description}: use evaluate/generate")
-        if max_batch_rows < 1 or max_batch_tokens < 1:
-            raise EngineError(f"max_batch_rows and max_batch_tokens must be >= 1, got {max_batch_rows}, "
-                              f"{max_batch_tokens}")
+        if max_batch_rows < 1 or max_batch_tokens < 1 or prefill_chunk < 1:
+            raise EngineError(f"max_batch_rows, max_batch_tokens and prefill_chunk must be >= 1, got {max_batch_rows}, "
+                              f"{max_batch_tokens}, {prefill_chunk}")
         self.model, self.tok = model, tokenizer
         self.max_batch_rows, self.max_batch_tokens, self.truncate = max_batch_rows, max_batch_tokens, truncate
-        self.progress = progress
+        self.progress, self.prefill_chunk = progress, prefill_chunk
         self.context = int(getattr(model.config, "max_position_embeddings", 0) or 2048)
         self.max_input_tokens = max_input_tokens or self.context
         self.backend = backend_for(self)  # holds the prompts by key and runs the batches
@@ -271,6 +274,10 @@ class Engine:
         """
         return prepare(self, kind, request, index)
 
+    def continuous_problem(self) -> str | None:
+        """Why generations cannot join a running batch on this model (None: they can; see :mod:`.running`)."""
+        return self.backend.continuous_problem()
+
     def lead_ids(self, member) -> list[int]:
         """The ids a text starts with after prompt ``member`` (``None``: the base model): the model's BOS
         (see :meth:`~softprompt.forward.Family.lead_ids`), unless the prompt was stored without it or is a
@@ -283,7 +290,7 @@ class Engine:
         with self._lock:
             return tuple((m, self._version.get(m, 0)) for m in members)
 
-    def _current(self, kind: str, items: list[Prepared]) -> list[Prepared]:
+    def refresh(self, kind: str, items: list[Prepared]) -> list[Prepared]:
         """``items`` with every request whose task changed since it was prepared prepared again."""
         with self._lock:
             stale = [self.tasks.get(p.task.name) is not p.task or self.versions(p.task.members) != p.versions
@@ -296,8 +303,9 @@ class Engine:
         """Run prepared requests of one kind in shared mixed batches.
 
         Args:
-            on_token: generate: called as ``on_token(item_index, new_token_ids_so_far)`` after every new
-                token (streaming); EOS is not passed.
+            on_token: generate: called as ``on_token(item_index, new_token_ids_so_far, logprobs_so_far)``
+                after every new token (streaming; ``logprobs_so_far`` is None unless the request asked for
+                logprobs); EOS is not passed.
             cancelled: generate: ``cancelled(item_index)`` True stops that row at its next token (its
                 client went away); the others go on.
 
@@ -307,7 +315,7 @@ class Engine:
         if kind not in KINDS:
             raise RequestError(f"unknown request kind {kind!r} (one of {', '.join(KINDS)})")
         with self._batch_lock:  # no prompt is swapped while the batch runs
-            items = self._current(kind, items)
+            items = self.refresh(kind, items)
             if kind == "classify":
                 return self._run_classify(items)
             if kind == "score":
@@ -334,8 +342,8 @@ class Engine:
         """Greedy or sampled continuations, each request with its own settings and seed.
 
         Args:
-            on_token: called as ``on_token(request_index, new_token_ids_so_far)`` after every new token
-                (streaming); EOS is not passed.
+            on_token: called as ``on_token(request_index, new_token_ids_so_far, logprobs_so_far)`` after
+                every new token (streaming); EOS is not passed.
         """
         self.backend.require_language_model("generating text")
         return self.run("generate", self._prepare_all("generate", requests), on_token)

@@ -8,6 +8,8 @@ source: one row when every label is one distinct token, else one row per label.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from tqdm.auto import tqdm
 
@@ -17,7 +19,11 @@ from softprompt.engine.batching import MixedBatch, Row, mixed_batches
 from softprompt.engine.prepare import encode, encode_source, fit
 from softprompt.engine.prompt_table import PromptTable
 from softprompt.engine.requests import GenerateResult, RequestError, UnknownTaskError
+from softprompt.engine.running import run_all
 from softprompt.forward import InjectionError, PromptKV, RowPrompts, RowSampling, causal, logits_from_hidden
+from softprompt.forward.slots import check_slots
+
+log = logging.getLogger(__name__)
 
 
 class PrefixBackend(Backend):
@@ -25,6 +31,7 @@ class PrefixBackend(Backend):
 
     def __init__(self, engine):
         super().__init__(engine)
+        self._slots_problem: str | None | bool = False  # not checked yet
         self.table = PromptTable()
         self._label_cache: dict[tuple[str, ...], tuple[list[list[int]], bool]] = {}
 
@@ -39,6 +46,20 @@ class PrefixBackend(Backend):
         if key not in self.table:
             raise UnknownTaskError(f"a task was unloaded while its request waited: no prompt {key!r}")
         return self.table.length(key)
+
+    def prompt(self, key) -> PromptKV | None:
+        with self._lock:
+            if key is not None and key not in self.table:
+                raise UnknownTaskError(f"a task was unloaded while its request waited: no prompt {key!r}")
+            return self.table.get(key)
+
+    def continuous_problem(self) -> str | None:
+        """Checked once per model: slot attention must give what the model's own attention gives."""
+        if self._slots_problem is False:
+            self._slots_problem = check_slots(self.engine.model)
+            if self._slots_problem:
+                log.warning("generations run batch-at-a-time on this model: %s", self._slots_problem)
+        return self._slots_problem
 
     def nonfinite(self, prompt: PromptKV | None) -> str | None:
         for n, (k, v) in enumerate(prompt.layers if prompt is not None else []):
@@ -134,6 +155,8 @@ class PrefixBackend(Backend):
     @torch.no_grad()
     def generate(self, items, on_token, cancelled) -> list[GenerateResult]:
         engine = self.engine
+        if self.continuous_problem() is None:
+            return run_all(engine, items, on_token, cancelled, engine.progress)
         rows = [p.rows[0] for p in items]
         results: list[GenerateResult | None] = [None] * len(items)
         batches = mixed_batches(rows, engine.tok.pad_token_id, "left", engine.max_batch_rows, engine.max_batch_tokens)
@@ -158,7 +181,7 @@ class PrefixBackend(Backend):
             if cancelled is not None and cancelled(i):
                 return True
             if on_token is not None:
-                on_token(i, toks)
+                on_token(i, toks, None)
             stops = reqs[j].stop
             return bool(stops) and any(s in tok.decode(toks, skip_special_tokens=True) for s in stops)
 

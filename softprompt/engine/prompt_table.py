@@ -33,6 +33,10 @@ class PromptTable:
         """Prompt length of ``key`` (0 for ``None``)."""
         return 0 if key is None else self._kv[key].length
 
+    def get(self, key) -> PromptKV | None:
+        """The keys/values stored under ``key`` (None for ``None``, no prompt)."""
+        return None if key is None else self._kv[key]
+
     def add(self, key, prompt_kv: PromptKV) -> None:
         """Add or replace the prompt stored under ``key`` (its keys/values are detached)."""
         self.check(key, prompt_kv)

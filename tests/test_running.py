@@ -1,0 +1,200 @@
+"""Continuous batching: rows joining and leaving a running batch get exactly what they get alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import Gemma3ForCausalLM, Gemma3TextConfig, MistralConfig, MistralForCausalLM
+
+from softprompt.engine import Engine, GenerateRequest
+from softprompt.engine.running import RunningBatch
+from softprompt.forward import slots as slots_mod
+from softprompt.forward.slots import check_slots
+from softprompt.model import prepare_frozen
+from tests.conftest import VOCAB, make_model
+from tests.test_engine import CAPS, SENT, SENT2, stored
+from tests.test_prompt_table import reference_logits
+
+
+def _engine(model, tok, tmp_path, **kw):
+    engine = Engine(model, tok, max_batch_rows=kw.pop("rows", 8), **kw)
+    for name, n, task, seed in [("sent", 3, SENT, 1), ("sent2", 6, SENT2, 2), ("caps", 2, CAPS, 3)]:
+        engine.add_prompt(name, stored(tmp_path, model, tok, name, n, task, seed))
+    engine.add_base("base")
+    return engine
+
+
+def _solo(engine, req):
+    """The request alone, through the batch-at-a-time decode (no slots)."""
+    saved = engine.backend._slots_problem
+    engine.backend._slots_problem = "off for the reference"
+    try:
+        return engine.generate([req])[0]
+    finally:
+        engine.backend._slots_problem = saved
+
+
+REQS = [GenerateRequest("caps", {"country": "France"}, max_tokens=5),
+        GenerateRequest("sent", "the plot was bad and the film", max_tokens=7),
+        GenerateRequest("base", "Country : Spain", raw=True, max_tokens=4),
+        GenerateRequest("sent2", "a very bad movie", max_tokens=6, temperature=0.9, top_k=20, seed=5),
+        GenerateRequest("caps", {"country": "Italy"}, max_tokens=9, logprobs=2)]
+
+
+def _run_joining(engine, reqs, every: int = 2, **kw):
+    """Admit one request every ``every`` steps while the others run (all at once for ``every=0``)."""
+    batch = RunningBatch(engine, **kw)
+    results, waiting = {}, list(range(len(reqs)))
+    while waiting or len(batch):
+        while waiting and (every == 0 or batch.steps % every == 0):
+            i = waiting.pop(0)
+            batch.admit(engine.prepare("generate", reqs[i]), done=lambda res, i=i: results.__setitem__(i, res))
+            if every:
+                break
+        batch.step()
+    assert batch.memory()["rows"] == 0 and batch.slots.nbytes() == 0  # everything given back
+    return results, batch
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2", "gemma3"])
+def test_rows_joining_mid_flight_equal_solo_runs(arch, tmp_path, tokenizer):
+    engine = _engine(make_model(arch), tokenizer, tmp_path)
+    assert engine.continuous_problem() is None
+    results, batch = _run_joining(engine, REQS)
+    assert batch.peak_bytes > 0
+    for i, req in enumerate(REQS):
+        alone = _solo(engine, req)
+        assert results[i].tokens == alone.tokens, (arch, req)
+        assert (results[i].text, results[i].finish_reason) == (alone.text, alone.finish_reason)
+    for got, ref in zip(results[4].logprobs, _solo(engine, REQS[4]).logprobs, strict=True):
+        assert got.logprob == pytest.approx(ref.logprob, abs=1e-4)
+        assert [t for t, _ in got.top] == [t for t, _ in ref.top]
+
+
+def test_chunked_prefill_reads_a_long_input_over_steps_with_the_same_result(tmp_path, tokenizer, monkeypatch):
+    engine = _engine(make_model("llama"), tokenizer, tmp_path)
+    long = GenerateRequest("sent", " ".join(["the movie was good"] * 6), max_tokens=4)
+    widths, real = [], slots_mod.slot_forward
+
+    def spy(model, slots, a, input_ids, counts, *rest):
+        widths.append(sum(counts))
+        return real(model, slots, a, input_ids, counts, *rest)
+
+    monkeypatch.setattr("softprompt.engine.running.slot_forward", spy)
+    results, batch = _run_joining(engine, [REQS[1], long, REQS[0]], every=1, prefill_chunk=5)
+    assert len(engine.prepare("generate", long).rows[0].ids) > 20 and max(widths) <= 5  # never more per step
+    for i, req in enumerate([REQS[1], long, REQS[0]]):
+        assert results[i].tokens == _solo(engine, req).tokens
+
+
+def test_slots_hold_text_only_and_the_prompt_is_shared_not_copied(tmp_path, tokenizer):
+    model = make_model("llama")
+    engine = Engine(model, tokenizer, max_batch_rows=8)
+    engine.add_prompt("long", stored(tmp_path, model, tokenizer, "long", 120, CAPS, 1))
+    batch = RunningBatch(engine)
+    for c in ("France", "Spain", "Italy"):
+        batch.admit(engine.prepare("generate", GenerateRequest("long", {"country": c}, max_tokens=3)))
+    batch.step()
+    mem = batch.memory()
+    text = sum(len(r.ids) for r in batch.rows)
+    assert mem["tokens"] == text and mem["rows"] == 3
+    k = batch.slots.k[0]
+    assert k.shape[0] == 3 and k.shape[2] < 120  # per row: its text's slots, not the 120 prompt slots
+    assert all(r.prompt is engine.backend.table.get("long") for r in batch.rows)  # one prompt, by reference
+
+
+def test_a_failing_row_fails_alone_and_the_others_match_solo(tmp_path, tokenizer, monkeypatch):
+    engine = _engine(make_model("llama"), tokenizer, tmp_path)
+    real = slots_mod.slot_forward
+
+    def flaky(model, slots, a, input_ids, counts, starts, prompts):
+        if any(p is None for p in prompts) and input_ids.shape[1] > 1:  # the base-model row's input
+            raise RuntimeError("kernel blew up")
+        return real(model, slots, a, input_ids, counts, starts, prompts)
+
+    monkeypatch.setattr("softprompt.engine.running.slot_forward", flaky)
+    reqs = [REQS[1], REQS[2], REQS[0]]  # the middle one has no prompt
+    results, _ = _run_joining(engine, reqs, every=0, prefill_chunk=64)  # all three read in one forward
+    assert isinstance(results[1], RuntimeError)
+    monkeypatch.setattr("softprompt.engine.running.slot_forward", real)
+    for i in (0, 2):
+        assert results[i].tokens == _solo(engine, reqs[i]).tokens
+
+
+def test_a_cancelled_row_leaves_at_the_next_step(tmp_path, tokenizer):
+    engine = _engine(make_model("llama"), tokenizer, tmp_path)
+    batch = RunningBatch(engine)
+    gone, results = {"flag": False}, {}
+    batch.admit(engine.prepare("generate", GenerateRequest("sent", "bad", max_tokens=20)),
+                cancelled=lambda: gone["flag"], done=lambda r: results.__setitem__("cut", r))
+    batch.admit(engine.prepare("generate", REQS[1]), done=lambda r: results.__setitem__("other", r))
+    batch.step()
+    batch.step()
+    gone["flag"] = True
+    batch.step()
+    assert "cut" in results and len(results["cut"].tokens) <= 2 and len(batch) == 1
+    while len(batch):
+        batch.step()
+    assert results["other"].tokens == _solo(engine, REQS[1]).tokens
+
+
+def test_a_prompt_reloaded_mid_generation_changes_only_later_requests(tmp_path, tokenizer):
+    model = make_model("llama")
+    engine = _engine(model, tokenizer, tmp_path)
+    req = GenerateRequest("caps", {"country": "France"}, max_tokens=8)
+    before = _solo(engine, req)
+    batch, results = RunningBatch(engine), {}
+    batch.admit(engine.prepare("generate", req), done=lambda r: results.__setitem__("old", r))
+    batch.step()
+    engine.add_prompt("caps", stored(tmp_path / "v2", model, tokenizer, "caps", 4, CAPS, 9))
+    batch.admit(engine.prepare("generate", req), done=lambda r: results.__setitem__("new", r))
+    while len(batch):
+        batch.step()
+    assert results["old"].tokens == before.tokens
+    assert results["new"].tokens == _solo(engine, req).tokens
+
+
+def _windowed(kind: str):
+    torch.manual_seed(0)
+    if kind == "gemma3":
+        cfg = Gemma3TextConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=8,
+                               max_position_embeddings=256, sliding_window=5,
+                               layer_types=["sliding_attention", "full_attention"], pad_token_id=0, eos_token_id=1)
+        model = Gemma3ForCausalLM(cfg)
+    else:
+        cfg = MistralConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=1, sliding_window=6,
+                            max_position_embeddings=256, pad_token_id=0, eos_token_id=1)
+        model = MistralForCausalLM(cfg)
+    prepare_frozen(model)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["gemma3", "mistral"])
+def test_sliding_windows_shorter_than_the_input_match_the_uncached_reference(kind, tmp_path, tokenizer):
+    model = _windowed(kind)
+    engine = _engine(model, tokenizer, tmp_path)
+    assert engine.continuous_problem() is None
+    req = GenerateRequest("sent", "the plot was bad and the film was very good", max_tokens=6)
+    res = engine.generate([req, REQS[0]])[0]
+    prompt = engine.backend.table.get("sent")
+    assert prompt is not None
+    ids = list(engine.prepare("generate", req).rows[0].ids)
+    emb = stored(tmp_path / "ref", model, tokenizer, "sent", 3, SENT, 1).tensors["prompt_embeddings"]
+    for t in res.tokens:
+        with torch.no_grad():
+            assert int(reference_logits(model, emb, ids)[-1].argmax()) == t
+        ids.append(t)
+
+
+def test_a_model_whose_attention_slots_get_wrong_is_served_batch_at_a_time(tmp_path, tokenizer, monkeypatch):
+    model = _windowed("gemma3")
+    real = slots_mod._allowed
+    monkeypatch.setattr(slots_mod, "_allowed", lambda step, q, p, t, window, dev: real(step, q, p, t, None, dev))
+    # (slot attention that forgets the sliding window)
+    assert "differs" in check_slots(model)
+    engine = _engine(model, tokenizer, tmp_path)
+    assert engine.continuous_problem() is not None
+    req = GenerateRequest("sent", "the plot was bad and the film was very good", max_tokens=4)
+    assert engine.generate([req])[0].tokens == _solo(engine, req).tokens  # the batch path still serves it
