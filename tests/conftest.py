@@ -147,16 +147,33 @@ def serve(app):
 
 
 def gate_runs(monkeypatch, engine) -> tuple[threading.Event, list]:
-    """Engine batches wait until the returned event is set; the list collects every item that ran."""
+    """Engine batches and running-batch steps wait until the returned event is set (``gate.entered`` is set
+    once one waits); the list collects every item that ran or joined a running batch."""
+    from softprompt.engine.running import RunningBatch
+
     gate, ran = threading.Event(), []
-    real = engine.run
+    gate.entered = threading.Event()
+    real, real_step, real_admit = engine.run, RunningBatch.step, RunningBatch.admit
 
     def run(kind, items, on_token=None, cancelled=None):
+        gate.entered.set()
         assert gate.wait(60)
         ran.extend(items)
         return real(kind, items, on_token, cancelled)
 
+    def step(self):
+        gate.entered.set()
+        assert gate.wait(60)
+        return real_step(self)
+
+    def admit(self, item, *args, **kwargs):
+        if not any(x is item for x in ran):  # (a batch-at-a-time run's generations join one too)
+            ran.append(item)
+        return real_admit(self, item, *args, **kwargs)
+
     monkeypatch.setattr(engine, "run", run)
+    monkeypatch.setattr(RunningBatch, "step", step)
+    monkeypatch.setattr(RunningBatch, "admit", admit)
     return gate, ran
 
 

@@ -7,7 +7,6 @@ import concurrent.futures
 import dataclasses
 import json
 import socket
-import threading
 import time
 
 import httpx
@@ -198,13 +197,14 @@ def test_queue_full_is_429(tokenizer):
         assert r.status_code == 429 and r.headers["retry-after"] == "1"
 
 
-def test_requests_over_a_full_positive_queue_are_429_and_the_admitted_ones_succeed(tokenizer, monkeypatch):
+@pytest.mark.parametrize("policy", ["continuous", "batch"])
+def test_requests_over_a_full_positive_queue_are_429_and_the_admitted_ones_succeed(tokenizer, monkeypatch, policy):
     engine = Engine(make_model("llama"), tokenizer)
     engine.add_base("base")
     gate, ran = gate_runs(monkeypatch, engine)  # the worker holds the first request; the rest wait in the queue
-    held, gated_run = threading.Event(), engine.run
-    monkeypatch.setattr(engine, "run", lambda *a, **k: held.set() or gated_run(*a, **k))
-    sched = Scheduler(engine, max_batch_requests=16, max_wait_ms=1, max_queue=4)
+    held = gate.entered
+    sched = Scheduler(engine, max_batch_requests=16, max_wait_ms=1, max_queue=4, policy=policy)
+    assert sched.policy == policy
     body = {"model": "base", "prompt": "the movie", "raw": True, "max_tokens": 2, "temperature": 0}
 
     def wait_for(condition) -> None:

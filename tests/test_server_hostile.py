@@ -254,19 +254,22 @@ def test_a_slow_chat_template_does_not_block_the_event_loop(setup, monkeypatch):
 
 
 def _slow_decode(monkeypatch, engine, seen: list):
-    """Each new token takes 20 ms; ``seen`` gets the token counts of every generation that ran."""
-    real = engine.run
+    """Each decode step takes 20 ms more; ``seen`` gets the token counts of every generation that ended."""
+    from softprompt.engine.running import RunningBatch
 
-    def run(kind, items, on_token=None, cancelled=None):
-        def slow_cancelled(i):
-            time.sleep(0.02)
-            return cancelled(i) if cancelled else False
+    real_step, real_finish = RunningBatch.step, RunningBatch._finish
 
-        results = real(kind, items, on_token, slow_cancelled)
-        seen.extend(len(r.tokens) for r in results if kind == "generate")
-        return results
+    def step(self):
+        time.sleep(0.02)
+        return real_step(self)
 
-    monkeypatch.setattr(engine, "run", run)
+    def finish(self, row, reason):
+        if row in self.rows:
+            seen.append(len(row.tokens))
+        return real_finish(self, row, reason)
+
+    monkeypatch.setattr(RunningBatch, "step", step)
+    monkeypatch.setattr(RunningBatch, "_finish", finish)
 
 
 def _long_input(engine) -> str:

@@ -296,6 +296,9 @@ class ServeArgs:
     max_wait_ms: float = 5.0
     max_queue: int = 1024
     max_tokens: int = 512
+    # continuous: generations join and leave the running batch at every decode step; batch: batch-at-a-time
+    scheduler: str = "continuous"
+    prefill_chunk: int = 256  # most input tokens the running batch reads per step (continuous)
     admin_token: str | None = None
     admin_token_file: str | None = None
     max_body_bytes: int = 4 * 1024 * 1024
@@ -307,8 +310,10 @@ class ServeArgs:
             problems.append("--admin-token and --admin-token-file both given: use one")
         if self.admin_token_file is not None and not Path(self.admin_token_file).is_file():
             problems.append(f"--admin-token-file {self.admin_token_file!r} is not a file")
+        if self.scheduler not in ("continuous", "batch"):
+            problems.append(f"--scheduler must be continuous or batch, got {self.scheduler!r}")
         for name in ("max_batch_requests", "max_batch_rows", "max_queue", "max_tokens", "max_body_bytes",
-                     "max_input_chars"):
+                     "max_input_chars", "prefill_chunk"):
             if getattr(self, name) < 1:
                 problems.append(f"{flag(name)} must be >= 1, got {getattr(self, name)}")
         keep_problems(problems, check_real("--max-wait-ms", self.max_wait_ms, lambda v: v >= 0, ">= 0"))

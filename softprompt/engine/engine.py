@@ -37,6 +37,7 @@ from softprompt.engine.requests import (
     UnknownTaskError,
 )
 from softprompt.forward import InferencePrompt, PromptKV, family_of
+from softprompt.forward.slots import MODEL_LOCK
 from softprompt.store.entries import COMBINES
 from softprompt.store.errors import StoreError
 from softprompt.store.task_record import TaskRecord
@@ -169,7 +170,7 @@ class Engine:
         where = stored.path if stored.path is not None else key
         fmt = task_format(stored.task_record)  # validated when the prompt was read
         method = stored.build_method().to(self.model.device).eval()
-        with torch.no_grad():
+        with torch.no_grad(), MODEL_LOCK:  # not while a running batch's forward has the model switched
             prompt = self.family.inference_prompt(self.model, method())
         self.backend.check(key, prompt, str(where))
         return _Built(prompt, fmt, dict(stored.meta), stored.bos)  # the layout it was trained with

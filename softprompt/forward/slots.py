@@ -13,10 +13,10 @@ rows that use it, then takes one softmax over [prompt | text] per row. A row kee
 with, so a prompt reloaded mid-generation changes only the requests that arrive after.
 
 The attention is registered with transformers' attention interface and switched on only around our own
-forwards (:func:`slot_forward`); it honours the ``scaling``, ``sliding_window`` and ``softcap`` a model's
-attention passes. :func:`check_slots` compares it with the reference path on the loaded model once, so a
-family whose attention does something else is served by the batch-at-a-time path instead of silently
-giving other results.
+forwards (:func:`slot_forward`, under :data:`MODEL_LOCK`); it honours the ``scaling``, ``sliding_window``
+and ``softcap`` a model's attention passes. :func:`check_slots` compares it with the reference path on the
+loaded model once, so a family whose attention does something else is served by the batch-at-a-time path
+instead of silently giving other results.
 """
 
 from __future__ import annotations
@@ -34,7 +34,9 @@ from softprompt.forward.common import InjectionError, PromptKV, base_forward
 
 ATTENTION = "softprompt_slots"
 _STEP: contextvars.ContextVar[SlotStep | None] = contextvars.ContextVar("softprompt_slot_step", default=None)
-_SWITCH = threading.Lock()
+#: Held while a slot forward has switched a model's attention implementation. A forward of the same model
+#: from another thread must hold it too (the engine's prompt loads do), or it would run slot attention.
+MODEL_LOCK = threading.RLock()
 
 
 class SlotKV:
@@ -217,7 +219,7 @@ AttentionInterface.register(ATTENTION, slot_attention)
 def _switched(model):
     configs = {id(c): c for c in [model.config, *(getattr(m, "config", None) for m in model.modules())]
                if c is not None and hasattr(c, "_attn_implementation")}
-    with _SWITCH:
+    with MODEL_LOCK:
         saved = {i: c._attn_implementation for i, c in configs.items()}
         try:
             for c in configs.values():

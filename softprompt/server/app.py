@@ -46,6 +46,8 @@ class ServerState:
 def create_app(state: ServerState) -> FastAPI:
     """The FastAPI application serving ``state.engine``'s tasks."""
     state.metrics = state.metrics or Metrics()
+    if state.scheduler.observe_ttft is None:
+        state.scheduler.observe_ttft = state.metrics.observe_ttft
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):
@@ -130,6 +132,13 @@ def create_app(state: ServerState) -> FastAPI:
             "softprompt_batched_requests_total": ("Requests run in batches.", st.rows),
             "softprompt_largest_batch": ("Most requests in one batch.", st.largest_batch),
             "softprompt_failed_requests_total": ("Requests the engine rejected.", st.failed),
+            "softprompt_continuous_batching": ("1: generations join the running batch at every step; 0: "
+                                               "batch-at-a-time.", int(state.scheduler.policy == "continuous")),
+            "softprompt_decode_steps_total": ("Decode steps of the running batch.", st.steps),
+            "softprompt_running_generations": ("Generations in the running batch.", st.running),
+            "softprompt_kv_slot_bytes": ("Bytes of the running rows' key/value slots (prompts excluded: "
+                                         "shared).", st.slot_bytes),
+            "softprompt_kv_slot_tokens": ("Tokens held in the running rows' key/value slots.", st.slot_tokens),
         })
 
     @app.get("/v1/models")
@@ -222,7 +231,7 @@ def create_app(state: ServerState) -> FastAPI:
         queue: asyncio.Queue = asyncio.Queue()
         hold = max((len(s) for s in req.stop), default=1) - 1  # a stop string may still be forming
 
-        def on_token(toks: list[int]) -> None:
+        def on_token(toks: list[int], _logprobs=None) -> None:
             text = state.engine.tok.decode(toks, skip_special_tokens=True)
             cuts = [text.index(s) for s in req.stop if s in text]
             visible = text[:min(cuts)] if cuts else text[:max(len(text) - hold, 0)]

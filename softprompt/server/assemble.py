@@ -46,12 +46,13 @@ def build_app(args: dict) -> FastAPI:
     model, tok = load_model_from_args(args)
     store = PromptStore(sv.store) if sv.store else None
     # serving the whole store, one broken entry is skipped (logged); a broken entry named by --tasks is an error
-    engine = (Engine.from_store(store, model, tok, names=sv.tasks or None, skip_broken=not sv.tasks,
-                                max_batch_rows=sv.max_batch_rows)
-              if store else Engine(model, tok, max_batch_rows=sv.max_batch_rows))
+    limits = {"max_batch_rows": sv.max_batch_rows, "prefill_chunk": sv.prefill_chunk}
+    engine = (Engine.from_store(store, model, tok, names=sv.tasks or None, skip_broken=not sv.tasks, **limits)
+              if store else Engine(model, tok, **limits))
     if sv.base_task and engine.family.generates:  # a classifier with a head has nothing to serve without a prompt
         engine.add_base(sv.base_task)
-    state = ServerState(engine, Scheduler(engine, sv.max_batch_requests, sv.max_wait_ms, sv.max_queue), store=store,
+    scheduler = Scheduler(engine, sv.max_batch_requests, sv.max_wait_ms, sv.max_queue, policy=sv.scheduler)
+    state = ServerState(engine, scheduler, store=store,
                         admin_token=token, max_tokens=sv.max_tokens, max_body_bytes=sv.max_body_bytes,
                         max_input_chars=sv.max_input_chars)
     log.info("serving %d tasks: %s%s", len(engine.task_names()), ", ".join(engine.task_names()),

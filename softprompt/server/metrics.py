@@ -13,18 +13,27 @@ class Metrics:
         self._lock = threading.Lock()
         self.requests: dict[tuple[str, int], int] = defaultdict(int)
         self.latency: dict[str, list[float]] = {}  # endpoint -> bucket counts + [sum, count]
+        self.ttft = [0.0] * (len(BUCKETS) + 2)  # time to first token: bucket counts + [sum, count]
         self.tokens_generated = 0
+
+    @staticmethod
+    def _add(row: list[float], seconds: float) -> None:
+        for i, b in enumerate(BUCKETS):
+            if seconds <= b:
+                row[i] += 1
+        row[-2] += seconds
+        row[-1] += 1
 
     def observe(self, endpoint: str, status: int, seconds: float | None = None) -> None:
         with self._lock:
             self.requests[(endpoint, status)] += 1
             if seconds is not None:
-                row = self.latency.setdefault(endpoint, [0.0] * (len(BUCKETS) + 2))
-                for i, b in enumerate(BUCKETS):
-                    if seconds <= b:
-                        row[i] += 1
-                row[-2] += seconds
-                row[-1] += 1
+                self._add(self.latency.setdefault(endpoint, [0.0] * (len(BUCKETS) + 2)), seconds)
+
+    def observe_ttft(self, seconds: float) -> None:
+        """A generation's time from being queued to its first token."""
+        with self._lock:
+            self._add(self.ttft, seconds)
 
     def add_tokens(self, n: int) -> None:
         with self._lock:
@@ -45,6 +54,13 @@ class Metrics:
                 lines.append(f'softprompt_request_seconds_bucket{{endpoint="{endpoint}",le="+Inf"}} {int(row[-1])}')
                 lines.append(f'softprompt_request_seconds_sum{{endpoint="{endpoint}"}} {row[-2]:.6f}')
                 lines.append(f'softprompt_request_seconds_count{{endpoint="{endpoint}"}} {int(row[-1])}')
+            lines += ["# HELP softprompt_time_to_first_token_seconds Time from a generation being queued to its "
+                      "first token.", "# TYPE softprompt_time_to_first_token_seconds histogram"]
+            for b, n in zip(BUCKETS, self.ttft, strict=False):
+                lines.append(f'softprompt_time_to_first_token_seconds_bucket{{le="{b}"}} {int(n)}')
+            lines += [f'softprompt_time_to_first_token_seconds_bucket{{le="+Inf"}} {int(self.ttft[-1])}',
+                      f"softprompt_time_to_first_token_seconds_sum {self.ttft[-2]:.6f}",
+                      f"softprompt_time_to_first_token_seconds_count {int(self.ttft[-1])}"]
             lines += ["# HELP softprompt_generated_tokens_total Tokens generated.",
                       "# TYPE softprompt_generated_tokens_total counter",
                       f"softprompt_generated_tokens_total {self.tokens_generated}"]

@@ -2,11 +2,19 @@
 
 A request is prepared (checked, rendered, tokenised: :meth:`Engine.prepare`) in the submitting thread,
 never in the batch loop, and is queued only once it is valid; the requests of one HTTP request are
-admitted together or not at all. One worker thread owns the engine calls. It waits for a first request,
-keeps collecting until the batch is full (``max_batch_requests``) or ``max_wait_ms`` has passed, then runs
-each kind of request (classify, generate, score) as one engine call. A batch that fails, whatever the
-exception, is split in halves and run again until the failing request fails alone. A cancelled request
-(its client went away) is skipped before it runs, and a generation stops at its next token.
+admitted together or not at all. One worker thread owns the engine calls, under one of two policies:
+
+- ``continuous`` (default): generations join a :class:`~softprompt.engine.running.RunningBatch` at every
+  decode step, as soon as there is room, and leave it as soon as they end; classification and scoring
+  requests run between two decode steps. A short request never waits for a long generation to finish.
+- ``batch``: wait for a first request, keep collecting until the batch is full (``max_batch_requests``)
+  or ``max_wait_ms`` has passed, then run each kind of request as one engine call to completion; requests
+  arriving meanwhile wait for the next batch. Kept for comparison (``benchmarks/server.py``), and used on
+  a model whose attention the running batch does not reproduce (:meth:`Engine.continuous_problem`).
+
+A batch that fails, whatever the exception, is split in halves and run again until the failing request
+fails alone (the running batch does the same per forward). A cancelled request (its client went away) is
+skipped before it runs, and a generation leaves at its next token.
 """
 
 from __future__ import annotations
@@ -15,15 +23,18 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from softprompt.engine import EngineError
+from softprompt.engine.running import RunningBatch
 
 log = logging.getLogger("softprompt.server")
 
 KINDS = ("classify", "generate", "score")
+POLICIES = ("continuous", "batch")
 
 
 class QueueFullError(Exception):
@@ -37,9 +48,19 @@ class Job:
     kind: str
     item: object  # the engine's Prepared request
     future: Future
-    on_token: Callable[[list[int]], None] | None = None
+    on_token: Callable[[list[int], list | None], None] | None = None
     queued: float = field(default_factory=time.perf_counter)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    first_token: float | None = None  # seconds from queued to its first generated token
+
+    def token(self, tokens: list[int], logprobs: list | None, observe: Callable[[float], None] | None) -> None:
+        """A new token: time the first, then stream."""
+        if self.first_token is None:
+            self.first_token = time.perf_counter() - self.queued
+            if observe is not None:
+                observe(self.first_token)
+        if self.on_token is not None:
+            self.on_token(tokens, logprobs)
 
     def cancel(self) -> None:
         """Drop the request: skipped if it has not run yet, stopped at its next token if generating."""
@@ -55,6 +76,10 @@ class SchedulerStats:
     failed: int = 0
     cancelled: int = 0
     batch_seconds: float = 0.0
+    steps: int = 0  # decode steps of the running batch (continuous policy)
+    running: int = 0  # generations in the running batch now
+    slot_bytes: int = 0  # bytes of its key/value slots now
+    slot_tokens: int = 0  # tokens they hold
 
 
 class Scheduler:
@@ -66,12 +91,25 @@ class Scheduler:
             at most its ``max_batch_rows``).
         max_wait_ms: how long the first request of a batch may wait for company.
         max_queue: most requests waiting; more are refused with :class:`QueueFullError`.
+        policy: ``continuous`` or ``batch`` (see the module docstring); ``continuous`` on a model the running
+            batch cannot serve falls back to ``batch`` with a logged warning (``self.policy`` says which runs).
+        observe_ttft: called with each generation's seconds from queued to its first token (metrics).
     """
 
-    def __init__(self, engine, max_batch_requests: int = 32, max_wait_ms: float = 5.0, max_queue: int = 1024):
+    def __init__(self, engine, max_batch_requests: int = 32, max_wait_ms: float = 5.0, max_queue: int = 1024,
+                 policy: str = "continuous", observe_ttft: Callable[[float], None] | None = None):
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
         self.engine = engine
         self.max_batch_requests, self.max_wait, self.max_queue = max_batch_requests, max_wait_ms / 1000, max_queue
+        self.policy, self.observe_ttft = policy, observe_ttft
+        if policy == "continuous":
+            problem = engine.continuous_problem()
+            if problem:
+                log.warning("scheduling batch-at-a-time: %s", problem)
+                self.policy = "batch"
         self._q: queue.Queue[Job | None] = queue.Queue()
+        self._pending: deque[Job] = deque()  # generations taken from the queue, waiting for room to run
         self._waiting = 0  # admitted requests not yet taken into a batch
         self._admit_lock = threading.Lock()
         self.stats = SchedulerStats()
@@ -82,7 +120,8 @@ class Scheduler:
         """Start the worker thread (again, after :meth:`stop`)."""
         with self._lock:
             if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._run, name="softprompt-scheduler", daemon=True)
+                loop = self._run_continuous if self.policy == "continuous" else self._run
+                self._thread = threading.Thread(target=loop, name="softprompt-scheduler", daemon=True)
                 self._thread.start()
 
     def stop(self) -> None:
@@ -94,16 +133,17 @@ class Scheduler:
             self._thread = None
 
     def depth(self) -> int:
-        """Requests admitted and not yet taken into a batch."""
-        return self._waiting
+        """Requests admitted and not yet running."""
+        return self._waiting + len(self._pending)
 
     def _check_running(self) -> None:
         if self._thread is None or not self._thread.is_alive():
             raise RuntimeError("the scheduler is not running: call start() first")
 
     def _check_room(self, n: int) -> None:
-        if self._waiting + n > self.max_queue:
-            raise QueueFullError(f"queue full ({self._waiting} of {self.max_queue} requests waiting; this one "
+        waiting = self.depth()
+        if waiting + n > self.max_queue:
+            raise QueueFullError(f"queue full ({waiting} of {self.max_queue} requests waiting; this one "
                                  f"brings {n}); retry later")
 
     def submit_many(self, kind: str, requests: list, on_token: Callable[[list[int]], None] | None = None,
@@ -176,10 +216,77 @@ class Scheduler:
             if stopping:
                 return
 
+    def _run_continuous(self) -> None:
+        batch = RunningBatch(self.engine, max_rows=self.max_batch_requests)
+        stopping = False
+        while not (stopping and not len(batch) and not self._pending):
+            idle = not len(batch) and not self._pending
+            jobs: list[Job] = []
+            if not stopping:
+                if idle:  # nothing to step: wait for work, and a little company for it
+                    first = self._take(True)
+                    if first is None:
+                        return
+                    jobs, stopping = self._collect(first)
+                else:
+                    jobs, stopping = self._drain()
+            self._pending.extend(j for j in jobs if j.kind == "generate")
+            t0 = time.perf_counter()
+            for kind in ("classify", "score"):  # between two decode steps
+                group = [j for j in jobs if j.kind == kind]
+                if group:
+                    self._execute(kind, group)
+                    self._count(group)
+            self._admit(batch)
+            if len(batch):
+                batch.step()
+                self.stats.steps += 1
+            mem = batch.memory()
+            self.stats.running, self.stats.slot_bytes, self.stats.slot_tokens = mem["rows"], mem["bytes"], mem["tokens"]
+            self.stats.batch_seconds += time.perf_counter() - t0
+
+    def _drain(self) -> tuple[list[Job], bool]:
+        """Every job queued now, without waiting; True when the stop sentinel was among them."""
+        jobs = []
+        while True:
+            try:
+                job = self._take(False)
+            except queue.Empty:
+                return jobs, False
+            if job is None:
+                return jobs, True
+            jobs.append(job)
+
+    def _admit(self, batch: RunningBatch) -> None:
+        """Pending generations join the running batch while it has room (in arrival order)."""
+        while self._pending and batch.room(self._pending[0].item):
+            job = self._pending.popleft()
+            if job.cancelled.is_set() or not job.future.set_running_or_notify_cancel():
+                self.stats.cancelled += 1
+                continue
+            try:
+                batch.admit(job.item, lambda toks, lps, job=job: job.token(toks, lps, self.observe_ttft),
+                            job.cancelled.is_set, lambda res, job=job: self._settle(job, res))
+            except Exception as e:  # noqa: BLE001 - it fails alone
+                self._fail(job, e)
+                continue
+            self.stats.rows += 1
+            self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
+
+    def _settle(self, job: Job, res) -> None:
+        if isinstance(res, BaseException):
+            self._fail(job, res)
+        elif not job.future.done():
+            job.future.set_result(res)
+
+    def _count(self, jobs: list[Job]) -> None:
+        self.stats.batches += 1
+        self.stats.rows += len(jobs)
+        self.stats.largest_batch = max(self.stats.largest_batch, len(jobs))
+
     def _call(self, kind: str, jobs: list[Job]):
         items = [j.item for j in jobs]
-        streams = [j.on_token for j in jobs]
-        hook = (lambda i, toks: streams[i](toks) if streams[i] else None) if any(streams) else None
+        hook = (lambda i, toks, lps: jobs[i].token(toks, lps, self.observe_ttft)) if kind == "generate" else None
         return self.engine.run(kind, items, on_token=hook, cancelled=lambda i: jobs[i].cancelled.is_set())
 
     def _execute(self, kind: str, jobs: list[Job]) -> None:
