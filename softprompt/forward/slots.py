@@ -97,16 +97,18 @@ class SlotKV:
                 v[[i, j], :, :n] = v[[j, i], :, :n]
 
     def shrink(self, rows: int, tokens: int) -> None:
-        """Give memory back when the batch needs under a quarter of it (keeps the first ``rows`` slots)."""
+        """Give memory back when the batch needs a quarter of it or less (keeps the first ``rows`` slots)."""
         for layer, (k, v) in enumerate(zip(self.k, self.v, strict=True)):
             if k is None:
                 continue
             if rows == 0:
                 self.k[layer] = self.v[layer] = None
-            elif rows * 4 <= k.shape[0] or tokens * 4 <= k.shape[2]:
-                t = -(-max(tokens, 1) // 64) * 64
-                self.k[layer] = k[:rows, :, :t].clone()
-                self.v[layer] = v[:rows, :, :t].clone()
+                continue
+            t = -(-max(tokens, 1) // 64) * 64
+            if rows * 4 <= k.shape[0] or t * 4 <= k.shape[2]:
+                r, t = min(k.shape[0], max(rows, 1)), min(k.shape[2], t)
+                self.k[layer] = k[:r, :, :t].clone()
+                self.v[layer] = v[:r, :, :t].clone()
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v if t is not None)
