@@ -96,7 +96,7 @@ class Backend:
         """Per row: log-probs of each of its target tokens."""
         raise NotImplementedError
 
-    def generate(self, items: list, on_token: Callable[[int, list[int]], None] | None,
+    def generate(self, items: list, on_token: Callable[[int, list[int], list | None], None] | None,
                  cancelled: Callable[[int], bool] | None) -> list:
         """Generate for prepared requests: a :class:`GenerateResult` per item."""
         raise NotImplementedError

@@ -222,7 +222,7 @@ def create_app(state: ServerState) -> FastAPI:
         queue: asyncio.Queue = asyncio.Queue()
         hold = max((len(s) for s in req.stop), default=1) - 1  # a stop string may still be forming
 
-        def on_token(toks: list[int]) -> None:
+        def on_token(toks: list[int], lps) -> None:
             text = state.engine.tok.decode(toks, skip_special_tokens=True)
             cuts = [text.index(s) for s in req.stop if s in text]
             visible = text[:min(cuts)] if cuts else text[:max(len(text) - hold, 0)]

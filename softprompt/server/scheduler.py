@@ -19,11 +19,14 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-from softprompt.engine import EngineError
+from softprompt.engine import EngineError, TokenLogprob
 
 log = logging.getLogger("softprompt.server")
 
 KINDS = ("classify", "generate", "score")
+
+#: A job's streaming hook: ``(new token ids so far, their logprobs so far or None when not asked)``.
+OnToken = Callable[[list[int], list[TokenLogprob] | None], None]
 
 
 class QueueFullError(Exception):
@@ -37,7 +40,7 @@ class Job:
     kind: str
     item: object  # the engine's Prepared request
     future: Future
-    on_token: Callable[[list[int]], None] | None = None
+    on_token: OnToken | None = None
     queued: float = field(default_factory=time.perf_counter)
     cancelled: threading.Event = field(default_factory=threading.Event)
 
@@ -106,7 +109,7 @@ class Scheduler:
             raise QueueFullError(f"queue full ({self._waiting} of {self.max_queue} requests waiting; this one "
                                  f"brings {n}); retry later")
 
-    def submit_many(self, kind: str, requests: list, on_token: Callable[[list[int]], None] | None = None,
+    def submit_many(self, kind: str, requests: list, on_token: OnToken | None = None,
                     ) -> list[Job]:
         """Prepare ``requests`` here (the caller's thread), then queue all of them or none.
 
@@ -128,7 +131,7 @@ class Scheduler:
             self._q.put(job)
         return jobs
 
-    def submit(self, kind: str, request, on_token: Callable[[list[int]], None] | None = None) -> Future:
+    def submit(self, kind: str, request, on_token: OnToken | None = None) -> Future:
         """Queue one request; the future resolves to the engine's result or raises its error."""
         try:
             (job,) = self.submit_many(kind, [request], on_token)
@@ -179,7 +182,7 @@ class Scheduler:
     def _call(self, kind: str, jobs: list[Job]):
         items = [j.item for j in jobs]
         streams = [j.on_token for j in jobs]
-        hook = (lambda i, toks: streams[i](toks) if streams[i] else None) if any(streams) else None
+        hook = (lambda i, toks, lps: streams[i](toks, lps) if streams[i] else None) if any(streams) else None
         return self.engine.run(kind, items, on_token=hook, cancelled=lambda i: jobs[i].cancelled.is_set())
 
     def _execute(self, kind: str, jobs: list[Job]) -> None:
