@@ -201,13 +201,17 @@ def test_truncation_only_when_asked(setup):
     assert math.isfinite(res.scores["positive"])
 
 
-def test_on_token_sees_every_prefix_of_each_request(setup):
+def test_on_token_sees_every_prefix_of_each_request_and_its_logprobs(setup):
     _, _, engine, _ = setup
-    seen: dict[int, list[list[int]]] = {}
-    reqs = [GenerateRequest("caps", {"country": "France"}, max_tokens=4), GenerateRequest("sent", "bad", max_tokens=3)]
-    results = engine.generate(reqs, on_token=lambda i, toks, lps: seen.setdefault(i, []).append(list(toks)))
+    seen: dict[int, list[tuple[list[int], list | None]]] = {}
+    reqs = [GenerateRequest("caps", {"country": "France"}, max_tokens=4, logprobs=2),
+            GenerateRequest("sent", "bad", max_tokens=3)]
+    results = engine.generate(reqs, on_token=lambda i, toks, lps: seen.setdefault(i, []).append(
+        (list(toks), None if lps is None else list(lps))))
     for i, res in enumerate(results):
-        assert seen.get(i, []) == [res.tokens[:k] for k in range(1, len(res.tokens) + 1)]
+        assert seen.get(i, []) == [(res.tokens[:k], None if res.logprobs is None else res.logprobs[:k])
+                                   for k in range(1, len(res.tokens) + 1)]
+    assert results[0].logprobs is not None and results[1].logprobs is None
 
 
 def test_prompt_unloaded_after_the_check_is_an_unknown_task(setup):

@@ -78,7 +78,7 @@ def test_decode_per_row_settings_stop_callback_and_finish_reasons(model):
             forward.RowSampling(6, temperature=1.0, top_k=5, generator=torch.Generator().manual_seed(3))]
     with torch.no_grad():
         out = causal.decode(model, batch.input_ids, batch.attention_mask, table.rows(["a", "b", "c"]), rows, None,
-                            should_stop=lambda i, toks: i == 0 and len(toks) == 3)
+                            should_stop=lambda i, toks, lps: i == 0 and len(toks) == 3)
     assert [len(t) for t in out.tokens] == [3, 2, 6] and out.finish == ["stop", "length", "length"]
     # a sampled row is reproducible from its seed, alone or in a batch
     alone = collate([Encoded([10], 1)], 0, "left")

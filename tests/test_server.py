@@ -283,7 +283,8 @@ def test_schema_fuzz_finds_no_5xx(served):
                                                            st.dictionaries(st.text(max_size=6), inner, max_size=3)),
                           max_leaves=6)
     keys = st.sampled_from(["model", "prompt", "messages", "input", "max_tokens", "temperature", "top_p", "top_k",
-                            "seed", "stop", "stream", "n", "raw", "continuation", "max_completion_tokens"])
+                            "seed", "stop", "stream", "n", "raw", "continuation", "max_completion_tokens",
+                            "logprobs", "top_logprobs"])
     bodies = st.dictionaries(keys, values, max_size=7)
     paths = st.sampled_from(["/v1/completions", "/v1/chat/completions", "/v1/classify", "/v1/score"])
     client = TestClient(app)

@@ -51,6 +51,7 @@ HOSTILE = [
     ("/v1/classify", {"model": "t0", "input": {"text": "\udfff"}}),
     ("/v1/score", {"model": "t1", "input": "France", "continuation": "\ud800x"}),
     ("/v1/completions", {"model": "t1", "prompt": "France", "seed": -(2**63) - 1, "temperature": 1}),
+    ("/v1/chat/completions", {"model": "t1", "messages": [{"role": "user", "content": "France"}], "top_logprobs": 2}),
 ]
 
 

@@ -36,13 +36,16 @@ from softprompt.engine.requests import (
     ScoreResult,
     UnknownTaskError,
 )
-from softprompt.forward import InferencePrompt, PromptKV, family_of
+from softprompt.forward import InferencePrompt, PromptKV, TokenLogprob, family_of
 from softprompt.forward.slots import MODEL_LOCK
 from softprompt.store.entries import COMBINES
 from softprompt.store.errors import StoreError
 from softprompt.store.task_record import TaskRecord
 
 log = logging.getLogger(__name__)
+
+#: The streaming hook: ``(item index, new token ids so far, their logprobs so far or None)``.
+OnToken = Callable[[int, list[int], list[TokenLogprob] | None], None]
 
 
 @dataclass
@@ -299,14 +302,15 @@ class Engine:
         return [self.prepare(kind, p.request) if s else p for p, s in zip(items, stale, strict=True)]
 
     # ----------------------------------------------------------------------------------- operations
-    def run(self, kind: str, items: list[Prepared], on_token: Callable[[int, list[int]], None] | None = None,
+    def run(self, kind: str, items: list[Prepared], on_token: OnToken | None = None,
             cancelled: Callable[[int], bool] | None = None) -> list:
         """Run prepared requests of one kind in shared mixed batches.
 
         Args:
             on_token: generate: called as ``on_token(item_index, new_token_ids_so_far, logprobs_so_far)``
-                after every new token (streaming; ``logprobs_so_far`` is None unless the request asked for
-                logprobs); EOS is not passed.
+                after every new token (streaming); EOS is not passed. ``logprobs_so_far``: one
+                :class:`~softprompt.forward.TokenLogprob` per token so far, or None when the request did not
+                ask for logprobs. Both lists grow as decoding goes on: copy them to keep them.
             cancelled: generate: ``cancelled(item_index)`` True stops that row at its next token (its
                 client went away); the others go on.
 
@@ -339,12 +343,12 @@ class Engine:
         return self.run("score", self._prepare_all("score", requests))
 
     def generate(self, requests: list[GenerateRequest],
-                 on_token: Callable[[int, list[int]], None] | None = None) -> list[GenerateResult]:
+                 on_token: OnToken | None = None) -> list[GenerateResult]:
         """Greedy or sampled continuations, each request with its own settings and seed.
 
         Args:
             on_token: called as ``on_token(request_index, new_token_ids_so_far, logprobs_so_far)`` after
-                every new token (streaming); EOS is not passed.
+                every new token (streaming), as in :meth:`run`.
         """
         self.backend.require_language_model("generating text")
         return self.run("generate", self._prepare_all("generate", requests), on_token)

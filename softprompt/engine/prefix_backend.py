@@ -176,12 +176,12 @@ class PrefixBackend(Backend):
             sampling.append(RowSampling(r.max_tokens, float(r.temperature), r.top_k, float(r.top_p), gen,
                                         r.logprobs))
 
-        def hit_stop(j: int, toks: list[int]) -> bool:
+        def hit_stop(j: int, toks: list[int], lps) -> bool:
             i = batch.index[j]
             if cancelled is not None and cancelled(i):
                 return True
             if on_token is not None:
-                on_token(i, toks, None)
+                on_token(i, toks, lps)
             stops = reqs[j].stop
             return bool(stops) and any(s in tok.decode(toks, skip_special_tokens=True) for s in stops)
 

@@ -221,15 +221,15 @@ def label_scores(model, tokenizer, prompt_kv: PromptKV | None, examples: list[Ex
 @torch.no_grad()
 def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_kv: PromptKV | RowPrompts | None,
            rows: list[RowSampling], eos_token_id: int | None,
-           should_stop: Callable[[int, list[int]], bool] | None = None) -> Decoded:
+           should_stop: Callable[[int, list[int], list[TokenLogprob] | None], bool] | None = None) -> Decoded:
     """Decode after left- or right-padded inputs, each row with its own settings.
 
     Args:
         prompt_kv: one prompt for all rows, one per row, or none.
         rows: decoding settings of each row.
         eos_token_id: ends a row (not included in its tokens).
-        should_stop: called with (row, tokens so far) after each new token; True ends the row (e.g. a
-            stop string appeared).
+        should_stop: called with (row, tokens so far, their :class:`TokenLogprob` so far or None when the
+            row does not ask for them) after each new token; True ends the row (e.g. a stop string appeared).
     """
     b = input_ids.shape[0]
     if len(rows) != b:
@@ -277,7 +277,7 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_
             if i in step_lp:
                 got = step_lp[i]
                 lps[i].append(TokenLogprob(got.token, got.logprob, got.top[:rows[i].logprobs]))
-            if should_stop is not None and should_stop(i, new[i]):
+            if should_stop is not None and should_stop(i, new[i], lps[i]):
                 finish[i] = "stop"
             elif len(new[i]) >= rows[i].max_new_tokens:
                 finish[i] = "length"

@@ -20,7 +20,7 @@ from typing import ClassVar, TypeAlias
 import torch
 
 from softprompt.data import Batch, Encoded, Example, TaskFormat
-from softprompt.forward.common import Decoded, PromptKV, RowPrompts, RowSampling
+from softprompt.forward.common import Decoded, PromptKV, RowPrompts, RowSampling, TokenLogprob
 from softprompt.forward.prompt import PromptOutput
 
 #: A prompt prepared for inference (:meth:`Family.inference_prompt`), one type per family: a causal LM's
@@ -126,6 +126,7 @@ class Family:
 
     def decode(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt: BatchPrompt,
                rows: list[RowSampling], eos_token_id: int | None,
-               should_stop: Callable[[int, list[int]], bool] | None = None) -> Decoded:
+               should_stop: Callable[[int, list[int], list[TokenLogprob] | None], bool] | None = None,
+               ) -> Decoded:
         """Decode after left- or right-padded inputs, each row with its own settings (see the causal family)."""
         raise NotImplementedError

@@ -21,7 +21,7 @@ from fastapi.responses import PlainTextResponse, StreamingResponse
 from softprompt.data import DataError, is_chat
 from softprompt.data.chat import conversation_prompt
 from softprompt.engine import ClassifyRequest, GenerateRequest, ScoreRequest
-from softprompt.server import errors
+from softprompt.server import errors, logprobs
 from softprompt.server.metrics import Metrics
 from softprompt.server.scheduler import Scheduler
 from softprompt.server.schemas import ChatCompletionRequest, ClassifyBody, CompletionRequest, ScoreBody
@@ -111,6 +111,12 @@ def create_app(state: ServerState) -> FastAPI:
     def done(request: Request, t0: float) -> None:
         state.metrics.observe(label(request), 200, time.perf_counter() - t0)
 
+    async def entries(results: list, asked: bool) -> list:
+        """Each result's logprob entries (None each when not asked), rendered in a worker thread."""
+        if not asked:
+            return [None] * len(results)
+        return await asyncio.to_thread(lambda: [logprobs.entries_of(state.engine.tok, r) for r in results])
+
     def sampling(body, max_tokens: int | None) -> dict:
         n = max_tokens or state.default_max_tokens
         if n > state.max_tokens:
@@ -155,23 +161,29 @@ def create_app(state: ServerState) -> FastAPI:
         t0 = time.perf_counter()
         texts = body.prompt if isinstance(body.prompt, list) else [body.prompt]
         check_chars(texts, "prompt")
-        reqs = [GenerateRequest(body.model, t, raw=body.raw, **sampling(body, body.max_tokens)) for t in texts]
+        reqs = [GenerateRequest(body.model, t, raw=body.raw, logprobs=body.logprobs,
+                                **sampling(body, body.max_tokens)) for t in texts]
         cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+
+        def lps(got: list | None) -> dict | None:
+            return None if got is None else logprobs.completion_format(got, bool(body.logprobs))
+
         if body.stream:
             if len(reqs) != 1:
                 raise errors.LimitError("streaming takes one prompt, not a list")
 
-            def chunk(text: str, finish: str | None) -> dict:
+            def chunk(text: str, finish: str | None, got: list | None = None) -> dict:
                 return {"id": cid, "object": "text_completion", "created": created, "model": body.model,
-                        "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}]}
+                        "choices": [{"text": text, "index": 0, "logprobs": lps(got), "finish_reason": finish}]}
 
             return _sse(await stream_text(reqs[0], chunk, request), request, t0)
         results = await run("generate", reqs, request)
+        got = await entries(results, body.logprobs is not None)
         state.metrics.add_tokens(sum(len(r.tokens) for r in results))
         done(request, t0)
         return {"id": cid, "object": "text_completion", "created": created, "model": body.model,
-                "choices": [{"text": r.text, "index": i, "logprobs": None, "finish_reason": r.finish_reason}
-                            for i, r in enumerate(results)],
+                "choices": [{"text": r.text, "index": i, "logprobs": lps(g), "finish_reason": r.finish_reason}
+                            for i, (r, g) in enumerate(zip(results, got, strict=True))],
                 "usage": _usage(results)}
 
     @app.post("/v1/chat/completions")
@@ -180,22 +192,25 @@ def create_app(state: ServerState) -> FastAPI:
         check_chars(["".join(m.text() for m in body.messages)], "messages")
         fmt = state.engine.task(body.model).formats[0]  # unknown task -> 404 before anything else
         text, raw = await asyncio.to_thread(chat_input, body, fmt)  # a chat template can be slow
-        req = GenerateRequest(body.model, text, raw=raw,
+        req = GenerateRequest(body.model, text, raw=raw, logprobs=body.top_count(),
                               **sampling(body, body.max_completion_tokens or body.max_tokens))
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if body.stream:
-            def chunk(delta: str, finish: str | None, first: bool = False) -> dict:
+            def chunk(delta: str, finish: str | None, got: list | None = None, first: bool = False) -> dict:
                 d = {"role": "assistant", "content": delta} if first else ({"content": delta} if delta else {})
+                lps = None if got is None else logprobs.chat_format(got)
                 return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": body.model,
-                        "choices": [{"index": 0, "delta": d, "logprobs": None, "finish_reason": finish}]}
+                        "choices": [{"index": 0, "delta": d, "logprobs": lps, "finish_reason": finish}]}
 
             return _sse(await stream_text(req, chunk, request, role_first=True), request, t0)
         (res,) = await run("generate", [req], request)
+        (got,) = await entries([res], req.logprobs is not None)
         state.metrics.add_tokens(len(res.tokens))
         done(request, t0)
         return {"id": cid, "object": "chat.completion", "created": created, "model": body.model,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": res.text},
-                             "logprobs": None, "finish_reason": res.finish_reason}],
+                             "logprobs": None if got is None else logprobs.chat_format(got),
+                             "finish_reason": res.finish_reason}],
                 "usage": _usage([res])}
 
     def chat_input(body: ChatCompletionRequest, fmt) -> tuple[str, bool]:
@@ -222,7 +237,8 @@ def create_app(state: ServerState) -> FastAPI:
     async def stream_text(req: GenerateRequest, chunk, request: Request,
                           role_first: bool = False):
         """Queue the generation (an invalid request raises here, before any response is sent), and return
-        chunks of new text as tokens arrive; text after a stop string is never sent.
+        chunks of new text as tokens arrive; text after a stop string is never sent. With logprobs asked, a
+        chunk carries the entries of the tokens whose text starts in it; the last text chunk, any left.
 
         The generation is cancelled when the client goes away (the stream is closed or the client is
         seen disconnected while waiting for a token).
@@ -230,34 +246,40 @@ def create_app(state: ServerState) -> FastAPI:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         hold = max((len(s) for s in req.stop), default=1) - 1  # a stop string may still be forming
+        render = None if req.logprobs is None else logprobs.Renderer(state.engine.tok)
 
-        def on_token(toks: list[int], _logprobs=None) -> None:
+        def on_token(toks: list[int], lps) -> None:
             text = state.engine.tok.decode(toks, skip_special_tokens=True)
             cuts = [text.index(s) for s in req.stop if s in text]
             visible = text[:min(cuts)] if cuts else text[:max(len(text) - hold, 0)]
-            loop.call_soon_threadsafe(queue.put_nowait, visible)
+            new = render.extend(toks, lps) if render is not None and lps is not None else []
+            loop.call_soon_threadsafe(queue.put_nowait, (visible, new))
 
         (job,) = await submit("generate", [req], on_token)
         job.future.add_done_callback(lambda f: loop.call_soon_threadsafe(queue.put_nowait, None))
-        return chunks(job, queue, chunk, request, role_first)
+        return chunks(job, queue, chunk, request, role_first, render)
 
-    async def chunks(job, queue: asyncio.Queue, chunk, request: Request, role_first: bool) -> AsyncIterator[dict]:
+    async def chunks(job, queue: asyncio.Queue, chunk, request: Request, role_first: bool,
+                     render: logprobs.Renderer | None) -> AsyncIterator[dict]:
         try:
-            sent = 0
+            sent, pending, given = 0, [], 0  # text sent; entries rendered, not sent; entries sent
             if role_first:
                 yield chunk("", None, first=True)
             while True:
                 item = await unless_gone(queue.get(), request)
                 if item is None:
                     break
-                visible = item.rstrip("\ufffd")  # a multi-byte character not yet complete
+                pending.extend(item[1])
+                visible = item[0].rstrip("\ufffd")  # a multi-byte character not yet complete
                 if len(visible) > sent:
-                    yield chunk(visible[sent:], None)
-                    sent = len(visible)
+                    n = logprobs.starting_before(pending, len(visible))
+                    yield chunk(visible[sent:], None, pending[:n] if render is not None else None)
+                    sent, given, pending = len(visible), given + n, pending[n:]
             res = await asyncio.wrap_future(job.future)
             state.metrics.add_tokens(len(res.tokens))
-            if len(res.text) > sent:
-                yield chunk(res.text[sent:], None)
+            rest = None if render is None else (await asyncio.to_thread(render.final, res))[given:]
+            if len(res.text) > sent or rest:
+                yield chunk(res.text[sent:], None, rest)
             yield chunk("", res.finish_reason)
         finally:
             job.cancel()  # a no-op once it has finished

@@ -28,13 +28,16 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-from softprompt.engine import EngineError
+from softprompt.engine import EngineError, TokenLogprob
 from softprompt.engine.running import RunningBatch
 
 log = logging.getLogger("softprompt.server")
 
 KINDS = ("classify", "generate", "score")
 POLICIES = ("continuous", "batch")
+
+#: A job's streaming hook: ``(new token ids so far, their logprobs so far or None when not asked)``.
+OnToken = Callable[[list[int], list[TokenLogprob] | None], None]
 
 
 class QueueFullError(Exception):
@@ -48,7 +51,7 @@ class Job:
     kind: str
     item: object  # the engine's Prepared request
     future: Future
-    on_token: Callable[[list[int], list | None], None] | None = None
+    on_token: OnToken | None = None
     queued: float = field(default_factory=time.perf_counter)
     cancelled: threading.Event = field(default_factory=threading.Event)
     first_token: float | None = None  # seconds from queued to its first generated token
@@ -146,7 +149,7 @@ class Scheduler:
             raise QueueFullError(f"queue full ({waiting} of {self.max_queue} requests waiting; this one "
                                  f"brings {n}); retry later")
 
-    def submit_many(self, kind: str, requests: list, on_token: Callable[[list[int]], None] | None = None,
+    def submit_many(self, kind: str, requests: list, on_token: OnToken | None = None,
                     ) -> list[Job]:
         """Prepare ``requests`` here (the caller's thread), then queue all of them or none.
 
@@ -168,7 +171,7 @@ class Scheduler:
             self._q.put(job)
         return jobs
 
-    def submit(self, kind: str, request, on_token: Callable[[list[int]], None] | None = None) -> Future:
+    def submit(self, kind: str, request, on_token: OnToken | None = None) -> Future:
         """Queue one request; the future resolves to the engine's result or raises its error."""
         try:
             (job,) = self.submit_many(kind, [request], on_token)

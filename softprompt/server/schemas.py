@@ -1,7 +1,7 @@
 """Request bodies of the HTTP API (pydantic). OpenAI-compatible where OpenAI has the endpoint.
 
 Unknown fields are ignored, as OpenAI clients send fields we have no use for (``user``, ``logit_bias``...);
-fields we cannot honour with another value than their default (``n``, ``echo``, ``logprobs``...) are
+fields we cannot honour with another value than their default (``n``, ``echo``, ``suffix``...) are
 refused with a 422 naming them.
 """
 
@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from softprompt.engine.requests import SEED_RANGE, unencodable
+from softprompt.engine.requests import MAX_TOP_LOGPROBS, SEED_RANGE, unencodable
 
 
 def _encodable(text: str) -> str:
@@ -25,6 +25,8 @@ def _encodable(text: str) -> str:
 Text = Annotated[str, AfterValidator(_encodable)]
 Stop = Text | list[Text] | None
 Input = Text | dict[str, Text]
+# how many of the most likely tokens to list at each new token; strict: ``true`` or ``"5"`` is no count
+TopCount = Annotated[int, Field(strict=True, ge=0, le=MAX_TOP_LOGPROBS)]
 
 
 class _Body(BaseModel):
@@ -59,7 +61,8 @@ class CompletionRequest(_Sampling):
     prompt: Text | list[Text] = Field(description="text (or texts) filled into the task's template")
     raw: bool = Field(default=False, description="softprompt extension: send prompt as is, without the template")
     echo: Literal[False] = False
-    logprobs: None = None
+    logprobs: TopCount | None = Field(default=None, description="each new token's log-probability and the k "
+                                      f"(0 to {MAX_TOP_LOGPROBS}) most likely tokens at its place")
     suffix: None = None
     best_of: int | None = Field(default=None, ge=1, le=1)
 
@@ -91,7 +94,19 @@ class ChatMessage(_Body):
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1, max_length=1024)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    logprobs: Literal[False] | None = None
+    logprobs: bool | None = Field(default=None, strict=True, description="each new token's log-probability")
+    top_logprobs: TopCount | None = Field(default=None, description="with logprobs: the k (0 to "
+                                          f"{MAX_TOP_LOGPROBS}) most likely tokens at each new token's place")
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self):
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
+
+    def top_count(self) -> int | None:
+        """The engine's ``logprobs``: None when not asked, else how many top tokens to list."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class ClassifyBody(_Body):
