@@ -44,6 +44,12 @@ def time_side_by_side(ours: Callable[[], object], peft: Callable[[], object], re
     return o, p, last[0], last[1]
 
 
+def percentile(values: list[float], q: float) -> float:
+    """The ``q`` quantile (0..1) of ``values`` by nearest rank (with 50 values or fewer, p99 is the largest)."""
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
+
+
 def label_agreement(reqs: list, results: list, peft_preds: dict[str, list[str]]) -> float:
     """Share of requests whose engine label equals PEFT's; ``peft_preds`` is task -> labels in request order."""
     ours: dict[str, list[str]] = {task: [] for task in peft_preds}

@@ -6,8 +6,12 @@ requests are sent (1) one at a time, each waiting for the previous answer, and (
 concurrent clients, which the scheduler batches into mixed-task engine calls. Prints requests/s, p50 and
 p99 latency of each, and the throughput ratio. Responses of both runs are compared.
 
+With ``--open-loop``, the same store gets an open-loop load instead (Poisson arrivals at several rates, sent
+whatever the server's state) under each scheduler policy: see ``benchmarks/open_loop.py``.
+
     python benchmarks/server.py
     python benchmarks/server.py --requests 200 --max-batch-requests 32 --max-wait-ms 10
+    python benchmarks/server.py --open-loop --rates 0.5,1,2,4 --requests-per-rate 60
 """
 
 from __future__ import annotations
@@ -22,7 +26,9 @@ import time
 from pathlib import Path
 
 import httpx
+import open_loop
 import uvicorn
+from bench_common import percentile
 
 from softprompt.data.builtin import load_builtin
 from softprompt.engine import Engine
@@ -36,22 +42,22 @@ SENT = {"template": "Review: {text}\nSentiment:", "target_field": "label",
 GEN = {"template": "Review: {text}\nIn one word, the film is", "target_field": "word", "verbalizer": None}
 
 
+def review_texts() -> list[str]:
+    """Rotten Tomatoes test reviews cut to 40 words: the inputs of every request."""
+    return [" ".join(r["text"].split()[:40]) for r in load_builtin("rotten_tomatoes")["test"]]
+
+
 def workload(n: int, tasks: int, new_tokens: int) -> list[tuple[str, dict]]:
-    texts = [r["text"] for r in load_builtin("rotten_tomatoes")["test"]]
+    texts = review_texts()
     out = []
     for i in range(n):
-        task, text = f"task{i % tasks}", " ".join(texts[i].split()[:40])
+        task, text = f"task{i % tasks}", texts[i]
         if i % tasks % 2 == 0:
             out.append(("/v1/classify", {"model": task, "input": text}))
         else:
             out.append(("/v1/completions", {"model": task, "prompt": text, "max_tokens": new_tokens,
                                              "temperature": 0}))
     return out
-
-
-def percentile(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
 
 
 async def one(client: httpx.AsyncClient, path: str, body: dict) -> tuple[float, dict]:
@@ -80,20 +86,8 @@ def answer(res: dict) -> str:
     return res["data"][0]["label"] if "data" in res else res["choices"][0]["text"]
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=DEFAULT_MODEL)
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--requests", type=int, default=200)
-    ap.add_argument("--tasks", type=int, default=8)
-    ap.add_argument("--prompt-tokens", type=int, default=20)
-    ap.add_argument("--new-tokens", type=int, default=8)
-    ap.add_argument("--max-batch-requests", type=int, default=32, help="requests per scheduler batch")
-    ap.add_argument("--max-batch-rows", type=int, default=32, help="rows per engine forward")
-    ap.add_argument("--max-wait-ms", type=float, default=10.0)
-    args = ap.parse_args(argv)
-
+def build_engine(args) -> tuple[object, Engine]:
+    """The base model, and an engine over a temporary store of ``args.tasks`` tasks (even ones classify)."""
     model, tok = load_base_model(args.model, args.device, args.dtype)
     with tempfile.TemporaryDirectory() as d:
         store = PromptStore(Path(d) / "store", create=True)
@@ -102,14 +96,57 @@ def main(argv=None) -> None:
                                                     "seed": t}, model, tok)
             store.save(f"task{t}", method, model, task=SENT if t % 2 == 0 else GEN)
         engine = Engine.from_store(store, model, tok, max_batch_rows=args.max_batch_rows)
-    state = ServerState(engine, Scheduler(engine, args.max_batch_requests, args.max_wait_ms, max_queue=10_000))
+    return model, engine
+
+
+def start_server(state: ServerState):
+    """Serve ``state`` with uvicorn on a free 127.0.0.1 port in a thread; returns ``(url, stop)``."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(create_app(state), log_level="warning"))
-    threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True).start()
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
     while not server.started:
+        if not thread.is_alive():
+            raise RuntimeError("the benchmark server did not start")
         time.sleep(0.05)
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+    def stop() -> None:
+        server.should_exit = True
+        thread.join(timeout=60)
+
+    return f"http://127.0.0.1:{sock.getsockname()[1]}", stop
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The benchmark's flags: the closed loop's and the open loop's (``open_loop.add_arguments``)."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=DEFAULT_MODEL)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--requests", type=int, default=200, help="closed loop: requests in each run")
+    ap.add_argument("--tasks", type=int, default=8)
+    ap.add_argument("--prompt-tokens", type=int, default=20)
+    ap.add_argument("--new-tokens", type=int, default=8, help="closed loop: new tokens of each completion")
+    ap.add_argument("--max-batch-requests", type=int, default=32, help="requests per scheduler batch")
+    ap.add_argument("--max-batch-rows", type=int, default=32, help="rows per engine forward")
+    ap.add_argument("--max-wait-ms", type=float, default=10.0)
+    open_loop.add_arguments(ap)
+    return ap
+
+
+def main(argv=None) -> None:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if args.open_loop:
+        plan = open_loop.plan_from_args(args, ap)  # every bad flag is reported (exit 2) before the model loads
+        model, engine = build_engine(args)
+        open_loop.run(plan, args, model, engine, review_texts(), start_server)
+        return
+
+    model, engine = build_engine(args)
+    state = ServerState(engine, Scheduler(engine, args.max_batch_requests, args.max_wait_ms, max_queue=10_000))
+    url, stop = start_server(state)
     jobs = workload(args.requests, args.tasks, args.new_tokens)
     asyncio.run(sequential(url, jobs[: args.tasks]))  # warm-up
     seq_s, seq = asyncio.run(sequential(url, jobs))
@@ -127,7 +164,7 @@ def main(argv=None) -> None:
         print(f"{name:14}{n / wall:>10.2f}{statistics.median(lat):>10.3f}{percentile(lat, 0.99):>10.3f}{wall:>10.1f}")
     print(f"throughput ratio concurrent/one-at-a-time: {seq_s / con_s:.2f}x  ({batches} engine batches for the "
           f"concurrent run; identical answers: {same}/{n})")
-    server.should_exit = True
+    stop()
 
 
 if __name__ == "__main__":

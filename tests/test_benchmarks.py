@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+import json
 import os
 import subprocess
 import sys
@@ -54,6 +56,161 @@ def test_server_benchmark_runs_on_tiny_model(tiny_model_dir):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "throughput ratio concurrent/one-at-a-time" in proc.stdout
     assert "identical answers: 24/24" in proc.stdout
+
+
+def bench(monkeypatch, name: str):
+    """A module of benchmarks/, imported as its scripts import each other."""
+    import importlib
+
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    return importlib.import_module(name)
+
+
+@pytest.fixture(scope="module")
+def wordy_model_dir(tmp_path_factory):
+    """A tiny llama whose greedy continuations of the benchmark's inputs decode to words (those of
+    ``tiny_model_dir`` are ids the test tokenizer has no word for, so every generated text would be empty)."""
+    from tests.conftest import make_model, make_tokenizer
+
+    d = tmp_path_factory.mktemp("wordy-llama")
+    make_model("llama", seed=5).save_pretrained(d)
+    make_tokenizer().save_pretrained(d)
+    return d
+
+
+OPEN_LOOP = ["--open-loop", "--tasks", "4", "--prompt-tokens", "3", "--rates", "20,40", "--requests-per-rate", "6",
+             "--mix", "0.5,0.17,0.33", "--long-tokens", "6,8", "--policies", "batch", "--device", "cpu"]
+
+
+def test_server_open_loop_benchmark_runs_on_tiny_model(wordy_model_dir, tmp_path):
+    pytest.importorskip("fastapi")
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    chart, numbers = tmp_path / "images" / "open_loop.png", tmp_path / "open_loop.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "server.py"), "--model", str(wordy_model_dir),
+                           *OPEN_LOOP, "--chart", str(chart), "--json", str(numbers)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout.splitlines()
+    # 3 short generations, 1 long, 2 classifications, each sent at both rates, all checked before any timing
+    assert any(ln.startswith("mix of the 6 requests: 3 short generations (4 tokens), 1 long (6-8 tokens") for ln in out)
+    assert "checked: all 12 answers of 2 runs equal the one-request-at-a-time reference" in out
+    head = next(i for i, ln in enumerate(out) if ln.split()[:2] == ["rate", "policy"])
+    assert out[head].split()[2:] == ["req/s", "tok/s", "TTFT", "p50", "TTFT", "p99", "short", "p50", "short", "p99",
+                                     "long", "p50", "long", "p99", "cls", "p50", "cls", "p99", "wall", "s", "lag",
+                                     "max"]
+    rows = [ln.split() for ln in out[head + 1:head + 3]]
+    assert [r[:2] for r in rows] == [["20", "batch"], ["40", "batch"]] and all(len(r) == 14 for r in rows)
+    assert all(float(r[i]) > 0 for r in rows for i in (2, 3, 4, 5, 6, 7, 8, 9, 10, 11))  # every kind timed, TTFT too
+    assert "short-request latency ratio batch/continuous: needs both policies" in proc.stdout
+    assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    runs = json.loads(numbers.read_text())["summaries"]
+    assert [(r["rate"], r["policy"], r["requests"], r["short_n"], r["long_n"], r["classify_n"]) for r in runs] == [
+        (20.0, "batch", 6, 3, 1, 2), (40.0, "batch", 6, 3, 1, 2)]
+
+
+def test_server_open_loop_benchmark_refuses_to_time_answers_that_differ(wordy_model_dir, tmp_path, monkeypatch,
+                                                                        capsys):
+    pytest.importorskip("fastapi")
+    server, open_loop = bench(monkeypatch, "server"), bench(monkeypatch, "open_loop")
+    real = open_loop.reference
+
+    def planted(engine, reqs):  # request 1's reference answer is not what the server will say
+        refs = real(engine, reqs)
+        refs[1] = open_loop.Answer(refs[1].answer + " planted", refs[1].tokens)
+        return refs
+
+    monkeypatch.setattr(open_loop, "reference", planted)
+    chart = tmp_path / "open_loop.png"
+    with pytest.raises(SystemExit) as stop:
+        server.main(["--model", str(wordy_model_dir), *OPEN_LOOP, "--chart", str(chart)])
+    assert stop.value.code == 1
+    out = capsys.readouterr()
+    kind = {"short": "short gen", "long": "long gen", "classify": "classify"}
+    plan = open_loop.plan_from_args(server.build_parser().parse_args(OPEN_LOOP), server.build_parser())
+    req = open_loop.build_requests(plan, 6, server.review_texts(), 4)[1]
+    for rate in ("20", "40"):  # named at each rate it was sent at, and nothing is timed
+        assert f"request 1 ({kind[req.kind]}, {req.task}) at {rate} req/s under policy batch: expected" in out.err
+    assert "2 answers are not the one-request-at-a-time reference; no timings are reported" in out.err
+    assert "req/s" not in out.out and "checked" not in out.out and not chart.exists()
+
+
+def test_open_loop_sends_on_schedule_whatever_the_server(monkeypatch):
+    """Open loop: a request goes out at its arrival time even while every earlier one is still unanswered."""
+    import asyncio
+
+    pytest.importorskip("fastapi")
+    from fastapi import FastAPI
+    from fastapi.responses import StreamingResponse
+
+    from tests.conftest import serve
+
+    open_loop = bench(monkeypatch, "open_loop")
+    app, slow = FastAPI(), 0.5
+
+    @app.post("/v1/completions")
+    async def completions():
+        async def events():
+            await asyncio.sleep(slow)
+            yield 'data: {"choices": [{"text": "late"}]}\n\n'
+            yield 'data: {"choices": [{"text": " words"}]}\n\ndata: [DONE]\n\n'
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    @app.post("/v1/classify")
+    async def classify():
+        await asyncio.sleep(slow)
+        return {"data": [{"label": "positive"}]}
+
+    url, stop = serve(app)
+    try:
+        reqs = [open_loop.Req(i, "classify" if i % 3 == 2 else "short", "t", "x", 0 if i % 3 == 2 else 4)
+                for i in range(6)]
+        arrivals = [0.05 * i for i in range(6)]
+        outs, span = asyncio.run(open_loop.run_load(url, reqs, arrivals))
+    finally:
+        stop()
+    assert [o.answer for o in outs] == ["late words", "late words", "positive"] * 2 and not any(o.error for o in outs)
+    assert max(o.lag for o in outs) < slow / 2  # sent on time, not after the previous answer
+    assert all(o.ttft >= slow for o in outs if o.ttft is not None)
+    assert all(slow <= o.latency < 2 * slow for o in outs)  # no request waits for another (a connection, an answer)
+    assert span < 0.25 + 2 * slow  # waiting for each answer would take 6 x 0.5 s
+
+
+def test_open_loop_schedule_mix_and_policies(monkeypatch, capsys):
+    server, open_loop = bench(monkeypatch, "server"), bench(monkeypatch, "open_loop")
+    ap = server.build_parser()
+    flags = ["--open-loop", "--policies", "batch", "--requests-per-rate", "2000", "--rates", "4,0.5"]
+    plan = open_loop.plan_from_args(ap.parse_args(flags), ap)
+    assert plan == open_loop.plan_from_args(ap.parse_args(flags), ap)  # seeded
+    gaps = [b - a for a, b in zip(plan.unit, plan.unit[1:], strict=False)]
+    mean = sum(gaps) / len(gaps)
+    sd = (sum((g - mean) ** 2 for g in gaps) / len(gaps)) ** 0.5
+    assert plan.unit[0] == 0 and min(gaps) > 0 and abs(mean - 1) < 0.1 and abs(sd - 1) < 0.15  # exponential, rate 1
+    assert plan.rates == [0.5, 4.0] and plan.counts == [2000, 2000]
+    reqs = open_loop.build_requests(plan, 60, [f"text {i}" for i in range(100)], 8)
+    assert [sum(r.kind == k for r in reqs) for k in open_loop.KINDS] == [42, 6, 12]  # exactly 0.7/0.1/0.2
+    assert all(128 <= r.max_tokens <= 240 for r in reqs if r.kind == "long")
+    assert all((int(r.task[4:]) % 2 == 0) == (r.kind == "classify") for r in reqs)
+    timed = open_loop.plan_from_args(ap.parse_args([*flags[:3], "--seconds-per-rate", "10", "--rates", "1,2"]), ap)
+    assert timed.counts == [sum(u < 10 for u in timed.unit), sum(u < 20 for u in timed.unit)]
+    with pytest.raises(SystemExit) as bad:
+        open_loop.plan_from_args(ap.parse_args([*flags[:3], "--rates", "0", "--mix", "0.5,0.6,0"]), ap)
+    assert bad.value.code == 2
+    err = capsys.readouterr().err
+    assert "--rates '0': every rate must be > 0" in err and "--mix '0.5,0.6,0': three fractions" in err  # both at once
+
+    class Fake:  # the scheduler once it takes a policy (issue 14)
+        def __init__(self, engine, max_batch_requests=32, max_wait_ms=5.0, max_queue=1024, policy="continuous"):
+            self.policy = policy
+
+    if "policy" not in inspect.signature(open_loop.Scheduler).parameters:
+        with pytest.raises(ValueError, match="takes no 'policy'"):
+            open_loop.make_scheduler(None, "continuous", 32, 5.0, 10)
+        assert open_loop.make_scheduler(object(), "batch", 32, 5.0, 10).max_batch_requests == 32
+    monkeypatch.setattr(open_loop, "Scheduler", Fake)
+    assert [open_loop.make_scheduler(None, p, 32, 5.0, 10).policy for p in ("batch", "continuous")] == [
+        "batch", "continuous"]
+    with pytest.raises(ValueError, match="unknown scheduler policy"):
+        open_loop.make_scheduler(None, "fifo", 32, 5.0, 10)
 
 
 def test_encoder_benchmark_runs_on_tiny_bert(tmp_path):
