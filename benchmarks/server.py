@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import socket
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -150,21 +151,27 @@ def main(argv=None) -> None:
     jobs = workload(args.requests, args.tasks, args.new_tokens)
     asyncio.run(sequential(url, jobs[: args.tasks]))  # warm-up
     seq_s, seq = asyncio.run(sequential(url, jobs))
-    batches_before = state.scheduler.stats.batches
+    st = state.scheduler.stats
+    batches_before, steps_before = st.batches, st.steps
     con_s, con = asyncio.run(concurrent(url, jobs))
-    batches = state.scheduler.stats.batches - batches_before
-    same = sum(answer(a[1]) == answer(b[1]) for a, b in zip(seq, con, strict=True))
+    batches, steps = st.batches - batches_before, st.steps - steps_before
+    stop()
+    differ = [i for i, (a, b) in enumerate(zip(seq, con, strict=True)) if answer(a[1]) != answer(b[1])]
+    if differ:  # nothing is timed when the answers disagree
+        i = differ[0]
+        sys.exit(f"{len(differ)} of {len(jobs)} answers differ between the runs, e.g. request {i}: "
+                 f"{answer(seq[i][1])!r} one at a time vs {answer(con[i][1])!r} concurrent")
     n = len(jobs)
     print(f"{n} requests over {args.tasks} tasks ({args.prompt_tokens}-token prompts; half classify, half "
-          f"{args.new_tokens}-token completions), {model.device} {model.dtype}, max batch "
-          f"{args.max_batch_requests} requests / {args.max_batch_rows} rows, max wait {args.max_wait_ms} ms")
+          f"{args.new_tokens}-token completions), {model.device} {model.dtype}, scheduler "
+          f"{state.scheduler.policy}, max batch {args.max_batch_requests} requests / {args.max_batch_rows} rows, "
+          f"max wait {args.max_wait_ms} ms")
     print(f"{'':14}{'req/s':>10}{'p50 s':>10}{'p99 s':>10}{'wall s':>10}")
     for name, wall, res in (("one at a time", seq_s, seq), ("concurrent", con_s, con)):
         lat = [r[0] for r in res]
         print(f"{name:14}{n / wall:>10.2f}{statistics.median(lat):>10.3f}{percentile(lat, 0.99):>10.3f}{wall:>10.1f}")
-    print(f"throughput ratio concurrent/one-at-a-time: {seq_s / con_s:.2f}x  ({batches} engine batches for the "
-          f"concurrent run; identical answers: {same}/{n})")
-    stop()
+    print(f"throughput ratio concurrent/one-at-a-time: {seq_s / con_s:.2f}x  (concurrent run: {batches} "
+          f"batches, {steps} decode steps of the running batch; identical answers: {n}/{n})")
 
 
 if __name__ == "__main__":

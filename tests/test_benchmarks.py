@@ -264,3 +264,18 @@ def test_random_model_folder_feeds_the_benchmarks(tiny_model_dir, tmp_path):
 
     model, tok = load_base_model(out, device="cpu")
     assert model.config.hidden_size == 64 and model.config.vocab_size == 49152 and len(tok) == len(make_tokenizer())
+
+
+def test_join_latency_benchmark_runs_on_tiny_model(wordy_model_dir):
+    pytest.importorskip("fastapi")
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "join_latency.py"), "--model", str(wordy_model_dir),
+                           "--tasks", "4", "--prompt-tokens", "3", "--long-tokens", "12", "--short-tokens", "2",
+                           "--after", "2", "--repeats", "1", "--device", "cpu"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout.splitlines()
+    assert "answers equal the requests run alone" in out[0]
+    rows = {ln.split()[0]: ln.split()[1:] for ln in out[2:4]}
+    assert set(rows) == {"batch", "continuous"} and all(float(v) > 0 for r in rows.values() for v in r)
+    assert any(ln.startswith("short-request latency, batch / continuous:") for ln in out)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 
 import pytest
 import torch
@@ -236,3 +237,17 @@ def test_rouge_l_is_the_lcs_f_measure():
     # normalised words: "cat sat on mat" vs "cat on big mat": LCS "cat on mat" = 3; P = R = 3/4
     assert rouge_l("The cat sat on the mat.", "a cat on big mat") == pytest.approx(0.75)
     assert rouge_l("good", "bad") == 0.0 and rouge_l("", "") == 1.0
+
+
+def test_tune_searches_a_chat_task_by_validation_loss_and_stores_the_best(chat_run):
+    d, _ = chat_run
+    rc, out, err = run(["tune", "--model", d / "tiny", "--train-file", d / "train.jsonl", "--validation-from-train",
+                        "0.25", "--chat-template", d / "chat.jinja", "--num-virtual-tokens", "3", "--batch-size", "4",
+                        "--lrs", "0.001,0.3", "--min-steps", "1", "--max-new-tokens", "3",
+                        "--output-dir", d / "tuned", "--store", d / "store", "--task", "chat_tuned"])
+    assert rc == 0, err
+    trials = json.loads((d / "tuned" / "trials.json").read_text())
+    assert trials["metric"] == "loss" and len(trials["trials"]) == 2
+    assert all(math.isfinite(r["val_loss"]) for t in trials["trials"] for r in t["rungs"])
+    record = json.loads((d / "store" / "chat_tuned" / "softprompt.json").read_text())["task"]
+    assert record["kind"] == "chat"  # the stored prompt is a chat task, as train stores it
