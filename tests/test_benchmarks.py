@@ -79,7 +79,7 @@ def wordy_model_dir(tmp_path_factory):
 
 
 OPEN_LOOP = ["--open-loop", "--tasks", "4", "--prompt-tokens", "3", "--rates", "20,40", "--requests-per-rate", "6",
-             "--mix", "0.5,0.17,0.33", "--long-tokens", "6,8", "--policies", "batch", "--device", "cpu"]
+             "--mix", "0.5,0.17,0.33", "--long-tokens", "6,8", "--policies", "batch,continuous", "--device", "cpu"]
 
 
 def test_server_open_loop_benchmark_runs_on_tiny_model(wordy_model_dir, tmp_path):
@@ -93,19 +93,22 @@ def test_server_open_loop_benchmark_runs_on_tiny_model(wordy_model_dir, tmp_path
     out = proc.stdout.splitlines()
     # 3 short generations, 1 long, 2 classifications, each sent at both rates, all checked before any timing
     assert any(ln.startswith("mix of the 6 requests: 3 short generations (4 tokens), 1 long (6-8 tokens") for ln in out)
-    assert "checked: all 12 answers of 2 runs equal the one-request-at-a-time reference" in out
+    assert "checked: all 24 answers of 4 runs equal the one-request-at-a-time reference" in out
     head = next(i for i, ln in enumerate(out) if ln.split()[:2] == ["rate", "policy"])
     assert out[head].split()[2:] == ["req/s", "tok/s", "TTFT", "p50", "TTFT", "p99", "short", "p50", "short", "p99",
                                      "long", "p50", "long", "p99", "cls", "p50", "cls", "p99", "wall", "s", "lag",
                                      "max"]
-    rows = [ln.split() for ln in out[head + 1:head + 3]]
-    assert [r[:2] for r in rows] == [["20", "batch"], ["40", "batch"]] and all(len(r) == 14 for r in rows)
+    rows = [ln.split() for ln in out[head + 1:head + 5]]
+    assert sorted(r[:2] for r in rows) == [["20", "batch"], ["20", "continuous"], ["40", "batch"],
+                                           ["40", "continuous"]] and all(len(r) == 14 for r in rows)
     assert all(float(r[i]) > 0 for r in rows for i in (2, 3, 4, 5, 6, 7, 8, 9, 10, 11))  # every kind timed, TTFT too
-    assert "short-request latency ratio batch/continuous: needs both policies" in proc.stdout
+    assert "short-request latency, batch / continuous:" in proc.stdout
     assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     runs = json.loads(numbers.read_text())["summaries"]
-    assert [(r["rate"], r["policy"], r["requests"], r["short_n"], r["long_n"], r["classify_n"]) for r in runs] == [
-        (20.0, "batch", 6, 3, 1, 2), (40.0, "batch", 6, 3, 1, 2)]
+    keys = ("rate", "policy", "requests", "short_n", "long_n", "classify_n")
+    assert sorted(tuple(r[k] for k in keys) for r in runs) == [
+        (20.0, "batch", 6, 3, 1, 2), (20.0, "continuous", 6, 3, 1, 2), (40.0, "batch", 6, 3, 1, 2),
+        (40.0, "continuous", 6, 3, 1, 2)]
 
 
 def test_server_open_loop_benchmark_refuses_to_time_answers_that_differ(wordy_model_dir, tmp_path, monkeypatch,
@@ -128,9 +131,11 @@ def test_server_open_loop_benchmark_refuses_to_time_answers_that_differ(wordy_mo
     kind = {"short": "short gen", "long": "long gen", "classify": "classify"}
     plan = open_loop.plan_from_args(server.build_parser().parse_args(OPEN_LOOP), server.build_parser())
     req = open_loop.build_requests(plan, 6, server.review_texts(), 4)[1]
-    for rate in ("20", "40"):  # named at each rate it was sent at, and nothing is timed
-        assert f"request 1 ({kind[req.kind]}, {req.task}) at {rate} req/s under policy batch: expected" in out.err
-    assert "2 answers are not the one-request-at-a-time reference; no timings are reported" in out.err
+    for rate in ("20", "40"):  # named at each rate and policy it was sent under, and nothing is timed
+        for policy in ("batch", "continuous"):
+            named = f"request 1 ({kind[req.kind]}, {req.task}) at {rate} req/s under policy {policy}: expected"
+            assert named in out.err
+    assert "4 answers are not the one-request-at-a-time reference; no timings are reported" in out.err
     assert "req/s" not in out.out and "checked" not in out.out and not chart.exists()
 
 
@@ -269,8 +274,9 @@ def test_random_model_folder_feeds_the_benchmarks(tiny_model_dir, tmp_path):
 def test_join_latency_benchmark_runs_on_tiny_model(wordy_model_dir):
     pytest.importorskip("fastapi")
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "join_latency.py"), "--model", str(wordy_model_dir),
-                           "--tasks", "4", "--prompt-tokens", "3", "--long-tokens", "12", "--short-tokens", "2",
+    script = REPO / "benchmarks" / "join_latency.py"
+    proc = subprocess.run([sys.executable, str(script), "--model", str(wordy_model_dir), "--tasks", "4",
+                           "--prompt-tokens", "3", "--long-tokens", "12", "--short-tokens", "2",
                            "--after", "2", "--repeats", "1", "--device", "cpu"],
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
