@@ -10,6 +10,7 @@ import torch
 from softprompt import forward
 from softprompt.engine import ClassifyRequest, Engine, GenerateRequest
 from softprompt.engine import engine as engine_module
+from softprompt.engine.running import RunningBatch
 from softprompt.forward import causal
 from softprompt.methods import build_method
 from softprompt.store import PromptStore, StoreError
@@ -86,19 +87,21 @@ def test_add_kv_refuses_non_finite_keys_values(served):
 
 
 def test_a_reload_waits_for_the_running_batch(served, monkeypatch):
-    """The swap lands between batches: a batch that started with the old prompt finishes with it."""
+    """The swap lands between engine calls: a generation that started with the old prompt finishes with it
+    (in the server's running batch, rows keep the prompt they joined with: tests/test_running.py)."""
     engine, store, model, tok = served
     old = engine.generate([GenerateRequest("a", "good", max_tokens=6)])[0]
     save(store, model, tok, "a", seed=9, n=5)
     started, swapped = threading.Event(), threading.Event()
-    real = causal.decode
+    real = RunningBatch.step
 
-    def decode(*args, **kwargs):
-        started.set()
-        assert not swapped.wait(0.5)  # the reload cannot finish while this batch runs
-        return real(*args, **kwargs)
+    def step(self):
+        if not started.is_set():
+            started.set()
+            assert not swapped.wait(0.5)  # the reload cannot finish while this batch runs
+        return real(self)
 
-    monkeypatch.setattr(causal, "decode", decode)
+    monkeypatch.setattr(RunningBatch, "step", step)
     result = {}
     runner = threading.Thread(target=lambda: result.update(r=engine.generate([GenerateRequest("a", "good",
                                                                                               max_tokens=6)])[0]))
