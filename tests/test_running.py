@@ -47,6 +47,8 @@ def _run_joining(engine, reqs, every: int = 2, **kw):
     results, waiting = {}, list(range(len(reqs)))
     while waiting or len(batch):
         while waiting and (every == 0 or batch.steps % every == 0):
+            if not batch.room(engine.prepare("generate", reqs[waiting[0]])):
+                break
             i = waiting.pop(0)
             batch.admit(engine.prepare("generate", reqs[i]), done=lambda res, i=i: results.__setitem__(i, res))
             if every:
@@ -198,3 +200,16 @@ def test_a_model_whose_attention_slots_get_wrong_is_served_batch_at_a_time(tmp_p
     assert engine.continuous_problem() is not None
     req = GenerateRequest("sent", "the plot was bad and the film was very good", max_tokens=4)
     assert engine.generate([req])[0].tokens == _solo(engine, req).tokens  # the batch path still serves it
+
+
+def test_no_forward_runs_more_rows_than_the_engine_allows(tmp_path, tokenizer, monkeypatch):
+    engine = _engine(make_model("llama"), tokenizer, tmp_path, rows=2)
+    widths, real = [], slots_mod.slot_forward
+
+    def spy(model, slots, a, input_ids, *rest):
+        widths.append(input_ids.shape[0])
+        return real(model, slots, a, input_ids, *rest)
+
+    monkeypatch.setattr("softprompt.engine.running.slot_forward", spy)
+    results, batch = _run_joining(engine, REQS, every=0, max_rows=8)  # asks for 8: the engine's 2 win
+    assert batch.max_rows == 2 and max(widths) == 2 and len(results) == len(REQS)

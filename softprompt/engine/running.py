@@ -61,7 +61,8 @@ class RunningBatch:
 
     Args:
         engine: a causal-LM :class:`~softprompt.engine.Engine` (its model, tokenizer and prompts).
-        max_rows: most rows running at once (default: the engine's ``max_batch_rows``).
+        max_rows: most rows running at once (default, and at most: the engine's ``max_batch_rows``, the most
+            rows of one forward).
         max_tokens: most input + new tokens reserved by the running rows (default: the engine's
             ``max_batch_tokens``); a row that alone needs more still runs when the batch is empty.
         prefill_chunk: most input tokens read per step (default: the engine's ``prefill_chunk``).
@@ -70,7 +71,7 @@ class RunningBatch:
     def __init__(self, engine, max_rows: int | None = None, max_tokens: int | None = None,
                  prefill_chunk: int | None = None):
         self.engine = engine
-        self.max_rows = max_rows or engine.max_batch_rows
+        self.max_rows = min(max_rows or engine.max_batch_rows, engine.max_batch_rows)
         self.max_tokens = max_tokens or engine.max_batch_tokens
         self.prefill_chunk = max(1, prefill_chunk or engine.prefill_chunk)
         self.slots = SlotKV()
