@@ -19,7 +19,7 @@ from softprompt.engine.batching import MixedBatch, Row, mixed_batches
 from softprompt.engine.prepare import encode, encode_source, fit
 from softprompt.engine.prompt_table import PromptTable
 from softprompt.engine.requests import GenerateResult, RequestError, UnknownTaskError
-from softprompt.engine.running import run_all
+from softprompt.engine.running import generate_result, run_all
 from softprompt.forward import InjectionError, PromptKV, RowPrompts, RowSampling, causal, logits_from_hidden
 from softprompt.forward.slots import check_slots
 
@@ -189,10 +189,5 @@ class PrefixBackend(Backend):
         out = causal.decode(model, batch.input_ids, batch.attention_mask, prompts, sampling, tok.eos_token_id,
                             should_stop=hit_stop)
         for j, i in enumerate(batch.index):
-            text = tok.decode(out.tokens[j], skip_special_tokens=True)
-            cut = [text.index(s) for s in reqs[j].stop if s in text]
-            if cut:
-                text = text[:min(cut)]
-            reason = "length" if out.finish[j] == "length" and not cut else "stop"
-            results[i] = GenerateResult(items[i].task.name, text, out.tokens[j], reason, len(items[i].rows[0].ids),
-                                        items[i].source, out.logprobs[j] if out.logprobs else None)
+            results[i] = generate_result(tok, items[i], out.tokens[j], out.finish[j],
+                                         out.logprobs[j] if out.logprobs else None)

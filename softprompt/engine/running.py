@@ -56,6 +56,17 @@ class _Row:
         return len(self.ids) + self.sampling.max_new_tokens
 
 
+def generate_result(tok, item, tokens: list[int], reason: str, logprobs: list | None) -> GenerateResult:
+    """A prepared request's result from its new tokens: the text cut at its first stop string, and why it
+    ended (``length`` only when it ran out of tokens without a stop string; else ``stop``)."""
+    text = tok.decode(tokens, skip_special_tokens=True)
+    cut = [text.index(s) for s in item.request.stop if s in text]
+    if cut:
+        text = text[:min(cut)]
+    reason = "length" if reason == "length" and not cut else "stop"
+    return GenerateResult(item.task.name, text, tokens, reason, len(item.rows[0].ids), item.source, logprobs)
+
+
 class RunningBatch:
     """The rows being generated on one engine; see the module docstring.
 
@@ -239,13 +250,7 @@ class RunningBatch:
         if reason == "error":
             r.done(r.error)
             return
-        item = r.item
-        text = self.engine.tok.decode(r.tokens, skip_special_tokens=True)
-        cut = [text.index(s) for s in r.stop if s in text]
-        if cut:
-            text = text[:min(cut)]
-        reason = "length" if reason == "length" and not cut else "stop"
-        r.done(GenerateResult(item.task.name, text, list(r.tokens), reason, len(r.ids), item.source, r.logprobs))
+        r.done(generate_result(self.engine.tok, r.item, list(r.tokens), reason, r.logprobs))
 
     def _move(self, src: int, dst: int) -> None:
         self.slots.move(src, dst, self.rows[src].n)
