@@ -28,16 +28,13 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-from softprompt.engine import EngineError, TokenLogprob
-from softprompt.engine.running import RunningBatch
+from softprompt.engine import EngineError
+from softprompt.engine.running import OnToken, RunningBatch  # a job's streaming hook: (tokens, logprobs)
 
 log = logging.getLogger("softprompt.server")
 
 KINDS = ("classify", "generate", "score")
 POLICIES = ("continuous", "batch")
-
-#: A job's streaming hook: ``(new token ids so far, their logprobs so far or None when not asked)``.
-OnToken = Callable[[list[int], list[TokenLogprob] | None], None]
 
 
 class QueueFullError(Exception):
