@@ -27,7 +27,7 @@ def cmd_compare(ns: argparse.Namespace) -> int:
 
     settings = CompareSettings(ns.model, ns.dataset, ns.steps, ns.batch_size, ns.test_samples, ns.val_samples,
                                ns.eval_every, ns.seeds, not ns.no_lr_search, ns.lr_grid, ns.search_steps,
-                               ns.converged_tol, ns.adapter_size)
+                               ns.converged_tol, ns.adapter_size, not ns.fixed_steps)
     specs, problems = select_specs(ns.only, ns.adapter_size)
     problems += settings.problems() + [check_folder_to_create("--output-dir", ns.output_dir)]
     if ns.store:
@@ -35,19 +35,25 @@ def cmd_compare(ns: argparse.Namespace) -> int:
 
         problem = check_folder_to_create("--store", ns.store)
         problems += [problem] if problem else store_problems(specs, ns.seeds, ns.store)
+    if ns.resume:
+        from softprompt.compare import resume_problem
+
+        problems += (["--resume and --store cannot be combined: the kept rows' prompts went to the earlier run's "
+                      "store"] if ns.store else [resume_problem(Path(ns.output_dir), settings)])
     problems = [p for p in problems if p] or context_problems(specs, ns.model)
     if problems:
         raise ConfigError("invalid arguments:\n  " + "\n  ".join(problems))
     out = Path(ns.output_dir)
     search = (f"lr searched over {settings.lr_grid} values ({settings.search_budget} steps each, on validation)"
               if settings.lr_search and settings.lr_grid > 1 else "fixed lr")
-    print(f"comparing {len(specs)} methods on {ns.dataset}, {ns.steps} steps of batch {ns.batch_size}, {search}, "
+    budget = f"{ns.steps} steps" if ns.fixed_steps else f"until converged, at most {ns.steps} steps"
+    print(f"comparing {len(specs)} methods on {ns.dataset}, {budget} of batch {ns.batch_size}, {search}, "
           f"seeds: {ns.seeds}, test on {ns.test_samples} examples")
     if ns.store:
         print(f"each prompt method's {ns.seeds} seed prompts and their mean ensemble go into store {ns.store} "
               "(weight methods have no prompt); the ensembles are scored on the same test examples")
     rows = run_compare(specs, settings, out, log=lambda line: print(line, flush=True), keep_going=ns.keep_going,
-                       store=ns.store)
+                       store=ns.store, resume=ns.resume)
     print("\n" + format_table(rows))
     print(f"saved {out / 'compare.json'}, {out / 'compare.md'}, {out / 'compare.png'}, {out / 'compare_curves.png'}")
     failures = format_failures(rows, specs)
@@ -69,19 +75,25 @@ def add_compare_parser(sub) -> None:
                "are listed on stderr; the files hold the rows that ran); 2 for invalid arguments.")
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--dataset", default="rotten_tomatoes")
-    p.add_argument("--steps", type=int, default=60, help="training steps of every seed run")
+    p.add_argument("--steps", type=int, default=300,
+                   help="the most training steps of a seed run (its lr schedule spans them); a run stops earlier "
+                        "once its validation loss has flattened (see --converged-tol), unless --fixed-steps")
+    p.add_argument("--fixed-steps", action="store_true",
+                   help="train every seed run all --steps, even after its validation loss has flattened")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--test-samples", type=int, default=400)
     p.add_argument("--val-samples", type=int, default=200,
                    help="validation examples (lr search and curves; held out of train if the data has none)")
-    p.add_argument("--eval-every", type=int, default=0, help="steps between validation points (0: steps/6)")
+    p.add_argument("--eval-every", type=int, default=10, help="steps between validation points of a seed run")
     p.add_argument("--seeds", type=int, default=3, help="runs per method; the table shows mean ± std")
     p.add_argument("--lr-grid", type=int, default=3,
                    help="lr candidates per method, log-spaced by sqrt(10) around its default")
-    p.add_argument("--search-steps", type=int, default=0, help="steps of each lr candidate's run (0: steps/2)")
+    p.add_argument("--search-steps", type=int, default=0,
+                   help="steps of each lr candidate's run (0: the smaller of --steps and 60)")
     p.add_argument("--no-lr-search", action="store_true", help="train every method at its default lr")
     p.add_argument("--converged-tol", type=float, default=0.02,
-                   help="converged: mean validation loss fell by less than this fraction over the last third")
+                   help="converged: a seed run's validation loss fell by less than this fraction over the last third "
+                        "of its steps (checked at every validation point from the 6th on)")
     p.add_argument("--adapter-size", type=int, default=8, help="bottleneck width of the Houlsby adapters")
     p.add_argument("--only",
                    help="comma-separated kinds: prompt_tuning,prefix_tuning,p_tuning,lora,adapter,bitfit,full")
@@ -90,6 +102,9 @@ def add_compare_parser(sub) -> None:
                    help="add each prompt method's seed prompts to this prompt store as <method-slug>-seed<k>, with "
                         "their mean ensemble <method-slug>; the table gains the ensemble's test accuracy and its "
                         "gain over the mean single prompt (classification; needs --seeds >= 2)")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the rows of an earlier run in --output-dir's compare.json that ran to the end (it must "
+                        "have been written with the same settings) and run only the others")
     p.add_argument("--keep-going", action="store_true",
                    help="after a method fails, run the others and write the whole table; the exit status is "
                         "still 1, because the table lacks that method")

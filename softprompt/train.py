@@ -5,7 +5,9 @@ target tokens only), gradient clipping, optimizer and schedule step, a line in `
 prompt gradient norm in total and per virtual token, tokens/s). Every ``eval_every`` steps the primary
 metric is measured on the validation split; the best state is kept (a CPU copy, returned in
 :class:`TrainResult` and handed to ``save_best``), early stopping stops after ``early_stopping_patience``
-evaluations without improvement. A divergence guard
+evaluations without improvement, and ``stop_when_flat`` stops once the validation loss has flattened
+(:mod:`softprompt.plateau`: it fell by less than that fraction over the last third of the steps so far).
+A divergence guard
 (:mod:`softprompt.guard`) skips a step with a non-finite loss or gradient and rolls the prompt and optimizer
 back, with a lower lr, when the loss rises and stays up; too many rollbacks end the run as diverged.
 ``checkpoint/`` holds what a resumed run needs to continue exactly where it stopped: the data order is a
@@ -36,6 +38,7 @@ from softprompt.evaluate import evaluate_prompt, primary_metric
 from softprompt.forward import family_of
 from softprompt.guard import DivergenceGuard
 from softprompt.methods import PromptMethod
+from softprompt.plateau import flat_now
 from softprompt.store.atomic import write_folder_atomically
 
 log = logging.getLogger(__name__)
@@ -62,6 +65,7 @@ class TrainResult:
     lr_scale: float = 1.0  # the guard's multiplier on the schedule's lr at the end
     best_state: dict[str, torch.Tensor] | None = field(default=None, repr=False)
     best_metrics: dict | None = None
+    flat_step: int | None = None  # the step ``stop_when_flat`` ended the run at (the curve had flattened)
 
 
 def build_optimizer(params, args: TrainArgs) -> torch.optim.Optimizer:
@@ -281,7 +285,9 @@ def train(model, tokenizer, method: PromptMethod, task: TaskData, args: TrainArg
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: schedule(s) * guard.lr_scale)
     metric_name, higher = primary_metric(fmt, args.metric)
     # best_metrics: the best step's validation metrics, in the checkpoint's state.json with the rest
-    state = {"best_metric": None, "best_step": None, "bad_evals": 0, "best_metrics": None}
+    # val_curve: every validation loss so far, the flat-stop rule's input (resumed with the rest)
+    state = {"best_metric": None, "best_step": None, "bad_evals": 0, "best_metrics": None, "val_curve": [],
+             "flat_step": None}
     best_state = None
     start = 0
     metrics_path = out / "metrics.jsonl"
@@ -359,6 +365,11 @@ def train(model, tokenizer, method: PromptMethod, task: TaskData, args: TrainArg
                 else:
                     state["bad_evals"] += 1
                     stopped = 0 < args.early_stopping_patience <= state["bad_evals"]
+                if "loss" in m:
+                    curve = state.setdefault("val_curve", [])
+                    curve.append({"step": step + 1, "loss": m["loss"]})
+                    if args.stop_when_flat and not stopped and flat_now(curve, args.stop_when_flat):
+                        stopped, state["flat_step"] = True, step + 1
             if main:
                 logf.write(json.dumps(row) + "\n")
                 logf.flush()
@@ -373,7 +384,9 @@ def train(model, tokenizer, method: PromptMethod, task: TaskData, args: TrainArg
             if diverged:
                 break
             if stopped:
-                log.info("early stopping at step %d (best %s %.4f at step %s)", step + 1, metric_name,
+                why = ("the validation loss has flattened" if state.get("flat_step") else
+                       f"{state['bad_evals']} evaluations without a better {metric_name}")
+                log.info("early stopping at step %d, %s (best %s %.4f at step %s)", step + 1, why, metric_name,
                          state["best_metric"], state["best_step"])
                 break
     bar.close()
@@ -384,7 +397,8 @@ def train(model, tokenizer, method: PromptMethod, task: TaskData, args: TrainArg
     return TrainResult(steps=(history[-1]["step"] if history else start), best_metric=state["best_metric"],
                        best_step=state["best_step"], stopped_early=stopped, history=history,
                        seconds=time.perf_counter() - t_start, diverged=diverged, rollbacks=guard.rollbacks,
-                       lr_scale=guard.lr_scale, best_state=best_state, best_metrics=state.get("best_metrics"))
+                       lr_scale=guard.lr_scale, best_state=best_state, best_metrics=state.get("best_metrics"),
+                       flat_step=state.get("flat_step"))
 
 
 def _per_token_grad_norm(method: PromptMethod) -> list[float] | None:

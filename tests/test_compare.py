@@ -19,6 +19,7 @@ from softprompt.compare import (
     ensure_validation,
     format_row,
     lr_grid,
+    resume_problem,
     run_compare,
     run_in_subprocess,
     run_method,
@@ -197,7 +198,8 @@ def test_lr_search_scores_on_validation_and_never_reads_test(tiny_model_dir, toy
         runs.append(run_one(j))
         return runs[-1]
 
-    settings = CompareSettings(str(tiny_model_dir), "x", steps=8, batch_size=8, val_samples=16, lr_grid=3)
+    settings = CompareSettings(str(tiny_model_dir), "x", steps=8, batch_size=8, val_samples=16, lr_grid=3,
+                               search_steps=4)
     lr, record = search_lr(Spec("lora", "lora", {"r": 2}, "adamw", 1e-2), settings, runner, log=lambda s: None)
     assert [j.lr for j in jobs] == lr_grid(1e-2, 3) == [0.00316, 0.01, 0.0316]
     assert all(j.test_samples == 0 and j.steps == 4 and j.seed == 0 for j in jobs)
@@ -254,6 +256,8 @@ def test_seeds_give_mean_and_std_over_every_run():
     assert row["rollbacks"] == 3 and row["lr_search"] is None
     assert [p["loss"] for p in row["curve"]] == pytest.approx([1.79, 1.59, 1.39])  # mean over the seeds
     assert "| 0.3 (fixed) | 0.7000 ± 0.2000 | 3 | 3 |" in format_row(row)
+    # each seed's loss fell by about 12.5% over the last third of its 6 steps: not converged, and said so
+    assert row["converged"] is False and format_row(row).endswith("| no: 6 (+12.5%), 6 (+12.6%), 6 (+12.7%) |")
     one = run_method(Spec("pt", "prompt_tuning"), CompareSettings("m", seeds=1, lr_search=False), _fake_seed_run,
                      log=lambda s: None)
     assert one["n_seeds"] == 1 and one["accuracy_std"] is None and "| 0.5000 | 1 |" in format_row(one)
@@ -325,6 +329,63 @@ def test_compare_command_runs_each_method_in_subprocesses(tiny_model_dir, tmp_pa
 def test_a_failed_child_run_is_a_row_with_its_error(tiny_model_dir):
     row = run_in_subprocess(Job(Spec("nope", "nope"), str(tiny_model_dir), "capitals", 1, 2, 0.1, test_samples=2))
     assert row["method"] == "nope" and "nope" in row["error"]
+
+def test_seed_runs_stop_once_their_validation_loss_is_flat(tiny_model_dir, toy):
+    jobs = []
+
+    def runner(j):
+        jobs.append(j)
+        return run_one(j)
+
+    # lr 1e-9: the validation loss never moves, so each seed run stops at its 6th evaluation (step 12 of 40)
+    spec = Spec("BitFit", "bitfit", {}, "adamw", 1e-9)
+    settings = CompareSettings(str(tiny_model_dir), "x", steps=40, batch_size=8, test_samples=16, val_samples=16,
+                               eval_every=2, seeds=2, lr_search=False)
+    row = run_method(spec, settings, runner, log=lambda s: None)
+    assert [j.stop_when_flat for j in jobs] == [0.02, 0.02]
+    assert row["steps_run"] == [12, 12] and [r["flat_step"] for r in row["seeds"]] == [12, 12]
+    assert row["converged"] is True and format_row(row).endswith("| yes: 12, 12 |")
+    # --fixed-steps: every seed run trains the whole budget
+    fixed = run_method(spec, CompareSettings(**{**settings.__dict__, "steps": 14, "until_flat": False}), runner,
+                       log=lambda s: None)
+    assert [j.stop_when_flat for j in jobs[2:]] == [0.0, 0.0] and fixed["steps_run"] == [14, 14]
+    assert [r["flat_step"] for r in fixed["seeds"]] == [None, None]
+
+
+def test_resume_keeps_the_rows_that_ran_and_runs_the_others(tmp_path):
+    jobs = []
+
+    def runner(j):
+        jobs.append(j.spec.label)
+        return _fake_seed_run(j)
+
+    settings = CompareSettings("m", steps=6, seeds=2, lr_search=False, eval_every=2)
+    a, b, c = (Spec(x, "prompt_tuning") for x in "abc")
+    first = run_compare([a, c], settings, tmp_path, log=lambda s: None, runner=runner)
+    first[1] = {"method": "c", "kind": "prompt_tuning", "error": "RuntimeError: killed"}  # c failed that time
+    saved = json.loads((tmp_path / "compare.json").read_text())
+    (tmp_path / "compare.json").write_text(json.dumps({**saved, "rows": [saved["rows"][0], first[1]]}))
+    jobs.clear()
+    rows = run_compare([a, b, c], settings, tmp_path, log=lambda s: None, runner=runner, resume=True)
+    assert jobs == ["b", "b", "c", "c"]  # a is kept; b is new; c failed before, so it runs again
+    assert rows[0] == saved["rows"][0] and [r["spec"] for r in rows] == ["a", "b", "c"]
+    assert [r["spec"] for r in json.loads((tmp_path / "compare.json").read_text())["rows"]] == ["a", "b", "c"]
+    other = CompareSettings("m", steps=8, seeds=2, lr_search=False, eval_every=2)
+    assert "steps (6 there, 8 now)" in resume_problem(tmp_path, other)
+    with pytest.raises(ValueError, match="other settings"):
+        run_compare([a], other, tmp_path, log=lambda s: None, runner=runner, resume=True)
+    assert resume_problem(tmp_path / "none", other) is None  # nothing to keep: nothing refused
+
+
+def test_compare_resume_refuses_other_settings_and_a_store(tmp_path, capsys):
+    (tmp_path / "o").mkdir()
+    settings = CompareSettings("smollm2-135m-instruct", steps=8)
+    (tmp_path / "o" / "compare.json").write_text(json.dumps({"settings": settings.to_dict(), "rows": []}))
+    assert main(["compare", "--resume", "--output-dir", str(tmp_path / "o")]) == 2
+    assert "steps (8 there, 300 now)" in capsys.readouterr().err
+    assert main(["compare", "--resume", "--steps", "8", "--store", str(tmp_path / "s"),
+                 "--output-dir", str(tmp_path / "o")]) == 2
+    assert "--resume and --store cannot be combined" in capsys.readouterr().err
 
 
 def _errors(err: str) -> list[str]:

@@ -130,6 +130,38 @@ def test_early_stopping(tmp_path, tokenizer):
     assert result.stopped_early and result.steps == 4 and result.best_step == 2
 
 
+def test_stop_when_flat_ends_a_run_whose_validation_loss_stopped_falling(tmp_path, tokenizer):
+    model, method = fresh(tokenizer)
+    # a tiny lr leaves the validation loss where it was: the rule may stop at its 6th evaluation (step 12)
+    result = train(model, tokenizer, method, task(), args(tmp_path, max_steps=40, eval_every=2, lr=1e-9,
+                                                          stop_when_flat=0.02))
+    assert result.stopped_early and result.flat_step == 12 and result.steps == 12
+    # without the rule the same run goes on to its budget
+    model, method = fresh(tokenizer)
+    result = train(model, tokenizer, method, task(), args(tmp_path / "b", max_steps=16, eval_every=2, lr=1e-9))
+    assert not result.stopped_early and result.flat_step is None and result.steps == 16
+
+
+def test_stop_when_flat_keeps_its_curve_across_a_resume(tmp_path, tokenizer):
+    def kill_at(n):
+        def hook(step):
+            if step == n:
+                raise KeyboardInterrupt
+        return hook
+
+    model, method = fresh(tokenizer)
+    a = args(tmp_path / "a", max_steps=40, eval_every=2, lr=1e-9, stop_when_flat=0.02, checkpoint_every=2)
+    whole = train(model, tokenizer, method, task(), a)
+    model, method = fresh(tokenizer)
+    b = args(tmp_path / "b", max_steps=40, eval_every=2, lr=1e-9, stop_when_flat=0.02, checkpoint_every=2)
+    with pytest.raises(KeyboardInterrupt):
+        train(model, tokenizer, method, task(), b, on_step=kill_at(8))
+    model, method = fresh(tokenizer)
+    resumed = train(model, tokenizer, method, task(), TrainArgs(**{**b.__dict__, "resume": True}))
+    # the four evaluations before the kill count: the resumed run stops at the same step
+    assert whole.flat_step == resumed.flat_step == 12
+
+
 def test_save_best_called_on_improvement(tmp_path, tokenizer):
     model, method = fresh(tokenizer)
     seen = []

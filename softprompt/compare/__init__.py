@@ -18,7 +18,7 @@ Modules: ``specs`` (rows, settings, lr grid), ``weights`` (weight baselines), ``
 (search, seeds, the table), ``report`` (convergence, table, charts).
 """
 
-from softprompt.compare.harness import run_compare, run_method, search_lr, summarise
+from softprompt.compare.harness import resume_problem, run_compare, run_method, search_lr, summarise
 from softprompt.compare.report import (
     convergence,
     format_failures,
@@ -43,5 +43,6 @@ from softprompt.compare.weights import HoulsbyAdapter, WeightTuning, add_adapter
 
 __all__ = ["DEFAULT_SPECS", "LR_SPACING", "WEIGHT_KINDS", "CompareSettings", "HoulsbyAdapter", "Job", "Spec",
            "WeightTuning", "add_adapters", "context_problems", "convergence", "ensure_validation", "format_failures",
-           "format_row", "format_table", "lr_grid", "mean_curve", "plot_compare", "plot_curves", "run_compare",
+           "format_row", "format_table", "lr_grid", "mean_curve", "plot_compare", "plot_curves", "resume_problem",
+           "run_compare",
            "run_in_subprocess", "run_method", "run_one", "search_lr", "select_specs", "summarise", "weight_method"]

@@ -62,22 +62,32 @@ def search_lr(spec: Spec, settings: CompareSettings, runner: Runner, log=print) 
 
 
 def summarise(spec: Spec, runs: list[dict], search: dict | None, settings: CompareSettings) -> dict:
-    """One table row from a spec's seed runs: means (accuracy also its sample std), totals and the mean curve."""
+    """One table row from a spec's seed runs: means (accuracy also its sample std), totals and the mean curve.
+
+    A seed run is converged when its validation loss fell by less than ``settings.converged_tol`` over the
+    last third of the steps it trained (a run stopped as flat is, by the rule that stopped it); the row is
+    converged when every seed run is.
+    """
     first = runs[0]
     accs = [r["accuracy"] for r in runs]
     curve = mean_curve([r["curve"] for r in runs], first["metric"])
-    converged, gain = convergence(curve, settings.steps, settings.converged_tol)
     for r in runs:
-        r["converged"], r["last_third_gain"] = convergence(r["curve"], settings.steps, settings.converged_tol)
+        r["converged"], r["last_third_gain"] = convergence(r["curve"], r.get("steps_run", settings.steps),
+                                                           settings.converged_tol)
+    verdicts = [r["converged"] for r in runs]
+    converged = None if None in verdicts else all(verdicts)
     peaks = [r["peak_mib"] for r in runs if r.get("peak_mib")]
-    return {"method": first["method"], "kind": spec.kind, "lr": first["lr"], "lr_search": search,
-            "trainable_params": first["trainable_params"], "bytes_per_task": first["bytes_per_task"],
-            "accuracy": statistics.fmean(accs), "accuracy_std": statistics.stdev(accs) if len(accs) > 1 else None,
-            "n_seeds": len(runs), "train_s": statistics.fmean(r["train_s"] for r in runs),
+    return {"method": first["method"], "spec": spec.label, "kind": spec.kind, "lr": first["lr"],
+            "lr_search": search, "trainable_params": first["trainable_params"],
+            "bytes_per_task": first["bytes_per_task"], "accuracy": statistics.fmean(accs),
+            "accuracy_std": statistics.stdev(accs) if len(accs) > 1 else None, "n_seeds": len(runs),
+            "train_s": statistics.fmean(r["train_s"] for r in runs),
             "peak_mib": statistics.fmean(peaks) if peaks else None, "steps": settings.steps,
-            "metric": first["metric"], "guard": first["guard"], "rollbacks": sum(r["rollbacks"] for r in runs),
+            "steps_run": [r.get("steps_run", settings.steps) for r in runs], "metric": first["metric"],
+            "guard": first["guard"], "rollbacks": sum(r["rollbacks"] for r in runs),
             "diverged_seeds": sum(r["diverged"] for r in runs), "curve": curve, "converged": converged,
-            "last_third_gain": gain, "validation": first["validation"], "seeds": runs}
+            "last_third_gain": [r["last_third_gain"] for r in runs], "validation": first["validation"],
+            "seeds": runs}
 
 
 def run_method(spec: Spec, settings: CompareSettings, runner: Runner | None = None, log=print,
@@ -100,8 +110,9 @@ def run_method(spec: Spec, settings: CompareSettings, runner: Runner | None = No
     save = prompts_dir is not None and spec.kind not in WEIGHT_KINDS
     for seed in range(settings.seeds):
         run = runner(Job(spec, settings.model, settings.dataset, settings.steps, settings.batch_size, lr, seed=seed,
-                         val_samples=settings.val_samples, eval_every=settings.eval_interval,
+                         val_samples=settings.val_samples, eval_every=settings.eval_every,
                          test_samples=settings.test_samples,
+                         stop_when_flat=settings.converged_tol if settings.until_flat else 0.0,
                          save_prompt_to=str(prompts_dir / method_slug(spec.label) / f"seed{seed}") if save else None))
         if "error" in run:
             return {"method": spec.label, "kind": spec.kind, "lr": lr, "lr_search": search, "seeds": runs,
@@ -111,9 +122,35 @@ def run_method(spec: Spec, settings: CompareSettings, runner: Runner | None = No
     return summarise(spec, runs, search, settings)
 
 
+def resume_problem(out_dir: Path, settings: CompareSettings) -> str | None:
+    """Why ``compare --resume`` cannot reuse ``out_dir/compare.json``'s rows with ``settings``, if it cannot:
+    unreadable, or written with other settings (named). A missing file is no problem: nothing is reused."""
+    path = out_dir / "compare.json"
+    if not path.exists():
+        return None
+    try:
+        old = json.loads(path.read_text())["settings"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"--resume: cannot read {path}: {e}"
+    new = settings.to_dict()
+    differ = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k)) if isinstance(old, dict) else ["all"]
+    if differ:
+        shown = ", ".join(f"{k} ({old.get(k) if isinstance(old, dict) else '?'!r} there, {new.get(k)!r} now)"
+                          for k in differ)
+        return f"--resume: {path} was written with other settings: {shown}"
+    return None
+
+
+def _reusable(out_dir: Path) -> dict[str, dict]:
+    """The rows of ``out_dir/compare.json`` that ran to the end, by the label of the spec they ran."""
+    path = out_dir / "compare.json"
+    rows = json.loads(path.read_text())["rows"] if path.exists() else []
+    return {r["spec"]: r for r in rows if "error" not in r and "spec" in r}
+
+
 def run_compare(specs: list[Spec], settings: CompareSettings, out_dir: Path, log=print, keep_going: bool = False,
                 runner: Runner | None = None, store: str | None = None,
-                evaluate: Evaluator | None = None) -> list[dict]:
+                evaluate: Evaluator | None = None, resume: bool = False) -> list[dict]:
     """Run each spec (every run in a fresh subprocess); write the table, ``compare.json`` and the charts.
 
     Args:
@@ -127,6 +164,8 @@ def run_compare(specs: list[Spec], settings: CompareSettings, out_dir: Path, log
         store: a prompt store: each prompt method's seed prompts (saved in ``out_dir/prompts/``) go there with
             their ensemble, scored on the test split (:mod:`softprompt.compare.ensemble`).
         evaluate: scores a stored ensemble (default: :func:`evaluate_in_subprocess`).
+        resume: keep the rows of an earlier run in ``out_dir/compare.json`` (same settings, checked by
+            :func:`resume_problem` first) that ran to the end; run only the other specs.
 
     Returns:
         One row per spec that ran; a failed row has ``error`` (the child's last stderr line) instead of
@@ -137,11 +176,22 @@ def run_compare(specs: list[Spec], settings: CompareSettings, out_dir: Path, log
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
+    if resume:
+        problem = resume_problem(out_dir, settings)
+        if problem:
+            raise ValueError(problem)
+    done = _reusable(out_dir) if resume else {}
 
     def write() -> None:
         (out_dir / "compare.json").write_text(json.dumps({"settings": settings.to_dict(), "rows": rows}, indent=2))
 
     for spec in specs:
+        if spec.label in done:
+            rows.append(done[spec.label])
+            log(f"  {spec.label}: kept from {out_dir / 'compare.json'} (--resume)")
+            log(format_row(rows[-1], ensemble=bool(store)))
+            write()
+            continue
         row = run_method(spec, settings, runner, log, prompts_dir=out_dir / "prompts" if store else None)
         if store and "error" not in row:
             row.update(store_seed_ensemble(spec, row, settings, store, evaluate, log))

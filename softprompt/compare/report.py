@@ -2,29 +2,9 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
-
-def convergence(curve: list[dict], steps: int, tol: float) -> tuple[bool | None, float | None]:
-    """Whether a validation-loss curve has flattened, and its relative gain over the last third of the steps.
-
-    The gain is ``(ref - best) / ref``: ``ref`` is the validation loss at the last evaluation at or before
-    2/3 of ``steps``, ``best`` the lowest loss evaluated after it. The curve is converged when the gain is
-    below ``tol`` (a loss that rises again, from over-fitting or a too large lr, counts as flat: more steps
-    would not help). Returns ``(None, None)`` when the curve has no point on one side of 2/3 (too few
-    evaluations, or a run the guard ended early), ``(False, None)`` when a loss is not finite.
-    """
-    cut = steps * 2 / 3
-    before = [p["loss"] for p in curve if p["step"] <= cut]
-    after = [p["loss"] for p in curve if p["step"] > cut]
-    if not before or not after:
-        return None, None
-    ref, best = before[-1], min(after)
-    if not (math.isfinite(ref) and math.isfinite(best)):
-        return False, None
-    gain = (ref - best) / abs(ref) if ref else 0.0
-    return gain < tol, round(gain, 4)
+from softprompt.plateau import convergence  # noqa: F401  (re-exported: the column's rule)
 
 
 def mean_curve(curves: list[list[dict]], metric: str) -> list[dict]:
@@ -46,7 +26,8 @@ def _size(n: float) -> str:
 
 
 HEAD = ("| method | trainable params | bytes per task | peak memory (RSS) | train time | lr | test accuracy | seeds "
-        "| guard rollbacks | converged (val loss gain, last third) |\n|---|---|---|---|---|---|---|---|---|---|\n")
+        "| guard rollbacks | converged: steps each seed trained (val loss gain in its last third if still falling) |"
+        "\n|---|---|---|---|---|---|---|---|---|---|\n")
 
 
 ENSEMBLE_HEAD = " ensemble accuracy | gain over mean single prompt |"
@@ -74,10 +55,10 @@ def format_row(row: dict, ensemble: bool = False) -> str:
     acc = f"{row['accuracy']:.4f}" + (f" ± {std:.4f}" if std is not None else "")
     lr = f"{row['lr']:.3g}" + (" (search)" if row.get("lr_search") else " (fixed)")
     rollbacks = str(row["rollbacks"]) if row.get("guard", True) else "off"
-    gain = row.get("last_third_gain")
-    converged = {True: "yes", False: "no", None: "?"}[row.get("converged")]
-    if gain is not None:
-        converged += f" ({gain:+.1%})"
+    converged = {True: "yes", False: "no", None: "?"}[row.get("converged")] + ": " + ", ".join(
+        str(r.get("steps_run", row["steps"])) + (f" ({r['last_third_gain']:+.1%})" if r.get("converged") is False
+                                                 and r.get("last_third_gain") is not None else "")
+        for r in row.get("seeds", []))
     return (f"| {row['method']} | {row['trainable_params']:,} | {_size(row['bytes_per_task'])} | {peak} | "
             f"{row['train_s']:.0f} s | {lr} | {acc} | {row['n_seeds']} | {rollbacks} | {converged} |" + tail)
 
@@ -130,7 +111,7 @@ def plot_compare(rows: list[dict], path: Path) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters (log)")
     ax.set_ylabel(f"test accuracy (mean ± std over {ok[0]['n_seeds']} seeds)")
-    ax.set_title(f"same loop and budget ({ok[0]['steps']} steps)")
+    ax.set_title(f"same loop and budget (at most {ok[0]['steps']} steps)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

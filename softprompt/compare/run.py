@@ -29,6 +29,8 @@ class Job:
     """One run: what to train (``spec`` at ``lr`` with ``seed``), on what, for how long, and what to score.
 
     ``eval_every`` 0 measures validation once, after the last step. ``test_samples`` 0: no test split at all.
+    ``stop_when_flat`` > 0 stops the run once its validation loss has flattened (``TrainArgs.stop_when_flat``);
+    its row then has the step in ``flat_step``, and ``steps_run`` is the steps it trained.
     ``save_prompt_to``: a prompt method's run saves its trained prompt there (``save_prompt``'s folder, with
     the task's template and verbalizer), so that the parent can add it to a store; weight methods save none.
     """
@@ -44,6 +46,7 @@ class Job:
     eval_every: int = 0
     test_samples: int = 0
     save_prompt_to: str | None = None
+    stop_when_flat: float = 0.0
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -125,7 +128,8 @@ def run_one(job: Job) -> dict:
                        TrainArgs(output_dir=d, max_steps=job.steps, batch_size=job.batch_size,
                                  optimizer=spec.optimizer, lr=job.lr, warmup_steps=min(10, job.steps),
                                  eval_every=job.eval_every or job.steps, checkpoint_every=10**9, seed=job.seed,
-                                 weight_decay=0.0, divergence_guard=spec.kind != "full"))
+                                 weight_decay=0.0, divergence_guard=spec.kind != "full",
+                                 stop_when_flat=job.stop_when_flat))
         train_s = time.perf_counter() - t0 - sum(r.get("val_s", 0.0) for r in result.history)
         if isinstance(method, WeightTuning):
             disk = sum(p.numel() * 4 for p in method.params)  # fp32 safetensors of the trained tensors
@@ -135,7 +139,8 @@ def run_one(job: Job) -> dict:
     curve = [{"step": r["step"], "loss": r["val_loss"], metric: r[f"val_{metric}"]}
              for r in result.history if f"val_{metric}" in r]
     row = {"method": getattr(method, "label", None) or spec.label, "kind": spec.kind, "seed": job.seed,
-           "lr": job.lr, "steps": job.steps, "trainable_params": method.num_trainable(), "bytes_per_task": disk,
+           "lr": job.lr, "steps": job.steps, "steps_run": result.steps, "flat_step": result.flat_step,
+           "trainable_params": method.num_trainable(), "bytes_per_task": disk,
            "train_s": round(train_s, 1), "metric": metric, "higher_is_better": higher, "validation": validation,
            "curve": curve, "rollbacks": result.rollbacks, "diverged": result.diverged,
            "lr_scale": result.lr_scale, "guard": spec.kind != "full"}

@@ -223,6 +223,7 @@ class TrainArgs:
     max_grad_norm: float = 1.0
     eval_every: int = 50
     early_stopping_patience: int = 0
+    stop_when_flat: float = 0.0
     metric: str = "auto"
     checkpoint_every: int = 25
     resume: bool = False
@@ -249,6 +250,7 @@ class TrainArgs:
               check_real("--weight-decay", self.weight_decay, lambda v: v >= 0, ">= 0"),
               check_real("--max-grad-norm", self.max_grad_norm, lambda v: v > 0, "> 0"),
               check_real("--spike-factor", self.spike_factor, lambda v: v > 1, "> 1"),
+              check_real("--stop-when-flat", self.stop_when_flat, lambda v: 0 <= v < 1, "in [0, 1)"),
               check_seed("--seed", self.seed), check_folder_to_create("--output-dir", self.output_dir))
         if self.prompt_pass not in ("auto", "shared_kv", "concat"):
             problems.append(f"--prompt-pass must be auto, shared_kv or concat, got {self.prompt_pass!r}")

@@ -1,0 +1,47 @@
+"""When a validation-loss curve has flattened: the rule ``compare``'s "converged" column and ``train``'s
+``--stop-when-flat`` share.
+
+A curve is a list of ``{"step", "loss"}`` points. Its *last-third gain* at step ``s`` is ``(ref - best) / ref``:
+``ref`` is the loss at the last evaluation at or before ``2s/3``, ``best`` the lowest loss evaluated after it
+(up to ``s``). The curve is flat when that gain is below a tolerance: a loss that rises again (over-fitting,
+a too large lr) counts as flat, since more steps would not help.
+"""
+
+from __future__ import annotations
+
+import math
+
+MIN_EVALS = 6  # evaluations before a run may stop as flat: at least two of them in the last third
+
+
+def last_third_gain(curve: list[dict], steps: float) -> float | None:
+    """The relative fall of the validation loss over the last third of ``steps`` (see the module); ``None``
+    when the curve has no point on one side of ``2 * steps / 3``; ``nan`` when a loss is not finite."""
+    cut = steps * 2 / 3
+    before = [p["loss"] for p in curve if p["step"] <= cut]
+    after = [p["loss"] for p in curve if cut < p["step"] <= steps]
+    if not before or not after:
+        return None
+    ref, best = before[-1], min(after)
+    if not (math.isfinite(ref) and math.isfinite(best)):
+        return math.nan
+    return (ref - best) / abs(ref) if ref else 0.0
+
+
+def convergence(curve: list[dict], steps: float, tol: float) -> tuple[bool | None, float | None]:
+    """``(flat, gain)`` of ``curve`` at ``steps``: ``(None, None)`` without a point on both sides of 2/3,
+    ``(False, None)`` when a loss is not finite, else ``(gain < tol, gain rounded to 4 places)``."""
+    gain = last_third_gain(curve, steps)
+    if gain is None:
+        return None, None
+    if math.isnan(gain):
+        return False, None
+    return gain < tol, round(gain, 4)
+
+
+def flat_now(curve: list[dict], tol: float) -> bool:
+    """Whether a run measured ``curve`` (in step order) may stop now: at least :data:`MIN_EVALS` finite
+    evaluations, and a last-third gain at its latest step below ``tol``."""
+    if len(curve) < MIN_EVALS:
+        return False
+    return convergence(curve, curve[-1]["step"], tol)[0] is True
