@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import math
 
-MIN_EVALS = 6  # evaluations before a run may stop as flat: at least two of them in the last third
+MIN_EVALS = 6  # evaluations before the rule applies: at least two of them in the last third
+CONFIRM = 2  # a run stops once the rule has held at this many evaluations in a row (one bump is noise)
 
 
 def last_third_gain(curve: list[dict], steps: float) -> float | None:
@@ -40,8 +41,10 @@ def convergence(curve: list[dict], steps: float, tol: float) -> tuple[bool | Non
 
 
 def flat_now(curve: list[dict], tol: float) -> bool:
-    """Whether a run measured ``curve`` (in step order) may stop now: at least :data:`MIN_EVALS` finite
-    evaluations, and a last-third gain at its latest step below ``tol``."""
-    if len(curve) < MIN_EVALS:
+    """Whether a run that measured ``curve`` (in step order) may stop now: its last-third gain was below
+    ``tol`` at each of its last :data:`CONFIRM` evaluations, each with at least :data:`MIN_EVALS` before it
+    (counting itself). A single evaluation where the loss bumps up is thus not taken for a plateau."""
+    if len(curve) < MIN_EVALS + CONFIRM - 1:
         return False
-    return convergence(curve, curve[-1]["step"], tol)[0] is True
+    return all(convergence(curve[:len(curve) - k], curve[len(curve) - k - 1]["step"], tol)[0] is True
+               for k in range(CONFIRM))

@@ -6,7 +6,8 @@ prompt gradient norm in total and per virtual token, tokens/s). Every ``eval_eve
 metric is measured on the validation split; the best state is kept (a CPU copy, returned in
 :class:`TrainResult` and handed to ``save_best``), early stopping stops after ``early_stopping_patience``
 evaluations without improvement, and ``stop_when_flat`` stops once the validation loss has flattened
-(:mod:`softprompt.plateau`: it fell by less than that fraction over the last third of the steps so far).
+(:mod:`softprompt.plateau`: it fell by less than that fraction over the last third of the steps so far, at
+two evaluations in a row).
 A divergence guard
 (:mod:`softprompt.guard`) skips a step with a non-finite loss or gradient and rolls the prompt and optimizer
 back, with a lower lr, when the loss rises and stays up; too many rollbacks end the run as diverged.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from softprompt.plateau import MIN_EVALS, convergence, flat_now, last_third_gain
+from softprompt.plateau import CONFIRM, MIN_EVALS, convergence, flat_now, last_third_gain
 
 
 def curve(*losses, every=10):
@@ -18,11 +18,14 @@ def test_gain_compares_the_last_point_before_two_thirds_with_the_best_after():
     assert last_third_gain(curve(3), 60) is None
 
 
-def test_flat_now_waits_for_enough_evaluations_then_applies_the_rule():
-    flat = curve(*[1.0] * MIN_EVALS)
+def test_flat_now_waits_for_enough_evaluations_and_a_confirmation():
+    flat = curve(*[1.0] * (MIN_EVALS + CONFIRM - 1))
     assert not flat_now(flat[:-1], 0.02) and flat_now(flat, 0.02)
-    assert not flat_now(curve(3, 2, 1.5, 1.0, 0.9, 0.8), 0.02)
-    assert flat_now(curve(3, 2, 1.5, 1.0, 0.9, 0.8), 0.25)
-    assert flat_now(curve(3, 2, 1.5, 1.0, 1.2, 1.5), 0.02)  # rising again counts as flat
-    assert not flat_now(curve(3, 2, 1.5, 1.0, float("nan"), 1.0), 0.02)
+    assert not flat_now(curve(3, 2, 1.5, 1.0, 0.9, 0.8, 0.7), 0.02)
+    assert flat_now(curve(3, 2, 1.5, 1.0, 0.9, 0.8, 0.7), 0.5)
+    # a bump at the 6th evaluation looks flat there, but the 7th falls again: no stop
+    assert convergence(curve(3, 2, 1.5, 1.0, 1.2, 1.1), 60, 0.02)[0] is True
+    assert not flat_now(curve(3, 2, 1.5, 1.0, 1.2, 1.1, 0.8), 0.02)
+    assert flat_now(curve(3, 2, 1.5, 1.0, 1.2, 1.5, 1.6), 0.02)  # rising and staying up counts as flat
+    assert not flat_now(curve(3, 2, 1.5, 1.0, float("nan"), 1.0, 1.0), 0.02)
     assert convergence(curve(3, 2, 1.5, 1.0, float("nan"), 1.0), 60, 0.02) == (False, None)
