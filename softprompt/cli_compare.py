@@ -93,7 +93,8 @@ def add_compare_parser(sub) -> None:
     p.add_argument("--no-lr-search", action="store_true", help="train every method at its default lr")
     p.add_argument("--converged-tol", type=float, default=0.02,
                    help="converged: a seed run's validation loss fell by less than this fraction over the last third "
-                        "of its steps (a run stops once this held at two validation points in a row, from the 6th on)")
+                        "of its steps; once this held at two validation points in a row, from the 6th on, a run cools "
+                        "down (its lr falls to 0 over another third of its steps), then stops")
     p.add_argument("--adapter-size", type=int, default=8, help="bottleneck width of the Houlsby adapters")
     p.add_argument("--only",
                    help="comma-separated kinds: prompt_tuning,prefix_tuning,p_tuning,lora,adapter,bitfit,full")

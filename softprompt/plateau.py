@@ -1,10 +1,15 @@
 """When a validation-loss curve has flattened: the rule ``compare``'s "converged" column and ``train``'s
-``--stop-when-flat`` share.
+``--stop-when-flat`` share, and the cool-down that follows a plateau.
 
 A curve is a list of ``{"step", "loss"}`` points. Its *last-third gain* at step ``s`` is ``(ref - best) / ref``:
 ``ref`` is the loss at the last evaluation at or before ``2s/3``, ``best`` the lowest loss evaluated after it
 (up to ``s``). The curve is flat when that gain is below a tolerance: a loss that rises again (over-fitting,
-a too large lr) counts as flat, since more steps would not help.
+a too large lr) counts as flat, since more steps at that lr would not help.
+
+A run trained with ``stop_when_flat`` does not stop at the plateau: a loss that stopped falling at a high lr
+is often bouncing around a lower one, so the lr then falls linearly to 0 over another third of the steps
+(:func:`cooldown_end`, :func:`cooldown_factor`: the decay phase of a warmup-stable-decay schedule, started
+by the plateau instead of a fixed step), and the run stops after it.
 """
 
 from __future__ import annotations
@@ -48,3 +53,20 @@ def flat_now(curve: list[dict], tol: float) -> bool:
         return False
     return all(convergence(curve[:len(curve) - k], curve[len(curve) - k - 1]["step"], tol)[0] is True
                for k in range(CONFIRM))
+
+
+def cooldown_end(flat_step: int, eval_every: int, total: int) -> int:
+    """The step a run whose validation loss flattened at ``flat_step`` stops at: another third of its steps
+    (rounded up to whole evaluation intervals, so that it ends with an evaluation), at most ``total``."""
+    third = -(-flat_step // 3)
+    return min(total, flat_step + max(eval_every, -(-third // eval_every) * eval_every))
+
+
+def cooldown_factor(step: int, flat_step: int | None, stop_at: int | None) -> float:
+    """The lr multiplier of optimizer step ``step`` (0-based): 1 before the plateau, then falling linearly
+    from 1 at ``flat_step`` towards 0 at ``stop_at`` (the cool-down that lets a noisy plateau settle)."""
+    if flat_step is None or stop_at is None or step < flat_step:
+        return 1.0
+    if stop_at <= flat_step:
+        return 0.0
+    return max(0.0, (stop_at - step) / (stop_at - flat_step))

@@ -5,9 +5,10 @@ target tokens only), gradient clipping, optimizer and schedule step, a line in `
 prompt gradient norm in total and per virtual token, tokens/s). Every ``eval_every`` steps the primary
 metric is measured on the validation split; the best state is kept (a CPU copy, returned in
 :class:`TrainResult` and handed to ``save_best``), early stopping stops after ``early_stopping_patience``
-evaluations without improvement, and ``stop_when_flat`` stops once the validation loss has flattened
-(:mod:`softprompt.plateau`: it fell by less than that fraction over the last third of the steps so far, at
-two evaluations in a row).
+evaluations without improvement, and ``stop_when_flat`` ends the run once the validation loss has
+flattened (:mod:`softprompt.plateau`: it fell by less than that fraction over the last third of the steps
+so far, at two evaluations in a row): the lr then falls linearly to 0 over another third of the steps, and
+the run stops.
 A divergence guard
 (:mod:`softprompt.guard`) skips a step with a non-finite loss or gradient and rolls the prompt and optimizer
 back, with a lower lr, when the loss rises and stays up; too many rollbacks end the run as diverged.
@@ -39,7 +40,7 @@ from softprompt.evaluate import evaluate_prompt, primary_metric
 from softprompt.forward import family_of
 from softprompt.guard import DivergenceGuard
 from softprompt.methods import PromptMethod
-from softprompt.plateau import flat_now
+from softprompt.plateau import cooldown_end, cooldown_factor, flat_now
 from softprompt.store.atomic import write_folder_atomically
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,8 @@ class TrainResult:
     lr_scale: float = 1.0  # the guard's multiplier on the schedule's lr at the end
     best_state: dict[str, torch.Tensor] | None = field(default=None, repr=False)
     best_metrics: dict | None = None
-    flat_step: int | None = None  # the step ``stop_when_flat`` ended the run at (the curve had flattened)
+    flat_step: int | None = None  # the step the validation loss was flat at (``stop_when_flat``); the lr then
+    # fell to 0 until ``steps``, where the run stopped
 
 
 def build_optimizer(params, args: TrainArgs) -> torch.optim.Optimizer:
@@ -282,13 +284,16 @@ def train(model, tokenizer, method: PromptMethod, task: TaskData, args: TrainArg
     opt = build_optimizer(params, args)
     guard = DivergenceGuard(args.divergence_guard, args.spike_factor, args.max_rollbacks)
     schedule = lr_lambda(args, total)
-    # the guard lowers the lr by a multiplier on the schedule, read at every step: the shape is kept
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: schedule(s) * guard.lr_scale)
     metric_name, higher = primary_metric(fmt, args.metric)
     # best_metrics: the best step's validation metrics, in the checkpoint's state.json with the rest
-    # val_curve: every validation loss so far, the flat-stop rule's input (resumed with the rest)
+    # val_curve: every validation loss so far, the flat rule's input; flat_step/stop_at: the plateau and the
+    # end of the cool-down after it (all resumed with the rest)
     state = {"best_metric": None, "best_step": None, "bad_evals": 0, "best_metrics": None, "val_curve": [],
-             "flat_step": None}
+             "flat_step": None, "stop_at": None}
+    # the guard lowers the lr by a multiplier on the schedule, read at every step: the shape is kept; after a
+    # plateau the cool-down multiplies it too (``state`` is read at every step, also once a resume replaced it)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: schedule(s) * guard.lr_scale * cooldown_factor(
+        s, state.get("flat_step"), state.get("stop_at")))
     best_state = None
     start = 0
     metrics_path = out / "metrics.jsonl"
@@ -343,7 +348,7 @@ def train(model, tokenizer, method: PromptMethod, task: TaskData, args: TrainArg
                 diverged = alarm.stop
                 if main:
                     log.warning("%s", alarm.message(args.max_rollbacks))
-            if valid and ((step + 1) % args.eval_every == 0 or step + 1 == total):
+            if valid and ((step + 1) % args.eval_every == 0 or step + 1 in (total, state.get("stop_at"))):
                 t_val = time.perf_counter()
                 method.eval()
                 model.eval()
@@ -369,8 +374,14 @@ def train(model, tokenizer, method: PromptMethod, task: TaskData, args: TrainArg
                 if "loss" in m:
                     curve = state.setdefault("val_curve", [])
                     curve.append({"step": step + 1, "loss": m["loss"]})
-                    if args.stop_when_flat and not stopped and flat_now(curve, args.stop_when_flat):
-                        stopped, state["flat_step"] = True, step + 1
+                    if args.stop_when_flat and state.get("flat_step") is None and flat_now(curve,
+                                                                                           args.stop_when_flat):
+                        state.update(flat_step=step + 1, stop_at=cooldown_end(step + 1, args.eval_every, total))
+                        if main:
+                            log.info("the validation loss is flat at step %d: the lr falls to 0 by step %d, "
+                                     "where the run stops", step + 1, state["stop_at"])
+            if state.get("stop_at") is not None and step + 1 >= state["stop_at"] and step + 1 < total:
+                stopped = True
             if main:
                 logf.write(json.dumps(row) + "\n")
                 logf.flush()
@@ -385,8 +396,8 @@ def train(model, tokenizer, method: PromptMethod, task: TaskData, args: TrainArg
             if diverged:
                 break
             if stopped:
-                why = ("the validation loss has flattened" if state.get("flat_step") else
-                       f"{state['bad_evals']} evaluations without a better {metric_name}")
+                why = (f"the cool-down after the plateau at step {state['flat_step']} is over" if state.get("flat_step")
+                       else f"{state['bad_evals']} evaluations without a better {metric_name}")
                 log.info("early stopping at step %d, %s (best %s %.4f at step %s)", step + 1, why, metric_name,
                          state["best_metric"], state["best_step"])
                 break

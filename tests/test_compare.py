@@ -337,14 +337,14 @@ def test_seed_runs_stop_once_their_validation_loss_is_flat(tiny_model_dir, toy):
         jobs.append(j)
         return run_one(j)
 
-    # lr 1e-9: the validation loss never moves, so each seed run stops at its 7th evaluation (step 14 of 40)
+    # lr 1e-9: the validation loss never moves, so each seed run is flat at step 14 and cools down until 20
     spec = Spec("BitFit", "bitfit", {}, "adamw", 1e-9)
     settings = CompareSettings(str(tiny_model_dir), "x", steps=40, batch_size=8, test_samples=16, val_samples=16,
                                eval_every=2, seeds=2, lr_search=False)
     row = run_method(spec, settings, runner, log=lambda s: None)
     assert [j.stop_when_flat for j in jobs] == [0.02, 0.02]
-    assert row["steps_run"] == [14, 14] and [r["flat_step"] for r in row["seeds"]] == [14, 14]
-    assert row["converged"] is True and format_row(row).endswith("| yes: 14, 14 |")
+    assert row["steps_run"] == [20, 20] and [r["flat_step"] for r in row["seeds"]] == [14, 14]
+    assert row["converged"] is True and format_row(row).endswith("| yes: 20, 20 |")
     # --fixed-steps: every seed run trains the whole budget
     fixed = run_method(spec, CompareSettings(**{**settings.__dict__, "steps": 16, "until_flat": False}), runner,
                        log=lambda s: None)

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import math
 
-from softprompt.plateau import CONFIRM, MIN_EVALS, convergence, flat_now, last_third_gain
+from softprompt.plateau import (
+    CONFIRM,
+    MIN_EVALS,
+    convergence,
+    cooldown_end,
+    cooldown_factor,
+    flat_now,
+    last_third_gain,
+)
 
 
 def curve(*losses, every=10):
@@ -29,3 +37,13 @@ def test_flat_now_waits_for_enough_evaluations_and_a_confirmation():
     assert flat_now(curve(3, 2, 1.5, 1.0, 1.2, 1.5, 1.6), 0.02)  # rising and staying up counts as flat
     assert not flat_now(curve(3, 2, 1.5, 1.0, float("nan"), 1.0, 1.0), 0.02)
     assert convergence(curve(3, 2, 1.5, 1.0, float("nan"), 1.0), 60, 0.02) == (False, None)
+
+
+def test_the_cool_down_lasts_a_third_of_the_steps_in_whole_evaluation_intervals_and_falls_to_zero():
+    assert cooldown_end(70, 10, 300) == 100  # 24 steps, rounded up to 30
+    assert cooldown_end(90, 10, 300) == 120
+    assert cooldown_end(14, 2, 40) == 20
+    assert cooldown_end(280, 10, 300) == 300  # never past the budget
+    assert cooldown_end(12, 50, 300) == 62  # at least one interval
+    assert [cooldown_factor(s, 70, 100) for s in (0, 69, 70, 85, 99, 100, 120)] == [1, 1, 1, 0.5, 0.1 / 3, 0, 0]
+    assert cooldown_factor(5, None, None) == 1.0 and cooldown_factor(300, 300, 300) == 0.0

@@ -130,12 +130,19 @@ def test_early_stopping(tmp_path, tokenizer):
     assert result.stopped_early and result.steps == 4 and result.best_step == 2
 
 
-def test_stop_when_flat_ends_a_run_whose_validation_loss_stopped_falling(tmp_path, tokenizer):
+def test_stop_when_flat_cools_down_after_the_plateau_then_stops(tmp_path, tokenizer):
     model, method = fresh(tokenizer)
-    # a tiny lr leaves the validation loss where it was: the rule may stop at its 7th evaluation (step 14)
+    # a tiny lr leaves the validation loss where it was: flat at the 7th evaluation (step 14, the rule held at
+    # 12 and 14); then the lr falls to 0 over another third of the steps (5, rounded up to 6) and the run stops
     result = train(model, tokenizer, method, task(), args(tmp_path, max_steps=40, eval_every=2, lr=1e-9,
                                                           stop_when_flat=0.02))
-    assert result.stopped_early and result.flat_step == 14 and result.steps == 14
+    assert result.stopped_early and result.flat_step == 14 and result.steps == 20
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    schedule = lr_lambda(TrainArgs(output_dir=str(tmp_path), lr=1e-9, warmup_steps=2), 40)
+    assert rows[13]["lr"] == pytest.approx(1e-9 * schedule(14))  # the schedule's lr up to the plateau
+    cool = [r["lr"] / (1e-9 * schedule(r["step"])) for r in rows[14:]]
+    assert cool == pytest.approx([5 / 6, 4 / 6, 3 / 6, 2 / 6, 1 / 6, 0.0])  # then linearly down to 0
+    assert "val_loss" in rows[-1]  # the run ends with an evaluation
     # without the rule the same run goes on to its budget
     model, method = fresh(tokenizer)
     result = train(model, tokenizer, method, task(), args(tmp_path / "b", max_steps=16, eval_every=2, lr=1e-9))
@@ -158,8 +165,18 @@ def test_stop_when_flat_keeps_its_curve_across_a_resume(tmp_path, tokenizer):
         train(model, tokenizer, method, task(), b, on_step=kill_at(8))
     model, method = fresh(tokenizer)
     resumed = train(model, tokenizer, method, task(), TrainArgs(**{**b.__dict__, "resume": True}))
-    # the four evaluations before the kill count: the resumed run stops at the same step
-    assert whole.flat_step == resumed.flat_step == 14
+    # the four evaluations before the kill count: the resumed run finds the same plateau
+    assert whole.flat_step == resumed.flat_step == 14 and whole.steps == resumed.steps == 20
+    # killed during the cool-down: the resumed run keeps cooling down and stops where the whole run did
+    model, method = fresh(tokenizer)
+    c = args(tmp_path / "c", max_steps=40, eval_every=2, lr=1e-9, stop_when_flat=0.02, checkpoint_every=2)
+    with pytest.raises(KeyboardInterrupt):
+        train(model, tokenizer, method, task(), c, on_step=kill_at(16))
+    model, method = fresh(tokenizer)
+    resumed = train(model, tokenizer, method, task(), TrainArgs(**{**c.__dict__, "resume": True}))
+    assert resumed.flat_step == 14 and resumed.steps == 20
+    lrs = [json.loads(x)["lr"] for x in (tmp_path / "c" / "metrics.jsonl").read_text().splitlines()]
+    assert lrs == [json.loads(x)["lr"] for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_save_best_called_on_improvement(tmp_path, tokenizer):

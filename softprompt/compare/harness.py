@@ -65,8 +65,9 @@ def summarise(spec: Spec, runs: list[dict], search: dict | None, settings: Compa
     """One table row from a spec's seed runs: means (accuracy also its sample std), totals and the mean curve.
 
     A seed run is converged when its validation loss fell by less than ``settings.converged_tol`` over the
-    last third of the steps it trained (a run stopped as flat is, by the rule that stopped it); the row is
-    converged when every seed run is.
+    last third of its steps: with ``until_flat``, at the plateau that started its cool-down (``flat_step``),
+    and a run that reached ``steps`` without one is not; with fixed steps, at its last step. The row is
+    converged when every seed run is. ``last_third_gain`` is the gain over a run's whole curve.
     """
     first = runs[0]
     accs = [r["accuracy"] for r in runs]
@@ -74,6 +75,8 @@ def summarise(spec: Spec, runs: list[dict], search: dict | None, settings: Compa
     for r in runs:
         r["converged"], r["last_third_gain"] = convergence(r["curve"], r.get("steps_run", settings.steps),
                                                            settings.converged_tol)
+        if settings.until_flat and r["converged"] is not None:
+            r["converged"] = r.get("flat_step") is not None
     verdicts = [r["converged"] for r in runs]
     converged = None if None in verdicts else all(verdicts)
     peaks = [r["peak_mib"] for r in runs if r.get("peak_mib")]
