@@ -2,9 +2,11 @@
 ``--stop-when-flat`` share, and the cool-down that follows a plateau.
 
 A curve is a list of ``{"step", "loss"}`` points. Its *last-third gain* at step ``s`` is ``(ref - best) / ref``:
-``ref`` is the loss at the last evaluation at or before ``2s/3``, ``best`` the lowest loss evaluated after it
-(up to ``s``). The curve is flat when that gain is below a tolerance: a loss that rises again (over-fitting,
-a too large lr) counts as flat, since more steps at that lr would not help.
+``ref`` is the lowest loss evaluated at or before ``2s/3``, ``best`` the lowest one evaluated after it (up to
+``s``): how much the best loss improved over the last third. The curve is flat when that gain is below a
+tolerance: a loss that rises again (over-fitting, a too large lr) counts as flat, since more steps at that lr
+would not help. Taking the lowest loss, not the last one, before ``2s/3`` keeps one noisy evaluation there
+(a bump of a prompt trained at a high lr) from passing for progress.
 
 A run trained with ``stop_when_flat`` does not stop at the plateau: a loss that stopped falling at a high lr
 is often bouncing around a lower one, so the lr then falls linearly to 0 over another third of the steps
@@ -28,7 +30,9 @@ def last_third_gain(curve: list[dict], steps: float) -> float | None:
     after = [p["loss"] for p in curve if cut < p["step"] <= steps]
     if not before or not after:
         return None
-    ref, best = before[-1], min(after)
+    if not all(math.isfinite(v) for v in before + after):
+        return math.nan
+    ref, best = min(before), min(after)
     if not (math.isfinite(ref) and math.isfinite(best)):
         return math.nan
     return (ref - best) / abs(ref) if ref else 0.0

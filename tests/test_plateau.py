@@ -19,11 +19,14 @@ def curve(*losses, every=10):
     return [{"step": every * (i + 1), "loss": v} for i, v in enumerate(losses)]
 
 
-def test_gain_compares_the_last_point_before_two_thirds_with_the_best_after():
+def test_gain_compares_the_best_loss_before_two_thirds_with_the_best_after():
     c = curve(3, 2, 1.5, 1.0, 0.9, 0.8)
-    assert math.isclose(last_third_gain(c, 60), 0.2)  # ref: step 40 (1.0); best after: 0.8
-    assert math.isclose(last_third_gain(c, 30), 0.25)  # at step 30: ref step 20 (2), best 1.5
+    assert math.isclose(last_third_gain(c, 60), 0.2)  # ref: the best up to step 40 (1.0); best after: 0.8
+    assert math.isclose(last_third_gain(c, 30), 0.25)  # at step 30: ref 2 (step 20), best 1.5
     assert last_third_gain(curve(3), 60) is None
+    # a bump at the reference point is not progress: the best before 2/3 was 0.5, and so is the best after
+    assert last_third_gain(curve(1.0, 0.5, 0.9, 0.8, 0.5, 0.5), 60) == 0.0
+    assert math.isnan(last_third_gain(curve(1.0, float("nan"), 0.9, 0.8, 0.5, 0.5), 60))
 
 
 def test_flat_now_waits_for_enough_evaluations_and_a_confirmation():
