@@ -150,33 +150,31 @@ def test_stop_when_flat_cools_down_after_the_plateau_then_stops(tmp_path, tokeni
 
 
 def test_stop_when_flat_keeps_its_curve_across_a_resume(tmp_path, tokenizer):
-    def kill_at(n):
+    def flat_args(name):
+        return args(tmp_path / name, max_steps=40, eval_every=2, lr=1e-9, stop_when_flat=0.02, checkpoint_every=2)
+
+    def killed_then_resumed(name, kill_at):
         def hook(step):
-            if step == n:
+            if step == kill_at:
                 raise KeyboardInterrupt
-        return hook
+
+        model, method = fresh(tokenizer)
+        with pytest.raises(KeyboardInterrupt):
+            train(model, tokenizer, method, task(), flat_args(name), on_step=hook)
+        model, method = fresh(tokenizer)
+        return train(model, tokenizer, method, task(), TrainArgs(**{**flat_args(name).__dict__, "resume": True}))
+
+    def lrs(name):
+        return [json.loads(x)["lr"] for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
 
     model, method = fresh(tokenizer)
-    a = args(tmp_path / "a", max_steps=40, eval_every=2, lr=1e-9, stop_when_flat=0.02, checkpoint_every=2)
-    whole = train(model, tokenizer, method, task(), a)
-    model, method = fresh(tokenizer)
-    b = args(tmp_path / "b", max_steps=40, eval_every=2, lr=1e-9, stop_when_flat=0.02, checkpoint_every=2)
-    with pytest.raises(KeyboardInterrupt):
-        train(model, tokenizer, method, task(), b, on_step=kill_at(8))
-    model, method = fresh(tokenizer)
-    resumed = train(model, tokenizer, method, task(), TrainArgs(**{**b.__dict__, "resume": True}))
-    # the four evaluations before the kill count: the resumed run finds the same plateau
+    whole = train(model, tokenizer, method, task(), flat_args("a"))
+    # killed before the plateau: the four evaluations before the kill count, the same plateau is found
+    resumed = killed_then_resumed("b", 8)
     assert whole.flat_step == resumed.flat_step == 14 and whole.steps == resumed.steps == 20
     # killed during the cool-down: the resumed run keeps cooling down and stops where the whole run did
-    model, method = fresh(tokenizer)
-    c = args(tmp_path / "c", max_steps=40, eval_every=2, lr=1e-9, stop_when_flat=0.02, checkpoint_every=2)
-    with pytest.raises(KeyboardInterrupt):
-        train(model, tokenizer, method, task(), c, on_step=kill_at(16))
-    model, method = fresh(tokenizer)
-    resumed = train(model, tokenizer, method, task(), TrainArgs(**{**c.__dict__, "resume": True}))
-    assert resumed.flat_step == 14 and resumed.steps == 20
-    lrs = [json.loads(x)["lr"] for x in (tmp_path / "c" / "metrics.jsonl").read_text().splitlines()]
-    assert lrs == [json.loads(x)["lr"] for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    resumed = killed_then_resumed("c", 16)
+    assert resumed.flat_step == 14 and resumed.steps == 20 and lrs("c") == lrs("a")
 
 
 def test_save_best_called_on_improvement(tmp_path, tokenizer):
