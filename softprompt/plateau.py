@@ -33,8 +33,6 @@ def last_third_gain(curve: list[dict], steps: float) -> float | None:
     if not all(math.isfinite(v) for v in before + after):
         return math.nan
     ref, best = min(before), min(after)
-    if not (math.isfinite(ref) and math.isfinite(best)):
-        return math.nan
     return (ref - best) / abs(ref) if ref else 0.0
 
 

@@ -386,6 +386,10 @@ def test_compare_resume_refuses_other_settings_and_a_store(tmp_path, capsys):
     assert main(["compare", "--resume", "--steps", "8", "--store", str(tmp_path / "s"),
                  "--output-dir", str(tmp_path / "o")]) == 2
     assert "--resume and --store cannot be combined" in capsys.readouterr().err
+    for bad in ("[1, 2]", "{not json", '{"settings": [], "rows": []}'):
+        (tmp_path / "o" / "compare.json").write_text(bad)
+        assert main(["compare", "--resume", "--output-dir", str(tmp_path / "o")]) == 2
+        assert "--resume: cannot read" in capsys.readouterr().err
 
 
 def _errors(err: str) -> list[str]:

@@ -125,30 +125,32 @@ def run_method(spec: Spec, settings: CompareSettings, runner: Runner | None = No
     return summarise(spec, runs, search, settings)
 
 
-def resume_problem(out_dir: Path, settings: CompareSettings) -> str | None:
-    """Why ``compare --resume`` cannot reuse ``out_dir/compare.json``'s rows with ``settings``, if it cannot:
-    unreadable, or written with other settings (named). A missing file is no problem: nothing is reused."""
+def _previous(out_dir: Path, settings: CompareSettings) -> tuple[dict[str, dict], str | None]:
+    """``out_dir/compare.json`` read once: its rows that ran to the end, by the label of the spec they ran, and
+    why they cannot be kept with ``settings`` (unreadable, or other settings, named), if so. A missing file
+    keeps nothing and is no problem."""
     path = out_dir / "compare.json"
     if not path.exists():
-        return None
+        return {}, None
     try:
-        old = json.loads(path.read_text())["settings"]
+        data = json.loads(path.read_text())
+        old, rows = data["settings"], data["rows"]
+        if not isinstance(old, dict) or not isinstance(rows, list):
+            raise TypeError("settings must be an object and rows a list")
     except (OSError, ValueError, KeyError, TypeError) as e:
-        return f"--resume: cannot read {path}: {e}"
+        return {}, f"--resume: cannot read {path}: {e}"
     new = settings.to_dict()
-    differ = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k)) if isinstance(old, dict) else ["all"]
+    differ = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     if differ:
-        shown = ", ".join(f"{k} ({old.get(k) if isinstance(old, dict) else '?'!r} there, {new.get(k)!r} now)"
-                          for k in differ)
-        return f"--resume: {path} was written with other settings: {shown}"
-    return None
+        shown = ", ".join(f"{k} ({old.get(k)!r} there, {new.get(k)!r} now)" for k in differ)
+        return {}, f"--resume: {path} was written with other settings: {shown}"
+    return {r["spec"]: r for r in rows if isinstance(r, dict) and "error" not in r and "spec" in r}, None
 
 
-def _reusable(out_dir: Path) -> dict[str, dict]:
-    """The rows of ``out_dir/compare.json`` that ran to the end, by the label of the spec they ran."""
-    path = out_dir / "compare.json"
-    rows = json.loads(path.read_text())["rows"] if path.exists() else []
-    return {r["spec"]: r for r in rows if "error" not in r and "spec" in r}
+def resume_problem(out_dir: Path, settings: CompareSettings) -> str | None:
+    """Why ``compare --resume`` cannot keep ``out_dir/compare.json``'s rows with ``settings``, if it cannot:
+    unreadable, or written with other settings (named). A missing file is no problem: nothing is kept."""
+    return _previous(out_dir, settings)[1]
 
 
 def run_compare(specs: list[Spec], settings: CompareSettings, out_dir: Path, log=print, keep_going: bool = False,
@@ -179,11 +181,9 @@ def run_compare(specs: list[Spec], settings: CompareSettings, out_dir: Path, log
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
-    if resume:
-        problem = resume_problem(out_dir, settings)
-        if problem:
-            raise ValueError(problem)
-    done = _reusable(out_dir) if resume else {}
+    done, problem = _previous(out_dir, settings) if resume else ({}, None)
+    if problem:
+        raise ValueError(problem)
 
     def write() -> None:
         (out_dir / "compare.json").write_text(json.dumps({"settings": settings.to_dict(), "rows": rows}, indent=2))
