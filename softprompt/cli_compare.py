@@ -75,7 +75,7 @@ def add_compare_parser(sub) -> None:
                "are listed on stderr; the files hold the rows that ran); 2 for invalid arguments.")
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--dataset", default="rotten_tomatoes")
-    p.add_argument("--steps", type=int, default=300,
+    p.add_argument("--steps", type=int, default=400,
                    help="the most training steps of a seed run (its lr schedule spans them); a run stops earlier "
                         "once its validation loss has flattened (see --converged-tol), unless --fixed-steps")
     p.add_argument("--fixed-steps", action="store_true",

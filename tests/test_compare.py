@@ -382,7 +382,7 @@ def test_compare_resume_refuses_other_settings_and_a_store(tmp_path, capsys):
     settings = CompareSettings("smollm2-135m-instruct", steps=8)
     (tmp_path / "o" / "compare.json").write_text(json.dumps({"settings": settings.to_dict(), "rows": []}))
     assert main(["compare", "--resume", "--output-dir", str(tmp_path / "o")]) == 2
-    assert "steps (8 there, 300 now)" in capsys.readouterr().err
+    assert "steps (8 there, 400 now)" in capsys.readouterr().err
     assert main(["compare", "--resume", "--steps", "8", "--store", str(tmp_path / "s"),
                  "--output-dir", str(tmp_path / "o")]) == 2
     assert "--resume and --store cannot be combined" in capsys.readouterr().err

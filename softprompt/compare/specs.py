@@ -87,7 +87,7 @@ class CompareSettings:
 
     model: str
     dataset: str = "rotten_tomatoes"
-    steps: int = 300
+    steps: int = 400
     batch_size: int = 16
     test_samples: int = 400
     val_samples: int = 200
