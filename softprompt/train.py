@@ -217,8 +217,10 @@ def _load_checkpoint(out: Path, method: PromptMethod, opt, sched,
         raise ConfigError(f"--resume: {ck} was written for other prompt settings ({'; '.join(problems)}); "
                           "use the original --method/--num-virtual-tokens or another --output-dir")
     method.load_state_dict(saved)
-    # our own file, written by _save_checkpoint; weights_only keeps it to tensors and plain containers
-    blob = torch.load(ck / "optimizer.pt", weights_only=True)
+    # our own file, written by _save_checkpoint; weights_only keeps it to tensors and plain containers. Read
+    # onto the CPU: a run checkpointed on a GPU resumes on a machine without one (the optimizer moves its
+    # state to its parameters' device; the guard's copies are loaded into the method in place)
+    blob = torch.load(ck / "optimizer.pt", weights_only=True, map_location="cpu")
     opt.load_state_dict(blob["optimizer"])
     sched.load_state_dict(blob["scheduler"])
     torch.set_rng_state(blob["torch_rng"])

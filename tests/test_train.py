@@ -122,6 +122,39 @@ def test_resume_after_kill_gives_identical_result(tmp_path, tokenizer, dropout, 
     assert [r["lr"] for r in log_a] == [r["lr"] for r in log_b]
 
 
+def test_a_checkpoint_written_on_a_gpu_resumes_on_a_machine_without_one(tmp_path, tokenizer, monkeypatch):
+    """The optimizer state of a GPU run is saved as CUDA tensors; resuming it on a CPU machine must work.
+
+    The GPU side is simulated by tagging every tensor the checkpoint's ``torch.save`` writes as ``cuda:0``,
+    which is what a run on a GPU writes; a plain ``torch.load`` of that file fails without CUDA.
+    """
+    import torch.serialization
+
+    if torch.cuda.is_available():
+        pytest.skip("simulates a machine without CUDA")
+
+    def run(out, resume=False, kill_at=None):
+        model, method = fresh(tokenizer)
+
+        def on_step(step):
+            if step == kill_at:
+                raise Killed
+
+        try:
+            train(model, tokenizer, method, task(), args(out, resume=resume, optimizer="adamw", lr=0.05,
+                                                         checkpoint_every=5), on_step=on_step)
+        except Killed:
+            return None
+        return method.embeddings.detach().clone()
+
+    with monkeypatch.context() as m:
+        m.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+        assert run(tmp_path / "a", kill_at=7) is None  # checkpoint at step 5, its tensors tagged as on the GPU
+    with pytest.raises(RuntimeError, match="CUDA"):  # what a loader without map_location meets
+        torch.load(tmp_path / "a" / "checkpoint" / "optimizer.pt", weights_only=True)
+    torch.testing.assert_close(run(tmp_path / "a", resume=True), run(tmp_path / "b"), rtol=0, atol=0)
+
+
 def test_early_stopping(tmp_path, tokenizer):
     model, method = fresh(tokenizer)
     # a tiny lr cannot improve accuracy after the first evaluation; patience 1 stops at the second
