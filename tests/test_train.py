@@ -73,6 +73,21 @@ class Killed(Exception):
     pass
 
 
+def killed_at(kill_at, model, tokenizer, method, train_args, seen=None) -> bool:
+    """Train, killed right after step ``kill_at`` (``None``: never); whether it was. ``seen`` gets the steps run."""
+    def on_step(step):
+        if seen is not None:
+            seen.append(step)
+        if step == kill_at:
+            raise Killed
+
+    try:
+        train(model, tokenizer, method, task(), train_args, on_step=on_step)
+    except Killed:
+        return True
+    return False
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 def test_resume_after_kill_gives_identical_result(tmp_path, tokenizer, dropout, device):
@@ -91,18 +106,9 @@ def test_resume_after_kill_gives_identical_result(tmp_path, tokenizer, dropout, 
         method = build_method("prompt_tuning", {"num_virtual_tokens": 4, "init": "random", "dropout": dropout,
                                                 "seed": init_seed}, model, tokenizer)
         steps = []
-
-        def on_step(step):
-            steps.append(step)
-            if step == kill_at:
-                raise Killed
-
         # 64 examples in steps of 8: 8 steps an epoch; checkpoints at steps 5, 10 and 12
-        try:
-            train(model, tokenizer, method, task(), args(out, resume=resume, optimizer="adamw", lr=0.05,
-                                                         schedule="linear", checkpoint_every=5),
-                  on_step=on_step)
-        except Killed:
+        if killed_at(kill_at, model, tokenizer, method, args(out, resume=resume, optimizer="adamw", lr=0.05,
+                                                              schedule="linear", checkpoint_every=5), steps):
             return None, steps
         return method.embeddings.detach().cpu().clone(), steps
 
@@ -135,15 +141,8 @@ def test_a_checkpoint_written_on_a_gpu_resumes_on_a_machine_without_one(tmp_path
 
     def run(out, resume=False, kill_at=None):
         model, method = fresh(tokenizer)
-
-        def on_step(step):
-            if step == kill_at:
-                raise Killed
-
-        try:
-            train(model, tokenizer, method, task(), args(out, resume=resume, optimizer="adamw", lr=0.05,
-                                                         checkpoint_every=5), on_step=on_step)
-        except Killed:
+        if killed_at(kill_at, model, tokenizer, method,
+                     args(out, resume=resume, optimizer="adamw", lr=0.05, checkpoint_every=5)):
             return None
         return method.embeddings.detach().clone()
 
