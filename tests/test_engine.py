@@ -131,6 +131,20 @@ def test_ensemble_mean_and_vote_combine_members_in_one_call(setup):
         picks = [m.label for m in members]
         assert vote_res.votes == {lab: picks.count(lab) for lab in ("positive", "negative")}
         assert vote_res.label == max(set(picks), key=picks.count)
+        # the ensemble's label log-likelihood is the log of its members' mean likelihood (a mixture)
+        for lab in ("positive", "negative"):
+            mixture = math.log(sum(math.exp(m.scores[lab]) for m in members) / 3)
+            assert mean_res.scores[lab] == pytest.approx(mixture, abs=1e-5)
+            assert vote_res.scores[lab] == pytest.approx(mixture, abs=1e-5)
+
+
+def test_an_ensembles_label_scores_equal_its_score_of_the_label_continuation(setup):
+    _, _, engine, _ = setup
+    engine.add_ensemble("pair", ["sent", "sent3"])  # same template and verbalizer: the label is one continuation
+    for text in TEXTS:
+        res = engine.classify([ClassifyRequest("pair", text)])[0]
+        scored = engine.score([ScoreRequest("pair", text, " " + lab) for lab in ("positive", "negative")])
+        assert res.scores == pytest.approx({"positive": scored[0].logprob, "negative": scored[1].logprob}, abs=1e-4)
 
 
 def test_sampling_is_reproducible_per_request_whatever_the_batch(setup):

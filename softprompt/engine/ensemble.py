@@ -16,9 +16,14 @@ def combine(task: str, labels: list[str], scores: torch.Tensor, how: str, report
         how: ``mean`` averages the members' label probabilities (softmax over labels) and takes the most
             probable; ``vote`` takes the label most members pick, ties broken by the mean probability.
         report_votes: include the vote counts (ensembles).
+
+    The result's ``scores`` are the ensemble's label log-likelihoods: the log of the members' mean likelihood
+    (``logsumexp - log M``), the quantity ``Engine.score`` gives for an ensemble and a continuation, so the
+    two APIs agree and a loss from these scores is the ensemble's own (not the mean of its members' losses).
     """
     probs = torch.softmax(scores, dim=-1)  # (M, L)
     mean = probs.mean(0)  # (L,)
+    mixture = torch.logsumexp(scores, 0) - torch.log(torch.tensor(float(scores.shape[0]), dtype=scores.dtype))
     votes = torch.bincount(probs.argmax(-1), minlength=len(labels))  # (L,)
     if how == "vote":
         best = max(range(len(labels)), key=lambda j: (int(votes[j]), float(mean[j])))
@@ -27,5 +32,5 @@ def combine(task: str, labels: list[str], scores: torch.Tensor, how: str, report
     return ClassifyResult(
         task=task, label=labels[best],
         probs={lab: float(p) for lab, p in zip(labels, mean, strict=True)},
-        scores={lab: float(s) for lab, s in zip(labels, scores.mean(0), strict=True)},
+        scores={lab: float(s) for lab, s in zip(labels, mixture, strict=True)},
         votes={lab: int(v) for lab, v in zip(labels, votes, strict=True)} if report_votes else None)
