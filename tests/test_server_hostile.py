@@ -388,3 +388,41 @@ def test_requests_per_batch_and_rows_per_forward_are_separate_limits(tiny_model_
     assert (ns.max_batch_requests, ns.max_batch_rows) == (7, 2)
     with pytest.raises(ConfigError, match="--max-batch-rows must be >= 1"):
         ServeArgs(max_batch_rows=0)
+
+
+def test_a_chat_template_that_refuses_the_conversation_is_a_422(setup, monkeypatch):
+    state, _, url = setup
+    # what Llama-2, Mistral and Gemma templates do when the roles do not alternate
+    monkeypatch.setattr(state.engine.tok, "chat_template", "{{ raise_exception('roles must alternate') }}",
+                        raising=False)
+    body = {"model": "base", "messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}],
+            "max_tokens": 2}
+    r = post(url + "/v1/chat/completions", body)
+    assert r.status_code == 422, r.text
+    assert "roles must alternate" in r.json()["error"]["message"]
+
+
+def test_the_base_task_and_a_store_entry_never_share_a_name(setup, tmp_path, tokenizer, tiny_model_dir):
+    from softprompt.config import ConfigError, ModelArgs, ServeArgs
+    from softprompt.engine import RequestError
+    from softprompt.server.assemble import build_app
+
+    state, _, url = setup
+    store = make_store(tmp_path / "store", make_model("llama"), tokenizer)
+    for serve_args in (ServeArgs(store=str(store.root), base_task="t1"),
+                       ServeArgs(store=str(store.root), tasks=["t1", "t2"], base_task="t2")):
+        with pytest.raises(ConfigError, match=r"--base-task 't\d': the store .* has an entry of that name"):
+            build_app({"model": ModelArgs(model=str(tiny_model_dir), device="cpu"), "serve": serve_args})
+    # --tasks leaves the entry out: the name is free for the base model
+    app = build_app({"model": ModelArgs(model=str(tiny_model_dir), device="cpu"),
+                     "serve": ServeArgs(store=str(store.root), tasks=["t1"], base_task="t2", admin_token=TOKEN)})
+    with TestClient(app) as client:
+        assert {m["id"] for m in client.get("/v1/models").json()["data"]} == {"t1", "t2"}
+    with pytest.raises(RequestError, match="already served with a prompt"):
+        state.engine.add_base("t1")
+    # an admin load over the base task is refused, and the base model still answers
+    r = httpx.post(url + "/admin/tasks/base/load", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60)
+    assert r.status_code == 422 and "is the plain base model" in r.json()["error"]["message"]
+    assert state.engine.describe("base")["kind"] == "base"
+    r = post(url + "/v1/completions", {"model": "base", "prompt": "the movie", "max_tokens": 2})
+    assert r.status_code == 200, r.text

@@ -160,6 +160,10 @@ class Engine:
         Everything is read, computed and checked before anything served changes, and the new prompts and
         task replace the old ones between two batches: a failed (re)load leaves every task as it was.
         """
+        current = self.tasks.get(name)
+        if current is not None and current.kind == "base":
+            raise RequestError(f"task {name!r} is the plain base model (no prompt): a store entry of that name "
+                               f"cannot replace it; serve the base model under another name (--base-task)")
         if store.kind(name) == "ensemble":
             spec = store.ensemble(name)
             built = {m: self._build(m, store.load(m, self.model, check_fingerprint)) for m in spec.members}
@@ -223,6 +227,9 @@ class Engine:
     def add_base(self, name: str = "base", fmt: TaskFormat | None = None) -> Task:
         """Serve the plain base model (no prompt) as task ``name``, raw text unless ``fmt`` is given."""
         self.backend.require_language_model("a base-model task")
+        if name in self.tasks and self.tasks[name].kind != "base":
+            raise RequestError(f"task {name!r} is already served with a prompt: the base-model task needs another "
+                               f"name")
         return self._install({}, Task(name, "base", [None], [fmt]))
 
     def add_kv(self, name: str, prompt_kv: PromptKV, fmt: TaskFormat | None = None, bos: bool = True) -> Task:

@@ -19,7 +19,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import PlainTextResponse, StreamingResponse
 
 from softprompt.data import DataError, is_chat
-from softprompt.data.chat import conversation_prompt
+from softprompt.data.chat import conversation_prompt, render_chat
 from softprompt.engine import ClassifyRequest, GenerateRequest, ScoreRequest
 from softprompt.server import errors, logprobs
 from softprompt.server.metrics import Metrics
@@ -231,7 +231,10 @@ def create_app(state: ServerState) -> FastAPI:
         tok = state.engine.tok
         msgs = [{"role": m.role, "content": m.text()} for m in body.messages]
         if getattr(tok, "chat_template", None):
-            return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True), True
+            try:  # a template may refuse the conversation (raise_exception: roles that do not alternate...)
+                return render_chat(tok, msgs, add_generation_prompt=True), True
+            except DataError as e:
+                raise errors.RequestError(f"task {body.model!r}: {e}") from None
         return "\n".join(f"{m['role']}: {m['content']}" for m in msgs) + "\nassistant:", True
 
     async def stream_text(req: GenerateRequest, chunk, request: Request,

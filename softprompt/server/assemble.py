@@ -27,7 +27,7 @@ def read_token_file(path: str | None) -> str | None:
     if path is None:
         return None
     try:
-        token = Path(path).read_text(encoding="utf-8").strip().splitlines()
+        token = Path(path).read_text(encoding="utf-8-sig").strip().split("\n")
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"--admin-token-file {path!r}: cannot read it ({e})") from e
     if not token or not token[0].strip():
@@ -43,8 +43,11 @@ def build_app(args: dict) -> FastAPI:
     """
     sv = args["serve"]
     token = sv.admin_token or read_token_file(sv.admin_token_file) or os.environ.get("SOFTPROMPT_ADMIN_TOKEN")
-    model, tok = load_model_from_args(args)
     store = PromptStore(sv.store) if sv.store else None
+    if store is not None and sv.base_task and sv.base_task in (sv.tasks or store.names()):
+        raise ConfigError(f"--base-task {sv.base_task!r}: the store {sv.store} has an entry of that name, which the "
+                          f"plain base model would hide; give the base-model task another name (--base-task NAME)")
+    model, tok = load_model_from_args(args)
     # serving the whole store, one broken entry is skipped (logged); a broken entry named by --tasks is an error
     limits = {"max_batch_rows": sv.max_batch_rows, "prefill_chunk": sv.prefill_chunk}
     engine = (Engine.from_store(store, model, tok, names=sv.tasks or None, skip_broken=not sv.tasks, **limits)
