@@ -160,6 +160,7 @@ def test_sampled_inputs_are_seeded(tiny_dirs):
     (["--context", "a movie"], "give the inputs: --inputs-file FILE or --sample-inputs N"),
     (["--context", "a movie", "--context-file", "X", "--sample-inputs", "4"], "one of them"),
     (["--context", "a movie", "--sample-inputs", "4", "--held-out", "1.5"], "--held-out must be in (0, 1)"),
+    (["--context", "a movie", "--sample-inputs", "4", "--data-seed", str(2**64)], "--data-seed must be in"),
 ])
 def test_flag_errors_are_clear(tmp_path, capsys, flags, message):
     assert main(["distill", "--model", str(tmp_path), *flags]) == 2
@@ -192,3 +193,24 @@ def test_inputs_from_a_record_file_need_their_field(tiny_dirs, capsys):
     assert "holds records: name the input field, --text-field FIELD" in capsys.readouterr().err
     assert run_distill(tmp, "--inputs-file", str(path), "--text-field", "q", "--max-steps", "1") == 0
     assert json.loads((tmp / "run" / "distill.json").read_text())["train_inputs"] == 10
+
+
+def test_a_context_longer_than_the_models_positions_is_refused_before_anything_is_written(tmp_path, capsys):
+    d = tmp_path / "gpt2"  # learned positions: 256 of them; reading past them raised an IndexError
+    make_model("gpt2").save_pretrained(d)
+    make_tokenizer().save_pretrained(d)
+    (tmp_path / "long.txt").write_text(" ".join(["the movie was good ."] * 60) + "\n")  # 300 tokens
+    (tmp_path / "inputs.txt").write_text("\n".join(INPUTS) + "\n")
+    argv = ["distill", "--model", str(d), "--inputs-file", str(tmp_path / "inputs.txt"), "--max-steps", "1",
+            "--output-dir", str(tmp_path / "run")]
+    assert main([*argv, "--context-file", str(tmp_path / "long.txt")]) == 2
+    err = capsys.readouterr().err
+    assert "the context (300 tokens" in err and "its context is 256 positions" in err
+    assert "Traceback" not in err and not (tmp_path / "run").exists()
+    # a prompt too long beside the inputs is refused too; sampled inputs are checked by --sample-length
+    (tmp_path / "ctx.txt").write_text(CONTEXT + "\n")
+    assert main([*argv, "--context-file", str(tmp_path / "ctx.txt"), "--num-virtual-tokens", "250"]) == 2
+    assert "--num-virtual-tokens 250 + the longest input window" in capsys.readouterr().err
+    assert main(["distill", "--model", str(d), "--context-file", str(tmp_path / "ctx.txt"), "--sample-inputs", "4",
+                 "--sample-length", "240", "--output-dir", str(tmp_path / "run")]) == 2
+    assert "--sample-length 240" in capsys.readouterr().err and not (tmp_path / "run").exists()

@@ -24,10 +24,11 @@ from pathlib import Path
 import torch
 
 from softprompt import methods
-from softprompt.config import ConfigError, check_real, keep_problems, raise_problems, to_yaml
+from softprompt.config import ConfigError, check_real, check_seed, keep_problems, raise_problems, to_yaml
 from softprompt.data import DataError, Encoded, Example, TaskData, collate
 from softprompt.data.corpus import CorpusFormat, encode_corpus
 from softprompt.data.formats import SUPPORTED_SUFFIXES, load_records_with_lines
+from softprompt.data.tokenize import leading_special_ids
 from softprompt.forward import family_of
 from softprompt.forward.distill import (
     context_teacher,
@@ -72,7 +73,8 @@ class DistillArgs:
             if getattr(self, name) < least:
                 problems.append(f"--{name.replace('_', '-')} must be >= {least}, got {getattr(self, name)}")
         keep_problems(problems, check_real("--held-out", self.held_out, lambda v: 0 < v < 1, "in (0, 1)"),
-                      check_real("--distill-temperature", self.distill_temperature, lambda v: v > 0, "> 0"))
+                      check_real("--distill-temperature", self.distill_temperature, lambda v: v > 0, "> 0"),
+                      check_seed("--data-seed", self.data_seed))
         raise_problems(problems)
 
     def context_text(self) -> str:
@@ -80,7 +82,7 @@ class DistillArgs:
         if self.context is not None:
             return self.context
         try:
-            return Path(self.context_file).read_text(encoding="utf-8")
+            return Path(self.context_file).read_text(encoding="utf-8-sig")
         except (OSError, UnicodeDecodeError) as e:
             raise DataError(f"cannot read --context-file {self.context_file}: {e}") from None
 
@@ -105,7 +107,7 @@ def read_inputs(path: str | Path, text_field: str | None = None) -> list[str]:
         texts = [r[text_field].strip() for r in records]
     else:
         try:
-            texts = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+            texts = [ln.strip() for ln in path.read_text(encoding="utf-8-sig").split("\n") if ln.strip()]
         except (OSError, UnicodeDecodeError) as e:
             raise DataError(f"cannot read --inputs-file {path}: {e}") from None
     if not texts:
@@ -143,6 +145,43 @@ def agreement(teacher_out: list[list[int]], other: list[list[int]]) -> dict:
     return {"greedy_exact": exact / len(teacher_out), "greedy_token": same / max(tokens, 1)}
 
 
+def context_fit_problems(model, tok, context: str, args: dict, distill: DistillArgs,
+                         texts: list[str] | None) -> list[str]:
+    """Why the teacher's or the student's rows would not fit the model's context (empty when they do).
+
+    The teacher reads BOS + the context + an input window (its longest: the longest input, at most
+    ``--max-length`` tokens) + the greedy tokens compared (``--max-new-tokens``); the student reads the
+    prompt instead of the context. ``texts`` ``None``: the inputs are still to be sampled, ``--sample-length``
+    tokens after the context. A model without a hard limit (relative positions) always fits.
+    """
+    from softprompt.model import context_length
+
+    fit = context_length(model.config)
+    if fit is None:
+        return []
+    limit, key = fit
+    name, lead = args["model"].model, len(leading_special_ids(tok))
+    n = lead + len(tok(context, add_special_tokens=False)["input_ids"])
+    if texts is None:
+        longest, what = distill.sample_length, f"--sample-length {distill.sample_length}"
+    else:
+        longest = min(distill.max_length, max((len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts),
+                                               default=0))
+        what = f"the longest input window ({longest} tokens; --max-length {distill.max_length})"
+    after = longest + distill.max_new_tokens
+    problems = []
+    if n + after > limit:
+        problems.append(f"the context ({n} tokens with the model's leading special tokens) + {what} + "
+                        f"--max-new-tokens {distill.max_new_tokens} = {n + after} positions do not fit --model "
+                        f"{name}: its context is {limit} positions ({key}); shorten the context or the inputs")
+    p = args["prompt"].num_virtual_tokens or 0
+    if p + lead + after > limit:
+        problems.append(f"--num-virtual-tokens {p} + {what} + --max-new-tokens {distill.max_new_tokens} = "
+                        f"{p + lead + after} positions (with {lead} leading special tokens) do not fit --model "
+                        f"{name}'s context of {limit} positions ({key})")
+    return problems
+
+
 def distill_and_save(args: dict, distill: DistillArgs, store: str | None = None,
                      store_task: str | None = None) -> dict:
     """Distill the context into a prompt, report against the teacher on held-out inputs, save it.
@@ -157,28 +196,31 @@ def distill_and_save(args: dict, distill: DistillArgs, store: str | None = None,
         The report written to ``distill.json``.
 
     Raises:
-        ConfigError: the model is not a decoder-only LM, or the method does not fit it.
+        ConfigError: the model is not a decoder-only LM, the method does not fit it, or the context or the
+            prompt with the inputs does not fit its context length (checked before anything is written).
         DataError: unreadable context or inputs, too few inputs.
     """
     context = distill.context_text()
     if not context.strip():
         raise DataError("the context is empty")
     texts = read_inputs(distill.inputs_file, distill.text_field) if distill.inputs_file else None
-    out = Path(args["train"].output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     model, tok = load_model_from_args(args)
     family = family_of(model)
     if not (family.caches_prompt and family.models_text):
         raise ConfigError(f"softprompt distill needs a decoder-only language model (the teacher reads the context "
                           f"as cached keys/values); --model {args['model'].model} is loaded as {family.description}")
+    raise_problems(context_fit_problems(model, tok, context, args, distill, texts))
     teacher = context_teacher(model, tok, context)
     if texts is None:  # sampled from the model itself, after the context
         samples = sample_after_context(model, teacher, distill.sample_inputs, distill.sample_length, distill.data_seed)
         texts = [t for t in (tok.decode(s, skip_special_tokens=True).strip() for s in samples) if t]
         source = (f"{len(texts)} continuations of the context sampled from the model (temperature 1, "
                   f"{distill.sample_length} tokens, seed {distill.data_seed})")
+        raise_problems(context_fit_problems(model, tok, context, args, distill, texts))  # as sampled
     else:
         source = f"{len(texts)} inputs from {distill.inputs_file}"
+    out = Path(args["train"].output_dir)
+    out.mkdir(parents=True, exist_ok=True)
     train_texts, held_texts = split_held_out(texts, distill.held_out, distill.data_seed)
     print(f"context: {teacher.num_tokens} tokens; inputs: {source}; {len(held_texts)} held out")
     if args["prompt"].init_text is None:  # text init: the prompt starts as the context's first P tokens
