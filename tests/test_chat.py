@@ -158,7 +158,7 @@ def chat_run(tmp_path_factory):
     records = [{"messages": conversation(i % 2 == 0, 1 + i % 3, seed=i)} for i in range(12)]
     write_jsonl(d / "train.jsonl", records[:8])
     write_jsonl(d / "test.jsonl", records[8:])
-    (d / "chat.jinja").write_text(TEMPLATE)
+    (d / "chat.jinja").write_text("\ufeff" + TEMPLATE, encoding="utf-8")  # a byte order mark is not template text
     rc, out, err = run(["train", "--model", d / "tiny", "--train-file", d / "train.jsonl", "--test-file",
                         d / "test.jsonl", "--chat-template", d / "chat.jinja", "--num-virtual-tokens", "3",
                         "--batch-size", "4", "--max-steps", "2", "--k-shot", "2", "--max-new-tokens", "4",

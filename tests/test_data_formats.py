@@ -62,6 +62,32 @@ def test_csv_and_tsv(tmp_path):
     assert load_records(t) == [{"text": "a, b", "label": "pos"}]
 
 
+@pytest.mark.parametrize("sep", ["\u2028", "\u2029", "\x85", "\x0c", "\x1e"])
+def test_only_newlines_end_a_record_not_unicode_line_separators(tmp_path, sep):
+    # json.dumps(ensure_ascii=False) leaves U+2028/U+2029 raw; str.splitlines() would break the line there
+    f = write(tmp_path / "d.jsonl", json.dumps({"text": f"a{sep}b", "label": "pos"}, ensure_ascii=False) + "\n"
+              + json.dumps({"text": "c", "label": "neg"}) + "\n")
+    assert load_records_with_lines(f) == ([{"text": f"a{sep}b", "label": "pos"}, {"text": "c", "label": "neg"}],
+                                          [1, 2])
+    c = write(tmp_path / "d.csv", f"text\na{sep}b\nc\n")
+    assert load_records_with_lines(c) == ([{"text": f"a{sep}b"}, {"text": "c"}], [2, 3])
+    t = write(tmp_path / "d.tsv", f"text\tlabel\na{sep}b\tpos\n")
+    assert load_records(t) == [{"text": f"a{sep}b", "label": "pos"}]
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_text(tmp_path):
+    from softprompt.data.chat import read_conversations
+    from softprompt.data.corpus import read_documents
+    from softprompt.workflows.distilling import read_inputs
+
+    (tmp_path / "in.txt").write_text("\ufefffirst input\nsecond\u2028still second\n", encoding="utf-8")
+    assert read_inputs(tmp_path / "in.txt") == ["first input", "second\u2028still second"]
+    (tmp_path / "corpus.txt").write_text("\ufeffone doc\n\nanother\n", encoding="utf-8")
+    assert read_documents(tmp_path / "corpus.txt") == ["one doc", "another"]
+    (tmp_path / "chat.json").write_text('\ufeff[{"role": "user", "content": "hi"}]', encoding="utf-8")
+    assert read_conversations(str(tmp_path / "chat.json")) == [[{"role": "user", "content": "hi"}]]
+
+
 def test_csv_ragged_row_names_line(tmp_path):
     f = write(tmp_path / "dev.csv", "text,label\nok,pos\ntoo,many,fields\n")
     with pytest.raises(DataError) as e:

@@ -289,7 +289,7 @@ def read_conversations(spec: str) -> list[list]:
             records, lines = load_records_with_lines(path)
             return [one(r, f"{path.name} line {n}") for r, n in zip(records, lines, strict=True)]
         try:
-            value = json.loads(path.read_text(encoding="utf-8"))
+            value = json.loads(path.read_text(encoding="utf-8-sig"))
         except (OSError, UnicodeDecodeError) as e:
             raise DataError(f"--messages {spec}: cannot read ({e})") from None
         except json.JSONDecodeError as e:

@@ -121,7 +121,7 @@ def read_documents(path: str | Path, text_field: str | None = None) -> list[str]
             raise DataError(f"--text-field {text_field} names a record field, but {path.name} is read as plain "
                             "text (documents separated by blank lines); leave --text-field out")
         try:
-            docs = text_documents(path.read_text(encoding="utf-8"))
+            docs = text_documents(path.read_text(encoding="utf-8-sig"))
         except (OSError, UnicodeDecodeError) as e:
             raise DataError(f"cannot read {path}: {e}") from None
     if not docs:

@@ -8,6 +8,7 @@ can jump straight to the offending spot.
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 
@@ -76,7 +77,7 @@ def load_records_with_lines(path: str | Path) -> tuple[list[dict], list[int]]:
 def _parse_json_lines(text: str, name: str) -> tuple[list[dict], list[int]]:
     records: list[dict] = []
     lines: list[int] = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    for lineno, line in enumerate(text.split("\n"), start=1):  # not splitlines: U+2028 is text
         if not line.strip():
             continue
         try:
@@ -105,7 +106,7 @@ def _parse_json_array(text: str, name: str) -> tuple[list[dict], list[int]]:
 
 
 def _parse_delimited(text: str, name: str, delimiter: str) -> tuple[list[dict], list[int]]:
-    reader = csv.reader(text.splitlines(keepends=True), delimiter=delimiter)
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)  # lines end at \n only
     try:
         header = next(reader, None)
         if header is None or not any(h.strip() for h in header):

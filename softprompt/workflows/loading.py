@@ -55,7 +55,7 @@ def load_task_from_args(data_args: DataArgs, stored_task: TaskRecord | None = No
     chat_template = stored_task.chat_template
     if data_args.chat_template:
         try:
-            chat_template = Path(data_args.chat_template).read_text(encoding="utf-8")
+            chat_template = Path(data_args.chat_template).read_text(encoding="utf-8-sig")
         except (OSError, UnicodeDecodeError) as e:
             raise ConfigError(f"--chat-template {data_args.chat_template}: cannot read ({e})") from None
     return load_task(
