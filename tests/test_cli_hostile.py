@@ -164,3 +164,17 @@ def test_compare_refuses_bad_flags_and_too_short_context(tmp_path):
     _assert_usage_error(["compare", "--model", short, "--only", "prompt_tuning", "--output-dir", tmp_path / "c"],
                         "P=20", "20 virtual tokens", "context of 24 positions")
     assert not (tmp_path / "c").exists()
+
+
+def test_store_destinations_under_a_file_are_refused_with_exit_2(env, long_prompt, tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    # the store itself, an export, and a PEFT export: each path runs through a file
+    _assert_usage_error(["store", "add", "--store", afile / "store", "p", long_prompt],
+                        f"{afile / 'store'}: cannot create a prompt store there")
+    store = tmp_path / "store"
+    assert run(["store", "add", "--store", store, "p", long_prompt])[0] == 0
+    for extra in ([], ["--peft"]):
+        _assert_usage_error(["store", "export", "--store", store, "p", afile / "out", *extra],
+                            f"{afile / 'out'}: cannot create it there")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "store"] and afile.read_text() == "x"

@@ -134,7 +134,7 @@ def test_failure_writing_weights_leaves_nothing(tmp_path, model, monkeypatch, ov
         save_prompt(target, tiny_prompt(model), model)
         monkeypatch.setattr(safetensors.torch, "save_file", boom)
     before = snapshot(target) if overwrite else None
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(StoreError, match=re.escape("writing it failed (disk full)")):
         save_prompt(target, tiny_prompt(model, seed=1), model, overwrite=overwrite)
     assert [p.name for p in tmp_path.iterdir()] == (["p"] if overwrite else [])
     if overwrite:
@@ -167,7 +167,7 @@ def test_failure_during_swap_restores_old_folder(saved, model, monkeypatch):
         return real_replace(src, dst)
 
     monkeypatch.setattr(os, "replace", flaky_replace)
-    with pytest.raises(OSError, match="rename failed"):
+    with pytest.raises(StoreError, match=re.escape("writing it failed (rename failed)")):
         save_prompt(saved, tiny_prompt(model, seed=1), model, overwrite=True)
     monkeypatch.undo()
     assert len(calls) == 3 and calls[0][0] == "p" and calls[2][1] == "p"

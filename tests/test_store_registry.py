@@ -387,8 +387,8 @@ def test_interrupted_add_leaves_no_partial_entry(store, model, tokenizer, tmp_pa
         return real_copy(b, data)
 
     monkeypatch.setattr(prompt_store_mod, "write_bytes", copy_then_fail)
-    with pytest.raises(OSError, match="disk full"):
-        store.add("task", src, overwrite=overwrite)
+    with pytest.raises(StoreError, match=re.escape("writing it failed (disk full)")):
+        store.add("task", src, overwrite=overwrite)  # a StoreError: the CLI's exit 2 with the cause, no traceback
     assert len(copied) == 1 and not Path(copied[0]).exists()  # the partial copy was written, then removed
     assert listing(store.root) == (["store.json", "task"] if overwrite else ["store.json"])
     if overwrite:

@@ -128,7 +128,7 @@ def write_folder_atomically(target: str | os.PathLike, write: Callable[[Path], N
         The absolute target path.
 
     Raises:
-        StoreError: the target exists and may not be replaced.
+        StoreError: the target exists and may not be replaced, or it cannot be written there (the error named).
     """
     target = Path(target).expanduser().absolute()
     swap.settle(target)  # a crashed overwrite's old folder is put back before deciding anything
@@ -141,8 +141,11 @@ def write_folder_atomically(target: str | os.PathLike, write: Callable[[Path], N
             raise StoreError(f"{target} exists and does not look like a stored prompt (no "
                              "adapter_config.json or softprompt.json); refusing to delete it")
     parent = target.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{target.name}.tmp-"))
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{target.name}.tmp-"))
+    except OSError as e:  # a file on the way, no permission, a read-only disk
+        raise StoreError(f"{target}: cannot create it there ({e.strerror or e}: {e.filename or parent})") from None
     lock = swap.lock_folder(tmp)  # marks the temporary folder as in use (remove_leftovers() skips it)
     try:
         write(tmp)
@@ -153,6 +156,8 @@ def write_folder_atomically(target: str | os.PathLike, write: Callable[[Path], N
         elif not exchange(tmp, target):  # after an exchange tmp holds the old folder
             _swap_by_renames(tmp, target)
         fsync_path(parent)
+    except OSError as e:  # e.g. the disk filled up (the temporary folder is removed below)
+        raise StoreError(f"{target}: writing it failed ({e.strerror or e})") from e
     finally:
         swap.unlock(lock)
         shutil.rmtree(tmp, ignore_errors=True)  # the new folder if it was not placed, or the old one

@@ -93,11 +93,15 @@ class PromptStore:
         if self.root.is_dir() and any(self.root.iterdir()):
             raise StoreError(f"{self.root}: a non-empty folder without {STORE_FILE} is not a prompt store; "
                              "refusing to turn it into one (use a new or empty folder)")
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.root / f".{STORE_FILE}.tmp-{uuid.uuid4().hex[:8]}"
-        write_json(tmp, {"format": STORE_FORMAT, "version": STORE_VERSION})
-        os.replace(tmp, marker)
-        fsync_path(self.root)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            tmp = self.root / f".{STORE_FILE}.tmp-{uuid.uuid4().hex[:8]}"
+            write_json(tmp, {"format": STORE_FORMAT, "version": STORE_VERSION})
+            os.replace(tmp, marker)
+            fsync_path(self.root)
+        except OSError as e:  # a file on the way, no permission, a read-only disk
+            raise StoreError(f"{self.root}: cannot create a prompt store there ({e.strerror or e}: "
+                             f"{e.filename or self.root})") from None
 
     @staticmethod
     def _check_marker(marker: Path) -> None:
