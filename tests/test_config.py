@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 
 import pytest
 
@@ -86,6 +87,11 @@ def test_yaml_errors_name_file_and_key(tmp_path):
     path.write_text("train: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_yaml(path)
+    path.write_bytes(b"train:\n  lr: 0.1 # caf\xe9\n")  # Latin-1, not UTF-8
+    with pytest.raises(ConfigError, match=re.escape(f"--config {path}: cannot read it as UTF-8 text")):
+        load_yaml(path)
+    path.write_bytes("\ufefftrain:\n  lr: 0.2\n".encode())  # a byte order mark is not part of the YAML
+    assert load_yaml(path) == {"train": {"lr": 0.2}}
 
 
 def test_build_args_type_checks_and_converts():
@@ -161,6 +167,7 @@ def test_output_dir_must_be_a_folder_to_create(tmp_path):
     ("lr: abc", "train.lr: expected float, got 'abc'"),
     ("lr: [1]", "train.lr: expected float, got [1]"),
     ("weight_decay: -1", "train.weight_decay must be >= 0"),
+    ("lr: 1" + "0" * 400, "train.lr: expected float, got an integer of 401 digits (out of the float range)"),
 ])
 def test_yaml_values_are_checked_and_named_by_file_and_key(tmp_path, text, needle):
     path = tmp_path / "c.yaml"

@@ -30,7 +30,9 @@ def load_yaml(path: str | Path) -> dict[str, dict[str, Any]]:
     if not path.is_file():
         raise ConfigError(f"--config {path}: no such file")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text(encoding="utf-8-sig")) or {}
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--config {path}: cannot read it as UTF-8 text ({e})") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"--config {path}: not valid YAML ({e})") from e
     if not isinstance(raw, dict):
@@ -87,6 +89,9 @@ def build_args(cls: type, *layers: dict[str, Any], origins: Sequence[str | None]
                 merged[f.name] = float(value)
             except ValueError:
                 problems.append(f"{name(f.name)}: expected float, got {value!r}")
+            except OverflowError:  # an integer of hundreds of digits
+                problems.append(f"{name(f.name)}: expected float, got an integer of {len(str(value))} digits "
+                                f"(out of the float range)")
         elif want is list and isinstance(value, str):
             merged[f.name] = [v for v in value.split(",") if v]
         elif want is not typing.Any and not isinstance(value, want) or (want is int and isinstance(value, bool)):
