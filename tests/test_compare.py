@@ -430,6 +430,13 @@ def test_compare_command_keep_going_writes_table_json_and_chart_and_fails(tiny_m
     assert main(["compare", "--only", "dropout"]) == 2
 
 
+def test_a_mistyped_dataset_is_refused_before_any_run(tmp_path, capsys):
+    # it failed every method's run, each after loading the model, and the command exited 1
+    assert main(["compare", "--dataset", "rotten_tomatos", "--output-dir", str(tmp_path / "typo")]) == 2
+    assert "--dataset 'rotten_tomatos' is not a built-in dataset; known: rotten_tomatoes" in capsys.readouterr().err
+    assert not (tmp_path / "typo").exists()
+
+
 def test_compare_command_stops_at_the_first_failed_method(tiny_model_dir, tmp_path, capsys, monkeypatch):
     _fail_bitfit(monkeypatch)
     out = tmp_path / "cmp"

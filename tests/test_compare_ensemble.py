@@ -118,9 +118,9 @@ def test_compare_command_with_store(tiny_model_dir, toy, tmp_path, capsys, monke
     monkeypatch.setattr(softprompt.compare.harness, "run_in_subprocess", run_one)
     monkeypatch.setattr(softprompt.compare.ensemble, "evaluate_in_subprocess", evaluate_ensemble)
     out, store_dir = tmp_path / "cmp", tmp_path / "store"
-    argv = ["compare", "--model", str(tiny_model_dir), "--dataset", "x", "--steps", "1", "--batch-size", "8",
-            "--test-samples", "16", "--val-samples", "16", "--no-lr-search", "--only", "p_tuning,bitfit",
-            "--output-dir", str(out), "--store", str(store_dir)]
+    argv = ["compare", "--model", str(tiny_model_dir), "--dataset", "rotten_tomatoes", "--steps", "1",  # toy data
+            "--batch-size", "8", "--test-samples", "16", "--val-samples", "16", "--no-lr-search", "--only",
+            "p_tuning,bitfit", "--output-dir", str(out), "--store", str(store_dir)]
     assert main(argv + ["--seeds", "1"]) == 2
     assert "an ensemble needs --seeds >= 2, got 1" in capsys.readouterr().err
     first = main(argv + ["--seeds", "2"])

@@ -6,6 +6,7 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from softprompt.config import check_real, flag
+from softprompt.data import BUILTIN_DATASETS
 
 WEIGHT_KINDS = ("lora", "bitfit", "adapter", "full")  # trained inside the model; every other kind is a prompt
 LR_SPACING = math.sqrt(10)  # neighbouring lr candidates differ by half a decade
@@ -107,6 +108,8 @@ class CompareSettings:
                          "adapter_size") if getattr(self, n) < 1]
         out += [f"--search-steps must be >= 0, got {self.search_steps}"] if self.search_steps < 0 else []
         tol = check_real("--converged-tol", self.converged_tol, lambda v: 0 < v < 1, "in (0, 1)")
+        if self.dataset not in BUILTIN_DATASETS:  # refused here, not by every method's run after loading the model
+            out.append(f"--dataset {self.dataset!r} is not a built-in dataset; known: {', '.join(BUILTIN_DATASETS)}")
         return out + ([tol] if tol else [])
 
     @property
