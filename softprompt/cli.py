@@ -103,6 +103,10 @@ def cmd_tune(ns: argparse.Namespace) -> int:
 def cmd_eval(ns: argparse.Namespace) -> int:
     """Evaluate a stored prompt and baselines on a split of its task, or several tasks of a store."""
     problems = ["give either --prompt DIR or --store DIR [--task a,b,...]"] if bool(ns.prompt) == bool(ns.store) else []
+    if ns.task is not None and not ns.store:
+        problems.append("--task names tasks of a store: give --store DIR")
+    elif ns.task is not None and not any(t.strip() for t in ns.task.split(",")):
+        problems.append(f"--task {ns.task!r} names no task: give comma-separated entry names, e.g. --task a,b")
     if ns.report:
         problems.append(check_file_to_write("--report", ns.report))
     args = _resolve(ns, ["model", "data", "eval"], [p for p in problems if p])
@@ -111,7 +115,7 @@ def cmd_eval(ns: argparse.Namespace) -> int:
 
     split, check = args["eval"].split, not ns.no_fingerprint_check
     if ns.store:
-        tasks = [t.strip() for t in ns.task.split(",") if t.strip()] if ns.task else None
+        tasks = [t.strip() for t in ns.task.split(",") if t.strip()] if ns.task is not None else None
         report = evaluate_store(args, ns.store, tasks, check_fingerprint=check)
         print(f"{split} split, store {ns.store}:")
     else:

@@ -347,6 +347,33 @@ def test_store_ensemble_generate_and_eval_through_the_engine(env, tmp_path):
     assert metrics["sent_a"]["loss"] == pytest.approx(own["loss"], rel=1e-5)
 
 
+def test_store_evaluation_checks_every_entry_first_and_ensembles_need_labels(env, tmp_path):
+    store = tmp_path / "store"
+    for name, seed in (("gen_a", "1"), ("gen_b", "2")):  # no verbalizer: the label word is a free-text target
+        argv = [a for a in train_argv(env, tmp_path / name, "--max-steps", "2", "--seed", seed, "--baselines",
+                                      "no_prompt", "--store", store, "--task", name)
+                if a != "--verbalizer" and a != "positive=positive,negative=negative"]
+        rc, _, stderr = run(argv)
+        assert rc == 0, stderr
+    # an ensemble of generation prompts was stored, then refused by every command that loads it
+    _assert_usage_error(["ensemble", "--store", store, "--name", "gen_ens", "--members", "gen_a,gen_b"],
+                        "member 'gen_a' has no labels", "member 'gen_b' has no labels")
+    assert sorted(PromptStore(store).names()) == ["gen_a", "gen_b"]
+    report = tmp_path / "report.json"
+    rc, _, stderr = run(["eval", "--model", env["model"], "--store", store, "--report", report])
+    assert rc == 0, stderr
+    assert "evaluated gen_a in" in stderr  # the log line the refusal below must not reach
+    metrics = json.loads(report.read_text())
+    assert set(metrics) == {"gen_a", "gen_b"} and all(m["n"] == 8 for m in metrics.values())
+    own = json.loads((tmp_path / "gen_a" / "eval.json").read_text())["tuned soft prompt"]
+    assert metrics["gen_a"]["exact_match"] == own["exact_match"]
+    assert metrics["gen_a"]["loss"] == pytest.approx(own["loss"], rel=1e-5)
+    # an unknown entry fails the command before any entry is evaluated, naming it
+    stderr = _assert_usage_error(["eval", "--model", env["model"], "--store", store, "--task", "gen_a,nope,gen_b"],
+                                 "cannot evaluate nope:")
+    assert "evaluated gen_a" not in stderr
+
+
 def _generate_store(env, store, task, *extra):
     rc, stdout, stderr = run(["generate", "--model", env["model"], "--store", store, "--task", task, *extra])
     return rc, [json.loads(line) for line in stdout.splitlines() if line.strip()], stderr
@@ -358,6 +385,10 @@ def test_store_and_task_flags_go_together(env, tmp_path):
                         "invalid task name")
     _assert_usage_error(["generate", "--model", env["model"], "--task", "a", "--input", "x"], "--task needs --store")
     _assert_usage_error(["eval", "--model", env["model"]], "either --prompt DIR or --store DIR")
+    _assert_usage_error(["eval", "--model", env["model"], "--store", tmp_path / "s", "--task", " , "],
+                        "--task ' , ' names no task")
+    _assert_usage_error(["eval", "--model", env["model"], "--prompt", tmp_path, "--task", "a"],
+                        "--task names tasks of a store")
 
 
 @pytest.mark.parametrize("extra", [["--method", "prefix_tuning", "--init-text", INIT_TEXT],

@@ -234,8 +234,10 @@ def store(tmp_path):
     """Store with prompts sentiment (rows of KNOWN), other (random), and an ensemble both of them."""
     model = make_model("llama")  # the same weights as tiny_model_dir's model
     store = PromptStore(tmp_path / "store", create=True)
-    store.save("sentiment", method_of(model, KNOWN), model)
-    store.save("other", method_of(model, seed=3), model)
+    task = {"template": "Review: {text}\nSentiment:", "target_field": "label",
+            "verbalizer": {"positive": "good", "negative": "bad"}}  # an ensemble combines classification prompts
+    store.save("sentiment", method_of(model, KNOWN), model, task=task)
+    store.save("other", method_of(model, seed=3), model, task=task)
     store.add_ensemble("both", ["sentiment", "other"])
     return store
 

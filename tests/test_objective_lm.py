@@ -192,3 +192,22 @@ def test_stored_lm_prompt_records_the_corpus_and_eval_repeats_the_report(lm_run,
     assert rc == 0, err
     assert json.loads((tmp_path / "r.json").read_text()) == json.loads((out / "eval.json").read_text())
     assert "tuned soft prompt" in stdout and "perplexity" in stdout
+
+
+def test_store_evaluation_reports_an_lm_prompts_perplexity(lm_run, tmp_path):
+    out, _, d = lm_run
+    store = tmp_path / "store"
+    for name in ("corpus_a", "corpus_b"):
+        assert run(["store", "add", "--store", store, name, out / "prompt"])[0] == 0
+    rc, _, err = run(["eval", "--model", d / "tiny", "--store", store, "--report", tmp_path / "r.json"])
+    assert rc == 0, err
+    report = json.loads((tmp_path / "r.json").read_text())
+    # each lm entry is scored on its recorded corpus, split and chunks: the training run's own test report
+    own = json.loads((out / "eval.json").read_text())["tuned soft prompt"]
+    assert set(report) == {"corpus_a", "corpus_b"}
+    for name in ("corpus_a", "corpus_b"):
+        assert report[name]["tokens"] == own["tokens"] and report[name]["n"] == own["n"]
+        assert report[name]["perplexity"] == pytest.approx(own["perplexity"], rel=1e-5)
+    # lm prompts have no labels to combine: no ensemble of them
+    rc, _, err = run(["ensemble", "--store", store, "--name", "corpus_ens", "--members", "corpus_a,corpus_b"])
+    assert rc == 2 and "member 'corpus_a' has no labels" in err

@@ -229,12 +229,14 @@ def test_ensemble_entry(filled):
     (["a", "b", "yn"], "mean", re.escape("members have different label sets (a, b: ['negative', 'positive']; "
                                          "yn: ['no', 'yes'])")),
     (["a", "gen"], "mean", re.escape("a: ['negative', 'positive']; gen: generation (no verbalizer)")),
+    (["gen", "gen_b"], "mean", "member 'gen' has no labels .*member 'gen_b' has no labels"),
     (["a", "b"], "max", "combine must be one of mean, vote, got 'max'"),
     (["a", "other_model"], "mean", "members were trained on different base models"),
 ])
 def test_ensemble_validation(filled, model, tokenizer, members, combine, expected):
     filled.save("yn", prompt(model, tokenizer), model, task=YES_NO)
     filled.save("gen", prompt(model, tokenizer), model, task=GEN_TASK)
+    filled.save("gen_b", prompt(model, tokenizer, 1), model, task=GEN_TASK)
     other = make_model(seed=1)
     filled.save("other_model", prompt(other, tokenizer), other, task=TASK)
     before = listing(filled.root)

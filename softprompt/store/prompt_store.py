@@ -311,8 +311,8 @@ class PromptStore:
 
         Args:
             name: entry name.
-            members: at least two distinct prompt entries (not ensembles); classification prompts must
-                have equal label sets, and prompts recording a base model must record the same one.
+            members: at least two distinct classification prompt entries (not ensembles) with equal label
+                sets; prompts recording a base model must record the same one.
             combine: ``"mean"`` (average label scores) or ``"vote"`` (majority of predictions).
             overwrite: replace an existing ensemble ``name``.
 
@@ -342,6 +342,9 @@ class PromptStore:
                 problems.append(f"member {m!r}: {e}")
                 continue
             labels[m] = prompt_labels(stored)
+            if not labels[m]:  # what the engine refuses to load: an entry no command could use
+                problems.append(f"member {m!r} has no labels (a generation, chat or --objective lm prompt): an "
+                                f"ensemble combines the label scores of classification prompts")
             if stored.fingerprint:
                 fingerprints[m] = stored.fingerprint
         problem = label_problem(labels) if len(labels) >= 2 else None

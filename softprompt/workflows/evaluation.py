@@ -8,11 +8,12 @@ import time
 
 import torch
 
-from softprompt.data import is_chat
-from softprompt.engine import Engine
+from softprompt.config import ConfigError
+from softprompt.data import DataError, is_chat
+from softprompt.engine import Engine, EngineError
 from softprompt.evaluate import evaluate_on_engine, evaluate_prompt
 from softprompt.forward import family_of
-from softprompt.store import PromptStore, check_model_compatible, load_prompt
+from softprompt.store import PromptStore, StoreError, check_model_compatible, load_prompt
 from softprompt.store.task_record import TaskRecord
 from softprompt.workflows.baselines import evaluate_with_baselines
 from softprompt.workflows.loading import load_model_from_args, load_task_from_args
@@ -51,6 +52,12 @@ def evaluate_stored_prompt(args: dict, prompt: str, check_fingerprint: bool = Tr
 def evaluate_store(args: dict, store: str, tasks: list[str] | None = None, check_fingerprint: bool = True) -> dict:
     """Evaluate each named store task (default: all) on its own recorded dataset, through one engine.
 
+    Every entry is loaded and its data read before the first one is evaluated, so a missing entry or
+    unreadable data fails at once, naming every such entry, instead of after the others' evaluations.
+    Prompts of a chat or an ``--objective lm`` task are evaluated on the model directly (the chat report;
+    the held-out perplexity of the recorded corpus, as ``eval --prompt`` reports it); the others, ensembles
+    of classification prompts included, through the engine's mixed batches.
+
     Args:
         args: resolved ``model``, ``data`` and ``eval`` sections; data flags that are set apply to every task.
         store: the store folder.
@@ -59,37 +66,49 @@ def evaluate_store(args: dict, store: str, tasks: list[str] | None = None, check
 
     Returns:
         Metrics per task name.
+
+    Raises:
+        StoreError: naming every entry that cannot be loaded or whose data cannot be read.
     """
     model, tok = load_model_from_args(args)
     prompt_store = PromptStore(store)
-    names = prompt_store.names() if tasks is None else tasks
+    names = prompt_store.names() if tasks is None else list(dict.fromkeys(tasks))
     ev, data = args["eval"], args["data"]
     engine = Engine(model, tok, max_batch_rows=ev.eval_batch_size, max_input_tokens=data.max_length,
                     truncate=True, progress=True)
-    report = {}
+    plans, problems = [], []
     for name in names:
-        t = engine.load_from_store(prompt_store, name, check_fingerprint)
-        meta = t.meta or {}  # an ensemble's: its first member's (the members share their labels)
-        task_args = dataclasses.replace(data)
-        recorded = (meta.get("train_config") or {}).get("data") or {}
-        record = TaskRecord.parse(meta.get("task"), name)  # validated when the entry was loaded
-        if task_args.dataset is None and not task_args.uses_files() and not (record and record.dataset):
-            for key in ("train_file", "validation_file", "test_file"):  # trained on files: use them again
-                setattr(task_args, key, recorded.get(key))
-        if record is not None and record.extra.get("objective") == "lm":
-            log.warning("%s was trained with --objective lm: its perplexity report is `softprompt eval --prompt "
-                        "DIR` (store evaluation runs tasks through the engine); skipped", name)
-            continue
-        task = load_task_from_args(task_args, record)
+        try:
+            plans.append(_plan(engine, prompt_store, name, data, check_fingerprint))
+        except (StoreError, DataError, ConfigError, EngineError) as e:
+            problems.append(f"{name}: {e}")
+    if problems:
+        raise StoreError(f"{store}: cannot evaluate {'; '.join(problems)}")
+    report = {}
+    for name, task, task_args in plans:
+        fmt, examples = task.format, task.examples(ev.split)
         t0 = time.perf_counter()
-        if is_chat(task.format):  # conversations: evaluated on the model directly (ensembles are never chat)
+        if is_chat(fmt) or fmt.objective == "lm":  # on the model directly, with the prompt's own layout
             stored = prompt_store.load(name, model, check_fingerprint)
             with torch.no_grad():
                 kv = family_of(model).inference_prompt(model, stored.build_method().to(model.device).eval()())
-            report[name] = evaluate_prompt(model, tok, kv, task.examples(ev.split), task.format, ev.eval_batch_size,
-                                           ev.max_new_tokens, data.max_length)[0]
+            report[name] = evaluate_prompt(model, tok, kv, examples, fmt, ev.eval_batch_size, ev.max_new_tokens,
+                                           task_args.max_length, bos=stored.bos)[0]
         else:
-            report[name] = evaluate_on_engine(engine, {name: name}, task.examples(ev.split), task.format,
-                                              ev.max_new_tokens)[name]
+            report[name] = evaluate_on_engine(engine, {name: name}, examples, fmt, ev.max_new_tokens)[name]
         log.info("evaluated %s in %.1fs", name, time.perf_counter() - t0)
     return report
+
+
+def _plan(engine, prompt_store, name: str, data, check_fingerprint: bool) -> tuple:
+    """Load entry ``name`` into ``engine`` and read its task's data: ``(name, task, data flags used)``."""
+    t = engine.load_from_store(prompt_store, name, check_fingerprint)
+    meta = t.meta or {}  # an ensemble's: its first member's (the members share their labels)
+    task_args = dataclasses.replace(data)
+    recorded = (meta.get("train_config") or {}).get("data") or {}
+    record = TaskRecord.parse(meta.get("task"), name)  # validated when the entry was loaded
+    lm = record is not None and record.extra.get("objective") == "lm"  # its corpus record names its data
+    if not lm and task_args.dataset is None and not task_args.uses_files() and not (record and record.dataset):
+        for key in ("train_file", "validation_file", "test_file"):  # trained on files: use them again
+            setattr(task_args, key, recorded.get(key))
+    return name, load_task_from_args(task_args, record), task_args
