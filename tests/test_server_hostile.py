@@ -354,7 +354,7 @@ def test_admin_token_from_a_file(tmp_path, tiny_model_dir):
     from softprompt.server.assemble import build_app
 
     token = tmp_path / "token"
-    token.write_text("from-a-file\n")
+    token.write_text("\ufefffrom-a-file\n", encoding="utf-8")  # a byte order mark (Windows editors) is not the token
     app = build_app({"model": ModelArgs(model=str(tiny_model_dir), device="cpu"),
                      "serve": ServeArgs(admin_token_file=str(token))})
     with TestClient(app) as client:
