@@ -92,6 +92,10 @@ def cmd_tune(ns: argparse.Namespace) -> int:
 
     tune, problems = tune_args_from_namespace(ns)
     args = _resolve(ns, ["model", "data", "prompt", "train", "eval"], problems)
+    if args["train"].resume:  # a train flag tune would ignore: the search restarts and replaces the old one
+        raise ConfigError("--resume: tune does not resume an interrupted search; it starts again and replaces the "
+                          "trials, best_prompt and top/ in --output-dir: leave --resume out (and train.resume in "
+                          "--config), or use another --output-dir to keep the old search")
     if ns.print_config:
         print(to_yaml(args), end="")
         return 0

@@ -444,3 +444,18 @@ def test_every_bad_tune_flag_is_reported_at_once_naming_it(tmp_path):
     assert "--task ../x" in "\n".join(parse("--store", str(tmp_path / "s"), "--task", "../x")[1])
     assert "given twice" in "\n".join(parse("--search", "init=text", "--search", "init=random")[1])
     assert "repeats a value" in "\n".join(parse("--lrs", "0.1,0.1")[1])
+
+
+def test_resume_is_refused_before_an_earlier_search_is_touched(tmp_path, tiny_model_dir, capsys):
+    from softprompt.cli import main
+
+    out = tmp_path / "tune"
+    for kept in ("trials/t00/checkpoint/state.json", "best_prompt/softprompt.json", "tune.json"):
+        (out / kept).parent.mkdir(parents=True, exist_ok=True)
+        (out / kept).write_text("{}")
+    (tmp_path / "c.yaml").write_text("train:\n  resume: true\n")
+    for extra in (["--resume"], ["--config", str(tmp_path / "c.yaml")]):
+        assert main(["tune", "--model", str(tiny_model_dir), "--output-dir", str(out), *extra]) == 2
+        assert "--resume: tune does not resume an interrupted search" in capsys.readouterr().err
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == [
+        "best_prompt/softprompt.json", "trials/t00/checkpoint/state.json", "tune.json"]
