@@ -459,3 +459,22 @@ def test_resume_is_refused_before_an_earlier_search_is_touched(tmp_path, tiny_mo
         assert "--resume: tune does not resume an interrupted search" in capsys.readouterr().err
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == [
         "best_prompt/softprompt.json", "trials/t00/checkpoint/state.json", "tune.json"]
+
+
+def test_a_search_point_the_task_cannot_build_is_skipped_before_any_trial_trains(tmp_path, tokenizer):
+    from softprompt.data import TaskFormat
+    from tests.conftest import sentiment_records
+    from tests.test_train import FMT
+
+    gen = TaskFormat(FMT.template, FMT.target_field)  # no verbalizer: a generation task, no labels to init from
+    recs = sentiment_records(48, seed=1)
+    data = TaskData(gen, {"train": [gen.render(r) for r in recs[:32]],
+                          "validation": [gen.render(r) for r in recs[32:]]})
+    result = search(tmp_path / "a", tokenizer, TuneArgs(lrs=[0.1], search={"init": ["random", "class_labels"]}),
+                    data, max_steps=4)
+    assert [t.spec.init for t in result.trials] == ["random"] and result.best is not None
+    assert any(n.startswith("method=prompt_tuning num_virtual_tokens=4 init=class_labels: ") and "skipped" in n
+               for n in result.notes), result.notes
+    with pytest.raises(ConfigError, match="no combination can be built on this model and task"):
+        search(tmp_path / "b", tokenizer, TuneArgs(lrs=[0.1], search={"init": ["class_labels"]}), data, max_steps=4)
+    assert not (tmp_path / "b" / "trials").exists() or not any((tmp_path / "b" / "trials").iterdir())

@@ -72,21 +72,44 @@ class _Search:
         self.train_task = TaskData(task.format, {"train": task.examples("train")})
         self.metric, self.higher = primary_metric(self.fmt, train_args.metric)
         specs, self.notes = trial_specs(tune, prompt, train_args)
+        self.token_counts = None
+        if any(s.method_config.get("init") == "sample_vocab" for s in specs):
+            self.token_counts = Counter(t for ex in self.train_task.examples("train")
+                                        for t in tokenizer(ex.source, add_special_tokens=False)["input_ids"])
+        specs = self._buildable(specs)
         self.trials = [Trial(i, s, out / "trials" / f"t{i:02d}") for i, s in enumerate(specs)]
         self.plan = plan_rungs(len(specs), tune.eta, self._horizon(), tune.min_steps, tune.budget_steps)
         if tune.top_k > len(specs):
             raise ConfigError(f"invalid arguments:\n  --top-k {tune.top_k} is more than the {len(specs)} trials")
         # every rung but the last ends at a checkpoint (train always writes one at the horizon)
         self.checkpoint_every = math.gcd(*self.plan.rungs[:-1]) if len(self.plan.rungs) > 1 else self.plan.horizon
-        self.token_counts = None
-        if any(s.method_config.get("init") == "sample_vocab" for s in specs):
-            self.token_counts = Counter(t for ex in self.train_task.examples("train")
-                                        for t in tokenizer(ex.source, add_special_tokens=False)["input_ids"])
         _remove_stale_trials(out / "trials")
         self.steps_used, self.stopped_by = 0, None
         self.t0 = time.perf_counter()
         self.seconds_per_step: list[float] = []
         self.eval_seconds: list[float] = []
+
+    def _buildable(self, specs: list[TrialSpec]) -> list[TrialSpec]:
+        """The specs whose prompt can be built on this model and task; each other combination gets a note (the
+        method's reason: class_labels init without labels, a prefix method on a classifier...), and when none
+        is left the search is refused, all before any trial trains."""
+        reasons: dict[str, str | None] = {}
+        for spec in specs:
+            key = json.dumps([spec.method, spec.method_config], sort_keys=True, default=str)
+            if key not in reasons:
+                try:
+                    self._method(spec)
+                    reasons[key] = None
+                except ValueError as e:
+                    reasons[key] = (f"method={spec.method} num_virtual_tokens={spec.num_virtual_tokens} "
+                                    f"init={spec.init}: {e}")
+        refused = [r for r in reasons.values() if r is not None]
+        if refused and len(refused) == len(reasons):
+            raise ConfigError("invalid arguments:\n  --search: no combination can be built on this model and "
+                              "task:\n    " + "\n    ".join(refused))
+        self.notes += [f"{r}; skipped" for r in refused]
+        return [s for s in specs if reasons[json.dumps([s.method, s.method_config], sort_keys=True, default=str)]
+                is None]
 
     def _horizon(self) -> int | None:
         """The trials' schedule length: --max-steps; else what --budget-steps pays for; else --epochs."""
