@@ -12,9 +12,9 @@ the run stops.
 A divergence guard
 (:mod:`softprompt.guard`) skips a step with a non-finite loss or gradient and rolls the prompt and optimizer
 back, with a lower lr, when the loss rises and stays up; too many rollbacks end the run as diverged.
-``checkpoint/`` holds what a resumed run needs to continue exactly where it stopped: the data order is a
-pure function of (seed, epoch), so only the step, method/optimizer/scheduler state, the best state so far,
-the guard's state and the torch RNG states (CPU and CUDA) are saved.
+``checkpoint/`` (:mod:`softprompt.checkpoint`) holds what a resumed run needs to continue exactly where it
+stopped: the data order is a pure function of (seed, epoch), so only the step, method/optimizer/scheduler
+state, the best state so far, the guard's state and the torch RNG states (CPU and CUDA) are saved.
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from softprompt.checkpoint import load_checkpoint, resume_settings, save_checkpoint, truncate_log
 from softprompt.config import ConfigError, TrainArgs
 from softprompt.data import Encoded, TaskData, collate
 from softprompt.evaluate import evaluate_prompt, primary_metric
@@ -41,7 +41,6 @@ from softprompt.forward import family_of
 from softprompt.guard import DivergenceGuard
 from softprompt.methods import PromptMethod
 from softprompt.plateau import cooldown_end, cooldown_factor, flat_now
-from softprompt.store.atomic import write_folder_atomically
 
 log = logging.getLogger(__name__)
 
@@ -180,63 +179,6 @@ def _cpu_copy(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
 
 
-def _save_checkpoint(out: Path, step: int, method: PromptMethod, opt, sched, state: dict,
-                     guard: DivergenceGuard, best_state: dict[str, torch.Tensor] | None = None) -> None:
-    """Write ``checkpoint/`` atomically: a crash mid-save leaves the previous checkpoint intact."""
-    def write(tmp: Path) -> None:
-        save_file({k: v.detach().cpu().contiguous() for k, v in method.state_dict().items()},
-                  str(tmp / "method.safetensors"))
-        if best_state is not None:  # a resumed run ends with the same best state as an uninterrupted one
-            save_file(best_state, str(tmp / "best.safetensors"))
-        # dropout on a GPU draws from the CUDA generators, not the CPU one: both are saved
-        cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []
-        torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                    "torch_rng": torch.get_rng_state(), "cuda_rng": cuda_rng,
-                    "guard_snapshots": guard.snapshots}, tmp / "optimizer.pt")
-        (tmp / "state.json").write_text(json.dumps({**state, "guard": guard.state(), "step": step}))
-
-    write_folder_atomically(out / "checkpoint", write, overwrite=True,
-                            replaceable=lambda p: (p / "state.json").exists() or not any(p.iterdir()))
-
-
-def _load_checkpoint(out: Path, method: PromptMethod, opt, sched,
-                     guard: DivergenceGuard) -> tuple[dict, dict[str, torch.Tensor] | None]:
-    """Restore ``checkpoint/`` into the method, optimizer, scheduler, guard and RNGs.
-
-    Returns:
-        The loop state (step, best metric and step, ...) and the best state (``None`` when none was saved).
-    """
-    ck = out / "checkpoint"
-    saved = load_file(str(ck / "method.safetensors"))
-    current = method.state_dict()
-    problems = [f"{k}: checkpoint {tuple(saved[k].shape) if k in saved else 'missing'}, "
-                f"now {tuple(current[k].shape) if k in current else 'missing'}"
-                for k in sorted(set(saved) | set(current))
-                if k not in saved or k not in current or saved[k].shape != current[k].shape]
-    if problems:
-        raise ConfigError(f"--resume: {ck} was written for other prompt settings ({'; '.join(problems)}); "
-                          "use the original --method/--num-virtual-tokens or another --output-dir")
-    method.load_state_dict(saved)
-    # our own file, written by _save_checkpoint; weights_only keeps it to tensors and plain containers. Read
-    # onto the CPU: a run checkpointed on a GPU resumes on a machine without one (the optimizer moves its
-    # state to its parameters' device; the guard's copies are loaded into the method in place)
-    blob = torch.load(ck / "optimizer.pt", weights_only=True, map_location="cpu")
-    opt.load_state_dict(blob["optimizer"])
-    sched.load_state_dict(blob["scheduler"])
-    torch.set_rng_state(blob["torch_rng"])
-    cuda_rng = blob.get("cuda_rng") or []  # absent in checkpoints written before it was saved
-    if cuda_rng and torch.cuda.is_available():
-        if len(cuda_rng) != torch.cuda.device_count():
-            log.warning("--resume: %s saved %d CUDA RNG states, this process sees %d devices; GPU dropout "
-                        "will not repeat the interrupted run's masks", ck, len(cuda_rng), torch.cuda.device_count())
-        else:
-            torch.cuda.set_rng_state_all(cuda_rng)
-    state = json.loads((ck / "state.json").read_text())
-    guard.load_state(state.pop("guard", None), blob.get("guard_snapshots"))
-    best = ck / "best.safetensors"
-    return state, (load_file(str(best)) if best.exists() else None)
-
-
 def train(model, tokenizer, method: PromptMethod, task: TaskData, args: TrainArgs,
           save_best: Callable[[PromptMethod, dict], None] | None = None,
           eval_batch_size: int = 32, max_length: int = 256,
@@ -300,10 +242,10 @@ def train(model, tokenizer, method: PromptMethod, task: TaskData, args: TrainArg
     start = 0
     metrics_path = out / "metrics.jsonl"
     if args.resume and (out / "checkpoint" / "state.json").exists():
-        state, best_state = _load_checkpoint(out, method, opt, sched, guard)
+        state, best_state = load_checkpoint(out, method, opt, sched, guard, resume_settings(args))
         start = state.pop("step")
         if main:
-            _truncate_log(metrics_path, start)
+            truncate_log(metrics_path, start)
         log.info("resumed from %s at step %d", out / "checkpoint", start)
     elif metrics_path.exists() and main:
         metrics_path.unlink()
@@ -392,7 +334,7 @@ def train(model, tokenizer, method: PromptMethod, task: TaskData, args: TrainArg
             bar.set_postfix(loss=f"{loss_sum:.3f}", **({f"val_{metric_name}": f"{row[f'val_{metric_name}']:.3f}"}
                                                          if f"val_{metric_name}" in row else {}))
             if main and ((step + 1) % args.checkpoint_every == 0 or step + 1 == total or stopped or diverged):
-                _save_checkpoint(out, step + 1, method, opt, sched, state, guard, best_state)
+                save_checkpoint(out, step + 1, method, opt, sched, state, guard, best_state, resume_settings(args))
             if on_step:
                 on_step(step + 1)
             if diverged:
@@ -421,13 +363,3 @@ def _per_token_grad_norm(method: PromptMethod) -> list[float] | None:
     if emb is None or emb.grad is None:
         return None
     return [round(float(x), 6) for x in emb.grad.norm(dim=-1)]
-
-
-def _truncate_log(path: Path, step: int) -> None:
-    """Drop log lines written after the checkpoint we resume from, so the log has no duplicates."""
-    if not path.exists():
-        return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(ln + "\n" for ln in keep))
-    os.replace(tmp, path)

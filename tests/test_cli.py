@@ -10,6 +10,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -254,7 +255,7 @@ def test_resume(env, tmp_path, monkeypatch):
     assert (full / "metrics.jsonl").read_text() == log
 
     # 3. a run killed right after its step-4 checkpoint, then resumed, ends where the uninterrupted run did
-    real_save = train_mod._save_checkpoint
+    real_save = train_mod.save_checkpoint
 
     def save_then_die(out, step, *args, **kwargs):
         real_save(out, step, *args, **kwargs)
@@ -262,10 +263,10 @@ def test_resume(env, tmp_path, monkeypatch):
             raise KeyboardInterrupt
 
     cut = tmp_path / "cut"
-    monkeypatch.setattr(train_mod, "_save_checkpoint", save_then_die)
+    monkeypatch.setattr(train_mod, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         run(_resume_args(env, cut))
-    monkeypatch.setattr(train_mod, "_save_checkpoint", real_save)
+    monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
     assert json.loads((cut / "checkpoint" / "state.json").read_text())["step"] == 4
     assert not (cut / "last").exists()
     rc, _, stderr = run(_resume_args(env, cut, "--resume"))
@@ -300,8 +301,28 @@ def test_resume_with_incompatible_checkpoint_is_usage_error(env, tmp_path):
             "--target-field", "label", "--init", "random", "--batch-size", "4", "--max-steps", "1",
             "--output-dir", tmp_path / "o"]
     assert run([*args, "--num-virtual-tokens", "4"])[0] == 0
-    _assert_usage_error([*args, "--num-virtual-tokens", "5", "--max-steps", "2", "--resume"], "--resume",
-                        str(tmp_path / "o" / "checkpoint"))
+    ck, config = tmp_path / "o" / "checkpoint", (tmp_path / "o" / "config.yaml").read_text()
+    _assert_usage_error([*args, "--num-virtual-tokens", "5", "--max-steps", "2", "--resume"], "--resume", str(ck))
+    # the optimizer state and lr schedule come from the checkpoint: another optimizer (a TypeError at its first
+    # step) or another lr (silently ignored) is refused, naming both values
+    resume = [*args, "--num-virtual-tokens", "4", "--max-steps", "2", "--resume"]
+    _assert_usage_error([*resume, "--optimizer", "adamw"], "--optimizer 'adafactor' there, 'adamw' now")
+    _assert_usage_error([*resume, "--lr", "0.5", "--weight-decay", "0.1"], "--lr 0.3 there, 0.5 now",
+                        "--weight-decay 1e-05 there, 0.1 now")
+    # a damaged file of the checkpoint is named, not a traceback
+    shutil.copytree(ck, tmp_path / "saved")
+    for name, data in (("state.json", b"{"), ("method.safetensors", b"\x00" * 10), ("optimizer.pt", b"junk")):
+        (ck / name).write_bytes(data)
+        _assert_usage_error(resume, f"--resume: {ck / name} cannot be read", "the checkpoint is damaged")
+        shutil.copy(tmp_path / "saved" / name, ck / name)
+    assert (tmp_path / "o" / "config.yaml").read_text() == config  # no refused resume rewrote the run's settings
+    # a metrics line cut short by a kill is dropped with a warning, and the resume goes on
+    with open(tmp_path / "o" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 9, "lo')
+    rc, _, stderr = run(resume)
+    assert rc == 0, stderr
+    assert "dropped 1 unreadable line(s)" in stderr
+    assert [json.loads(ln)["step"] for ln in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()] == [1, 2]
 
 
 def test_subprocess_exit_code(env, tmp_path):

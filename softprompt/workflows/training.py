@@ -74,7 +74,11 @@ def train_and_save(args: dict, store: str | None = None, store_task: str | None 
         args["prompt"].init_text = default_init_text(args["data"].dataset, task.format)
     out = Path(args["train"].output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(to_yaml(args))
+    # a resume rewrites config.yaml once its run is over: a refused one (other settings, a damaged
+    # checkpoint) leaves the interrupted run's own settings there
+    resuming = args["train"].resume and (out / "checkpoint" / "state.json").exists()
+    if not resuming:
+        (out / "config.yaml").write_text(to_yaml(args))
     fmt = task.format
     print(f"task: {args['data'].dataset or args['data'].train_file}  "
           + "  ".join(f"{k}={len(v)}" for k, v in task.splits.items())
@@ -108,6 +112,8 @@ def train_and_save(args: dict, store: str | None = None, store_task: str | None 
                    eval_batch_size=args["eval"].eval_batch_size, max_length=args["data"].max_length)
     if distributed()[0] != 0:  # data-parallel run: the first process evaluates and saves
         return None
+    if resuming:
+        (out / "config.yaml").write_text(to_yaml(args))
     print(f"trained {result.steps} steps in {result.seconds:.0f}s"
           + (f"; best validation {result.best_metric:.4f} at step {result.best_step}"
              if result.best_metric is not None else ""))
