@@ -94,6 +94,10 @@ MALFORMED = [
     ("labels other set", set_in("task", "labels", ["yes", "no"]), "task.labels"),
     ("labels string", set_in("task", "labels", "positive"), "task.labels"),
     ("dataset int", set_in("task", "dataset", 7), "task.dataset"),
+    ("train_config string", set_in(None, "train_config", "x"), "'train_config' must be an object or null, got str"),
+    ("train_config.data list", set_in("train_config", "data", ["a.jsonl"]),
+     "'train_config.data' must be an object or null, got list"),
+    ("metrics list", set_in(None, "metrics", [0.5]), "'metrics' must be an object or null, got list"),
 ]
 MALFORMED_IDS = [m[0] for m in MALFORMED]
 

@@ -268,9 +268,12 @@ def _method_from_meta(meta: Any, peft_type: str, path: Path) -> tuple[str, dict]
                         f"(method {method_for_peft_type(peft_type).name!r})")
     if not isinstance(config, dict):
         problems.append(f"'method_config' must be an object, got {config!r}")
-    for key in ("fingerprint", "task"):
+    for key in ("fingerprint", "task", "train_config", "metrics"):
         if meta.get(key) is not None and not isinstance(meta[key], dict):
             problems.append(f"{key!r} must be an object or null, got {type(meta[key]).__name__}")
+    data = meta["train_config"].get("data") if isinstance(meta.get("train_config"), dict) else None
+    if data is not None and not isinstance(data, dict):  # eval --store reads the data files it trained on here
+        problems.append(f"'train_config.data' must be an object or null, got {type(data).__name__}")
     if "bos" in meta and not isinstance(meta["bos"], bool):
         problems.append(f"'bos' must be true or false, got {meta['bos']!r}")
     if problems:

@@ -110,5 +110,5 @@ def _plan(engine, prompt_store, name: str, data, check_fingerprint: bool) -> tup
     lm = record is not None and record.extra.get("objective") == "lm"  # its corpus record names its data
     if not lm and task_args.dataset is None and not task_args.uses_files() and not (record and record.dataset):
         for key in ("train_file", "validation_file", "test_file"):  # trained on files: use them again
-            setattr(task_args, key, recorded.get(key))
+            setattr(task_args, key, recorded.get(key) if isinstance(recorded.get(key), str) else None)
     return name, load_task_from_args(task_args, record), task_args
