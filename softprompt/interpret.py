@@ -218,7 +218,7 @@ def inspect_report(prompts: Mapping[str, torch.Tensor], embedding_matrix: torch.
         embedding_matrix: the model's input embeddings as it consumes them (the embedding module's output
             for every token id), shape ``(V, H)``.
         tokenizer: the model's tokenizer.
-        k: nearest tokens per virtual token.
+        k: nearest tokens per virtual token (at most the vocabulary size; a larger ``k`` is lowered, noted).
         model_name: recorded as ``model``.
         details: name -> extra fields for that prompt's entry (e.g. ``path``, ``method``).
         notes: lines for the reader (e.g. ensembles that were not inspected).
@@ -229,10 +229,14 @@ def inspect_report(prompts: Mapping[str, torch.Tensor], embedding_matrix: torch.
         token ``index``, ``norm`` and ``nearest`` ``[{token, text, id, cosine}]``), ``similarity``
         (``names``, ``mean_pooled_cosine``, ``soft_alignment``; ``None`` for a single prompt), ``notes``.
     """
-    entries, vocab = [], None
+    entries, vocab, notes = [], None, list(notes or [])
+    size = min(int(embedding_matrix.shape[0]), len(tokenizer))
+    if k > size:  # a table of k columns would be sized by the flag, not by the tokens there are
+        notes.append(f"--top-k {k} is more than the {size} vocabulary tokens: all {size} are shown")
+        k = size
     for name, emb in prompts.items():
         norms = prompt_norms(emb, embedding_matrix)
-        vocab = {"size": min(int(embedding_matrix.shape[0]), len(tokenizer)),
+        vocab = {"size": size,
                  "mean_norm": _round(norms["vocab_mean"]), "median_norm": _round(norms["vocab_median"])}
         tokens = []
         for i, near in enumerate(nearest_tokens(emb, embedding_matrix, tokenizer, k)):
@@ -249,7 +253,7 @@ def inspect_report(prompts: Mapping[str, torch.Tensor], embedding_matrix: torch.
                       "mean_pooled_cosine": [[_round(v) for v in row] for row in sim.pooled.tolist()],
                       "soft_alignment": [[_round(v) for v in row] for row in sim.aligned.tolist()]}
     return {"model": model_name, "top_k": k, "vocab": vocab, "prompts": entries, "similarity": similarity,
-            "notes": list(notes or [])}
+            "notes": notes}
 
 
 def _table(rows: list[list[str]], right: Container[int] = (), indent: str = "  ") -> list[str]:

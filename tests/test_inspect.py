@@ -171,6 +171,17 @@ def test_token_space_embeddings_accepts_only_hidden_width():
 # ----- report --------------------------------------------------------------------------------------------
 
 
+def test_a_top_k_beyond_the_vocabulary_is_lowered_to_it(model, tokenizer):
+    # the text table was sized by --top-k: 10**9 columns (memory exhaustion) for a 32-token vocabulary
+    report = inspect_report({"p": rows_of(model, ["good", "bad"])}, table(model), tokenizer, k=10**9)
+    tokens = report["prompts"][0]["tokens"]
+    assert report["top_k"] == len(WORDS) and all(len(t["nearest"]) == len(WORDS) for t in tokens)
+    assert report["notes"] == [f"--top-k 1000000000 is more than the {len(WORDS)} vocabulary tokens: all "
+                               f"{len(WORDS)} are shown"]
+    header = next(line for line in format_inspect(report).splitlines() if line.split()[:2] == ["#", "NORM"])
+    assert len(header.split()) == 2 + 2 * len(WORDS)
+
+
 def test_report_is_json_and_text_is_aligned(model, tokenizer):
     prompts = {"sentiment": rows_of(model, ["good", "bad"]), "capital": rows_of(model, ["Paris", "Madrid", "Rome"])}
     report = inspect_report(prompts, table(model), tokenizer, k=2, model_name="tiny",
