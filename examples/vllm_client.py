@@ -34,7 +34,7 @@ def main() -> None:
     template = (stored.task or {}).get("template")
     fields = template_fields(template) if template else []
     text = template.format(**{fields[0]: args.input}) if len(fields) == 1 else args.input
-    embeds = prompt_embeds(model, tok, stored.build_method(), text)
+    embeds = prompt_embeds(model, tok, stored.build_method(), text, bos=stored.bos)  # the layout it was trained with
     client = OpenAI(base_url=args.server, api_key="EMPTY")
     out = client.completions.create(model=args.served_model, prompt="", max_tokens=args.max_tokens, temperature=0,
                                     extra_body={"prompt_embeds": encode(embeds)})
