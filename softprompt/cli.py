@@ -120,10 +120,12 @@ def cmd_eval(ns: argparse.Namespace) -> int:
     split, check = args["eval"].split, not ns.no_fingerprint_check
     if ns.store:
         tasks = [t.strip() for t in ns.task.split(",") if t.strip()] if ns.task is not None else None
-        report = evaluate_store(args, ns.store, tasks, check_fingerprint=check)
+        report = evaluate_store(args, ns.store, tasks, check_fingerprint=check,
+                                data_seed_given=given(ns, "data", "data_seed"))
         print(f"{split} split, store {ns.store}:")
     else:
-        report, n = evaluate_stored_prompt(args, ns.prompt, check_fingerprint=check)
+        report, n = evaluate_stored_prompt(args, ns.prompt, check_fingerprint=check,
+                                           data_seed_given=given(ns, "data", "data_seed"))
         print(f"{split} split ({n} examples), prompt {ns.prompt}:")
     print(format_report(report))
     if ns.report:

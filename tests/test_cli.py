@@ -395,6 +395,31 @@ def test_store_evaluation_checks_every_entry_first_and_ensembles_need_labels(env
     assert "evaluated gen_a" not in stderr
 
 
+def test_eval_uses_the_data_seed_the_prompt_was_trained_with(env, tmp_path):
+    """A built-in dataset's splits depend on --data-seed: eval with the default seed scored a prompt trained
+    with another one on examples that were mostly its training examples."""
+    out, report = tmp_path / "caps", tmp_path / "r.json"
+    common = ["--model", env["model"], "--baselines", "no_prompt", "--max-new-tokens", "2"]
+    rc, _, stderr = run(["train", *common, "--dataset", "capitals", "--data-seed", "7", "--max-steps", "1",
+                         "--batch-size", "4", "--num-virtual-tokens", "2", "--output-dir", out])
+    assert rc == 0, stderr
+    own = json.loads((out / "eval.json").read_text())
+    for store in (False, True):  # eval --prompt, and eval --store of the same prompt
+        if store:
+            assert run(["store", "add", "--store", tmp_path / "s", "caps", out / "prompt"])[0] == 0
+        where = ["--store", tmp_path / "s"] if store else ["--prompt", out / "prompt"]
+        rc, _, stderr = run(["eval", *common, *where, "--report", report])
+        assert rc == 0, stderr
+        got = json.loads(report.read_text())
+        got = got["caps"] if store else got["tuned soft prompt"]
+        assert got["loss"] == pytest.approx(own["tuned soft prompt"]["loss"], rel=1e-5), store
+    # a given --data-seed still wins: the default seed's test split is another one
+    rc, _, stderr = run(["eval", *common, "--prompt", out / "prompt", "--data-seed", "13", "--report", report])
+    assert rc == 0, stderr
+    assert json.loads(report.read_text())["tuned soft prompt"]["loss"] != pytest.approx(
+        own["tuned soft prompt"]["loss"], rel=1e-5)
+
+
 def _generate_store(env, store, task, *extra):
     rc, stdout, stderr = run(["generate", "--model", env["model"], "--store", store, "--task", task, *extra])
     return rc, [json.loads(line) for line in stdout.splitlines() if line.strip()], stderr

@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from softprompt.config import ConfigError
+from softprompt.config import ConfigError, check_seed
 from softprompt.data import DataError, is_chat
 from softprompt.engine import Engine, EngineError
 from softprompt.evaluate import evaluate_on_engine, evaluate_prompt
@@ -21,16 +21,32 @@ from softprompt.workflows.loading import load_model_from_args, load_task_from_ar
 log = logging.getLogger("softprompt")
 
 
-def evaluate_stored_prompt(args: dict, prompt: str, check_fingerprint: bool = True) -> tuple[dict, int]:
+def recorded_data_seed(meta: dict, data, seed_given: bool, name: str) -> None:
+    """Evaluate on the splits the prompt was trained with: unless ``--data-seed`` was given, ``data.data_seed``
+    becomes the one recorded in ``meta["train_config"]["data"]`` (a built-in dataset's splits depend on it:
+    with another seed most test examples would have been training examples)."""
+    recorded = ((meta.get("train_config") or {}).get("data") or {}).get("data_seed")
+    if seed_given or not isinstance(recorded, int) or isinstance(recorded, bool) or check_seed("", recorded):
+        return
+    if recorded != data.data_seed:
+        log.info("%s: --data-seed %d, the seed it was trained with (the built-in splits depend on it; give "
+                 "--data-seed to override)", name, recorded)
+    data.data_seed = recorded
+
+
+def evaluate_stored_prompt(args: dict, prompt: str, check_fingerprint: bool = True,
+                           data_seed_given: bool = False) -> tuple[dict, int]:
     """Evaluate a stored prompt and the baselines on the ``eval.split`` split of its task.
 
-    Unset data flags fall back to the task recorded with the prompt; the hard-prompt baseline uses the
-    prompt's init text when it was initialised from text.
+    Unset data flags fall back to the task recorded with the prompt (the data seed too: see
+    :func:`recorded_data_seed`); the hard-prompt baseline uses the prompt's init text when it was initialised
+    from text.
 
     Args:
         args: resolved ``model``, ``data`` and ``eval`` sections.
         prompt: the stored prompt folder (ours or PEFT's).
         check_fingerprint: refuse a prompt saved for another base model.
+        data_seed_given: ``--data-seed`` was set (flag or config): it overrides the recorded one.
 
     Returns:
         The report (metrics per condition) and the number of examples evaluated.
@@ -38,6 +54,7 @@ def evaluate_stored_prompt(args: dict, prompt: str, check_fingerprint: bool = Tr
     stored = load_prompt(prompt)
     model, tok = load_model_from_args(args, stored)
     check_model_compatible(stored, model, check_fingerprint=check_fingerprint)
+    recorded_data_seed(stored.meta, args["data"], data_seed_given, prompt)
     task = load_task_from_args(args["data"], stored.task_record,
                                classifier=stored.peft_config.get("task_type") == "SEQ_CLS")
     method = stored.build_method().to(model.device).eval()
@@ -49,7 +66,8 @@ def evaluate_stored_prompt(args: dict, prompt: str, check_fingerprint: bool = Tr
     return evaluate_with_baselines(model, tok, task, {**args}, init_text, examples, kv, stored.bos), len(examples)
 
 
-def evaluate_store(args: dict, store: str, tasks: list[str] | None = None, check_fingerprint: bool = True) -> dict:
+def evaluate_store(args: dict, store: str, tasks: list[str] | None = None, check_fingerprint: bool = True,
+                   data_seed_given: bool = False) -> dict:
     """Evaluate each named store task (default: all) on its own recorded dataset, through one engine.
 
     Every entry is loaded and its data read before the first one is evaluated, so a missing entry or
@@ -63,6 +81,7 @@ def evaluate_store(args: dict, store: str, tasks: list[str] | None = None, check
         store: the store folder.
         tasks: entry names (prompts or ensembles); ``None``: every entry.
         check_fingerprint: refuse entries saved for another base model.
+        data_seed_given: ``--data-seed`` was set: it applies to every entry (else each its recorded one).
 
     Returns:
         Metrics per task name.
@@ -79,7 +98,7 @@ def evaluate_store(args: dict, store: str, tasks: list[str] | None = None, check
     plans, problems = [], []
     for name in names:
         try:
-            plans.append(_plan(engine, prompt_store, name, data, check_fingerprint))
+            plans.append(_plan(engine, prompt_store, name, data, check_fingerprint, data_seed_given))
         except (StoreError, DataError, ConfigError, EngineError) as e:
             problems.append(f"{name}: {e}")
     if problems:
@@ -100,11 +119,12 @@ def evaluate_store(args: dict, store: str, tasks: list[str] | None = None, check
     return report
 
 
-def _plan(engine, prompt_store, name: str, data, check_fingerprint: bool) -> tuple:
+def _plan(engine, prompt_store, name: str, data, check_fingerprint: bool, data_seed_given: bool) -> tuple:
     """Load entry ``name`` into ``engine`` and read its task's data: ``(name, task, data flags used)``."""
     t = engine.load_from_store(prompt_store, name, check_fingerprint)
     meta = t.meta or {}  # an ensemble's: its first member's (the members share their labels)
     task_args = dataclasses.replace(data)
+    recorded_data_seed(meta, task_args, data_seed_given, name)
     recorded = (meta.get("train_config") or {}).get("data") or {}
     record = TaskRecord.parse(meta.get("task"), name)  # validated when the entry was loaded
     lm = record is not None and record.extra.get("objective") == "lm"  # its corpus record names its data
