@@ -92,6 +92,11 @@ def test_yaml_errors_name_file_and_key(tmp_path):
         load_yaml(path)
     path.write_bytes("\ufefftrain:\n  lr: 0.2\n".encode())  # a byte order mark is not part of the YAML
     assert load_yaml(path) == {"train": {"lr": 0.2}}
+    for text, why in (("train:\n  max_steps: " + "1" * 5000 + "\n", "Exceeds the limit (4300 digits)"),
+                      ("[" * 100000, "nested too deeply")):
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=re.escape(f"--config {path}: unreadable YAML ({why}")):
+            load_yaml(path)
 
 
 def test_build_args_type_checks_and_converts():

@@ -75,6 +75,23 @@ def test_only_newlines_end_a_record_not_unicode_line_separators(tmp_path, sep):
     assert load_records(t) == [{"text": f"a{sep}b", "label": "pos"}]
 
 
+def test_json_that_parses_but_cannot_become_a_value_is_a_data_error(tmp_path):
+    from softprompt.data.chat import read_conversations
+
+    huge = "1" * 5000  # json.loads: a plain ValueError (over 4300 digits), not a JSONDecodeError
+    f = write(tmp_path / "d.jsonl", '{"text": "a", "label": "pos"}\n{"text": "b", "n": ' + huge + "}\n")
+    with pytest.raises(DataError, match=r"^d\.jsonl line 2: unreadable JSON \(Exceeds the limit \(4300 digits\)"):
+        load_records(f)
+    a = write(tmp_path / "d.json", "[" * 100000)  # RecursionError
+    with pytest.raises(DataError, match=r"^d\.json: unreadable JSON \(nested too deeply\)"):
+        load_records(a)
+    with pytest.raises(DataError, match=r"--messages: unreadable JSON \(nested too deeply\)"):
+        read_conversations("[" * 100000)
+    c = write(tmp_path / "chat.json", '[{"role": "user", "content": "x", "n": ' + huge + "}]")
+    with pytest.raises(DataError, match=r"chat\.json: unreadable JSON \(Exceeds the limit"):
+        read_conversations(str(c))
+
+
 def test_a_byte_order_mark_is_not_part_of_the_first_text(tmp_path):
     from softprompt.data.chat import read_conversations
     from softprompt.data.corpus import read_documents

@@ -360,6 +360,21 @@ def test_prompt_overflowing_the_model_dtype_is_refused(tmp_path, model, tokenize
         check_model_compatible(load_prompt(out), half)
 
 
+@pytest.mark.parametrize(("name", "text", "why"), [
+    (CONFIG_NAME, '{"num_virtual_tokens": ' + "1" * 5000 + "}", "Exceeds the limit (4300 digits)"),
+    (META_NAME, "[" * 100000, "nested too deeply"),
+], ids=["5000-digit int", "deep nesting"])
+def test_json_that_cannot_become_a_value_makes_the_entry_broken_not_the_store(store, model, tokenizer, name, text,
+                                                                                why):
+    # under the size limit, yet json.loads raises a plain ValueError / RecursionError, not a JSONDecodeError
+    (store.path("bad") / name).write_text(text)
+    expected = re.escape(f"{store.path('bad') / name}: unreadable JSON ({why}")
+    with pytest.raises(StoreError, match=expected):
+        store.load("bad")
+    assert {e.name: e.kind for e in store.list()} == {"bad": "broken", "good": "prompt"}
+    assert Engine.from_store(store, model, tokenizer, skip_broken=True).task_names() == ["good"]
+
+
 # ----- item 12: symlinked files inside prompt folders ---------------------------------------------------
 
 

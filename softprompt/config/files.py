@@ -35,6 +35,9 @@ def load_yaml(path: str | Path) -> dict[str, dict[str, Any]]:
         raise ConfigError(f"--config {path}: cannot read it as UTF-8 text ({e})") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"--config {path}: not valid YAML ({e})") from e
+    except (ValueError, RecursionError) as e:  # an integer of more than 4300 digits, deep nesting
+        why = "nested too deeply" if isinstance(e, RecursionError) else str(e).split(";")[0]
+        raise ConfigError(f"--config {path}: unreadable YAML ({why})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"--config {path}: top level must be a mapping of sections {sorted(SECTIONS)}")
     problems = []

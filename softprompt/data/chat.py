@@ -268,7 +268,7 @@ def read_conversations(spec: str) -> list[list]:
     import json
     from pathlib import Path
 
-    from softprompt.data.formats import load_records_with_lines
+    from softprompt.data.formats import json_value_problem, load_records_with_lines
 
     def one(value, where: str) -> list:
         if isinstance(value, dict):
@@ -283,6 +283,8 @@ def read_conversations(spec: str) -> list[list]:
             value = json.loads(spec)
         except json.JSONDecodeError as e:
             raise DataError(f"--messages: invalid JSON ({e.msg} at column {e.colno})") from None
+        except (ValueError, RecursionError) as e:
+            raise DataError(f"--messages: unreadable JSON ({json_value_problem(e)})") from None
     else:
         path = Path(spec)
         if path.suffix.lower() == ".jsonl":
@@ -294,6 +296,8 @@ def read_conversations(spec: str) -> list[list]:
             raise DataError(f"--messages {spec}: cannot read ({e})") from None
         except json.JSONDecodeError as e:
             raise DataError(f"{path.name} line {e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+        except (ValueError, RecursionError) as e:
+            raise DataError(f"{path.name}: unreadable JSON ({json_value_problem(e)})") from None
     if isinstance(value, list) and value and all(isinstance(v, dict) and MESSAGES_FIELD in v for v in value):
         return [one(v, f"--messages item {i}") for i, v in enumerate(value, start=1)]
     return [one(value, "--messages")]

@@ -74,6 +74,14 @@ def load_records_with_lines(path: str | Path) -> tuple[list[dict], list[int]]:
     return records, lines
 
 
+def json_value_problem(e: Exception) -> str:
+    """What is wrong with JSON that parses but cannot become a value: ``json.loads`` raises a plain
+    ``ValueError`` for an integer of more than 4300 digits and ``RecursionError`` for deep nesting."""
+    if isinstance(e, RecursionError):
+        return "nested too deeply"
+    return str(e).split(";")[0]  # "Exceeds the limit (4300 digits) for integer string conversion"
+
+
 def _parse_json_lines(text: str, name: str) -> tuple[list[dict], list[int]]:
     records: list[dict] = []
     lines: list[int] = []
@@ -84,6 +92,8 @@ def _parse_json_lines(text: str, name: str) -> tuple[list[dict], list[int]]:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{name} line {lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+        except (ValueError, RecursionError) as e:
+            raise DataError(f"{name} line {lineno}: unreadable JSON ({json_value_problem(e)})") from None
         if not isinstance(obj, dict):
             raise DataError(f"{name} line {lineno}: expected a JSON object, got {type(obj).__name__}")
         records.append(obj)
@@ -96,6 +106,8 @@ def _parse_json_array(text: str, name: str) -> tuple[list[dict], list[int]]:
         items = json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(f"{name} line {e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+    except (ValueError, RecursionError) as e:
+        raise DataError(f"{name}: unreadable JSON ({json_value_problem(e)})") from None
     if not isinstance(items, list):
         raise DataError(f"{name}: expected a JSON array of objects, got {type(items).__name__}")
     for i, obj in enumerate(items, start=1):

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from softprompt.data.formats import json_value_problem
 from softprompt.store.errors import StoreError
 from softprompt.store.swap import settle
 
@@ -99,6 +100,8 @@ def parse_json(data: bytes, path: Path) -> Any:
         return json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise StoreError(f"{path}: not valid JSON ({e})") from e
+    except (ValueError, RecursionError) as e:  # a 5000-digit integer, "[" * 100000
+        raise StoreError(f"{path}: unreadable JSON ({json_value_problem(e)})") from None
 
 
 def read_json(path: Path) -> Any:
