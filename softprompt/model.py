@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from softprompt.assets import WHEELS, cache_dir, extract_member, sha256_file
+from softprompt.assets import WHEELS, AssetError, cache_dir, extract_member, sha256_file
 from softprompt.forward import FAMILIES, TASK_TYPES, FamilyError, family_for_config
 
 log = logging.getLogger(__name__)
@@ -90,15 +90,35 @@ def load_model_config(name_or_path: str | os.PathLike = DEFAULT_MODEL):
                 raise ModelLoadError(f"--model {name_or_path}: no such GGUF file")
             return AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
         return AutoConfig.from_pretrained(name_or_path)
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"--model {name_or_path}: could not read its config ({e})") from e
+    except (ModelLoadError, AssetError):
+        raise
+    except Exception as e:  # noqa: BLE001 - a damaged file raises what its reader raises (struct.error, KeyError)
+        raise ModelLoadError(f"--model {name_or_path}: could not read its config ({type(e).__name__}: {e})") from e
 
 
 def resolve_device(device: str) -> torch.device:
-    """``auto`` -> cuda when available else cpu; anything else is passed to ``torch.device``."""
+    """``auto`` -> cuda when available else cpu; anything else is passed to ``torch.device``.
+
+    Raises:
+        ModelLoadError: the device is not available on this machine (checked before any weight is read).
+    """
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ModelLoadError(f"--device {device!r}: {e}") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not count:
+            why = "this torch build has no CUDA support" if torch.version.cuda is None else "no CUDA device is visible"
+            raise ModelLoadError(f"--device {device}: {why}; use --device cpu (or auto)")
+        if dev.index is not None and dev.index >= count:
+            raise ModelLoadError(f"--device {device}: this machine has {count} CUDA device(s), cuda:0 to "
+                                 f"cuda:{count - 1}")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ModelLoadError(f"--device {device}: MPS (Apple GPUs) is not available here; use --device cpu (or auto)")
+    return dev
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -221,11 +241,11 @@ def load_base_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, device: str
             family = family_for_config(AutoConfig.from_pretrained(name_or_path), task_type)
             model = family.from_pretrained(name_or_path, dt, num_labels)  # the family's AutoModel* class
             tok = AutoTokenizer.from_pretrained(name_or_path)
-    except ModelLoadError:
+    except (ModelLoadError, AssetError):
         raise
     except FamilyError as e:
         raise ModelLoadError(str(e)) from None
-    except (OSError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - a damaged file raises what its reader raises (SafetensorError, struct.error)
         raise ModelLoadError(
             f"--model {name_or_path}: could not load ({e}). Use an embedded alias ({', '.join(ALIASES)}), "
             "a .gguf file, a local model folder, or a hub id reachable from this machine."

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
@@ -10,6 +11,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from softprompt import forward
+from softprompt.config import ConfigError, ModelArgs
 from softprompt.model import (
     ModelLoadError,
     fingerprint,
@@ -99,6 +101,44 @@ def test_bad_path_names_flag_and_path(tmp_path, kind):
     msg = str(exc.value)
     assert msg.startswith(f"--model {path}: could not load")
     assert "smollm2-135m-instruct" in msg  # points at what would work
+
+
+def test_damaged_weights_and_gguf_files_are_a_model_load_error(tmp_path, tiny_model_dir):
+    import shutil
+    import struct
+
+    from softprompt.model import load_model_config
+
+    folder = tmp_path / "cut"
+    shutil.copytree(tiny_model_dir, folder)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a download cut short
+    with pytest.raises(ModelLoadError, match=rf"^--model {re.escape(str(folder))}: could not load \(\w*Error"):
+        load_base_model(str(folder), device="cpu")
+    gguf = tmp_path / "cut.gguf"  # header of a GGUF v3 file announcing 5 metadata entries, then nothing
+    gguf.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 5) + b"\x01")
+    for load in (lambda: load_model_config(str(gguf)), lambda: load_base_model(str(gguf), device="cpu")):
+        with pytest.raises(ModelLoadError, match=rf"^--model {re.escape(str(gguf))}: could not"):
+            load()
+
+
+def test_an_unavailable_device_is_refused_before_any_weight_is_read(monkeypatch):
+    import softprompt.model as model_mod
+
+    monkeypatch.setattr(model_mod.torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ModelLoadError, match="--device cuda: .*use --device cpu"):
+        model_mod.resolve_device("cuda")
+    monkeypatch.setattr(model_mod.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(model_mod.torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ModelLoadError, match=re.escape("--device cuda:7: this machine has 1 CUDA device(s), "
+                                                       "cuda:0 to cuda:0")):
+        model_mod.resolve_device("cuda:7")
+    assert model_mod.resolve_device("cuda:0") == torch.device("cuda:0")
+    monkeypatch.setattr(model_mod.torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(ModelLoadError, match="--device mps: MPS"):
+        model_mod.resolve_device("mps")
+    with pytest.raises(ConfigError, match="--device must be auto, cpu, cuda, cuda:N or mps, got 'cudax'"):
+        ModelArgs(device="cudax")
 
 
 def test_missing_gguf():

@@ -7,6 +7,7 @@ each naming its flag.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,7 @@ class ModelArgs:
             problems.append(f"--task-type must be one of {', '.join(TASK_TYPES)}, got {self.task_type!r}")
         if self.dtype not in ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"):
             problems.append(f"--dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
-        if not (self.device in ("auto", "cpu", "mps") or self.device.startswith("cuda")):
+        if not (self.device in ("auto", "cpu", "mps") or re.fullmatch(r"cuda(:\d+)?", self.device)):
             problems.append(f"--device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
         raise_problems(problems)
 
