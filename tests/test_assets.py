@@ -127,6 +127,23 @@ def test_verified_wheel_is_cached_once(fake_asset, cache):
     assert files_under(cache) == [f"wheels/{asset.filename}"]
 
 
+def test_a_damaged_cached_wheel_is_downloaded_again(fake_asset, cache):
+    asset, calls = fake_asset
+    (cache / "wheels").mkdir(parents=True)
+    (cache / "wheels" / asset.filename).write_bytes(b"garbage: a download cut short by an older version")
+    assert assets.read_member("fakepkg", "pkg/b.txt") == b"bee"  # was a BadZipFile traceback on every run
+    assert calls == ["fakepkg"] and assets.sha256_file(cache / "wheels" / asset.filename) == asset.sha256
+
+
+def test_an_unwritable_cache_is_an_asset_error_naming_it(tmp_path, monkeypatch, fake_asset):
+    (tmp_path / "afile").write_text("x")
+    monkeypatch.setenv(assets.CACHE_ENV, str(tmp_path / "afile" / "cache"))
+    for call in (cache_dir, lambda: fetch_wheel("fakepkg"), lambda: extract_member("fakepkg", "pkg/b.txt")):
+        with pytest.raises(AssetError, match=rf"the cache {tmp_path / 'afile' / 'cache'} cannot be written "
+                                             rf"\(Not a directory.*set {assets.CACHE_ENV} to a writable folder"):
+            call()
+
+
 def test_extract_member(fake_asset, cache):
     asset, calls = fake_asset
     out = extract_member("fakepkg", "pkg/data/a.json")
@@ -153,7 +170,7 @@ def test_extraction_is_atomic(cache, monkeypatch):
     asset = WheelAsset("fakepkg", "1.0", "fakepkg-1.0-py3-none-any.whl", hashlib.sha256(payload).hexdigest(), "MIT")
     monkeypatch.setitem(WHEELS, "fakepkg", asset)
     fake_pip(monkeypatch, bytes(payload))
-    with pytest.raises(zipfile.BadZipFile):
+    with pytest.raises(AssetError, match=r"pkg/big\.bin cannot be extracted \(Bad CRC-32"):
         extract_member("fakepkg", "pkg/big.bin")
     folder = cache / "assets" / "fakepkg-1.0" / "pkg"
     assert folder.is_dir() and list(folder.iterdir()) == []
