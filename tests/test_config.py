@@ -14,6 +14,7 @@ from softprompt.config import (
     DataArgs,
     EvalArgs,
     PromptArgs,
+    ServeArgs,
     TrainArgs,
     build_args,
     check_folder_to_create,
@@ -101,7 +102,13 @@ def test_yaml_errors_name_file_and_key(tmp_path):
 
 def test_build_args_type_checks_and_converts():
     assert build_args(TrainArgs, {"lr": 1}).lr == 1.0
-    assert build_args(EvalArgs, {"baselines": "no_prompt,k_shot"}).baselines == ["no_prompt", "k_shot"]
+    assert build_args(EvalArgs, {"baselines": "no_prompt, k_shot"}).baselines == ["no_prompt", "k_shot"]
+    # a list flag that names nothing is refused (serve --tasks "," served every task of the store), and a
+    # YAML list holds strings (serve.tasks: [[a]] was an unhashable-type traceback after the model loaded)
+    with pytest.raises(ConfigError, match=r"--tasks: ' , ' names nothing"):
+        build_args(ServeArgs, {"store": "s", "tasks": " , "})
+    with pytest.raises(ConfigError, match=r"c\.yaml: serve\.tasks: expected a list of strings, got \[\['a'\]\]"):
+        build_args(ServeArgs, {"store": "s", "tasks": [["a"]]}, origins=["c.yaml: serve."])
     with pytest.raises(ConfigError, match=r"--batch-size: expected int, got 'big'"):
         build_args(TrainArgs, {"batch_size": "big"})
     with pytest.raises(ConfigError, match=r"--resume: expected bool"):

@@ -96,7 +96,11 @@ def build_args(cls: type, *layers: dict[str, Any], origins: Sequence[str | None]
                 problems.append(f"{name(f.name)}: expected float, got an integer of {len(str(value))} digits "
                                 f"(out of the float range)")
         elif want is list and isinstance(value, str):
-            merged[f.name] = [v for v in value.split(",") if v]
+            merged[f.name] = [v.strip() for v in value.split(",") if v.strip()]
+            if not merged[f.name]:  # "--tasks ," would otherwise mean "not given": every task
+                problems.append(f"{name(f.name)}: {value!r} names nothing; give comma-separated values")
+        elif want is list and isinstance(value, list) and not all(isinstance(v, str) for v in value):
+            problems.append(f"{name(f.name)}: expected a list of strings, got {value!r}")
         elif want is not typing.Any and not isinstance(value, want) or (want is int and isinstance(value, bool)):
             problems.append(f"{name(f.name)}: expected {want.__name__}, got {value!r}")
     typed = {k: v for k, v in merged.items() if not any(p.startswith(f"{name(k)}: expected") for p in problems)}
