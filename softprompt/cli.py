@@ -137,6 +137,8 @@ def cmd_eval(ns: argparse.Namespace) -> int:
 def cmd_generate(ns: argparse.Namespace) -> int:
     """Generate with a stored prompt, a store's task, or the plain base model, for one or more inputs."""
     problems = [] if bool(ns.input) != bool(ns.messages) else ["give --input TEXT (repeatable) or --messages FILE|JSON"]
+    if ns.messages and ns.raw:  # a conversation is always rendered with the chat format
+        problems.append("--raw applies to --input text; --messages is rendered with the chat template")
     args = _resolve(ns, ["model"], problems + generate_flag_problems(ns.max_new_tokens, ns.temperature, ns.top_k,
                                                                      ns.top_p, ns.seed))
     from softprompt.data.chat import conversation_prompt, read_conversations

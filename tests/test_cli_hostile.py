@@ -149,6 +149,9 @@ def test_generate_sampling_flags_checked_together(env, tmp_path):
                               "--temperature must be a finite number", "--top-p must be in (0, 1]",
                               "--top-k must be >= 0", "--max-new-tokens must be >= 1", "--seed must be in")
     assert err.count("softprompt generate: error") == 1
+    # --raw with --messages was silently ignored
+    _assert_usage_error(["generate", "--model", env["model"], "--messages", '[{"role": "user", "content": "hi"}]',
+                         "--raw"], "--raw applies to --input text")
 
 
 def test_compare_refuses_bad_flags_and_too_short_context(tmp_path):
