@@ -144,6 +144,7 @@ def cmd_generate(ns: argparse.Namespace) -> int:
     from softprompt.data.chat import conversation_prompt, read_conversations
     from softprompt.engine import GenerateRequest
     from softprompt.workflows import engine_for, load_model_from_args
+    from softprompt.workflows.generation import input_values
 
     conversations = read_conversations(ns.messages) if ns.messages else []  # bad input fails before the model loads
     model, tok = load_model_from_args(args)
@@ -153,7 +154,7 @@ def cmd_generate(ns: argparse.Namespace) -> int:
         fmt = engine.task(task).formats[0]
         texts, raw, stop = [conversation_prompt(tok, fmt, c) for c in conversations], True, ns.stop or ""
     else:
-        texts, raw, stop = ns.input, ns.raw, "\n" if ns.stop is None else ns.stop
+        texts, raw, stop = input_values(engine, task, ns.input, ns.raw), ns.raw, "\n" if ns.stop is None else ns.stop
     reqs = [GenerateRequest(task, text, raw=raw, max_tokens=ns.max_new_tokens, temperature=ns.temperature,
                             top_k=ns.top_k, top_p=ns.top_p, seed=ns.seed + i if ns.temperature > 0 else None,
                             stop=[stop] if stop else [])
@@ -227,7 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", help="prompt store folder (with --task)")
     p.add_argument("--task", help="task in --store to generate with")
     p.add_argument("--input", action="append",
-                   help="input text, filled into the prompt's template (repeatable)")
+                   help="input text, filled into the prompt's template (repeatable); a template with several "
+                        "fields takes a JSON object, e.g. '{\"country\": \"France\", \"lang\": \"fr\"}'")
     p.add_argument("--messages", help="a chat conversation to continue as the assistant: JSON text or a file (a "
                                       "messages list, {\"messages\": [...]}, or .jsonl with one per line)")
     p.add_argument("--raw", action="store_true", help="use --input as the whole text, without the template")

@@ -153,6 +153,26 @@ def _generate(env, prompt: Path, *extra) -> tuple[int, list[dict], str]:
     return rc, [json.loads(line) for line in stdout.splitlines() if line.strip()], stderr
 
 
+def test_generate_fills_a_template_of_several_fields_from_a_json_input(env, tmp_path):
+    from softprompt.methods import build_method
+    from softprompt.store import save_prompt
+
+    model = make_model("llama")
+    method = build_method("prompt_tuning", {"num_virtual_tokens": 2, "init": "random"}, model, make_tokenizer())
+    task = {"template": "Country : {country} plot : {plot} Capital :", "target_field": "capital", "verbalizer": None}
+    folder = save_prompt(tmp_path / "p", method, model, task=task)
+    rc, rows, stderr = _generate(env, folder, "--input", '{"country": "France", "plot": "good"}',
+                                 "--max-new-tokens", "2")
+    assert rc == 0, stderr
+    assert rows[0]["input"] == "Country : France plot : good Capital :"
+    # plain text cannot fill two fields: the flag is named with an example, before any generation
+    _assert_usage_error(["generate", "--model", env["model"], "--prompt", folder, "--input", "France"],
+                        "task 'prompt''s template has fields ['country', 'plot']: give a JSON object of strings",
+                        '{"country": "...", "plot": "..."}')
+    rc, rows, _ = _generate(env, folder, "--input", "Country : Spain", "--raw", "--max-new-tokens", "1")
+    assert rc == 0 and rows[0]["input"] == "Country : Spain"
+
+
 def test_generate_fills_template_raw_and_seeded_sampling(env, trained):
     prompt = trained[0] / "prompt"
     rc, rows, stderr = _generate(env, prompt, "--input", "good movie", "--input", "bad film", "--max-new-tokens", "4")

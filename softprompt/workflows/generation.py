@@ -39,3 +39,32 @@ def engine_for(model, tokenizer, prompt: str | None = None, store: str | None = 
         return engine, "prompt"
     engine.add_base("base")
     return engine, "base"
+
+
+def input_values(engine: Engine, task: str, texts: list[str], raw: bool) -> list[str | dict]:
+    """``--input`` values as requests take them: a template with several fields is filled from a JSON object
+    (``--input '{"question": "...", "context": "..."}'``); any other input is text.
+
+    Raises:
+        ConfigError: an input for a several-field template that is not a JSON object of strings.
+    """
+    import json
+
+    fmt = engine.task(task).formats[0]
+    fields = list(getattr(fmt, "fields", None) or [])
+    if raw or len(fields) < 2:
+        return list(texts)
+    values, problems = [], []
+    for text in texts:
+        try:
+            value = json.loads(text)
+        except (ValueError, RecursionError):
+            value = None
+        if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+            problems.append(f"--input {text[:60]!r}: task {task!r}'s template has fields {fields}: give a JSON "
+                            f"object of strings, e.g. --input '{json.dumps(dict.fromkeys(fields, '...'))}', "
+                            "or --raw for the whole text")
+        values.append(value)
+    if problems:
+        raise ConfigError("invalid arguments:\n  " + "\n  ".join(problems))
+    return values
