@@ -86,14 +86,18 @@ def k_shot_text(examples: list[Example], fmt: TaskFormat, k: int, seed: int = 0)
 
 
 def macro_f1(expected: list[str], predicted: list[str], labels: list[str]) -> float:
-    """Unweighted mean of per-label F1."""
+    """Unweighted mean of per-label F1 over the labels that occur (expected or predicted).
+
+    A label of the task that neither the data nor the predictions contain has no F1 (0/0): it is left out,
+    as scikit-learn does, instead of counting as 0 (a class missing from a split would cap the score).
+    """
     scores = []
-    for lab in labels:
+    for lab in [lab for lab in labels if lab in expected or lab in predicted]:
         tp = sum(e == lab and p == lab for e, p in zip(expected, predicted, strict=True))
         fp = sum(e != lab and p == lab for e, p in zip(expected, predicted, strict=True))
         fn = sum(e == lab and p != lab for e, p in zip(expected, predicted, strict=True))
         scores.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
-    return sum(scores) / len(scores)
+    return sum(scores) / len(scores) if scores else 0.0
 
 
 def normalize_answer(text: str) -> str:

@@ -27,6 +27,9 @@ FMT2 = TaskFormat("Review: {text}\nSentiment:", "label", {"positive": "very good
 def test_macro_f1_and_answer_metrics():
     assert macro_f1(["a", "a", "b", "b"], ["a", "b", "b", "b"], ["a", "b"]) == pytest.approx((2 / 3 + 0.8) / 2)
     assert macro_f1(["a", "b"], ["a", "a"], ["a", "b"]) == pytest.approx((2 / 3 + 0) / 2)
+    # a label of the task that the split lacks and nothing predicts has no F1: it does not count as 0
+    assert macro_f1(["a", "b"], ["a", "b"], ["a", "b", "c"]) == 1.0
+    assert macro_f1(["a", "b"], ["a", "c"], ["a", "b", "c"]) == pytest.approx((1 + 0 + 0) / 3)  # c predicted
     assert normalize_answer(" The  Paris!") == "paris"
     assert token_f1("New Delhi", "delhi") == pytest.approx(2 / 3)
     assert token_f1("Paris", "Rome") == 0.0
