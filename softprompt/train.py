@@ -183,7 +183,7 @@ def train(model, tokenizer, method: PromptMethod, task: TaskData, args: TrainArg
           save_best: Callable[[PromptMethod, dict], None] | None = None,
           eval_batch_size: int = 32, max_length: int = 256,
           on_step: Callable[[int], None] | None = None,
-          loss_fn: Callable[..., torch.Tensor] | None = None) -> TrainResult:
+          loss_fn: Callable[..., torch.Tensor] | None = None, max_new_tokens: int = 16) -> TrainResult:
     """Train ``method``'s parameters against the frozen ``model``.
 
     Args:
@@ -198,6 +198,8 @@ def train(model, tokenizer, method: PromptMethod, task: TaskData, args: TrainArg
         on_step: called after every optimizer step with the step number (tests use it to simulate a kill).
         loss_fn: ``loss_fn(model, batch, prompt)``, the loss of a micro-batch in place of the family's
             (``family.loss``), e.g. a distillation loss; the batches are the family's encoding of ``task``.
+        max_new_tokens: a generation task's validation decodes this many tokens (``--max-new-tokens``, as the
+            final report does: fewer would cut every answer longer than that and select on truncated text).
 
     Returns:
         The :class:`TrainResult`; ``best_state`` holds the best validation step's method state.
@@ -298,8 +300,8 @@ def train(model, tokenizer, method: PromptMethod, task: TaskData, args: TrainArg
                 model.eval()
                 with torch.no_grad():
                     kv = family.inference_prompt(model, method())
-                m, _ = evaluate_prompt(model, tokenizer, kv, valid, fmt, eval_batch_size, max_length=max_length,
-                                       with_loss=True)
+                m, _ = evaluate_prompt(model, tokenizer, kv, valid, fmt, eval_batch_size, max_new_tokens,
+                                       max_length=max_length, with_loss=True)
                 method.train()
                 model.train(args.gradient_checkpointing)
                 row.update({f"val_{k}": v for k, v in m.items() if k != "n"})

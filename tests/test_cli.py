@@ -415,6 +415,25 @@ def test_store_evaluation_checks_every_entry_first_and_ensembles_need_labels(env
     assert "evaluated gen_a" not in stderr
 
 
+def test_validation_during_training_decodes_max_new_tokens(env, tmp_path, monkeypatch):
+    """Validation generated 16 tokens whatever --max-new-tokens said: longer answers were cut, and the best
+    prompt was selected on truncated text."""
+    import softprompt.evaluate as evaluate_mod
+
+    asked, real = [], evaluate_mod.generate_texts
+
+    def recording(model, tokenizer, prompt_kv, sources, max_new_tokens, *args, **kwargs):
+        asked.append(max_new_tokens)
+        return real(model, tokenizer, prompt_kv, sources, max_new_tokens, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate_mod, "generate_texts", recording)
+    rc, _, stderr = run(["train", "--model", env["model"], "--dataset", "capitals", "--max-new-tokens", "5",
+                         "--eval-every", "1", "--max-steps", "2", "--batch-size", "4", "--num-virtual-tokens", "2",
+                         "--baselines", "no_prompt", "--max-validation-samples", "4", "--output-dir", tmp_path / "o"])
+    assert rc == 0, stderr
+    assert asked == [5, 5]  # the two validations (the final report runs through the engine)
+
+
 def test_eval_uses_the_data_seed_the_prompt_was_trained_with(env, tmp_path):
     """A built-in dataset's splits depend on --data-seed: eval with the default seed scored a prompt trained
     with another one on examples that were mostly its training examples."""

@@ -478,3 +478,25 @@ def test_a_search_point_the_task_cannot_build_is_skipped_before_any_trial_trains
     with pytest.raises(ConfigError, match="no combination can be built on this model and task"):
         search(tmp_path / "b", tokenizer, TuneArgs(lrs=[0.1], search={"init": ["class_labels"]}), data, max_steps=4)
     assert not (tmp_path / "b" / "trials").exists() or not any((tmp_path / "b" / "trials").iterdir())
+
+
+def test_trials_validate_with_max_new_tokens(tmp_path, tokenizer, monkeypatch):
+    import softprompt.evaluate as evaluate_mod
+    from softprompt.data import TaskFormat
+    from tests.conftest import sentiment_records
+    from tests.test_train import FMT
+
+    asked, real = [], evaluate_mod.generate_texts
+
+    def recording(model, tok, prompt_kv, sources, max_new_tokens, *args, **kwargs):
+        asked.append(max_new_tokens)
+        return real(model, tok, prompt_kv, sources, max_new_tokens, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate_mod, "generate_texts", recording)
+    gen = TaskFormat(FMT.template, FMT.target_field)  # a generation task: validation decodes
+    recs = sentiment_records(40, seed=1)
+    data = TaskData(gen, {"train": [gen.render(r) for r in recs[:32]],
+                          "validation": [gen.render(r) for r in recs[32:]]})
+    successive_halving(make_model("llama"), tokenizer, data, PROMPT, base(tmp_path, max_steps=2, metric="exact_match"),
+                       TuneArgs(lrs=[0.1]), max_new_tokens=3)
+    assert asked and set(asked) == {3}

@@ -281,7 +281,8 @@ def run_tune(args: dict[str, Any], tune: TuneArgs, model, tokenizer, task: TaskD
         model, tokenizer, task, prompt, train_args, tune, output_dir=out, eval_batch_size=args["eval"].eval_batch_size,
         max_length=data.max_length, task_meta=TaskRecord.from_format(task.format, data.dataset).to_dict(),
         train_config={k: v for k, v in sections.items() if k in ("model", "data", "eval")},
-        progress=lambda partial: write_reports(partial, out, png=False), ensemble_seeds=tune.ensemble_seeds)
+        progress=lambda partial: write_reports(partial, out, png=False), ensemble_seeds=tune.ensemble_seeds,
+        max_new_tokens=args["eval"].max_new_tokens)
     paths = write_reports(result, out)
     save_results(result, out, model, tune, echo)
     ensembles = {**skipped, **build_ensembles(result, out, model, tokenizer, task, tune, args, echo)}

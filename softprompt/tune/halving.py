@@ -55,8 +55,9 @@ class _Search:
 
     def __init__(self, model, tokenizer, task: TaskData, prompt: PromptArgs, train_args: TrainArgs,
                  tune: TuneArgs, out: Path, eval_batch_size: int, max_length: int, save_meta: dict,
-                 progress: Callable[[TuneResult], None] | None = None):
+                 progress: Callable[[TuneResult], None] | None = None, max_new_tokens: int = 16):
         self.model, self.tok, self.prompt, self.base, self.tune = model, tokenizer, prompt, train_args, tune
+        self.max_new_tokens = max_new_tokens
         self.progress = progress
         self.out, self.eval_batch_size, self.max_length, self.save_meta = out, eval_batch_size, max_length, save_meta
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -146,7 +147,8 @@ class _Search:
         start = trial.steps
         try:
             result = train(self.model, self.tok, method, self.train_task, self._train_args(trial),
-                           eval_batch_size=self.eval_batch_size, max_length=self.max_length, on_step=on_step)
+                           eval_batch_size=self.eval_batch_size, max_length=self.max_length, on_step=on_step,
+                           max_new_tokens=self.max_new_tokens)
             trial.steps, diverged = result.steps, result.diverged
         except _RungReached:
             trial.steps, diverged = stop_at, False
@@ -216,7 +218,7 @@ class _Search:
         with torch.no_grad():
             kv = family_of(self.model).inference_prompt(self.model, method())
             metrics, _ = evaluate_prompt(self.model, self.tok, kv, self.valid, self.fmt, self.eval_batch_size,
-                                         max_length=self.max_length, with_loss=True)
+                                         self.max_new_tokens, max_length=self.max_length, with_loss=True)
         return {k: float(v) for k, v in metrics.items() if k != "n"}
 
     # ----- the halving ---------------------------------------------------------------------------------
@@ -335,7 +337,7 @@ def successive_halving(model, tokenizer, task: TaskData, prompt: PromptArgs, tra
                        *, output_dir: str | Path | None = None, eval_batch_size: int = 32, max_length: int = 256,
                        task_meta: dict | None = None, train_config: dict | None = None,
                        progress: Callable[[TuneResult], None] | None = None,
-                       ensemble_seeds: int | None = None) -> TuneResult:
+                       ensemble_seeds: int | None = None, max_new_tokens: int = 16) -> TuneResult:
     """Search the learning rate (and the ``--search`` settings) by successive halving on the validation split.
 
     Args:
@@ -356,6 +358,7 @@ def successive_halving(model, tokenizer, task: TaskData, prompt: PromptArgs, tra
             ``trials.json`` so that a long search can be followed, and read if it is interrupted).
         ensemble_seeds: after the search, train the winner's configuration with this many seeds
             (:meth:`_Search.retrain_seeds`); they are ``result.seed_runs``.
+        max_new_tokens: tokens a generation task's validation decodes (``--max-new-tokens``).
 
     Returns:
         Every trial with its steps and validation numbers per rung, and the final ranking.
@@ -369,7 +372,7 @@ def successive_halving(model, tokenizer, task: TaskData, prompt: PromptArgs, tra
     meta = {"task": task_meta if task_meta is not None else TaskRecord.from_format(task.format).to_dict(),
             "train_config": dict(train_config or {})}
     search = _Search(model, tokenizer, task, prompt, train_args, tune, out, eval_batch_size, max_length, meta,
-                     progress)
+                     progress, max_new_tokens)
     result = search.run()
     if ensemble_seeds:
         result.seed_runs = search.retrain_seeds(ensemble_seeds)

@@ -109,7 +109,8 @@ def train_and_save(args: dict, store: str | None = None, store_task: str | None 
         save_prompt(out / "best", m, model, task=meta, train_config=train_cfg, metrics=metrics, overwrite=True)
 
     result = train(model, tok, method, task, args["train"], save_best=save_best,
-                   eval_batch_size=args["eval"].eval_batch_size, max_length=args["data"].max_length)
+                   eval_batch_size=args["eval"].eval_batch_size, max_length=args["data"].max_length,
+                   max_new_tokens=args["eval"].max_new_tokens)
     if distributed()[0] != 0:  # data-parallel run: the first process evaluates and saves
         return None
     if resuming:
