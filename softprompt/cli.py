@@ -118,14 +118,13 @@ def cmd_eval(ns: argparse.Namespace) -> int:
     from softprompt.workflows import evaluate_store, evaluate_stored_prompt
 
     split, check = args["eval"].split, not ns.no_fingerprint_check
+    set_data = {f for f in ("data_seed", "max_length") if given(ns, "data", f)}  # else the training run's
     if ns.store:
         tasks = [t.strip() for t in ns.task.split(",") if t.strip()] if ns.task is not None else None
-        report = evaluate_store(args, ns.store, tasks, check_fingerprint=check,
-                                data_seed_given=given(ns, "data", "data_seed"))
+        report = evaluate_store(args, ns.store, tasks, check_fingerprint=check, given=set_data)
         print(f"{split} split, store {ns.store}:")
     else:
-        report, n = evaluate_stored_prompt(args, ns.prompt, check_fingerprint=check,
-                                           data_seed_given=given(ns, "data", "data_seed"))
+        report, n = evaluate_stored_prompt(args, ns.prompt, check_fingerprint=check, given=set_data)
         print(f"{split} split ({n} examples), prompt {ns.prompt}:")
     print(format_report(report))
     if ns.report:

@@ -434,6 +434,25 @@ def test_validation_during_training_decodes_max_new_tokens(env, tmp_path, monkey
     assert asked == [5, 5]  # the two validations (the final report runs through the engine)
 
 
+def test_eval_of_a_prompt_trained_on_files_reads_its_files_and_cuts_where_training_did(env, tmp_path):
+    """eval --prompt without data flags scored a prompt trained on files on the default dataset (rotten_tomatoes:
+    same fields, plausible numbers), and cut inputs at the default --max-length instead of the run's."""
+    out, report = tmp_path / "o", tmp_path / "r.json"
+    rc, _, stderr = run(train_argv(env, out, "--max-steps", "1", "--baselines", "no_prompt", "--max-length", "8"))
+    assert rc == 0, stderr
+    own = json.loads((out / "eval.json").read_text())["tuned soft prompt"]
+    evaluate = ["eval", "--model", env["model"], "--prompt", out / "prompt", "--baselines", "no_prompt", "--report",
+                report]
+    rc, _, stderr = run(evaluate)
+    assert rc == 0, stderr
+    got = json.loads(report.read_text())["tuned soft prompt"]
+    assert got["n"] == own["n"] == 8 and got["loss"] == pytest.approx(own["loss"], rel=1e-5)
+    assert f"--max-length 8, --train-file {env['train']}" in stderr  # said, not silent
+    rc, _, stderr = run([*evaluate, "--max-length", "64"])  # a given flag wins: the inputs are no longer cut
+    assert rc == 0, stderr
+    assert json.loads(report.read_text())["tuned soft prompt"]["loss"] != pytest.approx(own["loss"], rel=1e-5)
+
+
 def test_eval_uses_the_data_seed_the_prompt_was_trained_with(env, tmp_path):
     """A built-in dataset's splits depend on --data-seed: eval with the default seed scored a prompt trained
     with another one on examples that were mostly its training examples."""

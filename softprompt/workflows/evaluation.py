@@ -21,32 +21,61 @@ from softprompt.workflows.loading import load_model_from_args, load_task_from_ar
 log = logging.getLogger("softprompt")
 
 
-def recorded_data_seed(meta: dict, data, seed_given: bool, name: str) -> None:
-    """Evaluate on the splits the prompt was trained with: unless ``--data-seed`` was given, ``data.data_seed``
-    becomes the one recorded in ``meta["train_config"]["data"]`` (a built-in dataset's splits depend on it:
-    with another seed most test examples would have been training examples)."""
-    recorded = ((meta.get("train_config") or {}).get("data") or {}).get("data_seed")
-    if seed_given or not isinstance(recorded, int) or isinstance(recorded, bool) or check_seed("", recorded):
-        return
-    if recorded != data.data_seed:
-        log.info("%s: --data-seed %d, the seed it was trained with (the built-in splits depend on it; give "
-                 "--data-seed to override)", name, recorded)
-    data.data_seed = recorded
+RECORDED = ("data_seed", "max_length")  # data flags an evaluation takes from the training run unless given
+
+
+def apply_recorded_data(meta: dict, record: TaskRecord | None, data, given: set[str], name: str) -> None:
+    """Evaluate a prompt on the data it was trained with: the data flags not given take the training run's
+    (``meta["train_config"]["data"]``).
+
+    * ``data_seed``: a built-in dataset's splits depend on it (with another seed most test examples would have
+      been training examples);
+    * ``max_length``: where inputs are cut (another length scores other text than the run's own report);
+    * the data files, when neither a dataset nor files are given and the task record names no dataset (a
+      prompt trained on files would otherwise be scored on the default dataset).
+
+    Args:
+        meta: the stored prompt's ``softprompt.json`` (empty for a plain PEFT folder: nothing is recorded).
+        record: its parsed task record.
+        data: the ``data`` section to complete (changed in place).
+        given: the ``data`` fields set by a flag or ``--config`` (they win).
+        name: how to name the prompt in the log.
+    """
+    recorded = (meta.get("train_config") or {}).get("data") or {}
+    taken = []
+    for key in RECORDED:
+        value = recorded.get(key)
+        if key in given or not isinstance(value, int) or isinstance(value, bool):
+            continue
+        if (check_seed("", value) if key == "data_seed" else value < 2):
+            continue
+        if value != getattr(data, key):
+            taken.append(f"--{key.replace('_', '-')} {value}")
+        setattr(data, key, value)
+    lm = record is not None and record.extra.get("objective") == "lm"  # its corpus record names its data
+    if not lm and data.dataset is None and not data.uses_files() and not (record and record.dataset):
+        for key in ("train_file", "validation_file", "test_file"):  # trained on files: use them again
+            value = recorded.get(key)
+            setattr(data, key, value if isinstance(value, str) else None)
+            if isinstance(value, str):
+                taken.append(f"--{key.replace('_', '-')} {value}")
+    if taken:
+        log.info("%s: evaluated with the training run's %s (give the flags to override)", name, ", ".join(taken))
 
 
 def evaluate_stored_prompt(args: dict, prompt: str, check_fingerprint: bool = True,
-                           data_seed_given: bool = False) -> tuple[dict, int]:
+                           given: set[str] = frozenset()) -> tuple[dict, int]:
     """Evaluate a stored prompt and the baselines on the ``eval.split`` split of its task.
 
-    Unset data flags fall back to the task recorded with the prompt (the data seed too: see
-    :func:`recorded_data_seed`); the hard-prompt baseline uses the prompt's init text when it was initialised
-    from text.
+    Unset data flags fall back to the task and the data recorded with the prompt
+    (:func:`apply_recorded_data`); the hard-prompt baseline uses the prompt's init text when it was
+    initialised from text.
 
     Args:
         args: resolved ``model``, ``data`` and ``eval`` sections.
         prompt: the stored prompt folder (ours or PEFT's).
         check_fingerprint: refuse a prompt saved for another base model.
-        data_seed_given: ``--data-seed`` was set (flag or config): it overrides the recorded one.
+        given: the ``data`` fields set by a flag or ``--config`` (they override the recorded ones).
 
     Returns:
         The report (metrics per condition) and the number of examples evaluated.
@@ -54,7 +83,7 @@ def evaluate_stored_prompt(args: dict, prompt: str, check_fingerprint: bool = Tr
     stored = load_prompt(prompt)
     model, tok = load_model_from_args(args, stored)
     check_model_compatible(stored, model, check_fingerprint=check_fingerprint)
-    recorded_data_seed(stored.meta, args["data"], data_seed_given, prompt)
+    apply_recorded_data(stored.meta, stored.task_record, args["data"], set(given), prompt)
     task = load_task_from_args(args["data"], stored.task_record,
                                classifier=stored.peft_config.get("task_type") == "SEQ_CLS")
     method = stored.build_method().to(model.device).eval()
@@ -67,7 +96,7 @@ def evaluate_stored_prompt(args: dict, prompt: str, check_fingerprint: bool = Tr
 
 
 def evaluate_store(args: dict, store: str, tasks: list[str] | None = None, check_fingerprint: bool = True,
-                   data_seed_given: bool = False) -> dict:
+                   given: set[str] = frozenset()) -> dict:
     """Evaluate each named store task (default: all) on its own recorded dataset, through one engine.
 
     Every entry is loaded and its data read before the first one is evaluated, so a missing entry or
@@ -81,7 +110,8 @@ def evaluate_store(args: dict, store: str, tasks: list[str] | None = None, check
         store: the store folder.
         tasks: entry names (prompts or ensembles); ``None``: every entry.
         check_fingerprint: refuse entries saved for another base model.
-        data_seed_given: ``--data-seed`` was set: it applies to every entry (else each its recorded one).
+        given: the ``data`` fields set by a flag or ``--config``: they apply to every entry; the others
+            are each entry's recorded ones (:func:`apply_recorded_data`).
 
     Returns:
         Metrics per task name.
@@ -98,7 +128,7 @@ def evaluate_store(args: dict, store: str, tasks: list[str] | None = None, check
     plans, problems = [], []
     for name in names:
         try:
-            plans.append(_plan(engine, prompt_store, name, data, check_fingerprint, data_seed_given))
+            plans.append(_plan(engine, prompt_store, name, data, check_fingerprint, set(given)))
         except (StoreError, DataError, ConfigError, EngineError) as e:
             problems.append(f"{name}: {e}")
     if problems:
@@ -114,21 +144,17 @@ def evaluate_store(args: dict, store: str, tasks: list[str] | None = None, check
             report[name] = evaluate_prompt(model, tok, kv, examples, fmt, ev.eval_batch_size, ev.max_new_tokens,
                                            task_args.max_length, bos=stored.bos)[0]
         else:
+            engine.max_input_tokens = task_args.max_length  # where this entry's inputs were cut in training
             report[name] = evaluate_on_engine(engine, {name: name}, examples, fmt, ev.max_new_tokens)[name]
         log.info("evaluated %s in %.1fs", name, time.perf_counter() - t0)
     return report
 
 
-def _plan(engine, prompt_store, name: str, data, check_fingerprint: bool, data_seed_given: bool) -> tuple:
+def _plan(engine, prompt_store, name: str, data, check_fingerprint: bool, given: set[str]) -> tuple:
     """Load entry ``name`` into ``engine`` and read its task's data: ``(name, task, data flags used)``."""
     t = engine.load_from_store(prompt_store, name, check_fingerprint)
     meta = t.meta or {}  # an ensemble's: its first member's (the members share their labels)
     task_args = dataclasses.replace(data)
-    recorded_data_seed(meta, task_args, data_seed_given, name)
-    recorded = (meta.get("train_config") or {}).get("data") or {}
     record = TaskRecord.parse(meta.get("task"), name)  # validated when the entry was loaded
-    lm = record is not None and record.extra.get("objective") == "lm"  # its corpus record names its data
-    if not lm and task_args.dataset is None and not task_args.uses_files() and not (record and record.dataset):
-        for key in ("train_file", "validation_file", "test_file"):  # trained on files: use them again
-            setattr(task_args, key, recorded.get(key) if isinstance(recorded.get(key), str) else None)
+    apply_recorded_data(meta, record, task_args, given, name)
     return name, load_task_from_args(task_args, record), task_args
