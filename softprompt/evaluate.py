@@ -65,6 +65,16 @@ def hard_prompt_kv(model, tokenizer, text: str, bos: bool = True) -> InferencePr
         return family_of(model).inference_prompt(model, emb)
 
 
+def lead_prompt_kv(model, tokenizer) -> InferencePrompt | None:
+    """The model's leading special tokens (its BOS) alone, prepared as a prompt; ``None`` for a tokenizer that
+    adds none. Plain text read after it is read as in pre-training (the base-model row of an lm report)."""
+    lead = family_of(model).lead_ids(tokenizer, True)
+    if not lead:
+        return None
+    with torch.no_grad():
+        return family_of(model).inference_prompt(model, token_embeddings(model, lead))
+
+
 def k_shot_text(examples: list[Example], fmt: TaskFormat, k: int, seed: int = 0) -> str:
     """``k`` solved examples joined by blank lines, balanced over labels for classification."""
     rng = random.Random(seed)

@@ -319,3 +319,35 @@ def test_stored_flag_keeps_each_prompts_layout(bos_tok, tmp_path, monkeypatch):
     (old / META_NAME).write_text(json.dumps(meta))
     with pytest.raises(StoreError, match="'bos' must be true or false"):
         load_prompt(old)
+
+
+def test_an_lm_prompt_records_its_layout_and_the_base_model_reads_after_its_bos(bos_tok, tmp_path):
+    """A corpus chunk is trained right after the prompt ([P, text]): the stored prompt says bos false, so the
+    engine (generate, serve) feeds it that way; the base-model row reads [BOS, text], as in pre-training."""
+    from softprompt.cli import main
+    from softprompt.data.corpus import load_corpus
+    from softprompt.evaluate import lead_prompt_kv
+
+    d = tmp_path / "m"
+    make_model("llama").save_pretrained(d)
+    bos_tok.save_pretrained(d)
+    sentences = ["the movie was very good .", "the film is not bad .", "a plot was great ."]
+    (tmp_path / "c.txt").write_text("\n\n".join(" ".join(sentences[(i + j) % 3] for j in range(3)) for i in range(30)))
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(d), "--objective", "lm", "--train-file", str(tmp_path / "c.txt"),
+                 "--max-length", "16", "--num-virtual-tokens", "2", "--init", "random", "--batch-size", "4",
+                 "--max-steps", "2", "--eval-every", "2", "--baselines", "no_prompt", "--output-dir", str(out)]) == 0
+    stored = load_prompt(out / "prompt")
+    assert stored.bos is False and load_prompt(out / "best").bos is False
+    model = make_model("llama")
+    engine = Engine(model, bos_tok)
+    engine.add_prompt("lm", stored)
+    (row,) = engine.prepare("generate", GenerateRequest("lm", "the movie", raw=True)).rows
+    assert row.ids == plain(bos_tok, "the movie")  # [P, text], as trained: no BOS after the prompt
+    task = load_corpus(None, str(tmp_path / "c.txt"), None, None, None, {"validation": 300}, 13)
+    test = task.examples("test")
+    base = json.loads((out / "eval.json").read_text())["base model (no prompt)"]
+    with_bos = evaluate_prompt(model, bos_tok, lead_prompt_kv(model, bos_tok), test, task.format, max_length=16)[0]
+    without = evaluate_prompt(model, bos_tok, None, test, task.format, max_length=16)[0]
+    assert base["perplexity"] == pytest.approx(with_bos["perplexity"], rel=1e-5)
+    assert base["perplexity"] != pytest.approx(without["perplexity"], rel=1e-3) and base["tokens"] == without["tokens"]

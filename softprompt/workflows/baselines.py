@@ -8,7 +8,7 @@ import time
 from softprompt.data import Example, TaskData, is_chat
 from softprompt.data.chat import with_shots, with_system
 from softprompt.engine import Engine
-from softprompt.evaluate import evaluate_on_engine, evaluate_prompt, hard_prompt_kv, k_shot_text
+from softprompt.evaluate import evaluate_on_engine, evaluate_prompt, hard_prompt_kv, k_shot_text, lead_prompt_kv
 from softprompt.forward import family_of
 from softprompt.methods import PromptOutput
 
@@ -49,13 +49,17 @@ def lm_baselines(model, tokenizer, args: dict, prompt_text: str, examples: list[
     """The LM objective's report: held-out perplexity of the base model alone, of the init text as a hard
     prompt and of the tuned prompt, all on the same tokens (every token after the first of each chunk).
 
+    Each reads the chunk after what it is: the base model after its BOS, as in pre-training ([BOS, text];
+    without it a Gemma or Llama is far off its distribution and its perplexity overstated), the hard prompt
+    after [BOS, hint], the tuned prompt after its virtual tokens, as it was trained ([P, text]).
+
     k-shot prompting has no meaning for plain text and is skipped.
     """
     ev, data = args["eval"], args["data"]
     conditions: dict[str, object] = {}
-    if "no_prompt" in ev.baselines:
-        conditions["base model (no prompt)"] = None
-    if "hard_prompt" in ev.baselines and prompt_text.strip():
+    if "no_prompt" in ev.baselines:  # [BOS, text] as in pre-training (a tokenizer without a BOS: [text])
+        conditions["base model (no prompt)"] = lead_prompt_kv(model, tokenizer)
+    if "hard_prompt" in ev.baselines and prompt_text.strip():  # [BOS, hint, text]
         conditions["init text as hard prompt"] = hard_prompt_kv(model, tokenizer, prompt_text.strip() + "\n")
     if kv_tuned is not None:
         conditions["tuned soft prompt"] = kv_tuned

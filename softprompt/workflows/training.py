@@ -103,10 +103,12 @@ def train_and_save(args: dict, store: str | None = None, store_task: str | None 
           f"(base model {sum(p.numel() for p in model.parameters()):,}, frozen)"
           + (f"; init text {args['prompt'].init_text!r}" if args["prompt"].init == "text" else ""))
     meta = task_meta(args["data"], fmt)
+    bos = fmt.objective != "lm"  # the layout it trains with: [P, BOS, text], but a corpus chunk right after P
     train_cfg = {k: dataclasses.asdict(v) for k, v in args.items()}
 
     def save_best(m, metrics):
-        save_prompt(out / "best", m, model, task=meta, train_config=train_cfg, metrics=metrics, overwrite=True)
+        save_prompt(out / "best", m, model, task=meta, train_config=train_cfg, metrics=metrics, overwrite=True,
+                    bos=bos)
 
     result = train(model, tok, method, task, args["train"], save_best=save_best,
                    eval_batch_size=args["eval"].eval_batch_size, max_length=args["data"].max_length,
@@ -121,7 +123,7 @@ def train_and_save(args: dict, store: str | None = None, store_task: str | None 
     if result.rollbacks:
         print(f"divergence guard: {result.rollbacks} rollback(s), lr lowered to x{result.lr_scale:g} of the schedule "
               f"(events in {out / 'metrics.jsonl'})")
-    save_prompt(out / "last", method, model, task=meta, train_config=train_cfg, overwrite=True)
+    save_prompt(out / "last", method, model, task=meta, train_config=train_cfg, overwrite=True, bos=bos)
     tuned, validation = tuned_method(method, result, out, model)
     plot_curves(out / "metrics.jsonl", out / "curves.png")
     split = args["eval"].split
@@ -135,7 +137,8 @@ def train_and_save(args: dict, store: str | None = None, store_task: str | None 
         print(format_report(report))
         (out / "eval.json").write_text(json.dumps(report, indent=2))
     save_prompt(out / "prompt", tuned, model, task=meta, train_config=train_cfg,
-                metrics={"validation": validation, split: _numbers(report.get("tuned soft prompt"))}, overwrite=True)
+                metrics={"validation": validation, split: _numbers(report.get("tuned soft prompt"))}, overwrite=True,
+                bos=bos)
     print(f"\nsaved prompt to {out / 'prompt'}  (curves: {out / 'curves.png'}, log: {out / 'metrics.jsonl'})")
     if result.diverged:
         report_divergence(args, result, out, store, store_task)
