@@ -147,6 +147,20 @@ def test_an_ensembles_label_scores_equal_its_score_of_the_label_continuation(set
         assert res.scores == pytest.approx({"positive": scored[0].logprob, "negative": scored[1].logprob}, abs=1e-4)
 
 
+def test_an_ensembles_token_logprobs_are_the_mixtures_and_sum_to_its_logprob(setup):
+    _, _, engine, _ = setup
+    engine.add_ensemble("pair", ["sent", "sent3"])
+    cont = " very good plot"
+    (mix,) = engine.score([ScoreRequest("pair", "the movie", cont)])
+    members = engine.score([ScoreRequest(m, "the movie", cont) for m in ("sent", "sent3")])
+    assert sum(mix.token_logprobs) == pytest.approx(mix.logprob, abs=1e-9)
+    # token i under the mixture given the tokens before it: log of the members' mean prefix probability, differenced
+    prefix = [math.log(sum(math.exp(sum(m.token_logprobs[:i + 1])) for m in members) / 2)
+              for i in range(len(mix.tokens))]
+    steps = [prefix[0]] + [prefix[i] - prefix[i - 1] for i in range(1, len(prefix))]
+    assert mix.token_logprobs == pytest.approx(steps, abs=1e-5)
+
+
 def test_sampling_is_reproducible_per_request_whatever_the_batch(setup):
     _, _, engine, _ = setup
     req = GenerateRequest("caps", {"country": "Spain"}, max_tokens=6, temperature=1.0, top_k=20, seed=11)

@@ -14,6 +14,7 @@ head per task on an encoder sequence classifier, which classifies only (:mod:`.h
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -390,8 +391,11 @@ class Engine:
         results = []
         for p, start in zip(items, starts, strict=True):
             per = torch.stack(scored[start:start + len(p.rows)]).double()  # (M, n)
-            total = torch.logsumexp(per.sum(-1), 0) - torch.log(torch.tensor(float(per.shape[0])))
-            results.append(ScoreResult(p.task.name, float(total), per.mean(0).tolist(), p.continuation))
+            # the mixture's log-probability of each prefix of the continuation; its differences are each token's
+            # log-probability under the mixture given the tokens before it, so they sum to the total
+            prefix = torch.logsumexp(per.cumsum(-1), 0) - math.log(per.shape[0])  # (n,)
+            tokens = torch.diff(prefix, prepend=prefix.new_zeros(1))
+            results.append(ScoreResult(p.task.name, float(prefix[-1]), tokens.tolist(), p.continuation))
         return results
 
 

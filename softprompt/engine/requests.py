@@ -112,6 +112,10 @@ class ScoreRequest:
 
 @dataclass
 class ScoreResult:
+    """``logprob``: the continuation's log-probability (an ensemble's: of its members' mean probability);
+    ``token_logprobs``: each token's given the ones before it (an ensemble's: under that mixture), summing to
+    ``logprob``."""
+
     task: str
     logprob: float
     token_logprobs: list[float]
