@@ -223,6 +223,19 @@ def test_load_task_files_need_template_and_target_field(tmp_path):
         load_task(template="{q}", target_field="a")
 
 
+def test_a_stored_prompts_target_prefix_is_kept_when_its_task_is_loaded(tmp_path):
+    """eval scored a prompt saved with another target prefix (the API allows one) on " label" targets."""
+    from softprompt.config import DataArgs
+    from softprompt.store.task_record import TaskRecord
+    from softprompt.workflows.loading import load_task_from_args
+
+    dev = write(tmp_path / "dev.csv", "text,label\nx,pos\n")
+    record = TaskRecord.parse({"template": "{text} ->", "target_field": "label", "verbalizer": {"pos": "good"},
+                               "target_prefix": "\n"}, "test")
+    task = load_task_from_args(DataArgs(test_file=str(dev)), record)
+    assert task.format.target_prefix == "\n" and task.examples("test") == [Example("x ->", "\ngood", "pos")]
+
+
 def test_load_task_from_files(tmp_path):
     rows = [{"text": f"t{i}", "label": "pos" if i % 2 else "neg"} for i in range(10)]
     train = write(tmp_path / "train.jsonl", "\n".join(json.dumps(r) for r in rows))

@@ -118,6 +118,7 @@ def load_task(
     max_samples: dict[str, int] | None = None,
     seed: int = DEFAULT_SEED,
     chat_template: str | None = None,
+    target_prefix: str | None = None,
 ) -> TaskData:
     """Load and render a task from a built-in dataset and/or data files.
 
@@ -133,6 +134,8 @@ def load_task(
         max_samples: per-split cap, e.g. ``{"train": 1000}``; a seeded random subset is kept.
         seed: seed of the built-in split and of the ``max_samples`` subsets.
         chat_template: Jinja chat template text for chat records (default: the tokenizer's own).
+        target_prefix: text before every target (``None``: the format's own, a space); a stored prompt's
+            recorded one, so that it is scored on the targets it was trained on.
 
     Data files whose records hold a ``messages`` list, given without ``--template``, are a chat task
     (:class:`~softprompt.data.chat.ChatFormat`).
@@ -174,6 +177,8 @@ def load_task(
         fmt_args = {"template": template, "target_field": target_field, "verbalizer": verb}
     if problems:
         raise DataError("; ".join(problems))
+    if target_prefix is not None and "chat_template" not in fmt_args:  # a stored prompt's, as it was trained
+        fmt_args["target_prefix"] = target_prefix
     fmt = ChatFormat(**fmt_args) if "chat_template" in fmt_args else TaskFormat(**fmt_args)
 
     splits: dict[str, list[Example]] = {}

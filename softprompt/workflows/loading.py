@@ -63,7 +63,7 @@ def load_task_from_args(data_args: DataArgs, stored_task: TaskRecord | None = No
         test_file=data_args.test_file, template=data_args.template or stored_task.template,
         target_field=data_args.target_field or stored_task.target_field,
         verbalizer=verbalizer, max_samples=data_args.max_samples(), seed=data_args.data_seed,
-        chat_template=chat_template)
+        chat_template=chat_template, target_prefix=stored_task.target_prefix)
 
 
 def load_model_from_args(args: dict, stored=None, num_labels: int | None = None):
