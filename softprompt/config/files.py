@@ -36,8 +36,9 @@ def load_yaml(path: str | Path) -> dict[str, dict[str, Any]]:
     except yaml.YAMLError as e:
         raise ConfigError(f"--config {path}: not valid YAML ({e})") from e
     except (ValueError, RecursionError) as e:  # an integer of more than 4300 digits, deep nesting
-        why = "nested too deeply" if isinstance(e, RecursionError) else str(e).split(";")[0]
-        raise ConfigError(f"--config {path}: unreadable YAML ({why})") from None
+        from softprompt.data.formats import json_value_problem  # the same two failures as JSON's
+
+        raise ConfigError(f"--config {path}: unreadable YAML ({json_value_problem(e)})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"--config {path}: top level must be a mapping of sections {sorted(SECTIONS)}")
     problems = []

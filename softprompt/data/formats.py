@@ -75,8 +75,8 @@ def load_records_with_lines(path: str | Path) -> tuple[list[dict], list[int]]:
 
 
 def json_value_problem(e: Exception) -> str:
-    """What is wrong with JSON that parses but cannot become a value: ``json.loads`` raises a plain
-    ``ValueError`` for an integer of more than 4300 digits and ``RecursionError`` for deep nesting."""
+    """What is wrong with JSON (or YAML) that parses but cannot become a value: ``json.loads`` and PyYAML raise
+    a plain ``ValueError`` for an integer of more than 4300 digits and ``RecursionError`` for deep nesting."""
     if isinstance(e, RecursionError):
         return "nested too deeply"
     return str(e).split(";")[0]  # "Exceeds the limit (4300 digits) for integer string conversion"

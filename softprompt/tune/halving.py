@@ -96,21 +96,19 @@ class _Search:
         is left the search is refused, all before any trial trains."""
         reasons: dict[str, str | None] = {}
         for spec in specs:
-            key = json.dumps([spec.method, spec.method_config], sort_keys=True, default=str)
-            if key not in reasons:
+            if spec.prompt_key not in reasons:
                 try:
                     self._method(spec)
-                    reasons[key] = None
+                    reasons[spec.prompt_key] = None
                 except ValueError as e:
-                    reasons[key] = (f"method={spec.method} num_virtual_tokens={spec.num_virtual_tokens} "
-                                    f"init={spec.init}: {e}")
+                    reasons[spec.prompt_key] = (f"method={spec.method} num_virtual_tokens={spec.num_virtual_tokens} "
+                                                f"init={spec.init}: {e}")
         refused = [r for r in reasons.values() if r is not None]
         if refused and len(refused) == len(reasons):
             raise ConfigError("invalid arguments:\n  --search: no combination can be built on this model and "
                               "task:\n    " + "\n    ".join(refused))
         self.notes += [f"{r}; skipped" for r in refused]
-        return [s for s in specs if reasons[json.dumps([s.method, s.method_config], sort_keys=True, default=str)]
-                is None]
+        return [s for s in specs if reasons[s.prompt_key] is None]
 
     def _horizon(self) -> int | None:
         """The trials' schedule length: --max-steps; else what --budget-steps pays for; else --epochs."""

@@ -171,6 +171,11 @@ class TrialSpec:
     method_config: dict[str, Any]  # what build_method gets (the method's own fields only)
 
     @property
+    def prompt_key(self) -> str:
+        """What the trial's prompt is built from (method and its config): equal keys build the same prompt."""
+        return prompt_key(self.method, self.method_config)
+
+    @property
     def init_shown(self) -> str:
         """The init as a table shows it: ``-`` for a method without one (p_tuning)."""
         return self.init if "init" in self.method_config else "-"
@@ -202,6 +207,11 @@ def learning_rates(tune: TuneArgs, base_lr: float, seed: int) -> list[float]:
     return [lo * (hi / lo) ** (i / (n - 1)) for i in range(n)]
 
 
+def prompt_key(method: str, method_config: dict[str, Any]) -> str:
+    """A method and its config as one comparable string (see :attr:`TrialSpec.prompt_key`)."""
+    return json.dumps([method, method_config], sort_keys=True, default=str)
+
+
 def trial_specs(tune: TuneArgs, prompt: PromptArgs, train: TrainArgs) -> tuple[list[TrialSpec], list[str]]:
     """Every distinct trial of the search space, and notes on the combinations dropped.
 
@@ -220,7 +230,7 @@ def trial_specs(tune: TuneArgs, prompt: PromptArgs, train: TrainArgs) -> tuple[l
         except ConfigError as e:
             refused.append(f"method={method} num_virtual_tokens={p} init={init}: {str(e).splitlines()[-1].strip()}")
             continue
-        key = json.dumps([method, cfg], sort_keys=True, default=str)
+        key = prompt_key(method, cfg)
         if key in seen:  # e.g. p_tuning takes no init: init=text and init=random build the same prompt
             notes.append(f"method={method} num_virtual_tokens={p} init={init}: the same trial as an earlier "
                          f"combination ({method} does not use every searched setting); skipped")
