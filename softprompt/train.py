@@ -183,7 +183,8 @@ def train(model, tokenizer, method: PromptMethod, task: TaskData, args: TrainArg
           save_best: Callable[[PromptMethod, dict], None] | None = None,
           eval_batch_size: int = 32, max_length: int = 256,
           on_step: Callable[[int], None] | None = None,
-          loss_fn: Callable[..., torch.Tensor] | None = None, max_new_tokens: int = 16) -> TrainResult:
+          loss_fn: Callable[..., torch.Tensor] | None = None, max_new_tokens: int = 16,
+          keep_best: bool = True, checkpoints: bool = True) -> TrainResult:
     """Train ``method``'s parameters against the frozen ``model``.
 
     Args:
@@ -200,6 +201,11 @@ def train(model, tokenizer, method: PromptMethod, task: TaskData, args: TrainArg
             (``family.loss``), e.g. a distillation loss; the batches are the family's encoding of ``task``.
         max_new_tokens: a generation task's validation decodes this many tokens (``--max-new-tokens``, as the
             final report does: fewer would cut every answer longer than that and select on truncated text).
+        keep_best: keep a CPU copy of the best validation state (``result.best_state``); a caller that uses
+            the last state (``compare``) turns it off, so that full fine-tuning's peak memory holds no extra copy
+            of the model.
+        checkpoints: write ``checkpoint/`` (for ``--resume``); off, the run writes none (``compare``: its run
+            folders are temporary, and full fine-tuning's checkpoint is gigabytes of writes in its train time).
 
     Returns:
         The :class:`TrainResult`; ``best_state`` holds the best validation step's method state.
@@ -311,7 +317,7 @@ def train(model, tokenizer, method: PromptMethod, task: TaskData, args: TrainArg
                 if best is None or (value > best if higher else value < best):
                     best_metrics = {f"val_{k}": v for k, v in m.items()}
                     state.update(best_metric=value, best_step=step + 1, bad_evals=0, best_metrics=best_metrics)
-                    best_state = _cpu_copy(method.state_dict())
+                    best_state = _cpu_copy(method.state_dict()) if keep_best else None
                     if save_best and main:
                         save_best(method, best_metrics)
                 else:
@@ -335,7 +341,8 @@ def train(model, tokenizer, method: PromptMethod, task: TaskData, args: TrainArg
             bar.update(1)
             bar.set_postfix(loss=f"{loss_sum:.3f}", **({f"val_{metric_name}": f"{row[f'val_{metric_name}']:.3f}"}
                                                          if f"val_{metric_name}" in row else {}))
-            if main and ((step + 1) % args.checkpoint_every == 0 or step + 1 == total or stopped or diverged):
+            if main and checkpoints and ((step + 1) % args.checkpoint_every == 0 or step + 1 == total or stopped
+                                         or diverged):
                 save_checkpoint(out, step + 1, method, opt, sched, state, guard, best_state, resume_settings(args))
             if on_step:
                 on_step(step + 1)

@@ -139,6 +139,7 @@ def test_bitfit_row_trains_on_both_kinds_of_model(tmp_path_factory, toy, arch, l
 @pytest.mark.parametrize("kind", ["prompt_tuning", "prefix_tuning", "lora", "adapter", "bitfit", "full"])
 def test_run_one_trains_and_evaluates_each_kind(tiny_model_dir, toy, kind, monkeypatch):
     import softprompt.evaluate
+    import softprompt.train  # before the spy below: train binds evaluate_prompt at import (its validations)
 
     seen = []  # (prompt_kv, predictions) of every evaluation run_one makes itself (train's are not spied on)
 
@@ -151,6 +152,11 @@ def test_run_one_trains_and_evaluates_each_kind(tiny_model_dir, toy, kind, monke
     cfg = {"prompt_tuning": {"num_virtual_tokens": 3, "init": "random"},
            "prefix_tuning": {"num_virtual_tokens": 3, "init": "random"}, "lora": {"r": 2},
            "adapter": {"size": 4}}.get(kind, {})
+    def no_copies(*args, **kwargs):  # the last state is scored: a best-state copy or a checkpoint is dead weight
+        raise AssertionError("a compare run copied its best state or wrote a checkpoint")
+
+    monkeypatch.setattr(softprompt.train, "_cpu_copy", no_copies)  # full fine-tuning: a whole model in RSS
+    monkeypatch.setattr(softprompt.train, "save_checkpoint", no_copies)  # and gigabytes of writes in train_s
     row = run_one(job(tiny_model_dir, kind, cfg, 1e-2, eval_every=1))
     assert row["trainable_params"] > 0 and row["bytes_per_task"] > 0
     # the reported accuracy is the test split's, recomputed here from the predictions it was made of

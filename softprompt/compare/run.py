@@ -129,7 +129,8 @@ def run_one(job: Job) -> dict:
                                  optimizer=spec.optimizer, lr=job.lr, warmup_steps=min(10, job.steps),
                                  eval_every=job.eval_every or job.steps, checkpoint_every=10**9, seed=job.seed,
                                  weight_decay=0.0, divergence_guard=spec.kind != "full",
-                                 stop_when_flat=job.stop_when_flat))
+                                 stop_when_flat=job.stop_when_flat),
+                       keep_best=False, checkpoints=False)  # the last state is scored: no copies, no checkpoint
         train_s = time.perf_counter() - t0 - sum(r.get("val_s", 0.0) for r in result.history)
         if isinstance(method, WeightTuning):
             disk = sum(p.numel() * 4 for p in method.params)  # fp32 safetensors of the trained tensors
