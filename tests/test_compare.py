@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 
 import pytest
 import torch
@@ -239,6 +240,22 @@ def test_lr_search_ranks_failed_and_diverged_candidates_last_and_breaks_ties_by_
     assert record["candidates"][2]["diverged"] and record["candidates"][2]["rollbacks"] == 6
     assert search_lr(Spec("x", "prompt_tuning"), settings, lambda j: {"lr": j.lr, "error": "E"},
                      log=lambda s: None)[0] is None
+
+
+def test_a_candidate_the_guard_ended_before_its_only_validation_ranks_last(tmp_path):
+    """A search run validates once, after its last step: one the guard ended earlier comes back with no curve
+    (its progress line raised an IndexError, which killed the whole comparison)."""
+    def fake(j):
+        if j.lr > 1:
+            return {"lr": j.lr, "metric": "accuracy", "higher_is_better": True, "curve": [], "rollbacks": 6,
+                    "diverged": True, "steps_run": 17, "train_s": 1.0}
+        return {"lr": j.lr, "metric": "accuracy", "higher_is_better": True, "curve": [{"step": 60, "loss": 0.4,
+                "accuracy": 0.8 if j.lr < 1 else 0.85}], "rollbacks": 0, "diverged": False, "train_s": 1.0}
+
+    lines = []
+    lr, record = search_lr(Spec("x", "prompt_tuning", lr=1.0), CompareSettings("m"), fake, log=lines.append)
+    assert lr == 1.0 and record["candidates"][2]["diverged"] and math.isnan(record["candidates"][2]["val_loss"])
+    assert lines[2] == "  x: lr 3.16 -> diverged at step 17 (6 rollbacks), never validated"
 
 
 def _fake_seed_run(j):

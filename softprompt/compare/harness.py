@@ -25,6 +25,17 @@ def _candidate(lr: float, run: dict) -> dict:
             math.nan), "rollbacks": run["rollbacks"], "diverged": run["diverged"], "train_s": run["train_s"]}
 
 
+def _outcome(run: dict) -> str:
+    """One search candidate's result as the progress line shows it."""
+    if "error" in run:
+        return f"failed: {run['error']}"
+    if not run["curve"]:  # the guard ended it before its only validation point (after its last step)
+        return f"diverged at step {run.get('steps_run', '?')} ({run['rollbacks']} rollbacks), never validated"
+    last = run["curve"][-1]
+    return (f"validation {run['metric']} {last[run['metric']]:.4f}, loss {last['loss']:.4f}"
+            + (" (diverged)" if run["diverged"] else ""))
+
+
 def _score(candidate: dict, metric: str, higher: bool) -> tuple:
     """Sort key of a candidate: a run that failed or diverged last; then the metric; ties by the lower loss."""
     value, loss = candidate.get(f"val_{metric}", math.nan), candidate.get("val_loss", math.nan)
@@ -51,8 +62,7 @@ def search_lr(spec: Spec, settings: CompareSettings, runner: Runner, log=print) 
         if "error" not in run:
             metric, higher = run["metric"], run["higher_is_better"]
         candidates.append(_candidate(lr, run))
-        log(f"  {spec.label}: lr {lr:.3g} -> " + (f"failed: {run['error']}" if "error" in run else
-            f"validation {metric} {run['curve'][-1][metric]:.4f}, loss {run['curve'][-1]['loss']:.4f}"))
+        log(f"  {spec.label}: lr {lr:.3g} -> " + _outcome(run))
     record = {"steps": settings.search_budget, "metric": metric, "candidates": candidates}
     if metric is None:
         return None, record
