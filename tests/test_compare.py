@@ -286,6 +286,24 @@ def test_seeds_give_mean_and_std_over_every_run():
     assert one["n_seeds"] == 1 and one["accuracy_std"] is None and "| 0.5000 | 1 |" in format_row(one)
 
 
+def test_a_seed_the_guard_ended_is_not_converged_and_the_table_says_diverged():
+    """--fixed-steps read a diverged seed's verdict where it stopped (a rising loss counts as flat): "yes"."""
+    def runner(j):
+        run = _fake_seed_run(j)
+        if j.seed == 1:  # ended at step 4 with a rising loss
+            run.update(diverged=True, steps_run=4, curve=[{"step": 2, "loss": 1.0, "accuracy": 0.5},
+                                                          {"step": 4, "loss": 3.0, "accuracy": 0.5}])
+        return run
+
+    lines = []
+    for until_flat in (True, False):
+        settings = CompareSettings("m", steps=6, seeds=3, lr_search=False, eval_every=2, until_flat=until_flat)
+        row = run_method(Spec("pt", "prompt_tuning", lr=0.3), settings, runner, log=lines.append)
+        assert row["converged"] is False and row["diverged_seeds"] == 1
+        assert ", 4 (diverged), " in format_row(row) and row["accuracy"] == pytest.approx(0.7)
+    assert "  pt: seed 1 -> test accuracy 0.7000, 2 rollbacks; the guard ended it at step 4 (diverged)" in lines
+
+
 def test_data_without_a_validation_split_holds_out_the_same_train_examples_every_run():
     def task():
         data = toy_task()

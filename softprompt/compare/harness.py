@@ -77,7 +77,9 @@ def summarise(spec: Spec, runs: list[dict], search: dict | None, settings: Compa
     A seed run is converged when its validation loss fell by less than ``settings.converged_tol`` over the
     last third of its steps: with ``until_flat``, at the plateau that started its cool-down (``flat_step``),
     and a run that reached ``steps`` without one is not; with fixed steps, at its last step. The row is
-    converged when every seed run is. ``last_third_gain`` is the gain over a run's whole curve.
+    converged when every seed run is; a seed run the divergence guard ended is not (its accuracy, from the
+    rolled-back state, still counts in the mean: it is what the method reached at that lr).
+    ``last_third_gain`` is the gain over a run's whole curve.
     """
     first = runs[0]
     accs = [r["accuracy"] for r in runs]
@@ -87,6 +89,8 @@ def summarise(spec: Spec, runs: list[dict], search: dict | None, settings: Compa
                                                            settings.converged_tol)
         if settings.until_flat and r["converged"] is not None:
             r["converged"] = r.get("flat_step") is not None
+        if r["diverged"]:  # the guard ended it: a loss that rose until it gave up is not a plateau
+            r["converged"] = False
     verdicts = [r["converged"] for r in runs]
     converged = None if None in verdicts else all(verdicts)
     peaks = [r["peak_mib"] for r in runs if r.get("peak_mib")]
@@ -130,7 +134,8 @@ def run_method(spec: Spec, settings: CompareSettings, runner: Runner | None = No
         if "error" in run:
             return {"method": spec.label, "kind": spec.kind, "lr": lr, "lr_search": search, "seeds": runs,
                     "error": run["error"]}
-        log(f"  {run['method']}: seed {seed} -> test accuracy {run['accuracy']:.4f}, {run['rollbacks']} rollbacks")
+        log(f"  {run['method']}: seed {seed} -> test accuracy {run['accuracy']:.4f}, {run['rollbacks']} rollbacks"
+            + (f"; the guard ended it at step {run.get('steps_run')} (diverged)" if run["diverged"] else ""))
         runs.append(run)
     return summarise(spec, runs, search, settings)
 

@@ -44,6 +44,15 @@ def _ensemble_cells(row: dict) -> str:
     return f" n/a ({why}) | - |"
 
 
+def _seed_note(run: dict) -> str:
+    """After a seed's step count: why it is not converged (diverged, or its loss gain while still falling)."""
+    if run.get("diverged"):
+        return " (diverged)"
+    if run.get("converged") is False and run.get("last_third_gain") is not None:
+        return f" ({run['last_third_gain']:+.1%})"
+    return ""
+
+
 def format_row(row: dict, ensemble: bool = False) -> str:
     """One table line: means over the row's seeds, ``mean ± std`` accuracy, and its lr, rollbacks, convergence;
     with ``ensemble``, the seed ensemble's test accuracy and its gain over the mean single prompt."""
@@ -56,9 +65,7 @@ def format_row(row: dict, ensemble: bool = False) -> str:
     lr = f"{row['lr']:.3g}" + (" (search)" if row.get("lr_search") else " (fixed)")
     rollbacks = str(row["rollbacks"]) if row.get("guard", True) else "off"
     converged = {True: "yes", False: "no", None: "?"}[row.get("converged")] + ": " + ", ".join(
-        str(r.get("steps_run", row["steps"])) + (f" ({r['last_third_gain']:+.1%})" if r.get("converged") is False
-                                                 and r.get("last_third_gain") is not None else "")
-        for r in row.get("seeds", []))
+        str(r.get("steps_run", row["steps"])) + _seed_note(r) for r in row.get("seeds", []))
     return (f"| {row['method']} | {row['trainable_params']:,} | {_size(row['bytes_per_task'])} | {peak} | "
             f"{row['train_s']:.0f} s | {lr} | {acc} | {row['n_seeds']} | {rollbacks} | {converged} |" + tail)
 
