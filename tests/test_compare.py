@@ -28,7 +28,7 @@ from softprompt.compare import (
     search_lr,
     weight_method,
 )
-from softprompt.data import TaskData, TaskFormat
+from softprompt.data import TaskData, TaskFormat, token_counts
 from softprompt.evaluate import evaluate_prompt
 from tests.conftest import make_model, make_tokenizer, sentiment_records
 
@@ -528,3 +528,20 @@ def test_compare_runs_the_divergence_guard_except_for_full_fine_tuning(tiny_mode
     with pytest.raises(RuntimeError, match="stop here"):
         run_one(job(tiny_model_dir, kind, cfg, 1e-2))
     assert seen == [guarded]
+
+
+def test_a_sampled_vocab_row_draws_from_the_training_datas_tokens_as_train_does(tiny_model_dir, toy, monkeypatch):
+    import softprompt.methods
+
+    seen, real = [], softprompt.methods.build_method
+
+    def spy(kind, config, model, tok, **kwargs):
+        seen.append(kwargs)
+        return real(kind, config, model, tok, **kwargs)
+
+    monkeypatch.setattr(softprompt.methods, "build_method", spy)
+    run_one(job(tiny_model_dir, "prompt_tuning", {"num_virtual_tokens": 3, "init": "sample_vocab",
+                                                  "vocab_sample_size": 5}, 1e-2, steps=1))
+    counts = seen[0]["token_counts"]  # without them the init fell back to the first token ids of the vocabulary
+    assert counts and counts == token_counts(make_tokenizer(), toy.examples("train"))
+    assert seen[0]["label_texts"] == toy.format.label_texts

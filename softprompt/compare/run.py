@@ -104,6 +104,7 @@ def load_run_task(dataset: str, val_samples: int, test_samples: int):
 def run_one(job: Job) -> dict:
     """Train and evaluate one run in this process; return its numbers (see :func:`softprompt.compare.run_compare`)."""
     from softprompt.config import TrainArgs
+    from softprompt.data import token_counts
     from softprompt.evaluate import evaluate_prompt, primary_metric
     from softprompt.forward import family_of
     from softprompt.methods import build_method
@@ -119,7 +120,12 @@ def run_one(job: Job) -> dict:
     if spec.kind in WEIGHT_KINDS:
         method = weight_method(model, spec)
     else:
-        method = build_method(spec.kind, {**spec.config, "seed": job.seed}, model, tok)
+        # as softprompt train builds it: sample_vocab draws from the training data's tokens, class_labels
+        # starts from the label texts
+        method = build_method(spec.kind, {**spec.config, "seed": job.seed}, model, tok,
+                              label_texts=task.format.label_texts if task.format.is_classification else None,
+                              token_counts=token_counts(tok, task.examples("train"))
+                              if spec.config.get("init") == "sample_vocab" else None)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as d:
         # the divergence guard keeps two in-memory copies of the trained tensors and their optimizer state:

@@ -15,6 +15,7 @@ from softprompt.data.tokenize import (
     encode,
     encode_classes,
     leading_special_ids,
+    token_counts,
     with_leading,
 )
 
@@ -49,5 +50,6 @@ __all__ = [
     "placeholder_problems",
     "task_init_text",
     "template_fields",
+    "token_counts",
     "with_leading",
 ]

@@ -12,6 +12,7 @@ whole.
 from __future__ import annotations
 
 import random
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -234,3 +235,10 @@ def batches(encoded: list[Encoded], batch_size: int, pad_id: int, shuffle: bool 
     # checks above run at call time; the batches themselves are built lazily
     return (collate([encoded[j] for j in order[i:i + batch_size]], pad_id, padding_side)
             for i in range(0, len(order), batch_size))
+
+
+def token_counts(tokenizer, examples: Sequence[Example]) -> Counter:
+    """How often each token id occurs in the examples' sources (a corpus document, which has no source: its
+    text), without special tokens: what ``--init sample_vocab`` draws the prompt's tokens from."""
+    return Counter(t for ex in examples
+                   for t in tokenizer(ex.source or ex.target, add_special_tokens=False)["input_ids"])

@@ -25,14 +25,13 @@ import os
 import re
 import shutil
 import time
-from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from softprompt.config import ConfigError, PromptArgs, TrainArgs
-from softprompt.data import TaskData
+from softprompt.data import TaskData, token_counts
 from softprompt.evaluate import evaluate_prompt, primary_metric
 from softprompt.forward import family_of
 from softprompt.methods import build_method
@@ -75,8 +74,7 @@ class _Search:
         specs, self.notes = trial_specs(tune, prompt, train_args)
         self.token_counts = None
         if any(s.method_config.get("init") == "sample_vocab" for s in specs):
-            self.token_counts = Counter(t for ex in self.train_task.examples("train")
-                                        for t in tokenizer(ex.source, add_special_tokens=False)["input_ids"])
+            self.token_counts = token_counts(tokenizer, self.train_task.examples("train"))
         specs = self._buildable(specs)
         self.trials = [Trial(i, s, out / "trials" / f"t{i:02d}") for i, s in enumerate(specs)]
         self.plan = plan_rungs(len(specs), tune.eta, self._horizon(), tune.min_steps, tune.budget_steps)

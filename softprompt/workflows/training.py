@@ -11,14 +11,13 @@ import json
 import logging
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
 import torch
 
 from softprompt import methods
 from softprompt.config import ConfigError, to_yaml
-from softprompt.data import default_init_text
+from softprompt.data import default_init_text, token_counts
 from softprompt.evaluate import format_report, primary_metric
 from softprompt.forward import family_of
 from softprompt.methods import PromptMethod
@@ -89,8 +88,7 @@ def train_and_save(args: dict, store: str | None = None, store_task: str | None 
     if family_of(model).format_problem(model, fmt):
         raise ConfigError(f"--model {args['model'].model} is loaded as a sequence classifier (--task-type "
                           "seq_cls): the task needs labels (--verbalizer)")
-    counts = Counter(t for ex in task.examples("train")  # a corpus's documents are targets with no source
-                     for t in tok(ex.source or ex.target, add_special_tokens=False)["input_ids"])
+    counts = token_counts(tok, task.examples("train"))
     try:
         method = methods.build_method(args["prompt"].method, args["prompt"].method_config(args["train"].seed),
                                       model, tok, label_texts=fmt.label_texts if fmt.is_classification else None,
