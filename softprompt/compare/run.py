@@ -109,7 +109,7 @@ def run_one(job: Job) -> dict:
     from softprompt.forward import family_of
     from softprompt.methods import build_method
     from softprompt.model import load_base_model
-    from softprompt.store import save_prompt
+    from softprompt.store import load_prompt, save_prompt
     from softprompt.train import train
 
     spec = job.spec
@@ -138,11 +138,13 @@ def run_one(job: Job) -> dict:
                                  stop_when_flat=job.stop_when_flat),
                        keep_best=False, checkpoints=False)  # the last state is scored: no copies, no checkpoint
         train_s = time.perf_counter() - t0 - sum(r.get("val_s", 0.0) for r in result.history)
+        # bytes per task: the fp32 tensors a task stores, measured alike for every row (no file headers or JSON);
+        # a prompt method's are what save_prompt writes (P-tuning: its (P, H) output, not its encoder)
         if isinstance(method, WeightTuning):
-            disk = sum(p.numel() * 4 for p in method.params)  # fp32 safetensors of the trained tensors
+            disk = sum(p.numel() * 4 for p in method.params)
         else:
-            folder = save_prompt(Path(d) / "saved", method, model)
-            disk = sum(f.stat().st_size for f in folder.iterdir())
+            stored = load_prompt(save_prompt(Path(d) / "saved", method, model)).tensors
+            disk = sum(t.numel() * 4 for t in stored.values())
     curve = [{"step": r["step"], "loss": r["val_loss"], metric: r[f"val_{metric}"]}
              for r in result.history if f"val_{metric}" in r]
     row = {"method": getattr(method, "label", None) or spec.label, "kind": spec.kind, "seed": job.seed,
