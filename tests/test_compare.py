@@ -547,3 +547,15 @@ def test_a_sampled_vocab_row_draws_from_the_training_datas_tokens_as_train_does(
     counts = seen[0]["token_counts"]  # without them the init fell back to the first token ids of the vocabulary
     assert counts and counts == token_counts(make_tokenizer(), toy.examples("train"))
     assert seen[0]["label_texts"] == toy.format.label_texts
+
+
+def test_a_prompt_row_without_an_ensemble_is_not_called_a_method_without_a_prompt():
+    """A --store run resumed without --store: the new prompt rows have no ensemble cell, and said '(no prompt)'."""
+    from softprompt.compare.report import format_table
+
+    weight = {**_fake_seed_run(Job(Spec("lora", "lora"), "m", "d", 6, 8, 0.1)), "kind": "lora", "method": "LoRA",
+              "n_seeds": 1, "lr_search": None, "rollbacks": 0, "steps_run": [6], "seeds": []}
+    prompt = {**weight, "kind": "prompt_tuning", "method": "pt"}
+    stored = {**prompt, "method": "stored", "ensemble": {}, "ensemble_accuracy": 0.9, "ensemble_gain": 0.1}
+    md = format_table([stored, prompt, weight]).splitlines()
+    assert md[3].endswith("| - (run without --store) | - |") and md[4].endswith("| - (no prompt) | - |")

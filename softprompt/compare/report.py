@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from softprompt.compare.specs import WEIGHT_KINDS
 from softprompt.plateau import convergence  # noqa: F401  (re-exported: the column's rule)
 
 
@@ -38,8 +39,10 @@ def _ensemble_cells(row: dict) -> str:
     ens = row.get("ensemble")
     if "ensemble_accuracy" in row:
         return f" {row['ensemble_accuracy']:.4f} | {row['ensemble_gain']:+.4f} |"
-    if ens is None:
-        return " - (no prompt) | - |" if "error" not in row else " - | - |"
+    if ens is None:  # a weight method has no prompt; a prompt row run without --store has no ensemble
+        if "error" in row:
+            return " - | - |"
+        return " - (no prompt) | - |" if row.get("kind") in WEIGHT_KINDS else " - (run without --store) | - |"
     why = "generation task" if "skipped" in ens else f"error: {ens.get('error')}"
     return f" n/a ({why}) | - |"
 
