@@ -21,7 +21,7 @@ from pathlib import Path
 from softprompt.cli_compare import add_compare_parser
 from softprompt.cli_distill import add_distill_parser
 from softprompt.cli_inspect import add_inspect_parser
-from softprompt.cli_store import add_store_parsers
+from softprompt.cli_store import add_store_parsers, parse_members
 from softprompt.config import (
     SECTIONS,
     ConfigError,
@@ -109,18 +109,19 @@ def cmd_eval(ns: argparse.Namespace) -> int:
     problems = ["give either --prompt DIR or --store DIR [--task a,b,...]"] if bool(ns.prompt) == bool(ns.store) else []
     if ns.task is not None and not ns.store:
         problems.append("--task names tasks of a store: give --store DIR")
-    elif ns.task is not None and not any(t.strip() for t in ns.task.split(",")):
+    elif ns.task is not None and not parse_members(ns.task):
         problems.append(f"--task {ns.task!r} names no task: give comma-separated entry names, e.g. --task a,b")
     if ns.report:
         problems.append(check_file_to_write("--report", ns.report))
     args = _resolve(ns, ["model", "data", "eval"], [p for p in problems if p])
     from softprompt.evaluate import format_report
     from softprompt.workflows import evaluate_store, evaluate_stored_prompt
+    from softprompt.workflows.evaluation import RECORDED
 
     split, check = args["eval"].split, not ns.no_fingerprint_check
-    set_data = {f for f in ("data_seed", "max_length") if given(ns, "data", f)}  # else the training run's
+    set_data = {f for f in RECORDED if given(ns, "data", f)}  # the others: the training run's
     if ns.store:
-        tasks = [t.strip() for t in ns.task.split(",") if t.strip()] if ns.task is not None else None
+        tasks = parse_members(ns.task) if ns.task is not None else None
         report = evaluate_store(args, ns.store, tasks, check_fingerprint=check, given=set_data)
         print(f"{split} split, store {ns.store}:")
     else:

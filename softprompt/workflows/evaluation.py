@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from softprompt.config import ConfigError, check_seed
+from softprompt.config import ConfigError, check_seed, flag
 from softprompt.data import DataError, is_chat
 from softprompt.engine import Engine, EngineError
 from softprompt.evaluate import evaluate_on_engine, evaluate_prompt
@@ -50,7 +50,7 @@ def apply_recorded_data(meta: dict, record: TaskRecord | None, data, given: set[
         if (check_seed("", value) if key == "data_seed" else value < 2):
             continue
         if value != getattr(data, key):
-            taken.append(f"--{key.replace('_', '-')} {value}")
+            taken.append(f"{flag(key)} {value}")
         setattr(data, key, value)
     lm = record is not None and record.extra.get("objective") == "lm"  # its corpus record names its data
     if not lm and data.dataset is None and not data.uses_files() and not (record and record.dataset):
@@ -58,7 +58,7 @@ def apply_recorded_data(meta: dict, record: TaskRecord | None, data, given: set[
             value = recorded.get(key)
             setattr(data, key, value if isinstance(value, str) else None)
             if isinstance(value, str):
-                taken.append(f"--{key.replace('_', '-')} {value}")
+                taken.append(f"{flag(key)} {value}")
     if taken:
         log.info("%s: evaluated with the training run's %s (give the flags to override)", name, ", ".join(taken))
 
