@@ -351,3 +351,45 @@ def test_an_lm_prompt_records_its_layout_and_the_base_model_reads_after_its_bos(
     without = evaluate_prompt(model, bos_tok, None, test, task.format, max_length=16)[0]
     assert base["perplexity"] == pytest.approx(with_bos["perplexity"], rel=1e-5)
     assert base["perplexity"] != pytest.approx(without["perplexity"], rel=1e-3) and base["tokens"] == without["tokens"]
+
+
+def test_a_chat_prompt_is_served_on_the_conversation_as_it_was_trained(bos_tok):
+    """A chat task's text is its chat template's rendering: training reads [P, conversation] with no BOS added
+    (the template writes its own special tokens, here none), so serving adds none either, whatever the stored
+    prompt's bos flag says (prompts stored before chat prompts recorded bos false say true)."""
+    from softprompt.data import ChatFormat
+    from softprompt.data.chat import chat_prompt_ids, conversation_prompt
+
+    template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    fmt = ChatFormat(chat_template=template)
+    msgs = [{"role": "user", "content": "good movie"}]
+    trained = chat_prompt_ids(bos_tok, msgs, template)
+    assert trained == [WORD_IDS["good"], WORD_IDS["movie"]]  # the layout encode_chat and the chat report use
+    model = make_model("llama")
+    engine = Engine(model, bos_tok)
+    kv = compute_prompt_kv(model, soft_prompt(model, bos_tok)())
+    for bos in (True, False):
+        engine.add_kv(f"chat{bos}", kv, fmt, bos=bos)
+        text = conversation_prompt(bos_tok, engine.task(f"chat{bos}").formats[0], msgs)
+        (row,) = engine.prepare("generate", GenerateRequest(f"chat{bos}", text, raw=True, max_tokens=2)).rows
+        assert row.ids == trained
+        (row,) = engine.prepare("score", ScoreRequest(f"chat{bos}", text, " positive", raw=True)).rows
+        assert row.ids == trained + [WORD_IDS["positive"]]
+
+
+def test_an_input_with_no_tokens_and_no_bos_is_refused_not_read_from_padding(tokenizer):
+    """Without a BOS an empty input leaves nothing before the first label or continuation token to predict
+    it: a RequestError (422) naming it, not an IndexError (500) or, batched, a score read at a padding column."""
+    from softprompt.engine import RequestError
+
+    model = make_model("llama")
+    engine = Engine(model, tokenizer)
+    engine.add_kv("soft", compute_prompt_kv(model, soft_prompt(model, tokenizer)()), FMT)
+    engine.add_base("base")
+    for task in ("soft", "base"):
+        with pytest.raises(RequestError, match="the input has no tokens"):
+            engine.prepare("score", ScoreRequest(task, "", " positive", raw=True))
+        with pytest.raises(RequestError, match="the input has no tokens"):
+            engine.prepare("generate", GenerateRequest(task, "", raw=True, max_tokens=2))
+    with pytest.raises(RequestError, match="the input has no tokens"):
+        engine.prepare("classify", ClassifyRequest("soft", "", raw=True))

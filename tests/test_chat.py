@@ -185,6 +185,7 @@ def test_stored_chat_task_round_trips_through_store_engine_cli_and_server(chat_r
     store = PromptStore(d / "store")
     record = store.load("chat").task_record
     assert record.chat and record.chat_template == TEMPLATE
+    assert store.load("chat").bos is False  # trained on the conversation as its template renders it: no BOS added
     msgs = [{"role": "system", "content": "sentiment"}, {"role": "user", "content": "a good film"}]
 
     tok, model = make_tokenizer(), make_model("llama")  # what --model tiny loads: no chat template of its own

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from softprompt.data import TaskFormat
 from softprompt.engine.backend import Backend
 from softprompt.engine.batching import MixedBatch, Row, mixed_batches
-from softprompt.engine.prepare import encode, encode_source, fit
+from softprompt.engine.prepare import encode, encode_source, fit, lead_ids
 from softprompt.engine.prompt_table import PromptTable
 from softprompt.engine.requests import GenerateResult, RequestError, UnknownTaskError
 from softprompt.engine.running import generate_result, run_all
@@ -105,8 +105,8 @@ class PrefixBackend(Backend):
         engine = self.engine
         labels, single = self.label_ids(fmt)
         room = engine.context - self.length(member) - max(len(x) for x in labels)
-        src = fit(engine, encode_source(engine, member, source), 0, room, f"classify input for task {task.name!r}",
-                  True, len(engine.lead_ids(member)))
+        src = fit(engine, encode_source(engine, member, fmt, source), 0, room,
+                  f"classify input for task {task.name!r}", True, len(lead_ids(engine, member, fmt)))
         if single:
             return [Row(member, src, len(src), [x[0] for x in labels])]
         return [Row(member, src + lab, len(src)) for lab in labels]

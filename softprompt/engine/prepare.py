@@ -92,10 +92,25 @@ def encode(engine, text: str) -> list[int]:
         raise RequestError(f"the text cannot be tokenised ({type(e).__name__}: {e})") from e
 
 
-def encode_source(engine, member, text: str) -> list[int]:
+def lead_ids(engine, member, fmt: TaskFormat | None) -> list[int]:
+    """The ids a text of a task in format ``fmt`` starts with after prompt ``member``: the prompt's
+    (:meth:`Engine.lead_ids`), none for a chat task, whose text is a conversation its chat template rendered
+    with its own special tokens, as chat prompts are trained (:func:`~softprompt.data.encode_chat`)."""
+    return [] if fmt is not None and is_chat(fmt) else engine.lead_ids(member)
+
+
+def encode_source(engine, member, fmt: TaskFormat | None, text: str) -> list[int]:
     """Token ids of a rendered source as prompt ``member`` reads it: :func:`encode`, after the ids the
-    prompt expects in front of the text (its BOS; none when the text already starts with them)."""
-    return with_leading(encode(engine, text), engine.lead_ids(member))
+    prompt expects in front of the text (:func:`lead_ids`; none when the text already starts with them).
+
+    Raises:
+        RequestError: nothing at all to read (no text tokens and no BOS): the first token after the source
+            (a label, a continuation) would have nothing before it to predict it from.
+    """
+    ids = with_leading(encode(engine, text), lead_ids(engine, member, fmt))
+    if not ids:
+        raise RequestError("the input has no tokens")
+    return ids
 
 
 def fit(engine, ids: list[int], keep_after: int, room: int, what: str, allow_truncate: bool,
@@ -157,8 +172,8 @@ def _prepare_score(engine, req: ScoreRequest, task, versions) -> Prepared:
     rows = []
     for member, fmt in zip(task.members, task.formats, strict=True):
         room = engine.context - engine.backend.length(member)
-        ids = fit(engine, encode_source(engine, member, render(task, fmt, req)) + cont, len(cont), room,
-                  f"score input for task {task.name!r}", True, len(engine.lead_ids(member)))
+        ids = fit(engine, encode_source(engine, member, fmt, render(task, fmt, req)) + cont, len(cont), room,
+                  f"score input for task {task.name!r}", True, len(lead_ids(engine, member, fmt)))
         rows.append(Row(member, ids, len(ids) - len(cont)))
     return Prepared("score", req, task, versions, rows, continuation=cont)
 
@@ -173,7 +188,7 @@ def _prepare_generate(engine, req: GenerateRequest, task, versions) -> Prepared:
     ids = encode(engine, source)
     if not ids:
         raise RequestError(f"task {task.name!r}: the input has no tokens")
-    ids = with_leading(ids, engine.lead_ids(member))
+    ids = with_leading(ids, lead_ids(engine, member, task.formats[0]))
     room = engine.context - engine.backend.length(member) - req.max_tokens
     row = Row(member, fit(engine, ids, 0, room, f"generate input for task {task.name!r}", False), 0)
     seed = req.seed

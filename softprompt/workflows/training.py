@@ -17,7 +17,7 @@ import torch
 
 from softprompt import methods
 from softprompt.config import ConfigError, to_yaml
-from softprompt.data import default_init_text, token_counts
+from softprompt.data import default_init_text, is_chat, token_counts
 from softprompt.evaluate import format_report, primary_metric
 from softprompt.forward import family_of
 from softprompt.methods import PromptMethod
@@ -101,7 +101,9 @@ def train_and_save(args: dict, store: str | None = None, store_task: str | None 
           f"(base model {sum(p.numel() for p in model.parameters()):,}, frozen)"
           + (f"; init text {args['prompt'].init_text!r}" if args["prompt"].init == "text" else ""))
     meta = task_meta(args["data"], fmt)
-    bos = fmt.objective != "lm"  # the layout it trains with: [P, BOS, text], but a corpus chunk right after P
+    # the layout it trains with: [P, BOS, text], but a corpus chunk right after P and a conversation as its chat
+    # template renders it (with the template's own special tokens)
+    bos = fmt.objective != "lm" and not is_chat(fmt)
     train_cfg = {k: dataclasses.asdict(v) for k, v in args.items()}
 
     def save_best(m, metrics):
