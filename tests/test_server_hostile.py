@@ -52,7 +52,66 @@ HOSTILE = [
     ("/v1/score", {"model": "t1", "input": "France", "continuation": "\ud800x"}),
     ("/v1/completions", {"model": "t1", "prompt": "France", "seed": -(2**63) - 1, "temperature": 1}),
     ("/v1/chat/completions", {"model": "t1", "messages": [{"role": "user", "content": "France"}], "top_logprobs": 2}),
+    ("/v1/classify", {"model": "t0", "input": {"\ud800": 5}}),  # a surrogate in a key
+    ("/v1/classify", {"model": "t0", "input": "", "raw": True}),  # no tokens, no BOS: nothing predicts the label
+    ("/v1/score", {"model": "t1", "input": " ", "continuation": "x", "raw": True}),
+    ("/v1/completions", {"model": "t1", "prompt": "France", "max_tokens": True}),  # true is no token count
+    ("/v1/completions", {"model": "t1", "prompt": "France", "max_tokens": "3"}),
+    ("/v1/completions", {"model": "t1", "prompt": "France", "temperature": True}),
+    ("/v1/classify", {"model": "t0", "input": "good", "raw": "yes"}),
+    ("/v1/completions", {"model": "t1", "prompt": "France", "logit_bias": {"5": -100}}),  # would change the text
+    ("/v1/completions", {"model": "t1", "prompt": "France", "presence_penalty": 1.5}),
+    ("/v1/chat/completions", {"model": "t1", "messages": [{"role": "user", "content": "France"}],
+                              "response_format": {"type": "json_object"}}),
+    ("/v1/chat/completions", {"model": "t1", "messages": [{"role": "user", "content": "France"}],
+                              "tools": [{"type": "function", "function": {"name": "f"}}]}),
 ]
+
+
+def test_openai_fields_at_their_defaults_are_accepted(setup):
+    """What OpenAI clients send by default (empty logit_bias, zero penalties, a text response_format) is no
+    reason to refuse a request; the same fields at other values are (HOSTILE)."""
+    _, _, url = setup
+    body = {"model": "t1", "prompt": "France", "max_tokens": 2, "temperature": 0, "logit_bias": {},
+            "presence_penalty": 0, "frequency_penalty": 0.0, "response_format": {"type": "text"}, "user": "u"}
+    r = post(url + "/v1/completions", body)
+    assert r.status_code == 200, r.text
+
+
+def test_admin_unload_leaves_the_event_loop_free_while_it_waits(tokenizer, monkeypatch, tmp_path):
+    """Unloading waits for the engine call in progress (a batch can take minutes): other requests are answered
+    meanwhile, as during load and reload (it ran on the event loop and stalled every route)."""
+    model = make_model("llama")
+    engine = Engine(model, tokenizer)
+    engine.add_base("base")
+    engine.add_base("other")
+    release, entered = threading.Event(), threading.Event()
+    real = engine.unload
+
+    def slow_unload(name):
+        entered.set()
+        assert release.wait(30)
+        return real(name)
+
+    monkeypatch.setattr(engine, "unload", slow_unload)
+    from softprompt.store import PromptStore
+
+    state = ServerState(engine, Scheduler(engine), admin_token=TOKEN, store=PromptStore(tmp_path, create=True))
+    url, stop = serve(create_app(state))
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            unload = pool.submit(httpx.post, url + "/admin/tasks/other/unload",
+                                 headers={"authorization": f"Bearer {TOKEN}"}, timeout=60)
+            assert entered.wait(30)
+            try:
+                assert httpx.get(url + "/v1/models", timeout=5).status_code == 200
+            finally:
+                release.set()
+            assert unload.result().status_code == 200
+        assert [m["id"] for m in httpx.get(url + "/v1/models", timeout=5).json()["data"]] == ["base"]
+    finally:
+        release.set()
+        stop()
 
 
 @pytest.mark.parametrize("path,bad", HOSTILE)

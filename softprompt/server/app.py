@@ -350,7 +350,8 @@ def create_app(state: ServerState) -> FastAPI:
     @app.post("/admin/tasks/{name}/unload")
     async def unload(name: str, request: Request) -> dict:
         admin(request)
-        state.engine.unload(name)
+        # off the event loop, as load and reload: unloading waits for the engine call in progress to end
+        await asyncio.to_thread(state.engine.unload, name)
         state.metrics.observe(label(request), 200)
         return {"unloaded": name}
 

@@ -1,8 +1,10 @@
 """Request bodies of the HTTP API (pydantic). OpenAI-compatible where OpenAI has the endpoint.
 
-Unknown fields are ignored, as OpenAI clients send fields we have no use for (``user``, ``logit_bias``...);
-fields we cannot honour with another value than their default (``n``, ``echo``, ``suffix``...) are
-refused with a 422 naming them.
+Unknown fields are ignored, as OpenAI clients send fields we have no use for (``user``, ``metadata``...);
+OpenAI fields that would change the answer and that we cannot honour with another value than their default
+(``n``, ``echo``, ``suffix``, ``logit_bias``, the penalties, a JSON ``response_format``, ``tools``...) are
+refused with a 422 naming them, never silently dropped. Numbers and flags are strict: ``true`` is no token
+count and ``"8"`` no temperature.
 """
 
 from __future__ import annotations
@@ -33,17 +35,37 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
+def _unsupported(what: str, value, default) -> None:
+    if value != default:
+        raise ValueError(f"{what} is not supported (only {default!r}); it would change the answer, so it is "
+                         "refused rather than ignored")
+
+
 class _Sampling(_Body):
     model: str = Field(min_length=1, description="the task to use (see /v1/models)")
-    max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0, allow_inf_nan=False)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0, allow_inf_nan=False)
-    top_k: int = Field(default=0, ge=0, le=2**31 - 1,
+    max_tokens: int | None = Field(default=None, ge=1, strict=True)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0, allow_inf_nan=False, strict=True)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0, allow_inf_nan=False, strict=True)
+    top_k: int = Field(default=0, ge=0, le=2**31 - 1, strict=True,
                        description="softprompt extension: keep the k most likely tokens")
-    seed: int | None = Field(default=None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
+    seed: int | None = Field(default=None, ge=SEED_RANGE[0], le=SEED_RANGE[1], strict=True)
     stop: Stop = None
-    stream: bool = False
-    n: int = Field(default=1, ge=1, le=1, description="only 1 is supported")
+    stream: bool = Field(default=False, strict=True)
+    n: int = Field(default=1, ge=1, le=1, strict=True, description="only 1 is supported")
+    # OpenAI fields refused at any other value than their default (see the module)
+    logit_bias: dict | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    response_format: dict | None = None
+
+    @model_validator(mode="after")
+    def _refuse_unsupported(self):
+        _unsupported("logit_bias", self.logit_bias or None, None)
+        _unsupported("presence_penalty", self.presence_penalty or 0, 0)
+        _unsupported("frequency_penalty", self.frequency_penalty or 0, 0)
+        kind = (self.response_format or {}).get("type", "text")
+        _unsupported("response_format type", kind, "text")
+        return self
 
     @field_validator("stop")
     @classmethod
@@ -59,12 +81,13 @@ class _Sampling(_Body):
 
 class CompletionRequest(_Sampling):
     prompt: Text | list[Text] = Field(description="text (or texts) filled into the task's template")
-    raw: bool = Field(default=False, description="softprompt extension: send prompt as is, without the template")
+    raw: bool = Field(default=False, strict=True,
+                      description="softprompt extension: send prompt as is, without the template")
     echo: Literal[False] = False
     logprobs: TopCount | None = Field(default=None, description="each new token's log-probability and the k "
                                       f"(0 to {MAX_TOP_LOGPROBS}) most likely tokens at its place")
     suffix: None = None
-    best_of: int | None = Field(default=None, ge=1, le=1)
+    best_of: int | None = Field(default=None, ge=1, le=1, strict=True)
 
     @field_validator("prompt")
     @classmethod
@@ -93,13 +116,17 @@ class ChatMessage(_Body):
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1, max_length=1024)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1, strict=True)
+    tools: list | None = None  # no tool calling: a request that offers tools is refused, not answered without them
+    functions: list | None = None
     logprobs: bool | None = Field(default=None, strict=True, description="each new token's log-probability")
     top_logprobs: TopCount | None = Field(default=None, description="with logprobs: the k (0 to "
                                           f"{MAX_TOP_LOGPROBS}) most likely tokens at each new token's place")
 
     @model_validator(mode="after")
     def _top_needs_logprobs(self):
+        _unsupported("tools", self.tools or None, None)
+        _unsupported("functions", self.functions or None, None)
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs: true")
         return self
@@ -112,7 +139,7 @@ class ChatCompletionRequest(_Sampling):
 class ClassifyBody(_Body):
     model: str = Field(min_length=1)
     input: Input | list[Input]
-    raw: bool = False
+    raw: bool = Field(default=False, strict=True)
 
     @field_validator("input")
     @classmethod
@@ -129,4 +156,4 @@ class ScoreBody(_Body):
     model: str = Field(min_length=1)
     input: Input
     continuation: Text = Field(min_length=1)
-    raw: bool = False
+    raw: bool = Field(default=False, strict=True)
