@@ -360,6 +360,44 @@ def test_prompt_overflowing_the_model_dtype_is_refused(tmp_path, model, tokenize
         check_model_compatible(load_prompt(out), half)
 
 
+def test_a_float64_prompt_that_overflows_float32_is_refused(tmp_path, model, tokenizer):
+    """The methods hold their parameters in float32: a float64 1e39 became Inf there and NaN scores in eval."""
+    from safetensors.torch import load_file, save_file
+
+    out = save_prompt(tmp_path / "p", prompt(model, tokenizer), model, task=TASK)
+    tensors = {k: v.double() for k, v in load_file(out / WEIGHTS_NAME).items()}
+    tensors["prompt_embeddings"][0, 0] = 1e39
+    save_file(tensors, out / WEIGHTS_NAME)
+    with pytest.raises(StoreError, match=re.escape(f"{out}: tensor 'prompt_embeddings' has values up to 1e+39 "
+                                                   "that overflow to Inf in torch.float32")):
+        load_prompt(out, model=model)
+
+
+@pytest.mark.parametrize("where", ["softprompt.json", "PEFT folder"])
+def test_a_prefix_cut_into_other_heads_than_the_models_is_refused_and_skipped(store, model, tokenizer, tmp_path,
+                                                                               where):
+    """Keys/values of the right total width, cut into other heads (a PEFT folder's num_attention_heads, our
+    method_config): refused on load, naming both layouts; a store serves its other entries (it failed every
+    request, and loaded first in name order it made the engine refuse the good entries)."""
+    from softprompt.methods.prefix_tuning import kv_geometry
+    from softprompt.store import export_peft
+
+    assert kv_geometry(model) == (2, 2, 8)
+    store.save("bad", build_method("prefix_tuning", {"num_virtual_tokens": P, "init": "random"}, model, tokenizer),
+               model, task=TASK, overwrite=True)
+    folder = store.path("bad")
+    if where == "PEFT folder":
+        folder = export_peft(folder, tmp_path / "peft")
+        edit_json(folder / CONFIG_NAME, set_in(None, "num_attention_heads", 1))
+    else:
+        edit_json(folder / META_NAME, lambda meta: meta["method_config"].update(kv_heads=1, head_dim=16))
+    with pytest.raises(StoreError, match=re.escape("(layers, key/value heads, head size) (2, 1, 16) but the "
+                                                   "model's attention has (2, 2, 8)")):
+        load_prompt(folder, model=model)
+    if where == "softprompt.json":
+        assert Engine.from_store(store, model, tokenizer, skip_broken=True).task_names() == ["good"]
+
+
 @pytest.mark.parametrize(("name", "text", "why"), [
     (CONFIG_NAME, '{"num_virtual_tokens": ' + "1" * 5000 + "}", "Exceeds the limit (4300 digits)"),
     (META_NAME, "[" * 100000, "nested too deeply"),

@@ -104,7 +104,8 @@ class PromptMethod(nn.Module):
     - ``peft_config_problems(peft_config)``: type-specific ``adapter_config`` fields that are unusable;
     - ``config_from_peft(peft_config, tensors)``: our config dict for a folder written by PEFT;
     - ``peft_token_dim(model)`` / ``peft_token_dim_meaning``: the ``token_dim`` the model needs, and what it is;
-    - ``peft_model_mismatch(peft_config, model)``: anything else in ``adapter_config`` that the model lacks.
+    - ``peft_model_mismatch(peft_config, model, method_config)``: anything else in ``adapter_config`` or the
+      stored method config that the model lacks.
     The defaults fit a prompt of ``(P, H)`` input embeddings stored as ``prompt_embeddings``.
 
     Calling the module (``forward``) returns ``prompt()`` plus the classification head when one is attached
@@ -188,8 +189,10 @@ class PromptMethod(nn.Module):
         return int(model.get_input_embeddings().weight.shape[1])
 
     @classmethod
-    def peft_model_mismatch(cls, peft_config: dict[str, Any], model) -> str | None:
-        """What else in ``adapter_config`` (besides ``token_dim``) does not fit ``model``, or ``None``.
+    def peft_model_mismatch(cls, peft_config: dict[str, Any], model,
+                            method_config: dict[str, Any] | None = None) -> str | None:
+        """What else in ``adapter_config`` (besides ``token_dim``) or in the stored ``method_config`` does not
+        fit ``model``, or ``None``.
 
         The phrase completes "``adapter_config.json`` has ...", e.g. ``"num_layers 4 but the model has 2; ..."``.
         """

@@ -202,10 +202,20 @@ class PrefixTuning(PromptMethod):
         return kv_heads * head_dim
 
     @classmethod
-    def peft_model_mismatch(cls, peft_config: dict[str, Any], model) -> str | None:
-        layers, model_layers = peft_config.get("num_layers"), model.config.num_hidden_layers
-        if layers != model_layers:
-            return f"num_layers {layers} but the model has {model_layers}; the prefix cannot work with it"
+    def peft_model_mismatch(cls, peft_config: dict[str, Any], model,
+                            method_config: dict[str, Any] | None = None) -> str | None:
+        """``num_layers``, and the attention layout the keys/values are cut into (layers, key/value heads, head
+        size: from ``method_config``, which ``num_attention_heads`` fills for a PEFT folder), against the
+        model's: a prefix of the right total width cut into other heads fails in the model's cache."""
+        geometry = kv_geometry(model)
+        layers = peft_config.get("num_layers")
+        if layers != geometry[0]:
+            return f"num_layers {layers} but the model has {geometry[0]}; the prefix cannot work with it"
+        if method_config is not None:
+            stored = tuple(method_config.get(k) for k in ("num_layers", "kv_heads", "head_dim"))
+            if stored != geometry:
+                return (f"a prefix cut into (layers, key/value heads, head size) {stored} but the model's "
+                        f"attention has {geometry}; the prefix cannot work with it")
         return None
 
 

@@ -182,14 +182,15 @@ def _values_problems(tensors: dict[str, torch.Tensor]) -> list[str]:
 
 
 def _dtype_problems(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> list[str]:
-    """Tensors finite in float32 that overflow to Inf in the model's dtype (they are cast to it to run)."""
-    if not dtype.is_floating_point or dtype == torch.float32:
-        return []
+    """Tensors finite as stored that overflow to Inf in float32 (the methods hold their parameters in it) or in
+    the model's dtype (they are cast to it to run): a float64 1e39 would make NaN scores, not an error."""
     problems = []
     for key, t in tensors.items():
-        if not bool(torch.isfinite(t.to(dtype)).all()):
-            problems.append(f"tensor {key!r} has values up to {float(t.abs().max()):.4g} that overflow to Inf in "
-                            f"the model's dtype {dtype} (largest finite {torch.finfo(dtype).max:.4g})")
+        for target in dict.fromkeys([torch.float32, dtype if dtype.is_floating_point else torch.float32]):
+            if not bool(torch.isfinite(t.to(target)).all()):
+                problems.append(f"tensor {key!r} has values up to {float(t.abs().max()):.4g} that overflow to Inf "
+                                f"in {target} (largest finite {torch.finfo(target).max:.4g})")
+                break
     return problems
 
 
@@ -211,7 +212,7 @@ def check_model_compatible(stored: StoredPrompt, model, check_fingerprint: bool 
         raise StoreError(f"{where}: the prompt has {p} virtual tokens but the model ({type(model).__name__}) has a "
                          f"context of {context[0]} positions ({context[1]}): no room is left for text; the prompt "
                          "cannot work with it")
-    mismatch = method.peft_model_mismatch(stored.peft_config, model)
+    mismatch = method.peft_model_mismatch(stored.peft_config, model, stored.method_config)
     if mismatch:
         raise StoreError(f"{where}: {CONFIG_NAME} has {mismatch}")
     head = {k: v for k, v in stored.tensors.items() if is_head_key(k)}
