@@ -393,3 +393,17 @@ def test_an_input_with_no_tokens_and_no_bos_is_refused_not_read_from_padding(tok
             engine.prepare("generate", GenerateRequest(task, "", raw=True, max_tokens=2))
     with pytest.raises(RequestError, match="the input has no tokens"):
         engine.prepare("classify", ClassifyRequest("soft", "", raw=True))
+
+
+def test_exporting_a_prompt_stored_without_the_bos_to_peft_warns_that_the_layout_is_lost(tmp_path, tokenizer,
+                                                                                        caplog):
+    from softprompt.store import export_peft
+
+    model = make_model("llama")
+    for bos in (True, False):
+        out = save_prompt(tmp_path / f"p{bos}", soft_prompt(model, tokenizer), model, task=TASK, bos=bos)
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            peft = export_peft(out, tmp_path / f"peft{bos}")
+        assert ("a PEFT folder cannot record that" in caplog.text) is not bos
+        assert load_prompt(peft).bos  # what the warning says: read back, [prompt, BOS, text]

@@ -7,10 +7,13 @@ fingerprint, :func:`export_peft` writes only PEFT's files. Neither needs ``peft`
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from softprompt.store.atomic import write_folder_atomically
 from softprompt.store.format import StoreError, load_prompt, replaceable_folder, save_prompt, write_peft_files
+
+log = logging.getLogger(__name__)
 
 
 def import_peft(src: str | Path, dst: str | Path, model, task: dict | None = None,
@@ -59,5 +62,10 @@ def export_peft(src: str | Path, dst: str | Path, overwrite: bool = False) -> Pa
     stored = load_prompt(src)
     if Path(src).expanduser().absolute() == Path(dst).expanduser().absolute():
         raise StoreError(f"{dst}: export source and destination are the same folder")
+    if not stored.bos:  # PEFT's files have no field for it: read back, the folder means [P, BOS, text]
+        log.warning("%s was trained with the text right after the prompt, no BOS between them (--objective lm, "
+                    "a chat task, or stored before the BOS was placed); a PEFT folder cannot record that: loaded "
+                    "back it reads as [prompt, BOS, text]. Keep the full folder (store export without --peft) to "
+                    "serve it here", src)
     return write_folder_atomically(dst, lambda tmp: write_peft_files(tmp, stored.tensors, stored.peft_config),
                                    overwrite, replaceable_folder)
