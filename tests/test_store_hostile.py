@@ -442,3 +442,15 @@ def test_symlinked_ensemble_file_is_refused(store, tmp_path):
     with pytest.raises(StoreError, match=re.escape(str(path)) + ".*symbolic link"):
         store.ensemble("ens")
     assert {e.name: e.kind for e in store.list()}["ens"] == "broken"
+
+
+@pytest.mark.parametrize("argv", [["remove", "good"], ["rename", "good", "better"]])
+def test_store_remove_and_rename_that_the_os_refuses_exit_2_and_change_nothing(store, monkeypatch, argv):
+    def refuse(src, dst):
+        raise PermissionError(13, "Permission denied", str(src))
+
+    monkeypatch.setattr(os, "rename", refuse)
+    rc, _, err = run_cli("store", argv[0], "--store", store.root, *argv[1:])
+    assert rc == 2 and f"cannot {argv[0]} 'good'" in err and "Permission denied" in err, err
+    monkeypatch.undo()
+    assert sorted(e.name for e in store.list()) == ["bad", "good"]

@@ -372,7 +372,10 @@ class PromptStore:
             raise StoreError(f"{self.root}: {name!r} is a member of ensemble(s) {', '.join(users)}; "
                              "remove or change those first")
         trash = self.root / f".{name}.removed-{uuid.uuid4().hex[:8]}"
-        os.rename(folder, trash)
+        try:
+            os.rename(folder, trash)
+        except OSError as e:  # a read-only store, no permission: nothing changed
+            raise StoreError(f"{self.root}: cannot remove {name!r} ({e.strerror or e})") from None
         fsync_path(self.root)
         shutil.rmtree(trash, ignore_errors=True)
 
@@ -391,7 +394,10 @@ class PromptStore:
         if dst.exists() or dst.is_symlink():
             raise StoreError(f"{self.root}: cannot rename {old!r} to {new!r}: {new!r} already exists")
         users = self.ensembles_with(old)
-        os.rename(src, dst)
+        try:
+            os.rename(src, dst)
+        except OSError as e:  # a read-only store, no permission, a name taken meanwhile: nothing changed
+            raise StoreError(f"{self.root}: cannot rename {old!r} to {new!r} ({e.strerror or e})") from None
         done: builtins.list[tuple[Path, dict]] = []
         try:
             for ens in users:
