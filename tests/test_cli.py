@@ -356,6 +356,26 @@ def test_subprocess_exit_code(env, tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+def test_train_stores_into_an_empty_folder_and_refuses_an_unusable_store_before_training(env, tmp_path):
+    """An empty --store folder becomes a store (it was refused after the whole run: 'not a prompt store'); a
+    folder of other files, or a --task that is an ensemble, is exit 2 before any training."""
+    store = tmp_path / "empty"
+    store.mkdir()
+    rc, stdout, stderr = run(train_argv(env, tmp_path / "a", "--max-steps", "1", "--baselines", "no_prompt",
+                                        "--store", store, "--task", "t"))
+    assert rc == 0 and f"added to store {store} as task 't'" in stdout, stderr
+    assert run(["store", "add", "--store", store, "u", tmp_path / "a" / "prompt"])[0] == 0
+    assert run(["ensemble", "--store", store, "--name", "e", "--members", "t,u", "--combine", "vote"])[0] == 0
+    _assert_usage_error(train_argv(env, tmp_path / "b", "--store", store, "--task", "e"),
+                        "entry 'e' is an ensemble, the run would store a prompt there")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    _assert_usage_error(train_argv(env, tmp_path / "c", "--store", other, "--task", "t"),
+                        "a non-empty folder without")
+    assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+
+
 def test_store_ensemble_generate_and_eval_through_the_engine(env, tmp_path):
     store = tmp_path / "store"
     for name, seed in (("sent_a", "1"), ("sent_b", "2")):

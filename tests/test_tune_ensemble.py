@@ -49,6 +49,7 @@ def sections(out, **train_kw) -> dict:
 def test_ensemble_seeds_stores_the_members_and_ensemble_and_reports_the_validation_gain(tmp_path, tokenizer,
                                                                                         engine_sources):
     out, store_dir = tmp_path / "run", tmp_path / "store"
+    store_dir.mkdir()  # an empty folder becomes the store (it was 'not a prompt store' after the whole search)
     model, lines = make_model("llama"), []
     data = with_test_split(task(64, 32))
     result = run_tune(sections(out), TuneArgs(lrs=[1e-3, 0.01], eta=2, ensemble_seeds=3, store=str(store_dir),

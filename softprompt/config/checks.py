@@ -85,12 +85,14 @@ def store_task_problems(store: str | None, task: str | None) -> list[str]:
     if store:
         keep_problems(problems, check_folder_to_create("--store", store))
     if task:
-        from softprompt.store import StoreError, safe_task_name
+        from softprompt.store import StoreError, prompt_entry_problem, safe_task_name
 
         try:
             safe_task_name(task)
         except StoreError as e:
             problems.append(str(e))
+        if store and not problems:  # what would make storing the prompt fail once the run is over
+            keep_problems(problems, prompt_entry_problem(store, task))
     return problems
 
 

@@ -14,7 +14,7 @@ from softprompt.store.format import (
 )
 from softprompt.store.names import safe_task_name
 from softprompt.store.peft_interop import export_peft, import_peft
-from softprompt.store.prompt_store import PromptStore
+from softprompt.store.prompt_store import PromptStore, prompt_entry_problem
 
 __all__ = [
     "CONFIG_NAME",
@@ -23,6 +23,7 @@ __all__ = [
     "WEIGHTS_NAME",
     "EnsembleSpec",
     "PromptStore",
+    "prompt_entry_problem",
     "StoreEntry",
     "StoreError",
     "StoredPrompt",

@@ -219,7 +219,7 @@ def save_results(result: TuneResult, out: Path, model, tune: TuneArgs, echo: Cal
         return
     from softprompt.store import PromptStore
 
-    store = PromptStore(tune.store, create=not Path(tune.store).exists())
+    store = PromptStore(tune.store, create=True)
     if len(top) < 2:
         store.add(tune.task, out / "best_prompt", overwrite=True)
         echo(f"added the best prompt to store {tune.store} as {tune.task!r}")

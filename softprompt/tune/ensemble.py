@@ -92,16 +92,16 @@ def measure(kind: str, name: str, members: list[dict], model, tokenizer, example
     """
     from softprompt.store import PromptStore
 
-    def run(root: str, create: bool) -> dict:
-        store = PromptStore(root, create=create)
+    def run(root: str) -> dict:
+        store = PromptStore(root, create=True)  # an existing store, or a new one in a missing or empty folder
         add_to_store(store, name, {m["name"]: Path(m["prompt_dir"]) for m in members})
         return evaluate_stored(store, name, model, tokenizer, examples, fmt, batch_size, max_length)
 
     if store_dir:
-        scores = run(store_dir, not Path(store_dir).exists())
+        scores = run(store_dir)
     else:
         with tempfile.TemporaryDirectory() as tmp:
-            scores = run(str(Path(tmp) / "store"), True)
+            scores = run(str(Path(tmp) / "store"))
     by_name = {m["name"]: m for m in scores.pop("members")}
     rows = [{**{k: (str(v) if isinstance(v, Path) else v) for k, v in m.items()}, "metrics": by_name[m["name"]]
              ["metrics"]} for m in members]

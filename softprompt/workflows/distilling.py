@@ -270,7 +270,7 @@ def distill_and_save(args: dict, distill: DistillArgs, store: str | None = None,
     print(format_distill_report(report))
     print(f"saved prompt to {out / 'prompt'}  (report: {out / 'distill.json'}, log: {out / 'metrics.jsonl'})")
     if store and not result.diverged:
-        PromptStore(store, create=not Path(store).exists()).add(store_task, out / "prompt", overwrite=True)
+        PromptStore(store, create=True).add(store_task, out / "prompt", overwrite=True)
         print(f"added to store {store} as task {store_task!r}")
     return report
 

@@ -143,7 +143,7 @@ def train_and_save(args: dict, store: str | None = None, store_task: str | None 
     if result.diverged:
         report_divergence(args, result, out, store, store_task)
     elif store:
-        PromptStore(store, create=not Path(store).exists()).add(store_task, out / "prompt", overwrite=True)
+        PromptStore(store, create=True).add(store_task, out / "prompt", overwrite=True)
         print(f"added to store {store} as task {store_task!r}")
     return result
 
