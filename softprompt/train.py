@@ -166,6 +166,22 @@ def _enable_checkpointing(model) -> None:
             setattr(model.config, name, 0.0)
 
 
+def loss_units(batch) -> int:
+    """What a family's micro-batch loss averages over: its target tokens, or its rows' classes."""
+    return int(batch.class_labels.numel()) if batch.class_labels is not None else int(batch.target_mask.sum())
+
+
+def _unit_weights(counts: list[int], world: int, device) -> list[float]:
+    """Per micro-batch of this process, the factor its mean loss takes so that the gradients, averaged over the
+    ``world`` processes, are those of the mean over every unit of the step (``count * world / all units``)."""
+    total = float(sum(counts))
+    if world > 1:  # every process's units
+        t = torch.tensor([total], dtype=torch.float64, device=device)
+        _all_average([t], world)
+        total = float(t[0]) * world
+    return [c * world / total if total else 0.0 for c in counts]
+
+
 def _all_average(tensors: list[torch.Tensor], world: int) -> None:
     import torch.distributed as dist
 
@@ -231,6 +247,9 @@ def train(model, tokenizer, method: PromptMethod, task: TaskData, args: TrainArg
     per_step = args.batch_size * args.grad_accum
     steps_per_epoch = max(1, len(train_enc) // per_step)
     total = args.max_steps or steps_per_epoch * args.epochs
+    # each micro-batch's mean loss weighs by its loss units (target tokens, or classes), so that the step's loss is
+    # the mean over all its units whatever the split into micro-batches and processes; a custom loss: by rows
+    units = loss_units if loss_fn is None else (lambda b: int(b.input_ids.shape[0]))
     loss_fn = loss_fn or family.loss
     params = [p for p in method.parameters() if p.requires_grad]
     opt = build_optimizer(params, args)
@@ -270,10 +289,11 @@ def train(model, tokenizer, method: PromptMethod, task: TaskData, args: TrainArg
             guard.snapshot_if_due(step, method, opt)
             t0 = time.perf_counter()
             loss_sum, tokens = 0.0, 0
-            for mb in group:
+            weights = _unit_weights([units(mb) for mb in group], world, model.device)
+            for mb, weight in zip(group, weights, strict=True):
                 mb = mb.to(model.device)
                 prompt = family.step_prompt(model, method(), pass_mode)
-                loss = loss_fn(model, mb, prompt) / len(group)
+                loss = loss_fn(model, mb, prompt) * weight
                 loss.backward()
                 loss_sum += float(loss.detach())
                 tokens += mb.num_tokens

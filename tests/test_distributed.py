@@ -6,7 +6,7 @@ from safetensors.torch import load_file
 
 from softprompt.train import train
 from tests.conftest import make_tokenizer, torchrun
-from tests.test_train import args, fresh, task
+from tests.test_train import args, fresh, uneven_task
 
 
 def test_two_process_run_matches_on_both_ranks_and_a_single_process(tmp_path):
@@ -15,10 +15,10 @@ def test_two_process_run_matches_on_both_ranks_and_a_single_process(tmp_path):
     r0 = load_file(str(tmp_path / "rank0_of_2.safetensors"))["prompt"]
     r1 = load_file(str(tmp_path / "rank1_of_2.safetensors"))["prompt"]
     assert (r0 == r1).all()  # bit-identical on both ranks
-    # one process on the whole batches: every row has a one-token target, so the mean of the two halves'
-    # mean losses is the whole batch's mean loss, and the updates agree
+    # one process on the whole batches: the ranks hold unequal shares (4 and 3 rows) of answers of unequal
+    # lengths, and the step's loss is still the mean over every target token of the batch, so the updates agree
     model, method = fresh(make_tokenizer())
-    train(model, make_tokenizer(), method, task(), args(tmp_path / "single", max_steps=6, optimizer="adamw",
-                                                        lr=0.05, batch_size=8, eval_every=3))
+    train(model, make_tokenizer(), method, uneven_task(), args(tmp_path / "single", max_steps=6, optimizer="adamw",
+                                                               lr=0.05, batch_size=7, eval_every=3))
     assert (method.embeddings.detach() - r0).abs().max() < 1e-4
     assert (tmp_path / "run" / "metrics.jsonl").read_text().count("\n") == 6  # rank 0 alone wrote the log

@@ -264,6 +264,33 @@ def test_grad_accumulation_matches_big_batch(tmp_path, tokenizer):
     torch.testing.assert_close(results[0], results[1], atol=1e-5, rtol=1e-4)
 
 
+def uneven_task(n_train=64) -> TaskData:
+    """A generation task whose answers are 1 to 4 tokens (+ EOS): micro-batches hold unequal target counts."""
+    import random
+
+    rng = random.Random(5)
+    fmt = TaskFormat("Review: {text}\nSentiment:", "answer")
+    answers = ["good", "very good", "not a good film", "awful", "the plot was bad"]
+    fill = ["the", "movie", "was", "a", "plot", "very"]
+    recs = [{"text": " ".join(rng.choice(fill) for _ in range(rng.randint(1, 6))), "answer": " " + rng.choice(answers)}
+            for _ in range(n_train)]
+    return TaskData(fmt, {"train": [fmt.render(r) for r in recs]})
+
+
+@pytest.mark.parametrize("group_by_length", [True, False])
+def test_grad_accumulation_matches_big_batch_with_unequal_targets(tmp_path, tokenizer, group_by_length):
+    """The step's loss is the mean over all its target tokens, however the batch is cut into micro-batches:
+    averaging the micro-batches' means weighed a token of a short-answer micro-batch more."""
+    results = []
+    for bs, acc in ((8, 1), (2, 4)):
+        model, method = fresh(tokenizer)
+        train(model, tokenizer, method, uneven_task(), args(tmp_path / f"{bs}", max_steps=3, batch_size=bs,
+                                                            grad_accum=acc, optimizer="adamw", lr=0.05, warmup_steps=0,
+                                                            group_by_length=group_by_length))
+        results.append(method.embeddings.detach().clone())
+    torch.testing.assert_close(results[0], results[1], atol=1e-6, rtol=1e-5)
+
+
 def test_schedule_and_epoch_order():
     a = TrainArgs(warmup_steps=4, schedule="linear")
     f = lr_lambda(a, 14)
