@@ -33,7 +33,6 @@ from softprompt.data import (
     TaskFormat,
     batches,
     collate,
-    encode,
     encode_chat,
     is_chat,
     with_leading,
@@ -246,7 +245,9 @@ def evaluate_prompt(model, tokenizer, prompt_kv, examples: list[Example], fmt: T
         lengths = torch.tensor(family.label_lengths(tokenizer, fmt))
         metrics.update(loss_metrics(float(-scores[torch.arange(len(examples)), gold].sum() / lengths[gold].sum())))
     elif with_loss:
-        enc = encode(tokenizer, examples, max_length=max_length, lead=family.lead_ids(tokenizer, bos))
+        # the training encoding: the answer and the EOS that ends it (what training optimises and the engine's
+        # report scores)
+        enc = family.encode_examples(tokenizer, examples, fmt, max_length, bos)
         metrics.update(loss_metrics(mean_target_loss(model, enc, tokenizer.pad_token_id, prompt_kv, batch_size)))
     return metrics, preds
 
@@ -361,7 +362,8 @@ def evaluate_on_engine(engine, runs: dict[str, str], examples: list[Example], fm
         return report
     gens = engine.generate([GenerateRequest(task, ex.source, raw=True, max_tokens=max_new_tokens, stop=["\n"])
                             for task in runs.values() for ex in examples])
-    scores = engine.score([ScoreRequest(task, ex.source, ex.target, raw=True)
+    eos = engine.tok.eos_token_id is not None  # training ends every answer with it (append_eos)
+    scores = engine.score([ScoreRequest(task, ex.source, ex.target, raw=True, eos=eos)
                            for task in runs.values() for ex in examples])
     expected = [ex.target.strip() for ex in examples]
     for k, row in enumerate(runs):

@@ -264,3 +264,16 @@ def test_logprobs_are_the_models_and_top_k_is_ranked(setup):
         ids.append(t)
     with pytest.raises(RequestError, match="logprobs must be"):
         engine.generate([GenerateRequest("caps", "France", logprobs=21)])
+
+
+def test_score_with_eos_scores_the_continuation_and_the_end_of_the_answer(tokenizer):
+    model = make_model("llama")
+    engine = Engine(model, tokenizer)
+    engine.add_base("base")
+    plain, ended = engine.score([ScoreRequest("base", "France", " Paris", raw=True),
+                                 ScoreRequest("base", "France", " Paris", raw=True, eos=True)])
+    assert ended.tokens == [*plain.tokens, tokenizer.eos_token_id]
+    assert ended.token_logprobs[:-1] == pytest.approx(plain.token_logprobs, abs=1e-5)
+    assert ended.logprob == pytest.approx(plain.logprob + ended.token_logprobs[-1], abs=1e-5)
+    with pytest.raises(RequestError, match="eos must be true or false"):
+        engine.score([ScoreRequest("base", "France", " Paris", raw=True, eos="yes")])

@@ -123,3 +123,35 @@ def test_engine_evaluation_equals_single_prompt_evaluation(model, tokenizer):
         for row, kv in [("a", None), ("b", tuned), ("c", hard)]:
             single, _ = evaluate_prompt(model, tokenizer, kv, examples, f, batch_size=2, max_new_tokens=3)
             assert report[row] == pytest.approx(single, rel=1e-4, abs=1e-5), row
+
+
+def test_a_generation_tasks_loss_counts_the_eos_that_ends_each_answer(model, tokenizer):
+    """Training ends every answer with the EOS (the model learns to stop): the validation loss (evaluate_prompt,
+    which --metric loss, --stop-when-flat and tune rank by) and the final report's (the engine) score the same
+    tokens. Both left the EOS out; the reference here is an independent per-example forward."""
+    import torch.nn.functional as F
+
+    from softprompt.engine import Engine
+    from softprompt.evaluate import evaluate_on_engine
+
+    fmt = TaskFormat("Country: {text}\nCapital:", "label")
+    examples = [fmt.render({"text": c, "label": f" {a}"}) for c, a in [("France", "Paris"), ("Spain", "Madrid"),
+                                                                           ("Italy", "the Rome")]]
+    torch.manual_seed(0)
+    kv = forward.compute_prompt_kv(model, torch.randn(3, model.config.hidden_size) * 0.5)
+    eos, nll, count = tokenizer.eos_token_id, 0.0, 0
+    for ex in examples:
+        src = tokenizer(ex.source, add_special_tokens=False)["input_ids"]
+        tgt = tokenizer(ex.target, add_special_tokens=False)["input_ids"] + [eos]
+        ids = torch.tensor([src + tgt])
+        with torch.no_grad():
+            logits = text_logits(model, ids, torch.ones_like(ids), kv)[0]
+        nll += float(F.cross_entropy(logits[len(src) - 1:-1], ids[0, len(src):], reduction="sum"))
+        count += len(tgt)
+    reference = nll / count
+    metrics, _ = evaluate_prompt(model, tokenizer, kv, examples, fmt, max_new_tokens=2)
+    assert metrics["loss"] == pytest.approx(reference, rel=1e-4)
+    engine = Engine(model, tokenizer)
+    engine.add_kv("p", kv, fmt)
+    report = evaluate_on_engine(engine, {"tuned": "p"}, examples, fmt, max_new_tokens=2)
+    assert report["tuned"]["loss"] == pytest.approx(reference, rel=1e-4)

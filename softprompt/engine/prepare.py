@@ -169,6 +169,10 @@ def _prepare_score(engine, req: ScoreRequest, task, versions) -> Prepared:
     cont = encode(engine, req.continuation)
     if not cont:
         raise RequestError(f"continuation {req.continuation!r} has no tokens")
+    if req.eos:
+        if engine.tok.eos_token_id is None:
+            raise RequestError("eos: the tokenizer has no EOS token")
+        cont = [*cont, int(engine.tok.eos_token_id)]
     rows = []
     for member, fmt in zip(task.members, task.formats, strict=True):
         room = engine.context - engine.backend.length(member)

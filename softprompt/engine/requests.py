@@ -102,12 +102,14 @@ class GenerateResult:
 
 @dataclass
 class ScoreRequest:
-    """Log-probability of ``continuation`` after ``input`` under ``task``'s prompt."""
+    """Log-probability of ``continuation`` after ``input`` under ``task``'s prompt; with ``eos``, of the
+    continuation followed by the tokenizer's EOS (the answer and its end, as generation tasks train)."""
 
     task: str
     input: Input
     continuation: str
     raw: bool = False
+    eos: bool = False
 
 
 @dataclass
@@ -182,6 +184,8 @@ def check_request(req, kind: str) -> list[str]:
             problems.append("continuation must be a non-empty string")
         else:
             texts.append(("continuation", req.continuation))
+        if not isinstance(req.eos, bool):
+            problems.append(f"eos must be true or false, got {req.eos!r}")
     for what, text in texts:
         why = unencodable(text)
         if why:

@@ -319,7 +319,8 @@ def create_app(state: ServerState) -> FastAPI:
     async def score(body: ScoreBody, request: Request) -> dict:
         t0 = time.perf_counter()
         check_chars([*input_texts([body.input]), body.continuation], "input")
-        (r,) = await run("score", [ScoreRequest(body.model, body.input, body.continuation, raw=body.raw)], request)
+        (r,) = await run("score", [ScoreRequest(body.model, body.input, body.continuation, raw=body.raw,
+                                                           eos=body.eos)], request)
         done(request, t0)
         return {"model": body.model, "logprob": r.logprob, "token_logprobs": r.token_logprobs, "tokens": r.tokens}
 

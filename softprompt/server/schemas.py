@@ -157,3 +157,5 @@ class ScoreBody(_Body):
     input: Input
     continuation: Text = Field(min_length=1)
     raw: bool = Field(default=False, strict=True)
+    eos: bool = Field(default=False, strict=True,
+                      description="score the continuation followed by the tokenizer's EOS (the answer ends there)")
