@@ -100,3 +100,47 @@ def test_serve_flags_are_checked():
         ServeArgs(scheduler="fifo")
     with pytest.raises(ConfigError, match="--prefill-chunk must be >= 1"):
         ServeArgs(prefill_chunk=0)
+
+
+def test_a_failing_sample_fails_its_row_alone_and_a_failing_step_does_not_stop_the_scheduler(tokenizer,
+                                                                                             monkeypatch):
+    """Sampling (outside the per-row forward isolation) raising for one row fails that row only; a step that
+    raises where no row is to blame fails the running rows and the scheduler keeps serving (the worker thread
+    died: admitted requests were never answered, every later one was refused)."""
+    import softprompt.engine.running as running
+
+    engine = Engine(make_model("llama"), tokenizer, max_batch_rows=8)
+    engine.add_base("base")
+    real_sample = running.sample_next
+
+    def sample(logits, temperature, *args):
+        if temperature == 0.5:
+            raise RuntimeError("probability tensor contains either inf, nan or element < 0")
+        return real_sample(logits, temperature, *args)
+
+    monkeypatch.setattr(running, "sample_next", sample)
+    greedy = GenerateRequest("base", "the movie was", raw=True, max_tokens=4)
+    reference = engine.generate([greedy])[0]
+    sched = Scheduler(engine, max_batch_requests=8, max_wait_ms=20)
+    sched.start()
+    try:
+        bad = sched.submit("generate", GenerateRequest("base", "good", raw=True, max_tokens=4, temperature=0.5,
+                                                       seed=1))
+        good = sched.submit("generate", greedy)
+        with pytest.raises(RuntimeError, match="probability tensor"):
+            bad.result(30)
+        assert good.result(30).tokens == reference.tokens
+        real_emit, calls = RunningBatch._emit, []
+
+        def emit_once_broken(self, ready):
+            calls.append(1)
+            if len(calls) == 1:
+                raise ValueError("a bug in a decode step")
+            return real_emit(self, ready)
+
+        monkeypatch.setattr(RunningBatch, "_emit", emit_once_broken)
+        with pytest.raises(ValueError, match="a bug in a decode step"):
+            sched.submit("generate", greedy).result(30)
+        assert sched.submit("generate", greedy).result(30).tokens == reference.tokens  # still serving
+    finally:
+        sched.stop()

@@ -209,7 +209,19 @@ class RunningBatch:
         for i, r in enumerate(rows):
             s = r.sampling
             if s.temperature > 0:
-                toks[i] = sample_next(logits[i:i + 1], s.temperature, s.top_k, s.top_p, s.generator)[0]
+                try:
+                    toks[i] = sample_next(logits[i:i + 1], s.temperature, s.top_k, s.top_p, s.generator)[0]
+                except Exception as e:  # noqa: BLE001 - e.g. non-finite logits: the row fails alone
+                    log.error("sampling failed: %s: %s", type(e).__name__, e, exc_info=e)
+                    r.error = e
+        failed = [r for r in rows if r.error is not None]
+        for r in failed:
+            self._finish(r, "error")
+        if failed:
+            keep = [i for i, r in enumerate(rows) if r.error is None]
+            rows, logits, toks = [rows[i] for i in keep], logits[keep], toks[keep]
+            if not rows:
+                return
         want = [i for i, r in enumerate(rows) if r.logprobs is not None]
         lps = {}
         if want:
@@ -239,6 +251,17 @@ class RunningBatch:
                 self._finish(r, "length")
             else:
                 r.pending = t
+
+    def abort(self, error: BaseException) -> None:
+        """Fail every row with ``error`` and empty the batch: what is left when a step raised where no single
+        row can be blamed (the rows' state is unknown); the batch can take new rows afterwards."""
+        rows, self.rows, self.decoding = list(self.rows), [], 0
+        for r in rows:
+            if r.done is not None:
+                try:
+                    r.done(error)
+                except Exception:  # noqa: BLE001 - one row's callback must not keep the others unanswered
+                    log.exception("failing a generation raised")
 
     # ------------------------------------------------------------------------------------ leaving
     def _finish(self, r: _Row, reason: str) -> None:

@@ -239,7 +239,12 @@ class Scheduler:
                     self._count(group)
             self._admit(batch)
             if len(batch):
-                batch.step()
+                try:
+                    batch.step()
+                except Exception as e:  # noqa: BLE001 - no row to blame: fail the running ones, keep serving
+                    log.error("decode step failed: %s: %s; failing the %d running generation(s)",
+                              type(e).__name__, e, len(batch), exc_info=e)
+                    batch.abort(e)
                 self.stats.steps += 1
             mem = batch.memory()
             self.stats.running, self.stats.slot_bytes, self.stats.slot_tokens = mem["rows"], mem["bytes"], mem["tokens"]
