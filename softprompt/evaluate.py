@@ -176,19 +176,28 @@ def mean_target_loss(model, encoded: list[Encoded], pad_id: int, prompt_kv, batc
 
 @torch.no_grad()
 def generate_texts(model, tokenizer, prompt_kv, sources: list[str] | list[list[int]], max_new_tokens: int,
-                   batch_size: int, stop: str | None = "\n", bos: bool = True, **sampling) -> list[str]:
+                   batch_size: int, stop: str | None = "\n", bos: bool = True, max_length: int | None = None,
+                   **sampling) -> list[str]:
     """Generate a continuation for each source, text or token ids (left-padded batches); cut at ``stop``.
 
     ``bos``: a text source starts with the model's BOS (see the module docstring); token ids (a rendered
-    conversation) are taken as they are.
+    conversation) are taken as they are. ``max_length``: a longer text source keeps its BOS and its last
+    tokens (where training and the final report's engine cut it).
     """
     lead = family_of(model).lead_ids(tokenizer, bos)
+
+    def ids_of(s: str | list[int]) -> list[int]:
+        if isinstance(s, list):
+            return s
+        ids = with_leading(tokenizer(s, add_special_tokens=False)["input_ids"], lead)
+        if max_length is not None and len(ids) > max(max_length, len(lead) + 1):
+            ids = ids[:len(lead)] + ids[len(ids) - (max(max_length, len(lead) + 1) - len(lead)):]
+        return ids
+
     out: list[str] = []
     for i in range(0, len(sources), batch_size):
         chunk = sources[i:i + batch_size]
-        enc = [Encoded(s if isinstance(s, list) else with_leading(tokenizer(s, add_special_tokens=False)["input_ids"],
-                                                                  lead), 10**9)
-               for s in chunk]
+        enc = [Encoded(ids_of(s), 10**9) for s in chunk]
         batch: Batch = collate(enc, tokenizer.pad_token_id, padding_side="left").to(model.device)
         new = generate(model, batch.input_ids, batch.attention_mask, prompt_kv, max_new_tokens,
                        tokenizer.eos_token_id, **sampling)
@@ -234,7 +243,7 @@ def evaluate_prompt(model, tokenizer, prompt_kv, examples: list[Example], fmt: T
         preds = [Prediction(ex.source, e, p) for ex, e, p in zip(examples, expected, predicted, strict=True)]
     else:
         texts = generate_texts(model, tokenizer, prompt_kv, [ex.source for ex in examples], max_new_tokens,
-                               batch_size, bos=bos)
+                               batch_size, bos=bos, max_length=max_length)
         expected = [ex.target.strip() for ex in examples]
         metrics.update(generation_metrics(expected, texts))
         preds = [Prediction(ex.source, e, p.strip()) for ex, e, p in zip(examples, expected, texts, strict=True)]

@@ -18,7 +18,7 @@ from transformers import PreTrainedTokenizerFast
 
 from softprompt.config import DataArgs, TrainArgs
 from softprompt.data import DataError, Example, TaskData, TaskFormat, collate, encode, leading_special_ids
-from softprompt.engine import ClassifyRequest, Engine, GenerateRequest, ScoreRequest
+from softprompt.engine import ClassifyRequest, Engine, GenerateRequest, ScoreRequest, TooLongError
 from softprompt.evaluate import evaluate_prompt, hard_prompt_kv, label_scores
 from softprompt.forward import compute_prompt_kv, family_of
 from softprompt.forward.causal import CausalLM
@@ -159,6 +159,13 @@ def test_left_truncation_keeps_bos_and_counts_it(bos_tok):
     assert row.ids == [BOS] + tail[-3:]
     (row,) = engine.prepare("score", ScoreRequest("soft", "the movie was very good", " positive")).rows
     assert row.ids == [BOS] + tail[-3:] + [WORD_IDS["positive"]]
+    # generation too (the final report of a generation task with a test input over --max-length raised
+    # TooLongError after training, before the prompt was saved); a server's engine does not truncate
+    (row,) = engine.prepare("generate", GenerateRequest("soft", "the movie was very good", max_tokens=2)).rows
+    assert row.ids == [BOS] + tail[-3:]
+    engine.truncate = False
+    with pytest.raises(TooLongError, match="generate input for task 'soft' has 10 tokens; at most 4 fit"):
+        engine.prepare("generate", GenerateRequest("soft", "the movie was very good", max_tokens=2))
 
 
 @pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
@@ -407,3 +414,26 @@ def test_exporting_a_prompt_stored_without_the_bos_to_peft_warns_that_the_layout
             peft = export_peft(out, tmp_path / f"peft{bos}")
         assert ("a PEFT folder cannot record that" in caplog.text) is not bos
         assert load_prompt(peft).bos  # what the warning says: read back, [prompt, BOS, text]
+
+
+def test_validation_generates_from_the_input_cut_where_training_and_the_report_cut_it(bos_tok, monkeypatch):
+    """A generation task's validation fed the whole source (past --max-length, even past the context), while
+    training and the report's engine keep the BOS and the last tokens."""
+    import softprompt.evaluate as evaluate
+
+    model = make_model("llama")
+    fmt = TaskFormat("Review: {text}\nSentiment:", "label")
+    ex = fmt.render({"text": "the movie was very good", "label": " positive"})
+    kv = compute_prompt_kv(model, soft_prompt(model, bos_tok)())
+    seen, real = [], evaluate.generate
+
+    def spy(model, input_ids, attention_mask, *args, **kwargs):
+        seen.append(input_ids[attention_mask.bool()].tolist())
+        return real(model, input_ids, attention_mask, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "generate", spy)
+    evaluate_prompt(model, bos_tok, kv, [ex], fmt, max_new_tokens=2, max_length=4, with_loss=False)
+    engine = Engine(model, bos_tok, max_input_tokens=4, truncate=True)
+    engine.add_kv("soft", kv, fmt)
+    (row,) = engine.prepare("generate", GenerateRequest("soft", ex.source, raw=True, max_tokens=2)).rows
+    assert seen == [row.ids] and row.ids == [BOS] + plain(bos_tok, "very good\nSentiment:")[-3:]

@@ -98,7 +98,7 @@ class Engine:
         max_batch_tokens: most padded tokens per forward (bounds memory).
         max_input_tokens: most tokens in a request's text (prompt excluded); default: the model's
             context length. Longer inputs raise :class:`TooLongError`, or are cut from the left when
-            ``truncate`` is set (classification and scoring only).
+            ``truncate`` is set (the BOS kept; evaluation sets it, a server does not).
         progress: show a progress bar over batches (on a terminal).
         prefill_chunk: most input tokens a running batch reads per step (:mod:`.running`): a long input
             joins over several steps instead of stalling the rows being generated for long.

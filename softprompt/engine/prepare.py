@@ -192,9 +192,11 @@ def _prepare_generate(engine, req: GenerateRequest, task, versions) -> Prepared:
     ids = encode(engine, source)
     if not ids:
         raise RequestError(f"task {task.name!r}: the input has no tokens")
-    ids = with_leading(ids, lead_ids(engine, member, task.formats[0]))
+    lead = lead_ids(engine, member, task.formats[0])
+    ids = with_leading(ids, lead)
     room = engine.context - engine.backend.length(member) - req.max_tokens
-    row = Row(member, fit(engine, ids, 0, room, f"generate input for task {task.name!r}", False), 0)
+    # an engine made to truncate (evaluation: inputs cut where training cut them) keeps the end of a long input
+    row = Row(member, fit(engine, ids, 0, room, f"generate input for task {task.name!r}", True, len(lead)), 0)
     seed = req.seed
     if req.temperature > 0 and seed is None:
         seed = int(torch.randint(0, 2**62, (1,)))
