@@ -454,3 +454,20 @@ def test_store_remove_and_rename_that_the_os_refuses_exit_2_and_change_nothing(s
     assert rc == 2 and f"cannot {argv[0]} 'good'" in err and "Permission denied" in err, err
     monkeypatch.undo()
     assert sorted(e.name for e in store.list()) == ["bad", "good"]
+
+
+def test_a_write_without_overwrite_never_replaces_a_folder_another_writer_placed_meanwhile(tmp_path):
+    """Two `store add` of one name without --overwrite: the existence check passes for both; the second to place
+    its folder must fail with 'already exists' and leave the first one's folder (it swapped them and deleted the
+    first writer's folder, both reporting success)."""
+    target = tmp_path / "entry"
+
+    def write(tmp):
+        (tmp / "mine.txt").write_text("second writer")
+        target.mkdir()  # the other writer places its folder between the check and the rename
+        (target / "theirs.txt").write_text("first writer")
+
+    with pytest.raises(StoreError, match="already exists \\(written meanwhile by another process\\)"):
+        atomic.write_folder_atomically(target, write, overwrite=False, replaceable=lambda p: True)
+    assert sorted(p.name for p in target.iterdir()) == ["theirs.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["entry"]  # no temporary folder left

@@ -12,6 +12,7 @@ removed once no writer holds them (:func:`~softprompt.store.swap.remove_leftover
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -113,6 +114,19 @@ def _swap_by_renames(tmp: Path, target: Path) -> None:
         swap.unlock(lock)
 
 
+def _place_new(tmp: Path, target: Path) -> None:
+    """Rename ``tmp`` to ``target``, which must not exist: a folder with files another writer placed there
+    since the check (two ``store add`` of one name without --overwrite) makes the rename fail, and that is
+    "already exists", never a replacement of the other writer's folder."""
+    try:
+        os.rename(tmp, target)
+    except OSError as e:
+        if e.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
+            raise StoreError(f"{target} already exists (written meanwhile by another process); pass "
+                             "overwrite=True (CLI --overwrite) to replace it") from None
+        raise
+
+
 def write_folder_atomically(target: str | os.PathLike, write: Callable[[Path], None], overwrite: bool,
                             replaceable: Callable[[Path], bool]) -> Path:
     """Create folder ``target`` with the files ``write(tmp_dir)`` puts into ``tmp_dir``, atomically.
@@ -151,7 +165,9 @@ def write_folder_atomically(target: str | os.PathLike, write: Callable[[Path], N
         write(tmp)
         os.chmod(tmp, 0o755)  # mkdtemp makes it owner-only; a stored prompt is an ordinary folder
         fsync_path(tmp)
-        if not target.exists():
+        if not overwrite:
+            _place_new(tmp, target)
+        elif not target.exists():
             os.replace(tmp, target)
         elif not exchange(tmp, target):  # after an exchange tmp holds the old folder
             _swap_by_renames(tmp, target)
