@@ -368,6 +368,10 @@ def test_train_stores_into_an_empty_folder_and_refuses_an_unusable_store_before_
     assert run(["ensemble", "--store", store, "--name", "e", "--members", "t,u", "--combine", "vote"])[0] == 0
     _assert_usage_error(train_argv(env, tmp_path / "b", "--store", store, "--task", "e"),
                         "entry 'e' is an ensemble, the run would store a prompt there")
+    (store / "notes").mkdir()
+    (store / "notes" / "todo.txt").write_text("mine")
+    _assert_usage_error(train_argv(env, tmp_path / "b", "--store", store, "--task", "notes"),
+                        "is a folder that is not a stored prompt")
     other = tmp_path / "other"
     other.mkdir()
     (other / "notes.txt").write_text("mine")

@@ -140,6 +140,22 @@ def test_a_cancelled_row_leaves_at_the_next_step(tmp_path, tokenizer):
     assert results["other"].tokens == _solo(engine, REQS[1]).tokens
 
 
+def test_abort_fails_every_row_frees_the_slots_and_the_batch_serves_again(tmp_path, tokenizer):
+    engine = _engine(make_model("llama"), tokenizer, tmp_path)
+    batch, results = RunningBatch(engine), {}
+    for i in (0, 1):
+        batch.admit(engine.prepare("generate", REQS[i]), done=lambda r, i=i: results.__setitem__(i, r))
+    batch.step()
+    assert batch.memory()["bytes"] > 0
+    error = RuntimeError("a step failed")
+    batch.abort(error)
+    assert results == {0: error, 1: error} and len(batch) == 0 and batch.memory()["bytes"] == 0
+    batch.admit(engine.prepare("generate", REQS[1]), done=lambda r: results.__setitem__("again", r))
+    while len(batch):
+        batch.step()
+    assert results["again"].tokens == _solo(engine, REQS[1]).tokens
+
+
 def test_a_prompt_reloaded_mid_generation_changes_only_later_requests(tmp_path, tokenizer):
     model = make_model("llama")
     engine = _engine(model, tokenizer, tmp_path)

@@ -52,7 +52,7 @@ HOSTILE = [
     ("/v1/score", {"model": "t1", "input": "France", "continuation": "\ud800x"}),
     ("/v1/completions", {"model": "t1", "prompt": "France", "seed": -(2**63) - 1, "temperature": 1}),
     ("/v1/chat/completions", {"model": "t1", "messages": [{"role": "user", "content": "France"}], "top_logprobs": 2}),
-    ("/v1/classify", {"model": "t0", "input": {"\ud800": 5}}),  # a surrogate in a key
+    ("/v1/classify", {"model": "t0", "input": {"\ud800": "x"}}),  # a surrogate in a key (no field 'text')
     ("/v1/classify", {"model": "t0", "input": "", "raw": True}),  # no tokens, no BOS: nothing predicts the label
     ("/v1/score", {"model": "t1", "input": " ", "continuation": "x", "raw": True}),
     ("/v1/completions", {"model": "t1", "prompt": "France", "max_tokens": True}),  # true is no token count

@@ -500,3 +500,25 @@ def test_trials_validate_with_max_new_tokens(tmp_path, tokenizer, monkeypatch):
     successive_halving(make_model("llama"), tokenizer, data, PROMPT, base(tmp_path, max_steps=2, metric="exact_match"),
                        TuneArgs(lrs=[0.1]), max_new_tokens=3)
     assert asked and set(asked) == {3}
+
+
+def test_trial_prompts_record_the_layout_they_trained_with(tmp_path, tokenizer):
+    """An --objective lm trial trains [P, text] (no BOS after the prompt): its stored prompt says bos false, as
+    train's does (tune saved bos true, so a PEFT export did not warn and a vLLM client added a BOS)."""
+    from softprompt import cli
+    from softprompt.store import load_prompt
+    from tests.test_objective_lm import corpus_docs
+
+    (tmp_path / "docs.txt").write_text("\n\n".join(corpus_docs(40)))
+    model_dir = tmp_path / "tiny"
+    make_model("llama").save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    # the CLI: an lm corpus's task record (it saved a template record and every trial failed: exit 2)
+    rc = cli.main([str(a) for a in ["tune", "--model", model_dir, "--objective", "lm", "--train-file",
+                                    tmp_path / "docs.txt", "--output-dir", tmp_path / "lm", "--lrs", "0.1",
+                                    "--budget-steps", "4", "--batch-size", "4", "--num-virtual-tokens", "2"]])
+    assert rc == 0
+    stored = load_prompt(tmp_path / "lm" / "best_prompt")
+    assert stored.bos is False and stored.meta["task"]["objective"] == "lm"
+    result = search(tmp_path / "task", tokenizer, TuneArgs(lrs=[0.1]), max_steps=2)
+    assert load_prompt(result.trials[0].prompt_dir).bos is True

@@ -1,7 +1,7 @@
 """Task data: file formats, templates and verbalizers, built-in datasets, tokenisation and batching."""
 
 from softprompt.data.builtin import BUILTIN_DATASETS, BuiltinSpec, builtin_spec, load_builtin
-from softprompt.data.chat import ChatExample, ChatFormat, encode_chat, is_chat, parse_messages
+from softprompt.data.chat import ChatExample, ChatFormat, bos_after_prompt, encode_chat, is_chat, parse_messages
 from softprompt.data.dataset import TaskData, load_task, order_verbalizer, parse_verbalizer
 from softprompt.data.formats import DataError, load_records, load_records_with_lines
 from softprompt.data.init_text import default_init_text, task_init_text
@@ -39,6 +39,7 @@ __all__ = [
     "encode_chat",
     "encode_classes",
     "is_chat",
+    "bos_after_prompt",
     "leading_special_ids",
     "load_builtin",
     "load_records",

@@ -88,6 +88,14 @@ def is_chat(fmt) -> bool:
     return isinstance(fmt, ChatFormat)
 
 
+def bos_after_prompt(fmt) -> bool:
+    """Whether a prompt trained on tasks of format ``fmt`` reads the model's BOS between itself and the text
+    (``[P, BOS, text]``, PEFT's layout; what a stored prompt's ``bos`` records): not for plain-text LM
+    training (a corpus chunk right after the prompt) nor for a chat task (the conversation as its template
+    renders it, with the template's own special tokens)."""
+    return fmt.objective != "lm" and not is_chat(fmt)
+
+
 @dataclass
 class ChatFormat(TaskFormat):
     """A chat task: records hold ``messages``; the model's chat template (or ``chat_template``) renders them.

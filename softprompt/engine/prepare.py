@@ -7,7 +7,8 @@ its rows were built for; a request whose task was reloaded in between is prepare
 
 A rendered source starts with the ids its prompt expects before the text (:meth:`Engine.lead_ids`: the
 model's BOS after a soft prompt and with no prompt, as PEFT and pre-training lay them out; nothing after a
-hard prompt, which starts with the BOS itself, or for a prompt stored without it). A text that already
+hard prompt, which starts with the BOS itself, for a prompt stored without it, or for a chat task, whose
+conversation its chat template renders with its own special tokens). A text that already
 starts with them (a chat template's ``<|begin_of_text|>``) keeps its own; a source cut from the left keeps
 them, and they count in every length budget. Labels and continuations never get special tokens.
 """

@@ -256,6 +256,7 @@ class RunningBatch:
         """Fail every row with ``error`` and empty the batch: what is left when a step raised where no single
         row can be blamed (the rows' state is unknown); the batch can take new rows afterwards."""
         rows, self.rows, self.decoding = list(self.rows), [], 0
+        self.slots = SlotKV()  # the interrupted step's keys/values, and their memory, go with the rows
         for r in rows:
             if r.done is not None:
                 try:

@@ -117,7 +117,8 @@ def _swap_by_renames(tmp: Path, target: Path) -> None:
 def _place_new(tmp: Path, target: Path) -> None:
     """Rename ``tmp`` to ``target``, which must not exist: a folder with files another writer placed there
     since the check (two ``store add`` of one name without --overwrite) makes the rename fail, and that is
-    "already exists", never a replacement of the other writer's folder."""
+    "already exists", never a replacement of the other writer's folder. (An *empty* folder made there
+    meanwhile is replaced, as POSIX rename does; no writer here places one.)"""
     try:
         os.rename(tmp, target)
     except OSError as e:

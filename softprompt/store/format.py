@@ -214,7 +214,7 @@ def check_model_compatible(stored: StoredPrompt, model, check_fingerprint: bool 
                          "cannot work with it")
     mismatch = method.peft_model_mismatch(stored.peft_config, model, stored.method_config)
     if mismatch:
-        raise StoreError(f"{where}: {CONFIG_NAME} has {mismatch}")
+        raise StoreError(f"{where}: {CONFIG_NAME} (with {META_NAME}'s method_config) has {mismatch}")
     head = {k: v for k, v in stored.tensors.items() if is_head_key(k)}
     if head and not family_of(model).has_head:
         raise StoreError(f"{where}: the prompt was trained with a classification head (task_type SEQ_CLS) but "

@@ -448,24 +448,3 @@ class PromptStore:
             load_prompt(tmp)
 
         return write_folder_atomically(dest, write, overwrite, replaceable_folder)
-
-
-def prompt_entry_problem(root: str | os.PathLike, name: str) -> str | None:
-    """Why a run could not store its prompt as entry ``name`` of store ``root`` once it ends (``train``,
-    ``distill`` check it before any work; they replace a prompt of that name): ``root`` is a folder with files
-    that is not a store (or a damaged store marker), or ``name`` is an ensemble. ``None`` when fine: a missing
-    or empty folder becomes a store."""
-    folder = Path(root).expanduser()
-    if not folder.is_dir() or not any(folder.iterdir()):
-        return None
-    if not (folder / STORE_FILE).exists():
-        return (f"--store {root}: a non-empty folder without {STORE_FILE} is not a prompt store; use a new or "
-                "empty folder, or an existing store")
-    try:
-        store = PromptStore(folder)
-    except StoreError as e:
-        return f"--store: {e}"
-    if name in store and store.kind(name) != "prompt":
-        return (f"--store {root} --task {name}: entry {name!r} is an ensemble, the run would store a prompt "
-                "there; remove it (softprompt store remove) or choose another --task")
-    return None

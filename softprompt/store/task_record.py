@@ -183,3 +183,14 @@ class TaskRecord:
         return TaskFormat(self.template, self.target_field or DEFAULT_TARGET_FIELD,
                           None if self.verbalizer is None else dict(self.verbalizer),
                           DEFAULT_TARGET_PREFIX if self.target_prefix is None else self.target_prefix)
+
+
+def task_meta(data_args, fmt: TaskFormat) -> dict:
+    """The ``task`` record stored with a prompt trained on ``fmt`` with the ``data`` section ``data_args``
+    (``train``, ``tune``): a template task's :class:`TaskRecord` (labels: a classification head's order), or
+    a corpus's record for ``--objective lm`` (no template; its files, chunking and split seed)."""
+    if fmt.objective == "lm":
+        from softprompt.data.corpus import corpus_record
+
+        return corpus_record(data_args, fmt)
+    return TaskRecord.from_format(fmt, data_args.dataset).to_dict()

@@ -254,7 +254,7 @@ def run_tune(args: dict[str, Any], tune: TuneArgs, model, tokenizer, task: TaskD
     ``trials/tNN/`` (each trial's run), ``best_prompt/``, ``top/1..k/`` with ``--top-k`` > 1.
     """
     from softprompt.data import default_init_text
-    from softprompt.store.task_record import TaskRecord
+    from softprompt.store.task_record import task_meta
 
     data, prompt, train_args = args["data"], args["prompt"], args["train"]
     flags = tune  # as given (tune.json records them)
@@ -279,7 +279,7 @@ def run_tune(args: dict[str, Any], tune: TuneArgs, model, tokenizer, task: TaskD
                                                                if k != "test"))
     result = successive_halving(
         model, tokenizer, task, prompt, train_args, tune, output_dir=out, eval_batch_size=args["eval"].eval_batch_size,
-        max_length=data.max_length, task_meta=TaskRecord.from_format(task.format, data.dataset).to_dict(),
+        max_length=data.max_length, task_meta=task_meta(data, task.format),
         train_config={k: v for k, v in sections.items() if k in ("model", "data", "eval")},
         progress=lambda partial: write_reports(partial, out, png=False), ensemble_seeds=tune.ensemble_seeds,
         max_new_tokens=args["eval"].max_new_tokens)

@@ -181,6 +181,7 @@ class _Search:
             return
         trial.rungs.append(RungResult(rung, trial.steps, value, loss, metrics, round(time.perf_counter() - t0, 3)))
         trial.status = "ok"
+        from softprompt.data import bos_after_prompt
         from softprompt.store import save_prompt
 
         save_prompt(trial.prompt_dir, method, self.model, task=self.save_meta.get("task"),
@@ -188,7 +189,8 @@ class _Search:
                                   "tune": {"trial": trial.id, "rung": rung, "steps": trial.steps},
                                   "prompt": dataclasses.asdict(self._prompt_args(trial.spec)),
                                   "train": dataclasses.asdict(self._train_args(trial))},
-                    metrics={f"val_{k}": v for k, v in metrics.items()}, overwrite=True)
+                    metrics={f"val_{k}": v for k, v in metrics.items()}, overwrite=True,
+                    bos=bos_after_prompt(self.fmt))
         log.info("rung %d  %s  %s: %d steps, validation %s %.4f (loss %.4f) in %.1fs", rung, trial.id,
                  trial.spec.label(), trial.steps, self.metric, value, loss if loss is not None else math.nan,
                  time.perf_counter() - t0)

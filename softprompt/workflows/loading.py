@@ -5,16 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from softprompt.config import ConfigError, DataArgs, fit_max_length
-from softprompt.data import TaskData, TaskFormat, load_task, order_verbalizer, parse_verbalizer
-from softprompt.data.corpus import corpus_record, load_corpus_from_args
+from softprompt.data import TaskData, load_task, order_verbalizer, parse_verbalizer
+from softprompt.data.corpus import load_corpus_from_args
 from softprompt.store.task_record import TaskRecord
-
-
-def task_meta(data_args: DataArgs, fmt: TaskFormat) -> dict:
-    """The ``task`` record stored with a prompt trained on ``fmt`` (labels: a classification head's order)."""
-    if fmt.objective == "lm":
-        return corpus_record(data_args, fmt)
-    return TaskRecord.from_format(fmt, data_args.dataset).to_dict()
 
 
 def load_task_from_args(data_args: DataArgs, stored_task: TaskRecord | None = None,

@@ -17,15 +17,16 @@ import torch
 
 from softprompt import methods
 from softprompt.config import ConfigError, to_yaml
-from softprompt.data import default_init_text, is_chat, token_counts
+from softprompt.data import bos_after_prompt, default_init_text, token_counts
 from softprompt.evaluate import format_report, primary_metric
 from softprompt.forward import family_of
 from softprompt.methods import PromptMethod
 from softprompt.plots import plot_curves
 from softprompt.store import PromptStore, load_prompt, save_prompt
+from softprompt.store.task_record import task_meta
 from softprompt.train import TrainResult, distributed, train
 from softprompt.workflows.baselines import evaluate_with_baselines
-from softprompt.workflows.loading import load_model_from_args, load_task_from_args, task_meta
+from softprompt.workflows.loading import load_model_from_args, load_task_from_args
 
 log = logging.getLogger("softprompt")
 
@@ -101,9 +102,7 @@ def train_and_save(args: dict, store: str | None = None, store_task: str | None 
           f"(base model {sum(p.numel() for p in model.parameters()):,}, frozen)"
           + (f"; init text {args['prompt'].init_text!r}" if args["prompt"].init == "text" else ""))
     meta = task_meta(args["data"], fmt)
-    # the layout it trains with: [P, BOS, text], but a corpus chunk right after P and a conversation as its chat
-    # template renders it (with the template's own special tokens)
-    bos = fmt.objective != "lm" and not is_chat(fmt)
+    bos = bos_after_prompt(fmt)  # the layout it trains with
     train_cfg = {k: dataclasses.asdict(v) for k, v in args.items()}
 
     def save_best(m, metrics):

@@ -1,0 +1,43 @@
+"""Checks a run makes before any work of the store it will write its prompt into once it ends (``train``,
+``distill``): a problem found only after hours of training would lose nothing (the prompt is in the run's
+folder) but wastes the run's purpose."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from softprompt.store.entries import ENSEMBLE_FILE
+from softprompt.store.errors import StoreError
+from softprompt.store.format import replaceable_folder
+from softprompt.store.prompt_store import STORE_FILE, PromptStore
+
+
+def prompt_entry_problem(root: str | os.PathLike, name: str) -> str | None:
+    """Why a run could not store its prompt as entry ``name`` of store ``root`` (replacing a prompt of that
+    name): ``root`` is a folder with files that is not a store (or has a damaged marker), or ``name`` is an
+    ensemble, a file, or a folder that is not a stored prompt. ``None`` when fine: a missing or empty folder
+    becomes a store. (Whether a replaced member keeps its ensembles' labels needs the task's data: checked
+    when the prompt is stored.)"""
+    folder = Path(root).expanduser()
+    if not folder.is_dir() or not any(folder.iterdir()):
+        return None
+    if not (folder / STORE_FILE).exists():
+        return (f"--store {root}: a non-empty folder without {STORE_FILE} is not a prompt store; use a new or "
+                "empty folder, or an existing store")
+    try:
+        store = PromptStore(folder)
+        entry = store.root / name
+    except StoreError as e:
+        return f"--store: {e}"
+    where = f"--store {root} --task {name}"
+    if not (entry.exists() or entry.is_symlink()):
+        return None
+    if entry.is_symlink() or not entry.is_dir():
+        return f"{where}: {entry} exists and is not a folder; the run could not store its prompt there"
+    if (entry / ENSEMBLE_FILE).exists():
+        return (f"{where}: entry {name!r} is an ensemble, the run would store a prompt there; remove it "
+                "(softprompt store remove) or choose another --task")
+    if not replaceable_folder(entry):
+        return f"{where}: {entry} is a folder that is not a stored prompt; the run would not replace it"
+    return None
