@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from softprompt.assets import WHEELS, AssetError, cache_dir, extract_member, sha256_file
-from softprompt.forward import FAMILIES, TASK_TYPES, FamilyError, family_for_config
+from softprompt.forward import FAMILIES, TASK_TYPES, FamilyError, family_for_config, position_offset
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,8 @@ CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length",
 
 
 def context_length(config) -> tuple[int, str] | None:
-    """The most positions a model takes (prompt + text), and the config key that says so.
+    """The most positions a model takes (prompt + text), and the config key that says so (with the position ids
+    the model skips, :func:`~softprompt.forward.position_offset`: RoBERTa's 514 positions hold 512 tokens).
 
     Returns ``None`` for a model without a hard limit, such as T5 (relative position buckets).
     """
@@ -68,7 +69,9 @@ def context_length(config) -> tuple[int, str] | None:
     for key in CONTEXT_KEYS:
         value = getattr(text_config, key, None)
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return value, key
+            skip = position_offset(text_config)
+            return (value - skip, key if not skip else f"{key} {value}, less the {skip} position id(s) "
+                    "the model skips before its first token")
     return None
 
 

@@ -390,3 +390,22 @@ def test_gradient_checkpointing_trains_the_same_prompt_and_head(tmp_path, tokeni
         outs.append([p.detach().clone() for p in method.parameters()])
     for a, b in zip(*outs, strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+def test_roberta_positions_start_after_the_padding_id_so_its_context_is_one_padding_id_smaller(tokenizer):
+    """RoBERTa numbers positions from pad_token_id + 1: 130 position embeddings (pad 0) hold 129 tokens. The
+    130th was an IndexError inside the model (a device-side assert on CUDA, which breaks a server); now every
+    check (train's --max-length fit, the guard, the engine's context) counts 129."""
+    from softprompt.forward import InjectionError
+    from softprompt.model import context_length
+
+    model = make_encoder("roberta")
+    assert context_length(model.config)[0] == 129 and context_length(make_encoder("bert").config)[0] == 512
+    assert Engine(model, tokenizer).context == 129
+    method = head_method(model, tokenizer, p=4)
+    fits = collate([Encoded([5] * 125, 125, 0)], 0)  # 4 + 125 = 129 tokens
+    with torch.no_grad():
+        assert classifier.class_logits(model, fits.input_ids, fits.attention_mask, method()).shape == (1, 2)
+        over = collate([Encoded([5] * 126, 126, 0)], 0)
+        with pytest.raises(InjectionError, match="more than the model's 129 positions"):
+            classifier.class_logits(model, over.input_ids, over.attention_mask, method())

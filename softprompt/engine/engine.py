@@ -39,6 +39,7 @@ from softprompt.engine.requests import (
 )
 from softprompt.forward import InferencePrompt, PromptKV, TokenLogprob, family_of
 from softprompt.forward.slots import MODEL_LOCK
+from softprompt.model import context_length
 from softprompt.store.entries import COMBINES
 from softprompt.store.errors import StoreError
 from softprompt.store.task_record import TaskRecord
@@ -117,7 +118,8 @@ class Engine:
         self.model, self.tok = model, tokenizer
         self.max_batch_rows, self.max_batch_tokens, self.truncate = max_batch_rows, max_batch_tokens, truncate
         self.progress, self.prefill_chunk = progress, prefill_chunk
-        self.context = int(getattr(model.config, "max_position_embeddings", 0) or 2048)
+        context = context_length(model.config)  # RoBERTa's 514 positions hold 512 tokens
+        self.context = context[0] if context else 2048
         self.max_input_tokens = max_input_tokens or self.context
         self.backend = backend_for(self)  # holds the prompts by key and runs the batches
         self.tasks: dict[str, Task] = {}

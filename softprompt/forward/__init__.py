@@ -23,6 +23,7 @@ from softprompt.forward.choose import (
     family_for_config,
     family_of,
     generate,
+    position_offset,
     task_type_for_stored,
 )
 from softprompt.forward.common import (
@@ -64,6 +65,7 @@ __all__ = [
     "generate",
     "label_token_ids",
     "logits_from_hidden",
+    "position_offset",
     "sample_next",
     "task_type_for_stored",
     "text_position_ids",

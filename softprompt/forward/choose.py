@@ -49,6 +49,25 @@ class FamilyError(ValueError):
     """A ``--task-type`` that is unknown or that the checkpoint's architecture cannot take."""
 
 
+def position_offset(config) -> int:
+    """How many position ids a model of ``config`` skips before its first token: RoBERTa-style embeddings
+    (RoBERTa, XLM-R, CamemBERT, Data2Vec-text...) number positions from ``pad_token_id + 1``, so their
+    ``max_position_embeddings`` of 514 hold 512 tokens. Read from the architecture's embeddings code (a
+    ``create_position_ids_from_inputs_embeds`` there), not from a list of names; 0 for every other model."""
+    import importlib
+
+    from transformers import MODEL_MAPPING
+
+    try:
+        module = importlib.import_module(MODEL_MAPPING[type(config)].__module__)
+    except (KeyError, ValueError, ImportError):
+        return 0
+    pad = getattr(config, "pad_token_id", None)
+    skips = any(isinstance(v, type) and hasattr(v, "create_position_ids_from_inputs_embeds")
+                for v in vars(module).values())
+    return pad + 1 if skips and isinstance(pad, int) and not isinstance(pad, bool) and pad >= 0 else 0
+
+
 def family_for_config(config, requested: str = "auto") -> Family:
     """The family a checkpoint with ``config`` is loaded as (``--task-type``); refuses impossible combinations.
 

@@ -43,7 +43,10 @@ def class_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
         b, p = input_ids.shape[0], prompt.embeds.shape[0]
         text = torch.cat([prompt.embeds.to(text)[None].expand(b, -1, -1), text], dim=1)  # (B, P+T, H)
         mask = torch.cat([torch.ones(b, p, dtype=mask.dtype, device=mask.device), mask], dim=1)
+    from softprompt.forward.choose import position_offset  # it imports this module
+
     limit = int(getattr(model.config, "max_position_embeddings", 0) or 0)
+    limit -= position_offset(model.config) if limit else 0  # RoBERTa: 514 positions hold 512 tokens
     if limit and text.shape[1] > limit:
         raise InjectionError(f"prompt + input is {text.shape[1]} tokens, more than the model's "
                              f"{limit} positions: lower --max-length or --num-virtual-tokens")
