@@ -192,6 +192,15 @@ def test_stored_lm_prompt_records_the_corpus_and_eval_repeats_the_report(lm_run,
     assert rc == 0, err
     assert json.loads((tmp_path / "r.json").read_text()) == json.loads((out / "eval.json").read_text())
     assert "tuned soft prompt" in stdout and "perplexity" in stdout
+    # a --max-length given is kept (the recorded one replaced it, and the log invited to override it):
+    # shorter windows score the same tokens (windows overlap by one), each with less context before it
+    rc, _, err = run(["eval", "--model", d / "tiny", "--prompt", out / "prompt", "--max-length", "12",
+                      "--report", tmp_path / "short.json"])
+    assert rc == 0, err
+    short = json.loads((tmp_path / "short.json").read_text())["tuned soft prompt"]
+    own = json.loads((out / "eval.json").read_text())["tuned soft prompt"]
+    assert short["n"] == own["n"] and short["tokens"] == own["tokens"]
+    assert short["perplexity"] != pytest.approx(own["perplexity"], rel=1e-4)
 
 
 def test_store_evaluation_reports_an_lm_prompts_perplexity(lm_run, tmp_path):

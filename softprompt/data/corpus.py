@@ -245,15 +245,17 @@ def load_corpus(dataset: str | None = None, train_file: str | Path | None = None
     return TaskData(format=fmt, splits=splits)
 
 
-def load_corpus_from_args(data_args, stored: dict | None = None):
+def load_corpus_from_args(data_args, stored: dict | None = None, given: set[str] | frozenset = frozenset()):
     """The corpus the ``data`` flags name, or else the one a stored LM prompt recorded.
 
     With no ``--dataset`` and no files, the recorded corpus comes back with its ``--data-seed`` and
-    ``--max-length``: the same held-out documents cut into the same chunks as when the prompt was trained.
+    ``--max-length``: the same held-out documents cut into the same chunks as when the prompt was trained,
+    unless the user gave those flags (``given``; another seed holds out other documents: said in the log).
 
     Args:
         data_args: the ``data`` section; the corpus used is written back into it.
         stored: the ``corpus`` object of the stored task record (:func:`corpus_record`), if any.
+        given: the ``data`` fields the user set.
     """
     stored = stored or {}
     if not isinstance(stored, dict):
@@ -271,8 +273,12 @@ def load_corpus_from_args(data_args, stored: dict | None = None):
     if data_args.dataset is None and not data_args.uses_files():
         if stored:  # the recorded corpus and split: eval scores the prompt on the documents held out in training
             for key in ("dataset", "train_file", "validation_file", "test_file", "data_seed", "max_length"):
-                if stored.get(key) is not None:
+                if stored.get(key) is not None and key not in given:
                     setattr(data_args, key, stored[key])
+            if "data_seed" in given and stored.get("data_seed") not in (None, data_args.data_seed):
+                log.warning("--data-seed %s: the prompt was trained with --data-seed %s; other documents are "
+                            "held out, some of them were training documents", data_args.data_seed,
+                            stored["data_seed"])
         else:
             data_args.dataset = DEFAULT_CORPUS
     return load_corpus(data_args.dataset, data_args.train_file, data_args.validation_file, data_args.test_file,

@@ -85,7 +85,7 @@ def evaluate_stored_prompt(args: dict, prompt: str, check_fingerprint: bool = Tr
     check_model_compatible(stored, model, check_fingerprint=check_fingerprint)
     apply_recorded_data(stored.meta, stored.task_record, args["data"], set(given), prompt)
     task = load_task_from_args(args["data"], stored.task_record,
-                               classifier=stored.peft_config.get("task_type") == "SEQ_CLS")
+                               classifier=stored.peft_config.get("task_type") == "SEQ_CLS", given=set(given))
     method = stored.build_method().to(model.device).eval()
     with torch.no_grad():
         kv = family_of(model).inference_prompt(model, method())
@@ -157,4 +157,4 @@ def _plan(engine, prompt_store, name: str, data, check_fingerprint: bool, given:
     task_args = dataclasses.replace(data)
     record = TaskRecord.parse(meta.get("task"), name)  # validated when the entry was loaded
     apply_recorded_data(meta, record, task_args, given, name)
-    return name, load_task_from_args(task_args, record), task_args
+    return name, load_task_from_args(task_args, record, given=given), task_args

@@ -11,7 +11,7 @@ from softprompt.store.task_record import TaskRecord
 
 
 def load_task_from_args(data_args: DataArgs, stored_task: TaskRecord | None = None,
-                        classifier: bool = False) -> TaskData:
+                        classifier: bool = False, given: set[str] | frozenset = frozenset()) -> TaskData:
     """Load the task; unset data flags fall back to the stored prompt's task, then to rotten_tomatoes.
 
     With ``--objective lm``, or a stored prompt trained with it, the task is a text corpus
@@ -24,13 +24,15 @@ def load_task_from_args(data_args: DataArgs, stored_task: TaskRecord | None = No
             Its recorded label order is kept.
         classifier: the prompt has a classification head (its outputs are those labels in that order):
             the task must have exactly those labels.
+        given: the ``data`` fields the user set (a stored corpus's split seed and chunk length do not
+            replace them).
 
     Raises:
         ConfigError: ``--verbalizer`` names other labels than a classifier prompt's head.
     """
     stored_task = stored_task or TaskRecord()
     if data_args.objective == "lm" or stored_task.extra.get("objective") == "lm":  # plain text
-        return load_corpus_from_args(data_args, stored_task.extra.get("corpus"))
+        return load_corpus_from_args(data_args, stored_task.extra.get("corpus"), given)
     dataset = data_args.dataset
     if dataset is None and not data_args.uses_files() and stored_task.extra.get("objective") == "distill":
         raise ConfigError("the prompt was distilled from a context (softprompt distill): it has no task of its own "
