@@ -220,3 +220,30 @@ def test_store_evaluation_reports_an_lm_prompts_perplexity(lm_run, tmp_path):
     # lm prompts have no labels to combine: no ensemble of them
     rc, _, err = run(["ensemble", "--store", store, "--name", "corpus_ens", "--members", "corpus_a,corpus_b"])
     assert rc == 2 and "member 'corpus_a' has no labels" in err
+
+
+def test_an_lm_hard_prompt_that_would_pass_the_context_is_skipped_with_a_note(tmp_path, caplog):
+    """P + --max-length fits the context, but the init text as a hard prompt is longer than P: GPT-2's learned
+    positions raised IndexError at the end of training (before prompt/ was saved); RoPE models ran silently
+    past their context."""
+    import torch
+
+    from softprompt.config import EvalArgs
+    from softprompt.forward import compute_prompt_kv
+    from softprompt.workflows.baselines import lm_baselines
+    from tests.conftest import make_model
+
+    model, tok = make_model("gpt2"), make_tokenizer()  # 256 positions
+    (tmp_path / "docs.txt").write_text("\n\n".join(corpus_docs(12)))
+    data = load_corpus(train_file=tmp_path / "docs.txt")
+    long_doc = " ".join(["the movie was very good ."] * 60)  # ~360 tokens: chunks of the full --max-length
+    examples = [type(data.examples("test")[0])("", long_doc)]
+    torch.manual_seed(0)
+    kv = compute_prompt_kv(model, torch.randn(2, model.config.n_embd) * 0.1)
+    hint = "Classify the sentiment of the movie review ."
+    for max_length, rows in ((254, ["base model (no prompt)", "tuned soft prompt"]), (200, ROWS)):
+        args = {"eval": EvalArgs(eval_batch_size=4), "data": DataArgs(objective="lm", max_length=max_length)}
+        with caplog.at_level("WARNING"):
+            report = lm_baselines(model, tok, args, hint, examples, kv, data.format)
+        assert list(report) == rows
+    assert "that row is skipped" in caplog.text

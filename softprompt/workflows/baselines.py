@@ -11,6 +11,7 @@ from softprompt.engine import Engine
 from softprompt.evaluate import evaluate_on_engine, evaluate_prompt, hard_prompt_kv, k_shot_text, lead_prompt_kv
 from softprompt.forward import family_of
 from softprompt.methods import PromptOutput
+from softprompt.model import context_length
 
 log = logging.getLogger("softprompt")
 
@@ -60,7 +61,14 @@ def lm_baselines(model, tokenizer, args: dict, prompt_text: str, examples: list[
     if "no_prompt" in ev.baselines:  # [BOS, text] as in pre-training (a tokenizer without a BOS: [text])
         conditions["base model (no prompt)"] = lead_prompt_kv(model, tokenizer)
     if "hard_prompt" in ev.baselines and prompt_text.strip():  # [BOS, hint, text]
-        conditions["init text as hard prompt"] = hard_prompt_kv(model, tokenizer, prompt_text.strip() + "\n")
+        hard = hard_prompt_kv(model, tokenizer, prompt_text.strip() + "\n")
+        context = context_length(model.config)
+        if context and hard.length + data.max_length > context[0]:  # the chunks are not cut to fit behind it
+            log.warning("--objective lm: the init text as a hard prompt is %d tokens; with --max-length %d it "
+                        "passes the model's %d positions: that row is skipped (a shorter --init-text or "
+                        "--max-length keeps it)", hard.length, data.max_length, context[0])
+        else:
+            conditions["init text as hard prompt"] = hard
     if kv_tuned is not None:
         conditions["tuned soft prompt"] = kv_tuned
     if "k_shot" in ev.baselines:
