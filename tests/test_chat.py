@@ -17,7 +17,7 @@ from softprompt.data.chat import assistant_spans, conversation_prompt, encode_ch
 from softprompt.engine import Engine, GenerateRequest
 from softprompt.forward import family_of
 from softprompt.store import PromptStore
-from tests.conftest import make_model, make_tokenizer, write_jsonl
+from tests.conftest import WORD_IDS, make_model, make_tokenizer, write_jsonl
 
 # a chat template written in words of the tiny vocabulary (tests/conftest.py WORDS); it has no BOS
 TEMPLATE = ("{% for m in messages %}{% if m.role == 'system' %}Classify {{ m.content }} ."
@@ -252,3 +252,35 @@ def test_tune_searches_a_chat_task_by_validation_loss_and_stores_the_best(chat_r
     assert all(math.isfinite(r["val_loss"]) for t in trials["trials"] for r in t["rungs"])
     record = json.loads((d / "store" / "chat_tuned" / "softprompt.json").read_text())["task"]
     assert record["kind"] == "chat"  # the stored prompt is a chat task, as train stores it
+
+
+def test_the_k_shot_and_system_baselines_keep_their_added_turns_beyond_max_length(monkeypatch):
+    """The turns a baseline adds take no room from --max-length (as a template task's k-shot context takes
+    none): cut to --max-length, the shots and the system turn were dropped and the row still read '2-shot'."""
+    import softprompt.evaluate as evaluate
+    from softprompt.config import DataArgs, EvalArgs
+    from softprompt.data import TaskData
+    from softprompt.data.chat import chat_prompt_ids
+    from softprompt.workflows.baselines import chat_baselines
+
+    tok, model = chat_tokenizer(), make_model("llama")
+    fmt = ChatFormat()
+    exs = [fmt.render({"messages": conversation(False, 1, seed=i)}) for i in range(6)]
+    task = TaskData(fmt, {"train": exs[:4], "test": exs[4:]})
+    longest = max(len(chat_prompt_ids(tok, ex.messages)) for ex in exs)
+    seen, real = [], evaluate.generate_texts
+
+    def spy(model, tokenizer, kv, prompts, *args, **kwargs):
+        seen.append(prompts)
+        return real(model, tokenizer, kv, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "generate_texts", spy)
+    args = {"eval": EvalArgs(k_shot=2, max_new_tokens=2), "data": DataArgs(max_length=longest)}
+    report = chat_baselines(model, tok, task, args, "sentiment", task.examples("test"))
+    assert list(report) == ["no soft prompt (chat template only)", "init text as system prompt",
+                            "2-shot conversations"]
+    for prompts, name in zip(seen, report, strict=True):
+        if name == "init text as system prompt":
+            assert all(p[0] == WORD_IDS["Classify"] for p in prompts)  # the system turn opens it
+        if name == "2-shot conversations":
+            assert all(len(p) > longest for p in prompts)  # both shots are there

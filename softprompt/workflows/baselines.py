@@ -6,7 +6,7 @@ import logging
 import time
 
 from softprompt.data import Example, TaskData, is_chat
-from softprompt.data.chat import with_shots, with_system
+from softprompt.data.chat import chat_prompt_ids, with_shots, with_system
 from softprompt.engine import Engine
 from softprompt.evaluate import evaluate_on_engine, evaluate_prompt, hard_prompt_kv, k_shot_text, lead_prompt_kv
 from softprompt.forward import family_of
@@ -146,6 +146,27 @@ def evaluate_with_baselines(model, tokenizer, task: TaskData, args: dict, prompt
 SAMPLES = 3  # sample replies per condition in a chat report
 
 
+def _added_tokens(model, tokenizer, fmt, examples: list, augmented: list, max_length: int, max_new_tokens: int,
+                  name: str) -> int:
+    """Room beyond ``--max-length`` for the turns a baseline adds to each conversation (a system prompt,
+    k-shot exchanges), as a template task's hard prompt and k-shot context take none of it: cut to the
+    conversation's length, the shots and the template's BOS were dropped and the row still said "4-shot".
+    Capped by the model's positions (then said in the log)."""
+    if augmented is examples:
+        return 0
+    extra = max(len(chat_prompt_ids(tokenizer, a.messages, fmt.chat_template))
+                - len(chat_prompt_ids(tokenizer, e.messages, fmt.chat_template))
+                for e, a in zip(examples, augmented, strict=True))
+    context = context_length(model.config)
+    if context and max_length + extra + max_new_tokens > context[0]:
+        fit = max(0, context[0] - max_new_tokens - max_length)
+        log.warning("%s: the added turns take up to %d tokens; %d fit beside --max-length %d in the model's %d "
+                    "positions: longer conversations lose their first turns", name, extra, fit, max_length,
+                    context[0])
+        extra = fit
+    return max(extra, 0)
+
+
 def chat_baselines(model, tokenizer, task: TaskData, args: dict, prompt_text: str, examples: list[Example],
                    kv_tuned=None) -> dict:
     """A chat task's report: no prompt, the prompt text as a system prompt, k-shot conversations, the tuned prompt.
@@ -174,8 +195,10 @@ def chat_baselines(model, tokenizer, task: TaskData, args: dict, prompt_text: st
     t0 = time.perf_counter()
     report = {}
     for name, (kv, exs) in conditions.items():
+        room = data.max_length + _added_tokens(model, tokenizer, task.format, examples, exs, data.max_length,
+                                                ev.max_new_tokens, name)
         metrics, preds = evaluate_prompt(model, tokenizer, kv, exs, task.format, ev.eval_batch_size,
-                                         ev.max_new_tokens, data.max_length)
+                                         ev.max_new_tokens, room)
         samples = [{"conversation": p.source, "expected": p.expected, "predicted": p.predicted}
                    for p in preds[:SAMPLES]]
         report[name] = {**metrics, "samples": samples}
