@@ -13,8 +13,7 @@ import argparse
 
 from openai import OpenAI
 
-from softprompt.data.template import template_fields
-from softprompt.export_vllm import encode, prompt_embeds
+from softprompt.export_vllm import encode, prompt_embeds, request_text
 from softprompt.model import load_base_model
 from softprompt.store import load_prompt
 
@@ -31,10 +30,8 @@ def main() -> None:
 
     model, tok = load_base_model(args.model, device="cpu")
     stored = load_prompt(args.prompt, model)
-    template = (stored.task or {}).get("template")
-    fields = template_fields(template) if template else []
-    text = template.format(**{fields[0]: args.input}) if len(fields) == 1 else args.input
-    embeds = prompt_embeds(model, tok, stored.build_method(), text, bos=stored.bos)  # the layout it was trained with
+    text, bos = request_text(stored, tok, args.input)  # the layout it was trained with (a chat task: a user turn)
+    embeds = prompt_embeds(model, tok, stored.build_method(), text, bos=bos)
     client = OpenAI(base_url=args.server, api_key="EMPTY")
     out = client.completions.create(model=args.served_model, prompt="", max_tokens=args.max_tokens, temperature=0,
                                     extra_body={"prompt_embeds": encode(embeds)})

@@ -41,6 +41,32 @@ def prompt_embeds(model, tokenizer, method, text: str, bos: bool = True) -> torc
     return torch.cat([out.embeds.to(tokens), tokens]).float().cpu()  # (P+T, H)
 
 
+def request_text(stored, tokenizer, user_input: str) -> tuple[str, bool]:
+    """The text to embed after ``stored``'s prompt for ``user_input``, and whether a BOS goes before it: what
+    the prompt was trained on. A chat task's input is one user turn of a conversation rendered with its chat
+    template and the generation prompt, with no BOS added (the template writes its own); a template task's
+    input fills its one field (``StoredPrompt.bos``); a prompt without a template takes the text as it is.
+
+    Raises:
+        VllmExportError: a template of several fields (give the filled text instead).
+    """
+    from softprompt.data.chat import ChatFormat, conversation_prompt
+    from softprompt.data.template import template_fields
+
+    record = stored.task_record
+    if record is not None and record.chat:
+        fmt = ChatFormat(chat_template=record.chat_template)
+        return conversation_prompt(tokenizer, fmt, [{"role": "user", "content": user_input}]), False
+    template = record.template if record is not None else None
+    if not template:
+        return user_input, stored.bos
+    fields = template_fields(template)
+    if len(fields) != 1:
+        raise VllmExportError(f"the prompt's template {template!r} has fields {fields}: fill it yourself and send "
+                              "the whole text")
+    return template.format_map({fields[0]: user_input}), stored.bos
+
+
 def encode(embeds: torch.Tensor) -> str:
     """Base64 of the ``torch.save`` bytes: the string vLLM's ``prompt_embeds`` field takes."""
     buf = io.BytesIO()

@@ -31,3 +31,26 @@ def test_prefix_methods_are_refused_with_a_reason(model, tokenizer):
     method = build_method("prefix_tuning", {"num_virtual_tokens": 2, "init": "random"}, model, tokenizer)
     with pytest.raises(VllmExportError, match="keys/values at every layer"):
         prompt_embeds(model, tokenizer, method, "good")
+
+
+def test_request_text_is_the_layout_the_prompt_was_trained_on(model, tokenizer, tmp_path):
+    """A chat prompt's input is a user turn of its rendered conversation (no BOS added): the client sent the
+    raw input, which the prompt never saw; a template prompt's input fills its template."""
+    from softprompt.data.chat import ChatFormat, conversation_prompt
+    from softprompt.export_vllm import request_text
+    from softprompt.store import load_prompt, save_prompt
+    from tests.test_chat import TEMPLATE
+
+    method = build_method("prompt_tuning", {"num_virtual_tokens": 2}, model, tokenizer)
+    chat = save_prompt(tmp_path / "chat", method, model, task={"kind": "chat", "chat_template": TEMPLATE,
+                                                               "template": None}, bos=False)
+    text, bos = request_text(load_prompt(chat), tokenizer, "good movie")
+    assert text == conversation_prompt(tokenizer, ChatFormat(chat_template=TEMPLATE),
+                                       [{"role": "user", "content": "good movie"}]) == "Review good movie .Sentiment"
+    assert bos is False
+    plain = save_prompt(tmp_path / "plain", method, model, task={"template": "Review : {text} Sentiment :",
+                                                                 "target_field": "label"})
+    assert request_text(load_prompt(plain), tokenizer, "good movie") == ("Review : good movie Sentiment :", True)
+    two = save_prompt(tmp_path / "two", method, model, task={"template": "Country : {a} {b}", "target_field": "label"})
+    with pytest.raises(VllmExportError, match="fill it yourself"):
+        request_text(load_prompt(two), tokenizer, "France")
