@@ -86,6 +86,16 @@ def test_openai_client_completions_chat_and_streaming(served, live):
     ref = direct(state, "generate", [GenerateRequest("t5", "Italy", max_tokens=6)])[0]
     assert parts[0].choices[0].delta.role == "assistant"
     assert "".join(p.choices[0].delta.content or "" for p in parts) == ref.text
+    # stream_options.include_usage (the OpenAI SDK's way to count streamed tokens): a last chunk with no
+    # choices and the usage, every other chunk "usage": null (it was ignored: no usage at all)
+    for create, kw in ((client.completions.create, {"prompt": "Italy"}),
+                       (client.chat.completions.create, {"messages": [{"role": "user", "content": "Italy"}]})):
+        parts = list(create(model="t5", max_tokens=6, temperature=0, stream=True,
+                            stream_options={"include_usage": True}, **kw))
+        ref = direct(state, "generate", [GenerateRequest("t5", "Italy", max_tokens=6)])[0]
+        assert parts[-1].choices == [] and parts[-1].usage.completion_tokens == len(ref.tokens)
+        assert parts[-1].usage.total_tokens == parts[-1].usage.prompt_tokens + len(ref.tokens)
+        assert all(p.usage is None for p in parts[:-1]) and len(parts) >= 3
 
 
 def test_streaming_never_sends_text_after_a_stop_string(served, live):

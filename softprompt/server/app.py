@@ -176,7 +176,7 @@ def create_app(state: ServerState) -> FastAPI:
                 return {"id": cid, "object": "text_completion", "created": created, "model": body.model,
                         "choices": [{"text": text, "index": 0, "logprobs": lps(got), "finish_reason": finish}]}
 
-            return _sse(await stream_text(reqs[0], chunk, request), request, t0)
+            return _sse(await stream_text(reqs[0], chunk, request, usage=body.include_usage()), request, t0)
         results = await run("generate", reqs, request)
         got = await entries(results, body.logprobs is not None)
         state.metrics.add_tokens(sum(len(r.tokens) for r in results))
@@ -202,7 +202,8 @@ def create_app(state: ServerState) -> FastAPI:
                 return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": body.model,
                         "choices": [{"index": 0, "delta": d, "logprobs": lps, "finish_reason": finish}]}
 
-            return _sse(await stream_text(req, chunk, request, role_first=True), request, t0)
+            return _sse(await stream_text(req, chunk, request, role_first=True, usage=body.include_usage()), request,
+                        t0)
         (res,) = await run("generate", [req], request)
         (got,) = await entries([res], req.logprobs is not None)
         state.metrics.add_tokens(len(res.tokens))
@@ -238,10 +239,12 @@ def create_app(state: ServerState) -> FastAPI:
         return "\n".join(f"{m['role']}: {m['content']}" for m in msgs) + "\nassistant:", True
 
     async def stream_text(req: GenerateRequest, chunk, request: Request,
-                          role_first: bool = False):
+                          role_first: bool = False, usage: bool = False):
         """Queue the generation (an invalid request raises here, before any response is sent), and return
         chunks of new text as tokens arrive; text after a stop string is never sent. With logprobs asked, a
-        chunk carries the entries of the tokens whose text starts in it; the last text chunk, any left.
+        chunk carries the entries of the tokens whose text starts in it; the last text chunk, any left. With
+        ``usage`` (``stream_options.include_usage``), every chunk has ``"usage": null`` and one more chunk,
+        with no choices, the request's token usage (as OpenAI streams it).
 
         The generation is cancelled when the client goes away (the stream is closed or the client is
         seen disconnected while waiting for a token).
@@ -260,10 +263,12 @@ def create_app(state: ServerState) -> FastAPI:
 
         (job,) = await submit("generate", [req], on_token)
         job.future.add_done_callback(lambda f: loop.call_soon_threadsafe(queue.put_nowait, None))
-        return chunks(job, queue, chunk, request, role_first, render)
+        return chunks(job, queue, chunk, request, role_first, render, usage)
 
     async def chunks(job, queue: asyncio.Queue, chunk, request: Request, role_first: bool,
-                     render: logprobs.Renderer | None) -> AsyncIterator[dict]:
+                     render: logprobs.Renderer | None, usage: bool = False) -> AsyncIterator[dict]:
+        if usage:
+            chunk = (lambda plain: lambda *a, **k: {**plain(*a, **k), "usage": None})(chunk)
         try:
             sent, pending, given = 0, [], 0  # text sent; entries rendered, not sent; entries sent
             if role_first:
@@ -284,6 +289,8 @@ def create_app(state: ServerState) -> FastAPI:
             if len(res.text) > sent or rest:
                 yield chunk(res.text[sent:], None, rest)
             yield chunk("", res.finish_reason)
+            if usage:
+                yield {**chunk("", None), "choices": [], "usage": _usage([res])}
         finally:
             job.cancel()  # a no-op once it has finished
 

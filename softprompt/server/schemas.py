@@ -41,6 +41,11 @@ def _unsupported(what: str, value, default) -> None:
                          "refused rather than ignored")
 
 
+class StreamOptions(_Body):
+    include_usage: bool = Field(default=False, strict=True,
+                                description="a last chunk (choices empty) with the whole request's token usage")
+
+
 class _Sampling(_Body):
     model: str = Field(min_length=1, description="the task to use (see /v1/models)")
     max_tokens: int | None = Field(default=None, ge=1, strict=True)
@@ -51,6 +56,7 @@ class _Sampling(_Body):
     seed: int | None = Field(default=None, ge=SEED_RANGE[0], le=SEED_RANGE[1], strict=True)
     stop: Stop = None
     stream: bool = Field(default=False, strict=True)
+    stream_options: StreamOptions | None = None
     n: int = Field(default=1, ge=1, le=1, strict=True, description="only 1 is supported")
     # OpenAI fields refused at any other value than their default (see the module)
     logit_bias: dict | None = None
@@ -74,6 +80,9 @@ class _Sampling(_Body):
         if len(items) > 4 or any(not s for s in items):
             raise ValueError("stop takes up to 4 non-empty strings")
         return v
+
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
     def stops(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
