@@ -100,6 +100,31 @@ def test_yaml_errors_name_file_and_key(tmp_path):
             load_yaml(path)
 
 
+def test_yaml_duplicate_keys_and_non_mapping_files_are_refused_and_null_keys_are_not_given(tmp_path):
+    """YAML keeps the last of two equal keys silently (a second train: section dropped the first's lr); a file
+    that is [] or 0 read as an empty config; a key left empty (null) keeps the default but counted as given
+    (eval then skipped the training run's recorded --data-seed)."""
+    import argparse
+
+    from softprompt.config import given
+
+    path = tmp_path / "c.yaml"
+    for text, line in (("train:\n  lr: 0.1\ntrain:\n  epochs: 3\n", 3), ("train:\n  lr: 0.1\n  lr: 0.2\n", 3)):
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=rf"--config {re.escape(str(path))}: key '(train|lr)' appears twice in "
+                                              rf"one mapping \(line {line}\)"):
+            load_yaml(path)
+    for text in ("[]\n", "0\n"):
+        path.write_text(text)
+        with pytest.raises(ConfigError, match="top level must be a mapping of sections"):
+            load_yaml(path)
+    path.write_text("")
+    assert load_yaml(path) == {}
+    path.write_text("data:\n  data_seed:\n  max_length: 64\n")
+    ns = argparse.Namespace(config=str(path), data_seed=None, max_length=None)
+    assert not given(ns, "data", "data_seed") and given(ns, "data", "max_length")
+
+
 def test_build_args_type_checks_and_converts():
     assert build_args(TrainArgs, {"lr": 1}).lr == 1.0
     assert build_args(EvalArgs, {"baselines": "no_prompt, k_shot"}).baselines == ["no_prompt", "k_shot"]

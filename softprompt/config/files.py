@@ -24,13 +24,39 @@ def field_type(cls: type, f: dataclasses.Field) -> type:
     return typing.get_origin(hint) or hint
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (YAML keeps the last one silently: a
+    second ``train:`` section would drop the first's settings)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                hash(key)
+            except TypeError:  # a list as a key: SafeLoader's own error names it
+                continue
+            if key in seen:
+                raise _DuplicateKey(f"key {key!r} appears twice in one mapping (line {key_node.start_mark.line + 1}); "
+                                    "YAML would keep only the last one")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_yaml(path: str | Path) -> dict[str, dict[str, Any]]:
     """Read a YAML config file into ``{section: {field: value}}``, rejecting unknown sections/keys."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"--config {path}: no such file")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8-sig")) or {}
+        raw = yaml.load(path.read_text(encoding="utf-8-sig"), Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
+        raw = {} if raw is None else raw  # an empty file; `[]` or `0` are refused below, not read as empty
+    except _DuplicateKey as e:
+        raise ConfigError(f"--config {path}: {e}") from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"--config {path}: cannot read it as UTF-8 text ({e})") from None
     except yaml.YAMLError as e:
@@ -125,8 +151,8 @@ def given(ns: Any, section: str, name: str) -> bool:
     """Whether field ``name`` was set by a flag or by the ``--config`` file, rather than left at its default."""
     if getattr(ns, name, None) is not None:
         return True
-    config = getattr(ns, "config", None)
-    return bool(config) and name in load_yaml(config).get(section, {})
+    config = getattr(ns, "config", None)  # a key left empty (null) keeps the default, as build_args reads it
+    return bool(config) and load_yaml(config).get(section, {}).get(name) is not None
 
 
 def to_yaml(args: dict[str, Any]) -> str:
