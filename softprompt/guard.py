@@ -165,7 +165,7 @@ class DivergenceGuard:
         stop = self.rollbacks >= self.max_rollbacks
         if not stop:
             self.rollbacks += 1
-            self.lr_scale *= LR_DECAY
+            self.lr_scale *= LR_DECAY * _acting_fraction(opt)
         return Alarm(step, fault.reason, snap["step"], self.lr_scale, self.rollbacks, stop)
 
     def _target_index(self, first_suspect: int) -> int:
@@ -183,3 +183,15 @@ class DivergenceGuard:
             self.lr_scale, self.rollbacks = float(state["lr_scale"]), int(state["rollbacks"])
             self.losses = [(int(s), float(x)) for s, x in state["losses"]]
         self.snapshots = list(snapshots or [])
+
+
+def _acting_fraction(opt: torch.optim.Optimizer) -> float:
+    """The part of the optimizer's lr that acts on its next step: 1, except for torch's Adafactor, whose step
+    size is ``min(lr, 1/sqrt(t))`` (times the parameters' RMS). Above that cap, halving the lr changes nothing
+    (lr 0.3 is capped from step 12 on): the guard then lowers the lr to half of the step size that acts."""
+    if not isinstance(opt, torch.optim.Adafactor):
+        return 1.0
+    group = opt.param_groups[0]
+    steps = [float(opt.state[p]["step"]) for p in group["params"] if "step" in opt.state.get(p, {})]
+    cap = 1 / ((max(steps, default=0.0) + 1) ** 0.5)
+    return min(1.0, cap / group["lr"]) if group["lr"] > 0 else 1.0

@@ -140,6 +140,20 @@ def test_non_finite_step_restores_the_snapshot_exactly_and_halves_the_lr(tmp_pat
     assert torch.isfinite(method.embeddings).all()
 
 
+def test_under_adafactor_a_rollback_halves_the_step_size_that_acts(tmp_path, tokenizer, faults):
+    """torch's Adafactor steps min(lr, 1/sqrt(t)): at lr 0.9 the cap acts from step 2 on, and halving the lr
+    (0.45, still above the cap) left the step size unchanged. The guard lowers the lr to half of what acts."""
+    faults[8] = "nan"
+    model, method = fresh(tokenizer)
+    train(model, tokenizer, method, task(), args(tmp_path / "run", max_steps=12, optimizer="adafactor", lr=0.9,
+                                                  schedule="constant", warmup_steps=0))
+    rows = rows_of(tmp_path / "run")
+    assert rows[7]["event"] == "rollback" and rows[7]["rolled_back_to"] == 5
+    # the update logged at step 9 is the restored optimizer's 6th: it would have stepped min(0.9, 1/sqrt(6))
+    acting = min(rows[8]["lr"], 1 / 6 ** 0.5)
+    assert acting == pytest.approx(0.5 * min(0.9, 1 / 6 ** 0.5), rel=1e-6)
+
+
 def test_sustained_rise_rolls_back_before_it_and_the_run_goes_on(tmp_path, tokenizer, faults):
     model, method = fresh(tokenizer)
     faults.update({13: 20.0, 14: 20.0, 15: 20.0})
