@@ -172,8 +172,9 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     except ImportError as e:
         raise ConfigError("softprompt serve needs the server extra: pip install -e '.[serve]'") from e
     args = _resolve(ns, ["model", "serve"])
-    from softprompt.server.assemble import build_app
+    from softprompt.server.assemble import build_app, check_listen
 
+    check_listen(args["serve"].host, args["serve"].port)
     uvicorn.run(build_app(args), host=args["serve"].host, port=args["serve"].port, log_level="info")
     return 0
 

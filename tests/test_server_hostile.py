@@ -485,3 +485,42 @@ def test_the_base_task_and_a_store_entry_never_share_a_name(setup, tmp_path, tok
     assert state.engine.describe("base")["kind"] == "base"
     r = post(url + "/v1/completions", {"model": "base", "prompt": "the movie", "max_tokens": 2})
     assert r.status_code == 200, r.text
+
+
+# ----- serve's startup: what would start a server that cannot work is refused before it listens -------------
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("max_wait_ms", 1e13, "--max-wait-ms must be in [0, 60000]"),  # past threading.TIMEOUT_MAX: the worker died
+    ("host", "", "--host must be an address or host name"),  # '' listened on every interface
+    ("admin_token", "", "--admin-token is empty"),  # fell through to the environment's token
+    ("admin_token", " s3cret", "--admin-token starts or ends with whitespace"),  # HTTP strips it: always 401
+    ("admin_token", "pässwort", "--admin-token must be printable ASCII"),  # read back as Latin-1: always 401
+])
+def test_serve_settings_that_cannot_work_are_refused(field, value, message):
+    from softprompt.config import ConfigError, ServeArgs
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        ServeArgs(store="s", **{field: value})
+
+
+def test_serve_refuses_a_busy_port_a_bad_env_token_and_nothing_to_serve(tmp_path, tiny_model_dir, monkeypatch):
+    from softprompt.config import ConfigError, ModelArgs, ServeArgs
+    from softprompt.server.assemble import build_app, check_listen
+    from softprompt.store import PromptStore
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(ConfigError, match=f"--host 127.0.0.1 --port {port}: cannot listen there"):
+            check_listen("127.0.0.1", port)  # before the model loads (uvicorn found it after, exit 3)
+    with pytest.raises(ConfigError, match="--host 'no.such.host.invalid': cannot resolve it"):
+        check_listen("no.such.host.invalid", 8000)
+    store = PromptStore(tmp_path / "empty", create=True)
+    args = {"model": ModelArgs(model=str(tiny_model_dir)), "serve": ServeArgs(store=str(store.root), base_task="")}
+    with pytest.raises(ConfigError, match="nothing to serve: the store .* has no entry that loads"):
+        build_app(args)  # it listened, serving 0 tasks, answering 404 to everything
+    monkeypatch.setenv("SOFTPROMPT_ADMIN_TOKEN", "tab\tin it")
+    with pytest.raises(ConfigError, match="SOFTPROMPT_ADMIN_TOKEN must be printable ASCII"):
+        build_app({**args, "serve": ServeArgs(store=str(store.root))})

@@ -96,6 +96,18 @@ def store_task_problems(store: str | None, task: str | None) -> list[str]:
     return problems
 
 
+def admin_token_problem(token: str, where: str) -> str | None:
+    """Why ``token`` (named ``where``) could never authenticate an admin request, if so: empty, whitespace at
+    its ends (HTTP servers drop it from the header), or not printable ASCII (a header is read as Latin-1)."""
+    if not token:
+        return f"{where} is empty"
+    if token != token.strip():
+        return f"{where} starts or ends with whitespace, which HTTP drops from the header: no client could send it"
+    if not (token.isascii() and token.isprintable()):
+        return f"{where} must be printable ASCII: other characters do not reach the server unchanged in a header"
+    return None
+
+
 def keep_problems(problems: list[str], *found: str | None) -> None:
     """Append the problems that checks found (their ``None`` results mean "fine") to ``problems``."""
     problems.extend(p for p in found if p)

@@ -15,6 +15,7 @@ from typing import Any
 from softprompt.config.checks import (
     MIN_MAX_LENGTH,
     ConfigError,
+    admin_token_problem,
     check_folder_to_create,
     check_real,
     check_seed,
@@ -24,6 +25,8 @@ from softprompt.config.checks import (
 )
 from softprompt.forward import TASK_TYPES
 from softprompt.model import DEFAULT_MODEL
+
+MAX_WAIT_MS = 60_000  # the scheduler's wait for company: beyond a minute it is a mistake (and past the OS's timeouts)
 
 
 @dataclass
@@ -319,9 +322,15 @@ class ServeArgs:
                      "max_input_chars", "prefill_chunk"):
             if getattr(self, name) < 1:
                 problems.append(f"{flag(name)} must be >= 1, got {getattr(self, name)}")
-        keep_problems(problems, check_real("--max-wait-ms", self.max_wait_ms, lambda v: v >= 0, ">= 0"))
+        keep_problems(problems, check_real("--max-wait-ms", self.max_wait_ms, lambda v: 0 <= v <= MAX_WAIT_MS,
+                                           f"in [0, {MAX_WAIT_MS}] (a batch waits at most this long for company)"))
         if not 0 <= self.port <= 65535:
             problems.append(f"--port must be in 0..65535, got {self.port}")
+        if not self.host or any(c.isspace() for c in self.host):  # '' would listen on every interface
+            problems.append(f"--host must be an address or host name (127.0.0.1, 0.0.0.0 for every interface), "
+                            f"got {self.host!r}")
+        if self.admin_token is not None:
+            keep_problems(problems, admin_token_problem(self.admin_token, "--admin-token"))
         if self.store is None and not self.base_task:
             problems.append("nothing to serve: give --store DIR (or keep --base-task)")
         if self.tasks and self.store is None:
