@@ -139,6 +139,10 @@ def cmd_generate(ns: argparse.Namespace) -> int:
     problems = [] if bool(ns.input) != bool(ns.messages) else ["give --input TEXT (repeatable) or --messages FILE|JSON"]
     if ns.messages and ns.raw:  # a conversation is always rendered with the chat format
         problems.append("--raw applies to --input text; --messages is rendered with the chat template")
+    if ns.prompt and (ns.store or ns.task):  # checked before the model loads (the store silently won)
+        problems.append("--prompt DIR and --store DIR --task NAME both name the prompt: give one")
+    elif bool(ns.store) != bool(ns.task):
+        problems.append("--store and --task go together: --store DIR --task NAME")
     args = _resolve(ns, ["model"], problems + generate_flag_problems(ns.max_new_tokens, ns.temperature, ns.top_k,
                                                                      ns.top_p, ns.seed))
     from softprompt.data.chat import conversation_prompt, read_conversations

@@ -144,9 +144,19 @@ def distributed() -> tuple[int, int]:
     if not dist.is_available():
         return 0, 1
     if not dist.is_initialized():
-        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        value = os.environ.get("WORLD_SIZE", "1")
+        try:
+            world = int(value)
+        except ValueError:
+            raise ConfigError(f"the environment variable WORLD_SIZE={value!r} is not a process count (torchrun "
+                              "and accelerate set it; unset it for one process)") from None
+        if world <= 1:
             return 0, 1
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+        try:
+            dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+        except (ValueError, RuntimeError) as e:  # MASTER_ADDR, RANK... missing: not launched by torchrun
+            raise ConfigError(f"WORLD_SIZE={world} but the process group cannot start ({e}); launch with "
+                              "torchrun or accelerate, or unset WORLD_SIZE") from None
     return dist.get_rank(), dist.get_world_size()
 
 

@@ -152,6 +152,12 @@ def test_generate_sampling_flags_checked_together(env, tmp_path):
     # --raw with --messages was silently ignored
     _assert_usage_error(["generate", "--model", env["model"], "--messages", '[{"role": "user", "content": "hi"}]',
                          "--raw"], "--raw applies to --input text")
+    # --prompt beside --store/--task was silently ignored (the store won), found after the model loaded;
+    # the model path here does not exist: refused before anything is loaded
+    for extra in (["--prompt", tmp_path, "--store", tmp_path, "--task", "t"], ["--store", tmp_path]):
+        _assert_usage_error(["generate", "--model", tmp_path / "no-model", "--input", "good", *extra],
+                            "--prompt DIR and --store DIR --task NAME both name the prompt" if "--prompt" in extra
+                            else "--store and --task go together")
 
 
 def test_compare_refuses_bad_flags_and_too_short_context(tmp_path):
@@ -181,3 +187,17 @@ def test_store_destinations_under_a_file_are_refused_with_exit_2(env, long_promp
         _assert_usage_error(["store", "export", "--store", store, "p", afile / "out", *extra],
                             f"{afile / 'out'}: cannot create it there")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "store"] and afile.read_text() == "x"
+
+
+@pytest.mark.parametrize(("world", "needle"), [("abc", "WORLD_SIZE='abc' is not a process count"),
+                                                ("2", "WORLD_SIZE=2 but the process group cannot start")])
+def test_a_malformed_launch_environment_is_exit_2_before_anything_is_written(env, tmp_path, monkeypatch, world,
+                                                                              needle):
+    """WORLD_SIZE='' or 'abc' was a ValueError traceback, WORLD_SIZE=2 outside torchrun a traceback from
+    init_process_group, both after --output-dir and config.yaml were written."""
+    for name in ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", world)
+    _assert_usage_error(["train", "--model", env["model"], "--train-file", env["train"], "--output-dir",
+                         tmp_path / "out"], needle)
+    assert not (tmp_path / "out").exists()

@@ -67,6 +67,7 @@ def train_and_save(args: dict, store: str | None = None, store_task: str | None 
         The training result (``result.diverged``: the guard ended the run, reported on stderr), or ``None``
         on a data-parallel run's other processes (the first one evaluates and saves).
     """
+    distributed()  # a malformed launch environment (WORLD_SIZE) is refused before anything is written
     task = load_task_from_args(args["data"])
     primary_metric(task.format, args["train"].metric)  # refuses a metric the objective does not measure
     task.examples("train")  # fail before anything is written or loaded if there is nothing to train on
