@@ -287,7 +287,12 @@ def train(model, tokenizer, method: PromptMethod, task: TaskData, args: TrainArg
     elif metrics_path.exists() and main:
         metrics_path.unlink()
     history: list[dict] = []
-    stopped = diverged = False
+    # a run that ended early (early stopping, the cool-down's end, the guard) and is resumed stays ended
+    ended = state.pop("ended", None)
+    stopped, diverged = ended == "stopped", ended == "diverged"
+    if ended:
+        log.info("the resumed run had already ended at step %d (%s): nothing left to train", start, ended)
+        total = start
     bar = tqdm(total=total, initial=start, desc="train", unit="step", disable=None if main else True)
     with open(metrics_path, "a") if main else contextlib.nullcontext() as logf:
         for step, epoch, group in micro_batches(train_enc, args, tokenizer.pad_token_id, steps_per_epoch,
@@ -373,7 +378,9 @@ def train(model, tokenizer, method: PromptMethod, task: TaskData, args: TrainArg
                                                          if f"val_{metric_name}" in row else {}))
             if main and checkpoints and ((step + 1) % args.checkpoint_every == 0 or step + 1 == total or stopped
                                          or diverged):
-                save_checkpoint(out, step + 1, method, opt, sched, state, guard, best_state, resume_settings(args))
+                ending = {"ended": "diverged" if diverged else "stopped"} if stopped or diverged else {}
+                save_checkpoint(out, step + 1, method, opt, sched, {**state, **ending}, guard, best_state,
+                                resume_settings(args))
             if on_step:
                 on_step(step + 1)
             if diverged:

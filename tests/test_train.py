@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -349,3 +350,19 @@ def test_gradient_checkpointing_trains_the_same_prompt(tmp_path, tokenizer):
         finals.append(method.embeddings.detach().clone())
         assert model.is_gradient_checkpointing == ckpt
     torch.testing.assert_close(finals[0], finals[1], atol=1e-5, rtol=1e-5)
+
+
+def test_resuming_a_run_that_stopped_early_leaves_it_stopped(tmp_path, tokenizer):
+    """A run ended by early stopping (or the cool-down, or the guard) and resumed (e.g. after a kill during
+    its final evaluation) trained on from the stop: its prompt and logs then differed from the run itself."""
+    a = args(tmp_path / "run", max_steps=20, eval_every=2, early_stopping_patience=1, lr=1e-12, optimizer="adamw",
+             metric="loss")
+    model, method = fresh(tokenizer)
+    first = train(model, tokenizer, method, task(), a)
+    assert first.stopped_early and first.steps == 4
+    log = (tmp_path / "run" / "metrics.jsonl").read_text()
+    model, method2 = fresh(tokenizer)
+    again = train(model, tokenizer, method2, task(), dataclasses.replace(a, resume=True))
+    assert again.stopped_early and again.steps == 4 and not again.history
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == log
+    assert torch.equal(method2.embeddings, method.embeddings)

@@ -184,6 +184,10 @@ def test_persistent_divergence_stops_keeps_the_last_good_prompt_and_saves_no_nan
     assert torch.isfinite(load_file(str(ck / "method.safetensors"))["embeddings"]).all()
     assert json.loads((ck / "state.json").read_text())["step"] == 11
     assert "stopped: the run diverged again after 2 rollbacks" in caplog.text
+    # resumed (say, killed during its final evaluation), it stays diverged: it trained on from step 11
+    again = train(model, tokenizer, method, task(), args(tmp_path, max_steps=30, eval_every=2, max_rollbacks=2,
+                                                         resume=True))
+    assert (again.diverged, again.steps) == (True, 11) and torch.equal(method.embeddings.detach(), good[5])
 
 
 def test_single_batch_spikes_do_not_fire_and_change_nothing(tmp_path, tokenizer, faults):
