@@ -26,10 +26,17 @@ from softprompt.store.atomic import write_folder_atomically
 log = logging.getLogger("softprompt")
 
 
+# (--max-steps/--epochs may grow on a resume, to train longer: the schedule then follows the new length)
+RESUMED = ("optimizer", "lr", "weight_decay", "seed", "batch_size", "grad_accum", "group_by_length",
+           "warmup_steps", "schedule")
+
+
 def resume_settings(args: TrainArgs) -> dict:
     """The settings a checkpoint records and a resume must repeat: the optimizer state and the lr schedule come
-    from the checkpoint, so another optimizer fails at its first step and another lr would be ignored."""
-    return {"optimizer": args.optimizer, "lr": args.lr, "weight_decay": args.weight_decay}
+    from the checkpoint (another optimizer fails at its first step, another lr would be ignored), the rest of
+    the epoch's data order from the seed, the batch size and the length grouping (another would repeat some
+    examples and skip others), the schedule's shape from the warmup and the schedule."""
+    return {k: getattr(args, k) for k in RESUMED}
 
 
 def save_checkpoint(out: Path, step: int, method: PromptMethod, opt, sched, state: dict,

@@ -329,6 +329,14 @@ def test_resume_with_incompatible_checkpoint_is_usage_error(env, tmp_path):
     _assert_usage_error([*resume, "--optimizer", "adamw"], "--optimizer 'adafactor' there, 'adamw' now")
     _assert_usage_error([*resume, "--lr", "0.5", "--weight-decay", "0.1"], "--lr 0.3 there, 0.5 now",
                         "--weight-decay 1e-05 there, 0.1 now")
+    # the rest of the epoch's order comes from the seed, the batch size and the length grouping, the lr curve
+    # from the warmup and the schedule: others were accepted (repeating some examples, skipping others) and
+    # config.yaml then recorded them as the whole run's
+    _assert_usage_error([*resume, "--seed", "7", "--batch-size", "8", "--grad-accum", "2", "--no-group-by-length",
+                         "--warmup-steps", "3", "--schedule", "cosine"], "--seed 0 there, 7 now",
+                        "--batch-size 4 there, 8 now", "--grad-accum 1 there, 2 now",
+                        "--group-by-length True there, False now", "--warmup-steps 10 there, 3 now",
+                        "--schedule 'linear' there, 'cosine' now")
     # a damaged file of the checkpoint is named, not a traceback
     shutil.copytree(ck, tmp_path / "saved")
     for name, data in (("state.json", b"{"), ("method.safetensors", b"\x00" * 10), ("optimizer.pt", b"junk")):
