@@ -335,7 +335,9 @@ def train(model, tokenizer, method: PromptMethod, task: TaskData, args: TrainArg
                 diverged = alarm.stop
                 if main:
                     log.warning("%s", alarm.message(args.max_rollbacks))
-            if valid and ((step + 1) % args.eval_every == 0 or step + 1 in (total, state.get("stop_at"))):
+            # after a rollback the prompt is an earlier step's: validating it here would credit it to this step
+            if valid and not alarm and ((step + 1) % args.eval_every == 0
+                                        or step + 1 in (total, state.get("stop_at"))):
                 t_val = time.perf_counter()
                 method.eval()
                 model.eval()

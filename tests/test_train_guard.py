@@ -154,6 +154,17 @@ def test_under_adafactor_a_rollback_halves_the_step_size_that_acts(tmp_path, tok
     assert acting == pytest.approx(0.5 * min(0.9, 1 / 6 ** 0.5), rel=1e-6)
 
 
+def test_a_rollback_on_a_validation_step_is_not_validated_as_that_step(tmp_path, tokenizer, faults):
+    """The prompt after a rollback is an earlier step's: validated there, it was recorded (and saved as best/)
+    as the prompt of the step that fired."""
+    faults[6] = "nan"
+    model, method = fresh(tokenizer)
+    result = train(model, tokenizer, method, task(), args(tmp_path / "run", max_steps=12, eval_every=6))
+    rows = rows_of(tmp_path / "run")
+    assert rows[5]["event"] == "rollback" and not any(k.startswith("val_") for k in rows[5])
+    assert "val_loss" in rows[11] and result.best_step == 12
+
+
 def test_sustained_rise_rolls_back_before_it_and_the_run_goes_on(tmp_path, tokenizer, faults):
     model, method = fresh(tokenizer)
     faults.update({13: 20.0, 14: 20.0, 15: 20.0})
