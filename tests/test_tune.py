@@ -522,3 +522,21 @@ def test_trial_prompts_record_the_layout_they_trained_with(tmp_path, tokenizer):
     assert stored.bos is False and stored.meta["task"]["objective"] == "lm"
     result = search(tmp_path / "task", tokenizer, TuneArgs(lrs=[0.1]), max_steps=2)
     assert load_prompt(result.trials[0].prompt_dir).bos is True
+
+
+def test_an_lm_trials_epoch_is_counted_in_chunks_as_train_counts_it(tmp_path, tokenizer):
+    """--objective lm: an epoch is the documents' chunks; tune counted documents, so a few long documents made
+    a schedule of one step while train's epoch had many."""
+    from softprompt.data.corpus import encode_corpus, load_corpus
+
+    words = ["the", "movie", "was", "very", "good", "."]
+    docs = [" ".join(words[(i + j) % 6] for j in range(120)) for i in range(12)]
+    (tmp_path / "docs.txt").write_text("\n\n".join(docs))
+    data = load_corpus(train_file=tmp_path / "docs.txt")
+    chunks = len(encode_corpus(tokenizer, [ex.target for ex in data.examples("train")], 16))
+    assert chunks >= 4 * len(data.examples("train"))
+    result = successive_halving(make_model("llama"), tokenizer, data, PROMPT,
+                                TrainArgs(output_dir=str(tmp_path / "run"), epochs=1, batch_size=4,
+                                          optimizer="adamw", metric="loss"),
+                                TuneArgs(lrs=[0.1]), max_length=16, task_meta={})
+    assert result.trials[0].steps == chunks // 4

@@ -59,9 +59,9 @@ class _Search:
         self.max_new_tokens = max_new_tokens
         self.progress = progress
         self.out, self.eval_batch_size, self.max_length, self.save_meta = out, eval_batch_size, max_length, save_meta
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise ConfigError("softprompt tune runs in one process (its trials are sequential): launch it without "
-                              "torchrun / accelerate launch")
+        if os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1"):
+            raise ConfigError(f"softprompt tune runs in one process (its trials are sequential): launch it without "
+                              f"torchrun / accelerate launch (WORLD_SIZE={os.environ['WORLD_SIZE']!r})")
         self.fmt = task.format
         self.valid = task.splits.get("validation") or []
         if not self.valid:
@@ -115,7 +115,10 @@ class _Search:
         if self.tune.budget_steps is not None:
             return None
         per_step = self.base.batch_size * self.base.grad_accum
-        return max(1, len(self.train_task.examples("train")) // per_step) * self.base.epochs
+        # what train counts an epoch in: encoded examples (an --objective lm document is many chunks)
+        encoded = family_of(self.model).encode_examples(self.tok, self.train_task.examples("train"), self.fmt,
+                                                        self.max_length)
+        return max(1, len(encoded) // per_step) * self.base.epochs
 
     # ----- one segment ---------------------------------------------------------------------------------
 
