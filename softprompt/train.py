@@ -171,6 +171,11 @@ def _enable_checkpointing(model) -> None:
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
+        # rates kept as plain floats and applied with F.dropout(training=self.training) (OPT, BART) or a
+        # layer-skipping probability (LayerDrop)
+        for name, value in list(vars(module).items()):
+            if (name.endswith("dropout") or name == "layerdrop") and isinstance(value, float):
+                setattr(module, name, 0.0)
     for name in ("attention_dropout", "attn_pdrop", "resid_pdrop", "embd_pdrop", "hidden_dropout"):
         if hasattr(model.config, name):
             setattr(model.config, name, 0.0)

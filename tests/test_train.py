@@ -366,3 +366,25 @@ def test_resuming_a_run_that_stopped_early_leaves_it_stopped(tmp_path, tokenizer
     assert again.stopped_early and again.steps == 4 and not again.history
     assert (tmp_path / "run" / "metrics.jsonl").read_text() == log
     assert torch.equal(method2.embeddings, method.embeddings)
+
+
+def test_gradient_checkpointing_leaves_no_dropout_in_a_model_that_keeps_its_rates_as_floats():
+    """OPT and BART apply F.dropout(p=self.dropout, training=self.training) with rates copied into plain floats:
+    switched to training mode for checkpointing, the frozen model dropped 10% of its activations."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    from softprompt.model import prepare_frozen
+    from softprompt.train import _enable_checkpointing
+
+    torch.manual_seed(0)
+    model = OPTForCausalLM(OPTConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, ffn_dim=64,
+                                     num_attention_heads=2, max_position_embeddings=64, word_embed_proj_dim=32,
+                                     dropout=0.5, attention_dropout=0.5, activation_dropout=0.5))
+    prepare_frozen(model)
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        reference = model(input_ids=ids).logits
+    _enable_checkpointing(model)
+    assert model.training
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, reference)
