@@ -36,6 +36,7 @@ from softprompt.data import (
     encode_chat,
     is_chat,
     with_leading,
+    with_trailing,
 )
 from softprompt.data.chat import chat_prompt_ids
 from softprompt.embeddings import token_embeddings
@@ -184,14 +185,17 @@ def generate_texts(model, tokenizer, prompt_kv, sources: list[str] | list[list[i
     conversation) are taken as they are. ``max_length``: a longer text source keeps its BOS and its last
     tokens (where training and the final report's engine cut it).
     """
-    lead = family_of(model).lead_ids(tokenizer, bos)
+    lead, trail = family_of(model).lead_ids(tokenizer, bos), family_of(model).trail_ids(tokenizer, bos)
 
     def ids_of(s: str | list[int]) -> list[int]:
         if isinstance(s, list):
             return s
-        ids = with_leading(tokenizer(s, add_special_tokens=False)["input_ids"], lead)
-        if max_length is not None and len(ids) > max(max_length, len(lead) + 1):
-            ids = ids[:len(lead)] + ids[len(ids) - (max(max_length, len(lead) + 1) - len(lead)):]
+        ids = with_trailing(tokenizer(s, add_special_tokens=False)["input_ids"], trail)
+        ids = with_leading(ids, lead)
+        room = max(max_length or 0, len(lead) + len(trail) + 1)
+        if max_length is not None and len(ids) > room:  # the BOS and the EOS stay; the body keeps its end
+            body = ids[len(lead):len(ids) - len(trail)]
+            ids = ids[:len(lead)] + body[len(body) - (room - len(lead) - len(trail)):] + ids[len(ids) - len(trail):]
         return ids
 
     out: list[str] = []

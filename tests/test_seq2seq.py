@@ -10,7 +10,7 @@ from transformers import T5Config, T5ForConditionalGeneration
 
 from softprompt import forward
 from softprompt.config import TrainArgs
-from softprompt.data import Encoded, collate
+from softprompt.data import Encoded, TaskFormat, collate
 from softprompt.evaluate import evaluate_prompt, label_scores
 from softprompt.forward import family_of, seq2seq
 from softprompt.methods import build_method
@@ -126,3 +126,98 @@ def test_cli_trains_and_generates_with_a_t5_folder(tmp_path, tokenizer):
     assert set(report) == {"no soft prompt (template only)", "tuned soft prompt"}
     assert main(["generate", "--model", str(tmp_path / "t5"), "--prompt", str(tmp_path / "run" / "prompt"),
                  "--input", "good"]) == 2  # the engine (generate/serve) is for decoder-only models
+
+
+def t5_tokenizer():
+    """The tiny word tokenizer with T5's post-processor: every text ends with </s> ([EOS], id 1)."""
+    from tests.test_bos import word_tokenizer
+
+    return word_tokenizer("$A [EOS]", ("[EOS]",))
+
+
+def test_the_encoder_reads_each_source_closed_by_its_eos_as_peft_users_tokenise_it(tmp_path):
+    """T5 reads every encoder input closed by </s> (pre-training; a PEFT user's tokenizer(source)): the
+    source was [P, src] here. Training, label scores and generation read [P, src, </s>]; the loss equals
+    PEFT's on the source tokenised with special tokens; a prompt stored before (bos true, no 'specials') keeps
+    the layout it was trained with."""
+    peft = pytest.importorskip("peft")
+    from softprompt.data import Example
+
+    tok, model = t5_tokenizer(), make_t5()
+    eos = 1
+    assert tok("good movie")["input_ids"][-1] == eos
+    family = family_of(model)
+    exs = [Example("Review : good movie Sentiment :", " positive"), Example("Review : awful Sentiment :", " negative")]
+    enc = family.encode_examples(tok, exs, FMT, 256)
+    for e, ex in zip(enc, exs, strict=True):
+        assert e.input_ids[:e.target_start] == tok(ex.source)["input_ids"]  # the source and its </s>
+    (cut,) = family.encode_examples(tok, exs[:1], FMT, 5)  # cut from the left, the </s> kept
+    assert cut.input_ids[:cut.target_start][-1] == eos and len(cut.input_ids) == 5
+    method = build_method("prompt_tuning", {"num_virtual_tokens": 3, "init": "random"}, model, tok)
+    save_prompt(tmp_path / "ours", method, model)
+    export_peft(tmp_path / "ours", tmp_path / "peft")
+    pm = peft.PeftModel.from_pretrained(make_t5(), tmp_path / "peft").eval()
+    batch = collate(enc, 0)
+    src = [tok(ex.source)["input_ids"] for ex in exs]
+    width = max(map(len, src))
+    ids = torch.tensor([s + [0] * (width - len(s)) for s in src])
+    labels = torch.tensor([tok(ex.target, add_special_tokens=False)["input_ids"] for ex in exs])  # a label word
+    with torch.no_grad():
+        theirs = pm(input_ids=ids, attention_mask=(ids != 0).long(), labels=labels).loss
+        torch.testing.assert_close(family.loss(model, batch, method().embeds), theirs, atol=1e-5, rtol=1e-5)
+    # label scores and generation read the same encoder input
+    seen, real_lp = [], seq2seq.target_logprobs
+
+    def spy_lp(model, batch, embeds):
+        seen.extend(batch.input_ids[i][batch.attention_mask[i].bool() & ~batch.target_mask[i]].tolist()
+                    for i in range(len(batch.input_ids)))
+        return real_lp(model, batch, embeds)
+
+    import softprompt.evaluate as evaluate_mod
+
+    real_gen, gen_inputs = evaluate_mod.generate, []
+
+    def spy_gen(model, input_ids, attention_mask, *args, **kwargs):
+        gen_inputs.extend(input_ids[i][attention_mask[i].bool()].tolist() for i in range(len(input_ids)))
+        return real_gen(model, input_ids, attention_mask, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(seq2seq, "target_logprobs", spy_lp)
+        mp.setattr(evaluate_mod, "generate", spy_gen)
+        with torch.no_grad():
+            prompt = method().embeds
+            family.label_scores(model, tok, prompt, exs, FMT, 8)
+            gen = TaskFormat(FMT.template, FMT.target_field)
+            evaluate_prompt(model, tok, prompt, [gen.render({"text": "good movie", "label": " positive"})], gen,
+                            max_new_tokens=2, with_loss=False)
+    assert seen and all(s[-1] == eos for s in seen)
+    assert gen_inputs == [tok("Review: good movie\nSentiment:")["input_ids"]]
+    # the legacy flag: written before 'specials', a T5 prompt's "bos": true meant [P, src]
+    stored = load_prompt(tmp_path / "ours")
+    assert stored.bos and family.trail_ids(tok, stored.bos) == [eos]
+    meta = json.loads((tmp_path / "ours" / "softprompt.json").read_text())
+    del meta["specials"]
+    (tmp_path / "ours" / "softprompt.json").write_text(json.dumps(meta))
+    assert load_prompt(tmp_path / "ours").bos is False and family.trail_ids(tok, False) == []
+
+
+def test_t5_baselines_read_the_source_with_its_eos_after_a_hard_prompt_too(monkeypatch):
+    """After a hard prompt or k-shot context a causal LM's text gets no second BOS (bos false); T5's source
+    still ends with its </s> (it lost it, the hard-prompt rows being read on another layout than the rest)."""
+    import softprompt.workflows.baselines as baselines
+    from softprompt.config import DataArgs, EvalArgs
+    from softprompt.data import TaskData
+
+    layouts, real = {}, baselines.evaluate_prompt
+
+    def spy(model, tok, kv, examples, fmt, *args, bos=True, **kwargs):
+        layouts.setdefault(len(layouts), bos)
+        return real(model, tok, kv, examples, fmt, *args, bos=bos, **kwargs)
+
+    monkeypatch.setattr(baselines, "evaluate_prompt", spy)
+    data = task(16, 4)
+    data = TaskData(FMT, {"train": data.examples("train"), "test": data.examples("validation")})
+    args = {"eval": EvalArgs(k_shot=2, max_new_tokens=2), "data": DataArgs(max_length=64)}
+    report = baselines.evaluate_with_baselines(make_t5(), t5_tokenizer(), data, args, "Classify sentiment .",
+                                               data.examples("test"))
+    assert len(report) == 3 and list(layouts.values()) == [True, True, True]

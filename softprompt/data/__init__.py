@@ -16,7 +16,9 @@ from softprompt.data.tokenize import (
     encode_classes,
     leading_special_ids,
     token_counts,
+    trailing_special_ids,
     with_leading,
+    with_trailing,
 )
 
 __all__ = [
@@ -53,4 +55,6 @@ __all__ = [
     "template_fields",
     "token_counts",
     "with_leading",
+    "with_trailing",
+    "trailing_special_ids",
 ]

@@ -61,6 +61,27 @@ def leading_special_ids(tokenizer) -> list[int]:
     return []  # the text's ids change with special tokens: nothing we can safely put in front
 
 
+def trailing_special_ids(tokenizer) -> list[int]:
+    """The special tokens ``tokenizer(text)`` puts after the text's own ids: ``[</s>]`` on T5 (its encoder
+    reads every input closed by it, in pre-training and in PEFT's prompt tuning), ``[]`` on GPT-2, Llama and
+    most decoder tokenizers. Found as :func:`leading_special_ids` is."""
+    probe = "a"
+    with_special = list(tokenizer(probe, add_special_tokens=True)["input_ids"])
+    plain = list(tokenizer(probe, add_special_tokens=False)["input_ids"])
+    if not plain:
+        return []
+    for start in range(len(with_special) - len(plain) + 1):
+        if with_special[start:start + len(plain)] == plain:
+            return with_special[start + len(plain):]
+    return []
+
+
+def with_trailing(ids: Sequence[int], trail: Sequence[int]) -> list[int]:
+    """``ids + trail``, unless ``ids`` already end with ``trail``."""
+    ids, trail = list(ids), list(trail)
+    return ids if not trail or ids[len(ids) - len(trail):] == trail else ids + trail
+
+
 def with_leading(ids: Sequence[int], lead: Sequence[int]) -> list[int]:
     """``lead + ids``, unless ``ids`` already start with ``lead`` (a chat template's rendered
     ``<|begin_of_text|>``/``<bos>`` is tokenised to the BOS id: the text must not get a second one)."""
@@ -69,7 +90,7 @@ def with_leading(ids: Sequence[int], lead: Sequence[int]) -> list[int]:
 
 
 def encode(tokenizer, examples: list[Example], max_length: int = 256, append_eos: bool = False,
-           lead: Sequence[int] = ()) -> list[Encoded]:
+           lead: Sequence[int] = (), trail: Sequence[int] = ()) -> list[Encoded]:
     """Tokenise examples into source + target ids.
 
     Args:
@@ -81,6 +102,8 @@ def encode(tokenizer, examples: list[Example], max_length: int = 256, append_eos
             after a generated answer).
         lead: ids every source starts with (a causal LM's BOS: the family's ``lead_ids``); a source whose
             text already starts with them does not get them twice. Targets never get special tokens.
+        trail: ids every source ends with (an encoder-decoder's ``</s>``: the family's ``trail_ids``); kept
+            when the source is cut, counted in ``max_length``.
 
     Returns:
         One :class:`Encoded` per example, in order.
@@ -98,7 +121,7 @@ def encode(tokenizer, examples: list[Example], max_length: int = 256, append_eos
         if tokenizer.eos_token_id is None:
             raise DataError("append_eos needs a tokenizer with an EOS token; this one has none")
         eos = [int(tokenizer.eos_token_id)]
-    lead = list(lead)
+    lead, trail = list(lead), list(trail)
     # one batched call per side; add_special_tokens=False keeps BOS/EOS out of the concatenation (the
     # source's BOS is ``lead``, put in front here)
     sources = tokenizer([e.source for e in examples], add_special_tokens=False)["input_ids"]
@@ -108,15 +131,19 @@ def encode(tokenizer, examples: list[Example], max_length: int = 256, append_eos
         if not tgt:
             raise DataError(f"example {i}: target {example.target!r} has no tokens")
         tgt = list(tgt) + eos
-        if len(tgt) + len(lead) > max_length:
+        specials = len(lead) + len(trail)
+        if len(tgt) + specials > max_length:
             raise DataError(f"example {i}: target {example.target[:60]!r} has {len(tgt)} tokens"
                             + (f" (+{len(lead)} leading special)" if lead else "")
+                            + (f" (+{len(trail)} trailing special)" if trail else "")
                             + f", more than --max-length {max_length}")
         body = list(src)
         if lead and body[:len(lead)] == lead:  # the rendered text already starts with the BOS
             body = body[len(lead):]
-        keep = max_length - len(tgt) - len(lead)
-        src = lead + (body[len(body) - keep:] if len(body) > keep else body)
+        if trail and body[len(body) - len(trail):] == trail:  # ... or ends with the EOS
+            body = body[:len(body) - len(trail)]
+        keep = max_length - len(tgt) - specials
+        src = lead + (body[len(body) - keep:] if len(body) > keep else body) + trail
         out.append(Encoded(input_ids=src + tgt, target_start=len(src)))
     return out
 

@@ -25,6 +25,7 @@ from softprompt.forward.choose import (
     generate,
     position_offset,
     task_type_for_stored,
+    trails_source,
 )
 from softprompt.forward.common import (
     PROMPT_PASSES,
@@ -68,6 +69,7 @@ __all__ = [
     "position_offset",
     "sample_next",
     "task_type_for_stored",
+    "trails_source",
     "text_position_ids",
     "token_logprobs",
 ]

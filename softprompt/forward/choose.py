@@ -113,6 +113,12 @@ def task_type_for_stored(peft_task_type: str | None) -> str:
     return "auto"
 
 
+def trails_source(peft_task_type: str | None) -> bool:
+    """Whether a prompt stored with PEFT ``task_type`` reads sources that end with a special token (an
+    encoder-decoder's ``</s>``): what its stored layout flag says (``StoredPrompt.bos``)."""
+    return any(family.trails_source and family.peft_task_type == peft_task_type for family in FAMILIES.values())
+
+
 def compute_prompt_kv(model, prompt: PromptOutput | torch.Tensor | None) -> InferencePrompt:
     """A prompt prepared once for inference on ``model`` (:meth:`Family.inference_prompt`).
 

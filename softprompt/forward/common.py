@@ -203,11 +203,12 @@ def by_length(encoded: list[Encoded], batch_size: int, pad_id: int, padding_side
 
 
 def rows_per_label(model, tokenizer, prompt, examples: list[Example], fmt, batch_size: int, max_length: int,
-                   logprobs, lead: list[int] | tuple = ()) -> torch.Tensor:
+                   logprobs, lead: list[int] | tuple = (), trail: list[int] | tuple = ()) -> torch.Tensor:
     """Label scores ``(N, L)`` with one row per (example, label) pair, scored by ``logprobs(model, batch,
-    prompt) -> (B,)`` (the general path of every language-model family); sources start with ``lead``."""
+    prompt) -> (B,)`` (the general path of every language-model family); sources start with ``lead`` and
+    end with ``trail``."""
     rows = [Example(ex.source, text) for ex in examples for text in fmt.label_texts]
-    enc = encode(tokenizer, rows, max_length=max_length, lead=lead)
+    enc = encode(tokenizer, rows, max_length=max_length, lead=lead, trail=trail)
     scores = by_length(enc, batch_size, tokenizer.pad_token_id, "right",
                        lambda b: logprobs(model, b.to(model.device), prompt).float().cpu())
     return scores.view(len(examples), len(fmt.label_texts))

@@ -48,6 +48,7 @@ class Family:
         has_head: prompts train and serve with their own classification head (``PromptOutput.head``).
         served: the mixed-batch engine (:class:`~softprompt.engine.Engine`) serves it.
         models_text: it trains on plain text (``--objective lm``, :mod:`softprompt.data.corpus`).
+        trails_source: its sources end with the tokenizer's special token (:meth:`trail_ids`: T5's ``</s>``).
     """
 
     name: ClassVar[str]
@@ -58,6 +59,7 @@ class Family:
     has_head: ClassVar[bool] = False
     served: ClassVar[bool] = True
     models_text: ClassVar[bool] = False
+    trails_source: ClassVar[bool] = False
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} family {self.name!r}>"
@@ -84,6 +86,12 @@ class Family:
         Other families keep their own layout: an encoder-decoder's input gets no special tokens in front
         (T5 adds only an EOS at the end), a classifier tokenises with its own ``[CLS] ... [SEP]``.
         """
+        return []
+
+    def trail_ids(self, tokenizer, bos: bool = True) -> list[int]:
+        """The ids a source ends with, as the model reads it (``bos``: the tokenizer's own special tokens, as
+        PEFT users tokenise: see :meth:`lead_ids`): none here; an encoder-decoder's encoder input ends with
+        its ``</s>``."""
         return []
 
     def encode_examples(self, tokenizer, examples: list[Example], fmt: TaskFormat, max_length: int,

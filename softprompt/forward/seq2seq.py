@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from softprompt.data import encode, is_chat
+from softprompt.data import encode, is_chat, trailing_special_ids
 from softprompt.forward.common import (
     Decoded,
     InjectionError,
@@ -111,6 +111,7 @@ class Seq2SeqLM(Family):
     peft_task_type = "SEQ_2_SEQ_LM"
     description = "an encoder-decoder"
     served = False
+    trails_source = True
 
     def from_pretrained(self, name_or_path, dtype, num_labels=None):
         from transformers import AutoModelForSeq2SeqLM
@@ -123,10 +124,15 @@ class Seq2SeqLM(Family):
                     "models, whose chat template writes the whole conversation as one sequence")
         return None
 
+    def trail_ids(self, tokenizer, bos=True):
+        # T5 reads every encoder input closed by </s> (pre-training; PEFT users tokenise with it): [P, src, </s>].
+        # bos False: a prompt stored before softprompt put it there, trained on [P, src]
+        return trailing_special_ids(tokenizer) if bos else []
+
     def encode_examples(self, tokenizer, examples, fmt, max_length, bos=True):
-        # lead_ids is [] here: the encoder input is the source alone, as before (T5 adds no leading token)
+        # lead_ids is [] here (T5 adds no leading token): the encoder input is the source and its </s>
         return encode(tokenizer, examples, max_length=max_length, append_eos=not fmt.is_classification,
-                      lead=self.lead_ids(tokenizer, bos))
+                      lead=self.lead_ids(tokenizer, bos), trail=self.trail_ids(tokenizer, bos))
 
     def label_lengths(self, tokenizer, fmt):
         return [len(ids) for ids in label_token_ids(tokenizer, fmt)]
@@ -147,7 +153,7 @@ class Seq2SeqLM(Family):
     def label_scores(self, model, tokenizer, prompt, examples, fmt, batch_size, max_length=256, bos=True):
         with torch.no_grad():
             return rows_per_label(model, tokenizer, prompt, examples, fmt, batch_size, max_length, target_logprobs,
-                                  self.lead_ids(tokenizer, bos))
+                                  self.lead_ids(tokenizer, bos), self.trail_ids(tokenizer, bos))
 
     def decode(self, model, input_ids, attention_mask, prompt, rows, eos_token_id, should_stop=None):
         return decode(model, input_ids, attention_mask, prompt, rows, eos_token_id)

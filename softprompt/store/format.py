@@ -26,7 +26,7 @@ from typing import Any
 import safetensors.torch
 import torch
 
-from softprompt.forward import family_of
+from softprompt.forward import family_of, trails_source
 from softprompt.methods import PromptMethod, method_for_peft_type, method_from_saved, methods_stored_as
 from softprompt.methods.head import HEAD_MODULE_NAMES, SAVED_PREFIX, head_problems, is_head_key
 from softprompt.model import context_length, fingerprint, fingerprint_mismatch
@@ -86,15 +86,20 @@ class StoredPrompt:
 
     @property
     def bos(self) -> bool:
-        """Whether the text after this prompt starts with the model's BOS, the layout it was trained with.
+        """Whether the text after this prompt carries the tokenizer's own special tokens, as PEFT lays it out
+        and as it was trained: a causal LM's BOS starting it (``[prompt, BOS, text]``), an encoder-decoder's
+        ``</s>`` ending the source (``[prompt, src, </s>]``).
 
-        ``softprompt.json`` records it (``"bos": true`` since softprompt put the BOS there, as PEFT does).
-        A file written before has no ``bos``: those prompts were trained without the BOS and keep that
-        layout. A plain PEFT folder (no ``softprompt.json``, empty :attr:`meta`) was trained by PEFT on
-        text tokenised with special tokens: ``[prompt, BOS, text]``.
+        ``softprompt.json`` records it (``"specials"``; ``"bos"`` in files written before, which for an
+        encoder-decoder meant no ``</s>``: those were trained on ``[prompt, src]``). A file without either was
+        trained without the BOS and keeps that layout. A plain PEFT folder (no ``softprompt.json``, empty
+        :attr:`meta`) was trained by PEFT on text tokenised with special tokens.
         """
+        if "specials" in self.meta:  # checked to be a bool when read
+            return bool(self.meta["specials"])
         if "bos" in self.meta:
-            return bool(self.meta["bos"])  # checked to be a bool when read
+            # written before "specials": an encoder-decoder's prompt was trained on [P, src] without </s>
+            return bool(self.meta["bos"]) and not trails_source(self.peft_config.get("task_type"))
         return not self.meta
 
     @property
@@ -275,8 +280,9 @@ def _method_from_meta(meta: Any, peft_type: str, path: Path) -> tuple[str, dict]
     data = meta["train_config"].get("data") if isinstance(meta.get("train_config"), dict) else None
     if data is not None and not isinstance(data, dict):  # eval --store reads the data files it trained on here
         problems.append(f"'train_config.data' must be an object or null, got {type(data).__name__}")
-    if "bos" in meta and not isinstance(meta["bos"], bool):
-        problems.append(f"'bos' must be true or false, got {meta['bos']!r}")
+    for key in ("bos", "specials"):
+        if key in meta and not isinstance(meta[key], bool):
+            problems.append(f"{key!r} must be true or false, got {meta[key]!r}")
     if problems:
         raise StoreError(f"{path}: " + "; ".join(problems))
     return method, config
@@ -388,6 +394,7 @@ def save_prompt(path: str | Path, method: PromptMethod, model, task: dict | None
         "fingerprint": fingerprint(model),
         "task": None if task is None else {**dict.fromkeys(TASK_KEYS), **task},
         "bos": bool(bos),
+        "specials": bool(bos),  # the same layout, named for every family (T5: </s> after the source)
         "train_config": dict(train_config or {}),
         "metrics": dict(metrics or {}),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

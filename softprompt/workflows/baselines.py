@@ -114,15 +114,18 @@ def evaluate_with_baselines(model, tokenizer, task: TaskData, args: dict, prompt
         return chat_baselines(model, tokenizer, task, args, prompt_text, examples, kv_tuned)
     # condition -> (prompt, whether the text after it starts with the model's BOS); each is laid out as the
     # model expects (see softprompt.evaluate): no prompt [BOS, text]; a hard prompt or k-shot context is text
-    # read first, so the BOS opens it and the text gets none: [BOS, hard, text]; the soft prompt [P, BOS, text]
+    # read first, so the BOS opens it and the text gets none: [BOS, hard, text]; the soft prompt [P, BOS, text].
+    # A model whose text has no leading special token (T5: [src, </s>]) keeps its layout after a context.
+    after_context = not family.lead_ids(tokenizer, True)
     conditions: dict[str, tuple[object, bool]] = {}
     if "no_prompt" in ev.baselines:
         conditions["no soft prompt (template only)"] = (None, True)
     if "hard_prompt" in ev.baselines and prompt_text.strip():
-        conditions["init text as hard prompt"] = (hard_prompt_kv(model, tokenizer, prompt_text.strip() + "\n"), False)
+        conditions["init text as hard prompt"] = (hard_prompt_kv(model, tokenizer, prompt_text.strip() + "\n"),
+                                                  after_context)
     if "k_shot" in ev.baselines and task.splits.get("train"):
         shots = k_shot_text(task.examples("train"), fmt, ev.k_shot, seed=data.data_seed)
-        conditions[f"{ev.k_shot}-shot prompting"] = (hard_prompt_kv(model, tokenizer, shots), False)
+        conditions[f"{ev.k_shot}-shot prompting"] = (hard_prompt_kv(model, tokenizer, shots), after_context)
     if kv_tuned is not None:
         conditions["tuned soft prompt"] = (kv_tuned, tuned_bos)
     t0 = time.perf_counter()
