@@ -63,9 +63,10 @@ def export_peft(src: str | Path, dst: str | Path, overwrite: bool = False) -> Pa
     if Path(src).expanduser().absolute() == Path(dst).expanduser().absolute():
         raise StoreError(f"{dst}: export source and destination are the same folder")
     if not stored.bos:  # PEFT's files have no field for it: read back, the folder means [P, BOS, text]
-        log.warning("%s was trained with the text right after the prompt, no BOS between them (--objective lm, "
-                    "a chat task, or stored before the BOS was placed); a PEFT folder cannot record that: loaded "
-                    "back it reads as [prompt, BOS, text]. Keep the full folder (store export without --peft) to "
-                    "serve it here", src)
+        log.warning("%s was trained without the tokenizer's special tokens around its text (no BOS after the "
+                    "prompt: --objective lm, a chat task, or stored before the BOS was placed; on T5, no </s> "
+                    "after the source); a PEFT folder cannot record that: loaded back it reads as PEFT lays text "
+                    "out ([prompt, BOS, text]). Keep the full folder (store export without --peft) to serve it "
+                    "here", src)
     return write_folder_atomically(dst, lambda tmp: write_peft_files(tmp, stored.tensors, stored.peft_config),
                                    overwrite, replaceable_folder)
