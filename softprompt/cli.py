@@ -141,8 +141,10 @@ def cmd_generate(ns: argparse.Namespace) -> int:
         problems.append("--raw applies to --input text; --messages is rendered with the chat template")
     if ns.prompt and (ns.store or ns.task):  # checked before the model loads (the store silently won)
         problems.append("--prompt DIR and --store DIR --task NAME both name the prompt: give one")
-    elif bool(ns.store) != bool(ns.task):
-        problems.append("--store and --task go together: --store DIR --task NAME")
+    elif ns.store and not ns.task:
+        problems.append("--store needs --task NAME (see `softprompt store list --store DIR`)")
+    elif ns.task and not ns.store:
+        problems.append("--task needs --store DIR")
     args = _resolve(ns, ["model"], problems + generate_flag_problems(ns.max_new_tokens, ns.temperature, ns.top_k,
                                                                      ns.top_p, ns.seed))
     from softprompt.data.chat import conversation_prompt, read_conversations

@@ -157,7 +157,7 @@ def test_generate_sampling_flags_checked_together(env, tmp_path):
     for extra in (["--prompt", tmp_path, "--store", tmp_path, "--task", "t"], ["--store", tmp_path]):
         _assert_usage_error(["generate", "--model", tmp_path / "no-model", "--input", "good", *extra],
                             "--prompt DIR and --store DIR --task NAME both name the prompt" if "--prompt" in extra
-                            else "--store and --task go together")
+                            else "--store needs --task NAME")
 
 
 def test_compare_refuses_bad_flags_and_too_short_context(tmp_path):

@@ -211,8 +211,8 @@ class PrefixTuning(PromptMethod):
         layers = peft_config.get("num_layers")
         if layers != geometry[0]:
             return f"num_layers {layers} but the model has {geometry[0]}; the prefix cannot work with it"
-        if method_config is not None:
-            stored = tuple(method_config.get(k) for k in ("num_layers", "kv_heads", "head_dim"))
+        stored = tuple((method_config or {}).get(k) for k in ("num_layers", "kv_heads", "head_dim"))
+        if any(v is not None for v in stored):  # a config without the layout is refused when it is built
             if stored != geometry:
                 return (f"a prefix cut into (layers, key/value heads, head size) {stored} but the model's "
                         f"attention has {geometry}; the prefix cannot work with it")
