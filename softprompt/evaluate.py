@@ -40,7 +40,7 @@ from softprompt.data import (
 )
 from softprompt.data.chat import chat_prompt_ids
 from softprompt.embeddings import token_embeddings
-from softprompt.forward import InferencePrompt, family_of, generate
+from softprompt.forward import InferencePrompt, family_of, generate, sliding_window
 
 
 @dataclass
@@ -179,7 +179,8 @@ def mean_target_loss(model, encoded: list[Encoded], pad_id: int, prompt_kv, batc
 def generate_texts(model, tokenizer, prompt_kv, sources: list[str] | list[list[int]], max_new_tokens: int,
                    batch_size: int, stop: str | None = "\n", bos: bool = True, max_length: int | None = None,
                    **sampling) -> list[str]:
-    """Generate a continuation for each source, text or token ids (left-padded batches); cut at ``stop``.
+    """Generate a continuation for each source, text or token ids (left-padded batches; on a model with
+    sliding-window layers, batches of equal-length sources, since its window counts padding); cut at ``stop``.
 
     ``bos``: a text source starts with the model's BOS (see the module docstring); token ids (a rendered
     conversation) are taken as they are. ``max_length``: a longer text source keeps its BOS and its last
@@ -198,16 +199,26 @@ def generate_texts(model, tokenizer, prompt_kv, sources: list[str] | list[list[i
             ids = ids[:len(lead)] + body[len(body) - (room - len(lead) - len(trail)):] + ids[len(ids) - len(trail):]
         return ids
 
-    out: list[str] = []
-    for i in range(0, len(sources), batch_size):
-        chunk = sources[i:i + batch_size]
-        enc = [Encoded(ids_of(s), 10**9) for s in chunk]
+    encoded = [ids_of(s) for s in sources]
+    n = len(encoded)
+    if sliding_window(model) is not None:  # batches of one length: no padding to shift a row's window
+        groups: list[list[int]] = []
+        for i in sorted(range(n), key=lambda i: len(encoded[i])):
+            if groups and len(groups[-1]) < batch_size and len(encoded[groups[-1][0]]) == len(encoded[i]):
+                groups[-1].append(i)
+            else:
+                groups.append([i])
+    else:
+        groups = [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
+    out: list[str] = [""] * n
+    for group in groups:
+        enc = [Encoded(encoded[i], 10**9) for i in group]
         batch: Batch = collate(enc, tokenizer.pad_token_id, padding_side="left").to(model.device)
         new = generate(model, batch.input_ids, batch.attention_mask, prompt_kv, max_new_tokens,
                        tokenizer.eos_token_id, **sampling)
-        for ids in new:
+        for i, ids in zip(group, new, strict=True):
             text = tokenizer.decode(ids, skip_special_tokens=True)
-            out.append(text.split(stop)[0] if stop else text)
+            out[i] = text.split(stop)[0] if stop else text
     return out
 
 

@@ -155,3 +155,35 @@ def test_a_generation_tasks_loss_counts_the_eos_that_ends_each_answer(model, tok
     engine.add_kv("p", kv, fmt)
     report = evaluate_on_engine(engine, {"tuned": "p"}, examples, fmt, max_new_tokens=2)
     assert report["tuned"]["loss"] == pytest.approx(reference, rel=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["gemma3", "mistral"])
+def test_label_scores_with_sliding_windows_equal_each_example_scored_alone(kind, tokenizer):
+    """The one-forward label path read sources left-padded: transformers counts a sliding window in columns,
+    so a row with padding lost prompt keys a window early (Gemma3: 5 of 6 layers); batched scores must
+    equal each example scored alone."""
+    from tests.test_running import _windowed
+
+    model = _windowed(kind)
+    torch.manual_seed(0)
+    kv = forward.compute_prompt_kv(model, torch.randn(3, 32) * 0.5)
+    words = ["good", "movie", "the", "plot", "was", "very", "bad"]
+    exs = [FMT.render({"text": " ".join(words[: 1 + (i * 3) % 7]), "label": "positive"}) for i in range(6)]
+    batched = label_scores(model, tokenizer, kv, exs, FMT, batch_size=6)
+    alone = torch.cat([label_scores(model, tokenizer, kv, [ex], FMT, batch_size=1) for ex in exs])
+    torch.testing.assert_close(batched, alone, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["gemma3", "mistral"])
+def test_generation_with_sliding_windows_equals_each_source_decoded_alone(kind, tokenizer):
+    from softprompt.evaluate import generate_texts
+    from tests.test_running import _windowed
+
+    model = _windowed(kind)
+    torch.manual_seed(0)
+    kv = forward.compute_prompt_kv(model, torch.randn(3, 32) * 0.5)
+    words = ["good", "movie", "the", "plot", "was", "very", "bad"]
+    sources = [FMT.render({"text": " ".join(words[: 1 + (i * 3) % 7]), "label": "positive"}).source for i in range(6)]
+    batched = generate_texts(model, tokenizer, kv, sources, 4, batch_size=6, stop=None)
+    alone = [generate_texts(model, tokenizer, kv, [s], 4, batch_size=1, stop=None)[0] for s in sources]
+    assert batched == alone

@@ -38,6 +38,7 @@ from softprompt.forward.common import (
     label_token_ids,
     logits_from_hidden,
     sample_next,
+    sliding_window,
     text_position_ids,
     token_logprobs,
 )
@@ -68,6 +69,7 @@ __all__ = [
     "logits_from_hidden",
     "position_offset",
     "sample_next",
+    "sliding_window",
     "task_type_for_stored",
     "trails_source",
     "text_position_ids",

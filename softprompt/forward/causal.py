@@ -215,7 +215,9 @@ def label_scores(model, tokenizer, prompt_kv: PromptKV | None, examples: list[Ex
         lp = last_token_logprobs(model, batch.input_ids, batch.attention_mask, prompt_kv)  # (B, V)
         return lp[:, cols].float().cpu()  # (B, L)
 
-    return by_length(sources, batch_size, tokenizer.pad_token_id, "left", first_token)
+    # right-padded: transformers counts a sliding window in columns, so left padding would shift a row's
+    # window over the prompt's keys (the last real token is found either way)
+    return by_length(sources, batch_size, tokenizer.pad_token_id, "right", first_token)
 
 
 @torch.no_grad()
