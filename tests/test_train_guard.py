@@ -274,6 +274,17 @@ def test_cli_train_that_diverges_exits_1_keeps_a_finite_prompt_and_leaves_the_st
     assert not store.exists()
     assert [json.loads(x).get("event") for x in (out / "metrics.jsonl").read_text().splitlines()][2:] == \
         ["rollback", "diverged"]
+    # resumed (killed during the final evaluation, say), it stays diverged and says what it kept; with no
+    # validation before the stop, the kept step is read from the log (the resumed run's history is empty)
+    for name, extra, kept in (("run", [], "the best validation prompt (step 2)"),
+                              ("late", ["--eval-every", "50"], "the last good prompt (step 0)")):
+        argv = train_argv(env, tmp_path / name, "--max-steps", "12", "--lr", "0.1", "--max-rollbacks", "1",
+                          "--init", "random", "--store", store, "--task", "sentiment", *extra)
+        first = stderr if name == "run" else run(argv)[2]
+        rc, _, again = run([*argv, "--resume"])
+        assert rc == 1 and "Traceback" not in again and "stopped it at step 4" in again, again[-900:]
+        assert f"kept: {kept}" in first and f"kept: {kept}" in again, again[-900:]
+    assert not store.exists()
 
 
 def test_data_parallel_ranks_take_the_same_decisions(tmp_path):

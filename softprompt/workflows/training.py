@@ -153,6 +153,21 @@ def _numbers(metrics: dict | None) -> dict | None:
     return None if metrics is None else {k: v for k, v in metrics.items() if k != "samples"}
 
 
+def _logged_rows(path: Path) -> list:
+    """The readable lines of a run's ``metrics.jsonl`` (none when it cannot be read)."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return []
+    rows = []
+    for line in lines:
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    return rows
+
+
 def report_divergence(args: dict, result: TrainResult, out: Path, store: str | None = None,
                       store_task: str | None = None) -> None:
     """Tell on stderr that the divergence guard ended the run, what was kept, and what to try.
@@ -167,8 +182,10 @@ def report_divergence(args: dict, result: TrainResult, out: Path, store: str | N
     train_args = args["train"]
     if result.best_step is not None:
         kept = f"the best validation prompt (step {result.best_step})"
-    else:  # the guard restored the last good copy before stopping
-        kept = f"the last good prompt (step {result.history[-1]['rolled_back_to']})"
+    else:  # the guard restored the last good copy before stopping (a resumed run's history is in the log)
+        rows = result.history or _logged_rows(out / "metrics.jsonl")
+        back = [r["rolled_back_to"] for r in rows if isinstance(r, dict) and "rolled_back_to" in r]
+        kept = f"the last good prompt (step {back[-1]})" if back else "the last good prompt"
     lines = [f"softprompt train: error: the training diverged: the divergence guard stopped it at step {result.steps} "
              f"after {result.rollbacks} rollback(s) (--max-rollbacks {train_args.max_rollbacks}; lr lowered to "
              f"x{result.lr_scale:g} of --lr {train_args.lr:g}); reasons: the \"event\" lines of "
