@@ -120,6 +120,9 @@ def test_yaml_duplicate_keys_and_non_mapping_files_are_refused_and_null_keys_are
             load_yaml(path)
     path.write_text("")
     assert load_yaml(path) == {}
+    # a merge key is no duplicate: PyYAML merges it, and a key after it overrides the merged value
+    path.write_text("train:\n  <<: {lr: 0.1, epochs: 2}\n  lr: 0.2\n")
+    assert load_yaml(path) == {"train": {"lr": 0.2, "epochs": 2}}
     path.write_text("data:\n  data_seed:\n  max_length: 64\n")
     ns = argparse.Namespace(config=str(path), data_seed=None, max_length=None)
     assert not given(ns, "data", "data_seed") and given(ns, "data", "max_length")

@@ -35,6 +35,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`: merged (and overridable) by PyYAML
+                continue
             key = self.construct_object(key_node, deep=deep)
             try:
                 hash(key)
