@@ -88,8 +88,8 @@ def load_checkpoint(out: Path, method: PromptMethod, opt, sched, guard: Divergen
                if k in recorded and recorded[k] != v]
     if changed:
         raise ConfigError(f"--resume: {ck} was written with other settings ({'; '.join(changed)}); the optimizer "
-                          "state and the lr schedule come from the checkpoint: resume with the same ones, or use "
-                          "another --output-dir")
+                          "state, the lr schedule and the rest of the epoch's data order come from the checkpoint: "
+                          "resume with the same ones, or use another --output-dir")
     try:
         saved = load_file(str(ck / "method.safetensors"))
     except Exception as e:  # noqa: BLE001 - a truncated or foreign file: safetensors, OS errors

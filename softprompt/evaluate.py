@@ -201,7 +201,9 @@ def generate_texts(model, tokenizer, prompt_kv, sources: list[str] | list[list[i
 
     encoded = [ids_of(s) for s in sources]
     n = len(encoded)
-    if sliding_window(model) is not None:  # batches of one length: no padding to shift a row's window
+    window, p = sliding_window(model), int(getattr(prompt_kv, "length", 0) or 0)
+    if window is not None and max(map(len, encoded), default=0) + p + max_new_tokens > window:
+        # a row could reach past its window: batches of one length, no padding to shift a row's window
         groups: list[list[int]] = []
         for i in sorted(range(n), key=lambda i: len(encoded[i])):
             if groups and len(groups[-1]) < batch_size and len(encoded[groups[-1][0]]) == len(encoded[i]):

@@ -189,7 +189,8 @@ def _acting_fraction(opt: torch.optim.Optimizer) -> float:
     """The part of the optimizer's lr that acts on its next step: 1, except for torch's Adafactor, whose step
     size is ``min(lr, 1/sqrt(t))`` (times the parameters' RMS). Above that cap, halving the lr changes nothing
     (lr 0.3 is capped from step 12 on): the guard then lowers the lr to half of the step size that acts."""
-    if not isinstance(opt, torch.optim.Adafactor):
+    adafactor = getattr(torch.optim, "Adafactor", None)  # torch >= 2.5
+    if adafactor is None or not isinstance(opt, adafactor):
         return 1.0
     group = opt.param_groups[0]
     steps = [float(opt.state[p]["step"]) for p in group["params"] if "step" in opt.state.get(p, {})]

@@ -132,6 +132,20 @@ def micro_batches(encoded: list[Encoded], args: TrainArgs, pad_id: int, steps_pe
         epoch += 1
 
 
+def launch_world_size() -> int:
+    """The process count torchrun / accelerate set in ``WORLD_SIZE`` (1 when unset).
+
+    Raises:
+        ConfigError: ``WORLD_SIZE`` is not a number.
+    """
+    value = os.environ.get("WORLD_SIZE", "1")
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"the environment variable WORLD_SIZE={value!r} is not a process count (torchrun and "
+                          "accelerate set it; unset it for one process)") from None
+
+
 def distributed() -> tuple[int, int]:
     """``(rank, world_size)``; joins the process group when launched by torchrun / ``accelerate launch``.
 
@@ -144,12 +158,7 @@ def distributed() -> tuple[int, int]:
     if not dist.is_available():
         return 0, 1
     if not dist.is_initialized():
-        value = os.environ.get("WORLD_SIZE", "1")
-        try:
-            world = int(value)
-        except ValueError:
-            raise ConfigError(f"the environment variable WORLD_SIZE={value!r} is not a process count (torchrun "
-                              "and accelerate set it; unset it for one process)") from None
+        world = launch_world_size()
         if world <= 1:
             return 0, 1
         try:

@@ -187,3 +187,27 @@ def test_generation_with_sliding_windows_equals_each_source_decoded_alone(kind, 
     batched = generate_texts(model, tokenizer, kv, sources, 4, batch_size=6, stop=None)
     alone = [generate_texts(model, tokenizer, kv, [s], 4, batch_size=1, stop=None)[0] for s in sources]
     assert batched == alone
+
+
+def test_generation_keeps_its_batches_when_no_row_can_reach_past_the_window(tokenizer, monkeypatch):
+    """Grouping by length costs a forward per length: only when a row could reach past the window (Mistral's
+    4096 or Gemma 2's with --max-length 256 ran in batches of about one)."""
+    import softprompt.evaluate as evaluate
+    from softprompt.evaluate import generate_texts
+    from tests.test_running import _windowed
+
+    model = _windowed("mistral")
+    model.config.sliding_window = 4096
+    calls, real = [], evaluate.generate
+
+    def count(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "generate", count)
+    sources = [FMT.render({"text": " ".join(["good"] * (1 + i)), "label": "positive"}).source for i in range(6)]
+    generate_texts(model, tokenizer, None, sources, 2, batch_size=6, stop=None)
+    assert len(calls) == 1
+    model.config.sliding_window = 6
+    generate_texts(model, tokenizer, None, sources, 2, batch_size=6, stop=None)
+    assert len(calls) == 1 + 6  # six lengths

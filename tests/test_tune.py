@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -540,3 +541,11 @@ def test_an_lm_trials_epoch_is_counted_in_chunks_as_train_counts_it(tmp_path, to
                                           optimizer="adamw", metric="loss"),
                                 TuneArgs(lrs=[0.1]), max_length=16, task_meta={})
     assert result.trials[0].steps == chunks // 4
+
+
+@pytest.mark.parametrize(("world", "message"), [("abc", "WORLD_SIZE='abc' is not a process count"),
+                                                ("2", "tune runs in one process")])
+def test_tune_reads_the_launch_environment_as_train_does(tmp_path, tokenizer, monkeypatch, world, message):
+    monkeypatch.setenv("WORLD_SIZE", world)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        search(tmp_path, tokenizer, TuneArgs(lrs=[0.1]), max_steps=2)

@@ -21,7 +21,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import re
 import shutil
 import time
@@ -35,7 +34,7 @@ from softprompt.data import TaskData, token_counts
 from softprompt.evaluate import evaluate_prompt, primary_metric
 from softprompt.forward import family_of
 from softprompt.methods import build_method
-from softprompt.train import train
+from softprompt.train import launch_world_size, train
 from softprompt.tune.space import TrialSpec, TuneArgs, plan_rungs, trial_specs
 from softprompt.tune.trials import RungResult, Trial, TuneResult, rank_key
 
@@ -59,9 +58,9 @@ class _Search:
         self.max_new_tokens = max_new_tokens
         self.progress = progress
         self.out, self.eval_batch_size, self.max_length, self.save_meta = out, eval_batch_size, max_length, save_meta
-        if os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1"):
-            raise ConfigError(f"softprompt tune runs in one process (its trials are sequential): launch it without "
-                              f"torchrun / accelerate launch (WORLD_SIZE={os.environ['WORLD_SIZE']!r})")
+        if launch_world_size() > 1:
+            raise ConfigError("softprompt tune runs in one process (its trials are sequential): launch it without "
+                              "torchrun / accelerate launch")
         self.fmt = task.format
         self.valid = task.splits.get("validation") or []
         if not self.valid:
