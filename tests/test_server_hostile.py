@@ -521,6 +521,8 @@ def test_serve_refuses_a_busy_port_a_bad_env_token_and_nothing_to_serve(tmp_path
     args = {"model": ModelArgs(model=str(tiny_model_dir)), "serve": ServeArgs(store=str(store.root), base_task="")}
     with pytest.raises(ConfigError, match="nothing to serve: the store .* has no entry that loads"):
         build_app(args)  # it listened, serving 0 tasks, answering 404 to everything
+    # with an admin token the empty store can be filled while serving: it starts
+    assert build_app({**args, "serve": ServeArgs(store=str(store.root), base_task="", admin_token="s3cret")})
     monkeypatch.setenv("SOFTPROMPT_ADMIN_TOKEN", "tab\tin it")
     with pytest.raises(ConfigError, match="SOFTPROMPT_ADMIN_TOKEN must be printable ASCII"):
         build_app({**args, "serve": ServeArgs(store=str(store.root))})

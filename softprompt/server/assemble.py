@@ -84,7 +84,10 @@ def build_app(args: dict) -> FastAPI:
               if store else Engine(model, tok, **limits))
     if sv.base_task and engine.family.generates:  # a classifier with a head has nothing to serve without a prompt
         engine.add_base(sv.base_task)
-    if not engine.task_names():  # every entry broken or skipped, an empty store, a classifier without prompts
+    if not engine.task_names() and store is not None and token:  # to be filled through the admin API
+        log.warning("serving no task yet: the store %s has no entry that loads; load some with POST "
+                    "/admin/tasks/NAME/load", sv.store)
+    elif not engine.task_names():  # every entry broken or skipped, an empty store, a classifier without prompts
         raise ConfigError("nothing to serve: " + (f"the store {sv.store} has no entry that loads" if store else
                                                   "no --store") +
                           ("" if engine.family.generates or not sv.base_task else
