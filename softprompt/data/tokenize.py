@@ -50,30 +50,28 @@ def leading_special_ids(tokenizer) -> list[int]:
     An encoder's ``[CLS]`` comes out here too; encoder classifiers tokenise with their special tokens
     themselves (:func:`encode_classes`) and do not use this.
     """
-    probe = "a"
-    with_special = list(tokenizer(probe, add_special_tokens=True)["input_ids"])
-    plain = list(tokenizer(probe, add_special_tokens=False)["input_ids"])
-    if not plain:
-        return []
-    for start in range(len(with_special) - len(plain) + 1):
-        if with_special[start:start + len(plain)] == plain:
-            return with_special[:start]
-    return []  # the text's ids change with special tokens: nothing we can safely put in front
+    return _special_ids_around(tokenizer)[0]
 
 
 def trailing_special_ids(tokenizer) -> list[int]:
     """The special tokens ``tokenizer(text)`` puts after the text's own ids: ``[</s>]`` on T5 (its encoder
     reads every input closed by it, in pre-training and in PEFT's prompt tuning), ``[]`` on GPT-2, Llama and
     most decoder tokenizers. Found as :func:`leading_special_ids` is."""
+    return _special_ids_around(tokenizer)[1]
+
+
+def _special_ids_around(tokenizer) -> tuple[list[int], list[int]]:
+    """The ids ``tokenizer`` adds before and after one probe text's own ids (none when the text's ids change
+    with special tokens: nothing can safely be put around it)."""
     probe = "a"
     with_special = list(tokenizer(probe, add_special_tokens=True)["input_ids"])
     plain = list(tokenizer(probe, add_special_tokens=False)["input_ids"])
     if not plain:
-        return []
+        return [], []
     for start in range(len(with_special) - len(plain) + 1):
         if with_special[start:start + len(plain)] == plain:
-            return with_special[start + len(plain):]
-    return []
+            return with_special[:start], with_special[start + len(plain):]
+    return [], []
 
 
 def with_trailing(ids: Sequence[int], trail: Sequence[int]) -> list[int]:
