@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from softprompt.store.entries import ENSEMBLE_FILE
 from softprompt.store.errors import StoreError
 from softprompt.store.format import replaceable_folder
 from softprompt.store.prompt_store import STORE_FILE, PromptStore
@@ -35,7 +34,7 @@ def prompt_entry_problem(root: str | os.PathLike, name: str) -> str | None:
         return None
     if entry.is_symlink() or not entry.is_dir():
         return f"{where}: {entry} exists and is not a folder; the run could not store its prompt there"
-    if (entry / ENSEMBLE_FILE).exists():
+    if store.kind(name) == "ensemble":
         return (f"{where}: entry {name!r} is an ensemble, the run would store a prompt there; remove it "
                 "(softprompt store remove) or choose another --task")
     if not replaceable_folder(entry):
