@@ -97,7 +97,9 @@ def add_compare_parser(sub) -> None:
                         "down (its lr falls to 0 over another third of its steps), then stops")
     p.add_argument("--adapter-size", type=int, default=8, help="bottleneck width of the Houlsby adapters")
     p.add_argument("--only",
-                   help="comma-separated kinds: prompt_tuning,prefix_tuning,p_tuning,lora,adapter,bitfit,full")
+                   help="comma-separated kinds (prompt_tuning,prefix_tuning,p_tuning,lora,adapter,bitfit,full: "
+                        "every row of that kind) or rows by their slug (the label in lower case, other characters as "
+                        "'-', e.g. prompt-tuning-text-init-p-5)")
     p.add_argument("--output-dir", default="runs/compare")
     p.add_argument("--store", metavar="DIR",
                    help="add each prompt method's seed prompts to this prompt store as <method-slug>-seed<k>, with "

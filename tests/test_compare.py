@@ -26,8 +26,10 @@ from softprompt.compare import (
     run_method,
     run_one,
     search_lr,
+    select_specs,
     weight_method,
 )
+from softprompt.compare.specs import method_slug
 from softprompt.data import TaskData, TaskFormat, token_counts
 from softprompt.evaluate import evaluate_prompt
 from tests.conftest import make_model, make_tokenizer, sentiment_records
@@ -504,12 +506,26 @@ def test_compare_help_documents_exit_status_keep_going_and_search(capsys):
         assert name in text
 
 
+def test_only_selects_rows_by_kind_or_by_slug_in_the_default_order():
+    specs, problems = select_specs("prompt-tuning-text-init-p-5, p_tuning,houlsby-adapter-bottleneck-4", 4)
+    assert problems == []
+    assert [s.label for s in specs] == ["prompt tuning, text init, P=5", "P-tuning (MLP), P=20",
+                                        "Houlsby adapter, bottleneck 4"]
+    assert [method_slug(s.label) for s in select_specs("prompt_tuning")[0]] == [
+        "prompt-tuning-random-init-p-20", "prompt-tuning-sampled-vocab-p-20", "prompt-tuning-text-init-p-5",
+        "prompt-tuning-text-init-p-20", "prompt-tuning-text-init-p-50"]
+    specs, problems = select_specs("houlsby-adapter-bottleneck-8,prompt-tuning-text-init-p-7", 4)
+    assert specs == [] and problems[0].startswith(
+        "--only: unknown ['houlsby-adapter-bottleneck-8', 'prompt-tuning-text-init-p-7']; known kinds:")
+    assert "houlsby-adapter-bottleneck-4" in problems[0]
+
+
 def test_compare_refuses_bad_settings_together(tmp_path, capsys):
     assert main(["compare", "--seeds", "0", "--lr-grid", "0", "--search-steps", "-1", "--converged-tol", "2",
                  "--adapter-size", "0", "--only", "adapter,nope", "--output-dir", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     for needle in ("--seeds must be >= 1", "--lr-grid must be >= 1", "--search-steps must be >= 0",
-                   "--converged-tol must be in (0, 1)", "--adapter-size must be >= 1", "unknown kinds ['nope']"):
+                   "--converged-tol must be in (0, 1)", "--adapter-size must be >= 1", "--only: unknown ['nope']"):
         assert needle in err
 
 

@@ -15,22 +15,16 @@ with a message saying so.
 from __future__ import annotations
 
 import json
-import re
 import statistics
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from softprompt.compare.run import in_child, load_run_task
-from softprompt.compare.specs import WEIGHT_KINDS, Spec
+from softprompt.compare.specs import WEIGHT_KINDS, Spec, method_slug
 
 COMBINE = "mean"
 EVAL_MAX_LENGTH = 256  # the token budget run_one's test evaluation uses (evaluate_prompt's default)
-
-
-def method_slug(label: str) -> str:
-    """The store name of a method's ensemble: its label in lower case, runs of other characters as ``-``."""
-    return re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")[:48] or "method"
 
 
 def member_name(slug: str, seed: int) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, field
 
 from softprompt.config import check_real, flag
@@ -46,20 +47,27 @@ DEFAULT_SPECS = [
 ]
 
 
-def select_specs(only: str | None, adapter_size: int = 8) -> tuple[list[Spec], list[str]]:
-    """The default rows of the kinds in ``only`` (comma-separated; all when ``None``) and any problem with it.
+def method_slug(label: str) -> str:
+    """A row's short name (``--only``, store entries): its label in lower case, runs of other characters as
+    ``-``, e.g. ``prompt-tuning-text-init-p-20``."""
+    return re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")[:48] or "method"
 
-    Adapter rows get a bottleneck of ``adapter_size`` (their label says so).
+
+def select_specs(only: str | None, adapter_size: int = 8) -> tuple[list[Spec], list[str]]:
+    """The default rows named in ``only`` (comma-separated kinds, which select every row of that kind, or row
+    slugs, :func:`method_slug`; all rows when ``None``), in the default order, and any problem with it.
+
+    Adapter rows get a bottleneck of ``adapter_size`` (their label and slug say so).
     """
     specs = [Spec(f"Houlsby adapter, bottleneck {adapter_size}", s.kind, {**s.config, "size": adapter_size},
                   s.optimizer, s.lr) if s.kind == "adapter" else s for s in DEFAULT_SPECS]
     if not only:
         return specs, []
-    kinds = {k.strip() for k in only.split(",")}
-    known = sorted({s.kind for s in specs})
-    unknown = sorted(kinds - set(known))
-    problems = [f"--only: unknown kinds {unknown}; known: {known}"] if unknown else []
-    return [s for s in specs if s.kind in kinds], problems
+    names = {k.strip() for k in only.split(",")}
+    kinds, slugs = sorted({s.kind for s in specs}), [method_slug(s.label) for s in specs]
+    unknown = sorted(names - set(kinds) - set(slugs))
+    problems = [f"--only: unknown {unknown}; known kinds: {kinds}; known rows: {slugs}"] if unknown else []
+    return [s for s in specs if s.kind in names or method_slug(s.label) in names], problems
 
 
 @dataclass
