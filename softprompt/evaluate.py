@@ -40,7 +40,7 @@ from softprompt.data import (
 )
 from softprompt.data.chat import chat_prompt_ids
 from softprompt.embeddings import token_embeddings
-from softprompt.forward import InferencePrompt, family_of, generate, sliding_window
+from softprompt.forward import InferencePrompt, end_token_ids, family_of, generate, sliding_window
 
 
 @dataclass
@@ -217,7 +217,7 @@ def generate_texts(model, tokenizer, prompt_kv, sources: list[str] | list[list[i
         enc = [Encoded(encoded[i], 10**9) for i in group]
         batch: Batch = collate(enc, tokenizer.pad_token_id, padding_side="left").to(model.device)
         new = generate(model, batch.input_ids, batch.attention_mask, prompt_kv, max_new_tokens,
-                       tokenizer.eos_token_id, **sampling)
+                       end_token_ids(model, tokenizer), **sampling)
         for i, ids in zip(group, new, strict=True):
             text = tokenizer.decode(ids, skip_special_tokens=True)
             out[i] = text.split(stop)[0] if stop else text

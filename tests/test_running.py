@@ -229,3 +229,25 @@ def test_no_forward_runs_more_rows_than_the_engine_allows(tmp_path, tokenizer, m
     monkeypatch.setattr("softprompt.engine.running.slot_forward", spy)
     results, batch = _run_joining(engine, REQS, every=0, max_rows=8)  # asks for 8: the engine's 2 win
     assert batch.max_rows == 2 and max(widths) == 2 and len(results) == len(REQS)
+
+
+def test_an_end_of_turn_id_in_the_generation_config_ends_the_answer(tmp_path, tokenizer):
+    # chat models end a turn with their own token (Gemma's <end_of_turn>, Llama 3's <|eot_id|>), listed in the
+    # generation config beside the tokenizer's EOS; generation stopped only at the EOS and ran on to max_tokens
+    from softprompt.evaluate import generate_texts
+
+    model = make_model("llama")
+    req = GenerateRequest("base", "the movie was", raw=True, max_tokens=8)
+    free = _engine(model, tokenizer, tmp_path / "a").generate([req])[0]
+    k = next((k for k in range(1, len(free.tokens)) if free.tokens[k] not in free.tokens[:k]), None)
+    if k is None:
+        pytest.skip("the greedy answer repeats one token on this random model")
+    text_before = generate_texts(model, tokenizer, None, ["the movie was"], 8, batch_size=1, stop=None)[0]
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, free.tokens[k]]
+    engine = _engine(model, tokenizer, tmp_path / "b")
+    assert engine.end_ids == (tokenizer.eos_token_id, free.tokens[k])
+    results, _ = _run_joining(engine, [req], every=0)
+    for res in (results[0], _solo(engine, req)):  # the continuous scheduler and the batch-at-a-time decode
+        assert (res.tokens, res.finish_reason) == (free.tokens[:k], "stop")
+    text_after = generate_texts(model, tokenizer, None, ["the movie was"], 8, batch_size=1, stop=None)[0]
+    assert text_after == tokenizer.decode(free.tokens[:k], skip_special_tokens=True) != text_before

@@ -37,7 +37,7 @@ from softprompt.engine.requests import (
     ScoreResult,
     UnknownTaskError,
 )
-from softprompt.forward import InferencePrompt, PromptKV, TokenLogprob, family_of
+from softprompt.forward import InferencePrompt, PromptKV, TokenLogprob, end_token_ids, family_of
 from softprompt.forward.slots import MODEL_LOCK
 from softprompt.model import context_length
 from softprompt.store.entries import COMBINES
@@ -116,6 +116,7 @@ class Engine:
             raise EngineError(f"max_batch_rows, max_batch_tokens and prefill_chunk must be >= 1, got {max_batch_rows}, "
                               f"{max_batch_tokens}, {prefill_chunk}")
         self.model, self.tok = model, tokenizer
+        self.end_ids = end_token_ids(model, tokenizer)  # what ends an answer: the EOS and the model's end-of-turn
         self.max_batch_rows, self.max_batch_tokens, self.truncate = max_batch_rows, max_batch_tokens, truncate
         self.progress, self.prefill_chunk = progress, prefill_chunk
         context = context_length(model.config)  # RoBERTa's 514 positions hold 512 tokens

@@ -186,7 +186,7 @@ class PrefixBackend(Backend):
             return bool(stops) and any(s in tok.decode(toks, skip_special_tokens=True) for s in stops)
 
         prompts = self._rows(batch.prompts)
-        out = causal.decode(model, batch.input_ids, batch.attention_mask, prompts, sampling, tok.eos_token_id,
+        out = causal.decode(model, batch.input_ids, batch.attention_mask, prompts, sampling, self.engine.end_ids,
                             should_stop=hit_stop)
         for j, i in enumerate(batch.index):
             results[i] = generate_result(tok, items[i], out.tokens[j], out.finish[j],

@@ -228,10 +228,10 @@ class RunningBatch:
             sel = torch.tensor(want, device=logits.device)
             lps = dict(zip(want, token_logprobs(logits[sel], toks[sel], max(rows[i].sampling.logprobs for i in want)),
                            strict=True))
-        eos = self.engine.tok.eos_token_id
+        ends = self.engine.end_ids
         tok = self.engine.tok
         for i, (r, t) in enumerate(zip(rows, toks.tolist(), strict=True)):
-            if eos is not None and t == eos:
+            if t in ends:
                 self._finish(r, "stop")
                 continue
             r.tokens.append(t)

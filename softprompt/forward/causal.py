@@ -25,7 +25,7 @@ materialising a ``(B, T, vocab)`` logits tensor.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +44,7 @@ from softprompt.forward.common import (
     by_length,
     check_pass,
     check_prompt,
+    id_set,
     label_token_ids,
     logits_from_hidden,
     out_cache,
@@ -222,20 +223,21 @@ def label_scores(model, tokenizer, prompt_kv: PromptKV | None, examples: list[Ex
 
 @torch.no_grad()
 def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_kv: PromptKV | RowPrompts | None,
-           rows: list[RowSampling], eos_token_id: int | None,
+           rows: list[RowSampling], eos_token_id: int | Iterable[int] | None,
            should_stop: Callable[[int, list[int], list[TokenLogprob] | None], bool] | None = None) -> Decoded:
     """Decode after left- or right-padded inputs, each row with its own settings.
 
     Args:
         prompt_kv: one prompt for all rows, one per row, or none.
         rows: decoding settings of each row.
-        eos_token_id: ends a row (not included in its tokens).
+        eos_token_id: the id, or ids (:func:`end_token_ids`), that end a row (not included in its tokens).
         should_stop: called with (row, tokens so far, their :class:`TokenLogprob` so far or None when the
             row does not ask for them) after each new token; True ends the row (e.g. a stop string appeared).
     """
     b = input_ids.shape[0]
     if len(rows) != b:
         raise InjectionError(f"{len(rows)} sampling settings for a batch of {b} rows")
+    ends = id_set(eos_token_id)
     cache, prefix_mask, offset = _prefix(model, prompt_kv, b, attention_mask)
     if cache is None:
         cache = DynamicCache(config=model.config)
@@ -272,7 +274,7 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_
             if finish[i] is not None:
                 continue
             t = int(tok[i])
-            if eos_token_id is not None and t == eos_token_id:
+            if t in ends:
                 finish[i] = "eos"
                 continue
             new[i].append(t)

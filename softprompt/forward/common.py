@@ -4,6 +4,7 @@ positions, the LM head, per-row decoding settings and token sampling, and batchi
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -117,6 +118,23 @@ def logits_from_hidden(model, hidden: torch.Tensor) -> torch.Tensor:
     if cap:
         logits = torch.tanh(logits / cap) * cap
     return logits
+
+
+def end_token_ids(model, tokenizer) -> tuple[int, ...]:
+    """The ids that end a generated answer: the tokenizer's EOS and every EOS id of the model's generation
+    config (chat models end a turn with their own token there: Gemma's ``<end_of_turn>``, Llama 3's
+    ``<|eot_id|>``, Phi-3's ``<|end|>``), the tokenizer's first."""
+    ids = [tokenizer.eos_token_id]
+    gen = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids += list(gen) if isinstance(gen, list | tuple) else [gen]
+    return tuple(dict.fromkeys(int(i) for i in ids if isinstance(i, int) and not isinstance(i, bool) and i >= 0))
+
+
+def id_set(ids: int | Iterable[int] | None) -> frozenset[int]:
+    """``ids`` as a set: none, one id, or several (what the decoders take as their end ids)."""
+    if ids is None:
+        return frozenset()
+    return frozenset([int(ids)]) if isinstance(ids, int) else frozenset(int(i) for i in ids)
 
 
 @dataclass

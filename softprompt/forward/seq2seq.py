@@ -17,6 +17,7 @@ from softprompt.forward.common import (
     RowSampling,
     check_pass,
     check_prompt,
+    id_set,
     label_token_ids,
     prompt_embeds,
     rows_per_label,
@@ -87,6 +88,7 @@ def decode(model, input_ids, attention_mask, embeds: torch.Tensor | None, rows: 
         raise InjectionError(f"{len(rows)} sampling settings for a batch of {input_ids.shape[0]} rows")
     if any(r.temperature > 0 for r in rows):
         raise InjectionError("sampling is implemented for decoder-only models; use greedy decoding with T5")
+    ends = id_set(eos_token_id)
     out_tokens, finish = [], []
     for i, r in enumerate(rows):
         ids = input_ids[i][attention_mask[i].bool()][None]  # (1, S)
@@ -95,10 +97,12 @@ def decode(model, input_ids, attention_mask, embeds: torch.Tensor | None, rows: 
             text = torch.cat([embeds.to(text)[None], text], dim=1)
         gen = model.generate(inputs_embeds=text, attention_mask=torch.ones(text.shape[:2], dtype=torch.long,
                                                                            device=text.device),
-                             max_new_tokens=r.max_new_tokens, do_sample=False, eos_token_id=eos_token_id)
+                             max_new_tokens=r.max_new_tokens, do_sample=False,
+                             eos_token_id=sorted(ends) or None)
         toks = [int(t) for t in gen[0, 1:]]  # drop the decoder start token
-        done = eos_token_id is not None and eos_token_id in toks
-        toks = toks[:toks.index(eos_token_id)] if done else toks
+        end = next((k for k, t in enumerate(toks) if t in ends), None)
+        done = end is not None
+        toks = toks[:end] if done else toks
         out_tokens.append(toks)
         finish.append("eos" if done else "length")
     return Decoded(tokens=out_tokens, finish=finish)
