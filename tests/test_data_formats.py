@@ -112,6 +112,19 @@ def test_csv_ragged_row_names_line(tmp_path):
     assert str(e.value) == "dev.csv line 3: expected 2 fields (text, label), got 3"
 
 
+@pytest.mark.parametrize("name,sep", [("p.csv", ","), ("p.tsv", "\t")])
+def test_a_stray_quote_is_an_error_naming_its_line_not_one_record_holding_the_rest_of_the_file(tmp_path, name, sep):
+    # the default csv reader read everything after an unclosed quote into one field: one record, exit 0
+    f = write(tmp_path / name, f"label{sep}text\nneg{sep}fine\npositive{sep}\"Great movie\nnegative{sep}Bad\n")
+    with pytest.raises(DataError, match=rf"{name} line 3: malformed row \(unexpected end of data\)"):
+        load_records(f)
+    f = write(tmp_path / name, f"label{sep}text\npositive{sep}\"Great\" movie\n")  # text after the closing quote
+    with pytest.raises(DataError, match=rf"{name} line 2: malformed row .*a quote inside it is written twice"):
+        load_records(f)
+    f = write(tmp_path / name, f"label{sep}text\npositive{sep}\"say \"\"hi\"\"\nmore\"\n")
+    assert load_records(f) == [{"label": "positive", "text": 'say "hi"\nmore'}]  # quoted fields still work
+
+
 def test_csv_bad_header(tmp_path):
     f = write(tmp_path / "d.csv", "text,text,\n1,2,3\n")
     with pytest.raises(DataError, match=r"d\.csv line 1: bad header: empty column name at position 3; "

@@ -118,7 +118,10 @@ def _parse_json_array(text: str, name: str) -> tuple[list[dict], list[int]]:
 
 
 def _parse_delimited(text: str, name: str, delimiter: str) -> tuple[list[dict], list[int]]:
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)  # lines end at \n only
+    # strict: a quote that is never closed, or text after a closing quote, is an error; the default read the
+    # rest of the file into one field (one stray quote silently merged every later record into one)
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)  # lines end at \n only
+    start = 1
     try:
         header = next(reader, None)
         if header is None or not any(h.strip() for h in header):
@@ -146,5 +149,6 @@ def _parse_delimited(text: str, name: str, delimiter: str) -> tuple[list[dict], 
             records.append(dict(zip(header, row, strict=True)))
             lines.append(lineno)
     except csv.Error as e:
-        raise DataError(f"{name} line {reader.line_num}: malformed row ({e})") from None
+        raise DataError(f"{name} line {start}: malformed row ({e}); a field that starts with a double quote is "
+                        "quoted: it must end with one, and a quote inside it is written twice (\"\")") from None
     return records, lines
