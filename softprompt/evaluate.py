@@ -327,7 +327,9 @@ def primary_metric(fmt: TaskFormat, requested: str = "auto") -> tuple[str, bool]
     free-form reply rarely matches its reference exactly).
 
     Raises:
-        ConfigError: a metric the LM objective does not measure (it has only loss/perplexity).
+        ConfigError: a metric the task does not measure: the LM objective has only loss/perplexity, a
+            classification task accuracy, macro-F1 and loss, a generation or chat task exact match, F1 and loss
+            (it was a KeyError at the first validation, or every tune trial "diverged").
     """
     if fmt.objective == "lm":
         if requested not in ("auto", "loss"):
@@ -336,6 +338,11 @@ def primary_metric(fmt: TaskFormat, requested: str = "auto") -> tuple[str, bool]
         return "loss", False
     auto = "accuracy" if fmt.is_classification else ("loss" if is_chat(fmt) else "exact_match")
     name = requested if requested != "auto" else auto
+    measured = ("accuracy", "macro_f1", "loss") if fmt.is_classification else ("exact_match", "f1", "loss")
+    if name not in measured:
+        kind = "a classification task" if fmt.is_classification else ("a chat task" if is_chat(fmt) else
+                                                                        "a generation task")
+        raise ConfigError(f"--metric {name} is not measured on {kind}: use {', '.join(measured)} or auto")
     return name, name != "loss"
 
 

@@ -201,3 +201,22 @@ def test_a_malformed_launch_environment_is_exit_2_before_anything_is_written(env
     _assert_usage_error(["train", "--model", env["model"], "--train-file", env["train"], "--output-dir",
                          tmp_path / "out"], needle)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("command", "drop_verbalizer", "metric", "needle"), [
+    ("train", True, "accuracy", "--metric accuracy is not measured on a generation task: use exact_match, f1, loss"),
+    ("train", False, "exact_match", "--metric exact_match is not measured on a classification task: use accuracy"),
+    ("tune", True, "macro_f1", "--metric macro_f1 is not measured on a generation task"),
+])
+def test_a_metric_the_task_does_not_measure_is_refused_before_any_work(env, tmp_path, monkeypatch, command,
+                                                                        drop_verbalizer, metric, needle):
+    # train raised KeyError at the first validation; tune trained every trial's first rung, then called each
+    # one diverged ("non-finite validation accuracy None") and exited 1
+    _no_work(monkeypatch)
+    argv = train_argv(env, tmp_path / "o", "--metric", metric)
+    argv[0] = command
+    if drop_verbalizer:
+        i = argv.index("--verbalizer")
+        del argv[i:i + 2]
+    _assert_usage_error(argv, needle)
+    assert not (tmp_path / "o" / "best_prompt").exists()
