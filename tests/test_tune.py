@@ -306,6 +306,39 @@ def test_a_search_where_every_trial_diverges_saves_nothing_and_leaves_no_older_p
     assert any("every trial diverged" in ln for ln in lines)
 
 
+def test_a_refused_search_leaves_the_earlier_one_whole_and_top_k_on_a_generation_task_stores_the_best(
+        tmp_path, tokenizer):
+    """A search refused by its own checks (--top-k over the trial count, a budget that cannot pay rung 0) had
+    already deleted the earlier search's best_prompt/ and top/ and rewritten tune.json; --top-k 2 --store on a
+    generation task saved top-1..2 in the store, then failed at the ensemble after the whole search."""
+    from softprompt.data import TaskFormat
+    from tests.conftest import sentiment_records
+    from tests.test_train import FMT
+
+    gen = TaskFormat(FMT.template, FMT.target_field)
+    recs = sentiment_records(40, seed=1)
+    data = TaskData(gen, {"train": [gen.render(r) for r in recs[:32]],
+                          "validation": [gen.render(r) for r in recs[32:]]})
+    out, store_dir, lines = tmp_path / "run", tmp_path / "store", []
+    args = {"model": ModelArgs(), "data": DataArgs(max_length=64), "prompt": PROMPT, "eval": EvalArgs(),
+            "train": base(out, max_steps=4)}
+    model = make_model("llama")
+    first = run_tune(args, TuneArgs(lrs=[0.03, 0.1], top_k=2, store=str(store_dir), task="gen"), model, tokenizer,
+                     data, echo=lines.append)
+    assert first.best is not None and (out / "top" / "2").is_dir()
+    store = PromptStore(store_dir)
+    assert store.names() == ["gen"] and store.kind("gen") == "prompt"
+    assert torch.equal(load_prompt(store.path("gen"), model).tensors["prompt_embeddings"],
+                       prompt_tensor(first.best.prompt_dir))
+    assert any("--top-k 2 --store: no ensemble is built: this is a generation task" in ln for ln in lines)
+    before = (out / "tune.json").read_text()
+    best = prompt_tensor(out / "best_prompt")
+    with pytest.raises(ConfigError, match="--top-k 5 is more than the 1 trials"):
+        run_tune(args, TuneArgs(lrs=[0.3], top_k=5), model, tokenizer, data, echo=lines.append)
+    assert torch.equal(prompt_tensor(out / "best_prompt"), best) and (out / "top" / "2").is_dir()
+    assert (out / "tune.json").read_text() == before and (out / "trials" / "t01").is_dir()
+
+
 # ----- the validation split -------------------------------------------------------------------------------
 
 def test_a_task_without_validation_is_refused_or_split_deterministically_on_request(tmp_path, tokenizer):

@@ -154,9 +154,10 @@ def with_validation(task: TaskData, tune: TuneArgs, seed: int, echo: Callable[[s
     return TaskData(task.format, splits)
 
 
-def check_store(tune: TuneArgs) -> None:
+def check_store(tune: TuneArgs, ensemble: bool = True) -> None:
     """Refuse, before any training, a ``--store`` that is not a store or whose ``--task`` entries are of the
-    other kind (a prompt where the top-k ensemble would go, or the reverse).
+    other kind (a prompt where the top-k ensemble would go, or the reverse). ``ensemble``: whether a top-k
+    ensemble can be built for this task (else ``--task`` gets the best prompt alone).
 
     Raises:
         StoreError: ``--store`` is a non-empty folder that is not a prompt store.
@@ -167,7 +168,7 @@ def check_store(tune: TuneArgs) -> None:
     from softprompt.store import PromptStore
 
     store = PromptStore(tune.store)
-    k = tune.ensemble_seeds or tune.top_k
+    k = tune.ensemble_seeds or (tune.top_k if ensemble else 1)
     wanted = {tune.task: "ensemble" if k > 1 else "prompt"}
     if k > 1:
         wanted.update(dict.fromkeys(member_names(tune.task, k), "prompt"))
@@ -204,8 +205,11 @@ def _copy_prompt(src: Path, dst: Path, model, extra_metrics: dict) -> Path:
                        metrics={**stored.meta.get("metrics", {}), **extra_metrics}, overwrite=True, bos=stored.bos)
 
 
-def save_results(result: TuneResult, out: Path, model, tune: TuneArgs, echo: Callable[[str], None] = print) -> None:
-    """``best_prompt/``, ``top/<rank>/`` (k > 1), and with ``--store`` the entry ``--task``."""
+def save_results(result: TuneResult, out: Path, model, tune: TuneArgs, echo: Callable[[str], None] = print,
+                 ensemble: bool = True) -> None:
+    """``best_prompt/``, ``top/<rank>/`` (k > 1), and with ``--store`` the entry ``--task``: the top-k ensemble
+    (over entries ``<task>-1..k``), or the best prompt alone when ``ensemble`` is false (no ensemble can be built
+    for the task) or fewer than two trials finished."""
     top = result.top(tune.top_k)
     if not top:
         return
@@ -220,7 +224,11 @@ def save_results(result: TuneResult, out: Path, model, tune: TuneArgs, echo: Cal
     from softprompt.store import PromptStore
 
     store = PromptStore(tune.store, create=True)
-    if len(top) < 2:
+    if len(top) < 2 or not ensemble:
+        if tune.task in store and store.kind(tune.task) == "ensemble":  # from an earlier search of this task
+            echo(f"store {tune.store}: {tune.task!r} is an ensemble, and only one prompt is to be stored: the store "
+                 f"was left as it was; the best prompt is in {out / 'best_prompt'}")
+            return
         store.add(tune.task, out / "best_prompt", overwrite=True)
         echo(f"added the best prompt to store {tune.store} as {tune.task!r}")
         return
@@ -265,26 +273,34 @@ def run_tune(args: dict[str, Any], tune: TuneArgs, model, tokenizer, task: TaskD
              "without the flag")
         skipped["seeds"] = {"kind": "seeds", "skipped": reason}
         tune = dataclasses.replace(tune, ensemble_seeds=None)
-    check_store(tune)
+    top_k_reason = (not_built_reason(task.format, model) if tune.store and tune.top_k > 1 and not tune.ensemble_seeds
+                    else None)
+    if top_k_reason:
+        echo(f"--top-k {tune.top_k} --store: no ensemble is built: {top_k_reason}; the store gets the best prompt as "
+             f"{tune.task!r} (top/1..{tune.top_k} are still saved)")
+    check_store(tune, ensemble=top_k_reason is None)
     task = with_validation(task, tune, data.data_seed, echo)
     if prompt.init_text is None:  # as softprompt train: fits the task; recorded with every prompt
         prompt = dataclasses.replace(prompt, init_text=default_init_text(data.dataset, task.format))
     out = Path(train_args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _remove_stale_outputs(out)
     sections = {k: dataclasses.asdict(v) for k, v in args.items()}
     doc = {"tune": dataclasses.asdict(flags), **sections, "prompt": dataclasses.asdict(prompt)}
-    (out / "tune.json").write_text(json.dumps(doc, indent=2, default=str))
-    echo(f"task: {data.dataset or data.train_file}  " + "  ".join(f"{k}={len(v)}" for k, v in task.splits.items()
-                                                               if k != "test"))
+
+    def start() -> None:  # once the search's own checks passed: a refused search leaves an earlier one whole
+        _remove_stale_outputs(out)
+        (out / "tune.json").write_text(json.dumps(doc, indent=2, default=str))
+        echo(f"task: {data.dataset or data.train_file}  " + "  ".join(f"{k}={len(v)}" for k, v in task.splits.items()
+                                                                   if k != "test"))
+
     result = successive_halving(
         model, tokenizer, task, prompt, train_args, tune, output_dir=out, eval_batch_size=args["eval"].eval_batch_size,
         max_length=data.max_length, task_meta=task_meta(data, task.format),
         train_config={k: v for k, v in sections.items() if k in ("model", "data", "eval")},
         progress=lambda partial: write_reports(partial, out, png=False), ensemble_seeds=tune.ensemble_seeds,
-        max_new_tokens=args["eval"].max_new_tokens)
+        max_new_tokens=args["eval"].max_new_tokens, before_run=start)
     paths = write_reports(result, out)
-    save_results(result, out, model, tune, echo)
+    save_results(result, out, model, tune, echo, ensemble=top_k_reason is None)
     ensembles = {**skipped, **build_ensembles(result, out, model, tokenizer, task, tune, args, echo)}
     if ensembles:
         result.ensembles = ensembles

@@ -81,7 +81,6 @@ class _Search:
             raise ConfigError(f"invalid arguments:\n  --top-k {tune.top_k} is more than the {len(specs)} trials")
         # every rung but the last ends at a checkpoint (train always writes one at the horizon)
         self.checkpoint_every = math.gcd(*self.plan.rungs[:-1]) if len(self.plan.rungs) > 1 else self.plan.horizon
-        _remove_stale_trials(out / "trials")
         self.steps_used, self.stopped_by = 0, None
         self.t0 = time.perf_counter()
         self.seconds_per_step: list[float] = []
@@ -236,6 +235,7 @@ class _Search:
         return None
 
     def run(self) -> TuneResult:
+        _remove_stale_trials(self.out / "trials")
         log.info("tune: %d trials, rungs %s; ranked by validation %s", len(self.trials), self.plan.describe(),
                  self.metric)
         if len(self.plan.rungs) > 1 and self.plan.rungs[0] <= self.base.warmup_steps:
@@ -337,7 +337,8 @@ def successive_halving(model, tokenizer, task: TaskData, prompt: PromptArgs, tra
                        *, output_dir: str | Path | None = None, eval_batch_size: int = 32, max_length: int = 256,
                        task_meta: dict | None = None, train_config: dict | None = None,
                        progress: Callable[[TuneResult], None] | None = None,
-                       ensemble_seeds: int | None = None, max_new_tokens: int = 16) -> TuneResult:
+                       ensemble_seeds: int | None = None, max_new_tokens: int = 16,
+                       before_run: Callable[[], None] | None = None) -> TuneResult:
     """Search the learning rate (and the ``--search`` settings) by successive halving on the validation split.
 
     Args:
@@ -359,6 +360,8 @@ def successive_halving(model, tokenizer, task: TaskData, prompt: PromptArgs, tra
         ensemble_seeds: after the search, train the winner's configuration with this many seeds
             (:meth:`_Search.retrain_seeds`); they are ``result.seed_runs``.
         max_new_tokens: tokens a generation task's validation decodes (``--max-new-tokens``).
+        before_run: called once every check passed, before anything in ``output_dir`` changes (the command
+            clears an earlier search's saved prompts there: a refused search leaves them).
 
     Returns:
         Every trial with its steps and validation numbers per rung, and the final ranking.
@@ -373,6 +376,8 @@ def successive_halving(model, tokenizer, task: TaskData, prompt: PromptArgs, tra
             "train_config": dict(train_config or {})}
     search = _Search(model, tokenizer, task, prompt, train_args, tune, out, eval_batch_size, max_length, meta,
                      progress, max_new_tokens)
+    if before_run is not None:
+        before_run()
     result = search.run()
     if ensemble_seeds:
         result.seed_runs = search.retrain_seeds(ensemble_seeds)
