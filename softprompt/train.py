@@ -25,6 +25,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -298,8 +299,11 @@ def train(model, tokenizer, method: PromptMethod, task: TaskData, args: TrainArg
         if main:
             truncate_log(metrics_path, start)
         log.info("resumed from %s at step %d", out / "checkpoint", start)
-    elif metrics_path.exists() and main:
-        metrics_path.unlink()
+    elif main:  # a fresh run in a used folder: the earlier run's log and checkpoint go (a --resume after this run
+        # was killed before its first checkpoint resumed the other run's state: its prompt, saved as this run's)
+        metrics_path.unlink(missing_ok=True)
+        if (out / "checkpoint").is_dir():
+            shutil.rmtree(out / "checkpoint")
     history: list[dict] = []
     # a run that ended early (early stopping, the cool-down's end, the guard) and is resumed stays ended
     ended = state.pop("ended", None)

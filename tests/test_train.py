@@ -388,3 +388,20 @@ def test_gradient_checkpointing_leaves_no_dropout_in_a_model_that_keeps_its_rate
     assert model.training
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, reference)
+
+
+def test_a_fresh_run_in_a_used_folder_drops_the_earlier_runs_checkpoint(tmp_path, tokenizer):
+    """A run started without --resume in a finished run's folder and killed before its first checkpoint left
+    the earlier run's checkpoint: a --resume then continued (or ended) that other run and saved its prompt."""
+    model, method = fresh(tokenizer)
+    train(model, tokenizer, method, task(), args(tmp_path, max_steps=8))
+    assert (tmp_path / "checkpoint" / "state.json").exists()
+    model, method = fresh(tokenizer)
+    assert killed_at(1, model, tokenizer, method, args(tmp_path, max_steps=8, checkpoint_every=4, lr=0.01))
+    assert not (tmp_path / "checkpoint").exists()
+    assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1]
+    model, method = fresh(tokenizer)
+    steps = []
+    killed_at(None, model, tokenizer, method, args(tmp_path, max_steps=8, checkpoint_every=4, lr=0.01, resume=True),
+              steps)
+    assert steps == list(range(1, 9))  # nothing to resume: it trained from the start
