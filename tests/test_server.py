@@ -198,6 +198,45 @@ def test_error_statuses(served):
         assert "softprompt_request_seconds_bucket" in metrics and "softprompt_tasks_loaded 9" in metrics
 
 
+def test_max_tokens_defaults_follow_the_server_limit_and_a_chat_reply_gets_the_rest_of_the_context(tokenizer):
+    """Without max_tokens, a completion under --max-tokens 8 was refused ("max_tokens 16 is over this server's
+    limit of 8", a field the client never sent) and every chat reply was cut at 16 tokens."""
+    engine = Engine(make_model("llama"), tokenizer)  # 256 positions
+    engine.add_base("base")
+    with TestClient(create_app(ServerState(engine, Scheduler(engine), max_tokens=8))) as client:
+        r = client.post("/v1/completions", json={"model": "base", "raw": True, "temperature": 0, "prompt": "the"})
+        ref = engine.generate([GenerateRequest("base", "the", raw=True, max_tokens=8)])[0]
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == len(ref.tokens), r.text
+    limit = 40
+    with TestClient(create_app(ServerState(engine, Scheduler(engine), max_tokens=limit))) as client:
+        def completion(body):
+            r = client.post("/v1/completions", json={"model": "base", "raw": True, "temperature": 0, **body})
+            assert r.status_code == 200, r.text
+            return r.json()["choices"][0]["text"], r.json()["usage"]["completion_tokens"]
+
+        ref = engine.generate([GenerateRequest("base", "the movie", raw=True, max_tokens=16)])[0]
+        assert completion({"prompt": "the movie"}) == (ref.text, len(ref.tokens))  # OpenAI's 16
+        r = client.post("/v1/completions", json={"model": "base", "prompt": "x", "max_tokens": limit + 1})
+        assert r.status_code == 400 and f"max_tokens {limit + 1} is over this server's limit of {limit}" in r.text
+
+        def chat(words: int) -> tuple[dict, str]:
+            content = " ".join(["good"] * words)
+            r = client.post("/v1/chat/completions", json={"model": "base", "temperature": 0, "messages": [
+                {"role": "user", "content": content}]})
+            assert r.status_code == 200, r.text
+            return r.json(), f"user: {content}\nassistant:"
+
+        for words, room in ((3, limit), (230, None)):  # room for the limit; then only the context's rest
+            got, text = chat(words)
+            n = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+            want = room or engine.context - n
+            assert want < limit or room
+            ref = engine.generate([GenerateRequest("base", text, raw=True, max_tokens=want)])[0]
+            assert got["choices"][0]["message"]["content"] == ref.text
+            assert got["usage"]["completion_tokens"] == len(ref.tokens)
+            assert got["choices"][0]["finish_reason"] == ref.finish_reason
+
+
 def test_queue_full_is_429(tokenizer):
     engine = Engine(make_model("llama"), tokenizer)
     engine.add_base("base")

@@ -15,7 +15,7 @@ them, and they count in every length budget. Labels and continuations never get 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -195,6 +195,9 @@ def _prepare_generate(engine, req: GenerateRequest, task, versions) -> Prepared:
         raise RequestError(f"task {task.name!r}: the input has no tokens")
     lead = lead_ids(engine, member, task.formats[0])
     ids = with_leading(ids, lead)
+    if req.fit_max_tokens:  # a ceiling: what the context leaves after the prompt and the input (at least 1)
+        left = engine.context - engine.backend.length(member) - len(ids)
+        req = replace(req, max_tokens=max(1, min(req.max_tokens, left)), fit_max_tokens=False)
     room = engine.context - engine.backend.length(member) - req.max_tokens
     # an engine made to truncate (evaluation: inputs cut where training cut them) keeps the end of a long input
     row = Row(member, fit(engine, ids, 0, room, f"generate input for task {task.name!r}", True, len(lead)), 0)

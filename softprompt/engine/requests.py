@@ -72,6 +72,9 @@ class GenerateRequest:
         stop: strings that end the output (not included in it).
         logprobs: None for none; ``k`` (0 to 20) for each new token's log-probability under the model and
             the ``k`` most likely tokens at its place (:class:`~softprompt.forward.TokenLogprob`).
+        fit_max_tokens: ``max_tokens`` is a ceiling, lowered to the room the context leaves after the prompt and
+            the input (a chat reply with no ``max_tokens``: the rest of the context, as OpenAI's chat does);
+            otherwise an input that leaves less room is refused.
     """
 
     task: str
@@ -84,6 +87,7 @@ class GenerateRequest:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     logprobs: int | None = None
+    fit_max_tokens: bool = False
 
 
 @dataclass
@@ -164,6 +168,8 @@ def check_request(req, kind: str) -> list[str]:
     if kind == "generate":
         if not _is_int(req.max_tokens) or req.max_tokens < 1:
             problems.append(f"max_tokens must be an integer >= 1, got {req.max_tokens!r}")
+        if not isinstance(req.fit_max_tokens, bool):
+            problems.append(f"fit_max_tokens must be true or false, got {req.fit_max_tokens!r}")
         if not _is_real(req.temperature) or req.temperature < 0:
             problems.append(f"temperature must be a finite number >= 0, got {req.temperature!r}")
         if not _is_int(req.top_k) or req.top_k < 0:

@@ -117,12 +117,14 @@ def create_app(state: ServerState) -> FastAPI:
             return [None] * len(results)
         return await asyncio.to_thread(lambda: [logprobs.entries_of(state.engine.tok, r) for r in results])
 
-    def sampling(body, max_tokens: int | None) -> dict:
-        n = max_tokens or state.default_max_tokens
-        if n > state.max_tokens:
-            raise errors.LimitError(f"max_tokens {n} is over this server's limit of {state.max_tokens}")
-        return {"max_tokens": n, "temperature": body.temperature, "top_k": body.top_k, "top_p": body.top_p,
-                "seed": body.seed, "stop": body.stops()}
+    def sampling(body, max_tokens: int | None, chat: bool = False) -> dict:
+        """The request's decoding settings. Without ``max_tokens``: a completion gets OpenAI's 16 (at most the
+        server's --max-tokens), a chat reply the rest of the context up to --max-tokens."""
+        if max_tokens is not None and max_tokens > state.max_tokens:
+            raise errors.LimitError(f"max_tokens {max_tokens} is over this server's limit of {state.max_tokens}")
+        n = max_tokens or (state.max_tokens if chat else min(state.default_max_tokens, state.max_tokens))
+        return {"max_tokens": n, "fit_max_tokens": max_tokens is None and chat, "temperature": body.temperature,
+                "top_k": body.top_k, "top_p": body.top_p, "seed": body.seed, "stop": body.stops()}
 
     @app.get("/health")
     async def health() -> dict:
@@ -193,7 +195,7 @@ def create_app(state: ServerState) -> FastAPI:
         fmt = state.engine.task(body.model).formats[0]  # unknown task -> 404 before anything else
         text, raw = await asyncio.to_thread(chat_input, body, fmt)  # a chat template can be slow
         req = GenerateRequest(body.model, text, raw=raw, logprobs=body.top_count(),
-                              **sampling(body, body.max_completion_tokens or body.max_tokens))
+                              **sampling(body, body.max_completion_tokens or body.max_tokens, chat=True))
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if body.stream:
             def chunk(delta: str, finish: str | None, got: list | None = None, first: bool = False) -> dict:
