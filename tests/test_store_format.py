@@ -210,7 +210,7 @@ def write_tensors(folder: Path, tensors: dict[str, torch.Tensor]) -> None:
     ({"prompt_embeddings": torch.zeros(P, H + 1)}, r"shape \(4, 33\)"),
     ({"prompt_embeddings": torch.zeros(P * H)}, r"must be 2-D, has shape \(128,\)"),
     ({"prompt_embeddings": torch.zeros(P, H, dtype=torch.int32)},
-     "must be floating point, has dtype torch.int32"),
+     "must be float16, bfloat16, float32 or float64, has dtype torch.int32"),
 ])
 def test_refuses_bad_tensors(saved, tensors, expected):
     write_tensors(saved, tensors)

@@ -471,3 +471,100 @@ def test_a_write_without_overwrite_never_replaces_a_folder_another_writer_placed
         atomic.write_folder_atomically(target, write, overwrite=False, replaceable=lambda p: True)
     assert sorted(p.name for p in target.iterdir()) == ["theirs.txt"]
     assert [p.name for p in tmp_path.iterdir()] == ["entry"]  # no temporary folder left
+
+
+# ----- files that are not what they claim -----------------------------------------------------------------
+
+
+def _peft_folder(folder: Path, config: dict, tensors: dict) -> None:
+    from safetensors.torch import save_file
+
+    folder.mkdir()
+    (folder / CONFIG_NAME).write_text(json.dumps(config))
+    save_file(tensors, str(folder / WEIGHTS_NAME))
+
+
+@pytest.mark.parametrize("case", ["float8 tensor", "init text a list", "heads Infinity"])
+def test_hostile_peft_files_make_one_broken_entry_not_a_broken_store(store, model, tokenizer, case):
+    """An 8-bit float tensor (NotImplementedError from isfinite), a list as PEFT's init text (AttributeError)
+    and Infinity heads (OverflowError) escaped as non-StoreErrors: `store list` and `serve --store` failed whole."""
+    h = model.config.hidden_size
+    base = {"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": 2, "token_dim": h}
+    emb = torch.zeros(2, h)
+    if case == "float8 tensor":
+        config, tensors = base, {"prompt_embeddings": emb.to(torch.float8_e4m3fn)}
+        why = "must be float16, bfloat16, float32 or float64, has dtype torch.float8_e4m3fn"
+    elif case == "init text a list":
+        config = {**base, "prompt_tuning_init": "TEXT", "prompt_tuning_init_text": ["x"]}
+        tensors, why = {"prompt_embeddings": emb}, None
+    else:
+        cfg = model.config
+        kv = cfg.num_key_value_heads * (h // cfg.num_attention_heads)
+        config = {**base, "peft_type": "PREFIX_TUNING", "token_dim": kv, "num_layers": cfg.num_hidden_layers,
+                  "num_attention_heads": float("inf")}
+        tensors = {"prompt_embeddings": torch.zeros(2, cfg.num_hidden_layers * 2 * kv)}
+        why = "cannot convert float infinity to integer"
+    _peft_folder(store.root / "hostile", config, tensors)
+    listed = {e.name: e for e in store.list()}
+    assert listed["good"].kind == "prompt"
+    if why is None:  # a list is no init text: the prompt loads, its init recorded as random
+        assert listed["hostile"].kind == "prompt" and store.load("hostile").method_config["init"] == "random"
+        return
+    assert listed["hostile"].kind == "broken" and why in listed["hostile"].error
+    assert sorted(Engine.from_store(store, model, tokenizer, skip_broken=True).task_names()) == ["bad", "good"]
+
+
+@pytest.mark.parametrize("name", [CONFIG_NAME, WEIGHTS_NAME, ENSEMBLE_FILE])
+def test_a_named_pipe_in_an_entry_is_refused_not_waited_on(store, name):
+    # opening a FIFO for reading blocks until a writer comes: store list, load and serve hung forever
+    entry = store.root / "pipe"
+    entry.mkdir()
+    os.mkfifo(entry / name)
+    done = threading.Event()
+    listed = {}
+
+    def listing():
+        listed.update({e.name: e for e in store.list()})
+        done.set()
+
+    threading.Thread(target=listing, daemon=True).start()
+    if not done.wait(20):
+        with open(entry / name, "wb"):  # let the blocked reader go, so that the test process can end
+            pass
+        pytest.fail("store list blocked on a named pipe")
+    assert listed["pipe"].kind == "broken" and "not a regular file" in listed["pipe"].error
+    assert listed["good"].kind == "prompt"
+
+
+def test_recovery_gives_up_on_a_rename_it_cannot_do_instead_of_spinning(tmp_path, monkeypatch):
+    # a failed rename skipped the deadline: settle() looped at full speed for ever (a read-only store)
+    from softprompt.store import swap
+
+    aside = tmp_path / ".x.old-abcd1234"
+    aside.mkdir()
+    calls = []
+
+    def refuse(src, dst):
+        calls.append(1)
+        raise PermissionError(13, "Read-only file system")
+
+    monkeypatch.setattr(swap.os, "rename", refuse)
+    t0 = time.monotonic()
+    assert swap.settle(tmp_path / "x", timeout=0.3) is True
+    assert time.monotonic() - t0 < 10 and 0 < len(calls) < 2000
+    assert aside.is_dir()
+
+
+def test_recovery_does_not_take_another_entrys_folders_for_an_old_copy(tmp_path):
+    # ".x.old-1.tmp-k3j9abcd" is the half-written temporary folder of entry "x.old-1": it was put back as "x"
+    from softprompt.store import swap
+
+    other = tmp_path / ".x.old-1.tmp-k3j9abcd"
+    other.mkdir()
+    (other / CONFIG_NAME).write_text("{}")
+    own = tmp_path / ".y.old-k3j9abcd"
+    own.mkdir()
+    os.utime(other, (0, 0))
+    os.utime(own, (0, 0))
+    assert swap.settle(tmp_path / "x", timeout=0.05) is False and other.is_dir() and not (tmp_path / "x").exists()
+    assert swap.settle(tmp_path / "y", timeout=0.05) is True and (tmp_path / "y").is_dir()  # an old copy of y

@@ -166,6 +166,7 @@ class PromptTuning(PromptMethod):
         """Prompt length from the tensor; PEFT's init is recorded where it is one of ours."""
         out: dict[str, Any] = {"num_virtual_tokens": int(tensors["prompt_embeddings"].shape[0])}
         text = peft_config.get("prompt_tuning_init_text")
+        text = text if isinstance(text, str) else None  # a hand-edited list or number is not a text
         init = str(peft_config.get("prompt_tuning_init") or "random").lower()
         if init not in INITS or (init == "text" and not (text or "").strip()):
             init = "random"  # the tensors are what matters; init is only recorded

@@ -32,7 +32,7 @@ from softprompt.methods.head import HEAD_MODULE_NAMES, SAVED_PREFIX, head_proble
 from softprompt.model import context_length, fingerprint, fingerprint_mismatch
 from softprompt.store.atomic import write_folder_atomically, write_json, write_safetensors
 from softprompt.store.errors import StoreError
-from softprompt.store.snapshot import MAX_JSON_BYTES, parse_json, read_folder
+from softprompt.store.snapshot import MAX_JSON_BYTES, MAX_WEIGHTS_BYTES, parse_json, read_folder
 from softprompt.store.task_record import TASK_KEYS, TaskRecord
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -174,12 +174,17 @@ def _tensor_problems(cfg: dict, tensors: dict[str, torch.Tensor]) -> list[str]:
     return problems + _values_problems(tensors)
 
 
+FILE_LIMITS = {CONFIG_NAME: MAX_JSON_BYTES, META_NAME: MAX_JSON_BYTES, WEIGHTS_NAME: MAX_WEIGHTS_BYTES}  # bytes
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def _values_problems(tensors: dict[str, torch.Tensor]) -> list[str]:
-    """Tensors that are not floating point or hold NaN/Inf."""
+    """Tensors that are not float16/bfloat16/float32/float64 (an 8-bit float cannot even be checked for NaN:
+    its NotImplementedError broke the whole store's listing) or hold NaN/Inf."""
     problems = []
     for key, t in tensors.items():
-        if not t.is_floating_point():
-            problems.append(f"tensor {key!r} must be floating point, has dtype {t.dtype}")
+        if t.dtype not in FLOAT_DTYPES:
+            problems.append(f"tensor {key!r} must be float16, bfloat16, float32 or float64, has dtype {t.dtype}")
         elif not bool(torch.isfinite(t).all()):
             nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
             problems.append(f"tensor {key!r} has {nan} NaN and {inf} Inf values")
@@ -304,8 +309,7 @@ def load_prompt(path: str | Path, model=None, check_fingerprint: bool = True) ->
     """
     folder = Path(path).expanduser()
     # one version of the folder even while it is being overwritten; symlinked files are refused
-    snap = read_folder(folder, (WEIGHTS_NAME, CONFIG_NAME, META_NAME),
-                       {CONFIG_NAME: MAX_JSON_BYTES, META_NAME: MAX_JSON_BYTES})
+    snap = read_folder(folder, (WEIGHTS_NAME, CONFIG_NAME, META_NAME), FILE_LIMITS)
     tensors = _read_tensors(folder, snap.names, snap.files.get(WEIGHTS_NAME))
     cfg_path = folder / CONFIG_NAME
     if CONFIG_NAME not in snap.files:
@@ -327,7 +331,7 @@ def load_prompt(path: str | Path, model=None, check_fingerprint: bool = True) ->
         method = reader.name
         try:
             method_config = reader.config_from_peft(cfg, tensors)
-        except (ValueError, TypeError, KeyError) as e:  # e.g. a string num_attention_heads
+        except (ValueError, TypeError, KeyError, OverflowError, AttributeError) as e:  # "x" or Infinity heads
             raise StoreError(f"{cfg_path}: {e}") from e
     stored = StoredPrompt(path=folder, method=method, method_config=method_config, tensors=tensors,
                           peft_config=cfg, meta=meta)  # parses and validates meta["task"]

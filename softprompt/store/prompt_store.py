@@ -38,6 +38,7 @@ from softprompt.store.entries import (
 from softprompt.store.errors import StoreError
 from softprompt.store.format import (
     CONFIG_NAME,
+    FILE_LIMITS,
     META_NAME,
     WEIGHTS_NAME,
     StoredPrompt,
@@ -63,7 +64,7 @@ def _copy_prompt_files(src: Path, dst: Path) -> None:
 
     The files are read as one version of ``src`` (it may be overwritten meanwhile); symlinks are refused.
     """
-    for name, data in read_folder(src, PROMPT_FILES).files.items():
+    for name, data in read_folder(src, PROMPT_FILES, FILE_LIMITS).files.items():
         write_bytes(dst / name, data)
 
 

@@ -24,8 +24,13 @@ from softprompt.store.errors import StoreError
 from softprompt.store.swap import settle
 
 MAX_JSON_BYTES = 1 << 20  # a config/metadata file is a few KiB; refuse to parse anything huge
+# a prompt's tensors: a 100-token prefix for a 70B model is 65 MiB; a sparse 100 GB file was read into memory
+MAX_WEIGHTS_BYTES = 4 << 30
 READ_TRIES = 100  # a folder replaced this many times during one read is reported instead of read again
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+# opening a named pipe blocks until a writer comes (a FIFO named adapter_config.json hung list, load and serve);
+# non-blocking it opens at once and is refused as not a regular file; regular files ignore the flag
+_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 _DIRECTORY = getattr(os, "O_DIRECTORY", 0)
 _DIR_FD = os.open in os.supports_dir_fd
 
@@ -77,7 +82,7 @@ def read_file(path: Path, limit: int | None = None) -> bytes:
         StoreError: missing, a symlink, not a regular file, larger than ``limit``, or unreadable.
     """
     try:
-        fd = os.open(path, os.O_RDONLY | _NOFOLLOW)
+        fd = os.open(path, os.O_RDONLY | _NOFOLLOW | _NONBLOCK)
     except FileNotFoundError:
         raise StoreError(f"{path}: missing") from None
     except OSError as e:
@@ -130,8 +135,8 @@ def _read_once(folder: Path, wanted: tuple[str, ...], limits: dict[str, int]) ->
             if name not in names:
                 continue
             try:
-                fd = (os.open(name, os.O_RDONLY | _NOFOLLOW, dir_fd=dfd) if _DIR_FD
-                      else os.open(folder / name, os.O_RDONLY | _NOFOLLOW))
+                fd = (os.open(name, os.O_RDONLY | _NOFOLLOW | _NONBLOCK, dir_fd=dfd) if _DIR_FD
+                      else os.open(folder / name, os.O_RDONLY | _NOFOLLOW | _NONBLOCK))
             except FileNotFoundError:  # deleted after listing: the folder was replaced
                 raise _Changed from None
             except OSError as e:

@@ -36,7 +36,10 @@ LISTING_RETRIES = 3  # longest wait for a live writer between its two renames (n
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
 _UNSUPPORTED = {errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV}
-_LEFTOVER = re.compile(r"\.(?P<name>.+)\.(?P<kind>tmp|old|removed)-[^/]+")
+# the suffix: 8 characters, as tempfile.mkdtemp and uuid hex give them (anything else is not ours: a folder
+# ".x.old-1.tmp-k3j9abcd" is the temporary folder of entry "x.old-1", not an old copy of "x")
+_SUFFIX = r"[a-z0-9_]{8}"
+_LEFTOVER = re.compile(rf"\.(?P<name>.+)\.(?P<kind>tmp|old|removed)-{_SUFFIX}")
 
 __all__ = ["exchange", "exchange_supported", "lock_folder", "remove_leftovers", "settle", "unlock"]
 
@@ -118,7 +121,8 @@ def _abandoned(folder: Path, min_age: float) -> int | None | bool:
 def _asides(target: Path) -> list[Path]:
     try:
         return sorted(p for p in target.parent.iterdir()
-                      if p.name.startswith(f".{target.name}.old-") and p.is_dir() and not p.is_symlink())
+                      if re.fullmatch(rf"\.{re.escape(target.name)}\.old-{_SUFFIX}", p.name) and p.is_dir()
+                      and not p.is_symlink())
     except OSError:
         return []
 
@@ -149,12 +153,13 @@ def settle(target: Path, timeout: float = SETTLE_TIMEOUT) -> bool:
             if lock is not False:
                 try:
                     os.rename(aside, target)
-                except OSError:  # another reader or writer was faster: look again
+                except OSError:  # another reader or writer was faster (look again), or it cannot be done
                     pass
                 finally:
                     unlock(lock if isinstance(lock, int) else None)
                 break
-        else:
+        if not (target.exists() or target.is_symlink()):
+            # a rename that keeps failing (a read-only store) spun here at full speed, past any deadline
             if time.monotonic() > deadline:
                 return involved
             time.sleep(0.001)
