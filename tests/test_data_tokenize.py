@@ -128,3 +128,30 @@ def test_smollm2_target_tokens_are_label_tokens():
         assert len(e.input_ids) <= 64
     batch = collate(enc, tokenizer.pad_token_id or 0)
     assert int(batch.target_mask.sum()) == 2 * len(examples)
+
+
+def test_a_long_source_is_cut_alike_whichever_label_follows_it(tokenizer):
+    """Training cut a long source by its gold label's length and label scoring by each label's: a 3-token label
+    was scored after less of the review than a 1-token one, and the gold label's length showed in the input."""
+    from softprompt.data import TaskFormat
+    from softprompt.forward import family_of
+    from softprompt.forward.common import rows_per_label
+    from tests.conftest import make_model
+
+    fmt = TaskFormat("Review: {text}", "label", {"pos": "good", "neg": "very very good"})
+    text = " ".join(["the", "movie", "was", "great", "plot", "a", "film", "is"] * 3)
+    examples = [fmt.render({"text": text, "label": label}) for label in ("pos", "neg")]
+    model = make_model("llama")
+    enc = family_of(model).encode_examples(tokenizer, examples, fmt, max_length=12)
+    sources = [e.input_ids[:e.target_start] for e in enc]
+    assert sources[0] == sources[1] and len(sources[0]) == 12 - 3  # room for the longest label
+    seen = []
+
+    def record(model, batch, prompt):
+        for ids, mask in zip(batch.input_ids.tolist(), batch.attention_mask.tolist(), strict=True):
+            seen.append([t for t, m in zip(ids, mask, strict=True) if m])
+        return torch.zeros(batch.input_ids.shape[0])
+
+    rows_per_label(model, tokenizer, None, examples[:1], fmt, 8, 12, record)
+    good, very = sorted(seen, key=len)
+    assert good[:-1] == very[:-3] == sources[0]

@@ -88,7 +88,7 @@ def with_leading(ids: Sequence[int], lead: Sequence[int]) -> list[int]:
 
 
 def encode(tokenizer, examples: list[Example], max_length: int = 256, append_eos: bool = False,
-           lead: Sequence[int] = (), trail: Sequence[int] = ()) -> list[Encoded]:
+           lead: Sequence[int] = (), trail: Sequence[int] = (), target_room: int = 0) -> list[Encoded]:
     """Tokenise examples into source + target ids.
 
     Args:
@@ -102,6 +102,9 @@ def encode(tokenizer, examples: list[Example], max_length: int = 256, append_eos
             text already starts with them does not get them twice. Targets never get special tokens.
         trail: ids every source ends with (an encoder-decoder's ``</s>``: the family's ``trail_ids``); kept
             when the source is cut, counted in ``max_length``.
+        target_room: tokens a long source leaves for its target at least (a classification task: its longest
+            label's, :func:`label_room`, so that a source is cut alike whichever label follows it: in
+            training, behind the gold label, and when each label is scored).
 
     Returns:
         One :class:`Encoded` per example, in order.
@@ -140,10 +143,18 @@ def encode(tokenizer, examples: list[Example], max_length: int = 256, append_eos
             body = body[len(lead):]
         if trail and body[len(body) - len(trail):] == trail:  # ... or ends with the EOS
             body = body[:len(body) - len(trail)]
-        keep = max_length - len(tgt) - specials
+        keep = max_length - max(len(tgt), target_room) - specials
         src = lead + (body[len(body) - keep:] if len(body) > keep else body) + trail
         out.append(Encoded(input_ids=src + tgt, target_start=len(src)))
     return out
+
+
+def label_room(tokenizer, fmt) -> int:
+    """Tokens the longest label text takes as a target (0 for a task without labels): what a classification
+    source leaves room for (:func:`encode`'s ``target_room``)."""
+    if not fmt.is_classification:
+        return 0
+    return max(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in fmt.label_texts)
 
 
 def encode_classes(tokenizer, examples: list[Example], labels: list[str], max_length: int = 256) -> list[Encoded]:

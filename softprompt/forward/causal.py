@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from softprompt.data import Encoded, Example, encode, encode_chat, is_chat, leading_special_ids
+from softprompt.data import Encoded, Example, encode, encode_chat, is_chat, label_room, leading_special_ids
 from softprompt.data.corpus import encode_corpus
 from softprompt.forward.common import (
     Decoded,
@@ -319,7 +319,7 @@ class CausalLM(Family):
         if is_chat(fmt):  # conversations: the chat template's tokens (its own BOS), targets on assistant turns
             return encode_chat(tokenizer, examples, fmt, max_length)
         return encode(tokenizer, examples, max_length=max_length, append_eos=not fmt.is_classification,
-                      lead=self.lead_ids(tokenizer, bos))
+                      lead=self.lead_ids(tokenizer, bos), target_room=label_room(tokenizer, fmt))
 
     def label_lengths(self, tokenizer, fmt):
         return [len(ids) for ids in label_token_ids(tokenizer, fmt)]

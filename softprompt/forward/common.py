@@ -226,7 +226,9 @@ def rows_per_label(model, tokenizer, prompt, examples: list[Example], fmt, batch
     prompt) -> (B,)`` (the general path of every language-model family); sources start with ``lead`` and
     end with ``trail``."""
     rows = [Example(ex.source, text) for ex in examples for text in fmt.label_texts]
-    enc = encode(tokenizer, rows, max_length=max_length, lead=lead, trail=trail)
+    # every label after the same source: one cut, room for the longest label (as training and the engine cut)
+    room = max(map(len, label_token_ids(tokenizer, fmt)), default=0)
+    enc = encode(tokenizer, rows, max_length=max_length, lead=lead, trail=trail, target_room=room)
     scores = by_length(enc, batch_size, tokenizer.pad_token_id, "right",
                        lambda b: logprobs(model, b.to(model.device), prompt).float().cpu())
     return scores.view(len(examples), len(fmt.label_texts))

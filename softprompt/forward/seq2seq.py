@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from softprompt.data import encode, is_chat, trailing_special_ids
+from softprompt.data import encode, is_chat, label_room, trailing_special_ids
 from softprompt.forward.common import (
     Decoded,
     InjectionError,
@@ -136,7 +136,8 @@ class Seq2SeqLM(Family):
     def encode_examples(self, tokenizer, examples, fmt, max_length, bos=True):
         # lead_ids is [] here (T5 adds no leading token): the encoder input is the source and its </s>
         return encode(tokenizer, examples, max_length=max_length, append_eos=not fmt.is_classification,
-                      lead=self.lead_ids(tokenizer, bos), trail=self.trail_ids(tokenizer, bos))
+                      lead=self.lead_ids(tokenizer, bos), trail=self.trail_ids(tokenizer, bos),
+                      target_room=label_room(tokenizer, fmt))
 
     def label_lengths(self, tokenizer, fmt):
         return [len(ids) for ids in label_token_ids(tokenizer, fmt)]
