@@ -122,3 +122,32 @@ def test_a_request_prepared_before_a_reload_runs_against_the_new_prompt(served):
     engine.load_from_store(store, "a")
     fresh = engine.classify([ClassifyRequest("a", "good")])[0]
     assert engine.run("classify", [item])[0].scores == fresh.scores
+
+
+def test_a_reloaded_member_brings_its_new_format_to_the_ensembles_that_serve_it(served):
+    """Reloading prompt 'a' replaced its keys/values but the ensemble 'ab' kept a's old template: the new prompt
+    ran behind the old template, unlike a freshly started engine. Loading 'ab' again rebuilt a and b's keys
+    but left tasks a and b with their old formats."""
+    engine, store, model, tok = served
+    other = {**SENT, "template": "Film review : {text} Sentiment :"}
+    save(store, model, tok, "a", seed=7, task=other)
+    engine.load_from_store(store, "a")
+    fresh = Engine.from_store(store, model, tok)
+    reqs = [ClassifyRequest(t, x) for t in ("a", "ab") for x in ("good movie", "a bad plot")]
+    assert [r.scores for r in engine.classify(reqs)] == [r.scores for r in fresh.classify(reqs)]
+    assert engine.task("ab").formats[0].template == other["template"] == engine.describe("a")["template"]
+    # the reverse: the ensemble reloaded after b changed in the store gives task b its new format as well
+    save(store, model, tok, "b", seed=8, task=other)
+    engine.load_from_store(store, "ab")
+    assert engine.task("b").formats[0].template == other["template"]
+    fresh = Engine.from_store(store, model, tok)
+    reqs = [ClassifyRequest(t, "good movie") for t in ("a", "b", "ab")]
+    assert [r.scores for r in engine.classify(reqs)] == [r.scores for r in fresh.classify(reqs)]
+    # a member whose labels would no longer match its ensemble's other members is refused: nothing changes
+    before = snapshot(engine)
+    store.remove("ab")  # the store refuses the change while its ensemble lists a; the engine still serves ab
+    save(store, model, tok, "a", seed=9, task={**SENT, "verbalizer": {"yes": "positive", "no": "negative"}})
+    with pytest.raises(Exception, match="ensemble 'ab': ensemble members must be classification prompts with the "
+                                        "same labels"):
+        engine.load_from_store(store, "a")
+    assert same(before, snapshot(engine))

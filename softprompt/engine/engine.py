@@ -187,12 +187,25 @@ class Engine:
         return _Built(prompt, fmt, dict(stored.meta), stored.bos)  # the layout it was trained with
 
     def _install(self, built: dict[str, _Built], task: Task) -> Task:
-        """Swap in checked prompts and their task at once, between batches."""
+        """Swap in checked prompts and their task at once, between batches.
+
+        Every other task that serves a replaced prompt is rebuilt with its new format too (an ensemble kept its
+        member's old template and labels after that member was reloaded); an ensemble whose members would then
+        disagree on the labels refuses the whole swap (:class:`RequestError`), before anything changes.
+        """
+        with self._lock:
+            others = [t for t in self.tasks.values() if t.name != task.name and t.kind != "base"
+                      and any(m in built for m in t.members)]
+        rebuilt = [self._ensemble_task(t.name, t.members, t.combine, built) if t.kind == "ensemble"
+                   else Task(t.name, t.kind, list(t.members), [built[t.members[0]].fmt],
+                             meta=built[t.members[0]].meta) for t in others]
         with self._batch_lock, self._lock:
             for key, b in built.items():
                 self.backend.add(key, b.prompt)
                 self._formats[key], self._metas[key], self._bos[key] = b.fmt, b.meta, b.bos
                 self._version[key] = self._version.get(key, 0) + 1
+            for t in rebuilt:
+                self.tasks[t.name] = t
             self.tasks[task.name] = task
         return task
 
