@@ -106,22 +106,32 @@ def _pyplot():
     return plt
 
 
+def _styles(rows: list[dict]) -> list[dict]:
+    """One colour and marker per row, distinct for up to 20 rows (the default cycle repeats after 10: two rows
+    shared a colour); weight methods drawn with squares and dashes, prompt methods with circles and lines."""
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab20"]
+    return [{"color": cmap(i % 20), "marker": "s" if r.get("kind") in WEIGHT_KINDS else "o",
+             "linestyle": "--" if r.get("kind") in WEIGHT_KINDS else "-"} for i, r in enumerate(rows)]
+
+
 def plot_compare(rows: list[dict], path: Path) -> None:
-    """Test accuracy (mean over seeds, ± std as error bars) against trainable parameters."""
+    """Test accuracy (mean over seeds, ± std as error bars) against trainable parameters; a legend names the
+    rows (labels written beside the points overlapped where two rows have similar sizes)."""
     ok = [r for r in rows if "error" not in r]
     if not ok:
         return
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for r in ok:
-        ax.errorbar(r["trainable_params"], r["accuracy"], yerr=r.get("accuracy_std") or 0, fmt="o", ms=6,
-                    capsize=3)
-        ax.annotate(r["method"], (r["trainable_params"], r["accuracy"]), fontsize=7, xytext=(4, 2),
-                    textcoords="offset points")
+    fig, ax = plt.subplots(figsize=(10, 5))
+    for r, st in zip(ok, _styles(ok), strict=True):
+        ax.errorbar(r["trainable_params"], r["accuracy"], yerr=r.get("accuracy_std") or 0, fmt=st["marker"],
+                    color=st["color"], ms=6, capsize=3, label=r["method"])
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters (log)")
     ax.set_ylabel(f"test accuracy (mean ± std over {ok[0]['n_seeds']} seeds)")
     ax.set_title(f"same loop and budget (at most {ok[0]['steps']} steps)")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -134,11 +144,12 @@ def plot_curves(rows: list[dict], path: Path) -> None:
         return
     plt = _pyplot()
     fig, (loss_ax, metric_ax) = plt.subplots(1, 2, figsize=(13, 5))
-    for r in ok:
+    for r, st in zip(ok, _styles(ok), strict=True):
         steps = [p["step"] for p in r["curve"]]
-        loss_ax.plot(steps, [p["loss"] for p in r["curve"]], marker="o", ms=3, label=r["method"])
-        metric_ax.plot(steps, [p[r["metric"]] for p in r["curve"]], marker="o", ms=3, label=r["method"])
-    loss_ax.set_ylabel("validation loss")
+        loss_ax.plot(steps, [p["loss"] for p in r["curve"]], ms=3, label=r["method"], **st)
+        metric_ax.plot(steps, [p[r["metric"]] for p in r["curve"]], ms=3, label=r["method"], **st)
+    loss_ax.set_yscale("log")  # the first evaluations' losses would flatten every later difference
+    loss_ax.set_ylabel("validation loss (log)")
     metric_ax.set_ylabel(f"validation {ok[0]['metric']}")
     for ax in (loss_ax, metric_ax):
         ax.set_xlabel("step")
