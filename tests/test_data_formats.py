@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -274,3 +275,21 @@ def test_load_task_reports_file_errors(tmp_path):
         load_task(train_file=f, template="{text}", target_field="label", verbalizer={"pos": "good"})
     with pytest.raises(DataError, match="--max-samples names unknown split 'valid'"):
         load_task(train_file=f, template="{text}", target_field="label", max_samples={"valid": 3})
+
+
+def test_json_values_that_are_not_text_are_refused_and_booleans_read_as_json_writes_them():
+    """A list or object field was rendered as Python's repr (a template got "['a', 'b']", a target
+    " ['Paris', 'Lyon']") and NaN as "nan"; a JSON label true read as "True", unknown to a true/false verbalizer."""
+    from softprompt.data import TaskFormat
+
+    cls = TaskFormat("Q: {text}", "label", {"true": "yes", "false": "no"})
+    assert [cls.render({"text": "x", "label": v}).target for v in (True, False, "true")] == [" yes", " no", " yes"]
+    gen = TaskFormat("Q: {text} {n}", "answer")
+    ex = gen.render({"text": "x", "n": 3, "answer": 2.5})
+    assert (ex.source, ex.target) == ("Q: x 3", " 2.5")
+    for record, field, kind in [({"text": ["a", "b"], "n": 1, "answer": "y"}, "text", "list"),
+                                ({"text": "x", "n": {"k": 1}, "answer": "y"}, "n", "dict"),
+                                ({"text": "x", "n": float("nan"), "answer": "y"}, "n", "a non-finite number"),
+                                ({"text": "x", "n": 1, "answer": ["Paris", "Lyon"]}, "answer", "list")]:
+        with pytest.raises(DataError, match=re.escape(f"d.jsonl line 4: field {field!r} is {kind} (")):
+            gen.render(record, "d.jsonl line 4")

@@ -8,6 +8,7 @@ is a generation task whose target is the answer text itself.
 
 from __future__ import annotations
 
+import math
 import string
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,6 +17,25 @@ from typing import ClassVar
 from softprompt.data.formats import DataError
 
 MAX_LISTED_PROBLEMS = 20
+
+
+def _field_text(value, what: str) -> str:
+    """A record's field value as the text a template gets: strings as they are, numbers and booleans as JSON
+    writes them (``true``, ``1``: a JSON label ``true`` matches a verbalizer's ``true``, not Python's ``True``).
+
+    Raises:
+        DataError: a list, an object or a non-finite number (rendered as Python's repr before: a template got
+            ``['a', 'b']``, a target ``" ['Paris', 'Lyon']"``).
+    """
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int) or (isinstance(value, float) and math.isfinite(value)):
+        return str(value)
+    kind = "a non-finite number" if isinstance(value, float) else type(value).__name__
+    raise DataError(f"{what} is {kind} ({str(value)[:60]}), not text: a template field or target must be a string, "
+                    "a number or true/false")
 
 
 @dataclass
@@ -145,12 +165,12 @@ class TaskFormat:
                 raise DataError(f"{prefix}field {name!r} is missing (have: {_fmt_keys(record)})")
             if record[name] is None:
                 raise DataError(f"{prefix}field {name!r} is null")
-            values[name] = record[name]
+            values[name] = _field_text(record[name], f"{prefix}field {name!r}")
         try:
             source = self.template.format_map(values)
         except (ValueError, TypeError) as e:  # defensive: placeholders are plain names (no format specs)
             raise DataError(f"{prefix}cannot fill --template: {e}") from None
-        raw = str(values[self.target_field]).strip()
+        raw = values[self.target_field].strip()
         if self.verbalizer is not None:
             if raw not in self.verbalizer:
                 raise DataError(f"{prefix}field {self.target_field!r} has label {raw!r}, which the "
