@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from softprompt.checkpoint import load_checkpoint, resume_settings, save_checkpoint, truncate_log
 from softprompt.config import ConfigError, TrainArgs
-from softprompt.data import Encoded, TaskData, collate
+from softprompt.data import DataError, Encoded, TaskData, collate
 from softprompt.evaluate import evaluate_prompt, primary_metric
 from softprompt.forward import family_of
 from softprompt.guard import DivergenceGuard
@@ -267,8 +267,16 @@ def train(model, tokenizer, method: PromptMethod, task: TaskData, args: TrainArg
     problem = family.format_problem(model, fmt)
     if problem:
         raise ConfigError(problem)
-    train_enc = family.encode_examples(tokenizer, task.examples("train"), fmt, max_length)  # targets or classes
     valid = task.splits.get("validation") or []
+    encoded = {}
+    # the validation examples are encoded as validation will encode them, now: a target longer than --max-length
+    # or a conversation the chat template refuses stopped the run at its first validation, steps in
+    for split, examples in (("train", task.examples("train")), ("validation", valid)):
+        try:
+            encoded[split] = family.encode_examples(tokenizer, examples, fmt, max_length)  # targets or classes
+        except DataError as e:
+            raise DataError(f"{split} split: {e}") from None
+    train_enc = encoded["train"]
     per_step = args.batch_size * args.grad_accum
     steps_per_epoch = max(1, len(train_enc) // per_step)
     total = args.max_steps or steps_per_epoch * args.epochs

@@ -220,3 +220,19 @@ def test_a_metric_the_task_does_not_measure_is_refused_before_any_work(env, tmp_
         del argv[i:i + 2]
     _assert_usage_error(argv, needle)
     assert not (tmp_path / "o" / "best_prompt").exists()
+
+
+def test_a_validation_target_longer_than_max_length_is_refused_before_training(env, tmp_path):
+    """It stopped the run at its first validation, --eval-every steps in (exit 2 naming no split)."""
+    import json
+
+    words = "the movie was great plot a film is".split()
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps({"text": w, "label": "good"}) + "\n" for w in words))
+    (tmp_path / "v.jsonl").write_text(json.dumps({"text": "the", "label": "good"}) + "\n"
+                                      + json.dumps({"text": "a", "label": " ".join(words * 3)}) + "\n")
+    rc, _, err = run(["train", "--model", env["model"], "--train-file", tmp_path / "t.jsonl", "--validation-file",
+                      tmp_path / "v.jsonl", "--template", TEMPLATE, "--target-field", "label", "--max-length", "16",
+                      "--num-virtual-tokens", "2", "--max-steps", "4", "--eval-every", "2", "--output-dir",
+                      tmp_path / "o"])
+    assert rc == 2 and "validation split: example 1: target ' the movie was great" in err, err
+    assert not (tmp_path / "o" / "metrics.jsonl").exists() or not (tmp_path / "o" / "metrics.jsonl").read_text()
