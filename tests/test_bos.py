@@ -402,6 +402,24 @@ def test_an_input_with_no_tokens_and_no_bos_is_refused_not_read_from_padding(tok
         engine.prepare("classify", ClassifyRequest("soft", "", raw=True))
 
 
+def test_an_empty_prompt_after_a_bos_is_generated_from_and_list_errors_name_their_input(bos_tok, tokenizer):
+    """With a BOS, an empty prompt is an answer from the start (OpenAI accepts prompt ""): it was refused as
+    having no tokens before the BOS was put in front. Of a list of inputs, the one at fault is named."""
+    from softprompt.engine import RequestError
+
+    model = make_model("llama")
+    engine = Engine(model, bos_tok)
+    engine.add_base("base")
+    (row,) = engine.prepare("generate", GenerateRequest("base", "", raw=True, max_tokens=2)).rows
+    assert row.ids == [BOS]
+    assert len(engine.generate([GenerateRequest("base", "", raw=True, max_tokens=2)])[0].tokens) <= 2
+    engine = Engine(model, tokenizer)
+    engine.add_base("base")
+    reqs = [GenerateRequest("base", "the movie", raw=True, max_tokens=2), GenerateRequest("base", "", raw=True)]
+    with pytest.raises(RequestError, match=r"^request 1: task 'base': the input has no tokens"):
+        engine.generate(reqs)
+
+
 def test_exporting_a_prompt_stored_without_the_bos_to_peft_warns_that_the_layout_is_lost(tmp_path, tokenizer,
                                                                                         caplog):
     from softprompt.store import export_peft

@@ -76,6 +76,19 @@ def test_openai_fields_at_their_defaults_are_accepted(setup):
             "presence_penalty": 0, "frequency_penalty": 0.0, "response_format": {"type": "text"}, "user": "u"}
     r = post(url + "/v1/completions", body)
     assert r.status_code == 200, r.text
+    # an explicit null is the field left out, as OpenAI reads it (it was a 422 for temperature, top_p, n, stream)
+    nulls = dict.fromkeys(("temperature", "top_p", "top_k", "n", "stream", "seed", "stop", "stream_options",
+                           "logprobs", "logit_bias", "presence_penalty", "response_format"))
+    greedy = {"model": "t1", "prompt": "France", "max_tokens": 2, "temperature": 0}
+    plain = post(url + "/v1/completions", {**greedy, **{k: v for k, v in nulls.items() if k != "temperature"}})
+    assert plain.status_code == 200, plain.text
+    assert plain.json()["choices"][0]["text"] == post(url + "/v1/completions", greedy).json()["choices"][0]["text"]
+    chat = post(url + "/v1/chat/completions", {"model": "t1", "messages": [{"role": "user", "content": "France"}],
+                                                "max_tokens": 2, **nulls, "max_completion_tokens": None,
+                                                "top_logprobs": None})
+    assert chat.status_code == 200, chat.text
+    r = post(url + "/v1/completions", {**greedy, "model": None})  # a required field stays required
+    assert r.status_code == 422 and "model" in r.text
 
 
 def test_admin_unload_leaves_the_event_loop_free_while_it_waits(tokenizer, monkeypatch, tmp_path):

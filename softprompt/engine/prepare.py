@@ -23,6 +23,7 @@ from softprompt.data import TaskFormat, is_chat, with_leading
 from softprompt.engine.batching import Row
 from softprompt.engine.requests import (
     ClassifyRequest,
+    EngineError,
     GenerateRequest,
     RequestError,
     ScoreRequest,
@@ -146,11 +147,13 @@ def prepare(engine, kind: str, req, index: int | None = None) -> Prepared:
         raise RequestError(("" if index is None else f"request {index}: ") + "; ".join(problems))
     task = engine.task(req.task)
     versions = engine.versions(task.members)
-    if kind == "classify":
-        return _prepare_classify(engine, req, task, versions)
-    if kind == "score":
-        return _prepare_score(engine, req, task, versions)
-    return _prepare_generate(engine, req, task, versions)
+    prepare_kind = {"classify": _prepare_classify, "score": _prepare_score, "generate": _prepare_generate}[kind]
+    try:
+        return prepare_kind(engine, req, task, versions)
+    except EngineError as e:  # which of a list of inputs is too long or empty
+        if index is None:
+            raise
+        raise type(e)(f"request {index}: {e}") from None
 
 
 def _prepare_classify(engine, req: ClassifyRequest, task, versions) -> Prepared:
@@ -190,11 +193,10 @@ def _prepare_generate(engine, req: GenerateRequest, task, versions) -> Prepared:
                            f"with one of its members ({', '.join(task.members)})")
     member = task.members[0]
     source = render(task, task.formats[0], req)
-    ids = encode(engine, source)
-    if not ids:
-        raise RequestError(f"task {task.name!r}: the input has no tokens")
     lead = lead_ids(engine, member, task.formats[0])
-    ids = with_leading(ids, lead)
+    ids = with_leading(encode(engine, source), lead)
+    if not ids:  # an empty text after the BOS is an answer from the start, as OpenAI takes prompt ""
+        raise RequestError(f"task {task.name!r}: the input has no tokens (and the model puts no BOS before it)")
     if req.fit_max_tokens:  # a ceiling: what the context leaves after the prompt and the input (at least 1)
         left = engine.context - engine.backend.length(member) - len(ids)
         req = replace(req, max_tokens=max(1, min(req.max_tokens, left)), fit_max_tokens=False)

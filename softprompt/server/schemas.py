@@ -34,6 +34,15 @@ TopCount = Annotated[int, Field(strict=True, ge=0, le=MAX_TOP_LOGPROBS)]
 class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_unset(cls, data):
+        """An explicit null is the field left out, as OpenAI reads it (clients send ``"temperature": null`` for
+        a setting they leave to the server): the default applies; a required field stays required."""
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None or k not in cls.model_fields}
+        return data
+
 
 def _unsupported(what: str, value, default) -> None:
     if value != default:
