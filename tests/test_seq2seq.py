@@ -221,3 +221,26 @@ def test_t5_baselines_read_the_source_with_its_eos_after_a_hard_prompt_too(monke
     report = baselines.evaluate_with_baselines(make_t5(), t5_tokenizer(), data, args, "Classify sentiment .",
                                                data.examples("test"))
     assert len(report) == 3 and list(layouts.values()) == [True, True, True]
+
+
+def test_a_t5_prompt_folder_written_by_peft_loads_as_the_rows_peft_reads(tmp_path, tokenizer):
+    """PEFT saves a SEQ_2_SEQ_LM prompt with num_transformer_submodules 2, as 2P rows, and its encoder reads the
+    first P: the folder was refused ("only decoder-only (causal LM) prompts ... are supported")."""
+    peft = pytest.importorskip("peft")
+    model = make_t5()
+    pm = peft.get_peft_model(make_t5(), peft.PromptTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=3))
+    with torch.no_grad():
+        pm.prompt_encoder["default"].embedding.weight.normal_()
+    pm.save_pretrained(tmp_path / "peft")
+    assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["num_transformer_submodules"] == 2
+    stored = load_prompt(tmp_path / "peft", model)
+    assert stored.tensors["prompt_embeddings"].shape == (3, 32)
+    assert stored.peft_config["num_transformer_submodules"] == 1
+    rows = [([5, 6, 7, 8], [9, 10, 11]), ([12, 13], [14])]
+    batch = collate([Encoded(s + t, len(s)) for s, t in rows], 0)
+    src = torch.tensor([s + [0] * (4 - len(s)) for s, _ in rows])
+    _, _, labels = seq2seq.encoder_inputs(model, batch, None)
+    with torch.no_grad():
+        theirs = pm.eval()(input_ids=src, attention_mask=(src != 0).long(), labels=labels).loss
+        ours = family_of(model).loss(model, batch, stored.build_method()().embeds)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)

@@ -137,9 +137,24 @@ def _config_problems(cfg: Any) -> list[str]:
     problems += method.peft_config_problems(cfg)
     subs = cfg.get("num_transformer_submodules", 1)
     if subs not in (None, 1):
-        problems.append(f"num_transformer_submodules is {subs!r}: only decoder-only (causal LM) prompts, "
-                        "with 1 submodule, are supported")
+        problems.append(f"num_transformer_submodules is {subs!r}: supported are 1, and 2 in a SEQ_2_SEQ_LM "
+                        "PROMPT_TUNING or P_TUNING folder with 2 x num_virtual_tokens prompt rows (PEFT's T5 layout)")
     return problems
+
+
+def _one_submodule(cfg, tensors: dict[str, torch.Tensor]) -> tuple[dict, dict[str, torch.Tensor]]:
+    """A PEFT encoder-decoder prompt folder as one submodule's: PEFT saves ``2 x num_virtual_tokens`` rows for a
+    SEQ_2_SEQ_LM prompt (``num_transformer_submodules`` 2) and its encoder reads only the first
+    ``num_virtual_tokens`` (its forward and generate); those rows are the prompt. Anything else is unchanged
+    (and checked as it is)."""
+    if not (isinstance(cfg, dict) and cfg.get("num_transformer_submodules") == 2
+            and cfg.get("task_type") == "SEQ_2_SEQ_LM" and cfg.get("peft_type") in ("PROMPT_TUNING", "P_TUNING")
+            and _is_positive_int(cfg.get("num_virtual_tokens"))):
+        return cfg, tensors
+    p, emb = cfg["num_virtual_tokens"], tensors.get("prompt_embeddings")
+    if emb is None or emb.ndim != 2 or emb.shape[0] != 2 * p:
+        return cfg, tensors
+    return {**cfg, "num_transformer_submodules": 1}, {**tensors, "prompt_embeddings": emb[:p].clone()}
 
 
 def _head_tensor_problems(cfg: dict, head: dict[str, torch.Tensor]) -> list[str]:
@@ -314,7 +329,7 @@ def load_prompt(path: str | Path, model=None, check_fingerprint: bool = True) ->
     cfg_path = folder / CONFIG_NAME
     if CONFIG_NAME not in snap.files:
         raise StoreError(f"{cfg_path}: missing")
-    cfg = parse_json(snap.files[CONFIG_NAME], cfg_path)
+    cfg, tensors = _one_submodule(parse_json(snap.files[CONFIG_NAME], cfg_path), tensors)
     problems = _config_problems(cfg)
     if problems:
         raise StoreError(f"{cfg_path}: " + "; ".join(problems))
