@@ -409,3 +409,24 @@ def test_roberta_positions_start_after_the_padding_id_so_its_context_is_one_padd
         over = collate([Encoded([5] * 126, 126, 0)], 0)
         with pytest.raises(InjectionError, match="more than the model's 129 positions"):
             classifier.class_logits(model, over.input_ids, over.attention_mask, method())
+
+
+def test_a_stored_head_may_not_replace_the_frozen_models_own_weights(tmp_path, tokenizer):
+    """Any base_model.* tensor shaped like a model parameter loaded, and replaced that weight for the task (an
+    encoder's word embeddings, say): the model is frozen and shared, a prompt may carry the head only."""
+    from safetensors.torch import load_file, save_file
+
+    encoder = make_encoder("bert")
+    save_prompt(tmp_path / "cls", head_method(encoder, tokenizer), encoder)
+    path = tmp_path / "cls" / "adapter_model.safetensors"
+    weights = load_file(str(path))
+    emb = encoder.bert.embeddings.word_embeddings.weight
+    weights["base_model.bert.embeddings.word_embeddings.weight"] = torch.zeros_like(emb)
+    save_file(weights, str(path))
+    with pytest.raises(StoreError, match=r"are not in a classification head .*never the model's weights"):
+        load_prompt(tmp_path / "cls", encoder)
+    from softprompt.methods.head import head_problems
+
+    tensors = {"base_model.bert.embeddings.word_embeddings.weight": torch.zeros_like(emb),
+               **{k: v for k, v in weights.items() if k.startswith("base_model.classifier.")}}
+    assert any("outside the model's head 'classifier'" in p for p in head_problems(tensors, encoder))

@@ -101,7 +101,12 @@ def head_problems(tensors: dict[str, torch.Tensor], model) -> list[str]:
     head = ClassificationHead.from_saved(tensors)
     out_key = head.output_key()
     problems = []
+    inside = head_module_name(model) + "."
     for name, t in zip(head.names, head.tensors, strict=True):
+        if not name.startswith(inside):  # a same-shaped encoder weight would replace it for this task
+            problems.append(f"head tensor {SAVED_PREFIX + name!r} is outside the model's head {inside[:-1]!r}: a "
+                            "stored prompt may replace the head only, never the frozen model's weights")
+            continue
         if name not in params:
             problems.append(f"head tensor {SAVED_PREFIX + name!r} names no parameter of {type(model).__name__} "
                             f"(its head is {head_module_name(model)!r})")

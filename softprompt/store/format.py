@@ -165,6 +165,11 @@ def _head_tensor_problems(cfg: dict, head: dict[str, torch.Tensor]) -> list[str]
                 f"{SAVED_PREFIX}score.*)"]
     if head and not seq_cls:
         return [f"head tensors {sorted(head)} but task_type is {cfg.get('task_type')!r}, not SEQ_CLS"]
+    heads = tuple(f"{SAVED_PREFIX}{m}." for m in HEAD_MODULE_NAMES)
+    outside = [key for key in head if not key.startswith(heads)]
+    if outside:  # base_model.bert.embeddings.word_embeddings.weight would replace the encoder's embeddings
+        return [f"tensors {outside} are not in a classification head ({SAVED_PREFIX}classifier.* or "
+                f"{SAVED_PREFIX}score.*): a stored prompt may replace the head only, never the model's weights"]
     return [f"head tensor {key!r} must be 1-D or 2-D, has shape {tuple(t.shape)}" for key, t in head.items()
             if t.ndim not in (1, 2)]
 
