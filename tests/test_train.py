@@ -405,3 +405,17 @@ def test_a_fresh_run_in_a_used_folder_drops_the_earlier_runs_checkpoint(tmp_path
     killed_at(None, model, tokenizer, method, args(tmp_path, max_steps=8, checkpoint_every=4, lr=0.01, resume=True),
               steps)
     assert steps == list(range(1, 9))  # nothing to resume: it trained from the start
+
+
+def test_the_k_shot_row_is_named_for_the_shots_it_holds(tokenizer):
+    # with fewer training examples than --k-shot, the row read "4-shot prompting" over 3 shots
+    from softprompt.config import DataArgs, EvalArgs
+    from softprompt.workflows.baselines import evaluate_with_baselines
+
+    data = task(3, 4)
+    args = {"eval": EvalArgs(k_shot=4, baselines=["k_shot"]), "data": DataArgs(max_length=64)}
+    report = evaluate_with_baselines(make_model("llama"), tokenizer, data, args, "", data.examples("validation"))
+    assert list(report) == ["3-shot prompting"]
+    args["eval"] = EvalArgs(k_shot=2, baselines=["k_shot"])
+    assert list(evaluate_with_baselines(make_model("llama"), tokenizer, data, args, "",
+                                        data.examples("validation"))) == ["2-shot prompting"]

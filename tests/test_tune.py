@@ -204,6 +204,7 @@ def test_diverging_trial_ranks_last_without_crashing_and_no_nan_is_saved(tmp_pat
     bad = by_lr(result, 1e4)
     assert bad.status == "diverged" and result.ranking[-1] is bad and not bad.rungs and bad.steps == stop
     assert ("divergence guard stopped it at step" if guard else "non-finite prompt") in bad.note
+    assert bad.rollbacks == (rollbacks if guard else 0)  # the final "diverged" event was counted as one more
     assert result.best is not None and result.best.spec.lr in (0.03, 0.1)
     assert not bad.prompt_dir.exists()  # never saved
     saved = [t.prompt_dir for t in result.trials if t.prompt_dir.exists()]
@@ -304,6 +305,19 @@ def test_a_search_where_every_trial_diverges_saves_nothing_and_leaves_no_older_p
     assert sorted(p.name for p in (out / "trials").iterdir()) == ["t00"]  # its trials too
     assert json.loads((out / "trials.json").read_text())["best"] is None
     assert any("every trial diverged" in ln for ln in lines)
+
+
+def test_ensemble_seeds_past_the_largest_seed_are_refused_before_the_search(tmp_path, tokenizer):
+    # seeds --seed .. --seed + n - 1: replace() re-checked them only when the winner was retrained, after the
+    # whole search, and the ConfigError lost every result
+    from softprompt.config import MAX_SEED
+
+    args = {"model": ModelArgs(), "data": DataArgs(max_length=64), "prompt": PROMPT, "eval": EvalArgs(),
+            "train": base(tmp_path / "run", seed=MAX_SEED - 1)}
+    with pytest.raises(ConfigError, match=f"--ensemble-seeds 3 trains seeds {MAX_SEED - 1} to {MAX_SEED + 1}, past"):
+        run_tune(args, TuneArgs(lrs=[0.1], ensemble_seeds=3), make_model("llama"), tokenizer, task(64, 32),
+                 echo=id)
+    assert not (tmp_path / "run" / "trials").exists()
 
 
 def test_a_refused_search_leaves_the_earlier_one_whole_and_top_k_on_a_generation_task_stores_the_best(

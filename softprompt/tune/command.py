@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from softprompt.config import ConfigError
+from softprompt.config import MAX_SEED, ConfigError
 from softprompt.data import TaskData
 from softprompt.tune.ensemble import measure, not_built_reason, summary_line
 from softprompt.tune.halving import successive_halving
@@ -265,6 +265,10 @@ def run_tune(args: dict[str, Any], tune: TuneArgs, model, tokenizer, task: TaskD
     from softprompt.store.task_record import task_meta
 
     data, prompt, train_args = args["data"], args["prompt"], args["train"]
+    if tune.ensemble_seeds and train_args.seed + tune.ensemble_seeds - 1 > MAX_SEED:  # seeds --seed, --seed + 1...
+        raise ConfigError(f"invalid arguments:\n  --ensemble-seeds {tune.ensemble_seeds} trains seeds "
+                          f"{train_args.seed} to {train_args.seed + tune.ensemble_seeds - 1}, past the largest seed "
+                          f"{MAX_SEED}: give a lower --seed")
     flags = tune  # as given (tune.json records them)
     skipped = {}
     reason = not_built_reason(task.format, model) if tune.ensemble_seeds else None

@@ -157,7 +157,7 @@ class _Search:
             method.eval()
         rows = _log_rows(trial.folder / "metrics.jsonl")
         events = [r for r in rows if "event" in r]
-        trial.rollbacks = len(events)
+        trial.rollbacks = sum(r["event"] == "rollback" for r in events)  # the "diverged" event is no rollback
         diverged = diverged or any(r["event"] == "diverged" for r in events)
         self.steps_used += trial.steps - start
         train_seconds = time.perf_counter() - t0

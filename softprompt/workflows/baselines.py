@@ -125,7 +125,8 @@ def evaluate_with_baselines(model, tokenizer, task: TaskData, args: dict, prompt
                                                   after_context)
     if "k_shot" in ev.baselines and task.splits.get("train"):
         shots = k_shot_text(task.examples("train"), fmt, ev.k_shot, seed=data.data_seed)
-        conditions[f"{ev.k_shot}-shot prompting"] = (hard_prompt_kv(model, tokenizer, shots), after_context)
+        k = min(ev.k_shot, len(task.examples("train")))  # the row is named for the shots it holds
+        conditions[f"{k}-shot prompting"] = (hard_prompt_kv(model, tokenizer, shots), after_context)
     if kv_tuned is not None:
         conditions["tuned soft prompt"] = (kv_tuned, tuned_bos)
     t0 = time.perf_counter()
