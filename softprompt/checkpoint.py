@@ -10,6 +10,7 @@ naming it (CLI exit 2), never a traceback mid-run.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -28,15 +29,25 @@ log = logging.getLogger("softprompt")
 
 # (--max-steps/--epochs may grow on a resume, to train longer: the schedule then follows the new length)
 RESUMED = ("optimizer", "lr", "weight_decay", "seed", "batch_size", "grad_accum", "group_by_length",
-           "warmup_steps", "schedule")
+           "warmup_steps", "schedule", "metric")
+DATA_KEY = "train_data_sha256"  # the encoded training examples: the data order is a function of (seed, epoch) over them
 
 
-def resume_settings(args: TrainArgs) -> dict:
+def resume_settings(args: TrainArgs, train_enc: list | None = None) -> dict:
     """The settings a checkpoint records and a resume must repeat: the optimizer state and the lr schedule come
     from the checkpoint (another optimizer fails at its first step, another lr would be ignored), the rest of
     the epoch's data order from the seed, the batch size and the length grouping (another would repeat some
-    examples and skip others), the schedule's shape from the warmup and the schedule."""
-    return {k: getattr(args, k) for k in RESUMED}
+    examples and skip others), the schedule's shape from the warmup and the schedule, the best state so far
+    from the metric (an accuracy compared with a loss). With ``train_enc`` (the encoded training examples), a
+    fingerprint of them: other data (another file, data seed, max length or sample cap) shuffled by the same
+    seed is another order."""
+    out = {k: getattr(args, k) for k in RESUMED}
+    if train_enc is not None:
+        h = hashlib.sha256()
+        for e in train_enc:
+            h.update(repr((list(e.input_ids), e.target_start, e.class_label, e.target_mask)).encode())
+        out[DATA_KEY] = h.hexdigest()
+    return out
 
 
 def save_checkpoint(out: Path, step: int, method: PromptMethod, opt, sched, state: dict,
@@ -84,7 +95,8 @@ def load_checkpoint(out: Path, method: PromptMethod, opt, sched, guard: Divergen
     except (OSError, ValueError) as e:
         raise damaged("state.json", e) from None
     recorded = state.pop("settings", None) or {}  # absent in checkpoints written before it was recorded
-    changed = [f"{flag(k)} {recorded[k]!r} there, {v!r} now" for k, v in settings.items()
+    changed = [("the training examples (another file, --data-seed, --max-length or sample cap)" if k == DATA_KEY
+                else f"{flag(k)} {recorded[k]!r} there, {v!r} now") for k, v in settings.items()
                if k in recorded and recorded[k] != v]
     if changed:
         raise ConfigError(f"--resume: {ck} was written with other settings ({'; '.join(changed)}); the optimizer "

@@ -302,7 +302,7 @@ def train(model, tokenizer, method: PromptMethod, task: TaskData, args: TrainArg
     start = 0
     metrics_path = out / "metrics.jsonl"
     if args.resume and (out / "checkpoint" / "state.json").exists():
-        state, best_state = load_checkpoint(out, method, opt, sched, guard, resume_settings(args))
+        state, best_state = load_checkpoint(out, method, opt, sched, guard, resume_settings(args, train_enc))
         start = state.pop("step")
         if main:
             truncate_log(metrics_path, start)
@@ -408,7 +408,7 @@ def train(model, tokenizer, method: PromptMethod, task: TaskData, args: TrainArg
                                          or diverged):
                 ending = {"ended": "diverged" if diverged else "stopped"} if stopped or diverged else {}
                 save_checkpoint(out, step + 1, method, opt, sched, {**state, **ending}, guard, best_state,
-                                resume_settings(args))
+                                resume_settings(args, train_enc))
             if on_step:
                 on_step(step + 1)
             if diverged:

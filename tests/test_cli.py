@@ -337,6 +337,11 @@ def test_resume_with_incompatible_checkpoint_is_usage_error(env, tmp_path):
                         "--batch-size 4 there, 8 now", "--grad-accum 1 there, 2 now",
                         "--group-by-length True there, False now", "--warmup-steps 10 there, 3 now",
                         "--schedule 'linear' there, 'cosine' now")
+    # other training data (here its sample cap) shuffled by the same seed is another order, and the best state
+    # so far was measured by one metric: both were accepted, the second comparing an accuracy with a loss
+    _assert_usage_error([*resume, "--max-train-samples", "5", "--metric", "loss"],
+                        "the training examples (another file, --data-seed, --max-length or sample cap)",
+                        "--metric 'auto' there, 'loss' now")
     # a damaged file of the checkpoint is named, not a traceback
     shutil.copytree(ck, tmp_path / "saved")
     for name, data in (("state.json", b"{"), ("method.safetensors", b"\x00" * 10), ("optimizer.pt", b"junk")):
