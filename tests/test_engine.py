@@ -277,3 +277,22 @@ def test_score_with_eos_scores_the_continuation_and_the_end_of_the_answer(tokeni
     assert ended.logprob == pytest.approx(plain.logprob + ended.token_logprobs[-1], abs=1e-5)
     with pytest.raises(RequestError, match="eos must be true or false"):
         engine.score([ScoreRequest("base", "France", " Paris", raw=True, eos="yes")])
+
+
+def test_scores_are_read_in_chunks_of_positions_without_changing_them(setup, monkeypatch):
+    """Only the asked-for log-probs leave the device, a chunk of positions at a time (the whole (N, V)
+    log-softmax went to the host); chunks of 1 and 3 positions give the same scores and labels."""
+    from softprompt.engine import prefix_backend
+
+    _, _, engine, _ = setup
+    reqs = [ScoreRequest("sent", "good film", " positive"), ScoreRequest("caps", {"country": "Italy"}, " Rome"),
+            ScoreRequest("base", "the movie", " was very good", raw=True)]
+    labels = [ClassifyRequest(t, x) for t in ("sent", "sent2") for x in TEXTS[:3]]
+    whole = ([r.token_logprobs for r in engine.score(reqs)], [r.scores for r in engine.classify(labels)])
+    for chunk in (1, 3):
+        monkeypatch.setattr(prefix_backend, "SCORE_CHUNK", chunk)
+        got = ([r.token_logprobs for r in engine.score(reqs)], [r.scores for r in engine.classify(labels)])
+        for a, b in zip(got[0], whole[0], strict=True):
+            assert a == pytest.approx(b, abs=1e-5)
+        for a, b in zip(got[1], whole[1], strict=True):
+            assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], abs=1e-5) for k in a)

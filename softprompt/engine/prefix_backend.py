@@ -26,6 +26,8 @@ from softprompt.forward.slots import check_slots
 log = logging.getLogger(__name__)
 
 
+SCORE_CHUNK = 512  # positions whose full-vocabulary logits a score batch holds at once
+
 class PrefixBackend(Backend):
     """A causal LM's prompts as cached keys/values (``table``), run in mixed-task batches."""
 
@@ -142,14 +144,29 @@ class PrefixBackend(Backend):
                 pick_b.extend([r] * len(positions))
                 pick_t.extend(positions)
             spans.append((i, first, len(pick_b)))
-        lp = torch.log_softmax(logits_from_hidden(model, h[pick_b, pick_t]), dim=-1)  # (N, V)
-        lp = lp.cpu()
+        # only the log-probs asked for leave the device: (position, token) pairs, read as logit - logsumexp over
+        # chunks of positions (the whole (N, V) log-softmax, copied to the host, was gigabytes at N ~ 16k, V ~ 150k)
+        at, cols = [], []
         for i, a, b in spans:
             row = rows[i]
-            if row.candidates is not None:
-                out[i] = lp[a, row.candidates]  # (L,)
-            else:
-                out[i] = lp[torch.arange(a, b), torch.tensor(row.ids[row.target_start:])]  # (n_target,)
+            wanted = row.candidates if row.candidates is not None else row.ids[row.target_start:]
+            at += [a] * len(wanted) if row.candidates is not None else list(range(a, b))
+            cols += list(wanted)
+        at_t, cols_t = torch.tensor(at, device=h.device), torch.tensor(cols, device=h.device)
+        hidden = h[pick_b, pick_t]  # (N, H)
+        vals = torch.empty(len(at), dtype=torch.float32, device=h.device)
+        for lo in range(0, hidden.shape[0], SCORE_CHUNK):
+            logits = logits_from_hidden(model, hidden[lo:lo + SCORE_CHUNK])  # (n, V) fp32
+            sel = (at_t >= lo) & (at_t < lo + SCORE_CHUNK)
+            rel = at_t[sel] - lo
+            vals[sel] = logits[rel, cols_t[sel]] - torch.logsumexp(logits, dim=-1)[rel]
+        vals = vals.cpu()
+        k = 0
+        for i, _, _ in spans:
+            row = rows[i]
+            n = len(row.candidates) if row.candidates is not None else len(row.ids) - row.target_start
+            out[i] = vals[k:k + n]  # (L,) candidates, or (n_target,) target tokens
+            k += n
 
     # ------------------------------------------------------------------------------ generate
     @torch.no_grad()
