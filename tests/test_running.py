@@ -251,3 +251,37 @@ def test_an_end_of_turn_id_in_the_generation_config_ends_the_answer(tmp_path, to
         assert (res.tokens, res.finish_reason) == (free.tokens[:k], "stop")
     text_after = generate_texts(model, tokenizer, None, ["the movie was"], 8, batch_size=1, stop=None)[0]
     assert text_after == tokenizer.decode(free.tokens[:k], skip_special_tokens=True) != text_before
+
+
+def test_a_row_that_left_non_finite_keys_in_its_slot_does_not_poison_the_next_row(tmp_path, tokenizer, monkeypatch):
+    """Columns past a row's length are masked, but a masked NaN still poisons probs @ values (0 x NaN): the
+    slot a row with non-finite keys/values (an fp16 overflow) left was handed to the next row as it was."""
+    engine = _engine(make_model("llama"), tokenizer, tmp_path)
+    long_req = GenerateRequest("sent", "the plot was bad and the film was very bad", max_tokens=2)
+    short = GenerateRequest("caps", {"country": "Italy"}, max_tokens=4)
+    real = RunningBatch._remove
+
+    def poisoned(self, i):  # the leaving row's keys/values went non-finite
+        for k, v in zip(self.slots.k, self.slots.v, strict=True):
+            if k is not None:
+                k[i, :, :self.rows[i].n] = float("nan")
+                v[i, :, :self.rows[i].n] = float("nan")
+        real(self, i)
+
+    monkeypatch.setattr(RunningBatch, "_remove", poisoned)
+    batch = RunningBatch(engine)
+    got = {}
+    # a row that holds the buffers (no shrink to nothing) and reads past the short row's end while both decode
+    keep = GenerateRequest("base", "the movie was great and the plot was good and the film is", raw=True,
+                           max_tokens=24)
+    batch.admit(engine.prepare("generate", keep), done=lambda res: got.__setitem__("keep", res))
+    batch.admit(engine.prepare("generate", long_req), done=lambda res: got.__setitem__("long", res))
+    while "long" not in got:
+        batch.step()
+    batch.admit(engine.prepare("generate", short), done=lambda res: got.__setitem__("short", res))
+    while len(batch):
+        batch.step()
+    for name, req in (("keep", keep), ("short", short)):
+        alone = _solo(engine, req)
+        assert not isinstance(got[name], BaseException), got[name]
+        assert (got[name].tokens, got[name].finish_reason) == (alone.tokens, alone.finish_reason), name

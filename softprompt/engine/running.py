@@ -296,6 +296,7 @@ class RunningBatch:
         else:
             self._move(last, i)
         self.rows.pop()
+        self.slots.clear(last)  # the slot left free: a non-finite value there would reach the next row's output
 
 
 def run_all(engine, items: list, on_token: Callable[[int, list[int], list | None], None] | None = None,

@@ -79,13 +79,26 @@ class SlotKV:
         return kv[:, :, :end], vv[:, :, :end]
 
     def move(self, src: int, dst: int, length: int) -> None:
-        """Copy slot ``src``'s first ``length`` keys/values into slot ``dst`` (a row changing place)."""
-        if src == dst or length <= 0:
+        """Copy slot ``src``'s first ``length`` keys/values into slot ``dst`` (a row changing place) and zero the
+        rest of ``dst``. Columns past a row's length are masked out, but a masked NaN left by a row that went
+        non-finite still poisons ``probs @ values`` (0 x NaN): every column past a row's length is kept zero
+        (:meth:`clear` frees a slot)."""
+        if src == dst:
             return
         for k, v in zip(self.k, self.v, strict=True):
             if k is not None:
-                k[dst, :, :length] = k[src, :, :length]
-                v[dst, :, :length] = v[src, :, :length]
+                if length > 0:
+                    k[dst, :, :length] = k[src, :, :length]
+                    v[dst, :, :length] = v[src, :, :length]
+                k[dst, :, max(length, 0):] = 0
+                v[dst, :, max(length, 0):] = 0
+
+    def clear(self, slot: int) -> None:
+        """Zero slot ``slot`` (a row left it; see :meth:`move`)."""
+        for k, v in zip(self.k, self.v, strict=True):
+            if k is not None and slot < k.shape[0]:
+                k[slot] = 0
+                v[slot] = 0
 
     def swap(self, i: int, j: int, len_i: int, len_j: int) -> None:
         if i == j:
