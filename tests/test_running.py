@@ -218,6 +218,22 @@ def test_a_model_whose_attention_slots_get_wrong_is_served_batch_at_a_time(tmp_p
     assert engine.generate([req])[0].tokens == _solo(engine, req).tokens  # the batch path still serves it
 
 
+@pytest.mark.parametrize("kind", ["gemma3", "mistral"])
+def test_the_batch_at_a_time_path_keeps_each_rows_window_on_a_sliding_window_model(tmp_path, tokenizer, kind):
+    """Where slot attention cannot serve a model (attention sinks, say), generations ran in left-padded batches:
+    transformers counts a sliding window in cache columns, so padding shifted a shorter row's window over its
+    prompt and its tokens differed from the same request run alone."""
+    engine = _engine(_windowed(kind), tokenizer, tmp_path)
+    engine.backend._slots_problem = "off: the batch-at-a-time path is under test"
+    reqs = [GenerateRequest("sent", "the plot was bad and the film was very good", max_tokens=4),
+            GenerateRequest("caps", {"country": "Italy"}, max_tokens=4),
+            GenerateRequest("base", "the movie", raw=True, max_tokens=4),
+            GenerateRequest("sent", "a very bad movie", max_tokens=4)]
+    together = engine.generate(reqs)
+    for req, res in zip(reqs, together, strict=True):
+        assert res.tokens == engine.generate([req])[0].tokens, req
+
+
 def test_no_forward_runs_more_rows_than_the_engine_allows(tmp_path, tokenizer, monkeypatch):
     engine = _engine(make_model("llama"), tokenizer, tmp_path, rows=2)
     widths, real = [], slots_mod.slot_forward
@@ -285,3 +301,26 @@ def test_a_row_that_left_non_finite_keys_in_its_slot_does_not_poison_the_next_ro
         alone = _solo(engine, req)
         assert not isinstance(got[name], BaseException), got[name]
         assert (got[name].tokens, got[name].finish_reason) == (alone.tokens, alone.finish_reason), name
+
+
+@pytest.mark.parametrize("kind", ["gemma3", "mistral"])
+def test_a_prompt_longer_than_the_sliding_window_is_served_in_mixed_batches(tmp_path, tokenizer, kind):
+    """A sliding layer's cache keeps the last window - 1 keys of a longer prompt: stacking every loaded prompt
+    into the table then failed ("expanded size ... must match"), so every mixed batch did once one was loaded."""
+    from softprompt.engine import ClassifyRequest, ScoreRequest
+
+    engine = _engine(_windowed(kind), tokenizer, tmp_path)  # sent2's 6 tokens pass both windows (5 and 6)
+    engine.backend._slots_problem = "off: the batch-at-a-time path is under test"
+    texts = ["the plot was bad and the film was very good", "a very bad movie", "good"]
+    mixed = [ClassifyRequest(t, x) for t in ("sent", "sent2") for x in texts]
+    for req, res in zip(mixed, engine.classify(mixed), strict=True):
+        alone = engine.classify([req])[0]
+        assert res.label == alone.label and all(res.scores[k] == pytest.approx(alone.scores[k], abs=1e-5)
+                                                for k in alone.scores), req
+    scores = [ScoreRequest(t, x, " positive") for t in ("sent", "sent2", "caps") for x in texts[:2]
+              if t != "caps"] + [ScoreRequest("caps", {"country": "Italy"}, " Rome")]
+    for req, res in zip(scores, engine.score(scores), strict=True):
+        assert res.logprob == pytest.approx(engine.score([req])[0].logprob, abs=1e-5), req
+    gens = [GenerateRequest(t, x, max_tokens=3) for t in ("sent", "sent2") for x in texts]
+    for req, res in zip(gens, engine.generate(gens), strict=True):
+        assert res.tokens == engine.generate([req])[0].tokens, req

@@ -20,7 +20,15 @@ from softprompt.engine.prepare import encode, encode_source, fit, lead_ids
 from softprompt.engine.prompt_table import PromptTable
 from softprompt.engine.requests import GenerateResult, RequestError, UnknownTaskError
 from softprompt.engine.running import generate_result, run_all
-from softprompt.forward import InjectionError, PromptKV, RowPrompts, RowSampling, causal, logits_from_hidden
+from softprompt.forward import (
+    InjectionError,
+    PromptKV,
+    RowPrompts,
+    RowSampling,
+    causal,
+    logits_from_hidden,
+    sliding_window,
+)
 from softprompt.forward.slots import check_slots
 
 log = logging.getLogger(__name__)
@@ -176,7 +184,13 @@ class PrefixBackend(Backend):
             return run_all(engine, items, on_token, cancelled, engine.progress)
         rows = [p.rows[0] for p in items]
         results: list[GenerateResult | None] = [None] * len(items)
-        batches = mixed_batches(rows, engine.tok.pad_token_id, "left", engine.max_batch_rows, engine.max_batch_tokens)
+        # transformers counts a sliding window in cache columns: left padding shifts a padded row's window over
+        # its prompt's keys; rows that could reach past the window are batched with rows of their own length
+        window = sliding_window(engine.model)
+        reach = max((len(r.ids) + self.length(r.prompt) + p.request.max_tokens for r, p in zip(rows, items,
+                                                                                              strict=True)), default=0)
+        batches = mixed_batches(rows, engine.tok.pad_token_id, "left", engine.max_batch_rows, engine.max_batch_tokens,
+                                same_length=window is not None and reach > window)
         for batch in tqdm(batches, desc="generate", unit="batch", disable=None if engine.progress else True):
             self._generate_batch(batch.to(engine.model.device), items, results, on_token, cancelled)
         return results

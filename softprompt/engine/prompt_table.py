@@ -78,7 +78,10 @@ class PromptTable:
                 v_all = v0.new_zeros(len(keys), v0.shape[1], lmax, v0.shape[3])
                 for i, key in enumerate(keys):
                     k, v = self._kv[key].layers[layer]
-                    n = self._kv[key].length
+                    # right-aligned by the layer's own key count: a sliding-window layer's cache keeps only the
+                    # last window - 1 keys of a longer prompt (every mixed batch failed once one was loaded);
+                    # the model's window never reaches the columns it dropped
+                    n = k.shape[2] if self._kv[key].length else 0
                     if n:
                         k_all[i, :, lmax - n:] = k[0]
                         v_all[i, :, lmax - n:] = v[0]
