@@ -34,7 +34,11 @@ def prompt_embeds(model, tokenizer, method, text: str, bos: bool = True) -> torc
     if out.head is not None:
         raise VllmExportError(f"method {method.name!r} carries a sequence-classification head: it classifies with an "
                               "encoder, while vLLM's prompt_embeds input feeds a generating model")
-    lead = family_of(model).lead_ids(tokenizer, bos)
+    family = family_of(model)
+    if not family.served:  # T5: the prompt precedes the encoder input, closed by </s>; vLLM's input is a decoder's
+        raise VllmExportError(f"{type(model).__name__} is {family.description}: vLLM's prompt_embeds input feeds a "
+                              "decoder-only model's sequence")
+    lead = family.lead_ids(tokenizer, bos)
     ids = with_leading(tokenizer(text, add_special_tokens=False)["input_ids"], lead)
     table = model.get_input_embeddings()
     tokens = table(torch.tensor(ids, device=table.weight.device))  # (T, H)

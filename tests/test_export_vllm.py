@@ -54,3 +54,29 @@ def test_request_text_is_the_layout_the_prompt_was_trained_on(model, tokenizer, 
     two = save_prompt(tmp_path / "two", method, model, task={"template": "Country : {a} {b}", "target_field": "label"})
     with pytest.raises(VllmExportError, match="fill it yourself"):
         request_text(load_prompt(two), tokenizer, "France")
+
+
+def test_an_encoder_decoder_prompt_is_refused_and_the_store_and_peft_export_keep_their_layout(tokenizer, tmp_path):
+    """A T5 prompt was exported as [P, text] for a decoder (its encoder reads [P, src, </s>]); PromptStore.save
+    had no bos flag (a chat or lm prompt saved through it was served with a BOS it never saw); export_peft's
+    same-folder check compared unresolved paths ("p/../p" replaced p with PEFT-only files)."""
+    from softprompt.store import PromptStore, StoreError, export_peft, load_prompt, save_prompt
+    from tests.test_seq2seq import make_t5
+
+    t5 = make_t5()
+    method = build_method("prompt_tuning", {"num_virtual_tokens": 2, "init": "random"}, t5, tokenizer)
+    with pytest.raises(VllmExportError, match="encoder-decoder"):
+        prompt_embeds(t5, tokenizer, method, "good")
+    from tests.conftest import make_model
+
+    model = make_model("llama")
+    store = PromptStore(tmp_path / "s", create=True)
+    lm = build_method("prompt_tuning", {"num_virtual_tokens": 2, "init": "random"}, model, tokenizer)
+    store.save("lm", lm, model, bos=False)
+    store.save("cls", lm, model)
+    assert (store.load("lm").bos, store.load("cls").bos) == (False, True)
+    save_prompt(tmp_path / "p", lm, model)
+    before = sorted(p.name for p in (tmp_path / "p").iterdir())
+    with pytest.raises(StoreError, match="the same folder"):
+        export_peft(tmp_path / "p", tmp_path / "p" / ".." / "p", overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == before and load_prompt(tmp_path / "p").bos

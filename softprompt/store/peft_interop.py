@@ -35,7 +35,7 @@ def import_peft(src: str | Path, dst: str | Path, model, task: dict | None = Non
         StoreError: ``src`` is not a valid prompt for ``model``, or ``dst`` exists.
     """
     stored = load_prompt(src, model=model)
-    if Path(src).expanduser().absolute() == Path(dst).expanduser().absolute():
+    if Path(src).expanduser().resolve() == Path(dst).expanduser().resolve():
         raise StoreError(f"{dst}: import source and destination are the same folder")
     meta = stored.meta
     record = stored.task_record
@@ -60,7 +60,7 @@ def export_peft(src: str | Path, dst: str | Path, overwrite: bool = False) -> Pa
         StoreError: ``src`` is invalid, or ``dst`` exists.
     """
     stored = load_prompt(src)
-    if Path(src).expanduser().absolute() == Path(dst).expanduser().absolute():
+    if Path(src).expanduser().resolve() == Path(dst).expanduser().resolve():
         raise StoreError(f"{dst}: export source and destination are the same folder")
     if not stored.bos:  # PEFT's files have no field for it: read back, the folder means [P, BOS, text]
         log.warning("%s was trained without the tokenizer's special tokens around its text (no BOS after the "

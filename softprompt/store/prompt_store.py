@@ -295,8 +295,11 @@ class PromptStore:
         return write_folder_atomically(target, write, overwrite, self._is_entry)
 
     def save(self, name: str, method: PromptMethod, model, task: dict | None = None,
-             train_config: dict | None = None, metrics: dict | None = None, overwrite: bool = False) -> Path:
-        """Save a trained method straight into the store (see :func:`softprompt.store.save_prompt`).
+             train_config: dict | None = None, metrics: dict | None = None, overwrite: bool = False,
+             bos: bool = True) -> Path:
+        """Save a trained method straight into the store (see :func:`softprompt.store.save_prompt`; ``bos``:
+        whether its text started with the model's special tokens in training, false for a chat or
+        ``--objective lm`` prompt, which was otherwise served with a BOS it never saw).
 
         Returns:
             The entry folder.
@@ -304,7 +307,7 @@ class PromptStore:
         target = self._dir(name)
         self._check_replace(name, "prompt", overwrite, task_labels(task, target / META_NAME))
         return save_prompt(target, method, model, task=task, train_config=train_config, metrics=metrics,
-                           overwrite=overwrite)
+                           overwrite=overwrite, bos=bos)
 
     def add_ensemble(self, name: str, members: builtins.list[str], combine: str = "mean",
                      overwrite: bool = False) -> Path:
