@@ -293,3 +293,26 @@ def test_json_values_that_are_not_text_are_refused_and_booleans_read_as_json_wri
                                 ({"text": "x", "n": 1, "answer": ["Paris", "Lyon"]}, "answer", "list")]:
         with pytest.raises(DataError, match=re.escape(f"d.jsonl line 4: field {field!r} is {kind} (")):
             gen.render(record, "d.jsonl line 4")
+
+
+def test_a_held_out_file_that_repeats_training_examples_is_warned_about(tmp_path, caplog):
+    """--test-file d.jsonl beside --train-file d.jsonl (or files sharing records) reported training accuracy as
+    test accuracy, with no sign of it."""
+    import logging
+
+    recs = [{"text": f"review {i}", "label": "pos" if i % 2 else "neg"} for i in range(6)]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    (tmp_path / "v.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs[4:] + [{"text": "new",
+                                                                                        "label": "pos"}]))
+    flags = dict(template="R: {text}", target_field="label", verbalizer="pos=good,neg=bad")
+    with caplog.at_level(logging.WARNING, logger="softprompt"):
+        load_task(train_file=tmp_path / "d.jsonl", validation_file=tmp_path / "v.jsonl",
+                  test_file=tmp_path / "d.jsonl", **flags)
+    warned = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("2 of the 3 validation examples also appear in the train split") for m in warned)
+    assert any(m.startswith("6 of the 6 test examples also appear in the train split") for m in warned)
+    caplog.clear()
+    (tmp_path / "t.jsonl").write_text(json.dumps({"text": "unseen", "label": "neg"}) + "\n")
+    with caplog.at_level(logging.WARNING, logger="softprompt"):
+        load_task(train_file=tmp_path / "d.jsonl", test_file=tmp_path / "t.jsonl", **flags)
+    assert not [r for r in caplog.records if "also appear" in r.getMessage()]

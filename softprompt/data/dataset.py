@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +13,8 @@ from softprompt.data.formats import DataError, load_records_with_lines
 from softprompt.data.template import Example, TaskFormat
 
 SPLIT_FLAGS = {"train": "--train-file", "validation": "--validation-file", "test": "--test-file"}
+
+log = logging.getLogger("softprompt")
 
 
 @dataclass
@@ -194,4 +197,27 @@ def load_task(
     for split, limit in (max_samples or {}).items():
         if split in splits:
             splits[split] = _cap(splits[split], limit, seed, split)
+    _warn_overlap(splits, files)
     return TaskData(format=fmt, splits=splits)
+
+
+def _example_key(ex: Example) -> tuple:
+    return ex.source, ex.target, repr(getattr(ex, "messages", None))
+
+
+def overlap(splits: dict[str, list[Example]]) -> dict[str, int]:
+    """Per held-out split (validation, test): how many of its examples also appear in ``train`` (same input and
+    answer, or the same conversation)."""
+    train = {_example_key(e) for e in splits.get("train", [])}
+    return {s: sum(_example_key(e) in train for e in splits[s]) for s in ("validation", "test")
+            if s in splits and train}
+
+
+def _warn_overlap(splits: dict[str, list[Example]], files: dict) -> None:
+    """Warn when a user file's held-out split repeats training examples (the same file given twice, or files
+    that share records): its numbers would partly measure memorisation, with no sign of it."""
+    for split, n in overlap(splits).items():
+        if n and (split in files or "train" in files):
+            log.warning("%d of the %d %s examples also appear in the train split (same input and answer): the %s "
+                        "numbers partly measure recall of training examples; deduplicate the files", n,
+                        len(splits[split]), split, split)
