@@ -71,6 +71,25 @@ def test_target_mask_is_exactly_the_assistant_tokens(system, turns):
     assert batch.target_mask[0].tolist() == mask
 
 
+def test_a_cut_conversation_trains_only_on_whole_assistant_turns():
+    """A conversation over --max-length kept its last tokens, and an answer the cut went through trained on its
+    tail with neither its question nor its header; a cut that leaves no whole answer is refused."""
+    tok, fmt = chat_tokenizer(), ChatFormat()
+    msgs = [{"role": "user", "content": "good movie"}, {"role": "assistant", "content": "the plot was great"},
+            {"role": "user", "content": "awful"}, {"role": "assistant", "content": "negative"}]
+    ids, mask = independent_mask(tok, msgs)
+    # Review good movie . Sentiment | the plot was great [EOS] | Review awful . Sentiment | negative [EOS]
+    assert len(ids) == 16 and mask[5:10] == [True] * 5 and mask[14:] == [True, True]
+    for keep in (10, 9, 8, 7, 6):  # cuts inside the first answer (at tokens 6 to 9), and right after it
+        (enc,) = encode_chat(tok, [fmt.render({"messages": msgs})], fmt, max_length=keep)
+        assert enc.input_ids == ids[-keep:]
+        assert enc.target_mask == [False] * (keep - 2) + [True, True], keep  # "negative [EOS]" only
+    (enc,) = encode_chat(tok, [fmt.render({"messages": msgs})], fmt, max_length=12)  # the first answer whole
+    assert enc.target_mask == mask[-12:]
+    with pytest.raises(DataError, match="no whole assistant turn is left within --max-length 1"):
+        encode_chat(tok, [fmt.render({"messages": msgs})], fmt, max_length=1)  # the cut is inside the last one
+
+
 def test_loss_is_the_cross_entropy_of_the_assistant_tokens_only():
     tok, model = chat_tokenizer(), make_model("llama")
     fmt = ChatFormat()
@@ -122,6 +141,9 @@ def test_tokenizer_without_chat_template_is_named():
     ({"messages": [{"role": "user", "content": "good"}, {"role": "assistant", "content": None}]},
      "message 2 content must be a string, got NoneType"),
     ({"messages": "good"}, "'messages' must be a list"),
+    # it trained on the end-of-turn marker alone, and evaluation expected an empty reply
+    ({"messages": [{"role": "user", "content": "good"}, {"role": "assistant", "content": " \n"}]},
+     "message 2 is an assistant turn with no content"),
     ({"text": "good"}, "field 'messages' is missing"),
 ])
 def test_malformed_records_are_refused_with_file_and_line(tmp_path, record, problem):

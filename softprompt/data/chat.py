@@ -70,6 +70,8 @@ def parse_messages(messages, where: str = "", require_assistant: bool = True) ->
             problems.append(f"message {i} has role {role!r}; expected one of {', '.join(ROLES)}")
         if not isinstance(content, str):
             problems.append(f"message {i} content must be a string, got {type(content).__name__}")
+        elif role == "assistant" and not content.strip():  # its loss would be the end-of-turn marker alone
+            problems.append(f"message {i} is an assistant turn with no content (nothing to learn or to score)")
         out.append({"role": role, "content": content})
     if not problems and require_assistant and not any(m["role"] == "assistant" for m in out):
         problems.append("no assistant message (the loss covers assistant turns: a record needs at least one)")
@@ -198,8 +200,9 @@ def assistant_spans(tokenizer, messages: list[dict], chat_template: str | None =
 def encode_chat(tokenizer, examples: list[ChatExample], fmt: ChatFormat, max_length: int = 256) -> list:
     """Tokenise conversations with a per-token target mask over their assistant turns.
 
-    A conversation over ``max_length`` tokens loses tokens from the start (the last turns are kept); one left
-    with no assistant token is refused.
+    A conversation over ``max_length`` tokens loses tokens from the start (the last turns are kept); an
+    assistant turn the cut reaches is no target (its tail, without the turns before it); one left with no
+    whole assistant turn is refused.
 
     Returns:
         One :class:`~softprompt.data.tokenize.Encoded` per example, ``target_mask`` set and ``target_start``
@@ -222,10 +225,14 @@ def encode_chat(tokenizer, examples: list[ChatExample], fmt: ChatFormat, max_len
             mask[start:end] = [True] * (end - start)
         n = len(ids)
         if n > max_length:
-            ids, mask = ids[-max_length:], mask[-max_length:]
+            cut = n - max_length
+            for start, end in spans:  # an answer cut at its start is no target: its tail without its question
+                if start < cut < end:
+                    mask[cut:end] = [False] * (end - cut)
+            ids, mask = ids[cut:], mask[cut:]
         mask[0] = False  # nothing before the first token predicts it (the soft prompt aside)
         if not any(mask):
-            raise DataError(f"example {i}: no assistant token is left within --max-length {max_length} "
+            raise DataError(f"example {i}: no whole assistant turn is left within --max-length {max_length} "
                             f"(the conversation has {n} tokens)")
         out.append(Encoded(input_ids=ids, target_start=mask.index(True), target_mask=mask))
     return out
