@@ -236,3 +236,16 @@ def test_a_validation_target_longer_than_max_length_is_refused_before_training(e
                       tmp_path / "o"])
     assert rc == 2 and "validation split: example 1: target ' the movie was great" in err, err
     assert not (tmp_path / "o" / "metrics.jsonl").exists() or not (tmp_path / "o" / "metrics.jsonl").read_text()
+
+
+@pytest.mark.parametrize(("flag_name", "needle"), [("--verbalizer", "--verbalizer is empty"),
+                                                   ("--template", "--template is empty"),
+                                                   ("--train-file", "--train-file is empty")])
+def test_an_empty_flag_value_is_refused_not_read_as_not_given(env, tmp_path, monkeypatch, flag_name, needle):
+    # --verbalizer "" (an unset shell variable) fell back to the stored/built-in value: with files, a
+    # classification task silently became a generation task; --train-file "" became Path("") ('.')
+    _no_work(monkeypatch)
+    argv = train_argv(env, tmp_path / "o")
+    argv[argv.index(flag_name) + 1] = ""
+    _assert_usage_error(argv, needle)
+    assert not (tmp_path / "o").exists()

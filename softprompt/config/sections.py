@@ -74,6 +74,13 @@ class DataArgs:
     text_field: str | None = None  # --objective lm: the text field of .jsonl/.csv corpora
 
     def __post_init__(self):
+        # an empty value (an unset shell variable: --verbalizer "$VERB") read as "not given": the stored or
+        # built-in value took its place, and an empty verbalizer turned a classification task into generation
+        empty = [name for name in ("dataset", "train_file", "validation_file", "test_file", "template", "target_field",
+                                   "verbalizer", "chat_template", "text_field")
+                 if isinstance(getattr(self, name), str) and not getattr(self, name).strip()]
+        if empty:
+            raise_problems([f"{flag(name)} is empty: give a value or leave the flag out" for name in empty])
         problems = objective_problems(self)
         for name in ("train_file", "validation_file", "test_file", "chat_template"):
             path = getattr(self, name)
