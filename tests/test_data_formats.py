@@ -316,3 +316,13 @@ def test_a_held_out_file_that_repeats_training_examples_is_warned_about(tmp_path
     with caplog.at_level(logging.WARNING, logger="softprompt"):
         load_task(train_file=tmp_path / "d.jsonl", test_file=tmp_path / "t.jsonl", **flags)
     assert not [r for r in caplog.records if "also appear" in r.getMessage()]
+
+
+def test_a_chat_template_for_a_template_task_is_refused(tmp_path):
+    # it was silently unused: the user believed the task ran with their chat template
+    (tmp_path / "d.jsonl").write_text(json.dumps({"text": "a", "label": "pos"}) + "\n")
+    with pytest.raises(DataError, match="--chat-template renders chat records"):
+        load_task(train_file=tmp_path / "d.jsonl", template="R: {text}", target_field="label",
+                  chat_template="{{ messages }}")
+    with pytest.raises(DataError, match="--chat-template renders chat records"):
+        load_task(dataset="rotten_tomatoes", chat_template="{{ messages }}")

@@ -183,6 +183,9 @@ def load_task(
     if target_prefix is not None and "chat_template" not in fmt_args:  # a stored prompt's, as it was trained
         fmt_args["target_prefix"] = target_prefix
     fmt = ChatFormat(**fmt_args) if "chat_template" in fmt_args else TaskFormat(**fmt_args)
+    if chat_template is not None and not isinstance(fmt, ChatFormat):  # it was silently unused
+        raise DataError("--chat-template renders chat records (a 'messages' list, without --template); this task "
+                        "is a template task: leave --chat-template out")
 
     splits: dict[str, list[Example]] = {}
     if dataset is not None:
