@@ -259,3 +259,13 @@ def test_fit_max_length():
         msg = str(err.value)
         assert f"--num-virtual-tokens {p}" in msg and "256 positions (max_position_embeddings)" in msg
         assert "at most 248" in msg
+
+
+def test_a_sample_cap_of_0_is_the_whole_split_and_below_0_is_refused():
+    # the validation split's default cap of 300 could not be lifted: null kept the default, 0 was refused
+    from softprompt.config import DataArgs
+
+    assert DataArgs().max_samples() == {"validation": 300}
+    assert DataArgs(max_validation_samples=0, max_train_samples=5).max_samples() == {"train": 5}
+    with pytest.raises(ConfigError, match=r"--max-test-samples must be >= 0 \(0: the whole split\), got -1"):
+        DataArgs(max_test_samples=-1)

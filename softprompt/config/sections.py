@@ -90,8 +90,8 @@ class DataArgs:
             problems.append(f"--max-length must be >= {MIN_MAX_LENGTH}, got {self.max_length}")
         for name in ("max_train_samples", "max_validation_samples", "max_test_samples"):
             v = getattr(self, name)
-            if v is not None and v < 1:
-                problems.append(f"{flag(name)} must be >= 1, got {v}")
+            if v is not None and v < 0:
+                problems.append(f"{flag(name)} must be >= 0 (0: the whole split), got {v}")
         keep_problems(problems, check_seed("--data-seed", self.data_seed))
         raise_problems(problems)
 
@@ -101,7 +101,8 @@ class DataArgs:
     def max_samples(self) -> dict[str, int]:
         caps = {"train": self.max_train_samples, "validation": self.max_validation_samples,
                 "test": self.max_test_samples}
-        return {k: v for k, v in caps.items() if v is not None}
+        # 0 lifts a cap: the validation split's default 300 could not be lifted (null keeps the default)
+        return {k: v for k, v in caps.items() if v}
 
 
 def objective_problems(data: DataArgs) -> list[str]:
