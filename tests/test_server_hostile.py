@@ -539,3 +539,34 @@ def test_serve_refuses_a_busy_port_a_bad_env_token_and_nothing_to_serve(tmp_path
     monkeypatch.setenv("SOFTPROMPT_ADMIN_TOKEN", "tab\tin it")
     with pytest.raises(ConfigError, match="SOFTPROMPT_ADMIN_TOKEN must be printable ASCII"):
         build_app({**args, "serve": ServeArgs(store=str(store.root))})
+
+
+def test_a_cancelled_request_at_the_head_of_the_queue_does_not_block_the_live_ones(tokenizer):
+    """The continuous scheduler checked a pending generation's room before whether its client had left: a large
+    cancelled one at the head held every live one behind it until the running batch had room for it."""
+    from concurrent.futures import Future
+
+    from softprompt.server.scheduler import Job
+
+    engine = Engine(make_model("llama"), tokenizer)
+    sched = Scheduler(engine)
+
+    class Batch:  # room for the small request only
+        def __init__(self):
+            self.admitted = []
+
+        def room(self, item):
+            return item == "small"
+
+        def admit(self, item, *callbacks):
+            self.admitted.append(item)
+
+        def __len__(self):
+            return len(self.admitted)
+
+    big, small = Job("generate", "big", Future()), Job("generate", "small", Future())
+    big.cancel()
+    sched._pending.extend([big, small])
+    batch = Batch()
+    sched._admit(batch)
+    assert batch.admitted == ["small"] and not sched._pending and sched.stats.cancelled == 1

@@ -264,8 +264,13 @@ class Scheduler:
 
     def _admit(self, batch: RunningBatch) -> None:
         """Pending generations join the running batch while it has room (in arrival order)."""
-        while self._pending and batch.room(self._pending[0].item):
-            job = self._pending.popleft()
+        while self._pending:
+            job = self._pending[0]
+            # a cancelled job leaves first: a large one whose client left blocked the live ones behind it until
+            # the running batch had room for it
+            if not (job.cancelled.is_set() or job.future.cancelled()) and not batch.room(job.item):
+                break
+            self._pending.popleft()
             if job.cancelled.is_set() or not job.future.set_running_or_notify_cancel():
                 self.stats.cancelled += 1
                 continue
