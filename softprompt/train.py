@@ -353,9 +353,10 @@ def train(model, tokenizer, method: PromptMethod, task: TaskData, args: TrainArg
             alarm = guard.rollback(step + 1, fault, method, opt) if fault else None
             sched.step()
             opt.zero_grad(set_to_none=True)
+            step_s = time.perf_counter() - t0
             row = {"step": step + 1, "epoch": epoch, "loss": loss_sum, "lr": sched.get_last_lr()[0],
-                   "grad_norm": gnorm, "grad_norm_per_token": per_token,
-                   "tokens_per_s": tokens / (time.perf_counter() - t0)}
+                   "grad_norm": gnorm, "grad_norm_per_token": per_token, "tokens_per_s": tokens / step_s,
+                   "step_s": step_s}
             if alarm:
                 row.update(alarm.record())
                 diverged = alarm.stop

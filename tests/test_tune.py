@@ -173,6 +173,35 @@ def test_time_budget_stops_starting_segments(tmp_path, tokenizer):
     assert result.best is result.trials[0] and result.steps_used == 3
 
 
+def test_a_minutes_budget_prices_a_segment_by_its_fixed_part_and_its_steps(tmp_path, tokenizer, monkeypatch):
+    """Each segment has a fixed part (building the method, encoding, checkpoints) besides its steps. The budget
+    priced the next segment by the mean seconds per step of the segments so far: short rung-0 segments, mostly
+    fixed part, made every later step look 30x dearer and the search stopped with minutes unspent. On a fake
+    clock: 10 s fixed per segment, 0.1 s a step, 75 s in all."""
+    import time as time_module
+
+    from softprompt.tune import halving
+
+    now = [0.0]
+    monkeypatch.setattr(time_module, "perf_counter", lambda: now[0])
+    real_method, real_loss = halving._Search._method, causal.target_loss
+
+    def method(self, spec):
+        now[0] += 10.0
+        return real_method(self, spec)
+
+    def loss(model, batch, prompt):
+        now[0] += 0.1
+        return real_loss(model, batch, prompt)
+
+    monkeypatch.setattr(halving._Search, "_method", method)
+    monkeypatch.setattr(causal, "target_loss", loss)
+    result = search(tmp_path, tokenizer, TuneArgs(lrs=LRS, eta=2, budget_minutes=1.25))
+    assert result.plan.rungs == [3, 6, 12]
+    # rungs 0 and 1 take 6 x 10.3 = 61.8 s; the last 6 steps cost 10.6 s (72.4 <= 75), not 6 x 10.3 / 3 = 20.6
+    assert sorted(t.steps for t in result.trials) == [3, 3, 6, 12] and result.stopped_by is None
+
+
 class _Overflow:
     """A model that overflows once the prompt is huge: NaN loss when a prompt value exceeds 1e3.
 

@@ -83,7 +83,8 @@ class _Search:
         self.checkpoint_every = math.gcd(*self.plan.rungs[:-1]) if len(self.plan.rungs) > 1 else self.plan.horizon
         self.steps_used, self.stopped_by = 0, None
         self.t0 = time.perf_counter()
-        self.seconds_per_step: list[float] = []
+        self.step_time, self.steps_timed = 0.0, 0  # seconds in training steps, and those steps (every segment)
+        self.overheads: list[float] = []  # each segment's time outside its steps
         self.eval_seconds: list[float] = []
 
     def _buildable(self, specs: list[TrialSpec]) -> list[TrialSpec]:
@@ -160,8 +161,13 @@ class _Search:
         trial.rollbacks = sum(r["event"] == "rollback" for r in events)  # the "diverged" event is no rollback
         diverged = diverged or any(r["event"] == "diverged" for r in events)
         self.steps_used += trial.steps - start
-        train_seconds = time.perf_counter() - t0
-        self.seconds_per_step.append(train_seconds / max(1, trial.steps - start))
+        # a segment's time is a fixed part (building the method, encoding the data, skipping to the checkpoint,
+        # writing one) and its steps' time: the unweighted mean of seconds per step over segments made the short
+        # rung-0 segments, mostly fixed part, price every later step, and a minutes budget stopped early
+        stepping = sum(r.get("step_s", 0.0) for r in rows if "event" not in r and start < r["step"] <= trial.steps)
+        self.step_time += stepping
+        self.steps_timed += max(0, trial.steps - start)
+        self.overheads.append(max(0.0, time.perf_counter() - t0 - stepping))
         if diverged:
             self._diverged(trial, rung, f"the divergence guard stopped it at step {trial.steps}: "
                                         f"{events[-1].get('reason', '') if events else ''}".rstrip(": "))
@@ -222,15 +228,22 @@ class _Search:
 
     # ----- the halving ---------------------------------------------------------------------------------
 
+    def segment_seconds(self, steps: int) -> float:
+        """What a segment of ``steps`` steps and its validation is expected to take: the mean fixed part of the
+        segments so far, their seconds per step (all their steps' time over all their steps) times ``steps``,
+        and the mean validation time."""
+        per_step = self.step_time / self.steps_timed if self.steps_timed else 0.0
+        fixed = sum(self.overheads) / len(self.overheads) if self.overheads else 0.0
+        evals = sum(self.eval_seconds) / len(self.eval_seconds) if self.eval_seconds else 0.0
+        return fixed + per_step * steps + evals
+
     def affordable(self, trial: Trial, rung: int) -> str | None:
         """The budget flag that forbids running ``trial``'s segment of ``rung``, if any."""
         need = self.plan.rungs[rung] - trial.steps
         if self.tune.budget_steps is not None and self.steps_used + need > self.tune.budget_steps:
             return "--budget-steps"
-        if self.tune.budget_minutes is not None and self.seconds_per_step:
-            per_step = sum(self.seconds_per_step) / len(self.seconds_per_step)
-            evals = sum(self.eval_seconds) / len(self.eval_seconds) if self.eval_seconds else 0.0
-            if time.perf_counter() - self.t0 + per_step * need + evals > self.tune.budget_minutes * 60:
+        if self.tune.budget_minutes is not None and self.overheads:
+            if time.perf_counter() - self.t0 + self.segment_seconds(need) > self.tune.budget_minutes * 60:
                 return "--budget-minutes"
         return None
 
