@@ -124,6 +124,35 @@ def test_a_request_prepared_before_a_reload_runs_against_the_new_prompt(served):
     assert engine.run("classify", [item])[0].scores == fresh.scores
 
 
+def test_a_reload_between_preparing_and_joining_the_running_batch_joins_with_the_new_prompt(served,
+                                                                                           monkeypatch):
+    """RunningBatch.admit re-prepared a stale request, then fetched its prompt under another lock: a reload in
+    between made the row run the new prompt with ids prepared for the old one (its template, its length)."""
+    engine, store, model, tok = served
+    other = {**SENT, "template": "Film review : {text} Sentiment :"}
+    real, calls = engine.backend.prompt, []
+
+    def reload_first(key):
+        if not calls:  # a reload lands right after the refresh, before the prompt is fetched
+            save(store, model, tok, "a", seed=12, n=6, task=other)
+            engine.load_from_store(store, "a")
+        calls.append(key)
+        return real(key)
+
+    item = engine.prepare("generate", GenerateRequest("a", "good movie", max_tokens=3))
+    monkeypatch.setattr(engine.backend, "prompt", reload_first)
+    batch = RunningBatch(engine)
+    got = {}
+    batch.admit(item, done=lambda res: got.__setitem__("res", res))
+    (row,) = batch.rows
+    assert row.item.versions == engine.versions(["a"]) and row.prompt is real("a")
+    monkeypatch.setattr(engine.backend, "prompt", real)
+    while len(batch):
+        batch.step()
+    fresh = engine.generate([GenerateRequest("a", "good movie", max_tokens=3)])[0]
+    assert got["res"].tokens == fresh.tokens and got["res"].source == fresh.source
+
+
 def test_a_reloaded_member_brings_its_new_format_to_the_ensembles_that_serve_it(served):
     """Reloading prompt 'a' replaced its keys/values but the ensemble 'ab' kept a's old template: the new prompt
     ran behind the old template, unlike a freshly started engine. Loading 'ab' again rebuilt a and b's keys

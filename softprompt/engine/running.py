@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from softprompt.engine.requests import EngineError, GenerateResult
+from softprompt.engine.requests import EngineError, GenerateResult, RequestError
 from softprompt.forward import PromptKV, RowSampling, TokenLogprob, logits_from_hidden, sample_next, token_logprobs
 from softprompt.forward.slots import SlotKV, slot_forward
 
@@ -116,7 +116,13 @@ class RunningBatch:
         Raises:
             EngineError: its task changed and it no longer prepares, or its prompt is gone.
         """
-        (item,) = self.engine.refresh("generate", [item])
+        for _ in range(3):  # a reload between preparing and fetching the prompt: prepare against the new one
+            (item,) = self.engine.refresh("generate", [item])
+            prompt = self.engine.backend.prompt(item.rows[0].prompt)
+            if self.engine.versions(item.task.members) == item.versions:
+                break
+        else:
+            raise RequestError(f"task {item.task.name!r} was reloaded while the request joined, three times: retry")
         row = item.rows[0]
         req = item.request
         gen = None
@@ -124,7 +130,6 @@ class RunningBatch:
             gen = torch.Generator(device=self.engine.model.device)
             gen.manual_seed(item.seed)
         sampling = RowSampling(req.max_tokens, float(req.temperature), req.top_k, float(req.top_p), gen, req.logprobs)
-        prompt = self.engine.backend.prompt(row.prompt)
         self.rows.append(_Row(item, prompt, list(row.ids), sampling, list(req.stop), on_token, cancelled, done,
                               logprobs=[] if req.logprobs is not None else None))
 
