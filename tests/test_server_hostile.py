@@ -570,3 +570,20 @@ def test_a_cancelled_request_at_the_head_of_the_queue_does_not_block_the_live_on
     batch = Batch()
     sched._admit(batch)
     assert batch.admitted == ["small"] and not sched._pending and sched.stats.cancelled == 1
+
+
+def test_the_model_list_skips_a_task_unloaded_while_it_is_read(setup, monkeypatch):
+    # GET /v1/models read the names, then described each: an unload in between made the whole list a 404
+    from softprompt.engine import UnknownTaskError
+
+    state, _, url = setup
+    real = state.engine.describe
+
+    def gone(name):
+        if name == "t3":
+            raise UnknownTaskError(f"unknown task {name!r}")
+        return real(name)
+
+    monkeypatch.setattr(state.engine, "describe", gone)
+    r = httpx.get(url + "/v1/models", timeout=60)
+    assert r.status_code == 200 and "t3" not in {m["id"] for m in r.json()["data"]} and len(r.json()["data"]) > 1

@@ -290,7 +290,7 @@ class Engine:
         """
         task = self.tasks.get(name)
         if task is None:
-            raise UnknownTaskError(f"unknown task {name!r}; loaded: {', '.join(sorted(self.tasks)) or 'none'}")
+            raise UnknownTaskError(f"unknown task {name!r}; loaded: {', '.join(self.task_names()) or 'none'}")
         return task
 
     # ----------------------------------------------------------------------------------- inputs

@@ -53,9 +53,10 @@ class PrefixBackend(Backend):
         return self.table.keys()
 
     def length(self, key) -> int:
-        if key not in self.table:
-            raise UnknownTaskError(f"a task was unloaded while its request waited: no prompt {key!r}")
-        return self.table.length(key)
+        with self._lock:  # an unload between the check and the read was a KeyError (500)
+            if key not in self.table:
+                raise UnknownTaskError(f"a task was unloaded while its request waited: no prompt {key!r}")
+            return self.table.length(key)
 
     def prompt(self, key) -> PromptKV | None:
         with self._lock:

@@ -20,7 +20,7 @@ from fastapi.responses import PlainTextResponse, StreamingResponse
 
 from softprompt.data import DataError, is_chat
 from softprompt.data.chat import conversation_prompt, render_chat
-from softprompt.engine import ClassifyRequest, GenerateRequest, ScoreRequest
+from softprompt.engine import ClassifyRequest, GenerateRequest, ScoreRequest, UnknownTaskError
 from softprompt.server import errors, logprobs
 from softprompt.server.metrics import Metrics
 from softprompt.server.scheduler import Scheduler
@@ -153,7 +153,10 @@ def create_app(state: ServerState) -> FastAPI:
     async def models() -> dict:
         data = []
         for name in state.engine.task_names():
-            d = state.engine.describe(name)
+            try:
+                d = state.engine.describe(name)
+            except UnknownTaskError:  # unloaded since the names were read: the list was a 404
+                continue
             data.append({"id": name, "object": "model", "created": 0, "owned_by": "softprompt",
                          "kind": d["kind"], "labels": d["labels"], "template": d["template"]})
         return {"object": "list", "data": data}
