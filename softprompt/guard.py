@@ -131,8 +131,11 @@ class DivergenceGuard:
         if len(reference) >= WARMUP:
             now, ref = statistics.median(window), statistics.median(reference)
             if now > self.spike_factor * ref and now - ref > MIN_RISE:
+                # the window's first loss came from the state one update before its step; its steps need not be
+                # consecutive (a rollback leaves a gap), so that step is read from the record, not step - WINDOW
+                first = self.losses[len(self.losses) - (WINDOW - 1)][0] if WINDOW > 1 else step
                 return Fault(f"the loss rose: median {now:.4g} over the last {WINDOW} steps against {ref:.4g} "
-                             f"over the {len(reference)} before (--spike-factor {self.spike_factor:g})", step - WINDOW)
+                             f"over the {len(reference)} before (--spike-factor {self.spike_factor:g})", first - 1)
         self.losses.append((step, loss))
         del self.losses[:-(REFERENCE + WINDOW)]
         return None

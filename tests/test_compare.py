@@ -575,3 +575,30 @@ def test_a_prompt_row_without_an_ensemble_is_not_called_a_method_without_a_promp
     stored = {**prompt, "method": "stored", "ensemble": {}, "ensemble_accuracy": 0.9, "ensemble_gain": 0.1}
     md = format_table([stored, prompt, weight]).splitlines()
     assert md[3].endswith("| - (run without --store) | - |") and md[4].endswith("| - (no prompt) | - |")
+
+
+def test_every_run_loads_the_model_in_fp32_and_a_killed_or_chatty_child_is_one_failed_run(monkeypatch):
+    """On CUDA the default is bf16, where a weight method's AdamW steps round away (a norm gain of 1.0 moves in
+    steps of 0.0039): BitFit and full fine-tuning barely trained. A child killed by a signal was reported with
+    whatever it last logged; a non-JSON last line raised in the parent and ended the whole comparison."""
+    import subprocess
+
+    from softprompt import model as model_module
+    from softprompt.compare.run import in_child
+
+    asked = {}
+
+    def record(*args, **kwargs):
+        asked.update(kwargs)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(model_module, "load_base_model", record)
+    spec = Spec("BitFit", "bitfit", {}, "adamw", 1e-3)
+    with pytest.raises(RuntimeError, match="stop here"):
+        run_one(Job(spec, "m", "rotten_tomatoes", 2, 2, 1e-3, seed=0, val_samples=2, eval_every=0, test_samples=2))
+    assert asked["dtype"] == "float32"
+    for rc, out, err, expected in [(-9, "", "WARNING something", "the run was killed by signal 9"),
+                                   (0, '{"a": 1}\nnot json', "", "the run's last output line is not its result")]:
+        monkeypatch.setattr(subprocess, "run", lambda *a, rc=rc, out=out, err=err, **k: subprocess.CompletedProcess(
+            a, rc, out, err))
+        assert in_child("{}")["error"].startswith(expected)

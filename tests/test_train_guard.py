@@ -56,6 +56,26 @@ def test_rule_is_quiet_on_the_healthy_run_and_fires_on_the_collapse():
     assert replay(P50)[0] == 22  # the spikes of steps 19-22 stay up: the median of 5 steps is 4.7x
 
 
+def test_a_rise_right_after_a_rollback_goes_back_before_the_state_that_started_it():
+    """The rise's first suspect state was taken as step - WINDOW, as if the window's 5 losses were 5 consecutive
+    steps; after a rollback they are not (steps 26, 27, then 29-31), and the rollback returned to the very state
+    (25) whose loss began the rising window."""
+    guard = DivergenceGuard()
+    method = torch.nn.Linear(1, 1)
+    opt = torch.optim.SGD(method.parameters(), lr=0.1)
+    for step in range(1, 28):  # steps 1..27 healthy; snapshots after 0, 5, ..., 25 updates
+        guard.snapshot_if_due(step - 1, method, opt)
+        assert guard.check_step(step, 1.0, 1.0) is None
+    fault = guard.check_step(28, float("nan"), 1.0)
+    assert fault.first_suspect == 27 and guard.rollback(28, fault, method, opt).rolled_back_to == 25
+    assert [s for s, _ in guard.losses][-2:] == [26, 27]
+    for step in (29, 30):
+        assert guard.check_step(step, 50.0, 1.0) is None
+    fault = guard.check_step(31, 50.0, 1.0)  # window: the losses of steps 26, 27, 29, 30, 31
+    assert fault is not None and fault.first_suspect == 25  # the state that gave step 26's loss
+    assert guard.rollback(31, fault, method, opt).rolled_back_to == 20
+
+
 class NanGrad(torch.autograd.Function):
     """Identity forward, NaN gradient backward: a finite loss whose gradient is not."""
 

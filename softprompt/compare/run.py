@@ -113,7 +113,9 @@ def run_one(job: Job) -> dict:
     from softprompt.train import train
 
     spec = job.spec
-    model, tok = load_base_model(job.model)
+    # fp32 on every device: weight methods train the model's own weights, whose small AdamW steps bf16 (the
+    # CUDA default) rounds away (a norm gain of 1.0 moves in steps of 0.0039); every row alike, for fairness
+    model, tok = load_base_model(job.model, dtype="float32")
     task, validation = load_run_task(job.dataset, job.val_samples, job.test_samples)
     metric, higher = primary_metric(task.format)
     torch.manual_seed(job.seed)  # the random init of LoRA and of the adapters
@@ -178,9 +180,14 @@ def in_child(payload: str) -> dict:
     ``{"error": ...}`` with the child's last stderr line (its exit status when it left none: killed by a signal)."""
     proc = subprocess.run([sys.executable, "-m", "softprompt.compare", payload], capture_output=True, text=True)
     lines = proc.stdout.strip().splitlines()
+    if proc.returncode < 0:  # its last stderr line is whatever it logged before the kill (an OOM killer's -9)
+        return {"error": f"the run was killed by signal {-proc.returncode}"}
     if proc.returncode != 0 or not lines:
         return {"error": (proc.stderr.strip().splitlines() or [f"the run exited with status {proc.returncode}"])[-1]}
-    return json.loads(lines[-1])
+    try:
+        return json.loads(lines[-1])
+    except json.JSONDecodeError:  # a stray print after the result: this run fails, not the whole comparison
+        return {"error": f"the run's last output line is not its result: {lines[-1][:200]!r}"}
 
 
 def run_in_subprocess(job: Job) -> dict:
