@@ -362,9 +362,11 @@ def train(model, tokenizer, method: PromptMethod, task: TaskData, args: TrainArg
                 diverged = alarm.stop
                 if main:
                     log.warning("%s", alarm.message(args.max_rollbacks))
-            # after a rollback the prompt is an earlier step's: validating it here would credit it to this step
-            if valid and not alarm and ((step + 1) % args.eval_every == 0
-                                        or step + 1 in (total, state.get("stop_at"))):
+            # after a rollback the prompt is an earlier step's: validating it here would credit it to this step;
+            # but the run's last step is validated whatever happened (its state is the one the run keeps: a
+            # search run, validated only there, had no point at all)
+            last = step + 1 in (total, state.get("stop_at")) and not diverged
+            if valid and (not alarm or last) and ((step + 1) % args.eval_every == 0 or last):
                 t_val = time.perf_counter()
                 method.eval()
                 model.eval()

@@ -213,7 +213,9 @@ def test_lr_search_scores_on_validation_and_never_reads_test(tiny_model_dir, toy
                                search_steps=4)
     lr, record = search_lr(Spec("lora", "lora", {"r": 2}, "adamw", 1e-2), settings, runner, log=lambda s: None)
     assert [j.lr for j in jobs] == lr_grid(1e-2, 3) == [0.00316, 0.01, 0.0316]
-    assert all(j.test_samples == 0 and j.steps == 4 and j.seed == 0 for j in jobs)
+    # seed 3, which the seed runs (0, 1, 2) do not use: with seed 0, seed run 0 shared the chosen candidate's init
+    # and data order, and the lr picked for doing best on them biased that run's test score
+    assert all(j.test_samples == 0 and j.steps == 4 and j.seed == settings.seeds == 3 for j in jobs)
     assert all("accuracy" not in r for r in runs)  # no test score was made
     assert splits == [["train", "validation"]] * 3  # the test split was dropped as soon as it was loaded
     validation = sorted(ex.source for ex in toy.examples("validation"))
@@ -260,6 +262,18 @@ def test_a_candidate_the_guard_ended_before_its_only_validation_ranks_last(tmp_p
     lr, record = search_lr(Spec("x", "prompt_tuning", lr=1.0), CompareSettings("m"), fake, log=lines.append)
     assert lr == 1.0 and record["candidates"][2]["diverged"] and math.isnan(record["candidates"][2]["val_loss"])
     assert lines[2] == "  x: lr 3.16 -> diverged at step 17 (6 rollbacks), never validated"
+
+
+def test_the_search_never_picks_an_lr_whose_run_crashed():
+    # with the others diverged, every score tied and max() returned the first candidate: the one that crashed
+    def fake(j):
+        if j.lr < 1:
+            return {"lr": j.lr, "error": "RuntimeError: CUDA out of memory"}
+        return {"lr": j.lr, "metric": "accuracy", "higher_is_better": True, "curve": [], "rollbacks": 6,
+                "diverged": True, "steps_run": 17, "train_s": 1.0}
+
+    lr, record = search_lr(Spec("x", "prompt_tuning", lr=1.0), CompareSettings("m"), fake, log=lambda s: None)
+    assert lr in (1.0, 3.16) and record["chosen"] == lr
 
 
 def _fake_seed_run(j):

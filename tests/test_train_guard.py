@@ -321,3 +321,14 @@ def test_data_parallel_ranks_take_the_same_decisions(tmp_path):
     assert torch.equal(prompts[0], prompts[1]) and torch.isfinite(prompts[0]).all()
     assert [(r["step"], r["event"]) for r in rows_of(tmp_path / "run") if "event" in r] == [(4, "rollback"),
                                                                                           (16, "rollback")]
+
+
+def test_a_rollback_on_the_last_step_still_validates_the_state_the_run_keeps(tmp_path, tokenizer, faults):
+    """A search run validates once, after its last step: a rollback there left it with no validation point at
+    all, and compare ranked that lr with the crashed ones ("never validated")."""
+    faults[12] = "nan"
+    model, method = fresh(tokenizer)
+    result = train(model, tokenizer, method, task(), args(tmp_path / "run", max_steps=12, eval_every=100))
+    rows = rows_of(tmp_path / "run")
+    assert rows[-1]["step"] == 12 and rows[-1].get("event") == "rollback" and "val_loss" in rows[-1]
+    assert [r["step"] for r in rows if "val_loss" in r] == [12] and not result.diverged

@@ -39,13 +39,16 @@ def _outcome(run: dict) -> str:
 def _score(candidate: dict, metric: str, higher: bool) -> tuple:
     """Sort key of a candidate: a run that failed or diverged last; then the metric; ties by the lower loss."""
     value, loss = candidate.get(f"val_{metric}", math.nan), candidate.get("val_loss", math.nan)
-    if "error" in candidate or candidate["diverged"] or not math.isfinite(value):
+    if "error" in candidate:  # below a diverged run: when nothing else ran, the lr that crashed is not chosen
+        return (-1, 0.0, 0.0)
+    if candidate["diverged"] or not math.isfinite(value):
         return (0, 0.0, 0.0)
     return (1, value if higher else -value, -loss if math.isfinite(loss) else -math.inf)
 
 
 def search_lr(spec: Spec, settings: CompareSettings, runner: Runner, log=print) -> tuple[float | None, dict]:
-    """Pick ``spec``'s lr: one short run per candidate (the first seed), scored on validation only.
+    """Pick ``spec``'s lr: one short run per candidate (seed ``settings.search_seed``, which no seed run uses),
+    scored on validation only.
 
     Each candidate trains ``settings.search_budget`` steps (its schedule scaled to them) and is measured once,
     after its last step, on the validation split; the test split is not loaded (``test_samples=0``). The best
@@ -58,7 +61,7 @@ def search_lr(spec: Spec, settings: CompareSettings, runner: Runner, log=print) 
     candidates, metric, higher = [], None, True
     for lr in lr_grid(spec.lr, settings.lr_grid):
         run = runner(Job(spec, settings.model, settings.dataset, settings.search_budget, settings.batch_size, lr,
-                         seed=0, val_samples=settings.val_samples, eval_every=0, test_samples=0))
+                         seed=settings.search_seed, val_samples=settings.val_samples, eval_every=0, test_samples=0))
         if "error" not in run:
             metric, higher = run["metric"], run["higher_is_better"]
         candidates.append(_candidate(lr, run))

@@ -124,8 +124,14 @@ class CompareSettings:
     def search_budget(self) -> int:
         return self.search_steps or min(self.steps, 60)
 
+    @property
+    def search_seed(self) -> int:
+        """The lr search's seed: one no seed run uses (they use 0 .. seeds - 1). With seed 0, seed run 0 shared
+        its init and data order with the candidate chosen for doing best on them, a bias towards that seed."""
+        return self.seeds
+
     def to_dict(self) -> dict:
-        return {**asdict(self), "search_steps": self.search_budget}
+        return {**asdict(self), "search_steps": self.search_budget, "search_seed": self.search_seed}
 
 
 def lr_grid(default: float, n: int) -> list[float]:
