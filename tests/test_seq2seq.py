@@ -244,3 +244,36 @@ def test_a_t5_prompt_folder_written_by_peft_loads_as_the_rows_peft_reads(tmp_pat
         theirs = pm.eval()(input_ids=src, attention_mask=(src != 0).long(), labels=labels).loss
         ours = family_of(model).loss(model, batch, stored.build_method()().embeds)
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_an_encoder_that_scales_its_ids_embeddings_in_its_forward_reads_the_text_at_its_scale(tokenizer):
+    """Marian, Pegasus, FSMT, MVP and BlenderbotSmall multiply embed_tokens(ids) by sqrt(d_model) inside the
+    encoder, and not inputs_embeds: the text went in at 1/sqrt(d) of the scale the model was trained on, with
+    no prompt too (the no-prompt baseline), silently. T5 and BART scale in the module (factor 1 here)."""
+    from transformers import MarianConfig, MarianMTModel
+
+    torch.manual_seed(0)
+    cfg = MarianConfig(vocab_size=VOCAB, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+                       decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, scale_embedding=True,
+                       pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, max_position_embeddings=64,
+                       dropout=0.0)
+    marian = MarianMTModel(cfg)
+    prepare_frozen(marian)
+    assert seq2seq.encoder_embed_scale(marian) == pytest.approx(32 ** 0.5)
+    assert seq2seq.encoder_embed_scale(make_t5()) == 1.0
+    rows = [([5, 6, 7, 8], [9, 10]), ([11, 12], [13])]
+    batch = collate([Encoded(s + t, len(s)) for s, t in rows], 0)
+    family = family_of(marian)
+    with torch.no_grad():
+        _, _, labels = seq2seq.encoder_inputs(marian, batch, None)
+        src = torch.tensor([s + [0] * (4 - len(s)) for s, _ in rows])
+        ref = marian(input_ids=src, attention_mask=(src != 0).long(), labels=labels).loss  # the model on its ids
+        torch.testing.assert_close(family.loss(marian, batch, None), ref, atol=1e-5, rtol=1e-5)
+        prompt = torch.randn(3, 32)
+        emb, mask, labels = seq2seq.encoder_inputs(marian, batch, prompt)
+        scaled = torch.cat([prompt[None].expand(2, -1, -1), marian.get_input_embeddings()(src)], 1) * 32 ** 0.5
+        torch.testing.assert_close(emb[:, :3], scaled[:, :3])
+        (new,) = seq2seq.decode(marian, src[:1], (src[:1] != 0).long(), prompt, [forward.RowSampling(2)], 1).tokens
+        alone = marian.generate(inputs_embeds=scaled[:1], attention_mask=torch.ones(1, 7, dtype=torch.long),
+                                max_new_tokens=2, do_sample=False, eos_token_id=1)[0, 1:].tolist()
+        assert new == [t for t in alone if t != 1][:len(new)]

@@ -8,6 +8,8 @@ prompt keys/values need a causal model); evaluation and generation run here row 
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from softprompt.data import encode, is_chat, label_room, trailing_special_ids
@@ -38,6 +40,43 @@ def encoder_prompt(model, prompt: PromptOutput | torch.Tensor | None) -> torch.T
     return embeds
 
 
+_SCALES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+@torch.no_grad()
+def encoder_embed_scale(model) -> float:
+    """The factor the encoder applies to its embedding module's output when given token ids, and not when given
+    ``inputs_embeds`` (Marian, Pegasus, FSMT, MVP, BlenderbotSmall: ``embed_tokens(ids) * embed_scale`` in the
+    forward; 1 for T5 and BART, whose module itself scales). Found once per model by comparing the encoder on
+    ids with the encoder on the module's output (scaled by its ``embed_scale``, if it has one).
+
+    Raises:
+        InjectionError: neither reproduces what the encoder computes from ids.
+    """
+    if model in _SCALES:
+        return _SCALES[model]
+    encoder = model.get_encoder()
+    was = encoder.training
+    encoder.eval()  # no dropout in the comparison
+    try:
+        ids = torch.arange(1, 4, device=model.device)[None] % model.get_input_embeddings().weight.shape[0]
+        want = encoder(input_ids=ids).last_hidden_state
+        emb = model.get_input_embeddings()(ids)
+        scale = None
+        for s in (1.0, getattr(encoder, "embed_scale", None)):
+            if isinstance(s, int | float) and torch.allclose(encoder(inputs_embeds=emb * s).last_hidden_state,
+                                                             want, atol=1e-4, rtol=1e-3):
+                scale = float(s)
+                break
+    finally:
+        encoder.train(was)
+    if scale is None:
+        raise InjectionError(f"{type(model).__name__}'s encoder computes something else from token ids than from "
+                             "its embedding module's output: a prompt cannot be put in front of its input here")
+    _SCALES[model] = scale
+    return scale
+
+
 def encoder_inputs(model, batch, embeds: torch.Tensor | None):
     """Encoder ``inputs_embeds`` (prompt + source) and mask, decoder labels, from a source+target batch."""
     b = batch.input_ids.shape[0]
@@ -57,7 +96,9 @@ def encoder_inputs(model, batch, embeds: torch.Tensor | None):
     if p:
         text = torch.cat([embeds.to(text)[None].expand(b, -1, -1), text], dim=1)  # (B, P+S, H)
         enc_mask = torch.cat([torch.ones(b, p, dtype=torch.long, device=dev), enc_mask], dim=1)
-    return text, enc_mask, labels
+    # the prompt lives in the module's space and is scaled with the text, as the encoder scales ids it is given
+    scale = encoder_embed_scale(model)
+    return (text * scale if scale != 1.0 else text), enc_mask, labels
 
 
 def token_logprobs(model, batch, embeds: torch.Tensor | None):
@@ -95,6 +136,7 @@ def decode(model, input_ids, attention_mask, embeds: torch.Tensor | None, rows: 
         text = model.get_input_embeddings()(ids)
         if embeds is not None:
             text = torch.cat([embeds.to(text)[None], text], dim=1)
+        text = text * encoder_embed_scale(model)
         gen = model.generate(inputs_embeds=text, attention_mask=torch.ones(text.shape[:2], dtype=torch.long,
                                                                            device=text.device),
                              max_new_tokens=r.max_new_tokens, do_sample=False,

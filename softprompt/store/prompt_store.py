@@ -297,13 +297,8 @@ class PromptStore:
     def save(self, name: str, method: PromptMethod, model, task: dict | None = None,
              train_config: dict | None = None, metrics: dict | None = None, overwrite: bool = False,
              bos: bool = True) -> Path:
-        """Save a trained method straight into the store (see :func:`softprompt.store.save_prompt`; ``bos``:
-        whether its text started with the model's special tokens in training, false for a chat or
-        ``--objective lm`` prompt, which was otherwise served with a BOS it never saw).
-
-        Returns:
-            The entry folder.
-        """
+        """Save a trained method straight into the store and return its folder (:func:`save_prompt`; ``bos``
+        false for a chat or ``--objective lm`` prompt, which otherwise was served with a BOS it never saw)."""
         target = self._dir(name)
         self._check_replace(name, "prompt", overwrite, task_labels(task, target / META_NAME))
         return save_prompt(target, method, model, task=task, train_config=train_config, metrics=metrics,
