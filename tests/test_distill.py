@@ -112,8 +112,17 @@ def run_distill(tmp_path, *extra: str) -> int:
                  "--held-out", "0.3", "--max-new-tokens", "4", "--output-dir", str(tmp_path / "run"), *extra])
 
 
-def test_distillation_lowers_held_out_kl_and_saves_a_stored_prompt(tiny_dirs, capsys):
+def test_distillation_lowers_held_out_kl_and_saves_a_stored_prompt(tiny_dirs, capsys, monkeypatch):
+    from softprompt.workflows import distilling
+
     tmp = tiny_dirs
+    real, batches = distilling.held_out_kl, []
+
+    def recorded(*a, **kw):  # the held-out KL's batch was a fixed 16 rows of (N, V) tensors, whatever --batch-size
+        batches.append(a[5] if len(a) > 5 else kw.get("batch_size"))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(distilling, "held_out_kl", recorded)
     rc = run_distill(tmp, "--inputs-file", str(tmp / "inputs.txt"), "--max-steps", "60",
                      "--store", str(tmp / "store"), "--task", "reviews")
     assert rc == 0
@@ -123,6 +132,7 @@ def test_distillation_lowers_held_out_kl_and_saves_a_stored_prompt(tiny_dirs, ca
     assert after < 0.3 * init, rows  # a clear margin
     assert after < rows["no context (base model)"]["kl"]
     assert report["held_out_inputs"] == 4 and report["train_inputs"] == 10
+    assert batches == [4, 4, 4]  # --batch-size 4: before training (no context, init) and after
     assert report["context_tokens"] == len(CONTEXT.split()) and report["tokens_saved_per_request"] == 23 - 4
     for m in rows.values():
         assert 0 <= m["greedy_exact"] <= 1 and 0 <= m["greedy_token"] <= 1

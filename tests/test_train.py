@@ -419,3 +419,15 @@ def test_the_k_shot_row_is_named_for_the_shots_it_holds(tokenizer):
     args["eval"] = EvalArgs(k_shot=2, baselines=["k_shot"])
     assert list(evaluate_with_baselines(make_model("llama"), tokenizer, data, args, "",
                                         data.examples("validation"))) == ["2-shot prompting"]
+
+
+def test_a_train_split_that_encodes_to_nothing_is_refused_not_trained_as_no_op(tmp_path, tokenizer):
+    """One-token documents (or distillation inputs) make no LM window: every step did nothing, the run ended
+    normally and its initial prompt was saved as trained."""
+    from softprompt.data import DataError, Example
+    from softprompt.data.corpus import CorpusFormat
+
+    model, method = fresh(tokenizer)
+    data = TaskData(CorpusFormat(note="x"), {"train": [Example("", w) for w in ("good", "bad", "film")]})
+    with pytest.raises(DataError, match="train split: no example is left to train on once encoded"):
+        train(model, tokenizer, method, data, args(tmp_path, max_steps=3))

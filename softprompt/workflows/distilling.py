@@ -242,7 +242,8 @@ def distill_and_save(args: dict, distill: DistillArgs, store: str | None = None,
 
     def measure(prompt) -> dict:
         t_out, o_out = greedy_pair(model, teacher, held_ids, prompt, distill.max_new_tokens)
-        return {"kl": held_out_kl(model, teacher, held, prompt, pad), **agreement(t_out, o_out)}
+        return {"kl": held_out_kl(model, teacher, held, prompt, pad, args["train"].batch_size),
+                **agreement(t_out, o_out)}
 
     method.to(model.device).eval()
     with torch.no_grad():
