@@ -19,6 +19,7 @@ methods train only their own parameters.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -29,6 +30,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+try:
+    import fcntl
+except ImportError:  # Windows: no lock (processes started together may each convert)
+    fcntl = None
 
 from softprompt.assets import WHEELS, AssetError, cache_dir, extract_member, sha256_file
 from softprompt.forward import FAMILIES, TASK_TYPES, FamilyError, family_for_config, position_offset
@@ -157,6 +163,21 @@ def cached_alias_dir(alias: str) -> Path:
     return cache_dir() / "models" / f"{alias}-{wheel.sha256[:12]}"
 
 
+@contextlib.contextmanager
+def _cache_lock(target: Path):
+    """Hold ``target``'s lock file while it is made: processes started together (torchrun on a fresh cache)
+    each converted, and the last one replaced, or deleted, the folder another had published and was loading."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "a") as f:
+        if fcntl is not None:
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            if fcntl is not None:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def _convert_gguf(gguf: Path, target: Path, what: str) -> None:
     """De-quantise ``gguf`` once into a safetensors folder ``target`` (fp32), atomically."""
     t0 = time.perf_counter()
@@ -180,11 +201,14 @@ def materialize_alias(alias: str) -> Path:
     target = cached_alias_dir(alias)
     if (target / "config.json").exists():
         return target
-    spec = ALIASES[alias]
-    gguf = extract_member(spec.package, spec.member)
-    _convert_gguf(gguf, target, alias)
-    # the extracted GGUF is no longer needed once the safetensors folder exists
-    gguf.unlink(missing_ok=True)
+    with _cache_lock(target):
+        if (target / "config.json").exists():  # another process made it while this one waited
+            return target
+        spec = ALIASES[alias]
+        gguf = extract_member(spec.package, spec.member)
+        _convert_gguf(gguf, target, alias)
+        # the extracted GGUF is no longer needed once the safetensors folder exists
+        gguf.unlink(missing_ok=True)
     return target
 
 
@@ -193,7 +217,9 @@ def materialize_gguf(path: Path) -> Path:
     time), so a changed file is converted again and a copy or rename is not."""
     target = cache_dir() / "models" / f"gguf-{sha256_file(path)[:16]}"
     if not (target / "config.json").exists():
-        _convert_gguf(path, target, str(path))
+        with _cache_lock(target):
+            if not (target / "config.json").exists():
+                _convert_gguf(path, target, str(path))
     return target
 
 

@@ -208,3 +208,32 @@ def test_a_user_gguf_file_is_converted_once_and_cached_by_content(tmp_path, monk
     gguf.write_bytes(b"GGUF" + bytes(range(201)))  # a new version of the file
     model_mod.load_base_model(gguf, device="cpu")
     assert conversions == ["m.gguf", "m.gguf"]
+
+
+def test_processes_started_together_convert_a_gguf_once(tmp_path, monkeypatch):
+    """torchrun on a fresh cache: every rank converted, and the last one replaced (or deleted) the folder another
+    rank had published and was loading; the conversion now holds a lock, and the waiters find the folder."""
+    import threading
+
+    import softprompt.model as model_mod
+    from tests.conftest import make_tokenizer
+
+    monkeypatch.setenv("SOFTPROMPT_CACHE", str(tmp_path / "cache"))
+    conversions, started = [], threading.Event()
+
+    def slow_load_gguf(path, dtype):
+        conversions.append(path.name)
+        started.set()
+        time.sleep(0.5)  # the other rank arrives meanwhile
+        return make_model("llama"), make_tokenizer()
+
+    monkeypatch.setattr(model_mod, "_load_gguf", slow_load_gguf)
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(range(200)))
+    folders = []
+    first = threading.Thread(target=lambda: folders.append(model_mod.materialize_gguf(gguf)))
+    first.start()
+    assert started.wait(30)
+    folders.append(model_mod.materialize_gguf(gguf))
+    first.join(30)
+    assert conversions == ["m.gguf"] and folders[0] == folders[1] and (folders[0] / "config.json").exists()
