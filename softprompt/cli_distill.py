@@ -23,9 +23,9 @@ def cmd_distill(ns: argparse.Namespace, resolve: Callable) -> int:
         distill = DistillArgs(**values)
     except ConfigError as e:
         problems.append(str(e).replace("invalid arguments:\n  ", ""))
+    if not given(ns, "train", "output_dir"):  # before the checks: train's default folder was checked instead
+        ns.output_dir = DEFAULT_OUTPUT_DIR
     args = resolve(ns, ["model", "prompt", "train"], [p for p in problems if p])
-    if not given(ns, "train", "output_dir"):
-        args["train"].output_dir = DEFAULT_OUTPUT_DIR
     from softprompt.workflows.distilling import distill_and_save
 
     report = distill_and_save(args, distill, store=ns.store, store_task=ns.task)

@@ -224,3 +224,18 @@ def test_a_context_longer_than_the_models_positions_is_refused_before_anything_i
     assert main(["distill", "--model", str(d), "--context-file", str(tmp_path / "ctx.txt"), "--sample-inputs", "4",
                  "--sample-length", "240", "--output-dir", str(tmp_path / "run")]) == 2
     assert "--sample-length 240" in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+def test_the_default_output_folder_is_checked_and_a_text_field_for_plain_text_is_refused(tiny_dirs, capsys,
+                                                                                         monkeypatch):
+    """The default runs/distill was set after the checks (which checked train's runs/rotten_tomatoes): a file
+    there was an OSError traceback. --text-field with a plain-text inputs file was silently unused."""
+    tmp = tiny_dirs
+    monkeypatch.chdir(tmp)
+    (tmp / "runs").mkdir(exist_ok=True)
+    (tmp / "runs" / "distill").write_text("a file")
+    assert main(["distill", "--model", str(tmp / "llama"), "--context-file", str(tmp / "ctx.txt"),
+                 "--inputs-file", str(tmp / "inputs.txt")]) == 2
+    assert "--output-dir runs/distill: exists and is not a folder" in capsys.readouterr().err
+    assert run_distill(tmp, "--inputs-file", str(tmp / "inputs.txt"), "--text-field", "text") == 2
+    assert "--text-field names a field of a record file" in capsys.readouterr().err

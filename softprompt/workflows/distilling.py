@@ -106,6 +106,9 @@ def read_inputs(path: str | Path, text_field: str | None = None) -> list[str]:
                             f"{', '.join(bad[:10])}")
         texts = [r[text_field].strip() for r in records]
     else:
+        if text_field:  # it was silently unused
+            raise DataError(f"--text-field names a field of a record file (.jsonl, .json, .csv, .tsv); --inputs-file "
+                            f"{path.name} is plain text, one input per line: leave --text-field out")
         try:
             texts = [ln.strip() for ln in path.read_text(encoding="utf-8-sig").split("\n") if ln.strip()]
         except (OSError, UnicodeDecodeError) as e:
