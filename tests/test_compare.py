@@ -429,6 +429,12 @@ def test_resume_keeps_the_rows_that_ran_and_runs_the_others(tmp_path):
     assert jobs == ["b", "b", "c", "c"]  # a is kept; b is new; c failed before, so it runs again
     assert rows[0] == saved["rows"][0] and [r["spec"] for r in rows] == ["a", "b", "c"]
     assert [r["spec"] for r in json.loads((tmp_path / "compare.json").read_text())["rows"]] == ["a", "b", "c"]
+    # --resume with fewer specs keeps the others' rows in the file, in their place (they were dropped)
+    jobs.clear()
+    rows = run_compare([b], settings, tmp_path, log=lambda s: None, runner=runner, resume=True)
+    assert jobs == [] and [r["spec"] for r in rows] == ["b"]
+    assert [r["spec"] for r in json.loads((tmp_path / "compare.json").read_text())["rows"]] == ["a", "b", "c"]
+    assert not (tmp_path / ".compare.json.tmp").exists()
     other = CompareSettings("m", steps=8, seeds=2, lr_search=False, eval_every=2)
     assert "steps (6 there, 8 now)" in resume_problem(tmp_path, other)
     with pytest.raises(ValueError, match="other settings"):

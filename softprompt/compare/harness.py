@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import statistics
 from collections.abc import Callable
 from pathlib import Path
@@ -165,6 +166,20 @@ def _previous(out_dir: Path, settings: CompareSettings) -> tuple[dict[str, dict]
     return {r["spec"]: r for r in rows if isinstance(r, dict) and "error" not in r and "spec" in r}, None
 
 
+def _earlier_rows(out_dir: Path) -> list[dict]:
+    """Every row of ``out_dir/compare.json`` that names its spec (its settings were checked by :func:`_previous`)."""
+    try:
+        rows = json.loads((out_dir / "compare.json").read_text())["rows"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    return [r for r in rows if isinstance(r, dict) and isinstance(_label(r), str)]
+
+
+def _label(row: dict):
+    """The spec label a row ran (a failed row has only its ``method``, which is the label)."""
+    return row.get("spec", row.get("method"))
+
+
 def resume_problem(out_dir: Path, settings: CompareSettings) -> str | None:
     """Why ``compare --resume`` cannot keep ``out_dir/compare.json``'s rows with ``settings``, if it cannot:
     unreadable, or written with other settings (named). A missing file is no problem: nothing is kept."""
@@ -202,9 +217,22 @@ def run_compare(specs: list[Spec], settings: CompareSettings, out_dir: Path, log
     done, problem = _previous(out_dir, settings) if resume else ({}, None)
     if problem:
         raise ValueError(problem)
+    # with --resume, the earlier file's rows of specs not selected now stay in it (--resume --only lora wrote a
+    # file holding the LoRA row alone), in their place; a selected spec's row takes its old row's place
+    selected = {s.label for s in specs}
+    earlier = _earlier_rows(out_dir) if resume else []
 
-    def write() -> None:
-        (out_dir / "compare.json").write_text(json.dumps({"settings": settings.to_dict(), "rows": rows}, indent=2))
+    def write() -> None:  # atomically: a kill while writing left a truncated compare.json, every row lost
+        merged, placed = [], False
+        for r in earlier:  # the selected rows, in their order, where the first of them stood
+            if _label(r) not in selected:
+                merged.append(r)
+            elif not placed:
+                merged, placed = merged + rows, True
+        merged = merged if placed else merged + rows
+        tmp = out_dir / ".compare.json.tmp"
+        tmp.write_text(json.dumps({"settings": settings.to_dict(), "rows": merged}, indent=2))
+        os.replace(tmp, out_dir / "compare.json")
 
     for spec in specs:
         if spec.label in done:
