@@ -435,6 +435,10 @@ def test_resume_keeps_the_rows_that_ran_and_runs_the_others(tmp_path):
     assert jobs == [] and [r["spec"] for r in rows] == ["b"]
     assert [r["spec"] for r in json.loads((tmp_path / "compare.json").read_text())["rows"]] == ["a", "b", "c"]
     assert not (tmp_path / ".compare.json.tmp").exists()
+    # a spec whose lr centre (or optimizer, or config) changed under the same label is run again, not kept
+    rows = run_compare([Spec("a", "prompt_tuning", lr=0.5)], settings, tmp_path, log=lambda s: None,
+                       runner=runner, resume=True)
+    assert jobs == ["a", "a"] and rows[0]["spec_def"]["lr"] == 0.5
     other = CompareSettings("m", steps=8, seeds=2, lr_search=False, eval_every=2)
     assert "steps (6 there, 8 now)" in resume_problem(tmp_path, other)
     with pytest.raises(ValueError, match="other settings"):

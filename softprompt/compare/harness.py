@@ -7,6 +7,7 @@ import math
 import os
 import statistics
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 
 from softprompt.compare.ensemble import Evaluator, method_slug, store_seed_ensemble
@@ -98,7 +99,8 @@ def summarise(spec: Spec, runs: list[dict], search: dict | None, settings: Compa
     verdicts = [r["converged"] for r in runs]
     converged = None if None in verdicts else all(verdicts)
     peaks = [r["peak_mib"] for r in runs if r.get("peak_mib")]
-    return {"method": first["method"], "spec": spec.label, "kind": spec.kind, "lr": first["lr"],
+    return {"method": first["method"], "spec": spec.label, "spec_def": asdict(spec), "kind": spec.kind,
+            "lr": first["lr"],
             "lr_search": search, "trainable_params": first["trainable_params"],
             "bytes_per_task": first["bytes_per_task"], "accuracy": statistics.fmean(accs),
             "accuracy_std": statistics.stdev(accs) if len(accs) > 1 else None, "n_seeds": len(runs),
@@ -235,7 +237,11 @@ def run_compare(specs: list[Spec], settings: CompareSettings, out_dir: Path, log
         os.replace(tmp, out_dir / "compare.json")
 
     for spec in specs:
-        if spec.label in done:
+        if spec.label in done and done[spec.label].get("spec_def") != asdict(spec):
+            # a label names a spec, not its lr centre, optimizer or config: those may have changed since
+            log(f"  {spec.label}: run again (--resume): its definition (lr, optimizer, config) differs from the "
+                "kept row's, or the row does not record it")
+        elif spec.label in done:
             rows.append(done[spec.label])
             log(f"  {spec.label}: kept from {out_dir / 'compare.json'} (--resume)")
             log(format_row(rows[-1], ensemble=bool(store)))
