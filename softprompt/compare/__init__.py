@@ -7,12 +7,12 @@ model and whose prompt is empty (:mod:`softprompt.compare.weights`).
 
 A row is trustworthy only if its lr suits it and one seed's luck is not the result, so each row
 (:func:`run_method`): searches its lr on a small log-spaced grid around its default, each candidate a short
-run scored on the validation split only (:func:`search_lr`; the test split is not even loaded); trains
-``seeds`` runs at the chosen lr, each measuring validation periodically (the curve) and scored on test at
-the end; reports test accuracy as mean ± sample std over the seeds, the mean train time and peak memory,
-the divergence guard's rollbacks, and whether the mean validation curve has flattened
-(:func:`softprompt.compare.report.convergence`). Every run is a fresh subprocess, so its peak memory
-(``VmHWM`` on Linux) is its own.
+run scored on the validation split only (:func:`search_lr`; the test split is dropped as soon as it is loaded,
+and the search runs on a seed no seed run uses); trains ``seeds`` runs at the chosen lr, each measuring
+validation periodically (the curve) and scored on test at the end; reports test accuracy as mean ± sample std
+over the seeds, the mean train time and peak memory, the divergence guard's rollbacks, and whether every seed
+run's validation curve has flattened (:func:`softprompt.compare.report.convergence`). Every run is a fresh
+subprocess, so its peak memory (``VmHWM`` on Linux) is its own.
 
 Modules: ``specs`` (rows, settings, lr grid), ``weights`` (weight baselines), ``run`` (one run), ``harness``
 (search, seeds, the table), ``report`` (convergence, table, charts).

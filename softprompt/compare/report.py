@@ -154,7 +154,9 @@ def plot_curves(rows: list[dict], path: Path) -> None:
     for ax in (loss_ax, metric_ax):
         ax.set_xlabel("step")
     metric_ax.legend(fontsize=7, loc="best")
-    fig.suptitle(f"validation during training (mean over {ok[0]['n_seeds']} seeds)")
+    # seeds stop at their own plateaus: past the first stop, a point is the mean of the seeds still training
+    fig.suptitle(f"validation during training (mean over the {ok[0]['n_seeds']} seeds, of those still training "
+                 "at each step)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
