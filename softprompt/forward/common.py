@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from softprompt.data import Encoded, Example, TaskFormat, batches, encode
+from softprompt.data import Encoded, Example, TaskFormat, batches, encode, label_room
 from softprompt.forward.prompt import PromptOutput
 
 
@@ -227,8 +227,8 @@ def rows_per_label(model, tokenizer, prompt, examples: list[Example], fmt, batch
     end with ``trail``."""
     rows = [Example(ex.source, text) for ex in examples for text in fmt.label_texts]
     # every label after the same source: one cut, room for the longest label (as training and the engine cut)
-    room = max(map(len, label_token_ids(tokenizer, fmt)), default=0)
-    enc = encode(tokenizer, rows, max_length=max_length, lead=lead, trail=trail, target_room=room)
+    enc = encode(tokenizer, rows, max_length=max_length, lead=lead, trail=trail,
+                 target_room=label_room(tokenizer, fmt))
     scores = by_length(enc, batch_size, tokenizer.pad_token_id, "right",
                        lambda b: logprobs(model, b.to(model.device), prompt).float().cpu())
     return scores.view(len(examples), len(fmt.label_texts))
