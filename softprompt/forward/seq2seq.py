@@ -77,6 +77,13 @@ def encoder_embed_scale(model) -> float:
     return scale
 
 
+def _at_encoder_scale(model, embeds: torch.Tensor) -> torch.Tensor:
+    """``[prompt, text]`` embeddings as the encoder reads ids: the prompt lives in the module's space and is
+    scaled with the text (:func:`encoder_embed_scale`)."""
+    scale = encoder_embed_scale(model)
+    return embeds * scale if scale != 1.0 else embeds
+
+
 def encoder_inputs(model, batch, embeds: torch.Tensor | None):
     """Encoder ``inputs_embeds`` (prompt + source) and mask, decoder labels, from a source+target batch."""
     b = batch.input_ids.shape[0]
@@ -96,9 +103,7 @@ def encoder_inputs(model, batch, embeds: torch.Tensor | None):
     if p:
         text = torch.cat([embeds.to(text)[None].expand(b, -1, -1), text], dim=1)  # (B, P+S, H)
         enc_mask = torch.cat([torch.ones(b, p, dtype=torch.long, device=dev), enc_mask], dim=1)
-    # the prompt lives in the module's space and is scaled with the text, as the encoder scales ids it is given
-    scale = encoder_embed_scale(model)
-    return (text * scale if scale != 1.0 else text), enc_mask, labels
+    return _at_encoder_scale(model, text), enc_mask, labels
 
 
 def token_logprobs(model, batch, embeds: torch.Tensor | None):
@@ -136,7 +141,7 @@ def decode(model, input_ids, attention_mask, embeds: torch.Tensor | None, rows: 
         text = model.get_input_embeddings()(ids)
         if embeds is not None:
             text = torch.cat([embeds.to(text)[None], text], dim=1)
-        text = text * encoder_embed_scale(model)
+        text = _at_encoder_scale(model, text)
         gen = model.generate(inputs_embeds=text, attention_mask=torch.ones(text.shape[:2], dtype=torch.long,
                                                                            device=text.device),
                              max_new_tokens=r.max_new_tokens, do_sample=False,
