@@ -163,8 +163,9 @@ class _Search:
         self.steps_used += trial.steps - start
         # a segment's time is a fixed part (building the method, encoding the data, skipping to the checkpoint,
         # writing one) and its steps' time: the unweighted mean of seconds per step over segments made the short
-        # rung-0 segments, mostly fixed part, price every later step, and a minutes budget stopped early
-        stepping = sum(r.get("step_s", 0.0) for r in rows if "event" not in r and start < r["step"] <= trial.steps)
+        # rung-0 segments, mostly fixed part, price every later step, and a minutes budget stopped early; a step
+        # the guard rolled back (its row has an "event") took its time too
+        stepping = sum(r.get("step_s", 0.0) for r in rows if start < r["step"] <= trial.steps)
         self.step_time += stepping
         self.steps_timed += max(0, trial.steps - start)
         self.overheads.append(max(0.0, time.perf_counter() - t0 - stepping))
