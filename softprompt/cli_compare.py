@@ -27,7 +27,7 @@ def cmd_compare(ns: argparse.Namespace) -> int:
 
     settings = CompareSettings(ns.model, ns.dataset, ns.steps, ns.batch_size, ns.test_samples, ns.val_samples,
                                ns.eval_every, ns.seeds, not ns.no_lr_search, ns.lr_grid, ns.search_steps,
-                               ns.converged_tol, ns.adapter_size, not ns.fixed_steps)
+                               ns.converged_tol, ns.adapter_size, not ns.fixed_steps, ns.schedule)
     specs, problems = select_specs(ns.only, ns.adapter_size)
     problems += settings.problems() + [check_folder_to_create("--output-dir", ns.output_dir)]
     if ns.store:
@@ -46,7 +46,8 @@ def cmd_compare(ns: argparse.Namespace) -> int:
     out = Path(ns.output_dir)
     search = (f"lr searched over {settings.lr_grid} values ({settings.search_budget} steps each, on validation)"
               if settings.lr_search and settings.lr_grid > 1 else "fixed lr")
-    budget = f"{ns.steps} steps" if ns.fixed_steps else f"until converged, at most {ns.steps} steps"
+    budget = (f"{ns.steps} steps" if ns.fixed_steps else f"until converged, at most {ns.steps} steps") + \
+        f" ({ns.schedule} lr schedule)"
     print(f"comparing {len(specs)} methods on {ns.dataset}, {budget} of batch {ns.batch_size}, {search}, "
           f"seeds: {ns.seeds}, test on {ns.test_samples} examples")
     if ns.store:
@@ -78,6 +79,10 @@ def add_compare_parser(sub) -> None:
     p.add_argument("--steps", type=int, default=400,
                    help="the most training steps of a seed run (its lr schedule spans them); a run stops earlier "
                         "once its validation loss has flattened (see --converged-tol), unless --fixed-steps")
+    p.add_argument("--schedule", default="wsd",
+                   help="lr schedule of every run (train's --schedule): wsd (default) holds the lr after warmup until "
+                        "the validation loss flattens, then cools down (or decays over the last quarter of --steps "
+                        "if it never flattens), so convergence does not depend on --steps; linear decays over --steps")
     p.add_argument("--fixed-steps", action="store_true",
                    help="train every seed run all --steps, even after its validation loss has flattened")
     p.add_argument("--batch-size", type=int, default=16)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 import random
 import shutil
@@ -42,6 +41,7 @@ from softprompt.forward import family_of
 from softprompt.guard import DivergenceGuard
 from softprompt.methods import PromptMethod
 from softprompt.plateau import cooldown_end, cooldown_factor, flat_now
+from softprompt.schedule import lr_lambda
 
 log = logging.getLogger(__name__)
 
@@ -76,19 +76,6 @@ def build_optimizer(params, args: TrainArgs) -> torch.optim.Optimizer:
     if args.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     return torch.optim.Adafactor(params, lr=args.lr, weight_decay=args.weight_decay)
-
-
-def lr_lambda(args: TrainArgs, total_steps: int) -> Callable[[int], float]:
-    """Linear warmup, then linear or cosine decay to 0, or constant."""
-    def fn(step: int) -> float:
-        if step < args.warmup_steps:
-            return (step + 1) / args.warmup_steps
-        if args.schedule == "constant":
-            return 1.0
-        progress = (step - args.warmup_steps) / max(1, total_steps - args.warmup_steps)
-        progress = min(1.0, progress)
-        return 1.0 - progress if args.schedule == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
-    return fn
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:

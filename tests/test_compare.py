@@ -215,7 +215,8 @@ def test_lr_search_scores_on_validation_and_never_reads_test(tiny_model_dir, toy
     assert [j.lr for j in jobs] == lr_grid(1e-2, 3) == [0.00316, 0.01, 0.0316]
     # seed 3, which the seed runs (0, 1, 2) do not use: with seed 0, seed run 0 shared the chosen candidate's init
     # and data order, and the lr picked for doing best on them biased that run's test score
-    assert all(j.test_samples == 0 and j.steps == 4 and j.seed == settings.seeds == 3 for j in jobs)
+    assert all(j.test_samples == 0 and j.steps == 4 and j.seed == settings.seeds == 3
+               and j.schedule == settings.schedule == "wsd" for j in jobs)  # the candidates train as the seeds will
     assert all("accuracy" not in r for r in runs)  # no test score was made
     assert splits == [["train", "validation"]] * 3  # the test split was dropped as soon as it was loaded
     validation = sorted(ex.source for ex in toy.examples("validation"))
@@ -389,20 +390,34 @@ def test_a_failed_child_run_is_a_row_with_its_error(tiny_model_dir):
     row = run_in_subprocess(Job(Spec("nope", "nope"), str(tiny_model_dir), "capitals", 1, 2, 0.1, test_samples=2))
     assert row["method"] == "nope" and "nope" in row["error"]
 
-def test_seed_runs_stop_once_their_validation_loss_is_flat(tiny_model_dir, toy):
-    jobs = []
+def test_seed_runs_stop_once_their_validation_loss_is_flat(tiny_model_dir, toy, monkeypatch):
+    import softprompt.train
+
+    jobs, lrs = [], []
 
     def runner(j):
         jobs.append(j)
         return run_one(j)
 
+    def train(*args, **kwargs):  # the lr of every step each run took
+        result = train_fn(*args, **kwargs)
+        lrs.append([r["lr"] for r in result.history])
+        return result
+
+    train_fn = softprompt.train.train
+    monkeypatch.setattr(softprompt.train, "train", train)
     # lr 1e-9: the validation loss never moves, so each seed run is flat at step 14 and cools down until 20
     spec = Spec("BitFit", "bitfit", {}, "adamw", 1e-9)
     settings = CompareSettings(str(tiny_model_dir), "x", steps=40, batch_size=8, test_samples=16, val_samples=16,
                                eval_every=2, seeds=2, lr_search=False)
     row = run_method(spec, settings, runner, log=lambda s: None)
-    assert [j.stop_when_flat for j in jobs] == [0.02, 0.02]
+    assert [j.stop_when_flat for j in jobs] == [0.02, 0.02] and [j.schedule for j in jobs] == ["wsd", "wsd"]
     assert row["steps_run"] == [20, 20] and [r["flat_step"] for r in row["seeds"]] == [14, 14]
+    # the default wsd schedule: after the 10 warmup steps the lr stays at its peak until the plateau (a linear
+    # decay over the 40 steps had it at 0.9 of it by step 14), then the cool-down takes it to 0 at step 20
+    # (a history row's lr is the one its next step takes)
+    assert lrs[0][8:14] == pytest.approx([1e-9] * 6, rel=1e-6) and lrs[0][14:] == pytest.approx(
+        [1e-9 * k / 6 for k in (5, 4, 3, 2, 1, 0)], rel=1e-6)
     assert row["converged"] is True and format_row(row).endswith("| yes: 20, 20 |")
     # --fixed-steps: every seed run trains the whole budget
     fixed = run_method(spec, CompareSettings(**{**settings.__dict__, "steps": 16, "until_flat": False}), runner,
@@ -455,6 +470,11 @@ def test_compare_resume_refuses_other_settings_and_a_store(tmp_path, capsys):
     assert main(["compare", "--resume", "--steps", "8", "--store", str(tmp_path / "s"),
                  "--output-dir", str(tmp_path / "o")]) == 2
     assert "--resume and --store cannot be combined" in capsys.readouterr().err
+    # a file written before --schedule existed trained with the linear schedule, as --schedule linear does now
+    old = {k: v for k, v in settings.to_dict().items() if k != "schedule"}
+    (tmp_path / "o" / "compare.json").write_text(json.dumps({"settings": old, "rows": []}))
+    assert resume_problem(tmp_path / "o", CompareSettings("smollm2-135m-instruct", steps=8, schedule="linear")) is None
+    assert "schedule ('linear' there, 'wsd' now)" in resume_problem(tmp_path / "o", settings)
     for bad in ("[1, 2]", "{not json", '{"settings": [], "rows": []}'):
         (tmp_path / "o" / "compare.json").write_text(bad)
         assert main(["compare", "--resume", "--output-dir", str(tmp_path / "o")]) == 2
@@ -546,10 +566,12 @@ def test_only_selects_rows_by_kind_or_by_slug_in_the_default_order():
 
 def test_compare_refuses_bad_settings_together(tmp_path, capsys):
     assert main(["compare", "--seeds", "0", "--lr-grid", "0", "--search-steps", "-1", "--converged-tol", "2",
-                 "--adapter-size", "0", "--only", "adapter,nope", "--output-dir", str(tmp_path / "o")]) == 2
+                 "--adapter-size", "0", "--only", "adapter,nope", "--schedule", "step",
+                 "--output-dir", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     for needle in ("--seeds must be >= 1", "--lr-grid must be >= 1", "--search-steps must be >= 0",
-                   "--converged-tol must be in (0, 1)", "--adapter-size must be >= 1", "--only: unknown ['nope']"):
+                   "--converged-tol must be in (0, 1)", "--adapter-size must be >= 1", "--only: unknown ['nope']",
+                   "--schedule must be one of linear, cosine, constant, wsd, got 'step'"):
         assert needle in err
 
 

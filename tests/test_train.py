@@ -13,7 +13,8 @@ from softprompt.config import TrainArgs
 from softprompt.data import TaskData, TaskFormat
 from softprompt.evaluate import evaluate_prompt
 from softprompt.methods import build_method
-from softprompt.train import epoch_order, lr_lambda, train
+from softprompt.schedule import lr_lambda
+from softprompt.train import epoch_order, train
 from tests.conftest import make_model, sentiment_records
 
 FMT = TaskFormat("Review: {text}\nSentiment:", "label", {"positive": "positive", "negative": "negative"})
@@ -298,6 +299,11 @@ def test_schedule_and_epoch_order():
     assert [round(f(s), 3) for s in (0, 3, 4, 9, 14)] == [0.25, 1.0, 1.0, 0.5, 0.0]
     c = lr_lambda(TrainArgs(warmup_steps=0, schedule="cosine"), 10)
     assert round(c(5), 6) == 0.5
+    # warmup-stable-decay: constant after the warmup, then linear to 0 over the last quarter of the steps
+    w = lr_lambda(TrainArgs(warmup_steps=4, schedule="wsd"), 20)
+    assert [round(w(s), 3) for s in (0, 3, 4, 14, 15, 17, 19, 20)] == [0.25, 1.0, 1.0, 1.0, 1.0, 0.6, 0.2, 0.0]
+    w = lr_lambda(TrainArgs(warmup_steps=10, schedule="wsd"), 12)  # the decay never starts before the warmup ends
+    assert [round(w(s), 3) for s in (9, 10, 11)] == [1.0, 1.0, 0.5]
     assert epoch_order(10, 1, 0) == epoch_order(10, 1, 0) != epoch_order(10, 1, 1)
     assert sorted(epoch_order(10, 1, 0)) == list(range(10))
 

@@ -63,7 +63,8 @@ def search_lr(spec: Spec, settings: CompareSettings, runner: Runner, log=print) 
     candidates, metric, higher = [], None, True
     for lr in lr_grid(spec.lr, settings.lr_grid):
         run = runner(Job(spec, settings.model, settings.dataset, settings.search_budget, settings.batch_size, lr,
-                         seed=settings.search_seed, val_samples=settings.val_samples, eval_every=0, test_samples=0))
+                         seed=settings.search_seed, val_samples=settings.val_samples, eval_every=0, test_samples=0,
+                         schedule=settings.schedule))
         if "error" not in run:
             metric, higher = run["metric"], run["higher_is_better"]
         candidates.append(_candidate(lr, run))
@@ -134,7 +135,7 @@ def run_method(spec: Spec, settings: CompareSettings, runner: Runner | None = No
     for seed in range(settings.seeds):
         run = runner(Job(spec, settings.model, settings.dataset, settings.steps, settings.batch_size, lr, seed=seed,
                          val_samples=settings.val_samples, eval_every=settings.eval_every,
-                         test_samples=settings.test_samples,
+                         test_samples=settings.test_samples, schedule=settings.schedule,
                          stop_when_flat=settings.converged_tol if settings.until_flat else 0.0,
                          save_prompt_to=str(prompts_dir / method_slug(spec.label) / f"seed{seed}") if save else None))
         if "error" in run:
@@ -158,6 +159,7 @@ def _previous(out_dir: Path, settings: CompareSettings) -> tuple[dict[str, dict]
         old, rows = data["settings"], data["rows"]
         if not isinstance(old, dict) or not isinstance(rows, list):
             raise TypeError("settings must be an object and rows a list")
+        old = {"schedule": "linear", **old}  # written before the setting existed: every run decayed linearly
     except (OSError, ValueError, KeyError, TypeError) as e:
         return {}, f"--resume: cannot read {path}: {e}"
     new = settings.to_dict()

@@ -30,7 +30,8 @@ class Job:
 
     ``eval_every`` 0 measures validation once, after the last step. ``test_samples`` 0: no test split at all.
     ``stop_when_flat`` > 0 stops the run once its validation loss has flattened (``TrainArgs.stop_when_flat``);
-    its row then has the step in ``flat_step``, and ``steps_run`` is the steps it trained.
+    its row then has the step in ``flat_step``, and ``steps_run`` is the steps it trained. ``schedule``: its
+    lr schedule (``TrainArgs.schedule``).
     ``save_prompt_to``: a prompt method's run saves its trained prompt there (``save_prompt``'s folder, with
     the task's template and verbalizer), so that the parent can add it to a store; weight methods save none.
     """
@@ -47,6 +48,7 @@ class Job:
     test_samples: int = 0
     save_prompt_to: str | None = None
     stop_when_flat: float = 0.0
+    schedule: str = "linear"
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -137,7 +139,7 @@ def run_one(job: Job) -> dict:
                                  optimizer=spec.optimizer, lr=job.lr, warmup_steps=min(10, job.steps),
                                  eval_every=job.eval_every or job.steps, checkpoint_every=10**9, seed=job.seed,
                                  weight_decay=0.0, divergence_guard=spec.kind != "full",
-                                 stop_when_flat=job.stop_when_flat),
+                                 stop_when_flat=job.stop_when_flat, schedule=job.schedule),
                        keep_best=False, checkpoints=False)  # the last state is scored: no copies, no checkpoint
         train_s = time.perf_counter() - t0 - sum(r.get("val_s", 0.0) for r in result.history)
         # bytes per task: the fp32 tensors a task stores, measured alike for every row (no file headers or JSON);

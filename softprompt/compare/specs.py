@@ -6,7 +6,7 @@ import math
 import re
 from dataclasses import asdict, dataclass, field
 
-from softprompt.config import check_real, flag
+from softprompt.config import SCHEDULES, check_real, flag
 from softprompt.data import BUILTIN_DATASETS
 
 WEIGHT_KINDS = ("lora", "bitfit", "adapter", "full")  # trained inside the model; every other kind is a prompt
@@ -92,6 +92,11 @@ class CompareSettings:
         until_flat: a seed run stops as soon as it is converged (at least ``MIN_EVALS`` evaluations in);
             otherwise every seed run trains all ``steps``.
         adapter_size: bottleneck width of the adapter rows.
+        schedule: the lr schedule of every run (``TrainArgs.schedule``). ``wsd`` (the default) keeps the lr
+            constant until the plateau starts the cool-down, so whether and when a run converges does not
+            depend on ``steps``; a run that never plateaus decays over its last quarter. ``linear`` decays
+            over all ``steps`` (the tables before 2026-12 used it: a run at 400 steps kept annealing slowly
+            and the plateau rule seldom held in its last hundred steps).
     """
 
     model: str
@@ -108,6 +113,7 @@ class CompareSettings:
     converged_tol: float = 0.02
     adapter_size: int = 8
     until_flat: bool = True
+    schedule: str = "wsd"
 
     def problems(self) -> list[str]:
         """Every invalid setting, named by its flag."""
@@ -116,6 +122,8 @@ class CompareSettings:
                          "adapter_size") if getattr(self, n) < 1]
         out += [f"--search-steps must be >= 0, got {self.search_steps}"] if self.search_steps < 0 else []
         tol = check_real("--converged-tol", self.converged_tol, lambda v: 0 < v < 1, "in (0, 1)")
+        if self.schedule not in SCHEDULES:
+            out.append(f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if self.dataset not in BUILTIN_DATASETS:  # refused here, not by every method's run after loading the model
             out.append(f"--dataset {self.dataset!r} is not a built-in dataset; known: {', '.join(BUILTIN_DATASETS)}")
         return out + ([tol] if tol else [])

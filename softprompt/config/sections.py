@@ -26,6 +26,7 @@ from softprompt.config.checks import (
 from softprompt.forward import TASK_TYPES
 from softprompt.model import DEFAULT_MODEL
 
+SCHEDULES = ("linear", "cosine", "constant", "wsd")  # the lr schedules of --schedule
 MAX_WAIT_MS = 60_000  # the scheduler's wait for company: beyond a minute it is a mistake (and past the OS's timeouts)
 
 
@@ -256,8 +257,9 @@ class TrainArgs:
                 problems.append(f"{flag(name)} must be >= 0, got {getattr(self, name)}")
         if self.optimizer not in ("adafactor", "adamw"):
             problems.append(f"--optimizer must be adafactor or adamw, got {self.optimizer!r}")
-        if self.schedule not in ("linear", "cosine", "constant"):
-            problems.append(f"--schedule must be linear, cosine or constant, got {self.schedule!r}")
+        if self.schedule not in SCHEDULES:
+            problems.append(f"--schedule must be {', '.join(SCHEDULES[:-1])} or {SCHEDULES[-1]}, "
+                            f"got {self.schedule!r}")
         keep_problems(problems, check_real("--lr", self.lr, lambda v: v > 0, "> 0"),
               check_real("--weight-decay", self.weight_decay, lambda v: v >= 0, ">= 0"),
               check_real("--max-grad-norm", self.max_grad_norm, lambda v: v > 0, "> 0"),

@@ -1,0 +1,37 @@
+"""The lr schedule of the one training loop (``--schedule``): a linear warmup over ``--warmup-steps``, then
+
+- ``linear`` / ``cosine``: decay to 0 at the last step;
+- ``constant``: the peak lr to the end;
+- ``wsd`` (warmup-stable-decay): the peak lr, then a linear decay to 0 over the last :data:`WSD_DECAY` of the
+  steps. With ``--stop-when-flat``, a plateau starts its own cool-down earlier (:mod:`softprompt.plateau`), so
+  the lr stays high until the validation loss flattens, whatever the number of steps, and a run that never
+  flattens still ends annealed.
+
+The guard's lr scale and the plateau's cool-down multiply the schedule's factor (:func:`softprompt.train.train`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+from softprompt.config import TrainArgs
+
+WSD_DECAY = 0.25  # the share of the steps that ``wsd``'s decay takes: a third of the stable phase before it
+
+
+def lr_lambda(args: TrainArgs, total_steps: int) -> Callable[[int], float]:
+    """The lr multiplier of optimizer step ``step`` (0-based) of a ``total_steps`` run (see the module)."""
+    decay_from = max(args.warmup_steps, total_steps - math.ceil(total_steps * WSD_DECAY))
+
+    def fn(step: int) -> float:
+        if step < args.warmup_steps:
+            return (step + 1) / args.warmup_steps
+        if args.schedule == "constant" or (args.schedule == "wsd" and step < decay_from):
+            return 1.0
+        if args.schedule == "wsd":
+            return max(0.0, (total_steps - step) / max(1, total_steps - decay_from))
+        progress = (step - args.warmup_steps) / max(1, total_steps - args.warmup_steps)
+        progress = min(1.0, progress)
+        return 1.0 - progress if args.schedule == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
+    return fn
