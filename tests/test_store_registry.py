@@ -6,6 +6,10 @@ import argparse
 import json
 import re
 import shutil
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -25,6 +29,7 @@ from softprompt.store import (
     StoreError,
     export_peft,
     load_prompt,
+    membership,
     save_prompt,
 )
 from softprompt.store import prompt_store as prompt_store_mod
@@ -315,21 +320,89 @@ def test_rename_updates_ensembles(filled, model, tokenizer):
 def test_rename_rolls_back_when_an_ensemble_cannot_be_rewritten(filled, model, tokenizer, monkeypatch):
     filled.add_ensemble("ens2", ["b", "a"])
     before = {n: files(filled.root / n) for n in filled.names()}
-    real_write, calls = prompt_store_mod.write_json, []
+    real_write, calls = membership.write_json, []
 
     def flaky(path, data):
-        calls.append(Path(path).parent.name)
-        if len(calls) == 2:  # the first ensemble is rewritten, the second fails
-            raise OSError("disk full")
+        if Path(path).parent != filled.root:  # an ensemble file, not the journal
+            calls.append(Path(path).parent.name)
+            if len(calls) == 2:  # the first ensemble is rewritten, the second fails
+                raise OSError("disk full")
         return real_write(path, data)
 
-    monkeypatch.setattr(prompt_store_mod, "write_json", flaky)
+    monkeypatch.setattr(membership, "write_json", flaky)
     with pytest.raises(OSError, match="disk full"):
         filled.rename("a", "a2")
     assert calls[:2] == ["ens", "ens2"]
     assert filled.names() == ["a", "b", "ens", "ens2"]
     assert {n: files(filled.root / n) for n in filled.names()} == before
+    assert not [p for p in filled.root.rglob(".*")]  # the journal too
+
+
+_KILLED_RENAME = """
+import os, sys
+from softprompt.store import PromptStore, membership
+real = membership.replace_json
+def die_at_the_second_ensemble(path, data, seen=[]):
+    if path.name == "ensemble.json":
+        seen.append(path)
+        if len(seen) == 2:
+            os._exit(9)  # killed: no rollback, no cleanup
+    return real(path, data)
+membership.replace_json = die_at_the_second_ensemble
+PromptStore(sys.argv[1]).rename("a", "a2")
+"""
+
+
+def test_a_rename_killed_between_the_folder_and_the_ensembles_is_completed_when_the_store_opens(filled):
+    # it left ens2 listing 'a', gone for good: the ensemble was broken in every later listing and served nothing
+    filled.add_ensemble("ens2", ["b", "a"])
+    done = subprocess.run([sys.executable, "-c", _KILLED_RENAME, str(filled.root)], capture_output=True, text=True)
+    assert done.returncode == 9, done.stderr
+    assert (filled.root / membership.JOURNAL).is_file() and (filled.root / "a2").is_dir()
+    store = PromptStore(filled.root)
+    assert store.ensemble("ens").members == ["a2", "b"] and store.ensemble("ens2").members == ["b", "a2"]
+    assert {e.name: e.kind for e in store.list()} == {"a2": "prompt", "b": "prompt", "ens": "ensemble",
+                                                     "ens2": "ensemble"}
     assert not [p for p in filled.root.rglob(".*")]
+
+
+def test_a_journal_of_a_rename_that_never_moved_the_folder_or_a_torn_one_changes_nothing(filled):
+    before = {n: files(filled.root / n) for n in filled.names()}
+    for journal in ('{"old": "a", "new": "a2"}', '{"old": "a"', "[]"):
+        (filled.root / membership.JOURNAL).write_text(journal)
+        store = PromptStore(filled.root)
+        assert {n: files(store.root / n) for n in store.names()} == before
+        assert not (filled.root / membership.JOURNAL).exists()
+
+
+def test_removing_a_member_waits_for_an_ensemble_being_added_and_then_refuses(filled, model, tokenizer, monkeypatch):
+    # remove() checked the ensembles while add_ensemble() was between validating 'c' and writing: the new
+    # ensemble listed 'c', removed meanwhile
+    filled.save("c", prompt(model, tokenizer, 3), model, task=TASK)
+    validated, removal = threading.Event(), {}
+    real_load = PromptStore.load
+
+    def slow_load(self, name, *a, **k):
+        out = real_load(self, name, *a, **k)
+        if name == "c" and threading.current_thread() is threading.main_thread():
+            validated.set()
+            time.sleep(0.5)  # the other thread's remove() runs now, unless it waits for the lock
+        return out
+
+    def remove():
+        validated.wait()
+        try:
+            PromptStore(filled.root).remove("c")
+        except StoreError as e:
+            removal["error"] = str(e)
+
+    monkeypatch.setattr(PromptStore, "load", slow_load)
+    other = threading.Thread(target=remove)
+    other.start()
+    filled.add_ensemble("ens2", ["a", "c"])
+    other.join()
+    assert "'c' is a member of ensemble(s) ens2" in removal.get("error", ""), removal
+    assert filled.entry("ens2").members == ["a", "c"]
 
 
 def test_export_both_ways(filled, tmp_path):

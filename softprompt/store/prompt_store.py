@@ -46,6 +46,7 @@ from softprompt.store.format import (
     replaceable_folder,
     save_prompt,
 )
+from softprompt.store.membership import membership_lock, recover, rename_entry
 from softprompt.store.names import safe_task_name
 from softprompt.store.peft_interop import export_peft
 from softprompt.store.snapshot import READ_TRIES, read_folder, read_json
@@ -85,6 +86,7 @@ class PromptStore:
         if marker.is_file():
             self._check_marker(marker)
             remove_leftovers(self.root)  # what crashed writers left: put back or deleted
+            recover(self.root)  # and the ensembles a crashed rename left listing the old name
             return
         if not create:
             raise StoreError(f"{self.root}: not a prompt store (no {STORE_FILE}); create it with "
@@ -286,13 +288,14 @@ class PromptStore:
         stored = load_prompt(src)
         if src == target:
             raise StoreError(f"{src}: is already entry {name!r} of the store")
-        self._check_replace(name, "prompt", overwrite, prompt_labels(stored))
 
         def write(tmp: Path) -> None:
             _copy_prompt_files(src, tmp)
             load_prompt(tmp)  # validate what was copied, not only what was there before
 
-        return write_folder_atomically(target, write, overwrite, self._is_entry)
+        with membership_lock(self.root):  # the ensembles checked are the ones there when it is replaced
+            self._check_replace(name, "prompt", overwrite, prompt_labels(stored))
+            return write_folder_atomically(target, write, overwrite, self._is_entry)
 
     def save(self, name: str, method: PromptMethod, model, task: dict | None = None,
              train_config: dict | None = None, metrics: dict | None = None, overwrite: bool = False,
@@ -300,9 +303,10 @@ class PromptStore:
         """Save a trained method straight into the store and return its folder (:func:`save_prompt`; ``bos``
         false for a chat or ``--objective lm`` prompt, which otherwise was served with a BOS it never saw)."""
         target = self._dir(name)
-        self._check_replace(name, "prompt", overwrite, task_labels(task, target / META_NAME))
-        return save_prompt(target, method, model, task=task, train_config=train_config, metrics=metrics,
-                           overwrite=overwrite, bos=bos)
+        with membership_lock(self.root):
+            self._check_replace(name, "prompt", overwrite, task_labels(task, target / META_NAME))
+            return save_prompt(target, method, model, task=task, train_config=train_config, metrics=metrics,
+                               overwrite=overwrite, bos=bos)
 
     def add_ensemble(self, name: str, members: builtins.list[str], combine: str = "mean",
                      overwrite: bool = False) -> Path:
@@ -318,8 +322,11 @@ class PromptStore:
         Raises:
             StoreError: listing every problem found.
         """
+        with membership_lock(self.root):  # a member removed or renamed meanwhile was listed, missing, for good
+            return self._add_ensemble(name, list(members), combine, overwrite)
+
+    def _add_ensemble(self, name: str, members: builtins.list[str], combine: str, overwrite: bool) -> Path:
         target = self._dir(name)
-        members = list(members)
         problems = []
         if combine not in COMBINES:
             problems.append(f"combine must be one of {', '.join(COMBINES)}, got {combine!r}")
@@ -365,23 +372,24 @@ class PromptStore:
         Raises:
             StoreError: no such entry, or it is a member of an ensemble (named in the message).
         """
-        folder = self.path(name)
-        users = self.ensembles_with(name)
-        if users:
-            raise StoreError(f"{self.root}: {name!r} is a member of ensemble(s) {', '.join(users)}; "
-                             "remove or change those first")
-        trash = self.root / f".{name}.removed-{uuid.uuid4().hex[:8]}"
-        try:
-            os.rename(folder, trash)
-        except OSError as e:  # a read-only store, no permission: nothing changed
-            raise StoreError(f"{self.root}: cannot remove {name!r} ({e.strerror or e})") from None
+        with membership_lock(self.root):  # no ensemble listing it is being added meanwhile
+            folder = self.path(name)
+            users = self.ensembles_with(name)
+            if users:
+                raise StoreError(f"{self.root}: {name!r} is a member of ensemble(s) {', '.join(users)}; "
+                                 "remove or change those first")
+            trash = self.root / f".{name}.removed-{uuid.uuid4().hex[:8]}"
+            try:
+                os.rename(folder, trash)
+            except OSError as e:  # a read-only store, no permission: nothing changed
+                raise StoreError(f"{self.root}: cannot remove {name!r} ({e.strerror or e})") from None
         fsync_path(self.root)
         shutil.rmtree(trash, ignore_errors=True)
 
     def rename(self, old: str, new: str) -> Path:
-        """Rename entry ``old`` to ``new`` and update every ensemble listing ``old``.
-
-        If rewriting an ensemble fails, the ensembles already rewritten and the folder are put back.
+        """Rename entry ``old`` to ``new`` and update every ensemble listing ``old`` (journalled: a crash is
+        completed when the store next opens; an error puts everything back, see
+        :mod:`softprompt.store.membership`).
 
         Returns:
             The new entry folder.
@@ -389,38 +397,12 @@ class PromptStore:
         Raises:
             StoreError: invalid names, no entry ``old``, or ``new`` exists.
         """
-        src, dst = self.path(old), self._dir(new)
-        if dst.exists() or dst.is_symlink():
-            raise StoreError(f"{self.root}: cannot rename {old!r} to {new!r}: {new!r} already exists")
-        users = self.ensembles_with(old)
-        try:
-            os.rename(src, dst)
-        except OSError as e:  # a read-only store, no permission, a name taken meanwhile: nothing changed
-            raise StoreError(f"{self.root}: cannot rename {old!r} to {new!r} ({e.strerror or e})") from None
-        done: builtins.list[tuple[Path, dict]] = []
-        try:
-            for ens in users:
-                path = self.root / ens / ENSEMBLE_FILE
-                data = self._read_ensemble(ens)
-                updated = {**data, "members": [new if m == old else m for m in data["members"]]}
-                self._replace_json(path, updated)
-                done.append((path, data))
-        except BaseException:
-            for path, data in reversed(done):
-                self._replace_json(path, data)
-            os.rename(dst, src)
-            raise
-        fsync_path(self.root)
+        with membership_lock(self.root):
+            src, dst = self.path(old), self._dir(new)
+            if dst.exists() or dst.is_symlink():
+                raise StoreError(f"{self.root}: cannot rename {old!r} to {new!r}: {new!r} already exists")
+            rename_entry(self.root, src.name, dst.name)
         return dst
-
-    @staticmethod
-    def _replace_json(path: Path, data: dict) -> None:
-        tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-        try:
-            write_json(tmp, data)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
 
     def export(self, name: str, dest: str | os.PathLike, peft: bool = False, overwrite: bool = False) -> Path:
         """Copy prompt ``name`` out of the store, atomically.

@@ -81,13 +81,14 @@ def exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(a), None, str(b))
 
 
-def lock_folder(folder: Path) -> int | None:
-    """Hold an exclusive lock on ``folder`` (it moves with the folder) until :func:`unlock`."""
+def lock_folder(folder: Path, wait: bool = True) -> int | None:
+    """Hold an exclusive lock on ``folder`` (it moves with the folder) until :func:`unlock`; without ``wait``,
+    raise :class:`BlockingIOError` at once when another holds it."""
     if fcntl is None:
         return None
     fd = os.open(folder, os.O_RDONLY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BaseException:
         os.close(fd)
         raise
