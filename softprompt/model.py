@@ -297,13 +297,22 @@ def fingerprint(model) -> dict:
     """Identify a base model so stored prompts can be checked against it.
 
     The embedding hash is taken over the matrix rounded to bfloat16, so the same weights loaded in fp32
-    on a CPU and in bf16 on a GPU give the same fingerprint.
+    on a CPU and in bf16 on a GPU give the same fingerprint. Weights loaded in fp16 round to fp16 first, and
+    rounding twice differs from rounding once for a few percent of the values, so a second hash
+    (``embedding_sha256_fp16``) is taken over the matrix rounded to fp16, then to bfloat16: what a model
+    loaded in fp16 gives for both. Two fingerprints match when they share one of these hashes
+    (:func:`fingerprint_mismatch`): an fp32 load matches bf16 and fp16 loads of the same checkpoint, and of a
+    bf16 checkpoint every load matches; only a bf16 and an fp16 load of an fp32 checkpoint, each rounded its own
+    way, do not.
     """
     cached = getattr(model, "_softprompt_fingerprint", None)
     if cached is not None:
         return dict(cached)
-    emb = model.get_input_embeddings().weight.detach()
-    data = emb.to(device="cpu", dtype=torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes()
+    emb = model.get_input_embeddings().weight.detach().to("cpu")
+
+    def sha(rounded: torch.Tensor) -> str:
+        return hashlib.sha256(rounded.to(torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes()).hexdigest()
+
     cfg = model.config
     fp = {
         "architecture": (cfg.architectures or [type(model).__name__])[0],
@@ -311,7 +320,8 @@ def fingerprint(model) -> dict:
         "hidden_size": int(emb.shape[1]),
         "vocab_size": int(emb.shape[0]),
         "num_layers": int(getattr(cfg, "num_hidden_layers", 0) or 0),
-        "embedding_sha256": hashlib.sha256(data).hexdigest(),
+        "embedding_sha256": sha(emb),
+        "embedding_sha256_fp16": sha(emb.to(torch.float16)),
         "name_or_path": str(getattr(cfg, "_name_or_path", "")),
     }
     model._softprompt_fingerprint = fp
@@ -319,7 +329,16 @@ def fingerprint(model) -> dict:
 
 
 def fingerprint_mismatch(expected: dict, actual: dict) -> list[str]:
-    """Fields on which two fingerprints disagree (``name_or_path`` is informational and ignored)."""
-    keys = ("architecture", "hidden_size", "vocab_size", "num_layers", "embedding_sha256")
-    return [f"{k}: prompt has {expected.get(k)!r}, model has {actual.get(k)!r}"
-            for k in keys if k in expected and expected.get(k) != actual.get(k)]
+    """Fields on which two fingerprints disagree (``name_or_path`` is informational and ignored). The embedding
+    matches when the two share one of their hashes (bf16 and fp16 rounding, see :func:`fingerprint`); a
+    fingerprint written before the fp16 hash existed has only the first."""
+    keys = ("architecture", "hidden_size", "vocab_size", "num_layers")
+    out = [f"{k}: prompt has {expected.get(k)!r}, model has {actual.get(k)!r}"
+           for k in keys if k in expected and expected.get(k) != actual.get(k)]
+    if "embedding_sha256" in expected:
+        hashes = [{fp.get(k) for k in ("embedding_sha256", "embedding_sha256_fp16")} - {None}
+                  for fp in (expected, actual)]
+        if not hashes[0] & hashes[1]:
+            out.append(f"embedding_sha256: prompt has {expected.get('embedding_sha256')!r}, model has "
+                       f"{actual.get('embedding_sha256')!r}")
+    return out

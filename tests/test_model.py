@@ -42,6 +42,26 @@ def test_fingerprint_ignores_dtype():
     assert fingerprint_mismatch(fingerprint(fp32), fingerprint(bf16)) == []
 
 
+def test_fingerprint_matches_fp32_bf16_and_fp16_loads_of_one_checkpoint():
+    # a prompt trained in fp32 (the CPU default) was refused by a server loading the model in fp16: rounding
+    # to fp16 then to bf16 differs from rounding to bf16 once for a few percent of the values
+    fp32 = make_model("llama", seed=0)
+    fp16 = make_model("llama", seed=0).to(torch.float16)
+    bf16 = make_model("llama", seed=0).to(torch.bfloat16)
+    fps = {name: fingerprint(m) for name, m in (("fp32", fp32), ("fp16", fp16), ("bf16", bf16))}
+    assert fps["fp32"]["embedding_sha256"] != fps["fp16"]["embedding_sha256"]  # the one hash did not match
+    for a, b in (("fp32", "fp16"), ("fp16", "fp32"), ("fp32", "bf16"), ("bf16", "fp32"), ("fp16", "fp16")):
+        assert fingerprint_mismatch(fps[a], fps[b]) == [], (a, b)
+    # a bf16 checkpoint loaded in fp16 (bf16 values convert to fp16 exactly); an fp32 checkpoint rounded to bf16 on
+    # one side and to fp16 on the other has lost different bits on each: that pair still needs the flag
+    assert fingerprint_mismatch(fps["bf16"], fingerprint(make_model("llama", seed=0).to(torch.bfloat16).half())) == []
+    # a prompt saved before the fp16 hash existed still matches the loads it matched before, and only those
+    old = {k: v for k, v in fps["fp32"].items() if k != "embedding_sha256_fp16"}
+    assert fingerprint_mismatch(old, fps["bf16"]) == [] and fingerprint_mismatch(old, fps["fp16"])
+    other = fingerprint(make_model("llama", seed=1).half())
+    assert [p.split(":")[0] for p in fingerprint_mismatch(fps["fp32"], other)] == ["embedding_sha256"]
+
+
 def test_fingerprint_mismatch_other_weights():
     a, b = fingerprint(make_model("llama", seed=0)), fingerprint(make_model("llama", seed=1))
     problems = fingerprint_mismatch(a, b)
