@@ -7,7 +7,9 @@
   the lr stays high until the validation loss flattens, whatever the number of steps, and a run that never
   flattens still ends annealed.
 
-The guard's lr scale and the plateau's cool-down multiply the schedule's factor (:func:`softprompt.train.train`).
+The guard's lr scale multiplies the schedule's factor; the plateau's cool-down too, except under ``wsd``, where
+it replaces the decay (:func:`with_cooldown`): multiplied, a plateau after ``decay_from`` minus a third of its
+steps gave a cool-down that fell quadratically, shorter than the linear one the same run gets with more steps.
 """
 
 from __future__ import annotations
@@ -35,3 +37,10 @@ def lr_lambda(args: TrainArgs, total_steps: int) -> Callable[[int], float]:
         progress = min(1.0, progress)
         return 1.0 - progress if args.schedule == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
     return fn
+
+
+def with_cooldown(args: TrainArgs, value: float, cooldown: float) -> float:
+    """The schedule's factor ``value`` with the plateau's cool-down factor ``cooldown`` applied: under ``wsd`` the
+    lower of the two (the cool-down replaces the decay, whichever comes first falls linearly to 0); under the
+    other schedules their product (the cool-down scales what is left of the decay)."""
+    return min(value, cooldown) if args.schedule == "wsd" else value * cooldown

@@ -41,7 +41,7 @@ from softprompt.forward import family_of
 from softprompt.guard import DivergenceGuard
 from softprompt.methods import PromptMethod
 from softprompt.plateau import cooldown_end, cooldown_factor, flat_now
-from softprompt.schedule import lr_lambda
+from softprompt.schedule import lr_lambda, with_cooldown
 
 log = logging.getLogger(__name__)
 
@@ -285,9 +285,10 @@ def train(model, tokenizer, method: PromptMethod, task: TaskData, args: TrainArg
     state = {"best_metric": None, "best_step": None, "bad_evals": 0, "best_metrics": None, "val_curve": [],
              "flat_step": None, "stop_at": None}
     # the guard lowers the lr by a multiplier on the schedule, read at every step: the shape is kept; after a
-    # plateau the cool-down multiplies it too (``state`` is read at every step, also once a resume replaced it)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: schedule(s) * guard.lr_scale * cooldown_factor(
-        s, state.get("flat_step"), state.get("stop_at")))
+    # plateau the cool-down applies too (``with_cooldown``; ``state`` is read at every step, also once a resume
+    # replaced it)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: guard.lr_scale * with_cooldown(
+        args, schedule(s), cooldown_factor(s, state.get("flat_step"), state.get("stop_at"))))
     best_state = None
     start = 0
     metrics_path = out / "metrics.jsonl"

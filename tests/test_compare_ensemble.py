@@ -60,7 +60,10 @@ def test_compare_store_adds_seed_prompts_and_ensemble_per_prompt_method_and_none
     assert store.names() == sorted([SLUG, *members])  # nothing for BitFit
     assert store.kind(SLUG) == "ensemble" and store.ensemble(SLUG).members == members
     assert store.ensemble(SLUG).combine == "mean"
-    assert [store.load(m).meta["train_config"]["compare"]["seed"] for m in members] == [0, 1, 2, 3]
+    recorded = [store.load(m).meta["train_config"]["compare"] for m in members]
+    assert [r["seed"] for r in recorded] == [0, 1, 2, 3]
+    # how each was trained: the schedule and the steps it ran (a run may stop at its plateau)
+    assert [(r["schedule"], r["steps_run"]) for r in recorded] == [("wsd", s["steps_run"]) for s in rows[0]["seeds"]]
     assert all((out / "prompts" / SLUG / f"seed{s}" / "adapter_model.safetensors").is_file() for s in range(4))
 
     pt, bitfit = rows

@@ -13,7 +13,8 @@ from softprompt.config import TrainArgs
 from softprompt.data import TaskData, TaskFormat
 from softprompt.evaluate import evaluate_prompt
 from softprompt.methods import build_method
-from softprompt.schedule import lr_lambda
+from softprompt.plateau import cooldown_factor
+from softprompt.schedule import lr_lambda, with_cooldown
 from softprompt.train import epoch_order, train
 from tests.conftest import make_model, sentiment_records
 
@@ -304,6 +305,24 @@ def test_schedule_and_epoch_order():
     assert [round(w(s), 3) for s in (0, 3, 4, 14, 15, 17, 19, 20)] == [0.25, 1.0, 1.0, 1.0, 1.0, 0.6, 0.2, 0.0]
     w = lr_lambda(TrainArgs(warmup_steps=10, schedule="wsd"), 12)  # the decay never starts before the warmup ends
     assert [round(w(s), 3) for s in (9, 10, 11)] == [1.0, 1.0, 0.5]
+
+
+def test_the_plateau_cool_down_replaces_the_wsd_decay():
+    # multiplied, a plateau at step 60 of 100 (wsd decays from 75) gave 0.2 x 0.96 at step 76, not the linear 0.2:
+    # the cool-down fell faster than linearly, and the same run with more steps cooled down otherwise
+    args = TrainArgs(warmup_steps=0, schedule="wsd")
+    f = lr_lambda(args, 100)
+
+    def lrs(flat, stop):
+        return [with_cooldown(args, f(s), cooldown_factor(s, flat, stop)) for s in range(100)]
+
+    lr = lrs(60, 80)  # the cool-down ends inside wsd's decay: linear from 1 at step 60 to 0 at step 80
+    assert lr[:60] == [1.0] * 60 and lr[60:80] == pytest.approx([(80 - s) / 20 for s in range(60, 80)])
+    assert lr[80:] == [0.0] * 20
+    lr = lrs(84, 100)  # a plateau found inside the decay: the decay goes on as before
+    assert lr[84:] == pytest.approx([(100 - s) / 25 for s in range(84, 100)])
+    linear = TrainArgs(warmup_steps=0, schedule="linear")  # the other schedules: the cool-down scales the decay
+    assert with_cooldown(linear, 0.6, 0.5) == 0.3 and with_cooldown(args, 0.6, 0.5) == 0.5
     assert epoch_order(10, 1, 0) == epoch_order(10, 1, 0) != epoch_order(10, 1, 1)
     assert sorted(epoch_order(10, 1, 0)) == list(range(10))
 

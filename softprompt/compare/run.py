@@ -170,7 +170,8 @@ def run_one(job: Job) -> dict:
         folder = save_prompt(job.save_prompt_to, method, model,
                              task=TaskRecord.from_format(task.format, job.dataset).to_dict(),
                              train_config={"compare": {"method": row["method"], "seed": job.seed, "lr": job.lr,
-                                                       "steps": job.steps, "optimizer": spec.optimizer}},
+                                                       "steps": job.steps, "steps_run": result.steps,
+                                                       "schedule": job.schedule, "optimizer": spec.optimizer}},
                              metrics={"test_accuracy": row["accuracy"]} if "accuracy" in row else {}, overwrite=True)
         row["prompt_dir"] = str(folder)
     row["peak_mib"] = _peak_rss_mib()
