@@ -35,6 +35,7 @@ from softprompt.data import (
     collate,
     encode_chat,
     is_chat,
+    turn_end_ids,
     with_leading,
     with_trailing,
 )
@@ -178,13 +179,14 @@ def mean_target_loss(model, encoded: list[Encoded], pad_id: int, prompt_kv, batc
 @torch.no_grad()
 def generate_texts(model, tokenizer, prompt_kv, sources: list[str] | list[list[int]], max_new_tokens: int,
                    batch_size: int, stop: str | None = "\n", bos: bool = True, max_length: int | None = None,
-                   **sampling) -> list[str]:
+                   end_ids: tuple[int, ...] = (), **sampling) -> list[str]:
     """Generate a continuation for each source, text or token ids (left-padded batches; on a model with
     sliding-window layers, batches of equal-length sources, since its window counts padding); cut at ``stop``.
 
     ``bos``: a text source starts with the model's BOS (see the module docstring); token ids (a rendered
     conversation) are taken as they are. ``max_length``: a longer text source keeps its BOS and its last
-    tokens (where training and the final report's engine cut it).
+    tokens (where training and the final report's engine cut it). ``end_ids``: more ids that end a row besides
+    the model's (a chat template's end of turn).
     """
     lead, trail = family_of(model).lead_ids(tokenizer, bos), family_of(model).trail_ids(tokenizer, bos)
 
@@ -217,7 +219,7 @@ def generate_texts(model, tokenizer, prompt_kv, sources: list[str] | list[list[i
         enc = [Encoded(encoded[i], 10**9) for i in group]
         batch: Batch = collate(enc, tokenizer.pad_token_id, padding_side="left").to(model.device)
         new = generate(model, batch.input_ids, batch.attention_mask, prompt_kv, max_new_tokens,
-                       end_token_ids(model, tokenizer), **sampling)
+                       end_token_ids(model, tokenizer) + tuple(end_ids), **sampling)
         for i, ids in zip(group, new, strict=True):
             text = tokenizer.decode(ids, skip_special_tokens=True)
             out[i] = text.split(stop)[0] if stop else text
@@ -294,7 +296,7 @@ def evaluate_chat(model, tokenizer, prompt_kv, examples: list[Example], fmt: Tas
         prompts.append(ids[-max_length:])  # the end of the conversation, as training keeps it
         expected.append(ex.messages[last]["content"].strip())
     texts = [t.strip() for t in generate_texts(model, tokenizer, prompt_kv, prompts, max_new_tokens, batch_size,
-                                               stop=None)]
+                                               stop=None, end_ids=turn_end_ids(tokenizer, fmt.chat_template))]
     metrics: dict[str, float] = {"n": float(len(examples)), **generation_metrics(expected, texts)}
     if with_loss:
         enc = encode_chat(tokenizer, examples, fmt, max_length)

@@ -324,3 +324,44 @@ def test_a_prompt_longer_than_the_sliding_window_is_served_in_mixed_batches(tmp_
     gens = [GenerateRequest(t, x, max_tokens=3) for t in ("sent", "sent2") for x in texts]
     for req, res in zip(gens, engine.generate(gens), strict=True):
         assert res.tokens == engine.generate([req])[0].tokens, req
+
+
+def test_a_chat_task_ends_its_answer_at_its_templates_end_of_turn_token(tmp_path):
+    # a chat prompt is trained to end its answer with the template's end-of-turn marker (ChatML's <|im_end|>),
+    # which need not be the model's EOS (ChatML on a base model): generation ran past it into invented turns
+    from softprompt.data import ChatFormat, turn_end_ids
+    from softprompt.evaluate import generate_texts
+    from tests.conftest import WORDS, make_tokenizer
+    from tests.test_chat import TEMPLATE
+
+    model = make_model("llama")
+    text = "Classify sentiment .Review a good film .Sentiment"
+    req = GenerateRequest("chat", text, raw=True, max_tokens=8)
+
+    def chat_engine(tok, template):
+        engine = Engine(model, tok, max_batch_rows=8)
+        engine.add_base("chat", ChatFormat(chat_template=template))
+        return engine
+
+    free = chat_engine(make_tokenizer(), TEMPLATE).generate([req])[0]
+    prompt_ids = make_tokenizer()(text, add_special_tokens=False)["input_ids"]
+    k = next((k for k in range(1, len(free.tokens)) if free.tokens[k] not in free.tokens[:k] + prompt_ids), None)
+    if k is None:
+        pytest.skip("the greedy answer repeats its tokens on this random model")
+    marker = WORDS[free.tokens[k]]
+    tok = make_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": [marker]})  # a special token, as <|im_end|> is
+    template = TEMPLATE.replace("[EOS]", marker)  # an assistant turn ends with it, not with the EOS
+    assert turn_end_ids(tok, template) == (free.tokens[k],) and turn_end_ids(tok, TEMPLATE) == (tok.eos_token_id,)
+    assert turn_end_ids(make_tokenizer(), template) == ()  # the same word as plain text is no end id
+    engine = chat_engine(tok, template)
+    results, _ = _run_joining(engine, [req], every=0)
+    for res in (results[0], _solo(engine, req)):  # the continuous scheduler and the batch-at-a-time decode
+        assert (res.tokens, res.finish_reason) == (free.tokens[:k], "stop")
+    # a task that is not a chat task is not cut there
+    engine.add_base("raw")
+    assert engine.generate([GenerateRequest("raw", text, raw=True, max_tokens=8)])[0].tokens == free.tokens
+    # evaluation's generation of a chat task (evaluate_chat passes the same ids)
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert generate_texts(model, tok, None, [ids], 8, 1, stop=None, end_ids=turn_end_ids(tok, template)) == [
+        tok.decode(free.tokens[:k], skip_special_tokens=True)]

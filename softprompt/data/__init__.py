@@ -1,7 +1,15 @@
 """Task data: file formats, templates and verbalizers, built-in datasets, tokenisation and batching."""
 
 from softprompt.data.builtin import BUILTIN_DATASETS, BuiltinSpec, builtin_spec, load_builtin
-from softprompt.data.chat import ChatExample, ChatFormat, bos_after_prompt, encode_chat, is_chat, parse_messages
+from softprompt.data.chat import (
+    ChatExample,
+    ChatFormat,
+    bos_after_prompt,
+    encode_chat,
+    is_chat,
+    parse_messages,
+    turn_end_ids,
+)
 from softprompt.data.dataset import TaskData, load_task, order_verbalizer, parse_verbalizer
 from softprompt.data.formats import DataError, load_records, load_records_with_lines
 from softprompt.data.init_text import default_init_text, task_init_text
@@ -59,4 +67,5 @@ __all__ = [
     "with_leading",
     "with_trailing",
     "trailing_special_ids",
+    "turn_end_ids",
 ]

@@ -197,6 +197,35 @@ def assistant_spans(tokenizer, messages: list[dict], chat_template: str | None =
     return full, spans
 
 
+_PROBE = [{"role": "user", "content": "Hello."}, {"role": "assistant", "content": "Hello to you."}]
+
+
+def turn_end_ids(tokenizer, chat_template: str | None = None) -> tuple[int, ...]:
+    """The special token(s) the chat template ends an assistant turn with (ChatML's ``<|im_end|>``, Llama 3's
+    ``<|eot_id|>``, Mistral's ``</s>``): what a chat prompt learned to emit at the end of its answer (the
+    turn's tokens are its target, :func:`assistant_spans`), and so what must end its generation even when
+    the model's EOS is another token (ChatML on a base model). Found by rendering a short conversation: the
+    special tokens between the reply's text and the next non-space text. Empty when the template ends a turn
+    with plain text or nothing, or cannot render the probe."""
+    try:
+        text = render_chat(tokenizer, _PROBE, chat_template)
+    except DataError:
+        return ()
+    reply = _PROBE[-1]["content"]
+    at = text.rfind(reply)
+    if at < 0:
+        return ()
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    special |= set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
+    out = []
+    for i in _ids(tokenizer, text[at + len(reply):]):
+        if i in special:
+            out.append(int(i))
+        elif tokenizer.decode([i]).strip():  # the next turn's text: the end markers are behind
+            break
+    return tuple(dict.fromkeys(out))
+
+
 def encode_chat(tokenizer, examples: list[ChatExample], fmt: ChatFormat, max_length: int = 256) -> list:
     """Tokenise conversations with a per-token target mask over their assistant turns.
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from softprompt.data import TaskFormat
+from softprompt.data import TaskFormat, is_chat, turn_end_ids
 from softprompt.engine.backend import backend_for
 from softprompt.engine.batching import Row
 from softprompt.engine.ensemble import combine
@@ -117,6 +117,7 @@ class Engine:
                               f"{max_batch_tokens}, {prefill_chunk}")
         self.model, self.tok = model, tokenizer
         self.end_ids = end_token_ids(model, tokenizer)  # what ends an answer: the EOS and the model's end-of-turn
+        self._turn_ends: dict[str | None, frozenset[int]] = {}  # by chat template: end_ids and its end of turn
         self.max_batch_rows, self.max_batch_tokens, self.truncate = max_batch_rows, max_batch_tokens, truncate
         self.progress, self.prefill_chunk = progress, prefill_chunk
         context = context_length(model.config)  # RoBERTa's 514 positions hold 512 tokens
@@ -312,6 +313,19 @@ class Engine:
         hard prompt that starts with it."""
         with self._lock:
             return list(self._lead) if self._bos.get(member, True) else []
+
+    def row_end_ids(self, item: Prepared) -> frozenset[int]:
+        """The ids that end a generated row of ``item``: :attr:`end_ids`, and for a chat task the special
+        tokens its chat template ends a turn with (:func:`~softprompt.data.turn_end_ids`): what its prompt was
+        trained to emit, which may not be the model's EOS (ChatML on a base model ends turns with
+        ``<|im_end|>``, and its replies ran on into invented turns)."""
+        fmt = item.task.formats[0] if item.task.formats else None
+        if fmt is None or not is_chat(fmt):
+            return frozenset(self.end_ids)
+        key = fmt.chat_template
+        if key not in self._turn_ends:
+            self._turn_ends[key] = frozenset(self.end_ids) | frozenset(turn_end_ids(self.tok, key))
+        return self._turn_ends[key]
 
     def versions(self, members: list) -> tuple:
         """How many times each prompt key was (re)loaded; a request prepared against other versions is stale."""

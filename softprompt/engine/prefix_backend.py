@@ -219,7 +219,7 @@ class PrefixBackend(Backend):
 
         prompts = self._rows(batch.prompts)
         out = causal.decode(model, batch.input_ids, batch.attention_mask, prompts, sampling, self.engine.end_ids,
-                            should_stop=hit_stop)
+                            should_stop=hit_stop, row_end_ids=[self.engine.row_end_ids(items[i]) for i in batch.index])
         for j, i in enumerate(batch.index):
             results[i] = generate_result(tok, items[i], out.tokens[j], out.finish[j],
                                          out.logprobs[j] if out.logprobs else None)

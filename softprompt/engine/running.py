@@ -233,10 +233,9 @@ class RunningBatch:
             sel = torch.tensor(want, device=logits.device)
             lps = dict(zip(want, token_logprobs(logits[sel], toks[sel], max(rows[i].sampling.logprobs for i in want)),
                            strict=True))
-        ends = self.engine.end_ids
         tok = self.engine.tok
         for i, (r, t) in enumerate(zip(rows, toks.tolist(), strict=True)):
-            if t in ends:
+            if t in self.engine.row_end_ids(r.item):
                 self._finish(r, "stop")
                 continue
             r.tokens.append(t)

@@ -224,7 +224,8 @@ def label_scores(model, tokenizer, prompt_kv: PromptKV | None, examples: list[Ex
 @torch.no_grad()
 def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_kv: PromptKV | RowPrompts | None,
            rows: list[RowSampling], eos_token_id: int | Iterable[int] | None,
-           should_stop: Callable[[int, list[int], list[TokenLogprob] | None], bool] | None = None) -> Decoded:
+           should_stop: Callable[[int, list[int], list[TokenLogprob] | None], bool] | None = None,
+           row_end_ids: list[frozenset[int]] | None = None) -> Decoded:
     """Decode after left- or right-padded inputs, each row with its own settings.
 
     Args:
@@ -233,6 +234,7 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_
         eos_token_id: the id, or ids (:func:`end_token_ids`), that end a row (not included in its tokens).
         should_stop: called with (row, tokens so far, their :class:`TokenLogprob` so far or None when the
             row does not ask for them) after each new token; True ends the row (e.g. a stop string appeared).
+        row_end_ids: more ids that end each row, like ``eos_token_id`` (a chat task's end of turn).
     """
     b = input_ids.shape[0]
     if len(rows) != b:
@@ -274,7 +276,7 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_
             if finish[i] is not None:
                 continue
             t = int(tok[i])
-            if t in ends:
+            if t in ends or (row_end_ids is not None and t in row_end_ids[i]):
                 finish[i] = "eos"
                 continue
             new[i].append(t)
