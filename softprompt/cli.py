@@ -88,14 +88,13 @@ def cmd_train(ns: argparse.Namespace) -> int:
 
 def cmd_tune(ns: argparse.Namespace) -> int:
     """Search the learning rate (and --search settings) by successive halving on validation; save the best."""
-    from softprompt.tune import tune_args_from_namespace
+    from softprompt.tune import ignored_train_flags, tune_args_from_namespace
 
     tune, problems = tune_args_from_namespace(ns)
     args = _resolve(ns, ["model", "data", "prompt", "train", "eval"], problems)
-    if args["train"].resume:  # a train flag tune would ignore: the search restarts and replaces the old one
-        raise ConfigError("--resume: tune does not resume an interrupted search; it starts again and replaces the "
-                          "trials, best_prompt and top/ in --output-dir: leave --resume out (and train.resume in "
-                          "--config), or use another --output-dir to keep the old search")
+    ignored = ignored_train_flags(args["train"])  # refused, not dropped in silence
+    if ignored:
+        raise ConfigError("invalid arguments:\n  " + "\n  ".join(ignored))
     if ns.print_config:
         print(to_yaml(args), end="")
         return 0

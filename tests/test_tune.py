@@ -534,6 +534,11 @@ def test_resume_is_refused_before_an_earlier_search_is_touched(tmp_path, tiny_mo
     for extra in (["--resume"], ["--config", str(tmp_path / "c.yaml")]):
         assert main(["tune", "--model", str(tiny_model_dir), "--output-dir", str(out), *extra]) == 2
         assert "--resume: tune does not resume an interrupted search" in capsys.readouterr().err
+    # flags of train that a trial would drop in silence (accepted, written into every trial's config, unused)
+    assert main(["tune", "--model", str(tiny_model_dir), "--output-dir", str(out), "--stop-when-flat", "0.02",
+                 "--early-stopping-patience", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "--stop-when-flat: tune ranks trials at fixed rungs" in err and "--early-stopping-patience: tune" in err
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == [
         "best_prompt/softprompt.json", "trials/t00/checkpoint/state.json", "tune.json"]
 

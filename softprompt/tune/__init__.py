@@ -8,6 +8,7 @@ Public API:
 
 from softprompt.tune.command import (
     add_tune_arguments,
+    ignored_train_flags,
     run_tune,
     save_results,
     tune_args_from_namespace,
@@ -27,6 +28,7 @@ __all__ = [
     "TuneResult",
     "add_tune_arguments",
     "format_table",
+    "ignored_train_flags",
     "learning_rates",
     "plan_rungs",
     "plot_trials",

@@ -82,6 +82,20 @@ def _search_values(key: str, text: str, problems: list[str]) -> list[Any] | None
         return None
 
 
+def ignored_train_flags(train) -> list[str]:
+    """The train settings (:class:`~softprompt.config.TrainArgs`) a search would drop, each with why: trials
+    start again rather than resume, and are ranked at fixed rungs, so none stops early."""
+    out = [] if not train.resume else ["--resume: tune does not resume an interrupted search; it starts again and "
+                                       "replaces the trials, best_prompt and top/ in --output-dir: leave --resume "
+                                       "out (and train.resume in --config), or use another --output-dir to keep "
+                                       "the old search"]
+    return out + [f"{flag}: tune ranks trials at fixed rungs, so no trial stops early; leave it out (and "
+                  f"train.{name} in --config)" for flag, name in (("--stop-when-flat", "stop_when_flat"),
+                                                                 ("--early-stopping-patience",
+                                                                  "early_stopping_patience"))
+                  if getattr(train, name)]
+
+
 def tune_args_from_namespace(ns: argparse.Namespace) -> tuple[TuneArgs | None, list[str]]:
     """The :class:`TuneArgs` of parsed flags, and every problem found (then the args are None).
 
