@@ -365,3 +365,34 @@ def test_a_chat_task_ends_its_answer_at_its_templates_end_of_turn_token(tmp_path
     ids = tok(text, add_special_tokens=False)["input_ids"]
     assert generate_texts(model, tok, None, [ids], 8, 1, stop=None, end_ids=turn_end_ids(tok, template)) == [
         tok.decode(free.tokens[:k], skip_special_tokens=True)]
+
+
+def test_a_completion_keeps_the_leading_space_a_sentencepiece_tokenizer_drops_at_the_start(tmp_path):
+    # a SentencePiece tokenizer (Llama 2, Mistral: Metaspace) drops the leading space of the first token it
+    # decodes: the generated ids decoded alone gave "Paris" for "▁Paris", and prompt + completion read "isParis"
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from softprompt.engine.detokenize import Detokenizer
+    from tests.conftest import VOCAB
+
+    words = ["[PAD]", "[EOS]", "[UNK]", "▁The", "▁capital", "▁of", "▁France", "▁is", "▁Paris", "▁a"]
+    words += [f"▁w{i}" for i in range(VOCAB - len(words))]
+    inner = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    inner.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    inner.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    tok = PreTrainedTokenizerFast(tokenizer_object=inner, pad_token="[PAD]", eos_token="[EOS]", unk_token="[UNK]")
+    paris = tok.convert_tokens_to_ids("▁Paris")
+    assert tok.decode([paris]) == "Paris" and Detokenizer(tok).text([paris]) == " Paris"
+    engine = Engine(make_model("llama"), tok, max_batch_rows=8)
+    engine.add_base("base")
+    prompt = "The capital of France is"
+    ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    req = GenerateRequest("base", prompt, raw=True, max_tokens=6)
+    results, _ = _run_joining(engine, [req], every=0)
+    for res in (results[0], _solo(engine, req)):  # the continuous scheduler and the batch-at-a-time decode
+        assert res.text.startswith(" ") and prompt + res.text == tok.decode(ids + res.tokens, skip_special_tokens=True)
+    # a stop string that starts with the space matches at the very start
+    first = tok.convert_ids_to_tokens(results[0].tokens[0]).replace("▁", " ")
+    stopped = engine.generate([GenerateRequest("base", prompt, raw=True, max_tokens=6, stop=[first])])[0]
+    assert (stopped.text, stopped.finish_reason) == ("", "stop")

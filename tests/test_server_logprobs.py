@@ -13,6 +13,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers  # noqa: E402
 from transformers import PreTrainedTokenizerFast  # noqa: E402
 
 from softprompt.engine import Engine, GenerateRequest  # noqa: E402
+from softprompt.engine.detokenize import Detokenizer  # noqa: E402
 from softprompt.forward import TokenLogprob  # noqa: E402
 from softprompt.server import Scheduler, ServerState, create_app  # noqa: E402
 from softprompt.server.logprobs import Renderer, chat_format, entries_of  # noqa: E402
@@ -35,9 +36,10 @@ def setup(tmp_path_factory, tokenizer):
 
 def expected_strings(tok, tokens: list[int], top: list[list[int]]) -> tuple[list[str], list[list[str]]]:
     """The oracle of the token strings: the text each token (or each alternative, in the token's place)
-    adds to the decoded text of ALL the tokens before it; special alternatives by name."""
+    adds to the text of ALL the tokens before it after the prompt (the engine's completion text: what they
+    decode to after a plain lead token); special alternatives by name."""
     def text(ids):
-        return tok.decode(ids, skip_special_tokens=True).rstrip("\ufffd")
+        return Detokenizer(tok).text(ids).rstrip("\ufffd")
 
     def added(i, t):
         return text(tokens[:i] + [t])[len(text(tokens[:i])):]
@@ -142,13 +144,12 @@ def test_the_openai_client_reads_both_formats(setup):
 
 def test_a_stop_string_cuts_the_logprobs_with_the_text(setup):
     engine, client = setup
-    tok = engine.tok
     body = {"model": "base", "prompt": "the movie was", "raw": True, "max_tokens": 16, "temperature": 0,
             "logprobs": 2}
     (free,) = engine.generate([GenerateRequest("base", "the movie was", raw=True, max_tokens=16, logprobs=2)])
     words = free.text.split()
     assert len(words) >= 4 and len(words[0]) > 1, free.text  # this random model's greedy output
-    starts = [len(tok.decode(free.tokens[:i], skip_special_tokens=True)) for i in range(len(free.tokens))]
+    starts = [len(engine.detok.text(free.tokens[:i])) for i in range(len(free.tokens))]
     # two words at token boundaries: their tokens and any between get no entry; then a stop inside a word:
     # that word's token keeps its entry, as part of its text is returned
     for stop in [" " + " ".join(words[1:3]), words[0][1:]]:
@@ -165,7 +166,7 @@ def test_a_stop_string_cuts_the_logprobs_with_the_text(setup):
         if stop[0] == " ":
             assert "".join(lp["tokens"]) == choice["text"] and returned < r["usage"]["completion_tokens"]
         else:
-            assert lp["tokens"][-1] == words[0]
+            assert lp["tokens"][-1] == " " + words[0]  # the whole string (after the prompt: its space first)
 
 
 def test_a_stop_string_cuts_chat_logprobs_streamed_or_not(setup):
@@ -323,5 +324,6 @@ def test_a_word_after_tokens_without_text_keeps_its_space(tokenizer):
     ids = [tokenizer.convert_tokens_to_ids(w) for w in [".", *["[PAD]"] * 12, "Paris", "[UNK]", "Rome"]]
     lps = [TokenLogprob(t, -1.0, []) for t in ids]
     strings = [e.token for e in Renderer(tokenizer).extend(ids, lps)]
-    assert strings == [".", *[""] * 12, " Paris", "", " Rome"]
-    assert "".join(strings) == tokenizer.decode(ids, skip_special_tokens=True) == ". Paris Rome"
+    # the first token's string is what it adds after the prompt: a word-level tokenizer puts a space there
+    assert strings == [" .", *[""] * 12, " Paris", "", " Rome"]
+    assert "".join(strings) == Detokenizer(tokenizer).text(ids) == " . Paris Rome"

@@ -24,6 +24,7 @@ import torch
 from softprompt.data import TaskFormat, is_chat, turn_end_ids
 from softprompt.engine.backend import backend_for
 from softprompt.engine.batching import Row
+from softprompt.engine.detokenize import Detokenizer
 from softprompt.engine.ensemble import combine
 from softprompt.engine.prepare import KINDS, Prepared, prepare
 from softprompt.engine.requests import (
@@ -118,6 +119,7 @@ class Engine:
         self.model, self.tok = model, tokenizer
         self.end_ids = end_token_ids(model, tokenizer)  # what ends an answer: the EOS and the model's end-of-turn
         self._turn_ends: dict[str | None, frozenset[int]] = {}  # by chat template: end_ids and its end of turn
+        self.detok = Detokenizer(tokenizer)  # generated ids -> the text they add after the prompt
         self.max_batch_rows, self.max_batch_tokens, self.truncate = max_batch_rows, max_batch_tokens, truncate
         self.progress, self.prefill_chunk = progress, prefill_chunk
         context = context_length(model.config)  # RoBERTa's 514 positions hold 512 tokens

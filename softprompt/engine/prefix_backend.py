@@ -197,7 +197,7 @@ class PrefixBackend(Backend):
         return results
 
     def _generate_batch(self, batch: MixedBatch, items, results, on_token, cancelled) -> None:
-        model, tok = self.engine.model, self.engine.tok
+        model = self.engine.model
         reqs = [items[i].request for i in batch.index]
         sampling = []
         for i, r in zip(batch.index, reqs, strict=True):
@@ -215,11 +215,11 @@ class PrefixBackend(Backend):
             if on_token is not None:
                 on_token(i, toks, lps)
             stops = reqs[j].stop
-            return bool(stops) and any(s in tok.decode(toks, skip_special_tokens=True) for s in stops)
+            return bool(stops) and any(s in self.engine.detok.text(toks) for s in stops)
 
         prompts = self._rows(batch.prompts)
         out = causal.decode(model, batch.input_ids, batch.attention_mask, prompts, sampling, self.engine.end_ids,
                             should_stop=hit_stop, row_end_ids=[self.engine.row_end_ids(items[i]) for i in batch.index])
         for j, i in enumerate(batch.index):
-            results[i] = generate_result(tok, items[i], out.tokens[j], out.finish[j],
+            results[i] = generate_result(self.engine.detok, items[i], out.tokens[j], out.finish[j],
                                          out.logprobs[j] if out.logprobs else None)

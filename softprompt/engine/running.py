@@ -56,10 +56,11 @@ class _Row:
         return len(self.ids) + self.sampling.max_new_tokens
 
 
-def generate_result(tok, item, tokens: list[int], reason: str, logprobs: list | None) -> GenerateResult:
-    """A prepared request's result from its new tokens: the text cut at its first stop string, and why it
-    ended (``length`` only when it ran out of tokens without a stop string; else ``stop``)."""
-    text = tok.decode(tokens, skip_special_tokens=True)
+def generate_result(detok, item, tokens: list[int], reason: str, logprobs: list | None) -> GenerateResult:
+    """A prepared request's result from its new tokens: their text after the prompt (``detok``: the engine's
+    :class:`~softprompt.engine.detokenize.Detokenizer`) cut at its first stop string, and why it ended
+    (``length`` only when it ran out of tokens without a stop string; else ``stop``)."""
+    text = detok.text(tokens)
     cut = [text.index(s) for s in item.request.stop if s in text]
     if cut:
         text = text[:min(cut)]
@@ -233,7 +234,6 @@ class RunningBatch:
             sel = torch.tensor(want, device=logits.device)
             lps = dict(zip(want, token_logprobs(logits[sel], toks[sel], max(rows[i].sampling.logprobs for i in want)),
                            strict=True))
-        tok = self.engine.tok
         for i, (r, t) in enumerate(zip(rows, toks.tolist(), strict=True)):
             if t in self.engine.row_end_ids(r.item):
                 self._finish(r, "stop")
@@ -249,7 +249,7 @@ class RunningBatch:
                 r.error = e
                 self._finish(r, "error")
                 continue
-            if r.stop and any(x in tok.decode(r.tokens, skip_special_tokens=True) for x in r.stop):
+            if r.stop and any(x in self.engine.detok.text(r.tokens) for x in r.stop):
                 self._finish(r, "stop")
             elif len(r.tokens) >= r.sampling.max_new_tokens:
                 self._finish(r, "length")
@@ -278,7 +278,7 @@ class RunningBatch:
         if reason == "error":
             r.done(r.error)
             return
-        r.done(generate_result(self.engine.tok, r.item, list(r.tokens), reason, r.logprobs))
+        r.done(generate_result(self.engine.detok, r.item, list(r.tokens), reason, r.logprobs))
 
     def _move(self, src: int, dst: int) -> None:
         self.slots.move(src, dst, self.rows[src].n)

@@ -260,7 +260,7 @@ def create_app(state: ServerState) -> FastAPI:
         render = None if req.logprobs is None else logprobs.Renderer(state.engine.tok)
 
         def on_token(toks: list[int], lps) -> None:
-            text = state.engine.tok.decode(toks, skip_special_tokens=True)
+            text = state.engine.detok.text(toks)
             cuts = [text.index(s) for s in req.stop if s in text]
             visible = text[:min(cuts)] if cuts else text[:max(len(text) - hold, 0)]
             new = render.extend(toks, lps) if render is not None and lps is not None else []

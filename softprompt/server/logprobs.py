@@ -2,9 +2,10 @@
 string, which tokens a (streamed) text carries, and the completions and chat formats.
 
 Token strings. A token's string is the text it adds to the completion: the decoded text of the tokens
-before it and the token, less the decoded text of those before it. So the tokens' strings join into the
-completion's text, whatever the tokenizer puts between tokens (a space for a word-level one, none for
-byte-level BPE, the dropped leading "▁" of SentencePiece), and ``text_offset`` is where each token starts in
+before it and the token, less the decoded text of those before it; the first token's are decoded after the
+engine's plain lead token (:mod:`softprompt.engine.detokenize`), as the completion's text is. So the tokens'
+strings join into the completion's text, whatever the tokenizer puts between tokens (a space for a
+word-level one, none for byte-level BPE, SentencePiece's "▁"), and ``text_offset`` is where each token starts in
 that text (characters, from 0: the prompt is not echoed). The tokens before it are taken back to the
 ``WINDOW``-th one that decodes to some text (all, near the start): decoding is local, but whether any text
 comes before a token decides its leading space, and special or unknown tokens decode to nothing.
@@ -36,6 +37,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from softprompt.engine.detokenize import Detokenizer
+
 WINDOW = 8  # tokens with text a token's string is decoded after (a character spans at most 4 bytes: tokens)
 FLOOR = -9999.0
 PARTIAL = "\ufffd"  # what decoding gives for the bytes of an unfinished character
@@ -61,6 +64,7 @@ class Renderer:
 
     def __init__(self, tokenizer):
         self.tok = tokenizer
+        self.detok = Detokenizer(tokenizer)  # the first token's context: its text after the prompt
         self.entries: list[Entry] = []
         self._special = set(getattr(tokenizer, "all_special_ids", None) or [])
         self._silent: dict[int, bool] = {}  # token id -> it decodes to no text alone
@@ -71,7 +75,8 @@ class Renderer:
         start, stop = len(self.entries), min(len(tokens), len(logprobs))
         seqs, at = [], []
         for i in range(start, stop):
-            context = list(tokens[self._context_start(tokens, i):i])
+            a = self._context_start(tokens, i)
+            context = (self.detok.lead if a == 0 else []) + list(tokens[a:i])
             at.append(len(seqs))
             seqs.append(context)
             seqs.extend(context + [t] for t in (tokens[i], *(alt for alt, _ in logprobs[i].top)))
@@ -104,7 +109,7 @@ class Renderer:
     def final(self, result) -> list[Entry]:
         """The entries of a finished :class:`~softprompt.engine.GenerateResult`'s returned text."""
         self.extend(result.tokens, result.logprobs)
-        return kept(self.entries, result.text, self.tok.decode(result.tokens, skip_special_tokens=True))
+        return kept(self.entries, result.text, self.detok.text(result.tokens))
 
 
 def entries_of(tokenizer, result) -> list[Entry] | None:
