@@ -202,6 +202,19 @@ def _all_average(tensors: list[torch.Tensor], world: int) -> None:
         t /= world
 
 
+def _from_rank0(obj, world: int):
+    """Rank 0's ``obj`` on every process. Validation metrics drive decisions every process must share (the best
+    step, the plateau, early stopping); computed on each, numbers that differ in the last bit (non-deterministic
+    kernels) could stop one process while the others waited for it in the next all-reduce."""
+    if world <= 1:
+        return obj
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def _cpu_copy(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Detached, contiguous CPU copies of ``state``'s tensors (sharing no storage with the live ones)."""
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
@@ -365,6 +378,7 @@ def train(model, tokenizer, method: PromptMethod, task: TaskData, args: TrainArg
                     kv = family.inference_prompt(model, method())
                 m, _ = evaluate_prompt(model, tokenizer, kv, valid, fmt, eval_batch_size, max_new_tokens,
                                        max_length=max_length, with_loss=True)
+                m = _from_rank0(m, world)
                 method.train()
                 model.train(args.gradient_checkpointing)
                 row.update({f"val_{k}": v for k, v in m.items() if k != "n"})

@@ -22,3 +22,14 @@ def test_two_process_run_matches_on_both_ranks_and_a_single_process(tmp_path):
                                                                lr=0.05, batch_size=7, eval_every=3))
     assert (method.embeddings.detach() - r0).abs().max() < 1e-4
     assert (tmp_path / "run" / "metrics.jsonl").read_text().count("\n") == 6  # rank 0 alone wrote the log
+
+
+def test_ranks_that_measure_other_validation_numbers_still_stop_together(tmp_path):
+    # each rank validated on its own: rank 0 saw no better loss and stopped early at step 6 while rank 1, whose
+    # numbers kept improving, went on into the next step's all-reduce and failed (or hung) there
+    import json
+
+    proc = torchrun("ddp_skewed_validation.py", tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0] == ranks[1] == {"steps": 6, "stopped": True}  # rank 0's numbers decide for both
