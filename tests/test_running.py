@@ -396,3 +396,22 @@ def test_a_completion_keeps_the_leading_space_a_sentencepiece_tokenizer_drops_at
     first = tok.convert_ids_to_tokens(results[0].tokens[0]).replace("▁", " ")
     stopped = engine.generate([GenerateRequest("base", prompt, raw=True, max_tokens=6, stop=[first])])[0]
     assert (stopped.text, stopped.finish_reason) == ("", "stop")
+
+
+def test_completion_text_only_extends_as_tokens_arrive_even_with_a_clean_up_tokenizer():
+    # clean_up_tokenization_spaces rewrote text already decoded ("x '" became "x's" once "s" followed): a stream
+    # had sent "x '" and the final text was "x's"; the engine's text never goes through the clean-up
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from softprompt.engine.detokenize import Detokenizer
+
+    words = ["[PAD]", "[EOS]", "[UNK]", "x", "'", "s", "a"]
+    inner = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    inner.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=inner, pad_token="[PAD]", eos_token="[EOS]", unk_token="[UNK]",
+                                  clean_up_tokenization_spaces=True)
+    ids = [3, 4, 5, 4, 3]
+    assert tok.decode(ids[:3]) == "x's"  # what the clean-up makes of it
+    texts = [Detokenizer(tok).text(ids[:k]) for k in range(len(ids) + 1)]
+    assert all(b.startswith(a) for a, b in zip(texts[:-1], texts[1:], strict=True)) and texts[-1] == " x ' s ' x"

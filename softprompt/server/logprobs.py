@@ -80,7 +80,8 @@ class Renderer:
             at.append(len(seqs))
             seqs.append(context)
             seqs.extend(context + [t] for t in (tokens[i], *(alt for alt, _ in logprobs[i].top)))
-        texts = self.tok.batch_decode(seqs, skip_special_tokens=True) if seqs else []
+        texts = self.tok.batch_decode(seqs, skip_special_tokens=True,  # no clean-up, as the completion's text
+                                      clean_up_tokenization_spaces=False) if seqs else []
         new = []
         for i, a in zip(range(start, stop), at, strict=True):
             got, before = logprobs[i], texts[a].rstrip(PARTIAL)
