@@ -59,7 +59,7 @@ def _resolve(ns: argparse.Namespace, sections: list[str], problems: list[str] | 
 
     ``problems`` already found with the command's other flags are reported in the same error.
     """
-    yaml_cfg = load_yaml(ns.config) if getattr(ns, "config", None) else {}
+    yaml_cfg = load_yaml(ns.config, getattr(ns, "config_extra", ())) if getattr(ns, "config", None) else {}
     problems, out = list(problems or []), {}
     for s in sections:
         cli_vals = {f.name: getattr(ns, f.name) for f in dataclasses.fields(SECTIONS[s])}

@@ -7,7 +7,7 @@ import argparse
 import dataclasses
 from collections.abc import Callable
 
-from softprompt.config import ConfigError, given, store_task_problems
+from softprompt.config import ConfigError, build_args, given, load_yaml, store_task_problems
 
 DEFAULT_OUTPUT_DIR = "runs/distill"
 
@@ -18,9 +18,15 @@ def cmd_distill(ns: argparse.Namespace, resolve: Callable) -> int:
 
     problems = store_task_problems(ns.store, ns.task)
     values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(DistillArgs) if getattr(ns, f.name) is not None}
+    # the distill section of --config (the config.yaml a run writes has one) under the flags
+    section = load_yaml(ns.config, ("distill",)).get("distill", {}) if ns.config else {}
+    names = {f.name for f in dataclasses.fields(DistillArgs)}
+    problems += [f"{ns.config}: distill.{k} is not a known field (known: {', '.join(sorted(names))})"
+                 for k in section if k not in names]
     distill = None
     try:
-        distill = DistillArgs(**values)
+        distill = build_args(DistillArgs, {k: v for k, v in section.items() if k in names}, values,
+                             origins=[f"{ns.config}: distill.", None])
     except ConfigError as e:
         problems.append(str(e).replace("invalid arguments:\n  ", ""))
     if not given(ns, "train", "output_dir"):  # before the checks: train's default folder was checked instead
@@ -45,7 +51,9 @@ def add_distill_parser(sub, add_section: Callable, resolve: Callable) -> None:
                     "prompt/). Decoder-only language models only.",
         epilog="exit status: 0 when the run finished; 1 when the divergence guard ended it (the prompt is saved, "
                "not added to --store); 2 for invalid arguments or inputs")
-    p.add_argument("--config", help="YAML file with model/prompt/train sections")
+    p.add_argument("--config", help="YAML file with model/prompt/train sections and a distill section (the flags "
+                                    "below; a run's config.yaml has them all)")
+    p.set_defaults(config_extra=("distill",))
     p.add_argument("--context", help="the context text")
     p.add_argument("--context-file", help="a file holding the context text")
     p.add_argument("--inputs-file", help="inputs: one per non-blank line, or --text-field of a .jsonl/.csv file")

@@ -165,6 +165,25 @@ def test_sampled_inputs_are_seeded(tiny_dirs):
     assert texts[0]["held_out"]["soft prompt at init"] == texts[1]["held_out"]["soft prompt at init"]
 
 
+def test_a_runs_config_yaml_repeats_the_run(tiny_dirs, capsys):
+    # the config.yaml a run writes has a distill section, which distill's own --config refused
+    tmp = tiny_dirs
+    assert run_distill(tmp, "--sample-inputs", "6", "--sample-length", "5", "--max-steps", "2",
+                       "--output-dir", str(tmp / "a")) == 0
+    first = json.loads((tmp / "a" / "distill.json").read_text())
+    assert main(["distill", "--config", str(tmp / "a" / "config.yaml"), "--output-dir", str(tmp / "b")]) == 0
+    again = json.loads((tmp / "b" / "distill.json").read_text())
+    assert again["held_out"] == first["held_out"] and again["inputs"] == first["inputs"]
+    # flags win over the file; a mistyped key or value in its distill section is named
+    (tmp / "bad.yaml").write_text("distill:\n  held_out: 2\n  contxt: x\n")
+    assert main(["distill", "--config", str(tmp / "bad.yaml"), "--context", "a movie", "--sample-inputs", "4",
+                 "--output-dir", str(tmp / "c")]) == 2
+    err = capsys.readouterr().err
+    assert "bad.yaml: distill.contxt is not a known field" in err
+    assert "bad.yaml: distill.held_out must be in (0, 1)" in err
+    assert not (tmp / "c").exists()
+
+
 @pytest.mark.parametrize(("flags", "message"), [
     (["--inputs-file", "X"], "give the context: --context TEXT or --context-file FILE"),
     (["--context", "a movie"], "give the inputs: --inputs-file FILE or --sample-inputs N"),

@@ -49,8 +49,11 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def load_yaml(path: str | Path) -> dict[str, dict[str, Any]]:
-    """Read a YAML config file into ``{section: {field: value}}``, rejecting unknown sections/keys."""
+def load_yaml(path: str | Path, extra: Sequence[str] = ()) -> dict[str, dict[str, Any]]:
+    """Read a YAML config file into ``{section: {field: value}}``, rejecting unknown sections/keys.
+
+    ``extra``: sections a command adds to the shared ones (``distill``), returned as they are (mappings): the
+    command checks their fields."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"--config {path}: no such file")
@@ -72,11 +75,14 @@ def load_yaml(path: str | Path) -> dict[str, dict[str, Any]]:
     problems = []
     out: dict[str, dict[str, Any]] = {}
     for section, values in raw.items():
-        if section not in SECTIONS:
-            problems.append(f"{path}: unknown section {section!r} (known: {', '.join(SECTIONS)})")
+        if section not in SECTIONS and section not in extra:
+            problems.append(f"{path}: unknown section {section!r} (known: {', '.join([*SECTIONS, *extra])})")
             continue
         if not isinstance(values, dict):
             problems.append(f"{path}: section {section!r} must be a mapping")
+            continue
+        if section in extra:
+            out[section] = values
             continue
         names = {f.name for f in dataclasses.fields(SECTIONS[section])}
         for key in values:
@@ -154,7 +160,7 @@ def given(ns: Any, section: str, name: str) -> bool:
     if getattr(ns, name, None) is not None:
         return True
     config = getattr(ns, "config", None)  # a key left empty (null) keeps the default, as build_args reads it
-    return bool(config) and load_yaml(config).get(section, {}).get(name) is not None
+    return bool(config) and load_yaml(config, getattr(ns, "config_extra", ())).get(section, {}).get(name) is not None
 
 
 def to_yaml(args: dict[str, Any]) -> str:
