@@ -235,7 +235,8 @@ def inspect_report(prompts: Mapping[str, torch.Tensor], embedding_matrix: torch.
         notes.append(f"--top-k {k} is more than the {size} vocabulary tokens: all {size} are shown")
         k = size
     for name, emb in prompts.items():
-        norms = prompt_norms(emb, embedding_matrix)
+        # the rows a token can be: padding rows past the tokenizer (zeros, or never trained) are never an input
+        norms = prompt_norms(emb, embedding_matrix[:size])
         vocab = {"size": size,
                  "mean_norm": _round(norms["vocab_mean"]), "median_norm": _round(norms["vocab_median"])}
         tokens = []

@@ -182,6 +182,18 @@ def test_a_top_k_beyond_the_vocabulary_is_lowered_to_it(model, tokenizer):
     assert len(header.split()) == 2 + 2 * len(WORDS)
 
 
+def test_the_vocabulary_norms_leave_out_rows_past_the_tokenizer(model, tokenizer):
+    # the tiny model has 64 rows for 32 tokens: the padding rows, never an input, were averaged in
+    matrix = table(model).clone()
+    matrix[len(WORDS):] *= 10  # padding rows of another size
+    report = inspect_report({"p": rows_of(model, ["good"])}, matrix, tokenizer, k=1)
+    norms = torch.linalg.vector_norm(matrix[:len(WORDS)].float(), dim=1)
+    assert report["vocab"]["size"] == len(WORDS)
+    assert report["vocab"]["mean_norm"] == pytest.approx(float(norms.mean()), rel=1e-5)
+    assert report["prompts"][0]["norms"]["ratio"] == pytest.approx(float(norms[WORD_IDS["good"]] / norms.mean()),
+                                                                    rel=1e-4)
+
+
 def test_report_is_json_and_text_is_aligned(model, tokenizer):
     prompts = {"sentiment": rows_of(model, ["good", "bad"]), "capital": rows_of(model, ["Paris", "Madrid", "Rome"])}
     report = inspect_report(prompts, table(model), tokenizer, k=2, model_name="tiny",
