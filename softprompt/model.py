@@ -62,7 +62,9 @@ class ModelLoadError(RuntimeError):
 
 
 # config keys under which model families record their maximum sequence length (the first present wins)
-CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
+# the prompt and the text go into the encoder of an encoder-decoder: LED's limit is its encoder's (16384)
+CONTEXT_KEYS = ("max_position_embeddings", "max_encoder_position_embeddings", "n_positions", "max_sequence_length",
+                "seq_length", "n_ctx")
 
 
 def context_length(config) -> tuple[int, str] | None:

@@ -236,11 +236,13 @@ def test_generate_flags_checked_together():
 
 
 def test_context_length_of_model_families():
-    from transformers import GPT2Config, LlamaConfig, T5Config
+    from transformers import GPT2Config, LEDConfig, LlamaConfig, T5Config
 
     assert context_length(LlamaConfig(max_position_embeddings=256)) == (256, "max_position_embeddings")
     assert context_length(GPT2Config(n_positions=128)) == (128, "max_position_embeddings")
     assert context_length(T5Config()) is None  # relative positions: no hard limit
+    # an encoder-decoder whose limit is its encoder's (the prompt and text go there): it read as no limit
+    assert context_length(LEDConfig(max_encoder_position_embeddings=4096)) == (4096, "max_encoder_position_embeddings")
 
 
 def test_fit_max_length():
