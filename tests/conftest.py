@@ -155,11 +155,11 @@ def gate_runs(monkeypatch, engine) -> tuple[threading.Event, list]:
     gate.entered = threading.Event()
     real, real_step, real_admit = engine.run, RunningBatch.step, RunningBatch.admit
 
-    def run(kind, items, on_token=None, cancelled=None):
+    def run(kind, items, on_token=None, cancelled=None, **kw):
         gate.entered.set()
         assert gate.wait(60)
         ran.extend(items)
-        return real(kind, items, on_token, cancelled)
+        return real(kind, items, on_token, cancelled, **kw)
 
     def step(self):
         gate.entered.set()

@@ -144,3 +144,39 @@ def test_a_failing_sample_fails_its_row_alone_and_a_failing_step_does_not_stop_t
         assert sched.submit("generate", greedy).result(30).tokens == reference.tokens  # still serving
     finally:
         sched.stop()
+
+
+@pytest.mark.parametrize("path", ["running batch", "batch-at-a-time decode"])
+def test_batch_policy_fails_a_failing_request_alone_without_running_the_others_again(tokenizer, path):
+    """A request whose stream raised failed the engine call; the batch policy then ran each half again, so the
+    others generated (and streamed) twice; on the batch-at-a-time decode the stream's error failed every row."""
+    engine = Engine(make_model("llama"), tokenizer, max_batch_rows=8)
+    engine.add_base("base")
+    if path != "running batch":
+        engine.backend._slots_problem = "off: the batch-at-a-time path is under test"
+    good_req = GenerateRequest("base", "the movie was", raw=True, max_tokens=4)
+    reference = engine.generate([good_req])[0]
+    calls, streamed = [], []
+    real_run = engine.run
+
+    def run(*a, **k):
+        calls.append(1)
+        return real_run(*a, **k)
+
+    engine.run = run
+
+    def broken(toks, lps):
+        raise ConnectionError("the client's stream broke")
+
+    sched = Scheduler(engine, max_batch_requests=8, max_wait_ms=200, policy="batch")
+    sched.start()
+    try:
+        bad = sched.submit("generate", GenerateRequest("base", "good", raw=True, max_tokens=4), on_token=broken)
+        good = sched.submit("generate", good_req, on_token=lambda toks, lps: streamed.append(list(toks)))
+        with pytest.raises(ConnectionError, match="stream broke"):
+            bad.result(30)
+        assert good.result(30).tokens == reference.tokens
+    finally:
+        sched.stop()
+    assert len(calls) == 1  # one engine call: nothing ran again
+    assert streamed == [reference.tokens[:k] for k in range(1, len(reference.tokens) + 1)]  # streamed once

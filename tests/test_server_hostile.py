@@ -163,10 +163,10 @@ def test_engine_failure_of_one_row_fails_alone_whatever_the_exception(setup, mon
     engine = state.engine
     real = engine.run
 
-    def run(kind, items, on_token=None, cancelled=None):
+    def run(kind, items, on_token=None, cancelled=None, **kw):
         if any(p.request.input == "boom" for p in items):
             raise RuntimeError("a row that breaks the forward")
-        return real(kind, items, on_token, cancelled)
+        return real(kind, items, on_token, cancelled, **kw)
 
     monkeypatch.setattr(engine, "run", run)
     sched = Scheduler(engine, max_batch_requests=16, max_wait_ms=200)

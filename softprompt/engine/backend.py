@@ -106,7 +106,8 @@ class Backend:
 
     def generate(self, items: list, on_token: Callable[[int, list[int], list | None], None] | None,
                  cancelled: Callable[[int], bool] | None) -> list:
-        """Generate for prepared requests: a :class:`GenerateResult` per item."""
+        """Generate for prepared requests: a :class:`GenerateResult` per item, or the exception that failed that
+        item alone (the others ran to their end)."""
         raise NotImplementedError
 
 

@@ -343,7 +343,7 @@ class Engine:
 
     # ----------------------------------------------------------------------------------- operations
     def run(self, kind: str, items: list[Prepared], on_token: OnToken | None = None,
-            cancelled: Callable[[int], bool] | None = None) -> list:
+            cancelled: Callable[[int], bool] | None = None, return_errors: bool = False) -> list:
         """Run prepared requests of one kind in shared mixed batches.
 
         Args:
@@ -353,6 +353,9 @@ class Engine:
                 ask for logprobs. Both lists grow as decoding goes on: copy them to keep them.
             cancelled: generate: ``cancelled(item_index)`` True stops that row at its next token (its
                 client went away); the others go on.
+            return_errors: generate: an item that failed alone (its task went away before it joined, its
+                stream raised) gets its exception in its place, and the others their results; otherwise the
+                first such exception is raised once every row has ended.
 
         Returns:
             One result per item, in order.
@@ -365,7 +368,11 @@ class Engine:
                 return self._run_classify(items)
             if kind == "score":
                 return self._run_score(items)
-            return self.backend.generate(items, on_token, cancelled)
+            results = self.backend.generate(items, on_token, cancelled)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors and not return_errors:
+            raise errors[0]
+        return results
 
     def _prepare_all(self, kind: str, requests: list) -> list[Prepared]:
         return [self.prepare(kind, r, i) for i, r in enumerate(requests)]

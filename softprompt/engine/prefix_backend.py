@@ -208,12 +208,18 @@ class PrefixBackend(Backend):
             sampling.append(RowSampling(r.max_tokens, float(r.temperature), r.top_k, float(r.top_p), gen,
                                         r.logprobs))
 
+        failed: dict[int, BaseException] = {}
+
         def hit_stop(j: int, toks: list[int], lps) -> bool:
             i = batch.index[j]
             if cancelled is not None and cancelled(i):
                 return True
             if on_token is not None:
-                on_token(i, toks, lps)
+                try:
+                    on_token(i, toks, lps)
+                except Exception as e:  # noqa: BLE001 - a failing stream fails its own row, not the batch
+                    failed[i] = e
+                    return True
             stops = reqs[j].stop
             return bool(stops) and any(s in self.engine.detok.text(toks) for s in stops)
 
@@ -221,5 +227,5 @@ class PrefixBackend(Backend):
         out = causal.decode(model, batch.input_ids, batch.attention_mask, prompts, sampling, self.engine.end_ids,
                             should_stop=hit_stop, row_end_ids=[self.engine.row_end_ids(items[i]) for i in batch.index])
         for j, i in enumerate(batch.index):
-            results[i] = generate_result(self.engine.detok, items[i], out.tokens[j], out.finish[j],
-                                         out.logprobs[j] if out.logprobs else None)
+            results[i] = failed[i] if i in failed else generate_result(
+                self.engine.detok, items[i], out.tokens[j], out.finish[j], out.logprobs[j] if out.logprobs else None)

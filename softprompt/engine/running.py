@@ -305,11 +305,8 @@ class RunningBatch:
 
 def run_all(engine, items: list, on_token: Callable[[int, list[int], list | None], None] | None = None,
             cancelled: Callable[[int], bool] | None = None, progress: bool = False) -> list[GenerateResult]:
-    """Generate for prepared requests through one running batch (rows join as others finish).
-
-    Raises:
-        the first request's error after all others finished (the caller isolates it).
-    """
+    """Generate for prepared requests through one running batch (rows join as others finish): per item its
+    :class:`GenerateResult`, or the exception that failed it alone."""
     from tqdm.auto import tqdm
 
     batch = RunningBatch(engine)
@@ -334,7 +331,4 @@ def run_all(engine, items: list, on_token: Callable[[int, list[int], list | None
                 results[i] = e
         batch.step()
     bar.close()
-    for res in results:
-        if isinstance(res, BaseException):
-            raise res
     return results

@@ -297,7 +297,8 @@ class Scheduler:
     def _call(self, kind: str, jobs: list[Job]):
         items = [j.item for j in jobs]
         hook = (lambda i, toks, lps: jobs[i].token(toks, lps, self.observe_ttft)) if kind == "generate" else None
-        return self.engine.run(kind, items, on_token=hook, cancelled=lambda i: jobs[i].cancelled.is_set())
+        return self.engine.run(kind, items, on_token=hook, cancelled=lambda i: jobs[i].cancelled.is_set(),
+                               return_errors=True)
 
     def _execute(self, kind: str, jobs: list[Job]) -> None:
         live = []
@@ -323,8 +324,13 @@ class Scheduler:
             self._isolate(kind, jobs[:half])
             self._isolate(kind, jobs[half:])
             return
-        for job, res in zip(jobs, results, strict=True):
-            job.future.set_result(res)
+        for job, res in zip(jobs, results, strict=True):  # a generation that failed alone fails alone
+            if isinstance(res, BaseException):
+                if not isinstance(res, EngineError):
+                    log.error("engine %s request failed: %s: %s", kind, type(res).__name__, res, exc_info=res)
+                self._fail(job, res)
+            else:
+                job.future.set_result(res)
 
     def _fail(self, job: Job, error: BaseException) -> None:
         self.stats.failed += 1
