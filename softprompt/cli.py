@@ -33,6 +33,7 @@ from softprompt.config import (
     given,
     load_yaml,
     store_task_problems,
+    template_flag,
     to_yaml,
 )
 from softprompt.config.sections import method_default_help
@@ -50,6 +51,9 @@ def _add_section(parser: argparse.ArgumentParser, section: str) -> None:
                                help=help_)
         elif typ is list:
             group.add_argument(flag(f.name), dest=f.name, default=None, help=help_ + " (comma-separated)")
+        elif f.name == "template":
+            group.add_argument(flag(f.name), dest=f.name, type=template_flag, default=None,
+                               help=help_ + " (\\n, \\t: a newline, a tab)")
         else:
             group.add_argument(flag(f.name), dest=f.name, type=typ, default=None, help=help_)
 

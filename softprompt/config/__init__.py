@@ -26,7 +26,7 @@ from softprompt.config.checks import (
     raise_problems,
     store_task_problems,
 )
-from softprompt.config.files import build_args, field_type, given, load_yaml, to_yaml
+from softprompt.config.files import build_args, field_type, given, load_yaml, template_flag, to_yaml
 from softprompt.config.sections import (
     SCHEDULES,
     SECTIONS,
@@ -41,4 +41,4 @@ from softprompt.config.sections import (
 __all__ = ["MAX_SEED", "MIN_MAX_LENGTH", "SCHEDULES", "SECTIONS", "ConfigError", "DataArgs", "EvalArgs", "ModelArgs",
            "PromptArgs", "ServeArgs", "TrainArgs", "build_args", "check_file_to_write", "check_folder_to_create",
            "check_real", "check_seed", "field_type", "fit_max_length", "flag", "generate_flag_problems", "given",
-           "keep_problems", "load_yaml", "raise_problems", "store_task_problems", "to_yaml"]
+           "keep_problems", "load_yaml", "raise_problems", "store_task_problems", "template_flag", "to_yaml"]

@@ -155,6 +155,12 @@ def _renamed(problem: str, source: dict[str, str | None]) -> str:
     return problem if prefix is None else prefix + m.group(1).replace("-", "_") + problem[m.end():]
 
 
+def template_flag(text: str) -> str:
+    """``--template``'s value with ``\\n``, ``\\t`` and ``\\\\`` read as a newline, a tab and a backslash: a shell
+    passes ``"Review: {text}\\nSentiment:"`` with a backslash and an n, and the prompt read as one line with them."""
+    return re.sub(r"\\([nt\\])", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}[m.group(1)], text)
+
+
 def given(ns: Any, section: str, name: str) -> bool:
     """Whether field ``name`` was set by a flag or by the ``--config`` file, rather than left at its default."""
     if getattr(ns, name, None) is not None:
