@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -155,3 +157,34 @@ def test_a_long_source_is_cut_alike_whichever_label_follows_it(tokenizer):
     rows_per_label(model, tokenizer, None, examples[:1], fmt, 8, 12, record)
     good, very = sorted(seen, key=len)
     assert good[:-1] == very[:-3] == sources[0]
+
+
+@pytest.mark.parametrize(("verbalizer", "why"), [
+    ({"pos": "good", "neg": "good film"}, "'neg''s tokens begin with all of 'pos''s"),
+    ({"pos": "good film", "neg": "good"}, "'pos''s tokens begin with all of 'neg''s"),
+    ({"pos": "good", "neg": " good"}, "tokenize alike, so the first always wins"),
+])
+def test_a_label_that_can_never_be_predicted_is_refused(tokenizer, verbalizer, why):
+    # a label is scored by the summed log-probability of its tokens: one that extends another always scores lower
+    # (" 10" after " 1" with a digit-splitting tokenizer) and was never predicted, with no word said
+    from softprompt.data import TaskFormat, label_room
+
+    fmt = TaskFormat("Review: {text}", "label", verbalizer)
+    with pytest.raises(DataError, match=re.escape(why)):
+        label_room(tokenizer, fmt)
+    assert label_room(tokenizer, TaskFormat("Review: {text}", "label", {"pos": "good", "neg": "very good"})) == 2
+
+
+def test_train_refuses_such_labels_before_training(tmp_path, capsys):
+    from softprompt.cli import main
+    from tests.conftest import make_model, make_tokenizer, sentiment_records, write_jsonl
+
+    d = tmp_path / "tiny"
+    make_model("llama").save_pretrained(d)
+    make_tokenizer().save_pretrained(d)
+    write_jsonl(tmp_path / "train.jsonl", sentiment_records(16, seed=1))
+    assert main(["train", "--model", str(d), "--train-file", str(tmp_path / "train.jsonl"), "--template",
+                 "Review: {text}", "--target-field", "label", "--verbalizer", "positive=good,negative=good film",
+                 "--output-dir", str(tmp_path / "run")]) == 2
+    assert "labels 'positive' and 'negative'" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

@@ -151,10 +151,35 @@ def encode(tokenizer, examples: list[Example], max_length: int = 256, append_eos
 
 def label_room(tokenizer, fmt) -> int:
     """Tokens the longest label text takes as a target (0 for a task without labels): what a classification
-    source leaves room for (:func:`encode`'s ``target_room``)."""
+    source leaves room for (:func:`encode`'s ``target_room``).
+
+    Raises:
+        DataError: a label that can never be predicted (:func:`label_prefix_problem`).
+    """
     if not fmt.is_classification:
         return 0
+    problem = label_prefix_problem(tokenizer, fmt)
+    if problem:
+        raise DataError(problem)
     return max(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in fmt.label_texts)
+
+
+def label_prefix_problem(tokenizer, fmt) -> str | None:
+    """Why some label can never be predicted, or None. A label is scored by the summed log-probability of its
+    tokens (no end marker after them), so a label whose tokens begin with all of another's always scores lower
+    (the other's score plus more negative terms), and of two labels with the same tokens the first always wins:
+    with a digit-splitting tokenizer, " 10" is " 1" + "0"; " yes." is " yes" + "."."""
+    ids = {label: tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
+           for label, text in zip(fmt.labels, fmt.label_texts, strict=True)}
+    for a, short in ids.items():
+        for b, long in ids.items():
+            if a != b and long[:len(short)] == short and (len(long) > len(short) or a < b):
+                why = ("tokenize alike, so the first always wins" if len(long) == len(short) else
+                       f"{b!r}'s tokens begin with all of {a!r}'s, so its summed log-probability is always lower "
+                       "and it can never be predicted")
+                return (f"--verbalizer: labels {a!r} and {b!r} ({list(short)} and {list(long)}) {why}; give them "
+                        "texts that differ within the shorter one's tokens (another word)")
+    return None
 
 
 def encode_classes(tokenizer, examples: list[Example], labels: list[str], max_length: int = 256) -> list[Encoded]:
