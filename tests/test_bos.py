@@ -155,10 +155,13 @@ def test_left_truncation_keeps_bos_and_counts_it(bos_tok):
     engine = Engine(model, bos_tok, max_input_tokens=4, truncate=True)
     engine.add_kv("soft", compute_prompt_kv(model, soft_prompt(model, bos_tok)()), FMT)
     tail = plain(bos_tok, "very good\nSentiment:")
+    # an engine with max_input_tokens = --max-length reads what training read: the source cut so that it and
+    # the longest label (the continuation) fit in it (it read one more token of a long input than training)
+    (trained,) = encode(bos_tok, [long], max_length=4, lead=[BOS])
     (row,) = engine.prepare("classify", ClassifyRequest("soft", "the movie was very good")).rows
-    assert row.ids == [BOS] + tail[-3:]
+    assert row.ids == trained.input_ids[:trained.target_start] == [BOS] + tail[-2:]
     (row,) = engine.prepare("score", ScoreRequest("soft", "the movie was very good", " positive")).rows
-    assert row.ids == [BOS] + tail[-3:] + [WORD_IDS["positive"]]
+    assert row.ids == trained.input_ids == [BOS] + tail[-2:] + [WORD_IDS["positive"]]
     # generation too (the final report of a generation task with a test input over --max-length raised
     # TooLongError after training, before the prompt was saved); a server's engine does not truncate
     (row,) = engine.prepare("generate", GenerateRequest("soft", "the movie was very good", max_tokens=2)).rows

@@ -115,9 +115,10 @@ class PrefixBackend(Backend):
     def classify_rows(self, member, fmt, source, task) -> list[Row]:
         engine = self.engine
         labels, single = self.label_ids(fmt)
-        room = engine.context - self.length(member) - max(len(x) for x in labels)
+        longest = max(len(x) for x in labels)
+        room = engine.context - self.length(member) - longest
         src = fit(engine, encode_source(engine, member, fmt, source), 0, room,
-                  f"classify input for task {task.name!r}", True, len(lead_ids(engine, member, fmt)))
+                  f"classify input for task {task.name!r}", True, len(lead_ids(engine, member, fmt)), longest)
         if single:
             return [Row(member, src, len(src), [x[0] for x in labels])]
         return [Row(member, src + lab, len(src)) for lab in labels]

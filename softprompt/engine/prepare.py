@@ -116,10 +116,15 @@ def encode_source(engine, member, fmt: TaskFormat | None, text: str) -> list[int
 
 
 def fit(engine, ids: list[int], keep_after: int, room: int, what: str, allow_truncate: bool,
-        keep_before: int = 0) -> list[int]:
+        keep_before: int = 0, counted_after: int = 0) -> list[int]:
     """``ids`` (``keep_before`` tokens that must stay, e.g. the BOS, + source + ``keep_after`` tokens that
-    must stay) within ``room`` tokens; a cut takes tokens from the start of the source."""
-    limit = min(room, engine.max_input_tokens + keep_after)
+    must stay) within ``room`` tokens; a cut takes tokens from the start of the source.
+
+    ``max_input_tokens`` bounds the source, ``keep_before`` included, and ``counted_after`` more tokens that
+    come after it: what training's ``--max-length`` counts (the longest label after a classification source,
+    the continuation after a scored one), so that an evaluation engine built with ``max_input_tokens`` =
+    ``--max-length`` reads the text training read (it read ``counted_after`` more tokens of a long input)."""
+    limit = min(room, engine.max_input_tokens + keep_after - counted_after)
     if len(ids) <= limit:
         return ids
     if not (allow_truncate and engine.truncate) or keep_before + keep_after >= limit:
@@ -181,7 +186,7 @@ def _prepare_score(engine, req: ScoreRequest, task, versions) -> Prepared:
     for member, fmt in zip(task.members, task.formats, strict=True):
         room = engine.context - engine.backend.length(member)
         ids = fit(engine, encode_source(engine, member, fmt, render(task, fmt, req)) + cont, len(cont), room,
-                  f"score input for task {task.name!r}", True, len(lead_ids(engine, member, fmt)))
+                  f"score input for task {task.name!r}", True, len(lead_ids(engine, member, fmt)), len(cont))
         rows.append(Row(member, ids, len(ids) - len(cont)))
     return Prepared("score", req, task, versions, rows, continuation=cont)
 
