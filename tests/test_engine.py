@@ -296,3 +296,17 @@ def test_scores_are_read_in_chunks_of_positions_without_changing_them(setup, mon
             assert a == pytest.approx(b, abs=1e-5)
         for a, b in zip(got[1], whole[1], strict=True):
             assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], abs=1e-5) for k in a)
+
+
+def test_a_task_of_one_multi_token_label_classifies(tokenizer):
+    # its one row of per-token log-probs was taken for a row of single-token candidates: a 500 for every request
+    from softprompt.data import TaskFormat
+
+    engine = Engine(make_model("llama"), tokenizer)
+    for name, verbalizer in (("one", {"yes": "very good"}), ("one-token", {"yes": "good"})):
+        engine.add_base(name, TaskFormat("Review: {text}\nSentiment:", "label", verbalizer))
+        (res,) = engine.classify([ClassifyRequest(name, "the movie")])
+        (score,) = engine.score([ScoreRequest(name, "Review: the movie\nSentiment:", " " + verbalizer["yes"],
+                                              raw=True)])
+        assert res.label == "yes" and res.probs == {"yes": pytest.approx(1.0)}
+        assert res.scores["yes"] == pytest.approx(score.logprob, abs=1e-4)

@@ -127,7 +127,9 @@ class PrefixBackend(Backend):
         return self.score(rows)
 
     def member_scores(self, task, labels, scores) -> torch.Tensor:
-        return scores[0] if len(scores) == 1 else torch.stack([s.sum() for s in scores])  # (L,)
+        # one row per label (their tokens' log-probs, summed; also a task of one multi-token label), or one row
+        # of single-token candidates
+        return torch.stack([s.sum() for s in scores]) if len(scores) == len(labels) else scores[0]  # (L,)
 
     @torch.no_grad()
     def score(self, rows: list[Row]) -> list[torch.Tensor]:
