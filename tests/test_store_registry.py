@@ -570,3 +570,20 @@ def test_cli_errors_and_broken_listing(tmp_path, capsys):
 ])
 def test_headline_metric(metrics, expected):
     assert cli_store.headline_metric(metrics) == expected
+
+
+def test_eval_refuses_an_ensemble_whose_members_have_other_templates(store, model, tokenizer, tmp_path, capsys):
+    # the test split is rendered once, with the first member's template, and sent as it is to every member: the
+    # others were scored on text they were not trained on and the report was not what the server serves
+    from softprompt.cli import main
+
+    d = tmp_path / "tiny"
+    model.save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    store.save("a", prompt(model, tokenizer, 1), model, task={**TASK, "dataset": "rotten_tomatoes"})
+    store.save("b", prompt(model, tokenizer, 2), model,
+               task={**TASK, "template": "Classify : {text} .", "dataset": "rotten_tomatoes"})
+    store.add_ensemble("ens", ["a", "b"])
+    assert main(["eval", "--model", str(d), "--store", str(store.root), "--task", "ens"]) == 2
+    err = capsys.readouterr().err
+    assert "ensemble 'ens': its members were trained with different templates" in err and "b: 'Classify" in err

@@ -153,6 +153,11 @@ def evaluate_store(args: dict, store: str, tasks: list[str] | None = None, check
 def _plan(engine, prompt_store, name: str, data, check_fingerprint: bool, given: set[str]) -> tuple:
     """Load entry ``name`` into ``engine`` and read its task's data: ``(name, task, data flags used)``."""
     t = engine.load_from_store(prompt_store, name, check_fingerprint)
+    templates = {m: None if f is None else f.template for m, f in zip(t.members, t.formats, strict=True)}
+    if len(set(templates.values())) > 1:  # the test split is rendered once, with the first member's template
+        raise ConfigError(f"ensemble {name!r}: its members were trained with different templates "
+                          f"({'; '.join(f'{m}: {v!r}' for m, v in templates.items())}), and the test split would "
+                          "be rendered with the first one's for all of them: evaluate the members one by one")
     meta = t.meta or {}  # an ensemble's: its first member's (the members share their labels)
     task_args = dataclasses.replace(data)
     record = TaskRecord.parse(meta.get("task"), name)  # validated when the entry was loaded
