@@ -188,3 +188,16 @@ def test_train_refuses_such_labels_before_training(tmp_path, capsys):
                  "--output-dir", str(tmp_path / "run")]) == 2
     assert "labels 'positive' and 'negative'" in capsys.readouterr().err
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_a_max_length_the_longest_label_fills_is_refused(tokenizer):
+    # every source was cut to nothing (keep <= 0) and only examples of the long label itself raised
+    fmt_labels = {"pos": "good", "neg": "very very very good"}
+    from softprompt.data import TaskFormat, label_room
+
+    fmt = TaskFormat("Review: {text}", "label", fmt_labels)
+    examples = [fmt.render({"text": "the movie was great", "label": "pos"})]
+    room = label_room(tokenizer, fmt)
+    with pytest.raises(DataError, match="the longest label takes 4 tokens .+1 special.: --max-length 5 leaves no"):
+        encode(tokenizer, examples, max_length=5, lead=[1], target_room=room)
+    assert encode(tokenizer, examples, max_length=6, lead=[1], target_room=room)[0].target_start == 2

@@ -123,6 +123,10 @@ def encode(tokenizer, examples: list[Example], max_length: int = 256, append_eos
             raise DataError("append_eos needs a tokenizer with an EOS token; this one has none")
         eos = [int(tokenizer.eos_token_id)]
     lead, trail = list(lead), list(trail)
+    if target_room and target_room + len(lead) + len(trail) >= max_length:  # every source would be cut to nothing
+        raise DataError(f"the longest label takes {target_room} tokens"
+                        + (f" (+{len(lead) + len(trail)} special)" if lead or trail else "")
+                        + f": --max-length {max_length} leaves no token of the input; raise --max-length")
     # one batched call per side; add_special_tokens=False keeps BOS/EOS out of the concatenation (the
     # source's BOS is ``lead``, put in front here)
     sources = tokenizer([e.source for e in examples], add_special_tokens=False)["input_ids"]
