@@ -593,3 +593,15 @@ def test_tune_flags_are_checked_with_the_train_flags_at_once(env, tmp_path):
     rc, _, stderr = run(argv)
     assert rc == 2
     assert "--lrs" in stderr and "--eta" in stderr and "--lr" in stderr
+
+
+def test_a_test_split_training_could_not_encode_is_refused_before_training(env, tmp_path):
+    # a test answer over --max-length (validation's were refused up front) stopped the run after training,
+    # before its report and its prompt/ were written
+    test = write_jsonl(tmp_path / "test.jsonl", [{"text": "good movie", "label": " ".join(["positive"] * 12)}])
+    argv = [a for a in train_argv(env, tmp_path / "run", "--max-steps", "2", "--max-length", "10",
+                                  "--test-file", str(test))
+            if a not in ("--verbalizer", "positive=positive,negative=negative")]
+    rc, _, stderr = run(argv)
+    assert rc == 2 and "test split: example 0: target" in stderr and "more than --max-length 10" in stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

@@ -17,7 +17,7 @@ import torch
 
 from softprompt import methods
 from softprompt.config import ConfigError, to_yaml
-from softprompt.data import bos_after_prompt, default_init_text, token_counts
+from softprompt.data import DataError, bos_after_prompt, default_init_text, token_counts
 from softprompt.evaluate import format_report, primary_metric
 from softprompt.forward import family_of
 from softprompt.methods import PromptMethod
@@ -104,6 +104,13 @@ def train_and_save(args: dict, store: str | None = None, store_task: str | None 
           + (f"; init text {args['prompt'].init_text!r}" if args["prompt"].init == "text" else ""))
     meta = task_meta(args["data"], fmt)
     bos = bos_after_prompt(fmt)  # the layout it trains with
+    split = args["eval"].split  # encoded now as training encodes (validation too, in train): a chat conversation
+    # with no whole answer in --max-length, or a target over it, stopped the run after training, before its report
+    if task.splits.get(split) and split not in ("train", "validation"):
+        try:
+            family_of(model).encode_examples(tok, task.examples(split), fmt, args["data"].max_length, bos)
+        except DataError as e:
+            raise DataError(f"{split} split: {e}") from None
     train_cfg = {k: dataclasses.asdict(v) for k, v in args.items()}
 
     def save_best(m, metrics):
