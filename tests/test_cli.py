@@ -605,3 +605,23 @@ def test_a_test_split_training_could_not_encode_is_refused_before_training(env, 
     rc, _, stderr = run(argv)
     assert rc == 2 and "test split: example 0: target" in stderr and "more than --max-length 10" in stderr
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_answers_the_greedy_answer_cannot_match_are_warned_about(tokenizer, caplog):
+    # a multi-line answer (generation stops at the first newline) or one over --max-new-tokens scored 0 exact
+    # match whatever the prompt, with no word said
+    import logging
+
+    from softprompt.data import Example
+    from softprompt.workflows.baselines import warn_answer_limits
+
+    examples = [Example("a", " good"), Example("b", " very good movie\nthe plot"), Example("c", " good movie")]
+    with caplog.at_level(logging.WARNING, logger="softprompt"):
+        warn_answer_limits(tokenizer, examples, max_new_tokens=2, newline_stops=True)
+    text = caplog.text
+    assert "1 of the 3 reference answers are longer than --max-new-tokens 2 (the longest: 5 tokens)" in text
+    assert "1 of the 3 reference answers span lines" in text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="softprompt"):
+        warn_answer_limits(tokenizer, examples, max_new_tokens=5, newline_stops=False)  # a chat task
+    assert caplog.text == ""

@@ -81,6 +81,23 @@ def lm_baselines(model, tokenizer, args: dict, prompt_text: str, examples: list[
     return report
 
 
+def warn_answer_limits(tokenizer, examples: list[Example], max_new_tokens: int, newline_stops: bool) -> None:
+    """Warn about reference answers the greedy answer can never match: longer than ``max_new_tokens``, or
+    spanning lines when generation stops at the first newline (a template task's). Their exact match is 0
+    and their F1 and ROUGE-L are capped, whatever the prompt."""
+    targets = [ex.target.strip() for ex in examples]
+    lengths = [len(ids) for ids in tokenizer(targets, add_special_tokens=False)["input_ids"]] if targets else []
+    long = sum(n > max_new_tokens for n in lengths)
+    if long:
+        log.warning("%d of the %d reference answers are longer than --max-new-tokens %d (the longest: %d tokens): "
+                    "the greedy answer is cut there, so their exact match is 0 and their F1/ROUGE-L capped; raise "
+                    "--max-new-tokens", long, len(targets), max_new_tokens, max(lengths))
+    lines = sum("\n" in t for t in targets) if newline_stops else 0
+    if lines:
+        log.warning("%d of the %d reference answers span lines, and the greedy answer stops at its first newline: "
+                    "their exact match is 0 and their F1/ROUGE-L capped", lines, len(targets))
+
+
 def evaluate_with_baselines(model, tokenizer, task: TaskData, args: dict, prompt_text: str,
                             examples: list[Example], kv_tuned=None, tuned_bos: bool = True) -> dict:
     """Evaluate the tuned prompt (if given) and the requested baselines on ``examples``.
@@ -110,6 +127,8 @@ def evaluate_with_baselines(model, tokenizer, task: TaskData, args: dict, prompt
         return lm_baselines(model, tokenizer, args, prompt_text, examples, kv_tuned, fmt)
     if family.has_head:
         return classifier_baselines(model, tokenizer, task, args, examples, kv_tuned)
+    if not fmt.is_classification:  # a free-text answer: greedy, cut at --max-new-tokens (and a template's at "\n")
+        warn_answer_limits(tokenizer, examples, ev.max_new_tokens, newline_stops=not is_chat(fmt))
     if is_chat(fmt):
         return chat_baselines(model, tokenizer, task, args, prompt_text, examples, kv_tuned)
     # condition -> (prompt, whether the text after it starts with the model's BOS); each is laid out as the
