@@ -311,6 +311,8 @@ def test_a_held_out_file_that_repeats_training_examples_is_warned_about(tmp_path
     warned = [r.getMessage() for r in caplog.records]
     assert any(m.startswith("2 of the 3 validation examples also appear in the train split") for m in warned)
     assert any(m.startswith("6 of the 6 test examples also appear in the train split") for m in warned)
+    # and a test split that repeats validation examples: the best step was selected on them
+    assert any(m.startswith("2 of the 6 test examples also appear in the validation split") for m in warned)
     caplog.clear()
     (tmp_path / "t.jsonl").write_text(json.dumps({"text": "unseen", "label": "neg"}) + "\n")
     with caplog.at_level(logging.WARNING, logger="softprompt"):

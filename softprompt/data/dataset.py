@@ -208,19 +208,23 @@ def _example_key(ex: Example) -> tuple:
     return ex.source, ex.target, repr(getattr(ex, "messages", None))
 
 
-def overlap(splits: dict[str, list[Example]]) -> dict[str, int]:
-    """Per held-out split (validation, test): how many of its examples also appear in ``train`` (same input and
-    answer, or the same conversation)."""
-    train = {_example_key(e) for e in splits.get("train", [])}
-    return {s: sum(_example_key(e) in train for e in splits[s]) for s in ("validation", "test")
-            if s in splits and train}
+def overlap(splits: dict[str, list[Example]]) -> dict[tuple[str, str], int]:
+    """Per pair ``(held-out split, earlier split)``: (validation, train), (test, train), (test, validation): how
+    many of the held-out split's examples also appear in the earlier one (same input and answer, or the same
+    conversation)."""
+    keys = {s: {_example_key(e) for e in splits[s]} for s in ("train", "validation") if splits.get(s)}
+    return {(s, other): sum(_example_key(e) in keys[other] for e in splits[s])
+            for s, other in (("validation", "train"), ("test", "train"), ("test", "validation"))
+            if s in splits and other in keys}
 
 
 def _warn_overlap(splits: dict[str, list[Example]], files: dict) -> None:
     """Warn when a user file's held-out split repeats training examples (the same file given twice, or files
-    that share records): its numbers would partly measure memorisation, with no sign of it."""
-    for split, n in overlap(splits).items():
-        if n and (split in files or "train" in files):
-            log.warning("%d of the %d %s examples also appear in the train split (same input and answer): the %s "
-                        "numbers partly measure recall of training examples; deduplicate the files", n,
-                        len(splits[split]), split, split)
+    that share records), or the test split repeats validation examples (model selection saw them): its numbers
+    would partly measure memorisation or selection, with no sign of it."""
+    for (split, other), n in overlap(splits).items():
+        if n and (split in files or other in files):
+            log.warning("%d of the %d %s examples also appear in the %s split (same input and answer): the %s "
+                        "numbers partly measure %s; deduplicate the files", n, len(splits[split]), split, other,
+                        split, "recall of training examples" if other == "train" else
+                        "examples the best step was selected on")
