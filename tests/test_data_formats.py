@@ -277,6 +277,19 @@ def test_load_task_reports_file_errors(tmp_path):
         load_task(train_file=f, template="{text}", target_field="label", max_samples={"valid": 3})
 
 
+def test_json_numbers_reach_the_template_as_the_file_wrote_them(tmp_path):
+    # 19.90 became "19.9", 0.00001 "1e-05" and 5E3 "5000.0": the same data as JSONL and as CSV trained on other text
+    recs = '{"text": "price 19.90", "n": 0.00001, "answer": 19.90}\n{"text": "x", "n": 5E3, "answer": 7}\n'
+    (tmp_path / "d.jsonl").write_text(recs)
+    (tmp_path / "d.json").write_text("[" + recs.strip().replace("\n", ",") + "]")
+    (tmp_path / "d.csv").write_text("text,n,answer\nprice 19.90,0.00001,19.90\nx,5E3,7\n")
+    rendered = []
+    for name in ("d.jsonl", "d.json", "d.csv"):
+        task = load_task(train_file=tmp_path / name, template="Q: {text} {n}", target_field="answer")
+        rendered.append([(ex.source, ex.target) for ex in task.examples("train")])
+    assert rendered[0] == rendered[1] == rendered[2] == [("Q: price 19.90 0.00001", " 19.90"), ("Q: x 5E3", " 7")]
+
+
 def test_json_values_that_are_not_text_are_refused_and_booleans_read_as_json_writes_them():
     """A list or object field was rendered as Python's repr (a template got "['a', 'b']", a target
     " ['Paris', 'Lyon']") and NaN as "nan"; a JSON label true read as "True", unknown to a true/false verbalizer."""

@@ -82,6 +82,19 @@ def json_value_problem(e: Exception) -> str:
     return str(e).split(";")[0]  # "Exceeds the limit (4300 digits) for integer string conversion"
 
 
+class JsonNumber(float):
+    """A JSON number with a fraction or exponent, as a float that remembers how the file wrote it: a template
+    field or target gets ``19.90`` and ``0.00001`` as written (Python's ``str`` gave ``19.9`` and ``1e-05``, so
+    the same data as JSONL and as CSV trained on different text)."""
+
+    text: str
+
+    def __new__(cls, text: str) -> JsonNumber:
+        obj = super().__new__(cls, text)
+        obj.text = text
+        return obj
+
+
 def _parse_json_lines(text: str, name: str) -> tuple[list[dict], list[int]]:
     records: list[dict] = []
     lines: list[int] = []
@@ -89,7 +102,7 @@ def _parse_json_lines(text: str, name: str) -> tuple[list[dict], list[int]]:
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
+            obj = json.loads(line, parse_float=JsonNumber)
         except json.JSONDecodeError as e:
             raise DataError(f"{name} line {lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
         except (ValueError, RecursionError) as e:
@@ -103,7 +116,7 @@ def _parse_json_lines(text: str, name: str) -> tuple[list[dict], list[int]]:
 
 def _parse_json_array(text: str, name: str) -> tuple[list[dict], list[int]]:
     try:
-        items = json.loads(text)
+        items = json.loads(text, parse_float=JsonNumber)
     except json.JSONDecodeError as e:
         raise DataError(f"{name} line {e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
     except (ValueError, RecursionError) as e:

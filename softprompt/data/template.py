@@ -32,7 +32,7 @@ def _field_text(value, what: str) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int) or (isinstance(value, float) and math.isfinite(value)):
-        return str(value)
+        return getattr(value, "text", None) or str(value)  # a JSON file's number as it wrote it (JsonNumber)
     kind = "a non-finite number" if isinstance(value, float) else type(value).__name__
     raise DataError(f"{what} is {kind} ({str(value)[:60]}), not text: a template field or target must be a string, "
                     "a number or true/false")
