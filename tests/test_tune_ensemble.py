@@ -84,6 +84,10 @@ def test_ensemble_seeds_stores_the_members_and_ensemble_and_reports_the_validati
     assert gain != 0 and report["gain"]["accuracy"] == pytest.approx(gain, abs=1e-12)
     assert report["gain"]["macro_f1"] == pytest.approx(
         own["sent"]["macro_f1"] - statistics.fmean(own[m]["macro_f1"] for m in spec.members), abs=1e-12)
+    # the loss of the mixture the engine scores is at most the members' mean loss: a real gain (below 0)
+    assert report["gain"]["loss"] == pytest.approx(
+        own["sent"]["loss"] - statistics.fmean(own[m]["loss"] for m in spec.members), abs=1e-12)
+    assert report["gain"]["loss"] < 0
     # the members' accuracy also equals the search's own validation evaluation of each run (not the engine's)
     assert singles == [t.last.metrics["accuracy"] for t in result.seed_runs]
     assert report["n"] == len(valid) == 32 and report["split"] == "validation" and report["metric"] == "accuracy"

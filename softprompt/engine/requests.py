@@ -48,8 +48,9 @@ class ClassifyRequest:
 class ClassifyResult:
     """The chosen label, each label's probability, and each label's log-likelihood.
 
-    For an ensemble, ``probs`` is the mean of the members' probabilities, ``scores`` the members' mean
-    log-likelihood, and ``votes`` counts the members' picks.
+    For an ensemble, ``probs`` is the mean of the members' probabilities, ``scores`` the log of the members'
+    mean likelihood (``logsumexp - log M``, what ``score`` gives for the ensemble), and ``votes`` counts the
+    members' picks.
     """
 
     task: str

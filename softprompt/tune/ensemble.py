@@ -11,9 +11,10 @@ Each is measured as the store serves it: the members and the ``mean`` ensemble (
 members' label probabilities) are put in a prompt store (``--store``, or a temporary one) and scored by an
 :class:`~softprompt.engine.Engine` loaded from it, in shared batches, with
 :func:`~softprompt.evaluate.evaluate_on_engine`. Only the validation split is read. For accuracy and
-macro-F1 (the metrics of the predicted labels; see :data:`METRICS`) the report holds each member's value,
-their mean and sample standard deviation, the ensemble's value and the gain: ensemble minus mean single
-prompt. The console line leads with the search's metric, or accuracy when the search ranked by another.
+macro-F1 (the metrics of the predicted labels) and the loss (see :data:`METRICS`) the report holds each
+member's value, their mean and sample standard deviation, the ensemble's value and the gain: ensemble minus
+mean single prompt (for the loss, lower is better: a gain below 0 is an improvement). The console line
+leads with the search's metric if it is accuracy or macro-F1, else with accuracy.
 
 Ensembles combine label probabilities, so they are built for classification tasks only; a generation task,
 or a model the engine does not serve (an encoder-decoder), gets a message saying why none is built.
@@ -29,9 +30,10 @@ from softprompt.data import Example, TaskFormat
 from softprompt.forward import family_of
 
 COMBINE = "mean"
-# what the ensemble's predicted labels give; the engine scores an ensemble's label with the mean of its
-# members' log-likelihoods, so its loss (and perplexity) is the members' mean by construction: no gain to see
-METRICS = ("accuracy", "macro_f1")
+# the predicted labels' metrics, and the loss: the engine scores an ensemble's label with the log of its members'
+# mean likelihood (a mixture), whose loss is at most the members' mean loss (a gain below 0 is an improvement)
+METRICS = ("accuracy", "macro_f1", "loss")
+LEAD = ("accuracy", "macro_f1")  # the metrics a report's headline line can lead with (its search's, if one)
 
 
 def not_built_reason(fmt: TaskFormat, model) -> str | None:
@@ -105,7 +107,7 @@ def measure(kind: str, name: str, members: list[dict], model, tokenizer, example
     by_name = {m["name"]: m for m in scores.pop("members")}
     rows = [{**{k: (str(v) if isinstance(v, Path) else v) for k, v in m.items()}, "metrics": by_name[m["name"]]
              ["metrics"]} for m in members]
-    if metric not in METRICS:
+    if metric not in LEAD:  # a search ranked by the loss (or another metric): its headline stays accuracy
         metric, higher = "accuracy", True
     return {"kind": kind, "name": name, "combine": COMBINE, "split": "validation", "metric": metric,
             "higher_is_better": higher, "store": str(Path(store_dir).expanduser().absolute()) if store_dir else None,
