@@ -36,6 +36,7 @@ from softprompt.data import (
     encode_chat,
     is_chat,
     turn_end_ids,
+    turn_end_text,
     with_leading,
     with_trailing,
 )
@@ -296,7 +297,8 @@ def evaluate_chat(model, tokenizer, prompt_kv, examples: list[Example], fmt: Tas
         prompts.append(ids[-max_length:])  # the end of the conversation, as training keeps it
         expected.append(ex.messages[last]["content"].strip())
     texts = [t.strip() for t in generate_texts(model, tokenizer, prompt_kv, prompts, max_new_tokens, batch_size,
-                                               stop=None, end_ids=turn_end_ids(tokenizer, fmt.chat_template))]
+                                               stop=turn_end_text(tokenizer, fmt.chat_template),
+                                               end_ids=turn_end_ids(tokenizer, fmt.chat_template))]
     metrics: dict[str, float] = {"n": float(len(examples)), **generation_metrics(expected, texts)}
     if with_loss:
         enc = encode_chat(tokenizer, examples, fmt, max_length)

@@ -415,3 +415,51 @@ def test_completion_text_only_extends_as_tokens_arrive_even_with_a_clean_up_toke
     assert tok.decode(ids[:3]) == "x's"  # what the clean-up makes of it
     texts = [Detokenizer(tok).text(ids[:k]) for k in range(len(ids) + 1)]
     assert all(b.startswith(a) for a, b in zip(texts[:-1], texts[1:], strict=True)) and texts[-1] == " x ' s ' x"
+
+
+def test_a_chat_task_whose_template_ends_a_turn_with_plain_text_stops_there(tmp_path):
+    # a frozen base model cannot learn a new special token: with a template whose end-of-turn marker is plain
+    # text in its vocabulary (ChatML's <|im_end|> on a tokenizer without it), the prompt learns to write it, and
+    # generation ran past it into invented turns
+    from softprompt.data import ChatFormat, turn_end_ids, turn_end_text
+    from tests.conftest import WORDS, make_tokenizer
+    from tests.test_chat import TEMPLATE
+
+    model, tok = make_model("llama"), make_tokenizer()
+    text = "Classify sentiment .Review a good film .Sentiment"
+    engine = Engine(model, tok, max_batch_rows=8)
+    engine.add_base("raw")
+    free = engine.generate([GenerateRequest("raw", text, raw=True, max_tokens=8)])[0]
+    prompt_ids = tok(text, add_special_tokens=False)["input_ids"]
+    k = next((k for k in range(1, len(free.tokens)) if free.tokens[k] not in free.tokens[:k] + prompt_ids
+              and free.tokens[k] > 2), None)
+    if k is None:
+        pytest.skip("the greedy answer repeats its tokens on this random model")
+    marker = WORDS[free.tokens[k]]
+    template = TEMPLATE.replace("[EOS]", marker)
+    assert turn_end_ids(tok, template) == () and turn_end_text(tok, template) == marker
+    assert turn_end_text(tok, TEMPLATE) is None  # [EOS] is a special token: an end id, no stop string
+    engine.add_base("chat", ChatFormat(chat_template=template))
+    assert engine.turn_stops("chat") == [marker] and engine.turn_stops("raw") == []
+    req = GenerateRequest("chat", text, raw=True, max_tokens=8)
+    want = free.text[:free.text.index(marker)]  # cut where the marker starts, as any stop string
+    results, _ = _run_joining(engine, [req], every=0)
+    for res in (results[0], _solo(engine, req)):  # the continuous scheduler and the batch-at-a-time decode
+        assert (res.text, res.finish_reason) == (want, "stop")
+    # the server streams what it returns: the marker's first characters are held back, never sent
+    pytest.importorskip("fastapi")
+    import json
+
+    from fastapi.testclient import TestClient
+
+    from softprompt.server import Scheduler, ServerState, create_app
+
+    msgs = [{"role": "system", "content": "sentiment"}, {"role": "user", "content": "a good film"}]
+    body = {"model": "chat", "messages": msgs, "max_tokens": 8, "temperature": 0}
+    with TestClient(create_app(ServerState(engine, Scheduler(engine), max_tokens=16))) as client:
+        whole = client.post("/v1/chat/completions", json=body).json()["choices"][0]
+        with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
+            lines = [ln[6:] for ln in r.iter_lines() if ln.startswith("data: ") and ln != "data: [DONE]"]
+    streamed = "".join(json.loads(ln)["choices"][0]["delta"].get("content", "") for ln in lines if
+                       json.loads(ln)["choices"])
+    assert whole["message"]["content"] == streamed == want and whole["finish_reason"] == "stop"

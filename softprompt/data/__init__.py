@@ -9,6 +9,7 @@ from softprompt.data.chat import (
     is_chat,
     parse_messages,
     turn_end_ids,
+    turn_end_text,
 )
 from softprompt.data.dataset import TaskData, load_task, order_verbalizer, parse_verbalizer
 from softprompt.data.formats import DataError, load_records, load_records_with_lines
@@ -68,4 +69,5 @@ __all__ = [
     "with_trailing",
     "trailing_special_ids",
     "turn_end_ids",
+    "turn_end_text",
 ]

@@ -200,6 +200,27 @@ def assistant_spans(tokenizer, messages: list[dict], chat_template: str | None =
 _PROBE = [{"role": "user", "content": "Hello."}, {"role": "assistant", "content": "Hello to you."}]
 
 
+def _turn_tail(tokenizer, chat_template: str | None) -> str | None:
+    """What the chat template writes after an assistant turn's text (its end of turn), or None."""
+    try:
+        text = render_chat(tokenizer, _PROBE, chat_template)
+    except DataError:
+        return None
+    at = text.rfind(_PROBE[-1]["content"])
+    return None if at < 0 else text[at + len(_PROBE[-1]["content"]):]
+
+
+def turn_end_text(tokenizer, chat_template: str | None = None) -> str | None:
+    """The text the chat template ends an assistant turn with, when no special token does (ChatML's
+    ``<|im_end|>`` on a tokenizer without that token: a frozen base model learns to write it as text): a stop
+    string for a chat task's generation. None when the turn ends with a special token
+    (:func:`turn_end_ids`) or with nothing but whitespace."""
+    tail = _turn_tail(tokenizer, chat_template)
+    if tail is None or turn_end_ids(tokenizer, chat_template):
+        return None
+    return tail.strip() or None
+
+
 def turn_end_ids(tokenizer, chat_template: str | None = None) -> tuple[int, ...]:
     """The special token(s) the chat template ends an assistant turn with (ChatML's ``<|im_end|>``, Llama 3's
     ``<|eot_id|>``, Mistral's ``</s>``): what a chat prompt learned to emit at the end of its answer (the
@@ -207,18 +228,13 @@ def turn_end_ids(tokenizer, chat_template: str | None = None) -> tuple[int, ...]
     the model's EOS is another token (ChatML on a base model). Found by rendering a short conversation: the
     special tokens between the reply's text and the next non-space text. Empty when the template ends a turn
     with plain text or nothing, or cannot render the probe."""
-    try:
-        text = render_chat(tokenizer, _PROBE, chat_template)
-    except DataError:
-        return ()
-    reply = _PROBE[-1]["content"]
-    at = text.rfind(reply)
-    if at < 0:
+    tail = _turn_tail(tokenizer, chat_template)
+    if tail is None:
         return ()
     special = set(getattr(tokenizer, "all_special_ids", []) or [])
     special |= set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
     out = []
-    for i in _ids(tokenizer, text[at + len(reply):]):
+    for i in _ids(tokenizer, tail):
         if i in special:
             out.append(int(i))
         elif tokenizer.decode([i]).strip():  # the next turn's text: the end markers are behind

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from softprompt.data import TaskFormat, is_chat, turn_end_ids
+from softprompt.data import TaskFormat, is_chat, turn_end_ids, turn_end_text
 from softprompt.engine.backend import backend_for
 from softprompt.engine.batching import Row
 from softprompt.engine.detokenize import Detokenizer
@@ -328,6 +328,16 @@ class Engine:
         if key not in self._turn_ends:
             self._turn_ends[key] = frozenset(self.end_ids) | frozenset(turn_end_ids(self.tok, key))
         return self._turn_ends[key]
+
+    def turn_stops(self, task_name: str) -> list[str]:
+        """Stop strings a generation of task ``task_name`` gets besides its own: a chat task whose template
+        ends a turn with plain text (:func:`~softprompt.data.turn_end_text`); none for any other task."""
+        task = self.tasks.get(task_name)
+        fmt = task.formats[0] if task is not None and task.formats else None
+        if fmt is None or not is_chat(fmt):
+            return []
+        marker = turn_end_text(self.tok, fmt.chat_template)
+        return [marker] if marker else []
 
     def versions(self, members: list) -> tuple:
         """How many times each prompt key was (re)loaded; a request prepared against other versions is stale."""

@@ -256,12 +256,13 @@ def create_app(state: ServerState) -> FastAPI:
         """
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        hold = max((len(s) for s in req.stop), default=1) - 1  # a stop string may still be forming
+        stops = [*req.stop, *state.engine.turn_stops(req.task)]  # the engine adds a chat task's text end of turn
+        hold = max((len(s) for s in stops), default=1) - 1  # a stop string may still be forming
         render = None if req.logprobs is None else logprobs.Renderer(state.engine.tok)
 
         def on_token(toks: list[int], lps) -> None:
             text = state.engine.detok.text(toks)
-            cuts = [text.index(s) for s in req.stop if s in text]
+            cuts = [text.index(s) for s in stops if s in text]
             visible = text[:min(cuts)] if cuts else text[:max(len(text) - hold, 0)]
             new = render.extend(toks, lps) if render is not None and lps is not None else []
             loop.call_soon_threadsafe(queue.put_nowait, (visible, new))
