@@ -22,9 +22,14 @@ from softprompt.config import TrainArgs
 WSD_DECAY = 0.25  # the share of the steps that ``wsd``'s decay takes: a third of the stable phase before it
 
 
+def wsd_decay_start(total_steps: int, warmup_steps: int) -> int:
+    """The step ``wsd``'s decay starts at in a ``total_steps`` run (never inside the warmup)."""
+    return max(warmup_steps, total_steps - math.ceil(total_steps * WSD_DECAY))
+
+
 def lr_lambda(args: TrainArgs, total_steps: int) -> Callable[[int], float]:
     """The lr multiplier of optimizer step ``step`` (0-based) of a ``total_steps`` run (see the module)."""
-    decay_from = max(args.warmup_steps, total_steps - math.ceil(total_steps * WSD_DECAY))
+    decay_from = wsd_decay_start(total_steps, args.warmup_steps)
 
     def fn(step: int) -> float:
         if step < args.warmup_steps:

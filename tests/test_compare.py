@@ -285,6 +285,25 @@ def _fake_seed_run(j):
             "rollbacks": [0, 2, 1][j.seed], "diverged": False, "lr_scale": 1.0, "guard": True, "peak_mib": 100.0}
 
 
+def test_with_fixed_steps_under_wsd_the_verdict_is_read_where_the_decay_starts():
+    # the decay's own fall (the schedule's, over the last quarter) read as a slope that more steps would follow:
+    # a run flat from step 20 to the decay was reported "no: 40 (+10%)"
+    from softprompt.compare.harness import summarise
+
+    flat_then_decay = [1.0, 0.6, 0.5, 0.5, 0.5, 0.5, 0.45, 0.45]  # every 5 steps to 40; the decay from step 30
+    runs = []
+    for seed in (0, 1):
+        run = _fake_seed_run(Job(Spec("x", "prompt_tuning"), "m", "d", 40, 8, 0.1, seed=seed))
+        run.update(steps_run=40, curve=[{"step": 5 * (i + 1), "loss": v, "accuracy": 0.5}
+                                        for i, v in enumerate(flat_then_decay)])
+        runs.append(run)
+    fixed = {"steps": 40, "seeds": 2, "lr_search": False, "eval_every": 5, "until_flat": False}
+    row = summarise(Spec("x", "prompt_tuning"), runs, None, CompareSettings("m", **fixed, schedule="wsd"))
+    assert row["converged"] is True and row["last_third_gain"] == [0.0, 0.0]  # 0.5 at step 20, 0.5 after
+    row = summarise(Spec("x", "prompt_tuning"), runs, None, CompareSettings("m", **fixed, schedule="linear"))
+    assert row["converged"] is False and row["last_third_gain"] == [0.1, 0.1]  # linear: at its last step
+
+
 def test_seeds_give_mean_and_std_over_every_run():
     jobs = []
     settings = CompareSettings("m", steps=6, seeds=3, lr_search=False, eval_every=2)

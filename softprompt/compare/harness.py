@@ -12,8 +12,9 @@ from pathlib import Path
 
 from softprompt.compare.ensemble import Evaluator, method_slug, store_seed_ensemble
 from softprompt.compare.report import convergence, format_row, format_table, mean_curve, plot_compare, plot_curves
-from softprompt.compare.run import Job, run_in_subprocess
+from softprompt.compare.run import WARMUP_STEPS, Job, run_in_subprocess
 from softprompt.compare.specs import WEIGHT_KINDS, CompareSettings, Spec, lr_grid
+from softprompt.schedule import wsd_decay_start
 
 Runner = Callable[[Job], dict]
 
@@ -82,16 +83,21 @@ def summarise(spec: Spec, runs: list[dict], search: dict | None, settings: Compa
 
     A seed run is converged when its validation loss fell by less than ``settings.converged_tol`` over the
     last third of its steps: with ``until_flat``, at the plateau that started its cool-down (``flat_step``),
-    and a run that reached ``steps`` without one is not; with fixed steps, at its last step. The row is
+    and a run that reached ``steps`` without one is not; with fixed steps, at its last step, or under the
+    ``wsd`` schedule where its decay starts (the decay's own fall is the schedule's, not a slope that more
+    steps at that lr would follow). The row is
     converged when every seed run is; a seed run the divergence guard ended is not (its accuracy, from the
     rolled-back state, still counts in the mean: it is what the method reached at that lr).
-    ``last_third_gain`` is the gain over a run's whole curve.
+    ``last_third_gain`` is the gain over a run's curve up to where its fixed-steps verdict is read.
     """
     first = runs[0]
     accs = [r["accuracy"] for r in runs]
     curve = mean_curve([r["curve"] for r in runs], first["metric"])
     for r in runs:
-        r["converged"], r["last_third_gain"] = convergence(r["curve"], r.get("steps_run", settings.steps),
+        at = r.get("steps_run", settings.steps)
+        if not settings.until_flat and settings.schedule == "wsd":
+            at = wsd_decay_start(at, min(WARMUP_STEPS, at))
+        r["converged"], r["last_third_gain"] = convergence([p for p in r["curve"] if p["step"] <= at], at,
                                                            settings.converged_tol)
         if settings.until_flat and r["converged"] is not None:
             r["converged"] = r.get("flat_step") is not None

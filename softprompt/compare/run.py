@@ -22,6 +22,7 @@ from softprompt.compare.specs import WEIGHT_KINDS, Spec
 from softprompt.compare.weights import WeightTuning, weight_method
 
 HOLDOUT_SEED = 0  # every run of every row holds out the same train examples as validation
+WARMUP_STEPS = 10  # every run's warmup (at most its steps)
 
 
 @dataclass
@@ -136,7 +137,7 @@ def run_one(job: Job) -> dict:
         # a few KiB for a prompt, about 3 GiB for full fine-tuning, which would swamp its peak-memory column
         result = train(model, tok, method, task,
                        TrainArgs(output_dir=d, max_steps=job.steps, batch_size=job.batch_size,
-                                 optimizer=spec.optimizer, lr=job.lr, warmup_steps=min(10, job.steps),
+                                 optimizer=spec.optimizer, lr=job.lr, warmup_steps=min(WARMUP_STEPS, job.steps),
                                  eval_every=job.eval_every or job.steps, checkpoint_every=10**9, seed=job.seed,
                                  weight_decay=0.0, divergence_guard=spec.kind != "full",
                                  stop_when_flat=job.stop_when_flat, schedule=job.schedule),
