@@ -158,7 +158,7 @@ def test_chaos_mixed_good_hostile_and_admin(tmp_path, tokenizer):
     for (path, body, i), r in zip(jobs, responses, strict=True):
         if i is None:
             assert 400 <= r.status_code < 500, (path, body, r.status_code, r.text)
-            assert set(r.json()["error"]) == {"message", "type", "code"}
+            assert set(r.json()["error"]) == {"message", "type", "param", "code"}
             continue
         task = body["model"]
         if task in CHURN and r.status_code == 404:

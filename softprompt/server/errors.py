@@ -1,7 +1,7 @@
 """The one place where exceptions become HTTP status codes and OpenAI-style error bodies.
 
 Every error, ours or the framework's (unknown path 404, wrong method 405, body too large 413, invalid
-JSON 422), answers ``{"error": {"message", "type", "code"}}``. An unexpected exception answers 500 in
+JSON 422), answers ``{"error": {"message", "type", "param", "code"}}``. An unexpected exception answers 500 in
 that shape too and keeps the client's keep-alive connection: it is caught in :class:`CatchAll` instead of
 Starlette's outermost handler, which re-raises after responding (uvicorn then drops the connection).
 """
@@ -68,7 +68,9 @@ def status_of(exc: BaseException) -> tuple[int, str]:
 
 
 def error_body(message: str, kind: str, status: int) -> dict:
-    return {"error": {"message": message, "type": kind, "code": status}}
+    """OpenAI's error shape: ``param`` null and ``code`` a string (the HTTP status as text), as typed clients
+    read them (an integer ``code`` and no ``param`` failed to parse in clients that declare them strings)."""
+    return {"error": {"message": message, "type": kind, "param": None, "code": str(status)}}
 
 
 def message_of(exc: BaseException, status: int) -> str:
