@@ -65,7 +65,22 @@ HOSTILE = [
                               "response_format": {"type": "json_object"}}),
     ("/v1/chat/completions", {"model": "t1", "messages": [{"role": "user", "content": "France"}],
                               "tools": [{"type": "function", "function": {"name": "f"}}]}),
+    ("/v1/completions", {"model": "t1", "prompt": "France", "stop": 5}),
+    ("/v1/completions", {"model": "t1", "prompt": "France", "stop": [1]}),
 ]
+
+
+@pytest.mark.parametrize(("path", "body", "cap"), [
+    ("/v1/completions", {"model": "t1", "prompt": list(range(1000))}, "prompt lists take 1 to 64 texts"),
+    ("/v1/classify", {"model": "t0", "input": list(range(1000))}, "input lists take 1 to 256 items"),
+    ("/v1/completions", {"model": "t1", "prompt": "x", "stop": list(range(1000))}, "stop takes up to 4"),
+])
+def test_a_list_over_its_cap_is_refused_before_its_items_are_validated(setup, path, body, cap):
+    # the caps were checked after pydantic had validated every item (a million items in 4 MB, on the event
+    # loop): the error listed each bad item instead of the cap
+    _, _, url = setup
+    r = post(url + path, body)
+    assert r.status_code == 422 and cap in r.text and r.text.count("Input should be") == 0, r.text[:300]
 
 
 def test_openai_fields_at_their_defaults_are_accepted(setup):

@@ -82,10 +82,14 @@ class _Sampling(_Body):
         _unsupported("response_format type", kind, "text")
         return self
 
-    @field_validator("stop")
+    # the list caps are checked on the raw JSON, before the items are validated: a 4 MB list of a million items
+    # was validated item by item on the event loop before its length was refused
+    @field_validator("stop", mode="before")
     @classmethod
     def _stop(cls, v: Stop) -> Stop:
-        items = [v] if isinstance(v, str) else (v or [])
+        if not isinstance(v, str | list):  # another type: the field's own validation names it
+            return v
+        items = [v] if isinstance(v, str) else v
         if len(items) > 4 or any(not s for s in items):
             raise ValueError("stop takes up to 4 non-empty strings")
         return v
@@ -107,7 +111,7 @@ class CompletionRequest(_Sampling):
     suffix: None = None
     best_of: int | None = Field(default=None, ge=1, le=1, strict=True)
 
-    @field_validator("prompt")
+    @field_validator("prompt", mode="before")
     @classmethod
     def _prompt(cls, v):
         if isinstance(v, list) and not 1 <= len(v) <= 64:
@@ -159,7 +163,7 @@ class ClassifyBody(_Body):
     input: Input | list[Input]
     raw: bool = Field(default=False, strict=True)
 
-    @field_validator("input")
+    @field_validator("input", mode="before")
     @classmethod
     def _input(cls, v):
         if isinstance(v, list) and not 1 <= len(v) <= 256:
