@@ -386,3 +386,22 @@ def test_serve_command_in_a_subprocess(tmp_path, tokenizer, tiny_model_dir):
         proc.terminate()
         out = proc.communicate(timeout=30)[0]
     assert "serving 3 tasks" in out, out[-2000:]
+
+
+def test_health_is_503_once_the_scheduler_thread_is_gone(tokenizer):
+    # it answered "ok" while every request failed (a worker thread ended by an error no handler catches)
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from softprompt.engine import Engine
+    from softprompt.server import Scheduler, ServerState, create_app
+    from tests.conftest import make_model
+
+    engine = Engine(make_model("llama"), tokenizer)
+    engine.add_base("base")
+    state = ServerState(engine, Scheduler(engine), max_tokens=8)
+    with TestClient(create_app(state)) as client:
+        assert client.get("/health").status_code == 200
+        state.scheduler.stop()  # as if the thread had died
+        r = client.get("/health")
+        assert r.status_code == 503 and r.json()["status"] == "scheduler stopped"

@@ -15,7 +15,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from fastapi.responses import PlainTextResponse, StreamingResponse
 
 from softprompt.data import DataError, is_chat
@@ -127,8 +127,12 @@ def create_app(state: ServerState) -> FastAPI:
                 "top_k": body.top_k, "top_p": body.top_p, "seed": body.seed, "stop": body.stops()}
 
     @app.get("/health")
-    async def health() -> dict:
-        return {"status": "ok", "tasks": len(state.engine.task_names()), "queue": state.scheduler.depth()}
+    async def health(response: Response) -> dict:
+        # 503 once the scheduler thread is gone: every request would fail, and a load balancer should know
+        up = state.scheduler.running
+        response.status_code = 200 if up else 503
+        return {"status": "ok" if up else "scheduler stopped", "tasks": len(state.engine.task_names()),
+                "queue": state.scheduler.depth()}
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics() -> str:

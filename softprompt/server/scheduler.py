@@ -132,12 +132,17 @@ class Scheduler:
                 self._thread.join(timeout=60)
             self._thread = None
 
+    @property
+    def running(self) -> bool:
+        """Whether the worker thread is alive (it serves every request)."""
+        return self._thread is not None and self._thread.is_alive()
+
     def depth(self) -> int:
         """Requests admitted and not yet running."""
         return self._waiting + len(self._pending)
 
     def _check_running(self) -> None:
-        if self._thread is None or not self._thread.is_alive():
+        if not self.running:
             raise RuntimeError("the scheduler is not running: call start() first")
 
     def _check_room(self, n: int) -> None:
