@@ -341,3 +341,15 @@ def test_a_chat_template_for_a_template_task_is_refused(tmp_path):
                   chat_template="{{ messages }}")
     with pytest.raises(DataError, match="--chat-template renders chat records"):
         load_task(dataset="rotten_tomatoes", chat_template="{{ messages }}")
+
+
+def test_records_with_an_empty_template_field_are_counted_in_a_warning(tmp_path, caplog):
+    # a CSV's missing text (",positive") rendered "R: " with nothing in it, where JSONL's null is refused
+    import logging
+
+    (tmp_path / "d.csv").write_text("text,label\ngood film,pos\n,neg\n   ,pos\nbad,neg\n")
+    with caplog.at_level(logging.WARNING, logger="softprompt"):
+        task = load_task(train_file=tmp_path / "d.csv", template="R: {text}", target_field="label",
+                         verbalizer="pos=good,neg=bad")
+    assert len(task.examples("train")) == 4
+    assert any("2 of the 4 records have an empty 'text' field" in r.getMessage() for r in caplog.records)

@@ -8,6 +8,7 @@ is a generation task whose target is the answer text itself.
 
 from __future__ import annotations
 
+import logging
 import math
 import string
 from collections.abc import Sequence
@@ -17,6 +18,8 @@ from typing import ClassVar
 from softprompt.data.formats import DataError
 
 MAX_LISTED_PROBLEMS = 20
+
+log = logging.getLogger(__name__)
 
 
 def _field_text(value, what: str) -> str:
@@ -211,6 +214,13 @@ class TaskFormat:
             more = f"\n  ... and {n_bad - len(problems)} more" if n_bad > len(problems) else ""
             raise DataError(f"{source_name}: {n_bad} of {len(records)} records are invalid:\n  "
                             + "\n  ".join(problems) + more)
+        # an empty field is no error (a context may be optional), but a CSV's missing text renders a prompt
+        # with nothing in it ("Review: \nSentiment:") where JSONL's null is refused: say how many
+        for name in self.fields:
+            empty = sum(not _field_text(r[name], name).strip() for r in records)
+            if empty:
+                log.warning("%s: %d of the %d records have an empty %r field: their prompts have nothing there",
+                            source_name, empty, len(records), name)
         return examples
 
 
