@@ -667,3 +667,19 @@ def test_every_run_loads_the_model_in_fp32_and_a_killed_or_chatty_child_is_one_f
         monkeypatch.setattr(subprocess, "run", lambda *a, rc=rc, out=out, err=err, **k: subprocess.CompletedProcess(
             a, rc, out, err))
         assert in_child("{}")["error"].startswith(expected)
+
+
+@pytest.mark.parametrize("kind", ["bitfit", "adapter", "full"])
+def test_weight_rows_on_an_encoder_train_its_head_from_a_prompt_rows_init(kind):
+    # the encoder's head is random and frozen at load: prompt rows trained their own, while LoRA, adapter and
+    # BitFit rows trained under the random frozen one (BitFit only its bias)
+    from softprompt.methods.head import ClassificationHead
+    from tests.test_seq_cls import make_encoder
+
+    model = make_encoder("distilbert")
+    method = weight_method(model, Spec(kind, kind, {"size": 4} if kind == "adapter" else {}), seed=3)
+    trained = dict(zip(method._names, method.params, strict=True))
+    head = ClassificationHead.create(make_encoder("distilbert"), seed=3)
+    for name, t in zip(head.names, head.tensors, strict=True):
+        assert name in trained and trained[name].requires_grad, name
+        torch.testing.assert_close(trained[name].detach(), t.detach())

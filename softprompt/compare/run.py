@@ -123,7 +123,7 @@ def run_one(job: Job) -> dict:
     metric, higher = primary_metric(task.format)
     torch.manual_seed(job.seed)  # the random init of LoRA and of the adapters
     if spec.kind in WEIGHT_KINDS:
-        method = weight_method(model, spec)
+        method = weight_method(model, spec, seed=job.seed)
     else:
         # as softprompt train builds it: sample_vocab draws from the training data's tokens, class_labels
         # starts from the label texts

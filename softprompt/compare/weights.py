@@ -24,7 +24,9 @@ import torch
 from torch import nn
 
 from softprompt.compare.specs import Spec
+from softprompt.forward import family_of
 from softprompt.methods.base import PromptOutput
+from softprompt.methods.head import ClassificationHead
 
 ATTENTION_NAMES = ("self_attn", "attn", "attention", "self_attention")
 MLP_NAMES = ("mlp", "feed_forward", "ffn")
@@ -119,8 +121,13 @@ def add_adapters(model, size: int) -> tuple[nn.ModuleDict, list]:
     return adapters, handles
 
 
-def weight_method(model, spec: Spec) -> WeightTuning:
+def weight_method(model, spec: Spec, seed: int = 0) -> WeightTuning:
     """Unfreeze (or add, for LoRA and adapters) the parameters ``spec`` trains.
+
+    On a sequence classifier (an encoder: no language-model head) every row also trains the classification
+    head, from the init a prompt row's head gets with ``seed`` (:meth:`ClassificationHead.create`): the head
+    the model loaded with is random and frozen, and LoRA, adapter and BitFit rows trained under it while the
+    prompt rows trained their own.
 
     Raises:
         ValueError: an unknown kind, or a model without parameters of that kind.
@@ -151,6 +158,13 @@ def weight_method(model, spec: Spec) -> WeightTuning:
         raise ValueError(f"unknown comparison kind {kind!r}")
     if not chosen:
         raise ValueError(f"{spec.label}: this model has no parameters of that kind")
+    if family_of(model).has_head:  # the row's own head, as a prompt row's (full fine-tuning: already chosen)
+        head = ClassificationHead.create(model, seed)
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, t in zip(head.names, head.tensors, strict=True):
+                params[name].copy_(t.to(params[name]))
+                chosen.setdefault(name, params[name])
     for p in chosen.values():
         p.requires_grad_(True)
     return WeightTuning(model, chosen, owned, variant)
