@@ -67,6 +67,7 @@ class Alarm:
     lr_scale: float
     rollbacks: int
     stop: bool
+    off: bool = False  # the guard is off: the faulty update was skipped, with no copy to roll back to
 
     def record(self) -> dict:
         """The fields added to the step's line in ``metrics.jsonl``."""
@@ -75,6 +76,9 @@ class Alarm:
 
     def message(self, max_rollbacks: int) -> str:
         """One console line."""
+        if self.off:
+            return (f"step {self.step}: {self.reason}; the update was skipped and the run stopped at step "
+                    f"{self.rolled_back_to} (the divergence guard is off: no copies to roll back to)")
         if self.stop:
             return (f"step {self.step}: {self.reason}; restored the prompt of step {self.rolled_back_to} and "
                     f"stopped: the run diverged again after {max_rollbacks} rollbacks")
@@ -87,8 +91,10 @@ class DivergenceGuard:
     """Detects divergence and rolls the prompt and optimizer back (see the module docstring).
 
     Args:
-        enabled: ``False`` checks nothing and keeps no copies; the lr multiplier (1 unless a resumed run had
-            lowered it) still applies.
+        enabled: ``False`` keeps no copies and checks only that the loss and the gradient norm are finite: a
+            non-finite one skips the update and stops the run (nothing to roll back to), instead of training on
+            NaN weights whose predictions still read as a plausible accuracy; the lr multiplier (1 unless a
+            resumed run had lowered it) still applies.
         spike_factor: how many times the reference median loss the window's median must exceed.
         max_rollbacks: rollbacks allowed; the next alarm ends the run.
     """
@@ -120,11 +126,11 @@ class DivergenceGuard:
         The loss of step ``s`` is measured on the state after ``s - 1`` updates: that state gave a non-finite
         value, and the states from the window's first step on gave a sustained rise.
         """
-        if not self.enabled:
-            return None
         if not math.isfinite(loss) or not math.isfinite(grad_norm):
             what = "loss" if not math.isfinite(loss) else "gradient norm"
             return Fault(f"non-finite {what} (loss {loss}, gradient norm {grad_norm})", step - 1)
+        if not self.enabled:
+            return None
         past = [x for _, x in self.losses]
         window = past[len(past) - (WINDOW - 1):] + [loss]
         reference = past[max(0, len(past) - (WINDOW - 1) - REFERENCE):len(past) - (WINDOW - 1)]
@@ -157,6 +163,8 @@ class DivergenceGuard:
             method: restored in place.
             opt: restored in place, its lr too (the caller's next schedule step sets the lowered one).
         """
+        if not self.enabled:  # no copies: the faulty update was not applied, and the run ends where it is
+            return Alarm(step, fault.reason, step - 1, self.lr_scale, self.rollbacks, True, off=True)
         i = self._target_index(fault.first_suspect)
         snap = self.snapshots[i]
         del self.snapshots[i + 1:]

@@ -160,6 +160,22 @@ def test_non_finite_step_restores_the_snapshot_exactly_and_halves_the_lr(tmp_pat
     assert torch.isfinite(method.embeddings).all()
 
 
+@pytest.mark.parametrize("kind", ["nan", "nan_grad"])
+def test_with_the_guard_off_a_non_finite_step_is_skipped_and_ends_the_run(tmp_path, tokenizer, faults, kind):
+    # off (compare's full fine-tuning, whose copies would swamp its memory column), it checked nothing: the NaN
+    # update went in, training went on with NaN weights, and their argmax read as a majority-class accuracy
+    model, method = fresh(tokenizer)
+    seen = {}
+    faults[6] = kind
+    result = train(model, tokenizer, method, task(), args(tmp_path / "run", max_steps=12, optimizer="adamw",
+                                                          divergence_guard=False),
+                   on_step=lambda step: seen.__setitem__(step, method.embeddings.detach().clone()))
+    rows = rows_of(tmp_path / "run")
+    assert (result.diverged, result.steps, result.rollbacks) == (True, 6, 0)
+    assert rows[-1]["event"] == "diverged" and rows[-1]["rolled_back_to"] == 5 and "non-finite" in rows[-1]["reason"]
+    assert torch.equal(seen[6], seen[5]) and torch.isfinite(method.embeddings).all()  # the NaN step was skipped
+
+
 def test_under_adafactor_a_rollback_halves_the_step_size_that_acts(tmp_path, tokenizer, faults):
     """torch's Adafactor steps min(lr, 1/sqrt(t)): at lr 0.9 the cap acts from step 2 on, and halving the lr
     (0.45, still above the cap) left the step size unchanged. The guard lowers the lr to half of what acts."""
