@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import random
 import shutil
 import time
@@ -36,6 +35,7 @@ from tqdm.auto import tqdm
 from softprompt.checkpoint import load_checkpoint, resume_settings, save_checkpoint, truncate_log
 from softprompt.config import ConfigError, TrainArgs
 from softprompt.data import DataError, Encoded, TaskData, collate
+from softprompt.distributed import all_average, distributed, from_rank0, unit_weights
 from softprompt.evaluate import evaluate_prompt, primary_metric
 from softprompt.forward import family_of
 from softprompt.guard import DivergenceGuard
@@ -120,43 +120,6 @@ def micro_batches(encoded: list[Encoded], args: TrainArgs, pad_id: int, steps_pe
         epoch += 1
 
 
-def launch_world_size() -> int:
-    """The process count torchrun / accelerate set in ``WORLD_SIZE`` (1 when unset).
-
-    Raises:
-        ConfigError: ``WORLD_SIZE`` is not a number.
-    """
-    value = os.environ.get("WORLD_SIZE", "1")
-    try:
-        return int(value)
-    except ValueError:
-        raise ConfigError(f"the environment variable WORLD_SIZE={value!r} is not a process count (torchrun and "
-                          "accelerate set it; unset it for one process)") from None
-
-
-def distributed() -> tuple[int, int]:
-    """``(rank, world_size)``; joins the process group when launched by torchrun / ``accelerate launch``.
-
-    Data parallelism for a prompt is plain: every process holds the frozen model and the same prompt, runs
-    its share of each batch, and the prompt gradients are averaged across processes before every step
-    (the all-reduce DDP does, on a few kilobytes), so all processes keep identical prompts.
-    """
-    import torch.distributed as dist
-
-    if not dist.is_available():
-        return 0, 1
-    if not dist.is_initialized():
-        world = launch_world_size()
-        if world <= 1:
-            return 0, 1
-        try:
-            dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-        except (ValueError, RuntimeError) as e:  # MASTER_ADDR, RANK... missing: not launched by torchrun
-            raise ConfigError(f"WORLD_SIZE={world} but the process group cannot start ({e}); launch with "
-                              "torchrun or accelerate, or unset WORLD_SIZE") from None
-    return dist.get_rank(), dist.get_world_size()
-
-
 def _enable_checkpointing(model) -> None:
     """Recompute the frozen model's activations in the backward pass instead of keeping them.
 
@@ -181,38 +144,6 @@ def _enable_checkpointing(model) -> None:
 def loss_units(batch) -> int:
     """What a family's micro-batch loss averages over: its target tokens, or its rows' classes."""
     return int(batch.class_labels.numel()) if batch.class_labels is not None else int(batch.target_mask.sum())
-
-
-def _unit_weights(counts: list[int], world: int, device) -> list[float]:
-    """Per micro-batch of this process, the factor its mean loss takes so that the gradients, averaged over the
-    ``world`` processes, are those of the mean over every unit of the step (``count * world / all units``)."""
-    total = float(sum(counts))
-    if world > 1:  # every process's units
-        t = torch.tensor([total], dtype=torch.float64, device=device)
-        _all_average([t], world)
-        total = float(t[0]) * world
-    return [c * world / total if total else 0.0 for c in counts]
-
-
-def _all_average(tensors: list[torch.Tensor], world: int) -> None:
-    import torch.distributed as dist
-
-    for t in tensors:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        t /= world
-
-
-def _from_rank0(obj, world: int):
-    """Rank 0's ``obj`` on every process. Validation metrics drive decisions every process must share (the best
-    step, the plateau, early stopping); computed on each, numbers that differ in the last bit (non-deterministic
-    kernels) could stop one process while the others waited for it in the next all-reduce."""
-    if world <= 1:
-        return obj
-    import torch.distributed as dist
-
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def _cpu_copy(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -334,7 +265,7 @@ def train(model, tokenizer, method: PromptMethod, task: TaskData, args: TrainArg
             guard.snapshot_if_due(step, method, opt)
             t0 = time.perf_counter()
             loss_sum, tokens = 0.0, 0
-            weights = _unit_weights([units(mb) for mb in group], world, model.device)
+            weights = unit_weights([units(mb) for mb in group], world, model.device)
             for mb, weight in zip(group, weights, strict=True):
                 mb = mb.to(model.device)
                 prompt = family.step_prompt(model, method(), pass_mode)
@@ -345,7 +276,7 @@ def train(model, tokenizer, method: PromptMethod, task: TaskData, args: TrainArg
             # the guard decides on these averaged values, identical on every process: all take the same decision
             if world > 1:  # average the prompt gradients (and the logged loss) over the processes
                 stats = torch.tensor([loss_sum, tokens], dtype=torch.float64, device=model.device)
-                _all_average([p.grad for p in params if p.grad is not None] + [stats], world)
+                all_average([p.grad for p in params if p.grad is not None] + [stats], world)
                 loss_sum, tokens = float(stats[0]), int(round(float(stats[1]) * world))  # tokens: all ranks
             grads = [p.grad for p in params if p.grad is not None]
             per_token = _per_token_grad_norm(method)
@@ -378,7 +309,7 @@ def train(model, tokenizer, method: PromptMethod, task: TaskData, args: TrainArg
                     kv = family.inference_prompt(model, method())
                 m, _ = evaluate_prompt(model, tokenizer, kv, valid, fmt, eval_batch_size, max_new_tokens,
                                        max_length=max_length, with_loss=True)
-                m = _from_rank0(m, world)
+                m = from_rank0(m, world)
                 method.train()
                 model.train(args.gradient_checkpointing)
                 row.update({f"val_{k}": v for k, v in m.items() if k != "n"})

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from softprompt.data import TaskFormat, is_chat, turn_end_ids, turn_end_text
+from softprompt.data import TaskFormat
 from softprompt.engine.backend import backend_for
 from softprompt.engine.batching import Row
 from softprompt.engine.detokenize import Detokenizer
@@ -38,6 +38,7 @@ from softprompt.engine.requests import (
     ScoreResult,
     UnknownTaskError,
 )
+from softprompt.engine.turns import TurnEnds
 from softprompt.forward import InferencePrompt, PromptKV, TokenLogprob, end_token_ids, family_of
 from softprompt.forward.slots import MODEL_LOCK
 from softprompt.model import context_length
@@ -118,7 +119,7 @@ class Engine:
                               f"{max_batch_tokens}, {prefill_chunk}")
         self.model, self.tok = model, tokenizer
         self.end_ids = end_token_ids(model, tokenizer)  # what ends an answer: the EOS and the model's end-of-turn
-        self._turn_ends: dict[str | None, frozenset[int]] = {}  # by chat template: end_ids and its end of turn
+        self.turns = TurnEnds(tokenizer, self.end_ids)  # a chat task's end of turn besides them
         self.detok = Detokenizer(tokenizer)  # generated ids -> the text they add after the prompt
         self.max_batch_rows, self.max_batch_tokens, self.truncate = max_batch_rows, max_batch_tokens, truncate
         self.progress, self.prefill_chunk = progress, prefill_chunk
@@ -317,27 +318,15 @@ class Engine:
             return list(self._lead) if self._bos.get(member, True) else []
 
     def row_end_ids(self, item: Prepared) -> frozenset[int]:
-        """The ids that end a generated row of ``item``: :attr:`end_ids`, and for a chat task the special
-        tokens its chat template ends a turn with (:func:`~softprompt.data.turn_end_ids`): what its prompt was
-        trained to emit, which may not be the model's EOS (ChatML on a base model ends turns with
-        ``<|im_end|>``, and its replies ran on into invented turns)."""
-        fmt = item.task.formats[0] if item.task.formats else None
-        if fmt is None or not is_chat(fmt):
-            return frozenset(self.end_ids)
-        key = fmt.chat_template
-        if key not in self._turn_ends:
-            self._turn_ends[key] = frozenset(self.end_ids) | frozenset(turn_end_ids(self.tok, key))
-        return self._turn_ends[key]
+        """The ids that end a generated row of ``item``: :attr:`end_ids`, and a chat task's end of turn
+        (:mod:`softprompt.engine.turns`)."""
+        return self.turns.ids(item.task.formats[0] if item.task.formats else None)
 
     def turn_stops(self, task_name: str) -> list[str]:
-        """Stop strings a generation of task ``task_name`` gets besides its own: a chat task whose template
-        ends a turn with plain text (:func:`~softprompt.data.turn_end_text`); none for any other task."""
+        """Stop strings a generation of task ``task_name`` gets besides its own (a chat template's end of turn
+        written as plain text); none for any other task."""
         task = self.tasks.get(task_name)
-        fmt = task.formats[0] if task is not None and task.formats else None
-        if fmt is None or not is_chat(fmt):
-            return []
-        marker = turn_end_text(self.tok, fmt.chat_template)
-        return [marker] if marker else []
+        return self.turns.stops(task.formats[0] if task is not None and task.formats else None)
 
     def versions(self, members: list) -> tuple:
         """How many times each prompt key was (re)loaded; a request prepared against other versions is stale."""

@@ -31,10 +31,11 @@ import torch
 
 from softprompt.config import ConfigError, PromptArgs, TrainArgs
 from softprompt.data import TaskData, token_counts
+from softprompt.distributed import launch_world_size
 from softprompt.evaluate import evaluate_prompt, primary_metric
 from softprompt.forward import family_of
 from softprompt.methods import build_method
-from softprompt.train import launch_world_size, train
+from softprompt.train import train
 from softprompt.tune.space import TrialSpec, TuneArgs, plan_rungs, trial_specs
 from softprompt.tune.trials import RungResult, Trial, TuneResult, rank_key
 
@@ -170,7 +171,8 @@ class _Search:
         self.steps_timed += max(0, trial.steps - start)
         self.overheads.append(max(0.0, time.perf_counter() - t0 - stepping))
         if diverged:
-            self._diverged(trial, rung, f"the divergence guard stopped it at step {trial.steps}: "
+            who = "the divergence guard" if self.base.divergence_guard else "a non-finite step (the guard is off)"
+            self._diverged(trial, rung, f"{who} stopped it at step {trial.steps}: "
                                         f"{events[-1].get('reason', '') if events else ''}".rstrip(": "))
             return
         if not all(torch.isfinite(t).all() for t in method.state_dict().values()):
