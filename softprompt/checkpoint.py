@@ -95,8 +95,9 @@ def load_checkpoint(out: Path, method: PromptMethod, opt, sched, guard: Divergen
     except (OSError, ValueError) as e:
         raise damaged("state.json", e) from None
     recorded = state.pop("settings", None) or {}  # absent in checkpoints written before it was recorded
-    changed = [("the training examples (another file, --data-seed, --max-length or sample cap)" if k == DATA_KEY
-                else f"{flag(k)} {recorded[k]!r} there, {v!r} now") for k, v in settings.items()
+    described = {DATA_KEY: "the training examples (another file, --data-seed, --max-length or sample cap)",
+                 "distill_context_sha256": "the distilled context (another --context or --context-file)"}
+    changed = [described.get(k) or f"{flag(k)} {recorded[k]!r} there, {v!r} now" for k, v in settings.items()
                if k in recorded and recorded[k] != v]
     if changed:
         raise ConfigError(f"--resume: {ck} was written with other settings ({'; '.join(changed)}); the optimizer "

@@ -156,7 +156,7 @@ def train(model, tokenizer, method: PromptMethod, task: TaskData, args: TrainArg
           eval_batch_size: int = 32, max_length: int = 256,
           on_step: Callable[[int], None] | None = None,
           loss_fn: Callable[..., torch.Tensor] | None = None, max_new_tokens: int = 16,
-          keep_best: bool = True, checkpoints: bool = True) -> TrainResult:
+          keep_best: bool = True, checkpoints: bool = True, resume_key: dict | None = None) -> TrainResult:
     """Train ``method``'s parameters against the frozen ``model``.
 
     Args:
@@ -178,6 +178,8 @@ def train(model, tokenizer, method: PromptMethod, task: TaskData, args: TrainArg
             of the model.
         checkpoints: write ``checkpoint/`` (for ``--resume``); off, the run writes none (``compare``: its run
             folders are temporary, and full fine-tuning's checkpoint is gigabytes of writes in its train time).
+        resume_key: more settings a resume must repeat, beside the loop's and the data's (``distill``: the
+            context and temperature its loss depends on: another teacher was trained against in silence).
 
     Returns:
         The :class:`TrainResult`; ``best_state`` holds the best validation step's method state.
@@ -236,8 +238,9 @@ def train(model, tokenizer, method: PromptMethod, task: TaskData, args: TrainArg
     best_state = None
     start = 0
     metrics_path = out / "metrics.jsonl"
+    settings = {**resume_settings(args, train_enc), **(resume_key or {})}  # what a resume must repeat
     if args.resume and (out / "checkpoint" / "state.json").exists():
-        state, best_state = load_checkpoint(out, method, opt, sched, guard, resume_settings(args, train_enc))
+        state, best_state = load_checkpoint(out, method, opt, sched, guard, settings)
         start = state.pop("step")
         if main:
             truncate_log(metrics_path, start)
@@ -347,7 +350,7 @@ def train(model, tokenizer, method: PromptMethod, task: TaskData, args: TrainArg
                                          or diverged):
                 ending = {"ended": "diverged" if diverged else "stopped"} if stopped or diverged else {}
                 save_checkpoint(out, step + 1, method, opt, sched, {**state, **ending}, guard, best_state,
-                                resume_settings(args, train_enc))
+                                settings)
             if on_step:
                 on_step(step + 1)
             if diverged:

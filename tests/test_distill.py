@@ -165,6 +165,22 @@ def test_sampled_inputs_are_seeded(tiny_dirs):
     assert texts[0]["held_out"]["soft prompt at init"] == texts[1]["held_out"]["soft prompt at init"]
 
 
+def test_a_resume_with_another_context_or_temperature_is_refused(tiny_dirs, capsys):
+    # the checkpoint compared the loop's settings and the inputs only: a resume went on training the prompt of
+    # context A against teacher B, and the saved prompt said B
+    tmp = tiny_dirs
+    assert run_distill(tmp, "--inputs-file", str(tmp / "inputs.txt"), "--max-steps", "2") == 0
+    (tmp / "other.txt").write_text(CONTEXT.replace("good", "bad") + "\n")
+    capsys.readouterr()
+    assert run_distill(tmp, "--inputs-file", str(tmp / "inputs.txt"), "--max-steps", "4", "--resume",
+                       "--context-file", str(tmp / "other.txt")) == 2
+    assert "the distilled context (another --context or --context-file)" in capsys.readouterr().err
+    assert run_distill(tmp, "--inputs-file", str(tmp / "inputs.txt"), "--max-steps", "4", "--resume",
+                       "--distill-temperature", "2") == 2
+    assert "--distill-temperature 1.0 there, 2.0 now" in capsys.readouterr().err
+    assert run_distill(tmp, "--inputs-file", str(tmp / "inputs.txt"), "--max-steps", "4", "--resume") == 0
+
+
 def test_a_runs_config_yaml_repeats_the_run(tiny_dirs, capsys):
     # the config.yaml a run writes has a distill section, which distill's own --config refused
     tmp = tiny_dirs
