@@ -19,7 +19,10 @@ def cmd_distill(ns: argparse.Namespace, resolve: Callable) -> int:
     problems = store_task_problems(ns.store, ns.task)
     values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(DistillArgs) if getattr(ns, f.name) is not None}
     # the distill section of --config (the config.yaml a run writes has one) under the flags
-    section = load_yaml(ns.config, ("distill",)).get("distill", {}) if ns.config else {}
+    config = load_yaml(ns.config, ("distill",)) if ns.config else {}
+    section = config.get("distill", {})
+    problems += [f"{ns.config}: distill reads no {s}: section (its inputs and --max-length are in the distill "
+                 "section); remove it" for s in ("data", "eval") if s in config]
     names = {f.name for f in dataclasses.fields(DistillArgs)}
     problems += [f"{ns.config}: distill.{k} is not a known field (known: {', '.join(sorted(names))})"
                  for k in section if k not in names]
@@ -32,6 +35,13 @@ def cmd_distill(ns: argparse.Namespace, resolve: Callable) -> int:
     if not given(ns, "train", "output_dir"):  # before the checks: train's default folder was checked instead
         ns.output_dir = DEFAULT_OUTPUT_DIR
     args = resolve(ns, ["model", "prompt", "train"], [p for p in problems if p])
+    train = args["train"]  # the training inputs have no validation split: these would be dropped in silence
+    ignored = [f"{flag}: distill validates nothing while it trains (the report's held-out inputs are measured "
+               "after); leave it out" for flag, on in (("--stop-when-flat", train.stop_when_flat),
+                                                       ("--early-stopping-patience", train.early_stopping_patience),
+                                                       ("--metric", train.metric not in ("auto", "loss"))) if on]
+    if ignored:
+        raise ConfigError("invalid arguments:\n  " + "\n  ".join(ignored))
     from softprompt.workflows.distilling import distill_and_save
 
     report = distill_and_save(args, distill, store=ns.store, store_task=ns.task)

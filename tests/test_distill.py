@@ -197,10 +197,17 @@ def test_a_runs_config_yaml_repeats_the_run(tiny_dirs, capsys):
     err = capsys.readouterr().err
     assert "bad.yaml: distill.contxt is not a known field" in err
     assert "bad.yaml: distill.held_out must be in (0, 1)" in err
+    (tmp / "train.yaml").write_text("data:\n  max_length: 512\n")  # a train run's section, dropped in silence
+    assert main(["distill", "--config", str(tmp / "train.yaml"), "--context", "a movie", "--sample-inputs", "4",
+                 "--output-dir", str(tmp / "c")]) == 2
+    assert "train.yaml: distill reads no data: section" in capsys.readouterr().err
     assert not (tmp / "c").exists()
 
 
 @pytest.mark.parametrize(("flags", "message"), [
+    (["--context", "a movie", "--sample-inputs", "4", "--stop-when-flat", "0.02"],
+     "--stop-when-flat: distill validates nothing while it trains"),
+    (["--context", "a movie", "--sample-inputs", "4", "--metric", "accuracy"], "--metric: distill validates nothing"),
     (["--inputs-file", "X"], "give the context: --context TEXT or --context-file FILE"),
     (["--context", "a movie"], "give the inputs: --inputs-file FILE or --sample-inputs N"),
     (["--context", "a movie", "--context-file", "X", "--sample-inputs", "4"], "one of them"),
