@@ -180,3 +180,18 @@ def test_a_reloaded_member_brings_its_new_format_to_the_ensembles_that_serve_it(
                                         "same labels"):
         engine.load_from_store(store, "a")
     assert same(before, snapshot(engine))
+
+
+def test_a_fitted_max_tokens_is_fitted_again_after_a_reload(served):
+    # a chat request without max_tokens gets the room the context leaves after the prompt as its ceiling; the
+    # copy fitted to the old, shorter prompt was re-prepared as it was, and the request failed as too long
+    engine, store, model, tok = served
+    text = " ".join(["good"] * 200)
+    item = engine.prepare("generate", GenerateRequest("a", text, raw=True, max_tokens=500, fit_max_tokens=True))
+    assert item.request.max_tokens == engine.context - 4 - 200  # what P = 4 leaves
+    save(store, model, tok, "a", seed=11, n=40)
+    engine.load_from_store(store, "a")
+    (res,) = engine.run("generate", [item])
+    fresh = engine.prepare("generate", GenerateRequest("a", text, raw=True, max_tokens=500, fit_max_tokens=True))
+    assert fresh.request.max_tokens == engine.context - 40 - 200 and len(res.tokens) <= fresh.request.max_tokens
+    assert res.tokens == engine.run("generate", [fresh])[0].tokens

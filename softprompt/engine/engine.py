@@ -338,7 +338,7 @@ class Engine:
         with self._lock:
             stale = [self.tasks.get(p.task.name) is not p.task or self.versions(p.task.members) != p.versions
                      for p in items]
-        return [self.prepare(kind, p.request) if s else p for p, s in zip(items, stale, strict=True)]
+        return [self.prepare(kind, p.asked or p.request) if s else p for p, s in zip(items, stale, strict=True)]
 
     # ----------------------------------------------------------------------------------- operations
     def run(self, kind: str, items: list[Prepared], on_token: OnToken | None = None,

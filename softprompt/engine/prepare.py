@@ -52,6 +52,9 @@ class Prepared:
         seed: generate: the request's sampling seed, or one drawn here for a sampled request without one,
             so a batch that is run again (a scheduler isolating a failure) samples the same text; None
             when greedy.
+        asked: generate: the request as given, when ``request`` is a copy fitted to the prompt it was
+            prepared against (its ``max_tokens`` ceiling lowered, a chat template's stop added); a reload
+            prepares it again from this one.
     """
 
     kind: str
@@ -63,6 +66,7 @@ class Prepared:
     source: str = ""
     continuation: list[int] | None = None
     seed: int | None = None
+    asked: object = None  # generate: the request as given, when ``request`` is its fitted copy (re-prepared from)
 
 
 def render(task, fmt: TaskFormat | None, req) -> str:
@@ -193,6 +197,7 @@ def _prepare_score(engine, req: ScoreRequest, task, versions) -> Prepared:
 
 def _prepare_generate(engine, req: GenerateRequest, task, versions) -> Prepared:
     engine.backend.require_language_model("generating text")
+    asked = req
     if task.kind == "ensemble":
         raise RequestError(f"task {task.name!r} is an ensemble: ensembles classify and score; generate "
                            f"with one of its members ({', '.join(task.members)})")
@@ -214,4 +219,5 @@ def _prepare_generate(engine, req: GenerateRequest, task, versions) -> Prepared:
     seed = req.seed
     if req.temperature > 0 and seed is None:
         seed = int(torch.randint(0, 2**62, (1,)))
-    return Prepared("generate", req, task, versions, [row], source=source, seed=seed)
+    return Prepared("generate", req, task, versions, [row], source=source, seed=seed,
+                    asked=asked if req is not asked else None)
