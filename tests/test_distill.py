@@ -281,3 +281,18 @@ def test_the_default_output_folder_is_checked_and_a_text_field_for_plain_text_is
     assert "--output-dir runs/distill: exists and is not a folder" in capsys.readouterr().err
     assert run_distill(tmp, "--inputs-file", str(tmp / "inputs.txt"), "--text-field", "text") == 2
     assert "--text-field names a field of a record file" in capsys.readouterr().err
+
+
+def test_sampled_inputs_keep_what_the_model_wrote_up_to_its_end():
+    # decoded without special tokens and stripped: a sample that ended its text and began another was one input
+    # glued together, and a leading space (a different token for a byte-level BPE) was dropped
+    from softprompt.workflows.distilling import sampled_texts
+
+    tok = make_tokenizer()
+    ids = tok("the movie was good", add_special_tokens=False)["input_ids"]
+    eos = tok.eos_token_id
+    samples = [ids[:2] + [eos] + ids[2:], [eos] + ids, ids[:3] + [tok.unk_token_id] + ids[3:]]
+    texts = sampled_texts(tok, samples, (eos,))
+    assert texts[0] == tok.decode(ids[:2])  # cut at the end it wrote
+    assert len(texts) == 2  # a sample that ended at once gives no input
+    assert tok(texts[1], add_special_tokens=False)["input_ids"] == ids[:3] + [tok.unk_token_id] + ids[3:]

@@ -29,7 +29,7 @@ from softprompt.data import DataError, Encoded, Example, TaskData, collate
 from softprompt.data.corpus import CorpusFormat, encode_corpus
 from softprompt.data.formats import SUPPORTED_SUFFIXES, load_records_with_lines
 from softprompt.data.tokenize import leading_special_ids
-from softprompt.forward import family_of
+from softprompt.forward import end_token_ids, family_of
 from softprompt.forward.distill import (
     context_teacher,
     distill_loss,
@@ -185,6 +185,22 @@ def context_fit_problems(model, tok, context: str, args: dict, distill: DistillA
     return problems
 
 
+def sampled_texts(tok, samples: list[list[int]], end_ids) -> list[str]:
+    """Sampled continuations as input texts that tokenize back to what the model wrote: each cut at its first
+    end id (the model ended its text there: what followed was another text glued on), decoded with its other
+    special tokens (a chat turn's markers) and its leading space kept. Stripping both made a sample " The
+    answer" the input "The answer", a token the model never wrote, and joined turns into one string."""
+    ends = set(end_ids)
+    out = []
+    for s in samples:
+        s = list(s)
+        cut = next((i for i, t in enumerate(s) if t in ends), len(s))
+        text = tok.decode(s[:cut], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        if text.strip():
+            out.append(text)
+    return out
+
+
 def distill_and_save(args: dict, distill: DistillArgs, store: str | None = None,
                      store_task: str | None = None) -> dict:
     """Distill the context into a prompt, report against the teacher on held-out inputs, save it.
@@ -216,7 +232,7 @@ def distill_and_save(args: dict, distill: DistillArgs, store: str | None = None,
     teacher = context_teacher(model, tok, context)
     if texts is None:  # sampled from the model itself, after the context
         samples = sample_after_context(model, teacher, distill.sample_inputs, distill.sample_length, distill.data_seed)
-        texts = [t for t in (tok.decode(s, skip_special_tokens=True).strip() for s in samples) if t]
+        texts = sampled_texts(tok, samples, end_token_ids(model, tok))
         source = (f"{len(texts)} continuations of the context sampled from the model (temperature 1, "
                   f"{distill.sample_length} tokens, seed {distill.data_seed})")
         raise_problems(context_fit_problems(model, tok, context, args, distill, texts))  # as sampled
