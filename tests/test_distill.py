@@ -299,3 +299,12 @@ def test_sampled_inputs_keep_what_the_model_wrote_up_to_its_end():
     assert texts[0] == tok.decode(ids[:2])  # cut at the end it wrote
     assert len(texts) == 2  # a sample that ended at once gives no input
     assert tok(texts[1], add_special_tokens=False)["input_ids"] == ids[:3] + [tok.unk_token_id] + ids[3:]
+
+
+def test_a_context_that_starts_with_the_bos_counts_it_once():
+    # the BOS a chat template writes was counted as a context token the prompt saves: a request with the
+    # distilled prompt still starts its text with it ([P, BOS, text])
+    model, tok = make_model("llama"), bos_tokenizer()
+    plain, with_bos = context_teacher(model, tok, CONTEXT), context_teacher(model, tok, "[EOS] " + CONTEXT)
+    assert plain.num_tokens == with_bos.num_tokens == len(CONTEXT.split())
+    assert plain.kv is not None and plain.last_id == with_bos.last_id

@@ -63,7 +63,9 @@ def context_teacher(model, tokenizer, text: str) -> ContextTeacher:
         emb = model.get_input_embeddings()(torch.tensor(ids[:-1], device=model.device))  # (n-1, H)
         with torch.no_grad():
             kv = compute_prompt_kv(model, emb)
-    return ContextTeacher(kv=kv, last_id=ids[-1], lead=list(lead), num_tokens=len(plain))
+    # the context's own tokens: a text that starts with the BOS (a chat template's) counts it once, in ``lead``,
+    # which a request with the distilled prompt still has ([P, BOS, text])
+    return ContextTeacher(kv=kv, last_id=ids[-1], lead=list(lead), num_tokens=len(ids) - len(lead))
 
 
 def _rows(teacher: ContextTeacher, input_ids: torch.Tensor, attention_mask: torch.Tensor):
