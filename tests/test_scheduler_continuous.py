@@ -74,6 +74,31 @@ def test_a_short_request_does_not_wait_for_a_running_long_generation(engine, sho
     assert not first_batch  # batch-at-a-time: it waits for the running batch to end
 
 
+def test_a_large_classification_request_shares_the_steps_with_running_generations(engine):
+    """32 inputs with max_batch_requests 8: the streams get decode steps between chunks of 8, not after all 32."""
+    sched = Scheduler(engine, max_batch_requests=8, max_wait_ms=1)
+    sched.start()
+    try:
+        started, seen, jobs = threading.Event(), [], []
+
+        def on_token(toks, lps):
+            if len(toks) >= 3:
+                started.set()
+            if jobs:
+                seen.append(sum(j.future.done() for j in jobs))
+
+        long_f = sched.submit("generate", _long(engine), on_token=on_token)
+        assert started.wait(30)
+        reqs = [ClassifyRequest("sent", f"review number {i}") for i in range(32)]
+        jobs.extend(sched.submit_many("classify", reqs))
+        results = [j.future.result(60) for j in jobs]
+        long_f.result(60)
+    finally:
+        sched.stop()
+    assert any(0 < n < 32 for n in seen), f"no decode step ran while the classification was partly done: {seen}"
+    assert results == engine.classify(reqs)  # chunked, the answers are the same
+
+
 def test_ttft_and_the_running_batch_are_in_metrics(engine):
     state = ServerState(engine, Scheduler(engine, max_wait_ms=1))
     with TestClient(create_app(state)) as client:

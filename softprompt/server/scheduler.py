@@ -6,7 +6,9 @@ admitted together or not at all. One worker thread owns the engine calls, under 
 
 - ``continuous`` (default): generations join a :class:`~softprompt.engine.running.RunningBatch` at every
   decode step, as soon as there is room, and leave it as soon as they end; classification and scoring
-  requests run between two decode steps. A short request never waits for a long generation to finish.
+  requests run between two decode steps, at most ``max_batch_requests`` of them between two steps (oldest
+  first), so a large classification request does not hold the running generations' streams until all of
+  its inputs are done. A short request never waits for a long generation to finish.
 - ``batch``: wait for a first request, keep collecting until the batch is full (``max_batch_requests``)
   or ``max_wait_ms`` has passed, then run each kind of request as one engine call to completion; requests
   arriving meanwhile wait for the next batch. Kept for comparison (``benchmarks/server.py``), and used on
@@ -110,6 +112,7 @@ class Scheduler:
                 self.policy = "batch"
         self._q: queue.Queue[Job | None] = queue.Queue()
         self._pending: deque[Job] = deque()  # generations taken from the queue, waiting for room to run
+        self._scoring: deque[Job] = deque()  # classify/score jobs taken from the queue, waiting for their turn
         self._waiting = 0  # admitted requests not yet taken into a batch
         self._admit_lock = threading.Lock()
         self.stats = SchedulerStats()
@@ -139,7 +142,7 @@ class Scheduler:
 
     def depth(self) -> int:
         """Requests admitted and not yet running."""
-        return self._waiting + len(self._pending)
+        return self._waiting + len(self._pending) + len(self._scoring)
 
     def _check_running(self) -> None:
         if not self.running:
@@ -224,8 +227,8 @@ class Scheduler:
     def _run_continuous(self) -> None:
         batch = RunningBatch(self.engine, max_rows=self.max_batch_requests)
         stopping = False
-        while not (stopping and not len(batch) and not self._pending):
-            idle = not len(batch) and not self._pending
+        while not (stopping and not len(batch) and not self._pending and not self._scoring):
+            idle = not len(batch) and not self._pending and not self._scoring
             jobs: list[Job] = []
             if not stopping:
                 if idle:  # nothing to step: wait for work, and a little company for it
@@ -236,9 +239,11 @@ class Scheduler:
                 else:
                     jobs, stopping = self._drain()
             self._pending.extend(j for j in jobs if j.kind == "generate")
+            self._scoring.extend(j for j in jobs if j.kind != "generate")
             t0 = time.perf_counter()
-            for kind in ("classify", "score"):  # between two decode steps
-                group = [j for j in jobs if j.kind == kind]
+            turn = [self._scoring.popleft() for _ in range(min(len(self._scoring), self.max_batch_requests))]
+            for kind in ("classify", "score"):  # between two decode steps, a bounded share
+                group = [j for j in turn if j.kind == kind]
                 if group:
                     self._execute(kind, group)
                     self._count(group)
