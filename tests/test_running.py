@@ -367,6 +367,48 @@ def test_a_chat_task_ends_its_answer_at_its_templates_end_of_turn_token(tmp_path
         tok.decode(free.tokens[:k], skip_special_tokens=True)]
 
 
+@pytest.mark.parametrize("special", [True, False])
+def test_a_chat_completion_on_the_base_model_ends_at_the_tokenizers_end_of_turn(special):
+    # a chat completion on a task without a chat format renders the conversation with the tokenizer's own chat
+    # template; its end of turn (a special token, or a plain-text marker) was not the model's EOS, so the reply
+    # ran on into invented turns (Qwen2.5 base: EOS <|endoftext|>, ChatML's <|im_end|> ends a turn)
+    pytest.importorskip("fastapi")
+    import json
+
+    from fastapi.testclient import TestClient
+
+    from softprompt.server import Scheduler, ServerState, create_app
+    from tests.conftest import WORD_IDS, make_tokenizer
+    from tests.test_chat import TEMPLATE
+
+    model, tok = make_model("llama"), make_tokenizer()
+    if special:
+        tok.add_special_tokens({"additional_special_tokens": ["Madrid"]})
+    tok.chat_template = TEMPLATE.replace("[EOS]", "Madrid")  # an assistant turn ends with "Madrid"
+
+    def always_the_marker(module, inputs, out):  # the model ends its turn at once
+        out = out.clone()
+        out[..., WORD_IDS["Madrid"]] += 100.0
+        return out
+
+    model.lm_head.register_forward_hook(always_the_marker)
+    engine = Engine(model, tok, max_batch_rows=8)
+    engine.add_base("base")
+    body = {"model": "base", "messages": [{"role": "user", "content": "a good film"}], "max_tokens": 6,
+            "temperature": 0}
+    with TestClient(create_app(ServerState(engine, Scheduler(engine), max_tokens=16))) as client:
+        whole = client.post("/v1/chat/completions", json=body).json()["choices"][0]
+        lines = client.post("/v1/chat/completions", json={**body, "stream": True}).text.splitlines()
+    # the reply is what comes before the marker: nothing (a plain-text marker's stop keeps the space before it)
+    assert (whole["message"]["content"].strip(), whole["finish_reason"]) == ("", "stop")
+    chunks = [json.loads(x[6:]) for x in lines if x.startswith("data: {")]
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == whole["message"]["content"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    # a completion of the same task is not a conversation: not cut there
+    raw = engine.generate([GenerateRequest("base", "a good film", raw=True, max_tokens=3)])[0]
+    assert raw.finish_reason == "length"
+
+
 def test_a_completion_keeps_the_leading_space_a_sentencepiece_tokenizer_drops_at_the_start(tmp_path):
     # a SentencePiece tokenizer (Llama 2, Mistral: Metaspace) drops the leading space of the first token it
     # decodes: the generated ids decoded alone gave "Paris" for "▁Paris", and prompt + completion read "isParis"

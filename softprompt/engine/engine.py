@@ -318,15 +318,15 @@ class Engine:
             return list(self._lead) if self._bos.get(member, True) else []
 
     def row_end_ids(self, item: Prepared) -> frozenset[int]:
-        """The ids that end a generated row of ``item``: :attr:`end_ids`, and a chat task's end of turn
-        (:mod:`softprompt.engine.turns`)."""
-        return self.turns.ids(item.task.formats[0] if item.task.formats else None)
+        """The ids that end a generated row of ``item``: :attr:`end_ids` and a chat's end of turn (:mod:`.turns`)."""
+        return self.turns.ids(item.task.formats[0] if item.task.formats else None,
+                              item.kind == "generate" and item.request.chat)
 
-    def turn_stops(self, task_name: str) -> list[str]:
+    def turn_stops(self, task_name: str, chat: bool = False) -> list[str]:
         """Stop strings a generation of task ``task_name`` gets besides its own (a chat template's end of turn
-        written as plain text); none for any other task."""
+        written as plain text; with ``chat``, see :class:`GenerateRequest`); none for any other task."""
         task = self.tasks.get(task_name)
-        return self.turns.stops(task.formats[0] if task is not None and task.formats else None)
+        return self.turns.stops(task.formats[0] if task is not None and task.formats else None, chat)
 
     def versions(self, members: list) -> tuple:
         """How many times each prompt key was (re)loaded; a request prepared against other versions is stale."""

@@ -209,7 +209,7 @@ def _prepare_generate(engine, req: GenerateRequest, task, versions) -> Prepared:
         raise RequestError(f"task {task.name!r}: the input has no tokens (and the model puts no BOS before it)")
     # a chat template's end of turn written as text: from the format this request is prepared with (looking the
     # task up again by name could meet a task reloaded meanwhile)
-    extra = [s for s in engine.turns.stops(task.formats[0]) if s not in req.stop]
+    extra = [s for s in engine.turns.stops(task.formats[0], req.chat) if s not in req.stop]
     if extra:
         req = replace(req, stop=[*req.stop, *extra])
     if req.fit_max_tokens:  # a ceiling: what the context leaves after the prompt and the input (at least 1)

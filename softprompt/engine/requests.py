@@ -76,6 +76,8 @@ class GenerateRequest:
         fit_max_tokens: ``max_tokens`` is a ceiling, lowered to the room the context leaves after the prompt and
             the input (a chat reply with no ``max_tokens``: the rest of the context, as OpenAI's chat does);
             otherwise an input that leaves less room is refused.
+        chat: the input is a conversation the tokenizer's own chat template rendered (a chat completion on a
+            task without a chat format): that template's end of turn ends the answer, as it ends a chat task's.
     """
 
     task: str
@@ -89,6 +91,7 @@ class GenerateRequest:
     stop: list[str] = field(default_factory=list)
     logprobs: int | None = None
     fit_max_tokens: bool = False
+    chat: bool = False
 
 
 @dataclass
@@ -171,6 +174,8 @@ def check_request(req, kind: str) -> list[str]:
             problems.append(f"max_tokens must be an integer >= 1, got {req.max_tokens!r}")
         if not isinstance(req.fit_max_tokens, bool):
             problems.append(f"fit_max_tokens must be true or false, got {req.fit_max_tokens!r}")
+        if not isinstance(req.chat, bool):
+            problems.append(f"chat must be true or false, got {req.chat!r}")
         if not _is_real(req.temperature) or req.temperature < 0:
             problems.append(f"temperature must be a finite number >= 0, got {req.temperature!r}")
         if not _is_int(req.top_k) or req.top_k < 0:

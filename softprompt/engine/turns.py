@@ -16,21 +16,30 @@ class TurnEnds:
         self._ids: dict[str | None, frozenset[int]] = {}
         self._stops: dict[str | None, list[str]] = {}
 
-    def ids(self, fmt: TaskFormat | None) -> frozenset[int]:
-        """The ids that end a row: the model's, and a chat template's end-of-turn special tokens."""
-        if fmt is None or not is_chat(fmt):
+    def ids(self, fmt: TaskFormat | None, chat: bool = False) -> frozenset[int]:
+        """The ids that end a row: the model's, and a chat template's end-of-turn special tokens (a chat task's
+        template, or with ``chat`` the tokenizer's own: a conversation it rendered for a task of another format)."""
+        ending, key = _template(fmt, chat)
+        if not ending:
             return self.base
-        key = fmt.chat_template
         if key not in self._ids:
             self._ids[key] = self.base | frozenset(turn_end_ids(self.tok, key))
         return self._ids[key]
 
-    def stops(self, fmt: TaskFormat | None) -> list[str]:
-        """Stop strings besides a request's own: a chat template's end of turn written as plain text."""
-        if fmt is None or not is_chat(fmt):
+    def stops(self, fmt: TaskFormat | None, chat: bool = False) -> list[str]:
+        """Stop strings besides a request's own: a chat template's end of turn written as plain text (whose
+        template: as :meth:`ids`)."""
+        ending, key = _template(fmt, chat)
+        if not ending:
             return []
-        key = fmt.chat_template
         if key not in self._stops:
             marker = turn_end_text(self.tok, key)
             self._stops[key] = [marker] if marker else []
         return list(self._stops[key])
+
+
+def _template(fmt: TaskFormat | None, chat: bool) -> tuple[bool, str | None]:
+    """Whether a generation ends at a chat template's end of turn, and which template (None: the tokenizer's)."""
+    if fmt is not None and is_chat(fmt):
+        return True, fmt.chat_template
+    return chat, None

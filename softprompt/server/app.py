@@ -200,8 +200,8 @@ def create_app(state: ServerState) -> FastAPI:
         t0 = time.perf_counter()
         check_chars(["".join(m.text() for m in body.messages)], "messages")
         fmt = state.engine.task(body.model).formats[0]  # unknown task -> 404 before anything else
-        text, raw = await asyncio.to_thread(chat_input, body, fmt)  # a chat template can be slow
-        req = GenerateRequest(body.model, text, raw=raw, logprobs=body.top_count(),
+        text, raw, turn = await asyncio.to_thread(chat_input, body, fmt)  # a chat template can be slow
+        req = GenerateRequest(body.model, text, raw=raw, logprobs=body.top_count(), chat=turn,
                               **sampling(body, body.max_completion_tokens or body.max_tokens, chat=True))
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if body.stream:
@@ -223,29 +223,30 @@ def create_app(state: ServerState) -> FastAPI:
                              "finish_reason": res.finish_reason}],
                 "usage": _usage([res])}
 
-    def chat_input(body: ChatCompletionRequest, fmt) -> tuple[str, bool]:
-        """A chat task renders the conversation with its chat format (the soft prompt goes before it); the last
-        user message fills a prompt task's template; the base model gets the chat template."""
+    def chat_input(body: ChatCompletionRequest, fmt) -> tuple[str, bool, bool]:
+        """The input, whether it is raw, and whether the tokenizer's chat template rendered it (its end of turn
+        ends the reply). A chat task renders the conversation with its chat format (the soft prompt goes before
+        it); the last user message fills a prompt task's template; the base model gets the chat template."""
         users = [m for m in body.messages if m.role == "user"]
         if is_chat(fmt):
             msgs = [{"role": m.role, "content": m.text()} for m in body.messages]
             try:
-                return conversation_prompt(state.engine.tok, fmt, msgs), True
+                return conversation_prompt(state.engine.tok, fmt, msgs), True, False
             except DataError as e:
                 raise errors.RequestError(f"task {body.model!r}: {e}") from None
         template = None if fmt is None else fmt.template
         if template is not None:
             if not users:
                 raise errors.RequestError("messages need a user message to fill the task's template")
-            return users[-1].text(), False
+            return users[-1].text(), False, False
         tok = state.engine.tok
         msgs = [{"role": m.role, "content": m.text()} for m in body.messages]
         if getattr(tok, "chat_template", None):
             try:  # a template may refuse the conversation (raise_exception: roles that do not alternate...)
-                return render_chat(tok, msgs, add_generation_prompt=True), True
+                return render_chat(tok, msgs, add_generation_prompt=True), True, True
             except DataError as e:
                 raise errors.RequestError(f"task {body.model!r}: {e}") from None
-        return "\n".join(f"{m['role']}: {m['content']}" for m in msgs) + "\nassistant:", True
+        return "\n".join(f"{m['role']}: {m['content']}" for m in msgs) + "\nassistant:", True, False
 
     async def stream_text(req: GenerateRequest, chunk, request: Request,
                           role_first: bool = False, usage: bool = False):
@@ -260,7 +261,7 @@ def create_app(state: ServerState) -> FastAPI:
         """
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        stops = [*req.stop, *state.engine.turn_stops(req.task)]  # the engine adds a chat task's text end of turn
+        stops = [*req.stop, *state.engine.turn_stops(req.task, req.chat)]  # the engine adds a text end of turn
         hold = max((len(s) for s in stops), default=1) - 1  # a stop string may still be forming
         render = None if req.logprobs is None else logprobs.Renderer(state.engine.tok)
 
