@@ -65,6 +65,16 @@ HOSTILE = [
                               "response_format": {"type": "json_object"}}),
     ("/v1/chat/completions", {"model": "t1", "messages": [{"role": "user", "content": "France"}],
                               "tools": [{"type": "function", "function": {"name": "f"}}]}),
+    # other servers' sampling settings (vLLM extra_body, TGI) were ignored in silence: the answer changes
+    ("/v1/completions", {"model": "t1", "prompt": "France", "repetition_penalty": 5.0}),
+    ("/v1/completions", {"model": "t1", "prompt": "France", "ignore_eos": True}),
+    ("/v1/completions", {"model": "t1", "prompt": "France", "stop_token_ids": [11]}),
+    ("/v1/completions", {"model": "t1", "prompt": "France", "min_tokens": 8}),
+    ("/v1/chat/completions", {"model": "t1", "messages": [{"role": "user", "content": "France"}], "min_p": 0.5}),
+    ("/v1/chat/completions", {"model": "t1", "messages": [{"role": "user", "content": "France"}],
+                              "modalities": ["text", "audio"]}),
+    ("/v1/chat/completions", {"model": "t1", "messages": [{"role": "user", "content": "France"}],
+                              "tool_choice": "required"}),
     ("/v1/completions", {"model": "t1", "prompt": "France", "stop": 5}),
     ("/v1/completions", {"model": "t1", "prompt": "France", "stop": [1]}),
 ]
@@ -88,8 +98,13 @@ def test_openai_fields_at_their_defaults_are_accepted(setup):
     reason to refuse a request; the same fields at other values are (HOSTILE)."""
     _, _, url = setup
     body = {"model": "t1", "prompt": "France", "max_tokens": 2, "temperature": 0, "logit_bias": {},
-            "presence_penalty": 0, "frequency_penalty": 0.0, "response_format": {"type": "text"}, "user": "u"}
+            "presence_penalty": 0, "frequency_penalty": 0.0, "response_format": {"type": "text"}, "user": "u",
+            "repetition_penalty": 1.0, "min_p": 0, "ignore_eos": False, "stop_token_ids": [],
+            "skip_special_tokens": True}
     r = post(url + "/v1/completions", body)
+    assert r.status_code == 200, r.text
+    r = post(url + "/v1/chat/completions", {"model": "t1", "messages": [{"role": "user", "content": "France"}],
+                                             "max_tokens": 2, "modalities": ["text"], "tool_choice": "none"})
     assert r.status_code == 200, r.text
     # an explicit null is the field left out, as OpenAI reads it (it was a 422 for temperature, top_p, n, stream)
     nulls = dict.fromkeys(("temperature", "top_p", "top_k", "n", "stream", "seed", "stop", "stream_options",

@@ -3,7 +3,9 @@
 Unknown fields are ignored, as OpenAI clients send fields we have no use for (``user``, ``metadata``...);
 OpenAI fields that would change the answer and that we cannot honour with another value than their default
 (``n``, ``echo``, ``suffix``, ``logit_bias``, the penalties, a JSON ``response_format``, ``tools``...) are
-refused with a 422 naming them, never silently dropped. Numbers and flags are strict: ``true`` is no token
+refused with a 422 naming them, never silently dropped; so are the sampling extensions of vLLM and TGI that
+clients send in ``extra_body`` (``repetition_penalty``, ``min_p``, ``min_tokens``, ``ignore_eos``,
+``stop_token_ids``, guided decoding...: :data:`EXTENSIONS`). Numbers and flags are strict: ``true`` is no token
 count and ``"8"`` no temperature.
 """
 
@@ -44,6 +46,36 @@ class _Body(BaseModel):
         return data
 
 
+# sampling settings of other servers (vLLM's extra parameters, TGI's) that change the answer: the values that
+# leave it unchanged, the only ones accepted; any other is refused rather than ignored
+EXTENSIONS: dict[str, tuple] = {
+    "repetition_penalty": (1,), "length_penalty": (1,), "min_p": (0,), "typical_p": (1,), "min_tokens": (0,),
+    "ignore_eos": (False,), "stop_token_ids": ([],), "bad_words": ([],), "allowed_token_ids": (),
+    "include_stop_str_in_output": (False,), "skip_special_tokens": (True,), "use_beam_search": (False,),
+    "best_of": (1,), "prompt_logprobs": (), "truncate_prompt_tokens": (), "guided_json": (), "guided_regex": (),
+    "guided_choice": (), "guided_grammar": (), "structured_outputs": (), "logits_processors": (),
+}
+CHAT_EXTENSIONS: dict[str, tuple] = {
+    "modalities": (["text"],), "audio": (), "prediction": (), "tool_choice": ("none",),
+    "add_generation_prompt": (True,), "continue_final_message": (False,), "chat_template": (),
+    "chat_template_kwargs": ({},), "documents": (),
+}
+
+
+def _refuse_extensions(data, table: dict[str, tuple]):
+    if isinstance(data, dict):
+        for name, neutral in table.items():
+            value = data.get(name)
+            if value is not None and not any(type(value) is type(n) and value == n
+                                             or isinstance(n, int | float) and not isinstance(n, bool)
+                                             and isinstance(value, int | float) and not isinstance(value, bool)
+                                             and value == n for n in neutral):
+                allowed = " or ".join(repr(n) for n in neutral) if neutral else "null"
+                raise ValueError(f"{name} is not supported (only {allowed}); it would change the answer, so it "
+                                 "is refused rather than ignored")
+    return data
+
+
 def _unsupported(what: str, value, default) -> None:
     if value != default:
         raise ValueError(f"{what} is not supported (only {default!r}); it would change the answer, so it is "
@@ -72,6 +104,11 @@ class _Sampling(_Body):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     response_format: dict | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _other_servers(cls, data):
+        return _refuse_extensions(data, EXTENSIONS)
 
     @model_validator(mode="after")
     def _refuse_unsupported(self):
@@ -144,6 +181,11 @@ class ChatCompletionRequest(_Sampling):
     logprobs: bool | None = Field(default=None, strict=True, description="each new token's log-probability")
     top_logprobs: TopCount | None = Field(default=None, description="with logprobs: the k (0 to "
                                           f"{MAX_TOP_LOGPROBS}) most likely tokens at each new token's place")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _chat_extensions(cls, data):
+        return _refuse_extensions(data, CHAT_EXTENSIONS)
 
     @model_validator(mode="after")
     def _top_needs_logprobs(self):
