@@ -128,6 +128,15 @@ def test_sampling_is_seeded_and_respects_top_k():
     assert torch.equal(forward.sample_next(logits, 0.0, 0, 1.0, None), logits.argmax(-1))
 
 
+@pytest.mark.parametrize(("probs", "top_p", "kept"), [([0.25] * 4, 0.5, 2), ([0.5, 0.3, 0.2], 0.5, 1),
+                                                      ([0.5, 0.3, 0.2], 0.51, 2), ([0.5, 0.3, 0.2], 1.0, 3)])
+def test_top_p_keeps_the_smallest_set_whose_mass_reaches_it(probs, top_p, kept):
+    # as HF's TopPLogitsWarper: a set that reaches top_p exactly is enough (it kept one more token)
+    logits = torch.tensor(probs).log()[None].repeat(400, 1)
+    drawn = forward.sample_next(logits, 1.0, 0, top_p, torch.Generator().manual_seed(0))
+    assert set(drawn.tolist()) == set(range(kept))
+
+
 def test_bad_prompt_shape_names_expected_shape(model):
     with pytest.raises(forward.InjectionError, match=r"shape \(5, 16\), expected \(P, 32\)"):
         forward.compute_prompt_kv(model, torch.randn(5, 16))

@@ -198,7 +198,9 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
     if top_p < 1.0:
         sorted_logits, idx = torch.sort(logits, descending=True, dim=-1)
         cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
-        drop = cum - torch.softmax(sorted_logits, dim=-1) > top_p  # keep the smallest set reaching top_p
+        # keep the smallest set whose mass reaches top_p: a token goes once the ones before it reach it (a tie at
+        # exactly top_p kept one token too many: [.25] * 4 at 0.5 sampled from three)
+        drop = cum - torch.softmax(sorted_logits, dim=-1) >= top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits)
     probs = torch.softmax(logits, dim=-1)
