@@ -69,6 +69,19 @@ def stream(client, path: str, body: dict) -> list[dict]:
     return [json.loads(ln)["choices"][0] for ln in lines[:-1]]
 
 
+def test_completions_top_logprobs_include_the_sampled_token(setup):
+    # OpenAI: "the API will always return the logprob of the sampled token, so there may be up to logprobs+1
+    # elements"; a sampled token outside the k most likely was missing from its place's top_logprobs
+    _, client = setup
+    body = {"model": "t5", "prompt": "France", "max_tokens": 12, "temperature": 2, "seed": 7, "logprobs": 1}
+    lp = client.post("/v1/completions", json=body).json()["choices"][0]["logprobs"]
+    assert lp["tokens"]
+    for token, logprob, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"], strict=True):
+        # (a more likely token with the same string keeps its place: the keys are strings)
+        assert token in top and top[token] >= logprob - 1e-6 and len(top) <= 2
+        assert list(top.values()) == sorted(top.values(), reverse=True)
+
+
 def test_completions_logprobs_are_the_engines_in_openais_format(setup):
     engine, client = setup
     tok = engine.tok

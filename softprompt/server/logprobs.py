@@ -130,9 +130,11 @@ def starting_before(entries: list[Entry], end: int) -> int:
 
 
 def completion_format(entries: list[Entry], top: bool) -> dict:
-    """OpenAI completions' (legacy) ``logprobs``; ``top``: the request asked for top tokens (``logprobs`` > 0)."""
+    """OpenAI completions' (legacy) ``logprobs``; ``top``: the request asked for top tokens (``logprobs`` > 0).
+    As OpenAI's, each place's top tokens include the chosen one, so there may be k + 1 of them (a sampled token
+    outside the k most likely was missing)."""
     return {"tokens": [e.token for e in entries], "token_logprobs": [e.logprob for e in entries],
-            "top_logprobs": [_top_dict(e.top) for e in entries] if top else None,
+            "top_logprobs": [_top_dict([*e.top, (e.token, e.logprob)]) for e in entries] if top else None,
             "text_offset": [e.offset for e in entries]}
 
 
