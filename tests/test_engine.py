@@ -199,6 +199,10 @@ def test_errors_are_specific(setup):
         engine.generate([GenerateRequest("caps", "France", top_p=0)])
     with pytest.raises(TooLongError, match="tokens"):
         engine.generate([GenerateRequest("sent", " ".join(["good"] * 300))])
+    # a max_tokens that leaves no room for the input: the error says so (it read "at most 0 fit" and no more)
+    ctx = engine.context
+    with pytest.raises(TooLongError, match=r"virtual tokens and max_tokens \d+ are taken: ask for fewer tokens"):
+        engine.generate([GenerateRequest("caps", "France", max_tokens=ctx - 3)])
     engine.add_ensemble("ens", ["sent", "sent3"])
     with pytest.raises(RequestError, match="ensemble"):
         engine.generate([GenerateRequest("ens", "good")])

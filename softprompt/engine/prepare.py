@@ -120,20 +120,22 @@ def encode_source(engine, member, fmt: TaskFormat | None, text: str) -> list[int
 
 
 def fit(engine, ids: list[int], keep_after: int, room: int, what: str, allow_truncate: bool,
-        keep_before: int = 0, counted_after: int = 0) -> list[int]:
+        keep_before: int = 0, counted_after: int = 0, room_why: str = "") -> list[int]:
     """``ids`` (``keep_before`` tokens that must stay, e.g. the BOS, + source + ``keep_after`` tokens that
     must stay) within ``room`` tokens; a cut takes tokens from the start of the source.
 
     ``max_input_tokens`` bounds the source, ``keep_before`` included, and ``counted_after`` more tokens that
     come after it: what training's ``--max-length`` counts (the longest label after a classification source,
     the continuation after a scored one), so that an evaluation engine built with ``max_input_tokens`` =
-    ``--max-length`` reads the text training read (it read ``counted_after`` more tokens of a long input)."""
+    ``--max-length`` reads the text training read (it read ``counted_after`` more tokens of a long input).
+    ``room_why`` says what else takes the context (named in the error when ``room`` is what is short)."""
     limit = min(room, engine.max_input_tokens + keep_after - counted_after)
     if len(ids) <= limit:
         return ids
     if not (allow_truncate and engine.truncate) or keep_before + keep_after >= limit:
         raise TooLongError(f"{what} has {len(ids)} tokens; at most {max(limit, 0)} fit "
-                           f"(max_input_tokens {engine.max_input_tokens}, context {engine.context})")
+                           f"(max_input_tokens {engine.max_input_tokens}, context {engine.context}"
+                           f"{room_why if room < engine.max_input_tokens + keep_after - counted_after else ''})")
     return ids[:keep_before] + ids[len(ids) - (limit - keep_before):]
 
 
@@ -217,7 +219,9 @@ def _prepare_generate(engine, req: GenerateRequest, task, versions) -> Prepared:
         req = replace(req, max_tokens=max(1, min(req.max_tokens, left)), fit_max_tokens=False)
     room = engine.context - engine.backend.length(member) - req.max_tokens
     # an engine made to truncate (evaluation: inputs cut where training cut them) keeps the end of a long input
-    row = Row(member, fit(engine, ids, 0, room, f"generate input for task {task.name!r}", True, len(lead)), 0)
+    why = f", of which the prompt's {engine.backend.length(member)} virtual tokens and max_tokens {req.max_tokens}"
+    row = Row(member, fit(engine, ids, 0, room, f"generate input for task {task.name!r}", True, len(lead),
+                          room_why=why + " are taken: ask for fewer tokens or send a shorter input"), 0)
     seed = req.seed
     if req.temperature > 0 and seed is None:
         seed = int(torch.randint(0, 2**62, (1,)))
