@@ -75,6 +75,7 @@ HOSTILE = [
                               "modalities": ["text", "audio"]}),
     ("/v1/chat/completions", {"model": "t1", "messages": [{"role": "user", "content": "France"}],
                               "tool_choice": "required"}),
+    ("/v1/completions", {"model": "t1", "prompt": "France", "stream_options": {"include_usage": True}}),
     ("/v1/completions", {"model": "t1", "prompt": "France", "stop": 5}),
     ("/v1/completions", {"model": "t1", "prompt": "France", "stop": [1]}),
 ]
