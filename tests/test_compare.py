@@ -683,3 +683,32 @@ def test_weight_rows_on_an_encoder_train_its_head_from_a_prompt_rows_init(kind):
     for name, t in zip(head.names, head.tensors, strict=True):
         assert name in trained and trained[name].requires_grad, name
         torch.testing.assert_close(trained[name].detach(), t.detach())
+
+
+def test_lora_finds_the_query_and_value_projections_of_each_family():
+    # a suffix match took Phi-3's qkv_proj for a v_proj (PEFT then found no target) and the encoders' names
+    # (DistilBERT's q_lin/v_lin, BERT's query/value) matched nothing: the LoRA row failed on them
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    from softprompt.compare.weights import lora_targets
+    from tests.test_seq_cls import make_encoder
+
+    phi3 = Phi3ForCausalLM(Phi3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, pad_token_id=0))
+    for model, targets in [(make_model("llama"), ["q_proj", "v_proj"]), (make_model("gpt2"), ["c_attn"]),
+                           (phi3, ["qkv_proj"]), (make_encoder("distilbert"), ["q_lin", "v_lin"])]:
+        assert lora_targets(model, {}) == targets
+        method = weight_method(model, Spec("l", "lora", {"r": 2}))
+        adapted = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in method.state_dict() if "lora_" in n}
+        assert adapted == set(targets)
+    assert lora_targets(phi3, {"target_modules": ["o_proj"]}) == ["o_proj"]
+    with pytest.raises(ValueError, match="linear layers are named .*gate_up_proj.*target_modules"):
+        lora_targets(_renamed(phi3), {})
+
+
+def _renamed(model):
+    """``model`` with its attention projections under names no family uses."""
+    for layer in model.model.layers:
+        layer.self_attn.add_module("fused", layer.self_attn.qkv_proj)
+        del layer.self_attn.qkv_proj
+    return model

@@ -29,6 +29,31 @@ from softprompt.methods.base import PromptOutput
 from softprompt.methods.head import ClassificationHead
 
 ATTENTION_NAMES = ("self_attn", "attn", "attention", "self_attention")
+# LoRA's default targets (Hu et al.: the query and value projections) under the names families give them, matched
+# as a module's whole last name: Llama/Qwen/Gemma, BERT/RoBERTa, DeBERTa-v2, DistilBERT, T5, GPT-2, Phi-3,
+# GPT-NeoX/Falcon/Bloom, MPT/ModernBERT (a suffix match took Phi-3's qkv_proj for a v_proj, and PEFT then found
+# no target; the encoders' names matched nothing)
+LORA_TARGETS = (("q_proj", "v_proj"), ("query", "value"), ("query_proj", "value_proj"), ("q_lin", "v_lin"),
+                ("q", "v"), ("c_attn",), ("qkv_proj",), ("query_key_value",), ("Wqkv",))
+
+
+def lora_targets(model, config: dict) -> list[str]:
+    """The module names a LoRA row adapts: ``config["target_modules"]`` when given, else the first group of
+    :data:`LORA_TARGETS` the model has.
+
+    Raises:
+        ValueError: none of them is in the model (the message lists its linear layers' names).
+    """
+    if config.get("target_modules"):
+        return list(config["target_modules"])
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    for group in LORA_TARGETS:
+        if all(g in names for g in group):
+            return list(group)
+    linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+    raise ValueError(f"LoRA: {type(model).__name__} has none of the attention projections LoRA adapts by default "
+                     f"({', '.join('/'.join(g) for g in LORA_TARGETS)}); its linear layers are named "
+                     f"{', '.join(linear) or 'nothing'}: give the row's config target_modules")
 MLP_NAMES = ("mlp", "feed_forward", "ffn")
 
 
@@ -137,8 +162,7 @@ def weight_method(model, spec: Spec, seed: int = 0) -> WeightTuning:
     if kind == "lora":
         from peft import LoraConfig, inject_adapter_in_model
 
-        targets = [n for n in ("q_proj", "v_proj", "c_attn") if any(m.endswith(n) for m, _ in
-                                                                    model.named_modules())]
+        targets = lora_targets(model, config)
         inject_adapter_in_model(LoraConfig(r=config.get("r", 8), lora_alpha=config.get("alpha", 16),
                                            target_modules=targets, lora_dropout=0.0), model)
         chosen = {n: p for n, p in model.named_parameters() if "lora_" in n}
