@@ -117,6 +117,8 @@ class _Sampling(_Body):
         _unsupported("frequency_penalty", self.frequency_penalty or 0, 0)
         kind = (self.response_format or {}).get("type", "text")
         _unsupported("response_format type", kind, "text")
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed with stream: true")
         return self
 
     # the list caps are checked on the raw JSON, before the items are validated: a 4 MB list of a million items
