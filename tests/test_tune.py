@@ -383,6 +383,37 @@ def test_a_refused_search_leaves_the_earlier_one_whole_and_top_k_on_a_generation
     assert (out / "tune.json").read_text() == before and (out / "trials" / "t01").is_dir()
 
 
+def _files(folder) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_data_no_trial_can_encode_is_refused_before_the_earlier_search_is_touched(tmp_path, tokenizer):
+    """train() checks the validation split only when it has it, and tune hands it the training split alone: a
+    validation target over --max-length (or a training one, the run length from --max-steps) raised in the
+    first trial's segment, after the earlier search's best_prompt/ had been deleted, and tune exited 2 as if
+    the search had been refused."""
+    from softprompt.data import DataError, TaskFormat
+    from tests.conftest import sentiment_records
+    from tests.test_train import FMT
+
+    gen = TaskFormat(FMT.template, FMT.target_field)
+    recs = sentiment_records(40, seed=1)
+    data = TaskData(gen, {"train": [gen.render(r) for r in recs[:32]],
+                          "validation": [gen.render(r) for r in recs[32:]]})
+    out = tmp_path / "run"
+    args = {"model": ModelArgs(), "data": DataArgs(max_length=16), "prompt": PROMPT, "eval": EvalArgs(),
+            "train": base(out, max_steps=2)}
+    model = make_model("llama")
+    assert run_tune(args, TuneArgs(lrs=[0.1]), model, tokenizer, data, echo=id).best is not None
+    before = _files(out)
+    long = gen.render({"text": "a", "label": " ".join(["good"] * 20)})
+    for split in ("validation", "train"):
+        splits = {**data.splits, split: [long] + data.splits[split]}
+        with pytest.raises(DataError, match=f"^{split} split: example 0: target"):
+            run_tune(args, TuneArgs(lrs=[0.03, 0.1]), model, tokenizer, TaskData(gen, splits), echo=id)
+        assert _files(out) == before
+
+
 # ----- the validation split -------------------------------------------------------------------------------
 
 def test_a_task_without_validation_is_refused_or_split_deterministically_on_request(tmp_path, tokenizer):

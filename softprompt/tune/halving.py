@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from softprompt.config import ConfigError, PromptArgs, TrainArgs
-from softprompt.data import TaskData, token_counts
+from softprompt.data import DataError, TaskData, token_counts
 from softprompt.distributed import launch_world_size
 from softprompt.evaluate import evaluate_prompt, primary_metric
 from softprompt.forward import family_of
@@ -63,6 +63,9 @@ class _Search:
             raise ConfigError("softprompt tune runs in one process (its trials are sequential): launch it without "
                               "torchrun / accelerate launch")
         self.fmt = task.format
+        problem = family_of(model).format_problem(model, self.fmt)
+        if problem:
+            raise ConfigError(problem)
         self.valid = task.splits.get("validation") or []
         if not self.valid:
             raise ConfigError("tune selects on the validation split and the task has none: pass --validation-file "
@@ -70,6 +73,11 @@ class _Search:
                               "(the test split is never used for selection)")
         # train() gets the training split alone: it must not evaluate, keep a "best" prompt or stop early
         self.train_task = TaskData(task.format, {"train": task.examples("train")})
+        # both splits are encoded now, as train() and the validation encode them: train() checks the validation
+        # split only when it has it, so a target over --max-length raised in the first segment, after the command
+        # had removed the earlier search's results, and exited 2 as if the search had been refused
+        self.n_encoded = len(self._encode("train", self.train_task.examples("train")))
+        self._encode("validation", self.valid)
         self.metric, self.higher = primary_metric(self.fmt, train_args.metric)
         specs, self.notes = trial_specs(tune, prompt, train_args)
         self.token_counts = None
@@ -82,6 +90,8 @@ class _Search:
             raise ConfigError(f"invalid arguments:\n  --top-k {tune.top_k} is more than the {len(specs)} trials")
         # every rung but the last ends at a checkpoint (train always writes one at the horizon)
         self.checkpoint_every = math.gcd(*self.plan.rungs[:-1]) if len(self.plan.rungs) > 1 else self.plan.horizon
+        for trial in self.trials:  # every trial's loop settings are valid before anything is written
+            self._train_args(trial)
         self.steps_used, self.stopped_by = 0, None
         self.t0 = time.perf_counter()
         self.step_time, self.steps_timed = 0.0, 0  # seconds in training steps, and those steps (every segment)
@@ -116,9 +126,18 @@ class _Search:
             return None
         per_step = self.base.batch_size * self.base.grad_accum
         # what train counts an epoch in: encoded examples (an --objective lm document is many chunks)
-        encoded = family_of(self.model).encode_examples(self.tok, self.train_task.examples("train"), self.fmt,
-                                                        self.max_length)
-        return max(1, len(encoded) // per_step) * self.base.epochs
+        return max(1, self.n_encoded // per_step) * self.base.epochs
+
+    def _encode(self, split: str, examples: list) -> list:
+        """``examples`` encoded as :func:`~softprompt.train.train` encodes them; errors name the split."""
+        try:
+            encoded = family_of(self.model).encode_examples(self.tok, examples, self.fmt, self.max_length)
+        except DataError as e:
+            raise DataError(f"{split} split: {e}") from None
+        if split == "train" and not encoded:
+            raise DataError("train split: no example is left to train on once encoded (a text corpus needs inputs "
+                            "of at least 2 tokens)")
+        return encoded
 
     # ----- one segment ---------------------------------------------------------------------------------
 
@@ -384,6 +403,8 @@ def successive_halving(model, tokenizer, task: TaskData, prompt: PromptArgs, tra
 
     Raises:
         ConfigError: no validation split, an invalid search space, or a budget that cannot pay for rung 0.
+        DataError: an example of the training or validation split cannot be encoded (the message names the
+            split); all before ``before_run`` and before any trial trains.
     """
     from softprompt.store.task_record import TaskRecord
 
