@@ -575,6 +575,34 @@ def test_resume_is_refused_before_an_earlier_search_is_touched(tmp_path, tiny_mo
         "best_prompt/softprompt.json", "trials/t00/checkpoint/state.json", "tune.json"]
 
 
+@pytest.mark.parametrize(("extra", "needle"), [
+    (["--lr", "1e308"], "--lr 1e+308 (the default grid, --lr/27 to --lr*3) gives the learning rate inf, not a"),
+    (["--lr", "1e-323"], "--lr 9.88131e-324 (the default grid, --lr/27 to --lr*3) gives the learning rate 0, not"),
+    (["--lr-range", "1e200", "1e300", "--num-trials", "1"], "--lr-range 1e+200 1e+300 gives the learning rate inf")])
+def test_a_learning_rate_grid_past_the_float_range_is_refused_before_anything_runs(tmp_path, tiny_model_dir, capsys,
+                                                                                   tokenizer, extra, needle):
+    """A valid --lr (or --lr-range) whose grid overflows to inf or underflows to 0: each trial's TrainArgs refused
+    it mid-search, after the earlier search's best_prompt/ was deleted and the first trials had run."""
+    from softprompt.cli import main
+    from tests.conftest import sentiment_records, write_jsonl
+
+    recs = sentiment_records(24, seed=1)
+    out = tmp_path / "tune"
+    (out / "best_prompt").mkdir(parents=True)
+    (out / "best_prompt" / "softprompt.json").write_text("{}")
+    argv = ["tune", "--model", tiny_model_dir, "--train-file", write_jsonl(tmp_path / "t.jsonl", recs[:16]),
+            "--validation-file", write_jsonl(tmp_path / "v.jsonl", recs[16:]), "--template",
+            "Review: {text} Sentiment:", "--target-field", "label", "--verbalizer",
+            "positive=positive,negative=negative", "--max-steps", "2", "--batch-size", "8", "--output-dir", out, *extra]
+    assert main([str(a) for a in argv]) == 2
+    assert needle in capsys.readouterr().err
+    assert [str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()] == ["best_prompt/softprompt.json"]
+    with pytest.raises(ConfigError, match=re.escape(needle)):  # the Python API refuses it as early
+        search(tmp_path / "api", tokenizer, tune=TuneArgs(**({"lr_range": (1e200, 1e300), "num_trials": 1}
+                                                                   if "--lr-range" in extra else {})),
+               lr=float(extra[1]))
+
+
 def test_a_search_point_the_task_cannot_build_is_skipped_before_any_trial_trains(tmp_path, tokenizer):
     from softprompt.data import TaskFormat
     from tests.conftest import sentiment_records

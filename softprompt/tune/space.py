@@ -193,18 +193,29 @@ def learning_rates(tune: TuneArgs, base_lr: float, seed: int) -> list[float]:
 
     Default: ``base_lr * 3**(k/2)`` for ``k = -6..2``, nine values from ``base_lr/27`` to ``base_lr*3`` that
     include ``base_lr`` itself (so the search contains the untuned run's learning rate).
+
+    Raises:
+        ConfigError: a value is not a finite number > 0 (a valid ``--lr`` near the float range's ends makes
+            the default grid overflow to inf or underflow to 0); it names the value and the flag behind it.
     """
     if tune.lrs is not None:
         return sorted(tune.lrs)
     if tune.lr_range is None:
-        return [base_lr * 3 ** (k / 2) for k in range(-6, 3)]
-    (lo, hi), n = tune.lr_range, tune.num_trials or DEFAULT_TRIALS
-    if tune.lr_sampling == "random":
-        rng = random.Random(seed)
-        return sorted(math.exp(rng.uniform(math.log(lo), math.log(hi))) for _ in range(n))
-    if n == 1:
-        return [math.sqrt(lo * hi)]
-    return [lo * (hi / lo) ** (i / (n - 1)) for i in range(n)]
+        lrs = [base_lr * 3 ** (k / 2) for k in range(-6, 3)]
+        source = f"--lr {base_lr:g} (the default grid, --lr/27 to --lr*3)"
+    else:
+        (lo, hi), n = tune.lr_range, tune.num_trials or DEFAULT_TRIALS
+        source = f"--lr-range {lo:g} {hi:g}"
+        if tune.lr_sampling == "random":
+            rng = random.Random(seed)
+            lrs = sorted(math.exp(rng.uniform(math.log(lo), math.log(hi))) for _ in range(n))
+        else:
+            lrs = [math.sqrt(lo * hi)] if n == 1 else [lo * (hi / lo) ** (i / (n - 1)) for i in range(n)]
+    bad = [v for v in lrs if not (math.isfinite(v) and v > 0)]
+    if bad:  # each trial's TrainArgs refused it mid-search, after earlier trials ran
+        raise ConfigError(f"invalid arguments:\n  {source} gives the learning rate {bad[0]:g}, not a finite number "
+                          "> 0: choose values well inside the float range, or list them with --lrs")
+    return lrs
 
 
 def prompt_key(method: str, method_config: dict[str, Any]) -> str:
