@@ -337,6 +337,26 @@ def test_a_search_where_every_trial_diverges_saves_nothing_and_leaves_no_older_p
     assert any("every trial diverged" in ln for ln in lines)
 
 
+def test_a_search_killed_before_its_first_report_leaves_no_report_of_the_earlier_one(tmp_path, tokenizer,
+                                                                                      monkeypatch):
+    """The earlier search's trials.json/.md/.png stayed beside the new tune.json (their best prompt was gone)."""
+    out = tmp_path / "run"
+    args = {"model": ModelArgs(), "data": DataArgs(max_length=64), "prompt": PROMPT, "eval": EvalArgs(),
+            "train": base(out, max_steps=2)}
+    model = make_model("llama")
+    run_tune(args, TuneArgs(lrs=[0.1]), model, tokenizer, task(32, 8), echo=id)
+    assert {"trials.json", "trials.md", "trials.png", "tune.json"} <= {p.name for p in out.iterdir()}
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(causal, "target_loss", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_tune(args, TuneArgs(lrs=[0.03]), model, tokenizer, task(32, 8), echo=id)
+    assert json.loads((out / "tune.json").read_text())["tune"]["lrs"] == [0.03]  # the new search's
+    assert not {"trials.json", "trials.md", "trials.png", "best_prompt"} & {p.name for p in out.iterdir()}
+
+
 def test_ensemble_seeds_past_the_largest_seed_are_refused_before_the_search(tmp_path, tokenizer):
     # seeds --seed .. --seed + n - 1: replace() re-checked them only when the winner was retrained, after the
     # whole search, and the ConfigError lost every result

@@ -196,9 +196,14 @@ def check_store(tune: TuneArgs, ensemble: bool = True) -> None:
 
 
 def _remove_stale_outputs(out: Path) -> None:
-    """Delete what an earlier search saved in ``out`` (``best_prompt/``, ``top/N/``), so that a search that
-    saves nothing (every trial diverged) leaves no older prompt looking like its result."""
+    """Delete what an earlier search saved in ``out`` (``best_prompt/``, ``top/N/``, ``seeds/seedS/`` and its
+    ``trials.json/.md/.png``), so that a search that saves nothing (every trial diverged) leaves no older prompt
+    looking like its result, and one killed before its first report leaves no older report beside its
+    ``tune.json``."""
     import shutil
+
+    for name in ("trials.json", "trials.md", "trials.png"):
+        (out / name).unlink(missing_ok=True)
 
     stale = [out / "best_prompt"] + (sorted(p for p in (out / "top").iterdir() if p.name.isdigit())
                                      if (out / "top").is_dir() else [])
