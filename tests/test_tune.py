@@ -461,6 +461,25 @@ def test_a_task_without_validation_is_refused_or_split_deterministically_on_requ
     assert with_validation(full, TuneArgs(validation_from_train=0.25), seed=13) is full  # it has one: kept
 
 
+def test_stored_trial_prompts_record_what_they_trained_on_not_the_search_bookkeeping(tmp_path, tokenizer):
+    """best_prompt/ recorded train.resume true and checkpoint_every the rungs' gcd (a segment's settings), and
+    with --validation-from-train the whole training file as its data, with validation_file null."""
+    full = task(40, 8)
+    no_val = TaskData(full.format, {"train": full.examples("train")})
+    out = tmp_path / "run"
+    args = {"model": ModelArgs(), "data": DataArgs(max_length=64, data_seed=5), "prompt": PROMPT,
+            "eval": EvalArgs(), "train": base(out, max_steps=4)}
+    result = run_tune(args, TuneArgs(lrs=[0.03, 0.1], eta=2, validation_from_train=0.25), make_model("llama"),
+                      tokenizer, no_val, echo=id)
+    assert result.plan.rungs == [2, 4] and result.best.steps == 4  # resumed once, at step 2
+    recorded = load_prompt(out / "best_prompt").meta["train_config"]
+    assert recorded["train"]["resume"] is False and recorded["train"]["checkpoint_every"] == 25  # TrainArgs'
+    assert recorded["train"]["max_steps"] == 4 and recorded["train"]["lr"] == result.best.spec.lr
+    assert recorded["data"]["validation_from_train"] == {"fraction": 0.25, "data_seed": 5, "train_examples": 30,
+                                                         "validation_examples": 10}
+    assert json.loads((out / "tune.json").read_text())["data"]["validation_from_train"]["train_examples"] == 30
+
+
 # ----- ranking, plan, space -------------------------------------------------------------------------------
 
 def _trial(i, status="ok", rungs=()):

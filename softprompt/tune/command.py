@@ -302,12 +302,16 @@ def run_tune(args: dict[str, Any], tune: TuneArgs, model, tokenizer, task: TaskD
         echo(f"--top-k {tune.top_k} --store: no ensemble is built: {top_k_reason}; the store gets the best prompt as "
              f"{tune.task!r} (top/1..{tune.top_k} are still saved)")
     check_store(tune, ensemble=top_k_reason is None)
-    task = with_validation(task, tune, data.data_seed, echo)
+    given_task, task = task, with_validation(task, tune, data.data_seed, echo)
     if prompt.init_text is None:  # as softprompt train: fits the task; recorded with every prompt
         prompt = dataclasses.replace(prompt, init_text=default_init_text(data.dataset, task.format))
     out = Path(train_args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     sections = {k: dataclasses.asdict(v) for k, v in args.items()}
+    if task is not given_task:  # the prompts train on part of --train-file: every stored prompt records which
+        sections["data"]["validation_from_train"] = {
+            "fraction": tune.validation_from_train, "data_seed": data.data_seed,
+            "train_examples": len(task.splits["train"]), "validation_examples": len(task.splits["validation"])}
     doc = {"tune": dataclasses.asdict(flags), **sections, "prompt": dataclasses.asdict(prompt)}
 
     def start() -> None:  # once the search's own checks passed: a refused search leaves an earlier one whole

@@ -217,7 +217,10 @@ class _Search:
                     train_config={**self.save_meta.get("train_config", {}),
                                   "tune": {"trial": trial.id, "rung": rung, "steps": trial.steps},
                                   "prompt": dataclasses.asdict(self._prompt_args(trial.spec)),
-                                  "train": dataclasses.asdict(self._train_args(trial))},
+                                  # the loop it trained with, not the search's segment bookkeeping
+                                  "train": dataclasses.asdict(dataclasses.replace(
+                                      self._train_args(trial), resume=False,
+                                      checkpoint_every=self.base.checkpoint_every))},
                     metrics={f"val_{k}": v for k, v in metrics.items()}, overwrite=True,
                     bos=bos_after_prompt(self.fmt))
         log.info("rung %d  %s  %s: %d steps, validation %s %.4f (loss %.4f) in %.1fs", rung, trial.id,
