@@ -96,7 +96,7 @@ def cmd_tune(ns: argparse.Namespace) -> int:
 
     tune, problems = tune_args_from_namespace(ns)
     args = _resolve(ns, ["model", "data", "prompt", "train", "eval"], problems)
-    ignored = ignored_train_flags(args["train"])  # refused, not dropped in silence
+    ignored = ignored_train_flags(args["train"], tune, given(ns, "train", "epochs"))  # refused, not dropped
     if ignored:
         raise ConfigError("invalid arguments:\n  " + "\n  ".join(ignored))
     if ns.print_config:

@@ -642,6 +642,23 @@ def test_a_learning_rate_grid_past_the_float_range_is_refused_before_anything_ru
                lr=float(extra[1]))
 
 
+def test_epochs_the_step_budget_would_ignore_are_refused(tmp_path, tiny_model_dir, tokenizer, capsys):
+    """--budget-steps without --max-steps sets the trials' length: --epochs was dropped in silence."""
+    from softprompt.cli import main
+
+    out = tmp_path / "tune"
+    for epochs in ("3", "1"):  # given, even at its default
+        assert main(["tune", "--model", str(tiny_model_dir), "--output-dir", str(out), "--budget-steps", "8",
+                     "--epochs", epochs]) == 2
+        assert f"--epochs {epochs}: with --budget-steps and no --max-steps" in capsys.readouterr().err
+    assert not out.exists()
+    with pytest.raises(ConfigError, match="--epochs 2: with --budget-steps and no --max-steps"):
+        search(tmp_path / "api", tokenizer, TuneArgs(lrs=[0.1], budget_steps=8), max_steps=0, epochs=2)
+    # with --max-steps the budget caps a search of fixed-length trials: --epochs is not read, and not refused
+    result = search(tmp_path / "fixed", tokenizer, TuneArgs(lrs=[0.1], budget_steps=2), max_steps=2, epochs=2)
+    assert result.trials[0].steps == 2
+
+
 def test_a_search_point_the_task_cannot_build_is_skipped_before_any_trial_trains(tmp_path, tokenizer):
     from softprompt.data import TaskFormat
     from tests.conftest import sentiment_records

@@ -24,7 +24,7 @@ from softprompt.data import TaskData
 from softprompt.tune.ensemble import measure, not_built_reason, summary_line
 from softprompt.tune.halving import successive_halving
 from softprompt.tune.report import format_table, write_reports
-from softprompt.tune.space import SEARCHABLE, TuneArgs, member_names
+from softprompt.tune.space import SEARCHABLE, TuneArgs, epochs_problem, member_names
 from softprompt.tune.trials import TuneResult
 
 log = logging.getLogger(__name__)
@@ -82,10 +82,13 @@ def _search_values(key: str, text: str, problems: list[str]) -> list[Any] | None
         return None
 
 
-def ignored_train_flags(train) -> list[str]:
+def ignored_train_flags(train, tune: TuneArgs | None = None, epochs_given: bool = False) -> list[str]:
     """The train settings (:class:`~softprompt.config.TrainArgs`) a search would drop, each with why: trials
-    start again rather than resume, and are ranked at fixed rungs, so none stops early."""
-    out = [] if not train.resume else ["--resume: tune does not resume an interrupted search; it starts again and "
+    start again rather than resume, and are ranked at fixed rungs, so none stops early; and with ``tune``,
+    ``--epochs`` where ``--budget-steps`` sets the trials' length (``epochs_given``: the user set it)."""
+    epochs = epochs_problem(tune, train, epochs_given) if tune is not None else None
+    out = [epochs] if epochs else []
+    out += [] if not train.resume else ["--resume: tune does not resume an interrupted search; it starts again and "
                                        "replaces the trials, best_prompt and top/ in --output-dir: leave --resume "
                                        "out (and train.resume in --config), or use another --output-dir to keep "
                                        "the old search"]

@@ -36,7 +36,7 @@ from softprompt.evaluate import evaluate_prompt, primary_metric
 from softprompt.forward import family_of
 from softprompt.methods import build_method
 from softprompt.train import train
-from softprompt.tune.space import TrialSpec, TuneArgs, plan_rungs, trial_specs
+from softprompt.tune.space import TrialSpec, TuneArgs, epochs_problem, plan_rungs, trial_specs
 from softprompt.tune.trials import RungResult, Trial, TuneResult, rank_key
 
 log = logging.getLogger(__name__)
@@ -123,6 +123,8 @@ class _Search:
         if self.base.max_steps:
             return self.base.max_steps
         if self.tune.budget_steps is not None:
+            if epochs_problem(self.tune, self.base):
+                raise ConfigError(f"invalid arguments:\n  {epochs_problem(self.tune, self.base)}")
             return None
         per_step = self.base.batch_size * self.base.grad_accum
         # what train counts an epoch in: encoded examples (an --objective lm document is many chunks)

@@ -155,6 +155,16 @@ class TuneArgs:
         return max(self.search.get("num_virtual_tokens") or [default])
 
 
+def epochs_problem(tune: TuneArgs, train: TrainArgs, given: bool = False) -> str | None:
+    """Why ``--epochs`` would be ignored, if it would: with ``--budget-steps`` and no ``--max-steps`` the trials'
+    length is what the budget pays for. ``given``: the user set it (else only a value other than 1 counts)."""
+    if tune.budget_steps is None or train.max_steps or not (given or train.epochs != 1):
+        return None
+    return (f"--epochs {train.epochs}: with --budget-steps and no --max-steps, the trials' length is what the "
+            "budget pays for, not epochs: give --max-steps N for a fixed run length (the budget then caps the "
+            "search), or leave --epochs out (and train.epochs in --config)")
+
+
 def member_names(task: str, k: int) -> list[str]:
     """Store names of the top-``k`` prompts when they form the ensemble ``task`` (``task-1`` is the best)."""
     return [f"{task}-{i}" for i in range(1, k + 1)]
