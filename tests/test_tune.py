@@ -171,6 +171,9 @@ def test_time_budget_stops_starting_segments(tmp_path, tokenizer):
     assert result.stopped_by == "--budget-minutes"
     assert [t.status for t in result.trials] == ["ok", "not_run", "not_run", "not_run"]  # the first always runs
     assert result.best is result.trials[0] and result.steps_used == 3
+    # that one segment took longer than the budget: the report says so (the search stopped quietly at exit 0)
+    assert any(re.fullmatch(r"--budget-minutes 0.0001 exceeded: the search took \d+\.\ds \(the first segment "
+                            r"always runs.*", n) for n in result.notes), result.notes
 
 
 def test_a_minutes_budget_prices_a_segment_by_its_fixed_part_and_its_steps(tmp_path, tokenizer, monkeypatch):

@@ -44,7 +44,9 @@ def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
                         "--search num_virtual_tokens=10,20,50 --search method=prompt_tuning,prefix_tuning")
     g.add_argument("--budget-steps", type=int, help="total optimizer steps over all trials")
     g.add_argument("--budget-minutes", type=float,
-                   help="wall clock for the search: no trial segment starts that would end past it")
+                   help="wall clock for the search: a trial segment starts only when the earlier segments' times "
+                        "say it ends within it; the first always runs (nothing is timed before it), and the "
+                        "report says when the search ran past the budget")
     g.add_argument("--eta", type=int, default=3, help="keep the best 1/eta of the trials at each rung (default 3)")
     g.add_argument("--min-steps", type=int, help="steps every trial gets at rung 0 (default: from the budget or the "
                                                  "run length)")

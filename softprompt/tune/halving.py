@@ -305,6 +305,12 @@ class _Search:
         for t in self.trials:
             if t.status == "pending":
                 t.status = "not_run"
+        took = time.perf_counter() - self.t0
+        if self.tune.budget_minutes is not None and took > self.tune.budget_minutes * 60:
+            self.notes.append(f"--budget-minutes {self.tune.budget_minutes:g} exceeded: the search took {took:.1f}s "
+                              "(the first segment always runs, nothing being timed before it; a later one starts "
+                              "when the earlier ones' times say it ends in time)")
+            log.warning("tune: %s", self.notes[-1])
         return self.result()
 
     # ----- the winner's seed runs (--ensemble-seeds) -----------------------------------------------------

@@ -39,7 +39,8 @@ class TuneArgs:
         lr_sampling: ``grid`` (log-spaced, both ends included) or ``random`` (log-uniform, seeded by --seed).
         search: ``{key: values}`` of ``--search``; keys are :data:`SEARCHABLE`.
         budget_steps: total optimizer steps over all trials (``--budget-steps``).
-        budget_minutes: wall clock for the search; no segment starts that would end past it.
+        budget_minutes: wall clock for the search; a segment starts when the earlier ones' times say it ends
+            within it (the first always runs); a search that ran past it says so in its notes.
         eta: keep the best ``1/eta`` of the trials at each rung.
         min_steps: steps of rung 0 (default: derived from the horizon or the budget).
         top_k: how many of the best prompts to save (and, with ``store``, to ensemble).
