@@ -332,9 +332,9 @@ def test_prompt_is_the_best_validation_prompt(env, tmp_path, legacy_checkpoint):
 
 
 def test_resume_with_incompatible_checkpoint_is_usage_error(env, tmp_path):
-    args = ["train", "--model", env["model"], "--train-file", env["train"], "--template", TEMPLATE,
-            "--target-field", "label", "--init", "random", "--batch-size", "4", "--max-steps", "1",
-            "--output-dir", tmp_path / "o"]
+    args = ["train", "--model", env["model"], "--train-file", env["train"], "--validation-file", env["validation"],
+            "--template", TEMPLATE, "--target-field", "label", "--init", "random", "--batch-size", "4",
+            "--max-steps", "1", "--output-dir", tmp_path / "o"]  # validation: --metric acts on it (else refused)
     assert run([*args, "--num-virtual-tokens", "4"])[0] == 0
     ck, config = tmp_path / "o" / "checkpoint", (tmp_path / "o" / "config.yaml").read_text()
     _assert_usage_error([*args, "--num-virtual-tokens", "5", "--max-steps", "2", "--resume"], "--resume", str(ck))

@@ -249,3 +249,19 @@ def test_an_empty_flag_value_is_refused_not_read_as_not_given(env, tmp_path, mon
     argv[argv.index(flag_name) + 1] = ""
     _assert_usage_error(argv, needle)
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(("extra", "needle"), [
+    (["--early-stopping-patience", "3"], "--early-stopping-patience 3: it acts on the validation split, and this "
+                                         "task has none"),
+    (["--stop-when-flat", "0.02"], "--stop-when-flat 0.02: it acts on the validation split"),
+    (["--metric", "loss"], "--metric loss: it acts on the validation split"),
+    (["--eval-every", "2"], "--eval-every 2: it acts on the validation split")])
+def test_train_refuses_validation_flags_on_a_task_without_validation(env, tmp_path, monkeypatch, extra, needle):
+    """They were accepted and did nothing: no validation ran, so nothing stopped early or was selected by them."""
+    _no_work(monkeypatch)
+    base = ["train", "--model", env["model"], "--train-file", env["train"], "--template", TEMPLATE,
+            "--target-field", "label", "--verbalizer", "positive=positive,negative=negative", "--max-steps", "2",
+            "--output-dir", tmp_path / "o"]
+    _assert_usage_error([*base, *extra], needle, "give --validation-file FILE, or leave it out")
+    assert not (tmp_path / "o").exists()

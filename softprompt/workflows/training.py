@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from softprompt import methods
-from softprompt.config import ConfigError, to_yaml
+from softprompt.config import ConfigError, flag, to_yaml
 from softprompt.data import DataError, bos_after_prompt, default_init_text, token_counts
 from softprompt.evaluate import format_report, primary_metric
 from softprompt.forward import family_of
@@ -54,6 +54,16 @@ def tuned_method(method: PromptMethod, result: TrainResult, out: Path, model) ->
     return rebuilt.to(model.device).eval(), dict(result.best_metrics or {})
 
 
+def validation_only_flags(train) -> list[str]:
+    """The :class:`~softprompt.config.TrainArgs` settings that act on the validation split only (set away from
+    their defaults), each as a refusal for a task that has none."""
+    defaults = {f.name: f.default for f in dataclasses.fields(train)}
+    return [f"{flag(name)} {getattr(train, name)}: it acts on the validation split, and this task has none: give "
+            f"--validation-file FILE, or leave it out (and train.{name} in --config)"
+            for name in ("early_stopping_patience", "stop_when_flat", "metric", "eval_every")
+            if getattr(train, name) != defaults[name]]
+
+
 def train_and_save(args: dict, store: str | None = None, store_task: str | None = None) -> TrainResult | None:
     """Train a prompt, evaluate it against the baselines on the test split, save it; print the report.
 
@@ -71,6 +81,9 @@ def train_and_save(args: dict, store: str | None = None, store_task: str | None 
     task = load_task_from_args(args["data"])
     primary_metric(task.format, args["train"].metric)  # refuses a metric the objective does not measure
     task.examples("train")  # fail before anything is written or loaded if there is nothing to train on
+    inert = [] if task.splits.get("validation") else validation_only_flags(args["train"])
+    if inert:  # refused, not dropped in silence
+        raise ConfigError("invalid arguments:\n  " + "\n  ".join(inert))
     if args["prompt"].init_text is None:  # fits the task being trained; config.yaml records the text used
         args["prompt"].init_text = default_init_text(args["data"].dataset, task.format)
     out = Path(args["train"].output_dir)
