@@ -10,6 +10,8 @@ to the same frozen model. Rows are tokenised with the encoder's own special toke
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 
@@ -17,6 +19,46 @@ from softprompt.data import encode_classes
 from softprompt.forward.common import InjectionError, by_length, check_pass, check_prompt
 from softprompt.forward.family import Family
 from softprompt.forward.prompt import PromptOutput
+
+log = logging.getLogger(__name__)
+
+HEAD_CHILDREN = ("classifier", "score")  # the head child of *ForSequenceClassification (PEFT's SEQ_CLS names)
+
+
+def head_child(model) -> str:
+    """Name of the model's classification head child (``classifier`` or ``score``)."""
+    for name, _ in model.named_children():
+        if name in HEAD_CHILDREN:
+            return name
+    raise ValueError(f"{type(model).__name__} has no classification head child named {' or '.join(HEAD_CHILDREN)}")
+
+
+def record_untrained(model, missing: set[str]) -> None:
+    """Remember which of ``model``'s parameters outside its head the checkpoint lacked (``missing``: what
+    transformers reports missing or mismatched at load): a layer between the encoder and the head (DeBERTa's
+    ``pooler.dense``, DistilBERT's ``pre_classifier``, BERT's pooler in a checkpoint saved without it) that
+    transformers initialises at random at every load. Such weights train and store with the head
+    (:func:`untrained_weights`), so that a prompt serves in another process as it was trained.
+
+    Raises:
+        ValueError: the checkpoint lacks the input embeddings (it is not a checkpoint of this architecture).
+    """
+    params = [n for n, _ in model.named_parameters()]
+    head = head_child(model) + "."
+    untrained = tuple(n for n in params if n in missing and not n.startswith(head))
+    emb = model.get_input_embeddings().weight
+    if any(p is emb for n, p in model.named_parameters() if n in untrained):
+        raise ValueError(f"the checkpoint has no input embeddings for {type(model).__name__} (it lacks "
+                         f"{len(untrained)} weights of {len(params)}): it is not a checkpoint of this architecture")
+    if untrained:
+        log.info("the checkpoint lacks %s: trained and stored with the classification head", ", ".join(untrained))
+    model._softprompt_untrained = untrained
+
+
+def untrained_weights(model) -> tuple[str, ...]:
+    """Parameters outside the head that the checkpoint lacked at load (:func:`record_untrained`), in the model's
+    order; none for a model that did not come from :meth:`EncoderClassifier.from_pretrained`."""
+    return tuple(getattr(model, "_softprompt_untrained", ()))
 
 
 def classifier_prompt(model, prompt: PromptOutput | torch.Tensor | None) -> PromptOutput:
@@ -94,8 +136,11 @@ class EncoderClassifier(Family):
         from transformers import AutoModelForSequenceClassification
 
         # the checkpoint's own head (if any) is not used: the prompt brings its trained head
-        return AutoModelForSequenceClassification.from_pretrained(
-            name_or_path, dtype=dtype, num_labels=num_labels or 2, ignore_mismatched_sizes=True)
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            name_or_path, dtype=dtype, num_labels=num_labels or 2, ignore_mismatched_sizes=True,
+            output_loading_info=True)
+        record_untrained(model, set(info["missing_keys"]) | {k[0] for k in info["mismatched_keys"]})
+        return model
 
     def format_problem(self, model, fmt):
         problem = super().format_problem(model, fmt)  # --objective lm

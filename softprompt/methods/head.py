@@ -6,9 +6,13 @@ type does). The head's tensors are owned here, not by the frozen model: :mod:`so
 model with these tensors substituted for its own head (``torch.func.functional_call``), so one frozen
 model serves any number of tasks, each with its own head and number of labels.
 
-The head is the module PEFT trains for ``SEQ_CLS`` (a child named ``classifier`` or ``score``). Its
-tensors are stored in ``adapter_model.safetensors`` under PEFT's keys (``base_model.classifier.weight``),
-so the folder loads into ``PeftModelForSequenceClassification`` and back.
+The head is the module PEFT trains for ``SEQ_CLS`` (a child named ``classifier`` or ``score``), plus every
+weight outside it that the checkpoint lacked at load (:func:`~softprompt.forward.classifier.untrained_weights`:
+DeBERTa's ``pooler.dense``, DistilBERT's ``pre_classifier``, BERT's pooler in a checkpoint saved without
+it), which transformers would otherwise initialise at random at every load. Its tensors are stored in
+``adapter_model.safetensors`` under PEFT's keys (``base_model.classifier.weight``,
+``base_model.pooler.dense.weight``) and the extra modules listed in ``modules_to_save``, so the folder loads
+into ``PeftModelForSequenceClassification`` and back.
 """
 
 from __future__ import annotations
@@ -16,17 +20,20 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-HEAD_MODULE_NAMES = ("classifier", "score")  # what PEFT puts in modules_to_save for SEQ_CLS
+from softprompt.forward.classifier import HEAD_CHILDREN, head_child, untrained_weights
+
+HEAD_MODULE_NAMES = HEAD_CHILDREN  # what PEFT puts in modules_to_save for SEQ_CLS
 SAVED_PREFIX = "base_model."  # PEFT's key prefix of modules_to_save tensors
 
 
 def head_module_name(model) -> str:
     """Name of the model's classification head child (``classifier`` or ``score``)."""
-    for name, _ in model.named_children():
-        if name in HEAD_MODULE_NAMES:
-            return name
-    raise ValueError(f"{type(model).__name__} has no classification head child named "
-                     f"{' or '.join(HEAD_MODULE_NAMES)}")
+    return head_child(model)
+
+
+def in_classifier(name: str) -> bool:
+    """A head parameter name inside the classification head child (not a weight the checkpoint lacked)."""
+    return name.startswith(tuple(f"{m}." for m in HEAD_MODULE_NAMES))
 
 
 def is_head_key(key: str) -> bool:
@@ -53,15 +60,22 @@ class ClassificationHead(nn.Module):
         """A freshly initialised head shaped like ``model``'s: weights ~ N(0, initializer_range), biases 0.
 
         The shapes follow the model as loaded (its ``num_labels``); the init is seeded so that runs repeat
-        whether or not the checkpoint shipped a head.
+        whether or not the checkpoint shipped a head. Weights outside the head that the checkpoint lacked
+        (:func:`~softprompt.forward.classifier.untrained_weights`) join it, initialised the same way after the
+        head's own (a 1-D ``weight``, a norm's gain, at 1).
         """
         name = head_module_name(model)
         std = float(getattr(model.config, "initializer_range", 0.02) or 0.02)
         gen = torch.Generator().manual_seed(seed)
+        params = dict(model.named_parameters())
         tensors = {}
-        for key, p in getattr(model, name).named_parameters():
-            t = torch.randn(p.shape, generator=gen) * std if p.ndim > 1 else torch.zeros(p.shape)
-            tensors[f"{name}.{key}"] = t
+        for key in [f"{name}.{k}" for k, _ in getattr(model, name).named_parameters()] + list(untrained_weights(model)):
+            shape = params[key].shape
+            if len(shape) > 1:
+                tensors[key] = torch.randn(shape, generator=gen) * std
+            else:
+                tensors[key] = torch.ones(shape) if key.endswith("weight") and not in_classifier(key) else torch.zeros(
+                    shape)
         return cls(tensors)
 
     @property
@@ -71,9 +85,15 @@ class ClassificationHead(nn.Module):
 
     def output_key(self) -> str:
         """Name of the last layer's weight (the one whose rows are the classes)."""
-        weights = [n for n in self.names if n.endswith("weight")]
+        inside = [n for n in self.names if in_classifier(n)] or self.names
+        weights = [n for n in inside if n.endswith("weight")]
         # heads are named in forward order (classifier.dense, classifier.out_proj; classifier alone)
-        return (weights or self.names)[-1]
+        return (weights or inside)[-1]
+
+    def extra_modules(self) -> list[str]:
+        """Modules outside the classification head child whose weights it holds (the checkpoint lacked them):
+        what ``modules_to_save`` lists besides ``classifier`` and ``score``."""
+        return sorted({n.rsplit(".", 1)[0] for n in self.names if not in_classifier(n)})
 
     def overrides(self, like: torch.Tensor) -> dict[str, torch.Tensor]:
         """``{parameter name: tensor}`` for ``functional_call``, on ``like``'s device and dtype (differentiable)."""
@@ -93,19 +113,24 @@ class ClassificationHead(nn.Module):
 def head_problems(tensors: dict[str, torch.Tensor], model) -> list[str]:
     """Why stored head tensors cannot replace ``model``'s head (empty when they can).
 
-    Every tensor must name a parameter of the model's head and have its shape, except that the number of
+    Every tensor must name a parameter of the model's head, or one the checkpoint lacked at load
+    (:func:`~softprompt.forward.classifier.untrained_weights`), and have its shape, except that the number of
     classes (the first dimension of the output layer) may differ: one frozen model serves heads of any
-    label count.
+    label count. Every weight the checkpoint lacked must be there: the model's own is random at each load.
     """
     params = dict(model.named_parameters())
     head = ClassificationHead.from_saved(tensors)
     out_key = head.output_key()
     problems = []
     inside = head_module_name(model) + "."
+    untrained = untrained_weights(model)
+    if not any(n.startswith(inside) for n in head.names):
+        problems.append(f"no head tensor is in the model's head {inside[:-1]!r}")
     for name, t in zip(head.names, head.tensors, strict=True):
-        if not name.startswith(inside):  # a same-shaped encoder weight would replace it for this task
-            problems.append(f"head tensor {SAVED_PREFIX + name!r} is outside the model's head {inside[:-1]!r}: a "
-                            "stored prompt may replace the head only, never the frozen model's weights")
+        if not name.startswith(inside) and name not in untrained:  # an encoder weight would be replaced
+            also = f" or among the weights its checkpoint lacks ({', '.join(untrained)})" if untrained else ""
+            problems.append(f"head tensor {SAVED_PREFIX + name!r} is outside the model's head {inside[:-1]!r}{also}: "
+                            "a stored prompt may replace the head only, never the frozen model's weights")
             continue
         if name not in params:
             problems.append(f"head tensor {SAVED_PREFIX + name!r} names no parameter of {type(model).__name__} "
@@ -120,4 +145,10 @@ def head_problems(tensors: dict[str, torch.Tensor], model) -> list[str]:
     if bias in head.names and head.tensors[head.names.index(bias)].shape[0] != head.num_labels:
         problems.append(f"head tensors {SAVED_PREFIX + out_key!r} and {SAVED_PREFIX + bias!r} disagree on the "
                         "number of labels")
+    absent = [n for n in untrained if n not in head.names]
+    if absent:
+        problems.append(f"the checkpoint lacks {', '.join(absent)}, which transformers initialises at random at "
+                        "every load, and the prompt does not bring it: it was trained against another random "
+                        "layer (stored by an older softprompt, or trained on a checkpoint that has it); train it "
+                        "again on this checkpoint")
     return problems

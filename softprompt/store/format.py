@@ -166,10 +166,18 @@ def _head_tensor_problems(cfg: dict, head: dict[str, torch.Tensor]) -> list[str]
     if head and not seq_cls:
         return [f"head tensors {sorted(head)} but task_type is {cfg.get('task_type')!r}, not SEQ_CLS"]
     heads = tuple(f"{SAVED_PREFIX}{m}." for m in HEAD_MODULE_NAMES)
-    outside = [key for key in head if not key.startswith(heads)]
+    if head and not any(key.startswith(heads) for key in head):
+        return [f"no classification head tensors ({SAVED_PREFIX}classifier.* or {SAVED_PREFIX}score.*) among "
+                f"{sorted(head)}"]
+    # modules_to_save may add a layer the checkpoint lacks (DeBERTa's pooler.dense); the model checks at load
+    # that it is one (methods.head.head_problems)
+    extra = cfg.get("modules_to_save") if isinstance(cfg.get("modules_to_save"), list) else []
+    extra = tuple(f"{SAVED_PREFIX}{m}." for m in extra if isinstance(m, str) and m and m not in HEAD_MODULE_NAMES)
+    outside = [key for key in head if not key.startswith(heads + extra)]
     if outside:  # base_model.bert.embeddings.word_embeddings.weight would replace the encoder's embeddings
         return [f"tensors {outside} are not in a classification head ({SAVED_PREFIX}classifier.* or "
-                f"{SAVED_PREFIX}score.*): a stored prompt may replace the head only, never the model's weights"]
+                f"{SAVED_PREFIX}score.*) nor in a module its modules_to_save lists: a stored prompt may replace "
+                "the head only, never the model's weights"]
     return [f"head tensor {key!r} must be 1-D or 2-D, has shape {tuple(t.shape)}" for key, t in head.items()
             if t.ndim not in (1, 2)]
 
@@ -401,7 +409,8 @@ def save_prompt(path: str | Path, method: PromptMethod, model, task: dict | None
     tensors = method.stored_tensors()
     peft_config = method.peft_config(model)
     if method.classifier is not None:  # what PeftModelForSequenceClassification writes and reads back
-        peft_config.update(task_type="SEQ_CLS", modules_to_save=list(HEAD_MODULE_NAMES))
+        peft_config.update(task_type="SEQ_CLS",
+                           modules_to_save=list(HEAD_MODULE_NAMES) + method.classifier.extra_modules())
     problems = _config_problems(peft_config)
     problems = problems or _tensor_problems(peft_config, tensors)
     if not problems:

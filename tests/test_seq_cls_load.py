@@ -1,0 +1,127 @@
+"""Encoder classifiers loaded from checkpoints that lack a layer between the encoder and the head.
+
+DeBERTa-v2/v3's ``pooler.dense``, DistilBERT's ``pre_classifier`` and BERT's pooler (in a checkpoint saved
+without it, as every masked-LM one) are not in an MLM checkpoint: transformers initialises them at random at
+every load. They train and store with the head, so a prompt gives the same logits in every process.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import (
+    DebertaV2Config,
+    DebertaV2ForMaskedLM,
+    DistilBertConfig,
+    DistilBertForMaskedLM,
+)
+
+from softprompt import forward
+from softprompt.config import TrainArgs
+from softprompt.forward import classifier
+from softprompt.forward.classifier import untrained_weights
+from softprompt.methods import build_method
+from softprompt.model import ModelLoadError, load_base_model
+from softprompt.store import StoreError, export_peft, load_prompt, save_prompt
+from softprompt.train import train
+from tests.conftest import VOCAB, make_tokenizer
+from tests.test_train import task
+
+MLM = {
+    "distilbert": lambda: DistilBertForMaskedLM(DistilBertConfig(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=2,
+                                                                 hidden_dim=64, pad_token_id=0)),
+    "deberta-v2": lambda: DebertaV2ForMaskedLM(DebertaV2Config(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        relative_attention=True, position_biased_input=False, pos_att_type=["p2c", "c2p"], pad_token_id=0)),
+}
+LACKS = {"distilbert": ("pre_classifier.weight", "pre_classifier.bias"),
+         "deberta-v2": ("pooler.dense.weight", "pooler.dense.bias")}
+
+
+def mlm_folder(tmp_path, kind):
+    torch.manual_seed(0)
+    MLM[kind]().save_pretrained(tmp_path / kind)
+    make_tokenizer().save_pretrained(tmp_path / kind)
+    return tmp_path / kind
+
+
+def logits(model, method, ids):
+    with torch.no_grad():
+        return classifier.class_logits(model, ids, torch.ones_like(ids), forward.compute_prompt_kv(model, method()))
+
+
+@pytest.mark.parametrize("kind", sorted(MLM))
+def test_a_layer_the_checkpoint_lacks_trains_with_the_head_and_serves_the_same_after_a_reload(tmp_path, kind):
+    """Before, that layer was frozen at the random init of each load: the prompt trained against one random
+    pooler was evaluated in another process against another, with other logits (and another accuracy)."""
+    folder = mlm_folder(tmp_path, kind)
+    model, tok = load_base_model(folder, "cpu", "float32", task_type="seq_cls")
+    assert set(untrained_weights(model)) == set(LACKS[kind])
+    method = build_method("prompt_tuning", {"num_virtual_tokens": 3, "init": "random", "seed": 0}, model, tok)
+    assert set(LACKS[kind]) <= set(method.classifier.names)
+    before = {n: t.detach().clone() for n, t in zip(method.classifier.names, method.classifier.tensors, strict=True)}
+    train(model, tok, method, task(n_train=16, n_valid=8),
+          TrainArgs(output_dir=str(tmp_path / "run"), max_steps=3, batch_size=8, lr=0.05, eval_every=100, seed=0))
+    after = dict(zip(method.classifier.names, method.classifier.tensors, strict=True))
+    assert all(not torch.equal(before[n], after[n]) for n in LACKS[kind])  # the missing layer trained
+    save_prompt(tmp_path / "p", method, model)
+    cfg = json.loads((tmp_path / "p" / "adapter_config.json").read_text())
+    assert cfg["modules_to_save"][2:] == [LACKS[kind][0].rsplit(".", 1)[0]]
+    assert {f"base_model.{n}" for n in LACKS[kind]} <= set(load_file(str(tmp_path / "p" / "adapter_model.safetensors")))
+    ids = torch.tensor([tok("the movie was good")["input_ids"]])
+    expected = logits(model, method, ids)
+    other, _ = load_base_model(folder, "cpu", "float32", task_type="seq_cls")  # another process, another init
+    got = logits(other, load_prompt(tmp_path / "p", other).build_method(), ids)
+    torch.testing.assert_close(got, expected, atol=0, rtol=0)
+
+
+def test_a_stored_prompt_without_the_layer_the_checkpoint_lacks_is_refused(tmp_path):
+    folder = mlm_folder(tmp_path, "distilbert")
+    model, tok = load_base_model(folder, "cpu", "float32", task_type="seq_cls")
+    method = build_method("prompt_tuning", {"num_virtual_tokens": 2, "init": "random"}, model, tok)
+    save_prompt(tmp_path / "p", method, model)
+    path = tmp_path / "p" / "adapter_model.safetensors"
+    save_file({k: v for k, v in load_file(str(path)).items() if "pre_classifier" not in k}, str(path))
+    with pytest.raises(StoreError, match="lacks pre_classifier.weight, pre_classifier.bias.*train it again"):
+        load_prompt(tmp_path / "p", model)
+    # the allow-list is the layers the checkpoint lacked, nothing else
+    tensors = load_file(str(path))
+    tensors["base_model.distilbert.transformer.layer.0.ffn.lin1.bias"] = torch.zeros(64)
+    save_file(tensors, str(path))
+    with pytest.raises(StoreError, match="not in a classification head"):
+        load_prompt(tmp_path / "p", model)
+    cfg_path = tmp_path / "p" / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg_path.write_text(json.dumps({**cfg, "modules_to_save": [*cfg["modules_to_save"], "distilbert.transformer"]}))
+    with pytest.raises(StoreError, match="outside the model's head 'classifier' or among the weights its checkpoint"):
+        load_prompt(tmp_path / "p", model)
+
+
+def test_a_checkpoint_without_the_input_embeddings_is_refused(tmp_path):
+    folder = mlm_folder(tmp_path, "distilbert")
+    weights = load_file(str(folder / "model.safetensors"))
+    save_file({k: v for k, v in weights.items() if "word_embeddings" not in k}, str(folder / "model.safetensors"))
+    with pytest.raises(ModelLoadError, match="no input embeddings"):
+        load_base_model(folder, "cpu", "float32", task_type="seq_cls")
+
+
+def test_peft_reads_the_layer_the_checkpoint_lacks_from_our_export(tmp_path):
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForSequenceClassification
+
+    folder = mlm_folder(tmp_path, "deberta-v2")
+    model, tok = load_base_model(folder, "cpu", "float32", task_type="seq_cls")
+    method = build_method("prompt_tuning", {"num_virtual_tokens": 2, "init": "random"}, model, tok)
+    with torch.no_grad():
+        for t in method.classifier.tensors:
+            t.normal_(0, 0.5)
+    save_prompt(tmp_path / "ours", method, model)
+    export_peft(tmp_path / "ours", tmp_path / "peft")
+    ids = torch.tensor([tok("the movie was good")["input_ids"]])
+    base = AutoModelForSequenceClassification.from_pretrained(folder)  # its own random pooler
+    with torch.no_grad():
+        pm = peft.PeftModel.from_pretrained(base, tmp_path / "peft").eval()
+        torch.testing.assert_close(pm(input_ids=ids).logits, logits(model, method, ids), atol=1e-5, rtol=1e-5)
