@@ -106,10 +106,37 @@ def encoder_inputs(model, batch, embeds: torch.Tensor | None):
     return _at_encoder_scale(model, text), enc_mask, labels
 
 
+def decoder_start(model) -> int:
+    """The token the decoder starts from: what ``generate`` starts from (the generation config's
+    ``decoder_start_token_id``, else its ``bos_token_id``), for training and scoring too. Passing ``labels=``
+    let the model shift them itself, and mBART's and PLBart's shift starts from the last non-pad label token
+    (their pre-training's language code), so each candidate label was scored after its own last token.
+
+    Raises:
+        InjectionError: the model names no start token.
+    """
+    for cfg in (getattr(model, "generation_config", None), model.config):
+        for key in ("decoder_start_token_id", "bos_token_id"):
+            start = getattr(cfg, key, None)
+            if isinstance(start, int) and not isinstance(start, bool) and start >= 0:
+                return start
+    raise InjectionError(f"{type(model).__name__} names no decoder_start_token_id or bos_token_id: the decoder has "
+                         "no token to start from")
+
+
+def decoder_inputs(model, labels: torch.Tensor) -> torch.Tensor:
+    """``(B, L)`` decoder input ids for ``labels`` (-100 at padding): the start token, then the labels but the last
+    (teacher forcing); padding reads the pad id (causal: it never reaches a real position)."""
+    pad = model.config.pad_token_id if isinstance(model.config.pad_token_id, int) else 0
+    start = torch.full_like(labels[:, :1], decoder_start(model))
+    return torch.cat([start, labels[:, :-1].masked_fill(labels[:, :-1] == -100, pad)], dim=1)
+
+
 def token_logprobs(model, batch, embeds: torch.Tensor | None):
     """Log-probability of every target token ``(B, L)`` (0 at padding) and the mask of real targets."""
     inputs, mask, labels = encoder_inputs(model, batch, embeds)
-    logits = model(inputs_embeds=inputs, attention_mask=mask, labels=labels).logits.float()  # (B, L, V)
+    logits = model(inputs_embeds=inputs, attention_mask=mask,
+                   decoder_input_ids=decoder_inputs(model, labels)).logits.float()  # (B, L, V)
     real = labels != -100
     lp = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]  # (B, L)
     return lp * real, real
