@@ -274,6 +274,9 @@ def test_an_encoder_that_scales_its_ids_embeddings_in_its_forward_reads_the_text
         scaled = torch.cat([prompt[None].expand(2, -1, -1), marian.get_input_embeddings()(src)], 1) * 32 ** 0.5
         torch.testing.assert_close(emb[:, :3], scaled[:, :3])
         (new,) = seq2seq.decode(marian, src[:1], (src[:1] != 0).long(), prompt, [forward.RowSampling(2)], 1).tokens
-        alone = marian.generate(inputs_embeds=scaled[:1], attention_mask=torch.ones(1, 7, dtype=torch.long),
-                                max_new_tokens=2, do_sample=False, eos_token_id=1)[0, 1:].tolist()
+        dec = torch.tensor([[0]])  # the model on the scaled prompt + text, greedy (generate would force its EOS)
+        for _ in range(2):
+            nxt = marian(inputs_embeds=scaled[:1], decoder_input_ids=dec).logits[0, -1].argmax()
+            dec = torch.cat([dec, nxt.view(1, 1)], 1)
+        alone = dec[0, 1:].tolist()
         assert new == [t for t in alone if t != 1][:len(new)]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from transformers import MBartConfig, MBartForConditionalGeneration
+from transformers import BartConfig, BartForConditionalGeneration, MBartConfig, MBartForConditionalGeneration
 
 from softprompt import forward
 from softprompt.data import Encoded, collate
@@ -35,3 +35,32 @@ def test_mbart_scores_every_label_after_the_decoder_start_token_not_after_its_ow
     batch = collate([Encoded(SOURCE + [lab], len(SOURCE)) for lab in (8, 9, 10)], 1)
     got = forward.family_of(model).target_logprobs(model, batch, None)
     torch.testing.assert_close(got, first_step_logprobs(model)[[8, 9, 10]], atol=1e-5, rtol=1e-5)
+
+
+def manual_greedy(model, steps: int) -> list[int]:
+    """Argmax at every step from the decoder start, the whole sequence recomputed each time (no cache)."""
+    dec, out = torch.tensor([[2]]), []
+    with torch.no_grad():
+        for _ in range(steps):
+            nxt = int(model(input_ids=torch.tensor([SOURCE]), decoder_input_ids=dec).logits[0, -1].argmax())
+            out.append(nxt)
+            dec = torch.cat([dec, torch.tensor([[nxt]])], 1)
+    return out
+
+
+def test_greedy_generation_ignores_the_checkpoints_beams_ngram_blocking_and_forced_tokens():
+    """facebook/bart-large's generation_config (4 beams, no 3-gram repeats, forced BOS and EOS, a minimum
+    length) was merged into the greedy decode: other tokens than the argmax, a BOS the decoder never saw in
+    training, and an EOS forced at the last step that read as a finished answer."""
+    model = tiny(BartForConditionalGeneration, BartConfig)
+    with torch.no_grad():
+        model.final_logits_bias[0, 2] = -20.0  # the random model never ends by itself
+    gc = model.generation_config
+    gc.num_beams, gc.no_repeat_ngram_size, gc.early_stopping, gc.min_length = 4, 1, True, 3
+    gc.forced_bos_token_id, gc.forced_eos_token_id, gc.length_penalty = 0, 2, 2.0
+    expected = manual_greedy(model, 5)
+    assert len(set(expected)) < 5  # it repeats a token: n-gram blocking would change it
+    ids = torch.tensor([SOURCE])
+    decoded = forward.family_of(model).decode(model, ids, torch.ones_like(ids), None, [forward.RowSampling(5)], 2)
+    assert decoded.tokens == [expected] and decoded.finish == ["length"]
+    assert forward.generate(model, ids, torch.ones_like(ids), None, 5, 2) == [expected]

@@ -34,12 +34,16 @@ def base_forward(model, cache=None, **kwargs):
 
     transformers 5.24 renamed ``past_key_values`` to ``cache`` (the old name warns and goes in 5.40).
     """
-    base = model.base_model
-    kind = type(base)
+    return cached_call(model.base_model, cache, **kwargs)
+
+
+def cached_call(module, cache=None, **kwargs):
+    """Call ``module`` (a decoder stack, or a whole encoder-decoder) with ``cache`` under the name it takes."""
+    kind = type(module)
     if kind not in _CACHE_KWARG:
-        params = inspect.signature(base.forward).parameters
+        params = inspect.signature(module.forward).parameters
         _CACHE_KWARG[kind] = "cache" if "cache" in params else "past_key_values"
-    return base(**{_CACHE_KWARG[kind]: cache}, **kwargs)
+    return module(**{_CACHE_KWARG[kind]: cache}, **kwargs)
 
 
 def out_cache(out):

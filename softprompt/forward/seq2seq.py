@@ -17,10 +17,12 @@ from softprompt.forward.common import (
     Decoded,
     InjectionError,
     RowSampling,
+    cached_call,
     check_pass,
     check_prompt,
     id_set,
     label_token_ids,
+    out_cache,
     prompt_embeds,
     rows_per_label,
 )
@@ -154,6 +156,28 @@ def target_logprobs(model, batch, embeds: torch.Tensor | None) -> torch.Tensor:
 
 
 @torch.no_grad()
+def greedy(model, text: torch.Tensor, max_new_tokens: int, ends: frozenset[int]) -> tuple[list[int], bool]:
+    """Plain greedy decoding of one row from its encoder ``inputs_embeds`` ``(1, S, H)``: the argmax at every step
+    from :func:`decoder_start`, nothing else. ``generate`` merged the checkpoint's generation config into any
+    config it was given (beams, n-gram blocking, a forced BOS the decoder never saw in training, a forced EOS at
+    the last step, minimum lengths, penalties); this loop has none of them. Returns the new tokens before the
+    first end id and whether one came."""
+    mask = torch.ones(text.shape[:2], dtype=torch.long, device=text.device)
+    encoded = model.get_encoder()(inputs_embeds=text, attention_mask=mask)
+    step = torch.full((1, 1), decoder_start(model), dtype=torch.long, device=text.device)
+    past, toks = None, []
+    for _ in range(max_new_tokens):
+        out = cached_call(model, past, encoder_outputs=encoded, attention_mask=mask, decoder_input_ids=step,
+                          use_cache=True)
+        past, nxt = out_cache(out), int(out.logits[0, -1].argmax())
+        if nxt in ends:
+            return toks, True
+        toks.append(nxt)
+        step = torch.full((1, 1), nxt, dtype=torch.long, device=text.device)
+    return toks, False
+
+
+@torch.no_grad()
 def decode(model, input_ids, attention_mask, embeds: torch.Tensor | None, rows: list[RowSampling],
            eos_token_id) -> Decoded:
     """Greedy decoding with the prompt in front of the encoder input (one row at a time)."""
@@ -168,15 +192,7 @@ def decode(model, input_ids, attention_mask, embeds: torch.Tensor | None, rows: 
         text = model.get_input_embeddings()(ids)
         if embeds is not None:
             text = torch.cat([embeds.to(text)[None], text], dim=1)
-        text = _at_encoder_scale(model, text)
-        gen = model.generate(inputs_embeds=text, attention_mask=torch.ones(text.shape[:2], dtype=torch.long,
-                                                                           device=text.device),
-                             max_new_tokens=r.max_new_tokens, do_sample=False,
-                             eos_token_id=sorted(ends) or None)
-        toks = [int(t) for t in gen[0, 1:]]  # drop the decoder start token
-        end = next((k for k, t in enumerate(toks) if t in ends), None)
-        done = end is not None
-        toks = toks[:end] if done else toks
+        toks, done = greedy(model, _at_encoder_scale(model, text), r.max_new_tokens, ends)
         out_tokens.append(toks)
         finish.append("eos" if done else "length")
     return Decoded(tokens=out_tokens, finish=finish)
