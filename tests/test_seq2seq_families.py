@@ -64,3 +64,14 @@ def test_greedy_generation_ignores_the_checkpoints_beams_ngram_blocking_and_forc
     decoded = forward.family_of(model).decode(model, ids, torch.ones_like(ids), None, [forward.RowSampling(5)], 2)
     assert decoded.tokens == [expected] and decoded.finish == ["length"]
     assert forward.generate(model, ids, torch.ones_like(ids), None, 5, 2) == [expected]
+
+
+def test_m2m100_whose_padding_id_is_1_is_accepted_and_reads_its_text_as_on_ids():
+    """The ids-vs-embeddings probe used ids 1..3; 1 is M2M100's (and NLLB's) padding id, which its positions skip
+    on ids only: every M2M100 and NLLB checkpoint was refused as one a prompt cannot go in front of."""
+    from transformers import M2M100Config, M2M100ForConditionalGeneration
+
+    model = tiny(M2M100ForConditionalGeneration, M2M100Config, scale_embedding=True)
+    batch = collate([Encoded(SOURCE + [lab], len(SOURCE)) for lab in (8, 9)], 1)
+    got = forward.family_of(model).target_logprobs(model, batch, None)
+    torch.testing.assert_close(got, first_step_logprobs(model)[[8, 9]], atol=1e-5, rtol=1e-5)

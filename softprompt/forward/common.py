@@ -52,6 +52,24 @@ def out_cache(out):
     return cache if cache is not None else out.past_key_values
 
 
+SPECIAL_ID_KEYS = ("pad_token_id", "bos_token_id", "eos_token_id", "unk_token_id", "mask_token_id", "sep_token_id",
+                   "cls_token_id", "decoder_start_token_id", "forced_bos_token_id", "forced_eos_token_id")
+
+
+def probe_ids(model, n: int = 3) -> torch.Tensor:
+    """``(1, n)`` ordinary token ids to compare a model's forward on ids with its forward on embeddings: from the
+    middle of the vocabulary, none that its config names special (a padding id, M2M100's 1, is masked from its
+    positions on ids only, so it made every such model look as if it computed something else)."""
+    special = set()
+    for cfg in (model.config, getattr(model, "generation_config", None)):
+        for key in SPECIAL_ID_KEYS:
+            value = getattr(cfg, key, None)
+            special.update(value if isinstance(value, list | tuple) else [value])
+    vocab = model.get_input_embeddings().weight.shape[0]
+    ids = [i for i in range(vocab // 2, vocab) if i not in special][:n]
+    return torch.tensor([ids], device=model.device)
+
+
 def check_prompt(model, embeds: torch.Tensor) -> None:
     """Raise :class:`InjectionError` unless ``embeds`` is ``(P, H)`` with the model's hidden size ``H``."""
     hidden = model.get_input_embeddings().weight.shape[1]

@@ -23,6 +23,7 @@ from softprompt.forward.common import (
     id_set,
     label_token_ids,
     out_cache,
+    probe_ids,
     prompt_embeds,
     rows_per_label,
 )
@@ -61,7 +62,7 @@ def encoder_embed_scale(model) -> float:
     was = encoder.training
     encoder.eval()  # no dropout in the comparison
     try:
-        ids = torch.arange(1, 4, device=model.device)[None] % model.get_input_embeddings().weight.shape[0]
+        ids = probe_ids(model)  # (1, 3)
         want = encoder(input_ids=ids).last_hidden_state
         emb = model.get_input_embeddings()(ids)
         scale = None
