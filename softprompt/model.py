@@ -37,7 +37,7 @@ except ImportError:  # Windows: no lock (processes started together may each con
     fcntl = None
 
 from softprompt.assets import WHEELS, AssetError, cache_dir, extract_member, sha256_file
-from softprompt.forward import FAMILIES, TASK_TYPES, FamilyError, family_for_config, position_offset
+from softprompt.forward import FAMILIES, TASK_TYPES, FamilyError, family_for_config, family_of, position_offset
 
 log = logging.getLogger(__name__)
 
@@ -283,6 +283,10 @@ def load_base_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, device: str
         ) from e
     prepare_frozen(model)
     model.to(dev)
+    try:
+        family_of(model).check_model(model)  # a prompt can go in front of its input (checked once, on its device)
+    except FamilyError as e:
+        raise ModelLoadError(f"--model {name_or_path}: {e}") from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     model.config._name_or_path = name_or_path

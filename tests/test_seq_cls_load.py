@@ -125,3 +125,29 @@ def test_peft_reads_the_layer_the_checkpoint_lacks_from_our_export(tmp_path):
     with torch.no_grad():
         pm = peft.PeftModel.from_pretrained(base, tmp_path / "peft").eval()
         torch.testing.assert_close(pm(input_ids=ids).logits, logits(model, method, ids), atol=1e-5, rtol=1e-5)
+
+
+def esm(**kw):
+    from transformers import EsmConfig, EsmForMaskedLM
+
+    torch.manual_seed(0)
+    return EsmForMaskedLM(EsmConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                    intermediate_size=64, max_position_embeddings=66, pad_token_id=1,
+                                    mask_token_id=32, **kw))
+
+
+@pytest.mark.parametrize("kw", [dict(position_embedding_type="rotary", token_dropout=True, emb_layer_norm_before=False),
+                                dict(position_embedding_type="absolute", token_dropout=False,
+                                     emb_layer_norm_before=True)], ids=["esm2", "esm1b"])
+def test_esm_whose_embeddings_layer_runs_on_ids_only_is_refused(tmp_path, kw):
+    """EsmModel skips its embeddings layer (token-dropout rescaling, positions, layer norm) given inputs_embeds:
+    the prompt and the text went in without it, even with no prompt, in silence."""
+    from transformers import EsmForSequenceClassification
+
+    esm(**kw).save_pretrained(tmp_path / "esm")
+    make_tokenizer().save_pretrained(tmp_path / "esm")
+    with pytest.raises(ModelLoadError, match="computes something else from token ids than from its embedding"):
+        load_base_model(tmp_path / "esm", "cpu", "float32", task_type="seq_cls")
+    model = EsmForSequenceClassification.from_pretrained(tmp_path / "esm").eval()  # built in memory: refused too
+    with pytest.raises(forward.InjectionError, match="computes something else"):
+        classifier.class_logits(model, torch.tensor([[5, 6, 7]]), torch.ones(1, 3, dtype=torch.long), None)

@@ -9,7 +9,7 @@ import torch
 from softprompt.forward.causal import CausalLM
 from softprompt.forward.classifier import EncoderClassifier
 from softprompt.forward.common import RowSampling
-from softprompt.forward.family import Family, InferencePrompt
+from softprompt.forward.family import Family, FamilyError, InferencePrompt
 from softprompt.forward.prompt import PromptOutput
 from softprompt.forward.seq2seq import Seq2SeqLM
 
@@ -43,10 +43,6 @@ def _decide(model) -> Family:
     if getattr(model.config, "is_encoder_decoder", False):
         return SEQ2SEQ_LM
     return CAUSAL_LM
-
-
-class FamilyError(ValueError):
-    """A ``--task-type`` that is unknown or that the checkpoint's architecture cannot take."""
 
 
 def position_offset(config) -> int:

@@ -11,13 +11,14 @@ to the same frozen model. Rows are tokenised with the encoder's own special toke
 from __future__ import annotations
 
 import logging
+import weakref
 
 import torch
 import torch.nn.functional as F
 
 from softprompt.data import encode_classes
-from softprompt.forward.common import InjectionError, by_length, check_pass, check_prompt
-from softprompt.forward.family import Family
+from softprompt.forward.common import InjectionError, by_length, check_pass, check_prompt, probe_ids
+from softprompt.forward.family import Family, FamilyError
 from softprompt.forward.prompt import PromptOutput
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,45 @@ def untrained_weights(model) -> tuple[str, ...]:
     return tuple(getattr(model, "_softprompt_untrained", ()))
 
 
+_READS_EMBEDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+@torch.no_grad()
+def check_reads_embeds(model) -> None:
+    """Refuse a classifier that computes something else from ``inputs_embeds`` than from the same text's ids:
+    ESM's embeddings layer (token-dropout rescaling, positions, layer norm) runs on ids only, so a prompt and
+    the text after it would go in without it. Compared once per model, with no prompt, on ordinary ids.
+
+    Raises:
+        InjectionError: the two differ, or the model takes no ``inputs_embeds`` (Perceiver).
+    """
+    if model in _READS_EMBEDS:
+        return
+    was = model.training
+    model.eval()  # no dropout in the comparison
+    try:
+        ids = probe_ids(model)  # (1, 3)
+        mask = torch.ones_like(ids)
+
+        def last_hidden(**inputs) -> torch.Tensor:
+            out = model(**inputs, attention_mask=mask, output_hidden_states=True)
+            states = getattr(out, "hidden_states", None)
+            return (states[-1][:, :ids.shape[1]] if states else out.logits).float()
+
+        want = last_hidden(input_ids=ids)
+        got = last_hidden(inputs_embeds=model.get_input_embeddings()(ids))
+    except Exception as e:  # noqa: BLE001 - whatever a model without an embeddings path raises
+        raise InjectionError(f"{type(model).__name__} cannot take a prompt in front of its input: its forward on "
+                             f"its embedding module's output fails ({type(e).__name__}: {e})") from None
+    finally:
+        model.train(was)
+    if got.shape != want.shape or not torch.allclose(got, want, atol=1e-4, rtol=1e-3):
+        raise InjectionError(f"{type(model).__name__} computes something else from token ids than from its embedding "
+                             "module's output (ESM: its embeddings layer, with token-dropout rescaling, positions "
+                             "and layer norm, runs on ids only): a prompt cannot be put in front of its input here")
+    _READS_EMBEDS[model] = True
+
+
 def classifier_prompt(model, prompt: PromptOutput | torch.Tensor | None) -> PromptOutput:
     """A sequence classifier's prompt: embeddings (or none) and its head, checked against the model."""
     if isinstance(prompt, torch.Tensor):
@@ -78,6 +118,7 @@ def classifier_prompt(model, prompt: PromptOutput | torch.Tensor | None) -> Prom
 def class_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  prompt: PromptOutput | torch.Tensor | None) -> torch.Tensor:
     """Class logits ``(B, C)`` of a sequence classifier with the prompt in front of every row's input."""
+    check_reads_embeds(model)
     prompt = classifier_prompt(model, prompt)
     text = model.get_input_embeddings()(input_ids)  # (B, T, H)
     mask = attention_mask
@@ -141,6 +182,12 @@ class EncoderClassifier(Family):
             output_loading_info=True)
         record_untrained(model, set(info["missing_keys"]) | {k[0] for k in info["mismatched_keys"]})
         return model
+
+    def check_model(self, model):
+        try:
+            check_reads_embeds(model)
+        except InjectionError as e:
+            raise FamilyError(f"--task-type seq_cls: {e}") from None
 
     def format_problem(self, model, fmt):
         problem = super().format_problem(model, fmt)  # --objective lm

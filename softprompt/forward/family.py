@@ -36,6 +36,10 @@ StepPrompt: TypeAlias = PromptKV | torch.Tensor | PromptOutput | None
 BatchPrompt: TypeAlias = PromptKV | RowPrompts | torch.Tensor | PromptOutput | None
 
 
+class FamilyError(ValueError):
+    """A ``--task-type`` that is unknown or that the checkpoint's architecture cannot take."""
+
+
 class Family:
     """One model family's forward pass. Subclasses set the class attributes and implement the operations.
 
@@ -68,6 +72,10 @@ class Family:
     def from_pretrained(self, name_or_path: str, dtype: torch.dtype, num_labels: int | None = None):
         """Load a checkpoint as this family (the right ``AutoModel*`` class); raises OSError/ValueError."""
         raise NotImplementedError
+
+    def check_model(self, model) -> None:
+        """Raise :class:`FamilyError` when a prompt cannot go in front of ``model``'s input (checked once, at load,
+        on its device: a one-time comparison of its forward on ids and on their embeddings)."""
 
     def format_problem(self, model, fmt: TaskFormat) -> str | None:
         """Why a task format cannot train or evaluate on ``model``, or None when it fits."""
