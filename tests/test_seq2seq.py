@@ -247,7 +247,7 @@ def test_a_t5_prompt_folder_written_by_peft_loads_as_the_rows_peft_reads(tmp_pat
 
 
 def test_an_encoder_that_scales_its_ids_embeddings_in_its_forward_reads_the_text_at_its_scale(tokenizer):
-    """Marian, Pegasus, FSMT, MVP and BlenderbotSmall multiply embed_tokens(ids) by sqrt(d_model) inside the
+    """Marian, Pegasus, MVP and BlenderbotSmall multiply embed_tokens(ids) by sqrt(d_model) inside the
     encoder, and not inputs_embeds: the text went in at 1/sqrt(d) of the scale the model was trained on, with
     no prompt too (the no-prompt baseline), silently. T5 and BART scale in the module (factor 1 here)."""
     from transformers import MarianConfig, MarianMTModel

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import BartConfig, BartForConditionalGeneration, MBartConfig, MBartForConditionalGeneration
 
@@ -75,3 +76,18 @@ def test_m2m100_whose_padding_id_is_1_is_accepted_and_reads_its_text_as_on_ids()
     batch = collate([Encoded(SOURCE + [lab], len(SOURCE)) for lab in (8, 9)], 1)
     got = forward.family_of(model).target_logprobs(model, batch, None)
     torch.testing.assert_close(got, first_step_logprobs(model)[[8, 9]], atol=1e-5, rtol=1e-5)
+
+
+def test_fsmt_whose_encoder_takes_no_embeddings_is_refused_at_load(tmp_path):
+    from transformers import FSMTConfig, FSMTForConditionalGeneration
+
+    from softprompt.model import ModelLoadError, load_base_model
+    from tests.conftest import make_tokenizer
+
+    torch.manual_seed(0)
+    FSMTForConditionalGeneration(FSMTConfig(src_vocab_size=52, tgt_vocab_size=52, langs=["en", "de"], **{
+        k: v for k, v in SMALL.items() if k != "vocab_size"})).save_pretrained(tmp_path / "fsmt")
+    make_tokenizer().save_pretrained(tmp_path / "fsmt")
+    with pytest.raises(ModelLoadError, match="--task-type seq2seq_lm: FSMTForConditionalGeneration's encoder cannot "
+                                             "take a prompt in front of its input"):
+        load_base_model(tmp_path / "fsmt", "cpu", "float32")

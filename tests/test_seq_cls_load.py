@@ -151,3 +151,30 @@ def test_esm_whose_embeddings_layer_runs_on_ids_only_is_refused(tmp_path, kw):
     model = EsmForSequenceClassification.from_pretrained(tmp_path / "esm").eval()  # built in memory: refused too
     with pytest.raises(forward.InjectionError, match="computes something else"):
         classifier.class_logits(model, torch.tensor([[5, 6, 7]]), torch.ones(1, 3, dtype=torch.long), None)
+
+
+def test_longformer_gets_its_global_attention_mask_and_perceiver_is_refused_clearly(tmp_path):
+    """Longformer built its global attention mask from input_ids (a TypeError with inputs_embeds); Perceiver,
+    which --task-type auto took as an encoder, failed on an AttributeError deep in the code."""
+    from transformers import LongformerConfig, LongformerForMaskedLM, PerceiverConfig, PerceiverForMaskedLM
+
+    torch.manual_seed(0)
+    LongformerForMaskedLM(LongformerConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                           intermediate_size=64, attention_window=4, max_position_embeddings=66,
+                                           pad_token_id=1)).save_pretrained(tmp_path / "lf")
+    make_tokenizer().save_pretrained(tmp_path / "lf")
+    model, tok = load_base_model(tmp_path / "lf", "cpu", "float32")
+    method = build_method("prompt_tuning", {"num_virtual_tokens": 2, "init": "random"}, model, tok)
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        assert logits(model, method, ids).shape == (1, 2)
+        ours = classifier.class_logits(model, ids, torch.ones_like(ids), None)
+        torch.testing.assert_close(ours, model(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+    PerceiverForMaskedLM(PerceiverConfig(vocab_size=VOCAB, d_model=32, d_latents=32, num_latents=4,
+                                         num_self_attends_per_block=1, num_self_attention_heads=2,
+                                         num_cross_attention_heads=2, max_position_embeddings=64)
+                         ).save_pretrained(tmp_path / "perceiver")
+    make_tokenizer().save_pretrained(tmp_path / "perceiver")
+    with pytest.raises(ModelLoadError, match="--task-type seq_cls: PerceiverForSequenceClassification has no "
+                                             "classification head child"):
+        load_base_model(tmp_path / "perceiver", "cpu", "float32")

@@ -10,6 +10,7 @@ to the same frozen model. Rows are tokenised with the encoder's own special toke
 
 from __future__ import annotations
 
+import inspect
 import logging
 import weakref
 
@@ -62,6 +63,17 @@ def untrained_weights(model) -> tuple[str, ...]:
     return tuple(getattr(model, "_softprompt_untrained", ()))
 
 
+def extra_inputs(model, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Inputs a classifier derives from ``input_ids`` when it is not given them, passed explicitly with
+    ``inputs_embeds``: Longformer's ``global_attention_mask`` (global attention on the first position, the one
+    its head pools, as it sets on ids)."""
+    if "global_attention_mask" not in inspect.signature(model.forward).parameters:
+        return {}
+    first = torch.zeros_like(mask)
+    first[:, 0] = 1
+    return {"global_attention_mask": first}
+
+
 _READS_EMBEDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -83,7 +95,7 @@ def check_reads_embeds(model) -> None:
         mask = torch.ones_like(ids)
 
         def last_hidden(**inputs) -> torch.Tensor:
-            out = model(**inputs, attention_mask=mask, output_hidden_states=True)
+            out = model(**inputs, attention_mask=mask, **extra_inputs(model, mask), output_hidden_states=True)
             states = getattr(out, "hidden_states", None)
             return (states[-1][:, :ids.shape[1]] if states else out.logits).float()
 
@@ -134,7 +146,8 @@ def class_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
         raise InjectionError(f"prompt + input is {text.shape[1]} tokens, more than the model's "
                              f"{limit} positions: lower --max-length or --num-virtual-tokens")
     params = prompt.head.overrides(text) if prompt.head is not None else {}
-    out = torch.func.functional_call(model, params, (), {"inputs_embeds": text, "attention_mask": mask})
+    out = torch.func.functional_call(model, params, (), {"inputs_embeds": text, "attention_mask": mask,
+                                                          **extra_inputs(model, mask)})
     return out.logits.float()
 
 
@@ -180,7 +193,10 @@ class EncoderClassifier(Family):
         model, info = AutoModelForSequenceClassification.from_pretrained(
             name_or_path, dtype=dtype, num_labels=num_labels or 2, ignore_mismatched_sizes=True,
             output_loading_info=True)
-        record_untrained(model, set(info["missing_keys"]) | {k[0] for k in info["mismatched_keys"]})
+        try:
+            record_untrained(model, set(info["missing_keys"]) | {k[0] for k in info["mismatched_keys"]})
+        except ValueError as e:  # Perceiver's head is a decoder module: not one PEFT's SEQ_CLS trains either
+            raise FamilyError(f"--task-type seq_cls: {e}") from None
         return model
 
     def check_model(self, model):

@@ -27,7 +27,7 @@ from softprompt.forward.common import (
     prompt_embeds,
     rows_per_label,
 )
-from softprompt.forward.family import Family
+from softprompt.forward.family import Family, FamilyError
 from softprompt.forward.prompt import PromptOutput
 
 
@@ -49,12 +49,12 @@ _SCALES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 @torch.no_grad()
 def encoder_embed_scale(model) -> float:
     """The factor the encoder applies to its embedding module's output when given token ids, and not when given
-    ``inputs_embeds`` (Marian, Pegasus, FSMT, MVP, BlenderbotSmall: ``embed_tokens(ids) * embed_scale`` in the
+    ``inputs_embeds`` (Marian, Pegasus, MVP, BlenderbotSmall: ``embed_tokens(ids) * embed_scale`` in the
     forward; 1 for T5 and BART, whose module itself scales). Found once per model by comparing the encoder on
     ids with the encoder on the module's output (scaled by its ``embed_scale``, if it has one).
 
     Raises:
-        InjectionError: neither reproduces what the encoder computes from ids.
+        InjectionError: neither reproduces what the encoder computes from ids, or it takes no embeddings (FSMT).
     """
     if model in _SCALES:
         return _SCALES[model]
@@ -71,6 +71,9 @@ def encoder_embed_scale(model) -> float:
                                                              want, atol=1e-4, rtol=1e-3):
                 scale = float(s)
                 break
+    except Exception as e:  # noqa: BLE001 - an encoder without an embeddings path (FSMT) raises a TypeError
+        raise InjectionError(f"{type(model).__name__}'s encoder cannot take a prompt in front of its input: it fails "
+                             f"on its embedding module's output ({type(e).__name__}: {e})") from None
     finally:
         encoder.train(was)
     if scale is None:
@@ -212,6 +215,12 @@ class Seq2SeqLM(Family):
         from transformers import AutoModelForSeq2SeqLM
 
         return AutoModelForSeq2SeqLM.from_pretrained(name_or_path, dtype=dtype)
+
+    def check_model(self, model):
+        try:
+            encoder_embed_scale(model)
+        except InjectionError as e:
+            raise FamilyError(f"--task-type seq2seq_lm: {e}") from None
 
     def format_problem(self, model, fmt):
         if is_chat(fmt):
