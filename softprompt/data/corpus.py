@@ -7,8 +7,9 @@ the held-out loss (perplexity). Decisions, in the order the data flows:
   lines: each paragraph is one document, its inner line breaks kept. A record file gives one document per
   record, the string in ``--text-field``.
 * **Held-out split by document.** Without ``--validation-file``/``--test-file``, a seeded (``--data-seed``)
-  random :data:`HELD_OUT` share of the train file's *documents* becomes each missing split, so no text is
-  in two splits; the split is recorded with the prompt, so ``eval`` re-creates the same test documents.
+  random :data:`HELD_OUT` share of the train file's *distinct documents* becomes each missing split (every
+  copy of a repeated document goes with it), so no text is in two splits; the split is recorded with the
+  prompt, so ``eval`` re-creates the same test documents.
 * **Chunks.** A document's tokens (no BOS/EOS: the text as it is) are cut into windows of ``--max-length``
   tokens that overlap by one token (stride ``max_length - 1``). ``--max-length`` counts text tokens only:
   the prompt's ``P`` positions come on top (``train`` refuses or lowers ``--max-length`` so that both fit
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from softprompt.data.formats import SUPPORTED_SUFFIXES, DataError, load_records_with_lines
+from softprompt.data.splits import carve
 from softprompt.data.template import Example, TaskFormat
 from softprompt.data.tokenize import Encoded
 
@@ -147,7 +149,8 @@ def builtin_corpus(name: str) -> list[str]:
 def held_out_split(docs: list[str], splits: tuple[str, ...], seed: int) -> dict[str, list[str]]:
     """Hold out a seeded :data:`HELD_OUT` share of ``docs`` (at least one) for each split in ``splits``.
 
-    Whole documents move, never parts of one. The rest is ``train``; every split keeps the corpus order.
+    Whole documents move, never parts of one, and every copy of a repeated document moves with it (a split
+    may then hold a few documents fewer than ``k``). The rest is ``train``; every split keeps the corpus order.
 
     Raises:
         DataError: too few documents to hold out and still train.
@@ -157,12 +160,15 @@ def held_out_split(docs: list[str], splits: tuple[str, ...], seed: int) -> dict[
         raise DataError(f"the corpus has {len(docs)} documents: too few to hold out {k} per split for "
                         f"{' and '.join(splits)} and keep some to train on; pass "
                         + " / ".join(SPLIT_FLAGS[s] for s in splits))
-    order = list(range(len(docs)))
-    random.Random(f"{seed}:lm-held-out").shuffle(order)
-    out = {split: sorted(order[i * k:(i + 1) * k]) for i, split in enumerate(splits)}
-    taken = {i for idx in out.values() for i in idx}
-    out["train"] = [i for i in range(len(docs)) if i not in taken]
-    return {split: [docs[i] for i in idx] for split, idx in out.items()}
+    # by content: the copies of a repeated document (a boilerplate paragraph) all go to one split
+    *parts, rest = carve(docs, [k] * len(splits), f"{seed}:lm-held-out")
+    if not rest:
+        raise DataError(f"the corpus has {len(docs)} documents but only {len(set(docs))} distinct: too few to hold "
+                        f"out {' and '.join(splits)} and keep some to train on; pass "
+                        + " / ".join(SPLIT_FLAGS[s] for s in splits))
+    out = {split: [docs[i] for i in idx] for split, idx in zip(splits, parts, strict=True)}
+    out["train"] = [docs[i] for i in rest]
+    return out
 
 
 def encode_corpus(tokenizer, documents: list[str], max_length: int) -> list[Encoded]:
@@ -218,7 +224,7 @@ def load_corpus(dataset: str | None = None, train_file: str | Path | None = None
     Raises:
         DataError: no corpus, unreadable files, too few documents to hold out.
     """
-    from softprompt.data.dataset import TaskData
+    from softprompt.data.dataset import TaskData, warn_overlap
 
     if dataset is None and train_file is None and validation_file is None and test_file is None:
         raise DataError("--objective lm needs text: --train-file FILE or a built-in --dataset "
@@ -242,6 +248,7 @@ def load_corpus(dataset: str | None = None, train_file: str | Path | None = None
     fmt = CorpusFormat(text_field=text_field, note="; ".join(notes))
     log.info("--objective lm: %s", fmt.note)
     splits = {s: [Example("", d) for d in docs[s]] for s in SPLITS if s in docs}
+    warn_overlap(splits, {s: f for s, f in files.items() if f is not None}, "same text")
     return TaskData(format=fmt, splits=splits)
 
 

@@ -200,11 +200,12 @@ def load_task(
     for split, limit in (max_samples or {}).items():
         if split in splits:
             splits[split] = _cap(splits[split], limit, seed, split)
-    _warn_overlap(splits, files)
+    warn_overlap(splits, files)
     return TaskData(format=fmt, splits=splits)
 
 
-def _example_key(ex: Example) -> tuple:
+def example_key(ex: Example) -> tuple:
+    """What makes two examples the same: their input and answer, or their conversation."""
     return ex.source, ex.target, repr(getattr(ex, "messages", None))
 
 
@@ -212,19 +213,19 @@ def overlap(splits: dict[str, list[Example]]) -> dict[tuple[str, str], int]:
     """Per pair ``(held-out split, earlier split)``: (validation, train), (test, train), (test, validation): how
     many of the held-out split's examples also appear in the earlier one (same input and answer, or the same
     conversation)."""
-    keys = {s: {_example_key(e) for e in splits[s]} for s in ("train", "validation") if splits.get(s)}
-    return {(s, other): sum(_example_key(e) in keys[other] for e in splits[s])
+    keys = {s: {example_key(e) for e in splits[s]} for s in ("train", "validation") if splits.get(s)}
+    return {(s, other): sum(example_key(e) in keys[other] for e in splits[s])
             for s, other in (("validation", "train"), ("test", "train"), ("test", "validation"))
             if s in splits and other in keys}
 
 
-def _warn_overlap(splits: dict[str, list[Example]], files: dict) -> None:
+def warn_overlap(splits: dict[str, list[Example]], files: dict, same: str = "same input and answer") -> None:
     """Warn when a user file's held-out split repeats training examples (the same file given twice, or files
     that share records), or the test split repeats validation examples (model selection saw them): its numbers
-    would partly measure memorisation or selection, with no sign of it."""
+    would partly measure memorisation or selection, with no sign of it. ``same``: what equal examples share."""
     for (split, other), n in overlap(splits).items():
         if n and (split in files or other in files):
-            log.warning("%d of the %d %s examples also appear in the %s split (same input and answer): the %s "
+            log.warning("%d of the %d %s examples also appear in the %s split (%s): the %s "
                         "numbers partly measure %s; deduplicate the files", n, len(splits[split]), split, other,
-                        split, "recall of training examples" if other == "train" else
+                        same, split, "recall of training examples" if other == "train" else
                         "examples the best step was selected on")

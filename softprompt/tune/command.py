@@ -13,7 +13,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import random
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +20,8 @@ from typing import Any
 
 from softprompt.config import MAX_SEED, ConfigError
 from softprompt.data import TaskData
+from softprompt.data.dataset import example_key
+from softprompt.data.splits import carve
 from softprompt.tune.ensemble import measure, not_built_reason, summary_line
 from softprompt.tune.halving import successive_halving
 from softprompt.tune.report import format_table, write_reports
@@ -158,18 +159,21 @@ def with_validation(task: TaskData, tune: TuneArgs, seed: int, echo: Callable[[s
                           "training data (the test split is never used for selection)")
     train = task.examples("train")
     n_val = max(1, round(len(train) * tune.validation_from_train))
-    if len(train) - n_val < 1:
+    # by content: every copy of a duplicated example on one side; by label for a classification task
+    labels = [ex.label for ex in train] if task.format.is_classification else None
+    held, rest = carve([example_key(ex) for ex in train], [n_val], f"{seed}:tune-validation", labels)
+    if not rest:
         raise ConfigError(f"--validation-from-train {tune.validation_from_train:g}: the {len(train)} training "
                           "examples leave nothing to train on")
-    order = list(range(len(train)))
-    random.Random(f"{seed}:tune-validation").shuffle(order)
-    held = set(order[:n_val])
-    echo(f"no validation split: held out {n_val} of the {len(train)} training examples as validation "
-          f"(--validation-from-train {tune.validation_from_train:g}, --data-seed {seed}); the prompt trains on "
-          f"the other {len(train) - n_val}")
+    distinct = len({example_key(ex) for ex in train})
+    echo(f"no validation split: held out {len(held)} of the {len(train)} training examples as validation "
+         f"(--validation-from-train {tune.validation_from_train:g}, --data-seed {seed}"
+         + (", by label" if labels is not None else "")
+         + (f"; copies of one example kept together: {distinct} distinct" if distinct < len(train) else "")
+         + f"); the prompt trains on the other {len(rest)}")
     splits = dict(task.splits)
-    splits["train"] = [ex for i, ex in enumerate(train) if i not in held]
-    splits["validation"] = [ex for i, ex in enumerate(train) if i in held]
+    splits["train"] = [train[i] for i in rest]
+    splits["validation"] = [train[i] for i in held]
     return TaskData(task.format, splits)
 
 

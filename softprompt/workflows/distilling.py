@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from softprompt.config import ConfigError, check_real, check_seed, keep_problems
 from softprompt.data import DataError, Encoded, Example, TaskData, collate
 from softprompt.data.corpus import CorpusFormat, encode_corpus
 from softprompt.data.formats import SUPPORTED_SUFFIXES, load_records_with_lines
+from softprompt.data.splits import carve
 from softprompt.data.tokenize import leading_special_ids
 from softprompt.forward import end_token_ids, family_of
 from softprompt.forward.distill import (
@@ -119,14 +119,16 @@ def read_inputs(path: str | Path, text_field: str | None = None) -> list[str]:
 
 
 def split_held_out(items: list, share: float, seed: int) -> tuple[list, list]:
-    """``(train, held_out)``: a seeded ``share`` of ``items`` (at least one) held out; both keep their order."""
+    """``(train, held_out)``: a seeded ``share`` of ``items`` (at least one) held out; both keep their order. Every
+    copy of a repeated input goes to the same side (a sampled continuation can come out twice)."""
     k = max(1, round(len(items) * share))
     if len(items) < k + 1:
         raise DataError(f"{len(items)} input(s): too few to hold out {k} for the report and train on the rest")
-    order = list(range(len(items)))
-    random.Random(f"{seed}:distill-held-out").shuffle(order)
-    held = set(order[:k])
-    return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
+    held, rest = carve(items, [k], f"{seed}:distill-held-out")
+    if not rest:
+        raise DataError(f"{len(items)} inputs but only {len(set(items))} distinct: too few to hold out {k} for the "
+                        "report and train on the rest (copies of one input go to one side)")
+    return [items[i] for i in rest], [items[i] for i in held]
 
 
 def held_out_kl(model, teacher, encoded: list[Encoded], prompt, pad_id: int, batch_size: int = 16) -> float:
