@@ -113,7 +113,7 @@ def test_csv_ragged_row_names_line(tmp_path):
     assert str(e.value) == "dev.csv line 3: expected 2 fields (text, label), got 3"
 
 
-@pytest.mark.parametrize("name,sep", [("p.csv", ","), ("p.tsv", "\t")])
+@pytest.mark.parametrize("name,sep", [("p.csv", ",")])
 def test_a_stray_quote_is_an_error_naming_its_line_not_one_record_holding_the_rest_of_the_file(tmp_path, name, sep):
     # the default csv reader read everything after an unclosed quote into one field: one record, exit 0
     f = write(tmp_path / name, f"label{sep}text\nneg{sep}fine\npositive{sep}\"Great movie\nnegative{sep}Bad\n")
@@ -124,6 +124,27 @@ def test_a_stray_quote_is_an_error_naming_its_line_not_one_record_holding_the_re
         load_records(f)
     f = write(tmp_path / name, f"label{sep}text\npositive{sep}\"say \"\"hi\"\"\nmore\"\n")
     assert load_records(f) == [{"label": "positive", "text": 'say "hi"\nmore'}]  # quoted fields still work
+
+
+def test_tsv_has_no_quoting_a_quote_is_a_character(tmp_path, caplog):
+    # read with CSV's quoting, a field starting with a quote swallowed the tab and line break after it: two
+    # records became one, labelled with the second's label
+    f = write(tmp_path / "m.tsv", 'text\tlabel\n"Best film ever\tpositive\nIt was 12"\tnegative\nok\tpositive\n')
+    assert load_records_with_lines(f) == ([{"text": '"Best film ever', "label": "positive"},
+                                           {"text": 'It was 12"', "label": "negative"},
+                                           {"text": "ok", "label": "positive"}], [2, 3, 4])
+    f = write(tmp_path / "q.tsv", 'text\tlabel\n"Wow" said no one\tneg\n"Wow"\tneg\nsay "hi"\tpos\n')
+    with caplog.at_level("WARNING", logger="softprompt"):
+        assert [r["text"] for r in load_records(f)] == ['"Wow" said no one', '"Wow"', 'say "hi"']
+    assert not caplog.text  # nothing here looks written by a CSV writer
+    # pandas to_csv(sep="\t") quotes a field with a quote in it: its quotes stay in the text, said once
+    f = write(tmp_path / "p.tsv", 'text\tlabel\n"say ""hi"""\tpos\n"a ""b"" c"\tneg\n')
+    with caplog.at_level("WARNING", logger="softprompt"):
+        assert load_records(f)[0]["text"] == '"say ""hi"""'
+    assert caplog.text.count("p.tsv line 2: a field is wrapped in double quotes") == 1
+    f = write(tmp_path / "r.tsv", 'text\tlabel\n"a\tb"\tpos\n')
+    with pytest.raises(DataError, match=r"r\.tsv line 2: expected 2 fields .*got 3 \(a \.tsv file has no quoting"):
+        load_records(f)
 
 
 def test_csv_bad_header(tmp_path):

@@ -10,11 +10,14 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 from pathlib import Path
 
 JSON_SUFFIXES = (".jsonl", ".json")
 DELIMITED_SUFFIXES = {".csv": ",", ".tsv": "\t"}
 SUPPORTED_SUFFIXES = (*JSON_SUFFIXES, *DELIMITED_SUFFIXES)
+
+log = logging.getLogger("softprompt")
 
 
 class DataError(ValueError):
@@ -28,7 +31,9 @@ def load_records(path: str | Path) -> list[dict]:
 
     * ``.jsonl`` / ``.json``: one JSON object per line, blank lines skipped. A ``.json`` file whose
       content is a single JSON array of objects is accepted as well.
-    * ``.csv`` / ``.tsv``: a header row naming the fields, then one record per row.
+    * ``.csv`` / ``.tsv``: a header row naming the fields, then one record per row. A ``.csv`` field may be
+      quoted (``"a, b"``, a quote inside written twice); a ``.tsv`` file has no quoting (a quote is a
+      character, a field ends at a tab or line end), as GLUE's files and the IANA TSV format have it.
 
     Args:
         path: the data file.
@@ -130,10 +135,20 @@ def _parse_json_array(text: str, name: str) -> tuple[list[dict], list[int]]:
     return items, list(range(1, len(items) + 1))
 
 
+def _looks_csv_quoted(field: str) -> bool:
+    """A field as a CSV writer quotes it: wrapped in double quotes, with every quote inside doubled."""
+    inner = field[1:-1]
+    return len(field) > 2 and field[0] == field[-1] == '"' and '""' in inner and '"' not in inner.replace('""', "")
+
+
 def _parse_delimited(text: str, name: str, delimiter: str) -> tuple[list[dict], list[int]]:
-    # strict: a quote that is never closed, or text after a closing quote, is an error; the default read the
-    # rest of the file into one field (one stray quote silently merged every later record into one)
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)  # lines end at \n only
+    tsv = delimiter == "\t"
+    if tsv:  # TSV (IANA text/tab-separated-values, GLUE's files) has no quoting: a quote is a character
+        reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=csv.QUOTE_NONE)
+    else:
+        # strict: a quote that is never closed, or text after a closing quote, is an error; the default read the
+        # rest of the file into one field (one stray quote silently merged every later record into one)
+        reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)  # lines end at \n only
     start = 1
     try:
         header = next(reader, None)
@@ -150,6 +165,7 @@ def _parse_delimited(text: str, name: str, delimiter: str) -> tuple[list[dict], 
             raise DataError(f"{name} line 1: bad header: {'; '.join(problems)}")
         records: list[dict] = []
         lines: list[int] = []
+        quoted_warned = False
         start = reader.line_num + 1
         for row in reader:
             # line_num is the line where the row ends; a quoted field may span several lines
@@ -157,8 +173,16 @@ def _parse_delimited(text: str, name: str, delimiter: str) -> tuple[list[dict], 
             if not row or (len(row) == 1 and not row[0].strip() and len(header) > 1):
                 continue  # blank line
             if len(row) != len(header):
+                hint = (" (a .tsv file has no quoting: a tab or line break cannot be inside a field)"
+                        if tsv and any('"' in f for f in row) else "")
                 raise DataError(f"{name} line {lineno}: expected {len(header)} fields "
-                                f"({', '.join(header)}), got {len(row)}")
+                                f"({', '.join(header)}), got {len(row)}{hint}")
+            if tsv and not quoted_warned and any(map(_looks_csv_quoted, row)):
+                quoted_warned = True
+                log.warning("%s line %d: a field is wrapped in double quotes with doubled quotes inside, as a CSV "
+                            "writer quotes it; a .tsv file is read without quoting, so its quotes stay in the text "
+                            "(write the file with quoting off, e.g. pandas to_csv(sep='\\t', quoting=csv.QUOTE_NONE), "
+                            "or as .csv)", name, lineno)
             records.append(dict(zip(header, row, strict=True)))
             lines.append(lineno)
     except csv.Error as e:
