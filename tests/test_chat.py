@@ -145,6 +145,22 @@ def test_tokenizer_without_chat_template_is_named():
     ({"messages": [{"role": "user", "content": "good"}, {"role": "assistant", "content": " \n"}]},
      "message 2 is an assistant turn with no content"),
     ({"text": "good"}, "field 'messages' is missing"),
+    # OpenAI's "weight" and "name" are read; any other key is refused rather than dropped in silence
+    ({"messages": [{"role": "user", "content": "good"}, {"role": "assistant", "content": "x", "weight": 2}]},
+     "message 2 weight must be 0 \\(not trained on\\) or 1, got 2"),
+    ({"messages": [{"role": "user", "content": "good"}, {"role": "assistant", "content": "x", "weight": True}]},
+     "message 2 weight must be 0"),
+    ({"messages": [{"role": "user", "content": "good", "weight": 0}, {"role": "assistant", "content": "x"}]},
+     "message 1 has a weight, which only an assistant message takes"),
+    ({"messages": [{"role": "user", "content": "good"}, {"role": "assistant", "content": "x", "weight": 0}]},
+     "every assistant message has weight 0"),
+    ({"messages": [{"role": "user", "content": "good"}, {"role": "assistant", "content": "x",
+                                                        "tool_calls": []}]},
+     "message 2 has key 'tool_calls', which is not read \\(tool calls are not supported\\)"),
+    ({"messages": [{"role": "user", "content": "good", "lang": "en"}, {"role": "assistant", "content": "x"}]},
+     "message 1 has key 'lang', which is not read; a message takes role, content, name, weight"),
+    ({"messages": [{"role": "user", "content": "good", "name": 3}, {"role": "assistant", "content": "x"}]},
+     "message 1 name must be a non-empty string, got 3"),
 ])
 def test_malformed_records_are_refused_with_file_and_line(tmp_path, record, problem):
     good = {"messages": conversation(False, 1)}
@@ -152,6 +168,37 @@ def test_malformed_records_are_refused_with_file_and_line(tmp_path, record, prob
     path.write_text(json.dumps(good) + "\n\n" + json.dumps(record) + "\n")  # the bad record is on line 3
     with pytest.raises(DataError, match=rf"train.jsonl line 3: .*{problem}"):
         load_task(train_file=path)
+
+
+def test_an_assistant_turn_with_weight_0_is_context_not_target():
+    """OpenAI's fine-tuning format: "weight": 0 on an assistant message means do not train on it; the key was
+    dropped and the turn trained."""
+    tok, fmt = chat_tokenizer(), ChatFormat()
+    msgs = conversation(False, 2)
+    msgs[1]["weight"], msgs[3]["weight"] = 0, 1
+    ex = fmt.render({"messages": msgs})
+    (enc,) = encode_chat(tok, [ex], fmt)
+    ids, mask = independent_mask(tok, conversation(False, 2))
+    n = len(independent_mask(tok, conversation(False, 1))[0])  # the first exchange's tokens
+    assert enc.input_ids == ids  # the weight is not part of the text
+    assert enc.target_mask == [False] * n + mask[n:] and sum(mask[n:]) == 2  # the second reply only
+    assert ex.target == "negative"
+    msgs[1]["weight"], msgs[3]["weight"] = 1, 0  # the last trained turn is what evaluation generates
+    ex = fmt.render({"messages": msgs})
+    assert ex.target == "positive" and ex.last_assistant == 1
+    (enc,) = encode_chat(tok, [ex], fmt)
+    assert enc.target_mask == mask[:n] + [False] * (len(ids) - n) and sum(mask[:n]) == 2
+
+
+def test_a_message_name_reaches_the_chat_template_and_the_weight_does_not():
+    from softprompt.data.chat import render_chat
+
+    tok = make_tokenizer()
+    template = ("{% for m in messages %}{{ m.name or 'the' }} {{ m.content }}{% if m.weight is defined %} W"
+                "{% endif %} {% endfor %}")
+    msgs = parse_messages([{"role": "user", "content": "good", "name": "movie"},
+                           {"role": "assistant", "content": "positive", "weight": 1}])
+    assert render_chat(tok, msgs, template) == "movie good the positive "
 
 
 def test_chat_files_are_detected_and_mixed_formats_refused(tmp_path):

@@ -2,7 +2,8 @@
 
 A record ``{"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}`` is one
 conversation. It is rendered with ``tokenizer.apply_chat_template`` (or a ``--chat-template`` file) and the
-loss covers the tokens of every assistant turn, found by rendering prefixes: for assistant message ``k``,
+loss covers the tokens of every assistant turn (but one with ``"weight": 0``, OpenAI's fine-tuning format for a
+turn that is context only), found by rendering prefixes: for assistant message ``k``,
 the conversation before it with the generation prompt, then the conversation up to and including it; the
 tokens between the two are that turn's target (its text and the template's end-of-turn marker). Each
 rendered prefix must tokenise to a prefix of the whole conversation's tokens; a template for which it does
@@ -17,6 +18,10 @@ from softprompt.data.formats import DataError
 from softprompt.data.template import Example, TaskFormat
 
 ROLES = ("system", "user", "assistant")
+MESSAGE_KEYS = ("role", "content", "name", "weight")  # ``weight`` (0 or 1) is ours: never passed to the template
+_KEY_HINTS = {"tool_calls": "tool calls are not supported", "function_call": "tool calls are not supported",
+              "tool_call_id": "tool turns are not supported", "from": "ShareGPT's from/value: write role/content",
+              "value": "ShareGPT's from/value: write role/content"}
 MESSAGES_FIELD = "messages"
 CHAT_INIT_TEXT = "You are a helpful assistant. Answer the user."
 
@@ -27,7 +32,7 @@ class ChatExample(Example):
     turn, and that turn's content) for code that only counts words; training and evaluation use ``messages``.
 
     Attributes:
-        messages: the validated messages (``role`` and ``content`` only).
+        messages: the validated messages (``role``, ``content``, and ``name`` and ``weight`` when given).
         scored_from: assistant turns before this message index are context, not target (k-shot shots).
     """
 
@@ -36,12 +41,25 @@ class ChatExample(Example):
 
     @property
     def last_assistant(self) -> int:
-        """Index of the last assistant message (-1 when there is none)."""
-        return max((i for i, m in enumerate(self.messages) if m["role"] == "assistant"), default=-1)
+        """Index of the last trained assistant message (not ``"weight": 0``; -1 when there is none)."""
+        return last_trained(self.messages)
+
+
+def trained(message: dict) -> bool:
+    """Whether a message is a target: an assistant turn without ``"weight": 0``."""
+    return message["role"] == "assistant" and message.get("weight", 1) != 0
+
+
+def last_trained(messages: list[dict]) -> int:
+    """Index of the last trained assistant message (-1 when there is none)."""
+    return max((i for i, m in enumerate(messages) if trained(m)), default=-1)
 
 
 def parse_messages(messages, where: str = "", require_assistant: bool = True) -> list[dict]:
-    """Validate a conversation: a non-empty list of ``{"role", "content"}`` with known roles and string content.
+    """Validate a conversation: a non-empty list of ``{"role", "content"}`` with known roles and string content,
+    and optionally ``name`` (a non-empty string, passed to the chat template) and ``weight`` (0 or 1, on an
+    assistant message: 0 makes it context, not a target, as in OpenAI's fine-tuning format). Any other key is
+    refused, not dropped (a tool call dropped in silence would train on the turn without it).
 
     Args:
         messages: the ``messages`` value of a record or request.
@@ -49,7 +67,7 @@ def parse_messages(messages, where: str = "", require_assistant: bool = True) ->
         require_assistant: refuse a conversation without an assistant turn (training and evaluation need one).
 
     Returns:
-        The messages reduced to ``role`` and ``content``.
+        The messages with those keys only.
 
     Raises:
         DataError: naming ``where`` and every problem found.
@@ -66,15 +84,35 @@ def parse_messages(messages, where: str = "", require_assistant: bool = True) ->
             problems.append(f"message {i} must be an object with role and content, got {type(m).__name__}")
             continue
         role, content = m.get("role"), m.get("content")
+        for key in m:
+            if key not in MESSAGE_KEYS:
+                hint = f" ({_KEY_HINTS[key]})" if key in _KEY_HINTS else ""
+                problems.append(f"message {i} has key {key!r}, which is not read{hint}; a message takes "
+                                f"{', '.join(MESSAGE_KEYS)}")
         if role not in ROLES:
             problems.append(f"message {i} has role {role!r}; expected one of {', '.join(ROLES)}")
         if not isinstance(content, str):
             problems.append(f"message {i} content must be a string, got {type(content).__name__}")
         elif role == "assistant" and not content.strip():  # its loss would be the end-of-turn marker alone
             problems.append(f"message {i} is an assistant turn with no content (nothing to learn or to score)")
-        out.append({"role": role, "content": content})
+        msg = {"role": role, "content": content}
+        if "name" in m:
+            if not isinstance(m["name"], str) or not m["name"].strip():
+                problems.append(f"message {i} name must be a non-empty string, got {m['name']!r}")
+            msg["name"] = m["name"]
+        if "weight" in m:
+            w = m["weight"]
+            if isinstance(w, bool) or not isinstance(w, int | float) or w not in (0, 1):
+                problems.append(f"message {i} weight must be 0 (not trained on) or 1, got {w!r}")
+            elif role != "assistant":
+                problems.append(f"message {i} has a weight, which only an assistant message takes")
+            else:
+                msg["weight"] = int(w)
+        out.append(msg)
     if not problems and require_assistant and not any(m["role"] == "assistant" for m in out):
         problems.append("no assistant message (the loss covers assistant turns: a record needs at least one)")
+    elif not problems and require_assistant and last_trained(out) < 0:
+        problems.append("every assistant message has weight 0 (nothing to train on or to score)")
     if problems:
         raise DataError(prefix + "; ".join(problems))
     return out
@@ -133,7 +171,7 @@ class ChatFormat(TaskFormat):
             keys = ", ".join(map(str, record)) if isinstance(record, dict) else type(record).__name__
             raise DataError(f"{prefix}field 'messages' is missing (have: {keys or 'no fields'})")
         messages = parse_messages(record[MESSAGES_FIELD], where)
-        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        last = last_trained(messages)
         source = "\n".join(m["content"] for m in messages[:last])
         return ChatExample(source, messages[last]["content"], None, messages)
 
@@ -152,6 +190,7 @@ def render_chat(tokenizer, messages: list[dict], chat_template: str | None = Non
     if chat_template is None and not getattr(tokenizer, "chat_template", None):
         raise DataError(f"the tokenizer of {_model_name(tokenizer)} has no chat template, so it cannot render "
                         "chat records: pass --chat-template FILE (a Jinja chat template) or use a chat model")
+    messages = [{k: v for k, v in m.items() if k != "weight"} for m in messages]  # ours, not the template's
     try:
         return tokenizer.apply_chat_template(messages, chat_template=chat_template, tokenize=False,
                                              add_generation_prompt=add_generation_prompt)
@@ -184,7 +223,7 @@ def assistant_spans(tokenizer, messages: list[dict], chat_template: str | None =
     full = _ids(tokenizer, render_chat(tokenizer, messages, chat_template))
     spans: list[tuple[int, int]] = []
     for k, m in enumerate(messages):
-        if m["role"] != "assistant" or k < scored_from:
+        if not trained(m) or k < scored_from:
             continue
         before = _ids(tokenizer, render_chat(tokenizer, messages[:k], chat_template, add_generation_prompt=True))
         upto = _ids(tokenizer, render_chat(tokenizer, messages[:k + 1], chat_template))
