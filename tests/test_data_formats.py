@@ -47,6 +47,24 @@ def test_jsonl_bad_json_names_file_and_line(tmp_path):
         load_records(f)
 
 
+def test_a_key_given_twice_in_a_json_record_is_refused(tmp_path):
+    # json keeps the last value in silence: the record trained under the second label
+    f = write(tmp_path / "d.jsonl", '{"text": "a", "label": "pos"}\n'
+                                    '{"text": "great", "label": "pos", "label": "neg"}\n')
+    with pytest.raises(DataError, match=r"^d\.jsonl line 2: key 'label' appears twice in one object"):
+        load_records(f)
+    f = write(tmp_path / "c.jsonl", '{"messages": [{"role": "user", "content": "a", "content": "b"}]}\n')
+    with pytest.raises(DataError, match=r"^c\.jsonl line 1: key 'content' appears twice"):  # nested objects too
+        load_records(f)
+    f = write(tmp_path / "d.json", '[\n{"text": "a", "label": "pos"},\n{"text": "b", "text": "c", "label": "neg"}\n]')
+    with pytest.raises(DataError, match=r"^d\.json.*key 'text' appears twice in one object"):
+        load_records(f)
+    from softprompt.data.chat import read_conversations
+
+    with pytest.raises(DataError, match=r"--messages: unreadable JSON \(key 'role' appears twice"):
+        read_conversations('[{"role": "user", "role": "system", "content": "x"}]')
+
+
 def test_jsonl_non_object_line(tmp_path):
     f = write(tmp_path / "x.jsonl", '{"a": 1}\n[1, 2]\n')
     with pytest.raises(DataError, match=r"x\.jsonl line 2: expected a JSON object, got list"):

@@ -367,7 +367,7 @@ def read_conversations(spec: str) -> list[list]:
     import json
     from pathlib import Path
 
-    from softprompt.data.formats import json_value_problem, load_records_with_lines
+    from softprompt.data.formats import json_value_problem, load_records_with_lines, unique_object
 
     def one(value, where: str) -> list:
         if isinstance(value, dict):
@@ -379,7 +379,7 @@ def read_conversations(spec: str) -> list[list]:
     text = spec.lstrip()
     if text.startswith(("[", "{")):
         try:
-            value = json.loads(spec)
+            value = json.loads(spec, object_pairs_hook=unique_object)
         except json.JSONDecodeError as e:
             raise DataError(f"--messages: invalid JSON ({e.msg} at column {e.colno})") from None
         except (ValueError, RecursionError) as e:
@@ -390,7 +390,7 @@ def read_conversations(spec: str) -> list[list]:
             records, lines = load_records_with_lines(path)
             return [one(r, f"{path.name} line {n}") for r, n in zip(records, lines, strict=True)]
         try:
-            value = json.loads(path.read_text(encoding="utf-8-sig"))
+            value = json.loads(path.read_text(encoding="utf-8-sig"), object_pairs_hook=unique_object)
         except (OSError, UnicodeDecodeError) as e:
             raise DataError(f"--messages {spec}: cannot read ({e})") from None
         except json.JSONDecodeError as e:

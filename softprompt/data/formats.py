@@ -100,6 +100,24 @@ class JsonNumber(float):
         return obj
 
 
+class DuplicateKeyError(ValueError):
+    """A JSON object names one key twice (``json`` keeps the last value in silence)."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(f"key {key!r} appears twice in one object (JSON would keep only the last value)")
+        self.key = key
+
+
+def unique_object(pairs: list[tuple[str, object]]) -> dict:
+    """``object_pairs_hook`` for ``json.loads`` that refuses a key given twice (:class:`DuplicateKeyError`)."""
+    obj: dict = {}
+    for key, value in pairs:
+        if key in obj:
+            raise DuplicateKeyError(key)
+        obj[key] = value
+    return obj
+
+
 def _parse_json_lines(text: str, name: str) -> tuple[list[dict], list[int]]:
     records: list[dict] = []
     lines: list[int] = []
@@ -107,9 +125,11 @@ def _parse_json_lines(text: str, name: str) -> tuple[list[dict], list[int]]:
         if not line.strip():
             continue
         try:
-            obj = json.loads(line, parse_float=JsonNumber)
+            obj = json.loads(line, parse_float=JsonNumber, object_pairs_hook=unique_object)
         except json.JSONDecodeError as e:
             raise DataError(f"{name} line {lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+        except DuplicateKeyError as e:
+            raise DataError(f"{name} line {lineno}: {e}") from None
         except (ValueError, RecursionError) as e:
             raise DataError(f"{name} line {lineno}: unreadable JSON ({json_value_problem(e)})") from None
         if not isinstance(obj, dict):
@@ -121,9 +141,11 @@ def _parse_json_lines(text: str, name: str) -> tuple[list[dict], list[int]]:
 
 def _parse_json_array(text: str, name: str) -> tuple[list[dict], list[int]]:
     try:
-        items = json.loads(text, parse_float=JsonNumber)
+        items = json.loads(text, parse_float=JsonNumber, object_pairs_hook=unique_object)
     except json.JSONDecodeError as e:
         raise DataError(f"{name} line {e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+    except DuplicateKeyError as e:
+        raise DataError(f"{name}: {e}") from None
     except (ValueError, RecursionError) as e:
         raise DataError(f"{name}: unreadable JSON ({json_value_problem(e)})") from None
     if not isinstance(items, list):
