@@ -271,3 +271,19 @@ def test_a_sample_cap_of_0_is_the_whole_split_and_below_0_is_refused():
     assert DataArgs(max_validation_samples=0, max_train_samples=5).max_samples() == {"train": 5}
     with pytest.raises(ConfigError, match=r"--max-test-samples must be >= 0 \(0: the whole split\), got -1"):
         DataArgs(max_test_samples=-1)
+
+
+def test_a_config_files_template_is_read_as_the_flag_reads_it(tmp_path):
+    """`template: 'Text: {text}\\nLabel:'` (single quotes keep the backslash) gave a one-line prompt with a backslash
+    and an n in it, where --template with the same text gave two lines."""
+    from softprompt.config import template_flag
+
+    flag_value = template_flag(r"Text: {text}\nLabel:")
+    for quoted in (r"'Text: {text}\nLabel:'", r'"Text: {text}\nLabel:"'):  # YAML's escape, or the flag's
+        path = tmp_path / "c.yaml"
+        path.write_text(f"data:\n  template: {quoted}\n")
+        assert load_yaml(path)["data"]["template"] == flag_value == "Text: {text}\nLabel:"
+    # a run's config.yaml gives back the template it ran with, a literal backslash included
+    data = DataArgs(template="a\\n {x}\tb\\\\c\n")
+    path.write_text(to_yaml({"data": data}))
+    assert load_yaml(path)["data"]["template"] == data.template

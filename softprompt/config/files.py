@@ -89,6 +89,8 @@ def load_yaml(path: str | Path, extra: Sequence[str] = ()) -> dict[str, dict[str
             if key not in names:
                 problems.append(f"{path}: {section}.{key} is not a known field (known: {', '.join(sorted(names))})")
         out[section] = {k: v for k, v in values.items() if k in names}
+        if section == "data" and isinstance(out[section].get("template"), str):  # read as --template reads it
+            out[section]["template"] = template_flag(out[section]["template"])
     raise_problems(problems)
     return out
 
@@ -157,7 +159,9 @@ def _renamed(problem: str, source: dict[str, str | None]) -> str:
 
 def template_flag(text: str) -> str:
     """``--template``'s value with ``\\n``, ``\\t`` and ``\\\\`` read as a newline, a tab and a backslash: a shell
-    passes ``"Review: {text}\\nSentiment:"`` with a backslash and an n, and the prompt read as one line with them."""
+    passes ``"Review: {text}\\nSentiment:"`` with a backslash and an n, and the prompt read as one line with them.
+    A config file's ``data.template`` is read alike (a single-quoted YAML ``'...\\n...'`` keeps the backslash), so
+    the same text gives the same prompt as a flag and as a config value."""
     return re.sub(r"\\([nt\\])", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}[m.group(1)], text)
 
 
@@ -170,5 +174,9 @@ def given(ns: Any, section: str, name: str) -> bool:
 
 
 def to_yaml(args: dict[str, Any]) -> str:
-    """Write ``{section: dataclass instance}`` as a YAML config file text."""
-    return yaml.safe_dump({k: dataclasses.asdict(v) for k, v in args.items()}, sort_keys=False)
+    """Write ``{section: dataclass instance}`` as a YAML config file text (read back by :func:`load_yaml`, which reads
+    the template as :func:`template_flag` does: its backslashes are written doubled)."""
+    out = {k: dataclasses.asdict(v) for k, v in args.items()}
+    if isinstance(out.get("data", {}).get("template"), str):
+        out["data"]["template"] = out["data"]["template"].replace("\\", "\\\\")
+    return yaml.safe_dump(out, sort_keys=False)
