@@ -165,6 +165,14 @@ def test_tsv_has_no_quoting_a_quote_is_a_character(tmp_path, caplog):
         load_records(f)
 
 
+@pytest.mark.parametrize("name,sep", [("cat.csv", ","), ("cat.tsv", "\t")])
+def test_a_row_repeating_the_header_is_refused(tmp_path, name, sep):
+    # `cat a.csv b.csv`: the second header became a record (question "question", answer "answer")
+    f = write(tmp_path / name, f"question{sep}answer\nq1{sep}a1\n\nquestion{sep} answer\nq2{sep}a2\n")
+    with pytest.raises(DataError, match=rf"^{name} line 4: the header row again \(question, answer\), not a record"):
+        load_records(f)
+
+
 def test_csv_bad_header(tmp_path):
     f = write(tmp_path / "d.csv", "text,text,\n1,2,3\n")
     with pytest.raises(DataError, match=r"d\.csv line 1: bad header: empty column name at position 3; "

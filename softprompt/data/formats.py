@@ -199,6 +199,9 @@ def _parse_delimited(text: str, name: str, delimiter: str) -> tuple[list[dict], 
                         if tsv and any('"' in f for f in row) else "")
                 raise DataError(f"{name} line {lineno}: expected {len(header)} fields "
                                 f"({', '.join(header)}), got {len(row)}{hint}")
+            if [f.strip() for f in row] == header:  # files joined with `cat a.csv b.csv`: it was a record
+                raise DataError(f"{name} line {lineno}: the header row again ({', '.join(header)}), not a record; "
+                                "files joined with their headers? keep only the first one")
             if tsv and not quoted_warned and any(map(_looks_csv_quoted, row)):
                 quoted_warned = True
                 log.warning("%s line %d: a field is wrapped in double quotes with doubled quotes inside, as a CSV "
