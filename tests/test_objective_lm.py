@@ -86,6 +86,20 @@ def test_documents_of_text_and_record_files(tmp_path):
         read_documents(txt, "body")
 
 
+def test_a_corpus_file_of_an_unknown_extension_is_refused(tmp_path):
+    # docs.ndjson was read as plain text: the prompt trained on JSON syntax
+    nd = tmp_path / "docs.ndjson"
+    nd.write_text(json.dumps({"text": "a document"}) + "\n")
+    with pytest.raises(DataError, match=r"docs\.ndjson: --objective lm does not read '\.ndjson' files; accepted: "
+                                        r"\.txt, \.text, \.md \(plain text\) and \.jsonl, \.json, \.csv, \.tsv"):
+        read_documents(nd)
+    with pytest.raises(ConfigError, match=r"--train-file docs\.ndjson: --objective lm does not read"):
+        DataArgs(objective="lm", train_file=str(nd))
+    md = tmp_path / "notes.md"
+    md.write_text("one\n\ntwo")
+    assert read_documents(md) == ["one", "two"]
+
+
 def test_held_out_split_is_by_document_and_deterministic(tmp_path):
     docs = corpus_docs(50)
     docs = [f"{i} {d}" for i, d in enumerate(docs)]  # distinct documents

@@ -109,7 +109,7 @@ class DataArgs:
 def objective_problems(data: DataArgs) -> list[str]:
     """Problems with ``--objective`` and the flags that depend on it (``--text-field``; the task flags)."""
     from softprompt.data.builtin import BUILTIN_DATASETS
-    from softprompt.data.corpus import BUILTIN_CORPORA, OBJECTIVES
+    from softprompt.data.corpus import BUILTIN_CORPORA, OBJECTIVES, corpus_file_problem
     from softprompt.data.formats import SUPPORTED_SUFFIXES
 
     if data.objective not in OBJECTIVES:
@@ -128,7 +128,9 @@ def objective_problems(data: DataArgs) -> list[str]:
                         f"{', '.join(BUILTIN_CORPORA)}")
     for name in ("train_file", "validation_file", "test_file"):
         path = getattr(data, name)
-        if path and Path(path).suffix.lower() in SUPPORTED_SUFFIXES and not data.text_field:
+        if path and corpus_file_problem(path):
+            problems.append(f"{flag(name)} {corpus_file_problem(path)}")
+        elif path and Path(path).suffix.lower() in SUPPORTED_SUFFIXES and not data.text_field:
             problems.append(f"{flag(name)} {path} holds records: name the field with the text, --text-field FIELD")
     if data.text_field is not None and not data.text_field.strip():
         problems.append("--text-field must not be empty")

@@ -3,9 +3,10 @@
 The LM objective trains the prompt to make the frozen model predict a corpus's own text; the metric is
 the held-out loss (perplexity). Decisions, in the order the data flows:
 
-* **Documents.** A ``.txt`` (any file that is not ``.jsonl``/``.json``/``.csv``/``.tsv``) is split at blank
+* **Documents.** A plain-text file (:data:`TEXT_SUFFIXES`: ``.txt``, ``.text``, ``.md``) is split at blank
   lines: each paragraph is one document, its inner line breaks kept. A record file gives one document per
-  record, the string in ``--text-field``.
+  record, the string in ``--text-field``. Any other extension is refused (``.ndjson`` read as text would train on
+  its JSON syntax).
 * **Held-out split by document.** Without ``--validation-file``/``--test-file``, a seeded (``--data-seed``)
   random :data:`HELD_OUT` share of the train file's *distinct documents* becomes each missing split (every
   copy of a repeated document goes with it), so no text is in two splits; the split is recorded with the
@@ -40,6 +41,7 @@ log = logging.getLogger("softprompt")
 
 LM_OBJECTIVE = "lm"
 OBJECTIVES = ("task", LM_OBJECTIVE)
+TEXT_SUFFIXES = (".txt", ".text", ".md")  # plain text, documents separated by blank lines
 HELD_OUT = 0.1  # share of the documents held out for each missing split
 CHUNKING = "windows of --max-length tokens overlapping by 1; target: every token after a window's first"
 _BLANK_LINE = re.compile(r"\n[ \t\r\f\v]*\n")
@@ -99,14 +101,28 @@ def text_documents(text: str, drop_lines: tuple[str, ...] = ()) -> list[str]:
     return [d.strip() for d in _BLANK_LINE.split(text.replace("\r\n", "\n")) if d.strip()]
 
 
+def corpus_file_problem(path: str | Path) -> str | None:
+    """Why a corpus file's extension is not one :func:`read_documents` reads (None when it is)."""
+    suffix = Path(path).suffix.lower()
+    if suffix in TEXT_SUFFIXES or suffix in SUPPORTED_SUFFIXES:
+        return None
+    return (f"{Path(path).name}: --objective lm does not read {suffix or 'a file without an extension'!r} files; "
+            f"accepted: {', '.join(TEXT_SUFFIXES)} (plain text) and {', '.join(SUPPORTED_SUFFIXES)} (records, with "
+            "--text-field)")
+
+
 def read_documents(path: str | Path, text_field: str | None = None) -> list[str]:
     """The documents of a corpus file (see the module docstring).
 
     Raises:
-        DataError: an unreadable file, a record file without ``text_field`` (or a plain-text file with one),
-            records whose field is missing or not a non-empty string (all listed), or no documents at all.
+        DataError: an unknown extension, an unreadable file, a record file without ``text_field`` (or a plain-text
+            file with one), records whose field is missing or not a non-empty string (all listed), or no documents
+            at all.
     """
     path = Path(path)
+    problem = corpus_file_problem(path)
+    if problem:
+        raise DataError(problem)
     if path.suffix.lower() in SUPPORTED_SUFFIXES:
         if not text_field:
             raise DataError(f"{path.name} holds records: name the field with the text, --text-field FIELD")
