@@ -380,6 +380,27 @@ def test_a_held_out_file_that_repeats_training_examples_is_warned_about(tmp_path
     assert not [r for r in caplog.records if "also appear" in r.getMessage()]
 
 
+def test_labels_without_training_examples_are_warned_about(tmp_path, caplog):
+    """A verbalizer label absent from train, or validation/test labels train has none of, passed in silence."""
+    import logging
+
+    (tmp_path / "tr.jsonl").write_text('{"text": "a", "label": "pos"}\n{"text": "b", "label": "pos"}\n')
+    (tmp_path / "va.jsonl").write_text('{"text": "c", "label": "neg"}\n{"text": "d", "label": "neu"}\n')
+    (tmp_path / "te.jsonl").write_text('{"text": "e", "label": "pos"}\n')
+    flags = dict(template="R: {text}", target_field="label", verbalizer="pos=good,neg=bad,neu=meh")
+    with caplog.at_level(logging.WARNING, logger="softprompt"):
+        load_task(train_file=tmp_path / "tr.jsonl", validation_file=tmp_path / "va.jsonl",
+                  test_file=tmp_path / "te.jsonl", **flags)
+    warned = [r.getMessage() for r in caplog.records]
+    assert warned == ["the train split has no example of verbalizer label(s) 'neg', 'neu': the prompt never "
+                      "learns to answer them", "the validation split holds label(s) 'neg', 'neu' that no train "
+                      "example has"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="softprompt"):
+        load_task(train_file=tmp_path / "te.jsonl", test_file=tmp_path / "tr.jsonl", **{**flags, "verbalizer": "pos=x"})
+    assert not caplog.records
+
+
 def test_a_chat_template_for_a_template_task_is_refused(tmp_path):
     # it was silently unused: the user believed the task ran with their chat template
     (tmp_path / "d.jsonl").write_text(json.dumps({"text": "a", "label": "pos"}) + "\n")

@@ -201,7 +201,26 @@ def load_task(
         if split in splits:
             splits[split] = _cap(splits[split], limit, seed, split)
     warn_overlap(splits, files)
+    _warn_coverage(splits, fmt)
     return TaskData(format=fmt, splits=splits)
+
+
+def _warn_coverage(splits: dict[str, list[Example]], fmt: TaskFormat) -> None:
+    """Warn when the training split lacks a verbalizer label (the prompt never sees it as an answer), and per
+    held-out split, when it holds labels the training split has none of (its numbers rest on classes never
+    trained)."""
+    if not fmt.is_classification or not splits.get("train"):
+        return
+    trained = {ex.label for ex in splits["train"]}
+    missing = [label for label in fmt.labels if label not in trained]
+    if missing:
+        log.warning("the train split has no example of verbalizer label(s) %s: the prompt never learns to answer "
+                    "them", ", ".join(map(repr, missing)))
+    for split in ("validation", "test"):
+        absent = sorted({ex.label for ex in splits.get(split, [])} - trained)
+        if absent:
+            log.warning("the %s split holds label(s) %s that no train example has", split,
+                        ", ".join(map(repr, absent)))
 
 
 def example_key(ex: Example) -> tuple:
