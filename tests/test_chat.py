@@ -209,6 +209,9 @@ def test_chat_files_are_detected_and_mixed_formats_refused(tmp_path):
     with pytest.raises(DataError, match="chat.jsonl hold chat records .* plain.jsonl do not"):
         load_task(train_file=chat, test_file=plain)
     assert parse_messages([{"role": "user", "content": "x"}], require_assistant=False)
+    with pytest.raises(DataError, match="--target-field answer does not apply to chat records"):
+        load_task(train_file=chat, target_field="answer")  # it was ignored in silence
+    assert isinstance(load_task(train_file=chat, target_field="messages").format, ChatFormat)  # a stored chat task's
 
 
 def run(argv) -> tuple[int, str, str]:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from softprompt.data.builtin import DEFAULT_SEED, SPLITS, builtin_spec, load_builtin
-from softprompt.data.chat import ChatFormat, is_chat_record
+from softprompt.data.chat import MESSAGES_FIELD, ChatFormat, is_chat_record
 from softprompt.data.formats import DataError, load_records_with_lines
 from softprompt.data.template import Example, TaskFormat
 
@@ -171,6 +171,9 @@ def load_task(
             fmt_args["verbalizer"] = dict(fmt_args["verbalizer"])
     elif files and template is None and verb is None and _chat_files(files):
         fmt_args = {"chat_template": chat_template}
+        if target_field is not None and target_field != MESSAGES_FIELD:  # a stored chat task's is 'messages'
+            problems.append(f"--target-field {target_field} does not apply to chat records (the targets are the "
+                            "assistant turns of 'messages'): leave --target-field out")
     else:
         if not files:
             problems.append("no data: pass --dataset or --train-file/--validation-file/--test-file")
