@@ -173,6 +173,14 @@ def test_a_row_repeating_the_header_is_refused(tmp_path, name, sep):
         load_records(f)
 
 
+@pytest.mark.parametrize("name,sep", [("long.csv", ","), ("long.tsv", "\t")])
+def test_a_field_over_128k_characters_loads(tmp_path, name, sep):
+    # the csv module's default field limit (131,072) refused a long document as a "malformed row"
+    text = "word " * 40000
+    f = write(tmp_path / name, f"text{sep}label\n{text}{sep}pos\n")
+    assert load_records(f) == [{"text": text, "label": "pos"}]
+
+
 def test_csv_bad_header(tmp_path):
     f = write(tmp_path / "d.csv", "text,text,\n1,2,3\n")
     with pytest.raises(DataError, match=r"d\.csv line 1: bad header: empty column name at position 3; "

@@ -19,6 +19,10 @@ SUPPORTED_SUFFIXES = (*JSON_SUFFIXES, *DELIMITED_SUFFIXES)
 
 log = logging.getLogger("softprompt")
 
+# the csv module refuses a field over 131,072 characters by default (a long document was "malformed"); the whole
+# file is in memory already, so no cap protects anything. 2**31 - 1: the largest a C long takes everywhere
+csv.field_size_limit(2**31 - 1)
+
 
 class DataError(ValueError):
     """Invalid or unreadable task data (file, record, template, verbalizer or tokenisation)."""
@@ -211,6 +215,7 @@ def _parse_delimited(text: str, name: str, delimiter: str) -> tuple[list[dict], 
             records.append(dict(zip(header, row, strict=True)))
             lines.append(lineno)
     except csv.Error as e:
-        raise DataError(f"{name} line {start}: malformed row ({e}); a field that starts with a double quote is "
-                        "quoted: it must end with one, and a quote inside it is written twice (\"\")") from None
+        hint = "" if tsv else ("; a field that starts with a double quote is quoted: it must end with one, and a "
+                               "quote inside it is written twice (\"\")")
+        raise DataError(f"{name} line {start}: malformed row ({e}){hint}") from None
     return records, lines
