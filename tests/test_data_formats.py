@@ -41,6 +41,22 @@ def test_json_array_file(tmp_path):
     assert load_records(f) == [{"a": 1}, {"a": 2}]
 
 
+def test_json_array_records_are_reported_at_their_own_line(tmp_path):
+    # an item's index was reported as its "line": item 2 of a pretty-printed file is on line 6
+    f = write(tmp_path / "d.json", json.dumps([{"text": "a", "label": "pos"}, {"text": "b", "label": "meh"}],
+                                              indent=2))
+    assert load_records_with_lines(f)[1] == [2, 6]
+    with pytest.raises(DataError, match=r"d\.json line 6: field 'label' has label 'meh'"):
+        load_task(train_file=f, template="{text}", target_field="label", verbalizer="pos=good")
+    f = write(tmp_path / "e.json", '[\n  {"a": 1},\n  3\n]')
+    with pytest.raises(DataError, match=r"^e\.json line 3 \(item 2\): expected a JSON object, got int"):
+        load_records(f)
+    for text, line, what in (('[{"a": 1}\n {"a": 2}]', 2, "Expecting ',' delimiter"),
+                             ('[{"a": 1}]\n\n x', 3, "Extra data"), ('[{"a": 1},]', 1, "Expecting value")):
+        with pytest.raises(DataError, match=rf"^e\.json line {line}: invalid JSON \({what}"):
+            load_records(write(f, text))
+
+
 def test_jsonl_bad_json_names_file_and_line(tmp_path):
     f = write(tmp_path / "train.jsonl", '{"text": "a"}\n\n{"text": "b",}\n')
     with pytest.raises(DataError, match=r"^train\.jsonl line 3: invalid JSON"):

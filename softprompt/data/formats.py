@@ -11,6 +11,7 @@ import csv
 import io
 import json
 import logging
+import re
 from pathlib import Path
 
 JSON_SUFFIXES = (".jsonl", ".json")
@@ -54,7 +55,7 @@ def load_records(path: str | Path) -> list[dict]:
 
 
 def load_records_with_lines(path: str | Path) -> tuple[list[dict], list[int]]:
-    """Like :func:`load_records`, also returning the 1-based line (or array item) of each record.
+    """Like :func:`load_records`, also returning the 1-based line each record starts on (in a ``.json`` array too).
 
     The line numbers let later validation point at the right spot even when blank lines were skipped.
     """
@@ -73,7 +74,7 @@ def load_records_with_lines(path: str | Path) -> tuple[list[dict], list[int]]:
         raise DataError(f"{path}: cannot read ({e.strerror})") from None
     if suffix in JSON_SUFFIXES:
         if suffix == ".json" and text.lstrip().startswith("["):
-            records, lines = _parse_json_array(text, path.name)
+            records, lines = _parse_json_array(text, path.name, text.index("["))
         else:
             records, lines = _parse_json_lines(text, path.name)
     else:
@@ -143,22 +144,61 @@ def _parse_json_lines(text: str, name: str) -> tuple[list[dict], list[int]]:
     return records, lines
 
 
-def _parse_json_array(text: str, name: str) -> tuple[list[dict], list[int]]:
-    try:
-        items = json.loads(text, parse_float=JsonNumber, object_pairs_hook=unique_object)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{name} line {e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
-    except DuplicateKeyError as e:
-        raise DataError(f"{name}: {e}") from None
-    except (ValueError, RecursionError) as e:
-        raise DataError(f"{name}: unreadable JSON ({json_value_problem(e)})") from None
-    if not isinstance(items, list):
-        raise DataError(f"{name}: expected a JSON array of objects, got {type(items).__name__}")
-    for i, obj in enumerate(items, start=1):
-        if not isinstance(obj, dict):
-            raise DataError(f"{name} item {i}: expected a JSON object, got {type(obj).__name__}")
-    # a JSON array has no meaningful line per record; report the 1-based item index instead
-    return items, list(range(1, len(items) + 1))
+_JSON_SPACE = re.compile(r"[ \t\n\r]*")
+
+
+def _parse_json_array(text: str, name: str, at: int, close: str = "") -> tuple[list[dict], list[int]]:
+    """The objects of the JSON array whose ``[`` is at ``text[at]``, item by item, each with the line it starts on
+    (a record of a pretty-printed file is reported at its own line, not as "line N" for item N); after the array,
+    only ``close`` (the ``}`` of an object holding it) and white space may follow."""
+    decoder = json.JSONDecoder(parse_float=JsonNumber, object_pairs_hook=unique_object)
+    items: list[dict] = []
+    lines: list[int] = []
+    line, counted = 1, 0
+
+    def line_at(pos: int) -> int:
+        nonlocal line, counted
+        line, counted = line + text.count("\n", counted, pos), pos
+        return line
+
+    def fail(pos: int, what: str) -> DataError:
+        col = pos - text.rfind("\n", 0, pos)
+        return DataError(f"{name} line {line_at(pos)}: invalid JSON ({what} at column {col})")
+
+    pos = _JSON_SPACE.match(text, at + 1).end()
+    if text.startswith("]", pos):  # an empty array
+        pos += 1
+    else:
+        while True:
+            where = f"{name} line {line_at(pos)} (item {len(items) + 1})"
+            try:
+                obj, pos = decoder.raw_decode(text, pos)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{name} line {e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+            except DuplicateKeyError as e:
+                raise DataError(f"{where}: {e}") from None
+            except (ValueError, RecursionError) as e:
+                raise DataError(f"{name}: unreadable JSON ({json_value_problem(e)})") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+            items.append(obj)
+            lines.append(line)
+            pos = _JSON_SPACE.match(text, pos).end()
+            if text.startswith(",", pos):
+                pos = _JSON_SPACE.match(text, pos + 1).end()
+            elif text.startswith("]", pos):
+                pos += 1
+                break
+            else:
+                raise fail(pos, "Expecting ',' delimiter")
+    for char in close:
+        pos = _JSON_SPACE.match(text, pos).end()
+        if not text.startswith(char, pos):
+            raise fail(pos, f"Expecting {char!r}")
+        pos += 1
+    if _JSON_SPACE.match(text, pos).end() != len(text):
+        raise fail(_JSON_SPACE.match(text, pos).end(), "Extra data")
+    return items, lines
 
 
 def _looks_csv_quoted(field: str) -> bool:
