@@ -57,6 +57,28 @@ def test_json_array_records_are_reported_at_their_own_line(tmp_path):
             load_records(write(f, text))
 
 
+def test_a_json_file_holding_one_object(tmp_path):
+    # {"data": [...]}: the records under one key (read as one record with a field "data", then "field 'text'
+    # is missing"); a pretty-printed object was "invalid JSON" on line 1; pandas' default to_json() one record
+    f = write(tmp_path / "d.json",
+              '{\n "data": [\n  {"text": "a", "label": "pos"},\n  {"text": "b", "label": "neg"}]\n}')
+    assert load_records_with_lines(f) == ([{"text": "a", "label": "pos"}, {"text": "b", "label": "neg"}], [3, 4])
+    write(f, '{"data": [{"text": "a"}, "b"]}')
+    with pytest.raises(DataError, match=r"^d\.json line 1 \(item 2\): expected a JSON object, got str"):
+        load_records(f)
+    write(f, '{\n  "text": "a",\n  "label": "pos"\n}')
+    with pytest.raises(DataError, match=r"^d\.json: one JSON object over several lines \(keys: text, label\); a "
+                                        r"\.json file must be an array of records, JSON Lines"):
+        load_records(f)
+    write(f, json.dumps({"text": {"0": "a", "1": "b"}, "label": {"0": "pos", "1": "neg"}}))
+    with pytest.raises(DataError, match=r"one object of columns \(text, label\).*pandas.*orient='records'"):
+        load_records(f)
+    # one record on one line is JSON Lines, a chat record included (its one key holds a list of objects)
+    assert load_records(write(f, '{"text": "a", "label": "pos"}')) == [{"text": "a", "label": "pos"}]
+    chat = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    assert load_records(write(f, json.dumps(chat))) == [chat]
+
+
 def test_jsonl_bad_json_names_file_and_line(tmp_path):
     f = write(tmp_path / "train.jsonl", '{"text": "a"}\n\n{"text": "b",}\n')
     with pytest.raises(DataError, match=r"^train\.jsonl line 3: invalid JSON"):

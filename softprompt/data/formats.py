@@ -34,8 +34,8 @@ def load_records(path: str | Path) -> list[dict]:
 
     Supported formats, picked by extension:
 
-    * ``.jsonl`` / ``.json``: one JSON object per line, blank lines skipped. A ``.json`` file whose
-      content is a single JSON array of objects is accepted as well.
+    * ``.jsonl`` / ``.json``: one JSON object per line, blank lines skipped. A ``.json`` file may also hold
+      one JSON array of objects, or one object whose only key holds that array (``{"data": [...]}``).
     * ``.csv`` / ``.tsv``: a header row naming the fields, then one record per row. A ``.csv`` field may be
       quoted (``"a, b"``, a quote inside written twice); a ``.tsv`` file has no quoting (a quote is a
       character, a field ends at a tab or line end), as GLUE's files and the IANA TSV format have it.
@@ -72,11 +72,10 @@ def load_records_with_lines(path: str | Path) -> tuple[list[dict], list[int]]:
         raise DataError(f"{path.name}: not valid UTF-8 text ({e.reason} at byte {e.start})") from None
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror})") from None
-    if suffix in JSON_SUFFIXES:
-        if suffix == ".json" and text.lstrip().startswith("["):
-            records, lines = _parse_json_array(text, path.name, text.index("["))
-        else:
-            records, lines = _parse_json_lines(text, path.name)
+    if suffix == ".json":
+        records, lines = _parse_json_file(text, path.name)
+    elif suffix in JSON_SUFFIXES:
+        records, lines = _parse_json_lines(text, path.name)
     else:
         records, lines = _parse_delimited(text, path.name, DELIMITED_SUFFIXES[suffix])
     if not records:
@@ -145,6 +144,36 @@ def _parse_json_lines(text: str, name: str) -> tuple[list[dict], list[int]]:
 
 
 _JSON_SPACE = re.compile(r"[ \t\n\r]*")
+# `{"data": [` up to the array's bracket: a file whose one object holds the records under one key
+_WRAPPER = re.compile(r'[ \t\n\r]*\{[ \t\n\r]*"(?:[^"\\]|\\.)*"[ \t\n\r]*:[ \t\n\r]*\[')
+
+
+def _parse_json_file(text: str, name: str) -> tuple[list[dict], list[int]]:
+    """A ``.json`` file: an array of records, JSON Lines, or one object holding the array under its only key
+    (``{"data": [...]}``). Any other single object is refused, saying so (a pretty-printed one read as JSON Lines
+    was "invalid JSON" on line 1; pandas' ``to_json()`` columns became one record of dicts)."""
+    if text.lstrip().startswith("["):
+        return _parse_json_array(text, name, text.index("["))
+    try:
+        whole = json.loads(text, object_pairs_hook=unique_object)  # JSON Lines fail fast here: "Extra data"
+    except (ValueError, RecursionError):
+        whole = None
+    if not isinstance(whole, dict):
+        return _parse_json_lines(text, name)
+    (key, value), *others = list(whole.items()) or [(None, None)]
+    # a chat record's one key is "messages", a list of objects too: that file is one conversation
+    if not others and key != "messages" and isinstance(value, list) and _WRAPPER.match(text):
+        return _parse_json_array(text, name, _WRAPPER.match(text).end() - 1, close="}")
+    keys = ", ".join(map(str, whole)) or "none"
+    if whole and all(isinstance(v, dict) for v in whole.values()):
+        raise DataError(f"{name}: one object of columns ({keys}), each mapping row ids to values, as pandas' "
+                        "to_json() writes by default: a .json file must be an array of records or JSON Lines; "
+                        "write it with to_json(orient='records') or orient='records', lines=True")
+    if "\n" in text.strip():
+        raise DataError(f"{name}: one JSON object over several lines (keys: {keys}); a .json file must be an array "
+                        "of records, JSON Lines (one object per line), or one object holding the array of records "
+                        "under its only key")
+    return _parse_json_lines(text, name)  # one record on one line: JSON Lines
 
 
 def _parse_json_array(text: str, name: str, at: int, close: str = "") -> tuple[list[dict], list[int]]:
