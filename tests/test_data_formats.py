@@ -282,6 +282,26 @@ def test_format_validation_reports_all_problems():
     assert "several labels to the same text: 'x'" in msg
     with pytest.raises(DataError, match="must be a field name"):
         TaskFormat("{0} {x.y}", "label")
+
+
+@pytest.mark.parametrize("name", ["Review Text", "review-body", "naïve", "q#1"])
+def test_a_column_name_with_spaces_or_hyphens_is_a_field(name):
+    # refused as "letters, digits, underscores" though format_map fills them
+    fmt = TaskFormat(f"R: {{{name}}}\nS:", "label", {"pos": "good"})
+    assert fmt.fields == [name]
+    assert fmt.render({name: "fine", "label": "pos"}).source == "R: fine\nS:"
+
+
+@pytest.mark.parametrize("template, problem", [
+    ("{a.b}", "placeholder {a.b} must be a field name"), ("{a[0]}", "placeholder {a[0]} must be a field name"),
+    ("{0}", "placeholder {0} must be a field name"), ("{ text }", "placeholder { text } must be a field name"),
+    ("{}", "placeholder {} must be a field name"),
+    ('Answer as JSON {"label": 0}. {text}',
+     'placeholder {"label": 0} is not a field name: write a literal brace twice, {{ and }} (e.g. {{"label": 0}})'),
+])
+def test_placeholders_that_are_not_field_names_are_refused_with_a_hint(template, problem):
+    with pytest.raises(DataError, match=re.escape(problem)):
+        TaskFormat(template, "label")
     with pytest.raises(DataError, match="uses the target field {label}"):
         TaskFormat("{text} {label}", "label")
     with pytest.raises(DataError, match="malformed"):

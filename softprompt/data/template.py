@@ -73,7 +73,9 @@ def placeholder_problems(template: str) -> list[str]:
 
     A placeholder is filled with a record's text, so a format spec (``{n:d}``) or conversion (``{x!r}``)
     could only fail at render time or show the value's ``repr``; positions, attributes and indexes would
-    reach into the value. Only plain field names are accepted.
+    reach into the value. Only plain field names are accepted: any text without ``.``, ``[`` or ``]`` (which
+    ``str.format`` reads as an attribute or index), not digits alone (a position), without spaces around it;
+    a CSV column such as ``{Review Text}`` or ``{review-body}`` is one.
     """
     if not isinstance(template, str):
         return [f"must be a string, got {type(template).__name__}"]
@@ -87,9 +89,13 @@ def placeholder_problems(template: str) -> list[str]:
         problems.append("has no {field} placeholder")
     for name, spec, conversion in names:
         text = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
-        if not name.isidentifier():
-            problems.append(f"placeholder {text} must be a field name (letters, digits, underscores; no "
-                            "positions, attributes or indexes)")
+        if name[:1] in ("\"", "'"):  # {"label": 0}: a JSON example in the prompt
+            problems.append(f"placeholder {text} is not a field name: write a literal brace twice, {{{{ and }}}} "
+                            f"(e.g. {{{{{text[1:-1]}}}}})")
+        elif not name or name.isdigit() or name != name.strip() or any(c in name for c in ".[]"):
+            problems.append(f"placeholder {text} must be a field name (no positions, no spaces around it, no '.', "
+                            "'[' or ']': format would read an attribute or index of the value; literal braces are "
+                            "written {{ and }})")
         elif spec or conversion:
             problems.append(f"placeholder {text} has a format spec or conversion: write {{{name}}}")
     return problems
