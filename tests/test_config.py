@@ -287,3 +287,20 @@ def test_a_config_files_template_is_read_as_the_flag_reads_it(tmp_path):
     data = DataArgs(template="a\\n {x}\tb\\\\c\n")
     path.write_text(to_yaml({"data": data}))
     assert load_yaml(path)["data"]["template"] == data.template
+
+
+def test_a_config_files_verbalizer_may_be_a_mapping(tmp_path):
+    """`verbalizer: {1: "yes", 0: "no"}` was refused as "expected str"."""
+    from softprompt.data import DataError, parse_verbalizer
+
+    path = tmp_path / "c.yaml"
+    path.write_text('data:\n  verbalizer: {1: "yes", 0: "no"}\n')
+    data = build_args(DataArgs, load_yaml(path)["data"], origins=["c.yaml: data."])
+    assert parse_verbalizer(data.verbalizer) == {"1": "yes", "0": "no"}
+    path.write_text(to_yaml({"data": data}))
+    assert load_yaml(path)["data"]["verbalizer"] == data.verbalizer  # a run's config.yaml repeats it
+    with pytest.raises(ConfigError, match=r"c\.yaml: data\.verbalizer: expected str, got \['a'\]"):
+        build_args(DataArgs, {"verbalizer": ["a"]}, origins=["c.yaml: data."])
+    path.write_text("data:\n  verbalizer: {positive: yes, negative: no}\n")  # YAML booleans, not the words
+    with pytest.raises(DataError, match="got True .YAML reads yes/no/on/off/true/false as booleans: quote it"):
+        parse_verbalizer(load_yaml(path)["data"]["verbalizer"])

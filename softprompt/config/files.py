@@ -17,11 +17,18 @@ from softprompt.config.sections import SECTIONS
 
 
 def field_type(cls: type, f: dataclasses.Field) -> type:
-    """The scalar type behind a field annotation (``int | None`` -> ``int``, ``list[str]`` -> ``list``)."""
+    """The scalar type behind a field annotation (``int | None`` -> ``int``, ``list[str]`` -> ``list``): the flag's
+    type, the first of a union's."""
+    return field_types(cls, f)[0]
+
+
+def field_types(cls: type, f: dataclasses.Field) -> tuple[type, ...]:
+    """The types a field's value may have besides None (``str | dict | None`` -> ``(str, dict)``: a config file
+    may give a mapping where the flag gives text)."""
     hint = typing.get_type_hints(cls)[f.name]
-    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        hint = next(a for a in typing.get_args(hint) if a is not type(None))
-    return typing.get_origin(hint) or hint
+    args = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union \
+        else (hint,)
+    return tuple(typing.get_origin(a) or a for a in args if a is not type(None))
 
 
 class _DuplicateKey(ValueError):
@@ -124,6 +131,8 @@ def build_args(cls: type, *layers: dict[str, Any], origins: Sequence[str | None]
         if f.name not in merged:
             continue
         want, value = field_type(cls, f), merged[f.name]
+        if want is not typing.Any and isinstance(value, field_types(cls, f)[1:]):  # another type the field takes
+            continue
         if want is float and isinstance(value, int | str) and not isinstance(value, bool):
             try:  # YAML reads 3e-1 (no dot) as a string
                 merged[f.name] = float(value)

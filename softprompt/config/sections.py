@@ -64,7 +64,7 @@ class DataArgs:
     test_file: str | None = None
     template: str | None = None
     target_field: str | None = None
-    verbalizer: str | None = None
+    verbalizer: str | dict | None = None  # "a=x,b=y", or in a config file a mapping (label: text)
     chat_template: str | None = None  # a Jinja chat template file for chat records (default: the model's)
     max_length: int = 256
     max_train_samples: int | None = None

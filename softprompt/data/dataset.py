@@ -58,6 +58,12 @@ def parse_verbalizer(spec: str | dict) -> dict[str, str]:
         DataError: bad syntax, empty labels or texts, or a repeated label; the message names --verbalizer.
     """
     if isinstance(spec, dict):
+        # a YAML mapping: `1: yes` has an int label and a boolean text (YAML reads yes/no/on/off as booleans)
+        odd = [x for x in (*spec, *spec.values()) if isinstance(x, bool) or not isinstance(x, str | int | float)]
+        if odd:
+            raise DataError(f"--verbalizer {spec!r}: labels and texts must be text or numbers, got {odd[0]!r}"
+                            + (" (YAML reads yes/no/on/off/true/false as booleans: quote it)"
+                               if isinstance(odd[0], bool) else ""))
         out = {str(k).strip(): str(v).strip() for k, v in spec.items()}
         bad = [k for k, v in out.items() if not k or not v]
         if not out or bad:
