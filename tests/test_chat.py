@@ -170,6 +170,17 @@ def test_malformed_records_are_refused_with_file_and_line(tmp_path, record, prob
         load_task(train_file=path)
 
 
+def test_encoding_errors_name_the_record_s_file_and_line(tmp_path):
+    tok = chat_tokenizer()
+    path = write_jsonl(tmp_path / "train.jsonl", [{"messages": conversation(False, 1)}] * 2)
+    task = load_task(train_file=path)
+    with pytest.raises(DataError, match=r"^train\.jsonl line 2: no whole assistant turn is left"):
+        encode_chat(tok, task.examples("train")[1:], task.format, max_length=1)  # was "example 0"
+    tok.chat_template = "{% if messages|length > 1 %}the{% else %}a{% endif %} " + TEMPLATE
+    with pytest.raises(DataError, match=r"^train\.jsonl line 1: the chat template .* does not render"):
+        encode_chat(tok, task.examples("train"), task.format)
+
+
 def test_an_assistant_turn_with_weight_0_is_context_not_target():
     """OpenAI's fine-tuning format: "weight": 0 on an assistant message means do not train on it; the key was
     dropped and the turn trained."""

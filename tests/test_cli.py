@@ -603,7 +603,7 @@ def test_a_test_split_training_could_not_encode_is_refused_before_training(env, 
                                   "--test-file", str(test))
             if a not in ("--verbalizer", "positive=positive,negative=negative")]
     rc, _, stderr = run(argv)
-    assert rc == 2 and "test split: example 0: target" in stderr and "more than --max-length 10" in stderr
+    assert rc == 2 and "test split: test.jsonl line 1: target" in stderr and "more than --max-length 10" in stderr
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 

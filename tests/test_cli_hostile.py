@@ -234,7 +234,7 @@ def test_a_validation_target_longer_than_max_length_is_refused_before_training(e
                       tmp_path / "v.jsonl", "--template", TEMPLATE, "--target-field", "label", "--max-length", "16",
                       "--num-virtual-tokens", "2", "--max-steps", "4", "--eval-every", "2", "--output-dir",
                       tmp_path / "o"])
-    assert rc == 2 and "validation split: example 1: target ' the movie was great" in err, err
+    assert rc == 2 and "validation split: v.jsonl line 2: target ' the movie was great" in err, err
     assert not (tmp_path / "o" / "metrics.jsonl").exists() or not (tmp_path / "o" / "metrics.jsonl").read_text()
 
 

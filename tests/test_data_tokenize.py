@@ -66,6 +66,20 @@ def test_encode_errors(tok):
     assert encode(tok, []) == []
 
 
+def test_encode_errors_name_the_record_s_file_and_line(tok, tmp_path):
+    """They named a 0-based index into the list at hand (a sampled subset): "example 4" for line 40."""
+    from softprompt.data import encode_classes, load_task
+
+    lines = ['{"text": "good", "answer": "movie"}'] * 39 + ['{"text": "bad", "answer": "very good movie"}']
+    (tmp_path / "t.jsonl").write_text("\n".join(lines) + "\n")
+    task = load_task(train_file=tmp_path / "t.jsonl", template="Review: {text}", target_field="answer")
+    subset = task.examples("train")[35:]
+    with pytest.raises(DataError, match=r"^t\.jsonl line 40: target ' very good movie' has 3 tokens"):
+        encode(tok, subset, max_length=2)
+    with pytest.raises(DataError, match=r"^t\.jsonl line 36: label None is not one of the task's labels"):
+        encode_classes(tok, subset, ["x"])
+
+
 def test_collate_right_padding():
     items = [Encoded([5, 6, 7, 8], 3), Encoded([9, 10], 1)]
     b = collate(items, pad_id=PAD)

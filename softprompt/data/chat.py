@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from softprompt.data.formats import DataError
-from softprompt.data.template import Example, TaskFormat
+from softprompt.data.template import Example, TaskFormat, example_name
 
 ROLES = ("system", "user", "assistant")
 MESSAGE_KEYS = ("role", "content", "name", "weight")  # ``weight`` (0 or 1) is ours: never passed to the template
@@ -173,7 +173,7 @@ class ChatFormat(TaskFormat):
         messages = parse_messages(record[MESSAGES_FIELD], where)
         last = last_trained(messages)
         source = "\n".join(m["content"] for m in messages[:last])
-        return ChatExample(source, messages[last]["content"], None, messages)
+        return ChatExample(source, messages[last]["content"], None, messages, origin=where or None)
 
 
 def _model_name(tokenizer) -> str:
@@ -302,8 +302,11 @@ def encode_chat(tokenizer, examples: list[ChatExample], fmt: ChatFormat, max_len
     out = []
     for i, ex in enumerate(examples):
         if not isinstance(ex, ChatExample):
-            raise DataError(f"example {i}: a chat task needs chat examples (records with messages)")
-        ids, spans = assistant_spans(tokenizer, ex.messages, fmt.chat_template, ex.scored_from)
+            raise DataError(f"{example_name(ex, i)}: a chat task needs chat examples (records with messages)")
+        try:
+            ids, spans = assistant_spans(tokenizer, ex.messages, fmt.chat_template, ex.scored_from)
+        except DataError as e:
+            raise DataError(f"{example_name(ex, i)}: {e}") from None
         mask = [False] * len(ids)
         for start, end in spans:
             mask[start:end] = [True] * (end - start)
@@ -316,7 +319,7 @@ def encode_chat(tokenizer, examples: list[ChatExample], fmt: ChatFormat, max_len
             ids, mask = ids[cut:], mask[cut:]
         mask[0] = False  # nothing before the first token predicts it (the soft prompt aside)
         if not any(mask):
-            raise DataError(f"example {i}: no whole assistant turn is left within --max-length {max_length} "
+            raise DataError(f"{example_name(ex, i)}: no whole assistant turn is left within --max-length {max_length} "
                             f"(the conversation has {n} tokens)")
         out.append(Encoded(input_ids=ids, target_start=mask.index(True), target_mask=mask))
     return out
@@ -332,7 +335,8 @@ def with_system(example: ChatExample, text: str) -> ChatExample:
     else:
         messages.insert(0, {"role": "system", "content": text})
         shift = 1
-    return ChatExample(example.source, example.target, None, messages, example.scored_from + shift)
+    return ChatExample(example.source, example.target, None, messages, example.scored_from + shift,
+                       origin=example.origin)
 
 
 def with_shots(example: ChatExample, shots: list[ChatExample]) -> ChatExample:
@@ -341,7 +345,8 @@ def with_shots(example: ChatExample, shots: list[ChatExample]) -> ChatExample:
     head = [dict(m) for m in example.messages[:1] if m["role"] == "system"]
     context = [dict(m) for shot in shots for m in shot.messages if m["role"] != "system"]
     rest = [dict(m) for m in example.messages[len(head):]]
-    return ChatExample(example.source, example.target, None, head + context + rest, len(head) + len(context))
+    return ChatExample(example.source, example.target, None, head + context + rest, len(head) + len(context),
+                       origin=example.origin)
 
 
 def conversation_prompt(tokenizer, fmt: TaskFormat | None, messages, where: str = "messages") -> str:

@@ -12,7 +12,7 @@ import logging
 import math
 import string
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 from softprompt.data.formats import DataError
@@ -43,11 +43,21 @@ def _field_text(value, what: str) -> str:
 
 @dataclass
 class Example:
-    """One rendered example: the prompt, the text to predict after it, and the raw label if any."""
+    """One rendered example: the prompt, the text to predict after it, and the raw label if any.
+
+    ``origin`` names the record it came from (``"train.jsonl line 7"``) for errors found later (tokenising a
+    sampled subset); it takes no part in comparing examples.
+    """
 
     source: str
     target: str
     label: str | None = None
+    origin: str | None = field(default=None, compare=False, kw_only=True)
+
+
+def example_name(example: Example, index: int) -> str:
+    """How an error names an example: its record's file and line, else its 0-based index in the list at hand."""
+    return example.origin or f"example {index}"
 
 
 def template_fields(template: str) -> list[str]:
@@ -184,10 +194,10 @@ class TaskFormat:
             if raw not in self.verbalizer:
                 raise DataError(f"{prefix}field {self.target_field!r} has label {raw!r}, which the "
                                 f"verbalizer does not know (known: {', '.join(self.verbalizer)})")
-            return Example(source, self.target_prefix + self.verbalizer[raw], raw)
+            return Example(source, self.target_prefix + self.verbalizer[raw], raw, origin=where or None)
         if not raw:
             raise DataError(f"{prefix}field {self.target_field!r} is empty (the target must have text)")
-        return Example(source, self.target_prefix + raw, None)
+        return Example(source, self.target_prefix + raw, None, origin=where or None)
 
     def validate_records(self, records: Sequence[dict], source_name: str,
                          lines: Sequence[int] | None = None) -> list[Example]:

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from softprompt.data.formats import DataError
-from softprompt.data.template import Example
+from softprompt.data.template import Example, example_name
 
 IGNORE_INDEX = -100
 
@@ -134,11 +134,11 @@ def encode(tokenizer, examples: list[Example], max_length: int = 256, append_eos
     out: list[Encoded] = []
     for i, (example, src, tgt) in enumerate(zip(examples, sources, targets, strict=True)):
         if not tgt:
-            raise DataError(f"example {i}: target {example.target!r} has no tokens")
+            raise DataError(f"{example_name(example, i)}: target {example.target!r} has no tokens")
         tgt = list(tgt) + eos
         specials = len(lead) + len(trail)
         if len(tgt) + specials > max_length:
-            raise DataError(f"example {i}: target {example.target[:60]!r} has {len(tgt)} tokens"
+            raise DataError(f"{example_name(example, i)}: target {example.target[:60]!r} has {len(tgt)} tokens"
                             + (f" (+{len(lead)} leading special)" if lead else "")
                             + (f" (+{len(trail)} trailing special)" if trail else "")
                             + f", more than --max-length {max_length}")
@@ -201,7 +201,7 @@ def encode_classes(tokenizer, examples: list[Example], labels: list[str], max_le
     bad = [(i, e.label) for i, e in enumerate(examples) if e.label not in index]
     if bad:
         i, label = bad[0]
-        raise DataError(f"example {i}: label {label!r} is not one of the task's labels {labels} "
+        raise DataError(f"{example_name(examples[i], i)}: label {label!r} is not one of the task's labels {labels} "
                         f"({len(bad)} such examples)")
     ids = tokenizer([e.source for e in examples], truncation=True, max_length=max_length)["input_ids"]
     return [Encoded(list(x), len(x), index[e.label]) for x, e in zip(ids, examples, strict=True)]
