@@ -102,17 +102,19 @@ def test_train_prints_report_and_writes_run_folder(trained):
 
 def test_a_template_flag_reads_backslash_n_as_a_newline(env, tmp_path):
     # a shell passes "Review: {text}\nSentiment:" (the README's example) with a backslash and an n: the prompt
-    # read as one line with them in it; a YAML file keeps its own escaping
+    # read as one line with them in it; a config file's template is read alike (a single-quoted YAML template
+    # kept the backslash), and --print-config writes one that reads back the same
     typed = "Review: {text}\\nSentiment:\\t\\\\x"  # what the shell hands over
     rc, stdout, stderr = run(["train", "--train-file", env["train"], "--template", typed, "--target-field", "label",
                               "--print-config"])
     assert rc == 0, stderr
-    assert yaml.safe_load(stdout)["data"]["template"] == "Review: {text}\nSentiment:\t\\x"
     cfg = tmp_path / "t.yaml"
-    cfg.write_text("data:\n  template: 'Review: {text}\\nSentiment:'\n")  # single-quoted YAML: taken as written
+    cfg.write_text(stdout)
+    assert load_yaml(cfg)["data"]["template"] == "Review: {text}\nSentiment:\t\\x"
+    cfg.write_text("data:\n  template: 'Review: {text}\\nSentiment:'\n")  # single-quoted YAML
     rc, stdout, _ = run(["train", "--config", cfg, "--train-file", env["train"], "--target-field", "label",
                          "--print-config"])
-    assert rc == 0 and yaml.safe_load(stdout)["data"]["template"] == "Review: {text}\\nSentiment:"
+    assert rc == 0 and yaml.safe_load(stdout)["data"]["template"] == "Review: {text}\nSentiment:"
 
 
 def test_config_file_precedence_and_print_config(env, tmp_path):
