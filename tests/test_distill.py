@@ -248,6 +248,11 @@ def test_inputs_from_a_record_file_need_their_field(tiny_dirs, capsys):
     assert "holds records: name the input field, --text-field FIELD" in capsys.readouterr().err
     assert run_distill(tmp, "--inputs-file", str(path), "--text-field", "q", "--max-steps", "1") == 0
     assert json.loads((tmp / "run" / "distill.json").read_text())["train_inputs"] == 10
+    # a file of an extension nothing reads was read as plain lines: the model distilled lines of JSON
+    ndjson = tmp / "inputs.ndjson"
+    ndjson.write_text(path.read_text())
+    assert run_distill(tmp, "--inputs-file", str(ndjson), "--max-steps", "1") == 2
+    assert "inputs.ndjson: '.ndjson' is not read; accepted: .txt" in capsys.readouterr().err
 
 
 def test_a_context_longer_than_the_models_positions_is_refused_before_anything_is_written(tmp_path, capsys):

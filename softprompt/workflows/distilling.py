@@ -25,7 +25,7 @@ import torch
 from softprompt import methods
 from softprompt.config import ConfigError, check_real, check_seed, keep_problems, raise_problems, to_yaml
 from softprompt.data import DataError, Encoded, Example, TaskData, collate
-from softprompt.data.corpus import CorpusFormat, encode_corpus
+from softprompt.data.corpus import TEXT_SUFFIXES, CorpusFormat, encode_corpus
 from softprompt.data.formats import SUPPORTED_SUFFIXES, load_records_with_lines
 from softprompt.data.splits import carve
 from softprompt.data.tokenize import leading_special_ids
@@ -95,7 +95,12 @@ def read_inputs(path: str | Path, text_field: str | None = None) -> list[str]:
         DataError: unreadable file, a record file without ``text_field``, a record without that text, no input.
     """
     path = Path(path)
-    if path.suffix.lower() in SUPPORTED_SUFFIXES:
+    suffix = path.suffix.lower()
+    if suffix not in SUPPORTED_SUFFIXES and suffix not in TEXT_SUFFIXES:  # a .ndjson was read as lines of JSON
+        raise DataError(f"--inputs-file {path.name}: {suffix or 'a file without an extension'!r} is not read; "
+                        f"accepted: {', '.join(TEXT_SUFFIXES)} (one input per line) and "
+                        f"{', '.join(SUPPORTED_SUFFIXES)} (records, with --text-field)")
+    if suffix in SUPPORTED_SUFFIXES:
         if not text_field:
             raise DataError(f"--inputs-file {path.name} holds records: name the input field, --text-field FIELD")
         records, lines = load_records_with_lines(path)
