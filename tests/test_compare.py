@@ -355,6 +355,11 @@ def test_data_without_a_validation_split_holds_out_the_same_train_examples_every
     assert held == [ex.source for ex in second.splits["validation"]] and len(first.splits["train"]) == 26
     assert not set(held) & {ex.source for ex in first.splits["train"]}
     assert ensure_validation(toy_task(), 4) == "validation split (16 examples)"  # an existing split is kept
+    # copies of one example go to one side (held out by position, a duplicated review was in both)
+    dup = task()
+    dup.splits["train"] = [ex for ex in dup.splits["train"] for _ in range(2)]
+    ensure_validation(dup, 200)
+    assert not {ex.source for ex in dup.splits["validation"]} & {ex.source for ex in dup.splits["train"]}
 
 
 def test_convergence_is_the_last_third_gain_of_the_validation_loss():

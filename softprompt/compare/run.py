@@ -8,7 +8,6 @@ as the data is loaded, so a search can neither score on it nor leak it into the 
 from __future__ import annotations
 
 import json
-import random
 import subprocess
 import sys
 import tempfile
@@ -20,6 +19,8 @@ import torch
 
 from softprompt.compare.specs import WEIGHT_KINDS, Spec
 from softprompt.compare.weights import WeightTuning, weight_method
+from softprompt.data.dataset import example_key
+from softprompt.data.splits import carve
 
 HOLDOUT_SEED = 0  # every run of every row holds out the same train examples as validation
 WARMUP_STEPS = 10  # every run's warmup (at most its steps)
@@ -84,11 +85,12 @@ def ensure_validation(task, n: int) -> str:
     k = min(n, len(train) // 5)
     if k < 1:
         raise ValueError(f"no validation split, and {len(train)} train examples are too few to hold some out")
-    order = list(range(len(train)))
-    random.Random(HOLDOUT_SEED).shuffle(order)
-    task.splits["validation"] = [train[i] for i in order[:k]]
-    task.splits["train"] = [train[i] for i in sorted(order[k:])]
-    return f"{k} train examples held out (the dataset has no validation split)"
+    # by content (copies of one example on one side: a split by position put them on both) and by label
+    labels = [ex.label for ex in train] if task.format.is_classification else None
+    held, rest = carve([example_key(ex) for ex in train], [k], f"{HOLDOUT_SEED}:compare-validation", labels)
+    task.splits["validation"] = [train[i] for i in held]
+    task.splits["train"] = [train[i] for i in rest]
+    return f"{len(held)} train examples held out (the dataset has no validation split)"
 
 
 def load_run_task(dataset: str, val_samples: int, test_samples: int):
