@@ -86,7 +86,7 @@ def cmd_train(ns: argparse.Namespace) -> int:
     from softprompt.workflows import fit_context, train_and_save
 
     fit_context(args, given(ns, "data", "max_length"))
-    result = train_and_save(args, store=ns.store, store_task=ns.task)
+    result = train_and_save(args, store=ns.store, store_task=ns.task, split_given=given(ns, "eval", "split"))
     return 1 if result is not None and result.diverged else 0
 
 

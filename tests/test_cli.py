@@ -144,7 +144,8 @@ def test_config_file_precedence_and_print_config(env, tmp_path):
     assert rc == 0, stderr
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
     assert load_yaml(out / "config.yaml")["train"]["batch_size"] == 3
-    assert "tuned soft prompt" not in stdout  # no test split given
+    assert "tuned soft prompt" not in stdout  # no test split given, and the default --split test: trained, not
+    assert "no test split: the prompt was not evaluated" in stdout  # evaluated, and it says so
 
 
 def test_eval_uses_stored_task_and_writes_report(env, trained, tmp_path):

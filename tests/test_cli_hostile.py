@@ -63,6 +63,26 @@ def test_train_refuses_a_store_without_a_task_and_an_unsafe_task_name(env, tmp_p
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize(("drop", "split", "needle"), [
+    ("--validation-file", ["--split", "validation"], "--split validation: the final evaluation reads it, and this "
+                                                     "task has no 'validation' split (have: train, test)"),
+    ("--test-file", ["--split", "test"], "--split test: the final evaluation reads it, and this task has no 'test' "
+                                         "split (have: train, validation)"),
+    ("--test-file", ["--config", "C"], "--split test: the final evaluation reads it"),
+])
+def test_train_refuses_a_split_the_task_lacks_before_training(env, tmp_path, monkeypatch, drop, split, needle):
+    """``--split`` naming a split the task does not have was trained for, then its evaluation skipped in silence."""
+    _no_work(monkeypatch)
+    (tmp_path / "C").write_text("eval:\n  split: test\n")  # given in --config, though equal to the default
+    argv = [str(a) for a in train_argv(env, tmp_path / "o", *[str(tmp_path / x) if x == "C" else x for x in split])]
+    at = argv.index(drop)
+    del argv[at:at + 2]
+    if drop == "--validation-file":
+        del argv[argv.index("--eval-every"):argv.index("--eval-every") + 2]  # acts on validation only
+    _assert_usage_error(argv, needle)
+    assert not (tmp_path / "o").exists()
+
+
 def test_yaml_values_are_refused_naming_the_file_and_key(env, tmp_path, monkeypatch):
     _no_work(monkeypatch)
     cfg = tmp_path / "run.yaml"

@@ -64,7 +64,8 @@ def validation_only_flags(train) -> list[str]:
             if getattr(train, name) != defaults[name]]
 
 
-def train_and_save(args: dict, store: str | None = None, store_task: str | None = None) -> TrainResult | None:
+def train_and_save(args: dict, store: str | None = None, store_task: str | None = None,
+                   split_given: bool = False) -> TrainResult | None:
     """Train a prompt, evaluate it against the baselines on the test split, save it; print the report.
 
     Args:
@@ -72,6 +73,9 @@ def train_and_save(args: dict, store: str | None = None, store_task: str | None 
         store: also add the prompt to this store (created if missing), unless the divergence guard ended
             the run.
         store_task: its task name in ``store``.
+        split_given: the user set ``--split``: a task without that split is refused before training (as is
+            any ``--split`` other than the default ``test``); without it, a task with no test split is trained
+            and saved, not evaluated (a line says so).
 
     Returns:
         The training result (``result.diverged``: the guard ended the run, reported on stderr), or ``None``
@@ -84,6 +88,13 @@ def train_and_save(args: dict, store: str | None = None, store_task: str | None 
     inert = [] if task.splits.get("validation") else validation_only_flags(args["train"])
     if inert:  # refused, not dropped in silence
         raise ConfigError("invalid arguments:\n  " + "\n  ".join(inert))
+    split = args["eval"].split
+    if not task.splits.get(split) and (split_given or split != "test"):  # not found out after an hour of training
+        try:
+            task.examples(split)
+        except DataError as e:
+            raise ConfigError(f"--split {split}: the final evaluation reads it, and this task has {e}") from None
+        raise ConfigError(f"--split {split}: the final evaluation reads it, and this task's {split} split is empty")
     if args["prompt"].init_text is None:  # fits the task being trained; config.yaml records the text used
         args["prompt"].init_text = default_init_text(args["data"].dataset, task.format)
     out = Path(args["train"].output_dir)
@@ -117,7 +128,7 @@ def train_and_save(args: dict, store: str | None = None, store_task: str | None 
           + (f"; init text {args['prompt'].init_text!r}" if args["prompt"].init == "text" else ""))
     meta = task_meta(args["data"], fmt)
     bos = bos_after_prompt(fmt)  # the layout it trains with
-    split = args["eval"].split  # encoded now as training encodes (validation too, in train): a chat conversation
+    # the --split examples are encoded now as training encodes (validation too, in train): a chat conversation
     # with no whole answer in --max-length, or a target over it, stopped the run after training, before its report
     if task.splits.get(split) and split not in ("train", "validation"):
         try:
@@ -146,9 +157,11 @@ def train_and_save(args: dict, store: str | None = None, store_task: str | None 
     save_prompt(out / "last", method, model, task=meta, train_config=train_cfg, overwrite=True, bos=bos)
     tuned, validation = tuned_method(method, result, out, model)
     plot_curves(out / "metrics.jsonl", out / "curves.png")
-    split = args["eval"].split
     report: dict = {}
-    if task.splits.get(split):
+    if not task.splits.get(split):  # the default --split test of a task without one
+        print(f"\nno {split} split: the prompt was not evaluated (give --test-file FILE, or evaluate it later with "
+              f"softprompt eval --prompt {out / 'prompt'} --test-file FILE)")
+    else:
         with torch.no_grad():
             kv = family_of(model).inference_prompt(model, tuned())
         report = evaluate_with_baselines(model, tok, task, args, args["prompt"].init_text, task.examples(split), kv)
