@@ -508,6 +508,25 @@ def test_eval_of_a_prompt_trained_on_files_reads_its_files_and_cuts_where_traini
     assert json.loads(report.read_text())["tuned soft prompt"]["loss"] != pytest.approx(own["loss"], rel=1e-5)
 
 
+def test_eval_draws_k_shot_examples_from_the_training_examples_the_prompt_saw(env, tmp_path):
+    """eval read the whole --train-file of a prompt trained with --max-train-samples: the k-shot baseline drew
+    its shots from records the run never had, and its numbers differed from the run's own report."""
+    out, report = tmp_path / "o", tmp_path / "r.json"
+    rc, _, stderr = run(train_argv(env, out, "--max-steps", "1", "--baselines", "k_shot", "--k-shot", "2",
+                                   "--max-train-samples", "6"))
+    assert rc == 0, stderr
+    own = json.loads((out / "eval.json").read_text())["2-shot prompting"]
+    evaluate = ["eval", "--model", env["model"], "--prompt", out / "prompt", "--baselines", "k_shot", "--k-shot", "2",
+                "--report", report]
+    rc, _, stderr = run(evaluate)
+    assert rc == 0, stderr
+    assert json.loads(report.read_text())["2-shot prompting"]["loss"] == pytest.approx(own["loss"], rel=1e-6)
+    assert "--max-train-samples 6" in stderr  # said, not silent
+    rc, _, stderr = run([*evaluate, "--max-train-samples", "0"])  # a given flag wins: the whole file
+    assert rc == 0, stderr
+    assert json.loads(report.read_text())["2-shot prompting"]["loss"] != pytest.approx(own["loss"], rel=1e-6)
+
+
 def test_eval_uses_the_data_seed_the_prompt_was_trained_with(env, tmp_path):
     """A built-in dataset's splits depend on --data-seed: eval with the default seed scored a prompt trained
     with another one on examples that were mostly its training examples."""

@@ -21,7 +21,10 @@ from softprompt.workflows.loading import load_model_from_args, load_task_from_ar
 log = logging.getLogger("softprompt")
 
 
-RECORDED = ("data_seed", "max_length")  # data flags an evaluation takes from the training run unless given
+RECORDED = ("data_seed", "max_length", "max_train_samples")  # data flags an evaluation takes from the training run
+# unless given; the ones a recorded value must pass to be taken (a stored prompt is untrusted input)
+_VALID = {"data_seed": lambda v: not check_seed("", v), "max_length": lambda v: v >= 2,
+          "max_train_samples": lambda v: v >= 0}
 
 
 def apply_recorded_data(meta: dict, record: TaskRecord | None, data, given: set[str], name: str) -> None:
@@ -31,6 +34,8 @@ def apply_recorded_data(meta: dict, record: TaskRecord | None, data, given: set[
     * ``data_seed``: a built-in dataset's splits depend on it (with another seed most test examples would have
       been training examples);
     * ``max_length``: where inputs are cut (another length scores other text than the run's own report);
+    * ``max_train_samples``: the training examples the prompt saw (``--split train``; the k-shot baseline draws
+      its shots from them, as the run's own report did);
     * the data files, when neither a dataset nor files are given and the task record names no dataset (a
       prompt trained on files would otherwise be scored on the default dataset).
 
@@ -45,9 +50,7 @@ def apply_recorded_data(meta: dict, record: TaskRecord | None, data, given: set[
     taken = []
     for key in RECORDED:
         value = recorded.get(key)
-        if key in given or not isinstance(value, int) or isinstance(value, bool):
-            continue
-        if (check_seed("", value) if key == "data_seed" else value < 2):
+        if key in given or not isinstance(value, int) or isinstance(value, bool) or not _VALID[key](value):
             continue
         if value != getattr(data, key):
             taken.append(f"{flag(key)} {value}")
