@@ -609,6 +609,40 @@ def test_tune_command_searches_on_validation_and_saves_the_best_prompt_into_a_st
     assert "best:" in stdout
 
 
+def test_eval_of_a_prompt_tuned_with_validation_from_train_rebuilds_its_held_out_split(env, tmp_path):
+    """eval read the recorded --train-file whole: --split validation found no validation split, and --split
+    train included the records the search held out as validation."""
+    train = tmp_path / "train.jsonl"
+    shutil.copy(env["train"], train)  # 32 records: 8 held out, 24 trained on
+    out, store, report = tmp_path / "tune", tmp_path / "store", tmp_path / "r.json"
+    rc, _, stderr = run(["tune", "--model", env["model"], "--train-file", train, "--test-file", env["test"],
+                         "--template", TEMPLATE, "--target-field", "label", "--verbalizer",
+                         "positive=positive,negative=negative", "--num-virtual-tokens", "2", "--batch-size", "4",
+                         "--lrs", "0.01,0.3", "--min-steps", "1", "--max-steps", "2", "--validation-from-train",
+                         "0.25", "--output-dir", out, "--store", store, "--task", "t"])
+    assert rc == 0, stderr
+    trials = json.loads((out / "trials.json").read_text())
+    best = next(t for t in trials["trials"] if t["id"] == trials["best"])["rungs"][-1]["metrics"]
+    common = ["--model", env["model"], "--baselines", "no_prompt", "--report", report]
+    for split, n in (("validation", 8), ("train", 24)):
+        rc, _, stderr = run(["eval", *common, "--prompt", out / "best_prompt", "--split", split])
+        assert rc == 0, stderr
+        got = json.loads(report.read_text())["tuned soft prompt"]
+        assert got["n"] == n
+        if split == "validation":  # the very examples the search scored the prompt on
+            assert got["loss"] == pytest.approx(best["loss"], rel=1e-5)
+            assert "held out 8 of the 32 training examples" in stderr  # said, not silent
+    rc, _, stderr = run(["eval", *common, "--store", store, "--split", "validation"])
+    assert rc == 0, stderr
+    assert json.loads(report.read_text())["t"]["loss"] == pytest.approx(best["loss"], rel=1e-5)
+    with train.open("a") as f:  # the file changed since: the held-out records cannot be told apart
+        f.write(train.read_text().splitlines()[0] + "\n")
+    for where in (["--prompt", out / "best_prompt"], ["--store", store]):
+        _assert_usage_error(["eval", *common, *where, "--split", "validation"],
+                            "held out 8 of the 32 training examples", "it now gives 33 training examples",
+                            "neither split can be rebuilt")
+
+
 def test_tune_flags_are_checked_with_the_train_flags_at_once(env, tmp_path):
     argv = train_argv(env, tmp_path / "t", "--lrs", "0.3,-1", "--eta", "1", "--lr", "nan")
     argv[0] = "tune"

@@ -464,6 +464,27 @@ def test_a_task_without_validation_is_refused_or_split_deterministically_on_requ
     assert with_validation(full, TuneArgs(validation_from_train=0.25), seed=13) is full  # it has one: kept
 
 
+def test_eval_rebuilds_a_recorded_hold_out_and_refuses_a_malformed_record(tmp_path):
+    """What eval does with a stored prompt's recorded --validation-from-train (end to end in test_cli)."""
+    from softprompt.store import StoreError
+    from softprompt.workflows.evaluation import apply_recorded_carve
+
+    f = tmp_path / "train.jsonl"
+    f.write_text("{}\n")  # only its name matters here: the task is given loaded
+    no_val = TaskData(task(40, 8).format, {"train": task(40, 8).examples("train")})
+    data = DataArgs(train_file=str(f))
+    carve = {"fraction": 0.25, "data_seed": 7, "train_examples": 30, "validation_examples": 10}
+    meta = {"train_config": {"data": {"train_file": str(f), "validation_from_train": carve}}}
+    got = apply_recorded_carve(meta, no_val, data, "p")
+    assert got.splits == with_validation(no_val, TuneArgs(validation_from_train=0.25), seed=7, echo=id).splits
+    assert apply_recorded_carve(meta, no_val, DataArgs(train_file=__file__), "p") is no_val  # other data: as given
+    for bad in ({**carve, "fraction": 1.5}, {**carve, "data_seed": -1}, {**carve, "train_examples": True},
+                {k: v for k, v in carve.items() if k != "validation_examples"}, [0.25]):
+        bad_meta = {"train_config": {"data": {"train_file": str(f), "validation_from_train": bad}}}
+        with pytest.raises(StoreError, match="p: softprompt.json train_config.data.validation_from_train must be"):
+            apply_recorded_carve(bad_meta, no_val, data, "p")
+
+
 def test_stored_trial_prompts_record_what_they_trained_on_not_the_search_bookkeeping(tmp_path, tokenizer):
     """best_prompt/ recorded train.resume true and checkpoint_every the rungs' gcd (a segment's settings), and
     with --validation-from-train the whole training file as its data, with validation_file null."""

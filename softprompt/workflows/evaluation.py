@@ -9,7 +9,7 @@ import time
 import torch
 
 from softprompt.config import ConfigError, check_seed, flag
-from softprompt.data import DataError, is_chat
+from softprompt.data import DataError, TaskData, is_chat
 from softprompt.engine import Engine, EngineError
 from softprompt.evaluate import evaluate_on_engine, evaluate_prompt
 from softprompt.forward import family_of
@@ -66,6 +66,57 @@ def apply_recorded_data(meta: dict, record: TaskRecord | None, data, given: set[
         log.info("%s: evaluated with the training run's %s (give the flags to override)", name, ", ".join(taken))
 
 
+def apply_recorded_carve(meta: dict, task: TaskData, data, name: str) -> TaskData:
+    """``task`` with the validation split that ``softprompt tune --validation-from-train`` held out of the
+    training data, rebuilt as the search built it (the same function, fraction and seed), when the prompt records
+    such a hold-out and is evaluated on its recorded ``--train-file`` with no validation split given.
+
+    Without it ``--split validation`` found no validation split, and ``--split train`` (and the k-shot shots)
+    included the held-out records.
+
+    Args:
+        meta: the stored prompt's ``softprompt.json`` (``train_config.data.validation_from_train``: ``fraction``,
+            ``data_seed``, ``train_examples``, ``validation_examples``).
+        task: the task loaded from ``data``.
+        data: the ``data`` section it was loaded with.
+        name: how to name the prompt in messages and the log.
+
+    Raises:
+        StoreError: the recorded hold-out is malformed.
+        DataError: the training data no longer splits into the recorded counts (the file changed since).
+    """
+    recorded = (meta.get("train_config") or {}).get("data") or {}
+    carve = recorded.get("validation_from_train")
+    if (carve is None or task.splits.get("validation") or data.dataset is not None or not data.train_file
+            or data.train_file != recorded.get("train_file")):
+        return task
+    keys = ("fraction", "data_seed", "train_examples", "validation_examples")
+    values = [carve.get(k) for k in keys] if isinstance(carve, dict) else [None] * 4
+    whole = [isinstance(v, int) and not isinstance(v, bool) for v in values]
+    if not (isinstance(values[0], float) and 0 < values[0] < 1 and whole[1] and not check_seed("", values[1])
+            and all(whole[2:]) and min(values[2:]) >= 1):
+        raise StoreError(f"{name}: softprompt.json train_config.data.validation_from_train must be an object of "
+                         f"{', '.join(keys)} (a fraction in (0, 1), a seed, two counts >= 1), got {carve!r}")
+    from softprompt.tune import TuneArgs, with_validation
+
+    fraction, seed, want = values[0], values[1], tuple(values[2:])
+    was = (f"softprompt tune held out {want[1]} of the {sum(want)} training examples of --train-file "
+           f"{data.train_file} as the validation split (--validation-from-train {fraction:g}, --data-seed {seed})")
+    try:
+        carved = with_validation(task, TuneArgs(validation_from_train=fraction), seed, echo=lambda _: None)
+    except ConfigError:  # too few examples left to hold any out
+        carved = None
+    got = None if carved is None else (len(carved.splits["train"]), len(carved.splits["validation"]))
+    if got != want:
+        n = len(task.examples("train"))
+        raise DataError(f"{name}: {was}, and it now gives {n} training examples"
+                        + (f" (--max-train-samples {data.max_train_samples})" if data.max_train_samples else "")
+                        + ": the data changed since, so neither split can be rebuilt; name the data to evaluate on "
+                        "(--train-file/--validation-file), or tune again")
+    log.info("%s: %s; rebuilt: validation %d, train %d examples", name, was, want[1], want[0])
+    return carved
+
+
 def evaluate_stored_prompt(args: dict, prompt: str, check_fingerprint: bool = True,
                            given: set[str] = frozenset()) -> tuple[dict, int]:
     """Evaluate a stored prompt and the baselines on the ``eval.split`` split of its task.
@@ -89,6 +140,7 @@ def evaluate_stored_prompt(args: dict, prompt: str, check_fingerprint: bool = Tr
     apply_recorded_data(stored.meta, stored.task_record, args["data"], set(given), prompt)
     task = load_task_from_args(args["data"], stored.task_record,
                                classifier=stored.peft_config.get("task_type") == "SEQ_CLS", given=set(given))
+    task = apply_recorded_carve(stored.meta, task, args["data"], prompt)
     method = stored.build_method().to(model.device).eval()
     with torch.no_grad():
         kv = family_of(model).inference_prompt(model, method())
@@ -165,4 +217,5 @@ def _plan(engine, prompt_store, name: str, data, check_fingerprint: bool, given:
     task_args = dataclasses.replace(data)
     record = TaskRecord.parse(meta.get("task"), name)  # validated when the entry was loaded
     apply_recorded_data(meta, record, task_args, given, name)
-    return name, load_task_from_args(task_args, record, given=given), task_args
+    task = apply_recorded_carve(meta, load_task_from_args(task_args, record, given=given), task_args, name)
+    return name, task, task_args
