@@ -640,12 +640,18 @@ def test_resume_is_refused_before_an_earlier_search_is_touched(tmp_path, tiny_mo
 
 @pytest.mark.parametrize(("extra", "needle"), [
     (["--lr", "1e308"], "--lr 1e+308 (the default grid, --lr/27 to --lr*3) gives the learning rate inf, not a"),
-    (["--lr", "1e-323"], "--lr 9.88131e-324 (the default grid, --lr/27 to --lr*3) gives the learning rate 0, not"),
-    (["--lr-range", "1e200", "1e300", "--num-trials", "1"], "--lr-range 1e+200 1e+300 gives the learning rate inf")])
+    (["--lr", "1e-323"], "--lr 1e-323 (the default grid, --lr/27 to --lr*3) gives the learning rate 0, not"),
+    (["--lr-range", "1e200", "1e300", "--num-trials", "1"], "--lr-range 1e+200 1e+300 gives the learning rate inf"),
+    (["--lr", "1e-322"], "--lr 1e-322 (the default grid, --lr/27 to --lr*3) gives repeated learning rates (5e-324, "
+                         "5e-324, 1e-323,"),
+    (["--lr-range", "1e-3", "1.0000000000000002e-3", "--num-trials", "3"],
+     "--lr-range 0.001 0.0010000000000000002 gives repeated learning rates (0.001, 0.001, 0.0010000000000000002): "
+     "their trials would be the same; choose a wider --lr-range or fewer --num-trials")])
 def test_a_learning_rate_grid_past_the_float_range_is_refused_before_anything_runs(tmp_path, tiny_model_dir, capsys,
                                                                                    tokenizer, extra, needle):
     """A valid --lr (or --lr-range) whose grid overflows to inf or underflows to 0: each trial's TrainArgs refused
-    it mid-search, after the earlier search's best_prompt/ was deleted and the first trials had run."""
+    it mid-search, after the earlier search's best_prompt/ was deleted and the first trials had run. One that
+    repeats a learning rate (a subnormal --lr, a range narrower than the floats in it) ran identical trials."""
     from softprompt.cli import main
     from tests.conftest import sentiment_records, write_jsonl
 
@@ -661,9 +667,8 @@ def test_a_learning_rate_grid_past_the_float_range_is_refused_before_anything_ru
     assert needle in capsys.readouterr().err
     assert [str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()] == ["best_prompt/softprompt.json"]
     with pytest.raises(ConfigError, match=re.escape(needle)):  # the Python API refuses it as early
-        search(tmp_path / "api", tokenizer, tune=TuneArgs(**({"lr_range": (1e200, 1e300), "num_trials": 1}
-                                                                   if "--lr-range" in extra else {})),
-               lr=float(extra[1]))
+        ranged = {"lr_range": (float(extra[1]), float(extra[2])), "num_trials": int(extra[4])} if len(extra) > 2 else {}
+        search(tmp_path / "api", tokenizer, tune=TuneArgs(**ranged), lr=float(extra[1]))
 
 
 def test_epochs_the_step_budget_would_ignore_are_refused(tmp_path, tiny_model_dir, tokenizer, capsys):

@@ -207,16 +207,17 @@ def learning_rates(tune: TuneArgs, base_lr: float, seed: int) -> list[float]:
 
     Raises:
         ConfigError: a value is not a finite number > 0 (a valid ``--lr`` near the float range's ends makes
-            the default grid overflow to inf or underflow to 0); it names the value and the flag behind it.
+            the default grid overflow to inf or underflow to 0), or one comes twice (a subnormal ``--lr``, a
+            range narrower than the floats between its ends): it names the values and the flag behind them.
     """
     if tune.lrs is not None:
         return sorted(tune.lrs)
     if tune.lr_range is None:
         lrs = [base_lr * 3 ** (k / 2) for k in range(-6, 3)]
-        source = f"--lr {base_lr:g} (the default grid, --lr/27 to --lr*3)"
+        source = f"--lr {base_lr!r} (the default grid, --lr/27 to --lr*3)"  # as typed: 1e-323, not 9.88e-324
     else:
         (lo, hi), n = tune.lr_range, tune.num_trials or DEFAULT_TRIALS
-        source = f"--lr-range {lo:g} {hi:g}"
+        source = f"--lr-range {lo!r} {hi!r}"
         if tune.lr_sampling == "random":
             rng = random.Random(seed)
             lrs = sorted(math.exp(rng.uniform(math.log(lo), math.log(hi))) for _ in range(n))
@@ -226,6 +227,10 @@ def learning_rates(tune: TuneArgs, base_lr: float, seed: int) -> list[float]:
     if bad:  # each trial's TrainArgs refused it mid-search, after earlier trials ran
         raise ConfigError(f"invalid arguments:\n  {source} gives the learning rate {bad[0]:g}, not a finite number "
                           "> 0: choose values well inside the float range, or list them with --lrs")
+    if len(set(lrs)) != len(lrs):  # identical trials, as a repeated --lrs value would give (refused too)
+        wider = "a larger --lr" if tune.lr_range is None else "a wider --lr-range or fewer --num-trials"
+        raise ConfigError(f"invalid arguments:\n  {source} gives repeated learning rates ({', '.join(map(repr, lrs))}):"
+                          f" their trials would be the same; choose {wider}, or list distinct values with --lrs")
     return lrs
 
 
