@@ -464,6 +464,10 @@ def test_store_evaluation_checks_every_entry_first_and_ensembles_need_labels(env
     own = json.loads((tmp_path / "gen_a" / "eval.json").read_text())["tuned soft prompt"]
     assert metrics["gen_a"]["exact_match"] == own["exact_match"]
     assert metrics["gen_a"]["loss"] == pytest.approx(own["loss"], rel=1e-5)
+    # baselines are not evaluated for a store's entries: asking for them is refused, not ignored
+    for extra, needle in ((["--baselines", "k_shot"], "--baselines k_shot: eval --store scores each entry alone"),
+                          (["--k-shot", "2"], "--k-shot 2: eval --store scores each entry alone")):
+        _assert_usage_error(["eval", "--model", env["model"], "--store", store, *extra], needle)
     # an unknown entry fails the command before any entry is evaluated, naming it
     stderr = _assert_usage_error(["eval", "--model", env["model"], "--store", store, "--task", "gen_a,nope,gen_b"],
                                  "cannot evaluate nope:")
@@ -531,22 +535,23 @@ def test_eval_uses_the_data_seed_the_prompt_was_trained_with(env, tmp_path):
     """A built-in dataset's splits depend on --data-seed: eval with the default seed scored a prompt trained
     with another one on examples that were mostly its training examples."""
     out, report = tmp_path / "caps", tmp_path / "r.json"
-    common = ["--model", env["model"], "--baselines", "no_prompt", "--max-new-tokens", "2"]
-    rc, _, stderr = run(["train", *common, "--dataset", "capitals", "--data-seed", "7", "--max-steps", "1",
+    common, baselines = ["--model", env["model"], "--max-new-tokens", "2"], ["--baselines", "no_prompt"]
+    rc, _, stderr = run(["train", *common, *baselines, "--dataset", "capitals", "--data-seed", "7", "--max-steps", "1",
                          "--batch-size", "4", "--num-virtual-tokens", "2", "--output-dir", out])
     assert rc == 0, stderr
     own = json.loads((out / "eval.json").read_text())
     for store in (False, True):  # eval --prompt, and eval --store of the same prompt
         if store:
             assert run(["store", "add", "--store", tmp_path / "s", "caps", out / "prompt"])[0] == 0
-        where = ["--store", tmp_path / "s"] if store else ["--prompt", out / "prompt"]
+        where = ["--store", tmp_path / "s"] if store else ["--prompt", out / "prompt", *baselines]
         rc, _, stderr = run(["eval", *common, *where, "--report", report])
         assert rc == 0, stderr
         got = json.loads(report.read_text())
         got = got["caps"] if store else got["tuned soft prompt"]
         assert got["loss"] == pytest.approx(own["tuned soft prompt"]["loss"], rel=1e-5), store
     # a given --data-seed still wins: the default seed's test split is another one
-    rc, _, stderr = run(["eval", *common, "--prompt", out / "prompt", "--data-seed", "13", "--report", report])
+    rc, _, stderr = run(["eval", *common, *baselines, "--prompt", out / "prompt", "--data-seed", "13", "--report",
+                         report])
     assert rc == 0, stderr
     assert json.loads(report.read_text())["tuned soft prompt"]["loss"] != pytest.approx(
         own["tuned soft prompt"]["loss"], rel=1e-5)
@@ -623,9 +628,10 @@ def test_eval_of_a_prompt_tuned_with_validation_from_train_rebuilds_its_held_out
     assert rc == 0, stderr
     trials = json.loads((out / "trials.json").read_text())
     best = next(t for t in trials["trials"] if t["id"] == trials["best"])["rungs"][-1]["metrics"]
-    common = ["--model", env["model"], "--baselines", "no_prompt", "--report", report]
+    common = ["--model", env["model"], "--report", report]
     for split, n in (("validation", 8), ("train", 24)):
-        rc, _, stderr = run(["eval", *common, "--prompt", out / "best_prompt", "--split", split])
+        rc, _, stderr = run(["eval", *common, "--prompt", out / "best_prompt", "--baselines", "no_prompt", "--split",
+                             split])
         assert rc == 0, stderr
         got = json.loads(report.read_text())["tuned soft prompt"]
         assert got["n"] == n

@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from softprompt.config import ConfigError, check_seed, flag
+from softprompt.config import ConfigError, EvalArgs, check_seed, flag
 from softprompt.data import DataError, TaskData, is_chat
 from softprompt.engine import Engine, EngineError
 from softprompt.evaluate import evaluate_on_engine, evaluate_prompt
@@ -173,7 +173,15 @@ def evaluate_store(args: dict, store: str, tasks: list[str] | None = None, check
 
     Raises:
         StoreError: naming every entry that cannot be loaded or whose data cannot be read.
+        ConfigError: ``--baselines`` or ``--k-shot`` set (no baseline is evaluated here).
     """
+    defaults = EvalArgs()
+    inert = [f"{flag(name)} {','.join(v) if isinstance(v, list) else v}: eval --store scores each entry alone, "
+             f"without baselines; leave it out (and eval.{name} in --config), or evaluate a prompt beside them with "
+             "eval --prompt DIR" for name in ("baselines", "k_shot")
+             if (v := getattr(args["eval"], name)) != getattr(defaults, name)]
+    if inert:  # refused, not dropped in silence
+        raise ConfigError("invalid arguments:\n  " + "\n  ".join(inert))
     model, tok = load_model_from_args(args)
     prompt_store = PromptStore(store)
     names = prompt_store.names() if tasks is None else list(dict.fromkeys(tasks))
