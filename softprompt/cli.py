@@ -92,11 +92,11 @@ def cmd_train(ns: argparse.Namespace) -> int:
 
 def cmd_tune(ns: argparse.Namespace) -> int:
     """Search the learning rate (and --search settings) by successive halving on validation; save the best."""
-    from softprompt.tune import ignored_train_flags, tune_args_from_namespace
+    from softprompt.tune import ignored_eval_flags, ignored_train_flags, tune_args_from_namespace
 
     tune, problems = tune_args_from_namespace(ns)
     args = _resolve(ns, ["model", "data", "prompt", "train", "eval"], problems)
-    ignored = ignored_train_flags(args["train"], tune, given(ns, "train", "epochs"))  # refused, not dropped
+    ignored = ignored_train_flags(args["train"], tune, given(ns, "train", "epochs")) + ignored_eval_flags(args["eval"])
     if ignored:
         raise ConfigError("invalid arguments:\n  " + "\n  ".join(ignored))
     if ns.print_config:

@@ -634,6 +634,12 @@ def test_resume_is_refused_before_an_earlier_search_is_touched(tmp_path, tiny_mo
                  "--early-stopping-patience", "3"]) == 2
     err = capsys.readouterr().err
     assert "--stop-when-flat: tune ranks trials at fixed rungs" in err and "--early-stopping-patience: tune" in err
+    # and eval flags a search never reads (it scores on validation, without baselines)
+    assert main(["tune", "--model", str(tiny_model_dir), "--output-dir", str(out), "--split", "validation",
+                 "--baselines", "no_prompt", "--k-shot", "2"]) == 2
+    err = capsys.readouterr().err
+    for needle in ("--split validation: tune scores its trials", "--baselines no_prompt: tune", "--k-shot 2: tune"):
+        assert needle in err
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == [
         "best_prompt/softprompt.json", "trials/t00/checkpoint/state.json", "tune.json"]
 

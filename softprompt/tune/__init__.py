@@ -8,6 +8,7 @@ Public API:
 
 from softprompt.tune.command import (
     add_tune_arguments,
+    ignored_eval_flags,
     ignored_train_flags,
     run_tune,
     save_results,
@@ -28,6 +29,7 @@ __all__ = [
     "TuneResult",
     "add_tune_arguments",
     "format_table",
+    "ignored_eval_flags",
     "ignored_train_flags",
     "learning_rates",
     "plan_rungs",

@@ -102,6 +102,19 @@ def ignored_train_flags(train, tune: TuneArgs | None = None, epochs_given: bool 
                   if getattr(train, name)]
 
 
+def ignored_eval_flags(ev) -> list[str]:
+    """The :class:`~softprompt.config.EvalArgs` settings a search never reads (set away from their defaults), each
+    as a refusal: it scores trials on the validation split alone, without baselines, and never reads test."""
+    from softprompt.config import EvalArgs
+
+    defaults = EvalArgs()
+    return [f"{flag} {','.join(v) if isinstance(v, list) else v}: tune scores its trials on the validation split "
+            f"alone, without baselines; leave it out (and eval.{name} in --config), and evaluate the saved prompt "
+            "with softprompt eval --prompt DIR" for flag, name in (("--split", "split"), ("--baselines", "baselines"),
+                                                                    ("--k-shot", "k_shot"))
+            if (v := getattr(ev, name)) != getattr(defaults, name)]
+
+
 def tune_args_from_namespace(ns: argparse.Namespace) -> tuple[TuneArgs | None, list[str]]:
     """The :class:`TuneArgs` of parsed flags, and every problem found (then the args are None).
 
