@@ -39,7 +39,7 @@ from softprompt.distributed import all_average, distributed, from_rank0, unit_we
 from softprompt.evaluate import evaluate_prompt, primary_metric
 from softprompt.forward import family_of
 from softprompt.guard import DivergenceGuard
-from softprompt.methods import PromptMethod
+from softprompt.methods import PromptMethod, checkpointing_problem
 from softprompt.plateau import cooldown_end, cooldown_factor, flat_now
 from softprompt.schedule import lr_lambda, with_cooldown
 
@@ -184,6 +184,8 @@ def train(model, tokenizer, method: PromptMethod, task: TaskData, args: TrainArg
     Returns:
         The :class:`TrainResult`; ``best_state`` holds the best validation step's method state.
     """
+    if args.gradient_checkpointing and method.injects == "kv":  # before anything is written
+        raise ConfigError(checkpointing_problem(method.name))
     t_start = time.perf_counter()
     rank, world = distributed()
     main = rank == 0  # only the first process writes logs, checkpoints and best prompts

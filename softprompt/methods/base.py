@@ -258,6 +258,20 @@ def get_method(name: str) -> type[PromptMethod]:
     return METHODS[name]
 
 
+def checkpointing_problem(name: str) -> str | None:
+    """Why ``--method name`` cannot train with ``--gradient-checkpointing``, or ``None`` when it can.
+
+    A key/value prefix lives in the attention cache, and transformers drops the cache inside a checkpointed
+    decoder layer (``cache=None``): the layers would run without the prefix (PEFT refuses the combination too).
+    """
+    if get_method(name).injects != "kv":
+        return None
+    return (f"--method {name} cannot train with --gradient-checkpointing: its prefix is keys/values in every "
+            "layer's attention cache, and transformers drops that cache inside a checkpointed layer; leave out "
+            "--gradient-checkpointing (and train.gradient_checkpointing in --config), or use prompt_tuning or "
+            "p_tuning")
+
+
 def method_for_peft_type(peft_type: Any) -> type[PromptMethod]:
     """The method class a PEFT folder whose ``adapter_config.json`` has ``peft_type`` is read as.
 

@@ -247,11 +247,17 @@ def trial_specs(tune: TuneArgs, prompt: PromptArgs, train: TrainArgs) -> tuple[l
     Raises:
         ConfigError: no combination is valid (the methods' reasons are listed).
     """
+    from softprompt.methods import checkpointing_problem
+
     axes = {"method": [prompt.method], "num_virtual_tokens": [prompt.num_virtual_tokens], "init": [prompt.init]}
     axes.update({k: list(v) for k, v in tune.search.items()})
     lrs = learning_rates(tune, train.lr, train.seed)
     specs, seen, notes, refused = [], set(), [], []
     for method, p, init in itertools.product(axes["method"], axes["num_virtual_tokens"], axes["init"]):
+        problem = train.gradient_checkpointing and checkpointing_problem(method)
+        if problem:
+            refused.append(f"method={method} num_virtual_tokens={p} init={init}: {problem}")
+            continue
         try:
             cfg = dataclasses.replace(prompt, method=method, num_virtual_tokens=p, init=init).method_config(train.seed)
         except ConfigError as e:

@@ -226,6 +226,9 @@ def distill_and_save(args: dict, distill: DistillArgs, store: str | None = None,
             prompt with the inputs does not fit its context length (checked before anything is written).
         DataError: unreadable context or inputs, too few inputs.
     """
+    problem = args["train"].gradient_checkpointing and methods.checkpointing_problem(args["prompt"].method)
+    if problem:  # before the model loads
+        raise ConfigError(f"invalid arguments:\n  {problem}")
     context = distill.context_text()
     if not context.strip():
         raise DataError("the context is empty")

@@ -82,6 +82,9 @@ def train_and_save(args: dict, store: str | None = None, store_task: str | None 
         on a data-parallel run's other processes (the first one evaluates and saves).
     """
     distributed()  # a malformed launch environment (WORLD_SIZE) is refused before anything is written
+    problem = args["train"].gradient_checkpointing and methods.checkpointing_problem(args["prompt"].method)
+    if problem:  # before the data and the model load, not as a shape error at the first step
+        raise ConfigError(f"invalid arguments:\n  {problem}")
     task = load_task_from_args(args["data"])
     primary_metric(task.format, args["train"].metric)  # refuses a metric the objective does not measure
     task.examples("train")  # fail before anything is written or loaded if there is nothing to train on

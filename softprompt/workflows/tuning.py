@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from softprompt.tune import TuneArgs, TuneResult, learning_rates, run_tune
+from softprompt.tune import TuneArgs, TuneResult, learning_rates, run_tune, trial_specs
 from softprompt.workflows.loading import fit_context, load_model_from_args, load_task_from_args
 
 
@@ -18,6 +18,7 @@ def tune_and_save(args: dict, tune: TuneArgs, max_length_given: bool) -> TuneRes
         The search's result; ``best`` is None when every trial diverged or failed.
     """
     learning_rates(tune, args["train"].lr, args["train"].seed)  # a grid that overflows: refused before loading
+    trial_specs(tune, args["prompt"], args["train"])  # so is a space with no trial the settings allow
     fit_context(args, max_length_given, tune.max_virtual_tokens(args["prompt"].num_virtual_tokens))
     task = load_task_from_args(args["data"])
     fmt = task.format
