@@ -107,3 +107,38 @@ def test_our_export_loads_in_peft_with_our_logits(arch, variant, tmp_path):
     assert peft_model.peft_config["default"].peft_type.value == ("P_TUNING" if name == "p_tuning"
                                                                  else "PREFIX_TUNING")
     assert_same_logits(our_logits(base, method), peft_logits(peft_model), base)
+
+
+def make_opt350_like():
+    """A tiny OPT whose embeddings (16) are narrower than its attention (32), as OPT-350m's (512 vs 1024)."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    from softprompt.model import prepare_frozen
+
+    torch.manual_seed(0)
+    model = OPTForCausalLM(OPTConfig(vocab_size=VOCAB, hidden_size=32, word_embed_proj_dim=16, ffn_dim=64,
+                                     num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=256,
+                                     pad_token_id=0, bos_token_id=None, eos_token_id=1))
+    prepare_frozen(model)
+    return model
+
+
+def test_a_prefix_on_a_model_with_narrower_embeddings_than_attention_matches_peft_both_ways(tmp_path):
+    # the head size was read from the embedding width (16 // 4 = 4, not 32 // 4 = 8): our prefix crashed in the
+    # model's cache, and a PEFT-written folder was refused (token_dim 64, "the model has 32")
+    torch.manual_seed(5)
+    peft_model = peft.get_peft_model(make_opt350_like(), PEFT_CONFIGS["prefix"]())
+    with torch.no_grad():  # PEFT's prefix starts near zero; move it so that it changes the logits
+        for p in peft_model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.5)
+    peft_model.save_pretrained(tmp_path / "peft")
+    base = make_opt350_like()
+    stored = load_prompt(tmp_path / "peft", model=base)
+    assert (stored.method_config["kv_heads"], stored.method_config["head_dim"]) == (4, 8)
+    assert_same_logits(our_logits(base, stored.build_method()), peft_logits(peft_model), base)
+
+    method = perturbed(build_method("deep_prompt", OUR_CONFIGS["deep_prompt"][1], base, make_tokenizer()))
+    dst = export_peft(save_prompt(tmp_path / "ours", method, base), tmp_path / "exported")
+    assert_same_logits(our_logits(base, method), peft_logits(peft.PeftModel.from_pretrained(make_opt350_like(), dst)),
+                       base)

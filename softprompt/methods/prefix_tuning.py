@@ -39,7 +39,8 @@ def kv_geometry(model) -> tuple[int, int, int]:
     layers = int(getattr(cfg, "num_hidden_layers", 0) or getattr(cfg, "n_layer", 0))
     heads = int(getattr(cfg, "num_attention_heads", 0) or getattr(cfg, "n_head", 0))
     kv_heads = int(getattr(cfg, "num_key_value_heads", 0) or heads)
-    hidden = int(model.get_input_embeddings().weight.shape[1])
+    # the attention's width, as PEFT reads it: OPT-350m's embeddings are narrower (word_embed_proj_dim) than it
+    hidden = int(getattr(cfg, "hidden_size", 0) or model.get_input_embeddings().weight.shape[1])
     head_dim = int(getattr(cfg, "head_dim", 0) or hidden // heads)
     return layers, kv_heads, head_dim
 
