@@ -142,3 +142,46 @@ def test_a_prefix_on_a_model_with_narrower_embeddings_than_attention_matches_pef
     dst = export_peft(save_prompt(tmp_path / "ours", method, base), tmp_path / "exported")
     assert_same_logits(our_logits(base, method), peft_logits(peft.PeftModel.from_pretrained(make_opt350_like(), dst)),
                        base)
+
+
+def make_composite():
+    """A tiny Gemma 3 vision-language model: its sizes are under ``config.text_config`` (as
+    ``AutoModelForCausalLM`` loads gemma-3-4b and larger)."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    from softprompt.model import prepare_frozen
+
+    torch.manual_seed(0)
+    text = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, sliding_window=4,
+                layer_types=["sliding_attention", "full_attention"], max_position_embeddings=256, pad_token_id=0,
+                bos_token_id=None, eos_token_id=1)
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=16,
+                  patch_size=8)
+    model = Gemma3ForConditionalGeneration(Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                                                        image_token_index=VOCAB - 1, boi_token_index=VOCAB - 2,
+                                                        eoi_token_index=VOCAB - 3))
+    prepare_frozen(model)
+    return model
+
+
+def test_a_composite_config_gives_the_text_models_geometry_as_peft_reads_it():
+    # the sizes were read from the top-level config, which has none: ZeroDivisionError for a prefix, and
+    # num_layers / num_attention_heads 0 in an exported adapter_config.json
+    from softprompt.methods import PrefixTuning, method_from_saved
+    from softprompt.methods.prefix_tuning import kv_geometry
+
+    base = make_composite()
+    assert kv_geometry(base) == (2, 2, 16)
+    keys = ("token_dim", "num_layers", "num_attention_heads")
+    peft_prefix = peft.get_peft_model(make_composite(), PEFT_CONFIGS["prefix"]()).peft_config["default"]
+    assert PrefixTuning.peft_token_dim(base) == peft_prefix.token_dim
+    prefix = method_from_saved("prefix_tuning", {"num_virtual_tokens": P, "num_layers": 2, "kv_heads": 2,
+                                                 "head_dim": 16}, {"prompt_embeddings": torch.zeros(P, 2 * 2 * 32)})
+    assert {k: prefix.peft_config(base)[k] for k in keys} == {k: getattr(peft_prefix, k) for k in keys}
+    for name, peft_config in (("prompt_tuning", peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P)),
+                              ("p_tuning", PEFT_CONFIGS["p_tuning_mlp"]())):
+        theirs = peft.get_peft_model(make_composite(), peft_config).peft_config["default"]
+        ours = build_method(name, {"num_virtual_tokens": P, **({"init": "random"} if name != "p_tuning" else {})},
+                            base, make_tokenizer()).peft_config(base)
+        assert {k: ours[k] for k in keys} == {k: getattr(theirs, k) for k in keys}, name

@@ -202,12 +202,19 @@ class PromptMethod(nn.Module):
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
 
+def text_config(model):
+    """The config that holds the language model's sizes: ``text_config`` of a composite (vision-language) config
+    such as Gemma 3's, loaded by ``AutoModelForCausalLM``; the model's own config otherwise (as PEFT reads it)."""
+    cfg = model.config
+    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
+
 def peft_config_common(model, peft_type: str, num_virtual_tokens: int, token_dim: int, num_attention_heads: int,
                        **specific: Any) -> dict[str, Any]:
     """The ``adapter_config.json`` fields every prompt-learning type shares, plus ``specific`` ones."""
     from softprompt.forward import family_of  # it imports this module
 
-    cfg = model.config
+    cfg = text_config(model)
     return {
         "peft_type": peft_type,
         "task_type": family_of(model).peft_task_type,

@@ -23,6 +23,7 @@ from softprompt.methods.base import (
     peft_config_common,
     register_method,
     require_tensor,
+    text_config,
 )
 
 ENCODERS = ("mlp", "lstm")
@@ -109,7 +110,7 @@ class PTuning(PromptMethod):
             return {"prompt_embeddings": self._embeds().detach().float().cpu().contiguous()}
 
     def peft_config(self, model) -> dict[str, Any]:
-        cfg = model.config
+        cfg = text_config(model)
         return peft_config_common(
             model, self.peft_type, self.config.num_virtual_tokens, self.hidden_size,
             int(getattr(cfg, "num_attention_heads", 0) or 0),

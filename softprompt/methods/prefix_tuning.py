@@ -28,14 +28,15 @@ from softprompt.methods.base import (
     peft_config_common,
     register_method,
     require_tensor,
+    text_config,
 )
 
 PREFIX_INITS = ("random", "text")
 
 
 def kv_geometry(model) -> tuple[int, int, int]:
-    """``(num_layers, kv_heads, head_dim)`` of a decoder's attention, from its config."""
-    cfg = model.config
+    """``(num_layers, kv_heads, head_dim)`` of a decoder's attention, from its (text) config."""
+    cfg = text_config(model)
     layers = int(getattr(cfg, "num_hidden_layers", 0) or getattr(cfg, "n_layer", 0))
     heads = int(getattr(cfg, "num_attention_heads", 0) or getattr(cfg, "n_head", 0))
     kv_heads = int(getattr(cfg, "num_key_value_heads", 0) or heads)

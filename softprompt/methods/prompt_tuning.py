@@ -36,6 +36,7 @@ from softprompt.methods.base import (
     peft_config_common,
     register_method,
     require_tensor,
+    text_config,
 )
 
 INITS = ("random", "text", "sample_vocab", "class_labels")
@@ -145,7 +146,7 @@ class PromptTuning(PromptMethod):
         return {"prompt_embeddings": self.embeddings.detach().cpu().contiguous()}
 
     def peft_config(self, model) -> dict[str, Any]:
-        cfg = model.config
+        cfg = text_config(model)
         # prompt_tuning_init is written as RANDOM: PEFT re-runs the init when it builds the module (TEXT
         # would make it load a tokenizer from the hub) and then overwrites it with the stored weights.
         return peft_config_common(
