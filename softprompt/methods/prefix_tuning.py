@@ -35,15 +35,34 @@ PREFIX_INITS = ("random", "text")
 
 
 def kv_geometry(model) -> tuple[int, int, int]:
-    """``(num_layers, kv_heads, head_dim)`` of a decoder's attention, from its (text) config."""
+    """``(num_layers, kv_heads, head_dim)`` of a decoder's attention, from its (text) config.
+
+    Raises:
+        ValueError: the attention's shape differs by layer (Gemma 4's sliding and full layers have other head
+            sizes): a prefix has one shape for every layer.
+    """
     cfg = text_config(model)
-    layers = int(getattr(cfg, "num_hidden_layers", 0) or getattr(cfg, "n_layer", 0))
-    heads = int(getattr(cfg, "num_attention_heads", 0) or getattr(cfg, "n_head", 0))
-    kv_heads = int(getattr(cfg, "num_key_value_heads", 0) or heads)
-    # the attention's width, as PEFT reads it: OPT-350m's embeddings are narrower (word_embed_proj_dim) than it
-    hidden = int(getattr(cfg, "hidden_size", 0) or model.get_input_embeddings().weight.shape[1])
-    head_dim = int(getattr(cfg, "head_dim", 0) or hidden // heads)
+    try:
+        layers = int(getattr(cfg, "num_hidden_layers", 0) or getattr(cfg, "n_layer", 0))
+        heads = int(getattr(cfg, "num_attention_heads", 0) or getattr(cfg, "n_head", 0))
+        kv_heads = int(getattr(cfg, "num_key_value_heads", 0) or heads)
+        # the attention's width, as PEFT reads it: OPT-350m's embeddings are narrower (word_embed_proj_dim) than it
+        hidden = int(getattr(cfg, "hidden_size", 0) or model.get_input_embeddings().weight.shape[1])
+        head_dim = int(getattr(cfg, "head_dim", 0) or hidden // heads)
+    except RuntimeError as e:  # transformers refuses one value for an attribute that differs by layer
+        shapes = _per_layer_shapes(cfg)
+        raise ValueError("a key/value prefix has one shape for every layer, but the model's attention differs by "
+                         "layer" + (f" (key/value heads x head size per layer: {shapes})" if shapes else f": {e}")
+                         + "; use prompt_tuning or p_tuning") from None
     return layers, kv_heads, head_dim
+
+
+def _per_layer_shapes(cfg) -> list[tuple[int, int]] | None:
+    """``(kv_heads, head_dim)`` of each layer of a config whose attention differs by layer, if it says."""
+    try:
+        return [(int(c.num_key_value_heads), int(c.head_dim)) for c in cfg.per_layer_config]
+    except (AttributeError, TypeError, ValueError, RuntimeError):
+        return None
 
 
 @dataclass

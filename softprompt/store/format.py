@@ -240,7 +240,10 @@ def check_model_compatible(stored: StoredPrompt, model, check_fingerprint: bool 
     """
     where = stored.path if stored.path is not None else "prompt"
     method = method_for_peft_type(stored.peft_config["peft_type"])
-    token_dim, expected = stored.peft_config.get("token_dim"), method.peft_token_dim(model)
+    try:
+        token_dim, expected = stored.peft_config.get("token_dim"), method.peft_token_dim(model)
+    except ValueError as e:  # no layout of this kind of prompt fits the model (Gemma 4's per-layer head sizes)
+        raise StoreError(f"{where}: the prompt cannot work with the model ({type(model).__name__}): {e}") from None
     if token_dim != expected:
         raise StoreError(f"{where}: {CONFIG_NAME} has token_dim {token_dim} but the model "
                          f"({type(model).__name__}) has {method.peft_token_dim_meaning} {expected}; the prompt "
