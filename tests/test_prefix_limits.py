@@ -112,3 +112,41 @@ def test_a_model_whose_attention_differs_by_layer_refuses_a_prefix_and_a_store_s
     with pytest.raises(StoreError, match="prefix: the prompt cannot work with the model .*differs by layer"):
         Engine.from_store(store, model, tokenizer)
     assert Engine.from_store(store, model, tokenizer, skip_broken=True).task_names() == ["prompt"]
+
+
+def make_bart():
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    from softprompt.model import prepare_frozen
+
+    torch.manual_seed(0)
+    model = BartForConditionalGeneration(BartConfig(
+        vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, pad_token_id=0, eos_token_id=1,
+        bos_token_id=2, decoder_start_token_id=2, max_position_embeddings=64))
+    prepare_frozen(model)
+    return model
+
+
+@pytest.mark.parametrize("init", ["text", "random"])
+@pytest.mark.parametrize("method", ["prefix_tuning", "deep_prompt"])
+def test_an_encoder_decoder_refuses_a_prefix_when_it_is_built(tokenizer, method, init):
+    # text init raised AttributeError ('Tensor' object has no attribute 'layers': the encoder's embeddings came
+    # back); random init was built and refused only at the first training step, as an InjectionError
+    from tests.test_seq2seq import make_t5
+
+    for model in (make_t5(), make_bart()):
+        with pytest.raises(ValueError, match=f"--method {method} puts keys/values into a decoder-only model's "
+                                             f"attention cache; {type(model).__name__} is an encoder-decoder: use "
+                                             "prompt_tuning or p_tuning"):
+            build_method(method, {"num_virtual_tokens": 4, "init": init, "init_text": "good movie"}, model, tokenizer)
+
+
+def test_cli_train_refuses_a_prefix_on_an_encoder_decoder(tmp_path, tokenizer, env):
+    from tests.test_seq2seq import make_t5
+
+    make_t5().save_pretrained(tmp_path / "t5")
+    tokenizer.save_pretrained(tmp_path / "t5")
+    argv = train_argv(env, tmp_path / "o", "--method", "prefix_tuning", "--max-steps", "1")
+    argv[argv.index("--model") + 1] = tmp_path / "t5"
+    _assert_usage_error(argv, "--method prefix_tuning puts keys/values into a decoder-only model's attention cache")

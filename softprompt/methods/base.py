@@ -311,9 +311,13 @@ def build_method(name: str, config: MethodConfig | dict, model, tokenizer, **ini
         config = cls.config_class.from_dict(config)
     from softprompt.forward import family_of  # it imports this module
 
-    classifier = family_of(model).has_head
+    family = family_of(model)
+    classifier = family.has_head
     if classifier:  # before create: a prefix init would run the encoder as a decoder
         cls.check_takes_head()
+    elif cls.injects == "kv" and not family.caches_prompt:  # an encoder-decoder: its text init ran the encoder
+        raise ValueError(f"--method {name} puts keys/values into a decoder-only model's attention cache; "
+                         f"{type(model).__name__} is {family.description}: use prompt_tuning or p_tuning")
     method = cls.create(config, model, tokenizer, **init_kwargs)
     if classifier:
         method.attach_head(ClassificationHead.create(model, seed=getattr(config, "seed", 0)))
