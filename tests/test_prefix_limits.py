@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -150,3 +152,51 @@ def test_cli_train_refuses_a_prefix_on_an_encoder_decoder(tmp_path, tokenizer, e
     argv = train_argv(env, tmp_path / "o", "--method", "prefix_tuning", "--max-steps", "1")
     argv[argv.index("--model") + 1] = tmp_path / "t5"
     _assert_usage_error(argv, "--method prefix_tuning puts keys/values into a decoder-only model's attention cache")
+
+
+def make_falcon_multi_query():
+    """falcon-7b's layout: one key/value head for every query head, though num_kv_heads says 4."""
+    from transformers import FalconConfig, FalconForCausalLM
+
+    from softprompt.model import prepare_frozen
+
+    torch.manual_seed(0)
+    model = FalconForCausalLM(FalconConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                           multi_query=True, new_decoder_architecture=False, pad_token_id=0,
+                                           bos_token_id=None, eos_token_id=1))
+    prepare_frozen(model)
+    return model
+
+
+def make_deepseek_v3():
+    """Multi-head latent attention: the cache holds compressed latents (keys 16 wide, values 4), not heads."""
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    from softprompt.model import prepare_frozen
+
+    torch.manual_seed(0)
+    model = DeepseekV3ForCausalLM(DeepseekV3Config(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=4,
+        qk_nope_head_dim=8, v_head_dim=6, first_k_dense_replace=2, n_routed_experts=4, num_experts_per_tok=2,
+        n_shared_experts=1, n_group=1, topk_group=1, max_position_embeddings=256, pad_token_id=0, bos_token_id=None,
+        eos_token_id=1))
+    prepare_frozen(model)
+    return model
+
+
+@pytest.mark.parametrize(("make", "observed", "expected"), [
+    (make_falcon_multi_query, "keys (1, 1, 1, 8) and values (1, 1, 1, 8)", "(1, 4, 1, 8)"),
+    (make_deepseek_v3, "keys (1, 1, 1, 16) and values (1, 1, 1, 4)", "(1, 4, 1, 4)"),
+])
+@pytest.mark.parametrize("init", ["random", "text"])
+def test_a_model_whose_cache_is_not_heads_of_the_configs_size_refuses_a_prefix_when_it_is_built(tokenizer, make,
+                                                                                                observed, expected,
+                                                                                                init):
+    # random init was built and failed in the model's attention at the first step ("Sizes of tensors must
+    # match"); text init raised a width error naming neither the model nor the reason
+    with pytest.raises(ValueError, match=re.escape(f"the model's attention caches {observed} for one token in layer "
+                                                   f"0, but its config gives {expected} = (1, kv_heads, tokens, "
+                                                   "head_dim): a key/value prefix cannot be laid out for it")):
+        build_method("prefix_tuning", {"num_virtual_tokens": 4, "init": init, "init_text": "good movie"}, make(),
+                     tokenizer)

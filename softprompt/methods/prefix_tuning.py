@@ -65,6 +65,34 @@ def _per_layer_shapes(cfg) -> list[tuple[int, int]] | None:
         return None
 
 
+def kv_layout_problem(model, geometry: tuple[int, int, int]) -> str | None:
+    """Why the model's attention cache does not hold keys/values of ``geometry``, or ``None`` when it does.
+
+    A config can describe another cache than the model keeps: Falcon's multi-query attention (falcon-7b) caches
+    one key/value head whatever ``num_kv_heads`` says, DeepSeek-V3's multi-head latent attention caches
+    compressed latents (keys and values of other widths). One token runs through the frozen model and its
+    cached keys and values are compared with ``(1, kv_heads, 1, head_dim)`` in every layer.
+    """
+    from softprompt.forward import InjectionError, compute_prompt_kv
+
+    layers, kv_heads, head_dim = geometry
+    try:
+        with torch.no_grad():
+            kv = compute_prompt_kv(model, token_embeddings(model, [0]))
+    except InjectionError as e:
+        return str(e)
+    expected = (1, kv_heads, 1, head_dim)
+    if len(kv.layers) != layers:
+        return f"the model's attention cache has {len(kv.layers)} layers, but its config gives {layers}"
+    for i, (k, v) in enumerate(kv.layers):
+        if tuple(k.shape) != expected or tuple(v.shape) != expected:
+            return (f"the model's attention caches keys {tuple(k.shape)} and values {tuple(v.shape)} for one token "
+                    f"in layer {i}, but its config gives {expected} = (1, kv_heads, tokens, head_dim): a key/value "
+                    "prefix cannot be laid out for it (multi-query or compressed-latent attention); use "
+                    "prompt_tuning or p_tuning")
+    return None
+
+
 @dataclass
 class PrefixTuningConfig(MethodConfig):
     """Configuration of prefix tuning.
@@ -138,6 +166,9 @@ class PrefixTuning(PromptMethod):
         from softprompt.forward import compute_prompt_kv
 
         geometry = kv_geometry(model)
+        problem = kv_layout_problem(model, geometry)
+        if problem:
+            raise ValueError(f"--method {cls.name}: {problem}")
         layers, kv_heads, head_dim = geometry
         config.num_layers, config.kv_heads, config.head_dim = geometry
         p = config.num_virtual_tokens
