@@ -200,3 +200,46 @@ def test_a_model_whose_cache_is_not_heads_of_the_configs_size_refuses_a_prefix_w
                                                    "head_dim): a key/value prefix cannot be laid out for it")):
         build_method("prefix_tuning", {"num_virtual_tokens": 4, "init": init, "init_text": "good movie"}, make(),
                      tokenizer)
+
+
+def make_windowed(kind: str):
+    """A tiny model whose sliding-window layers keep the last 3 positions' keys/values (window 4)."""
+    import transformers
+
+    from softprompt.model import prepare_frozen
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, bos_token_id=None,
+                  eos_token_id=1, sliding_window=4)
+    if kind == "mistral":
+        model = transformers.MistralForCausalLM(transformers.MistralConfig(**common))
+    elif kind == "qwen2":
+        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common, use_sliding_window=True,
+                                                                       max_window_layers=1))
+    else:
+        model = transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(
+            **common, head_dim=8, query_pre_attn_scalar=8, layer_types=["sliding_attention", "full_attention"]))
+    prepare_frozen(model)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["mistral", "qwen2", "gemma3"])
+def test_text_init_of_a_prefix_as_long_as_the_sliding_window_is_refused_naming_the_window(tokenizer, kind,
+                                                                                          monkeypatch):
+    # the sliding layers' cache kept 3 of the 4 positions and the prefix failed with "prefix has shape (4, 112),
+    # expected (4, 128)"
+    model = make_windowed(kind)
+    config = {"num_virtual_tokens": 4, "init": "text", "init_text": "good movie"}
+    with pytest.raises(ValueError, match=re.escape(
+            "the model keeps only the last 3 positions' keys/values in its sliding-window layers (window 4): with "
+            "--num-virtual-tokens 4 use --init random, or --num-virtual-tokens 3 or fewer")):
+        build_method("deep_prompt", config, model, tokenizer)
+    assert build_method("deep_prompt", {**config, "num_virtual_tokens": 3}, model, tokenizer).prefix.shape[0] == 3
+    assert build_method("deep_prompt", {**config, "init": "random"}, model, tokenizer).prefix.shape[0] == 4
+    import softprompt.forward
+
+    monkeypatch.setattr(softprompt.forward, "sliding_window", lambda model: None)  # a cache that shortens unsaid
+    with pytest.raises(ValueError, match=r"the model kept \[[34], [34]\] positions' keys/values per layer of the "
+                                         "4-token init text; use --init random"):
+        build_method("deep_prompt", config, model, tokenizer)

@@ -163,7 +163,7 @@ class PrefixTuning(PromptMethod):
     @classmethod
     def create(cls, config: PrefixTuningConfig, model, tokenizer, **_ignored) -> PrefixTuning:
         """Initialise randomly or from the frozen model's keys/values of ``init_text``."""
-        from softprompt.forward import compute_prompt_kv
+        from softprompt.forward import compute_prompt_kv, sliding_window
 
         geometry = kv_geometry(model)
         problem = kv_layout_problem(model, geometry)
@@ -176,11 +176,22 @@ class PrefixTuning(PromptMethod):
             gen = torch.Generator().manual_seed(config.seed)
             prefix = torch.randn(p, layers * 2 * kv_heads * head_dim, generator=gen) * config.init_scale
         else:
+            window = sliding_window(model)
+            if window is not None and p >= window:  # the reshape below failed with a width error
+                raise ValueError(f"--method {cls.name} --init text starts the prefix as the model's own keys/values "
+                                 f"of the init text, but the model keeps only the last {window - 1} positions' "
+                                 f"keys/values in its sliding-window layers (window {window}): with "
+                                 f"--num-virtual-tokens {p} use --init random, or --num-virtual-tokens {window - 1} "
+                                 "or fewer")
             ids = tokenizer(config.init_text, add_special_tokens=False)["input_ids"]
             ids = (ids * (p // len(ids) + 1))[:p]
             emb = token_embeddings(model, ids)  # (P, H) as the model consumes them (scaled on Gemma)
             with torch.no_grad():
                 kv = compute_prompt_kv(model, emb)  # (1, kv_heads, P, head_dim) per layer
+            kept = [int(k.shape[2]) for k, _ in kv.layers]
+            if any(n != p for n in kept):
+                raise ValueError(f"--method {cls.name} --init text: the model kept {kept} positions' keys/values per "
+                                 f"layer of the {p}-token init text; use --init random")
             parts = []
             for k, v in kv.layers:
                 parts += [k[0].permute(1, 0, 2).reshape(p, -1), v[0].permute(1, 0, 2).reshape(p, -1)]
