@@ -79,7 +79,9 @@ def compute_prompt_kv(model, prompt: PromptOutput | torch.Tensor) -> PromptKV | 
         return PromptKV(layers=layers, length=prompt.length)
     embeds = prompt_embeds(prompt)
     check_prompt(model, embeds)
-    embeds = embeds.to(device=model.device, dtype=model.dtype)[None]  # (1, P, H)
+    # a copy: some models scale inputs_embeds in place (CTRL), which would scale the caller's prompt (and fail
+    # on a leaf that requires grad)
+    embeds = embeds.to(device=model.device, dtype=model.dtype).clone()[None]  # (1, P, H)
     p = embeds.shape[1]
     out = base_forward(model, inputs_embeds=embeds, position_ids=torch.arange(p, device=model.device)[None],
                         use_cache=True)
