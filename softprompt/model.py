@@ -37,7 +37,15 @@ except ImportError:  # Windows: no lock (processes started together may each con
     fcntl = None
 
 from softprompt.assets import WHEELS, AssetError, cache_dir, extract_member, sha256_file
-from softprompt.forward import FAMILIES, TASK_TYPES, FamilyError, family_for_config, family_of, position_offset
+from softprompt.forward import (
+    FAMILIES,
+    TASK_TYPES,
+    FamilyError,
+    family_for_config,
+    family_of,
+    position_offset,
+    text_config,
+)
 
 log = logging.getLogger(__name__)
 
@@ -325,7 +333,7 @@ def fingerprint(model) -> dict:
         "model_type": cfg.model_type,
         "hidden_size": int(emb.shape[1]),
         "vocab_size": int(emb.shape[0]),
-        "num_layers": int(getattr(cfg, "num_hidden_layers", 0) or 0),
+        "num_layers": int(getattr(text_config(cfg), "num_hidden_layers", 0) or 0),  # a composite's decoder
         "embedding_sha256": sha(emb),
         "embedding_sha256_fp16": sha(emb.to(torch.float16)),
         "name_or_path": str(getattr(cfg, "_name_or_path", "")),

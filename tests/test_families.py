@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import transformers as T
 
@@ -67,3 +68,63 @@ def test_a_model_that_scales_its_input_embeddings_in_place_leaves_the_prompt_alo
     loss.backward()
     assert param.grad is not None and torch.isfinite(param.grad).all()
     assert torch.equal(param.detach(), prompt)
+
+
+def make_gemma3_composite(softcap: float | None = None):
+    """A tiny Gemma-3 vision-language model, as the 4B-27B checkpoints load through AutoModelForCausalLM."""
+    text = T.Gemma3TextConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=8,
+                              sliding_window=128, layer_types=["sliding_attention", "full_attention"],
+                              final_logit_softcapping=softcap, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    vision = T.SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                  image_size=28, patch_size=14)
+    cfg = T.Gemma3Config(text_config=text.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=4,
+                         image_token_index=63, boi_token_index=61, eoi_token_index=62)
+    torch.manual_seed(0)
+    return frozen(T.Gemma3ForConditionalGeneration(cfg))
+
+
+def test_a_composite_gemma3_trains_and_serves_as_its_text_model(tmp_path, tokenizer):
+    """Gemma-3 4B/12B/27B load as Gemma3ForConditionalGeneration, whose config keeps the decoder's sizes in its
+    text config: compute_prompt_kv read num_hidden_layers from the top level and raised AttributeError."""
+    from softprompt.engine import ClassifyRequest, Engine, GenerateRequest
+    from softprompt.methods import build_method
+    from tests.test_engine import CAPS, SENT, ids_of, ref_label_scores, stored
+
+    model = make_gemma3_composite()
+    prompt = prompt_for(model)
+    for side in ("right", "left"):
+        assert worst_error(model, prompt, side) < 1e-4
+    param = torch.nn.Parameter(prompt.clone())
+    batch = collate([Encoded([5, 6, 7, 8], 2), Encoded([9, 10, 11], 1)], 0)
+    grads = []
+    for mode in ("shared_kv", "concat"):
+        param.grad = None
+        causal.target_loss(model, batch, causal.prompt_for_step(model, param, mode)).backward()
+        grads.append(param.grad.clone())
+    assert torch.allclose(grads[0], grads[1], atol=1e-5)
+    prefix = build_method("prefix_tuning", {"num_virtual_tokens": 3, "init": "random"}, model, tokenizer)
+    with torch.no_grad():
+        assert [k.shape for k, _ in causal.compute_prompt_kv(model, prefix()).layers] == [(1, 2, 3, 8)] * 2
+
+    engine = Engine(model, tokenizer, max_batch_rows=4)
+    prompts = {name: stored(tmp_path, model, tokenizer, name, n, task, seed)
+               for name, n, task, seed in [("sent", 3, SENT, 1), ("caps", 2, CAPS, 3)]}
+    for name, p in prompts.items():
+        engine.add_prompt(name, p)
+    embeds = {k: v.tensors["prompt_embeddings"] for k, v in prompts.items()}
+    for text, res in zip(["the movie was great", "a bad plot"],
+                         engine.classify([ClassifyRequest("sent", t) for t in ["the movie was great", "a bad plot"]]),
+                         strict=True):
+        assert res.scores == pytest.approx(ref_label_scores(model, tokenizer, embeds["sent"], SENT, text), abs=1e-4)
+    for country, res in zip(["France", "Spain"], engine.generate([GenerateRequest("caps", {"country": c}, max_tokens=4)
+                                                                  for c in ["France", "Spain"]]), strict=True):
+        ids = ids_of(tokenizer, CAPS["template"].format(country=country))
+        n = len(ids)
+        for _ in range(4):
+            with torch.no_grad():
+                nxt = int(reference_logits(model, embeds["caps"], ids)[-1].argmax())
+            if nxt == tokenizer.eos_token_id:
+                break
+            ids.append(nxt)
+        assert res.tokens == ids[n:]

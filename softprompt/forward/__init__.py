@@ -40,6 +40,7 @@ from softprompt.forward.common import (
     logits_from_hidden,
     sample_next,
     sliding_window,
+    text_config,
     text_position_ids,
     token_logprobs,
 )
@@ -72,6 +73,7 @@ __all__ = [
     "position_offset",
     "sample_next",
     "sliding_window",
+    "text_config",
     "task_type_for_stored",
     "trails_source",
     "text_position_ids",

@@ -51,6 +51,7 @@ from softprompt.forward.common import (
     prompt_embeds,
     rows_per_label,
     sample_next,
+    text_config,
     text_position_ids,
     token_logprobs,
 )
@@ -70,12 +71,13 @@ def compute_prompt_kv(model, prompt: PromptOutput | torch.Tensor) -> PromptKV | 
     """
     if isinstance(prompt, PromptOutput) and prompt.kv is None and prompt.embeds is None:
         return None  # a method without a prompt (weight tuning in the comparison harness)
+    num_layers = text_config(model.config).num_hidden_layers  # a composite's decoder: its text config
     if isinstance(prompt, PromptOutput) and prompt.kv is not None:  # prefix methods: keys/values directly
         layers = [(k.to(device=model.device, dtype=model.dtype), v.to(device=model.device, dtype=model.dtype))
                   for k, v in prompt.kv]
-        if len(layers) != model.config.num_hidden_layers or any(k.ndim != 4 or k.shape[0] != 1 for k, _ in layers):
+        if len(layers) != num_layers or any(k.ndim != 4 or k.shape[0] != 1 for k, _ in layers):
             raise InjectionError(f"prefix has {len(layers)} layers of shape {tuple(layers[0][0].shape)}; expected "
-                                 f"{model.config.num_hidden_layers} of (1, kv_heads, P, head_dim)")
+                                 f"{num_layers} of (1, kv_heads, P, head_dim)")
         return PromptKV(layers=layers, length=prompt.length)
     embeds = prompt_embeds(prompt)
     check_prompt(model, embeds)
@@ -87,9 +89,8 @@ def compute_prompt_kv(model, prompt: PromptOutput | torch.Tensor) -> PromptKV | 
                         use_cache=True)
     cache = out_cache(out)
     layers = [(layer.keys, layer.values) for layer in cache.layers]
-    if len(layers) != model.config.num_hidden_layers:
-        raise InjectionError(f"prompt cache has {len(layers)} layers, model config says "
-                             f"{model.config.num_hidden_layers}")
+    if len(layers) != num_layers:
+        raise InjectionError(f"prompt cache has {len(layers)} layers, model config says {num_layers}")
     return PromptKV(layers=layers, length=p)
 
 

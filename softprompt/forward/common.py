@@ -46,6 +46,13 @@ def cached_call(module, cache=None, **kwargs):
     return module(**{_CACHE_KWARG[kind]: cache}, **kwargs)
 
 
+def text_config(config):
+    """The decoder's own config: ``config`` itself, or its text part for a composite (a vision-language
+    checkpoint such as Gemma 3 4B-27B, loaded as ``*ForConditionalGeneration``, keeps its layer count,
+    window and soft-capping there)."""
+    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+
+
 def out_cache(out):
     """The cache a forward returned, under either field name."""
     cache = getattr(out, "cache", None)
@@ -262,7 +269,7 @@ def sliding_window(model) -> int | None:
     """The attention window of a model with sliding-window layers (Mistral, Gemma 2/3, Qwen2 with
     ``use_sliding_window``), else ``None``. transformers counts such a window in cache columns, not positions:
     a padded row's window is shifted by its padding."""
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    cfg = text_config(model.config)
     window = getattr(cfg, "sliding_window", None)
     if not isinstance(window, int) or isinstance(window, bool) or window <= 0:
         return None

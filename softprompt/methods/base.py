@@ -202,19 +202,12 @@ class PromptMethod(nn.Module):
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
 
-def text_config(model):
-    """The config that holds the language model's sizes: ``text_config`` of a composite (vision-language) config
-    such as Gemma 3's, loaded by ``AutoModelForCausalLM``; the model's own config otherwise (as PEFT reads it)."""
-    cfg = model.config
-    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-
-
 def peft_config_common(model, peft_type: str, num_virtual_tokens: int, token_dim: int, num_attention_heads: int,
                        **specific: Any) -> dict[str, Any]:
     """The ``adapter_config.json`` fields every prompt-learning type shares, plus ``specific`` ones."""
-    from softprompt.forward import family_of  # it imports this module
+    from softprompt.forward import family_of, text_config  # it imports this module
 
-    cfg = text_config(model)
+    cfg, text = model.config, text_config(model.config)  # a composite (vision-language) checkpoint: its decoder
     return {
         "peft_type": peft_type,
         "task_type": family_of(model).peft_task_type,
@@ -222,7 +215,7 @@ def peft_config_common(model, peft_type: str, num_virtual_tokens: int, token_dim
         "token_dim": token_dim,
         "num_transformer_submodules": 1,
         "num_attention_heads": num_attention_heads,
-        "num_layers": int(getattr(cfg, "num_hidden_layers", 0) or getattr(cfg, "num_layers", 0) or 0),
+        "num_layers": int(getattr(text, "num_hidden_layers", 0) or getattr(text, "num_layers", 0) or 0),
         "base_model_name_or_path": str(getattr(cfg, "_name_or_path", "") or ""),
         "revision": None,
         "inference_mode": True,

@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from softprompt.forward import text_config
 from softprompt.methods.base import (
     MethodConfig,
     PromptMethod,
@@ -23,7 +24,6 @@ from softprompt.methods.base import (
     peft_config_common,
     register_method,
     require_tensor,
-    text_config,
 )
 
 ENCODERS = ("mlp", "lstm")
@@ -110,7 +110,7 @@ class PTuning(PromptMethod):
             return {"prompt_embeddings": self._embeds().detach().float().cpu().contiguous()}
 
     def peft_config(self, model) -> dict[str, Any]:
-        cfg = text_config(model)
+        cfg = text_config(model.config)  # a composite (vision-language) checkpoint's decoder
         return peft_config_common(
             model, self.peft_type, self.config.num_virtual_tokens, self.hidden_size,
             int(getattr(cfg, "num_attention_heads", 0) or 0),

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from softprompt.embeddings import token_embeddings
+from softprompt.forward import text_config
 from softprompt.methods.base import (
     MethodConfig,
     PromptMethod,
@@ -28,7 +29,6 @@ from softprompt.methods.base import (
     peft_config_common,
     register_method,
     require_tensor,
-    text_config,
 )
 
 PREFIX_INITS = ("random", "text")
@@ -41,7 +41,7 @@ def kv_geometry(model) -> tuple[int, int, int]:
         ValueError: the attention's shape differs by layer (Gemma 4's sliding and full layers have other head
             sizes): a prefix has one shape for every layer.
     """
-    cfg = text_config(model)
+    cfg = text_config(model.config)  # a composite (vision-language) checkpoint's decoder
     try:
         layers = int(getattr(cfg, "num_hidden_layers", 0) or getattr(cfg, "n_layer", 0))
         heads = int(getattr(cfg, "num_attention_heads", 0) or getattr(cfg, "n_head", 0))

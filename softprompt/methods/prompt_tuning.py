@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from softprompt.embeddings import embedding_rms, token_embeddings
+from softprompt.forward import text_config
 from softprompt.methods.base import (
     MethodConfig,
     PromptMethod,
@@ -36,7 +37,6 @@ from softprompt.methods.base import (
     peft_config_common,
     register_method,
     require_tensor,
-    text_config,
 )
 
 INITS = ("random", "text", "sample_vocab", "class_labels")
@@ -146,7 +146,7 @@ class PromptTuning(PromptMethod):
         return {"prompt_embeddings": self.embeddings.detach().cpu().contiguous()}
 
     def peft_config(self, model) -> dict[str, Any]:
-        cfg = text_config(model)
+        cfg = text_config(model.config)  # a composite (vision-language) checkpoint's decoder
         # prompt_tuning_init is written as RANDOM: PEFT re-runs the init when it builds the module (TEXT
         # would make it load a tokenizer from the hub) and then overwrites it with the stored weights.
         return peft_config_common(
