@@ -248,6 +248,10 @@ def load_base_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, device: str
     Returns:
         ``(model, tokenizer)``; the model is frozen, in eval mode, on ``device``; the tokenizer has a
         pad token.
+
+    Raises:
+        ModelLoadError: it cannot be loaded, or prompts cannot run on it (:meth:`Family.model_problem`: a causal
+            LM whose own logits softprompt's forward path does not reproduce, say).
     """
     from transformers import AutoTokenizer
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+
 import pytest
 import torch
 import transformers as T
@@ -128,3 +131,56 @@ def test_a_composite_gemma3_trains_and_serves_as_its_text_model(tmp_path, tokeni
                 break
             ids.append(nxt)
         assert res.tokens == ids[n:]
+
+
+LLAMA_LIKE = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+
+
+@pytest.mark.parametrize(("kind", "factor"), [("granite", 1 / 8), ("hyperclovax", 0.25)])
+def test_a_logit_scaling_after_the_head_is_applied(kind, factor):
+    """Granite divides its logits by ``logits_scaling`` (8 here), HyperCLOVAX multiplies by it: softprompt
+    dropped both, so its log-probabilities, losses and sampling temperature were not the model's."""
+    torch.manual_seed(0)
+    if kind == "granite":
+        model = frozen(T.GraniteForCausalLM(T.GraniteConfig(logits_scaling=8.0, **LLAMA_LIKE)))
+    else:
+        model = frozen(T.HyperCLOVAXForCausalLM(T.HyperCLOVAXConfig(logits_scaling=0.25, **LLAMA_LIKE)))
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        own = torch.log_softmax(model(input_ids=ids).logits[0, -1].float(), -1)
+        ours = causal.last_token_logprobs(model, ids, torch.ones_like(ids), None)[0]
+    assert (own - ours).abs().max() < 1e-5
+    assert worst_error(model, prompt_for(model)) < 1e-4
+    assert forward.logits_from_hidden(model, torch.ones(1, 32)).shape == (1, V)
+    from softprompt.forward.head import head_op
+
+    assert head_op(model).scale == pytest.approx(factor)
+
+
+def make_roberta_causal():
+    cfg = T.RobertaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, max_position_embeddings=66, is_decoder=True, pad_token_id=1,
+                          architectures=["RobertaForCausalLM"])
+    torch.manual_seed(0)
+    return frozen(T.RobertaForCausalLM(cfg))
+
+
+def test_an_encoder_style_causal_lm_is_refused_naming_what_differs(tmp_path, tokenizer):
+    """RobertaForCausalLM's head transforms the hidden states (dense, GELU, LayerNorm) before the projection and its
+    positions start at pad_token_id + 1: it was accepted as a causal LM and gave other logits even without a prompt.
+    """
+    model = make_roberta_causal()
+    with pytest.raises(forward.InjectionError, match=r"RobertaForCausalLM cannot take prompts: .*positions.*"
+                                                     r"its head computes more than get_output_embeddings"):
+        causal.last_token_logprobs(model, torch.tensor([[5, 6, 7]]), torch.ones(1, 3, dtype=torch.long), None)
+    assert forward.family_of(model).model_problem(model).startswith("RobertaForCausalLM cannot take prompts")
+
+    from softprompt.cli import main
+
+    model.save_pretrained(tmp_path / "roberta")
+    tokenizer.save_pretrained(tmp_path / "roberta")
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = main(["generate", "--model", str(tmp_path / "roberta"), "--input", "the movie", "--device", "cpu"])
+    assert rc == 2 and "RobertaForCausalLM cannot take prompts" in err.getvalue()

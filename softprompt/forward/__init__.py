@@ -8,7 +8,9 @@ asking which family a model is:
 - :mod:`.seq2seq`: encoder-decoders (T5), the prompt in front of the encoder input;
 - :mod:`.classifier`: encoder sequence classifiers, the prompt in front of the input and its own head;
 - :mod:`.common`: what they share (the cache-argument shim, :class:`PromptKV`, :class:`RowPrompts`,
-  positions, the LM head, per-row sampling).
+  positions, per-row sampling);
+- :mod:`.head`: a causal LM's head as the model applies it (its logit scaling or soft-capping), checked once
+  per model against the model's own forward.
 
     family = family_of(model)
     prompt = family.inference_prompt(model, method())   # under torch.no_grad()
@@ -37,7 +39,6 @@ from softprompt.forward.common import (
     TokenLogprob,
     end_token_ids,
     label_token_ids,
-    logits_from_hidden,
     sample_next,
     sliding_window,
     text_config,
@@ -45,6 +46,7 @@ from softprompt.forward.common import (
     token_logprobs,
 )
 from softprompt.forward.family import BatchPrompt, Family, InferencePrompt, StepPrompt
+from softprompt.forward.head import logits_from_hidden
 from softprompt.forward.prompt import PromptOutput
 
 __all__ = [

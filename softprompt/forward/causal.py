@@ -46,7 +46,6 @@ from softprompt.forward.common import (
     check_prompt,
     id_set,
     label_token_ids,
-    logits_from_hidden,
     out_cache,
     prompt_embeds,
     rows_per_label,
@@ -56,6 +55,7 @@ from softprompt.forward.common import (
     token_logprobs,
 )
 from softprompt.forward.family import Family
+from softprompt.forward.head import head_problem, logits_from_hidden
 from softprompt.forward.prompt import PromptOutput
 
 #: A causal LM's batch prompt: one prompt's shared keys/values, one per row, ``(P, H)`` embeddings to
@@ -313,6 +313,9 @@ class CausalLM(Family):
         from transformers import AutoModelForCausalLM
 
         return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
+
+    def model_problem(self, model):
+        return head_problem(model)
 
     def lead_ids(self, tokenizer, bos=True):
         # PEFT's layout, [prompt, BOS, text]: the model reads text as in pre-training, right after the prompt

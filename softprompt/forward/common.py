@@ -1,5 +1,5 @@
 """What every model family's forward code shares: the cache-argument shim, prompt key/value types, text
-positions, the LM head, per-row decoding settings and token sampling, and batching for label scores."""
+positions, per-row decoding settings and token sampling, and batching for label scores."""
 
 from __future__ import annotations
 
@@ -29,21 +29,35 @@ def check_pass(mode: str) -> None:
 _CACHE_KWARG: dict[type, str] = {}
 
 
+def decoder_of(model):
+    """The decoder stack softprompt runs: ``model.base_model``, or the ``model`` submodule of a head class whose
+    ``base_model_prefix`` names none of its submodules (``Llama4ForCausalLM``: the prefix is ``language_model``,
+    so ``base_model`` is the whole model)."""
+    base = model.base_model
+    inner = getattr(model, "model", None) if base is model else None
+    return inner if isinstance(inner, torch.nn.Module) else base
+
+
 def base_forward(model, cache=None, **kwargs):
-    """Call the decoder stack (``model.base_model``) passing ``cache`` under the name this version uses.
+    """Call the decoder stack (:func:`decoder_of`) passing ``cache`` under the name this version uses.
 
     transformers 5.24 renamed ``past_key_values`` to ``cache`` (the old name warns and goes in 5.40).
     """
-    return cached_call(model.base_model, cache, **kwargs)
+    return cached_call(decoder_of(model), cache, **kwargs)
 
 
 def cached_call(module, cache=None, **kwargs):
-    """Call ``module`` (a decoder stack, or a whole encoder-decoder) with ``cache`` under the name it takes."""
+    """Call ``module`` (a decoder stack, or a whole encoder-decoder) with ``cache`` under the name it takes; a
+    module that takes neither (Mamba's ``cache_params``, RWKV's ``state``) gets no cache argument when there is
+    none."""
     kind = type(module)
     if kind not in _CACHE_KWARG:
         params = inspect.signature(module.forward).parameters
-        _CACHE_KWARG[kind] = "cache" if "cache" in params else "past_key_values"
-    return module(**{_CACHE_KWARG[kind]: cache}, **kwargs)
+        _CACHE_KWARG[kind] = next((n for n in ("cache", "past_key_values") if n in params), None)
+    name = _CACHE_KWARG[kind]
+    if name is None and cache is None:
+        return module(**kwargs)
+    return module(**{name or "past_key_values": cache}, **kwargs)
 
 
 def text_config(config):
@@ -134,19 +148,6 @@ def text_position_ids(attention_mask: torch.Tensor, offset: int | torch.Tensor) 
     padding: ``(B, T)``."""
     pos = attention_mask.long().cumsum(-1) - 1 + offset  # (B, T)
     return pos.clamp(min=offset) if isinstance(offset, int) else torch.maximum(pos, offset)
-
-
-def logits_from_hidden(model, hidden: torch.Tensor) -> torch.Tensor:
-    """Apply the LM head (and the model's logit scaling/soft-capping, if any), in fp32."""
-    logits = model.get_output_embeddings()(hidden).float()
-    cfg = model.config
-    scale = getattr(cfg, "logit_scale", None)
-    if isinstance(scale, int | float):
-        logits = logits * scale
-    cap = getattr(cfg, "final_logit_softcapping", None)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    return logits
 
 
 def end_token_ids(model, tokenizer) -> tuple[int, ...]:

@@ -23,7 +23,8 @@ import torch
 from softprompt.data import leading_special_ids, with_leading
 from softprompt.forward.causal import CausalPrompt, compute_prompt_kv, decode, final_hidden
 from softprompt.forward.choose import family_of
-from softprompt.forward.common import InjectionError, PromptKV, RowSampling, logits_from_hidden
+from softprompt.forward.common import InjectionError, PromptKV, RowSampling
+from softprompt.forward.head import logits_from_hidden
 
 
 @dataclass

@@ -73,9 +73,18 @@ class Family:
         """Load a checkpoint as this family (the right ``AutoModel*`` class); raises OSError/ValueError."""
         raise NotImplementedError
 
+    def model_problem(self, model) -> str | None:
+        """Why prompts cannot run on ``model`` as this family runs them, or None: a check made once per model
+        (a few tokens through the model's own forward and the family's path), before any work is done."""
+        return None
+
     def check_model(self, model) -> None:
         """Raise :class:`FamilyError` when a prompt cannot go in front of ``model``'s input (checked once, at load,
-        on its device: a one-time comparison of its forward on ids and on their embeddings)."""
+        on its device): :meth:`model_problem`, and in the encoder families a one-time comparison of the forward on
+        ids and on their embeddings."""
+        problem = self.model_problem(model)
+        if problem:
+            raise FamilyError(problem)
 
     def format_problem(self, model, fmt: TaskFormat) -> str | None:
         """Why a task format cannot train or evaluate on ``model``, or None when it fits."""
