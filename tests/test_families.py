@@ -184,3 +184,60 @@ def test_an_encoder_style_causal_lm_is_refused_naming_what_differs(tmp_path, tok
     with contextlib.redirect_stderr(err):
         rc = main(["generate", "--model", str(tmp_path / "roberta"), "--input", "the movie", "--device", "cpu"])
     assert rc == 2 and "RobertaForCausalLM cannot take prompts" in err.getvalue()
+
+
+def make_mamba():
+    torch.manual_seed(0)
+    return frozen(T.MambaForCausalLM(T.MambaConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2, state_size=4,
+                                                   pad_token_id=0, eos_token_id=1, bos_token_id=2)))
+
+
+def make_lfm2():
+    torch.manual_seed(0)
+    return frozen(T.Lfm2ForCausalLM(T.Lfm2Config(layer_types=["conv", "full_attention"], **LLAMA_LIKE)))
+
+
+@pytest.mark.parametrize("make", [make_mamba, make_lfm2], ids=["mamba", "lfm2"])
+def test_a_model_whose_cache_keeps_recurrent_state_refuses_a_cached_prompt(make):
+    """Mamba keeps an SSM state and LFM2 a convolution state per layer: a cached prompt kept only (keys, values)
+    and crashed with an AttributeError (Mamba) or lost the state (hybrids). The cached path is refused, naming the
+    model and its layer; a training step prepending the prompt (concat) is exact and is what ``auto`` picks."""
+    model = make()
+    name = type(model).__name__
+    prompt = prompt_for(model)
+    with pytest.raises(forward.InjectionError, match=rf"{name} cannot cache a prompt: layer 0 of {name}'s cache is "
+                                                     r"a LinearAttentionLayer.*concat pass"):
+        causal.compute_prompt_kv(model, prompt)
+    assert "serves with a cached prompt" in forward.family_of(model).model_problem(model)
+    assert worst_error(model, prompt, cached=False) < 1e-4
+    param = torch.nn.Parameter(prompt.clone())
+    step = causal.prompt_for_step(model, param, "auto")
+    assert step is param
+    causal.target_loss(model, collate([Encoded([5, 6, 7, 8], 2)], 0), step).backward()
+    assert param.grad is not None
+
+
+def test_a_model_that_reads_ids_otherwise_than_their_embeddings_refuses_prompts():
+    """Falcon-H1 multiplies the embeddings of token ids by ``embedding_multiplier`` and not ``inputs_embeds``
+    (and keeps SSM state in its cache): a prompt of embeddings met text the model never reads."""
+    cfg = T.FalconH1Config(mamba_d_ssm=32, mamba_n_heads=4, mamba_d_head=8, mamba_d_state=8, mamba_chunk_size=8,
+                           lm_head_multiplier=1.0, embedding_multiplier=2.0, **LLAMA_LIKE)
+    torch.manual_seed(0)
+    model = frozen(T.FalconH1ForCausalLM(cfg))
+    for run in (lambda: causal.compute_prompt_kv(model, prompt_for(model)),
+                lambda: causal.prompt_for_step(model, prompt_for(model), "concat")):
+        with pytest.raises(forward.InjectionError, match="FalconH1ForCausalLM computes something else from token ids "
+                                                         "than from its embedding module's output"):
+            run()
+
+
+def test_a_head_class_whose_base_model_is_itself_runs_its_decoder():
+    """Llama4ForCausalLM's base_model_prefix names no submodule, so base_model was the whole model and every
+    forward failed (an output without last_hidden_state); its decoder stack is its ``model``."""
+    cfg = T.Llama4TextConfig(intermediate_size_mlp=64, head_dim=8, num_local_experts=2, num_experts_per_tok=1,
+                             **LLAMA_LIKE)
+    torch.manual_seed(0)
+    model = frozen(T.Llama4ForCausalLM(cfg))
+    assert forward.family_of(model).model_problem(model) is None
+    for side in ("right", "left"):
+        assert worst_error(model, prompt_for(model), side) < 1e-4

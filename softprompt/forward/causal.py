@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterable
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from softprompt.data import Encoded, Example, encode, encode_chat, is_chat, label_room, leading_special_ids
 from softprompt.data.corpus import encode_corpus
@@ -56,6 +57,7 @@ from softprompt.forward.common import (
 )
 from softprompt.forward.family import Family
 from softprompt.forward.head import head_problem, logits_from_hidden
+from softprompt.forward.probe import prompt_problems
 from softprompt.forward.prompt import PromptOutput
 
 #: A causal LM's batch prompt: one prompt's shared keys/values, one per row, ``(P, H)`` embeddings to
@@ -71,6 +73,10 @@ def compute_prompt_kv(model, prompt: PromptOutput | torch.Tensor) -> PromptKV | 
     """
     if isinstance(prompt, PromptOutput) and prompt.kv is None and prompt.embeds is None:
         return None  # a method without a prompt (weight tuning in the comparison harness)
+    concat, cached = prompt_problems(model)  # checked once per model: plain keys/values, the plain forward's result
+    if cached:
+        raise InjectionError(cached if concat else f"{cached}; a training step can still prepend the prompt to "
+                             "every row (the concat pass)")
     num_layers = text_config(model.config).num_hidden_layers  # a composite's decoder: its text config
     if isinstance(prompt, PromptOutput) and prompt.kv is not None:  # prefix methods: keys/values directly
         layers = [(k.to(device=model.device, dtype=model.dtype), v.to(device=model.device, dtype=model.dtype))
@@ -81,14 +87,29 @@ def compute_prompt_kv(model, prompt: PromptOutput | torch.Tensor) -> PromptKV | 
         return PromptKV(layers=layers, length=prompt.length)
     embeds = prompt_embeds(prompt)
     check_prompt(model, embeds)
+    return prompt_cache(model, embeds)
+
+
+def prompt_cache(model, embeds: torch.Tensor) -> PromptKV:
+    """``(P, H)`` prompt embeddings run through the model once (batch 1): the keys/values of every layer,
+    checked to be all the state its cache keeps (what :func:`compute_prompt_kv` returns, unprobed)."""
     # a copy: some models scale inputs_embeds in place (CTRL), which would scale the caller's prompt (and fail
     # on a leaf that requires grad)
     embeds = embeds.to(device=model.device, dtype=model.dtype).clone()[None]  # (1, P, H)
-    p = embeds.shape[1]
+    p, name = embeds.shape[1], type(model).__name__
     out = base_forward(model, inputs_embeds=embeds, position_ids=torch.arange(p, device=model.device)[None],
                         use_cache=True)
     cache = out_cache(out)
+    if type(cache) is not DynamicCache:
+        raise InjectionError(f"{name}'s forward returns {type(cache).__name__ if cache is not None else 'no cache'} "
+                             "where softprompt keeps a prompt as a DynamicCache of keys and values per layer")
+    for i, layer in enumerate(cache.layers):
+        if type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer) or layer.keys is None:
+            raise InjectionError(f"layer {i} of {name}'s cache is a {type(layer).__name__}: it keeps other state than "
+                                 "keys and values (recurrent, convolution or shared keys/values), which a cached "
+                                 "prompt would lose")
     layers = [(layer.keys, layer.values) for layer in cache.layers]
+    num_layers = text_config(model.config).num_hidden_layers
     if len(layers) != num_layers:
         raise InjectionError(f"prompt cache has {len(layers)} layers, model config says {num_layers}")
     return PromptKV(layers=layers, length=p)
@@ -100,14 +121,18 @@ def prompt_for_step(model, prompt: PromptOutput | torch.Tensor, mode: str = "aut
     ``shared_kv`` computes the prompt's keys/values once (batch 1) and shares them over the rows: less
     compute, one more (small) forward. ``concat`` returns the ``(P, H)`` embeddings, which
     :func:`final_hidden` prepends to every row in a single forward. ``auto`` takes ``concat`` on CUDA
-    (launch-bound at prompt-tuning batch sizes) and ``shared_kv`` elsewhere (compute-bound).
+    (launch-bound at prompt-tuning batch sizes) and on a model that cannot cache a prompt
+    (:func:`~softprompt.forward.probe.prompt_problems`), ``shared_kv`` elsewhere (compute-bound).
     """
     check_pass(mode)
     if isinstance(prompt, PromptOutput) and prompt.embeds is None:
         return compute_prompt_kv(model, prompt)  # a prefix (or no prompt): nothing to concatenate
     if mode == "auto":
-        mode = "concat" if model.device.type == "cuda" else "shared_kv"
+        mode = "concat" if model.device.type == "cuda" or prompt_problems(model)[1] else "shared_kv"
     if mode == "concat":
+        problem = prompt_problems(model)[0]  # raised here, before the step, as well as by final_hidden
+        if problem:
+            raise InjectionError(problem)
         embeds = prompt_embeds(prompt)
         check_prompt(model, embeds)
         return embeds
@@ -142,7 +167,10 @@ def final_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                              f"{tuple(attention_mask.shape)} differ")
     b = input_ids.shape[0]
     if isinstance(prompt_kv, torch.Tensor):
-        return _concat_hidden(model, input_ids, attention_mask, prompt_kv)
+        problem = prompt_problems(model)[0]  # checked once per model
+        if problem:
+            raise InjectionError(problem)
+        return concat_hidden(model, input_ids, attention_mask, prompt_kv)
     cache, prefix_mask, offset = _prefix(model, prompt_kv, b, attention_mask)
     mask = attention_mask if prefix_mask is None else torch.cat([prefix_mask, attention_mask], dim=1)  # (B, L+T)
     out = base_forward(model, input_ids=input_ids, attention_mask=mask, cache=cache,
@@ -150,7 +178,7 @@ def final_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     return out.last_hidden_state  # (B, T, H)
 
 
-def _concat_hidden(model, input_ids, attention_mask, embeds: torch.Tensor) -> torch.Tensor:
+def concat_hidden(model, input_ids, attention_mask, embeds: torch.Tensor) -> torch.Tensor:
     """The prompt prepended to every row's ``inputs_embeds``; positions as in the shared-KV pass."""
     b, p = input_ids.shape[0], embeds.shape[0]
     text = model.get_input_embeddings()(input_ids)  # (B, T, H)
@@ -315,7 +343,9 @@ class CausalLM(Family):
         return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
 
     def model_problem(self, model):
-        return head_problem(model)
+        cached = prompt_problems(model)[1]
+        return head_problem(model) or (cached and f"{cached}; softprompt evaluates, generates and serves with a "
+                                                 "cached prompt")
 
     def lead_ids(self, tokenizer, bos=True):
         # PEFT's layout, [prompt, BOS, text]: the model reads text as in pre-training, right after the prompt

@@ -68,9 +68,9 @@ def text_config(config):
 
 
 def out_cache(out):
-    """The cache a forward returned, under either field name."""
+    """The cache a forward returned, under either field name (None: it returned none)."""
     cache = getattr(out, "cache", None)
-    return cache if cache is not None else out.past_key_values
+    return cache if cache is not None else getattr(out, "past_key_values", None)
 
 
 SPECIAL_ID_KEYS = ("pad_token_id", "bos_token_id", "eos_token_id", "unk_token_id", "mask_token_id", "sep_token_id",
