@@ -181,8 +181,9 @@ def mean_target_loss(model, encoded: list[Encoded], pad_id: int, prompt_kv, batc
 def generate_texts(model, tokenizer, prompt_kv, sources: list[str] | list[list[int]], max_new_tokens: int,
                    batch_size: int, stop: str | None = "\n", bos: bool = True, max_length: int | None = None,
                    end_ids: tuple[int, ...] = (), **sampling) -> list[str]:
-    """Generate a continuation for each source, text or token ids (left-padded batches; on a model with
-    sliding-window layers, batches of equal-length sources, since its window counts padding); cut at ``stop``.
+    """Generate a continuation for each source, text or token ids (left-padded batches; on a model whose
+    results the padding can change, :func:`~softprompt.forward.sliding_window`, batches of equal-length
+    sources); cut at ``stop``.
 
     ``bos``: a text source starts with the model's BOS (see the module docstring); token ids (a rendered
     conversation) are taken as they are. ``max_length``: a longer text source keeps its BOS and its last

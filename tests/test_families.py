@@ -241,3 +241,37 @@ def test_a_head_class_whose_base_model_is_itself_runs_its_decoder():
     assert forward.family_of(model).model_problem(model) is None
     for side in ("right", "left"):
         assert worst_error(model, prompt_for(model), side) < 1e-4
+
+
+def make_mpt():
+    torch.manual_seed(0)
+    return frozen(T.MptForCausalLM(T.MptConfig(d_model=32, n_layers=2, n_heads=4, max_seq_len=64, vocab_size=V,
+                                               pad_token_id=0, eos_token_id=1)))
+
+
+def make_gpt_neo():
+    torch.manual_seed(0)
+    return frozen(T.GPTNeoForCausalLM(T.GPTNeoConfig(hidden_size=32, num_layers=2, num_heads=4, window_size=12,
+                                                     attention_types=[[["global", "local"], 1]],
+                                                     max_position_embeddings=64, vocab_size=V, pad_token_id=0,
+                                                     eos_token_id=1, bos_token_id=1)))
+
+
+@pytest.mark.parametrize(("make", "window"), [(make_mpt, 0), (make_gpt_neo, 12)], ids=["mpt", "gpt_neo"])
+def test_left_padded_generation_gives_each_row_what_it_gives_alone(make, window, tmp_path, tokenizer):
+    """MPT builds ALiBi from column indices and GPT-Neo's local window (``window_size``, not ``sliding_window``)
+    counts columns: the padding a left-padded batch put between a row's prompt and its text changed the row's
+    log-probabilities. Such rows now go in batches of one length."""
+    from softprompt.engine import Engine, GenerateRequest
+    from tests.test_engine import SENT, stored
+
+    model = make()
+    assert forward.sliding_window(model) == window
+    engine = Engine(model, tokenizer, max_batch_rows=8)
+    engine.add_prompt("sent", stored(tmp_path, model, tokenizer, "sent", 3, SENT, 1))
+    texts = ["good", "the movie was very bad", "a film"]
+    together = engine.generate([GenerateRequest("sent", t, max_tokens=5, logprobs=0) for t in texts])
+    for text, got in zip(texts, together, strict=True):
+        alone = engine.generate([GenerateRequest("sent", text, max_tokens=5, logprobs=0)])[0]
+        assert got.tokens == alone.tokens
+        assert [t.logprob for t in got.logprobs] == pytest.approx([t.logprob for t in alone.logprobs], abs=1e-5)

@@ -189,7 +189,8 @@ class PrefixBackend(Backend):
         rows = [p.rows[0] for p in items]
         results: list[GenerateResult | None] = [None] * len(items)
         # transformers counts a sliding window in cache columns: left padding shifts a padded row's window over
-        # its prompt's keys; rows that could reach past the window are batched with rows of their own length
+        # its prompt's keys; rows that could reach past the window (0 where padding changes results at any length:
+        # MPT's ALiBi) are batched with rows of their own length
         window = sliding_window(engine.model)
         reach = max((len(r.ids) + self.length(r.prompt) + p.request.max_tokens for r, p in zip(rows, items,
                                                                                               strict=True)), default=0)

@@ -40,13 +40,13 @@ from softprompt.forward.common import (
     end_token_ids,
     label_token_ids,
     sample_next,
-    sliding_window,
     text_config,
     text_position_ids,
     token_logprobs,
 )
 from softprompt.forward.family import BatchPrompt, Family, InferencePrompt, StepPrompt
 from softprompt.forward.head import logits_from_hidden
+from softprompt.forward.probe import sliding_window
 from softprompt.forward.prompt import PromptOutput
 
 __all__ = [

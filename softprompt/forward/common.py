@@ -264,19 +264,3 @@ def rows_per_label(model, tokenizer, prompt, examples: list[Example], fmt, batch
     scores = by_length(enc, batch_size, tokenizer.pad_token_id, "right",
                        lambda b: logprobs(model, b.to(model.device), prompt).float().cpu())
     return scores.view(len(examples), len(fmt.label_texts))
-
-
-def sliding_window(model) -> int | None:
-    """The attention window of a model with sliding-window layers (Mistral, Gemma 2/3, Qwen2 with
-    ``use_sliding_window``), else ``None``. transformers counts such a window in cache columns, not positions:
-    a padded row's window is shifted by its padding."""
-    cfg = text_config(model.config)
-    window = getattr(cfg, "sliding_window", None)
-    if not isinstance(window, int) or isinstance(window, bool) or window <= 0:
-        return None
-    if getattr(cfg, "use_sliding_window", True) is False:
-        return None
-    types = getattr(cfg, "layer_types", None)
-    if types is not None and not any("sliding" in str(t) for t in types):
-        return None
-    return window

@@ -3,13 +3,17 @@
 softprompt puts a prompt in front of a causal LM's text two ways: ``concat`` prepends the prompt's embeddings to
 every row's (training), and the cached path computes the prompt's keys/values once and lets the text attend to
 them (:func:`~softprompt.forward.causal.compute_prompt_kv`: evaluation, generation, serving). Both must equal
-the model's own forward of ``[prompt embeddings, text embeddings]``. Families differ in ways no list of names
+the model's own forward of ``[prompt embeddings, text embeddings]``, and a row's results should not depend on
+the padding a batch puts between its prompt and its text. Families differ in ways no list of names
 keeps up with, so each is checked on the loaded model, on a few tokens, the first time it is needed:
 
 - :func:`prompt_problems`: the model's cache holds plain keys/values per layer (no recurrent, convolution or
   shared-key/value state, which a cached prompt would lose), and the text after the cached prompt (read as
   token ids) equals the text after the prompt prepended to its embeddings (the ``concat`` pass, read as
-  embeddings); when not, whether the concat pass alone is right (the model reads ids as their embeddings).
+  embeddings); when not, whether the concat pass alone is right (the model reads ids as their embeddings);
+- :func:`sliding_window`: how long a left-padded row may be and still give what it gives alone: a sliding
+  window (GPT-Neo's local one too) counts padding columns, and a model whose results depend on the padding
+  between a cached prompt and the text (MPT builds ALiBi from column indices) gives 0.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from softprompt.forward.common import InjectionError, base_forward, text_position_ids
+from softprompt.forward.common import InjectionError, base_forward, text_config, text_position_ids
 from softprompt.forward.head import evaluating, probe_ids, relative_error, tolerance
 
 _PROBES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> PromptProbe
@@ -28,10 +32,11 @@ _PROBES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> Pro
 @dataclass(frozen=True)
 class PromptProbe:
     """What the prompt paths give on one model: why the ``concat`` pass and why the cached path cannot run on it
-    (None: they can)."""
+    (None: they can); whether left padding between a cached prompt and the text changes the text's results."""
 
     concat: str | None = None
     cached: str | None = None
+    padding_shifts: bool = False
 
 
 def probe_prompt(model, p: int = 2) -> torch.Tensor:
@@ -78,7 +83,8 @@ def _probe(model) -> PromptProbe:
             return PromptProbe(problem, problem)
         tol = tolerance(model)
         try:  # the text, as token ids, after the prompt's keys/values
-            cached = final_hidden(model, ids, mask, prompt_cache(model, prompt))
+            kv = prompt_cache(model, prompt)
+            cached = final_hidden(model, ids, mask, kv)
             err = relative_error(cached, concat)
             why = None if err <= tol else (f"{name} cannot cache a prompt: the text after its cached keys/values "
                                            f"differs from the text after the prompt itself by {err:.2g} (relative)")
@@ -86,8 +92,10 @@ def _probe(model) -> PromptProbe:
             why = f"{name} cannot cache a prompt: {e}"
         except Exception as e:  # noqa: BLE001 - any failure: the cached path does not run on this model
             why = f"{name} cannot cache a prompt ({type(e).__name__}: {e})"
-        if why is None:
-            return PromptProbe()
+        if why is None:  # the same row after padding columns, as a left-padded batch holds a short row
+            pad = torch.zeros(1, 4, dtype=ids.dtype, device=ids.device)
+            padded = final_hidden(model, torch.cat([pad, ids], 1), torch.cat([pad, mask], 1), kv)[:, pad.shape[1]:]
+            return PromptProbe(padding_shifts=relative_error(padded, cached) > tol)
         # the cached path fails or differs: does the concat pass read the text (as embeddings) as the model reads ids?
         by_ids = final_hidden(model, ids, mask, None)
         by_embeds = base_forward(model, inputs_embeds=model.get_input_embeddings()(ids), attention_mask=mask,
@@ -97,3 +105,34 @@ def _probe(model) -> PromptProbe:
                        "(inputs_embeds): a prompt of embeddings cannot be put in front of its text")
             return PromptProbe(problem, problem)
         return PromptProbe(None, why)
+
+
+def padding_shifts(model) -> bool:
+    """Whether left padding between a cached prompt and the text changes a short row's results on ``model`` (MPT
+    builds ALiBi from column indices, so the padding adds to the prompt's distance). Found once per model
+    object; False when the model cannot cache a prompt (nothing is left-padded after one)."""
+    return probed(model).padding_shifts
+
+
+def local_window(cfg) -> int | None:
+    """The window of a config's sliding-window layers: ``sliding_window`` (Mistral, Gemma 2/3, Qwen2 with
+    ``use_sliding_window``), or GPT-Neo's ``window_size`` for its ``local`` layers; None without one."""
+    window = getattr(cfg, "sliding_window", None)
+    if getattr(cfg, "use_sliding_window", True) is False:
+        window = None
+    types = getattr(cfg, "layer_types", None)
+    if types is not None and not any("sliding" in str(t) for t in types):
+        window = None
+    if window is None and "local" in (getattr(cfg, "attention_layers", None) or ()):
+        window = getattr(cfg, "window_size", None)
+    if not isinstance(window, int) or isinstance(window, bool) or window <= 0:
+        return None
+    return window
+
+
+def sliding_window(model) -> int | None:
+    """How many positions (prompt, text and new tokens) a left-padded row may span and still give what it gives
+    alone; None: any. transformers counts a sliding window in cache columns, not positions, so padding between a
+    row's prompt and its text shifts the row's window (:func:`local_window`); a model whose results depend on
+    that padding at any length (:func:`padding_shifts`) gives 0: generation batches rows of one length."""
+    return 0 if padding_shifts(model) else local_window(text_config(model.config))
