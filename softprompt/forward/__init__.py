@@ -10,7 +10,8 @@ asking which family a model is:
 - :mod:`.common`: what they share (the cache-argument shim, :class:`PromptKV`, :class:`RowPrompts`,
   positions, per-row sampling);
 - :mod:`.head`: a causal LM's head as the model applies it (its logit scaling or soft-capping), checked once
-  per model against the model's own forward.
+  per model against the model's own forward; :mod:`.probe`: its prompt paths (concat, cached keys/values,
+  left padding) checked the same way (:meth:`Family.model_problem` says why a model is refused).
 
     family = family_of(model)
     prompt = family.inference_prompt(model, method())   # under torch.no_grad()

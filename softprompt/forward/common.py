@@ -26,7 +26,7 @@ def check_pass(mode: str) -> None:
     if mode not in PROMPT_PASSES:
         raise InjectionError(f"prompt pass {mode!r} is not one of {', '.join(PROMPT_PASSES)}")
 
-_CACHE_KWARG: dict[type, str] = {}
+_CACHE_KWARG: dict[type, str | None] = {}
 
 
 def decoder_of(model):
