@@ -275,3 +275,21 @@ def test_left_padded_generation_gives_each_row_what_it_gives_alone(make, window,
         alone = engine.generate([GenerateRequest("sent", text, max_tokens=5, logprobs=0)])[0]
         assert got.tokens == alone.tokens
         assert [t.logprob for t in got.logprobs] == pytest.approx([t.logprob for t in alone.logprobs], abs=1e-5)
+
+
+def test_config_fields_that_vary_per_layer_read_as_missing():
+    """transformers' heterogeneous configs raise a RuntimeError (not AttributeError) for a per-layer field read
+    globally: the window and logit-scaling lookups raised it at load instead of reading the field as absent."""
+    from types import SimpleNamespace
+
+    from softprompt.forward.head import LogitOp, candidates
+    from softprompt.forward.probe import local_window
+
+    class PerLayer:
+        def __getattr__(self, name):
+            if name.startswith("get_"):
+                raise AttributeError(name)
+            raise RuntimeError(f"{name!r} is a per-layer attribute")
+
+    assert local_window(PerLayer()) is None
+    assert candidates(SimpleNamespace(config=PerLayer())) == [LogitOp()]

@@ -88,6 +88,15 @@ def head_problem(model) -> str | None:
     return None
 
 
+def config_value(cfg, name: str):
+    """``cfg.name``, or None where it is missing or cannot be read as one value (a heterogeneous config raises
+    for an attribute that varies per layer)."""
+    try:
+        return getattr(cfg, name, None)
+    except Exception:  # noqa: BLE001 - transformers' AmbiguousGlobalPerLayerAttributeError is a RuntimeError
+        return None
+
+
 def _number(value) -> float | None:
     ok = isinstance(value, int | float) and not isinstance(value, bool) and value == value and value not in (0, 1)
     return float(value) if ok else None
@@ -100,10 +109,10 @@ def candidates(model) -> list[LogitOp]:
     caps: list[float | None] = []
     for cfg in configs:
         for name, divide in SCALINGS:
-            v = _number(getattr(cfg, name, None))
+            v = _number(config_value(cfg, name))
             if v is not None:
                 scales.append(1.0 / v if divide else v)
-        caps.append(_number(getattr(cfg, "final_logit_softcapping", None)))
+        caps.append(_number(config_value(cfg, "final_logit_softcapping")))
     scales = list(dict.fromkeys([*scales, 1.0]))
     caps = list(dict.fromkeys([c for c in caps if c is not None] + [None]))
     return [LogitOp(s, c) for s in scales for c in caps]

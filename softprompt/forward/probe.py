@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from softprompt.forward.common import InjectionError, base_forward, text_config, text_position_ids
-from softprompt.forward.head import evaluating, probe_ids, relative_error, tolerance
+from softprompt.forward.head import config_value, evaluating, probe_ids, relative_error, tolerance
 
 _PROBES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> PromptProbe
 
@@ -117,14 +117,14 @@ def padding_shifts(model) -> bool:
 def local_window(cfg) -> int | None:
     """The window of a config's sliding-window layers: ``sliding_window`` (Mistral, Gemma 2/3, Qwen2 with
     ``use_sliding_window``), or GPT-Neo's ``window_size`` for its ``local`` layers; None without one."""
-    window = getattr(cfg, "sliding_window", None)
-    if getattr(cfg, "use_sliding_window", True) is False:
+    window = config_value(cfg, "sliding_window")
+    if config_value(cfg, "use_sliding_window") is False:
         window = None
-    types = getattr(cfg, "layer_types", None)
+    types = config_value(cfg, "layer_types")
     if types is not None and not any("sliding" in str(t) for t in types):
         window = None
-    if window is None and "local" in (getattr(cfg, "attention_layers", None) or ()):
-        window = getattr(cfg, "window_size", None)
+    if window is None and "local" in (config_value(cfg, "attention_layers") or ()):
+        window = config_value(cfg, "window_size")
     if not isinstance(window, int) or isinstance(window, bool) or window <= 0:
         return None
     return window
