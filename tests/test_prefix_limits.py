@@ -239,7 +239,7 @@ def test_text_init_of_a_prefix_as_long_as_the_sliding_window_is_refused_naming_t
     assert build_method("deep_prompt", {**config, "init": "random"}, model, tokenizer).prefix.shape[0] == 4
     import softprompt.forward
 
-    monkeypatch.setattr(softprompt.forward, "sliding_window", lambda model: None)  # a cache that shortens unsaid
+    monkeypatch.setattr(softprompt.forward, "local_window", lambda cfg: None)  # a cache that shortens unsaid
     with pytest.raises(ValueError, match=r"the model kept \[[34], [34]\] positions' keys/values per layer of the "
                                          "4-token init text; use --init random"):
         build_method("deep_prompt", config, model, tokenizer)

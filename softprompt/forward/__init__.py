@@ -47,7 +47,7 @@ from softprompt.forward.common import (
 )
 from softprompt.forward.family import BatchPrompt, Family, InferencePrompt, StepPrompt
 from softprompt.forward.head import logits_from_hidden
-from softprompt.forward.probe import sliding_window
+from softprompt.forward.probe import local_window, sliding_window
 from softprompt.forward.prompt import PromptOutput
 
 __all__ = [
@@ -76,6 +76,7 @@ __all__ = [
     "position_offset",
     "sample_next",
     "sliding_window",
+    "local_window",
     "text_config",
     "task_type_for_stored",
     "trails_source",

@@ -163,7 +163,7 @@ class PrefixTuning(PromptMethod):
     @classmethod
     def create(cls, config: PrefixTuningConfig, model, tokenizer, **_ignored) -> PrefixTuning:
         """Initialise randomly or from the frozen model's keys/values of ``init_text``."""
-        from softprompt.forward import compute_prompt_kv, sliding_window
+        from softprompt.forward import compute_prompt_kv, local_window
 
         geometry = kv_geometry(model)
         problem = kv_layout_problem(model, geometry)
@@ -176,7 +176,7 @@ class PrefixTuning(PromptMethod):
             gen = torch.Generator().manual_seed(config.seed)
             prefix = torch.randn(p, layers * 2 * kv_heads * head_dim, generator=gen) * config.init_scale
         else:
-            window = sliding_window(model)
+            window = local_window(text_config(model.config))  # the window's own size, in positions
             if window is not None and p >= window:  # the reshape below failed with a width error
                 raise ValueError(f"--method {cls.name} --init text starts the prefix as the model's own keys/values "
                                  f"of the init text, but the model keeps only the last {window - 1} positions' "
