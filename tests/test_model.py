@@ -176,7 +176,7 @@ def test_resolve_dtype():
 
 
 @pytest.mark.slow
-def test_embedded_default_model():
+def test_embedded_default_model(monkeypatch):
     model, tok = load_base_model(device="cpu")
     assert type(model).__name__ == "LlamaForCausalLM"
     cfg = model.config
@@ -193,10 +193,14 @@ def test_embedded_default_model():
     text = tok.decode(new[0])
     assert text.startswith(" Paris"), text  # observed greedy output: " Paris.\n\nThe answer is:"
     del model
-    t0 = time.perf_counter()
+
+    def no_conversion(*args, **kwargs):  # the second load reads the cached folder: nothing is de-quantised again
+        raise AssertionError("the embedded model was converted again")
+
+    import softprompt.model as model_mod
+
+    monkeypatch.setattr(model_mod, "_convert_gguf", no_conversion)
     again, _ = load_base_model(device="cpu")
-    seconds = time.perf_counter() - t0
-    assert seconds < 10, f"reloading the cached folder took {seconds:.1f}s"  # a sanity bound, not a benchmark
     assert fingerprint(again) == fp
 
 
