@@ -81,11 +81,13 @@ def context_length(config) -> tuple[int, str] | None:
 
     Returns ``None`` for a model without a hard limit, such as T5 (relative position buckets).
     """
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    # the text part of a composite config, as transformers picks it by default (not the decoder's, as
+    # forward.text_config does: the prompt of an encoder-decoder goes into its encoder)
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
     for key in CONTEXT_KEYS:
-        value = getattr(text_config, key, None)
+        value = getattr(cfg, key, None)
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            skip = position_offset(text_config)
+            skip = position_offset(cfg)
             return (value - skip, key if not skip else f"{key} {value}, less the {skip} position id(s) "
                     "the model skips before its first token")
     return None
