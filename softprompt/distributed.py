@@ -8,6 +8,7 @@ DDP does, on a few kilobytes), so all processes keep identical prompts and take 
 
 from __future__ import annotations
 
+import atexit
 import os
 
 import torch
@@ -29,6 +30,13 @@ def launch_world_size() -> int:
                           "accelerate set it; unset it for one process)") from None
 
 
+def _leave_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def distributed() -> tuple[int, int]:
     """``(rank, world_size)``; joins the process group when launched by torchrun / ``accelerate launch``.
 
@@ -47,6 +55,9 @@ def distributed() -> tuple[int, int]:
         except (ValueError, RuntimeError) as e:  # MASTER_ADDR, RANK... missing: not launched by torchrun
             raise ConfigError(f"WORLD_SIZE={world} but the process group cannot start ({e}); launch with "
                               "torchrun or accelerate, or unset WORLD_SIZE") from None
+        # left at exit, the group's threads were torn down by the interpreter: now and then a rank aborted
+        # ("terminate called without an active exception", SIGABRT) after its work was done, failing the launch
+        atexit.register(_leave_group)
     return dist.get_rank(), dist.get_world_size()
 
 
