@@ -77,16 +77,22 @@ SPECIAL_ID_KEYS = ("pad_token_id", "bos_token_id", "eos_token_id", "unk_token_id
                    "cls_token_id", "decoder_start_token_id", "forced_bos_token_id", "forced_eos_token_id")
 
 
-def probe_ids(model, n: int = 3) -> torch.Tensor:
+def probe_ids(model, n: int = 3, seed: int | None = None) -> torch.Tensor:
     """``(1, n)`` ordinary token ids to compare a model's forward on ids with its forward on embeddings: from the
-    middle of the vocabulary, none that its config names special (a padding id, M2M100's 1, is masked from its
-    positions on ids only, so it made every such model look as if it computed something else)."""
+    middle of the vocabulary (``seed``: drawn at random, with that seed), none that its config names special (a
+    padding id, M2M100's 1, is masked from its positions on ids only, so it made every such model look as if it
+    computed something else)."""
     special = set()
     for cfg in (model.config, getattr(model, "generation_config", None)):
         for key in SPECIAL_ID_KEYS:
             value = getattr(cfg, key, None)
             special.update(value if isinstance(value, list | tuple) else [value])
-    vocab = model.get_input_embeddings().weight.shape[0]
+    weight = model.get_input_embeddings().weight
+    vocab = weight.shape[0]
+    if seed is not None:
+        pool = torch.tensor([i for i in range(min(3, vocab - 1), vocab) if i not in special])
+        picks = torch.randint(0, len(pool), (n,), generator=torch.Generator().manual_seed(seed))
+        return pool[picks][None].to(weight.device)
     ids = [i for i in range(vocab // 2, vocab) if i not in special][:n]
     return torch.tensor([ids], device=model.device)
 

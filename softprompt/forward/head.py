@@ -20,7 +20,14 @@ from dataclasses import dataclass
 
 import torch
 
-from softprompt.forward.common import InjectionError, base_forward, decoder_of, text_config, text_position_ids
+from softprompt.forward.common import (
+    InjectionError,
+    base_forward,
+    decoder_of,
+    probe_ids,
+    text_config,
+    text_position_ids,
+)
 from softprompt.forward.slots import MODEL_LOCK
 
 #: Config fields that scale the logits after the head, and whether the model divides by them (a field can do
@@ -138,20 +145,12 @@ def evaluating(model):
             model.train(was)
 
 
-def probe_ids(model, n: int, seed: int = 0) -> torch.Tensor:
-    """``(1, n)`` arbitrary token ids of ``model``'s vocabulary (past the first few special ids)."""
-    emb = model.get_input_embeddings()
-    vocab = emb.weight.shape[0]
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randint(min(3, vocab - 1), vocab, (1, n), generator=gen).to(emb.weight.device)
-
-
 def probe_head(model) -> LogitOp | str:
     """Compare ``model``'s own logits on a few token ids with softprompt's: the operation that reproduces
     them, or why none does."""
     name = type(model).__name__
     with evaluating(model):
-        ids = probe_ids(model, 5)
+        ids = probe_ids(model, 5, seed=0)
         mask = torch.ones_like(ids)
         try:
             own = model(input_ids=ids, attention_mask=mask).logits

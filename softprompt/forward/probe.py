@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-from softprompt.forward.common import InjectionError, base_forward, text_config, text_position_ids
-from softprompt.forward.head import config_value, evaluating, probe_ids, relative_error, tolerance
+from softprompt.forward.common import InjectionError, base_forward, probe_ids, text_config, text_position_ids
+from softprompt.forward.head import config_value, evaluating, relative_error, tolerance
 
 _PROBES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> PromptProbe
 
