@@ -165,7 +165,7 @@ def cmd_generate(ns: argparse.Namespace) -> int:
     else:
         texts, raw, stop = input_values(engine, task, ns.input, ns.raw), ns.raw, "\n" if ns.stop is None else ns.stop
     reqs = [GenerateRequest(task, text, raw=raw, max_tokens=ns.max_new_tokens, temperature=ns.temperature,
-                            top_k=ns.top_k, top_p=ns.top_p, seed=ns.seed + i if ns.temperature > 0 else None,
+                            top_k=ns.top_k, top_p=ns.top_p, seed=(ns.seed or 0) + i if ns.temperature > 0 else None,
                             stop=[stop] if stop else [])
             for i, text in enumerate(texts)]
     for res in engine.generate(reqs):
@@ -248,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0, help="seed of the first input's sampler (+1 per input)")
+    p.add_argument("--seed", type=int, help="seed of the first input's sampler (+1 per input; default 0)")
     p.add_argument("--stop", default=None,
                    help="cut the output at this string ('' to keep all; default: newline, none with --messages)")
     p.add_argument("--no-fingerprint-check", action="store_true", help="load a prompt saved for another model")

@@ -169,6 +169,9 @@ def test_generate_sampling_flags_checked_together(env, tmp_path):
                               "--temperature must be a finite number", "--top-p must be in (0, 1]",
                               "--top-k must be >= 0", "--max-new-tokens must be >= 1", "--seed must be in")
     assert err.count("softprompt generate: error") == 1
+    # sampling flags at the default --temperature 0 (greedy) changed nothing, in silence
+    _assert_usage_error(["generate", "--model", tmp_path / "no-model", "--input", "good", "--top-k", "50",
+                         "--seed", "3"], "--top-k, --seed only apply when sampling: --temperature is 0")
     # --raw with --messages was silently ignored
     _assert_usage_error(["generate", "--model", env["model"], "--messages", '[{"role": "user", "content": "hi"}]',
                          "--raw"], "--raw applies to --input text")

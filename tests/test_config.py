@@ -233,6 +233,18 @@ def test_generate_flags_checked_together():
                    "--top-k must be >= 0", "--top-p must be in (0, 1]", "--seed must be in 0..4294967295"):
         assert needle in text
     assert generate_flag_problems(max_new_tokens=1, temperature=0.7, top_k=0, top_p=1.0, seed=0) == []
+    assert generate_flag_problems(max_new_tokens=1, temperature=0, top_k=0, top_p=1.0, seed=None) == []
+
+
+@pytest.mark.parametrize("flags, named", [({"top_k": 5}, "--top-k only apply"), ({"top_p": 0.9}, "--top-p only"),
+                                          ({"seed": 3}, "--seed only apply"),
+                                          ({"top_k": 5, "top_p": 0.5, "seed": 0}, "--top-k, --top-p, --seed only")])
+def test_generate_refuses_sampling_flags_at_temperature_zero(flags, named):
+    # at --temperature 0 (the default) decoding is greedy: --top-k 50 --seed 3 changed nothing, in silence
+    given = {"max_new_tokens": 1, "temperature": 0.0, "top_k": 0, "top_p": 1.0, "seed": None, **flags}
+    problems = generate_flag_problems(**given)
+    assert len(problems) == 1 and named in problems[0] and "give --temperature > 0 to sample" in problems[0]
+    assert generate_flag_problems(**{**given, "temperature": 0.5}) == []
 
 
 def test_context_length_of_model_families():

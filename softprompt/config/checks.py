@@ -114,13 +114,22 @@ def keep_problems(problems: list[str], *found: str | None) -> None:
 
 
 def generate_flag_problems(max_new_tokens: int, temperature: float, top_k: int, top_p: float,
-                           seed: int) -> list[str]:
-    """Every problem with the sampling flags of ``generate``, each naming its flag."""
+                           seed: int | None) -> list[str]:
+    """Every problem with the sampling flags of ``generate``, each naming its flag.
+
+    ``seed`` is ``None`` when not given. A sampling flag (``--top-k``, ``--top-p`` below 1, ``--seed``) at
+    ``--temperature 0`` is refused: decoding is greedy there and the flag would change nothing, in silence.
+    """
     problems = [] if max_new_tokens >= 1 else [f"--max-new-tokens must be >= 1, got {max_new_tokens}"]
     if top_k < 0:
         problems.append(f"--top-k must be >= 0 (0: off), got {top_k}")
     keep_problems(problems, check_real("--temperature", temperature, lambda v: v >= 0, ">= 0 (0: greedy)"),
-          check_real("--top-p", top_p, lambda v: 0 < v <= 1, "in (0, 1]"), check_seed("--seed", seed))
+                  check_real("--top-p", top_p, lambda v: 0 < v <= 1, "in (0, 1]"),
+                  None if seed is None else check_seed("--seed", seed))
+    sampling = [f for f, on in (("--top-k", top_k > 0), ("--top-p", top_p != 1), ("--seed", seed is not None)) if on]
+    if temperature == 0 and sampling:
+        problems.append(f"{', '.join(sampling)} only apply when sampling: --temperature is 0 (greedy, the "
+                        f"default); give --temperature > 0 to sample, or drop {'them' if len(sampling) > 1 else 'it'}")
     return problems
 
 
