@@ -423,6 +423,18 @@ def test_export_both_ways(filled, tmp_path):
     assert load_prompt(ours).meta == stored.meta
 
 
+@pytest.mark.parametrize("peft", [False, True])
+def test_export_refuses_a_destination_inside_the_store(filled, peft):
+    # exported into the store, a copy became a broken entry, or a stray folder inside entry 'a'; with
+    # --overwrite it replaced entry 'b' behind the store's back (ensemble 'ens' lists it)
+    before = {p.relative_to(filled.root): p.read_bytes() for p in filled.root.rglob("*") if p.is_file()}
+    for dest, overwrite in ((filled.root / "c", False), (filled.root / "a" / "inner", False),
+                            (filled.root / "b", True), (filled.root, True)):
+        with pytest.raises(StoreError, match=re.escape(f"{dest}: is inside the store {filled.root}; export copies")):
+            filled.export("a", dest, peft=peft, overwrite=overwrite)
+    assert {p.relative_to(filled.root): p.read_bytes() for p in filled.root.rglob("*") if p.is_file()} == before
+
+
 def test_broken_entries_are_listed(filled):
     (filled.root / "bad").mkdir()
     (filled.root / "bad" / CONFIG_NAME).write_text("{not json")

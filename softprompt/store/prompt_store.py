@@ -417,9 +417,16 @@ class PromptStore:
             The absolute ``dest``.
 
         Raises:
-            StoreError: no such prompt (ensembles cannot be exported), it is invalid, or ``dest`` exists.
+            StoreError: no such prompt (ensembles cannot be exported), it is invalid, ``dest`` exists, or
+                ``dest`` lies inside the store (it would become an entry, or a stray folder in one, behind the
+                store's back: ``--overwrite`` replaced another entry without the ensemble checks).
         """
         stored = self.load(name)
+        target = Path(dest).expanduser().resolve()
+        if target == self.root.resolve() or self.root.resolve() in target.parents:
+            raise StoreError(f"{dest}: is inside the store {self.root}; export copies a prompt out of the store "
+                             f"(to copy entry {name!r} under another name: softprompt store add --store "
+                             f"{self.root} NEW_NAME {stored.path})")
         if peft:
             return export_peft(stored.path, dest, overwrite=overwrite)
         src = stored.path
