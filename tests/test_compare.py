@@ -463,6 +463,7 @@ def test_resume_keeps_the_rows_that_ran_and_runs_the_others(tmp_path):
     first[1] = {"method": "c", "kind": "prompt_tuning", "error": "RuntimeError: killed"}  # c failed that time
     saved = json.loads((tmp_path / "compare.json").read_text())
     (tmp_path / "compare.json").write_text(json.dumps({**saved, "rows": [saved["rows"][0], first[1]]}))
+    (tmp_path / "runs.jsonl").unlink()  # written before the run journal: c's runs are not there
     jobs.clear()
     rows = run_compare([a, b, c], settings, tmp_path, log=lambda s: None, runner=runner, resume=True)
     assert jobs == ["b", "b", "c", "c"]  # a is kept; b is new; c failed before, so it runs again
@@ -483,6 +484,68 @@ def test_resume_keeps_the_rows_that_ran_and_runs_the_others(tmp_path):
     with pytest.raises(ValueError, match="other settings"):
         run_compare([a], other, tmp_path, log=lambda s: None, runner=runner, resume=True)
     assert resume_problem(tmp_path / "none", other) is None  # nothing to keep: nothing refused
+
+
+class _Killed(BaseException):
+    """The process was killed in the middle of a run (nothing after it ran)."""
+
+
+def test_resume_continues_inside_an_unfinished_row_from_the_run_journal(tmp_path):
+    # compare.json gets a row only when its lr search and every seed are done: a kill in a row's last seed lost
+    # its 2 search runs and the seeds before (up to 25 minutes a row on 2 CPU cores), all run again on --resume
+    from softprompt.compare.journal import JOURNAL
+
+    jobs, kill_at = [], [None]
+
+    def runner(j):
+        if (j.spec.label, j.seed) == kill_at[0]:
+            raise _Killed
+        jobs.append((j.spec.label, j.lr, j.seed))
+        if j.seed < 3:
+            return _fake_seed_run(j)
+        return {**_fake_seed_run(Job(j.spec, "m", "d", j.steps, 8, j.lr)), "seed": j.seed}  # the lr search's
+
+    settings = CompareSettings("m", steps=6, seeds=3, lr_search=True, lr_grid=2, eval_every=2)
+    a, b = Spec("a", "prompt_tuning"), Spec("b", "prompt_tuning")
+    whole = run_compare([a, b], settings, tmp_path / "whole", log=lambda s: None, runner=runner)
+    assert len(jobs) == 10
+    jobs.clear()
+    kill_at[0] = ("b", 2)  # killed in b's last seed: a's row is in compare.json, b's search and 2 seeds are not
+    with pytest.raises(_Killed):
+        run_compare([a, b], settings, tmp_path / "cut", log=lambda s: None, runner=runner)
+    assert len(jobs) == 9 and len((tmp_path / "cut" / JOURNAL).read_text().splitlines()) == 9
+    with open(tmp_path / "cut" / JOURNAL, "a") as f:  # and a line the kill cut short
+        f.write('{"job": {"spec": {"label": "b"')
+    jobs.clear()
+    kill_at[0] = None
+    lines = []
+    rows = run_compare([a, b], settings, tmp_path / "cut", log=lines.append, runner=runner, resume=True)
+    assert jobs == [("b", rows[1]["lr"], 2)]  # only the run that was cut
+    assert sum("kept from" in line and "runs.jsonl" in line for line in lines) == 4  # b's search and seeds 0, 1
+    assert rows == whole
+    assert len((tmp_path / "cut" / JOURNAL).read_text().splitlines()) == 10  # the cut line dropped, the new run in
+    # a run journalled for another job (here another budget) is not taken; without --resume the journal restarts
+    jobs.clear()
+    run_compare([b], CompareSettings(**{**settings.__dict__, "steps": 8}), tmp_path / "cut", log=lambda s: None,
+                runner=runner)
+    assert len(jobs) == 5 and len((tmp_path / "cut" / JOURNAL).read_text().splitlines()) == 5
+
+
+def test_a_failed_run_is_not_journalled_and_runs_again_on_resume(tmp_path):
+    calls = []
+
+    def runner(j):
+        calls.append(j.seed)
+        if j.seed == 1 and calls.count(1) == 1:
+            return {"error": "RuntimeError: out of memory"}
+        return _fake_seed_run(j)
+
+    settings = CompareSettings("m", steps=6, seeds=2, lr_search=False, eval_every=2)
+    row, = run_compare([Spec("a", "prompt_tuning")], settings, tmp_path, log=lambda s: None, runner=runner)
+    assert "error" in row and calls == [0, 1]
+    row, = run_compare([Spec("a", "prompt_tuning")], settings, tmp_path, log=lambda s: None, runner=runner,
+                       resume=True)
+    assert "error" not in row and calls == [0, 1, 1]
 
 
 def test_compare_resume_refuses_other_settings_and_a_store(tmp_path, capsys):

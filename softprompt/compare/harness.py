@@ -11,6 +11,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from softprompt.compare.ensemble import Evaluator, method_slug, store_seed_ensemble
+from softprompt.compare.journal import RunJournal
 from softprompt.compare.report import convergence, format_row, format_table, mean_curve, plot_compare, plot_curves
 from softprompt.compare.run import WARMUP_STEPS, Job, run_in_subprocess
 from softprompt.compare.specs import WEIGHT_KINDS, CompareSettings, Spec, lr_grid
@@ -213,7 +214,8 @@ def run_compare(specs: list[Spec], settings: CompareSettings, out_dir: Path, log
             their ensemble, scored on the test split (:mod:`softprompt.compare.ensemble`).
         evaluate: scores a stored ensemble (default: :func:`evaluate_in_subprocess`).
         resume: keep the rows of an earlier run in ``out_dir/compare.json`` (same settings, checked by
-            :func:`resume_problem` first) that ran to the end; run only the other specs.
+            :func:`resume_problem` first) that ran to the end; run only the other specs, taking the runs of an
+            unfinished row that ``out_dir/runs.jsonl`` holds (:mod:`softprompt.compare.journal`) from it.
 
     Returns:
         One row per spec that ran; a failed row has ``error`` (the child's last stderr line) instead of
@@ -227,6 +229,7 @@ def run_compare(specs: list[Spec], settings: CompareSettings, out_dir: Path, log
     done, problem = _previous(out_dir, settings) if resume else ({}, None)
     if problem:
         raise ValueError(problem)
+    runner = RunJournal(out_dir, resume).wrap(runner or run_in_subprocess, log)  # --resume inside a row too
     # with --resume, the earlier file's rows of specs not selected now stay in it (--resume --only lora wrote a
     # file holding the LoRA row alone), in their place; a selected spec's row takes its old row's place
     selected = {s.label for s in specs}

@@ -1,0 +1,79 @@
+"""Every finished run of a comparison, written down as it ends, so that ``--resume`` continues inside a row.
+
+A row is 3 lr-search runs and 3 seed runs, 5 to 25 minutes on 2 CPU cores; ``compare.json`` gets a row only when
+all of them are done, so an interrupted comparison lost the runs of its unfinished row. The journal
+(``runs.jsonl`` beside ``compare.json``) gets one line per successful run, ``{"job": ..., "run": ...}``, appended
+and flushed to disk when the run ends. ``--resume`` takes a run from it when the job is exactly the same (every
+field of :class:`~softprompt.compare.run.Job`: method definition, model, data, budget, lr, seed, schedule), and
+runs the others. A failed run is not written: it runs again. A line cut short by a kill is dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from softprompt.compare.run import Job
+
+JOURNAL = "runs.jsonl"
+
+
+def job_key(job: Job) -> str:
+    """The identity of a run: its job's every field, as canonical JSON."""
+    return json.dumps(json.loads(job.to_json()), sort_keys=True)
+
+
+def _read(path: Path) -> tuple[dict[str, dict], list[str]]:
+    """The runs of a journal by job key, and its whole lines (a line cut short or not a run is left out)."""
+    runs, lines = {}, []
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return runs, lines
+    for line in text.splitlines(keepends=True):
+        try:
+            entry = json.loads(line) if line.endswith("\n") else None
+            key = job_key(Job.from_json(json.dumps(entry["job"])))
+        except (ValueError, KeyError, TypeError):
+            continue
+        if isinstance(entry.get("run"), dict) and "error" not in entry["run"]:
+            runs[key] = entry["run"]
+            lines.append(line)
+    return runs, lines
+
+
+class RunJournal:
+    """``out_dir/runs.jsonl``: with ``resume``, its runs are reused (a line a kill cut short is dropped from the
+    file first); without, it starts empty."""
+
+    def __init__(self, out_dir: Path, resume: bool):
+        self.path = out_dir / JOURNAL
+        self.done: dict[str, dict] = {}
+        lines: list[str] = []
+        if resume:
+            self.done, lines = _read(self.path)
+        if lines or self.path.exists():  # rewritten whole (atomically): appends never follow a cut line
+            tmp = self.path.with_name(f".{JOURNAL}.tmp")
+            tmp.write_text("".join(lines))
+            os.replace(tmp, self.path)
+
+    def wrap(self, runner: Callable[[Job], dict], log=print) -> Callable[[Job], dict]:
+        """``runner`` that answers a job the journal holds from it, and writes down each new successful run."""
+
+        def run(job: Job) -> dict:
+            key = job_key(job)
+            if key in self.done:
+                log(f"  {job.spec.label}: lr {job.lr:.3g}, seed {job.seed}, {job.steps} steps: kept from "
+                    f"{self.path} (--resume)")
+                return json.loads(json.dumps(self.done[key]))  # a copy: the caller adds to its run dicts
+            result = runner(job)
+            if "error" not in result:
+                with open(self.path, "a") as f:
+                    f.write(json.dumps({"job": json.loads(key), "run": result}) + "\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+            return result
+
+        return run
