@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 from softprompt.config import SECTIONS, ConfigError, DataArgs, EvalArgs, ModelArgs, PromptArgs, TrainArgs, flag
 from softprompt.data import TaskData
+from softprompt.data.dataset import examples_digest
 from softprompt.forward import causal
 from softprompt.methods import build_method
 from softprompt.store import PromptStore, load_prompt
@@ -478,6 +479,22 @@ def test_eval_rebuilds_a_recorded_hold_out_and_refuses_a_malformed_record(tmp_pa
     got = apply_recorded_carve(meta, no_val, data, "p")
     assert got.splits == with_validation(no_val, TuneArgs(validation_from_train=0.25), seed=7, echo=id).splits
     assert apply_recorded_carve(meta, no_val, DataArgs(train_file=__file__), "p") is no_val  # other data: as given
+    # the data edited since with the same counts: the counts alone let the rebuilt validation split hold other
+    # examples (some the prompt trained on); the recorded digest of the held-out examples catches it
+    from softprompt.data import DataError
+
+    digest = examples_digest(got.splits["validation"])
+    assert digest == examples_digest(list(reversed(got.splits["validation"])))  # which examples, not their order
+    signed = {"train_config": {"data": {"train_file": str(f), "validation_from_train": {**carve,
+                                                                                        "validation_digest": digest}}}}
+    assert apply_recorded_carve(signed, no_val, data, "p").splits == got.splits
+    edited = TaskData(no_val.format, {"train": list(no_val.splits["train"])})
+    i = next(i for i, ex in enumerate(edited.splits["train"]) if ex is got.splits["validation"][0])
+    edited.splits["train"][i] = dataclasses.replace(edited.splits["train"][i], source="an edited review")
+    with pytest.raises(DataError, match="p: softprompt tune held out 10 of the 40 training examples .* now holds "
+                                        r"out other examples \(the same counts, other content\)"):
+        apply_recorded_carve(signed, edited, data, "p")
+    assert apply_recorded_carve(meta, edited, data, "p")  # recorded before the digest: counts only, as before
     for bad in ({**carve, "fraction": 1.5}, {**carve, "data_seed": -1}, {**carve, "train_examples": True},
                 {k: v for k, v in carve.items() if k != "validation_examples"}, [0.25]):
         bad_meta = {"train_config": {"data": {"train_file": str(f), "validation_from_train": bad}}}
@@ -499,8 +516,10 @@ def test_stored_trial_prompts_record_what_they_trained_on_not_the_search_bookkee
     recorded = load_prompt(out / "best_prompt").meta["train_config"]
     assert recorded["train"]["resume"] is False and recorded["train"]["checkpoint_every"] == 25  # TrainArgs'
     assert recorded["train"]["max_steps"] == 4 and recorded["train"]["lr"] == result.best.spec.lr
-    assert recorded["data"]["validation_from_train"] == {"fraction": 0.25, "data_seed": 5, "train_examples": 30,
-                                                         "validation_examples": 10}
+    assert recorded["data"]["validation_from_train"] == {
+        "fraction": 0.25, "data_seed": 5, "train_examples": 30, "validation_examples": 10,
+        "validation_digest": examples_digest(with_validation(no_val, TuneArgs(validation_from_train=0.25), seed=5,
+                                                             echo=id).splits["validation"])}
     assert json.loads((out / "tune.json").read_text())["data"]["validation_from_train"]["train_examples"] == 30
 
 

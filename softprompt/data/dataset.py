@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 from dataclasses import dataclass
@@ -235,6 +236,17 @@ def _warn_coverage(splits: dict[str, list[Example]], fmt: TaskFormat) -> None:
 def example_key(ex: Example) -> tuple:
     """What makes two examples the same: their input and answer, or their conversation."""
     return ex.source, ex.target, repr(getattr(ex, "messages", None))
+
+
+def examples_digest(examples: list[Example]) -> str:
+    """A short hash of which examples a split holds (their :func:`example_key`, in any order): a record of a
+    split that a later run rebuilds, to check it rebuilt the same examples, not only as many."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for key in sorted(json.dumps(list(example_key(ex))) for ex in examples):
+        h.update(key.encode("utf-8", "surrogatepass") + b"\n")
+    return h.hexdigest()[:16]
 
 
 def overlap(splits: dict[str, list[Example]]) -> dict[tuple[str, str], int]:

@@ -20,7 +20,7 @@ from typing import Any
 
 from softprompt.config import MAX_SEED, ConfigError
 from softprompt.data import TaskData
-from softprompt.data.dataset import example_key
+from softprompt.data.dataset import example_key, examples_digest
 from softprompt.data.splits import carve
 from softprompt.tune.ensemble import measure, not_built_reason, summary_line
 from softprompt.tune.halving import successive_halving
@@ -333,7 +333,8 @@ def run_tune(args: dict[str, Any], tune: TuneArgs, model, tokenizer, task: TaskD
     if task is not given_task:  # the prompts train on part of --train-file: every stored prompt records which
         sections["data"]["validation_from_train"] = {
             "fraction": tune.validation_from_train, "data_seed": data.data_seed,
-            "train_examples": len(task.splits["train"]), "validation_examples": len(task.splits["validation"])}
+            "train_examples": len(task.splits["train"]), "validation_examples": len(task.splits["validation"]),
+            "validation_digest": examples_digest(task.splits["validation"])}
     doc = {"tune": dataclasses.asdict(flags), **sections, "prompt": dataclasses.asdict(prompt)}
 
     def start() -> None:  # once the search's own checks passed: a refused search leaves an earlier one whole

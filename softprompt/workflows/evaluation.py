@@ -10,6 +10,7 @@ import torch
 
 from softprompt.config import ConfigError, EvalArgs, check_seed, flag
 from softprompt.data import DataError, TaskData, is_chat
+from softprompt.data.dataset import examples_digest
 from softprompt.engine import Engine, EngineError
 from softprompt.evaluate import evaluate_on_engine, evaluate_prompt
 from softprompt.forward import family_of
@@ -93,10 +94,12 @@ def apply_recorded_carve(meta: dict, task: TaskData, data, name: str) -> TaskDat
     keys = ("fraction", "data_seed", "train_examples", "validation_examples")
     values = [carve.get(k) for k in keys] if isinstance(carve, dict) else [None] * 4
     whole = [isinstance(v, int) and not isinstance(v, bool) for v in values]
+    digest = carve.get("validation_digest") if isinstance(carve, dict) else None  # absent before 2026-12-02
     if not (isinstance(values[0], float) and 0 < values[0] < 1 and whole[1] and not check_seed("", values[1])
-            and all(whole[2:]) and min(values[2:]) >= 1):
+            and all(whole[2:]) and min(values[2:]) >= 1 and (digest is None or isinstance(digest, str))):
         raise StoreError(f"{name}: softprompt.json train_config.data.validation_from_train must be an object of "
-                         f"{', '.join(keys)} (a fraction in (0, 1), a seed, two counts >= 1), got {carve!r}")
+                         f"{', '.join(keys)} (a fraction in (0, 1), a seed, two counts >= 1) and optionally "
+                         f"validation_digest (a string), got {carve!r}")
     from softprompt.tune import TuneArgs, with_validation
 
     fraction, seed, want = values[0], values[1], tuple(values[2:])
@@ -113,6 +116,11 @@ def apply_recorded_carve(meta: dict, task: TaskData, data, name: str) -> TaskDat
                         + (f" (--max-train-samples {data.max_train_samples})" if data.max_train_samples else "")
                         + ": the data changed since, so neither split can be rebuilt; name the data to evaluate on "
                         "(--train-file/--validation-file), or tune again")
+    if digest is not None and examples_digest(carved.splits["validation"]) != digest:
+        # as many examples, other ones: an edited record moves to the other side, or brings a trained one along
+        raise DataError(f"{name}: {was}, and it now holds out other examples (the same counts, other content): "
+                        "the data changed since, so the validation split would include examples the prompt "
+                        "trained on; name the data to evaluate on (--train-file/--validation-file), or tune again")
     log.info("%s: %s; rebuilt: validation %d, train %d examples", name, was, want[1], want[0])
     return carved
 
