@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from softprompt.data import encode_classes
 from softprompt.forward.common import InjectionError, by_length, check_pass, check_prompt, probe_ids
 from softprompt.forward.family import Family, FamilyError
+from softprompt.forward.head import evaluating
 from softprompt.forward.prompt import PromptOutput
 
 log = logging.getLogger(__name__)
@@ -88,9 +89,7 @@ def check_reads_embeds(model) -> None:
     """
     if model in _READS_EMBEDS:
         return
-    was = model.training
-    model.eval()  # no dropout in the comparison
-    try:
+    with evaluating(model):  # no dropout in the comparison, no gradients, not beside a running batch
         ids = probe_ids(model)  # (1, 3)
         mask = torch.ones_like(ids)
 
@@ -99,13 +98,12 @@ def check_reads_embeds(model) -> None:
             states = getattr(out, "hidden_states", None)
             return (states[-1][:, :ids.shape[1]] if states else out.logits).float()
 
-        want = last_hidden(input_ids=ids)
-        got = last_hidden(inputs_embeds=model.get_input_embeddings()(ids))
-    except Exception as e:  # noqa: BLE001 - whatever a model without an embeddings path raises
-        raise InjectionError(f"{type(model).__name__} cannot take a prompt in front of its input: its forward on "
-                             f"its embedding module's output fails ({type(e).__name__}: {e})") from None
-    finally:
-        model.train(was)
+        try:
+            want = last_hidden(input_ids=ids)
+            got = last_hidden(inputs_embeds=model.get_input_embeddings()(ids))
+        except Exception as e:  # noqa: BLE001 - whatever a model without an embeddings path raises
+            raise InjectionError(f"{type(model).__name__} cannot take a prompt in front of its input: its forward "
+                                 f"on its embedding module's output fails ({type(e).__name__}: {e})") from None
     if got.shape != want.shape or not torch.allclose(got, want, atol=1e-4, rtol=1e-3):
         raise InjectionError(f"{type(model).__name__} computes something else from token ids than from its embedding "
                              "module's output (ESM: its embeddings layer, with token-dropout rescaling, positions "
