@@ -285,6 +285,22 @@ def test_refuses_newer_format_and_missing_files(saved, tmp_path):
         load_prompt(tmp_path / "nope")
 
 
+def test_a_file_given_for_the_prompt_folder_is_named_as_such_at_once(saved, tmp_path):
+    # a file was taken for a folder being replaced: read 100 times over about a second, then "replaced 100 times
+    # while being read; try again"
+    with pytest.raises(StoreError, match=re.escape(f"{saved / CONFIG_NAME}: not a folder; a prompt is the folder "
+                                                   "that holds adapter_config.json and adapter_model.safetensors "
+                                                   "(give its folder)")):
+        load_prompt(saved / CONFIG_NAME)
+    other = tmp_path / "notes.txt"
+    other.write_text("x")
+    with pytest.raises(StoreError, match=re.escape(f"{other}: not a folder; a prompt is the folder that holds "
+                                                   "adapter_config.json and adapter_model.safetensors")):
+        load_prompt(other)
+    with pytest.raises(StoreError, match=re.escape(f"{other / 'x'}: no such prompt folder")):
+        load_prompt(other / "x")
+
+
 def test_refuses_corrupt_safetensors(saved):
     (saved / WEIGHTS_NAME).write_bytes(b"\xff" * 16)
     with pytest.raises(StoreError, match=at(saved / WEIGHTS_NAME, "not a readable safetensors file")):

@@ -122,8 +122,12 @@ def _read_once(folder: Path, wanted: tuple[str, ...], limits: dict[str, int]) ->
     try:
         dfd = os.open(folder, os.O_RDONLY | _DIRECTORY)
     except (FileNotFoundError, NotADirectoryError):
-        if settle(folder) or folder.exists():  # an overwrite was under way, or a crashed one was undone
+        if settle(folder) or folder.is_dir():  # an overwrite was under way, or a crashed one was undone
             raise _Changed from None
+        if folder.exists():  # a file (no writer puts one there): it was retried until "replaced 100 times"
+            raise StoreError(f"{folder}: not a folder; a prompt is the folder that holds adapter_config.json and "
+                             f"adapter_model.safetensors{' (give its folder)' if folder.name in wanted else ''}"
+                             ) from None
         raise StoreError(f"{folder}: no such prompt folder") from None
     except OSError as e:
         raise StoreError(f"{folder}: cannot be read ({e.strerror or e})") from None
