@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -235,6 +236,21 @@ def materialize_gguf(path: Path) -> Path:
     return target
 
 
+def _refuse_adapter_folder(name_or_path: str) -> None:
+    """Refuse a prompt (or other PEFT adapter) folder given as the model: transformers said only "Unrecognized
+    model ... Should have a `model_type` key in its config.json"."""
+    config = Path(name_or_path, "adapter_config.json")
+    if not config.is_file() or Path(name_or_path, "config.json").is_file():
+        return
+    try:
+        base = json.loads(config.read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        base = None
+    raise ModelLoadError(f"--model {name_or_path} is a prompt or adapter folder (adapter_config.json), not a model: "
+                         "give it as --prompt (or add it to a store) and its base model as --model"
+                         + (f" (its adapter_config.json names {base!r})" if isinstance(base, str) and base else ""))
+
+
 def load_base_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto",
                     task_type: str = "auto", num_labels: int | None = None):
     """Load a frozen base model and its tokenizer.
@@ -283,6 +299,7 @@ def load_base_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, device: str
         else:
             from transformers import AutoConfig
 
+            _refuse_adapter_folder(name_or_path)
             family = family_for_config(AutoConfig.from_pretrained(name_or_path), task_type)
             model = family.from_pretrained(name_or_path, dt, num_labels)  # the family's AutoModel* class
             tok = AutoTokenizer.from_pretrained(name_or_path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import time
 
@@ -121,6 +122,22 @@ def test_bad_path_names_flag_and_path(tmp_path, kind):
     msg = str(exc.value)
     assert msg.startswith(f"--model {path}: could not load")
     assert "smollm2-135m-instruct" in msg  # points at what would work
+
+
+def test_a_prompt_folder_given_as_the_model_is_named_as_such(tmp_path, tiny_model_dir):
+    # transformers said only "Unrecognized model in DIR. Should have a `model_type` key in its config.json"
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "PROMPT_TUNING",
+                                                              "base_model_name_or_path": "HuggingFaceTB/SmolLM2"}))
+    with pytest.raises(ModelLoadError, match=re.escape(
+            f"--model {tmp_path} is a prompt or adapter folder (adapter_config.json), not a model: give it as "
+            "--prompt (or add it to a store) and its base model as --model (its adapter_config.json names "
+            "'HuggingFaceTB/SmolLM2')")):
+        load_base_model(str(tmp_path), device="cpu")
+    (tmp_path / "adapter_config.json").write_text("{not json")
+    with pytest.raises(ModelLoadError, match=r"is a prompt or adapter folder \(adapter_config.json\), not a model: "
+                                             r"give it as --prompt \(or add it to a store\) and its base model as "
+                                             r"--model$"):
+        load_base_model(str(tmp_path), device="cpu")
 
 
 def test_damaged_weights_and_gguf_files_are_a_model_load_error(tmp_path, tiny_model_dir):
