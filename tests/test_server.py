@@ -307,17 +307,57 @@ def test_admin_needs_the_bearer_token_and_loads_unloads_reloads(served):
         assert client.post("/admin/tasks/base/unload", headers={"Authorization": "Bearer x"}).status_code == 403
 
 
-def test_scheduler_isolates_a_bad_request_in_a_batch(served):
+def test_scheduler_isolates_a_bad_request_in_a_batch(served, monkeypatch):
     state, _ = served
+    engine = state.engine
     sched = state.scheduler
     sched.start()  # a TestClient leaving its block stops the scheduler with the app
+    # a request the engine refuses at preparation fails at once, before any batch
     futures = [sched.submit("classify", ClassifyRequest("t0", "good")),
                sched.submit("classify", ClassifyRequest("t1", "bad")),  # a generation task: rejected
                sched.submit("classify", ClassifyRequest("t2", "great"))]
-    assert futures[0].result(60).label in ("positive", "negative")
+    refs = direct(state, "classify", [ClassifyRequest("t0", "good"), ClassifyRequest("t2", "great")])
+    got = futures[0].result(60)
+    assert got.label == refs[0].label and got.probs == pytest.approx(refs[0].probs, abs=1e-5)
     with pytest.raises(Exception, match="not a classification task"):
         futures[1].result(60)
-    assert futures[2].result(60).label in ("positive", "negative")
+    got = futures[2].result(60)
+    assert got.label == refs[1].label and got.probs == pytest.approx(refs[1].probs, abs=1e-5)
+
+    # a request that fails inside the batch's engine call: the batch is halved until it fails alone, and the
+    # others are served (their results as a direct engine call's)
+    texts = ["good", "bad", "boom", "great", "awful", "the film", "a plot", "not bad"]
+    reqs = [ClassifyRequest(f"t{2 * (i % 4)}", t) for i, t in enumerate(texts)]
+    refs = dict(zip(texts, direct(state, "classify", reqs), strict=True))
+    real, calls = engine.run, []
+
+    def run(kind, items, on_token=None, cancelled=None, **kw):
+        calls.append([p.request.input for p in items])
+        if any(p.request.input == "boom" for p in items):
+            raise RuntimeError("a row that breaks the forward")
+        return real(kind, items, on_token, cancelled, **kw)
+
+    monkeypatch.setattr(engine, "run", run)
+    # the batch closes when full (all 8), not when the wait ends: the 8 requests go in one engine call
+    isolating = Scheduler(engine, max_batch_requests=len(texts), max_wait_ms=60_000)
+    isolating.start()
+    try:
+        futures = [isolating.submit("classify", r) for r in reqs]
+        for t, f in zip(texts, futures, strict=True):
+            if t == "boom":
+                with pytest.raises(RuntimeError, match="breaks the forward"):
+                    f.result(60)
+            else:
+                got = f.result(60)
+                assert got.label == refs[t].label and got.probs == pytest.approx(refs[t].probs, abs=1e-5), t
+    finally:
+        isolating.stop()
+    stats = isolating.stats
+    assert stats.failed == 1 and stats.batches == 1 and stats.rows == len(texts)
+    assert calls[0] == texts  # all in one call first
+    served_in = [c for c in calls if "boom" not in c]
+    assert ["boom"] in calls and sorted(t for c in served_in for t in c) == sorted(t for t in texts if t != "boom")
+    assert max(len(c) for c in served_in) >= 3  # the others were served in batches, not one by one
 
 
 def test_schema_fuzz_finds_no_5xx(served):
