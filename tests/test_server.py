@@ -299,7 +299,31 @@ def test_admin_needs_the_bearer_token_and_loads_unloads_reloads(served):
         assert client.post("/admin/tasks/t2/load", headers=auth).status_code == 200
         assert client.post("/v1/classify", json={"model": "fresh", "input": "good"}).status_code == 200
         assert client.post("/admin/tasks/missing/load", headers=auth).status_code == 400
-        assert client.post("/admin/tasks/t2/reload", headers=auth).status_code == 200
+        # a reload serves the store entry as it is now: t2 is replaced in the store by another prompt (7 virtual
+        # tokens, not 4; another seed, template and verbalizer); until the reload, the old one is still served
+        inputs = ["good", "bad plot", "the film was great", "awful"]
+
+        def served_t2() -> list[dict]:
+            r = client.post("/v1/classify", json={"model": "t2", "input": inputs})
+            assert r.status_code == 200, r.text
+            return r.json()["data"]
+
+        old = state.engine.classify([ClassifyRequest("t2", x) for x in inputs])
+        method = build_method("prompt_tuning", {"num_virtual_tokens": 7, "init": "random", "init_scale": 1.0,
+                                                "seed": 123}, state.engine.model, state.engine.tok)
+        task = {"template": "Classify sentiment : {text} .", "target_field": "label",
+                "verbalizer": {"positive": "good", "negative": "bad"}}
+        state.store.save("t2", method, state.engine.model, task=task, overwrite=True)
+        assert [d["probs"] for d in served_t2()] == [pytest.approx(o.probs, abs=1e-5) for o in old]
+        r = client.post("/admin/tasks/t2/reload", headers=auth)
+        assert r.status_code == 200, r.text
+        assert r.json()["task"]["prompt_tokens"] == [7] and r.json()["task"]["template"] == task["template"]
+        fresh = Engine.from_store(state.store, state.engine.model, state.engine.tok, names=["t2"])
+        new = fresh.classify([ClassifyRequest("t2", x) for x in inputs])
+        got = served_t2()
+        assert [d["label"] for d in got] == [n.label for n in new]
+        assert [d["probs"] for d in got] == [pytest.approx(n.probs, abs=1e-5) for n in new]
+        assert any(abs(n.probs["positive"] - o.probs["positive"]) > 1e-3 for n, o in zip(new, old, strict=True))
         state.engine.unload("fresh")
     engine = Engine(make_model("llama"), state.engine.tok)
     engine.add_base("base")

@@ -18,8 +18,10 @@ import httpx
 import pytest
 
 pytest.importorskip("fastapi")
+from fastapi.testclient import TestClient  # noqa: E402
 
 from softprompt.engine import ClassifyRequest, Engine, GenerateRequest, ScoreRequest  # noqa: E402
+from softprompt.methods import build_method  # noqa: E402
 from softprompt.server import Scheduler, ServerState, create_app  # noqa: E402
 from softprompt.store import META_NAME, WEIGHTS_NAME, PromptStore  # noqa: E402
 from tests.conftest import make_model, serve  # noqa: E402
@@ -187,3 +189,22 @@ def test_chaos_mixed_good_hostile_and_admin(tmp_path, tokenizer):
     assert set(engine.task_names()) == set(STABLE + CHURN)
     assert fingerprint_store(store) == before  # nothing lost, nothing changed
     assert sorted(e.name for e in store.list() if e.kind == "broken") == sorted(broken)
+
+    # the operator's reloads found every entry unchanged, and a reload that read nothing passed them: a reload
+    # serves the entry as the store holds it now (t0 replaced by another prompt of 6 virtual tokens, not 2,
+    # another template and verbalizer), as a fresh engine on the new entry does
+    method = build_method("prompt_tuning", {"num_virtual_tokens": 6, "init": "random", "init_scale": 1.0,
+                                            "seed": 77}, model, tokenizer)
+    task = {"template": "Classify sentiment : {text} .", "target_field": "label",
+            "verbalizer": {"positive": "good", "negative": "bad"}}
+    old = engine.classify([ClassifyRequest("t0", w) for w in WORDS])
+    store.save("t0", method, model, task=task, overwrite=True)
+    new = Engine.from_store(store, model, tokenizer, names=["t0"]).classify([ClassifyRequest("t0", w) for w in WORDS])
+    assert any(abs(n.probs["positive"] - o.probs["positive"]) > 1e-3 for n, o in zip(new, old, strict=True))
+    with TestClient(create_app(state)) as client:
+        r = client.post("/admin/tasks/t0/reload", headers=AUTH)
+        assert r.status_code == 200, r.text
+        assert r.json()["task"]["prompt_tokens"] == [6] and r.json()["task"]["template"] == task["template"]
+        got = client.post("/v1/classify", json={"model": "t0", "input": WORDS}).json()["data"]
+    assert [d["label"] for d in got] == [n.label for n in new]
+    assert [d["probs"] for d in got] == [pytest.approx(n.probs, abs=1e-5) for n in new]
