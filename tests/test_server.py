@@ -206,6 +206,7 @@ def test_max_tokens_defaults_follow_the_server_limit_and_a_chat_reply_gets_the_r
     with TestClient(create_app(ServerState(engine, Scheduler(engine), max_tokens=8))) as client:
         r = client.post("/v1/completions", json={"model": "base", "raw": True, "temperature": 0, "prompt": "the"})
         ref = engine.generate([GenerateRequest("base", "the", raw=True, max_tokens=8)])[0]
+        assert ref.finish_reason == "length" and len(ref.tokens) == 8  # a shorter default would show
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == len(ref.tokens), r.text
     limit = 40
     with TestClient(create_app(ServerState(engine, Scheduler(engine), max_tokens=limit))) as client:
@@ -215,6 +216,7 @@ def test_max_tokens_defaults_follow_the_server_limit_and_a_chat_reply_gets_the_r
             return r.json()["choices"][0]["text"], r.json()["usage"]["completion_tokens"]
 
         ref = engine.generate([GenerateRequest("base", "the movie", raw=True, max_tokens=16)])[0]
+        assert ref.finish_reason == "length" and len(ref.tokens) == 16  # another default would show
         assert completion({"prompt": "the movie"}) == (ref.text, len(ref.tokens))  # OpenAI's 16
         r = client.post("/v1/completions", json={"model": "base", "prompt": "x", "max_tokens": limit + 1})
         assert r.status_code == 400 and f"max_tokens {limit + 1} is over this server's limit of {limit}" in r.text
@@ -232,6 +234,8 @@ def test_max_tokens_defaults_follow_the_server_limit_and_a_chat_reply_gets_the_r
             want = room or engine.context - n
             assert want < limit or room
             ref = engine.generate([GenerateRequest("base", text, raw=True, max_tokens=want)])[0]
+            # the reply runs to its limit, past 16 tokens: a reply cut at 16 (the old bug) would show
+            assert ref.finish_reason == "length" and len(ref.tokens) == want > 16
             assert got["choices"][0]["message"]["content"] == ref.text
             assert got["usage"]["completion_tokens"] == len(ref.tokens)
             assert got["choices"][0]["finish_reason"] == ref.finish_reason

@@ -80,6 +80,8 @@ def test_completions_top_logprobs_include_the_sampled_token(setup):
         # (a more likely token with the same string keeps its place: the keys are strings)
         assert token in top and top[token] >= logprob - 1e-6 and len(top) <= 2
         assert list(top.values()) == sorted(top.values(), reverse=True)
+    # the case checked happened: some sampled token was not the most likely one (and its string is another)
+    assert any(len(top) == 2 for top in lp["top_logprobs"]), lp
 
 
 def test_completions_logprobs_are_the_engines_in_openais_format(setup):
