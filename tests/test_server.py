@@ -427,7 +427,10 @@ def test_serve_command_in_a_subprocess(tmp_path, tokenizer, tiny_model_dir):
     from softprompt.model import load_base_model
 
     model, tok = load_base_model(tiny_model_dir, device="cpu")
-    make_store(tmp_path / "store", model, tok)
+    store = make_store(tmp_path / "store", model, tok)
+    # what the served tasks answer: the same model and store, called directly
+    refs = Engine.from_store(store, model, tok, names=["t0", "t2"]).classify([ClassifyRequest("t0", "good"),
+                                                                              ClassifyRequest("t2", "bad")])
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
@@ -446,10 +449,13 @@ def test_serve_command_in_a_subprocess(tmp_path, tokenizer, tiny_model_dir):
                 time.sleep(0.1)
         assert {m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]} == {"t0", "t1", "base"}
         r = httpx.post(f"{url}/v1/classify", json={"model": "t0", "input": "good"})
-        assert r.status_code == 200 and r.json()["data"][0]["label"] in ("positive", "negative")
+        assert r.status_code == 200 and r.json()["data"][0]["label"] == refs[0].label
+        assert r.json()["data"][0]["probs"] == pytest.approx(refs[0].probs, abs=1e-5)
         auth = {"Authorization": f"Bearer {TOKEN}"}
         assert httpx.post(f"{url}/admin/tasks/t2/load", headers=auth, timeout=30).status_code == 200
-        assert httpx.post(f"{url}/v1/classify", json={"model": "t2", "input": "bad"}).status_code == 200
+        r = httpx.post(f"{url}/v1/classify", json={"model": "t2", "input": "bad"})
+        assert r.status_code == 200 and r.json()["data"][0]["label"] == refs[1].label
+        assert r.json()["data"][0]["probs"] == pytest.approx(refs[1].probs, abs=1e-5)
     finally:
         proc.terminate()
         out = proc.communicate(timeout=30)[0]

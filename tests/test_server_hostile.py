@@ -19,7 +19,7 @@ from softprompt.engine import ClassifyRequest, Engine, GenerateRequest  # noqa: 
 from softprompt.server import Scheduler, ServerState, create_app  # noqa: E402
 from softprompt.server.scheduler import QueueFullError  # noqa: E402
 from tests.conftest import gate_runs, make_model, serve  # noqa: E402
-from tests.test_server import TOKEN, make_store  # noqa: E402
+from tests.test_server import TOKEN, WORDS, make_store  # noqa: E402
 
 
 def post(url: str, body: dict) -> httpx.Response:
@@ -408,15 +408,19 @@ def test_a_client_that_leaves_cancels_its_generation(setup, monkeypatch, stream)
 def test_admission_is_all_or_nothing(setup, monkeypatch):
     state, _, _ = setup
     engine = state.engine
+    texts = [WORDS[i % len(WORDS)] for i in range(64)]  # each admitted request gets its own result
+    refs = engine.classify([ClassifyRequest("t0", t) for t in texts])  # before the engine is held
     gate, ran = gate_runs(monkeypatch, engine)
     sched = Scheduler(engine, max_batch_requests=16, max_wait_ms=5, max_queue=64)
     sched.start()
     try:
-        first = sched.submit_many("classify", [ClassifyRequest("t0", "good")] * 64)
+        first = sched.submit_many("classify", [ClassifyRequest("t0", t) for t in texts])
         with pytest.raises(QueueFullError):
             sched.submit_many("classify", [ClassifyRequest("t2", "bad")] * 64)
         gate.set()
-        assert all(j.future.result(60).label for j in first)
+        got = [j.future.result(60) for j in first]
+        assert [r.label for r in got] == [r.label for r in refs]
+        assert [r.probs for r in got] == [pytest.approx(r.probs, abs=1e-5) for r in refs]
         assert len(ran) == 64 and {p.task.name for p in ran} == {"t0"}
     finally:
         gate.set()
