@@ -254,11 +254,14 @@ def test_queue_full_is_429(tokenizer):
 def test_requests_over_a_full_positive_queue_are_429_and_the_admitted_ones_succeed(tokenizer, monkeypatch, policy):
     engine = Engine(make_model("llama"), tokenizer)
     engine.add_base("base")
+    # what each admitted request must answer: the engine's own greedy generation of it
+    ref = engine.generate([GenerateRequest("base", "bad plot", raw=True, max_tokens=2)])[0]
+    assert ref.text.strip() and len(ref.tokens) == 2  # a reply with words: a wrong one shows
     gate, ran = gate_runs(monkeypatch, engine)  # the worker holds the first request; the rest wait in the queue
     held = gate.entered
     sched = Scheduler(engine, max_batch_requests=16, max_wait_ms=1, max_queue=4, policy=policy)
     assert sched.policy == policy
-    body = {"model": "base", "prompt": "the movie", "raw": True, "max_tokens": 2, "temperature": 0}
+    body = {"model": "base", "prompt": "bad plot", "raw": True, "max_tokens": 2, "temperature": 0}
 
     def wait_for(condition) -> None:
         deadline = time.monotonic() + 30
@@ -284,6 +287,8 @@ def test_requests_over_a_full_positive_queue_are_429_and_the_admitted_ones_succe
         done = [f.result(60) for f in admitted]
     assert [r.status_code for r in done] == [200] * 5
     assert len({r.json()["choices"][0]["text"] for r in done}) == 1  # greedy: alone or batched, the same
+    assert [(r.json()["choices"][0]["text"], r.json()["usage"]["completion_tokens"]) for r in done] == \
+        [(ref.text, len(ref.tokens))] * 5
     assert len(ran) == 5  # the refused ones never reached the engine
 
 
