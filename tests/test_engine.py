@@ -233,6 +233,12 @@ def test_truncation_only_when_asked(setup):
     engine.truncate = True
     res = engine.classify([ClassifyRequest("sent", long)])[0]
     assert math.isfinite(res.scores["positive"])
+    # the cut keeps the end of the rendered text (where the label is predicted), after the prompt's lead ids
+    # (the BOS, when the tokenizer has one): 8 tokens, less the 1-token label that training counts after them
+    lead = engine.lead_ids("sent")
+    ids = tok(SENT["template"].format(text=long), add_special_tokens=False)["input_ids"]
+    (row,) = engine.prepare("classify", ClassifyRequest("sent", long)).rows
+    assert len(ids) > 7 and row.ids == lead + ids[len(ids) - (7 - len(lead)):]
 
 
 def test_on_token_sees_every_prefix_of_each_request_and_its_logprobs(setup):
