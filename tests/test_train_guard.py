@@ -160,6 +160,56 @@ def test_non_finite_step_restores_the_snapshot_exactly_and_halves_the_lr(tmp_pat
     assert torch.isfinite(method.embeddings).all()
 
 
+def test_an_update_that_makes_the_prompt_non_finite_is_rolled_back(tmp_path, tokenizer, monkeypatch):
+    """The loss and gradient of step 8 are finite, but its optimizer update writes inf into the prompt (as an
+    overflowing update would): only the check after the update (``check_params``) sees it. Missed, the inf prompt
+    was kept, checkpointed at step 8, and the next step's loss went NaN."""
+    build = train_mod.build_optimizer
+    calls = []
+
+    def poisoned(*a):
+        opt = build(*a)
+
+        def after_step(optimizer, *_):
+            calls.append(1)
+            if len(calls) == 8:  # the update of step 8
+                with torch.no_grad():
+                    optimizer.param_groups[0]["params"][0][0, 0] = float("inf")
+
+        opt.register_step_post_hook(after_step)
+        return opt
+
+    monkeypatch.setattr(train_mod, "build_optimizer", poisoned)
+    model, method = fresh(tokenizer)
+    saved, seen, checkpointed = [], {}, {}
+    out = tmp_path / "run"
+
+    def on_step(step):
+        seen[step] = method.embeddings.detach().clone()
+        ck = out / "checkpoint" / "method.safetensors"
+        if ck.exists():
+            checkpointed[step] = load_file(str(ck))["embeddings"]
+
+    result = train(model, tokenizer, method, task(), args(out, max_steps=12, optimizer="adamw", lr=0.05,
+                                                          schedule="constant", warmup_steps=0, eval_every=2,
+                                                          checkpoint_every=4),
+                   save_best=lambda m, metrics: saved.append(m.embeddings.detach().clone()), on_step=on_step)
+    rows = rows_of(out)
+    assert [(r["step"], r["event"]) for r in rows if "event" in r] == [(8, "rollback")]
+    assert rows[7]["reason"] == "the update made the prompt non-finite"
+    # every loss and gradient was finite, so the check before the update had nothing to see: every step stepped
+    assert all(torch.isfinite(torch.tensor([r["loss"], r["grad_norm"]])).all() for r in rows) and len(calls) == 12
+    # the state after step 8 is the copy taken after step 5 (the newest older than the state step 8 started from)
+    assert rows[7]["rolled_back_to"] == 5 and torch.equal(seen[8], seen[5])
+    assert [r["lr"] for r in rows[:7]] == [0.05] * 7
+    assert [r["lr"] for r in rows[7:]] == pytest.approx([0.025] * 5, rel=1e-12)
+    assert (result.rollbacks, result.lr_scale, result.diverged, result.steps) == (1, 0.5, False, 12)
+    assert all(torch.isfinite(p).all() for p in seen.values())
+    assert saved and all(torch.isfinite(p).all() for p in saved)
+    assert sorted(checkpointed) == list(range(4, 13)) and all(torch.isfinite(p).all() for p in checkpointed.values())
+    assert torch.isfinite(method.embeddings).all()
+
+
 @pytest.mark.parametrize("kind", ["nan", "nan_grad"])
 def test_with_the_guard_off_a_non_finite_step_is_skipped_and_ends_the_run(tmp_path, tokenizer, faults, kind):
     # off (compare's full fine-tuning, whose copies would swamp its memory column), it checked nothing: the NaN
