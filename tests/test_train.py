@@ -257,12 +257,64 @@ def test_no_validation_no_best_state(tmp_path, tokenizer):
     assert not (tmp_path / "checkpoint" / "best.safetensors").exists()
 
 
-def test_grad_accumulation_matches_big_batch(tmp_path, tokenizer):
+def full_batch_reference(model, tokenizer, method, data: TaskData, train_args: TrainArgs,
+                         max_length: int = 256) -> tuple[float, torch.Tensor]:
+    """The mean cross-entropy over every target token of the first step's whole batch, and its gradient with
+    respect to the prompt, computed in one HF forward over ``[prompt embeddings, token embeddings]`` (right-padded
+    rows): what the loop's first step must log as its loss and have as its prompt gradient before clipping."""
+    from softprompt.data import collate
+    from softprompt.forward import family_of
+    from softprompt.train import step_groups
+
+    enc = family_of(model).encode_examples(tokenizer, data.examples("train"), data.format, max_length)
+    per_step = train_args.batch_size * train_args.grad_accum
+    batch = collate([enc[i] for i in step_groups(enc, train_args, 0, len(enc) // per_step)[0]],
+                    tokenizer.pad_token_id)
+    prompt = method.embeddings.detach().clone().requires_grad_()
+    rows, p = batch.input_ids.shape[0], prompt.shape[0]
+    embeds = torch.cat([prompt.expand(rows, -1, -1), model.get_input_embeddings()(batch.input_ids)], dim=1)
+    mask = torch.cat([torch.ones(rows, p, dtype=torch.long), batch.attention_mask], dim=1)
+    logits = model(inputs_embeds=embeds, attention_mask=mask).logits[:, p:]
+    sel = batch.target_mask[:, 1:]  # token t is predicted at position t - 1
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1][sel].float(), batch.input_ids[:, 1:][sel])
+    (grad,) = torch.autograd.grad(loss, prompt)
+    return float(loss.detach()), grad
+
+
+@pytest.fixture
+def grads_before_clipping(monkeypatch) -> list[list[torch.Tensor]]:
+    """Copies of the gradients every ``clip_grad_norm_`` call is given (the loop's, before it clips them)."""
+    seen, real = [], torch.nn.utils.clip_grad_norm_
+
+    def spy(params, *a, **kw):
+        params = list(params)
+        seen.append([p.grad.detach().clone() for p in params if p.grad is not None])
+        return real(params, *a, **kw)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+    return seen
+
+
+def assert_first_step_is_the_full_batch_mean(out, grads, reference) -> None:
+    """The first logged loss and the first step's gradient are those of the mean over the whole batch: AdamW and
+    clipping cancel a uniform scale of the gradient, so equal final prompts do not show a summed (or otherwise
+    rescaled) loss; these numbers do."""
+    loss, grad = reference
+    first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["loss"] == pytest.approx(loss, rel=1e-5)
+    assert first["grad_norm"] == pytest.approx(float(grad.norm()), rel=1e-4)
+    torch.testing.assert_close(grads[0][0], grad, atol=1e-6, rtol=1e-4)
+
+
+def test_grad_accumulation_matches_big_batch(tmp_path, tokenizer, grads_before_clipping):
     results = []
     for bs, acc in ((8, 1), (4, 2)):
         model, method = fresh(tokenizer)
-        train(model, tokenizer, method, task(), args(tmp_path / f"{bs}", max_steps=3, batch_size=bs, grad_accum=acc,
-                                                     optimizer="adamw", lr=0.01))
+        a = args(tmp_path / f"{bs}", max_steps=3, batch_size=bs, grad_accum=acc, optimizer="adamw", lr=0.01)
+        reference = full_batch_reference(model, tokenizer, method, task(), a)
+        grads_before_clipping.clear()
+        train(model, tokenizer, method, task(), a)
+        assert_first_step_is_the_full_batch_mean(tmp_path / f"{bs}", grads_before_clipping, reference)
         results.append(method.embeddings.detach().clone())
     torch.testing.assert_close(results[0], results[1], atol=1e-5, rtol=1e-4)
 
@@ -281,15 +333,19 @@ def uneven_task(n_train=64) -> TaskData:
 
 
 @pytest.mark.parametrize("group_by_length", [True, False])
-def test_grad_accumulation_matches_big_batch_with_unequal_targets(tmp_path, tokenizer, group_by_length):
+def test_grad_accumulation_matches_big_batch_with_unequal_targets(tmp_path, tokenizer, group_by_length,
+                                                                  grads_before_clipping):
     """The step's loss is the mean over all its target tokens, however the batch is cut into micro-batches:
     averaging the micro-batches' means weighed a token of a short-answer micro-batch more."""
     results = []
     for bs, acc in ((8, 1), (2, 4)):
         model, method = fresh(tokenizer)
-        train(model, tokenizer, method, uneven_task(), args(tmp_path / f"{bs}", max_steps=3, batch_size=bs,
-                                                            grad_accum=acc, optimizer="adamw", lr=0.05, warmup_steps=0,
-                                                            group_by_length=group_by_length))
+        a = args(tmp_path / f"{bs}", max_steps=3, batch_size=bs, grad_accum=acc, optimizer="adamw", lr=0.05,
+                 warmup_steps=0, group_by_length=group_by_length)
+        reference = full_batch_reference(model, tokenizer, method, uneven_task(), a)
+        grads_before_clipping.clear()
+        train(model, tokenizer, method, uneven_task(), a)
+        assert_first_step_is_the_full_batch_mean(tmp_path / f"{bs}", grads_before_clipping, reference)
         results.append(method.embeddings.detach().clone())
     torch.testing.assert_close(results[0], results[1], atol=1e-6, rtol=1e-5)
 
