@@ -124,6 +124,13 @@ def test_distillation_lowers_held_out_kl_and_saves_a_stored_prompt(tiny_dirs, ca
         return real(*a, **kw)
 
     monkeypatch.setattr(distilling, "held_out_kl", recorded)
+    real_pair, decoded = distilling.greedy_pair, []
+
+    def kept(*a, **kw):  # the greedy continuations each row's agreement is computed from
+        decoded.append(real_pair(*a, **kw))
+        return decoded[-1]
+
+    monkeypatch.setattr(distilling, "greedy_pair", kept)
     rc = run_distill(tmp, "--inputs-file", str(tmp / "inputs.txt"), "--max-steps", "60",
                      "--store", str(tmp / "store"), "--task", "reviews")
     assert rc == 0
@@ -135,8 +142,13 @@ def test_distillation_lowers_held_out_kl_and_saves_a_stored_prompt(tiny_dirs, ca
     assert report["held_out_inputs"] == 4 and report["train_inputs"] == 10
     assert batches == [4, 4, 4]  # --batch-size 4: before training (no context, init) and after
     assert report["context_tokens"] == len(CONTEXT.split()) and report["tokens_saved_per_request"] == 23 - 4
-    for m in rows.values():
-        assert 0 <= m["greedy_exact"] <= 1 and 0 <= m["greedy_token"] <= 1
+    # each row's agreement, recounted from the continuations it was measured on (in the report's order)
+    assert len(decoded) == len(rows) == 3
+    for m, (teacher_out, other) in zip(rows.values(), decoded, strict=True):
+        assert len(teacher_out) == len(other) == 4 and all(len(t) == 4 for t in teacher_out + other)
+        same = [[a == b for a, b in zip(t, o, strict=True)] for t, o in zip(teacher_out, other, strict=True)]
+        assert m["greedy_exact"] == sum(all(r) for r in same) / 4
+        assert m["greedy_token"] == sum(map(sum, same)) / 16
     out = capsys.readouterr().out
     assert "distilled soft prompt" in out and "tokens saved per request: 19" in out
     # a normal stored prompt: it loads, records where it came from, and serves from the store's engine
@@ -153,6 +165,16 @@ def test_distillation_lowers_held_out_kl_and_saves_a_stored_prompt(tiny_dirs, ca
     # it has no task of its own: eval says so instead of scoring it on the default dataset
     assert main(["eval", "--model", str(tmp / "llama"), "--prompt", str(tmp / "run" / "prompt")]) == 2
     assert "distilled from a context" in capsys.readouterr().err
+
+
+def test_agreement_counts_whole_continuations_and_tokens_at_the_same_step():
+    from softprompt.workflows.distilling import agreement
+
+    teacher = [[5, 6, 7], [8, 9, 10], [11, 12, 13], [4, 4, 4]]
+    other = [[5, 6, 7], [8, 0, 10], [0, 11, 12], [4, 4, 4]]  # the third: the right tokens, one step late
+    assert agreement(teacher, other) == {"greedy_exact": 2 / 4, "greedy_token": 8 / 12}
+    assert agreement(teacher, teacher) == {"greedy_exact": 1.0, "greedy_token": 1.0}
+    assert agreement([[1, 2]], [[3, 4]]) == {"greedy_exact": 0.0, "greedy_token": 0.0}
 
 
 def test_sampled_inputs_are_seeded(tiny_dirs):
