@@ -307,12 +307,48 @@ def test_refuses_corrupt_safetensors(saved):
         load_prompt(saved)
 
 
-def test_load_never_unpickles(saved, monkeypatch):
-    def forbidden(*args, **kwargs):
-        raise AssertionError("torch.load called")
+class _Trap:
+    """Unpickled, it creates the folder ``marker`` (what a malicious pickle would do with a shell command)."""
 
-    monkeypatch.setattr(torch, "load", forbidden)
-    load_prompt(saved)
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.mkdir, (str(self.marker),)
+
+
+def test_load_never_unpickles(saved, model, tmp_path, monkeypatch):
+    """A booby-trapped PEFT ``adapter_model.bin`` beside the safetensors weights is never read, and a folder with
+    only that pickle (PEFT's old format) is refused without reading it."""
+    import pickle
+
+    marker = tmp_path / "unpickled"
+    torch.save({"prompt_embeddings": _Trap(marker)}, saved / "adapter_model.bin")  # as PEFT wrote its .bin
+    torch.load(saved / "adapter_model.bin", weights_only=False)  # the trap is live: loading it runs its code
+    assert marker.is_dir()
+    marker.rmdir()
+    alone = tmp_path / "old-peft"
+    alone.mkdir()
+    (alone / "adapter_model.bin").write_bytes((saved / "adapter_model.bin").read_bytes())
+    (alone / CONFIG_NAME).write_bytes((saved / CONFIG_NAME).read_bytes())
+
+    def forbidden(name):
+        def refuse(*args, **kwargs):
+            raise AssertionError(f"{name} called")
+        return refuse
+
+    monkeypatch.setattr(torch, "load", forbidden("torch.load"))
+    for name in ("load", "loads", "Unpickler"):
+        monkeypatch.setattr(pickle, name, forbidden(f"pickle.{name}"))
+    stored = load_prompt(saved, model)  # from the safetensors weights
+    expected = safetensors.torch.load_file(str(saved / WEIGHTS_NAME))
+    assert stored.tensors.keys() == expected.keys()
+    assert all(torch.equal(stored.tensors[k], expected[k]) for k in expected)
+    assert stored.build_method().embeddings.shape == (P, H)
+    with pytest.raises(StoreError, match=at(alone, "pickle weights are refused (adapter_model.bin): loading pickle "
+                                                   f"can run arbitrary code. Only {WEIGHTS_NAME} is accepted")):
+        load_prompt(alone, model)
+    assert not marker.exists()
 
 
 def test_refuses_to_save_non_finite(tmp_path, model):
