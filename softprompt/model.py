@@ -365,6 +365,24 @@ def fingerprint(model) -> dict:
     return dict(fp)
 
 
+FINGERPRINT_FIELDS = {"architecture": str, "model_type": str, "hidden_size": int, "vocab_size": int,
+                      "num_layers": int, "embedding_sha256": str, "embedding_sha256_fp16": str, "name_or_path": str}
+
+
+def fingerprint_problems(fp: dict) -> list[str]:
+    """What is wrong with the fields of a recorded fingerprint (empty when :func:`fingerprint_mismatch` can compare
+    it): each field :func:`fingerprint` writes must have its type when present (a list hash made that comparison
+    raise TypeError); fields it does not know are kept and ignored."""
+    problems = []
+    for key, kind in FINGERPRINT_FIELDS.items():
+        value = fp.get(key)
+        if key in fp and not (isinstance(value, kind) and not isinstance(value, bool)
+                              and (kind is str or value >= 0)):
+            wanted = "a string" if kind is str else "a non-negative integer"
+            problems.append(f"{key} must be {wanted}, got {value!r}")
+    return problems
+
+
 def fingerprint_mismatch(expected: dict, actual: dict) -> list[str]:
     """Fields on which two fingerprints disagree (``name_or_path`` is informational and ignored). The embedding
     matches when the two share one of their hashes (bf16 and fp16 rounding, see :func:`fingerprint`); a

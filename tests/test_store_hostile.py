@@ -98,6 +98,14 @@ MALFORMED = [
     ("train_config.data list", set_in("train_config", "data", ["a.jsonl"]),
      "'train_config.data' must be an object or null, got list"),
     ("metrics list", set_in(None, "metrics", [0.5]), "'metrics' must be an object or null, got list"),
+    ("fingerprint hash list", set_in("fingerprint", "embedding_sha256", ["x"]),
+     "fingerprint.embedding_sha256 must be a string, got ['x']"),
+    ("fingerprint fp16 hash dict", set_in("fingerprint", "embedding_sha256_fp16", {"a": 1}),
+     "fingerprint.embedding_sha256_fp16 must be a string"),
+    ("fingerprint hidden_size string", set_in("fingerprint", "hidden_size", "32"),
+     "fingerprint.hidden_size must be a non-negative integer, got '32'"),
+    ("fingerprint architecture list", set_in("fingerprint", "architecture", ["LlamaForCausalLM"]),
+     "fingerprint.architecture must be a string"),
 ]
 MALFORMED_IDS = [m[0] for m in MALFORMED]
 
@@ -149,6 +157,18 @@ def test_engine_from_store_skips_broken_entries_when_asked(store, model, tokeniz
     alone.add_prompt("good", store.load("good", model))
     ref = alone.classify([ClassifyRequest("good", "a good film")])
     assert got.label == ref[0].label and got.probs == pytest.approx(ref[0].probs, abs=1e-6)
+
+
+@pytest.mark.parametrize("value", [["x"], {"sha": "x"}])
+def test_a_malformed_fingerprint_breaks_its_entry_not_the_engine(store, model, tokenizer, value):
+    meta = store.path("bad") / META_NAME
+    edit_json(meta, set_in("fingerprint", "embedding_sha256", value))
+    expected = re.escape(f"{meta}: fingerprint.embedding_sha256 must be a string")
+    with pytest.raises(StoreError, match=expected):
+        load_prompt(store.path("bad"), model)
+    with pytest.raises(StoreError, match=expected):
+        Engine.from_store(store, model, tokenizer)
+    assert Engine.from_store(store, model, tokenizer, skip_broken=True).task_names() == ["good"]
 
 
 def test_serve_skips_broken_entries_but_not_named_ones(store, tiny_model_dir, monkeypatch):

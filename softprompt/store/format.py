@@ -29,7 +29,7 @@ import torch
 from softprompt.forward import family_of, trails_source
 from softprompt.methods import PromptMethod, method_for_peft_type, method_from_saved, methods_stored_as
 from softprompt.methods.head import HEAD_MODULE_NAMES, SAVED_PREFIX, head_problems, is_head_key
-from softprompt.model import context_length, fingerprint, fingerprint_mismatch
+from softprompt.model import context_length, fingerprint, fingerprint_mismatch, fingerprint_problems
 from softprompt.store.atomic import write_folder_atomically, write_json, write_safetensors
 from softprompt.store.errors import StoreError
 from softprompt.store.snapshot import MAX_JSON_BYTES, MAX_WEIGHTS_BYTES, parse_json, read_folder
@@ -313,6 +313,8 @@ def _method_from_meta(meta: Any, peft_type: str, path: Path) -> tuple[str, dict]
     for key in ("fingerprint", "task", "train_config", "metrics"):
         if meta.get(key) is not None and not isinstance(meta[key], dict):
             problems.append(f"{key!r} must be an object or null, got {type(meta[key]).__name__}")
+    if isinstance(meta.get("fingerprint"), dict):  # compared with the model's when loaded on it
+        problems += [f"fingerprint.{p}" for p in fingerprint_problems(meta["fingerprint"])]
     data = meta["train_config"].get("data") if isinstance(meta.get("train_config"), dict) else None
     if data is not None and not isinstance(data, dict):  # eval --store reads the data files it trained on here
         problems.append(f"'train_config.data' must be an object or null, got {type(data).__name__}")
