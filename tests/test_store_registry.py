@@ -250,6 +250,45 @@ def test_ensemble_validation(filled, model, tokenizer, members, combine, expecte
     assert listing(filled.root) == before
 
 
+def test_an_ensemble_of_one_checkpoint_loaded_other_ways_is_one_base_model(filled, model, tokenizer):
+    # fingerprints as load compares a prompt with the model: name_or_path ignored, one shared embedding hash enough
+    elsewhere = make_model(seed=0)
+    elsewhere.config._name_or_path = "/abs/m"
+    filled.save("path", prompt(model, tokenizer, 3), elsewhere, task=TASK)
+    for dtype in (torch.bfloat16, torch.float16):
+        filled.save(str(dtype).split(".")[1], prompt(model, tokenizer, 4), make_model(seed=0).to(dtype), task=TASK)
+    filled.save("old", prompt(model, tokenizer, 5), model, task=TASK)
+    meta = json.loads((filled.path("old") / META_NAME).read_text())
+    del meta["fingerprint"]["embedding_sha256_fp16"]  # written before the fp16 hash existed
+    (filled.path("old") / META_NAME).write_text(json.dumps(meta))
+    filled.add_ensemble("same", ["a", "path", "bfloat16", "old"])
+    # a bf16 and an fp16 load of an fp32 checkpoint share no hash; the fp32 member links them, in any order
+    filled.add_ensemble("linked", ["bfloat16", "float16", "a"])
+    assert filled.ensemble("linked").members == ["bfloat16", "float16", "a"]
+    with pytest.raises(StoreError, match="members were trained on different base models than 'bfloat16' "
+                                         r"\(float16: embedding_sha256: "):
+        filled.add_ensemble("unlinked", ["bfloat16", "float16"])
+    other = make_model(seed=1)
+    filled.save("other", prompt(other, tokenizer), other, task=TASK)
+    with pytest.raises(StoreError, match=r"different base models than 'a' \(other: embedding_sha256: "):
+        filled.add_ensemble("mixed", ["a", "path", "other"])
+
+
+def test_overwriting_a_member_with_a_prompt_of_another_base_model_is_refused(filled, model, tokenizer, tmp_path):
+    other = make_model(seed=1)
+    src = save_prompt(tmp_path / "other", prompt(other, tokenizer), other, task=TASK)
+    before = files(filled.root / "a")
+    expected = "replacing 'a' would break ensemble 'ens': members were trained on different base models than 'b'"
+    with pytest.raises(StoreError, match=re.escape(expected)):
+        filled.add("a", src, overwrite=True)
+    with pytest.raises(StoreError, match=re.escape(expected)):
+        filled.save("a", prompt(other, tokenizer), other, task=TASK, overwrite=True)
+    assert files(filled.root / "a") == before
+    same = make_model(seed=0).to(torch.bfloat16)  # the same base model, loaded in another dtype: fine
+    filled.add("a", save_prompt(tmp_path / "same", prompt(model, tokenizer, 6), same, task=TASK), overwrite=True)
+    assert filled.load("a").fingerprint == fingerprint(same)
+
+
 def test_ensemble_problems_reported_together(filled):
     with pytest.raises(StoreError) as e:
         filled.add_ensemble("new", ["ens"], combine="max")

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from softprompt.model import fingerprint_mismatch
 from softprompt.store.errors import StoreError
 from softprompt.store.format import StoredPrompt
 from softprompt.store.names import safe_task_name
@@ -15,8 +16,8 @@ from softprompt.store.task_record import TaskRecord
 ENSEMBLE_FILE = "ensemble.json"
 COMBINES = ("mean", "vote")
 
-__all__ = ["COMBINES", "ENSEMBLE_FILE", "EnsembleSpec", "StoreEntry", "label_problem", "prompt_labels",
-           "prompt_template", "read_ensemble_file", "task_labels"]
+__all__ = ["COMBINES", "ENSEMBLE_FILE", "EnsembleSpec", "StoreEntry", "base_model_problem", "label_problem",
+           "prompt_labels", "prompt_template", "read_ensemble_file", "task_labels"]
 
 
 @dataclass
@@ -95,6 +96,32 @@ def label_problem(labels: dict[str, list[str] | None]) -> str | None:
     parts = [f"{', '.join(names)}: " + ("generation (no verbalizer)" if key is None else str(sorted(key)))
              for key, names in groups.items()]
     return "members have different label sets (" + "; ".join(parts) + ")"
+
+
+def base_model_problem(fingerprints: dict[str, dict | None]) -> str | None:
+    """A message naming the members trained on another base model, or ``None`` when all recorded fingerprints
+    belong to one (members recording none are not compared).
+
+    Two fingerprints match as a prompt's matches the model it loads on (:func:`~softprompt.model.fingerprint_mismatch`,
+    both ways): ``name_or_path`` is ignored and one shared embedding hash is enough, so the same checkpoint loaded
+    from another path, in another dtype, or fingerprinted before the fp16 hash existed is one base model. A bf16
+    and an fp16 load of an fp32 checkpoint share no hash but each matches its fp32 load: members form one base
+    model when every one is linked to the others by such matches, whatever their order.
+    """
+    recorded = {name: fp for name, fp in fingerprints.items() if fp}
+
+    def mismatch(a: str, b: str) -> list[str]:
+        return fingerprint_mismatch(recorded[a], recorded[b]) or fingerprint_mismatch(recorded[b], recorded[a])
+
+    joined, left = list(recorded)[:1], list(recorded)[1:]
+    grew = True
+    while left and grew:
+        linked = [name for name in left if any(not mismatch(name, j) for j in joined)]
+        joined, left, grew = joined + linked, [name for name in left if name not in linked], bool(linked)
+    if not left:
+        return None
+    diffs = [f"{name}: {'; '.join(mismatch(name, joined[0]))}" for name in left]
+    return f"members were trained on different base models than {joined[0]!r} ({' | '.join(diffs)})"
 
 
 def is_safe_task_name(name: str) -> bool:

@@ -23,12 +23,14 @@ from pathlib import Path
 from typing import Any
 
 from softprompt.methods import PromptMethod
+from softprompt.model import fingerprint
 from softprompt.store.atomic import fsync_path, write_bytes, write_folder_atomically, write_json
 from softprompt.store.entries import (
     COMBINES,
     ENSEMBLE_FILE,
     EnsembleSpec,
     StoreEntry,
+    base_model_problem,
     label_problem,
     prompt_labels,
     prompt_template,
@@ -256,8 +258,10 @@ class PromptStore:
     def _is_entry(self, folder: Path) -> bool:
         return (folder / ENSEMBLE_FILE).is_file() or replaceable_folder(folder)
 
-    def _check_replace(self, name: str, kind: str, overwrite: bool, labels: list[str] | None = None) -> None:
-        """Refuse to replace an entry of another kind, or a member with a prompt of other labels."""
+    def _check_replace(self, name: str, kind: str, overwrite: bool, labels: list[str] | None = None,
+                       fp: dict | None = None) -> None:
+        """Refuse to replace an entry of another kind, or a member with a prompt of other labels or trained on
+        another base model (fingerprint ``fp``) than the ensemble's other members."""
         if name not in self:
             return
         if not overwrite:
@@ -267,8 +271,9 @@ class PromptStore:
             raise StoreError(f"{self.root}: entry {name!r} is of kind {self.kind(name)!r}, not {kind!r}; "
                              "remove it first to replace it")
         for ens in self.ensembles_with(name):
-            others = {m: prompt_labels(self.load(m)) for m in self.ensemble(ens).members if m != name}
-            problem = label_problem({**others, name: labels})
+            others = {m: self.load(m) for m in self.ensemble(ens).members if m != name}
+            problem = label_problem({**{m: prompt_labels(s) for m, s in others.items()}, name: labels})
+            problem = problem or base_model_problem({**{m: s.fingerprint for m, s in others.items()}, name: fp})
             if problem:
                 raise StoreError(f"{self.root}: replacing {name!r} would break ensemble {ens!r}: {problem}")
 
@@ -294,7 +299,7 @@ class PromptStore:
             load_prompt(tmp)  # validate what was copied, not only what was there before
 
         with membership_lock(self.root):  # the ensembles checked are the ones there when it is replaced
-            self._check_replace(name, "prompt", overwrite, prompt_labels(stored))
+            self._check_replace(name, "prompt", overwrite, prompt_labels(stored), stored.fingerprint)
             return write_folder_atomically(target, write, overwrite, self._is_entry)
 
     def save(self, name: str, method: PromptMethod, model, task: dict | None = None,
@@ -304,7 +309,7 @@ class PromptStore:
         false for a chat or ``--objective lm`` prompt, which otherwise was served with a BOS it never saw)."""
         target = self._dir(name)
         with membership_lock(self.root):
-            self._check_replace(name, "prompt", overwrite, task_labels(task, target / META_NAME))
+            self._check_replace(name, "prompt", overwrite, task_labels(task, target / META_NAME), fingerprint(model))
             return save_prompt(target, method, model, task=task, train_config=train_config, metrics=metrics,
                                overwrite=overwrite, bos=bos)
 
@@ -351,13 +356,9 @@ class PromptStore:
             if not labels[m]:  # what the engine refuses to load: an entry no command could use
                 problems.append(f"member {m!r} has no labels (a generation, chat or --objective lm prompt): an "
                                 f"ensemble combines the label scores of classification prompts")
-            if stored.fingerprint:
-                fingerprints[m] = stored.fingerprint
-        problem = label_problem(labels) if len(labels) >= 2 else None
-        if problem:
-            problems.append(problem)
-        if len({repr(sorted(fp.items())) for fp in fingerprints.values()}) > 1:
-            problems.append(f"members were trained on different base models ({', '.join(fingerprints)})")
+            fingerprints[m] = stored.fingerprint
+        problems += [p for p in (label_problem(labels) if len(labels) >= 2 else None,
+                                 base_model_problem(fingerprints)) if p]
         if problems:
             raise StoreError(f"{target}: cannot add ensemble: " + "; ".join(problems))
         self._check_replace(name, "ensemble", overwrite)
