@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import io
+from pathlib import Path
 
 import torch
 
@@ -43,6 +44,23 @@ def prompt_embeds(model, tokenizer, method, text: str, bos: bool = True) -> torc
     table = model.get_input_embeddings()
     tokens = table(torch.tensor(ids, device=table.weight.device))  # (T, H)
     return torch.cat([out.embeds.to(tokens), tokens]).float().cpu()  # (P+T, H)
+
+
+def served_weights(name_or_path: str) -> str:
+    """What ``vllm serve`` must be given to run the weights :func:`softprompt.model.load_base_model` loads for
+    ``name_or_path``: the prompt was trained on those, and its embeddings steer no other weights.
+
+    An embedded alias or a ``.gguf`` file is loaded from the safetensors folder it was de-quantised into (fp32,
+    in softprompt's cache; made here when missing): that folder, not the hub checkpoint the GGUF was quantised
+    from, is the model to serve. A hub id or a model folder is served as it is.
+    """
+    from softprompt.model import ALIASES, materialize_alias, materialize_gguf
+
+    if name_or_path in ALIASES:
+        return str(materialize_alias(name_or_path))
+    if name_or_path.endswith(".gguf"):
+        return str(materialize_gguf(Path(name_or_path)))
+    return name_or_path
 
 
 def request_text(stored, tokenizer, user_input: str) -> tuple[str, bool]:

@@ -80,3 +80,83 @@ def test_an_encoder_decoder_prompt_is_refused_and_the_store_and_peft_export_keep
     with pytest.raises(StoreError, match="the same folder"):
         export_peft(tmp_path / "p", tmp_path / "p" / ".." / "p", overwrite=True)
     assert sorted(p.name for p in (tmp_path / "p").iterdir()) == before and load_prompt(tmp_path / "p").bos
+
+
+def test_served_weights_are_the_folder_an_alias_or_gguf_is_loaded_from(monkeypatch, tmp_path):
+    from softprompt import model as model_mod
+    from softprompt.export_vllm import served_weights
+
+    monkeypatch.setattr(model_mod, "materialize_alias", lambda alias: tmp_path / f"alias-{alias}")
+    monkeypatch.setattr(model_mod, "materialize_gguf", lambda path: tmp_path / f"gguf-{path.name}")
+    assert served_weights("smollm2-135m-instruct") == str(tmp_path / "alias-smollm2-135m-instruct")
+    assert served_weights("weights/m.Q4_1.gguf") == str(tmp_path / "gguf-m.Q4_1.gguf")
+    assert served_weights("org/model") == "org/model" and served_weights("/models/m") == "/models/m"
+
+
+class FakeOpenAI:
+    """The openai client the example uses: a server serving ``SERVED``; requests recorded in ``SENT``."""
+
+    SERVED: list[str] = []
+    SENT: list[dict] = []
+
+    def __init__(self, base_url, api_key):
+        from types import SimpleNamespace
+
+        self.models = SimpleNamespace(list=lambda: SimpleNamespace(data=[SimpleNamespace(id=m) for m in self.SERVED]))
+        self.completions = SimpleNamespace(create=self.create)
+
+    def create(self, **kwargs):
+        from types import SimpleNamespace
+
+        self.SENT.append(kwargs)
+        return SimpleNamespace(choices=[SimpleNamespace(text=" good")])
+
+
+def run_example(monkeypatch, served: list[str], *argv) -> list[dict]:
+    import importlib.util
+    import sys
+    import types
+    from pathlib import Path
+
+    monkeypatch.setitem(sys.modules, "openai", types.SimpleNamespace(OpenAI=FakeOpenAI))
+    monkeypatch.setattr(FakeOpenAI, "SERVED", served)
+    monkeypatch.setattr(FakeOpenAI, "SENT", [])
+    path = Path(__file__).resolve().parents[1] / "examples" / "vllm_client.py"
+    spec = importlib.util.spec_from_file_location("vllm_client_example", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    monkeypatch.setattr(sys, "argv", ["vllm_client.py", *map(str, argv)])
+    example.main()
+    return FakeOpenAI.SENT
+
+
+def test_the_vllm_client_example_asks_for_the_weights_it_embedded_with(monkeypatch, tmp_path, tiny_model_dir, tokenizer,
+                                                                       capsys):
+    """The embedded alias is the de-quantised GGUF: the example told vLLM to serve the hub checkpoint instead
+    (other weights) and sent its requests there."""
+    from softprompt import model as model_mod
+    from softprompt.store import save_prompt
+    from tests.conftest import make_model
+
+    base = make_model("llama")  # the weights in tiny_model_dir
+    method = build_method("prompt_tuning", {"num_virtual_tokens": 4}, base, tokenizer)
+    folder = save_prompt(tmp_path / "prompt", method, base, task={"template": "Review : {text} Sentiment :",
+                                                                   "target_field": "label", "verbalizer": None})
+    loaded = []
+    monkeypatch.setattr(model_mod, "materialize_alias", lambda alias: loaded.append(alias) or tiny_model_dir)
+    sent = run_example(monkeypatch, [str(tiny_model_dir)], "--prompt", folder, "--input", "good movie")
+    assert loaded and set(loaded) == {"smollm2-135m-instruct"}  # the default --model, loaded from that folder
+    assert [r["model"] for r in sent] == [str(tiny_model_dir)]
+    text = tokenizer("Review : good movie Sentiment :", add_special_tokens=False)["input_ids"]
+    assert decode(sent[0]["extra_body"]["prompt_embeds"]).shape == (4 + len(text), 32)
+    assert capsys.readouterr().out == " good\n"
+
+    run_example(monkeypatch, [], "--serve-command")
+    assert capsys.readouterr().out == f"vllm serve {tiny_model_dir} --enable-prompt-embeds\n"
+    with pytest.raises(SystemExit) as e:  # a server running other weights is refused before any request
+        run_example(monkeypatch, ["HuggingFaceTB/SmolLM2-135M-Instruct"], "--prompt", folder, "--input", "good")
+    assert e.value.code == 2 and FakeOpenAI.SENT == []
+    assert f"start it with `vllm serve {tiny_model_dir} --enable-prompt-embeds`" in capsys.readouterr().err
+    sent = run_example(monkeypatch, [str(tiny_model_dir)], "--model", tiny_model_dir, "--prompt", folder,
+                       "--input", "good")
+    assert [r["model"] for r in sent] == [str(tiny_model_dir)]
