@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -280,3 +281,37 @@ def test_an_encoder_that_scales_its_ids_embeddings_in_its_forward_reads_the_text
             dec = torch.cat([dec, nxt.view(1, 1)], 1)
         alone = dec[0, 1:].tolist()
         assert new == [t for t in alone if t != 1][:len(new)]
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_a_prompt_for_another_kind_of_model_of_the_same_width_is_refused(tmp_path, tokenizer, kind):
+    """A T5 prompt folder without softprompt.json (no fingerprint: PEFT's) loaded on a decoder-only model of the
+    same width: its PEFT layout of 2P rows was cut to P and it ran as a decoder prompt."""
+    import safetensors.torch
+
+    from softprompt.store import CONFIG_NAME, META_NAME, WEIGHTS_NAME, StoreError
+    from tests.conftest import make_model
+
+    t5, decoder = make_t5(), make_model(kind)
+    folder = save_prompt(tmp_path / "t5", build_method("prompt_tuning", {"num_virtual_tokens": 3}, t5, tokenizer), t5)
+    expected = "task_type 'SEQ_2_SEQ_LM' (a prompt for an encoder-decoder) but the model"
+    with pytest.raises(StoreError, match=re.escape(f"{folder}: {CONFIG_NAME} has {expected}")):
+        load_prompt(folder, decoder, check_fingerprint=False)  # another kind of model, not only other weights
+    (folder / META_NAME).unlink()
+    cfg = json.loads((folder / CONFIG_NAME).read_text())
+    rows = safetensors.torch.load_file(folder / WEIGHTS_NAME)["prompt_embeddings"]
+    safetensors.torch.save_file({"prompt_embeddings": torch.cat([rows, rows])}, folder / WEIGHTS_NAME)
+    (folder / CONFIG_NAME).write_text(json.dumps({**cfg, "num_transformer_submodules": 2}))  # as PEFT writes it
+    assert load_prompt(folder, t5).tensors["prompt_embeddings"].shape == (3, 32)
+    with pytest.raises(StoreError, match=re.escape(expected) + ".*is a decoder-only language model "
+                                                               r"\(task_type 'CAUSAL_LM'\)"):
+        load_prompt(folder, decoder)
+    # a PEFT folder that leaves task_type null names no kind of model: it loads on any of the same width
+    (folder / CONFIG_NAME).write_text(json.dumps({**cfg, "task_type": None}))
+    safetensors.torch.save_file({"prompt_embeddings": rows}, folder / WEIGHTS_NAME)
+    assert load_prompt(folder, decoder).tensors["prompt_embeddings"].shape == (3, 32)
+    # and a decoder's prompt is refused on the encoder-decoder
+    (folder / CONFIG_NAME).write_text(json.dumps({**cfg, "task_type": "CAUSAL_LM"}))
+    with pytest.raises(StoreError, match=re.escape("task_type 'CAUSAL_LM' (a prompt for a decoder-only language model) "
+                                                   "but the model (T5ForConditionalGeneration) is an encoder-decoder")):
+        load_prompt(folder, t5)

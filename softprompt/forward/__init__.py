@@ -28,6 +28,7 @@ from softprompt.forward.choose import (
     generate,
     position_offset,
     task_type_for_stored,
+    task_type_problem,
     trails_source,
 )
 from softprompt.forward.common import (
@@ -79,6 +80,7 @@ __all__ = [
     "local_window",
     "text_config",
     "task_type_for_stored",
+    "task_type_problem",
     "trails_source",
     "text_position_ids",
     "token_logprobs",

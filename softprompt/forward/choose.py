@@ -109,6 +109,18 @@ def task_type_for_stored(peft_task_type: str | None) -> str:
     return "auto"
 
 
+def task_type_problem(model, peft_task_type) -> str | None:
+    """Why a prompt stored with PEFT ``task_type`` cannot run on ``model``, or None: the task type of another of
+    these families than the model's (a T5 prompt, read as an encoder's input, on a decoder-only model of the same
+    width). A folder without one (PEFT may leave it null) or with a PEFT type no family has is not refused here."""
+    others = {f.peft_task_type: f for f in FAMILIES.values()}
+    family = family_of(model)
+    if not isinstance(peft_task_type, str) or peft_task_type not in others or peft_task_type == family.peft_task_type:
+        return None
+    return (f"task_type {peft_task_type!r} (a prompt for {others[peft_task_type].description}) but the model "
+            f"({type(model).__name__}) is {family.description} (task_type {family.peft_task_type!r})")
+
+
 def trails_source(peft_task_type: str | None) -> bool:
     """Whether a prompt stored with PEFT ``task_type`` reads sources that end with a special token (an
     encoder-decoder's ``</s>``): what its stored layout flag says (``StoredPrompt.bos``)."""

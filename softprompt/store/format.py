@@ -26,7 +26,7 @@ from typing import Any
 import safetensors.torch
 import torch
 
-from softprompt.forward import family_of, trails_source
+from softprompt.forward import family_of, task_type_problem, trails_source
 from softprompt.methods import PromptMethod, method_for_peft_type, method_from_saved, methods_stored_as
 from softprompt.methods.head import HEAD_MODULE_NAMES, SAVED_PREFIX, head_problems, is_head_key
 from softprompt.model import context_length, fingerprint, fingerprint_mismatch, fingerprint_problems
@@ -264,6 +264,9 @@ def check_model_compatible(stored: StoredPrompt, model, check_fingerprint: bool 
     if family_of(model).has_head and not head:
         raise StoreError(f"{where}: {type(model).__name__} is a sequence classifier but the prompt has no "
                          f"classification head (task_type {stored.peft_config.get('task_type')!r})")
+    problem = task_type_problem(model, stored.peft_config.get("task_type"))
+    if problem:
+        raise StoreError(f"{where}: {CONFIG_NAME} has {problem}; the prompt cannot work with it")
     problems = head_problems(head, model) if head else []
     if problems:
         raise StoreError(f"{where}: the classification head does not fit the model: " + "; ".join(problems))
