@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -91,6 +92,35 @@ def test_create_open_and_refuse_non_store(tmp_path):
     with pytest.raises(StoreError, match=re.escape(f"{home}: a non-empty folder without store.json")):
         PromptStore(home, create=True)
     assert listing(home) == ["notes.txt"]
+
+
+def test_a_store_another_process_is_creating_meanwhile_is_created_and_opened(tmp_path, monkeypatch):
+    root, real_replace, calls, opened = tmp_path / "store", os.replace, [], []
+
+    def replace_after_another_creator(src, dst):  # B starts while A's marker is still its temporary file
+        calls.append(Path(src).name)
+        if Path(dst).name == "store.json" and len(calls) == 1:
+            assert [p.name for p in root.iterdir()] == [Path(src).name]
+            opened.append(PromptStore(root, create=True))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace_after_another_creator)
+    first = PromptStore(root, create=True)
+    assert opened[0].root == first.root == root and listing(root) == ["store.json"]
+    assert len(calls) == 2 and calls[0] != calls[1]  # B wrote its own marker, A's landed after it
+
+
+def test_a_store_created_by_another_process_after_this_one_looked_for_it_is_opened(tmp_path, monkeypatch):
+    other, real_iterdir = tmp_path / "other", Path.iterdir
+    other.mkdir()
+
+    def iterdir_after_another_creator(self):  # A places the marker after B looked for it, before B lists
+        if self == other and not (other / "store.json").exists():
+            (other / "store.json").write_text(json.dumps({"format": "softprompt-store", "version": 1}))
+        return real_iterdir(self)
+
+    monkeypatch.setattr(Path, "iterdir", iterdir_after_another_creator)
+    assert PromptStore(other, create=True).names() == [] and listing(other) == ["store.json"]
 
 
 @pytest.mark.parametrize(("marker", "expected"), [

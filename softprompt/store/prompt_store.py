@@ -15,6 +15,7 @@ written atomically (complete or not at all, see :mod:`softprompt.store.atomic`).
 from __future__ import annotations
 
 import builtins
+import contextlib
 import os
 import shutil
 import uuid
@@ -57,6 +58,7 @@ from softprompt.store.swap import remove_leftovers, settle
 STORE_FILE = "store.json"
 STORE_FORMAT = "softprompt-store"
 STORE_VERSION = 1
+MARKER_TMP = f".{STORE_FILE}.tmp-"  # the marker being written, before it is renamed to STORE_FILE
 PROMPT_FILES = (CONFIG_NAME, WEIGHTS_NAME, META_NAME)  # the only files add/export copy
 
 __all__ = ["COMBINES", "ENSEMBLE_FILE", "STORE_FILE", "EnsembleSpec", "PromptStore", "StoreEntry"]
@@ -85,26 +87,34 @@ class PromptStore:
     def __init__(self, root: str | os.PathLike, create: bool = False) -> None:
         self.root = Path(root).expanduser().absolute()
         marker = self.root / STORE_FILE
-        if marker.is_file():
-            self._check_marker(marker)
-            remove_leftovers(self.root)  # what crashed writers left: put back or deleted
-            recover(self.root)  # and the ensembles a crashed rename left listing the old name
-            return
-        if not create:
-            raise StoreError(f"{self.root}: not a prompt store (no {STORE_FILE}); create it with "
-                             "PromptStore(root, create=True) (CLI: softprompt store add ...)")
+        if not marker.is_file():
+            if not create:
+                raise StoreError(f"{self.root}: not a prompt store (no {STORE_FILE}); create it with "
+                                 "PromptStore(root, create=True) (CLI: softprompt store add ...)")
+            self._create(marker)
+        self._check_marker(marker)
+        remove_leftovers(self.root)  # what crashed writers left: put back or deleted
+        recover(self.root)  # and the ensembles a crashed rename left listing the old name
+
+    def _create(self, marker: Path) -> None:
+        """Write the marker into a new or empty folder. Another process creating the same store meanwhile is no
+        obstacle: its temporary marker is not content, and the marker it placed makes the folder a store."""
         if self.root.exists() and not self.root.is_dir():
             raise StoreError(f"{self.root}: exists and is not a folder; cannot create a prompt store there")
-        if self.root.is_dir() and any(self.root.iterdir()):
+        tmp = self.root / f"{MARKER_TMP}{uuid.uuid4().hex[:8]}"
+        if self.root.is_dir() and any(not p.name.startswith(MARKER_TMP) for p in self.root.iterdir()):
+            if marker.is_file():  # placed by another process since this one looked
+                return
             raise StoreError(f"{self.root}: a non-empty folder without {STORE_FILE} is not a prompt store; "
                              "refusing to turn it into one (use a new or empty folder)")
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            tmp = self.root / f".{STORE_FILE}.tmp-{uuid.uuid4().hex[:8]}"
             write_json(tmp, {"format": STORE_FORMAT, "version": STORE_VERSION})
-            os.replace(tmp, marker)
+            os.replace(tmp, marker)  # the same content as another creator's: whichever lands last is the same
             fsync_path(self.root)
         except OSError as e:  # a file on the way, no permission, a read-only disk
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
             raise StoreError(f"{self.root}: cannot create a prompt store there ({e.strerror or e}: "
                              f"{e.filename or self.root})") from None
 
