@@ -169,6 +169,19 @@ def test_save_add_list_show_load_round_trip(store, model, tokenizer, tmp_path):
         assert torch.equal(stored.build_method()().embeds, m.embeddings.detach())
 
 
+def test_show_names_the_entry_whatever_keys_its_files_carry(filled):
+    for entry, file in (("a", META_NAME), ("ens", "ensemble.json")):
+        data = json.loads((filled.path(entry) / file).read_text())
+        (filled.path(entry) / file).write_text(json.dumps({**data, "name": "impostor", "path": "/elsewhere",
+                                                           **({"kind": "ensemble"} if entry == "a" else {})}))
+    info = filled.show("a")
+    assert (info["name"], info["path"], info["kind"]) == ("a", str(filled.root / "a"), "prompt")
+    assert list(info)[:3] == ["name", "path", "kind"] and info["method"] == "prompt_tuning"
+    info = filled.show("ens")
+    assert (info["name"], info["path"], info["kind"], info["members"]) == ("ens", str(filled.root / "ens"),
+                                                                          "ensemble", ["a", "b"])
+
+
 def test_add_refuses_existing_and_invalid_source(store, model, tokenizer, tmp_path):
     src = save_prompt(tmp_path / "src", prompt(model, tokenizer), model, task=TASK)
     store.add("a", src)

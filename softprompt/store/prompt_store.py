@@ -255,12 +255,12 @@ class PromptStore:
         Raises:
             StoreError: no such entry or it is broken.
         """
-        folder = self.path(name)
-        head = {"name": name, "path": str(folder)}
-        if self.kind(name) == "ensemble":
-            return {**head, **self._read_ensemble(name)}
+        head = {"name": name, "path": str(self.path(name)), "kind": self.kind(name)}
+        # the files' own keys never stand for the entry's name, path or kind (head first, then again over them)
+        if head["kind"] == "ensemble":
+            return {**head, **self._read_ensemble(name), **head}
         stored = self.load(name)
-        return {**head, "kind": "prompt", **stored.meta, "bos": stored.bos, "method": stored.method,
+        return {**head, **stored.meta, **head, "bos": stored.bos, "method": stored.method,
                 "method_config": stored.method_config, "adapter_config": stored.peft_config}
 
     # ----- writing -------------------------------------------------------------------------------------
