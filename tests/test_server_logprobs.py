@@ -342,3 +342,45 @@ def test_a_word_after_tokens_without_text_keeps_its_space(tokenizer):
     # the first token's string is what it adds after the prompt: a word-level tokenizer puts a space there
     assert strings == [" .", *[""] * 12, " Paris", "", " Rome"]
     assert "".join(strings) == Detokenizer(tokenizer).text(ids) == " . Paris Rome"
+
+
+def test_a_stream_holds_back_a_stop_string_that_ends_in_an_unfinished_character(monkeypatch):
+    # a byte-level BPE, one token per byte: while the stop " é" forms, the text ends with U+FFFD (the C3 of
+    # "é" alone); the held-back text must be counted without it, or the " " before it goes out, and the
+    # joined stream is "x " while the answer is "x"
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from softprompt.engine import running
+    from softprompt.model import prepare_frozen
+
+    tok = byte_level_tokenizer()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=257, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                         bos_token_id=None, eos_token_id=256))
+    prepare_frozen(model)
+    script = list("x é!".encode())  # x, " ", C3, A9, "!"
+    made = [0]  # tokens chosen so far for the request running now (one request at a time)
+
+    def scripted(_model, hidden):  # the model "writes" the script: its chosen token is the script's next
+        logits = torch.zeros(hidden.shape[0], 257)
+        for i in range(hidden.shape[0]):
+            logits[i, script[made[0] % len(script)]] = 5.0
+            made[0] += 1
+        return logits
+
+    monkeypatch.setattr(running, "logits_from_hidden", scripted)
+    engine = Engine(model, tok)
+    engine.add_base("base")
+    body = {"model": "base", "prompt": "ab", "raw": True, "max_tokens": 5, "temperature": 0, "logprobs": 1,
+            "stop": [" é"]}
+    with TestClient(create_app(ServerState(engine, Scheduler(engine), max_tokens=8))) as client:
+        whole = client.post("/v1/completions", json=body).json()["choices"][0]
+        made[0] = 0
+        chunks = stream(client, "/v1/completions", body)
+    assert whole["text"] == "x" and whole["finish_reason"] == "stop"
+    assert whole["logprobs"]["tokens"] == ["x"]
+    assert "".join(c["text"] for c in chunks) == "x"
+    joined = {k: [v for c in chunks if c["logprobs"] for v in c["logprobs"][k]] for k in COMPLETION_KEYS}
+    assert joined == whole["logprobs"]

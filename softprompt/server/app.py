@@ -268,7 +268,10 @@ def create_app(state: ServerState) -> FastAPI:
         def on_token(toks: list[int], lps) -> None:
             text = state.engine.detok.text(toks)
             cuts = [text.index(s) for s in stops if s in text]
-            visible = text[:min(cuts)] if cuts else text[:max(len(text) - hold, 0)]
+            # the hold counts whole characters: the U+FFFD of an unfinished one is not text yet (it may become
+            # the end of a stop string), and counting it would send the characters before it
+            whole = text.rstrip(logprobs.PARTIAL)
+            visible = text[:min(cuts)] if cuts else whole[:max(len(whole) - hold, 0)]
             new = render.extend(toks, lps) if render is not None and lps is not None else []
             loop.call_soon_threadsafe(queue.put_nowait, (visible, new))
 
