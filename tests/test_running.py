@@ -89,6 +89,46 @@ def test_chunked_prefill_reads_a_long_input_over_steps_with_the_same_result(tmp_
         assert results[i].tokens == _solo(engine, req).tokens
 
 
+def test_padding_of_a_short_chunk_stays_within_the_models_positions(tmp_path, tokenizer, monkeypatch):
+    # a row ending its input (1 token left) shares a prefill forward with a row joining (9 tokens): its 8
+    # padding columns must not get positions past the model's 64 learned ones (GPT-2's wpe: an IndexError on
+    # CPU, a device-side assert on CUDA); they take the row's last real position, as the batch path gives them
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                       bos_token_id=1, eos_token_id=1, pad_token_id=0))
+    prepare_frozen(model)
+    engine = Engine(model, tokenizer, prefill_chunk=10)
+    engine.add_base("base")
+    words = "the movie was good the plot was very bad".split()
+    long = GenerateRequest("base", " ".join((words * 7)[:61]), raw=True, max_tokens=3)  # 61 + 3 = 64 positions
+    short = GenerateRequest("base", " ".join(words), raw=True, max_tokens=3)
+    item_long, item_short = engine.prepare("generate", long), engine.prepare("generate", short)
+    assert len(item_long.rows[0].ids) == 61 and len(item_short.rows[0].ids) >= 9
+    seen, calls, real = [], [], slots_mod.slot_forward
+    model.transformer.wpe.register_forward_pre_hook(lambda _m, args: seen.append(int(args[0].max())))
+
+    def spy(model, slots, a, input_ids, counts, starts, *rest):
+        calls.append((input_ids.shape[1], list(counts), list(starts)))
+        return real(model, slots, a, input_ids, counts, starts, *rest)
+
+    monkeypatch.setattr("softprompt.engine.running.slot_forward", spy)
+    batch, results = RunningBatch(engine), {}
+    batch.admit(item_long, done=lambda res: results.__setitem__(0, res))
+    while batch.rows[0].fed + 10 < 61:  # the long row reads 10 tokens a step, up to its last one
+        batch.step()
+    batch.admit(item_short, done=lambda res: results.__setitem__(1, res))
+    while len(batch):
+        batch.step()
+    # the case happened: one forward held the long row's last token beside 9 of the short row's
+    assert (9, [1, 9], [60, 0]) in calls
+    assert max(seen) < 64
+    assert calls.count((9, [1, 9], [60, 0])) == 1 and (1, [1], [60]) not in calls  # not failed and run in halves
+    for i, req in enumerate([long, short]):
+        assert results[i].tokens == _solo(engine, req).tokens
+
+
 def test_slots_hold_text_only_and_the_prompt_is_shared_not_copied(tmp_path, tokenizer):
     model = make_model("llama")
     engine = Engine(model, tokenizer, max_batch_rows=8)

@@ -254,16 +254,19 @@ def slot_forward(model, slots: SlotKV, a: int, input_ids: torch.Tensor, counts: 
     b, q = input_ids.shape
     plens = torch.tensor([p.length if p is not None else 0 for p in prompts], device=dev)
     st = torch.tensor(starts, device=dev)
-    step = SlotStep(slots, a, prompts, plens, st, torch.tensor(counts, device=dev))
-    pos = plens[:, None] + st[:, None] + torch.arange(q, device=dev)[None]  # (B, Q)
+    n = torch.tensor(counts, device=dev)
+    step = SlotStep(slots, a, prompts, plens, st, n)
+    # a padding column takes its row's last real position (as the batch path's text_position_ids gives it):
+    # counted on, it could pass the model's last position (learned position embeddings index out of range)
+    cols = torch.minimum(torch.arange(q, device=dev)[None], (n - 1).clamp(min=0)[:, None])
+    pos = plens[:, None] + st[:, None] + cols  # (B, Q)
     token = _STEP.set(step)
     try:
         with _switched(model):
             out = base_forward(model, input_ids=input_ids, position_ids=pos, cache=SlotCache(step), use_cache=True)
     finally:
         _STEP.reset(token)
-    last = torch.tensor(counts, device=dev) - 1
-    return out.last_hidden_state[torch.arange(b, device=dev), last]  # (B, H)
+    return out.last_hidden_state[torch.arange(b, device=dev), n - 1]  # (B, H)
 
 
 def check_slots(model) -> str | None:
