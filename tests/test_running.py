@@ -129,6 +129,61 @@ def test_padding_of_a_short_chunk_stays_within_the_models_positions(tmp_path, to
         assert results[i].tokens == _solo(engine, req).tokens
 
 
+def longrope_model(switch: int = 32):
+    """A tiny llama whose rotary embedding switches to long factors once a forward passes ``switch`` positions
+    (Phi-3 128k's longrope); its attention sharpened so the factors show in the tokens."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    rope = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 4,
+            "long_factor": [4.0, 16.0, 64.0, 256.0], "original_max_position_embeddings": switch}
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                         pad_token_id=0, bos_token_id=None, eos_token_id=1, rope_parameters=rope))
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(6)
+            layer.self_attn.k_proj.weight.mul_(6)
+    prepare_frozen(model)
+    return model
+
+
+def test_a_row_beside_one_past_the_rope_switch_gets_what_it_gets_alone(tmp_path, tokenizer):
+    # transformers picks a longrope embedding's factors per forward, from its largest position: a short row in
+    # a forward with a row past 32 positions was read with the long factors (other tokens than alone)
+    from softprompt.engine import ScoreRequest
+    from softprompt.forward import rope_switch
+
+    model = longrope_model()
+    assert rope_switch(model) == 32 and rope_switch(make_model("llama")) is None
+    engine = Engine(model, tokenizer)
+    engine.add_base("base")
+    words = "the movie was good the plot was very bad".split()
+    long = GenerateRequest("base", " ".join((words * 5)[:40]), raw=True, max_tokens=8, logprobs=1)
+    short = GenerateRequest("base", "the movie was good", raw=True, max_tokens=10, logprobs=1)
+    alone, _ = _run_joining(engine, [short], every=0)
+    together, _ = _run_joining(engine, [long, short], every=0)  # one prefill step: 40 and 4 tokens
+    assert together[1].tokens == alone[0].tokens
+    assert [x.logprob for x in together[1].logprobs] == pytest.approx([x.logprob for x in alone[0].logprobs],
+                                                                       abs=1e-5)
+    # a token's factors are those of its position: the long row's input read in chunks of 5 or all at once
+    chunked, _ = _run_joining(engine, [long], every=0, prefill_chunk=5)
+    assert chunked[0].tokens == together[0].tokens
+    assert [x.logprob for x in chunked[0].logprobs] == pytest.approx([x.logprob for x in together[0].logprobs],
+                                                                      abs=1e-5)
+    # the batch-at-a-time path, and scoring: a row that may pass the switch does not share a forward
+    assert _solo(engine, short).tokens == alone[0].tokens
+    saved, engine.backend._slots_problem = engine.backend._slots_problem, "batch-at-a-time for this check"
+    try:
+        assert engine.generate([long, short])[1].tokens == alone[0].tokens
+    finally:
+        engine.backend._slots_problem = saved
+    score = ScoreRequest("base", "the movie was", " good plot", raw=True)
+    (solo,) = engine.score([score])
+    beside = engine.score([ScoreRequest("base", long.input, " good", raw=True), score])[1]
+    assert beside.logprob == pytest.approx(solo.logprob, abs=1e-5)
+
+
 def test_slots_hold_text_only_and_the_prompt_is_shared_not_copied(tmp_path, tokenizer):
     model = make_model("llama")
     engine = Engine(model, tokenizer, max_batch_rows=8)

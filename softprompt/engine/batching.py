@@ -49,20 +49,21 @@ class MixedBatch:
 
 
 def mixed_batches(rows: list[Row], pad_id: int, padding_side: str, max_rows: int,
-                  max_batch_tokens: int, same_length: bool = False) -> list[MixedBatch]:
+                  max_batch_tokens: int, same_length: bool = False, apart: list[int] | None = None) -> list[MixedBatch]:
     """Group rows of any tasks into padded batches, sorted by length so little padding is wasted.
 
     A batch holds at most ``max_rows`` rows and ``max_batch_tokens`` padded tokens (at least one row); with
     ``same_length``, only rows of one length (no padding: a sliding window counts padding columns, so padding
-    would shift a row's window over its prompt).
+    would shift a row's window over its prompt); with ``apart`` (a number per row), only rows of one number.
     """
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i].ids))
+    apart = apart or [0] * len(rows)
+    order = sorted(range(len(rows)), key=lambda i: (apart[i], len(rows[i].ids)))
     groups: list[list[int]] = []
     current: list[int] = []
     for i in order:
         width = len(rows[i].ids)  # sorted ascending: this row is the widest so far
         if current and (len(current) >= max_rows or (len(current) + 1) * width > max_batch_tokens
-                        or (same_length and len(rows[current[0]].ids) != width)):
+                        or (same_length and len(rows[current[0]].ids) != width) or apart[current[0]] != apart[i]):
             groups.append(current)
             current = []
         current.append(i)

@@ -27,6 +27,7 @@ from softprompt.forward import (
     RowSampling,
     causal,
     logits_from_hidden,
+    rope_switch,
     sliding_window,
 )
 from softprompt.forward.slots import check_slots
@@ -136,7 +137,11 @@ class PrefixBackend(Backend):
         """Per row: log-probs of its candidates at the next position, or of each of its target tokens."""
         engine = self.engine
         out: list[torch.Tensor | None] = [None] * len(rows)
-        batches = mixed_batches(rows, engine.tok.pad_token_id, "right", engine.max_batch_rows, engine.max_batch_tokens)
+        # a row past the rope switch changes the rotary factors of its whole batch: rows past it go apart
+        switch = rope_switch(engine.model)
+        apart = None if switch is None else [int(self.length(r.prompt) + len(r.ids) > switch) for r in rows]
+        batches = mixed_batches(rows, engine.tok.pad_token_id, "right", engine.max_batch_rows, engine.max_batch_tokens,
+                                apart=apart)
         for batch in tqdm(batches, desc="score", unit="batch", disable=None if engine.progress else True):
             self._score_batch(batch.to(engine.model.device), rows, out)
         return out
@@ -192,10 +197,12 @@ class PrefixBackend(Backend):
         # its prompt's keys; rows that could reach past the window (0 where padding changes results at any length:
         # MPT's ALiBi) are batched with rows of their own length
         window = sliding_window(engine.model)
-        reach = max((len(r.ids) + self.length(r.prompt) + p.request.max_tokens for r, p in zip(rows, items,
-                                                                                              strict=True)), default=0)
+        reaches = [len(r.ids) + self.length(r.prompt) + p.request.max_tokens for r, p in zip(rows, items, strict=True)]
+        # a row that may pass the rope switch changes the rotary factors of its batch from then on: it runs alone
+        switch = rope_switch(engine.model)
+        apart = None if switch is None else [i + 1 if reach - 1 > switch else 0 for i, reach in enumerate(reaches)]
         batches = mixed_batches(rows, engine.tok.pad_token_id, "left", engine.max_batch_rows, engine.max_batch_tokens,
-                                same_length=window is not None and reach > window)
+                                same_length=window is not None and max(reaches, default=0) > window, apart=apart)
         for batch in tqdm(batches, desc="generate", unit="batch", disable=None if engine.progress else True):
             self._generate_batch(batch.to(engine.model.device), items, results, on_token, cancelled)
         return results

@@ -14,6 +14,10 @@ ranges, decoding rows first, so each forward attends to a view of the slots.
 
 A forward that raises is run again on each half of its rows (writes are idempotent: a row's length moves
 only after its forward succeeded) until the failing row fails alone; the others go on.
+
+On a model whose rotary embedding a forward picks by its largest position (longrope: :func:`rope_switch`),
+rows before and past that length run in separate forwards, and no prefill chunk crosses it: a token is read
+with the factors of its own position, whatever else runs and however the input was cut in chunks.
 """
 
 from __future__ import annotations
@@ -25,7 +29,15 @@ from dataclasses import dataclass, field
 import torch
 
 from softprompt.engine.requests import EngineError, GenerateResult, RequestError
-from softprompt.forward import PromptKV, RowSampling, TokenLogprob, logits_from_hidden, sample_next, token_logprobs
+from softprompt.forward import (
+    PromptKV,
+    RowSampling,
+    TokenLogprob,
+    logits_from_hidden,
+    rope_switch,
+    sample_next,
+    token_logprobs,
+)
 from softprompt.forward.slots import SlotKV, slot_forward
 
 log = logging.getLogger(__name__)
@@ -91,6 +103,7 @@ class RunningBatch:
         self.decoding = 0
         self.steps = 0
         self.peak_bytes = 0
+        self.switch = rope_switch(engine.model)  # None, or the length past which a forward's rope changes
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -150,7 +163,7 @@ class RunningBatch:
 
     def _decode(self) -> None:
         rows = self.rows[:self.decoding]
-        hidden = self._forward(0, rows, [[r.pending] for r in rows])
+        hidden = self._sides(0, rows, [[r.pending] for r in rows])
         for r in rows:
             if r.error is None:
                 r.n += 1
@@ -161,11 +174,13 @@ class RunningBatch:
         for r in self.rows[self.decoding:]:
             if budget <= 0:
                 break
-            take = r.ids[r.fed:r.fed + budget]
+            at = r.n + (r.prompt.length if r.prompt is not None else 0)  # position of its next input token
+            room = self.switch - at if self.switch is not None and at < self.switch else budget
+            take = r.ids[r.fed:r.fed + min(budget, room)]  # a chunk ends at the rope switch, if it reaches it
             rows.append(r)
             chunks.append(take)
             budget -= len(take)
-        hidden = self._forward(self.decoding, rows, chunks)
+        hidden = self._sides(self.decoding, rows, chunks)
         ready = []
         for r, take, h in zip(rows, chunks, hidden, strict=True):
             if h is None:
@@ -180,6 +195,22 @@ class RunningBatch:
                 i = self.rows.index(r)
                 self._swap(i, self.decoding)
                 self.decoding += 1
+
+    def _sides(self, a: int, rows: list[_Row], chunks: list[list[int]]) -> list[torch.Tensor | None]:
+        """:meth:`_forward` over each run of neighbouring rows on one side of the rope switch (all at once
+        without one): a row past it would change the rotary factors of the rows before it."""
+        if self.switch is None:
+            return self._forward(a, rows, chunks)
+        past = [r.n + (r.prompt.length if r.prompt is not None else 0) + len(c) > self.switch
+                for r, c in zip(rows, chunks, strict=True)]
+        out, i = [], 0
+        while i < len(rows):
+            j = i + 1
+            while j < len(rows) and past[j] == past[i]:
+                j += 1
+            out += self._forward(a + i, rows[i:j], chunks[i:j])
+            i = j
+        return out
 
     def _forward(self, a: int, rows: list[_Row], chunks: list[list[int]]) -> list[torch.Tensor | None]:
         """Hidden state after each row's chunk (None for a row whose forward failed: it fails alone)."""

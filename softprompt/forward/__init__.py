@@ -48,7 +48,7 @@ from softprompt.forward.common import (
 )
 from softprompt.forward.family import BatchPrompt, Family, InferencePrompt, StepPrompt
 from softprompt.forward.head import logits_from_hidden
-from softprompt.forward.probe import local_window, sliding_window
+from softprompt.forward.probe import local_window, rope_switch, sliding_window
 from softprompt.forward.prompt import PromptOutput
 
 __all__ = [
@@ -75,6 +75,7 @@ __all__ = [
     "label_token_ids",
     "logits_from_hidden",
     "position_offset",
+    "rope_switch",
     "sample_next",
     "sliding_window",
     "local_window",

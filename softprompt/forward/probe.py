@@ -13,7 +13,9 @@ keeps up with, so each is checked on the loaded model, on a few tokens, the firs
   embeddings); when not, whether the concat pass alone is right (the model reads ids as their embeddings);
 - :func:`sliding_window`: how long a left-padded row may be and still give what it gives alone: a sliding
   window (GPT-Neo's local one too) counts padding columns, and a model whose results depend on the padding
-  between a cached prompt and the text (MPT builds ALiBi from column indices) gives 0.
+  between a cached prompt and the text (MPT builds ALiBi from column indices) gives 0;
+- :func:`rope_switch`: the length past which the model's rotary embedding changes for every row of a forward
+  (longrope): rows on either side of it must not share a forward.
 """
 
 from __future__ import annotations
@@ -136,3 +138,24 @@ def sliding_window(model) -> int | None:
     row's prompt and its text shifts the row's window (:func:`local_window`); a model whose results depend on
     that padding at any length (:func:`padding_shifts`) gives 0: generation batches rows of one length."""
     return 0 if padding_shifts(model) else local_window(text_config(model.config))
+
+
+def rope_switch(model) -> int | None:
+    """The sequence length past which the model's rotary embedding changes for all rows of a forward; None: it
+    does not. transformers picks a ``longrope`` embedding's factors (Phi-3 128k, Phi-3.5, Phi-4-mini) once per
+    forward, the long ones when the forward's largest position id passes ``original_max_position_embeddings``:
+    a short row beside a row past it would be read with the long ones. A ``dynamic`` embedding rescales past
+    ``max_position_embeddings``, which is also the engine's context: it changes nothing there."""
+    cfg = text_config(model.config)
+    params = config_value(cfg, "rope_parameters")
+    if not isinstance(params, dict):
+        return None
+    sets = [v for v in params.values() if isinstance(v, dict)] or [params]  # one, or one per layer type
+    found = []
+    for p in sets:
+        kind = str(p.get("rope_type", p.get("type", "")))
+        limit = p.get("original_max_position_embeddings") if kind == "longrope" else (
+            config_value(cfg, "max_position_embeddings") if "dynamic" in kind else None)
+        if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:
+            found.append(limit)
+    return min(found, default=None)
