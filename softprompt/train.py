@@ -280,9 +280,19 @@ def train(model, tokenizer, method: PromptMethod, task: TaskData, args: TrainArg
                 tokens += mb.num_tokens
             # the guard decides on these averaged values, identical on every process: all take the same decision
             if world > 1:  # average the prompt gradients (and the logged loss) over the processes
-                stats = torch.tensor([loss_sum, tokens], dtype=torch.float64, device=model.device)
-                all_average([p.grad for p in params if p.grad is not None] + [stats], world)
+                # a process given no example this step (a global batch or a train split smaller than the process
+                # count) has no gradients: it contributes zeros, so that every process reduces the same tensors;
+                # a parameter no process had a gradient for goes back to none (the optimizer skips it, as alone)
+                had = [float(p.grad is not None) for p in params]
+                for p in params:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                stats = torch.tensor([loss_sum, tokens, *had], dtype=torch.float64, device=model.device)
+                all_average([p.grad for p in params] + [stats], world)
                 loss_sum, tokens = float(stats[0]), int(round(float(stats[1]) * world))  # tokens: all ranks
+                for p, anyone in zip(params, stats[2:].tolist(), strict=True):
+                    if not anyone:
+                        p.grad = None
             grads = [p.grad for p in params if p.grad is not None]
             per_token = _per_token_grad_norm(method)
             gnorm = float(torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)) if grads else 0.0

@@ -7,6 +7,7 @@ import json
 import pytest
 from safetensors.torch import load_file
 
+from softprompt.data import TaskData
 from softprompt.train import train
 from tests.conftest import make_tokenizer, torchrun
 from tests.test_train import args, fresh, full_batch_reference, uneven_task
@@ -41,3 +42,23 @@ def test_ranks_that_measure_other_validation_numbers_still_stop_together(tmp_pat
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0] == ranks[1] == {"steps": 6, "stopped": True}  # rank 0's numbers decide for both
+
+
+def test_a_process_without_examples_contributes_nothing_and_the_ranks_agree(tmp_path):
+    # a global batch of 1 (or a train split of 1 example) on 2 processes left rank 1 without an example: it had no
+    # gradient, and the two ranks all-reduced different lists of tensors (a hang or a backend error)
+    proc = torchrun("ddp_small_batch.py", tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = uneven_task()
+    one = TaskData(one.format, {"train": one.splits["train"][:1]})
+    for case, data, batch_size in (("batch1", uneven_task(), 1), ("split1", one, 4)):
+        r0 = load_file(str(tmp_path / f"{case}_rank0.safetensors"))["prompt"]
+        r1 = load_file(str(tmp_path / f"{case}_rank1.safetensors"))["prompt"]
+        assert (r0 == r1).all(), case
+        model, method = fresh(make_tokenizer())
+        start = method.embeddings.detach().clone()
+        train(model, make_tokenizer(), method, data, args(tmp_path / f"single_{case}", max_steps=4,
+                                                          optimizer="adamw", lr=0.05, batch_size=batch_size,
+                                                          warmup_steps=0))
+        assert (method.embeddings.detach() - start).abs().max() > 1e-3, case  # the prompt did train
+        assert (method.embeddings.detach() - r0).abs().max() < 1e-5, case  # as one process trains it
