@@ -20,8 +20,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from softprompt.config import ConfigError, TrainArgs, flag
+from softprompt.data.dataset import examples_digest
 from softprompt.guard import DivergenceGuard
 from softprompt.methods import PromptMethod
+from softprompt.model import fingerprint_mismatch
 from softprompt.store.atomic import write_folder_atomically
 
 log = logging.getLogger("softprompt")
@@ -31,23 +33,52 @@ log = logging.getLogger("softprompt")
 RESUMED = ("optimizer", "lr", "weight_decay", "seed", "batch_size", "grad_accum", "group_by_length",
            "warmup_steps", "schedule", "metric")
 DATA_KEY = "train_data_sha256"  # the encoded training examples: the data order is a function of (seed, epoch) over them
+VALIDATION_KEY = "validation_digest"  # the validation examples the best metric and the plateau's curve were measured on
+MODEL_KEY = "model_fingerprint"  # the base model the prompt was trained against (:func:`softprompt.model.fingerprint`)
 
 
-def resume_settings(args: TrainArgs, train_enc: list | None = None) -> dict:
+def resume_settings(args: TrainArgs, train_enc: list | None = None, validation: list | None = None,
+                    model_fingerprint: dict | None = None) -> dict:
     """The settings a checkpoint records and a resume must repeat: the optimizer state and the lr schedule come
     from the checkpoint (another optimizer fails at its first step, another lr would be ignored), the rest of
     the epoch's data order from the seed, the batch size and the length grouping (another would repeat some
     examples and skip others), the schedule's shape from the warmup and the schedule, the best state so far
     from the metric (an accuracy compared with a loss). With ``train_enc`` (the encoded training examples), a
     fingerprint of them: other data (another file, data seed, max length or sample cap) shuffled by the same
-    seed is another order."""
+    seed is another order. With ``validation`` (the validation examples, ``[]`` for none), their digest: the best
+    metric and the plateau's curve so far were measured on them. With ``model_fingerprint``, the base model's:
+    a prompt trained against one model and continued against another is neither's."""
     out = {k: getattr(args, k) for k in RESUMED}
     if train_enc is not None:
         h = hashlib.sha256()
         for e in train_enc:
             h.update(repr((list(e.input_ids), e.target_start, e.class_label, e.target_mask)).encode())
         out[DATA_KEY] = h.hexdigest()
+    if validation is not None:
+        out[VALIDATION_KEY] = examples_digest(validation)
+    if model_fingerprint is not None:
+        out[MODEL_KEY] = model_fingerprint
     return out
+
+
+def _changed(key: str, there, now) -> str | None:
+    """How the setting ``key`` differs between the checkpoint (``there``) and this run (``now``); ``None`` when
+    it does not."""
+    if key == MODEL_KEY:
+        if not isinstance(there, dict):
+            return f"the base model (the checkpoint's record of it, {there!r}, is not a fingerprint)"
+        fields = [m.split(":")[0] for m in fingerprint_mismatch(there, now)]
+        if not fields:  # the same weights (also loaded in another dtype, or from another path)
+            return None
+        return (f"the base model (--model {there.get('name_or_path')!r} there, {now.get('name_or_path')!r} now; "
+                f"they differ in {', '.join(fields)})")
+    if there == now:
+        return None
+    return {DATA_KEY: "the training examples (another file, --data-seed, --max-length or sample cap)",
+            VALIDATION_KEY: "the validation examples (another --validation-file, held-out share or data seed, "
+                            "or a validation split given on one side only)",
+            "distill_context_sha256": "the distilled context (another --context or --context-file)",
+            }.get(key) or f"{flag(key)} {there!r} there, {now!r} now"
 
 
 def save_checkpoint(out: Path, step: int, method: PromptMethod, opt, sched, state: dict,
@@ -95,14 +126,12 @@ def load_checkpoint(out: Path, method: PromptMethod, opt, sched, guard: Divergen
     except (OSError, ValueError) as e:
         raise damaged("state.json", e) from None
     recorded = state.pop("settings", None) or {}  # absent in checkpoints written before it was recorded
-    described = {DATA_KEY: "the training examples (another file, --data-seed, --max-length or sample cap)",
-                 "distill_context_sha256": "the distilled context (another --context or --context-file)"}
-    changed = [described.get(k) or f"{flag(k)} {recorded[k]!r} there, {v!r} now" for k, v in settings.items()
-               if k in recorded and recorded[k] != v]
+    # a setting the checkpoint does not record (written before it was) is not checked
+    changed = [c for k, v in settings.items() if k in recorded and (c := _changed(k, recorded[k], v))]
     if changed:
         raise ConfigError(f"--resume: {ck} was written with other settings ({'; '.join(changed)}); the optimizer "
-                          "state, the lr schedule and the rest of the epoch's data order come from the checkpoint: "
-                          "resume with the same ones, or use another --output-dir")
+                          "state, the lr schedule, the rest of the epoch's data order and the best state so far "
+                          "come from the checkpoint: resume with the same ones, or use another --output-dir")
     try:
         saved = load_file(str(ck / "method.safetensors"))
     except Exception as e:  # noqa: BLE001 - a truncated or foreign file: safetensors, OS errors

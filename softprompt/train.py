@@ -40,6 +40,7 @@ from softprompt.evaluate import evaluate_prompt, primary_metric
 from softprompt.forward import family_of
 from softprompt.guard import DivergenceGuard
 from softprompt.methods import PromptMethod, checkpointing_problem
+from softprompt.model import fingerprint
 from softprompt.plateau import cooldown_end, cooldown_factor, flat_now
 from softprompt.schedule import lr_lambda, with_cooldown
 
@@ -240,7 +241,10 @@ def train(model, tokenizer, method: PromptMethod, task: TaskData, args: TrainArg
     best_state = None
     start = 0
     metrics_path = out / "metrics.jsonl"
-    settings = {**resume_settings(args, train_enc), **(resume_key or {})}  # what a resume must repeat
+    # what a resume must repeat (the base model's fingerprint only when a checkpoint is written or read: it hashes
+    # the embedding matrix, and a run without checkpoints, such as compare's full fine-tuning, needs none)
+    settings = {**resume_settings(args, train_enc, valid, fingerprint(model) if checkpoints or args.resume else None),
+                **(resume_key or {})}
     if args.resume and (out / "checkpoint" / "state.json").exists():
         state, best_state = load_checkpoint(out, method, opt, sched, guard, settings)
         start = state.pop("step")

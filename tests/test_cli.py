@@ -334,6 +334,38 @@ def test_prompt_is_the_best_validation_prompt(env, tmp_path, legacy_checkpoint):
     assert prompt_meta["metrics"]["validation"] == best_meta["metrics"] and "val_loss" in best_meta["metrics"]
 
 
+def test_resume_on_another_model_or_validation_split_is_usage_error(env, tmp_path):
+    """A resume continues the prompt, the best state and the validation curve of the checkpoint: another base model
+    of the same shapes (here other weights) trained on in silence and saved the prompt as the new model's; another
+    validation file mixed the best metric and the curve of two sets. A checkpoint that records neither (written
+    before they were recorded) still resumes."""
+    out = tmp_path / "o"
+    args = ["train", "--train-file", env["train"], "--template", TEMPLATE, "--target-field", "label", "--init",
+            "random", "--batch-size", "4", "--num-virtual-tokens", "4", "--output-dir", out]
+    assert run([*args, "--model", env["model"], "--validation-file", env["validation"], "--max-steps", "1"])[0] == 0
+    resume = [*args, "--max-steps", "2", "--resume"]
+    _assert_usage_error([*resume, "--model", env["other_model"], "--validation-file", env["validation"]],
+                        f"--model {str(env['model'])!r} there, {str(env['other_model'])!r} now",
+                        "embedding_sha256")
+    other_valid = write_jsonl(tmp_path / "valid2.jsonl", sentiment_records(8, seed=5))
+    _assert_usage_error([*resume, "--model", env["model"], "--validation-file", other_valid],
+                        "the validation examples (another --validation-file")
+    _assert_usage_error([*resume, "--model", env["model"]], "the validation examples")  # none now
+    # the same model from another folder is the same model
+    shutil.copytree(env["model"], tmp_path / "copy")
+    rc, _, stderr = run([*resume, "--model", tmp_path / "copy", "--validation-file", env["validation"]])
+    assert rc == 0, stderr
+    state = out / "checkpoint" / "state.json"
+    recorded = json.loads(state.read_text())
+    assert {"model_fingerprint", "validation_digest"} <= set(recorded["settings"])
+    for key in ("model_fingerprint", "validation_digest"):
+        del recorded["settings"][key]
+    state.write_text(json.dumps(recorded))
+    rc, _, stderr = run([*args, "--max-steps", "3", "--resume", "--model", env["other_model"], "--validation-file",
+                         other_valid])
+    assert rc == 0, stderr
+
+
 def test_resume_with_incompatible_checkpoint_is_usage_error(env, tmp_path):
     args = ["train", "--model", env["model"], "--train-file", env["train"], "--validation-file", env["validation"],
             "--template", TEMPLATE, "--target-field", "label", "--init", "random", "--batch-size", "4",

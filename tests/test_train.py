@@ -238,7 +238,7 @@ def test_result_keeps_the_best_state_also_across_a_resume(tmp_path, tokenizer):
         method.embeddings.add_(1.0)
     assert torch.equal(result.best_state["embeddings"], state["embeddings"])
     # resuming the finished run trains nothing and still returns the best state (kept in the checkpoint)
-    model, other = fresh(tokenizer, seed=1)
+    model, other = fresh(tokenizer)  # the initial prompt (the same base model: another one is refused)
     again = train(model, tokenizer, other, task(), args(tmp_path, max_steps=8, eval_every=2, metric="loss",
                                                         resume=True))
     assert again.history == [] and again.best_step == result.best_step and again.best_metrics == metrics
