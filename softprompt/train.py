@@ -157,7 +157,8 @@ def train(model, tokenizer, method: PromptMethod, task: TaskData, args: TrainArg
           eval_batch_size: int = 32, max_length: int = 256,
           on_step: Callable[[int], None] | None = None,
           loss_fn: Callable[..., torch.Tensor] | None = None, max_new_tokens: int = 16,
-          keep_best: bool = True, checkpoints: bool = True, resume_key: dict | None = None) -> TrainResult:
+          keep_best: bool = True, checkpoints: bool = True, resume_key: dict | None = None,
+          outputs: tuple[str, ...] = ()) -> TrainResult:
     """Train ``method``'s parameters against the frozen ``model``.
 
     Args:
@@ -181,6 +182,10 @@ def train(model, tokenizer, method: PromptMethod, task: TaskData, args: TrainArg
             folders are temporary, and full fine-tuning's checkpoint is gigabytes of writes in its train time).
         resume_key: more settings a resume must repeat, beside the loop's and the data's (``distill``: the
             context and temperature its loss depends on: another teacher was trained against in silence).
+        outputs: the caller's files and folders in ``args.output_dir`` (``best/``, ``eval.json``...) that a fresh
+            run (no ``--resume``) removes with an earlier run's log, checkpoint and ``train_args.json``, once every
+            check passed: a run that does not rewrite one (no validation, no test split) or is killed left the
+            earlier run's beside its own.
 
     Returns:
         The :class:`TrainResult`; ``best_state`` holds the best validation step's method state.
@@ -251,11 +256,14 @@ def train(model, tokenizer, method: PromptMethod, task: TaskData, args: TrainArg
         if main:
             truncate_log(metrics_path, start)
         log.info("resumed from %s at step %d", out / "checkpoint", start)
-    elif main:  # a fresh run in a used folder: the earlier run's log and checkpoint go (a --resume after this run
-        # was killed before its first checkpoint resumed the other run's state: its prompt, saved as this run's)
-        metrics_path.unlink(missing_ok=True)
-        if (out / "checkpoint").is_dir():
-            shutil.rmtree(out / "checkpoint")
+    elif main:  # a fresh run in a used folder: the earlier run's outputs go (a --resume after this run was killed
+        # before its first checkpoint resumed the other run's state: its prompt, saved as this run's; a best/ or
+        # eval.json this run does not rewrite stayed beside its prompt)
+        for name in ("metrics.jsonl", "checkpoint", "train_args.json", *outputs):
+            if (out / name).is_dir() and not (out / name).is_symlink():
+                shutil.rmtree(out / name)
+            else:
+                (out / name).unlink(missing_ok=True)
     history: list[dict] = []
     # a run that ended early (early stopping, the cool-down's end, the guard) and is resumed stays ended
     ended = state.pop("ended", None)

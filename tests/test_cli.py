@@ -334,6 +334,25 @@ def test_prompt_is_the_best_validation_prompt(env, tmp_path, legacy_checkpoint):
     assert prompt_meta["metrics"]["validation"] == best_meta["metrics"] and "val_loss" in best_meta["metrics"]
 
 
+def test_a_fresh_run_in_a_used_folder_leaves_none_of_the_earlier_runs_outputs(env, tmp_path):
+    """A run with validation and test splits wrote best/ and eval.json; a train-only run in the same folder writes
+    neither, and kept them beside its own prompt/ (another run's best prompt and test numbers)."""
+    out = tmp_path / "o"
+    rc, _, stderr = run(train_argv(env, out, "--max-steps", "2"))
+    assert rc == 0, stderr
+    assert (out / "best").is_dir() and (out / "eval.json").is_file()
+    first = _tensors(out / "prompt")
+    rc, _, stderr = run(["train", "--model", env["model"], "--train-file", env["train"], "--template", TEMPLATE,
+                         "--target-field", "label", "--num-virtual-tokens", "4", "--batch-size", "4", "--init",
+                         "random", "--max-steps", "1", "--output-dir", out])
+    assert rc == 0, stderr
+    assert not (out / "best").exists() and not (out / "eval.json").exists()
+    assert {p.name for p in out.iterdir()} == {"config.yaml", "metrics.jsonl", "checkpoint", "train_args.json",
+                                               "last", "prompt", "curves.png"}
+    assert not _tensors(out / "prompt")["prompt_embeddings"].equal(first["prompt_embeddings"])
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 1
+
+
 def test_resume_on_another_model_or_validation_split_is_usage_error(env, tmp_path):
     """A resume continues the prompt, the best state and the validation curve of the checkpoint: another base model
     of the same shapes (here other weights) trained on in silence and saved the prompt as the new model's; another

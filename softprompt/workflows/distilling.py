@@ -283,7 +283,7 @@ def distill_and_save(args: dict, distill: DistillArgs, store: str | None = None,
                    args["train"], max_length=distill.max_length,
                    loss_fn=lambda m, batch, prompt: distill_loss(m, teacher, batch, prompt, temp),
                    resume_key={"distill_context_sha256": hashlib.sha256(context.encode("utf-8")).hexdigest(),
-                               "distill_temperature": temp})
+                               "distill_temperature": temp}, outputs=("prompt", "distill.json"))
     method.eval()
     with torch.no_grad():
         rows["distilled soft prompt"] = measure(family.inference_prompt(model, method()))

@@ -30,6 +30,11 @@ from softprompt.workflows.loading import load_model_from_args, load_task_from_ar
 
 log = logging.getLogger("softprompt")
 
+# what a run writes beside train's own outputs (metrics.jsonl, checkpoint/, train_args.json): a fresh run in a
+# used folder removes an earlier run's, also those it will not rewrite (best/ without validation, eval.json
+# without a test split)
+RUN_OUTPUTS = ("best", "last", "prompt", "eval.json", "curves.png")
+
 
 def tuned_method(method: PromptMethod, result: TrainResult, out: Path, model) -> tuple[PromptMethod, dict]:
     """The prompt a run keeps, rebuilt in its stored (inference) form, and its validation metrics.
@@ -146,7 +151,7 @@ def train_and_save(args: dict, store: str | None = None, store_task: str | None 
 
     result = train(model, tok, method, task, args["train"], save_best=save_best,
                    eval_batch_size=args["eval"].eval_batch_size, max_length=args["data"].max_length,
-                   max_new_tokens=args["eval"].max_new_tokens)
+                   max_new_tokens=args["eval"].max_new_tokens, outputs=RUN_OUTPUTS)
     if distributed()[0] != 0:  # data-parallel run: the first process evaluates and saves
         return None
     if resuming:
