@@ -49,3 +49,15 @@ def with_cooldown(args: TrainArgs, value: float, cooldown: float) -> float:
     lower of the two (the cool-down replaces the decay, whichever comes first falls linearly to 0); under the
     other schedules their product (the cool-down scales what is left of the decay)."""
     return min(value, cooldown) if args.schedule == "wsd" else value * cooldown
+
+
+def warmup_warning(args: TrainArgs, total_steps: int) -> str | None:
+    """What is wrong when the warmup takes the whole ``total_steps`` run (``None`` when it does not): the lr is
+    still rising towards ``--lr`` at the last step, and a decaying schedule never starts its decay. The schedule
+    is kept as asked; the run says so (console and ``metrics.jsonl``)."""
+    if args.warmup_steps < total_steps:
+        return None
+    decay = "" if args.schedule == "constant" else f"; the {args.schedule} schedule's decay never starts"
+    return (f"--warmup-steps {args.warmup_steps} >= the run's {total_steps} steps: the lr is still warming up at "
+            f"the last step ({min(1.0, total_steps / args.warmup_steps):.3g} x --lr){decay}; lower --warmup-steps "
+            "or train longer (--max-steps, --epochs)")

@@ -42,7 +42,7 @@ from softprompt.guard import DivergenceGuard
 from softprompt.methods import PromptMethod, checkpointing_problem
 from softprompt.model import fingerprint
 from softprompt.plateau import cooldown_end, cooldown_factor, flat_now
-from softprompt.schedule import lr_lambda, with_cooldown
+from softprompt.schedule import lr_lambda, warmup_warning, with_cooldown
 
 log = logging.getLogger(__name__)
 
@@ -271,6 +271,9 @@ def train(model, tokenizer, method: PromptMethod, task: TaskData, args: TrainArg
     if ended:
         log.info("the resumed run had already ended at step %d (%s): nothing left to train", start, ended)
         total = start
+    warmup_note = warmup_warning(args, total) if start < total else None  # console, first line written
+    if warmup_note and main:
+        log.warning("%s", warmup_note)
     bar = tqdm(total=total, initial=start, desc="train", unit="step", disable=None if main else True)
     with open(metrics_path, "a") if main else contextlib.nullcontext() as logf:
         for step, epoch, group in micro_batches(train_enc, args, tokenizer.pad_token_id, steps_per_epoch,
@@ -319,6 +322,8 @@ def train(model, tokenizer, method: PromptMethod, task: TaskData, args: TrainArg
             row = {"step": step + 1, "epoch": epoch, "loss": loss_sum, "lr": sched.get_last_lr()[0],
                    "grad_norm": gnorm, "grad_norm_per_token": per_token, "tokens_per_s": tokens / step_s,
                    "step_s": step_s}
+            if warmup_note and step == start:  # the first line this run writes (a resumed run's too)
+                row["warning"] = warmup_note
             if alarm:
                 row.update(alarm.record())
                 diverged = alarm.stop

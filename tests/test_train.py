@@ -512,3 +512,24 @@ def test_a_train_split_that_encodes_to_nothing_is_refused_not_trained_as_no_op(t
     data = TaskData(CorpusFormat(note="x"), {"train": [Example("", w) for w in ("good", "bad", "film")]})
     with pytest.raises(DataError, match="train split: no example is left to train on once encoded"):
         train(model, tokenizer, method, data, args(tmp_path, max_steps=3))
+
+
+def test_a_warmup_as_long_as_the_run_is_warned_about(tmp_path, tokenizer, caplog):
+    """--warmup-steps at or above the run's steps: the lr never reached its peak nor decayed, and nothing said so.
+    The schedule stays as asked; the console and the first line of metrics.jsonl name both numbers."""
+    model, method = fresh(tokenizer)
+    with caplog.at_level("WARNING", logger="softprompt"):
+        train(model, tokenizer, method, task(), args(tmp_path / "long", max_steps=4, warmup_steps=6,
+                                                     schedule="linear", optimizer="adamw", lr=0.1))
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and "--warmup-steps 6 >= the run's 4 steps" in warned[0], warned
+    assert "decay never starts" in warned[0]
+    rows = [json.loads(x) for x in (tmp_path / "long" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["warning"] == warned[0] and not any("warning" in r for r in rows[1:])
+    assert [r["lr"] for r in rows] == pytest.approx([0.1 * s / 6 for s in (2, 3, 4, 5)])  # the schedule as asked
+    caplog.clear()
+    model, method = fresh(tokenizer)
+    with caplog.at_level("WARNING", logger="softprompt"):
+        train(model, tokenizer, method, task(), args(tmp_path / "short", max_steps=4, warmup_steps=3))
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    assert not any("warning" in json.loads(x) for x in (tmp_path / "short" / "metrics.jsonl").read_text().splitlines())
