@@ -99,3 +99,18 @@ def test_prefix_refused_for_a_model_with_other_geometry(tokenizer, tmp_path):
     save_prompt(tmp_path / "p", method, make_model("llama"))
     with pytest.raises(StoreError, match="token_dim|num_layers|different base model"):
         load_prompt(tmp_path / "p", make_model("gpt2"))
+
+
+@pytest.mark.parametrize(("name", "cfg"), [VARIANTS[1], VARIANTS[3]], ids=["prefix_mlp", "ptuning"])
+def test_a_projection_is_built_from_the_config_seed_alone(tokenizer, name, cfg):
+    """Prefix tuning's MLP drew its layers from the global RNG, unseeded (unlike P-tuning's encoder): one tune
+    trial's init depended on what ran before it, and train could not rebuild a trial's. The same config gives the
+    same weights whatever the global RNG, another seed other ones."""
+    model = make_model("llama")
+    built = []
+    for global_seed, seed in ((1, 0), (2, 0), (1, 5)):
+        torch.manual_seed(global_seed)
+        built.append(build_method(name, {**cfg, "seed": seed}, model, tokenizer).state_dict())
+    assert built[0].keys() == built[1].keys() and any("mlp" in k or "head" in k for k in built[0])
+    assert all(torch.equal(built[0][k], built[1][k]) for k in built[0])
+    assert not all(torch.equal(built[0][k], built[2][k]) for k in built[0])

@@ -152,6 +152,9 @@ class PrefixTuning(PromptMethod):
             enc = config.encoder_hidden_size or hidden_size
             gen = torch.Generator().manual_seed(config.seed)
             self.embedding = nn.Parameter(torch.randn(config.num_virtual_tokens, hidden_size, generator=gen) * 0.02)
+            # the MLP's layers draw their init from the global RNG: seeded, as p_tuning's encoder, so that the same
+            # config builds the same MLP whatever ran before (a tune trial, reproduced later by train)
+            torch.manual_seed(config.seed)
             self.mlp = nn.Sequential(nn.Linear(hidden_size, enc), nn.Tanh(), nn.Linear(enc, width))
             with torch.no_grad():
                 self.mlp[2].weight.zero_()
