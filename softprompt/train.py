@@ -52,7 +52,8 @@ class TrainResult:
     """Outcome of :func:`train`.
 
     ``best_state`` is a CPU copy of the method's ``state_dict()`` at ``best_step`` (the best validation
-    step) and ``best_metrics`` its validation metrics (``val_``-prefixed, as given to ``save_best``); both
+    step) and ``best_metrics`` its validation metrics (``val_``-prefixed; ``save_best`` gets them with
+    ``best_step``); both
     are ``None`` when no validation ran, and ``best_state`` also when resuming a checkpoint written before
     checkpoints kept it (``best_step`` is then set).
     """
@@ -167,7 +168,9 @@ def train(model, tokenizer, method: PromptMethod, task: TaskData, args: TrainArg
         method: the prompt method (its parameters are the only ones updated).
         task: data with ``train`` (and optionally ``validation``) splits.
         args: loop settings; ``args.output_dir`` receives metrics.jsonl and checkpoint/.
-        save_best: called with (method, metrics) whenever validation improves (e.g. to write ``best/``).
+        save_best: called with (method, metrics) whenever validation improves (e.g. to write ``best/``): the
+            validation metrics and ``best_step``, the step they were measured at (that line of ``metrics.jsonl``
+            is marked ``"best": true``; the last line so marked is the best state's).
         eval_batch_size: batch size for validation.
         max_length: token budget per example.
         on_step: called after every optimizer step with the step number (tests use it to simulate a kill).
@@ -352,8 +355,9 @@ def train(model, tokenizer, method: PromptMethod, task: TaskData, args: TrainArg
                     best_metrics = {f"val_{k}": v for k, v in m.items()}
                     state.update(best_metric=value, best_step=step + 1, bad_evals=0, best_metrics=best_metrics)
                     best_state = _cpu_copy(method.state_dict()) if keep_best else None
+                    row["best"] = True
                     if save_best and main:
-                        save_best(method, best_metrics)
+                        save_best(method, {**best_metrics, "best_step": step + 1})
                 else:
                     state["bad_evals"] += 1
                     stopped = 0 < args.early_stopping_patience <= state["bad_evals"]

@@ -331,7 +331,14 @@ def test_prompt_is_the_best_validation_prompt(env, tmp_path, legacy_checkpoint):
     assert not _tensors(out / "best")["prompt_embeddings"].equal(_tensors(out / "last")["prompt_embeddings"])
     best_meta = json.loads((out / "best" / "softprompt.json").read_text())
     prompt_meta = json.loads((out / "prompt" / "softprompt.json").read_text())
-    assert prompt_meta["metrics"]["validation"] == best_meta["metrics"] and "val_loss" in best_meta["metrics"]
+    assert "val_loss" in best_meta["metrics"]
+    # the step the kept prompt comes from is on disk: in prompt/ and best/, and as the last line of metrics.jsonl
+    # marked best (a validation line; an earlier one that improved is marked too)
+    assert prompt_meta["metrics"]["best_step"] == 3
+    assert best_meta["metrics"] == {**prompt_meta["metrics"]["validation"], "best_step": 3}
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    marked = [r["step"] for r in rows if r.get("best")]
+    assert marked[-1] == 3 and all("val_loss" in r for r in rows if r.get("best"))
 
 
 def test_a_fresh_run_in_a_used_folder_leaves_none_of_the_earlier_runs_outputs(env, tmp_path):

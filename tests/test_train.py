@@ -230,8 +230,9 @@ def test_result_keeps_the_best_state_also_across_a_resume(tmp_path, tokenizer):
 
     result = train(model, tokenizer, method, task(), args(tmp_path, max_steps=8, eval_every=2, metric="loss"),
                    save_best=save_best)
-    state, metrics = saved[-1]
-    assert result.best_metrics == metrics and result.best_metric == metrics["val_loss"]
+    state, metrics = saved[-1]  # save_best is told the step too
+    assert {**result.best_metrics, "best_step": result.best_step} == metrics
+    assert result.best_metric == metrics["val_loss"] and result.best_step == 8
     assert result.best_state.keys() == state.keys()
     assert all(t.device.type == "cpu" and torch.equal(t, state[k]) for k, t in result.best_state.items())
     with torch.no_grad():  # a copy: the live parameters moving on leave it alone
@@ -241,7 +242,7 @@ def test_result_keeps_the_best_state_also_across_a_resume(tmp_path, tokenizer):
     model, other = fresh(tokenizer)  # the initial prompt (the same base model: another one is refused)
     again = train(model, tokenizer, other, task(), args(tmp_path, max_steps=8, eval_every=2, metric="loss",
                                                         resume=True))
-    assert again.history == [] and again.best_step == result.best_step and again.best_metrics == metrics
+    assert again.history == [] and again.best_step == result.best_step and again.best_metrics == result.best_metrics
     assert all(torch.equal(t, state[k]) for k, t in again.best_state.items())
     # a checkpoint written before checkpoints kept the best state: the step is known, the state is not
     (tmp_path / "checkpoint" / "best.safetensors").unlink()

@@ -51,7 +51,8 @@ def tuned_method(method: PromptMethod, result: TrainResult, out: Path, model) ->
     """
     if result.best_state is None and result.best_step is not None:  # such a checkpoint: its best/ has it
         chosen = load_prompt(out / "best", model)
-        return chosen.build_method().to(model.device).eval(), chosen.meta.get("metrics")
+        validation = {k: v for k, v in (chosen.meta.get("metrics") or {}).items() if k != "best_step"}
+        return chosen.build_method().to(model.device).eval(), validation
     if result.best_state is not None:
         method.load_state_dict(result.best_state)
     tensors = {k: v.clone() for k, v in method.stored_tensors().items()}  # no storage shared with ``method``
@@ -178,8 +179,8 @@ def train_and_save(args: dict, store: str | None = None, store_task: str | None 
         print(format_report(report))
         (out / "eval.json").write_text(json.dumps(report, indent=2))
     save_prompt(out / "prompt", tuned, model, task=meta, train_config=train_cfg,
-                metrics={"validation": validation, split: _numbers(report.get("tuned soft prompt"))}, overwrite=True,
-                bos=bos)
+                metrics={"validation": validation, "best_step": result.best_step,
+                         split: _numbers(report.get("tuned soft prompt"))}, overwrite=True, bos=bos)
     print(f"\nsaved prompt to {out / 'prompt'}  (curves: {out / 'curves.png'}, log: {out / 'metrics.jsonl'})")
     if result.diverged:
         report_divergence(args, result, out, store, store_task)
