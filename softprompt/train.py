@@ -270,6 +270,16 @@ def train(model, tokenizer, method: PromptMethod, task: TaskData, args: TrainArg
     history: list[dict] = []
     # a run that ended early (early stopping, the cool-down's end, the guard) and is resumed stays ended
     ended = state.pop("ended", None)
+    if start and not ended and state.get("flat_step") is not None:
+        # a cool-down is cut at the run's end (``cooldown_end``): a resume that grows --max-steps/--epochs continues
+        # it to its own end, as the schedule follows the new length (its stop_at was the old end: the next step ran
+        # at lr 0 and the run stopped); one that had come to its end is over
+        state["stop_at"] = cooldown_end(state["flat_step"], args.eval_every, total)
+        if state["stop_at"] <= start:
+            ended = "stopped"
+    if start:  # the next step's lr from the schedule as it now stands (the checkpoint's is the old length's)
+        for group, base, fn in zip(opt.param_groups, sched.base_lrs, sched.lr_lambdas, strict=True):
+            group["lr"] = base * fn(sched.last_epoch)
     stopped, diverged = ended == "stopped", ended == "diverged"
     if ended:
         log.info("the resumed run had already ended at step %d (%s): nothing left to train", start, ended)

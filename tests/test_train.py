@@ -534,3 +534,39 @@ def test_a_warmup_as_long_as_the_run_is_warned_about(tmp_path, tokenizer, caplog
         train(model, tokenizer, method, task(), args(tmp_path / "short", max_steps=4, warmup_steps=3))
     assert not [r for r in caplog.records if r.levelname == "WARNING"]
     assert not any("warning" in json.loads(x) for x in (tmp_path / "short" / "metrics.jsonl").read_text().splitlines())
+
+
+def test_a_resume_that_grows_the_run_continues_a_cut_cool_down(tmp_path, tokenizer, monkeypatch):
+    """A plateau's cool-down is cut at the run's last step. Resumed with more --max-steps, the run ran one step at
+    lr 0 (the cool-down's end was the old last step) and stopped; it now continues the cool-down to its own end,
+    and a cool-down that had come to its end stays over."""
+    def run(name, max_steps, resume=False):
+        model, method = fresh(tokenizer)
+        result = train(model, tokenizer, method, task(), args(tmp_path / name, max_steps=max_steps, eval_every=2,
+                                                              lr=1e-9, stop_when_flat=0.02, resume=resume,
+                                                              schedule="constant"))  # the lr: the cool-down's
+        rows = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        return result, {r["step"]: r["lr"] for r in rows}
+
+    # the same run as test_stop_when_flat_keeps_its_curve_across_a_resume: flat at step 14, cool-down to step 20
+    cut, lrs = run("cut", 17)
+    assert cut.flat_step == 14 and cut.steps == 17 and lrs[17] == 0.0
+    import softprompt.train as train_mod
+
+    used, build = [], train_mod.build_optimizer
+
+    def recording(params, train_args):  # the lr each step of the resumed run takes
+        opt = build(params, train_args)
+        opt.register_step_pre_hook(lambda o, *_: used.append(o.param_groups[0]["lr"]))
+        return opt
+
+    monkeypatch.setattr(train_mod, "build_optimizer", recording)
+    grown, lrs = run("cut", 40, resume=True)
+    assert grown.flat_step == 14 and grown.steps == 20 and grown.stopped_early
+    assert used == pytest.approx([1e-9 * 3 / 6, 1e-9 * 2 / 6, 1e-9 / 6], abs=1e-15)  # steps 18 to 20
+    # row k logs the lr of step k + 1: steps 19 and 20 at the cool-down's lr of 14..20, not at 0
+    assert lrs[18] == pytest.approx(1e-9 * 2 / 6) and lrs[19] == pytest.approx(1e-9 / 6) and lrs[20] == 0.0
+    whole, _ = run("whole", 20)  # its cool-down ends at its last step: over, whatever the resume asks
+    assert whole.flat_step == 14 and whole.steps == 20
+    again, _ = run("whole", 40, resume=True)
+    assert again.history == [] and again.steps == 20
