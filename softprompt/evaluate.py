@@ -79,6 +79,17 @@ def lead_prompt_kv(model, tokenizer) -> InferencePrompt | None:
 
 def k_shot_text(examples: list[Example], fmt: TaskFormat, k: int, seed: int = 0) -> str:
     """``k`` solved examples joined by blank lines, balanced over labels for classification."""
+    return shots_text(k_shot_examples(examples, fmt, k, seed))
+
+
+def shots_text(shots: list[Example]) -> str:
+    """Solved examples as a k-shot context: each source, its target, a blank line."""
+    return "".join(ex.source + ex.target + "\n\n" for ex in shots)
+
+
+def k_shot_examples(examples: list[Example], fmt: TaskFormat, k: int, seed: int = 0) -> list[Example]:
+    """``k`` examples drawn with ``seed`` (balanced over labels for classification), in context order. The
+    ``k`` drawn include the ``k - 1`` that ``k - 1`` draws, so fewer shots take fewer tokens."""
     rng = random.Random(seed)
     pool = list(examples)
     rng.shuffle(pool)
@@ -94,7 +105,7 @@ def k_shot_text(examples: list[Example], fmt: TaskFormat, k: int, seed: int = 0)
         rng.shuffle(chosen)
     else:
         chosen = pool[:k]
-    return "".join(ex.source + ex.target + "\n\n" for ex in chosen)
+    return chosen
 
 
 def macro_f1(expected: list[str], predicted: list[str], labels: list[str]) -> float:

@@ -211,3 +211,38 @@ def test_generation_keeps_its_batches_when_no_row_can_reach_past_the_window(toke
     model.config.sliding_window = 6
     generate_texts(model, tokenizer, None, sources, 2, batch_size=6, stop=None)
     assert len(calls) == 1 + 6  # six lengths
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_the_k_shot_context_keeps_the_shots_that_fit_the_models_positions(kind, tokenizer, monkeypatch, caplog):
+    """--k-shot 8 of whole long training sources became one context past the model's positions: an IndexError on
+    GPT-2's learned positions, a TooLongError naming 'condition2' on RoPE. Each shot is cut as training cuts it
+    (--max-length 32), and as many as fit beside the longest test input (32 tokens) are kept: 2 of 100 positions."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    from softprompt.config import DataArgs, EvalArgs
+    from softprompt.data import TaskData
+    from softprompt.model import prepare_frozen
+    from softprompt.workflows import baselines
+
+    torch.manual_seed(0)
+    model = (GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=100,
+                                        eos_token_id=1, pad_token_id=0)) if kind == "gpt2" else
+             LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=100,
+                                          pad_token_id=0, bos_token_id=None, eos_token_id=1)))
+    prepare_frozen(model)
+    long = " ".join(["the movie was very"] * 25)  # 100 words: a source of 103 tokens
+    recs = [{"text": f"{long} {'good' if i % 2 else 'bad'}", "label": "positive" if i % 2 else "negative"}
+            for i in range(12)]
+    data = TaskData(FMT, {"train": [FMT.render(r) for r in recs[:8]], "test": [FMT.render(r) for r in recs[8:]]})
+    contexts = []
+    real = baselines.hard_prompt_kv
+    monkeypatch.setattr(baselines, "hard_prompt_kv", lambda m, t, text, *a: contexts.append(text) or real(m, t, text))
+    args = {"eval": EvalArgs(k_shot=8, baselines=["k_shot"]), "data": DataArgs(max_length=32)}
+    with caplog.at_level("WARNING", logger="softprompt"):
+        report = baselines.evaluate_with_baselines(model, tokenizer, data, args, "", data.examples("test"))
+    assert list(report) == ["2-shot prompting"] and report["2-shot prompting"]["n"] == 4
+    assert len(tokenizer(contexts[0], add_special_tokens=False)["input_ids"]) == 64  # 2 shots of 31 + 1 label
+    assert contexts[0].split()[:4] == ["the", "movie", "was", "very"] and contexts[0].count("Sentiment:") == 2
+    assert "--k-shot 8: the 8 shots take 256 tokens" in caplog.text and "the row holds 2 shot(s)" in caplog.text

@@ -153,6 +153,26 @@ def encode(tokenizer, examples: list[Example], max_length: int = 256, append_eos
     return out
 
 
+def text_tail(tokenizer, text: str, n: int) -> str:
+    """The shortest end of ``text`` that keeps its last ``n`` tokens (no special tokens): a source cut as
+    :func:`encode` cuts it, kept as text (a k-shot context is tokenised whole). ``text`` itself when it has no
+    more than ``n`` tokens; ``""`` for ``n <= 0``. Found by bisection over characters, with any tokenizer."""
+
+    def count(start: int) -> int:
+        return len(tokenizer(text[start:], add_special_tokens=False)["input_ids"])
+
+    if count(0) <= n:
+        return text
+    lo, hi = 0, len(text)  # count(lo) > n >= count(hi) (the empty end has no tokens)
+    while lo + 1 < hi:
+        mid = (lo + hi) // 2
+        if count(mid) <= n:
+            hi = mid
+        else:
+            lo = mid
+    return text[hi:]
+
+
 def label_room(tokenizer, fmt) -> int:
     """Tokens the longest label text takes as a target (0 for a task without labels): what a classification
     source leaves room for (:func:`encode`'s ``target_room``).

@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 
-from softprompt.data import Example, TaskData, is_chat
+from softprompt.data import Example, TaskData, is_chat, label_room, text_tail, with_leading, with_trailing
 from softprompt.data.chat import chat_prompt_ids, with_shots, with_system
 from softprompt.engine import Engine
-from softprompt.evaluate import evaluate_on_engine, evaluate_prompt, hard_prompt_kv, k_shot_text, lead_prompt_kv
+from softprompt.evaluate import (
+    evaluate_on_engine,
+    evaluate_prompt,
+    hard_prompt_kv,
+    k_shot_examples,
+    lead_prompt_kv,
+    shots_text,
+)
 from softprompt.forward import family_of
 from softprompt.methods import PromptOutput
 from softprompt.model import context_length
@@ -98,6 +106,65 @@ def warn_answer_limits(tokenizer, examples: list[Example], max_new_tokens: int, 
                     "their exact match is 0 and their F1/ROUGE-L capped", lines, len(targets))
 
 
+def context_tokens(model, tokenizer, text: str) -> int:
+    """Positions ``text`` takes as a hard prompt (:func:`~softprompt.evaluate.hard_prompt_kv`: the BOS opens it)."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return len(with_leading(ids, family_of(model).lead_ids(tokenizer, True)))
+
+
+def context_room(model, tokenizer, fmt, args: dict, examples: list[Example], bos: bool) -> int | None:
+    """Positions a hard-prompt or k-shot context may take: the model's, less what the longest example takes
+    after it (its source cut at ``--max-length``, as the engine reads it, with the longest label; or with its
+    answer and EOS when scored, ``--max-new-tokens`` when generated). ``None``: a model without a position
+    limit. ``bos``: the text after the context starts with the model's BOS."""
+    context = context_length(model.config)
+    if context is None or not examples:
+        return None
+    ev, data, family = args["eval"], args["data"], family_of(model)
+    lead, trail = family.lead_ids(tokenizer, bos), family.trail_ids(tokenizer, bos)
+    sources = [len(with_trailing(with_leading(ids, lead), trail))
+               for ids in tokenizer([ex.source for ex in examples], add_special_tokens=False)["input_ids"]]
+    if fmt.is_classification:
+        need = min(max(sources) + label_room(tokenizer, fmt), data.max_length)
+    else:
+        eos = int(tokenizer.eos_token_id is not None)  # every scored answer ends with it, as in training
+        targets = [len(ids) + eos for ids in tokenizer([ex.target for ex in examples],
+                                                       add_special_tokens=False)["input_ids"]]
+        need = max(min(max(sources), data.max_length) + ev.max_new_tokens,
+                   max(min(s + t, data.max_length) for s, t in zip(sources, targets, strict=True)))
+    return context[0] - need
+
+
+def k_shot_context(model, tokenizer, task: TaskData, args: dict, room: int | None) -> tuple[int, str] | None:
+    """The k-shot baseline's context: ``--k-shot`` training examples, each source cut as training cut it (its
+    end, within ``--max-length``), and fewer of them when they take more than ``room`` positions (a warning
+    says so). Returns ``(shots, text)``, or ``None`` (warned) when not even one shot fits."""
+    ev, data, fmt, family = args["eval"], args["data"], task.format, family_of(model)
+    pool = task.examples("train")
+    specials = len(family.lead_ids(tokenizer, True)) + len(family.trail_ids(tokenizer, True))
+
+    def shots(k: int) -> str:
+        chosen = k_shot_examples(pool, fmt, k, seed=data.data_seed)
+        encoded = family.encode_examples(tokenizer, chosen, fmt, data.max_length)  # as training encodes them
+        return shots_text([replace(ex, source=text_tail(tokenizer, ex.source, enc.target_start - specials))
+                           for ex, enc in zip(chosen, encoded, strict=True)])
+
+    k = min(ev.k_shot, len(pool))
+    text = shots(k)
+    if room is None or context_tokens(model, tokenizer, text) <= room:
+        return k, text
+    fits, over = 0, k  # the most shots that fit (k drawn hold the k - 1 drawn: fewer take fewer tokens)
+    while fits + 1 < over:
+        mid = (fits + over) // 2
+        fits, over = (mid, over) if context_tokens(model, tokenizer, shots(mid)) <= room else (fits, mid)
+    log.warning("--k-shot %d: the %d shots take %d tokens (each cut to --max-length %d); beside the longest "
+                "evaluated example %d fit in the model's %d positions: %s (a lower --k-shot or --max-length keeps "
+                "every shot)", ev.k_shot, k, context_tokens(model, tokenizer, text), data.max_length, max(room, 0),
+                context_length(model.config)[0],
+                f"the row holds {fits} shot(s)" if fits else "not one shot fits, the row is skipped")
+    return (fits, shots(fits)) if fits else None
+
+
 def evaluate_with_baselines(model, tokenizer, task: TaskData, args: dict, prompt_text: str,
                             examples: list[Example], kv_tuned=None, tuned_bos: bool = True) -> dict:
     """Evaluate the tuned prompt (if given) and the requested baselines on ``examples``.
@@ -139,13 +206,21 @@ def evaluate_with_baselines(model, tokenizer, task: TaskData, args: dict, prompt
     conditions: dict[str, tuple[object, bool]] = {}
     if "no_prompt" in ev.baselines:
         conditions["no soft prompt (template only)"] = (None, True)
+    # a context and the longest example after it must fit the model's positions (else an IndexError on learned
+    # positions, or rows cut shorter than the other conditions' rows)
+    room = context_room(model, tokenizer, fmt, args, examples, after_context)
     if "hard_prompt" in ev.baselines and prompt_text.strip():
-        conditions["init text as hard prompt"] = (hard_prompt_kv(model, tokenizer, prompt_text.strip() + "\n"),
-                                                  after_context)
+        text = prompt_text.strip() + "\n"
+        if room is None or context_tokens(model, tokenizer, text) <= room:
+            conditions["init text as hard prompt"] = (hard_prompt_kv(model, tokenizer, text), after_context)
+        else:
+            log.warning("the init text as a hard prompt is %d tokens; beside the longest evaluated example, %d "
+                        "fit in the model's positions: that row is skipped (a shorter --init-text or --max-length "
+                        "keeps it)", context_tokens(model, tokenizer, text), room)
     if "k_shot" in ev.baselines and task.splits.get("train"):
-        shots = k_shot_text(task.examples("train"), fmt, ev.k_shot, seed=data.data_seed)
-        k = min(ev.k_shot, len(task.examples("train")))  # the row is named for the shots it holds
-        conditions[f"{k}-shot prompting"] = (hard_prompt_kv(model, tokenizer, shots), after_context)
+        shots = k_shot_context(model, tokenizer, task, args, room)
+        if shots is not None:  # the row is named for the shots it holds
+            conditions[f"{shots[0]}-shot prompting"] = (hard_prompt_kv(model, tokenizer, shots[1]), after_context)
     if kv_tuned is not None:
         conditions["tuned soft prompt"] = (kv_tuned, tuned_bos)
     t0 = time.perf_counter()
