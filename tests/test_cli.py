@@ -570,6 +570,33 @@ def test_eval_of_a_prompt_trained_on_files_reads_its_files_and_cuts_where_traini
     assert json.loads(report.read_text())["tuned soft prompt"]["loss"] != pytest.approx(own["loss"], rel=1e-5)
 
 
+def test_eval_refuses_a_verbalizer_whose_label_can_never_win_and_names_an_over_long_target(env, trained,
+                                                                                          tmp_path):
+    """Training refuses a verbalizer whose label could never be predicted (" positive ." scores below " positive"
+    always); eval --prompt scored it, the label never chosen. A test target over --max-length stopped eval
+    mid-evaluation as "request 9: score input for task 'condition0'", no file or line: the split is encoded first."""
+    out, _ = trained
+    rc, stdout, stderr = run(["eval", "--model", env["model"], "--prompt", out / "prompt", "--baselines", "no_prompt",
+                              "--verbalizer", "positive=positive,negative=positive ."])
+    assert rc == 2 and not stdout, stderr
+    assert "labels 'positive' and 'negative'" in stderr and "can never be predicted" in stderr
+    assert "condition0" not in stderr  # the engine's name for an evaluated condition means nothing to a user
+    gen = tmp_path / "gen"
+    rc, _, stderr = run(["train", "--model", env["model"], "--train-file", env["train"], "--test-file", env["test"],
+                         "--template", TEMPLATE, "--target-field", "label", "--num-virtual-tokens", "2",
+                         "--max-steps", "1", "--batch-size", "4", "--max-length", "16", "--baselines", "no_prompt",
+                         "--max-new-tokens", "2", "--output-dir", gen])
+    assert rc == 0, stderr
+    records = sentiment_records(4, seed=3)
+    records[2]["label"] = " ".join(["good"] * 20)  # 20 tokens + the EOS: past the run's --max-length 16
+    test = write_jsonl(tmp_path / "long.jsonl", records)
+    rc, stdout, stderr = run(["eval", "--model", env["model"], "--prompt", gen / "prompt", "--test-file", test,
+                              "--baselines", "no_prompt", "--max-new-tokens", "2"])
+    assert rc == 2 and not stdout, stderr
+    assert "error: test split: long.jsonl line 3: target ' good good" in stderr
+    assert "more than --max-length 16" in stderr
+
+
 def test_eval_draws_k_shot_examples_from_the_training_examples_the_prompt_saw(env, tmp_path):
     """eval read the whole --train-file of a prompt trained with --max-train-samples: the k-shot baseline drew
     its shots from records the run never had, and its numbers differed from the run's own report."""

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from softprompt import forward
 from softprompt.engine import (
     ClassifyRequest,
     Engine,
@@ -208,6 +209,29 @@ def test_errors_are_specific(setup):
         engine.generate([GenerateRequest("ens", "good")])
     with pytest.raises(RequestError, match="same labels"):
         engine.add_ensemble("bad", ["sent", "caps"])
+
+
+def test_a_verbalizer_whose_label_can_never_win_is_refused_when_the_task_is_loaded(tmp_path, tokenizer):
+    """A label scores its tokens' summed log-probability: " positive ." ([positive, .]) always scores below
+    " positive", and of two labels with the same tokens the first always wins. Training refuses such a verbalizer;
+    the engine served it (eval --prompt, a store entry, the server), and the longer label was never chosen."""
+    from softprompt.data import TaskFormat
+
+    model = make_model("llama")
+    engine = Engine(model, tokenizer)
+    for verbalizer, why in (({"positive": "positive", "negative": "positive ."}, "can never be predicted"),
+                            ({"positive": "yes", "negative": "no"}, "tokenize alike")):  # both [UNK]
+        bad = {**SENT, "verbalizer": verbalizer}
+        entry = stored(tmp_path, model, tokenizer, f"bad{len(why)}", 3, bad, 1)
+        with pytest.raises(RequestError, match=f"task 'bad': --verbalizer: labels .* {why}"):
+            engine.add_prompt("bad", entry)
+        fmt = TaskFormat(bad["template"], "label", verbalizer)
+        with pytest.raises(RequestError, match=why):
+            engine.add_base("base", fmt)
+        with pytest.raises(RequestError, match=why):
+            engine.add_kv("kv", forward.compute_prompt_kv(model, torch.randn(2, 32)), fmt)
+    assert engine.task_names() == []  # nothing half-loaded
+    engine.add_prompt("sent", stored(tmp_path, model, tokenizer, "good", 3, SENT, 1))  # the usual labels load
 
 
 def test_unload_keeps_prompts_other_tasks_use(setup):

@@ -19,6 +19,7 @@ import torch
 
 from softprompt.data import TaskFormat
 from softprompt.engine.batching import Row
+from softprompt.engine.requests import RequestError
 from softprompt.forward import InjectionError
 from softprompt.store.errors import StoreError
 
@@ -68,6 +69,21 @@ class Backend:
                 self.fits(key, prompt)
             except InjectionError as e:
                 raise StoreError(f"{where}: {e}") from e
+
+    def format_problem(self, fmt: TaskFormat | None) -> str | None:
+        """Why a task of format ``fmt`` cannot be served by this backend, or None."""
+        return None
+
+    def check_formats(self, formats: list, task: str) -> None:
+        """Refuse task ``task`` when one of its formats cannot be served (:meth:`format_problem`); changes nothing.
+
+        Raises:
+            RequestError: naming the task and the problem.
+        """
+        for fmt in formats:
+            problem = self.format_problem(fmt)
+            if problem:
+                raise RequestError(f"task {task!r}: {problem}")
 
     def add(self, key, prompt) -> None:
         """Hold a checked prompt under ``key`` (replacing one held before)."""

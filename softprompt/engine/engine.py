@@ -194,9 +194,10 @@ class Engine:
         """Swap in checked prompts and their task at once, between batches.
 
         Every other task that serves a replaced prompt is rebuilt with its new format too (an ensemble kept its
-        member's old template and labels after that member was reloaded); an ensemble whose members would then
-        disagree on the labels refuses the whole swap (:class:`RequestError`), before anything changes.
+        member's old template and labels after that member was reloaded). An ensemble whose members would then
+        disagree on the labels, or a format the backend cannot serve, refuses the swap (:class:`RequestError`).
         """
+        self.backend.check_formats(task.formats, task.name)
         with self._lock:
             others = [t for t in self.tasks.values() if t.name != task.name and t.kind != "base"
                       and any(m in built for m in t.members)]

@@ -13,7 +13,7 @@ import logging
 import torch
 from tqdm.auto import tqdm
 
-from softprompt.data import TaskFormat
+from softprompt.data import TaskFormat, label_prefix_problem
 from softprompt.engine.backend import Backend
 from softprompt.engine.batching import MixedBatch, Row, mixed_batches
 from softprompt.engine.prepare import encode, encode_source, fit, lead_ids
@@ -99,6 +99,12 @@ class PrefixBackend(Backend):
                 raise UnknownTaskError(f"a task was unloaded while its request waited: {e}") from e
 
     # ------------------------------------------------------------------------------ classify and score
+    def format_problem(self, fmt: TaskFormat | None) -> str | None:
+        """A verbalizer whose label can never be predicted (:func:`~softprompt.data.tokenize.label_prefix_problem`:
+        ranked by summed log-probabilities, a label that extends another always loses), refused as training
+        refuses it."""
+        return label_prefix_problem(self.engine.tok, fmt) if fmt is not None and fmt.is_classification else None
+
     def label_ids(self, fmt: TaskFormat) -> tuple[list[list[int]], bool]:
         """Token ids of a format's label texts, and whether each is one distinct token (cached)."""
         key = tuple(fmt.label_texts)

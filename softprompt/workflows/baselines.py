@@ -208,7 +208,8 @@ def evaluate_with_baselines(model, tokenizer, task: TaskData, args: dict, prompt
         conditions["no soft prompt (template only)"] = (None, True)
     # a context and the longest example after it must fit the model's positions (else an IndexError on learned
     # positions, or rows cut shorter than the other conditions' rows)
-    room = context_room(model, tokenizer, fmt, args, examples, after_context)
+    room = (context_room(model, tokenizer, fmt, args, examples, after_context)
+            if {"hard_prompt", "k_shot"} & set(ev.baselines) else None)
     if "hard_prompt" in ev.baselines and prompt_text.strip():
         text = prompt_text.strip() + "\n"
         if room is None or context_tokens(model, tokenizer, text) <= room:

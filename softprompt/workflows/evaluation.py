@@ -141,6 +141,10 @@ def evaluate_stored_prompt(args: dict, prompt: str, check_fingerprint: bool = Tr
 
     Returns:
         The report (metrics per condition) and the number of examples evaluated.
+
+    Raises:
+        DataError: an example of the split that training could not encode (a target over ``--max-length``,
+            labels that can never be predicted), named by its file and line, before anything is evaluated.
     """
     stored = load_prompt(prompt)
     model, tok = load_model_from_args(args, stored)
@@ -153,7 +157,13 @@ def evaluate_stored_prompt(args: dict, prompt: str, check_fingerprint: bool = Tr
     with torch.no_grad():
         kv = family_of(model).inference_prompt(model, method())
     init_text = stored.method_config.get("init_text", "") if stored.method_config.get("init") == "text" else ""
-    examples = task.examples(args["eval"].split)
+    split = args["eval"].split
+    examples = task.examples(split)
+    try:  # encoded first as training encodes it: a target over --max-length or a verbalizer whose label can never
+        # win is named by its file and line here, not as "request 9: ... task 'condition0'" mid-evaluation
+        family_of(model).encode_examples(tok, examples, task.format, args["data"].max_length, stored.bos)
+    except DataError as e:
+        raise DataError(f"{split} split: {e}") from None
     # the prompt is evaluated with the layout it was trained with (BOS after it or not: StoredPrompt.bos)
     return evaluate_with_baselines(model, tok, task, {**args}, init_text, examples, kv, stored.bos), len(examples)
 
