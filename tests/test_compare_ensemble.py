@@ -146,3 +146,27 @@ def test_the_ensemble_evaluation_runs_in_a_child_process(tiny_model_dir, tmp_pat
     """The child entry point dispatches an ensemble evaluation (here one whose store does not exist)."""
     scored = evaluate_in_subprocess(EnsembleEval(str(tiny_model_dir), "capitals", 4, 4, str(tmp_path / "nope"), "x"))
     assert "not a prompt store" in scored["error"]
+
+
+def test_the_ensemble_is_scored_in_float32_as_every_compare_row_is(monkeypatch, tmp_path):
+    """The seed runs load the model in fp32 on any device; the ensemble's evaluation took the default dtype (bf16
+    on CUDA), so its members' accuracies were not the seed runs' own and the gain mixed two precisions."""
+    import inspect
+
+    import softprompt.model
+
+    real, seen = softprompt.model.load_base_model, []
+
+    class Loaded(Exception):
+        pass
+
+    def load(*args, **kwargs):
+        bound = inspect.signature(real).bind(*args, **kwargs)
+        bound.apply_defaults()
+        seen.append(bound.arguments["dtype"])
+        raise Loaded
+
+    monkeypatch.setattr(softprompt.model, "load_base_model", load)
+    with pytest.raises(Loaded):
+        evaluate_ensemble(EnsembleEval("tiny", "capitals", 4, 4, str(tmp_path / "store"), "x"))
+    assert seen == ["float32"]

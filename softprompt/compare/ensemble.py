@@ -92,7 +92,9 @@ def evaluate_ensemble(ev: EnsembleEval) -> dict:
     from softprompt.model import load_base_model
     from softprompt.store import PromptStore
 
-    model, tok = load_base_model(ev.model)
+    # fp32, as every row of the comparison was trained and scored (compare.run.run_one): bf16, the CUDA
+    # default, scored the members otherwise than their seed runs did
+    model, tok = load_base_model(ev.model, dtype="float32")
     task, _ = load_run_task(ev.dataset, ev.val_samples, ev.test_samples)
     store = PromptStore(ev.store)
     members = store.ensemble(ev.name).members
