@@ -597,6 +597,24 @@ def test_eval_refuses_a_verbalizer_whose_label_can_never_win_and_names_an_over_l
     assert "more than --max-length 16" in stderr
 
 
+@pytest.mark.parametrize("init", [["--init", "random"], ["--method", "p_tuning"], []])
+def test_eval_reports_the_hard_prompt_row_of_the_runs_init_text_as_train_did(env, tmp_path, init):
+    """train's report has the init text (given or the task's default) as a hard prompt whatever --init; eval
+    --prompt had that row only for a text init: the same prompt got other rows (none for --init random or
+    P-tuning). Both now score the run's init text."""
+    out, report = tmp_path / "o", tmp_path / "r.json"
+    rc, stdout, stderr = run(train_argv(env, out, "--max-steps", "1", "--baselines", "hard_prompt", *init))
+    assert rc == 0, stderr
+    own = json.loads((out / "eval.json").read_text())
+    assert list(own) == ["init text as hard prompt", "tuned soft prompt"]
+    rc, _, stderr = run(["eval", "--model", env["model"], "--prompt", out / "prompt", "--baselines", "hard_prompt",
+                         "--report", report])
+    assert rc == 0, stderr
+    got = json.loads(report.read_text())
+    assert list(got) == list(own)
+    assert got["init text as hard prompt"]["loss"] == pytest.approx(own["init text as hard prompt"]["loss"], rel=1e-6)
+
+
 def test_eval_draws_k_shot_examples_from_the_training_examples_the_prompt_saw(env, tmp_path):
     """eval read the whole --train-file of a prompt trained with --max-train-samples: the k-shot baseline drew
     its shots from records the run never had, and its numbers differed from the run's own report."""

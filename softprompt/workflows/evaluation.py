@@ -9,7 +9,7 @@ import time
 import torch
 
 from softprompt.config import ConfigError, EvalArgs, check_seed, flag
-from softprompt.data import DataError, TaskData, is_chat
+from softprompt.data import DataError, TaskData, default_init_text, is_chat
 from softprompt.data.dataset import examples_digest
 from softprompt.engine import Engine, EngineError
 from softprompt.evaluate import evaluate_on_engine, evaluate_prompt
@@ -125,13 +125,32 @@ def apply_recorded_carve(meta: dict, task: TaskData, data, name: str) -> TaskDat
     return carved
 
 
+def recorded_init_text(meta: dict, method_config: dict, dataset: str | None, fmt) -> str:
+    """The hard-prompt baseline's text for a stored prompt: the init text its run used (``train`` and ``tune``
+    record it whatever ``--init``, and their reports' row is that text), else a PEFT folder's own init text, else
+    the task's default init text (what ``train`` would have used).
+
+    Args:
+        meta: the stored prompt's ``softprompt.json`` (empty for a plain PEFT folder).
+        method_config: its method config.
+        dataset: the dataset evaluated (``None``: data files).
+        fmt: the task format evaluated.
+    """
+    prompt = (meta.get("train_config") or {}).get("prompt")
+    for text in ((prompt or {}).get("init_text") if isinstance(prompt, dict) else None,
+                 method_config.get("init_text")):
+        if isinstance(text, str) and text.strip():
+            return text
+    return default_init_text(dataset, fmt)
+
+
 def evaluate_stored_prompt(args: dict, prompt: str, check_fingerprint: bool = True,
                            given: set[str] = frozenset()) -> tuple[dict, int]:
     """Evaluate a stored prompt and the baselines on the ``eval.split`` split of its task.
 
     Unset data flags fall back to the task and the data recorded with the prompt
-    (:func:`apply_recorded_data`); the hard-prompt baseline uses the prompt's init text when it was
-    initialised from text.
+    (:func:`apply_recorded_data`); the hard-prompt baseline is the init text of the prompt's run, whatever its
+    ``--init`` (:func:`recorded_init_text`), as the run's own report has it.
 
     Args:
         args: resolved ``model``, ``data`` and ``eval`` sections.
@@ -156,7 +175,7 @@ def evaluate_stored_prompt(args: dict, prompt: str, check_fingerprint: bool = Tr
     method = stored.build_method().to(model.device).eval()
     with torch.no_grad():
         kv = family_of(model).inference_prompt(model, method())
-    init_text = stored.method_config.get("init_text", "") if stored.method_config.get("init") == "text" else ""
+    init_text = recorded_init_text(stored.meta, stored.method_config, args["data"].dataset, task.format)
     split = args["eval"].split
     examples = task.examples(split)
     try:  # encoded first as training encodes it: a target over --max-length or a verbalizer whose label can never
