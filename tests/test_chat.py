@@ -367,3 +367,27 @@ def test_the_k_shot_and_system_baselines_keep_their_added_turns_beyond_max_lengt
             assert all(p[0] == WORD_IDS["Classify"] for p in prompts)  # the system turn opens it
         if name == "2-shot conversations":
             assert all(len(p) > longest for p in prompts)  # both shots are there
+
+
+def test_a_baseline_row_the_template_refuses_is_skipped_and_the_prompt_is_saved(tmp_path):
+    """A template that raises on a system turn (Gemma's "System role not supported") made the "init text as
+    system prompt" row raise DataError after training, before prompt/ and the store: exit 2, nothing saved."""
+    no_system = TEMPLATE.replace("Classify {{ m.content }} .", "{{ raise_exception('System role not supported') }}")
+    make_model("llama").save_pretrained(tmp_path / "tiny")
+    make_tokenizer().save_pretrained(tmp_path / "tiny")
+    records = [{"messages": conversation(False, 1 + i % 2, seed=i)} for i in range(8)]
+    write_jsonl(tmp_path / "train.jsonl", records[:6])
+    write_jsonl(tmp_path / "test.jsonl", records[6:])
+    (tmp_path / "chat.jinja").write_text(no_system)
+    rc, out, err = run(["train", "--model", tmp_path / "tiny", "--train-file", tmp_path / "train.jsonl",
+                        "--test-file", tmp_path / "test.jsonl", "--chat-template", tmp_path / "chat.jinja",
+                        "--num-virtual-tokens", "2", "--batch-size", "4", "--max-steps", "1", "--k-shot", "1",
+                        "--max-new-tokens", "2", "--init-text", "Classify the sentiment .",
+                        "--output-dir", tmp_path / "run", "--store", tmp_path / "store", "--task", "chat"])
+    assert rc == 0, err
+    assert (tmp_path / "run" / "prompt" / "softprompt.json").is_file()
+    assert PromptStore(tmp_path / "store").load("chat").task_record.chat
+    report = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert list(report) == ["no soft prompt (chat template only)", "1-shot conversations", "tuned soft prompt"]
+    warned = [line for line in err.splitlines() if " WARNING " in line]
+    assert any("init text as system prompt" in w and "System role not supported" in w for w in warned), err

@@ -6,8 +6,8 @@ import logging
 import time
 from dataclasses import replace
 
-from softprompt.data import Example, TaskData, is_chat, label_room, text_tail, with_leading, with_trailing
-from softprompt.data.chat import chat_prompt_ids, with_shots, with_system
+from softprompt.data import DataError, Example, TaskData, is_chat, label_room, text_tail, with_leading, with_trailing
+from softprompt.data.chat import assistant_spans, chat_prompt_ids, with_shots, with_system
 from softprompt.engine import Engine
 from softprompt.evaluate import (
     evaluate_on_engine,
@@ -266,6 +266,24 @@ def _added_tokens(model, tokenizer, fmt, examples: list, augmented: list, max_le
     return max(extra, 0)
 
 
+def refused_turns(tokenizer, fmt, examples: list, augmented: list) -> str | None:
+    """Why the chat template refuses a conversation a baseline built (a system turn where Gemma's template
+    raises "System role not supported", k-shot exchanges that break Mistral's user/assistant alternation), or
+    None when it renders every one as it renders the plain ones: an optional row is then skipped, not fatal."""
+    if augmented is examples:
+        return None
+    for e, a in zip(examples, augmented, strict=True):
+        try:
+            assistant_spans(tokenizer, a.messages, fmt.chat_template, a.scored_from)
+        except DataError as err:
+            try:  # a conversation the template refuses on its own is the data's problem, reported as such
+                assistant_spans(tokenizer, e.messages, fmt.chat_template, e.scored_from)
+            except DataError:
+                continue
+            return f"the chat template refuses the turns this baseline adds ({err})"
+    return None
+
+
 def chat_baselines(model, tokenizer, task: TaskData, args: dict, prompt_text: str, examples: list[Example],
                    kv_tuned=None) -> dict:
     """A chat task's report: no prompt, the prompt text as a system prompt, k-shot conversations, the tuned prompt.
@@ -289,6 +307,11 @@ def chat_baselines(model, tokenizer, task: TaskData, args: dict, prompt_text: st
         random.Random(rng_seed).shuffle(pool)
         shots = pool[:ev.k_shot]
         conditions[f"{len(shots)}-shot conversations"] = (None, [with_shots(ex, shots) for ex in examples])
+    for name, (_, exs) in list(conditions.items()):
+        problem = refused_turns(tokenizer, task.format, examples, exs)
+        if problem is not None:
+            log.warning("%s: %s; that row is skipped", name, problem)
+            del conditions[name]
     if kv_tuned is not None:
         conditions["tuned soft prompt"] = (kv_tuned, examples)
     t0 = time.perf_counter()

@@ -166,6 +166,13 @@ def train_and_save(args: dict, store: str | None = None, store_task: str | None 
     save_prompt(out / "last", method, model, task=meta, train_config=train_cfg, overwrite=True, bos=bos)
     tuned, validation = tuned_method(method, result, out, model)
     plot_curves(out / "metrics.jsonl", out / "curves.png")
+
+    def save_tuned(report: dict) -> None:
+        save_prompt(out / "prompt", tuned, model, task=meta, train_config=train_cfg,
+                    metrics={"validation": validation, "best_step": result.best_step,
+                             split: _numbers(report.get("tuned soft prompt"))}, overwrite=True, bos=bos)
+
+    save_tuned({})  # before the report: an evaluation that fails cannot lose the trained prompt
     report: dict = {}
     if not task.splits.get(split):  # the default --split test of a task without one
         print(f"\nno {split} split: the prompt was not evaluated (give --test-file FILE, or evaluate it later with "
@@ -178,9 +185,7 @@ def train_and_save(args: dict, store: str | None = None, store_task: str | None 
         print(f"\n{split} split ({len(task.examples(split))} {unit}):")
         print(format_report(report))
         (out / "eval.json").write_text(json.dumps(report, indent=2))
-    save_prompt(out / "prompt", tuned, model, task=meta, train_config=train_cfg,
-                metrics={"validation": validation, "best_step": result.best_step,
-                         split: _numbers(report.get("tuned soft prompt"))}, overwrite=True, bos=bos)
+        save_tuned(report)  # again, with its test metrics
     print(f"\nsaved prompt to {out / 'prompt'}  (curves: {out / 'curves.png'}, log: {out / 'metrics.jsonl'})")
     if result.diverged:
         report_divergence(args, result, out, store, store_task)
