@@ -391,3 +391,19 @@ def test_a_baseline_row_the_template_refuses_is_skipped_and_the_prompt_is_saved(
     assert list(report) == ["no soft prompt (chat template only)", "1-shot conversations", "tuned soft prompt"]
     warned = [line for line in err.splitlines() if " WARNING " in line]
     assert any("init text as system prompt" in w and "System role not supported" in w for w in warned), err
+
+
+def test_a_template_ending_assistant_turns_with_whitespace_only_is_refused_with_the_fix():
+    """Alpaca-style ``role: content\\n``: no end-of-turn marker was found, the targets taught no stop and
+    generation ran to its token limit inventing turns; writing the EOS after the reply is the fix."""
+    alpaca = ("{% for m in messages %}{% if m.role == 'user' %} Review {{ m.content }} .{% else %} Sentiment "
+              "{{ m.content }}\n{% endif %}{% endfor %}{% if add_generation_prompt %} Sentiment{% endif %}")
+    tok, ex = make_tokenizer(), ChatFormat().render({"messages": conversation(False, 2)})
+    with pytest.raises(DataError, match=r"ends an assistant turn with whitespace only.*\{\{ eos_token \}\}"):
+        encode_chat(tok, [ex], ChatFormat(chat_template=alpaca))
+    with pytest.raises(DataError, match="ends an assistant turn with nothing"):
+        encode_chat(tok, [ex], ChatFormat(chat_template=alpaca.replace("\n", "")))
+    fixed = alpaca.replace("\n", " {{ eos_token }}\n")
+    (enc,) = encode_chat(tok, [ex], ChatFormat(chat_template=fixed))
+    eos = [i for i, t in zip(enc.input_ids, enc.target_mask, strict=True) if t and i == tok.eos_token_id]
+    assert len(eos) == 2  # each reply's target ends with the EOS, where generation stops

@@ -281,6 +281,25 @@ def turn_end_ids(tokenizer, chat_template: str | None = None) -> tuple[int, ...]
     return tuple(dict.fromkeys(out))
 
 
+def check_turn_end(tokenizer, chat_template: str | None = None) -> None:
+    """Refuse a chat template that ends an assistant turn with nothing but whitespace (Alpaca's
+    ``### Response: ...\n``): the prompt would learn no end of its answer and generation (evaluation,
+    ``generate``, the server) would run to its token limit inventing turns. Writing the model's EOS after the
+    reply fixes it in training and serving alike (both render the conversation with the same template).
+
+    Raises:
+        DataError: naming the model and the fix.
+    """
+    tail = _turn_tail(tokenizer, chat_template)
+    if tail is None or tail.strip() or turn_end_ids(tokenizer, chat_template):
+        return
+    eos = getattr(tokenizer, "eos_token", None)
+    raise DataError(f"the chat template of {_model_name(tokenizer)} ends an assistant turn with "
+                    f"{'nothing' if not tail else 'whitespace only'}: a prompt trained on it learns no end of its "
+                    "answer and generation runs to --max-new-tokens; end assistant turns with the EOS "
+                    f"({{{{ eos_token }}}}{f', {eos!r}' if eos else ''}) in a --chat-template FILE")
+
+
 def encode_chat(tokenizer, examples: list[ChatExample], fmt: ChatFormat, max_length: int = 256) -> list:
     """Tokenise conversations with a per-token target mask over their assistant turns.
 
@@ -293,12 +312,14 @@ def encode_chat(tokenizer, examples: list[ChatExample], fmt: ChatFormat, max_len
         at its first target token.
 
     Raises:
-        DataError: no chat template, a template that is not incremental, or too long a conversation.
+        DataError: no chat template, a template that is not incremental or ends an assistant turn with
+            whitespace only (:func:`check_turn_end`), or too long a conversation.
     """
     from softprompt.data.tokenize import Encoded
 
     if max_length < 1:
         raise DataError(f"--max-length must be >= 1, got {max_length}")
+    check_turn_end(tokenizer, fmt.chat_template)
     out = []
     for i, ex in enumerate(examples):
         if not isinstance(ex, ChatExample):
