@@ -407,3 +407,33 @@ def test_a_template_ending_assistant_turns_with_whitespace_only_is_refused_with_
     (enc,) = encode_chat(tok, [ex], ChatFormat(chat_template=fixed))
     eos = [i for i, t in zip(enc.input_ids, enc.target_mask, strict=True) if t and i == tok.eos_token_id]
     assert len(eos) == 2  # each reply's target ends with the EOS, where generation stops
+
+
+def test_the_server_passes_a_message_name_to_the_chat_template(tmp_path):
+    """The server's messages kept only role and content: a template that writes ``m.name`` (training passes
+    it, as ``generate --messages`` does) was served a conversation the prompt was not trained on."""
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from softprompt.server import Scheduler, ServerState, create_app
+
+    named = TEMPLATE.replace("Review {{ m.content }}", "Review {{ m.name or '' }} {{ m.content }}")
+    tok, model = make_tokenizer(), make_model("llama")
+    engine = Engine(model, tok)
+    engine.add_base("chat", ChatFormat(chat_template=named))
+    msgs = [{"role": "user", "content": "a good film", "name": "movie"}]
+    text = conversation_prompt(tok, engine.task("chat").formats[0], msgs)
+    assert text == "Review movie a good film .Sentiment"
+    (direct,) = engine.generate([GenerateRequest("chat", text, raw=True, max_tokens=5)])
+    unnamed = conversation_prompt(tok, engine.task("chat").formats[0], [{"role": "user", "content": "a good film"}])
+    with TestClient(create_app(ServerState(engine, Scheduler(engine), max_tokens=16))) as client:
+        r = client.post("/v1/chat/completions", json={"model": "chat", "messages": msgs, "max_tokens": 5,
+                                                      "temperature": 0})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["message"]["content"] == direct.text
+        assert r.json()["usage"]["prompt_tokens"] == len(tok(text, add_special_tokens=False)["input_ids"])
+        assert r.json()["usage"]["prompt_tokens"] != len(tok(unnamed, add_special_tokens=False)["input_ids"])
+        for bad in ("", "  ", 3):
+            r = client.post("/v1/chat/completions", json={"model": "chat", "max_tokens": 5,
+                                                          "messages": [{**msgs[0], "name": bad}]})
+            assert r.status_code == 422 and "name" in r.text, (bad, r.text)

@@ -198,7 +198,7 @@ def create_app(state: ServerState) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, request: Request):
         t0 = time.perf_counter()
-        check_chars(["".join(m.text() for m in body.messages)], "messages")
+        check_chars(["".join(m.text() + (m.name or "") for m in body.messages)], "messages")
         fmt = state.engine.task(body.model).formats[0]  # unknown task -> 404 before anything else
         text, raw, turn = await asyncio.to_thread(chat_input, body, fmt)  # a chat template can be slow
         req = GenerateRequest(body.model, text, raw=raw, logprobs=body.top_count(), chat=turn,
@@ -229,7 +229,7 @@ def create_app(state: ServerState) -> FastAPI:
         it); the last user message fills a prompt task's template; the base model gets the chat template."""
         users = [m for m in body.messages if m.role == "user"]
         if is_chat(fmt):
-            msgs = [{"role": m.role, "content": m.text()} for m in body.messages]
+            msgs = [m.as_message() for m in body.messages]
             try:
                 return conversation_prompt(state.engine.tok, fmt, msgs), True, False
             except DataError as e:
@@ -240,7 +240,7 @@ def create_app(state: ServerState) -> FastAPI:
                 raise errors.RequestError("messages need a user message to fill the task's template")
             return users[-1].text(), False, False
         tok = state.engine.tok
-        msgs = [{"role": m.role, "content": m.text()} for m in body.messages]
+        msgs = [m.as_message() for m in body.messages]
         if getattr(tok, "chat_template", None):
             try:  # a template may refuse the conversation (raise_exception: roles that do not alternate...)
                 return render_chat(tok, msgs, add_generation_prompt=True), True, True

@@ -168,11 +168,20 @@ class ContentPart(_Body):
 class ChatMessage(_Body):
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: Text | list[ContentPart] | None = None
+    # the speaker's name, passed to the chat template as training passes a record's (``m.name``)
+    name: Annotated[Text, Field(min_length=1, max_length=256, pattern=r"\S")] | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
             return "".join(part.text for part in self.content)
         return self.content or ""
+
+    def as_message(self) -> dict:
+        """The message as a chat template reads it: role, text content, and the name when given."""
+        out = {"role": self.role, "content": self.text()}
+        if self.name is not None:
+            out["name"] = self.name
+        return out
 
 
 class ChatCompletionRequest(_Sampling):
