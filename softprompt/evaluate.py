@@ -40,7 +40,7 @@ from softprompt.data import (
     with_leading,
     with_trailing,
 )
-from softprompt.data.chat import chat_prompt_ids
+from softprompt.data.chat import chat_prompt_ids, keep_end
 from softprompt.embeddings import token_embeddings
 from softprompt.forward import InferencePrompt, end_token_ids, family_of, generate, sliding_window
 
@@ -306,7 +306,7 @@ def evaluate_chat(model, tokenizer, prompt_kv, examples: list[Example], fmt: Tas
     for ex in examples:
         last = ex.last_assistant
         ids = chat_prompt_ids(tokenizer, ex.messages[:last], fmt.chat_template)
-        prompts.append(ids[-max_length:])  # the end of the conversation, as training keeps it
+        prompts.append(keep_end(tokenizer, ids, max_length))  # its BOS and its end, as training keeps it
         expected.append(ex.messages[last]["content"].strip())
     texts = [t.strip() for t in generate_texts(model, tokenizer, prompt_kv, prompts, max_new_tokens, batch_size,
                                                stop=turn_end_text(tokenizer, fmt.chat_template),

@@ -437,3 +437,41 @@ def test_the_server_passes_a_message_name_to_the_chat_template(tmp_path):
             r = client.post("/v1/chat/completions", json={"model": "chat", "max_tokens": 5,
                                                           "messages": [{**msgs[0], "name": bad}]})
             assert r.status_code == 422 and "name" in r.text, (bad, r.text)
+
+
+def test_a_long_conversation_keeps_its_template_s_bos_when_cut_in_training_eval_and_serving(monkeypatch):
+    """A conversation over --max-length kept only its end, dropping the BOS its template writes (Llama 3's
+    <|begin_of_text|>, Gemma's <bos>), though a template task keeps its leading special ids when cut."""
+    import softprompt.evaluate as evaluate
+    from softprompt.engine import ScoreRequest
+    from tests.test_bos import BOS, word_tokenizer
+
+    tok, model = word_tokenizer("[BOS] $A", ("[BOS]",)), make_model("llama")
+    fmt = ChatFormat(chat_template="[BOS]" + TEMPLATE)
+    msgs = conversation(True, 4)
+    full, _ = assistant_spans(tok, msgs, fmt.chat_template)
+    assert full[0] == BOS and full[1] != BOS
+    limit = len(full) - 5
+    (enc,) = encode_chat(tok, [fmt.render({"messages": msgs})], fmt, max_length=limit)
+    assert enc.input_ids == [BOS] + full[len(full) - limit + 1:]
+    assert any(enc.target_mask)
+
+    seen, real = [], evaluate.generate_texts
+
+    def spy(model, tokenizer, kv, prompts, *args, **kwargs):
+        seen.extend(prompts)
+        return real(model, tokenizer, kv, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "generate_texts", spy)
+    short = 6
+    evaluate.evaluate_chat(model, tok, None, [fmt.render({"messages": msgs})], fmt, max_new_tokens=1,
+                           max_length=short, with_loss=False)
+    assert seen[0][0] == BOS and len(seen[0]) == short
+
+    engine = Engine(model, tok, max_input_tokens=short, truncate=True)
+    engine.add_base("chat", fmt)
+    text = conversation_prompt(tok, fmt, msgs[:-1])
+    (row,) = engine.prepare("generate", GenerateRequest("chat", text, raw=True, max_tokens=1)).rows
+    assert row.ids[0] == BOS and row.ids == seen[0]  # served as it was evaluated
+    (row,) = engine.prepare("score", ScoreRequest("chat", text, " negative", raw=True)).rows
+    assert row.ids[0] == BOS and len(row.ids) == short  # --max-length counts the continuation

@@ -300,10 +300,28 @@ def check_turn_end(tokenizer, chat_template: str | None = None) -> None:
                     f"({{{{ eos_token }}}}{f', {eos!r}' if eos else ''}) in a --chat-template FILE")
 
 
+def lead_kept(tokenizer, ids: list[int], max_length: int) -> int:
+    """How many leading ids a cut of a rendered conversation keeps: the BOS its template wrote (Llama 3's
+    ``<|begin_of_text|>``, Gemma's ``<bos>``), as a template task keeps its leading special ids; the cut takes
+    the tokens after it. None when that leaves no room for text."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    n = next((i for i, t in enumerate(ids) if t != bos), len(ids)) if bos is not None else 0
+    return n if n < max_length else 0
+
+
+def keep_end(tokenizer, ids: list[int], max_length: int) -> list[int]:
+    """A rendered conversation within ``max_length`` tokens as training cuts it: its leading BOS
+    (:func:`lead_kept`), then its last tokens."""
+    if len(ids) <= max_length:
+        return ids
+    lead = lead_kept(tokenizer, ids, max_length)
+    return ids[:lead] + ids[len(ids) - (max_length - lead):]
+
+
 def encode_chat(tokenizer, examples: list[ChatExample], fmt: ChatFormat, max_length: int = 256) -> list:
     """Tokenise conversations with a per-token target mask over their assistant turns.
 
-    A conversation over ``max_length`` tokens loses tokens from the start (the last turns are kept); an
+    A conversation over ``max_length`` tokens loses tokens from the start, after its BOS (:func:`keep_end`); an
     assistant turn the cut reaches is no target (its tail, without the turns before it); one left with no
     whole assistant turn is refused.
 
@@ -333,11 +351,12 @@ def encode_chat(tokenizer, examples: list[ChatExample], fmt: ChatFormat, max_len
             mask[start:end] = [True] * (end - start)
         n = len(ids)
         if n > max_length:
-            cut = n - max_length
+            lead = lead_kept(tokenizer, ids, max_length)
+            cut = n - max_length + lead
             for start, end in spans:  # an answer cut at its start is no target: its tail without its question
                 if start < cut < end:
                     mask[cut:end] = [False] * (end - cut)
-            ids, mask = ids[cut:], mask[cut:]
+            ids, mask = ids[:lead] + ids[cut:], mask[:lead] + mask[cut:]
         mask[0] = False  # nothing before the first token predicts it (the soft prompt aside)
         if not any(mask):
             raise DataError(f"{example_name(ex, i)}: no whole assistant turn is left within --max-length {max_length} "

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from softprompt.data import TaskFormat, is_chat, with_leading
+from softprompt.data.chat import lead_kept
 from softprompt.engine.batching import Row
 from softprompt.engine.requests import (
     ClassifyRequest,
@@ -103,6 +104,14 @@ def lead_ids(engine, member, fmt: TaskFormat | None) -> list[int]:
     (:meth:`Engine.lead_ids`), none for a chat task, whose text is a conversation its chat template rendered
     with its own special tokens, as chat prompts are trained (:func:`~softprompt.data.encode_chat`)."""
     return [] if fmt is not None and is_chat(fmt) else engine.lead_ids(member)
+
+
+def kept_lead(engine, member, fmt: TaskFormat | None, ids: list[int]) -> int:
+    """How many leading ``ids`` a cut keeps: the prompt's lead ids (:func:`lead_ids`), or for a chat task the
+    BOS its chat template wrote, as training cuts a long conversation (:func:`~softprompt.data.chat.keep_end`)."""
+    if fmt is not None and is_chat(fmt):
+        return lead_kept(engine.tok, ids, engine.max_input_tokens)
+    return len(lead_ids(engine, member, fmt))
 
 
 def encode_source(engine, member, fmt: TaskFormat | None, text: str) -> list[int]:
@@ -191,8 +200,9 @@ def _prepare_score(engine, req: ScoreRequest, task, versions) -> Prepared:
     rows = []
     for member, fmt in zip(task.members, task.formats, strict=True):
         room = engine.context - engine.backend.length(member)
-        ids = fit(engine, encode_source(engine, member, fmt, render(task, fmt, req)) + cont, len(cont), room,
-                  f"score input for task {task.name!r}", True, len(lead_ids(engine, member, fmt)), len(cont))
+        src = encode_source(engine, member, fmt, render(task, fmt, req))
+        ids = fit(engine, src + cont, len(cont), room, f"score input for task {task.name!r}", True,
+                  kept_lead(engine, member, fmt, src), len(cont))
         rows.append(Row(member, ids, len(ids) - len(cont)))
     return Prepared("score", req, task, versions, rows, continuation=cont)
 
@@ -220,7 +230,8 @@ def _prepare_generate(engine, req: GenerateRequest, task, versions) -> Prepared:
     room = engine.context - engine.backend.length(member) - req.max_tokens
     # an engine made to truncate (evaluation: inputs cut where training cut them) keeps the end of a long input
     why = f", of which the prompt's {engine.backend.length(member)} virtual tokens and max_tokens {req.max_tokens}"
-    row = Row(member, fit(engine, ids, 0, room, f"generate input for task {task.name!r}", True, len(lead),
+    row = Row(member, fit(engine, ids, 0, room, f"generate input for task {task.name!r}", True,
+                          kept_lead(engine, member, task.formats[0], ids),
                           room_why=why + " are taken: ask for fewer tokens or send a shorter input"), 0)
     seed = req.seed
     if req.temperature > 0 and seed is None:
