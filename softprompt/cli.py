@@ -159,14 +159,15 @@ def cmd_generate(ns: argparse.Namespace) -> int:
     model, tok = load_model_from_args(args)
     engine, task = engine_for(model, tok, prompt=ns.prompt, store=ns.store, task=ns.task,
                               check_fingerprint=not ns.no_fingerprint_check)
-    if conversations:  # the conversation so far, rendered with the task's chat format; the reply ends at EOS
-        fmt = engine.task(task).formats[0]
+    fmt = engine.task(task).formats[0]
+    if conversations:  # rendered with the task's chat format, or (no format: the base model, a PEFT folder) the
+        # tokenizer's chat template, whose end of turn then ends the reply too (chat), as the server's chat route
         texts, raw, stop = [conversation_prompt(tok, fmt, c) for c in conversations], True, ns.stop or ""
     else:
         texts, raw, stop = input_values(engine, task, ns.input, ns.raw), ns.raw, "\n" if ns.stop is None else ns.stop
     reqs = [GenerateRequest(task, text, raw=raw, max_tokens=ns.max_new_tokens, temperature=ns.temperature,
                             top_k=ns.top_k, top_p=ns.top_p, seed=(ns.seed or 0) + i if ns.temperature > 0 else None,
-                            stop=[stop] if stop else [])
+                            stop=[stop] if stop else [], chat=bool(conversations) and fmt is None)
             for i, text in enumerate(texts)]
     for res in engine.generate(reqs):
         print(json.dumps({"task": task, "input": res.source, "output": res.text, "finish_reason": res.finish_reason},

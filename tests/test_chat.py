@@ -475,3 +475,45 @@ def test_a_long_conversation_keeps_its_template_s_bos_when_cut_in_training_eval_
     assert row.ids[0] == BOS and row.ids == seen[0]  # served as it was evaluated
     (row,) = engine.prepare("score", ScoreRequest("chat", text, " negative", raw=True)).rows
     assert row.ids[0] == BOS and len(row.ids) == short  # --max-length counts the continuation
+
+
+@pytest.mark.parametrize("special", [True, False])
+def test_generate_messages_without_a_chat_task_ends_at_the_chat_templates_end_of_turn(monkeypatch, special):
+    # `generate --messages` on the base model renders the conversation with the tokenizer's own chat template, as
+    # the server's chat route does, but did not mark the request as such: the reply ran past the template's end of
+    # turn when that is not the EOS (Qwen2.5 base: ChatML's <|im_end|>, EOS <|endoftext|>), where the server stops
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    import softprompt.workflows
+    from softprompt.server import Scheduler, ServerState, create_app
+
+    model, tok = make_model("llama"), make_tokenizer()
+    if special:  # a special token, as <|im_end|> is; else the marker is plain text (a stop string)
+        tok.add_special_tokens({"additional_special_tokens": ["Madrid"]})
+    tok.chat_template = TEMPLATE.replace("[EOS]", "Madrid")  # an assistant turn ends with "Madrid", not the EOS
+
+    def always_the_marker(module, inputs, out):  # the model ends its turn at once
+        out = out.clone()
+        out[..., WORD_IDS["Madrid"]] += 100.0
+        return out
+
+    model.lm_head.register_forward_hook(always_the_marker)
+    monkeypatch.setattr(softprompt.workflows, "load_model_from_args", lambda *a, **k: (model, tok))
+    msgs = [{"role": "user", "content": "a good film"}]
+    rc, out, err = run(["generate", "--messages", json.dumps(msgs), "--max-new-tokens", "6"])
+    assert rc == 0, err
+    got = json.loads(out)
+    assert got["input"] == "Review a good film .Sentiment" and got["finish_reason"] == "stop"
+    assert got["output"].strip() == ""  # what comes before the marker (a plain-text stop keeps the space before it)
+    engine = Engine(model, tok)
+    engine.add_base("base")
+    with TestClient(create_app(ServerState(engine, Scheduler(engine), max_tokens=16))) as client:
+        r = client.post("/v1/chat/completions", json={"model": "base", "messages": msgs, "max_tokens": 6,
+                                                      "temperature": 0})
+    served = r.json()["choices"][0]
+    assert (got["output"], got["finish_reason"]) == (served["message"]["content"], served["finish_reason"])
+    # text given with --input is no conversation: not cut there
+    rc, out, err = run(["generate", "--input", "a good film", "--raw", "--max-new-tokens", "3", "--stop", ""])
+    assert rc == 0, err
+    assert json.loads(out)["finish_reason"] == "length"
