@@ -250,8 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, help="seed of the first input's sampler (+1 per input; default 0)")
-    p.add_argument("--stop", default=None,
-                   help="cut the output at this string ('' to keep all; default: newline, none with --messages)")
+    p.add_argument("--stop", default=None, type=template_flag, help="cut the output at this string ('' to keep "
+                   "all; default: newline, none with --messages; \\n, \\t: a newline, a tab, as in --template)")
     p.add_argument("--no-fingerprint-check", action="store_true", help="load a prompt saved for another model")
     _add_section(p, "model")
     p.set_defaults(func=cmd_generate)

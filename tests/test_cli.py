@@ -191,6 +191,25 @@ def test_generate_fills_a_template_of_several_fields_from_a_json_input(env, tmp_
     assert rc == 0 and rows[0]["input"] == "Country : Spain"
 
 
+def test_generate_stop_reads_a_backslash_n_as_a_newline(env, monkeypatch):
+    """The README's `--stop "\\n"` reaches the program as a backslash and an n (what a shell passes): it was sent
+    to the engine as those two characters, which generated text hardly ever holds, so nothing was cut."""
+    from softprompt.engine import Engine
+
+    sent, real = [], Engine.generate
+
+    def recording(self, reqs, *args, **kwargs):
+        sent.extend(r.stop for r in reqs)
+        return real(self, reqs, *args, **kwargs)
+
+    monkeypatch.setattr(Engine, "generate", recording)
+    for given, stop in (("\\n", ["\n"]), ("a\\tb\\\\n", ["a\tb\\n"]), ("", [])):
+        rc, _, stderr = run(["generate", "--model", env["model"], "--input", "good", "--raw", "--max-new-tokens",
+                             "1", "--stop", given])
+        assert rc == 0, stderr
+        assert sent.pop() == stop, given
+
+
 def test_generate_fills_template_raw_and_seeded_sampling(env, trained):
     prompt = trained[0] / "prompt"
     rc, rows, stderr = _generate(env, prompt, "--input", "good movie", "--input", "bad film", "--max-new-tokens", "4")

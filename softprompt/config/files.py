@@ -170,7 +170,8 @@ def template_flag(text: str) -> str:
     """``--template``'s value with ``\\n``, ``\\t`` and ``\\\\`` read as a newline, a tab and a backslash: a shell
     passes ``"Review: {text}\\nSentiment:"`` with a backslash and an n, and the prompt read as one line with them.
     A config file's ``data.template`` is read alike (a single-quoted YAML ``'...\\n...'`` keeps the backslash), so
-    the same text gives the same prompt as a flag and as a config value."""
+    the same text gives the same prompt as a flag and as a config value. ``generate --stop`` reads its value alike
+    (``--stop "\\n"`` is a newline)."""
     return re.sub(r"\\([nt\\])", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}[m.group(1)], text)
 
 
