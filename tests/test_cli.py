@@ -551,6 +551,54 @@ def test_store_evaluation_checks_every_entry_first_and_ensembles_need_labels(env
     assert "evaluated gen_a" not in stderr
 
 
+def test_store_evaluation_reads_every_split_and_checks_every_entry_before_the_first(env, tmp_path, monkeypatch):
+    """eval --store read an entry's --split only at its turn, and an entry stored without a task record (a PEFT
+    folder added with `store add`) was scored on the default dataset: a missing split, or an entry that cannot
+    score its task, failed after the other entries' evaluations (or was scored on data it never saw)."""
+    import softprompt.workflows.evaluation as evaluation
+    from softprompt.methods import build_method
+    from softprompt.store import save_prompt
+
+    store = tmp_path / "store"
+    rc, _, stderr = run(train_argv(env, tmp_path / "good", "--max-steps", "1", "--baselines", "no_prompt",
+                                   "--store", store, "--task", "good"))
+    assert rc == 0, stderr
+    argv = train_argv(env, tmp_path / "noval", "--max-steps", "1", "--baselines", "no_prompt", "--store", store,
+                      "--task", "noval")
+    for flag_, value in (("--validation-file", env["validation"]), ("--eval-every", "2")):  # no validation split
+        i = argv.index(flag_)
+        assert argv[i + 1] == value
+        del argv[i:i + 2]
+    rc, _, stderr = run(argv)
+    assert rc == 0, stderr
+    model = make_model("llama")
+    bare = save_prompt(tmp_path / "bare", build_method("prompt_tuning", {"num_virtual_tokens": 2, "init": "random"},
+                                                       model, make_tokenizer()), model)  # no task record
+    assert run(["store", "add", "--store", store, "bare", bare])[0] == 0
+
+    def never(*args, **kwargs):
+        raise AssertionError("an entry was evaluated before every entry was checked")
+
+    monkeypatch.setattr(evaluation, "evaluate_on_engine", never)
+    common = ["eval", "--model", env["model"], "--store", store]
+    _assert_usage_error([*common, "--split", "validation", "--task", "good,noval"],
+                        "cannot evaluate noval: no 'validation' split (have: train, test); pass --validation-file")
+    _assert_usage_error([*common, "--task", "good,bare"], "cannot evaluate bare: it records no task data",
+                        "no data flag names any", "--task bare")
+    data = ["--test-file", env["test"], "--template", TEMPLATE, "--target-field", "label"]
+    _assert_usage_error([*common, *data, "--verbalizer", "positive=positive,negative=negative", "--task", "good,bare"],
+                        "bare: its task is a classification task (labels positive, negative) and the entry has no "
+                        "labels")
+    _assert_usage_error([*common, *data, "--verbalizer", "positive=good,negative=bad,neutral=plot", "--task", "good"],
+                        "good: its task is a classification task (labels positive, negative, neutral) and the entry "
+                        "has labels positive, negative")
+    monkeypatch.undo()
+    report = tmp_path / "r.json"
+    rc, _, stderr = run([*common, *data, "--task", "bare", "--max-new-tokens", "2", "--report", report])
+    assert rc == 0, stderr  # given its data (free-text answers), the bare entry is scored
+    assert json.loads(report.read_text())["bare"]["n"] == 8
+
+
 def test_validation_during_training_decodes_max_new_tokens(env, tmp_path, monkeypatch):
     """Validation generated 16 tokens whatever --max-new-tokens said: longer answers were cut, and the best
     prompt was selected on truncated text."""

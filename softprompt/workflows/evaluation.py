@@ -191,8 +191,9 @@ def evaluate_store(args: dict, store: str, tasks: list[str] | None = None, check
                    given: set[str] = frozenset()) -> dict:
     """Evaluate each named store task (default: all) on its own recorded dataset, through one engine.
 
-    Every entry is loaded and its data read before the first one is evaluated, so a missing entry or
-    unreadable data fails at once, naming every such entry, instead of after the others' evaluations.
+    Every entry is loaded, its ``--split`` read and checked against the entry (:func:`plan_entry`) before the
+    first one is evaluated, so a missing entry, unreadable data, a missing split or an entry that cannot score its
+    task fails at once, naming every such entry, instead of after the others' evaluations.
     Prompts of a chat or an ``--objective lm`` task are evaluated on the model directly (the chat report;
     the held-out perplexity of the recorded corpus, as ``eval --prompt`` reports it); the others, ensembles
     of classification prompts included, through the engine's mixed batches.
@@ -209,7 +210,8 @@ def evaluate_store(args: dict, store: str, tasks: list[str] | None = None, check
         Metrics per task name.
 
     Raises:
-        StoreError: naming every entry that cannot be loaded or whose data cannot be read.
+        StoreError: naming every entry that cannot be loaded, whose data or split cannot be read, that records
+            no data of its own with no data flag given, or that cannot score its task.
         ConfigError: ``--baselines`` or ``--k-shot`` set (no baseline is evaluated here).
     """
     defaults = EvalArgs()
@@ -228,14 +230,13 @@ def evaluate_store(args: dict, store: str, tasks: list[str] | None = None, check
     plans, problems = [], []
     for name in names:
         try:
-            plans.append(_plan(engine, prompt_store, name, data, check_fingerprint, set(given)))
+            plans.append(plan_entry(engine, prompt_store, name, data, ev.split, check_fingerprint, set(given)))
         except (StoreError, DataError, ConfigError, EngineError) as e:
             problems.append(f"{name}: {e}")
     if problems:
         raise StoreError(f"{store}: cannot evaluate {'; '.join(problems)}")
     report = {}
-    for name, task, task_args in plans:
-        fmt, examples = task.format, task.examples(ev.split)
+    for name, fmt, examples, task_args in plans:
         t0 = time.perf_counter()
         if is_chat(fmt) or fmt.objective == "lm":  # on the model directly, with the prompt's own layout
             stored = prompt_store.load(name, model, check_fingerprint)
@@ -250,8 +251,19 @@ def evaluate_store(args: dict, store: str, tasks: list[str] | None = None, check
     return report
 
 
-def _plan(engine, prompt_store, name: str, data, check_fingerprint: bool, given: set[str]) -> tuple:
-    """Load entry ``name`` into ``engine`` and read its task's data: ``(name, task, data flags used)``."""
+def plan_entry(engine, prompt_store, name: str, data, split: str, check_fingerprint: bool, given: set[str]) -> tuple:
+    """Load entry ``name`` into ``engine``, read the ``split`` of its task's data and check the entry can score it.
+
+    Raises:
+        ConfigError: the entry records no data (a folder stored without softprompt's task record, a PEFT one
+            added with ``store add``) and no data flag names any: it would be scored on the default dataset; or
+            it cannot score its task (an entry without labels, or with other labels, on a classification task; an
+            ensemble, which only classifies, on any other).
+        DataError: the data has no ``split``.
+
+    Returns:
+        ``(name, task format, the split's examples, data flags used)``.
+    """
     t = engine.load_from_store(prompt_store, name, check_fingerprint)
     templates = {m: None if f is None else f.template for m, f in zip(t.members, t.formats, strict=True)}
     if len(set(templates.values())) > 1:  # the test split is rendered once, with the first member's template
@@ -262,5 +274,21 @@ def _plan(engine, prompt_store, name: str, data, check_fingerprint: bool, given:
     task_args = dataclasses.replace(data)
     record = TaskRecord.parse(meta.get("task"), name)  # validated when the entry was loaded
     apply_recorded_data(meta, record, task_args, given, name)
+    names_data = record is not None and (record.dataset or record.extra.get("objective") in ("lm", "distill"))
+    if not (names_data or task_args.dataset or task_args.uses_files() or task_args.objective == "lm"):
+        raise ConfigError("it records no task data (a folder stored without softprompt's task record, e.g. a PEFT "
+                          "folder added with `store add`), and no data flag names any: it would be scored on the "
+                          "default dataset. Give --dataset NAME or --test-file FILE (with --template, --target-field "
+                          f"and --verbalizer as it was trained; they apply to every entry: name it alone with --task "
+                          f"{name})")
     task = apply_recorded_carve(meta, load_task_from_args(task_args, record, given=given), task_args, name)
-    return name, task, task_args
+    fmt, examples = task.format, task.examples(split)
+    if fmt.is_classification and sorted(t.labels or []) != sorted(fmt.labels):
+        has = f"labels {', '.join(t.labels)}" if t.labels else "no labels (a generation, chat or lm prompt)"
+        raise ConfigError(f"its task is a classification task (labels {', '.join(fmt.labels)}) and the entry has "
+                          f"{has}: it cannot classify its examples; give data of its own kind")
+    if not fmt.is_classification and t.kind == "ensemble":
+        raise ConfigError("an ensemble classifies, and its task is not a classification task (no verbalizer)")
+    if not fmt.is_classification and not is_chat(fmt) and fmt.objective != "lm":
+        engine.backend.require_language_model("generating the answers of a task without labels")
+    return name, fmt, examples, task_args
