@@ -128,7 +128,8 @@ def cmd_eval(ns: argparse.Namespace) -> int:
         report = evaluate_store(args, ns.store, tasks, check_fingerprint=check, given=set_data)
         print(f"{split} split, store {ns.store}:")
     else:
-        report, n = evaluate_stored_prompt(args, ns.prompt, check_fingerprint=check, given=set_data)
+        asked = given(ns, "eval", "baselines") or given(ns, "eval", "k_shot")  # not the default baselines
+        report, n = evaluate_stored_prompt(args, ns.prompt, check_fingerprint=check, given=set_data, k_shot_asked=asked)
         print(f"{split} split ({n} examples), prompt {ns.prompt}:")
     print(format_report(report))
     if ns.report:

@@ -701,6 +701,30 @@ def test_eval_draws_k_shot_examples_from_the_training_examples_the_prompt_saw(en
     assert json.loads(report.read_text())["2-shot prompting"]["loss"] != pytest.approx(own["loss"], rel=1e-6)
 
 
+def test_eval_on_a_test_file_alone_says_the_k_shot_row_is_skipped_and_refuses_it_when_asked(env, tmp_path):
+    """eval --prompt DIR --test-file F has no train split: the k-shot row was left out of the report in silence,
+    also when --baselines k_shot asked for it."""
+    out, report = tmp_path / "o", tmp_path / "r.json"
+    rc, _, stderr = run(train_argv(env, out, "--max-steps", "1", "--baselines", "no_prompt"))
+    assert rc == 0, stderr
+    evaluate = ["eval", "--model", env["model"], "--prompt", out / "prompt", "--test-file", env["test"],
+                "--report", report]
+    rc, _, stderr = run(evaluate)  # the default baselines: the others run, the k-shot row is said to be skipped
+    assert rc == 0, stderr
+    assert "the k-shot baseline draws its shots from the train split, and the data evaluated has none" in stderr
+    assert list(json.loads(report.read_text())) == ["no soft prompt (template only)", "init text as hard prompt",
+                                                    "tuned soft prompt"]
+    report.unlink()
+    for asked in (["--baselines", "no_prompt,k_shot"], ["--k-shot", "2"]):
+        _assert_usage_error([*evaluate, *asked], "--baselines k_shot (or --k-shot): the k-shot baseline draws its "
+                            "--k-shot examples from the train split, and the data evaluated has none (splits: test)",
+                            "give --train-file FILE")
+        assert not report.exists()
+    rc, _, stderr = run([*evaluate, "--baselines", "k_shot", "--k-shot", "2", "--train-file", env["train"]])
+    assert rc == 0, stderr
+    assert list(json.loads(report.read_text())) == ["2-shot prompting", "tuned soft prompt"]
+
+
 def test_eval_uses_the_data_seed_the_prompt_was_trained_with(env, tmp_path):
     """A built-in dataset's splits depend on --data-seed: eval with the default seed scored a prompt trained
     with another one on examples that were mostly its training examples."""

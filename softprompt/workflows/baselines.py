@@ -194,6 +194,9 @@ def evaluate_with_baselines(model, tokenizer, task: TaskData, args: dict, prompt
         return lm_baselines(model, tokenizer, args, prompt_text, examples, kv_tuned, fmt)
     if family.has_head:
         return classifier_baselines(model, tokenizer, task, args, examples, kv_tuned)
+    if "k_shot" in ev.baselines and not task.splits.get("train"):  # eval --prompt DIR --test-file F, say
+        log.warning("the k-shot baseline draws its shots from the train split, and the data evaluated has none: "
+                    "skipped (give --train-file to have it)")
     if not fmt.is_classification:  # a free-text answer: greedy, cut at --max-new-tokens (and a template's at "\n")
         warn_answer_limits(tokenizer, examples, ev.max_new_tokens, newline_stops=not is_chat(fmt))
     if is_chat(fmt):

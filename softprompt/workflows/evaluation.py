@@ -145,7 +145,7 @@ def recorded_init_text(meta: dict, method_config: dict, dataset: str | None, fmt
 
 
 def evaluate_stored_prompt(args: dict, prompt: str, check_fingerprint: bool = True,
-                           given: set[str] = frozenset()) -> tuple[dict, int]:
+                           given: set[str] = frozenset(), k_shot_asked: bool = False) -> tuple[dict, int]:
     """Evaluate a stored prompt and the baselines on the ``eval.split`` split of its task.
 
     Unset data flags fall back to the task and the data recorded with the prompt
@@ -157,11 +157,15 @@ def evaluate_stored_prompt(args: dict, prompt: str, check_fingerprint: bool = Tr
         prompt: the stored prompt folder (ours or PEFT's).
         check_fingerprint: refuse a prompt saved for another base model.
         given: the ``data`` fields set by a flag or ``--config`` (they override the recorded ones).
+        k_shot_asked: ``--baselines`` or ``--k-shot`` was given (not left at its default): a k-shot baseline
+            that cannot run is refused rather than skipped with a warning.
 
     Returns:
         The report (metrics per condition) and the number of examples evaluated.
 
     Raises:
+        ConfigError: the k-shot baseline asked for (``k_shot_asked``) and the data has no train split to draw
+            its shots from.
         DataError: an example of the split that training could not encode (a target over ``--max-length``,
             labels that can never be predicted), named by its file and line, before anything is evaluated.
     """
@@ -172,6 +176,11 @@ def evaluate_stored_prompt(args: dict, prompt: str, check_fingerprint: bool = Tr
     task = load_task_from_args(args["data"], stored.task_record,
                                classifier=stored.peft_config.get("task_type") == "SEQ_CLS", given=set(given))
     task = apply_recorded_carve(stored.meta, task, args["data"], prompt)
+    shots = "k_shot" in args["eval"].baselines and task.format.objective != "lm" and not family_of(model).has_head
+    if k_shot_asked and shots and not task.splits.get("train"):  # else skipped with a warning
+        raise ConfigError("--baselines k_shot (or --k-shot): the k-shot baseline draws its --k-shot examples from the "
+                          f"train split, and the data evaluated has none (splits: {', '.join(task.splits) or 'none'}): "
+                          "give --train-file FILE, or leave k_shot out of --baselines")
     method = stored.build_method().to(model.device).eval()
     with torch.no_grad():
         kv = family_of(model).inference_prompt(model, method())
