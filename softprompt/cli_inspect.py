@@ -6,7 +6,9 @@
     softprompt inspect --store DIR [--task a,b] [--model M] [--top-k 5] [--json]
 
 Per prompt: the nearest vocabulary tokens (cosine) of each virtual token and the prompt's norms; with two
-or more prompts (store mode), the similarity matrices between them (see :mod:`softprompt.interpret`).
+or more prompts (store mode), the similarity matrices between them (see :mod:`softprompt.interpret`). A prefix
+prompt (keys and values in every layer) has no token-space embeddings: store mode skips it with a note, and a
+single ``PROMPT_DIR`` of that kind is refused.
 Errors are raised as :class:`~softprompt.store.StoreError` or :class:`~softprompt.config.ConfigError`
 (``softprompt.cli.main`` maps them to status 2).
 """
@@ -24,7 +26,7 @@ from softprompt.cli_store import parse_members
 if TYPE_CHECKING:
     from softprompt.store import PromptStore
 
-__all__ = ["add_inspect_parser", "cmd_inspect", "select_store_prompts"]
+__all__ = ["add_inspect_parser", "cmd_inspect", "select_store_prompts", "skip_prefix_prompts"]
 
 
 def _check_args(ns: argparse.Namespace) -> None:
@@ -83,6 +85,18 @@ def select_store_prompts(store: PromptStore, tasks: list[str] | None) -> tuple[l
     return names, notes
 
 
+def skip_prefix_prompts(loaded: dict) -> tuple[dict, list[str]]:
+    """``loaded`` (name -> stored prompt) without the prompts of a method that injects keys and values in every
+    layer (prefix tuning): they have no token-space embeddings to compare with the vocabulary. Returns the
+    prompts kept and a note per prompt left out."""
+    from softprompt.methods import METHODS
+
+    kv = {name for name, stored in loaded.items() if getattr(METHODS.get(stored.method), "injects", None) == "kv"}
+    notes = [f"{name} is a {loaded[name].method} prompt (keys and values in every layer, not token embeddings): "
+             "not inspected" for name in loaded if name in kv]
+    return {name: stored for name, stored in loaded.items() if name not in kv}, notes
+
+
 def cmd_inspect(ns: argparse.Namespace) -> int:
     """Print nearest tokens, norms and (store mode) similarity of stored prompts; ``--json`` for JSON."""
     _check_args(ns)
@@ -101,6 +115,12 @@ def cmd_inspect(ns: argparse.Namespace) -> int:
     model_name = ns.model or DEFAULT_MODEL
     # read first (bad folders fail before the model loads), then checked against the model
     loaded = {name: store.load(name) if store is not None else load_prompt(name) for name in names}
+    if store is not None:  # a prefix has no token-space rows: the store's other prompts are still inspected
+        loaded, skipped = skip_prefix_prompts(loaded)
+        notes = notes + skipped
+        if not loaded:
+            raise StoreError(f"{store.root}: no prompts to inspect ({'; '.join(skipped)})")
+        names = list(loaded)
     # prompts trained with a classification head need the encoder loaded as a sequence classifier
     task_type = task_type_for_stored(loaded[names[0]].peft_config.get("task_type")) if names else "auto"
     model, tokenizer = load_base_model(model_name, "auto", "auto", task_type=task_type)

@@ -359,9 +359,32 @@ def test_cli_wrong_width_prompt_is_refused_clearly(tmp_path, tiny_model_dir, cap
                                                    "not (P, 32)")):
         run(capsys, str(tmp_path / "prefix"), "--model", str(tiny_model_dir))
     store = PromptStore(tmp_path / "store", create=True)
-    (store.root / "wide").mkdir()
-    with pytest.raises(StoreError, match=re.escape(f"wide ({tmp_path / 'prefix'}): 'prompt_embeddings' has shape")):
+    (store.root / "wide").mkdir()  # in a store, a prefix prompt is skipped with a note: none is left here
+    with pytest.raises(StoreError, match=re.escape("no prompts to inspect (wide is a prefix_tuning prompt")):
         run(capsys, "--store", str(store.root), "--model", str(tiny_model_dir))
+
+
+def test_cli_store_mode_skips_prefix_prompts_with_a_note(tmp_path, tiny_model_dir, capsys):
+    """A prefix prompt (keys and values in every layer) has no token-space embeddings: one such entry made
+    `inspect --store` exit 2 and print nothing about the store's other prompts. A single one is still refused."""
+    model = make_model("llama")
+    store = PromptStore(tmp_path / "store", create=True)
+    store.save("sentiment", method_of(model, KNOWN), model)
+    prefix = build_method("prefix_tuning", {"num_virtual_tokens": 3, "init": "random"}, model, make_tokenizer())
+    store.save("prefix", prefix, model)
+    report = json.loads(run(capsys, "--store", str(store.root), "--model", str(tiny_model_dir), "--json"))
+    assert [p["name"] for p in report["prompts"]] == ["sentiment"]
+    assert [t["nearest"][0]["text"] for t in report["prompts"][0]["tokens"]] == KNOWN
+    assert report["similarity"] is None
+    assert report["notes"] == ["prefix is a prefix_tuning prompt (keys and values in every layer, not token "
+                               "embeddings): not inspected"]
+    out = run(capsys, "--store", str(store.root), "--model", str(tiny_model_dir))
+    assert "prompt sentiment (4 virtual tokens)" in out
+    assert "note: prefix is a prefix_tuning prompt (keys and values in every layer" in out
+    with pytest.raises(StoreError, match=re.escape("no prompts to inspect (prefix is a prefix_tuning prompt")):
+        run(capsys, "--store", str(store.root), "--task", "prefix", "--model", str(tiny_model_dir))
+    with pytest.raises(StoreError, match="not in the model's token-embedding space"):
+        run(capsys, str(store.path("prefix")), "--model", str(tiny_model_dir))
 
 
 def test_cli_default_model_is_the_embedded_alias(tmp_path, capsys, monkeypatch, model):
