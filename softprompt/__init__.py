@@ -2,8 +2,12 @@
 
 Public API (imported lazily so ``import softprompt`` stays cheap)::
 
-    from softprompt import load_base_model, load_task, build_method, train, TrainArgs
+    from softprompt import load_base_model, load_task, build_method, TrainArgs
     from softprompt import compute_prompt_kv, evaluate_prompt, save_prompt, load_prompt
+    from softprompt.train import train
+
+``train`` is not exported here: the package attribute of that name is the ``softprompt.train`` module (importing a
+submodule binds it on the package), so ``from softprompt import train`` gives the module, not the function.
 """
 
 from __future__ import annotations
@@ -20,7 +24,6 @@ _EXPORTS = {
     "build_method": "softprompt.methods",
     "PromptTuning": "softprompt.methods",
     "PromptTuningConfig": "softprompt.methods",
-    "train": "softprompt.train",
     "TrainArgs": "softprompt.config",
     "compute_prompt_kv": "softprompt.forward",
     "generate": "softprompt.forward",

@@ -97,3 +97,22 @@ def test_the_structure_tool_finds_what_it_checks(tmp_path):
     assert mods["softprompt.engine"].private == [(1, "softprompt.train", "_helper")]
     assert mods["softprompt.train"].lines > structure.limit_for(mods["softprompt.train"])
     assert structure.cycles(structure.part_edges(mods)) == [["engine", "train"]]
+
+
+def test_the_readme_api_imports_give_what_they_name_not_a_submodule():
+    """`from softprompt import ..., train` gave the ``softprompt.train`` module, not the function: importing a
+    submodule sets it as the package's attribute of that name, so the lazy export was never asked, and the
+    README's Python API snippet failed at ``train(...)`` ('module' object is not callable)."""
+    import types
+
+    import softprompt
+    import softprompt.workflows  # noqa: F401  (imports the submodules, softprompt.train among them)
+
+    block = (REPO / "README.md").read_text().split("\n## Python API", 1)[1].split("```python", 1)[1].split("```")[0]
+    imports = "\n".join(re.findall(r"^(?:import|from) [^\n(]*(?:\([^)]*\))?", block, re.M))
+    namespace: dict = {}
+    exec(imports, namespace)
+    names = [n for n in namespace if not n.startswith("__")]
+    assert "train" in names and "save_prompt" in names
+    assert not [n for n in names if n != "torch" and isinstance(namespace[n], types.ModuleType)]
+    assert not [n for n in softprompt.__all__ if isinstance(getattr(softprompt, n), types.ModuleType)]
