@@ -39,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     for split, records in load_builtin("capitals").items():
         # every country is asked twice: as the first question of one record and the second of the previous
         rows = [conversation(records[i], records[(i + 1) % len(records)]) for i in range(len(records))]
-        (out / f"{split}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        (out / f"{split}.jsonl").write_text(text, encoding="utf-8")  # country names are not all ASCII
         print(f"{out / f'{split}.jsonl'}: {len(rows)} conversations")
     return 0
 

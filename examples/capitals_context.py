@@ -28,8 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(ns.out)
     out.mkdir(parents=True, exist_ok=True)
     context = "Capital cities:\n" + "".join(f"The capital of {r['country']} is {r['capital']}.\n" for r in records)
-    (out / "context.txt").write_text(context)
-    (out / "inputs.txt").write_text("".join(f"The capital of {r['country']} is\n" for r in records))
+    (out / "context.txt").write_text(context, encoding="utf-8")  # country names are not all ASCII
+    (out / "inputs.txt").write_text("".join(f"The capital of {r['country']} is\n" for r in records), encoding="utf-8")
     print(f"{out / 'context.txt'}: {len(records)} facts; {out / 'inputs.txt'}: {len(records)} inputs")
     return 0
 

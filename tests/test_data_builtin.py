@@ -92,3 +92,25 @@ def test_load_task_builtin_overrides_and_files(tmp_path):
     bad.write_text(json.dumps({"country": "X"}) + "\n")
     with pytest.raises(DataError, match=r"bad\.jsonl line 1: field 'capital' is missing \(have: country\)"):
         load_task("capitals", validation_file=bad)
+
+
+@pytest.mark.parametrize("script, files", [("capitals_chat.py", ["train.jsonl", "validation.jsonl", "test.jsonl"]),
+                                           ("capitals_context.py", ["context.txt", "inputs.txt"])])
+def test_the_capitals_examples_write_utf8_whatever_the_locale(tmp_path, script, files):
+    """The examples wrote their files in the locale's encoding: under an ASCII locale they failed on a country
+    name like "Côte d'Ivoire" (UnicodeEncodeError), and under another 8-bit one they wrote files that softprompt,
+    which reads UTF-8 only, refuses."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    ascii_locale = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0",
+                    "PYTHONPATH": str(repo)}
+    extra = ["--facts", "1000"] if script == "capitals_context.py" else []  # every country: some have accents
+    proc = subprocess.run([sys.executable, str(repo / "examples" / script), str(tmp_path / "out"), *extra],
+                          capture_output=True, text=True, env=ascii_locale, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    texts = [(tmp_path / "out" / name).read_text(encoding="utf-8") for name in files]
+    assert any(not t.isascii() for t in texts)
