@@ -285,3 +285,49 @@ def test_join_latency_benchmark_runs_on_tiny_model(wordy_model_dir):
     rows = {ln.split()[0]: ln.split()[1:] for ln in out[2:4]}
     assert set(rows) == {"batch", "continuous"} and all(float(v) > 0 for r in rows.values() for v in r)
     assert any(ln.startswith("short-request latency, batch / continuous:") for ln in out)
+
+
+ENGINE_TINY = ["--tasks", "3", "--requests", "5", "--prompt-tokens", "4", "--batch-size", "4", "--new-tokens", "6",
+               "--repeats", "1", "--device", "cpu"]
+
+
+def test_engine_benchmark_exits_1_when_our_decode_leaves_the_reference(tiny_model_dir, monkeypatch, capsys):
+    pytest.importorskip("peft")
+    engine_bench = bench(monkeypatch, "engine")
+    real = engine_bench.causal.decode
+
+    def planted(*args, **kwargs):  # our decoder's third new token is another one
+        out = real(*args, **kwargs)
+        for row in out.tokens:
+            if len(row) > 2:
+                row[2] = (row[2] + 1) % 64
+        return out
+
+    monkeypatch.setattr(engine_bench.causal, "decode", planted)
+    with pytest.raises(SystemExit) as stop:
+        engine_bench.main(["--model", str(tiny_model_dir), "--only", "generate", *ENGINE_TINY])
+    assert stop.value.code == 1
+    out = capsys.readouterr()
+    ours = next(ln for ln in out.out.splitlines() if ln.strip().startswith("softprompt, cached prompt"))
+    assert "WRONG: leaves the reference decode at new token 3, not timed" in ours
+    assert "ms/token" not in out.out and "softprompt, cached prompt" in out.err
+
+
+def test_engine_benchmark_reports_peft_generate_wrong_without_failing(tiny_model_dir, monkeypatch, capsys):
+    """PEFT's prompt-tuning generate is wrong with this transformers (README): reported, not fatal."""
+    peft = pytest.importorskip("peft")
+    engine_bench = bench(monkeypatch, "engine")
+    real = peft.PeftModelForCausalLM.generate
+
+    def planted(self, *args, **kwargs):  # its second new token is another one
+        out = real(self, *args, **kwargs)
+        if out.shape[1] > kwargs["input_ids"].shape[1] + 1:
+            out[:, kwargs["input_ids"].shape[1] + 1] = (out[:, kwargs["input_ids"].shape[1] + 1] + 1) % 64
+        return out
+
+    monkeypatch.setattr(peft.PeftModelForCausalLM, "generate", planted)
+    engine_bench.main(["--model", str(tiny_model_dir), "--only", "generate", *ENGINE_TINY])
+    lines = {ln.strip().split("  ")[0]: ln for ln in capsys.readouterr().out.splitlines() if "ms/token" in ln
+             or "WRONG" in ln}
+    assert "WRONG: leaves the reference decode at new token 2, known" in lines["peft generate with the prompt"]
+    assert "ms/token" in lines["softprompt, cached prompt"] and len(lines) == 5
