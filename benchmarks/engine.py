@@ -10,7 +10,8 @@
     (``logits_to_keep``); that is the headline ratio. PEFT as usually written (arrival order, the full
     ``(B, P+T, V)`` logits) is shown as a second, labelled row. Before any time counts, every side's labels
     must equal an independent one-request-at-a-time reference (prompt embeddings + text through the plain
-    model); a side that disagrees is reported as wrong.
+    model); a side that disagrees is reported as wrong and the benchmark exits 1. Every side reads the same
+    layout, PEFT's: [prompt, the tokenizer's leading special tokens (a BOS on Llama, Gemma, Mistral), text].
 (b) generate: per-token decode latency, batch 1, a 50-token prompt, 20-token input, 32 new tokens.
     Before any time counts, every side's greedy tokens are checked against an uncached reference decode
     (prompt embeddings + text + tokens so far through the full model at every step). A side that leaves the
@@ -42,6 +43,7 @@ import torch
 from bench_common import label_agreement, sync, time_interleaved
 
 from softprompt import forward
+from softprompt.data import leading_special_ids, with_leading
 from softprompt.data.builtin import load_builtin
 from softprompt.engine import ClassifyRequest, Engine
 from softprompt.forward import causal
@@ -68,6 +70,14 @@ def make_prompts(model, tok, n_tasks: int, p: int, folder: Path) -> dict[str, ob
     return out
 
 
+def source_ids(tok, text: str, bos: bool) -> list[int]:
+    """A request's ids as PEFT lays out a prompt's input: the tokenizer's leading special tokens (a BOS on
+    Llama, Gemma and Mistral tokenizers, none on SmolLM2, GPT-2 and Qwen2) and the rendered review, the layout
+    the engine serves a prompt stored with ``bos`` (:attr:`StoredPrompt.bos`; without it, the text alone)."""
+    ids = tok(TEMPLATE.format(text=text), add_special_tokens=False)["input_ids"]
+    return with_leading(ids, leading_special_ids(tok)) if bos else list(ids)
+
+
 def reviews(n: int, max_words: int = 40) -> list[str]:
     """The first ``n`` test reviews of Rotten Tomatoes, each cut to ``max_words`` words."""
     return [" ".join(r["text"].split()[:max_words]) for r in load_builtin("rotten_tomatoes")["test"][:n]]
@@ -89,6 +99,7 @@ class PeftSide:
             enc = self.model.prompt_encoder[name]
             enc.embedding.weight.data.copy_(prompts[name].tensors["prompt_embeddings"].to(enc.embedding.weight))
         self.tok = tok
+        self.bos = {name: stored.bos for name, stored in prompts.items()}
         self.label_ids = [tok(" " + v, add_special_tokens=False)["input_ids"][0] for v in VERBALIZER.values()]
 
     @torch.no_grad()
@@ -104,16 +115,15 @@ class PeftSide:
         out = {}
         for task, texts in by_task.items():
             self.model.set_adapter(task)
-            sources = [TEMPLATE.format(text=t) for t in texts]
+            sources = [source_ids(self.tok, t, self.bos[task]) for t in texts]
             order = list(range(len(texts)))
             if strong:
-                lengths = [len(ids) for ids in self.tok(sources, add_special_tokens=False)["input_ids"]]
-                order.sort(key=lengths.__getitem__)
+                order.sort(key=lambda r: len(sources[r]))
             preds: list[str | None] = [None] * len(texts)
             for i in range(0, len(order), batch_size):
                 rows = order[i:i + batch_size]
-                enc = self.tok([sources[r] for r in rows], return_tensors="pt", padding=True,
-                               add_special_tokens=False).to(self.model.device)
+                enc = self.tok.pad({"input_ids": [sources[r] for r in rows]}, padding=True,
+                                   return_tensors="pt").to(self.model.device)
                 p = self.model.active_peft_config.num_virtual_tokens
                 last = enc["attention_mask"].sum(-1) - 1 + p  # (B,) PEFT's positions count the prompt
                 if strong:
@@ -131,8 +141,8 @@ class PeftSide:
 
 @torch.no_grad()
 def reference_labels(model, tok, prompts: dict, by_task: dict[str, list[str]]) -> dict[str, list[str]]:
-    """One request at a time: prompt embeddings + text embeddings through the plain model (no cache, no
-    padding); the label with the higher next-token log-likelihood."""
+    """One request at a time: prompt embeddings + the text's embeddings (:func:`source_ids`) through the plain
+    model (no cache, no padding); the label with the higher next-token log-likelihood."""
     label_ids = [tok(" " + v, add_special_tokens=False)["input_ids"][0] for v in VERBALIZER.values()]
     emb = model.get_input_embeddings()
     out = {}
@@ -140,8 +150,7 @@ def reference_labels(model, tok, prompts: dict, by_task: dict[str, list[str]]) -
         prompt = prompts[task].tensors["prompt_embeddings"].to(model.device, model.dtype)[None]  # (1, P, H)
         preds = []
         for text in texts:
-            ids = torch.tensor([tok(TEMPLATE.format(text=text), add_special_tokens=False)["input_ids"]],
-                               device=model.device)
+            ids = torch.tensor([source_ids(tok, text, prompts[task].bos)], device=model.device)
             logits = model(inputs_embeds=torch.cat([prompt, emb(ids)], 1), logits_to_keep=1).logits[0, -1]
             preds.append(list(VERBALIZER)[int(logits[label_ids].argmax())])
         out[task] = preds

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -331,3 +332,34 @@ def test_engine_benchmark_reports_peft_generate_wrong_without_failing(tiny_model
              or "WRONG" in ln}
     assert "WRONG: leaves the reference decode at new token 2, known" in lines["peft generate with the prompt"]
     assert "ms/token" in lines["softprompt, cached prompt"] and len(lines) == 5
+
+
+def test_engine_classify_benchmark_lays_out_a_bos_tokenizer_as_the_engine(tmp_path, monkeypatch, capsys):
+    """A tokenizer that adds a BOS (Llama, Gemma, Mistral): every side reads [prompt, BOS, text], the layout
+    the engine serves a stored prompt with (PEFT's), and every side agrees with the reference."""
+    pytest.importorskip("peft")
+    from tests.conftest import WORD_IDS, make_model
+    from tests.test_bos import word_tokenizer
+
+    tok = word_tokenizer("[BOS] $A", ("[BOS]",))
+    bos = tok.bos_token_id
+    assert tok("good")["input_ids"][0] == bos
+    make_model("llama", seed=1).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    engine_bench = bench(monkeypatch, "engine")
+    seen, real = [], torch.nn.Embedding.forward
+
+    def spy(self, ids):  # every token id any side (engine, reference, PEFT) feeds the model
+        seen.append(ids.detach().reshape(-1, ids.shape[-1]).tolist() if ids.dim() else [])
+        return real(self, ids)
+
+    monkeypatch.setattr(torch.nn.Embedding, "forward", spy)
+    engine_bench.main(["--model", str(tmp_path), "--only", "classify", *ENGINE_TINY])
+    assert ("label agreement with the reference: softprompt 1.0000, peft strongest 1.0000, peft default 1.0000"
+            in capsys.readouterr().out)
+    start = [WORD_IDS["Review"], WORD_IDS[":"]]  # "Review:" opens every rendered request
+    texts = [row for rows in seen for row in rows
+             if any(row[i:i + 2] == start for i in range(len(row) - 1))]
+    assert len(texts) >= 3 * 5 * 4  # the engine's, the reference's and PEFT's two passes (more for warm-ups)
+    opened = [(row, i) for row in texts for i in range(len(row) - 1) if row[i:i + 2] == start]
+    assert all(i > 0 and row[i - 1] == bos for row, i in opened), [row for row, i in opened if i == 0][:2]
