@@ -13,8 +13,12 @@ Same base model, same batches (batch 16 of Rotten Tomatoes reviews cut to <= 48 
   CUDA the default is one concatenated pass), LM head only at target positions.
 
 Steps rotate between the sides so that machine noise hits all alike. Before timing, every side computes the
-loss of one batch from the same prompt; the benchmark stops with exit status 1 if they differ (more than
-1e-4 relative in float32, 2e-2 in half precision).
+loss of one batch from the same prompt and its gradient with respect to the prompt (one backward, what
+every timed step runs before the update), and both are compared with an independent reference: each row
+on its own through the plain model, prompt embeddings in front of its text, cross-entropy at its targets.
+The benchmark stops with exit status 1 if a side's loss differs (more than 1e-4 relative in float32, 2e-2
+in half precision) or its prompt gradient does (largest difference over the reference's largest entry:
+1e-3 in float32, 5e-2 in half precision).
 
 Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` during each step minus what was allocated before
 it (weights and optimizer state excluded). On CPU, each side runs
@@ -52,6 +56,24 @@ def make_batches(tok, n_batches: int, batch_size: int, device) -> list:
     return [collate(enc[i * batch_size:(i + 1) * batch_size], tok.pad_token_id).to(device) for i in range(n_batches)]
 
 
+def reference_loss_and_grad(model, batch, prompt: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """Mean cross-entropy over all target tokens of ``batch`` and its gradient w.r.t. the ``(P, H)`` prompt,
+    each row alone through the plain model: prompt embeddings + its real tokens, no padding, no cache."""
+    prompt = prompt.detach().clone().requires_grad_(True)
+    emb = model.get_input_embeddings()
+    n = int(batch.target_mask.sum())
+    total = 0.0
+    for ids, mask, target in zip(batch.input_ids, batch.attention_mask.bool(), batch.target_mask, strict=True):
+        t = int(mask.sum())  # right padding: the real tokens come first
+        x = torch.cat([prompt.to(model.dtype)[None], emb(ids[None, :t])], 1)  # (1, P+t, H)
+        logits = model(inputs_embeds=x).logits[0, prompt.shape[0] - 1:-1].float()  # (t, V): predicts ids[0:t]
+        cols = target[:t].nonzero()[:, 0]
+        loss = torch.nn.functional.cross_entropy(logits[cols], ids[cols], reduction="sum") / n
+        loss.backward()
+        total += float(loss.detach())
+    return total, prompt.grad.float()
+
+
 class Ours:
     name = "softprompt"
 
@@ -64,6 +86,12 @@ class Ours:
 
     def set_prompt(self, emb):
         self.method.embeddings.data.copy_(emb)
+
+    def prompt_grad(self) -> torch.Tensor:
+        return self.method.embeddings.grad
+
+    def zero_grad(self):
+        self.opt.zero_grad(set_to_none=True)
 
     def loss(self, batch):
         prompt = causal.prompt_for_step(self.model, self.method(), self.prompt_pass)
@@ -88,6 +116,12 @@ class Peft:
 
     def set_prompt(self, emb):
         self.params[0].data.copy_(emb)
+
+    def prompt_grad(self) -> torch.Tensor:
+        return self.params[0].grad
+
+    def zero_grad(self):
+        self.opt.zero_grad(set_to_none=True)
 
     def loss(self, batch):
         labels = batch.input_ids.masked_fill(~batch.target_mask, -100)  # PEFT prepends -100 for the prompt
@@ -138,6 +172,37 @@ def memory_child(side: str, args) -> None:
     print(json.dumps({"side": side, "peak_extra_mib": (rss_kib("VmHWM") - base) / 1024}))
 
 
+def check_sides(model, sides: list, batch) -> None:
+    """Each side's loss and prompt gradient on ``batch`` against :func:`reference_loss_and_grad`; exit 1 on a
+    difference (nothing is timed then). The gradients are cleared again: timing starts from the same state."""
+    ref_loss, ref_grad = reference_loss_and_grad(model, batch, sides[0].method.embeddings)
+    losses, grads = {}, {}
+    for impl in sides:
+        loss = impl.loss(batch)
+        loss.backward()
+        losses[impl.name] = float(loss.detach())
+        grads[impl.name] = float((impl.prompt_grad().float() - ref_grad).abs().max() / ref_grad.abs().max())
+        impl.zero_grad()
+    half = model.dtype != torch.float32
+    worst = max(abs(v - ref_loss) for v in losses.values())
+    print(f"same-prompt loss on batch 0: reference {ref_loss:.6f}  "
+          + "  ".join(f"{k} {v:.6f}" for k, v in losses.items()) + f"  (|diff| {worst:.2e})")
+    print("prompt gradient on batch 0, largest difference from the reference's over its largest entry: "
+          + "  ".join(f"{k} {v:.2e}" for k, v in grads.items()))
+    tol = (2e-2 if half else 1e-4) * max(1.0, abs(ref_loss))
+    bad = [k for k, v in losses.items() if abs(v - ref_loss) > tol]
+    if bad:
+        print(f"the sides compute different losses from the same prompt: {', '.join(bad)} not the reference's "
+              f"(|diff| {worst:.2e} > {tol:.1e}); not timing them", file=sys.stderr)
+        sys.exit(1)
+    grad_tol = 5e-2 if half else 1e-3
+    bad = [f"{k} ({v:.2e})" for k, v in grads.items() if v > grad_tol]
+    if bad:
+        print(f"the sides compute different prompt gradients from the same prompt: {', '.join(bad)} not the "
+              f"reference's (relative difference > {grad_tol:.0e}); not timing them", file=sys.stderr)
+        sys.exit(1)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=DEFAULT_MODEL)
@@ -164,18 +229,9 @@ def main() -> None:
                       for cls in (Peft, PeftTargets)]
     for impl in sides[1:]:
         impl.set_prompt(ours.method.embeddings.detach())
-    with torch.no_grad():
-        losses = {impl.name: float(impl.loss(batches[0])) for impl in sides}
     print(f"model {args.model} on {dev} ({model_a.dtype}); batch {args.batch_size}, <= {MAX_TOKENS} tokens, "
           f"{args.prompt_tokens} virtual tokens; softprompt prompt pass: {args.prompt_pass}")
-    worst = max(abs(v - losses["softprompt"]) for v in losses.values())
-    print("same-prompt loss on batch 0: " + "  ".join(f"{k} {v:.6f}" for k, v in losses.items())
-          + f"  (|diff| {worst:.2e})")
-    tol = (1e-4 if model_a.dtype == torch.float32 else 2e-2) * max(1.0, abs(losses["softprompt"]))
-    if worst > tol:
-        print(f"the sides compute different losses from the same prompt (|diff| {worst:.2e} > {tol:.1e}): "
-              "not timing them", file=sys.stderr)
-        sys.exit(1)
+    check_sides(model_a, sides, batches[0])
 
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     times: dict[str, list[float]] = {impl.name: [] for impl in sides}

@@ -363,3 +363,24 @@ def test_engine_classify_benchmark_lays_out_a_bos_tokenizer_as_the_engine(tmp_pa
     assert len(texts) >= 3 * 5 * 4  # the engine's, the reference's and PEFT's two passes (more for warm-ups)
     opened = [(row, i) for row in texts for i in range(len(row) - 1) if row[i:i + 2] == start]
     assert all(i > 0 and row[i - 1] == bos for row, i in opened), [row for row, i in opened if i == 0][:2]
+
+
+def test_train_step_benchmark_refuses_to_time_a_wrong_prompt_gradient(tiny_model_dir, monkeypatch, capsys):
+    """Our loss keeps its value, but its backward (what every timed step runs) gets another prompt gradient."""
+    pytest.importorskip("peft")
+    train_bench = bench(monkeypatch, "train_step")
+    real = train_bench.Ours.loss
+
+    def planted(self, batch):  # the same value, a gradient 1% too large
+        loss = real(self, batch)
+        return loss * 1.01 - (loss * 0.01).detach()
+
+    monkeypatch.setattr(train_bench.Ours, "loss", planted)
+    monkeypatch.setattr(sys, "argv", ["train_step.py", "--model", str(tiny_model_dir), "--steps", "1", "--warmup",
+                                      "0", "--batch-size", "2", "--device", "cpu"])
+    with pytest.raises(SystemExit) as stop:
+        train_bench.main()
+    assert stop.value.code == 1
+    out = capsys.readouterr()
+    assert "different prompt gradients from the same prompt: softprompt (" in out.err and "tok/s" not in out.out
+    assert "different losses" not in out.err  # the loss itself is right
