@@ -10,7 +10,9 @@ Same base model, same batches (batch 16 of Rotten Tomatoes reviews cut to <= 48 
   target positions of the batch), cross-entropy on those rows. Against ``peft`` it shows what the LM head
   costs; against ``softprompt`` what sharing the prompt's keys/values across the batch saves;
 - ``softprompt``: the prompt run once per batch, its keys/values shared by every row (``shared_kv``; on
-  CUDA the default is one concatenated pass), LM head only at target positions.
+  CUDA the default is one concatenated pass, ``concat``, the prompt in front of every row as PEFT runs it),
+  LM head only at target positions. The pass actually used is printed, and the ratio against
+  ``peft_targets`` is credited to sharing the prompt only when it is ``shared_kv``.
 
 Steps rotate between the sides so that machine noise hits all alike. Before timing, every side computes the
 loss of one batch from the same prompt and its gradient with respect to the prompt (one backward, what
@@ -80,6 +82,7 @@ class Ours:
     def __init__(self, model, tok, prompt_pass="auto", p: int = P):
         self.model = model
         self.prompt_pass = prompt_pass
+        self.pass_used: str | None = None  # what ``prompt_pass`` resolved to (``auto``: concat on CUDA)
         self.method = build_method("prompt_tuning", {"num_virtual_tokens": p, "init": "random"}, model, tok)
         self.method.to(model.device).train()
         self.opt = torch.optim.Adafactor(self.method.parameters(), lr=0.3)
@@ -95,6 +98,7 @@ class Ours:
 
     def loss(self, batch):
         prompt = causal.prompt_for_step(self.model, self.method(), self.prompt_pass)
+        self.pass_used = "concat" if isinstance(prompt, torch.Tensor) else "shared_kv"  # embeddings or keys/values
         return causal.target_loss(self.model, batch, prompt)
 
     def step(self, batch):
@@ -230,8 +234,9 @@ def main() -> None:
     for impl in sides[1:]:
         impl.set_prompt(ours.method.embeddings.detach())
     print(f"model {args.model} on {dev} ({model_a.dtype}); batch {args.batch_size}, <= {MAX_TOKENS} tokens, "
-          f"{args.prompt_tokens} virtual tokens; softprompt prompt pass: {args.prompt_pass}")
+          f"{args.prompt_tokens} virtual tokens")
     check_sides(model_a, sides, batches[0])
+    print(f"softprompt prompt pass: {ours.pass_used} (--prompt-pass {args.prompt_pass})")
 
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     times: dict[str, list[float]] = {impl.name: [] for impl in sides}
@@ -265,8 +270,10 @@ def main() -> None:
     print(f"\n{'':12}{'tok/s':>10}{'median step s':>15}{label + ' (MiB)':>40}")
     for k in times:
         print(f"{k:12}{tps[k]:>10.1f}{statistics.median(times[k]):>15.3f}{mem[k]:>40.1f}")
+    source = ("from sharing the prompt" if ours.pass_used == "shared_kv" else
+              "both run the prompt with every row, the concat pass")
     print(f"\nthroughput ratio softprompt/peft: {tps['softprompt'] / tps['peft']:.2f}x   (softprompt/peft_targets, "
-          f"from sharing the prompt: {tps['softprompt'] / tps['peft_targets']:.2f}x; peft_targets/peft, from the LM "
+          f"{source}: {tps['softprompt'] / tps['peft_targets']:.2f}x; peft_targets/peft, from the LM "
           f"head at targets only: {tps['peft_targets'] / tps['peft']:.2f}x)")
     print(f"memory ratio softprompt/peft:     {mem['softprompt'] / mem['peft']:.2f}x   (softprompt/peft_targets: "
           f"{mem['softprompt'] / mem['peft_targets']:.2f}x)")

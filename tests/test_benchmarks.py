@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -384,3 +385,26 @@ def test_train_step_benchmark_refuses_to_time_a_wrong_prompt_gradient(tiny_model
     out = capsys.readouterr()
     assert "different prompt gradients from the same prompt: softprompt (" in out.err and "tok/s" not in out.out
     assert "different losses" not in out.err  # the loss itself is right
+
+
+def test_train_step_benchmark_names_the_prompt_pass_it_ran(tiny_model_dir, monkeypatch, capsys):
+    """``--prompt-pass auto`` is ``concat`` on CUDA: the output names that pass and credits no prompt sharing."""
+    pytest.importorskip("peft")
+    train_bench = bench(monkeypatch, "train_step")
+    real = train_bench.causal.prompt_for_step
+    asked = []
+
+    def as_on_cuda(model, prompt, mode="auto"):
+        asked.append(mode)
+        return real(model, prompt, "concat" if mode == "auto" else mode)
+
+    monkeypatch.setattr(train_bench.causal, "prompt_for_step", as_on_cuda)
+    monkeypatch.setattr(sys, "argv", ["train_step.py", "--model", str(tiny_model_dir), "--steps", "1", "--warmup",
+                                      "0", "--batch-size", "2", "--device", "cpu"])
+    monkeypatch.setattr(train_bench.subprocess, "run", lambda *a, **k: types.SimpleNamespace(
+        stdout='{"peak_extra_mib": 1.0}'))  # the memory children are other processes: not what this checks
+    train_bench.main()
+    out = capsys.readouterr().out
+    assert set(asked) == {"auto"} and "softprompt prompt pass: concat (--prompt-pass auto)" in out
+    ratio = next(ln for ln in out.splitlines() if ln.startswith("throughput ratio"))
+    assert "from sharing the prompt" not in ratio and "both run the prompt with every row, the concat pass" in ratio
