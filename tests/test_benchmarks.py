@@ -235,10 +235,14 @@ def test_encoder_benchmark_runs_on_tiny_bert(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     assert out.count("throughput ratio softprompt/peft") == 2
-    assert float(out.split("label agreement: ")[1].split()[0]) == 1.0
-    diff = float(out.split("(|diff| ")[1].split(")")[0])
-    drift = float(out.split("largest prompt difference after training ")[1].split()[0])
-    assert diff < 1e-5 and drift < 1e-4  # both sides train the same prompt and head
+    # every side equals the one-request-at-a-time reference, and both train what the reference computes
+    assert ("label agreement with the reference: softprompt 1.0000, peft length-sorted 1.0000, peft arrival order "
+            "1.0000") in out
+    assert "against PEFT's strongest exact setup (length-sorted batches)" in out
+    grads = out.split("over its largest entry: ")[1].splitlines()[0]
+    assert all(float(v.split()[1]) < 1e-5 for v in grads.split(", "))
+    drift = float(out.split("largest prompt or head difference after training ")[1].split()[0])
+    assert drift < 1e-4  # both sides train the same prompt and head
 
 
 def test_train_step_benchmark_refuses_to_time_sides_that_disagree(tiny_model_dir, monkeypatch, capsys):
@@ -408,3 +412,52 @@ def test_train_step_benchmark_names_the_prompt_pass_it_ran(tiny_model_dir, monke
     assert set(asked) == {"auto"} and "softprompt prompt pass: concat (--prompt-pass auto)" in out
     ratio = next(ln for ln in out.splitlines() if ln.startswith("throughput ratio"))
     assert "from sharing the prompt" not in ratio and "both run the prompt with every row, the concat pass" in ratio
+
+
+def test_encoder_benchmark_refuses_to_time_results_off_the_reference(tmp_path, monkeypatch, capsys):
+    """A planted wrong gradient in our train step, a planted wrong label from our engine: each exits 1 untimed."""
+    pytest.importorskip("peft")
+    from tests.conftest import make_tokenizer
+    from tests.test_seq_cls import make_encoder
+
+    make_encoder("bert").save_pretrained(tmp_path)
+    make_tokenizer().save_pretrained(tmp_path)
+    seq_cls = bench(monkeypatch, "seq_cls")
+    flags = ["--model", str(tmp_path), "--steps", "2", "--batch-size", "4", "--prompt-tokens", "3", "--tasks", "2",
+             "--requests", "3", "--repeats", "1", "--device", "cpu"]
+    real_family = seq_cls.family_of
+
+    def planted_family(model):  # our loss keeps its value, its gradient is 1% too large
+        family = real_family(model)
+
+        class Planted(type(family)):
+            def loss(self, model, batch, prompt):
+                loss = family.loss(model, batch, prompt)
+                return loss * 1.01 - (loss * 0.01).detach()
+
+        return Planted()
+
+    monkeypatch.setattr(seq_cls, "family_of", planted_family)
+    with pytest.raises(SystemExit) as stop:
+        seq_cls.main([*flags, "--only", "train"])
+    assert stop.value.code == 1
+    out = capsys.readouterr()
+    assert "seq_cls train: softprompt gradients not the reference's" in out.err and "examples/s" not in out.out
+
+    real_classify = seq_cls.Engine.classify
+
+    def planted_classify(self, reqs):  # the second answer's label is the other one
+        results = real_classify(self, reqs)
+        if len(results) > 1:
+            results[1].label = seq_cls.LABELS[1 - seq_cls.LABELS.index(results[1].label)]
+        return results
+
+    monkeypatch.setattr(seq_cls, "family_of", real_family)
+    monkeypatch.setattr(seq_cls.Engine, "classify", planted_classify)
+    with pytest.raises(SystemExit) as stop:
+        seq_cls.main([*flags, "--only", "classify"])
+    assert stop.value.code == 1
+    out = capsys.readouterr()
+    assert "seq_cls classify: softprompt WRONG (agreement with the reference < 1.0)" in out.err
+    assert "label agreement with the reference: softprompt 0.8333, peft length-sorted 1.0000" in out.out
+    assert "req/s" not in out.out
