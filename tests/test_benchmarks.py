@@ -461,3 +461,55 @@ def test_encoder_benchmark_refuses_to_time_results_off_the_reference(tmp_path, m
     assert "seq_cls classify: softprompt WRONG (agreement with the reference < 1.0)" in out.err
     assert "label agreement with the reference: softprompt 0.8333, peft length-sorted 1.0000" in out.out
     assert "req/s" not in out.out
+
+
+JOIN = ["--tasks", "4", "--prompt-tokens", "3", "--long-tokens", "12", "--short-tokens", "2", "--after", "2",
+        "--repeats", "1", "--device", "cpu"]
+
+
+def test_join_latency_ratio_is_batch_over_continuous_whatever_the_order(wordy_model_dir, monkeypatch, capsys):
+    pytest.importorskip("fastapi")
+    join = bench(monkeypatch, "join_latency")
+    join.main(["--model", str(wordy_model_dir), *JOIN, "--policies", "continuous,batch"])
+    out = capsys.readouterr().out.splitlines()
+    rows = {ln.split()[0]: [float(v) for v in ln.split()[1:]] for ln in out[2:4]}
+    assert list(rows) == ["continuous", "batch"]
+    ratio = next(ln for ln in out if ln.startswith("short-request latency, batch / continuous:"))
+    assert ratio.split(": ")[1] == f"{rows['batch'][0] / rows['continuous'][0]:.1f}x"
+
+
+def test_join_latency_refuses_a_short_request_sent_after_the_long_one(monkeypatch, capsys):
+    join = bench(monkeypatch, "join_latency")
+    with pytest.raises(SystemExit) as stop:
+        join.main([*JOIN, "--after", "12", "--policies", "batch,fifo"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "--after 12: the short request is sent after this many chunks of the long generation, so it must be " \
+           "at least 1 and below --long-tokens 12" in err and "--policies 'batch,fifo'" in err
+
+
+def test_join_latency_reports_a_failed_long_generation_at_once(wordy_model_dir, monkeypatch, capsys):
+    """The long stream fails: exit 1 naming it, not a 10-minute wait and a KeyError."""
+    pytest.importorskip("fastapi")
+    import threading
+
+    import httpx
+
+    join = bench(monkeypatch, "join_latency")
+
+    class Event(threading.Event):  # a wait for a signal that never comes ends in 20 s here, not 600
+        def wait(self, timeout=None):
+            return super().wait(None if timeout is None else min(timeout, 20))
+
+    def broken_stream(*args, **kwargs):
+        raise httpx.RemoteProtocolError("planted: the server closed the stream")
+
+    monkeypatch.setattr(join, "threading", types.SimpleNamespace(Thread=threading.Thread, Event=Event))
+    monkeypatch.setattr(join, "httpx", types.SimpleNamespace(stream=broken_stream, post=httpx.post, get=httpx.get,
+                                                             HTTPError=httpx.HTTPError))
+    with pytest.raises(SystemExit) as stop:
+        join.main(["--model", str(wordy_model_dir), *JOIN])
+    assert stop.value.code == 1
+    out = capsys.readouterr()
+    assert "join_latency: the long generation failed: RemoteProtocolError: planted: the server closed the stream" \
+           in out.err and "short p50" not in out.out
