@@ -16,7 +16,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
-from softprompt.config import DataArgs, TrainArgs
+from softprompt.config import DataArgs, EvalArgs, TrainArgs
 from softprompt.data import DataError, Example, TaskData, TaskFormat, collate, encode, leading_special_ids
 from softprompt.engine import ClassifyRequest, Engine, GenerateRequest, ScoreRequest, TooLongError
 from softprompt.evaluate import evaluate_prompt, hard_prompt_kv, label_scores
@@ -323,7 +323,7 @@ def test_stored_flag_keeps_each_prompts_layout(bos_tok, tmp_path, monkeypatch):
     monkeypatch.setattr(evaluation, "load_task_from_args", lambda *a, **k: TaskData(FMT, {"test": examples(2)}))
     monkeypatch.setattr(evaluation, "evaluate_with_baselines", lambda *a: seen.append(a[-1]) or {})
     for folder in (old, tmp_path / "new"):
-        evaluation.evaluate_stored_prompt({"eval": SimpleNamespace(split="test"), "data": DataArgs()}, str(folder))
+        evaluation.evaluate_stored_prompt({"eval": EvalArgs(), "data": DataArgs()}, str(folder))
     assert seen == [False, True]
     meta["bos"] = "yes"
     (old / META_NAME).write_text(json.dumps(meta))
