@@ -77,11 +77,6 @@ def lead_prompt_kv(model, tokenizer) -> InferencePrompt | None:
         return family_of(model).inference_prompt(model, token_embeddings(model, lead))
 
 
-def k_shot_text(examples: list[Example], fmt: TaskFormat, k: int, seed: int = 0) -> str:
-    """``k`` solved examples joined by blank lines, balanced over labels for classification."""
-    return shots_text(k_shot_examples(examples, fmt, k, seed))
-
-
 def shots_text(shots: list[Example]) -> str:
     """Solved examples as a k-shot context: each source, its target, a blank line."""
     return "".join(ex.source + ex.target + "\n\n" for ex in shots)

@@ -11,10 +11,11 @@ from softprompt.evaluate import (
     evaluate_prompt,
     format_report,
     hard_prompt_kv,
-    k_shot_text,
+    k_shot_examples,
     label_scores,
     macro_f1,
     normalize_answer,
+    shots_text,
     token_f1,
 )
 from softprompt.forward import causal
@@ -68,9 +69,12 @@ def test_hard_prompt_kv_equals_prepending_text(model, tokenizer):
 
 def test_k_shot_text_is_balanced_and_seeded():
     examples = [FMT.render(r) for r in sentiment_records(20)]
-    text = k_shot_text(examples, FMT, 4, seed=1)
+    def k_shot_text(seed):
+        return shots_text(k_shot_examples(examples, FMT, 4, seed=seed))
+
+    text = k_shot_text(1)
     assert text.count(" positive\n\n") == 2 and text.count(" negative\n\n") == 2
-    assert text == k_shot_text(examples, FMT, 4, seed=1) != k_shot_text(examples, FMT, 4, seed=2)
+    assert text == k_shot_text(1) != k_shot_text(2)
 
 
 def test_evaluate_prompt_classification_and_generation(model, tokenizer):
