@@ -151,7 +151,10 @@ def k_shot_context(model, tokenizer, task: TaskData, args: dict, room: int | Non
 
     k = min(ev.k_shot, len(pool))
     text = shots(k)
-    if room is None or context_tokens(model, tokenizer, text) <= room:
+    if room is None:
+        return k, text
+    taken = context_tokens(model, tokenizer, text)
+    if taken <= room:
         return k, text
     fits, over = 0, k  # the most shots that fit (k drawn hold the k - 1 drawn: fewer take fewer tokens)
     while fits + 1 < over:
@@ -159,7 +162,7 @@ def k_shot_context(model, tokenizer, task: TaskData, args: dict, room: int | Non
         fits, over = (mid, over) if context_tokens(model, tokenizer, shots(mid)) <= room else (fits, mid)
     log.warning("--k-shot %d: the %d shots take %d tokens (each cut to --max-length %d); beside the longest "
                 "evaluated example %d fit in the model's %d positions: %s (a lower --k-shot or --max-length keeps "
-                "every shot)", ev.k_shot, k, context_tokens(model, tokenizer, text), data.max_length, max(room, 0),
+                "every shot)", ev.k_shot, k, taken, data.max_length, max(room, 0),
                 context_length(model.config)[0],
                 f"the row holds {fits} shot(s)" if fits else "not one shot fits, the row is skipped")
     return (fits, shots(fits)) if fits else None
@@ -215,12 +218,13 @@ def evaluate_with_baselines(model, tokenizer, task: TaskData, args: dict, prompt
             if {"hard_prompt", "k_shot"} & set(ev.baselines) else None)
     if "hard_prompt" in ev.baselines and prompt_text.strip():
         text = prompt_text.strip() + "\n"
-        if room is None or context_tokens(model, tokenizer, text) <= room:
+        taken = context_tokens(model, tokenizer, text) if room is not None else 0
+        if room is None or taken <= room:
             conditions["init text as hard prompt"] = (hard_prompt_kv(model, tokenizer, text), after_context)
         else:
             log.warning("the init text as a hard prompt is %d tokens; beside the longest evaluated example, %d "
                         "fit in the model's positions: that row is skipped (a shorter --init-text or --max-length "
-                        "keeps it)", context_tokens(model, tokenizer, text), room)
+                        "keeps it)", taken, room)
     if "k_shot" in ev.baselines and task.splits.get("train"):
         shots = k_shot_context(model, tokenizer, task, args, room)
         if shots is not None:  # the row is named for the shots it holds
