@@ -149,12 +149,12 @@ def cmd_generate(ns: argparse.Namespace) -> int:
         problems.append("--store needs --task NAME (see `softprompt store list --store DIR`)")
     elif ns.task and not ns.store:
         problems.append("--task needs --store DIR")
-    args = _resolve(ns, ["model"], problems + generate_flag_problems(ns.max_new_tokens, ns.temperature, ns.top_k,
-                                                                     ns.top_p, ns.seed))
+    args = _resolve(ns, ["model"], problems + generate_flag_problems(ns.max_new_tokens or 1, ns.temperature,
+                                                                     ns.top_k, ns.top_p, ns.seed))
     from softprompt.data.chat import conversation_prompt, read_conversations
     from softprompt.engine import GenerateRequest
     from softprompt.workflows import engine_for, load_model_from_args
-    from softprompt.workflows.generation import input_values
+    from softprompt.workflows.generation import answer_budget, input_values, output_row
 
     conversations = read_conversations(ns.messages) if ns.messages else []  # bad input fails before the model loads
     model, tok = load_model_from_args(args)
@@ -166,12 +166,13 @@ def cmd_generate(ns: argparse.Namespace) -> int:
         texts, raw, stop = [conversation_prompt(tok, fmt, c) for c in conversations], True, ns.stop or ""
     else:
         texts, raw, stop = input_values(engine, task, ns.input, ns.raw), ns.raw, "\n" if ns.stop is None else ns.stop
-    reqs = [GenerateRequest(task, text, raw=raw, max_tokens=ns.max_new_tokens, temperature=ns.temperature,
+    budget = ns.max_new_tokens or answer_budget(engine, task, chat=bool(conversations))
+    reqs = [GenerateRequest(task, text, raw=raw, max_tokens=budget, temperature=ns.temperature,
                             top_k=ns.top_k, top_p=ns.top_p, seed=(ns.seed or 0) + i if ns.temperature > 0 else None,
                             stop=[stop] if stop else [], chat=bool(conversations) and fmt is None)
             for i, text in enumerate(texts)]
     for res in engine.generate(reqs):
-        print(json.dumps({"task": task, "input": res.source, "output": res.text, "finish_reason": res.finish_reason},
+        print(json.dumps(output_row(engine, task, res, chat=bool(conversations), cut=ns.max_new_tokens is None),
                          ensure_ascii=False))
     return 0
 
@@ -246,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
                                       "messages list, {\"messages\": [...]}, or .jsonl with one per line)")
     p.add_argument("--raw", action="store_true", help="use --input as the whole text, without the template")
     p.add_argument("--config", help="YAML file with a model section")
-    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, help="default: 16; for a classification prompt its longest label")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)

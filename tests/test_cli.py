@@ -210,12 +210,62 @@ def test_generate_stop_reads_a_backslash_n_as_a_newline(env, monkeypatch):
         assert sent.pop() == stop, given
 
 
+def test_generate_ends_a_classification_answer_at_its_label(env, trained, monkeypatch):
+    """A classification prompt learns the label's tokens only: without --max-new-tokens `generate` ran on for 16
+    tokens (the README's main command printed " positive positive positive ..."). Its budget is now the longest
+    label plus one, the output ends after the label it starts with (the longest one), and the row names it;
+    with --max-new-tokens the text is left whole."""
+    from softprompt.engine import Engine
+    from softprompt.engine.requests import GenerateResult
+
+    outputs = iter([" positive positive", " negative.", " so-so"] * 2)
+    asked = []
+
+    def scripted(self, reqs, *args, **kwargs):
+        asked.extend(r.max_tokens for r in reqs)
+        return [GenerateResult(r.task, next(outputs), [], "length", 0, source=str(r.input)) for r in reqs]
+
+    monkeypatch.setattr(Engine, "generate", scripted)
+    prompt = trained[0] / "prompt"
+    inputs = ["--input", "good movie", "--input", "bad film", "--input", "meh"]
+    rc, rows, stderr = _generate(env, prompt, *inputs)
+    assert rc == 0, stderr
+    tok = make_tokenizer()
+    longest = max(len(tok(t, add_special_tokens=False)["input_ids"]) for t in (" positive", " negative"))
+    assert asked == [longest + 1] * 3
+    assert [(r["output"], r["finish_reason"], r["label"]) for r in rows] == [
+        (" positive", "stop", "positive"), (" negative", "stop", "negative"), (" so-so", "length", None)]
+    rc, rows, stderr = _generate(env, prompt, *inputs, "--max-new-tokens", "7")
+    assert rc == 0, stderr
+    assert asked[3:] == [7] * 3
+    assert [(r["output"], r["finish_reason"], r["label"]) for r in rows] == [
+        (" positive positive", "length", "positive"), (" negative.", "length", "negative"), (" so-so", "length", None)]
+
+
+def test_generate_row_names_the_longest_label_its_output_starts_with():
+    from types import SimpleNamespace
+
+    from softprompt.data.template import TaskFormat
+    from softprompt.engine.requests import GenerateResult
+    from softprompt.workflows.generation import output_row
+
+    fmt = TaskFormat("Q: {text}\nA:", "label", verbalizer={"no": "not", "unsure": "not sure", "yes": "yes"})
+    engine = SimpleNamespace(task=lambda name: SimpleNamespace(formats=[fmt]))
+    rows = [output_row(engine, "t", GenerateResult("t", text, [], "length", 0)) for text in
+            (" not sure at all", " not really", " maybe")]
+    assert [(r["output"], r["label"], r["finish_reason"]) for r in rows] == [
+        (" not sure", "unsure", "stop"), (" not", "no", "stop"), (" maybe", None, "length")]
+    chat = output_row(engine, "t", GenerateResult("t", " not sure", [], "length", 0), chat=True)
+    assert "label" not in chat and chat["output"] == " not sure"
+
+
 def test_generate_fills_template_raw_and_seeded_sampling(env, trained):
     prompt = trained[0] / "prompt"
     rc, rows, stderr = _generate(env, prompt, "--input", "good movie", "--input", "bad film", "--max-new-tokens", "4")
     assert rc == 0, stderr
     assert [r["input"] for r in rows] == ["Review: good movie\nSentiment:", "Review: bad film\nSentiment:"]
-    assert all(set(r) == {"task", "input", "output", "finish_reason"} and isinstance(r["output"], str) for r in rows)
+    assert all(set(r) == {"task", "input", "output", "finish_reason", "label"} and isinstance(r["output"], str)
+               for r in rows)
     assert all(r["finish_reason"] in ("stop", "length") and r["task"] == "prompt" for r in rows)
     rc, rows, _ = _generate(env, prompt, "--input", "good movie", "--raw", "--max-new-tokens", "4")
     assert rc == 0 and [r["input"] for r in rows] == ["good movie"]

@@ -68,3 +68,42 @@ def input_values(engine: Engine, task: str, texts: list[str], raw: bool) -> list
     if problems:
         raise ConfigError("invalid arguments:\n  " + "\n  ".join(problems))
     return values
+
+
+
+#: ``generate``'s ``--max-new-tokens`` when it is not given and the task is not a classification
+DEFAULT_MAX_NEW_TOKENS = 16
+
+
+def _classification(engine: Engine, task: str, chat: bool):
+    fmt = engine.task(task).formats[0]
+    return fmt if fmt is not None and fmt.is_classification and not chat else None
+
+
+def answer_budget(engine: Engine, task: str, chat: bool = False) -> int:
+    """``--max-new-tokens`` when not given: a classification task's longest label text in tokens, plus one (its
+    count in context may differ by one); :data:`DEFAULT_MAX_NEW_TOKENS` for other tasks and conversations.
+
+    A classification prompt is trained on the label's tokens only: after them the model was never taught to stop,
+    so the text it goes on with (often the label again, up to the budget) says nothing.
+    """
+    fmt = _classification(engine, task, chat)
+    if fmt is None:
+        return DEFAULT_MAX_NEW_TOKENS
+    return 1 + max(len(engine.tok(text, add_special_tokens=False)["input_ids"]) for text in fmt.label_texts)
+
+
+def output_row(engine: Engine, task: str, res, chat: bool = False, cut: bool = True) -> dict:
+    """The JSON row ``generate`` prints for one result. A classification task's row adds ``label``: the label its
+    output starts with (the longest label text that is a prefix of it, so ``" not sure"`` wins over ``" not"``;
+    None when it names none); with ``cut`` (no ``--max-new-tokens``) the output ends after that text, a
+    ``"stop"``, since the prompt never learned what follows a label."""
+    row = {"task": task, "input": res.source, "output": res.text, "finish_reason": res.finish_reason}
+    fmt = _classification(engine, task, chat)
+    if fmt is None:
+        return row
+    hits = [(len(t), label, t) for label, t in zip(fmt.labels, fmt.label_texts, strict=True) if res.text.startswith(t)]
+    row["label"] = max(hits)[1] if hits else None
+    if cut and hits:
+        row["output"], row["finish_reason"] = max(hits)[2], "stop"
+    return row
