@@ -668,6 +668,32 @@ def test_validation_during_training_decodes_max_new_tokens(env, tmp_path, monkey
     assert asked == [5, 5]  # the two validations (the final report runs through the engine)
 
 
+def test_eval_of_a_prompt_without_task_data_is_refused_unless_a_data_flag_names_some(env, tmp_path, monkeypatch):
+    """A PEFT-written folder records no task: eval --prompt scored it on the default dataset's test split with the
+    default template, as if that were its task (eval --store refused the same entry). Now it is exit 2 before the
+    model loads, naming the flags; with --test-file and the template it is evaluated."""
+    from softprompt.methods import build_method
+    from softprompt.store import save_prompt
+    from softprompt.workflows import evaluation
+
+    model = make_model("llama")
+    bare = save_prompt(tmp_path / "bare", build_method("prompt_tuning", {"num_virtual_tokens": 2, "init": "random"},
+                                                       model, make_tokenizer()), model)  # no task record
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded before the data was checked")
+
+    monkeypatch.setattr(evaluation, "load_model_from_args", never)
+    _assert_usage_error(["eval", "--model", env["model"], "--prompt", bare], f"prompt {bare} records no task data",
+                        "no data flag names any", "--dataset NAME or --test-file FILE")
+    monkeypatch.undo()
+    rc, stdout, stderr = run(["eval", "--model", env["model"], "--prompt", bare, "--test-file", env["test"],
+                              "--template", TEMPLATE, "--target-field", "label", "--verbalizer",
+                              "positive=positive,negative=negative", "--baselines", "no_prompt"])
+    assert rc == 0, stderr
+    assert "test split (8 examples)" in stdout
+
+
 def test_eval_of_a_prompt_trained_on_files_reads_its_files_and_cuts_where_training_did(env, tmp_path):
     """eval --prompt without data flags scored a prompt trained on files on the default dataset (rotten_tomatoes:
     same fields, plausible numbers), and cut inputs at the default --max-length instead of the run's."""

@@ -67,6 +67,22 @@ def apply_recorded_data(meta: dict, record: TaskRecord | None, data, given: set[
         log.info("%s: evaluated with the training run's %s (give the flags to override)", name, ", ".join(taken))
 
 
+def require_task_data(record: TaskRecord | None, data, what: str, example: str, more: str = "") -> None:
+    """Refuse to score a prompt that records no task data (no task record naming a dataset, an lm corpus or a
+    distillation) when no data flag names any either: it would be scored on the default dataset's test split,
+    with the default template, as if that were its task.
+
+    Raises:
+        ConfigError: naming ``what`` ("it", "prompt DIR") and the flags to give.
+    """
+    names_data = record is not None and (record.dataset or record.extra.get("objective") in ("lm", "distill"))
+    if not (names_data or data.dataset or data.uses_files() or data.objective == "lm"):
+        raise ConfigError(f"{what} records no task data (a folder saved without softprompt's task record, {example})"
+                          ", and no data flag names any: it would be scored on the default dataset. Give --dataset "
+                          f"NAME or --test-file FILE (with --template, --target-field and --verbalizer as it was "
+                          f"trained{more})")
+
+
 def apply_recorded_carve(meta: dict, task: TaskData, data, name: str) -> TaskData:
     """``task`` with the validation split that ``softprompt tune --validation-from-train`` held out of the
     training data, rebuilt as the search built it (the same function, fraction and seed), when the prompt records
@@ -170,9 +186,10 @@ def evaluate_stored_prompt(args: dict, prompt: str, check_fingerprint: bool = Tr
             labels that can never be predicted), named by its file and line, before anything is evaluated.
     """
     stored = load_prompt(prompt)
+    apply_recorded_data(stored.meta, stored.task_record, args["data"], set(given), prompt)
+    require_task_data(stored.task_record, args["data"], f"prompt {prompt}", "e.g. one PEFT wrote")
     model, tok = load_model_from_args(args, stored)
     check_model_compatible(stored, model, check_fingerprint=check_fingerprint)
-    apply_recorded_data(stored.meta, stored.task_record, args["data"], set(given), prompt)
     task = load_task_from_args(args["data"], stored.task_record,
                                classifier=stored.peft_config.get("task_type") == "SEQ_CLS", given=set(given))
     task = apply_recorded_carve(stored.meta, task, args["data"], prompt)
@@ -283,13 +300,8 @@ def plan_entry(engine, prompt_store, name: str, data, split: str, check_fingerpr
     task_args = dataclasses.replace(data)
     record = TaskRecord.parse(meta.get("task"), name)  # validated when the entry was loaded
     apply_recorded_data(meta, record, task_args, given, name)
-    names_data = record is not None and (record.dataset or record.extra.get("objective") in ("lm", "distill"))
-    if not (names_data or task_args.dataset or task_args.uses_files() or task_args.objective == "lm"):
-        raise ConfigError("it records no task data (a folder stored without softprompt's task record, e.g. a PEFT "
-                          "folder added with `store add`), and no data flag names any: it would be scored on the "
-                          "default dataset. Give --dataset NAME or --test-file FILE (with --template, --target-field "
-                          f"and --verbalizer as it was trained; they apply to every entry: name it alone with --task "
-                          f"{name})")
+    require_task_data(record, task_args, "it", "e.g. a PEFT folder added with `store add`",
+                      f"; they apply to every entry: name it alone with --task {name}")
     task = apply_recorded_carve(meta, load_task_from_args(task_args, record, given=given), task_args, name)
     fmt, examples = task.format, task.examples(split)
     if fmt.is_classification and sorted(t.labels or []) != sorted(fmt.labels):
