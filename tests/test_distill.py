@@ -335,3 +335,30 @@ def test_a_context_that_starts_with_the_bos_counts_it_once():
     plain, with_bos = context_teacher(model, tok, CONTEXT), context_teacher(model, tok, "[EOS] " + CONTEXT)
     assert plain.num_tokens == with_bos.num_tokens == len(CONTEXT.split())
     assert plain.kv is not None and plain.last_id == with_bos.last_id
+
+
+def test_the_context_text_stays_out_of_the_saved_and_stored_prompt(tiny_dirs, capsys):
+    """The prompt's training config held ``distill.context`` (the whole text) and ``init_text`` (its first P
+    tokens, in the method config too): a confidential system prompt shipped inside the prompt and the store, and
+    ``store show`` printed it. The README says it records the context's token count and sha256, not its text."""
+    tmp = tiny_dirs
+    secret = "Review : the movie was very good . Sentiment : positive . Review : the film was awful"
+    derived = "Review : the movie"  # its first 4 tokens: the default init text
+    assert main(["distill", "--model", str(tmp / "llama"), "--context", secret, "--inputs-file",
+                 str(tmp / "inputs.txt"), "--num-virtual-tokens", "4", "--max-steps", "1", "--held-out", "0.3",
+                 "--max-new-tokens", "2", "--output-dir", str(tmp / "run"), "--store", str(tmp / "store"),
+                 "--task", "sys"]) == 0
+    capsys.readouterr()
+    for folder in (tmp / "run" / "prompt", tmp / "store" / "sys"):
+        for f in folder.iterdir():
+            assert derived.encode() not in f.read_bytes(), f
+    assert main(["store", "show", "sys", "--store", str(tmp / "store")]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert derived not in json.dumps(shown)
+    assert shown["train_config"]["distill"]["context"] is None and shown["train_config"]["prompt"]["init_text"] is None
+    assert shown["task"]["distilled_from"]["context_sha256"] == hashlib.sha256(secret.encode()).hexdigest()
+    assert shown["task"]["distilled_from"]["context_tokens"] == len(secret.split())
+    # it still loads and serves; the run's own config.yaml (local, to rerun it) keeps the context
+    assert main(["generate", "--model", str(tmp / "llama"), "--store", str(tmp / "store"), "--task", "sys",
+                 "--input", "the movie", "--max-new-tokens", "2"]) == 0
+    assert secret in (tmp / "run" / "config.yaml").read_text().replace("\n    ", " ")

@@ -252,7 +252,8 @@ def distill_and_save(args: dict, distill: DistillArgs, store: str | None = None,
     out.mkdir(parents=True, exist_ok=True)
     train_texts, held_texts = split_held_out(texts, distill.held_out, distill.data_seed)
     print(f"context: {teacher.num_tokens} tokens; inputs: {source}; {len(held_texts)} held out")
-    if args["prompt"].init_text is None:  # text init: the prompt starts as the context's first P tokens
+    derived = args["prompt"].init_text is None
+    if derived:  # text init: the prompt starts as the context's first P tokens
         first = tok(context, add_special_tokens=False)["input_ids"][:args["prompt"].num_virtual_tokens or None]
         args["prompt"].init_text = tok.decode(first).strip() or context
     (out / "config.yaml").write_text(to_yaml({**args, "distill": distill}))
@@ -297,6 +298,15 @@ def distill_and_save(args: dict, distill: DistillArgs, store: str | None = None,
                                  "context_sha256": hashlib.sha256(context.encode("utf-8")).hexdigest(),
                                  "inputs": source, "temperature": temp}}
     train_cfg = {k: dataclasses.asdict(v) for k, v in {**args, "distill": distill}.items()}
+    # the context's text stays out of the prompt, which is shared and stored (a confidential system prompt shipped
+    # inside it, and `store show` printed it): the task record has its token count and sha256. Nor the init text
+    # derived from it (its first P tokens)
+    train_cfg["distill"]["context"] = None
+    if derived:
+        train_cfg["prompt"]["init_text"] = None
+    if derived and hasattr(method.config, "init_text"):  # nor in the method's config, which needs a text there
+        method.config = dataclasses.replace(method.config,
+                                            init_text=f"(the distilled context's first {p} tokens: not recorded)")
     save_prompt(out / "prompt", method, model, task=record, train_config=train_cfg, metrics=report, overwrite=True)
     (out / "distill.json").write_text(json.dumps(report, indent=2))
     print(format_distill_report(report))
