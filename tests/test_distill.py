@@ -362,3 +362,31 @@ def test_the_context_text_stays_out_of_the_saved_and_stored_prompt(tiny_dirs, ca
     assert main(["generate", "--model", str(tmp / "llama"), "--store", str(tmp / "store"), "--task", "sys",
                  "--input", "the movie", "--max-new-tokens", "2"]) == 0
     assert secret in (tmp / "run" / "config.yaml").read_text().replace("\n    ", " ")
+
+
+def test_a_refused_resume_or_a_refused_method_leaves_the_runs_config_yaml(tiny_dirs, capsys, monkeypatch):
+    """config.yaml was written before the method was built and before train() checked the checkpoint: a refused
+    --resume (another temperature) or --init class_labels (refused once the model had loaded) overwrote the
+    interrupted run's settings with the refused ones."""
+    from softprompt.workflows import distilling
+
+    tmp = tiny_dirs
+    argv = ("--inputs-file", str(tmp / "inputs.txt"), "--max-steps", "2")
+    assert run_distill(tmp, *argv) == 0
+    config = tmp / "run" / "config.yaml"
+    first = config.read_text()
+    assert run_distill(tmp, *argv, "--resume", "--distill-temperature", "2") == 2
+    assert "--distill-temperature 1.0 there, 2.0 now" in capsys.readouterr().err
+    assert config.read_text() == first
+    # refused before the model loads, the folder untouched
+    real = distilling.load_model_from_args
+    monkeypatch.setattr(distilling, "load_model_from_args", lambda *a: pytest.fail("the model was loaded"))
+    assert run_distill(tmp, *argv, "--init", "class_labels", "--lr", "0.5") == 2
+    assert "--init class_labels starts the prompt from the labels' tokens" in capsys.readouterr().err
+    assert run_distill(tmp, *argv, "--method", "prefix_tuning", "--init", "sample_vocab") == 2
+    assert "--method prefix_tuning: prefix_tuning config: --init must be one of" in capsys.readouterr().err
+    assert config.read_text() == first
+    # a resume that runs rewrites it once it is over: its own settings
+    monkeypatch.setattr(distilling, "load_model_from_args", real)
+    assert run_distill(tmp, "--inputs-file", str(tmp / "inputs.txt"), "--max-steps", "4", "--resume") == 0
+    assert "max_steps: 4" in config.read_text() and "resume: true" in config.read_text()

@@ -208,6 +208,24 @@ def sampled_texts(tok, samples: list[list[int]], end_ids) -> list[str]:
     return out
 
 
+def method_problems(args: dict) -> list[str]:
+    """What makes the method settings unusable for a distillation, found without the model: the method's config
+    (validated as it will be built), ``--init class_labels`` (a distilled prompt has no labels), a prefix method
+    with ``--gradient-checkpointing``. They stopped a run after the model loaded, its config.yaml overwritten."""
+    prompt, problems = args["prompt"], []
+    keep_problems(problems, args["train"].gradient_checkpointing and methods.checkpointing_problem(prompt.method))
+    if prompt.init == "class_labels":
+        problems.append("--init class_labels starts the prompt from the labels' tokens, and a distilled prompt has "
+                        "no labels: use --init text (the default: the context's first P tokens), random or "
+                        "sample_vocab")
+    else:
+        try:
+            prompt.method_config(args["train"].seed)
+        except ConfigError as e:
+            problems.append(str(e))
+    return problems
+
+
 def distill_and_save(args: dict, distill: DistillArgs, store: str | None = None,
                      store_task: str | None = None) -> dict:
     """Distill the context into a prompt, report against the teacher on held-out inputs, save it.
@@ -222,13 +240,13 @@ def distill_and_save(args: dict, distill: DistillArgs, store: str | None = None,
         The report written to ``distill.json``.
 
     Raises:
-        ConfigError: the model is not a decoder-only LM, the method does not fit it, or the context or the
-            prompt with the inputs does not fit its context length (checked before anything is written).
+        ConfigError: the method settings are unusable (:func:`method_problems`, before the model loads), the
+            model is not a decoder-only LM, the method does not fit it, or the context or the prompt with the
+            inputs does not fit its context length (checked before anything is written; a refused resume leaves
+            the run's config.yaml as it was).
         DataError: unreadable context or inputs, too few inputs.
     """
-    problem = args["train"].gradient_checkpointing and methods.checkpointing_problem(args["prompt"].method)
-    if problem:  # before the model loads
-        raise ConfigError(f"invalid arguments:\n  {problem}")
+    raise_problems(method_problems(args))  # before the model loads
     context = distill.context_text()
     if not context.strip():
         raise DataError("the context is empty")
@@ -248,15 +266,12 @@ def distill_and_save(args: dict, distill: DistillArgs, store: str | None = None,
         raise_problems(context_fit_problems(model, tok, context, args, distill, texts))  # as sampled
     else:
         source = f"{len(texts)} inputs from {distill.inputs_file}"
-    out = Path(args["train"].output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     train_texts, held_texts = split_held_out(texts, distill.held_out, distill.data_seed)
     print(f"context: {teacher.num_tokens} tokens; inputs: {source}; {len(held_texts)} held out")
     derived = args["prompt"].init_text is None
     if derived:  # text init: the prompt starts as the context's first P tokens
         first = tok(context, add_special_tokens=False)["input_ids"][:args["prompt"].num_virtual_tokens or None]
         args["prompt"].init_text = tok.decode(first).strip() or context
-    (out / "config.yaml").write_text(to_yaml({**args, "distill": distill}))
     try:
         method = methods.build_method(args["prompt"].method, args["prompt"].method_config(args["train"].seed),
                                       model, tok)
@@ -268,6 +283,13 @@ def distill_and_save(args: dict, distill: DistillArgs, store: str | None = None,
     if not held:
         raise DataError("the held-out inputs have no text to compare on (each needs at least 2 tokens)")
     held_ids = [e.input_ids for e in held]
+    out = Path(args["train"].output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    # as train's: a resume rewrites config.yaml once its run is over, so that a refused one (other settings, a
+    # damaged checkpoint) leaves the interrupted run's own settings there
+    resuming = args["train"].resume and (out / "checkpoint" / "state.json").exists()
+    if not resuming:
+        (out / "config.yaml").write_text(to_yaml({**args, "distill": distill}))
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
 
     def measure(prompt) -> dict:
@@ -285,6 +307,8 @@ def distill_and_save(args: dict, distill: DistillArgs, store: str | None = None,
                    loss_fn=lambda m, batch, prompt: distill_loss(m, teacher, batch, prompt, temp),
                    resume_key={"distill_context_sha256": hashlib.sha256(context.encode("utf-8")).hexdigest(),
                                "distill_temperature": temp}, outputs=("prompt", "distill.json"))
+    if resuming:
+        (out / "config.yaml").write_text(to_yaml({**args, "distill": distill}))
     method.eval()
     with torch.no_grad():
         rows["distilled soft prompt"] = measure(family.inference_prompt(model, method()))
