@@ -390,3 +390,32 @@ def test_a_refused_resume_or_a_refused_method_leaves_the_runs_config_yaml(tiny_d
     monkeypatch.setattr(distilling, "load_model_from_args", real)
     assert run_distill(tmp, "--inputs-file", str(tmp / "inputs.txt"), "--max-steps", "4", "--resume") == 0
     assert "max_steps: 4" in config.read_text() and "resume: true" in config.read_text()
+
+
+def test_a_rerun_of_config_yaml_derives_the_init_text_from_its_own_context(tiny_dirs, capsys, monkeypatch):
+    """The init text derived from the context (its first P tokens) was written into config.yaml and read back
+    as a user's --init-text: a rerun with another context or P started from the old context's words."""
+    from softprompt import methods
+
+    tmp = tiny_dirs
+    real, used = methods.build_method, []
+
+    def build(name, cfg, *a, **kw):
+        used.append(cfg.get("init_text"))
+        return real(name, cfg, *a, **kw)
+
+    monkeypatch.setattr(methods, "build_method", build)
+    assert run_distill(tmp, "--inputs-file", str(tmp / "inputs.txt"), "--max-steps", "1", "--init", "text",
+                       "--output-dir", str(tmp / "a")) == 0
+    assert used[-1] == "Review : the movie"
+    assert "init_text: null" in (tmp / "a" / "config.yaml").read_text()
+    (tmp / "ctx.txt").write_text("Sentiment : the plot is not bad . " + CONTEXT + "\n")  # the context changed
+    assert main(["distill", "--config", str(tmp / "a" / "config.yaml"), "--output-dir", str(tmp / "b")]) == 0
+    assert used[-1] == "Sentiment : the plot"
+    assert main(["distill", "--config", str(tmp / "a" / "config.yaml"), "--output-dir", str(tmp / "c"),
+                 "--num-virtual-tokens", "2"]) == 0
+    assert used[-1] == "Sentiment :"
+    # a text the user gave is theirs: recorded and reused as given
+    assert main(["distill", "--config", str(tmp / "a" / "config.yaml"), "--output-dir", str(tmp / "d"),
+                 "--init-text", "a movie"]) == 0
+    assert used[-1] == "a movie" and "init_text: a movie" in (tmp / "d" / "config.yaml").read_text()

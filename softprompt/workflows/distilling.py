@@ -268,13 +268,14 @@ def distill_and_save(args: dict, distill: DistillArgs, store: str | None = None,
         source = f"{len(texts)} inputs from {distill.inputs_file}"
     train_texts, held_texts = split_held_out(texts, distill.held_out, distill.data_seed)
     print(f"context: {teacher.num_tokens} tokens; inputs: {source}; {len(held_texts)} held out")
-    derived = args["prompt"].init_text is None
-    if derived:  # text init: the prompt starts as the context's first P tokens
-        first = tok(context, add_special_tokens=False)["input_ids"][:args["prompt"].num_virtual_tokens or None]
-        args["prompt"].init_text = tok.decode(first).strip() or context
+    prompt_args, derived = args["prompt"], args["prompt"].init_text is None and args["prompt"].init == "text"
+    if derived:  # text init: the prompt starts as the context's first P tokens. Not in args: config.yaml records
+        # init_text null, and a rerun derives it from its own context and P (the text read back as --init-text
+        # started a rerun with another context or P from the old context's words)
+        first = tok(context, add_special_tokens=False)["input_ids"][:prompt_args.num_virtual_tokens or None]
+        prompt_args = dataclasses.replace(prompt_args, init_text=tok.decode(first).strip() or context)
     try:
-        method = methods.build_method(args["prompt"].method, args["prompt"].method_config(args["train"].seed),
-                                      model, tok)
+        method = methods.build_method(prompt_args.method, prompt_args.method_config(args["train"].seed), model, tok)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     p = method.config.num_virtual_tokens
@@ -323,11 +324,8 @@ def distill_and_save(args: dict, distill: DistillArgs, store: str | None = None,
                                  "inputs": source, "temperature": temp}}
     train_cfg = {k: dataclasses.asdict(v) for k, v in {**args, "distill": distill}.items()}
     # the context's text stays out of the prompt, which is shared and stored (a confidential system prompt shipped
-    # inside it, and `store show` printed it): the task record has its token count and sha256. Nor the init text
-    # derived from it (its first P tokens)
+    # inside it, and `store show` printed it): the task record has its token count and sha256
     train_cfg["distill"]["context"] = None
-    if derived:
-        train_cfg["prompt"]["init_text"] = None
     if derived and hasattr(method.config, "init_text"):  # nor in the method's config, which needs a text there
         method.config = dataclasses.replace(method.config,
                                             init_text=f"(the distilled context's first {p} tokens: not recorded)")
