@@ -222,8 +222,8 @@ def train(model, tokenizer, method: PromptMethod, task: TaskData, args: TrainArg
             raise DataError(f"{split} split: {e}") from None
     train_enc = encoded["train"]
     if not train_enc:  # every step would do nothing, and the initial prompt would be saved as trained
-        raise DataError("train split: no example is left to train on once encoded (a text corpus or distillation "
-                        "needs inputs of at least 2 tokens)")
+        raise DataError("train split: no example is left to train on once encoded (a text corpus needs documents "
+                        "of at least 2 tokens)")
     per_step = args.batch_size * args.grad_accum
     steps_per_epoch = max(1, len(train_enc) // per_step)
     total = args.max_steps or steps_per_epoch * args.epochs

@@ -16,7 +16,7 @@ from transformers import PreTrainedTokenizerFast
 from softprompt.cli import main
 from softprompt.data import collate, leading_special_ids
 from softprompt.data.tokenize import Encoded
-from softprompt.forward import compute_prompt_kv
+from softprompt.forward import compute_prompt_kv, family_of
 from softprompt.forward.distill import context_teacher, distill_loss, pair_logprobs
 from softprompt.store import PromptStore, load_prompt
 from tests.conftest import WORD_IDS, make_model, make_tokenizer
@@ -61,7 +61,7 @@ def test_cached_context_teacher_equals_the_context_concatenated_into_the_input(m
     model, tok = make_model("llama"), make_tok()
     teacher = context_teacher(model, tok, CONTEXT)
     assert teacher.num_tokens == len(CONTEXT.split())
-    xs = [tok(s, add_special_tokens=False)["input_ids"] for s in INPUTS[:3]]
+    xs = [tok(s, add_special_tokens=False)["input_ids"] for s in [*INPUTS[:3], "movie"]]  # one token: compared too
     batch = collate([Encoded(x, 1) for x in xs], pad_id=0)  # right-padded rows of different lengths
     prompt = torch.randn(3, 32) * 0.5
     with torch.no_grad():
@@ -419,3 +419,37 @@ def test_a_rerun_of_config_yaml_derives_the_init_text_from_its_own_context(tiny_
     assert main(["distill", "--config", str(tmp / "a" / "config.yaml"), "--output-dir", str(tmp / "d"),
                  "--init-text", "a movie"]) == 0
     assert used[-1] == "a movie" and "init_text: a movie" in (tmp / "d" / "config.yaml").read_text()
+
+
+def test_one_token_inputs_are_distilled_and_counted(tiny_dirs, capsys, monkeypatch):
+    """Inputs were encoded as LM windows of >= 2 tokens: a one-token input was dropped in silence while the report
+    counted it (train_inputs 8, 3 used), and a held-out share of one-token inputs stopped the run late. It has
+    positions to compare (after its token, and right after the context with a BOS): kept, and trained on."""
+    from softprompt.workflows import distilling
+
+    tmp = tiny_dirs
+    words = ["movie", "plot", "film", "good", "bad", "great", "awful", "very", "not", "a"]
+    (tmp / "one.txt").write_text("\n".join(words) + "\n")
+    real, trained, measured = distilling.train, [], []
+
+    def counted(model, tok, method, task, *a, **kw):  # the windows train() encodes from the train split
+        trained.append(len(family_of(model).encode_examples(tok, task.examples("train"), task.format, 256)))
+        return real(model, tok, method, task, *a, **kw)
+
+    real_kl = distilling.held_out_kl
+    monkeypatch.setattr(distilling, "train", counted)
+    monkeypatch.setattr(distilling, "held_out_kl", lambda m, t, enc, *a, **kw: measured.append(len(enc))
+                        or real_kl(m, t, enc, *a, **kw))
+    assert run_distill(tmp, "--inputs-file", str(tmp / "one.txt"), "--max-steps", "2") == 0
+    report = json.loads((tmp / "run" / "distill.json").read_text())
+    assert report["train_inputs"] == 7 and report["held_out_inputs"] == 3 and report["inputs_without_tokens"] == 0
+    assert trained == [7] and measured == [3, 3, 3]  # every input, in training and in the report
+    assert report["held_out"]["distilled soft prompt"]["kl"] > 0
+
+    # an input with no token at all has nothing to compare: left out and counted, not dropped in silence
+    from softprompt.workflows.distilling import with_tokens
+
+    def tok(texts, add_special_tokens=False):
+        return {"input_ids": [[] if t == "\u200b" else [5] for t in texts]}
+
+    assert with_tokens(tok, ["a", "\u200b", "b"]) == (["a", "b"], ["\u200b"])

@@ -504,7 +504,7 @@ def test_the_k_shot_row_is_named_for_the_shots_it_holds(tokenizer):
 
 
 def test_a_train_split_that_encodes_to_nothing_is_refused_not_trained_as_no_op(tmp_path, tokenizer):
-    """One-token documents (or distillation inputs) make no LM window: every step did nothing, the run ended
+    """One-token documents make no LM window: every step did nothing, the run ended
     normally and its initial prompt was saved as trained."""
     from softprompt.data import DataError, Example
     from softprompt.data.corpus import CorpusFormat

@@ -82,12 +82,15 @@ class CorpusFormat(TaskFormat):
     Attributes:
         text_field: the record field the documents came from (``None``: a plain-text file or built-in).
         note: how the splits were made (printed by ``train``, logged by ``eval``).
+        min_tokens: the fewest tokens a window keeps (:func:`encode_corpus`): 2 for the LM objective (a context
+            token and a target); 1 for distillation, which compares the teacher and the student after one token.
     """
 
     template: str = ""
     target_field: str = ""
     text_field: str | None = None
     note: str = ""
+    min_tokens: int = 2
     objective: ClassVar[str] = LM_OBJECTIVE
 
     def __post_init__(self) -> None:  # nothing is rendered from a template: nothing to check
@@ -187,16 +190,20 @@ def held_out_split(docs: list[str], splits: tuple[str, ...], seed: int) -> dict[
     return out
 
 
-def encode_corpus(tokenizer, documents: list[str], max_length: int) -> list[Encoded]:
+def encode_corpus(tokenizer, documents: list[str], max_length: int, min_tokens: int = 2) -> list[Encoded]:
     """Tokenise documents into overlapping chunks whose every token after the first is a target.
 
     Args:
         tokenizer: a Hugging Face tokenizer.
         documents: the texts (one document each); no special tokens are added.
         max_length: tokens per chunk (the last chunk of a document may be shorter).
+        min_tokens: the fewest tokens a chunk keeps: only a document shorter than 2 tokens makes a shorter one.
+            2 (the LM objective: a document of one token has no target); 1 (distillation: a one-token input
+            still has positions to compare).
 
     Returns:
-        The chunks in document order, each with ``target_start == 1``; a document of one token has none.
+        The chunks in document order, each with ``target_start == 1``; a document with fewer than
+        ``min_tokens`` tokens has none.
 
     Raises:
         DataError: ``max_length`` below 2 (a chunk needs a context token and a target).
@@ -210,7 +217,7 @@ def encode_corpus(tokenizer, documents: list[str], max_length: int) -> list[Enco
     for ids in tokenizer(documents, add_special_tokens=False)["input_ids"]:
         for start in range(0, max(len(ids) - 1, 1), stride):
             piece = list(ids[start:start + max_length])
-            if len(piece) >= 2:
+            if len(piece) >= min_tokens:
                 out.append(Encoded(input_ids=piece, target_start=1))
     return out
 

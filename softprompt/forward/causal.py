@@ -353,7 +353,7 @@ class CausalLM(Family):
 
     def encode_examples(self, tokenizer, examples, fmt, max_length, bos=True):
         if fmt.objective == "lm":  # plain text: each example's target is one document, cut into chunks
-            return encode_corpus(tokenizer, [ex.target for ex in examples], max_length)
+            return encode_corpus(tokenizer, [ex.target for ex in examples], max_length, fmt.min_tokens)
         if is_chat(fmt):  # conversations: the chat template's tokens (its own BOS), targets on assistant turns
             return encode_chat(tokenizer, examples, fmt, max_length)
         return encode(tokenizer, examples, max_length=max_length, append_eos=not fmt.is_classification,

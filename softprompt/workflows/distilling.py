@@ -192,6 +192,13 @@ def context_fit_problems(model, tok, context: str, args: dict, distill: DistillA
     return problems
 
 
+def with_tokens(tok, texts: list[str]) -> tuple[list[str], list[str]]:
+    """``(kept, left_out)``: the inputs with at least one token, and those without (nothing to compare on; a
+    one-token input has positions to compare, after its token). Both keep their order."""
+    ids = tok(texts, add_special_tokens=False)["input_ids"] if texts else []
+    return [t for t, i in zip(texts, ids, strict=True) if i], [t for t, i in zip(texts, ids, strict=True) if not i]
+
+
 def sampled_texts(tok, samples: list[list[int]], end_ids) -> list[str]:
     """Sampled continuations as input texts that tokenize back to what the model wrote: each cut at its first
     end id (the model ended its text there: what followed was another text glued on), decoded with its other
@@ -266,8 +273,14 @@ def distill_and_save(args: dict, distill: DistillArgs, store: str | None = None,
         raise_problems(context_fit_problems(model, tok, context, args, distill, texts))  # as sampled
     else:
         source = f"{len(texts)} inputs from {distill.inputs_file}"
-    train_texts, held_texts = split_held_out(texts, distill.held_out, distill.data_seed)
-    print(f"context: {teacher.num_tokens} tokens; inputs: {source}; {len(held_texts)} held out")
+    texts, tokenless = with_tokens(tok, texts)
+    try:
+        train_texts, held_texts = split_held_out(texts, distill.held_out, distill.data_seed)
+    except DataError as e:
+        raise DataError(f"{e}" + (f" ({len(tokenless)} more have no token, e.g. {tokenless[0]!r})" if tokenless
+                                  else "")) from None
+    print(f"context: {teacher.num_tokens} tokens; inputs: {source}; {len(held_texts)} held out"
+          + (f"; {len(tokenless)} without a token left out (first: {tokenless[0]!r})" if tokenless else ""))
     prompt_args, derived = args["prompt"], args["prompt"].init_text is None and args["prompt"].init == "text"
     if derived:  # text init: the prompt starts as the context's first P tokens. Not in args: config.yaml records
         # init_text null, and a rerun derives it from its own context and P (the text read back as --init-text
@@ -279,10 +292,8 @@ def distill_and_save(args: dict, distill: DistillArgs, store: str | None = None,
     except ValueError as e:
         raise ConfigError(str(e)) from None
     p = method.config.num_virtual_tokens
-    fmt = CorpusFormat(note=source)
-    held = encode_corpus(tok, held_texts, distill.max_length)
-    if not held:
-        raise DataError("the held-out inputs have no text to compare on (each needs at least 2 tokens)")
+    fmt = CorpusFormat(note=source, min_tokens=1)  # a one-token input: compared after its token (and the context)
+    held = encode_corpus(tok, held_texts, distill.max_length, fmt.min_tokens)
     held_ids = [e.input_ids for e in held]
     out = Path(args["train"].output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -315,8 +326,9 @@ def distill_and_save(args: dict, distill: DistillArgs, store: str | None = None,
         rows["distilled soft prompt"] = measure(family.inference_prompt(model, method()))
     report = {"context_tokens": teacher.num_tokens, "num_virtual_tokens": p,
               "tokens_saved_per_request": teacher.num_tokens - p, "inputs": source, "train_inputs": len(train_texts),
-              "held_out_inputs": len(held_texts), "max_new_tokens": distill.max_new_tokens, "steps": result.steps,
-              "diverged": result.diverged, "held_out": rows}
+              "held_out_inputs": len(held_texts), "inputs_without_tokens": len(tokenless),
+              "max_new_tokens": distill.max_new_tokens, "steps": result.steps, "diverged": result.diverged,
+              "held_out": rows}
     record = {"template": None, "target_field": None, "verbalizer": None, "target_prefix": None,
               "objective": "distill",
               "distilled_from": {"context_tokens": teacher.num_tokens,
