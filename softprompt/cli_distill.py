@@ -16,7 +16,7 @@ def cmd_distill(ns: argparse.Namespace, resolve: Callable) -> int:
     """Distill the context into a prompt, report it against the teacher, save it; 1 if training diverged."""
     from softprompt.workflows.distilling import DistillArgs
 
-    problems = store_task_problems(ns.store, ns.task)
+    problems = store_task_problems(ns.store, ns.task, labelled=False)  # a distilled prompt has no labels
     values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(DistillArgs) if getattr(ns, f.name) is not None}
     # the distill section of --config (the config.yaml a run writes has one) under the flags
     config = load_yaml(ns.config, ("distill",)) if ns.config else {}

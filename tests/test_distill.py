@@ -453,3 +453,31 @@ def test_one_token_inputs_are_distilled_and_counted(tiny_dirs, capsys, monkeypat
         return {"input_ids": [[] if t == "\u200b" else [5] for t in texts]}
 
     assert with_tokens(tok, ["a", "\u200b", "b"]) == (["a", "b"], ["\u200b"])
+
+
+def test_an_ensemble_member_as_the_store_task_is_refused_before_the_model_loads(tiny_dirs, capsys, monkeypatch):
+    """--store S --task M, M a member of an ensemble of S: the distilled prompt (no labels) could not replace it,
+    and that was found only when it was stored, after training."""
+    from softprompt.methods import build_method
+    from softprompt.workflows import distilling
+
+    tmp = tiny_dirs
+    model, tok = make_model("llama"), make_tokenizer()
+    store = PromptStore(tmp / "store", create=True)
+    task = {"template": "Review : {text} Sentiment :", "target_field": "label",
+            "verbalizer": {"positive": "good", "negative": "bad"}}
+    for name in ("m1", "m2", "free"):
+        store.save(name, build_method("prompt_tuning", {"num_virtual_tokens": 2, "init": "random"}, model, tok),
+                   model, task=task)
+    store.add_ensemble("ens", ["m1", "m2"])
+    real = distilling.load_model_from_args
+    monkeypatch.setattr(distilling, "load_model_from_args", lambda *a: pytest.fail("the model was loaded"))
+    argv = ("--inputs-file", str(tmp / "inputs.txt"), "--max-steps", "1", "--store", str(tmp / "store"))
+    assert run_distill(tmp, *argv, "--task", "m1") == 2
+    err = capsys.readouterr().err
+    assert "--task m1: entry 'm1' is a member of ensemble(s) 'ens', which combine classification prompts" in err
+    assert not (tmp / "run").exists() and store.ensemble("ens").members == ["m1", "m2"]
+    # a prompt no ensemble lists is replaced, as before
+    monkeypatch.setattr(distilling, "load_model_from_args", real)
+    assert run_distill(tmp, *argv, "--task", "free") == 0
+    assert store.show("free")["task"]["objective"] == "distill"

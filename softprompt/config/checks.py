@@ -76,9 +76,10 @@ def check_file_to_write(name: str, path: str | os.PathLike) -> str | None:
     return check_folder_to_create(name, p)  # the same checks of the folders above it
 
 
-def store_task_problems(store: str | None, task: str | None) -> list[str]:
+def store_task_problems(store: str | None, task: str | None, labelled: bool = True) -> list[str]:
     """The problems with a ``--store DIR --task NAME`` pair: both or neither, a folder that can be created,
-    a task name that is safe as a folder name."""
+    a task name that is safe as a folder name, an entry the prompt can replace (``labelled`` false: a prompt
+    without labels, which no ensemble member can be; see :func:`~softprompt.store.prompt_entry_problem`)."""
     problems = []
     if bool(store) != bool(task):
         problems.append("--store and --task go together: --store DIR --task NAME")
@@ -92,7 +93,7 @@ def store_task_problems(store: str | None, task: str | None) -> list[str]:
         except StoreError as e:
             problems.append(str(e))
         if store and not problems:  # what would make storing the prompt fail once the run is over
-            keep_problems(problems, prompt_entry_problem(store, task))
+            keep_problems(problems, prompt_entry_problem(store, task, labelled))
     return problems
 
 

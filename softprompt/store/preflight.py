@@ -12,12 +12,15 @@ from softprompt.store.format import replaceable_folder
 from softprompt.store.prompt_store import STORE_FILE, PromptStore
 
 
-def prompt_entry_problem(root: str | os.PathLike, name: str) -> str | None:
+def prompt_entry_problem(root: str | os.PathLike, name: str, labelled: bool = True) -> str | None:
     """Why a run could not store its prompt as entry ``name`` of store ``root`` (replacing a prompt of that
     name): ``root`` is a folder with files that is not a store (or has a damaged marker), or ``name`` is an
     ensemble, a file, or a folder that is not a stored prompt. ``None`` when fine: a missing or empty folder
     becomes a store. (Whether a replaced member keeps its ensembles' labels needs the task's data: checked
-    when the prompt is stored.)"""
+    when the prompt is stored.)
+
+    ``labelled`` false: the run's prompt has no labels whatever its data (``distill``'s), so an entry that is a
+    member of an ensemble (which combines classification prompts) is refused too, before any work."""
     folder = Path(root).expanduser()
     if not folder.is_dir() or not any(folder.iterdir()):
         return None
@@ -39,4 +42,9 @@ def prompt_entry_problem(root: str | os.PathLike, name: str) -> str | None:
                 "(softprompt store remove) or choose another --task")
     if not replaceable_folder(entry):
         return f"{where}: {entry} is a folder that is not a stored prompt; the run would not replace it"
+    users = [] if labelled else store.ensembles_with(name)
+    if users:
+        return (f"{where}: entry {name!r} is a member of ensemble(s) {', '.join(map(repr, users))}, which combine "
+                "classification prompts, and this run's prompt has no labels; choose another --task, or remove "
+                "those ensembles first (softprompt store remove)")
     return None
