@@ -152,7 +152,7 @@ def cmd_generate(ns: argparse.Namespace) -> int:
     args = _resolve(ns, ["model"], problems + generate_flag_problems(ns.max_new_tokens or 1, ns.temperature,
                                                                      ns.top_k, ns.top_p, ns.seed))
     from softprompt.data.chat import conversation_prompt, read_conversations
-    from softprompt.engine import GenerateRequest
+    from softprompt.engine import GenerateRequest, require_chat_layout
     from softprompt.workflows import engine_for, load_model_from_args
     from softprompt.workflows.generation import answer_budget, input_values, output_row
 
@@ -163,6 +163,7 @@ def cmd_generate(ns: argparse.Namespace) -> int:
     fmt = engine.task(task).formats[0]
     if conversations:  # rendered with the task's chat format, or (no format: the base model, a PEFT folder) the
         # tokenizer's chat template, whose end of turn then ends the reply too (chat), as the server's chat route
+        require_chat_layout(engine.task(task))  # a distilled prompt never learned one: exit 2, as the server's 400
         texts, raw, stop = [conversation_prompt(tok, fmt, c) for c in conversations], True, ns.stop or ""
     else:
         texts, raw, stop = input_values(engine, task, ns.input, ns.raw), ns.raw, "\n" if ns.stop is None else ns.stop

@@ -481,3 +481,71 @@ def test_an_ensemble_member_as_the_store_task_is_refused_before_the_model_loads(
     monkeypatch.setattr(distilling, "load_model_from_args", real)
     assert run_distill(tmp, *argv, "--task", "free") == 0
     assert store.show("free")["task"]["objective"] == "distill"
+
+
+def test_a_prompt_as_long_as_the_context_is_refused(tiny_dirs, capsys):
+    """--num-virtual-tokens at or above the context's tokens trained and saved a prompt that reported
+    "tokens saved per request: -8", exit 0: it saves nothing, and the context itself is the exact teacher."""
+    tmp = tiny_dirs
+    for p in ("23", "31"):  # the context has 23 tokens
+        assert run_distill(tmp, "--inputs-file", str(tmp / "inputs.txt"), "--num-virtual-tokens", p) == 2
+        err = capsys.readouterr().err
+        assert f"--num-virtual-tokens {p} >= the context's 23 tokens: the prompt would save {23 - int(p)} tokens" in err
+        assert "give --num-virtual-tokens below 23" in err and not (tmp / "run").exists()
+
+
+DISTILLED = {"template": None, "target_field": None, "verbalizer": None, "target_prefix": None,
+             "objective": "distill", "distilled_from": {"context_tokens": 23, "context_sha256": "0" * 64,
+                                                        "inputs": "14 inputs from inputs.txt", "temperature": 1.0}}
+
+
+def distilled_store(root):
+    from softprompt.methods import build_method
+
+    model, tok = make_model("llama"), make_tokenizer()
+    store = PromptStore(root, create=True)
+    store.save("d", build_method("prompt_tuning", {"num_virtual_tokens": 4, "init": "random"}, model, tok), model,
+               task=DISTILLED)
+    store.save("plain", build_method("prompt_tuning", {"num_virtual_tokens": 4, "init": "random"}, model, tok),
+               model, task=None)
+    return model, tok, store
+
+
+def test_generate_messages_on_a_distilled_prompt_is_refused(tiny_dirs, capsys):
+    """A distilled prompt learned raw text right after its context: generate --messages rendered a chat template's
+    turns after it, a layout it never saw, and answered as if it were a chat system prompt."""
+    from tests.test_chat import TEMPLATE
+
+    tmp = tiny_dirs
+    tok = make_tokenizer()
+    tok.chat_template = TEMPLATE  # a chat model's tokenizer
+    tok.save_pretrained(tmp / "llama")
+    distilled_store(tmp / "store")
+    argv = ["generate", "--model", str(tmp / "llama"), "--store", str(tmp / "store"), "--max-new-tokens", "2"]
+    messages = json.dumps([{"role": "user", "content": "the movie was great"}])
+    assert main([*argv, "--task", "d", "--messages", messages]) == 2
+    err = capsys.readouterr().err
+    assert "softprompt generate: error: task 'd' was distilled from a context (softprompt distill)" in err
+    assert "no chat system prompt" in err
+    assert main([*argv, "--task", "d", "--input", "the movie"]) == 0  # plain text, as it trained
+    assert main([*argv, "--task", "plain", "--messages", messages]) == 0  # other prompts: as before
+
+
+def test_the_servers_chat_route_refuses_a_distilled_prompt(tmp_path):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from softprompt.engine import Engine
+    from softprompt.server import Scheduler, ServerState, create_app
+
+    model, tok, store = distilled_store(tmp_path / "store")
+    engine = Engine.from_store(store, model, tok)
+    body = {"messages": [{"role": "user", "content": "the movie was great"}], "max_tokens": 2}
+    with TestClient(create_app(ServerState(engine, Scheduler(engine)))) as client:
+        r = client.post("/v1/chat/completions", json={"model": "d", **body})
+        assert r.status_code == 400, r.text
+        assert "task 'd' was distilled from a context" in r.json()["error"]["message"]
+        assert client.post("/v1/chat/completions", json={"model": "d", **body, "stream": True}).status_code == 400
+        assert client.post("/v1/completions", json={"model": "d", "prompt": "the movie", "max_tokens": 2}
+                           ).status_code == 200
+        assert client.post("/v1/chat/completions", json={"model": "plain", **body}).status_code == 200

@@ -5,6 +5,7 @@ from softprompt.engine.engine import Engine, Task, task_format
 from softprompt.engine.prompt_table import PromptTable
 from softprompt.engine.requests import (
     MAX_TOP_LOGPROBS,
+    ChatLayoutError,
     ClassifyRequest,
     ClassifyResult,
     EngineError,
@@ -16,10 +17,12 @@ from softprompt.engine.requests import (
     TooLongError,
     UnknownTaskError,
 )
+from softprompt.engine.turns import require_chat_layout
 from softprompt.forward import TokenLogprob
 
 __all__ = [
     "MAX_TOP_LOGPROBS",
+    "ChatLayoutError",
     "ClassifyRequest",
     "ClassifyResult",
     "Engine",
@@ -37,5 +40,6 @@ __all__ = [
     "TooLongError",
     "UnknownTaskError",
     "mixed_batches",
+    "require_chat_layout",
     "task_format",
 ]

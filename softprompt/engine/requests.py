@@ -26,6 +26,11 @@ class TooLongError(EngineError):
     """A request has more tokens than the engine accepts (HTTP 400)."""
 
 
+class ChatLayoutError(EngineError):
+    """A chat conversation for a task whose prompt never learned a chat layout (HTTP 400; ``generate
+    --messages``: exit 2): see :func:`~softprompt.engine.turns.require_chat_layout`."""
+
+
 Input = str | dict[str, str]
 
 

@@ -6,6 +6,24 @@ into invented turns. Worked out once per chat template."""
 from __future__ import annotations
 
 from softprompt.data import TaskFormat, is_chat, turn_end_ids, turn_end_text
+from softprompt.engine.requests import ChatLayoutError
+
+
+def require_chat_layout(task) -> None:
+    """Refuse a chat conversation for ``task`` (a served :class:`~softprompt.engine.Task`) when its prompt never
+    learned one: a prompt distilled from a context (``softprompt distill``) learned raw text right after it
+    (``[prompt, BOS, text]``), and a chat template's turns after it are a layout it never saw. The one check of
+    ``generate --messages`` and the server's chat route.
+
+    Raises:
+        ChatLayoutError: the task's prompt was distilled from a context.
+    """
+    record = (task.meta or {}).get("task")
+    if isinstance(record, dict) and record.get("objective") == "distill":
+        raise ChatLayoutError(
+            f"task {task.name!r} was distilled from a context (softprompt distill): its prompt learned plain text "
+            "right after that context, never a chat template's turns, so it is no chat system prompt; send the "
+            "text as plain input (generate --input, POST /v1/completions)")
 
 
 class TurnEnds:

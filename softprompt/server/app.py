@@ -20,7 +20,7 @@ from fastapi.responses import PlainTextResponse, StreamingResponse
 
 from softprompt.data import DataError, is_chat
 from softprompt.data.chat import conversation_prompt, render_chat
-from softprompt.engine import ClassifyRequest, GenerateRequest, ScoreRequest, UnknownTaskError
+from softprompt.engine import ClassifyRequest, GenerateRequest, ScoreRequest, UnknownTaskError, require_chat_layout
 from softprompt.server import errors, logprobs
 from softprompt.server.metrics import Metrics
 from softprompt.server.scheduler import Scheduler
@@ -199,7 +199,9 @@ def create_app(state: ServerState) -> FastAPI:
     async def chat(body: ChatCompletionRequest, request: Request):
         t0 = time.perf_counter()
         check_chars(["".join(m.text() + (m.name or "") for m in body.messages)], "messages")
-        fmt = state.engine.task(body.model).formats[0]  # unknown task -> 404 before anything else
+        task = state.engine.task(body.model)  # unknown task -> 404 before anything else
+        require_chat_layout(task)  # a distilled prompt never learned a chat layout -> 400
+        fmt = task.formats[0]
         text, raw, turn = await asyncio.to_thread(chat_input, body, fmt)  # a chat template can be slow
         req = GenerateRequest(body.model, text, raw=raw, logprobs=body.top_count(), chat=turn,
                               **sampling(body, body.max_completion_tokens or body.max_tokens, chat=True))

@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 from starlette.routing import Match
 
-from softprompt.engine import EngineError, RequestError, TooLongError, UnknownTaskError
+from softprompt.engine import ChatLayoutError, EngineError, RequestError, TooLongError, UnknownTaskError
 from softprompt.server.scheduler import QueueFullError
 from softprompt.store import StoreError
 
@@ -46,6 +46,7 @@ class ClientGone(Exception):
 STATUS: list[tuple[type[BaseException], int, str]] = [
     (UnknownTaskError, 404, "not_found_error"),
     (TooLongError, 400, "invalid_request_error"),
+    (ChatLayoutError, 400, "invalid_request_error"),
     (LimitError, 400, "invalid_request_error"),
     (RequestError, 422, "invalid_request_error"),
     (QueueFullError, 429, "rate_limit_error"),

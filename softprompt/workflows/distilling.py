@@ -265,6 +265,12 @@ def distill_and_save(args: dict, distill: DistillArgs, store: str | None = None,
                           f"as cached keys/values); --model {args['model'].model} is loaded as {family.description}")
     raise_problems(context_fit_problems(model, tok, context, args, distill, texts))
     teacher = context_teacher(model, tok, context)
+    p_asked = args["prompt"].num_virtual_tokens
+    if p_asked is not None and p_asked >= teacher.num_tokens:  # saved and reported "tokens saved: -8", exit 0
+        raise ConfigError(f"invalid arguments:\n  --num-virtual-tokens {p_asked} >= the context's {teacher.num_tokens} "
+                          f"tokens: the prompt would save {teacher.num_tokens - p_asked} tokens per request, and the "
+                          "context itself, served as cached keys/values, costs no more and is exact (it is the "
+                          f"teacher); give --num-virtual-tokens below {teacher.num_tokens}")
     if texts is None:  # sampled from the model itself, after the context
         samples = sample_after_context(model, teacher, distill.sample_inputs, distill.sample_length, distill.data_seed)
         texts = sampled_texts(tok, samples, end_token_ids(model, tok))
