@@ -133,24 +133,35 @@ def test_store_round_trip_and_peft_layout(tmp_path, tokenizer):
     assert torch.equal(a, b) and loaded.classifier.num_labels == 2
 
 
-def test_peft_loads_our_export_and_we_load_peft_seq_cls_prompts_with_identical_logits(tmp_path, tokenizer):
+@pytest.mark.parametrize("kind", ENCODERS)
+def test_peft_loads_our_export_and_we_load_peft_seq_cls_prompts_with_identical_logits(tmp_path, tokenizer, kind):
+    """DistilBERT: PEFT trains and saves every module whose name ends with ``classifier`` (its modules_to_save
+    rule), ``pre_classifier`` too. Before, our export lacked it (PeftModel.from_pretrained: KeyError
+    'base_model.pre_classifier.weight') and a PEFT folder holding it was refused (not in a classification head)."""
     peft = pytest.importorskip("peft")
-    model = make_encoder("bert")
+    model = make_encoder(kind)
     method = head_method(model, tokenizer)
+    with_head = {"distilbert": ["pre_classifier.bias", "pre_classifier.weight"]}.get(kind, [])
+    assert [n for n in method.classifier.names if not n.startswith("classifier.")] == with_head
+    for name in with_head:  # trained on from the checkpoint's values, as PEFT's copy of the module is
+        assert torch.equal(method.classifier.tensors[method.classifier.names.index(name)], model.get_parameter(name))
     with torch.no_grad():
         for t in method.classifier.tensors:
             t.normal_(0, 0.5)
     save_prompt(tmp_path / "ours", method, model)
     export_peft(tmp_path / "ours", tmp_path / "peft")
+    exported = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
+    assert {f"base_model.{n}" for n in with_head} <= set(exported)
     ids = torch.tensor([[5, 6, 7, 8], [9, 10, 0, 0]])
     mask = (ids != 0).long()
     with torch.no_grad():
         ours = classifier.class_logits(model, ids, mask, method())
-        pm = peft.PeftModel.from_pretrained(make_encoder("bert"), tmp_path / "peft").eval()
+        pm = peft.PeftModel.from_pretrained(make_encoder(kind), tmp_path / "peft").eval()
         torch.testing.assert_close(pm(input_ids=ids, attention_mask=mask).logits, ours, atol=1e-5, rtol=1e-5)
         # the other way: a prompt + head written by PEFT itself
-        trained = peft.get_peft_model(make_encoder("bert"), peft.PromptTuningConfig(
-            task_type=peft.TaskType.SEQ_CLS, num_virtual_tokens=3))
+        trained = peft.get_peft_model(make_encoder(kind), peft.PromptTuningConfig(
+            task_type=peft.TaskType.SEQ_CLS, num_virtual_tokens=3, token_dim=32, num_attention_heads=2,
+            num_layers=2))
         for p in trained.parameters():
             if p.requires_grad:
                 p.normal_(0, 0.5)

@@ -127,6 +127,30 @@ def test_peft_reads_the_layer_the_checkpoint_lacks_from_our_export(tmp_path):
         torch.testing.assert_close(pm(input_ids=ids).logits, logits(model, method, ids), atol=1e-5, rtol=1e-5)
 
 
+def test_a_peft_prompt_trained_on_a_checkpoint_without_pre_classifier_loads_with_peft_s_own(tmp_path):
+    """PEFT saves DistilBERT's pre_classifier with its classifier (modules_to_save ``classifier`` matches by name
+    ending): such a folder was refused as replacing weights outside the head; it brings the layer the checkpoint
+    lacks, with the logits PEFT gives."""
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForSequenceClassification
+
+    folder = mlm_folder(tmp_path, "distilbert")
+    torch.manual_seed(0)
+    trained = peft.get_peft_model(AutoModelForSequenceClassification.from_pretrained(folder), peft.PromptTuningConfig(
+        task_type="SEQ_CLS", num_virtual_tokens=3, token_dim=32, num_attention_heads=2, num_layers=2))
+    with torch.no_grad():
+        for p in trained.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.5)
+    trained.eval().save_pretrained(tmp_path / "peft")
+    model, tok = load_base_model(folder, "cpu", "float32", task_type="seq_cls")  # its own random pre_classifier
+    ids = torch.tensor([tok("the movie was good")["input_ids"]])
+    with torch.no_grad():
+        expected = trained(input_ids=ids).logits
+    torch.testing.assert_close(logits(model, load_prompt(tmp_path / "peft", model).build_method(), ids), expected,
+                               atol=1e-5, rtol=1e-5)
+
+
 def esm(**kw):
     from transformers import EsmConfig, EsmForMaskedLM
 

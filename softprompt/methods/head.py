@@ -6,16 +6,20 @@ type does). The head's tensors are owned here, not by the frozen model: :mod:`so
 model with these tensors substituted for its own head (``torch.func.functional_call``), so one frozen
 model serves any number of tasks, each with its own head and number of labels.
 
-The head is the module PEFT trains for ``SEQ_CLS`` (a child named ``classifier`` or ``score``), plus every
-weight outside it that the checkpoint lacked at load (:func:`~softprompt.forward.classifier.untrained_weights`:
-DeBERTa's ``pooler.dense``, DistilBERT's ``pre_classifier``, BERT's pooler in a checkpoint saved without
-it), which transformers would otherwise initialise at random at every load. Its tensors are stored in
+The head is what PEFT trains for ``SEQ_CLS``: every module whose name ends with ``classifier`` or ``score``
+(PEFT's ``modules_to_save`` rule, :func:`saved_by_peft`: the head child, and DistilBERT's ``pre_classifier``
+too), plus every weight outside them that the checkpoint lacked at load
+(:func:`~softprompt.forward.classifier.untrained_weights`: DeBERTa's ``pooler.dense``, DistilBERT's
+``pre_classifier``, BERT's pooler in a checkpoint saved without it), which transformers would otherwise
+initialise at random at every load. Its tensors are stored in
 ``adapter_model.safetensors`` under PEFT's keys (``base_model.classifier.weight``,
 ``base_model.pooler.dense.weight``) and the extra modules listed in ``modules_to_save``, so the folder loads
 into ``PeftModelForSequenceClassification`` and back.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -41,6 +45,23 @@ def is_head_key(key: str) -> bool:
     return key.startswith(SAVED_PREFIX)
 
 
+def saved_by_peft(key: str, modules_to_save: Iterable[str]) -> bool:
+    """Whether stored tensor ``key`` (``base_model.pre_classifier.weight``) lies in a module PEFT trains, saves
+    and loads back for ``modules_to_save``: PEFT wraps every module whose dotted name *ends with* an entry, as a
+    string (``peft.utils.other._set_trainable``), so ``classifier`` also takes DistilBERT's ``pre_classifier``,
+    and a folder without its tensors fails ``PeftModel.from_pretrained``."""
+    parts = key.split(".")[:-1]  # the modules holding the tensor, outermost first
+    entries = [m for m in modules_to_save if isinstance(m, str) and m]
+    return any(".".join(parts[:i]).endswith(m) for i in range(2, len(parts) + 1) for m in entries)
+
+
+def peft_head_parameters(model) -> list[str]:
+    """``model``'s parameters PEFT trains and saves for ``SEQ_CLS`` (:func:`saved_by_peft` of ``classifier``,
+    ``score``): the head child's first, then the others (DistilBERT's ``pre_classifier``), in the model's order."""
+    names = [n for n, _ in model.named_parameters() if saved_by_peft(SAVED_PREFIX + n, HEAD_MODULE_NAMES)]
+    return sorted(names, key=lambda n: not in_classifier(n))  # stable: the model's order within each group
+
+
 class ClassificationHead(nn.Module):
     """Trainable tensors replacing a sequence classifier's head, by parameter name (``classifier.weight``).
 
@@ -62,16 +83,21 @@ class ClassificationHead(nn.Module):
         The shapes follow the model as loaded (its ``num_labels``); the init is seeded so that runs repeat
         whether or not the checkpoint shipped a head. Weights outside the head that the checkpoint lacked
         (:func:`~softprompt.forward.classifier.untrained_weights`) join it, initialised the same way after the
-        head's own (a 1-D ``weight``, a norm's gain, at 1).
+        head's own (a 1-D ``weight``, a norm's gain, at 1). Another module PEFT trains with the head
+        (:func:`peft_head_parameters`: DistilBERT's ``pre_classifier``) that the checkpoint has starts from the
+        model's own values, as PEFT's copy of it does.
         """
-        name = head_module_name(model)
+        head_module_name(model)  # raises for a model without a head child
         std = float(getattr(model.config, "initializer_range", 0.02) or 0.02)
         gen = torch.Generator().manual_seed(seed)
         params = dict(model.named_parameters())
+        untrained = untrained_weights(model)
         tensors = {}
-        for key in [f"{name}.{k}" for k, _ in getattr(model, name).named_parameters()] + list(untrained_weights(model)):
+        for key in dict.fromkeys([*peft_head_parameters(model), *untrained]):
             shape = params[key].shape
-            if len(shape) > 1:
+            if not in_classifier(key) and key not in untrained:  # trained on from the checkpoint's values
+                tensors[key] = params[key].detach().clone()
+            elif len(shape) > 1:
                 tensors[key] = torch.randn(shape, generator=gen) * std
             else:
                 tensors[key] = torch.ones(shape) if key.endswith("weight") and not in_classifier(key) else torch.zeros(
@@ -113,7 +139,8 @@ class ClassificationHead(nn.Module):
 def head_problems(tensors: dict[str, torch.Tensor], model) -> list[str]:
     """Why stored head tensors cannot replace ``model``'s head (empty when they can).
 
-    Every tensor must name a parameter of the model's head, or one the checkpoint lacked at load
+    Every tensor must name a parameter of the model's head, of another module PEFT trains with it
+    (:func:`peft_head_parameters`: DistilBERT's ``pre_classifier``), or one the checkpoint lacked at load
     (:func:`~softprompt.forward.classifier.untrained_weights`), and have its shape, except that the number of
     classes (the first dimension of the output layer) may differ: one frozen model serves heads of any
     label count. Every weight the checkpoint lacked must be there: the model's own is random at each load.
@@ -124,11 +151,13 @@ def head_problems(tensors: dict[str, torch.Tensor], model) -> list[str]:
     problems = []
     inside = head_module_name(model) + "."
     untrained = untrained_weights(model)
+    with_head = [n for n in peft_head_parameters(model) if not n.startswith(inside) and n not in untrained]
     if not any(n.startswith(inside) for n in head.names):
         problems.append(f"no head tensor is in the model's head {inside[:-1]!r}")
     for name, t in zip(head.names, head.tensors, strict=True):
-        if not name.startswith(inside) and name not in untrained:  # an encoder weight would be replaced
+        if not name.startswith(inside) and name not in untrained and name not in with_head:  # an encoder weight
             also = f" or among the weights its checkpoint lacks ({', '.join(untrained)})" if untrained else ""
+            also += f" or the modules PEFT trains with it ({', '.join(with_head)})" if with_head else ""
             problems.append(f"head tensor {SAVED_PREFIX + name!r} is outside the model's head {inside[:-1]!r}{also}: "
                             "a stored prompt may replace the head only, never the frozen model's weights")
             continue

@@ -28,7 +28,7 @@ import torch
 
 from softprompt.forward import family_of, task_type_problem, trails_source
 from softprompt.methods import PromptMethod, method_for_peft_type, method_from_saved, methods_stored_as
-from softprompt.methods.head import HEAD_MODULE_NAMES, SAVED_PREFIX, head_problems, is_head_key
+from softprompt.methods.head import HEAD_MODULE_NAMES, SAVED_PREFIX, head_problems, is_head_key, saved_by_peft
 from softprompt.model import context_length, fingerprint, fingerprint_mismatch, fingerprint_problems
 from softprompt.store.atomic import write_folder_atomically, write_json, write_safetensors
 from softprompt.store.errors import StoreError
@@ -169,15 +169,15 @@ def _head_tensor_problems(cfg: dict, head: dict[str, torch.Tensor]) -> list[str]
     if head and not any(key.startswith(heads) for key in head):
         return [f"no classification head tensors ({SAVED_PREFIX}classifier.* or {SAVED_PREFIX}score.*) among "
                 f"{sorted(head)}"]
-    # modules_to_save may add a layer the checkpoint lacks (DeBERTa's pooler.dense); the model checks at load
-    # that it is one (methods.head.head_problems)
+    # PEFT saves every module whose name ends with a modules_to_save entry (classifier: DistilBERT's
+    # pre_classifier too), and modules_to_save may add a layer the checkpoint lacks (DeBERTa's pooler.dense); the
+    # model checks at load that each is one it allows (methods.head.head_problems)
     extra = cfg.get("modules_to_save") if isinstance(cfg.get("modules_to_save"), list) else []
-    extra = tuple(f"{SAVED_PREFIX}{m}." for m in extra if isinstance(m, str) and m and m not in HEAD_MODULE_NAMES)
-    outside = [key for key in head if not key.startswith(heads + extra)]
+    outside = [key for key in head if not saved_by_peft(key, [*HEAD_MODULE_NAMES, *extra])]
     if outside:  # base_model.bert.embeddings.word_embeddings.weight would replace the encoder's embeddings
         return [f"tensors {outside} are not in a classification head ({SAVED_PREFIX}classifier.* or "
-                f"{SAVED_PREFIX}score.*) nor in a module its modules_to_save lists: a stored prompt may replace "
-                "the head only, never the model's weights"]
+                f"{SAVED_PREFIX}score.*) nor in a module whose name ends with a modules_to_save entry: a stored "
+                "prompt may replace the head only, never the model's weights"]
     return [f"head tensor {key!r} must be 1-D or 2-D, has shape {tuple(t.shape)}" for key, t in head.items()
             if t.ndim not in (1, 2)]
 
