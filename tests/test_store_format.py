@@ -114,6 +114,23 @@ def test_overwrite_replaces(saved, model):
     assert [p.name for p in saved.parent.iterdir()] == ["p"]
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o077])
+def test_the_weights_are_as_readable_as_the_files_beside_them(tmp_path, model, umask):
+    """safetensors writes its file owner-only (0o600) whatever the umask: a saved or exported folder's config was
+    readable by another user or a container serving it (vLLM), its weights were not. They get the umask's mode."""
+    from softprompt.store import export_peft
+
+    old = os.umask(umask)
+    try:
+        save_prompt(tmp_path / "p", tiny_prompt(model), model)
+        export_peft(tmp_path / "p", tmp_path / "peft")
+    finally:
+        os.umask(old)
+    for folder in (tmp_path / "p", tmp_path / "peft"):
+        modes = {f.name: f.stat().st_mode & 0o777 for f in folder.iterdir()}
+        assert modes[WEIGHTS_NAME] == modes[CONFIG_NAME] == 0o666 & ~umask, modes
+
+
 def test_overwrite_refuses_foreign_folder(tmp_path, model):
     (tmp_path / "home").mkdir()
     (tmp_path / "home" / "notes.txt").write_text("precious")

@@ -83,11 +83,31 @@ def write_bytes(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it where the OS tells it (Linux: ``/proc/self/status``;
+    elsewhere set and restored at once)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """Write tensors with PEFT's metadata (``{"format": "pt"}``) and fsync the file."""
+    """Write tensors with PEFT's metadata (``{"format": "pt"}``) and fsync the file.
+
+    The file gets the mode of any file the process creates (``0o666`` less the umask), as the JSON files
+    beside it: safetensors writes it owner-only (``0o600``) whatever the umask, and another user or a
+    container serving the folder (vLLM) could read the config but not the weights.
+    """
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     # called through the module so tests can monkeypatch safetensors.torch.save_file
     safetensors.torch.save_file(tensors, str(path), metadata={"format": "pt"})
+    os.chmod(path, 0o666 & ~_umask())
     fsync_path(path)
 
 
