@@ -117,7 +117,7 @@ def cmd_store_export(ns: argparse.Namespace) -> int:
     """Copy a prompt out of the store (``--peft``: as a plain PEFT folder)."""
     from softprompt.store import PromptStore
 
-    dest = PromptStore(ns.store).export(ns.name, ns.dest, peft=ns.peft)
+    dest = PromptStore(ns.store).export(ns.name, ns.dest, peft=ns.peft, overwrite=ns.overwrite)
     print(f"exported {ns.name} to {dest} ({'PEFT' if ns.peft else 'softprompt'} format)")
     return 0
 
@@ -168,6 +168,7 @@ def add_store_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("name", metavar="NAME")
     p.add_argument("dest", metavar="DEST", help="folder to create")
     p.add_argument("--peft", action="store_true", help="write a plain PEFT folder (no softprompt.json)")
+    p.add_argument("--overwrite", action="store_true", help="replace DEST if it is an empty folder or a stored prompt")
 
     p = sub.add_parser("ensemble", help="add an ensemble of stored prompts to a store")
     p.add_argument("--store", required=True, metavar="DIR", help="the store folder")

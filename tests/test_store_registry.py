@@ -630,6 +630,18 @@ def test_cli_verbs(model, tokenizer, tmp_path, capsys):
     assert listing(tmp_path / "peft") == sorted([CONFIG_NAME, WEIGHTS_NAME])
     run(capsys, "store", "export", "other", str(tmp_path / "ours"), "--store", root)
     assert META_NAME in listing(tmp_path / "ours")
+    # an existing destination (the error names --overwrite, which the export verb lacked): replaced with it
+    (tmp_path / "empty").mkdir()
+    for dest, peft in ((tmp_path / "peft", []), (tmp_path / "ours", ["--peft"]), (tmp_path / "empty", [])):
+        with pytest.raises(StoreError, match=re.escape(f"{dest} already exists; pass overwrite=True (CLI --overwrite")):
+            run(capsys, "store", "export", "other", str(dest), *peft, "--store", root)
+        run(capsys, "store", "export", "other", str(dest), *peft, "--overwrite", "--store", root)
+        assert (META_NAME in listing(dest)) == (not peft)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("keep")
+    with pytest.raises(StoreError, match="does not look like a stored prompt"):
+        run(capsys, "store", "export", "other", str(tmp_path / "notes"), "--overwrite", "--store", root)
+    assert listing(tmp_path / "notes") == ["todo.txt"]
 
     with pytest.raises(StoreError, match="member of ensemble"):
         run(capsys, "store", "remove", "other", "--store", root)
