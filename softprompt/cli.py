@@ -275,6 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``softprompt`` command; returns the exit status."""
+    if getattr(sys.stdout, "errors", None) == "strict" and hasattr(sys.stdout, "reconfigure"):  # stderr's already is:
+        sys.stdout.reconfigure(errors="backslashreplace")  # a non-UTF-8 path (surrogate escapes) prints, no crash
     parser = build_parser()
     ns = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if ns.verbose else logging.INFO,

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -288,3 +291,25 @@ def test_train_refuses_validation_flags_on_a_task_without_validation(env, tmp_pa
             "--output-dir", tmp_path / "o"]
     _assert_usage_error([*base, *extra], needle, "give --validation-file FILE, or leave it out")
     assert not (tmp_path / "o").exists()
+
+
+def test_a_path_that_is_not_utf8_prints_escaped_under_a_strict_utf8_stdout(tiny_model_dir, tmp_path):
+    """A file name of non-UTF-8 bytes reaches Python as surrogate escapes; printing it to a strict UTF-8 stdout
+    raised UnicodeEncodeError: ``inspect`` printed nothing, ``store export`` crashed after writing the folder (a
+    retry then said 'already exists'). Printed with backslash escapes, exit 0."""
+    from softprompt.methods import build_method
+    from softprompt.store import PromptStore
+
+    model = make_model("llama")  # the weights of tiny_model_dir
+    store = PromptStore(tmp_path / "store", create=True)
+    store.save("p", build_method("prompt_tuning", {"num_virtual_tokens": 2, "init": "random"}, model,
+                                 make_tokenizer()), model)
+    dest = tmp_path / os.fsdecode(b"out\xff")
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8:strict",
+           "PYTHONPATH": str(test_cli.REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    for argv in (["store", "export", "p", dest, "--store", store.root], ["inspect", dest, "--model", tiny_model_dir]):
+        proc = subprocess.run([sys.executable, "-m", "softprompt", *map(str, argv)], capture_output=True, text=True,
+                              errors="surrogateescape", cwd=test_cli.REPO, env=env, timeout=300)
+        assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+        assert str(tmp_path / "out\\udcff") in proc.stdout
+    assert (dest / "adapter_model.safetensors").is_file()
