@@ -115,8 +115,12 @@ def cmd_inspect(ns: argparse.Namespace) -> int:
     model_name = ns.model or DEFAULT_MODEL
     # read first (bad folders fail before the model loads), then checked against the model
     loaded = {name: store.load(name) if store is not None else load_prompt(name) for name in names}
-    if store is not None:  # a prefix has no token-space rows: the store's other prompts are still inspected
-        loaded, skipped = skip_prefix_prompts(loaded)
+    # a prefix has no token-space rows (even where their width is the hidden size): the store's other prompts
+    # are still inspected; a single one is refused, before the model loads
+    loaded, skipped = skip_prefix_prompts(loaded)
+    if store is None and skipped:
+        raise StoreError(f"{skipped[0]}; inspect shows prompts of embeddings (prompt_tuning, p_tuning)")
+    if store is not None:
         notes = notes + skipped
         if not loaded:
             raise StoreError(f"{store.root}: no prompts to inspect ({'; '.join(skipped)})")

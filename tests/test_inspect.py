@@ -355,8 +355,8 @@ def test_cli_wrong_width_prompt_is_refused_clearly(tmp_path, tiny_model_dir, cap
                         peft_config={"peft_type": "PREFIX_TUNING", "token_dim": 16, "num_layers": 2})
     for module in (softprompt.store, softprompt.store.prompt_store):
         monkeypatch.setattr(module, "load_prompt", lambda *a, **k: fake)
-    with pytest.raises(StoreError, match=re.escape(f"{tmp_path / 'prefix'}: 'prompt_embeddings' has shape (4, 128), "
-                                                   "not (P, 32)")):
+    with pytest.raises(StoreError, match=re.escape(f"{tmp_path / 'prefix'} is a prefix_tuning prompt (keys and "
+                                                   "values in every layer, not token embeddings): not inspected")):
         run(capsys, str(tmp_path / "prefix"), "--model", str(tiny_model_dir))
     store = PromptStore(tmp_path / "store", create=True)
     (store.root / "wide").mkdir()  # in a store, a prefix prompt is skipped with a note: none is left here
@@ -383,8 +383,34 @@ def test_cli_store_mode_skips_prefix_prompts_with_a_note(tmp_path, tiny_model_di
     assert "note: prefix is a prefix_tuning prompt (keys and values in every layer" in out
     with pytest.raises(StoreError, match=re.escape("no prompts to inspect (prefix is a prefix_tuning prompt")):
         run(capsys, "--store", str(store.root), "--task", "prefix", "--model", str(tiny_model_dir))
-    with pytest.raises(StoreError, match="not in the model's token-embedding space"):
+    with pytest.raises(StoreError, match="is a prefix_tuning prompt .*not inspected; inspect shows prompts of "
+                                         r"embeddings \(prompt_tuning, p_tuning\)"):
         run(capsys, str(store.path("prefix")), "--model", str(tiny_model_dir))
+
+
+@pytest.mark.parametrize("method", ["prefix_tuning", "deep_prompt"])
+def test_cli_single_prefix_prompt_whose_rows_have_the_hidden_width_is_refused_before_the_model_loads(
+        tmp_path, capsys, method):
+    """One layer and key/value width H/2: the prefix's rows (1 layer x 2 x 16) are H = 32 wide, and a single
+    PROMPT_DIR of it was inspected as token embeddings (keys and values read as nearest vocabulary tokens);
+    store mode already skipped it. Refused, naming the method, before the model loads."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from softprompt.model import prepare_frozen
+
+    torch.manual_seed(0)
+    one = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=H, intermediate_size=64, num_hidden_layers=1,
+                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                       pad_token_id=0, bos_token_id=None, eos_token_id=1))
+    prepare_frozen(one)
+    one.save_pretrained(tmp_path / "model")
+    make_tokenizer().save_pretrained(tmp_path / "model")
+    folder = save_prompt(tmp_path / "p", build_method(method, {"num_virtual_tokens": 3, "init": "random"}, one,
+                                                      make_tokenizer()), one)
+    for model_dir in (tmp_path / "model", tmp_path / "no-model"):  # no model is needed to refuse it
+        with pytest.raises(StoreError, match=re.escape(f"{folder} is a {method} prompt (keys and values in every "
+                                                       "layer, not token embeddings): not inspected")):
+            run(capsys, str(folder), "--model", str(model_dir))
 
 
 def test_cli_default_model_is_the_embedded_alias(tmp_path, capsys, monkeypatch, model):
