@@ -8,7 +8,8 @@
 Per prompt: the nearest vocabulary tokens (cosine) of each virtual token and the prompt's norms; with two
 or more prompts (store mode), the similarity matrices between them (see :mod:`softprompt.interpret`). A prefix
 prompt (keys and values in every layer) has no token-space embeddings: store mode skips it with a note, and a
-single ``PROMPT_DIR`` of that kind is refused.
+single ``PROMPT_DIR`` of that kind is refused. Store mode without ``--task`` leaves out a broken entry, or one
+that does not fit the model, with a note too.
 Errors are raised as :class:`~softprompt.store.StoreError` or :class:`~softprompt.config.ConfigError`
 (``softprompt.cli.main`` maps them to status 2).
 """
@@ -113,8 +114,18 @@ def cmd_inspect(ns: argparse.Namespace) -> int:
     else:
         store, names, notes = None, [ns.prompt], []
     model_name = ns.model or DEFAULT_MODEL
-    # read first (bad folders fail before the model loads), then checked against the model
-    loaded = {name: store.load(name) if store is not None else load_prompt(name) for name in names}
+    # read first (bad folders fail before the model loads), then checked against the model; over a whole store
+    # an entry that cannot be inspected is left out with a note (as `store list` lists it as broken and `serve`
+    # skips it), one named on the command line (PROMPT_DIR, --task) is an error
+    named = store is None or ns.task is not None
+    loaded = {}
+    for name in names:
+        try:
+            loaded[name] = store.load(name) if store is not None else load_prompt(name)
+        except StoreError as e:
+            if named:
+                raise
+            notes.append(f"{name} is broken, not inspected: {e}")
     # a prefix has no token-space rows (even where their width is the hidden size): the store's other prompts
     # are still inspected; a single one is refused, before the model loads
     loaded, skipped = skip_prefix_prompts(loaded)
@@ -123,7 +134,7 @@ def cmd_inspect(ns: argparse.Namespace) -> int:
     if store is not None:
         notes = notes + skipped
         if not loaded:
-            raise StoreError(f"{store.root}: no prompts to inspect ({'; '.join(skipped)})")
+            raise StoreError(f"{store.root}: no prompts to inspect ({'; '.join(notes)})")
         names = list(loaded)
     # prompts trained with a classification head need the encoder loaded as a sequence classifier
     task_type = task_type_for_stored(loaded[names[0]].peft_config.get("task_type")) if names else "auto"
@@ -133,13 +144,18 @@ def cmd_inspect(ns: argparse.Namespace) -> int:
     matrix = vocab_embeddings(model)  # (V, H)
     prompts, details = {}, {}
     for name, stored in loaded.items():
-        check_model_compatible(stored, model, check)
         label = f"{name} ({stored.path})" if store is not None else str(stored.path)
         try:
+            check_model_compatible(stored, model, check)
             prompts[name] = token_space_embeddings(label, stored.tensors, int(matrix.shape[1]))  # (P, H)
-        except ValueError as e:
-            raise StoreError(str(e)) from e
+        except (StoreError, ValueError) as e:
+            if named:
+                raise StoreError(str(e)) from e
+            notes.append(f"{name} does not fit the model, not inspected: {e}")
+            continue
         details[name] = {"path": str(stored.path), "method": stored.method}
+    if not prompts:
+        raise StoreError(f"{store.root}: no prompts to inspect ({'; '.join(notes)})")
     report = inspect_report(prompts, matrix, tokenizer, ns.top_k, model_name=model_name, details=details,
                             notes=notes)
     print(json.dumps(report, indent=2, ensure_ascii=False) if ns.json else format_inspect(report))

@@ -335,6 +335,30 @@ def test_cli_store_errors(store, tmp_path, tiny_model_dir, capsys):
         run(capsys, "--store", str(empty.root), "--model", str(tiny_model_dir))
 
 
+def test_cli_store_mode_leaves_out_broken_entries_with_a_note(store, tmp_path, tiny_model_dir, capsys):
+    """One broken entry (or one trained on another model) made `inspect --store` exit 2 and print nothing about
+    the store's other prompts. Over the whole store it is left out with a note, as `store list` lists it as
+    broken and `serve` skips it (exit 0); named by --task it is still an error."""
+    (store.root / "bad").mkdir()  # no files: "missing adapter_model.safetensors"
+    foreign = make_model("llama", seed=1)  # same shapes, other weights: its fingerprint differs
+    store.save("foreign", method_of(foreign), foreign)
+    report = json.loads(run(capsys, "--store", str(store.root), "--model", str(tiny_model_dir), "--json"))
+    assert [p["name"] for p in report["prompts"]] == ["other", "sentiment"]
+    broken, misfit = report["notes"][1:]
+    assert broken.startswith(f"bad is broken, not inspected: {store.root / 'bad'}: missing adapter_model")
+    assert misfit.startswith("foreign does not fit the model, not inspected: ") and "different base model" in misfit
+    out = run(capsys, "--store", str(store.root), "--model", str(tiny_model_dir))
+    assert "note: bad is broken, not inspected" in out and "prompt sentiment (4 virtual tokens)" in out
+    with pytest.raises(StoreError, match="missing adapter_model"):
+        run(capsys, "--store", str(store.root), "--task", "bad,sentiment", "--model", str(tiny_model_dir))
+    with pytest.raises(StoreError, match="trained on a different base model"):
+        run(capsys, "--store", str(store.root), "--task", "foreign,sentiment", "--model", str(tiny_model_dir))
+    only = PromptStore(tmp_path / "only-broken", create=True)
+    (only.root / "bad").mkdir()
+    with pytest.raises(StoreError, match=re.escape("no prompts to inspect (bad is broken, not inspected")):
+        run(capsys, "--store", str(only.root), "--model", str(tmp_path / "no-model"))  # before the model loads
+
+
 def test_cli_fingerprint_check(tmp_path, tiny_model_dir, capsys):
     other = make_model("llama", seed=1)  # same shapes, other weights
     folder = save_prompt(tmp_path / "p", method_of(other, ["good", "bad", "the", "a"]), other)
