@@ -42,7 +42,7 @@ def prompt_embeds(model, tokenizer, method, text: str, bos: bool = True) -> torc
     lead = family.lead_ids(tokenizer, bos)
     ids = with_leading(tokenizer(text, add_special_tokens=False)["input_ids"], lead)
     table = model.get_input_embeddings()
-    tokens = table(torch.tensor(ids, device=table.weight.device))  # (T, H)
+    tokens = table(torch.tensor(ids, dtype=torch.long, device=table.weight.device))  # (T, H); T may be 0
     return torch.cat([out.embeds.to(tokens), tokens]).float().cpu()  # (P+T, H)
 
 

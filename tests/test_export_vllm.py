@@ -27,6 +27,17 @@ def test_prompt_embeds_reproduce_the_soft_prompt_forward(model, tokenizer, name)
     assert isinstance(encode(emb), str) and torch.equal(decode(encode(emb)), emb)
 
 
+@pytest.mark.parametrize("bos", [False, True])
+def test_an_empty_text_without_a_bos_is_the_prompt_alone(model, tokenizer, bos):
+    """No BOS (bos=False, or a model without one) and an empty text: the ids were torch.tensor([]), a float
+    tensor, and the embedding lookup raised."""
+    method = build_method("prompt_tuning", {"num_virtual_tokens": 3, "init": "random"}, model, tokenizer)
+    lead = forward.family_of(model).lead_ids(tokenizer, bos)
+    emb = prompt_embeds(model, tokenizer, method, "", bos=bos)
+    assert emb.shape == (3 + len(lead), 32)
+    torch.testing.assert_close(emb[:3], method.eval()().embeds.float(), atol=0, rtol=0)
+
+
 def test_prefix_methods_are_refused_with_a_reason(model, tokenizer):
     method = build_method("prefix_tuning", {"num_virtual_tokens": 2, "init": "random"}, model, tokenizer)
     with pytest.raises(VllmExportError, match="keys/values at every layer"):
