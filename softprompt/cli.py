@@ -149,7 +149,7 @@ def cmd_generate(ns: argparse.Namespace) -> int:
         problems.append("--store needs --task NAME (see `softprompt store list --store DIR`)")
     elif ns.task and not ns.store:
         problems.append("--task needs --store DIR")
-    args = _resolve(ns, ["model"], problems + generate_flag_problems(ns.max_new_tokens or 1, ns.temperature,
+    args = _resolve(ns, ["model"], problems + generate_flag_problems(ns.max_new_tokens, ns.temperature,
                                                                      ns.top_k, ns.top_p, ns.seed))
     from softprompt.data.chat import conversation_prompt, read_conversations
     from softprompt.engine import GenerateRequest, require_chat_layout
@@ -161,8 +161,7 @@ def cmd_generate(ns: argparse.Namespace) -> int:
     engine, task = engine_for(model, tok, prompt=ns.prompt, store=ns.store, task=ns.task,
                               check_fingerprint=not ns.no_fingerprint_check)
     fmt = engine.task(task).formats[0]
-    if conversations:  # rendered with the task's chat format, or (no format: the base model, a PEFT folder) the
-        # tokenizer's chat template, whose end of turn then ends the reply too (chat), as the server's chat route
+    if conversations:  # the task's chat format, or (none: base model, PEFT folder) the tokenizer's, as the server's
         require_chat_layout(engine.task(task))  # a distilled prompt never learned one: exit 2, as the server's 400
         texts, raw, stop = [conversation_prompt(tok, fmt, c) for c in conversations], True, ns.stop or ""
     else:

@@ -114,14 +114,16 @@ def keep_problems(problems: list[str], *found: str | None) -> None:
     problems.extend(p for p in found if p)
 
 
-def generate_flag_problems(max_new_tokens: int, temperature: float, top_k: int, top_p: float,
+def generate_flag_problems(max_new_tokens: int | None, temperature: float, top_k: int, top_p: float,
                            seed: int | None) -> list[str]:
-    """Every problem with the sampling flags of ``generate``, each naming its flag.
+    """Every problem with the sampling flags of ``generate``, each naming its flag (``max_new_tokens`` None: not
+    given, the task decides).
 
     ``seed`` is ``None`` when not given. A sampling flag (``--top-k``, ``--top-p`` below 1, ``--seed``) at
     ``--temperature 0`` is refused: decoding is greedy there and the flag would change nothing, in silence.
     """
-    problems = [] if max_new_tokens >= 1 else [f"--max-new-tokens must be >= 1, got {max_new_tokens}"]
+    problems = [] if max_new_tokens is None or max_new_tokens >= 1 else [
+        f"--max-new-tokens must be >= 1, got {max_new_tokens}"]
     if top_k < 0:
         problems.append(f"--top-k must be >= 0 (0: off), got {top_k}")
     keep_problems(problems, check_real("--temperature", temperature, lambda v: v >= 0, ">= 0 (0: greedy)"),
