@@ -195,3 +195,62 @@ def test_a_fitted_max_tokens_is_fitted_again_after_a_reload(served):
     fresh = engine.prepare("generate", GenerateRequest("a", text, raw=True, max_tokens=500, fit_max_tokens=True))
     assert fresh.request.max_tokens == engine.context - 40 - 200 and len(res.tokens) <= fresh.request.max_tokens
     assert res.tokens == engine.run("generate", [fresh])[0].tokens
+
+
+class _WatchedLock:
+    """The engine's batch lock, held by the test's thread; ``waiting`` is set once another thread asks for it."""
+
+    def __init__(self, lock):
+        self.lock, self.owner, self.waiting = lock, threading.get_ident(), threading.Event()
+
+    def __enter__(self):
+        if threading.get_ident() != self.owner:
+            self.waiting.set()
+        return self.lock.__enter__()
+
+    def __exit__(self, *exc):
+        return self.lock.__exit__(*exc)
+
+
+def unload_while_waiting(engine: Engine, change, unload: str) -> dict:
+    """Run ``change()`` in a thread while the batch lock is held (a batch runs); once it waits for the lock, unload
+    ``unload`` (an admin call that got the lock first), then let the change go on. Returns its result or error."""
+    watched = _WatchedLock(engine._batch_lock)
+    engine._batch_lock = watched
+    out = {}
+
+    def run():
+        try:
+            out["result"] = change()
+        except Exception as e:  # noqa: BLE001 - the test looks at it
+            out["error"] = e
+
+    with watched:
+        worker = threading.Thread(target=run)
+        worker.start()
+        assert watched.waiting.wait(60)
+        engine.unload(unload)
+    worker.join(60)
+    assert not worker.is_alive()
+    return out
+
+
+def test_an_ensemble_unloaded_while_a_member_reloads_stays_unloaded(served):
+    """The reload listed the tasks to rebuild before taking the batch lock: an unload of the ensemble that ran
+    first was undone, the ensemble came back and failed every request."""
+    engine, store, model, tok = served
+    save(store, model, tok, "a", seed=7, n=5)
+    out = unload_while_waiting(engine, lambda: engine.load_from_store(store, "a"), "ab")
+    assert "error" not in out and engine.task_names() == ["a", "b"]
+    assert engine.describe("a")["prompt_tokens"] == [5]
+    assert [r.label for r in engine.classify([ClassifyRequest(t, "good") for t in ("a", "b")])]
+
+
+def test_an_ensemble_whose_member_is_unloaded_before_it_is_added_is_refused(served):
+    """add_ensemble checked its members were loaded before taking the batch lock: a member unloaded in between
+    left an ensemble over a prompt no longer served."""
+    engine, *_ = served
+    engine.unload("ab")
+    out = unload_while_waiting(engine, lambda: engine.add_ensemble("ab2", ["a", "b"]), "b")
+    assert "members not loaded: ['b']" in str(out.get("error")) and engine.task_names() == ["a"]
+    assert sorted(engine.backend.keys()) == ["a"]

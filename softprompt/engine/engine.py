@@ -198,13 +198,12 @@ class Engine:
         disagree on the labels, or a format the backend cannot serve, refuses the swap (:class:`RequestError`).
         """
         self.backend.check_formats(task.formats, task.name)
-        with self._lock:
+        with self._batch_lock, self._lock:  # read what to rebuild here: an unload just before came back
             others = [t for t in self.tasks.values() if t.name != task.name and t.kind != "base"
                       and any(m in built for m in t.members)]
-        rebuilt = [self._ensemble_task(t.name, t.members, t.combine, built) if t.kind == "ensemble"
-                   else Task(t.name, t.kind, list(t.members), [built[t.members[0]].fmt],
-                             meta=built[t.members[0]].meta) for t in others]
-        with self._batch_lock, self._lock:
+            rebuilt = [self._ensemble_task(t.name, t.members, t.combine, built) if t.kind == "ensemble"
+                       else Task(t.name, t.kind, list(t.members), [built[t.members[0]].fmt],
+                                 meta=built[t.members[0]].meta) for t in others]
             for key, b in built.items():
                 self.backend.add(key, b.prompt)
                 self._formats[key], self._metas[key], self._bos[key] = b.fmt, b.meta, b.bos
@@ -221,7 +220,8 @@ class Engine:
 
     def add_ensemble(self, name: str, members: list[str], combine_how: str = "mean") -> Task:
         """Serve the loaded prompts ``members`` as one classification task combined by mean or vote."""
-        return self._install({}, self._ensemble_task(name, members, combine_how, {}))
+        with self._batch_lock, self._lock:  # no member is unloaded between the check and the swap
+            return self._install({}, self._ensemble_task(name, members, combine_how, {}))
 
     def _ensemble_task(self, name: str, members: list[str], combine_how: str, built: dict[str, _Built]) -> Task:
         """The ensemble task over ``members``, loaded or about to be (``built``); checked, nothing changes."""
