@@ -93,3 +93,19 @@ def test_saved_round_trip_and_peft_config(model, tokenizer):
     assert cfg["peft_type"] == "PROMPT_TUNING" and cfg["num_virtual_tokens"] == 3 and cfg["token_dim"] == 32
     with pytest.raises(ValueError, match=r"shape \(2, 32\), expected \(3, hidden_size\)"):
         method_from_saved("prompt_tuning", m.config.to_dict(), {"prompt_embeddings": torch.zeros(2, 32)})
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_build_method_refuses_another_methods_config_object(name, model, tokenizer):
+    """build_method('prompt_tuning', PrefixTuningConfig(...)) built a prompt_tuning method holding the prefix
+    config; save_prompt then wrote a folder load_prompt refused (or p_tuning's config failed with AttributeError)."""
+    cls = METHODS[name]
+    for other in sorted(set(METHODS) - {name}):
+        config = METHODS[other].config_class(num_virtual_tokens=2)
+        with pytest.raises(ValueError, match=rf"build_method\('{name}'\): config is a "
+                                             rf"{type(config).__name__} \(the {other} config\); {name} takes a "
+                                             rf"{cls.config_class.__name__} or a dict of its fields"):
+            build_method(name, config, model, tokenizer)
+    fields = {"num_virtual_tokens": 2, **({"init": "random"} if "init" in cls.config_class.defaults() else {})}
+    own = build_method(name, cls.config_class(**fields), model, tokenizer)
+    assert type(own) is cls and type(own.config) is cls.config_class

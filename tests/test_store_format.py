@@ -12,7 +12,7 @@ import safetensors.torch
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from softprompt.methods import PEFT_TYPE_TO_METHOD, PromptTuning, build_method
+from softprompt.methods import PEFT_TYPE_TO_METHOD, PrefixTuningConfig, PromptTuning, build_method
 from softprompt.model import fingerprint, prepare_frozen
 from softprompt.store import (
     CONFIG_NAME,
@@ -373,5 +373,15 @@ def test_refuses_to_save_non_finite(tmp_path, model):
     with torch.no_grad():
         method.embeddings[0, 0] = float("nan")
     with pytest.raises(StoreError, match="refusing to save .*'prompt_embeddings' has 1 NaN"):
+        save_prompt(tmp_path / "p", method, model)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_refuses_to_save_a_method_holding_another_methods_config(tmp_path, model):
+    """A prompt_tuning method given prefix tuning's config was saved, and load_prompt refused the folder."""
+    method = tiny_prompt(model)
+    method.config = PrefixTuningConfig(num_virtual_tokens=P)
+    with pytest.raises(StoreError, match=r"refusing to save .*: its prompt_tuning config would not load back: "
+                                         r"prompt_tuning config: unknown field\(s\) \['encoder_hidden_size'"):
         save_prompt(tmp_path / "p", method, model)
     assert list(tmp_path.iterdir()) == []

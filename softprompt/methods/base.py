@@ -150,6 +150,14 @@ class PromptMethod(nn.Module):
         """``saved_tensors()`` plus the head's tensors under PEFT's keys, if a head is attached."""
         return {**self.saved_tensors(), **(self.classifier.saved_tensors() if self.classifier is not None else {})}
 
+    def saved_config_problems(self) -> list[str]:
+        """Why the config this method is stored with would not read back as its own config, or none."""
+        try:  # what loading the stored prompt does with it
+            get_method(self.name).config_class.from_dict(self.config.to_dict())
+        except (ValueError, TypeError, AttributeError) as e:
+            return [f"its {self.name} config would not load back: {e}"]
+        return []
+
     def saved_tensors(self) -> dict[str, torch.Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -302,6 +310,11 @@ def build_method(name: str, config: MethodConfig | dict, model, tokenizer, **ini
     cls = get_method(name)
     if isinstance(config, dict):
         config = cls.config_class.from_dict(config)
+    elif type(config) is not cls.config_class:  # another method's config: saved with it, the prompt would not load
+        of = getattr(config, "method", "")
+        raise ValueError(f"build_method({name!r}): config is a {type(config).__name__}"
+                         f"{f' (the {of} config)' if of else ''}; {name} takes a {cls.config_class.__name__} "
+                         "or a dict of its fields")
     from softprompt.forward import family_of  # it imports this module
 
     family = family_of(model)

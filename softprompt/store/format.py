@@ -420,7 +420,7 @@ def save_prompt(path: str | Path, method: PromptMethod, model, task: dict | None
         peft_config.update(task_type="SEQ_CLS",
                            modules_to_save=list(HEAD_MODULE_NAMES) + method.classifier.extra_modules())
     problems = _config_problems(peft_config)
-    problems = problems or _tensor_problems(peft_config, tensors)
+    problems = problems or _tensor_problems(peft_config, tensors) or method.saved_config_problems()
     if not problems:
         needed = method_for_peft_type(peft_config["peft_type"]).peft_token_dim(model)
         if peft_config["token_dim"] != needed:
