@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -346,3 +347,34 @@ def test_a_task_of_one_multi_token_label_classifies(tokenizer):
                                               raw=True)])
         assert res.label == "yes" and res.probs == {"yes": pytest.approx(1.0)}
         assert res.scores["yes"] == pytest.approx(score.logprob, abs=1e-4)
+
+
+def test_a_task_name_is_a_non_empty_string_and_the_base_task_is_not_replaced_by_a_prompt(tmp_path, tokenizer):
+    """add_prompt(123, ...) was served and broke task_names() and every unknown-task error with a TypeError; ""
+    was served but no request can name it; add_prompt/add_kv/add_ensemble("base", ...) silently replaced the
+    plain base-model task (load_from_store refused that)."""
+    model = make_model("llama")
+    engine = Engine(model, tokenizer)
+    sent = stored(tmp_path, model, tokenizer, "sent", 3, SENT, 1)
+    engine.add_prompt("sent", sent)
+    engine.add_prompt("sent3", stored(tmp_path, model, tokenizer, "sent3", 5, SENT, 4))
+    engine.add_base("base")
+    kv = forward.compute_prompt_kv(model, torch.randn(2, 32))
+    for bad in (123, "", None, ("a",)):
+        for add in (lambda n: engine.add_prompt(n, sent), lambda n: engine.add_kv(n, kv),
+                    lambda n: engine.add_ensemble(n, ["sent", "sent3"]), lambda n: engine.add_base(n)):
+            with pytest.raises(RequestError, match=re.escape(f"a task name must be a non-empty string, got {bad!r}")):
+                add(bad)
+    assert engine.task_names() == ["base", "sent", "sent3"]
+    with pytest.raises(UnknownTaskError, match="unknown task 'nope'; loaded: base, sent, sent3"):
+        engine.classify([ClassifyRequest("nope", "x")])
+    for add in (lambda: engine.add_prompt("base", sent), lambda: engine.add_kv("base", kv),
+                lambda: engine.add_ensemble("base", ["sent", "sent3"])):
+        with pytest.raises(RequestError, match="task 'base' is the plain base model .*: a prompt cannot replace it"):
+            add()
+    with pytest.raises(RequestError, match="task 'sent' is already served with a prompt"):
+        engine.add_base("sent")
+    assert engine.describe("base")["kind"] == "base" and engine.describe("sent")["kind"] == "prompt"
+    assert sorted(engine.backend.keys()) == ["sent", "sent3"]  # nothing half-loaded
+    engine.add_base("base")  # the base model again under its own name, and a prompt over a prompt, are fine
+    engine.add_prompt("sent", sent)

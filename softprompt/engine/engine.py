@@ -38,6 +38,7 @@ from softprompt.engine.requests import (
     ScoreResult,
     UnknownTaskError,
 )
+from softprompt.engine.task_names import check_task_name
 from softprompt.engine.turns import TurnEnds
 from softprompt.forward import InferencePrompt, PromptKV, TokenLogprob, end_token_ids, family_of
 from softprompt.forward.slots import MODEL_LOCK
@@ -168,10 +169,7 @@ class Engine:
         Everything is read, computed and checked before anything served changes, and the new prompts and
         task replace the old ones between two batches: a failed (re)load leaves every task as it was.
         """
-        current = self.tasks.get(name)
-        if current is not None and current.kind == "base":
-            raise RequestError(f"task {name!r} is the plain base model (no prompt): a store entry of that name "
-                               f"cannot replace it; serve the base model under another name (--base-task)")
+        check_task_name(name, "prompt", self.tasks.get(name))  # before anything is read (_install checks again)
         if store.kind(name) == "ensemble":
             spec = store.ensemble(name)
             built = {m: self._build(m, store.load(m, self.model, check_fingerprint)) for m in spec.members}
@@ -199,6 +197,7 @@ class Engine:
         """
         self.backend.check_formats(task.formats, task.name)
         with self._batch_lock, self._lock:  # read what to rebuild here: an unload just before came back
+            check_task_name(task.name, task.kind, self.tasks.get(task.name))
             others = [t for t in self.tasks.values() if t.name != task.name and t.kind != "base"
                       and any(m in built for m in t.members)]
             rebuilt = [self._ensemble_task(t.name, t.members, t.combine, built) if t.kind == "ensemble"
@@ -215,6 +214,7 @@ class Engine:
 
     def add_prompt(self, name: str, stored) -> Task:
         """Serve a :class:`StoredPrompt` (validated by ``load_prompt`` against this model) as ``name``."""
+        check_task_name(name, "prompt", self.tasks.get(name))  # before its keys/values are computed
         built = {name: self._build(name, stored)}
         return self._install(built, Task(name, "prompt", [name], [built[name].fmt], meta=built[name].meta))
 
@@ -249,9 +249,6 @@ class Engine:
     def add_base(self, name: str = "base", fmt: TaskFormat | None = None) -> Task:
         """Serve the plain base model (no prompt) as task ``name``, raw text unless ``fmt`` is given."""
         self.backend.require_language_model("a base-model task")
-        if name in self.tasks and self.tasks[name].kind != "base":
-            raise RequestError(f"task {name!r} is already served with a prompt: the base-model task needs another "
-                               f"name")
         return self._install({}, Task(name, "base", [None], [fmt]))
 
     def add_kv(self, name: str, prompt_kv: PromptKV, fmt: TaskFormat | None = None, bos: bool = True) -> Task:
@@ -259,6 +256,7 @@ class Engine:
         ``name``; ``bos``: texts start with the model's BOS after them (a soft prompt's layout), False for a
         hard prompt from :func:`~softprompt.evaluate.hard_prompt_kv`, which starts with the BOS itself."""
         self.backend.require_language_model("precomputed keys/values")
+        check_task_name(name, "prompt", self.tasks.get(name))
         self.backend.check(name, prompt_kv, name)
         return self._install({name: _Built(prompt_kv, fmt, {}, bos)}, Task(name, "prompt", [name], [fmt]))
 
