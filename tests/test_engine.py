@@ -378,3 +378,20 @@ def test_a_task_name_is_a_non_empty_string_and_the_base_task_is_not_replaced_by_
     assert sorted(engine.backend.keys()) == ["sent", "sent3"]  # nothing half-loaded
     engine.add_base("base")  # the base model again under its own name, and a prompt over a prompt, are fine
     engine.add_prompt("sent", sent)
+
+
+@pytest.mark.parametrize("raw", ["no", 0, 1, None, "false"])
+def test_raw_must_be_a_bool_on_every_request_kind(tmp_path, tokenizer, raw):
+    """raw="no" (truthy) silently dropped the template; raw=0/None went through as False."""
+    model = make_model("llama")
+    engine = Engine(model, tokenizer)
+    engine.add_prompt("sent", stored(tmp_path, model, tokenizer, "sent", 3, SENT, 1))
+    for kind, req in (("classify", ClassifyRequest("sent", "good", raw=raw)),
+                      ("generate", GenerateRequest("sent", "good", raw=raw, max_tokens=2)),
+                      ("score", ScoreRequest("sent", "good", " positive", raw=raw))):
+        with pytest.raises(RequestError, match=re.escape(f"raw must be true or false, got {raw!r}")):
+            engine.prepare(kind, req)
+    with pytest.raises(RequestError) as err:  # with a dict input, the one problem is named (not "raw input ...")
+        engine.prepare("classify", ClassifyRequest("sent", {"text": "good"}, raw=raw))
+    assert "raw input must be a string" not in str(err.value)
+    assert engine.prepare("generate", GenerateRequest("sent", "good", raw=True)).source == "good"

@@ -162,9 +162,11 @@ def check_request(req, kind: str) -> list[str]:
     problems = []
     if not isinstance(req.task, str) or not req.task:
         problems.append("task must be a non-empty string")
+    if not isinstance(req.raw, bool):  # "no" is truthy: the template was silently dropped
+        problems.append(f"raw must be true or false, got {req.raw!r}")
     texts: list[tuple[str, str]] = []  # (what, text) to check for text the tokenizer cannot take
     if isinstance(req.input, dict):
-        if req.raw:
+        if req.raw is True:
             problems.append("raw input must be a string, not a dict of fields")
         bad = [k for k, v in req.input.items() if not isinstance(k, str) or not isinstance(v, str)]
         if bad:
