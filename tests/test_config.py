@@ -143,6 +143,31 @@ def test_build_args_type_checks_and_converts():
         build_args(TrainArgs, {"resume": 1})
 
 
+def test_a_section_built_in_python_is_type_checked_as_flags_are(tmp_path):
+    """TrainArgs(batch_size=4.0) or max_steps="2" failed deep in training with a bare TypeError, and
+    group_by_length="no" (truthy) silently grouped: each section's __post_init__ runs build_args' type check."""
+    with pytest.raises(ConfigError) as err:
+        TrainArgs(output_dir=str(tmp_path / "r"), batch_size=4.0, max_steps="2", eval_every=1.5, seed=1.5,
+                  group_by_length="no", lr="fast", resume=None)
+    assert str(err.value).split("\n  ")[1:] == [
+        "--max-steps: expected int, got '2'", "--batch-size: expected int, got 4.0",
+        "--group-by-length: expected bool, got 'no'", "--lr: expected float, got 'fast'",
+        "--eval-every: expected int, got 1.5", "--resume: expected bool, got None", "--seed: expected int, got 1.5"]
+    for cls, kw, msg in ((EvalArgs, {"baselines": [1]}, "--baselines: expected a list of strings, got [1]"),
+                         (EvalArgs, {"k_shot": True}, "--k-shot: expected int, got True"),
+                         (DataArgs, {"max_length": "64"}, "--max-length: expected int, got '64'"),
+                         (PromptArgs, {"projection": "yes"}, "--projection: expected bool, got 'yes'"),
+                         (ServeArgs, {"port": 80.0}, "--port: expected int, got 80.0")):
+        with pytest.raises(ConfigError, match=re.escape(msg)):
+            cls(**kw)
+    # what the flags and config files convert is converted alike; a path is text; None stays where it means unset
+    args = TrainArgs(output_dir=tmp_path / "r", lr=1, max_grad_norm="2.5")
+    assert (args.output_dir, args.lr, args.max_grad_norm) == (str(tmp_path / "r"), 1.0, 2.5)
+    assert type(args.lr) is float and EvalArgs(baselines=("k_shot",)).baselines == ["k_shot"]
+    assert PromptArgs(num_virtual_tokens=None).num_virtual_tokens == 20
+    assert build_args(TrainArgs, {"lr": "3e-1"}, {"batch_size": 4}).lr == 0.3
+
+
 def test_yaml_exponent_floats_are_accepted(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("train:\n  lr: 3e-1\n")  # PyYAML reads this as the string '3e-1'

@@ -8,7 +8,8 @@ a YAML config file, where fields are grouped by section (``model:``, ``data:``, 
 - :mod:`.sections`: the dataclasses;
 - :mod:`.checks`: the checks commands share (finite numbers, seeds, folders and files to write, the
   context length);
-- :mod:`.files`: reading YAML config files and layering them under the flags.
+- :mod:`.files`: reading YAML config files and layering them under the flags;
+- :mod:`.typed`: the type check of every field, whether from a flag, a config file or Python.
 """
 
 from softprompt.config.checks import (
@@ -26,7 +27,7 @@ from softprompt.config.checks import (
     raise_problems,
     store_task_problems,
 )
-from softprompt.config.files import build_args, field_type, given, load_yaml, template_flag, to_yaml
+from softprompt.config.files import build_args, given, load_yaml, template_flag, to_yaml
 from softprompt.config.sections import (
     SCHEDULES,
     SECTIONS,
@@ -37,8 +38,10 @@ from softprompt.config.sections import (
     ServeArgs,
     TrainArgs,
 )
+from softprompt.config.typed import check_field_types, field_type
 
 __all__ = ["MAX_SEED", "MIN_MAX_LENGTH", "SCHEDULES", "SECTIONS", "ConfigError", "DataArgs", "EvalArgs", "ModelArgs",
-           "PromptArgs", "ServeArgs", "TrainArgs", "build_args", "check_file_to_write", "check_folder_to_create",
-           "check_real", "check_seed", "field_type", "fit_max_length", "flag", "generate_flag_problems", "given",
-           "keep_problems", "load_yaml", "raise_problems", "store_task_problems", "template_flag", "to_yaml"]
+           "PromptArgs", "ServeArgs", "TrainArgs", "build_args", "check_field_types", "check_file_to_write",
+           "check_folder_to_create", "check_real", "check_seed", "field_type", "fit_max_length", "flag",
+           "generate_flag_problems", "given", "keep_problems", "load_yaml", "raise_problems", "store_task_problems",
+           "template_flag", "to_yaml"]

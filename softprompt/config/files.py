@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import types
-import typing
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -14,21 +12,7 @@ import yaml
 
 from softprompt.config.checks import ConfigError, flag, raise_problems
 from softprompt.config.sections import SECTIONS
-
-
-def field_type(cls: type, f: dataclasses.Field) -> type:
-    """The scalar type behind a field annotation (``int | None`` -> ``int``, ``list[str]`` -> ``list``): the flag's
-    type, the first of a union's."""
-    return field_types(cls, f)[0]
-
-
-def field_types(cls: type, f: dataclasses.Field) -> tuple[type, ...]:
-    """The types a field's value may have besides None (``str | dict | None`` -> ``(str, dict)``: a config file
-    may give a mapping where the flag gives text)."""
-    hint = typing.get_type_hints(cls)[f.name]
-    args = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union \
-        else (hint,)
-    return tuple(typing.get_origin(a) or a for a in args if a is not type(None))
+from softprompt.config.typed import typed_fields
 
 
 class _DuplicateKey(ValueError):
@@ -126,29 +110,7 @@ def build_args(cls: type, *layers: dict[str, Any], origins: Sequence[str | None]
         prefix = source.get(field_name)
         return flag(field_name) if prefix is None else prefix + field_name
 
-    problems = []
-    for f in dataclasses.fields(cls):
-        if f.name not in merged:
-            continue
-        want, value = field_type(cls, f), merged[f.name]
-        if want is not typing.Any and isinstance(value, field_types(cls, f)[1:]):  # another type the field takes
-            continue
-        if want is float and isinstance(value, int | str) and not isinstance(value, bool):
-            try:  # YAML reads 3e-1 (no dot) as a string
-                merged[f.name] = float(value)
-            except ValueError:
-                problems.append(f"{name(f.name)}: expected float, got {value!r}")
-            except OverflowError:  # an integer of hundreds of digits
-                problems.append(f"{name(f.name)}: expected float, got an integer of {len(str(value))} digits "
-                                f"(out of the float range)")
-        elif want is list and isinstance(value, str):
-            merged[f.name] = [v.strip() for v in value.split(",") if v.strip()]
-            if not merged[f.name]:  # "--tasks ," would otherwise mean "not given": every task
-                problems.append(f"{name(f.name)}: {value!r} names nothing; give comma-separated values")
-        elif want is list and isinstance(value, list) and not all(isinstance(v, str) for v in value):
-            problems.append(f"{name(f.name)}: expected a list of strings, got {value!r}")
-        elif want is not typing.Any and not isinstance(value, want) or (want is int and isinstance(value, bool)):
-            problems.append(f"{name(f.name)}: expected {want.__name__}, got {value!r}")
+    merged, problems = typed_fields(cls, merged, name)
     typed = {k: v for k, v in merged.items() if not any(p.startswith(f"{name(k)}: expected") for p in problems)}
     try:  # the other values are still checked (ill-typed ones at their defaults), to report every problem
         args = cls(**typed)

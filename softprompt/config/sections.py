@@ -23,6 +23,7 @@ from softprompt.config.checks import (
     keep_problems,
     raise_problems,
 )
+from softprompt.config.typed import check_field_types
 from softprompt.forward import TASK_TYPES
 from softprompt.model import DEFAULT_MODEL
 
@@ -40,6 +41,7 @@ class ModelArgs:
     task_type: str = "auto"
 
     def __post_init__(self):
+        check_field_types(self)  # before the checks below compare the values
         problems = []
         if self.task_type not in TASK_TYPES:
             problems.append(f"--task-type must be one of {', '.join(TASK_TYPES)}, got {self.task_type!r}")
@@ -75,6 +77,7 @@ class DataArgs:
     text_field: str | None = None  # --objective lm: the text field of .jsonl/.csv corpora
 
     def __post_init__(self):
+        check_field_types(self)  # before the checks below compare the values
         # an empty value (an unset shell variable: --verbalizer "$VERB") read as "not given": the stored or
         # built-in value took its place, and an empty verbalizer turned a classification task into generation
         empty = [name for name in ("dataset", "train_file", "validation_file", "test_file", "template", "target_field",
@@ -176,6 +179,7 @@ class PromptArgs:
         A field the method does not take stays ``None`` (``null`` in ``--print-config``); ``init_text`` stays
         ``None`` until the task is known.
         """
+        check_field_types(self)  # before the checks below compare the values
         from softprompt.methods import METHODS
 
         problems = []
@@ -250,6 +254,7 @@ class TrainArgs:
     spike_factor: float = 3.0
 
     def __post_init__(self):
+        check_field_types(self)  # before the checks below compare the values
         problems = []
         for name in ("epochs", "batch_size", "grad_accum", "eval_every", "checkpoint_every"):
             if getattr(self, name) < 1:
@@ -287,6 +292,7 @@ class EvalArgs:
     max_new_tokens: int = 16
 
     def __post_init__(self):
+        check_field_types(self)  # before the checks below compare the values
         problems = []
         known = ("no_prompt", "hard_prompt", "k_shot")
         bad = [b for b in self.baselines if b not in known]
@@ -323,6 +329,7 @@ class ServeArgs:
     max_input_chars: int = 100_000
 
     def __post_init__(self):
+        check_field_types(self)  # before the checks below compare the values
         problems = []
         if self.admin_token and self.admin_token_file:
             problems.append("--admin-token and --admin-token-file both given: use one")

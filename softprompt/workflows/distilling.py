@@ -23,7 +23,15 @@ from pathlib import Path
 import torch
 
 from softprompt import methods
-from softprompt.config import ConfigError, check_real, check_seed, keep_problems, raise_problems, to_yaml
+from softprompt.config import (
+    ConfigError,
+    check_field_types,
+    check_real,
+    check_seed,
+    keep_problems,
+    raise_problems,
+    to_yaml,
+)
 from softprompt.data import DataError, Encoded, Example, TaskData, collate
 from softprompt.data.corpus import TEXT_SUFFIXES, CorpusFormat, encode_corpus
 from softprompt.data.formats import SUPPORTED_SUFFIXES, load_records_with_lines
@@ -60,6 +68,7 @@ class DistillArgs:
     data_seed: int = 13
 
     def __post_init__(self):
+        check_field_types(self)  # before the checks below compare the values
         problems = []
         if bool(self.context) == bool(self.context_file):
             problems.append("give the context: --context TEXT or --context-file FILE (one of them)")
