@@ -322,8 +322,9 @@ def test_stored_flag_keeps_each_prompts_layout(bos_tok, tmp_path, monkeypatch):
     monkeypatch.setattr(evaluation, "load_model_from_args", lambda args, stored: (model, bos_tok))
     monkeypatch.setattr(evaluation, "load_task_from_args", lambda *a, **k: TaskData(FMT, {"test": examples(2)}))
     monkeypatch.setattr(evaluation, "evaluate_with_baselines", lambda *a: seen.append(a[-1]) or {})
+    data = DataArgs(dataset="rotten_tomatoes")  # these prompts record no dataset: eval needs a data flag
     for folder in (old, tmp_path / "new"):
-        evaluation.evaluate_stored_prompt({"eval": EvalArgs(), "data": DataArgs()}, str(folder))
+        evaluation.evaluate_stored_prompt({"eval": EvalArgs(), "data": data}, str(folder))
     assert seen == [False, True]
     meta["bos"] = "yes"
     (old / META_NAME).write_text(json.dumps(meta))
