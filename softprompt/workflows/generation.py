@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from softprompt.config import ConfigError
+from softprompt.data import label_room
 from softprompt.engine import Engine
 from softprompt.store import PromptStore, load_prompt
 
@@ -70,7 +71,6 @@ def input_values(engine: Engine, task: str, texts: list[str], raw: bool) -> list
     return values
 
 
-
 #: ``generate``'s ``--max-new-tokens`` when it is not given and the task is not a classification
 DEFAULT_MAX_NEW_TOKENS = 16
 
@@ -88,9 +88,7 @@ def answer_budget(engine: Engine, task: str, chat: bool = False) -> int:
     so the text it goes on with (often the label again, up to the budget) says nothing.
     """
     fmt = _classification(engine, task, chat)
-    if fmt is None:
-        return DEFAULT_MAX_NEW_TOKENS
-    return 1 + max(len(engine.tok(text, add_special_tokens=False)["input_ids"]) for text in fmt.label_texts)
+    return DEFAULT_MAX_NEW_TOKENS if fmt is None else 1 + label_room(engine.tok, fmt)
 
 
 def output_row(engine: Engine, task: str, res, chat: bool = False, cut: bool = True) -> dict:
@@ -103,7 +101,7 @@ def output_row(engine: Engine, task: str, res, chat: bool = False, cut: bool = T
     if fmt is None:
         return row
     hits = [(len(t), label, t) for label, t in zip(fmt.labels, fmt.label_texts, strict=True) if res.text.startswith(t)]
-    row["label"] = max(hits)[1] if hits else None
+    _, row["label"], text = max(hits) if hits else (0, None, None)
     if cut and hits:
-        row["output"], row["finish_reason"] = max(hits)[2], "stop"
+        row["output"], row["finish_reason"] = text, "stop"
     return row
