@@ -28,6 +28,7 @@ from softprompt.forward import TASK_TYPES
 from softprompt.model import DEFAULT_MODEL
 
 SCHEDULES = ("linear", "cosine", "constant", "wsd")  # the lr schedules of --schedule
+HEADER_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")  # an HTTP header name (RFC 9110 token)
 MAX_WAIT_MS = 60_000  # the scheduler's wait for company: beyond a minute it is a mistake (and past the OS's timeouts)
 
 
@@ -319,6 +320,8 @@ class ServeArgs:
     max_batch_rows: int = 32  # rows per forward (an ensemble or multi-token labels give a request several)
     max_wait_ms: float = 5.0
     max_queue: int = 1024
+    max_queue_per_client: int = 0  # most requests of one client waiting; 0: only --max-queue
+    client_header: str | None = None  # the request header naming the client (else: the peer address)
     max_tokens: int = 512
     # continuous: generations join and leave the running batch at every decode step; batch: batch-at-a-time
     scheduler: str = "continuous"
@@ -343,6 +346,12 @@ class ServeArgs:
                 problems.append(f"{flag(name)} must be >= 1, got {getattr(self, name)}")
         keep_problems(problems, check_real("--max-wait-ms", self.max_wait_ms, lambda v: 0 <= v <= MAX_WAIT_MS,
                                            f"in [0, {MAX_WAIT_MS}] (a batch waits at most this long for company)"))
+        if self.max_queue_per_client < 0:
+            problems.append(f"--max-queue-per-client must be >= 0 (0: no share, only --max-queue), got "
+                            f"{self.max_queue_per_client}")
+        if self.client_header is not None and not HEADER_NAME.fullmatch(self.client_header):
+            problems.append(f"--client-header must be an HTTP header name (letters, digits, '-', e.g. X-API-Key), "
+                            f"got {self.client_header!r}")
         if not 0 <= self.port <= 65535:
             problems.append(f"--port must be in 0..65535, got {self.port}")
         if not self.host or any(c.isspace() for c in self.host):  # '' would listen on every interface

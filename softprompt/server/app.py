@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import hmac
 import json
 import time
@@ -41,6 +42,7 @@ class ServerState:
     max_body_bytes: int = 4 * 1024 * 1024
     max_input_chars: int = 100_000
     disconnect_poll_s: float = 0.2
+    client_header: str | None = None  # the header naming a request's client (else: its peer address)
 
 
 def create_app(state: ServerState) -> FastAPI:
@@ -74,9 +76,19 @@ def create_app(state: ServerState) -> FastAPI:
     def input_texts(inputs: list) -> list[str]:
         return [v for x in inputs for v in ([x] if isinstance(x, str) else x.values())]
 
-    async def submit(kind: str, reqs: list, on_token=None) -> list:
+    def client_of(request: Request) -> str:
+        """Whose request this is, for the scheduler's fair order and per-client share: the ``client_header``
+        value (hashed: a key is never kept or logged) when the server has one and the request sends it, else
+        the connection's peer address."""
+        if state.client_header:
+            value = request.headers.get(state.client_header)
+            if value:
+                return "header:" + hashlib.sha256(value.encode("utf-8", "surrogateescape")).hexdigest()[:24]
+        return "peer:" + (request.client.host if request.client else "unknown")
+
+    async def submit(kind: str, reqs: list, request: Request, on_token=None) -> list:
         """Prepare (tokenise) in a worker thread, never on the event loop; queue all or none."""
-        return await asyncio.to_thread(state.scheduler.submit_many, kind, reqs, on_token)
+        return await asyncio.to_thread(state.scheduler.submit_many, kind, reqs, on_token, client_of(request))
 
     async def unless_gone(awaitable, request: Request):
         """``awaitable``'s result, or :class:`ClientGone` once the client is seen disconnected (polled)."""
@@ -103,7 +115,7 @@ def create_app(state: ServerState) -> FastAPI:
                 j.cancel()
 
     async def run(kind: str, reqs: list, request: Request) -> list:
-        return await wait(await submit(kind, reqs), request)
+        return await wait(await submit(kind, reqs, request), request)
 
     def label(request: Request) -> str:
         return errors.route_label(app, request.scope)
@@ -140,6 +152,8 @@ def create_app(state: ServerState) -> FastAPI:
         return state.metrics.render({
             "softprompt_tasks_loaded": ("Tasks being served.", len(state.engine.task_names())),
             "softprompt_queue_depth": ("Requests waiting for a batch.", state.scheduler.depth()),
+            "softprompt_queue_clients": ("Clients with requests waiting (taken round-robin).",
+                                         state.scheduler.clients_waiting()),
             "softprompt_batches_total": ("Engine batches run.", st.batches),
             "softprompt_batched_requests_total": ("Requests run in batches.", st.rows),
             "softprompt_largest_batch": ("Most requests in one batch.", st.largest_batch),
@@ -277,7 +291,7 @@ def create_app(state: ServerState) -> FastAPI:
             new = render.extend(toks, lps) if render is not None and lps is not None else []
             loop.call_soon_threadsafe(queue.put_nowait, (visible, new))
 
-        (job,) = await submit("generate", [req], on_token)
+        (job,) = await submit("generate", [req], request, on_token)
         job.future.add_done_callback(lambda f: loop.call_soon_threadsafe(queue.put_nowait, None))
         return chunks(job, queue, chunk, request, role_first, render, usage)
 

@@ -93,10 +93,11 @@ def build_app(args: dict) -> FastAPI:
                           ("" if engine.family.generates or not sv.base_task else
                            f" and --base-task is not served for {type(model).__name__}, a classifier (its "
                            "prompts carry their heads)"))
-    scheduler = Scheduler(engine, sv.max_batch_requests, sv.max_wait_ms, sv.max_queue, policy=sv.scheduler)
+    scheduler = Scheduler(engine, sv.max_batch_requests, sv.max_wait_ms, sv.max_queue, policy=sv.scheduler,
+                          max_queue_per_client=sv.max_queue_per_client)
     state = ServerState(engine, scheduler, store=store,
                         admin_token=token, max_tokens=sv.max_tokens, max_body_bytes=sv.max_body_bytes,
-                        max_input_chars=sv.max_input_chars)
+                        max_input_chars=sv.max_input_chars, client_header=sv.client_header)
     log.info("serving %d tasks: %s%s", len(engine.task_names()), ", ".join(engine.task_names()),
              "" if token else " (admin endpoints disabled: no --admin-token / SOFTPROMPT_ADMIN_TOKEN)")
     return create_app(state)

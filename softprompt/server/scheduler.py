@@ -14,6 +14,11 @@ admitted together or not at all. One worker thread owns the engine calls, under 
   arriving meanwhile wait for the next batch. Kept for comparison (``benchmarks/server.py``), and used on
   a model whose attention the running batch does not reproduce (:meth:`Engine.continuous_problem`).
 
+Between clients, the order is fair (:class:`~softprompt.server.fair.FairQueue`): under both policies the
+waiting requests are taken round-robin over their clients (each client's own in arrival order), so a client
+with hundreds of texts queued delays another client's request by one turn, not by all of them; with
+``max_queue_per_client`` one client cannot fill the queue either (the others are still admitted).
+
 A batch that fails, whatever the exception, is split in halves and run again until the failing request
 fails alone (the running batch does the same per forward). A cancelled request (its client went away) is
 skipped before it runs, and a generation leaves at its next token.
@@ -25,13 +30,14 @@ import logging
 import queue
 import threading
 import time
-from collections import deque
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from softprompt.engine import EngineError
 from softprompt.engine.running import OnToken, RunningBatch  # a job's streaming hook: (tokens, logprobs)
+from softprompt.server.fair import FairQueue
 
 log = logging.getLogger("softprompt.server")
 
@@ -51,6 +57,7 @@ class Job:
     item: object  # the engine's Prepared request
     future: Future
     on_token: OnToken | None = None
+    client: str = ""  # whose request (the fair order and the per-client share of the queue)
     queued: float = field(default_factory=time.perf_counter)
     cancelled: threading.Event = field(default_factory=threading.Event)
     first_token: float | None = None  # seconds from queued to its first generated token
@@ -93,17 +100,21 @@ class Scheduler:
             at most its ``max_batch_rows``).
         max_wait_ms: how long the first request of a batch may wait for company.
         max_queue: most requests waiting; more are refused with :class:`QueueFullError`.
+        max_queue_per_client: most requests of one client waiting (0: no share, only ``max_queue``); more of
+            that client's are refused with :class:`QueueFullError`, the other clients' still admitted.
         policy: ``continuous`` or ``batch`` (see the module docstring); ``continuous`` on a model the running
             batch cannot serve falls back to ``batch`` with a logged warning (``self.policy`` says which runs).
         observe_ttft: called with each generation's seconds from queued to its first token (metrics).
     """
 
     def __init__(self, engine, max_batch_requests: int = 32, max_wait_ms: float = 5.0, max_queue: int = 1024,
-                 policy: str = "continuous", observe_ttft: Callable[[float], None] | None = None):
+                 policy: str = "continuous", observe_ttft: Callable[[float], None] | None = None,
+                 max_queue_per_client: int = 0):
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
         self.engine = engine
         self.max_batch_requests, self.max_wait, self.max_queue = max_batch_requests, max_wait_ms / 1000, max_queue
+        self.max_queue_per_client = max_queue_per_client
         self.policy, self.observe_ttft = policy, observe_ttft
         if policy == "continuous":
             problem = engine.continuous_problem()
@@ -111,9 +122,11 @@ class Scheduler:
                 log.warning("scheduling batch-at-a-time: %s", problem)
                 self.policy = "batch"
         self._q: queue.Queue[Job | None] = queue.Queue()
-        self._pending: deque[Job] = deque()  # generations taken from the queue, waiting for room to run
-        self._scoring: deque[Job] = deque()  # classify/score jobs taken from the queue, waiting for their turn
-        self._waiting = 0  # admitted requests not yet taken into a batch
+        self._pending = FairQueue()  # generations taken from the queue, waiting for room to run
+        self._scoring = FairQueue()  # classify/score jobs taken from the queue, waiting for their turn
+        self._backlog = FairQueue()  # batch policy: jobs taken from the queue, waiting for a batch
+        self._waiting = 0  # admitted requests not yet taken from the queue
+        self._by_client: Counter[str] = Counter()  # admitted requests not yet running, per client
         self._admit_lock = threading.Lock()
         self.stats = SchedulerStats()
         self._thread: threading.Thread | None = None
@@ -142,21 +155,31 @@ class Scheduler:
 
     def depth(self) -> int:
         """Requests admitted and not yet running."""
-        return self._waiting + len(self._pending) + len(self._scoring)
+        return self._waiting + len(self._pending) + len(self._scoring) + len(self._backlog)
+
+    def clients_waiting(self) -> int:
+        """How many clients have requests admitted and not yet running."""
+        with self._admit_lock:
+            return len(self._by_client)
 
     def _check_running(self) -> None:
         if not self.running:
             raise RuntimeError("the scheduler is not running: call start() first")
 
-    def _check_room(self, n: int) -> None:
+    def _check_room(self, n: int, client: str) -> None:
         waiting = self.depth()
         if waiting + n > self.max_queue:
             raise QueueFullError(f"queue full ({waiting} of {self.max_queue} requests waiting; this one "
                                  f"brings {n}); retry later")
+        mine = self._by_client.get(client, 0)
+        if self.max_queue_per_client and mine + n > self.max_queue_per_client:
+            raise QueueFullError(f"this client's share of the queue is full ({mine} of its "
+                                 f"{self.max_queue_per_client} requests waiting; this one brings {n}); retry later")
 
-    def submit_many(self, kind: str, requests: list, on_token: OnToken | None = None,
+    def submit_many(self, kind: str, requests: list, on_token: OnToken | None = None, client: str = "",
                     ) -> list[Job]:
-        """Prepare ``requests`` here (the caller's thread), then queue all of them or none.
+        """Prepare ``requests`` here (the caller's thread), then queue all of them or none; ``client`` names
+        whose they are (the fair order between clients and ``max_queue_per_client``).
 
         Raises:
             QueueFullError: they do not all fit in the queue (nothing is queued).
@@ -165,21 +188,24 @@ class Scheduler:
         if kind not in KINDS:
             raise ValueError(f"unknown request kind {kind!r}")
         self._check_running()
-        self._check_room(len(requests))  # before tokenising anything: an overloaded server answers at once
+        if not isinstance(client, str):
+            raise TypeError(f"client must be a str, got {type(client).__name__}")
+        self._check_room(len(requests), client)  # before tokenising anything: an overloaded server answers at once
         many = len(requests) > 1
         items = [self.engine.prepare(kind, r, i if many else None) for i, r in enumerate(requests)]
-        jobs = [Job(kind, item, Future(), on_token) for item in items]
+        jobs = [Job(kind, item, Future(), on_token, client) for item in items]
         with self._admit_lock:
-            self._check_room(len(jobs))
+            self._check_room(len(jobs), client)
             self._waiting += len(jobs)
+            self._by_client[client] += len(jobs)
         for job in jobs:
             self._q.put(job)
         return jobs
 
-    def submit(self, kind: str, request, on_token: OnToken | None = None) -> Future:
+    def submit(self, kind: str, request, on_token: OnToken | None = None, client: str = "") -> Future:
         """Queue one request; the future resolves to the engine's result or raises its error."""
         try:
-            (job,) = self.submit_many(kind, [request], on_token)
+            (job,) = self.submit_many(kind, [request], on_token, client)
         except EngineError as e:
             failed: Future = Future()
             failed.set_exception(e)
@@ -191,6 +217,15 @@ class Scheduler:
         if job is not None:
             with self._admit_lock:
                 self._waiting -= 1
+        return job
+
+    def _pop(self, waiting: FairQueue) -> Job:
+        """The next job of ``waiting`` in the fair order; it no longer counts toward its client's share."""
+        job = waiting.pop()
+        with self._admit_lock:
+            self._by_client[job.client] -= 1
+            if self._by_client[job.client] <= 0:
+                del self._by_client[job.client]
         return job
 
     def _collect(self, first: Job) -> tuple[list[Job], bool]:
@@ -207,11 +242,18 @@ class Scheduler:
         return jobs, False
 
     def _run(self) -> None:
-        while True:
-            first = self._take(True)
-            if first is None:
-                return
-            jobs, stopping = self._collect(first)
+        stopping = False
+        while not (stopping and not len(self._backlog)):
+            if not stopping:
+                if not len(self._backlog):
+                    first = self._take(True)
+                    if first is None:
+                        return
+                    self._backlog.push(first)
+                more, stopping = (self._collect_more() if len(self._backlog) < self.max_batch_requests
+                                  else self._drain())  # every job queued now takes part in the fair order
+                self._backlog.extend(more)
+            jobs = [self._pop(self._backlog) for _ in range(min(len(self._backlog), self.max_batch_requests))]
             t0 = time.perf_counter()
             for kind in KINDS:
                 group = [j for j in jobs if j.kind == kind]
@@ -221,8 +263,22 @@ class Scheduler:
             self.stats.rows += len(jobs)
             self.stats.largest_batch = max(self.stats.largest_batch, len(jobs))
             self.stats.batch_seconds += time.perf_counter() - t0
-            if stopping:
-                return
+
+    def _collect_more(self) -> tuple[list[Job], bool]:
+        """Wait up to ``max_wait`` for company while the backlog is short of a batch, then take what else is
+        queued; True when the stop sentinel was among them."""
+        jobs, deadline = [], time.perf_counter() + self.max_wait
+        while len(self._backlog) + len(jobs) < self.max_batch_requests:
+            left = deadline - time.perf_counter()
+            try:
+                job = self._take(True, left) if left > 0 else self._take(False)
+            except queue.Empty:
+                break
+            if job is None:
+                return jobs, True
+            jobs.append(job)
+        more, stopping = self._drain()
+        return jobs + more, stopping
 
     def _run_continuous(self) -> None:
         batch = RunningBatch(self.engine, max_rows=self.max_batch_requests)
@@ -236,12 +292,15 @@ class Scheduler:
                     if first is None:
                         return
                     jobs, stopping = self._collect(first)
+                    if not stopping:  # and every job queued now: they all take part in the fair order
+                        more, stopping = self._drain()
+                        jobs += more
                 else:
                     jobs, stopping = self._drain()
             self._pending.extend(j for j in jobs if j.kind == "generate")
             self._scoring.extend(j for j in jobs if j.kind != "generate")
             t0 = time.perf_counter()
-            turn = [self._scoring.popleft() for _ in range(min(len(self._scoring), self.max_batch_requests))]
+            turn = [self._pop(self._scoring) for _ in range(min(len(self._scoring), self.max_batch_requests))]
             for kind in ("classify", "score"):  # between two decode steps, a bounded share
                 group = [j for j in turn if j.kind == kind]
                 if group:
@@ -273,14 +332,14 @@ class Scheduler:
             jobs.append(job)
 
     def _admit(self, batch: RunningBatch) -> None:
-        """Pending generations join the running batch while it has room (in arrival order)."""
+        """Pending generations join the running batch while it has room (in the fair order)."""
         while self._pending:
-            job = self._pending[0]
+            job = self._pending.peek()
             # a cancelled job leaves first: a large one whose client left blocked the live ones behind it until
             # the running batch had room for it
             if not (job.cancelled.is_set() or job.future.cancelled()) and not batch.room(job.item):
                 break
-            self._pending.popleft()
+            self._pop(self._pending)
             if job.cancelled.is_set() or not job.future.set_running_or_notify_cancel():
                 self.stats.cancelled += 1
                 continue
