@@ -15,7 +15,7 @@ from softprompt.config import ConfigError, ServeArgs  # noqa: E402
 from softprompt.engine import ClassifyRequest, Engine  # noqa: E402
 from softprompt.server import Scheduler, ServerState, create_app  # noqa: E402
 from softprompt.server.fair import FairQueue  # noqa: E402
-from softprompt.server.scheduler import QueueFullError  # noqa: E402
+from softprompt.server.scheduler import OverShareError, QueueFullError  # noqa: E402
 from tests.conftest import gate_runs, make_model  # noqa: E402
 from tests.test_engine import SENT, TEXTS, stored  # noqa: E402
 
@@ -93,10 +93,10 @@ def test_one_client_cannot_fill_the_queue_the_others_still_get_in(engine, monkey
         first = sched.submit_many("classify", [ClassifyRequest("sent", t) for t in TEXTS[:3]], client="a")
         with pytest.raises(QueueFullError, match=r"this client's share of the queue is full \(3 of its 3"):
             sched.submit("classify", ClassifyRequest("sent", "more"), client="a")
-        with pytest.raises(QueueFullError, match="brings 4"):  # all or nothing: none of b's 4 is queued
+        with pytest.raises(OverShareError, match="brings 4 texts, more than a client's whole share"):
             sched.submit_many("classify", [ClassifyRequest("sent", t) for t in TEXTS[:4]], client="b")
         other = sched.submit_many("classify", [ClassifyRequest("sent", t) for t in TEXTS[:3]], client="b")
-        assert sched.depth() == 6
+        assert sched.depth() == 6 and sched.clients_waiting() == 2
         gate.set()
         for job in [*first, *other]:
             assert job.future.result(30).label in ("positive", "negative")
@@ -134,7 +134,7 @@ def test_the_client_header_names_the_client_and_its_share_is_429(engine, monkeyp
         try:
             held = pool.submit(classify, client, "key-held", 1)
             assert gate.entered.wait(30)
-            over = pool.submit(classify, client, "key-a", 3).result(30)  # over its share of 2: refused at once
+            over = pool.submit(classify, client, "key-a", 3).result(30)  # more than a share of 2: never admissible
             a = pool.submit(classify, client, "key-a", 2)
             _wait_for(lambda: sched.depth() == 2)
             a_more = pool.submit(classify, client, "key-a", 1).result(30)
@@ -143,11 +143,13 @@ def test_the_client_header_names_the_client_and_its_share_is_429(engine, monkeyp
             _wait_for(lambda: sched.depth() == 6)
             assert client.get("/metrics").text.count("softprompt_queue_clients 3") == 1
             anon_more = pool.submit(classify, client, None, 1).result(30)
+            too_big = pool.submit(classify, client, "key-c", 3).result(30)  # over any client's share: never
         finally:
             gate.set()
-        assert [r.status_code for r in (over, a_more, anon_more)] == [429] * 3
+        assert too_big.status_code == 400 and "more than a client's whole share" in too_big.text
+        assert [r.status_code for r in (a_more, anon_more)] == [429] * 2 and over.status_code == 400
         assert all("this client's share of the queue is full" in r.json()["error"]["message"]
-                   and r.headers["retry-after"] == "1" for r in (over, a_more, anon_more))
+                   and r.headers["retry-after"] == "1" for r in (a_more, anon_more))
         assert "key-a" not in over.json()["error"]["message"]
         for f in (held, a, b, anon):
             r = f.result(60)

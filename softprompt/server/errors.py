@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException
 from starlette.routing import Match
 
 from softprompt.engine import ChatLayoutError, EngineError, RequestError, TooLongError, UnknownTaskError
-from softprompt.server.scheduler import QueueFullError
+from softprompt.server.scheduler import OverShareError, QueueFullError
 from softprompt.store import StoreError
 
 log = logging.getLogger("softprompt.server")
@@ -50,6 +50,7 @@ STATUS: list[tuple[type[BaseException], int, str]] = [
     (LimitError, 400, "invalid_request_error"),
     (RequestError, 422, "invalid_request_error"),
     (QueueFullError, 429, "rate_limit_error"),
+    (OverShareError, 400, "invalid_request_error"),
     (StoreError, 400, "invalid_request_error"),
     (ClientGone, 499, "client_closed_request"),
 ]

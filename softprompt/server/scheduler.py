@@ -46,7 +46,11 @@ POLICIES = ("continuous", "batch")
 
 
 class QueueFullError(Exception):
-    """The scheduler's queue is at ``max_queue`` (HTTP 429)."""
+    """The scheduler's queue is at ``max_queue``, or the client's share of it (HTTP 429)."""
+
+
+class OverShareError(Exception):
+    """A request with more texts than a client's whole share of the queue: it can never be admitted (HTTP 400)."""
 
 
 @dataclass
@@ -171,6 +175,10 @@ class Scheduler:
         if waiting + n > self.max_queue:
             raise QueueFullError(f"queue full ({waiting} of {self.max_queue} requests waiting; this one "
                                  f"brings {n}); retry later")
+        if self.max_queue_per_client and n > self.max_queue_per_client:
+            raise OverShareError(f"this request brings {n} texts, more than a client's whole share of the queue "
+                                 f"({self.max_queue_per_client}): it can never be admitted; send at most "
+                                 f"{self.max_queue_per_client} per request")
         mine = self._by_client.get(client, 0)
         if self.max_queue_per_client and mine + n > self.max_queue_per_client:
             raise QueueFullError(f"this client's share of the queue is full ({mine} of its "
