@@ -75,6 +75,17 @@ def debates_records() -> list[dict]:
     return out
 
 
+def write_splits(folder: Path, splits: dict[str, list[dict]], rng: random.Random) -> dict[str, Path]:
+    """Each split's records, shuffled by ``rng``, as ``folder/<split>.jsonl``; the paths by split."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for split, recs in splits.items():
+        rng.shuffle(recs)
+        paths[split] = folder / f"{split}.jsonl"
+        paths[split].write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return paths
+
+
 def write_debates(folder: Path, seed: int = 13) -> dict[str, Path]:
     """Split the debate records 70/15/15 within each label (seeded) and write one JSONL file per split."""
     by_label: dict[str, list[dict]] = {}
@@ -89,13 +100,7 @@ def write_debates(folder: Path, seed: int = 13) -> dict[str, Path]:
         splits["validation"] += recs[:n_val]
         splits["test"] += recs[n_val:n_val + n_test]
         splits["train"] += recs[n_val + n_test:]
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = {}
-    for split, recs in splits.items():
-        rng.shuffle(recs)
-        paths[split] = folder / f"{split}.jsonl"
-        paths[split].write_text("".join(json.dumps(r) + "\n" for r in recs))
-    return paths
+    return write_splits(folder, splits, rng)
 
 
 def write_conventions(folder: Path, seed: int = 13) -> dict[str, Path]:
@@ -119,13 +124,7 @@ def write_conventions(folder: Path, seed: int = 13) -> dict[str, Path]:
                 if len(words) >= 8 and text not in seen:
                     seen.add(text)
                     splits[split].append({"text": text, "label": party})
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = {}
-    for split, recs in splits.items():
-        rng.shuffle(recs)
-        paths[split] = folder / f"{split}.jsonl"
-        paths[split].write_text("".join(json.dumps(r) + "\n" for r in recs))
-    return paths
+    return write_splits(folder, splits, rng)
 
 
 def task_flags(task: str, out: Path) -> list[str]:

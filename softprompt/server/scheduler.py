@@ -236,9 +236,12 @@ class Scheduler:
                 del self._by_client[job.client]
         return job
 
-    def _collect(self, first: Job) -> tuple[list[Job], bool]:
-        jobs, deadline = [first], time.perf_counter() + self.max_wait
-        while len(jobs) < self.max_batch_requests:
+    def _gather(self, jobs: list[Job], held: int = 0) -> tuple[list[Job], bool]:
+        """``jobs`` and what arrives within ``max_wait`` while they and the ``held`` ones are short of a batch,
+        then every job queued now (all of them take part in the fair order); True when the stop sentinel was
+        among them."""
+        deadline = time.perf_counter() + self.max_wait
+        while held + len(jobs) < self.max_batch_requests:
             left = deadline - time.perf_counter()
             try:
                 job = self._take(True, left) if left > 0 else self._take(False)
@@ -247,7 +250,8 @@ class Scheduler:
             if job is None:
                 return jobs, True
             jobs.append(job)
-        return jobs, False
+        more, stopping = self._drain()
+        return jobs + more, stopping
 
     def _run(self) -> None:
         stopping = False
@@ -258,8 +262,7 @@ class Scheduler:
                     if first is None:
                         return
                     self._backlog.push(first)
-                more, stopping = (self._collect_more() if len(self._backlog) < self.max_batch_requests
-                                  else self._drain())  # every job queued now takes part in the fair order
+                more, stopping = self._gather([], len(self._backlog))
                 self._backlog.extend(more)
             jobs = [self._pop(self._backlog) for _ in range(min(len(self._backlog), self.max_batch_requests))]
             t0 = time.perf_counter()
@@ -272,22 +275,6 @@ class Scheduler:
             self.stats.largest_batch = max(self.stats.largest_batch, len(jobs))
             self.stats.batch_seconds += time.perf_counter() - t0
 
-    def _collect_more(self) -> tuple[list[Job], bool]:
-        """Wait up to ``max_wait`` for company while the backlog is short of a batch, then take what else is
-        queued; True when the stop sentinel was among them."""
-        jobs, deadline = [], time.perf_counter() + self.max_wait
-        while len(self._backlog) + len(jobs) < self.max_batch_requests:
-            left = deadline - time.perf_counter()
-            try:
-                job = self._take(True, left) if left > 0 else self._take(False)
-            except queue.Empty:
-                break
-            if job is None:
-                return jobs, True
-            jobs.append(job)
-        more, stopping = self._drain()
-        return jobs + more, stopping
-
     def _run_continuous(self) -> None:
         batch = RunningBatch(self.engine, max_rows=self.max_batch_requests)
         stopping = False
@@ -299,10 +286,7 @@ class Scheduler:
                     first = self._take(True)
                     if first is None:
                         return
-                    jobs, stopping = self._collect(first)
-                    if not stopping:  # and every job queued now: they all take part in the fair order
-                        more, stopping = self._drain()
-                        jobs += more
+                    jobs, stopping = self._gather([first])
                 else:
                     jobs, stopping = self._drain()
             self._pending.extend(j for j in jobs if j.kind == "generate")
