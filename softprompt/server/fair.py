@@ -48,7 +48,3 @@ class FairQueue:
             del self._by_client[client]
         self._n -= 1
         return job
-
-    def clients(self) -> int:
-        """How many clients have a job waiting here."""
-        return len(self._by_client)
