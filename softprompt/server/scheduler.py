@@ -105,7 +105,8 @@ class Scheduler:
         max_wait_ms: how long the first request of a batch may wait for company.
         max_queue: most requests waiting; more are refused with :class:`QueueFullError`.
         max_queue_per_client: most requests of one client waiting (0: no share, only ``max_queue``); more of
-            that client's are refused with :class:`QueueFullError`, the other clients' still admitted.
+            that client's are refused with :class:`QueueFullError`, the other clients' still admitted; a
+            request of more texts than the whole share with :class:`OverShareError`.
         policy: ``continuous`` or ``batch`` (see the module docstring); ``continuous`` on a model the running
             batch cannot serve falls back to ``batch`` with a logged warning (``self.policy`` says which runs).
         observe_ttft: called with each generation's seconds from queued to its first token (metrics).
@@ -175,14 +176,16 @@ class Scheduler:
         if waiting + n > self.max_queue:
             raise QueueFullError(f"queue full ({waiting} of {self.max_queue} requests waiting; this one "
                                  f"brings {n}); retry later")
-        if self.max_queue_per_client and n > self.max_queue_per_client:
+        share = self.max_queue_per_client
+        if not share:
+            return
+        if n > share:
             raise OverShareError(f"this request brings {n} texts, more than a client's whole share of the queue "
-                                 f"({self.max_queue_per_client}): it can never be admitted; send at most "
-                                 f"{self.max_queue_per_client} per request")
+                                 f"({share}): it can never be admitted; send at most {share} per request")
         mine = self._by_client.get(client, 0)
-        if self.max_queue_per_client and mine + n > self.max_queue_per_client:
-            raise QueueFullError(f"this client's share of the queue is full ({mine} of its "
-                                 f"{self.max_queue_per_client} requests waiting; this one brings {n}); retry later")
+        if mine + n > share:
+            raise QueueFullError(f"this client's share of the queue is full ({mine} of its {share} requests "
+                                 f"waiting; this one brings {n}); retry later")
 
     def submit_many(self, kind: str, requests: list, on_token: OnToken | None = None, client: str = "",
                     ) -> list[Job]:
