@@ -48,7 +48,7 @@ LRS = [1e-6, 1e-5, 0.03, 0.1]  # two that barely move the prompt, two that lower
 
 def base(out, **kw) -> TrainArgs:
     """Every trial's loop: 12 steps of 8 examples (adamw), ranked by validation loss."""
-    return TrainArgs(**{**dict(output_dir=str(out), max_steps=12, batch_size=8, optimizer="adamw", warmup_steps=2,
+    return TrainArgs(**{**dict(output_dir=str(out), max_steps=12, batch_size=8, optimizer="adamw", warmup_steps=1,
                                seed=3, metric="loss"), **kw})
 
 
@@ -326,7 +326,7 @@ def test_a_search_where_every_trial_diverges_saves_nothing_and_leaves_no_older_p
                                                                                        monkeypatch):
     out = tmp_path / "run"
     args = {"model": ModelArgs(), "data": DataArgs(max_length=64), "prompt": PROMPT, "eval": EvalArgs(),
-            "train": base(out, max_steps=6, prompt_pass="concat", max_rollbacks=1)}
+            "train": base(out, max_steps=6, prompt_pass="concat", max_rollbacks=1, warmup_steps=2)}
     model, lines = make_model("llama"), []
     first = run_tune(args, TuneArgs(lrs=[0.03, 0.1, 0.3], top_k=2), model, tokenizer, task(64, 32), echo=id)
     assert first.best is not None and (out / "best_prompt").is_dir() and (out / "top" / "2").is_dir()
@@ -559,6 +559,28 @@ def test_plan_rungs():
         plan_rungs(4, 2, horizon=40, min_steps=50)
     with pytest.raises(ConfigError, match="--budget-steps 8 does not pay for rung 0"):
         plan_rungs(9, 3, horizon=None, budget_steps=8)
+
+
+def test_rung_0_ends_well_past_the_warmup():
+    """A cut right after the warmup ranks trials that have barely trained at their own lr (issue 12: on Rotten
+    Tomatoes the best lr at 100 steps read the lowest accuracy at step 11 and was cut)."""
+    plan = plan_rungs(9, 3, horizon=100, warmup_steps=10)
+    assert (plan.rungs, plan.keep) == ([30, 100], [9, 3])  # 30, 90, 100: the 90 merged, 3 trials finish
+    assert plan_rungs(9, 3, horizon=100, warmup_steps=0).rungs == [11, 33, 100]
+    assert plan_rungs(9, 3, horizon=100, min_steps=11, warmup_steps=10).rungs == [11, 33, 100]  # the user's
+    assert plan_rungs(9, 3, horizon=30, warmup_steps=10).rungs == [10, 30]  # at most horizon // eta: a cut
+    assert plan_rungs(9, 3, horizon=1000, warmup_steps=10).rungs == [111, 333, 1000]  # already past it
+    assert plan_rungs(9, 2, horizon=100, warmup_steps=10).rungs == [30, 60, 100]  # 40 more steps: kept
+    budget = plan_rungs(9, 3, horizon=None, budget_steps=600, warmup_steps=10)
+    assert (budget.rungs, budget.keep) == ([30, 140], [9, 3]) and budget.cost <= 600
+    small = plan_rungs(9, 3, horizon=None, budget_steps=232, warmup_steps=10)  # two rungs of 30 do not fit
+    assert small.rungs == [11, 33, 100]
+
+
+def test_the_search_plans_rung_0_from_the_warmup(tmp_path, tokenizer):
+    result = search(tmp_path / "run", tokenizer, TuneArgs(lrs=LRS, eta=2), warmup_steps=2)
+    assert (result.plan.rungs, result.plan.keep) == ([6, 12], [4, 2])  # 12 // 4 = 3 would end at warmup + 1
+    assert sorted(t.steps for t in result.trials) == [6, 6, 12, 12]
 
 
 def test_search_space():

@@ -50,7 +50,7 @@ def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
                         "report says when the search ran past the budget")
     g.add_argument("--eta", type=int, default=3, help="keep the best 1/eta of the trials at each rung (default 3)")
     g.add_argument("--min-steps", type=int, help="steps every trial gets at rung 0 (default: from the budget or the "
-                                                 "run length)")
+                                                 "run length, and no sooner than 3 x --warmup-steps)")
     g.add_argument("--top-k", type=int, default=1, help="save the k best prompts (with --store: k > 1 adds them "
                                                         "as TASK-1..TASK-k and an ensemble TASK)")
     g.add_argument("--ensemble-seeds", type=int, metavar="N",

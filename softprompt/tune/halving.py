@@ -85,7 +85,8 @@ class _Search:
             self.token_counts = token_counts(tokenizer, self.train_task.examples("train"))
         specs = self._buildable(specs)
         self.trials = [Trial(i, s, out / "trials" / f"t{i:02d}") for i, s in enumerate(specs)]
-        self.plan = plan_rungs(len(specs), tune.eta, self._horizon(), tune.min_steps, tune.budget_steps)
+        self.plan = plan_rungs(len(specs), tune.eta, self._horizon(), tune.min_steps, tune.budget_steps,
+                               train_args.warmup_steps)
         if tune.top_k > len(specs):
             raise ConfigError(f"invalid arguments:\n  --top-k {tune.top_k} is more than the {len(specs)} trials")
         # every rung but the last ends at a checkpoint (train always writes one at the horizon)

@@ -315,15 +315,23 @@ def halving_counts(n: int, eta: int) -> list[int]:
     return keep
 
 
+WARMUP_FACTOR = 3  # by default rung 0 ends no sooner than this many times --warmup-steps
+
+
 def plan_rungs(n: int, eta: int, horizon: int | None, min_steps: int | None = None,
-               budget_steps: int | None = None) -> Plan:
+               budget_steps: int | None = None, warmup_steps: int = 0) -> Plan:
     """The rungs for ``n`` trials.
 
     With a ``horizon`` (the run length ``--max-steps`` or ``--epochs`` give), rung ``k`` ends at
     ``r0 * eta**k`` steps and the last rung at the horizon; ``r0`` is ``min_steps`` or ``horizon //
-    eta**(rungs - 1)``. Without one, the horizon is the longest that ``budget_steps`` pays for: ``r0`` is as
-    large as fits (or ``min_steps``, with fewer rungs if the budget needs it), and what is left of the budget
-    lengthens the last rung.
+    eta**(rungs - 1)``, but no less than ``WARMUP_FACTOR * warmup_steps`` (capped at ``horizon // eta``): a
+    cut right after the warmup compares trials that have barely trained at their own learning rate (a
+    classification prompt's accuracy there mostly says which label it prefers at that moment). A rung whose
+    survivors would then train fewer than ``rung / eta`` more steps before the horizon is merged into the last
+    one, so more trials finish the whole run. Without a horizon, the horizon is the longest that
+    ``budget_steps`` pays for: ``r0`` is as large as fits (or ``min_steps``, with fewer rungs if the budget
+    needs it; the warmup floor when two rungs of it fit), and what is left of the budget lengthens the last
+    rung.
 
     Raises:
         ConfigError: the budget cannot pay for rung 0, or ``min_steps`` exceeds the horizon.
@@ -332,8 +340,10 @@ def plan_rungs(n: int, eta: int, horizon: int | None, min_steps: int | None = No
     if horizon is None:
         if budget_steps is None:
             raise ValueError("plan_rungs: give a horizon or a step budget")
-        return _plan_from_budget(keep, eta, min_steps, budget_steps)
-    r0 = min_steps if min_steps is not None else max(1, horizon // eta ** (len(keep) - 1))
+        return _plan_from_budget(keep, eta, min_steps, budget_steps, WARMUP_FACTOR * warmup_steps)
+    r0 = min_steps
+    if r0 is None:
+        r0 = max(1, horizon // eta ** (len(keep) - 1), min(WARMUP_FACTOR * warmup_steps, horizon // eta))
     if r0 > horizon:
         raise ConfigError(f"invalid arguments:\n  --min-steps {r0} is more than a whole trial ({horizon} steps: "
                           "--max-steps, or --epochs of the training data)")
@@ -343,18 +353,22 @@ def plan_rungs(n: int, eta: int, horizon: int | None, min_steps: int | None = No
         if rungs[-1] == horizon:
             break
     rungs[-1] = horizon  # the survivors end a complete run
+    while len(rungs) > 2 and horizon - rungs[-2] < rungs[-2] / eta:  # e.g. 30, 90, 100: 30, 100
+        del rungs[-2]
     plan = Plan(rungs, keep[:len(rungs)])
     _check_rung0(plan, budget_steps)
     return plan
 
 
-def _plan_from_budget(keep: list[int], eta: int, min_steps: int | None, budget: int) -> Plan:
+def _plan_from_budget(keep: list[int], eta: int, min_steps: int | None, budget: int, floor: int = 0) -> Plan:
     def plan(r0: int, rungs: int) -> Plan:
         return Plan([r0 * eta ** k for k in range(rungs)], keep[:rungs])
 
     r0 = min_steps
     if r0 is None:
         r0 = max(1, budget // plan(1, len(keep)).cost)
+        if r0 < floor and len(keep) > 1 and plan(floor, 2).cost <= budget:  # the warmup floor, with halving
+            r0 = floor
     rungs = len(keep)
     while rungs > 1 and plan(r0, rungs).cost > budget:
         rungs -= 1
