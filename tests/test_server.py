@@ -241,13 +241,18 @@ def test_max_tokens_defaults_follow_the_server_limit_and_a_chat_reply_gets_the_r
             assert got["choices"][0]["finish_reason"] == ref.finish_reason
 
 
-def test_queue_full_is_429(tokenizer):
+def test_a_request_larger_than_the_whole_queue_is_400_not_a_429_to_retry(tokenizer):
     engine = Engine(make_model("llama"), tokenizer)
     engine.add_base("base")
-    state = ServerState(engine, Scheduler(engine, max_queue=0))
+    state = ServerState(engine, Scheduler(engine, max_queue=2))
     with TestClient(create_app(state)) as client:
-        r = client.post("/v1/completions", json={"model": "base", "prompt": "the", "max_tokens": 1})
-        assert r.status_code == 429 and r.headers["retry-after"] == "1"
+        r = client.post("/v1/completions", json={"model": "base", "prompt": ["the"] * 3, "max_tokens": 1})
+        assert r.status_code == 400 and "retry-after" not in r.headers
+        assert "3 texts, more than the whole queue holds (--max-queue 2)" in r.json()["error"]["message"]
+        r = client.post("/v1/completions", json={"model": "base", "prompt": ["the"] * 2, "max_tokens": 1})
+        assert r.status_code == 200 and len(r.json()["choices"]) == 2  # a full queue's worth is admitted
+    with pytest.raises(ValueError, match="max_queue must be >= 1"):
+        Scheduler(engine, max_queue=0)
 
 
 @pytest.mark.parametrize("policy", ["continuous", "batch"])

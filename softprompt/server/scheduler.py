@@ -50,7 +50,8 @@ class QueueFullError(Exception):
 
 
 class OverShareError(Exception):
-    """A request with more texts than a client's whole share of the queue: it can never be admitted (HTTP 400)."""
+    """A request with more texts than the whole queue or a client's whole share of it: it can never be admitted,
+    so retrying cannot help (HTTP 400, not 429)."""
 
 
 @dataclass
@@ -103,7 +104,8 @@ class Scheduler:
         max_batch_requests: most requests per engine call (the engine splits their rows into forwards of
             at most its ``max_batch_rows``).
         max_wait_ms: how long the first request of a batch may wait for company.
-        max_queue: most requests waiting; more are refused with :class:`QueueFullError`.
+        max_queue: most requests waiting (>= 1); more are refused with :class:`QueueFullError`, a request of
+            more texts than ``max_queue`` with :class:`OverShareError`.
         max_queue_per_client: most requests of one client waiting (0: no share, only ``max_queue``); more of
             that client's are refused with :class:`QueueFullError`, the other clients' still admitted; a
             request of more texts than the whole share with :class:`OverShareError`.
@@ -117,6 +119,8 @@ class Scheduler:
                  max_queue_per_client: int = 0):
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
+        if max_queue < 1:
+            raise ValueError(f"max_queue must be >= 1 (no request could ever be admitted), got {max_queue}")
         self.engine = engine
         self.max_batch_requests, self.max_wait, self.max_queue = max_batch_requests, max_wait_ms / 1000, max_queue
         self.max_queue_per_client = max_queue_per_client
@@ -172,6 +176,10 @@ class Scheduler:
             raise RuntimeError("the scheduler is not running: call start() first")
 
     def _check_room(self, n: int, client: str) -> None:
+        if n > self.max_queue:
+            raise OverShareError(f"this request brings {n} texts, more than the whole queue holds (--max-queue "
+                                 f"{self.max_queue}): it can never be admitted; send at most {self.max_queue} per "
+                                 "request")
         waiting = self.depth()
         if waiting + n > self.max_queue:
             raise QueueFullError(f"queue full ({waiting} of {self.max_queue} requests waiting; this one "
