@@ -79,7 +79,7 @@ def test_train_refuses_a_prefix_with_gradient_checkpointing(tmp_path, tokenizer)
 
 def make_gemma4():
     """A tiny Gemma 4: its sliding layers' heads (8) are smaller than its full layers' (16); no per-layer inputs
-    (with them, the model refuses ``inputs_embeds`` that are not its own embeddings: no prompt of embeddings)."""
+    (tests/test_per_layer_embeddings.py has them)."""
     from transformers import Gemma4ForCausalLM, Gemma4TextConfig
 
     from softprompt.model import prepare_frozen

@@ -45,12 +45,15 @@ from softprompt.forward.common import (
     by_length,
     check_pass,
     check_prompt,
+    holds_nothing,
     id_set,
     label_token_ids,
     out_cache,
+    per_layer_kwargs,
     prompt_embeds,
     rows_per_label,
     sample_next,
+    shared_kv_sources,
     text_config,
     text_position_ids,
     token_logprobs,
@@ -98,17 +101,21 @@ def prompt_cache(model, embeds: torch.Tensor) -> PromptKV:
     embeds = embeds.to(device=model.device, dtype=model.dtype).clone()[None]  # (1, P, H)
     p, name = embeds.shape[1], type(model).__name__
     out = base_forward(model, inputs_embeds=embeds, position_ids=torch.arange(p, device=model.device)[None],
-                        use_cache=True)
+                        use_cache=True, **per_layer_kwargs(model, None, p))
     cache = out_cache(out)
     if type(cache) is not DynamicCache:
         raise InjectionError(f"{name}'s forward returns {type(cache).__name__ if cache is not None else 'no cache'} "
                              "where softprompt keeps a prompt as a DynamicCache of keys and values per layer")
+    sources = shared_kv_sources(model)
     for i, layer in enumerate(cache.layers):
+        if i in sources and holds_nothing(cache, i):
+            continue  # it attends to its source layer's keys/values: kept in its place below
         if type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer) or layer.keys is None:
             raise InjectionError(f"layer {i} of {name}'s cache is a {type(layer).__name__}: it keeps other state than "
                                  "keys and values (recurrent, convolution or shared keys/values), which a cached "
                                  "prompt would lose")
-    layers = [(layer.keys, layer.values) for layer in cache.layers]
+    layers = [(cache.layers[sources.get(i, i)].keys, cache.layers[sources.get(i, i)].values)
+              for i in range(len(cache.layers))]
     num_layers = text_config(model.config).num_hidden_layers
     if len(layers) != num_layers:
         raise InjectionError(f"prompt cache has {len(layers)} layers, model config says {num_layers}")
@@ -150,7 +157,8 @@ def _prefix(model, prompt: PromptKV | RowPrompts | None, b: int, like: torch.Ten
         raise InjectionError(f"row prompts are for {prompt.prefix_mask.shape[0]} rows, the batch has {b}")
     cache = DynamicCache(config=model.config)
     for i, (k, v) in enumerate(prompt.layers):
-        cache.update(k, v, i)
+        if not holds_nothing(cache, i):
+            cache.update(k, v, i)
     return cache, prompt.prefix_mask.to(like.dtype), prompt.lengths[:, None]
 
 
@@ -187,7 +195,8 @@ def concat_hidden(model, input_ids, attention_mask, embeds: torch.Tensor) -> tor
     pos = torch.cat([torch.arange(p, device=input_ids.device)[None].expand(b, -1),
                      text_position_ids(attention_mask, p)], dim=1)  # (B, P+T)
     out = base_forward(model, inputs_embeds=torch.cat([prompt, text], dim=1),
-                        attention_mask=torch.cat([ones, attention_mask], dim=1), position_ids=pos, use_cache=False)
+                        attention_mask=torch.cat([ones, attention_mask], dim=1), position_ids=pos, use_cache=False,
+                        **per_layer_kwargs(model, input_ids, p, b))
     return out.last_hidden_state[:, p:]  # (B, T, H)
 
 

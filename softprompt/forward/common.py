@@ -46,6 +46,43 @@ def base_forward(model, cache=None, **kwargs):
     return cached_call(decoder_of(model), cache, **kwargs)
 
 
+def per_layer_kwargs(model, ids: torch.Tensor | None, virtual: int, rows: int = 1) -> dict:
+    """What a forward of ``inputs_embeds`` must add on a decoder with per-layer embeddings (Gemma 3n, Gemma 4
+    E2B/E4B): each layer also reads an embedding of each position's token id, which the model otherwise
+    recovers by matching ``inputs_embeds`` against its embedding rows, and a prompt's rows match none. The
+    ``virtual`` prompt positions take the pad token's (as transformers gives image and audio positions), the
+    text positions their ``ids``' ((rows, T), or None: no text). ``{}`` for every other decoder."""
+    decoder = decoder_of(model)
+    if not getattr(decoder, "hidden_size_per_layer_input", 0) or not hasattr(decoder, "get_per_layer_inputs"):
+        return {}
+    pad = getattr(text_config(model.config), "pad_token_id", None)
+    device = model.get_input_embeddings().weight.device
+    parts = [torch.full((rows, virtual), 0 if pad is None else int(pad), dtype=torch.long, device=device)]
+    if ids is not None:
+        parts.append(ids.to(device))
+    return {"per_layer_inputs": decoder.get_per_layer_inputs(torch.cat(parts, dim=1))}
+
+
+def shared_kv_sources(model) -> dict[int, int]:
+    """Layers that attend to another layer's keys/values instead of their own (Gemma 3n, Gemma 4 E2B/E4B: from
+    some depth on, each layer reuses those of the last earlier layer of its type that stores them): ``{layer:
+    source}``. Their cache slot holds nothing; a cached prompt keeps the source's keys/values there, which is
+    what the layer attends to. ``{}`` for a model without such layers."""
+    decoder = decoder_of(model)
+    layers = getattr(decoder, "layers", None)
+    types = getattr(text_config(model.config), "layer_types", None)
+    if layers is None or types is None:
+        return {}
+    out, last_store = {}, {}
+    for i, layer in enumerate(layers):
+        attn = getattr(layer, "self_attn", None)
+        if getattr(attn, "is_kv_shared_layer", False) and types[i] in last_store:
+            out[i] = last_store[types[i]]
+        if getattr(attn, "store_full_length_kv", False):
+            last_store[types[i]] = i
+    return out
+
+
 def cached_call(module, cache=None, **kwargs):
     """Call ``module`` (a decoder stack, or a whole encoder-decoder) with ``cache`` under the name it takes; a
     module that takes neither (Mamba's ``cache_params``, RWKV's ``state``) gets no cache argument when there is
@@ -129,8 +166,15 @@ class PromptKV:
         """
         cache = DynamicCache(config=model.config)
         for i, (k, v) in enumerate(self.layers):
-            cache.update(k.expand(batch_size, -1, -1, -1), v.expand(batch_size, -1, -1, -1), i)
+            if not holds_nothing(cache, i):
+                cache.update(k.expand(batch_size, -1, -1, -1), v.expand(batch_size, -1, -1, -1), i)
         return cache
+
+
+def holds_nothing(cache: DynamicCache, layer: int) -> bool:
+    """Whether ``cache``'s slot ``layer`` keeps no keys/values (a layer that reuses another's, see
+    :func:`shared_kv_sources`): it is skipped when a prompt is put into the cache."""
+    return type(cache.layers[layer]).__name__ == "DummyLayer"
 
 
 @dataclass

@@ -1,0 +1,144 @@
+"""Decoders with per-layer embeddings and layers that reuse earlier layers' keys/values (Gemma 3n, Gemma 4
+E2B/E4B): a prompt in front of the text trains, caches and serves as the model's own forward computes it.
+
+Such a decoder also reads, in every layer, an embedding of each position's token id. From ``inputs_embeds`` alone
+it recovers the ids by matching its embedding rows, which a prompt's rows match none of, so every prompt was
+refused. The prompt positions now read the pad token's per-layer embedding, as transformers gives the image and
+audio positions of these models. From some depth on, a layer attends to the keys/values of the last earlier
+layer of its type; its cache slot holds nothing, and a cached prompt keeps the source layer's there.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import Gemma3nForCausalLM, Gemma3nTextConfig, Gemma4ForCausalLM, Gemma4TextConfig
+
+from softprompt.data import Encoded, collate
+from softprompt.forward import causal, logits_from_hidden
+from softprompt.forward.common import shared_kv_sources
+from softprompt.forward.probe import probed
+from softprompt.forward.slots import check_slots
+from softprompt.model import prepare_frozen
+from tests.conftest import VOCAB
+from tests.test_engine import CAPS, SENT, stored
+
+IDS = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [15, 16, 17, 18, 19]]
+
+
+def make_gemma4_e2b(shared: int = 2):
+    """A tiny Gemma 4 with per-layer embeddings; its last ``shared`` layers reuse earlier layers' keys/values."""
+    torch.manual_seed(0)
+    cfg = Gemma4TextConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=8, global_head_dim=8,
+                           sliding_window=128, layer_types=["sliding_attention", "full_attention"] * 2,
+                           vocab_size_per_layer_input=VOCAB, hidden_size_per_layer_input=8,
+                           num_kv_shared_layers=shared, max_position_embeddings=256, pad_token_id=0,
+                           bos_token_id=None, eos_token_id=1)
+    model = Gemma4ForCausalLM(cfg)
+    prepare_frozen(model)
+    return model.eval()
+
+
+def make_gemma3n():
+    """A tiny Gemma 3n (per-layer embeddings, AltUp, LAuReL; its last 2 layers reuse keys/values)."""
+    torch.manual_seed(0)
+    cfg = Gemma3nTextConfig(vocab_size=VOCAB, vocab_size_per_layer_input=VOCAB, hidden_size=32, intermediate_size=64,
+                            num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                            hidden_size_per_layer_input=8, sliding_window=128,
+                            layer_types=["sliding_attention", "full_attention"] * 2, num_kv_shared_layers=2,
+                            laurel_rank=4, altup_num_inputs=2, activation_sparsity_pattern=[0.0] * 4,
+                            max_position_embeddings=256, pad_token_id=0, bos_token_id=None, eos_token_id=1)
+    model = Gemma3nForCausalLM(cfg)
+    prepare_frozen(model)
+    return model.eval()
+
+
+def prompt_for(model, p: int = 3) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(1)
+    emb = model.get_input_embeddings()
+    return torch.randn(p, emb.weight.shape[1], generator=gen) * float(emb(torch.arange(10)).std())
+
+
+def reference_logits(model, prompt: torch.Tensor, ids: list[int]) -> torch.Tensor:
+    """transformers' own forward of one row ``[prompt, text]``, the prompt positions' per-layer embeddings the
+    pad token's: ``(T, V)`` at the text positions."""
+    p = prompt.shape[0]
+    embeds = torch.cat([prompt[None], model.get_input_embeddings()(torch.tensor([ids]))], 1)
+    per_layer = model.model.get_per_layer_inputs(torch.tensor([[model.config.pad_token_id] * p + ids]))
+    with torch.no_grad():
+        return model(inputs_embeds=embeds, per_layer_inputs=per_layer).logits[0, p:].float()
+
+
+@pytest.mark.parametrize(("make", "shared"), [(make_gemma4_e2b, 0), (make_gemma4_e2b, 2), (make_gemma3n, 2)],
+                         ids=["gemma4-ple", "gemma4-ple-shared-kv", "gemma3n"])
+def test_prompt_paths_equal_the_models_own_forward(make, shared):
+    model = make(shared) if make is make_gemma4_e2b else make()
+    assert probed(model).cached is None and probed(model).concat is None
+    assert shared_kv_sources(model) == ({2: 0, 3: 1} if shared else {})
+    prompt = prompt_for(model)
+    for side in ("right", "left"):
+        batch = collate([Encoded(r, len(r)) for r in IDS], 0, side)
+        for cached in (True, False):
+            with torch.no_grad():
+                kv = causal.compute_prompt_kv(model, prompt) if cached else prompt
+                logits = logits_from_hidden(model, causal.final_hidden(model, batch.input_ids, batch.attention_mask,
+                                                                       kv))
+            for i, row in enumerate(IDS):
+                got = logits[i][batch.attention_mask[i].bool()]
+                assert (got - reference_logits(model, prompt, row)).abs().max() < 1e-4, (side, cached)
+    if shared:  # a reusing layer's cached prompt is its source's keys/values
+        with torch.no_grad():
+            kv = causal.compute_prompt_kv(model, prompt)
+        assert kv.layers[2][0] is kv.layers[0][0] and kv.layers[3][1] is kv.layers[1][1]
+
+
+def test_both_training_passes_give_the_same_gradient():
+    model = make_gemma4_e2b()
+    param = torch.nn.Parameter(prompt_for(model))
+    batch = collate([Encoded([5, 6, 7, 8], 2), Encoded([9, 10, 11], 1)], 0)
+    grads = []
+    for mode in ("shared_kv", "concat"):
+        param.grad = None
+        causal.target_loss(model, batch, causal.prompt_for_step(model, param, mode)).backward()
+        grads.append(param.grad.clone())
+    assert grads[0].abs().max() > 0 and torch.allclose(grads[0], grads[1], atol=1e-5)
+
+
+def test_the_engine_serves_it_as_the_reference_computes(tmp_path, tokenizer):
+    from softprompt.engine import ClassifyRequest, Engine, GenerateRequest
+    from softprompt.engine.running import RunningBatch
+    from tests.test_engine import ids_of
+
+    model = make_gemma4_e2b()
+    assert check_slots(model) is None  # the running batch's slot attention agrees with the model
+    engine = Engine(model, tokenizer, max_batch_rows=4)
+    prompts = {name: stored(tmp_path, model, tokenizer, name, n, task, seed)
+               for name, n, task, seed in [("sent", 3, SENT, 1), ("caps", 2, CAPS, 3)]}
+    for name, p in prompts.items():
+        engine.add_prompt(name, p)
+    embeds = {k: v.tensors["prompt_embeddings"] for k, v in prompts.items()}
+    texts = ["the movie was great", "a bad plot"]
+    for text, res in zip(texts, engine.classify([ClassifyRequest("sent", t) for t in texts]), strict=True):
+        src = ids_of(tokenizer, SENT["template"].format(text=text))
+        ref = {}
+        for label, verbal in SENT["verbalizer"].items():
+            ids = src + ids_of(tokenizer, " " + verbal)
+            logp = torch.log_softmax(reference_logits(model, embeds["sent"], ids), -1)
+            ref[label] = float(sum(logp[t - 1, ids[t]] for t in range(len(src), len(ids))))
+        assert res.scores == pytest.approx(ref, abs=1e-4)
+    reqs = [GenerateRequest("caps", {"country": c}, max_tokens=4) for c in ["France", "Spain"]]
+    batch, running = RunningBatch(engine), {}
+    for i, req in enumerate(reqs):
+        batch.admit(engine.prepare("generate", req), done=lambda res, i=i: running.__setitem__(i, res))
+    while len(batch):
+        batch.step()
+    for i, (req, res) in enumerate(zip(reqs, engine.generate(reqs), strict=True)):
+        ids = ids_of(tokenizer, CAPS["template"].format(**req.input))
+        n = len(ids)
+        for _ in range(4):
+            nxt = int(reference_logits(model, embeds["caps"], ids)[-1].argmax())
+            if nxt == tokenizer.eos_token_id:
+                break
+            ids.append(nxt)
+        assert res.tokens == ids[n:] and running[i].tokens == ids[n:]
