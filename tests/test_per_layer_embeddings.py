@@ -142,3 +142,33 @@ def test_the_engine_serves_it_as_the_reference_computes(tmp_path, tokenizer):
                 break
             ids.append(nxt)
         assert res.tokens == ids[n:] and running[i].tokens == ids[n:]
+
+
+def test_a_prefix_on_layers_that_reuse_keys_values_is_read_from_their_source(tmp_path, tokenizer):
+    """The model's reusing layers attend to their source layer's keys/values, prefix included; the running
+    batch's slot attention read the reusing layer's own prefix, which the model never reads."""
+    from softprompt.engine import Engine, GenerateRequest
+    from softprompt.engine.running import RunningBatch
+    from softprompt.methods import build_method
+    from softprompt.store import load_prompt, save_prompt
+
+    model = make_gemma3n()
+    torch.manual_seed(4)
+    method = build_method("prefix_tuning", {"num_virtual_tokens": 3, "init": "random"}, model, tokenizer)
+    with torch.no_grad():
+        for param in method.parameters():
+            param.normal_(0, 1.0)
+        kv = causal.compute_prompt_kv(model, method())
+    assert kv.layers[2][0] is kv.layers[0][0] and kv.layers[3][1] is kv.layers[1][1]
+    save_prompt(tmp_path / "caps", method, model, task=CAPS)
+    engine = Engine(model, tokenizer, max_batch_rows=4)
+    engine.add_prompt("caps", load_prompt(tmp_path / "caps", model))
+    reqs = [GenerateRequest("caps", {"country": c}, max_tokens=6) for c in ["France", "Spain"]]
+    batch, running = RunningBatch(engine), {}
+    for i, req in enumerate(reqs):
+        batch.admit(engine.prepare("generate", req), done=lambda res, i=i: running.__setitem__(i, res))
+    while len(batch):
+        batch.step()
+    engine.backend._slots_problem = "off: the reference is the cache path"
+    for i, res in enumerate(engine.generate(reqs)):
+        assert running[i].tokens == res.tokens

@@ -87,7 +87,9 @@ def compute_prompt_kv(model, prompt: PromptOutput | torch.Tensor) -> PromptKV | 
         if len(layers) != num_layers or any(k.ndim != 4 or k.shape[0] != 1 for k, _ in layers):
             raise InjectionError(f"prefix has {len(layers)} layers of shape {tuple(layers[0][0].shape)}; expected "
                                  f"{num_layers} of (1, kv_heads, P, head_dim)")
-        return PromptKV(layers=layers, length=prompt.length)
+        # a layer that reuses an earlier layer's keys/values (Gemma 3n) reads that layer's prefix, never its own
+        sources = shared_kv_sources(model)
+        return PromptKV(layers=[layers[sources.get(i, i)] for i in range(len(layers))], length=prompt.length)
     embeds = prompt_embeds(prompt)
     check_prompt(model, embeds)
     return prompt_cache(model, embeds)
