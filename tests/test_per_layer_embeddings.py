@@ -12,11 +12,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import Gemma3nForCausalLM, Gemma3nTextConfig, Gemma4ForCausalLM, Gemma4TextConfig
+from transformers import (
+    Gemma3nForCausalLM,
+    Gemma3nTextConfig,
+    Gemma4Config,
+    Gemma4ForCausalLM,
+    Gemma4ForConditionalGeneration,
+    Gemma4TextConfig,
+)
 
 from softprompt.data import Encoded, collate
 from softprompt.forward import causal, logits_from_hidden
-from softprompt.forward.common import shared_kv_sources
+from softprompt.forward.common import shared_kv_sources, text_decoder
 from softprompt.forward.probe import probed
 from softprompt.forward.slots import check_slots
 from softprompt.model import prepare_frozen
@@ -26,8 +33,9 @@ from tests.test_engine import CAPS, SENT, stored
 IDS = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [15, 16, 17, 18, 19]]
 
 
-def make_gemma4_e2b(shared: int = 2):
-    """A tiny Gemma 4 with per-layer embeddings; its last ``shared`` layers reuse earlier layers' keys/values."""
+def make_gemma4_e2b(shared: int = 2, composite: bool = False):
+    """A tiny Gemma 4 with per-layer embeddings; its last ``shared`` layers reuse earlier layers' keys/values.
+    ``composite``: as the E2B/E4B checkpoints load, a ``Gemma4ForConditionalGeneration`` around it."""
     torch.manual_seed(0)
     cfg = Gemma4TextConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
                            num_attention_heads=4, num_key_value_heads=2, head_dim=8, global_head_dim=8,
@@ -35,7 +43,11 @@ def make_gemma4_e2b(shared: int = 2):
                            vocab_size_per_layer_input=VOCAB, hidden_size_per_layer_input=8,
                            num_kv_shared_layers=shared, max_position_embeddings=256, pad_token_id=0,
                            bos_token_id=None, eos_token_id=1)
-    model = Gemma4ForCausalLM(cfg)
+    if composite:  # no vision or audio tower; special token ids within the tiny vocabulary
+        cfg = Gemma4Config(text_config=cfg.to_dict(), vision_config=None, audio_config=None, boi_token_id=60,
+                           eoi_token_id=61, image_token_id=62, video_token_id=63, boa_token_id=59,
+                           eoa_token_index=58, audio_token_id=57)
+    model = Gemma4ForConditionalGeneration(cfg) if composite else Gemma4ForCausalLM(cfg)
     prepare_frozen(model)
     return model.eval()
 
@@ -65,15 +77,17 @@ def reference_logits(model, prompt: torch.Tensor, ids: list[int]) -> torch.Tenso
     pad token's: ``(T, V)`` at the text positions."""
     p = prompt.shape[0]
     embeds = torch.cat([prompt[None], model.get_input_embeddings()(torch.tensor([ids]))], 1)
-    per_layer = model.model.get_per_layer_inputs(torch.tensor([[model.config.pad_token_id] * p + ids]))
+    pad = model.config.get_text_config().pad_token_id
+    per_layer = text_decoder(model).get_per_layer_inputs(torch.tensor([[pad] * p + ids]))
     with torch.no_grad():
         return model(inputs_embeds=embeds, per_layer_inputs=per_layer).logits[0, p:].float()
 
 
-@pytest.mark.parametrize(("make", "shared"), [(make_gemma4_e2b, 0), (make_gemma4_e2b, 2), (make_gemma3n, 2)],
-                         ids=["gemma4-ple", "gemma4-ple-shared-kv", "gemma3n"])
+@pytest.mark.parametrize(("make", "shared"), [
+    (lambda: make_gemma4_e2b(0), False), (make_gemma4_e2b, True), (lambda: make_gemma4_e2b(composite=True), True),
+    (make_gemma3n, True)], ids=["gemma4-ple", "gemma4-ple-shared-kv", "gemma4-composite", "gemma3n"])
 def test_prompt_paths_equal_the_models_own_forward(make, shared):
-    model = make(shared) if make is make_gemma4_e2b else make()
+    model = make()
     assert probed(model).cached is None and probed(model).concat is None
     assert shared_kv_sources(model) == ({2: 0, 3: 1} if shared else {})
     prompt = prompt_for(model)

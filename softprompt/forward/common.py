@@ -46,13 +46,21 @@ def base_forward(model, cache=None, **kwargs):
     return cached_call(decoder_of(model), cache, **kwargs)
 
 
+def text_decoder(model):
+    """The decoder's text layers: :func:`decoder_of`, or its ``language_model`` in a composite (a Gemma 4
+    checkpoint loads as ``Gemma4ForConditionalGeneration``, whose decoder stack wraps the text model)."""
+    decoder = decoder_of(model)
+    inner = getattr(decoder, "language_model", None)
+    return inner if not hasattr(decoder, "layers") and isinstance(inner, torch.nn.Module) else decoder
+
+
 def per_layer_kwargs(model, ids: torch.Tensor | None, virtual: int, rows: int = 1) -> dict:
     """What a forward of ``inputs_embeds`` must add on a decoder with per-layer embeddings (Gemma 3n, Gemma 4
     E2B/E4B): each layer also reads an embedding of each position's token id, which the model otherwise
     recovers by matching ``inputs_embeds`` against its embedding rows, and a prompt's rows match none. The
     ``virtual`` prompt positions take the pad token's (as transformers gives image and audio positions), the
     text positions their ``ids``' ((rows, T), or None: no text). ``{}`` for every other decoder."""
-    decoder = decoder_of(model)
+    decoder = text_decoder(model)
     if not getattr(decoder, "hidden_size_per_layer_input", 0) or not hasattr(decoder, "get_per_layer_inputs"):
         return {}
     pad = getattr(text_config(model.config), "pad_token_id", None)
@@ -68,8 +76,7 @@ def shared_kv_sources(model) -> dict[int, int]:
     some depth on, each layer reuses those of the last earlier layer of its type that stores them): ``{layer:
     source}``. Their cache slot holds nothing; a cached prompt keeps the source's keys/values there, which is
     what the layer attends to. ``{}`` for a model without such layers."""
-    decoder = decoder_of(model)
-    layers = getattr(decoder, "layers", None)
+    layers = getattr(text_decoder(model), "layers", None)
     types = getattr(text_config(model.config), "layer_types", None)
     if layers is None or types is None:
         return {}
