@@ -4,14 +4,15 @@ For each task, two runs of the CLI as a user types them, with the same data flag
 
 - **default**: ``softprompt train --max-steps N`` (the default lr, 0.3 with Adafactor);
 - **tune**: ``softprompt tune --max-steps N``: 9 learning rates from lr/27 to lr x 3 by successive halving
-  (eta 3), so the winner trains the same N steps and the search costs about 2.3 N optimizer steps in all
-  (11 + 33 + 100 step rungs at N = 100: 232 steps).
+  (eta 3), so the winner trains the same N steps; at N = 100 with the default 10 warmup steps the rungs are
+  9 x 30 then 3 x 100 steps (480 in all, 4.8 N; 9 x 11, 3 x 33, 1 x 100 = 232 before tune's warmup floor).
 
 Both saved prompts (train's ``prompt/``, its best validated one; tune's ``best_prompt/``) are then scored
 here, in one process, on the task's *whole* validation split (training and the search read its first
 ``--max-validation-samples``, 300 by default, so the search has seen part of it) and on its test split,
 which neither run read. Per example, the two prompts' answers are paired: the table gives both accuracies, the
-difference, and McNemar's exact two-sided p-value over the examples on which they disagree.
+difference, and McNemar's exact two-sided p-value over the examples on which they disagree, and both
+macro-F1s (a prompt answering the majority label everywhere has that label's share as accuracy).
 
 Tasks (both built from pinned PyPI wheels, no hub):
 
@@ -29,6 +30,7 @@ Tasks (both built from pinned PyPI wheels, no hub):
 
     python benchmarks/tune_vs_train.py                    # the three tasks, N = 100, CPU fp32 (~70 min on 2 cores)
     python benchmarks/tune_vs_train.py --tasks debates --max-steps 60
+    python benchmarks/tune_vs_train.py --report           # rebuild results.md from results.json, no runs
 
 Writes ``results.json`` and ``results.md`` in ``--output-dir`` (with the tasks an earlier invocation at the same
 ``--max-steps`` wrote there); exits 1 when a run fails.
@@ -202,12 +204,19 @@ def main() -> int:
     ap.add_argument("--tune-flags", default="", help="more flags for tune, e.g. '--metric loss'")
     ap.add_argument("--variant", default="", help="name of a tune variant (with --tune-flags): its own folder and "
                     "table row; the default train of an earlier invocation is reused")
+    ap.add_argument("--report", action="store_true", help="only rebuild results.md from results.json")
     a = ap.parse_args()
     root = Path(a.output_dir)
     results = {"max_steps": a.max_steps, "tasks": {}}
     earlier = root / "results.json"  # tasks of an earlier invocation at the same --max-steps stay in the table
     if earlier.is_file() and json.loads(earlier.read_text()).get("max_steps") == a.max_steps:
         results = json.loads(earlier.read_text())
+    if a.report:
+        if not results["tasks"]:
+            print(f"no results for --max-steps {a.max_steps} in {earlier}", file=sys.stderr)
+            return 2
+        print(write_table(root, results))
+        return 0
     for task in a.tasks.split(","):
         out = root / task
         out.mkdir(parents=True, exist_ok=True)
@@ -229,18 +238,28 @@ def main() -> int:
                                   "tune_best": next(t["config"] for t in trials["trials"] if t["id"] == trials["best"]),
                                   **scored}
         (root / "results.json").write_text(json.dumps(results, indent=2))
-    lines = ["| task | split | n | default train | tune (best) | difference | McNemar p | train s | tune s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    print(write_table(root, results))
+    return 0
+
+
+def write_table(root: Path, results: dict) -> str:
+    """``results.md``: per task and split, both prompts' accuracy, their difference and McNemar's p, both
+    macro-F1s, the tune plan's rungs and both runs' seconds."""
+    lines = ["| task | split | n | default train | tune (best) | difference | McNemar p | macro-F1 default | "
+             "macro-F1 tune | tune rungs | train s | tune s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for task, r in results["tasks"].items():
         for split in ("validation", "test"):
             s = r[split]
             d, t = s["default"]["accuracy"], s["tune"]["accuracy"]
+            f1 = [s[side].get("macro_f1") for side in ("default", "tune")]
+            f1 = ["" if v is None else f"{v:.4f}" for v in f1]
+            rungs = " / ".join(f"{n} x {k}" for n, k in zip(r["tune_plan"]["keep"], r["tune_plan"]["rungs"],
+                                                              strict=True))
             lines.append(f"| {task} | {split} | {s['n']} | {d:.4f} | {t:.4f} | {t - d:+.4f} | {s['mcnemar_p']:.3g} "
-                         f"| {r['train_s']:.0f} | {r['tune_s']:.0f} |")
+                         f"| {f1[0]} | {f1[1]} | {rungs} | {r['train_s']:.0f} | {r['tune_s']:.0f} |")
     table = "\n".join(lines)
     (root / "results.md").write_text(table + "\n")
-    print(table)
-    return 0
+    return table
 
 
 if __name__ == "__main__":
