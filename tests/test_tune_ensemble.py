@@ -42,7 +42,8 @@ def with_test_split(data: TaskData) -> TaskData:
 
 def sections(out, **train_kw) -> dict:
     return {"model": ModelArgs(), "data": DataArgs(max_length=64), "prompt": PROMPT,
-            "train": base(out, **{"max_steps": 8, "seed": 0, **train_kw}), "eval": EvalArgs(eval_batch_size=16)}
+            "train": base(out, **{"max_steps": 8, "seed": 0, "warmup_steps": 2, **train_kw}),
+            "eval": EvalArgs(eval_batch_size=16)}
 
 
 
