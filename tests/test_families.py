@@ -49,6 +49,18 @@ def worst_error(model, prompt, padding_side: str = "right", cached: bool = True)
                    for i, r in enumerate(IDS))
 
 
+def pass_gradients(model, prompt: torch.Tensor) -> list[torch.Tensor]:
+    """The prompt's gradient from one training step's loss through the ``shared_kv`` pass, then ``concat``."""
+    param = torch.nn.Parameter(prompt.clone())
+    batch = collate([Encoded([5, 6, 7, 8], 2), Encoded([9, 10, 11], 1)], 0)
+    grads = []
+    for mode in ("shared_kv", "concat"):
+        param.grad = None
+        causal.target_loss(model, batch, causal.prompt_for_step(model, param, mode)).backward()
+        grads.append(param.grad.clone())
+    return grads
+
+
 def make_ctrl():
     torch.manual_seed(0)
     return frozen(T.CTRLLMHeadModel(T.CTRLConfig(vocab_size=V, n_embd=32, dff=64, n_layer=2, n_head=4,
@@ -98,13 +110,7 @@ def test_a_composite_gemma3_trains_and_serves_as_its_text_model(tmp_path, tokeni
     prompt = prompt_for(model)
     for side in ("right", "left"):
         assert worst_error(model, prompt, side) < 1e-4
-    param = torch.nn.Parameter(prompt.clone())
-    batch = collate([Encoded([5, 6, 7, 8], 2), Encoded([9, 10, 11], 1)], 0)
-    grads = []
-    for mode in ("shared_kv", "concat"):
-        param.grad = None
-        causal.target_loss(model, batch, causal.prompt_for_step(model, param, mode)).backward()
-        grads.append(param.grad.clone())
+    grads = pass_gradients(model, prompt)
     assert torch.allclose(grads[0], grads[1], atol=1e-5)
     prefix = build_method("prefix_tuning", {"num_virtual_tokens": 3, "init": "random"}, model, tokenizer)
     with torch.no_grad():

@@ -83,6 +83,18 @@ def reference_logits(model, prompt: torch.Tensor, ids: list[int]) -> torch.Tenso
         return model(inputs_embeds=embeds, per_layer_inputs=per_layer).logits[0, p:].float()
 
 
+def run_together(engine, reqs) -> dict:
+    """``reqs`` generated together in the running batch (slot attention): ``{index: result}``."""
+    from softprompt.engine.running import RunningBatch
+
+    batch, running = RunningBatch(engine), {}
+    for i, req in enumerate(reqs):
+        batch.admit(engine.prepare("generate", req), done=lambda res, i=i: running.__setitem__(i, res))
+    while len(batch):
+        batch.step()
+    return running
+
+
 @pytest.mark.parametrize(("make", "shared"), [
     (lambda: make_gemma4_e2b(0), False), (make_gemma4_e2b, True), (lambda: make_gemma4_e2b(composite=True), True),
     (make_gemma3n, True)], ids=["gemma4-ple", "gemma4-ple-shared-kv", "gemma4-composite", "gemma3n"])
@@ -108,20 +120,15 @@ def test_prompt_paths_equal_the_models_own_forward(make, shared):
 
 
 def test_both_training_passes_give_the_same_gradient():
+    from tests.test_families import pass_gradients
+
     model = make_gemma4_e2b()
-    param = torch.nn.Parameter(prompt_for(model))
-    batch = collate([Encoded([5, 6, 7, 8], 2), Encoded([9, 10, 11], 1)], 0)
-    grads = []
-    for mode in ("shared_kv", "concat"):
-        param.grad = None
-        causal.target_loss(model, batch, causal.prompt_for_step(model, param, mode)).backward()
-        grads.append(param.grad.clone())
+    grads = pass_gradients(model, prompt_for(model))
     assert grads[0].abs().max() > 0 and torch.allclose(grads[0], grads[1], atol=1e-5)
 
 
 def test_the_engine_serves_it_as_the_reference_computes(tmp_path, tokenizer):
     from softprompt.engine import ClassifyRequest, Engine, GenerateRequest
-    from softprompt.engine.running import RunningBatch
     from tests.test_engine import ids_of
 
     model = make_gemma4_e2b()
@@ -142,11 +149,7 @@ def test_the_engine_serves_it_as_the_reference_computes(tmp_path, tokenizer):
             ref[label] = float(sum(logp[t - 1, ids[t]] for t in range(len(src), len(ids))))
         assert res.scores == pytest.approx(ref, abs=1e-4)
     reqs = [GenerateRequest("caps", {"country": c}, max_tokens=4) for c in ["France", "Spain"]]
-    batch, running = RunningBatch(engine), {}
-    for i, req in enumerate(reqs):
-        batch.admit(engine.prepare("generate", req), done=lambda res, i=i: running.__setitem__(i, res))
-    while len(batch):
-        batch.step()
+    running = run_together(engine, reqs)
     for i, (req, res) in enumerate(zip(reqs, engine.generate(reqs), strict=True)):
         ids = ids_of(tokenizer, CAPS["template"].format(**req.input))
         n = len(ids)
@@ -162,7 +165,6 @@ def test_a_prefix_on_layers_that_reuse_keys_values_is_read_from_their_source(tmp
     """The model's reusing layers attend to their source layer's keys/values, prefix included; the running
     batch's slot attention read the reusing layer's own prefix, which the model never reads."""
     from softprompt.engine import Engine, GenerateRequest
-    from softprompt.engine.running import RunningBatch
     from softprompt.methods import build_method
     from softprompt.store import load_prompt, save_prompt
 
@@ -178,11 +180,7 @@ def test_a_prefix_on_layers_that_reuse_keys_values_is_read_from_their_source(tmp
     engine = Engine(model, tokenizer, max_batch_rows=4)
     engine.add_prompt("caps", load_prompt(tmp_path / "caps", model))
     reqs = [GenerateRequest("caps", {"country": c}, max_tokens=6) for c in ["France", "Spain"]]
-    batch, running = RunningBatch(engine), {}
-    for i, req in enumerate(reqs):
-        batch.admit(engine.prepare("generate", req), done=lambda res, i=i: running.__setitem__(i, res))
-    while len(batch):
-        batch.step()
+    running = run_together(engine, reqs)
     engine.backend._slots_problem = "off: the reference is the cache path"
     for i, res in enumerate(engine.generate(reqs)):
         assert running[i].tokens == res.tokens
