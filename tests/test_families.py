@@ -61,6 +61,20 @@ def pass_gradients(model, prompt: torch.Tensor) -> list[torch.Tensor]:
     return grads
 
 
+def engine_with_prompts(model, tokenizer, tmp_path):
+    """An engine serving two stored random prompts, ``sent`` (classification) and ``caps`` (generation), and
+    each prompt's embeddings (for a reference forward)."""
+    from softprompt.engine import Engine
+    from tests.test_engine import CAPS, SENT, stored
+
+    engine = Engine(model, tokenizer, max_batch_rows=4)
+    prompts = {name: stored(tmp_path, model, tokenizer, name, n, task, seed)
+               for name, n, task, seed in [("sent", 3, SENT, 1), ("caps", 2, CAPS, 3)]}
+    for name, p in prompts.items():
+        engine.add_prompt(name, p)
+    return engine, {k: v.tensors["prompt_embeddings"] for k, v in prompts.items()}
+
+
 def make_ctrl():
     torch.manual_seed(0)
     return frozen(T.CTRLLMHeadModel(T.CTRLConfig(vocab_size=V, n_embd=32, dff=64, n_layer=2, n_head=4,
@@ -102,9 +116,9 @@ def make_gemma3_composite(softcap: float | None = None):
 def test_a_composite_gemma3_trains_and_serves_as_its_text_model(tmp_path, tokenizer):
     """Gemma-3 4B/12B/27B load as Gemma3ForConditionalGeneration, whose config keeps the decoder's sizes in its
     text config: compute_prompt_kv read num_hidden_layers from the top level and raised AttributeError."""
-    from softprompt.engine import ClassifyRequest, Engine, GenerateRequest
+    from softprompt.engine import ClassifyRequest, GenerateRequest
     from softprompt.methods import build_method
-    from tests.test_engine import CAPS, SENT, ids_of, ref_label_scores, stored
+    from tests.test_engine import CAPS, SENT, ids_of, ref_label_scores
 
     model = make_gemma3_composite()
     prompt = prompt_for(model)
@@ -116,12 +130,7 @@ def test_a_composite_gemma3_trains_and_serves_as_its_text_model(tmp_path, tokeni
     with torch.no_grad():
         assert [k.shape for k, _ in causal.compute_prompt_kv(model, prefix()).layers] == [(1, 2, 3, 8)] * 2
 
-    engine = Engine(model, tokenizer, max_batch_rows=4)
-    prompts = {name: stored(tmp_path, model, tokenizer, name, n, task, seed)
-               for name, n, task, seed in [("sent", 3, SENT, 1), ("caps", 2, CAPS, 3)]}
-    for name, p in prompts.items():
-        engine.add_prompt(name, p)
-    embeds = {k: v.tensors["prompt_embeddings"] for k, v in prompts.items()}
+    engine, embeds = engine_with_prompts(model, tokenizer, tmp_path)
     for text, res in zip(["the movie was great", "a bad plot"],
                          engine.classify([ClassifyRequest("sent", t) for t in ["the movie was great", "a bad plot"]]),
                          strict=True):

@@ -28,7 +28,7 @@ from softprompt.forward.probe import probed
 from softprompt.forward.slots import check_slots
 from softprompt.model import prepare_frozen
 from tests.conftest import VOCAB
-from tests.test_engine import CAPS, SENT, stored
+from tests.test_engine import CAPS, SENT
 
 IDS = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [15, 16, 17, 18, 19]]
 
@@ -128,17 +128,13 @@ def test_both_training_passes_give_the_same_gradient():
 
 
 def test_the_engine_serves_it_as_the_reference_computes(tmp_path, tokenizer):
-    from softprompt.engine import ClassifyRequest, Engine, GenerateRequest
+    from softprompt.engine import ClassifyRequest, GenerateRequest
     from tests.test_engine import ids_of
+    from tests.test_families import engine_with_prompts
 
     model = make_gemma4_e2b()
     assert check_slots(model) is None  # the running batch's slot attention agrees with the model
-    engine = Engine(model, tokenizer, max_batch_rows=4)
-    prompts = {name: stored(tmp_path, model, tokenizer, name, n, task, seed)
-               for name, n, task, seed in [("sent", 3, SENT, 1), ("caps", 2, CAPS, 3)]}
-    for name, p in prompts.items():
-        engine.add_prompt(name, p)
-    embeds = {k: v.tensors["prompt_embeddings"] for k, v in prompts.items()}
+    engine, embeds = engine_with_prompts(model, tokenizer, tmp_path)
     texts = ["the movie was great", "a bad plot"]
     for text, res in zip(texts, engine.classify([ClassifyRequest("sent", t) for t in texts]), strict=True):
         src = ids_of(tokenizer, SENT["template"].format(text=text))
