@@ -30,6 +30,7 @@ from softprompt.tune import (
     TrialSpec,
     TuneArgs,
     add_tune_arguments,
+    format_table,
     learning_rates,
     plan_rungs,
     rank_key,
@@ -583,6 +584,49 @@ def test_the_search_plans_rung_0_from_the_warmup(tmp_path, tokenizer):
     assert sorted(t.steps for t in result.trials) == [6, 6, 12, 12]
 
 
+def test_the_untuned_run_continues_at_every_rung_in_a_slot_of_its_own(tmp_path, tokenizer):
+    """--lr 1e-6 is the worst of the four at rung 0; it still trains to the end (one more trial per later rung),
+    as `softprompt train` would run it, and the search returns a better one only because it validates better."""
+    lrs = [1e-6, 0.03, 0.1, 0.3]
+    result = search(tmp_path / "kept", tokenizer, TuneArgs(lrs=lrs, eta=2), lr=1e-6, eval_every=3)
+    untuned = by_lr(result, 1e-6)
+    assert (result.plan.rungs, result.plan.keep, result.plan.keeps_default) == ([3, 6, 12], [4, 3, 2], True)
+    assert max(result.trials, key=lambda t: t.rungs[0].metric) is untuned  # the worst validation loss at rung 0
+    assert untuned.steps == 12 and "untuned" in untuned.note
+    assert result.steps_used == result.plan.cost == 4 * 3 + 3 * 3 + 2 * 6
+    assert result.best is not untuned and result.best.last.metric < untuned.last.metric
+    # its result is what `softprompt train --lr 1e-6` keeps: the same run, selected the same way
+    model = make_model("llama")
+    method = build_method("prompt_tuning", untuned.spec.method_config, model, tokenizer)
+    straight = train(model, tokenizer, method, task(64, 32), base(tmp_path / "train", lr=1e-6, eval_every=3))
+    assert untuned.last.metric == pytest.approx(straight.best_metric, abs=1e-6)
+    assert untuned.last.best_step == straight.best_step
+    off = search(tmp_path / "off", tokenizer, TuneArgs(lrs=lrs, eta=2, keep_default=False), lr=1e-6)
+    assert off.plan.keep == [4, 2, 1] and by_lr(off, 1e-6).steps == 3
+    elsewhere = search(tmp_path / "none", tokenizer, TuneArgs(lrs=lrs[1:], eta=2), lr=1e-6)  # no such trial
+    assert elsewhere.plan.keep == [3, 1] and any("no trial is the untuned run" in n for n in elsewhere.notes)
+
+
+def test_the_last_rung_keeps_each_trials_best_validated_state_as_train_does(tmp_path, tokenizer):
+    """Ranked by accuracy (flat at chance on the tiny model: the first of equal values is kept), evaluated every
+    3 steps in the last rung (6 -> 12, at 9 and 12): the state kept is step 9's, as `train` keeps it, not step
+    12's. (Before the last rung only the rung ends are evaluated, by the search.)"""
+    result = search(tmp_path / "run", tokenizer, TuneArgs(lrs=[0.03, 0.1], eta=2, keep_default=False),
+                    metric="accuracy", eval_every=3)
+    best = result.best
+    assert result.plan.rungs == [6, 12] and best.steps == 12 and best.last.best_step == 9
+    model = make_model("llama")
+    method = build_method("prompt_tuning", best.spec.method_config, model, tokenizer)
+    # a straight run evaluated where the last rung evaluates (9 and its end, 12): step 3's and 6's states tie too
+    straight = train(model, tokenizer, method, task(64, 32), base(tmp_path / "train", lr=best.spec.lr,
+                                                                   metric="accuracy", eval_every=9))
+    assert straight.best_step == 9
+    torch.testing.assert_close(prompt_tensor(best.prompt_dir), straight.best_state["embeddings"], rtol=0, atol=1e-6)
+    assert not torch.allclose(prompt_tensor(best.prompt_dir), method.embeddings.detach())  # step 12's state
+    assert best.last.metrics["loss"] == pytest.approx(straight.best_metrics["val_loss"], abs=1e-6)
+    assert "12 (best @9)" in format_table(result)
+
+
 def test_search_space():
     assert learning_rates(TuneArgs(), 0.3, seed=0)[6] == pytest.approx(0.3)  # the default grid holds --lr
     assert len(learning_rates(TuneArgs(), 0.3, seed=0)) == 9
@@ -630,6 +674,7 @@ def test_tune_flags_parse_and_do_not_clash_with_the_train_flags(tmp_path):
                             store=str(tmp_path / "s"), task="sent", validation_from_train=0.1)
     assert tune.max_virtual_tokens(20) == 16 and TuneArgs().max_virtual_tokens(20) == 20
     assert parse("--lr-range", "1e-3", "1", "--num-trials", "4")[0].lr_range == (1e-3, 1.0)
+    assert parse()[0].keep_default is True and parse("--no-keep-default")[0].keep_default is False
 
 
 def test_every_bad_tune_flag_is_reported_at_once_naming_it(tmp_path):

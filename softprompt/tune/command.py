@@ -57,6 +57,10 @@ def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
                    help="after the search, train the winner's configuration with N seeds (its own run is one) and "
                         "report the validation gain of their mean ensemble over the mean single prompt; with "
                         "--store they are TASK-1..TASK-N and the ensemble TASK (classification tasks only)")
+    g.add_argument("--keep-default", action=argparse.BooleanOptionalAction, default=None,
+                   help="continue the untuned trial (--lr, the prompt settings train would use) to the end whatever "
+                        "its rank, beside the best ones, so that the search never returns a worse validated prompt "
+                        "than its own run of softprompt train's; on by default, --no-keep-default to drop it")
     g.add_argument("--store", help="add the result to this prompt store (created if missing)")
     g.add_argument("--task", help="entry name in --store")
     g.add_argument("--validation-from-train", type=float, metavar="FRACTION",
@@ -144,7 +148,7 @@ def tune_args_from_namespace(ns: argparse.Namespace) -> tuple[TuneArgs | None, l
                 search[key] = values
     fields["search"] = search
     for name in ("num_trials", "lr_sampling", "budget_steps", "budget_minutes", "eta", "min_steps", "top_k", "store",
-                 "task", "validation_from_train", "ensemble_seeds"):
+                 "task", "validation_from_train", "ensemble_seeds", "keep_default"):
         if getattr(ns, name) is not None:
             fields[name] = getattr(ns, name)
     try:

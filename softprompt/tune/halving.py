@@ -4,9 +4,15 @@ Each trial is a run of the ordinary training loop in its own folder (``trials/tN
 over the plan's horizon. A trial runs a rung as one segment: ``train`` from its checkpoint (``resume``) up to
 the rung's last step, where it is stopped right after the checkpoint of that step is written; the next
 segment resumes there, so a trial promoted through every rung trains exactly as one uninterrupted run.
-``train`` sees only the training split (no validation: it neither evaluates, saves a "best" prompt nor
-stops early); the search evaluates every trial itself at the end of each rung, on the validation split.
-The test split is never read.
+Before the last rung ``train`` does not evaluate (it gets the validation split, but no evaluation falls within
+those segments): the search evaluates every trial itself at the end of each such rung, on the validation split.
+In the last rung ``train`` evaluates every ``--eval-every`` steps and at the horizon, and keeps the best state, as
+``softprompt train`` does: a finished trial's result is its best validated prompt (``best_step``). No trial stops
+early. The test split is never read.
+
+The untuned trial (``--lr`` with the prompt settings ``train`` would use, when the search has it) is continued
+at every rung whatever its rank, in a slot of its own (``TuneArgs.keep_default``): the search then contains the
+run ``softprompt train`` would make, selected the same way, and returns another only when it validates better.
 
 Ranking at a rung: the task's primary metric (``--metric``; accuracy for classification), ties broken by
 validation loss, then by trial order. A trial the divergence guard stops, or whose prompt or validation
@@ -18,10 +24,8 @@ The search goes on in both cases.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
-import re
 import shutil
 import time
 from collections.abc import Callable
@@ -36,8 +40,8 @@ from softprompt.evaluate import evaluate_prompt, primary_metric
 from softprompt.forward import family_of
 from softprompt.methods import build_method
 from softprompt.train import train
-from softprompt.tune.space import TrialSpec, TuneArgs, epochs_problem, plan_rungs, trial_specs
-from softprompt.tune.trials import RungResult, Trial, TuneResult, rank_key
+from softprompt.tune.space import TrialSpec, TuneArgs, epochs_problem, plan_rungs, trial_specs, untuned_index
+from softprompt.tune.trials import RungResult, Trial, TuneResult, log_rows, rank_key, remove_stale_trials
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +75,8 @@ class _Search:
             raise ConfigError("tune selects on the validation split and the task has none: pass --validation-file "
                               "FILE, or --validation-from-train FRACTION to hold out part of the training data "
                               "(the test split is never used for selection)")
-        # train() gets the training split alone: it must not evaluate, keep a "best" prompt or stop early
-        self.train_task = TaskData(task.format, {"train": task.examples("train")})
+        # train() evaluates only in the last rung (see _train_args); it never stops early
+        self.train_task = TaskData(task.format, {"train": task.examples("train"), "validation": self.valid})
         # both splits are encoded now, as train() and the validation encode them: train() checks the validation
         # split only when it has it, so a target over --max-length raised in the first segment, after the command
         # had removed the earlier search's results, and exited 2 as if the search had been refused
@@ -85,8 +89,13 @@ class _Search:
             self.token_counts = token_counts(tokenizer, self.train_task.examples("train"))
         specs = self._buildable(specs)
         self.trials = [Trial(i, s, out / "trials" / f"t{i:02d}") for i, s in enumerate(specs)]
+        i = untuned_index(specs, prompt, train_args) if tune.keep_default else None
+        self.default = None if i is None else self.trials[i]
+        if tune.keep_default and i is None:
+            self.notes.append(f"no trial is the untuned run (--lr {train_args.lr:g} with the base prompt settings): "
+                              "none is kept at every rung")
         self.plan = plan_rungs(len(specs), tune.eta, self._horizon(), tune.min_steps, tune.budget_steps,
-                               train_args.warmup_steps)
+                               train_args.warmup_steps, keep_default=self.default is not None)
         if tune.top_k > len(specs):
             raise ConfigError(f"invalid arguments:\n  --top-k {tune.top_k} is more than the {len(specs)} trials")
         # every rung but the last ends at a checkpoint (train always writes one at the horizon)
@@ -149,11 +158,13 @@ class _Search:
                             label_texts=self.fmt.label_texts if self.fmt.is_classification else None,
                             token_counts=self.token_counts)
 
-    def _train_args(self, trial: Trial) -> TrainArgs:
+    def _train_args(self, trial: Trial, last_rung: bool = True) -> TrainArgs:
+        """``trial``'s loop; before the last rung no evaluation falls within the run (``eval_every`` past it)."""
         return dataclasses.replace(self.base, output_dir=str(trial.folder), lr=trial.spec.lr,
                                    max_steps=self.plan.horizon, checkpoint_every=self.checkpoint_every,
-                                   early_stopping_patience=0, resume=trial.steps > 0,
-                                   seed=self.base.seed if trial.seed is None else trial.seed)
+                                   early_stopping_patience=0, stop_when_flat=0.0, resume=trial.steps > 0,
+                                   seed=self.base.seed if trial.seed is None else trial.seed,
+                                   eval_every=self.base.eval_every if last_rung else self.plan.horizon + 1)
 
     def run_segment(self, trial: Trial, rung: int) -> None:
         """Train ``trial`` up to the end of ``rung`` (from its checkpoint), then evaluate it on validation."""
@@ -165,9 +176,10 @@ class _Search:
             if step == stop_at and stop_at < self.plan.horizon:  # the checkpoint of this step is written
                 raise _RungReached
 
-        start = trial.steps
+        start, result = trial.steps, None
+        last_rung = rung == len(self.plan.rungs) - 1
         try:
-            result = train(self.model, self.tok, method, self.train_task, self._train_args(trial),
+            result = train(self.model, self.tok, method, self.train_task, self._train_args(trial, last_rung),
                            eval_batch_size=self.eval_batch_size, max_length=self.max_length, on_step=on_step,
                            max_new_tokens=self.max_new_tokens)
             trial.steps, diverged = result.steps, result.diverged
@@ -179,7 +191,7 @@ class _Search:
         finally:
             self.model.eval()
             method.eval()
-        rows = _log_rows(trial.folder / "metrics.jsonl")
+        rows = log_rows(trial.folder / "metrics.jsonl")
         events = [r for r in rows if "event" in r]
         trial.rollbacks = sum(r["event"] == "rollback" for r in events)  # the "diverged" event is no rollback
         diverged = diverged or any(r["event"] == "diverged" for r in events)
@@ -188,10 +200,12 @@ class _Search:
         # writing one) and its steps' time: the unweighted mean of seconds per step over segments made the short
         # rung-0 segments, mostly fixed part, price every later step, and a minutes budget stopped early; a step
         # the guard rolled back (its row has an "event") took its time too
-        stepping = sum(r.get("step_s", 0.0) for r in rows if start < r["step"] <= trial.steps)
+        mine = [r for r in rows if start < r["step"] <= trial.steps]
+        stepping = sum(r.get("step_s", 0.0) for r in mine)
+        validating = sum(r.get("val_s", 0.0) for r in mine)  # train's own evaluations (last rung)
         self.step_time += stepping
         self.steps_timed += max(0, trial.steps - start)
-        self.overheads.append(max(0.0, time.perf_counter() - t0 - stepping))
+        self.overheads.append(max(0.0, time.perf_counter() - t0 - stepping - validating))
         if diverged:
             who = "the divergence guard" if self.base.divergence_guard else "a non-finite step (the guard is off)"
             self._diverged(trial, rung, f"{who} stopped it at step {trial.steps}: "
@@ -200,42 +214,52 @@ class _Search:
         if not all(torch.isfinite(t).all() for t in method.state_dict().values()):
             self._diverged(trial, rung, f"non-finite prompt values at step {trial.steps}")
             return
-        t1 = time.perf_counter()
-        try:
-            metrics = self.evaluate(method)
-        except RuntimeError as e:
-            self._failed(trial, rung, trial.steps, e)
-            return
-        self.eval_seconds.append(time.perf_counter() - t1)
+        best_step = None
+        if last_rung and result is not None and result.best_state is not None and result.best_metrics:
+            # train's best validated state of the run (its evaluations every --eval-every and at the end)
+            method.load_state_dict(result.best_state)
+            metrics = {k.removeprefix("val_"): float(v) for k, v in result.best_metrics.items() if k != "val_n"}
+            best_step = result.best_step
+            self.eval_seconds.append(validating)
+        else:
+            t1 = time.perf_counter()
+            try:
+                metrics = self.evaluate(method)
+            except RuntimeError as e:
+                self._failed(trial, rung, trial.steps, e)
+                return
+            self.eval_seconds.append(time.perf_counter() - t1)
         value, loss = metrics.get(self.metric), metrics.get("loss")
         if not _finite(value) or (loss is not None and not math.isfinite(loss)):
             self._diverged(trial, rung, f"non-finite validation {self.metric} {value} / loss {loss}")
             return
-        trial.rungs.append(RungResult(rung, trial.steps, value, loss, metrics, round(time.perf_counter() - t0, 3)))
+        trial.rungs.append(RungResult(rung, trial.steps, value, loss, metrics, round(time.perf_counter() - t0, 3),
+                                      best_step))
         trial.status = "ok"
         from softprompt.data import bos_after_prompt
         from softprompt.store import save_prompt
 
         save_prompt(trial.prompt_dir, method, self.model, task=self.save_meta.get("task"),
                     train_config={**self.save_meta.get("train_config", {}),
-                                  "tune": {"trial": trial.id, "rung": rung, "steps": trial.steps},
+                                  "tune": {"trial": trial.id, "rung": rung, "steps": trial.steps,
+                                           **({"best_step": best_step} if best_step is not None else {})},
                                   "prompt": dataclasses.asdict(self._prompt_args(trial.spec)),
                                   # the loop it trained with, not the search's segment bookkeeping
                                   "train": dataclasses.asdict(dataclasses.replace(
-                                      self._train_args(trial), resume=False,
+                                      self._train_args(trial), resume=False, stop_when_flat=self.base.stop_when_flat,
                                       checkpoint_every=self.base.checkpoint_every))},
                     metrics={f"val_{k}": v for k, v in metrics.items()}, overwrite=True,
                     bos=bos_after_prompt(self.fmt))
-        log.info("rung %d  %s  %s: %d steps, validation %s %.4f (loss %.4f) in %.1fs", rung, trial.id,
+        log.info("rung %d  %s  %s: %d steps, validation %s %.4f (loss %.4f%s) in %.1fs", rung, trial.id,
                  trial.spec.label(), trial.steps, self.metric, value, loss if loss is not None else math.nan,
-                 time.perf_counter() - t0)
+                 "" if best_step is None else f", its best, at step {best_step}", time.perf_counter() - t0)
 
     def _prompt_args(self, spec: TrialSpec) -> PromptArgs:
         return dataclasses.replace(self.prompt, method=spec.method, num_virtual_tokens=spec.num_virtual_tokens,
                                    init=spec.init)
 
     def _failed(self, trial: Trial, rung: int, steps_before: int, error: Exception) -> None:
-        rows = _log_rows(trial.folder / "metrics.jsonl")  # the steps it trained before the error count
+        rows = log_rows(trial.folder / "metrics.jsonl")  # the steps it trained before the error count
         trial.steps = max([steps_before] + [r["step"] for r in rows])
         self.steps_used += trial.steps - steps_before
         trial.status, trial.note = "failed", f"rung {rung}: {type(error).__name__}: {error}"
@@ -276,7 +300,7 @@ class _Search:
         return None
 
     def run(self) -> TuneResult:
-        _remove_stale_trials(self.out / "trials")
+        remove_stale_trials(self.out / "trials")
         log.info("tune: %d trials, rungs %s; ranked by validation %s", len(self.trials), self.plan.describe(),
                  self.metric)
         if len(self.plan.rungs) > 1 and self.plan.rungs[0] <= self.base.warmup_steps:
@@ -290,9 +314,15 @@ class _Search:
             if rung > 0:
                 ranked = sorted((t for t in alive if t.status == "ok" and len(t.rungs) == rung),
                                 key=lambda t: rank_key(t, self.higher))
-                for t in ranked[n_keep:]:
-                    t.note = f"not promoted after rung {rung - 1}"
-                alive = ranked[:n_keep]
+                chosen = ranked[:n_keep]
+                if self.default in ranked and self.default not in chosen:  # its slot (the plan counts it)
+                    chosen = ranked[:n_keep - 1] + [self.default]
+                    self.default.note = "the untuned run: continued at every rung whatever its rank"
+                    log.info("rung %d  %s  the untuned run continues in its own slot", rung, self.default.id)
+                for t in ranked:
+                    if t not in chosen:
+                        t.note = f"not promoted after rung {rung - 1}"
+                alive = chosen
             for trial in alive:
                 self.stopped_by = self.affordable(trial, rung)
                 if self.stopped_by:
@@ -363,21 +393,6 @@ class _Search:
             t.note = f"{self.stopped_by} spent before rung {rung}"
         log.warning("tune: %s spent (%d steps used, %.0fs): rung %d not run for %s", self.stopped_by,
                     self.steps_used, time.perf_counter() - self.t0, rung, ", ".join(t.id for t in left))
-
-
-def _remove_stale_trials(folder: Path) -> None:
-    """Delete the trial folders an earlier search left in ``folder`` (``tNN`` only: nothing else is touched),
-    so that every folder there belongs to this search."""
-    stale = sorted(p for p in folder.iterdir() if p.is_dir() and re.fullmatch(r"t\d{2,}", p.name)) \
-        if folder.is_dir() else []
-    if stale:
-        log.info("tune: removing %d trial folders of an earlier search in %s", len(stale), folder)
-    for p in stale:
-        shutil.rmtree(p)
-
-
-def _log_rows(path: Path) -> list[dict]:
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.exists() else []
 
 
 def successive_halving(model, tokenizer, task: TaskData, prompt: PromptArgs, train_args: TrainArgs, tune: TuneArgs,

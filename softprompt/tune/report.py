@@ -39,14 +39,17 @@ def format_table(result: TuneResult) -> str:
         by_rung = {r.rung: r for r in t.rungs}
         cells = [str(rank), t.id, t.spec.method, str(t.spec.num_virtual_tokens), t.spec.init_shown, f"{t.spec.lr:.3g}"]
         cells += [f"{by_rung[k].metric:.4f}" if k in by_rung else "" for k in range(len(rungs))]
-        cells += [f"{t.last.val_loss:.4f}" if t.last and t.last.val_loss is not None else "", str(t.steps)]
+        best_at = t.last.best_step if t.last else None  # the last rung keeps the best validated state
+        cells += [f"{t.last.val_loss:.4f}" if t.last and t.last.val_loss is not None else "",
+                  str(t.steps) + (f" (best @{best_at})" if best_at not in (None, t.steps) else "")]
         status = t.status + (" (best)" if result.best is t else "")
         cells.append(status + (f": {t.note}" if t.note else ""))
         lines.append("| " + " | ".join(c.replace("|", "/").replace("\n", " ") for c in cells) + " |")
     foot = (f"\n{len(result.trials)} trials, rungs {result.plan.describe()}; {result.steps_used} steps used in "
             f"{result.seconds:.0f}s; ranked by validation {result.metric} "
             f"({'higher' if result.higher_is_better else 'lower'} is better)"
-            + ("" if result.metric == "loss" else ", ties by validation loss"))
+            + ("" if result.metric == "loss" else ", ties by validation loss")
+            + "; the last rung keeps each trial's best validated state (every --eval-every steps)")
     if result.stopped_by:
         foot += f"; stopped early: {result.stopped_by} spent"
     notes = "".join(f"\n- {n}" for n in result.notes)

@@ -51,6 +51,10 @@ class TuneArgs:
         ensemble_seeds: after the search, train the winner's configuration with this many seeds (its own run
             is one) and report their mean ensemble's validation gain over the mean single prompt; with
             ``store`` they are ``task-1 .. task-N`` and the ensemble ``task`` (classification only).
+        keep_default: continue the untuned configuration (``--lr`` with the prompt settings ``train`` would
+            use) to the end of the run whatever its rank at a rung, beside the best ones: the search then
+            returns a worse validated prompt than ``softprompt train`` only when its own trial of that run
+            is worse than its best; a search without that trial (``--lrs`` without ``--lr``) is unchanged.
     """
 
     lrs: list[float] | None = None
@@ -67,6 +71,7 @@ class TuneArgs:
     task: str | None = None
     validation_from_train: float | None = None
     ensemble_seeds: int | None = None
+    keep_default: bool = True
 
     def __post_init__(self):
         problems = self.problems()
@@ -119,6 +124,8 @@ class TuneArgs:
             elif key == "method":
                 out += [f"--search method: {v!r} is not one of {', '.join(sorted(METHODS))}" for v in values
                         if v not in METHODS]
+        if not isinstance(self.keep_default, bool):
+            out.append(f"keep_default must be true or false, got {self.keep_default!r}")
         if self.budget_steps is not None and self.budget_steps < 1:
             out.append(f"--budget-steps must be >= 1, got {self.budget_steps}")
         if self.budget_minutes is not None:
@@ -276,6 +283,15 @@ def trial_specs(tune: TuneArgs, prompt: PromptArgs, train: TrainArgs) -> tuple[l
     return specs, notes
 
 
+def untuned_index(specs: list[TrialSpec], prompt: PromptArgs, train: TrainArgs) -> int | None:
+    """Which of ``specs`` is the run ``softprompt train`` would make (``--lr``, the base prompt settings), if any."""
+    try:
+        key = prompt_key(prompt.method, prompt.method_config(train.seed))
+    except ConfigError:
+        return None
+    return next((i for i, s in enumerate(specs) if s.lr == train.lr and s.prompt_key == key), None)
+
+
 @dataclass
 class Plan:
     """The rungs of successive halving.
@@ -289,6 +305,7 @@ class Plan:
 
     rungs: list[int]
     keep: list[int]
+    keeps_default: bool = False  # each rung after the first has a slot for the untuned run (counted in keep)
 
     @property
     def horizon(self) -> int:
@@ -301,17 +318,22 @@ class Plan:
 
     def describe(self) -> str:
         rungs = ", ".join(f"{n} x {r}" for n, r in zip(self.keep, self.rungs, strict=True))
-        return f"{rungs} steps ({self.cost} in all)"
+        slot = "; one trial of each later rung is the untuned run" if self.keeps_default and len(self.keep) > 1 else ""
+        return f"{rungs} steps ({self.cost} in all{slot})"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"rungs": self.rungs, "keep": self.keep, "horizon": self.horizon, "cost": self.cost}
+        return {"rungs": self.rungs, "keep": self.keep, "horizon": self.horizon, "cost": self.cost,
+                "keeps_default": self.keeps_default}
 
 
-def halving_counts(n: int, eta: int) -> list[int]:
-    """Trials per rung: ``n``, then ``n // eta`` (at least one) until one is left."""
+def halving_counts(n: int, eta: int, keep_default: bool = False) -> list[int]:
+    """Trials per rung: ``n``, then ``n // eta`` (at least one) until one is left; with ``keep_default`` one more
+    in every later rung (at most all of the rung before): the untuned configuration's slot."""
     keep = [n]
     while keep[-1] > 1:
         keep.append(max(1, keep[-1] // eta))
+    if keep_default:
+        keep = keep[:1] + [min(k + 1, prev) for k, prev in zip(keep[1:], keep, strict=False)]
     return keep
 
 
@@ -319,7 +341,7 @@ WARMUP_FACTOR = 3  # by default rung 0 ends no sooner than this many times --war
 
 
 def plan_rungs(n: int, eta: int, horizon: int | None, min_steps: int | None = None,
-               budget_steps: int | None = None, warmup_steps: int = 0) -> Plan:
+               budget_steps: int | None = None, warmup_steps: int = 0, keep_default: bool = False) -> Plan:
     """The rungs for ``n`` trials.
 
     With a ``horizon`` (the run length ``--max-steps`` or ``--epochs`` give), rung ``k`` ends at
@@ -331,16 +353,19 @@ def plan_rungs(n: int, eta: int, horizon: int | None, min_steps: int | None = No
     one, so more trials finish the whole run. Without a horizon, the horizon is the longest that
     ``budget_steps`` pays for: ``r0`` is as large as fits (or ``min_steps``, with fewer rungs if the budget
     needs it; the warmup floor when two rungs of it fit), and what is left of the budget lengthens the last
-    rung.
+    rung. ``keep_default``: every rung after the first has one trial more (:func:`halving_counts`), the untuned
+    configuration's, which the search continues whatever its rank; the budget pays for it.
 
     Raises:
         ConfigError: the budget cannot pay for rung 0, or ``min_steps`` exceeds the horizon.
     """
-    keep = halving_counts(n, eta)
+    keep = halving_counts(n, eta, keep_default)
     if horizon is None:
         if budget_steps is None:
             raise ValueError("plan_rungs: give a horizon or a step budget")
-        return _plan_from_budget(keep, eta, min_steps, budget_steps, WARMUP_FACTOR * warmup_steps)
+        plan = _plan_from_budget(keep, eta, min_steps, budget_steps, WARMUP_FACTOR * warmup_steps)
+        plan.keeps_default = keep_default
+        return plan
     r0 = min_steps
     if r0 is None:
         r0 = max(1, horizon // eta ** (len(keep) - 1), min(WARMUP_FACTOR * warmup_steps, horizon // eta))
@@ -355,7 +380,7 @@ def plan_rungs(n: int, eta: int, horizon: int | None, min_steps: int | None = No
     rungs[-1] = horizon  # the survivors end a complete run
     while len(rungs) > 2 and horizon - rungs[-2] < rungs[-2] / eta:  # e.g. 30, 90, 100: 30, 100
         del rungs[-2]
-    plan = Plan(rungs, keep[:len(rungs)])
+    plan = Plan(rungs, keep[:len(rungs)], keep_default)
     _check_rung0(plan, budget_steps)
     return plan
 

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
 import math
+import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from softprompt.tune.space import Plan, TrialSpec
+
+log = logging.getLogger(__name__)
 
 STATUSES = ("ok", "pending", "diverged", "failed", "not_run")  # ranking order of the statuses
 
@@ -23,6 +29,7 @@ class RungResult:
     val_loss: float | None
     metrics: dict[str, float]
     seconds: float  # training and evaluation of this segment
+    best_step: int | None = None  # last rung: the step of the best validated state, the one kept (as train keeps)
 
 
 @dataclass
@@ -104,3 +111,19 @@ def rank_key(trial: Trial, higher: bool) -> tuple:
         return (STATUSES.index(trial.status), 0, 0.0, 0.0, trial.index)
     metric = -last.metric if higher else last.metric
     return (0, -len(trial.rungs), metric, last.val_loss if last.val_loss is not None else math.inf, trial.index)
+
+
+def remove_stale_trials(folder: Path) -> None:
+    """Delete the trial folders an earlier search left in ``folder`` (``tNN`` only: nothing else is touched),
+    so that every folder there belongs to this search."""
+    stale = sorted(p for p in folder.iterdir() if p.is_dir() and re.fullmatch(r"t\d{2,}", p.name)) \
+        if folder.is_dir() else []
+    if stale:
+        log.info("tune: removing %d trial folders of an earlier search in %s", len(stale), folder)
+    for p in stale:
+        shutil.rmtree(p)
+
+
+def log_rows(path: Path) -> list[dict]:
+    """The rows of a ``metrics.jsonl`` (none when it does not exist)."""
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.exists() else []
