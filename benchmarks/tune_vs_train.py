@@ -5,14 +5,15 @@ For each task, two runs of the CLI as a user types them, with the same data flag
 - **default**: ``softprompt train --max-steps N`` (the default lr, 0.3 with Adafactor);
 - **tune**: ``softprompt tune --max-steps N``: 9 learning rates from lr/27 to lr x 3 by successive halving
   (eta 3), so the winner trains the same N steps; at N = 100 with the default 10 warmup steps the rungs are
-  9 x 30 then 3 x 100 steps (480 in all, 4.8 N; 9 x 11, 3 x 33, 1 x 100 = 232 before tune's warmup floor).
+  9 x 30 then 4 x 100 steps (550 in all, 5.5 N: the 3 best and the untuned lr's trial, which tune keeps).
 
-Both saved prompts (train's ``prompt/``, its best validated one; tune's ``best_prompt/``) are then scored
-here, in one process, on the task's *whole* validation split (training and the search read its first
-``--max-validation-samples``, 300 by default, so the search has seen part of it) and on its test split,
-which neither run read. Per example, the two prompts' answers are paired: the table gives both accuracies, the
-difference, and McNemar's exact two-sided p-value over the examples on which they disagree, and both
-macro-F1s (a prompt answering the majority label everywhere has that label's share as accuracy).
+Both saved prompts (train's ``prompt/``, its best validated one; tune's ``best_prompt/``, its winner's best
+validated one) are then scored here, in one process, on the task's validation split, in two parts: the seeded
+subset of ``--max-validation-samples`` (300 by default) that both runs ranked on ("ranked on"), and the rest,
+which neither selection read ("rest"), and whole; and on its test split, which neither run read. Per example,
+the two prompts' answers are paired: the table gives both accuracies, the difference, and McNemar's exact
+two-sided p-value over the examples on which they disagree, and both macro-F1s (a prompt answering the
+majority label everywhere has that label's share as accuracy).
 
 Tasks (both built from pinned PyPI wheels, no hub):
 
@@ -31,6 +32,7 @@ Tasks (both built from pinned PyPI wheels, no hub):
     python benchmarks/tune_vs_train.py                    # the three tasks, N = 100, CPU fp32 (~70 min on 2 cores)
     python benchmarks/tune_vs_train.py --tasks debates --max-steps 60
     python benchmarks/tune_vs_train.py --report           # rebuild results.md from results.json, no runs
+    python benchmarks/tune_vs_train.py --rescore          # score the saved prompts again (no training)
 
 Writes ``results.json`` and ``results.md`` in ``--output-dir`` (with the tasks an earlier invocation at the same
 ``--max-steps`` wrote there); exits 1 when a run fails.
@@ -166,33 +168,62 @@ def mcnemar_p(b: int, c: int) -> float:
     return min(1.0, 2 * tail)
 
 
+RANKED_ON = 300  # --max-validation-samples' default: the seeded subset of validation both runs rank on
+GROUPS = ("validation, ranked on", "validation, rest", "validation", "test")
+
+
+def compare_sides(right: dict[str, list[bool]], preds: dict[str, list], labels: list[str] | None,
+                  keep: list[bool]) -> dict:
+    """Both prompts on the examples where ``keep`` is true: accuracy, macro-F1, the paired disagreements and
+    McNemar's p."""
+    from softprompt.evaluate import macro_f1
+
+    out: dict = {"n": sum(keep)}
+    for side in right:
+        ok = [r for r, k in zip(right[side], keep, strict=True) if k]
+        mine = [p for p, k in zip(preds[side], keep, strict=True) if k]
+        f1 = macro_f1([p.expected for p in mine], [p.predicted for p in mine], labels) if labels else None
+        out[side] = {"accuracy": sum(ok) / max(1, len(ok)), "macro_f1": f1}
+    pairs = [(t, d) for t, d, k in zip(right["tune"], right["default"], keep, strict=True) if k]
+    b = sum(t and not d for t, d in pairs)
+    c = sum(d and not t for t, d in pairs)
+    return {**out, "tune_only_right": b, "default_only_right": c, "mcnemar_p": mcnemar_p(b, c)}
+
+
 def score(prompts: dict[str, Path], flags: list[str]) -> dict:
-    """Both prompts on the whole validation and test splits, paired per example."""
+    """Both prompts on the whole validation and test splits, paired per example; the validation split also in
+    two parts: the seeded subset of ``RANKED_ON`` examples that ``train`` and ``tune`` ranked on (as the CLI
+    draws it: ``--max-validation-samples``, ``--data-seed``), and the rest, which neither selection read."""
     import torch
 
     from softprompt import load_base_model, load_prompt, load_task
+    from softprompt.data.dataset import example_key
     from softprompt.evaluate import evaluate_prompt
     from softprompt.forward import family_of
 
     opts = dict(zip(flags[::2], flags[1::2], strict=True))
-    task = load_task(opts.get("--dataset"), opts.get("--train-file"), opts.get("--validation-file"),
-                     opts.get("--test-file"), opts.get("--template"), opts.get("--target-field"),
-                     opts.get("--verbalizer"))
+    args = (opts.get("--dataset"), opts.get("--train-file"), opts.get("--validation-file"), opts.get("--test-file"),
+            opts.get("--template"), opts.get("--target-field"), opts.get("--verbalizer"))
+    task = load_task(*args)
+    ranked_on = {example_key(ex) for ex in load_task(*args, max_samples={"validation": RANKED_ON})
+                 .examples("validation")}
+    labels = list(task.format.label_texts) if task.format.is_classification else None
     model, tok = load_base_model()
     out = {}
     for split in ("validation", "test"):
         examples = task.examples(split)
-        right = {}
+        right, preds = {}, {}
         for side, folder in prompts.items():
             stored = load_prompt(str(folder), model)
             with torch.no_grad():
                 kv = family_of(model).inference_prompt(model, stored.build_method()())
-            metrics, preds = evaluate_prompt(model, tok, kv, examples, task.format, with_loss=False, bos=stored.bos)
-            right[side] = [p.predicted == p.expected for p in preds]
-            out.setdefault(split, {})[side] = {"accuracy": metrics["accuracy"], "macro_f1": metrics.get("macro_f1")}
-        b = sum(t and not d for t, d in zip(right["tune"], right["default"], strict=True))
-        c = sum(d and not t for t, d in zip(right["tune"], right["default"], strict=True))
-        out[split].update(n=len(examples), tune_only_right=b, default_only_right=c, mcnemar_p=mcnemar_p(b, c))
+            _, preds[side] = evaluate_prompt(model, tok, kv, examples, task.format, with_loss=False, bos=stored.bos)
+            right[side] = [p.predicted == p.expected for p in preds[side]]
+        out[split] = compare_sides(right, preds, labels, [True] * len(examples))
+        if split == "validation":
+            seen = [example_key(ex) in ranked_on for ex in examples]
+            out["validation, ranked on"] = compare_sides(right, preds, labels, seen)
+            out["validation, rest"] = compare_sides(right, preds, labels, [not k for k in seen])
     return out
 
 
@@ -205,6 +236,7 @@ def main() -> int:
     ap.add_argument("--variant", default="", help="name of a tune variant (with --tune-flags): its own folder and "
                     "table row; the default train of an earlier invocation is reused")
     ap.add_argument("--report", action="store_true", help="only rebuild results.md from results.json")
+    ap.add_argument("--rescore", action="store_true", help="score the saved prompts of --tasks again (no training)")
     a = ap.parse_args()
     root = Path(a.output_dir)
     results = {"max_steps": a.max_steps, "tasks": {}}
@@ -224,6 +256,11 @@ def main() -> int:
         print(f"{task}:", flush=True)
         common = ["softprompt"]
         key, tuned = (f"{task}, tune {a.variant}", f"tune-{a.variant}") if a.variant else (task, "tune")
+        if a.rescore:
+            results["tasks"][key].update(score({"default": out / "default" / "prompt",
+                                                "tune": out / tuned / "best_prompt"}, flags))
+            (root / "results.json").write_text(json.dumps(results, indent=2))
+            continue
         if a.variant and (out / "default" / "prompt").is_dir() and task in results["tasks"]:
             t_train = results["tasks"][task]["train_s"]  # the same default run as the task's own row
         else:
@@ -248,7 +285,7 @@ def write_table(root: Path, results: dict) -> str:
     lines = ["| task | split | n | default train | tune (best) | difference | McNemar p | macro-F1 default | "
              "macro-F1 tune | tune rungs | train s | tune s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for task, r in results["tasks"].items():
-        for split in ("validation", "test"):
+        for split in (g for g in GROUPS if g in r):
             s = r[split]
             d, t = s["default"]["accuracy"], s["tune"]["accuracy"]
             f1 = [s[side].get("macro_f1") for side in ("default", "tune")]

@@ -8,6 +8,7 @@ import json
 import sys
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -59,6 +60,25 @@ def test_mcnemar_exact_p(bench):
     assert tune.mcnemar_p(10, 3) == pytest.approx(2 * 378 / 2 ** 13)  # 2 x P(X <= 3), X ~ Bin(13, 1/2)
     assert tune.mcnemar_p(3, 10) == tune.mcnemar_p(10, 3)
     assert tune.mcnemar_p(0, 12) == pytest.approx(2 / 2 ** 12)
+
+
+def test_tune_vs_train_pairs_the_prompts_within_each_part_of_validation(bench):
+    """The part both runs ranked on and the rest are scored apart: accuracy, macro-F1 and the disagreements of
+    the examples in the part only."""
+    tune = bench("tune_vs_train")
+
+    def preds(pairs):
+        return [SimpleNamespace(expected=e, predicted=p) for e, p in pairs]
+
+    got = {"tune": preds([("a", "a"), ("b", "a"), ("a", "a"), ("b", "b")]),
+           "default": preds([("a", "b"), ("b", "b"), ("a", "a"), ("b", "a")])}
+    right = {side: [p.expected == p.predicted for p in ps] for side, ps in got.items()}
+    ranked = tune.compare_sides(right, got, ["a", "b"], [True, True, False, False])
+    assert ranked["n"] == 2 and ranked["tune"]["accuracy"] == ranked["default"]["accuracy"] == 0.5
+    assert (ranked["tune_only_right"], ranked["default_only_right"], ranked["mcnemar_p"]) == (1, 1, 1.0)
+    rest = tune.compare_sides(right, got, ["a", "b"], [False, False, True, True])
+    assert (rest["tune"]["accuracy"], rest["default"]["accuracy"], rest["tune_only_right"]) == (1.0, 0.5, 1)
+    assert rest["tune"]["macro_f1"] == 1.0 and rest["default"]["macro_f1"] == pytest.approx(1 / 3)
 
 
 @pytest.mark.parametrize("task, labels", [("debates", {"republican", "democrat", "moderator"}),
