@@ -357,6 +357,24 @@ def primary_metric(fmt: TaskFormat, requested: str = "auto") -> tuple[str, bool]
     return name, name != "loss"
 
 
+MAJORITY_SHARE = 0.6  # a label this common makes accuracy a poor selection metric (majority_warning)
+
+
+def majority_warning(fmt: TaskFormat, examples: list, requested: str = "auto") -> str | None:
+    """Why accuracy may select a degenerate prompt, if it may: the task is classification, ``--metric`` is left to
+    its default (accuracy) and one label is ``MAJORITY_SHARE`` or more of ``examples`` (the validation split),
+    so a prompt answering that label everywhere scores its share and can be the best validated state."""
+    if requested != "auto" or not fmt.is_classification or fmt.objective == "lm" or not examples:
+        return None
+    label, count = Counter(ex.label for ex in examples).most_common(1)[0]
+    share = count / len(examples)
+    if share < MAJORITY_SHARE:
+        return None
+    return (f"validation: label {label!r} is {share:.0%} of the {len(examples)} examples; accuracy (the default "
+            f"--metric) scores a prompt that answers {label!r} to everything {share:.2f}, so the prompt kept may be "
+            "one: --metric macro_f1 weighs every label alike")
+
+
 def format_report(report: dict[str, dict[str, float]]) -> str:
     """A plain-text table of ``{row: metrics}``."""
     cols = [c for c in ("accuracy", "macro_f1", "exact_match", "f1", "rouge_l", "loss", "perplexity", "n")

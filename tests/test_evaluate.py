@@ -14,6 +14,7 @@ from softprompt.evaluate import (
     k_shot_examples,
     label_scores,
     macro_f1,
+    majority_warning,
     normalize_answer,
     shots_text,
     token_f1,
@@ -34,6 +35,18 @@ def test_macro_f1_and_answer_metrics():
     assert normalize_answer(" The  Paris!") == "paris"
     assert token_f1("New Delhi", "delhi") == pytest.approx(2 / 3)
     assert token_f1("Paris", "Rome") == 0.0
+
+
+def test_majority_warning_when_one_label_makes_accuracy_a_poor_selection_metric():
+    def examples(labels):
+        return [Example("x", f" {label}", label=label) for label in labels]
+
+    skewed = examples(["negative"] * 6 + ["positive"] * 4)
+    assert "label 'negative' is 60% of the 10 examples" in majority_warning(FMT, skewed)
+    assert majority_warning(FMT, examples(["negative"] * 5 + ["positive"] * 4)) is None  # 56%
+    assert majority_warning(FMT, skewed, "accuracy") is None and majority_warning(FMT, skewed, "macro_f1") is None
+    assert majority_warning(TaskFormat("Q: {q}\nA:", "a"), skewed) is None  # a generation task
+    assert majority_warning(FMT, []) is None
 
 
 def test_single_token_fast_path_equals_row_per_label(model, tokenizer):
