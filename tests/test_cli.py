@@ -526,6 +526,14 @@ def test_train_stores_into_an_empty_folder_and_refuses_an_unusable_store_before_
     assert run(["ensemble", "--store", store, "--name", "e", "--members", "t,u", "--combine", "vote"])[0] == 0
     _assert_usage_error(train_argv(env, tmp_path / "b", "--store", store, "--task", "e"),
                         "entry 'e' is an ensemble, the run would store a prompt there")
+    # t is a member of e: a prompt of other labels or of another base model would break it once trained
+    argv = train_argv(env, tmp_path / "d", "--store", store, "--task", "t")
+    argv[argv.index("positive=positive,negative=negative")] = "positive=positive,negative=negative,neutral=neutral"
+    _assert_usage_error(argv, "replacing 't' would break ensemble 'e'")
+    argv = train_argv(env, tmp_path / "e", "--store", store, "--task", "t")
+    argv[argv.index("--model") + 1] = env["other_model"]
+    _assert_usage_error(argv, "replacing 't' would break ensemble 'e'")
+    assert not any((tmp_path / d / "metrics.jsonl").exists() for d in "de")  # refused before training
     (store / "notes").mkdir()
     (store / "notes" / "todo.txt").write_text("mine")
     _assert_usage_error(train_argv(env, tmp_path / "b", "--store", store, "--task", "notes"),

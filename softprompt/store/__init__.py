@@ -14,7 +14,7 @@ from softprompt.store.format import (
 )
 from softprompt.store.names import safe_task_name
 from softprompt.store.peft_interop import export_peft, import_peft
-from softprompt.store.preflight import prompt_entry_problem
+from softprompt.store.preflight import prompt_entry_problem, stored_member_problem
 from softprompt.store.prompt_store import PromptStore
 
 __all__ = [
@@ -25,6 +25,7 @@ __all__ = [
     "EnsembleSpec",
     "PromptStore",
     "prompt_entry_problem",
+    "stored_member_problem",
     "StoreEntry",
     "StoreError",
     "StoredPrompt",

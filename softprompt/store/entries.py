@@ -124,6 +124,19 @@ def base_model_problem(fingerprints: dict[str, dict | None]) -> str | None:
     return f"members were trained on different base models than {joined[0]!r} ({' | '.join(diffs)})"
 
 
+def member_problem(store: Any, name: str, labels: list[str] | None, fp: dict | None) -> str | None:
+    """Why replacing entry ``name`` of ``store`` (a :class:`~softprompt.store.PromptStore`) with a prompt of
+    ``labels`` trained on the base model of fingerprint ``fp`` would break an ensemble it is a member of: the
+    other members' labels or base model differ; ``None`` when it would not."""
+    for ens in store.ensembles_with(name):
+        others = {m: store.load(m) for m in store.ensemble(ens).members if m != name}
+        problem = label_problem({**{m: prompt_labels(s) for m, s in others.items()}, name: labels})
+        problem = problem or base_model_problem({**{m: s.fingerprint for m, s in others.items()}, name: fp})
+        if problem:
+            return f"replacing {name!r} would break ensemble {ens!r}: {problem}"
+    return None
+
+
 def is_safe_task_name(name: str) -> bool:
     """Whether ``name`` passes :func:`~softprompt.store.names.safe_task_name`."""
     try:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from softprompt.store.entries import member_problem
 from softprompt.store.errors import StoreError
 from softprompt.store.format import replaceable_folder
 from softprompt.store.prompt_store import STORE_FILE, PromptStore
@@ -48,3 +49,24 @@ def prompt_entry_problem(root: str | os.PathLike, name: str, labelled: bool = Tr
                 "classification prompts, and this run's prompt has no labels; choose another --task, or remove "
                 "those ensembles first (softprompt store remove)")
     return None
+
+
+def stored_member_problem(root: str | os.PathLike, name: str, labels: list[str] | None, model) -> str | None:
+    """Why a run's prompt (of ``labels``, trained on ``model``) could not replace entry ``name`` of store ``root``
+    once trained: the entry is a member of an ensemble whose other members have other labels or another base
+    model. Checked once the task and the model are loaded, before training (storing checks it again)."""
+    from softprompt.model import fingerprint
+
+    folder = Path(root).expanduser()
+    if not (folder / STORE_FILE).exists():
+        return None
+    try:
+        store = PromptStore(folder)
+        if name not in store or store.kind(name) != "prompt":
+            return None
+        problem = member_problem(store, name, labels, fingerprint(model))
+    except StoreError as e:
+        return f"--store {root}: {e}"
+    return None if problem is None else (f"--store {root} --task {name}: {problem}; choose another --task, or "
+                                         "remove the ensemble first (softprompt store remove)")
+

@@ -33,6 +33,7 @@ from softprompt.store.entries import (
     StoreEntry,
     base_model_problem,
     label_problem,
+    member_problem,
     prompt_labels,
     prompt_template,
     read_ensemble_file,
@@ -280,12 +281,9 @@ class PromptStore:
         if self.kind(name) != kind:
             raise StoreError(f"{self.root}: entry {name!r} is of kind {self.kind(name)!r}, not {kind!r}; "
                              "remove it first to replace it")
-        for ens in self.ensembles_with(name):
-            others = {m: self.load(m) for m in self.ensemble(ens).members if m != name}
-            problem = label_problem({**{m: prompt_labels(s) for m, s in others.items()}, name: labels})
-            problem = problem or base_model_problem({**{m: s.fingerprint for m, s in others.items()}, name: fp})
-            if problem:
-                raise StoreError(f"{self.root}: replacing {name!r} would break ensemble {ens!r}: {problem}")
+        problem = member_problem(self, name, labels, fp)
+        if problem:
+            raise StoreError(f"{self.root}: {problem}")
 
     def add(self, name: str, source: str | os.PathLike, overwrite: bool = False) -> Path:
         """Copy a prompt folder (ours or PEFT's) into the store as ``name``, after validating it.

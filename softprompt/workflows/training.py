@@ -22,7 +22,8 @@ from softprompt.evaluate import format_report, majority_warning, primary_metric
 from softprompt.forward import family_of
 from softprompt.methods import PromptMethod
 from softprompt.plots import plot_curves
-from softprompt.store import PromptStore, load_prompt, save_prompt
+from softprompt.store import PromptStore, load_prompt, save_prompt, stored_member_problem
+from softprompt.store.entries import task_labels
 from softprompt.store.task_record import task_meta
 from softprompt.train import TrainResult, distributed, train
 from softprompt.workflows.baselines import evaluate_with_baselines
@@ -139,6 +140,10 @@ def train_and_save(args: dict, store: str | None = None, store_task: str | None 
           f"(base model {sum(p.numel() for p in model.parameters()):,}, frozen)"
           + (f"; init text {args['prompt'].init_text!r}" if args["prompt"].init == "text" else ""))
     meta = task_meta(args["data"], fmt)
+    if store:  # an ensemble this entry belongs to must take the prompt: refused now, not after training
+        problem = stored_member_problem(store, store_task, task_labels(meta, "the task"), model)
+        if problem:
+            raise ConfigError(f"invalid arguments:\n  {problem}")
     bos = bos_after_prompt(fmt)  # the layout it trains with
     # the --split examples are encoded now as training encodes (validation too, in train): a chat conversation
     # with no whole answer in --max-length, or a target over it, stopped the run after training, before its report
