@@ -378,6 +378,12 @@ def test_a_task_name_is_a_non_empty_string_and_the_base_task_is_not_replaced_by_
     assert sorted(engine.backend.keys()) == ["sent", "sent3"]  # nothing half-loaded
     engine.add_base("base")  # the base model again under its own name, and a prompt over a prompt, are fine
     engine.add_prompt("sent", sent)
+    # a folder where a loaded prompt goes, or no keys/values: a TypeError naming the call (a bare AttributeError)
+    for call, bad in (("add_prompt", tmp_path / "sent"), ("add_prompt", str(tmp_path / "sent")), ("add_kv", None),
+                      ("add_kv", kv.layers)):
+        with pytest.raises(TypeError, match=rf"{call}\('new'\): expected a (StoredPrompt|PromptKV) "):
+            getattr(engine, call)("new", bad)
+    assert engine.task_names() == ["base", "sent", "sent3"] and sorted(engine.backend.keys()) == ["sent", "sent3"]
 
 
 @pytest.mark.parametrize("raw", ["no", 0, 1, None, "false"])

@@ -38,13 +38,14 @@ from softprompt.engine.requests import (
     ScoreResult,
     UnknownTaskError,
 )
-from softprompt.engine.task_names import check_task_name
+from softprompt.engine.task_names import check_argument, check_task_name
 from softprompt.engine.turns import TurnEnds
 from softprompt.forward import InferencePrompt, PromptKV, TokenLogprob, end_token_ids, family_of
 from softprompt.forward.slots import MODEL_LOCK
 from softprompt.model import context_length
 from softprompt.store.entries import COMBINES
 from softprompt.store.errors import StoreError
+from softprompt.store.format import StoredPrompt
 from softprompt.store.task_record import TaskRecord
 
 log = logging.getLogger(__name__)
@@ -215,6 +216,7 @@ class Engine:
     def add_prompt(self, name: str, stored) -> Task:
         """Serve a :class:`StoredPrompt` (validated by ``load_prompt`` against this model) as ``name``."""
         check_task_name(name, "prompt", self.tasks.get(name))  # before its keys/values are computed
+        check_argument(stored, StoredPrompt, f"add_prompt({name!r})", "load_prompt(folder, model) reads one")
         built = {name: self._build(name, stored)}
         return self._install(built, Task(name, "prompt", [name], [built[name].fmt], meta=built[name].meta))
 
@@ -257,6 +259,7 @@ class Engine:
         hard prompt from :func:`~softprompt.evaluate.hard_prompt_kv`, which starts with the BOS itself."""
         self.backend.require_language_model("precomputed keys/values")
         check_task_name(name, "prompt", self.tasks.get(name))
+        check_argument(prompt_kv, PromptKV, f"add_kv({name!r})", "softprompt.forward.compute_prompt_kv builds them")
         self.backend.check(name, prompt_kv, name)
         return self._install({name: _Built(prompt_kv, fmt, {}, bos)}, Task(name, "prompt", [name], [fmt]))
 
@@ -438,8 +441,7 @@ class Engine:
 
 @dataclass
 class _Built:
-    """A prompt ready to be served (as the family prepares it for inference), its format and metadata, and
-    whether its texts start with the model's BOS."""
+    """A prompt ready to be served (as the family prepares it), its format, metadata, and whether texts get the BOS."""
 
     prompt: InferencePrompt
     fmt: TaskFormat | None

@@ -1,4 +1,5 @@
-"""What may name a served task: checked once, where every task is swapped in (:meth:`Engine._install`)."""
+"""What may name a served task (checked once, where every task is swapped in: :meth:`Engine._install`), and what
+the loading calls take."""
 
 from __future__ import annotations
 
@@ -23,3 +24,12 @@ def check_task_name(name, kind: str, served) -> None:
         raise RequestError(f"task {name!r} is the plain base model (no prompt): a prompt cannot replace it; serve "
                            f"the base model under another name (--base-task)")
     raise RequestError(f"task {name!r} is already served with a prompt: the base-model task needs another name")
+
+
+def check_argument(value, expected: type, call: str, hint: str) -> None:
+    """Raise ``TypeError`` naming ``call`` unless ``value`` is an ``expected``: a folder path where a loaded prompt
+    goes, or None where keys/values go, failed with a bare AttributeError while being prepared. ``hint``: how to
+    get an ``expected``."""
+    if not isinstance(value, expected):
+        raise TypeError(f"{call}: expected a {expected.__name__} ({hint}), got {type(value).__name__} {value!r:.80}")
+
