@@ -627,6 +627,19 @@ def test_the_last_rung_keeps_each_trials_best_validated_state_as_train_does(tmp_
     assert "12 (best @9)" in format_table(result)
 
 
+@pytest.mark.parametrize("fields, named", [
+    ({"lrs": "0.1"}, "--lrs: expected a list of numbers"), ({"lrs": [0.1, True]}, "--lrs: expected a list"),
+    ({"eta": "3"}, "--eta: expected an integer"), ({"top_k": 2.5}, "--top-k: expected an integer"),
+    ({"min_steps": True}, "--min-steps: expected an integer"), ({"budget_steps": "10"}, "--budget-steps: expected"),
+    ({"lr_range": (1,)}, "--lr-range: expected two numbers"), ({"search": ["init"]}, "--search: expected"),
+    ({"search": {"init": "text"}}, "--search: expected"), ({"keep_default": 1}, "--keep-default: expected true"),
+    ({"budget_minutes": "2"}, "--budget-minutes: expected a number"), ({"task": 3}, "--task: expected text")])
+def test_tune_args_of_the_wrong_type_built_in_python_name_the_flag(fields, named):
+    """They were bare TypeErrors ('<' between str and int), an AttributeError, or accepted (top_k=2.5)."""
+    with pytest.raises(ConfigError, match=re.escape(named)):
+        TuneArgs(**fields)
+
+
 def test_search_space():
     assert learning_rates(TuneArgs(), 0.3, seed=0)[6] == pytest.approx(0.3)  # the default grid holds --lr
     assert len(learning_rates(TuneArgs(), 0.3, seed=0)) == 9

@@ -21,7 +21,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
-from softprompt.config import ConfigError, PromptArgs, TrainArgs, check_folder_to_create, check_real
+from softprompt.config import ConfigError, PromptArgs, TrainArgs, check_folder_to_create, check_real, flag
 
 SEARCHABLE = ("num_virtual_tokens", "init", "method")  # --search keys (lr has --lrs / --lr-range)
 INITS = ("random", "text", "sample_vocab", "class_labels")
@@ -78,12 +78,41 @@ class TuneArgs:
         if problems:
             raise ConfigError("invalid arguments:\n  " + "\n  ".join(problems))
 
+    def type_problems(self) -> list[str]:
+        """Every field of the wrong type (built in Python: ``TuneArgs(eta="3")``), each naming its flag; the value
+        checks of :meth:`problems` compare values only once there is none."""
+        def real(v) -> bool:
+            return isinstance(v, int | float) and not isinstance(v, bool)
+
+        out = [f"{flag(n)}: expected an integer, got {v!r}" for n in ("num_trials", "budget_steps", "eta", "min_steps",
+                                                                       "top_k", "ensemble_seeds")
+               if (v := getattr(self, n)) is not None and (not isinstance(v, int) or isinstance(v, bool))]
+        if self.lrs is not None and not (isinstance(self.lrs, list | tuple) and all(map(real, self.lrs))):
+            out.append(f"--lrs: expected a list of numbers, got {self.lrs!r}")
+        if self.lr_range is not None and not (isinstance(self.lr_range, list | tuple) and len(self.lr_range) == 2
+                                              and all(map(real, self.lr_range))):
+            out.append(f"--lr-range: expected two numbers (LOW, HIGH), got {self.lr_range!r}")
+        if self.budget_minutes is not None and not real(self.budget_minutes):
+            out.append(f"--budget-minutes: expected a number, got {self.budget_minutes!r}")
+        if not (isinstance(self.search, dict) and all(isinstance(k, str) and isinstance(v, list | tuple)
+                                                      for k, v in self.search.items())):
+            out.append(f"--search: expected {{key: [values]}}, got {self.search!r}")
+        out += [f"{flag(n)}: expected text, got {v!r}" for n in ("lr_sampling", "store", "task")
+                if (v := getattr(self, n)) is not None and not isinstance(v, str)]
+        if not isinstance(self.keep_default, bool):
+            out.append(f"--keep-default: expected true or false, got {self.keep_default!r}")
+        if self.validation_from_train is not None and not real(self.validation_from_train):
+            out.append(f"--validation-from-train: expected a number, got {self.validation_from_train!r}")
+        return out
+
     def problems(self) -> list[str]:
-        """Every problem with the fields, each naming its flag."""
+        """Every problem with the fields, each naming its flag (the type problems alone when there are some)."""
         from softprompt.methods import METHODS
         from softprompt.store import StoreError, safe_task_name
 
-        out: list[str] = []
+        out: list[str] = self.type_problems()
+        if out:
+            return out
         if self.lrs is not None and self.lr_range is not None:
             out.append("--lrs and --lr-range both given: use one")
         if self.lrs is not None:
@@ -124,8 +153,6 @@ class TuneArgs:
             elif key == "method":
                 out += [f"--search method: {v!r} is not one of {', '.join(sorted(METHODS))}" for v in values
                         if v not in METHODS]
-        if not isinstance(self.keep_default, bool):
-            out.append(f"keep_default must be true or false, got {self.keep_default!r}")
         if self.budget_steps is not None and self.budget_steps < 1:
             out.append(f"--budget-steps must be >= 1, got {self.budget_steps}")
         if self.budget_minutes is not None:
