@@ -207,7 +207,7 @@ def score(prompts: dict[str, Path], flags: list[str]) -> dict:
     task = load_task(*args)
     ranked_on = {example_key(ex) for ex in load_task(*args, max_samples={"validation": RANKED_ON})
                  .examples("validation")}
-    labels = list(task.format.label_texts) if task.format.is_classification else None
+    labels = task.format.labels if task.format.is_classification else None  # what predictions name
     model, tok = load_base_model()
     out = {}
     for split in ("validation", "test"):
@@ -285,7 +285,7 @@ def write_table(root: Path, results: dict) -> str:
     lines = ["| task | split | n | default train | tune (best) | difference | McNemar p | macro-F1 default | "
              "macro-F1 tune | tune rungs | train s | tune s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for task, r in results["tasks"].items():
-        for split in (g for g in GROUPS if g in r):
+        for split in (g for g in GROUPS if g in r and r[g]["n"]):  # debates: validation is all ranked on
             s = r[split]
             d, t = s["default"]["accuracy"], s["tune"]["accuracy"]
             f1 = [s[side].get("macro_f1") for side in ("default", "tune")]
