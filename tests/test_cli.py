@@ -10,6 +10,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -889,7 +890,7 @@ def test_tune_command_searches_on_validation_and_saves_the_best_prompt_into_a_st
     best = load_prompt(out / "best_prompt")
     assert best.meta["task"]["verbalizer"]
     assert PromptStore(store).names() == ["sentiment"]
-    assert "best:" in stdout
+    assert re.search(r"best: t\d+ .* at step \d+ of \d+; saved to", stdout), stdout
 
 
 def test_eval_of_a_prompt_tuned_with_validation_from_train_rebuilds_its_held_out_split(env, tmp_path):

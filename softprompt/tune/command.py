@@ -369,8 +369,9 @@ def run_tune(args: dict[str, Any], tune: TuneArgs, model, tokenizer, task: TaskD
     if best is None:
         echo(f"every trial diverged, failed or did not run: no prompt saved (see {paths['md']})")
     else:
-        echo(f"best: {best.id} {best.spec.label()}, validation {result.metric} {best.last.metric:.4f} after "
-             f"{best.steps} steps; saved to {out / 'best_prompt'}")
+        at = best.last.best_step if best.last.best_step not in (None, best.steps) else best.steps
+        echo(f"best: {best.id} {best.spec.label()}, validation {result.metric} {best.last.metric:.4f} at step "
+             f"{at} of {best.steps}; saved to {out / 'best_prompt'}")
     for report in ensembles.values():
         if "skipped" not in report:
             echo(summary_line(report))
