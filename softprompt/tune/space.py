@@ -52,9 +52,10 @@ class TuneArgs:
             is one) and report their mean ensemble's validation gain over the mean single prompt; with
             ``store`` they are ``task-1 .. task-N`` and the ensemble ``task`` (classification only).
         keep_default: continue the untuned configuration (``--lr`` with the prompt settings ``train`` would
-            use) to the end of the run whatever its rank at a rung, beside the best ones: the search then
-            returns a worse validated prompt than ``softprompt train`` only when its own trial of that run
-            is worse than its best; a search without that trial (``--lrs`` without ``--lr``) is unchanged.
+            use) to the end of the run whatever its rank at a rung, beside the best ones: ``softprompt train``'s
+            own run is then one of the candidates, selected as ``train`` selects it where their evaluation steps
+            coincide (the last rung's), so the winner validates no worse; a search without that trial (``--lrs``
+            without ``--lr``) is unchanged.
     """
 
     lrs: list[float] | None = None
