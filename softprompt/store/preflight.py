@@ -62,8 +62,8 @@ def stored_member_problem(root: str | os.PathLike, name: str, labels: list[str] 
         return None
     try:
         store = PromptStore(folder)
-        if name not in store or store.kind(name) != "prompt":
-            return None
+        if name not in store or store.kind(name) != "prompt" or not store.ensembles_with(name):
+            return None  # no ensemble to break: the model's fingerprint (a hash of its embeddings) is not needed
         problem = member_problem(store, name, labels, fingerprint(model))
     except StoreError as e:
         return f"--store {root}: {e}"
