@@ -295,7 +295,7 @@ def test_run_tune_writes_trials_best_prompt_and_a_top_k_ensemble_that_loads(tmp_
         assert [(r["rung"], r["steps"]) for r in t["rungs"]] == [(r.rung, r.steps) for r in trial.rungs]
         assert all(math.isfinite(r["metric"]) and r["metrics"]["loss"] == r["val_loss"] for r in t["rungs"])
     table = (out / "trials.md").read_text().splitlines()
-    assert table[0].startswith("| rank | trial |") and "loss @4" in table[0] and "loss @12" in table[0]
+    assert table[0].startswith("| rank | trial |") and "loss @4 |" in table[0] and "loss @12 (kept state) |" in table[0]
     assert len([ln for ln in table if ln.startswith("| ") and ln[2].isdigit()]) == 3
     assert (out / "trials.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the best prompt and the top 2

@@ -32,8 +32,8 @@ def _write_text(path: Path, text: str) -> None:
 def format_table(result: TuneResult) -> str:
     """A Markdown table of the trials in ranking order: settings, the metric at every rung, status."""
     rungs = result.plan.rungs
-    head = ["rank", "trial", "method", "P", "init", "lr"] + [f"{result.metric} @{r}" for r in rungs] + [
-        "val loss", "steps", "status"]
+    head = ["rank", "trial", "method", "P", "init", "lr"] + [f"{result.metric} @{r}" for r in rungs[:-1]] + [
+        f"{result.metric} @{rungs[-1]} (kept state)", "val loss", "steps", "status"]  # last rung: its best state
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for rank, t in enumerate(result.ranking, 1):
         by_rung = {r.rung: r for r in t.rungs}
