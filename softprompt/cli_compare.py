@@ -46,8 +46,8 @@ def cmd_compare(ns: argparse.Namespace) -> int:
     out = Path(ns.output_dir)
     search = (f"lr searched over {settings.lr_grid} values ({settings.search_budget} steps each, on validation)"
               if settings.lr_search and settings.lr_grid > 1 else "fixed lr")
-    budget = (f"{ns.steps} steps" if ns.fixed_steps else f"until converged, at most {ns.steps} steps") + \
-        f" ({ns.schedule} lr schedule)"
+    budget = (f"{ns.steps} steps" if ns.fixed_steps else f"until converged, at most {ns.steps} steps") + "".join(
+        f" ({s.label}: {s.steps_scale} x)" for s in specs if s.steps_scale != 1) + f" ({ns.schedule} lr schedule)"
     print(f"comparing {len(specs)} methods on {ns.dataset}, {budget} of batch {ns.batch_size}, {search}, "
           f"seeds: {ns.seeds}, test on {ns.test_samples} examples")
     if ns.store:

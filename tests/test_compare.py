@@ -486,6 +486,36 @@ def test_resume_keeps_the_rows_that_ran_and_runs_the_others(tmp_path):
     assert resume_problem(tmp_path / "none", other) is None  # nothing to keep: nothing refused
 
 
+def test_a_slow_rows_seed_runs_get_its_larger_budget_and_older_records_still_match(tmp_path):
+    # random-init prompt tuning was still falling at 400 steps (one seed in three): its row has twice the budget
+    from softprompt.compare.journal import job_key
+    from softprompt.compare.specs import DEFAULT_SPECS
+
+    jobs = []
+
+    def runner(j):
+        jobs.append((j.spec.label, j.seed, j.steps))
+        return {**_fake_seed_run(j), "steps_run": j.steps}
+
+    settings = CompareSettings("m", steps=6, seeds=2, lr_search=True, lr_grid=2, eval_every=2, search_steps=4)
+    slow, plain = Spec("slow", "prompt_tuning", steps_scale=2), Spec("plain", "prompt_tuning")
+    rows = run_compare([slow, plain], settings, tmp_path, log=lambda s: None, runner=runner)
+    # the lr search's runs are as long as every row's; the seed runs get 2 x --steps
+    assert jobs == [("slow", 2, 4), ("slow", 2, 4), ("slow", 0, 12), ("slow", 1, 12),
+                    ("plain", 2, 4), ("plain", 2, 4), ("plain", 0, 6), ("plain", 1, 6)]
+    assert [r["steps"] for r in rows] == [12, 6] and rows[0]["spec_def"]["steps_scale"] == 2
+    assert format_row(rows[0]).endswith(", 12 (at most 12) |") and "at most" not in format_row(rows[1])
+    # rows and journal lines recorded before the field existed carry no steps_scale: a scale-1 spec still matches
+    assert "steps_scale" not in rows[1]["spec_def"]
+    old_job = json.loads(Job(plain, "m", "d", 6, 8, 0.1).to_json())
+    assert "steps_scale" not in old_job["spec"]
+    assert job_key(Job.from_json(json.dumps(old_job))) == job_key(Job(plain, "m", "d", 6, 8, 0.1))
+    jobs.clear()
+    assert run_compare([slow, plain], settings, tmp_path, log=lambda s: None, runner=runner, resume=True) == rows
+    assert jobs == []
+    assert [s.steps_scale for s in DEFAULT_SPECS if s.config.get("init") == "random"] == [2]
+
+
 class _Killed(BaseException):
     """The process was killed in the middle of a run (nothing after it ran)."""
 

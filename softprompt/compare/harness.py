@@ -7,7 +7,6 @@ import math
 import os
 import statistics
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 
 from softprompt.compare.ensemble import Evaluator, method_slug, store_seed_ensemble
@@ -91,11 +90,11 @@ def summarise(spec: Spec, runs: list[dict], search: dict | None, settings: Compa
     rolled-back state, still counts in the mean: it is what the method reached at that lr).
     ``last_third_gain`` is the gain over a run's curve up to where its fixed-steps verdict is read.
     """
-    first = runs[0]
+    first, steps = runs[0], settings.steps * spec.steps_scale
     accs = [r["accuracy"] for r in runs]
     curve = mean_curve([r["curve"] for r in runs], first["metric"])
     for r in runs:
-        at = r.get("steps_run", settings.steps)
+        at = r.get("steps_run", steps)
         if not settings.until_flat and settings.schedule == "wsd":
             at = wsd_decay_start(at, min(WARMUP_STEPS, at))
         r["converged"], r["last_third_gain"] = convergence([p for p in r["curve"] if p["step"] <= at], at,
@@ -107,14 +106,14 @@ def summarise(spec: Spec, runs: list[dict], search: dict | None, settings: Compa
     verdicts = [r["converged"] for r in runs]
     converged = None if None in verdicts else all(verdicts)
     peaks = [r["peak_mib"] for r in runs if r.get("peak_mib")]
-    return {"method": first["method"], "spec": spec.label, "spec_def": asdict(spec), "kind": spec.kind,
+    return {"method": first["method"], "spec": spec.label, "spec_def": spec.to_dict(), "kind": spec.kind,
             "lr": first["lr"],
             "lr_search": search, "trainable_params": first["trainable_params"],
             "bytes_per_task": first["bytes_per_task"], "accuracy": statistics.fmean(accs),
             "accuracy_std": statistics.stdev(accs) if len(accs) > 1 else None, "n_seeds": len(runs),
             "train_s": statistics.fmean(r["train_s"] for r in runs),
-            "peak_mib": statistics.fmean(peaks) if peaks else None, "steps": settings.steps,
-            "steps_run": [r.get("steps_run", settings.steps) for r in runs], "metric": first["metric"],
+            "peak_mib": statistics.fmean(peaks) if peaks else None, "steps": steps,
+            "steps_run": [r.get("steps_run", steps) for r in runs], "metric": first["metric"],
             "guard": first["guard"], "rollbacks": sum(r["rollbacks"] for r in runs),
             "diverged_seeds": sum(r["diverged"] for r in runs), "curve": curve, "converged": converged,
             "last_third_gain": [r["last_third_gain"] for r in runs], "validation": first["validation"],
@@ -123,7 +122,8 @@ def summarise(spec: Spec, runs: list[dict], search: dict | None, settings: Compa
 
 def run_method(spec: Spec, settings: CompareSettings, runner: Runner | None = None, log=print,
                prompts_dir: Path | None = None) -> dict:
-    """One row: the lr search (unless off or a grid of one), then ``settings.seeds`` runs at the chosen lr.
+    """One row: the lr search (unless off or a grid of one), then ``settings.seeds`` runs at the chosen lr, of at
+    most ``settings.steps`` x ``spec.steps_scale`` steps (the search's runs are the same length for every row).
 
     A failed seed run ends the row: it becomes ``{"method", "kind", "error", ...}`` with what had run.
     ``runner`` runs one :class:`Job` (default: :func:`run_in_subprocess`). With ``prompts_dir``, a prompt
@@ -140,7 +140,8 @@ def run_method(spec: Spec, settings: CompareSettings, runner: Runner | None = No
     runs = []
     save = prompts_dir is not None and spec.kind not in WEIGHT_KINDS
     for seed in range(settings.seeds):
-        run = runner(Job(spec, settings.model, settings.dataset, settings.steps, settings.batch_size, lr, seed=seed,
+        run = runner(Job(spec, settings.model, settings.dataset, settings.steps * spec.steps_scale,
+                         settings.batch_size, lr, seed=seed,
                          val_samples=settings.val_samples, eval_every=settings.eval_every,
                          test_samples=settings.test_samples, schedule=settings.schedule,
                          stop_when_flat=settings.converged_tol if settings.until_flat else 0.0,
@@ -248,7 +249,7 @@ def run_compare(specs: list[Spec], settings: CompareSettings, out_dir: Path, log
         os.replace(tmp, out_dir / "compare.json")
 
     for spec in specs:
-        if spec.label in done and done[spec.label].get("spec_def") != asdict(spec):
+        if spec.label in done and done[spec.label].get("spec_def") != spec.to_dict():
             # a label names a spec, not its lr centre, optimizer or config: those may have changed since
             log(f"  {spec.label}: run again (--resume): its definition (lr, optimizer, config) differs from the "
                 "kept row's, or the row does not record it")

@@ -68,7 +68,8 @@ def format_row(row: dict, ensemble: bool = False) -> str:
     lr = f"{row['lr']:.3g}" + (" (search)" if row.get("lr_search") else " (fixed)")
     rollbacks = str(row["rollbacks"]) if row.get("guard", True) else "off"
     converged = {True: "yes", False: "no", None: "?"}[row.get("converged")] + ": " + ", ".join(
-        str(r.get("steps_run", row["steps"])) + _seed_note(r) for r in row.get("seeds", []))
+        str(r.get("steps_run", row["steps"])) + _seed_note(r) for r in row.get("seeds", [])) + (
+        f" (at most {row['steps']})" if row.get("spec_def", {}).get("steps_scale", 1) != 1 else "")
     return (f"| {row['method']} | {row['trainable_params']:,} | {_size(row['bytes_per_task'])} | {peak} | "
             f"{row['train_s']:.0f} s | {lr} | {acc} | {row['n_seeds']} | {rollbacks} | {converged} |" + tail)
 
@@ -130,7 +131,8 @@ def plot_compare(rows: list[dict], path: Path) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters (log)")
     ax.set_ylabel(f"test accuracy (mean ± std over {ok[0]['n_seeds']} seeds)")
-    ax.set_title(f"same loop and budget (at most {ok[0]['steps']} steps)")
+    budgets = sorted({r["steps"] for r in ok})  # a row may have a larger budget (Spec.steps_scale)
+    ax.set_title("same loop, at most " + " or ".join(str(b) for b in budgets) + " steps")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

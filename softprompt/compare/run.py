@@ -53,7 +53,7 @@ class Job:
     schedule: str = "linear"
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self))
+        return json.dumps({**asdict(self), "spec": self.spec.to_dict()})
 
     @classmethod
     def from_json(cls, text: str) -> Job:
