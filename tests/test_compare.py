@@ -491,16 +491,20 @@ def test_a_slow_rows_seed_runs_get_its_larger_budget_and_older_records_still_mat
     from softprompt.compare.journal import job_key
     from softprompt.compare.specs import DEFAULT_SPECS
 
-    jobs = []
+    jobs, job_keys = [], []
 
     def runner(j):
         jobs.append((j.spec.label, j.seed, j.steps))
+        job_keys.append(job_key(j))
         return {**_fake_seed_run(j), "steps_run": j.steps}
 
     settings = CompareSettings("m", steps=6, seeds=2, lr_search=True, lr_grid=2, eval_every=2, search_steps=4)
     slow, plain = Spec("slow", "prompt_tuning", steps_scale=2), Spec("plain", "prompt_tuning")
+    plain_slow = Spec("slow", "prompt_tuning")  # the search's runs are journalled as before the scale was set
     rows = run_compare([slow, plain], settings, tmp_path, log=lambda s: None, runner=runner)
     # the lr search's runs are as long as every row's; the seed runs get 2 x --steps
+    assert job_keys[:2] == [job_key(Job(plain_slow, "m", "rotten_tomatoes", 4, 16, lr, seed=2, eval_every=0,
+                                        test_samples=0, schedule="wsd")) for lr in (0.169, 0.533)]
     assert jobs == [("slow", 2, 4), ("slow", 2, 4), ("slow", 0, 12), ("slow", 1, 12),
                     ("plain", 2, 4), ("plain", 2, 4), ("plain", 0, 6), ("plain", 1, 6)]
     assert [r["steps"] for r in rows] == [12, 6] and rows[0]["spec_def"]["steps_scale"] == 2
@@ -513,7 +517,8 @@ def test_a_slow_rows_seed_runs_get_its_larger_budget_and_older_records_still_mat
     jobs.clear()
     assert run_compare([slow, plain], settings, tmp_path, log=lambda s: None, runner=runner, resume=True) == rows
     assert jobs == []
-    assert [s.steps_scale for s in DEFAULT_SPECS if s.config.get("init") == "random"] == [2]
+    assert {s.label for s in DEFAULT_SPECS if s.steps_scale == 2} == {"prompt tuning, random init, P=20",
+                                                                      "P-tuning (MLP), P=20"}
 
 
 class _Killed(BaseException):

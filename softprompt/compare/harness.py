@@ -7,6 +7,7 @@ import math
 import os
 import statistics
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from softprompt.compare.ensemble import Evaluator, method_slug, store_seed_ensemble
@@ -62,8 +63,9 @@ def search_lr(spec: Spec, settings: CompareSettings, runner: Runner, log=print) 
         The chosen lr (``None`` when every candidate failed) and the search's record for ``compare.json``.
     """
     candidates, metric, higher = [], None, True
+    short = replace(spec, steps_scale=1)  # the seed runs' budget: not the search's (its runs stay journalled)
     for lr in lr_grid(spec.lr, settings.lr_grid):
-        run = runner(Job(spec, settings.model, settings.dataset, settings.search_budget, settings.batch_size, lr,
+        run = runner(Job(short, settings.model, settings.dataset, settings.search_budget, settings.batch_size, lr,
                          seed=settings.search_seed, val_samples=settings.val_samples, eval_every=0, test_samples=0,
                          schedule=settings.schedule))
         if "error" not in run:
