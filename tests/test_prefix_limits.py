@@ -185,8 +185,40 @@ def make_deepseek_v3():
     return model
 
 
+@pytest.mark.filterwarnings("ignore:.*past_key_values.*:FutureWarning")
+@pytest.mark.parametrize("init", ["random", "text"])
+def test_falcon_multi_query_gets_a_one_head_prefix_when_its_config_says_so_and_is_refused_otherwise(tokenizer, init):
+    # falcon-7b's multi-query attention caches one key/value head; transformers < 5.25's config said
+    # num_kv_heads (4), so a prefix was refused; from 5.25 it says num_key_value_heads = 1, and the prefix is laid
+    # out with that one head and must then equal transformers' own forward with the prefix as its cache
+    from transformers import DynamicCache
+
+    from softprompt.forward import causal
+    from tests.conftest import text_logits
+
+    model = make_falcon_multi_query()
+    config = {"num_virtual_tokens": 4, "init": init, "init_text": "good movie"}
+    if getattr(model.config, "num_key_value_heads", None) != 1:
+        with pytest.raises(ValueError, match=re.escape("the model's attention caches keys (1, 1, 1, 8) and values "
+                                                       "(1, 1, 1, 8) for one token in layer 0, but its config gives "
+                                                       "(1, 4, 1, 8)")):
+            build_method("prefix_tuning", config, model, tokenizer)
+        return
+    kv = causal.compute_prompt_kv(model, build_method("prefix_tuning", config, model, tokenizer)())
+    assert [tuple(k.shape) for k, _ in kv.layers] == [(1, 1, 4, 8)] * 2
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    ours = text_logits(model, ids, torch.ones_like(ids), kv)
+    cache = DynamicCache()
+    for i, (k, v) in enumerate(kv.layers):
+        cache.update(k.clone(), v.clone(), i)
+    with torch.no_grad():
+        theirs = model(input_ids=ids, attention_mask=torch.ones(1, 9, dtype=torch.long), past_key_values=cache,
+                       position_ids=torch.arange(4, 9)[None]).logits
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    assert (ours - text_logits(model, ids, torch.ones_like(ids), None)).abs().max() > 1e-2  # the prefix counts
+
+
 @pytest.mark.parametrize(("make", "observed", "expected"), [
-    (make_falcon_multi_query, "keys (1, 1, 1, 8) and values (1, 1, 1, 8)", "(1, 4, 1, 8)"),
     (make_deepseek_v3, "keys (1, 1, 1, 16) and values (1, 1, 1, 4)", "(1, 4, 1, 4)"),
 ])
 @pytest.mark.parametrize("init", ["random", "text"])
