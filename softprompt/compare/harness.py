@@ -253,8 +253,8 @@ def run_compare(specs: list[Spec], settings: CompareSettings, out_dir: Path, log
     for spec in specs:
         if spec.label in done and done[spec.label].get("spec_def") != spec.to_dict():
             # a label names a spec, not its lr centre, optimizer or config: those may have changed since
-            log(f"  {spec.label}: run again (--resume): its definition (lr, optimizer, config) differs from the "
-                "kept row's, or the row does not record it")
+            log(f"  {spec.label}: run again (--resume): its definition (lr, optimizer, config, budget) differs from "
+                "the kept row's, or the row does not record it")
         elif spec.label in done:
             rows.append(done[spec.label])
             log(f"  {spec.label}: kept from {out_dir / 'compare.json'} (--resume)")
