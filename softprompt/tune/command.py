@@ -369,7 +369,7 @@ def run_tune(args: dict[str, Any], tune: TuneArgs, model, tokenizer, task: TaskD
     if best is None:
         echo(f"every trial diverged, failed or did not run: no prompt saved (see {paths['md']})")
     else:
-        at = best.last.best_step if best.last.best_step not in (None, best.steps) else best.steps
+        at = best.last.best_step if best.last.best_step is not None else best.steps
         echo(f"best: {best.id} {best.spec.label()}, validation {result.metric} {best.last.metric:.4f} at step "
              f"{at} of {best.steps}; saved to {out / 'best_prompt'}")
     for report in ensembles.values():
