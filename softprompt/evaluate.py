@@ -333,9 +333,27 @@ def loss_metrics(loss: float) -> dict[str, float]:
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
 
 
-def primary_metric(fmt: TaskFormat, requested: str = "auto") -> tuple[str, bool]:
+MAJORITY_SHARE = 0.6  # a label this common makes accuracy a poor selection metric (majority_share)
+
+
+def majority_share(examples: list) -> tuple[str, float] | None:
+    """The most common label of ``examples`` and its share, when it is ``MAJORITY_SHARE`` or more: a prompt that
+    answers it to everything scores that share as accuracy, and can be the best validated state by accuracy."""
+    labels = [ex.label for ex in examples if ex.label is not None]
+    if not labels:
+        return None
+    label, count = Counter(labels).most_common(1)[0]
+    share = count / len(labels)
+    return (label, share) if share >= MAJORITY_SHARE else None
+
+
+def primary_metric(fmt: TaskFormat, requested: str = "auto", examples: list | None = None) -> tuple[str, bool]:
     """The metric used for model selection and whether higher is better (a chat task: the loss, since a
     free-form reply rarely matches its reference exactly).
+
+    ``auto`` on a classification task is accuracy, or macro-F1 when one label is ``MAJORITY_SHARE`` or more of
+    ``examples`` (the validation split the selection reads): there a prompt answering that label everywhere
+    scores its share as accuracy, and macro-F1 weighs every label alike (:func:`metric_note` says so).
 
     Raises:
         ConfigError: a metric the task does not measure: the LM objective has only loss/perplexity, a
@@ -347,7 +365,10 @@ def primary_metric(fmt: TaskFormat, requested: str = "auto") -> tuple[str, bool]
             raise ConfigError(f"--metric {requested} does not apply to --objective lm: it selects the prompt by "
                              "held-out loss (--metric loss or auto)")
         return "loss", False
-    auto = "accuracy" if fmt.is_classification else ("loss" if is_chat(fmt) else "exact_match")
+    if fmt.is_classification:
+        auto = "macro_f1" if majority_share(examples or []) else "accuracy"
+    else:
+        auto = "loss" if is_chat(fmt) else "exact_match"
     name = requested if requested != "auto" else auto
     measured = ("accuracy", "macro_f1", "loss") if fmt.is_classification else ("exact_match", "f1", "loss")
     if name not in measured:
@@ -357,22 +378,18 @@ def primary_metric(fmt: TaskFormat, requested: str = "auto") -> tuple[str, bool]
     return name, name != "loss"
 
 
-MAJORITY_SHARE = 0.6  # a label this common makes accuracy a poor selection metric (majority_warning)
-
-
-def majority_warning(fmt: TaskFormat, examples: list, requested: str = "auto") -> str | None:
-    """Why accuracy may select a degenerate prompt, if it may: the task is classification, ``--metric`` is left to
-    its default (accuracy) and one label is ``MAJORITY_SHARE`` or more of ``examples`` (the validation split),
-    so a prompt answering that label everywhere scores its share and can be the best validated state."""
-    if requested != "auto" or not fmt.is_classification or fmt.objective == "lm" or not examples:
+def metric_note(fmt: TaskFormat, examples: list, requested: str = "auto") -> str | None:
+    """The console line saying why ``--metric auto`` selects by macro-F1 on this validation split, if it does
+    (:func:`primary_metric`)."""
+    if requested != "auto" or not fmt.is_classification or fmt.objective == "lm":
         return None
-    label, count = Counter(ex.label for ex in examples).most_common(1)[0]
-    share = count / len(examples)
-    if share < MAJORITY_SHARE:
+    found = majority_share(examples)
+    if found is None:
         return None
-    return (f"validation: label {label!r} is {share:.0%} of the {len(examples)} examples; accuracy (the default "
-            f"--metric) scores a prompt that answers {label!r} to everything {share:.2f}, so the prompt kept may be "
-            "one: --metric macro_f1 weighs every label alike")
+    label, share = found
+    return (f"validation: label {label!r} is {share:.0%} of the {len(examples)} examples, so a prompt that answers "
+            f"{label!r} to everything scores {share:.2f} accuracy: the prompt is selected by macro-F1 (--metric auto "
+            "on such a split), which weighs every label alike; --metric accuracy selects by accuracy")
 
 
 def format_report(report: dict[str, dict[str, float]]) -> str:

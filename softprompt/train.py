@@ -235,7 +235,7 @@ def train(model, tokenizer, method: PromptMethod, task: TaskData, args: TrainArg
     opt = build_optimizer(params, args)
     guard = DivergenceGuard(args.divergence_guard, args.spike_factor, args.max_rollbacks)
     schedule = lr_lambda(args, total)
-    metric_name, higher = primary_metric(fmt, args.metric)
+    metric_name, higher = primary_metric(fmt, args.metric, valid)
     # best_metrics: the best step's validation metrics, in the checkpoint's state.json with the rest
     # val_curve: every validation loss so far, the flat rule's input; flat_step/stop_at: the plateau and the
     # end of the cool-down after it (all resumed with the rest)
@@ -256,6 +256,11 @@ def train(model, tokenizer, method: PromptMethod, task: TaskData, args: TrainArg
     if args.resume and (out / "checkpoint" / "state.json").exists():
         state, best_state = load_checkpoint(out, method, opt, sched, guard, settings)
         start = state.pop("step")
+        # the best so far in this run's metric: a checkpoint written when ``--metric auto`` read accuracy on a split
+        # one label dominates (it now reads macro-F1) recorded its best as an accuracy
+        kept = (state.get("best_metrics") or {}).get(f"val_{metric_name}")
+        if kept is not None:
+            state["best_metric"] = kept
         if main:
             truncate_log(metrics_path, start)
         log.info("resumed from %s at step %d", out / "checkpoint", start)

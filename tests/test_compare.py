@@ -182,6 +182,17 @@ def test_run_one_learns_the_toy_task_the_untrained_model_cannot(tiny_model_dir, 
     assert run_one(job(tiny_model_dir, kind, cfg, lr, steps=16))["accuracy"] == 1.0
 
 
+def test_a_run_selects_by_macro_f1_as_train_does_where_one_label_dominates_validation(tiny_model_dir, monkeypatch):
+    data = toy_task()
+    valid = data.splits["validation"]
+    data.splits["validation"] = ([ex for ex in valid if ex.label == "positive"][:6]
+                                 + [ex for ex in valid if ex.label == "negative"][:2])  # 75%
+    monkeypatch.setattr("softprompt.data.load_task", lambda *a, **k: copy.deepcopy(data))
+    row = run_one(job(tiny_model_dir, "prompt_tuning", {"num_virtual_tokens": 3, "init": "random"}, 1e-2,
+                      eval_every=1))
+    assert row["metric"] == "macro_f1" and all("macro_f1" in p for p in row["curve"])
+
+
 def test_lr_search_scores_on_validation_and_never_reads_test(tiny_model_dir, toy, monkeypatch):
     import softprompt.evaluate
     import softprompt.train

@@ -14,8 +14,9 @@ from softprompt.evaluate import (
     k_shot_examples,
     label_scores,
     macro_f1,
-    majority_warning,
+    metric_note,
     normalize_answer,
+    primary_metric,
     shots_text,
     token_f1,
 )
@@ -37,16 +38,22 @@ def test_macro_f1_and_answer_metrics():
     assert token_f1("Paris", "Rome") == 0.0
 
 
-def test_majority_warning_when_one_label_makes_accuracy_a_poor_selection_metric():
+def test_auto_selects_by_macro_f1_where_one_label_makes_accuracy_a_poor_selection_metric():
     def examples(labels):
         return [Example("x", f" {label}", label=label) for label in labels]
 
-    skewed = examples(["negative"] * 6 + ["positive"] * 4)
-    assert "label 'negative' is 60% of the 10 examples" in majority_warning(FMT, skewed)
-    assert majority_warning(FMT, examples(["negative"] * 5 + ["positive"] * 4)) is None  # 56%
-    assert majority_warning(FMT, skewed, "accuracy") is None and majority_warning(FMT, skewed, "macro_f1") is None
-    assert majority_warning(TaskFormat("Q: {q}\nA:", "a"), skewed) is None  # a generation task
-    assert majority_warning(FMT, []) is None
+    skewed, even = examples(["negative"] * 6 + ["positive"] * 4), examples(["negative"] * 5 + ["positive"] * 4)
+    assert primary_metric(FMT, "auto", skewed) == ("macro_f1", True)  # 60%: a constant answer scores 0.6
+    assert primary_metric(FMT, "auto", even) == ("accuracy", True)  # 56%
+    assert primary_metric(FMT) == ("accuracy", True) and primary_metric(FMT, "auto", []) == ("accuracy", True)
+    assert primary_metric(FMT, "accuracy", skewed) == ("accuracy", True)  # asked for: kept
+    assert primary_metric(FMT, "loss", skewed) == ("loss", False)
+    generation = TaskFormat("Q: {q}\nA:", "a")
+    assert primary_metric(generation, "auto", skewed) == ("exact_match", True)
+    note = metric_note(FMT, skewed)
+    assert "label 'negative' is 60% of the 10 examples" in note and "selected by macro-F1" in note
+    assert metric_note(FMT, even) is None and metric_note(generation, skewed) is None and metric_note(FMT, []) is None
+    assert metric_note(FMT, skewed, "accuracy") is None and metric_note(FMT, skewed, "macro_f1") is None
 
 
 def test_single_token_fast_path_equals_row_per_label(model, tokenizer):

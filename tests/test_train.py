@@ -251,6 +251,34 @@ def test_result_keeps_the_best_state_also_across_a_resume(tmp_path, tokenizer):
     assert legacy.best_step == result.best_step and legacy.best_state is None
 
 
+def test_auto_keeps_the_best_macro_f1_state_where_one_label_dominates_validation(tmp_path, tokenizer):
+    recs = sentiment_records(64 + 32, seed=1)
+    pos = [r for r in recs[64:] if r["label"] == "positive"]
+    neg = [r for r in recs[64:] if r["label"] == "negative"]
+    skewed = TaskData(FMT, {"train": [FMT.render(r) for r in recs[:64]],
+                            "validation": [FMT.render(r) for r in pos[:12] + neg[:4]]})  # 75% positive
+    kept = {}
+    for metric in ("auto", "accuracy"):
+        model, method = fresh(tokenizer)
+        result = train(model, tokenizer, method, skewed, args(tmp_path / metric, eval_every=2, metric=metric))
+        kept[metric] = result
+        key = "val_macro_f1" if metric == "auto" else "val_accuracy"
+        assert result.best_metric == result.best_metrics[key]
+        evaluated = [r for r in result.history if key in r]
+        assert result.best_metric == max(r[key] for r in evaluated)
+    # the two selections read different numbers here, so the test tells them apart
+    assert kept["auto"].best_metrics["val_macro_f1"] != kept["auto"].best_metrics["val_accuracy"]
+    # a checkpoint of the same run written when auto read accuracy here: its best is re-read as a macro-F1
+    state_file = tmp_path / "auto" / "checkpoint" / "state.json"
+    state = json.loads(state_file.read_text())
+    state["best_metric"] = state["best_metrics"]["val_accuracy"]
+    state_file.write_text(json.dumps(state))
+    model, method = fresh(tokenizer)
+    again = train(model, tokenizer, method, skewed, args(tmp_path / "auto", eval_every=2, max_steps=14, resume=True))
+    assert again.best_metric == again.best_metrics["val_macro_f1"]
+    assert again.best_metric == max(r["val_macro_f1"] for r in kept["auto"].history + again.history if "val_macro_f1" in r)
+
+
 def test_no_validation_no_best_state(tmp_path, tokenizer):
     model, method = fresh(tokenizer)
     result = train(model, tokenizer, method, task(n_valid=0), args(tmp_path, max_steps=2))

@@ -627,6 +627,21 @@ def test_the_last_rung_keeps_each_trials_best_validated_state_as_train_does(tmp_
     assert "12 (best @9)" in format_table(result)
 
 
+def test_auto_ranks_by_macro_f1_where_one_label_dominates_the_validation_split(tmp_path, tokenizer):
+    """As train selects: a constant answer scores 0.75 accuracy on this split, so ``--metric auto`` ranks the
+    trials, and keeps each last-rung state, by macro-F1."""
+    data = task(64, 32)
+    valid = data.splits["validation"]
+    skewed = TaskData(data.format, {"train": data.splits["train"],
+                                    "validation": [ex for ex in valid if ex.label == "positive"][:12]
+                                    + [ex for ex in valid if ex.label == "negative"][:4]})
+    result = search(tmp_path / "run", tokenizer, TuneArgs(lrs=[0.03, 0.1], eta=2, keep_default=False), data=skewed,
+                    metric="auto", max_steps=6)
+    assert result.metric == "macro_f1" and result.higher_is_better
+    assert all(r.metric == r.metrics["macro_f1"] for t in result.trials for r in t.rungs)
+    assert "macro_f1 @3" in format_table(result)
+
+
 @pytest.mark.parametrize("fields, named", [
     ({"lrs": "0.1"}, "--lrs: expected a list of numbers"), ({"lrs": [0.1, True]}, "--lrs: expected a list"),
     ({"eta": "3"}, "--eta: expected an integer"), ({"top_k": 2.5}, "--top-k: expected an integer"),

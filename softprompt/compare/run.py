@@ -122,7 +122,8 @@ def run_one(job: Job) -> dict:
     # CUDA default) rounds away (a norm gain of 1.0 moves in steps of 0.0039); every row alike, for fairness
     model, tok = load_base_model(job.model, dtype="float32")
     task, validation = load_run_task(job.dataset, job.val_samples, job.test_samples)
-    metric, higher = primary_metric(task.format)
+    # the metric train() selects by on this validation split (macro-F1 where one label dominates it)
+    metric, higher = primary_metric(task.format, examples=task.splits["validation"])
     torch.manual_seed(job.seed)  # the random init of LoRA and of the adapters
     if spec.kind in WEIGHT_KINDS:
         method = weight_method(model, spec, seed=job.seed)

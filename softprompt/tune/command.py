@@ -22,7 +22,7 @@ from softprompt.config import MAX_SEED, ConfigError
 from softprompt.data import TaskData
 from softprompt.data.dataset import example_key, examples_digest
 from softprompt.data.splits import carve
-from softprompt.evaluate import majority_warning
+from softprompt.evaluate import metric_note
 from softprompt.tune.ensemble import measure, not_built_reason, summary_line
 from softprompt.tune.halving import successive_halving
 from softprompt.tune.report import format_table, write_reports
@@ -330,9 +330,9 @@ def run_tune(args: dict[str, Any], tune: TuneArgs, model, tokenizer, task: TaskD
              f"{tune.task!r} (top/1..{tune.top_k} are still saved)")
     check_store(tune, ensemble=top_k_reason is None)
     given_task, task = task, with_validation(task, tune, data.data_seed, echo)
-    majority = majority_warning(task.format, task.splits["validation"], train_args.metric)
-    if majority:
-        log.warning("%s", majority)
+    note = metric_note(task.format, task.splits["validation"], train_args.metric)
+    if note:
+        log.info("%s", note)
     if prompt.init_text is None:  # as softprompt train: fits the task; recorded with every prompt
         prompt = dataclasses.replace(prompt, init_text=default_init_text(data.dataset, task.format))
     out = Path(train_args.output_dir)

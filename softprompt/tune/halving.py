@@ -82,7 +82,7 @@ class _Search:
         # had removed the earlier search's results, and exited 2 as if the search had been refused
         self.n_encoded = len(self._encode("train", self.train_task.examples("train")))
         self._encode("validation", self.valid)
-        self.metric, self.higher = primary_metric(self.fmt, train_args.metric)
+        self.metric, self.higher = primary_metric(self.fmt, train_args.metric, self.valid)
         specs, self.notes = trial_specs(tune, prompt, train_args)
         self.token_counts = None
         if any(s.method_config.get("init") == "sample_vocab" for s in specs):

@@ -18,7 +18,7 @@ import torch
 from softprompt import methods
 from softprompt.config import ConfigError, flag, to_yaml
 from softprompt.data import DataError, bos_after_prompt, default_init_text, token_counts
-from softprompt.evaluate import format_report, majority_warning, primary_metric
+from softprompt.evaluate import format_report, metric_note, primary_metric
 from softprompt.forward import family_of
 from softprompt.methods import PromptMethod
 from softprompt.plots import plot_curves
@@ -94,9 +94,9 @@ def train_and_save(args: dict, store: str | None = None, store_task: str | None 
         raise ConfigError(f"invalid arguments:\n  {problem}")
     task = load_task_from_args(args["data"])
     primary_metric(task.format, args["train"].metric)  # refuses a metric the objective does not measure
-    majority = majority_warning(task.format, task.splits.get("validation") or [], args["train"].metric)
-    if majority:
-        log.warning("%s", majority)
+    note = metric_note(task.format, task.splits.get("validation") or [], args["train"].metric)
+    if note:
+        log.info("%s", note)
     task.examples("train")  # fail before anything is written or loaded if there is nothing to train on
     inert = [] if task.splits.get("validation") else validation_only_flags(args["train"])
     if inert:  # refused, not dropped in silence
