@@ -13,7 +13,8 @@ subset of ``--max-validation-samples`` (300 by default) that both runs ranked on
 which neither selection read ("rest"), and whole; and on its test split, which neither run read. Per example,
 the two prompts' answers are paired: the table gives both accuracies, the difference, and McNemar's exact
 two-sided p-value over the examples on which they disagree, and both macro-F1s (a prompt answering the
-majority label everywhere has that label's share as accuracy).
+majority label everywhere has that label's share as accuracy) with a paired bootstrap of their difference
+(95% interval, p).
 
 Tasks (both built from pinned PyPI wheels, no hub):
 
@@ -168,6 +169,7 @@ def mcnemar_p(b: int, c: int) -> float:
     return min(1.0, 2 * tail)
 
 
+BOOTSTRAP_ROUNDS = 2000  # resamples of the paired macro-F1 bootstrap
 RANKED_ON = 300  # --max-validation-samples' default: the seeded subset of validation both runs rank on
 GROUPS = ("validation, ranked on", "validation, rest", "validation", "test")
 
@@ -187,7 +189,38 @@ def compare_sides(right: dict[str, list[bool]], preds: dict[str, list], labels: 
     pairs = [(t, d) for t, d, k in zip(right["tune"], right["default"], keep, strict=True) if k]
     b = sum(t and not d for t, d in pairs)
     c = sum(d and not t for t, d in pairs)
-    return {**out, "tune_only_right": b, "default_only_right": c, "mcnemar_p": mcnemar_p(b, c)}
+    out = {**out, "tune_only_right": b, "default_only_right": c, "mcnemar_p": mcnemar_p(b, c)}
+    if labels:
+        mine = {side: [p for p, k in zip(preds[side], keep, strict=True) if k] for side in ("default", "tune")}
+        out["macro_f1_diff_ci"] = bootstrap_f1_diff(mine["default"], mine["tune"], labels)
+    return out
+
+
+def bootstrap_f1_diff(default: list, tune: list, labels: list[str], rounds: int = BOOTSTRAP_ROUNDS,
+                      seed: int = 0) -> dict:
+    """The paired bootstrap of tune's macro-F1 minus the default's: the same resampled examples for both sides
+    (``rounds`` resamples, seeded); its 95% percentile interval and a two-sided p (twice the share of resamples
+    on the other side of 0 from the observed difference). McNemar's test is for accuracy; macro-F1 is not a
+    sum over examples, so it has no exact paired test."""
+    from softprompt.evaluate import macro_f1
+
+    def f1(preds: list, idx: list[int]) -> float:
+        return macro_f1([preds[i].expected for i in idx], [preds[i].predicted for i in idx], labels)
+
+    n = len(default)
+    if n == 0:
+        return {"low": None, "high": None, "p": None}
+    everything = list(range(n))
+    observed = f1(tune, everything) - f1(default, everything)
+    rng = random.Random(seed)
+    diffs = []
+    for _ in range(rounds):
+        idx = [rng.randrange(n) for _ in range(n)]
+        diffs.append(f1(tune, idx) - f1(default, idx))
+    diffs.sort()
+    other_side = sum(d <= 0 for d in diffs) if observed > 0 else sum(d >= 0 for d in diffs)
+    return {"diff": observed, "low": diffs[int(0.025 * rounds)], "high": diffs[int(0.975 * rounds) - 1],
+            "p": min(1.0, 2 * other_side / rounds)}
 
 
 def score(prompts: dict[str, Path], flags: list[str]) -> dict:
@@ -283,7 +316,8 @@ def write_table(root: Path, results: dict) -> str:
     """``results.md``: per task and split, both prompts' accuracy, their difference and McNemar's p, both
     macro-F1s, the tune plan's rungs and both runs' seconds."""
     lines = ["| task | split | n | default train | tune (best) | difference | McNemar p | macro-F1 default | "
-             "macro-F1 tune | tune rungs | train s | tune s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "macro-F1 tune | macro-F1 difference [95% CI] (bootstrap p) | tune rungs | train s | tune s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for task, r in results["tasks"].items():
         for split in (g for g in GROUPS if g in r and r[g]["n"]):  # debates: validation is all ranked on
             s = r[split]
@@ -292,8 +326,11 @@ def write_table(root: Path, results: dict) -> str:
             f1 = ["" if v is None else f"{v:.4f}" for v in f1]
             rungs = " / ".join(f"{n} x {k}" for n, k in zip(r["tune_plan"]["keep"], r["tune_plan"]["rungs"],
                                                               strict=True))
+            ci = s.get("macro_f1_diff_ci") or {}  # absent in results scored before it was computed
+            ci = (f"{ci['diff']:+.4f} [{ci['low']:+.4f}, {ci['high']:+.4f}] ({ci['p']:.3g})"
+                  if ci.get("low") is not None else "")
             lines.append(f"| {task} | {split} | {s['n']} | {d:.4f} | {t:.4f} | {t - d:+.4f} | {s['mcnemar_p']:.3g} "
-                         f"| {f1[0]} | {f1[1]} | {rungs} | {r['train_s']:.0f} | {r['tune_s']:.0f} |")
+                         f"| {f1[0]} | {f1[1]} | {ci} | {rungs} | {r['train_s']:.0f} | {r['tune_s']:.0f} |")
     table = "\n".join(lines)
     (root / "results.md").write_text(table + "\n")
     return table

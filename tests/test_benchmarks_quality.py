@@ -81,6 +81,31 @@ def test_tune_vs_train_pairs_the_prompts_within_each_part_of_validation(bench):
     assert rest["tune"]["macro_f1"] == 1.0 and rest["default"]["macro_f1"] == pytest.approx(1 / 3)
 
 
+def test_the_macro_f1_difference_is_bootstrapped_paired_per_example(bench):
+    """Tune agrees with the default on 190 of 200 examples and is right on the other 10: every resample of the
+    same examples for both sides shows it ahead, so the interval is above 0; identical sides give exactly 0."""
+    import random
+
+    tune = bench("tune_vs_train")
+    rng = random.Random(1)
+    expected = ["a" if i % 2 else "b" for i in range(200)]
+    wrong = set(rng.sample(range(200), 60))  # the default's errors; tune fixes 10 of them
+    fixed = set(sorted(wrong)[:10])
+
+    def preds(errors):
+        flip = {"a": "b", "b": "a"}
+        return [SimpleNamespace(expected=e, predicted=flip[e] if i in errors else e) for i, e in enumerate(expected)]
+
+    default, tuned = preds(wrong), preds(wrong - fixed)
+    ci = tune.bootstrap_f1_diff(default, tuned, ["a", "b"], rounds=500)
+    assert ci["diff"] == pytest.approx(0.05, abs=0.005) and 0 < ci["low"] < ci["diff"] < ci["high"] and ci["p"] < 0.01
+    same = tune.bootstrap_f1_diff(default, default, ["a", "b"], rounds=100)
+    assert (same["diff"], same["low"], same["high"], same["p"]) == (0.0, 0.0, 0.0, 1.0)
+    got = {"tune": tuned, "default": default}
+    right = {side: [p.expected == p.predicted for p in ps] for side, ps in got.items()}
+    assert tune.compare_sides(right, got, ["a", "b"], [True] * 200)["macro_f1_diff_ci"]["low"] > 0
+
+
 @pytest.mark.parametrize("task, labels", [("debates", {"republican", "democrat", "moderator"}),
                                           ("conventions", {"democrat", "republican"})])
 def test_tune_vs_train_tasks_are_disjoint_splits_given_as_files(bench, tmp_path, task, labels):
