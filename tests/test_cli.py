@@ -74,7 +74,7 @@ def trained(env) -> tuple[Path, str]:
 def test_train_prints_report_and_writes_run_folder(trained):
     out, stdout = trained
     assert "task: " in stdout and "train=32  validation=8  test=8" in stdout
-    assert "trained 4 steps" in stdout
+    assert "trained 4 steps" in stdout and "; best validation accuracy " in stdout  # names what it selects by
     assert "test split (8 examples):" in stdout
     for row in TABLE_ROWS:
         assert row in stdout

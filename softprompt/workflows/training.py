@@ -93,7 +93,8 @@ def train_and_save(args: dict, store: str | None = None, store_task: str | None 
     if problem:  # before the data and the model load, not as a shape error at the first step
         raise ConfigError(f"invalid arguments:\n  {problem}")
     task = load_task_from_args(args["data"])
-    primary_metric(task.format, args["train"].metric)  # refuses a metric the objective does not measure
+    # refuses a metric the objective does not measure; the one train() selects by on this validation split
+    metric, _ = primary_metric(task.format, args["train"].metric, task.splits.get("validation") or [])
     note = metric_note(task.format, task.splits.get("validation") or [], args["train"].metric)
     if note:
         log.info("%s", note)
@@ -166,7 +167,7 @@ def train_and_save(args: dict, store: str | None = None, store_task: str | None 
     if resuming:
         (out / "config.yaml").write_text(to_yaml(args))
     print(f"trained {result.steps} steps in {result.seconds:.0f}s"
-          + (f"; best validation {result.best_metric:.4f} at step {result.best_step}"
+          + (f"; best validation {metric} {result.best_metric:.4f} at step {result.best_step}"
              if result.best_metric is not None else ""))
     if result.rollbacks:
         print(f"divergence guard: {result.rollbacks} rollback(s), lr lowered to x{result.lr_scale:g} of the schedule "
