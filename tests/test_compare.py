@@ -335,6 +335,17 @@ def test_seeds_give_mean_and_std_over_every_run():
     assert one["n_seeds"] == 1 and one["accuracy_std"] is None and "| 0.5000 | 1 |" in format_row(one)
 
 
+def test_the_time_column_gives_the_fastest_seeds_time_per_step_and_the_mean_seed_time():
+    """Seeds of 10, 11 and 12 s that stopped at 2, 4 and 6 steps: 2.00 s/step is seed 2's (seed 0 was the
+    shortest run, not the fastest per step); the mean seed ran 11 s."""
+    def runner(j):
+        return {**_fake_seed_run(j), "steps_run": [2, 4, 6][j.seed]}
+
+    row = run_method(Spec("pt", "prompt_tuning", lr=0.3), CompareSettings("m", steps=6, seeds=3, lr_search=False,
+                                                                          eval_every=2), runner, log=lambda s: None)
+    assert "| 100 MiB | 2.00 s/step, 11 s | 0.3 (fixed) |" in format_row(row)
+
+
 def test_a_seed_the_guard_ended_is_not_converged_and_the_table_says_diverged():
     """--fixed-steps read a diverged seed's verdict where it stopped (a rising loss counts as flat): "yes"."""
     def runner(j):
