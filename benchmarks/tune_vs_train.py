@@ -327,8 +327,9 @@ def write_table(root: Path, results: dict) -> str:
             rungs = " / ".join(f"{n} x {k}" for n, k in zip(r["tune_plan"]["keep"], r["tune_plan"]["rungs"],
                                                               strict=True))
             ci = s.get("macro_f1_diff_ci") or {}  # absent in results scored before it was computed
-            ci = (f"{ci['diff']:+.4f} [{ci['low']:+.4f}, {ci['high']:+.4f}] ({ci['p']:.3g})"
-                  if ci.get("low") is not None else "")
+            # no resample on the other side of 0: p is below 2 / rounds, not 0
+            bp = f"{ci['p']:.3g}" if ci.get("p") else f"< {2 / BOOTSTRAP_ROUNDS:g}"
+            ci = f"{ci['diff']:+.4f} [{ci['low']:+.4f}, {ci['high']:+.4f}] ({bp})" if ci.get("low") is not None else ""
             lines.append(f"| {task} | {split} | {s['n']} | {d:.4f} | {t:.4f} | {t - d:+.4f} | {s['mcnemar_p']:.3g} "
                          f"| {f1[0]} | {f1[1]} | {ci} | {rungs} | {r['train_s']:.0f} | {r['tune_s']:.0f} |")
     table = "\n".join(lines)

@@ -81,7 +81,7 @@ def test_tune_vs_train_pairs_the_prompts_within_each_part_of_validation(bench):
     assert rest["tune"]["macro_f1"] == 1.0 and rest["default"]["macro_f1"] == pytest.approx(1 / 3)
 
 
-def test_the_macro_f1_difference_is_bootstrapped_paired_per_example(bench):
+def test_the_macro_f1_difference_is_bootstrapped_paired_per_example(bench, tmp_path):
     """Tune agrees with the default on 190 of 200 examples and is right on the other 10: every resample of the
     same examples for both sides shows it ahead, so the interval is above 0; identical sides give exactly 0."""
     import random
@@ -104,6 +104,11 @@ def test_the_macro_f1_difference_is_bootstrapped_paired_per_example(bench):
     got = {"tune": tuned, "default": default}
     right = {side: [p.expected == p.predicted for p in ps] for side, ps in got.items()}
     assert tune.compare_sides(right, got, ["a", "b"], [True] * 200)["macro_f1_diff_ci"]["low"] > 0
+    # the table: a p no resample reached is written as a bound, not as 0
+    part = {"n": 200, "default": {"accuracy": 0.7, "macro_f1": 0.7}, "tune": {"accuracy": 0.75, "macro_f1": 0.75},
+            "mcnemar_p": 0.002, "macro_f1_diff_ci": {"diff": 0.05, "low": 0.02, "high": 0.08, "p": 0.0}}
+    results = {"tasks": {"t": {"test": part, "tune_plan": {"keep": [2], "rungs": [10]}, "train_s": 1, "tune_s": 2}}}
+    assert "| +0.0500 [+0.0200, +0.0800] (< 0.001) |" in tune.write_table(tmp_path, results)
 
 
 @pytest.mark.parametrize("task, labels", [("debates", {"republican", "democrat", "moderator"}),
