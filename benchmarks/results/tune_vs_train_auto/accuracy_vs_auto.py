@@ -1,8 +1,13 @@
-"""Paired: the default train selected by accuracy (the old auto) vs by macro-F1 (the new auto), conventions."""
-import json, subprocess, sys
+"""Paired, on `conventions`: the default train's prompt kept by accuracy (what --metric auto chose before) against
+the one kept by macro-F1 (auto now). Run from the repository root after
+`python benchmarks/tune_vs_train.py --tasks conventions --output-dir runs/tune_vs_train_auto`."""
+
+import json
+import sys
 from pathlib import Path
+
 sys.path.insert(0, "benchmarks")
-import tune_vs_train as t
+import tune_vs_train as t  # noqa: E402 - the benchmark's own data flags, runner and paired scoring
 
 out = Path("runs/tune_vs_train_auto/conventions")
 flags = t.task_flags("conventions", out)
