@@ -786,6 +786,26 @@ def test_eval_draws_k_shot_examples_from_the_training_examples_the_prompt_saw(en
     assert json.loads(report.read_text())["2-shot prompting"]["loss"] != pytest.approx(own["loss"], rel=1e-6)
 
 
+def test_eval_scores_the_test_subset_the_training_run_reported_on_unless_told_otherwise(env, tmp_path):
+    """A prompt trained with --max-test-samples 4 was evaluated on the whole test split by eval: its numbers were
+    not the run's own report's."""
+    out, report = tmp_path / "o", tmp_path / "r.json"
+    rc, stdout, stderr = run(train_argv(env, out, "--max-steps", "1", "--baselines", "no_prompt",
+                                        "--max-test-samples", "4"))
+    assert rc == 0, stderr
+    own = json.loads((out / "eval.json").read_text())["tuned soft prompt"]
+    evaluate = ["eval", "--model", env["model"], "--prompt", out / "prompt", "--baselines", "no_prompt",
+                "--report", report]
+    rc, stdout, stderr = run(evaluate)
+    assert rc == 0, stderr
+    assert "test split (4 examples)" in stdout and "--max-test-samples 4" in stderr  # said, not silent
+    got = json.loads(report.read_text())["tuned soft prompt"]
+    assert got["n"] == own["n"] == 4 and got["loss"] == pytest.approx(own["loss"], rel=1e-6)
+    rc, stdout, stderr = run([*evaluate, "--max-test-samples", "0"])  # a given flag wins: the whole split
+    assert rc == 0, stderr
+    assert "test split (8 examples)" in stdout
+
+
 def test_eval_on_a_test_file_alone_says_the_k_shot_row_is_skipped_and_refuses_it_when_asked(env, tmp_path):
     """eval --prompt DIR --test-file F has no train split: the k-shot row was left out of the report in silence,
     also when --baselines k_shot asked for it."""

@@ -22,10 +22,12 @@ from softprompt.workflows.loading import load_model_from_args, load_task_from_ar
 log = logging.getLogger("softprompt")
 
 
-RECORDED = ("data_seed", "max_length", "max_train_samples")  # data flags an evaluation takes from the training run
-# unless given; the ones a recorded value must pass to be taken (a stored prompt is untrusted input)
+# data flags an evaluation takes from the training run unless given; the ones a recorded value must pass to be
+# taken (a stored prompt is untrusted input)
+RECORDED = ("data_seed", "max_length", "max_train_samples", "max_validation_samples", "max_test_samples")
 _VALID = {"data_seed": lambda v: not check_seed("", v), "max_length": lambda v: v >= 2,
-          "max_train_samples": lambda v: v >= 0}
+          "max_train_samples": lambda v: v >= 0, "max_validation_samples": lambda v: v >= 0,
+          "max_test_samples": lambda v: v >= 0}
 
 
 def apply_recorded_data(meta: dict, record: TaskRecord | None, data, given: set[str], name: str) -> None:
@@ -37,6 +39,9 @@ def apply_recorded_data(meta: dict, record: TaskRecord | None, data, given: set[
     * ``max_length``: where inputs are cut (another length scores other text than the run's own report);
     * ``max_train_samples``: the training examples the prompt saw (``--split train``; the k-shot baseline draws
       its shots from them, as the run's own report did);
+    * ``max_validation_samples``, ``max_test_samples``: the seeded subsets the run validated on and reported on
+      (the whole split was scored instead, and its numbers differed from the run's own report; ``0`` given as a
+      flag scores the whole split);
     * the data files, when neither a dataset nor files are given and the task record names no dataset (a
       prompt trained on files would otherwise be scored on the default dataset).
 
