@@ -191,6 +191,22 @@ def test_a_run_selects_by_macro_f1_as_train_does_where_one_label_dominates_valid
     row = run_one(job(tiny_model_dir, "prompt_tuning", {"num_virtual_tokens": 3, "init": "random"}, 1e-2,
                       eval_every=1))
     assert row["metric"] == "macro_f1" and all("macro_f1" in p for p in row["curve"])
+    assert isinstance(row["macro_f1"], float)  # reported on test beside accuracy (its value: the next test)
+    monkeypatch.setattr("softprompt.data.load_task", lambda *a, **k: toy_task())  # validation half and half
+    balanced = run_one(job(tiny_model_dir, "prompt_tuning", {"num_virtual_tokens": 3, "init": "random"}, 1e-2))
+    assert "macro_f1" not in balanced  # no key (and no table change) where accuracy selects
+
+
+def test_a_row_selected_by_macro_f1_reports_its_mean_and_std_beside_accuracy():
+    def runner(j):
+        return {**_fake_seed_run(j), "macro_f1": [0.4, 0.5, 0.6][j.seed]}
+
+    settings = CompareSettings("m", steps=6, seeds=3, lr_search=False, eval_every=2)
+    row = run_method(Spec("pt", "prompt_tuning", lr=0.3), settings, runner, log=lambda s: None)
+    assert row["macro_f1"] == pytest.approx(0.5) and row["macro_f1_std"] == pytest.approx(0.1)
+    assert "| 0.7000 ± 0.2000 (macro-F1 0.5000 ± 0.1000) | 3 |" in format_row(row)
+    plain = run_method(Spec("pt", "prompt_tuning", lr=0.3), settings, _fake_seed_run, log=lambda s: None)
+    assert "macro_f1" not in plain and "macro-F1" not in format_row(plain)
 
 
 def test_lr_search_scores_on_validation_and_never_reads_test(tiny_model_dir, toy, monkeypatch):

@@ -75,6 +75,9 @@ def format_row(row: dict, ensemble: bool = False) -> str:
     peak = f"{row['peak_mib']:.0f} MiB" if row.get("peak_mib") else "-"
     std = row.get("accuracy_std")
     acc = f"{row['accuracy']:.4f}" + (f" ± {std:.4f}" if std is not None else "")
+    if row.get("macro_f1") is not None:  # selected by macro-F1 (one label dominates validation)
+        f1_std = row.get("macro_f1_std")
+        acc += f" (macro-F1 {row['macro_f1']:.4f}" + (f" ± {f1_std:.4f})" if f1_std is not None else ")")
     lr = f"{row['lr']:.3g}" + (" (search)" if row.get("lr_search") else " (fixed)")
     rollbacks = str(row["rollbacks"]) if row.get("guard", True) else "off"
     converged = {True: "yes", False: "no", None: "?"}[row.get("converged")] + ": " + ", ".join(

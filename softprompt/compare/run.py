@@ -168,6 +168,8 @@ def run_one(job: Job) -> dict:
             kv = family_of(model).inference_prompt(model, method()) if not isinstance(method, WeightTuning) else None
             metrics, _ = evaluate_prompt(model, tok, kv, task.examples("test"), task.format, with_loss=False)
         row["accuracy"] = metrics.get("accuracy", metrics.get("exact_match"))
+        if metric == "macro_f1":  # selected by it (one label dominates validation): reported beside accuracy
+            row["macro_f1"] = metrics["macro_f1"]
     if job.save_prompt_to and not isinstance(method, WeightTuning):
         from softprompt.store.task_record import TaskRecord
 
