@@ -26,8 +26,8 @@ def _size(n: float) -> str:
     return str(n)
 
 
-HEAD = ("| method | trainable params | bytes per task | peak memory (RSS) | train time (fastest seed per step, mean "
-        "a seed) | lr | test accuracy | seeds "
+HEAD = ("| method | trainable params | bytes per task | peak memory (RSS) | train time (s/step: fastest seed run; "
+        "s: mean seed run) | lr | test accuracy | seeds "
         "| guard rollbacks | converged: steps each seed trained (val loss gain in its last third if still falling) |"
         "\n|---|---|---|---|---|---|---|---|---|---|\n")
 
