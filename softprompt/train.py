@@ -36,13 +36,14 @@ from softprompt.checkpoint import load_checkpoint, resume_settings, save_checkpo
 from softprompt.config import ConfigError, TrainArgs
 from softprompt.data import DataError, Encoded, TaskData, collate
 from softprompt.distributed import all_average, distributed, from_rank0, unit_weights
-from softprompt.evaluate import evaluate_prompt, primary_metric
+from softprompt.evaluate import evaluate_prompt
 from softprompt.forward import family_of
 from softprompt.guard import DivergenceGuard
 from softprompt.methods import PromptMethod, checkpointing_problem
 from softprompt.model import fingerprint
 from softprompt.plateau import cooldown_end, cooldown_factor, flat_now
 from softprompt.schedule import lr_lambda, warmup_warning, with_cooldown
+from softprompt.selection import primary_metric
 
 log = logging.getLogger(__name__)
 

@@ -14,13 +14,12 @@ from softprompt.evaluate import (
     k_shot_examples,
     label_scores,
     macro_f1,
-    metric_note,
     normalize_answer,
-    primary_metric,
     shots_text,
     token_f1,
 )
 from softprompt.forward import causal
+from softprompt.selection import metric_note, primary_metric
 from tests.conftest import sentiment_records, text_logits
 
 FMT = TaskFormat("Review: {text}\nSentiment:", "label", {"positive": "positive", "negative": "negative"})

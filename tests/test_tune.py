@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from softprompt.config import SECTIONS, ConfigError, DataArgs, EvalArgs, ModelArgs, PromptArgs, TrainArgs, flag
-from softprompt.data import TaskData
+from softprompt.data import TaskData, TaskFormat
 from softprompt.data.dataset import examples_digest
 from softprompt.forward import causal
 from softprompt.methods import build_method
@@ -321,6 +321,38 @@ def test_run_tune_writes_trials_best_prompt_and_a_top_k_ensemble_that_loads(tmp_
         run_tune(args, TuneArgs(lrs=[0.1], store=str(store_dir), task="sent"), model, tokenizer, task(64, 32),
                  echo=lines.append)
     assert (out / "trials" / "t02").is_dir()  # nothing was touched
+
+
+def test_the_winner_is_compared_per_example_with_the_untuned_run_on_the_examples_it_was_picked_on(tmp_path,
+                                                                                                   tokenizer):
+    """--lr 1e-6 (the untuned run) barely moves its prompt; the winner is scored again against it on the 32
+    validation examples, from both kept prompts: the same accuracies as the search measured, paired."""
+    from softprompt.tune.versus import versus_untuned
+
+    out = tmp_path / "run"
+    args = {"model": ModelArgs(), "data": DataArgs(max_length=64), "prompt": PROMPT, "eval": EvalArgs(),
+            "train": base(out, lr=1e-6)}
+    model = make_model("llama")
+    lines: list[str] = []
+    result = run_tune(args, TuneArgs(lrs=[1e-6, 0.1], eta=2), model, tokenizer, task(64, 32), echo=lines.append)
+    untuned = by_lr(result, 1e-6)
+    assert result.untuned is untuned and result.best is by_lr(result, 0.1)
+    doc = json.loads((out / "trials.json").read_text())["versus_untuned"]
+    assert (doc["winner"], doc["untuned"], doc["n"]) == (result.best.id, untuned.id, 32)
+    assert doc["winner_metrics"]["accuracy"] == pytest.approx(result.best.last.metrics["accuracy"], abs=1e-9)
+    assert doc["untuned_metrics"]["accuracy"] == pytest.approx(untuned.last.metrics["accuracy"], abs=1e-9)
+    assert doc["untuned_metrics"]["macro_f1"] == pytest.approx(untuned.last.metrics["macro_f1"], abs=1e-9)
+    gained = doc["winner_metrics"]["accuracy"] - doc["untuned_metrics"]["accuracy"]
+    assert doc["only_winner_right"] - doc["only_untuned_right"] == round(gained * 32)
+    verdict = "ahead beyond chance" if doc["beyond_chance"] else "within chance"
+    line = next(ln for ln in (out / "trials.md").read_text().splitlines() if "against the untuned run" in ln)
+    assert line.startswith(f"{result.best.id} against the untuned run ({untuned.id}, lr 1e-06) on the 32 ")
+    assert verdict in line and any(line in ln for ln in lines)  # printed too
+    # a task that is not label classification is not compared, and says so
+    generation = TaskFormat("Q: {q}\nA:", "a")
+    assert "skipped" in versus_untuned(result, model, tokenizer, [], generation, 8, 64)
+    result.untuned = result.best  # the untuned run won: nothing to compare
+    assert versus_untuned(result, model, tokenizer, [], generation, 8, 64) is None
 
 
 def test_a_search_where_every_trial_diverges_saves_nothing_and_leaves_no_older_prompt(tmp_path, tokenizer,

@@ -110,10 +110,11 @@ def run_one(job: Job) -> dict:
     """Train and evaluate one run in this process; return its numbers (see :func:`softprompt.compare.run_compare`)."""
     from softprompt.config import TrainArgs
     from softprompt.data import token_counts
-    from softprompt.evaluate import evaluate_prompt, primary_metric
+    from softprompt.evaluate import evaluate_prompt
     from softprompt.forward import family_of
     from softprompt.methods import build_method
     from softprompt.model import load_base_model
+    from softprompt.selection import primary_metric
     from softprompt.store import load_prompt, save_prompt
     from softprompt.train import train
 

@@ -22,12 +22,13 @@ from softprompt.config import MAX_SEED, ConfigError
 from softprompt.data import TaskData
 from softprompt.data.dataset import example_key, examples_digest
 from softprompt.data.splits import carve
-from softprompt.evaluate import metric_note
+from softprompt.selection import metric_note
 from softprompt.tune.ensemble import measure, not_built_reason, summary_line
 from softprompt.tune.halving import successive_halving
 from softprompt.tune.report import format_table, write_reports
 from softprompt.tune.space import SEARCHABLE, TuneArgs, epochs_problem, member_names
 from softprompt.tune.trials import TuneResult
+from softprompt.tune.versus import versus_untuned
 
 log = logging.getLogger(__name__)
 
@@ -360,9 +361,12 @@ def run_tune(args: dict[str, Any], tune: TuneArgs, model, tokenizer, task: TaskD
     paths = write_reports(result, out)
     save_results(result, out, model, tune, echo, ensemble=top_k_reason is None)
     ensembles = {**skipped, **build_ensembles(result, out, model, tokenizer, task, tune, args, echo)}
-    if ensembles:
-        result.ensembles = ensembles
+    versus = versus_untuned(result, model, tokenizer, task.examples("validation"), task.format,
+                            args["eval"].eval_batch_size, data.max_length)
+    if ensembles or versus:  # trials.json/.md get them
+        result.ensembles, result.versus_untuned = ensembles, versus
         paths = write_reports(result, out)
+    if ensembles:
         (out / "tune.json").write_text(json.dumps({**doc, "ensembles": ensembles}, indent=2, default=str))
     echo("\n" + format_table(result))
     best = result.best

@@ -36,9 +36,10 @@ import torch
 from softprompt.config import ConfigError, PromptArgs, TrainArgs
 from softprompt.data import DataError, TaskData, token_counts
 from softprompt.distributed import launch_world_size
-from softprompt.evaluate import evaluate_prompt, primary_metric
+from softprompt.evaluate import evaluate_prompt
 from softprompt.forward import family_of
 from softprompt.methods import build_method
+from softprompt.selection import primary_metric
 from softprompt.train import train
 from softprompt.tune.space import TrialSpec, TuneArgs, epochs_problem, plan_rungs, trial_specs, untuned_index
 from softprompt.tune.trials import RungResult, Trial, TuneResult, log_rows, rank_key, remove_stale_trials
@@ -385,7 +386,7 @@ class _Search:
         """The search as it stands (trials not yet run are ``pending`` until it ends)."""
         ranking = sorted(self.trials, key=lambda t: rank_key(t, self.higher))
         return TuneResult(list(self.trials), ranking, self.plan, self.metric, self.higher, self.steps_used,
-                          time.perf_counter() - self.t0, self.stopped_by, list(self.notes))
+                          time.perf_counter() - self.t0, self.stopped_by, list(self.notes), untuned=self.default)
 
     def _stop(self, rung: int, alive: list[Trial]) -> None:
         left = [t for t in alive if len(t.rungs) == rung and t.status in ("pending", "ok")]

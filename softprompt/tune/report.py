@@ -9,6 +9,7 @@ from pathlib import Path
 
 from softprompt.tune.ensemble import format_ensembles
 from softprompt.tune.trials import TuneResult
+from softprompt.tune.versus import versus_line
 
 
 def _json_safe(value):
@@ -54,6 +55,8 @@ def format_table(result: TuneResult) -> str:
         foot += f"; stopped early: {result.stopped_by} spent"
     notes = "".join(f"\n- {n}" for n in result.notes)
     table = "\n".join(lines) + "\n" + foot + "\n" + (notes + "\n" if notes else "")
+    if result.versus_untuned and result.untuned is not None:
+        table += "\n" + versus_line(result.versus_untuned, result.untuned.spec.lr) + "\n"
     return table + format_ensembles(result.ensembles) if result.ensembles else table
 
 

@@ -82,6 +82,8 @@ class TuneResult:
     # --ensemble-seeds: the winner's runs with other seeds (the winner itself first when its run counts)
     seed_runs: list[Trial] = field(default_factory=list)
     ensembles: dict[str, dict] = field(default_factory=dict)  # "seeds" / "top_k": see softprompt.tune.ensemble
+    untuned: Trial | None = None  # the untuned run's trial (--keep-default), None when the search has none
+    versus_untuned: dict | None = None  # the winner against it, per example (softprompt.tune.versus)
 
     @property
     def best(self) -> Trial | None:
@@ -100,7 +102,8 @@ class TuneResult:
                 "best": best.id if best else None, "ranking": [t.id for t in self.ranking], "notes": self.notes,
                 "trials": [t.to_dict() for t in self.trials]} | (
                     {"seed_runs": [t.to_dict() for t in self.seed_runs]} if self.seed_runs else {}) | (
-                    {"ensembles": self.ensembles} if self.ensembles else {})
+                    {"ensembles": self.ensembles} if self.ensembles else {}) | (
+                    {"versus_untuned": self.versus_untuned} if self.versus_untuned else {})
 
 
 def rank_key(trial: Trial, higher: bool) -> tuple:

@@ -18,10 +18,11 @@ import torch
 from softprompt import methods
 from softprompt.config import ConfigError, flag, to_yaml
 from softprompt.data import DataError, bos_after_prompt, default_init_text, token_counts
-from softprompt.evaluate import format_report, metric_note, primary_metric
+from softprompt.evaluate import format_report
 from softprompt.forward import family_of
 from softprompt.methods import PromptMethod
 from softprompt.plots import plot_curves
+from softprompt.selection import metric_note, primary_metric
 from softprompt.store import PromptStore, load_prompt, save_prompt, stored_member_problem
 from softprompt.store.entries import task_labels
 from softprompt.store.task_record import task_meta

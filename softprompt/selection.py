@@ -1,0 +1,71 @@
+"""Which validation metric selects the prompt a run keeps (``--metric``), and why ``auto`` chose it.
+
+``auto`` is accuracy for a classification task, macro-F1 where one label dominates the validation split (a
+prompt answering it everywhere scores its share as accuracy), exact match for generation, the loss for a chat
+task and for the LM objective. ``train``, ``tune`` and ``compare`` all select through :func:`primary_metric`.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from softprompt.config import ConfigError
+from softprompt.data import TaskFormat, is_chat
+
+MAJORITY_SHARE = 0.6  # a label this common makes accuracy a poor selection metric (majority_share)
+
+
+def majority_share(examples: list) -> tuple[str, float] | None:
+    """The most common label of ``examples`` and its share, when it is ``MAJORITY_SHARE`` or more: a prompt that
+    answers it to everything scores that share as accuracy, and can be the best validated state by accuracy."""
+    labels = [ex.label for ex in examples if ex.label is not None]
+    if not labels:
+        return None
+    label, count = Counter(labels).most_common(1)[0]
+    share = count / len(labels)
+    return (label, share) if share >= MAJORITY_SHARE else None
+
+
+def primary_metric(fmt: TaskFormat, requested: str = "auto", examples: list | None = None) -> tuple[str, bool]:
+    """The metric used for model selection and whether higher is better (a chat task: the loss, since a
+    free-form reply rarely matches its reference exactly).
+
+    ``auto`` on a classification task is accuracy, or macro-F1 when one label is ``MAJORITY_SHARE`` or more of
+    ``examples`` (the validation split the selection reads): there a prompt answering that label everywhere
+    scores its share as accuracy, and macro-F1 weighs every label alike (:func:`metric_note` says so).
+
+    Raises:
+        ConfigError: a metric the task does not measure: the LM objective has only loss/perplexity, a
+            classification task accuracy, macro-F1 and loss, a generation or chat task exact match, F1 and loss
+            (it was a KeyError at the first validation, or every tune trial "diverged").
+    """
+    if fmt.objective == "lm":
+        if requested not in ("auto", "loss"):
+            raise ConfigError(f"--metric {requested} does not apply to --objective lm: it selects the prompt by "
+                             "held-out loss (--metric loss or auto)")
+        return "loss", False
+    if fmt.is_classification:
+        auto = "macro_f1" if majority_share(examples or []) else "accuracy"
+    else:
+        auto = "loss" if is_chat(fmt) else "exact_match"
+    name = requested if requested != "auto" else auto
+    measured = ("accuracy", "macro_f1", "loss") if fmt.is_classification else ("exact_match", "f1", "loss")
+    if name not in measured:
+        kind = "a classification task" if fmt.is_classification else ("a chat task" if is_chat(fmt) else
+                                                                        "a generation task")
+        raise ConfigError(f"--metric {name} is not measured on {kind}: use {', '.join(measured)} or auto")
+    return name, name != "loss"
+
+
+def metric_note(fmt: TaskFormat, examples: list, requested: str = "auto") -> str | None:
+    """The console line saying why ``--metric auto`` selects by macro-F1 on this validation split, if it does
+    (:func:`primary_metric`)."""
+    if requested != "auto" or not fmt.is_classification or fmt.objective == "lm":
+        return None
+    found = majority_share(examples)
+    if found is None:
+        return None
+    label, share = found
+    return (f"validation: label {label!r} is {share:.0%} of the {len(examples)} examples, so a prompt that answers "
+            f"{label!r} to everything scores {share:.2f} accuracy: the prompt is selected by macro-F1 (--metric auto "
+            "on such a split), which weighs every label alike; --metric accuracy selects by accuracy")
