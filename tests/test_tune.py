@@ -323,10 +323,11 @@ def test_run_tune_writes_trials_best_prompt_and_a_top_k_ensemble_that_loads(tmp_
     assert (out / "trials" / "t02").is_dir()  # nothing was touched
 
 
-def test_the_winner_is_compared_per_example_with_the_untuned_run_on_the_examples_it_was_picked_on(tmp_path,
+def test_the_winner_is_compared_per_example_with_the_untuned_run_where_it_was_picked_and_where_not(tmp_path,
                                                                                                    tokenizer):
-    """--lr 1e-6 (the untuned run) barely moves its prompt; the winner is scored again against it on the 32
-    validation examples, from both kept prompts: the same accuracies as the search measured, paired."""
+    """--lr 1e-6 (the untuned run) barely moves its prompt; the winner is scored again against it from both kept
+    prompts, on the 32 validation examples the search ranked on (the accuracies the search measured, paired)
+    and on 24 validation examples it did not read."""
     from softprompt.tune.versus import versus_untuned
 
     out = tmp_path / "run"
@@ -334,25 +335,52 @@ def test_the_winner_is_compared_per_example_with_the_untuned_run_on_the_examples
             "train": base(out, lr=1e-6)}
     model = make_model("llama")
     lines: list[str] = []
-    result = run_tune(args, TuneArgs(lrs=[1e-6, 0.1], eta=2), model, tokenizer, task(64, 32), echo=lines.append)
+    unread = task(64, 56).splits["validation"][32:]  # other examples of the same toy task
+    result = run_tune(args, TuneArgs(lrs=[1e-6, 0.1], eta=2), model, tokenizer, task(64, 32), echo=lines.append,
+                      unread_validation=unread)
     untuned = by_lr(result, 1e-6)
     assert result.untuned is untuned and result.best is by_lr(result, 0.1)
     doc = json.loads((out / "trials.json").read_text())["versus_untuned"]
-    assert (doc["winner"], doc["untuned"], doc["n"]) == (result.best.id, untuned.id, 32)
-    assert doc["winner_metrics"]["accuracy"] == pytest.approx(result.best.last.metrics["accuracy"], abs=1e-9)
-    assert doc["untuned_metrics"]["accuracy"] == pytest.approx(untuned.last.metrics["accuracy"], abs=1e-9)
-    assert doc["untuned_metrics"]["macro_f1"] == pytest.approx(untuned.last.metrics["macro_f1"], abs=1e-9)
-    gained = doc["winner_metrics"]["accuracy"] - doc["untuned_metrics"]["accuracy"]
-    assert doc["only_winner_right"] - doc["only_untuned_right"] == round(gained * 32)
-    verdict = "ahead beyond chance" if doc["beyond_chance"] else "within chance"
+    assert (doc["winner"], doc["untuned"]) == (result.best.id, untuned.id)
+    on, off = doc["selected_on"], doc["not_read"]
+    assert (on["n"], off["n"]) == (32, 24)
+    assert on["winner_metrics"]["accuracy"] == pytest.approx(result.best.last.metrics["accuracy"], abs=1e-9)
+    assert on["untuned_metrics"]["accuracy"] == pytest.approx(untuned.last.metrics["accuracy"], abs=1e-9)
+    assert on["untuned_metrics"]["macro_f1"] == pytest.approx(untuned.last.metrics["macro_f1"], abs=1e-9)
+    for part, n in ((on, 32), (off, 24)):
+        gained = part["winner_metrics"]["accuracy"] - part["untuned_metrics"]["accuracy"]
+        assert part["only_winner_right"] - part["only_untuned_right"] == round(gained * n)
     line = next(ln for ln in (out / "trials.md").read_text().splitlines() if "against the untuned run" in ln)
-    assert line.startswith(f"{result.best.id} against the untuned run ({untuned.id}, lr 1e-06) on the 32 ")
+    assert line.startswith(f"{result.best.id} against the untuned run ({untuned.id}, lr 1e-06): on the 32 ")
+    assert "; on 24 validation examples the search did not read, accuracy " in line
+    verdict = "ahead beyond chance on examples it was not" if off["beyond_chance"] else "not ahead beyond chance"
     assert verdict in line and any(line in ln for ln in lines)  # printed too
+    # without unread examples: the verdict comes from those it was selected on, and says it is optimistic
+    alone = versus_untuned(result, model, tokenizer, task(64, 32).splits["validation"], task(64, 32).format, 8, 64)
+    assert alone["selected_on"] == on and alone["not_read"] is None
     # a task that is not label classification is not compared, and says so
     generation = TaskFormat("Q: {q}\nA:", "a")
     assert "skipped" in versus_untuned(result, model, tokenizer, [], generation, 8, 64)
     result.untuned = result.best  # the untuned run won: nothing to compare
     assert versus_untuned(result, model, tokenizer, [], generation, 8, 64) is None
+
+
+def test_the_unread_validation_examples_are_those_past_the_cap_the_search_ranks_on(tmp_path):
+    from softprompt.workflows.loading import load_task_from_args
+    from softprompt.workflows.tuning import unread_validation
+    from tests.conftest import sentiment_records, write_jsonl
+
+    files = {split: write_jsonl(tmp_path / f"{split}.jsonl", sentiment_records(n, seed=i))
+             for i, (split, n) in enumerate((("train", 16), ("validation", 20)))}
+    data = DataArgs(train_file=str(files["train"]), validation_file=str(files["validation"]),
+                    template="Review: {text}\nSentiment:", target_field="label",
+                    verbalizer="positive=positive,negative=negative", max_validation_samples=8)
+    loaded = load_task_from_args(data)
+    unread = unread_validation(data, loaded)
+    read = {(ex.source, ex.target) for ex in loaded.splits["validation"]}
+    assert len(loaded.splits["validation"]) == 8 and len(unread) == 12
+    assert not read & {(ex.source, ex.target) for ex in unread}
+    assert unread_validation(dataclasses.replace(data, max_validation_samples=0), loaded) == []  # all read
 
 
 def test_a_search_where_every_trial_diverges_saves_nothing_and_leaves_no_older_prompt(tmp_path, tokenizer,

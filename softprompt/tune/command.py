@@ -288,7 +288,7 @@ def save_results(result: TuneResult, out: Path, model, tune: TuneArgs, echo: Cal
 
 
 def run_tune(args: dict[str, Any], tune: TuneArgs, model, tokenizer, task: TaskData,
-             echo: Callable[[str], None] = print) -> TuneResult:
+             echo: Callable[[str], None] = print, unread_validation: list | None = None) -> TuneResult:
     """Do what ``softprompt tune`` does, given resolved sections and the loaded model, tokenizer and task.
 
     Args:
@@ -300,6 +300,8 @@ def run_tune(args: dict[str, Any], tune: TuneArgs, model, tokenizer, task: TaskD
         tokenizer: its tokenizer.
         task: the loaded task (a validation split is needed; see :func:`with_validation`).
         echo: where the console lines go.
+        unread_validation: validation examples the search does not rank on (past --max-validation-samples):
+            the winner is compared with the untuned run on them too (:mod:`softprompt.tune.versus`).
 
     Returns:
         The search result; ``result.best`` is None when no trial finished (every one diverged or failed): the
@@ -362,7 +364,7 @@ def run_tune(args: dict[str, Any], tune: TuneArgs, model, tokenizer, task: TaskD
     save_results(result, out, model, tune, echo, ensemble=top_k_reason is None)
     ensembles = {**skipped, **build_ensembles(result, out, model, tokenizer, task, tune, args, echo)}
     versus = versus_untuned(result, model, tokenizer, task.examples("validation"), task.format,
-                            args["eval"].eval_batch_size, data.max_length)
+                            args["eval"].eval_batch_size, data.max_length, unread_validation)
     if ensembles or versus:  # trials.json/.md get them
         result.ensembles, result.versus_untuned = ensembles, versus
         paths = write_reports(result, out)
