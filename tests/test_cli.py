@@ -968,18 +968,21 @@ def test_a_test_split_training_could_not_encode_is_refused_before_training(env, 
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
-def test_a_validation_split_one_label_dominates_gets_a_metric_warning_from_train_and_tune(env, tmp_path):
-    """7 of 8 validation answers are one label: accuracy would keep a prompt that answers it to everything."""
+def test_a_validation_split_one_label_dominates_selects_by_macro_f1_in_train_and_tune_and_says_so(env, tmp_path):
+    """7 of 8 validation answers are one label: accuracy would keep a prompt that answers it to everything, so
+    --metric auto selects by macro-F1 there (it only warned); --metric accuracy still selects by accuracy."""
     valid = write_jsonl(tmp_path / "valid.jsonl", [{"text": "good movie", "label": "positive"}] * 7
                         + [{"text": "bad movie", "label": "negative"}])
     for command, extra in (("train", ()), ("tune", ("--lrs", "0.1,0.3"))):
         argv = train_argv(env, tmp_path / command, "--max-steps", "2", *extra)
         argv[0], argv[argv.index("--validation-file") + 1] = command, valid
-        rc, _, stderr = run(argv)
+        rc, stdout, stderr = run(argv)
         assert rc == 0, stderr
-        assert "label 'positive' is 88% of the 8 examples" in stderr and "--metric macro_f1" in stderr, command
-        rc, _, stderr = run(argv + ["--metric", "accuracy"])  # asked for: no warning
-        assert rc == 0 and "--metric macro_f1" not in stderr, command
+        assert "label 'positive' is 88% of the 8 examples" in stderr and "selected by macro-F1" in stderr, command
+        chosen = "best validation {} " if command == "train" else "validation {} "
+        assert chosen.format("macro_f1") in stdout, command
+        rc, stdout, stderr = run(argv + ["--metric", "accuracy"])  # asked for: kept, no note
+        assert rc == 0 and "selected by macro-F1" not in stderr and chosen.format("accuracy") in stdout, command
 
 
 def test_answers_the_greedy_answer_cannot_match_are_warned_about(tokenizer, caplog):
