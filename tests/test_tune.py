@@ -365,6 +365,24 @@ def test_the_winner_is_compared_per_example_with_the_untuned_run_where_it_was_pi
     assert versus_untuned(result, model, tokenizer, [], generation, 8, 64) is None
 
 
+def test_the_verdict_tests_the_metric_the_search_ranked_by():
+    """The untuned prompt answers x everywhere (150 x, 50 y: accuracy 0.75); the winner gets 120 x and 30 y right
+    (accuracy 0.75 too, macro-F1 far higher): ahead by macro-F1, not by accuracy."""
+    from types import SimpleNamespace
+
+    from softprompt.tune.versus import compare_part
+
+    expected = ["x"] * 150 + ["y"] * 50
+    untuned = [SimpleNamespace(expected=e, predicted="x") for e in expected]
+    winner = [SimpleNamespace(expected=e, predicted=e if (i < 120 or i >= 170) else ("y" if e == "x" else "x"))
+              for i, e in enumerate(expected)]
+    by_f1, by_accuracy = compare_part(untuned, winner, ["x", "y"], "macro_f1"), compare_part(untuned, winner,
+                                                                                             ["x", "y"], "accuracy")
+    assert by_f1["winner_metrics"]["accuracy"] == by_f1["untuned_metrics"]["accuracy"] == 0.75
+    assert by_f1["beyond_chance"] and not by_accuracy["beyond_chance"]
+    assert not compare_part(untuned, winner, ["x", "y"], "loss")["beyond_chance"]  # the loss: by accuracy
+
+
 def test_the_unread_validation_examples_are_those_past_the_cap_the_search_ranks_on(tmp_path):
     from softprompt.workflows.loading import load_task_from_args
     from softprompt.workflows.tuning import unread_validation

@@ -39,11 +39,15 @@ def _predictions(folder, model, tokenizer, examples: list, fmt: TaskFormat, batc
     return preds
 
 
-def _paired(untuned_preds: list, winner_preds: list, labels: list[str]) -> dict:
+def compare_part(untuned_preds: list, winner_preds: list, labels: list[str], metric: str) -> dict:
+    """One part's comparison; ``beyond_chance`` tests the metric the search ranked by (macro-F1 by its bootstrap,
+    accuracy, and a search ranked by the loss, by McNemar's test): one test, not the better of two."""
     c = compare_predictions(untuned_preds, winner_preds, labels)
     f1 = c["macro_f1_diff"]
-    ahead = (c["mcnemar_p"] < ALPHA and c["b"]["accuracy"] > c["a"]["accuracy"]) or (
-        f1["p"] is not None and f1["p"] < ALPHA and f1["diff"] > 0)
+    if metric == "macro_f1":
+        ahead = f1["p"] is not None and f1["p"] < ALPHA and f1["diff"] > 0
+    else:
+        ahead = c["mcnemar_p"] < ALPHA and c["b"]["accuracy"] > c["a"]["accuracy"]
     return {"n": c["n"], "winner_metrics": c["b"], "untuned_metrics": c["a"], "only_winner_right": c["only_b_right"],
             "only_untuned_right": c["only_a_right"], "mcnemar_p": c["mcnemar_p"], "macro_f1_diff": f1,
             "beyond_chance": ahead}
@@ -78,7 +82,7 @@ def versus_untuned(result: TuneResult, model, tokenizer, examples: list, fmt: Ta
     def compared(part: list) -> dict:
         untuned_preds, winner_preds = (_predictions(t.prompt_dir, model, tokenizer, part, fmt, batch_size, max_length)
                                        for t in (untuned, best))
-        return _paired(untuned_preds, winner_preds, fmt.labels)
+        return compare_part(untuned_preds, winner_preds, fmt.labels, result.metric)
 
     return {"winner": best.id, "untuned": untuned.id, "selected_on": compared(examples),
             "not_read": compared(unread) if unread else None}
