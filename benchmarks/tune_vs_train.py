@@ -284,9 +284,34 @@ def main() -> int:
                                   "tune_plan": trials["plan"], "tune_steps_used": trials["steps_used"],
                                   "tune_best": next(t["config"] for t in trials["trials"] if t["id"] == trials["best"]),
                                   **scored}
+        agreement = versus_agreement(trials.get("versus_untuned"), scored)
+        if agreement:
+            results["tasks"][key]["versus_untuned_check"] = agreement
+            print(f"  tune's own comparison with its untuned trial vs this benchmark's: {agreement}", flush=True)
         (root / "results.json").write_text(json.dumps(results, indent=2))
     print(write_table(root, results))
     return 0
+
+
+def versus_agreement(versus: dict | None, scored: dict) -> str | None:
+    """Whether ``softprompt tune``'s own comparison of its winner with its untuned trial (``trials.json``'s
+    ``versus_untuned``) has this benchmark's accuracies of tune's prompt and the default ``train`` prompt (the
+    untuned trial is the same run), on the examples the search ranked on and on the rest (when tune scored all of
+    them). ``None`` when tune made no comparison (its untuned trial won, or the task is not classification)."""
+    if not versus or "skipped" in versus:
+        return None
+    parts = [("selected_on", "validation, ranked on"), ("not_read", "validation, rest")]
+    checked = []
+    for mine, theirs in parts:
+        got, want = versus.get(mine), scored.get(theirs)
+        if not got or not want or got["n"] != want["n"]:
+            continue  # not compared there, or tune scored a sample of the rest
+        pairs = [(got["winner_metrics"]["accuracy"], want["tune"]["accuracy"]),
+                 (got["untuned_metrics"]["accuracy"], want["default"]["accuracy"])]
+        same = all(abs(a - b) < 1e-9 for a, b in pairs)
+        checked.append(f"{theirs} ({got['n']}): " + ("agrees" if same else
+                       "DIFFERS: " + ", ".join(f"{a:.4f} vs {b:.4f}" for a, b in pairs)))
+    return "; ".join(checked) or None
 
 
 def write_table(root: Path, results: dict) -> str:

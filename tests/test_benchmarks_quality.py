@@ -111,6 +111,25 @@ def test_the_macro_f1_difference_is_bootstrapped_paired_per_example(bench, tmp_p
     assert "| +0.0500 [+0.0200, +0.0800] (< 0.001) |" in tune.write_table(tmp_path, results)
 
 
+def test_tune_vs_train_checks_tunes_own_comparison_against_its_scores(bench):
+    tune = bench("tune_vs_train")
+
+    def part(n, win, untuned):
+        return {"n": n, "winner_metrics": {"accuracy": win}, "untuned_metrics": {"accuracy": untuned}}
+
+    scored = {"validation, ranked on": {"n": 300, "tune": {"accuracy": 0.8367}, "default": {"accuracy": 0.8167}},
+              "validation, rest": {"n": 992, "tune": {"accuracy": 0.8538}, "default": {"accuracy": 0.8659}}}
+    versus = {"selected_on": part(300, 0.8367, 0.8167), "not_read": part(992, 0.8538, 0.8659)}
+    both = "validation, ranked on (300): agrees; validation, rest (992): agrees"
+    assert tune.versus_agreement(versus, scored) == both
+    versus["not_read"] = part(992, 0.8538, 0.8600)
+    differs = "validation, rest (992): DIFFERS: 0.8538 vs 0.8538, 0.8600 vs 0.8659"
+    assert differs in tune.versus_agreement(versus, scored)
+    versus["not_read"] = part(500, 0.85, 0.86)  # a sample of the rest: not comparable, left out
+    assert tune.versus_agreement(versus, scored) == "validation, ranked on (300): agrees"
+    assert tune.versus_agreement(None, scored) is None and tune.versus_agreement({"skipped": "x"}, scored) is None
+
+
 @pytest.mark.parametrize("task, labels", [("debates", {"republican", "democrat", "moderator"}),
                                           ("conventions", {"democrat", "republican"})])
 def test_tune_vs_train_tasks_are_disjoint_splits_given_as_files(bench, tmp_path, task, labels):
