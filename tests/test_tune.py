@@ -365,6 +365,24 @@ def test_the_winner_is_compared_per_example_with_the_untuned_run_where_it_was_pi
     assert versus_untuned(result, model, tokenizer, [], generation, 8, 64) is None
 
 
+def test_a_comparison_with_the_untuned_run_that_fails_is_said_and_the_search_stands(tmp_path, tokenizer,
+                                                                                    monkeypatch):
+    def boom(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr("softprompt.tune.versus._predictions", boom)
+    out = tmp_path / "run"
+    args = {"model": ModelArgs(), "data": DataArgs(max_length=64), "prompt": PROMPT, "eval": EvalArgs(),
+            "train": base(out, lr=1e-6, max_steps=4)}
+    lines: list[str] = []
+    result = run_tune(args, TuneArgs(lrs=[1e-6, 0.1], eta=2), make_model("llama"), tokenizer, task(64, 32),
+                      echo=lines.append)
+    assert result.best is by_lr(result, 0.1) and (out / "best_prompt" / "adapter_model.safetensors").is_file()
+    doc = json.loads((out / "trials.json").read_text())
+    assert doc["versus_untuned"] == {"skipped": "RuntimeError: out of memory"} and doc["best"] == result.best.id
+    assert any("the winner against the untuned run: not compared (RuntimeError: out of memory)" in ln for ln in lines)
+
+
 def test_the_verdict_tests_the_metric_the_search_ranked_by():
     """The untuned prompt answers x everywhere (150 x, 50 y: accuracy 0.75); the winner gets 120 x and 30 y right
     (accuracy 0.75 too, macro-F1 far higher): ahead by macro-F1, not by accuracy."""

@@ -363,8 +363,12 @@ def run_tune(args: dict[str, Any], tune: TuneArgs, model, tokenizer, task: TaskD
     paths = write_reports(result, out)
     save_results(result, out, model, tune, echo, ensemble=top_k_reason is None)
     ensembles = {**skipped, **build_ensembles(result, out, model, tokenizer, task, tune, args, echo)}
-    versus = versus_untuned(result, model, tokenizer, task.examples("validation"), task.format,
-                            args["eval"].eval_batch_size, data.max_length, unread_validation)
+    try:  # a report on top of a finished search: its failure is said, the search's results stand
+        versus = versus_untuned(result, model, tokenizer, task.examples("validation"), task.format,
+                                args["eval"].eval_batch_size, data.max_length, unread_validation)
+    except (RuntimeError, ValueError, OSError) as e:
+        log.warning("the winner against the untuned run: not compared (%s: %s)", type(e).__name__, e)
+        versus = {"skipped": f"{type(e).__name__}: {e}"}
     if ensembles or versus:  # trials.json/.md get them
         result.ensembles, result.versus_untuned = ensembles, versus
         paths = write_reports(result, out)
