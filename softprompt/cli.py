@@ -151,18 +151,17 @@ def cmd_generate(ns: argparse.Namespace) -> int:
         problems.append("--task needs --store DIR")
     args = _resolve(ns, ["model"], problems + generate_flag_problems(ns.max_new_tokens, ns.temperature,
                                                                      ns.top_k, ns.top_p, ns.seed))
-    from softprompt.data.chat import conversation_prompt, read_conversations
-    from softprompt.engine import GenerateRequest, require_chat_layout
+    from softprompt.data.chat import conversation_prompt
+    from softprompt.engine import GenerateRequest
     from softprompt.workflows import engine_for, load_model_from_args
-    from softprompt.workflows.generation import answer_budget, input_values, output_row
+    from softprompt.workflows.generation import answer_budget, generation_inputs, input_values, output_row
 
-    conversations = read_conversations(ns.messages) if ns.messages else []  # bad input fails before the model loads
+    conversations = generation_inputs(ns.messages, ns.prompt, ns.store, ns.task)  # bad ones fail before the model loads
     model, tok = load_model_from_args(args)
     engine, task = engine_for(model, tok, prompt=ns.prompt, store=ns.store, task=ns.task,
                               check_fingerprint=not ns.no_fingerprint_check)
     fmt = engine.task(task).formats[0]
     if conversations:  # the task's chat format, or (none: base model, PEFT folder) the tokenizer's, as the server's
-        require_chat_layout(engine.task(task))  # a distilled prompt never learned one: exit 2, as the server's 400
         texts, raw, stop = [conversation_prompt(tok, fmt, c) for c in conversations], True, ns.stop or ""
     else:
         texts, raw, stop = input_values(engine, task, ns.input, ns.raw), ns.raw, "\n" if ns.stop is None else ns.stop

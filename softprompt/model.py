@@ -251,6 +251,36 @@ def _refuse_adapter_folder(name_or_path: str) -> None:
                          + (f" (its adapter_config.json names {base!r})" if isinstance(base, str) and base else ""))
 
 
+def load_tokenizer(name_or_path: str | os.PathLike = DEFAULT_MODEL):
+    """The tokenizer :func:`load_base_model` would return with the model (its pad token set), without the weights:
+    what a command checks its inputs with before the model loads.
+
+    Raises:
+        ModelLoadError: it cannot be loaded.
+    """
+    from transformers import AutoTokenizer
+
+    name_or_path = os.fspath(name_or_path)
+    try:
+        if name_or_path in ALIASES:
+            tok = AutoTokenizer.from_pretrained(materialize_alias(name_or_path))
+        elif name_or_path.endswith(".gguf"):
+            path = Path(name_or_path)
+            if not path.is_file():
+                raise ModelLoadError(f"--model {name_or_path}: no such GGUF file")
+            tok = AutoTokenizer.from_pretrained(materialize_gguf(path))  # converted once, as the model loads it
+        else:
+            _refuse_adapter_folder(name_or_path)
+            tok = AutoTokenizer.from_pretrained(name_or_path)
+    except (ModelLoadError, AssetError):
+        raise
+    except Exception as e:  # noqa: BLE001 - as load_base_model's
+        raise ModelLoadError(f"--model {name_or_path}: could not load its tokenizer ({type(e).__name__}: {e})") from e
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
 def load_base_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto",
                     task_type: str = "auto", num_labels: int | None = None):
     """Load a frozen base model and its tokenizer.

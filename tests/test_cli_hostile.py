@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from softprompt.cli import main
+from softprompt.store import PromptStore
 from tests import test_cli
 from tests.conftest import make_model, make_tokenizer
 from tests.test_cli import TEMPLATE, _assert_usage_error, run, train_argv
@@ -184,6 +185,20 @@ def test_generate_sampling_flags_checked_together(env, tmp_path):
         _assert_usage_error(["generate", "--model", tmp_path / "no-model", "--input", "good", *extra],
                             "--prompt DIR and --store DIR --task NAME both name the prompt" if "--prompt" in extra
                             else "--store needs --task NAME")
+
+
+def test_generate_reads_the_named_prompt_before_the_model(tmp_path):
+    """A missing or damaged --prompt folder, or an unknown --store entry, was found once the model had loaded
+    (minutes for a large one). The model path here does not exist: the prompt's error comes first."""
+    no_model, broken = tmp_path / "no-model", tmp_path / "broken"
+    broken.mkdir()
+    (broken / "adapter_config.json").write_text("{not json")
+    base = ["generate", "--model", no_model, "--input", "good"]
+    _assert_usage_error([*base, "--prompt", tmp_path / "missing"], str(tmp_path / "missing"))
+    _assert_usage_error([*base, "--prompt", broken], f"{broken}: missing adapter_model.safetensors")
+    store = PromptStore(tmp_path / "store", create=True).root
+    err = _assert_usage_error([*base, "--store", store, "--task", "nope"], "no entry 'nope'")
+    assert str(no_model) not in err
 
 
 def test_compare_refuses_bad_flags_and_too_short_context(tmp_path):

@@ -277,7 +277,12 @@ def test_inputs_from_a_record_file_need_their_field(tiny_dirs, capsys):
     assert "inputs.ndjson: '.ndjson' is not read; accepted: .txt" in capsys.readouterr().err
 
 
-def test_a_context_longer_than_the_models_positions_is_refused_before_anything_is_written(tmp_path, capsys):
+def test_a_context_longer_than_the_models_positions_is_refused_before_anything_is_written(tmp_path, capsys,
+                                                                                         monkeypatch):
+    """... and before the model loads: by its tokenizer and config."""
+    from softprompt.workflows import distilling
+
+    monkeypatch.setattr(distilling, "load_model_from_args", lambda *a: pytest.fail("the model was loaded"))
     d = tmp_path / "gpt2"  # learned positions: 256 of them; reading past them raised an IndexError
     make_model("gpt2").save_pretrained(d)
     make_tokenizer().save_pretrained(d)
@@ -483,10 +488,14 @@ def test_an_ensemble_member_as_the_store_task_is_refused_before_the_model_loads(
     assert store.show("free")["task"]["objective"] == "distill"
 
 
-def test_a_prompt_as_long_as_the_context_is_refused(tiny_dirs, capsys):
+def test_a_prompt_as_long_as_the_context_is_refused(tiny_dirs, capsys, monkeypatch):
     """--num-virtual-tokens at or above the context's tokens trained and saved a prompt that reported
-    "tokens saved per request: -8", exit 0: it saves nothing, and the context itself is the exact teacher."""
+    "tokens saved per request: -8", exit 0: it saves nothing, and the context itself is the exact teacher.
+    Refused by the tokenizer before the model loads (it was refused once the model had loaded)."""
+    from softprompt.workflows import distilling
+
     tmp = tiny_dirs
+    monkeypatch.setattr(distilling, "load_model_from_args", lambda *a: pytest.fail("the model was loaded"))
     for p in ("23", "31"):  # the context has 23 tokens
         assert run_distill(tmp, "--inputs-file", str(tmp / "inputs.txt"), "--num-virtual-tokens", p) == 2
         err = capsys.readouterr().err
@@ -511,11 +520,15 @@ def distilled_store(root):
     return model, tok, store
 
 
-def test_generate_messages_on_a_distilled_prompt_is_refused(tiny_dirs, capsys):
+def test_generate_messages_on_a_distilled_prompt_is_refused(tiny_dirs, capsys, monkeypatch):
     """A distilled prompt learned raw text right after its context: generate --messages rendered a chat template's
-    turns after it, a layout it never saw, and answered as if it were a chat system prompt."""
+    turns after it, a layout it never saw, and answered as if it were a chat system prompt. Refused before the
+    model loads (it was refused once the model had loaded), for --store/--task and --prompt alike."""
+    from softprompt import workflows
     from tests.test_chat import TEMPLATE
 
+    real = workflows.load_model_from_args
+    monkeypatch.setattr(workflows, "load_model_from_args", lambda *a: pytest.fail("the model was loaded"))
     tmp = tiny_dirs
     tok = make_tokenizer()
     tok.chat_template = TEMPLATE  # a chat model's tokenizer
@@ -527,6 +540,10 @@ def test_generate_messages_on_a_distilled_prompt_is_refused(tiny_dirs, capsys):
     err = capsys.readouterr().err
     assert "softprompt generate: error: task 'd' was distilled from a context (softprompt distill)" in err
     assert "no chat system prompt" in err
+    direct = ["generate", "--model", str(tmp / "llama"), "--prompt", str(tmp / "store" / "d"), "--messages", messages]
+    assert main(direct) == 2
+    assert "softprompt generate: error: task 'prompt' was distilled from a context" in capsys.readouterr().err
+    monkeypatch.setattr(workflows, "load_model_from_args", real)
     assert main([*argv, "--task", "d", "--input", "the movie"]) == 0  # plain text, as it trained
     assert main([*argv, "--task", "plain", "--messages", messages]) == 0  # other prompts: as before
 

@@ -17,7 +17,7 @@ from softprompt.engine.requests import (
     TooLongError,
     UnknownTaskError,
 )
-from softprompt.engine.turns import require_chat_layout
+from softprompt.engine.turns import refuse_chat, require_chat_layout
 from softprompt.forward import TokenLogprob
 
 __all__ = [
@@ -40,6 +40,7 @@ __all__ = [
     "TooLongError",
     "UnknownTaskError",
     "mixed_batches",
+    "refuse_chat",
     "require_chat_layout",
     "task_format",
 ]

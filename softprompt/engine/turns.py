@@ -11,17 +11,23 @@ from softprompt.engine.requests import ChatLayoutError
 
 def require_chat_layout(task) -> None:
     """Refuse a chat conversation for ``task`` (a served :class:`~softprompt.engine.Task`) when its prompt never
-    learned one: a prompt distilled from a context (``softprompt distill``) learned raw text right after it
-    (``[prompt, BOS, text]``), and a chat template's turns after it are a layout it never saw. The one check of
-    ``generate --messages`` and the server's chat route.
+    learned one (:func:`refuse_chat`). The server's chat route's check (``generate --messages`` makes it before
+    the model loads, on the prompt as read)."""
+    refuse_chat(task.name, task.meta)
+
+
+def refuse_chat(name: str, meta: dict | None) -> None:
+    """Refuse a chat conversation for the prompt ``name`` with metadata ``meta`` when it never learned one: a
+    prompt distilled from a context (``softprompt distill``) learned raw text right after it (``[prompt, BOS,
+    text]``), and a chat template's turns after it are a layout it never saw.
 
     Raises:
-        ChatLayoutError: the task's prompt was distilled from a context.
+        ChatLayoutError: the prompt was distilled from a context.
     """
-    record = (task.meta or {}).get("task")
+    record = (meta or {}).get("task")
     if isinstance(record, dict) and record.get("objective") == "distill":
         raise ChatLayoutError(
-            f"task {task.name!r} was distilled from a context (softprompt distill): its prompt learned plain text "
+            f"task {name!r} was distilled from a context (softprompt distill): its prompt learned plain text "
             "right after that context, never a chat template's turns, so it is no chat system prompt; send the "
             "text as plain input (generate --input, POST /v1/completions)")
 

@@ -44,6 +44,15 @@ class ContextTeacher:
     num_tokens: int
 
 
+def context_ids(tokenizer, text: str) -> tuple[list[int], list[int]]:
+    """``(ids, lead)``: what the teacher reads of the context ``text`` (the model's leading special tokens, then
+    the text's ids) and those leading ids; ``len(ids) - len(lead)`` is the context's length in tokens (a text
+    that starts with the BOS, a chat template's, counts it once, in ``lead``, which a request with the distilled
+    prompt still has: ``[P, BOS, text]``). Only the tokenizer: checked before the model loads."""
+    lead = leading_special_ids(tokenizer)
+    return with_leading(tokenizer(text, add_special_tokens=False)["input_ids"], lead), list(lead)
+
+
 def context_teacher(model, tokenizer, text: str) -> ContextTeacher:
     """Tokenise ``text`` (after the model's BOS) and compute its keys/values once, without gradients.
 
@@ -54,19 +63,15 @@ def context_teacher(model, tokenizer, text: str) -> ContextTeacher:
     if not (family.caches_prompt and family.models_text):
         raise InjectionError(f"context distillation needs a decoder-only language model; {type(model).__name__} "
                              f"is {family.description}")
-    plain = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if not plain:
+    ids, lead = context_ids(tokenizer, text)
+    if len(ids) == len(lead):
         raise InjectionError("the context is empty after tokenisation")
-    lead = leading_special_ids(tokenizer)
-    ids = with_leading(plain, lead)
     kv = None
     if len(ids) > 1:
         emb = model.get_input_embeddings()(torch.tensor(ids[:-1], device=model.device))  # (n-1, H)
         with torch.no_grad():
             kv = compute_prompt_kv(model, emb)
-    # the context's own tokens: a text that starts with the BOS (a chat template's) counts it once, in ``lead``,
-    # which a request with the distilled prompt still has ([P, BOS, text])
-    return ContextTeacher(kv=kv, last_id=ids[-1], lead=list(lead), num_tokens=len(ids) - len(lead))
+    return ContextTeacher(kv=kv, last_id=ids[-1], lead=lead, num_tokens=len(ids) - len(lead))
 
 
 def _rows(teacher: ContextTeacher, input_ids: torch.Tensor, attention_mask: torch.Tensor):

@@ -36,9 +36,9 @@ from softprompt.data import DataError, Encoded, Example, TaskData, collate
 from softprompt.data.corpus import TEXT_SUFFIXES, CorpusFormat, encode_corpus
 from softprompt.data.formats import SUPPORTED_SUFFIXES, load_records_with_lines
 from softprompt.data.splits import carve
-from softprompt.data.tokenize import leading_special_ids
 from softprompt.forward import end_token_ids, family_of
 from softprompt.forward.distill import (
+    context_ids,
     context_teacher,
     distill_loss,
     greedy_pair,
@@ -46,6 +46,7 @@ from softprompt.forward.distill import (
     pair_logprobs,
     sample_after_context,
 )
+from softprompt.model import context_length, load_model_config, load_tokenizer
 from softprompt.store import PromptStore, save_prompt
 from softprompt.train import train
 from softprompt.workflows.loading import load_model_from_args
@@ -164,23 +165,30 @@ def agreement(teacher_out: list[list[int]], other: list[list[int]]) -> dict:
     return {"greedy_exact": exact / len(teacher_out), "greedy_token": same / max(tokens, 1)}
 
 
-def context_fit_problems(model, tok, context: str, args: dict, distill: DistillArgs,
+def context_fit_problems(config, tok, context: str, args: dict, distill: DistillArgs,
                          texts: list[str] | None) -> list[str]:
-    """Why the teacher's or the student's rows would not fit the model's context (empty when they do).
+    """Why the prompt would save no tokens (``--num-virtual-tokens`` at or above the context's tokens), or the
+    teacher's or the student's rows would not fit the model's context (``config``'s); empty when they do. Only
+    the tokenizer ``tok`` and the config: checked before the model loads.
 
     The teacher reads BOS + the context + an input window (its longest: the longest input, at most
     ``--max-length`` tokens) + the greedy tokens compared (``--max-new-tokens``); the student reads the
     prompt instead of the context. ``texts`` ``None``: the inputs are still to be sampled, ``--sample-length``
     tokens after the context. A model without a hard limit (relative positions) always fits.
     """
-    from softprompt.model import context_length
-
-    fit = context_length(model.config)
+    problems = []
+    ids, lead = context_ids(tok, context)
+    p = args["prompt"].num_virtual_tokens
+    if p is not None and p >= len(ids) - len(lead):  # saved and reported "tokens saved: -8", exit 0
+        n = len(ids) - len(lead)
+        problems.append(f"--num-virtual-tokens {p} >= the context's {n} tokens: the prompt would save {n - p} "
+                        "tokens per request, and the context itself, served as cached keys/values, costs no more "
+                        f"and is exact (it is the teacher); give --num-virtual-tokens below {n}")
+    fit = context_length(config)
     if fit is None:
-        return []
+        return problems
     limit, key = fit
-    name, lead = args["model"].model, len(leading_special_ids(tok))
-    n = lead + len(tok(context, add_special_tokens=False)["input_ids"])
+    name, n, lead = args["model"].model, len(ids), len(lead)
     if texts is None:
         longest, what = distill.sample_length, f"--sample-length {distill.sample_length}"
     else:
@@ -188,12 +196,11 @@ def context_fit_problems(model, tok, context: str, args: dict, distill: DistillA
                                                default=0))
         what = f"the longest input window ({longest} tokens; --max-length {distill.max_length})"
     after = longest + distill.max_new_tokens
-    problems = []
     if n + after > limit:
         problems.append(f"the context ({n} tokens with the model's leading special tokens) + {what} + "
                         f"--max-new-tokens {distill.max_new_tokens} = {n + after} positions do not fit --model "
                         f"{name}: its context is {limit} positions ({key}); shorten the context or the inputs")
-    p = args["prompt"].num_virtual_tokens or 0
+    p = p or 0
     if p + lead + after > limit:
         problems.append(f"--num-virtual-tokens {p} + {what} + --max-new-tokens {distill.max_new_tokens} = "
                         f"{p + lead + after} positions (with {lead} leading special tokens) do not fit --model "
@@ -257,9 +264,10 @@ def distill_and_save(args: dict, distill: DistillArgs, store: str | None = None,
 
     Raises:
         ConfigError: the method settings are unusable (:func:`method_problems`, before the model loads), the
-            model is not a decoder-only LM, the method does not fit it, or the context or the prompt with the
-            inputs does not fit its context length (checked before anything is written; a refused resume leaves
-            the run's config.yaml as it was).
+            model is not a decoder-only LM, the method does not fit it, the prompt is not shorter than the
+            context, or the context or the prompt with the inputs does not fit its context length (by the
+            tokenizer and the config, before the model loads; all before anything is written: a refused resume
+            leaves the run's config.yaml as it was).
         DataError: unreadable context or inputs, too few inputs.
     """
     raise_problems(method_problems(args))  # before the model loads
@@ -267,25 +275,20 @@ def distill_and_save(args: dict, distill: DistillArgs, store: str | None = None,
     if not context.strip():
         raise DataError("the context is empty")
     texts = read_inputs(distill.inputs_file, distill.text_field) if distill.inputs_file else None
+    name = args["model"].model  # the prompt's and the inputs' fit, by the tokenizer and the config: before the model
+    raise_problems(context_fit_problems(load_model_config(name), load_tokenizer(name), context, args, distill, texts))
     model, tok = load_model_from_args(args)
     family = family_of(model)
     if not (family.caches_prompt and family.models_text):
         raise ConfigError(f"softprompt distill needs a decoder-only language model (the teacher reads the context "
-                          f"as cached keys/values); --model {args['model'].model} is loaded as {family.description}")
-    raise_problems(context_fit_problems(model, tok, context, args, distill, texts))
+                          f"as cached keys/values); --model {name} is loaded as {family.description}")
     teacher = context_teacher(model, tok, context)
-    p_asked = args["prompt"].num_virtual_tokens
-    if p_asked is not None and p_asked >= teacher.num_tokens:  # saved and reported "tokens saved: -8", exit 0
-        raise ConfigError(f"invalid arguments:\n  --num-virtual-tokens {p_asked} >= the context's {teacher.num_tokens} "
-                          f"tokens: the prompt would save {teacher.num_tokens - p_asked} tokens per request, and the "
-                          "context itself, served as cached keys/values, costs no more and is exact (it is the "
-                          f"teacher); give --num-virtual-tokens below {teacher.num_tokens}")
     if texts is None:  # sampled from the model itself, after the context
         samples = sample_after_context(model, teacher, distill.sample_inputs, distill.sample_length, distill.data_seed)
         texts = sampled_texts(tok, samples, end_token_ids(model, tok))
         source = (f"{len(texts)} continuations of the context sampled from the model (temperature 1, "
                   f"{distill.sample_length} tokens, seed {distill.data_seed})")
-        raise_problems(context_fit_problems(model, tok, context, args, distill, texts))  # as sampled
+        raise_problems(context_fit_problems(model.config, tok, context, args, distill, texts))  # as sampled
     else:
         source = f"{len(texts)} inputs from {distill.inputs_file}"
     texts, tokenless = with_tokens(tok, texts)

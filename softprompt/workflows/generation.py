@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from softprompt.config import ConfigError
 from softprompt.data import label_room
-from softprompt.engine import Engine
+from softprompt.data.chat import read_conversations
+from softprompt.engine import Engine, refuse_chat
 from softprompt.store import PromptStore, load_prompt
 
 
@@ -40,6 +41,31 @@ def engine_for(model, tokenizer, prompt: str | None = None, store: str | None = 
         return engine, "prompt"
     engine.add_base("base")
     return engine, "base"
+
+
+def generation_inputs(messages: str | None, prompt: str | None = None, store: str | None = None,
+                      task: str | None = None) -> list:
+    """``generate``'s inputs checked before the model loads: the conversations of ``--messages`` (none without
+    it), and the prompt ``--prompt`` or ``--store``/``--task`` names, read and validated as files (a missing or
+    damaged folder, an unknown entry; with ``--messages``, a prompt distilled from a context, which never learned
+    a chat layout). The model checks the prompt again once it is loaded (hidden size, fingerprint).
+
+    Raises:
+        DataError: unreadable ``--messages``.
+        StoreError: the prompt cannot be read.
+        ChatLayoutError: ``--messages`` for a distilled prompt.
+    """
+    conversations = read_conversations(messages) if messages else []
+    stored = {}
+    if store and task:
+        entries = PromptStore(store)
+        members = entries.ensemble(task).members if entries.kind(task) == "ensemble" else [task]
+        stored = {m: entries.load(m) for m in members}
+    elif prompt:
+        stored = {"prompt": load_prompt(prompt)}
+    for name, one in stored.items() if conversations else ():
+        refuse_chat(name, one.meta)
+    return conversations
 
 
 def input_values(engine: Engine, task: str, texts: list[str], raw: bool) -> list[str | dict]:
