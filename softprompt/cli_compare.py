@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -23,13 +24,22 @@ def cmd_compare(ns: argparse.Namespace) -> int:
         format_table,
         run_compare,
         select_specs,
+        selection_metric,
     )
+    from softprompt.data import DataError
 
     settings = CompareSettings(ns.model, ns.dataset, ns.steps, ns.batch_size, ns.test_samples, ns.val_samples,
                                ns.eval_every, ns.seeds, not ns.no_lr_search, ns.lr_grid, ns.search_steps,
-                               ns.converged_tol, ns.adapter_size, not ns.fixed_steps, ns.schedule)
+                               ns.converged_tol, ns.adapter_size, not ns.fixed_steps, ns.schedule, ns.metric)
     specs, problems = select_specs(ns.only, ns.adapter_size)
     problems += settings.problems() + [check_folder_to_create("--output-dir", ns.output_dir)]
+    note = None
+    if not any(problems):  # one metric for every row, resolved on the validation split the runs see (and --resume)
+        try:
+            metric, note = selection_metric(settings)
+            settings = dataclasses.replace(settings, metric=metric)
+        except (ConfigError, DataError) as e:
+            problems.append(str(e))
     if ns.store:
         from softprompt.compare.ensemble import store_problems
 
@@ -49,7 +59,9 @@ def cmd_compare(ns: argparse.Namespace) -> int:
     budget = (f"{ns.steps} steps" if ns.fixed_steps else f"until converged, at most {ns.steps} steps") + "".join(
         f" ({s.label}: {s.steps_scale} x)" for s in specs if s.steps_scale != 1) + f" ({ns.schedule} lr schedule)"
     print(f"comparing {len(specs)} methods on {ns.dataset}, {budget} of batch {ns.batch_size}, {search}, "
-          f"seeds: {ns.seeds}, test on {ns.test_samples} examples")
+          f"seeds: {ns.seeds}, test on {ns.test_samples} examples; validation {settings.metric} ranks and plots")
+    if note:
+        print(note)
     if ns.store:
         print(f"each prompt method's {ns.seeds} seed prompts and their mean ensemble go into store {ns.store} "
               "(weight methods have no prompt); the ensembles are scored on the same test examples")
@@ -96,6 +108,10 @@ def add_compare_parser(sub) -> None:
     p.add_argument("--search-steps", type=int, default=0,
                    help="steps of each lr candidate's run (0: the smaller of --steps and 60)")
     p.add_argument("--no-lr-search", action="store_true", help="train every method at its default lr")
+    p.add_argument("--metric", default="auto",
+                   help="validation metric the lr search ranks by and the curves show (train's --metric): auto "
+                        "(default) is macro-F1 where one label is 60%% or more of the validation split, else "
+                        "accuracy (exact match for generation), one for every row")
     p.add_argument("--converged-tol", type=float, default=0.02,
                    help="converged: a seed run's validation loss fell by less than this fraction over the last third "
                         "of its steps; once this held at two validation points in a row, from the 6th on, a run cools "

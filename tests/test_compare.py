@@ -305,10 +305,11 @@ def test_the_search_never_picks_an_lr_whose_run_crashed():
 
 
 def _fake_seed_run(j):
+    metric = "accuracy" if j.metric == "auto" else j.metric  # the comparison's, as run_one's
     return {"method": "pt", "kind": "prompt_tuning", "seed": j.seed, "lr": j.lr, "steps": j.steps,
-            "trainable_params": 96, "bytes_per_task": 1000, "train_s": 10.0 + j.seed, "metric": "accuracy",
+            "trainable_params": 96, "bytes_per_task": 1000, "train_s": 10.0 + j.seed, "metric": metric,
             "higher_is_better": True, "validation": "v", "accuracy": [0.5, 0.7, 0.9][j.seed],
-            "curve": [{"step": s, "loss": 2.0 - 0.1 * s - 0.01 * j.seed, "accuracy": 0.5} for s in (2, 4, 6)],
+            "curve": [{"step": s, "loss": 2.0 - 0.1 * s - 0.01 * j.seed, metric: 0.5} for s in (2, 4, 6)],
             "rollbacks": [0, 2, 1][j.seed], "diverged": False, "lr_scale": 1.0, "guard": True, "peak_mib": 100.0}
 
 
@@ -576,7 +577,7 @@ def test_resume_continues_inside_an_unfinished_row_from_the_run_journal(tmp_path
         jobs.append((j.spec.label, j.lr, j.seed))
         if j.seed < 3:
             return _fake_seed_run(j)
-        return {**_fake_seed_run(Job(j.spec, "m", "d", j.steps, 8, j.lr)), "seed": j.seed}  # the lr search's
+        return {**_fake_seed_run(Job(j.spec, "m", "d", j.steps, 8, j.lr, metric=j.metric)), "seed": j.seed}  # search
 
     settings = CompareSettings("m", steps=6, seeds=3, lr_search=True, lr_grid=2, eval_every=2)
     a, b = Spec("a", "prompt_tuning"), Spec("b", "prompt_tuning")
@@ -602,6 +603,94 @@ def test_resume_continues_inside_an_unfinished_row_from_the_run_journal(tmp_path
     run_compare([b], CompareSettings(**{**settings.__dict__, "steps": 8}), tmp_path / "cut", log=lambda s: None,
                 runner=runner)
     assert len(jobs) == 5 and len((tmp_path / "cut" / JOURNAL).read_text().splitlines()) == 5
+
+
+def _skewed_task() -> TaskData:
+    """:func:`toy_task` with a validation split 75% ``positive``: ``--metric auto`` selects by macro-F1 there."""
+    data = toy_task()
+    valid = data.splits["validation"]
+    data.splits["validation"] = ([ex for ex in valid if ex.label == "positive"][:6]
+                                 + [ex for ex in valid if ex.label == "negative"][:2])
+    return data
+
+
+def _recording_runner(jobs: list):
+    def runner(j):
+        jobs.append((j.spec.label, j.seed, j.metric))
+        return _fake_seed_run(j)
+    return runner
+
+
+def test_every_row_ranks_by_one_metric_resolved_once_for_the_comparison(tmp_path, monkeypatch):
+    """``auto`` was resolved by each run on its own: rows of one comparison could rank by different metrics,
+    and runs of one row too (see the next test)."""
+    monkeypatch.setattr("softprompt.data.load_task", lambda *a, **k: _skewed_task())
+    jobs = []
+    settings = CompareSettings("m", steps=6, seeds=2, lr_search=True, lr_grid=2, eval_every=2)
+    rows = run_compare([Spec("a", "prompt_tuning"), Spec("b", "lora")], settings, tmp_path / "skewed",
+                       log=lambda s: None, runner=_recording_runner(jobs))
+    assert len(jobs) == 8 and {m for *_, m in jobs} == {"macro_f1"}
+    assert [r["metric"] for r in rows] == ["macro_f1", "macro_f1"] and rows[0]["lr_search"]["metric"] == "macro_f1"
+    assert json.loads((tmp_path / "skewed" / "compare.json").read_text())["settings"]["metric"] == "macro_f1"
+    jobs.clear()  # asked for: kept
+    run_compare([Spec("a", "prompt_tuning")], CompareSettings("m", steps=6, seeds=2, lr_search=False,
+                                                              eval_every=2, metric="accuracy"),
+                tmp_path / "asked", log=lambda s: None, runner=_recording_runner(jobs))
+    assert {m for *_, m in jobs} == {"accuracy"}
+    monkeypatch.setattr("softprompt.data.load_task", lambda *a, **k: toy_task())  # validation half and half
+    jobs.clear()
+    run_compare([Spec("a", "prompt_tuning")], CompareSettings("m", steps=6, seeds=2, lr_search=False, eval_every=2),
+                tmp_path / "balanced", log=lambda s: None, runner=_recording_runner(jobs))
+    assert {m for *_, m in jobs} == {"accuracy"}
+
+
+def test_a_journalled_run_of_another_metric_runs_again_and_an_older_file_reads_as_accuracy(tmp_path, monkeypatch):
+    """A comparison resumed across ``--metric auto``'s change to macro-F1 took its seeds 0 and 1 (accuracy
+    curves) from the journal and ran seed 2 with a macro-F1 curve: the row's mean curve raised KeyError
+    'accuracy' and the whole comparison stopped."""
+    from softprompt.compare.journal import JOURNAL
+
+    monkeypatch.setattr("softprompt.data.load_task", lambda *a, **k: _skewed_task())
+    jobs = []
+    accuracy = CompareSettings("m", steps=6, seeds=3, lr_search=False, eval_every=2, metric="accuracy")
+    run_compare([Spec("a", "prompt_tuning")], accuracy, tmp_path, log=lambda s: None, runner=_recording_runner(jobs))
+    journal = tmp_path / JOURNAL
+    lines = [json.loads(line) for line in journal.read_text().splitlines()]
+    run = lines[2]["run"]  # seed 2, as auto ran it after the change
+    run.update(metric="macro_f1", curve=[{"step": p["step"], "loss": p["loss"], "macro_f1": 0.6} for p in run["curve"]])
+    journal.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    (tmp_path / "compare.json").unlink()
+    jobs.clear()
+    log = []
+    row, = run_compare([Spec("a", "prompt_tuning")], accuracy, tmp_path, log=log.append,
+                       runner=_recording_runner(jobs), resume=True)
+    assert jobs == [("a", 2, "accuracy")] and row["metric"] == "accuracy"  # seeds 0 and 1 kept
+    assert any("journalled with a validation macro_f1 curve, this comparison's metric is accuracy: run again" in line
+               for line in log)
+    assert all("accuracy" in p for p in row["curve"])
+    # under auto (macro-F1 on this split) the accuracy runs run again: one metric in the row
+    (tmp_path / "compare.json").unlink()
+    jobs.clear()
+    row, = run_compare([Spec("a", "prompt_tuning")], CompareSettings("m", steps=6, seeds=3, lr_search=False,
+                                                                     eval_every=2), tmp_path, log=lambda s: None,
+                       runner=_recording_runner(jobs), resume=True)
+    assert jobs == [("a", s, "macro_f1") for s in range(3)] and row["metric"] == "macro_f1"
+    # a compare.json written before --metric ranked by accuracy (auto then): kept under accuracy, not macro-F1
+    data = json.loads((tmp_path / "compare.json").read_text())
+    del data["settings"]["metric"]
+    (tmp_path / "compare.json").write_text(json.dumps(data))
+    assert resume_problem(tmp_path, accuracy) is None
+    resolved = CompareSettings("m", steps=6, seeds=3, lr_search=False, eval_every=2, metric="macro_f1")
+    assert "metric ('accuracy' there, 'macro_f1' now)" in resume_problem(tmp_path, resolved)
+
+
+def test_compare_refuses_a_metric_the_task_does_not_measure(tmp_path, capsys):
+    assert main(["compare", "--metric", "bleu", "--output-dir", str(tmp_path / "o")]) == 2
+    assert "--metric must be one of auto, accuracy, macro_f1, exact_match, f1, loss, got 'bleu'" in \
+        capsys.readouterr().err
+    assert main(["compare", "--metric", "exact_match", "--output-dir", str(tmp_path / "o")]) == 2
+    assert "--metric exact_match is not measured on a classification task" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 def test_a_failed_run_is_not_journalled_and_runs_again_on_resume(tmp_path):

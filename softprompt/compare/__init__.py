@@ -28,7 +28,7 @@ from softprompt.compare.report import (
     plot_compare,
     plot_curves,
 )
-from softprompt.compare.run import Job, ensure_validation, run_in_subprocess, run_one
+from softprompt.compare.run import Job, ensure_validation, run_in_subprocess, run_one, selection_metric
 from softprompt.compare.specs import (
     DEFAULT_SPECS,
     LR_SPACING,
@@ -45,4 +45,5 @@ __all__ = ["DEFAULT_SPECS", "LR_SPACING", "WEIGHT_KINDS", "CompareSettings", "Ho
            "WeightTuning", "add_adapters", "context_problems", "convergence", "ensure_validation", "format_failures",
            "format_row", "format_table", "lr_grid", "mean_curve", "plot_compare", "plot_curves", "resume_problem",
            "run_compare",
-           "run_in_subprocess", "run_method", "run_one", "search_lr", "select_specs", "summarise", "weight_method"]
+           "run_in_subprocess", "run_method", "run_one", "search_lr", "select_specs", "selection_metric", "summarise",
+           "weight_method"]

@@ -13,7 +13,7 @@ from pathlib import Path
 from softprompt.compare.ensemble import Evaluator, method_slug, store_seed_ensemble
 from softprompt.compare.journal import RunJournal
 from softprompt.compare.report import convergence, format_row, format_table, mean_curve, plot_compare, plot_curves
-from softprompt.compare.run import WARMUP_STEPS, Job, run_in_subprocess
+from softprompt.compare.run import WARMUP_STEPS, Job, run_in_subprocess, selection_metric
 from softprompt.compare.specs import WEIGHT_KINDS, CompareSettings, Spec, lr_grid
 from softprompt.schedule import wsd_decay_start
 
@@ -67,7 +67,7 @@ def search_lr(spec: Spec, settings: CompareSettings, runner: Runner, log=print) 
     for lr in lr_grid(spec.lr, settings.lr_grid):
         run = runner(Job(short, settings.model, settings.dataset, settings.search_budget, settings.batch_size, lr,
                          seed=settings.search_seed, val_samples=settings.val_samples, eval_every=0, test_samples=0,
-                         schedule=settings.schedule))
+                         schedule=settings.schedule, metric=settings.metric))
         if "error" not in run:
             metric, higher = run["metric"], run["higher_is_better"]
         candidates.append(_candidate(lr, run))
@@ -148,7 +148,7 @@ def run_method(spec: Spec, settings: CompareSettings, runner: Runner | None = No
         run = runner(Job(spec, settings.model, settings.dataset, settings.steps * spec.steps_scale,
                          settings.batch_size, lr, seed=seed,
                          val_samples=settings.val_samples, eval_every=settings.eval_every,
-                         test_samples=settings.test_samples, schedule=settings.schedule,
+                         test_samples=settings.test_samples, schedule=settings.schedule, metric=settings.metric,
                          stop_when_flat=settings.converged_tol if settings.until_flat else 0.0,
                          save_prompt_to=str(prompts_dir / method_slug(spec.label) / f"seed{seed}") if save else None))
         if "error" in run:
@@ -164,7 +164,7 @@ def run_method(spec: Spec, settings: CompareSettings, runner: Runner | None = No
 def _previous(out_dir: Path, settings: CompareSettings) -> tuple[dict[str, dict], str | None]:
     """``out_dir/compare.json`` read once: its rows that ran to the end, by the label of the spec they ran, and
     why they cannot be kept with ``settings`` (unreadable, or other settings, named), if so. A missing file
-    keeps nothing and is no problem."""
+    keeps nothing and is no problem. ``settings.metric`` is compared resolved (see :func:`run_compare`)."""
     path = out_dir / "compare.json"
     if not path.exists():
         return {}, None
@@ -174,6 +174,8 @@ def _previous(out_dir: Path, settings: CompareSettings) -> tuple[dict[str, dict]
         if not isinstance(old, dict) or not isinstance(rows, list):
             raise TypeError("settings must be an object and rows a list")
         old = {"schedule": "linear", **old}  # written before the setting existed: every run decayed linearly
+        # and before --metric: ranked by what auto was then, which is what it is now but macro-F1 (accuracy then)
+        old.setdefault("metric", "accuracy" if settings.metric == "macro_f1" else settings.metric)
     except (OSError, ValueError, KeyError, TypeError) as e:
         return {}, f"--resume: cannot read {path}: {e}"
     new = settings.to_dict()
@@ -231,6 +233,8 @@ def run_compare(specs: list[Spec], settings: CompareSettings, out_dir: Path, log
         rollbacks, time, memory) and the lr search's candidates with their validation scores (``lr_search``);
         with ``store``, a prompt method's row also has ``ensemble``, ``ensemble_accuracy`` and ``ensemble_gain``.
     """
+    if settings.metric == "auto":  # one metric for every row (the CLI resolves it first, to check --resume)
+        settings = replace(settings, metric=selection_metric(settings)[0])
     out_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     done, problem = _previous(out_dir, settings) if resume else ({}, None)

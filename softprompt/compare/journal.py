@@ -4,8 +4,13 @@ A row is 3 lr-search runs and 3 seed runs, 5 to 25 minutes on 2 CPU cores; ``com
 all of them are done, so an interrupted comparison lost the runs of its unfinished row. The journal
 (``runs.jsonl`` beside ``compare.json``) gets one line per successful run, ``{"job": ..., "run": ...}``, appended
 and flushed to disk when the run ends. ``--resume`` takes a run from it when the job is exactly the same (every
-field of :class:`~softprompt.compare.run.Job`: method definition, model, data, budget, lr, seed, schedule), and
-runs the others. A failed run is not written: it runs again. A line cut short by a kill is dropped.
+field of :class:`~softprompt.compare.run.Job`: method definition, model, data, budget, lr, seed, schedule) and
+its curve is in the comparison's validation metric, and runs the others. A failed run is not written: it runs
+again. A line cut short by a kill is dropped.
+
+The metric is checked on the run, not keyed: lines written before jobs named it hold ``auto``'s choice of the
+time, and ``auto`` became macro-F1 on a skewed validation split later. A run resumed under ``auto`` with its
+seeds journalled as accuracy runs became a row of accuracy and macro-F1 curves, whose mean curve failed.
 """
 
 from __future__ import annotations
@@ -21,8 +26,11 @@ JOURNAL = "runs.jsonl"
 
 
 def job_key(job: Job) -> str:
-    """The identity of a run: its job's every field, as canonical JSON."""
-    return json.dumps(json.loads(job.to_json()), sort_keys=True)
+    """The identity of a run: its job's every field but ``metric`` (checked on the run, see the module), as
+    canonical JSON."""
+    data = json.loads(job.to_json())
+    data.pop("metric", None)
+    return json.dumps(data, sort_keys=True)
 
 
 def _read(path: Path) -> tuple[dict[str, dict], list[str]]:
@@ -64,7 +72,11 @@ class RunJournal:
 
         def run(job: Job) -> dict:
             key = job_key(job)
-            if key in self.done:
+            kept = self.done.get(key, {}).get("metric")
+            if key in self.done and job.metric not in ("auto", kept):
+                log(f"  {job.spec.label}: lr {job.lr:.3g}, seed {job.seed}, {job.steps} steps: journalled with a "
+                    f"validation {kept} curve, this comparison's metric is {job.metric}: run again")
+            elif key in self.done:
                 log(f"  {job.spec.label}: lr {job.lr:.3g}, seed {job.seed}, {job.steps} steps: kept from "
                     f"{self.path} (--resume)")
                 return json.loads(json.dumps(self.done[key]))  # a copy: the caller adds to its run dicts

@@ -36,6 +36,11 @@ class Job:
     lr schedule (``TrainArgs.schedule``).
     ``save_prompt_to``: a prompt method's run saves its trained prompt there (``save_prompt``'s folder, with
     the task's template and verbalizer), so that the parent can add it to a store; weight methods save none.
+    ``metric``: the validation metric of its curve (and so of the lr search's ranking): the comparison's,
+    resolved (:func:`selection_metric`); ``auto`` resolves it in the run, on its own validation split. It is
+    not part of the run's identity in the journal (:func:`~softprompt.compare.journal.job_key`): the run keeps
+    its last state, so its training and test score do not depend on it; the journal checks the run's recorded
+    metric instead.
     """
 
     spec: Spec
@@ -51,6 +56,7 @@ class Job:
     save_prompt_to: str | None = None
     stop_when_flat: float = 0.0
     schedule: str = "linear"
+    metric: str = "auto"
 
     def to_json(self) -> str:
         return json.dumps({**asdict(self), "spec": self.spec.to_dict()})
@@ -106,6 +112,22 @@ def load_run_task(dataset: str, val_samples: int, test_samples: int):
     return task, ensure_validation(task, val_samples)
 
 
+def selection_metric(settings) -> tuple[str, str | None]:
+    """The validation metric a comparison's rows rank by (``settings.metric`` resolved on the validation split
+    every run sees: :func:`softprompt.selection.primary_metric`) and the console line saying why ``auto`` chose
+    macro-F1, if it did. Loads the data, not the model.
+
+    Raises:
+        ConfigError: a metric the task does not measure.
+    """
+    from softprompt.selection import metric_note, primary_metric
+
+    task, _ = load_run_task(settings.dataset, settings.val_samples, 0)
+    examples = task.splits["validation"]
+    return (primary_metric(task.format, settings.metric, examples)[0],
+            metric_note(task.format, examples, settings.metric))
+
+
 def run_one(job: Job) -> dict:
     """Train and evaluate one run in this process; return its numbers (see :func:`softprompt.compare.run_compare`)."""
     from softprompt.config import TrainArgs
@@ -123,8 +145,8 @@ def run_one(job: Job) -> dict:
     # CUDA default) rounds away (a norm gain of 1.0 moves in steps of 0.0039); every row alike, for fairness
     model, tok = load_base_model(job.model, dtype="float32")
     task, validation = load_run_task(job.dataset, job.val_samples, job.test_samples)
-    # the metric train() selects by on this validation split (macro-F1 where one label dominates it)
-    metric, higher = primary_metric(task.format, examples=task.splits["validation"])
+    # the comparison's metric (auto: macro-F1 where one label dominates this validation split, as train's)
+    metric, higher = primary_metric(task.format, job.metric, examples=task.splits["validation"])
     torch.manual_seed(job.seed)  # the random init of LoRA and of the adapters
     if spec.kind in WEIGHT_KINDS:
         method = weight_method(model, spec, seed=job.seed)
@@ -143,7 +165,7 @@ def run_one(job: Job) -> dict:
                        TrainArgs(output_dir=d, max_steps=job.steps, batch_size=job.batch_size,
                                  optimizer=spec.optimizer, lr=job.lr, warmup_steps=min(WARMUP_STEPS, job.steps),
                                  eval_every=job.eval_every or job.steps, checkpoint_every=10**9, seed=job.seed,
-                                 weight_decay=0.0, divergence_guard=spec.kind != "full",
+                                 weight_decay=0.0, divergence_guard=spec.kind != "full", metric=metric,
                                  stop_when_flat=job.stop_when_flat, schedule=job.schedule),
                        keep_best=False, checkpoints=False)  # the last state is scored: no copies, no checkpoint
         train_s = time.perf_counter() - t0 - sum(r.get("val_s", 0.0) for r in result.history)

@@ -11,6 +11,7 @@ from softprompt.data import BUILTIN_DATASETS
 
 WEIGHT_KINDS = ("lora", "bitfit", "adapter", "full")  # trained inside the model; every other kind is a prompt
 LR_SPACING = math.sqrt(10)  # neighbouring lr candidates differ by half a decade
+COMPARE_METRICS = ("auto", "accuracy", "macro_f1", "exact_match", "f1", "loss")  # train's --metric choices
 
 
 @dataclass
@@ -110,6 +111,10 @@ class CompareSettings:
             depend on ``steps``; a run that never plateaus decays over its last quarter. ``linear`` decays
             over all ``steps`` (the tables before 2026-12 used it: a run at 400 steps kept annealing slowly
             and the plateau rule seldom held in its last hundred steps).
+        metric: the validation metric every row's lr search ranks by and its curves show (``train``'s
+            ``--metric``). ``auto`` is resolved once for the whole comparison (:func:`~softprompt.compare.run.
+            selection_metric`: macro-F1 where one label dominates the validation split every run sees, else
+            accuracy), so that every row ranks by the same one; ``compare.json`` records the resolved name.
     """
 
     model: str
@@ -127,6 +132,7 @@ class CompareSettings:
     adapter_size: int = 8
     until_flat: bool = True
     schedule: str = "wsd"
+    metric: str = "auto"
 
     def problems(self) -> list[str]:
         """Every invalid setting, named by its flag."""
@@ -135,6 +141,8 @@ class CompareSettings:
                          "adapter_size") if getattr(self, n) < 1]
         out += [f"--search-steps must be >= 0, got {self.search_steps}"] if self.search_steps < 0 else []
         tol = check_real("--converged-tol", self.converged_tol, lambda v: 0 < v < 1, "in (0, 1)")
+        if self.metric not in COMPARE_METRICS:
+            out.append(f"--metric must be one of {', '.join(COMPARE_METRICS)}, got {self.metric!r}")
         if self.schedule not in SCHEDULES:
             out.append(f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if self.dataset not in BUILTIN_DATASETS:  # refused here, not by every method's run after loading the model
