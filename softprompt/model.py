@@ -262,20 +262,34 @@ def load_tokenizer(name_or_path: str | os.PathLike = DEFAULT_MODEL):
 
     name_or_path = os.fspath(name_or_path)
     try:
-        if name_or_path in ALIASES:
-            tok = AutoTokenizer.from_pretrained(materialize_alias(name_or_path))
-        elif name_or_path.endswith(".gguf"):
-            path = Path(name_or_path)
-            if not path.is_file():
-                raise ModelLoadError(f"--model {name_or_path}: no such GGUF file")
-            tok = AutoTokenizer.from_pretrained(materialize_gguf(path))  # converted once, as the model loads it
-        else:
-            _refuse_adapter_folder(name_or_path)
-            tok = AutoTokenizer.from_pretrained(name_or_path)
+        tok = AutoTokenizer.from_pretrained(_read_from(name_or_path)[0])
     except (ModelLoadError, AssetError):
         raise
     except Exception as e:  # noqa: BLE001 - as load_base_model's
         raise ModelLoadError(f"--model {name_or_path}: could not load its tokenizer ({type(e).__name__}: {e})") from e
+    return _with_pad(tok)
+
+
+def _read_from(name_or_path: str) -> tuple[str | Path, bool]:
+    """Where :func:`load_base_model` and :func:`load_tokenizer` read a model from, and whether it is a GGUF model
+    (decoder-only): an embedded alias's or a ``.gguf`` file's cached folder (converted once), else the name.
+
+    Raises:
+        ModelLoadError: a ``.gguf`` file that does not exist, or a prompt folder given as the model.
+    """
+    if name_or_path in ALIASES:
+        return materialize_alias(name_or_path), True
+    if name_or_path.endswith(".gguf"):
+        path = Path(name_or_path)
+        if not path.is_file():
+            raise ModelLoadError(f"--model {name_or_path}: no such GGUF file")
+        return materialize_gguf(path), True
+    _refuse_adapter_folder(name_or_path)
+    return name_or_path, False
+
+
+def _with_pad(tok):
+    """``tok`` with a pad token (its EOS when it has none)."""
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -315,24 +329,15 @@ def load_base_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, device: str
         raise ModelLoadError(f"--model {name_or_path} is a decoder-only (GGUF) model: --task-type {task_type} "
                              "does not apply to it")
     try:
-        if name_or_path in ALIASES:
-            folder = materialize_alias(name_or_path)
-            model = FAMILIES["causal_lm"].from_pretrained(folder, dt)  # a GGUF model is decoder-only
-            tok = AutoTokenizer.from_pretrained(folder)
-        elif name_or_path.endswith(".gguf"):
-            path = Path(name_or_path)
-            if not path.is_file():
-                raise ModelLoadError(f"--model {name_or_path}: no such GGUF file")
-            folder = materialize_gguf(path)
-            model = FAMILIES["causal_lm"].from_pretrained(folder, dt)  # a GGUF model is decoder-only
-            tok = AutoTokenizer.from_pretrained(folder)
+        source, _ = _read_from(name_or_path)  # gguf: as found above
+        if gguf:
+            model = FAMILIES["causal_lm"].from_pretrained(source, dt)  # a GGUF model is decoder-only
         else:
             from transformers import AutoConfig
 
-            _refuse_adapter_folder(name_or_path)
-            family = family_for_config(AutoConfig.from_pretrained(name_or_path), task_type)
-            model = family.from_pretrained(name_or_path, dt, num_labels)  # the family's AutoModel* class
-            tok = AutoTokenizer.from_pretrained(name_or_path)
+            family = family_for_config(AutoConfig.from_pretrained(source), task_type)
+            model = family.from_pretrained(source, dt, num_labels)  # the family's AutoModel* class
+        tok = AutoTokenizer.from_pretrained(source)
     except (ModelLoadError, AssetError):
         raise
     except FamilyError as e:
@@ -348,10 +353,8 @@ def load_base_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, device: str
         family_of(model).check_model(model)  # a prompt can go in front of its input (checked once, on its device)
     except FamilyError as e:
         raise ModelLoadError(f"--model {name_or_path}: {e}") from None
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
     model.config._name_or_path = name_or_path
-    return model, tok
+    return model, _with_pad(tok)
 
 
 def prepare_frozen(model) -> None:
