@@ -12,27 +12,38 @@ from collections import Counter
 from softprompt.config import ConfigError
 from softprompt.data import TaskFormat, is_chat
 
-MAJORITY_SHARE = 0.6  # a label this common makes accuracy a poor selection metric (majority_share)
+
+def dominance_threshold(n_labels: int) -> float:
+    """The share of validation one of ``n_labels`` labels must reach for ``auto`` to select by macro-F1: a fifth
+    of the way from an even split (``1/k``) to that label alone, ``(k + 4) / 5k``: 0.6 of two labels, 0.4 of four,
+    0.28 of ten. One fixed share for every label count (0.6 was) treats a label at 45% of a 4-label split, 1.8 times
+    its even share, as balanced."""
+    k = max(2, n_labels)
+    return (k + 4) / (5 * k)
 
 
-def majority_share(examples: list) -> tuple[str, float] | None:
-    """The most common label of ``examples`` and its share, when it is ``MAJORITY_SHARE`` or more: a prompt that
-    answers it to everything scores that share as accuracy, and can be the best validated state by accuracy."""
+def majority_share(examples: list, n_labels: int = 2) -> tuple[str, float] | None:
+    """The most common label of ``examples`` and its share, when it is :func:`dominance_threshold` or more of
+    ``n_labels`` labels (the task's; more when ``examples`` hold more): a prompt that answers it to everything
+    scores that share as accuracy, and can be the best validated state by accuracy."""
     labels = [ex.label for ex in examples if ex.label is not None]
     if not labels:
         return None
-    label, count = Counter(labels).most_common(1)[0]
-    share = count / len(labels)
-    return (label, share) if share >= MAJORITY_SHARE else None
+    counts = Counter(labels)
+    label, count = counts.most_common(1)[0]
+    k = max(2, n_labels, len(counts))
+    # count / n >= (k + 4) / 5k in integers: 6 of 10 at two labels is exactly the threshold
+    return (label, count / len(labels)) if 5 * k * count >= (k + 4) * len(labels) else None
 
 
 def primary_metric(fmt: TaskFormat, requested: str = "auto", examples: list | None = None) -> tuple[str, bool]:
     """The metric used for model selection and whether higher is better (a chat task: the loss, since a
     free-form reply rarely matches its reference exactly).
 
-    ``auto`` on a classification task is accuracy, or macro-F1 when one label is ``MAJORITY_SHARE`` or more of
-    ``examples`` (the validation split the selection reads): there a prompt answering that label everywhere
-    scores its share as accuracy, and macro-F1 weighs every label alike (:func:`metric_note` says so).
+    ``auto`` on a classification task is accuracy, or macro-F1 when one label is :func:`dominance_threshold` or
+    more of ``examples`` (the validation split the selection reads; 0.6 of two labels, 0.4 of four): there a
+    prompt answering that label everywhere scores its share as accuracy, and macro-F1 weighs every label alike
+    (:func:`metric_note` says so).
 
     Raises:
         ConfigError: a metric the task does not measure: the LM objective has only loss/perplexity, a
@@ -45,7 +56,7 @@ def primary_metric(fmt: TaskFormat, requested: str = "auto", examples: list | No
                              "held-out loss (--metric loss or auto)")
         return "loss", False
     if fmt.is_classification:
-        auto = "macro_f1" if majority_share(examples or []) else "accuracy"
+        auto = "macro_f1" if majority_share(examples or [], len(fmt.labels)) else "accuracy"
     else:
         auto = "loss" if is_chat(fmt) else "exact_match"
     name = requested if requested != "auto" else auto
@@ -62,7 +73,7 @@ def metric_note(fmt: TaskFormat, examples: list, requested: str = "auto") -> str
     (:func:`primary_metric`)."""
     if requested != "auto" or not fmt.is_classification or fmt.objective == "lm":
         return None
-    found = majority_share(examples)
+    found = majority_share(examples, len(fmt.labels))
     if found is None:
         return None
     label, share = found

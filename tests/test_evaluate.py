@@ -19,7 +19,7 @@ from softprompt.evaluate import (
     token_f1,
 )
 from softprompt.forward import causal
-from softprompt.selection import metric_note, primary_metric
+from softprompt.selection import dominance_threshold, metric_note, primary_metric
 from tests.conftest import sentiment_records, text_logits
 
 FMT = TaskFormat("Review: {text}\nSentiment:", "label", {"positive": "positive", "negative": "negative"})
@@ -53,6 +53,27 @@ def test_auto_selects_by_macro_f1_where_one_label_makes_accuracy_a_poor_selectio
     assert "label 'negative' is 60% of the 10 examples" in note and "selected by macro-F1" in note
     assert metric_note(FMT, even) is None and metric_note(generation, skewed) is None and metric_note(FMT, []) is None
     assert metric_note(FMT, skewed, "accuracy") is None and metric_note(FMT, skewed, "macro_f1") is None
+
+
+
+def test_auto_dominance_scales_with_the_label_count():
+    """A label's share counts against an even split of the task's labels: 45% of a 4-label split (1.8 times its
+    even share) selects by macro-F1, which the fixed 60% of two labels did not; two labels keep 60%."""
+    four = TaskFormat("Text: {text}\nTopic:", "label", {t: t for t in ("world", "sports", "business", "science")})
+
+    def examples(counts):
+        return [Example("x", f" {label}", label=label) for label, n in counts.items() for _ in range(n)]
+
+    assert [round(dominance_threshold(k), 3) for k in (2, 3, 4, 10)] == [0.6, 0.467, 0.4, 0.28]
+    skewed = examples({"world": 9, "sports": 4, "business": 4, "science": 3})  # 45%
+    even = examples({"world": 7, "sports": 5, "business": 4, "science": 4})  # 35%
+    assert primary_metric(four, "auto", skewed) == ("macro_f1", True)
+    assert primary_metric(four, "auto", even) == ("accuracy", True)
+    assert "label 'world' is 45% of the 20 examples" in metric_note(four, skewed)
+    # the task's label count, not the labels a small split happens to hold: 55% of 2 seen, of 4 labels
+    two_seen = examples({"world": 11, "sports": 9})
+    assert primary_metric(four, "auto", two_seen) == ("macro_f1", True)
+    assert primary_metric(FMT, "auto", examples({"negative": 11, "positive": 9})) == ("accuracy", True)  # 55% of 2
 
 
 def test_single_token_fast_path_equals_row_per_label(model, tokenizer):
