@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -193,19 +194,25 @@ def test_a_run_selects_by_macro_f1_as_train_does_where_one_label_dominates_valid
     assert row["metric"] == "macro_f1" and all("macro_f1" in p for p in row["curve"])
     assert isinstance(row["macro_f1"], float)  # reported on test beside accuracy (its value: the next test)
     monkeypatch.setattr("softprompt.data.load_task", lambda *a, **k: toy_task())  # validation half and half
-    balanced = run_one(job(tiny_model_dir, "prompt_tuning", {"num_virtual_tokens": 3, "init": "random"}, 1e-2))
-    assert "macro_f1" not in balanced  # no key (and no table change) where accuracy selects
+    balanced = run_one(job(tiny_model_dir, "prompt_tuning", {"num_virtual_tokens": 3, "init": "random"}, 1e-2,
+                           eval_every=1))
+    # ranked by accuracy, but every metric recorded (a journalled run serves a comparison ranked by either)
+    assert balanced["metric"] == "accuracy" and [p["step"] for p in balanced["curve"]] == [1, 2, 3]
+    assert all({"loss", "accuracy", "macro_f1"} <= set(p) for p in balanced["curve"])
+    assert isinstance(balanced["macro_f1"], float) and isinstance(balanced["accuracy"], float)
 
 
 def test_a_row_selected_by_macro_f1_reports_its_mean_and_std_beside_accuracy():
     def runner(j):
         return {**_fake_seed_run(j), "macro_f1": [0.4, 0.5, 0.6][j.seed]}
 
-    settings = CompareSettings("m", steps=6, seeds=3, lr_search=False, eval_every=2)
+    settings = CompareSettings("m", steps=6, seeds=3, lr_search=False, eval_every=2, metric="macro_f1")
     row = run_method(Spec("pt", "prompt_tuning", lr=0.3), settings, runner, log=lambda s: None)
     assert row["macro_f1"] == pytest.approx(0.5) and row["macro_f1_std"] == pytest.approx(0.1)
     assert "| 0.7000 ± 0.2000 (macro-F1 0.5000 ± 0.1000) | 3 |" in format_row(row)
-    plain = run_method(Spec("pt", "prompt_tuning", lr=0.3), settings, _fake_seed_run, log=lambda s: None)
+    # every run reports its test macro-F1 (a journalled run can serve either metric): shown only where it ranks
+    plain = run_method(Spec("pt", "prompt_tuning", lr=0.3), replace(settings, metric="accuracy"), runner,
+                       log=lambda s: None)
     assert "macro_f1" not in plain and "macro-F1" not in format_row(plain)
 
 
@@ -309,7 +316,9 @@ def _fake_seed_run(j):
     return {"method": "pt", "kind": "prompt_tuning", "seed": j.seed, "lr": j.lr, "steps": j.steps,
             "trainable_params": 96, "bytes_per_task": 1000, "train_s": 10.0 + j.seed, "metric": metric,
             "higher_is_better": True, "validation": "v", "accuracy": [0.5, 0.7, 0.9][j.seed],
-            "curve": [{"step": s, "loss": 2.0 - 0.1 * s - 0.01 * j.seed, metric: 0.5} for s in (2, 4, 6)],
+            "macro_f1": [0.45, 0.65, 0.85][j.seed],  # as run_one: every validation metric, test macro-F1 too
+            "curve": [{"step": s, "loss": 2.0 - 0.1 * s - 0.01 * j.seed, "accuracy": 0.5, "macro_f1": 0.45, metric: 0.5}
+                      for s in (2, 4, 6)],
             "rollbacks": [0, 2, 1][j.seed], "diverged": False, "lr_scale": 1.0, "guard": True, "peak_mib": 100.0}
 
 
@@ -668,7 +677,12 @@ def test_a_journalled_run_of_another_metric_runs_again_and_an_older_file_reads_a
     assert any("journalled with a validation macro_f1 curve, this comparison's metric is accuracy: run again" in line
                for line in log)
     assert all("accuracy" in p for p in row["curve"])
-    # under auto (macro-F1 on this split) the accuracy runs run again: one metric in the row
+    # under auto (macro-F1 on this split), runs journalled when a curve held only its run's metric run again
+    lines = [json.loads(line) for line in journal.read_text().splitlines()]
+    for line in lines:
+        line["run"].pop("macro_f1", None)
+        line["run"]["curve"] = [{k: v for k, v in p.items() if k != "macro_f1"} for p in line["run"]["curve"]]
+    journal.write_text("".join(json.dumps(line) + "\n" for line in lines))
     (tmp_path / "compare.json").unlink()
     jobs.clear()
     row, = run_compare([Spec("a", "prompt_tuning")], CompareSettings("m", steps=6, seeds=3, lr_search=False,
@@ -683,6 +697,36 @@ def test_a_journalled_run_of_another_metric_runs_again_and_an_older_file_reads_a
     resolved = CompareSettings("m", steps=6, seeds=3, lr_search=False, eval_every=2, metric="macro_f1")
     assert "metric ('accuracy' there, 'macro_f1' now)" in resume_problem(tmp_path, resolved)
 
+
+
+def test_a_journalled_run_recording_every_metric_serves_a_comparison_ranked_by_either(tmp_path, monkeypatch):
+    """A curve held only its run's metric: a comparison resumed under another ran its journalled runs again
+    (about 40 CPU minutes of the README's Rotten Tomatoes comparison, for the curves alone)."""
+    monkeypatch.setattr("softprompt.data.load_task", lambda *a, **k: _skewed_task())
+    jobs = []
+
+    def runner(j):  # as run_one records now: both metrics at every point, test macro-F1 beside accuracy
+        jobs.append((j.spec.label, j.seed, j.metric))
+        run = {**_fake_seed_run(replace(j, seed=j.seed % 3)), "seed": j.seed}  # (the search's seed is 3)
+        run["curve"] = [{"step": p["step"], "loss": p["loss"], "accuracy": 0.5 + 0.01 * p["step"],
+                         "macro_f1": 0.3 + 0.02 * p["step"]} for p in run["curve"]]
+        return run
+
+    accuracy = CompareSettings("m", steps=6, seeds=3, lr_search=True, lr_grid=2, eval_every=2, metric="accuracy")
+    row, = run_compare([Spec("a", "prompt_tuning")], accuracy, tmp_path, log=lambda s: None, runner=runner)
+    assert len(jobs) == 5 and row["metric"] == "accuracy" and "macro_f1" not in row
+    assert [p["accuracy"] for p in row["curve"]] == pytest.approx([0.52, 0.54, 0.56])
+    (tmp_path / "compare.json").unlink()
+    jobs.clear()
+    log = []  # under auto (macro-F1 on this split): every run from the journal, ranked and reported by macro-F1
+    row, = run_compare([Spec("a", "prompt_tuning")], replace(accuracy, metric="auto"), tmp_path, log=log.append,
+                       runner=runner, resume=True)
+    assert jobs == [] and sum("kept from" in line for line in log) == 5
+    assert row["metric"] == "macro_f1" and row["lr_search"]["metric"] == "macro_f1"
+    assert {s["metric"] for s in row["seeds"]} == {"macro_f1"}
+    assert all("val_macro_f1" in c for c in row["lr_search"]["candidates"])
+    assert [p["macro_f1"] for p in row["curve"]] == pytest.approx([0.34, 0.38, 0.42])
+    assert row["macro_f1"] == pytest.approx(0.65) and "(macro-F1 0.6500" in format_row(row)
 
 def test_compare_refuses_a_metric_the_task_does_not_measure(tmp_path, capsys):
     assert main(["compare", "--metric", "bleu", "--output-dir", str(tmp_path / "o")]) == 2

@@ -110,7 +110,7 @@ def summarise(spec: Spec, runs: list[dict], search: dict | None, settings: Compa
     peaks = [r["peak_mib"] for r in runs if r.get("peak_mib")]
     f1s = [r["macro_f1"] for r in runs if r.get("macro_f1") is not None]
     f1 = {"macro_f1": statistics.fmean(f1s), "macro_f1_std": statistics.stdev(f1s) if len(f1s) > 1 else None} if (
-        len(f1s) == len(runs)) else {}  # the runs selected by macro-F1 report it on test too
+        first["metric"] == "macro_f1" and len(f1s) == len(runs)) else {}  # selected by macro-F1: on test too
     return {"method": first["method"], "spec": spec.label, "spec_def": spec.to_dict(), "kind": spec.kind,
             "lr": first["lr"],
             "lr_search": search, "trainable_params": first["trainable_params"],
@@ -154,7 +154,7 @@ def run_method(spec: Spec, settings: CompareSettings, runner: Runner | None = No
         if "error" in run:
             return {"method": spec.label, "kind": spec.kind, "lr": lr, "lr_search": search, "seeds": runs,
                     "error": run["error"]}
-        f1 = f", macro-F1 {run['macro_f1']:.4f}" if run.get("macro_f1") is not None else ""
+        f1 = f", macro-F1 {run['macro_f1']:.4f}" if run["metric"] == "macro_f1" and "macro_f1" in run else ""
         log(f"  {run['method']}: seed {seed} -> test accuracy {run['accuracy']:.4f}{f1}, {run['rollbacks']} rollbacks"
             + (f"; the guard ended it at step {run.get('steps_run')} (diverged)" if run["diverged"] else ""))
         runs.append(run)

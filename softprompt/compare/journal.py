@@ -10,7 +10,10 @@ again. A line cut short by a kill is dropped.
 
 The metric is checked on the run, not keyed: lines written before jobs named it hold ``auto``'s choice of the
 time, and ``auto`` became macro-F1 on a skewed validation split later. A run resumed under ``auto`` with its
-seeds journalled as accuracy runs became a row of accuracy and macro-F1 curves, whose mean curve failed.
+seeds journalled as accuracy runs became a row of accuracy and macro-F1 curves, whose mean curve failed. A run's
+curve records every validation metric its task measures (accuracy and macro-F1, or exact match and F1), and its
+test macro-F1 beside accuracy, so a journalled run serves a comparison ranked by any of them (:func:`serves`);
+a run written when curves held only the run's own metric serves that metric only, and runs again for another.
 """
 
 from __future__ import annotations
@@ -31,6 +34,16 @@ def job_key(job: Job) -> str:
     data = json.loads(job.to_json())
     data.pop("metric", None)
     return json.dumps(data, sort_keys=True)
+
+
+def serves(run: dict, job: Job) -> bool:
+    """Whether the journalled ``run`` answers ``job`` in its metric: every point of its validation curve records
+    it, and a seed run (one with test examples) ranked by macro-F1 has its test macro-F1 too."""
+    if job.metric == "auto":  # a job from before the metric was resolved once per comparison
+        return True
+    if any(job.metric not in point for point in run.get("curve", [])):
+        return False
+    return not (job.metric == "macro_f1" and job.test_samples and run.get("macro_f1") is None)
 
 
 def _read(path: Path) -> tuple[dict[str, dict], list[str]]:
@@ -72,14 +85,17 @@ class RunJournal:
 
         def run(job: Job) -> dict:
             key = job_key(job)
-            kept = self.done.get(key, {}).get("metric")
-            if key in self.done and job.metric not in ("auto", kept):
+            kept = self.done.get(key)
+            if kept is not None and not serves(kept, job):
                 log(f"  {job.spec.label}: lr {job.lr:.3g}, seed {job.seed}, {job.steps} steps: journalled with a "
-                    f"validation {kept} curve, this comparison's metric is {job.metric}: run again")
-            elif key in self.done:
+                    f"validation {kept.get('metric')} curve, this comparison's metric is {job.metric}: run again")
+            elif kept is not None:
                 log(f"  {job.spec.label}: lr {job.lr:.3g}, seed {job.seed}, {job.steps} steps: kept from "
                     f"{self.path} (--resume)")
-                return json.loads(json.dumps(self.done[key]))  # a copy: the caller adds to its run dicts
+                run = json.loads(json.dumps(kept))  # a copy: the caller adds to its run dicts
+                if job.metric != "auto":  # ranked and reported in this comparison's metric, which its curve holds
+                    run.update(metric=job.metric, higher_is_better=job.metric != "loss")
+                return run
             result = runner(job)
             if "error" not in result:
                 with open(self.path, "a") as f:

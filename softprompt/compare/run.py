@@ -24,6 +24,7 @@ from softprompt.data.splits import carve
 
 HOLDOUT_SEED = 0  # every run of every row holds out the same train examples as validation
 WARMUP_STEPS = 10  # every run's warmup (at most its steps)
+CURVE_METRICS = ("accuracy", "macro_f1", "exact_match", "f1")  # what a run's validation curve records, with loss
 
 
 @dataclass
@@ -176,7 +177,9 @@ def run_one(job: Job) -> dict:
         else:
             stored = load_prompt(save_prompt(Path(d) / "saved", method, model)).tensors
             disk = sum(t.numel() * 4 for t in stored.values())
-    curve = [{"step": r["step"], "loss": r["val_loss"], metric: r[f"val_{metric}"]}
+    # every validation metric the task measures, not only the comparison's: a journalled run then serves a
+    # comparison ranked by another (see softprompt.compare.journal)
+    curve = [{"step": r["step"], "loss": r["val_loss"], **{k: r[f"val_{k}"] for k in CURVE_METRICS if f"val_{k}" in r}}
              for r in result.history if f"val_{metric}" in r]
     row = {"method": getattr(method, "label", None) or spec.label, "kind": spec.kind, "seed": job.seed,
            "lr": job.lr, "steps": job.steps, "steps_run": result.steps, "flat_step": result.flat_step,
@@ -191,7 +194,7 @@ def run_one(job: Job) -> dict:
             kv = family_of(model).inference_prompt(model, method()) if not isinstance(method, WeightTuning) else None
             metrics, _ = evaluate_prompt(model, tok, kv, task.examples("test"), task.format, with_loss=False)
         row["accuracy"] = metrics.get("accuracy", metrics.get("exact_match"))
-        if metric == "macro_f1":  # selected by it (one label dominates validation): reported beside accuracy
+        if "macro_f1" in metrics:  # reported beside accuracy where the runs selected by it (summarise)
             row["macro_f1"] = metrics["macro_f1"]
     if job.save_prompt_to and not isinstance(method, WeightTuning):
         from softprompt.store.task_record import TaskRecord
