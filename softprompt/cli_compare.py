@@ -30,7 +30,8 @@ def cmd_compare(ns: argparse.Namespace) -> int:
 
     settings = CompareSettings(ns.model, ns.dataset, ns.steps, ns.batch_size, ns.test_samples, ns.val_samples,
                                ns.eval_every, ns.seeds, not ns.no_lr_search, ns.lr_grid, ns.search_steps,
-                               ns.converged_tol, ns.adapter_size, not ns.fixed_steps, ns.schedule, ns.metric)
+                               ns.converged_tol, ns.adapter_size, not ns.fixed_steps, ns.schedule, ns.metric,
+                               ns.lr_extend)
     specs, problems = select_specs(ns.only, ns.adapter_size)
     problems += settings.problems() + [check_folder_to_create("--output-dir", ns.output_dir)]
     note = None
@@ -54,7 +55,8 @@ def cmd_compare(ns: argparse.Namespace) -> int:
     if problems:
         raise ConfigError("invalid arguments:\n  " + "\n  ".join(problems))
     out = Path(ns.output_dir)
-    search = (f"lr searched over {settings.lr_grid} values ({settings.search_budget} steps each, on validation)"
+    search = (f"lr searched over {settings.lr_grid} values ({settings.search_budget} steps each, on validation"
+              + (f"; up to {settings.lr_extend} more beyond an edge that wins)" if settings.lr_extend else ")")
               if settings.lr_search and settings.lr_grid > 1 else "fixed lr")
     budget = (f"{ns.steps} steps" if ns.fixed_steps else f"until converged, at most {ns.steps} steps") + "".join(
         f" ({s.label}: {s.steps_scale} x)" for s in specs if s.steps_scale != 1) + f" ({ns.schedule} lr schedule)"
@@ -105,13 +107,17 @@ def add_compare_parser(sub) -> None:
     p.add_argument("--seeds", type=int, default=3, help="runs per method; the table shows mean ± std")
     p.add_argument("--lr-grid", type=int, default=3,
                    help="lr candidates per method, log-spaced by sqrt(10) around its default")
+    p.add_argument("--lr-extend", type=int, default=2,
+                   help="while the best lr candidate is the lowest or highest tried, try up to this many more, one "
+                        "sqrt(10) step at a time beyond it (0: the grid only); a choice still at an edge is marked "
+                        "in the table")
     p.add_argument("--search-steps", type=int, default=0,
                    help="steps of each lr candidate's run (0: the smaller of --steps and 60)")
     p.add_argument("--no-lr-search", action="store_true", help="train every method at its default lr")
     p.add_argument("--metric", default="auto",
                    help="validation metric the lr search ranks by and the curves show (train's --metric): auto "
-                        "(default) is macro-F1 where one label is 60%% or more of the validation split, else "
-                        "accuracy (exact match for generation), one for every row")
+                        "(default) is macro-F1 where one label dominates the validation split (60%% or more of two "
+                        "labels, 40%% of four), else accuracy (exact match for generation), one for every row")
     p.add_argument("--converged-tol", type=float, default=0.02,
                    help="converged: a seed run's validation loss fell by less than this fraction over the last third "
                         "of its steps; once this held at two validation points in a row, from the 6th on, a run cools "

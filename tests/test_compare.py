@@ -243,7 +243,7 @@ def test_lr_search_scores_on_validation_and_never_reads_test(tiny_model_dir, toy
         runs.append(run_one(j))
         return runs[-1]
 
-    settings = CompareSettings(str(tiny_model_dir), "x", steps=8, batch_size=8, val_samples=16, lr_grid=3,
+    settings = CompareSettings(str(tiny_model_dir), "x", steps=8, batch_size=8, val_samples=16, lr_grid=3, lr_extend=0,
                                search_steps=4)
     lr, record = search_lr(Spec("lora", "lora", {"r": 2}, "adamw", 1e-2), settings, runner, log=lambda s: None)
     assert [j.lr for j in jobs] == lr_grid(1e-2, 3) == [0.00316, 0.01, 0.0316]
@@ -298,6 +298,52 @@ def test_a_candidate_the_guard_ended_before_its_only_validation_ranks_last(tmp_p
     assert lr == 1.0 and record["candidates"][2]["diverged"] and math.isnan(record["candidates"][2]["val_loss"])
     assert lines[2] == "  x: lr 3.16 -> diverged at step 17 (6 rollbacks), never validated"
 
+
+
+def _peaked_at(peak: float):
+    """A search runner whose validation accuracy falls by 0.05 per half-decade from ``peak`` (its loss: 1 - it)."""
+    def fake(j):
+        acc = 0.9 - 0.1 * abs(math.log10(j.lr / peak))
+        return {"lr": j.lr, "metric": "accuracy", "higher_is_better": True, "rollbacks": 0, "diverged": False,
+                "curve": [{"step": 60, "loss": 1 - acc, "accuracy": acc}], "train_s": 1.0}
+    return fake
+
+
+def test_the_search_goes_beyond_an_edge_that_wins_and_marks_a_choice_still_there():
+    """Five of the seven rows of the README's comparison chose the lowest or the highest of their three lrs: an
+    optimum the search had not bracketed, reported as if it had."""
+    lines = []
+    spec = Spec("x", "prompt_tuning", lr=0.1)  # the grid: 0.0316, 0.1, 0.316
+    lr, record = search_lr(spec, CompareSettings("m"), _peaked_at(0.01), log=lines.append)
+    assert [c["lr"] for c in record["candidates"]] == [0.0316, 0.1, 0.316, 0.01, 0.00316]
+    assert lr == record["chosen"] == 0.01 and "edge" not in record  # bracketed by its second extension
+    assert [c.get("beyond_grid", False) for c in record["candidates"]] == [False] * 3 + [True] * 2
+    assert lines[3] == "  x: lr 0.01 -> validation accuracy 0.9000, loss 0.1000 (beyond the grid's edge)"
+    lr, record = search_lr(spec, CompareSettings("m"), _peaked_at(0.1), log=lambda s: None)
+    assert lr == 0.1 and len(record["candidates"]) == 3 and "edge" not in record  # bracketed by the grid
+    lr, record = search_lr(spec, CompareSettings("m"), _peaked_at(100.0), log=lambda s: None)
+    assert [c["lr"] for c in record["candidates"]] == [0.0316, 0.1, 0.316, 1.0, 3.16]
+    assert lr == 3.16 and record["edge"] == "upper"  # the extensions ran out
+    lr, record = search_lr(spec, CompareSettings("m", lr_extend=0), _peaked_at(0.01), log=lambda s: None)
+    assert [c["lr"] for c in record["candidates"]] == [0.0316, 0.1, 0.316] and record["edge"] == "lower"
+
+    def diverging_above(j):  # an extension the guard ends bounds the range: the choice below it is bracketed
+        run = _peaked_at(100.0)(j)
+        return {**run, "diverged": True, "curve": []} if j.lr > 1.5 else run
+
+    lr, record = search_lr(spec, CompareSettings("m"), diverging_above, log=lambda s: None)
+    assert [c["lr"] for c in record["candidates"]] == [0.0316, 0.1, 0.316, 1.0, 3.16]
+    assert lr == 1.0 and "edge" not in record
+
+    def runner(j):  # the search's runs, then the seed runs
+        return _peaked_at(100.0)(j) if j.test_samples == 0 else _fake_seed_run(j)
+
+    row = run_method(spec, CompareSettings("m", steps=6, seeds=2, eval_every=2), runner, log=lambda s: None)
+    assert row["lr"] == 3.16 and "| 3.16 (search; at its upper edge) |" in format_row(row)
+    del row["lr_search"]["edge"]  # a search recorded before it said so: read from its candidates
+    assert "| 3.16 (search; at its upper edge) |" in format_row(row)
+    row["lr_search"]["candidates"].append({"lr": 10.0, "val_accuracy": 0.5, "val_loss": 0.5, "diverged": False})
+    assert "| 3.16 (search) |" in format_row(row)
 
 def test_the_search_never_picks_an_lr_whose_run_crashed():
     # with the others diverged, every score tied and max() returned the first candidate: the one that crashed
@@ -424,7 +470,7 @@ def test_convergence_is_the_last_third_gain_of_the_validation_loss():
 
 def test_compare_keeps_curves_seeds_and_search_in_json(tiny_model_dir, toy, tmp_path):
     settings = CompareSettings(str(tiny_model_dir), "x", steps=6, batch_size=8, test_samples=16, val_samples=16,
-                               eval_every=2, seeds=2, lr_grid=2, search_steps=2)
+                               eval_every=2, seeds=2, lr_grid=2, lr_extend=0, search_steps=2)
     rows = run_compare([Spec("adapter", "adapter", {"size": 4}, "adamw", 1e-2),
                         Spec("BitFit", "bitfit", {}, "adamw", 1e-2)], settings, tmp_path, log=lambda s: None,
                        runner=run_one)
@@ -447,7 +493,7 @@ def test_compare_command_runs_each_method_in_subprocesses(tiny_model_dir, tmp_pa
     out = tmp_path / "cmp"
     rc = main(["compare", "--model", str(tiny_model_dir), "--dataset", "capitals", "--steps", "2", "--batch-size",
                "4", "--test-samples", "4", "--val-samples", "4", "--eval-every", "1", "--seeds", "1", "--lr-grid",
-               "2", "--search-steps", "1", "--only", "bitfit", "--output-dir", str(out)])
+               "2", "--lr-extend", "0", "--search-steps", "1", "--only", "bitfit", "--output-dir", str(out)])
     assert rc == 0
     row, = json.loads((out / "compare.json").read_text())["rows"]
     assert row["method"] == "BitFit (norm gains; model has no biases)" and row["metric"] == "exact_match"
@@ -546,7 +592,8 @@ def test_a_slow_rows_seed_runs_get_its_larger_budget_and_older_records_still_mat
         job_keys.append(job_key(j))
         return {**_fake_seed_run(j), "steps_run": j.steps}
 
-    settings = CompareSettings("m", steps=6, seeds=2, lr_search=True, lr_grid=2, eval_every=2, search_steps=4)
+    settings = CompareSettings("m", steps=6, seeds=2, lr_search=True, lr_grid=2, lr_extend=0, eval_every=2,
+                               search_steps=4)
     slow, plain = Spec("slow", "prompt_tuning", steps_scale=2), Spec("plain", "prompt_tuning")
     plain_slow = Spec("slow", "prompt_tuning")  # the search's runs are journalled as before the scale was set
     rows = run_compare([slow, plain], settings, tmp_path, log=lambda s: None, runner=runner)
@@ -588,7 +635,7 @@ def test_resume_continues_inside_an_unfinished_row_from_the_run_journal(tmp_path
             return _fake_seed_run(j)
         return {**_fake_seed_run(Job(j.spec, "m", "d", j.steps, 8, j.lr, metric=j.metric)), "seed": j.seed}  # search
 
-    settings = CompareSettings("m", steps=6, seeds=3, lr_search=True, lr_grid=2, eval_every=2)
+    settings = CompareSettings("m", steps=6, seeds=3, lr_search=True, lr_grid=2, lr_extend=0, eval_every=2)
     a, b = Spec("a", "prompt_tuning"), Spec("b", "prompt_tuning")
     whole = run_compare([a, b], settings, tmp_path / "whole", log=lambda s: None, runner=runner)
     assert len(jobs) == 10
@@ -635,7 +682,7 @@ def test_every_row_ranks_by_one_metric_resolved_once_for_the_comparison(tmp_path
     and runs of one row too (see the next test)."""
     monkeypatch.setattr("softprompt.data.load_task", lambda *a, **k: _skewed_task())
     jobs = []
-    settings = CompareSettings("m", steps=6, seeds=2, lr_search=True, lr_grid=2, eval_every=2)
+    settings = CompareSettings("m", steps=6, seeds=2, lr_search=True, lr_grid=2, lr_extend=0, eval_every=2)
     rows = run_compare([Spec("a", "prompt_tuning"), Spec("b", "lora")], settings, tmp_path / "skewed",
                        log=lambda s: None, runner=_recording_runner(jobs))
     assert len(jobs) == 8 and {m for *_, m in jobs} == {"macro_f1"}
@@ -694,6 +741,10 @@ def test_a_journalled_run_of_another_metric_runs_again_and_an_older_file_reads_a
     del data["settings"]["metric"]
     (tmp_path / "compare.json").write_text(json.dumps(data))
     assert resume_problem(tmp_path, accuracy) is None
+    del data["settings"]["lr_extend"]  # and before --lr-extend: the grid only
+    (tmp_path / "compare.json").write_text(json.dumps(data))
+    assert resume_problem(tmp_path, replace(accuracy, lr_extend=0)) is None
+    assert "lr_extend (0 there, 2 now)" in resume_problem(tmp_path, accuracy)
     resolved = CompareSettings("m", steps=6, seeds=3, lr_search=False, eval_every=2, metric="macro_f1")
     assert "metric ('accuracy' there, 'macro_f1' now)" in resume_problem(tmp_path, resolved)
 
@@ -712,7 +763,8 @@ def test_a_journalled_run_recording_every_metric_serves_a_comparison_ranked_by_e
                          "macro_f1": 0.3 + 0.02 * p["step"]} for p in run["curve"]]
         return run
 
-    accuracy = CompareSettings("m", steps=6, seeds=3, lr_search=True, lr_grid=2, eval_every=2, metric="accuracy")
+    accuracy = CompareSettings("m", steps=6, seeds=3, lr_search=True, lr_grid=2, lr_extend=0, eval_every=2,
+                               metric="accuracy")
     row, = run_compare([Spec("a", "prompt_tuning")], accuracy, tmp_path, log=lambda s: None, runner=runner)
     assert len(jobs) == 5 and row["metric"] == "accuracy" and "macro_f1" not in row
     assert [p["accuracy"] for p in row["curve"]] == pytest.approx([0.52, 0.54, 0.56])
@@ -859,10 +911,11 @@ def test_only_selects_rows_by_kind_or_by_slug_in_the_default_order():
 
 def test_compare_refuses_bad_settings_together(tmp_path, capsys):
     assert main(["compare", "--seeds", "0", "--lr-grid", "0", "--search-steps", "-1", "--converged-tol", "2",
-                 "--adapter-size", "0", "--only", "adapter,nope", "--schedule", "step",
+                 "--adapter-size", "0", "--only", "adapter,nope", "--schedule", "step", "--lr-extend", "-1",
                  "--output-dir", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     for needle in ("--seeds must be >= 1", "--lr-grid must be >= 1", "--search-steps must be >= 0",
+                   "--lr-extend must be >= 0",
                    "--converged-tol must be in (0, 1)", "--adapter-size must be >= 1", "--only: unknown ['nope']",
                    "--schedule must be one of linear, cosine, constant, wsd, got 'step'"):
         assert needle in err

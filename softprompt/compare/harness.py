@@ -12,9 +12,10 @@ from pathlib import Path
 
 from softprompt.compare.ensemble import Evaluator, method_slug, store_seed_ensemble
 from softprompt.compare.journal import RunJournal
+from softprompt.compare.ranking import candidate_score, search_edge
 from softprompt.compare.report import convergence, format_row, format_table, mean_curve, plot_compare, plot_curves
 from softprompt.compare.run import WARMUP_STEPS, Job, run_in_subprocess, selection_metric
-from softprompt.compare.specs import WEIGHT_KINDS, CompareSettings, Spec, lr_grid
+from softprompt.compare.specs import WEIGHT_KINDS, CompareSettings, Spec, lr_at
 from softprompt.schedule import wsd_decay_start
 
 Runner = Callable[[Job], dict]
@@ -40,16 +41,6 @@ def _outcome(run: dict) -> str:
             + (" (diverged)" if run["diverged"] else ""))
 
 
-def _score(candidate: dict, metric: str, higher: bool) -> tuple:
-    """Sort key of a candidate: a run that failed or diverged last; then the metric; ties by the lower loss."""
-    value, loss = candidate.get(f"val_{metric}", math.nan), candidate.get("val_loss", math.nan)
-    if "error" in candidate:  # below a diverged run: when nothing else ran, the lr that crashed is not chosen
-        return (-1, 0.0, 0.0)
-    if candidate["diverged"] or not math.isfinite(value):
-        return (0, 0.0, 0.0)
-    return (1, value if higher else -value, -loss if math.isfinite(loss) else -math.inf)
-
-
 def search_lr(spec: Spec, settings: CompareSettings, runner: Runner, log=print) -> tuple[float | None, dict]:
     """Pick ``spec``'s lr: one short run per candidate (seed ``settings.search_seed``, which no seed run uses),
     scored on validation only.
@@ -57,26 +48,46 @@ def search_lr(spec: Spec, settings: CompareSettings, runner: Runner, log=print) 
     Each candidate trains ``settings.search_budget`` steps (its schedule scaled to them) and is measured once,
     after its last step, on the validation split; the test split is not loaded (``test_samples=0``). The best
     primary metric wins, a lower validation loss breaks ties; a candidate that failed or that the divergence
-    guard ended ranks last.
+    guard ended ranks last. While the best is the lowest or the highest lr tried, up to ``settings.lr_extend``
+    more candidates go one :data:`~softprompt.compare.specs.LR_SPACING` step beyond that edge (``beyond_grid``
+    in the record); a choice still at an edge after them is recorded as ``edge`` (``lower`` or ``upper``).
 
     Returns:
         The chosen lr (``None`` when every candidate failed) and the search's record for ``compare.json``.
     """
     candidates, metric, higher = [], None, True
     short = replace(spec, steps_scale=1)  # the seed runs' budget: not the search's (its runs stay journalled)
-    for lr in lr_grid(spec.lr, settings.lr_grid):
+    n = settings.lr_grid
+
+    def trial(i: int) -> None:
+        nonlocal metric, higher
+        lr = lr_at(spec.lr, n, i)
         run = runner(Job(short, settings.model, settings.dataset, settings.search_budget, settings.batch_size, lr,
                          seed=settings.search_seed, val_samples=settings.val_samples, eval_every=0, test_samples=0,
                          schedule=settings.schedule, metric=settings.metric))
         if "error" not in run:
             metric, higher = run["metric"], run["higher_is_better"]
-        candidates.append(_candidate(lr, run))
-        log(f"  {spec.label}: lr {lr:.3g} -> " + _outcome(run))
+        candidates.append({**_candidate(lr, run), **({"beyond_grid": True} if not 0 <= i < n else {})})
+        log(f"  {spec.label}: lr {lr:.3g} -> " + _outcome(run) + (" (beyond the grid's edge)" if not 0 <= i < n
+                                                                   else ""))
+
+    for i in range(n):
+        trial(i)
+    lo, hi = 0, n - 1  # the candidates' indices tried
+    for _ in range(settings.lr_extend):
+        edge = search_edge(candidates, metric, higher)
+        if edge is None:
+            break
+        lo, hi = (lo - 1, hi) if edge == "lower" else (lo, hi + 1)
+        trial(lo if edge == "lower" else hi)
     record = {"steps": settings.search_budget, "metric": metric, "candidates": candidates}
     if metric is None:
         return None, record
-    best = max(candidates, key=lambda c: _score(c, metric, higher))
+    best = max(candidates, key=lambda c: candidate_score(c, metric, higher))
     record["chosen"] = best["lr"]
+    edge = search_edge(candidates, metric, higher)
+    if edge is not None:
+        record["edge"] = edge
     return best["lr"], record
 
 
@@ -176,6 +187,7 @@ def _previous(out_dir: Path, settings: CompareSettings) -> tuple[dict[str, dict]
         old = {"schedule": "linear", **old}  # written before the setting existed: every run decayed linearly
         # and before --metric: ranked by what auto was then, which is what it is now but macro-F1 (accuracy then)
         old.setdefault("metric", "accuracy" if settings.metric == "macro_f1" else settings.metric)
+        old.setdefault("lr_extend", 0)  # and before the search went beyond a winning edge: the grid only
     except (OSError, ValueError, KeyError, TypeError) as e:
         return {}, f"--resume: cannot read {path}: {e}"
     new = settings.to_dict()

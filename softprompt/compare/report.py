@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from softprompt.compare.ranking import search_edge
 from softprompt.compare.specs import WEIGHT_KINDS
 from softprompt.plateau import convergence  # noqa: F401  (re-exported: the column's rule)
 
@@ -78,7 +79,11 @@ def format_row(row: dict, ensemble: bool = False) -> str:
     if row.get("macro_f1") is not None:  # selected by macro-F1 (one label dominates validation)
         f1_std = row.get("macro_f1_std")
         acc += f" (macro-F1 {row['macro_f1']:.4f}" + (f" ± {f1_std:.4f})" if f1_std is not None else ")")
-    lr = f"{row['lr']:.3g}" + (" (search)" if row.get("lr_search") else " (fixed)")
+    search = row.get("lr_search") or {}
+    edge = search.get("edge") or search_edge(search.get("candidates") or [], search.get("metric"),
+                                             search.get("metric") != "loss")
+    lr = f"{row['lr']:.3g}" + ((f" (search; at its {edge} edge)" if edge else " (search)") if row.get("lr_search")
+                               else " (fixed)")
     rollbacks = str(row["rollbacks"]) if row.get("guard", True) else "off"
     converged = {True: "yes", False: "no", None: "?"}[row.get("converged")] + ": " + ", ".join(
         str(r.get("steps_run", row["steps"])) + _seed_note(r) for r in row.get("seeds", [])) + (

@@ -115,6 +115,10 @@ class CompareSettings:
             ``--metric``). ``auto`` is resolved once for the whole comparison (:func:`~softprompt.compare.run.
             selection_metric`: macro-F1 where one label dominates the validation split every run sees, else
             accuracy), so that every row ranks by the same one; ``compare.json`` records the resolved name.
+        lr_extend: when the search's best candidate is the lowest or highest lr tried, up to this many more
+            candidates, one ``LR_SPACING`` step at a time beyond that edge, while the edge keeps winning (an optimum
+            at the edge of the range tried is not located); 0: the grid only. A choice still at an edge after
+            them is marked in the table.
     """
 
     model: str
@@ -133,13 +137,15 @@ class CompareSettings:
     until_flat: bool = True
     schedule: str = "wsd"
     metric: str = "auto"
+    lr_extend: int = 2
 
     def problems(self) -> list[str]:
         """Every invalid setting, named by its flag."""
         out = [f"{flag(n)} must be >= 1, got {getattr(self, n)}"
                for n in ("steps", "batch_size", "test_samples", "val_samples", "eval_every", "seeds", "lr_grid",
                          "adapter_size") if getattr(self, n) < 1]
-        out += [f"--search-steps must be >= 0, got {self.search_steps}"] if self.search_steps < 0 else []
+        out += [f"{flag(n)} must be >= 0, got {getattr(self, n)}" for n in ("search_steps", "lr_extend")
+                if getattr(self, n) < 0]
         tol = check_real("--converged-tol", self.converged_tol, lambda v: 0 < v < 1, "in (0, 1)")
         if self.metric not in COMPARE_METRICS:
             out.append(f"--metric must be one of {', '.join(COMPARE_METRICS)}, got {self.metric!r}")
@@ -168,7 +174,14 @@ def lr_grid(default: float, n: int) -> list[float]:
 
     3 gives ``default`` x (0.32, 1, 3.2); 5 spans a decade either side; an even ``n`` straddles it.
     """
-    return [float(f"{default * LR_SPACING ** (i - (n - 1) / 2):.3g}") for i in range(n)]
+    return [lr_at(default, n, i) for i in range(n)]
+
+
+def lr_at(default: float, n: int, i: int) -> float:
+    """Candidate ``i`` of :func:`lr_grid` ``(default, n)``, for any ``i``: below 0 and from ``n`` on, the lrs one
+    ``LR_SPACING`` step after another beyond the grid's edges (the search's extensions), at 3 significant
+    digits as the grid's."""
+    return float(f"{default * LR_SPACING ** (i - (n - 1) / 2):.3g}")
 
 
 def context_problems(specs: list[Spec], model_name: str) -> list[str]:
