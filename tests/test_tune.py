@@ -29,9 +29,11 @@ from softprompt.tune import (
     Trial,
     TrialSpec,
     TuneArgs,
+    TuneResult,
     add_tune_arguments,
     format_table,
     learning_rates,
+    lr_edge_note,
     plan_rungs,
     rank_key,
     run_tune,
@@ -610,6 +612,9 @@ def test_stored_trial_prompts_record_what_they_trained_on_not_the_search_bookkee
     result = run_tune(args, TuneArgs(lrs=[0.03, 0.1], eta=2, validation_from_train=0.25), make_model("llama"),
                       tokenizer, no_val, echo=id)
     assert result.plan.rungs == [2, 4] and result.best.steps == 4  # resumed once, at step 2
+    # two lrs tried: the winner is one of them, at an edge of the range, and the notes say so
+    assert sum("the winner's lr" in n for n in result.notes) == 1
+    assert "the best lr may lie" in (out / "trials.md").read_text()
     recorded = load_prompt(out / "best_prompt").meta["train_config"]
     assert recorded["train"]["resume"] is False and recorded["train"]["checkpoint_every"] == 25  # TrainArgs'
     assert recorded["train"]["max_steps"] == 4 and recorded["train"]["lr"] == result.best.spec.lr
@@ -638,6 +643,27 @@ def test_ranking_by_accuracy_then_validation_loss_diverged_and_not_run_last():
     order = [t.index for t in sorted(trials, key=lambda t: rank_key(t, higher=False))]  # a loss-like metric
     assert order == [5, 2, 6, 1, 3, 0, 4]
 
+
+
+def test_a_winner_at_the_edge_of_the_lrs_tried_with_its_settings_gets_a_note():
+    def trial(i, lr, acc, p=4):
+        t = Trial(i, TrialSpec(lr, "prompt_tuning", p, "random", {}), folder=None, status="ok")
+        t.rungs = [RungResult(0, 10, acc, 1 - acc, {}, 0.0)]
+        return t
+
+    def note(*trials):
+        ranking = sorted(trials, key=lambda t: rank_key(t, higher=True))
+        return lr_edge_note(TuneResult(list(trials), ranking, plan_rungs(len(trials), 3, horizon=90), "accuracy",
+                                       True, 0, 0.0, None))
+
+    grid = [trial(0, 0.03, 0.6), trial(1, 0.1, 0.7), trial(2, 0.3, 0.8)]
+    assert note(*grid) == ("the winner's lr 0.3 is the highest of the 3 lrs tried with its settings (0.03 to 0.3): "
+                           "the best lr may lie above the range searched; search one that reaches past it "
+                           "(--lr-range or --lrs)")
+    assert "0.03 is the lowest of the 3 lrs" in note(trial(0, 0.03, 0.9), *grid[1:])
+    assert note(grid[0], trial(1, 0.1, 0.9), grid[2]) is None  # bracketed
+    assert "is the highest of the 3 lrs" in note(*grid, trial(3, 1.0, 0.5, p=8))  # another P's lrs do not bracket
+    assert note(trial(0, 0.1, 0.7)) is None and note(trial(0, 0.1, 0.7), trial(1, 0.1, 0.6, p=8)) is None
 
 def test_plan_rungs():
     plan = plan_rungs(9, 3, horizon=90)

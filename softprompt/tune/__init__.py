@@ -18,7 +18,7 @@ from softprompt.tune.command import (
 from softprompt.tune.halving import successive_halving
 from softprompt.tune.report import format_table, plot_trials, write_reports
 from softprompt.tune.space import Plan, TrialSpec, TuneArgs, learning_rates, plan_rungs, trial_specs
-from softprompt.tune.trials import RungResult, Trial, TuneResult, rank_key
+from softprompt.tune.trials import RungResult, Trial, TuneResult, lr_edge_note, rank_key
 
 __all__ = [
     "Plan",
@@ -34,6 +34,7 @@ __all__ = [
     "learning_rates",
     "plan_rungs",
     "plot_trials",
+    "lr_edge_note",
     "rank_key",
     "run_tune",
     "save_results",

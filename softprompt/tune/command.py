@@ -27,7 +27,7 @@ from softprompt.tune.ensemble import measure, not_built_reason, summary_line
 from softprompt.tune.halving import successive_halving
 from softprompt.tune.report import format_table, write_reports
 from softprompt.tune.space import SEARCHABLE, TuneArgs, epochs_problem, member_names
-from softprompt.tune.trials import TuneResult
+from softprompt.tune.trials import TuneResult, lr_edge_note
 from softprompt.tune.versus import versus_untuned
 
 log = logging.getLogger(__name__)
@@ -360,6 +360,10 @@ def run_tune(args: dict[str, Any], tune: TuneArgs, model, tokenizer, task: TaskD
         train_config={k: v for k, v in sections.items() if k in ("model", "data", "eval")},
         progress=lambda partial: write_reports(partial, out, png=False), ensemble_seeds=tune.ensemble_seeds,
         max_new_tokens=args["eval"].max_new_tokens, before_run=start)
+    edge = lr_edge_note(result)
+    if edge:  # in trials.md's notes and on the console
+        result.notes.append(edge)
+        log.warning("tune: %s", edge)
     paths = write_reports(result, out)
     save_results(result, out, model, tune, echo, ensemble=top_k_reason is None)
     ensembles = {**skipped, **build_ensembles(result, out, model, tokenizer, task, tune, args, echo)}

@@ -116,6 +116,23 @@ def rank_key(trial: Trial, higher: bool) -> tuple:
     return (0, -len(trial.rungs), metric, last.val_loss if last.val_loss is not None else math.inf, trial.index)
 
 
+
+def lr_edge_note(result: TuneResult) -> str | None:
+    """A note when the winner's lr is the lowest or the highest of the lrs tried with its other settings
+    (method, P, init): the best lr may lie beyond the range searched, which the search cannot tell."""
+    best = result.best
+    if best is None:
+        return None
+    same = best.spec.prompt_key, best.spec.num_virtual_tokens, best.spec.init
+    lrs = sorted({t.spec.lr for t in result.trials
+                  if (t.spec.prompt_key, t.spec.num_virtual_tokens, t.spec.init) == same})
+    if len(lrs) < 2 or lrs[0] < best.spec.lr < lrs[-1]:
+        return None
+    side, beyond = ("lowest", "below") if best.spec.lr == lrs[0] else ("highest", "above")
+    return (f"the winner's lr {best.spec.lr:.3g} is the {side} of the {len(lrs)} lrs tried with its settings "
+            f"({lrs[0]:.3g} to {lrs[-1]:.3g}): the best lr may lie {beyond} the range searched; search one that "
+            f"reaches past it (--lr-range or --lrs)")
+
 def remove_stale_trials(folder: Path) -> None:
     """Delete the trial folders an earlier search left in ``folder`` (``tNN`` only: nothing else is touched),
     so that every folder there belongs to this search."""
