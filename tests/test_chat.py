@@ -122,6 +122,37 @@ def test_template_that_rewrites_earlier_turns_is_refused():
         assistant_spans(tok, conversation(False, 2))
 
 
+
+def _merging_tokenizer():
+    """A ChatML tokenizer whose BPE writes two newlines as one token, as Qwen2's does."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    chars = sorted(set("userassistantHelo.!\n "))
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab["\n\n"] = len(vocab)
+    bpe = Tokenizer(models.BPE(vocab=vocab, merges=[("\n", "\n")]))
+    bpe.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    bpe.decoder = decoders.Fuse()  # the tokens' texts joined as they are
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe, eos_token="<|im_end|>",
+        chat_template="{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+                      "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_a_reply_whose_first_characters_merge_with_the_generation_prompt_is_refused_naming_why():
+    """Qwen2's BPE writes "assistant\n" + "\nHello" as "assistant", "\n\n", ...: the turn was refused as a
+    template that "rewrites earlier turns", which it does not; a reply starting with a newline is the cause."""
+    tok = _merging_tokenizer()
+    plain = [{"role": "user", "content": "Hello."}, {"role": "assistant", "content": "Hello!"}]
+    ids, spans = assistant_spans(tok, plain)
+    assert tok.decode(ids[spans[0][0]:spans[0][1]]) == "Hello!<|im_end|>\n"
+    led = [plain[0], {"role": "assistant", "content": "\nHello!"}]
+    with pytest.raises(DataError, match=r"assistant turn 2 starts with '\\nHello!<\|im_', which the tokenizer "
+                                        r".* merges with the end of the generation prompt .*strip the reply's "
+                                        "leading whitespace"):
+        assistant_spans(tok, led)
+
 def test_tokenizer_without_chat_template_is_named():
     tok = make_tokenizer()
     tok.name_or_path = "tiny/no-template"

@@ -97,7 +97,7 @@ def test_a_key_given_twice_in_a_json_record_is_refused(tmp_path):
     f = write(tmp_path / "d.json", '[\n{"text": "a", "label": "pos"},\n{"text": "b", "text": "c", "label": "neg"}\n]')
     with pytest.raises(DataError, match=r"^d\.json.*key 'text' appears twice in one object"):
         load_records(f)
-    from softprompt.data.chat import read_conversations
+    from softprompt.data.conversations import read_conversations
 
     with pytest.raises(DataError, match=r"--messages: unreadable JSON \(key 'role' appears twice"):
         read_conversations('[{"role": "user", "role": "system", "content": "x"}]')
@@ -133,7 +133,7 @@ def test_only_newlines_end_a_record_not_unicode_line_separators(tmp_path, sep):
 
 
 def test_json_that_parses_but_cannot_become_a_value_is_a_data_error(tmp_path):
-    from softprompt.data.chat import read_conversations
+    from softprompt.data.conversations import read_conversations
 
     huge = "1" * 5000  # json.loads: a plain ValueError (over 4300 digits), not a JSONDecodeError
     f = write(tmp_path / "d.jsonl", '{"text": "a", "label": "pos"}\n{"text": "b", "n": ' + huge + "}\n")
@@ -150,7 +150,7 @@ def test_json_that_parses_but_cannot_become_a_value_is_a_data_error(tmp_path):
 
 
 def test_a_byte_order_mark_is_not_part_of_the_first_text(tmp_path):
-    from softprompt.data.chat import read_conversations
+    from softprompt.data.conversations import read_conversations
     from softprompt.data.corpus import read_documents
     from softprompt.workflows.distilling import read_inputs
 

@@ -225,8 +225,17 @@ def assistant_spans(tokenizer, messages: list[dict], chat_template: str | None =
     for k, m in enumerate(messages):
         if not trained(m) or k < scored_from:
             continue
-        before = _ids(tokenizer, render_chat(tokenizer, messages[:k], chat_template, add_generation_prompt=True))
-        upto = _ids(tokenizer, render_chat(tokenizer, messages[:k + 1], chat_template))
+        before_text = render_chat(tokenizer, messages[:k], chat_template, add_generation_prompt=True)
+        upto_text = render_chat(tokenizer, messages[:k + 1], chat_template)
+        before, upto = _ids(tokenizer, before_text), _ids(tokenizer, upto_text)
+        if upto == full[:len(upto)] and before != upto[:len(before)] and upto_text.startswith(before_text):
+            # the text continues the generation prompt but its tokens do not: the reply's first characters merge
+            # with the prompt's last token (Qwen2's BPE writes "\n" + "\n" as one token), so no reply generated
+            # after that prompt is tokenised this way; training on it would teach what inference never reads
+            raise DataError(f"assistant turn {k + 1} starts with {upto_text[len(before_text):][:12]!r}, which the "
+                            f"tokenizer of {_model_name(tokenizer)} merges with the end of the generation prompt "
+                            f"({before_text[-12:]!r}) into other tokens: a reply generated after that prompt never "
+                            "starts so; strip the reply's leading whitespace")
         if upto != full[:len(upto)] or before != upto[:len(before)] or len(before) >= len(upto):
             raise DataError(f"the chat template of {_model_name(tokenizer)} does not render assistant turn "
                             f"{k + 1} as a prefix of the whole conversation (it rewrites earlier turns or the "
@@ -400,48 +409,3 @@ def conversation_prompt(tokenizer, fmt: TaskFormat | None, messages, where: str 
     if fmt is not None and not is_chat(fmt):
         raise DataError("this task was trained with a --template, not on chat records: send its input as text")
     return render_chat(tokenizer, msgs, None if fmt is None else fmt.chat_template, add_generation_prompt=True)
-
-
-def read_conversations(spec: str) -> list[list]:
-    """Conversations from ``--messages``: JSON text or a file (a messages list, ``{"messages": [...]}``, a JSON
-    array of those, or a ``.jsonl`` file of ``{"messages": [...]}`` records, one conversation per line).
-
-    Raises:
-        DataError: unreadable or malformed input, naming the file and line.
-    """
-    import json
-    from pathlib import Path
-
-    from softprompt.data.formats import json_value_problem, load_records_with_lines, unique_object
-
-    def one(value, where: str) -> list:
-        if isinstance(value, dict):
-            if MESSAGES_FIELD not in value:
-                raise DataError(f"{where}: expected a list of messages or an object with 'messages'")
-            value = value[MESSAGES_FIELD]
-        return parse_messages(value, where, require_assistant=False)
-
-    text = spec.lstrip()
-    if text.startswith(("[", "{")):
-        try:
-            value = json.loads(spec, object_pairs_hook=unique_object)
-        except json.JSONDecodeError as e:
-            raise DataError(f"--messages: invalid JSON ({e.msg} at column {e.colno})") from None
-        except (ValueError, RecursionError) as e:
-            raise DataError(f"--messages: unreadable JSON ({json_value_problem(e)})") from None
-    else:
-        path = Path(spec)
-        if path.suffix.lower() == ".jsonl":
-            records, lines = load_records_with_lines(path)
-            return [one(r, f"{path.name} line {n}") for r, n in zip(records, lines, strict=True)]
-        try:
-            value = json.loads(path.read_text(encoding="utf-8-sig"), object_pairs_hook=unique_object)
-        except (OSError, UnicodeDecodeError) as e:
-            raise DataError(f"--messages {spec}: cannot read ({e})") from None
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path.name} line {e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
-        except (ValueError, RecursionError) as e:
-            raise DataError(f"{path.name}: unreadable JSON ({json_value_problem(e)})") from None
-    if isinstance(value, list) and value and all(isinstance(v, dict) and MESSAGES_FIELD in v for v in value):
-        return [one(v, f"--messages item {i}") for i, v in enumerate(value, start=1)]
-    return [one(value, "--messages")]

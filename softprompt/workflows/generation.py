@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from softprompt.config import ConfigError
 from softprompt.data import label_room
-from softprompt.data.chat import read_conversations
+from softprompt.data.conversations import read_conversations
 from softprompt.engine import Engine, refuse_chat
 from softprompt.store import PromptStore, load_prompt
 
