@@ -10,8 +10,10 @@
 # that holds Rotten Tomatoes (the benchmarks' batches and requests). `run` writes the model folder to /tmp,
 # then runs each benchmark under its own timeout, so that one slow configuration leaves the others their
 # time. Environment: DEVICE (cuda), SHAPE (llama-1b), TRAIN_CONFIGS / ENGINE_CONFIGS ("batch:prompt
-# tokens" pairs), GENERATE_DTYPES, STEP_LIMIT (seconds per benchmark run). `DEVICE=cpu SHAPE=tiny` checks the plumbing
-# on a machine without a GPU.
+# tokens" pairs), GENERATE_DTYPES, STEP_LIMIT (seconds per benchmark run), and the sizes of each run:
+# TRAIN_STEPS (10 timed steps a side), ENGINE_TASKS (8) x ENGINE_REQUESTS (64 per task), NEW_TOKENS (32),
+# REPEATS (2 classify, 3 generate). `DEVICE=cpu SHAPE=tiny` checks the plumbing on a machine without a GPU;
+# `DEVICE=cpu` with the 1B shape and smaller sizes measures it on CPU (fp32) instead.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 stage=.gpu
@@ -50,13 +52,15 @@ transformers.__version__, '| peft', peft.__version__)"
         b=${cfg%:*} p=${cfg#*:}
         echo "=== train_step batch $b, $p virtual tokens ===" | tee -a "$out/train_step.log"
         timeout "$limit" "$py" benchmarks/train_step.py --model "$model" --device "$device" --dtype auto \
-            --batch-size "$b" --prompt-tokens "$p" --steps 10 2>&1 | tee -a "$out/train_step.log" || status=1
+            --batch-size "$b" --prompt-tokens "$p" --steps "${TRAIN_STEPS:-10}" 2>&1 | tee -a "$out/train_step.log" \
+            || status=1
     done
     for cfg in ${ENGINE_CONFIGS:-16:20 64:100}; do
         b=${cfg%:*} p=${cfg#*:}
         echo "=== engine classify, batch $b, $p virtual tokens ===" | tee -a "$out/engine.log"
         timeout "$limit" "$py" benchmarks/engine.py --only classify --model "$model" --device "$device" \
-            --dtype auto --batch-size "$b" --prompt-tokens "$p" --repeats 2 2>&1 | tee -a "$out/engine.log" || status=1
+            --dtype auto --batch-size "$b" --prompt-tokens "$p" --tasks "${ENGINE_TASKS:-8}" \
+            --requests "${ENGINE_REQUESTS:-64}" --repeats "${REPEATS:-2}" 2>&1 | tee -a "$out/engine.log" || status=1
     done
     # decode latency; random weights give near-tied logits, so a bf16 greedy decode may leave the reference
     # by rounding alone (reported, not timed, not fatal at a near tie): float32 is measured too, where every
@@ -64,7 +68,8 @@ transformers.__version__, '| peft', peft.__version__)"
     for dtype in ${GENERATE_DTYPES:-bfloat16 float32}; do
         echo "=== engine generate, $dtype ===" | tee -a "$out/engine.log"
         timeout "$limit" "$py" benchmarks/engine.py --only generate --model "$model" --device "$device" \
-            --dtype "$dtype" --prompt-tokens 100 --repeats 3 2>&1 | tee -a "$out/engine.log" || status=1
+            --dtype "$dtype" --prompt-tokens 100 --new-tokens "${NEW_TOKENS:-32}" --repeats "${REPEATS:-3}" 2>&1 \
+            | tee -a "$out/engine.log" || status=1
     done
     exit $status
     ;;
