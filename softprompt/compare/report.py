@@ -80,8 +80,7 @@ def format_row(row: dict, ensemble: bool = False) -> str:
         f1_std = row.get("macro_f1_std")
         acc += f" (macro-F1 {row['macro_f1']:.4f}" + (f" ± {f1_std:.4f})" if f1_std is not None else ")")
     search = row.get("lr_search") or {}
-    edge = search.get("edge") or search_edge(search.get("candidates") or [], search.get("metric"),
-                                             search.get("metric") != "loss")
+    edge = search_edge(search.get("candidates") or [], search.get("metric"), search.get("metric") != "loss")
     lr = f"{row['lr']:.3g}" + ((f" (search; at its {edge} edge)" if edge else " (search)") if row.get("lr_search")
                                else " (fixed)")
     rollbacks = str(row["rollbacks"]) if row.get("guard", True) else "off"
