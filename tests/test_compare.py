@@ -613,6 +613,7 @@ def test_a_slow_rows_seed_runs_get_its_larger_budget_and_older_records_still_mat
     assert run_compare([slow, plain], settings, tmp_path, log=lambda s: None, runner=runner, resume=True) == rows
     assert jobs == []
     assert {s.label for s in DEFAULT_SPECS if s.steps_scale == 2} == {"prompt tuning, random init, P=20",
+                                                                      "prompt tuning, sampled vocab, P=20",
                                                                       "P-tuning (MLP), P=20"}
 
 
