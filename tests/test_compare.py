@@ -614,7 +614,8 @@ def test_a_slow_rows_seed_runs_get_its_larger_budget_and_older_records_still_mat
     assert jobs == []
     assert {s.label for s in DEFAULT_SPECS if s.steps_scale == 2} == {"prompt tuning, random init, P=20",
                                                                       "prompt tuning, sampled vocab, P=20",
-                                                                      "P-tuning (MLP), P=20"}
+                                                                      "P-tuning (MLP), P=20",
+                                                                      "LoRA r=8 (q,v) via PEFT"}
 
 
 class _Killed(BaseException):
@@ -660,6 +661,60 @@ def test_resume_continues_inside_an_unfinished_row_from_the_run_journal(tmp_path
     run_compare([b], CompareSettings(**{**settings.__dict__, "steps": 8}), tmp_path / "cut", log=lambda s: None,
                 runner=runner)
     assert len(jobs) == 5 and len((tmp_path / "cut" / JOURNAL).read_text().splitlines()) == 5
+
+
+def _budget_job(steps: int, schedule: str = "wsd", **spec) -> Job:
+    return Job(Spec("a", "prompt_tuning", **spec), "m", "d", steps, 16, 0.1, eval_every=10, test_samples=400,
+               stop_when_flat=0.02, schedule=schedule)
+
+
+def test_a_run_of_another_budget_is_the_same_run_only_where_that_budget_never_acted():
+    from softprompt.compare.journal import same_run
+
+    stopped = {"flat_step": 250, "steps_run": 340, "diverged": False}  # cool-down: 250 -> 340 (a third, rounded)
+    # under wsd the cool-down replaces the decay (from step 300 of 400): the lr of steps 0-339 is the same
+    assert same_run(stopped, _budget_job(400), _budget_job(800, steps_scale=2))
+    assert same_run(stopped, _budget_job(400), _budget_job(600))
+    assert same_run(stopped, _budget_job(800), _budget_job(400))
+    # linear decays over all the steps: the budget acted from the end of the warmup on
+    assert not same_run(stopped, _budget_job(400, "linear"), _budget_job(800, "linear"))
+    assert not same_run(stopped, _budget_job(400), _budget_job(300))  # 300 steps cut the cool-down
+    assert not same_run({"flat_step": 330, "steps_run": 400}, _budget_job(400), _budget_job(800))  # cut at 400
+    assert not same_run({"flat_step": None, "steps_run": 400}, _budget_job(400), _budget_job(800))  # never flat
+    assert not same_run({**stopped, "diverged": True}, _budget_job(400), _budget_job(800))
+    assert not same_run(stopped, _budget_job(400), replace(_budget_job(800), lr=0.2))  # another job
+
+
+def test_a_larger_budget_takes_the_journalled_runs_it_could_not_have_changed(tmp_path):
+    # a row given twice the budget (steps_scale 2) ran its 3 seeds again, 10 to 15 minutes each on 2 CPU cores,
+    # although two of them had stopped after their plateau's cool-down, which the budget never acted on
+    from softprompt.plateau import cooldown_end
+
+    jobs, flat = [], {0: 20, 1: None}  # seed 0 is flat at step 20 and stops after its cool-down; seed 1 never
+
+    def runner(j):
+        jobs.append((j.seed, j.steps))
+        ran = cooldown_end(flat[j.seed], j.eval_every, j.steps) if flat[j.seed] else j.steps
+        return {**_fake_seed_run(j), "flat_step": flat[j.seed], "steps_run": ran, "accuracy": 0.5 + j.steps / 1000}
+
+    for schedule in ("wsd", "linear"):
+        out, jobs[:] = tmp_path / schedule, []
+        settings = CompareSettings("m", steps=40, seeds=2, lr_search=False, eval_every=2, schedule=schedule)
+        first = run_compare([Spec("a", "prompt_tuning")], settings, out, log=lambda s: None, runner=runner)
+        assert jobs == [(0, 40), (1, 40)] and first[0]["steps_run"] == [28, 40]
+        jobs.clear()
+        lines = []
+        again = run_compare([Spec("a", "prompt_tuning", steps_scale=2)], settings, out, log=lines.append,
+                            runner=runner, resume=True)
+        if schedule == "linear":  # its decay depended on the budget from the start: both run again
+            assert jobs == [(0, 80), (1, 80)] and again[0]["steps_run"] == [28, 80]
+            continue
+        assert jobs == [(1, 80)]  # seed 0 stopped at 28, before the decay of either budget
+        kept, before = again[0]["seeds"][0], first[0]["seeds"][0]
+        assert kept == {**before, "steps": 80} and kept["accuracy"] == 0.54  # its own, from the 40-step run
+        assert again[0]["steps"] == 80 and again[0]["steps_run"] == [28, 80]
+        assert any("its 40-step run stopped at step 28, after the cool-down of its plateau at 20" in line
+                   for line in lines)
 
 
 def _skewed_task() -> TaskData:

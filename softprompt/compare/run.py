@@ -129,9 +129,19 @@ def selection_metric(settings) -> tuple[str, str | None]:
             metric_note(task.format, examples, settings.metric))
 
 
+def train_args(job: Job, output_dir: str, metric: str = "auto"):
+    """The ``TrainArgs`` a run of ``job`` trains with (``metric``: the validation metric it selects by)."""
+    from softprompt.config import TrainArgs
+
+    return TrainArgs(output_dir=output_dir, max_steps=job.steps, batch_size=job.batch_size,
+                     optimizer=job.spec.optimizer, lr=job.lr, warmup_steps=min(WARMUP_STEPS, job.steps),
+                     eval_every=job.eval_every or job.steps, checkpoint_every=10**9, seed=job.seed,
+                     weight_decay=0.0, divergence_guard=job.spec.kind != "full", metric=metric,
+                     stop_when_flat=job.stop_when_flat, schedule=job.schedule)
+
+
 def run_one(job: Job) -> dict:
     """Train and evaluate one run in this process; return its numbers (see :func:`softprompt.compare.run_compare`)."""
-    from softprompt.config import TrainArgs
     from softprompt.data import token_counts
     from softprompt.evaluate import evaluate_prompt
     from softprompt.forward import family_of
@@ -162,12 +172,7 @@ def run_one(job: Job) -> dict:
     with tempfile.TemporaryDirectory() as d:
         # the divergence guard keeps two in-memory copies of the trained tensors and their optimizer state:
         # a few KiB for a prompt, about 3 GiB for full fine-tuning, which would swamp its peak-memory column
-        result = train(model, tok, method, task,
-                       TrainArgs(output_dir=d, max_steps=job.steps, batch_size=job.batch_size,
-                                 optimizer=spec.optimizer, lr=job.lr, warmup_steps=min(WARMUP_STEPS, job.steps),
-                                 eval_every=job.eval_every or job.steps, checkpoint_every=10**9, seed=job.seed,
-                                 weight_decay=0.0, divergence_guard=spec.kind != "full", metric=metric,
-                                 stop_when_flat=job.stop_when_flat, schedule=job.schedule),
+        result = train(model, tok, method, task, train_args(job, d, metric),
                        keep_best=False, checkpoints=False)  # the last state is scored: no copies, no checkpoint
         train_s = time.perf_counter() - t0 - sum(r.get("val_s", 0.0) for r in result.history)
         # bytes per task: the fp32 tensors a task stores, measured alike for every row (no file headers or JSON);
