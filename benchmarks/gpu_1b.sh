@@ -12,7 +12,10 @@
 # time. Environment: DEVICE (cuda), SHAPE (llama-1b), TRAIN_CONFIGS / ENGINE_CONFIGS ("batch:prompt
 # tokens" pairs), GENERATE_DTYPES, STEP_LIMIT (seconds per benchmark run), and the sizes of each run:
 # TRAIN_STEPS (10 timed steps a side), ENGINE_TASKS (8) x ENGINE_REQUESTS (64 per task), NEW_TOKENS (32),
-# REPEATS (2 classify, 3 generate). `DEVICE=cpu SHAPE=tiny` checks the plumbing on a machine without a GPU;
+# REPEATS (2 classify, 3 generate). DEADLINE (seconds since the epoch, optional): a benchmark run that cannot
+# get 20 s before it is skipped and said so, and none runs past it, so a lease's limit leaves whole logs. A
+# model folder already written at the same place (an earlier `run` of this shape) is reused.
+# `DEVICE=cpu SHAPE=tiny` checks the plumbing on a machine without a GPU;
 # `DEVICE=cpu` with the 1B shape and smaller sizes measures it on CPU (fp32) instead.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -45,31 +48,52 @@ run)
 transformers.__version__, '| peft', peft.__version__)"
     } 2>&1 | tee "$out/env.txt"
     model=/tmp/random-$shape
-    "$py" benchmarks/random_model.py --shape "$shape" --tokenizer "$stage/tokenizer" --out "$model" 2>&1 \
-        | tee -a "$out/env.txt" || exit 1
+    if [ -f "$model/config.json" ]; then
+        echo "reusing $model" | tee -a "$out/env.txt"
+    else
+        "$py" benchmarks/random_model.py --shape "$shape" --tokenizer "$stage/tokenizer" --out "$model.tmp" 2>&1 \
+            | tee -a "$out/env.txt" && mv "$model.tmp" "$model" || exit 1
+    fi
     status=0
-    for cfg in ${TRAIN_CONFIGS:-16:20 64:100 16:100 64:20}; do
+    # one benchmark run, its output appended to LOG, under STEP_LIMIT cut to what DEADLINE leaves: a run that
+    # would get under 20 s is skipped, one stopped at its limit says so; either fails the whole call
+    limited() {
+        local log=$1 t=$limit left rc
+        shift
+        if [ -n "${DEADLINE:-}" ]; then
+            left=$(( DEADLINE - $(date +%s) ))
+            [ "$left" -lt "$t" ] && t=$left
+        fi
+        if [ "$t" -lt 20 ]; then
+            echo "skipped: DEADLINE reached" | tee -a "$log"
+            return 1
+        fi
+        timeout "$t" "$@" 2>&1 | tee -a "$log"
+        rc=${PIPESTATUS[0]}
+        [ "$rc" -eq 124 ] && echo "stopped: ran past its $t s" | tee -a "$log"
+        return "$rc"
+    }
+    for cfg in ${TRAIN_CONFIGS-16:20 64:100 16:100 64:20}; do
         b=${cfg%:*} p=${cfg#*:}
         echo "=== train_step batch $b, $p virtual tokens ===" | tee -a "$out/train_step.log"
-        timeout "$limit" "$py" benchmarks/train_step.py --model "$model" --device "$device" --dtype auto \
-            --batch-size "$b" --prompt-tokens "$p" --steps "${TRAIN_STEPS:-10}" 2>&1 | tee -a "$out/train_step.log" \
-            || status=1
+        limited "$out/train_step.log" "$py" benchmarks/train_step.py --model "$model" --device "$device" \
+            --dtype auto --batch-size "$b" --prompt-tokens "$p" --steps "${TRAIN_STEPS:-10}" || status=1
     done
-    for cfg in ${ENGINE_CONFIGS:-16:20 64:100}; do
+    for cfg in ${ENGINE_CONFIGS-16:20 64:100}; do
         b=${cfg%:*} p=${cfg#*:}
         echo "=== engine classify, batch $b, $p virtual tokens ===" | tee -a "$out/engine.log"
-        timeout "$limit" "$py" benchmarks/engine.py --only classify --model "$model" --device "$device" \
+        limited "$out/engine.log" "$py" benchmarks/engine.py --only classify --model "$model" --device "$device" \
             --dtype auto --batch-size "$b" --prompt-tokens "$p" --tasks "${ENGINE_TASKS:-8}" \
-            --requests "${ENGINE_REQUESTS:-64}" --repeats "${REPEATS:-2}" 2>&1 | tee -a "$out/engine.log" || status=1
+            --requests "${ENGINE_REQUESTS:-64}" --repeats "${REPEATS:-2}" || status=1
     done
     # decode latency; random weights give near-tied logits, so a bf16 greedy decode may leave the reference
     # by rounding alone (reported, not timed, not fatal at a near tie): float32 is measured too, where every
     # exact side must match it; engine.py exits 1 when ours or another exact side leaves the reference
-    for dtype in ${GENERATE_DTYPES:-bfloat16 float32}; do
+    for dtype in ${GENERATE_DTYPES-bfloat16 float32}; do
         echo "=== engine generate, $dtype ===" | tee -a "$out/engine.log"
-        timeout "$limit" "$py" benchmarks/engine.py --only generate --model "$model" --device "$device" \
-            --dtype "$dtype" --prompt-tokens 100 --new-tokens "${NEW_TOKENS:-32}" --repeats "${REPEATS:-3}" 2>&1 \
-            | tee -a "$out/engine.log" || status=1
+        limited "$out/engine.log" "$py" benchmarks/engine.py --only generate --model "$model" --device "$device" \
+            --dtype "$dtype" --prompt-tokens 100 --new-tokens "${NEW_TOKENS:-32}" --repeats "${REPEATS:-3}" \
+            || status=1
     done
     exit $status
     ;;
