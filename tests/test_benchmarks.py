@@ -516,3 +516,39 @@ def test_join_latency_reports_a_failed_long_generation_at_once(wordy_model_dir, 
     out = capsys.readouterr()
     assert "join_latency: the long generation failed: RemoteProtocolError: planted: the server closed the stream" \
            in out.err and "short p50" not in out.out
+
+
+def test_flop_floor_counts_the_arithmetic_each_train_step_side_executes(monkeypatch):
+    """The floors read against a GPU measurement: each side's formula equals the matrix products its real step
+    (loss and backward) executes, counted by torch's FlopCounterMode on a small llama whose LM head weighs as
+    much as its layers (attention left out: the CPU's fused attention is not counted there)."""
+    pytest.importorskip("peft")
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from softprompt.model import load_base_model
+
+    floor, train_bench = bench(monkeypatch, "flop_floor"), bench(monkeypatch, "train_step")
+    tok = load_base_model("smollm2-135m-instruct", "cpu")[1]
+    shape = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=128, vocab_size=len(tok), max_position_embeddings=256)
+    p, batches = 30, train_bench.make_batches(tok, 1, 8, "cpu")
+    counts = floor.Shape(shape)
+    counts.attn = 0
+    want = floor.train_flops(counts, batches, p)
+    sides = {"concat": lambda m: train_bench.Ours(m, tok, "concat", p),
+             "shared_kv": lambda m: train_bench.Ours(m, tok, "shared_kv", p),
+             "peft": lambda m: train_bench.Peft(m, p), "peft_targets": lambda m: train_bench.PeftTargets(m, p)}
+    got = {}
+    for name, make in sides.items():
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(**shape, pad_token_id=tok.pad_token_id, tie_word_embeddings=True))
+        model.requires_grad_(False)
+        side = make(model)
+        side.loss(batches[0])  # the first step probes the model once (cached): not part of a step's arithmetic
+        with FlopCounterMode(display=False) as fc:
+            side.loss(batches[0]).backward()
+        got[name] = fc.get_total_flops()
+    for name in sides:  # within 3%: autograd skips gradients nothing needs (shared_kv: the text's first-layer
+        assert got[name] == pytest.approx(want[name], rel=0.03), (name, got, want)  # input gradients)
+    assert want["shared_kv"] < want["concat"] < want["peft_targets"] < want["peft"]
