@@ -21,6 +21,11 @@ again and attention about two (the gradients of queries, keys and values). Sides
 The default rate is the bf16 matrix product measured on this workplace's H200 (788 TFLOP/s on 8192^3); a
 real step reaches a fraction of it, so the floors are lower bounds and their ratios the most a method's
 arithmetic can give.
+
+``--ops`` adds what a GPU step may be bound by instead: the operator calls one step of each side makes
+(``aten::`` calls counted by torch.profiler on the CPU over two steps, on a model of the shape's depth and
+vocabulary at width 64: the count depends on the depth and the code path, not on width, batch or prompt
+length). On a GPU each call costs the host a few microseconds whether or not it has work to launch.
 """
 
 from __future__ import annotations
@@ -85,6 +90,30 @@ def classify_flops(shape: Shape, lengths: list[list[int]], batch: int, p: int) -
             "peft": sum(padded(ls, p) for ls in lengths)}
 
 
+def op_counts(s: dict, tok, batch: int, p: int) -> dict[str, float]:
+    """``aten::`` calls per training step of each side of ``train_step.py`` (see the module's ``--ops``)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    from train_step import SIDES, Ours
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    small = {**s, "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 128}
+    cfg = LlamaConfig(**small, pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
+    batches = make_batches(tok, 3, batch, "cpu")
+    makers = {"concat": lambda m: Ours(m, tok, "concat", p), "shared_kv": lambda m: Ours(m, tok, "shared_kv", p),
+              "peft": lambda m: SIDES["peft"](m, p), "peft_targets": lambda m: SIDES["peft_targets"](m, p)}
+    out = {}
+    for name, make in makers.items():
+        torch.manual_seed(0)
+        side = make(LlamaForCausalLM(cfg).requires_grad_(False))
+        side.step(batches[0])  # the first step probes the model (cached)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for b in batches[1:]:
+                side.step(b)
+        out[name] = sum(e.count for e in prof.key_averages() if e.key.startswith("aten::")) / (len(batches) - 1)
+    return out
+
+
 def pairs(values: list[str]) -> list[tuple[int, int]]:
     return [(int(v.split(":")[0]), int(v.split(":")[1])) for v in values]
 
@@ -100,6 +129,7 @@ def main(argv=None) -> None:
     ap.add_argument("--tasks", type=int, default=8)
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--tflops", type=float, default=788.0, help="matrix rate for the floors, TFLOP/s")
+    ap.add_argument("--ops", action="store_true", help="also count each train side's operator calls per step")
     args = ap.parse_args(argv)
     shape = Shape(SHAPES[args.shape])
     tok = load_base_model(args.tokenizer, "cpu")[1]
@@ -112,6 +142,9 @@ def main(argv=None) -> None:
         print(f"train batch {b}, {p} virtual tokens: " + ", ".join(
             f"{k} {v / 1e12:.1f} TFLOP ({v * ms:.1f} ms)" for k, v in f.items())
             + f"; peft/concat {f['peft'] / f['concat']:.2f}x, concat/shared_kv {f['concat'] / f['shared_kv']:.2f}x")
+        if args.ops:
+            print("  operator calls per step: " + ", ".join(
+                f"{k} {v:.0f}" for k, v in op_counts(SHAPES[args.shape], tok, b, p).items()))
     texts = reviews(args.tasks * args.requests)
     lengths = [[len(source_ids(tok, t, bos=False)) for t in texts[k * args.requests:(k + 1) * args.requests]]
                for k in range(args.tasks)]
