@@ -11,8 +11,9 @@
 # then runs each benchmark under its own timeout, so that one slow configuration leaves the others their
 # time. Environment: DEVICE (cuda), SHAPE (llama-1b), TRAIN_CONFIGS / ENGINE_CONFIGS ("batch:prompt
 # tokens" pairs), GENERATE_DTYPES, STEP_LIMIT (seconds per benchmark run), and the sizes of each run:
-# TRAIN_STEPS (10 timed steps a side), TRAIN_WARMUP (2), PROMPT_PASS (train_step's --prompt-pass, auto), ENGINE_TASKS (8) x ENGINE_REQUESTS (64 per task), NEW_TOKENS (32),
-# REPEATS (2 classify, 3 generate). DEADLINE (seconds since the epoch, optional): a benchmark run that cannot
+# TRAIN_STEPS (40 timed steps a side) after TRAIN_WARMUP (5; on the H200 10 after 2 let warm-up outliers move
+# tok/s), PROMPT_PASS (train_step's --prompt-pass, auto), ENGINE_TASKS (8) x ENGINE_REQUESTS (64 per task),
+# NEW_TOKENS (32), REPEATS (3). DEADLINE (seconds since the epoch, optional): a benchmark run that cannot
 # get 20 s before it is skipped and said so, and none runs past it, so a lease's limit leaves whole logs. A
 # model folder already written at the same place (an earlier `run` of this shape) is reused.
 # `DEVICE=cpu SHAPE=tiny` checks the plumbing on a machine without a GPU;
@@ -77,15 +78,15 @@ transformers.__version__, '| peft', peft.__version__)"
         b=${cfg%:*} p=${cfg#*:}
         echo "=== train_step batch $b, $p virtual tokens ===" | tee -a "$out/train_step.log"
         limited "$out/train_step.log" "$py" benchmarks/train_step.py --model "$model" --device "$device" \
-            --dtype auto --batch-size "$b" --prompt-tokens "$p" --steps "${TRAIN_STEPS:-10}" \
-            --warmup "${TRAIN_WARMUP:-2}" --prompt-pass "${PROMPT_PASS:-auto}" || status=1
+            --dtype auto --batch-size "$b" --prompt-tokens "$p" --steps "${TRAIN_STEPS:-40}" \
+            --warmup "${TRAIN_WARMUP:-5}" --prompt-pass "${PROMPT_PASS:-auto}" || status=1
     done
     for cfg in ${ENGINE_CONFIGS-16:20 64:100}; do
         b=${cfg%:*} p=${cfg#*:}
         echo "=== engine classify, batch $b, $p virtual tokens ===" | tee -a "$out/engine.log"
         limited "$out/engine.log" "$py" benchmarks/engine.py --only classify --model "$model" --device "$device" \
             --dtype auto --batch-size "$b" --prompt-tokens "$p" --tasks "${ENGINE_TASKS:-8}" \
-            --requests "${ENGINE_REQUESTS:-64}" --repeats "${REPEATS:-2}" || status=1
+            --requests "${ENGINE_REQUESTS:-64}" --repeats "${REPEATS:-3}" || status=1
     done
     # decode latency; random weights give near-tied logits, so a bf16 greedy decode may leave the reference
     # by rounding alone (reported, not timed, not fatal at a near tie): float32 is measured too, where every
