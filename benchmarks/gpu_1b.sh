@@ -15,7 +15,7 @@
 # tok/s), PROMPT_PASS (train_step's --prompt-pass, auto), ENGINE_TASKS (8) x ENGINE_REQUESTS (64 per task),
 # NEW_TOKENS (32), REPEATS (3). DEADLINE (seconds since the epoch, optional): a benchmark run that cannot
 # get 20 s before it is skipped and said so, and none runs past it, so a lease's limit leaves whole logs. A
-# model folder already written at the same place (an earlier `run` of this shape) is reused.
+# model folder already written at the same place (MODEL_DIR, /tmp/random-SHAPE: an earlier `run`) is reused.
 # `DEVICE=cpu SHAPE=tiny` checks the plumbing on a machine without a GPU;
 # `DEVICE=cpu` with the 1B shape and smaller sizes measures it on CPU (fp32) instead.
 set -uo pipefail
@@ -48,7 +48,7 @@ run)
         "$py" -c "import torch, transformers, peft; print('torch', torch.__version__, '| transformers',
 transformers.__version__, '| peft', peft.__version__)"
     } 2>&1 | tee "$out/env.txt"
-    model=/tmp/random-$shape
+    model=${MODEL_DIR:-/tmp/random-$shape}
     if [ -f "$model/config.json" ]; then
         echo "reusing $model" | tee -a "$out/env.txt"
     else
@@ -63,11 +63,11 @@ transformers.__version__, '| peft', peft.__version__)"
         shift
         if [ -n "${DEADLINE:-}" ]; then
             left=$(( DEADLINE - $(date +%s) ))
+            if [ "$left" -lt 20 ]; then
+                echo "skipped: DEADLINE reached" | tee -a "$log"
+                return 1
+            fi
             [ "$left" -lt "$t" ] && t=$left
-        fi
-        if [ "$t" -lt 20 ]; then
-            echo "skipped: DEADLINE reached" | tee -a "$log"
-            return 1
         fi
         timeout "$t" "$@" 2>&1 | tee -a "$log"
         rc=${PIPESTATUS[0]}

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -552,3 +553,50 @@ def test_flop_floor_counts_the_arithmetic_each_train_step_side_executes(monkeypa
     for name in sides:  # within 3%: autograd skips gradients nothing needs (shared_kv: the text's first-layer
         assert got[name] == pytest.approx(want[name], rel=0.03), (name, got, want)  # input gradients)
     assert want["shared_kv"] < want["concat"] < want["peft_targets"] < want["peft"]
+
+
+def _gpu_script_tree(tmp_path: Path) -> Path:
+    """A copy of benchmarks/gpu_1b.sh beside fake benchmarks that sleep ``FAKE_SLEEP`` s (no model, no torch)."""
+    root = tmp_path / "repo"
+    (root / "benchmarks").mkdir(parents=True)
+    (root / ".gpu" / "tokenizer").mkdir(parents=True)
+    (root / "benchmarks" / "gpu_1b.sh").write_text((REPO / "benchmarks" / "gpu_1b.sh").read_text())
+    (root / "benchmarks" / "random_model.py").write_text(
+        "import pathlib, sys\nout = pathlib.Path(sys.argv[sys.argv.index('--out') + 1])\nout.mkdir(parents=True)\n"
+        "(out / 'config.json').write_text('{}')\nprint('wrote', out)\n")
+    for name in ("train_step.py", "engine.py"):
+        (root / "benchmarks" / name).write_text(
+            f"import os, sys, time\ntime.sleep(float(os.environ.get('FAKE_SLEEP', '0')))\nprint('{name} ran', "
+            "' '.join(sys.argv[1:]))\n")
+    return root
+
+
+def _gpu_run(root: Path, out: Path, **env) -> subprocess.CompletedProcess:
+    env = {**{k: v for k, v in os.environ.items() if k != "DEADLINE"}, "DEVICE": "cpu", "SHAPE": "tiny",
+           "MODEL_DIR": str(root / "model"), "TRAIN_CONFIGS": "4:2", "ENGINE_CONFIGS": "", "GENERATE_DTYPES": "", **env}
+    return subprocess.run(["bash", str(root / "benchmarks" / "gpu_1b.sh"), "run", str(out)], capture_output=True,
+                          text=True, env=env, timeout=120)
+
+
+def test_gpu_script_cuts_runs_to_their_limits_and_reuses_the_model(tmp_path):
+    """gpu_1b.sh: a run over STEP_LIMIT is stopped and says so, one that DEADLINE leaves under 20 s is skipped
+    and says so, either fails the call; the model folder is written once and reused; the options reach the
+    benchmark."""
+    root = _gpu_script_tree(tmp_path)
+    ok = _gpu_run(root, tmp_path / "a", PROMPT_PASS="shared_kv", TRAIN_STEPS="7", TRAIN_WARMUP="3")
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    log = (tmp_path / "a" / "train_step.log").read_text()
+    assert "train_step.py ran" in log and "--prompt-pass shared_kv" in log and "--steps 7 --warmup 3" in log
+    assert "wrote" in (tmp_path / "a" / "env.txt").read_text()
+
+    slow = _gpu_run(root, tmp_path / "b", STEP_LIMIT="1", FAKE_SLEEP="5", TRAIN_CONFIGS="4:2 8:2")
+    assert slow.returncode == 1
+    log = (tmp_path / "b" / "train_step.log").read_text()
+    assert log.count("stopped: ran past its 1 s") == 2 and "train_step.py ran" not in log
+    assert "reusing" in (tmp_path / "b" / "env.txt").read_text()
+
+    late = _gpu_run(root, tmp_path / "c", DEADLINE=str(int(time.time()) + 10), ENGINE_CONFIGS="4:2")
+    assert late.returncode == 1
+    assert "skipped: DEADLINE reached" in (tmp_path / "c" / "train_step.log").read_text()
+    assert "skipped: DEADLINE reached" in (tmp_path / "c" / "engine.log").read_text()
+    assert "engine.py ran" not in (tmp_path / "c" / "engine.log").read_text()
