@@ -14,7 +14,9 @@ Same base model, same batches (batch 16 of Rotten Tomatoes reviews cut to <= 48 
   LM head only at target positions. The pass actually used is printed, and the ratio against
   ``peft_targets`` is credited to sharing the prompt only when it is ``shared_kv``.
 
-Steps rotate between the sides so that machine noise hits all alike. Before timing, every side computes the
+Steps rotate between the sides so that machine noise hits all alike. Throughput is the timed tokens over the
+summed step times; beside it, the median over batches of each batch's step-time ratio (every side runs every
+batch), which a few slow steps do not move. Before timing, every side computes the
 loss of one batch from the same prompt and its gradient with respect to the prompt (one backward, what
 every timed step runs before the update), and both are compared with an independent reference: each row
 on its own through the plain model, prompt embeddings in front of its text, cross-entropy at its targets.
@@ -154,6 +156,12 @@ class PeftTargets(Peft):
 SIDES = {"softprompt": Ours, "peft": Peft, "peft_targets": PeftTargets}
 
 
+def paired_ratio(times: list[float], base: list[float]) -> float:
+    """Median over batches of ``times[i] / base[i]`` (both sides ran batch ``i``): unlike the ratio of the totals,
+    a few slow steps (on a GPU, a new shape's first kernels) do not move it."""
+    return statistics.median(t / b for t, b in zip(times, base, strict=True))
+
+
 def rss_kib(field: str) -> int:
     for line in open("/proc/self/status"):
         if line.startswith(field + ":"):
@@ -275,6 +283,9 @@ def main() -> None:
     print(f"\nthroughput ratio softprompt/peft: {tps['softprompt'] / tps['peft']:.2f}x   (softprompt/peft_targets, "
           f"{source}: {tps['softprompt'] / tps['peft_targets']:.2f}x; peft_targets/peft, from the LM "
           f"head at targets only: {tps['peft_targets'] / tps['peft']:.2f}x)")
+    paired = {k: paired_ratio(times[k], times["softprompt"]) for k in ("peft", "peft_targets")}
+    print(f"median per-batch step-time ratio peft/softprompt: {paired['peft']:.2f}x   (peft_targets/softprompt: "
+          f"{paired['peft_targets']:.2f}x)")
     print(f"memory ratio softprompt/peft:     {mem['softprompt'] / mem['peft']:.2f}x   (softprompt/peft_targets: "
           f"{mem['softprompt'] / mem['peft_targets']:.2f}x)")
 

@@ -26,6 +26,7 @@ def test_train_step_benchmark_runs_on_tiny_model(tiny_model_dir, monkeypatch):
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     assert "throughput ratio softprompt/peft" in out and "memory ratio softprompt/peft" in out
+    assert "median per-batch step-time ratio peft/softprompt" in out
     line = next(ln for ln in out.splitlines() if ln.startswith("same-prompt loss"))
     diff = float(line.split("|diff| ")[1].rstrip(")"))
     assert diff < 1e-4  # both sides compute the same loss from the same prompt
@@ -600,3 +601,15 @@ def test_gpu_script_cuts_runs_to_their_limits_and_reuses_the_model(tmp_path):
     assert "skipped: DEADLINE reached" in (tmp_path / "c" / "train_step.log").read_text()
     assert "skipped: DEADLINE reached" in (tmp_path / "c" / "engine.log").read_text()
     assert "engine.py ran" not in (tmp_path / "c" / "engine.log").read_text()
+
+
+def test_train_step_paired_ratio_is_not_moved_by_a_few_slow_steps(monkeypatch):
+    """The per-batch ratio of two sides' step times: one slow warm-up-like step of the base side (which turns the
+    ratio of totals around, as on the H200 with 10 timed steps) leaves its median where the other batches put it."""
+    train_bench = bench(monkeypatch, "train_step")
+    ours = [0.05, 0.05, 0.05, 0.05, 0.5]  # one outlier
+    peft = [0.06, 0.06, 0.06, 0.06, 0.06]
+    assert sum(peft) / sum(ours) < 1  # the totals say PEFT is faster
+    assert train_bench.paired_ratio(peft, ours) == pytest.approx(1.2)
+    with pytest.raises(ValueError):
+        train_bench.paired_ratio(peft, ours[:-1])  # a side that missed a batch is an error, not a shorter median
