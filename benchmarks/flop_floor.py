@@ -114,16 +114,22 @@ def op_counts(s: dict, tok, batch: int, p: int) -> dict[str, float]:
     return out
 
 
-def pairs(values: list[str]) -> list[tuple[int, int]]:
-    return [(int(v.split(":")[0]), int(v.split(":")[1])) for v in values]
+def batch_prompt(value: str) -> tuple[int, int]:
+    """``"64:100"`` -> ``(64, 100)``: rows per batch and virtual tokens, both positive (an argparse type)."""
+    b, sep, p = value.partition(":")
+    if not (sep and b.isdigit() and p.isdigit() and int(b) > 0 and int(p) > 0):
+        raise argparse.ArgumentTypeError(f"{value!r} is not BATCH:PROMPT_TOKENS with two positive integers")
+    return int(b), int(p)
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", choices=sorted(SHAPES), default="llama-1b")
     ap.add_argument("--tokenizer", default="smollm2-135m-instruct", help="a model folder or the embedded alias")
-    ap.add_argument("--train", nargs="*", default=["16:20", "64:100", "16:100", "64:20"], help="batch:prompt")
-    ap.add_argument("--classify", nargs="*", default=["16:20", "64:100"], help="batch:prompt")
+    ap.add_argument("--train", nargs="*", type=batch_prompt, default=[(16, 20), (64, 100), (16, 100), (64, 20)],
+                    help="batch:prompt pairs")
+    ap.add_argument("--classify", nargs="*", type=batch_prompt, default=[(16, 20), (64, 100)],
+                    help="batch:prompt pairs")
     ap.add_argument("--steps", type=int, default=40, help="train batches counted (train_step's timed steps)")
     ap.add_argument("--warmup", type=int, default=5, help="train batches skipped first (its warm-up)")
     ap.add_argument("--tasks", type=int, default=8)
@@ -136,7 +142,7 @@ def main(argv=None) -> None:
     ms = 1e3 / (args.tflops * 1e12)
     print(f"{args.shape}: {shape.body / 2e9:.3f} G multiply-adds per position in the linear layers, LM head "
           f"{shape.head / 2e9:.3f} G; floors at {args.tflops:.0f} TFLOP/s")
-    for b, p in pairs(args.train):
+    for b, p in args.train:
         batches = make_batches(tok, args.steps + args.warmup, b, "cpu")[args.warmup:]
         f = train_flops(shape, batches, p)
         print(f"train batch {b}, {p} virtual tokens: " + ", ".join(
@@ -148,7 +154,7 @@ def main(argv=None) -> None:
     texts = reviews(args.tasks * args.requests)
     lengths = [[len(source_ids(tok, t, bos=False)) for t in texts[k * args.requests:(k + 1) * args.requests]]
                for k in range(args.tasks)]
-    for b, p in pairs(args.classify):
+    for b, p in args.classify:
         f = classify_flops(shape, lengths, b, p)
         print(f"classify batch {b}, {p} virtual tokens, {args.tasks}x{args.requests} requests: " + ", ".join(
             f"{k} {v / 1e12:.2f} TFLOP ({v * ms:.1f} ms)" for k, v in f.items())

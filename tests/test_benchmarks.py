@@ -613,3 +613,12 @@ def test_train_step_paired_ratio_is_not_moved_by_a_few_slow_steps(monkeypatch):
     assert train_bench.paired_ratio(peft, ours) == pytest.approx(1.2)
     with pytest.raises(ValueError):
         train_bench.paired_ratio(peft, ours[:-1])  # a side that missed a batch is an error, not a shorter median
+
+
+def test_flop_floor_refuses_a_malformed_batch_prompt_pair(monkeypatch, capsys):
+    floor = bench(monkeypatch, "flop_floor")
+    assert floor.batch_prompt("64:100") == (64, 100)
+    for bad in ("64", "64:", ":100", "0:20", "16:-1", "a:b", "16:20:1"):
+        with pytest.raises(SystemExit) as stop:
+            floor.main(["--train", bad, "--classify"])
+        assert stop.value.code == 2 and "is not BATCH:PROMPT_TOKENS" in capsys.readouterr().err
