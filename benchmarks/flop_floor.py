@@ -90,20 +90,25 @@ def classify_flops(shape: Shape, lengths: list[list[int]], batch: int, p: int) -
             "peft": sum(padded(ls, p) for ls in lengths)}
 
 
+def train_sides(tok, p: int) -> dict:
+    """The sides of ``train_step.py`` under the names :func:`train_flops` counts, each a function of the model."""
+    from train_step import SIDES, Ours
+
+    return {"concat": lambda m: Ours(m, tok, "concat", p), "shared_kv": lambda m: Ours(m, tok, "shared_kv", p),
+            "peft": lambda m: SIDES["peft"](m, p), "peft_targets": lambda m: SIDES["peft_targets"](m, p)}
+
+
 def op_counts(s: dict, tok, batch: int, p: int) -> dict[str, float]:
     """``aten::`` calls per training step of each side of ``train_step.py`` (see the module's ``--ops``)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
-    from train_step import SIDES, Ours
     from transformers import LlamaConfig, LlamaForCausalLM
 
     small = {**s, "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 128}
     cfg = LlamaConfig(**small, pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
     batches = make_batches(tok, 3, batch, "cpu")
-    makers = {"concat": lambda m: Ours(m, tok, "concat", p), "shared_kv": lambda m: Ours(m, tok, "shared_kv", p),
-              "peft": lambda m: SIDES["peft"](m, p), "peft_targets": lambda m: SIDES["peft_targets"](m, p)}
     out = {}
-    for name, make in makers.items():
+    for name, make in train_sides(tok, p).items():
         torch.manual_seed(0)
         side = make(LlamaForCausalLM(cfg).requires_grad_(False))
         side.step(batches[0])  # the first step probes the model (cached)

@@ -538,9 +538,7 @@ def test_flop_floor_counts_the_arithmetic_each_train_step_side_executes(monkeypa
     counts = floor.Shape(shape)
     counts.attn = 0
     want = floor.train_flops(counts, batches, p)
-    sides = {"concat": lambda m: train_bench.Ours(m, tok, "concat", p),
-             "shared_kv": lambda m: train_bench.Ours(m, tok, "shared_kv", p),
-             "peft": lambda m: train_bench.Peft(m, p), "peft_targets": lambda m: train_bench.PeftTargets(m, p)}
+    sides = floor.train_sides(tok, p)
     got = {}
     for name, make in sides.items():
         torch.manual_seed(0)
