@@ -13,7 +13,9 @@ class PromptTable:
     Each prompt is computed once (:func:`compute_prompt_kv`) and stored left-padded to the longest
     prompt in one ``(N, kv_heads, L_max, head_dim)`` tensor per layer; :meth:`rows` slices the last ``L``
     slots (``L`` = longest prompt in the batch) and indexes the rows' prompts. The key ``None`` means "no
-    prompt" (the plain base model) and has length 0.
+    prompt" (the plain base model) and has length 0. A layer that attends to an earlier layer's keys/values
+    (Gemma 3n, Gemma 4 E2B/E4B: :func:`~softprompt.forward.common.shared_kv_sources`) holds the same tensors as
+    that layer in every prompt, and the table stores and gathers them once for both.
     """
 
     def __init__(self):
@@ -40,7 +42,8 @@ class PromptTable:
     def add(self, key, prompt_kv: PromptKV) -> None:
         """Add or replace the prompt stored under ``key`` (its keys/values are detached)."""
         self.check(key, prompt_kv)
-        layers = [(k.detach(), v.detach()) for k, v in prompt_kv.layers]
+        detached: dict[int, torch.Tensor] = {}  # by identity: a layer that reuses another's tensors keeps reusing them
+        layers = [tuple(detached.setdefault(id(t), t.detach()) for t in kv) for kv in prompt_kv.layers]
         self._kv[key] = PromptKV(layers=layers, length=prompt_kv.length)
         self._stacked = None
 
@@ -72,6 +75,11 @@ class PromptTable:
             lmax = max(kv.length for kv in self._kv.values())
             ks, vs = [], []
             for layer in range(len(self._kv[keys[0]].layers)):
+                source = self._source(keys, layer)
+                if source is not None:  # the same tensors as an earlier layer in every prompt: one copy
+                    ks.append(ks[source])
+                    vs.append(vs[source])
+                    continue
                 k0 = self._kv[keys[0]].layers[layer][0]
                 k_all = k0.new_zeros(len(keys), k0.shape[1], lmax, k0.shape[3])  # (N, kvh, Lmax, d)
                 v0 = self._kv[keys[0]].layers[layer][1]
@@ -90,6 +98,14 @@ class PromptTable:
             lengths = torch.tensor([self._kv[key].length for key in keys], device=ks[0].device)
             self._stacked = (ks, vs, {key: i for i, key in enumerate(keys)}, lengths)
         return self._stacked
+
+    def _source(self, keys: list, layer: int) -> int | None:
+        """The earliest layer whose keys and values are ``layer``'s own in every prompt of ``keys``, else None."""
+        for j in range(layer):
+            if all(self._kv[key].layers[layer][0] is self._kv[key].layers[j][0]
+                   and self._kv[key].layers[layer][1] is self._kv[key].layers[j][1] for key in keys):
+                return j
+        return None
 
     def rows(self, keys: list) -> PromptKV | RowPrompts | None:
         """The prompts of a batch whose row ``i`` uses prompt ``keys[i]``.
@@ -112,7 +128,11 @@ class PromptTable:
         lengths = torch.where(torch.tensor([k is None for k in keys], device=dev), 0, lengths_all[idx])  # (B,)
         width = int(lengths.max())
         lmax = ks[0].shape[2]
-        layers = [(k[:, :, lmax - width:][idx], v[:, :, lmax - width:][idx]) for k, v in zip(ks, vs, strict=True)]
+        gathered: dict[int, torch.Tensor] = {}  # a stacked tensor two layers share is gathered once for both
+        for t in ks + vs:
+            if id(t) not in gathered:
+                gathered[id(t)] = t[:, :, lmax - width:][idx]
+        layers = [(gathered[id(k)], gathered[id(v)]) for k, v in zip(ks, vs, strict=True)]
         slots = torch.arange(width, device=dev)[None]  # (1, L)
         prefix_mask = (slots >= width - lengths[:, None]).long()  # (B, L)
         return RowPrompts(layers=layers, prefix_mask=prefix_mask, lengths=lengths)
