@@ -33,6 +33,7 @@ from softprompt.compare import (
 from softprompt.compare.specs import method_slug
 from softprompt.data import TaskData, TaskFormat, token_counts
 from softprompt.evaluate import evaluate_prompt
+from tests import test_train_guard
 from tests.conftest import make_model, make_tokenizer, sentiment_records
 
 FMT = TaskFormat("Review: {text}\nSentiment:", "label", {"positive": "positive", "negative": "negative"})
@@ -1095,3 +1096,19 @@ def _renamed(model):
         layer.self_attn.add_module("fused", layer.self_attn.qkv_proj)
         del layer.self_attn.qkv_proj
     return model
+
+
+faults = test_train_guard.faults  # the fixture: a NaN loss at chosen steps
+
+
+def test_a_run_records_when_and_why_the_guard_rolled_back(tiny_model_dir, toy, faults):
+    """A seed's row counted its rollbacks but not their steps or reasons, so a later change to the guard could not
+    be checked against the table's runs."""
+    faults.update({2: "nan"})
+    row = run_one(job(tiny_model_dir, "prompt_tuning", {"num_virtual_tokens": 3, "init": "random"}, 1e-2, steps=4))
+    assert row["rollbacks"] == 1 and [(e["step"], e["event"]) for e in row["events"]] == [(2, "rollback")]
+    assert "non-finite loss" in row["events"][0]["reason"]
+    faults.clear()
+    quiet = run_one(job(tiny_model_dir, "prompt_tuning", {"num_virtual_tokens": 3, "init": "random"}, 1e-2, steps=2,
+                        seed=1))
+    assert quiet["events"] == [] and quiet["rollbacks"] == 0

@@ -175,6 +175,7 @@ def run_one(job: Job) -> dict:
         result = train(model, tok, method, task, train_args(job, d, metric),
                        keep_best=False, checkpoints=False)  # the last state is scored: no copies, no checkpoint
         train_s = time.perf_counter() - t0 - sum(r.get("val_s", 0.0) for r in result.history)
+        events = guard_events(Path(d) / "metrics.jsonl")
         # bytes per task: the fp32 tensors a task stores, measured alike for every row (no file headers or JSON);
         # a prompt method's are what save_prompt writes (P-tuning: its (P, H) output, not its encoder)
         if isinstance(method, WeightTuning):
@@ -191,7 +192,7 @@ def run_one(job: Job) -> dict:
            "trainable_params": method.num_trainable(), "bytes_per_task": disk,
            "train_s": round(train_s, 1), "metric": metric, "higher_is_better": higher, "validation": validation,
            "curve": curve, "rollbacks": result.rollbacks, "diverged": result.diverged,
-           "lr_scale": result.lr_scale, "guard": spec.kind != "full"}
+           "lr_scale": result.lr_scale, "guard": spec.kind != "full", "events": events}
     if job.test_samples:
         model.eval()
         method.eval()
@@ -228,6 +229,13 @@ def in_child(payload: str) -> dict:
         return json.loads(lines[-1])
     except json.JSONDecodeError:  # a stray print after the result: this run fails, not the whole comparison
         return {"error": f"the run's last output line is not its result: {lines[-1][:200]!r}"}
+
+
+def guard_events(log: Path) -> list[dict]:
+    """The divergence guard's decisions in a run's ``metrics.jsonl``: ``[{"step", "event", "reason"}]`` (a
+    rollback, or the alarm that ended the run), so a row says when and why, not only how often."""
+    rows = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    return [{"step": r["step"], "event": r["event"], "reason": r.get("reason")} for r in rows if "event" in r]
 
 
 def run_in_subprocess(job: Job) -> dict:
