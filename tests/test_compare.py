@@ -272,14 +272,17 @@ def test_lr_search_ranks_failed_and_diverged_candidates_last_and_breaks_ties_by_
         if results[j.lr] is None:
             return {"lr": j.lr, "error": "RuntimeError: boom"}
         acc, loss, diverged = results[j.lr]
-        return {"lr": j.lr, "metric": "accuracy", "higher_is_better": True, "curve": [{"step": 5, "loss": loss,
-                "accuracy": acc}], "rollbacks": 6 if diverged else 0, "diverged": diverged, "train_s": 1.0}
+        run = {"lr": j.lr, "metric": "accuracy", "higher_is_better": True, "curve": [{"step": 5, "loss": loss,
+               "accuracy": acc}], "rollbacks": 6 if diverged else 0, "diverged": diverged, "train_s": 1.0}
+        return {**run, "events": [{"step": 4, "event": "diverged", "reason": "r"}]} if diverged else run
 
     settings = CompareSettings("m", lr_grid=5)
     lr, record = search_lr(Spec("x", "prompt_tuning", lr=1.0), settings, fake, log=lambda s: None)
     assert lr == 3.16 and record["chosen"] == 3.16
     assert record["candidates"][0] == {"lr": 0.1, "error": "RuntimeError: boom"}
     assert record["candidates"][2]["diverged"] and record["candidates"][2]["rollbacks"] == 6
+    assert record["candidates"][2]["events"] == [{"step": 4, "event": "diverged", "reason": "r"}]
+    assert "events" not in record["candidates"][1]  # a run that did not record them (journalled before) claims none
     assert search_lr(Spec("x", "prompt_tuning"), settings, lambda j: {"lr": j.lr, "error": "E"},
                      log=lambda s: None)[0] is None
 

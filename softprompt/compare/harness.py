@@ -26,8 +26,10 @@ def _candidate(lr: float, run: dict) -> dict:
     if "error" in run:
         return {"lr": lr, "error": run["error"]}
     last = run["curve"][-1] if run["curve"] else {}
+    # the guard's events where the run recorded them (journalled runs from before they were kept have none: no key)
+    events = {"events": run["events"]} if "events" in run else {}
     return {"lr": lr, "val_loss": last.get("loss", math.nan), f"val_{run['metric']}": last.get(run["metric"],
-            math.nan), "rollbacks": run["rollbacks"], "diverged": run["diverged"], "train_s": run["train_s"]}
+            math.nan), "rollbacks": run["rollbacks"], "diverged": run["diverged"], "train_s": run["train_s"], **events}
 
 
 def _outcome(run: dict) -> str:
