@@ -74,6 +74,11 @@ class TrainResult:
     # fell to 0 until ``steps``, where the run stopped
 
 
+def log_rows(path: Path) -> list[dict]:
+    """The rows of a run's ``metrics.jsonl`` (none when it does not exist)."""
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.exists() else []
+
+
 def build_optimizer(params, args: TrainArgs) -> torch.optim.Optimizer:
     """AdamW or Adafactor (the paper's choice, lr 0.3) over the method's parameters."""
     if args.optimizer == "adamw":

@@ -234,8 +234,9 @@ def in_child(payload: str) -> dict:
 def guard_events(log: Path) -> list[dict]:
     """The divergence guard's decisions in a run's ``metrics.jsonl``: ``[{"step", "event", "reason"}]`` (a
     rollback, or the alarm that ended the run), so a row says when and why, not only how often."""
-    rows = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
-    return [{"step": r["step"], "event": r["event"], "reason": r.get("reason")} for r in rows if "event" in r]
+    from softprompt.train import log_rows
+
+    return [{"step": r["step"], "event": r["event"], "reason": r.get("reason")} for r in log_rows(log) if "event" in r]
 
 
 def run_in_subprocess(job: Job) -> dict:

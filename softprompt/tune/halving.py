@@ -40,9 +40,9 @@ from softprompt.evaluate import evaluate_prompt
 from softprompt.forward import family_of
 from softprompt.methods import build_method
 from softprompt.selection import primary_metric
-from softprompt.train import train
+from softprompt.train import log_rows, train
 from softprompt.tune.space import TrialSpec, TuneArgs, epochs_problem, plan_rungs, trial_specs, untuned_index
-from softprompt.tune.trials import RungResult, Trial, TuneResult, log_rows, rank_key, remove_stale_trials
+from softprompt.tune.trials import RungResult, Trial, TuneResult, rank_key, remove_stale_trials
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import re
@@ -142,8 +141,3 @@ def remove_stale_trials(folder: Path) -> None:
         log.info("tune: removing %d trial folders of an earlier search in %s", len(stale), folder)
     for p in stale:
         shutil.rmtree(p)
-
-
-def log_rows(path: Path) -> list[dict]:
-    """The rows of a ``metrics.jsonl`` (none when it does not exist)."""
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.exists() else []
